@@ -1,0 +1,111 @@
+"""``ate_fast.info()`` / ``ate-fast info``: versions and which backends run where, and why not."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+from ate_fast import native
+from ate_fast._version import __version__
+from ate_fast.ops import backends
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_module() -> dict:
+    module = native.load("_C_cuda")
+    if module is None:
+        return {"built": False, "reason": native.reason("_C_cuda")}
+    entry = {"built": True, "archs": module.archs, "cudart": module.runtime_version()}
+    try:
+        entry["devices"] = module.device_count()
+    except RuntimeError as exc:
+        entry["devices"] = 0
+        entry["device_error"] = str(exc)
+    return entry
+
+
+def _cpu_module() -> dict:
+    module = native.load("_C")
+    if module is None:
+        return {"built": False, "reason": native.reason("_C")}
+    return {"built": True, "openmp": bool(module.openmp), "threads": module.num_threads()}
+
+
+def info() -> dict:
+    """Versions, native modules, and each backend's availability per device type.
+
+    Returns a dict: ``versions``, ``native`` (per module: built or why not), ``gpus``,
+    and ``backends`` mapping backend -> device type -> ``{"available", "reason"}``.
+    """
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}"})
+    table = {}
+    for backend in backends.BACKENDS:
+        table[backend] = {}
+        for device_type in ("cpu", "cuda"):
+            ok, why = backends.availability(backend, device_type)
+            table[backend][device_type] = {"available": ok, "reason": why}
+    return {
+        "versions": {
+            "ate_fast": __version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": _version("triton"),
+            "numpy": _version("numpy"),
+            "diffusers": _version("diffusers"),
+            "onnx": _version("onnx"),
+            "onnxruntime": _version("onnxruntime"),
+            "tensorrt": _version("tensorrt"),
+        },
+        "native": {"_C": _cpu_module(), "_C_cuda": _cuda_module()},
+        "build": native.build_info(),
+        "gpus": gpus,
+        "backends": table,
+        "forced_backend": backends.forced_backend(),
+        "triton_interpret": backends.triton_interpret(),
+    }
+
+
+def format_info(data: dict) -> str:
+    """Human-readable form of :func:`info` (what ``ate-fast info`` prints)."""
+    lines = ["ate_fast environment", ""]
+    for key, value in data["versions"].items():
+        lines.append(f"{key:<12} {value if value is not None else 'not installed'}")
+    lines.append("")
+    cpu = data["native"]["_C"]
+    if cpu["built"]:
+        lines.append(f"_C (CPU)     built; OpenMP {'on' if cpu['openmp'] else 'off'}, {cpu['threads']} threads")
+    else:
+        lines.append(f"_C (CPU)     unavailable: {cpu['reason']}")
+    cuda = data["native"]["_C_cuda"]
+    if cuda["built"]:
+        major, minor = divmod(cuda["cudart"] // 10, 100)
+        where = f"{cuda['devices']} GPU(s)" if cuda["devices"] else f"no GPU ({cuda.get('device_error', 'none visible')})"
+        lines.append(f"_C_cuda      compiled for {cuda['archs']} (cudart {major}.{minor}); {where}")
+    else:
+        lines.append(f"_C_cuda      unavailable: {cuda['reason']}")
+    for gpu in data["gpus"]:
+        lines.append(f"GPU {gpu['index']}        {gpu['name']} (sm_{gpu['capability'].replace('.', '')})")
+    lines.append("")
+    lines.append(f"{'backend':<8} {'cpu':<6} {'cuda':<6} why not")
+    for backend, per_device in data["backends"].items():
+        marks = ["yes" if per_device[dt]["available"] else "no" for dt in ("cpu", "cuda")]
+        reasons = sorted({f"{dt}: {v['reason']}" for dt, v in per_device.items() if not v["available"]})
+        lines.append(f"{backend:<8} {marks[0]:<6} {marks[1]:<6} {'; '.join(reasons)}")
+    if data["forced_backend"]:
+        lines.append(f"\nATE_FAST_BACKEND={data['forced_backend']} forces that backend")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Backend registry: which implementation of a fused op runs for a tensor's device.
+
+Four backends implement every fused op: ``ref`` (plain PyTorch, the definition of
+correct), ``cpu`` (C++/OpenMP, ``ate_fast._C``), ``triton`` and ``cuda``
+(``ate_fast._C_cuda``). By default the fastest available one for the device runs;
+``ATE_FAST_BACKEND=ref|cpu|triton|cuda`` forces one and raises when it cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+from ate_fast import native
+
+BACKENDS = ("ref", "cpu", "triton", "cuda")
+ENV_VAR = "ATE_FAST_BACKEND"
+# Preference per device type, fastest first (measured: benchmarks/README.md).
+PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
+_NATIVE_MODULE = {"cpu": "_C", "cuda": "_C_cuda"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend (``ATE_FAST_BACKEND``) cannot run the given tensors."""
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'ate_fast[triton]')"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install can raise anything
+        return False, f"triton failed to import: {type(exc).__name__}: {exc}"
+    return True, "ok"
+
+
+@lru_cache(maxsize=None)
+def _cuda_device_status() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return False, f"torch {torch.__version__} is a CPU-only build"
+        return False, "no CUDA GPU visible to torch"
+    return True, "ok"
+
+
+def availability(backend: str, device_type: str) -> tuple[bool, str]:
+    """(available, reason) for running ``backend`` on tensors of ``device_type``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device_type not in PREFERENCE:
+        if backend == "ref":
+            return True, "ok"
+        return False, f"only the ref backend runs on device type {device_type!r}"
+    if backend == "ref":
+        return _cuda_device_status() if device_type == "cuda" else (True, "ok")
+    if backend in ("cpu", "cuda"):
+        if backend != device_type:
+            return False, f"the {backend} backend does not run tensors on {device_type}"
+        if device_type == "cuda":
+            ok, why = _cuda_device_status()
+            if not ok:
+                return False, why
+        module = _NATIVE_MODULE[backend]
+        if native.load(module) is None:
+            return False, native.reason(module)
+        return True, "ok"
+    # triton
+    ok, why = _triton_status()
+    if not ok:
+        return False, why
+    if device_type == "cpu" and not triton_interpret():
+        return False, "Triton runs on the CPU only through its interpreter (TRITON_INTERPRET=1)"
+    if device_type == "cuda":
+        ok, why = _cuda_device_status()
+        if not ok:
+            return False, why
+    return True, "ok"
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``ATE_FAST_BACKEND``, or None when unset/empty."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)} (or unset), got {value!r}")
+    return value
+
+
+Support = tuple  # ((backend, frozenset of device types), ...): hashable, built once per op
+
+
+def support(**backends: tuple[str, ...]) -> Support:
+    """Declare which device types each backend's implementation of an op covers."""
+    return tuple(sorted((name, frozenset(devices)) for name, devices in backends.items()))
+
+
+def select(device_type: str, supported: Support) -> str:
+    """The backend to run an op on ``device_type``.
+
+    ``supported`` (from :func:`support`) says which device types each backend's
+    implementation of this op covers (``ref`` covers every device type). A forced backend that cannot run raises :class:`BackendUnavailableError`;
+    otherwise the first available backend in :data:`PREFERENCE` wins, and a native
+    module that failed to load is reported once by a warning.
+    """
+    forced = forced_backend()
+    if forced is not None:
+        return _select_forced(forced, device_type, supported)
+    return _select_auto(device_type, supported)
+
+
+def _select_forced(forced: str, device_type: str, supported: Support) -> str:
+    if forced == "ref":  # the reference runs wherever torch does
+        return forced
+    if device_type not in dict(supported).get(forced, frozenset()):
+        raise BackendUnavailableError(
+            f"{ENV_VAR}={forced}: this op has no {forced} implementation for {device_type} tensors"
+        )
+    ok, why = availability(forced, device_type)
+    if not ok:
+        raise BackendUnavailableError(f"{ENV_VAR}={forced} is unavailable: {why}")
+    return forced
+
+
+@lru_cache(maxsize=None)
+def _select_auto(device_type: str, supported: Support) -> str:
+    covered = dict(supported)
+    for backend in PREFERENCE.get(device_type, ("ref",)):
+        if backend == "ref":
+            break
+        if device_type not in covered.get(backend, frozenset()):
+            continue
+        ok, _ = availability(backend, device_type)
+        if ok:
+            return backend
+        if backend in _NATIVE_MODULE and backend == device_type and native.load(
+            _NATIVE_MODULE[backend]
+        ) is None and (device_type != "cuda" or _cuda_device_status()[0]):
+            native.warn_fallback(_NATIVE_MODULE[backend], backend)
+    return "ref"

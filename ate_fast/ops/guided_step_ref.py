@@ -1,0 +1,59 @@
+"""Plain PyTorch reference of the guided step: the definition of correct.
+
+    out = a·x + b·(m + λ·clamp(c·g, −κ, κ)) + d·m_prev + s·z
+
+Shapes: x, m, g, m_prev, z are ``[B, ...]`` (``[B, H, D]`` for action chunks);
+a, b, c, d, s are ``[B]``. Computed in float32 (float64 for float64 data) and cast to
+the data dtype once at the end, which is what the fused kernels do.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the guided step computes in for data of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(coef: Tensor, ndim: int) -> Tensor:
+    """[B] -> [B, 1, ..., 1] so that it broadcasts over a [B, ...] tensor of rank ndim."""
+    return coef.reshape(coef.shape[0], *([1] * (ndim - 1)))
+
+
+def guided_step_reference(
+    x: Optional[Tensor],
+    m: Tensor,
+    a: Optional[Tensor],
+    b: Tensor,
+    g: Optional[Tensor] = None,
+    c: Optional[Tensor] = None,
+    m_prev: Optional[Tensor] = None,
+    d: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    s: Optional[Tensor] = None,
+    lam: float = 1.0,
+    kappa: float = float("inf"),
+) -> Tensor:
+    """Reference guided step; arguments as in :func:`ate_fast.ops.guided_step`. Returns [B, ...]."""
+    cd = compute_dtype(m.dtype)
+    n = m.ndim
+
+    def up(t: Tensor) -> Tensor:
+        return t.to(cd)
+
+    corrected = up(m)
+    if g is not None:
+        corrected = corrected + lam * torch.clamp(_rows(up(c), n) * up(g), -kappa, kappa)
+    out = _rows(up(b), n) * corrected
+    if x is not None:
+        out = _rows(up(a), n) * up(x) + out
+    if m_prev is not None:
+        out = out + _rows(up(d), n) * up(m_prev)
+    if z is not None:
+        out = out + _rows(up(s), n) * up(z)
+    return out.to(m.dtype)

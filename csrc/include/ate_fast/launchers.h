@@ -1,0 +1,25 @@
+// Torch-free launchers: raw pointers, sizes and (for CUDA) a stream handle.
+#pragma once
+
+#include "ate_fast/guided_step.h"
+
+namespace ate_fast {
+
+// CPU: float32 and float64 (dtype must be kFloat32 or kFloat64). OpenMP over rows.
+int guided_step_cpu(DType dtype, const GuidedStepArgs& args);
+
+// Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
+int cpu_num_threads();
+
+#if defined(ATE_FAST_WITH_CUDA)
+// CUDA: float32, float64, float16, bfloat16 (compute in float32, float64 for float64).
+// `stream` is a cudaStream_t passed as an opaque pointer; `device` the CUDA ordinal
+// the pointers live on. Returns kCudaError with the message in last_cuda_error().
+int guided_step_cuda(DType dtype, const GuidedStepArgs& args, int device, void* stream);
+const char* last_cuda_error();
+// Number of visible devices, or -1 with last_cuda_error() set (e.g. no driver).
+int cuda_device_count();
+int cuda_runtime_version();
+#endif
+
+}  // namespace ate_fast

@@ -1,0 +1,42 @@
+// ate_fast._C_cuda: the CUDA kernels. cudart is linked statically, so this module
+// imports on machines without a driver; calls then report the driver error.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "ate_fast/launchers.h"
+#include "pointer_args.h"
+
+namespace py = pybind11;
+using namespace ate_fast;
+
+#ifndef ATE_FAST_CUDA_ARCHS
+#define ATE_FAST_CUDA_ARCHS "unknown"
+#endif
+
+PYBIND11_MODULE(_C_cuda, mod) {
+  mod.doc() = "ate_fast CUDA kernels (torch-free; raw pointers, sizes and a stream handle)";
+  mod.def(
+      "guided_step",
+      [](int dtype, int64_t batch, int64_t row, uintptr_t out, uintptr_t x, uintptr_t m,
+         uintptr_t g, uintptr_t m_prev, uintptr_t z, uintptr_t a, uintptr_t b, uintptr_t c,
+         uintptr_t d, uintptr_t s, double lam, double kappa, int device, uintptr_t stream) {
+        GuidedStepArgs p = make_guided_step_args(batch, row, out, x, m, g, m_prev, z, a, b,
+                                                 c, d, s, lam, kappa);
+        int status = guided_step_cuda(as_dtype(dtype), p, device, reinterpret_cast<void*>(stream));
+        if (status == kCudaError)
+          throw std::runtime_error(std::string("ate_fast._C_cuda.guided_step: ") + last_cuda_error());
+        check_status(status, "ate_fast._C_cuda.guided_step");
+      },
+      ATE_FAST_GUIDED_STEP_PYARGS, py::arg("device"), py::arg("stream"),
+      "CUDA guided step on `stream` (a cudaStream_t as int, 0 = legacy default stream);"
+      " dtype 0=float32, 1=float64, 2=float16, 3=bfloat16.");
+  mod.def("device_count", []() {
+    int n = cuda_device_count();
+    if (n < 0) throw std::runtime_error(last_cuda_error());
+    return n;
+  }, "Visible CUDA devices; raises with the runtime's reason when there is no usable driver.");
+  mod.def("runtime_version", &cuda_runtime_version, "CUDA runtime version (e.g. 13000).");
+  mod.attr("archs") = ATE_FAST_CUDA_ARCHS;
+}
