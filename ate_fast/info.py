@@ -50,7 +50,9 @@ def info() -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}"})
+            gpus.append(
+                {"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}"}
+            )
     table = {}
     for backend in backends.BACKENDS:
         table[backend] = {}
@@ -88,23 +90,34 @@ def format_info(data: dict) -> str:
     lines.append("")
     cpu = data["native"]["_C"]
     if cpu["built"]:
-        lines.append(f"_C (CPU)     built; OpenMP {'on' if cpu['openmp'] else 'off'}, {cpu['threads']} threads")
+        lines.append(
+            f"_C (CPU)     built; OpenMP {'on' if cpu['openmp'] else 'off'}, "
+            f"{cpu['threads']} threads"
+        )
     else:
         lines.append(f"_C (CPU)     unavailable: {cpu['reason']}")
     cuda = data["native"]["_C_cuda"]
     if cuda["built"]:
         major, minor = divmod(cuda["cudart"] // 10, 100)
-        where = f"{cuda['devices']} GPU(s)" if cuda["devices"] else f"no GPU ({cuda.get('device_error', 'none visible')})"
+        where = (
+            f"{cuda['devices']} GPU(s)"
+            if cuda["devices"]
+            else f"no GPU ({cuda.get('device_error', 'none visible')})"
+        )
         lines.append(f"_C_cuda      compiled for {cuda['archs']} (cudart {major}.{minor}); {where}")
     else:
         lines.append(f"_C_cuda      unavailable: {cuda['reason']}")
     for gpu in data["gpus"]:
-        lines.append(f"GPU {gpu['index']}        {gpu['name']} (sm_{gpu['capability'].replace('.', '')})")
+        lines.append(
+            f"GPU {gpu['index']}        {gpu['name']} (sm_{gpu['capability'].replace('.', '')})"
+        )
     lines.append("")
     lines.append(f"{'backend':<8} {'cpu':<6} {'cuda':<6} why not")
     for backend, per_device in data["backends"].items():
         marks = ["yes" if per_device[dt]["available"] else "no" for dt in ("cpu", "cuda")]
-        reasons = sorted({f"{dt}: {v['reason']}" for dt, v in per_device.items() if not v["available"]})
+        reasons = sorted(
+            {f"{dt}: {v['reason']}" for dt, v in per_device.items() if not v["available"]}
+        )
         lines.append(f"{backend:<8} {marks[0]:<6} {marks[1]:<6} {'; '.join(reasons)}")
     if data["forced_backend"]:
         lines.append(f"\nATE_FAST_BACKEND={data['forced_backend']} forces that backend")

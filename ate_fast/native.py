@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -19,7 +19,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 _warned: set[str] = set()
 
 
-@lru_cache(maxsize=None)
+@cache
 def build_info() -> dict:
     """What the build produced (written by setup.py), or {} for a source tree never built."""
     path = _PACKAGE_DIR / "_build_info.json"
@@ -29,7 +29,7 @@ def build_info() -> dict:
         return {}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str) -> tuple[Optional[ModuleType], str]:
     try:
         module = importlib.import_module(f"ate_fast.{name}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -32,7 +32,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'ate_fast[triton]')"
@@ -43,7 +43,7 @@ def _triton_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cuda_device_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
@@ -92,7 +92,9 @@ def forced_backend() -> str | None:
     if not value:
         return None
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)} (or unset), got {value!r}")
+        raise ValueError(
+            f"{ENV_VAR} must be one of {', '.join(BACKENDS)} (or unset), got {value!r}"
+        )
     return value
 
 
@@ -108,8 +110,9 @@ def select(device_type: str, supported: Support) -> str:
     """The backend to run an op on ``device_type``.
 
     ``supported`` (from :func:`support`) says which device types each backend's
-    implementation of this op covers (``ref`` covers every device type). A forced backend that cannot run raises :class:`BackendUnavailableError`;
-    otherwise the first available backend in :data:`PREFERENCE` wins, and a native
+    implementation of this op covers (``ref`` covers every device type). A forced
+    backend that cannot run raises :class:`BackendUnavailableError`; otherwise the
+    first available backend in :data:`PREFERENCE` wins, and a native
     module that failed to load is reported once by a warning.
     """
     forced = forced_backend()
@@ -131,7 +134,7 @@ def _select_forced(forced: str, device_type: str, supported: Support) -> str:
     return forced
 
 
-@lru_cache(maxsize=None)
+@cache
 def _select_auto(device_type: str, supported: Support) -> str:
     covered = dict(supported)
     for backend in PREFERENCE.get(device_type, ("ref",)):
@@ -142,8 +145,11 @@ def _select_auto(device_type: str, supported: Support) -> str:
         ok, _ = availability(backend, device_type)
         if ok:
             return backend
-        if backend in _NATIVE_MODULE and backend == device_type and native.load(
-            _NATIVE_MODULE[backend]
-        ) is None and (device_type != "cuda" or _cuda_device_status()[0]):
+        if (
+            backend in _NATIVE_MODULE
+            and backend == device_type
+            and native.load(_NATIVE_MODULE[backend]) is None
+            and (device_type != "cuda" or _cuda_device_status()[0])
+        ):
             native.warn_fallback(_NATIVE_MODULE[backend], backend)
     return "ref"

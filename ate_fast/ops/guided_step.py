@@ -55,7 +55,9 @@ _DATA_ARGS = ("x", "g", "m_prev", "z")
 # ---------------------------------------------------------------------------------
 def _check_data(name: str, t: Tensor, m: Tensor) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"guided_step: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise TypeError(
+            f"guided_step: {name} must be a torch.Tensor or None, got {type(t).__name__}"
+        )
     if t.shape != m.shape:
         raise ValueError(
             f"guided_step: {name} must have the shape of m {tuple(m.shape)}, got {tuple(t.shape)}"
@@ -113,7 +115,9 @@ def _validate(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa) -> None:
             continue
         _check_data(name, tensor, m)
         if coef is None:
-            raise ValueError(f"guided_step: {name} was given, so its coefficient {coef_name} is required")
+            raise ValueError(
+                f"guided_step: {name} was given, so its coefficient {coef_name} is required"
+            )
         _check_coefficient(coef_name, coef, m)
     _check_coefficient("b", b, m)
     if not math.isfinite(lam):
@@ -250,7 +254,11 @@ def _backward(ctx, grad: Tensor):
         grads["g"] = (through * rows(c)).to(g.dtype)
         grads["c"] = _sum_rows(through * g.to(cd))
     grads["b"] = _sum_rows(gc * corrected)
-    for name, tensor, coef_name, coef in (("x", x, "a", a), ("m_prev", m_prev, "d", d), ("z", z, "s", s)):
+    for name, tensor, coef_name, coef in (
+        ("x", x, "a", a),
+        ("m_prev", m_prev, "d", d),
+        ("z", z, "s", s),
+    ):
         if tensor is not None:
             grads[name] = (rows(coef) * gc).to(tensor.dtype)
             grads[coef_name] = _sum_rows(gc * tensor.to(cd))
@@ -268,8 +276,12 @@ def _coefficient(name: str, value: Optional[Coefficient], m: Tensor) -> Optional
     if value is None or isinstance(value, Tensor):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((m.shape[0],), float(value), dtype=compute_dtype(m.dtype), device=m.device)
-    raise TypeError(f"guided_step: {name} must be a [B] tensor or a float, got {type(value).__name__}")
+        return torch.full(
+            (m.shape[0],), float(value), dtype=compute_dtype(m.dtype), device=m.device
+        )
+    raise TypeError(
+        f"guided_step: {name} must be a [B] tensor or a float, got {type(value).__name__}"
+    )
 
 
 def _plain(*tensors: Optional[Tensor]) -> bool:
@@ -334,9 +346,7 @@ def guided_step(
     lam, kappa = float(lam), float(kappa)
     args = (x, m, a_t, b_t, g, c_t, m_prev, d_t, z, s_t, lam, kappa)
     if out is not None:
-        if torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in args
-        ):
+        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
             raise RuntimeError("guided_step: out= does not support autograd; call it without out")
         if _plain(out, *args[:10]):
             guided_step_into(out, *args)

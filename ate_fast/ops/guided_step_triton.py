@@ -84,4 +84,3 @@ def guided_step_triton_into(
         HAS_X=x is not None, HAS_G=g is not None, HAS_P=m_prev is not None,
         HAS_Z=z is not None, BLOCK=_BLOCK,
     )  # fmt: skip
-
