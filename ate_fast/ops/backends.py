@@ -23,6 +23,11 @@ PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
 _NATIVE_MODULE = {"cpu": "_C", "cuda": "_C_cuda"}
 
 
+# Ops memoise their selection per (device type, dtype, ATE_FAST_BACKEND value) here, so
+# that a call costs one dict lookup; reset_caches() clears it.
+SELECTION_CACHE: dict = {}
+
+
 class BackendUnavailableError(RuntimeError):
     """A forced backend (``ATE_FAST_BACKEND``) cannot run the given tensors."""
 
@@ -153,3 +158,11 @@ def _select_auto(device_type: str, supported: Support) -> str:
         ):
             native.warn_fallback(_NATIVE_MODULE[backend], backend)
     return "ref"
+
+
+def reset_caches() -> None:
+    """Forget cached availability and selections (tests; after changing the environment)."""
+    _triton_status.cache_clear()
+    _cuda_device_status.cache_clear()
+    _select_auto.cache_clear()
+    SELECTION_CACHE.clear()

@@ -29,6 +29,7 @@ types compute in float32, float64 in float64. The op is registered as
 """
 
 import math
+import os
 from typing import Optional, Union
 
 import torch
@@ -94,6 +95,48 @@ def _check_coefficient(name: str, t: Tensor, m: Tensor) -> None:
 
 
 def _validate(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa) -> None:
+    """Raise a ValueError/TypeError naming the first bad argument."""
+    if _well_formed(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa):
+        return
+    _explain(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa)
+
+
+def _well_formed(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa) -> bool:
+    """The common case in one cheap pass (a per-step call must not pay for messages)."""
+    if not isinstance(m, Tensor):
+        return False
+    dtype = m.dtype
+    if dtype not in _DTYPE_CODE or m.ndim < 1 or not m.is_contiguous():
+        return False
+    shape, device = m.shape, m.device
+    cshape, cdtype = shape[:1], compute_dtype(dtype)
+    for t, k in ((x, a), (g, c), (m_prev, d), (z, s)):
+        if t is None:
+            if k is not None:
+                return False
+            continue
+        if not (
+            isinstance(t, Tensor) and t.shape == shape and t.dtype == dtype
+            and t.device == device and t.is_contiguous()
+        ):  # fmt: skip
+            return False
+        if not _coefficient_ok(k, cshape, cdtype, device):
+            return False
+    return (
+        _coefficient_ok(b, cshape, cdtype, device)
+        and math.isfinite(lam)
+        and kappa >= 0  # False for NaN
+    )
+
+
+def _coefficient_ok(k, cshape, cdtype, device) -> bool:
+    return (
+        isinstance(k, Tensor) and k.shape == cshape and k.dtype == cdtype
+        and k.device == device and k.is_contiguous()
+    )  # fmt: skip
+
+
+def _explain(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa) -> None:
     if not isinstance(m, Tensor):
         raise TypeError(f"guided_step: m must be a torch.Tensor, got {type(m).__name__}")
     if m.dtype not in _DTYPE_CODE:
@@ -124,6 +167,7 @@ def _validate(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa) -> None:
         raise ValueError(f"guided_step: lam must be finite, got {lam}")
     if math.isnan(kappa) or kappa < 0:
         raise ValueError(f"guided_step: kappa must be >= 0 (inf disables the clamp), got {kappa}")
+    raise ValueError("guided_step: inconsistent arguments")  # unreachable if the checks agree
 
 
 # ---------------------------------------------------------------------------------
@@ -173,7 +217,13 @@ IMPLEMENTATIONS = {"ref": _into_ref, "cpu": _into_cpu, "cuda": _into_cuda, "trit
 
 def selected_backend(m: Tensor) -> str:
     """The backend :func:`guided_step` would run for data like ``m`` (honours ATE_FAST_BACKEND)."""
-    return backends.select(m.device.type, _SUPPORT.get(m.dtype, ()))
+    device_type = "cuda" if m.is_cuda else m.device.type
+    key = ("guided_step", device_type, m.dtype, os.environ.get(backends.ENV_VAR))
+    backend = backends.SELECTION_CACHE.get(key)
+    if backend is None:
+        backend = backends.select(device_type, _SUPPORT.get(m.dtype, ()))
+        backends.SELECTION_CACHE[key] = backend
+    return backend
 
 
 def guided_step_into(out: Tensor, x, m, a, b, g, c, m_prev, d, z, s, lam, kappa,
@@ -181,7 +231,11 @@ def guided_step_into(out: Tensor, x, m, a, b, g, c, m_prev, d, z, s, lam, kappa,
     """Validate, then write the guided step into ``out`` [B, ...] with ``backend``
     (default: :func:`selected_backend`). Returns ``out``."""
     _validate(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa)
-    _check_data("out", out, m)
+    if out is not m and not (
+        out.shape == m.shape and out.dtype == m.dtype and out.device == m.device
+        and out.is_contiguous()
+    ):  # fmt: skip
+        _check_data("out", out, m)
     if backend is None:
         backend = selected_backend(m)
     IMPLEMENTATIONS[backend](out, x, m, a, b, g, c, m_prev, d, z, s, lam, kappa)
@@ -338,13 +392,18 @@ def guided_step(
     """
     if not isinstance(m, Tensor):
         raise TypeError(f"guided_step: m must be a torch.Tensor, got {type(m).__name__}")
+    if m.ndim < 1:
+        raise ValueError("guided_step: m must have a batch dimension ([B, H, D]), got a scalar")
     if g is not None and c is None:
         c = 1.0
-    a_t, b_t, c_t, d_t, s_t = (
-        _coefficient(name, v, m) for name, v in (("a", a), ("b", b), ("c", c), ("d", d), ("s", s))
-    )
-    lam, kappa = float(lam), float(kappa)
-    args = (x, m, a_t, b_t, g, c_t, m_prev, d_t, z, s_t, lam, kappa)
+    if not (isinstance(b, Tensor) and (a is None or isinstance(a, Tensor))):
+        a, b = _coefficient("a", a, m), _coefficient("b", b, m)
+    if not (
+        (c is None or isinstance(c, Tensor)) and (d is None or isinstance(d, Tensor))
+        and (s is None or isinstance(s, Tensor))
+    ):  # fmt: skip
+        c, d, s = _coefficient("c", c, m), _coefficient("d", d, m), _coefficient("s", s, m)
+    args = (x, m, a, b, g, c, m_prev, d, z, s, float(lam), float(kappa))
     if out is not None:
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
             raise RuntimeError("guided_step: out= does not support autograd; call it without out")
@@ -354,6 +413,5 @@ def guided_step(
             torch.ops.ate_fast.guided_step_out(out, *args)
         return out
     if _plain(*args[:10]):
-        result = torch.empty(m.shape, dtype=m.dtype, device=m.device)
-        return guided_step_into(result, *args)
+        return guided_step_into(torch.empty_like(m), *args)
     return torch.ops.ate_fast.guided_step(*args)

@@ -33,16 +33,15 @@ def _guided_step_kernel(
     offs = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < row
     idx = r.to(tl.int64) * row + offs
-    cdt = b_ptr.dtype.element_ty
+    cdt = tl.float32
     m = tl.load(m_ptr + idx, mask=mask).to(cdt)
     corrected = m
     if HAS_G:
         g = tl.load(g_ptr + idx, mask=mask).to(cdt)
         u = tl.load(c_ptr + r) * g
-        k = kappa.to(cdt)
         # where-chains keep NaN like torch.clamp (minimum/maximum may drop it)
-        u = tl.where(u < -k, -k, tl.where(u > k, k, u))
-        corrected = m + lam.to(cdt) * u
+        u = tl.where(u < -kappa, -kappa, tl.where(u > kappa, kappa, u))
+        corrected = m + lam * u
     acc = tl.load(b_ptr + r) * corrected
     if HAS_X:
         acc = tl.load(a_ptr + r) * tl.load(x_ptr + idx, mask=mask).to(cdt) + acc

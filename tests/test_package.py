@@ -1,0 +1,73 @@
+"""Import, build and environment report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ate_fast import native
+from ate_fast.cli import main
+from ate_fast.info import format_info, info
+
+
+def _python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    return done.stdout
+
+
+def test_import_is_lazy():
+    """`import ate_fast` loads no native module and no triton."""
+    loaded = json.loads(
+        _python(
+            "import sys, json, ate_fast; print(json.dumps(sorted(m for m in sys.modules "
+            "if m.startswith(('ate_fast._C', 'triton')))))"
+        )
+    )
+    assert loaded == []
+
+
+def test_cpu_module_is_built_and_loads():
+    assert native.load("_C") is not None, native.reason("_C")
+    assert native.load("_C").openmp
+
+
+def test_cuda_module_imports_without_a_driver_when_built():
+    """Static cudart: where the build had nvcc, _C_cuda imports even on a GPU-less machine."""
+    built = native.build_info().get("cuda_built")
+    assert built is not None, "setup.py did not record the build (ate_fast/_build_info.json)"
+    if built:
+        module = native.load("_C_cuda")
+        assert module is not None, native.reason("_C_cuda")
+        assert "90" in module.archs and "87" in module.archs
+        report = info()["native"]["_C_cuda"]
+        assert report["built"] and report["cudart"] >= 12000
+    else:
+        assert "CUDA module not built" in native.reason("_C_cuda")
+
+
+def test_info_lists_backends_with_reasons():
+    data = info()
+    assert data["backends"]["cpu"]["cpu"]["available"]
+    assert data["backends"]["ref"]["cpu"]["available"]
+    for backend, per_device in data["backends"].items():
+        for device_type, entry in per_device.items():
+            assert entry["available"] or entry["reason"] not in ("", "ok"), (backend, device_type)
+    text = format_info(data)
+    assert "torch" in text and "_C (CPU)     built" in text
+
+
+def test_cli_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["versions"]["ate_fast"]
+
+
+def test_console_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "ate_fast.cli", "info"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    assert "backend" in out and "cpu" in out
