@@ -1,5 +1,24 @@
-"""ATE Steer: guidance gradient through the frozen adaptation encoder, and the losses."""
+"""ATE Steer: guidance gradient through the frozen adaptation encoder, and the losses.
+
+- :class:`Steer` — the paper's fine-tuning losses (``diffusion_loss``, ``flow_loss``).
+- :class:`LatentGuidance` — inference-time steering toward a target latent, passed to a
+  sampler as ``guidance=``; it implements the :class:`Guidance` protocol.
+"""
 
 from ate_fast.steer.coefficients import diffusion_guidance_coefficient, flow_guidance_coefficient
+from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.guidance import Guidance
+from ate_fast.steer.latent_gradient import latent_distance_gradient
+from ate_fast.steer.latent_guidance import LatentGuidance
+from ate_fast.steer.steer import Steer, SteerLoss
 
-__all__ = ["diffusion_guidance_coefficient", "flow_guidance_coefficient"]
+__all__ = [
+    "FrozenEncoder",
+    "Guidance",
+    "LatentGuidance",
+    "Steer",
+    "SteerLoss",
+    "diffusion_guidance_coefficient",
+    "flow_guidance_coefficient",
+    "latent_distance_gradient",
+]

@@ -1,0 +1,81 @@
+"""The guidance gradient ``g = ∇_x y(x)``, ``y(x) = −(1/N)‖E(x) − z*‖²`` (ATE_METHOD.md).
+
+This is the autograd reference: one encoder forward and one vector-Jacobian product through
+the frozen encoder, differentiating with respect to ``x`` only (no gradient reaches the
+encoder or whatever produced ``x``; the result is a constant). It runs under
+``torch.enable_grad`` and outside inference mode, so the samplers may call it from inside
+``torch.no_grad()`` or ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ate_fast.steer.encoder import FrozenEncoder
+
+REDUCTIONS = ("sample", "batch")
+
+
+def select_latent(
+    mu: Tensor, logvar: Optional[Tensor], latent: str, eps: Optional[Tensor]
+) -> Tensor:
+    """``mu`` for ``latent="mean"``; ``mu + exp(logvar / 2)·eps`` for ``latent="sample"``."""
+    if latent == "mean":
+        return mu
+    if logvar is None:
+        raise ValueError(
+            'latent="sample" needs an encoder that returns (mu, logvar); this one returns mu only'
+        )
+    if eps is None or eps.shape != mu.shape:
+        raise ValueError(
+            f"eps must have mu's shape {tuple(mu.shape)} for latent='sample', got "
+            f"{None if eps is None else tuple(eps.shape)}"
+        )
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def _autograd_ready(t: Tensor) -> Tensor:
+    """Inference-mode tensors cannot enter autograd; a clone outside inference mode can."""
+    return t.clone() if t.is_inference() else t
+
+
+def latent_distance_gradient(
+    encoder: FrozenEncoder,
+    x: Tensor,
+    target: Tensor,
+    *,
+    latent: str = "mean",
+    eps: Optional[Tensor] = None,
+    reduction: str = "sample",
+    target_name: str = "target",
+) -> Tensor:
+    """``g = ∇_x y`` for ``x`` [B, H, D] and ``target`` (z*) [B, d_z] or [d_z] -> g [B, H, D].
+
+    ``reduction="sample"``: ``y_i = −(1/N)‖E(x_i) − z*_i‖²`` for each sample on its own (the
+    paper's equation; computed as the gradient of ``Σ_i y_i``, exact because the encoder
+    treats samples independently). ``reduction="batch"``: ``y = −mean over batch and latent``
+    (the released code), which divides each sample's gradient by B.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        point = _autograd_ready(x).detach().requires_grad_(True)
+        mu, logvar = encoder(point)
+        if eps is not None:
+            eps = _autograd_ready(eps)
+        z = select_latent(mu, logvar, latent, eps)
+        if target.shape not in ((z.shape[1],), tuple(z.shape)):
+            raise ValueError(
+                f"{target_name} must be a latent [d_z] = [{z.shape[1]}] or a batch [B, d_z] = "
+                f"{list(z.shape)} matching the encoder, got shape {tuple(target.shape)}"
+            )
+        target = _autograd_ready(target).to(device=z.device, dtype=z.dtype)
+        squared = (z - target).square()
+        y = -squared.mean(dim=1).sum() if reduction == "sample" else -squared.mean()
+        if not y.requires_grad:  # the encoder ignores its input: y is constant in x
+            return torch.zeros_like(point, memory_format=torch.contiguous_format)
+        (g,) = torch.autograd.grad(y, point, allow_unused=True)
+    if g is None:
+        return torch.zeros_like(point, memory_format=torch.contiguous_format)
+    return g.contiguous()

@@ -1,0 +1,118 @@
+"""Inference-time steering toward a target latent (ATE_METHOD.md, beyond the paper).
+
+    direct:  y(x) = −(1/N)‖E(x) − z*‖²,          g = ∇_x y
+    tweedie: y(x) = −(1/N)‖E(x̂0(x)) − z*‖²,     g = (∂x̂0/∂x) · ∇_{x̂0} y   (scalar ∂x̂0/∂x)
+
+The sampler applies ``model_out + λ·clamp(c·g, −κ, κ)`` every step (see
+:class:`ate_fast.steer.guidance.Guidance`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ate_fast.steer import validation as check
+from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.guidance import GUIDANCE_MODES
+from ate_fast.steer.latent_gradient import latent_distance_gradient
+
+
+def _target_tensor(target: Any) -> Tensor:
+    """A latent [d_z], a batch [B, d_z], or an object with a ``.mean`` [d_z] (LatentPrior)."""
+    value = target if isinstance(target, Tensor) else getattr(target, "mean", None)
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            "target must be a latent tensor [d_z] or [B, d_z], or an object with a .mean "
+            f"tensor (a LatentPrior), got {type(target).__name__}"
+        )
+    if value.ndim not in (1, 2) or value.numel() == 0 or not value.is_floating_point():
+        raise ValueError(
+            "target must be a floating latent [d_z] or batch [B, d_z], got "
+            f"{value.dtype} of shape {tuple(value.shape)}"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError("target contains NaN or inf")
+    return value.detach()
+
+
+class LatentGuidance:
+    """Steer sampling toward ``target`` through the frozen encoder (implements ``Guidance``).
+
+    Args:
+        vae_or_encoder: as for :class:`ate_fast.steer.Steer` (frozen in place unless
+            ``freeze=False``).
+        target: z*, a latent [d_z], a batch [B, d_z] (one per sample), or a LatentPrior
+            (its ``.mean``), e.g. the mean stage-2 latent or encodings of target demos.
+        scale: λ.
+        clamp: κ (``math.inf``: no clamp).
+        mode: ``"direct"`` or ``"tweedie"``.
+
+    The gradient runs in :meth:`latent_gradient`, the one method a fused kernel overrides.
+    """
+
+    def __init__(
+        self,
+        vae_or_encoder: Any,
+        target: Any,
+        scale: float = 2.0,
+        clamp: float = 0.1,
+        mode: str = "direct",
+        *,
+        freeze: bool = True,
+    ) -> None:
+        check.check_scale_and_clamp(scale, clamp)
+        check.check_choice("mode", mode, GUIDANCE_MODES)
+        self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze)
+        self.set_target(target)
+        self.scale = float(scale)
+        self.clamp = float(clamp)
+        self.mode = mode
+
+    def set_target(self, target: Any) -> None:
+        """Replace z* (a latent [d_z], a batch [B, d_z] or a LatentPrior)."""
+        self.target = _target_tensor(target)
+        self._placed: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"LatentGuidance(target={tuple(self.target.shape)}, scale={self.scale}, "
+            f"clamp={self.clamp}, mode={self.mode!r})"
+        )
+
+    def gradient(self, x: Tensor, x0_hat: Tensor, dx0_dx: Tensor) -> Tensor:
+        """``g`` [B, H, D] at ``x`` [B, H, D] (``x0_hat`` [B, H, D], ``dx0_dx`` [B]: tweedie)."""
+        if self.mode == "direct":
+            check.check_chunks(x=x)
+            return self.latent_gradient(x)
+        check.check_chunks(x=x, x0_hat=x0_hat)
+        check.check_per_sample("dx0_dx", dx0_dx, x.shape[0])
+        g = self.latent_gradient(x0_hat)
+        scale = dx0_dx.to(device=g.device, dtype=g.dtype).reshape(-1, 1, 1)
+        return g * scale
+
+    def latent_gradient(self, point: Tensor) -> Tensor:
+        """``∇_p −(1/N)‖E(p) − z*‖²`` per sample at ``point`` [B, H, D] -> [B, H, D].
+
+        Autograd reference; a fused encoder-VJP kernel overrides this method.
+        """
+        target = self._target_for(point)
+        if target.ndim == 2 and target.shape[0] != point.shape[0]:
+            raise ValueError(
+                f"target is a batch of {target.shape[0]} latents but the sample has batch "
+                f"{point.shape[0]}; pass one latent [d_z] or one per sample"
+            )
+        return latent_distance_gradient(self.encoder, point, target, target_name="target")
+
+    def _target_for(self, point: Tensor) -> Tensor:
+        """The target on ``point``'s device and dtype, moved once and kept (no copy per step,
+        so the step can be captured in a CUDA graph after the first call)."""
+        key = (point.device, point.dtype)
+        placed = self._placed.get(key)
+        if placed is None:
+            with torch.inference_mode(False):
+                placed = self.target.to(device=point.device, dtype=point.dtype).clone()
+            self._placed[key] = placed
+        return placed

@@ -1,0 +1,311 @@
+"""Steer: the paper's fine-tuning loss (ATE_METHOD.md, Stage 3).
+
+For a noisy chunk ``x`` and its clean demonstration ``a0``::
+
+    y(x) = −(1/N)‖E(x) − E(a0)‖²,   g = ∇_x y          (through the frozen encoder only)
+    loss = ‖pred + λ·clamp(c·g, −κ, κ) − target‖²       (mean over elements)
+
+``c`` and ``target`` per parameterisation are in :mod:`ate_fast.steer.coefficients`. ``g``
+is a constant: the loss's gradient reaches ``pred`` (and through it the policy) exactly as
+the plain MSE's would, only with the corrected output in place of ``pred``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ate_fast.ops import guided_step
+from ate_fast.ops.guided_step_ref import compute_dtype
+from ate_fast.steer import validation as check
+from ate_fast.steer.coefficients import (
+    FLOW_CONVENTIONS,
+    PREDICTION_TYPES,
+    diffusion_guidance_coefficient,
+    flow_guidance_coefficient,
+)
+from ate_fast.steer.encoder import LATENT_MODES, FrozenEncoder
+from ate_fast.steer.latent_gradient import REDUCTIONS, latent_distance_gradient, select_latent
+
+LOSS_REDUCTIONS = ("mean", "none")
+
+
+class SteerLoss(NamedTuple):
+    """What the steer losses return; unpacks as ``loss, diagnostics``.
+
+    ``loss``: the scalar loss (``loss_reduction="mean"``) or the per-element squared error
+    [B, H, D] (``"none"``, to mask padded actions as LeRobot does).
+    ``diagnostics`` (detached 0-dim tensors; ``.item()`` them when logging):
+    ``grad_norm`` — mean over the batch of ‖g_i‖₂; ``clamp_fraction`` — fraction of the
+    elements of ``c·g`` beyond ±κ; ``correction_ratio`` — ‖λ·g̃‖ / ‖target‖ over the batch.
+    """
+
+    loss: Tensor
+    diagnostics: dict[str, Tensor]
+
+
+class Steer:
+    """ATE Steer for a diffusion or flow policy's fine-tuning loss.
+
+    Args:
+        vae_or_encoder: the adaptation VAE (anything with ``.encode(a) -> (mu, logvar)``) or
+            an encoder module / callable returning ``(mu, logvar)`` or ``mu`` [B, d_z]. It
+            is frozen in place (eval mode, ``requires_grad=False``) unless ``freeze=False``;
+            no gradient reaches it in either case.
+        scale: λ. The paper's best is 2; the released code ships 3.
+        clamp: κ, the element-wise bound on ``c·g`` (``math.inf``: no clamp).
+        latent: ``"mean"`` — E is the encoder mean μ; ``"sample"`` — the reparameterised
+            sample, with one ε shared by ``x`` and ``a0`` (the released code).
+        reduction: ``"sample"`` — the paper's per-sample ``y``; ``"batch"`` — the released
+            code's mean over batch and latent, which divides every g by the batch size.
+        check_inputs: check inputs for NaN/inf and ``t``/``timesteps`` for range (one host
+            sync per call; skipped automatically under torch.compile and CUDA graph capture).
+
+    Use :meth:`released_code` for the released code's settings.
+    """
+
+    def __init__(
+        self,
+        vae_or_encoder: Any,
+        scale: float = 2.0,
+        clamp: float = 0.1,
+        latent: str = "mean",
+        reduction: str = "sample",
+        *,
+        freeze: bool = True,
+        check_inputs: bool = True,
+    ) -> None:
+        check.check_scale_and_clamp(scale, clamp)
+        check.check_choice("latent", latent, LATENT_MODES)
+        check.check_choice("reduction", reduction, REDUCTIONS)
+        self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze)
+        self.scale = float(scale)
+        self.clamp = float(clamp)
+        self.latent = latent
+        self.reduction = reduction
+        self.check_inputs = check_inputs
+
+    @classmethod
+    def released_code(cls, vae_or_encoder: Any, **overrides: Any) -> Steer:
+        """The authors' released settings: λ = 3, shared-ε latent samples, batch-mean y."""
+        settings = {"scale": 3.0, "clamp": 0.1, "latent": "sample", "reduction": "batch"}
+        settings.update(overrides)
+        return cls(vae_or_encoder, **settings)
+
+    def __repr__(self) -> str:
+        return (
+            f"Steer(scale={self.scale}, clamp={self.clamp}, latent={self.latent!r}, "
+            f"reduction={self.reduction!r})"
+        )
+
+    # ------------------------------------------------------------------------------
+    # guidance gradient
+    # ------------------------------------------------------------------------------
+    def guidance(
+        self, x: Tensor, a0: Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
+        """``g = ∇_x −(1/N)‖E(x) − E(a0)‖²`` for ``x``, ``a0`` [B, H, D] -> ``g`` [B, H, D].
+
+        Through the frozen encoder only; ``g`` is detached. With ``latent="sample"`` one ε
+        (drawn from ``generator``) serves both encodings.
+        """
+        check.check_chunks(x=x, a0=a0)
+        return self._guidance(x, a0, generator)
+
+    def _guidance(self, x: Tensor, a0: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        with torch.no_grad():
+            mu0, logvar0 = self.encoder(a0)
+            eps = None
+            if self.latent == "sample":
+                eps = torch.randn(
+                    mu0.shape, generator=generator, device=mu0.device, dtype=mu0.dtype
+                )
+            z0 = select_latent(mu0, logvar0, self.latent, eps)
+        return latent_distance_gradient(
+            self.encoder,
+            x,
+            z0,
+            latent=self.latent,
+            eps=eps,
+            reduction=self.reduction,
+            target_name="E(a0)",
+        )
+
+    # ------------------------------------------------------------------------------
+    # losses
+    # ------------------------------------------------------------------------------
+    def diffusion_loss(
+        self,
+        pred: Tensor,
+        x_k: Tensor,
+        a0: Tensor,
+        noise: Tensor,
+        timesteps: Tensor,
+        schedule: Any,
+        prediction_type: str = "epsilon",
+        *,
+        loss_reduction: str = "mean",
+        generator: Optional[torch.Generator] = None,
+    ) -> SteerLoss:
+        """Steer loss for a diffusion policy (replaces ``mse_loss(pred, target)``).
+
+        Args:
+            pred: [B, H, D] the model's output at ``x_k`` (ε, x0 or v; may require grad).
+            x_k: [B, H, D] the noisy input ``√ᾱ·a0 + √(1−ᾱ)·noise``.
+            a0: [B, H, D] the clean demonstration chunk.
+            noise: [B, H, D] the ε that made ``x_k``.
+            timesteps: [B] integer training timesteps (index into ``alphas_cumprod``).
+            schedule: any object with an ``alphas_cumprod`` [T] tensor (ate_fast's
+                NoiseSchedule, a diffusers scheduler), or that tensor itself.
+            prediction_type: ``"epsilon"`` | ``"sample"`` | ``"v_prediction"``.
+            loss_reduction: ``"mean"`` (scalar) or ``"none"`` ([B, H, D]).
+            generator: for the shared ε of ``latent="sample"``.
+        """
+        check.check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check.check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        check.check_chunks(pred=pred, x_k=x_k, a0=a0, noise=noise)
+        batch = pred.shape[0]
+        alphas = _alphas_cumprod(schedule)
+        check.check_per_sample("timesteps", timesteps, batch)
+        if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+            raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
+        cd = compute_dtype(pred.dtype)
+        steps = timesteps.to(alphas.device)
+        num_train = alphas.shape[0]
+        if self._checking():
+            check.check_values(
+                [
+                    check.finite("pred", pred),
+                    check.finite("x_k", x_k),
+                    check.finite("a0", a0),
+                    check.finite("noise", noise),
+                    (
+                        f"timesteps must lie in [0, {num_train}) (the schedule's "
+                        "num_train_timesteps)",
+                        ((steps >= 0) & (steps < num_train)).all(),
+                    ),
+                ]
+            )
+        alpha_bar = alphas[steps].to(device=pred.device, dtype=cd)
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "sample":
+            target = a0
+        else:
+            ab = _rows(alpha_bar, 3)
+            target = ab.sqrt() * noise.to(cd) - (1.0 - ab).sqrt() * a0.to(cd)
+        c = diffusion_guidance_coefficient(alpha_bar, prediction_type)
+        return self._corrected_loss(pred, target, x_k, a0, c, loss_reduction, generator)
+
+    def flow_loss(
+        self,
+        v_pred: Tensor,
+        x_t: Tensor,
+        a0: Tensor,
+        noise: Tensor,
+        t: Tensor,
+        convention: str = "openpi",
+        *,
+        loss_reduction: str = "mean",
+        generator: Optional[torch.Generator] = None,
+    ) -> SteerLoss:
+        """Steer loss for a flow-matching policy (replaces ``mse_loss(v_pred, target)``).
+
+        Args:
+            v_pred: [B, H, D] the predicted velocity at ``x_t`` (may require grad).
+            x_t: [B, H, D] the interpolant: ``t·noise + (1−t)·a0`` (``"openpi"``, t = 1 is
+                noise, as openpi, LeRobot π0 and diffusers) or ``t·a0 + (1−t)·noise``
+                (``"paper"``, t = τ = 1 is data).
+            a0: [B, H, D] the clean demonstration chunk.
+            noise: [B, H, D] the ε of the interpolant.
+            t: [B] times in [0, 1].
+            convention: ``"openpi"`` (target ``noise − a0``, c = −t/(1−t)) or ``"paper"``
+                (target ``a0 − noise``, c = (1−τ)/τ).
+            loss_reduction: ``"mean"`` (scalar) or ``"none"`` ([B, H, D]).
+            generator: for the shared ε of ``latent="sample"``.
+        """
+        check.check_choice("convention", convention, FLOW_CONVENTIONS)
+        check.check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        check.check_chunks(v_pred=v_pred, x_t=x_t, a0=a0, noise=noise)
+        check.check_per_sample("t", t, v_pred.shape[0])
+        if not t.is_floating_point():
+            raise TypeError(f"t must be a floating tensor of times in [0, 1], got {t.dtype}")
+        if self._checking():
+            check.check_values(
+                [
+                    check.finite("v_pred", v_pred),
+                    check.finite("x_t", x_t),
+                    check.finite("a0", a0),
+                    check.finite("noise", noise),
+                    check.finite("t", t),
+                    ("t must lie in [0, 1]", ((t >= 0) & (t <= 1)).all()),
+                ]
+            )
+        cd = compute_dtype(v_pred.dtype)
+        t = t.to(device=v_pred.device, dtype=cd)
+        target = noise - a0 if convention == "openpi" else a0 - noise
+        c = flow_guidance_coefficient(t, convention)
+        return self._corrected_loss(v_pred, target, x_t, a0, c, loss_reduction, generator)
+
+    # ------------------------------------------------------------------------------
+    def _checking(self) -> bool:
+        return self.check_inputs and check.can_sync()
+
+    def _corrected_loss(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        x: Tensor,
+        a0: Tensor,
+        c: Tensor,
+        loss_reduction: str,
+        generator: Optional[torch.Generator],
+    ) -> SteerLoss:
+        g = self._guidance(x, a0, generator)
+        if g.shape != pred.shape:
+            raise ValueError(
+                f"the guidance gradient has shape {tuple(g.shape)} but the prediction "
+                f"{tuple(pred.shape)}: the encoder must map [B, H, D] chunks of the policy's shape"
+            )
+        pred = pred.contiguous()
+        g = g.to(pred.dtype).contiguous()
+        # The fused op is differentiable in m = pred: ∂corrected/∂pred = 1, as in the paper.
+        corrected = guided_step(None, pred, b=1.0, g=g, c=c, lam=self.scale, kappa=self.clamp)
+        cd = c.dtype
+        err = (corrected.to(cd) - target.to(cd)).square()
+        loss = err.mean() if loss_reduction == "mean" else err
+        return SteerLoss(loss, self._diagnostics(g, c, target))
+
+    def _diagnostics(self, g: Tensor, c: Tensor, target: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            cd = c.dtype
+            u = _rows(c, g.ndim) * g.to(cd)
+            correction = self.scale * u.clamp(-self.clamp, self.clamp)
+            tiny = torch.finfo(cd).tiny
+            return {
+                "grad_norm": g.to(cd).flatten(1).norm(dim=1).mean(),
+                "clamp_fraction": (u.abs() > self.clamp).to(cd).mean(),
+                "correction_ratio": correction.norm() / target.to(cd).norm().clamp_min(tiny),
+            }
+
+
+def _rows(v: Tensor, ndim: int) -> Tensor:
+    """[B] -> [B, 1, ..., 1] broadcasting over a rank-``ndim`` tensor."""
+    return v.reshape(v.shape[0], *([1] * (ndim - 1)))
+
+
+def _alphas_cumprod(schedule: Any) -> Tensor:
+    alphas = schedule if isinstance(schedule, Tensor) else getattr(schedule, "alphas_cumprod", None)
+    if not isinstance(alphas, Tensor):
+        raise TypeError(
+            "schedule must have an alphas_cumprod tensor (ate_fast.sampling.NoiseSchedule, a "
+            f"diffusers scheduler) or be that tensor, got {type(schedule).__name__}"
+        )
+    if alphas.ndim != 1 or alphas.shape[0] == 0 or not alphas.is_floating_point():
+        raise ValueError(
+            "schedule.alphas_cumprod must be a non-empty floating [T] tensor, got "
+            f"{alphas.dtype} of shape {tuple(alphas.shape)}"
+        )
+    return alphas

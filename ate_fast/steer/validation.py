@@ -1,0 +1,92 @@
+"""Argument checks for the steer API: clear errors that name the offending argument.
+
+Shape, dtype and choice checks read metadata only. Value checks (NaN, ranges) need the
+host to look at device memory, so they are gathered into one synchronisation per call and
+skipped where a sync is impossible (torch.compile tracing, CUDA graph capture).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_scale_and_clamp(scale: float, clamp: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp >= 0:
+        raise ValueError(f"clamp must be a number >= 0 (math.inf: no clamp), got {clamp!r}")
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_chunks(**chunks: Tensor) -> None:
+    """All arguments are floating tensors of one shape ``[B, H, D]`` on one device."""
+    (first_name, first), *rest = chunks.items()
+    check_tensor(first_name, first)
+    if not first.is_floating_point():
+        raise TypeError(f"{first_name} must be a floating tensor, got {first.dtype}")
+    if first.ndim != 3:
+        raise ValueError(
+            f"{first_name} must be an action chunk [B, H, D], got shape {tuple(first.shape)}"
+        )
+    for name, t in rest:
+        check_tensor(name, t)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{name} must have {first_name}'s shape {tuple(first.shape)}, got {tuple(t.shape)}"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} must be on {first_name}'s device {first.device}, got {t.device}"
+            )
+
+
+def check_per_sample(name: str, t: object, batch: int) -> Tensor:
+    """``t`` is a ``[B]`` tensor (one value per sample; nothing is reshaped silently)."""
+    check_tensor(name, t)
+    if t.shape != (batch,):
+        raise ValueError(
+            f"{name} must have shape [B] = [{batch}] (one value per sample), got {tuple(t.shape)}"
+        )
+    return t
+
+
+def can_sync() -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_values(checks: Sequence[tuple[str, Tensor]]) -> None:
+    """Each check is ``(message, ok)`` with ``ok`` a 0-dim bool tensor; one host sync for all.
+    Raises ``ValueError(message)`` for the first that failed."""
+    if not checks or not can_sync():
+        return
+    device = checks[0][1].device
+    flags = torch.stack([ok.reshape(()).to(device) for _, ok in checks]).cpu()
+    if bool(flags.all()):
+        return
+    for (message, _), ok in zip(checks, flags.tolist()):
+        if not ok:
+            raise ValueError(message)
+
+
+def finite(name: str, t: Tensor) -> tuple[str, Tensor]:
+    """A :func:`check_values` entry: ``t`` holds no NaN or inf."""
+    return f"{name} contains NaN or inf", torch.isfinite(t).all()
