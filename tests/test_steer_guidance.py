@@ -193,3 +193,28 @@ def test_set_target_replaces_the_cached_target():
     second = guidance.gradient(x, x, torch.ones(B, dtype=F64))
     torch.testing.assert_close(second, transcribed_latent_gradient(enc, x, z_new))
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["direct", "tweedie"])
+def test_latent_guidance_replays_in_a_cuda_graph(mode):
+    """The sampler captures its whole loop, guidance included: the autograd VJP must
+    capture too (no host sync, target moved to the device once, before capture)."""
+    enc = TinyEncoder().cuda()
+    guidance = LatentGuidance(enc, torch.randn(DZ), mode=mode)
+    x = torch.randn(B, H, D, device="cuda")
+    x0_hat = torch.randn(B, H, D, device="cuda")
+    dx0_dx = torch.rand(B, device="cuda") + 0.5
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):
+            guidance.gradient(x, x0_hat, dx0_dx)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        g = guidance.gradient(x, x0_hat, dx0_dx)
+    x.copy_(torch.randn_like(x))
+    x0_hat.copy_(torch.randn_like(x0_hat))
+    graph.replay()
+    torch.testing.assert_close(g, guidance.gradient(x, x0_hat, dx0_dx), rtol=1e-5, atol=1e-6)

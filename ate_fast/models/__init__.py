@@ -1,0 +1,30 @@
+"""Reference policy heads for benchmarks, tests and the demo (users bring their own).
+
+All share the sampler's model-function signature ``forward(x [B, H, D], t [B], cond) ->
+[B, H, D]`` (diffusion: integer timesteps; flow: t in [0, 1], t = 1 noise), are free of host
+syncs and data-dependent control flow (CUDA-graph capturable, ``torch.compile(fullgraph=True)``).
+"""
+
+from ate_fast.models.flow_transformer import (
+    FLOW_TRANSFORMER_CONFIGS,
+    FlowTransformerConfig,
+    FlowTransformerHead,
+)
+from ate_fast.models.mlp_head import MLP_HEAD_CONFIGS, MLPHead, MLPHeadConfig
+from ate_fast.models.registry import HEADS, count_parameters, make_head
+from ate_fast.models.unet1d import UNET_CONFIGS, ConditionalUnet1D, UnetConfig
+
+__all__ = [
+    "FLOW_TRANSFORMER_CONFIGS",
+    "HEADS",
+    "MLP_HEAD_CONFIGS",
+    "UNET_CONFIGS",
+    "ConditionalUnet1D",
+    "FlowTransformerConfig",
+    "FlowTransformerHead",
+    "MLPHead",
+    "MLPHeadConfig",
+    "UnetConfig",
+    "count_parameters",
+    "make_head",
+]

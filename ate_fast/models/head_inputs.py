@@ -1,0 +1,47 @@
+"""Input checks shared by the reference heads (metadata only: no host sync, so they run
+inside CUDA graph capture and torch.compile without breaking the graph)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+
+def check_head_inputs(
+    head: str,
+    x: Tensor,
+    t: Tensor,
+    cond: Optional[Tensor],
+    horizon: int,
+    action_dim: int,
+    cond_shape: Optional[tuple[int, ...]],
+) -> None:
+    """``x`` [B, H, D], ``t`` [B], ``cond`` [B, *cond_shape] (or None when ``cond_shape`` is
+    None; ``-1`` in ``cond_shape`` matches any size)."""
+    if x.ndim != 3 or x.shape[1] != horizon or x.shape[2] != action_dim:
+        raise ValueError(
+            f"{head}: x must have shape [B, H, D] = [B, {horizon}, {action_dim}], got "
+            f"{tuple(x.shape)}"
+        )
+    batch = x.shape[0]
+    if t.shape != (batch,):
+        raise ValueError(f"{head}: t must have shape [B] = [{batch}], got {tuple(t.shape)}")
+    if cond_shape is None:
+        if cond is not None:
+            raise ValueError(
+                f"{head}: this head was configured without conditioning (cond_dim=0); got a "
+                f"cond of shape {tuple(cond.shape)}"
+            )
+        return
+    if cond is None:
+        return  # the heads treat a missing cond as "no context" (zeros for vector cond)
+    expected = (batch, *cond_shape)
+    if cond.ndim != len(expected) or any(e != -1 and e != s for e, s in zip(expected, cond.shape)):
+        shown = ", ".join("L" if e == -1 else str(e) for e in expected)
+        raise ValueError(f"{head}: cond must have shape [{shown}], got {tuple(cond.shape)}")
+    if cond.dtype != x.dtype or cond.device != x.device:
+        raise ValueError(
+            f"{head}: cond must have x's dtype and device ({x.dtype}, {x.device}), got "
+            f"({cond.dtype}, {cond.device})"
+        )

@@ -1,0 +1,155 @@
+"""Diffusion Policy's temporal U-Net with FiLM conditioning (our own implementation).
+
+The chunk [B, H, D] is treated as D channels over H steps. A sinusoidal embedding of the
+timestep goes through Linear -> Mish -> Linear; concatenated with the global ``cond``
+[B, cond_dim] it conditions every residual block by FiLM (a per-channel scale and bias
+after the block's first convolution). Down path: per level two residual blocks, then a
+stride-2 convolution (not after the last level); two middle blocks; up path mirrors the
+down path with skip concatenations and transposed-convolution upsampling; a final
+convolution block and a 1×1 convolution back to D channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ate_fast.models.head_inputs import check_head_inputs
+from ate_fast.models.time_embedding import DIFFUSION_PERIODS, sinusoidal_embedding
+
+
+@dataclass(frozen=True)
+class UnetConfig:
+    """Sizes of a :class:`ConditionalUnet1D`. ``horizon`` must be divisible by
+    ``2**(len(down_dims) − 1)``."""
+
+    horizon: int = 16
+    action_dim: int = 2
+    cond_dim: int = 0
+    down_dims: tuple[int, ...] = (256, 512, 1024)
+    time_embed_dim: int = 256
+    kernel_size: int = 5
+    n_groups: int = 8
+    min_period: float = DIFFUSION_PERIODS[0]
+    max_period: float = DIFFUSION_PERIODS[1]
+    time_scale: float = 1.0  # multiply t before embedding (e.g. 1e3 for flow time in [0, 1])
+
+    def __post_init__(self) -> None:
+        if not self.down_dims:
+            raise ValueError("UnetConfig.down_dims must name at least one level")
+        if any(d % self.n_groups for d in self.down_dims):
+            raise ValueError(
+                f"every down dim must be divisible by n_groups={self.n_groups}, got "
+                f"{self.down_dims}"
+            )
+        factor = 2 ** (len(self.down_dims) - 1)
+        if self.horizon % factor:
+            raise ValueError(
+                f"horizon ({self.horizon}) must be divisible by {factor} for "
+                f"{len(self.down_dims)} levels"
+            )
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+
+
+UNET_CONFIGS: dict[str, UnetConfig] = {
+    # Diffusion Policy's CNN on PushT-image-like sizes: H = 16, D = 2, a global condition of
+    # 2 observation steps × (512 image features + 2 state dims).
+    "dp": UnetConfig(cond_dim=1028),
+    "small": UnetConfig(cond_dim=32, down_dims=(32, 64, 128), time_embed_dim=64),
+}
+
+
+def _conv_block(c_in: int, c_out: int, kernel: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out), nn.Mish()
+    )
+
+
+class _FiLMResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = _conv_block(c_in, c_out, kernel, groups)
+        self.conv2 = _conv_block(c_out, c_out, kernel, groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        scale, bias = self.film(cond)[:, :, None].chunk(2, dim=1)
+        h = self.conv2(scale * self.conv1(x) + bias)
+        return h + self.skip(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    """Diffusion Policy U-Net: ``forward(x [B,H,D], t [B], cond [B, cond_dim]) -> [B,H,D]``.
+
+    ``t`` is the integer diffusion timestep (any real dtype; scale flow time with
+    ``time_scale``). ``cond`` may be None (zeros) when ``cond_dim > 0``; must be None when 0.
+    """
+
+    def __init__(self, config: Union[str, UnetConfig] = "small", **overrides: Any) -> None:
+        super().__init__()
+        cfg = UNET_CONFIGS[config] if isinstance(config, str) else config
+        self.config = cfg = replace(cfg, **overrides)
+        e, k, grp = cfg.time_embed_dim, cfg.kernel_size, cfg.n_groups
+        self.time_mlp = nn.Sequential(nn.Linear(e, 4 * e), nn.Mish(), nn.Linear(4 * e, e))
+        film_dim = e + cfg.cond_dim
+        dims = (cfg.action_dim, *cfg.down_dims)
+        levels = len(cfg.down_dims)
+
+        self.down = nn.ModuleList()
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == levels - 1
+            self.down.append(
+                nn.ModuleList([
+                    _FiLMResidualBlock(c_in, c_out, film_dim, k, grp),
+                    _FiLMResidualBlock(c_out, c_out, film_dim, k, grp),
+                    nn.Identity() if last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1),
+                ])
+            )  # fmt: skip
+        mid = cfg.down_dims[-1]
+        self.mid = nn.ModuleList([_FiLMResidualBlock(mid, mid, film_dim, k, grp) for _ in range(2)])
+        self.up = nn.ModuleList()
+        # every up level upsamples (levels − 1 of them, one per downsample); as in Diffusion
+        # Policy the first level's skip is not used, the deepest one is.
+        for c_in, c_out in reversed(list(zip(dims[1:-1], dims[2:]))):
+            self.up.append(
+                nn.ModuleList([
+                    _FiLMResidualBlock(2 * c_out, c_in, film_dim, k, grp),
+                    _FiLMResidualBlock(c_in, c_in, film_dim, k, grp),
+                    nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
+                ])
+            )  # fmt: skip
+        start = cfg.down_dims[0]
+        self.final = nn.Sequential(
+            _conv_block(start, start, k, grp), nn.Conv1d(start, cfg.action_dim, 1)
+        )
+
+    def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        cfg = self.config
+        cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
+        check_head_inputs("ConditionalUnet1D", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape)
+        emb = sinusoidal_embedding(
+            t * cfg.time_scale, cfg.time_embed_dim, cfg.min_period, cfg.max_period
+        ).to(x.dtype)
+        film = self.time_mlp(emb)
+        if cfg.cond_dim:
+            if cond is None:
+                cond = torch.zeros(x.shape[0], cfg.cond_dim, dtype=x.dtype, device=x.device)
+            film = torch.cat([film, cond], dim=-1)
+
+        h = x.transpose(1, 2)  # [B, D, H]: channels over time
+        skips = []
+        for block1, block2, downsample in self.down:
+            h = block2(block1(h, film), film)
+            skips.append(h)
+            h = downsample(h)
+        for block in self.mid:
+            h = block(h, film)
+        for block1, block2, upsample in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = upsample(block2(block1(h, film), film))
+        return self.final(h).transpose(1, 2)
