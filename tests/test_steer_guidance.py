@@ -218,3 +218,21 @@ def test_latent_guidance_replays_in_a_cuda_graph(mode):
     x0_hat.copy_(torch.randn_like(x0_hat))
     graph.replay()
     torch.testing.assert_close(g, guidance.gradient(x, x0_hat, dx0_dx), rtol=1e-5, atol=1e-6)
+
+
+def test_with_the_align_action_vae_and_latent_prior():
+    """The contract with ate_fast.align: ActionVAE.encode(a, mask) and LatentPrior.mean."""
+    from ate_fast.align.prior import LatentPrior
+    from ate_fast.align.vae import ActionVAE
+
+    vae = ActionVAE(D, H, DZ, arch="mlp", hidden_dims=(16,)).to(F64)
+    prior = LatentPrior.from_latents(torch.randn(20, DZ), torch.randn(20, DZ) - 1)
+    x = torch.randn(B, H, D, dtype=F64)
+    guidance = LatentGuidance(vae, prior, mode="direct")
+    expected = transcribed_latent_gradient(lambda a: vae.encode(a), x, prior.mean.to(F64))
+    torch.testing.assert_close(guidance.gradient(x, x, torch.ones(B, dtype=F64)), expected)
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    # the action mask zeroes the absent dims: no guidance reaches them
+    mask = torch.tensor([1.0, 0.0], dtype=F64)
+    g = Steer(vae, mask=mask).guidance(x, torch.randn(B, H, D, dtype=F64))
+    assert g[..., 1].abs().max() == 0 and g[..., 0].abs().max() > 0

@@ -31,9 +31,17 @@ class FrozenEncoder:
             and set ``requires_grad=False`` on their parameters, in place. With
             ``freeze=False`` the modules are left as they are; no gradient reaches them
             either way.
+        mask: passed on as ``encode(a, mask)`` when given — the ActionVAE's action mask
+            ([D] or [B, D], 1 on the dims the robot has), which zeroes the absent dims so
+            that their noise neither moves the latent nor receives guidance.
     """
 
-    def __init__(self, vae_or_encoder: Any, freeze: bool = True) -> None:
+    def __init__(
+        self, vae_or_encoder: Any, freeze: bool = True, mask: Optional[Tensor] = None
+    ) -> None:
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
+        self.mask = mask
         encode = getattr(vae_or_encoder, "encode", None)
         if callable(encode):
             self._fn: Callable[[Tensor], Any] = encode
@@ -57,7 +65,7 @@ class FrozenEncoder:
 
     def __call__(self, a: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Encode ``a`` [B, H, D] -> ``(mu [B, d_z], logvar [B, d_z] or None)``."""
-        out = self._fn(a)
+        out = self._fn(a) if self.mask is None else self._fn(a, self.mask.to(a.device))
         if isinstance(out, Tensor):
             mu, logvar = out, None
         elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):

@@ -9,7 +9,7 @@ The sampler applies ``model_out + λ·clamp(c·g, −κ, κ)`` every step (see
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -49,8 +49,10 @@ class LatentGuidance:
         scale: λ.
         clamp: κ (``math.inf``: no clamp).
         mode: ``"direct"`` or ``"tweedie"``.
+        mask: the ActionVAE's action mask ([D] or [B, D]), passed as ``encode(a, mask)``.
 
-    The gradient runs in :meth:`latent_gradient`, the one method a fused kernel overrides.
+    ``gradient`` returns a tensor of ``x``'s dtype. The gradient itself runs in
+    :meth:`latent_gradient`, the one method a fused kernel overrides.
     """
 
     def __init__(
@@ -62,10 +64,11 @@ class LatentGuidance:
         mode: str = "direct",
         *,
         freeze: bool = True,
+        mask: Optional[Tensor] = None,
     ) -> None:
         check.check_scale_and_clamp(scale, clamp)
         check.check_choice("mode", mode, GUIDANCE_MODES)
-        self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze)
+        self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze, mask=mask)
         self.set_target(target)
         self.scale = float(scale)
         self.clamp = float(clamp)
@@ -86,12 +89,12 @@ class LatentGuidance:
         """``g`` [B, H, D] at ``x`` [B, H, D] (``x0_hat`` [B, H, D], ``dx0_dx`` [B]: tweedie)."""
         if self.mode == "direct":
             check.check_chunks(x=x)
-            return self.latent_gradient(x)
+            return self.latent_gradient(x).to(x.dtype)
         check.check_chunks(x=x, x0_hat=x0_hat)
         check.check_per_sample("dx0_dx", dx0_dx, x.shape[0])
         g = self.latent_gradient(x0_hat)
         scale = dx0_dx.to(device=g.device, dtype=g.dtype).reshape(-1, 1, 1)
-        return g * scale
+        return (g * scale).to(x.dtype)
 
     def latent_gradient(self, point: Tensor) -> Tensor:
         """``∇_p −(1/N)‖E(p) − z*‖²`` per sample at ``point`` [B, H, D] -> [B, H, D].

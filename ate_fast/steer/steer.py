@@ -60,6 +60,7 @@ class Steer:
             sample, with one ε shared by ``x`` and ``a0`` (the released code).
         reduction: ``"sample"`` — the paper's per-sample ``y``; ``"batch"`` — the released
             code's mean over batch and latent, which divides every g by the batch size.
+        mask: the ActionVAE's action mask ([D] or [B, D]), passed as ``encode(a, mask)``.
         check_inputs: check inputs for NaN/inf and ``t``/``timesteps`` for range (one host
             sync per call; skipped automatically under torch.compile and CUDA graph capture).
 
@@ -75,12 +76,13 @@ class Steer:
         reduction: str = "sample",
         *,
         freeze: bool = True,
+        mask: Optional[Tensor] = None,
         check_inputs: bool = True,
     ) -> None:
         check.check_scale_and_clamp(scale, clamp)
         check.check_choice("latent", latent, LATENT_MODES)
         check.check_choice("reduction", reduction, REDUCTIONS)
-        self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze)
+        self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze, mask=mask)
         self.scale = float(scale)
         self.clamp = float(clamp)
         self.latent = latent
