@@ -196,6 +196,10 @@ def _into_cpu(out, *args) -> None:
 
 
 def _current_stream(device: torch.device) -> int:
+    """The raw cudaStream_t of torch's current stream on ``device``, as an int."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # ~10x cheaper; inductor uses it
+    if raw is not None:
+        return raw(device.index)
     return torch.cuda.current_stream(device).cuda_stream
 
 
