@@ -1,0 +1,10 @@
+"""The one exception the data readers raise for a file they cannot use."""
+
+from __future__ import annotations
+
+
+class DataFormatError(ValueError):
+    """A data file is missing a key, has the wrong rank, holds non-finite actions, ...
+
+    The message names the file (and the key or episode) and what was expected.
+    """

@@ -1,0 +1,106 @@
+"""One entry point for every supported file format: :func:`read_episodes`."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+from ate_fast.data.episodes import Episode, check_consistent_dim
+from ate_fast.data.errors import DataFormatError
+from ate_fast.data.hdf5_reader import detect_hdf5_layout, read_aloha, read_robomimic
+from ate_fast.data.lerobot_reader import is_lerobot_dir, read_lerobot
+from ate_fast.data.numpy_reader import read_npy, read_npz
+
+FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
+HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
+FILE_SUFFIXES = (".npz", ".npy", ".parquet", *HDF5_SUFFIXES)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def _format_of_file(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return "npz"
+    if suffix == ".npy":
+        return "npy"
+    if suffix == ".parquet":
+        return "lerobot"
+    if suffix in HDF5_SUFFIXES:
+        return detect_hdf5_layout(path)
+    raise DataFormatError(
+        f"{path}: cannot tell the format from the suffix {suffix!r}; expected one of "
+        f"{list(FILE_SUFFIXES)} or pass format= one of {list(FORMATS[1:])}"
+    )
+
+
+def _read_file(path: Path, fmt: str, key: Optional[str], filter_key: Optional[str]):
+    if fmt == "auto":
+        fmt = _format_of_file(path)
+    if fmt == "npz":
+        return read_npz(path, key)
+    if fmt == "npy":
+        return read_npy(path)
+    if fmt == "robomimic":
+        return read_robomimic(path, key, filter_key)
+    if fmt == "aloha":
+        return read_aloha(path, key)
+    return read_lerobot(path, key)
+
+
+def read_episodes(
+    path: Union[PathLike, Sequence[PathLike]],
+    format: str = "auto",
+    key: Optional[str] = None,
+    filter_key: Optional[str] = None,
+) -> list[Episode]:
+    """Read every episode's actions ``[T, D_r]`` from one or more paths.
+
+    Args:
+        path: a file, a directory, or a list of them. A directory is a LeRobot dataset
+            if it has ``meta/info.json`` or ``data/**/*.parquet``; otherwise every
+            ``.npz/.npy/.hdf5/.h5/.parquet`` file in it is read, in natural order
+            (``episode_2`` before ``episode_10``; the ALOHA one-file-per-episode layout).
+        format: ``"auto"`` (from the suffix; HDF5 layout from the file's keys), ``"npz"``,
+            ``"npy"``, ``"robomimic"``, ``"aloha"`` or ``"lerobot"``.
+        key: the action array's name inside the file (defaults: npz ``actions``/``action``,
+            robomimic ``actions``, ALOHA ``action``, LeRobot ``action``).
+        filter_key: robomimic only: read the demos listed in ``/mask/<filter_key>``.
+
+    Raises:
+        DataFormatError: missing file/key, wrong rank, non-finite actions, episodes with
+            different action dims; the message names the file and what was expected.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise ValueError("path: expected at least one file or directory, got an empty list")
+    episodes: list[Episode] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise DataFormatError(f"{p}: no such file or directory")
+        if p.is_dir() and (format == "lerobot" or (format == "auto" and is_lerobot_dir(p))):
+            episodes.extend(read_lerobot(p, key))
+        elif p.is_dir():
+            files = sorted(
+                (f for f in p.iterdir() if f.suffix.lower() in FILE_SUFFIXES), key=_natural_key
+            )
+            if not files:
+                raise DataFormatError(
+                    f"{p}: directory has no action files (expected {list(FILE_SUFFIXES)})"
+                )
+            for f in files:
+                episodes.extend(_read_file(f, format, key, filter_key))
+        else:
+            episodes.extend(_read_file(p, format, key, filter_key))
+    check_consistent_dim(episodes, ", ".join(str(p) for p in paths))
+    return episodes
