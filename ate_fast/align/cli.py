@@ -1,0 +1,365 @@
+"""``ate-fast align stage1 | prior | stage2``: the Align stage from the command line.
+
+::
+
+    ate-fast align stage1 --data pre.hdf5 --horizon 50 --out pre.ckpt
+    ate-fast align prior  --vae pre.ckpt --data pre.hdf5 --kind gmm --k 8 --out prior.pt
+    ate-fast align stage2 --prior prior.pt --data adapt/ --horizon 50 --out adapt.ckpt
+
+Several processes: ``torchrun --nproc_per_node 8 -m ate_fast.cli align stage1 ...``.
+Only argparse is imported here; torch and the trainers load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DATA_FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None``/flags and where the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _add_data_args(p: argparse.ArgumentParser, with_chunking: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="action files or directories: .npz/.npy, HDF5 (robomimic /data/demo_*/actions "
+        "or ALOHA /action, one file per episode), LeRobot dataset dir or .parquet",
+    )
+    g.add_argument("--format", choices=DATA_FORMATS, default="auto", help="file format")
+    g.add_argument("--key", help="action array/column name (defaults per format)")
+    g.add_argument("--filter-key", help="robomimic: read only the demos in /mask/<key>")
+    if not with_chunking:
+        return
+    g.add_argument("--stride", type=int, default=1, help="steps between chunk starts")
+    g.add_argument(
+        "--pad",
+        choices=("edge", "zero"),
+        default="edge",
+        help="fill for chunks running past an episode's end (edge = repeat the last action)",
+    )
+    g.add_argument(
+        "--max-pad", type=int, help="most padded steps per chunk (default H-1; 0 = full only)"
+    )
+    g.add_argument(
+        "--norm",
+        choices=("meanstd", "minmax", "none"),
+        default="meanstd",
+        help="per-dim normalisation, stats saved in the checkpoint",
+    )
+    g.add_argument("--action-dim", type=int, help="unified action dim D (default: the data's)")
+    g.add_argument(
+        "--dims",
+        type=_int_list,
+        help="where the data's dims go in D, comma-separated (default 0..D_r-1)",
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser, stage2: bool = False) -> None:
+    title = "model (ignored with --init: the checkpoint's config is used)" if stage2 else "model"
+    g = p.add_argument_group(title)
+    g.add_argument(
+        "--arch",
+        choices=("transformer", "mlp"),
+        default="transformer",
+        help="the paper's skip-connected Transformer VAE, or the small MLP VAE",
+    )
+    g.add_argument(
+        "--latent-dim",
+        type=int,
+        default=None if stage2 else 512,
+        help="d_z" + (" (default: the prior's)" if stage2 else ""),
+    )
+    g.add_argument("--d-model", type=int, default=512, help="transformer width")
+    g.add_argument("--heads", type=int, default=4, help="transformer heads")
+    g.add_argument("--ff-dim", type=int, default=1024, help="feed-forward width")
+    g.add_argument(
+        "--layers", type=int, default=9, help="transformer layers, odd: k in / 1 middle / k out"
+    )
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout (0 in the released code)")
+    g.add_argument(
+        "--hidden", type=_int_list, default=[512, 512], help="MLP hidden sizes, comma-separated"
+    )
+    g.add_argument(
+        "--activation",
+        choices=("gelu", "silu", "relu", "tanh"),
+        default="gelu",
+        help="activation (gelu is the exact erf form)",
+    )
+
+
+def _add_train_args(p: argparse.ArgumentParser, stage2: bool) -> None:
+    g = p.add_argument_group("training (defaults: the paper / released code)")
+    g.add_argument("--out", required=True, help="checkpoint directory to write")
+    g.add_argument("--epochs", type=int, default=4000 if stage2 else 500, help="epochs")
+    g.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
+    g.add_argument(
+        "--batch-size", type=int, default=64, help="global batch (split over torchrun ranks)"
+    )
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--lr-gamma", type=float, default=0.95, help="ExponentialLR per epoch")
+    g.add_argument("--lr-floor", type=float, default=1e-6, help="lowest learning rate")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 = off")
+    g.add_argument("--beta", type=float, default=7.5e-5, help="KL weight")
+    g.add_argument("--gamma", type=float, default=1.0, help="MMD weight")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out")
+    g.add_argument("--val-every", type=int, default=1, help="epochs between validations")
+    g.add_argument("--seed", type=int, default=0, help="weights, data order and noise")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="autocast: auto = bf16 on GPU (fp16 if unsupported), fp32 on CPU",
+    )
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--save-every-epochs", type=int, help="checkpoint every N epochs")
+    g.add_argument("--save-every-steps", type=int, help="checkpoint every N steps")
+    g.add_argument(
+        "--save-every-minutes", type=float, default=10.0, help="checkpoint every M minutes; 0 = off"
+    )
+    g.add_argument("--log-every-steps", type=int, default=50, help="metrics.jsonl step records")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace a checkpoint in --out")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    if stage2:
+        g.add_argument(
+            "--kl",
+            choices=("reverse", "forward"),
+            default="reverse",
+            help="reverse = KL(q||p_pre) + MMD to p_pre (paper); forward = KL(p_pre||q) + MMD "
+            "to N(0,I) (released code)",
+        )
+        g.add_argument("--kl-samples", type=int, default=8, help="MC draws for a GMM prior")
+        g.add_argument("--init", help="stage-1 checkpoint to start from (its architecture)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``align`` with ``stage1``, ``prior`` and ``stage2`` to the ``ate-fast`` parser."""
+    align = subparsers.add_parser(
+        "align", help="ATE Align: train the action VAEs and the latent prior"
+    )
+    sub = align.add_subparsers(dest="align_command", required=True)
+
+    s1 = sub.add_parser(
+        "stage1",
+        help="train the pre-training action VAE",
+        formatter_class=_HelpFormatter,
+    )
+    _add_data_args(s1)
+    s1.add_argument("--horizon", type=int, required=True, help="chunk length H")
+    _add_model_args(s1)
+    _add_train_args(s1, stage2=False)
+    s1.set_defaults(func=_cmd_stage1)
+
+    pr = sub.add_parser(
+        "prior",
+        help="summarise the stage-1 latent distribution as the stage-2 prior",
+        formatter_class=_HelpFormatter,
+    )
+    pr.add_argument("--vae", required=True, help="stage-1 checkpoint directory")
+    _add_data_args(pr, with_chunking=False)
+    pr.add_argument("--stride", type=int, default=1, help="steps between chunk starts")
+    pr.add_argument(
+        "--kind",
+        choices=("gaussian", "gaussian-code", "gmm"),
+        default="gaussian",
+        help="gaussian: law of total variance (paper); gaussian-code: mean of sigmas "
+        "(released code); gmm: K-component mixture by EM",
+    )
+    pr.add_argument("--k", type=int, default=8, help="mixture components for --kind gmm")
+    pr.add_argument("--batch-size", type=int, default=256, help="chunks per encoder call")
+    pr.add_argument("--seed", type=int, default=0, help="EM initialisation seed")
+    pr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pr.add_argument("--out", required=True, help="prior file to write (safetensors)")
+    pr.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    pr.set_defaults(func=_cmd_prior)
+
+    s2 = sub.add_parser(
+        "stage2",
+        help="train the adaptation action VAE against the prior",
+        formatter_class=_HelpFormatter,
+    )
+    s2.add_argument("--prior", required=True, help="prior file from `ate-fast align prior`")
+    _add_data_args(s2)
+    s2.add_argument("--horizon", type=int, help="chunk length H (default: --init's)")
+    _add_model_args(s2, stage2=True)
+    _add_train_args(s2, stage2=True)
+    s2.set_defaults(func=_cmd_stage2)
+
+
+# --- handlers (heavy imports live here) -------------------------------------------------
+def _dataset(args: argparse.Namespace, horizon: int, stats: Any = None, space: Any = None):
+    from ate_fast.data import ActionChunkDataset
+
+    kwargs: dict[str, Any] = {}
+    if space is not None:  # the prior reuses the stage-1 unified action space
+        kwargs.update(action_dim=space.action_dim, dim_index=space.dim_index.tolist())
+    else:
+        kwargs.update(action_dim=args.action_dim, dim_index=args.dims)
+    return ActionChunkDataset(
+        args.data,
+        horizon,
+        stride=args.stride,
+        pad=getattr(args, "pad", "edge"),
+        max_pad=getattr(args, "max_pad", None),
+        normalization=getattr(args, "norm", "meanstd"),
+        stats=stats,
+        format=args.format,
+        key=args.key,
+        filter_key=args.filter_key,
+        **kwargs,
+    )
+
+
+def _arch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.arch == "mlp":
+        return {"hidden_dims": tuple(args.hidden), "activation": args.activation}
+    return {
+        "d_model": args.d_model,
+        "num_heads": args.heads,
+        "ff_dim": args.ff_dim,
+        "num_layers": args.layers,
+        "dropout": args.dropout,
+        "activation": args.activation,
+    }
+
+
+def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "out_dir": args.out,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "lr_gamma": args.lr_gamma,
+        "lr_floor": args.lr_floor,
+        "grad_clip": args.grad_clip or None,
+        "beta": args.beta,
+        "gamma": args.gamma,
+        "val_fraction": args.val_fraction,
+        "val_every": args.val_every,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "precision": args.precision,
+        "device": args.device,
+        "save_every_epochs": args.save_every_epochs,
+        "save_every_steps": args.save_every_steps,
+        "save_every_minutes": args.save_every_minutes or None,
+        "log_every_steps": args.log_every_steps,
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "progress": not args.no_progress,
+    }
+
+
+def _summary(result: Any) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    last = result.history[-1] if result.history else {}
+    keys = ("epoch", "loss", "recon", "kl", "mmd", "val_loss", "val_prior_logp", "chunks_per_s")
+    shown = ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last)
+    print(f"wrote {result.checkpoint} ({shown})")
+
+
+def _cmd_stage1(args: argparse.Namespace) -> int:
+    import torch
+
+    from ate_fast.align import ActionVAE, Stage1Config, train_stage1
+
+    data = _dataset(args, args.horizon)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    vae = ActionVAE(data.action_dim, args.horizon, args.latent_dim, args.arch, **_arch_kwargs(args))
+    _summary(train_stage1(vae, data, Stage1Config(**_train_kwargs(args))))
+    return 0
+
+
+def _cmd_prior(args: argparse.Namespace) -> int:
+    import torch
+
+    from ate_fast.align import LatentPrior, load_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(args.vae, map_location=device)
+    if ckpt.normalizer is None:
+        raise SystemExit(f"--vae {args.vae}: the checkpoint has no normalisation statistics")
+    data = _dataset(args, ckpt.vae.horizon, stats=ckpt.normalizer, space=ckpt.action_space)
+    print(f"prior data: {data.describe()}")
+    prior = LatentPrior.fit(
+        ckpt.vae,
+        data,
+        kind=args.kind,
+        n_components=args.k,
+        batch_size=args.batch_size,
+        device=device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    prior.info.update(vae_checkpoint=str(args.vae), horizon=ckpt.vae.horizon)
+    prior.cpu().save(args.out)
+    print(f"wrote {args.out}: {prior.describe()}")
+    return 0
+
+
+def _cmd_stage2(args: argparse.Namespace) -> int:
+    import torch
+
+    from ate_fast.align import ActionVAE, LatentPrior, Stage2Config, train_stage2
+    from ate_fast.align.checkpoint import read_checkpoint_config
+
+    prior = LatentPrior.load(args.prior)
+    if args.init:
+        config = dict(read_checkpoint_config(args.init)["vae"])
+        if args.horizon is not None and args.horizon != config["horizon"]:
+            raise SystemExit(
+                f"--horizon {args.horizon} differs from --init's horizon {config['horizon']}"
+            )
+    else:
+        if args.horizon is None:
+            raise SystemExit("--horizon is required without --init")
+        config = None
+    horizon = config["horizon"] if config else args.horizon
+    data = _dataset(args, horizon)
+    latent_dim = args.latent_dim or prior.latent_dim
+    if latent_dim != prior.latent_dim:
+        raise SystemExit(f"--latent-dim {latent_dim} differs from the prior's {prior.latent_dim}")
+    torch.manual_seed(args.seed)
+    if config is not None:
+        if config["action_dim"] != data.action_dim:
+            raise SystemExit(
+                f"--init's action dim {config['action_dim']} differs from the data's "
+                f"{data.action_dim} (use --action-dim/--dims to map into the unified space)"
+            )
+        vae = ActionVAE.from_config(config)
+    else:
+        vae = ActionVAE(data.action_dim, horizon, latent_dim, args.arch, **_arch_kwargs(args))
+    cfg = Stage2Config(
+        **_train_kwargs(args), kl=args.kl, kl_samples=args.kl_samples, init_from=args.init
+    )
+    _summary(train_stage2(vae, data, prior, cfg))
+    return 0

@@ -1,0 +1,52 @@
+"""What the trainers and the prior accept as ``data``, turned into batches.
+
+``data`` may be an :class:`~ate_fast.data.ActionChunkDataset` (items ``(chunk, mask)``),
+any dataset of ``(chunk [H, D], mask [D])`` pairs or of bare chunks ``[H, D]``, or a tensor
+``[N, H, D]`` (e.g. chunks sampled from the pre-trained policy when its data is not
+available).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+Batch = tuple[Tensor, Optional[Tensor]]
+
+
+def as_dataset(data: Any) -> Dataset:
+    """A ``Dataset`` for ``data`` (a tensor ``[N, H, D]`` becomes a ``TensorDataset``)."""
+    if isinstance(data, Tensor):
+        if data.dim() != 3:
+            raise ValueError(f"data: a tensor must be [N, H, D], got {tuple(data.shape)}")
+        return TensorDataset(data.float())
+    if isinstance(data, Dataset):
+        return data
+    raise TypeError(f"data: expected a Dataset or a [N, H, D] tensor, got {type(data).__name__}")
+
+
+def collate_chunks(items: Sequence[Any]) -> Batch:
+    """Stack items into ``(chunks [B, H, D], masks [B, D] or None)``."""
+    first = items[0]
+    if isinstance(first, Tensor):
+        return torch.stack(list(items)), None
+    if isinstance(first, (tuple, list)) and len(first) == 1:
+        return torch.stack([it[0] for it in items]), None
+    if isinstance(first, (tuple, list)) and len(first) == 2:
+        return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+    raise TypeError(
+        "data: items must be a chunk [H, D] or a pair (chunk [H, D], mask [D]), "
+        f"got {type(first).__name__}"
+    )
+
+
+def iterate_batches(data: Any, batch_size: int) -> Iterator[Batch]:
+    """Every item once, in order, in batches of ``batch_size`` (the last may be smaller)."""
+    loader = DataLoader(
+        as_dataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_chunks
+    )
+    yield from loader

@@ -1,0 +1,226 @@
+"""``LatentPrior``: the stage-1 latent distribution summarised for stage 2 (ATE_METHOD.md).
+
+Every prior is stored as a diagonal Gaussian mixture (``K = 1`` for the Gaussian kinds):
+
+- ``gaussian`` (paper): ``N(μ̄, diag v̄)`` with ``μ̄ = mean_i μ_i`` and
+  ``v̄ = mean_i(σ_i² + μ_i²) − μ̄²`` — the law of total variance, the aggregate posterior's
+  true second moment.
+- ``gaussian-code`` (released code): ``μ̄ = mean_i μ_i``, ``σ̄ = mean_i σ_i``; it drops the
+  spread of the means. Kept only to reproduce the released code.
+- ``gmm``: a ``K``-component diagonal mixture fitted to the ``μ_i`` by EM.
+- ``standard``: ``N(0, I)``, the stage-1 prior.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ate_fast.align.atomic_io import atomic_save_safetensors
+from ate_fast.align.gmm import diagonal_log_prob, fit_diagonal_gmm
+
+PRIOR_KINDS = ("gaussian", "gaussian-code", "gmm", "standard")
+PRIOR_FORMAT = "ate_fast.latent_prior"
+
+
+class LatentPrior(nn.Module):
+    """A diagonal Gaussian mixture over ``R^{d_z}``.
+
+    Buffers (float32): ``weights [K]``, ``means [K, d_z]``, ``variances [K, d_z]``.
+    ``info`` holds how it was fitted (kind, number of latents, EM result).
+    """
+
+    weights: Tensor
+    means: Tensor
+    variances: Tensor
+
+    def __init__(
+        self,
+        weights: Tensor,
+        means: Tensor,
+        variances: Tensor,
+        kind: str = "gmm",
+        info: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if kind not in PRIOR_KINDS:
+            raise ValueError(f"kind: expected one of {list(PRIOR_KINDS)}, got {kind!r}")
+        if means.dim() != 2 or variances.shape != means.shape or weights.shape != means.shape[:1]:
+            raise ValueError(
+                "weights/means/variances: expected [K], [K, d], [K, d], got "
+                f"{tuple(weights.shape)}, {tuple(means.shape)}, {tuple(variances.shape)}"
+            )
+        if (variances <= 0).any() or (weights < 0).any():
+            raise ValueError("variances must be > 0 and weights >= 0")
+        self.kind = kind
+        self.info = dict(info or {})
+        self.register_buffer("weights", (weights / weights.sum()).float())
+        self.register_buffer("means", means.float())
+        self.register_buffer("variances", variances.float())
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def standard_normal(cls, latent_dim: int) -> LatentPrior:
+        """``N(0, I)`` in ``d_z = latent_dim`` dims."""
+        return cls(torch.ones(1), torch.zeros(1, latent_dim), torch.ones(1, latent_dim), "standard")
+
+    @classmethod
+    def from_latents(
+        cls,
+        mu: Tensor,
+        logvar: Tensor,
+        kind: str = "gaussian",
+        n_components: int = 8,
+        seed: int = 0,
+        max_iter: int = 200,
+        tol: float = 1e-5,
+    ) -> LatentPrior:
+        """Summarise the posteriors ``N(μ_i, diag exp(logvar_i))``, each ``[N, d_z]``."""
+        if mu.dim() != 2 or logvar.shape != mu.shape:
+            raise ValueError(
+                f"mu/logvar: expected two [N, d_z] tensors, got {tuple(mu.shape)}, "
+                f"{tuple(logvar.shape)}"
+            )
+        mu64, var64 = mu.detach().double().cpu(), logvar.detach().double().cpu().exp()
+        info: dict[str, Any] = {"n_latents": int(mu.shape[0])}
+        if kind == "gaussian":
+            mean = mu64.mean(0)
+            var = (var64 + mu64**2).mean(0) - mean**2  # law of total variance
+            return cls(torch.ones(1), mean[None], var.clamp_min(1e-12)[None], kind, info)
+        if kind == "gaussian-code":
+            mean, std = mu64.mean(0), var64.sqrt().mean(0)
+            return cls(torch.ones(1), mean[None], (std**2)[None], kind, info)
+        if kind == "gmm":
+            fit = fit_diagonal_gmm(mu64, n_components, max_iter=max_iter, tol=tol, seed=seed)
+            info.update(
+                n_components=n_components,
+                em_iterations=fit.n_iter,
+                em_converged=fit.converged,
+                em_log_likelihood=fit.log_likelihood,
+            )
+            return cls(fit.weights, fit.means, fit.variances, kind, info)
+        if kind == "standard":
+            return cls.standard_normal(mu.shape[1])
+        raise ValueError(f"kind: expected one of {list(PRIOR_KINDS)}, got {kind!r}")
+
+    @classmethod
+    @torch.no_grad()
+    def fit(
+        cls,
+        vae: nn.Module,
+        data: Any,
+        kind: str = "gaussian",
+        n_components: int = 8,
+        batch_size: int = 256,
+        device: Union[str, torch.device, None] = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> LatentPrior:
+        """Encode every chunk of ``data`` with ``vae`` (eval mode) and summarise.
+
+        ``data``: a dataset of ``(chunk [H, D], mask [D])`` or of chunks, or a tensor
+        ``[N, H, D]``.
+        """
+        from ate_fast.align.data_loading import iterate_batches
+
+        was_training = vae.training
+        vae.eval()
+        device = torch.device(device) if device is not None else next(vae.parameters()).device
+        mus, logvars = [], []
+        for a, mask in tqdm(
+            iterate_batches(data, batch_size), desc=f"encoding ({kind} prior)", disable=not progress
+        ):
+            a = a.to(device)
+            mask = None if mask is None else mask.to(device)
+            mu, logvar = vae.encode(a, mask)
+            mus.append(mu.float().cpu())
+            logvars.append(logvar.float().cpu())
+        vae.train(was_training)
+        if not mus:
+            raise ValueError("data: no chunks to encode")
+        return cls.from_latents(torch.cat(mus), torch.cat(logvars), kind, n_components, seed)
+
+    # --- the distribution ---------------------------------------------------------------
+    @property
+    def latent_dim(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def n_components(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def is_gaussian(self) -> bool:
+        return self.n_components == 1
+
+    @property
+    def mean(self) -> Tensor:
+        """``[d_z]``: ``Σ_k w_k μ_k``."""
+        return self.weights @ self.means
+
+    def marginal_variance(self) -> Tensor:
+        """``[d_z]``: the per-dim variance of the mixture (within + between components)."""
+        second = self.weights @ (self.variances + self.means**2)
+        return second - self.mean**2
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """``z [N, d_z]`` → ``log p(z)`` ``[N]`` (computed in float32 or wider)."""
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z: expected [N, d_z]=[N, {self.latent_dim}], got {tuple(z.shape)}")
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        joint = diagonal_log_prob(
+            z.to(dtype), self.weights.to(dtype), self.means.to(dtype), self.variances.to(dtype)
+        )
+        return torch.logsumexp(joint, dim=1)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``n`` draws, ``[n, d_z]`` float32, on the prior's device."""
+        dev = self.means.device
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.latent_dim, generator=generator, device=dev)
+        return self.means[comp] + self.variances[comp].sqrt() * eps
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, K={self.n_components}, d_z={self.latent_dim}"
+
+    # --- files --------------------------------------------------------------------------
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write a safetensors file (tensors + JSON metadata), atomically."""
+        meta = {
+            "format": PRIOR_FORMAT,
+            "version": "1",
+            "kind": self.kind,
+            "info": json.dumps(self.info),
+        }
+        tensors = {"weights": self.weights, "means": self.means, "variances": self.variances}
+        atomic_save_safetensors(tensors, path, meta)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], map_location: str = "cpu") -> LatentPrior:
+        """Read a file written by :meth:`save`; a wrong or corrupt file raises ``ValueError``."""
+        from ate_fast.align.atomic_io import load_safetensors
+
+        tensors, meta = load_safetensors(path, map_location)
+        if meta.get("format") != PRIOR_FORMAT or not {"weights", "means", "variances"} <= set(
+            tensors
+        ):
+            raise ValueError(
+                f"{path}: not a LatentPrior file (format {meta.get('format')!r}, "
+                f"tensors {sorted(tensors)})"
+            )
+        info = json.loads(meta.get("info", "{}"))
+        return cls(tensors["weights"], tensors["means"], tensors["variances"], meta["kind"], info)
+
+    def describe(self) -> str:
+        """One line for logs."""
+        var = self.marginal_variance()
+        return (
+            f"{self.kind} prior: K={self.n_components}, d_z={self.latent_dim}, "
+            f"|mean|={self.mean.norm().item():.3g}, mean var={var.mean().item():.3g}, "
+            f"min var={var.min().item():.3g}"
+        )
