@@ -34,8 +34,8 @@ def chunk_starts(
         ``offset[i] .. offset[i]+H−1`` of episode ``episode[i]`` (past its end: padding).
 
     Raises:
-        ValueError: bad ``horizon``/``stride``/``max_pad``, ``horizon`` longer than every
-            episode, or no chunk at all.
+        ValueError: bad ``horizon``/``stride``/``max_pad``, or ``horizon`` longer than every
+            episode (the longest episode always yields a chunk otherwise).
     """
     if horizon < 1:
         raise ValueError(f"horizon: expected a positive number of steps, got {horizon}")
@@ -61,9 +61,4 @@ def chunk_starts(
         starts = np.arange(0, min(last_start, length - 1) + 1, stride, dtype=np.int64)
         offsets.append(starts)
         episodes.append(np.full(starts.shape, e, dtype=np.int64))
-    if not offsets:
-        raise ValueError(
-            f"no chunk of horizon {horizon} with at most {max_pad} padded steps fits in any "
-            f"episode (the longest has {longest} steps)"
-        )
     return np.concatenate(episodes), np.concatenate(offsets)

@@ -1,0 +1,137 @@
+"""ActionChunkDataset: chunk placement, padding, normalisation, unified dims, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _align_fixtures import synthetic_episodes, write_aloha, write_lerobot, write_robomimic
+from torch.utils.data import DataLoader
+
+from ate_fast.data import ActionChunkDataset, Normalizer, chunk_starts, train_val_split
+
+
+def test_chunk_starts_every_step_stride_and_max_pad():
+    ep, off = chunk_starts([5, 3], horizon=3)
+    assert ep.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert off.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    ep, off = chunk_starts([5, 3], horizon=3, max_pad=0)
+    assert list(zip(ep.tolist(), off.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    ep, off = chunk_starts([7], horizon=3, stride=3)
+    assert off.tolist() == [0, 3, 6]
+    ep, off = chunk_starts([7, 2], horizon=4, max_pad=1)  # short episode gives no chunk
+    assert ep.tolist() == [0] * 5 and off.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_horizon_longer_than_every_episode():
+    with pytest.raises(
+        ValueError, match=r"horizon=50 is longer than every episode \(the longest has 30"
+    ):
+        chunk_starts([20, 30], horizon=50)
+    with pytest.raises(ValueError, match="horizon=50 is longer than every episode"):
+        ActionChunkDataset([np.zeros((30, 2)), np.ones((20, 2))], horizon=50)
+    with pytest.raises(ValueError, match="max_pad: expected 0 <= max_pad < horizon=4, got 4"):
+        chunk_starts([5], horizon=4, max_pad=4)
+    with pytest.raises(ValueError, match="stride"):
+        chunk_starts([5], horizon=2, stride=0)
+
+
+def test_chunks_never_cross_episodes_and_pad_like_the_policy():
+    a = np.arange(10, dtype=np.float32).reshape(5, 2)  # episode 0: rows 0..4
+    b = 100 + np.arange(6, dtype=np.float32).reshape(3, 2)  # episode 1
+    ds = ActionChunkDataset([a, b], horizon=3, normalization="none")
+    assert len(ds) == 8
+    chunk, mask = ds[3]  # episode 0, start 3: steps 3, 4, then pad
+    np.testing.assert_array_equal(chunk.numpy(), a[[3, 4, 4]])
+    assert mask.tolist() == [1.0, 1.0]
+    np.testing.assert_array_equal(ds[5][0].numpy(), b[[0, 1, 2]])
+    np.testing.assert_array_equal(ds[7][0].numpy(), b[[2, 2, 2]])
+    zero = ActionChunkDataset([a, b], horizon=3, normalization="none", pad="zero")
+    np.testing.assert_array_equal(zero[3][0].numpy(), np.stack([a[3], a[4], [0, 0]]))
+    assert ds.episode_of_chunk.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_normalisation_meanstd_minmax_and_reuse():
+    eps = synthetic_episodes(4, 3, length=(20, 30), seed=1)
+    frames = np.concatenate(eps).astype(np.float64)
+    ds = ActionChunkDataset(eps, horizon=1)
+    x = torch.stack([ds[i][0][0] for i in range(len(ds))]).double().numpy()
+    np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x.std(0), 1.0, atol=1e-5)
+    mm = ActionChunkDataset(eps, horizon=1, normalization="minmax")
+    y = torch.stack([mm[i][0][0] for i in range(len(mm))]).numpy()
+    np.testing.assert_allclose(y.min(0), -1.0, atol=1e-6)
+    np.testing.assert_allclose(y.max(0), 1.0, atol=1e-6)
+    # round trip, and statistics reused from a saved dict (what a checkpoint stores)
+    norm = Normalizer.from_dict(ds.normalizer.to_dict())
+    np.testing.assert_allclose(norm.unnormalize(norm.normalize(frames)), frames, atol=1e-9)
+    again = ActionChunkDataset(eps[:1], horizon=1, stats=ds.normalizer.to_dict())
+    np.testing.assert_allclose(again[0][0].numpy(), x[:1], atol=1e-6)
+    np.testing.assert_allclose(ds.normalizer.stats["mean"], frames.mean(0))
+    with pytest.raises(ValueError, match="statistics are for 3 action dims, the data has 2"):
+        ActionChunkDataset([np.zeros((4, 2))], horizon=2, stats=ds.normalizer)
+
+
+def test_constant_dim_is_centred_not_blown_up():
+    ep = np.stack([np.linspace(0, 1, 20), np.full(20, 0.3)], axis=1)
+    ds = ActionChunkDataset([ep], horizon=4)
+    assert torch.isfinite(ds.gather(range(len(ds)))[0]).all()
+    assert ds.gather(range(len(ds)))[0][..., 1].abs().max() < 1e-5
+
+
+def test_unified_action_space_and_mask(tmp_path):
+    eps = synthetic_episodes(3, 3, length=(12, 12), seed=2)
+    ds = ActionChunkDataset(eps, horizon=4, action_dim=8, dim_index=[5, 0, 2])
+    chunk, mask = ds[0]
+    assert chunk.shape == (4, 8)
+    assert mask.tolist() == [1, 0, 1, 0, 0, 1, 0, 0]
+    assert (chunk[:, mask == 0] == 0).all()
+    raw = ds.normalizer.normalize(eps[0][:4])
+    np.testing.assert_allclose(chunk[:, [5, 0, 2]].numpy(), raw, atol=1e-6)
+    np.testing.assert_allclose(ds.action_space.extract(chunk).numpy(), raw, atol=1e-6)
+    with pytest.raises(ValueError, match="dim_index: expected 3 distinct indices in \\[0, 8\\)"):
+        ActionChunkDataset(eps, horizon=4, action_dim=8, dim_index=[0, 0, 1])
+    with pytest.raises(ValueError, match="unified dim 2 is smaller than the data's action dim 3"):
+        ActionChunkDataset(eps, horizon=4, action_dim=2)
+
+
+def test_batched_gather_matches_items_and_loader():
+    eps = synthetic_episodes(4, 2, length=(8, 15), seed=5)
+    ds = ActionChunkDataset(eps, horizon=6, stride=2, action_dim=3)
+    idx = [0, 5, len(ds) - 1, 3]
+    chunks, masks = ds.gather(idx)
+    assert masks.tolist() == [[1.0, 1.0, 0.0]] * 4
+    for row, i in enumerate(idx):
+        torch.testing.assert_close(chunks[row], ds[i][0], rtol=0, atol=0)
+    loader = DataLoader(ds, batch_size=4, shuffle=False)
+    a, m = next(iter(loader))
+    assert a.shape == (4, 6, 3) and m.shape == (4, 3)
+    torch.testing.assert_close(a, ds.gather([0, 1, 2, 3])[0], rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        ds.gather([len(ds)])
+
+
+@pytest.mark.parametrize("fmt", ["robomimic", "aloha", "lerobot"])
+def test_dataset_from_each_format(tmp_path, fmt):
+    eps = synthetic_episodes(4, 5, length=(20, 25), seed=7)
+    writer = {"robomimic": write_robomimic, "aloha": write_aloha, "lerobot": write_lerobot}[fmt]
+    path = writer(tmp_path / ("d.hdf5" if fmt == "robomimic" else "d"), eps)
+    ds = ActionChunkDataset(path, horizon=8)
+    ref = ActionChunkDataset(eps, horizon=8)
+    assert len(ds) == sum(len(e) for e in eps)
+    torch.testing.assert_close(ds.gather(range(len(ds)))[0], ref.gather(range(len(ref)))[0])
+
+
+def test_split_keeps_episodes_whole():
+    eps = synthetic_episodes(10, 2, length=(10, 20), seed=0)
+    ds = ActionChunkDataset(eps, horizon=4)
+    train, val = train_val_split(ds, 0.2, seed=0)
+    tr_eps = set(ds.episode_of_chunk[train.indices].tolist())
+    va_eps = set(ds.episode_of_chunk[val.indices].tolist())
+    assert len(va_eps) == 2 and not tr_eps & va_eps and len(train) + len(val) == len(ds)
+    assert train_val_split(ds, 0.0)[1] is None
+    # a tiny adaptation set still keeps one episode for training
+    small = ActionChunkDataset(eps[:2], horizon=4)
+    tr, va = train_val_split(small, 0.9)
+    assert len(set(small.episode_of_chunk[tr.indices].tolist())) == 1
+    assert len(set(small.episode_of_chunk[va.indices].tolist())) == 1

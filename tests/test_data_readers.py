@@ -1,0 +1,179 @@
+"""Readers: each real layout reads back exactly what was written; bad files say what is wrong."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _align_fixtures import (
+    synthetic_episodes,
+    write_aloha,
+    write_lerobot,
+    write_npz,
+    write_robomimic,
+)
+
+from ate_fast.data import DataFormatError, read_episodes
+
+
+@pytest.fixture
+def episodes():
+    return synthetic_episodes(5, 4, length=(10, 30), seed=3)
+
+
+def _same(read, written):
+    assert len(read) == len(written)
+    for ep, ref in zip(read, written):
+        np.testing.assert_array_equal(ep.actions, ref)
+
+
+def test_robomimic(tmp_path, episodes):
+    path = write_robomimic(tmp_path / "demo.hdf5", episodes)
+    _same(read_episodes(path), episodes)
+    _same(read_episodes(path, format="robomimic"), episodes)
+
+
+def test_robomimic_numeric_order_and_filter_key(tmp_path):
+    eps = synthetic_episodes(12, 2, length=(5, 8), seed=0)
+    path = write_robomimic(tmp_path / "demo.hdf5", eps)
+    read = read_episodes(path)
+    # demo_10 and demo_11 come after demo_9, not after demo_1
+    assert [e.name.split("/")[-2] for e in read][9:] == ["demo_9", "demo_10", "demo_11"]
+    _same(read, eps)
+    _same(read_episodes(path, filter_key="valid"), eps[-1:])
+    _same(read_episodes(path, filter_key="train"), eps[:-1])
+
+
+def test_aloha_directory_and_single_file(tmp_path, episodes):
+    directory = write_aloha(tmp_path / "aloha", episodes)
+    _same(read_episodes(directory), episodes)
+    _same(read_episodes(directory / "episode_3.hdf5"), episodes[3:4])
+
+
+def test_lerobot_dataset_directory(tmp_path, episodes):
+    root = write_lerobot(tmp_path / "lerobot", episodes)
+    _same(read_episodes(root), episodes)
+    _same(read_episodes(root / "data" / "chunk-000" / "episode_000002.parquet"), episodes[2:3])
+
+
+def test_lerobot_v3_multi_episode_file_out_of_order(tmp_path, episodes):
+    # v3 keeps several episodes per file; rows are grouped by episode_index and ordered by
+    # frame_index even when the file's rows are shuffled.
+    rows_a, rows_e, rows_f = [], [], []
+    for e, ep in enumerate(episodes):
+        rows_a += ep.tolist()
+        rows_e += [e] * len(ep)
+        rows_f += list(range(len(ep)))
+    perm = np.random.default_rng(0).permutation(len(rows_a))
+    table = pa.table(
+        {
+            "action": pa.array([rows_a[i] for i in perm], type=pa.list_(pa.float32())),
+            "episode_index": pa.array([rows_e[i] for i in perm], type=pa.int64()),
+            "frame_index": pa.array([rows_f[i] for i in perm], type=pa.int64()),
+        }
+    )
+    (tmp_path / "ds" / "data" / "chunk-000").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "ds" / "data" / "chunk-000" / "file-000.parquet")
+    _same(read_episodes(tmp_path / "ds"), episodes)
+
+
+def test_npz_layouts(tmp_path, episodes):
+    _same(read_episodes(write_npz(tmp_path / "a.npz", episodes)), episodes)
+    # per-step episode_index (LeRobot convention)
+    idx = np.concatenate([np.full(len(e), i) for i, e in enumerate(episodes)])
+    np.savez(tmp_path / "b.npz", action=np.concatenate(episodes), episode_index=idx)
+    _same(read_episodes(tmp_path / "b.npz"), episodes)
+    # [N, T, D] equal-length episodes, custom key
+    stacked = np.stack([e[:10] for e in episodes])
+    np.savez(tmp_path / "c.npz", acts=stacked)
+    _same(read_episodes(tmp_path / "c.npz", key="acts"), list(stacked))
+
+
+def test_npy_and_multiple_paths(tmp_path, episodes):
+    np.save(tmp_path / "one.npy", episodes[0])
+    np.save(tmp_path / "many.npy", np.stack([e[:10] for e in episodes]))
+    read = read_episodes([tmp_path / "one.npy", tmp_path / "many.npy"])
+    _same(read, [episodes[0]] + [e[:10] for e in episodes])
+
+
+def test_missing_keys(tmp_path, episodes):
+    np.savez(tmp_path / "x.npz", positions=np.zeros((5, 2)))
+    with pytest.raises(
+        DataFormatError, match=r"expected one of \['actions', 'action'\].*positions"
+    ):
+        read_episodes(tmp_path / "x.npz")
+    with pytest.raises(DataFormatError, match="missing key 'acts'"):
+        read_episodes(tmp_path / "x.npz", key="acts")
+    rm = write_robomimic(tmp_path / "rm.hdf5", episodes, key="actions")
+    with pytest.raises(DataFormatError, match="missing key 'data/demo_0/joint_actions'"):
+        read_episodes(rm, key="joint_actions")
+    with pytest.raises(DataFormatError, match="filter_key 'test' not in /mask"):
+        read_episodes(rm, filter_key="test")
+    with h5py.File(tmp_path / "odd.hdf5", "w") as f:
+        f.create_dataset("qpos", data=np.zeros((5, 2)))
+    with pytest.raises(DataFormatError, match=r"unknown HDF5 layout.*\['qpos'\]"):
+        read_episodes(tmp_path / "odd.hdf5")
+    with pytest.raises(DataFormatError, match="robomimic layout needs a /data group"):
+        read_episodes(tmp_path / "odd.hdf5", format="robomimic")
+    root = write_lerobot(tmp_path / "lr", episodes)
+    with pytest.raises(DataFormatError, match="missing column 'actions'"):
+        read_episodes(root, key="actions")
+    pq.write_table(pa.table({"action": pa.array([[0.0]])}), tmp_path / "noep.parquet")
+    with pytest.raises(DataFormatError, match="missing column 'episode_index'"):
+        read_episodes(tmp_path / "noep.parquet")
+    with pytest.raises(DataFormatError, match="no such file"):
+        read_episodes(tmp_path / "nothing.hdf5")
+
+
+def test_wrong_rank(tmp_path):
+    np.save(tmp_path / "r4.npy", np.zeros((2, 3, 4, 5)))
+    with pytest.raises(DataFormatError, match=r"rank 2 \[T, D\] or 3 \[N, T, D\].*\(2, 3, 4, 5\)"):
+        read_episodes(tmp_path / "r4.npy")
+    with h5py.File(tmp_path / "ep.hdf5", "w") as f:
+        f.create_dataset("action", data=np.zeros((4, 3, 2)))
+    with pytest.raises(DataFormatError, match=r"rank 2 \[T, D\].*\(4, 3, 2\)"):
+        read_episodes(tmp_path / "ep.hdf5")
+    rows = pa.array([[0.0, 1.0], [2.0]], type=pa.list_(pa.float32()))
+    table = pa.table({"action": rows, "episode_index": pa.array([0, 0], type=pa.int64())})
+    pq.write_table(table, tmp_path / "ragged.parquet")
+    with pytest.raises(DataFormatError, match="rows of different lengths"):
+        read_episodes(tmp_path / "ragged.parquet")
+
+
+def test_nan_actions_name_the_step(tmp_path, episodes):
+    bad = [e.copy() for e in episodes]
+    bad[2][7, 1] = np.nan
+    path = write_robomimic(tmp_path / "nan.hdf5", bad)
+    with pytest.raises(
+        DataFormatError, match=r"demo_2/actions: non-finite action nan at step 7, dim 1"
+    ):
+        read_episodes(path)
+    bad[2][7, 1] = np.inf
+    with pytest.raises(DataFormatError, match="non-finite action inf"):
+        read_episodes(write_lerobot(tmp_path / "lr", bad))
+
+
+def test_mixed_action_dims_and_bad_episode_ends(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((5, 3)))
+    np.save(tmp_path / "b.npy", np.zeros((5, 4)))
+    with pytest.raises(DataFormatError, match="different action dims"):
+        read_episodes([tmp_path / "a.npy", tmp_path / "b.npy"])
+    np.savez(tmp_path / "ends.npz", actions=np.zeros((10, 2)), episode_ends=np.array([4, 9]))
+    with pytest.raises(DataFormatError, match="episode_ends must be strictly increasing"):
+        read_episodes(tmp_path / "ends.npz")
+
+
+def test_unknown_suffix_and_format(tmp_path):
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(DataFormatError, match=r"cannot tell the format from the suffix '\.csv'"):
+        read_episodes(tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="format must be one of"):
+        read_episodes(tmp_path / "x.csv", format="zarr")
+    (tmp_path / "corrupt.hdf5").write_bytes(b"not hdf5")
+    with pytest.raises(DataFormatError, match="cannot open as HDF5"):
+        read_episodes(tmp_path / "corrupt.hdf5")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataFormatError, match="directory has no action files"):
+        read_episodes(tmp_path / "empty")
