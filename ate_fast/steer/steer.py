@@ -174,7 +174,9 @@ class Steer:
         if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
             raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
         cd = compute_dtype(pred.dtype)
-        steps = timesteps.to(alphas.device)
+        # index on the policy's device: ᾱ moves there (a small copy), the timesteps never
+        # leave it (no device-to-host sync per training step)
+        steps = timesteps.to(pred.device)
         num_train = alphas.shape[0]
         if self._checking():
             check.check_values(
@@ -190,7 +192,7 @@ class Steer:
                     ),
                 ]
             )
-        alpha_bar = alphas[steps].to(device=pred.device, dtype=cd)
+        alpha_bar = alphas.to(device=pred.device, dtype=cd)[steps]
         if prediction_type == "epsilon":
             target = noise
         elif prediction_type == "sample":
