@@ -40,7 +40,8 @@ class Guidance(Protocol):
 
         ``x0_hat`` [B, H, D] is the sampler's clean-chunk estimate at this step and
         ``dx0_dx`` [B] the schedule's scalar ∂x̂0/∂x with the model output held fixed (1/√ᾱ
-        for a diffusion model, 1 for a flow model's ``x − t·v``); ``"direct"`` ignores both.
+        for ε-prediction, √ᾱ for v-prediction, 1 for a flow model's ``x − t·v``);
+        ``"direct"`` ignores both.
         No gradient flows through the policy.
         """
         ...
