@@ -1,0 +1,193 @@
+"""Captured sampling loops: the whole K-step loop replayed for fixed shapes.
+
+CUDA: the loop is captured once into a CUDA graph. Inputs are copied into static
+buffers, the graph is replayed, and the result is a static output buffer; a replay
+allocates nothing. Before capture the loop runs twice on a side stream (Triton
+compilation, cuBLAS workspaces, the workspace buffers), and the generator's state is
+restored afterwards, so a capture consumes no random numbers.
+
+CPU: there is no graph; the fastest thing measured (benchmarks/bench_sampling.py) is
+the same Python loop over preallocated buffers whose fused steps, validated once on
+the first call, are replayed straight into the op's C++ kernel (see
+:mod:`ate_fast.sampling.launch`). Other devices run the loop over preallocated buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ate_fast.sampling.guidance import Guidance
+from ate_fast.sampling.inputs import check_cond, check_finite, copy_into, static_copy
+from ate_fast.sampling.launch import Launch, RecordingLaunch, ReplayLaunch
+from ate_fast.sampling.sampler import Sampler
+from ate_fast.sampling.workspace import Workspace
+
+WARMUP_RUNS = 2
+
+
+class _RngSnapshot:
+    """Saves a generator's state (or the device's global RNG) and puts it back."""
+
+    def __init__(self, generator: Optional[torch.Generator], device: torch.device) -> None:
+        self.generator = generator
+        self.device = device
+        if generator is not None:
+            self.state = generator.get_state()
+        elif device.type == "cuda":
+            self.state = torch.cuda.get_rng_state(device)
+        else:
+            self.state = torch.get_rng_state()
+
+    def restore(self) -> None:
+        if self.generator is not None:
+            self.generator.set_state(self.state)
+        elif self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.state, self.device)
+        else:
+            torch.set_rng_state(self.state)
+
+
+class CapturedSampler:
+    """``captured(noise, cond=None, guidance=None, generator=None) -> actions [B, H, D]``.
+
+    Made by ``sampler.capture(example_noise, example_cond, guidance, generator)``; the
+    same results as ``sampler.sample(noise, cond, guidance, generator)`` for the
+    guidance and generator given at capture.
+
+    Contract:
+        * ``noise`` and the tensors of ``cond`` must have the examples' shapes, dtypes
+          and devices (and ``cond`` their structure); their values are copied in.
+        * ``guidance`` and ``generator`` are bound at capture: pass None (or the very
+          same objects). The guidance's scale, clamp and mode must not change.
+        * The result is the loop's output buffer, overwritten by the next call:
+          ``.clone()`` it to keep it.
+        * CUDA: ``model_fn`` and the guidance must be capturable (no host sync such as
+          ``.item()`` or printing tensors, no new CPU tensors from data, static shapes,
+          no data-dependent Python control flow); step noise needs a CUDA generator or
+          None (global RNG). A captured stochastic loop advances the generator exactly
+          as ``sample()`` would.
+        * ``check_finite`` (default True) checks each call's noise and cond for NaN/inf,
+          which costs a device synchronisation; pass False at capture to skip it.
+
+    Attributes:
+        mode: ``"cuda_graph"``, ``"cpu_replay"`` or ``"buffers"`` (other devices).
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        example_noise: Tensor,
+        example_cond: Any = None,
+        guidance: Optional[Guidance] = None,
+        generator: Optional[torch.Generator] = None,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        lam, kappa = sampler.check_inputs(example_noise, example_cond, guidance, generator)
+        self.sampler = sampler
+        self.guidance = guidance
+        self.generator = generator
+        self.check_finite = bool(check_finite)
+        self._guidance_args = (
+            None if guidance is None else (guidance.scale, guidance.clamp, guidance.mode)
+        )
+        device = example_noise.device
+        self.device = device
+        self.shape, self.dtype = example_noise.shape, example_noise.dtype
+        self.static_cond = static_copy(example_cond)
+        self.ws = Workspace(example_noise)
+        if device.type == "cuda":
+            self.mode = "cuda_graph"
+            if generator is not None and torch.device(generator.device).type != "cuda":
+                raise ValueError(
+                    "generator must be a CUDA generator (or None) to capture a CUDA graph: "
+                    f"got one on {generator.device}, whose draws cannot be captured"
+                )
+            self.static_noise = example_noise.detach().clone(memory_format=torch.contiguous_format)
+            self._capture_graph(Launch(lam, kappa))
+        else:
+            self.mode = "cpu_replay" if device.type == "cpu" else "buffers"
+            self._recording = RecordingLaunch(lam, kappa)
+            self._replay: Optional[ReplayLaunch] = None
+            first = self._recording if self.mode == "cpu_replay" else Launch(lam, kappa)
+            self._run = sampler.new_run(self.ws, self.static_cond, guidance, generator, first)
+
+    # -- CUDA ------------------------------------------------------------------------------
+    def _capture_graph(self, launch: Launch) -> None:
+        sampler, device = self.sampler, self.device
+        run = sampler.new_run(self.ws, self.static_cond, self.guidance, self.generator, launch)
+        snapshot = _RngSnapshot(self.generator, device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                sampler.execute(self.static_noise, run)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        snapshot.restore()
+        self.graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            self.graph.register_generator_state(self.generator)
+        with torch.cuda.graph(self.graph):
+            self.output = sampler.execute(self.static_noise, run)
+        torch.cuda.synchronize(device)
+
+    # -- calls -----------------------------------------------------------------------------
+    def _check_call(self, noise: Tensor, cond: Any, guidance: object, generator: object) -> None:
+        if not isinstance(noise, Tensor):
+            raise TypeError(f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}")
+        if noise.shape != self.shape or noise.dtype != self.dtype or noise.device != self.device:
+            raise ValueError(
+                f"noise must match the captured example: shape {tuple(self.shape)}, {self.dtype} "
+                f"on {self.device}; got {tuple(noise.shape)}, {noise.dtype} on {noise.device} "
+                "(capture again for other shapes)"
+            )
+        if guidance is not None and guidance is not self.guidance:
+            raise ValueError(
+                "guidance must be None or the object given to capture(): a captured loop "
+                "replays the guidance it was captured with (capture again for another)"
+            )
+        if self.guidance is not None:
+            now = (self.guidance.scale, self.guidance.clamp, self.guidance.mode)
+            if now != self._guidance_args:
+                raise ValueError(
+                    f"guidance's (scale, clamp, mode) changed from {self._guidance_args} at "
+                    f"capture to {now}: they are baked into the captured loop; capture again"
+                )
+        if generator is not None and generator is not self.generator:
+            raise ValueError(
+                "generator must be None or the generator given to capture() (it is bound to "
+                "the captured loop)"
+            )
+        if self.check_finite:
+            check_finite("noise", noise)
+            check_cond(cond)
+
+    def __call__(
+        self,
+        noise: Tensor,
+        cond: Any = None,
+        guidance: Optional[Guidance] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Run the captured loop on ``noise`` [B, H, D]; returns the reused output buffer."""
+        self._check_call(noise, cond, guidance, generator)
+        copy_into(self.static_cond, cond)
+        if self.mode == "cuda_graph":
+            self.static_noise.copy_(noise)
+            self.graph.replay()
+            return self.output
+        run = self._run
+        if self.mode == "cpu_replay" and self._replay is None:
+            # First call: a validated run through the public op, recorded for replay.
+            self._recording.calls.clear()
+            out = self.sampler.execute(noise, run)
+            self._replay = ReplayLaunch(self._recording)
+            run.launch = self._replay
+            return out
+        if self._replay is not None:
+            self._replay.rewind()
+        return self.sampler.execute(noise, run)

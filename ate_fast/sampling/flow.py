@@ -1,0 +1,122 @@
+"""Flow-matching ODE samplers (openpi / diffusers convention: x_t = t·ε + (1−t)·a0).
+
+The model predicts the velocity ``v = ε − a0``; integrating dx/dt = v from t = 1
+(noise) to t = 0 (actions) with a descending grid ``t_0 = 1 > … > t_K = 0``:
+
+=====  ===========================================================================
+Euler  x' = x + Δt·v̂(x, t)                      (one guided_step: a = 1, b = Δt < 0)
+Heun   x̃ = x + Δt·v̂(x, t);  x' = ½x + ½x̃ + ½Δt·v̂(x̃, t')    (two guided_steps);
+       the last step (to t = 0, where the model is not evaluated) is Euler, as in
+       diffusers' FlowMatchHeunDiscreteScheduler
+=====  ===========================================================================
+
+with ``v̂ = v + λ·clamp(c·g, −κ, κ)``, ``c = −t/(1−t)`` and, for the guidance,
+``x0_hat = x − t·v``, ``dx0/dx = 1``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
+from ate_fast.sampling.timesteps import FLOW_TIME_GRIDS, flow_sigmas
+from ate_fast.steer.coefficients import flow_guidance_coefficient
+
+FLOW_METHODS = ("euler", "heun")
+
+
+def _coefficient(t: np.ndarray) -> np.ndarray:
+    return flow_guidance_coefficient(torch.from_numpy(t), "openpi").numpy()
+
+
+class FlowSampler(Sampler):
+    """Euler or Heun integration of a flow-matching (rectified flow) action head.
+
+    With ``time_grid="diffusers"`` and ``method="euler"`` the unguided result matches
+    diffusers' ``FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift)`` loop step
+    for step (``method="heun"``: ``FlowMatchHeunDiscreteScheduler``'s), with the model
+    called at ``t = σ`` (the scheduler's timestep / num_train_timesteps).
+
+    Args:
+        model_fn: ``model_fn(x [B,H,D], t [B], cond) -> velocity [B,H,D]``; ``t`` in
+            (0, 1] (1 = pure noise), float32 (float64 for float64 data).
+        num_steps: K ≥ 1 steps (Euler: K model evaluations; Heun: 2K − 1).
+        method: ``"euler"`` or ``"heun"``.
+        time_grid: ``"uniform"`` (openpi: t = 1, 1 − 1/K, …, 1/K) or ``"diffusers"``
+            (FlowMatchEulerDiscreteScheduler's grid, with ``shift``).
+        shift: the diffusers grid's timestep shift (SD3's ``shift·σ/(1 + (shift−1)·σ)``);
+            must stay 1.0 with the uniform grid.
+        num_train_timesteps: the diffusers grid's resolution (its smallest σ is
+            ``1/num_train_timesteps`` before shifting).
+    """
+
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        num_steps: int = 10,
+        method: str = "euler",
+        time_grid: str = "uniform",
+        shift: float = 1.0,
+        num_train_timesteps: int = 1000,
+    ) -> None:
+        super().__init__(model_fn, num_steps)
+        self.method = check_choice("method", method, FLOW_METHODS)
+        self.time_grid = check_choice("time_grid", time_grid, FLOW_TIME_GRIDS)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+            raise ValueError(f"shift must be a float > 0, got {shift!r}")
+        if not np.isfinite(shift):
+            raise ValueError(f"shift must be finite, got {shift!r}")
+        if time_grid == "uniform" and shift != 1.0:
+            raise ValueError(f"shift={shift} applies to time_grid='diffusers' only")
+        if (
+            isinstance(num_train_timesteps, bool)
+            or not isinstance(num_train_timesteps, int)
+            or num_train_timesteps < 2
+        ):
+            raise ValueError(
+                f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}"
+            )
+        self.shift = float(shift)
+        self.num_train_timesteps = num_train_timesteps
+
+        sig = flow_sigmas(self.num_steps, time_grid, self.shift, num_train_timesteps)
+        t, t_next = sig[:-1], sig[1:]
+        if not (np.all(t > 0) and np.all(t <= 1) and np.all(np.diff(sig) < 0)):
+            raise ValueError(
+                f"the {time_grid!r} grid for num_steps={self.num_steps}, shift={shift}, "
+                f"num_train_timesteps={num_train_timesteps} leaves (0, 1] or is not "
+                f"decreasing: {sig.tolist()}"
+            )
+        self.times = sig
+        dt = t_next - t
+        ones = np.ones_like(t)
+        # Stage 2 of Heun evaluates at t_next; its last entry (t = 0) is never used.
+        t2 = np.append(t_next[:-1], t[-1])
+        self._host = {
+            "one": ones, "half": 0.5 * ones, "dt": dt, "half_dt": 0.5 * dt,
+            "neg_t": -t, "c": _coefficient(t), "neg_t2": -t2, "c2": _coefficient(t2),
+        }  # fmt: skip
+        self._times = {"t": t, "t2": t2}
+
+    def __repr__(self) -> str:
+        return (
+            f"FlowSampler(num_steps={self.num_steps}, method={self.method!r}, "
+            f"time_grid={self.time_grid!r}, shift={self.shift})"
+        )
+
+    def _loop(self, run: Run) -> None:
+        tb, x, launch = run.tables, run.x, run.launch
+        last = self.num_steps - 1
+        for k in range(self.num_steps):
+            v = run.model(x, tb.t[k])
+            g = run.gradient(x, v, tb.one[k], tb.neg_t[k], tb.one[k])
+            if self.method == "euler" or k == last:
+                launch(x, x, v, tb.one[k], tb.dt[k], g, tb.c[k])
+            else:
+                x_pred = run.ws["x_pred"]
+                launch(x_pred, x, v, tb.one[k], tb.dt[k], g, tb.c[k])
+                v2 = run.model(x_pred, tb.t2[k])
+                g2 = run.gradient(x_pred, v2, tb.one[k], tb.neg_t2[k], tb.one[k])
+                launch(x, x, v2, tb.half[k], tb.half_dt[k], g2, tb.c2[k], x_pred, tb.half[k])
+            run.step_done(k)

@@ -1,0 +1,104 @@
+"""The inference-time guidance protocol the samplers call every step (ATE_METHOD.md,
+"Inference-time steering").
+
+At each model evaluation the sampler computes, for the current sample ``x`` [B, H, D]
+and model output ``m`` [B, H, D] (unguided):
+
+1. ``x0_hat`` [B, H, D], the clean-sample estimate implied by ``m``, and ``dx0_dx`` [B],
+   its derivative with respect to ``x`` *with the model output held constant* (no
+   backpropagation through the policy):
+
+   ======================  ==========================  ================
+   model predicts          x0_hat                      dx0_dx
+   ======================  ==========================  ================
+   epsilon                 (x − √(1−ᾱ)·m) / √ᾱ         1/√ᾱ
+   v_prediction            √ᾱ·x − √(1−ᾱ)·m             √ᾱ
+   sample                  m                           0 (see below)
+   flow velocity (openpi)  x − t·m                     1
+   ======================  ==========================  ================
+
+2. ``g = guidance.gradient(x, x0_hat, dx0_dx)`` [B, H, D], the gradient ∇ₓ y of the
+   guidance objective (ATE: ``y = −(1/N)‖E(·) − z*‖²``): ``mode="direct"`` evaluates y
+   at ``x``; ``mode="tweedie"`` evaluates it at ``x0_hat`` and applies the chain rule
+   with the scalar ``dx0_dx``.
+3. The guided output ``m + scale·clamp(c·g, −clamp, clamp)`` (``c`` from
+   :mod:`ate_fast.steer.coefficients`) replaces ``m`` in the sampler's update, fused
+   into the update itself by :func:`ate_fast.ops.guided_step`.
+
+``mode="tweedie"`` with ``prediction_type="sample"`` is rejected: ``x0_hat`` is the
+model output itself, so without backpropagating through the policy ``dx0_dx`` is 0
+and the guidance would silently do nothing. Use ``mode="direct"`` there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+GUIDANCE_MODES = ("direct", "tweedie")
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """What ``sample(..., guidance=...)`` accepts (e.g. :class:`ate_fast.steer.LatentGuidance`).
+
+    Attributes:
+        scale: λ, the weight of the correction (finite float).
+        clamp: κ ≥ 0, the element-wise bound on ``c·g`` (``math.inf`` = no clamp).
+        mode: ``"direct"`` or ``"tweedie"``.
+
+    ``gradient`` is called once per model evaluation with autograd enabled (the model
+    itself runs under ``torch.no_grad()``). Its inputs are sampler-owned buffers that
+    are overwritten after it returns: it must not modify them in place or keep
+    references to them. It must return a ``[B, H, D]`` tensor of ``x``'s dtype and
+    device. Inside a captured CUDA graph it is replayed, not called: it must be
+    capturable (no host synchronisation, no CPU tensors built from data, static
+    shapes), and ``scale``/``clamp``/``mode`` are fixed at capture time.
+    """
+
+    scale: float
+    clamp: float
+    mode: str
+
+    def gradient(self, x: Tensor, x0_hat: Tensor, dx0_dx: Tensor) -> Tensor:
+        """g = ∇ₓ y, [B, H, D]. ``x``, ``x0_hat``: [B, H, D]; ``dx0_dx``: [B].
+
+        direct: y evaluated at ``x``; tweedie: at ``x0_hat``, chain rule with the
+        scalar ``dx0_dx`` (no backprop through the policy).
+        """
+        ...
+
+
+def check_guidance(guidance: object) -> tuple[float, float, str]:
+    """Validate an object against :class:`Guidance`; returns ``(scale, clamp, mode)``.
+
+    Raises TypeError / ValueError naming ``guidance`` and the offending attribute.
+    """
+    for attr in ("scale", "clamp", "mode", "gradient"):
+        if not hasattr(guidance, attr):
+            raise TypeError(
+                f"guidance must follow ate_fast.sampling.Guidance (attributes scale, clamp, "
+                f"mode and a gradient(x, x0_hat, dx0_dx) method); {type(guidance).__name__} "
+                f"has no {attr!r}"
+            )
+    if not callable(guidance.gradient):
+        raise TypeError(
+            f"guidance.gradient must be callable, got {type(guidance.gradient).__name__}"
+        )
+    scale, clamp, mode = guidance.scale, guidance.clamp, guidance.mode
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"guidance.scale must be a finite float, got {scale!r}")
+    if (
+        isinstance(clamp, bool)
+        or not isinstance(clamp, (int, float))
+        or math.isnan(clamp)
+        or clamp < 0
+    ):
+        raise ValueError(
+            f"guidance.clamp must be a float >= 0 (math.inf = no clamp), got {clamp!r}"
+        )
+    if mode not in GUIDANCE_MODES:
+        raise ValueError(f"guidance.mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+    return float(scale), float(clamp), mode

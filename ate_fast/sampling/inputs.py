@@ -1,0 +1,142 @@
+"""Checks on what users hand a sampler, and the static copies a captured loop reads.
+
+Every error names the argument. ``cond`` is passed to the model untouched; its tensor
+leaves (a Tensor, or lists / tuples / dicts of them, nested) are checked for NaN, and
+a captured loop keeps a static copy of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_noise(noise: object) -> Tensor:
+    """``noise`` must be a finite floating ``[B, H, D]`` tensor with B ≥ 1."""
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}")
+    if noise.ndim != 3:
+        raise ValueError(f"noise must have shape [B, H, D], got {tuple(noise.shape)}")
+    if noise.shape[0] == 0 or noise.numel() == 0:
+        raise ValueError(f"noise must not be empty, got shape {tuple(noise.shape)}")
+    if noise.dtype not in DATA_DTYPES:
+        raise TypeError(f"noise must be float32, float64, float16 or bfloat16, got {noise.dtype}")
+    check_finite("noise", noise)
+    return noise
+
+
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise ValueError naming ``name`` if a floating ``tensor`` holds NaN or ±inf (one sync)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        if not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise ValueError(f"{name} contains {bad}")
+
+
+def tensor_leaves(obj: Any, path: str = "cond") -> Iterator[tuple[str, Tensor]]:
+    """(path, tensor) for every tensor in ``obj`` (a Tensor or nested list/tuple/dict)."""
+    if isinstance(obj, Tensor):
+        yield path, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from tensor_leaves(item, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from tensor_leaves(item, f"{path}[{key!r}]")
+
+
+def check_cond(cond: Any) -> None:
+    """NaN / inf in any floating tensor of ``cond`` raises ValueError naming its path."""
+    for path, tensor in tensor_leaves(cond):
+        check_finite(path, tensor)
+
+
+def check_generator(generator: object, device: torch.device) -> Optional[torch.device]:
+    """The device random draws happen on for data on ``device`` (diffusers' rule: a CPU
+    generator draws on the CPU and the draw is moved), or None for the global RNG."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    gen_device = torch.device(generator.device)
+    if gen_device.type != device.type and gen_device.type != "cpu":
+        raise ValueError(
+            f"generator is on {gen_device} but the noise is on {device}: use a generator on "
+            f"{device.type} or on the CPU"
+        )
+    return gen_device
+
+
+def check_output(name: str, out: object, x: Tensor) -> Tensor:
+    """A model or guidance output must be a tensor shaped, typed and placed like ``x``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(
+            f"{name} returned shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}"
+        )
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name} returned dtype {out.dtype}, expected x's dtype {x.dtype}")
+    if out.device != x.device:
+        raise ValueError(f"{name} returned a tensor on {out.device}, expected {x.device}")
+    # The fused step reads flat arrays; a copy is cheaper than failing.
+    return out if out.is_contiguous() else out.contiguous()
+
+
+# ---------------------------------------------------------------------------------
+# static copies for captured loops
+# ---------------------------------------------------------------------------------
+def static_copy(obj: Any, path: str = "cond") -> Any:
+    """A copy of ``obj`` whose tensors are fresh contiguous buffers (same structure)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone(memory_format=torch.contiguous_format)
+    if isinstance(obj, (list, tuple)):
+        items = [static_copy(item, f"{path}[{i}]") for i, item in enumerate(obj)]
+        return type(obj)(items) if type(obj) in (list, tuple) else type(obj)(*items)
+    if isinstance(obj, dict):
+        return {key: static_copy(item, f"{path}[{key!r}]") for key, item in obj.items()}
+    return obj
+
+
+def copy_into(static: Any, new: Any, path: str = "cond") -> None:
+    """Copy the tensors of ``new`` into the matching buffers of ``static``.
+
+    The structure, shapes, dtypes and devices must match the example the loop was
+    captured with; other leaves must compare equal (they were baked in at capture).
+    """
+    if isinstance(static, Tensor):
+        if not isinstance(new, Tensor):
+            raise TypeError(
+                f"{path} must be a torch.Tensor as at capture, got {type(new).__name__}"
+            )
+        if new.shape != static.shape or new.dtype != static.dtype or new.device != static.device:
+            raise ValueError(
+                f"{path} must match the captured example: shape {tuple(static.shape)}, "
+                f"{static.dtype} on {static.device}; got {tuple(new.shape)}, {new.dtype} on "
+                f"{new.device} (capture again for other shapes)"
+            )
+        static.copy_(new)
+    elif isinstance(static, (list, tuple)):
+        if not isinstance(new, (list, tuple)) or len(new) != len(static):
+            raise ValueError(
+                f"{path} must have the captured structure (a sequence of {len(static)})"
+            )
+        for i, (s, n) in enumerate(zip(static, new)):
+            copy_into(s, n, f"{path}[{i}]")
+    elif isinstance(static, dict):
+        if not isinstance(new, dict) or new.keys() != static.keys():
+            raise ValueError(f"{path} must have the captured keys {sorted(map(str, static))}")
+        for key in static:
+            copy_into(static[key], new[key], f"{path}[{key!r}]")
+    elif new is not static and new != static:
+        raise ValueError(
+            f"{path} differs from the captured example ({static!r} at capture, got {new!r}); "
+            "non-tensor values are baked into a captured loop"
+        )

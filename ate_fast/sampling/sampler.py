@@ -1,0 +1,229 @@
+"""What every sampler shares: argument checks, the per-run state, ``sample`` and ``capture``.
+
+A subclass computes its per-step coefficients on the host at construction
+(:meth:`Sampler._host_tables`) and writes its K-step loop once (:meth:`Sampler._loop`)
+in terms of a :class:`Run`: evaluate the model, optionally compute the guidance
+gradient, issue fused guided steps into workspace buffers. ``sample()`` runs that loop
+eagerly; ``capture()`` replays it (a CUDA graph on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ate_fast.sampling.guidance import Guidance, check_guidance
+from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
+from ate_fast.sampling.launch import Launch
+from ate_fast.sampling.noise import NoiseDraw
+from ate_fast.sampling.workspace import StepTables, Workspace
+
+ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
+StepCallback = Callable[[int, Tensor], None]
+_TABLE_CACHE_SIZE = 8
+
+
+def check_num_steps(num_steps: object) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
+    if num_steps <= 0:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return int(num_steps)
+
+
+def check_choice(name: str, value: object, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class Run:
+    """The state of one pass through a sampler's loop.
+
+    ``x`` [B, H, D] is the sample, updated in place; ``ws`` holds the other buffers;
+    ``tables`` the per-step coefficient rows; ``launch`` issues fused guided steps.
+    """
+
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        x: Tensor,
+        cond: Any,
+        tables: StepTables,
+        ws: Workspace,
+        launch: Launch,
+        guidance: Optional[Guidance],
+        draw: Optional[NoiseDraw],
+        callback: Optional[StepCallback],
+    ) -> None:
+        self.model_fn = model_fn
+        self.x = x
+        self.cond = cond
+        self.tables = tables
+        self.ws = ws
+        self.launch = launch
+        self.guidance = guidance
+        self.draw = draw
+        self.callback = callback
+
+    def model(self, x: Tensor, t: Tensor) -> Tensor:
+        """The unguided model output at ``x`` [B, H, D], time ``t`` [B]."""
+        return check_output("model_fn", self.model_fn(x, t, self.cond), x)
+
+    def gradient(
+        self, x: Tensor, m: Tensor, p: Tensor, q: Tensor, dx0_dx: Tensor
+    ) -> Optional[Tensor]:
+        """The guidance gradient g [B, H, D] at ``x`` (None when unguided).
+
+        ``x0_hat = p·x + q·m`` is the clean-sample estimate; ``dx0_dx`` [B] its slope.
+        """
+        if self.guidance is None:
+            return None
+        x0_hat = self.ws["x0_hat"]
+        self.launch(x0_hat, x, m, p, q)
+        with torch.enable_grad():
+            g = self.guidance.gradient(x, x0_hat, dx0_dx)
+        return check_output("guidance.gradient", g, x)
+
+    def noise(self) -> Optional[Tensor]:
+        """The next draw of step noise [B, H, D] (None for a deterministic sampler)."""
+        return None if self.draw is None else self.draw()
+
+    def step_done(self, k: int) -> None:
+        if self.callback is not None:
+            self.callback(k, self.x)
+
+
+class Sampler:
+    """Base class of :class:`DiffusionSampler` and :class:`FlowSampler`.
+
+    Subclasses set ``self._host`` (coefficient name -> ``[K]`` float64 array),
+    ``self._times`` (name -> ``[K]`` times passed to the model) and ``self.stochastic``,
+    and implement :meth:`_loop`.
+    """
+
+    stochastic: bool = False
+    _host: dict[str, np.ndarray]
+    _times: dict[str, np.ndarray]
+
+    def __init__(self, model_fn: ModelFn, num_steps: int) -> None:
+        if not callable(model_fn):
+            raise TypeError(
+                "model_fn must be callable as model_fn(x [B,H,D], t [B], cond) -> [B,H,D], "
+                f"got {type(model_fn).__name__}"
+            )
+        self.model_fn = model_fn
+        self.num_steps = check_num_steps(num_steps)
+        self._tables: OrderedDict[tuple, StepTables] = OrderedDict()
+
+    # -- subclass hooks ----------------------------------------------------------------
+    def _loop(self, run: Run) -> None:
+        raise NotImplementedError
+
+    def _check_guidance_mode(self, mode: str) -> None:
+        """Raise if this sampler cannot apply guidance in ``mode``."""
+
+    # -- shared machinery --------------------------------------------------------------
+    def tables(self, device: torch.device, dtype: torch.dtype, batch: int) -> StepTables:
+        """The per-step coefficient rows for data of ``dtype`` on ``device`` with batch B."""
+        key = (device, dtype, batch)
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = StepTables(self._host, self._times, device, dtype, batch)
+            self._tables[key] = tables
+            if len(self._tables) > _TABLE_CACHE_SIZE:
+                self._tables.popitem(last=False)
+        return tables
+
+    def check_guidance(self, guidance: Optional[Guidance]) -> tuple[float, float]:
+        """(λ, κ) for ``guidance`` (1, inf when None); raises for a bad guidance object."""
+        if guidance is None:
+            return 1.0, math.inf
+        scale, clamp, mode = check_guidance(guidance)
+        self._check_guidance_mode(mode)
+        return scale, clamp
+
+    def check_inputs(
+        self, noise: Tensor, cond: Any, guidance: Optional[Guidance], generator: object
+    ) -> tuple[float, float]:
+        """Validate a call's arguments; returns the guidance's (λ, κ)."""
+        check_noise(noise)
+        check_cond(cond)
+        check_generator(generator, noise.device)
+        return self.check_guidance(guidance)
+
+    def execute(self, noise: Tensor, run: Run) -> Tensor:
+        """Copy ``noise`` into ``run.x`` and run the loop without autograd; returns ``run.x``."""
+        with torch.no_grad():
+            run.x.copy_(noise)
+            self._loop(run)
+        return run.x
+
+    def new_run(
+        self,
+        ws: Workspace,
+        cond: Any,
+        guidance: Optional[Guidance],
+        generator: Optional[torch.Generator],
+        launch: Launch,
+        callback: Optional[StepCallback] = None,
+    ) -> Run:
+        x = ws["x"]
+        tables = self.tables(x.device, x.dtype, x.shape[0])
+        draw = NoiseDraw(ws["z"], generator) if self.stochastic else None
+        return Run(self.model_fn, x, cond, tables, ws, launch, guidance, draw, callback)
+
+    # -- public API --------------------------------------------------------------------
+    def sample(
+        self,
+        noise: Tensor,
+        cond: Any = None,
+        guidance: Optional[Guidance] = None,
+        generator: Optional[torch.Generator] = None,
+        *,
+        callback: Optional[StepCallback] = None,
+    ) -> Tensor:
+        """Run the K-step loop from ``noise`` [B, H, D]; returns the actions [B, H, D].
+
+        Args:
+            noise: the initial sample (pure noise), any float dtype; it is not modified.
+            cond: passed to ``model_fn`` unchanged (its tensors are checked for NaN).
+            guidance: an object following :class:`Guidance`, or None (unguided).
+            generator: the ``torch.Generator`` step noise is drawn from (DDPM, DDIM with
+                eta > 0), consumed exactly as diffusers consumes it; None = global RNG.
+            callback: ``callback(k, x)`` after step k (0-based) with the current sample
+                [B, H, D] (a buffer the next step overwrites: clone it to keep it).
+        """
+        lam, kappa = self.check_inputs(noise, cond, guidance, generator)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+        ws = Workspace(noise)
+        run = self.new_run(ws, cond, guidance, generator, Launch(lam, kappa), callback)
+        return self.execute(noise, run)
+
+    def capture(
+        self,
+        example_noise: Tensor,
+        example_cond: Any = None,
+        guidance: Optional[Guidance] = None,
+        generator: Optional[torch.Generator] = None,
+        *,
+        check_finite: bool = True,
+    ):
+        """A callable replaying the whole K-step loop for inputs shaped like the examples.
+
+        On CUDA the loop is captured once into a CUDA graph; on the CPU its fused steps
+        are recorded on the first call and replayed without per-call validation. See
+        :class:`ate_fast.sampling.CapturedSampler` for the contract (static shapes, the
+        returned buffer is reused, guidance and generator are bound at capture).
+        """
+        from ate_fast.sampling.capture import CapturedSampler
+
+        return CapturedSampler(
+            self, example_noise, example_cond, guidance, generator, check_finite=check_finite
+        )
