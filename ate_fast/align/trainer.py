@@ -197,6 +197,9 @@ class _AlignTrainer:
                 )
         if cfg.resume and not resuming:
             self._say(f"resume: no {RESUME_FILE} in {self.out_dir}; starting from scratch")
+        if self.out_dir is not None and ctx.is_main:
+            for stale in self.out_dir.glob(".*.tmp"):  # temp files of a write that was killed
+                stale.unlink()
         init_from = getattr(cfg, "init_from", None)
         if init_from and not resuming:
             self._init_from(vae, init_from)
