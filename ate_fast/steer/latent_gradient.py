@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.fused_encoder import fused_latent_gradient, fused_mlp_parts
 
 REDUCTIONS = ("sample", "batch")
 
@@ -58,7 +59,24 @@ def latent_distance_gradient(
     paper's equation; computed as the gradient of ``Σ_i y_i``, exact because the encoder
     treats samples independently). ``reduction="batch"``: ``y = −mean over batch and latent``
     (the released code), which divides each sample's gradient by B.
+
+    For ``ate_fast.align``'s MLP encoder this runs the fused kernel
+    (:mod:`ate_fast.steer.fused_encoder`); otherwise autograd.
     """
+    parts = fused_mlp_parts(encoder, x)
+    if parts is not None:
+        dz = parts[0][-1].shape[0] // 2
+        if target.shape not in ((dz,), (x.shape[0], dz)):
+            raise ValueError(
+                f"{target_name} must be a latent [d_z] = [{dz}] or a batch [B, d_z] = "
+                f"{[x.shape[0], dz]} matching the encoder, got shape {tuple(target.shape)}"
+            )
+        if latent == "sample":
+            select_latent(target, target, latent, eps)  # the same eps checks as autograd
+        return fused_latent_gradient(
+            parts, x, target=target, mask=encoder.mask,
+            eps=eps if latent == "sample" else None, reduction=reduction,
+        )  # fmt: skip
     with torch.inference_mode(False), torch.enable_grad():
         point = _autograd_ready(x).detach().requires_grad_(True)
         mu, logvar = encoder(point)

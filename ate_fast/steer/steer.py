@@ -27,6 +27,7 @@ from ate_fast.steer.coefficients import (
     flow_guidance_coefficient,
 )
 from ate_fast.steer.encoder import LATENT_MODES, FrozenEncoder
+from ate_fast.steer.fused_encoder import fused_latent_gradient, fused_mlp_parts
 from ate_fast.steer.latent_gradient import REDUCTIONS, latent_distance_gradient, select_latent
 
 LOSS_REDUCTIONS = ("mean", "none")
@@ -117,6 +118,17 @@ class Steer:
         return self._guidance(x, a0, generator)
 
     def _guidance(self, x: Tensor, a0: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        parts = fused_mlp_parts(self.encoder, x)
+        if parts is not None:  # one fused call encodes a0 and x and backpropagates to x
+            eps = None
+            if self.latent == "sample":
+                dz = parts[0][-1].shape[0] // 2
+                eps = torch.randn(
+                    (x.shape[0], dz), generator=generator, device=x.device, dtype=x.dtype
+                )
+            return fused_latent_gradient(
+                parts, x, a0=a0, mask=self.encoder.mask, eps=eps, reduction=self.reduction
+            )
         with torch.no_grad():
             mu0, logvar0 = self.encoder(a0)
             eps = None

@@ -12,38 +12,11 @@
 #include <string>
 
 #include "ate_fast/launchers.h"
+#include "cuda_status.cuh"
+#include "dtype_convert.cuh"
 
 namespace ate_fast {
 namespace {
-
-thread_local std::string g_last_error;
-
-int record(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return kOk;
-  g_last_error = std::string(what) + ": " + cudaGetErrorName(err) + " (" +
-                 cudaGetErrorString(err) + ")";
-  return kCudaError;
-}
-
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Compute<T>::type load_c(T v) {
-  return static_cast<typename Compute<T>::type>(v);
-}
-template <> __device__ __forceinline__ float load_c<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float load_c<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T> __device__ __forceinline__ T store_c(typename Compute<T>::type v) {
-  return static_cast<T>(v);
-}
-template <> __device__ __forceinline__ __half store_c<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 store_c<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -102,16 +75,6 @@ guided_step_kernel(GuidedStepArgs p, int flags, int64_t packs_per_row, int64_t t
   }
 }
 
-int sm_count(int device) {
-  static int cached[64] = {0};
-  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0)
-    n = 80;
-  if (device >= 0 && device < 64) cached[device] = n;
-  return n;
-}
-
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 template <typename T>
@@ -133,7 +96,7 @@ int launch(const GuidedStepArgs& p, int device, cudaStream_t stream) {
     const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, max_blocks));
     guided_step_kernel<T, 1><<<blocks, threads, 0, stream>>>(p, flags, p.row, total);
   }
-  return record(cudaGetLastError(), "guided_step kernel launch");
+  return record_cuda(cudaGetLastError(), "guided_step kernel launch");
 }
 
 }  // namespace
@@ -145,11 +108,8 @@ int guided_step_cuda(DType dtype, const GuidedStepArgs& args, int device, void* 
   if ((args.x && !args.a) || (args.g && !args.c) || (args.m_prev && !args.d) ||
       (args.z && !args.s))
     return kNullPointer;
-  int current = -1;
-  if (int rc = record(cudaGetDevice(&current), "cudaGetDevice")) return rc;
-  if (current != device) {
-    if (int rc = record(cudaSetDevice(device), "cudaSetDevice")) return rc;
-  }
+  DeviceGuard guard(device);
+  if (guard.status() != kOk) return guard.status();
   auto st = static_cast<cudaStream_t>(stream);
   int rc = kBadDType;
   switch (dtype) {
@@ -158,27 +118,7 @@ int guided_step_cuda(DType dtype, const GuidedStepArgs& args, int device, void* 
     case DType::kFloat16: rc = launch<__half>(args, device, st); break;
     case DType::kBFloat16: rc = launch<__nv_bfloat16>(args, device, st); break;
   }
-  // The current device is shared with torch's runtime through the driver context:
-  // put it back so that the caller's device guard is not silently changed.
-  if (current != device) {
-    int restore = record(cudaSetDevice(current), "cudaSetDevice (restore)");
-    if (rc == kOk) rc = restore;
-  }
   return rc;
-}
-
-const char* last_cuda_error() { return g_last_error.c_str(); }
-
-int cuda_device_count() {
-  int n = 0;
-  if (record(cudaGetDeviceCount(&n), "cudaGetDeviceCount") != kOk) return -1;
-  return n;
-}
-
-int cuda_runtime_version() {
-  int v = 0;
-  cudaRuntimeGetVersion(&v);
-  return v;
 }
 
 }  // namespace ate_fast

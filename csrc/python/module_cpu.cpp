@@ -1,5 +1,8 @@
 // ate_fast._C: the C++ CPU kernels. Thin: pointers in, launcher call, errors out.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <vector>
 
 #include "ate_fast/launchers.h"
 #include "pointer_args.h"
@@ -27,6 +30,25 @@ PYBIND11_MODULE(_C, mod) {
       ATE_FAST_GUIDED_STEP_PYARGS,
       "out = a*x + b*(m + lam*clamp(c*g, -kappa, kappa)) + d*m_prev + s*z over [batch, row]"
       " contiguous arrays (pointers as ints, 0 = absent); dtype 0=float32, 1=float64.");
+  mod.def(
+      "mlp_guidance",
+      [](int dtype, int64_t batch, const std::vector<int64_t>& dims,
+         const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& biases,
+         int activation, uintptr_t x, uintptr_t a0, uintptr_t target, int64_t target_stride,
+         uintptr_t mask, int64_t mask_stride, int64_t action_dim, uintptr_t eps, double scale,
+         uintptr_t grad, uintptr_t latent) {
+        MlpGuidanceArgs p = make_mlp_guidance_args(batch, dims, weights, biases, activation, x,
+                                                   a0, target, target_stride, mask, mask_stride,
+                                                   action_dim, eps, scale, grad, latent);
+        int status;
+        {
+          py::gil_scoped_release release;
+          status = mlp_guidance_cpu(as_dtype(dtype), p);
+        }
+        check_status(status, "ate_fast._C.mlp_guidance");
+      },
+      ATE_FAST_MLP_GUIDANCE_PYARGS,
+      "Fused MLP-encoder latent guidance gradient (see csrc/include/ate_fast/mlp_guidance.h).");
   mod.def("num_threads", &cpu_num_threads, "OpenMP threads the CPU kernels use.");
 #if defined(_OPENMP)
   mod.attr("openmp") = true;

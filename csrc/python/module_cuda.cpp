@@ -1,9 +1,11 @@
 // ate_fast._C_cuda: the CUDA kernels. cudart is linked statically, so this module
 // imports on machines without a driver; calls then report the driver error.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "ate_fast/launchers.h"
 #include "pointer_args.h"
@@ -32,6 +34,40 @@ PYBIND11_MODULE(_C_cuda, mod) {
       ATE_FAST_GUIDED_STEP_PYARGS, py::arg("device"), py::arg("stream"),
       "CUDA guided step on `stream` (a cudaStream_t as int, 0 = legacy default stream);"
       " dtype 0=float32, 1=float64, 2=float16, 3=bfloat16.");
+  mod.def(
+      "mlp_guidance",
+      [](int dtype, int64_t batch, const std::vector<int64_t>& dims,
+         const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& biases,
+         int activation, uintptr_t x, uintptr_t a0, uintptr_t target, int64_t target_stride,
+         uintptr_t mask, int64_t mask_stride, int64_t action_dim, uintptr_t eps, double scale,
+         uintptr_t grad, uintptr_t latent, uintptr_t scratch, int64_t scratch_elems, int device,
+         uintptr_t stream) {
+        MlpGuidanceArgs p = make_mlp_guidance_args(batch, dims, weights, biases, activation, x,
+                                                   a0, target, target_stride, mask, mask_stride,
+                                                   action_dim, eps, scale, grad, latent);
+        int status = mlp_guidance_cuda(as_dtype(dtype), p, reinterpret_cast<void*>(scratch),
+                                       scratch_elems, device, reinterpret_cast<void*>(stream));
+        if (status == kCudaError)
+          throw std::runtime_error(std::string("ate_fast._C_cuda.mlp_guidance: ") + last_cuda_error());
+        check_status(status, "ate_fast._C_cuda.mlp_guidance");
+      },
+      ATE_FAST_MLP_GUIDANCE_PYARGS, py::arg("scratch"), py::arg("scratch_elems"),
+      py::arg("device"), py::arg("stream"),
+      "Fused MLP-encoder guidance gradient in one cooperative kernel on `stream`.");
+  mod.def(
+      "mlp_guidance_scratch_elements",
+      [](int64_t batch, const std::vector<int64_t>& dims, bool with_a0) {
+        MlpGuidanceArgs p;
+        p.batch = batch;
+        p.num_layers = static_cast<int>(dims.size()) - 1;
+        if (p.num_layers < 1 || p.num_layers > kMaxMlpLayers)
+          throw std::invalid_argument("mlp_guidance_scratch_elements: bad dims");
+        for (size_t l = 0; l < dims.size(); ++l) p.dims[l] = dims[l];
+        p.a0 = with_a0 ? reinterpret_cast<const void*>(1) : nullptr;
+        return mlp_guidance_scratch_elements(p);
+      },
+      py::arg("batch"), py::arg("dims"), py::arg("with_a0"),
+      "Scratch elements (compute dtype) mlp_guidance needs.");
   mod.def("device_count", []() {
     int n = cuda_device_count();
     if (n < 0) throw std::runtime_error(last_cuda_error());

@@ -5,12 +5,15 @@
 #pragma once
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "ate_fast/guided_step.h"
+#include "ate_fast/mlp_guidance.h"
 
 namespace ate_fast {
 
@@ -40,6 +43,45 @@ inline GuidedStepArgs make_guided_step_args(int64_t batch, int64_t row, uintptr_
   return p;
 }
 
+// MLP guidance arguments from Python: layer dims and per-layer weight/bias pointers as
+// lists of ints (0 for an absent bias or optional tensor).
+inline MlpGuidanceArgs make_mlp_guidance_args(
+    int64_t batch, const std::vector<int64_t>& dims, const std::vector<uintptr_t>& weights,
+    const std::vector<uintptr_t>& biases, int activation, uintptr_t x, uintptr_t a0,
+    uintptr_t target, int64_t target_stride, uintptr_t mask, int64_t mask_stride,
+    int64_t action_dim, uintptr_t eps, double scale, uintptr_t grad, uintptr_t latent) {
+  const size_t layers = weights.size();
+  if (layers < 1 || layers > static_cast<size_t>(kMaxMlpLayers))
+    throw std::invalid_argument("mlp_guidance: 1.." + std::to_string(kMaxMlpLayers) +
+                                " layers supported, got " + std::to_string(layers));
+  if (dims.size() != layers + 1 || biases.size() != layers)
+    throw std::invalid_argument("mlp_guidance: need len(dims) == layers + 1 == len(biases) + 1");
+  if (activation < 0 || activation > 3)
+    throw std::invalid_argument("mlp_guidance: activation code must be 0..3");
+  MlpGuidanceArgs p;
+  p.batch = batch;
+  p.num_layers = static_cast<int>(layers);
+  for (size_t l = 0; l < layers; ++l) {
+    p.dims[l] = dims[l];
+    p.weights[l] = as_ptr(weights[l]);
+    p.biases[l] = as_ptr(biases[l]);
+  }
+  p.dims[layers] = dims[layers];
+  p.activation = static_cast<Activation>(activation);
+  p.x = as_ptr(x);
+  p.a0 = as_ptr(a0);
+  p.target = as_ptr(target);
+  p.target_stride = target_stride;
+  p.mask = as_ptr(mask);
+  p.mask_stride = mask_stride;
+  p.action_dim = action_dim;
+  p.eps = as_ptr(eps);
+  p.scale = scale;
+  p.grad = reinterpret_cast<void*>(grad);
+  p.latent = reinterpret_cast<void*>(latent);
+  return p;
+}
+
 inline DType as_dtype(int code) {
   if (code < 0 || code > 3) throw std::invalid_argument("dtype code must be 0..3, got " + std::to_string(code));
   return static_cast<DType>(code);
@@ -62,3 +104,11 @@ inline void check_status(int status, const char* what) {
       pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("g"), pybind11::arg("m_prev"),    \
       pybind11::arg("z"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c"),         \
       pybind11::arg("d"), pybind11::arg("s"), pybind11::arg("lam"), pybind11::arg("kappa")
+
+#define ATE_FAST_MLP_GUIDANCE_PYARGS                                                        \
+  pybind11::arg("dtype"), pybind11::arg("batch"), pybind11::arg("dims"),                     \
+      pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("activation"),        \
+      pybind11::arg("x"), pybind11::arg("a0"), pybind11::arg("target"),                      \
+      pybind11::arg("target_stride"), pybind11::arg("mask"), pybind11::arg("mask_stride"),   \
+      pybind11::arg("action_dim"), pybind11::arg("eps"), pybind11::arg("scale"),             \
+      pybind11::arg("grad"), pybind11::arg("latent")

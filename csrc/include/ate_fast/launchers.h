@@ -2,11 +2,15 @@
 #pragma once
 
 #include "ate_fast/guided_step.h"
+#include "ate_fast/mlp_guidance.h"
 
 namespace ate_fast {
 
 // CPU: float32 and float64 (dtype must be kFloat32 or kFloat64). OpenMP over rows.
 int guided_step_cpu(DType dtype, const GuidedStepArgs& args);
+
+// CPU: fused MLP-encoder guidance gradient (see mlp_guidance.h); float32 and float64.
+int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args);
 
 // Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
 int cpu_num_threads();
@@ -16,6 +20,12 @@ int cpu_num_threads();
 // `stream` is a cudaStream_t passed as an opaque pointer; `device` the CUDA ordinal
 // the pointers live on. Returns kCudaError with the message in last_cuda_error().
 int guided_step_cuda(DType dtype, const GuidedStepArgs& args, int device, void* stream);
+// CUDA: fused MLP-encoder guidance gradient, one cooperative kernel. `scratch` is device
+// memory of at least mlp_guidance_scratch_elements(args) elements of the compute type
+// (double for float64 data, float otherwise).
+int mlp_guidance_cuda(DType dtype, const MlpGuidanceArgs& args, void* scratch,
+                      int64_t scratch_elems, int device, void* stream);
+int64_t mlp_guidance_scratch_elements(const MlpGuidanceArgs& args);
 const char* last_cuda_error();
 // Number of visible devices, or -1 with last_cuda_error() set (e.g. no driver).
 int cuda_device_count();

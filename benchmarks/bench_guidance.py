@@ -1,0 +1,91 @@
+"""Guidance gradient through the MLP encoder: fused op vs autograd (and the op-by-op
+decomposition), B ∈ {1, 8, 64}, (H, D) ∈ {(50, 32), (64, 128), (16, 14)}.
+
+Run:  pytest benchmarks/bench_guidance.py --benchmark-json=bench_guidance.json
+      python benchmarks/report.py bench_guidance.json
+
+Encoder: H·D → 256 → 256 → 2·64 (GELU), the PERFORMANCE.md reference encoder. The
+``eager`` row is autograd (what ``Steer``/``LatentGuidance`` did before the fused op):
+one forward, ``torch.autograd.grad``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ate_fast.ops import backends, mlp_guidance, mlp_guidance_reference
+
+HIDDEN, DZ = (256, 256), 64
+SHAPES = [(50, 32), (64, 128), (16, 14)]
+BATCHES = [1, 8, 64]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+GPU_CALLS = 20
+
+
+def _encoder(features, device):
+    dims = [features, *HIDDEN, 2 * DZ]
+    weights = [torch.randn(o, i, device=device) / i**0.5 for i, o in zip(dims[:-1], dims[1:])]
+    biases = [torch.randn(o, device=device) * 0.1 for o in dims[1:]]
+    return weights, biases
+
+
+def _autograd(x, weights, biases, target):
+    with torch.enable_grad():
+        xx = x.detach().requires_grad_(True)
+        h = xx.flatten(1)
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            h = F.linear(h, w, b)
+            if i < len(weights) - 1:
+                h = F.gelu(h)
+        y = -((h[:, :DZ] - target) ** 2).mean(dim=1).sum()
+        return torch.autograd.grad(y, xx)[0]
+
+
+def _cases():
+    for device in DEVICES:
+        for horizon, dim in SHAPES:
+            for batch in BATCHES:
+                for impl in ["eager", "ref"] + (["cpu"] if device == "cpu" else ["cuda"]):
+                    yield pytest.param(
+                        device, batch, horizon, dim, impl,
+                        id=f"{device}-B{batch}-H{horizon}-D{dim}-{impl}",
+                    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("device", "batch", "horizon", "dim", "impl"), list(_cases()))
+def test_guidance_gradient(benchmark, monkeypatch, device, batch, horizon, dim, impl):
+    weights, biases = _encoder(horizon * dim, device)
+    x = torch.randn(batch, horizon, dim, device=device)
+    target = torch.randn(DZ, device=device)
+    if impl == "eager":
+        fn = lambda: _autograd(x, weights, biases, target)  # noqa: E731
+    elif impl == "ref":
+        fn = lambda: mlp_guidance_reference(x, weights, biases, "gelu", target, scale=1 / DZ)[0]  # noqa: E731
+    else:
+        ok, why = backends.availability(impl, device)
+        if not ok:
+            pytest.skip(f"{impl} backend unavailable: {why}")
+        monkeypatch.setenv("ATE_FAST_BACKEND", impl)
+        backends.reset_caches()
+        fn = lambda: mlp_guidance(x, weights, biases, "gelu", target=target, scale=1 / DZ)[0]  # noqa: E731
+    expected = _autograd(x, weights, biases, target)
+    error = ((fn() - expected).norm() / expected.norm()).item()
+    assert error < 1e-4, f"{impl}: relative error {error}"
+    benchmark.group = f"{device} guidance B={batch} H={horizon} D={dim}"
+    benchmark.extra_info.update(impl=impl, device=device, batch=batch, horizon=horizon, dim=dim)
+    if device == "cuda":
+        benchmark.extra_info["calls"] = GPU_CALLS
+
+        def run():
+            for _ in range(GPU_CALLS):
+                fn()
+            torch.cuda.synchronize()
+
+        run()
+        benchmark.pedantic(run, rounds=20, warmup_rounds=2)
+    else:
+        benchmark.extra_info["calls"] = 1
+        benchmark(fn)
+    backends.reset_caches()

@@ -1,0 +1,283 @@
+// C++ CPU fused MLP-encoder guidance gradient: forward on x (and a0), the latent
+// distance gradient, and the backward to the input in one call and one OpenMP region.
+//
+// Blocking: a layer's forward splits its output neurons across threads and each thread
+// reuses every weight row for a block of kRows batch rows (blocked GEMV/GEMM); the
+// backward splits the input columns, so each thread owns a slice of the result and
+// needs no reduction. One barrier per layer. The hot loops are compiled for several x86
+// levels (target_clones) so a portable wheel still uses AVX2/FMA or AVX-512 where present.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "ate_fast/launchers.h"
+#include "ate_fast/mlp_guidance.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define ATE_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#endif
+#endif
+#ifndef ATE_CLONES
+#define ATE_CLONES
+#endif
+#define ATE_INLINE inline __attribute__((always_inline))
+
+namespace ate_fast {
+namespace {
+
+constexpr int kRows = 4;          // batch rows sharing one pass over a weight row
+constexpr int64_t kOutChunk = 8;  // forward: output neurons per work item
+constexpr int64_t kColChunk = 64; // backward: input columns per work item
+// Below this many multiply-adds the whole call runs on one thread.
+constexpr int64_t kParallelMacs = 1 << 17;
+
+// out[r][o] = b[o] + Σ_i W[o][i]·in[r][i] for rows [r0, r0+R), outputs [o0, o1).
+template <typename T, int R>
+ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
+                           const T* __restrict__ in, int64_t in_dim, T* __restrict__ out,
+                           int64_t out_dim, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const T* __restrict__ wr = w + o * in_dim;
+    T acc[R];
+    for (int k = 0; k < R; ++k) acc[k] = T(0);
+    if constexpr (R == kRows) {
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      const T *i0 = in, *i1 = in + in_dim, *i2 = in + 2 * in_dim, *i3 = in + 3 * in_dim;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t i = 0; i < in_dim; ++i) {
+        const T wv = wr[i];
+        a0 += wv * i0[i];
+        a1 += wv * i1[i];
+        a2 += wv * i2[i];
+        a3 += wv * i3[i];
+      }
+      acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+    } else {
+      T a0 = 0;
+#pragma omp simd reduction(+ : a0)
+      for (int64_t i = 0; i < in_dim; ++i) a0 += wr[i] * in[i];
+      acc[0] = a0;
+    }
+    const T b = bias ? bias[o] : T(0);
+    for (int k = 0; k < R; ++k) out[k * out_dim + o] = acc[k] + b;
+  }
+}
+
+// gin[r][i] = Σ_o delta[r][o]·W[o][i] for rows [r0, r0+R), columns [c0, c1).
+template <typename T, int R>
+ATE_INLINE void dense_transposed_rows(const T* __restrict__ w, int64_t in_dim, int64_t out_dim,
+                                      const T* __restrict__ delta, T* __restrict__ gin,
+                                      int64_t c0, int64_t c1) {
+  for (int k = 0; k < R; ++k)
+    for (int64_t i = c0; i < c1; ++i) gin[k * in_dim + i] = T(0);
+  for (int64_t o = 0; o < out_dim; ++o) {
+    const T* __restrict__ wr = w + o * in_dim;
+    for (int k = 0; k < R; ++k) {
+      const T d = delta[k * out_dim + o];
+      T* __restrict__ g = gin + k * in_dim;
+#pragma omp simd
+      for (int64_t i = c0; i < c1; ++i) g[i] += d * wr[i];
+    }
+  }
+}
+
+#define ATE_DEFINE_KERNELS(T, SUFFIX)                                                       \
+  ATE_CLONES void dense_##SUFFIX(const T* w, const T* bias, const T* in, int64_t rows,      \
+                                 int64_t in_dim, T* out, int64_t out_dim, int64_t o0,       \
+                                 int64_t o1) {                                              \
+    int64_t r = 0;                                                                          \
+    for (; r + kRows <= rows; r += kRows)                                                   \
+      dense_rows<T, kRows>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, \
+                           o1);                                                             \
+    for (; r < rows; ++r)                                                                   \
+      dense_rows<T, 1>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, o1); \
+  }                                                                                         \
+  ATE_CLONES void dense_t_##SUFFIX(const T* w, int64_t in_dim, int64_t out_dim, const T* delta, \
+                                   int64_t rows, T* gin, int64_t c0, int64_t c1) {          \
+    int64_t r = 0;                                                                          \
+    for (; r + kRows <= rows; r += kRows)                                                   \
+      dense_transposed_rows<T, kRows>(w, in_dim, out_dim, delta + r * out_dim,              \
+                                      gin + r * in_dim, c0, c1);                            \
+    for (; r < rows; ++r)                                                                   \
+      dense_transposed_rows<T, 1>(w, in_dim, out_dim, delta + r * out_dim, gin + r * in_dim, \
+                                  c0, c1);                                                  \
+  }
+
+ATE_DEFINE_KERNELS(float, f32)
+ATE_DEFINE_KERNELS(double, f64)
+
+inline void dense(const float* w, const float* b, const float* in, int64_t rows, int64_t in_dim,
+                  float* out, int64_t out_dim, int64_t o0, int64_t o1) {
+  dense_f32(w, b, in, rows, in_dim, out, out_dim, o0, o1);
+}
+inline void dense(const double* w, const double* b, const double* in, int64_t rows,
+                  int64_t in_dim, double* out, int64_t out_dim, int64_t o0, int64_t o1) {
+  dense_f64(w, b, in, rows, in_dim, out, out_dim, o0, o1);
+}
+inline void dense_t(const float* w, int64_t in_dim, int64_t out_dim, const float* delta,
+                    int64_t rows, float* gin, int64_t c0, int64_t c1) {
+  dense_t_f32(w, in_dim, out_dim, delta, rows, gin, c0, c1);
+}
+inline void dense_t(const double* w, int64_t in_dim, int64_t out_dim, const double* delta,
+                    int64_t rows, double* gin, int64_t c0, int64_t c1) {
+  dense_t_f64(w, in_dim, out_dim, delta, rows, gin, c0, c1);
+}
+
+template <typename T>
+struct Workspace {
+  std::vector<T> buffer;
+  T* take(size_t n, size_t& offset) {
+    T* p = buffer.data() + offset;
+    offset += n;
+    return p;
+  }
+};
+
+template <typename T>
+int run(const MlpGuidanceArgs& p) {
+  const int L = p.num_layers;
+  const int64_t B = p.batch, F = p.dims[0], out_dim = p.dims[L], dz = out_dim / 2;
+  const bool with_a0 = p.a0 != nullptr;
+  const int64_t rows = with_a0 ? 2 * B : B;  // a0's rows are stacked under x's
+  const T* const* W = reinterpret_cast<const T* const*>(p.weights);
+  const T* const* bias = reinterpret_cast<const T* const*>(p.biases);
+  const T* x = static_cast<const T*>(p.x);
+  const T* a0 = static_cast<const T*>(p.a0);
+  const T* mask = static_cast<const T*>(p.mask);
+  const T* target = static_cast<const T*>(p.target);
+  const T* eps = static_cast<const T*>(p.eps);
+  T* grad = static_cast<T*>(p.grad);
+  T* latent = static_cast<T*>(p.latent);
+
+  // Workspace: h_l for every layer input (rows × dims[l]); act'(pre) for hidden layers
+  // (x rows only: a0 needs no backward); the output; two backward buffers.
+  int64_t widest = 0, macs = 0;
+  size_t total = 0;
+  for (int l = 0; l < L; ++l) {
+    total += static_cast<size_t>(rows * p.dims[l]);
+    if (l > 0) total += static_cast<size_t>(B * p.dims[l]);
+    widest = std::max(widest, p.dims[l]);
+    macs += p.dims[l] * p.dims[l + 1];
+  }
+  total += static_cast<size_t>(rows * out_dim + 2 * B * std::max(widest, out_dim));
+  thread_local Workspace<T> ws;
+  if (ws.buffer.size() < total) ws.buffer.resize(total);
+  size_t offset = 0;
+  T* h[kMaxMlpLayers];
+  T* dact[kMaxMlpLayers] = {nullptr};
+  for (int l = 0; l < L; ++l) {
+    h[l] = ws.take(static_cast<size_t>(rows * p.dims[l]), offset);
+    if (l > 0) dact[l] = ws.take(static_cast<size_t>(B * p.dims[l]), offset);
+  }
+  T* out = ws.take(static_cast<size_t>(rows * out_dim), offset);
+  const int64_t delta_width = std::max(widest, out_dim);
+  T* delta[2] = {ws.take(static_cast<size_t>(B * delta_width), offset),
+                 ws.take(static_cast<size_t>(B * delta_width), offset)};
+  const Activation act = p.activation;
+  const T scale = static_cast<T>(p.scale);
+  const bool parallel = macs * rows >= kParallelMacs;
+
+#pragma omp parallel if (parallel)
+  {
+    // h_0 = mask ⊙ x (and mask ⊙ a0 below it).
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r < B ? r : r - B;
+      const T* src = (r < B ? x : a0) + b * F;
+      T* dst = h[0] + r * F;
+      if (mask) {
+        const T* mrow = mask + b * p.mask_stride;
+        for (int64_t f = 0; f < F; ++f) dst[f] = src[f] * mrow[f % p.action_dim];
+      } else {
+        std::copy(src, src + F, dst);
+      }
+    }
+    // Forward, layer by layer: pre-activations, then act and act' for hidden layers.
+    for (int l = 0; l < L; ++l) {
+      const int64_t in_dim = p.dims[l], o_dim = p.dims[l + 1];
+      const bool last = l == L - 1;
+      T* dst = last ? out : h[l + 1];
+      const int64_t chunks = (o_dim + kOutChunk - 1) / kOutChunk;
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t o0 = c * kOutChunk, o1 = std::min(o0 + kOutChunk, o_dim);
+        dense(W[l], bias[l], h[l], rows, in_dim, dst, o_dim, o0, o1);
+        if (!last) {
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t o = o0; o < o1; ++o) {
+              const T u = dst[r * o_dim + o];
+              if (r < B) dact[l + 1][r * o_dim + o] = activate_grad<T>(act, u);
+              dst[r * o_dim + o] = activate<T>(act, u);
+            }
+          }
+        }
+      }
+    }
+    // Latent distance gradient at the output: δ = ∂y/∂(μ, log σ²).
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const T* o_x = out + b * out_dim;
+      const T* o_a = with_a0 ? out + (B + b) * out_dim : nullptr;
+      T* d = delta[0] + b * out_dim;
+      for (int64_t j = 0; j < dz; ++j) {
+        const T e = eps ? eps[b * dz + j] : T(0);
+        const T sx = eps ? std::exp(T(0.5) * o_x[dz + j]) : T(0);
+        const T zx = o_x[j] + sx * e;
+        const T zt = with_a0 ? o_a[j] + (eps ? std::exp(T(0.5) * o_a[dz + j]) * e : T(0))
+                             : target[b * p.target_stride + j];
+        const T dzv = T(-2) * scale * (zx - zt);
+        d[j] = dzv;
+        d[dz + j] = eps ? dzv * e * T(0.5) * sx : T(0);
+        if (latent) latent[b * dz + j] = zx;
+      }
+    }
+    // Backward to the input, layer by layer; the last step applies the mask.
+    int cur = 0;
+    for (int l = L - 1; l >= 0; --l) {
+      const int64_t in_dim = p.dims[l], o_dim = p.dims[l + 1];
+      T* dst = l == 0 ? grad : delta[1 - cur];
+      const int64_t chunks = (in_dim + kColChunk - 1) / kColChunk;
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t c0 = c * kColChunk, c1 = std::min(c0 + kColChunk, in_dim);
+        dense_t(W[l], in_dim, o_dim, delta[cur], B, dst, c0, c1);
+        for (int64_t b = 0; b < B; ++b) {
+          T* g = dst + b * in_dim;
+          if (l > 0) {
+            const T* da = dact[l] + b * in_dim;
+            for (int64_t i = c0; i < c1; ++i) g[i] *= da[i];
+          } else if (mask) {
+            const T* mrow = mask + b * p.mask_stride;
+            for (int64_t i = c0; i < c1; ++i) g[i] *= mrow[i % p.action_dim];
+          }
+        }
+      }
+      cur = 1 - cur;
+    }
+  }
+  return kOk;
+}
+
+}  // namespace
+
+int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args) {
+  if (args.num_layers < 1 || args.num_layers > kMaxMlpLayers) return kBadShape;
+  if (args.batch < 0 || args.dims[args.num_layers] % 2 != 0) return kBadShape;
+  if (args.batch == 0) return kOk;
+  if (!args.x || !args.grad || (!args.a0 && !args.target)) return kNullPointer;
+  for (int l = 0; l < args.num_layers; ++l)
+    if (!args.weights[l] || args.dims[l] <= 0) return kNullPointer;
+  switch (dtype) {
+    case DType::kFloat32: return run<float>(args);
+    case DType::kFloat64: return run<double>(args);
+    default: return kBadDType;
+  }
+}
+
+}  // namespace ate_fast

@@ -1,0 +1,47 @@
+// Activations of the MLP encoder and their derivatives, shared by the CPU and CUDA
+// kernels. Codes are part of the Python ABI (ate_fast/ops/mlp_guidance.py).
+#pragma once
+
+#include <cmath>
+
+#include "ate_fast/guided_step.h"  // ATE_HD
+
+namespace ate_fast {
+
+enum class Activation : int { kGelu = 0, kSilu = 1, kRelu = 2, kTanh = 3 };
+
+// 1/sqrt(2) and 1/sqrt(2π), for the exact (erf) GELU.
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+
+template <typename C>
+ATE_HD C activate(Activation act, C u) {
+  switch (act) {
+    case Activation::kGelu: return C(0.5) * u * (C(1) + erf(u * C(kInvSqrt2)));
+    case Activation::kSilu: return u / (C(1) + exp(-u));
+    case Activation::kRelu: return u > C(0) ? u : C(0);
+    case Activation::kTanh: return tanh(u);
+  }
+  return u;
+}
+
+// d activate(u) / du, matching torch's backward formulas.
+template <typename C>
+ATE_HD C activate_grad(Activation act, C u) {
+  switch (act) {
+    case Activation::kGelu:
+      return C(0.5) * (C(1) + erf(u * C(kInvSqrt2))) + u * C(kInvSqrt2Pi) * exp(C(-0.5) * u * u);
+    case Activation::kSilu: {
+      const C s = C(1) / (C(1) + exp(-u));
+      return s * (C(1) + u * (C(1) - s));
+    }
+    case Activation::kRelu: return u > C(0) ? C(1) : C(0);
+    case Activation::kTanh: {
+      const C t = tanh(u);
+      return C(1) - t * t;
+    }
+  }
+  return C(1);
+}
+
+}  // namespace ate_fast
