@@ -254,3 +254,15 @@ def test_bad_layer_chain():
     with pytest.raises(ValueError, match=r"weights\[1\] must be \[out, 16\]"):
         mlp_guidance(torch.randn(2, 6, 4), [weights[0], weights[1][:, :8].contiguous()], biases,
                      target=torch.randn(4))  # fmt: skip
+
+
+def test_auto_selection_leaves_large_batches_to_gemm():
+    from ate_fast.ops.mlp_guidance import FUSED_MAX_BATCH, selected_backend
+
+    backends.reset_caches()
+    assert selected_backend(torch.empty(FUSED_MAX_BATCH, 2, 2)) == "cpu"
+    assert selected_backend(torch.empty(FUSED_MAX_BATCH + 1, 2, 2)) == "ref"
+    with pytest.MonkeyPatch.context() as mp:  # a forced backend ignores the threshold
+        mp.setenv("ATE_FAST_BACKEND", "cpu")
+        assert selected_backend(torch.empty(FUSED_MAX_BATCH + 1, 2, 2)) == "cpu"
+    backends.reset_caches()

@@ -177,13 +177,20 @@ def _run_cuda(*args) -> None:
 IMPLEMENTATIONS = {"ref": _run_ref, "cpu": _run_cpu, "cuda": _run_cuda}
 
 
+# Above this batch size the op-by-op decomposition (cuBLAS / MKL GEMMs) beats the fused
+# kernels, which are built for control-rate batches (measured: benchmarks/README.md).
+FUSED_MAX_BATCH = 16
+
+
 def selected_backend(x: Tensor) -> str:
     """The backend :func:`mlp_guidance` runs for ``x`` (honours ATE_FAST_BACKEND)."""
     device_type = "cuda" if x.is_cuda else x.device.type
-    key = ("mlp_guidance", device_type, x.dtype, backends.forced_backend())
+    forced = backends.forced_backend()
+    large = forced is None and x.shape[0] > FUSED_MAX_BATCH
+    key = ("mlp_guidance", device_type, x.dtype, forced, large)
     backend = backends.SELECTION_CACHE.get(key)
     if backend is None:
-        backend = backends.select(device_type, _SUPPORT.get(x.dtype, ()))
+        backend = "ref" if large else backends.select(device_type, _SUPPORT.get(x.dtype, ()))
         backends.SELECTION_CACHE[key] = backend
     return backend
 

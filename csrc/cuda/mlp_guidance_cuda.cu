@@ -3,9 +3,10 @@
 // Every block of the grid takes part in every layer; grid.sync() separates the layers
 // (the activations live in a small global scratch that stays in L2). Forward: one warp
 // per output neuron, lanes stride the input (coalesced weight reads), each weight read
-// once per chunk of kRowChunk batch rows. Backward: one thread per input column (the
-// weight reads of a warp are coalesced along the row), each weight again read once per
-// chunk of rows. Storage in float32/float64/float16/bfloat16, arithmetic in float32
+// once per chunk of kRowChunk batch rows. Backward: a block per tile of 32 input columns
+// (the weight reads of a warp are coalesced along the row), its warps splitting the
+// output range and reducing in shared memory; each weight again read once per chunk of
+// rows. Storage in float32/float64/float16/bfloat16, arithmetic in float32
 // (float64 for float64). At the batch sizes of real-time control (B ≤ 8) the whole call
 // is a handful of microsecond-scale phases instead of ~20 kernel launches.
 #include <cooperative_groups.h>
@@ -85,6 +86,7 @@ mlp_guidance_kernel(MlpGuidanceArgs p, Scratch<typename Compute<T>::type> s) {
         C acc[kRowChunk];
 #pragma unroll
         for (int k = 0; k < kRowChunk; ++k) acc[k] = C(0);
+#pragma unroll 4
         for (int64_t i = lane; i < in_dim; i += 32) {
           const C w = load_c(wr[i]);
 #pragma unroll
@@ -132,37 +134,51 @@ mlp_guidance_kernel(MlpGuidanceArgs p, Scratch<typename Compute<T>::type> s) {
   }
   grid.sync();
 
-  // Backward to the input.
+  // Backward to the input. A block owns a tile of 32 input columns × kRowChunk rows; its
+  // 8 warps split the output range (so each thread's loop is o_dim/8 long, with several
+  // weight loads in flight) and reduce through shared memory.
+  __shared__ C partial[kThreads / 32][kRowChunk][32];
+  const int warp_in_block = threadIdx.x >> 5;
+  constexpr int kWarps = kThreads / 32;
   int cur = 0;
   for (int l = L - 1; l >= 0; --l) {
     const int64_t in_dim = p.dims[l], o_dim = p.dims[l + 1];
     const T* W = static_cast<const T*>(p.weights[l]);
     const C* delta = s.delta[cur];
-    const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
-    for (int64_t e = tid; e < in_dim * chunks; e += nthreads) {
-      const int64_t i = e % in_dim, r0 = (e / in_dim) * kRowChunk;
+    const int64_t col_tiles = (in_dim + 31) / 32, row_chunks = (B + kRowChunk - 1) / kRowChunk;
+    for (int64_t tile = blockIdx.x; tile < col_tiles * row_chunks; tile += gridDim.x) {
+      const int64_t i = (tile % col_tiles) * 32 + lane, r0 = (tile / col_tiles) * kRowChunk;
       const int nr = static_cast<int>(B - r0 < kRowChunk ? B - r0 : kRowChunk);
       C acc[kRowChunk];
 #pragma unroll
       for (int k = 0; k < kRowChunk; ++k) acc[k] = C(0);
-      for (int64_t o = 0; o < o_dim; ++o) {
-        const C w = load_c(W[o * in_dim + i]);
+      if (i < in_dim) {
+#pragma unroll 4
+        for (int64_t o = warp_in_block; o < o_dim; o += kWarps) {
+          const C w = load_c(W[o * in_dim + i]);
 #pragma unroll
-        for (int k = 0; k < kRowChunk; ++k)
-          if (k < nr) acc[k] += delta[(r0 + k) * o_dim + o] * w;
-      }
-#pragma unroll
-      for (int k = 0; k < kRowChunk; ++k) {
-        if (k >= nr) break;
-        const int64_t r = r0 + k;
-        if (l > 0) {
-          s.delta[1 - cur][r * in_dim + i] = acc[k] * s.dact[l][r * in_dim + i];
-        } else {
-          C v = acc[k];
-          if (mask) v *= load_c(mask[r * p.mask_stride + i % p.action_dim]);
-          static_cast<T*>(p.grad)[r * in_dim + i] = store_c<T>(v);
+          for (int k = 0; k < kRowChunk; ++k)
+            if (k < nr) acc[k] += delta[(r0 + k) * o_dim + o] * w;
         }
       }
+#pragma unroll
+      for (int k = 0; k < kRowChunk; ++k) partial[warp_in_block][k][lane] = acc[k];
+      __syncthreads();
+      if (warp_in_block == 0 && i < in_dim) {
+        for (int k = 0; k < nr; ++k) {
+          C v = C(0);
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) v += partial[w][k][lane];
+          const int64_t r = r0 + k;
+          if (l > 0) {
+            s.delta[1 - cur][r * in_dim + i] = v * s.dact[l][r * in_dim + i];
+          } else {
+            if (mask) v *= load_c(mask[r * p.mask_stride + i % p.action_dim]);
+            static_cast<T*>(p.grad)[r * in_dim + i] = store_c<T>(v);
+          }
+        }
+      }
+      __syncthreads();  // partial[] is reused by the next tile
     }
     if (l > 0) grid.sync();
     cur = 1 - cur;
