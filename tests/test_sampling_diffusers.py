@@ -28,10 +28,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
-diffusers = pytest.importorskip("diffusers")
-
-from diffusers import (  # noqa: E402
+from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -39,7 +36,7 @@ from diffusers import (  # noqa: E402
     FlowMatchHeunDiscreteScheduler,
 )
 
-from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule  # noqa: E402
+from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
 
 B, H, D = 2, 6, 4
 PARITY_TOL = 1e-5  # per-step relative error (the requirement)

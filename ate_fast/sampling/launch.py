@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from ate_fast import native
@@ -58,14 +59,15 @@ class Launch:
 class _PreparedCall:
     """One recorded CPU launch: the kernel's argument list with ``m`` and ``g`` to fill."""
 
-    def __init__(self, kernel: Callable, args: tuple, out: Tensor, m: Tensor, g: Optional[Tensor]):
+    def __init__(self, kernel: Callable, args: tuple, m_probe: Tensor, g_probe: Optional[Tensor]):
         self.kernel = kernel
         self.args = list(args)
-        self.out = out
-        # Locate m's and g's pointers by value: they are fresh tensors, unique in the list.
-        self.m_at = self.args.index(m.data_ptr())
-        self.g_at = self.args.index(g.data_ptr()) if g is not None else -1
-        self.shape, self.dtype, self.device = m.shape, m.dtype, m.device
+        self.out: Optional[Tensor] = None
+        # The list was built with fresh probe tensors standing in for m and g, so their
+        # pointers are unique in it (a model may return a tensor aliasing x or out).
+        self.m_at = self.args.index(m_probe.data_ptr())
+        self.g_at = self.args.index(g_probe.data_ptr()) if g_probe is not None else -1
+        self.shape, self.dtype, self.device = m_probe.shape, m_probe.dtype, m_probe.device
 
     def matches(self, t: Tensor) -> bool:
         return (
@@ -95,8 +97,14 @@ class RecordingLaunch(Launch):
             c = None
         kernel = native.load("_C")
         if selected_backend(m) == "cpu" and kernel is not None:
-            args = _native_args(out, x, m, a, b, g, c, m_prev, d, z, s, self.lam, self.kappa)
-            self.calls.append(_PreparedCall(kernel.guided_step, args, out, m, g))
+            m_probe = torch.empty_like(m)
+            g_probe = None if g is None else torch.empty_like(g)
+            args = _native_args(
+                out, x, m_probe, a, b, g_probe, c, m_prev, d, z, s, self.lam, self.kappa
+            )
+            call = _PreparedCall(kernel.guided_step, args, m_probe, g_probe)
+            call.out = out
+            self.calls.append(call)
         else:
             self.calls.append(None)  # replayed through the public op
         return result

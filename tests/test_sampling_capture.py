@@ -1,0 +1,221 @@
+"""sampler.capture(): the replayed loop gives exactly what sample() gives.
+
+CPU: the first call is validated and recorded, later calls replay the recorded fused
+steps straight into the C++ kernel; results must be bit-identical to ``sample()``,
+including how the generator is consumed. CUDA (marked ``cuda``): a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ate_fast import native
+from ate_fast.sampling import CapturedSampler, DiffusionSampler, FlowSampler, NoiseSchedule
+
+B, H, D, C = 2, 12, 5, 7
+
+
+class MLPHead(nn.Module):
+    """A small conditional policy head: x [B, H, D], t [B], cond [B, C] -> [B, H, D]."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(D + 1 + C, 32)
+        self.out = nn.Linear(32, D)
+
+    def forward(self, x, t, cond):
+        t = t.to(x.dtype).view(-1, 1, 1).expand(-1, x.shape[1], 1) / 100.0
+        c = cond.to(x.dtype)[:, None, :].expand(-1, x.shape[1], -1)
+        return self.out(torch.tanh(self.inp(torch.cat([x, t, c], dim=-1))))
+
+
+class MLPGuidance:
+    """Latent guidance through a small MLP encoder, by autograd."""
+
+    def __init__(self, mode: str = "direct", scale: float = 1.5, clamp: float = 0.05):
+        gen = torch.Generator().manual_seed(5)
+        self.w = torch.randn(H * D, 6, generator=gen) / (H * D) ** 0.5
+        self.target = torch.randn(6, generator=gen)
+        self.scale, self.clamp, self.mode = scale, clamp, mode
+
+    def to(self, device):
+        self.w, self.target = self.w.to(device), self.target.to(device)
+        return self
+
+    def gradient(self, x, x0_hat, dx0_dx):
+        u = (x if self.mode == "direct" else x0_hat).detach().requires_grad_(True)
+        z = torch.tanh(u.reshape(u.shape[0], -1).float() @ self.w)
+        y = -((z - self.target) ** 2).mean(dim=1)
+        (g,) = torch.autograd.grad(y.sum(), u)
+        if self.mode == "tweedie":
+            g = g * dx0_dx.view(-1, 1, 1)
+        return g.to(x.dtype)
+
+
+def samplers(model):
+    cos = NoiseSchedule("squaredcos_cap_v2", num_train_timesteps=100)
+    lin = NoiseSchedule()
+    return {
+        "flow-euler": FlowSampler(model, 6),
+        "flow-heun": FlowSampler(model, 4, method="heun", time_grid="diffusers", shift=2.0),
+        "ddpm": DiffusionSampler(model, cos, "ddpm", 8, timestep_spacing="trailing"),
+        "ddpm-clip": DiffusionSampler(model, lin, "ddpm", 5, clip_sample=True),
+        "ddim-eta": DiffusionSampler(
+            model, lin, "ddim", 6, eta=0.7, prediction_type="v_prediction"
+        ),
+        # cosine from t = N-1: the split (cancellation-safe) update path
+        "ddim-split": DiffusionSampler(
+            model, cos, "ddim", 5, timestep_spacing="trailing", clip_sample=True
+        ),
+        "dpm2": DiffusionSampler(model, lin, "dpmsolver++", 6),
+        "dpm3": DiffusionSampler(model, cos, "dpmsolver++", 7, solver_order=3),
+    }
+
+
+NAMES = list(samplers(lambda x, t, cond: x))
+
+
+def inputs(seed: int, device="cpu", dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(B, H, D, generator=gen, dtype=dtype)
+    cond = torch.randn(B, C, generator=gen)
+    return noise.to(device), cond.to(device)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", [None, "direct", "tweedie"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_capture_is_identical_to_sample(name, mode, dtype):
+    model = MLPHead().to(dtype)
+    sampler = samplers(model)[name]
+    guidance = None if mode is None else MLPGuidance(mode)
+    gen_captured = torch.Generator().manual_seed(99)
+    gen_eager = torch.Generator().manual_seed(99)
+    noise0, cond0 = inputs(0, dtype=dtype)
+    captured = sampler.capture(noise0, cond0, guidance, gen_captured)
+    assert isinstance(captured, CapturedSampler) and captured.mode == "cpu_replay"
+    assert torch.equal(gen_captured.get_state(), gen_eager.get_state())  # capture draws nothing
+    outputs = []
+    for seed in (1, 2, 3):  # first call records, the others replay
+        noise, cond = inputs(seed, dtype=dtype)
+        got = captured(noise, cond)
+        expected = sampler.sample(noise, cond, guidance, gen_eager)
+        assert torch.equal(got, expected), (seed, (got - expected).abs().max())
+        assert torch.equal(gen_captured.get_state(), gen_eager.get_state())
+        outputs.append(got.clone())
+    assert not torch.equal(outputs[1], outputs[2])  # inputs really flow through the replay
+    assert captured(*inputs(3, dtype=dtype)) is got  # one static output buffer
+    # Replays go straight to the C++ kernel when it is built (the public op otherwise).
+    calls = captured._replay.calls
+    assert calls and all((c is not None) == (native.load("_C") is not None) for c in calls)
+
+
+def test_cpu_capture_with_global_rng_and_no_cond():
+    def model(x, t, cond):
+        assert cond is None
+        return torch.tanh(x)
+
+    sampler = DiffusionSampler(model, NoiseSchedule(), "ddpm", 5)
+    noise, _ = inputs(4)
+    captured = sampler.capture(noise)
+    for _ in range(2):
+        torch.manual_seed(17)
+        got = captured(noise).clone()
+        torch.manual_seed(17)
+        assert torch.equal(got, sampler.sample(noise))
+
+
+def test_capture_failure_on_first_call_can_be_retried():
+    fail = {"now": True}
+
+    def model(x, t, cond):
+        if fail["now"]:
+            raise RuntimeError("model not ready")
+        return 0.5 * x
+
+    sampler = FlowSampler(model, 3)
+    noise, _ = inputs(6)
+    captured = sampler.capture(noise)
+    with pytest.raises(RuntimeError, match="model not ready"):
+        captured(noise)
+    fail["now"] = False
+    for _ in range(2):
+        assert torch.equal(captured(noise), sampler.sample(noise))
+
+
+# ---------------------------------------------------------------------------------
+# CUDA graphs (run on a GPU machine)
+# ---------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "name", ["flow-euler", "flow-heun", "ddpm", "ddim-eta", "ddim-split", "dpm3"]
+)
+@pytest.mark.parametrize("mode", [None, "tweedie"])
+def test_cuda_graph_capture_matches_sample(name, mode):
+    device = torch.device("cuda")
+    model = MLPHead().to(device)
+    sampler = samplers(model)[name]
+    guidance = None if mode is None else MLPGuidance(mode).to(device)
+    gen_captured = torch.Generator(device).manual_seed(123)
+    gen_eager = torch.Generator(device).manual_seed(123)
+    noise0, cond0 = inputs(0, device)
+    captured = sampler.capture(noise0, cond0, guidance, gen_captured, check_finite=False)
+    assert captured.mode == "cuda_graph"
+    # Warm-up and capture consumed no random numbers.
+    assert torch.equal(gen_captured.get_state(), gen_eager.get_state())
+    previous = None
+    for seed in (1, 2, 3):
+        noise, cond = inputs(seed, device)
+        got = captured(noise, cond)
+        expected = sampler.sample(noise, cond, guidance, gen_eager)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(gen_captured.get_state(), gen_eager.get_state())
+        if previous is not None:
+            assert not torch.equal(got, previous)
+        previous = got.clone()
+
+    # A replay allocates nothing.
+    noise, cond = inputs(4, device)
+    captured(noise, cond)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(3):
+        out = captured(noise, cond)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert out is captured.output
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_capture_refuses_cpu_generator():
+    device = torch.device("cuda")
+    sampler = samplers(MLPHead().to(device))["ddpm"]
+    noise, cond = inputs(0, device)
+    with pytest.raises(ValueError, match="generator must be a CUDA generator"):
+        sampler.capture(noise, cond, generator=torch.Generator())
+    # sample() accepts it: a CPU generator draws on the CPU, as in diffusers.
+    sampler.sample(noise, cond, generator=torch.Generator().manual_seed(0))
+    captured = sampler.capture(noise, cond)  # global RNG; inputs checked for NaN by default
+    bad = noise.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="noise contains NaN"):
+        captured(bad, cond)
+    assert torch.isfinite(captured(noise, cond)).all()
+
+
+@pytest.mark.parametrize("name", ["flow-euler", "ddim-eta", "dpm2"])
+def test_cpu_capture_with_a_model_returning_its_input(name):
+    """A model output aliasing the sample buffer must not confuse the recorded launches."""
+    sampler = samplers(lambda x, t, cond: x)[name]
+    captured = sampler.capture(*inputs(0))
+    for seed in (1, 2, 3):
+        noise, cond = inputs(seed)
+        torch.manual_seed(seed)
+        got = captured(noise, cond).clone()
+        torch.manual_seed(seed)
+        assert torch.equal(got, sampler.sample(noise, cond))
