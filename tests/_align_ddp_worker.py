@@ -19,6 +19,8 @@ from _align_fixtures import synthetic_episodes  # the script's directory is on s
 from ate_fast.align import ActionVAE, Stage1Config, train_stage1
 from ate_fast.data import ActionChunkDataset
 
+CPU = "cpu"  # the gloo CPU process group under test, also on a machine with GPUs
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -32,7 +34,13 @@ def main() -> None:
     torch.manual_seed(0)
     vae = ActionVAE(4, 8, 8, d_model=16, num_heads=2, ff_dim=32, num_layers=3)
     cfg = Stage1Config(
-        out_dir=args.out, epochs=4, batch_size=32, lr=2e-3, progress=False, log_every_steps=5
+        device=CPU,
+        out_dir=args.out,
+        epochs=4,
+        batch_size=32,
+        lr=2e-3,
+        progress=False,
+        log_every_steps=5,
     )
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_stage1(vae, data, cfg)

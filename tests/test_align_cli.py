@@ -28,7 +28,9 @@ from ate_fast.cli import main
 from ate_fast.data import ActionChunkDataset
 
 SMALL_TRANSFORMER = ["--latent-dim", "16", "--d-model", "16", "--heads", "2", "--ff-dim", "32"]
-TRAIN = ["--batch-size", "32", "--no-progress", "--lr", "2e-3", "--layers", "3"]
+TRAIN = ["--batch-size", "32", "--no-progress", "--lr", "2e-3", "--layers", "3", "--device", "cpu"]
+# CI is CPU-only; on CPU a resumed run is bitwise identical (GPU kernels need not be)
+CPU = ["--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +118,7 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
             "--batch-size",
             "32",
             "--no-progress",
+            *CPU,
         ]
     )
     adapted = load_checkpoint(s2)
@@ -152,6 +155,7 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
             "--batch-size",
             "32",
             "--no-progress",
+            *CPU,
         ]
     )
     lr_ckpt = load_checkpoint(s2b)
@@ -181,6 +185,7 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
             "--batch-size",
             "32",
             "--no-progress",
+            *CPU,
         ]
     )
     assert load_checkpoint(s2c).vae.encoder.activation == "gelu"
@@ -221,6 +226,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
         "--no-progress",
         "--lr",
         "1e-3",
+        *CPU,
     ]
     _run(["align", "stage1", *common, "--out", str(tmp_path / "ref")])
     total = json.loads((tmp_path / "ref" / "config.json").read_text())["progress"]["global_step"]

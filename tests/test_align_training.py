@@ -23,6 +23,8 @@ from ate_fast.align import (
 from ate_fast.align.checkpoint import RESUME_FILE
 from ate_fast.data import ActionChunkDataset
 
+CPU = "cpu"  # CI is CPU-only; resume is bitwise there (GPU kernels need not be)
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -59,7 +61,12 @@ def _tiny_transformer(dim=3, horizon=6, latent=8, seed=0, dropout=0.1):
 def test_stage1_learns_and_writes_a_complete_checkpoint(tmp_path):
     ds = _dataset(action_dim=5, dim_index=[4, 0, 2])
     cfg = Stage1Config(
-        out_dir=str(tmp_path / "pre"), epochs=12, batch_size=32, lr=3e-3, progress=False
+        device=CPU,
+        out_dir=str(tmp_path / "pre"),
+        epochs=12,
+        batch_size=32,
+        lr=3e-3,
+        progress=False,
     )
     result = _quiet(train_stage1, _mlp(dim=5), ds, cfg)
     hist = result.history
@@ -84,6 +91,7 @@ def test_stage1_learns_and_writes_a_complete_checkpoint(tmp_path):
 
 def test_learning_rate_decays_per_epoch_to_the_floor():
     cfg = Stage1Config(
+        device=CPU,
         epochs=5,
         batch_size=32,
         lr=1e-3,
@@ -105,6 +113,7 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
 
     def cfg(out, **kw):
         return Stage2Config(
+            device=CPU,
             out_dir=str(tmp_path / out),
             epochs=3,
             batch_size=16,
@@ -137,7 +146,9 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
 
 
 def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path):
-    cfg = Stage1Config(out_dir=str(tmp_path / "x"), epochs=1, batch_size=32, progress=False)
+    cfg = Stage1Config(
+        device=CPU, out_dir=str(tmp_path / "x"), epochs=1, batch_size=32, progress=False
+    )
     _quiet(train_stage1, _mlp(), _dataset(), cfg)
     with pytest.raises(FileExistsError, match="pass resume=True to continue it or overwrite=True"):
         _quiet(train_stage1, _mlp(), _dataset(), cfg)
@@ -146,7 +157,9 @@ def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path):
 
 
 def test_corrupt_or_torn_checkpoints_are_refused(tmp_path):
-    cfg = Stage1Config(out_dir=str(tmp_path / "c"), epochs=1, batch_size=32, progress=False)
+    cfg = Stage1Config(
+        device=CPU, out_dir=str(tmp_path / "c"), epochs=1, batch_size=32, progress=False
+    )
     _quiet(train_stage1, _mlp(), _dataset(), cfg)
     weights = tmp_path / "c" / "model.safetensors"
     blob = bytearray(weights.read_bytes())
@@ -167,10 +180,13 @@ def test_corrupt_or_torn_checkpoints_are_refused(tmp_path):
 
 def test_stage2_starts_from_stage1_weights(tmp_path):
     ds = _dataset()
-    s1 = Stage1Config(out_dir=str(tmp_path / "pre"), epochs=2, batch_size=32, progress=False)
+    s1 = Stage1Config(
+        device=CPU, out_dir=str(tmp_path / "pre"), epochs=2, batch_size=32, progress=False
+    )
     pre = _quiet(train_stage1, _mlp(), ds, s1)
     prior = LatentPrior.fit(pre.vae, ds, progress=False)
     s2 = Stage2Config(
+        device=CPU,
         epochs=1,
         max_steps=1,
         batch_size=32,
@@ -198,6 +214,7 @@ def _adaptation_latents(kl: str, beta: float, gamma: float, epochs: int):
     torch.manual_seed(0)
     vae = ActionVAE(2, 4, 2, arch="mlp", hidden_dims=(32, 32))
     cfg = Stage2Config(
+        device=CPU,
         epochs=epochs,
         batch_size=64,
         lr=3e-3,
@@ -231,16 +248,21 @@ def test_reverse_kl_puts_adaptation_latents_inside_the_prior_modes():
 
 
 def test_precision_choices_on_cpu():
-    cfg = Stage1Config(epochs=1, batch_size=32, precision="fp16", progress=False)
+    cfg = Stage1Config(device=CPU, epochs=1, batch_size=32, precision="fp16", progress=False)
     with pytest.raises(ValueError, match="precision: 'fp16' needs a CUDA device"):
         _quiet(train_stage1, _mlp(), _dataset(), cfg)
-    cfg = Stage1Config(epochs=1, batch_size=32, precision="bf16", progress=False)
+    cfg = Stage1Config(device=CPU, epochs=1, batch_size=32, precision="bf16", progress=False)
     hist = _quiet(train_stage1, _mlp(), _dataset(), cfg).history
     assert torch.isfinite(torch.tensor(hist[-1]["loss"]))
 
 
 def test_batch_larger_than_the_data():
     with pytest.raises(ValueError, match=r"batch_size=4096 is larger than the \d+ training chunks"):
-        _quiet(train_stage1, _mlp(), _dataset(), Stage1Config(batch_size=4096, progress=False))
+        _quiet(
+            train_stage1,
+            _mlp(),
+            _dataset(),
+            Stage1Config(device=CPU, batch_size=4096, progress=False),
+        )
     with pytest.raises(ValueError, match="lr: expected > 0"):
-        _quiet(train_stage1, _mlp(), _dataset(), Stage1Config(lr=0.0))
+        _quiet(train_stage1, _mlp(), _dataset(), Stage1Config(device=CPU, lr=0.0))

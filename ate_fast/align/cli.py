@@ -281,10 +281,17 @@ def _summary(result: Any) -> None:
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    last = result.history[-1] if result.history else {}
-    keys = ("epoch", "loss", "recon", "kl", "mmd", "val_loss", "val_prior_logp", "chunks_per_s")
-    shown = ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last)
-    print(f"wrote {result.checkpoint} ({shown})")
+    if result.history:
+        last = result.history[-1]
+        keys = ("epoch", "loss", "recon", "kl", "mmd", "val_loss", "val_prior_logp")
+        print(
+            f"wrote {result.checkpoint} ("
+            + ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last)
+            + ")"
+        )
+    else:
+        print(f"wrote {result.checkpoint} (stopped before the first epoch ended)")
+    print(f"trained {len(result.step_losses)} steps at {result.chunks_per_s:.1f} chunks/s")
 
 
 def _cmd_stage1(args: argparse.Namespace) -> int:

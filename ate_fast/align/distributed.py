@@ -49,6 +49,11 @@ def setup_distributed(device: Optional[str] = None) -> DistContext:
         dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: {dev} does not exist ({torch.cuda.device_count()} GPU(s)); with torchrun "
+            f"use at most one process per GPU, or device='cpu' for gloo on CPU"
+        )
     initialized_here = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"

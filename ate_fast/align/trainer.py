@@ -13,6 +13,7 @@ noise as one that is not (bitwise on CPU).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -68,12 +69,15 @@ class TrainResult:
     record per completed epoch (all epochs, including those before a resume).
     ``step_losses``: the rank-averaged total loss of every step taken in *this* call.
     ``checkpoint``: the output directory, or ``None`` without ``out_dir``.
+    ``chunks_per_s``: training throughput of this call (global batch × steps / time in
+    the training loops; validation excluded, checkpoint writes included).
     """
 
     vae: ActionVAE
     history: list[dict[str, Any]] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
     checkpoint: Optional[Path] = None
+    chunks_per_s: float = math.nan
 
 
 def train_stage1(
@@ -178,8 +182,10 @@ class _AlignTrainer:
         self.action_space = getattr(dataset, "action_space", None)
 
         vae = self.vae.to(device)
+        if self.prior is not None:  # a copy: the caller's prior stays where it was
+            self.prior = copy.deepcopy(self.prior).to(device)
         self.metric_prior = (
-            self.prior.to(device)
+            self.prior
             if self.prior is not None
             else LatentPrior.standard_normal(vae.latent_dim).to(device)
         )
@@ -244,6 +250,7 @@ class _AlignTrainer:
         step_losses: list[Tensor] = []
         self._pending: list[Tensor] = []  # step metrics not yet summed (avoids a sync per step)
         self.last_save = time.monotonic()
+        train_time, steps_run = 0.0, 0
         stop = False
         for epoch in range(self.progress["epoch"], cfg.epochs):
             first = self.progress["step_in_epoch"]
@@ -258,7 +265,8 @@ class _AlignTrainer:
                 leave=False,
                 dynamic_ncols=True,
             )
-            t0 = time.perf_counter()
+            t0 = interval_t0 = time.perf_counter()
+            interval_steps = 0
             batches = iter(loader)
             for step in range(first, self.steps_per_epoch):
                 a, mask = next(batches)
@@ -270,12 +278,17 @@ class _AlignTrainer:
                 gstep = self.progress["global_step"]
                 save_now = bool(cfg.save_every_steps and gstep % cfg.save_every_steps == 0)
                 self._pending.append(reduced)
+                interval_steps += 1
                 if gstep % cfg.log_every_steps == 0:
                     self._flush_pending()
-                    values = reduced.double().tolist()
+                    values = reduced.double().tolist()  # syncs: the interval timing is exact
+                    now = time.perf_counter()
+                    speed = interval_steps * cfg.batch_size / (now - interval_t0)
+                    interval_t0, interval_steps = now, 0
                     logger.log(
                         {"split": "step", "epoch": epoch + 1, "global_step": gstep, "lr": lr}
                         | dict(zip(TRAIN_KEYS, values))
+                        | {"chunks_per_s": speed}
                     )
                     bar.set_postfix(
                         loss=f"{values[0]:.4g}", recon=f"{values[1]:.4g}", kl=f"{values[2]:.3g}"
@@ -292,6 +305,8 @@ class _AlignTrainer:
             bar.close()
             self._flush_pending()
             elapsed = time.perf_counter() - t0
+            train_time += elapsed
+            steps_run += self.progress["step_in_epoch"] - first
             if self.progress["step_in_epoch"] < self.steps_per_epoch:
                 break  # stopped part-way (max_steps): the resume state holds the position
             record = self._end_epoch(vae, val_set, epoch, lr, elapsed, first)
@@ -311,6 +326,7 @@ class _AlignTrainer:
             if step_losses
             else [],
             checkpoint=self.out_dir,
+            chunks_per_s=steps_run * cfg.batch_size / train_time if train_time > 0 else math.nan,
         )
 
     # --- one step ---------------------------------------------------------------------------
