@@ -77,6 +77,7 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
     ckpt = load_checkpoint(s1)
     assert ckpt.vae.config["horizon"] == 8 and ckpt.vae.action_dim == 14
     assert ckpt.action_space.dim_index.tolist() == list(range(7))
+    assert ckpt.config["chunking"] == {"horizon": 8, "stride": 1, "pad": "edge", "max_pad": None}
     # Prior: a 3-component mixture over the stage-1 latents of the same data.
     prior_path = tmp_path / "prior.pt"
     log = _run(

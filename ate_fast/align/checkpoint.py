@@ -3,7 +3,8 @@
 Layout of ``out_dir``::
 
     config.json          VAE config, normalisation statistics, unified action space,
-                         training config, progress, and the SHA-256 of every file below
+                         chunking, training config, progress, and the SHA-256 of every
+                         file below
     model.safetensors    VAE weights
     prior.safetensors    (stage 2) the stage-1 latent prior it was trained against
     resume.safetensors   optimiser, scheduler, RNG states and progress for ``resume=True``
@@ -76,6 +77,7 @@ def save_checkpoint(
     prior: Optional[LatentPrior] = None,
     train_config: Optional[dict[str, Any]] = None,
     progress: Optional[dict[str, Any]] = None,
+    chunking: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write ``model.safetensors`` (+ ``prior.safetensors``), then ``config.json``.
 
@@ -95,6 +97,7 @@ def save_checkpoint(
         "vae": vae.config,
         "normalizer": None if normalizer is None else normalizer.to_dict(),
         "action_space": None if action_space is None else action_space.to_dict(),
+        "chunking": chunking,
         "prior": None if prior is None else {"kind": prior.kind, **prior.info},
         "train": train_config,
         "progress": progress or {},

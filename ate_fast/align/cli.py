@@ -181,7 +181,7 @@ def register(subparsers: Any) -> None:
     )
     pr.add_argument("--vae", required=True, help="stage-1 checkpoint directory")
     _add_data_args(pr, with_chunking=False)
-    pr.add_argument("--stride", type=int, default=1, help="steps between chunk starts")
+    pr.add_argument("--stride", type=int, help="steps between chunk starts (default: stage 1's)")
     pr.add_argument(
         "--kind",
         choices=("gaussian", "gaussian-code", "gmm"),
@@ -315,6 +315,10 @@ def _cmd_prior(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.vae, map_location=device)
     if ckpt.normalizer is None:
         raise SystemExit(f"--vae {args.vae}: the checkpoint has no normalisation statistics")
+    chunking = ckpt.config.get("chunking") or {}  # cut the chunks as stage 1 did
+    if args.stride is None:
+        args.stride = chunking.get("stride", 1)
+    args.pad, args.max_pad = chunking.get("pad", "edge"), chunking.get("max_pad")
     data = _dataset(args, ckpt.vae.horizon, stats=ckpt.normalizer, space=ckpt.action_space)
     print(f"prior data: {data.describe()}")
     prior = LatentPrior.fit(

@@ -180,6 +180,7 @@ class _AlignTrainer:
         )
         self.normalizer = getattr(dataset, "normalizer", None)
         self.action_space = getattr(dataset, "action_space", None)
+        self.chunking = getattr(dataset, "chunking", None)
 
         vae = self.vae.to(device)
         if self.prior is not None:  # a copy: the caller's prior stays where it was
@@ -514,6 +515,7 @@ class _AlignTrainer:
                 stage=self.stage,
                 normalizer=self.normalizer,
                 action_space=self.action_space,
+                chunking=self.chunking,
                 prior=self.prior,
                 train_config=self.cfg.to_dict(),
                 progress={**self.progress, "history_tail": self.history[-1:]},

@@ -84,6 +84,8 @@ class ActionChunkDataset(Dataset):
         lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
         self.horizon = int(horizon)
         self.pad = pad
+        # how the chunks were cut, saved with checkpoints so the prior re-cuts them the same way
+        self.chunking = {"horizon": self.horizon, "stride": stride, "pad": pad, "max_pad": max_pad}
         self.episode_names = [ep.name for ep in episodes]
         self.episode_lengths = lengths
         self._episode_of_chunk, offsets = chunk_starts(lengths, self.horizon, stride, max_pad)
