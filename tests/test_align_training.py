@@ -129,6 +129,12 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
     steps_per_epoch = len(full.step_losses) // 3
     assert 11 % steps_per_epoch != 0  # the interruption is part-way through an epoch
     assert len(part.step_losses) == 11
+    again = _quiet(
+        train_stage2, _tiny_transformer(seed=3), ds, prior, cfg("part", max_steps=11, resume=True)
+    )
+    assert again.step_losses == []  # already at max_steps: nothing to do
+    for a, b in zip(part.vae.parameters(), again.vae.parameters()):
+        assert torch.equal(a, b)
     # a differently initialised model: everything must come from the resume state
     rest = _quiet(train_stage2, _tiny_transformer(seed=7), ds, prior, cfg("part", resume=True))
     for (name, a), (_, b) in zip(full.vae.state_dict().items(), rest.vae.state_dict().items()):

@@ -252,8 +252,11 @@ class _AlignTrainer:
         self._pending: list[Tensor] = []  # step metrics not yet summed (avoids a sync per step)
         self.last_save = time.monotonic()
         train_time, steps_run = 0.0, 0
+        self._unsaved = False  # whether the state moved on since the last save
         stop = False
-        for epoch in range(self.progress["epoch"], cfg.epochs):
+        done = cfg.max_steps is not None and self.progress["global_step"] >= cfg.max_steps
+        epochs = range(self.progress["epoch"], cfg.epochs) if not done else range(0)
+        for epoch in epochs:
             first = self.progress["step_in_epoch"]
             sampler.set_epoch(epoch, skip=first * self.per_rank)
             model.train()
@@ -274,6 +277,7 @@ class _AlignTrainer:
                 terms = self._train_step(model, vae, a, mask)
                 reduced = all_reduce_sum(terms, ctx) / ctx.world_size
                 step_losses.append(reduced[0])
+                self._unsaved = True
                 self.progress["global_step"] += 1
                 self.progress["step_in_epoch"] = step + 1
                 gstep = self.progress["global_step"]
@@ -311,6 +315,7 @@ class _AlignTrainer:
             if self.progress["step_in_epoch"] < self.steps_per_epoch:
                 break  # stopped part-way (max_steps): the resume state holds the position
             record = self._end_epoch(vae, val_set, epoch, lr, elapsed, first)
+            self._unsaved = True
             logger.log(record)
             if ctx.is_main:
                 tqdm.write(self._format_epoch(record))
@@ -319,7 +324,8 @@ class _AlignTrainer:
                 self._save(vae)
             if stop:
                 break
-        self._save(vae)
+        if self._unsaved or (self.out_dir is not None and not resuming):
+            self._save(vae)
         return TrainResult(
             vae=vae,
             history=list(self.history),
@@ -522,6 +528,7 @@ class _AlignTrainer:
             )
         barrier(self.ctx)
         self.last_save = time.monotonic()
+        self._unsaved = False
 
     def _load_resume(self, vae: ActionVAE, path: Path) -> None:
         tensors, meta = load_resume_state(path)
