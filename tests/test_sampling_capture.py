@@ -219,3 +219,24 @@ def test_cpu_capture_with_a_model_returning_its_input(name):
         got = captured(noise, cond).clone()
         torch.manual_seed(seed)
         assert torch.equal(got, sampler.sample(noise, cond))
+
+
+def test_the_packages_latent_guidance_plugs_in():
+    """ate_fast.steer.LatentGuidance follows the protocol; capture() replays it exactly."""
+    from ate_fast.sampling import Guidance
+    from ate_fast.steer import LatentGuidance
+
+    torch.manual_seed(3)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(H * D, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = MLPHead()
+    for mode in ("direct", "tweedie"):
+        guidance = LatentGuidance(encoder, torch.randn(4), scale=2.0, clamp=0.1, mode=mode)
+        assert isinstance(guidance, Guidance)
+        for name in ("flow-heun", "dpm2"):
+            sampler = samplers(model)[name]
+            captured = sampler.capture(*inputs(0), guidance=guidance)
+            for seed in (1, 2):
+                noise, cond = inputs(seed)
+                guided = sampler.sample(noise, cond, guidance)
+                assert torch.equal(captured(noise, cond), guided)
+            assert not torch.allclose(guided, sampler.sample(noise, cond))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, c
 from ate_fast.sampling.launch import Launch
 from ate_fast.sampling.noise import NoiseDraw
 from ate_fast.sampling.workspace import StepTables, Workspace
+
+if TYPE_CHECKING:
+    from ate_fast.sampling.capture import CapturedSampler
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 StepCallback = Callable[[int, Tensor], None]
@@ -214,7 +217,7 @@ class Sampler:
         generator: Optional[torch.Generator] = None,
         *,
         check_finite: bool = True,
-    ):
+    ) -> CapturedSampler:
         """A callable replaying the whole K-step loop for inputs shaped like the examples.
 
         On CUDA the loop is captured once into a CUDA graph; on the CPU its fused steps
