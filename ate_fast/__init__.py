@@ -1,11 +1,56 @@
 """ate_fast: Align-Then-stEer for diffusion and flow VLA policies, fast.
 
 Importing this package is cheap and never touches a native module: the C++/CUDA
-modules and Triton load on first use (see :mod:`ate_fast.native`).
+modules and Triton load on first use (see :mod:`ate_fast.native`), and the names below
+that live in subpackages are imported when first accessed.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from ate_fast._version import __version__
 from ate_fast.info import info
-from ate_fast.ops import guided_step
+from ate_fast.ops import guided_step, mlp_guidance
 
-__all__ = ["__version__", "guided_step", "info"]
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    # sampling
+    "NoiseSchedule": "ate_fast.sampling",
+    "DiffusionSampler": "ate_fast.sampling",
+    "FlowSampler": "ate_fast.sampling",
+    "CapturedSampler": "ate_fast.sampling",
+    "Guidance": "ate_fast.sampling",
+    # steer
+    "Steer": "ate_fast.steer",
+    "SteerLoss": "ate_fast.steer",
+    "LatentGuidance": "ate_fast.steer",
+    # align
+    "ActionVAE": "ate_fast.align",
+    "LatentPrior": "ate_fast.align",
+    "train_stage1": "ate_fast.align",
+    "train_stage2": "ate_fast.align",
+    # data
+    "ActionChunkDataset": "ate_fast.data",
+    # models
+    "make_head": "ate_fast.models",
+}
+_SUBPACKAGES = ("align", "data", "models", "ops", "sampling", "steer")
+
+__all__ = ["__version__", "guided_step", "info", "mlp_guidance", *_LAZY, *_SUBPACKAGES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"ate_fast.{name}")
+    else:
+        raise AttributeError(f"module 'ate_fast' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

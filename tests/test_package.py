@@ -71,3 +71,11 @@ def test_console_script_runs():
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout  # fmt: skip
     assert "backend" in out and "cpu" in out
+
+
+def test_public_api_resolves():
+    import ate_fast
+
+    for name in ate_fast.__all__:
+        assert getattr(ate_fast, name) is not None, name
+    assert ate_fast.FlowSampler is __import__("ate_fast.sampling").sampling.FlowSampler
