@@ -275,3 +275,12 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
     assert not list(killed.glob(".*.tmp"))
+
+
+def test_registering_the_cli_loads_no_training_code():
+    code = (
+        "import sys, ate_fast.cli; ate_fast.cli.build_parser(); "
+        "heavy = [m for m in sys.modules if m.startswith(('ate_fast.align.', 'ate_fast.data'))]; "
+        "print(heavy); assert heavy == ['ate_fast.align.cli'], heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

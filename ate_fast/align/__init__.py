@@ -1,30 +1,44 @@
 """ATE Align: action-chunk VAEs, the InfoVAE losses, the stage-1 latent prior, and the
-stage-1 / stage-2 trainers (ATE_METHOD.md, "Stage 1" and "Stage 2")."""
+stage-1 / stage-2 trainers (ATE_METHOD.md, "Stage 1" and "Stage 2").
 
-from ate_fast.align.checkpoint import (
-    AlignCheckpoint,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
-from ate_fast.align.config import Stage1Config, Stage2Config, TrainConfig
-from ate_fast.align.losses import (
-    DEFAULT_BETA,
-    DEFAULT_GAMMA,
-    LossTerms,
-    gaussian_kl,
-    imq_kernel,
-    kl_loss,
-    mmd_imq,
-    monte_carlo_kl,
-    reconstruction_loss,
-    stage1_loss,
-    stage2_loss,
-    standard_normal_kl,
-)
-from ate_fast.align.prior import PRIOR_KINDS, LatentPrior
-from ate_fast.align.trainer import TrainResult, train_stage1, train_stage2
-from ate_fast.align.vae import ARCHS, ActionVAE, VAEOutput
+Names load on first use, so ``import ate_fast.align.cli`` (what ``ate-fast --help`` does)
+imports only argparse.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ActionVAE": "vae",
+    "VAEOutput": "vae",
+    "ARCHS": "vae",
+    "LatentPrior": "prior",
+    "PRIOR_KINDS": "prior",
+    "DEFAULT_BETA": "losses",
+    "DEFAULT_GAMMA": "losses",
+    "LossTerms": "losses",
+    "gaussian_kl": "losses",
+    "imq_kernel": "losses",
+    "kl_loss": "losses",
+    "mmd_imq": "losses",
+    "monte_carlo_kl": "losses",
+    "reconstruction_loss": "losses",
+    "stage1_loss": "losses",
+    "stage2_loss": "losses",
+    "standard_normal_kl": "losses",
+    "TrainConfig": "config",
+    "Stage1Config": "config",
+    "Stage2Config": "config",
+    "TrainResult": "trainer",
+    "train_stage1": "trainer",
+    "train_stage2": "trainer",
+    "AlignCheckpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+}
 
 __all__ = [
     "ARCHS",
@@ -55,3 +69,43 @@ __all__ = [
     "train_stage1",
     "train_stage2",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ate_fast.align' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ate_fast.align.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from ate_fast.align.checkpoint import (
+        AlignCheckpoint,
+        CheckpointError,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from ate_fast.align.config import Stage1Config, Stage2Config, TrainConfig
+    from ate_fast.align.losses import (
+        DEFAULT_BETA,
+        DEFAULT_GAMMA,
+        LossTerms,
+        gaussian_kl,
+        imq_kernel,
+        kl_loss,
+        mmd_imq,
+        monte_carlo_kl,
+        reconstruction_loss,
+        stage1_loss,
+        stage2_loss,
+        standard_normal_kl,
+    )
+    from ate_fast.align.prior import PRIOR_KINDS, LatentPrior
+    from ate_fast.align.trainer import TrainResult, train_stage1, train_stage2
+    from ate_fast.align.vae import ARCHS, ActionVAE, VAEOutput
