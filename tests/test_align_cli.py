@@ -173,8 +173,6 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
             str(prior_path),
             "--data",
             str(npz),
-            "--horizon",
-            "8",
             "--action-dim",
             "14",
             "--arch",
@@ -189,7 +187,9 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
             *CPU,
         ]
     )
-    assert load_checkpoint(s2c).vae.encoder.activation == "gelu"
+    npz_vae = load_checkpoint(s2c).vae
+    assert npz_vae.encoder.activation == "gelu"
+    assert npz_vae.horizon == 8  # no --horizon: the stage-1 horizon recorded in the prior
 
 
 def test_cli_errors_are_clear(tmp_path):

@@ -204,7 +204,9 @@ def register(subparsers: Any) -> None:
     )
     s2.add_argument("--prior", required=True, help="prior file from `ate-fast align prior`")
     _add_data_args(s2)
-    s2.add_argument("--horizon", type=int, help="chunk length H (default: --init's)")
+    s2.add_argument(
+        "--horizon", type=int, help="chunk length H (default: --init's, else the prior's stage 1)"
+    )
     _add_model_args(s2, stage2=True)
     _add_train_args(s2, stage2=True)
     s2.set_defaults(func=_cmd_stage2)
@@ -351,10 +353,11 @@ def _cmd_stage2(args: argparse.Namespace) -> int:
                 f"--horizon {args.horizon} differs from --init's horizon {config['horizon']}"
             )
     else:
-        if args.horizon is None:
-            raise SystemExit("--horizon is required without --init")
         config = None
-    horizon = config["horizon"] if config else args.horizon
+    # default: --init's horizon, else the stage-1 horizon recorded in the prior file
+    horizon = config["horizon"] if config else (args.horizon or prior.info.get("horizon"))
+    if horizon is None:
+        raise SystemExit("--horizon is required (the prior file does not record one)")
     data = _dataset(args, horizon)
     latent_dim = args.latent_dim or prior.latent_dim
     if latent_dim != prior.latent_dim:
