@@ -103,6 +103,13 @@ def test_another_seed_gives_other_numbers_and_the_same_eval_set():
     assert a.results["rollouts"]["expert"] == b.results["rollouts"]["expert"]
 
 
+def test_one_demonstration_is_enough_to_run():
+    cfg = DemoConfig.quick_run(demos=1, stage2_batch=4096, finetune_runs=1)
+    res = run_demo(cfg, progress=False, echo=lambda _: None).results
+    assert res["data"]["robot_B_demos"] == 1
+    assert res["align"]["stage2_steps"] == cfg.stage2_epochs  # one batch of all the chunks
+
+
 def test_steer_and_direct_fine_tuning_differ_only_by_the_loss():
     res = run_demo(
         DemoConfig.quick_run(finetune_runs=1), progress=False, echo=lambda _: None
@@ -228,6 +235,9 @@ def test_demonstration_chunks_follow_the_expert():
     assert torch.all(a.chunks[..., GRIPPER_SLOT] == 0) and a.mask.tolist() == [1, 1, 0]
     chunk, mask = a.vae_dataset()[3]
     assert chunk.shape == (horizon, ACTION_DIM) and torch.equal(mask, a.mask)
+    # episodes are labelled, so Align's validation split keeps them whole
+    assert (data.episode[:n0] == 0).all() and (data.episode[n0:] == 1).all()
+    np.testing.assert_array_equal(data.vae_dataset().episode_of_chunk, data.episode)
 
 
 class _StraightToGoal(nn.Module):

@@ -42,7 +42,7 @@ class AlignResult:
 
 def _train_config(cls: type, cfg: DemoConfig, epochs: int, batch: int, progress: bool, **kw):
     """Trainer settings for the demo: no files, lr decaying to a tenth over the run,
-    validation once at the end."""
+    validation (if any) once at the end."""
     return cls(
         epochs=epochs,
         batch_size=batch,
@@ -93,8 +93,15 @@ def run_align(
             vae2,
             b_data.vae_dataset(),
             prior,
+            # all of B's demonstrations, as direct fine-tuning gets them: no validation split
             _train_config(
-                Stage2Config, cfg, cfg.stage2_epochs, cfg.stage2_batch, progress, kl="reverse"
+                Stage2Config,
+                cfg,
+                cfg.stage2_epochs,
+                min(cfg.stage2_batch, len(b_data)),
+                progress,
+                kl="reverse",
+                val_fraction=0.0,
             ),
         )
         adaptation = LatentPrior.fit(
@@ -105,8 +112,8 @@ def run_align(
         "stage1_steps": last1["global_step"],
         "stage1_val_recon": last1.get("val_recon_mu"),
         "stage2_steps": last2["global_step"],
-        "stage2_val_recon": last2.get("val_recon_mu"),
-        "stage2_val_prior_logp": last2.get("val_prior_logp"),
+        "stage2_train_recon": last2["recon"],
+        "stage2_train_prior_logp": last2["prior_logp"],
         "prior": prior.describe(),
     }
     return AlignResult(vae1, prior, vae2, adaptation.mean.to(cfg.device), stats, sink.getvalue())

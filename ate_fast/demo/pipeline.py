@@ -143,8 +143,8 @@ def _run(
     echo(
         f"[3/6] align: stage 1 ({aligned.stats['stage1_steps']} steps, val recon "
         f"{aligned.stats['stage1_val_recon']:.4f}), {aligned.stats['prior']}, stage 2 "
-        f"({aligned.stats['stage2_steps']} steps, val recon "
-        f"{aligned.stats['stage2_val_recon']:.4f}) ({clock.lap('align'):.1f} s)"
+        f"({aligned.stats['stage2_steps']} steps on all of B's chunks, train recon "
+        f"{aligned.stats['stage2_train_recon']:.4f}) ({clock.lap('align'):.1f} s)"
     )
 
     # --- fine-tune on robot B (direct and ATE Steer) and evaluate ---------------------------
