@@ -55,7 +55,7 @@ def _cases():
 
 
 @pytest.mark.parametrize(("device", "batch", "horizon", "dim", "impl"), list(_cases()))
-def test_guidance_gradient(benchmark, monkeypatch, device, batch, horizon, dim, impl):
+def test_guidance_gradient(benchmark, time_calls, monkeypatch, device, batch, horizon, dim, impl):
     weights, biases = _encoder(horizon * dim, device)
     x = torch.randn(batch, horizon, dim, device=device)
     target = torch.randn(DZ, device=device)
@@ -75,17 +75,5 @@ def test_guidance_gradient(benchmark, monkeypatch, device, batch, horizon, dim, 
     assert error < 1e-4, f"{impl}: relative error {error}"
     benchmark.group = f"{device} guidance B={batch} H={horizon} D={dim}"
     benchmark.extra_info.update(impl=impl, device=device, batch=batch, horizon=horizon, dim=dim)
-    if device == "cuda":
-        benchmark.extra_info["calls"] = GPU_CALLS
-
-        def run():
-            for _ in range(GPU_CALLS):
-                fn()
-            torch.cuda.synchronize()
-
-        run()
-        benchmark.pedantic(run, rounds=20, warmup_rounds=2)
-    else:
-        benchmark.extra_info["calls"] = 1
-        benchmark(fn)
+    time_calls(fn, device, GPU_CALLS, rounds=20)
     backends.reset_caches()

@@ -89,7 +89,7 @@ def _cases():
 
 
 @pytest.mark.parametrize(("device", "dtype", "terms", "shape", "impl"), list(_cases()))
-def test_guided_step(benchmark, monkeypatch, device, dtype, terms, shape, impl):
+def test_guided_step(benchmark, time_calls, monkeypatch, device, dtype, terms, shape, impl):
     x, m, kw = _problem(shape, dtype, device, TERMS[terms])
     if impl == "eager":
         fn = lambda: _eager(x, m, kw)  # noqa: E731
@@ -113,17 +113,4 @@ def test_guided_step(benchmark, monkeypatch, device, dtype, terms, shape, impl):
     benchmark.extra_info.update(
         impl=impl, device=device, dtype=str(dtype)[6:], terms=terms, shape=list(shape)
     )
-    if device == "cuda":
-        benchmark.extra_info["calls"] = GPU_CALLS
-
-        def run():
-            for _ in range(GPU_CALLS):
-                fn()
-            torch.cuda.synchronize()
-
-        for _ in range(3):
-            run()
-        benchmark.pedantic(run, rounds=30, warmup_rounds=2)
-    else:
-        benchmark.extra_info["calls"] = 1
-        benchmark(fn)
+    time_calls(fn, device, GPU_CALLS, rounds=30)

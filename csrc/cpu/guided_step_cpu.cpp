@@ -44,20 +44,14 @@ void run_rows(const GuidedStepArgs& p) {
     const int64_t r = task / chunks_per_row;
     const int64_t begin = (task % chunks_per_row) * kChunk;
     const int64_t end = std::min(begin + kChunk, p.row);
-    RowCoefficients<T> k{};
-    k.a = HAS_X ? a[r] : T(0);
-    k.b = b[r];
-    k.c = HAS_G ? c[r] : T(0);
-    k.d = HAS_P ? d[r] : T(0);
-    k.s = HAS_Z ? s[r] : T(0);
-    k.lam = lam;
-    k.kappa = kappa;
+    const RowCoefficients<T> k =
+        row_coefficients<T>(a, b, c, d, s, r, HAS_X, HAS_G, HAS_P, HAS_Z, lam, kappa);
     const int64_t base = r * p.row;
 #pragma omp simd
     for (int64_t i = base + begin; i < base + end; ++i) {
-      out[i] = guided_step_value<T>(
-          k, HAS_X, HAS_G, HAS_P, HAS_Z, HAS_X ? x[i] : T(0), m[i], HAS_G ? g[i] : T(0), HAS_P ? mp[i] : T(0),
-          HAS_Z ? z[i] : T(0));
+      out[i] = guided_step_value<T>(k, HAS_X, HAS_G, HAS_P, HAS_Z, HAS_X ? x[i] : T(0), m[i],
+                                    HAS_G ? g[i] : T(0), HAS_P ? mp[i] : T(0),
+                                    HAS_Z ? z[i] : T(0));
     }
   }
 }

@@ -55,14 +55,8 @@ guided_step_kernel(GuidedStepArgs p, int flags, int64_t packs_per_row, int64_t t
     if (has_g) vg = g[i];
     if (has_p) vp = mp[i];
     if (has_z) vz = z[i];
-    RowCoefficients<C> k{};
-    k.a = has_x ? a[r] : C(0);
-    k.b = b[r];
-    k.c = has_g ? c[r] : C(0);
-    k.d = has_p ? d[r] : C(0);
-    k.s = has_z ? s[r] : C(0);
-    k.lam = lam;
-    k.kappa = kappa;
+    const RowCoefficients<C> k =
+        row_coefficients<C>(a, b, c, d, s, r, has_x, has_g, has_p, has_z, lam, kappa);
     P vo;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {

@@ -53,6 +53,22 @@ struct RowCoefficients {
   C a, b, c, d, s, lam, kappa;
 };
 
+// Row r's coefficients from the [B] arrays; the arrays of absent terms are not read.
+template <typename C>
+ATE_HD RowCoefficients<C> row_coefficients(const C* a, const C* b, const C* c, const C* d,
+                                           const C* s, int64_t r, bool has_x, bool has_g,
+                                           bool has_p, bool has_z, C lam, C kappa) {
+  RowCoefficients<C> k{};
+  k.a = has_x ? a[r] : C(0);
+  k.b = b[r];
+  k.c = has_g ? c[r] : C(0);
+  k.d = has_p ? d[r] : C(0);
+  k.s = has_z ? s[r] : C(0);
+  k.lam = lam;
+  k.kappa = kappa;
+  return k;
+}
+
 // One element of the update, evaluated in the order the PyTorch reference uses so
 // that CPU results match it bit for bit in float32 and float64. The presence flags are
 // compile-time constants on the CPU (the call is inlined and folded) and grid-uniform
