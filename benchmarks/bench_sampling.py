@@ -9,6 +9,9 @@ One group per (device, sampler) problem at B=1, H=50, D=32 with a small MLP head
 - ``torch_loop``: the plain PyTorch loop (flow: ``x = x + dt·v``; guided: the same with
   the ATE correction written out) — what a user writes by hand.
 - ``diffusers``: the scheduler loop (FlowMatchEuler / DDIM / DPM-Solver++), if installed.
+- ``flow-euler-10-latent-guided``: ``LatentGuidance`` over an align MLP VAE encoder (the
+  fused guidance op) for ate_fast's rows; ``torch_loop`` takes the same encoder's gradient by
+  autograd — the end-to-end comparison of issue 5's CPU target.
 - ``sample`` (reported as ``eager``): ``sampler.sample(...)``; ``capture``: the captured loop
   (CPU: recorded fused steps replayed into the C++ kernel; CUDA: a CUDA graph).
 """
@@ -58,9 +61,38 @@ class EncoderGuidance:
         return torch.autograd.grad(y.sum(), u)[0]
 
 
+class AutogradLatentGuidance:
+    """``−mean‖μ(x) − z*‖²`` through an align MLP encoder by autograd: the eager baseline
+    for the fused :class:`ate_fast.LatentGuidance` on the same encoder."""
+
+    def __init__(self, encoder, target) -> None:
+        self.encoder, self.target = encoder, target
+        self.scale, self.clamp, self.mode = 2.0, 0.1, "direct"
+
+    def gradient(self, x, x0_hat, dx0_dx):
+        u = x.detach().requires_grad_(True)
+        mu, _ = self.encoder(u)
+        y = -((mu - self.target) ** 2).mean(dim=1)
+        return torch.autograd.grad(y.sum(), u)[0]
+
+
+def latent_guidances(device):
+    """(fused LatentGuidance, autograd twin) over one ActionVAE MLP encoder
+    (H·D → 256 → 256 → 2·64, the PERFORMANCE.md reference encoder)."""
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer import LatentGuidance
+
+    torch.manual_seed(2)
+    vae = ActionVAE(D, H, latent_dim=64, arch="mlp", hidden_dims=(256, 256)).to(device)
+    target = torch.randn(64, device=device)
+    fused = LatentGuidance(vae, target, scale=2.0, clamp=0.1)
+    return fused, AutogradLatentGuidance(vae.encoder, target)
+
+
 SAMPLERS = {
     "flow-euler-10": lambda m: FlowSampler(m, 10),
     "flow-euler-10-guided": lambda m: FlowSampler(m, 10),
+    "flow-euler-10-latent-guided": lambda m: FlowSampler(m, 10),
     "ddim-10": lambda m: DiffusionSampler(m, NoiseSchedule(), "ddim", 10),
     "dpmsolver++-5": lambda m: DiffusionSampler(m, NoiseSchedule(), "dpmsolver++", 5),
 }
@@ -131,6 +163,10 @@ def test_sampler_latency(benchmark, cuda_sync, device, name, row):
     benchmark.extra_info["impl"] = "eager" if row == "sample" else row
     model = Head().to(device).requires_grad_(False)
     guidance = EncoderGuidance(device) if name.endswith("guided") else None
+    if name == "flow-euler-10-latent-guided":
+        # ate_fast rows: LatentGuidance (fused MLP-encoder op); torch_loop: autograd twin
+        fused, autograd = latent_guidances(device)
+        guidance = autograd if row == "torch_loop" else fused
     noise = torch.randn(B, H, D, device=device)
     sampler = SAMPLERS[name](model)
     if row == "sample":

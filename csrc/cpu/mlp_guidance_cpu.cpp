@@ -31,7 +31,7 @@
 namespace ate_fast {
 namespace {
 
-constexpr int kRows = 4;          // batch rows sharing one pass over a weight row
+constexpr int kRows = 4;  // batch rows sharing one pass over a weight row (forward: 8, then 4)
 constexpr int64_t kOutChunk = 8;  // forward: output neurons per work item
 constexpr int64_t kColChunk = 64; // backward: input columns per work item
 // Below this many multiply-adds the whole call runs on one thread.
@@ -46,7 +46,24 @@ ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ wr = w + o * in_dim;
     T acc[R];
     for (int k = 0; k < R; ++k) acc[k] = T(0);
-    if constexpr (R == kRows) {
+    if constexpr (R == 8) {
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+      const T* i0 = in;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+      for (int64_t i = 0; i < in_dim; ++i) {
+        const T wv = wr[i];
+        a0 += wv * i0[i];
+        a1 += wv * i0[in_dim + i];
+        a2 += wv * i0[2 * in_dim + i];
+        a3 += wv * i0[3 * in_dim + i];
+        a4 += wv * i0[4 * in_dim + i];
+        a5 += wv * i0[5 * in_dim + i];
+        a6 += wv * i0[6 * in_dim + i];
+        a7 += wv * i0[7 * in_dim + i];
+      }
+      acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+      acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+    } else if constexpr (R == 4) {
       T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
       const T *i0 = in, *i1 = in + in_dim, *i2 = in + 2 * in_dim, *i3 = in + 3 * in_dim;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -92,6 +109,8 @@ ATE_INLINE void dense_transposed_rows(const T* __restrict__ w, int64_t in_dim, i
                                  int64_t in_dim, T* out, int64_t out_dim, int64_t o0,       \
                                  int64_t o1) {                                              \
     int64_t r = 0;                                                                          \
+    for (; r + 8 <= rows; r += 8)                                                           \
+      dense_rows<T, 8>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, o1); \
     for (; r + kRows <= rows; r += kRows)                                                   \
       dense_rows<T, kRows>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, \
                            o1);                                                             \
