@@ -72,8 +72,9 @@ def _rel(a, b):
         (3, 7, 5, (33,), 8),
         (9, 16, 14, (40, 24, 16), 4),
         (2, 4, 3, (), 6),
+        (16, 50, 32, (256, 256), 64),  # enough work for the CPU kernel's OpenMP path
     ],
-    ids=["pi0-1", "odd-3", "dp-9", "linear-2"],
+    ids=["pi0-1", "odd-3", "dp-9", "linear-2", "parallel-16"],
 )
 def test_matches_autograd(backend, device, dtype, tol, act, batch, horizon, dim, hidden, dz):
     ok, why = backends.availability(backend, device)

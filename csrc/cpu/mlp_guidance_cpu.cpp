@@ -34,8 +34,12 @@ namespace {
 constexpr int kRows = 4;  // batch rows sharing one pass over a weight row (forward: 8, then 4)
 constexpr int64_t kOutChunk = 8;  // forward: output neurons per work item
 constexpr int64_t kColChunk = 64; // backward: input columns per work item
-// Below this many multiply-adds the whole call runs on one thread.
-constexpr int64_t kParallelMacs = 1 << 17;
+// Below this many multiply-adds (forward rows × layer MACs) the whole call runs on one
+// thread. A control-rate call (B = 1, a 1600→512→512→1024 encoder: ≈1.2M) takes ~100 µs
+// on one core; splitting it over OpenMP threads saves ~30 % on an idle machine but puts
+// ~8 barriers in the call, and one descheduled thread stalls every barrier for a time
+// slice: on a loaded 2-core machine the median went from 0.13 ms to 0.4 ms (seen here).
+constexpr int64_t kParallelMacs = 1 << 21;
 
 // out[r][o] = b[o] + Σ_i W[o][i]·in[r][i] for rows [r0, r0+R), outputs [o0, o1).
 template <typename T, int R>
