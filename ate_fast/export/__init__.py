@@ -1,0 +1,95 @@
+"""Deployment: a whole sampler as one ONNX graph, ONNX Runtime and TensorRT runners.
+
+- :func:`to_onnx`: the K-step loop — policy head, schedule coefficients as constants,
+  guided steps and (optionally) the latent guidance's encoder VJP as forward ops — as one
+  graph; checked with ``onnx.checker`` and against TensorRT's ONNX operator table.
+- :class:`OnnxRuntimeSampler`: runs such a graph with the samplers' ``sample`` signature.
+- :func:`to_tensorrt`: builds a TensorRT engine (TensorRT 10: builder precision flags;
+  TensorRT 11: strongly typed, precision by casting the ONNX graph).
+- :class:`TensorRTSampler`: runs an engine on torch CUDA tensors (optionally as a CUDA
+  graph).
+
+Names load on first use, so ``import ate_fast.export.cli`` (``ate-fast --help``) imports
+neither onnx nor tensorrt.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "to_onnx": "onnx_export",
+    "read_signature": "onnx_export",
+    "relative_error": "onnx_export",
+    "ExportError": "onnx_export",
+    "SUPPORTED_OPSETS": "onnx_export",
+    "ModelTraceError": "sampler_graph",
+    "GuidanceExportError": "guidance_graph",
+    "GraphSignature": "signature",
+    "OnnxRuntimeSampler": "onnxruntime_runner",
+    "TENSORRT_ONNX_OPS": "tensorrt_ops",
+    "tensorrt_problems": "tensorrt_ops",
+    "cast_for_precision": "precision",
+    "to_tensorrt": "tensorrt_build",
+    "tensorrt_version": "tensorrt_build",
+    "TensorRTUnavailableError": "tensorrt_build",
+    "TensorRTBuildError": "tensorrt_build",
+    "TensorRTSampler": "tensorrt_runner",
+}
+
+__all__ = [
+    "SUPPORTED_OPSETS",
+    "TENSORRT_ONNX_OPS",
+    "ExportError",
+    "GraphSignature",
+    "GuidanceExportError",
+    "ModelTraceError",
+    "OnnxRuntimeSampler",
+    "TensorRTBuildError",
+    "TensorRTSampler",
+    "TensorRTUnavailableError",
+    "cast_for_precision",
+    "read_signature",
+    "relative_error",
+    "tensorrt_problems",
+    "tensorrt_version",
+    "to_onnx",
+    "to_tensorrt",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ate_fast.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ate_fast.export.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from ate_fast.export.guidance_graph import GuidanceExportError
+    from ate_fast.export.onnx_export import (
+        SUPPORTED_OPSETS,
+        ExportError,
+        read_signature,
+        relative_error,
+        to_onnx,
+    )
+    from ate_fast.export.onnxruntime_runner import OnnxRuntimeSampler
+    from ate_fast.export.precision import cast_for_precision
+    from ate_fast.export.sampler_graph import ModelTraceError
+    from ate_fast.export.signature import GraphSignature
+    from ate_fast.export.tensorrt_build import (
+        TensorRTBuildError,
+        TensorRTUnavailableError,
+        tensorrt_version,
+        to_tensorrt,
+    )
+    from ate_fast.export.tensorrt_ops import TENSORRT_ONNX_OPS, tensorrt_problems
+    from ate_fast.export.tensorrt_runner import TensorRTSampler

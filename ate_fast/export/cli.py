@@ -1,0 +1,310 @@
+"""``ate-fast export``: ``onnx`` (a reference head + sampler [+ guidance] -> one ONNX graph)
+and ``tensorrt`` (an ONNX graph -> a TensorRT engine).
+
+    ate-fast export onnx --head mlp --ckpt head.safetensors --method euler --steps 10 \\
+        --out policy.onnx [--guidance-vae align_ckpt/ [--target prior.safetensors]] --verify
+    ate-fast export tensorrt policy.onnx --out policy.plan --precision fp16
+
+Importing this module imports argparse only; the handlers import torch, onnx, tensorrt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from typing import Any
+
+HEAD_NAMES = ("mlp", "flow-transformer", "unet1d")
+FLOW_METHODS = ("euler", "heun")
+DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver++")
+VERIFY_TOLERANCE = 1e-4
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip(), value
+
+
+def register(subparsers: Any) -> None:
+    """Add ``export onnx`` and ``export tensorrt`` to the ``ate-fast`` parser."""
+    export = subparsers.add_parser(
+        "export", help="deployment: a whole sampler as ONNX, and TensorRT engines"
+    )
+    sub = export.add_subparsers(dest="export_command", required=True)
+
+    p = sub.add_parser(
+        "onnx",
+        help="export a reference head's K-step sampler (optionally guided) as one ONNX graph",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("policy head")
+    g.add_argument("--head", required=True, choices=HEAD_NAMES, help="reference head")
+    g.add_argument("--config", default="small", help="the head's named config")
+    g.add_argument(
+        "--set", dest="overrides", action="append", type=_key_value, default=[],
+        metavar="KEY=VALUE", help="override a config field (repeatable), e.g. horizon=16",
+    )  # fmt: skip
+    g.add_argument("--ckpt", help="head weights: .safetensors or a torch state_dict (.pt)")
+    g.add_argument(
+        "--random-init", action="store_true", help="export untrained weights (no --ckpt)"
+    )
+    g = p.add_argument_group("sampler")
+    g.add_argument(
+        "--method", default="euler", choices=FLOW_METHODS + DIFFUSION_METHODS,
+        help="flow (euler, heun) or diffusion (ddpm, ddim, dpmsolver++) sampler",
+    )  # fmt: skip
+    g.add_argument("--steps", type=int, default=10, help="K steps")
+    g.add_argument("--time-grid", default="uniform", help="flow: uniform or diffusers")
+    g.add_argument("--shift", type=float, default=1.0, help="flow: the diffusers grid's shift")
+    g.add_argument("--schedule", default="squaredcos_cap_v2", help="diffusion: beta schedule")
+    g.add_argument("--train-timesteps", type=int, default=100, help="diffusion: N")
+    g.add_argument("--prediction-type", default="epsilon", help="diffusion: what the head predicts")
+    g.add_argument("--timestep-spacing", help="diffusion: leading, trailing or linspace")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight")
+    g.add_argument("--solver-order", type=int, default=2, help="DPM-Solver++ order")
+    g.add_argument("--clip-sample", action="store_true", help="DDPM/DDIM: clip x0 to ±1")
+    g = p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` MLP VAE)")
+    g.add_argument("--guidance-vae", help="align checkpoint directory (arch mlp)")
+    g.add_argument("--guidance-scale", type=float, default=2.0, help="λ")
+    g.add_argument("--guidance-clamp", type=float, default=0.1, help="κ")
+    g.add_argument("--guidance-mode", default="direct", help="direct or tweedie")
+    g.add_argument(
+        "--target",
+        help="bake z* into the graph: a LatentPrior file (its mean) or a tensor file "
+        "(.safetensors/.pt/.npy) [d_z]; without it the graph takes a `target` input",
+    )
+    g = p.add_argument_group("graph")
+    g.add_argument("--out", required=True, help="the .onnx file to write")
+    g.add_argument("--batch", type=int, default=1, help="example batch")
+    g.add_argument("--static-batch", action="store_true", help="fix the batch to --batch")
+    g.add_argument("--max-batch", type=int, default=1 << 16, help="dynamic batch upper bound")
+    g.add_argument(
+        "--cond-len", type=int, default=0,
+        help="flow-transformer: conditioning tokens L (0: no cond input)",
+    )  # fmt: skip
+    g.add_argument("--opset", type=int, default=18, help="ONNX opset (18..20)")
+    g.add_argument("--seed", type=int, default=0, help="random init and example inputs")
+    g.add_argument(
+        "--verify", action="store_true",
+        help=f"run the graph in ONNX Runtime against PyTorch (batch 1 and 8); exit 1 above "
+        f"{VERIFY_TOLERANCE:g} relative error",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_onnx)
+
+    t = sub.add_parser(
+        "tensorrt",
+        help="build a TensorRT engine from an exported graph",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("onnx", help="the .onnx file from `ate-fast export onnx`")
+    t.add_argument("--out", required=True, help="the engine (.plan) to write")
+    t.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
+    t.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace, GiB")
+    t.add_argument("--min-batch", type=int, default=1)
+    t.add_argument("--opt-batch", type=int, help="default: --min-batch")
+    t.add_argument("--max-batch", type=int, default=8)
+    t.add_argument(
+        "--strongly-typed", action="store_true",
+        help="TensorRT 10: build strongly typed from a cast graph (always so on TensorRT 11)",
+    )  # fmt: skip
+    t.add_argument("--opt-level", type=int, help="builder optimisation level 0..5")
+    t.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    t.set_defaults(func=_cmd_tensorrt)
+
+
+# --- handlers (heavy imports live here) -----------------------------------------------
+def _fail(message: str) -> int:
+    print(f"ate-fast export: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _load_state(path: str) -> dict:
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--ckpt {path}: expected a state_dict, got {type(state).__name__}")
+    return state
+
+
+def _head(args: argparse.Namespace) -> Any:
+    import torch
+
+    from ate_fast.models import make_head
+
+    torch.manual_seed(args.seed)
+    try:
+        head = make_head(args.head, args.config, **dict(args.overrides))
+    except TypeError as exc:
+        raise ValueError(f"--set: {exc}") from exc
+    if args.ckpt:
+        state = _load_state(args.ckpt)
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"--ckpt {args.ckpt} does not fit --head {args.head} --config {args.config} "
+                f"with {dict(args.overrides)}: {exc}"
+            ) from exc
+    return head.eval().requires_grad_(False)
+
+
+def _sampler(args: argparse.Namespace, head: Any) -> Any:
+    from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
+
+    if args.method in FLOW_METHODS:
+        return FlowSampler(head, args.steps, args.method, args.time_grid, args.shift)
+    schedule = NoiseSchedule(args.schedule, args.train_timesteps)
+    options: dict[str, Any] = {"prediction_type": args.prediction_type}
+    if args.timestep_spacing:
+        options["timestep_spacing"] = args.timestep_spacing
+    if args.method == "ddim":
+        options["eta"] = args.eta
+    if args.method == "dpmsolver++":
+        options["solver_order"] = args.solver_order
+    if args.clip_sample:
+        options["clip_sample"] = True
+    return DiffusionSampler(head, schedule, args.method, args.steps, **options)
+
+
+def _target(path: str) -> Any:
+    import numpy as np
+    import torch
+
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(path)).float()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        from ate_fast.align import LatentPrior
+
+        try:
+            return LatentPrior.load(path).mean  # a prior from `ate-fast align prior`
+        except ValueError:
+            pass
+
+        tensors = load_file(path)
+        for key in ("target", "mean", "z"):
+            if key in tensors:
+                return tensors[key].float()
+        if len(tensors) == 1:
+            return next(iter(tensors.values())).float()
+        raise ValueError(f"--target {path}: name the tensor 'target' ({sorted(tensors)} found)")
+    value = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"--target {path}: expected a tensor [d_z], got {type(value).__name__}")
+    return value.float()
+
+
+def _guidance(args: argparse.Namespace) -> Any:
+    import torch
+
+    from ate_fast.align import load_checkpoint
+    from ate_fast.steer import LatentGuidance
+
+    if args.guidance_vae is None:
+        if args.target:
+            raise ValueError("--target needs --guidance-vae")
+        return None
+    vae = load_checkpoint(args.guidance_vae).vae
+    target = _target(args.target) if args.target else torch.zeros(vae.latent_dim)
+    return LatentGuidance(vae, target, args.guidance_scale, args.guidance_clamp, args.guidance_mode)
+
+
+def _example_cond(head: Any, batch: int, cond_len: int, generator: Any) -> Any:
+    import torch
+
+    cfg = head.config
+    if hasattr(cfg, "cond_dim"):
+        if cond_len:
+            raise ValueError(f"--cond-len applies to the flow-transformer head, not {cfg}")
+        return torch.randn(batch, cfg.cond_dim, generator=generator) if cfg.cond_dim else None
+    return torch.randn(batch, cond_len, cfg.width, generator=generator) if cond_len else None
+
+
+def _cmd_onnx(args: argparse.Namespace) -> int:
+    import torch
+
+    from ate_fast.export import (
+        ExportError,
+        GuidanceExportError,
+        ModelTraceError,
+        OnnxRuntimeSampler,
+        relative_error,
+        to_onnx,
+    )
+
+    if not args.ckpt and not args.random_init:
+        return _fail("give --ckpt (the head's weights) or --random-init")
+    if args.ckpt and args.random_init:
+        return _fail("--ckpt and --random-init exclude each other")
+    try:
+        head = _head(args)
+        sampler = _sampler(args, head)
+        guidance = _guidance(args)
+    except (ValueError, TypeError, OSError) as exc:
+        return _fail(str(exc))
+    gen = torch.Generator().manual_seed(args.seed)
+    cfg = head.config
+    noise = torch.randn(args.batch, cfg.horizon, cfg.action_dim, generator=gen)
+    try:
+        cond = _example_cond(head, args.batch, args.cond_len, gen)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        path = to_onnx(
+            sampler, args.out, noise, cond, guidance=guidance,
+            dynamic_batch=not args.static_batch, opset=args.opset,
+            target_input=args.target is None, max_batch=args.max_batch,
+        )  # fmt: skip
+    except (GuidanceExportError, ModelTraceError, ExportError, ValueError, TypeError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {sampler!r}")
+    if not args.verify:
+        return 0
+    runner = OnnxRuntimeSampler(path)
+    worst = 0.0
+    for batch in (args.batch,) if args.static_batch else (1, 8):
+        noise = torch.randn(batch, cfg.horizon, cfg.action_dim, generator=gen)
+        cond = _example_cond(head, batch, args.cond_len, gen)
+        seed = int(torch.randint(1 << 30, (1,), generator=gen))
+        ref = sampler.sample(
+            noise, cond, guidance=guidance, generator=torch.Generator().manual_seed(seed)
+        )
+        out = runner.sample(
+            noise, cond, guidance=guidance, generator=torch.Generator().manual_seed(seed)
+        )
+        err = relative_error(out, ref)
+        worst = max(worst, err)
+        print(f"onnxruntime vs PyTorch, batch {batch}: max relative error {err:.2e}")
+    return 0 if worst <= VERIFY_TOLERANCE else 1
+
+
+def _cmd_tensorrt(args: argparse.Namespace) -> int:
+    from ate_fast.export import TensorRTUnavailableError, to_tensorrt
+
+    try:
+        path = to_tensorrt(
+            args.onnx, args.out, args.precision, args.workspace_gb, args.min_batch,
+            args.opt_batch, args.max_batch, strongly_typed=True if args.strongly_typed else None,
+            builder_optimization_level=args.opt_level, verbose=args.verbose,
+        )  # fmt: skip
+    except TensorRTUnavailableError as exc:
+        return _fail(str(exc))
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.precision})")
+    return 0

@@ -1,0 +1,403 @@
+"""``to_onnx``: a whole sampler — policy head, K steps, guidance — as one ONNX graph.
+
+Pipeline: :class:`~ate_fast.export.sampler_graph.SamplerGraph` (the sampler's own loop on
+the ops' torch references) → ``torch.export.export`` (non-strict; the batch dimension
+symbolic) → ``torch.onnx.export(..., dynamo=True)`` with onnxscript's optimiser (constant
+folding) → input/output names, the ``batch`` dim name, metadata →
+``onnx.checker.check_model(full_check=True)`` (includes shape inference) → the TensorRT
+operator check (:mod:`ate_fast.export.tensorrt_ops`).
+
+``torch.ops.ate_fast.*`` custom ops never reach the graph: the loop is traced through
+their references, and a model function that itself calls ``ate_fast.ops.guided_step`` or
+``mlp_guidance`` has those calls decomposed into their references
+(``ExportedProgram.run_decompositions``) before translation. A node outside the default
+ONNX domain is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ate_fast.export.guidance_graph import guidance_graph, guidance_settings
+from ate_fast.export.sampler_graph import (
+    TRACEABLE_MODEL,
+    ModelTraceError,
+    SamplerGraph,
+    _model_module,
+)
+from ate_fast.export.signature import (
+    ACTIONS,
+    BATCH_DIM,
+    METADATA_KEY,
+    STEP_NOISE,
+    TARGET,
+    GraphSignature,
+    cond_kind,
+    cond_leaves,
+)
+from ate_fast.export.tensorrt_ops import TENSORRT_OPSETS, tensorrt_problems
+from ate_fast.sampling.inputs import check_noise
+from ate_fast.sampling.sampler import Sampler
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# torch's exporter emits opset 18 natively (torchlib); 20 is the newest opset TensorRT 10
+# parses. Below 18 would need a down-conversion that is not reliable.
+SUPPORTED_OPSETS = (18, 19, 20)
+DEFAULT_OPSET = 18
+MAX_BATCH = 1 << 16
+# Above this many bytes of weights the graph is saved with an external data file
+# (protobuf caps a single file at 2 GiB); the graph is assembled in memory as one
+# ModelProto, which caps the weights at a little under 2 GiB (≈ 450 M float32 parameters).
+_EXTERNAL_DATA_BYTES = 1 << 30
+_MAX_WEIGHT_BYTES = (1 << 31) - (64 << 20)
+
+
+class ExportError(RuntimeError):
+    """``to_onnx`` could not produce a valid graph; the message says why and what to do."""
+
+
+def require_export_dependencies() -> None:
+    """Raise ImportError with the install command if onnx or onnxscript is missing."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"ate_fast.export needs {' and '.join(missing)}: pip install 'ate_fast[export]' "
+            "(onnx, onnxruntime, onnxscript)"
+        )
+
+
+def planned_step_noise_draws(sampler: Sampler) -> int:
+    """How many [B, H, D] step-noise draws one ``sample()`` call makes."""
+    if not getattr(sampler, "stochastic", False):
+        return 0
+    return int(np.count_nonzero(getattr(sampler, "_draw", ())))
+
+
+def _ate_fast_decompositions() -> dict:
+    """torch.ops.ate_fast.* -> their torch references (for model functions calling them)."""
+    from ate_fast.ops.guided_step_ref import guided_step_reference
+    from ate_fast.ops.mlp_guidance_ref import ACTIVATIONS, mlp_guidance_reference
+
+    def guided_step(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa):
+        return guided_step_reference(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa)
+
+    def mlp_guidance(x, weights, biases, activation, target, a0, mask, eps, scale):
+        return mlp_guidance_reference(
+            x, weights, biases, ACTIVATIONS[activation], target, a0, mask, eps, scale
+        )
+
+    return {
+        torch.ops.ate_fast.guided_step.default: guided_step,
+        torch.ops.ate_fast.mlp_guidance.default: mlp_guidance,
+    }
+
+
+def _uses_ate_fast_ops(program: Any) -> bool:
+    for node in program.graph.nodes:
+        name = getattr(node.target, "name", None)
+        if node.op == "call_function" and callable(name) and name().startswith("ate_fast::"):
+            return True
+    return False
+
+
+def _check_arguments(
+    sampler: Any, example_noise: Any, dynamic_batch: Any, opset: Any, path: Any
+) -> None:
+    if not isinstance(sampler, Sampler):
+        raise TypeError(
+            "sampler must be an ate_fast sampler (FlowSampler or DiffusionSampler), got "
+            f"{type(sampler).__name__}"
+        )
+    check_noise(example_noise)
+    if example_noise.dtype != torch.float32:
+        raise TypeError(
+            f"example_noise must be float32, got {example_noise.dtype}: graphs are exported in "
+            "float32, and the engine's precision is chosen when it is built "
+            "(to_tensorrt(precision='fp16'|'bf16'|'fp32'))"
+        )
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ValueError(
+            f"opset must be one of {SUPPORTED_OPSETS}, got {opset!r}: torch's ONNX exporter "
+            f"emits opset {DEFAULT_OPSET} natively, and TensorRT 10's ONNX parser reads opsets "
+            f"{TENSORRT_OPSETS[0]}..{TENSORRT_OPSETS[1]}"
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    module = _model_module(sampler.model_fn)
+    if module is not None and module.training:
+        raise ValueError(
+            f"the sampler's model ({type(module).__name__}) is in training mode: call "
+            ".eval() before exporting (dropout and normalisation statistics would be traced "
+            "in training mode)"
+        )
+
+
+def _with_batch(t: Tensor, batch: int) -> Tensor:
+    """``t`` [B, ...] repeated/cut to ``batch`` rows (batch 1 examples are traced at 2:
+    torch.export specialises a dimension of size 1)."""
+    reps = -(-batch // t.shape[0])
+    return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch].contiguous()
+
+
+def _rename_dim(model: Any, old: str, new: str) -> None:
+    graph = model.graph
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = new
+
+
+def _batch_symbol(model: Any) -> Optional[str]:
+    for info in model.graph.input:
+        if info.name != STEP_NOISE:
+            dim = info.type.tensor_type.shape.dim[0]
+            if dim.dim_param:
+                return dim.dim_param
+    return None
+
+
+def to_onnx(
+    sampler: Sampler,
+    path: PathLike,
+    example_noise: Tensor,
+    example_cond: Any = None,
+    guidance: Any = None,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    *,
+    target_input: bool = True,
+    max_batch: int = MAX_BATCH,
+    require_tensorrt_ops: bool = True,
+) -> Path:
+    """Export ``sampler``'s whole K-step loop (with ``guidance``) to one ONNX graph.
+
+    Args:
+        sampler: a FlowSampler or DiffusionSampler whose ``model_fn`` is traceable (an
+            ``nn.Module`` in eval mode, or a function of torch ops).
+        path: where to write the ``.onnx`` file (weights over 1 GiB go to ``<path>.data``).
+        example_noise: ``[B, H, D]`` float32 noise; fixes H, D, the device and (with
+            ``dynamic_batch=False``) the batch.
+        example_cond: the model's ``cond`` for that batch: None, a Tensor [B, ...], or a
+            flat dict/list/tuple of tensors [B, ...] (each becomes a graph input).
+        guidance: None, or an :class:`ate_fast.steer.LatentGuidance` over ``ate_fast.align``'s
+            MLP encoder (its scale, clamp, mode, mask and weights are baked in).
+        dynamic_batch: the batch dimension is symbolic (``batch``, 1..``max_batch``).
+        opset: the ONNX opset, 18 (default), 19 or 20.
+        target_input: guided graphs take z* as the input ``target`` [B, d_z]; False bakes
+            ``guidance.target`` into the graph.
+        max_batch: the largest batch a dynamic graph declares.
+        require_tensorrt_ops: raise if a node is not in TensorRT's ONNX operator table
+            (False: warn), so that a graph that cannot become an engine is caught here.
+
+    Returns:
+        The path written. The graph's inputs and output are described in
+        :mod:`ate_fast.export.signature`; its settings are in its ``ate_fast`` metadata.
+
+    Raises:
+        TypeError / ValueError naming the argument; :class:`ModelTraceError` when
+        ``model_fn`` cannot be traced (the message says what to change);
+        :class:`~ate_fast.export.guidance_graph.GuidanceExportError` for guidance that
+        cannot be written as forward ops; :class:`ExportError` when the exporter or the
+        ONNX checks fail. Stochastic samplers (DDPM; DDIM with eta > 0) get a
+        ``step_noise`` input instead of drawing noise in the graph.
+    """
+    require_export_dependencies()
+    _check_arguments(sampler, example_noise, dynamic_batch, opset, path)
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
+        raise ValueError(f"max_batch must be an int >= 2, got {max_batch!r}")
+    if not isinstance(target_input, bool):
+        raise TypeError(f"target_input must be a bool, got {type(target_input).__name__}")
+    leaves = cond_leaves(example_cond)
+    batch = example_noise.shape[0]
+    for name, tensor in leaves:
+        if tensor.ndim == 0 or tensor.shape[0] != batch:
+            raise ValueError(
+                f"example_cond: {name} must have the batch dimension of example_noise ({batch}) "
+                f"first, got shape {tuple(tensor.shape)}"
+            )
+    lam, kappa = sampler.check_guidance(guidance)
+    guide = None
+    if guidance is not None:
+        guide = guidance_graph(guidance, target_input, batch)
+        guide.to(example_noise.device)
+    draws = planned_step_noise_draws(sampler)
+    kind = cond_kind(example_cond)
+    keys = list(example_cond) if kind == "dict" else list(range(len(leaves)))
+    graph = SamplerGraph(
+        sampler, lam, kappa, guide, kind, keys if kind not in ("none", "tensor") else [],
+        target_input=guide is not None and target_input, step_noise_draws=draws,
+        device=example_noise.device,
+    )  # fmt: skip
+
+    trace_batch = max(batch, 2) if dynamic_batch else batch
+    inputs = [_with_batch(example_noise, trace_batch)]
+    names = ["noise"]
+    for name, tensor in leaves:
+        inputs.append(_with_batch(tensor, trace_batch))
+        names.append(name)
+    if graph.target_input:
+        target = guidance.target.to(device=example_noise.device, dtype=torch.float32)
+        target = target.reshape(-1, target.shape[-1])
+        inputs.append(_with_batch(target, trace_batch))
+        names.append(TARGET)
+    if draws:
+        shape = (draws, trace_batch, *example_noise.shape[1:])
+        inputs.append(torch.randn(shape, device=example_noise.device))
+        names.append(STEP_NOISE)
+
+    dynamic_shapes = None
+    if dynamic_batch:
+        dim = torch.export.Dim(BATCH_DIM, min=1, max=max_batch)
+        axes = [{1: dim} if name == STEP_NOISE else {0: dim} for name in names]
+        # forward(noise, *inputs): the varargs are one entry, absent when there are none
+        dynamic_shapes = (axes[0], tuple(axes[1:])) if len(axes) > 1 else (axes[0],)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(
+                graph, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False
+            )
+    except ModelTraceError:
+        raise
+    except Exception as exc:
+        if isinstance(exc.__cause__, ModelTraceError):
+            raise exc.__cause__ from exc
+        hint = (
+            " The batch dimension must stay symbolic: if the model fixes the batch size, "
+            "export with dynamic_batch=False."
+            if dynamic_batch
+            else ""
+        )
+        raise ExportError(
+            f"torch.export could not trace the sampler: {type(exc).__name__}: {exc}.{hint} "
+            f"{TRACEABLE_MODEL}"
+        ) from exc
+    if _uses_ate_fast_ops(program):
+        program = program.run_decompositions(_ate_fast_decompositions())
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    weight_bytes += sum(
+        t.numel() * t.element_size() for t in program.constants.values() if isinstance(t, Tensor)
+    )
+    if weight_bytes > _MAX_WEIGHT_BYTES:
+        raise ExportError(
+            f"the sampler's weights take {weight_bytes / 2**30:.2f} GiB in float32; to_onnx "
+            "assembles the graph as one in-memory ModelProto, which protobuf caps at 2 GiB"
+        )
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(
+                program, (), dynamo=True, opset_version=opset, input_names=names,
+                output_names=[ACTIONS], optimize=True, verbose=False, report=False,
+            )  # fmt: skip
+    except Exception as exc:
+        raise ExportError(
+            f"torch.onnx.export could not translate the traced sampler: {type(exc).__name__}: {exc}"
+        ) from exc
+    model = onnx_program.model_proto
+    symbol = _batch_symbol(model)
+    if dynamic_batch and symbol is None:
+        raise ExportError("the exported graph lost its dynamic batch dimension (exporter bug?)")
+    if symbol is not None and symbol != BATCH_DIM:
+        _rename_dim(model, symbol, BATCH_DIM)
+
+    from ate_fast._version import __version__
+
+    signature = GraphSignature(
+        horizon=int(example_noise.shape[1]),
+        action_dim=int(example_noise.shape[2]),
+        cond_kind=kind,
+        cond_keys=keys if kind not in ("none", "tensor") else [],
+        cond_shapes=[list(t.shape[1:]) for _, t in leaves],
+        target_dim=guide.latent_dim if graph.target_input else None,
+        step_noise_draws=draws,
+        dynamic_batch=dynamic_batch,
+        batch=int(batch),
+        sampler=repr(sampler),
+        num_steps=sampler.num_steps,
+        guidance=None if guide is None else guidance_settings(guidance, guide, target_input),
+        opset=opset,
+        ate_fast_version=__version__,
+    )
+    prop = model.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, signature.to_json()
+    model.producer_name = "ate_fast.export"
+    model.doc_string = f"ate_fast sampler graph: {sampler!r}"
+    check_graph(model)
+    problems = tensorrt_problems(model)
+    if problems:
+        message = "the graph has nodes TensorRT's ONNX parser does not support:\n  " + (
+            "\n  ".join(problems[:20])
+        )
+        if require_tensorrt_ops:
+            raise ExportError(message + "\n(pass require_tensorrt_ops=False to keep it anyway)")
+        warnings.warn(message, stacklevel=2)
+    return save_model(model, path)
+
+
+def check_graph(model: Any) -> None:
+    """``onnx.checker`` (full check, with shape inference) and the custom-op rule;
+    raises :class:`ExportError`."""
+    import onnx
+
+    custom = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        raise ExportError(f"the graph contains custom-domain ops {custom} (exporter bug?)")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
+
+
+def save_model(model: Any, path: PathLike) -> Path:
+    """Write ``model`` to ``path`` (weights to ``<name>.data`` beside it when large)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(int(np.prod(init.dims, dtype=np.int64)) * 4 for init in model.graph.initializer)
+    if size > _EXTERNAL_DATA_BYTES:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=path.name + ".data",
+        )  # fmt: skip
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def read_signature(path: PathLike) -> GraphSignature:
+    """The :class:`GraphSignature` stored in an exported ``.onnx`` file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return GraphSignature.from_model(model, str(path))
+
+
+def metadata_json(path: PathLike) -> str:
+    """The graph's ``ate_fast`` metadata as indented JSON (for the CLI and engine sidecars)."""
+    return json.dumps(json.loads(read_signature(path).to_json()), indent=2)
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``max|actual − expected| / max|expected|`` (the normwise relative error used for
+    parity; a zero ``expected`` compares absolutely)."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
+    return err / scale if scale > 0 else err

@@ -1,0 +1,122 @@
+"""Run an exported sampler graph in ONNX Runtime with the samplers' ``sample`` signature."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ate_fast.export.signature import ACTIONS, GraphSignature
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def guidance_target(
+    signature: GraphSignature, guidance: Any, target: Optional[Tensor]
+) -> Optional[Tensor]:
+    """The z* a runner feeds: ``target`` if given, else ``guidance.target`` (a
+    LatentGuidance) when the graph takes a target input; the guidance's other settings
+    are baked into the graph (checked against ``signature``)."""
+    check_guidance_matches(signature, guidance)
+    if guidance is None:
+        return target
+    if target is not None:
+        raise ValueError("pass either guidance or target, not both")
+    if signature.target_dim is None:
+        return None  # the target is baked into the graph
+    value = getattr(guidance, "target", None)
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            "guidance must be the LatentGuidance the graph was exported with (its .target is "
+            f"fed as the graph's target input), got {type(guidance).__name__}"
+        )
+    return value
+
+
+def check_guidance_matches(signature: GraphSignature, guidance: Any) -> None:
+    """Raise if ``guidance``'s scale/clamp/mode differ from the ones baked in."""
+    settings = signature.guidance
+    if guidance is None or not signature.guidance_known:
+        return
+    if settings is None:
+        raise ValueError("guidance was given but the graph was exported unguided")
+    clamp = float(settings["clamp"])
+    for name, baked in (("scale", settings["scale"]), ("clamp", clamp), ("mode", settings["mode"])):
+        value = getattr(guidance, name, None)
+        if value != baked:
+            raise ValueError(
+                f"guidance.{name} is {value!r} but the graph was exported with {baked!r}; "
+                "guidance settings are baked into the graph: export again to change them"
+            )
+
+
+class OnnxRuntimeSampler:
+    """An exported sampler graph in an ``onnxruntime.InferenceSession``.
+
+    Args:
+        path: the ``.onnx`` file from :func:`ate_fast.export.to_onnx`.
+        providers: ONNX Runtime execution providers (default: CPU).
+        threads: intra-op threads (None: ONNX Runtime's default).
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: Optional[int] = None,
+    ) -> None:
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError(
+                "OnnxRuntimeSampler needs onnx and onnxruntime: pip install 'ate_fast[export]'"
+            ) from exc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"path: no ONNX file at {self.path}")
+        model = onnx.load(str(self.path), load_external_data=False)
+        self.signature = GraphSignature.from_model(model, str(self.path))
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeSampler({str(self.path)!r}, {self.signature.sampler})"
+
+    def sample(
+        self,
+        noise: Tensor,
+        cond: Any = None,
+        guidance: Any = None,
+        generator: Optional[torch.Generator] = None,
+        *,
+        target: Optional[Tensor] = None,
+        step_noise: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The actions [B, H, D] for ``noise`` [B, H, D] (CPU tensors; float32 result).
+
+        ``guidance``: the LatentGuidance the graph was exported with (its target is fed),
+        or pass ``target`` [d_z] / [B, d_z] directly. ``generator``/``step_noise``: the step
+        noise of a stochastic sampler, drawn as the PyTorch sampler draws it.
+        """
+        target = guidance_target(self.signature, guidance, target)
+        feeds = self.signature.feeds(noise, cond, target, step_noise, generator)
+        arrays = {name: _numpy(name, t) for name, t in feeds.items()}
+        (actions,) = self.session.run([ACTIONS], arrays)
+        return torch.from_numpy(actions)
+
+
+def _numpy(name: str, t: Tensor) -> np.ndarray:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for ONNX Runtime, got one on {t.device}")
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.to(torch.float32)
+    return np.ascontiguousarray(t.numpy())

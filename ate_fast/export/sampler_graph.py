@@ -1,0 +1,207 @@
+"""A sampler's whole K-step loop as one traceable ``nn.Module`` (what ``to_onnx`` exports).
+
+The loop is not rewritten here: :class:`SamplerGraph` runs the sampler's own ``_loop``
+(the code ``sample()`` and ``capture()`` run) with export stand-ins for what the loop
+reads:
+
+- the coefficient tables: the sampler's precomputed per-step host arrays (``_host``,
+  ``_times``) as float32 buffers, so the schedule's coefficients become graph constants;
+  coefficient rows are ``[1]`` (broadcast over the batch), model times ``[B]``;
+- the fused step: :func:`ate_fast.ops.guided_step_reference`, the op's PyTorch
+  definition, instead of ``torch.ops.ate_fast.guided_step_out`` — so no custom op is
+  traced, only standard ATen ops (this is the decomposition path, not an onnxscript
+  translation of the custom op);
+- the guidance gradient: :class:`~ate_fast.export.guidance_graph.MLPGuidanceGraph`
+  (the MLP encoder's VJP written as forward ops) instead of autograd;
+- step noise: slices of the ``step_noise`` graph input instead of generator draws.
+
+Buffers the loop updates in place become functional ops when ``torch.export`` traces it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ate_fast.export.guidance_graph import MLPGuidanceGraph
+from ate_fast.export.signature import rebuild_cond
+from ate_fast.ops.guided_step_ref import guided_step_reference
+from ate_fast.sampling.inputs import check_output
+from ate_fast.sampling.sampler import Run, Sampler
+from ate_fast.sampling.workspace import Workspace
+
+# κ = inf is exported as the largest float32: identical for finite values, and no ±inf
+# constant reaches a Clip node.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class ModelTraceError(RuntimeError):
+    """The sampler's ``model_fn`` could not be traced into the graph."""
+
+
+TRACEABLE_MODEL = (
+    "The whole sampler is exported as one graph, so model_fn(x, t, cond) must be built from "
+    "torch operations on its tensor arguments: no .numpy()/.item()/.tolist() or Python "
+    "branches on tensor values, no host-side randomness or I/O, no non-torch libraries. "
+    "Wrap the network in an nn.Module whose forward(x [B,H,D], t [B], cond) does only that "
+    "(ate_fast.models' heads do) and build the sampler with it."
+)
+
+
+def model_trace_message(exc: BaseException) -> str:
+    return (
+        "model_fn could not be traced into the exported graph "
+        f"({type(exc).__name__}: {exc}). {TRACEABLE_MODEL}"
+    )
+
+
+class _Rows:
+    """``rows.<name>[k]``: per-step coefficient rows, as :class:`StepTables` gives them."""
+
+
+class _ExportLaunch:
+    """The sampler's fused step as its torch reference (same arguments as ``Launch``)."""
+
+    def __init__(self, lam: float, kappa: float) -> None:
+        self.lam = lam
+        self.kappa = _FLOAT32_MAX if math.isinf(kappa) else kappa
+
+    def __call__(
+        self, out, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None
+    ) -> Tensor:
+        if g is None:
+            c = None  # unguided: the correction term drops out (as Launch)
+        out.copy_(guided_step_reference(x, m, a, b, g, c, m_prev, d, z, s, self.lam, self.kappa))
+        return out
+
+
+class _StepNoise:
+    """The sampler's step-noise draws, taken in order from the ``step_noise`` input."""
+
+    def __init__(self, step_noise: Tensor) -> None:
+        self.step_noise = step_noise
+        self.count = 0
+
+    def __call__(self) -> Tensor:
+        if self.count >= self.step_noise.shape[0]:
+            raise AssertionError("ate_fast.export: more step-noise draws than planned (bug)")
+        z = self.step_noise[self.count]
+        self.count += 1
+        return z
+
+
+class _ExportRun(Run):
+    """A :class:`Run` whose model call reports untraceable model functions and whose
+    guidance gradient is the exported forward-op graph."""
+
+    def __init__(self, *args: Any, guide: Optional[MLPGuidanceGraph], target: Optional[Tensor]):
+        super().__init__(*args)
+        self.guide = guide
+        self.target = target
+
+    def model(self, x: Tensor, t: Tensor) -> Tensor:
+        try:
+            out = self.model_fn(x, t, self.cond)
+        except Exception as exc:
+            raise ModelTraceError(model_trace_message(exc)) from exc
+        return check_output("model_fn", out, x)
+
+    def gradient(
+        self, x: Tensor, m: Tensor, p: Tensor, q: Tensor, dx0_dx: Tensor
+    ) -> Optional[Tensor]:
+        if self.guide is None:
+            return None
+        x0_hat = None
+        if self.guide.mode == "tweedie":
+            x0_hat = self.ws["x0_hat"]
+            self.launch(x0_hat, x, m, p, q)
+        g = self.guide(x, x0_hat, dx0_dx, self.target)
+        return check_output("guidance.gradient", g.to(x.dtype), x)
+
+
+def _model_module(model_fn: Any) -> Optional[nn.Module]:
+    """The nn.Module that owns ``model_fn``'s parameters, if it is one or a bound method."""
+    if isinstance(model_fn, nn.Module):
+        return model_fn
+    owner = getattr(model_fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+class SamplerGraph(nn.Module):
+    """``forward(noise, *cond, [target], [step_noise]) -> actions`` for one sampler setup.
+
+    Args:
+        sampler: a :class:`~ate_fast.sampling.FlowSampler` or ``DiffusionSampler``.
+        lam, kappa: the guidance's scale and clamp (1, inf when unguided).
+        guide: the guidance gradient graph, or None (unguided).
+        cond_kind, cond_keys: the structure ``cond`` is rebuilt into for ``model_fn``.
+        target_input: the graph takes ``target`` [B, d_z] after the cond inputs.
+        step_noise_draws: N > 0: the graph takes ``step_noise`` [N, B, H, D] last.
+        device: where the coefficient tables live (the example inputs' device).
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        lam: float = 1.0,
+        kappa: float = math.inf,
+        guide: Optional[MLPGuidanceGraph] = None,
+        cond_kind: str = "none",
+        cond_keys: Optional[list] = None,
+        target_input: bool = False,
+        step_noise_draws: int = 0,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.sampler = sampler
+        module = _model_module(sampler.model_fn)
+        if module is not None:
+            self.model = module  # its parameters become the graph's initializers
+        self._model_fn = (sampler.model_fn,)  # a tuple: not registered a second time
+        self.guide = guide
+        self.lam, self.kappa = float(lam), float(kappa)
+        self.cond_kind, self.cond_keys = cond_kind, list(cond_keys or [])
+        self.num_cond = {"none": 0, "tensor": 1}.get(cond_kind, len(self.cond_keys))
+        self.target_input = target_input
+        self.step_noise_draws = step_noise_draws
+        self._coefficients = list(sampler._host)
+        self._times = list(sampler._times)
+        for name, values in sampler._host.items():
+            table = torch.tensor(values, dtype=torch.float32, device=device)
+            self.register_buffer(f"coef_{name}", table)
+        for name, values in sampler._times.items():
+            dtype = torch.int64 if values.dtype.kind in "iu" else torch.float32
+            self.register_buffer(f"time_{name}", torch.tensor(values, dtype=dtype, device=device))
+
+    def _rows(self, batch: Any) -> _Rows:
+        rows = _Rows()
+        steps = self.sampler.num_steps
+        for name in self._coefficients:
+            table = getattr(self, f"coef_{name}")
+            setattr(rows, name, [table[k : k + 1] for k in range(steps)])
+        for name in self._times:
+            table = getattr(self, f"time_{name}")
+            setattr(rows, name, [table[k].expand(batch).contiguous() for k in range(steps)])
+        return rows
+
+    def forward(self, noise: Tensor, *inputs: Tensor) -> Tensor:
+        """``noise`` [B, H, D], then the cond tensors, ``target`` [B, d_z] and
+        ``step_noise`` [N, B, H, D] as configured. Returns the actions [B, H, D]."""
+        cond = rebuild_cond(self.cond_kind, self.cond_keys, list(inputs[: self.num_cond]))
+        rest = list(inputs[self.num_cond :])
+        target = rest.pop(0) if self.target_input else None
+        draw = _StepNoise(rest.pop(0)) if self.step_noise_draws else None
+        ws = Workspace(noise)
+        run = _ExportRun(
+            self._model_fn[0], ws["x"], cond, self._rows(noise.shape[0]), ws,
+            _ExportLaunch(self.lam, self.kappa), None, draw, None,
+            guide=self.guide, target=target,
+        )  # fmt: skip
+        run.x.copy_(noise)
+        self.sampler._loop(run)
+        if draw is not None and draw.count != self.step_noise_draws:
+            raise AssertionError("ate_fast.export: step-noise draws differ from the plan (bug)")
+        return run.x

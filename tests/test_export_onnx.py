@@ -1,0 +1,284 @@
+"""ate_fast.export.to_onnx: the whole sampler as one ONNX graph, run in ONNX Runtime.
+
+For every sampler method (unguided and guided) and the reference heads: the graph passes
+``onnx.checker`` with shape inference, every node is in TensorRT's ONNX operator table
+with a supported type, the batch is the symbolic ``batch`` dimension, no custom op is
+left, and ONNX Runtime reproduces ``sampler.sample`` within 1e-4 (normwise relative,
+float32) at batch 1 and 8 — stochastic samplers with the same generator draws. Then the
+graph contract (metadata, static batch, the runner's argument checks) and bad input.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_export_cases import (
+    ALL_CASES,
+    CASES,
+    HEAD_CASES,
+    LINEAR,
+    PARITY_TOLERANCE,
+    _guidance,
+    _mlp,
+    example_inputs,
+    exported,
+)
+from torch import nn
+
+onnx = pytest.importorskip("onnx")  # the `test` extra installs onnx, onnxruntime, onnxscript
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from ate_fast.export import (  # noqa: E402
+    ExportError,
+    GuidanceExportError,
+    ModelTraceError,
+    OnnxRuntimeSampler,
+    read_signature,
+    relative_error,
+    tensorrt_problems,
+    to_onnx,
+)
+from ate_fast.sampling import DiffusionSampler, FlowSampler  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("export")
+
+
+def _parity(name: str, directory) -> list[float]:
+    path, sampler, guidance = exported(name, directory)
+    runner = OnnxRuntimeSampler(path)
+    errors = []
+    for batch in (1, 8):
+        noise, cond = example_inputs(ALL_CASES[name], batch, seed=batch)
+        ref = sampler.sample(noise, cond, guidance, torch.Generator().manual_seed(7))
+        out = runner.sample(noise, cond, guidance, torch.Generator().manual_seed(7))
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert torch.isfinite(ref).all()
+        errors.append(relative_error(out, ref))
+    return errors
+
+
+def _check_graph(path) -> None:
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert tensorrt_problems(model) == []
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    noise = model.graph.input[0]
+    assert noise.name == "noise"
+    assert noise.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.name for o in model.graph.output] == ["actions"]
+
+
+@pytest.mark.parametrize("name", [case.name for case in CASES])
+def test_sampler_methods_parity(name, export_dir):
+    errors = _parity(name, export_dir)
+    assert max(errors) < PARITY_TOLERANCE, errors
+    _check_graph(exported(name, export_dir)[0])
+
+
+@pytest.mark.parametrize("name", [case.name for case in HEAD_CASES])
+def test_reference_heads_parity(name, export_dir):
+    errors = _parity(name, export_dir)
+    assert max(errors) < PARITY_TOLERANCE, errors
+    _check_graph(exported(name, export_dir)[0])
+
+
+def test_graph_inputs_follow_the_sampler(export_dir):
+    """Stochastic samplers take their draws as `step_noise`; guided ones take `target`
+    unless it is baked; the graph's settings are in its metadata."""
+    names = {}
+    for case in ("euler", "ddpm", "ddim-eta-clip-guided", "heun-guided-tweedie-baked"):
+        model = onnx.load(str(exported(case, export_dir)[0]), load_external_data=False)
+        names[case] = [i.name for i in model.graph.input]
+    assert names["euler"] == ["noise", "cond"]
+    assert names["ddpm"] == ["noise", "cond", "step_noise"]
+    assert names["ddim-eta-clip-guided"] == ["noise", "cond", "target", "step_noise"]
+    assert names["heun-guided-tweedie-baked"] == ["noise", "cond"]
+
+    path, sampler, _ = exported("ddpm", export_dir)
+    sig = read_signature(path)
+    assert sig.step_noise_draws == 3  # DDPM draws no noise at its last timestep (t = 0)
+    assert (sig.horizon, sig.action_dim, sig.num_steps) == (50, 32, 4)
+    assert sig.sampler == repr(sampler) and sig.dynamic_batch
+    guided = read_signature(exported("ddim-guided-tweedie-v", export_dir)[0]).guidance
+    assert guided["mode"] == "tweedie" and guided["scale"] == 2.0 and guided["masked"]
+    step = onnx.load(str(path)).graph.input[2].type.tensor_type.shape.dim
+    assert step[0].dim_value == 3 and step[1].dim_param == "batch"
+
+
+def test_dynamic_batch_and_explicit_noise(export_dir):
+    """Any batch runs; explicit step noise is the sampler's draws; a [d_z] target
+    broadcasts; the guidance's target can be passed as `target`."""
+    path, sampler, guidance = exported("ddim-eta-clip-guided", export_dir)
+    runner = OnnxRuntimeSampler(path)
+    noise, cond = example_inputs(ALL_CASES["ddim-eta-clip-guided"], 3)
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([torch.randn(noise.shape, generator=gen) for _ in range(3)])
+    ref = sampler.sample(noise, cond, guidance, torch.Generator().manual_seed(1))
+    out = runner.sample(noise, cond, target=guidance.target, step_noise=draws)
+    assert relative_error(out, ref) < PARITY_TOLERANCE
+    other = runner.sample(noise, cond, target=torch.zeros(16), step_noise=draws)
+    assert relative_error(other, ref) > 1e-3  # the target input is used
+
+
+def test_static_batch_graph(tmp_path):
+    sampler = FlowSampler(_mlp(), 2)
+    noise, cond = torch.randn(3, 50, 32), torch.randn(3, 8)
+    path = to_onnx(sampler, tmp_path / "static.onnx", noise, cond, dynamic_batch=False)
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    assert tensorrt_problems(model) == []
+    runner = OnnxRuntimeSampler(path)
+    assert relative_error(runner.sample(noise, cond), sampler.sample(noise, cond)) < 1e-5
+    with pytest.raises(ValueError, match="exported for batch 3"):
+        runner.sample(noise[:1], cond[:1])
+
+
+def test_runner_argument_errors(export_dir):
+    path, _, guidance = exported("euler-guided", export_dir)
+    runner = OnnxRuntimeSampler(path)
+    noise, cond = example_inputs(ALL_CASES["euler-guided"], 2)
+    with pytest.raises(ValueError, match="pass target"):
+        runner.sample(noise, cond)
+    with pytest.raises(ValueError, match=r"noise must have shape \[B, 50, 32\]"):
+        runner.sample(noise[:, :10], cond, guidance)
+    with pytest.raises(ValueError, match="cond must give the graph's inputs"):
+        runner.sample(noise, None, guidance)
+    with pytest.raises(ValueError, match=r"cond must have shape \[B, 8\]"):
+        runner.sample(noise, cond[:, :3], guidance)
+    with pytest.raises(ValueError, match=r"target must be \[d_z\] = \[16\]"):
+        runner.sample(noise, cond, target=torch.zeros(5))
+    changed = _guidance(50, 32, "direct")
+    changed.scale = 3.0
+    with pytest.raises(ValueError, match=r"guidance\.scale is 3\.0"):
+        runner.sample(noise, cond, changed)
+    with pytest.raises(ValueError, match="step_noise was given"):
+        runner.sample(noise, cond, guidance, step_noise=torch.zeros(1, *noise.shape))
+
+
+class UsesGuidedStep(nn.Module):
+    """A model function that calls ate_fast's custom op itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, t, cond=None):
+        from ate_fast.ops import guided_step
+
+        return guided_step(x, torch.tanh(self.lin(x)), a=0.5, b=t.to(x.dtype))
+
+
+def test_custom_ops_in_the_model_are_decomposed(tmp_path):
+    sampler = FlowSampler(UsesGuidedStep().eval(), 2)
+    noise = torch.randn(2, 6, 4)
+    path = to_onnx(sampler, tmp_path / "op.onnx", noise)
+    model = onnx.load(str(path))
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    out = OnnxRuntimeSampler(path).sample(noise)
+    assert relative_error(out, sampler.sample(noise)) < 1e-5
+
+
+# -- bad input ------------------------------------------------------------------------
+def _numpy_model(x, t, cond):
+    import numpy as np
+
+    return torch.from_numpy(np.tanh(x.numpy()))
+
+
+def _branching_model(x, t, cond):
+    return x * 2 if bool(x.sum() > 0) else x
+
+
+@pytest.mark.parametrize("model_fn", [_numpy_model, _branching_model], ids=["numpy", "branch"])
+def test_untraceable_model_fn_names_what_to_change(model_fn, tmp_path):
+    sampler = FlowSampler(model_fn, 2)
+    with pytest.raises(ModelTraceError, match="model_fn could not be traced") as info:
+        to_onnx(sampler, tmp_path / "bad.onnx", torch.randn(1, 6, 4))
+    assert "nn.Module whose forward(x [B,H,D], t [B], cond)" in str(info.value)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_batch_specialising_model(tmp_path):
+    def fixed_batch(x, t, cond):
+        return torch.tanh(x.reshape(2, -1)).reshape(x.shape)
+
+    sampler = FlowSampler(fixed_batch, 2)
+    noise = torch.randn(2, 6, 4)
+    with pytest.raises(ExportError, match="export with dynamic_batch=False"):
+        to_onnx(sampler, tmp_path / "b.onnx", noise)
+    path = to_onnx(sampler, tmp_path / "b.onnx", noise, dynamic_batch=False)
+    assert relative_error(OnnxRuntimeSampler(path).sample(noise), sampler.sample(noise)) < 1e-6
+
+
+def test_bad_arguments(tmp_path):
+    sampler = FlowSampler(_mlp(), 2)
+    noise, cond = torch.randn(1, 50, 32), torch.randn(1, 8)
+    out = tmp_path / "x.onnx"
+    for opset in (17, 21):
+        with pytest.raises(ValueError, match="opset must be one of"):
+            to_onnx(sampler, out, noise, cond, opset=opset)
+    with pytest.raises(TypeError, match="example_noise must be float32"):
+        to_onnx(sampler, out, noise.double(), cond)
+    with pytest.raises(TypeError, match="sampler must be an ate_fast sampler"):
+        to_onnx(object(), out, noise, cond)
+    with pytest.raises(TypeError, match=r"example_cond\['a'\] must be a Tensor"):
+        to_onnx(sampler, out, noise, {"a": 1})
+    with pytest.raises(ValueError, match="must have the batch dimension of example_noise"):
+        to_onnx(sampler, out, noise, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="noise contains NaN"):
+        to_onnx(sampler, out, torch.full((1, 50, 32), float("nan")), cond)
+    trained = FlowSampler(_mlp().train(), 2)
+    with pytest.raises(ValueError, match=r"training mode: call \.eval\(\)"):
+        to_onnx(trained, out, noise, cond)
+    assert not out.exists()
+
+
+def test_unexportable_guidance(tmp_path):
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer import LatentGuidance
+
+    sampler = FlowSampler(_mlp(), 2)
+    noise, cond = torch.randn(1, 50, 32), torch.randn(1, 8)
+    vae = ActionVAE(32, 50, latent_dim=8, arch="transformer", d_model=16, num_layers=1)
+    with pytest.raises(GuidanceExportError, match=r"transformer.*arch='mlp'"):
+        to_onnx(sampler, tmp_path / "g.onnx", noise, cond, LatentGuidance(vae, torch.zeros(8)))
+
+    class Custom:
+        scale, clamp, mode = 1.0, 1.0, "direct"
+
+        def gradient(self, x, x0_hat, dx0_dx):
+            return torch.zeros_like(x)
+
+    with pytest.raises(GuidanceExportError, match="ONNX has no autograd"):
+        to_onnx(sampler, tmp_path / "g.onnx", noise, cond, Custom())
+    tweedie = _guidance(50, 32, "tweedie")
+    x0_model = DiffusionSampler(_mlp(1e-3), LINEAR, "ddim", 2, prediction_type="sample")
+    with pytest.raises(ValueError, match="tweedie"):
+        to_onnx(x0_model, tmp_path / "g.onnx", noise, cond, tweedie)
+
+
+def test_tensorrt_problems_reports_what_the_parser_rejects():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Det", ["x"], ["d"]),
+        helper.make_node("Cast", ["x"], ["xd"], to=TensorProto.DOUBLE),
+        helper.make_node("Add", ["xd", "xd"], ["x2"]),
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Unsqueeze", ["x", "axes"], ["y"]),
+    ]
+    axes = helper.make_tensor_value_info("axes", TensorProto.INT64, [1])
+    graph = helper.make_graph(nodes, "g", [x, axes], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    problems = "\n".join(tensorrt_problems(model))
+    assert "opset 21 is outside" in problems
+    assert "Det node" in problems and "not supported" in problems
+    assert "Add node" in problems and "DOUBLE" in problems
+    assert "Unsqueeze node" in problems and "build-time constant" in problems
+    assert "Shape node" not in problems and "Cast node" not in problems
