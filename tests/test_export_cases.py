@@ -11,10 +11,14 @@ one ulp of the period — which differs between PyTorch's and a constant-folded 
 ``pow`` — moves sin/cos by ~0.1. That head is then ill-conditioned in float32 whatever
 runs it; the ``time_scale`` field exists for exactly this.
 
-Flow guidance at t = 1 multiplies g by c = −1e6 (the floored −t/(1−t)): where c·g is not
-clamped, g's float32 rounding is amplified a millionfold, and with κ = 0.1 PyTorch's own
-``ref`` and ``cpu`` backends differ by ~4e-5 on the Heun/tweedie case (ONNX Runtime by as
-much). That case uses κ = 0.05, where all three agree to ~3e-7.
+Flow guidance at t = 1 (where every flow grid starts) multiplies g by c = −1e6 (the
+floored −t/(1−t)): an element of g within κ/1e6 of zero leaves c·g unclamped, and its
+float32 rounding is amplified a millionfold. Most inputs have no such element and every
+implementation agrees to ~1e-7; when one does, PyTorch float32 itself lands 1e-5…2e-4
+from a float64 run (its ``ref`` and ``cpu`` backends differ as much), and so does ONNX
+Runtime. Guided flow cases are therefore held to DESIGN.md's low-precision rule instead:
+ONNX Runtime's error against a float64 PyTorch run at most ``FLOW_GUIDED_FACTOR`` times
+PyTorch float32's own (or 1e-4, whichever is larger); :func:`float64_twin` builds that run.
 
 Likewise an ε-model's DPM-Solver++ step from the linear schedule's t = 999 (ᾱ = 4e-5;
 diffusers' default "linspace" spacing starts there) with tweedie guidance scales g by
@@ -24,6 +28,7 @@ diffusers' default "linspace" spacing starts there) with tweedie guidance scales
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,7 @@ from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
 from ate_fast.steer import LatentGuidance
 
 PARITY_TOLERANCE = 1e-4  # max |onnx − torch| / max |torch|, float32
+FLOW_GUIDED_FACTOR = 4.0  # see the module docstring
 
 
 @dataclass
@@ -194,6 +200,20 @@ HEAD_CASES = [
 ALL_CASES = {case.name: case for case in CASES + HEAD_CASES}
 
 _EXPORTED: dict[str, tuple[Path, Any, Any]] = {}
+
+
+def float64_twin(sampler: Any, guidance: Optional[LatentGuidance]) -> tuple[Any, Any]:
+    """Copies of ``sampler`` and ``guidance`` computing in float64 (same weights)."""
+    twin = copy.deepcopy(sampler)
+    twin.model_fn.double()
+    twin._tables.clear()
+    if guidance is None:
+        return twin, None
+    guided = copy.deepcopy(guidance)
+    guided.encoder.source.double()
+    guided.set_target(guided.target.double())
+    guided.encoder.mask = guided.encoder.mask.double()
+    return twin, guided
 
 
 def example_inputs(case: Case, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
