@@ -35,8 +35,13 @@ _LAZY = {
     "ActionChunkDataset": "ate_fast.data",
     # models
     "make_head": "ate_fast.models",
+    # export
+    "to_onnx": "ate_fast.export",
+    "to_tensorrt": "ate_fast.export",
+    "OnnxRuntimeSampler": "ate_fast.export",
+    "TensorRTSampler": "ate_fast.export",
 }
-_SUBPACKAGES = ("align", "data", "models", "ops", "sampling", "steer")
+_SUBPACKAGES = ("align", "data", "export", "models", "ops", "sampling", "steer")
 
 __all__ = ["__version__", "guided_step", "info", "mlp_guidance", *_LAZY, *_SUBPACKAGES]
 
