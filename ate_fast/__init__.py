@@ -7,11 +7,9 @@ that live in subpackages are imported when first accessed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from ate_fast._version import __version__
 from ate_fast.info import info
+from ate_fast.lazy_exports import lazy_attributes
 from ate_fast.ops import guided_step, mlp_guidance
 
 # public name -> module that defines it (imported on first access)
@@ -46,16 +44,4 @@ _SUBPACKAGES = ("align", "data", "export", "models", "ops", "sampling", "steer")
 __all__ = ["__version__", "guided_step", "info", "mlp_guidance", *_LAZY, *_SUBPACKAGES]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f"ate_fast.{name}")
-    else:
-        raise AttributeError(f"module 'ate_fast' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY, _SUBPACKAGES)

@@ -7,8 +7,9 @@ imports only argparse.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ate_fast.lazy_exports import lazy_attributes
 
 _EXPORTS = {
     "ActionVAE": "vae",
@@ -71,17 +72,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ate_fast.align' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"ate_fast.align.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(
+    globals(), {name: f"ate_fast.align.{module}" for name, module in _EXPORTS.items()}
+)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs

@@ -15,8 +15,9 @@ neither onnx nor tensorrt.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ate_fast.lazy_exports import lazy_attributes
 
 _EXPORTS = {
     "to_onnx": "onnx_export",
@@ -59,17 +60,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ate_fast.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"ate_fast.export.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(
+    globals(), {name: f"ate_fast.export.{module}" for name, module in _EXPORTS.items()}
+)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
