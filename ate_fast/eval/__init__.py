@@ -1,0 +1,1 @@
+"""Evaluation of adapted policies on simulators."""
