@@ -1,0 +1,435 @@
+"""The benchmark's driver: artefacts shared between runs are cached, runs go to worker
+processes, finished runs are skipped, and a report is written at the end.
+
+Layout of ``out_dir``::
+
+    cache/   source demos, the stage-1 VAE + prior, pre-trained policies, target demos,
+             stage-2 VAEs (file names carry a hash of the settings they depend on)
+    runs/    one JSON per (policy, shift, N, seed, method) — the results
+    summary.md, summary.json, success.png — written by ``ate_fast.eval.report``
+
+Phases: (1) source demos → stage-1 VAE → pre-trained policy per kind (main process);
+(2) target demos per seed; stage-2 VAEs per (shift, N, seed, KL direction) (workers);
+(3) per (policy, shift, N, seed, trained method): fine-tune once, evaluate every method
+that uses that policy, write their JSONs (workers). Killing the job loses at most the
+runs in flight; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ate_fast.align.atomic_io import atomic_path, atomic_write_json
+from ate_fast.eval.metaworld.align_vaes import new_vae, train_source_vae, train_target_vae
+from ate_fast.eval.metaworld.config import CONFIGS, METHODS, EvalConfig, Method
+from ate_fast.eval.metaworld.embodiment import Shift
+from ate_fast.eval.metaworld.envs import layout_seeds, task_names
+from ate_fast.eval.metaworld.experts import Demonstrations, chunk_set, collect
+from ate_fast.eval.metaworld.policy import Conditioner, PolicySpec, make_policy, train_policy
+from ate_fast.eval.metaworld.rollout import evaluate
+from ate_fast.steer import LatentGuidance, Steer
+
+SCHEMA = 1
+EVAL_LAYOUT_SEED = 0  # one fixed evaluation set per task, whatever the run's seed
+
+# the cache keys: which settings each artefact depends on
+_SOURCE_KEYS = ("source_tasks", "pretrain_demos")
+_STAGE1_KEYS = (
+    *_SOURCE_KEYS,
+    "horizon",
+    "latent_dim",
+    "vae_hidden",
+    "vae_lr",
+    "stage1_epochs",
+    "vae_batch",
+    "prior",
+)
+_PRETRAIN_KEYS = (
+    *_SOURCE_KEYS,
+    "horizon",
+    "policy_hidden",
+    "policy_depth",
+    "pretrain_steps",
+    "pretrain_batch",
+    "pretrain_lr",
+)
+_TARGET_KEYS = ("target_tasks",)
+_STAGE2_KEYS = (*_STAGE1_KEYS, *_TARGET_KEYS, "stage2_epochs")
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (stable across processes and Python versions)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") >> 1
+
+
+def task_index() -> dict[str, int]:
+    """Task name → one-hot slot: every Meta-World v3 task, sorted (so a pre-trained policy
+    is the same whatever the targets)."""
+    return {name: i for i, name in enumerate(task_names())}
+
+
+def run_id(policy: str, shift: str, demos: int, seed: int, method: str) -> str:
+    return f"{policy}-{shift}-n{demos}-s{seed}-{method}"
+
+
+def _save(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, weights_only=False)  # our own cache files
+
+
+def _cached(path: Path, make: Callable[[], Any]) -> Any:
+    if path.exists():
+        return _load(path)
+    obj = make()
+    _save(path, obj)
+    return obj
+
+
+@dataclass
+class Workspace:
+    """The config and the output folder, as passed to worker processes."""
+
+    cfg: EvalConfig
+    out: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    def path(self, stem: str, keys: tuple[str, ...]) -> Path:
+        return self.cache / f"{stem}-{self.cfg.digest(*keys)}.pt"
+
+
+# ---------------------------------------------------------------- phase 1: source side
+def _source_demos(ws: Workspace) -> list[Demonstrations]:
+    index = task_index()
+    return _cached(
+        ws.path("source-demos", _SOURCE_KEYS),
+        lambda: [
+            collect(t, index[t], "pretrain", 0, ws.cfg.pretrain_demos) for t in ws.cfg.source_tasks
+        ],
+    )
+
+
+def _source_chunks(ws: Workspace):
+    return chunk_set(_source_demos(ws), task_index(), Shift("source"), ws.cfg.horizon)
+
+
+def _stage1(ws: Workspace) -> dict:
+    def make() -> dict:
+        vae, prior, stats = train_source_vae(ws.cfg, _source_chunks(ws), derived_seed("stage1"))
+        return {"vae": vae.state_dict(), "prior": prior, "stats": stats}
+
+    return _cached(ws.path("stage1", _STAGE1_KEYS), make)
+
+
+def _spec(cfg: EvalConfig, kind: str) -> PolicySpec:
+    return PolicySpec(kind, cfg.horizon, cfg.policy_hidden, cfg.policy_depth, len(task_index()))
+
+
+def _pretrained(ws: Workspace, kind: str, progress: bool = False) -> dict:
+    def make() -> dict:
+        data = _source_chunks(ws)
+        with torch.random.fork_rng():
+            torch.manual_seed(derived_seed("pretrain-init", kind))
+            policy = make_policy(_spec(ws.cfg, kind))
+        conditioner = Conditioner(len(task_index()), data.obs)
+        cfg = ws.cfg
+        fit = train_policy(
+            policy, conditioner, data, kind=kind, steps=cfg.pretrain_steps,
+            batch=cfg.pretrain_batch, lr=cfg.pretrain_lr, seed=derived_seed("pretrain", kind),
+            progress=progress, desc=f"pre-train {kind} policy",
+        )  # fmt: skip
+        return {
+            "policy": policy.state_dict(),
+            "conditioner": conditioner.state_dict(),
+            "loss": fit.loss,
+            "chunks": len(data),
+        }
+
+    return _cached(ws.path(f"pretrained-{kind}", _PRETRAIN_KEYS), make)
+
+
+# ---------------------------------------------------------------- phase 2: target side
+def _target_demos(ws: Workspace, seed: int) -> list[Demonstrations]:
+    index, n = task_index(), max(ws.cfg.demos)
+    path = ws.cache / f"target-demos-s{seed}-n{n}-{ws.cfg.digest(*_TARGET_KEYS)}.pt"
+    return _cached(
+        path, lambda: [collect(t, index[t], "demo", seed, n) for t in ws.cfg.target_tasks]
+    )
+
+
+def _target_chunks(ws: Workspace, shift: str, demos: int, seed: int):
+    first = [
+        Demonstrations(d.task, d.episodes[:demos], d.failures) for d in _target_demos(ws, seed)
+    ]
+    return chunk_set(first, task_index(), Shift(shift), ws.cfg.horizon)
+
+
+def _stage2_path(ws: Workspace, shift: str, demos: int, seed: int, kl: str) -> Path:
+    return ws.path(f"stage2-{shift}-n{demos}-s{seed}-{kl}", _STAGE2_KEYS)
+
+
+def _stage2_job(ws: Workspace, shift: str, demos: int, seed: int, kl: str) -> str:
+    torch.set_num_threads(1)
+
+    def make() -> dict:
+        stage1 = _stage1(ws)
+        data = _target_chunks(ws, shift, demos, seed)
+        vae, target, stats = train_target_vae(
+            ws.cfg, data, stage1["prior"], kl, derived_seed("stage2", shift, demos, seed, kl)
+        )
+        return {"vae": vae.state_dict(), "target": target, "stats": stats}
+
+    _cached(_stage2_path(ws, shift, demos, seed, kl), make)
+    return f"stage 2 {shift} N={demos} seed {seed} {kl}"
+
+
+# ---------------------------------------------------------------- phase 3: runs
+def _steer_for(
+    ws: Workspace, method: Method, shift: str, demos: int, seed: int, mask: torch.Tensor
+) -> Optional[Steer]:
+    if method.steer is None:
+        return None
+    encoder = method.steer["encoder"]
+    vae = new_vae(ws.cfg, derived_seed("untrained", seed))
+    if encoder != "untrained":
+        kl = "forward" if encoder == "stage2-forward-kl" else "reverse"
+        vae.load_state_dict(_load(_stage2_path(ws, shift, demos, seed, kl))["vae"])
+    return Steer(
+        vae,
+        scale=method.steer["scale"],
+        clamp=ws.cfg.steer_clamp,
+        reduction=method.steer["reduction"],
+        mask=mask,
+    )
+
+
+def _guidance_for(
+    ws: Workspace, shift: str, demos: int, seed: int, mask: torch.Tensor
+) -> LatentGuidance:
+    stage2 = _load(_stage2_path(ws, shift, demos, seed, "reverse"))
+    vae = new_vae(ws.cfg, 0)
+    vae.load_state_dict(stage2["vae"])
+    cfg = ws.cfg
+    return LatentGuidance(
+        vae,
+        stage2["target"],
+        scale=cfg.guidance_scale,
+        clamp=cfg.guidance_clamp,
+        mode="direct",
+        mask=mask,
+    )
+
+
+def _eval_layouts(ws: Workspace) -> dict[str, Any]:
+    index = task_index()
+    return {
+        t: layout_seeds("eval", EVAL_LAYOUT_SEED, index[t], ws.cfg.eval_episodes)
+        for t in ws.cfg.target_tasks
+    }
+
+
+def _outputs(ws: Workspace, job: tuple) -> list[tuple[str, Path]]:
+    kind, shift, demos, seed, trained = job
+    return [
+        (m, ws.runs / f"{run_id(kind, shift, demos, seed, m)}.json")
+        for m in ws.cfg.methods
+        if METHODS[m].training == trained
+    ]
+
+
+def _run_job(ws: Workspace, job: tuple) -> str:
+    """Fine-tune one policy and evaluate every method that uses it (missing JSONs only)."""
+    torch.set_num_threads(1)
+    kind, shift, demos, seed, trained = job
+    cfg, start = ws.cfg, time.perf_counter()
+    data = _target_chunks(ws, shift, demos, seed)
+    method = METHODS[trained]
+    policy = make_policy(_spec(cfg, kind))
+    conditioner = Conditioner(len(task_index()))
+    pre = _pretrained(ws, kind)
+    conditioner.load_state_dict(pre["conditioner"])  # scratch too: the same observation scaling
+    if method.init == "pretrained":
+        policy.load_state_dict(pre["policy"])
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(derived_seed("scratch-init", kind, seed))
+            policy = make_policy(_spec(cfg, kind))
+    steer = _steer_for(ws, method, shift, demos, seed, data.mask)
+    fit = train_policy(
+        policy, conditioner, data, kind=kind, steps=cfg.finetune_steps, batch=cfg.finetune_batch,
+        lr=cfg.finetune_lr if method.init == "pretrained" else cfg.pretrain_lr,
+        seed=derived_seed("finetune", kind, shift, demos, seed), steer=steer,
+    )  # fmt: skip
+    trained_s = time.perf_counter() - start
+    for name, path in _outputs(ws, job):
+        if path.exists():
+            continue
+        t0 = time.perf_counter()
+        guidance = (
+            _guidance_for(ws, shift, demos, seed, data.mask) if METHODS[name].guided else None
+        )
+        tasks = evaluate(
+            copy.deepcopy(policy), conditioner, kind=kind, shift=Shift(shift),
+            layouts=_eval_layouts(ws), task_index=task_index(), horizon=cfg.horizon,
+            exec_steps=cfg.exec_steps,
+            max_steps=cfg.episode_steps, sampler_steps=cfg.sampler_steps,
+            noise_seed=derived_seed("eval-noise", kind, shift, demos, seed), guidance=guidance,
+        )  # fmt: skip
+        per_task = [sum(v["success"]) / len(v["success"]) for v in tasks.values()]
+        atomic_write_json(
+            path,
+            {
+                "schema": SCHEMA,
+                "run_id": run_id(kind, shift, demos, seed, name),
+                "config": cfg.name,
+                "method": name,
+                "policy": kind,
+                "shift": shift,
+                "demos": demos,
+                "seed": seed,
+                "tasks": tasks,
+                "success_rate": sum(per_task) / len(per_task),
+                "train": {
+                    "trained_as": trained,
+                    "loss": fit.loss,
+                    "steps": fit.steps,
+                    "seconds": trained_s,
+                    **fit.steer,
+                },
+                "data": data.stats,
+                "seconds": trained_s + time.perf_counter() - t0,
+                "machine": machine(),
+                "settings": cfg.to_dict(),
+            },
+        )
+    return run_id(kind, shift, demos, seed, trained)
+
+
+def machine() -> str:
+    """What ran the job, for the run's JSON."""
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def plan(cfg: EvalConfig) -> list[tuple]:
+    """Training jobs ``(policy, shift, demos, seed, trained method)`` of ``cfg``."""
+    trained = list(dict.fromkeys(METHODS[m].training for m in cfg.methods))
+    return [
+        (k, s, n, seed, t)
+        for k in cfg.policies
+        for s in cfg.shifts
+        for n in cfg.demos
+        for seed in cfg.seeds
+        for t in trained
+    ]
+
+
+def _pool(
+    fn: Callable, ws: Workspace, jobs: list[tuple], workers: int, desc: str, progress: bool
+) -> None:
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, dynamic_ncols=True)
+    if workers <= 1:
+        for job in jobs:
+            bar.set_postfix_str(fn(ws, *job) if fn is _stage2_job else fn(ws, job))
+            bar.update()
+    else:
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [
+                pool.submit(fn, ws, *job) if fn is _stage2_job else pool.submit(fn, ws, job)
+                for job in jobs
+            ]
+            for f in as_completed(futures):
+                bar.set_postfix_str(f.result())
+                bar.update()
+    bar.close()
+
+
+def run_benchmark(
+    config: str | EvalConfig = "quick",
+    out_dir: str | os.PathLike = "results/metaworld",
+    *,
+    methods: Optional[list[str]] = None,
+    workers: Optional[int] = None,
+    progress: bool = True,
+    report: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Run (or resume) the benchmark ``config`` (a name in ``CONFIGS`` or an EvalConfig)
+    into ``out_dir``; returns ``out_dir``. ``methods`` restricts the config's methods;
+    ``workers`` processes run jobs in parallel (default: the CPU count, at most 4)."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"config: expected one of {list(CONFIGS)}, got {config!r}")
+        config = CONFIGS[config]
+    if methods:
+        config = config.with_overrides(methods=tuple(methods))
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"workers: expected >= 1, got {workers}")
+    ws = Workspace(config, Path(out_dir))
+    ws.cache.mkdir(parents=True, exist_ok=True)
+    ws.runs.mkdir(parents=True, exist_ok=True)
+    cfg, t0 = config, time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over processes: intra-op threads only contend
+    try:
+        _run_phases(ws, workers, progress, echo)
+    finally:
+        torch.set_num_threads(threads)
+    if report:
+        from ate_fast.eval.report import write_report
+
+        paths = write_report(ws.out, method_order=list(cfg.methods))
+        echo("  report: " + ", ".join(str(p) for p in paths.values()))
+    echo(f"  done ({time.perf_counter() - t0:.0f} s)")
+    return ws.out
+
+
+def _run_phases(ws: Workspace, workers: int, progress: bool, echo: Callable[[str], None]) -> None:
+    cfg, t0 = ws.cfg, time.perf_counter()
+    jobs = [j for j in plan(cfg) if not all(p.exists() for _, p in _outputs(ws, j))]
+    echo(
+        f"metaworld/{cfg.name}: {len(plan(cfg))} training jobs, {len(jobs)} to run, "
+        f"{workers} workers → {ws.out}"
+    )
+    if jobs:
+        _source_demos(ws)
+        _stage1(ws)
+        for kind in dict.fromkeys(j[0] for j in jobs):
+            _pretrained(ws, kind, progress)
+        echo(f"  source side ready ({time.perf_counter() - t0:.0f} s)")
+        for seed in dict.fromkeys(j[3] for j in jobs):
+            _target_demos(ws, seed)
+        kls = {"reverse"} | {
+            "forward"
+            for m in cfg.methods
+            if (METHODS[m].steer or {}).get("encoder") == "stage2-forward-kl"
+        }
+        stage2 = sorted({(s, n, seed, kl) for _, s, n, seed, _ in jobs for kl in kls})
+        stage2 = [j for j in stage2 if not _stage2_path(ws, *j).exists()]
+        _pool(_stage2_job, ws, stage2, workers, "stage-2 VAEs", progress)
+        echo(f"  target demos and stage-2 VAEs ready ({time.perf_counter() - t0:.0f} s)")
+        _pool(_run_job, ws, jobs, workers, "fine-tune + evaluate", progress)
+        echo(f"  runs finished ({time.perf_counter() - t0:.0f} s)")
