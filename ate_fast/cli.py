@@ -14,7 +14,12 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-SUBCOMMAND_MODULES = ("ate_fast.align.cli", "ate_fast.demo", "ate_fast.export.cli")
+SUBCOMMAND_MODULES = (
+    "ate_fast.align.cli",
+    "ate_fast.demo",
+    "ate_fast.export.cli",
+    "ate_fast.eval.cli",
+)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -1,0 +1,53 @@
+"""``ate-fast eval metaworld``: the Meta-World cross-embodiment benchmark."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _cmd_metaworld(args: argparse.Namespace) -> int:
+    from ate_fast.eval.metaworld import CONFIGS, run_benchmark
+
+    if args.list:
+        for name, cfg in CONFIGS.items():
+            print(
+                f"{name}: targets {list(cfg.target_tasks)}, shifts {list(cfg.shifts)}, policies "
+                f"{list(cfg.policies)}, N {list(cfg.demos)}, seeds {list(cfg.seeds)}, "
+                f"methods {list(cfg.methods)}"
+            )
+        return 0
+    out = run_benchmark(
+        args.config,
+        args.out or f"results/metaworld-{args.config}",
+        methods=args.methods,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(f"results in {out} (summary.md, summary.json, success.png, runs/*.json)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    from ate_fast.eval.metaworld.config import CONFIGS, METHODS
+
+    evaluation = subparsers.add_parser("eval", help="evaluate adaptation methods on a simulator")
+    sims = evaluation.add_subparsers(dest="simulator", required=True)
+    p = sims.add_parser(
+        "metaworld",
+        help="Meta-World cross-embodiment benchmark (needs the [eval] extra)",
+        description=(
+            "Pre-train on source tasks, adapt to held-out hard tasks on a robot with another "
+            "action space with each method, evaluate, report success with 95%% bootstrap "
+            "intervals. Resumable: finished runs in --out are skipped."
+        ),
+    )
+    p.add_argument("--config", choices=list(CONFIGS), default="quick")
+    p.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help="restrict the config's methods"
+    )
+    p.add_argument("--out", help="output folder (default results/metaworld-<config>)")
+    p.add_argument("--workers", type=int, help="parallel processes (default: CPUs, at most 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="print the configs and exit")
+    p.set_defaults(func=_cmd_metaworld)

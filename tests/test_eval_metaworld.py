@@ -1,0 +1,192 @@
+"""The Meta-World benchmark: embodiment remaps, layout seeds, expert demos through a
+remap, the whole pipeline on the smoke config, and resuming. No success-rate thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ate_fast.cli import main as cli_main
+from ate_fast.eval.metaworld import CONFIGS, METHODS, SHIFTS, Shift, plan, run_benchmark
+from ate_fast.eval.metaworld.embodiment import ACTION_DIM, WORKSPACE_HIGH, WORKSPACE_LOW
+from ate_fast.eval.metaworld.envs import (
+    HAND,
+    STREAMS,
+    LockstepEnvs,
+    layout_seeds,
+    make_env,
+    reset_layout,
+)
+from ate_fast.eval.metaworld.experts import chunk_set, collect
+from ate_fast.eval.metaworld.runner import task_index
+
+
+# ---------------------------------------------------------------- embodiments
+@pytest.mark.parametrize("name", SHIFTS)
+def test_remap_round_trip(name):
+    rng = np.random.default_rng(0)
+    env_actions = rng.uniform(-1, 1, (500, 4))
+    hand = rng.uniform(WORKSPACE_LOW + 0.05, WORKSPACE_HIGH - 0.05, (500, 3))
+    shift = Shift(name)
+    robot = shift.to_robot(env_actions, hand)
+    assert robot.shape == (500, ACTION_DIM)
+    assert np.all(robot[:, 4:] == 0)  # padding slots
+    assert np.all(np.abs(robot[:, :4]) <= 1.0 + 1e-12)  # inside the unified box
+    np.testing.assert_allclose(shift.to_env(robot, hand), env_actions, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(shift.mask, [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_remaps_differ_and_nonlinear_ones_are_nonlinear():
+    rng = np.random.default_rng(1)
+    a, hand = (
+        rng.uniform(-0.4, 0.4, (64, 4)),
+        rng.uniform(-0.1, 0.1, (64, 3)) + np.array([0, 0.6, 0.2]),
+    )
+    maps = {n: Shift(n).to_robot(a, hand) for n in SHIFTS}
+    for x in SHIFTS:
+        for y in SHIFTS:
+            if x < y:
+                assert not np.allclose(maps[x], maps[y]), (x, y)
+    b = rng.uniform(-0.4, 0.4, (64, 4))
+    for name in ("source", "linear", "warp"):
+        f = Shift(name).to_robot  # (the hand only matters to "absolute")
+        additive = np.allclose(f(a + b, hand) - f(b, hand), f(a, hand) - f(0 * a, hand))
+        assert additive == Shift(name).linear, name
+    # the gripper's sign is flipped by the linear family, kept by the others
+    assert np.allclose(maps["linear"][:, 3], -a[:, 3]) and np.allclose(
+        maps["absolute"][:, 3], a[:, 3]
+    )
+    # absolute: the robot's command depends on where the hand is
+    moved = Shift("absolute").to_robot(a, hand + 0.05)
+    assert not np.allclose(moved[:, :3], maps["absolute"][:, :3])
+
+
+def test_remap_errors_name_the_argument():
+    with pytest.raises(ValueError, match="shift"):
+        Shift("rotated")
+    with pytest.raises(ValueError, match="env_action"):
+        Shift("linear").to_robot(np.zeros((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="hand"):
+        Shift("absolute").to_env(np.zeros((2, ACTION_DIM)), np.zeros((2, 2)))
+
+
+# ---------------------------------------------------------------- layouts
+def test_layout_seed_streams_are_disjoint():
+    n_tasks = len(task_index())
+    seen: dict[int, tuple] = {}
+    for stream in STREAMS:
+        for seed in range(5):
+            for t in range(n_tasks):
+                for s in layout_seeds(stream, seed, t, 1000).tolist():
+                    assert s not in seen, (s, seen[s], (stream, seed, t))
+                    seen[s] = (stream, seed, t)
+    with pytest.raises(ValueError, match="stream"):
+        layout_seeds("train", 0, 0, 3)
+    with pytest.raises(ValueError, match="count"):
+        layout_seeds("eval", 0, 0, 10**6)
+
+
+def test_layouts_are_reproducible_and_differ_between_streams():
+    env = make_env("pick-place-wall-v3")
+    idx = task_index()["pick-place-wall-v3"]
+    demo, ev = layout_seeds("demo", 0, idx, 3), layout_seeds("eval", 0, idx, 3)
+    first = np.stack([reset_layout(env, s) for s in demo])
+    again = np.stack([reset_layout(env, s) for s in demo])
+    other = np.stack([reset_layout(env, s) for s in ev])
+    np.testing.assert_array_equal(first, again)
+    # object and goal positions (obs 4:7 and 36:39) differ between layouts
+    positions = np.concatenate([first, other])[:, np.r_[4:7, 36:39]]
+    assert len({tuple(np.round(p, 6)) for p in positions}) == 6
+
+
+@pytest.mark.parametrize("name", ["linear", "absolute"])
+def test_expert_demos_replay_through_the_remap(name):
+    """Demos recorded in the new robot's action space, executed back through its map in
+    the lockstep environments, succeed as the expert did (the remap is what the env sees)."""
+    task = "reach-v3"
+    demos = collect(task, task_index()[task], "demo", 0, 2)
+    assert len(demos.episodes) == 2 and demos.failures >= 0
+    shift = Shift(name)
+    data = chunk_set([demos], task_index(), shift, horizon=4)
+    assert data.chunks.shape[1:] == (4, ACTION_DIM) and len(data) == sum(
+        len(e.obs) for e in demos.episodes
+    )
+    envs = LockstepEnvs([task, task], np.array([e.layout for e in demos.episodes]), max_steps=500)
+    plans = [shift.to_robot(e.env_actions, e.obs[:, HAND]) for e in demos.episodes]
+    for k in range(max(len(p) for p in plans)):
+        robot = np.stack([p[min(k, len(p) - 1)] for p in plans])
+        envs.step(shift.to_env(robot, envs.obs[:, HAND]))
+    assert envs.success.all(), envs.steps
+
+
+# ---------------------------------------------------------------- configs
+def test_config_validation():
+    base = CONFIGS["smoke"]
+    with pytest.raises(ValueError, match="target_tasks"):
+        base.with_overrides(target_tasks=("reach-v3",))
+    with pytest.raises(ValueError, match="methods"):
+        base.with_overrides(methods=("ate-v2",))
+    with pytest.raises(ValueError, match="shifts"):
+        base.with_overrides(shifts=("source",))
+    with pytest.raises(ValueError, match="unknown config fields"):
+        base.with_overrides(lr=1.0)
+    # guided methods reuse the policy of the method they name: one training per policy
+    jobs = plan(CONFIGS["quick"])
+    trained = {j[-1] for j in jobs}
+    assert trained == {"direct", "ate", "ate-batch", "ate-flipped"}
+    assert all(METHODS[m].training in trained for m in CONFIGS["quick"].methods)
+
+
+def test_cli_lists_configs(capsys):
+    assert cli_main(["eval", "metaworld", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in CONFIGS)
+
+
+# ---------------------------------------------------------------- the pipeline
+def _runs(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
+
+
+def test_smoke_pipeline_and_resume(tmp_path):
+    lines: list[str] = []
+    run_benchmark("smoke", tmp_path, workers=1, progress=False, echo=lines.append)
+    runs = _runs(tmp_path)
+    cfg = CONFIGS["smoke"]
+    assert set(runs) == {f"flow-linear-n2-s0-{m}" for m in cfg.methods}
+    for run in runs.values():
+        assert run["schema"] == 1 and run["config"] == "smoke"
+        assert set(run["tasks"]) == set(cfg.target_tasks)
+        for task in run["tasks"].values():
+            assert len(task["success"]) == cfg.eval_episodes
+            assert all(0 < s <= cfg.episode_steps for s in task["steps"])
+        assert 0.0 <= run["success_rate"] <= 1.0
+        assert run["data"]["episodes"] == {"pick-place-wall-v3": 2}
+    assert runs["flow-linear-n2-s0-ate"]["train"]["trained_as"] == "ate"
+    assert "clamp_fraction" in runs["flow-linear-n2-s0-ate"]["train"]
+    assert runs["flow-linear-n2-s0-direct+guided"]["train"]["trained_as"] == "direct"
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(m in summary for m in cfg.methods)
+    assert (tmp_path / "success.png").stat().st_size > 0
+
+    # a second call finds everything done and runs nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    lines.clear()
+    run_benchmark("smoke", tmp_path, workers=1, progress=False, echo=lines.append)
+    assert "0 to run" in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # a lost run is redone (only it), from the cache, with the same result
+    lost = tmp_path / "runs" / "flow-linear-n2-s0-direct+guided.json"
+    before = json.loads(lost.read_text())
+    lost.unlink()
+    lines.clear()
+    run_benchmark("smoke", tmp_path, workers=1, progress=False, report=False, echo=lines.append)
+    assert "1 to run" in lines[0]
+    after = json.loads(lost.read_text())
+    assert after["tasks"] == before["tasks"] and after["train"]["loss"] == before["train"]["loss"]
+    untouched = tmp_path / "runs" / "flow-linear-n2-s0-direct.json"
+    assert untouched.stat().st_mtime_ns == stamps[untouched]
