@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import platform
 import time
@@ -42,6 +43,7 @@ from ate_fast.steer import LatentGuidance, Steer
 
 SCHEMA = 1
 EVAL_LAYOUT_SEED = 0  # one fixed evaluation set per task, whatever the run's seed
+SOURCE_CHECK_EPISODES = 10
 
 # the cache keys: which settings each artefact depends on
 _SOURCE_KEYS = ("source_tasks", "pretrain_demos")
@@ -241,12 +243,45 @@ def _guidance_for(
     )
 
 
-def _eval_layouts(ws: Workspace) -> dict[str, Any]:
-    index = task_index()
-    return {
-        t: layout_seeds("eval", EVAL_LAYOUT_SEED, index[t], ws.cfg.eval_episodes)
-        for t in ws.cfg.target_tasks
+def _eval_layouts(
+    ws: Workspace, tasks: Optional[tuple[str, ...]] = None, count: int = 0
+) -> dict[str, Any]:
+    index, count = task_index(), count or ws.cfg.eval_episodes
+    tasks = tasks or ws.cfg.target_tasks
+    return {t: layout_seeds("eval", EVAL_LAYOUT_SEED, index[t], count) for t in tasks}
+
+
+def _source_check(ws: Workspace, kind: str) -> dict:
+    """The pre-trained policy on its own robot and tasks (a sanity check that the policy
+    class solves Meta-World at all), and the scripted experts' failure counts."""
+    path = ws.out / f"pretrained-{kind}-on-source.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg, pre = ws.cfg, _pretrained(ws, kind)
+    policy, conditioner = make_policy(_spec(cfg, kind)), Conditioner(len(task_index()))
+    policy.load_state_dict(pre["policy"])
+    conditioner.load_state_dict(pre["conditioner"])
+    count = min(cfg.eval_episodes, SOURCE_CHECK_EPISODES)
+    tasks = evaluate(
+        policy, conditioner, kind=kind, shift=Shift("source"),
+        layouts=_eval_layouts(ws, cfg.source_tasks, count), task_index=task_index(),
+        horizon=cfg.horizon, exec_steps=cfg.exec_steps, max_steps=cfg.episode_steps,
+        sampler_steps=cfg.sampler_steps, noise_seed=derived_seed("source-check", kind),
+    )  # fmt: skip
+    rates = {t: sum(v["success"]) / len(v["success"]) for t, v in tasks.items()}
+    data = _source_chunks(ws)
+    result = {
+        "policy": kind,
+        "success_rate": sum(rates.values()) / len(rates),
+        "per_task": rates,
+        "episodes_per_task": count,
+        "pretrain_loss": pre["loss"],
+        "pretrain_chunks": pre["chunks"],
+        "expert_failures": data.stats["expert_failures"],
+        "settings": cfg.to_dict(),
     }
+    atomic_write_json(path, result)
+    return result
 
 
 def _outputs(ws: Workspace, job: tuple) -> list[tuple[str, Path]]:
@@ -419,6 +454,10 @@ def _run_phases(ws: Workspace, workers: int, progress: bool, echo: Callable[[str
         _stage1(ws)
         for kind in dict.fromkeys(j[0] for j in jobs):
             _pretrained(ws, kind, progress)
+            check = _source_check(ws, kind)
+            echo(
+                f"  pre-trained {kind} policy on its own robot: {check['success_rate']:.0%} success"
+            )
         echo(f"  source side ready ({time.perf_counter() - t0:.0f} s)")
         for seed in dict.fromkeys(j[3] for j in jobs):
             _target_demos(ws, seed)
