@@ -6,7 +6,8 @@ Run:  pytest benchmarks/bench_guidance.py --benchmark-json=bench_guidance.json
 
 Encoder: H·D → 256 → 256 → 2·64 (GELU), the PERFORMANCE.md reference encoder. The
 ``eager`` row is autograd (what ``Steer``/``LatentGuidance`` did before the fused op):
-one forward, ``torch.autograd.grad``.
+one forward, ``torch.autograd.grad``. On the GPU the fused op has two rows: ``cuda`` (one
+cooperative kernel) and ``triton`` (2·L = 6 kernels, ``ate_fast/ops/mlp_guidance_triton.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _cases():
     for device in DEVICES:
         for horizon, dim in SHAPES:
             for batch in BATCHES:
-                for impl in ["eager", "ref"] + (["cpu"] if device == "cpu" else ["cuda"]):
+                fused = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+                for impl in ["eager", "ref", *fused]:
                     yield pytest.param(
                         device, batch, horizon, dim, impl,
                         id=f"{device}-B{batch}-H{horizon}-D{dim}-{impl}",

@@ -11,8 +11,12 @@ constant for the training loss (no gradient flows through it).
 
 Backends: ``ref`` (forward ops only, the ONNX-exportable decomposition), ``cpu`` (C++,
 blocked GEMV/GEMM with OpenMP, float32/float64), ``cuda`` (one cooperative kernel,
-float32/float64/float16/bfloat16 with float32 accumulation). Registered as
-``torch.ops.ate_fast.mlp_guidance``.
+float32/float64/float16/bfloat16 with float32 accumulation), ``triton`` (2·L kernels
+for L layers — a GEMM per layer and direction with bias/activation/latent epilogues —
+:mod:`ate_fast.ops.mlp_guidance_triton`; CUDA after ``cuda`` in preference, float32/
+float64/float16/bfloat16, and on the CPU float32/float64 only through
+``TRITON_INTERPRET=1`` and ``ATE_FAST_BACKEND=triton``; never run on a GPU yet).
+Registered as ``torch.ops.ate_fast.mlp_guidance``.
 """
 
 import math
@@ -28,10 +32,10 @@ from ate_fast.ops.guided_step import _DTYPE_CODE
 from ate_fast.ops.mlp_guidance_ref import ACTIVATIONS, mlp_guidance_reference
 
 _SUPPORT = {
-    torch.float32: backends.support(cpu=("cpu",), cuda=("cuda",)),
-    torch.float64: backends.support(cpu=("cpu",), cuda=("cuda",)),
-    torch.float16: backends.support(cuda=("cuda",)),
-    torch.bfloat16: backends.support(cuda=("cuda",)),
+    torch.float32: backends.support(cpu=("cpu",), triton=("cpu", "cuda"), cuda=("cuda",)),
+    torch.float64: backends.support(cpu=("cpu",), triton=("cpu", "cuda"), cuda=("cuda",)),
+    torch.float16: backends.support(triton=("cuda",), cuda=("cuda",)),
+    torch.bfloat16: backends.support(triton=("cuda",), cuda=("cuda",)),
 }
 MAX_LAYERS = 16
 
@@ -174,7 +178,13 @@ def _run_cuda(*args) -> None:
     )
 
 
-IMPLEMENTATIONS = {"ref": _run_ref, "cpu": _run_cpu, "cuda": _run_cuda}
+def _run_triton(x, weights, biases, activation, target, a0, mask, eps, scale, g, z) -> None:
+    from ate_fast.ops.mlp_guidance_triton import mlp_guidance_triton_into
+
+    mlp_guidance_triton_into(g, z, x, weights, biases, activation, target, a0, mask, eps, scale)
+
+
+IMPLEMENTATIONS = {"ref": _run_ref, "cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
 
 
 # Above this batch size the op-by-op decomposition (cuBLAS / MKL GEMMs) beats the fused
