@@ -190,3 +190,8 @@ def test_smoke_pipeline_and_resume(tmp_path):
     assert after["tasks"] == before["tasks"] and after["train"]["loss"] == before["train"]["loss"]
     untouched = tmp_path / "runs" / "flow-linear-n2-s0-direct.json"
     assert untouched.stat().st_mtime_ns == stamps[untouched]
+
+    # runs made with other settings are never mixed in
+    other = CONFIGS["smoke"].with_overrides(finetune_steps=31)
+    with pytest.raises(ValueError, match="finetune_steps"):
+        run_benchmark(other, tmp_path, workers=1, progress=False, echo=lines.append)

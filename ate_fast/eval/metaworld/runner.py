@@ -367,6 +367,51 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
+ENV_MEMORY_MB = 40  # one Meta-World environment (~30 MB measured) plus headroom
+
+
+def default_workers(cfg: EvalConfig) -> int:
+    """CPU count, at most 4, and no more than 80 % of the available memory allows: every
+    evaluation episode of a run has its own environment (all step in lockstep)."""
+    per_worker_mb = 1500 + ENV_MEMORY_MB * cfg.eval_episodes * len(cfg.target_tasks)
+    available_mb = _available_memory_mb()
+    by_memory = int(0.8 * available_mb // per_worker_mb) if available_mb else 4
+    return max(1, min(4, os.cpu_count() or 1, by_memory))
+
+
+def _available_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+# settings that do not change a finished run's result
+_NOT_RESULT_SETTINGS = ("name", "methods", "seeds", "demos", "shifts", "policies", "extra")
+
+
+def check_resumable(ws: Workspace) -> None:
+    """Refuse to mix runs made with other settings into ``ws.out`` (a finished run is
+    skipped by name only)."""
+    cfg = {k: v for k, v in ws.cfg.to_dict().items() if k not in _NOT_RESULT_SETTINGS}
+    for path in sorted(ws.runs.glob("*.json")):
+        saved = json.loads(path.read_text()).get("settings", {})
+        diff = sorted(
+            k
+            for k in cfg
+            if json.dumps(saved.get(k), default=list) != json.dumps(cfg[k], default=list)
+        )
+        if diff:
+            raise ValueError(
+                f"out_dir: {path} was made with other settings ({', '.join(diff)}); resume only "
+                "with the settings that made it, or choose another output folder"
+            )
+
+
 def plan(cfg: EvalConfig) -> list[tuple]:
     """Training jobs ``(policy, shift, demos, seed, trained method)`` of ``cfg``."""
     trained = list(dict.fromkeys(METHODS[m].training for m in cfg.methods))
@@ -420,10 +465,11 @@ def run_benchmark(
         config = CONFIGS[config]
     if methods:
         config = config.with_overrides(methods=tuple(methods))
-    workers = workers or min(4, os.cpu_count() or 1)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"workers: expected >= 1, got {workers}")
+    workers = workers or default_workers(config)
     ws = Workspace(config, Path(out_dir))
+    check_resumable(ws)
     ws.cache.mkdir(parents=True, exist_ok=True)
     ws.runs.mkdir(parents=True, exist_ok=True)
     cfg, t0 = config, time.perf_counter()
