@@ -140,6 +140,17 @@ def test_config_validation():
     assert all(METHODS[m].training in trained for m in CONFIGS["quick"].methods)
 
 
+def test_restricting_the_grid():
+    from ate_fast.eval.metaworld.runner import restrict
+
+    cfg = restrict(CONFIGS["full"], {"demos": [20], "seeds": [2, 0], "methods": None})
+    assert cfg.demos == (20,) and cfg.seeds == (0, 2) and cfg.methods == CONFIGS["full"].methods
+    with pytest.raises(ValueError, match="demos"):
+        restrict(CONFIGS["quick"], {"demos": [20]})
+    with pytest.raises(ValueError, match="only"):
+        restrict(CONFIGS["quick"], {"targets": ["x"]})
+
+
 def test_cli_lists_configs(capsys):
     assert cli_main(["eval", "metaworld", "--list"]) == 0
     out = capsys.readouterr().out

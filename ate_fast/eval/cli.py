@@ -17,10 +17,11 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
                 f"methods {list(cfg.methods)}"
             )
         return 0
+    only = {key: getattr(args, key) for key in ("methods", "policies", "shifts", "demos", "seeds")}
     out = run_benchmark(
         args.config,
         args.out or f"results/metaworld-{args.config}",
-        methods=args.methods,
+        only=only,
         workers=args.workers,
         progress=not args.no_progress,
     )
@@ -30,6 +31,8 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     from ate_fast.eval.metaworld.config import CONFIGS, METHODS
+    from ate_fast.eval.metaworld.embodiment import SHIFTS
+    from ate_fast.eval.metaworld.policy import POLICY_KINDS
 
     evaluation = subparsers.add_parser("eval", help="evaluate adaptation methods on a simulator")
     sims = evaluation.add_subparsers(dest="simulator", required=True)
@@ -46,6 +49,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--methods", nargs="+", choices=list(METHODS), help="restrict the config's methods"
     )
+    p.add_argument("--policies", nargs="+", choices=POLICY_KINDS, help="restrict policies")
+    p.add_argument("--shifts", nargs="+", choices=SHIFTS, help="restrict embodiment shifts")
+    p.add_argument("--demos", nargs="+", type=int, help="restrict N (demos per task)")
+    p.add_argument("--seeds", nargs="+", type=int, help="restrict seeds")
     p.add_argument("--out", help="output folder (default results/metaworld-<config>)")
     p.add_argument("--workers", type=int, help="parallel processes (default: CPUs, at most 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -412,6 +412,26 @@ def check_resumable(ws: Workspace) -> None:
             )
 
 
+GRID_FIELDS = ("methods", "policies", "shifts", "demos", "seeds")
+
+
+def restrict(cfg: EvalConfig, only: dict[str, list]) -> EvalConfig:
+    """``cfg`` with its grid fields narrowed to the given subsets (each must be one)."""
+    narrowed = {}
+    for key, values in only.items():
+        if key not in GRID_FIELDS:
+            raise ValueError(f"only: keys must be among {list(GRID_FIELDS)}, got {key!r}")
+        if not values:
+            continue
+        outside = [v for v in values if v not in getattr(cfg, key)]
+        if outside:
+            raise ValueError(
+                f"{key}: {outside} not in the {cfg.name} config's {list(getattr(cfg, key))}"
+            )
+        narrowed[key] = tuple(v for v in getattr(cfg, key) if v in values)
+    return cfg.with_overrides(**narrowed) if narrowed else cfg
+
+
 def plan(cfg: EvalConfig) -> list[tuple]:
     """Training jobs ``(policy, shift, demos, seed, trained method)`` of ``cfg``."""
     trained = list(dict.fromkeys(METHODS[m].training for m in cfg.methods))
@@ -450,21 +470,25 @@ def run_benchmark(
     config: str | EvalConfig = "quick",
     out_dir: str | os.PathLike = "results/metaworld",
     *,
-    methods: Optional[list[str]] = None,
+    only: Optional[dict[str, list]] = None,
     workers: Optional[int] = None,
     progress: bool = True,
     report: bool = True,
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Run (or resume) the benchmark ``config`` (a name in ``CONFIGS`` or an EvalConfig)
-    into ``out_dir``; returns ``out_dir``. ``methods`` restricts the config's methods;
-    ``workers`` processes run jobs in parallel (default: the CPU count, at most 4)."""
+    into ``out_dir``; returns ``out_dir``.
+
+    ``only`` restricts the config's grid to subsets — keys ``methods``, ``policies``,
+    ``shifts``, ``demos``, ``seeds`` — e.g. to split a long config over machines (runs are
+    named by these, so the pieces merge into one folder). ``workers`` processes run jobs
+    in parallel (default: the CPU count, at most 4, bounded by memory).
+    """
     if isinstance(config, str):
         if config not in CONFIGS:
             raise ValueError(f"config: expected one of {list(CONFIGS)}, got {config!r}")
         config = CONFIGS[config]
-    if methods:
-        config = config.with_overrides(methods=tuple(methods))
+    config = restrict(config, only or {})
     if workers is not None and workers < 1:
         raise ValueError(f"workers: expected >= 1, got {workers}")
     workers = workers or default_workers(config)
