@@ -4,7 +4,8 @@
 
 Reads OUT_DIR/info.json (ate-fast info --json), OUT_DIR/cuda_tests.xml (pytest junit)
 and OUT_DIR/bench*.json (pytest-benchmark); writes OUT_DIR/<date>-<gpu>.json and
-OUT_DIR/summary.md, and prints the summary.
+OUT_DIR/summary.md, and prints the summary. ``bench_heads.json`` gets its own table (per
+case: median per row, × eager and × compile) and the issue's targets, as explicit ratios.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import markdown, rows
@@ -38,6 +40,100 @@ def test_counts(junit: Path) -> dict:
     return counts
 
 
+HEADS_ROWS = ("eager", "compile", "cuda_graph", "ate_sample", "ate_capture")
+# The issue's targets (GPU): guided ate_capture vs compile / eager on this head, and the
+# cost of guidance over unguided captured sampling per encoder.
+TARGET_HEAD = "flow-transformer-small"
+VS_COMPILE, VS_EAGER = 1.3, 4.0
+GUIDANCE_OVERHEAD = {"mlp-guided": 0.10, "transformer-guided": 0.25}
+
+
+def heads_cases(path: Path) -> dict[tuple, dict[str, float]]:
+    """(device, head, sampler, guidance) -> row -> median seconds per call."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # missing, or the suite was killed mid-write
+        print(f"skipping {path}: {exc}", file=sys.stderr)
+        return {}
+    cases: dict[tuple, dict[str, float]] = {}
+    for bench in data["benchmarks"]:
+        extra = bench.get("extra_info", {})
+        if extra.get("suite") != "heads":
+            continue
+        key = (extra["device"], extra["head"], extra["sampler"], extra["guidance"])
+        median = bench["stats"]["median"] / extra.get("calls", 1)
+        cases.setdefault(key, {})[extra["impl"]] = median
+    return cases
+
+
+def _cell(t: Optional[float], eager: Optional[float], compiled: Optional[float], row: str) -> str:
+    if t is None:
+        return "–"
+    ratios = []
+    if eager and row != "eager":
+        ratios.append(f"{eager / t:.2f}× eager")
+    if compiled and row not in ("eager", "compile"):
+        ratios.append(f"{compiled / t:.2f}× compile")
+    return f"{t * 1e6:.1f}" + (f" ({', '.join(ratios)})" if ratios else "")
+
+
+def heads_markdown(cases: dict[tuple, dict[str, float]]) -> str:
+    """One line per case: median µs per row; × > 1 means faster than eager / compile."""
+    lines = [
+        "| case | " + " | ".join(f"{r} µs" for r in HEADS_ROWS) + " |",
+        "|" + "---|" * (1 + len(HEADS_ROWS)),
+    ]
+    for key, per_row in cases.items():
+        eager, compiled = per_row.get("eager"), per_row.get("compile")
+        cells = [_cell(per_row.get(r), eager, compiled, r) for r in HEADS_ROWS]
+        lines.append(f"| {' '.join(key)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def heads_targets(cases: dict[tuple, dict[str, float]]) -> tuple[list[str], list[dict]]:
+    """The issue's targets as explicit ratios: (Markdown lines, records for the JSON)."""
+    lines, records = [], []
+    for (device, head, sampler, guidance), per_row in cases.items():
+        ate = per_row.get("ate_capture")
+        if head != TARGET_HEAD or guidance == "unguided" or ate is None:
+            continue
+        for base, need in (("compile", VS_COMPILE), ("eager", VS_EAGER)):
+            if per_row.get(base) is None:
+                continue
+            ratio = per_row[base] / ate
+            records.append({
+                "target": f"ate_capture >= {need}x faster than {base}", "device": device,
+                "head": head, "sampler": sampler, "guidance": guidance, "ratio": ratio,
+                "met": ratio >= need,
+            })  # fmt: skip
+            lines.append(
+                f"- {device} {head} {sampler} {guidance}: ate_capture is {ratio:.2f}× "
+                f"faster than {base} (target ≥ {need}×: {_verdict(ratio >= need)})"
+            )
+    for (device, head, sampler, guidance), per_row in cases.items():
+        limit = GUIDANCE_OVERHEAD.get(guidance)
+        plain = cases.get((device, head, sampler, "unguided"), {}).get("ate_capture")
+        guided = per_row.get("ate_capture")
+        if limit is None or plain is None or guided is None:
+            continue
+        overhead = guided / plain - 1.0
+        records.append({
+            "target": f"guidance overhead <= {limit:.0%}", "device": device, "head": head,
+            "sampler": sampler, "guidance": guidance, "ratio": guided / plain,
+            "met": overhead <= limit,
+        })  # fmt: skip
+        lines.append(
+            f"- {device} {head} {sampler}: {guidance} ate_capture / unguided = "
+            f"{guided / plain:.3f} (+{overhead:.1%}; target ≤ +{limit:.0%}: "
+            f"{_verdict(overhead <= limit)})"
+        )
+    return lines, records
+
+
 def main(out_dir: Path) -> None:
     info = json.loads((out_dir / "info.json").read_text())
     gpu = info["gpus"][0]["name"] if info.get("gpus") else "no-gpu"
@@ -45,17 +141,27 @@ def main(out_dir: Path) -> None:
     date = datetime.date.today().isoformat()
     bench_files = sorted(str(p) for p in out_dir.glob("bench*.json"))
     table = rows(bench_files) if bench_files else {}
+    heads_file = out_dir / "bench_heads.json"
+    others = [f for f in bench_files if Path(f).name != heads_file.name]
+    general = rows(others) if others else {}
+    heads = heads_cases(heads_file) if heads_file.exists() else {}
+    target_lines, target_records = heads_targets(heads)
     result = {
         "date": date,
         "gpu": gpu,
         "info": info,
         "cuda_tests": test_counts(out_dir / "cuda_tests.xml"),
         "benchmarks_median_seconds_per_call": table,
+        "heads_targets": target_records,
     }
     (out_dir / f"{date}-{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
     tests = result["cuda_tests"]
     summary = [f"# GPU suite {date} on {gpu}", "", f"cuda-marked tests: {json.dumps(tests)}", ""]
-    summary.append(markdown(table) if table else "(no benchmark results)")
+    summary.append(markdown(general) if general else "(no benchmark results)")
+    if heads:
+        summary += ["", "## Whole sampler per head (bench_heads)", "", heads_markdown(heads)]
+        summary += ["", "Targets (set for the GPU; ratios from the table above):", ""]
+        summary += target_lines or ["(no case with the rows the targets need)"]
     text = "\n".join(summary) + "\n"
     (out_dir / "summary.md").write_text(text)
     print(text)
