@@ -364,6 +364,12 @@ def _run_job(ws: Workspace, job: tuple) -> str:
 def machine() -> str:
     """What ran the job, for the run's JSON."""
     cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
