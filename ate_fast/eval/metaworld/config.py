@@ -41,8 +41,14 @@ class Method:
         return self.trains or self.name
 
 
-def _steer(scale: float = 2.0, reduction: str = "sample", encoder: str = "stage2") -> dict:
-    return {"scale": scale, "reduction": reduction, "encoder": encoder}
+def _steer(
+    scale: float = 2.0,
+    reduction: str = "sample",
+    encoder: str = "stage2",
+    clamp: Optional[float] = None,
+) -> dict:
+    """Steer settings; ``clamp`` None takes the config's ``steer_clamp``."""
+    return {"scale": scale, "reduction": reduction, "encoder": encoder, "clamp": clamp}
 
 
 METHODS: dict[str, Method] = {
@@ -84,8 +90,14 @@ METHODS: dict[str, Method] = {
             guided=True,
             trains="ate",
         ),
+        # λ/κ ablation around the flipped sign (the only variant that helped in `quick`)
+        Method("ate-flipped-l1", "flipped sign, λ=−1", steer=_steer(-1.0)),
+        Method("ate-flipped-l4", "flipped sign, λ=−4", steer=_steer(-4.0)),
+        Method("ate-flipped-k03", "flipped sign, λ=−2, κ=0.3", steer=_steer(-2.0, clamp=0.3)),
+        Method("ate-l4", "the specified sign, λ=4", steer=_steer(4.0)),
     )
 }
+MAIN_METHODS = tuple(m for m in METHODS if not m.startswith(("ate-flipped-", "ate-l")))
 
 SOURCE_TASKS = (
     "reach-v3",
@@ -128,7 +140,7 @@ class EvalConfig:
     target_tasks: tuple[str, ...] = HARD_TARGETS[:3]
     shifts: tuple[str, ...] = ("linear", "warp")
     policies: tuple[str, ...] = ("flow",)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = MAIN_METHODS
     demos: tuple[int, ...] = (5,)
     seeds: tuple[int, ...] = (0, 1, 2)
     pretrain_demos: int = 25
@@ -240,9 +252,23 @@ CONFIGS: dict[str, EvalConfig] = {
         "quick",
         methods=("direct", "ate", "ate-batch", "ate-flipped", "direct+guided", "ate+guided"),
     ),
-    # the whole protocol (hours; see docs/results/metaworld.md for the measured time)
+    # λ and κ around the flipped sign, on quick's setting (linear shift, N = 5)
+    "ablation": EvalConfig(
+        "ablation",
+        shifts=("linear",),
+        methods=(
+            "direct",
+            "ate-flipped",
+            "ate-flipped-l1",
+            "ate-flipped-l4",
+            "ate-flipped-k03",
+            "ate-l4",
+        ),
+    ),
+    # the whole protocol (hours; see docs/results/metaworld.md for the expected time)
     "full": EvalConfig(
         "full",
+        methods=MAIN_METHODS,
         target_tasks=HARD_TARGETS[:6],
         shifts=("linear", "warp", "absolute"),
         policies=("flow", "diffusion"),

@@ -220,7 +220,7 @@ def _steer_for(
     return Steer(
         vae,
         scale=method.steer["scale"],
-        clamp=ws.cfg.steer_clamp,
+        clamp=ws.cfg.steer_clamp if method.steer["clamp"] is None else method.steer["clamp"],
         reduction=method.steer["reduction"],
         mask=mask,
     )
