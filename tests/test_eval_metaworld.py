@@ -206,3 +206,44 @@ def test_smoke_pipeline_and_resume(tmp_path):
     other = CONFIGS["smoke"].with_overrides(finetune_steps=31)
     with pytest.raises(ValueError, match="finetune_steps"):
         run_benchmark(other, tmp_path, workers=1, progress=False, echo=lines.append)
+
+
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
+def test_policy_kinds_train_with_steer_and_evaluate(kind):
+    """Both policy kinds: the plain and the Steer loss train (finite, parameters move),
+    and the sampler drives the lockstep evaluation through the remap."""
+    import torch
+
+    from ate_fast.eval.metaworld.align_vaes import new_vae
+    from ate_fast.eval.metaworld.policy import Conditioner, PolicySpec, make_policy, train_policy
+    from ate_fast.eval.metaworld.rollout import evaluate
+    from ate_fast.steer import LatentGuidance, Steer
+
+    cfg = CONFIGS["smoke"]
+    index = task_index()
+    demos = collect("reach-v3", index["reach-v3"], "demo", 1, 1)
+    shift = Shift("warp")
+    data = chunk_set([demos], index, shift, cfg.horizon)
+    torch.manual_seed(0)
+    policy = make_policy(PolicySpec(kind, cfg.horizon, 32, 1, len(index)))
+    conditioner = Conditioner(len(index), data.obs)
+    vae = new_vae(cfg, 3)
+    before = [p.detach().clone() for p in policy.parameters()]
+    for steer in (None, Steer(vae, scale=-2.0, mask=data.mask)):
+        fit = train_policy(
+            policy, conditioner, data, kind=kind, steps=4, batch=8, lr=1e-3, seed=0, steer=steer
+        )
+        assert np.isfinite(fit.loss)
+    assert set(fit.steer) == {"grad_norm", "clamp_fraction", "correction_ratio"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    guidance = LatentGuidance(vae, torch.zeros(cfg.latent_dim), mask=data.mask)
+    layouts = {"reach-v3": layout_seeds("eval", 0, index["reach-v3"], 2)}
+    out = evaluate(
+        policy, conditioner, kind=kind, shift=shift, layouts=layouts, task_index=index,
+        horizon=cfg.horizon, exec_steps=3, max_steps=7, sampler_steps=2, noise_seed=0,
+        guidance=guidance,
+    )  # fmt: skip
+    steps, success = out["reach-v3"]["steps"], out["reach-v3"]["success"]
+    assert len(steps) == len(success) == 2
+    # an episode runs to max_steps unless it succeeded earlier
+    assert all(1 <= n <= 7 and (n == 7 or ok) for n, ok in zip(steps, success))
