@@ -30,9 +30,8 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from ate_fast.eval.metaworld.config import CONFIGS, METHODS
+    from ate_fast.eval.metaworld.config import CONFIGS, METHODS, POLICY_KINDS
     from ate_fast.eval.metaworld.embodiment import SHIFTS
-    from ate_fast.eval.metaworld.policy import POLICY_KINDS
 
     evaluation = subparsers.add_parser("eval", help="evaluate adaptation methods on a simulator")
     sims = evaluation.add_subparsers(dest="simulator", required=True)

@@ -5,10 +5,40 @@ state-conditioned chunk policy on source tasks with the source robot, adapt it t
 held-out tasks on a robot whose action space differs (:mod:`.embodiment`) with each
 method in :data:`METHODS`, evaluate in Meta-World, and report success with bootstrap
 confidence intervals. Needs the ``[eval]`` extra (metaworld, mujoco).
+
+Names import on first access, so the CLI's parser stays cheap.
 """
 
-from ate_fast.eval.metaworld.config import CONFIGS, METHODS, EvalConfig, Method
-from ate_fast.eval.metaworld.embodiment import SHIFTS, Shift
-from ate_fast.eval.metaworld.runner import plan, run_benchmark
+from __future__ import annotations
 
-__all__ = ["CONFIGS", "METHODS", "SHIFTS", "EvalConfig", "Method", "Shift", "plan", "run_benchmark"]
+from typing import TYPE_CHECKING
+
+from ate_fast.lazy_exports import lazy_attributes
+
+_LAZY = {
+    "CONFIGS": "ate_fast.eval.metaworld.config",
+    "METHODS": "ate_fast.eval.metaworld.config",
+    "EvalConfig": "ate_fast.eval.metaworld.config",
+    "Method": "ate_fast.eval.metaworld.config",
+    "SHIFTS": "ate_fast.eval.metaworld.embodiment",
+    "Shift": "ate_fast.eval.metaworld.embodiment",
+    "plan": "ate_fast.eval.metaworld.runner",
+    "run_benchmark": "ate_fast.eval.metaworld.runner",
+}
+__all__ = [
+    "CONFIGS",
+    "METHODS",
+    "SHIFTS",
+    "EvalConfig",
+    "Method",
+    "Shift",
+    "plan",
+    "run_benchmark",
+]
+
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ate_fast.eval.metaworld.config import CONFIGS, METHODS, EvalConfig, Method
+    from ate_fast.eval.metaworld.embodiment import SHIFTS, Shift
+    from ate_fast.eval.metaworld.runner import plan, run_benchmark

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 from ate_fast.eval.metaworld.embodiment import SHIFTS
-from ate_fast.eval.metaworld.policy import POLICY_KINDS
+
+POLICY_KINDS = ("flow", "diffusion")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ate_fast.eval.metaworld.config import POLICY_KINDS
 from ate_fast.eval.metaworld.embodiment import ACTION_DIM
 from ate_fast.eval.metaworld.envs import OBS_DIM
 from ate_fast.eval.metaworld.experts import ChunkSet
@@ -31,7 +32,6 @@ from ate_fast.models import MLPHead, make_head
 from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
 from ate_fast.steer import Steer
 
-POLICY_KINDS = ("flow", "diffusion")
 DIFFUSION_TRAIN_STEPS = 100
 TIME_BETA_A = 1.5
 MIN_OBS_STD = 1e-2  # observation entries that never move (padding objects) stay unscaled
