@@ -280,6 +280,26 @@ def test_float32_policy_output_with_float32_encoder():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_recommended_preset_is_the_flipped_sign():
+    torch.manual_seed(0)
+    vae = make_vae()
+    steer = Steer.recommended(vae)
+    assert (steer.scale, steer.clamp, steer.latent, steer.reduction) == (
+        -2.0,
+        0.1,
+        "mean",
+        "sample",
+    )
+    assert Steer.recommended(vae, clamp=0.3).clamp == 0.3
+    x, a0, noise, pred = (torch.randn(B, H, D, dtype=torch.float64) for _ in range(4))
+    t = torch.rand(B, dtype=torch.float64) * 0.9
+    loss = steer.flow_loss(pred, x, a0, noise, t, loss_reduction="none").loss
+    c = (-t / (1 - t)).view(-1, 1, 1)
+    g_tilde = (c * steer.guidance(x, a0)).clamp(-0.1, 0.1)
+    # the paper's correction with the opposite sign: pred − 2·g̃ regressed on ε − a0
+    torch.testing.assert_close(loss, (pred - 2.0 * g_tilde - (noise - a0)).square())
+
+
 def test_released_code_preset():
     steer = Steer.released_code(make_vae())
     assert (steer.scale, steer.clamp, steer.latent, steer.reduction) == (
