@@ -112,6 +112,8 @@ class Steer:
         (shift, N) cells of a flow policy, three significant; flipped − direct
         fine-tuning = +4.4 and +2.8 (significant), +1.3 and −0.4 (not); with a diffusion
         (ε) policy: as specified −19.6, flipped +6.1 vs direct (both significant).
+        Caveat: where it ran, the control through an untrained encoder gained about as
+        much (+2.0), so the gain may be regularisation rather than alignment.
         ``Steer(vae)`` keeps the paper's sign.
         """
         settings = {"scale": -2.0, "clamp": 0.1, "latent": "mean", "reduction": "sample"}
