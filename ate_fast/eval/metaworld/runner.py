@@ -17,7 +17,6 @@ runs in flight; rerunning the same command resumes.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -29,8 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from ate_fast.align import ActionVAE
 from ate_fast.align.atomic_io import atomic_path, atomic_write_json
 from ate_fast.eval.metaworld.align_vaes import new_vae, train_source_vae, train_target_vae
 from ate_fast.eval.metaworld.config import CONFIGS, METHODS, EvalConfig, Method
@@ -148,6 +149,15 @@ def _spec(cfg: EvalConfig, kind: str) -> PolicySpec:
     return PolicySpec(kind, cfg.horizon, cfg.policy_hidden, cfg.policy_depth, len(task_index()))
 
 
+def _pretrained_policy(ws: Workspace, kind: str) -> tuple[nn.Module, Conditioner, dict]:
+    """The cached pre-trained policy and its conditioner (and the cache entry)."""
+    pre = _pretrained(ws, kind)
+    policy, conditioner = make_policy(_spec(ws.cfg, kind)), Conditioner(len(task_index()))
+    policy.load_state_dict(pre["policy"])
+    conditioner.load_state_dict(pre["conditioner"])
+    return policy, conditioner, pre
+
+
 def _pretrained(ws: Workspace, kind: str, progress: bool = False) -> dict:
     def make() -> dict:
         data = _source_chunks(ws)
@@ -191,8 +201,10 @@ def _stage2_path(ws: Workspace, shift: str, demos: int, seed: int, kl: str) -> P
     return ws.path(f"stage2-{shift}-n{demos}-s{seed}-{kl}", _STAGE2_KEYS)
 
 
-def _stage2_job(ws: Workspace, shift: str, demos: int, seed: int, kl: str) -> str:
+def _stage2_job(ws: Workspace, job: tuple) -> str:
+    """Train (or find) the stage-2 VAE of ``job = (shift, demos, seed, kl)``."""
     torch.set_num_threads(1)
+    shift, demos, seed, kl = job
 
     def make() -> dict:
         stage1 = _stage1(ws)
@@ -206,6 +218,16 @@ def _stage2_job(ws: Workspace, shift: str, demos: int, seed: int, kl: str) -> st
     return f"stage 2 {shift} N={demos} seed {seed} {kl}"
 
 
+def _stage2_vae(
+    ws: Workspace, shift: str, demos: int, seed: int, kl: str
+) -> tuple[ActionVAE, torch.Tensor]:
+    """The cached stage-2 VAE and its mean latent [d_z]."""
+    stage2 = _load(_stage2_path(ws, shift, demos, seed, kl))
+    vae = new_vae(ws.cfg, 0)
+    vae.load_state_dict(stage2["vae"])
+    return vae, stage2["target"]
+
+
 # ---------------------------------------------------------------- phase 3: runs
 def _steer_for(
     ws: Workspace, method: Method, shift: str, demos: int, seed: int, mask: torch.Tensor
@@ -213,10 +235,11 @@ def _steer_for(
     if method.steer is None:
         return None
     encoder = method.steer["encoder"]
-    vae = new_vae(ws.cfg, derived_seed("untrained", seed))
-    if encoder != "untrained":
+    if encoder == "untrained":
+        vae = new_vae(ws.cfg, derived_seed("untrained", seed))
+    else:
         kl = "forward" if encoder == "stage2-forward-kl" else "reverse"
-        vae.load_state_dict(_load(_stage2_path(ws, shift, demos, seed, kl))["vae"])
+        vae, _ = _stage2_vae(ws, shift, demos, seed, kl)
     return Steer(
         vae,
         scale=method.steer["scale"],
@@ -229,13 +252,11 @@ def _steer_for(
 def _guidance_for(
     ws: Workspace, shift: str, demos: int, seed: int, mask: torch.Tensor
 ) -> LatentGuidance:
-    stage2 = _load(_stage2_path(ws, shift, demos, seed, "reverse"))
-    vae = new_vae(ws.cfg, 0)
-    vae.load_state_dict(stage2["vae"])
+    vae, target = _stage2_vae(ws, shift, demos, seed, "reverse")
     cfg = ws.cfg
     return LatentGuidance(
         vae,
-        stage2["target"],
+        target,
         scale=cfg.guidance_scale,
         clamp=cfg.guidance_clamp,
         mode="direct",
@@ -257,10 +278,8 @@ def _source_check(ws: Workspace, kind: str) -> dict:
     path = ws.out / f"pretrained-{kind}-on-source.json"
     if path.exists():
         return json.loads(path.read_text())
-    cfg, pre = ws.cfg, _pretrained(ws, kind)
-    policy, conditioner = make_policy(_spec(cfg, kind)), Conditioner(len(task_index()))
-    policy.load_state_dict(pre["policy"])
-    conditioner.load_state_dict(pre["conditioner"])
+    cfg = ws.cfg
+    policy, conditioner, pre = _pretrained_policy(ws, kind)
     count = min(cfg.eval_episodes, SOURCE_CHECK_EPISODES)
     tasks = evaluate(
         policy, conditioner, kind=kind, shift=Shift("source"),
@@ -300,13 +319,9 @@ def _run_job(ws: Workspace, job: tuple) -> str:
     cfg, start = ws.cfg, time.perf_counter()
     data = _target_chunks(ws, shift, demos, seed)
     method = METHODS[trained]
-    policy = make_policy(_spec(cfg, kind))
-    conditioner = Conditioner(len(task_index()))
-    pre = _pretrained(ws, kind)
-    conditioner.load_state_dict(pre["conditioner"])  # scratch too: the same observation scaling
-    if method.init == "pretrained":
-        policy.load_state_dict(pre["policy"])
-    else:
+    # scratch keeps the pre-trained conditioner too: the same observation scaling
+    policy, conditioner, _ = _pretrained_policy(ws, kind)
+    if method.init == "scratch":
         with torch.random.fork_rng():
             torch.manual_seed(derived_seed("scratch-init", kind, seed))
             policy = make_policy(_spec(cfg, kind))
@@ -325,7 +340,7 @@ def _run_job(ws: Workspace, job: tuple) -> str:
             _guidance_for(ws, shift, demos, seed, data.mask) if METHODS[name].guided else None
         )
         tasks = evaluate(
-            copy.deepcopy(policy), conditioner, kind=kind, shift=Shift(shift),
+            policy, conditioner, kind=kind, shift=Shift(shift),
             layouts=_eval_layouts(ws), task_index=task_index(), horizon=cfg.horizon,
             exec_steps=cfg.exec_steps,
             max_steps=cfg.episode_steps, sampler_steps=cfg.sampler_steps,
@@ -457,15 +472,12 @@ def _pool(
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, dynamic_ncols=True)
     if workers <= 1:
         for job in jobs:
-            bar.set_postfix_str(fn(ws, *job) if fn is _stage2_job else fn(ws, job))
+            bar.set_postfix_str(fn(ws, job))
             bar.update()
     else:
         ctx = torch.multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [
-                pool.submit(fn, ws, *job) if fn is _stage2_job else pool.submit(fn, ws, job)
-                for job in jobs
-            ]
+            futures = [pool.submit(fn, ws, job) for job in jobs]
             for f in as_completed(futures):
                 bar.set_postfix_str(f.result())
                 bar.update()
