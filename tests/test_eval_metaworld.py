@@ -3,6 +3,7 @@ remap, the whole pipeline on the smoke config, and resuming. No success-rate thr
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -164,48 +165,60 @@ def _runs(out: Path) -> dict[str, dict]:
 
 def test_smoke_pipeline_and_resume(tmp_path):
     lines: list[str] = []
-    run_benchmark("smoke", tmp_path, workers=1, progress=False, echo=lines.append)
-    runs = _runs(tmp_path)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    run = functools.partial(run_benchmark, workers=1, progress=False, cache_dir=cache)
+    run("smoke", out, echo=lines.append)
+    runs = _runs(out)
     cfg = CONFIGS["smoke"]
     assert set(runs) == {f"flow-linear-n2-s0-{m}" for m in cfg.methods}
-    for run in runs.values():
-        assert run["schema"] == 1 and run["config"] == "smoke"
-        assert set(run["tasks"]) == set(cfg.target_tasks)
-        for task in run["tasks"].values():
+    for result in runs.values():
+        assert result["schema"] == 1 and result["config"] == "smoke"
+        assert set(result["tasks"]) == set(cfg.target_tasks)
+        for task in result["tasks"].values():
             assert len(task["success"]) == cfg.eval_episodes
             assert all(0 < s <= cfg.episode_steps for s in task["steps"])
-        assert 0.0 <= run["success_rate"] <= 1.0
-        assert run["data"]["episodes"] == {"pick-place-wall-v3": 2}
+        assert 0.0 <= result["success_rate"] <= 1.0
+        assert result["data"]["episodes"] == {"pick-place-wall-v3": 2}
     assert runs["flow-linear-n2-s0-ate"]["train"]["trained_as"] == "ate"
     assert "clamp_fraction" in runs["flow-linear-n2-s0-ate"]["train"]
     assert runs["flow-linear-n2-s0-direct+guided"]["train"]["trained_as"] == "direct"
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
     assert all(m in summary for m in cfg.methods)
-    assert (tmp_path / "success.png").stat().st_size > 0
+    assert (out / "success.png").stat().st_size > 0
 
     # a second call finds everything done and runs nothing
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     lines.clear()
-    run_benchmark("smoke", tmp_path, workers=1, progress=False, echo=lines.append)
+    run("smoke", out, echo=lines.append)
     assert "0 to run" in lines[0]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # a lost run is redone (only it), from the cache, with the same result
-    lost = tmp_path / "runs" / "flow-linear-n2-s0-direct+guided.json"
+    lost = out / "runs" / "flow-linear-n2-s0-direct+guided.json"
     before = json.loads(lost.read_text())
     lost.unlink()
     lines.clear()
-    run_benchmark("smoke", tmp_path, workers=1, progress=False, report=False, echo=lines.append)
+    run("smoke", out, report=False, echo=lines.append)
     assert "1 to run" in lines[0]
     after = json.loads(lost.read_text())
     assert after["tasks"] == before["tasks"] and after["train"]["loss"] == before["train"]["loss"]
-    untouched = tmp_path / "runs" / "flow-linear-n2-s0-direct.json"
+    untouched = out / "runs" / "flow-linear-n2-s0-direct.json"
     assert untouched.stat().st_mtime_ns == stamps[untouched]
 
     # runs made with other settings are never mixed in
     other = CONFIGS["smoke"].with_overrides(finetune_steps=31)
     with pytest.raises(ValueError, match="finetune_steps"):
-        run_benchmark(other, tmp_path, workers=1, progress=False, echo=lines.append)
+        run(other, out, echo=lines.append)
+
+    # another output folder reuses the cache (nothing is retrained) and gets the same runs
+    cached = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    lines.clear()
+    run("smoke", tmp_path / "out2", only={"methods": ["direct"]}, echo=lines.append)
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == cached
+    again = _runs(tmp_path / "out2")
+    assert set(again) == {"flow-linear-n2-s0-direct"}
+    assert again["flow-linear-n2-s0-direct"]["tasks"] == runs["flow-linear-n2-s0-direct"]["tasks"]
+    assert not (out / "cache").exists()
 
 
 @pytest.mark.parametrize("kind", ["flow", "diffusion"])

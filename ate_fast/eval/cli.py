@@ -23,6 +23,7 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
         args.out or f"results/metaworld-{args.config}",
         only=only,
         workers=args.workers,
+        cache_dir=args.cache_dir,
         progress=not args.no_progress,
     )
     print(f"results in {out} (summary.md, summary.json, success.png, runs/*.json)")
@@ -53,6 +54,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--demos", nargs="+", type=int, help="restrict N (demos per task)")
     p.add_argument("--seeds", nargs="+", type=int, help="restrict seeds")
     p.add_argument("--out", help="output folder (default results/metaworld-<config>)")
+    p.add_argument(
+        "--cache-dir",
+        help="artefacts shared by runs: demos, VAEs, pre-trained policies (default "
+        "$ATE_FAST_CACHE/metaworld, else ~/.cache/ate_fast/metaworld; shared by configs)",
+    )
     p.add_argument("--workers", type=int, help="parallel processes (default: CPUs, at most 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="print the configs and exit")

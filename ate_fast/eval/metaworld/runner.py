@@ -3,10 +3,13 @@ processes, finished runs are skipped, and a report is written at the end.
 
 Layout of ``out_dir``::
 
-    cache/   source demos, the stage-1 VAE + prior, pre-trained policies, target demos,
-             stage-2 VAEs (file names carry a hash of the settings they depend on)
     runs/    one JSON per (policy, shift, N, seed, method) — the results
     summary.md, summary.json, success.png — written by ``ate_fast.eval.report``
+
+The cache (source demos, the stage-1 VAE + prior, pre-trained policies, target demos,
+stage-2 VAEs) lives in ``cache_dir``, by default shared between output folders and
+configurations (:func:`default_cache_dir`): file names carry a hash of the settings each
+artefact depends on, so ``quick``, ``ablation`` and ``full`` reuse one pre-trained policy.
 
 Phases: (1) source demos → stage-1 VAE → pre-trained policy per kind (main process);
 (2) target demos per seed; stage-2 VAEs per (shift, N, seed, KL direction) (workers);
@@ -103,16 +106,26 @@ def _cached(path: Path, make: Callable[[], Any]) -> Any:
     return obj
 
 
+def default_cache_dir() -> Path:
+    """``$ATE_FAST_CACHE/metaworld``, else ``$XDG_CACHE_HOME/ate_fast/metaworld``, else
+    ``~/.cache/ate_fast/metaworld``; the schema version is a sub-folder, so files written
+    by an incompatible version are never read."""
+    root = os.environ.get("ATE_FAST_CACHE")
+    if root:
+        base = Path(root).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        base = Path(xdg).expanduser() / "ate_fast"
+    return base / "metaworld" / f"v{SCHEMA}"
+
+
 @dataclass
 class Workspace:
-    """The config and the output folder, as passed to worker processes."""
+    """The config, the output folder and the cache folder, as passed to worker processes."""
 
     cfg: EvalConfig
     out: Path
-
-    @property
-    def cache(self) -> Path:
-        return self.out / "cache"
+    cache: Path
 
     @property
     def runs(self) -> Path:
@@ -490,6 +503,7 @@ def run_benchmark(
     *,
     only: Optional[dict[str, list]] = None,
     workers: Optional[int] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
     progress: bool = True,
     report: bool = True,
     echo: Callable[[str], None] = print,
@@ -500,7 +514,8 @@ def run_benchmark(
     ``only`` restricts the config's grid to subsets — keys ``methods``, ``policies``,
     ``shifts``, ``demos``, ``seeds`` — e.g. to split a long config over machines (runs are
     named by these, so the pieces merge into one folder). ``workers`` processes run jobs
-    in parallel (default: the CPU count, at most 4, bounded by memory).
+    in parallel (default: the CPU count, at most 4, bounded by memory). ``cache_dir``
+    holds the artefacts runs share (default :func:`default_cache_dir`).
     """
     if isinstance(config, str):
         if config not in CONFIGS:
@@ -510,7 +525,8 @@ def run_benchmark(
     if workers is not None and workers < 1:
         raise ValueError(f"workers: expected >= 1, got {workers}")
     workers = workers or default_workers(config)
-    ws = Workspace(config, Path(out_dir))
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    ws = Workspace(config, Path(out_dir), cache)
     check_resumable(ws)
     ws.cache.mkdir(parents=True, exist_ok=True)
     ws.runs.mkdir(parents=True, exist_ok=True)
@@ -535,7 +551,7 @@ def _run_phases(ws: Workspace, workers: int, progress: bool, echo: Callable[[str
     jobs = [j for j in plan(cfg) if not all(p.exists() for _, p in _outputs(ws, j))]
     echo(
         f"metaworld/{cfg.name}: {len(plan(cfg))} training jobs, {len(jobs)} to run, "
-        f"{workers} workers → {ws.out}"
+        f"{workers} workers → {ws.out} (cache {ws.cache})"
     )
     if jobs:
         _source_demos(ws)
