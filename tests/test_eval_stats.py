@@ -20,6 +20,7 @@ from ate_fast.eval.stats import (
     load_runs,
     order_methods,
     paired_difference,
+    pooled_difference,
 )
 
 N_BOOT = 2000
@@ -299,6 +300,39 @@ def test_load_runs_checks_run_id(tmp_path):
         load_runs(tmp_path)
 
 
+def _two_settings(effect_linear: float, effect_warp: float) -> list[dict[str, Any]]:
+    runs = []
+    for i, (shift, effect) in enumerate((("linear", effect_linear), ("warp", effect_warp))):
+        runs += bernoulli_runs("direct", 0.4, rng_seed=10 + i, shift=shift)
+        runs += bernoulli_runs("ate", 0.4 + effect, rng_seed=20 + i, shift=shift)
+    return runs
+
+
+def test_pooled_difference_averages_the_settings():
+    runs = _two_settings(0.3, 0.1)
+    per = paired_difference(runs, "ate", n_boot=N_BOOT)
+    pooled = pooled_difference(runs, "ate", n_boot=N_BOOT)
+    assert pooled["groups"] == [("flow", "linear", 10), ("flow", "warp", 10)]
+    assert pooled["per_group"] == [d["mean"] for d in per]
+    assert pooled["mean"] == pytest.approx(np.mean([d["mean"] for d in per]))
+    assert pooled["significant"] and pooled["ci"][0] > 0
+    # averaging independent settings narrows the interval below either setting's
+    width = pooled["ci"][1] - pooled["ci"][0]
+    assert width < min(d["ci"][1] - d["ci"][0] for d in per)
+    # one setting alone: exactly that setting's replicates, so its interval
+    alone = pooled_difference(runs, "ate", groups=[("flow", "warp", 10)], n_boot=N_BOOT)
+    assert alone["ci"] == per[1]["ci"] and alone["mean"] == per[1]["mean"]
+
+
+def test_pooled_difference_opposite_effects_cancel_and_errors():
+    pooled = pooled_difference(_two_settings(0.3, -0.3), "ate", n_boot=N_BOOT)
+    assert abs(pooled["mean"]) < 0.1 and not pooled["significant"]
+    runs = _two_settings(0.1, 0.1)
+    with pytest.raises(ValueError, match=r"groups: .*\('flow', 'absolute', 10\)"):
+        pooled_difference(runs, "ate", groups=[("flow", "absolute", 10)], n_boot=N_BOOT)
+    assert pooled_difference(runs, "nothing", n_boot=N_BOOT) is None
+
+
 def test_method_order():
     assert order_methods(["c", "direct", "b", "ate"], ["direct", "ate", "zzz"]) == [
         "direct",
@@ -340,6 +374,22 @@ def test_write_report(tmp_path):
     assert ate["significant"] and ate["ci"][0] > 0
 
     assert md == summary_markdown(runs, n_boot=300, method_order=["direct", "ate"])
+    assert "## Overview" not in md  # one group with a baseline: nothing to average
+    assert [p["method"] for p in numbers["pooled_differences"]] == ["ate", "b|pipe"]
+
+
+def test_report_overview_across_settings(tmp_path):
+    runs = _two_settings(0.3, 0.3) + bernoulli_runs("x", 0.4, shift="warp", rng_seed=5)
+    write_runs(tmp_path, runs)
+    md = write_report(tmp_path, n_boot=300, method_order=["direct", "ate"])["markdown"]
+    md = md.read_text()
+    overview = md[md.index("## Overview") : md.index("## flow")]
+    assert "| Setting | ate | x |" in overview
+    rows = {line.split(" | ")[0]: line for line in overview.splitlines() if line.startswith("|")}
+    assert rows["| flow · linear · N=10"].endswith("| — |")  # x ran in warp only
+    assert " * |" in rows["| flow · warp · N=10"]  # ate's large effect is significant
+    assert "(2) |" in rows["| mean over settings (how many)"]
+    assert "(1) |" in rows["| mean over settings (how many)"]
     png = plot_success(runs, tmp_path / "again.png", n_boot=100)
     assert png.is_file()
 

@@ -19,11 +19,13 @@ from ate_fast.eval.stats import (
     CellSummary,
     GroupKey,
     PairedDifference,
+    PooledDifference,
     cell_summary,
     load_runs,
     methods_of,
     order_methods,
     paired_difference,
+    pooled_difference,
 )
 
 REPORT_SCHEMA = 1
@@ -31,16 +33,72 @@ REPORT_SCHEMA = 1
 
 def _compute(
     runs: Sequence[dict[str, Any]], baseline: str, n_boot: int, seed: int, level: float
-) -> tuple[list[CellSummary], list[PairedDifference]]:
-    """Cell summaries and the paired differences of every other method vs ``baseline``."""
+) -> tuple[list[CellSummary], list[PairedDifference], list[PooledDifference]]:
+    """Cell summaries, the paired differences of every other method vs ``baseline``, and
+    those differences averaged over the groups where both ran."""
     cells = cell_summary(runs, n_boot=n_boot, seed=seed, level=level)
     diffs: list[PairedDifference] = []
+    pooled: list[PooledDifference] = []
     for method in methods_of(runs):
         if method != baseline:
             diffs += paired_difference(
                 runs, method, baseline, n_boot=n_boot, seed=seed, level=level
             )
-    return cells, diffs
+            p = pooled_difference(runs, method, baseline, n_boot=n_boot, seed=seed, level=level)
+            if p is not None:
+                pooled.append(p)
+    return cells, diffs, pooled
+
+
+def _overview(
+    diffs: Sequence[PairedDifference],
+    pooled: Sequence[PooledDifference],
+    baseline: str,
+    method_order: Sequence[str] | None,
+    lv: str,
+) -> list[str]:
+    """Markdown lines: Δ vs baseline, one row per group, one column per method, and a last
+    row averaging each method's groups (empty when there is at most one group)."""
+    groups = sorted({(d["policy"], d["shift"], d["demos"]) for d in diffs})
+    if len(groups) < 2:
+        return []
+    methods = order_methods({d["method"] for d in diffs}, method_order)
+    by_key = {(d["policy"], d["shift"], d["demos"], d["method"]): d for d in diffs}
+
+    def text(mean: float, ci: Sequence[float], significant: bool) -> str:
+        star = " *" if significant else ""
+        return f"{_pp(mean)} {_ci(ci, _pp)}{star}"
+
+    lines = [
+        "",
+        f"## Overview: Δ vs {baseline} (pp, {lv} CI; * = interval excludes 0)",
+        "",
+        _row(["Setting", *methods]),
+        _row(["---"] * (len(methods) + 1)),
+    ]
+    for g in groups:
+        cells = []
+        for m in methods:
+            d = by_key.get((*g, m))
+            cells.append("—" if d is None else text(d["mean"], d["ci"], d["significant"]))
+        lines.append(_row([f"{g[0]} · {g[1]} · N={g[2]}", *cells]))
+    pooled_of = {p["method"]: p for p in pooled}
+    cells = []
+    for m in methods:
+        p = pooled_of.get(m)
+        cells.append(
+            "—"
+            if p is None
+            else f"{text(p['mean'], p['ci'], p['significant'])} ({len(p['groups'])})"
+        )
+    lines += [
+        _row(["mean over settings (how many)", *cells]),
+        "",
+        "Mean over settings: every setting where the method and the baseline both ran weighs "
+        "the same; its interval averages the settings' paired bootstrap replicates (settings "
+        "resampled independently). Compare methods on it only where the counts agree.",
+    ]
+    return lines
 
 
 def _by_group(cells: Iterable[CellSummary]) -> dict[GroupKey, dict[str, CellSummary]]:
@@ -78,6 +136,7 @@ def _level_pct(level: float) -> str:
 def _markdown(
     cells: Sequence[CellSummary],
     diffs: Sequence[PairedDifference],
+    pooled: Sequence[PooledDifference],
     baseline: str,
     method_order: Sequence[str] | None,
     level: float,
@@ -93,6 +152,7 @@ def _markdown(
         f"task. Δ: method − `{baseline}` in percentage points, on the seeds both ran, "
         "resampling seeds and episode indices jointly for the two methods (paired); "
         "*significant*: the Δ interval excludes 0.",
+        *_overview(diffs, pooled, baseline, method_order, lv),
     ]
     for group, by_method in _by_group(cells).items():
         policy, shift, demos = group
@@ -187,8 +247,8 @@ def summary_markdown(
     methods). Methods follow ``method_order``; methods not in it follow alphabetically.
     """
     runs = list(runs)
-    cells, diffs = _compute(runs, baseline, n_boot, seed, level)
-    return _markdown(cells, diffs, baseline, method_order, level, n_boot)
+    cells, diffs, pooled = _compute(runs, baseline, n_boot, seed, level)
+    return _markdown(cells, diffs, pooled, baseline, method_order, level, n_boot)
 
 
 def _plot(
@@ -283,19 +343,22 @@ def write_report(
 
     ``summary.json``: ``{"schema": 1, "baseline", "level", "n_boot", "seed", "runs":
     number of runs, "cells": [cell_summary entries], "differences": [paired_difference
-    entries of every other method vs baseline]}``.
+    entries of every other method vs baseline], "pooled_differences": [pooled_difference
+    of every other method over the groups where it and the baseline ran]}``.
     """
     out_dir = Path(out_dir)
     runs = load_runs(out_dir)
     if not runs:
         raise ValueError(f"no runs in {out_dir / 'runs'}")
-    cells, diffs = _compute(runs, baseline, n_boot, seed, level)
+    cells, diffs, pooled = _compute(runs, baseline, n_boot, seed, level)
     paths = {
         "markdown": out_dir / "summary.md",
         "json": out_dir / "summary.json",
         "plot": out_dir / "success.png",
     }
-    paths["markdown"].write_text(_markdown(cells, diffs, baseline, method_order, level, n_boot))
+    paths["markdown"].write_text(
+        _markdown(cells, diffs, pooled, baseline, method_order, level, n_boot)
+    )
     numbers = {
         "schema": REPORT_SCHEMA,
         "baseline": baseline,
@@ -305,6 +368,7 @@ def write_report(
         "runs": len(runs),
         "cells": cells,
         "differences": diffs,
+        "pooled_differences": pooled,
     }
     paths["json"].write_text(json.dumps(numbers, indent=2) + "\n")
     _plot(cells, paths["plot"], method_order, level)

@@ -121,6 +121,20 @@ class PairedDifference(TypedDict):
     per_task: dict[str, float]  # task -> mean over common seeds of the task's difference
 
 
+class PooledDifference(TypedDict):
+    """:func:`pooled_difference`: ``method − baseline`` averaged over groups."""
+
+    method: str
+    baseline: str
+    groups: list[GroupKey]  # (G,) the (policy, shift, demos) groups averaged, sorted
+    per_group: list[float]  # (G,) each group's paired difference
+    mean: float  # mean of per_group (every group weighs the same)
+    ci: list[float]  # [low, high] percentile interval of the mean of group replicates
+    level: float
+    significant: bool  # the interval excludes 0
+    n_boot: int
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -421,11 +435,24 @@ def paired_difference(
     two methods (``paired=False``: independently per method, to show what pairing buys).
     ``significant``: the interval excludes 0. Deterministic for a given ``seed``.
     """
+    return [d for d, _ in _group_differences(runs, method, baseline, n_boot, seed, level, paired)]
+
+
+def _group_differences(
+    runs: Iterable[dict[str, Any]],
+    method: str,
+    baseline: str,
+    n_boot: int,
+    seed: int,
+    level: float,
+    paired: bool,
+) -> list[tuple[PairedDifference, NDArray[np.float64]]]:
+    """:func:`paired_difference`'s groups, each with its ``(n_boot,)`` replicates."""
     _check_args(n_boot, level)
     if method == baseline:
         raise ValueError(f"method and baseline are both {method!r}")
     cells = _cells(runs)
-    out: list[PairedDifference] = []
+    out: list[tuple[PairedDifference, NDArray[np.float64]]] = []
     groups = sorted({key[:3] for key in cells})
     for group in groups:
         runs_m = cells.get((*group, method))
@@ -474,34 +501,81 @@ def paired_difference(
         )
         ci = _interval(boot, level)
         policy, shift, demos = group
-        out.append(
-            PairedDifference(
-                policy=policy,
-                shift=shift,
-                demos=demos,
-                method=method,
-                baseline=baseline,
-                config=config_m,
-                paired=paired,
-                seeds=len(seeds),
-                seed_values=seeds,
-                dropped_seeds={
-                    "method": sorted(set(runs_m) - set(seeds)),
-                    "baseline": sorted(set(runs_b) - set(seeds)),
-                },
-                per_seed=[float(v) for v in per_seed],
-                method_mean=float(rates_m.mean(axis=1).mean()),
-                baseline_mean=float(rates_b.mean(axis=1).mean()),
-                mean=float(per_seed.mean()),
-                ci=ci,
-                level=level,
-                significant=bool(ci[0] > 0.0 or ci[1] < 0.0),
-                ci_source="seeds+episodes" if len(seeds) > 1 else "episodes",
-                n_boot=n_boot,
-                per_task={t: float(v) for t, v in zip(tasks, task_diff.mean(axis=0))},
-            )
+        difference = PairedDifference(
+            policy=policy,
+            shift=shift,
+            demos=demos,
+            method=method,
+            baseline=baseline,
+            config=config_m,
+            paired=paired,
+            seeds=len(seeds),
+            seed_values=seeds,
+            dropped_seeds={
+                "method": sorted(set(runs_m) - set(seeds)),
+                "baseline": sorted(set(runs_b) - set(seeds)),
+            },
+            per_seed=[float(v) for v in per_seed],
+            method_mean=float(rates_m.mean(axis=1).mean()),
+            baseline_mean=float(rates_b.mean(axis=1).mean()),
+            mean=float(per_seed.mean()),
+            ci=ci,
+            level=level,
+            significant=bool(ci[0] > 0.0 or ci[1] < 0.0),
+            ci_source="seeds+episodes" if len(seeds) > 1 else "episodes",
+            n_boot=n_boot,
+            per_task={t: float(v) for t, v in zip(tasks, task_diff.mean(axis=0))},
         )
+        out.append((difference, boot))
     return out
+
+
+def pooled_difference(
+    runs: Iterable[dict[str, Any]],
+    method: str,
+    baseline: str = "direct",
+    *,
+    groups: Iterable[GroupKey] | None = None,
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PooledDifference | None:
+    """``method − baseline`` averaged over groups ``(policy, shift, demos)``, each weighing
+    the same: "does it help across settings?" rather than in one.
+
+    Every group is bootstrapped as in :func:`paired_difference` (same replicates, same
+    seeds), independently of the others (they are separate experiments), and the
+    interval is that of the mean of the groups' replicates. ``groups`` restricts the
+    average (default: every group where both methods ran); a group listed there where
+    they did not both run raises. None when no group qualifies.
+    """
+    found = {
+        (d["policy"], d["shift"], d["demos"]): (d, boot)
+        for d, boot in _group_differences(runs, method, baseline, n_boot, seed, level, True)
+    }
+    keys = sorted(found) if groups is None else sorted(set(groups))
+    missing = [g for g in keys if g not in found]
+    if missing:
+        raise ValueError(
+            f"groups: {method!r} and {baseline!r} did not both run in {missing}; "
+            f"they did in {sorted(found)}"
+        )
+    if not keys:
+        return None
+    boot = np.mean([found[g][1] for g in keys], axis=0)  # (n_boot,)
+    ci = _interval(boot, level)
+    per_group = [found[g][0]["mean"] for g in keys]
+    return PooledDifference(
+        method=method,
+        baseline=baseline,
+        groups=keys,
+        per_group=per_group,
+        mean=float(np.mean(per_group)),
+        ci=ci,
+        level=level,
+        significant=bool(ci[0] > 0.0 or ci[1] < 0.0),
+        n_boot=n_boot,
+    )
 
 
 def methods_of(runs: Iterable[dict[str, Any]]) -> list[str]:
