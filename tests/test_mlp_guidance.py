@@ -73,8 +73,10 @@ def _rel(a, b):
         (9, 16, 14, (40, 24, 16), 4),
         (2, 4, 3, (), 6),
         (16, 50, 32, (256, 256), 64),  # enough work for the CPU kernel's OpenMP path
+        (4, 5, 7, (33, 17), 5),  # CPU: the 4-row × 2-output forward with odd widths
+        (13, 41, 31, (10, 9), 3),  # CPU: 8 + 4 + 1 rows; backward in two 1024-column blocks
     ],
-    ids=["pi0-1", "odd-3", "dp-9", "linear-2", "parallel-16"],
+    ids=["pi0-1", "odd-3", "dp-9", "linear-2", "parallel-16", "rows4-odd", "rows13-wide"],
 )
 def test_matches_autograd(backend, device, dtype, tol, act, batch, horizon, dim, hidden, dz):
     ok, why = backends.availability(backend, device)

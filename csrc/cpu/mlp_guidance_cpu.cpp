@@ -33,7 +33,10 @@ namespace {
 
 constexpr int kRows = 4;  // batch rows sharing one pass over a weight row (forward: 8, then 4)
 constexpr int64_t kOutChunk = 8;  // forward: output neurons per work item
-constexpr int64_t kColChunk = 64; // backward: input columns per work item
+constexpr int64_t kColChunk = 64; // backward: input columns per work item (threads)
+// backward on one thread: wide column blocks, so each weight row is read in long
+// contiguous runs (the block of gin rows stays in L1)
+constexpr int64_t kSerialColChunk = 1024;
 // Below this many multiply-adds (forward rows × layer MACs) the whole call runs on one
 // thread. A control-rate call (B = 1, a 1600→512→512→1024 encoder: ≈1.2M) takes ~100 µs
 // on one core; splitting it over OpenMP threads saves ~30 % on an idle machine but puts
@@ -41,15 +44,65 @@ constexpr int64_t kColChunk = 64; // backward: input columns per work item
 // slice: on a loaded 2-core machine the median went from 0.13 ms to 0.4 ms (seen here).
 constexpr int64_t kParallelMacs = 1 << 21;
 
-// out[r][o] = b[o] + Σ_i W[o][i]·in[r][i] for rows [r0, r0+R), outputs [o0, o1).
+// out[r][o] = b[o] + Σ_i W[o][i]·in[r][i] for R rows, outputs [o0, o1).
+// Every variant keeps eight independent accumulators (one vector register each after
+// `omp simd`), so the FMAs are not one dependent chain: R = 8 rows × 1 output, R = 4
+// rows × 2 outputs, R = 1 row × 8 outputs (the control-rate B = 1 case, which would
+// otherwise wait on the FMA latency of a single accumulator).
 template <typename T, int R>
 ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
                            const T* __restrict__ in, int64_t in_dim, T* __restrict__ out,
                            int64_t out_dim, int64_t o0, int64_t o1) {
-  for (int64_t o = o0; o < o1; ++o) {
+  int64_t o = o0;
+  if constexpr (R == 1) {
+    for (; o + 8 <= o1; o += 8) {
+      const T* __restrict__ w0 = w + o * in_dim;
+      const T *w1 = w0 + in_dim, *w2 = w1 + in_dim, *w3 = w2 + in_dim;
+      const T *w4 = w3 + in_dim, *w5 = w4 + in_dim, *w6 = w5 + in_dim, *w7 = w6 + in_dim;
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+      for (int64_t i = 0; i < in_dim; ++i) {
+        const T v = in[i];
+        a0 += w0[i] * v;
+        a1 += w1[i] * v;
+        a2 += w2[i] * v;
+        a3 += w3[i] * v;
+        a4 += w4[i] * v;
+        a5 += w5[i] * v;
+        a6 += w6[i] * v;
+        a7 += w7[i] * v;
+      }
+      const T acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+      for (int k = 0; k < 8; ++k) out[o + k] = acc[k] + (bias ? bias[o + k] : T(0));
+    }
+  } else if constexpr (R == 4) {
+    for (; o + 2 <= o1; o += 2) {
+      const T* __restrict__ wa = w + o * in_dim;
+      const T* __restrict__ wb = wa + in_dim;
+      const T *i0 = in, *i1 = in + in_dim, *i2 = in + 2 * in_dim, *i3 = in + 3 * in_dim;
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+      for (int64_t i = 0; i < in_dim; ++i) {
+        const T va = wa[i], vb = wb[i];
+        a0 += va * i0[i];
+        a1 += va * i1[i];
+        a2 += va * i2[i];
+        a3 += va * i3[i];
+        b0 += vb * i0[i];
+        b1 += vb * i1[i];
+        b2 += vb * i2[i];
+        b3 += vb * i3[i];
+      }
+      const T ba = bias ? bias[o] : T(0), bb = bias ? bias[o + 1] : T(0);
+      out[o] = a0 + ba, out[out_dim + o] = a1 + ba;
+      out[2 * out_dim + o] = a2 + ba, out[3 * out_dim + o] = a3 + ba;
+      out[o + 1] = b0 + bb, out[out_dim + o + 1] = b1 + bb;
+      out[2 * out_dim + o + 1] = b2 + bb, out[3 * out_dim + o + 1] = b3 + bb;
+    }
+  }
+  for (; o < o1; ++o) {  // R = 8, and the outputs left over by the variants above
     const T* __restrict__ wr = w + o * in_dim;
     T acc[R];
-    for (int k = 0; k < R; ++k) acc[k] = T(0);
     if constexpr (R == 8) {
       T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
       const T* i0 = in;
@@ -67,37 +120,43 @@ ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
       }
       acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
       acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
-    } else if constexpr (R == 4) {
-      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-      const T *i0 = in, *i1 = in + in_dim, *i2 = in + 2 * in_dim, *i3 = in + 3 * in_dim;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t i = 0; i < in_dim; ++i) {
-        const T wv = wr[i];
-        a0 += wv * i0[i];
-        a1 += wv * i1[i];
-        a2 += wv * i2[i];
-        a3 += wv * i3[i];
-      }
-      acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
     } else {
-      T a0 = 0;
+      for (int k = 0; k < R; ++k) {
+        const T* ik = in + k * in_dim;
+        T a0 = 0;
 #pragma omp simd reduction(+ : a0)
-      for (int64_t i = 0; i < in_dim; ++i) a0 += wr[i] * in[i];
-      acc[0] = a0;
+        for (int64_t i = 0; i < in_dim; ++i) a0 += wr[i] * ik[i];
+        acc[k] = a0;
+      }
     }
     const T b = bias ? bias[o] : T(0);
     for (int k = 0; k < R; ++k) out[k * out_dim + o] = acc[k] + b;
   }
 }
 
-// gin[r][i] = Σ_o delta[r][o]·W[o][i] for rows [r0, r0+R), columns [c0, c1).
+// gin[r][i] = Σ_o delta[r][o]·W[o][i] for R rows, columns [c0, c1): four weight rows per
+// pass, so each gin element is loaded and stored once per four multiply-adds.
 template <typename T, int R>
 ATE_INLINE void dense_transposed_rows(const T* __restrict__ w, int64_t in_dim, int64_t out_dim,
                                       const T* __restrict__ delta, T* __restrict__ gin,
                                       int64_t c0, int64_t c1) {
   for (int k = 0; k < R; ++k)
     for (int64_t i = c0; i < c1; ++i) gin[k * in_dim + i] = T(0);
-  for (int64_t o = 0; o < out_dim; ++o) {
+  int64_t o = 0;
+  for (; o + 4 <= out_dim; o += 4) {
+    const T* __restrict__ w0 = w + o * in_dim;
+    const T* __restrict__ w1 = w0 + in_dim;
+    const T* __restrict__ w2 = w1 + in_dim;
+    const T* __restrict__ w3 = w2 + in_dim;
+    for (int k = 0; k < R; ++k) {
+      const T* dk = delta + k * out_dim + o;
+      const T d0 = dk[0], d1 = dk[1], d2 = dk[2], d3 = dk[3];
+      T* __restrict__ g = gin + k * in_dim;
+#pragma omp simd
+      for (int64_t i = c0; i < c1; ++i) g[i] += d0 * w0[i] + d1 * w1[i] + d2 * w2[i] + d3 * w3[i];
+    }
+  }
+  for (; o < out_dim; ++o) {
     const T* __restrict__ wr = w + o * in_dim;
     for (int k = 0; k < R; ++k) {
       const T d = delta[k * out_dim + o];
@@ -265,10 +324,11 @@ int run(const MlpGuidanceArgs& p) {
     for (int l = L - 1; l >= 0; --l) {
       const int64_t in_dim = p.dims[l], o_dim = p.dims[l + 1];
       T* dst = l == 0 ? grad : delta[1 - cur];
-      const int64_t chunks = (in_dim + kColChunk - 1) / kColChunk;
+      const int64_t width = parallel ? kColChunk : kSerialColChunk;
+      const int64_t chunks = (in_dim + width - 1) / width;
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t c0 = c * kColChunk, c1 = std::min(c0 + kColChunk, in_dim);
+        const int64_t c0 = c * width, c1 = std::min(c0 + width, in_dim);
         dense_t(W[l], in_dim, o_dim, delta[cur], B, dst, c0, c1);
         for (int64_t b = 0; b < B; ++b) {
           T* g = dst + b * in_dim;
