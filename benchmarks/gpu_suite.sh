@@ -80,6 +80,11 @@ for suite in benchmarks/bench_*.py; do
   bench "$suite" "$(capped "${ATE_FAST_BENCH_TIMEOUT:-110}")"
 done
 
+# kernels per captured call and their device time (the open item of the first H100 run)
+timeout -s INT -k "$GRACE" "$(capped 60)" "$PY" benchmarks/profile_capture.py "$OUT_DIR" \
+    >/tmp/profile_capture.log 2>&1 || { status=1; tail -5 /tmp/profile_capture.log; }
+tail -3 /tmp/profile_capture.log
+
 "$PY" benchmarks/gpu_summary.py "$OUT_DIR" || status=1
 echo "total $(( $(date +%s) - t0 )) s, status $status"
 exit $status

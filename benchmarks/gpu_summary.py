@@ -2,10 +2,11 @@
 
     python benchmarks/gpu_summary.py OUT_DIR
 
-Reads OUT_DIR/info.json (ate-fast info --json), OUT_DIR/cuda_tests.xml (pytest junit)
-and OUT_DIR/bench*.json (pytest-benchmark); writes OUT_DIR/<date>-<gpu>.json and
-OUT_DIR/summary.md, and prints the summary. ``bench_heads.json`` gets its own table (per
-case: median per row, × eager and × compile) and the issue's targets, as explicit ratios.
+Reads OUT_DIR/info.json (ate-fast info --json), OUT_DIR/cuda_tests.xml (pytest junit),
+OUT_DIR/bench*.json (pytest-benchmark) and OUT_DIR/profile_capture.json if present;
+writes OUT_DIR/<date>-<gpu>.json and OUT_DIR/summary.md, and prints the summary.
+``bench_heads.json`` gets its own table (per case: median per row, × eager and × compile)
+and the issue's targets, as explicit ratios.
 """
 
 from __future__ import annotations
@@ -134,6 +135,13 @@ def heads_targets(cases: dict[tuple, dict[str, float]]) -> tuple[list[str], list
     return lines, records
 
 
+def _optional_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def main(out_dir: Path) -> None:
     info = json.loads((out_dir / "info.json").read_text())
     gpu = info["gpus"][0]["name"] if info.get("gpus") else "no-gpu"
@@ -153,6 +161,7 @@ def main(out_dir: Path) -> None:
         "cuda_tests": test_counts(out_dir / "cuda_tests.xml"),
         "benchmarks_median_seconds_per_call": table,
         "heads_targets": target_records,
+        "profile_capture": _optional_json(out_dir / "profile_capture.json"),
     }
     (out_dir / f"{date}-{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
     tests = result["cuda_tests"]
@@ -162,6 +171,10 @@ def main(out_dir: Path) -> None:
         summary += ["", "## Whole sampler per head (bench_heads)", "", heads_markdown(heads)]
         summary += ["", "Targets (set for the GPU; ratios from the table above):", ""]
         summary += target_lines or ["(no case with the rows the targets need)"]
+    for case in (result["profile_capture"] or {}).get("cases", []):
+        counts = ", ".join(f"{k} {v:.1f}" for k, v in case.items() if k.endswith("_per_call"))
+        kind = "guided" if case["guided"] else "unguided"
+        summary.append(f"- captured flow Euler 10, {kind} (profile_capture.py): {counts}")
     text = "\n".join(summary) + "\n"
     (out_dir / "summary.md").write_text(text)
     print(text)

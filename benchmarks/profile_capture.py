@@ -1,0 +1,116 @@
+"""Where a captured sampling loop spends its time: a torch.profiler trace of
+``sampler.capture()`` replays (flow Euler 10, B=1, H=50, D=32, bench_sampling's MLP head),
+unguided and with ``LatentGuidance`` through an align MLP encoder.
+
+    python benchmarks/profile_capture.py OUT_DIR [--device cuda|cpu] [--calls 50]
+
+Writes ``OUT_DIR/profile_capture.json``: per case the wall time per call, and per call
+the number of device kernels and their summed device time (CUDA), or the number of ATen
+ops and their summed self CPU time (CPU), plus the ten costliest kernels / ops. On the
+GPU it answers whether a captured call is bound by kernel count (many tiny kernels at a
+few µs each) or by something else (input copy, host work). Timings are profiled, so
+somewhat inflated; the benchmark suites are the reference for latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampling import B, D, H, Head, latent_guidances
+
+from ate_fast.sampling import FlowSampler
+
+
+def _device_time_us(event) -> float:
+    """Self device time of a profiler aggregate (its name moved across torch versions)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def profile_case(device: str, guided: bool, calls: int) -> dict:
+    model = Head().to(device).requires_grad_(False)
+    guidance = latent_guidances(device)[0] if guided else None
+    noise = torch.randn(B, H, D, device=device)
+    captured = FlowSampler(model, 10).capture(noise, guidance=guidance, check_finite=False)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(5):
+        captured(noise)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        captured(noise)
+    sync()
+    wall_us = (time.perf_counter() - t0) / calls * 1e6
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            captured(noise)
+        sync()
+    events = prof.key_averages()
+    if device == "cuda":
+        kernels = [e for e in events if _device_time_us(e) > 0 and e.device_type.name == "CUDA"]
+        cost = _device_time_us
+        label = "kernels"
+    else:
+        kernels = [e for e in events if e.key.startswith("aten::")]
+
+        def cost(e) -> float:
+            return float(e.self_cpu_time_total)
+
+        label = "aten_ops"
+    top = sorted(kernels, key=cost, reverse=True)[:10]
+    return {
+        "device": device,
+        "guided": guided,
+        "calls": calls,
+        "wall_us_per_call": wall_us,
+        f"{label}_per_call": sum(e.count for e in kernels) / calls,
+        f"{label}_us_per_call": sum(cost(e) for e in kernels) / calls,
+        "top": [
+            {"name": e.key, "count_per_call": e.count / calls, "us_per_call": cost(e) / calls}
+            for e in top
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device on this machine")
+    if args.calls < 1:
+        parser.error(f"--calls: expected >= 1, got {args.calls}")
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # control-rate calls; OpenMP threads stall on a busy machine
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [profile_case(args.device, guided, args.calls) for guided in (False, True)]
+    path = args.out_dir / "profile_capture.json"
+    path.write_text(json.dumps({"cases": cases}, indent=1) + "\n")
+    for case in cases:
+        counts = {k: round(v, 1) for k, v in case.items() if k.endswith("_per_call")}
+        print(f"{args.device} {'guided' if case['guided'] else 'unguided'}: {counts}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
