@@ -352,9 +352,10 @@ def test_write_report(tmp_path):
     )
     write_runs(tmp_path, runs)
     paths = write_report(tmp_path, n_boot=300, method_order=["direct", "ate"])
-    assert set(paths) == {"markdown", "json", "plot"}
+    assert set(paths) == {"markdown", "json", "plot", "differences"}
     assert all(p.parent == tmp_path and p.is_file() for p in paths.values())
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["differences"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     md = paths["markdown"].read_text()
     for method in ("direct", "ate", "b\\|pipe"):
@@ -392,6 +393,12 @@ def test_report_overview_across_settings(tmp_path):
     assert "(1) |" in rows["| mean over settings (how many)"]
     png = plot_success(runs, tmp_path / "again.png", n_boot=100)
     assert png.is_file()
+
+
+def test_no_differences_plot_without_a_baseline(tmp_path):
+    write_runs(tmp_path, bernoulli_runs("ate", 0.5) + bernoulli_runs("x", 0.5, rng_seed=1))
+    paths = write_report(tmp_path, n_boot=100)
+    assert "differences" not in paths and not (tmp_path / "differences.png").exists()
 
 
 def test_write_report_without_runs(tmp_path):

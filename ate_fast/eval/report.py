@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ate_fast.eval.stats import (
     CellSummary,
@@ -312,6 +312,62 @@ def _plot(
     return path
 
 
+def _plot_differences(
+    diffs: Sequence[PairedDifference],
+    pooled: Sequence[PooledDifference],
+    path: str | Path,
+    baseline: str,
+    method_order: Sequence[str] | None,
+    level: float,
+) -> Optional[Path]:
+    """Forest plot: one panel per method, one row per setting (and the mean over
+    settings), Δ vs ``baseline`` with its interval. None (nothing written) without diffs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not diffs:
+        return None
+    methods = order_methods({d["method"] for d in diffs}, method_order)
+    groups = sorted({(d["policy"], d["shift"], d["demos"]) for d in diffs}, reverse=True)
+    by_key = {(d["policy"], d["shift"], d["demos"], d["method"]): d for d in diffs}
+    pooled_of = {p["method"]: p for p in pooled}
+    labels = ["mean over settings"] + [f"{g[0]} · {g[1]} · N={g[2]}" for g in groups]
+    ncols = min(4, len(methods))
+    nrows = math.ceil(len(methods) / ncols)
+    fig = Figure(figsize=(3.4 * ncols + 1.6, (0.28 * len(labels) + 1.0) * nrows), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    for ax in axes.flat[len(methods) :]:
+        ax.set_visible(False)
+    for i, (ax, method) in enumerate(zip(axes.flat, methods)):
+        entries = [pooled_of.get(method)] + [by_key.get((*g, method)) for g in groups]
+        for y, e in enumerate(entries):
+            if e is None:
+                continue
+            mean, (low, high) = 100.0 * e["mean"], (100.0 * v for v in e["ci"])
+            colour = ("C3" if mean < 0 else "C2") if e["significant"] else "0.45"
+            ax.errorbar(
+                mean, y, xerr=[[mean - low], [high - mean]], fmt="D" if y == 0 else "o",
+                color=colour, capsize=3, markersize=5 if y == 0 else 4,
+            )  # fmt: skip
+        ax.axvline(0.0, color="k", linewidth=0.8)
+        ax.axhline(0.5, color="0.8", linewidth=0.8)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels if i % ncols == 0 else [""] * len(labels), fontsize=8)
+        ax.set_ylim(-0.6, len(labels) - 0.4)
+        ax.set_title(method, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(f"Δ vs {baseline} (pp)", fontsize=8)
+    fig.suptitle(
+        f"Paired difference vs {baseline}, {_level_pct(level)} CI "
+        "(green/red: interval excludes 0; diamond: mean over settings)"
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
 def plot_success(
     runs: Sequence[dict[str, Any]],
     path: str | Path,
@@ -338,8 +394,10 @@ def write_report(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Path]:
-    """Load ``out_dir/runs/*.json`` and write ``summary.md``, ``summary.json`` and
-    ``success.png`` into ``out_dir``; return ``{"markdown", "json", "plot"}`` → path.
+    """Load ``out_dir/runs/*.json`` and write ``summary.md``, ``summary.json``,
+    ``success.png`` and (when some method has a baseline to compare with)
+    ``differences.png`` into ``out_dir``; return ``{"markdown", "json", "plot"[,
+    "differences"]}`` → path.
 
     ``summary.json``: ``{"schema": 1, "baseline", "level", "n_boot", "seed", "runs":
     number of runs, "cells": [cell_summary entries], "differences": [paired_difference
@@ -372,4 +430,11 @@ def write_report(
     }
     paths["json"].write_text(json.dumps(numbers, indent=2) + "\n")
     _plot(cells, paths["plot"], method_order, level)
+    forest = _plot_differences(
+        diffs, pooled, out_dir / "differences.png", baseline, method_order, level
+    )
+    if forest is not None:
+        paths["differences"] = forest
+    else:  # no baseline to compare with: no stale plot from an earlier report either
+        (out_dir / "differences.png").unlink(missing_ok=True)
     return paths
