@@ -107,13 +107,14 @@ class Steer:
         Why: the corrected output is regressed on the *unchanged* target, so the network
         learns ``pred ≈ target − λ·g̃``: with the paper's sign the deployed (unguided)
         policy is pushed *away* from the demonstration's latent, with λ < 0 toward it —
-        the direction inference-time guidance takes. Measured (paired, 3 seeds, 95 %
-        intervals): flipped − as specified = +5.6, +1.9, +4.6, +6.3 points over four
-        (shift, N) cells of a flow policy, three significant; flipped − direct
-        fine-tuning = +4.4 and +2.8 (significant), +1.3 and −0.4 (not); with a diffusion
-        (ε) policy: as specified −19.6, flipped +6.1 vs direct (both significant).
-        Caveat: where it ran, the control through an untrained encoder gained about as
-        much (+2.0), so the gain may be regularisation rather than alignment.
+        the direction inference-time guidance takes. Measured over the six flow-policy
+        settings of the benchmark's ``full`` protocol (linear, warp and absolute action
+        spaces × N = 5, 20; paired, 3 seeds, 95 % intervals): flipped − direct
+        fine-tuning +1.3 to +5.7 points, never worse, mean +2.9 [+1.3, +4.6]; as
+        specified − direct −1.7 to −10.2, mean −4.0. A steer through an untrained
+        encoder gained nothing (mean −0.0), flipped − untrained +2.9 [+1.5, +4.3],
+        largest (+6.5) where pre-training transfers (absolute action space). With a
+        diffusion (ε) policy (linear, N = 5): as specified −19.6, flipped +6.1 vs direct.
         ``Steer(vae)`` keeps the paper's sign.
         """
         settings = {"scale": -2.0, "clamp": 0.1, "latent": "mean", "reduction": "sample"}
