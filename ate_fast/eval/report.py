@@ -21,11 +21,10 @@ from ate_fast.eval.stats import (
     PairedDifference,
     PooledDifference,
     cell_summary,
+    differences_and_pooled,
     load_runs,
     methods_of,
     order_methods,
-    paired_difference,
-    pooled_difference,
 )
 
 REPORT_SCHEMA = 1
@@ -41,13 +40,21 @@ def _compute(
     pooled: list[PooledDifference] = []
     for method in methods_of(runs):
         if method != baseline:
-            diffs += paired_difference(
+            per_group, p = differences_and_pooled(
                 runs, method, baseline, n_boot=n_boot, seed=seed, level=level
             )
-            p = pooled_difference(runs, method, baseline, n_boot=n_boot, seed=seed, level=level)
+            diffs += per_group
             if p is not None:
                 pooled.append(p)
     return cells, diffs, pooled
+
+
+def _group_of(d: PairedDifference) -> GroupKey:
+    return d["policy"], d["shift"], d["demos"]
+
+
+def _setting_label(g: GroupKey) -> str:
+    return f"{g[0]} · {g[1]} · N={g[2]}"
 
 
 def _overview(
@@ -59,11 +66,11 @@ def _overview(
 ) -> list[str]:
     """Markdown lines: Δ vs baseline, one row per group, one column per method, and a last
     row averaging each method's groups (empty when there is at most one group)."""
-    groups = sorted({(d["policy"], d["shift"], d["demos"]) for d in diffs})
+    groups = sorted({_group_of(d) for d in diffs})
     if len(groups) < 2:
         return []
     methods = order_methods({d["method"] for d in diffs}, method_order)
-    by_key = {(d["policy"], d["shift"], d["demos"], d["method"]): d for d in diffs}
+    by_key = {(*_group_of(d), d["method"]): d for d in diffs}
 
     def text(mean: float, ci: Sequence[float], significant: bool) -> str:
         star = " *" if significant else ""
@@ -81,7 +88,7 @@ def _overview(
         for m in methods:
             d = by_key.get((*g, m))
             cells.append("—" if d is None else text(d["mean"], d["ci"], d["significant"]))
-        lines.append(_row([f"{g[0]} · {g[1]} · N={g[2]}", *cells]))
+        lines.append(_row([_setting_label(g), *cells]))
     pooled_of = {p["method"]: p for p in pooled}
     cells = []
     for m in methods:
@@ -143,7 +150,7 @@ def _markdown(
     n_boot: int,
 ) -> str:
     lv = _level_pct(level)
-    diff_of = {(d["policy"], d["shift"], d["demos"], d["method"]): d for d in diffs}
+    diff_of = {(*_group_of(d), d["method"]): d for d in diffs}
     lines = [
         "# Simulator evaluation: success rates",
         "",
@@ -328,10 +335,10 @@ def _plot_differences(
     if not diffs:
         return None
     methods = order_methods({d["method"] for d in diffs}, method_order)
-    groups = sorted({(d["policy"], d["shift"], d["demos"]) for d in diffs}, reverse=True)
-    by_key = {(d["policy"], d["shift"], d["demos"], d["method"]): d for d in diffs}
+    groups = sorted({_group_of(d) for d in diffs}, reverse=True)
+    by_key = {(*_group_of(d), d["method"]): d for d in diffs}
     pooled_of = {p["method"]: p for p in pooled}
-    labels = ["mean over settings"] + [f"{g[0]} · {g[1]} · N={g[2]}" for g in groups]
+    labels = ["mean over settings"] + [_setting_label(g) for g in groups]
     ncols = min(4, len(methods))
     nrows = math.ceil(len(methods) / ncols)
     fig = Figure(figsize=(3.4 * ncols + 1.6, (0.28 * len(labels) + 1.0) * nrows), dpi=120)

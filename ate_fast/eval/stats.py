@@ -549,10 +549,26 @@ def pooled_difference(
     average (default: every group where both methods ran); a group listed there where
     they did not both run raises. None when no group qualifies.
     """
-    found = {
-        (d["policy"], d["shift"], d["demos"]): (d, boot)
-        for d, boot in _group_differences(runs, method, baseline, n_boot, seed, level, True)
-    }
+    return differences_and_pooled(
+        runs, method, baseline, groups=groups, n_boot=n_boot, seed=seed, level=level
+    )[1]
+
+
+def differences_and_pooled(
+    runs: Iterable[dict[str, Any]],
+    method: str,
+    baseline: str = "direct",
+    *,
+    groups: Iterable[GroupKey] | None = None,
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[list[PairedDifference], PooledDifference | None]:
+    """:func:`paired_difference` and :func:`pooled_difference` from one bootstrap of
+    each group (what a report needs; the replicates are drawn once)."""
+    per_group = _group_differences(runs, method, baseline, n_boot, seed, level, True)
+    found = {(d["policy"], d["shift"], d["demos"]): (d, boot) for d, boot in per_group}
+    diffs = [d for d, _ in per_group]
     keys = sorted(found) if groups is None else sorted(set(groups))
     missing = [g for g in keys if g not in found]
     if missing:
@@ -561,21 +577,22 @@ def pooled_difference(
             f"they did in {sorted(found)}"
         )
     if not keys:
-        return None
+        return diffs, None
     boot = np.mean([found[g][1] for g in keys], axis=0)  # (n_boot,)
     ci = _interval(boot, level)
-    per_group = [found[g][0]["mean"] for g in keys]
-    return PooledDifference(
+    means = [found[g][0]["mean"] for g in keys]
+    pooled = PooledDifference(
         method=method,
         baseline=baseline,
         groups=keys,
-        per_group=per_group,
-        mean=float(np.mean(per_group)),
+        per_group=means,
+        mean=float(np.mean(means)),
         ci=ci,
         level=level,
         significant=bool(ci[0] > 0.0 or ci[1] < 0.0),
         n_boot=n_boot,
     )
+    return diffs, pooled
 
 
 def methods_of(runs: Iterable[dict[str, Any]]) -> list[str]:
