@@ -79,7 +79,21 @@ def info() -> dict:
         "backends": table,
         "forced_backend": backends.forced_backend(),
         "triton_interpret": backends.triton_interpret(),
+        "transformer_guidance": _transformer_guidance_paths(),
     }
+
+
+def _transformer_guidance_paths() -> dict:
+    """Device type -> the Transformer-encoder guidance path (or the env variable's error)."""
+    from ate_fast.steer.transformer_vjp import selected_path
+
+    paths = {}
+    for device_type in ("cpu", "cuda"):
+        try:
+            paths[device_type] = selected_path(device_type)
+        except ValueError as exc:
+            paths[device_type] = f"error: {exc}"
+    return paths
 
 
 def format_info(data: dict) -> str:
@@ -119,6 +133,11 @@ def format_info(data: dict) -> str:
             {f"{dt}: {v['reason']}" for dt, v in per_device.items() if not v["available"]}
         )
         lines.append(f"{backend:<8} {marks[0]:<6} {marks[1]:<6} {'; '.join(reasons)}")
+    paths = data["transformer_guidance"]
+    lines.append(
+        f"\nguidance through the Transformer encoder: cpu {paths['cpu']}, cuda {paths['cuda']}"
+        " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp forces one)"
+    )
     if data["forced_backend"]:
         lines.append(f"\nATE_FAST_BACKEND={data['forced_backend']} forces that backend")
     return "\n".join(lines)

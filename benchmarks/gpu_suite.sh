@@ -75,8 +75,12 @@ echo "== benchmarks (one JSON per suite, each under its own time limit)"
 heads=benchmarks/bench_heads.py
 heads_limit=$(capped "${ATE_FAST_HEADS_TIMEOUT:-300}" "${ATE_FAST_BENCH_RESERVE:-120}")
 bench "$heads" "$heads_limit" ATE_FAST_HEADS_BUDGET_S=$(( heads_limit - 45 ))
-for suite in benchmarks/bench_*.py; do
+# the transformer-encoder guidance paths next (not yet measured on a GPU), then the rest
+first=benchmarks/bench_transformer_guidance.py
+for suite in "$first" benchmarks/bench_*.py; do
   [ "$suite" = "$heads" ] && continue
+  [ "$suite" = "$first" ] && [ -n "${seen_first:-}" ] && continue
+  [ "$suite" = "$first" ] && seen_first=1
   bench "$suite" "$(capped "${ATE_FAST_BENCH_TIMEOUT:-110}")"
 done
 

@@ -135,6 +135,18 @@ def heads_targets(cases: dict[tuple, dict[str, float]]) -> tuple[list[str], list
     return lines, records
 
 
+def transformer_path_lines(table: dict[str, dict[str, float]]) -> list[str]:
+    """Which Transformer-encoder guidance path wins inside a CUDA graph, per problem (the
+    default of ``ate_fast.steer.transformer_vjp.DEFAULT_PATH["cuda"]`` follows this)."""
+    lines = []
+    for group, per_impl in table.items():
+        auto, vjp = per_impl.get("eager_graph"), per_impl.get("vjp_graph")
+        if auto and vjp:
+            winner = "vjp" if vjp < auto else "autograd"
+            lines.append(f"- {group}: graphed autograd / vjp = {auto / vjp:.2f}× ({winner} wins)")
+    return ["Transformer-encoder guidance, graphed paths:", "", *lines, ""] if lines else []
+
+
 def _optional_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
@@ -151,7 +163,7 @@ def main(out_dir: Path) -> None:
     table = rows(bench_files) if bench_files else {}
     heads_file = out_dir / "bench_heads.json"
     others = [f for f in bench_files if Path(f).name != heads_file.name]
-    general = rows(others) if others else {}
+    general = {Path(f).stem: rows([f]) for f in others}
     heads = heads_cases(heads_file) if heads_file.exists() else {}
     target_lines, target_records = heads_targets(heads)
     result = {
@@ -166,7 +178,11 @@ def main(out_dir: Path) -> None:
     (out_dir / f"{date}-{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
     tests = result["cuda_tests"]
     summary = [f"# GPU suite {date} on {gpu}", "", f"cuda-marked tests: {json.dumps(tests)}", ""]
-    summary.append(markdown(general) if general else "(no benchmark results)")
+    for suite, suite_rows in general.items():
+        summary += [f"## {suite}", "", markdown(suite_rows) if suite_rows else "(no results)", ""]
+    if not general:
+        summary.append("(no benchmark results)")
+    summary += transformer_path_lines(general.get("bench_transformer_guidance", {}))
     if heads:
         summary += ["", "## Whole sampler per head (bench_heads)", "", heads_markdown(heads)]
         summary += ["", "Targets (set for the GPU; ratios from the table above):", ""]

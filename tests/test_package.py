@@ -59,6 +59,15 @@ def test_info_lists_backends_with_reasons():
     assert "torch" in text and "_C (CPU)     built" in text
 
 
+def test_info_reports_the_transformer_guidance_path(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_TRANSFORMER_GUIDANCE", raising=False)
+    assert info()["transformer_guidance"] == {"cpu": "vjp", "cuda": "autograd"}
+    monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "autograd")
+    assert "cpu autograd, cuda autograd" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "bogus")
+    assert info()["transformer_guidance"]["cpu"].startswith("error: ATE_FAST_TRANSFORMER")
+
+
 def test_cli_info_json(capsys):
     assert main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

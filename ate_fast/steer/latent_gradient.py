@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.fused_encoder import fused_latent_gradient, fused_mlp_parts
+from ate_fast.steer.transformer_vjp import transformer_latent_gradient, transformer_vjp_module
 
 REDUCTIONS = ("sample", "batch")
 
@@ -36,6 +37,14 @@ def select_latent(
             f"{None if eps is None else tuple(eps.shape)}"
         )
     return mu + torch.exp(0.5 * logvar) * eps
+
+
+def _check_target(target: Tensor, dz: int, batch: int, name: str) -> None:
+    if target.shape not in ((dz,), (batch, dz)):
+        raise ValueError(
+            f"{name} must be a latent [d_z] = [{dz}] or a batch [B, d_z] = {[batch, dz]} "
+            f"matching the encoder, got shape {tuple(target.shape)}"
+        )
 
 
 def _autograd_ready(t: Tensor) -> Tensor:
@@ -61,33 +70,35 @@ def latent_distance_gradient(
     (the released code), which divides each sample's gradient by B.
 
     For ``ate_fast.align``'s MLP encoder this runs the fused kernel
-    (:mod:`ate_fast.steer.fused_encoder`); otherwise autograd.
+    (:mod:`ate_fast.steer.fused_encoder`); for its Transformer encoder the hand-written VJP
+    where selected (:mod:`ate_fast.steer.transformer_vjp`); otherwise autograd.
     """
     parts = fused_mlp_parts(encoder, x)
     if parts is not None:
-        dz = parts[0][-1].shape[0] // 2
-        if target.shape not in ((dz,), (x.shape[0], dz)):
-            raise ValueError(
-                f"{target_name} must be a latent [d_z] = [{dz}] or a batch [B, d_z] = "
-                f"{[x.shape[0], dz]} matching the encoder, got shape {tuple(target.shape)}"
-            )
+        _check_target(target, parts[0][-1].shape[0] // 2, x.shape[0], target_name)
         if latent == "sample":
             select_latent(target, target, latent, eps)  # the same eps checks as autograd
         return fused_latent_gradient(
             parts, x, target=target, mask=encoder.mask,
             eps=eps if latent == "sample" else None, reduction=reduction,
         )  # fmt: skip
+    module = transformer_vjp_module(encoder, x)
+    if module is not None:
+        _check_target(target, module.latent_dim, x.shape[0], target_name)
+        if latent == "sample":
+            select_latent(target, target, latent, eps)  # the same eps checks as autograd
+        with torch.no_grad():
+            return transformer_latent_gradient(
+                module, x, target.to(device=x.device, dtype=x.dtype), mask=encoder.mask,
+                eps=eps if latent == "sample" else None, reduction=reduction,
+            )  # fmt: skip
     with torch.inference_mode(False), torch.enable_grad():
         point = _autograd_ready(x).detach().requires_grad_(True)
         mu, logvar = encoder(point)
         if eps is not None:
             eps = _autograd_ready(eps)
         z = select_latent(mu, logvar, latent, eps)
-        if target.shape not in ((z.shape[1],), tuple(z.shape)):
-            raise ValueError(
-                f"{target_name} must be a latent [d_z] = [{z.shape[1]}] or a batch [B, d_z] = "
-                f"{list(z.shape)} matching the encoder, got shape {tuple(target.shape)}"
-            )
+        _check_target(target, z.shape[1], z.shape[0], target_name)
         target = _autograd_ready(target).to(device=z.device, dtype=z.dtype)
         squared = (z - target).square()
         y = -squared.mean(dim=1).sum() if reduction == "sample" else -squared.mean()

@@ -1,0 +1,246 @@
+"""The guidance gradient through the paper's Transformer encoder by a hand-written VJP.
+
+``g = ∇_x −s‖z(x) − z*‖²`` for ``ate_fast.align``'s :class:`TransformerEncoder`
+(``s = 1/d_z`` per sample, ``1/(B·d_z)`` for the batch mean), computed by one explicit
+forward that keeps what the backward needs and one explicit input-only backward — the
+same function as the autograd reference in :mod:`ate_fast.steer.latent_gradient`, with
+less work:
+
+* no autograd tape (on the CPU at B = 1 its bookkeeping is a visible share of ~300 ops);
+* the **last** Transformer layer and the final LayerNorm run only on the rows the latent
+  reads — the μ token (and the log σ² token for ``latent="sample"``): its queries,
+  attention output, feed-forward and norms shrink from ``H + 2`` rows to 1 (or 2); keys
+  and values still cover every token;
+* the log σ² head is skipped for ``latent="mean"``; no weight gradient is ever formed.
+
+Layers must be ``nn.TransformerEncoderLayer`` in post-norm form (``norm_first=False``,
+``batch_first=True``, as ``ate_fast.align`` builds them) with a GELU or ReLU activation
+and no dropout in effect; :func:`transformer_vjp_module` returns ``None`` otherwise and
+the caller keeps autograd.
+
+Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp`` forces one; unset, the
+default of :data:`DEFAULT_PATH` for the tensor's device type (the measured winner; see
+``benchmarks/README.md``, "Guidance gradient through the Transformer encoder").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.fused_encoder import _autocast_on
+
+ENV_VAR = "ATE_FAST_TRANSFORMER_GUIDANCE"
+PATHS = ("autograd", "vjp")
+# device type -> default path; device types not listed use "autograd".
+DEFAULT_PATH = {"cpu": "vjp"}
+
+
+def selected_path(device_type: str) -> str:
+    """``"autograd"`` or ``"vjp"``: the forced path (``$ATE_FAST_TRANSFORMER_GUIDANCE``) or
+    the default for ``device_type``."""
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {forced!r}")
+        return forced
+    return DEFAULT_PATH.get(device_type, "autograd")
+
+
+def _supported_layer(layer: nn.Module) -> bool:
+    if type(layer) is not nn.TransformerEncoderLayer or layer.norm_first:
+        return False
+    attn = layer.self_attn
+    if not (attn.batch_first and attn._qkv_same_embed_dim and attn.in_proj_bias is not None):
+        return False
+    if attn.bias_k is not None or attn.add_zero_attn or attn.out_proj.bias is None:
+        return False
+    if layer.training and (attn.dropout > 0 or layer.dropout.p > 0 or layer.dropout1.p > 0):
+        return False
+    return layer.activation in (F.gelu, F.relu) and layer.linear1.bias is not None
+
+
+def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Module]:
+    """The ``TransformerEncoder`` inside ``encoder`` if the hand-written VJP computes it at
+    ``x`` (supported layers, weights in ``x``'s dtype and device, autocast off) and that
+    path is selected for ``x``'s device; else ``None``."""
+    try:
+        from ate_fast.align.transformer_vae import TransformerEncoder
+        from ate_fast.align.vae import ActionVAE
+    except ImportError:  # a pure encoder callable needs no align package
+        return None
+    source = encoder.source
+    module = source.encoder if isinstance(source, ActionVAE) else source
+    if not isinstance(module, TransformerEncoder) or _autocast_on(x):
+        return None
+    if x.dim() != 3 or tuple(x.shape[1:]) != (module.horizon, module.action_dim):
+        return None  # autograd's encoder call raises the clear shape error
+    if selected_path(x.device.type) != "vjp":
+        return None
+    blocks = module.blocks
+    layers = [*blocks.input_blocks, blocks.middle_block, *blocks.output_blocks]
+    if not all(_supported_layer(layer) for layer in layers):
+        return None
+    if any(p.dtype != x.dtype or p.device != x.device for p in module.parameters()):
+        return None
+    return module
+
+
+# --- pieces -------------------------------------------------------------------------------
+def _norm(x: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, tuple]:
+    out, mean, rstd = torch.native_layer_norm(
+        x, norm.normalized_shape, norm.weight, norm.bias, norm.eps
+    )
+    return out, (x, mean, rstd, norm)
+
+
+def _norm_backward(grad: Tensor, saved: tuple) -> Tensor:
+    x, mean, rstd, norm = saved
+    dx, _, _ = torch.ops.aten.native_layer_norm_backward(
+        grad, x, norm.normalized_shape, mean, rstd, norm.weight, norm.bias, [True, False, False]
+    )
+    return dx
+
+
+def _activation_backward(grad: Tensor, pre: Tensor, activation) -> Tensor:
+    if activation is F.gelu:
+        return torch.ops.aten.gelu_backward(grad, pre)
+    return grad * (pre > 0).to(grad.dtype)  # relu
+
+
+def _heads(t: Tensor, num_heads: int) -> Tensor:
+    """[B, T, d] -> [B, nh, T, d/nh]."""
+    b, n, d = t.shape
+    return t.view(b, n, num_heads, d // num_heads).transpose(1, 2)
+
+
+def _merge(t: Tensor) -> Tensor:
+    """[B, nh, T, hd] -> [B, T, nh·hd]."""
+    b, nh, n, hd = t.shape
+    return t.transpose(1, 2).reshape(b, n, nh * hd)
+
+
+def _layer_forward(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[int]):
+    """Post-norm layer on ``h`` [B, T, d]; output rows ``[:rows]`` only when ``rows`` is set
+    (keys and values still from all T tokens) -> ``(out [B, rows or T, d], saved)``."""
+    attn = layer.self_attn
+    d, nh = attn.embed_dim, attn.num_heads
+    w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
+    if rows is None:
+        q, k, v = F.linear(h, w_in, b_in).split(d, dim=-1)
+        hq = h
+    else:
+        hq = h[:, :rows]
+        q = F.linear(hq, w_in[:d], b_in[:d])
+        k, v = F.linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
+    q, k, v = _heads(q, nh), _heads(k, nh), _heads(v, nh)
+    scale = 1.0 / math.sqrt(d // nh)
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # [B, nh, Tq, T]
+    o = _merge(p @ v)
+    h1, n1 = _norm(hq + F.linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
+    pre = F.linear(h1, layer.linear1.weight, layer.linear1.bias)
+    r2 = h1 + F.linear(layer.activation(pre), layer.linear2.weight, layer.linear2.bias)
+    out, n2 = _norm(r2, layer.norm2)
+    return out, (layer, rows, q, k, v, p, n1, pre, n2, scale)
+
+
+def _layer_backward(grad: Tensor, saved: tuple) -> Tensor:
+    """``∂/∂h`` [B, T, d] of the layer from ``grad`` [B, rows or T, d] on its output."""
+    layer, rows, q, k, v, p, n1, pre, n2, scale = saved
+    attn = layer.self_attn
+    d, nh = attn.embed_dim, attn.num_heads
+    dr2 = _norm_backward(grad, n2)
+    dpre = _activation_backward(dr2 @ layer.linear2.weight, pre, layer.activation)
+    dr1 = _norm_backward(dr2 + dpre @ layer.linear1.weight, n1)
+    do = _heads(dr1 @ attn.out_proj.weight, nh)  # [B, nh, Tq, hd]
+    dp = do @ v.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale  # softmax backward
+    dq, dk, dv = _merge(ds @ k), _merge(ds.transpose(-1, -2) @ q), _merge(p.transpose(-1, -2) @ do)
+    w_in = attn.in_proj_weight
+    if rows is None:
+        return dr1 + torch.cat([dq, dk, dv], dim=-1) @ w_in
+    dh = torch.cat([dk, dv], dim=-1) @ w_in[d:]
+    dh[:, :rows] += dr1 + dq @ w_in[:d]
+    return dh
+
+
+# --- the encoder --------------------------------------------------------------------------
+def transformer_latent_gradient(
+    module: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    eps: Optional[Tensor] = None,
+    reduction: str = "sample",
+) -> Tensor:
+    """``g`` [B, H, D] of ``−s‖z(x) − target‖²`` through ``module`` (a supported
+    ``TransformerEncoder``) for ``x`` [B, H, D] and ``target`` [d_z] or [B, d_z].
+
+    ``z = μ`` when ``eps`` is None, else ``μ + exp(½ log σ²)·eps`` (``eps`` [B, d_z]);
+    ``mask`` ([D] or [B, D]) zeroes absent action dims as the encoder does.
+    """
+    from ate_fast.align.action_mask import apply_mask
+
+    blocks = module.blocks
+    rows = 1 if eps is None else 2  # the tokens the latent reads: μ (and log σ²)
+    batch = x.shape[0]
+
+    # forward, keeping what the backward needs
+    masked = apply_mask(x, mask)
+    tokens = module.dist_tokens.unsqueeze(0).expand(batch, -1, -1)
+    h = torch.cat([tokens, F.linear(masked, module.input_proj.weight, module.input_proj.bias)], 1)
+    h = h + module.positions
+    layers = [*blocks.input_blocks, blocks.middle_block, *blocks.output_blocks]
+    saved, skips = [], []
+    for i, layer in enumerate(layers):
+        j = i - len(blocks.input_blocks) - 1  # index among the output layers
+        if j >= 0:
+            proj = blocks.skip_projections[j]
+            h = F.linear(torch.cat([h, skips[-1 - j]], dim=-1), proj.weight, proj.bias)
+        h, s = _layer_forward(layer, h, rows if i == len(layers) - 1 else None)
+        saved.append(s)
+        if i < len(blocks.input_blocks):
+            skips.append(h)
+    h, final = _norm(h, blocks.norm)  # [B, rows, d]
+
+    def head(m: nn.Module, t: Tensor) -> Tensor:
+        return t if isinstance(m, nn.Identity) else F.linear(t, m.weight, m.bias)
+
+    mu = head(module.mu_head, h[:, 0])
+    dz = mu.shape[-1]
+    s = 1.0 / dz if reduction == "sample" else 1.0 / (batch * dz)
+    if eps is None:
+        dz_dmu = -2.0 * s * (mu - target)
+        dh = torch.zeros_like(h)
+    else:
+        spread = torch.exp(0.5 * head(module.logvar_head, h[:, 1])) * eps
+        dz_dmu = -2.0 * s * (mu + spread - target)
+        dh = torch.zeros_like(h)
+        dlogvar = 0.5 * spread * dz_dmu
+        dh[:, 1] = dlogvar if isinstance(module.logvar_head, nn.Identity) else (
+            dlogvar @ module.logvar_head.weight
+        )  # fmt: skip
+    dh[:, 0] = dz_dmu if isinstance(module.mu_head, nn.Identity) else dz_dmu @ module.mu_head.weight
+
+    # backward, input gradient only
+    dh = _norm_backward(dh, final)
+    skip_grads: list[Optional[Tensor]] = [None] * len(blocks.input_blocks)
+    for i in reversed(range(len(layers))):
+        if i < len(blocks.input_blocks) and skip_grads[i] is not None:
+            dh = dh + skip_grads[i]
+        dh = _layer_backward(dh, saved[i])
+        j = i - len(blocks.input_blocks) - 1
+        if j >= 0:
+            dcat = dh @ blocks.skip_projections[j].weight
+            d = dh.shape[-1]
+            dh = dcat[..., :d]
+            skip_grads[len(blocks.input_blocks) - 1 - j] = dcat[..., d:]
+    g = dh[:, 2:] @ module.input_proj.weight
+    return apply_mask(g, mask).contiguous()

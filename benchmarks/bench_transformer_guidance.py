@@ -1,0 +1,83 @@
+"""Guidance gradient through the paper's Transformer encoder: autograd vs the hand-written
+VJP (``ate_fast/steer/transformer_vjp.py``), eager and (CUDA) replayed as a CUDA graph.
+
+Run:  pytest benchmarks/bench_transformer_guidance.py --benchmark-json=bench_tg.json
+      python benchmarks/report.py bench_tg.json
+
+Encoder: ``ActionVAE(D, H, latent_dim=512, arch="transformer")`` at the paper's size
+(d_model 512, 4 heads, ff 1024, 9 layers; 21M encoder parameters), float32, TF32 off.
+Rows (``impl``): ``eager`` (baseline) = forward + ``torch.autograd.grad`` (what
+``latent_distance_gradient`` runs with ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd``);
+``vjp`` = the hand-written VJP; on CUDA also ``eager_graph`` / ``vjp_graph``: the same
+call captured once in a ``torch.cuda.CUDAGraph`` and replayed — what a captured sampler
+runs. B ∈ {1, 8, 64} × (H, D) ∈ {(50, 32), (64, 128), (16, 14)} on CUDA; B ∈ {1, 8} on the
+CPU (B = 64 is ≈ 270 GFLOP per call there, seconds per round).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ate_fast.align import ActionVAE
+from ate_fast.steer import latent_distance_gradient
+from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.transformer_vjp import ENV_VAR
+
+SHAPES = [(50, 32), (64, 128), (16, 14)]
+LATENT = 512
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+GPU_CALLS = 10
+
+
+def _cases():
+    for device in DEVICES:
+        batches = [1, 8] if device == "cpu" else [1, 8, 64]
+        impls = ["eager", "vjp"] + (["eager_graph", "vjp_graph"] if device == "cuda" else [])
+        for horizon, dim in SHAPES:
+            for batch in batches:
+                for impl in impls:
+                    yield pytest.param(
+                        device, batch, horizon, dim, impl,
+                        id=f"{device}-B{batch}-H{horizon}-D{dim}-{impl}",
+                    )  # fmt: skip
+
+
+def _graphed(fn):
+    """``fn`` captured in one CUDA graph; the returned callable replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up off the capture stream (allocator, cuBLAS handles)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return lambda: (graph.replay(), out)[1]
+
+
+@pytest.mark.parametrize(("device", "batch", "horizon", "dim", "impl"), list(_cases()))
+def test_transformer_guidance_gradient(
+    benchmark, time_calls, monkeypatch, device, batch, horizon, dim, impl
+):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    vae = ActionVAE(dim, horizon, latent_dim=LATENT, arch="transformer").to(device)
+    encoder = FrozenEncoder(vae)
+    x = torch.randn(batch, horizon, dim, device=device)
+    target = torch.randn(LATENT, device=device)
+
+    def call(path):
+        monkeypatch.setenv(ENV_VAR, path)
+        return lambda: latent_distance_gradient(encoder, x, target)
+
+    expected = call("autograd")()
+    fn = call("vjp" if impl.startswith("vjp") else "autograd")
+    if impl.endswith("_graph"):
+        fn = _graphed(fn)
+    error = ((fn() - expected).norm() / expected.norm()).item()
+    assert error < 1e-4, f"{impl}: relative error {error}"
+    benchmark.group = f"{device} transformer guidance B={batch} H={horizon} D={dim}"
+    benchmark.extra_info.update(impl=impl, device=device, batch=batch, horizon=horizon, dim=dim)
+    time_calls(fn, device, GPU_CALLS, rounds=10)
