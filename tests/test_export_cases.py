@@ -41,6 +41,8 @@ from ate_fast.models import make_head
 from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
 from ate_fast.steer import LatentGuidance
 
+# a small paper-form encoder: 3 post-norm layers with the concatenation skip, GELU
+TRANSFORMER_ENCODER = dict(d_model=32, num_heads=4, ff_dim=48, num_layers=3)
 PARITY_TOLERANCE = 1e-4  # max |onnx − torch| / max |torch|, float32
 FLOW_GUIDED_FACTOR = 4.0  # see the module docstring
 
@@ -62,9 +64,12 @@ def _mlp(time_scale: float = 1.0) -> torch.nn.Module:
     return make_head("mlp", "small", cond_dim=8, time_scale=time_scale).eval()
 
 
-def _guidance(horizon: int, action_dim: int, mode: str, clamp: float = 0.5, seed: int = 1):
+def _guidance(
+    horizon: int, action_dim: int, mode: str, clamp: float = 0.5, seed: int = 1, arch="mlp"
+):
     torch.manual_seed(seed)
-    vae = ActionVAE(action_dim, horizon, latent_dim=16, arch="mlp", hidden_dims=(64,))
+    sizes = {"mlp": dict(hidden_dims=(64,)), "transformer": TRANSFORMER_ENCODER}[arch]
+    vae = ActionVAE(action_dim, horizon, latent_dim=16, arch=arch, **sizes)
     mask = torch.ones(action_dim)
     mask[-1] = 0.0  # an absent action dim: masked in the encoder and its gradient
     target = torch.randn(16)
@@ -124,6 +129,22 @@ CASES = [
         lambda: (_flow("heun", 3), _guidance(50, 32, "tweedie", clamp=0.05)),
         MLP_COND,
         target_input=False,
+    ),
+    # guided through the paper's Transformer encoder (its hand-written VJP in the graph)
+    Case(
+        "euler-guided-transformer-encoder",
+        "mlp",
+        lambda: (_flow("euler", 3), _guidance(50, 32, "direct", arch="transformer")),
+        MLP_COND,
+    ),
+    Case(
+        "ddim-guided-tweedie-transformer-encoder",
+        "mlp",
+        lambda: (
+            _diffusion("ddim", 3, LINEAR),
+            _guidance(50, 32, "tweedie", arch="transformer"),
+        ),
+        MLP_COND,
     ),
     Case(
         "ddpm-guided-noclamp",

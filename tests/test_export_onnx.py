@@ -98,12 +98,15 @@ def test_reference_heads_parity(name, export_dir):
     _check_graph(exported(name, export_dir)[0])
 
 
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
 @pytest.mark.parametrize("mode", ["direct", "tweedie"])
-def test_guidance_graph_is_the_guidance_gradient(mode):
-    """The forward-op VJP the graph contains equals LatentGuidance.gradient (fused op)."""
+def test_guidance_graph_is_the_guidance_gradient(mode, arch, monkeypatch):
+    """The forward-op VJP the graph contains equals LatentGuidance.gradient (the fused op;
+    autograd for the Transformer encoder)."""
     from ate_fast.export.guidance_graph import guidance_graph
 
-    guidance = _guidance(50, 32, mode)
+    monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "autograd")
+    guidance = _guidance(50, 32, mode, arch=arch)
     graph = guidance_graph(guidance, target_input=True, batch=4)
     x, x0_hat = torch.randn(4, 50, 32), torch.randn(4, 50, 32)
     dx0_dx = torch.rand(4) + 0.5
@@ -274,7 +277,8 @@ def test_unexportable_guidance(tmp_path):
     sampler = FlowSampler(_mlp(), 2)
     noise, cond = torch.randn(1, 50, 32), torch.randn(1, 8)
     vae = ActionVAE(32, 50, latent_dim=8, arch="transformer", d_model=16, num_layers=1)
-    with pytest.raises(GuidanceExportError, match=r"transformer.*arch='mlp'"):
+    vae.encoder.blocks.middle_block.norm_first = True  # pre-norm: not what the VJP writes
+    with pytest.raises(GuidanceExportError, match=r"TransformerEncoder.*post-norm"):
         to_onnx(sampler, tmp_path / "g.onnx", noise, cond, LatentGuidance(vae, torch.zeros(8)))
 
     class Custom:

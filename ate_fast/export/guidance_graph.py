@@ -3,26 +3,31 @@
 For ``ate_fast.align``'s MLP encoder the input gradient of ``y = −(1/d_z)‖μ(x) − z*‖²``
 is a chain of transposed matmuls and activation derivatives:
 :func:`ate_fast.ops.mlp_guidance_reference` writes it exactly so, and that is what the
-graph runs (the fused kernels compute the same function). ``mode="tweedie"`` evaluates it
-at ``x0_hat`` and scales by the scalar ``dx0_dx`` as :class:`ate_fast.steer.LatentGuidance`
-does.
+graph runs (the fused kernels compute the same function). For its Transformer encoder the
+graph runs :func:`ate_fast.steer.transformer_vjp.transformer_latent_gradient`, the
+hand-written VJP (attention, softmax, LayerNorm and GELU backward as forward ops).
+``mode="tweedie"`` evaluates it at ``x0_hat`` and scales by the scalar ``dx0_dx`` as
+:class:`ate_fast.steer.LatentGuidance` does.
 
 Refused, with an error saying what to change: any guidance other than
 :class:`ate_fast.steer.LatentGuidance` (a custom ``Guidance.gradient`` uses autograd),
-LatentGuidance subclasses that override the gradient, and encoders other than the MLP
-encoder — the transformer encoder's input gradient (attention, layer norm, softmax
-backward) is not written out as forward ops.
+LatentGuidance subclasses that override the gradient, and encoders other than these two
+(or a Transformer encoder whose layers the VJP does not cover: pre-norm, other
+activations).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import copy
+from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.ops.mlp_guidance import mlp_encoder_parts
 from ate_fast.ops.mlp_guidance_ref import mlp_guidance_reference
+from ate_fast.steer.transformer_vjp import supported_encoder, transformer_latent_gradient
 
 
 class GuidanceExportError(ValueError):
@@ -81,6 +86,57 @@ class MLPGuidanceGraph(nn.Module):
         return g
 
 
+class TransformerGuidanceGraph(nn.Module):
+    """``g`` [B, H, D] of LatentGuidance over ``ate_fast.align``'s Transformer encoder,
+    forward ops only (the hand-written VJP).
+
+    Args:
+        encoder: the ``TransformerEncoder`` (copied, float32, frozen).
+        mask: the action mask [D] or None.
+        mode: ``"direct"`` or ``"tweedie"``.
+        target: z* [d_z] or [B, d_z] to bake into the graph, or None (a graph input).
+    """
+
+    def __init__(
+        self, encoder: nn.Module, mask: Optional[Tensor], mode: str, target: Optional[Tensor]
+    ) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder).float().eval().requires_grad_(False)
+        self.mode = mode
+        self.latent_dim = encoder.latent_dim
+        layer = encoder.blocks.middle_block
+        self.activation = "gelu" if layer.activation is F.gelu else "relu"
+        blocks = encoder.blocks
+        self.num_layers = 2 * len(blocks.input_blocks) + 1
+        self.register_buffer("mask", None if mask is None else mask.detach().float().clone())
+        self.register_buffer("target", None if target is None else target.detach().float().clone())
+
+    def forward(
+        self, x: Tensor, x0_hat: Optional[Tensor], dx0_dx: Tensor, target: Optional[Tensor]
+    ) -> Tensor:
+        """As :meth:`MLPGuidanceGraph.forward`."""
+        point = x if self.mode == "direct" else x0_hat
+        g = transformer_latent_gradient(
+            self.encoder, point, self.target if target is None else target, mask=self.mask
+        )
+        if self.mode == "tweedie":
+            g = g * dx0_dx.reshape(-1, 1, 1).to(g.dtype)
+        return g
+
+
+GuidanceGraph = Union[MLPGuidanceGraph, TransformerGuidanceGraph]
+
+
+def _transformer_encoder(source: Any) -> Optional[nn.Module]:
+    """The align ``TransformerEncoder`` behind ``source`` if the VJP covers it, else None."""
+    from ate_fast.align.transformer_vae import TransformerEncoder
+
+    module = getattr(source, "encoder", source)
+    if isinstance(module, TransformerEncoder) and supported_encoder(module):
+        return module
+    return None
+
+
 def _encoder_module(guidance: Any) -> Any:
     from ate_fast.steer import LatentGuidance
 
@@ -100,28 +156,25 @@ def _encoder_module(guidance: Any) -> Any:
     return guidance.encoder.source
 
 
-def guidance_graph(guidance: Any, target_input: bool, batch: int) -> MLPGuidanceGraph:
-    """The :class:`MLPGuidanceGraph` of a LatentGuidance, or a GuidanceExportError.
+def guidance_graph(guidance: Any, target_input: bool, batch: int) -> GuidanceGraph:
+    """The guidance graph of a LatentGuidance (:class:`MLPGuidanceGraph` or
+    :class:`TransformerGuidanceGraph`), or a GuidanceExportError.
 
     ``target_input``: the target becomes a graph input (else ``guidance.target`` is baked
     in; a per-sample [B, d_z] target can only be baked into a graph of that batch ``batch``).
     """
     source = _encoder_module(guidance)
     parts = mlp_encoder_parts(source) if isinstance(source, nn.Module) else None
-    if parts is None:
-        arch = getattr(source, "arch", None)
-        what = (
-            "ActionVAE(arch='transformer')"
-            if arch == "transformer"
-            else f"{type(getattr(source, 'encoder', source)).__name__}"
-        )
+    transformer = _transformer_encoder(source) if parts is None else None
+    if parts is None and transformer is None:
+        what = type(getattr(source, "encoder", source)).__name__
         raise GuidanceExportError(
-            f"guidance: the encoder ({what}) cannot be exported. Only ate_fast.align's MLP "
-            "encoder (ActionVAE(arch='mlp') or MLPEncoder) has its input gradient written as "
-            "forward ops; the transformer encoder's is not implemented. Train the Align VAE "
-            "with arch='mlp' (ate-fast align ... --arch mlp) or export without guidance"
+            f"guidance: the encoder ({what}) cannot be exported. Only ate_fast.align's "
+            "encoders have their input gradient written as forward ops: the MLP encoder "
+            "(ActionVAE(arch='mlp')) and the Transformer encoder (ActionVAE(arch="
+            "'transformer')) with post-norm GELU/ReLU layers. Use one of those or export "
+            "without guidance"
         )
-    weights, biases, activation = parts
     mask = guidance.encoder.mask
     if mask is not None and mask.ndim != 1:
         raise GuidanceExportError(
@@ -129,7 +182,7 @@ def guidance_graph(guidance: Any, target_input: bool, batch: int) -> MLPGuidance
             "per-sample [B, D] mask would tie the graph to one batch)"
         )
     target = guidance.target
-    latent_dim = weights[-1].shape[0] // 2
+    latent_dim = transformer.latent_dim if parts is None else parts[0][-1].shape[0] // 2
     if target.shape[-1] != latent_dim:
         raise GuidanceExportError(
             f"guidance.target has {target.shape[-1]} latent dims but the encoder has {latent_dim}"
@@ -141,15 +194,19 @@ def guidance_graph(guidance: Any, target_input: bool, batch: int) -> MLPGuidance
             "use target_input=True"
         )
     baked = None if target_input else target
+    if parts is None:
+        return TransformerGuidanceGraph(transformer, mask, guidance.mode, baked)
+    weights, biases, activation = parts
     return MLPGuidanceGraph(list(weights), list(biases), activation, mask, guidance.mode, baked)
 
 
-def guidance_settings(guidance: Any, graph: MLPGuidanceGraph, target_input: bool) -> dict:
+def guidance_settings(guidance: Any, graph: GuidanceGraph, target_input: bool) -> dict:
     """What the graph's metadata records about the guidance."""
     return {
         "scale": float(guidance.scale),
         "clamp": float(guidance.clamp) if guidance.clamp != float("inf") else "inf",
         "mode": guidance.mode,
+        "encoder": "transformer" if isinstance(graph, TransformerGuidanceGraph) else "mlp",
         "latent_dim": graph.latent_dim,
         "activation": graph.activation,
         "layers": graph.num_layers,

@@ -193,7 +193,7 @@ def to_onnx(
         example_cond: the model's ``cond`` for that batch: None, a Tensor [B, ...], or a
             flat dict/list/tuple of tensors [B, ...] (each becomes a graph input).
         guidance: None, or an :class:`ate_fast.steer.LatentGuidance` over ``ate_fast.align``'s
-            MLP encoder (its scale, clamp, mode, mask and weights are baked in).
+            MLP or Transformer encoder (its scale, clamp, mode, mask and weights are baked in).
         dynamic_batch: the batch dimension is symbolic (``batch``, 1..``max_batch``).
         opset: the ONNX opset, 18 (default), 19 or 20.
         target_input: guided graphs take z* as the input ``target`` [B, d_z]; False bakes

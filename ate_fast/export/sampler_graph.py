@@ -11,8 +11,9 @@ reads:
   definition, instead of ``torch.ops.ate_fast.guided_step_out`` — so no custom op is
   traced, only standard ATen ops (this is the decomposition path, not an onnxscript
   translation of the custom op);
-- the guidance gradient: :class:`~ate_fast.export.guidance_graph.MLPGuidanceGraph`
-  (the MLP encoder's VJP written as forward ops) instead of autograd;
+- the guidance gradient: :class:`~ate_fast.export.guidance_graph.MLPGuidanceGraph` or
+  ``TransformerGuidanceGraph`` (the encoder's VJP written as forward ops) instead of
+  autograd;
 - step noise: slices of the ``step_noise`` graph input instead of generator draws.
 
 Buffers the loop updates in place become functional ops when ``torch.export`` traces it.
@@ -26,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ate_fast.export.guidance_graph import MLPGuidanceGraph
+from ate_fast.export.guidance_graph import GuidanceGraph
 from ate_fast.export.signature import rebuild_cond
 from ate_fast.ops.guided_step_ref import guided_step_reference
 from ate_fast.sampling.inputs import check_output
@@ -97,7 +98,7 @@ class _ExportRun(Run):
     """A :class:`Run` whose model call reports untraceable model functions and whose
     guidance gradient is the exported forward-op graph."""
 
-    def __init__(self, *args: Any, guide: Optional[MLPGuidanceGraph], target: Optional[Tensor]):
+    def __init__(self, *args: Any, guide: Optional[GuidanceGraph], target: Optional[Tensor]):
         super().__init__(*args)
         self.guide = guide
         self.target = target
@@ -148,7 +149,7 @@ class SamplerGraph(nn.Module):
         sampler: Sampler,
         lam: float = 1.0,
         kappa: float = math.inf,
-        guide: Optional[MLPGuidanceGraph] = None,
+        guide: Optional[GuidanceGraph] = None,
         cond_kind: str = "none",
         cond_keys: Optional[list] = None,
         target_input: bool = False,

@@ -66,6 +66,14 @@ def _supported_layer(layer: nn.Module) -> bool:
     return layer.activation in (F.gelu, F.relu) and layer.linear1.bias is not None
 
 
+def supported_encoder(module: nn.Module) -> bool:
+    """Whether :func:`transformer_latent_gradient` computes ``module`` (an
+    ``ate_fast.align`` ``TransformerEncoder``) exactly: every layer in the supported form."""
+    blocks = module.blocks
+    layers = [*blocks.input_blocks, blocks.middle_block, *blocks.output_blocks]
+    return all(_supported_layer(layer) for layer in layers)
+
+
 def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Module]:
     """The ``TransformerEncoder`` inside ``encoder`` if the hand-written VJP computes it at
     ``x`` (supported layers, weights in ``x``'s dtype and device, autocast off) and that
@@ -81,11 +89,7 @@ def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Mod
         return None
     if x.dim() != 3 or tuple(x.shape[1:]) != (module.horizon, module.action_dim):
         return None  # autograd's encoder call raises the clear shape error
-    if selected_path(x.device.type) != "vjp":
-        return None
-    blocks = module.blocks
-    layers = [*blocks.input_blocks, blocks.middle_block, *blocks.output_blocks]
-    if not all(_supported_layer(layer) for layer in layers):
+    if selected_path(x.device.type) != "vjp" or not supported_encoder(module):
         return None
     if any(p.dtype != x.dtype or p.device != x.device for p in module.parameters()):
         return None
