@@ -114,7 +114,8 @@ class Steer:
         specified − direct −1.7 to −10.2, mean −4.0. A steer through an untrained
         encoder gained nothing (mean −0.0), flipped − untrained +2.9 [+1.5, +4.3],
         largest (+6.5) where pre-training transfers (absolute action space). With a
-        diffusion (ε) policy (linear, N = 5): as specified −19.6, flipped +6.1 vs direct.
+        diffusion (ε) policy, same six settings: as specified −16.9 vs direct (worse in
+        all six), flipped +4.8 [+2.8, +6.8], flipped − untrained +4.6 [+2.4, +6.8].
         ``Steer(vae)`` keeps the paper's sign.
         """
         settings = {"scale": -2.0, "clamp": 0.1, "latent": "mean", "reduction": "sample"}
