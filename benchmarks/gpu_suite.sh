@@ -15,7 +15,7 @@
 # ATE_FAST_TEST_TIMEOUT (180); bench_heads.py (the newest suite) runs first of the
 # benchmarks with ATE_FAST_HEADS_TIMEOUT (300), less if it would leave the other suites
 # under ATE_FAST_BENCH_RESERVE (120) together; they get ATE_FAST_BENCH_TIMEOUT (110) each,
-# cut to what is left. A suite at its limit gets SIGINT, so pytest-benchmark still writes the
+# cut to what is left, bench_transformer_guidance.py (never run on a GPU yet) first. A suite at its limit gets SIGINT, so pytest-benchmark still writes the
 # JSON of what it finished (bench_heads also skips its remaining cases on its own, from
 # ATE_FAST_HEADS_BUDGET_S, 45 s before its limit).
 set -uo pipefail
