@@ -208,8 +208,8 @@ def transformer_latent_gradient(
         if j >= 0:
             proj = blocks.skip_projections[j]
             h = F.linear(torch.cat([h, skips[-1 - j]], dim=-1), proj.weight, proj.bias)
-        h, s = _layer_forward(layer, h, rows if i == len(layers) - 1 else None)
-        saved.append(s)
+        h, kept = _layer_forward(layer, h, rows if i == len(layers) - 1 else None)
+        saved.append(kept)
         if i < len(blocks.input_blocks):
             skips.append(h)
     h, final = _norm(h, blocks.norm)  # [B, rows, d]
@@ -217,21 +217,20 @@ def transformer_latent_gradient(
     def head(m: nn.Module, t: Tensor) -> Tensor:
         return t if isinstance(m, nn.Identity) else F.linear(t, m.weight, m.bias)
 
+    def head_backward(m: nn.Module, grad: Tensor) -> Tensor:
+        return grad if isinstance(m, nn.Identity) else grad @ m.weight
+
     mu = head(module.mu_head, h[:, 0])
     dz = mu.shape[-1]
-    s = 1.0 / dz if reduction == "sample" else 1.0 / (batch * dz)
+    coef = 1.0 / dz if reduction == "sample" else 1.0 / (batch * dz)
+    dh = torch.zeros_like(h)
     if eps is None:
-        dz_dmu = -2.0 * s * (mu - target)
-        dh = torch.zeros_like(h)
-    else:
+        dy_dz = -2.0 * coef * (mu - target)
+    else:  # z = μ + exp(½ log σ²)·ε: ∂z/∂ log σ² = ½ exp(½ log σ²)·ε
         spread = torch.exp(0.5 * head(module.logvar_head, h[:, 1])) * eps
-        dz_dmu = -2.0 * s * (mu + spread - target)
-        dh = torch.zeros_like(h)
-        dlogvar = 0.5 * spread * dz_dmu
-        dh[:, 1] = dlogvar if isinstance(module.logvar_head, nn.Identity) else (
-            dlogvar @ module.logvar_head.weight
-        )  # fmt: skip
-    dh[:, 0] = dz_dmu if isinstance(module.mu_head, nn.Identity) else dz_dmu @ module.mu_head.weight
+        dy_dz = -2.0 * coef * (mu + spread - target)
+        dh[:, 1] = head_backward(module.logvar_head, 0.5 * spread * dy_dz)
+    dh[:, 0] = head_backward(module.mu_head, dy_dz)
 
     # backward, input gradient only
     dh = _norm_backward(dh, final)
