@@ -201,6 +201,31 @@ def test_gradcheck_every_tensor_argument():
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize(
+    "wanted", [("m",), ("c", "b"), ("g",), ("x", "s"), ("d", "m_prev", "a")], ids="+".join
+)
+def test_gradients_of_a_subset_of_arguments(wanted):
+    """The backward forms only what autograd asks for: each subset's gradients equal the
+    ones computed with every argument requiring grad."""
+    names = ("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s")
+    args = make_inputs((2, 3, 4), torch.float64, kappa=0.8)
+    weight = torch.randn_like(args["m"])
+
+    def grads(requiring):
+        leaves = {n: args[n].detach().clone().requires_grad_(n in requiring) for n in names}
+        kw = dict(leaves)
+        out = guided_step(kw.pop("x"), kw.pop("m"), lam=args["lam"], kappa=args["kappa"], **kw)
+        (out * weight).sum().backward()
+        return {n: leaves[n].grad for n in names}
+
+    every, subset = grads(names), grads(wanted)
+    for n in names:
+        if n in wanted:
+            torch.testing.assert_close(subset[n], every[n])
+        else:
+            assert subset[n] is None
+
+
 def test_gradient_reaches_pred_through_the_steer_correction():
     pred = torch.randn(4, 8, 3, requires_grad=True)
     g = torch.randn(4, 8, 3)

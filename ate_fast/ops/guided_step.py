@@ -291,9 +291,15 @@ def _sum_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
 
+_INPUTS = ("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s")
+
+
 def _backward(ctx, grad: Tensor):
+    """Only the gradients autograd asks for (``ctx.needs_input_grad``): in a Steer loss that
+    is ``m`` alone: one multiply instead of every input's gradient and its row sums."""
     x, m, a, b, g, c, m_prev, d, z, s = ctx.saved_tensors
     lam, kappa = ctx.lam, ctx.kappa
+    need = dict(zip(_INPUTS, ctx.needs_input_grad))
     cd = compute_dtype(m.dtype)
     n = m.ndim
 
@@ -301,27 +307,34 @@ def _backward(ctx, grad: Tensor):
         return coef.reshape(-1, *([1] * (n - 1)))
 
     gc = grad.to(cd)
-    grads = dict.fromkeys(("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s"))
-    grads["m"] = (rows(b) * gc).to(m.dtype)
-    corrected = m.to(cd)
-    if g is not None:
+    grads = dict.fromkeys(_INPUTS)
+    if need["m"]:
+        grads["m"] = (rows(b) * gc).to(m.dtype)
+    if g is not None and (need["g"] or need["c"] or need["b"]):
         u = rows(c) * g.to(cd)
         inside = ((u >= -kappa) & (u <= kappa)).to(cd)  # torch.clamp's subgradient
-        corrected = corrected + lam * torch.clamp(u, -kappa, kappa)
         through = rows(b) * gc * lam * inside
-        grads["g"] = (through * rows(c)).to(g.dtype)
-        grads["c"] = _sum_rows(through * g.to(cd))
-    grads["b"] = _sum_rows(gc * corrected)
+        if need["g"]:
+            grads["g"] = (through * rows(c)).to(g.dtype)
+        if need["c"]:
+            grads["c"] = _sum_rows(through * g.to(cd))
+    if need["b"]:
+        corrected = m.to(cd)
+        if g is not None:
+            corrected = corrected + lam * torch.clamp(u, -kappa, kappa)
+        grads["b"] = _sum_rows(gc * corrected)
     for name, tensor, coef_name, coef in (
         ("x", x, "a", a),
         ("m_prev", m_prev, "d", d),
         ("z", z, "s", s),
     ):
-        if tensor is not None:
+        if tensor is None:
+            continue
+        if need[name]:
             grads[name] = (rows(coef) * gc).to(tensor.dtype)
+        if need[coef_name]:
             grads[coef_name] = _sum_rows(gc * tensor.to(cd))
-    order = ("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s")
-    return (*(grads[k] for k in order), None, None)
+    return (*(grads[k] for k in _INPUTS), None, None)
 
 
 _guided_step_op.register_autograd(_backward, setup_context=_setup_context)
