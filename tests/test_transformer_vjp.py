@@ -178,12 +178,20 @@ def test_direct_call_shapes():
     assert g.shape == x.shape and g.is_contiguous() and not g.requires_grad
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full precision for the test, restored after it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("latent_mode", ["mean", "sample"])
-def test_vjp_on_cuda_matches_autograd_and_replays_in_a_graph(monkeypatch, latent_mode):
+def test_vjp_on_cuda_matches_autograd_and_replays_in_a_graph(monkeypatch, no_tf32, latent_mode):
     """float32 on the GPU (TF32 off): equal to autograd, and capturable in a CUDA graph
     as the sampler captures its loop."""
-    torch.backends.cuda.matmul.allow_tf32 = False
     vae = ActionVAE(32, 50, latent_dim=64, arch="transformer", d_model=128, num_layers=5).cuda()
     encoder = FrozenEncoder(vae)
     x = torch.randn(4, 50, 32, device="cuda")
