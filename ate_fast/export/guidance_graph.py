@@ -34,7 +34,36 @@ class GuidanceExportError(ValueError):
     """The guidance passed to ``to_onnx`` cannot be written as forward ops."""
 
 
-class MLPGuidanceGraph(nn.Module):
+class _GuidanceGraph(nn.Module):
+    """What both encoders' graphs share: the mask and the baked target as float32 buffers,
+    and ``mode`` — the gradient at ``x`` (``"direct"``) or at ``x0_hat`` scaled by
+    ``dx0_dx`` (``"tweedie"``). Subclasses write the encoder's VJP in :meth:`gradient`."""
+
+    latent_dim: int
+
+    def __init__(self, mask: Optional[Tensor], mode: str, target: Optional[Tensor]) -> None:
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("mask", None if mask is None else mask.detach().float().clone())
+        self.register_buffer("target", None if target is None else target.detach().float().clone())
+
+    def gradient(self, point: Tensor, target: Tensor) -> Tensor:
+        """``g`` [B, H, D] of ``−(1/d_z)‖μ(point) − target‖²`` (masked)."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: Tensor, x0_hat: Optional[Tensor], dx0_dx: Tensor, target: Optional[Tensor]
+    ) -> Tensor:
+        """``x``, ``x0_hat``: [B, H, D]; ``dx0_dx``: [1] or [B]; ``target``: [B, d_z] (None:
+        the baked one). Returns g [B, H, D]."""
+        point = x if self.mode == "direct" else x0_hat
+        g = self.gradient(point, self.target if target is None else target)
+        if self.mode == "tweedie":
+            g = g * dx0_dx.reshape(-1, 1, 1).to(g.dtype)
+        return g
+
+
+class MLPGuidanceGraph(_GuidanceGraph):
     """``g`` [B, H, D] of LatentGuidance over an MLP encoder, forward ops only.
 
     Args:
@@ -54,9 +83,8 @@ class MLPGuidanceGraph(nn.Module):
         mode: str,
         target: Optional[Tensor] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(mask, mode, target)
         self.activation = activation
-        self.mode = mode
         self.num_layers = len(weights)
         self.latent_dim = weights[-1].shape[0] // 2
         for i, (w, b) in enumerate(zip(weights, biases)):
@@ -64,29 +92,18 @@ class MLPGuidanceGraph(nn.Module):
             self.register_buffer(
                 f"bias{i}", None if b is None else b.detach().to(torch.float32).clone()
             )
-        self.register_buffer("mask", None if mask is None else mask.detach().float().clone())
-        self.register_buffer("target", None if target is None else target.detach().float().clone())
 
-    def forward(
-        self, x: Tensor, x0_hat: Optional[Tensor], dx0_dx: Tensor, target: Optional[Tensor]
-    ) -> Tensor:
-        """``x``, ``x0_hat``: [B, H, D]; ``dx0_dx``: [1] or [B]; ``target``: [B, d_z] (None:
-        the baked one). Returns g [B, H, D]."""
+    def gradient(self, point: Tensor, target: Tensor) -> Tensor:
         weights = [getattr(self, f"weight{i}") for i in range(self.num_layers)]
         biases = [getattr(self, f"bias{i}") for i in range(self.num_layers)]
-        if target is None:
-            target = self.target
-        point = x if self.mode == "direct" else x0_hat
         g, _ = mlp_guidance_reference(
             point, weights, biases, self.activation, target=target, mask=self.mask,
             scale=1.0 / self.latent_dim,
         )  # fmt: skip
-        if self.mode == "tweedie":
-            g = g * dx0_dx.reshape(-1, 1, 1).to(g.dtype)
         return g
 
 
-class TransformerGuidanceGraph(nn.Module):
+class TransformerGuidanceGraph(_GuidanceGraph):
     """``g`` [B, H, D] of LatentGuidance over ``ate_fast.align``'s Transformer encoder,
     forward ops only (the hand-written VJP).
 
@@ -100,28 +117,15 @@ class TransformerGuidanceGraph(nn.Module):
     def __init__(
         self, encoder: nn.Module, mask: Optional[Tensor], mode: str, target: Optional[Tensor]
     ) -> None:
-        super().__init__()
+        super().__init__(mask, mode, target)
         self.encoder = copy.deepcopy(encoder).float().eval().requires_grad_(False)
-        self.mode = mode
         self.latent_dim = encoder.latent_dim
-        layer = encoder.blocks.middle_block
-        self.activation = "gelu" if layer.activation is F.gelu else "relu"
         blocks = encoder.blocks
+        self.activation = "gelu" if blocks.middle_block.activation is F.gelu else "relu"
         self.num_layers = 2 * len(blocks.input_blocks) + 1
-        self.register_buffer("mask", None if mask is None else mask.detach().float().clone())
-        self.register_buffer("target", None if target is None else target.detach().float().clone())
 
-    def forward(
-        self, x: Tensor, x0_hat: Optional[Tensor], dx0_dx: Tensor, target: Optional[Tensor]
-    ) -> Tensor:
-        """As :meth:`MLPGuidanceGraph.forward`."""
-        point = x if self.mode == "direct" else x0_hat
-        g = transformer_latent_gradient(
-            self.encoder, point, self.target if target is None else target, mask=self.mask
-        )
-        if self.mode == "tweedie":
-            g = g * dx0_dx.reshape(-1, 1, 1).to(g.dtype)
-        return g
+    def gradient(self, point: Tensor, target: Tensor) -> Tensor:
+        return transformer_latent_gradient(self.encoder, point, target, mask=self.mask)
 
 
 GuidanceGraph = Union[MLPGuidanceGraph, TransformerGuidanceGraph]

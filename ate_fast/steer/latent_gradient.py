@@ -39,12 +39,23 @@ def select_latent(
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-def _check_target(target: Tensor, dz: int, batch: int, name: str) -> None:
+def _check_target(
+    target: Tensor,
+    dz: int,
+    batch: int,
+    name: str,
+    latent: str = "mean",
+    eps: Optional[Tensor] = None,
+) -> None:
+    """``target`` is [d_z] or [B, d_z]; for ``latent="sample"`` also ``eps``, with the
+    checks :func:`select_latent` makes (the fused paths never call it on ``mu``)."""
     if target.shape not in ((dz,), (batch, dz)):
         raise ValueError(
             f"{name} must be a latent [d_z] = [{dz}] or a batch [B, d_z] = {[batch, dz]} "
             f"matching the encoder, got shape {tuple(target.shape)}"
         )
+    if latent == "sample":
+        select_latent(target, target, latent, eps)
 
 
 def _autograd_ready(t: Tensor) -> Tensor:
@@ -75,18 +86,14 @@ def latent_distance_gradient(
     """
     parts = fused_mlp_parts(encoder, x)
     if parts is not None:
-        _check_target(target, parts[0][-1].shape[0] // 2, x.shape[0], target_name)
-        if latent == "sample":
-            select_latent(target, target, latent, eps)  # the same eps checks as autograd
+        _check_target(target, parts[0][-1].shape[0] // 2, x.shape[0], target_name, latent, eps)
         return fused_latent_gradient(
             parts, x, target=target, mask=encoder.mask,
             eps=eps if latent == "sample" else None, reduction=reduction,
         )  # fmt: skip
     module = transformer_vjp_module(encoder, x)
     if module is not None:
-        _check_target(target, module.latent_dim, x.shape[0], target_name)
-        if latent == "sample":
-            select_latent(target, target, latent, eps)  # the same eps checks as autograd
+        _check_target(target, module.latent_dim, x.shape[0], target_name, latent, eps)
         with torch.no_grad():
             return transformer_latent_gradient(
                 module, x, target.to(device=x.device, dtype=x.dtype), mask=encoder.mask,

@@ -66,12 +66,15 @@ def _supported_layer(layer: nn.Module) -> bool:
     return layer.activation in (F.gelu, F.relu) and layer.linear1.bias is not None
 
 
+def _layers(blocks: nn.Module) -> list[nn.Module]:
+    """A skip stack's Transformer layers in forward order: input, middle, output."""
+    return [*blocks.input_blocks, blocks.middle_block, *blocks.output_blocks]
+
+
 def supported_encoder(module: nn.Module) -> bool:
     """Whether :func:`transformer_latent_gradient` computes ``module`` (an
     ``ate_fast.align`` ``TransformerEncoder``) exactly: every layer in the supported form."""
-    blocks = module.blocks
-    layers = [*blocks.input_blocks, blocks.middle_block, *blocks.output_blocks]
-    return all(_supported_layer(layer) for layer in layers)
+    return all(_supported_layer(layer) for layer in _layers(module.blocks))
 
 
 def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Module]:
@@ -201,7 +204,7 @@ def transformer_latent_gradient(
     tokens = module.dist_tokens.unsqueeze(0).expand(batch, -1, -1)
     h = torch.cat([tokens, F.linear(masked, module.input_proj.weight, module.input_proj.bias)], 1)
     h = h + module.positions
-    layers = [*blocks.input_blocks, blocks.middle_block, *blocks.output_blocks]
+    layers = _layers(blocks)
     saved, skips = [], []
     for i, layer in enumerate(layers):
         j = i - len(blocks.input_blocks) - 1  # index among the output layers
