@@ -236,3 +236,29 @@ def test_with_the_align_action_vae_and_latent_prior():
     mask = torch.tensor([1.0, 0.0], dtype=F64)
     g = Steer(vae, mask=mask).guidance(x, torch.randn(B, H, D, dtype=F64))
     assert g[..., 1].abs().max() == 0 and g[..., 0].abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "path"), [("mlp", None), ("transformer", "vjp"), ("transformer", "autograd")]
+)
+def test_shared_target_with_sampled_latent(monkeypatch, arch, path):
+    """A shared target [d_z] with latent="sample" (eps [B, d_z]) on every gradient path
+    (fused MLP kernel, transformer VJP, autograd) equals the target broadcast to [B, d_z]."""
+    from ate_fast.align.vae import ActionVAE
+    from ate_fast.steer.encoder import FrozenEncoder
+    from ate_fast.steer.latent_gradient import latent_distance_gradient
+
+    if path is not None:
+        monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", path)
+    options = {"hidden_dims": (16,)} if arch == "mlp" else {"d_model": 16, "num_layers": 3}
+    encoder = FrozenEncoder(ActionVAE(D, H, DZ, arch=arch, **options).to(F64))
+    x, eps = torch.randn(B, H, D, dtype=F64), torch.randn(B, DZ, dtype=F64)
+    target = torch.randn(DZ, dtype=F64)
+    got = latent_distance_gradient(encoder, x, target, latent="sample", eps=eps)
+    expected = latent_distance_gradient(
+        encoder, x, target.expand(B, DZ).contiguous(), latent="sample", eps=eps
+    )
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"eps must have mu's shape \(3, 4\)"):
+        latent_distance_gradient(encoder, x, target, latent="sample", eps=eps[0])

@@ -31,12 +31,17 @@ def select_latent(
         raise ValueError(
             'latent="sample" needs an encoder that returns (mu, logvar); this one returns mu only'
         )
-    if eps is None or eps.shape != mu.shape:
+    _check_eps(eps, tuple(mu.shape))
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def _check_eps(eps: Optional[Tensor], shape: tuple[int, ...]) -> None:
+    """``latent="sample"`` needs ``eps`` with the shape of ``mu`` ([B, d_z])."""
+    if eps is None or tuple(eps.shape) != shape:
         raise ValueError(
-            f"eps must have mu's shape {tuple(mu.shape)} for latent='sample', got "
+            f"eps must have mu's shape {shape} for latent='sample', got "
             f"{None if eps is None else tuple(eps.shape)}"
         )
-    return mu + torch.exp(0.5 * logvar) * eps
 
 
 def _check_target(
@@ -47,15 +52,15 @@ def _check_target(
     latent: str = "mean",
     eps: Optional[Tensor] = None,
 ) -> None:
-    """``target`` is [d_z] or [B, d_z]; for ``latent="sample"`` also ``eps``, with the
-    checks :func:`select_latent` makes (the fused paths never call it on ``mu``)."""
+    """``target`` is [d_z] or [B, d_z]; for ``latent="sample"`` also ``eps`` [B, d_z], as
+    :func:`select_latent` checks it (the fused paths never call it on ``mu``)."""
     if target.shape not in ((dz,), (batch, dz)):
         raise ValueError(
             f"{name} must be a latent [d_z] = [{dz}] or a batch [B, d_z] = {[batch, dz]} "
             f"matching the encoder, got shape {tuple(target.shape)}"
         )
     if latent == "sample":
-        select_latent(target, target, latent, eps)
+        _check_eps(eps, (batch, dz))
 
 
 def _autograd_ready(t: Tensor) -> Tensor:
