@@ -15,7 +15,7 @@ float32/float64/float16/bfloat16 with float32 accumulation), ``triton`` (2·L ke
 for L layers — a GEMM per layer and direction with bias/activation/latent epilogues —
 :mod:`ate_fast.ops.mlp_guidance_triton`; CUDA after ``cuda`` in preference, float32/
 float64/float16/bfloat16, and on the CPU float32/float64 only through
-``TRITON_INTERPRET=1`` and ``ATE_FAST_BACKEND=triton``; never run on a GPU yet).
+``TRITON_INTERPRET=1`` and ``ATE_FAST_BACKEND=triton``; float32/float64 tested on an H100).
 Registered as ``torch.ops.ate_fast.mlp_guidance``.
 """
 

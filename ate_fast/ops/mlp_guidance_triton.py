@@ -37,11 +37,13 @@ rows beyond the batch are masked), forward tiles of 16 output features × 64 inp
 backward tiles of 32 input features × 64 outputs; 4 warps, no software pipelining
 (``num_stages=1``), so every kernel stays within 32 KiB of shared memory.
 
-Status: never run on a GPU. It is tested only under the Triton interpreter (float32/
-float64 on the CPU); the three kernels were compiled to sm_90 cubins on a machine
-without a GPU (every dtype × activation, several flag combinations each), but none has
-been executed on a GPU, and the tile sizes are untuned. The float16/bfloat16 paths
-have never run at all.
+Status: float32 and float64 match the float64 reference on an H100 (Triton 3.6, every
+``test_mlp_guidance_triton`` case); the tile sizes are untuned, and it trails the
+``cuda`` backend at B ≤ 8 (launch-bound: 2·L launches per call; benchmarks/README.md).
+The float16/bfloat16 paths compile for sm_90 (``tests/triton_offline_compile.py``) but
+have never run. ``tl.dot`` gets ``out_dtype`` explicitly: Triton before 3.7 defaults it
+to float32, and a float64 accumulator then fails to compile (the interpreter never
+noticed; the first H100 run did).
 
 ``scale`` reaches the kernels as the 64-bit pattern of the Python float (Triton passes
 Python floats as float32, which would round float64 results).
@@ -174,7 +176,9 @@ def _forward_kernel(
         k_ok = k < in_dim
         h = _load_h(src_ptr, a0_ptr, mask_ptr, r, r_ok, k, k_ok, batch, in_dim, mask_stride,
                     action_dim, C, ACT, FROM_INPUT, HAS_A0, HAS_MASK)  # fmt: skip
-        acc = tl.dot(h, _w_t(w_ptr, n, n_ok, k, k_ok, in_dim, C), acc, input_precision="ieee")
+        w = _w_t(w_ptr, n, n_ok, k, k_ok, in_dim, C)
+        # out_dtype explicit: Triton < 3.7 defaults it to float32, which float64 fails
+        acc = tl.dot(h, w, acc, input_precision="ieee", out_dtype=C)
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + n, mask=n_ok, other=0.0).to(C)[None, :]
     offs = r.to(tl.int64)[:, None] * out_dim + n[None, :]
@@ -206,16 +210,16 @@ def _latent_kernel(
         hx = _load_h(src_ptr, a0_ptr, mask_ptr, r, r_ok, k, k_ok, batch, in_dim, mask_stride,
                      action_dim, C, ACT, FROM_INPUT, HAS_A0, HAS_MASK)  # fmt: skip
         w_mu = _w_t(w_ptr, j, j_ok, k, k_ok, in_dim, C)
-        mu = tl.dot(hx, w_mu, mu, input_precision="ieee")
+        mu = tl.dot(hx, w_mu, mu, input_precision="ieee", out_dtype=C)
         if HAS_EPS:
             w_lv = _w_t(w_ptr, dz + j, j_ok, k, k_ok, in_dim, C)
-            lv = tl.dot(hx, w_lv, lv, input_precision="ieee")
+            lv = tl.dot(hx, w_lv, lv, input_precision="ieee", out_dtype=C)
         if HAS_A0:  # a0's rows follow x's in the stacked batch
             ha = _load_h(src_ptr, a0_ptr, mask_ptr, r + batch, r_ok, k, k_ok, batch, in_dim,
                          mask_stride, action_dim, C, ACT, FROM_INPUT, HAS_A0, HAS_MASK)  # fmt: skip
-            mu_a = tl.dot(ha, w_mu, mu_a, input_precision="ieee")
+            mu_a = tl.dot(ha, w_mu, mu_a, input_precision="ieee", out_dtype=C)
             if HAS_EPS:
-                lv_a = tl.dot(ha, w_lv, lv_a, input_precision="ieee")
+                lv_a = tl.dot(ha, w_lv, lv_a, input_precision="ieee", out_dtype=C)
     if HAS_BIAS:
         b_mu = tl.load(b_ptr + j, mask=j_ok, other=0.0).to(C)[None, :]
         b_lv = tl.load(b_ptr + dz + j, mask=j_ok, other=0.0).to(C)[None, :]
@@ -271,7 +275,7 @@ def _backward_kernel(
                     mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # fmt: skip
         w = tl.load(w_ptr + o.to(tl.int64)[:, None] * in_dim + k[None, :],
                     mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(C)  # fmt: skip
-        acc = tl.dot(d, w, acc, input_precision="ieee")
+        acc = tl.dot(d, w, acc, input_precision="ieee", out_dtype=C)
     ok = r_ok[:, None] & k_ok[None, :]
     offs = r64[:, None] * in_dim + k[None, :]
     if TO_INPUT:
