@@ -61,7 +61,7 @@ def test_info_lists_backends_with_reasons():
 
 def test_info_reports_the_transformer_guidance_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_TRANSFORMER_GUIDANCE", raising=False)
-    assert info()["transformer_guidance"] == {"cpu": "vjp", "cuda": "autograd"}
+    assert info()["transformer_guidance"] == {"cpu": "vjp", "cuda": "vjp"}
     monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "autograd")
     assert "cpu autograd, cuda autograd" in format_info(info())
     monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "bogus")
