@@ -5,23 +5,34 @@
 #   benchmarks/gpu_suite.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/latest)
 #
 # Needs a machine with a GPU, Python with torch (CUDA), triton, pybind11, cmake, ninja,
-# pytest and pytest-benchmark; installs nothing from the network. Writes info.json,
-# cuda_tests.xml, cuda_tests.log, one bench_<suite>.json per benchmark file, summary.md and
-# <date>-<gpu>.json (commit the last one under benchmarks/results/); the build log stays
-# in /tmp unless the build fails.
+# pytest and pytest-benchmark; installs nothing from the network. Leaves four files in
+# OUT_DIR (the device tool brings back at most eight): <date>-<gpu>.json (commit it under
+# benchmarks/results/), summary.md, cuda_tests.log and raw.tgz (info.json, the cuda tests'
+# JUnit XML, one bench_<suite>.json per benchmark file, profile_capture.json and every log,
+# the build's included).
 #
 # Time limits (seconds): every step after the build is cut so that the script ends by
-# ATE_FAST_SUITE_BUDGET (470: under 8 minutes, build included). The cuda tests get
-# ATE_FAST_TEST_TIMEOUT (180); bench_heads.py (the newest suite) runs first of the
-# benchmarks with ATE_FAST_HEADS_TIMEOUT (300), less if it would leave the other suites
-# under ATE_FAST_BENCH_RESERVE (120) together; they get ATE_FAST_BENCH_TIMEOUT (110) each,
-# cut to what is left, bench_transformer_guidance.py (never run on a GPU yet) first. A suite at its limit gets SIGINT, so pytest-benchmark still writes the
-# JSON of what it finished (bench_heads also skips its remaining cases on its own, from
-# ATE_FAST_HEADS_BUDGET_S, 45 s before its limit).
+# ATE_FAST_SUITE_BUDGET (470: under 8 minutes, build included). The cuda tests run as
+# ATE_FAST_TEST_SHARDS (4) concurrent pytest processes (most of their time is Triton
+# compiling on the CPU) and get ATE_FAST_TEST_TIMEOUT (150). bench_heads.py runs first of
+# the benchmarks with ATE_FAST_HEADS_TIMEOUT (300), less if it would leave the other
+# suites under ATE_FAST_BENCH_RESERVE (120) together; they get ATE_FAST_BENCH_TIMEOUT (110)
+# each, cut to what is left, bench_sampling.py and bench_steer.py first (the last full run
+# did not reach them). A suite at its limit gets SIGINT, so pytest-benchmark still writes
+# the JSON of what it finished (bench_heads also skips its remaining cases on its own,
+# from ATE_FAST_HEADS_BUDGET_S, 45 s before its limit).
+#
+# A partial rerun (what a first run did not reach or fix): ATE_FAST_TESTS (pytest paths
+# or node ids for the cuda tests, default tests; "none" skips them), ATE_FAST_TESTS_K (a
+# pytest -k expression for them) and ATE_FAST_SUITES (benchmark files to run, in that
+# order, instead of all; bench_heads only if named).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results/latest}}"
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+WORK=$(mktemp -d /tmp/ate_fast_suite.XXXXXX)  # everything, packed into OUT_DIR at the end
+rm -f "$OUT_DIR/cuda_tests.log"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY="${PYTHON:-python3}"
 status=0
@@ -37,7 +48,7 @@ capped() {
 }
 
 # bench SUITE LIMIT [VAR=VALUE ...]: one benchmark file (its cuda cases) into
-# OUT_DIR/<name>.json, stopped by SIGINT after LIMIT seconds.
+# WORK/<name>.json, stopped by SIGINT after LIMIT seconds.
 bench() {
   local suite=$1 limit=$2 name rc
   shift 2
@@ -46,49 +57,71 @@ bench() {
     echo "$name: not run (ATE_FAST_SUITE_BUDGET spent)"; status=1; return
   fi
   env "$@" timeout -s INT -k "$GRACE" "$limit" "$PY" -m pytest "$suite" -q -p no:cacheprovider \
-      -k "cuda" --benchmark-json="$OUT_DIR/$name.json" >"/tmp/$name.log" 2>&1
+      -k "cuda" --benchmark-json="$WORK/$name.json" >"$WORK/$name.log" 2>&1
   rc=$?
-  grep -m1 "plan:" "/tmp/$name.log"  # bench_heads: cases, torch.compile count, rough time
+  grep -m1 "plan:" "$WORK/$name.log"  # bench_heads: cases, torch.compile count, rough time
   echo "$name: exit $rc (limit $limit s, $(( $(date +%s) - t0 )) s into the run):" \
-      "$(tail -1 "/tmp/$name.log")"
+      "$(tail -1 "$WORK/$name.log")"
   # 5: nothing collected (a script such as bench_sampling_cpu.py, or no cuda cases)
-  [ $rc -eq 0 ] || [ $rc -eq 5 ] || { status=1; tail -15 "/tmp/$name.log"; }
+  [ $rc -eq 0 ] || [ $rc -eq 5 ] || { status=1; tail -15 "$WORK/$name.log"; }
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
 
 echo "== build (CUDA module for \${ATE_FAST_CUDA_ARCHS:-87;89;90})"
 if ! ATE_FAST_CUDA=1 ATE_FAST_BUILD_JOBS="$(nproc)" \
-    "$PY" -m pip install --no-build-isolation --no-deps -e . >/tmp/ate_fast_build.log 2>&1; then
-  tail -40 /tmp/ate_fast_build.log; echo "BUILD FAILED"; exit 1
+    "$PY" -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1; then
+  tail -40 "$WORK/build.log"; echo "BUILD FAILED"; cp "$WORK/build.log" "$OUT_DIR/"; exit 1
 fi
 echo "built in $(( $(date +%s) - t0 )) s"
 
-"$PY" -m ate_fast.cli info --json >"$OUT_DIR/info.json" && "$PY" -m ate_fast.cli info | tail -8
+"$PY" -m ate_fast.cli info --json >"$WORK/info.json" && "$PY" -m ate_fast.cli info | tail -8
 
 echo "== cuda-marked tests"
-timeout -s INT -k "$GRACE" "$(capped "${ATE_FAST_TEST_TIMEOUT:-180}")" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$OUT_DIR/cuda_tests.xml" 2>&1 | tee "$OUT_DIR/cuda_tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "${ATE_FAST_TESTS:-tests}" != none ]; then
+  shards=${ATE_FAST_TEST_SHARDS:-4}
+  limit=$(capped "${ATE_FAST_TEST_TIMEOUT:-150}")
+  pids=()
+  for (( i = 0; i < shards; i++ )); do
+    # shellcheck disable=SC2086  # ATE_FAST_TESTS is a list of paths / node ids
+    ATE_FAST_TEST_SHARD="$i/$shards" timeout -s INT -k "$GRACE" "$limit" \
+      "$PY" -m pytest ${ATE_FAST_TESTS:-tests} -m cuda -k "${ATE_FAST_TESTS_K:-}" -q -rfE \
+      -p no:cacheprovider --continue-on-collection-errors \
+      --junitxml="$WORK/cuda_tests-$i.xml" >"$WORK/cuda_tests-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for (( i = 0; i < shards; i++ )); do
+    wait "${pids[$i]}" || status=1
+    { echo "== shard $i/$shards"; cat "$WORK/cuda_tests-$i.log"; } >>"$OUT_DIR/cuda_tests.log"
+    grep -h "^FAILED\|^ERROR" "$WORK/cuda_tests-$i.log" | head -20
+    echo "shard $i/$shards: $(tail -1 "$WORK/cuda_tests-$i.log")"
+  done
+fi
 
 echo "== benchmarks (one JSON per suite, each under its own time limit)"
 heads=benchmarks/bench_heads.py
-heads_limit=$(capped "${ATE_FAST_HEADS_TIMEOUT:-300}" "${ATE_FAST_BENCH_RESERVE:-120}")
-bench "$heads" "$heads_limit" ATE_FAST_HEADS_BUDGET_S=$(( heads_limit - 45 ))
-# the transformer-encoder guidance paths next (not yet measured on a GPU), then the rest
-first=benchmarks/bench_transformer_guidance.py
-for suite in "$first" benchmarks/bench_*.py; do
-  [ "$suite" = "$heads" ] && continue
-  [ "$suite" = "$first" ] && [ -n "${seen_first:-}" ] && continue
-  [ "$suite" = "$first" ] && seen_first=1
-  bench "$suite" "$(capped "${ATE_FAST_BENCH_TIMEOUT:-110}")"
+# after the heads, the suites the last full run (2026-11-26, H100) did not reach, then the rest
+first="benchmarks/bench_sampling.py benchmarks/bench_steer.py"
+suites="${ATE_FAST_SUITES:-$heads $first $(ls benchmarks/bench_*.py)}"
+seen=" "
+for suite in $suites; do
+  case "$seen" in *" $suite "*) continue ;; esac
+  seen="$seen$suite "
+  if [ "$suite" = "$heads" ]; then
+    heads_limit=$(capped "${ATE_FAST_HEADS_TIMEOUT:-300}" "${ATE_FAST_BENCH_RESERVE:-120}")
+    bench "$heads" "$heads_limit" ATE_FAST_HEADS_BUDGET_S=$(( heads_limit - 45 ))
+  else
+    bench "$suite" "$(capped "${ATE_FAST_BENCH_TIMEOUT:-110}")"
+  fi
 done
 
 # kernels per captured call and their device time (the open item of the first H100 run)
-timeout -s INT -k "$GRACE" "$(capped 60)" "$PY" benchmarks/profile_capture.py "$OUT_DIR" \
-    >/tmp/profile_capture.log 2>&1 || { status=1; tail -5 /tmp/profile_capture.log; }
-tail -3 /tmp/profile_capture.log
+timeout -s INT -k "$GRACE" "$(capped 60)" "$PY" benchmarks/profile_capture.py "$WORK" \
+    >"$WORK/profile_capture.log" 2>&1 || { status=1; tail -5 "$WORK/profile_capture.log"; }
+tail -3 "$WORK/profile_capture.log"
 
-"$PY" benchmarks/gpu_summary.py "$OUT_DIR" || status=1
-echo "total $(( $(date +%s) - t0 )) s, status $status"
+"$PY" benchmarks/gpu_summary.py "$WORK" || status=1
+cp "$WORK"/summary.md "$WORK"/20*.json "$OUT_DIR"/ 2>/dev/null
+tar czf "$OUT_DIR/raw.tgz" -C "$WORK" .
+echo "total $(( $(date +%s) - t0 )) s, status $status; in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 exit $status

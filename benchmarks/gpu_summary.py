@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_summary.py OUT_DIR
 
-Reads OUT_DIR/info.json (ate-fast info --json), OUT_DIR/cuda_tests.xml (pytest junit),
+Reads OUT_DIR/info.json (ate-fast info --json), OUT_DIR/cuda_tests*.xml (pytest junit,
+one per shard),
 OUT_DIR/bench*.json (pytest-benchmark) and OUT_DIR/profile_capture.json if present;
 writes OUT_DIR/<date>-<gpu>.json and OUT_DIR/summary.md, and prints the summary.
 ``bench_heads.json`` gets its own table (per case: median per row, × eager and × compile)
@@ -23,11 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import markdown, rows
 
 
-def test_counts(junit: Path) -> dict:
-    if not junit.exists():
-        return {"error": f"{junit.name} missing"}
-    root = ET.parse(junit).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
+def test_counts(junits: list[Path]) -> dict:
+    """Test counts summed over JUnit files (one per shard) and the failed tests' ids."""
+    if not junits:
+        return {"error": "no cuda_tests*.xml"}
+    suites = []
+    for junit in junits:
+        try:
+            root = ET.parse(junit).getroot()
+        except (OSError, ET.ParseError) as exc:  # a shard killed before it wrote the file
+            return {"error": f"{junit.name}: {exc}"}
+        suites += [root] if root.tag == "testsuite" else list(root)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed = []
     for suite in suites:
@@ -170,7 +177,7 @@ def main(out_dir: Path) -> None:
         "date": date,
         "gpu": gpu,
         "info": info,
-        "cuda_tests": test_counts(out_dir / "cuda_tests.xml"),
+        "cuda_tests": test_counts(sorted(out_dir.glob("cuda_tests*.xml"))),
         "benchmarks_median_seconds_per_call": table,
         "heads_targets": target_records,
         "profile_capture": _optional_json(out_dir / "profile_capture.json"),

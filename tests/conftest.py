@@ -14,7 +14,27 @@ import pytest
 import torch
 
 
+def _shard(value: str) -> tuple[int, int]:
+    """``"i/n"`` (0 <= i < n) -> (i, n)."""
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise pytest.UsageError(
+            f"ATE_FAST_TEST_SHARD: expected 'i/n' with 0 <= i < n, got {value!r}"
+        )
+    return index, count
+
+
 def pytest_collection_modifyitems(config, items):
+    # ATE_FAST_TEST_SHARD=i/n keeps every n-th test from the i-th: gpu_suite.sh runs the
+    # cuda tests as concurrent shards (their time is mostly Triton compiling, on the CPU)
+    shard = os.environ.get("ATE_FAST_TEST_SHARD", "").strip()
+    if shard:
+        index, count = _shard(shard)
+        config.hook.pytest_deselected(items=[t for n, t in enumerate(items) if n % count != index])
+        items[:] = [t for n, t in enumerate(items) if n % count == index]
     if torch.cuda.is_available():
         return
     no_gpu = pytest.mark.skip(reason="cuda test: no GPU present on this machine")
