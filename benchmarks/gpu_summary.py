@@ -196,8 +196,8 @@ def main(out_dir: Path) -> None:
         summary += target_lines or ["(no case with the rows the targets need)"]
     for case in (result["profile_capture"] or {}).get("cases", []):
         counts = ", ".join(f"{k} {v:.1f}" for k, v in case.items() if k.endswith("_per_call"))
-        kind = "guided" if case["guided"] else "unguided"
-        summary.append(f"- captured flow Euler 10, {kind} (profile_capture.py): {counts}")
+        kind = case.get("guidance") or ("guided" if case["guided"] else "unguided")
+        summary.append(f"- captured flow Euler 10, guidance {kind} (profile_capture.py): {counts}")
     text = "\n".join(summary) + "\n"
     (out_dir / "summary.md").write_text(text)
     print(text)

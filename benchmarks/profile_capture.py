@@ -1,6 +1,7 @@
 """Where a captured sampling loop spends its time: a torch.profiler trace of
 ``sampler.capture()`` replays (flow Euler 10, B=1, H=50, D=32, bench_sampling's MLP head),
-unguided and with ``LatentGuidance`` through an align MLP encoder.
+unguided and with ``LatentGuidance`` through an align MLP encoder (the fused kernel) and
+through the paper's Transformer encoder (d 512, 9 layers; the default gradient path).
 
     python benchmarks/profile_capture.py OUT_DIR [--device cuda|cpu] [--calls 50]
 
@@ -38,9 +39,26 @@ def _device_time_us(event) -> float:
     return 0.0
 
 
-def profile_case(device: str, guided: bool, calls: int) -> dict:
+GUIDANCES = ("none", "mlp", "transformer")
+
+
+def make_guidance(kind: str, device: str):
+    """None, or ``LatentGuidance`` through an align MLP / the paper's Transformer encoder."""
+    if kind == "none":
+        return None
+    if kind == "mlp":
+        return latent_guidances(device)[0]
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer import LatentGuidance
+
+    torch.manual_seed(3)
+    vae = ActionVAE(D, H, latent_dim=64, arch="transformer").to(device)
+    return LatentGuidance(vae, torch.randn(64, device=device), scale=2.0, clamp=0.1)
+
+
+def profile_case(device: str, guidance_kind: str, calls: int) -> dict:
     model = Head().to(device).requires_grad_(False)
-    guidance = latent_guidances(device)[0] if guided else None
+    guidance = make_guidance(guidance_kind, device)
     noise = torch.randn(B, H, D, device=device)
     captured = FlowSampler(model, 10).capture(noise, guidance=guidance, check_finite=False)
 
@@ -77,7 +95,8 @@ def profile_case(device: str, guided: bool, calls: int) -> dict:
     top = sorted(kernels, key=cost, reverse=True)[:10]
     return {
         "device": device,
-        "guided": guided,
+        "guided": guidance is not None,
+        "guidance": guidance_kind,
         "calls": calls,
         "wall_us_per_call": wall_us,
         f"{label}_per_call": sum(e.count for e in kernels) / calls,
@@ -102,12 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)  # control-rate calls; OpenMP threads stall on a busy machine
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    cases = [profile_case(args.device, guided, args.calls) for guided in (False, True)]
+    # the Transformer-guided call is ~0.1 s on the CPU: fewer calls there
+    cases = [
+        profile_case(
+            args.device,
+            kind,
+            args.calls if args.device == "cuda" or kind != "transformer" else min(args.calls, 5),
+        )
+        for kind in GUIDANCES
+    ]
     path = args.out_dir / "profile_capture.json"
     path.write_text(json.dumps({"cases": cases}, indent=1) + "\n")
     for case in cases:
         counts = {k: round(v, 1) for k, v in case.items() if k.endswith("_per_call")}
-        print(f"{args.device} {'guided' if case['guided'] else 'unguided'}: {counts}")
+        print(f"{args.device} guidance {case['guidance']}: {counts}")
     print(f"wrote {path}")
     return 0
 
