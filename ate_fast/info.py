@@ -136,7 +136,7 @@ def format_info(data: dict) -> str:
     paths = data["transformer_guidance"]
     lines.append(
         f"\nguidance through the Transformer encoder: cpu {paths['cpu']}, cuda {paths['cuda']}"
-        " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp forces one)"
+        " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled forces one)"
     )
     if data["forced_backend"]:
         lines.append(f"\nATE_FAST_BACKEND={data['forced_backend']} forces that backend")

@@ -10,8 +10,11 @@ Rows (``impl``): ``eager`` (baseline) = forward + ``torch.autograd.grad`` (what
 ``latent_distance_gradient`` runs with ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd``);
 ``vjp`` = the hand-written VJP; on CUDA also ``eager_graph`` / ``vjp_graph``: the same
 call captured once in a ``torch.cuda.CUDAGraph`` and replayed — what a captured sampler
-runs. B ∈ {1, 8, 64} × (H, D) ∈ {(50, 32), (64, 128), (16, 14)} on CUDA; B ∈ {1, 8} on the
-CPU (B = 64 is ≈ 270 GFLOP per call there, seconds per round).
+runs; ``compiled`` (CUDA also ``compiled_graph``) = the VJP through ``torch.compile``
+(``ATE_FAST_TRANSFORMER_GUIDANCE=compiled``), at (H, D) = (50, 32) only (each shape
+compiles once, tens of seconds). B ∈ {1, 8, 64} × (H, D) ∈ {(50, 32), (64, 128), (16, 14)}
+on CUDA; B ∈ {1, 8} on the CPU (B = 64 is ≈ 270 GFLOP per call there, seconds per round;
+``compiled`` at B = 1).
 """
 
 from __future__ import annotations
@@ -31,16 +34,24 @@ GPU_CALLS = 10
 
 
 def _cases():
+    """Per device: every shape with the uncompiled paths, then the compiled ones (last, so
+    that a suite cut short by its time limit still has the rest)."""
     for device in DEVICES:
         batches = [1, 8] if device == "cpu" else [1, 8, 64]
         impls = ["eager", "vjp"] + (["eager_graph", "vjp_graph"] if device == "cuda" else [])
-        for horizon, dim in SHAPES:
-            for batch in batches:
-                for impl in impls:
-                    yield pytest.param(
-                        device, batch, horizon, dim, impl,
-                        id=f"{device}-B{batch}-H{horizon}-D{dim}-{impl}",
-                    )  # fmt: skip
+        cases = [(b, h, d, impl) for h, d in SHAPES for b in batches for impl in impls]
+        compiled = ["compiled"] + (["compiled_graph"] if device == "cuda" else [])
+        horizon, dim = SHAPES[0]
+        cases += [
+            (b, horizon, dim, impl)
+            for b in (batches if device == "cuda" else [1])
+            for impl in compiled
+        ]
+        for batch, horizon, dim, impl in cases:
+            yield pytest.param(
+                device, batch, horizon, dim, impl,
+                id=f"{device}-B{batch}-H{horizon}-D{dim}-{impl}",
+            )  # fmt: skip
 
 
 def _graphed(fn):
@@ -73,7 +84,7 @@ def test_transformer_guidance_gradient(
         return lambda: latent_distance_gradient(encoder, x, target)
 
     expected = call("autograd")()
-    fn = call("vjp" if impl.startswith("vjp") else "autograd")
+    fn = call({"eager": "autograd"}.get(impl.split("_")[0], impl.split("_")[0]))
     if impl.endswith("_graph"):
         fn = _graphed(fn)
     error = ((fn() - expected).norm() / expected.norm()).item()

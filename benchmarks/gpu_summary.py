@@ -146,11 +146,16 @@ def transformer_path_lines(table: dict[str, dict[str, float]]) -> list[str]:
     """Which Transformer-encoder guidance path wins inside a CUDA graph, per problem (the
     default of ``ate_fast.steer.transformer_vjp.DEFAULT_PATH["cuda"]`` follows this)."""
     lines = []
+    names = {"eager_graph": "autograd", "vjp_graph": "vjp", "compiled_graph": "compiled"}
     for group, per_impl in table.items():
-        auto, vjp = per_impl.get("eager_graph"), per_impl.get("vjp_graph")
-        if auto and vjp:
-            winner = "vjp" if vjp < auto else "autograd"
-            lines.append(f"- {group}: graphed autograd / vjp = {auto / vjp:.2f}× ({winner} wins)")
+        graphed = {name: per_impl[impl] for impl, name in names.items() if per_impl.get(impl)}
+        if len(graphed) < 2:
+            continue
+        winner = min(graphed, key=graphed.get)
+        ratios = ", ".join(
+            f"{name} {graphed[name] / graphed[winner]:.2f}×" for name in graphed if name != winner
+        )
+        lines.append(f"- {group}: {winner} wins graphed (time vs it: {ratios})")
     return ["Transformer-encoder guidance, graphed paths:", "", *lines, ""] if lines else []
 
 

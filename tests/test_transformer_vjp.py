@@ -15,6 +15,7 @@ from ate_fast.steer.transformer_vjp import (
     selected_path,
     transformer_latent_gradient,
     transformer_vjp_module,
+    vjp_function,
 )
 
 F64 = torch.float64
@@ -99,6 +100,26 @@ def test_vjp_matches_finite_differences(monkeypatch):
         bump = bump.view_as(x)
         numeric.view(-1)[k] = (y(x + bump) - y(x - bump)) / (2 * step)
     torch.testing.assert_close(got, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_compiled_vjp_equals_autograd(monkeypatch):
+    """The ``compiled`` path (the VJP through torch.compile/Inductor) on the CPU in float64:
+    the same gradient as autograd, with a mask and a sampled latent, and it is what runs."""
+    vae = make_vae(horizon=5, dim=3, latent=8, layers=3)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=F64)
+    encoder = FrozenEncoder(vae, mask=mask)
+    x, target = torch.randn(B, 5, 3, dtype=F64), torch.randn(8, dtype=F64)
+    eps = torch.randn(B, 8, dtype=F64)
+    kwargs = dict(latent="sample", eps=eps)
+    expected = gradient("autograd", monkeypatch, encoder, x, target, **kwargs)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = gradient("compiled", monkeypatch, encoder, x, target, **kwargs)
+    assert expected.abs().max() > 0 and got[..., 1].abs().max() == 0
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert vjp_function("cpu") is not transformer_latent_gradient
+    # dynamo compiled a graph for it (fullgraph=True: a graph break would have raised)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
 
 
 def test_steer_and_latent_guidance_take_the_vjp(monkeypatch):
@@ -189,10 +210,14 @@ def no_tf32():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", ["vjp", "compiled"])
 @pytest.mark.parametrize("latent_mode", ["mean", "sample"])
-def test_vjp_on_cuda_matches_autograd_and_replays_in_a_graph(monkeypatch, no_tf32, latent_mode):
+def test_vjp_on_cuda_matches_autograd_and_replays_in_a_graph(
+    monkeypatch, no_tf32, latent_mode, path
+):
     """float32 on the GPU (TF32 off): equal to autograd, and capturable in a CUDA graph
-    as the sampler captures its loop."""
+    as the sampler captures its loop (``compiled``: Inductor's kernels, compiled during
+    the warm-up, replayed from the graph)."""
     vae = ActionVAE(32, 50, latent_dim=64, arch="transformer", d_model=128, num_layers=5).cuda()
     encoder = FrozenEncoder(vae)
     x = torch.randn(4, 50, 32, device="cuda")
@@ -200,7 +225,7 @@ def test_vjp_on_cuda_matches_autograd_and_replays_in_a_graph(monkeypatch, no_tf3
     eps = torch.randn(4, 64, device="cuda") if latent_mode == "sample" else None
     kwargs = dict(latent=latent_mode, eps=eps)
     expected = gradient("autograd", monkeypatch, encoder, x, target, **kwargs)
-    got = gradient("vjp", monkeypatch, encoder, x, target, **kwargs)
+    got = gradient(path, monkeypatch, encoder, x, target, **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.fused_encoder import fused_latent_gradient, fused_mlp_parts
-from ate_fast.steer.transformer_vjp import transformer_latent_gradient, transformer_vjp_module
+from ate_fast.steer.transformer_vjp import transformer_vjp_module, vjp_function
 
 REDUCTIONS = ("sample", "batch")
 
@@ -100,7 +100,7 @@ def latent_distance_gradient(
     if module is not None:
         _check_target(target, module.latent_dim, x.shape[0], target_name, latent, eps)
         with torch.no_grad():
-            return transformer_latent_gradient(
+            return vjp_function(x.device.type)(
                 module, x, target.to(device=x.device, dtype=x.dtype), mask=encoder.mask,
                 eps=eps if latent == "sample" else None, reduction=reduction,
             )  # fmt: skip

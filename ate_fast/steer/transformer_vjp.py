@@ -18,15 +18,25 @@ Layers must be ``nn.TransformerEncoderLayer`` in post-norm form (``norm_first=Fa
 and no dropout in effect; :func:`transformer_vjp_module` returns ``None`` otherwise and
 the caller keeps autograd.
 
-Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp`` forces one; unset, the
-default of :data:`DEFAULT_PATH` for the tensor's device type (the measured winner; see
-``benchmarks/README.md``, "Guidance gradient through the Transformer encoder").
+Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled`` forces one;
+unset, the default of :data:`DEFAULT_PATH` for the tensor's device type (the measured
+winner; see ``benchmarks/README.md``, "Guidance gradient through the Transformer encoder").
+
+``compiled`` runs this same VJP through ``torch.compile`` (Inductor, ``fullgraph=True``,
+static shapes). The VJP is written in forward ops only, so Inductor compiles one
+inference graph (no AOT autograd backward) and fuses its elementwise chains — LayerNorm
+backward, GELU backward, the residual adds, the softmax backward — into fewer kernels:
+on the GPU the graphed VJP is bound by its kernel count, not its FLOPs or bytes. The first
+call per (encoder, shape, dtype) compiles (seconds); past dynamo's recompile limit (8 by
+default) further shapes run the uncompiled VJP. The sampler's capture warms the guidance
+up before it captures, so compiling never happens inside a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -37,7 +47,7 @@ from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.fused_encoder import _autocast_on
 
 ENV_VAR = "ATE_FAST_TRANSFORMER_GUIDANCE"
-PATHS = ("autograd", "vjp")
+PATHS = ("autograd", "vjp", "compiled")
 # device type -> default path; device types not listed use "autograd". Both measured
 # (benchmarks/README.md): CPU 1.05-1.36x; H100, each replayed from a CUDA graph, 1.11-1.60x.
 DEFAULT_PATH = {"cpu": "vjp", "cuda": "vjp"}
@@ -52,6 +62,20 @@ def selected_path(device_type: str) -> str:
             raise ValueError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {forced!r}")
         return forced
     return DEFAULT_PATH.get(device_type, "autograd")
+
+
+def vjp_function(device_type: str) -> Callable[..., Tensor]:
+    """:func:`transformer_latent_gradient`, or its ``torch.compile`` form where the
+    ``compiled`` path is selected for ``device_type``."""
+    global _COMPILED
+    if selected_path(device_type) != "compiled":
+        return transformer_latent_gradient
+    if _COMPILED is None:
+        _COMPILED = torch.compile(transformer_latent_gradient, dynamic=False, fullgraph=True)
+    return _COMPILED
+
+
+_COMPILED: Optional[Callable[..., Tensor]] = None
 
 
 def _supported_layer(layer: nn.Module) -> bool:
@@ -93,7 +117,7 @@ def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Mod
         return None
     if x.dim() != 3 or tuple(x.shape[1:]) != (module.horizon, module.action_dim):
         return None  # autograd's encoder call raises the clear shape error
-    if selected_path(x.device.type) != "vjp" or not supported_encoder(module):
+    if selected_path(x.device.type) == "autograd" or not supported_encoder(module):
         return None
     if any(p.dtype != x.dtype or p.device != x.device for p in module.parameters()):
         return None
