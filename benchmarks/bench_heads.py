@@ -33,6 +33,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
 - ``ate_sample``: ``sampler.sample(noise, guidance=LatentGuidance(vae, z*))``.
 - ``ate_capture``: ``sampler.capture(noise, guidance=..., check_finite=False)`` replayed
   (CUDA: one CUDA graph; CPU: recorded fused steps).
+- ``ate_capture_compiled`` (CUDA, flow transformer heads): the same capture of
+  ``torch.compile(head)`` (default mode: Inductor's fused kernels, no CUDA graphs of its
+  own — the sampler's one graph replays them) with the transformer encoder's guidance on
+  the ``compiled`` path: what a user gets from ate_fast plus Inductor.
 
 The head gets float32 times on every row: flow t ∈ (0, 1] for the flow heads (MLP,
 flow transformer), integer training timesteps for the U-Nets; a sampler of the other kind
@@ -76,7 +80,8 @@ HEADS = {
 SMALL_HEADS = ("flow-transformer-small", "mlp-small", "unet1d-small")
 SAMPLERS = ("flow-euler-10", "ddim-10", "dpmsolver++-5")
 GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
-CUDA_ROWS = ("eager", "ate_sample", "ate_capture", "cuda_graph", "compile")
+CUDA_ROWS = ("eager", "ate_sample", "ate_capture", "cuda_graph", "compile", "ate_capture_compiled")
+COMPILED_CAPTURE_HEADS = ("flow-transformer-small", "flow-transformer-pi0-expert")
 CPU_ROWS = ("eager", "ate_sample", "ate_capture", "compile")
 LAMBDA, KAPPA = 2.0, 0.1
 FLOOR = 1e-6  # the flow guidance coefficient's denominator floor (ate_fast.steer)
@@ -121,7 +126,12 @@ def _cases(device: str, full: bool = True) -> list[tuple[str, str, str, str, str
         if guidance != "transformer-guided" or head in SMALL_HEADS
     ]
     problems.sort(key=lambda p: _priority(p[0], p[2]))
-    return [(device, *problem, row) for problem in problems for row in rows]
+    return [
+        (device, *problem, row)
+        for problem in problems
+        for row in rows
+        if row != "ate_capture_compiled" or problem[0] in COMPILED_CAPTURE_HEADS
+    ]
 
 
 CASES = _cases("cpu", full=os.environ.get("ATE_FAST_HEADS_CPU") == "full")
@@ -130,14 +140,20 @@ if HAS_GPU:
 
 
 def _compile_units(cases) -> list[tuple]:
-    """The distinct torch.compile'd callables the ``compile`` rows of ``cases`` build."""
+    """The distinct torch.compile'd callables the ``compile`` and ``ate_capture_compiled``
+    rows of ``cases`` build."""
     units: list[tuple] = []
     for device, head, _, guidance, row in cases:
-        if row != "compile":
+        if row == "compile":
+            keys = [(device, "head", head)]
+            if guidance != "unguided":
+                keys.append((device, guidance.replace("-guided", "-grad"), _shape(head)))
+        elif row == "ate_capture_compiled":
+            keys = [(device, "head", head, "default")]
+            if guidance == "transformer-guided":
+                keys.append((device, "transformer-grad", _shape(head), "vjp"))
+        else:
             continue
-        keys = [(device, "head", head)]
-        if guidance != "unguided":
-            keys.append((device, guidance.replace("-guided", "-grad"), _shape(head)))
         units += [k for k in keys if k not in units]
     return units
 
@@ -266,10 +282,10 @@ def _encoder(device: str, kind: str, head_id: str) -> _Encoder:
     )
 
 
-def _compiled_head(device: str, head_id: str):
+def _compiled_head(device: str, head_id: str, mode: str = "reduce-overhead"):
     return _cached(
-        (device, "compiled-head", head_id),
-        lambda: torch.compile(_head(device, head_id), mode="reduce-overhead"),
+        (device, "compiled-head", head_id, mode),
+        lambda: torch.compile(_head(device, head_id), mode=mode),
     )
 
 
@@ -436,7 +452,7 @@ def _announce(request):
 @pytest.mark.parametrize(
     "device,head,sampler,guidance,row", CASES, ids=["-".join(c) for c in CASES]
 )
-def test_head_sampler_latency(benchmark, device, head, sampler, guidance, row):
+def test_head_sampler_latency(benchmark, monkeypatch, device, head, sampler, guidance, row):
     if time.monotonic() - _STARTED > BUDGET_S:
         pytest.skip(f"ATE_FAST_HEADS_BUDGET_S={BUDGET_S:.0f} s spent")
     horizon, action_dim = _shape(head)
@@ -451,11 +467,16 @@ def test_head_sampler_latency(benchmark, device, head, sampler, guidance, row):
     enc = None if guidance == "unguided" else _encoder(device, guidance.split("-")[0], head)
     ref = _reference(device, head, sampler, guidance, noise)
 
-    if row in ("ate_sample", "ate_capture"):
-        ate = _ate_sampler(head, sampler, _ate_model_fn(_head(device, head), factor))
+    if row in ("ate_sample", "ate_capture", "ate_capture_compiled"):
+        compiled = row == "ate_capture_compiled"
+        model = _compiled_head(device, head, "default") if compiled else _head(device, head)
+        ate = _ate_sampler(head, sampler, _ate_model_fn(model, factor))
         ate_guidance = None if enc is None else enc.guidance
         if row == "ate_sample":
             fn = lambda n: ate.sample(n, guidance=ate_guidance)  # noqa: E731
+        elif compiled:  # the guidance path is read while capturing (warm-up compiles it)
+            monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "compiled")
+            fn = ate.capture(noise, guidance=ate_guidance, check_finite=False)
         else:
             fn = ate.capture(noise, guidance=ate_guidance, check_finite=False)
     elif row == "compile":

@@ -48,7 +48,8 @@ def test_counts(junits: list[Path]) -> dict:
     return counts
 
 
-HEADS_ROWS = ("eager", "compile", "cuda_graph", "ate_sample", "ate_capture")
+HEADS_ROWS = ("eager", "compile", "cuda_graph", "ate_sample", "ate_capture", "ate_capture_compiled")
+ATE_ROWS = ("ate_capture", "ate_capture_compiled")  # the rows the targets are stated for
 # The issue's targets (GPU): guided ate_capture vs compile / eager on this head, and the
 # cost of guidance over unguided captured sampling per encoder.
 TARGET_HEAD = "flow-transformer-small"
@@ -103,42 +104,45 @@ def _verdict(ok: bool) -> str:
 
 
 def heads_targets(cases: dict[tuple, dict[str, float]]) -> tuple[list[str], list[dict]]:
-    """The issue's targets as explicit ratios: (Markdown lines, records for the JSON)."""
+    """The issue's targets as explicit ratios for each captured row (``ATE_ROWS``):
+    (Markdown lines, records for the JSON)."""
     lines, records = [], []
     for (device, head, sampler, guidance), per_row in cases.items():
-        ate = per_row.get("ate_capture")
-        if head != TARGET_HEAD or guidance == "unguided" or ate is None:
+        if head != TARGET_HEAD or guidance == "unguided":
             continue
-        for base, need in (("compile", VS_COMPILE), ("eager", VS_EAGER)):
-            if per_row.get(base) is None:
-                continue
-            ratio = per_row[base] / ate
-            records.append({
-                "target": f"ate_capture >= {need}x faster than {base}", "device": device,
-                "head": head, "sampler": sampler, "guidance": guidance, "ratio": ratio,
-                "met": ratio >= need,
-            })  # fmt: skip
-            lines.append(
-                f"- {device} {head} {sampler} {guidance}: ate_capture is {ratio:.2f}× "
-                f"faster than {base} (target ≥ {need}×: {_verdict(ratio >= need)})"
-            )
+        for ate_row in ATE_ROWS:
+            ate = per_row.get(ate_row)
+            for base, need in (("compile", VS_COMPILE), ("eager", VS_EAGER)):
+                if ate is None or per_row.get(base) is None:
+                    continue
+                ratio = per_row[base] / ate
+                records.append({
+                    "target": f"{ate_row} >= {need}x faster than {base}", "device": device,
+                    "head": head, "sampler": sampler, "guidance": guidance, "ratio": ratio,
+                    "met": ratio >= need,
+                })  # fmt: skip
+                lines.append(
+                    f"- {device} {head} {sampler} {guidance}: {ate_row} is {ratio:.2f}× "
+                    f"faster than {base} (target ≥ {need}×: {_verdict(ratio >= need)})"
+                )
     for (device, head, sampler, guidance), per_row in cases.items():
         limit = GUIDANCE_OVERHEAD.get(guidance)
-        plain = cases.get((device, head, sampler, "unguided"), {}).get("ate_capture")
-        guided = per_row.get("ate_capture")
-        if limit is None or plain is None or guided is None:
-            continue
-        overhead = guided / plain - 1.0
-        records.append({
-            "target": f"guidance overhead <= {limit:.0%}", "device": device, "head": head,
-            "sampler": sampler, "guidance": guidance, "ratio": guided / plain,
-            "met": overhead <= limit,
-        })  # fmt: skip
-        lines.append(
-            f"- {device} {head} {sampler}: {guidance} ate_capture / unguided = "
-            f"{guided / plain:.3f} (+{overhead:.1%}; target ≤ +{limit:.0%}: "
-            f"{_verdict(overhead <= limit)})"
-        )
+        unguided = cases.get((device, head, sampler, "unguided"), {})
+        for ate_row in ATE_ROWS:
+            plain, guided = unguided.get(ate_row), per_row.get(ate_row)
+            if limit is None or plain is None or guided is None:
+                continue
+            overhead = guided / plain - 1.0
+            records.append({
+                "target": f"guidance overhead <= {limit:.0%}", "row": ate_row, "device": device,
+                "head": head, "sampler": sampler, "guidance": guidance, "ratio": guided / plain,
+                "met": overhead <= limit,
+            })  # fmt: skip
+            lines.append(
+                f"- {device} {head} {sampler}: {guidance} {ate_row} / unguided = "
+                f"{guided / plain:.3f} (+{overhead:.1%}; target ≤ +{limit:.0%}: "
+                f"{_verdict(overhead <= limit)})"
+            )
     return lines, records
 
 
