@@ -8,6 +8,9 @@ Encoder: H·D → 256 → 256 → 2·64 (GELU), the PERFORMANCE.md reference enc
 ``eager`` row is autograd (what ``Steer``/``LatentGuidance`` did before the fused op):
 one forward, ``torch.autograd.grad``. On the GPU the fused op has two rows: ``cuda`` (one
 cooperative kernel) and ``triton`` (2·L = 6 kernels, ``ate_fast/ops/mlp_guidance_triton.py``).
+At B ∈ {1, 8} the GPU also has ``<row>_graph`` rows: the same call captured once in a CUDA
+graph and replayed, as a captured sampler runs it (no Python launch path: at control-rate
+batches that path, not the kernels, sets the plain rows).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_graphs import graphed
 
 from ate_fast.ops import backends, mlp_guidance, mlp_guidance_reference
 
@@ -49,7 +53,10 @@ def _cases():
         for horizon, dim in SHAPES:
             for batch in BATCHES:
                 fused = ["cpu"] if device == "cpu" else ["cuda", "triton"]
-                for impl in ["eager", "ref", *fused]:
+                impls = ["eager", "ref", *fused]
+                if device == "cuda" and batch <= 8:
+                    impls += [f"{impl}_graph" for impl in impls]
+                for impl in impls:
                     yield pytest.param(
                         device, batch, horizon, dim, impl,
                         id=f"{device}-B{batch}-H{horizon}-D{dim}-{impl}",
@@ -61,17 +68,20 @@ def test_guidance_gradient(benchmark, time_calls, monkeypatch, device, batch, ho
     weights, biases = _encoder(horizon * dim, device)
     x = torch.randn(batch, horizon, dim, device=device)
     target = torch.randn(DZ, device=device)
-    if impl == "eager":
+    path = impl.removesuffix("_graph")
+    if path == "eager":
         fn = lambda: _autograd(x, weights, biases, target)  # noqa: E731
-    elif impl == "ref":
+    elif path == "ref":
         fn = lambda: mlp_guidance_reference(x, weights, biases, "gelu", target, scale=1 / DZ)[0]  # noqa: E731
     else:
-        ok, why = backends.availability(impl, device)
+        ok, why = backends.availability(path, device)
         if not ok:
-            pytest.skip(f"{impl} backend unavailable: {why}")
-        monkeypatch.setenv("ATE_FAST_BACKEND", impl)
+            pytest.skip(f"{path} backend unavailable: {why}")
+        monkeypatch.setenv("ATE_FAST_BACKEND", path)
         backends.reset_caches()
         fn = lambda: mlp_guidance(x, weights, biases, "gelu", target=target, scale=1 / DZ)[0]  # noqa: E731
+    if impl.endswith("_graph"):
+        fn = graphed(fn)
     expected = _autograd(x, weights, biases, target)
     error = ((fn() - expected).norm() / expected.norm()).item()
     assert error < 1e-4, f"{impl}: relative error {error}"

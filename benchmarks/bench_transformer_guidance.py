@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_graphs import graphed
 
 from ate_fast.align import ActionVAE
 from ate_fast.steer import latent_distance_gradient
@@ -54,20 +55,6 @@ def _cases():
             )  # fmt: skip
 
 
-def _graphed(fn):
-    """``fn`` captured in one CUDA graph; the returned callable replays it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up off the capture stream (allocator, cuBLAS handles)
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return lambda: (graph.replay(), out)[1]
-
-
 @pytest.mark.parametrize(("device", "batch", "horizon", "dim", "impl"), list(_cases()))
 def test_transformer_guidance_gradient(
     benchmark, time_calls, monkeypatch, device, batch, horizon, dim, impl
@@ -86,7 +73,7 @@ def test_transformer_guidance_gradient(
     expected = call("autograd")()
     fn = call({"eager": "autograd"}.get(impl.split("_")[0], impl.split("_")[0]))
     if impl.endswith("_graph"):
-        fn = _graphed(fn)
+        fn = graphed(fn)
     error = ((fn() - expected).norm() / expected.norm()).item()
     assert error < 1e-4, f"{impl}: relative error {error}"
     benchmark.group = f"{device} transformer guidance B={batch} H={horizon} D={dim}"

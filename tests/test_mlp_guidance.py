@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ate_fast.ops import backends, mlp_encoder_parts, mlp_guidance, mlp_guidance_reference
-from ate_fast.ops.mlp_guidance import mlp_guidance_into
+from ate_fast.ops.mlp_guidance import mlp_guidance_into, selected_backend
 
 ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
 
@@ -150,7 +150,11 @@ def test_cuda_half_weights_accumulate_in_float32(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture(monkeypatch, backend):
+    """Each GPU backend replays from a CUDA graph with the inputs changed in place."""
+    monkeypatch.setenv("ATE_FAST_BACKEND", backend)
+    backends.reset_caches()
     weights, biases = make_encoder(50 * 32, (128, 128), 16, torch.float32, "cuda")
     x = torch.randn(2, 50, 32, device="cuda")
     target = torch.randn(16, device="cuda")
@@ -167,6 +171,8 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     g_true, _ = autograd_truth(x, weights, biases, "gelu", target=target, scale=1 / 16)
     assert _rel(g, g_true) < 2e-5
+    assert selected_backend(x) == backend
+    backends.reset_caches()
 
 
 def test_reference_is_a_decomposition_without_autograd():
