@@ -17,8 +17,7 @@
 # compiling on the CPU) and get ATE_FAST_TEST_TIMEOUT (150). bench_heads.py runs first of
 # the benchmarks with ATE_FAST_HEADS_TIMEOUT (300), less if it would leave the other
 # suites under ATE_FAST_BENCH_RESERVE (120) together; they get ATE_FAST_BENCH_TIMEOUT (110)
-# each, cut to what is left, bench_sampling.py and bench_steer.py first (the last full run
-# did not reach them). A suite at its limit gets SIGINT, so pytest-benchmark still writes
+# each, cut to what is left, in the order of what is least measured (see `first` below). A suite at its limit gets SIGINT, so pytest-benchmark still writes
 # the JSON of what it finished (bench_heads also skips its remaining cases on its own,
 # from ATE_FAST_HEADS_BUDGET_S, 45 s before its limit).
 #
@@ -100,8 +99,9 @@ fi
 
 echo "== benchmarks (one JSON per suite, each under its own time limit)"
 heads=benchmarks/bench_heads.py
-# after the heads, the suites the last full run (2026-11-26, H100) did not reach, then the rest
-first="benchmarks/bench_sampling.py benchmarks/bench_steer.py"
+# after the heads, the suites with rows no GPU has timed yet (graphed guidance backends, the
+# compiled transformer VJP), then bench_sampling (not reached by the last full run), the rest
+first="benchmarks/bench_guidance.py benchmarks/bench_transformer_guidance.py benchmarks/bench_sampling.py"
 suites="${ATE_FAST_SUITES:-$heads $first $(ls benchmarks/bench_*.py)}"
 seen=" "
 for suite in $suites; do
