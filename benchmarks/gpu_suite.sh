@@ -17,9 +17,10 @@
 # compiling on the CPU) and get ATE_FAST_TEST_TIMEOUT (150). bench_heads.py runs first of
 # the benchmarks with ATE_FAST_HEADS_TIMEOUT (300), less if it would leave the other
 # suites under ATE_FAST_BENCH_RESERVE (120) together; they get ATE_FAST_BENCH_TIMEOUT (110)
-# each, cut to what is left, in the order of what is least measured (see `first` below). A suite at its limit gets SIGINT, so pytest-benchmark still writes
-# the JSON of what it finished (bench_heads also skips its remaining cases on its own,
-# from ATE_FAST_HEADS_BUDGET_S, 45 s before its limit).
+# each, cut to what is left, the least measured first (see `first` below). A suite at its
+# limit gets SIGINT, so pytest-benchmark still writes the JSON of what it finished
+# (bench_heads also skips its remaining cases on its own, from ATE_FAST_HEADS_BUDGET_S,
+# 45 s before its limit).
 #
 # A partial rerun (what a first run did not reach or fix): ATE_FAST_TESTS (pytest paths
 # or node ids for the cuda tests, default tests; "none" skips them), ATE_FAST_TESTS_K (a
