@@ -33,7 +33,7 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
 - ``ate_sample``: ``sampler.sample(noise, guidance=LatentGuidance(vae, z*))``.
 - ``ate_capture``: ``sampler.capture(noise, guidance=..., check_finite=False)`` replayed
   (CUDA: one CUDA graph; CPU: recorded fused steps).
-- ``ate_capture_compiled`` (CUDA, flow transformer heads): the same capture of
+- ``ate_capture_compiled`` (CUDA, flow transformer small): the same capture of
   ``torch.compile(head)`` (default mode: Inductor's fused kernels, no CUDA graphs of its
   own — the sampler's one graph replays them) with the transformer encoder's guidance on
   the ``compiled`` path: what a user gets from ate_fast plus Inductor.
@@ -81,7 +81,7 @@ SMALL_HEADS = ("flow-transformer-small", "mlp-small", "unet1d-small")
 SAMPLERS = ("flow-euler-10", "ddim-10", "dpmsolver++-5")
 GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
 CUDA_ROWS = ("eager", "ate_sample", "ate_capture", "cuda_graph", "compile", "ate_capture_compiled")
-COMPILED_CAPTURE_HEADS = ("flow-transformer-small", "flow-transformer-pi0-expert")
+COMPILED_CAPTURE_HEADS = ("flow-transformer-small",)  # the targets' head (compile time)
 CPU_ROWS = ("eager", "ate_sample", "ate_capture", "compile")
 LAMBDA, KAPPA = 2.0, 0.1
 FLOOR = 1e-6  # the flow guidance coefficient's denominator floor (ate_fast.steer)
