@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ate_fast.ops.mlp_guidance import mlp_encoder_parts
 from ate_fast.ops.mlp_guidance_ref import mlp_guidance_reference
-from ate_fast.steer.transformer_vjp import supported_encoder, transformer_latent_gradient
+from ate_fast.steer.transformer_vjp import align_transformer_encoder, transformer_latent_gradient
 
 
 class GuidanceExportError(ValueError):
@@ -131,16 +131,6 @@ class TransformerGuidanceGraph(_GuidanceGraph):
 GuidanceGraph = Union[MLPGuidanceGraph, TransformerGuidanceGraph]
 
 
-def _transformer_encoder(source: Any) -> Optional[nn.Module]:
-    """The align ``TransformerEncoder`` behind ``source`` if the VJP covers it, else None."""
-    from ate_fast.align.transformer_vae import TransformerEncoder
-
-    module = getattr(source, "encoder", source)
-    if isinstance(module, TransformerEncoder) and supported_encoder(module):
-        return module
-    return None
-
-
 def _encoder_module(guidance: Any) -> Any:
     from ate_fast.steer import LatentGuidance
 
@@ -169,7 +159,7 @@ def guidance_graph(guidance: Any, target_input: bool, batch: int) -> GuidanceGra
     """
     source = _encoder_module(guidance)
     parts = mlp_encoder_parts(source) if isinstance(source, nn.Module) else None
-    transformer = _transformer_encoder(source) if parts is None else None
+    transformer = align_transformer_encoder(source) if parts is None else None
     if parts is None and transformer is None:
         what = type(getattr(source, "encoder", source)).__name__
         raise GuidanceExportError(

@@ -102,22 +102,31 @@ def supported_encoder(module: nn.Module) -> bool:
     return all(_supported_layer(layer) for layer in _layers(module.blocks))
 
 
-def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Module]:
-    """The ``TransformerEncoder`` inside ``encoder`` if the hand-written VJP computes it at
-    ``x`` (supported layers, weights in ``x``'s dtype and device, autocast off) and that
-    path is selected for ``x``'s device; else ``None``."""
+def align_transformer_encoder(source: object) -> Optional[nn.Module]:
+    """The ``ate_fast.align`` ``TransformerEncoder`` that ``source`` computes (an
+    ``ActionVAE`` of that arch, or the encoder itself) if every layer is in the form
+    :func:`transformer_latent_gradient` covers; else ``None``."""
     try:
         from ate_fast.align.transformer_vae import TransformerEncoder
         from ate_fast.align.vae import ActionVAE
     except ImportError:  # a pure encoder callable needs no align package
         return None
-    source = encoder.source
     module = source.encoder if isinstance(source, ActionVAE) else source
-    if not isinstance(module, TransformerEncoder) or _autocast_on(x):
+    if isinstance(module, TransformerEncoder) and supported_encoder(module):
+        return module
+    return None
+
+
+def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Module]:
+    """The ``TransformerEncoder`` inside ``encoder`` if the hand-written VJP computes it at
+    ``x`` (supported layers, weights in ``x``'s dtype and device, autocast off) and that
+    path is selected for ``x``'s device; else ``None``."""
+    module = align_transformer_encoder(encoder.source)
+    if module is None or _autocast_on(x):
         return None
     if x.dim() != 3 or tuple(x.shape[1:]) != (module.horizon, module.action_dim):
         return None  # autograd's encoder call raises the clear shape error
-    if selected_path(x.device.type) == "autograd" or not supported_encoder(module):
+    if selected_path(x.device.type) == "autograd":
         return None
     if any(p.dtype != x.dtype or p.device != x.device for p in module.parameters()):
         return None
