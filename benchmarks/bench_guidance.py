@@ -72,14 +72,18 @@ def test_guidance_gradient(benchmark, time_calls, monkeypatch, device, batch, ho
     if path == "eager":
         fn = lambda: _autograd(x, weights, biases, target)  # noqa: E731
     elif path == "ref":
-        fn = lambda: mlp_guidance_reference(x, weights, biases, "gelu", target, scale=1 / DZ)[0]  # noqa: E731
+        fn = lambda: mlp_guidance_reference(  # noqa: E731
+            x, weights, biases, "gelu", target, distance_weight=1 / DZ
+        )[0]
     else:
         ok, why = backends.availability(path, device)
         if not ok:
             pytest.skip(f"{path} backend unavailable: {why}")
         monkeypatch.setenv("ATE_FAST_BACKEND", path)
         backends.reset_caches()
-        fn = lambda: mlp_guidance(x, weights, biases, "gelu", target=target, scale=1 / DZ)[0]  # noqa: E731
+        fn = lambda: mlp_guidance(  # noqa: E731
+            x, weights, biases, "gelu", target=target, distance_weight=1 / DZ
+        )[0]
     if impl.endswith("_graph"):
         fn = graphed(fn)
     expected = _autograd(x, weights, biases, target)

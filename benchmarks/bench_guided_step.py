@@ -34,7 +34,7 @@ def _problem(shape, dtype, device, terms):
     def coef():
         return torch.rand(shape[0], dtype=cd, device=device) + 0.5
 
-    kw = {"b": coef(), "lam": 2.0, "kappa": 0.1}
+    kw = {"b": coef(), "scale": 2.0, "clamp": 0.1}
     x = data() if "x" in terms else None
     if x is not None:
         kw["a"] = coef()
@@ -52,7 +52,9 @@ def _eager(x, m, kw):
 
     corrected = m
     if "g" in kw:
-        corrected = m + kw["lam"] * torch.clamp(rows(kw["c"]) * kw["g"], -kw["kappa"], kw["kappa"])
+        corrected = m + kw["scale"] * torch.clamp(
+            rows(kw["c"]) * kw["g"], -kw["clamp"], kw["clamp"]
+        )
     out = rows(kw["a"]) * x + rows(kw["b"]) * corrected
     if "m_prev" in kw:
         out = out + rows(kw["d"]) * kw["m_prev"]
@@ -105,7 +107,7 @@ def test_guided_step(benchmark, time_calls, monkeypatch, device, dtype, terms, s
     # bfloat16 rounds after every op, so element-wise tolerances would measure that).
     expected = guided_step_reference(
         x, m, kw.get("a"), kw["b"], kw.get("g"), kw.get("c"), kw.get("m_prev"), kw.get("d"),
-        kw.get("z"), kw.get("s"), kw["lam"], kw["kappa"],
+        kw.get("z"), kw.get("s"), kw["scale"], kw["clamp"],
     ).double()  # fmt: skip
     error = (fn().double() - expected).norm() / expected.norm()
     assert error < (1e-5 if dtype == torch.float32 else 2e-2), f"{impl}: relative error {error}"

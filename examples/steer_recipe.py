@@ -117,7 +117,7 @@ def steered_flow_sample(policy, obs, guidance: LatentGuidance, num_steps=10, gen
         v = policy(x, t, obs)
         g = guidance.gradient(x, x - t[:, None, None] * v, torch.ones_like(t))
         c = flow_guidance_coefficient(t, "openpi")
-        x = guided_step(x, v, a=1.0, b=dt, g=g, c=c, lam=guidance.scale, kappa=guidance.clamp)
+        x = guided_step(x, v, a=1.0, b=dt, g=g, c=c, scale=guidance.scale, clamp=guidance.clamp)
     return x
 
 

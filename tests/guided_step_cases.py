@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from ate_fast.ops.guided_step_ref import compute_dtype
+from ate_fast.ops.constants import compute_dtype
 
 OPTIONAL = ("x", "g", "m_prev", "z")
 COEFFICIENT_OF = {"x": "a", "g": "c", "m_prev": "d", "z": "s"}
@@ -15,7 +15,7 @@ ALL_SUBSETS = [
 ]
 
 
-def make_inputs(shape, dtype, device="cpu", present=frozenset(OPTIONAL), lam=1.7, kappa=0.4):
+def make_inputs(shape, dtype, device="cpu", present=frozenset(OPTIONAL), scale=1.7, clamp=0.4):
     """Keyword arguments of guided_step_reference / guided_step_into (never zeros)."""
     cd = compute_dtype(dtype)
     batch = shape[0]
@@ -27,7 +27,7 @@ def make_inputs(shape, dtype, device="cpu", present=frozenset(OPTIONAL), lam=1.7
         return (torch.rand(batch, dtype=torch.float64) * 3 - 1.5).to(cd).to(device)
 
     args = dict.fromkeys(("x", "a", "g", "c", "m_prev", "d", "z", "s"))
-    args.update(m=data(), b=coef(), lam=lam, kappa=kappa)
+    args.update(m=data(), b=coef(), scale=scale, clamp=clamp)
     for name in present:
         args[name] = data()
         args[COEFFICIENT_OF[name]] = coef()
@@ -35,6 +35,6 @@ def make_inputs(shape, dtype, device="cpu", present=frozenset(OPTIONAL), lam=1.7
 
 
 def ordered(args):
-    """Positional order of the registered op: x, m, a, b, g, c, m_prev, d, z, s, lam, kappa."""
-    keys = ("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s", "lam", "kappa")
+    """Positional order of the registered op: x, m, a, b, g, c, m_prev, d, z, s, scale, clamp."""
+    keys = ("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s", "scale", "clamp")
     return tuple(args[k] for k in keys)

@@ -23,13 +23,13 @@ def _fresh_backend_caches():
 
 
 def _kw(args):
-    return {k: args[k] for k in ("a", "b", "g", "c", "m_prev", "d", "z", "s", "lam", "kappa")}
+    return {k: args[k] for k in ("a", "b", "g", "c", "m_prev", "d", "z", "s", "scale", "clamp")}
 
 
 # ---------------------------------------------------------------- semantics of the API
 def test_float_coefficients_broadcast_to_batch():
     x, m, g = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.randn(3, 4, 5)
-    out = guided_step(x, m, a=0.5, b=-0.25, g=g, c=2.0, lam=1.5, kappa=0.3)
+    out = guided_step(x, m, a=0.5, b=-0.25, g=g, c=2.0, scale=1.5, clamp=0.3)
     expected = 0.5 * x - 0.25 * (m + 1.5 * torch.clamp(2.0 * g, -0.3, 0.3))
     torch.testing.assert_close(out, expected)
 
@@ -38,7 +38,7 @@ def test_defaults_are_the_steer_correction():
     """x absent, b = 1, c = 1 by default: m + λ·clamp(g, −κ, κ)."""
     m, g = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
     torch.testing.assert_close(
-        guided_step(None, m, g=g, lam=2.0, kappa=0.1), m + 2.0 * torch.clamp(g, -0.1, 0.1)
+        guided_step(None, m, g=g, scale=2.0, clamp=0.1), m + 2.0 * torch.clamp(g, -0.1, 0.1)
     )
 
 
@@ -83,9 +83,9 @@ def _bad(**overrides):
         (dict(a=torch.randn(3)), ValueError, r"a must have shape \[B\] = \[2\]"),
         (dict(b=torch.randn(2, dtype=torch.float64)), TypeError, "b must be torch.float32"),
         (dict(c=torch.randn(4)[::2]), ValueError, "c must be contiguous"),
-        (dict(kappa=-0.1), ValueError, "kappa must be >= 0"),
-        (dict(kappa=math.nan), ValueError, "kappa must be >= 0"),
-        (dict(lam=math.inf), ValueError, "lam must be finite"),
+        (dict(clamp=-0.1), ValueError, "clamp \\(κ\\) must be >= 0"),
+        (dict(clamp=math.nan), ValueError, "clamp \\(κ\\) must be >= 0"),
+        (dict(scale=math.inf), ValueError, "scale \\(λ\\) must be finite"),
         (dict(m=torch.randn(2, 5, 4).to(torch.int32)), TypeError, "m must be float32, float64"),
     ],
 )
@@ -190,13 +190,13 @@ def test_opcheck_out_variant():
 
 
 def test_gradcheck_every_tensor_argument():
-    args = make_inputs((2, 3, 4), torch.float64, kappa=0.8)
+    args = make_inputs((2, 3, 4), torch.float64, clamp=0.8)
     names = ("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s")
     tensors = tuple(args[n].requires_grad_(True) for n in names)
 
     def fn(*ts):
         kw = dict(zip(names, ts))
-        return guided_step(kw.pop("x"), kw.pop("m"), lam=args["lam"], kappa=args["kappa"], **kw)
+        return guided_step(kw.pop("x"), kw.pop("m"), scale=args["scale"], clamp=args["clamp"], **kw)
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-8)
 
@@ -208,13 +208,13 @@ def test_gradients_of_a_subset_of_arguments(wanted):
     """The backward forms only what autograd asks for: each subset's gradients equal the
     ones computed with every argument requiring grad."""
     names = ("x", "m", "a", "b", "g", "c", "m_prev", "d", "z", "s")
-    args = make_inputs((2, 3, 4), torch.float64, kappa=0.8)
+    args = make_inputs((2, 3, 4), torch.float64, clamp=0.8)
     weight = torch.randn_like(args["m"])
 
     def grads(requiring):
         leaves = {n: args[n].detach().clone().requires_grad_(n in requiring) for n in names}
         kw = dict(leaves)
-        out = guided_step(kw.pop("x"), kw.pop("m"), lam=args["lam"], kappa=args["kappa"], **kw)
+        out = guided_step(kw.pop("x"), kw.pop("m"), scale=args["scale"], clamp=args["clamp"], **kw)
         (out * weight).sum().backward()
         return {n: leaves[n].grad for n in names}
 
@@ -230,7 +230,7 @@ def test_gradient_reaches_pred_through_the_steer_correction():
     pred = torch.randn(4, 8, 3, requires_grad=True)
     g = torch.randn(4, 8, 3)
     c = torch.randn(4)
-    corrected = guided_step(None, pred, g=g, c=c, lam=2.0, kappa=0.1)
+    corrected = guided_step(None, pred, g=g, c=c, scale=2.0, clamp=0.1)
     target = torch.randn(4, 8, 3)
     ((corrected - target) ** 2).mean().backward()
     expected = 2 * (pred.detach() + 2.0 * torch.clamp(c[:, None, None] * g, -0.1, 0.1) - target)
@@ -238,7 +238,7 @@ def test_gradient_reaches_pred_through_the_steer_correction():
 
 
 def _step(x, m, a, b, g, c):
-    return guided_step(x, m, a=a, b=b, g=g, c=c, lam=2.0, kappa=0.5) * 2 + 1
+    return guided_step(x, m, a=a, b=b, g=g, c=c, scale=2.0, clamp=0.5) * 2 + 1
 
 
 def test_torch_compile_fullgraph_inductor():

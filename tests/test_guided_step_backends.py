@@ -8,7 +8,7 @@ from guided_step_cases import ALL_SUBSETS, make_inputs, ordered
 
 from ate_fast.ops import backends
 from ate_fast.ops.guided_step import guided_step_into
-from ate_fast.ops.guided_step_ref import guided_step_reference
+from ate_fast.ops.guided_step.ref import guided_step_reference
 
 SHAPES = [
     (1, 50, 32),  # π0 chunk
@@ -83,11 +83,11 @@ def test_optional_terms(backend, device, dtype, tol, present):
 
 
 @pytest.mark.parametrize(("backend", "device", "dtype", "tol"), CASES)
-@pytest.mark.parametrize("kappa", [0.0, 0.05, float("inf")])
-@pytest.mark.parametrize("lam", [-2.0, 0.0, 3.0])
-def test_clamp_and_scale(backend, device, dtype, tol, kappa, lam):
+@pytest.mark.parametrize("clamp", [0.0, 0.05, float("inf")])
+@pytest.mark.parametrize("scale", [-2.0, 0.0, 3.0])
+def test_clamp_and_scale(backend, device, dtype, tol, clamp, scale):
     _require(backend, device)
-    args = make_inputs((2, 50, 32), dtype, device, lam=lam, kappa=kappa)
+    args = make_inputs((2, 50, 32), dtype, device, scale=scale, clamp=clamp)
     expected = guided_step_reference(*ordered(args))
     torch.testing.assert_close(_run(backend, args, torch.empty_like(args["m"])), expected, **tol)
 
@@ -135,13 +135,13 @@ def test_half_precision_error_rule(backend, dtype):
     args = make_inputs((8, 50, 32), dtype, "cuda")
     args64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     exact = guided_step_reference(*ordered(args64))
-    x, m, a, b, g, c, mp, d, z, s, lam, kappa = ordered(args)
+    x, m, a, b, g, c, mp, d, z, s, scale, clamp = ordered(args)
 
     def rows(t):
         return t.to(dtype)[:, None, None]
 
     # what a user would write: the op sequence in the data dtype
-    eager = rows(a) * x + rows(b) * (m + lam * torch.clamp(rows(c) * g, -kappa, kappa))
+    eager = rows(a) * x + rows(b) * (m + scale * torch.clamp(rows(c) * g, -clamp, clamp))
     eager = eager + rows(d) * mp + rows(s) * z
     out = _run(backend, args, torch.empty_like(args["m"]))
     kernel_err = (out.double() - exact).abs().max().item()
@@ -155,7 +155,7 @@ def test_cuda_graph_capture_with_out():
 
     args = make_inputs((2, 50, 32), torch.float32, "cuda")
     out = torch.empty_like(args["m"])
-    kwargs = {k: args[k] for k in ("a", "b", "g", "c", "m_prev", "d", "z", "s", "lam", "kappa")}
+    kwargs = {k: args[k] for k in ("a", "b", "g", "c", "m_prev", "d", "z", "s", "scale", "clamp")}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph
@@ -185,6 +185,6 @@ def test_cuda_respects_current_device_and_stream():
     stream.synchronize()
     assert torch.cuda.current_device() == before
     expected = guided_step_reference(
-        args["x"], args["m"], args["a"], args["b"], args["g"], args["c"], lam=1.0
+        args["x"], args["m"], args["a"], args["b"], args["g"], args["c"], scale=1.0
     )
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)

@@ -24,8 +24,10 @@ def make_encoder(features, hidden, dz, dtype, device, bias_last=True):
     return [w.to(device) for w in weights], [None if b is None else b.to(device) for b in biases]
 
 
-def autograd_truth(x, weights, biases, act, target=None, a0=None, mask=None, eps=None, scale=1.0):
-    """g = ∇_x −scale·‖z(x) − z*‖² by autograd, in float64."""
+def autograd_truth(
+    x, weights, biases, act, target=None, a0=None, mask=None, eps=None, distance_weight=1.0
+):
+    """g = ∇_x −distance_weight·‖z(x) − z*‖² by autograd, in float64."""
     up = [w.double().cpu() for w in weights]
     ub = [None if b is None else b.double().cpu() for b in biases]
     m = None if mask is None else mask.double().cpu()
@@ -45,7 +47,7 @@ def autograd_truth(x, weights, biases, act, target=None, a0=None, mask=None, eps
     xx = x.double().cpu().requires_grad_(True)
     z = latent(xx)
     zt = latent(a0.double().cpu()) if a0 is not None else target.double().cpu()
-    y = -scale * ((z - zt) ** 2).sum()
+    y = -distance_weight * ((z - zt) ** 2).sum()
     (g,) = torch.autograd.grad(y, xx)
     return g, z.detach()
 
@@ -88,7 +90,9 @@ def test_matches_autograd(backend, device, dtype, tol, act, batch, horizon, dim,
     z = torch.full((batch, dz), float("nan"), dtype=dtype, device=device)
     mlp_guidance_into(g, z, x, weights, biases, list(ACTS).index(act), target, None, None, None,
                       1.0 / dz, backend=backend)  # fmt: skip
-    g_true, z_true = autograd_truth(x, weights, biases, act, target=target, scale=1.0 / dz)
+    g_true, z_true = autograd_truth(
+        x, weights, biases, act, target=target, distance_weight=1.0 / dz
+    )
     assert not g.isnan().any() and not z.isnan().any(), "unwritten output elements"
     assert _rel(g, g_true) < tol
     assert _rel(z, z_true) < tol
@@ -118,9 +122,9 @@ def test_options(backend, device, dtype, tol, mask_kind, target_kind, with_eps):
     backends.reset_caches()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATE_FAST_BACKEND", backend)
-        g, z = mlp_guidance(x, weights, biases, "silu", scale=0.3, **kw)
+        g, z = mlp_guidance(x, weights, biases, "silu", distance_weight=0.3, **kw)
     backends.reset_caches()
-    g_true, z_true = autograd_truth(x, weights, biases, "silu", scale=0.3, **kw)
+    g_true, z_true = autograd_truth(x, weights, biases, "silu", distance_weight=0.3, **kw)
     assert _rel(g, g_true) < tol
     assert _rel(z, z_true) < tol
     if mask_kind != "none":  # masked action dims get no guidance
@@ -135,8 +139,8 @@ def test_cuda_half_weights_accumulate_in_float32(dtype):
     weights, biases = make_encoder(50 * 32, (256, 256), 32, dtype, "cuda")
     x = torch.randn(4, 50, 32, dtype=dtype, device="cuda")
     target = torch.randn(4, 32, dtype=dtype, device="cuda")
-    g_true, _ = autograd_truth(x, weights, biases, "gelu", target=target, scale=1 / 32)
-    g, _ = mlp_guidance(x, weights, biases, "gelu", target=target, scale=1 / 32)
+    g_true, _ = autograd_truth(x, weights, biases, "gelu", target=target, distance_weight=1 / 32)
+    g, _ = mlp_guidance(x, weights, biases, "gelu", target=target, distance_weight=1 / 32)
     # the same computation by autograd in the low precision
     xx = x.clone().requires_grad_(True)
     h = xx.reshape(4, -1)
@@ -161,15 +165,15 @@ def test_cuda_graph_capture(monkeypatch, backend):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        mlp_guidance(x, weights, biases, "gelu", target=target, scale=1 / 16)
+        mlp_guidance(x, weights, biases, "gelu", target=target, distance_weight=1 / 16)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g, _ = mlp_guidance(x, weights, biases, "gelu", target=target, scale=1 / 16)
+        g, _ = mlp_guidance(x, weights, biases, "gelu", target=target, distance_weight=1 / 16)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    g_true, _ = autograd_truth(x, weights, biases, "gelu", target=target, scale=1 / 16)
+    g_true, _ = autograd_truth(x, weights, biases, "gelu", target=target, distance_weight=1 / 16)
     assert _rel(g, g_true) < 2e-5
     assert selected_backend(x) == backend
     backends.reset_caches()
@@ -198,7 +202,7 @@ def test_torch_compile_keeps_the_op():
     x, target = torch.randn(3, 6, 4), torch.randn(4)
 
     def step(x):
-        g, _ = mlp_guidance(x, weights, biases, "gelu", target=target, scale=0.25)
+        g, _ = mlp_guidance(x, weights, biases, "gelu", target=target, distance_weight=0.25)
         return x + 0.1 * g
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -243,14 +247,16 @@ def test_encoder_parts_recognises_the_contract():
         (dict(a0=torch.randn(2, 6, 4)), ValueError, "exactly one of target"),
         (dict(mask=torch.ones(3)), ValueError, r"mask must be \[D\] = \[4\]"),
         (dict(eps=torch.randn(2, 3)), ValueError, r"eps must be \[B, d_z\]"),
-        (dict(scale=float("nan")), ValueError, "scale must be finite"),
+        (dict(distance_weight=float("nan")), ValueError, "distance_weight must be finite"),
         (dict(activation="softplus"), ValueError, "activation must be one of"),
         (dict(target=torch.randn(4, dtype=torch.float64)), TypeError, "target must have x's dtype"),
     ],
 )
 def test_bad_input(change, error, pattern):
     weights, biases = make_encoder(24, (16,), 4, torch.float32, "cpu")
-    kw = dict(x=torch.randn(2, 6, 4), target=torch.randn(4), scale=0.25, activation="gelu")
+    kw = dict(
+        x=torch.randn(2, 6, 4), target=torch.randn(4), distance_weight=0.25, activation="gelu"
+    )
     kw.update(change)
     x = kw.pop("x")
     activation = kw.pop("activation")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ate_fast.ops import backends, mlp_guidance, mlp_guidance_reference
-from ate_fast.ops.mlp_guidance import IMPLEMENTATIONS, mlp_guidance_into, selected_backend
-from ate_fast.ops.mlp_guidance_ref import ACTIVATIONS
+from ate_fast.ops.constants import ACTIVATIONS
+from ate_fast.ops.mlp_guidance.dispatch import IMPLEMENTATIONS, mlp_guidance_into, selected_backend
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = [
@@ -60,24 +60,24 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def _reference(x, weights, biases, act, target, a0, mask, eps, scale):
+def _reference(x, weights, biases, act, target, a0, mask, eps, distance_weight):
     # in float64 on the CPU: the truth for every dtype
     def up(t):
         return None if t is None else t.double().cpu()
 
     return mlp_guidance_reference(
         up(x), [up(w) for w in weights], [up(b) for b in biases], act,
-        up(target), up(a0), up(mask), up(eps), scale,
+        up(target), up(a0), up(mask), up(eps), distance_weight,
     )  # fmt: skip
 
 
-def _run(x, weights, biases, act, target=None, a0=None, mask=None, eps=None, scale=1.0):
+def _run(x, weights, biases, act, target=None, a0=None, mask=None, eps=None, distance_weight=1.0):
     """The triton backend into NaN-poisoned outputs (every element must be written)."""
     g = torch.full_like(x, float("nan"))
     z = torch.full((x.shape[0], weights[-1].shape[0] // 2), float("nan"), dtype=x.dtype,
                    device=x.device)  # fmt: skip
     mlp_guidance_into(g, z, x, weights, biases, ACTIVATIONS.index(act), target, a0, mask, eps,
-                      scale, backend="triton")  # fmt: skip
+                      distance_weight, backend="triton")  # fmt: skip
     assert not g.isnan().any() and not z.isnan().any(), "unwritten output elements"
     return g, z
 
@@ -90,7 +90,7 @@ def test_matches_reference(device, dtype, act, batch, horizon, dim, hidden, dz):
     weights, biases = make_encoder(horizon * dim, hidden, dz, dtype, device)
     x = torch.randn(batch, horizon, dim, dtype=dtype, device=device)
     target = torch.randn(batch, dz, dtype=dtype, device=device)
-    g, z = _run(x, weights, biases, act, target=target, scale=1.0 / dz)
+    g, z = _run(x, weights, biases, act, target=target, distance_weight=1.0 / dz)
     g_ref, z_ref = _reference(x, weights, biases, act, target, None, None, None, 1.0 / dz)
     assert _rel(g, g_ref) < TOL[dtype]
     assert _rel(z, z_ref) < TOL[dtype]
@@ -121,8 +121,8 @@ def test_options(device, dtype, mask_kind, target_kind, with_eps, bias):
         kw["a0"] = torch.randn(batch, horizon, dim, dtype=dtype, device=device)
     if with_eps:
         kw["eps"] = torch.randn(batch, dz, dtype=dtype, device=device)
-    g, z = _run(x, weights, biases, "gelu", scale=0.3, **kw)
-    g_ref, z_ref = _reference(x, weights, biases, "gelu", scale=0.3, **kw)
+    g, z = _run(x, weights, biases, "gelu", distance_weight=0.3, **kw)
+    g_ref, z_ref = _reference(x, weights, biases, "gelu", distance_weight=0.3, **kw)
     assert _rel(g, g_ref) < TOL[dtype]
     assert _rel(z, z_ref) < TOL[dtype]
     if mask_kind != "none":  # masked action dims get no guidance
@@ -130,16 +130,16 @@ def test_options(device, dtype, mask_kind, target_kind, with_eps, bias):
         assert (g.masked_select((m == 0)[:, None, :].expand_as(g)) == 0).all()
 
 
-@pytest.mark.parametrize("scale", [1 / 3, 0.1, -2.5, 0.0, 1e-100, 1e100])
-def test_scale_reaches_the_kernel_in_float64(scale):
+@pytest.mark.parametrize("distance_weight", [1 / 3, 0.1, -2.5, 0.0, 1e-100, 1e100])
+def test_distance_weight_reaches_the_kernel_in_float64(distance_weight):
     """Triton would pass a Python float as float32; the 64-bit pattern keeps it exact."""
     _require("cpu")
     weights, biases = make_encoder(12, (9,), 3, torch.float64, "cpu")
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     target = torch.randn(3, dtype=torch.float64)
-    g, _ = _run(x, weights, biases, "tanh", target=target, scale=scale)
-    g_ref, _ = _reference(x, weights, biases, "tanh", target, None, None, None, scale)
-    if scale == 0.0:
+    g, _ = _run(x, weights, biases, "tanh", target=target, distance_weight=distance_weight)
+    g_ref, _ = _reference(x, weights, biases, "tanh", target, None, None, None, distance_weight)
+    if distance_weight == 0.0:
         assert (g == 0).all()
     else:
         assert _rel(g, g_ref) < 1e-13
@@ -154,7 +154,7 @@ def test_sixteen_layers_and_empty_batch():
     x, a0 = torch.randn(2, 1, 3, 2, dtype=torch.float64)
     eps = torch.randn(1, 2, dtype=torch.float64)
     mask = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    g, z = _run(x, weights, biases, "silu", a0=a0, mask=mask, eps=eps, scale=0.5)
+    g, z = _run(x, weights, biases, "silu", a0=a0, mask=mask, eps=eps, distance_weight=0.5)
     g_ref, z_ref = _reference(x, weights, biases, "silu", None, a0, mask, eps, 0.5)
     assert _rel(g, g_ref) < 1e-12 and _rel(z, z_ref) < 1e-12
     empty = torch.empty(0, 3, 2, dtype=torch.float64)
@@ -172,7 +172,7 @@ def test_parameters_and_the_public_api():
         mp.setenv("ATE_FAST_BACKEND", "triton")
         assert selected_backend(x) == "triton"
         assert selected_backend(torch.empty(64, 2, 2)) == "triton"  # forced: any batch
-        g, z = mlp_guidance(x, weights, biases, "silu", a0=a0, scale=0.25)
+        g, z = mlp_guidance(x, weights, biases, "silu", a0=a0, distance_weight=0.25)
     g_ref, z_ref = _reference(x, weights, biases, "silu", None, a0, None, None, 0.25)
     assert _rel(g, g_ref) < 2e-5 and _rel(z, z_ref) < 2e-5
     assert not g.requires_grad
@@ -200,7 +200,7 @@ def test_cuda_half_storage(dtype):
     x = torch.randn(4, 50, 32, dtype=dtype, device="cuda")
     a0 = torch.randn(4, 50, 32, dtype=dtype, device="cuda")
     eps = torch.randn(4, 32, dtype=dtype, device="cuda")
-    g, z = _run(x, weights, biases, "gelu", a0=a0, eps=eps, scale=1 / 32)
+    g, z = _run(x, weights, biases, "gelu", a0=a0, eps=eps, distance_weight=1 / 32)
     g_ref, z_ref = _reference(x, weights, biases, "gelu", None, a0, None, eps, 1 / 32)
     assert _rel(g, g_ref) < TOL[dtype]
     assert _rel(z, z_ref) < TOL[dtype]

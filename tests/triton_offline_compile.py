@@ -20,8 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ate_fast.ops import guided_step_triton as gs
-from ate_fast.ops import mlp_guidance_triton as mg
+from ate_fast.ops.guided_step import triton as gs
+from ate_fast.ops.mlp_guidance import triton as mg
 
 
 def signature(kernel, constexprs: dict, pointer_type, scalar_types: dict) -> dict:
@@ -75,7 +75,7 @@ def mlp_variants(target) -> int:
             mg._latent_kernel,
             dict(flags, FROM_INPUT=first, HAS_BIAS=not first, HAS_EPS=not first, BLOCK_B=32,
                  BLOCK_N=mg.FWD_BLOCK_N, BLOCK_K=mg.FWD_BLOCK_K),
-            ptype, {"scale_bits": "i64"}, target, label,
+            ptype, {"weight_bits": "i64"}, target, label,
         )  # fmt: skip
         compile_one(
             mg._backward_kernel,
@@ -93,7 +93,7 @@ def guided_step_variants(target) -> int:
         flags = dict(HAS_X=present, HAS_G=present, HAS_P=present, HAS_Z=not present)
         compile_one(
             gs._guided_step_kernel, dict(flags, BLOCK=gs._BLOCK), lambda name, d=dtype: d,
-            {"lam": "fp32", "kappa": "fp32"}, target, f"{dtype} inputs={present}",
+            {"scale": "fp32", "clamp": "fp32"}, target, f"{dtype} inputs={present}",
         )  # fmt: skip
         count += 1
     return count

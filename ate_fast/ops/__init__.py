@@ -1,17 +1,27 @@
-"""Fused ops with four backends each (ref, cpu, triton, cuda); see :mod:`ate_fast.ops.backends`."""
+"""Fused ops with four backends each (ref, cpu, triton, cuda); see :mod:`ate_fast.ops.backends`.
 
+One folder per op (``guided_step/``, ``mlp_guidance/``: the public op and its
+``torch.library`` registration in ``__init__``, ``ref.py``, ``validation.py``,
+``dispatch.py``, ``triton.py``); :mod:`ate_fast.ops.constants` mirrors the constants the
+C++/CUDA kernels share; :mod:`ate_fast.ops.native_abi` is the native calling convention.
+"""
+
+from ate_fast.ops import backends, constants, native_abi
 from ate_fast.ops.backends import BackendUnavailableError
-from ate_fast.ops.guided_step import guided_step, selected_backend
-from ate_fast.ops.guided_step_ref import guided_step_reference
-from ate_fast.ops.mlp_guidance import mlp_encoder_parts, mlp_guidance
-from ate_fast.ops.mlp_guidance_ref import mlp_guidance_reference
+from ate_fast.ops.constants import compute_dtype
+from ate_fast.ops.guided_step import guided_step, guided_step_reference, selected_backend
+from ate_fast.ops.mlp_guidance import mlp_encoder_parts, mlp_guidance, mlp_guidance_reference
 
 __all__ = [
     "BackendUnavailableError",
+    "backends",
+    "compute_dtype",
+    "constants",
     "guided_step",
     "guided_step_reference",
     "mlp_encoder_parts",
     "mlp_guidance",
     "mlp_guidance_reference",
+    "native_abi",
     "selected_backend",
 ]

@@ -36,8 +36,8 @@ void run_rows(const GuidedStepArgs& p) {
   const T* c = static_cast<const T*>(p.c);
   const T* d = static_cast<const T*>(p.d);
   const T* s = static_cast<const T*>(p.s);
-  const T lam = static_cast<T>(p.lam);
-  const T kappa = static_cast<T>(p.kappa);
+  const T scale = static_cast<T>(p.scale);
+  const T clamp = static_cast<T>(p.clamp);
 
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t task = 0; task < tasks; ++task) {
@@ -45,7 +45,7 @@ void run_rows(const GuidedStepArgs& p) {
     const int64_t begin = (task % chunks_per_row) * kChunk;
     const int64_t end = std::min(begin + kChunk, p.row);
     const RowCoefficients<T> k =
-        row_coefficients<T>(a, b, c, d, s, r, HAS_X, HAS_G, HAS_P, HAS_Z, lam, kappa);
+        row_coefficients<T>(a, b, c, d, s, r, HAS_X, HAS_G, HAS_P, HAS_Z, scale, clamp);
     const int64_t base = r * p.row;
 #pragma omp simd
     for (int64_t i = base + begin; i < base + end; ++i) {

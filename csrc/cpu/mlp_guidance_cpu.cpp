@@ -262,7 +262,7 @@ int run(const MlpGuidanceArgs& p) {
   T* delta[2] = {ws.take(static_cast<size_t>(B * delta_width), offset),
                  ws.take(static_cast<size_t>(B * delta_width), offset)};
   const Activation act = p.activation;
-  const T scale = static_cast<T>(p.scale);
+  const T w = static_cast<T>(p.distance_weight);
   const bool parallel = macs * rows >= kParallelMacs;
 
 #pragma omp parallel if (parallel)
@@ -313,7 +313,7 @@ int run(const MlpGuidanceArgs& p) {
         const T zx = o_x[j] + sx * e;
         const T zt = with_a0 ? o_a[j] + (eps ? std::exp(T(0.5) * o_a[dz + j]) * e : T(0))
                              : target[b * p.target_stride + j];
-        const T dzv = T(-2) * scale * (zx - zt);
+        const T dzv = T(-2) * w * (zx - zt);
         d[j] = dzv;
         d[dz + j] = eps ? dzv * e * T(0.5) * sx : T(0);
         if (latent) latent[b * dz + j] = zx;

@@ -43,7 +43,7 @@ guided_step_kernel(GuidedStepArgs p, int flags, int64_t packs_per_row, int64_t t
   const C* d = static_cast<const C*>(p.d);
   const C* s = static_cast<const C*>(p.s);
   const bool has_x = flags & 1, has_g = flags & 2, has_p = flags & 4, has_z = flags & 8;
-  const C lam = static_cast<C>(p.lam), kappa = static_cast<C>(p.kappa);
+  const C scale = static_cast<C>(p.scale), clamp = static_cast<C>(p.clamp);
 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -56,7 +56,7 @@ guided_step_kernel(GuidedStepArgs p, int flags, int64_t packs_per_row, int64_t t
     if (has_p) vp = mp[i];
     if (has_z) vz = z[i];
     const RowCoefficients<C> k =
-        row_coefficients<C>(a, b, c, d, s, r, has_x, has_g, has_p, has_z, lam, kappa);
+        row_coefficients<C>(a, b, c, d, s, r, has_x, has_g, has_p, has_z, scale, clamp);
     P vo;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {

@@ -113,7 +113,7 @@ mlp_guidance_kernel(MlpGuidanceArgs p, Scratch<typename Compute<T>::type> s) {
   }
 
   // δ = ∂y/∂(μ, log σ²) at the output; z(x) to `latent`.
-  const C scale = static_cast<C>(p.scale);
+  const C w = static_cast<C>(p.distance_weight);
   for (int64_t e = tid; e < B * dz; e += nthreads) {
     const int64_t b = e / dz, j = e - b * dz;
     const C* ox = s.out + b * out_dim;
@@ -127,7 +127,7 @@ mlp_guidance_kernel(MlpGuidanceArgs p, Scratch<typename Compute<T>::type> s) {
     } else {
       zt = load_c(target[b * p.target_stride + j]);
     }
-    const C d = C(-2) * scale * (zx - zt);
+    const C d = C(-2) * w * (zx - zt);
     s.delta[0][b * out_dim + j] = d;
     s.delta[0][b * out_dim + dz + j] = eps ? d * ev * C(0.5) * sx : C(0);
     if (p.latent) static_cast<T*>(p.latent)[b * dz + j] = store_c<T>(zx);

@@ -16,9 +16,9 @@ PYBIND11_MODULE(_C, mod) {
       "guided_step",
       [](int dtype, int64_t batch, int64_t row, uintptr_t out, uintptr_t x, uintptr_t m,
          uintptr_t g, uintptr_t m_prev, uintptr_t z, uintptr_t a, uintptr_t b, uintptr_t c,
-         uintptr_t d, uintptr_t s, double lam, double kappa) {
+         uintptr_t d, uintptr_t s, double scale, double clamp) {
         GuidedStepArgs p = make_guided_step_args(batch, row, out, x, m, g, m_prev, z, a, b,
-                                                 c, d, s, lam, kappa);
+                                                 c, d, s, scale, clamp);
         int status;
         {
           // Large updates run on the OpenMP pool; let other Python threads go on.
@@ -28,18 +28,18 @@ PYBIND11_MODULE(_C, mod) {
         check_status(status, "ate_fast._C.guided_step");
       },
       ATE_FAST_GUIDED_STEP_PYARGS,
-      "out = a*x + b*(m + lam*clamp(c*g, -kappa, kappa)) + d*m_prev + s*z over [batch, row]"
+      "out = a*x + b*(m + scale*clip(c*g, -clamp, clamp)) + d*m_prev + s*z over [batch, row]"
       " contiguous arrays (pointers as ints, 0 = absent); dtype 0=float32, 1=float64.");
   mod.def(
       "mlp_guidance",
       [](int dtype, int64_t batch, const std::vector<int64_t>& dims,
          const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& biases,
          int activation, uintptr_t x, uintptr_t a0, uintptr_t target, int64_t target_stride,
-         uintptr_t mask, int64_t mask_stride, int64_t action_dim, uintptr_t eps, double scale,
+         uintptr_t mask, int64_t mask_stride, int64_t action_dim, uintptr_t eps, double distance_weight,
          uintptr_t grad, uintptr_t latent) {
         MlpGuidanceArgs p = make_mlp_guidance_args(batch, dims, weights, biases, activation, x,
                                                    a0, target, target_stride, mask, mask_stride,
-                                                   action_dim, eps, scale, grad, latent);
+                                                   action_dim, eps, distance_weight, grad, latent);
         int status;
         {
           py::gil_scoped_release release;

@@ -23,9 +23,9 @@ PYBIND11_MODULE(_C_cuda, mod) {
       "guided_step",
       [](int dtype, int64_t batch, int64_t row, uintptr_t out, uintptr_t x, uintptr_t m,
          uintptr_t g, uintptr_t m_prev, uintptr_t z, uintptr_t a, uintptr_t b, uintptr_t c,
-         uintptr_t d, uintptr_t s, double lam, double kappa, int device, uintptr_t stream) {
+         uintptr_t d, uintptr_t s, double scale, double clamp, int device, uintptr_t stream) {
         GuidedStepArgs p = make_guided_step_args(batch, row, out, x, m, g, m_prev, z, a, b,
-                                                 c, d, s, lam, kappa);
+                                                 c, d, s, scale, clamp);
         int status = guided_step_cuda(as_dtype(dtype), p, device, reinterpret_cast<void*>(stream));
         if (status == kCudaError)
           throw std::runtime_error(std::string("ate_fast._C_cuda.guided_step: ") + last_cuda_error());
@@ -39,12 +39,12 @@ PYBIND11_MODULE(_C_cuda, mod) {
       [](int dtype, int64_t batch, const std::vector<int64_t>& dims,
          const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& biases,
          int activation, uintptr_t x, uintptr_t a0, uintptr_t target, int64_t target_stride,
-         uintptr_t mask, int64_t mask_stride, int64_t action_dim, uintptr_t eps, double scale,
+         uintptr_t mask, int64_t mask_stride, int64_t action_dim, uintptr_t eps, double distance_weight,
          uintptr_t grad, uintptr_t latent, uintptr_t scratch, int64_t scratch_elems, int device,
          uintptr_t stream) {
         MlpGuidanceArgs p = make_mlp_guidance_args(batch, dims, weights, biases, activation, x,
                                                    a0, target, target_stride, mask, mask_stride,
-                                                   action_dim, eps, scale, grad, latent);
+                                                   action_dim, eps, distance_weight, grad, latent);
         int status = mlp_guidance_cuda(as_dtype(dtype), p, reinterpret_cast<void*>(scratch),
                                        scratch_elems, device, reinterpret_cast<void*>(stream));
         if (status == kCudaError)

@@ -1,14 +1,13 @@
 // Activations of the MLP encoder and their derivatives, shared by the CPU and CUDA
-// kernels. Codes are part of the Python ABI (ate_fast/ops/mlp_guidance.py).
+// kernels. The codes are in ate_fast/constants.h.
 #pragma once
 
 #include <cmath>
 
+#include "ate_fast/constants.h"    // Activation
 #include "ate_fast/guided_step.h"  // ATE_HD
 
 namespace ate_fast {
-
-enum class Activation : int { kGelu = 0, kSilu = 1, kRelu = 2, kTanh = 3 };
 
 // 1/sqrt(2) and 1/sqrt(2π), for the exact (erf) GELU.
 constexpr double kInvSqrt2 = 0.70710678118654752440;

@@ -3,12 +3,14 @@
 //   out = a·x + b·(m + λ·clamp(c·g, −κ, κ)) + d·m_prev + s·z
 //
 // x, m, g, m_prev, z are contiguous [B, N] (N = H·D), the coefficients a, b, c, d, s
-// are [B] arrays in the compute type, λ and κ scalars. Every tensor but m may be
+// are [B] arrays in the compute type, λ (`scale`) and κ (`clamp`) scalars. Every tensor but m may be
 // absent (null pointer); an absent tensor drops its term. This header is torch-free
 // and CUDA-runtime-free so that a CPU-only torch wheel is enough to build everything.
 #pragma once
 
 #include <cstdint>
+
+#include "ate_fast/constants.h"  // DType
 
 #if defined(__CUDACC__)
 #define ATE_HD __host__ __device__ __forceinline__
@@ -17,9 +19,6 @@
 #endif
 
 namespace ate_fast {
-
-// Element types the launchers accept. Values are part of the Python ABI.
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Raw arguments of one guided step. Pointers to absent tensors are null.
 struct GuidedStepArgs {
@@ -37,8 +36,8 @@ struct GuidedStepArgs {
   const void* c = nullptr;
   const void* d = nullptr;
   const void* s = nullptr;
-  double lam = 1.0;
-  double kappa = 0.0;  // +inf disables the clamp
+  double scale = 1.0;
+  double clamp = 0.0;  // +inf disables the clamp
 };
 
 // clamp(u, −k, k) that propagates NaN like torch.clamp (fmin/fmax would drop it).
@@ -50,22 +49,22 @@ ATE_HD C clamp_symmetric(C u, C k) {
 // Coefficients of one batch row, in the compute type.
 template <typename C>
 struct RowCoefficients {
-  C a, b, c, d, s, lam, kappa;
+  C a, b, c, d, s, scale, clamp;
 };
 
 // Row r's coefficients from the [B] arrays; the arrays of absent terms are not read.
 template <typename C>
 ATE_HD RowCoefficients<C> row_coefficients(const C* a, const C* b, const C* c, const C* d,
                                            const C* s, int64_t r, bool has_x, bool has_g,
-                                           bool has_p, bool has_z, C lam, C kappa) {
+                                           bool has_p, bool has_z, C scale, C clamp) {
   RowCoefficients<C> k{};
   k.a = has_x ? a[r] : C(0);
   k.b = b[r];
   k.c = has_g ? c[r] : C(0);
   k.d = has_p ? d[r] : C(0);
   k.s = has_z ? s[r] : C(0);
-  k.lam = lam;
-  k.kappa = kappa;
+  k.scale = scale;
+  k.clamp = clamp;
   return k;
 }
 
@@ -77,7 +76,7 @@ template <typename C>
 ATE_HD C guided_step_value(const RowCoefficients<C>& k, bool has_x, bool has_g, bool has_p,
                            bool has_z, C x, C m, C g, C mp, C z) {
   C corrected = m;
-  if (has_g) corrected = m + k.lam * clamp_symmetric(k.c * g, k.kappa);
+  if (has_g) corrected = m + k.scale * clamp_symmetric(k.c * g, k.clamp);
   C r = k.b * corrected;
   if (has_x) r = k.a * x + r;
   if (has_p) r = r + k.d * mp;

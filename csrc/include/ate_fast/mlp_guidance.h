@@ -4,19 +4,18 @@
 // l < L−1, out = W_{L−1} h_{L−1} + b_{L−1} = concat(μ, log σ²) ∈ R^{2·d_z}.
 // Latent: z = μ (+ exp(log σ² / 2) ⊙ ε when eps is given, the reparameterised sample).
 // Target z*: `target` [B or 1, d_z], or the encoder's latent of `a0` (same ε) when a0 is
-// given. Output: g = ∇_x y with y = −scale·‖z − z*‖² summed per sample, i.e.
-// g = mask ⊙ J_xᵀ(−2·scale·(z − z*)); scale = 1/d_z for the paper's per-sample mean,
+// given. Output: g = ∇_x y with y = −w·‖z − z*‖² summed per sample, i.e.
+// g = mask ⊙ J_xᵀ(−2·w·(z − z*)); w (`distance_weight`) = 1/d_z for the paper's per-sample mean,
 // 1/(B·d_z) for the released code's batch mean. Optionally also writes z [B, d_z].
 #pragma once
 
 #include <cstdint>
 
 #include "ate_fast/activations.h"
+#include "ate_fast/constants.h"  // kMaxMlpLayers
 #include "ate_fast/guided_step.h"
 
 namespace ate_fast {
-
-constexpr int kMaxMlpLayers = 16;
 
 struct MlpGuidanceArgs {
   int64_t batch = 0;
@@ -33,7 +32,7 @@ struct MlpGuidanceArgs {
   int64_t mask_stride = 0;       // D, or 0 to broadcast one mask to every row
   int64_t action_dim = 1;        // D: element f of a row has action dim f % D
   const void* eps = nullptr;     // [B, d_z] or null (latent = mean)
-  double scale = 1.0;
+  double distance_weight = 1.0;  // w
   void* grad = nullptr;    // out: g [B, F]
   void* latent = nullptr;  // out (optional): z(x) [B, d_z]
 };

@@ -2,7 +2,7 @@
 ``TRITON_INTERPRET=1``).
 
 Same computation and semantics as the other backends of
-:func:`ate_fast.ops.mlp_guidance` (see :mod:`ate_fast.ops.mlp_guidance_ref`). Storage in
+:func:`ate_fast.ops.mlp_guidance` (see :mod:`ate_fast.ops.mlp_guidance.ref`). Storage in
 float32/float64 (and float16/bfloat16 on CUDA), arithmetic in float32 (float64 for
 float64 data): weight tiles are converted to the compute type before ``tl.dot``, which
 runs with ``input_precision="ieee"`` (no TF32), and the activations between layers live
@@ -45,7 +45,7 @@ have never run. ``tl.dot`` gets ``out_dtype`` explicitly: Triton before 3.7 defa
 to float32, and a float64 accumulator then fails to compile (the interpreter never
 noticed; the first H100 run did).
 
-``scale`` reaches the kernels as the 64-bit pattern of the Python float (Triton passes
+``distance_weight`` reaches the kernels as the 64-bit pattern of the Python float (Triton passes
 Python floats as float32, which would round float64 results).
 
 Imported only when the triton backend is selected (importing triton costs a second);
@@ -64,6 +64,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.constants import ACTIVATIONS
+
 FWD_BLOCK_N = 16  # output features per forward program
 FWD_BLOCK_K = 64  # input features per forward K-step
 BWD_BLOCK_K = 32  # input features per backward program
@@ -73,7 +75,10 @@ NUM_WARPS = 4
 # layer, 2 stages need up to 64 KiB (float32) / 128 KiB (float64) of shared memory per
 # program, 1 stage at most 32 KiB (compiled for sm_90; never measured).
 NUM_STAGES = 1
-ACT_GELU, ACT_SILU, ACT_RELU, ACT_TANH = 0, 1, 2, 3  # ACTIVATIONS order
+# activation codes (ate_fast/ops/constants.py, csrc/include/ate_fast/constants.h)
+_GELU = tl.constexpr(ACTIVATIONS.index("gelu"))
+_SILU = tl.constexpr(ACTIVATIONS.index("silu"))
+_RELU = tl.constexpr(ACTIVATIONS.index("relu"))
 
 
 # ---------------------------------------------------------------- element-wise helpers
@@ -92,11 +97,11 @@ def _sigmoid(u):
 
 @triton.jit
 def _act(u, ACT: tl.constexpr):
-    if ACT == 0:  # exact (erf) GELU
+    if ACT == _GELU:  # exact (erf) GELU
         y = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
-    elif ACT == 1:
+    elif ACT == _SILU:
         y = u * _sigmoid(u)
-    elif ACT == 2:
+    elif ACT == _RELU:
         y = tl.where(u < 0, 0.0, u)  # keeps NaN like torch.relu
     else:
         y = _tanh(u)
@@ -105,14 +110,14 @@ def _act(u, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(u, ACT: tl.constexpr):
-    if ACT == 0:
+    if ACT == _GELU:
         cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
         pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
         d = cdf + u * pdf
-    elif ACT == 1:
+    elif ACT == _SILU:
         s = _sigmoid(u)
         d = s * (1.0 + u * (1.0 - s))
-    elif ACT == 2:
+    elif ACT == _RELU:
         d = tl.where(u > 0, 1.0, 0.0).to(u.dtype)
     else:
         t = _tanh(u)
@@ -185,10 +190,10 @@ def _forward_kernel(
     tl.store(dst_ptr + offs, acc, mask=r_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["scale_bits"])
+@triton.jit(do_not_specialize=["weight_bits"])
 def _latent_kernel(
     src_ptr, a0_ptr, mask_ptr, w_ptr, b_ptr, target_ptr, eps_ptr, z_ptr, delta_ptr,
-    batch, in_dim, dz, target_stride, mask_stride, action_dim, scale_bits,
+    batch, in_dim, dz, target_stride, mask_stride, action_dim, weight_bits,
     ACT: tl.constexpr, FROM_INPUT: tl.constexpr, HAS_A0: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EPS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -243,8 +248,8 @@ def _latent_kernel(
     else:
         t_offs = r.to(tl.int64)[:, None] * target_stride + j[None, :]
         zt = tl.load(target_ptr + t_offs, mask=ok, other=0.0).to(C)
-    scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(C)
-    d = -2.0 * scale * (z - zt)
+    w = weight_bits.to(tl.int64).to(tl.float64, bitcast=True).to(C)
+    d = -2.0 * w * (z - zt)
     d_offs = r.to(tl.int64)[:, None] * (2 * dz) + j[None, :]
     tl.store(delta_ptr + d_offs, d, mask=ok)
     if HAS_EPS:
@@ -293,8 +298,8 @@ def _block_b(rows: int) -> int:
     return 16 if rows <= 16 else 32
 
 
-def _scale_bits(scale: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
+def _float64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def mlp_guidance_triton_into(
@@ -308,7 +313,7 @@ def mlp_guidance_triton_into(
     a0: Optional[Tensor],
     mask: Optional[Tensor],
     eps: Optional[Tensor],
-    scale: float,
+    distance_weight: float,
 ) -> None:
     """Write ``g`` [B, H, D] and ``z`` [B, d_z]; inputs validated by the caller."""
     batch, action_dim = x.shape[0], x.shape[2]
@@ -361,7 +366,7 @@ def mlp_guidance_triton_into(
             src, x if a0 is None else a0, mask_arg, w, w if b is None else b,
             x if target is None else target, x if eps is None else eps, z, delta_out,
             batch, dims[-2], dz, dz if target is not None and target.ndim == 2 else 0,
-            mask_stride, action_dim, _scale_bits(scale),
+            mask_stride, action_dim, _float64_bits(distance_weight),
             FROM_INPUT=layers == 1, HAS_A0=a0 is not None, HAS_BIAS=b is not None,
             HAS_EPS=eps is not None, BLOCK_B=block_b, BLOCK_N=FWD_BLOCK_N,
             BLOCK_K=FWD_BLOCK_K, **flags, **launch,

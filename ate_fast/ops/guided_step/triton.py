@@ -23,7 +23,7 @@ _BLOCK = 1024
 def _guided_step_kernel(
     out_ptr, x_ptr, m_ptr, g_ptr, mp_ptr, z_ptr,
     a_ptr, b_ptr, c_ptr, d_ptr, s_ptr,
-    row, blocks_per_row, lam, kappa,
+    row, blocks_per_row, scale, clamp,
     HAS_X: tl.constexpr, HAS_G: tl.constexpr, HAS_P: tl.constexpr, HAS_Z: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -40,8 +40,8 @@ def _guided_step_kernel(
         g = tl.load(g_ptr + idx, mask=mask).to(cdt)
         u = tl.load(c_ptr + r) * g
         # where-chains keep NaN like torch.clamp (minimum/maximum may drop it)
-        u = tl.where(u < -kappa, -kappa, tl.where(u > kappa, kappa, u))
-        corrected = m + lam * u
+        u = tl.where(u < -clamp, -clamp, tl.where(u > clamp, clamp, u))
+        corrected = m + scale * u
     acc = tl.load(b_ptr + r) * corrected
     if HAS_X:
         acc = tl.load(a_ptr + r) * tl.load(x_ptr + idx, mask=mask).to(cdt) + acc
@@ -64,8 +64,8 @@ def guided_step_triton_into(
     d: Optional[Tensor],
     z: Optional[Tensor],
     s: Optional[Tensor],
-    lam: float,
-    kappa: float,
+    scale: float,
+    clamp: float,
 ) -> None:
     """Write the guided step into ``out`` [B, ...]; inputs validated by the caller."""
     batch = m.shape[0]
@@ -79,7 +79,7 @@ def guided_step_triton_into(
         m if m_prev is None else m_prev, m if z is None else z,
         b if a is None else a, b, b if c is None else c, b if d is None else d,
         b if s is None else s,
-        row, blocks_per_row, float(lam), float(kappa),
+        row, blocks_per_row, float(scale), float(clamp),
         HAS_X=x is not None, HAS_G=g is not None, HAS_P=m_prev is not None,
         HAS_Z=z is not None, BLOCK=_BLOCK,
     )  # fmt: skip

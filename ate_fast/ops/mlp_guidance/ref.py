@@ -6,7 +6,7 @@ export uses, and the definition the fused kernels are checked against.
 Encoder (``ate_fast.align`` MLP encoder): ``h_0 = mask ⊙ x`` flattened to ``[B, F]``,
 ``h_{l+1} = act(W_l h_l + b_l)`` for hidden layers, ``out = W_{L−1} h_{L−1} + b_{L−1} =
 concat(μ, log σ²)``. Latent ``z = μ`` (``+ exp(log σ²/2) ⊙ ε`` when ``eps`` is given).
-Returns ``g = ∇_x y`` with ``y = −scale·Σ_j (z_j − z*_j)²`` per sample.
+Returns ``g = ∇_x y`` with ``y = −w·Σ_j (z_j − z*_j)²`` per sample (w = ``distance_weight``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
+from ate_fast.ops.constants import ACTIVATIONS
 
 
 def activation_and_grad(name: str, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,14 +77,14 @@ def mlp_guidance_reference(
     a0: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     eps: Optional[Tensor] = None,
-    scale: float = 1.0,
+    distance_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """``(g [B, H, D], z [B, d_z])``; arguments as in :func:`ate_fast.ops.mlp_guidance`."""
     out, dacts = _forward(_masked_flat(x, mask), weights, biases, activation)
     z, sigma = _latent(out, eps)
     if a0 is not None:
         target = _latent(_forward(_masked_flat(a0, mask), weights, biases, activation)[0], eps)[0]
-    dz = -2.0 * scale * (z - target)
+    dz = -2.0 * distance_weight * (z - target)
     if eps is None:
         delta = torch.cat([dz, torch.zeros_like(dz)], dim=1)
     else:

@@ -1,6 +1,6 @@
 """Plain PyTorch reference of the guided step: the definition of correct.
 
-    out = a·x + b·(m + λ·clamp(c·g, −κ, κ)) + d·m_prev + s·z
+    out = a·x + b·(m + λ·clip(c·g, −κ, κ)) + d·m_prev + s·z     (λ = scale, κ = clamp)
 
 Shapes: x, m, g, m_prev, z are ``[B, ...]`` (``[B, H, D]`` for action chunks);
 a, b, c, d, s are ``[B]``. Computed in float32 (float64 for float64 data) and cast to
@@ -14,10 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the guided step computes in for data of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ate_fast.ops.constants import compute_dtype
 
 
 def _rows(coef: Tensor, ndim: int) -> Tensor:
@@ -36,8 +33,8 @@ def guided_step_reference(
     d: Optional[Tensor] = None,
     z: Optional[Tensor] = None,
     s: Optional[Tensor] = None,
-    lam: float = 1.0,
-    kappa: float = float("inf"),
+    scale: float = 1.0,
+    clamp: float = float("inf"),
 ) -> Tensor:
     """Reference guided step; arguments as in :func:`ate_fast.ops.guided_step`. Returns [B, ...]."""
     cd = compute_dtype(m.dtype)
@@ -48,7 +45,7 @@ def guided_step_reference(
 
     corrected = up(m)
     if g is not None:
-        corrected = corrected + lam * torch.clamp(_rows(up(c), n) * up(g), -kappa, kappa)
+        corrected = corrected + scale * torch.clamp(_rows(up(c), n) * up(g), -clamp, clamp)
     out = _rows(up(b), n) * corrected
     if x is not None:
         out = _rows(up(a), n) * up(x) + out
