@@ -14,7 +14,6 @@ from ate_fast.steer.transformer_vjp import (
     ENV_VAR,
     selected_path,
     transformer_latent_gradient,
-    transformer_vjp_module,
     vjp_function,
 )
 
@@ -143,16 +142,16 @@ def test_selection(monkeypatch):
     x = torch.randn(B, 6, 3, dtype=F64)
     encoder = FrozenEncoder(vae)
     monkeypatch.setenv(ENV_VAR, "autograd")
-    assert transformer_vjp_module(encoder, x) is None
+    assert encoder.path_for(x) == "autograd"
     monkeypatch.setenv(ENV_VAR, "vjp")
-    assert transformer_vjp_module(encoder, x) is vae.encoder
+    assert encoder.path_for(x) == "transformer_vjp" and encoder.transformer is vae.encoder
     # only where it computes exactly the encoder, else autograd
-    assert transformer_vjp_module(encoder, x.float()) is None  # weights are float64
-    assert transformer_vjp_module(encoder, torch.randn(B, 5, 3, dtype=F64)) is None
+    assert encoder.path_for(x.float()) == "autograd"  # weights are float64
+    assert encoder.path_for(torch.randn(B, 5, 3, dtype=F64)) == "autograd"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert transformer_vjp_module(encoder, x) is None
+        assert encoder.path_for(x) == "autograd"
     mlp = ActionVAE(3, 6, 16, arch="mlp", hidden_dims=(8,)).to(F64)
-    assert transformer_vjp_module(FrozenEncoder(mlp), x) is None
+    assert FrozenEncoder(mlp).path_for(x) == "mlp_fused"  # its own kernel, not the VJP
     monkeypatch.setenv(ENV_VAR, "fused")
     with pytest.raises(ValueError, match=f"{ENV_VAR}: expected one of"):
         selected_path("cpu")
@@ -179,7 +178,7 @@ def test_unsupported_layers_keep_autograd(monkeypatch, change):
         layer.self_attn.batch_first = False
     monkeypatch.setenv(ENV_VAR, "vjp")
     encoder = FrozenEncoder(vae, freeze=change != "dropout_in_training")
-    assert transformer_vjp_module(encoder, torch.randn(B, 6, 3, dtype=F64)) is None
+    assert encoder.path_for(torch.randn(B, 6, 3, dtype=F64)) == "autograd"
 
 
 def test_bad_target_is_named(monkeypatch):

@@ -1,7 +1,8 @@
 """The guidance coefficient ``c`` of ATE_METHOD.md (Stage 3), per parameterisation.
 
-The steer correction is ``m + λ·clamp(c·g, −κ, κ)`` with ``g = ∇_x y(x)``. ``c``
-turns a score-space gradient into the model's output space (classifier guidance):
+The steer correction is ``m + λ·clip(c·g, −κ, κ)`` (λ = ``scale``, κ = ``clamp``) with
+``g = ∇_x y(x)``. ``c`` turns a score-space gradient into the model's output space
+(classifier guidance):
 
 ==================  ===========================  ==========================
 model predicts      target                       c

@@ -21,8 +21,8 @@ and model output ``m`` [B, H, D] (unguided):
    guidance objective (ATE: ``y = −(1/N)‖E(·) − z*‖²``): ``mode="direct"`` evaluates y
    at ``x``; ``mode="tweedie"`` evaluates it at ``x0_hat`` and applies the chain rule
    with the scalar ``dx0_dx``.
-3. The guided output ``m + scale·clamp(c·g, −clamp, clamp)`` (``c`` from
-   :mod:`ate_fast.steer.coefficients`) replaces ``m`` in the sampler's update, fused
+3. The guided output ``m + scale·clip(c·g, −clamp, clamp)`` (``c`` from
+   :mod:`ate_fast.guidance.coefficients`) replaces ``m`` in the sampler's update, fused
    into the update itself by :func:`ate_fast.ops.guided_step`.
 
 ``mode="tweedie"`` with ``prediction_type="sample"`` is rejected: ``x0_hat`` is the
@@ -79,7 +79,7 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
     for attr in ("scale", "clamp", "mode", "gradient"):
         if not hasattr(guidance, attr):
             raise TypeError(
-                f"guidance must follow ate_fast.sampling.Guidance (attributes scale, clamp, "
+                f"guidance must follow ate_fast.Guidance (attributes scale, clamp, "
                 f"mode and a gradient(x, x0_hat, dx0_dx) method); {type(guidance).__name__} "
                 f"has no {attr!r}"
             )

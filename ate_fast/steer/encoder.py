@@ -6,7 +6,17 @@ Accepted (checked in this order):
   :class:`ate_fast.align` ActionVAE, or any VAE with that method;
 * an ``nn.Module`` or plain callable returning ``(mu, logvar)`` or ``mu``.
 
-``mu`` and ``logvar`` are ``[B, d_z]``. The encoder is frozen: modules are put in eval mode
+``mu`` and ``logvar`` are ``[B, d_z]``.
+
+It is also the one place that decides how the guidance gradient through the encoder is
+computed (:attr:`FrozenEncoder.gradient_path`), once, at construction: the fused MLP
+kernel (:func:`ate_fast.ops.mlp_guidance`) for ``ate_fast.align``'s MLP encoder, the
+hand-written VJP (:mod:`ate_fast.steer.transformer_vjp`) for its Transformer encoder, and
+autograd for anything else. A call falls back to autograd only where the fused path
+cannot run its input (:meth:`FrozenEncoder.path_for`: dtype/device of the weights,
+autocast, a shape the encoder does not take).
+
+The encoder is frozen: modules are put in eval mode
 (no dropout in the guidance gradient) and their parameters stop requiring gradients, so the
 vector-Jacobian product computes only ``∂/∂x`` and nothing can ever reach the encoder's
 ``.grad``. The gradient code also differentiates with respect to ``x`` alone, so a plain
@@ -17,9 +27,26 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
+from ate_fast.align.mlp_vae import MLPEncoder
+from ate_fast.align.vae import ActionVAE
+from ate_fast.ops import mlp_encoder_parts
+from ate_fast.steer import transformer_vjp
+
 LATENT_MODES = ("mean", "sample")
+# how the guidance gradient is computed (FrozenEncoder.gradient_path)
+GRADIENT_PATHS = ("mlp_fused", "transformer_vjp", "autograd")
+
+
+def autocast_enabled(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device type (the fused paths then stand aside:
+    autocast changes the encoder's precision, which they would not reproduce)."""
+    try:  # torch >= 2.4 takes the device type
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
 
 class FrozenEncoder:
@@ -53,6 +80,7 @@ class FrozenEncoder:
                 f"or function returning (mu, logvar) or mu), got {type(vae_or_encoder).__name__}"
             )
         self.source = vae_or_encoder
+        self.frozen = freeze
         self.modules: list[nn.Module] = [
             m
             for m in (vae_or_encoder, getattr(vae_or_encoder, "encoder", None))
@@ -62,6 +90,51 @@ class FrozenEncoder:
             for module in self.modules:
                 module.eval()
                 module.requires_grad_(False)
+        module = vae_or_encoder.encoder if isinstance(vae_or_encoder, ActionVAE) else None
+        module = vae_or_encoder if module is None else module
+        self.mlp_parts: Optional[tuple] = (
+            mlp_encoder_parts(module) if isinstance(module, MLPEncoder) else None
+        )
+        self.transformer: Optional[nn.Module] = transformer_vjp.align_transformer_encoder(module)
+        if self.mlp_parts is not None:
+            self.gradient_path = "mlp_fused"
+        elif self.transformer is not None:
+            self.gradient_path = "transformer_vjp"
+        else:
+            self.gradient_path = "autograd"
+
+    @property
+    def latent_dim(self) -> Optional[int]:
+        """d_z where the encoder's structure says it (the fused paths), else None."""
+        if self.mlp_parts is not None:
+            return self.mlp_parts[0][-1].shape[0] // 2
+        if self.transformer is not None:
+            return self.transformer.latent_dim
+        return None
+
+    def path_for(self, x: Tensor) -> str:
+        """The gradient path for ``x`` [B, H, D]: :attr:`gradient_path`, or ``"autograd"``
+        where that path cannot compute the encoder at ``x`` (weights in another dtype or on
+        another device, autocast on, a shape the Transformer does not take, or the
+        Transformer VJP switched off by ``ATE_FAST_TRANSFORMER_GUIDANCE``)."""
+        path = self.gradient_path
+        if path == "autograd" or autocast_enabled(x):
+            return "autograd"
+        if path == "mlp_fused":
+            weights, biases, _ = self.mlp_parts
+            tensors = (*weights, *(b for b in biases if b is not None))
+        else:
+            module = self.transformer
+            if not self.frozen and not transformer_vjp.supported_encoder(module):
+                return "autograd"  # e.g. put back in training mode with dropout since
+            if x.dim() != 3 or tuple(x.shape[1:]) != (module.horizon, module.action_dim):
+                return "autograd"  # autograd's encoder call raises the clear shape error
+            if transformer_vjp.selected_path(x.device.type) == "autograd":
+                return "autograd"
+            tensors = tuple(module.parameters())
+        if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+            return "autograd"
+        return path
 
     def __call__(self, a: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Encode ``a`` [B, H, D] -> ``(mu [B, d_z], logvar [B, d_z] or None)``."""

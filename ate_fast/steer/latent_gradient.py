@@ -1,8 +1,11 @@
 """The guidance gradient ``g = ∇_x y(x)``, ``y(x) = −(1/N)‖E(x) − z*‖²`` (ATE_METHOD.md).
 
-This is the autograd reference: one encoder forward and one vector-Jacobian product through
-the frozen encoder, differentiating with respect to ``x`` only (no gradient reaches the
-encoder or whatever produced ``x``; the result is a constant). It runs under
+:func:`latent_distance_gradient` is the one entry point for Steer and LatentGuidance: it
+runs the path the :class:`~ate_fast.steer.encoder.FrozenEncoder` chose (fused MLP
+kernel, hand-written Transformer VJP, or autograd). The autograd path is the reference:
+one encoder forward and one vector-Jacobian product through the frozen encoder,
+differentiating with respect to ``x`` only (no gradient reaches the encoder or whatever
+produced ``x``; the result is a constant). It runs under
 ``torch.enable_grad`` and outside inference mode, so the samplers may call it from inside
 ``torch.no_grad()`` or ``torch.inference_mode()``.
 """
@@ -15,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ate_fast.steer.encoder import FrozenEncoder
-from ate_fast.steer.fused_encoder import fused_latent_gradient, fused_mlp_parts
-from ate_fast.steer.transformer_vjp import transformer_vjp_module, vjp_function
+from ate_fast.steer.mlp_gradient import mlp_fused_gradient
+from ate_fast.steer.transformer_vjp import vjp_function
 
 REDUCTIONS = ("sample", "batch")
 
@@ -71,39 +74,80 @@ def _autograd_ready(t: Tensor) -> Tensor:
 def latent_distance_gradient(
     encoder: FrozenEncoder,
     x: Tensor,
-    target: Tensor,
+    target: Optional[Tensor] = None,
     *,
+    a0: Optional[Tensor] = None,
     latent: str = "mean",
     eps: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
     reduction: str = "sample",
     target_name: str = "target",
 ) -> Tensor:
-    """``g = ∇_x y`` for ``x`` [B, H, D] and ``target`` (z*) [B, d_z] or [d_z] -> g [B, H, D].
+    """``g = ∇_x y`` for ``x`` [B, H, D] -> g [B, H, D], toward ``target`` (z*, [B, d_z] or
+    [d_z]) or toward the latent of ``a0`` [B, H, D] (Steer: ``z* = E(a0)``).
 
     ``reduction="sample"``: ``y_i = −(1/N)‖E(x_i) − z*_i‖²`` for each sample on its own (the
     paper's equation; computed as the gradient of ``Σ_i y_i``, exact because the encoder
     treats samples independently). ``reduction="batch"``: ``y = −mean over batch and latent``
     (the released code), which divides each sample's gradient by B.
 
-    For ``ate_fast.align``'s MLP encoder this runs the fused kernel
-    (:mod:`ate_fast.steer.fused_encoder`); for its Transformer encoder the hand-written VJP
-    where selected (:mod:`ate_fast.steer.transformer_vjp`); otherwise autograd.
+    ``latent="sample"`` uses ``z = μ + exp(½ log σ²)·ε``: with ``a0`` one ε [B, d_z] is
+    drawn from ``generator`` and shared by ``x`` and ``a0``; with ``target`` it is ``eps``.
     """
-    parts = fused_mlp_parts(encoder, x)
-    if parts is not None:
-        _check_target(target, parts[0][-1].shape[0] // 2, x.shape[0], target_name, latent, eps)
-        return fused_latent_gradient(
-            parts, x, target=target, mask=encoder.mask,
-            eps=eps if latent == "sample" else None, reduction=reduction,
-        )  # fmt: skip
-    module = transformer_vjp_module(encoder, x)
-    if module is not None:
-        _check_target(target, module.latent_dim, x.shape[0], target_name, latent, eps)
-        with torch.no_grad():
-            return vjp_function(x.device.type)(
-                module, x, target.to(device=x.device, dtype=x.dtype), mask=encoder.mask,
+    if (target is None) == (a0 is None):
+        raise ValueError("latent_distance_gradient: give exactly one of target and a0")
+    path = encoder.path_for(x)
+    if a0 is not None:
+        if path == "mlp_fused":  # one fused call encodes a0 and x and backpropagates to x
+            if latent == "sample":
+                eps = torch.randn(
+                    (x.shape[0], encoder.latent_dim), generator=generator, device=x.device,
+                    dtype=x.dtype,
+                )  # fmt: skip
+            return mlp_fused_gradient(
+                encoder.mlp_parts, x, a0=a0, mask=encoder.mask,
                 eps=eps if latent == "sample" else None, reduction=reduction,
             )  # fmt: skip
+        target, eps = _latent_of(encoder, a0, latent, generator)
+        target_name = "E(a0)"
+    if path == "mlp_fused":
+        _check_target(target, encoder.latent_dim, x.shape[0], target_name, latent, eps)
+        return mlp_fused_gradient(
+            encoder.mlp_parts, x, target=target, mask=encoder.mask,
+            eps=eps if latent == "sample" else None, reduction=reduction,
+        )  # fmt: skip
+    if path == "transformer_vjp":
+        _check_target(target, encoder.latent_dim, x.shape[0], target_name, latent, eps)
+        with torch.no_grad():
+            return vjp_function(x.device.type)(
+                encoder.transformer, x, target.to(device=x.device, dtype=x.dtype),
+                mask=encoder.mask, eps=eps if latent == "sample" else None, reduction=reduction,
+            )  # fmt: skip
+    return _autograd_gradient(encoder, x, target, latent, eps, reduction, target_name)
+
+
+def _latent_of(
+    encoder: FrozenEncoder, a0: Tensor, latent: str, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``(E(a0) [B, d_z], ε or None)``: the target latent of a clean chunk, no gradient."""
+    with torch.no_grad():
+        mu0, logvar0 = encoder(a0)
+        eps = None
+        if latent == "sample":
+            eps = torch.randn(mu0.shape, generator=generator, device=mu0.device, dtype=mu0.dtype)
+        return select_latent(mu0, logvar0, latent, eps), eps
+
+
+def _autograd_gradient(
+    encoder: FrozenEncoder,
+    x: Tensor,
+    target: Tensor,
+    latent: str,
+    eps: Optional[Tensor],
+    reduction: str,
+    target_name: str,
+) -> Tensor:
+    """The reference: one forward and one VJP through the encoder, w.r.t. ``x`` only."""
     with torch.inference_mode(False), torch.enable_grad():
         point = _autograd_ready(x).detach().requires_grad_(True)
         mu, logvar = encoder(point)

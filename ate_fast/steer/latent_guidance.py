@@ -3,8 +3,8 @@
     direct:  y(x) = −(1/N)‖E(x) − z*‖²,          g = ∇_x y
     tweedie: y(x) = −(1/N)‖E(x̂0(x)) − z*‖²,     g = (∂x̂0/∂x) · ∇_{x̂0} y   (scalar ∂x̂0/∂x)
 
-The sampler applies ``model_out + λ·clamp(c·g, −κ, κ)`` every step (see
-:class:`ate_fast.steer.guidance.Guidance`).
+The sampler applies ``model_out + λ·clip(c·g, −κ, κ)`` every step (see
+:class:`ate_fast.guidance.Guidance`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ate_fast.guidance import GUIDANCE_MODES
 from ate_fast.steer import validation as check
 from ate_fast.steer.encoder import FrozenEncoder
-from ate_fast.steer.guidance import GUIDANCE_MODES
 from ate_fast.steer.latent_gradient import latent_distance_gradient
 
 
@@ -52,7 +52,9 @@ class LatentGuidance:
         mask: the ActionVAE's action mask ([D] or [B, D]), passed as ``encode(a, mask)``.
 
     ``gradient`` returns a tensor of ``x``'s dtype. The gradient itself runs in
-    :meth:`latent_gradient`, the one method a fused kernel overrides.
+    :meth:`latent_gradient`, on the path the encoder's
+    :class:`~ate_fast.steer.encoder.FrozenEncoder` chose (fused MLP kernel, hand-written
+    Transformer VJP, or autograd).
     """
 
     def __init__(
@@ -99,7 +101,7 @@ class LatentGuidance:
     def latent_gradient(self, point: Tensor) -> Tensor:
         """``∇_p −(1/N)‖E(p) − z*‖²`` per sample at ``point`` [B, H, D] -> [B, H, D].
 
-        Autograd reference; a fused encoder-VJP kernel overrides this method.
+        Computed by :func:`~ate_fast.steer.latent_gradient.latent_distance_gradient`.
         """
         target = self._target_for(point)
         if target.ndim == 2 and target.shape[0] != point.shape[0]:

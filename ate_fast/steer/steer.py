@@ -3,9 +3,9 @@
 For a noisy chunk ``x`` and its clean demonstration ``a0``::
 
     y(x) = −(1/N)‖E(x) − E(a0)‖²,   g = ∇_x y          (through the frozen encoder only)
-    loss = ‖pred + λ·clamp(c·g, −κ, κ) − target‖²       (mean over elements)
+    loss = ‖pred + λ·clip(c·g, −κ, κ) − target‖²        (mean over elements; λ = scale, κ = clamp)
 
-``c`` and ``target`` per parameterisation are in :mod:`ate_fast.steer.coefficients`. ``g``
+``c`` and ``target`` per parameterisation are in :mod:`ate_fast.guidance.coefficients`. ``g``
 is a constant: the loss's gradient reaches ``pred`` (and through it the policy) exactly as
 the plain MSE's would, only with the corrected output in place of ``pred``.
 """
@@ -17,17 +17,16 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ate_fast.ops.guided_step_ref import compute_dtype
-from ate_fast.steer import validation as check
-from ate_fast.steer.coefficients import (
+from ate_fast.guidance import (
     FLOW_CONVENTIONS,
     PREDICTION_TYPES,
     diffusion_guidance_coefficient,
     flow_guidance_coefficient,
 )
+from ate_fast.ops import compute_dtype
+from ate_fast.steer import validation as check
 from ate_fast.steer.encoder import LATENT_MODES, FrozenEncoder
-from ate_fast.steer.fused_encoder import fused_latent_gradient, fused_mlp_parts
-from ate_fast.steer.latent_gradient import REDUCTIONS, latent_distance_gradient, select_latent
+from ate_fast.steer.latent_gradient import REDUCTIONS, latent_distance_gradient
 
 LOSS_REDUCTIONS = ("mean", "none")
 
@@ -142,34 +141,10 @@ class Steer:
         return self._guidance(x, a0, generator)
 
     def _guidance(self, x: Tensor, a0: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        parts = fused_mlp_parts(self.encoder, x)
-        if parts is not None:  # one fused call encodes a0 and x and backpropagates to x
-            eps = None
-            if self.latent == "sample":
-                dz = parts[0][-1].shape[0] // 2
-                eps = torch.randn(
-                    (x.shape[0], dz), generator=generator, device=x.device, dtype=x.dtype
-                )
-            return fused_latent_gradient(
-                parts, x, a0=a0, mask=self.encoder.mask, eps=eps, reduction=self.reduction
-            )
-        with torch.no_grad():
-            mu0, logvar0 = self.encoder(a0)
-            eps = None
-            if self.latent == "sample":
-                eps = torch.randn(
-                    mu0.shape, generator=generator, device=mu0.device, dtype=mu0.dtype
-                )
-            z0 = select_latent(mu0, logvar0, self.latent, eps)
         return latent_distance_gradient(
-            self.encoder,
-            x,
-            z0,
-            latent=self.latent,
-            eps=eps,
+            self.encoder, x, a0=a0, latent=self.latent, generator=generator,
             reduction=self.reduction,
-            target_name="E(a0)",
-        )
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------
     # losses
@@ -310,7 +285,7 @@ class Steer:
                 f"{tuple(pred.shape)}: the encoder must map [B, H, D] chunks of the policy's shape"
             )
         cd = c.dtype
-        # g is a constant, so the correction λ·clamp(c·g, −κ, κ) is formed outside autograd
+        # g is a constant, so the correction λ·clip(c·g, −κ, κ) is formed outside autograd
         # and added: ∂corrected/∂pred = 1, as in the paper, with a one-add backward. (The
         # differentiable guided_step op computes the same sum but its autograd wrapper costs
         # ≈ 0.2 ms per training step on the CPU.) The sum is taken in the compute dtype.

@@ -15,8 +15,8 @@ less work:
 
 Layers must be ``nn.TransformerEncoderLayer`` in post-norm form (``norm_first=False``,
 ``batch_first=True``, as ``ate_fast.align`` builds them) with a GELU or ReLU activation
-and no dropout in effect; :func:`transformer_vjp_module` returns ``None`` otherwise and
-the caller keeps autograd.
+and no dropout in effect; :func:`align_transformer_encoder` returns ``None`` otherwise and
+:class:`~ate_fast.steer.encoder.FrozenEncoder` keeps autograd.
 
 Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled`` forces one;
 unset, the default of :data:`DEFAULT_PATH` for the tensor's device type (the measured
@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.steer.encoder import FrozenEncoder
-from ate_fast.steer.fused_encoder import _autocast_on
+from ate_fast.align.action_mask import apply_mask
+from ate_fast.align.transformer_vae import TransformerEncoder
+from ate_fast.align.vae import ActionVAE
 
 ENV_VAR = "ATE_FAST_TRANSFORMER_GUIDANCE"
 PATHS = ("autograd", "vjp", "compiled")
@@ -106,31 +107,10 @@ def align_transformer_encoder(source: object) -> Optional[nn.Module]:
     """The ``ate_fast.align`` ``TransformerEncoder`` that ``source`` computes (an
     ``ActionVAE`` of that arch, or the encoder itself) if every layer is in the form
     :func:`transformer_latent_gradient` covers; else ``None``."""
-    try:
-        from ate_fast.align.transformer_vae import TransformerEncoder
-        from ate_fast.align.vae import ActionVAE
-    except ImportError:  # a pure encoder callable needs no align package
-        return None
     module = source.encoder if isinstance(source, ActionVAE) else source
     if isinstance(module, TransformerEncoder) and supported_encoder(module):
         return module
     return None
-
-
-def transformer_vjp_module(encoder: FrozenEncoder, x: Tensor) -> Optional[nn.Module]:
-    """The ``TransformerEncoder`` inside ``encoder`` if the hand-written VJP computes it at
-    ``x`` (supported layers, weights in ``x``'s dtype and device, autocast off) and that
-    path is selected for ``x``'s device; else ``None``."""
-    module = align_transformer_encoder(encoder.source)
-    if module is None or _autocast_on(x):
-        return None
-    if x.dim() != 3 or tuple(x.shape[1:]) != (module.horizon, module.action_dim):
-        return None  # autograd's encoder call raises the clear shape error
-    if selected_path(x.device.type) == "autograd":
-        return None
-    if any(p.dtype != x.dtype or p.device != x.device for p in module.parameters()):
-        return None
-    return module
 
 
 # --- pieces -------------------------------------------------------------------------------
@@ -227,8 +207,6 @@ def transformer_latent_gradient(
     ``z = μ`` when ``eps`` is None, else ``μ + exp(½ log σ²)·eps`` (``eps`` [B, d_z]);
     ``mask`` ([D] or [B, D]) zeroes absent action dims as the encoder does.
     """
-    from ate_fast.align.action_mask import apply_mask
-
     blocks = module.blocks
     rows = 1 if eps is None else 2  # the tokens the latent reads: μ (and log σ²)
     batch = x.shape[0]
