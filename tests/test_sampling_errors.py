@@ -172,7 +172,7 @@ def test_non_contiguous_model_output_is_accepted(noise):
 @pytest.mark.parametrize(
     "guidance,error,match",
     [
-        (object(), TypeError, "guidance must follow ate_fast.sampling.Guidance.*no 'scale'"),
+        (object(), TypeError, "guidance must follow ate_fast.Guidance.*no 'scale'"),
         (Guide(mode="tweedy"), ValueError, "guidance.mode must be one of"),
         (Guide(scale=math.nan), ValueError, "guidance.scale must be a finite float"),
         (Guide(scale="2"), ValueError, "guidance.scale must be a finite float"),

@@ -15,8 +15,6 @@ neither onnx nor tensorrt.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ate_fast.lazy_exports import lazy_attributes
 
 _EXPORTS = {
@@ -39,50 +37,8 @@ _EXPORTS = {
     "TensorRTSampler": "tensorrt_runner",
 }
 
-__all__ = [
-    "SUPPORTED_OPSETS",
-    "TENSORRT_ONNX_OPS",
-    "ExportError",
-    "GraphSignature",
-    "GuidanceExportError",
-    "ModelTraceError",
-    "OnnxRuntimeSampler",
-    "TensorRTBuildError",
-    "TensorRTSampler",
-    "TensorRTUnavailableError",
-    "cast_for_precision",
-    "read_signature",
-    "relative_error",
-    "tensorrt_problems",
-    "tensorrt_version",
-    "to_onnx",
-    "to_tensorrt",
-]
-
+__all__ = sorted(_EXPORTS)
 
 __getattr__, __dir__ = lazy_attributes(
     globals(), {name: f"ate_fast.export.{module}" for name, module in _EXPORTS.items()}
 )
-
-
-if TYPE_CHECKING:  # for type checkers and IDEs
-    from ate_fast.export.guidance_graph import GuidanceExportError
-    from ate_fast.export.onnx_export import (
-        SUPPORTED_OPSETS,
-        ExportError,
-        read_signature,
-        relative_error,
-        to_onnx,
-    )
-    from ate_fast.export.onnxruntime_runner import OnnxRuntimeSampler
-    from ate_fast.export.precision import cast_for_precision
-    from ate_fast.export.sampler_graph import ModelTraceError
-    from ate_fast.export.signature import GraphSignature
-    from ate_fast.export.tensorrt_build import (
-        TensorRTBuildError,
-        TensorRTUnavailableError,
-        tensorrt_version,
-        to_tensorrt,
-    )
-    from ate_fast.export.tensorrt_ops import TENSORRT_ONNX_OPS, tensorrt_problems
-    from ate_fast.export.tensorrt_runner import TensorRTSampler

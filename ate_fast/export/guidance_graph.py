@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.ops.mlp_guidance import mlp_encoder_parts
-from ate_fast.ops.mlp_guidance_ref import mlp_guidance_reference
+from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
+from ate_fast.steer import LatentGuidance
 from ate_fast.steer.transformer_vjp import align_transformer_encoder, transformer_latent_gradient
 
 
@@ -98,7 +98,7 @@ class MLPGuidanceGraph(_GuidanceGraph):
         biases = [getattr(self, f"bias{i}") for i in range(self.num_layers)]
         g, _ = mlp_guidance_reference(
             point, weights, biases, self.activation, target=target, mask=self.mask,
-            scale=1.0 / self.latent_dim,
+            distance_weight=1.0 / self.latent_dim,
         )  # fmt: skip
         return g
 
@@ -132,8 +132,6 @@ GuidanceGraph = Union[MLPGuidanceGraph, TransformerGuidanceGraph]
 
 
 def _encoder_module(guidance: Any) -> Any:
-    from ate_fast.steer import LatentGuidance
-
     if not isinstance(guidance, LatentGuidance):
         raise GuidanceExportError(
             "guidance must be an ate_fast.steer.LatentGuidance to be exported: its gradient "

@@ -16,9 +16,11 @@ ONNX domain is an error.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,12 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast._version import __version__
 from ate_fast.export.guidance_graph import guidance_graph, guidance_settings
 from ate_fast.export.sampler_graph import (
     TRACEABLE_MODEL,
     ModelTraceError,
     SamplerGraph,
-    _model_module,
+    model_module,
 )
 from ate_fast.export.signature import (
     ACTIONS,
@@ -44,6 +47,9 @@ from ate_fast.export.signature import (
     cond_leaves,
 )
 from ate_fast.export.tensorrt_ops import TENSORRT_OPSETS, tensorrt_problems
+from ate_fast.ops.constants import ACTIVATIONS
+from ate_fast.ops.guided_step.ref import guided_step_reference
+from ate_fast.ops.mlp_guidance.ref import mlp_guidance_reference
 from ate_fast.sampling.inputs import check_noise
 from ate_fast.sampling.sampler import Sampler
 
@@ -67,8 +73,6 @@ class ExportError(RuntimeError):
 
 def require_export_dependencies() -> None:
     """Raise ImportError with the install command if onnx or onnxscript is missing."""
-    import importlib.util
-
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
@@ -79,22 +83,18 @@ def require_export_dependencies() -> None:
 
 def planned_step_noise_draws(sampler: Sampler) -> int:
     """How many [B, H, D] step-noise draws one ``sample()`` call makes."""
-    if not getattr(sampler, "stochastic", False):
-        return 0
-    return int(np.count_nonzero(getattr(sampler, "_draw", ())))
+    return int(np.count_nonzero(sampler.step_noise_draws))
 
 
 def _ate_fast_decompositions() -> dict:
     """torch.ops.ate_fast.* -> their torch references (for model functions calling them)."""
-    from ate_fast.ops.guided_step_ref import guided_step_reference
-    from ate_fast.ops.mlp_guidance_ref import ACTIVATIONS, mlp_guidance_reference
 
-    def guided_step(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa):
-        return guided_step_reference(x, m, a, b, g, c, m_prev, d, z, s, lam, kappa)
+    def guided_step(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp):
+        return guided_step_reference(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
 
-    def mlp_guidance(x, weights, biases, activation, target, a0, mask, eps, scale):
+    def mlp_guidance(x, weights, biases, activation, target, a0, mask, eps, distance_weight):
         return mlp_guidance_reference(
-            x, weights, biases, ACTIVATIONS[activation], target, a0, mask, eps, scale
+            x, weights, biases, ACTIVATIONS[activation], target, a0, mask, eps, distance_weight
         )
 
     return {
@@ -136,7 +136,7 @@ def _check_arguments(
         )
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    module = _model_module(sampler.model_fn)
+    module = model_module(sampler.model_fn)
     if module is not None and module.training:
         raise ValueError(
             f"the sampler's model ({type(module).__name__}) is in training mode: call "
@@ -221,28 +221,60 @@ def to_onnx(
     if not isinstance(target_input, bool):
         raise TypeError(f"target_input must be a bool, got {type(target_input).__name__}")
     leaves = cond_leaves(example_cond)
-    batch = example_noise.shape[0]
+    _check_cond_batch(leaves, example_noise.shape[0])
+    graph = _sampler_graph(sampler, example_noise, example_cond, guidance, target_input)
+    inputs, names = _trace_inputs(graph, example_noise, leaves, guidance, dynamic_batch)
+    program = _trace(graph, inputs, names, dynamic_batch, max_batch)
+    model = _translate(program, names, opset, dynamic_batch)
+    signature = _signature(graph, sampler, example_noise, leaves, guidance, target_input)
+    signature = replace(signature, dynamic_batch=dynamic_batch, opset=opset)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, signature.to_json()
+    model.producer_name = "ate_fast.export"
+    model.doc_string = f"ate_fast sampler graph: {sampler!r}"
+    check_graph(model)
+    _check_tensorrt_ops(model, require_tensorrt_ops)
+    return save_model(model, path)
+
+
+def _check_cond_batch(leaves: list, batch: int) -> None:
     for name, tensor in leaves:
         if tensor.ndim == 0 or tensor.shape[0] != batch:
             raise ValueError(
                 f"example_cond: {name} must have the batch dimension of example_noise ({batch}) "
                 f"first, got shape {tuple(tensor.shape)}"
             )
-    lam, kappa = sampler.check_guidance(guidance)
+
+
+def _sampler_graph(
+    sampler: Sampler, example_noise: Tensor, example_cond: Any, guidance: Any, target_input: bool
+) -> SamplerGraph:
+    """The sampler's loop as an ``nn.Module`` with the guidance's forward-op graph."""
+    scale, clamp = sampler.check_guidance(guidance)
     guide = None
     if guidance is not None:
-        guide = guidance_graph(guidance, target_input, batch)
+        guide = guidance_graph(guidance, target_input, example_noise.shape[0])
         guide.to(example_noise.device)
-    draws = planned_step_noise_draws(sampler)
     kind = cond_kind(example_cond)
-    keys = list(example_cond) if kind == "dict" else list(range(len(leaves)))
-    graph = SamplerGraph(
-        sampler, lam, kappa, guide, kind, keys if kind not in ("none", "tensor") else [],
-        target_input=guide is not None and target_input, step_noise_draws=draws,
-        device=example_noise.device,
+    return SamplerGraph(
+        sampler, scale, clamp, guide, kind, _cond_keys(example_cond),
+        target_input=guide is not None and target_input,
+        step_noise_draws=planned_step_noise_draws(sampler), device=example_noise.device,
     )  # fmt: skip
 
-    trace_batch = max(batch, 2) if dynamic_batch else batch
+
+def _cond_keys(example_cond: Any) -> list:
+    kind = cond_kind(example_cond)
+    if kind in ("none", "tensor"):
+        return []
+    return list(example_cond) if kind == "dict" else list(range(len(cond_leaves(example_cond))))
+
+
+def _trace_inputs(
+    graph: SamplerGraph, example_noise: Tensor, leaves: list, guidance: Any, dynamic_batch: bool
+) -> tuple[list[Tensor], list[str]]:
+    """The example inputs ``torch.export`` traces with, and their graph input names."""
+    trace_batch = max(example_noise.shape[0], 2) if dynamic_batch else example_noise.shape[0]
     inputs = [_with_batch(example_noise, trace_batch)]
     names = ["noise"]
     for name, tensor in leaves:
@@ -253,11 +285,18 @@ def to_onnx(
         target = target.reshape(-1, target.shape[-1])
         inputs.append(_with_batch(target, trace_batch))
         names.append(TARGET)
-    if draws:
-        shape = (draws, trace_batch, *example_noise.shape[1:])
+    if graph.step_noise_draws:
+        shape = (graph.step_noise_draws, trace_batch, *example_noise.shape[1:])
         inputs.append(torch.randn(shape, device=example_noise.device))
         names.append(STEP_NOISE)
+    return inputs, names
 
+
+def _trace(
+    graph: SamplerGraph, inputs: list, names: list, dynamic_batch: bool, max_batch: int
+) -> Any:
+    """``torch.export`` of the sampler graph (batch symbolic when ``dynamic_batch``), with
+    any ``torch.ops.ate_fast`` call of the model decomposed into its reference."""
     dynamic_shapes = None
     if dynamic_batch:
         dim = torch.export.Dim(BATCH_DIM, min=1, max=max_batch)
@@ -287,6 +326,11 @@ def to_onnx(
         ) from exc
     if _uses_ate_fast_ops(program):
         program = program.run_decompositions(_ate_fast_decompositions())
+    return program
+
+
+def _translate(program: Any, names: list, opset: int, dynamic_batch: bool) -> Any:
+    """The traced program as an ONNX ``ModelProto`` (optimised, batch dim named)."""
     weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     weight_bytes += sum(
         t.numel() * t.element_size() for t in program.constants.values() if isinstance(t, Tensor)
@@ -296,7 +340,6 @@ def to_onnx(
             f"the sampler's weights take {weight_bytes / 2**30:.2f} GiB in float32; to_onnx "
             "assembles the graph as one in-memory ModelProto, which protobuf caps at 2 GiB"
         )
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -314,39 +357,47 @@ def to_onnx(
         raise ExportError("the exported graph lost its dynamic batch dimension (exporter bug?)")
     if symbol is not None and symbol != BATCH_DIM:
         _rename_dim(model, symbol, BATCH_DIM)
+    return model
 
-    from ate_fast._version import __version__
 
-    signature = GraphSignature(
+def _signature(
+    graph: SamplerGraph,
+    sampler: Sampler,
+    example_noise: Tensor,
+    leaves: list,
+    guidance: Any,
+    target_input: bool,
+) -> GraphSignature:
+    """What the graph's inputs and settings are (its ``ate_fast`` metadata; the caller
+    fills in ``dynamic_batch`` and ``opset``)."""
+    guide = graph.guide
+    return GraphSignature(
         horizon=int(example_noise.shape[1]),
         action_dim=int(example_noise.shape[2]),
-        cond_kind=kind,
-        cond_keys=keys if kind not in ("none", "tensor") else [],
+        cond_kind=graph.cond_kind,
+        cond_keys=graph.cond_keys,
         cond_shapes=[list(t.shape[1:]) for _, t in leaves],
         target_dim=guide.latent_dim if graph.target_input else None,
-        step_noise_draws=draws,
-        dynamic_batch=dynamic_batch,
-        batch=int(batch),
+        step_noise_draws=graph.step_noise_draws,
+        dynamic_batch=True,
+        batch=int(example_noise.shape[0]),
         sampler=repr(sampler),
         num_steps=sampler.num_steps,
         guidance=None if guide is None else guidance_settings(guidance, guide, target_input),
-        opset=opset,
+        opset=DEFAULT_OPSET,
         ate_fast_version=__version__,
     )
-    prop = model.metadata_props.add()
-    prop.key, prop.value = METADATA_KEY, signature.to_json()
-    model.producer_name = "ate_fast.export"
-    model.doc_string = f"ate_fast sampler graph: {sampler!r}"
-    check_graph(model)
+
+
+def _check_tensorrt_ops(model: Any, required: bool) -> None:
     problems = tensorrt_problems(model)
     if problems:
         message = "the graph has nodes TensorRT's ONNX parser does not support:\n  " + (
             "\n  ".join(problems[:20])
         )
-        if require_tensorrt_ops:
+        if required:
             raise ExportError(message + "\n(pass require_tensorrt_ops=False to keep it anyway)")
-        warnings.warn(message, stacklevel=2)
-    return save_model(model, path)
+        warnings.warn(message, stacklevel=3)
 
 
 def check_graph(model: Any) -> None:

@@ -1,11 +1,12 @@
 """A sampler's whole K-step loop as one traceable ``nn.Module`` (what ``to_onnx`` exports).
 
-The loop is not rewritten here: :class:`SamplerGraph` runs the sampler's own ``_loop``
-(the code ``sample()`` and ``capture()`` run) with export stand-ins for what the loop
-reads:
+The loop is not rewritten here: :class:`SamplerGraph` runs the sampler's own
+:meth:`~ate_fast.sampling.Sampler.loop` (the code ``sample()`` and ``capture()`` run)
+through the sampler's public export seam, with export stand-ins for what the loop reads:
 
-- the coefficient tables: the sampler's precomputed per-step host arrays (``_host``,
-  ``_times``) as float32 buffers, so the schedule's coefficients become graph constants;
+- the coefficient tables: the sampler's precomputed per-step host arrays
+  (``coefficient_tables``, ``model_times``) as float32 buffers, so the schedule's
+  coefficients become graph constants;
   coefficient rows are ``[1]`` (broadcast over the batch), model times ``[B]``;
 - the fused step: :func:`ate_fast.ops.guided_step_reference`, the op's PyTorch
   definition, instead of ``torch.ops.ate_fast.guided_step_out`` — so no custom op is
@@ -29,10 +30,9 @@ from torch import Tensor, nn
 
 from ate_fast.export.guidance_graph import GuidanceGraph
 from ate_fast.export.signature import rebuild_cond
-from ate_fast.ops.guided_step_ref import guided_step_reference
+from ate_fast.ops.guided_step.ref import guided_step_reference
+from ate_fast.sampling import Run, Sampler, StepBuffers
 from ate_fast.sampling.inputs import check_output
-from ate_fast.sampling.sampler import Run, Sampler
-from ate_fast.sampling.workspace import Workspace
 
 # κ = inf is exported as the largest float32: identical for finite values, and no ±inf
 # constant reaches a Clip node.
@@ -66,16 +66,16 @@ class _Rows:
 class _ExportLaunch:
     """The sampler's fused step as its torch reference (same arguments as ``Launch``)."""
 
-    def __init__(self, lam: float, kappa: float) -> None:
-        self.lam = lam
-        self.kappa = _FLOAT32_MAX if math.isinf(kappa) else kappa
+    def __init__(self, scale: float, clamp: float) -> None:
+        self.scale = scale
+        self.clamp = _FLOAT32_MAX if math.isinf(clamp) else clamp
 
     def __call__(
-        self, out, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None
+        self, out, *, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None
     ) -> Tensor:
         if g is None:
             c = None  # unguided: the correction term drops out (as Launch)
-        out.copy_(guided_step_reference(x, m, a, b, g, c, m_prev, d, z, s, self.lam, self.kappa))
+        out.copy_(guided_step_reference(x, m, a, b, g, c, m_prev, d, z, s, self.scale, self.clamp))
         return out
 
 
@@ -98,8 +98,8 @@ class _ExportRun(Run):
     """A :class:`Run` whose model call reports untraceable model functions and whose
     guidance gradient is the exported forward-op graph."""
 
-    def __init__(self, *args: Any, guide: Optional[GuidanceGraph], target: Optional[Tensor]):
-        super().__init__(*args)
+    def __init__(self, *, guide: Optional[GuidanceGraph], target: Optional[Tensor], **run: Any):
+        super().__init__(**run)
         self.guide = guide
         self.target = target
 
@@ -118,12 +118,12 @@ class _ExportRun(Run):
         x0_hat = None
         if self.guide.mode == "tweedie":
             x0_hat = self.ws["x0_hat"]
-            self.launch(x0_hat, x, m, p, q)
+            self.launch(x0_hat, x=x, m=m, a=p, b=q)
         g = self.guide(x, x0_hat, dx0_dx, self.target)
         return check_output("guidance.gradient", g.to(x.dtype), x)
 
 
-def _model_module(model_fn: Any) -> Optional[nn.Module]:
+def model_module(model_fn: Any) -> Optional[nn.Module]:
     """The nn.Module that owns ``model_fn``'s parameters, if it is one or a bound method."""
     if isinstance(model_fn, nn.Module):
         return model_fn
@@ -136,7 +136,7 @@ class SamplerGraph(nn.Module):
 
     Args:
         sampler: a :class:`~ate_fast.sampling.FlowSampler` or ``DiffusionSampler``.
-        lam, kappa: the guidance's scale and clamp (1, inf when unguided).
+        scale, clamp: the guidance's λ and κ (1, inf when unguided).
         guide: the guidance gradient graph, or None (unguided).
         cond_kind, cond_keys: the structure ``cond`` is rebuilt into for ``model_fn``.
         target_input: the graph takes ``target`` [B, d_z] after the cond inputs.
@@ -147,8 +147,8 @@ class SamplerGraph(nn.Module):
     def __init__(
         self,
         sampler: Sampler,
-        lam: float = 1.0,
-        kappa: float = math.inf,
+        scale: float = 1.0,
+        clamp: float = math.inf,
         guide: Optional[GuidanceGraph] = None,
         cond_kind: str = "none",
         cond_keys: Optional[list] = None,
@@ -158,22 +158,22 @@ class SamplerGraph(nn.Module):
     ) -> None:
         super().__init__()
         self.sampler = sampler
-        module = _model_module(sampler.model_fn)
+        module = model_module(sampler.model_fn)
         if module is not None:
             self.model = module  # its parameters become the graph's initializers
         self._model_fn = (sampler.model_fn,)  # a tuple: not registered a second time
         self.guide = guide
-        self.lam, self.kappa = float(lam), float(kappa)
+        self.scale, self.clamp = float(scale), float(clamp)
         self.cond_kind, self.cond_keys = cond_kind, list(cond_keys or [])
         self.num_cond = {"none": 0, "tensor": 1}.get(cond_kind, len(self.cond_keys))
         self.target_input = target_input
         self.step_noise_draws = step_noise_draws
-        self._coefficients = list(sampler._host)
-        self._times = list(sampler._times)
-        for name, values in sampler._host.items():
+        self._coefficients = list(sampler.coefficient_tables)
+        self._times = list(sampler.model_times)
+        for name, values in sampler.coefficient_tables.items():
             table = torch.tensor(values, dtype=torch.float32, device=device)
             self.register_buffer(f"coef_{name}", table)
-        for name, values in sampler._times.items():
+        for name, values in sampler.model_times.items():
             dtype = torch.int64 if values.dtype.kind in "iu" else torch.float32
             self.register_buffer(f"time_{name}", torch.tensor(values, dtype=dtype, device=device))
 
@@ -195,14 +195,14 @@ class SamplerGraph(nn.Module):
         rest = list(inputs[self.num_cond :])
         target = rest.pop(0) if self.target_input else None
         draw = _StepNoise(rest.pop(0)) if self.step_noise_draws else None
-        ws = Workspace(noise)
+        ws = StepBuffers(noise)
         run = _ExportRun(
-            self._model_fn[0], ws["x"], cond, self._rows(noise.shape[0]), ws,
-            _ExportLaunch(self.lam, self.kappa), None, draw, None,
+            model_fn=self._model_fn[0], x=ws["x"], cond=cond, tables=self._rows(noise.shape[0]),
+            ws=ws, launch=_ExportLaunch(self.scale, self.clamp), draw=draw,
             guide=self.guide, target=target,
         )  # fmt: skip
         run.x.copy_(noise)
-        self.sampler._loop(run)
+        self.sampler.loop(run)
         if draw is not None and draw.count != self.step_noise_draws:
             raise AssertionError("ate_fast.export: step-noise draws differ from the plan (bug)")
         return run.x

@@ -4,18 +4,21 @@ and captured (CUDA-graph) loops.
 - :class:`NoiseSchedule`: diffusers' beta schedules, value for value.
 - :class:`DiffusionSampler`: DDPM, DDIM, DPM-Solver++ (matches diffusers step for step).
 - :class:`FlowSampler`: Euler / Heun flow-matching ODE (openpi or diffusers time grid).
-- :class:`Guidance`: the protocol of ``sample(..., guidance=...)``.
 - :class:`CapturedSampler`: what ``sampler.capture(...)`` returns.
+- :class:`Sampler`, :class:`Run`, :class:`StepTables`, :class:`StepBuffers`: the export
+  seam — a sampler's per-step tables and its loop, which ``ate_fast.export`` traces.
 
-Every update goes through the fused :func:`ate_fast.ops.guided_step`.
+The :class:`~ate_fast.guidance.Guidance` protocol lives in :mod:`ate_fast.guidance` (and
+is re-exported here). Every update goes through the fused :func:`ate_fast.ops.guided_step`.
 """
 
+from ate_fast.guidance import Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.diffusion import DiffusionSampler
 from ate_fast.sampling.flow import FlowSampler
-from ate_fast.sampling.guidance import Guidance, check_guidance
-from ate_fast.sampling.sampler import Sampler
+from ate_fast.sampling.sampler import Run, Sampler
 from ate_fast.sampling.schedule import NoiseSchedule
+from ate_fast.sampling.workspace import StepBuffers, StepTables
 
 __all__ = [
     "CapturedSampler",
@@ -23,6 +26,9 @@ __all__ = [
     "FlowSampler",
     "Guidance",
     "NoiseSchedule",
+    "Run",
     "Sampler",
+    "StepBuffers",
+    "StepTables",
     "check_guidance",
 ]

@@ -14,18 +14,31 @@ the first call, are replayed straight into the op's C++ kernel (see
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import Tensor
 
-from ate_fast.sampling.guidance import Guidance
+from ate_fast.guidance import Guidance
 from ate_fast.sampling.inputs import check_cond, check_finite, copy_into, static_copy
 from ate_fast.sampling.launch import Launch, RecordingLaunch, ReplayLaunch
-from ate_fast.sampling.sampler import Sampler
-from ate_fast.sampling.workspace import Workspace
+from ate_fast.sampling.workspace import StepBuffers
 
 WARMUP_RUNS = 2
+
+
+class CapturableSampler(Protocol):
+    """What :class:`CapturedSampler` needs of a sampler (:class:`ate_fast.sampling.Sampler`
+    provides it; the protocol keeps this module below ``sampler.py``)."""
+
+    def check_inputs(
+        self, noise: Tensor, cond: Any, guidance: Optional[Guidance], generator: object
+    ) -> tuple[float, float]: ...
+
+    def new_run(self, ws: StepBuffers, cond: Any, guidance: Optional[Guidance],
+                generator: Optional[torch.Generator], launch: Launch) -> Any: ...  # fmt: skip
+
+    def execute(self, noise: Tensor, run: Any) -> Tensor: ...
 
 
 class _RngSnapshot:
@@ -78,7 +91,7 @@ class CapturedSampler:
 
     def __init__(
         self,
-        sampler: Sampler,
+        sampler: CapturableSampler,
         example_noise: Tensor,
         example_cond: Any = None,
         guidance: Optional[Guidance] = None,
@@ -86,7 +99,7 @@ class CapturedSampler:
         *,
         check_finite: bool = True,
     ) -> None:
-        lam, kappa = sampler.check_inputs(example_noise, example_cond, guidance, generator)
+        scale, clamp = sampler.check_inputs(example_noise, example_cond, guidance, generator)
         self.sampler = sampler
         self.guidance = guidance
         self.generator = generator
@@ -98,7 +111,7 @@ class CapturedSampler:
         self.device = device
         self.shape, self.dtype = example_noise.shape, example_noise.dtype
         self.static_cond = static_copy(example_cond)
-        self.ws = Workspace(example_noise)
+        self.ws = StepBuffers(example_noise)
         if device.type == "cuda":
             self.mode = "cuda_graph"
             if generator is not None and torch.device(generator.device).type != "cuda":
@@ -107,12 +120,12 @@ class CapturedSampler:
                     f"got one on {generator.device}, whose draws cannot be captured"
                 )
             self.static_noise = example_noise.detach().clone(memory_format=torch.contiguous_format)
-            self._capture_graph(Launch(lam, kappa))
+            self._capture_graph(Launch(scale, clamp))
         else:
             self.mode = "cpu_replay" if device.type == "cpu" else "buffers"
-            self._recording = RecordingLaunch(lam, kappa)
+            self._recording = RecordingLaunch(scale, clamp)
             self._replay: Optional[ReplayLaunch] = None
-            first = self._recording if self.mode == "cpu_replay" else Launch(lam, kappa)
+            first = self._recording if self.mode == "cpu_replay" else Launch(scale, clamp)
             self._run = sampler.new_run(self.ws, self.static_cond, guidance, generator, first)
 
     # -- CUDA ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Discrete-time diffusion samplers matching diffusers' DDPM, DDIM and DPM-Solver++ loops.
 
 Each step's update is linear in the sample ``x`` and the (guided) model output
-``m̂ = m + λ·clamp(c·g, −κ, κ)``, so it is one fused :func:`ate_fast.ops.guided_step`:
+``m̂ = m + λ·clip(c·g, −κ, κ)``, so it is one fused :func:`ate_fast.ops.guided_step`:
 
 =========================  ================================================================
 DDPM (fixed_small)         x' = (cₓ₀·p + cₓ)·x + cₓ₀·q·m̂ + σ·z      (posterior mean + noise)
@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ate_fast.sampling.guidance import GUIDANCE_MODES
+from ate_fast.guidance import GUIDANCE_MODES, PREDICTION_TYPES, diffusion_guidance_coefficient
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
 from ate_fast.sampling.schedule import NoiseSchedule
 from ate_fast.sampling.timesteps import (
@@ -41,7 +41,6 @@ from ate_fast.sampling.timesteps import (
     TIMESTEP_SPACINGS,
     diffusion_timesteps,
 )
-from ate_fast.steer.coefficients import PREDICTION_TYPES, diffusion_guidance_coefficient
 
 # A step whose x- and m-coefficients cancel beyond this ratio is split (module docstring).
 SPLIT_RATIO = 8.0
@@ -175,12 +174,12 @@ class DiffusionSampler(Sampler):
         # Per-step rows shared by every method: the x0 estimate, its slope, c.
         # x0 = p·x + q·m̂ as issued (clip_sample, DPM-Solver++'s conversion): split if cancelling.
         self._x0_split, q_issued = _split(p, q)
-        self._host = {
+        self.coefficient_tables = {
             "p": p, "q": q, "dx0_dx": p, "c": _guidance_coefficient(ab, prediction_type),
             "q_issued": q_issued, "one": np.ones_like(p), "minus_one": -np.ones_like(p),
         }  # fmt: skip
         self._split = np.zeros(len(ab), dtype=bool)
-        self._times = {"t": self.timesteps}
+        self.model_times = {"t": self.timesteps}
         if method == "ddpm":
             self._plan_ddpm(ac, ab, p, q)
         elif method == "ddim":
@@ -222,15 +221,14 @@ class DiffusionSampler(Sampler):
         c_x = np.sqrt(alpha_t) * (1.0 - abp) / (1.0 - ab)
         variance = np.maximum((1.0 - abp) / (1.0 - ab) * beta_t, _DDPM_MIN_VARIANCE)
         # diffusers draws noise only when the current timestep is > 0.
-        self._draw = ts > 0
-        self.stochastic = bool(self._draw.any())
-        sigma = np.where(self._draw, np.sqrt(variance), 0.0)
+        self.step_noise_draws = ts > 0
+        sigma = np.where(self.step_noise_draws, np.sqrt(variance), 0.0)
         if self.clip_sample:
-            self._host.update(a=c_x, b=c_x0, s=sigma)
+            self.coefficient_tables.update(a=c_x, b=c_x0, s=sigma)
         else:
             a = c_x0 * p + c_x
             self._split, b = _split(a, c_x0 * q)
-            self._host.update(a=a, b=b, s=sigma)
+            self.coefficient_tables.update(a=a, b=b, s=sigma)
 
     def _plan_ddim(self, ac, ab, p, q) -> None:
         ts = self.timesteps
@@ -247,21 +245,20 @@ class DiffusionSampler(Sampler):
             )
         delta = np.sqrt(direction)
         u, w = _eps_map(self.prediction_type, ab)
-        self._draw = np.full(len(ts), self.eta > 0)
-        self.stochastic = self.eta > 0
+        self.step_noise_draws = np.full(len(ts), self.eta > 0)
         if self.clip_sample:
             # x' = δu·x + δw·m̂ + √ᾱ'·clip(x0) + σz (ε is the unclipped estimate, as diffusers)
-            self._host.update(a=delta * u, b=delta * w, d=np.sqrt(abp), s=sigma)
+            self.coefficient_tables.update(a=delta * u, b=delta * w, d=np.sqrt(abp), s=sigma)
         else:
             a = np.sqrt(abp) * p + delta * u
             self._split, b = _split(a, np.sqrt(abp) * q + delta * w)
-            self._host.update(a=a, b=b, s=sigma)
+            self.coefficient_tables.update(a=a, b=b, s=sigma)
 
     def _plan_dpmsolver(self, ab, p, q) -> None:
         k = self.num_steps
         alpha = np.sqrt(ab)
         sigma = np.sqrt(1.0 - ab)
-        lam = np.log(alpha) - np.log(sigma)  # half log-SNR
+        half_log_snr = np.log(alpha) - np.log(sigma)  # half log-SNR
         # The step after the last lands on σ = 0 (final_sigmas_type="zero"): x' = x̂0.
         alpha_next = np.append(alpha[1:], 1.0)
         sigma_next = np.append(sigma[1:], 0.0)
@@ -281,19 +278,19 @@ class DiffusionSampler(Sampler):
             if i == k - 1:
                 coef["a"][i], coef["b"][i] = 0.0, 1.0  # exp(−h) = 0, σ' = 0, α' = 1
                 continue
-            h = lam[i + 1] - lam[i]
+            h = half_log_snr[i + 1] - half_log_snr[i]
             e = -alpha_next[i] * np.expm1(-h)  # −α'(e^{−h} − 1) > 0
             coef["a"][i] = sigma_next[i] / sigma[i]
             # Each D is a combination of the data predictions [x̂0_i, x̂0_{i−1}, x̂0_{i−2}].
             if order == 1:
                 total = np.array([e, 0.0, 0.0])
             elif order == 2:
-                r0 = (lam[i] - lam[i - 1]) / h
+                r0 = (half_log_snr[i] - half_log_snr[i - 1]) / h
                 d1 = np.array([1.0, -1.0, 0.0]) / r0
                 total = e * np.array([1.0, 0.0, 0.0]) + 0.5 * e * d1
             else:
-                r0 = (lam[i] - lam[i - 1]) / h
-                r1 = (lam[i - 1] - lam[i - 2]) / h
+                r0 = (half_log_snr[i] - half_log_snr[i - 1]) / h
+                r1 = (half_log_snr[i - 1] - half_log_snr[i - 2]) / h
                 d1_0 = np.array([1.0, -1.0, 0.0]) / r0
                 d1_1 = np.array([0.0, 1.0, -1.0]) / r1
                 d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
@@ -306,12 +303,11 @@ class DiffusionSampler(Sampler):
                 )
             coef["b"][i], coef["d"][i], coef["s"][i] = total
         self._orders = orders
-        self._draw = np.zeros(k, dtype=bool)
-        self.stochastic = False
-        self._host.update(coef)
+        self.step_noise_draws = np.zeros(k, dtype=bool)
+        self.coefficient_tables.update(coef)
 
     # -- the loop ------------------------------------------------------------------------
-    def _loop(self, run: Run) -> None:
+    def loop(self, run: Run) -> None:
         if self.method == "dpmsolver++":
             self._loop_dpmsolver(run)
         else:
@@ -322,9 +318,9 @@ class DiffusionSampler(Sampler):
         tb = run.tables
         if split:
             diff = run.ws["x_minus_m"]
-            run.launch(diff, x, m, tb.one[0], tb.minus_one[0], g, c)
+            run.launch(diff, x=x, m=m, a=tb.one[0], b=tb.minus_one[0], g=g, c=c)
             x = diff
-        run.launch(out, x, m, a, b, g, c, z=z, s=s)
+        run.launch(out, x=x, m=m, a=a, b=b, g=g, c=c, z=z, s=s)
 
     def _loop_ddpm_ddim(self, run: Run) -> None:
         tb, x, ws, launch = run.tables, run.x, run.ws, run.launch
@@ -333,16 +329,19 @@ class DiffusionSampler(Sampler):
         for k in range(self.num_steps):
             m = run.model(x, tb.t[k])
             g = run.gradient(x, m, tb.p[k], tb.q[k], tb.dx0_dx[k])
-            z = run.noise() if self._draw[k] else None
+            z = run.noise() if self.step_noise_draws[k] else None
             s = tb.s[k] if z is not None else None
             if clip:
                 x0 = ws["x0"]
                 self._combine(run, x0, x, m, tb.p[k], tb.q_issued[k], g, tb.c[k], self._x0_split[k])
                 x0.clamp_(-r, r)
                 if self.method == "ddpm":
-                    launch(x, x, x0, tb.a[k], tb.b[k], z=z, s=s)
+                    launch(x, x=x, m=x0, a=tb.a[k], b=tb.b[k], z=z, s=s)
                 else:
-                    launch(x, x, m, tb.a[k], tb.b[k], g, tb.c[k], x0, tb.d[k], z, s)
+                    launch(
+                        x, x=x, m=m, a=tb.a[k], b=tb.b[k], g=g, c=tb.c[k],
+                        m_prev=x0, d=tb.d[k], z=z, s=s,
+                    )  # fmt: skip
             else:
                 self._combine(run, x, x, m, tb.a[k], tb.b[k], g, tb.c[k], self._split[k], z, s)
             run.step_done(k)
@@ -360,7 +359,7 @@ class DiffusionSampler(Sampler):
             prev = ws[f"x0_{(k - 1) % n}"] if order >= 2 else None
             prev2 = ws[f"x0_{(k - 2) % n}"] if order >= 3 else None
             launch(
-                x, x, x0, tb.a[k], tb.b[k],
+                x, x=x, m=x0, a=tb.a[k], b=tb.b[k],
                 m_prev=prev, d=tb.d[k] if prev is not None else None,
                 z=prev2, s=tb.s[k] if prev2 is not None else None,
             )  # fmt: skip

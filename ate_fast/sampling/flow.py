@@ -10,7 +10,7 @@ Heun   x̃ = x + Δt·v̂(x, t);  x' = ½x + ½x̃ + ½Δt·v̂(x̃, t')    (two
        diffusers' FlowMatchHeunDiscreteScheduler
 =====  ===========================================================================
 
-with ``v̂ = v + λ·clamp(c·g, −κ, κ)``, ``c = −t/(1−t)`` and, for the guidance,
+with ``v̂ = v + λ·clip(c·g, −κ, κ)``, ``c = −t/(1−t)`` and, for the guidance,
 ``x0_hat = x − t·v``, ``dx0/dx = 1``.
 """
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ate_fast.guidance import flow_guidance_coefficient
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
 from ate_fast.sampling.timesteps import FLOW_TIME_GRIDS, flow_sigmas
-from ate_fast.steer.coefficients import flow_guidance_coefficient
 
 FLOW_METHODS = ("euler", "heun")
 
@@ -93,11 +93,12 @@ class FlowSampler(Sampler):
         ones = np.ones_like(t)
         # Stage 2 of Heun evaluates at t_next; its last entry (t = 0) is never used.
         t2 = np.append(t_next[:-1], t[-1])
-        self._host = {
+        self.coefficient_tables = {
             "one": ones, "half": 0.5 * ones, "dt": dt, "half_dt": 0.5 * dt,
             "neg_t": -t, "c": _coefficient(t), "neg_t2": -t2, "c2": _coefficient(t2),
         }  # fmt: skip
-        self._times = {"t": t, "t2": t2}
+        self.model_times = {"t": t, "t2": t2}
+        self.step_noise_draws = np.zeros(self.num_steps, dtype=bool)  # an ODE: no noise
 
     def __repr__(self) -> str:
         return (
@@ -105,18 +106,21 @@ class FlowSampler(Sampler):
             f"time_grid={self.time_grid!r}, shift={self.shift})"
         )
 
-    def _loop(self, run: Run) -> None:
+    def loop(self, run: Run) -> None:
         tb, x, launch = run.tables, run.x, run.launch
         last = self.num_steps - 1
         for k in range(self.num_steps):
             v = run.model(x, tb.t[k])
             g = run.gradient(x, v, tb.one[k], tb.neg_t[k], tb.one[k])
             if self.method == "euler" or k == last:
-                launch(x, x, v, tb.one[k], tb.dt[k], g, tb.c[k])
+                launch(x, x=x, m=v, a=tb.one[k], b=tb.dt[k], g=g, c=tb.c[k])
             else:
                 x_pred = run.ws["x_pred"]
-                launch(x_pred, x, v, tb.one[k], tb.dt[k], g, tb.c[k])
+                launch(x_pred, x=x, m=v, a=tb.one[k], b=tb.dt[k], g=g, c=tb.c[k])
                 v2 = run.model(x_pred, tb.t2[k])
                 g2 = run.gradient(x_pred, v2, tb.one[k], tb.neg_t2[k], tb.one[k])
-                launch(x, x, v2, tb.half[k], tb.half_dt[k], g2, tb.c2[k], x_pred, tb.half[k])
+                launch(
+                    x, x=x, m=v2, a=tb.half[k], b=tb.half_dt[k], g=g2, c=tb.c2[k],
+                    m_prev=x_pred, d=tb.half[k],
+                )  # fmt: skip
             run.step_done(k)

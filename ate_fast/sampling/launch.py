@@ -6,37 +6,39 @@ is what ``sample()`` uses, and what a CUDA graph captures.
 On the CPU there is no graph to capture, and the op's per-call validation and
 dispatch (~20 µs) cost as much as the kernel on a small action chunk many times over.
 A captured CPU loop therefore records its launches once (:class:`RecordingLaunch`:
-every call runs through the public, validated op) and then replays them
+every call runs through the public, validated op and keeps the op's prepared launch,
+:func:`ate_fast.ops.guided_step.prepare_launch`) and then replays them
 (:class:`ReplayLaunch`): the buffers and coefficient rows are the same objects on every
 replay, so each launch only checks the two tensors that change between calls — the
-model output ``m`` and the guidance gradient ``g`` — and calls the op's CPU kernel with
-the argument list prepared at recording time.
+model output ``m`` and the guidance gradient ``g`` — and re-binds them in the prepared
+native call.
+
+Every step argument is passed by keyword: ``launch(out, x=..., m=..., a=..., b=...)``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 from torch import Tensor
 
-from ate_fast import native
-from ate_fast.ops import guided_step, selected_backend
-from ate_fast.ops.guided_step import _native_args
+from ate_fast.ops.guided_step import guided_step, prepare_launch
+from ate_fast.ops.native_abi import PreparedLaunch
 
 
 class Launch:
-    """``out = a·x + b·(m + lam·clamp(c·g, −kappa, kappa)) + d·m_prev + s·z`` through the
-    public op; ``lam``/``kappa`` are the guidance's scale and clamp for the whole run."""
+    """``out = a·x + b·(m + scale·clip(c·g, −clamp, clamp)) + d·m_prev + s·z`` through the
+    public op; ``scale`` (λ) and ``clamp`` (κ) are the guidance's for the whole run."""
 
-    def __init__(self, lam: float = 1.0, kappa: float = math.inf) -> None:
-        self.lam = lam
-        self.kappa = kappa
+    def __init__(self, scale: float = 1.0, clamp: float = math.inf) -> None:
+        self.scale = scale
+        self.clamp = clamp
 
     def __call__(
         self,
         out: Tensor,
+        *,
         x: Optional[Tensor],
         m: Tensor,
         a: Optional[Tensor],
@@ -51,62 +53,35 @@ class Launch:
         if g is None:
             c = None  # unguided: the correction term drops out
         return guided_step(
-            x, m, a=a, b=b, g=g, c=c, lam=self.lam, kappa=self.kappa,
+            x, m, a=a, b=b, g=g, c=c, scale=self.scale, clamp=self.clamp,
             m_prev=m_prev, d=d, z=z, s=s, out=out,
         )  # fmt: skip
 
 
-class _PreparedCall:
-    """One recorded CPU launch: the kernel's argument list with ``m`` and ``g`` to fill."""
+class _Recorded:
+    """One recorded launch: its destination and the op's prepared CPU call (None where
+    another backend ran it)."""
 
-    def __init__(self, kernel: Callable, args: tuple, m_probe: Tensor, g_probe: Optional[Tensor]):
-        self.kernel = kernel
-        self.args = list(args)
-        self.out: Optional[Tensor] = None
-        # The list was built with fresh probe tensors standing in for m and g, so their
-        # pointers are unique in it (a model may return a tensor aliasing x or out).
-        self.m_at = self.args.index(m_probe.data_ptr())
-        self.g_at = self.args.index(g_probe.data_ptr()) if g_probe is not None else -1
-        self.shape, self.dtype, self.device = m_probe.shape, m_probe.dtype, m_probe.device
+    __slots__ = ("out", "prepared")
 
-    def matches(self, t: Tensor) -> bool:
-        return (
-            t.shape == self.shape
-            and t.dtype == self.dtype
-            and t.device == self.device
-            and t.is_contiguous()
-        )
-
-    def __call__(self, m: Tensor, g: Optional[Tensor]) -> None:
-        self.args[self.m_at] = m.data_ptr()
-        if self.g_at >= 0:
-            self.args[self.g_at] = g.data_ptr()
-        self.kernel(*self.args)
+    def __init__(self, out: Tensor, prepared: Optional[PreparedLaunch]) -> None:
+        self.out = out
+        self.prepared = prepared
 
 
 class RecordingLaunch(Launch):
     """A :class:`Launch` that also records each call for :class:`ReplayLaunch`."""
 
-    def __init__(self, lam: float = 1.0, kappa: float = math.inf) -> None:
-        super().__init__(lam, kappa)
-        self.calls: list[Optional[_PreparedCall]] = []
+    def __init__(self, scale: float = 1.0, clamp: float = math.inf) -> None:
+        super().__init__(scale, clamp)
+        self.calls: list[_Recorded] = []
 
-    def __call__(self, out, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None):
-        result = super().__call__(out, x, m, a, b, g, c, m_prev, d, z, s)
+    def __call__(self, out, *, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None):
+        result = super().__call__(out, x=x, m=m, a=a, b=b, g=g, c=c, m_prev=m_prev, d=d, z=z, s=s)
         if g is None:
             c = None
-        kernel = native.load("_C")
-        if selected_backend(m) == "cpu" and kernel is not None:
-            m_probe = torch.empty_like(m)
-            g_probe = None if g is None else torch.empty_like(g)
-            args = _native_args(
-                out, x, m_probe, a, b, g_probe, c, m_prev, d, z, s, self.lam, self.kappa
-            )
-            call = _PreparedCall(kernel.guided_step, args, m_probe, g_probe)
-            call.out = out
-            self.calls.append(call)
-        else:
-            self.calls.append(None)  # replayed through the public op
+        prepared = prepare_launch(out, x, m, a, b, g, c, m_prev, d, z, s, self.scale, self.clamp)
+        self.calls.append(_Recorded(out, prepared))
         return result
 
 
@@ -114,25 +89,29 @@ class ReplayLaunch(Launch):
     """Replays the calls a :class:`RecordingLaunch` recorded, in order."""
 
     def __init__(self, recording: RecordingLaunch) -> None:
-        super().__init__(recording.lam, recording.kappa)
+        super().__init__(recording.scale, recording.clamp)
         self.calls = recording.calls
         self.position = 0
 
     def rewind(self) -> None:
         self.position = 0
 
-    def __call__(self, out, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None):
+    def __call__(self, out, *, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None):
         call = self.calls[self.position]
         self.position += 1
+        prepared = call.prepared
         if (
-            call is None
+            prepared is None
             or call.out is not out
-            or not call.matches(m)
-            or (g is None) != (call.g_at < 0)
-            or (g is not None and not call.matches(g))
+            or not prepared.accepts("m", m)
+            or (g is None) != ("g" not in prepared.slots)
+            or (g is not None and not prepared.accepts("g", g))
         ):
             # Not the recorded launch (or another backend): the public op decides, and
             # raises its own clear error for a bad model or guidance output.
-            return super().__call__(out, x, m, a, b, g, c, m_prev, d, z, s)
-        call(m, g)
+            return super().__call__(out, x=x, m=m, a=a, b=b, g=g, c=c, m_prev=m_prev, d=d, z=z, s=s)
+        if g is None:
+            prepared(m=m)
+        else:
+            prepared(m=m, g=g)
         return out

@@ -1,30 +1,30 @@
 """What every sampler shares: argument checks, the per-run state, ``sample`` and ``capture``.
 
 A subclass computes its per-step coefficients on the host at construction
-(:meth:`Sampler._host_tables`) and writes its K-step loop once (:meth:`Sampler._loop`)
+(:attr:`Sampler.coefficient_tables`, :attr:`Sampler.model_times`,
+:attr:`Sampler.step_noise_draws`) and writes its K-step loop once (:meth:`Sampler.loop`)
 in terms of a :class:`Run`: evaluate the model, optionally compute the guidance
 gradient, issue fused guided steps into workspace buffers. ``sample()`` runs that loop
-eagerly; ``capture()`` replays it (a CUDA graph on GPU).
+eagerly; ``capture()`` replays it (a CUDA graph on GPU); ``ate_fast.export`` traces it
+with its own :class:`Run` (these four names are the sampler's export seam).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.sampling.guidance import Guidance, check_guidance
+from ate_fast.guidance import Guidance, check_guidance
+from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
 from ate_fast.sampling.launch import Launch
 from ate_fast.sampling.noise import NoiseDraw
-from ate_fast.sampling.workspace import StepTables, Workspace
-
-if TYPE_CHECKING:
-    from ate_fast.sampling.capture import CapturedSampler
+from ate_fast.sampling.workspace import StepBuffers, StepTables
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 StepCallback = Callable[[int, Tensor], None]
@@ -54,15 +54,16 @@ class Run:
 
     def __init__(
         self,
+        *,
         model_fn: ModelFn,
         x: Tensor,
         cond: Any,
         tables: StepTables,
-        ws: Workspace,
+        ws: StepBuffers,
         launch: Launch,
-        guidance: Optional[Guidance],
-        draw: Optional[NoiseDraw],
-        callback: Optional[StepCallback],
+        guidance: Optional[Guidance] = None,
+        draw: Optional[Callable[[], Tensor]] = None,
+        callback: Optional[StepCallback] = None,
     ) -> None:
         self.model_fn = model_fn
         self.x = x
@@ -88,7 +89,7 @@ class Run:
         if self.guidance is None:
             return None
         x0_hat = self.ws["x0_hat"]
-        self.launch(x0_hat, x, m, p, q)
+        self.launch(x0_hat, x=x, m=m, a=p, b=q)
         with torch.enable_grad():
             g = self.guidance.gradient(x, x0_hat, dx0_dx)
         return check_output("guidance.gradient", g, x)
@@ -105,14 +106,21 @@ class Run:
 class Sampler:
     """Base class of :class:`DiffusionSampler` and :class:`FlowSampler`.
 
-    Subclasses set ``self._host`` (coefficient name -> ``[K]`` float64 array),
-    ``self._times`` (name -> ``[K]`` times passed to the model) and ``self.stochastic``,
-    and implement :meth:`_loop`.
+    Subclasses set, at construction, the export seam's tables —
+    :attr:`coefficient_tables` (coefficient name -> ``[K]`` float64 array, the rows the
+    loop reads as ``run.tables.<name>[k]``), :attr:`model_times` (name -> ``[K]`` times
+    passed to the model) and :attr:`step_noise_draws` (``[K]`` bool: whether step k
+    draws noise) — and implement :meth:`loop`.
     """
 
-    stochastic: bool = False
-    _host: dict[str, np.ndarray]
-    _times: dict[str, np.ndarray]
+    coefficient_tables: dict[str, np.ndarray]
+    model_times: dict[str, np.ndarray]
+    step_noise_draws: np.ndarray
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the loop draws step noise (DDPM; DDIM with eta > 0)."""
+        return bool(np.any(self.step_noise_draws))
 
     def __init__(self, model_fn: ModelFn, num_steps: int) -> None:
         if not callable(model_fn):
@@ -125,7 +133,10 @@ class Sampler:
         self._tables: OrderedDict[tuple, StepTables] = OrderedDict()
 
     # -- subclass hooks ----------------------------------------------------------------
-    def _loop(self, run: Run) -> None:
+    def loop(self, run: Run) -> None:
+        """The K-step loop over ``run`` (``run.x`` [B, H, D] holds the noise on entry and
+        the actions on return). Subclasses implement it once; ``sample()``, ``capture()``
+        and the ONNX export all run it."""
         raise NotImplementedError
 
     def _check_guidance_mode(self, mode: str) -> None:
@@ -137,7 +148,7 @@ class Sampler:
         key = (device, dtype, batch)
         tables = self._tables.get(key)
         if tables is None:
-            tables = StepTables(self._host, self._times, device, dtype, batch)
+            tables = StepTables(self.coefficient_tables, self.model_times, device, dtype, batch)
             self._tables[key] = tables
             if len(self._tables) > _TABLE_CACHE_SIZE:
                 self._tables.popitem(last=False)
@@ -164,12 +175,12 @@ class Sampler:
         """Copy ``noise`` into ``run.x`` and run the loop without autograd; returns ``run.x``."""
         with torch.no_grad():
             run.x.copy_(noise)
-            self._loop(run)
+            self.loop(run)
         return run.x
 
     def new_run(
         self,
-        ws: Workspace,
+        ws: StepBuffers,
         cond: Any,
         guidance: Optional[Guidance],
         generator: Optional[torch.Generator],
@@ -179,7 +190,10 @@ class Sampler:
         x = ws["x"]
         tables = self.tables(x.device, x.dtype, x.shape[0])
         draw = NoiseDraw(ws["z"], generator) if self.stochastic else None
-        return Run(self.model_fn, x, cond, tables, ws, launch, guidance, draw, callback)
+        return Run(
+            model_fn=self.model_fn, x=x, cond=cond, tables=tables, ws=ws, launch=launch,
+            guidance=guidance, draw=draw, callback=callback,
+        )  # fmt: skip
 
     # -- public API --------------------------------------------------------------------
     def sample(
@@ -202,11 +216,11 @@ class Sampler:
             callback: ``callback(k, x)`` after step k (0-based) with the current sample
                 [B, H, D] (a buffer the next step overwrites: clone it to keep it).
         """
-        lam, kappa = self.check_inputs(noise, cond, guidance, generator)
+        scale, clamp = self.check_inputs(noise, cond, guidance, generator)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-        ws = Workspace(noise)
-        run = self.new_run(ws, cond, guidance, generator, Launch(lam, kappa), callback)
+        ws = StepBuffers(noise)
+        run = self.new_run(ws, cond, guidance, generator, Launch(scale, clamp), callback)
         return self.execute(noise, run)
 
     def capture(
@@ -225,8 +239,6 @@ class Sampler:
         :class:`ate_fast.sampling.CapturedSampler` for the contract (static shapes, the
         returned buffer is reused, guidance and generator are bound at capture).
         """
-        from ate_fast.sampling.capture import CapturedSampler
-
         return CapturedSampler(
             self, example_noise, example_cond, guidance, generator, check_finite=check_finite
         )

@@ -4,8 +4,8 @@ A sampler computes its per-step coefficients once, on the host in float64, when 
 constructed. :class:`StepTables` turns them into ``[B]`` rows on the data's device in
 the compute dtype (float64 for float64 data, float32 otherwise) the first time a
 (device, dtype, batch) is seen, so that a step does no host arithmetic and launches
-no host-to-device copy. :class:`Workspace` holds the ``[B, H, D]`` buffers the loop
-updates in place; a captured loop keeps one workspace for its lifetime.
+no host-to-device copy. :class:`StepBuffers` holds the ``[B, H, D]`` buffers the loop
+updates in place; a captured loop keeps one set for its lifetime.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.ops.guided_step_ref import compute_dtype
+from ate_fast.ops.constants import compute_dtype
 
 
 class StepTables:
@@ -54,7 +54,7 @@ class StepTables:
         return list(full.contiguous().to(device).unbind(0))
 
 
-class Workspace:
+class StepBuffers:
     """Named ``[B, H, D]`` buffers like ``x``, allocated on first use and then reused."""
 
     def __init__(self, like: Tensor) -> None:
