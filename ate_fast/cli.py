@@ -23,7 +23,7 @@ SUBCOMMAND_MODULES = (
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ate_fast.info import format_info, info
+    from ate_fast.system_info import format_info, info
 
     data = info()
     print(json.dumps(data, indent=2) if args.json else format_info(data))

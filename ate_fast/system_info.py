@@ -11,6 +11,7 @@ import torch
 from ate_fast import native
 from ate_fast._version import __version__
 from ate_fast.ops import backends
+from ate_fast.steer.transformer_vjp import selected_path
 
 
 def _version(dist: str) -> str | None:
@@ -85,8 +86,6 @@ def info() -> dict:
 
 def _transformer_guidance_paths() -> dict:
     """Device type -> the Transformer-encoder guidance path (or the env variable's error)."""
-    from ate_fast.steer.transformer_vjp import selected_path
-
     paths = {}
     for device_type in ("cpu", "cuda"):
         try:

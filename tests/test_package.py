@@ -8,7 +8,7 @@ import sys
 
 from ate_fast import native
 from ate_fast.cli import main
-from ate_fast.info import format_info, info
+from ate_fast.system_info import format_info, info
 
 
 def _python(code: str) -> str:
