@@ -316,74 +316,98 @@ def mlp_guidance_triton_into(
     distance_weight: float,
 ) -> None:
     """Write ``g`` [B, H, D] and ``z`` [B, d_z]; inputs validated by the caller."""
-    batch, action_dim = x.shape[0], x.shape[2]
-    if batch == 0:
+    if x.shape[0] == 0:
         return
-    layers = len(weights)
-    dims = [x.shape[1] * x.shape[2]] + [w.shape[0] for w in weights]
-    dz = dims[-1] // 2
-    rows = 2 * batch if a0 is not None else batch
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    hidden = dims[1:-1]
-    widest = max(hidden, default=0)
-    # Scratch: pre-activations of the hidden layers (rows × d_l each), δ at the output
-    # (B × 2·d_z) and two δ buffers for the hidden layers (B × widest).
-    sizes = [rows * d for d in hidden] + [batch * 2 * dz] + [batch * widest] * 2
-    scratch = torch.empty(sum(sizes), dtype=compute, device=x.device)
-    views, offset = [], 0
-    for size in sizes:
-        views.append(scratch[offset : offset + size])
-        offset += size
-    pre, delta_out, ping = views[: len(hidden)], views[len(hidden)], views[len(hidden) + 1 :]
+    call = _Call(x, weights, biases, activation, a0, mask)
+    pre, delta_out, ping = call.scratch()
+    last_hidden = call.forward(pre)
+    call.latent(last_hidden, target, eps, z, delta_out, distance_weight)
+    call.backward(delta_out, pre, ping, g, eps is not None)
 
-    launch = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    has_mask = mask is not None
-    mask_arg = mask if has_mask else x
-    mask_stride = action_dim if has_mask and mask.ndim == 2 else 0
-    flags = dict(ACT=activation, HAS_MASK=has_mask)
 
-    # Forward through the hidden layers (stacked rows: x, then a0).
-    block_rows = _block_b(rows)
-    src = x
-    for layer in range(layers - 1):
-        w, b = weights[layer], biases[layer]
-        grid = (triton.cdiv(dims[layer + 1], FWD_BLOCK_N), triton.cdiv(rows, block_rows))
+class _Call:
+    """The sizes, flags and launch options one call's kernels share."""
+
+    def __init__(self, x, weights, biases, activation, a0, mask) -> None:
+        self.x, self.weights, self.biases, self.a0 = x, weights, biases, a0
+        self.batch, self.action_dim = x.shape[0], x.shape[2]
+        self.dims = [x.shape[1] * x.shape[2]] + [w.shape[0] for w in weights]
+        self.dz = self.dims[-1] // 2
+        self.rows = 2 * self.batch if a0 is not None else self.batch  # x's rows, then a0's
+        has_mask = mask is not None
+        self.mask_arg = mask if has_mask else x
+        self.mask_stride = self.action_dim if has_mask and mask.ndim == 2 else 0
+        self.options = dict(
+            ACT=activation, HAS_MASK=has_mask, num_warps=NUM_WARPS, num_stages=NUM_STAGES
+        )
+
+    def scratch(self) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """Pre-activations of the hidden layers (rows × d_l each), δ at the output
+        (B × 2·d_z) and two δ buffers for the hidden layers (B × widest), one allocation."""
+        compute = torch.float64 if self.x.dtype == torch.float64 else torch.float32
+        hidden = self.dims[1:-1]
+        widest = max(hidden, default=0)
+        sizes = [self.rows * d for d in hidden] + [self.batch * 2 * self.dz]
+        sizes += [self.batch * widest] * 2
+        scratch = torch.empty(sum(sizes), dtype=compute, device=self.x.device)
+        views, offset = [], 0
+        for size in sizes:
+            views.append(scratch[offset : offset + size])
+            offset += size
+        return views[: len(hidden)], views[len(hidden)], views[len(hidden) + 1 :]
+
+    def forward(self, pre: list[Tensor]) -> Tensor:
+        """The hidden layers over the stacked rows; returns the last one's input."""
+        x, a0, dims = self.x, self.a0, self.dims
+        block_rows = _block_b(self.rows)
+        src = x
+        for layer in range(len(self.weights) - 1):
+            w, b = self.weights[layer], self.biases[layer]
+            grid = (triton.cdiv(dims[layer + 1], FWD_BLOCK_N), triton.cdiv(self.rows, block_rows))
+            if grid[0]:
+                _forward_kernel[grid](
+                    src, x if a0 is None else a0, self.mask_arg, w, w if b is None else b,
+                    pre[layer], self.rows, self.batch, dims[layer], dims[layer + 1],
+                    self.mask_stride, self.action_dim, FROM_INPUT=layer == 0,
+                    HAS_A0=a0 is not None, HAS_BIAS=b is not None, BLOCK_B=block_rows,
+                    BLOCK_N=FWD_BLOCK_N, BLOCK_K=FWD_BLOCK_K, **self.options,
+                )  # fmt: skip
+            src = pre[layer]
+        return src
+
+    def latent(self, src, target, eps, z, delta_out, distance_weight: float) -> None:
+        """Last layer + latent + δ at the output; writes ``z``."""
+        x, a0, dz = self.x, self.a0, self.dz
+        w, b = self.weights[-1], self.biases[-1]
+        block_b = _block_b(self.batch)
+        grid = (triton.cdiv(dz, FWD_BLOCK_N), triton.cdiv(self.batch, block_b))
         if grid[0]:
-            _forward_kernel[grid](
-                src, x if a0 is None else a0, mask_arg, w, w if b is None else b, pre[layer],
-                rows, batch, dims[layer], dims[layer + 1], mask_stride, action_dim,
-                FROM_INPUT=layer == 0, HAS_A0=a0 is not None, HAS_BIAS=b is not None,
-                BLOCK_B=block_rows, BLOCK_N=FWD_BLOCK_N, BLOCK_K=FWD_BLOCK_K, **flags, **launch,
+            _latent_kernel[grid](
+                src, x if a0 is None else a0, self.mask_arg, w, w if b is None else b,
+                x if target is None else target, x if eps is None else eps, z, delta_out,
+                self.batch, self.dims[-2], dz, dz if target is not None and target.ndim == 2 else 0,
+                self.mask_stride, self.action_dim, _float64_bits(distance_weight),
+                FROM_INPUT=len(self.weights) == 1, HAS_A0=a0 is not None, HAS_BIAS=b is not None,
+                HAS_EPS=eps is not None, BLOCK_B=block_b, BLOCK_N=FWD_BLOCK_N,
+                BLOCK_K=FWD_BLOCK_K, **self.options,
             )  # fmt: skip
-        src = pre[layer]
 
-    # Last layer + latent + δ at the output.
-    w, b = weights[-1], biases[-1]
-    block_b = _block_b(batch)
-    grid = (triton.cdiv(dz, FWD_BLOCK_N), triton.cdiv(batch, block_b))
-    if grid[0]:
-        _latent_kernel[grid](
-            src, x if a0 is None else a0, mask_arg, w, w if b is None else b,
-            x if target is None else target, x if eps is None else eps, z, delta_out,
-            batch, dims[-2], dz, dz if target is not None and target.ndim == 2 else 0,
-            mask_stride, action_dim, _float64_bits(distance_weight),
-            FROM_INPUT=layers == 1, HAS_A0=a0 is not None, HAS_BIAS=b is not None,
-            HAS_EPS=eps is not None, BLOCK_B=block_b, BLOCK_N=FWD_BLOCK_N,
-            BLOCK_K=FWD_BLOCK_K, **flags, **launch,
-        )  # fmt: skip
-
-    # Backward to the input; without eps the log σ² half of δ is zero and skipped.
-    delta, used_out, delta_stride = delta_out, (dz if eps is None else 2 * dz), 2 * dz
-    for layer in range(layers - 1, -1, -1):
-        in_dim = dims[layer]
-        to_input = layer == 0
-        out = g if to_input else ping[layer % 2]
-        grid = (triton.cdiv(in_dim, BWD_BLOCK_K), triton.cdiv(batch, block_b))
-        if grid[0]:
-            _backward_kernel[grid](
-                delta, weights[layer], out if to_input else pre[layer - 1], out, mask_arg,
-                batch, in_dim, used_out, delta_stride, mask_stride, action_dim,
-                TO_INPUT=to_input, BLOCK_B=block_b, BLOCK_K=BWD_BLOCK_K, BLOCK_O=BWD_BLOCK_O,
-                **flags, **launch,
-            )  # fmt: skip
-        delta, used_out, delta_stride = out, in_dim, in_dim
+    def backward(self, delta_out, pre, ping, g, has_eps: bool) -> None:
+        """Back to the input, writing ``g``; without eps the log σ² half of δ is zero and
+        skipped."""
+        block_b = _block_b(self.batch)
+        used_out = 2 * self.dz if has_eps else self.dz
+        delta, delta_stride = delta_out, 2 * self.dz
+        for layer in range(len(self.weights) - 1, -1, -1):
+            in_dim = self.dims[layer]
+            to_input = layer == 0
+            out = g if to_input else ping[layer % 2]
+            grid = (triton.cdiv(in_dim, BWD_BLOCK_K), triton.cdiv(self.batch, block_b))
+            if grid[0]:
+                _backward_kernel[grid](
+                    delta, self.weights[layer], out if to_input else pre[layer - 1], out,
+                    self.mask_arg, self.batch, in_dim, used_out, delta_stride, self.mask_stride,
+                    self.action_dim, TO_INPUT=to_input, BLOCK_B=block_b, BLOCK_K=BWD_BLOCK_K,
+                    BLOCK_O=BWD_BLOCK_O, **self.options,
+                )  # fmt: skip
+            delta, used_out, delta_stride = out, in_dim, in_dim
