@@ -38,13 +38,26 @@ def register(subparsers: Any) -> None:
         "export", help="deployment: a whole sampler as ONNX, and TensorRT engines"
     )
     sub = export.add_subparsers(dest="export_command", required=True)
+    _register_onnx(sub)
+    _register_tensorrt(sub)
 
+
+def _register_onnx(sub: Any) -> None:
     p = sub.add_parser(
         "onnx",
         help="export a reference head's K-step sampler (optionally guided) as one ONNX graph",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("policy head")
+    _head_arguments(p.add_argument_group("policy head"))
+    _sampler_arguments(p.add_argument_group("sampler"))
+    _guidance_arguments(
+        p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` VAE)")
+    )
+    _graph_arguments(p.add_argument_group("graph"))
+    p.set_defaults(func=_cmd_onnx)
+
+
+def _head_arguments(g: Any) -> None:
     g.add_argument("--head", required=True, choices=HEAD_NAMES, help="reference head")
     g.add_argument("--config", default="small", help="the head's named config")
     g.add_argument(
@@ -55,7 +68,9 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--random-init", action="store_true", help="export untrained weights (no --ckpt)"
     )
-    g = p.add_argument_group("sampler")
+
+
+def _sampler_arguments(g: Any) -> None:
     g.add_argument(
         "--method", default="euler", choices=FLOW_METHODS + DIFFUSION_METHODS,
         help="flow (euler, heun) or diffusion (ddpm, ddim, dpmsolver++) sampler",
@@ -70,7 +85,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight")
     g.add_argument("--solver-order", type=int, default=2, help="DPM-Solver++ order")
     g.add_argument("--clip-sample", action="store_true", help="DDPM/DDIM: clip x0 to ±1")
-    g = p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` VAE)")
+
+
+def _guidance_arguments(g: Any) -> None:
     g.add_argument("--guidance-vae", help="align checkpoint directory (arch mlp or transformer)")
     g.add_argument("--guidance-scale", type=float, default=2.0, help="λ")
     g.add_argument("--guidance-clamp", type=float, default=0.1, help="κ")
@@ -80,7 +97,9 @@ def register(subparsers: Any) -> None:
         help="bake z* into the graph: a LatentPrior file (its mean) or a tensor file "
         "(.safetensors/.pt/.npy) [d_z]; without it the graph takes a `target` input",
     )
-    g = p.add_argument_group("graph")
+
+
+def _graph_arguments(g: Any) -> None:
     g.add_argument("--out", required=True, help="the .onnx file to write")
     g.add_argument("--batch", type=int, default=1, help="example batch")
     g.add_argument("--static-batch", action="store_true", help="fix the batch to --batch")
@@ -96,8 +115,9 @@ def register(subparsers: Any) -> None:
         help=f"run the graph in ONNX Runtime against PyTorch (batch 1 and 8); exit 1 above "
         f"{VERIFY_TOLERANCE:g} relative error",
     )  # fmt: skip
-    p.set_defaults(func=_cmd_onnx)
 
+
+def _register_tensorrt(sub: Any) -> None:
     t = sub.add_parser(
         "tensorrt",
         help="build a TensorRT engine from an exported graph",

@@ -86,7 +86,6 @@ def cast_for_precision(model: Any, precision: str) -> Any:
     records the precision in its metadata (``ate_fast.precision``).
     """
     import onnx
-    from onnx import TensorProto, helper
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -94,91 +93,111 @@ def cast_for_precision(model: Any, precision: str) -> Any:
     out.CopyFrom(model)
     if precision == "fp32":
         return out
-    low, ops = _low_type(precision), LOW_PRECISION_OPS[precision]
-    graph = out.graph
-    floats = _float_tensors(out)
-    initializers = {init.name: init for init in graph.initializer}
-    taken = {name for node in graph.node for name in (*node.input, *node.output)}
-    taken |= set(initializers) | {i.name for i in graph.input}
-
-    def fresh(base: str) -> str:
-        name, i = f"{base}__{precision}", 0
-        while name in taken:
-            i += 1
-            name = f"{base}__{precision}_{i}"
-        taken.add(name)
-        return name
-
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def weight_transpose(node: Any) -> bool:
-        """A Transpose of a float32 weight that only low-precision nodes read (Linear
-        weights are exported so): the weight itself is stored in the low type."""
-        if node.op_type != "Transpose" or node.input[0] not in initializers:
-            return False
-        if initializers[node.input[0]].data_type != TensorProto.FLOAT:
-            return False
-        readers = consumers.get(node.output[0], [])
-        return bool(readers) and all(r.op_type in ops for r in readers)
-
-    low_names: dict[str, str] = {}
-    retyped: set[str] = set()
+    caster = _GraphCaster(out, precision)
     nodes = []
-    for node in graph.node:
-        if weight_transpose(node):
-            weight = node.input[0]
-            if weight not in low_names:
-                low_names[weight] = fresh(weight)
-                graph.initializer.append(
-                    _low_initializer(initializers[weight], low_names[weight], precision)
-                )
-            node.input[0] = low_names[weight]
-            low_names[node.output[0]] = node.output[0]  # a transpose of low values is low
-            retyped.add(node.output[0])
-            nodes.append(node)
-            continue
-        if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
-            nodes.append(node)
-            continue
-        for i, name in enumerate(node.input):
-            if name in low_names:
-                node.input[i] = low_names[name]
-                continue
-            if not name or name not in floats:
-                continue
-            low_names[name] = fresh(name)
-            if name in initializers:
-                graph.initializer.append(
-                    _low_initializer(initializers[name], low_names[name], precision)
-                )
-            else:
-                cast = helper.make_node(
-                    "Cast", [name], [low_names[name]], to=low, name=fresh(f"cast_{name}")
-                )
-                nodes.append(cast)
-            node.input[i] = low_names[name]
-        result = node.output[0]
-        node.output[0] = fresh(result)
-        nodes.append(node)
-        back = helper.make_node(
-            "Cast", [node.output[0]], [result], to=TensorProto.FLOAT, name=fresh(f"cast_{result}")
-        )
-        nodes.append(back)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    stale = [info for info in graph.value_info if info.name in retyped]
-    for info in stale:  # shape inference re-derives their (now low) type
-        graph.value_info.remove(info)
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for node in out.graph.node:
+        nodes.extend(caster.rewrite(node))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    caster.drop_stale_types()
+    _drop_unused_initializers(out.graph)
     prop = next((p for p in out.metadata_props if p.key == PRECISION_METADATA_KEY), None)
     if prop is None:
         prop = out.metadata_props.add()
         prop.key = PRECISION_METADATA_KEY
     prop.value = precision
     return out
+
+
+class _GraphCaster:
+    """Rewrites one node at a time: low-precision inputs (cast activations, low-type
+    weight initializers) for the compute-heavy ops, their output cast back to float32."""
+
+    def __init__(self, model: Any, precision: str) -> None:
+        graph = model.graph
+        self.graph, self.precision = graph, precision
+        self.low, self.ops = _low_type(precision), LOW_PRECISION_OPS[precision]
+        self.floats = _float_tensors(model)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.taken = {name for node in graph.node for name in (*node.input, *node.output)}
+        self.taken |= set(self.initializers) | {i.name for i in graph.input}
+        self.consumers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.low_names: dict[str, str] = {}  # float32 tensor -> its low-precision twin
+        self.retyped: set[str] = set()  # outputs whose type changed to the low type
+
+    def fresh(self, base: str) -> str:
+        name, i = f"{base}__{self.precision}", 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}__{self.precision}_{i}"
+        self.taken.add(name)
+        return name
+
+    def _weight_transpose(self, node: Any) -> bool:
+        """A Transpose of a float32 weight that only low-precision nodes read (Linear
+        weights are exported so): the weight itself is stored in the low type."""
+        from onnx import TensorProto
+
+        if node.op_type != "Transpose" or node.input[0] not in self.initializers:
+            return False
+        if self.initializers[node.input[0]].data_type != TensorProto.FLOAT:
+            return False
+        readers = self.consumers.get(node.output[0], [])
+        return bool(readers) and all(r.op_type in self.ops for r in readers)
+
+    def _low_weight(self, name: str) -> str:
+        if name not in self.low_names:
+            self.low_names[name] = self.fresh(name)
+            self.graph.initializer.append(
+                _low_initializer(self.initializers[name], self.low_names[name], self.precision)
+            )
+        return self.low_names[name]
+
+    def rewrite(self, node: Any) -> list:
+        """``node`` and the Cast nodes it needs, in order."""
+        from onnx import TensorProto, helper
+
+        if self._weight_transpose(node):
+            node.input[0] = self._low_weight(node.input[0])
+            self.low_names[node.output[0]] = node.output[0]  # a transpose of low values is low
+            self.retyped.add(node.output[0])
+            return [node]
+        if node.op_type not in self.ops or node.domain not in ("", "ai.onnx"):
+            return [node]
+        nodes = []
+        for i, name in enumerate(node.input):
+            if name in self.low_names:
+                node.input[i] = self.low_names[name]
+                continue
+            if not name or name not in self.floats:
+                continue
+            if name in self.initializers:
+                node.input[i] = self._low_weight(name)
+                continue
+            low = self.low_names[name] = self.fresh(name)
+            cast_name = self.fresh(f"cast_{name}")
+            nodes.append(helper.make_node("Cast", [name], [low], to=self.low, name=cast_name))
+            node.input[i] = low
+        result = node.output[0]
+        node.output[0] = self.fresh(result)
+        back = helper.make_node(
+            "Cast", [node.output[0]], [result], to=TensorProto.FLOAT,
+            name=self.fresh(f"cast_{result}"),
+        )  # fmt: skip
+        return [*nodes, node, back]
+
+    def drop_stale_types(self) -> None:
+        """Shape inference re-derives the (now low) type of retyped tensors."""
+        stale = [info for info in self.graph.value_info if info.name in self.retyped]
+        for info in stale:
+            self.graph.value_info.remove(info)
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

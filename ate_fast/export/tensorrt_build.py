@@ -217,8 +217,7 @@ def to_tensorrt(
     opt = min_batch if opt_batch is None else opt_batch
     _check_build_arguments(onnx_path, precision, workspace_gb, (min_batch, opt, max_batch))
     trt = import_tensorrt()
-    version = parse_version(trt.__version__)
-    plan = build_plan(version, precision, strongly_typed)
+    plan = build_plan(parse_version(trt.__version__), precision, strongly_typed)
 
     import onnx
 
@@ -226,41 +225,11 @@ def to_tensorrt(
     signature = next((p.value for p in model.metadata_props if p.key == "ate_fast"), None)
     if plan.cast_precision is not None:
         model = cast_for_precision(model, plan.cast_precision)
-
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if plan.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if plan.cast_precision is None:
-        parsed = parser.parse_from_file(str(onnx_path))
-    else:  # the cast graph lives in memory; `path` resolves any external weights
-        parsed = parser.parse(model.SerializeToString(), str(onnx_path))
-    if not parsed:
-        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    for flag in plan.cleared_flags:
-        if hasattr(trt.BuilderFlag, flag):
-            config.clear_flag(getattr(trt.BuilderFlag, flag))
-    if builder_optimization_level is not None:
-        config.builder_optimization_level = int(builder_optimization_level)
-    profile = builder.create_optimization_profile()
-    dynamic = False
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shapes = batch_profile(tuple(tensor.shape), min_batch, opt, max_batch, tensor.name)
-        if shapes is not None:
-            profile.set_shape(tensor.name, *shapes)
-            dynamic = True
-    if dynamic:
-        config.add_optimization_profile(profile)
+    network = _parse(trt, builder, logger, plan, model, onnx_path)
+    config = _builder_config(trt, builder, plan, workspace_gb, builder_optimization_level)
+    dynamic = _add_batch_profile(builder, network, config, (min_batch, opt, max_batch))
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTBuildError(
@@ -279,3 +248,51 @@ def to_tensorrt(
     }
     _write_atomic(sidecar_path(engine_path), json.dumps(record, indent=2).encode())
     return engine_path
+
+
+def _parse(trt: Any, builder: Any, logger: Any, plan: BuildPlan, model: Any, onnx_path: Path):
+    """The network TensorRT's ONNX parser makes of the graph (the cast one, if cast)."""
+    flags = 0
+    if plan.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if plan.cast_precision is None:
+        parsed = parser.parse_from_file(str(onnx_path))
+    else:  # the cast graph lives in memory; `path` resolves any external weights
+        parsed = parser.parse(model.SerializeToString(), str(onnx_path))
+    if not parsed:
+        errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  {errors}")
+    return network
+
+
+def _builder_config(
+    trt: Any, builder: Any, plan: BuildPlan, workspace_gb: float, optimization_level: Any
+) -> Any:
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.cleared_flags:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
+    if optimization_level is not None:
+        config.builder_optimization_level = int(optimization_level)
+    return config
+
+
+def _add_batch_profile(builder: Any, network: Any, config: Any, batches: tuple) -> bool:
+    """The dynamic batch's (min, opt, max) profile on every input that has one; returns
+    whether any input is dynamic."""
+    profile = builder.create_optimization_profile()
+    dynamic = False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shapes = batch_profile(tuple(tensor.shape), *batches, tensor.name)
+        if shapes is not None:
+            profile.set_shape(tensor.name, *shapes)
+            dynamic = True
+    if dynamic:
+        config.add_optimization_profile(profile)
+    return dynamic
