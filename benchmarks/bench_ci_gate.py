@@ -53,8 +53,9 @@ class Row:
 
 @dataclass(frozen=True)
 class Pair:
-    """A case's two rows, and whether their outputs must agree (``atol`` relative to the
-    baseline's max |value|; None: different functions, e.g. guided vs unguided)."""
+    """A case's two rows, and how closely their outputs must agree: max |difference| ≤
+    ``atol`` × max(1, the baseline's max |value|); None: different functions (guided vs
+    unguided, steer vs plain loss)."""
 
     baseline: Row
     candidate: Row
@@ -246,5 +247,6 @@ def test_ci_gate(benchmark, monkeypatch, case, chunk, role):
     benchmark.extra_info.update(
         case=case, chunk=chunk, role=role, impl=row.impl, backend=row.backend or "default",
         threads=torch.get_num_threads(), env=os.environ.get(BACKEND_ENV, ""),
+        torch=torch.__version__,
     )  # fmt: skip
     benchmark.pedantic(row.fn, rounds=CASES[case].rounds, iterations=1, warmup_rounds=2)

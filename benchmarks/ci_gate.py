@@ -135,8 +135,7 @@ def judge_cpu(cases: dict[str, CpuCase], thresholds: dict) -> list[Verdict]:
 
 def _reference_ratio(entry: dict) -> Optional[float]:
     """The median of the ratios recorded when the threshold was set."""
-    measured = sorted(entry.get("measured", []))
-    return measured[len(measured) // 2] if measured else None
+    return _median(entry["measured"]) if entry.get("measured") else None
 
 
 def cpu_markdown(
@@ -145,12 +144,15 @@ def cpu_markdown(
     thresholds: dict,
     previous: Optional[dict],
     wall_s: Optional[float],
+    bench_error: Optional[str] = None,
 ) -> str:
     """The gate's summary: a line per case, the change against the recorded and previous
     ratios, the failures."""
     failed = [v for v in verdicts if not v.ok]
-    head = "FAILED" if failed else "passed"
+    head = "FAILED" if failed or bench_error else "passed"
     lines = [f"# CPU latency gate: {head}", ""]
+    if bench_error:
+        lines += [f"**{bench_error}**", ""]
     if wall_s is not None:
         lines += [f"Benchmark wall time {wall_s:.0f} s.", ""]
     lines += [
@@ -189,6 +191,7 @@ def _change(now: float, then: Optional[float]) -> str:
 def run_cpu_bench(json_path: Path) -> tuple[int, float]:
     """Run ``bench_ci_gate.py`` under pytest-benchmark into ``json_path``: (exit code, s)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.unlink(missing_ok=True)  # never judge an earlier run's file
     cmd = [
         sys.executable, "-m", "pytest", str(BENCH_FILE), "-q", "-p", "no:cacheprovider",
         f"--benchmark-json={json_path}",
@@ -201,15 +204,17 @@ def run_cpu_bench(json_path: Path) -> tuple[int, float]:
 
 def cpu_main(args: argparse.Namespace) -> int:
     thresholds = load_json(args.thresholds)
-    wall_s = None
+    wall_s, bench_error = None, None
     if args.json is None:
         rc, wall_s = run_cpu_bench(BENCH_JSON)
-        if rc != 0:
-            print(f"ci_gate: the benchmark run failed (pytest exit {rc})", file=sys.stderr)
-            return 1
+        if rc != 0:  # judge what did run (pytest-benchmark still writes it), then fail
+            bench_error = f"The benchmark run failed (pytest exit {rc}); see its output."
         bench_path = BENCH_JSON
     else:
         bench_path = Path(args.json)
+    if not bench_path.exists():
+        print(f"ci_gate: {bench_path} was not written; {bench_error or ''}", file=sys.stderr)
+        return 1
     bench = load_json(bench_path)
     cases = cpu_cases(bench)
     verdicts = judge_cpu(cases, thresholds)
@@ -217,12 +222,21 @@ def cpu_main(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     previous_path = out_dir / "ci-latest.json"
     previous = load_json(previous_path) if previous_path.exists() else None
-    passed = all(v.ok for v in verdicts)
+    passed = all(v.ok for v in verdicts) and bench_error is None
     machine = bench.get("machine_info", {})
+    torch_version = next(
+        (
+            e["extra_info"]["torch"]
+            for e in bench.get("benchmarks", [])
+            if "torch" in e.get("extra_info", {})
+        ),
+        None,
+    )
     report = {
         "kind": "ate_fast CPU latency gate",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "passed": passed,
+        "bench_error": bench_error,
         "bench_wall_s": wall_s,
         "bench_json": str(bench_path),
         "commit": bench.get("commit_info", {}).get("id"),
@@ -230,12 +244,13 @@ def cpu_main(args: argparse.Namespace) -> int:
             "cpu": machine.get("cpu", {}).get("brand_raw") or platform.processor(),
             "cores": machine.get("cpu", {}).get("count"),
             "python": machine.get("python_version"),
+            "torch": torch_version,
         },
         "cases": {name: asdict(case) for name, case in cases.items()},
         "verdicts": [asdict(v) for v in verdicts],
     }
     (out_dir / "ci-latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = cpu_markdown(cases, verdicts, thresholds, previous, wall_s)
+    text = cpu_markdown(cases, verdicts, thresholds, previous, wall_s, bench_error)
     (out_dir / "ci-latest.md").write_text(text)
     print(text)
     return 0 if passed else 1

@@ -209,3 +209,13 @@ def test_thresholds_cover_exactly_the_gate_cases(monkeypatch):
     monkeypatch.setitem(sys.modules, "bench_ci_gate", None)
     bench = _load("bench_ci_gate")
     assert bench.CASES and sorted(bench.CASES) == sorted(THRESHOLDS["cpu"])
+
+
+def test_cpu_failed_benchmark_run_fails_the_gate():
+    bench = _bench_json({"a": [(2e-3, 1e-3)]})
+    cases = gate.cpu_cases(bench)
+    thresholds = {"cpu": {"a": {"min_ratio": 1.5}}}
+    verdicts = gate.judge_cpu(cases, thresholds)
+    assert all(v.ok for v in verdicts)
+    text = gate.cpu_markdown(cases, verdicts, thresholds, None, 20.0, "pytest exit 1")
+    assert text.startswith("# CPU latency gate: FAILED") and "pytest exit 1" in text
