@@ -7,9 +7,10 @@
 # Needs a machine with a GPU, Python with torch (CUDA), triton, pybind11, cmake, ninja,
 # pytest and pytest-benchmark; installs nothing from the network. Leaves four files in
 # OUT_DIR (the device tool brings back at most eight): <date>-<gpu>.json (commit it under
-# benchmarks/results/), summary.md, cuda_tests.log and raw.tgz (info.json, the cuda tests'
-# JUnit XML, one bench_<suite>.json per benchmark file, profile_capture.json and every log,
-# the build's included).
+# benchmarks/results/), summary.md (ending with the comparison against the last committed
+# results for the same GPU, benchmarks/ci_gate.py gpu), cuda_tests.log and raw.tgz
+# (info.json, the cuda tests' JUnit XML, one bench_<suite>.json per benchmark file,
+# profile_capture.json and every log, the build's included).
 #
 # Time limits (seconds): every step after the build is cut so that the script ends by
 # ATE_FAST_SUITE_BUDGET (470: under 8 minutes, build included). The cuda tests run as
@@ -122,6 +123,17 @@ timeout -s INT -k "$GRACE" "$(capped 60)" "$PY" benchmarks/profile_capture.py "$
 tail -3 "$WORK/profile_capture.log"
 
 "$PY" benchmarks/gpu_summary.py "$WORK" || status=1
+
+# the new results against the last committed ones for this GPU (benchmarks/ci_gate.py gpu;
+# appended to summary.md). Advisory: its verdict never changes the suite's status or stops
+# the outputs below from being written.
+new_results=$(ls "$WORK"/20*.json 2>/dev/null | head -1)
+if [ -n "$new_results" ]; then
+  timeout -k "$GRACE" 60 "$PY" benchmarks/ci_gate.py gpu "$new_results" \
+      --out-md "$WORK/gpu_compare.md" >"$WORK/gpu_compare.log" 2>&1
+  echo "gpu comparison with the committed results: exit $? ($(head -1 "$WORK/gpu_compare.log"))"
+  { echo; cat "$WORK/gpu_compare.md"; } >>"$WORK/summary.md" 2>/dev/null
+fi
 cp "$WORK"/summary.md "$WORK"/20*.json "$OUT_DIR"/ 2>/dev/null
 tar czf "$OUT_DIR/raw.tgz" -C "$WORK" .
 echo "total $(( $(date +%s) - t0 )) s, status $status; in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
