@@ -34,7 +34,7 @@ import ate_fast
 from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import _torch_loop, latent_guidances
+from bench_sampling import latent_guidances, torch_loop
 
 GATE_THREADS = 1
 H, D = 50, 32  # π0's action chunk, as in every other suite
@@ -69,7 +69,7 @@ def _guided_step_pair(shape: tuple[int, int, int]) -> Pair:
     gen = torch.Generator().manual_seed(0)
     x, m, g, m_prev, z = (torch.randn(shape, generator=gen) for _ in range(5))
     a, b, c, d, s = (torch.rand(shape[0], generator=gen) + 0.5 for _ in range(5))
-    kw = dict(a=a, b=b, g=g, c=c, lam=2.0, kappa=0.1, m_prev=m_prev, d=d, z=z, s=s)
+    kw = dict(a=a, b=b, g=g, c=c, scale=2.0, clamp=0.1, m_prev=m_prev, d=d, z=z, s=s)
 
     def call():
         return ate_fast.guided_step(x, m, **kw)
@@ -84,13 +84,17 @@ def _mlp_guidance_pair() -> Pair:
     vae = ate_fast.ActionVAE(D, H, latent_dim=64, arch="mlp").requires_grad_(False)
     weights, biases, activation = mlp_encoder_parts(vae)
     x, target = torch.randn(1, H, D), torch.randn(64)
-    scale = 1 / 64
+    weight = 1 / 64
 
     def fused():
-        return ate_fast.mlp_guidance(x, weights, biases, activation, target=target, scale=scale)[0]
+        return ate_fast.mlp_guidance(
+            x, weights, biases, activation, target=target, distance_weight=weight
+        )[0]
 
     def reference():
-        return mlp_guidance_reference(x, weights, biases, activation, target, scale=scale)[0]
+        return mlp_guidance_reference(
+            x, weights, biases, activation, target, distance_weight=weight
+        )[0]
 
     return Pair(Row("ref", reference), Row("default", fused), atol=1e-4)
 
@@ -135,7 +139,7 @@ def _guided_capture_pair() -> Pair:
     fused, autograd = latent_guidances("cpu")
     noise = torch.randn(1, H, D)
     captured = ate_fast.FlowSampler(policy, 10).capture(noise, guidance=fused, check_finite=False)
-    loop = _torch_loop(policy, "flow-euler-10", autograd)
+    loop = torch_loop(policy, "flow-euler-10", autograd)
     return Pair(Row("torch_loop", lambda: loop(noise)), Row("capture", lambda: captured(noise)))
 
 

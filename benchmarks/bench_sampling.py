@@ -98,7 +98,7 @@ SAMPLERS = {
 }
 
 
-def _torch_loop(model, name, guidance):
+def torch_loop(model, name, guidance):
     """The hand-written flow loop (openpi style), with the correction if guided."""
 
     def run(noise):
@@ -174,7 +174,7 @@ def test_sampler_latency(benchmark, cuda_sync, device, name, row):
     elif row == "capture":
         fn = sampler.capture(noise, guidance=guidance, check_finite=False)
     elif row == "torch_loop":
-        fn = _torch_loop(model, name, guidance)
+        fn = torch_loop(model, name, guidance)
     else:
         fn = _diffusers_loop(model, name)
 

@@ -29,7 +29,7 @@ from bench_sampling import (
     H,
     Head,
     _diffusers_loop,
-    _torch_loop,
+    torch_loop,
 )
 
 
@@ -50,7 +50,7 @@ def main() -> None:
             "capture": sampler.capture(noise, guidance=guidance, check_finite=False),
         }
         if name.startswith("flow"):
-            impls["torch_loop"] = _torch_loop(model, name, guidance)
+            impls["torch_loop"] = torch_loop(model, name, guidance)
         if HAS_DIFFUSERS and guidance is None:
             impls["diffusers"] = _diffusers_loop(model, name)
         times: dict[str, list] = {k: [] for k in impls}
