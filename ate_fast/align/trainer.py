@@ -4,11 +4,11 @@ One loop serves both stages; they differ only in the loss (``stage1_loss`` again
 N(0, I), ``stage2_loss`` against the stage-1 prior) and in what the checkpoint carries.
 
 Exact resume: the data order is a function of ``(seed, epoch)`` (see
-:class:`~ate_fast.align.sampler.ResumableDistributedSampler`), the loader draws nothing
-from the global generator, and the resume state holds the weights, the optimiser, the
-scheduler, the gradient scaler, every rank's RNG states and the position inside the
-epoch. A run that is killed and resumed therefore takes the same steps with the same
-noise as one that is not (bitwise on CPU).
+:class:`~ate_fast.align.distributed_sampler.ResumableDistributedSampler`), the loader
+draws nothing from the global generator, and the resume state holds the weights, the
+optimiser, the scheduler, the gradient scaler, every rank's RNG states and the position
+inside the epoch. A run that is killed and resumed therefore takes the same steps with
+the same noise as one that is not (bitwise on CPU).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from ate_fast.align.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from ate_fast.align.distributed_sampler import ResumableDistributedSampler
 from ate_fast.align.losses import LossTerms, reconstruction_loss, stage1_loss, stage2_loss
 from ate_fast.align.lr_schedule import ExponentialLRWithFloor
 from ate_fast.align.metrics_log import MetricsLogger
 from ate_fast.align.prior import LatentPrior
 from ate_fast.align.rng_state import capture_rng, restore_rng
-from ate_fast.align.sampler import ResumableDistributedSampler
 from ate_fast.align.vae import ActionVAE
 from ate_fast.data.split import train_val_split
 
