@@ -64,7 +64,7 @@ def run_job(store: ResultCache, job: tuple) -> str:
     """Fine-tune one policy and evaluate every method that uses it (missing JSONs only)."""
     torch.set_num_threads(1)
     kind, shift, demos, seed, trained = job
-    start = time.perf_counter()
+    cfg, start = store.cfg, time.perf_counter()
     data = target_chunks(store, shift, demos, seed)
     policy, conditioner, fit = _fine_tune(store, job, data)
     trained_s = time.perf_counter() - start
@@ -75,7 +75,6 @@ def run_job(store: ResultCache, job: tuple) -> str:
         guidance = (
             guidance_for(store, shift, demos, seed, data.mask) if METHODS[name].guided else None
         )
-        cfg = store.cfg
         tasks = evaluate(
             policy, conditioner, kind=kind, shift=Shift(shift),
             layouts=eval_layouts(cfg), task_index=task_index(), horizon=cfg.horizon,
