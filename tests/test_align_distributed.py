@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ate_fast.align.sampler import ResumableDistributedSampler
+from ate_fast.align.distributed_sampler import ResumableDistributedSampler
 
 WORKER = Path(__file__).with_name("_align_ddp_worker.py")
 

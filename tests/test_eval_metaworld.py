@@ -20,9 +20,9 @@ from ate_fast.eval.metaworld.envs import (
     layout_seeds,
     make_env,
     reset_layout,
+    task_index,
 )
 from ate_fast.eval.metaworld.experts import chunk_set, collect
-from ate_fast.eval.metaworld.runner import task_index
 
 
 # ---------------------------------------------------------------- embodiments

@@ -5,6 +5,7 @@ A reader never sees a half-written file: either the old one or the complete new 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -49,8 +52,6 @@ def atomic_save_safetensors(
     tensors: dict[str, Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None
 ) -> None:
     """Save contiguous CPU copies of ``tensors`` with string ``metadata``, atomically."""
-    from safetensors.torch import save_file
-
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(cpu, str(tmp), metadata=metadata)
@@ -60,8 +61,6 @@ def load_safetensors(
     path: PathLike, map_location: str = "cpu"
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; missing/corrupt raises ``ValueError``."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
@@ -76,8 +75,6 @@ def load_safetensors(
 
 def file_sha256(path: PathLike) -> str:
     """Hex SHA-256 of a file (checkpoints record their weights' hash to detect torn writes)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -13,6 +13,7 @@ Only argparse is imported here; torch and the trainers load inside the handlers.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 DATA_FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
@@ -279,8 +280,6 @@ def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(result: Any) -> None:
-    import os
-
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if result.history:

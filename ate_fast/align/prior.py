@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ate_fast.align.atomic_io import atomic_save_safetensors
+from ate_fast.align.atomic_io import atomic_save_safetensors, load_safetensors
+from ate_fast.align.data_loading import iterate_batches
 from ate_fast.align.gmm import diagonal_log_prob, fit_diagonal_gmm
 
 PRIOR_KINDS = ("gaussian", "gaussian-code", "gmm", "standard")
@@ -126,8 +127,6 @@ class LatentPrior(nn.Module):
         ``data``: a dataset of ``(chunk [H, D], mask [D])`` or of chunks, or a tensor
         ``[N, H, D]``.
         """
-        from ate_fast.align.data_loading import iterate_batches
-
         was_training = vae.training
         vae.eval()
         device = torch.device(device) if device is not None else next(vae.parameters()).device
@@ -203,8 +202,6 @@ class LatentPrior(nn.Module):
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location: str = "cpu") -> LatentPrior:
         """Read a file written by :meth:`save`; a wrong or corrupt file raises ``ValueError``."""
-        from ate_fast.align.atomic_io import load_safetensors
-
         tensors, meta = load_safetensors(path, map_location)
         if meta.get("format") != PRIOR_FORMAT or not {"weights", "means", "variances"} <= set(
             tensors

@@ -4,11 +4,11 @@ One loop serves both stages; they differ only in the loss (``stage1_loss`` again
 N(0, I), ``stage2_loss`` against the stage-1 prior) and in what the checkpoint carries.
 
 Exact resume: the data order is a function of ``(seed, epoch)`` (see
-:class:`~ate_fast.align.sampler.ResumableDistributedSampler`), the loader draws nothing
-from the global generator, and the resume state holds the weights, the optimiser, the
-scheduler, the gradient scaler, every rank's RNG states and the position inside the
-epoch. A run that is killed and resumed therefore takes the same steps with the same
-noise as one that is not (bitwise on CPU).
+:class:`~ate_fast.align.distributed_sampler.ResumableDistributedSampler`), the loader
+draws nothing from the global generator, and the resume state holds the weights, the
+optimiser, the scheduler, the gradient scaler, every rank's RNG states and the position
+inside the epoch. A run that is killed and resumed therefore takes the same steps with
+the same noise as one that is not (bitwise on CPU).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from ate_fast.align.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from ate_fast.align.distributed_sampler import ResumableDistributedSampler
 from ate_fast.align.losses import LossTerms, reconstruction_loss, stage1_loss, stage2_loss
 from ate_fast.align.lr_schedule import ExponentialLRWithFloor
 from ate_fast.align.metrics_log import MetricsLogger
 from ate_fast.align.prior import LatentPrior
 from ate_fast.align.rng_state import capture_rng, restore_rng
-from ate_fast.align.sampler import ResumableDistributedSampler
 from ate_fast.align.vae import ActionVAE
 from ate_fast.data.split import train_val_split
 
@@ -155,7 +155,51 @@ class _AlignTrainer:
 
     def _run(self, ctx: DistContext) -> TrainResult:
         self.ctx = ctx
-        cfg, device = self.cfg, ctx.device
+        train_set, val_set = self._split_data()
+        vae = self.vae.to(ctx.device)
+        self._place_prior(vae)
+        resuming, resume_path = self._open_out_dir()
+        init_from = getattr(self.cfg, "init_from", None)
+        if init_from and not resuming:
+            self._init_from(vae, init_from)
+        self._start_optimisation(vae)
+        if resuming:
+            self._load_resume(vae, resume_path)
+        model = (
+            DistributedDataParallel(
+                vae, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
+            if ctx.is_distributed
+            else vae
+        )
+        sampler = ResumableDistributedSampler(
+            train_set, ctx.world_size, ctx.rank, shuffle=True, seed=self.cfg.seed
+        )
+        logger = MetricsLogger(
+            self.out_dir if ctx.is_main else None,
+            (self.progress["epoch"], self.progress["global_step"]) if resuming else None,
+        )
+        step_losses, train_time, steps_run = self._train_epochs(
+            model, vae, sampler, self._loader(train_set, sampler), val_set, logger
+        )
+        if self._unsaved or (self.out_dir is not None and not resuming):
+            self._save(vae)
+        losses = torch.stack(step_losses).tolist() if step_losses else []
+        speed = steps_run * self.cfg.batch_size / train_time if train_time > 0 else math.nan
+        return TrainResult(
+            vae=vae,
+            history=list(self.history),
+            step_losses=[float(x) for x in losses],
+            checkpoint=self.out_dir,
+            chunks_per_s=speed,
+        )
+
+    # --- setup ------------------------------------------------------------------------------
+    def _split_data(self) -> tuple[Dataset, Optional[Dataset]]:
+        """``(train set, val set or None)``; sets the per-rank batch and the steps per epoch,
+        and keeps what the dataset knows (normaliser, action space, chunking) for the
+        checkpoint."""
+        cfg, ctx = self.cfg, self.ctx
         dataset = as_dataset(self.data)
         train_set, val_set = train_val_split(dataset, cfg.val_fraction, cfg.seed)
         if cfg.batch_size % ctx.world_size:
@@ -176,14 +220,18 @@ class _AlignTrainer:
         self._say(
             f"stage {self.stage}: {len(train_set)} train / {len(val_set or [])} val chunks, "
             f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}"
-            f" over {ctx.world_size} process(es) on {device}"
+            f" over {ctx.world_size} process(es) on {ctx.device}"
         )
         self.normalizer = getattr(dataset, "normalizer", None)
         self.action_space = getattr(dataset, "action_space", None)
         self.chunking = getattr(dataset, "chunking", None)
+        return train_set, val_set
 
-        vae = self.vae.to(device)
-        if self.prior is not None:  # a copy: the caller's prior stays where it was
+    def _place_prior(self, vae: ActionVAE) -> None:
+        """The stage-2 prior on the training device (a copy: the caller's prior stays where
+        it was), and the prior the metrics' ``prior_logp`` is measured under."""
+        device = self.ctx.device
+        if self.prior is not None:
             self.prior = copy.deepcopy(self.prior).to(device)
         self.metric_prior = (
             self.prior
@@ -193,6 +241,11 @@ class _AlignTrainer:
         self.prior_variance = (
             None if self.prior is None else self.prior.marginal_variance().mean().item()
         )
+
+    def _open_out_dir(self) -> tuple[bool, Optional[Path]]:
+        """``(resuming, path of the resume state)``. Refuses to start over an existing
+        checkpoint unless told to, and removes the temp files of a write that was killed."""
+        cfg = self.cfg
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         resume_path = self.out_dir / RESUME_FILE if self.out_dir else None
         resuming = bool(cfg.resume and resume_path is not None and resume_path.is_file())
@@ -204,14 +257,15 @@ class _AlignTrainer:
                 )
         if cfg.resume and not resuming:
             self._say(f"resume: no {RESUME_FILE} in {self.out_dir}; starting from scratch")
-        if self.out_dir is not None and ctx.is_main:
-            for stale in self.out_dir.glob(".*.tmp"):  # temp files of a write that was killed
+        if self.out_dir is not None and self.ctx.is_main:
+            for stale in self.out_dir.glob(".*.tmp"):
                 stale.unlink()
-        init_from = getattr(cfg, "init_from", None)
-        if init_from and not resuming:
-            self._init_from(vae, init_from)
+        return resuming, resume_path
 
-        torch.manual_seed(cfg.seed + ctx.rank)  # per-rank noise; model init happened before
+    def _start_optimisation(self, vae: ActionVAE) -> None:
+        """Per-rank noise seed, optimiser, scheduler, precision, and a fresh progress."""
+        cfg, device = self.cfg, self.ctx.device
+        torch.manual_seed(cfg.seed + self.ctx.rank)  # per-rank noise; model init happened before
         self.optimizer = torch.optim.AdamW(
             vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -221,39 +275,37 @@ class _AlignTrainer:
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
         self.history: list[dict[str, Any]] = []
         self.accum = [0.0] * len(TRAIN_KEYS)
-        if resuming:
-            self._load_resume(vae, resume_path)
 
-        model = (
-            DistributedDataParallel(
-                vae, device_ids=[device.index] if device.type == "cuda" else None
-            )
-            if ctx.is_distributed
-            else vae
-        )
-        sampler = ResumableDistributedSampler(
-            train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed
-        )
-        loader = DataLoader(
+    def _loader(self, train_set: Dataset, sampler: ResumableDistributedSampler) -> DataLoader:
+        return DataLoader(
             train_set,
             batch_size=self.per_rank,
             sampler=sampler,
             drop_last=True,
             collate_fn=collate_chunks,
-            num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.ctx.device.type == "cuda",
             generator=torch.Generator(),  # keeps the loader off the global RNG stream
         )
-        logger = MetricsLogger(
-            self.out_dir if ctx.is_main else None,
-            (self.progress["epoch"], self.progress["global_step"]) if resuming else None,
-        )
+
+    # --- the loops --------------------------------------------------------------------------
+    def _train_epochs(
+        self,
+        model: torch.nn.Module,
+        vae: ActionVAE,
+        sampler: ResumableDistributedSampler,
+        loader: DataLoader,
+        val_set: Optional[Dataset],
+        logger: MetricsLogger,
+    ) -> tuple[list[Tensor], float, int]:
+        """The remaining epochs (from the resume position); ``(per-step losses, seconds in
+        the training loops, steps taken)``."""
+        cfg = self.cfg
         step_losses: list[Tensor] = []
         self._pending: list[Tensor] = []  # step metrics not yet summed (avoids a sync per step)
         self.last_save = time.monotonic()
         train_time, steps_run = 0.0, 0
         self._unsaved = False  # whether the state moved on since the last save
-        stop = False
         done = cfg.max_steps is not None and self.progress["global_step"] >= cfg.max_steps
         epochs = range(self.progress["epoch"], cfg.epochs) if not done else range(0)
         for epoch in epochs:
@@ -261,55 +313,7 @@ class _AlignTrainer:
             sampler.set_epoch(epoch, skip=first * self.per_rank)
             model.train()
             lr = self.optimizer.param_groups[0]["lr"]
-            bar = tqdm(
-                total=self.steps_per_epoch,
-                initial=first,
-                desc=f"stage{self.stage} epoch {epoch + 1}/{cfg.epochs}",
-                disable=not (ctx.is_main and cfg.progress),
-                leave=False,
-                dynamic_ncols=True,
-            )
-            t0 = interval_t0 = time.perf_counter()
-            interval_steps = 0
-            batches = iter(loader)
-            for step in range(first, self.steps_per_epoch):
-                a, mask = next(batches)
-                terms = self._train_step(model, vae, a, mask)
-                reduced = all_reduce_sum(terms, ctx) / ctx.world_size
-                step_losses.append(reduced[0])
-                self._unsaved = True
-                self.progress["global_step"] += 1
-                self.progress["step_in_epoch"] = step + 1
-                gstep = self.progress["global_step"]
-                save_now = bool(cfg.save_every_steps and gstep % cfg.save_every_steps == 0)
-                self._pending.append(reduced)
-                interval_steps += 1
-                if gstep % cfg.log_every_steps == 0:
-                    self._flush_pending()
-                    values = reduced.double().tolist()  # syncs: the interval timing is exact
-                    now = time.perf_counter()
-                    speed = interval_steps * cfg.batch_size / (now - interval_t0)
-                    interval_t0, interval_steps = now, 0
-                    logger.log(
-                        {"split": "step", "epoch": epoch + 1, "global_step": gstep, "lr": lr}
-                        | dict(zip(TRAIN_KEYS, values))
-                        | {"chunks_per_s": speed}
-                    )
-                    bar.set_postfix(
-                        loss=f"{values[0]:.4g}", recon=f"{values[1]:.4g}", kl=f"{values[2]:.3g}"
-                    )
-                    save_now = save_now or self._save_timer_fired()
-                bar.update(1)
-                if cfg.max_steps is not None and gstep >= cfg.max_steps:
-                    stop = True
-                if save_now or stop:
-                    self._flush_pending()
-                    self._save(vae)
-                if stop:
-                    break
-            bar.close()
-            self._flush_pending()
-            elapsed = time.perf_counter() - t0
+            elapsed, stop = self._train_epoch(model, vae, loader, logger, epoch, lr, step_losses)
             train_time += elapsed
             steps_run += self.progress["step_in_epoch"] - first
             if self.progress["step_in_epoch"] < self.steps_per_epoch:
@@ -317,24 +321,98 @@ class _AlignTrainer:
             record = self._end_epoch(vae, val_set, epoch, lr, elapsed, first)
             self._unsaved = True
             logger.log(record)
-            if ctx.is_main:
+            if self.ctx.is_main:
                 tqdm.write(self._format_epoch(record))
             every = cfg.save_every_epochs
             if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs:
                 self._save(vae)
             if stop:
                 break
-        if self._unsaved or (self.out_dir is not None and not resuming):
-            self._save(vae)
-        return TrainResult(
-            vae=vae,
-            history=list(self.history),
-            step_losses=[float(x) for x in torch.stack(step_losses).tolist()]
-            if step_losses
-            else [],
-            checkpoint=self.out_dir,
-            chunks_per_s=steps_run * cfg.batch_size / train_time if train_time > 0 else math.nan,
+        return step_losses, train_time, steps_run
+
+    def _train_epoch(
+        self,
+        model: torch.nn.Module,
+        vae: ActionVAE,
+        loader: DataLoader,
+        logger: MetricsLogger,
+        epoch: int,
+        lr: float,
+        step_losses: list[Tensor],
+    ) -> tuple[float, bool]:
+        """The rest of ``epoch`` from the current position, or up to ``max_steps``
+        (appending each step's loss to ``step_losses``); ``(seconds, max_steps reached)``."""
+        cfg = self.cfg
+        first = self.progress["step_in_epoch"]
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=first,
+            desc=f"stage{self.stage} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (self.ctx.is_main and cfg.progress),
+            leave=False,
+            dynamic_ncols=True,
         )
+        t0 = interval_t0 = time.perf_counter()
+        interval_steps = 0
+        stop = False
+        batches = iter(loader)
+        for step in range(first, self.steps_per_epoch):
+            a, mask = next(batches)
+            terms = self._train_step(model, vae, a, mask)
+            reduced = all_reduce_sum(terms, self.ctx) / self.ctx.world_size
+            step_losses.append(reduced[0])
+            self._unsaved = True
+            self.progress["global_step"] += 1
+            self.progress["step_in_epoch"] = step + 1
+            gstep = self.progress["global_step"]
+            save_now = bool(cfg.save_every_steps and gstep % cfg.save_every_steps == 0)
+            self._pending.append(reduced)
+            interval_steps += 1
+            if gstep % cfg.log_every_steps == 0:
+                interval_t0 = self._log_steps(
+                    logger, bar, epoch, lr, reduced, interval_steps, interval_t0
+                )
+                interval_steps = 0
+                save_now = save_now or self._save_timer_fired()
+            bar.update(1)
+            stop = cfg.max_steps is not None and gstep >= cfg.max_steps
+            if save_now or stop:
+                self._flush_pending()
+                self._save(vae)
+            if stop:
+                break
+        bar.close()
+        self._flush_pending()
+        return time.perf_counter() - t0, stop
+
+    def _log_steps(
+        self,
+        logger: MetricsLogger,
+        bar: tqdm,
+        epoch: int,
+        lr: float,
+        reduced: Tensor,
+        steps: int,
+        since: float,
+    ) -> float:
+        """Log the latest step's metrics ``reduced [5]`` with the throughput of the ``steps``
+        steps since ``since``; returns the time the interval ended."""
+        self._flush_pending()
+        values = reduced.double().tolist()  # syncs: the interval timing is exact
+        now = time.perf_counter()
+        speed = steps * self.cfg.batch_size / (now - since)
+        logger.log(
+            {
+                "split": "step",
+                "epoch": epoch + 1,
+                "global_step": self.progress["global_step"],
+                "lr": lr,
+            }
+            | dict(zip(TRAIN_KEYS, values))
+            | {"chunks_per_s": speed}
+        )
+        bar.set_postfix(loss=f"{values[0]:.4g}", recon=f"{values[1]:.4g}", kl=f"{values[2]:.3g}")
+        return now
 
     # --- one step ---------------------------------------------------------------------------
     def _flush_pending(self) -> None:

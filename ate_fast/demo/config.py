@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from ate_fast.adaptation.settings import AlignSettings
+
 MAX_FINETUNE_RUNS = 10  # seed_for(10 + run) must not reach the next purpose block
 
 
@@ -116,6 +118,21 @@ class DemoConfig:
         if not 0 <= purpose < 100:
             raise ValueError(f"purpose: expected 0 <= purpose < 100, got {purpose}")
         return 100 * self.seed + purpose
+
+    def align_settings(self, progress: bool) -> AlignSettings:
+        """The align step's settings (both stages on ``device``)."""
+        return AlignSettings(
+            latent_dim=self.latent_dim,
+            hidden=self.vae_hidden,
+            lr=self.vae_lr,
+            stage1_epochs=self.stage1_epochs,
+            stage1_batch=self.stage1_batch,
+            stage2_epochs=self.stage2_epochs,
+            stage2_batch=self.stage2_batch,
+            prior=self.prior,
+            device=self.device,
+            progress=progress,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

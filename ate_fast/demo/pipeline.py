@@ -15,8 +15,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from ate_fast.demo.align_step import run_align
+from ate_fast.adaptation.chunks import ChunkData
+from ate_fast.adaptation.policy_training import PolicyFit
+from ate_fast.demo.align_step import AlignResult, run_align
 from ate_fast.demo.config import DemoConfig
 from ate_fast.demo.demonstrations import demonstration_chunks
 from ate_fast.demo.embodiment import ROBOT_A, ROBOT_B
@@ -27,6 +30,7 @@ from ate_fast.demo.point_mass import (
     EVAL_STREAM,
     PRETRAIN_STREAM,
     PointMassEnv,
+    Tasks,
     sample_tasks,
 )
 from ate_fast.demo.rollout import Rollout, expert_rollout, policy_rollout
@@ -95,50 +99,22 @@ def _run(
     echo: Callable[[str], None],
 ) -> DemoResult:
     clock = _Clock()
-    results: dict[str, Any] = {}
-
-    # --- data ------------------------------------------------------------------------------
-    a_tasks = sample_tasks(PRETRAIN_STREAM, cfg.seed, cfg.pretrain_episodes)
-    b_tasks = sample_tasks(DEMO_STREAM, cfg.seed, cfg.demos)
-    eval_tasks = sample_tasks(EVAL_STREAM, EVAL_SEED, cfg.eval_episodes)
-    a_data = demonstration_chunks(a_tasks, ROBOT_A, cfg.horizon)
-    b_data = demonstration_chunks(b_tasks, ROBOT_B, cfg.horizon)
-    results["data"] = {
-        "robot_A_episodes": a_data.episodes,
-        "robot_A_chunks": len(a_data),
-        "robot_B_demos": b_data.episodes,
-        "robot_B_chunks": len(b_data),
-        "robot_B_demos_left": int((b_tasks.side > 0).sum()),
-        "eval_episodes": len(eval_tasks),
-    }
+    data = _demonstrations(cfg)
+    results: dict[str, Any] = {"data": data.stats}
     echo(
-        f"[1/6] data: robot A {a_data.episodes} episodes ({len(a_data)} chunks), robot B "
-        f"{b_data.episodes} demos ({len(b_data)} chunks), {len(eval_tasks)} eval episodes "
-        f"({clock.lap('data'):.1f} s)"
+        f"[1/6] data: robot A {data.robot_a.episodes} episodes ({len(data.robot_a)} chunks), "
+        f"robot B {data.robot_b.episodes} demos ({len(data.robot_b)} chunks), "
+        f"{len(data.eval_tasks)} eval episodes ({clock.lap('data'):.1f} s)"
     )
 
-    # --- pre-train on robot A --------------------------------------------------------------
-    torch.manual_seed(cfg.seed_for(1))
-    pretrained = make_policy(cfg.horizon, cfg.policy_hidden, cfg.policy_depth)
-    fit = train_flow(
-        pretrained,
-        a_data,
-        steps=cfg.pretrain_steps,
-        batch=cfg.pretrain_batch,
-        lr=cfg.pretrain_lr,
-        seed=cfg.seed_for(2),
-        device=device,
-        desc="pre-train on robot A",
-        progress=progress,
-    )
+    pretrained, fit = _pretrain(cfg, data.robot_a, device, progress)
     results["pretrain"] = {"steps": fit.steps, "loss": fit.loss}
     echo(
         f"[2/6] pre-trained the flow policy on robot A: {fit.steps} steps, loss "
         f"{fit.loss:.4f} ({clock.lap('pretrain'):.1f} s)"
     )
 
-    # --- align -----------------------------------------------------------------------------
-    aligned = run_align(a_data, b_data, cfg, progress, verbose)
+    aligned = run_align(data.robot_a, data.robot_b, cfg, progress, verbose)
     results["align"] = aligned.stats
     echo(
         f"[3/6] align: stage 1 ({aligned.stats['stage1_steps']} steps, val recon "
@@ -147,65 +123,8 @@ def _run(
         f"{aligned.stats['stage2_train_recon']:.4f}) ({clock.lap('align'):.1f} s)"
     )
 
-    # --- fine-tune on robot B (direct and ATE Steer) and evaluate ---------------------------
-    mask_b = b_data.mask.to(device)
-    steer = Steer(
-        aligned.vae2, scale=cfg.steer_scale, clamp=cfg.steer_clamp, reduction="sample", mask=mask_b
-    )
-    guidance = LatentGuidance(
-        aligned.vae2,
-        aligned.target,
-        scale=cfg.guidance_scale,
-        clamp=cfg.guidance_clamp,
-        mode="direct",
-        mask=mask_b,
-    )
-    evaluate = functools.partial(
-        policy_rollout,
-        tasks=eval_tasks,
-        horizon=cfg.horizon,
-        exec_steps=cfg.exec_steps,
-        episode_steps=cfg.episode_steps,
-        flow_steps=cfg.flow_steps,
-        device=device,
-        progress=progress,
-    )
-    fits: dict[str, list[dict[str, float]]] = {"direct": [], "steer": []}
-    runs: dict[str, list[Rollout]] = {key: [] for key in RUN_ROWS}
-    first_finetuned = None
-    for run in range(cfg.finetune_runs):
-        tag = f"run {run + 1}/{cfg.finetune_runs}"
-        for arm, arm_steer in (("direct", None), ("steer", steer)):
-            policy = copy.deepcopy(pretrained)
-            fit = train_flow(
-                policy,
-                b_data,
-                steps=cfg.finetune_steps,
-                batch=cfg.finetune_batch,
-                lr=cfg.finetune_lr,
-                seed=cfg.seed_for(10 + run),  # the same batches for both arms
-                device=device,
-                steer=arm_steer,
-                desc=f"{tag}: fine-tune ({arm})",
-                progress=progress,
-            )
-            fits[arm].append({"loss": fit.loss, **fit.steer})
-            for key, g in ((arm, None), (f"{arm}_guided", guidance)):
-                runs[key].append(
-                    evaluate(
-                        policy,
-                        robot=ROBOT_B,
-                        guidance=g,
-                        noise_seed=cfg.seed_for(20 + run),
-                        desc=f"{tag}: eval {key}",
-                    )
-                )
-            if first_finetuned is None:
-                first_finetuned = policy
-        echo(
-            f"[4/6] fine-tuning {tag} ({cfg.finetune_steps} steps per arm): success direct "
-            f"{_rate(runs['direct'][-1])}, ATE steer {_rate(runs['steer'][-1])}"
-        )
+    arms = _Arms.build(cfg, data, aligned, device, progress)
+    fits, runs, first_finetuned = _fine_tune_runs(cfg, pretrained, data.robot_b, arms, echo)
     results["finetune"] = {
         arm: {**_means(fits[arm]), "runs": fits[arm]} for arm in ("direct", "steer")
     }
@@ -215,16 +134,7 @@ def _run(
         f"{diag['correction_ratio']:.3f} ({clock.lap('finetune'):.1f} s)"
     )
 
-    noise_seed = cfg.seed_for(20)
-    single = {
-        "expert": expert_rollout(eval_tasks, ROBOT_B, cfg.episode_steps),
-        "pretrained_on_A": evaluate(
-            pretrained, robot=ROBOT_A, noise_seed=noise_seed, desc="eval: pre-trained on A"
-        ),
-        "pretrained_on_B": evaluate(
-            pretrained, robot=ROBOT_B, noise_seed=noise_seed, desc="eval: pre-trained on B"
-        ),
-    }
+    single = _evaluate_baselines(cfg, pretrained, data.eval_tasks, arms.evaluate)
     results["rollouts"] = {key: _aggregate([single[key]]) for key in single}
     results["rollouts"].update({key: _aggregate(runs[key]) for key in RUN_ROWS})
     results["steer_minus_direct"] = [
@@ -233,11 +143,10 @@ def _run(
     ]
     echo(f"[5/6] evaluated the pre-trained policy and the expert ({clock.lap('eval'):.1f} s)")
 
-    # --- latency ---------------------------------------------------------------------------
     latency = sampler_latency(
         first_finetuned,
-        torch.from_numpy(PointMassEnv(eval_tasks).observe()[:1]).float(),
-        guidance,
+        torch.from_numpy(PointMassEnv(data.eval_tasks).observe()[:1]).float(),
+        arms.guidance,
         horizon=cfg.horizon,
         flow_steps=cfg.flow_steps,
         repeats=cfg.latency_repeats,
@@ -251,6 +160,172 @@ def _run(
         "latency": latency,
     }
     return DemoResult(cfg.to_dict(), results, timings, aligned.log)
+
+
+@dataclass
+class _Data:
+    """Robot A's pre-training chunks, robot B's demonstration chunks, the evaluation
+    tasks, and the numbers the report shows about them."""
+
+    robot_a: ChunkData
+    robot_b: ChunkData
+    eval_tasks: Tasks
+    stats: dict[str, int]
+
+
+def _demonstrations(cfg: DemoConfig) -> _Data:
+    a_tasks = sample_tasks(PRETRAIN_STREAM, cfg.seed, cfg.pretrain_episodes)
+    b_tasks = sample_tasks(DEMO_STREAM, cfg.seed, cfg.demos)
+    eval_tasks = sample_tasks(EVAL_STREAM, EVAL_SEED, cfg.eval_episodes)
+    a_data = demonstration_chunks(a_tasks, ROBOT_A, cfg.horizon)
+    b_data = demonstration_chunks(b_tasks, ROBOT_B, cfg.horizon)
+    stats = {
+        "robot_A_episodes": a_data.episodes,
+        "robot_A_chunks": len(a_data),
+        "robot_B_demos": b_data.episodes,
+        "robot_B_chunks": len(b_data),
+        "robot_B_demos_left": int((b_tasks.side > 0).sum()),
+        "eval_episodes": len(eval_tasks),
+    }
+    return _Data(a_data, b_data, eval_tasks, stats)
+
+
+def _pretrain(
+    cfg: DemoConfig, data: ChunkData, device: torch.device, progress: bool
+) -> tuple[nn.Module, PolicyFit]:
+    """A fresh flow policy (weights from ``seed_for(1)``) trained on robot A's chunks."""
+    torch.manual_seed(cfg.seed_for(1))
+    policy = make_policy(cfg.horizon, cfg.policy_hidden, cfg.policy_depth)
+    fit = train_flow(
+        policy,
+        data,
+        steps=cfg.pretrain_steps,
+        batch=cfg.pretrain_batch,
+        lr=cfg.pretrain_lr,
+        seed=cfg.seed_for(2),
+        device=device,
+        desc="pre-train on robot A",
+        progress=progress,
+    )
+    return policy, fit
+
+
+@dataclass
+class _Arms:
+    """What fine-tuning and evaluation share: the Steer of the ``steer`` arm, the
+    inference-time guidance of the ``*_guided`` rows, and ``evaluate(policy, robot=,
+    guidance=, noise_seed=, desc=)`` (rollouts on the evaluation tasks)."""
+
+    steer: Steer
+    guidance: LatentGuidance
+    evaluate: Callable[..., Rollout]
+    device: torch.device
+    progress: bool
+
+    @classmethod
+    def build(
+        cls,
+        cfg: DemoConfig,
+        data: _Data,
+        aligned: AlignResult,
+        device: torch.device,
+        progress: bool,
+    ) -> _Arms:
+        mask_b = data.robot_b.mask.to(device)
+        steer = Steer(
+            aligned.vae2,
+            scale=cfg.steer_scale,
+            clamp=cfg.steer_clamp,
+            reduction="sample",
+            mask=mask_b,
+        )
+        guidance = LatentGuidance(
+            aligned.vae2,
+            aligned.target,
+            scale=cfg.guidance_scale,
+            clamp=cfg.guidance_clamp,
+            mode="direct",
+            mask=mask_b,
+        )
+        evaluate = functools.partial(
+            policy_rollout,
+            tasks=data.eval_tasks,
+            horizon=cfg.horizon,
+            exec_steps=cfg.exec_steps,
+            episode_steps=cfg.episode_steps,
+            flow_steps=cfg.flow_steps,
+            device=device,
+            progress=progress,
+        )
+        return cls(steer, guidance, evaluate, device, progress)
+
+
+def _fine_tune_runs(
+    cfg: DemoConfig,
+    pretrained: nn.Module,
+    data: ChunkData,
+    arms: _Arms,
+    echo: Callable[[str], None],
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[Rollout]], nn.Module]:
+    """``finetune_runs`` times: fine-tune copies of ``pretrained`` on robot B directly and
+    with Steer (the same batches), and evaluate each without and with guidance (the same
+    noise). ``(fits per arm, rollouts per row of RUN_ROWS, the first fine-tuned policy)``."""
+    fits: dict[str, list[dict[str, float]]] = {"direct": [], "steer": []}
+    runs: dict[str, list[Rollout]] = {key: [] for key in RUN_ROWS}
+    first_finetuned = None
+    for run in range(cfg.finetune_runs):
+        tag = f"run {run + 1}/{cfg.finetune_runs}"
+        for arm, arm_steer in (("direct", None), ("steer", arms.steer)):
+            policy = copy.deepcopy(pretrained)
+            fit = train_flow(
+                policy,
+                data,
+                steps=cfg.finetune_steps,
+                batch=cfg.finetune_batch,
+                lr=cfg.finetune_lr,
+                seed=cfg.seed_for(10 + run),  # the same batches for both arms
+                device=arms.device,
+                steer=arm_steer,
+                desc=f"{tag}: fine-tune ({arm})",
+                progress=arms.progress,
+            )
+            fits[arm].append({"loss": fit.loss, **fit.steer})
+            for key, g in ((arm, None), (f"{arm}_guided", arms.guidance)):
+                runs[key].append(
+                    arms.evaluate(
+                        policy,
+                        robot=ROBOT_B,
+                        guidance=g,
+                        noise_seed=cfg.seed_for(20 + run),
+                        desc=f"{tag}: eval {key}",
+                    )
+                )
+            if first_finetuned is None:
+                first_finetuned = policy
+        echo(
+            f"[4/6] fine-tuning {tag} ({cfg.finetune_steps} steps per arm): success direct "
+            f"{_rate(runs['direct'][-1])}, ATE steer {_rate(runs['steer'][-1])}"
+        )
+    return fits, runs, first_finetuned
+
+
+def _evaluate_baselines(
+    cfg: DemoConfig,
+    pretrained: nn.Module,
+    eval_tasks: Tasks,
+    evaluate: Callable[..., Rollout],
+) -> dict[str, Rollout]:
+    """The expert's plans through B's action map, and the pre-trained policy on A and B."""
+    noise_seed = cfg.seed_for(20)
+    return {
+        "expert": expert_rollout(eval_tasks, ROBOT_B, cfg.episode_steps),
+        "pretrained_on_A": evaluate(
+            pretrained, robot=ROBOT_A, noise_seed=noise_seed, desc="eval: pre-trained on A"
+        ),
+        "pretrained_on_B": evaluate(
+            pretrained, robot=ROBOT_B, noise_seed=noise_seed, desc="eval: pre-trained on B"
+        ),
+    }
 
 
 def _rate(rollout: Rollout) -> str:

@@ -1,14 +1,19 @@
-"""``ate-fast eval metaworld``: the Meta-World cross-embodiment benchmark."""
+"""``ate-fast eval metaworld``: the Meta-World cross-embodiment benchmark.
+
+The parser needs only the configs' names; the benchmark (torch, the trainers) loads in
+the handler, so that building ``ate-fast``'s parser stays cheap.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ate_fast.eval.metaworld.config import CONFIGS, METHODS, POLICY_KINDS
+from ate_fast.eval.metaworld.embodiment import SHIFTS
+
 
 def _cmd_metaworld(args: argparse.Namespace) -> int:
-    from ate_fast.eval.metaworld import CONFIGS, run_benchmark
-
     if args.list:
         for name, cfg in CONFIGS.items():
             print(
@@ -17,6 +22,8 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
                 f"methods {list(cfg.methods)}"
             )
         return 0
+    from ate_fast.eval.metaworld.runner import run_benchmark  # deferred: see the docstring
+
     only = {key: getattr(args, key) for key in ("methods", "policies", "shifts", "demos", "seeds")}
     out = run_benchmark(
         args.config,
@@ -31,9 +38,6 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from ate_fast.eval.metaworld.config import CONFIGS, METHODS, POLICY_KINDS
-    from ate_fast.eval.metaworld.embodiment import SHIFTS
-
     evaluation = subparsers.add_parser("eval", help="evaluate adaptation methods on a simulator")
     sims = evaluation.add_subparsers(dest="simulator", required=True)
     p = sims.add_parser(

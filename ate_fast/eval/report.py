@@ -162,81 +162,104 @@ def _markdown(
         *_overview(diffs, pooled, baseline, method_order, lv),
     ]
     for group, by_method in _by_group(cells).items():
-        policy, shift, demos = group
-        methods = order_methods(by_method, method_order)
-        config = sorted({by_method[m]["config"] for m in methods})
-        lines += [
-            "",
-            f"## {policy} · shift {shift} · {demos} demos (config {', '.join(config)})",
-            "",
-            _row(
-                [
-                    "Method",
-                    "Seeds",
-                    "Success %",
-                    f"{lv} CI",
-                    "Per-seed %",
-                    f"Δ vs {baseline} (pp)",
-                    f"Δ {lv} CI",
-                    "Significant",
-                ]
-            ),
-            _row(["---"] * 8),
-        ]
-        notes: list[str] = []
-        for method in methods:
-            c = by_method[method]
-            d = diff_of.get((*group, method))
-            if method == baseline:
-                delta = ["(baseline)", "—", "—"]
-            elif d is None:
-                delta = ["n/a", "n/a", "n/a"]
-                reason = (
-                    f"no `{baseline}` runs in this group"
-                    if baseline not in by_method
-                    else f"no seed in common with `{baseline}`"
-                )
-                notes.append(f"`{method}`: no Δ, {reason}.")
-            else:
-                delta = [_pp(d["mean"]), _ci(d["ci"], _pp), "yes" if d["significant"] else "no"]
-                if d["seeds"] < c["seeds"] or d["dropped_seeds"]["baseline"]:
-                    one = "; one seed, so its interval reflects episode noise only"
-                    notes.append(
-                        f"`{method}`: Δ on the seeds both ran only "
-                        f"({', '.join(map(str, d['seed_values']))})"
-                        f"{one if d['seeds'] == 1 and c['seeds'] > 1 else ''}."
-                    )
-            if c["seeds"] == 1:
-                notes.append(
-                    f"`{method}`: one seed ({c['seed_values'][0]}); its intervals reflect "
-                    "episode noise only, not seed-to-seed variation."
-                )
-            lines.append(
-                _row(
-                    [
-                        method,
-                        c["seeds"],
-                        _pct(c["mean"]),
-                        _ci(c["ci"]),
-                        ", ".join(_pct(v) for v in c["per_seed"]),
-                        *delta,
-                    ]
-                )
-            )
-        if notes:
-            lines += ["", *(f"- {n}" for n in notes)]
-        tasks = sorted({t for m in methods for t in by_method[m]["per_task"]})
-        lines += [
-            "",
-            "Per task (success %, mean over seeds):",
-            "",
-            _row(["Task", *methods]),
-            _row(["---"] * (len(methods) + 1)),
-        ]
-        for task in tasks:
-            values = [by_method[m]["per_task"].get(task, math.nan) for m in methods]
-            lines.append(_row([task, *("—" if math.isnan(v) else _pct(v) for v in values)]))
+        lines += _group_section(group, by_method, diff_of, baseline, method_order, lv)
     return "\n".join(lines) + "\n"
+
+
+def _group_section(
+    group: GroupKey,
+    by_method: dict[str, CellSummary],
+    diff_of: dict[tuple[str, str, int, str], PairedDifference],
+    baseline: str,
+    method_order: Sequence[str] | None,
+    lv: str,
+) -> list[str]:
+    """Markdown lines of one ``(policy, shift, demos)`` group: a row per method (success,
+    interval, per-seed values, Δ vs ``baseline``), notes on what a Δ rests on, and the
+    per-task table."""
+    policy, shift, demos = group
+    methods = order_methods(by_method, method_order)
+    config = sorted({by_method[m]["config"] for m in methods})
+    lines = [
+        "",
+        f"## {policy} · shift {shift} · {demos} demos (config {', '.join(config)})",
+        "",
+        _row(
+            [
+                "Method",
+                "Seeds",
+                "Success %",
+                f"{lv} CI",
+                "Per-seed %",
+                f"Δ vs {baseline} (pp)",
+                f"Δ {lv} CI",
+                "Significant",
+            ]
+        ),
+        _row(["---"] * 8),
+    ]
+    notes: list[str] = []
+    for method in methods:
+        c = by_method[method]
+        delta, why = _delta_cells(method, c, diff_of.get((*group, method)), baseline, by_method)
+        notes += why
+        per_seed = ", ".join(_pct(v) for v in c["per_seed"])
+        lines.append(_row([method, c["seeds"], _pct(c["mean"]), _ci(c["ci"]), per_seed, *delta]))
+    if notes:
+        lines += ["", *(f"- {n}" for n in notes)]
+    return lines + _per_task_table(by_method, methods)
+
+
+def _delta_cells(
+    method: str,
+    c: CellSummary,
+    d: PairedDifference | None,
+    baseline: str,
+    by_method: dict[str, CellSummary],
+) -> tuple[list[str], list[str]]:
+    """``(the Δ, Δ interval and significance cells of the method's row, notes)``."""
+    notes: list[str] = []
+    if method == baseline:
+        delta = ["(baseline)", "—", "—"]
+    elif d is None:
+        delta = ["n/a", "n/a", "n/a"]
+        reason = (
+            f"no `{baseline}` runs in this group"
+            if baseline not in by_method
+            else f"no seed in common with `{baseline}`"
+        )
+        notes.append(f"`{method}`: no Δ, {reason}.")
+    else:
+        delta = [_pp(d["mean"]), _ci(d["ci"], _pp), "yes" if d["significant"] else "no"]
+        if d["seeds"] < c["seeds"] or d["dropped_seeds"]["baseline"]:
+            one = "; one seed, so its interval reflects episode noise only"
+            notes.append(
+                f"`{method}`: Δ on the seeds both ran only "
+                f"({', '.join(map(str, d['seed_values']))})"
+                f"{one if d['seeds'] == 1 and c['seeds'] > 1 else ''}."
+            )
+    if c["seeds"] == 1:
+        notes.append(
+            f"`{method}`: one seed ({c['seed_values'][0]}); its intervals reflect "
+            "episode noise only, not seed-to-seed variation."
+        )
+    return delta, notes
+
+
+def _per_task_table(by_method: dict[str, CellSummary], methods: Sequence[str]) -> list[str]:
+    """Markdown lines: rows = tasks, columns = methods, success % (mean over seeds)."""
+    tasks = sorted({t for m in methods for t in by_method[m]["per_task"]})
+    lines = [
+        "",
+        "Per task (success %, mean over seeds):",
+        "",
+        _row(["Task", *methods]),
+        _row(["---"] * (len(methods) + 1)),
+    ]
+    for task in tasks:
+        values = [by_method[m]["per_task"].get(task, math.nan) for m in methods]
+        lines.append(_row([task, *("—" if math.isnan(v) else _pct(v) for v in values)]))
+    return lines
 
 
 def summary_markdown(

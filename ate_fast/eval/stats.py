@@ -459,75 +459,104 @@ def _group_differences(
         runs_b = cells.get((*group, baseline))
         if runs_m is None or runs_b is None:
             continue
-        seeds = sorted(set(runs_m) & set(runs_b))
-        if not seeds:
-            continue
-        where = f"group {group}, {method!r} vs {baseline!r}"
-        config_m = runs_m[seeds[0]]["config"]
-        config_b = runs_b[seeds[0]]["config"]
-        if config_m != config_b:
-            raise ValueError(f"{where}: configs differ ({config_m!r} vs {config_b!r})")
-        pairs = [(runs_m[s], runs_b[s]) for s in seeds]
-        tasks = _task_names(where, [r for pair in pairs for r in pair])
-        k_m, n_m = _counts([a for a, _ in pairs], tasks)
-        k_b, n_b = _counts([b for _, b in pairs], tasks)
-        if not np.array_equal(n_m, n_b):
-            s, t = np.argwhere(n_m != n_b)[0]
-            raise ValueError(
-                f"{where}: seed {seeds[s]} task {tasks[t]!r} has {n_m[s, t]} vs "
-                f"{n_b[s, t]} episodes; paired runs must share the evaluation layouts"
+        if set(runs_m) & set(runs_b):
+            out.append(
+                _group_difference(
+                    group, method, baseline, runs_m, runs_b, n_boot, seed, level, paired
+                )
             )
-        only_m = np.zeros_like(k_m)
-        only_b = np.zeros_like(k_b)
-        for i, (a, b) in enumerate(pairs):
-            for j, t in enumerate(tasks):
-                sa = np.asarray(a["tasks"][t]["success"], dtype=np.int64)
-                sb = np.asarray(b["tasks"][t]["success"], dtype=np.int64)
-                only_m[i, j] = int(np.sum(sa > sb))
-                only_b[i, j] = int(np.sum(sb > sa))
-        rates_m = k_m / n_m  # (S, T)
-        rates_b = k_b / n_b
-        task_diff = (k_m - k_b) / n_m  # (S, T), exactly 0 for identical runs
-        per_seed = task_diff.mean(axis=1)  # (S,)
-        boot = bootstrap_difference(
-            k_m,
-            k_b,
-            n_m,
-            n_boot,
-            _rng(seed, "diff|" + "|".join(map(str, (*group, method, baseline)))),
-            only_a=only_m,
-            only_b=only_b,
-            paired=paired,
-        )
-        ci = _interval(boot, level)
-        policy, shift, demos = group
-        difference = PairedDifference(
-            policy=policy,
-            shift=shift,
-            demos=demos,
-            method=method,
-            baseline=baseline,
-            config=config_m,
-            paired=paired,
-            seeds=len(seeds),
-            seed_values=seeds,
-            dropped_seeds={
-                "method": sorted(set(runs_m) - set(seeds)),
-                "baseline": sorted(set(runs_b) - set(seeds)),
-            },
-            per_seed=[float(v) for v in per_seed],
-            method_mean=float(rates_m.mean(axis=1).mean()),
-            baseline_mean=float(rates_b.mean(axis=1).mean()),
-            mean=float(per_seed.mean()),
-            ci=ci,
-            level=level,
-            significant=bool(ci[0] > 0.0 or ci[1] < 0.0),
-            ci_source="seeds+episodes" if len(seeds) > 1 else "episodes",
-            n_boot=n_boot,
-            per_task={t: float(v) for t, v in zip(tasks, task_diff.mean(axis=0))},
-        )
-        out.append((difference, boot))
     return out
+
+
+def _paired_counts(
+    where: str, seeds: Sequence[int], pairs: Sequence[tuple[dict, dict]], tasks: Sequence[str]
+) -> tuple[NDArray[np.int64], ...]:
+    """``(k_m, k_b, n, only_m, only_b)``, each ``(S, T)`` int64, of the ``(method run,
+    baseline run)`` pair of every seed: successes of each, episodes (which must agree), and
+    the episodes where only the method / only the baseline succeeded."""
+    k_m, n_m = _counts([a for a, _ in pairs], tasks)
+    k_b, n_b = _counts([b for _, b in pairs], tasks)
+    if not np.array_equal(n_m, n_b):
+        s, t = np.argwhere(n_m != n_b)[0]
+        raise ValueError(
+            f"{where}: seed {seeds[s]} task {tasks[t]!r} has {n_m[s, t]} vs "
+            f"{n_b[s, t]} episodes; paired runs must share the evaluation layouts"
+        )
+    only_m = np.zeros_like(k_m)
+    only_b = np.zeros_like(k_b)
+    for i, (a, b) in enumerate(pairs):
+        for j, t in enumerate(tasks):
+            sa = np.asarray(a["tasks"][t]["success"], dtype=np.int64)
+            sb = np.asarray(b["tasks"][t]["success"], dtype=np.int64)
+            only_m[i, j] = int(np.sum(sa > sb))
+            only_b[i, j] = int(np.sum(sb > sa))
+    return k_m, k_b, n_m, only_m, only_b
+
+
+def _group_difference(
+    group: GroupKey,
+    method: str,
+    baseline: str,
+    runs_m: dict[int, dict[str, Any]],
+    runs_b: dict[int, dict[str, Any]],
+    n_boot: int,
+    seed: int,
+    level: float,
+    paired: bool,
+) -> tuple[PairedDifference, NDArray[np.float64]]:
+    """``method − baseline`` in one group from its runs by seed (at least one seed in
+    common), with the ``(n_boot,)`` bootstrap replicates."""
+    seeds = sorted(set(runs_m) & set(runs_b))
+    where = f"group {group}, {method!r} vs {baseline!r}"
+    config_m = runs_m[seeds[0]]["config"]
+    config_b = runs_b[seeds[0]]["config"]
+    if config_m != config_b:
+        raise ValueError(f"{where}: configs differ ({config_m!r} vs {config_b!r})")
+    pairs = [(runs_m[s], runs_b[s]) for s in seeds]
+    tasks = _task_names(where, [r for pair in pairs for r in pair])
+    k_m, k_b, n, only_m, only_b = _paired_counts(where, seeds, pairs, tasks)
+    rates_m = k_m / n  # (S, T)
+    rates_b = k_b / n
+    task_diff = (k_m - k_b) / n  # (S, T), exactly 0 for identical runs
+    per_seed = task_diff.mean(axis=1)  # (S,)
+    boot = bootstrap_difference(
+        k_m,
+        k_b,
+        n,
+        n_boot,
+        _rng(seed, "diff|" + "|".join(map(str, (*group, method, baseline)))),
+        only_a=only_m,
+        only_b=only_b,
+        paired=paired,
+    )
+    ci = _interval(boot, level)
+    policy, shift, demos = group
+    difference = PairedDifference(
+        policy=policy,
+        shift=shift,
+        demos=demos,
+        method=method,
+        baseline=baseline,
+        config=config_m,
+        paired=paired,
+        seeds=len(seeds),
+        seed_values=seeds,
+        dropped_seeds={
+            "method": sorted(set(runs_m) - set(seeds)),
+            "baseline": sorted(set(runs_b) - set(seeds)),
+        },
+        per_seed=[float(v) for v in per_seed],
+        method_mean=float(rates_m.mean(axis=1).mean()),
+        baseline_mean=float(rates_b.mean(axis=1).mean()),
+        mean=float(per_seed.mean()),
+        ci=ci,
+        level=level,
+        significant=bool(ci[0] > 0.0 or ci[1] < 0.0),
+        ci_source="seeds+episodes" if len(seeds) > 1 else "episodes",
+        n_boot=n_boot,
+        per_task={t: float(v) for t, v in zip(tasks, task_diff.mean(axis=0))},
+    )
+    return difference, boot
 
 
 def pooled_difference(

@@ -1,23 +1,18 @@
-"""ATE Align for the benchmark, through ``ate_fast.align``: the stage-1 VAE and its latent
-prior on the pre-training robot's chunks, stage-2 VAEs on a target robot's demos, and
-the mean stage-2 latent (inference-time guidance's target)."""
+"""ATE Align for the benchmark (the shared :mod:`ate_fast.adaptation.align_step`): the
+stage-1 VAE and its latent prior on the pre-training robot's chunks, stage-2 VAEs on a
+target robot's demos, and the mean stage-2 latent (inference-time guidance's target).
+
+Each call leaves the caller's global RNG as it was and prints nothing."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any
 
 import torch
 
-from ate_fast.align import (
-    ActionVAE,
-    LatentPrior,
-    Stage1Config,
-    Stage2Config,
-    train_stage1,
-    train_stage2,
-)
+from ate_fast.adaptation.align_step import align_source, align_target, new_chunk_vae
+from ate_fast.align import ActionVAE, LatentPrior
 from ate_fast.eval.metaworld.config import EvalConfig
 from ate_fast.eval.metaworld.embodiment import ACTION_DIM
 from ate_fast.eval.metaworld.experts import ChunkSet
@@ -25,76 +20,30 @@ from ate_fast.eval.metaworld.experts import ChunkSet
 
 def new_vae(cfg: EvalConfig, seed: int) -> ActionVAE:
     """A freshly initialised MLP ActionVAE (weights from ``seed``)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return ActionVAE(
-            ACTION_DIM, cfg.horizon, cfg.latent_dim, arch="mlp", hidden_dims=cfg.vae_hidden
-        )
-
-
-def _settings(cls: type, cfg: EvalConfig, epochs: int, batch: int, seed: int, **kw: Any):
-    """No files, lr decaying to a tenth over the run, fp32 on the CPU, no progress bars."""
-    return cls(
-        epochs=epochs,
-        batch_size=batch,
-        lr=cfg.vae_lr,
-        lr_gamma=0.1 ** (1.0 / epochs),
-        seed=seed,
-        device="cpu",
-        precision="fp32",
-        val_every=epochs,
-        save_every_minutes=None,
-        progress=False,
-        **kw,
-    )
+    return new_chunk_vae(ACTION_DIM, cfg.horizon, cfg.align_settings(), seed)
 
 
 def train_source_vae(
     cfg: EvalConfig, data: ChunkSet, seed: int
 ) -> tuple[ActionVAE, LatentPrior, dict]:
-    """Stage 1 on the pre-training chunks, then the stage-1 latent prior (``cfg.prior``)."""
+    """Stage 1 on the pre-training chunks, then the stage-1 latent prior (``cfg.prior``);
+    ``(vae, prior, stats)``."""
     vae = new_vae(cfg, seed)
     with torch.random.fork_rng(), contextlib.redirect_stdout(io.StringIO()):
-        fit = train_stage1(
-            vae,
-            data.vae_dataset(),
-            _settings(Stage1Config, cfg, cfg.stage1_epochs, cfg.vae_batch, seed),
+        source = align_source(
+            vae, data.vae_dataset(), cfg.align_settings(), seed=seed, prior_seed=seed
         )
-        prior = LatentPrior.fit(
-            vae, data.vae_dataset(), kind=cfg.prior, device="cpu", seed=seed, progress=False
-        )
-    last = fit.history[-1]
-    return (
-        vae,
-        prior,
-        {
-            "steps": last["global_step"],
-            "val_recon": last.get("val_recon_mu"),
-            "prior": prior.describe(),
-        },
-    )
+    return vae, source.prior, source.stats
 
 
 def train_target_vae(
     cfg: EvalConfig, data: ChunkSet, prior: LatentPrior, kl: str, seed: int
 ) -> tuple[ActionVAE, torch.Tensor, dict]:
-    """Stage 2 on all of the target demos (no validation split: direct fine-tuning gets
-    them all too) against ``prior`` with ``kl`` direction; the mean stage-2 latent [d_z]."""
+    """Stage 2 on all of the target demos against ``prior`` with ``kl`` direction;
+    ``(vae, mean stage-2 latent [d_z], stats)``."""
     vae = new_vae(cfg, seed)
-    batch = min(cfg.vae_batch, len(data))
     with torch.random.fork_rng(), contextlib.redirect_stdout(io.StringIO()):
-        fit = train_stage2(
-            vae,
-            data.vae_dataset(),
-            prior,
-            _settings(Stage2Config, cfg, cfg.stage2_epochs, batch, seed, kl=kl, val_fraction=0.0),
+        target = align_target(
+            vae, data.vae_dataset(), prior, cfg.align_settings(), seed=seed, kl=kl
         )
-        latent = LatentPrior.fit(
-            vae, data.vae_dataset(), kind="gaussian", device="cpu", progress=False
-        )
-    last = fit.history[-1]
-    return (
-        vae,
-        latent.mean.float(),
-        {"steps": last["global_step"], "recon": last["recon"], "prior_logp": last["prior_logp"]},
-    )
+    return vae, target.mean.float(), target.stats

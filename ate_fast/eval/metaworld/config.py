@@ -13,7 +13,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
+from ate_fast.adaptation.settings import AlignSettings
 from ate_fast.eval.metaworld.embodiment import SHIFTS
+from ate_fast.eval.metaworld.envs import MAX_EPISODE_STEPS
 
 POLICY_KINDS = ("flow", "diffusion")
 
@@ -171,8 +173,6 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from ate_fast.eval.metaworld.envs import MAX_EPISODE_STEPS
-
         for name in ("shifts", "policies", "methods"):
             allowed = {"shifts": SHIFTS, "policies": POLICY_KINDS, "methods": tuple(METHODS)}[name]
             bad = [v for v in getattr(self, name) if v not in allowed]
@@ -203,6 +203,19 @@ class EvalConfig:
     def tasks(self) -> tuple[str, ...]:
         """Every task the policy knows (one-hot slot order): sources, then targets."""
         return self.source_tasks + self.target_tasks
+
+    def align_settings(self) -> AlignSettings:
+        """The align step's settings: both stages at ``vae_batch``, on the CPU, quietly."""
+        return AlignSettings(
+            latent_dim=self.latent_dim,
+            hidden=self.vae_hidden,
+            lr=self.vae_lr,
+            stage1_epochs=self.stage1_epochs,
+            stage1_batch=self.vae_batch,
+            stage2_epochs=self.stage2_epochs,
+            stage2_batch=self.vae_batch,
+            prior=self.prior,
+        )
 
     def with_overrides(self, **overrides: Any) -> EvalConfig:
         known = {f.name for f in fields(self)}

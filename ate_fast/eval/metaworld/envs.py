@@ -46,6 +46,12 @@ def task_names() -> list[str]:
     return sorted(ALL_V3_ENVIRONMENTS)
 
 
+def task_index() -> dict[str, int]:
+    """Task name → one-hot slot: every Meta-World v3 task, sorted (so a pre-trained policy
+    is the same whatever the benchmark's targets)."""
+    return {name: i for i, name in enumerate(task_names())}
+
+
 def check_task(name: str) -> str:
     names = task_names()
     if name not in names:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.demo.demonstrations import MaskedChunks
+from ate_fast.adaptation.chunks import ChunkData, chunk_windows
 from ate_fast.eval.metaworld.embodiment import Shift
 from ate_fast.eval.metaworld.envs import (
     HAND,
@@ -86,26 +86,14 @@ def collect(task: str, task_index: int, stream: str, seed: int, count: int) -> D
 
 
 @dataclass
-class ChunkSet:
+class ChunkSet(ChunkData):
     """Training pairs of several tasks in one robot's action space: ``obs [M, 39]``,
-    ``task [M]`` (index into the benchmark's task list), ``chunks [M, H, ACTION_DIM]``
-    (the robot's actions from each step on; past the episode's end the last action is
-    repeated), ``mask [ACTION_DIM]``, ``episode [M]`` (a global episode id per chunk)."""
+    ``chunks [M, H, ACTION_DIM]``, ``mask [ACTION_DIM]``, ``episode [M]`` (a global episode
+    id per chunk) as in :class:`~ate_fast.adaptation.ChunkData`, and ``task [M]`` (index
+    into the benchmark's task list); ``stats``: episodes and expert failures per task."""
 
-    obs: Tensor
     task: Tensor
-    chunks: Tensor
-    mask: Tensor
-    episode: np.ndarray
-    episodes: int
     stats: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.chunks.shape[0])
-
-    def vae_dataset(self) -> MaskedChunks:
-        """Items ``(chunk [H, D], mask [D])`` for ``ate_fast.align``'s trainers."""
-        return MaskedChunks(self.chunks, self.mask, self.episode)
 
 
 def chunk_set(
@@ -119,8 +107,7 @@ def chunk_set(
         for ep in d.episodes:
             actions = shift.to_robot(ep.env_actions, ep.obs[:, HAND])  # [L, ACTION_DIM]
             length = len(actions)
-            padded = np.concatenate([actions, np.repeat(actions[-1:], horizon - 1, axis=0)])
-            chunks.append(padded[np.arange(length)[:, None] + np.arange(horizon)[None, :]])
+            chunks.append(chunk_windows(actions, horizon))
             obs.append(ep.obs)
             task.append(np.full(length, task_index[d.task]))
             episode.append(np.full(length, eid))

@@ -7,23 +7,26 @@ The policy is an :class:`~ate_fast.models.MLPHead` over the whole chunk
 id (``cond [B, 39 + T]``):
 
 * ``"flow"`` — openpi's convention (``x_t = t·ε + (1−t)·a0``, target ``ε − a0``, t drawn
-  as ``0.001 + 0.999·Beta(1.5, 1)``), sampled by Euler integration (``FlowSampler``);
+  as ``0.001 + 0.999·Beta(1.5, 1)``; :class:`~ate_fast.adaptation.FlowMatching`), sampled
+  by Euler integration (``FlowSampler``);
 * ``"diffusion"`` — ε-prediction on a 100-step cosine schedule (Diffusion Policy's
-  ``squaredcos_cap_v2``), sampled by DDIM (``DiffusionSampler``).
+  ``squaredcos_cap_v2``; :class:`~ate_fast.adaptation.EpsilonDiffusion`), sampled by
+  DDIM (``DiffusionSampler``).
 
-Losses are averaged over the robot's action slots only (the chunk's mask).
+Training runs the shared loop (:func:`~ate_fast.adaptation.train_chunk_policy`); losses
+are averaged over the robot's action slots only (the chunk's mask).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from ate_fast.adaptation.objectives import EpsilonDiffusion, FlowMatching
+from ate_fast.adaptation.policy_training import PolicyFit, train_chunk_policy
 from ate_fast.eval.metaworld.config import POLICY_KINDS
 from ate_fast.eval.metaworld.embodiment import ACTION_DIM
 from ate_fast.eval.metaworld.envs import OBS_DIM
@@ -33,7 +36,6 @@ from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
 from ate_fast.steer import Steer
 
 DIFFUSION_TRAIN_STEPS = 100
-TIME_BETA_A = 1.5
 MIN_OBS_STD = 1e-2  # observation entries that never move (padding objects) stay unscaled
 
 
@@ -100,17 +102,6 @@ def make_sampler(policy: nn.Module, kind: str, steps: int) -> Union[FlowSampler,
     return DiffusionSampler(policy, noise_schedule(), method="ddim", num_steps=steps)
 
 
-@dataclass
-class Fit:
-    """``loss``: mean of the last 10 % of steps (for Steer the corrected loss); ``steer``:
-    Steer's diagnostics averaged over all steps; ``seconds``."""
-
-    steps: int
-    loss: float
-    seconds: float
-    steer: dict
-
-
 def train_policy(
     policy: nn.Module,
     conditioner: Conditioner,
@@ -124,61 +115,26 @@ def train_policy(
     steer: Optional[Steer] = None,
     progress: bool = False,
     desc: str = "train",
-) -> Fit:
-    """Train ``policy`` in place for ``steps`` AdamW steps (cosine decay to ``lr/10``,
-    gradient norm clipped at 1). Batches, noise and times come from a generator seeded
-    with ``seed``: two runs with one seed see the same batches (a paired comparison)."""
-    import time
-
-    gen = torch.Generator().manual_seed(seed)
-    policy.train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * min(k / steps, 1.0)))
-    )
-    schedule = noise_schedule() if kind == "diffusion" else None
-    alphas = schedule.alphas_cumprod.float() if schedule is not None else None
-    mask = data.mask[None, None, :]
-    denom = float(batch * data.chunks.shape[1] * data.mask.sum())
+) -> PolicyFit:
+    """Train ``policy`` in place on ``data`` (conditioned on each chunk's observation and
+    task) with the ``kind``'s objective for ``steps`` AdamW steps (see
+    ``train_chunk_policy``). Batches, noise and times come from a generator seeded with
+    ``seed``: two runs with one seed see the same batches (a paired comparison)."""
     with torch.no_grad():
-        cond_all = conditioner(data.obs, data.task)
-    losses, diag_sums = [], {}
-    start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
-        idx = torch.randint(len(data), (batch,), generator=gen)
-        a0, cond = data.chunks[idx], cond_all[idx]
-        noise = torch.randn(a0.shape, generator=gen)
-        if kind == "flow":
-            t = torch.rand(batch, generator=gen).pow(1.0 / TIME_BETA_A) * 0.999 + 0.001
-            x = t[:, None, None] * noise + (1 - t[:, None, None]) * a0
-            pred = policy(x, t, cond)
-            if steer is None:
-                err = (pred - (noise - a0)).square()
-            else:
-                err, diag = steer.flow_loss(pred, x, a0, noise, t, loss_reduction="none")
-        else:
-            k = torch.randint(DIFFUSION_TRAIN_STEPS, (batch,), generator=gen)
-            ab = alphas[k][:, None, None]
-            x = ab.sqrt() * a0 + (1 - ab).sqrt() * noise
-            pred = policy(x, k, cond)
-            if steer is None:
-                err = (pred - noise).square()
-            else:
-                err, diag = steer.diffusion_loss(
-                    pred, x, a0, noise, k, schedule, "epsilon", loss_reduction="none"
-                )
-        if steer is not None:
-            for name, value in diag.items():
-                diag_sums[name] = diag_sums.get(name, 0.0) + float(value)
-        loss = (err * mask).sum() / denom
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.detach())
-    policy.eval()
-    tail = torch.stack(losses[-max(1, steps // 10) :]).mean().item()
-    return Fit(
-        steps, tail, time.perf_counter() - start, {k: v / steps for k, v in diag_sums.items()}
+        cond = conditioner(data.obs, data.task)
+    objective = FlowMatching() if kind == "flow" else EpsilonDiffusion(noise_schedule())
+    return train_chunk_policy(
+        policy,
+        data.chunks,
+        cond,
+        data.mask,
+        objective,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        steer=steer,
+        diagnostics_on_host=True,  # float64 sums, as in the benchmark's recorded runs
+        desc=desc,
+        progress=progress,
     )
