@@ -159,9 +159,26 @@ def test_function_local_imports_only_for_optional_dependencies(module):
     if module.endswith(".cli") or module == "ate_fast.demo" or module in LAZY_KERNELS:
         return  # command handlers import what their command needs
     tree = ast.parse(MODULES[module].read_text())
-    top = {id(node) for _, _, node in _imports(module, tree, top_level=True)}
-    for source, _, node in _imports(module, tree, top_level=False):
-        if id(node) in top:
-            continue
-        allowed = source.split(".")[0] in OPTIONAL or source in LAZY_KERNELS
-        assert allowed, f"{module}:{node.lineno} imports {source} inside a function"
+    functions = [
+        n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    for function in functions:
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import):
+                sources = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                sources = [_resolve(module, node)]
+            else:
+                continue
+            for source in sources:
+                allowed = source.split(".")[0] in OPTIONAL or source in LAZY_KERNELS
+                assert allowed, f"{module}:{node.lineno} imports {source} inside a function"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_function_over_80_lines(module):
+    tree = ast.parse(MODULES[module].read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            assert length <= 80, f"{module}:{node.lineno} {node.name} is {length} lines long"

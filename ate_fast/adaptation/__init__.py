@@ -20,8 +20,6 @@ evaluation, caching — stays with them. Nothing here imports ``ate_fast.demo`` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ate_fast.lazy_exports import lazy_attributes
 
 _EXPORTS = {
@@ -41,42 +39,8 @@ _EXPORTS = {
     "PolicyFit": "policy_training",
     "train_chunk_policy": "policy_training",
 }
-__all__ = [
-    "TIME_BETA_A",
-    "AlignSettings",
-    "ChunkData",
-    "EpsilonDiffusion",
-    "FlowMatching",
-    "MaskedChunks",
-    "Objective",
-    "PolicyFit",
-    "SourceAlignment",
-    "TargetAlignment",
-    "align_source",
-    "align_target",
-    "chunk_windows",
-    "new_chunk_vae",
-    "train_chunk_policy",
-]
+__all__ = sorted(_EXPORTS)
 
 __getattr__, __dir__ = lazy_attributes(
     globals(), {name: f"ate_fast.adaptation.{module}" for name, module in _EXPORTS.items()}
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ate_fast.adaptation.align_step import (
-        SourceAlignment,
-        TargetAlignment,
-        align_source,
-        align_target,
-        new_chunk_vae,
-    )
-    from ate_fast.adaptation.chunks import ChunkData, MaskedChunks, chunk_windows
-    from ate_fast.adaptation.objectives import (
-        TIME_BETA_A,
-        EpsilonDiffusion,
-        FlowMatching,
-        Objective,
-    )
-    from ate_fast.adaptation.policy_training import PolicyFit, train_chunk_policy
-    from ate_fast.adaptation.settings import AlignSettings

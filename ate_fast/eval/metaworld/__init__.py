@@ -11,8 +11,6 @@ Names import on first access, so the CLI's parser stays cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ate_fast.lazy_exports import lazy_attributes
 
 _LAZY = {
@@ -25,20 +23,6 @@ _LAZY = {
     "plan": "ate_fast.eval.metaworld.runner",
     "run_benchmark": "ate_fast.eval.metaworld.runner",
 }
-__all__ = [
-    "CONFIGS",
-    "METHODS",
-    "SHIFTS",
-    "EvalConfig",
-    "Method",
-    "Shift",
-    "plan",
-    "run_benchmark",
-]
+__all__ = sorted(_LAZY)
 
 __getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ate_fast.eval.metaworld.config import CONFIGS, METHODS, EvalConfig, Method
-    from ate_fast.eval.metaworld.embodiment import SHIFTS, Shift
-    from ate_fast.eval.metaworld.runner import plan, run_benchmark
