@@ -7,7 +7,7 @@ Run:  pytest benchmarks/bench_guidance.py --benchmark-json=bench_guidance.json
 Encoder: H·D → 256 → 256 → 2·64 (GELU), the PERFORMANCE.md reference encoder. The
 ``eager`` row is autograd (what ``Steer``/``LatentGuidance`` did before the fused op):
 one forward, ``torch.autograd.grad``. On the GPU the fused op has two rows: ``cuda`` (one
-cooperative kernel) and ``triton`` (2·L = 6 kernels, ``ate_fast/ops/mlp_guidance_triton.py``).
+cooperative kernel) and ``triton`` (2·L = 6 kernels, ``ate_fast/ops/mlp_guidance/triton.py``).
 At B ∈ {1, 8} the GPU also has ``<row>_graph`` rows: the same call captured once in a CUDA
 graph and replayed, as a captured sampler runs it (no Python launch path: at control-rate
 batches that path, not the kernels, sets the plain rows).
