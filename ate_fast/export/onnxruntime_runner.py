@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.export.signature import ACTIONS, GraphSignature
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -26,12 +27,12 @@ def guidance_target(
     if guidance is None:
         return target
     if target is not None:
-        raise ValueError("pass either guidance or target, not both")
+        raise InvalidArgumentError("pass either guidance or target, not both")
     if signature.target_dim is None:
         return None  # the target is baked into the graph
     value = getattr(guidance, "target", None)
     if not isinstance(value, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             "guidance must be the LatentGuidance the graph was exported with (its .target is "
             f"fed as the graph's target input), got {type(guidance).__name__}"
         )
@@ -44,12 +45,12 @@ def check_guidance_matches(signature: GraphSignature, guidance: Any) -> None:
     if guidance is None or not signature.guidance_known:
         return
     if settings is None:
-        raise ValueError("guidance was given but the graph was exported unguided")
+        raise InvalidArgumentError("guidance was given but the graph was exported unguided")
     clamp = float(settings["clamp"])
     for name, baked in (("scale", settings["scale"]), ("clamp", clamp), ("mode", settings["mode"])):
         value = getattr(guidance, name, None)
         if value != baked:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"guidance.{name} is {value!r} but the graph was exported with {baked!r}; "
                 "guidance settings are baked into the graph: export again to change them"
             )
@@ -115,7 +116,9 @@ class OnnxRuntimeSampler:
 
 def _numpy(name: str, t: Tensor) -> np.ndarray:
     if t.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU tensor for ONNX Runtime, got one on {t.device}")
+        raise InvalidArgumentError(
+            f"{name} must be a CPU tensor for ONNX Runtime, got one on {t.device}"
+        )
     t = t.detach()
     if t.is_floating_point():
         t = t.to(torch.float32)

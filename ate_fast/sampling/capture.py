@@ -19,6 +19,7 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance
 from ate_fast.sampling.inputs import check_cond, check_finite, copy_into, static_copy
 from ate_fast.sampling.launch import Launch, RecordingLaunch, ReplayLaunch
@@ -115,7 +116,7 @@ class CapturedSampler:
         if device.type == "cuda":
             self.mode = "cuda_graph"
             if generator is not None and torch.device(generator.device).type != "cuda":
-                raise ValueError(
+                raise InvalidArgumentError(
                     "generator must be a CUDA generator (or None) to capture a CUDA graph: "
                     f"got one on {generator.device}, whose draws cannot be captured"
                 )
@@ -151,27 +152,29 @@ class CapturedSampler:
     # -- calls -----------------------------------------------------------------------------
     def _check_call(self, noise: Tensor, cond: Any, guidance: object, generator: object) -> None:
         if not isinstance(noise, Tensor):
-            raise TypeError(f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}")
+            raise ArgumentTypeError(
+                f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}"
+            )
         if noise.shape != self.shape or noise.dtype != self.dtype or noise.device != self.device:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"noise must match the captured example: shape {tuple(self.shape)}, {self.dtype} "
                 f"on {self.device}; got {tuple(noise.shape)}, {noise.dtype} on {noise.device} "
                 "(capture again for other shapes)"
             )
         if guidance is not None and guidance is not self.guidance:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "guidance must be None or the object given to capture(): a captured loop "
                 "replays the guidance it was captured with (capture again for another)"
             )
         if self.guidance is not None:
             now = (self.guidance.scale, self.guidance.clamp, self.guidance.mode)
             if now != self._guidance_args:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"guidance's (scale, clamp, mode) changed from {self._guidance_args} at "
                     f"capture to {now}: they are baked into the captured loop; capture again"
                 )
         if generator is not None and generator is not self.generator:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "generator must be None or the generator given to capture() (it is bound to "
                 "the captured loop)"
             )

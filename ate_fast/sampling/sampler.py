@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
@@ -33,15 +34,15 @@ _TABLE_CACHE_SIZE = 8
 
 def check_num_steps(num_steps: object) -> int:
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
+        raise ArgumentTypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
     if num_steps <= 0:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise InvalidArgumentError(f"num_steps must be >= 1, got {num_steps}")
     return int(num_steps)
 
 
 def check_choice(name: str, value: object, choices: tuple) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
 
 
@@ -124,7 +125,7 @@ class Sampler:
 
     def __init__(self, model_fn: ModelFn, num_steps: int) -> None:
         if not callable(model_fn):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "model_fn must be callable as model_fn(x [B,H,D], t [B], cond) -> [B,H,D], "
                 f"got {type(model_fn).__name__}"
             )
@@ -218,7 +219,9 @@ class Sampler:
         """
         scale, clamp = self.check_inputs(noise, cond, guidance, generator)
         if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+            raise ArgumentTypeError(
+                f"callback must be callable or None, got {type(callback).__name__}"
+            )
         ws = StepBuffers(noise)
         run = self.new_run(ws, cond, guidance, generator, Launch(scale, clamp), callback)
         return self.execute(noise, run)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ate_fast.align.mlp_vae import MLPEncoder
 from ate_fast.align.vae import ActionVAE
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.ops import mlp_encoder_parts
 from ate_fast.steer import transformer_vjp
 
@@ -67,7 +68,7 @@ class FrozenEncoder:
         self, vae_or_encoder: Any, freeze: bool = True, mask: Optional[Tensor] = None
     ) -> None:
         if mask is not None and not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
+            raise ArgumentTypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
         self.mask = mask
         encode = getattr(vae_or_encoder, "encode", None)
         if callable(encode):
@@ -75,7 +76,7 @@ class FrozenEncoder:
         elif callable(vae_or_encoder):
             self._fn = vae_or_encoder
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "vae_or_encoder must have an .encode(a) method or be callable (an nn.Module "
                 f"or function returning (mu, logvar) or mu), got {type(vae_or_encoder).__name__}"
             )
@@ -144,24 +145,24 @@ class FrozenEncoder:
         elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
             mu, logvar = out
             if logvar is not None and not isinstance(logvar, Tensor):
-                raise TypeError(
+                raise ArgumentTypeError(
                     "vae_or_encoder returned (mu, logvar) with logvar of type "
                     f"{type(logvar).__name__}; expected a tensor"
                 )
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "vae_or_encoder must return mu or (mu, logvar) as tensors, got "
                 f"{type(out).__name__}"
                 + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
             )
         batch = a.shape[0]
         if mu.ndim != 2 or mu.shape[0] != batch:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"vae_or_encoder must return mu of shape [B, d_z] = [{batch}, d_z] for an "
                 f"input of shape {tuple(a.shape)}, got {tuple(mu.shape)}"
             )
         if logvar is not None and logvar.shape != mu.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"vae_or_encoder returned logvar of shape {tuple(logvar.shape)}; it must match "
                 f"mu's {tuple(mu.shape)}"
             )

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops.constants import ACTIVATIONS, MAX_MLP_LAYERS
 from ate_fast.ops.mlp_guidance.dispatch import (
     FUSED_MAX_BATCH,
@@ -125,7 +126,7 @@ def mlp_guidance(
         ``(g [B, H, D], z [B, d_z])``: the gradient of ``y`` w.r.t. ``x`` and ``x``'s latent.
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"mlp_guidance: activation must be one of {ACTIVATIONS}, got {activation!r}"
         )
     args = (x, list(weights), list(biases), ACTIVATIONS.index(activation), target, a0, mask, eps,

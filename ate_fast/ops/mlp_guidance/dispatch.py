@@ -12,8 +12,13 @@ from ate_fast import native
 from ate_fast.ops import backends
 from ate_fast.ops.constants import ACTIVATIONS
 from ate_fast.ops.mlp_guidance.ref import mlp_guidance_reference
-from ate_fast.ops.mlp_guidance.validation import validate, validate_gradient_out
+from ate_fast.ops.mlp_guidance.validation import (
+    validate,
+    validate_gradient_out,
+    validate_latent_out,
+)
 from ate_fast.ops.native_abi import current_stream, dtype_code, ptr
+from ate_fast.ops.overlap import overlaps
 
 SUPPORT = {
     torch.float32: backends.support(cpu=("cpu",), triton=("cpu", "cuda"), cuda=("cuda",)),
@@ -94,11 +99,22 @@ def selected_backend(x) -> str:
 
 def mlp_guidance_into(g, z, x, weights, biases, activation, target, a0, mask, eps,
                       distance_weight, backend: Optional[str] = None) -> None:  # fmt: skip
-    """Validate, then write ``g`` [B, H, D] and ``z`` [B, d_z] with ``backend``."""
+    """Validate, then write ``g`` [B, H, D] and ``z`` [B, d_z] with ``backend``.
+
+    ``g`` and ``z`` may share memory with an input or with each other: the result is
+    then computed into temporaries and copied (the kernels read every input in full
+    while writing their outputs)."""
     validate(x, weights, biases, activation, target, a0, mask, eps, distance_weight)
     validate_gradient_out(g, x)
+    validate_latent_out(z, x, weights[-1].shape[0] // 2)
     if backend is None:
         backend = selected_backend(x)
-    IMPLEMENTATIONS[backend](
-        x, weights, biases, activation, target, a0, mask, eps, distance_weight, g, z
-    )
+    args = (x, weights, biases, activation, target, a0, mask, eps, distance_weight)
+    inputs = [t for t in (x, target, a0, mask, eps, *weights, *biases) if t is not None]
+    if overlaps(g, z) or any(overlaps(out, t) for out in (g, z) for t in inputs):
+        g_tmp, z_tmp = torch.empty_like(g), torch.empty_like(z)
+        IMPLEMENTATIONS[backend](*args, g_tmp, z_tmp)
+        g.copy_(g_tmp)
+        z.copy_(z_tmp)
+        return
+    IMPLEMENTATIONS[backend](*args, g, z)

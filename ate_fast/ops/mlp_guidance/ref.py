@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops.constants import ACTIVATIONS
 
 
@@ -36,7 +37,7 @@ def activation_and_grad(name: str, u: Tensor) -> tuple[Tensor, Tensor]:
     if name == "tanh":
         t = torch.tanh(u)
         return t, 1.0 - t * t
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    raise InvalidArgumentError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
 def _masked_flat(a: Tensor, mask: Optional[Tensor]) -> Tensor:
