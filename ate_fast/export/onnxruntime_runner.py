@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.export.signature import ACTIONS, GraphSignature
+from ate_fast.sampling.inputs import check_cond, check_finite, check_noise
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -37,6 +38,21 @@ def guidance_target(
             f"fed as the graph's target input), got {type(guidance).__name__}"
         )
     return value
+
+
+def check_runner_inputs(
+    noise: object, cond: Any, target: Optional[Tensor], step_noise: Optional[Tensor]
+) -> None:
+    """The checks ``Sampler.sample()`` makes, made by the exported-graph runners too:
+    ``noise`` a floating ``[B, H, D]`` tensor with B ≥ 1 (batch 0 raises
+    :class:`~ate_fast.errors.InvalidArgumentError`, as in ``sample()``), no NaN/inf in
+    ``noise``, ``cond``, ``target`` or ``step_noise``
+    (:class:`~ate_fast.errors.NonFiniteError` naming the argument)."""
+    check_noise(noise)
+    check_cond(cond)
+    for name, t in (("target", target), ("step_noise", step_noise)):
+        if isinstance(t, Tensor):
+            check_finite(name, t)
 
 
 def check_guidance_matches(signature: GraphSignature, guidance: Any) -> None:
@@ -106,9 +122,14 @@ class OnnxRuntimeSampler:
         ``guidance``: the LatentGuidance the graph was exported with (its target is fed),
         or pass ``target`` [d_z] / [B, d_z] directly. ``generator``/``step_noise``: the step
         noise of a stochastic sampler, drawn as the PyTorch sampler draws it.
+
+        Raises, as ``Sampler.sample()`` does: ``InvalidArgumentError`` for batch 0 or a
+        malformed ``noise``, ``NonFiniteError`` for NaN/inf in ``noise``, ``cond``,
+        ``target`` or ``step_noise``.
         """
         target = guidance_target(self.signature, guidance, target)
         feeds = self.signature.feeds(noise, cond, target, step_noise, generator)
+        check_runner_inputs(noise, cond, target, step_noise)
         arrays = {name: _numpy(name, t) for name, t in feeds.items()}
         (actions,) = self.session.run([ACTIONS], arrays)
         return torch.from_numpy(actions)

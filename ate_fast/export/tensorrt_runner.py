@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
-from ate_fast.export.onnxruntime_runner import guidance_target
+from ate_fast.export.onnxruntime_runner import check_runner_inputs, guidance_target
 from ate_fast.export.signature import ACTIONS, GraphSignature, signature_from_io
 from ate_fast.export.tensorrt_build import (
     TensorRTBuildError,
@@ -184,9 +184,12 @@ class TensorRTSampler:
         Arguments as :meth:`ate_fast.export.OnnxRuntimeSampler.sample`. Without a CUDA
         graph the result is a new tensor, ready in stream order on torch's current stream;
         with one it is the graph's output buffer (overwritten by the next call).
+        Batch 0 and NaN/inf inputs raise as in ``OnnxRuntimeSampler.sample``.
         """
         target = guidance_target(self.signature, guidance, target)
-        feeds = self._prepared(self.signature.feeds(noise, cond, target, step_noise, generator))
+        feeds = self.signature.feeds(noise, cond, target, step_noise, generator)
+        check_runner_inputs(noise, cond, target, step_noise)
+        feeds = self._prepared(feeds)
         if self.cuda_graph:
             return self._replay(feeds)
         out = self._bind(self._context, feeds)

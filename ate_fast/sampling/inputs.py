@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 
 DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -37,11 +37,12 @@ def check_noise(noise: object) -> Tensor:
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
-    """Raise ValueError naming ``name`` if a floating ``tensor`` holds NaN or ±inf (one sync)."""
+    """Raise :class:`NonFiniteError` naming ``name`` if a floating ``tensor`` holds NaN or
+    ±inf (one host sync)."""
     if tensor.is_floating_point() or tensor.is_complex():
         if not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
-            raise InvalidArgumentError(f"{name} contains {bad}")
+            raise NonFiniteError(f"{name} contains {bad}")
 
 
 def tensor_leaves(obj: Any, path: str = "cond") -> Iterator[tuple[str, Tensor]]:

@@ -25,6 +25,7 @@ callable around a trainable module stays frozen too.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -50,6 +51,16 @@ def autocast_enabled(x: Tensor) -> bool:
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
 
+def _refuse_path(vae_or_encoder: Any) -> None:
+    """A path (``str`` has an ``.encode`` method) is not an encoder: say how to load it."""
+    if isinstance(vae_or_encoder, (str, bytes, os.PathLike)):
+        raise ArgumentTypeError(
+            f"vae_or_encoder must be a VAE or encoder, got a path ({vae_or_encoder!r}); load "
+            "the checkpoint first: ckpt = ate_fast.align.load_checkpoint(path), then pass "
+            "ckpt.vae (and ckpt.prior as LatentGuidance's target)"
+        )
+
+
 class FrozenEncoder:
     """Normalises ``vae_or_encoder`` to ``a [B, H, D] -> (mu [B, d_z], logvar or None)``.
 
@@ -67,6 +78,7 @@ class FrozenEncoder:
     def __init__(
         self, vae_or_encoder: Any, freeze: bool = True, mask: Optional[Tensor] = None
     ) -> None:
+        _refuse_path(vae_or_encoder)
         if mask is not None and not isinstance(mask, Tensor):
             raise ArgumentTypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
         self.mask = mask
