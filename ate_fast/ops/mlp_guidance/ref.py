@@ -44,7 +44,7 @@ def _masked_flat(a: Tensor, mask: Optional[Tensor]) -> Tensor:
     """``[B, H, D]`` (mask ``[D]`` or ``[B, D]``) -> ``[B, H·D]``."""
     if mask is not None:
         a = a * (mask if mask.dim() == 2 else mask[None]).to(a.dtype)[:, None, :]
-    return a.reshape(a.shape[0], -1)
+    return a.reshape(a.shape[0], a.shape[1] * a.shape[2])  # explicit: B may be 0
 
 
 def _forward(
