@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 from ate_fast.guidance import GUIDANCE_MODES
 from ate_fast.steer import validation as check
 from ate_fast.steer.encoder import FrozenEncoder
@@ -35,7 +35,7 @@ def _target_tensor(target: Any) -> Tensor:
             f"{value.dtype} of shape {tuple(value.shape)}"
         )
     if not bool(torch.isfinite(value).all()):
-        raise InvalidArgumentError("target contains NaN or inf")
+        raise NonFiniteError("target contains NaN or inf (expected a finite latent)")
     return value.detach()
 
 

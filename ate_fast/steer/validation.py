@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -77,20 +78,32 @@ def can_sync() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def check_values(checks: Sequence[tuple[str, Tensor]]) -> None:
-    """Each check is ``(message, ok)`` with ``ok`` a 0-dim bool tensor; one host sync for all.
-    Raises ``ValueError(message)`` for the first that failed."""
+class ValueCheck(NamedTuple):
+    """One :func:`check_values` entry: ``ok`` a 0-dim bool tensor, ``error`` the class
+    raised with ``message`` when it is False."""
+
+    message: str
+    ok: Tensor
+    error: type[InvalidArgumentError] = InvalidArgumentError
+
+
+def check_values(checks: Sequence[tuple]) -> None:
+    """Each check is a :class:`ValueCheck` (or a ``(message, ok)`` pair, raised as
+    :class:`~ate_fast.errors.InvalidArgumentError`); one host sync for all. Raises for
+    the first that failed."""
     if not checks or not can_sync():
         return
-    device = checks[0][1].device
-    flags = torch.stack([ok.reshape(()).to(device) for _, ok in checks]).cpu()
+    entries = [ValueCheck(*c) for c in checks]
+    device = entries[0].ok.device
+    flags = torch.stack([c.ok.reshape(()).to(device) for c in entries]).cpu()
     if bool(flags.all()):
         return
-    for (message, _), ok in zip(checks, flags.tolist()):
+    for check, ok in zip(entries, flags.tolist()):
         if not ok:
-            raise InvalidArgumentError(message)
+            raise check.error(check.message)
 
 
-def finite(name: str, t: Tensor) -> tuple[str, Tensor]:
-    """A :func:`check_values` entry: ``t`` holds no NaN or inf."""
-    return f"{name} contains NaN or inf", torch.isfinite(t).all()
+def finite(name: str, t: Tensor) -> ValueCheck:
+    """A :func:`check_values` entry: ``t`` holds no NaN or inf (else
+    :class:`~ate_fast.errors.NonFiniteError`)."""
+    return ValueCheck(f"{name} contains NaN or inf", torch.isfinite(t).all(), NonFiniteError)

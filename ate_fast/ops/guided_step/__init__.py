@@ -180,6 +180,10 @@ def guided_step(
         c, d, s = _coefficient("c", c, m), _coefficient("d", d, m), _coefficient("s", s, m)
     args = (x, m, a, b, g, c, m_prev, d, z, s, float(scale), effective_clamp(clamp))
     if out is not None:
+        if not isinstance(out, Tensor):
+            raise ArgumentTypeError(
+                f"guided_step: out must be a torch.Tensor or None, got {type(out).__name__}"
+            )
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
             raise RuntimeError("guided_step: out= does not support autograd; call it without out")
         if _plain(out, *args[:10]):

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.ops.constants import ACTIVATIONS, MAX_MLP_LAYERS
 from ate_fast.ops.mlp_guidance.dispatch import (
     FUSED_MAX_BATCH,
@@ -125,6 +125,8 @@ def mlp_guidance(
     Returns:
         ``(g [B, H, D], z [B, d_z])``: the gradient of ``y`` w.r.t. ``x`` and ``x``'s latent.
     """
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"mlp_guidance: x must be a torch.Tensor, got {type(x).__name__}")
     if activation not in ACTIVATIONS:
         raise InvalidArgumentError(
             f"mlp_guidance: activation must be one of {ACTIVATIONS}, got {activation!r}"

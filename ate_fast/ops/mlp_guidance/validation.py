@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
 from ate_fast.ops.constants import ACTIVATIONS, DTYPE_CODES, MAX_MLP_LAYERS
 
 
@@ -61,6 +61,11 @@ def validate_latent_out(z: Tensor, x: Tensor, dz: int) -> None:
 
 def _check_layers(x: Tensor, weights, biases) -> int:
     """Check the layer chain from ``H·D`` inputs to ``2·d_z`` outputs; returns d_z."""
+    if len(weights) > MAX_MLP_LAYERS:
+        raise LimitExceededError(
+            f"mlp_guidance: 1..{MAX_MLP_LAYERS} weights expected (MAX_MLP_LAYERS, the "
+            f"kernels' bound), got {len(weights)} weights"
+        )
     if not 1 <= len(weights) <= MAX_MLP_LAYERS or len(biases) != len(weights):
         raise InvalidArgumentError(
             f"mlp_guidance: 1..{MAX_MLP_LAYERS} weights and as many biases (None allowed) "
