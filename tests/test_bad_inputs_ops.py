@@ -141,6 +141,9 @@ CASES: list[tuple[str, Callable[[], object], type, str]] = [
     ("mg zero-width layer", lambda: mlp_guidance(chunk(), *mlp_weights((H * D, 0, 4)),
                                                  target=torch.zeros(2)),
      InvalidArgumentError, "zero-width layer"),
+    ("mg zero-width input", lambda: mlp_guidance(torch.randn(B, 0, D), *mlp_weights((0, 4)),
+                                                 target=torch.zeros(2)),
+     InvalidArgumentError, "zero-width layer"),
     ("mg odd last layer", lambda: mlp_guidance(chunk(), *mlp_weights((H * D, 3)),
                                                target=torch.zeros(1)),
      InvalidArgumentError, "2·d_z"),
@@ -279,12 +282,14 @@ def test_unknown_forced_backend(monkeypatch):
         guided_step(None, chunk())
 
 
-def test_guided_step_batch_zero_is_empty_everywhere(monkeypatch):
+@pytest.mark.parametrize("shape", [(0, H, D), (B, 0, D), (B, H, 0)])
+def test_guided_step_empty_is_empty_everywhere(shape, monkeypatch):
+    """B = 0 or a zero-width row: an empty result on every backend."""
     for backend in ("ref", "cpu", "triton"):
         monkeypatch.setenv("ATE_FAST_BACKEND", backend)
-        m = chunk(batch=0)
+        m = torch.randn(shape)
         out = guided_step(m, m, a=0.5, b=1.0, g=m, scale=2.0, clamp=0.1)
-        assert out.shape == (0, H, D)
+        assert out.shape == shape
 
 
 def test_huge_clamp_is_no_clamp_on_every_backend_and_in_steer(monkeypatch):
