@@ -94,7 +94,8 @@ class DiffusionSampler(Sampler):
         model_fn: ``model_fn(x [B,H,D], t [B] int64 training timesteps, cond) -> [B,H,D]``.
         schedule: the :class:`NoiseSchedule` the model was trained with.
         method: ``"ddpm"``, ``"ddim"`` or ``"dpmsolver++"``.
-        num_steps: K ≥ 1 model evaluations (≤ the schedule's num_train_timesteps).
+        num_steps: K ≥ 1 model evaluations (≤ the schedule's num_train_timesteps and ≤
+            MAX_NUM_STEPS = 10,000, else LimitExceededError).
         prediction_type: what the model predicts: ``"epsilon"``, ``"sample"`` (x0) or
             ``"v_prediction"``.
         timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``; None picks

@@ -42,7 +42,8 @@ class FlowSampler(Sampler):
     Args:
         model_fn: ``model_fn(x [B,H,D], t [B], cond) -> velocity [B,H,D]``; ``t`` in
             (0, 1] (1 = pure noise), float32 (float64 for float64 data).
-        num_steps: K ≥ 1 steps (Euler: K model evaluations; Heun: 2K − 1).
+        num_steps: 1 ≤ K ≤ MAX_NUM_STEPS (10,000) steps (Euler: K model evaluations; Heun:
+            2K − 1); above the bound LimitExceededError.
         method: ``"euler"`` or ``"heun"``.
         time_grid: ``"uniform"`` (openpi: t = 1, 1 − 1/K, …, 1/K) or ``"diffusers"``
             (FlowMatchEulerDiscreteScheduler's grid, with ``shift``).
