@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import Tensor
 
-__all__ = ["byte_range", "overlaps", "partially_overlaps_any"]
+__all__ = ["byte_range", "overlaps", "overlaps_any", "partially_overlaps_any"]
 
 
 def byte_range(t: Tensor) -> tuple[int, int]:
@@ -43,13 +43,36 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
 
 def partially_overlaps_any(out: Tensor, inputs: Iterable[Optional[Tensor]]) -> bool:
     """True if ``out`` overlaps an input without being exactly that input (same first
-    element, same strides: element i of ``out`` is element i of the input)."""
+    element, strides, shape and dtype: element i of ``out`` is element i of the input).
+
+    Called on every fused step, so the common case is a few integer comparisons: the
+    tensors are validated contiguous, so each spans ``[data_ptr, data_ptr + nbytes)``.
+    """
+    o0 = out.data_ptr()
+    o1 = o0 + out.nbytes
     for t in inputs:
         if t is None or t is out:
             continue
-        if overlaps(out, t) and not (
-            t.data_ptr() == out.data_ptr() and t.stride() == out.stride()
-            and t.shape == out.shape and t.dtype == out.dtype
+        t0 = t.data_ptr()
+        if t0 < o1 and o0 < t0 + t.nbytes and not (
+            t0 == o0 and t.stride() == out.stride() and t.shape == out.shape
+            and t.dtype == out.dtype
         ):  # fmt: skip
+            if overlaps(out, t):  # exact ranges (also right for strided tensors)
+                return True
+    return False
+
+
+def overlaps_any(out: Tensor, inputs: Iterable[Optional[Tensor]]) -> bool:
+    """True if ``out`` shares memory with any input, exact aliases included (for ops that
+    read their inputs in full while writing). Same fast path as
+    :func:`partially_overlaps_any`."""
+    o0 = out.data_ptr()
+    o1 = o0 + out.nbytes
+    for t in inputs:
+        if t is None:
+            continue
+        t0 = t.data_ptr()
+        if t0 < o1 and o0 < t0 + t.nbytes and overlaps(out, t):
             return True
     return False

@@ -70,7 +70,7 @@ _ARGS = (
 @torch.library.custom_op("ate_fast::guided_step", mutates_args=(), schema=f"({_ARGS}) -> Tensor")
 def _guided_step_op(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp):
     out = torch.empty_like(m, memory_format=torch.contiguous_format)
-    return guided_step_into(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
+    return guided_step_into(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp, fresh_out=True)
 
 
 @_guided_step_op.register_fake
@@ -192,5 +192,5 @@ def guided_step(
             torch.ops.ate_fast.guided_step_out(out, *args)
         return out
     if _plain(*args[:10]):
-        return guided_step_into(torch.empty_like(m), *args)
+        return guided_step_into(torch.empty_like(m), *args, fresh_out=True)
     return torch.ops.ate_fast.guided_step(*args)

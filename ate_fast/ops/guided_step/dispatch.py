@@ -81,15 +81,20 @@ def selected_backend(m: Tensor) -> str:
 
 
 def guided_step_into(out: Tensor, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp,
-                     backend: Optional[str] = None) -> Tensor:  # fmt: skip
+                     backend: Optional[str] = None, *, fresh_out: bool = False
+                     ) -> Tensor:  # fmt: skip
     """Validate, then write the guided step into ``out`` [B, ...] with ``backend``
-    (default: :func:`selected_backend`). Returns ``out``."""
+    (default: :func:`selected_backend`). Returns ``out``.
+
+    ``out`` may be ``x`` or ``m`` (in place); one that partly overlaps an input is
+    computed via a temporary. ``fresh_out=True`` (a newly allocated ``out``) skips that
+    overlap check."""
     validate(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
     validate_out(out, m)
     clamp = effective_clamp(clamp)
     if backend is None:
         backend = selected_backend(m)
-    if partially_overlaps_any(out, (x, m, g, m_prev, z, a, b, c, d, s)):
+    if not fresh_out and partially_overlaps_any(out, (x, m, g, m_prev, z, a, b, c, d, s)):
         # out shares part of its memory with an input: the kernels would read elements
         # they already wrote, so compute into a temporary (an exact alias stays in place).
         tmp = torch.empty_like(out)

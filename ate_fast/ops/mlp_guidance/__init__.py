@@ -84,7 +84,7 @@ def _mlp_guidance_op(x, weights, biases, activation, target, a0, mask, eps, dist
     g = torch.empty_like(x)
     z = x.new_empty((x.shape[0], weights[-1].shape[0] // 2))
     mlp_guidance_into(g, z, x, weights, biases, activation, target, a0, mask, eps,
-                      distance_weight)  # fmt: skip
+                      distance_weight, fresh_out=True)  # fmt: skip
     return g, z
 
 
@@ -139,6 +139,6 @@ def mlp_guidance(
     ):
         g = torch.empty_like(x)
         z = x.new_empty((x.shape[0], args[1][-1].shape[0] // 2)) if args[1] else x.new_empty(0)
-        mlp_guidance_into(g, z, *args)
+        mlp_guidance_into(g, z, *args, fresh_out=True)
         return g, z
     return torch.ops.ate_fast.mlp_guidance(*args)
