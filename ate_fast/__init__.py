@@ -37,7 +37,17 @@ _LAZY = {
     "OnnxRuntimeSampler": "ate_fast.export",
     "TensorRTSampler": "ate_fast.export",
 }
-_SUBPACKAGES = ("align", "data", "export", "guidance", "models", "ops", "sampling", "steer")
+_SUBPACKAGES = (
+    "align",
+    "data",
+    "errors",
+    "export",
+    "guidance",
+    "models",
+    "ops",
+    "sampling",
+    "steer",
+)
 
 __all__ = ["__version__", "guided_step", "mlp_guidance", *_LAZY, *_SUBPACKAGES]
 

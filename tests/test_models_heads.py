@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ate_fast.errors import MissingConditionError
 from ate_fast.models import (
     FLOW_TRANSFORMER_CONFIGS,
     MLP_HEAD_CONFIGS,
@@ -147,10 +148,15 @@ def test_transformer_cond_length_is_free_and_optional():
     assert head(x, t, None).shape == x.shape
 
 
-def test_missing_vector_cond_means_zeros():
+def test_missing_vector_cond_raises():
+    """A head built with cond_dim needs its cond (issue 15: None used to mean zeros)."""
     for head in (make_head("unet1d", "small"), make_head("mlp", "small", cond_dim=6)):
         x, t, cond = inputs(head)
-        torch.testing.assert_close(head(x, t, None), head(x, t, torch.zeros_like(cond)))
+        assert head(x, t, cond).shape == x.shape
+        with pytest.raises(MissingConditionError, match="cond is None but this head was built"):
+            head(x, t, None)
+        with pytest.raises(ValueError):  # still a ValueError for existing handlers
+            head(x, t, None)
 
 
 def test_pi0_expert_structure_runs_at_reduced_depth():

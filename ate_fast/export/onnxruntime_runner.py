@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.export.signature import ACTIONS, GraphSignature
+from ate_fast.sampling.inputs import check_cond, check_finite, check_noise
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -26,16 +28,31 @@ def guidance_target(
     if guidance is None:
         return target
     if target is not None:
-        raise ValueError("pass either guidance or target, not both")
+        raise InvalidArgumentError("pass either guidance or target, not both")
     if signature.target_dim is None:
         return None  # the target is baked into the graph
     value = getattr(guidance, "target", None)
     if not isinstance(value, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             "guidance must be the LatentGuidance the graph was exported with (its .target is "
             f"fed as the graph's target input), got {type(guidance).__name__}"
         )
     return value
+
+
+def check_runner_inputs(
+    noise: object, cond: Any, target: Optional[Tensor], step_noise: Optional[Tensor]
+) -> None:
+    """The checks ``Sampler.sample()`` makes, made by the exported-graph runners too:
+    ``noise`` a floating ``[B, H, D]`` tensor with B ≥ 1 (batch 0 raises
+    :class:`~ate_fast.errors.InvalidArgumentError`, as in ``sample()``), no NaN/inf in
+    ``noise``, ``cond``, ``target`` or ``step_noise``
+    (:class:`~ate_fast.errors.NonFiniteError` naming the argument)."""
+    check_noise(noise)
+    check_cond(cond)
+    for name, t in (("target", target), ("step_noise", step_noise)):
+        if isinstance(t, Tensor):
+            check_finite(name, t)
 
 
 def check_guidance_matches(signature: GraphSignature, guidance: Any) -> None:
@@ -44,12 +61,12 @@ def check_guidance_matches(signature: GraphSignature, guidance: Any) -> None:
     if guidance is None or not signature.guidance_known:
         return
     if settings is None:
-        raise ValueError("guidance was given but the graph was exported unguided")
+        raise InvalidArgumentError("guidance was given but the graph was exported unguided")
     clamp = float(settings["clamp"])
     for name, baked in (("scale", settings["scale"]), ("clamp", clamp), ("mode", settings["mode"])):
         value = getattr(guidance, name, None)
         if value != baked:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"guidance.{name} is {value!r} but the graph was exported with {baked!r}; "
                 "guidance settings are baked into the graph: export again to change them"
             )
@@ -105,9 +122,14 @@ class OnnxRuntimeSampler:
         ``guidance``: the LatentGuidance the graph was exported with (its target is fed),
         or pass ``target`` [d_z] / [B, d_z] directly. ``generator``/``step_noise``: the step
         noise of a stochastic sampler, drawn as the PyTorch sampler draws it.
+
+        Raises, as ``Sampler.sample()`` does: ``InvalidArgumentError`` for batch 0 or a
+        malformed ``noise``, ``NonFiniteError`` for NaN/inf in ``noise``, ``cond``,
+        ``target`` or ``step_noise``.
         """
         target = guidance_target(self.signature, guidance, target)
         feeds = self.signature.feeds(noise, cond, target, step_noise, generator)
+        check_runner_inputs(noise, cond, target, step_noise)
         arrays = {name: _numpy(name, t) for name, t in feeds.items()}
         (actions,) = self.session.run([ACTIONS], arrays)
         return torch.from_numpy(actions)
@@ -115,7 +137,9 @@ class OnnxRuntimeSampler:
 
 def _numpy(name: str, t: Tensor) -> np.ndarray:
     if t.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU tensor for ONNX Runtime, got one on {t.device}")
+        raise InvalidArgumentError(
+            f"{name} must be a CPU tensor for ONNX Runtime, got one on {t.device}"
+        )
     t = t.detach()
     if t.is_floating_point():
         t = t.to(torch.float32)

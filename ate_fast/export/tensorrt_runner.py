@@ -22,7 +22,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ate_fast.export.onnxruntime_runner import guidance_target
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.export.onnxruntime_runner import check_runner_inputs, guidance_target
 from ate_fast.export.signature import ACTIONS, GraphSignature, signature_from_io
 from ate_fast.export.tensorrt_build import (
     TensorRTBuildError,
@@ -70,14 +71,14 @@ class TensorRTSampler:
             raise RuntimeError("TensorRTSampler needs a CUDA device; torch sees none")
         self.device = torch.device(device) if device is not None else torch.device("cuda")
         if self.device.type != "cuda":
-            raise ValueError(f"device must be a CUDA device, got {self.device}")
+            raise InvalidArgumentError(f"device must be a CUDA device, got {self.device}")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"engine_path: no engine file at {self.path}")
         if not isinstance(cuda_graph, bool):
-            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+            raise ArgumentTypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         self.cuda_graph = cuda_graph
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
@@ -123,7 +124,7 @@ class TensorRTSampler:
         try:
             return json.loads(path.read_text())
         except ValueError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+            raise InvalidArgumentError(f"{path} is not valid JSON ({exc})") from exc
 
     def __repr__(self) -> str:
         precision = (self.record or {}).get("precision", "?")
@@ -136,7 +137,7 @@ class TensorRTSampler:
             return
         low, _, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
         if any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name} has shape {shape}, outside the engine's profile {low}..{high}: "
                 "build the engine with a wider min_batch/max_batch"
             )
@@ -146,7 +147,7 @@ class TensorRTSampler:
             shape = tuple(tensor.shape)
             self._check_profile(name, shape)
             if not context.set_input_shape(name, shape):
-                raise ValueError(f"TensorRT rejected the shape {shape} of input {name!r}")
+                raise InvalidArgumentError(f"TensorRT rejected the shape {shape} of input {name!r}")
             context.set_tensor_address(name, tensor.data_ptr())
         shape = tuple(context.get_tensor_shape(ACTIONS))
         out = torch.empty(shape, dtype=self._dtypes[ACTIONS], device=self.device)
@@ -161,7 +162,7 @@ class TensorRTSampler:
         ready = {}
         for name, tensor in feeds.items():
             if tensor.device != self.device:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{name} must be a CUDA tensor on {self.device}, got one on {tensor.device}"
                 )
             ready[name] = tensor.to(self._dtypes[name]).contiguous()
@@ -183,9 +184,12 @@ class TensorRTSampler:
         Arguments as :meth:`ate_fast.export.OnnxRuntimeSampler.sample`. Without a CUDA
         graph the result is a new tensor, ready in stream order on torch's current stream;
         with one it is the graph's output buffer (overwritten by the next call).
+        Batch 0 and NaN/inf inputs raise as in ``OnnxRuntimeSampler.sample``.
         """
         target = guidance_target(self.signature, guidance, target)
-        feeds = self._prepared(self.signature.feeds(noise, cond, target, step_noise, generator))
+        feeds = self.signature.feeds(noise, cond, target, step_noise, generator)
+        check_runner_inputs(noise, cond, target, step_noise)
+        feeds = self._prepared(feeds)
         if self.cuda_graph:
             return self._replay(feeds)
         out = self._bind(self._context, feeds)

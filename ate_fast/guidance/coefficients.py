@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ate_fast.errors import InvalidArgumentError
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 FLOW_CONVENTIONS = ("openpi", "paper")
 DENOMINATOR_FLOOR = 1e-6
@@ -32,7 +34,7 @@ DENOMINATOR_FLOOR = 1e-6
 def diffusion_guidance_coefficient(alpha_bar: Tensor, prediction_type: str) -> Tensor:
     """``c`` for a diffusion model; ``alpha_bar`` is ᾱ at each sample's step, [B] -> [B]."""
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
         )
     ab = alpha_bar
@@ -54,4 +56,4 @@ def flow_guidance_coefficient(t: Tensor, convention: str = "openpi") -> Tensor:
         return -t / (1.0 - t).clamp_min(DENOMINATOR_FLOOR)
     if convention == "paper":
         return (1.0 - t) / t.clamp_min(DENOMINATOR_FLOOR)
-    raise ValueError(f"convention must be one of {FLOW_CONVENTIONS}, got {convention!r}")
+    raise InvalidArgumentError(f"convention must be one of {FLOW_CONVENTIONS}, got {convention!r}")

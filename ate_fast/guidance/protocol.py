@@ -37,6 +37,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+
 GUIDANCE_MODES = ("direct", "tweedie")
 
 
@@ -78,27 +80,27 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
     """
     for attr in ("scale", "clamp", "mode", "gradient"):
         if not hasattr(guidance, attr):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"guidance must follow ate_fast.Guidance (attributes scale, clamp, "
                 f"mode and a gradient(x, x0_hat, dx0_dx) method); {type(guidance).__name__} "
                 f"has no {attr!r}"
             )
     if not callable(guidance.gradient):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"guidance.gradient must be callable, got {type(guidance.gradient).__name__}"
         )
     scale, clamp, mode = guidance.scale, guidance.clamp, guidance.mode
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"guidance.scale must be a finite float, got {scale!r}")
+        raise InvalidArgumentError(f"guidance.scale must be a finite float, got {scale!r}")
     if (
         isinstance(clamp, bool)
         or not isinstance(clamp, (int, float))
         or math.isnan(clamp)
         or clamp < 0
     ):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"guidance.clamp must be a float >= 0 (math.inf = no clamp), got {clamp!r}"
         )
     if mode not in GUIDANCE_MODES:
-        raise ValueError(f"guidance.mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+        raise InvalidArgumentError(f"guidance.mode must be one of {GUIDANCE_MODES}, got {mode!r}")
     return float(scale), float(clamp), mode

@@ -7,6 +7,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from ate_fast.errors import MissingConditionError
+
 
 def check_head_inputs(
     head: str,
@@ -16,9 +18,13 @@ def check_head_inputs(
     horizon: int,
     action_dim: int,
     cond_shape: Optional[tuple[int, ...]],
+    cond_required: bool = False,
 ) -> None:
     """``x`` [B, H, D], ``t`` [B], ``cond`` [B, *cond_shape] (or None when ``cond_shape`` is
-    None; ``-1`` in ``cond_shape`` matches any size)."""
+    None; ``-1`` in ``cond_shape`` matches any size).
+
+    ``cond_required`` (a head built with ``cond_dim > 0``): a missing ``cond`` raises
+    :class:`~ate_fast.errors.MissingConditionError` instead of silently meaning zeros."""
     if x.ndim != 3 or x.shape[1] != horizon or x.shape[2] != action_dim:
         raise ValueError(
             f"{head}: x must have shape [B, H, D] = [B, {horizon}, {action_dim}], got "
@@ -35,7 +41,13 @@ def check_head_inputs(
             )
         return
     if cond is None:
-        return  # the heads treat a missing cond as "no context" (zeros for vector cond)
+        if cond_required:
+            raise MissingConditionError(
+                f"{head}: cond is None but this head was built with cond_dim = "
+                f"{cond_shape[-1]}: pass cond [B, {cond_shape[-1]}] (e.g. "
+                "sampler.sample(noise, cond)), or build the head with cond_dim=0"
+            )
+        return  # optional token context (the flow transformer): no context
     expected = (batch, *cond_shape)
     if cond.ndim != len(expected) or any(e != -1 and e != s for e, s in zip(expected, cond.shape)):
         shown = ", ".join("L" if e == -1 else str(e) for e in expected)

@@ -68,14 +68,15 @@ class MLPHead(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         cfg = self.config
         cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
-        check_head_inputs("MLPHead", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape)
+        check_head_inputs(
+            "MLPHead", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape,
+            cond_required=bool(cfg.cond_dim),
+        )  # fmt: skip
         time = sinusoidal_embedding(
             t * cfg.time_scale, cfg.time_dim, cfg.min_period, cfg.max_period
         )
         context = time.to(x.dtype)
         if cfg.cond_dim:
-            if cond is None:
-                cond = torch.zeros(x.shape[0], cfg.cond_dim, dtype=x.dtype, device=x.device)
             context = torch.cat([context, cond], dim=-1)
         ctx = self.context(context)  # [B, hidden]
         if cfg.flatten:

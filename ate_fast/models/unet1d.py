@@ -87,7 +87,8 @@ class ConditionalUnet1D(nn.Module):
     """Diffusion Policy U-Net: ``forward(x [B,H,D], t [B], cond [B, cond_dim]) -> [B,H,D]``.
 
     ``t`` is the integer diffusion timestep (any real dtype; scale flow time with
-    ``time_scale``). ``cond`` may be None (zeros) when ``cond_dim > 0``; must be None when 0.
+    ``time_scale``). ``cond`` is required when ``cond_dim > 0`` (None raises
+    ``MissingConditionError``); must be None when 0.
     """
 
     def __init__(self, config: Union[str, UnetConfig] = "small", **overrides: Any) -> None:
@@ -131,14 +132,15 @@ class ConditionalUnet1D(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         cfg = self.config
         cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
-        check_head_inputs("ConditionalUnet1D", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape)
+        check_head_inputs(
+            "ConditionalUnet1D", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape,
+            cond_required=bool(cfg.cond_dim),
+        )  # fmt: skip
         emb = sinusoidal_embedding(
             t * cfg.time_scale, cfg.time_embed_dim, cfg.min_period, cfg.max_period
         ).to(x.dtype)
         film = self.time_mlp(emb)
         if cfg.cond_dim:
-            if cond is None:
-                cond = torch.zeros(x.shape[0], cfg.cond_dim, dtype=x.dtype, device=x.device)
             film = torch.cat([film, cond], dim=-1)
 
         h = x.transpose(1, 2)  # [B, D, H]: channels over time

@@ -8,15 +8,17 @@ C++/CUDA kernels share; :mod:`ate_fast.ops.native_abi` is the native calling con
 
 from ate_fast.ops import backends, constants, native_abi
 from ate_fast.ops.backends import BackendUnavailableError
-from ate_fast.ops.constants import compute_dtype
+from ate_fast.ops.constants import FLOAT32_MAX, compute_dtype, effective_clamp
 from ate_fast.ops.guided_step import guided_step, guided_step_reference, selected_backend
 from ate_fast.ops.mlp_guidance import mlp_encoder_parts, mlp_guidance, mlp_guidance_reference
 
 __all__ = [
+    "FLOAT32_MAX",
     "BackendUnavailableError",
     "backends",
     "compute_dtype",
     "constants",
+    "effective_clamp",
     "guided_step",
     "guided_step_reference",
     "mlp_encoder_parts",

@@ -15,6 +15,21 @@ from functools import cache
 import torch
 
 from ate_fast import native
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "PREFERENCE",
+    "SELECTION_CACHE",
+    "BackendUnavailableError",
+    "availability",
+    "forced_backend",
+    "reset_caches",
+    "select",
+    "support",
+    "triton_interpret",
+]
 
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 ENV_VAR = "ATE_FAST_BACKEND"
@@ -26,10 +41,6 @@ _NATIVE_MODULE = {"cpu": "_C", "cuda": "_C_cuda"}
 # Ops memoise their selection per (device type, dtype, ATE_FAST_BACKEND value) here, so
 # that a call costs one dict lookup; reset_caches() clears it.
 SELECTION_CACHE: dict = {}
-
-
-class BackendUnavailableError(RuntimeError):
-    """A forced backend (``ATE_FAST_BACKEND``) cannot run the given tensors."""
 
 
 def triton_interpret() -> bool:
@@ -60,7 +71,7 @@ def _cuda_device_status() -> tuple[bool, str]:
 def availability(backend: str, device_type: str) -> tuple[bool, str]:
     """(available, reason) for running ``backend`` on tensors of ``device_type``."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device_type not in PREFERENCE:
         if backend == "ref":
             return True, "ok"
@@ -97,7 +108,7 @@ def forced_backend() -> str | None:
     if not value:
         return None
     if value not in BACKENDS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{ENV_VAR} must be one of {', '.join(BACKENDS)} (or unset), got {value!r}"
         )
     return value

@@ -5,6 +5,8 @@ and fails if the two disagree), and the compute-dtype rule every backend follows
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # torch dtype -> the ``DType`` code of the native entry points.
@@ -20,6 +22,18 @@ ACTIVATIONS: tuple[str, ...] = ("gelu", "silu", "relu", "tanh")
 
 # The most Linear layers the fused MLP guidance kernels take (``kMaxMlpLayers``).
 MAX_MLP_LAYERS = 16
+
+
+# κ (clamp) at or above float32's largest finite value means "no clamp" on every backend
+# (the float32 kernels could not represent it; float64 data follows the same rule).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def effective_clamp(clamp: float) -> float:
+    """κ as the kernels take it: ``math.inf`` for any κ ≥ :data:`FLOAT32_MAX` (no clamp),
+    else ``clamp`` unchanged (NaN and negative values are left for validation)."""
+    clamp = float(clamp)
+    return math.inf if clamp >= FLOAT32_MAX else clamp
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,11 +16,12 @@ from ate_fast.guidance import Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.diffusion import DiffusionSampler
 from ate_fast.sampling.flow import FlowSampler
-from ate_fast.sampling.sampler import Run, Sampler
+from ate_fast.sampling.sampler import MAX_NUM_STEPS, Run, Sampler
 from ate_fast.sampling.schedule import NoiseSchedule
 from ate_fast.sampling.workspace import StepBuffers, StepTables
 
 __all__ = [
+    "MAX_NUM_STEPS",
     "CapturedSampler",
     "DiffusionSampler",
     "FlowSampler",

@@ -19,7 +19,9 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance
+from ate_fast.sampling.finite import DeferredFiniteCheck
 from ate_fast.sampling.inputs import check_cond, check_finite, copy_into, static_copy
 from ate_fast.sampling.launch import Launch, RecordingLaunch, ReplayLaunch
 from ate_fast.sampling.workspace import StepBuffers
@@ -35,8 +37,11 @@ class CapturableSampler(Protocol):
         self, noise: Tensor, cond: Any, guidance: Optional[Guidance], generator: object
     ) -> tuple[float, float]: ...
 
+    num_steps: int
+
     def new_run(self, ws: StepBuffers, cond: Any, guidance: Optional[Guidance],
-                generator: Optional[torch.Generator], launch: Launch) -> Any: ...  # fmt: skip
+                generator: Optional[torch.Generator], launch: Launch, callback: Any = None,
+                finite: Optional[DeferredFiniteCheck] = None) -> Any: ...  # fmt: skip
 
     def execute(self, noise: Tensor, run: Any) -> Tensor: ...
 
@@ -84,6 +89,11 @@ class CapturedSampler:
           as ``sample()`` would.
         * ``check_finite`` (default True) checks each call's noise and cond for NaN/inf,
           which costs a device synchronisation; pass False at capture to skip it.
+        * ``check_finite_steps`` (default False) also checks every step's model output
+          and guidance gradient: the captured loop ANDs ``isfinite(...).all()`` into a
+          ``[K, 2]`` device flag tensor (no host sync inside the loop or graph), and each
+          call reads it once afterwards and raises
+          :class:`~ate_fast.errors.NonFiniteError` naming the first bad step and source.
 
     Attributes:
         mode: ``"cuda_graph"``, ``"cpu_replay"`` or ``"buffers"`` (other devices).
@@ -98,6 +108,7 @@ class CapturedSampler:
         generator: Optional[torch.Generator] = None,
         *,
         check_finite: bool = True,
+        check_finite_steps: bool = False,
     ) -> None:
         scale, clamp = sampler.check_inputs(example_noise, example_cond, guidance, generator)
         self.sampler = sampler
@@ -109,13 +120,16 @@ class CapturedSampler:
         )
         device = example_noise.device
         self.device = device
+        self.finite: Optional[DeferredFiniteCheck] = (
+            DeferredFiniteCheck(sampler.num_steps, device) if check_finite_steps else None
+        )
         self.shape, self.dtype = example_noise.shape, example_noise.dtype
         self.static_cond = static_copy(example_cond)
         self.ws = StepBuffers(example_noise)
         if device.type == "cuda":
             self.mode = "cuda_graph"
             if generator is not None and torch.device(generator.device).type != "cuda":
-                raise ValueError(
+                raise InvalidArgumentError(
                     "generator must be a CUDA generator (or None) to capture a CUDA graph: "
                     f"got one on {generator.device}, whose draws cannot be captured"
                 )
@@ -126,12 +140,16 @@ class CapturedSampler:
             self._recording = RecordingLaunch(scale, clamp)
             self._replay: Optional[ReplayLaunch] = None
             first = self._recording if self.mode == "cpu_replay" else Launch(scale, clamp)
-            self._run = sampler.new_run(self.ws, self.static_cond, guidance, generator, first)
+            self._run = sampler.new_run(
+                self.ws, self.static_cond, guidance, generator, first, finite=self.finite
+            )
 
     # -- CUDA ------------------------------------------------------------------------------
     def _capture_graph(self, launch: Launch) -> None:
         sampler, device = self.sampler, self.device
-        run = sampler.new_run(self.ws, self.static_cond, self.guidance, self.generator, launch)
+        run = sampler.new_run(
+            self.ws, self.static_cond, self.guidance, self.generator, launch, finite=self.finite
+        )
         snapshot = _RngSnapshot(self.generator, device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -151,27 +169,29 @@ class CapturedSampler:
     # -- calls -----------------------------------------------------------------------------
     def _check_call(self, noise: Tensor, cond: Any, guidance: object, generator: object) -> None:
         if not isinstance(noise, Tensor):
-            raise TypeError(f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}")
+            raise ArgumentTypeError(
+                f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}"
+            )
         if noise.shape != self.shape or noise.dtype != self.dtype or noise.device != self.device:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"noise must match the captured example: shape {tuple(self.shape)}, {self.dtype} "
                 f"on {self.device}; got {tuple(noise.shape)}, {noise.dtype} on {noise.device} "
                 "(capture again for other shapes)"
             )
         if guidance is not None and guidance is not self.guidance:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "guidance must be None or the object given to capture(): a captured loop "
                 "replays the guidance it was captured with (capture again for another)"
             )
         if self.guidance is not None:
             now = (self.guidance.scale, self.guidance.clamp, self.guidance.mode)
             if now != self._guidance_args:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"guidance's (scale, clamp, mode) changed from {self._guidance_args} at "
                     f"capture to {now}: they are baked into the captured loop; capture again"
                 )
         if generator is not None and generator is not self.generator:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "generator must be None or the generator given to capture() (it is bound to "
                 "the captured loop)"
             )
@@ -189,6 +209,12 @@ class CapturedSampler:
         """Run the captured loop on ``noise`` [B, H, D]; returns the reused output buffer."""
         self._check_call(noise, cond, guidance, generator)
         copy_into(self.static_cond, cond)
+        out = self._run_loop(noise)
+        if self.finite is not None:
+            self.finite.raise_if_bad()
+        return out
+
+    def _run_loop(self, noise: Tensor) -> Tensor:
         if self.mode == "cuda_graph":
             self.static_noise.copy_(noise)
             self.graph.replay()

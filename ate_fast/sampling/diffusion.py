@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import GUIDANCE_MODES, PREDICTION_TYPES, diffusion_guidance_coefficient
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
 from ate_fast.sampling.schedule import NoiseSchedule
@@ -93,7 +94,8 @@ class DiffusionSampler(Sampler):
         model_fn: ``model_fn(x [B,H,D], t [B] int64 training timesteps, cond) -> [B,H,D]``.
         schedule: the :class:`NoiseSchedule` the model was trained with.
         method: ``"ddpm"``, ``"ddim"`` or ``"dpmsolver++"``.
-        num_steps: K ≥ 1 model evaluations (≤ the schedule's num_train_timesteps).
+        num_steps: K ≥ 1 model evaluations (≤ the schedule's num_train_timesteps and ≤
+            MAX_NUM_STEPS = 10,000, else LimitExceededError).
         prediction_type: what the model predicts: ``"epsilon"``, ``"sample"`` (x0) or
             ``"v_prediction"``.
         timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``; None picks
@@ -128,7 +130,9 @@ class DiffusionSampler(Sampler):
     ) -> None:
         super().__init__(model_fn, num_steps)
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+            raise ArgumentTypeError(
+                f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+            )
         self.schedule = schedule
         self.method = check_choice("method", method, DIFFUSION_METHODS)
         self.prediction_type = check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -138,13 +142,15 @@ class DiffusionSampler(Sampler):
             "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS
         )
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
+            raise InvalidArgumentError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
         if not (clip_sample_range > 0):
-            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
+            raise InvalidArgumentError(f"clip_sample_range must be > 0, got {clip_sample_range}")
         if not (eta >= 0 and np.isfinite(eta)):
-            raise ValueError(f"eta must be a finite float >= 0, got {eta}")
+            raise InvalidArgumentError(f"eta must be a finite float >= 0, got {eta}")
         if solver_order not in SOLVER_ORDERS:
-            raise ValueError(f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}")
+            raise InvalidArgumentError(
+                f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}"
+            )
         self._check_applicable(
             set_alpha_to_one=(set_alpha_to_one, True, ("ddim",)),
             eta=(eta, 0.0, ("ddim",)),
@@ -190,14 +196,14 @@ class DiffusionSampler(Sampler):
     def _check_applicable(self, **options: tuple) -> None:
         for name, (value, default, methods) in options.items():
             if self.method not in methods and value != default:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{name}={value!r} does not apply to method={self.method!r} "
                     f"(only to {', '.join(methods)})"
                 )
 
     def _check_guidance_mode(self, mode: str) -> None:
         if mode == "tweedie" and self.prediction_type == "sample":
-            raise ValueError(
+            raise InvalidArgumentError(
                 "guidance.mode='tweedie' is undefined for prediction_type='sample': x0_hat is "
                 "the model output itself, so without backpropagating through the policy its "
                 f"derivative is 0; use mode='direct' (modes: {GUIDANCE_MODES})"
@@ -240,7 +246,7 @@ class DiffusionSampler(Sampler):
         sigma = self.eta * np.sqrt(variance)
         direction = 1.0 - abp - sigma**2
         if np.any(direction < 0):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"eta={self.eta} is too large: the DDIM direction term √(1−ᾱ'−σ²) is imaginary"
             )
         delta = np.sqrt(direction)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.guidance import flow_guidance_coefficient
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
 from ate_fast.sampling.timesteps import FLOW_TIME_GRIDS, flow_sigmas
@@ -41,7 +42,8 @@ class FlowSampler(Sampler):
     Args:
         model_fn: ``model_fn(x [B,H,D], t [B], cond) -> velocity [B,H,D]``; ``t`` in
             (0, 1] (1 = pure noise), float32 (float64 for float64 data).
-        num_steps: K ≥ 1 steps (Euler: K model evaluations; Heun: 2K − 1).
+        num_steps: 1 ≤ K ≤ MAX_NUM_STEPS (10,000) steps (Euler: K model evaluations; Heun:
+            2K − 1); above the bound LimitExceededError.
         method: ``"euler"`` or ``"heun"``.
         time_grid: ``"uniform"`` (openpi: t = 1, 1 − 1/K, …, 1/K) or ``"diffusers"``
             (FlowMatchEulerDiscreteScheduler's grid, with ``shift``).
@@ -64,17 +66,17 @@ class FlowSampler(Sampler):
         self.method = check_choice("method", method, FLOW_METHODS)
         self.time_grid = check_choice("time_grid", time_grid, FLOW_TIME_GRIDS)
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
-            raise ValueError(f"shift must be a float > 0, got {shift!r}")
+            raise InvalidArgumentError(f"shift must be a float > 0, got {shift!r}")
         if not np.isfinite(shift):
-            raise ValueError(f"shift must be finite, got {shift!r}")
+            raise InvalidArgumentError(f"shift must be finite, got {shift!r}")
         if time_grid == "uniform" and shift != 1.0:
-            raise ValueError(f"shift={shift} applies to time_grid='diffusers' only")
+            raise InvalidArgumentError(f"shift={shift} applies to time_grid='diffusers' only")
         if (
             isinstance(num_train_timesteps, bool)
             or not isinstance(num_train_timesteps, int)
             or num_train_timesteps < 2
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}"
             )
         self.shift = float(shift)
@@ -83,7 +85,7 @@ class FlowSampler(Sampler):
         sig = flow_sigmas(self.num_steps, time_grid, self.shift, num_train_timesteps)
         t, t_next = sig[:-1], sig[1:]
         if not (np.all(t > 0) and np.all(t <= 1) and np.all(np.diff(sig) < 0)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the {time_grid!r} grid for num_steps={self.num_steps}, shift={shift}, "
                 f"num_train_timesteps={num_train_timesteps} leaves (0, 1] or is not "
                 f"decreasing: {sig.tolist()}"

@@ -13,29 +13,36 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
+
 DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_noise(noise: object) -> Tensor:
     """``noise`` must be a finite floating ``[B, H, D]`` tensor with B ≥ 1."""
     if not isinstance(noise, Tensor):
-        raise TypeError(f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}")
+        raise ArgumentTypeError(
+            f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}"
+        )
     if noise.ndim != 3:
-        raise ValueError(f"noise must have shape [B, H, D], got {tuple(noise.shape)}")
+        raise InvalidArgumentError(f"noise must have shape [B, H, D], got {tuple(noise.shape)}")
     if noise.shape[0] == 0 or noise.numel() == 0:
-        raise ValueError(f"noise must not be empty, got shape {tuple(noise.shape)}")
+        raise InvalidArgumentError(f"noise must not be empty, got shape {tuple(noise.shape)}")
     if noise.dtype not in DATA_DTYPES:
-        raise TypeError(f"noise must be float32, float64, float16 or bfloat16, got {noise.dtype}")
+        raise ArgumentTypeError(
+            f"noise must be float32, float64, float16 or bfloat16, got {noise.dtype}"
+        )
     check_finite("noise", noise)
     return noise
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
-    """Raise ValueError naming ``name`` if a floating ``tensor`` holds NaN or ±inf (one sync)."""
+    """Raise :class:`NonFiniteError` naming ``name`` if a floating ``tensor`` holds NaN or
+    ±inf (one host sync)."""
     if tensor.is_floating_point() or tensor.is_complex():
         if not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
-            raise ValueError(f"{name} contains {bad}")
+            raise NonFiniteError(f"{name} contains {bad}")
 
 
 def tensor_leaves(obj: Any, path: str = "cond") -> Iterator[tuple[str, Tensor]]:
@@ -62,12 +69,12 @@ def check_generator(generator: object, device: torch.device) -> Optional[torch.d
     if generator is None:
         return None
     if not isinstance(generator, torch.Generator):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
         )
     gen_device = torch.device(generator.device)
     if gen_device.type != device.type and gen_device.type != "cpu":
-        raise ValueError(
+        raise InvalidArgumentError(
             f"generator is on {gen_device} but the noise is on {device}: use a generator on "
             f"{device.type} or on the CPU"
         )
@@ -77,15 +84,15 @@ def check_generator(generator: object, device: torch.device) -> Optional[torch.d
 def check_output(name: str, out: object, x: Tensor) -> Tensor:
     """A model or guidance output must be a tensor shaped, typed and placed like ``x``."""
     if not isinstance(out, Tensor):
-        raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
+        raise ArgumentTypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != x.shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} returned shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}"
         )
     if out.dtype != x.dtype:
-        raise TypeError(f"{name} returned dtype {out.dtype}, expected x's dtype {x.dtype}")
+        raise ArgumentTypeError(f"{name} returned dtype {out.dtype}, expected x's dtype {x.dtype}")
     if out.device != x.device:
-        raise ValueError(f"{name} returned a tensor on {out.device}, expected {x.device}")
+        raise InvalidArgumentError(f"{name} returned a tensor on {out.device}, expected {x.device}")
     # The fused step reads flat arrays; a copy is cheaper than failing.
     return out if out.is_contiguous() else out.contiguous()
 
@@ -113,11 +120,11 @@ def copy_into(static: Any, new: Any, path: str = "cond") -> None:
     """
     if isinstance(static, Tensor):
         if not isinstance(new, Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{path} must be a torch.Tensor as at capture, got {type(new).__name__}"
             )
         if new.shape != static.shape or new.dtype != static.dtype or new.device != static.device:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{path} must match the captured example: shape {tuple(static.shape)}, "
                 f"{static.dtype} on {static.device}; got {tuple(new.shape)}, {new.dtype} on "
                 f"{new.device} (capture again for other shapes)"
@@ -125,18 +132,20 @@ def copy_into(static: Any, new: Any, path: str = "cond") -> None:
         static.copy_(new)
     elif isinstance(static, (list, tuple)):
         if not isinstance(new, (list, tuple)) or len(new) != len(static):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{path} must have the captured structure (a sequence of {len(static)})"
             )
         for i, (s, n) in enumerate(zip(static, new)):
             copy_into(s, n, f"{path}[{i}]")
     elif isinstance(static, dict):
         if not isinstance(new, dict) or new.keys() != static.keys():
-            raise ValueError(f"{path} must have the captured keys {sorted(map(str, static))}")
+            raise InvalidArgumentError(
+                f"{path} must have the captured keys {sorted(map(str, static))}"
+            )
         for key in static:
             copy_into(static[key], new[key], f"{path}[{key!r}]")
     elif new is not static and new != static:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{path} differs from the captured example ({static!r} at capture, got {new!r}); "
             "non-tensor values are baked into a captured loop"
         )

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
 from ate_fast.guidance import Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
+from ate_fast.sampling.finite import EagerFiniteCheck, FiniteCheck
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
 from ate_fast.sampling.launch import Launch
 from ate_fast.sampling.noise import NoiseDraw
@@ -31,17 +33,28 @@ StepCallback = Callable[[int, Tensor], None]
 _TABLE_CACHE_SIZE = 8
 
 
+# The most steps a sampler takes: its per-step tables and buffers are allocated up front,
+# and no published diffusion/flow policy samples with more than a few hundred.
+MAX_NUM_STEPS = 10_000
+
+
 def check_num_steps(num_steps: object) -> int:
+    """``num_steps`` as an int in ``1..MAX_NUM_STEPS``."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
+        raise ArgumentTypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
     if num_steps <= 0:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise InvalidArgumentError(f"num_steps must be >= 1, got {num_steps}")
+    if num_steps > MAX_NUM_STEPS:
+        raise LimitExceededError(
+            f"num_steps must be <= MAX_NUM_STEPS = {MAX_NUM_STEPS} (the per-step tables are "
+            f"allocated up front), got {num_steps}"
+        )
     return int(num_steps)
 
 
 def check_choice(name: str, value: object, choices: tuple) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
 
 
@@ -64,6 +77,7 @@ class Run:
         guidance: Optional[Guidance] = None,
         draw: Optional[Callable[[], Tensor]] = None,
         callback: Optional[StepCallback] = None,
+        finite: Optional[FiniteCheck] = None,
     ) -> None:
         self.model_fn = model_fn
         self.x = x
@@ -74,10 +88,15 @@ class Run:
         self.guidance = guidance
         self.draw = draw
         self.callback = callback
+        self.finite = finite
+        self.step = 0  # the step k being computed (step_done(k) moves on to k + 1)
 
     def model(self, x: Tensor, t: Tensor) -> Tensor:
         """The unguided model output at ``x`` [B, H, D], time ``t`` [B]."""
-        return check_output("model_fn", self.model_fn(x, t, self.cond), x)
+        out = check_output("model_fn", self.model_fn(x, t, self.cond), x)
+        if self.finite is not None:
+            self.finite.observe(self.step, "model_fn", out)
+        return out
 
     def gradient(
         self, x: Tensor, m: Tensor, p: Tensor, q: Tensor, dx0_dx: Tensor
@@ -92,13 +111,17 @@ class Run:
         self.launch(x0_hat, x=x, m=m, a=p, b=q)
         with torch.enable_grad():
             g = self.guidance.gradient(x, x0_hat, dx0_dx)
-        return check_output("guidance.gradient", g, x)
+        g = check_output("guidance.gradient", g, x)
+        if self.finite is not None:
+            self.finite.observe(self.step, "guidance.gradient", g)
+        return g
 
     def noise(self) -> Optional[Tensor]:
         """The next draw of step noise [B, H, D] (None for a deterministic sampler)."""
         return None if self.draw is None else self.draw()
 
     def step_done(self, k: int) -> None:
+        self.step = k + 1
         if self.callback is not None:
             self.callback(k, self.x)
 
@@ -124,7 +147,7 @@ class Sampler:
 
     def __init__(self, model_fn: ModelFn, num_steps: int) -> None:
         if not callable(model_fn):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "model_fn must be callable as model_fn(x [B,H,D], t [B], cond) -> [B,H,D], "
                 f"got {type(model_fn).__name__}"
             )
@@ -175,6 +198,9 @@ class Sampler:
         """Copy ``noise`` into ``run.x`` and run the loop without autograd; returns ``run.x``."""
         with torch.no_grad():
             run.x.copy_(noise)
+            run.step = 0
+            if run.finite is not None:
+                run.finite.reset()
             self.loop(run)
         return run.x
 
@@ -186,13 +212,14 @@ class Sampler:
         generator: Optional[torch.Generator],
         launch: Launch,
         callback: Optional[StepCallback] = None,
+        finite: Optional[FiniteCheck] = None,
     ) -> Run:
         x = ws["x"]
         tables = self.tables(x.device, x.dtype, x.shape[0])
         draw = NoiseDraw(ws["z"], generator) if self.stochastic else None
         return Run(
             model_fn=self.model_fn, x=x, cond=cond, tables=tables, ws=ws, launch=launch,
-            guidance=guidance, draw=draw, callback=callback,
+            guidance=guidance, draw=draw, callback=callback, finite=finite,
         )  # fmt: skip
 
     # -- public API --------------------------------------------------------------------
@@ -204,6 +231,7 @@ class Sampler:
         generator: Optional[torch.Generator] = None,
         *,
         callback: Optional[StepCallback] = None,
+        check_finite: bool = True,
     ) -> Tensor:
         """Run the K-step loop from ``noise`` [B, H, D]; returns the actions [B, H, D].
 
@@ -215,12 +243,25 @@ class Sampler:
                 eta > 0), consumed exactly as diffusers consumes it; None = global RNG.
             callback: ``callback(k, x)`` after step k (0-based) with the current sample
                 [B, H, D] (a buffer the next step overwrites: clone it to keep it).
+            check_finite: check every model output and guidance gradient for NaN/inf as
+                it comes (one host sync each) and raise
+                :class:`~ate_fast.errors.NonFiniteError` naming the step k and the source
+                (``model_fn`` or ``guidance.gradient``); False skips it.
+
+        Raises:
+            NonFiniteError: NaN/inf in ``noise``, ``cond`` or (with ``check_finite``) a
+                step's model output or guidance gradient.
         """
         scale, clamp = self.check_inputs(noise, cond, guidance, generator)
         if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+            raise ArgumentTypeError(
+                f"callback must be callable or None, got {type(callback).__name__}"
+            )
         ws = StepBuffers(noise)
-        run = self.new_run(ws, cond, guidance, generator, Launch(scale, clamp), callback)
+        finite = EagerFiniteCheck() if check_finite else None
+        run = self.new_run(
+            ws, cond, guidance, generator, Launch(scale, clamp), callback, finite=finite
+        )
         return self.execute(noise, run)
 
     def capture(
@@ -231,6 +272,7 @@ class Sampler:
         generator: Optional[torch.Generator] = None,
         *,
         check_finite: bool = True,
+        check_finite_steps: bool = False,
     ) -> CapturedSampler:
         """A callable replaying the whole K-step loop for inputs shaped like the examples.
 
@@ -238,7 +280,14 @@ class Sampler:
         are recorded on the first call and replayed without per-call validation. See
         :class:`ate_fast.sampling.CapturedSampler` for the contract (static shapes, the
         returned buffer is reused, guidance and generator are bound at capture).
+
+        ``check_finite`` checks each call's noise and cond (one sync per call);
+        ``check_finite_steps`` (off by default) also flags NaN/inf in every step's model
+        output and guidance gradient on the device, inside the captured loop, and reads
+        the flags once after each call (one more sync), raising
+        :class:`~ate_fast.errors.NonFiniteError` naming the step and the source.
         """
         return CapturedSampler(
-            self, example_noise, example_cond, guidance, generator, check_finite=check_finite
-        )
+            self, example_noise, example_cond, guidance, generator,
+            check_finite=check_finite, check_finite_steps=check_finite_steps,
+        )  # fmt: skip

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # diffusers caps the cosine schedule's betas here (betas_for_alpha_bar's max_beta).
 COSINE_MAX_BETA = 0.999
@@ -60,20 +62,22 @@ class NoiseSchedule:
         beta_end: float = 0.02,
     ) -> None:
         if beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}"
             )
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"num_train_timesteps must be an int, got {type(num_train_timesteps).__name__}"
             )
         if num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+            raise InvalidArgumentError(
+                f"num_train_timesteps must be >= 2, got {num_train_timesteps}"
+            )
         if beta_schedule != "squaredcos_cap_v2":
             if not (0.0 < beta_start < 1.0):
-                raise ValueError(f"beta_start must be in (0, 1), got {beta_start}")
+                raise InvalidArgumentError(f"beta_start must be in (0, 1), got {beta_start}")
             if not (0.0 < beta_end < 1.0):
-                raise ValueError(f"beta_end must be in (0, 1), got {beta_end}")
+                raise InvalidArgumentError(f"beta_end must be in (0, 1), got {beta_end}")
         self.beta_schedule = beta_schedule
         self.num_train_timesteps = num_train_timesteps
         self.beta_start = float(beta_start)

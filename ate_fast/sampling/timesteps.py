@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ate_fast.errors import InvalidArgumentError
+
 DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver++")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' default spacing per scheduler class.
@@ -32,7 +34,7 @@ def diffusion_timesteps(
     """
     n, k = num_train_timesteps, num_steps
     if k > n:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"num_steps ({k}) must be <= the schedule's num_train_timesteps ({n}): "
             "the model only knows timesteps 0..N-1"
         )
@@ -47,17 +49,19 @@ def diffusion_timesteps(
         ratio = n / k
         ts = np.round(np.arange(n, 0, -ratio)) - 1
     else:  # validated by the sampler; kept for direct callers
-        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+        raise InvalidArgumentError(
+            f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}"
+        )
     ts = np.ascontiguousarray(ts).astype(np.int64)
     if method == "dpmsolver++" and spacing != "trailing":
         ts = ts[:-1]
     if len(ts) != k:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"timestep_spacing={spacing!r} gives {len(ts)} timesteps for num_steps={k} and "
             f"num_train_timesteps={n}; choose another spacing or number of steps"
         )
     if ts.max() >= n or ts.min() < 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"steps_offset={steps_offset} puts a timestep at {int(ts.max())}, outside the "
             f"trained range [0, {n - 1}]"
         )

@@ -25,6 +25,7 @@ callable around a trainable module stays frozen too.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from ate_fast.align.mlp_vae import MLPEncoder
 from ate_fast.align.vae import ActionVAE
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.ops import mlp_encoder_parts
 from ate_fast.steer import transformer_vjp
 
@@ -47,6 +49,16 @@ def autocast_enabled(x: Tensor) -> bool:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+
+
+def _refuse_path(vae_or_encoder: Any) -> None:
+    """A path (``str`` has an ``.encode`` method) is not an encoder: say how to load it."""
+    if isinstance(vae_or_encoder, (str, bytes, os.PathLike)):
+        raise ArgumentTypeError(
+            f"vae_or_encoder must be a VAE or encoder, got a path ({vae_or_encoder!r}); load "
+            "the checkpoint first: ckpt = ate_fast.align.load_checkpoint(path), then pass "
+            "ckpt.vae (and ckpt.prior as LatentGuidance's target)"
+        )
 
 
 class FrozenEncoder:
@@ -66,8 +78,9 @@ class FrozenEncoder:
     def __init__(
         self, vae_or_encoder: Any, freeze: bool = True, mask: Optional[Tensor] = None
     ) -> None:
+        _refuse_path(vae_or_encoder)
         if mask is not None and not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
+            raise ArgumentTypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
         self.mask = mask
         encode = getattr(vae_or_encoder, "encode", None)
         if callable(encode):
@@ -75,7 +88,7 @@ class FrozenEncoder:
         elif callable(vae_or_encoder):
             self._fn = vae_or_encoder
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "vae_or_encoder must have an .encode(a) method or be callable (an nn.Module "
                 f"or function returning (mu, logvar) or mu), got {type(vae_or_encoder).__name__}"
             )
@@ -144,24 +157,24 @@ class FrozenEncoder:
         elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
             mu, logvar = out
             if logvar is not None and not isinstance(logvar, Tensor):
-                raise TypeError(
+                raise ArgumentTypeError(
                     "vae_or_encoder returned (mu, logvar) with logvar of type "
                     f"{type(logvar).__name__}; expected a tensor"
                 )
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 "vae_or_encoder must return mu or (mu, logvar) as tensors, got "
                 f"{type(out).__name__}"
                 + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
             )
         batch = a.shape[0]
         if mu.ndim != 2 or mu.shape[0] != batch:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"vae_or_encoder must return mu of shape [B, d_z] = [{batch}, d_z] for an "
                 f"input of shape {tuple(a.shape)}, got {tuple(mu.shape)}"
             )
         if logvar is not None and logvar.shape != mu.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"vae_or_encoder returned logvar of shape {tuple(logvar.shape)}; it must match "
                 f"mu's {tuple(mu.shape)}"
             )

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.mlp_gradient import mlp_fused_gradient
 from ate_fast.steer.transformer_vjp import vjp_function
@@ -31,7 +32,7 @@ def select_latent(
     if latent == "mean":
         return mu
     if logvar is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             'latent="sample" needs an encoder that returns (mu, logvar); this one returns mu only'
         )
     _check_eps(eps, tuple(mu.shape))
@@ -41,7 +42,7 @@ def select_latent(
 def _check_eps(eps: Optional[Tensor], shape: tuple[int, ...]) -> None:
     """``latent="sample"`` needs ``eps`` with the shape of ``mu`` ([B, d_z])."""
     if eps is None or tuple(eps.shape) != shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"eps must have mu's shape {shape} for latent='sample', got "
             f"{None if eps is None else tuple(eps.shape)}"
         )
@@ -58,7 +59,7 @@ def _check_target(
     """``target`` is [d_z] or [B, d_z]; for ``latent="sample"`` also ``eps`` [B, d_z], as
     :func:`select_latent` checks it (the fused paths never call it on ``mu``)."""
     if target.shape not in ((dz,), (batch, dz)):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} must be a latent [d_z] = [{dz}] or a batch [B, d_z] = {[batch, dz]} "
             f"matching the encoder, got shape {tuple(target.shape)}"
         )
@@ -95,7 +96,7 @@ def latent_distance_gradient(
     drawn from ``generator`` and shared by ``x`` and ``a0``; with ``target`` it is ``eps``.
     """
     if (target is None) == (a0 is None):
-        raise ValueError("latent_distance_gradient: give exactly one of target and a0")
+        raise InvalidArgumentError("latent_distance_gradient: give exactly one of target and a0")
     path = encoder.path_for(x)
     if a0 is not None:
         if path == "mlp_fused":  # one fused call encodes a0 and x and backpropagates to x

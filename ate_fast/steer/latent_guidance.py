@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 from ate_fast.guidance import GUIDANCE_MODES
 from ate_fast.steer import validation as check
 from ate_fast.steer.encoder import FrozenEncoder
@@ -24,17 +25,17 @@ def _target_tensor(target: Any) -> Tensor:
     """A latent [d_z], a batch [B, d_z], or an object with a ``.mean`` [d_z] (LatentPrior)."""
     value = target if isinstance(target, Tensor) else getattr(target, "mean", None)
     if not isinstance(value, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             "target must be a latent tensor [d_z] or [B, d_z], or an object with a .mean "
             f"tensor (a LatentPrior), got {type(target).__name__}"
         )
     if value.ndim not in (1, 2) or value.numel() == 0 or not value.is_floating_point():
-        raise ValueError(
+        raise InvalidArgumentError(
             "target must be a floating latent [d_z] or batch [B, d_z], got "
             f"{value.dtype} of shape {tuple(value.shape)}"
         )
     if not bool(torch.isfinite(value).all()):
-        raise ValueError("target contains NaN or inf")
+        raise NonFiniteError("target contains NaN or inf (expected a finite latent)")
     return value.detach()
 
 
@@ -105,7 +106,7 @@ class LatentGuidance:
         """
         target = self._target_for(point)
         if target.ndim == 2 and target.shape[0] != point.shape[0]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"target is a batch of {target.shape[0]} latents but the sample has batch "
                 f"{point.shape[0]}; pass one latent [d_z] or one per sample"
             )

@@ -17,13 +17,14 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import (
     FLOW_CONVENTIONS,
     PREDICTION_TYPES,
     diffusion_guidance_coefficient,
     flow_guidance_coefficient,
 )
-from ate_fast.ops import compute_dtype
+from ate_fast.ops import compute_dtype, effective_clamp
 from ate_fast.steer import validation as check
 from ate_fast.steer.encoder import LATENT_MODES, FrozenEncoder
 from ate_fast.steer.latent_gradient import REDUCTIONS, latent_distance_gradient
@@ -183,7 +184,7 @@ class Steer:
         alphas = _alphas_cumprod(schedule)
         check.check_per_sample("timesteps", timesteps, batch)
         if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
-            raise TypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
+            raise ArgumentTypeError(f"timesteps must be an integer tensor, got {timesteps.dtype}")
         cd = compute_dtype(pred.dtype)
         # index on the policy's device: ᾱ moves there (a small copy), the timesteps never
         # leave it (no device-to-host sync per training step)
@@ -246,7 +247,9 @@ class Steer:
         check.check_chunks(v_pred=v_pred, x_t=x_t, a0=a0, noise=noise)
         check.check_per_sample("t", t, v_pred.shape[0])
         if not t.is_floating_point():
-            raise TypeError(f"t must be a floating tensor of times in [0, 1], got {t.dtype}")
+            raise ArgumentTypeError(
+                f"t must be a floating tensor of times in [0, 1], got {t.dtype}"
+            )
         if self._checking():
             check.check_values(
                 [
@@ -280,7 +283,7 @@ class Steer:
     ) -> SteerLoss:
         g = self._guidance(x, a0, generator)
         if g.shape != pred.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the guidance gradient has shape {tuple(g.shape)} but the prediction "
                 f"{tuple(pred.shape)}: the encoder must map [B, H, D] chunks of the policy's shape"
             )
@@ -291,7 +294,8 @@ class Steer:
         # ≈ 0.2 ms per training step on the CPU.) The sum is taken in the compute dtype.
         with torch.no_grad():
             u = _rows(c, g.ndim) * g.to(cd)
-            correction = self.scale * u.clamp(-self.clamp, self.clamp)
+            clamp = effective_clamp(self.clamp)  # κ ≥ float32 max: no clamp
+            correction = self.scale * u.clamp(-clamp, clamp)
         err = (pred.to(cd) + correction - target.to(cd)).square()
         loss = err.mean() if loss_reduction == "mean" else err
         return SteerLoss(loss, self._diagnostics(g, u, correction, target))
@@ -306,7 +310,7 @@ class Steer:
             tiny = torch.finfo(cd).tiny
             return {
                 "grad_norm": g.to(cd).flatten(1).norm(dim=1).mean(),
-                "clamp_fraction": (u.abs() > self.clamp).to(cd).mean(),
+                "clamp_fraction": (u.abs() > effective_clamp(self.clamp)).to(cd).mean(),
                 "correction_ratio": correction.norm() / target.to(cd).norm().clamp_min(tiny),
             }
 
@@ -319,12 +323,12 @@ def _rows(v: Tensor, ndim: int) -> Tensor:
 def _alphas_cumprod(schedule: Any) -> Tensor:
     alphas = schedule if isinstance(schedule, Tensor) else getattr(schedule, "alphas_cumprod", None)
     if not isinstance(alphas, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             "schedule must have an alphas_cumprod tensor (ate_fast.sampling.NoiseSchedule, a "
             f"diffusers scheduler) or be that tensor, got {type(schedule).__name__}"
         )
     if alphas.ndim != 1 or alphas.shape[0] == 0 or not alphas.is_floating_point():
-        raise ValueError(
+        raise InvalidArgumentError(
             "schedule.alphas_cumprod must be a non-empty floating [T] tensor, got "
             f"{alphas.dtype} of shape {tuple(alphas.shape)}"
         )

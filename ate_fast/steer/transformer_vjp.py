@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
+from ate_fast.errors import InvalidArgumentError
 
 ENV_VAR = "ATE_FAST_TRANSFORMER_GUIDANCE"
 PATHS = ("autograd", "vjp", "compiled")
@@ -60,7 +61,7 @@ def selected_path(device_type: str) -> str:
     forced = os.environ.get(ENV_VAR, "").strip()
     if forced:
         if forced not in PATHS:
-            raise ValueError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {forced!r}")
+            raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {forced!r}")
         return forced
     return DEFAULT_PATH.get(device_type, "autograd")
 

@@ -9,26 +9,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
+
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_scale_and_clamp(scale: float, clamp: float) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+        raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
     if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp >= 0:
-        raise ValueError(f"clamp must be a number >= 0 (math.inf: no clamp), got {clamp!r}")
+        raise InvalidArgumentError(
+            f"clamp must be a number >= 0 (math.inf: no clamp), got {clamp!r}"
+        )
 
 
 def check_tensor(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
@@ -37,21 +42,21 @@ def check_chunks(**chunks: Tensor) -> None:
     (first_name, first), *rest = chunks.items()
     check_tensor(first_name, first)
     if not first.is_floating_point():
-        raise TypeError(f"{first_name} must be a floating tensor, got {first.dtype}")
+        raise ArgumentTypeError(f"{first_name} must be a floating tensor, got {first.dtype}")
     if first.ndim != 3:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{first_name} must be an action chunk [B, H, D], got shape {tuple(first.shape)}"
         )
     for name, t in rest:
         check_tensor(name, t)
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            raise ArgumentTypeError(f"{name} must be a floating tensor, got {t.dtype}")
         if t.shape != first.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name} must have {first_name}'s shape {tuple(first.shape)}, got {tuple(t.shape)}"
             )
         if t.device != first.device:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name} must be on {first_name}'s device {first.device}, got {t.device}"
             )
 
@@ -60,7 +65,7 @@ def check_per_sample(name: str, t: object, batch: int) -> Tensor:
     """``t`` is a ``[B]`` tensor (one value per sample; nothing is reshaped silently)."""
     check_tensor(name, t)
     if t.shape != (batch,):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} must have shape [B] = [{batch}] (one value per sample), got {tuple(t.shape)}"
         )
     return t
@@ -73,20 +78,32 @@ def can_sync() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def check_values(checks: Sequence[tuple[str, Tensor]]) -> None:
-    """Each check is ``(message, ok)`` with ``ok`` a 0-dim bool tensor; one host sync for all.
-    Raises ``ValueError(message)`` for the first that failed."""
+class ValueCheck(NamedTuple):
+    """One :func:`check_values` entry: ``ok`` a 0-dim bool tensor, ``error`` the class
+    raised with ``message`` when it is False."""
+
+    message: str
+    ok: Tensor
+    error: type[InvalidArgumentError] = InvalidArgumentError
+
+
+def check_values(checks: Sequence[tuple]) -> None:
+    """Each check is a :class:`ValueCheck` (or a ``(message, ok)`` pair, raised as
+    :class:`~ate_fast.errors.InvalidArgumentError`); one host sync for all. Raises for
+    the first that failed."""
     if not checks or not can_sync():
         return
-    device = checks[0][1].device
-    flags = torch.stack([ok.reshape(()).to(device) for _, ok in checks]).cpu()
+    entries = [ValueCheck(*c) for c in checks]
+    device = entries[0].ok.device
+    flags = torch.stack([c.ok.reshape(()).to(device) for c in entries]).cpu()
     if bool(flags.all()):
         return
-    for (message, _), ok in zip(checks, flags.tolist()):
+    for check, ok in zip(entries, flags.tolist()):
         if not ok:
-            raise ValueError(message)
+            raise check.error(check.message)
 
 
-def finite(name: str, t: Tensor) -> tuple[str, Tensor]:
-    """A :func:`check_values` entry: ``t`` holds no NaN or inf."""
-    return f"{name} contains NaN or inf", torch.isfinite(t).all()
+def finite(name: str, t: Tensor) -> ValueCheck:
+    """A :func:`check_values` entry: ``t`` holds no NaN or inf (else
+    :class:`~ate_fast.errors.NonFiniteError`)."""
+    return ValueCheck(f"{name} contains NaN or inf", torch.isfinite(t).all(), NonFiniteError)

@@ -40,7 +40,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ate_fast.ops.constants import compute_dtype
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.ops.constants import compute_dtype, effective_clamp
 from ate_fast.ops.guided_step.autograd import backward, setup_context
 from ate_fast.ops.guided_step.dispatch import guided_step_into, prepare_launch, selected_backend
 from ate_fast.ops.guided_step.ref import guided_step_reference
@@ -69,7 +70,7 @@ _ARGS = (
 @torch.library.custom_op("ate_fast::guided_step", mutates_args=(), schema=f"({_ARGS}) -> Tensor")
 def _guided_step_op(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp):
     out = torch.empty_like(m, memory_format=torch.contiguous_format)
-    return guided_step_into(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
+    return guided_step_into(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp, fresh_out=True)
 
 
 @_guided_step_op.register_fake
@@ -104,7 +105,7 @@ def _coefficient(name: str, value: Optional[Coefficient], m: Tensor) -> Optional
         return torch.full(
             (m.shape[0],), float(value), dtype=compute_dtype(m.dtype), device=m.device
         )
-    raise TypeError(
+    raise ArgumentTypeError(
         f"guided_step: {name} must be a [B] tensor or a float, got {type(value).__name__}"
     )
 
@@ -150,7 +151,8 @@ def guided_step(
             defaults to 1 when ``g`` is given.
         g: ``[B, H, D]`` guidance gradient, or None.
         scale: λ, the guidance scale (finite).
-        clamp: κ ≥ 0, the bound applied to ``c·g`` element-wise; ``inf`` disables it.
+        clamp: κ ≥ 0, the bound applied to ``c·g`` element-wise; ``inf`` (or any value
+            ≥ float32's maximum, on every backend) disables it.
         m_prev: ``[B, H, D]`` previous model output (multistep solvers), or None.
         z: ``[B, H, D]`` fresh noise, or None.
         out: optional ``[B, H, D]`` destination (may be ``x`` or ``m`` for an in-place
@@ -162,9 +164,11 @@ def guided_step(
         the argument. Differentiable with respect to every tensor argument.
     """
     if not isinstance(m, Tensor):
-        raise TypeError(f"guided_step: m must be a torch.Tensor, got {type(m).__name__}")
+        raise ArgumentTypeError(f"guided_step: m must be a torch.Tensor, got {type(m).__name__}")
     if m.ndim < 1:
-        raise ValueError("guided_step: m must have a batch dimension ([B, H, D]), got a scalar")
+        raise InvalidArgumentError(
+            "guided_step: m must have a batch dimension ([B, H, D]), got a scalar"
+        )
     if g is not None and c is None:
         c = 1.0
     if not (isinstance(b, Tensor) and (a is None or isinstance(a, Tensor))):
@@ -174,8 +178,12 @@ def guided_step(
         and (s is None or isinstance(s, Tensor))
     ):  # fmt: skip
         c, d, s = _coefficient("c", c, m), _coefficient("d", d, m), _coefficient("s", s, m)
-    args = (x, m, a, b, g, c, m_prev, d, z, s, float(scale), float(clamp))
+    args = (x, m, a, b, g, c, m_prev, d, z, s, float(scale), effective_clamp(clamp))
     if out is not None:
+        if not isinstance(out, Tensor):
+            raise ArgumentTypeError(
+                f"guided_step: out must be a torch.Tensor or None, got {type(out).__name__}"
+            )
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
             raise RuntimeError("guided_step: out= does not support autograd; call it without out")
         if _plain(out, *args[:10]):
@@ -184,5 +192,5 @@ def guided_step(
             torch.ops.ate_fast.guided_step_out(out, *args)
         return out
     if _plain(*args[:10]):
-        return guided_step_into(torch.empty_like(m), *args)
+        return guided_step_into(torch.empty_like(m), *args, fresh_out=True)
     return torch.ops.ate_fast.guided_step(*args)

@@ -16,9 +16,11 @@ from torch import Tensor
 
 from ate_fast import native
 from ate_fast.ops import backends
+from ate_fast.ops.constants import effective_clamp
 from ate_fast.ops.guided_step.ref import guided_step_reference
 from ate_fast.ops.guided_step.validation import validate, validate_out
 from ate_fast.ops.native_abi import PreparedLaunch, current_stream, dtype_code, ptr
+from ate_fast.ops.overlap import partially_overlaps_any
 
 SUPPORT = {
     torch.float32: backends.support(cpu=("cpu",), triton=("cpu", "cuda"), cuda=("cuda",)),
@@ -79,13 +81,25 @@ def selected_backend(m: Tensor) -> str:
 
 
 def guided_step_into(out: Tensor, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp,
-                     backend: Optional[str] = None) -> Tensor:  # fmt: skip
+                     backend: Optional[str] = None, *, fresh_out: bool = False
+                     ) -> Tensor:  # fmt: skip
     """Validate, then write the guided step into ``out`` [B, ...] with ``backend``
-    (default: :func:`selected_backend`). Returns ``out``."""
+    (default: :func:`selected_backend`). Returns ``out``.
+
+    ``out`` may be ``x`` or ``m`` (in place); one that partly overlaps an input is
+    computed via a temporary. ``fresh_out=True`` (a newly allocated ``out``) skips that
+    overlap check."""
     validate(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
     validate_out(out, m)
+    clamp = effective_clamp(clamp)
     if backend is None:
         backend = selected_backend(m)
+    if not fresh_out and partially_overlaps_any(out, (x, m, g, m_prev, z, a, b, c, d, s)):
+        # out shares part of its memory with an input: the kernels would read elements
+        # they already wrote, so compute into a temporary (an exact alias stays in place).
+        tmp = torch.empty_like(out)
+        IMPLEMENTATIONS[backend](tmp, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
+        return out.copy_(tmp)
     IMPLEMENTATIONS[backend](out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
     return out
 
@@ -93,15 +107,19 @@ def guided_step_into(out: Tensor, x, m, a, b, g, c, m_prev, d, z, s, scale, clam
 def prepare_launch(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp
                    ) -> Optional[PreparedLaunch]:  # fmt: skip
     """The validated CPU kernel call for these arguments, with slots ``m`` and ``g`` to
-    re-bind per launch; None where the ``cpu`` backend would not run them.
+    re-bind per launch; None where the ``cpu`` backend would not run them, or where
+    ``out`` partly overlaps an input (the public op then computes via a temporary).
 
     The caller owns the aliasing contract: every tensor but ``m`` and ``g`` stays the
     same object (same storage) for as long as it launches the result.
     """
     validate(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
     validate_out(out, m)
+    clamp = effective_clamp(clamp)
     kernel = native.load("_C")
     if selected_backend(m) != "cpu" or kernel is None:
+        return None
+    if partially_overlaps_any(out, (x, m, g, m_prev, z, a, b, c, d, s)):
         return None
     args = native_args(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
     slots = {"m": (_M_AT, m)}

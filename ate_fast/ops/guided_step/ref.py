@@ -4,7 +4,8 @@
 
 Shapes: x, m, g, m_prev, z are ``[B, ...]`` (``[B, H, D]`` for action chunks);
 a, b, c, d, s are ``[B]``. Computed in float32 (float64 for float64 data) and cast to
-the data dtype once at the end, which is what the fused kernels do.
+the data dtype once at the end, which is what the fused kernels do. κ at or above
+float32's maximum (and ``inf``) means no clamp.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ate_fast.ops.constants import compute_dtype
+from ate_fast.ops.constants import compute_dtype, effective_clamp
 
 
 def _rows(coef: Tensor, ndim: int) -> Tensor:
@@ -39,6 +40,7 @@ def guided_step_reference(
     """Reference guided step; arguments as in :func:`ate_fast.ops.guided_step`. Returns [B, ...]."""
     cd = compute_dtype(m.dtype)
     n = m.ndim
+    clamp = effective_clamp(clamp)  # κ ≥ float32 max: no clamp, as on every backend
 
     def up(t: Tensor) -> Tensor:
         return t.to(cd)

@@ -9,6 +9,7 @@ import math
 
 from torch import Tensor
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.ops.constants import DTYPE_CODES, compute_dtype
 
 DATA_ARGS = ("x", "g", "m_prev", "z")
@@ -19,19 +20,21 @@ _PAIRS = (("x", "a"), ("g", "c"), ("m_prev", "d"), ("z", "s"))
 def check_data(name: str, t: Tensor, m: Tensor) -> None:
     """``t`` must be a contiguous tensor with ``m``'s shape, dtype and device."""
     if not isinstance(t, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"guided_step: {name} must be a torch.Tensor or None, got {type(t).__name__}"
         )
     if t.shape != m.shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"guided_step: {name} must have the shape of m {tuple(m.shape)}, got {tuple(t.shape)}"
         )
     if t.dtype != m.dtype:
-        raise TypeError(f"guided_step: {name} must have m's dtype {m.dtype}, got {t.dtype}")
+        raise ArgumentTypeError(f"guided_step: {name} must have m's dtype {m.dtype}, got {t.dtype}")
     if t.device != m.device:
-        raise ValueError(f"guided_step: {name} must be on m's device {m.device}, got {t.device}")
+        raise InvalidArgumentError(
+            f"guided_step: {name} must be on m's device {m.device}, got {t.device}"
+        )
     if not t.is_contiguous():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"guided_step: {name} must be contiguous (the fused kernels read it as one flat "
             f"array), got strides {t.stride()}; call .contiguous() first"
         )
@@ -41,21 +44,27 @@ def check_coefficient(name: str, t: Tensor, m: Tensor) -> None:
     """``t`` must be a contiguous ``[B]`` tensor in the compute dtype on ``m``'s device."""
     expected = compute_dtype(m.dtype)
     if not isinstance(t, Tensor):
-        raise TypeError(f"guided_step: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(
+            f"guided_step: {name} must be a torch.Tensor, got {type(t).__name__}"
+        )
     if t.shape != (m.shape[0],):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"guided_step: {name} must have shape [B] = [{m.shape[0]}] (one value per batch "
             f"element), got {tuple(t.shape)}"
         )
     if t.dtype != expected:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"guided_step: {name} must be {expected} (the compute dtype for {m.dtype} data), "
             f"got {t.dtype}"
         )
     if t.device != m.device:
-        raise ValueError(f"guided_step: {name} must be on m's device {m.device}, got {t.device}")
+        raise InvalidArgumentError(
+            f"guided_step: {name} must be on m's device {m.device}, got {t.device}"
+        )
     if not t.is_contiguous():
-        raise ValueError(f"guided_step: {name} must be contiguous, got stride {t.stride()}")
+        raise InvalidArgumentError(
+            f"guided_step: {name} must be contiguous, got stride {t.stride()}"
+        )
 
 
 def validate(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp) -> None:
@@ -110,15 +119,17 @@ def _coefficient_ok(k, cshape, cdtype, device) -> bool:
 
 def _explain(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp) -> None:
     if not isinstance(m, Tensor):
-        raise TypeError(f"guided_step: m must be a torch.Tensor, got {type(m).__name__}")
+        raise ArgumentTypeError(f"guided_step: m must be a torch.Tensor, got {type(m).__name__}")
     if m.dtype not in DTYPE_CODES:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"guided_step: m must be float32, float64, float16 or bfloat16, got {m.dtype}"
         )
     if m.ndim < 1:
-        raise ValueError("guided_step: m must have a batch dimension ([B, H, D]), got a scalar")
+        raise InvalidArgumentError(
+            "guided_step: m must have a batch dimension ([B, H, D]), got a scalar"
+        )
     if not m.is_contiguous():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"guided_step: m must be contiguous, got strides {m.stride()}; call .contiguous() first"
         )
     given = {"x": x, "a": a, "g": g, "c": c, "m_prev": m_prev, "d": d, "z": z, "s": s}
@@ -126,19 +137,21 @@ def _explain(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp) -> None:
         tensor, coef = given[name], given[coef_name]
         if tensor is None:
             if coef is not None:
-                raise ValueError(f"guided_step: {coef_name} was given but {name} is None")
+                raise InvalidArgumentError(f"guided_step: {coef_name} was given but {name} is None")
             continue
         check_data(name, tensor, m)
         if coef is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"guided_step: {name} was given, so its coefficient {coef_name} is required"
             )
         check_coefficient(coef_name, coef, m)
     check_coefficient("b", b, m)
     if not math.isfinite(scale):
-        raise ValueError(f"guided_step: scale (λ) must be finite, got {scale}")
+        raise InvalidArgumentError(f"guided_step: scale (λ) must be finite, got {scale}")
     if math.isnan(clamp) or clamp < 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"guided_step: clamp (κ) must be >= 0 (inf disables the clamp), got {clamp}"
         )
-    raise ValueError("guided_step: inconsistent arguments")  # unreachable if the checks agree
+    raise InvalidArgumentError(
+        "guided_step: inconsistent arguments"
+    )  # unreachable if the checks agree

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.ops.constants import ACTIVATIONS, MAX_MLP_LAYERS
 from ate_fast.ops.mlp_guidance.dispatch import (
     FUSED_MAX_BATCH,
@@ -83,7 +84,7 @@ def _mlp_guidance_op(x, weights, biases, activation, target, a0, mask, eps, dist
     g = torch.empty_like(x)
     z = x.new_empty((x.shape[0], weights[-1].shape[0] // 2))
     mlp_guidance_into(g, z, x, weights, biases, activation, target, a0, mask, eps,
-                      distance_weight)  # fmt: skip
+                      distance_weight, fresh_out=True)  # fmt: skip
     return g, z
 
 
@@ -124,8 +125,10 @@ def mlp_guidance(
     Returns:
         ``(g [B, H, D], z [B, d_z])``: the gradient of ``y`` w.r.t. ``x`` and ``x``'s latent.
     """
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"mlp_guidance: x must be a torch.Tensor, got {type(x).__name__}")
     if activation not in ACTIVATIONS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"mlp_guidance: activation must be one of {ACTIVATIONS}, got {activation!r}"
         )
     args = (x, list(weights), list(biases), ACTIVATIONS.index(activation), target, a0, mask, eps,
@@ -136,6 +139,6 @@ def mlp_guidance(
     ):
         g = torch.empty_like(x)
         z = x.new_empty((x.shape[0], args[1][-1].shape[0] // 2)) if args[1] else x.new_empty(0)
-        mlp_guidance_into(g, z, *args)
+        mlp_guidance_into(g, z, *args, fresh_out=True)
         return g, z
     return torch.ops.ate_fast.mlp_guidance(*args)

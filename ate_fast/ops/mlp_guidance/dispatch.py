@@ -12,8 +12,13 @@ from ate_fast import native
 from ate_fast.ops import backends
 from ate_fast.ops.constants import ACTIVATIONS
 from ate_fast.ops.mlp_guidance.ref import mlp_guidance_reference
-from ate_fast.ops.mlp_guidance.validation import validate, validate_gradient_out
+from ate_fast.ops.mlp_guidance.validation import (
+    validate,
+    validate_gradient_out,
+    validate_latent_out,
+)
 from ate_fast.ops.native_abi import current_stream, dtype_code, ptr
+from ate_fast.ops.overlap import overlaps, overlaps_any
 
 SUPPORT = {
     torch.float32: backends.support(cpu=("cpu",), triton=("cpu", "cuda"), cuda=("cuda",)),
@@ -75,6 +80,16 @@ def _run_triton(x, weights, biases, activation, target, a0, mask, eps, distance_
     )
 
 
+def _outputs_overlap(g, z, args: tuple) -> bool:
+    """Check caller-given destinations; True if they share memory with an input or each
+    other."""
+    x, weights, biases, _, target, a0, mask, eps, _ = args
+    validate_gradient_out(g, x)
+    validate_latent_out(z, x, weights[-1].shape[0] // 2)
+    inputs = (x, target, a0, mask, eps, *weights, *biases)
+    return overlaps(g, z) or overlaps_any(g, inputs) or overlaps_any(z, inputs)
+
+
 IMPLEMENTATIONS = {"ref": _run_ref, "cpu": _run_cpu, "cuda": _run_cuda, "triton": _run_triton}
 
 
@@ -93,12 +108,22 @@ def selected_backend(x) -> str:
 
 
 def mlp_guidance_into(g, z, x, weights, biases, activation, target, a0, mask, eps,
-                      distance_weight, backend: Optional[str] = None) -> None:  # fmt: skip
-    """Validate, then write ``g`` [B, H, D] and ``z`` [B, d_z] with ``backend``."""
+                      distance_weight, backend: Optional[str] = None, *,
+                      fresh_out: bool = False) -> None:  # fmt: skip
+    """Validate, then write ``g`` [B, H, D] and ``z`` [B, d_z] with ``backend``.
+
+    ``g`` and ``z`` may share memory with an input or with each other: the result is
+    then computed into temporaries and copied (the kernels read every input in full
+    while writing their outputs). ``fresh_out=True`` (newly allocated ``g`` and ``z``)
+    skips that check."""
     validate(x, weights, biases, activation, target, a0, mask, eps, distance_weight)
-    validate_gradient_out(g, x)
     if backend is None:
         backend = selected_backend(x)
-    IMPLEMENTATIONS[backend](
-        x, weights, biases, activation, target, a0, mask, eps, distance_weight, g, z
-    )
+    args = (x, weights, biases, activation, target, a0, mask, eps, distance_weight)
+    if not fresh_out and _outputs_overlap(g, z, args):
+        g_tmp, z_tmp = torch.empty_like(g), torch.empty_like(z)
+        IMPLEMENTATIONS[backend](*args, g_tmp, z_tmp)
+        g.copy_(g_tmp)
+        z.copy_(z_tmp)
+        return
+    IMPLEMENTATIONS[backend](*args, g, z)

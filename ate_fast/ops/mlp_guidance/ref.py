@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops.constants import ACTIVATIONS
 
 
@@ -36,14 +37,14 @@ def activation_and_grad(name: str, u: Tensor) -> tuple[Tensor, Tensor]:
     if name == "tanh":
         t = torch.tanh(u)
         return t, 1.0 - t * t
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    raise InvalidArgumentError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
 def _masked_flat(a: Tensor, mask: Optional[Tensor]) -> Tensor:
     """``[B, H, D]`` (mask ``[D]`` or ``[B, D]``) -> ``[B, H·D]``."""
     if mask is not None:
         a = a * (mask if mask.dim() == 2 else mask[None]).to(a.dtype)[:, None, :]
-    return a.reshape(a.shape[0], -1)
+    return a.reshape(a.shape[0], a.shape[1] * a.shape[2])  # explicit: B may be 0
 
 
 def _forward(

@@ -18,7 +18,7 @@ ATE_HD C activate(Activation act, C u) {
   switch (act) {
     case Activation::kGelu: return C(0.5) * u * (C(1) + erf(u * C(kInvSqrt2)));
     case Activation::kSilu: return u / (C(1) + exp(-u));
-    case Activation::kRelu: return u > C(0) ? u : C(0);
+    case Activation::kRelu: return u < C(0) ? C(0) : u;  // NaN propagates, like torch.relu
     case Activation::kTanh: return tanh(u);
   }
   return u;
