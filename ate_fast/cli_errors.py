@@ -13,15 +13,18 @@ Only the standard library is imported here (``ate-fast --help`` stays cheap).
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from collections.abc import Mapping
 from typing import Callable, TextIO
 
 EXIT_USER_ERROR = 2
-# What counts as the user's mistake (a bad file, flag or value): anything else is a bug
-# and keeps its traceback. ValueError covers CheckpointError and DataFormatError.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+# What counts as the user's mistake (a bad file, flag or value, a missing optional
+# dependency): anything else is a bug and keeps its traceback. ValueError covers
+# CommandLineError, CheckpointError and DataFormatError; OSError a missing or existing
+# file; ImportError a missing extra (onnx, tensorrt, metaworld).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 
 class CommandLineError(ValueError):
@@ -40,6 +43,27 @@ def flag_names(message: str, flags: Mapping[str, str]) -> str:
         message = re.sub(rf"(?<![\w-]){word}=(?=\S)", f"{flag} ", message)
         message = re.sub(rf"(?<![\w-]){word}:", f"{flag}:", message)
     return message
+
+
+def with_flag_names(
+    flags: Mapping[str, str],
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """A decorator for a command handler: a user error raised inside it has the Python
+    argument names in ``flags`` rewritten as flags (:func:`flag_names`), type kept."""
+
+    def decorate(handler: Callable[[argparse.Namespace], int]) -> Callable:
+        @functools.wraps(handler)
+        def wrapped(args: argparse.Namespace) -> int:
+            try:
+                return handler(args)
+            except (ValueError, OSError) as exc:
+                if len(exc.args) == 1 and isinstance(exc.args[0], str):
+                    exc.args = (flag_names(exc.args[0], flags),)
+                raise
+
+        return wrapped
+
+    return decorate
 
 
 def one_line(message: str) -> str:

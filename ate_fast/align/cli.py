@@ -21,12 +21,11 @@ User errors are reported with the flags' names (:data:`FLAGS`).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from ate_fast.cli_errors import CommandLineError, flag_names
+from ate_fast.cli_errors import CommandLineError, with_flag_names
 
 DATA_FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
 # Python argument names (trainer configs, ActionChunkDataset) -> the flags that set them
@@ -69,19 +68,7 @@ MODEL_FLAGS = {
 }
 
 
-def _with_flag_names(handler: Callable[[argparse.Namespace], int]) -> Callable:
-    """Rewrite a library error's Python argument names (``resume=True``) as flags."""
-
-    @functools.wraps(handler)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (ValueError, OSError) as exc:
-            if len(exc.args) == 1 and isinstance(exc.args[0], str):
-                exc.args = (flag_names(exc.args[0], FLAGS),)
-            raise
-
-    return wrapped
+_with_flag_names = with_flag_names(FLAGS)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
