@@ -35,13 +35,16 @@ class CommandLineError(ValueError):
 def flag_names(message: str, flags: Mapping[str, str]) -> str:
     """``message`` with the Python argument names in ``flags`` (name → ``--flag``) spelt
     as flags: ``name=True`` → ``--flag``, ``name=False`` → ``no --flag``,
-    ``name=value`` → ``--flag value``, ``name:`` → ``--flag:``."""
+    ``name=value`` → ``--flag value``, ``name:`` → ``--flag:``; a name with an underscore
+    (``batch_size``: no English word) → ``--flag`` wherever it stands."""
     for name, flag in flags.items():
         word = re.escape(name)
-        message = re.sub(rf"(?<![\w-]){word}=True\b", flag, message)
-        message = re.sub(rf"(?<![\w-]){word}=False\b", f"no {flag}", message)
-        message = re.sub(rf"(?<![\w-]){word}=(?=\S)", f"{flag} ", message)
-        message = re.sub(rf"(?<![\w-]){word}:", f"{flag}:", message)
+        message = re.sub(rf"(?<![\w\-/.]){word}=True\b", flag, message)
+        message = re.sub(rf"(?<![\w\-/.]){word}=False\b", f"no {flag}", message)
+        message = re.sub(rf"(?<![\w\-/.]){word}=(?=\S)", f"{flag} ", message)
+        message = re.sub(rf"(?<![\w\-/.]){word}:", f"{flag}:", message)
+        if "_" in name:
+            message = re.sub(rf"(?<![\w\-/.]){word}(?!\w)", flag, message)
     return message
 
 
