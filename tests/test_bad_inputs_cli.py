@@ -86,6 +86,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f["no_files"] = _edit_config(
         save_checkpoint(root / "no_files", vae, stage=1), lambda c: c.pop("files")
     )
+    f["no_weights"] = _edit_config(
+        save_checkpoint(root / "no_weights", vae, stage=1), lambda c: c["files"].pop("weights")
+    )
     f["newer"] = _edit_config(
         save_checkpoint(root / "newer", vae, stage=1), lambda c: c.update(version=99)
     )
@@ -103,7 +106,8 @@ LOADER_CASES = [
     ("stage1", "stage2", CheckpointKindError, "expected a stage-1 VAE ('vae-stage1') checkpoint, got a stage-2 VAE"),
     ("stage2", "stage1", CheckpointKindError, "expected a stage-2 VAE ('vae-stage2') checkpoint, got a stage-1 VAE"),
     ("any", "tampered", CheckpointIntegrityError, "metadata hash mismatch: expected"),
-    ("any", "no_files", CheckpointError, "missing field 'files.weights'"),
+    ("any", "no_files", CheckpointError, "missing field 'files' (the checkpoint's files and their SHA-256"),
+    ("any", "no_weights", CheckpointError, "missing field 'files.weights' ({'file': ..., 'sha256': ...}); found None"),
     ("any", "newer", CheckpointError, "checkpoint version 99 is newer"),
     ("any", "prior", CheckpointError, "expected an align checkpoint directory (with config.json), but it is a safetensors file"),
     ("any", "junk", CheckpointError, "but it is a file of unknown format"),
@@ -224,7 +228,7 @@ CLI_CASES = [
     ("align prior --vae {stage2} --data {data} --out {out}", "expected a stage-1 VAE ('vae-stage1') checkpoint, got a stage-2 VAE"),
     ("align prior --vae {prior} --data {data} --out {out}", "expected an align checkpoint directory"),
     ("align prior --vae {tampered} --data {data} --out {out}", "metadata hash mismatch"),
-    ("align prior --vae {no_files} --data {data} --out {out}", "missing field 'files.weights'"),
+    ("align prior --vae {no_files} --data {data} --out {out}", "missing field 'files'"),
     ("align prior --vae {tmp}/nowhere --data {data} --out {out}", "not an align checkpoint (no such directory)"),
     ("align stage2 --prior {stage1} --data {data} --out {out}", "expected a LatentPrior file"),
     ("align stage2 --prior {prior_pt} --data {data} --out {out}", "but it is a torch.save file"),

@@ -193,12 +193,16 @@ def _parse_config(path: Path) -> dict[str, Any]:
 def _check_fields(cfg_path: Path, config: dict[str, Any]) -> None:
     """The entries every loader reads are there and have the right shape."""
     files = config.get("files")
-    weights = files.get("weights") if isinstance(files, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(
+            f"{cfg_path}: missing field 'files' (the checkpoint's files and their SHA-256, "
+            f"'files.weights' at least)"
+        )
+    weights = files.get("weights")
     if not isinstance(weights, dict) or not {"file", "sha256"} <= set(weights):
         raise CheckpointError(
             f"{cfg_path}: missing field 'files.weights' ({{'file': ..., 'sha256': ...}}); "
-            f"found {'files' if isinstance(files, dict) else 'no files'} entry "
-            f"{sorted(files) if isinstance(files, dict) else files!r}"
+            f"found {weights!r}"
         )
     if not isinstance(config.get("vae"), dict):
         raise CheckpointError(f"{cfg_path}: missing field 'vae' (the VAE's config)")
