@@ -209,6 +209,12 @@ def test_files_are_told_by_content(files, tmp_path):
     assert sniff_format(tmp_path / "a.bin") == "npy"
     assert sniff_format(files["stage1"]) == "directory"
     assert sniff_format(files["junk"]) == "unknown"
+    # a safetensors header of 640 bytes begins with 80 02, as a pickle stream does
+    header = b'{"__metadata__":{"a":"b"}}'.ljust(640)
+    (tmp_path / "s.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert sniff_format(tmp_path / "s.safetensors") == "safetensors"
+    torch.save(torch.zeros(2), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert sniff_format(tmp_path / "legacy.pt") == "torch"
 
 
 def test_a_flat_npz_warns_that_it_is_one_episode(tmp_path):

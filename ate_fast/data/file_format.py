@@ -84,10 +84,10 @@ def sniff_format(path: PathLike) -> str:
         return "parquet"
     if head.startswith(ZIP_MAGIC):
         return _zip_kind(p)
+    if _is_safetensors(head, size):  # before the pickle test: a header of 640 bytes
+        return "safetensors"  # starts with the bytes 80 02, like a pickle stream
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "torch"  # a pickle stream: torch.save's legacy format
-    if _is_safetensors(head, size):
-        return "safetensors"
     if head.lstrip()[:1] in (b"{", b"["):
         try:
             json.loads(p.read_text(encoding="utf-8"))
