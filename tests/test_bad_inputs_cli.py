@@ -74,6 +74,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "torch": root / "state.pt",
         "junk": root / "junk.bin",
         "data": write_npz(root / "d.npz", synthetic_episodes(3, 3, length=(20, 24))),
+        "data4": write_npz(root / "d4.npz", synthetic_episodes(3, 4, length=(20, 24))),
     }
     prior.save(f["prior"])
     torch.save({"means": prior.means}, f["prior_pt"])  # a torch file named like a prior
@@ -243,6 +244,7 @@ CLI_CASES = [
     ("align stage2 --prior {prior} --init {stage1} --arch transformer --data {data} --out {out}", "--arch transformer contradicts --init"),
     ("align stage2 --prior {prior} --init {stage1} --hidden 16 --data {data} --out {out}", "--hidden [16] contradicts --init"),
     ("align stage2 --prior {prior} --d-model 8 --data {data} --out {out}", "--d-model applies to --arch transformer, but stage 2 trains a mlp VAE (from the prior's stage-1 VAE)"),
+    ("align stage2 --prior {prior} --data {data4} --out {out}", "the data has more action dims than the stage-1 VAE's unified action dim 3 (from the prior's stage-1 VAE): pass --action-dim"),
     ("align stage2 --prior {prior} --latent-dim 5 --data {data} --out {out}", "--latent-dim 5 differs from the prior's 2"),
     ("align stage1 --data {torch_as_npz} --horizon 4 --out {out}", "expected a NumPy .npz archive"),
     ("align stage1 --data {data} --horizon 4 --epochs 0 --out {out}", "--epochs: expected >= 1, got 0"),
@@ -328,7 +330,7 @@ def test_stage2_follows_the_stage1_architecture(tmp_path, capsys):
     data = write_npz(tmp_path / "d.npz", synthetic_episodes(6, 3, length=(20, 24), seed=2))
     common = ["--data", str(data), "--no-progress", "--device", "cpu"]
     train = ["--epochs", "1", "--batch-size", "8", *common]
-    _cli(["align", "stage1", "--horizon", "4", "--arch", "mlp", "--hidden", "16,8",
+    _cli(["align", "stage1", "--horizon", "4", "--arch", "mlp", "--hidden", "16,8", "--action-dim", "5",
           "--activation", "silu", "--latent-dim", "3", "--out", str(tmp_path / "s1"), *train],
          capsys)  # fmt: skip
     prior = tmp_path / "prior.safetensors"
@@ -337,7 +339,7 @@ def test_stage2_follows_the_stage1_architecture(tmp_path, capsys):
                capsys)  # fmt: skip
     vae = load_checkpoint(tmp_path / "s2", kind=KIND_STAGE2).vae
     assert vae.config == {**load_checkpoint(tmp_path / "s1").vae.config}
-    assert "stage 2 VAE: mlp (from the prior's stage-1 VAE), horizon 4" in out
+    assert "stage 2 VAE: mlp (from the prior's stage-1 VAE), horizon 4, action dim 5" in out
     assert "hidden_dims=[16, 8]" in out and "1 epochs" in out
     # an explicit, compatible choice is followed (only horizon and d_z are shared)
     out = _cli(["align", "stage2", "--prior", str(prior), "--arch", "transformer", "--d-model",
@@ -345,6 +347,7 @@ def test_stage2_follows_the_stage1_architecture(tmp_path, capsys):
                 "--out", str(tmp_path / "s2t"), *train], capsys)  # fmt: skip
     vae = load_checkpoint(tmp_path / "s2t").vae
     assert vae.arch == "transformer" and vae.latent_dim == 3 and vae.horizon == 4
+    assert vae.action_dim == 5  # the stage-1 unified action space
     assert "stage 2 VAE: transformer (from --arch)" in out
     # a prior file written before it recorded the VAE: the checkpoint it names is read
     old = LatentPrior.load(prior)

@@ -6,9 +6,10 @@
     ate-fast align prior  --vae pre.ckpt --data pre.hdf5 --kind gmm --k 8 --out prior.safetensors
     ate-fast align stage2 --prior prior.safetensors --data adapt/ --out adapt.ckpt
 
-Stage 2 follows stage 1: without ``--init`` its VAE takes the architecture and sizes of
-the stage-1 VAE recorded in the prior file (``--horizon``, ``--latent-dim``, ``--arch``
-and the size flags override them; an explicit ``--arch`` may differ from stage 1's, since
+Stage 2 follows stage 1: without ``--init`` its VAE takes the architecture, sizes,
+horizon and unified action dim of the stage-1 VAE recorded in the prior file
+(``--horizon``, ``--action-dim``, ``--latent-dim``, ``--arch`` and the size flags override
+them; an explicit ``--arch`` may differ from stage 1's, since
 only the horizon and the latent size are shared with the prior). With ``--init`` the
 weights are copied, so a size flag that contradicts the stage-1 checkpoint is an error.
 The command prints what it trains.
@@ -90,7 +91,9 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def _add_data_args(p: argparse.ArgumentParser, with_chunking: bool = True) -> None:
+def _add_data_args(
+    p: argparse.ArgumentParser, with_chunking: bool = True, stage2: bool = False
+) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -121,7 +124,12 @@ def _add_data_args(p: argparse.ArgumentParser, with_chunking: bool = True) -> No
         default="meanstd",
         help="per-dim normalisation, stats saved in the checkpoint",
     )
-    g.add_argument("--action-dim", type=int, help="unified action dim D (default: the data's)")
+    g.add_argument(
+        "--action-dim",
+        type=int,
+        help="unified action dim D (default: "
+        + ("the stage-1 VAE's, else the data's)" if stage2 else "the data's)"),
+    )
     g.add_argument(
         "--dims",
         type=_int_list,
@@ -277,7 +285,7 @@ def register(subparsers: Any) -> None:
     s2.add_argument(
         "--prior", required=True, help="prior file from `ate-fast align prior` (safetensors)"
     )
-    _add_data_args(s2)
+    _add_data_args(s2, stage2=True)
     s2.add_argument(
         "--horizon", type=int, help="chunk length H (default: --init's, else the prior's stage 1)"
     )
@@ -485,8 +493,27 @@ def _stage2_shape(args: argparse.Namespace, prior: Any) -> dict[str, Any]:
         "arch": arch,
         "kwargs": kwargs,
         "base": base,
+        "base_source": source,
         "source": "--arch" if args.arch else source,
     }
+
+
+def _stage2_dataset(args: argparse.Namespace, shape: dict[str, Any]) -> Any:
+    """The adaptation chunks, in the stage-1 VAE's unified action dim unless
+    ``--action-dim`` says otherwise (the robot's dims go to ``--dims``, default the first)."""
+    base = shape["base"]
+    if args.action_dim is not None or base is None:
+        return _dataset(args, shape["horizon"])
+    args.action_dim = int(base["action_dim"])
+    try:
+        return _dataset(args, shape["horizon"])
+    except ValueError as exc:
+        if "is smaller than the data's action dim" not in str(exc):
+            raise
+        raise CommandLineError(
+            f"the data has more action dims than the stage-1 VAE's unified action dim "
+            f"{args.action_dim} (from {shape['base_source']}): pass --action-dim (and --dims)"
+        ) from exc
 
 
 def _describe_stage2(shape: dict[str, Any], action_dim: int, cfg: Any) -> str:
@@ -509,7 +536,7 @@ def _cmd_stage2(args: argparse.Namespace) -> int:
 
     prior = LatentPrior.load(args.prior)
     shape = _stage2_shape(args, prior)
-    data = _dataset(args, shape["horizon"])
+    data = _stage2_dataset(args, shape)
     if args.init and shape["base"]["action_dim"] != data.action_dim:
         raise CommandLineError(
             f"--init's action dim {shape['base']['action_dim']} differs from the data's "
