@@ -77,6 +77,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "data4": write_npz(root / "d4.npz", synthetic_episodes(3, 4, length=(20, 24))),
     }
     prior.save(f["prior"])
+    f["prior5"] = root / "prior5.safetensors"  # a prior over another latent size
+    LatentPrior.from_latents(torch.randn(16, 5), torch.zeros(16, 5)).save(f["prior5"])
     torch.save({"means": prior.means}, f["prior_pt"])  # a torch file named like a prior
     torch.save({"w": torch.zeros(2)}, f["torch"])
     f["junk"].write_bytes(b"\x00junk" * 10)
@@ -257,6 +259,7 @@ CLI_CASES = [
     ("export onnx --head mlp --random-init --guidance-vae {prior} --out {out}.onnx", "--guidance-vae: {prior}: expected an align checkpoint directory"),
     ("export onnx --head mlp --random-init --guidance-vae {stage2} --target {junk} --out {out}.onnx", "--target {junk}: expected a safetensors file or a torch.save file or a NumPy .npy array"),
     ("export onnx --head mlp --random-init --guidance-vae {stage2} --target {weights} --out {out}.onnx", "got the weights of an align VAE checkpoint"),
+    ("export onnx --head mlp --random-init --guidance-vae {stage2} --target {prior5} --out {out}.onnx", "--target {prior5}: expected a latent [d_z] = [2] for --guidance-vae"),
     ("eval metaworld --workers 0", "--workers: expected >= 1, got 0"),
     ("demo --quick --device cuda:99", "--device cuda:99"),
 ]  # fmt: skip

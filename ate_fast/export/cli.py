@@ -269,6 +269,11 @@ def _guidance(args: argparse.Namespace) -> Any:
     except ValueError as exc:
         raise CommandLineError(f"--guidance-vae: {exc}") from exc
     target = _target(args.target) if args.target else torch.zeros(vae.latent_dim)
+    if target.ndim != 1 or target.shape[0] != vae.latent_dim:
+        raise CommandLineError(
+            f"--target {args.target}: expected a latent [d_z] = [{vae.latent_dim}] for "
+            f"--guidance-vae {args.guidance_vae}, got shape {list(target.shape)}"
+        )
     return LatentGuidance(vae, target, args.guidance_scale, args.guidance_clamp, args.guidance_mode)
 
 
