@@ -3,6 +3,10 @@
 Subcommands live beside the code they drive: each module in :data:`SUBCOMMAND_MODULES`
 has ``register(subparsers)`` that adds its parser (cheaply: heavy imports happen in the
 handler). A module that does not exist yet is skipped.
+
+A user's mistake (a bad flag value, a file of the wrong kind or format, an existing
+output) ends the command with one line on stderr and exit code 2
+(:mod:`ate_fast.cli_errors`); ``ate-fast --debug ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Optional
+
+from ate_fast.cli_errors import run_handler
 
 SUBCOMMAND_MODULES = (
     "ate_fast.align.cli",
@@ -32,6 +38,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ate-fast", description="Align-Then-stEer, fast.")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the full traceback instead of one line",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, backends and why any is missing")
     p.add_argument("--json", action="store_true", help="print the raw dict as JSON")
@@ -47,9 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``ate-fast align stage1`` etc.: the words that named the command in ``args``."""
+    words = ["ate-fast", args.command]
+    for dest in ("align_command", "export_command", "simulator"):
+        if getattr(args, dest, None):
+            words.append(getattr(args, dest))
+    return " ".join(words)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``ate-fast``; returns the exit code (2 for a user error, see the module doc)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_handler(args.func, args, command_name(args), debug=args.debug)
 
 
 if __name__ == "__main__":

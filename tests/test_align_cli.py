@@ -192,12 +192,15 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
     assert npz_vae.horizon == 8  # no --horizon: the stage-1 horizon recorded in the prior
 
 
-def test_cli_errors_are_clear(tmp_path):
+def test_cli_errors_are_clear(tmp_path, capsys):
+    # issue 15: a user error is one line on stderr naming the flag, exit code 2
     pre = write_robomimic(tmp_path / "pre.hdf5", synthetic_episodes(4, 3, length=(10, 12)))
-    with pytest.raises(ValueError, match="horizon=50 is longer than every episode"):
-        _run(
-            ["align", "stage1", "--data", str(pre), "--horizon", "50", "--out", str(tmp_path / "x")]
-        )
+    argv = ["align", "stage1", "--data", str(pre), "--horizon", "50", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--horizon 50 is longer than every episode" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="--horizon 50 is longer than every episode"):
+        main(["--debug", *argv])  # --debug: the traceback
     with pytest.raises(SystemExit):
         _run(["align", "stage2", "--prior", "p.pt", "--data", str(pre), "--out", "y", "--kl", "js"])
 

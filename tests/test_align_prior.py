@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ate_fast.align import ActionVAE, LatentPrior
+from ate_fast.align import ActionVAE, CheckpointError, LatentPrior
 from ate_fast.align.atomic_io import atomic_save_safetensors
 
 
@@ -100,7 +100,8 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="not a LatentPrior file"):
         LatentPrior.load(tmp_path / "other.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 40)
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    # told by content (issue 15): a named error saying what the file is
+    with pytest.raises(CheckpointError, match=r"expected a LatentPrior file .* unknown format"):
         LatentPrior.load(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="no such file"):
         LatentPrior.load(tmp_path / "missing.pt")

@@ -15,7 +15,7 @@ from _align_fixtures import (
     write_robomimic,
 )
 
-from ate_fast.data import DataFormatError, read_episodes
+from ate_fast.data import DataFormatError, UnknownFileFormatError, read_episodes
 
 
 @pytest.fixture
@@ -167,7 +167,8 @@ def test_mixed_action_dims_and_bad_episode_ends(tmp_path):
 
 def test_unknown_suffix_and_format(tmp_path):
     (tmp_path / "x.csv").write_text("1,2\n")
-    with pytest.raises(DataFormatError, match=r"cannot tell the format from the suffix '\.csv'"):
+    # told by content (issue 15), not by the suffix
+    with pytest.raises(UnknownFileFormatError, match=r"x\.csv: expected a NumPy \.npz archive"):
         read_episodes(tmp_path / "x.csv")
     with pytest.raises(ValueError, match="format must be one of"):
         read_episodes(tmp_path / "x.csv", format="zarr")

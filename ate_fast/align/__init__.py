@@ -34,7 +34,12 @@ _EXPORTS = {
     "train_stage1": "trainer",
     "train_stage2": "trainer",
     "AlignCheckpoint": "checkpoint",
-    "CheckpointError": "checkpoint",
+    "CheckpointError": "errors",
+    "CheckpointKindError": "errors",
+    "CheckpointIntegrityError": "errors",
+    "KIND_STAGE1": "checkpoint",
+    "KIND_STAGE2": "checkpoint",
+    "read_checkpoint_config": "checkpoint",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
 }

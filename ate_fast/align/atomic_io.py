@@ -1,6 +1,8 @@
 """Atomic file writes (temp file in the same directory + ``os.replace``) and safetensors I/O.
 
-A reader never sees a half-written file: either the old one or the complete new one.
+A reader never sees a half-written file: either the old one or the complete new one. The
+file ends up with the permissions a plain ``open(path, "w")`` would give it (``0666`` less
+the process umask), not the ``0600`` of the temp file it was written as.
 """
 
 from __future__ import annotations
@@ -14,11 +16,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """``0666 & ~umask``: what ``open()`` gives a new file (``0644`` under umask 022)."""
+    return 0o666 & ~current_umask()
 
 
 @contextmanager
@@ -33,6 +48,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, default_file_mode())  # mkstemp made it 0600
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -79,4 +95,17 @@ def file_sha256(path: PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """Hex SHA-256 over ``metadata`` (canonical JSON) and every tensor's name, dtype, shape
+    and bytes, in name order: a file's content hash that does not depend on how its
+    header was laid out."""
+    h = hashlib.sha256()
+    h.update(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

@@ -3,20 +3,73 @@
 ::
 
     ate-fast align stage1 --data pre.hdf5 --horizon 50 --out pre.ckpt
-    ate-fast align prior  --vae pre.ckpt --data pre.hdf5 --kind gmm --k 8 --out prior.pt
-    ate-fast align stage2 --prior prior.pt --data adapt/ --horizon 50 --out adapt.ckpt
+    ate-fast align prior  --vae pre.ckpt --data pre.hdf5 --kind gmm --k 8 --out prior.safetensors
+    ate-fast align stage2 --prior prior.safetensors --data adapt/ --out adapt.ckpt
+
+Stage 2 follows stage 1: without ``--init`` its VAE takes the architecture, sizes,
+horizon and unified action dim of the stage-1 VAE recorded in the prior file
+(``--horizon``, ``--action-dim``, ``--latent-dim``, ``--arch`` and the size flags override
+them; an explicit ``--arch`` may differ from stage 1's, since
+only the horizon and the latent size are shared with the prior). With ``--init`` the
+weights are copied, so a size flag that contradicts the stage-1 checkpoint is an error.
+The command prints what it trains.
 
 Several processes: ``torchrun --nproc_per_node 8 -m ate_fast.cli align stage1 ...``.
 Only argparse is imported here; torch and the trainers load inside the handlers.
+User errors are reported with the flags' names (:data:`FLAGS`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
+
+from ate_fast.cli_errors import CommandLineError, with_flag_names
 
 DATA_FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
+# Python argument names (trainer configs, ActionChunkDataset) -> the flags that set them
+FLAGS = {
+    "out_dir": "--out",
+    "max_steps": "--max-steps",
+    "batch_size": "--batch-size",
+    "weight_decay": "--weight-decay",
+    "lr_gamma": "--lr-gamma",
+    "lr_floor": "--lr-floor",
+    "grad_clip": "--grad-clip",
+    "val_fraction": "--val-fraction",
+    "val_every": "--val-every",
+    "num_workers": "--workers",
+    "save_every_epochs": "--save-every-epochs",
+    "save_every_steps": "--save-every-steps",
+    "save_every_minutes": "--save-every-minutes",
+    "log_every_steps": "--log-every-steps",
+    "kl_samples": "--kl-samples",
+    "init_from": "--init",
+    "max_pad": "--max-pad",
+    "normalization": "--norm",
+    "action_dim": "--action-dim",
+    "dim_index": "--dims",
+    "latent_dim": "--latent-dim",
+    "filter_key": "--filter-key",
+    **{name: f"--{name}" for name in ("epochs", "lr", "beta", "gamma", "seed", "precision")},
+    **{name: f"--{name}" for name in ("device", "resume", "overwrite", "kl", "horizon")},
+    **{name: f"--{name}" for name in ("stride", "pad")},
+}
+# stage 2's model flags: flag dest -> (ActionVAE keyword, the archs it applies to)
+MODEL_FLAGS = {
+    "d_model": ("d_model", ("transformer",)),
+    "heads": ("num_heads", ("transformer",)),
+    "ff_dim": ("ff_dim", ("transformer",)),
+    "layers": ("num_layers", ("transformer",)),
+    "dropout": ("dropout", ("transformer",)),
+    "hidden": ("hidden_dims", ("mlp",)),
+    "activation": ("activation", ("transformer", "mlp")),
+}
+
+
+_with_flag_names = with_flag_names(FLAGS)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -38,7 +91,9 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def _add_data_args(p: argparse.ArgumentParser, with_chunking: bool = True) -> None:
+def _add_data_args(
+    p: argparse.ArgumentParser, with_chunking: bool = True, stage2: bool = False
+) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -69,7 +124,12 @@ def _add_data_args(p: argparse.ArgumentParser, with_chunking: bool = True) -> No
         default="meanstd",
         help="per-dim normalisation, stats saved in the checkpoint",
     )
-    g.add_argument("--action-dim", type=int, help="unified action dim D (default: the data's)")
+    g.add_argument(
+        "--action-dim",
+        type=int,
+        help="unified action dim D (default: "
+        + ("the stage-1 VAE's, else the data's)" if stage2 else "the data's)"),
+    )
     g.add_argument(
         "--dims",
         type=_int_list,
@@ -78,34 +138,51 @@ def _add_data_args(p: argparse.ArgumentParser, with_chunking: bool = True) -> No
 
 
 def _add_model_args(p: argparse.ArgumentParser, stage2: bool = False) -> None:
-    title = "model (ignored with --init: the checkpoint's config is used)" if stage2 else "model"
+    title = (
+        "model (default: the stage-1 VAE's, from --init or the prior file; with --init a "
+        "flag must agree with it)"
+        if stage2
+        else "model"
+    )
     g = p.add_argument_group(title)
+
+    def default(value: Any) -> Any:  # stage 2: None = follow stage 1
+        return None if stage2 else value
+
     g.add_argument(
         "--arch",
         choices=("transformer", "mlp"),
-        default="transformer",
+        default=default("transformer"),
         help="the paper's skip-connected Transformer VAE, or the small MLP VAE",
     )
     g.add_argument(
         "--latent-dim",
         type=int,
-        default=None if stage2 else 512,
+        default=default(512),
         help="d_z" + (" (default: the prior's)" if stage2 else ""),
     )
-    g.add_argument("--d-model", type=int, default=512, help="transformer width")
-    g.add_argument("--heads", type=int, default=4, help="transformer heads")
-    g.add_argument("--ff-dim", type=int, default=1024, help="feed-forward width")
+    g.add_argument("--d-model", type=int, default=default(512), help="transformer width")
+    g.add_argument("--heads", type=int, default=default(4), help="transformer heads")
+    g.add_argument("--ff-dim", type=int, default=default(1024), help="feed-forward width")
     g.add_argument(
-        "--layers", type=int, default=9, help="transformer layers, odd: k in / 1 middle / k out"
+        "--layers",
+        type=int,
+        default=default(9),
+        help="transformer layers, odd: k in / 1 middle / k out",
     )
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout (0 in the released code)")
     g.add_argument(
-        "--hidden", type=_int_list, default=[512, 512], help="MLP hidden sizes, comma-separated"
+        "--dropout", type=float, default=default(0.0), help="dropout (0 in the released code)"
+    )
+    g.add_argument(
+        "--hidden",
+        type=_int_list,
+        default=default([512, 512]),
+        help="MLP hidden sizes, comma-separated",
     )
     g.add_argument(
         "--activation",
         choices=("gelu", "silu", "relu", "tanh"),
-        default="gelu",
+        default=default("gelu"),
         help="activation (gelu is the exact erf form)",
     )
 
@@ -173,7 +250,7 @@ def register(subparsers: Any) -> None:
     s1.add_argument("--horizon", type=int, required=True, help="chunk length H")
     _add_model_args(s1)
     _add_train_args(s1, stage2=False)
-    s1.set_defaults(func=_cmd_stage1)
+    s1.set_defaults(func=_with_flag_names(_cmd_stage1))
 
     pr = sub.add_parser(
         "prior",
@@ -194,23 +271,27 @@ def register(subparsers: Any) -> None:
     pr.add_argument("--batch-size", type=int, default=256, help="chunks per encoder call")
     pr.add_argument("--seed", type=int, default=0, help="EM initialisation seed")
     pr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    pr.add_argument("--out", required=True, help="prior file to write (safetensors)")
+    pr.add_argument(
+        "--out", required=True, help="prior file to write (safetensors, e.g. prior.safetensors)"
+    )
     pr.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    pr.set_defaults(func=_cmd_prior)
+    pr.set_defaults(func=_with_flag_names(_cmd_prior))
 
     s2 = sub.add_parser(
         "stage2",
         help="train the adaptation action VAE against the prior",
         formatter_class=_HelpFormatter,
     )
-    s2.add_argument("--prior", required=True, help="prior file from `ate-fast align prior`")
-    _add_data_args(s2)
+    s2.add_argument(
+        "--prior", required=True, help="prior file from `ate-fast align prior` (safetensors)"
+    )
+    _add_data_args(s2, stage2=True)
     s2.add_argument(
         "--horizon", type=int, help="chunk length H (default: --init's, else the prior's stage 1)"
     )
     _add_model_args(s2, stage2=True)
     _add_train_args(s2, stage2=True)
-    s2.set_defaults(func=_cmd_stage2)
+    s2.set_defaults(func=_with_flag_names(_cmd_stage2))
 
 
 # --- handlers (heavy imports live here) -------------------------------------------------
@@ -310,12 +391,12 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
 def _cmd_prior(args: argparse.Namespace) -> int:
     import torch
 
-    from ate_fast.align import LatentPrior, load_checkpoint
+    from ate_fast.align import KIND_STAGE1, LatentPrior, load_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(args.vae, map_location=device)
+    ckpt = load_checkpoint(args.vae, map_location=device, kind=KIND_STAGE1)
     if ckpt.normalizer is None:
-        raise SystemExit(f"--vae {args.vae}: the checkpoint has no normalisation statistics")
+        raise CommandLineError(f"--vae {args.vae}: the checkpoint has no normalisation statistics")
     chunking = ckpt.config.get("chunking") or {}  # cut the chunks as stage 1 did
     if args.stride is None:
         args.stride = chunking.get("stride", 1)
@@ -332,47 +413,143 @@ def _cmd_prior(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    prior.info.update(vae_checkpoint=str(args.vae), horizon=ckpt.vae.horizon)
+    # what stage 2 follows: the stage-1 VAE's shape (architecture, sizes, horizon)
+    prior.info.update(vae_checkpoint=str(args.vae), horizon=ckpt.vae.horizon, vae=ckpt.vae.config)
     prior.cpu().save(args.out)
     print(f"wrote {args.out}: {prior.describe()}")
     return 0
+
+
+def _stage1_vae(args: argparse.Namespace, prior: Any) -> tuple[Optional[dict[str, Any]], str]:
+    """``(the stage-1 VAE config stage 2 follows, where it came from)``: ``--init``'s,
+    else the one the prior file records (or the checkpoint it names), else ``None``."""
+    from ate_fast.align import KIND_STAGE1, CheckpointError, read_checkpoint_config
+
+    if args.init:
+        return dict(read_checkpoint_config(args.init, kind=KIND_STAGE1)["vae"]), "--init"
+    if isinstance(prior.info.get("vae"), dict):
+        return dict(prior.info["vae"]), "the prior's stage-1 VAE"
+    path = prior.info.get("vae_checkpoint")  # prior files written before the config was
+    if path and Path(path).is_dir():
+        try:
+            return dict(read_checkpoint_config(path, kind=KIND_STAGE1)["vae"]), str(path)
+        except CheckpointError:
+            pass
+    return None, "the defaults (the prior file records no stage-1 VAE)"
+
+
+def _arch_settings(args: argparse.Namespace, base: Optional[dict[str, Any]], source: str):
+    """``(arch, ActionVAE keyword arguments)`` for stage 2 (see the module docstring)."""
+    given = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    base_arch = base["arch"] if base else "transformer"
+    arch = args.arch or base_arch
+    if args.init and arch != base_arch:
+        raise CommandLineError(
+            f"--arch {arch} contradicts --init {args.init}, a {base_arch} VAE (its weights "
+            f"are copied); drop --arch or --init"
+        )
+    kwargs: dict[str, Any] = {}
+    if base and arch == base_arch:
+        kwargs = {kw: base[kw] for kw, archs in MODEL_FLAGS.values() if arch in archs}
+    for dest, value in given.items():
+        keyword, archs = MODEL_FLAGS[dest]
+        flag = "--" + dest.replace("_", "-")
+        if arch not in archs:
+            raise CommandLineError(
+                f"{flag} applies to --arch {' or '.join(archs)}, but stage 2 trains a {arch} "
+                f"VAE (from {source if arch == base_arch else '--arch'})"
+            )
+        value = list(value) if isinstance(value, (list, tuple)) else value
+        if args.init and kwargs.get(keyword) != value:
+            raise CommandLineError(
+                f"{flag} {value} contradicts --init {args.init} ({keyword}="
+                f"{kwargs.get(keyword)}); drop {flag} or --init"
+            )
+        kwargs[keyword] = tuple(value) if keyword == "hidden_dims" else value
+    if "hidden_dims" in kwargs:
+        kwargs["hidden_dims"] = tuple(kwargs["hidden_dims"])
+    return arch, kwargs
+
+
+def _stage2_shape(args: argparse.Namespace, prior: Any) -> dict[str, Any]:
+    """The stage-2 VAE's ``horizon``, ``latent_dim``, ``arch``, ``kwargs``, the stage-1
+    ``base`` config it follows (or ``None``) and its ``source``."""
+    base, source = _stage1_vae(args, prior)
+    base_h = base["horizon"] if base else prior.info.get("horizon")
+    if args.init and args.horizon is not None and args.horizon != base_h:
+        raise CommandLineError(f"--horizon {args.horizon} differs from --init's horizon {base_h}")
+    horizon = args.horizon or base_h
+    if horizon is None:
+        raise CommandLineError("--horizon is required (the prior file does not record one)")
+    latent_dim = args.latent_dim or prior.latent_dim
+    if latent_dim != prior.latent_dim:
+        raise CommandLineError(
+            f"--latent-dim {latent_dim} differs from the prior's {prior.latent_dim}"
+        )
+    arch, kwargs = _arch_settings(args, base, source)
+    return {
+        "horizon": int(horizon),
+        "latent_dim": int(latent_dim),
+        "arch": arch,
+        "kwargs": kwargs,
+        "base": base,
+        "base_source": source,
+        "source": "--arch" if args.arch else source,
+    }
+
+
+def _stage2_dataset(args: argparse.Namespace, shape: dict[str, Any]) -> Any:
+    """The adaptation chunks, in the stage-1 VAE's unified action dim unless
+    ``--action-dim`` says otherwise (the robot's dims go to ``--dims``, default the first)."""
+    base = shape["base"]
+    if args.action_dim is not None or base is None:
+        return _dataset(args, shape["horizon"])
+    args.action_dim = int(base["action_dim"])
+    try:
+        return _dataset(args, shape["horizon"])
+    except ValueError as exc:
+        if "is smaller than the data's action dim" not in str(exc):
+            raise
+        raise CommandLineError(
+            f"the data has more action dims than the stage-1 VAE's unified action dim "
+            f"{args.action_dim} (from {shape['base_source']}): pass --action-dim (and --dims)"
+        ) from exc
+
+
+def _describe_stage2(shape: dict[str, Any], action_dim: int, cfg: Any) -> str:
+    """One line: what stage 2 trains."""
+    sizes = ", ".join(
+        f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in shape["kwargs"].items()
+    )
+    return (
+        f"stage 2 VAE: {shape['arch']} (from {shape['source']}), horizon {shape['horizon']}, "
+        f"action dim {action_dim}, latent dim {shape['latent_dim']}"
+        + (f", {sizes}" if sizes else " (default sizes)")
+        + f"; {cfg.epochs} epochs, batch {cfg.batch_size}, KL {cfg.kl}"
+    )
 
 
 def _cmd_stage2(args: argparse.Namespace) -> int:
     import torch
 
     from ate_fast.align import ActionVAE, LatentPrior, Stage2Config, train_stage2
-    from ate_fast.align.checkpoint import read_checkpoint_config
 
     prior = LatentPrior.load(args.prior)
-    if args.init:
-        config = dict(read_checkpoint_config(args.init)["vae"])
-        if args.horizon is not None and args.horizon != config["horizon"]:
-            raise SystemExit(
-                f"--horizon {args.horizon} differs from --init's horizon {config['horizon']}"
-            )
-    else:
-        config = None
-    # default: --init's horizon, else the stage-1 horizon recorded in the prior file
-    horizon = config["horizon"] if config else (args.horizon or prior.info.get("horizon"))
-    if horizon is None:
-        raise SystemExit("--horizon is required (the prior file does not record one)")
-    data = _dataset(args, horizon)
-    latent_dim = args.latent_dim or prior.latent_dim
-    if latent_dim != prior.latent_dim:
-        raise SystemExit(f"--latent-dim {latent_dim} differs from the prior's {prior.latent_dim}")
+    shape = _stage2_shape(args, prior)
+    data = _stage2_dataset(args, shape)
+    if args.init and shape["base"]["action_dim"] != data.action_dim:
+        raise CommandLineError(
+            f"--init's action dim {shape['base']['action_dim']} differs from the data's "
+            f"{data.action_dim} (use --action-dim/--dims to map into the unified space)"
+        )
     torch.manual_seed(args.seed)
-    if config is not None:
-        if config["action_dim"] != data.action_dim:
-            raise SystemExit(
-                f"--init's action dim {config['action_dim']} differs from the data's "
-                f"{data.action_dim} (use --action-dim/--dims to map into the unified space)"
-            )
-        vae = ActionVAE.from_config(config)
-    else:
-        vae = ActionVAE(data.action_dim, horizon, latent_dim, args.arch, **_arch_kwargs(args))
+    vae = ActionVAE(
+        data.action_dim, shape["horizon"], shape["latent_dim"], shape["arch"], **shape["kwargs"]
+    )
     cfg = Stage2Config(
         **_train_kwargs(args), kl=args.kl, kl_samples=args.kl_samples, init_from=args.init
     )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_describe_stage2(shape, data.action_dim, cfg))
     _summary(train_stage2(vae, data, prior, cfg))
     return 0

@@ -9,6 +9,12 @@ Every prior is stored as a diagonal Gaussian mixture (``K = 1`` for the Gaussian
   spread of the means. Kept only to reproduce the released code.
 - ``gmm``: a ``K``-component diagonal mixture fitted to the ``μ_i`` by EM.
 - ``standard``: ``N(0, I)``, the stage-1 prior.
+
+A prior file is one safetensors file whose header records the format, the package
+version, how it was fitted (``info``: the stage-1 VAE's config, horizon, ...) and a
+SHA-256 over the tensors and that metadata; :meth:`LatentPrior.load` tells the file by
+its content and refuses anything else (a torch file, an align checkpoint, edited
+metadata) with a named :class:`~ate_fast.align.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -21,12 +27,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ate_fast.align.atomic_io import atomic_save_safetensors, load_safetensors
+from ate_fast._version import __version__
+from ate_fast.align.atomic_io import atomic_save_safetensors, load_safetensors, tensors_sha256
 from ate_fast.align.data_loading import iterate_batches
+from ate_fast.align.errors import CheckpointError, CheckpointIntegrityError, CheckpointKindError
 from ate_fast.align.gmm import diagonal_log_prob, fit_diagonal_gmm
+from ate_fast.data.file_format import describe_format, sniff_format
 
 PRIOR_KINDS = ("gaussian", "gaussian-code", "gmm", "standard")
 PRIOR_FORMAT = "ate_fast.latent_prior"
+PRIOR_FILE_KIND = "latent-prior"
+PRIOR_FILE_VERSION = "2"
+CONTENT_HASH_KEY = "content_sha256"
+# what other ate_fast safetensors files are, for the message when one is given as a prior
+OTHER_FORMATS = {
+    "ate_fast.align.checkpoint": "the weights of an align VAE checkpoint (model.safetensors)",
+    "ate_fast.align.resume": "the resume state of an align run (resume.safetensors)",
+}
 
 
 class LatentPrior(nn.Module):
@@ -189,29 +206,44 @@ class LatentPrior(nn.Module):
 
     # --- files --------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write a safetensors file (tensors + JSON metadata), atomically."""
+        """Write a safetensors file (tensors + JSON metadata + content hash), atomically."""
         meta = {
             "format": PRIOR_FORMAT,
-            "version": "1",
+            "version": PRIOR_FILE_VERSION,
+            "checkpoint_kind": PRIOR_FILE_KIND,
+            "package_version": __version__,
             "kind": self.kind,
             "info": json.dumps(self.info),
         }
         tensors = {"weights": self.weights, "means": self.means, "variances": self.variances}
+        meta[CONTENT_HASH_KEY] = tensors_sha256(tensors, meta)
         atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location: str = "cpu") -> LatentPrior:
-        """Read a file written by :meth:`save`; a wrong or corrupt file raises ``ValueError``."""
-        tensors, meta = load_safetensors(path, map_location)
-        if meta.get("format") != PRIOR_FORMAT or not {"weights", "means", "variances"} <= set(
-            tensors
-        ):
-            raise ValueError(
-                f"{path}: not a LatentPrior file (format {meta.get('format')!r}, "
-                f"tensors {sorted(tensors)})"
+        """Read a file written by :meth:`save` (any version).
+
+        Raises:
+            CheckpointError: not a safetensors file (a torch file, a directory, ...).
+            CheckpointKindError: another ate_fast file (e.g. checkpoint weights).
+            CheckpointIntegrityError: tensors or metadata do not match the recorded hash.
+        """
+        fmt = sniff_format(path)
+        if fmt != "safetensors":
+            hint = " (an align checkpoint directory?)" if fmt == "directory" else ""
+            raise CheckpointError(
+                f"{path}: expected a LatentPrior file (safetensors, from `ate-fast align "
+                f"prior`), but it is {describe_format(fmt)}{hint}"
             )
-        info = json.loads(meta.get("info", "{}"))
-        return cls(tensors["weights"], tensors["means"], tensors["variances"], meta["kind"], info)
+        tensors, meta = load_safetensors(path, map_location)
+        _check_prior_file(path, tensors, meta)
+        try:
+            info = json.loads(meta.get("info", "{}"))
+            return cls(
+                tensors["weights"], tensors["means"], tensors["variances"], meta["kind"], info
+            )
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: unreadable LatentPrior file ({exc})") from exc
 
     def describe(self) -> str:
         """One line for logs."""
@@ -220,4 +252,34 @@ class LatentPrior(nn.Module):
             f"{self.kind} prior: K={self.n_components}, d_z={self.latent_dim}, "
             f"|mean|={self.mean.norm().item():.3g}, mean var={var.mean().item():.3g}, "
             f"min var={var.min().item():.3g}"
+        )
+
+
+def _check_prior_file(path: Any, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    """The file is a LatentPrior of a known version whose content hash (version 2) holds."""
+    found = meta.get("format")
+    if found in OTHER_FORMATS:
+        raise CheckpointKindError(
+            f"{path}: expected a LatentPrior file (kind {PRIOR_FILE_KIND!r}), got "
+            f"{OTHER_FORMATS[found]}"
+        )
+    if found != PRIOR_FORMAT or not {"weights", "means", "variances"} <= set(tensors):
+        raise CheckpointError(
+            f"{path}: not a LatentPrior file (format {PRIOR_FORMAT!r} expected, {found!r} "
+            f"found; tensors {sorted(tensors)})"
+        )
+    version = meta.get("version", "1")
+    if version not in ("1", PRIOR_FILE_VERSION):
+        raise CheckpointError(
+            f"{path}: LatentPrior file version {version!r} is newer than this ate_fast "
+            f"({__version__}) supports ({PRIOR_FILE_VERSION}); upgrade ate_fast"
+        )
+    if version == "1":
+        return  # written before content hashes: nothing to verify
+    recorded = meta.get(CONTENT_HASH_KEY)
+    actual = tensors_sha256(tensors, {k: v for k, v in meta.items() if k != CONTENT_HASH_KEY})
+    if recorded != actual:
+        raise CheckpointIntegrityError(
+            f"{path}: content hash mismatch: expected {recorded!r} (recorded when it was "
+            f"written), found {actual!r}; the prior's tensors or metadata were modified"
         )

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ate_fast.align.checkpoint import (
     CONFIG_FILE,
+    KIND_STAGE1,
     RESUME_FILE,
     CheckpointError,
     flatten_optimizer_state,
@@ -555,7 +556,7 @@ class _AlignTrainer:
         return bool(all_reduce_sum(fired, self.ctx).item() > 0)
 
     def _init_from(self, vae: ActionVAE, path: str) -> None:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, kind=KIND_STAGE1)  # a stage-2 checkpoint is refused
         if ckpt.vae.config != vae.config:
             raise ValueError(
                 f"init_from: {path} holds a VAE with config {ckpt.vae.config}, which does not "

@@ -5,11 +5,13 @@
   ``[N, T, D]`` or ``[T, D]``. A ``[T, D]`` array is split into episodes by an
   ``episode_ends`` array (cumulative ends, Diffusion Policy's replay-buffer convention)
   or a per-step ``episode_index`` array (LeRobot's convention) when the file has one;
-  otherwise it is a single episode.
+  otherwise it is a single episode, and a ``UserWarning`` says so (chunks would cross
+  the boundaries of the episodes it may hold).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -69,4 +71,18 @@ def read_npz(path: Path, key: Optional[str] = None) -> list[Episode]:
         if arr.ndim == 2 and "episode_index" in keys:
             frames = archive["frame_index"] if "frame_index" in keys else None
             return split_by_episode_index(name, arr, archive["episode_index"], frames)
+        if arr.ndim == 2:
+            warn_single_episode(path, key, arr.shape)
         return _episodes_from_array(name, arr)
+
+
+def warn_single_episode(path: Path, key: str, shape: tuple[int, ...]) -> None:
+    """Warn that a flat ``[T, D]`` array without episode markers is read as one episode."""
+    warnings.warn(
+        f"{path}: the {key!r} array {tuple(shape)} has no episode markers, so it is read as "
+        f"ONE episode and action chunks may cross episode boundaries. Mark the episodes "
+        f"with an 'episode_ends' array (cumulative end index of each episode) or a per-step "
+        f"'episode_index' array in the same .npz, or store the actions as [N, T, D].",
+        UserWarning,
+        stacklevel=2,
+    )

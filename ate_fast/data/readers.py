@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 from ate_fast.data.episodes import Episode, check_consistent_dim
 from ate_fast.data.errors import DataFormatError
+from ate_fast.data.file_format import require_format, sniff_format
 from ate_fast.data.hdf5_reader import detect_hdf5_layout, read_aloha, read_robomimic
 from ate_fast.data.lerobot_reader import is_lerobot_dir, read_lerobot
 from ate_fast.data.numpy_reader import read_npy, read_npz
@@ -25,20 +26,22 @@ def _natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
+# the content a file holds -> the reader for it (HDF5: the layout from the file's keys)
+CONTENT_FORMATS = {"npz": "npz", "npy": "npy", "parquet": "lerobot", "hdf5": "hdf5"}
+SUFFIX_FORMATS = {".npz": "npz", ".npy": "npy", **{s: "hdf5" for s in HDF5_SUFFIXES}}
+
+
 def _format_of_file(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return "npz"
-    if suffix == ".npy":
-        return "npy"
-    if suffix == ".parquet":
-        return "lerobot"
-    if suffix in HDF5_SUFFIXES:
+    """The reader for ``path``, told by its content (not its suffix). A file whose content
+    is unrecognised but whose suffix names a format goes to that reader, which says what
+    is wrong with it (a corrupt HDF5 file, ...)."""
+    if sniff_format(path) == "unknown" and path.suffix.lower() in SUFFIX_FORMATS:
+        fmt = SUFFIX_FORMATS[path.suffix.lower()]
+    else:
+        fmt = require_format(path, tuple(CONTENT_FORMATS), "data file")
+    if fmt == "hdf5":
         return detect_hdf5_layout(path)
-    raise DataFormatError(
-        f"{path}: cannot tell the format from the suffix {suffix!r}; expected one of "
-        f"{list(FILE_SUFFIXES)} or pass format= one of {list(FORMATS[1:])}"
-    )
+    return CONTENT_FORMATS[fmt]
 
 
 def _read_file(path: Path, fmt: str, key: Optional[str], filter_key: Optional[str]):
@@ -68,13 +71,14 @@ def read_episodes(
             if it has ``meta/info.json`` or ``data/**/*.parquet``; otherwise every
             ``.npz/.npy/.hdf5/.h5/.parquet`` file in it is read, in natural order
             (``episode_2`` before ``episode_10``; the ALOHA one-file-per-episode layout).
-        format: ``"auto"`` (from the suffix; HDF5 layout from the file's keys), ``"npz"``,
+        format: ``"auto"`` (from the content; HDF5 layout from the file's keys), ``"npz"``,
             ``"npy"``, ``"robomimic"``, ``"aloha"`` or ``"lerobot"``.
         key: the action array's name inside the file (defaults: npz ``actions``/``action``,
             robomimic ``actions``, ALOHA ``action``, LeRobot ``action``).
         filter_key: robomimic only: read the demos listed in ``/mask/<filter_key>``.
 
     Raises:
+        UnknownFileFormatError: (``format="auto"``) a file that is none of the formats.
         DataFormatError: missing file/key, wrong rank, non-finite actions, episodes with
             different action dims; the message names the file and what was expected.
     """

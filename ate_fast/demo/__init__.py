@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
+
+from ate_fast.cli_errors import CommandLineError
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -84,18 +85,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            print(
-                f"ate-fast demo: error: --device {args.device}: CUDA is not available",
-                file=sys.stderr,
-            )
-            return 2
+            raise CommandLineError(f"--device {args.device}: CUDA is not available")
         if (device.index or 0) >= torch.cuda.device_count():
-            print(
-                f"ate-fast demo: error: --device {args.device}: there are only "
-                f"{torch.cuda.device_count()} GPU(s)",
-                file=sys.stderr,
+            raise CommandLineError(
+                f"--device {args.device}: there are only {torch.cuda.device_count()} GPU(s)"
             )
-            return 2
 
     from ate_fast.demo.config import DemoConfig
     from ate_fast.demo.pipeline import run_demo

@@ -7,12 +7,29 @@ the handler, so that building ``ate-fast``'s parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any
 
+from ate_fast.cli_errors import CommandLineError, with_flag_names
 from ate_fast.eval.metaworld.config import CONFIGS, METHODS, POLICY_KINDS
 from ate_fast.eval.metaworld.embodiment import SHIFTS
 
+# run_benchmark's argument names -> the flags that set them (for error messages)
+FLAGS = {"out_dir": "--out", "cache_dir": "--cache-dir", "workers": "--workers"}
+EVAL_EXTRA = ("metaworld", "mujoco")
 
+
+def _require_extra() -> None:
+    """The [eval] extra is installed, or a one-line error that says how to install it."""
+    missing = [name for name in EVAL_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CommandLineError(
+            f"the Meta-World benchmark needs the [eval] extra ({', '.join(missing)} not "
+            f"installed): pip install 'ate_fast[eval]'"
+        )
+
+
+@with_flag_names(FLAGS)
 def _cmd_metaworld(args: argparse.Namespace) -> int:
     if args.list:
         for name, cfg in CONFIGS.items():
@@ -22,6 +39,9 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
                 f"methods {list(cfg.methods)}"
             )
         return 0
+    if args.workers is not None and args.workers < 1:
+        raise CommandLineError(f"--workers: expected >= 1, got {args.workers}")
+    _require_extra()
     from ate_fast.eval.metaworld.runner import run_benchmark  # deferred: see the docstring
 
     only = {key: getattr(args, key) for key in ("methods", "policies", "shifts", "demos", "seeds")}

@@ -6,14 +6,18 @@ and ``tensorrt`` (an ONNX graph -> a TensorRT engine).
     ate-fast export tensorrt policy.onnx --out policy.plan --precision fp16
 
 Importing this module imports argparse only; the handlers import torch, onnx, tensorrt.
+User files are told by their content, not their suffix: ``--ckpt`` is a safetensors or
+``torch.save`` file, ``--target`` a LatentPrior file, a safetensors / ``torch.save`` /
+``.npy`` tensor; anything else is a one-line error (exit 2) naming what the file is.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import sys
 from typing import Any
+
+from ate_fast.cli_errors import CommandLineError
 
 HEAD_NAMES = ("mlp", "flow-transformer", "unet1d")
 FLOW_METHODS = ("euler", "heun")
@@ -94,8 +98,9 @@ def _guidance_arguments(g: Any) -> None:
     g.add_argument("--guidance-mode", default="direct", help="direct or tweedie")
     g.add_argument(
         "--target",
-        help="bake z* into the graph: a LatentPrior file (its mean) or a tensor file "
-        "(.safetensors/.pt/.npy) [d_z]; without it the graph takes a `target` input",
+        help="bake z* into the graph: a LatentPrior file (its mean) or a tensor [d_z] "
+        "(safetensors, torch.save or .npy, told by content); without it the graph takes a "
+        "`target` input",
     )
 
 
@@ -140,19 +145,34 @@ def _register_tensorrt(sub: Any) -> None:
 
 
 # --- handlers (heavy imports live here) -----------------------------------------------
-def _fail(message: str) -> int:
-    print(f"ate-fast export: error: {message}", file=sys.stderr)
-    return 2
+def _torch_load(path: str, flag: str) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise CommandLineError(f"{flag} {path}: unreadable torch.save file ({exc})") from exc
+
+
+def _safetensors(path: str, flag: str) -> tuple[dict, dict]:
+    """``(tensors, header metadata)`` of a safetensors file."""
+    from ate_fast.align.atomic_io import load_safetensors
+
+    try:
+        return load_safetensors(path)
+    except ValueError as exc:
+        raise CommandLineError(f"{flag} {path}: {exc}") from exc
 
 
 def _load_state(path: str) -> dict:
-    import torch
+    from ate_fast.data.file_format import require_format
 
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    fmt = require_format(path, ("safetensors", "torch"), "--ckpt")
+    if fmt == "safetensors":
+        return _safetensors(path, "--ckpt")[0]
+    state = _torch_load(path, "--ckpt")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -204,43 +224,56 @@ def _target(path: str) -> Any:
     import numpy as np
     import torch
 
-    if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path)).float()
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from ate_fast.align import LatentPrior
+    from ate_fast.align.prior import OTHER_FORMATS, PRIOR_FORMAT
+    from ate_fast.data.file_format import require_format
 
-        from ate_fast.align import LatentPrior
-
-        try:
-            return LatentPrior.load(path).mean  # a prior from `ate-fast align prior`
-        except ValueError:
-            pass
-
-        tensors = load_file(path)
-        for key in ("target", "mean", "z"):
-            if key in tensors:
-                return tensors[key].float()
-        if len(tensors) == 1:
-            return next(iter(tensors.values())).float()
-        raise ValueError(f"--target {path}: name the tensor 'target' ({sorted(tensors)} found)")
-    value = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"--target {path}: expected a tensor [d_z], got {type(value).__name__}")
-    return value.float()
+    fmt = require_format(path, ("safetensors", "torch", "npy"), "--target")
+    if fmt == "npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    if fmt == "torch":
+        value = _torch_load(path, "--target")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"--target {path}: expected a tensor [d_z], got {type(value).__name__}"
+            )
+        return value.float()
+    tensors, meta = _safetensors(path, "--target")
+    if meta.get("format") == PRIOR_FORMAT:
+        return LatentPrior.load(path).mean  # a prior from `ate-fast align prior`, verified
+    if meta.get("format") in OTHER_FORMATS:
+        raise CommandLineError(
+            f"--target {path}: expected a LatentPrior file or a tensor [d_z], got "
+            f"{OTHER_FORMATS[meta['format']]}"
+        )
+    for key in ("target", "mean", "z"):
+        if key in tensors:
+            return tensors[key].float()
+    if len(tensors) == 1:
+        return next(iter(tensors.values())).float()
+    raise ValueError(f"--target {path}: name the tensor 'target' ({sorted(tensors)} found)")
 
 
 def _guidance(args: argparse.Namespace) -> Any:
     import torch
 
-    from ate_fast.align import load_checkpoint
+    from ate_fast.align import KIND_STAGE1, KIND_STAGE2, load_checkpoint
     from ate_fast.steer import LatentGuidance
 
     if args.guidance_vae is None:
         if args.target:
             raise ValueError("--target needs --guidance-vae")
         return None
-    vae = load_checkpoint(args.guidance_vae).vae
+    try:
+        vae = load_checkpoint(args.guidance_vae, kind=(KIND_STAGE1, KIND_STAGE2)).vae
+    except ValueError as exc:
+        raise CommandLineError(f"--guidance-vae: {exc}") from exc
     target = _target(args.target) if args.target else torch.zeros(vae.latent_dim)
+    if target.ndim != 1 or target.shape[0] != vae.latent_dim:
+        raise CommandLineError(
+            f"--target {args.target}: expected a latent [d_z] = [{vae.latent_dim}] for "
+            f"--guidance-vae {args.guidance_vae}, got shape {list(target.shape)}"
+        )
     return LatentGuidance(vae, target, args.guidance_scale, args.guidance_clamp, args.guidance_mode)
 
 
@@ -268,30 +301,27 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     )
 
     if not args.ckpt and not args.random_init:
-        return _fail("give --ckpt (the head's weights) or --random-init")
+        raise CommandLineError("give --ckpt (the head's weights) or --random-init")
     if args.ckpt and args.random_init:
-        return _fail("--ckpt and --random-init exclude each other")
+        raise CommandLineError("--ckpt and --random-init exclude each other")
     try:
         head = _head(args)
         sampler = _sampler(args, head)
         guidance = _guidance(args)
-    except (ValueError, TypeError, OSError) as exc:
-        return _fail(str(exc))
+    except TypeError as exc:
+        raise CommandLineError(str(exc)) from exc
     gen = torch.Generator().manual_seed(args.seed)
     cfg = head.config
     noise = torch.randn(args.batch, cfg.horizon, cfg.action_dim, generator=gen)
-    try:
-        cond = _example_cond(head, args.batch, args.cond_len, gen)
-    except ValueError as exc:
-        return _fail(str(exc))
+    cond = _example_cond(head, args.batch, args.cond_len, gen)
     try:
         path = to_onnx(
             sampler, args.out, noise, cond, guidance=guidance,
             dynamic_batch=not args.static_batch, opset=args.opset,
             target_input=args.target is None, max_batch=args.max_batch,
         )  # fmt: skip
-    except (GuidanceExportError, ModelTraceError, ExportError, ValueError, TypeError) as exc:
-        return _fail(str(exc))
+    except (GuidanceExportError, ModelTraceError, ExportError, TypeError) as exc:
+        raise CommandLineError(str(exc)) from exc
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {sampler!r}")
     if not args.verify:
         return 0
@@ -323,8 +353,6 @@ def _cmd_tensorrt(args: argparse.Namespace) -> int:
             builder_optimization_level=args.opt_level, verbose=args.verbose,
         )  # fmt: skip
     except TensorRTUnavailableError as exc:
-        return _fail(str(exc))
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+        raise CommandLineError(str(exc)) from exc
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.precision})")
     return 0
