@@ -19,17 +19,15 @@ import sys
 from collections.abc import Mapping
 from typing import Callable, TextIO
 
+from ate_fast.errors import AteFastError, CommandLineError
+
 EXIT_USER_ERROR = 2
 # What counts as the user's mistake (a bad file, flag or value, a missing optional
-# dependency): anything else is a bug and keeps its traceback. ValueError covers
-# CommandLineError, CheckpointError and DataFormatError; OSError a missing or existing
-# file; ImportError a missing extra (onnx, tensorrt, metaworld).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
-
-
-class CommandLineError(ValueError):
-    """A bad combination of flags or a file that does not fit the command; the message
-    names the flags."""
+# dependency): anything else is a bug and keeps its traceback. AteFastError covers every
+# named error (CommandLineError, CheckpointError, DataFormatError, the ops' and samplers'
+# errors); ValueError the rest of bad values; OSError a missing or existing file;
+# ImportError a missing extra (onnx, tensorrt, metaworld).
+USER_ERRORS: tuple[type[BaseException], ...] = (AteFastError, ValueError, OSError, ImportError)
 
 
 def flag_names(message: str, flags: Mapping[str, str]) -> str:

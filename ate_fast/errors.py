@@ -13,10 +13,16 @@ __all__ = [
     "ArgumentTypeError",
     "AteFastError",
     "BackendUnavailableError",
+    "CheckpointError",
+    "CheckpointIntegrityError",
+    "CheckpointKindError",
+    "CommandLineError",
+    "DataFormatError",
     "InvalidArgumentError",
     "LimitExceededError",
     "MissingConditionError",
     "NonFiniteError",
+    "UnknownFileFormatError",
 ]
 
 
@@ -51,3 +57,34 @@ class BackendUnavailableError(AteFastError, RuntimeError):
 
 
 # --- checkpoints and data (ate_fast.align, ate_fast.data) ---
+class CheckpointError(AteFastError, ValueError):
+    """A checkpoint directory or prior file is missing, incomplete, corrupt or foreign."""
+
+
+class CheckpointKindError(CheckpointError):
+    """A checkpoint of another kind than the one asked for (e.g. a stage-2 VAE given
+    where a stage-1 VAE is expected). The message names both kinds."""
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint's content does not match the hash recorded when it was written: a file
+    or its metadata (e.g. normaliser statistics in ``config.json``) was modified, or a
+    write was torn. The message names the file, the expected and the found hash."""
+
+
+class DataFormatError(AteFastError, ValueError):
+    """A data file is missing a key, has the wrong rank, holds non-finite actions, ...
+
+    The message names the file (and the key or episode) and what was expected.
+    """
+
+
+class UnknownFileFormatError(DataFormatError):
+    """A file's content (its first bytes, not its suffix) is none of the formats a loader
+    accepts. The message names the file, what was found and what was expected."""
+
+
+# --- the command line (ate_fast.cli_errors) ---
+class CommandLineError(AteFastError, ValueError):
+    """A bad combination of flags or a file that does not fit the command; the message
+    names the flags."""

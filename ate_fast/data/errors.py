@@ -1,15 +1,8 @@
-"""The exceptions the data readers raise for a file they cannot use."""
+"""The exceptions the data readers raise for a file they cannot use (defined in
+:mod:`ate_fast.errors`, the package's one hierarchy; each is also a :class:`ValueError`)."""
 
 from __future__ import annotations
 
+from ate_fast.errors import DataFormatError, UnknownFileFormatError
 
-class DataFormatError(ValueError):
-    """A data file is missing a key, has the wrong rank, holds non-finite actions, ...
-
-    The message names the file (and the key or episode) and what was expected.
-    """
-
-
-class UnknownFileFormatError(DataFormatError):
-    """A file's content (its first bytes, not its suffix) is none of the formats a loader
-    accepts. The message names the file, what was found and what was expected."""
+__all__ = ["DataFormatError", "UnknownFileFormatError"]
