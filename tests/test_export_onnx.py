@@ -270,6 +270,24 @@ def test_bad_arguments(tmp_path):
     assert not out.exists()
 
 
+def test_examples_of_the_wrong_shape_name_the_sizes_not_tracing(tmp_path):
+    """A head built for D = 32 exported with D = 7 noise: an argument error naming both
+    shapes (one eager call before tracing), not a tracing failure."""
+    sampler = FlowSampler(_mlp(), 2)
+    cond = torch.randn(1, 8)
+    with pytest.raises(ValueError, match=r"noise \[1, 50, 7\].*\[B, 50, 32\]") as info:
+        to_onnx(sampler, tmp_path / "x.onnx", torch.randn(1, 50, 7), cond)
+    assert not isinstance(info.value, ModelTraceError)
+    assert "traced" not in str(info.value)
+
+    def wrong_output(x, t, cond):
+        return x[:, :-1]
+
+    with pytest.raises(ValueError, match=r"shape \[1, 6, 4\].*got \[1, 5, 4\]"):
+        to_onnx(FlowSampler(wrong_output, 2), tmp_path / "y.onnx", torch.randn(1, 6, 4))
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
 def test_unexportable_guidance(tmp_path):
     from ate_fast.align import ActionVAE
     from ate_fast.steer import LatentGuidance

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ate_fast._version import __version__
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.export.guidance_graph import guidance_graph, guidance_settings
 from ate_fast.export.sampler_graph import (
     TRACEABLE_MODEL,
@@ -222,6 +223,7 @@ def to_onnx(
         raise TypeError(f"target_input must be a bool, got {type(target_input).__name__}")
     leaves = cond_leaves(example_cond)
     _check_cond_batch(leaves, example_noise.shape[0])
+    _check_model_fits_examples(sampler, example_noise, example_cond)
     graph = _sampler_graph(sampler, example_noise, example_cond, guidance, target_input)
     inputs, names = _trace_inputs(graph, example_noise, leaves, guidance, dynamic_batch)
     program = _trace(graph, inputs, names, dynamic_batch, max_batch)
@@ -244,6 +246,31 @@ def _check_cond_batch(leaves: list, batch: int) -> None:
                 f"example_cond: {name} must have the batch dimension of example_noise ({batch}) "
                 f"first, got shape {tuple(tensor.shape)}"
             )
+
+
+def _check_model_fits_examples(sampler: Sampler, example_noise: Tensor, example_cond: Any) -> None:
+    """One eager model call on the examples before tracing, so that inputs of the wrong
+    shape are reported as such (naming the shapes) instead of as a tracing failure."""
+    name, times = next(iter(sampler.model_times.items()))
+    dtype = torch.int64 if np.issubdtype(np.asarray(times).dtype, np.integer) else torch.float32
+    t = torch.full((example_noise.shape[0],), times[0], dtype=dtype, device=example_noise.device)
+    shapes = ", ".join(f"{n} {list(v.shape)}" for n, v in cond_leaves(example_cond))
+    given = f"noise {list(example_noise.shape)}" + (f", cond {shapes}" if shapes else "")
+    try:
+        with torch.no_grad():
+            out = sampler.model_fn(example_noise, t, example_cond)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"example inputs ({given}) do not fit the sampler's model_fn: one eager call "
+            f"model_fn(x, {name} [B], cond) on them raised {type(exc).__name__}: {exc}. "
+            "Export with examples of the shapes the model takes."
+        ) from exc
+    if not isinstance(out, Tensor) or out.shape != example_noise.shape:
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise InvalidArgumentError(
+            f"model_fn must return a tensor of example_noise's shape {list(example_noise.shape)} "
+            f"for the examples ({given}), got {got}"
+        )
 
 
 def _sampler_graph(
