@@ -357,3 +357,26 @@ def test_onnx_runtime_runner_refuses_nan_and_batch_zero(tmp_path):
     for call in (sampler.sample, runner.sample):  # batch 0: the same error for both
         with pytest.raises(InvalidArgumentError, match="noise must not be empty"):
             call(chunk(batch=0))
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([1.0, -2.0, 3.0], True),
+        ([3e38, 3e38, 3e38], True),  # the sum overflows, every element is finite
+        ([-3e38, -3e38], True),
+        ([1.0, math.nan, 2.0], False),
+        ([1.0, math.inf], False),
+        ([-math.inf, 0.0], False),
+        ([math.inf, -math.inf], False),  # the sum is NaN
+        ([3e38, 3e38, math.nan], False),
+        ([], True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_is_exact(values, expected, dtype):
+    from ate_fast.sampling.inputs import all_finite
+
+    t = torch.tensor(values, dtype=torch.float32).to(dtype)
+    assert all_finite(t) == bool(torch.isfinite(t).all()) == expected
+    assert all_finite(torch.complex(t.float(), torch.zeros_like(t.float()))) == expected

@@ -62,6 +62,40 @@ class PreparedLaunch:
         slot = self.slots.get(name)
         return slot is not None and t is not None and slot[1].matches(t)
 
+    def checker(self, name: str) -> Callable[[Tensor], bool]:
+        """``accepts(name, ·)`` as one bound call (for a loop that checks every launch)."""
+        return self.slots[name][1].matches
+
+    def bound(self, *names: str) -> Callable[..., None]:
+        """A positional fast path for a replay loop: ``bound("m", "g")(m, g)`` re-binds
+        those slots and runs the kernel, with no keyword or slot lookup per call."""
+        args, kernel = self.args, self.kernel
+        indexes = tuple(self.slots[name][0] for name in names)
+        if len(indexes) == 1:  # the common cases without a per-call loop
+            (i,) = indexes
+
+            def run_one(t: Tensor) -> None:
+                args[i] = t.data_ptr()
+                kernel(*args)
+
+            return run_one
+        if len(indexes) == 2:
+            i, j = indexes
+
+            def run_two(t: Tensor, u: Tensor) -> None:
+                args[i] = t.data_ptr()
+                args[j] = u.data_ptr()
+                kernel(*args)
+
+            return run_two
+
+        def run(*tensors: Tensor) -> None:
+            for index, t in zip(indexes, tensors):
+                args[index] = t.data_ptr()
+            kernel(*args)
+
+        return run
+
     def __call__(self, **tensors: Tensor) -> None:
         args = self.args
         for name, t in tensors.items():

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import NonFiniteError
+from ate_fast.sampling.inputs import all_finite
 
 SOURCES = ("model_fn", "guidance.gradient")
 
@@ -45,7 +46,7 @@ class EagerFiniteCheck:
 
     def observe(self, step: int, source: str, t: Tensor) -> None:
         """Check ``t`` [B, H, D], the output of ``source`` at step ``step`` (one sync)."""
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise NonFiniteError(
                 f"step {step}: {source} returned {_kind(t)} (expected finite values for "
                 f"every element of its [B, H, D] output); sample(..., check_finite=False) "

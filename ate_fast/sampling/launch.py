@@ -59,14 +59,20 @@ class Launch:
 
 
 class _Recorded:
-    """One recorded launch: its destination and the op's prepared CPU call (None where
-    another backend ran it)."""
+    """One recorded launch: its destination and, where the CPU kernel ran it, the op's
+    prepared call as a positional fast path and the checks of the slots that change."""
 
-    __slots__ = ("out", "prepared")
+    __slots__ = ("g_ok", "guided", "m_ok", "out", "run")
 
     def __init__(self, out: Tensor, prepared: Optional[PreparedLaunch]) -> None:
         self.out = out
-        self.prepared = prepared
+        self.run = self.m_ok = self.g_ok = None
+        self.guided = False
+        if prepared is not None:
+            self.guided = "g" in prepared.slots
+            self.m_ok = prepared.checker("m")
+            self.g_ok = prepared.checker("g") if self.guided else None
+            self.run = prepared.bound("m", "g") if self.guided else prepared.bound("m")
 
 
 class RecordingLaunch(Launch):
@@ -99,19 +105,18 @@ class ReplayLaunch(Launch):
     def __call__(self, out, *, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None):
         call = self.calls[self.position]
         self.position += 1
-        prepared = call.prepared
         if (
-            prepared is None
+            call.run is None
             or call.out is not out
-            or not prepared.accepts("m", m)
-            or (g is None) != ("g" not in prepared.slots)
-            or (g is not None and not prepared.accepts("g", g))
+            or (g is not None) != call.guided
+            or not call.m_ok(m)
+            or (g is not None and not call.g_ok(g))
         ):
             # Not the recorded launch (or another backend): the public op decides, and
             # raises its own clear error for a bad model or guidance output.
             return super().__call__(out, x=x, m=m, a=a, b=b, g=g, c=c, m_prev=m_prev, d=d, z=z, s=s)
         if g is None:
-            prepared(m=m)
+            call.run(m)
         else:
-            prepared(m=m, g=g)
+            call.run(m, g)
         return out
