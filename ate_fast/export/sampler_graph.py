@@ -30,13 +30,10 @@ from torch import Tensor, nn
 
 from ate_fast.export.guidance_graph import GuidanceGraph
 from ate_fast.export.signature import rebuild_cond
+from ate_fast.ops.constants import FLOAT32_MAX
 from ate_fast.ops.guided_step.ref import guided_step_reference
 from ate_fast.sampling import Run, Sampler, StepBuffers
 from ate_fast.sampling.inputs import check_output
-
-# κ = inf is exported as the largest float32: identical for finite values, and no ±inf
-# constant reaches a Clip node.
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ModelTraceError(RuntimeError):
@@ -68,7 +65,9 @@ class _ExportLaunch:
 
     def __init__(self, scale: float, clamp: float) -> None:
         self.scale = scale
-        self.clamp = _FLOAT32_MAX if math.isinf(clamp) else clamp
+        # κ = inf is exported as the largest float32: identical for finite values, and no
+        # ±inf constant reaches a Clip node.
+        self.clamp = FLOAT32_MAX if math.isinf(clamp) else clamp
 
     def __call__(
         self, out, *, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import NonFiniteError
-from ate_fast.sampling.inputs import all_finite
+from ate_fast.sampling.inputs import all_finite, non_finite_kind
 
 SOURCES = ("model_fn", "guidance.gradient")
 
@@ -34,10 +34,6 @@ class FiniteCheck(Protocol):
     def observe(self, step: int, source: str, t: Tensor) -> None: ...
 
 
-def _kind(t: Tensor) -> str:
-    return "NaN" if bool(torch.isnan(t).any()) else "inf"
-
-
 class EagerFiniteCheck:
     """Raise :class:`NonFiniteError` as soon as a step output holds NaN or inf."""
 
@@ -48,7 +44,7 @@ class EagerFiniteCheck:
         """Check ``t`` [B, H, D], the output of ``source`` at step ``step`` (one sync)."""
         if not all_finite(t):
             raise NonFiniteError(
-                f"step {step}: {source} returned {_kind(t)} (expected finite values for "
+                f"step {step}: {source} returned {non_finite_kind(t)} (expected finite values for "
                 f"every element of its [B, H, D] output); sample(..., check_finite=False) "
                 "skips this check"
             )

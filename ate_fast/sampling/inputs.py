@@ -52,12 +52,17 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def non_finite_kind(t: Tensor) -> str:
+    """``"NaN"`` if a non-finite ``t`` holds a NaN, else ``"inf"`` (for messages)."""
+    return "NaN" if bool(torch.isnan(t).any()) else "inf"
+
+
 def check_finite(name: str, tensor: Tensor) -> None:
     """Raise :class:`NonFiniteError` naming ``name`` if a floating ``tensor`` holds NaN or
     ±inf (one host sync)."""
     if tensor.is_floating_point() or tensor.is_complex():
         if not all_finite(tensor):
-            bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            bad = non_finite_kind(tensor)
             raise NonFiniteError(f"{name} contains {bad}")
 
 
