@@ -81,11 +81,8 @@ def _run_triton(x, weights, biases, activation, target, a0, mask, eps, distance_
 
 
 def _outputs_overlap(g, z, args: tuple) -> bool:
-    """Check caller-given destinations; True if they share memory with an input or each
-    other."""
+    """True if the destinations share memory with an input or with each other."""
     x, weights, biases, _, target, a0, mask, eps, _ = args
-    validate_gradient_out(g, x)
-    validate_latent_out(z, x, weights[-1].shape[0] // 2)
     inputs = (x, target, a0, mask, eps, *weights, *biases)
     return overlaps(g, z) or overlaps_any(g, inputs) or overlaps_any(z, inputs)
 
@@ -120,6 +117,9 @@ def mlp_guidance_into(g, z, x, weights, biases, activation, target, a0, mask, ep
     if backend is None:
         backend = selected_backend(x)
     args = (x, weights, biases, activation, target, a0, mask, eps, distance_weight)
+    if not fresh_out:  # caller-given destinations: check them
+        validate_gradient_out(g, x)
+        validate_latent_out(z, x, weights[-1].shape[0] // 2)
     if not fresh_out and _outputs_overlap(g, z, args):
         g_tmp, z_tmp = torch.empty_like(g), torch.empty_like(z)
         IMPLEMENTATIONS[backend](*args, g_tmp, z_tmp)
