@@ -38,8 +38,6 @@ from ate_fast.ops import mlp_encoder_parts
 from ate_fast.steer import transformer_vjp
 
 LATENT_MODES = ("mean", "sample")
-# how the guidance gradient is computed (FrozenEncoder.gradient_path)
-GRADIENT_PATHS = ("mlp_fused", "transformer_vjp", "autograd")
 
 
 def autocast_enabled(x: Tensor) -> bool:
@@ -105,11 +103,15 @@ class FrozenEncoder:
                 module.requires_grad_(False)
         module = vae_or_encoder.encoder if isinstance(vae_or_encoder, ActionVAE) else None
         module = vae_or_encoder if module is None else module
-        self.mlp_parts: Optional[tuple] = (
-            mlp_encoder_parts(module) if isinstance(module, MLPEncoder) else None
+        # The path is decided here; the weights are read per call (a load_state_dict with
+        # assign=True may replace the Parameter objects).
+        self._mlp: Optional[nn.Module] = (
+            module
+            if isinstance(module, MLPEncoder) and mlp_encoder_parts(module) is not None
+            else None
         )
         self.transformer: Optional[nn.Module] = transformer_vjp.align_transformer_encoder(module)
-        if self.mlp_parts is not None:
+        if self._mlp is not None:
             self.gradient_path = "mlp_fused"
         elif self.transformer is not None:
             self.gradient_path = "transformer_vjp"
@@ -117,9 +119,15 @@ class FrozenEncoder:
             self.gradient_path = "autograd"
 
     @property
+    def mlp_parts(self) -> Optional[tuple]:
+        """``(weights, biases, activation)`` of the align MLP encoder (the fused path's
+        arguments, :func:`ate_fast.ops.mlp_encoder_parts`), or None on another path."""
+        return None if self._mlp is None else mlp_encoder_parts(self._mlp)
+
+    @property
     def latent_dim(self) -> Optional[int]:
         """d_z where the encoder's structure says it (the fused paths), else None."""
-        if self.mlp_parts is not None:
+        if self._mlp is not None:
             return self.mlp_parts[0][-1].shape[0] // 2
         if self.transformer is not None:
             return self.transformer.latent_dim
@@ -139,7 +147,7 @@ class FrozenEncoder:
         else:
             module = self.transformer
             if not self.frozen and not transformer_vjp.supported_encoder(module):
-                return "autograd"  # e.g. put back in training mode with dropout since
+                return "autograd"  # not frozen: it may be in training mode with dropout now
             if x.dim() != 3 or tuple(x.shape[1:]) != (module.horizon, module.action_dim):
                 return "autograd"  # autograd's encoder call raises the clear shape error
             if transformer_vjp.selected_path(x.device.type) == "autograd":
