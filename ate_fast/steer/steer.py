@@ -298,21 +298,22 @@ class Steer:
             correction = self.scale * u.clamp(-clamp, clamp)
         err = (pred.to(cd) + correction - target.to(cd)).square()
         loss = err.mean() if loss_reduction == "mean" else err
-        return SteerLoss(loss, self._diagnostics(g, u, correction, target))
+        return SteerLoss(loss, _diagnostics(g, u, clamp, correction, target))
 
-    def _diagnostics(
-        self, g: Tensor, u: Tensor, correction: Tensor, target: Tensor
-    ) -> dict[str, Tensor]:
-        """``u = c·g`` and ``correction = λ·clamp(u, −κ, κ)``, both [B, H, D] in the compute
-        dtype."""
-        with torch.no_grad():
-            cd = u.dtype
-            tiny = torch.finfo(cd).tiny
-            return {
-                "grad_norm": g.to(cd).flatten(1).norm(dim=1).mean(),
-                "clamp_fraction": (u.abs() > effective_clamp(self.clamp)).to(cd).mean(),
-                "correction_ratio": correction.norm() / target.to(cd).norm().clamp_min(tiny),
-            }
+
+def _diagnostics(
+    g: Tensor, u: Tensor, clamp: float, correction: Tensor, target: Tensor
+) -> dict[str, Tensor]:
+    """``u = c·g`` and ``correction = λ·clip(u, −κ, κ)``, both [B, H, D] in the compute
+    dtype; ``clamp`` is κ as applied (:func:`ate_fast.ops.effective_clamp`)."""
+    with torch.no_grad():
+        cd = u.dtype
+        tiny = torch.finfo(cd).tiny
+        return {
+            "grad_norm": g.to(cd).flatten(1).norm(dim=1).mean(),
+            "clamp_fraction": (u.abs() > clamp).to(cd).mean(),
+            "correction_ratio": correction.norm() / target.to(cd).norm().clamp_min(tiny),
+        }
 
 
 def _rows(v: Tensor, ndim: int) -> Tensor:
