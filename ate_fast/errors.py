@@ -23,6 +23,8 @@ __all__ = [
     "MissingConditionError",
     "NonFiniteError",
     "UnknownFileFormatError",
+    "UnsupportedPolicyError",
+    "UnsupportedVersionError",
 ]
 
 
@@ -54,6 +56,17 @@ class MissingConditionError(InvalidArgumentError):
 
 class BackendUnavailableError(AteFastError, RuntimeError):
     """A forced backend (``ATE_FAST_BACKEND``) cannot run the given tensors."""
+
+
+# --- integrations with other packages (ate_fast.integrations) ---
+class UnsupportedVersionError(AteFastError, RuntimeError):
+    """An installed package (e.g. LeRobot) is a version the integration was not built and
+    tested against; the message names the version found and the supported ones."""
+
+
+class UnsupportedPolicyError(AteFastError, TypeError):
+    """A policy (class or configuration) the integration does not handle; the message names
+    the policy and what is supported."""
 
 
 # --- checkpoints and data (ate_fast.align, ate_fast.data) ---

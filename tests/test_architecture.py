@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ate_fast"
 # costs a second to import and is needed only when its backend runs.
 OPTIONAL = {
     "triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "h5py", "pyarrow",
-    "metaworld", "mujoco", "gymnasium", "matplotlib",
+    "metaworld", "mujoco", "gymnasium", "matplotlib", "lerobot",
 }  # fmt: skip
 # Kernel modules whose only function-local import is their optional dependency.
 LAZY_KERNELS = {"ate_fast.ops.guided_step.triton", "ate_fast.ops.mlp_guidance.triton"}

@@ -28,6 +28,11 @@ class Normalizer:
     shift: np.ndarray  # subtracted first: mean, or the midpoint (max + min) / 2
     scale: np.ndarray  # divided by next: std, or the half-range (max − min) / 2
     stats: dict[str, list[float]]  # the raw statistics (mean/std or min/max), for reports
+    # "lerobot" when shift/scale follow LeRobot's formulas (with its eps) rather than
+    # this class's; they are then saved as they are (see :meth:`from_lerobot_stats`)
+    convention: str = "ate_fast"
+    # added after scaling (LeRobot's MIN_MAX: (a − min)/(d/2) − 1, exact for constant dims)
+    offset: float = 0.0
 
     @classmethod
     def fit(cls, actions: np.ndarray, kind: str = "meanstd") -> Normalizer:
@@ -69,12 +74,64 @@ class Normalizer:
     def dim(self) -> int:
         return int(self.shift.shape[0])
 
+    @classmethod
+    def from_lerobot_stats(cls, mode: str, stats: dict[str, Any], eps: float = 1e-8) -> Normalizer:
+        """LeRobot's action normalisation (``NormalizerProcessorStep``, LeRobot 0.4), exactly.
+
+        ``mode`` is LeRobot's ``NormalizationMode`` value: ``MEAN_STD`` —
+        ``(a − mean) / (std + eps)``; ``MIN_MAX`` — ``2 (a − min) / d − 1`` with
+        ``d = max − min`` (``eps`` where that is 0); ``QUANTILES`` / ``QUANTILE10`` — the same
+        with ``q01``/``q99`` / ``q10``/``q90``; ``IDENTITY``. ``stats`` is the dataset's
+        ``meta/stats.json`` entry for the action (lists or arrays of ``[D_r]``).
+        """
+        keys = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"),
+                "QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}  # fmt: skip
+        if mode == "IDENTITY":
+            dim = len(next(iter(stats.values()))) if stats else None
+            if dim is None:
+                raise ValueError("stats: IDENTITY needs at least one statistic to know the dim")
+            return cls("none", np.zeros(dim), np.ones(dim), {}, "lerobot")
+        if mode not in keys:
+            raise ValueError(
+                f"mode must be one of {[*keys, 'IDENTITY']} (LeRobot's NormalizationMode), "
+                f"got {mode!r}"
+            )
+        lo_key, hi_key = keys[mode]
+        missing = [k for k in (lo_key, hi_key) if k not in stats]
+        if missing:
+            raise ValueError(
+                f"stats: {mode} needs {lo_key!r} and {hi_key!r}, missing {missing} "
+                f"(has {sorted(stats)})"
+            )
+        lo = np.asarray(stats[lo_key], dtype=np.float64).reshape(-1)
+        hi = np.asarray(stats[hi_key], dtype=np.float64).reshape(-1)
+        raw = {lo_key: lo.tolist(), hi_key: hi.tolist()}
+        if mode == "MEAN_STD":
+            return cls("meanstd", lo, hi + eps, raw, "lerobot")
+        spread = hi - lo
+        spread = np.where(spread == 0, eps, spread)
+        return cls("minmax", lo, spread / 2, raw, "lerobot", offset=-1.0)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form; :meth:`from_dict` inverts it."""
-        return {"kind": self.kind, "dim": self.dim, "stats": self.stats}
+        data = {"kind": self.kind, "dim": self.dim, "stats": self.stats}
+        if self.convention != "ate_fast":
+            data.update(
+                convention=self.convention,
+                shift=self.shift.tolist(),
+                scale=self.scale.tolist(),
+                offset=self.offset,
+            )
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
+        if "shift" in data:  # saved as applied (LeRobot's formulas)
+            shift = np.asarray(data["shift"], dtype=np.float64)
+            scale = np.asarray(data["scale"], dtype=np.float64)
+            convention = data.get("convention", "ate_fast")
+            offset = float(data.get("offset", 0.0))
+            return cls(data["kind"], shift, scale, data["stats"], convention, offset)
         return cls.from_stats(data["kind"], data["stats"], dim=data.get("dim"))
 
     def _check(self, x: ArrayLike) -> None:
@@ -89,8 +146,10 @@ class Normalizer:
         if isinstance(x, Tensor):
             shift = torch.as_tensor(self.shift, dtype=x.dtype, device=x.device)
             scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
-            return (x - shift) / scale
-        return ((x - self.shift) / self.scale).astype(x.dtype, copy=False)
+            out = (x - shift) / scale
+            return out + self.offset if self.offset else out
+        out = (x - self.shift) / self.scale + self.offset
+        return out.astype(x.dtype, copy=False)
 
     def unnormalize(self, x: ArrayLike) -> ArrayLike:
         """Normalised ``[..., D_r]`` → raw units."""
@@ -98,5 +157,5 @@ class Normalizer:
         if isinstance(x, Tensor):
             shift = torch.as_tensor(self.shift, dtype=x.dtype, device=x.device)
             scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
-            return x * scale + shift
-        return (x * self.scale + self.shift).astype(x.dtype, copy=False)
+            return (x - self.offset) * scale + shift if self.offset else x * scale + shift
+        return ((x - self.offset) * self.scale + self.shift).astype(x.dtype, copy=False)

@@ -1,0 +1,108 @@
+"""steer_policy: LeRobot's losses with Steer's correction — equal at scale 0, different
+otherwise; training steps (LeRobot's own update_policy) move the policy, never the VAE."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_policies import diffusion_train_batch, make_tiny_diffusion, smolvla_train_batch
+
+from ate_fast import ActionVAE, Steer
+from ate_fast.integrations.lerobot import steer_policy, vae_spec
+
+
+def _vae(policy, seed=0):
+    spec = vae_spec(policy)
+    torch.manual_seed(seed)
+    return ActionVAE(spec.action_dim, spec.horizon, latent_dim=8, arch="mlp", hidden_dims=(32,))
+
+
+def _loss(policy, batch, seed, **kwargs):
+    torch.manual_seed(seed)
+    return policy.forward(dict(batch), **kwargs)[0].detach()
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_diffusion_loss_equal_at_scale_zero(mask_padding):
+    policy = make_tiny_diffusion(do_mask_loss_for_padding=mask_padding).train()
+    batch = diffusion_train_batch(policy, batch_size=3)
+    ref = _loss(policy, batch, seed=0)
+    with steer_policy(policy, Steer(_vae(policy), scale=0.0)) as patch:
+        same = _loss(policy, batch, seed=0)
+        assert set(patch.diagnostics) == {"grad_norm", "clamp_fraction", "correction_ratio"}
+    assert torch.equal(same, ref)
+    with steer_policy(policy, Steer.recommended(_vae(policy), clamp=10.0)):
+        steered = _loss(policy, batch, seed=0)
+    assert abs(float(steered - ref)) > 1e-4 * abs(float(ref))
+
+
+def test_smolvla_loss_equal_at_scale_zero(smolvla):
+    smolvla.train()
+    batch = smolvla_train_batch(smolvla, batch_size=2)
+    spec = vae_spec(smolvla)
+    ref = _loss(smolvla, batch, seed=0)
+    ref_none = _loss(smolvla, batch, seed=0, reduction="none")
+    with steer_policy(smolvla, Steer(_vae(smolvla), scale=0.0, mask=spec.mask())) as patch:
+        same = _loss(smolvla, batch, seed=0)
+        same_none = _loss(smolvla, batch, seed=0, reduction="none")
+        assert float(patch.diagnostics["grad_norm"]) > 0
+    assert torch.equal(same, ref) and torch.equal(same_none, ref_none)
+    assert same_none.shape == (2,)  # LeRobot's per-sample reduction still applies
+    steer = Steer.recommended(_vae(smolvla), clamp=10.0, mask=spec.mask())
+    with steer_policy(smolvla, steer):
+        steered = _loss(smolvla, batch, seed=0)
+    assert abs(float(steered - ref)) > 1e-4 * abs(float(ref))
+
+
+def _update_steps(policy, batch_fn, steer, steps=3):
+    """``steps`` of LeRobot's own training step (lerobot-train's update_policy)."""
+    from accelerate import Accelerator
+    from lerobot.scripts.lerobot_train import update_policy
+    from lerobot.utils.logging_utils import AverageMeter, MetricsTracker
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    metrics = {n: AverageMeter(n) for n in ("loss", "grad_norm", "lr", "update_s")}
+    tracker = MetricsTracker(2, 100, 10, metrics)
+    with steer_policy(policy, steer) as patch:
+        for i in range(steps):
+            tracker, _ = update_policy(
+                tracker, policy, batch_fn(policy, batch_size=2, seed=i), optimizer, 1.0,
+                accelerator,
+            )  # fmt: skip
+            assert torch.isfinite(torch.tensor(tracker.loss.val))
+    return patch
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "smolvla"])
+def test_training_moves_policy_not_vae(kind, smolvla):
+    if kind == "diffusion":
+        policy, batch_fn = make_tiny_diffusion(), diffusion_train_batch
+    else:
+        policy, batch_fn = smolvla, smolvla_train_batch
+    vae = _vae(policy)
+    vae_before = copy.deepcopy(vae.state_dict())
+    trainable = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    steer = Steer.recommended(vae, mask=vae_spec(policy).mask())
+    _update_steps(policy, batch_fn, steer)
+    moved = [n for n, p in policy.named_parameters() if n in trainable
+             and not torch.equal(p, trainable[n])]  # fmt: skip
+    assert len(moved) > len(trainable) // 2
+    for name, value in vae.state_dict().items():
+        assert torch.equal(value, vae_before[name]), name
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_compiled_policy():
+    """A torch.compile'd policy: the steer loss runs through dynamo and equals eager."""
+    policy = make_tiny_diffusion().train()
+    batch = diffusion_train_batch(policy, batch_size=2)
+    steer = Steer.recommended(_vae(policy), clamp=10.0)
+    with steer_policy(policy, steer):
+        eager = _loss(policy, batch, seed=0)
+    compiled = torch.compile(policy, backend="aot_eager")
+    with steer_policy(compiled, steer):
+        out = _loss(compiled, batch, seed=0)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-7)
