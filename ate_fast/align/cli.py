@@ -121,8 +121,14 @@ def _add_data_args(
     g.add_argument(
         "--norm",
         choices=("meanstd", "minmax", "none"),
-        default="meanstd",
-        help="per-dim normalisation, stats saved in the checkpoint",
+        help="per-dim normalisation, stats saved in the checkpoint (default meanstd)",
+    )
+    g.add_argument(
+        "--lerobot-policy",
+        metavar="DIR",
+        help="a saved LeRobot policy (its directory or config.json): cut and normalise the "
+        "chunks as it predicts them (its horizon, padded action dim and mask, its action "
+        "normalisation with --data's meta/stats.json); --data must be that LeRobot dataset",
     )
     g.add_argument(
         "--action-dim",
@@ -247,7 +253,9 @@ def register(subparsers: Any) -> None:
         formatter_class=_HelpFormatter,
     )
     _add_data_args(s1)
-    s1.add_argument("--horizon", type=int, required=True, help="chunk length H")
+    s1.add_argument(
+        "--horizon", type=int, help="chunk length H (required unless --lerobot-policy gives it)"
+    )
     _add_model_args(s1)
     _add_train_args(s1, stage2=False)
     s1.set_defaults(func=_with_flag_names(_cmd_stage1))
@@ -309,13 +317,51 @@ def _dataset(args: argparse.Namespace, horizon: int, stats: Any = None, space: A
         stride=args.stride,
         pad=getattr(args, "pad", "edge"),
         max_pad=getattr(args, "max_pad", None),
-        normalization=getattr(args, "norm", "meanstd"),
+        normalization=getattr(args, "norm", None) or "meanstd",
         stats=stats,
         format=args.format,
         key=args.key,
         filter_key=args.filter_key,
         **kwargs,
     )
+
+
+def _lerobot_policy(args: argparse.Namespace, horizon: Optional[int]) -> tuple[int, Any]:
+    """(horizon, action normaliser) for ``--lerobot-policy`` (it also sets ``--action-dim``
+    and ``--dims``); ``(horizon, None)`` without it. A flag that contradicts the policy is
+    an error, not an override."""
+    if not getattr(args, "lerobot_policy", None):
+        if horizon is None:
+            raise CommandLineError("--horizon is required (or --lerobot-policy, which sets it)")
+        return horizon, None
+    from ate_fast.integrations.lerobot import load_lerobot_stats, vae_spec_from_config
+
+    spec = vae_spec_from_config(args.lerobot_policy)
+    given = {"--horizon": (horizon, spec.horizon), "--action-dim": (args.action_dim,
+             spec.action_dim), "--dims": (args.dims, spec.dims)}  # fmt: skip
+    for flag, (value, wanted) in given.items():
+        if value is not None and value != wanted:
+            raise CommandLineError(
+                f"{flag} {value} contradicts --lerobot-policy {args.lerobot_policy} "
+                f"({spec.policy_type}: {wanted}); drop {flag}"
+            )
+    if args.norm is not None:
+        raise CommandLineError(
+            f"--norm and --lerobot-policy exclude each other: the policy normalises actions "
+            f"with {spec.normalization} and the dataset's meta/stats.json"
+        )
+    if len(args.data) != 1:
+        raise CommandLineError(
+            "--lerobot-policy needs exactly one --data: the LeRobot dataset whose "
+            "meta/stats.json the policy normalises with"
+        )
+    args.action_dim, args.dims = spec.action_dim, spec.dims
+    normalizer = spec.normalizer(load_lerobot_stats(args.data[0]))
+    print(
+        f"LeRobot {spec.policy_type} policy: horizon {spec.horizon}, action dim "
+        f"{spec.action_dim} ({spec.raw_action_dim} used), {spec.normalization} normalisation"
+    )
+    return spec.horizon, normalizer
 
 
 def _arch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -381,9 +427,10 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
 
     from ate_fast.align import ActionVAE, Stage1Config, train_stage1
 
-    data = _dataset(args, args.horizon)
+    horizon, stats = _lerobot_policy(args, args.horizon)
+    data = _dataset(args, horizon, stats=stats)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    vae = ActionVAE(data.action_dim, args.horizon, args.latent_dim, args.arch, **_arch_kwargs(args))
+    vae = ActionVAE(data.action_dim, horizon, args.latent_dim, args.arch, **_arch_kwargs(args))
     _summary(train_stage1(vae, data, Stage1Config(**_train_kwargs(args))))
     return 0
 
@@ -502,6 +549,20 @@ def _stage2_dataset(args: argparse.Namespace, shape: dict[str, Any]) -> Any:
     """The adaptation chunks, in the stage-1 VAE's unified action dim unless
     ``--action-dim`` says otherwise (the robot's dims go to ``--dims``, default the first)."""
     base = shape["base"]
+    if getattr(args, "lerobot_policy", None):
+        horizon, stats = _lerobot_policy(args, args.horizon)
+        if horizon != shape["horizon"]:
+            raise CommandLineError(
+                f"--lerobot-policy's horizon {horizon} differs from the stage-1 VAE's "
+                f"{shape['horizon']} (from {shape['base_source']})"
+            )
+        if base is not None and base["action_dim"] != args.action_dim:
+            raise CommandLineError(
+                f"--lerobot-policy's action dim {args.action_dim} differs from the stage-1 "
+                f"VAE's {base['action_dim']} (from {shape['base_source']}): the VAEs must share "
+                "the policy's action space"
+            )
+        return _dataset(args, horizon, stats=stats)
     if args.action_dim is not None or base is None:
         return _dataset(args, shape["horizon"])
     args.action_dim = int(base["action_dim"])
