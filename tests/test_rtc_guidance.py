@@ -5,6 +5,8 @@ capture, and the errors."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,3 +332,11 @@ def test_sampling_errors(policy, inputs):
 def test_clear_prefix_needs_a_prefix():
     with pytest.raises(InvalidArgumentError, match="call set_prefix"):
         RTCGuidance(execution_horizon=3).clear_prefix()
+
+
+def test_docs_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "rtc.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/rtc.md[python block {i}]", "exec"), {})
