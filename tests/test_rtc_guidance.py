@@ -340,3 +340,17 @@ def test_docs_example_runs():
     assert blocks
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/rtc.md[python block {i}]", "exec"), {})
+
+
+def test_to_onnx_refuses_rtc_with_the_reason(policy, inputs, tmp_path):
+    pytest.importorskip("onnx")
+    from ate_fast.export import GuidanceExportError, to_onnx
+
+    noise, cond, prev = (t.float() for t in inputs)
+    sampler = ate_fast.FlowSampler(policy.float(), num_steps=2)
+    try:
+        guidance = RTCGuidance(prev, 1, execution_horizon=4)
+        with pytest.raises(GuidanceExportError, match=r"torch\.export does not trace"):
+            to_onnx(sampler, tmp_path / "rtc.onnx", noise, cond, guidance=guidance)
+    finally:
+        policy.double()
