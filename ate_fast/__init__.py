@@ -5,7 +5,7 @@ modules and Triton load on first use (see :mod:`ate_fast.native`), and the names
 that live in subpackages are imported when first accessed.
 
 Layers (arrows point down; ``tests/test_architecture.py`` checks them): ``ops`` (fused
-kernels) → ``guidance`` (the contract) → ``sampling`` and ``steer`` → ``export``,
+kernels) → ``guidance`` (the contract) → ``sampling``, ``steer`` and ``realtime`` → ``export``,
 ``eval``, ``demo``; ``align``, ``data`` and ``models`` stand beside them.
 """
 
@@ -26,6 +26,7 @@ _LAZY = {
     "Steer": "ate_fast.steer",
     "SteerLoss": "ate_fast.steer",
     "LatentGuidance": "ate_fast.steer",
+    "RTCGuidance": "ate_fast.realtime",
     "ActionVAE": "ate_fast.align",
     "LatentPrior": "ate_fast.align",
     "train_stage1": "ate_fast.align",
@@ -45,6 +46,7 @@ _SUBPACKAGES = (
     "guidance",
     "models",
     "ops",
+    "realtime",
     "sampling",
     "steer",
 )

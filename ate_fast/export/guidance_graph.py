@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ate_fast.guidance import POLICY_VJP
 from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
 from ate_fast.steer import LatentGuidance
 from ate_fast.steer.transformer_vjp import align_transformer_encoder, transformer_latent_gradient
@@ -132,6 +133,13 @@ GuidanceGraph = Union[MLPGuidanceGraph, TransformerGuidanceGraph]
 
 
 def _encoder_module(guidance: Any) -> Any:
+    if getattr(guidance, "mode", None) == POLICY_VJP:
+        raise GuidanceExportError(
+            f"guidance: {type(guidance).__name__} has mode {POLICY_VJP!r} (a VJP through the "
+            "policy at every step, e.g. RTCGuidance), which cannot be exported yet: "
+            "torch.export does not trace torch.autograd.grad or torch.func.vjp through "
+            "model_fn. Sample it with sampler.sample() / capture() instead"
+        )
     if not isinstance(guidance, LatentGuidance):
         raise GuidanceExportError(
             "guidance must be an ate_fast.steer.LatentGuidance to be exported: its gradient "

@@ -17,13 +17,21 @@ from ate_fast.guidance.coefficients import (
     diffusion_guidance_coefficient,
     flow_guidance_coefficient,
 )
-from ate_fast.guidance.protocol import GUIDANCE_MODES, Guidance, check_guidance
+from ate_fast.guidance.protocol import (
+    GUIDANCE_MODES,
+    POLICY_VJP,
+    SCALAR_SLOPE_MODES,
+    Guidance,
+    check_guidance,
+)
 
 __all__ = [
     "DENOMINATOR_FLOOR",
     "FLOW_CONVENTIONS",
     "GUIDANCE_MODES",
+    "POLICY_VJP",
     "PREDICTION_TYPES",
+    "SCALAR_SLOPE_MODES",
     "Guidance",
     "check_guidance",
     "diffusion_guidance_coefficient",

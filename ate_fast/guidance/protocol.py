@@ -28,6 +28,17 @@ and model output ``m`` [B, H, D] (unguided):
 ``mode="tweedie"`` with ``prediction_type="sample"`` is rejected: ``x0_hat`` is the
 model output itself, so without backpropagating through the policy ``dx0_dx`` is 0
 and the guidance would silently do nothing. Use ``mode="direct"`` there.
+
+``mode="policy_vjp"`` (flow samplers only; e.g. :class:`ate_fast.realtime.RTCGuidance`)
+backpropagates through the policy. At each model evaluation the sampler runs the model
+with autograd on, at a fresh leaf ``x``; ``gradient(x, x0_hat, dx0_dx)`` returns the
+*cotangent* ``u = ∇_{x0_hat} y`` [B, H, D] at ``x0_hat``; the sampler pulls it back
+through ``x0_hat(x) = p·x + q·m(x)``, the model included (one ``torch.autograd.grad``
+per evaluation: ``g = p·u + q·(∂m/∂x)ᵀu``), and uses that ``g`` in step 3. Such a
+guidance may also define ``coefficient(t)``: ``[K]`` float64 model times (in its
+``convention``, one of :data:`~ate_fast.guidance.FLOW_CONVENTIONS`) -> ``[K]`` float64,
+the per-step ``c`` that replaces the sampler's (computed once, on the host, so the step
+stays a table lookup; a captured loop bakes it in).
 """
 
 from __future__ import annotations
@@ -38,8 +49,13 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.guidance.coefficients import FLOW_CONVENTIONS
 
-GUIDANCE_MODES = ("direct", "tweedie")
+GUIDANCE_MODES = ("direct", "tweedie", "policy_vjp")
+# The modes whose gradient needs no backpropagation through the policy (the model runs
+# under no_grad and ``dx0_dx`` is a per-sample scalar).
+SCALAR_SLOPE_MODES = ("direct", "tweedie")
+POLICY_VJP = "policy_vjp"
 
 
 @runtime_checkable
@@ -49,15 +65,18 @@ class Guidance(Protocol):
     Attributes:
         scale: λ, the weight of the correction (finite float).
         clamp: κ ≥ 0, the element-wise bound on ``c·g`` (``math.inf`` = no clamp).
-        mode: ``"direct"`` or ``"tweedie"``.
+        mode: ``"direct"``, ``"tweedie"`` or ``"policy_vjp"`` (module docstring).
 
     ``gradient`` is called once per model evaluation with autograd enabled (the model
-    itself runs under ``torch.no_grad()``). Its inputs are sampler-owned buffers that
-    are overwritten after it returns: it must not modify them in place or keep
-    references to them. It must return a ``[B, H, D]`` tensor of ``x``'s dtype and
-    device. Inside a captured CUDA graph it is replayed, not called: it must be
-    capturable (no host synchronisation, no CPU tensors built from data, static
+    itself runs under ``torch.no_grad()``, except in mode ``"policy_vjp"``). Its inputs
+    are sampler-owned buffers that are overwritten after it returns: it must not modify
+    them in place or keep references to them. It must return a ``[B, H, D]`` tensor of
+    ``x``'s dtype and device. Inside a captured CUDA graph it is replayed, not called: it
+    must be capturable (no host synchronisation, no CPU tensors built from data, static
     shapes), and ``scale``/``clamp``/``mode`` are fixed at capture time.
+
+    Mode ``"policy_vjp"`` may add ``convention`` (``"openpi"`` or ``"paper"``) and
+    ``coefficient(t [K] float64) -> [K] float64``, the per-step ``c`` (module docstring).
     """
 
     scale: float
@@ -68,7 +87,8 @@ class Guidance(Protocol):
         """g = ∇ₓ y, [B, H, D]. ``x``, ``x0_hat``: [B, H, D]; ``dx0_dx``: [B].
 
         direct: y evaluated at ``x``; tweedie: at ``x0_hat``, chain rule with the
-        scalar ``dx0_dx`` (no backprop through the policy).
+        scalar ``dx0_dx`` (no backprop through the policy); policy_vjp: ∇_{x0_hat} y
+        only (the sampler applies the chain rule through the policy).
         """
         ...
 
@@ -103,4 +123,16 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
         )
     if mode not in GUIDANCE_MODES:
         raise InvalidArgumentError(f"guidance.mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+    if mode == POLICY_VJP and hasattr(guidance, "coefficient"):
+        if not callable(guidance.coefficient):
+            raise ArgumentTypeError(
+                "guidance.coefficient must be callable as coefficient(t [K]) -> [K], got "
+                f"{type(guidance.coefficient).__name__}"
+            )
+        convention = getattr(guidance, "convention", None)
+        if convention not in FLOW_CONVENTIONS:
+            raise InvalidArgumentError(
+                f"guidance.convention must be one of {FLOW_CONVENTIONS} (the time convention "
+                f"of coefficient(t)), got {convention!r}"
+            )
     return float(scale), float(clamp), mode

@@ -33,7 +33,13 @@ import numpy as np
 import torch
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
-from ate_fast.guidance import GUIDANCE_MODES, PREDICTION_TYPES, diffusion_guidance_coefficient
+from ate_fast.guidance import (
+    POLICY_VJP,
+    PREDICTION_TYPES,
+    SCALAR_SLOPE_MODES,
+    Guidance,
+    diffusion_guidance_coefficient,
+)
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
 from ate_fast.sampling.schedule import NoiseSchedule
 from ate_fast.sampling.timesteps import (
@@ -201,12 +207,19 @@ class DiffusionSampler(Sampler):
                     f"(only to {', '.join(methods)})"
                 )
 
-    def _check_guidance_mode(self, mode: str) -> None:
+    def _check_guidance_mode(self, guidance: Guidance, mode: str) -> None:
+        if mode == POLICY_VJP:
+            raise InvalidArgumentError(
+                f"guidance.mode={POLICY_VJP!r} ({type(guidance).__name__}) backpropagates "
+                "through a flow policy's velocity and is applied by FlowSampler only; "
+                "DiffusionSampler does not support it (use a FlowSampler, or a guidance with "
+                f"mode in {SCALAR_SLOPE_MODES})"
+            )
         if mode == "tweedie" and self.prediction_type == "sample":
             raise InvalidArgumentError(
                 "guidance.mode='tweedie' is undefined for prediction_type='sample': x0_hat is "
                 "the model output itself, so without backpropagating through the policy its "
-                f"derivative is 0; use mode='direct' (modes: {GUIDANCE_MODES})"
+                f"derivative is 0; use mode='direct' (modes: {SCALAR_SLOPE_MODES})"
             )
 
     def __repr__(self) -> str:

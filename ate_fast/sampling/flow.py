@@ -11,16 +11,20 @@ Heun   x̃ = x + Δt·v̂(x, t);  x' = ½x + ½x̃ + ½Δt·v̂(x̃, t')    (two
 =====  ===========================================================================
 
 with ``v̂ = v + λ·clip(c·g, −κ, κ)``, ``c = −t/(1−t)`` and, for the guidance,
-``x0_hat = x − t·v``, ``dx0/dx = 1``.
+``x0_hat = x − t·v``, ``dx0/dx = 1``. A ``"policy_vjp"`` guidance (real-time chunking,
+:class:`ate_fast.realtime.RTCGuidance`) gets ``g`` through the model,
+``g = u − t·(∂v/∂x)ᵀu``, and may replace ``c`` by its own ``coefficient(t)`` per step.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
-from ate_fast.errors import InvalidArgumentError
-from ate_fast.guidance import flow_guidance_coefficient
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.guidance import POLICY_VJP, Guidance, flow_guidance_coefficient
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
 from ate_fast.sampling.timesteps import FLOW_TIME_GRIDS, flow_sigmas
 
@@ -108,19 +112,55 @@ class FlowSampler(Sampler):
             f"time_grid={self.time_grid!r}, shift={self.shift})"
         )
 
+    def _check_guidance_mode(self, guidance: Guidance, mode: str) -> None:
+        if mode != POLICY_VJP or not hasattr(guidance, "coefficient"):
+            return
+        convention = getattr(guidance, "convention", None)
+        if convention != "openpi":
+            raise InvalidArgumentError(
+                f"guidance.convention is {convention!r} but FlowSampler integrates in the "
+                "'openpi' convention (t = 1 noise -> t = 0 actions, v = noise - actions): "
+                "build the guidance with convention='openpi' (its coefficient(t) is read "
+                "at FlowSampler's times)"
+            )
+        self.guidance_coefficients(guidance)  # raises now for a bad coefficient table
+
+    def guidance_coefficients(self, guidance: Optional[Guidance]) -> dict[str, np.ndarray]:
+        """``{"c": ..., "c2": ...}`` from a policy_vjp guidance's ``coefficient(t)`` at the
+        model times ``t`` and ``t2`` (Heun's second stage); {} otherwise."""
+        if guidance is None or guidance.mode != POLICY_VJP or not hasattr(guidance, "coefficient"):
+            return {}
+        return {
+            c: self._coefficient_table(guidance, self.model_times[t])
+            for c, t in (("c", "t"), ("c2", "t2"))
+        }
+
+    @staticmethod
+    def _coefficient_table(guidance: Guidance, t: np.ndarray) -> np.ndarray:
+        table = guidance.coefficient(t.copy())  # type: ignore[attr-defined]
+        if not isinstance(table, np.ndarray):
+            raise ArgumentTypeError(
+                f"guidance.coefficient(t) must return a numpy array, got {type(table).__name__}"
+            )
+        table = np.asarray(table, dtype=np.float64)
+        if table.shape != t.shape or not np.all(np.isfinite(table)):
+            raise InvalidArgumentError(
+                f"guidance.coefficient(t) must return {t.shape[0]} finite values (one per "
+                f"step of t [K]), got shape {table.shape}"
+            )
+        return table
+
     def loop(self, run: Run) -> None:
         tb, x, launch = run.tables, run.x, run.launch
         last = self.num_steps - 1
         for k in range(self.num_steps):
-            v = run.model(x, tb.t[k])
-            g = run.gradient(x, v, tb.one[k], tb.neg_t[k], tb.one[k])
+            v, g = run.evaluate(x, tb.t[k], tb.one[k], tb.neg_t[k], tb.one[k])
             if self.method == "euler" or k == last:
                 launch(x, x=x, m=v, a=tb.one[k], b=tb.dt[k], g=g, c=tb.c[k])
             else:
                 x_pred = run.ws["x_pred"]
                 launch(x_pred, x=x, m=v, a=tb.one[k], b=tb.dt[k], g=g, c=tb.c[k])
-                v2 = run.model(x_pred, tb.t2[k])
-                g2 = run.gradient(x_pred, v2, tb.one[k], tb.neg_t2[k], tb.one[k])
+                v2, g2 = run.evaluate(x_pred, tb.t2[k], tb.one[k], tb.neg_t2[k], tb.one[k])
                 launch(
                     x, x=x, m=v2, a=tb.half[k], b=tb.half_dt[k], g=g2, c=tb.c2[k],
                     m_prev=x_pred, d=tb.half[k],

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
-from ate_fast.guidance import Guidance, check_guidance
+from ate_fast.guidance import POLICY_VJP, SCALAR_SLOPE_MODES, Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.finite import EagerFiniteCheck, FiniteCheck
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
@@ -63,6 +63,10 @@ class Run:
 
     ``x`` [B, H, D] is the sample, updated in place; ``ws`` holds the other buffers;
     ``tables`` the per-step coefficient rows; ``launch`` issues fused guided steps.
+
+    A loop gets each model evaluation's output and guidance gradient from
+    :meth:`evaluate` (or :meth:`model` then :meth:`gradient`, which is what
+    :meth:`evaluate` does unless the guidance's mode is ``"policy_vjp"``).
     """
 
     def __init__(
@@ -90,6 +94,8 @@ class Run:
         self.callback = callback
         self.finite = finite
         self.step = 0  # the step k being computed (step_done(k) moves on to k + 1)
+        # policy_vjp guidance differentiates through model_fn (see evaluate()).
+        self.through_policy = guidance is not None and guidance.mode == POLICY_VJP
 
     def model(self, x: Tensor, t: Tensor) -> Tensor:
         """The unguided model output at ``x`` [B, H, D], time ``t`` [B]."""
@@ -115,6 +121,47 @@ class Run:
         if self.finite is not None:
             self.finite.observe(self.step, "guidance.gradient", g)
         return g
+
+    def evaluate(
+        self, x: Tensor, t: Tensor, p: Tensor, q: Tensor, dx0_dx: Tensor
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``(m, g)`` at ``x`` [B, H, D], time ``t`` [B]: the unguided model output and the
+        guidance gradient (None when unguided); ``x0_hat = p·x + q·m``, slope ``dx0_dx``.
+
+        Modes ``"direct"``/``"tweedie"``: :meth:`model` under no_grad, then :meth:`gradient`.
+        Mode ``"policy_vjp"``: :meth:`model_vjp` (one VJP through the model).
+        """
+        if self.through_policy:
+            return self.model_vjp(x, t, p, q)
+        m = self.model(x, t)
+        return m, self.gradient(x, m, p, q, dx0_dx)
+
+    def model_vjp(self, x: Tensor, t: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """``(m, g)`` for a ``"policy_vjp"`` guidance: the model runs with autograd at a
+        leaf ``x``; the guidance returns the cotangent ``u = ∇_{x0_hat} y`` [B, H, D] at
+        ``x0_hat = p·x + q·m(x)``, and ``g = (∂x0_hat/∂x)ᵀ u = p·u + q·(∂m/∂x)ᵀ u``.
+
+        Capturable: static shapes, no host sync (the backward is captured with the
+        forward in a CUDA graph; only ``x``'s gradient is computed, never the weights').
+        """
+        if torch.is_inference_mode_enabled() or x.is_inference():
+            raise InvalidArgumentError(
+                f"guidance.mode={POLICY_VJP!r} differentiates through model_fn, which "
+                "torch.inference_mode() forbids: sample outside inference_mode (no_grad is "
+                "fine)"
+            )
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            m = check_output("model_fn", self.model_fn(leaf, t, self.cond), x)
+            x0_hat = (p.view(-1, 1, 1) * leaf + q.view(-1, 1, 1) * m).to(x.dtype)
+            u = check_output("guidance.gradient", self.guidance.gradient(x, x0_hat.detach(), p), x)
+            (g,) = torch.autograd.grad(x0_hat, leaf, u)
+        m = m.detach()
+        g = check_output("guidance.gradient", g, x)
+        if self.finite is not None:
+            self.finite.observe(self.step, "model_fn", m)
+            self.finite.observe(self.step, "guidance.gradient", g)
+        return m, g
 
     def noise(self) -> Optional[Tensor]:
         """The next draw of step noise [B, H, D] (None for a deterministic sampler)."""
@@ -162,16 +209,36 @@ class Sampler:
         and the ONNX export all run it."""
         raise NotImplementedError
 
-    def _check_guidance_mode(self, mode: str) -> None:
-        """Raise if this sampler cannot apply guidance in ``mode``."""
+    def _check_guidance_mode(self, guidance: Guidance, mode: str) -> None:
+        """Raise if this sampler cannot apply ``guidance`` in ``mode``."""
+        if mode == POLICY_VJP:
+            raise InvalidArgumentError(
+                f"guidance.mode={POLICY_VJP!r} is not supported by {type(self).__name__} "
+                f"(FlowSampler applies it); use a guidance with mode in {SCALAR_SLOPE_MODES}"
+            )
+
+    def guidance_coefficients(self, guidance: Optional[Guidance]) -> dict[str, np.ndarray]:
+        """Coefficient tables (name -> ``[K]`` float64) that ``guidance`` replaces in
+        :attr:`coefficient_tables` (a policy_vjp guidance's ``coefficient(t)``); {} here."""
+        return {}
 
     # -- shared machinery --------------------------------------------------------------
-    def tables(self, device: torch.device, dtype: torch.dtype, batch: int) -> StepTables:
-        """The per-step coefficient rows for data of ``dtype`` on ``device`` with batch B."""
-        key = (device, dtype, batch)
+    def tables(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch: int,
+        replaced: Optional[dict[str, np.ndarray]] = None,
+    ) -> StepTables:
+        """The per-step coefficient rows for data of ``dtype`` on ``device`` with batch B;
+        ``replaced``: tables that replace the sampler's (:meth:`guidance_coefficients`)."""
+        key: tuple = (device, dtype, batch)
+        if replaced:
+            key += tuple((n, v.tobytes()) for n, v in sorted(replaced.items()))
         tables = self._tables.get(key)
         if tables is None:
-            tables = StepTables(self.coefficient_tables, self.model_times, device, dtype, batch)
+            host = {**self.coefficient_tables, **(replaced or {})}
+            tables = StepTables(host, self.model_times, device, dtype, batch)
             self._tables[key] = tables
             if len(self._tables) > _TABLE_CACHE_SIZE:
                 self._tables.popitem(last=False)
@@ -182,7 +249,7 @@ class Sampler:
         if guidance is None:
             return 1.0, math.inf
         scale, clamp, mode = check_guidance(guidance)
-        self._check_guidance_mode(mode)
+        self._check_guidance_mode(guidance, mode)
         return scale, clamp
 
     def check_inputs(
@@ -215,7 +282,8 @@ class Sampler:
         finite: Optional[FiniteCheck] = None,
     ) -> Run:
         x = ws["x"]
-        tables = self.tables(x.device, x.dtype, x.shape[0])
+        replaced = self.guidance_coefficients(guidance)
+        tables = self.tables(x.device, x.dtype, x.shape[0], replaced)
         draw = NoiseDraw(ws["z"], generator) if self.stochastic else None
         return Run(
             model_fn=self.model_fn, x=x, cond=cond, tables=tables, ws=ws, launch=launch,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
-from ate_fast.guidance import GUIDANCE_MODES
+from ate_fast.guidance import SCALAR_SLOPE_MODES
 from ate_fast.steer import validation as check
 from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.latent_gradient import latent_distance_gradient
@@ -70,7 +70,7 @@ class LatentGuidance:
         mask: Optional[Tensor] = None,
     ) -> None:
         check.check_scale_and_clamp(scale, clamp)
-        check.check_choice("mode", mode, GUIDANCE_MODES)
+        check.check_choice("mode", mode, SCALAR_SLOPE_MODES)
         self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze, mask=mask)
         self.set_target(target)
         self.scale = float(scale)

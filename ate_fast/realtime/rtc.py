@@ -1,0 +1,265 @@
+"""Real-time chunking as inference-time guidance (Black, Galliker, Levine, arXiv 2506.07339).
+
+The next chunk is inpainted toward the previous one, Y [B, H, D] (aligned so that
+``Y[:, i]`` is the previous plan's action for the new chunk's step i), weighted by the
+soft mask W [H] (:mod:`ate_fast.realtime.prefix_weights`). Paper convention (τ = 0 noise,
+τ = 1 data, v_τ = data − noise), one flow step:
+
+    x̂₁ = x + (1 − τ)·v(x, τ)
+    g  = (∂x̂₁/∂x)ᵀ [W ⊙ (Y − x̂₁)]                     (a VJP through the policy)
+    v' = v + min(β, (1 − τ)/(τ·r²_τ))·g,   r²_τ = (1 − τ)²/(τ² + (1 − τ)²)
+
+openpi convention (t = 1 − τ, v_t = noise − data = −v_τ; FlowSampler's): the same point
+x, the same clean estimate x̂₀ = x − t·v_t = x̂₁, the same g, and
+
+    v_t' = v_t − min(β, w(t))·g,   w(t) = (t² + (1 − t)²)/(t·(1 − t))
+
+(the weight (1 − τ)/(τ·r²_τ) = (τ² + (1 − τ)²)/(τ(1 − τ)) is symmetric in τ ↔ 1 − τ; the
+correction's sign flips with the velocity's). docs/rtc.md derives it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
+from ate_fast.guidance import FLOW_CONVENTIONS, POLICY_VJP
+from ate_fast.realtime.prefix_weights import check_int, check_schedule, prefix_weight_table
+
+Delay = Union[int, Sequence[int], Tensor]
+# The paper's guidance-weight clip β (its experiments use 5).
+DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
+
+
+def rtc_guidance_weight(t: np.ndarray, max_guidance_weight: float) -> np.ndarray:
+    """``min(β, (t² + (1 − t)²)/(t·(1 − t)))`` [K] float64 for times ``t`` [K] in [0, 1]
+    (either convention: the weight is symmetric in t ↔ 1 − t; ∞ at 0 and 1, so β there)."""
+    t = np.asarray(t, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        w = (t * t + (1.0 - t) ** 2) / (t * (1.0 - t))
+    return np.minimum(np.where(t * (1.0 - t) > 0, w, math.inf), max_guidance_weight)
+
+
+def _check_chunk(prev_chunk: object, check_finite: bool) -> Tensor:
+    if not isinstance(prev_chunk, Tensor):
+        raise ArgumentTypeError(
+            f"prev_chunk must be a torch.Tensor [B, H, D], got {type(prev_chunk).__name__}"
+        )
+    if prev_chunk.ndim != 3 or prev_chunk.numel() == 0:
+        raise InvalidArgumentError(
+            f"prev_chunk must be a non-empty [B, H, D] tensor, got shape {tuple(prev_chunk.shape)}"
+        )
+    if not prev_chunk.is_floating_point():
+        raise ArgumentTypeError(f"prev_chunk must be floating, got {prev_chunk.dtype}")
+    if prev_chunk.shape[1] < 2:
+        raise InvalidArgumentError(
+            "prev_chunk must have a horizon H >= 2 (shape [B, H, D]), got "
+            f"{tuple(prev_chunk.shape)}"
+        )
+    if check_finite and not bool(torch.isfinite(prev_chunk).all()):
+        raise NonFiniteError("prev_chunk contains NaN or inf (expected finite actions)")
+    return prev_chunk
+
+
+class RTCGuidance:
+    """Real-time chunking (implements :class:`ate_fast.Guidance`, mode ``"policy_vjp"``).
+
+    Args:
+        prev_chunk: Y [B, H, D], the previous chunk aligned to the new one, or None (call
+            :meth:`set_prefix` before sampling).
+        delay: d, the inference delay in steps (0 ≤ d ≤ H − s): the first d actions are
+            executed before the new chunk is ready; an int or one int per sample.
+        execution_horizon: s (1 ≤ s < H), the steps executed from each chunk; the mask is
+            0 from step H − s on.
+        max_guidance_weight: β ≥ 0, the clip on the guidance weight (paper: 5; β = 0
+            turns the guidance off exactly).
+        prefix_schedule: the mask between d and H − s: ``"exp"`` (paper), ``"linear"``,
+            ``"ones"``, ``"zeros"``.
+        convention: ``"openpi"`` (FlowSampler's) or ``"paper"``: the time convention of
+            :meth:`coefficient` and :meth:`guided_velocity`.
+
+    The previous chunk and the mask live in static buffers that :meth:`set_prefix`
+    overwrites in place, so one ``sampler.capture(...)`` serves every control tick and
+    every delay: call ``set_prefix(Y, d)``, then the captured sampler. The buffers keep the
+    first prev_chunk's shape, dtype and device. ``scale`` is 1 and ``clamp`` inf (the
+    weight's clip is β); β, s, the schedule and the convention are fixed at construction.
+    """
+
+    scale = 1.0
+    clamp = math.inf
+    mode = POLICY_VJP
+
+    def __init__(
+        self,
+        prev_chunk: Optional[Tensor] = None,
+        delay: Delay = 0,
+        *,
+        execution_horizon: int,
+        max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT,
+        prefix_schedule: str = "exp",
+        convention: str = "openpi",
+    ) -> None:
+        check_int("execution_horizon", execution_horizon, 1, 1 << 20)
+        beta = max_guidance_weight
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise InvalidArgumentError(f"max_guidance_weight must be a float >= 0, got {beta!r}")
+        if not math.isfinite(beta):
+            raise InvalidArgumentError(f"max_guidance_weight must be finite, got {beta!r}")
+        if convention not in FLOW_CONVENTIONS:
+            raise InvalidArgumentError(
+                f"convention must be one of {FLOW_CONVENTIONS}, got {convention!r}"
+            )
+        self._s = int(execution_horizon)
+        self._beta = float(beta)
+        self._schedule = check_schedule(prefix_schedule)
+        self._convention = convention
+        self.prev_chunk: Optional[Tensor] = None  # Y [B, H, D], static
+        self.weights: Optional[Tensor] = None  # W [B, H, 1], static
+        self._table: Optional[Tensor] = None  # [H − s + 1, H]: row d is W for delay d
+        if prev_chunk is not None:
+            self.set_prefix(prev_chunk, delay)
+
+    # read-only: a captured loop bakes them in
+    execution_horizon = property(lambda self: self._s, doc="s, the execution horizon.")
+    max_guidance_weight = property(lambda self: self._beta, doc="β, the weight's clip.")
+    prefix_schedule = property(lambda self: self._schedule, doc="The mask's schedule.")
+    convention = property(lambda self: self._convention, doc="'openpi' or 'paper'.")
+
+    def __repr__(self) -> str:
+        shape = None if self.prev_chunk is None else tuple(self.prev_chunk.shape)
+        return (
+            f"RTCGuidance(prev_chunk={shape}, execution_horizon={self._s}, "
+            f"max_guidance_weight={self._beta}, prefix_schedule={self._schedule!r}, "
+            f"convention={self._convention!r})"
+        )
+
+    # -- the previous chunk ------------------------------------------------------------
+    def set_prefix(self, prev_chunk: Tensor, delay: Delay = 0, *, check_finite: bool = True):
+        """Write Y = ``prev_chunk`` [B, H, D] and the mask for ``delay`` d into the static
+        buffers (in place; no host sync but the optional finite check of ``prev_chunk``).
+
+        ``delay``: an int, or B ints (one per sample, a sequence or an int CPU tensor),
+        each in ``0..H − s``.
+        """
+        prev_chunk = _check_chunk(prev_chunk, check_finite)
+        if self.prev_chunk is None:
+            self._allocate(prev_chunk)
+        y, w, table = self.prev_chunk, self.weights, self._table
+        assert y is not None and w is not None and table is not None
+        if prev_chunk.shape != y.shape or prev_chunk.dtype != y.dtype:
+            raise InvalidArgumentError(
+                f"prev_chunk must keep the shape and dtype of the first one, "
+                f"{tuple(y.shape)} {y.dtype} (captured loops read these buffers); got "
+                f"{tuple(prev_chunk.shape)} {prev_chunk.dtype}: build a new RTCGuidance"
+            )
+        rows = self._delay_rows(delay, y.shape[0], table)
+        y.copy_(prev_chunk)
+        w.copy_(rows.unsqueeze(-1).expand_as(w))
+
+    def clear_prefix(self) -> None:
+        """Zero the mask: the guidance then changes nothing (g = 0; e.g. the first tick,
+        when there is no previous chunk), and a captured loop stays valid."""
+        if self.weights is None:
+            raise InvalidArgumentError("clear_prefix() needs a prefix: call set_prefix() first")
+        self.weights.zero_()
+
+    def _allocate(self, prev_chunk: Tensor) -> None:
+        horizon = prev_chunk.shape[1]
+        if self._s >= horizon:
+            raise InvalidArgumentError(
+                f"execution_horizon must be in [1, H − 1] = [1, {horizon - 1}] for prev_chunk's "
+                f"horizon H = {horizon}, got {self._s}"
+            )
+        table = prefix_weight_table(horizon, self._s, self._schedule)
+        like = dict(dtype=prev_chunk.dtype, device=prev_chunk.device)
+        with torch.inference_mode(False):  # buffers autograd may read later
+            self._table = torch.tensor(table, **like)
+            self.prev_chunk = torch.zeros(prev_chunk.shape, **like)
+            self.weights = torch.zeros(prev_chunk.shape[0], horizon, 1, **like)
+
+    def _delay_rows(self, delay: Delay, batch: int, table: Tensor) -> Tensor:
+        """W [B, H] for ``delay`` (rows of the table, picked on its device)."""
+        high = table.shape[0] - 1
+        why = f" (H − execution_horizon = {table.shape[1]} − {self._s})"
+        if isinstance(delay, (int, np.integer)) and not isinstance(delay, bool):
+            return table[check_int("delay", delay, 0, high, why)].expand(batch, -1)
+        if isinstance(delay, Tensor):
+            if delay.device.type != "cpu" or delay.dtype.is_floating_point or delay.ndim > 1:
+                raise InvalidArgumentError(
+                    "delay as a tensor must be an integer CPU tensor [] or [B] (its range is "
+                    f"checked on the host), got {delay.dtype} {tuple(delay.shape)} on "
+                    f"{delay.device}"
+                )
+            delay = delay.tolist()
+            if isinstance(delay, int):
+                return self._delay_rows(delay, batch, table)
+        if not isinstance(delay, Sequence) or isinstance(delay, (str, bytes)):
+            raise ArgumentTypeError(
+                f"delay must be an int or a sequence of B ints, got {type(delay).__name__}"
+            )
+        if len(delay) != batch:
+            raise InvalidArgumentError(
+                f"delay must have one entry per sample (B = {batch}), got {len(delay)}"
+            )
+        index = [check_int(f"delay[{b}]", d, 0, high, why) for b, d in enumerate(delay)]
+        return table[torch.tensor(index, device=table.device)]
+
+    # -- the Guidance protocol ---------------------------------------------------------
+    def gradient(self, x: Tensor, x0_hat: Tensor, dx0_dx: Optional[Tensor] = None) -> Tensor:
+        """The cotangent ``u = W ⊙ (Y − x0_hat)`` [B, H, D] (= ∇_{x0_hat} of
+        ``y = −½‖√W ⊙ (Y − x0_hat)‖²``); the sampler pulls it back through the policy.
+
+        ``x``, ``x0_hat``: [B, H, D] (Y's shape, dtype and device); ``dx0_dx`` unused.
+        """
+        y, w = self.prev_chunk, self.weights
+        if y is None or w is None:
+            raise InvalidArgumentError(
+                "RTCGuidance has no previous chunk: call set_prefix(prev_chunk, delay) before "
+                "sampling (or sample the first chunk without guidance)"
+            )
+        for name, t in (("x", x), ("x0_hat", x0_hat)):
+            if t.shape != y.shape or t.dtype != y.dtype or t.device != y.device:
+                raise InvalidArgumentError(
+                    f"{name} must match prev_chunk: shape {tuple(y.shape)}, {y.dtype} on "
+                    f"{y.device}; got {tuple(t.shape)}, {t.dtype} on {t.device} (sample with "
+                    "noise shaped, typed and placed like prev_chunk)"
+                )
+        return (y - x0_hat) * w
+
+    def coefficient(self, t: np.ndarray) -> np.ndarray:
+        """The per-step ``c`` [K] float64 replacing the sampler's for model times ``t`` [K]
+        in :attr:`convention`: ``−min(β, w(t))`` (openpi) or ``+min(β, w(τ))`` (paper)."""
+        weight = rtc_guidance_weight(t, self._beta)
+        return -weight if self._convention == "openpi" else weight
+
+    def guided_velocity(
+        self, velocity_fn: Callable[[Tensor], Tensor], x: Tensor, t: Union[float, Tensor]
+    ) -> Tensor:
+        """One guided velocity for a loop of your own, in :attr:`convention`.
+
+        ``velocity_fn(x) -> v`` [B, H, D] is the policy at time ``t`` (a float or [B]:
+        openpi t, 1 = noise; paper τ, 0 = noise). Returns v' [B, H, D] (module docstring),
+        detached; integrate it as your loop does (openpi: x + Δt·v' with Δt < 0).
+        """
+        if torch.is_inference_mode_enabled():
+            raise InvalidArgumentError(
+                "guided_velocity differentiates through velocity_fn, which "
+                "torch.inference_mode() forbids (torch.no_grad() is fine)"
+            )
+        time = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
+        weight = torch.from_numpy(rtc_guidance_weight(time.numpy(), self._beta))
+        weight = weight.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1)
+        time = time.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1)
+        openpi = self._convention == "openpi"
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            v = velocity_fn(leaf)
+            x0_hat = leaf - time * v if openpi else leaf + (1.0 - time) * v
+            (g,) = torch.autograd.grad(x0_hat, leaf, self.gradient(x, x0_hat.detach()))
+        return (v - weight * g if openpi else v + weight * g).detach()
