@@ -24,7 +24,8 @@ rotated every round so that load from other processes falls on all alike:
   replayed after: recorded fused steps on the CPU, a CUDA graph on a GPU);
 - Diffusion DDIM 10 also ``patched+guidance`` / ``patched+guidance+capture``:
   ``LatentGuidance`` (λ = 2, κ = 0.1, direct) through an ``ActionVAE(arch="mlp")``
-  encoder (defaults: d_z 512, hidden 512, 512) built from ``vae_spec(policy)``;
+  encoder (defaults: d_z 512, hidden 512, 512) built from ``vae_spec(policy)``; the JSON
+  also holds ``guidance_gradient_ms_per_step``, one ``guidance.gradient`` timed alone;
 - Diffusion DDIM 10 also ``unet-only``: the 10 U-Net calls alone (same B, H, cond, no
   scheduler, no queues), the floor any sampling loop pays, interleaved with the rest.
 
@@ -239,6 +240,23 @@ def latent_guidance(policy: Any) -> Any:
     return LatentGuidance(vae, target, scale=2.0, clamp=0.1, mask=spec.mask())
 
 
+def guidance_gradient_ms(guidance: Any, policy: Any, calls: int = 200) -> float:
+    """Median ms of one ``guidance.gradient`` at the policy's chunk shape (B = 1): the
+    work guidance adds to each sampling step."""
+    from ate_fast.integrations.lerobot import vae_spec
+
+    spec = vae_spec(policy)
+    x = torch.randn(BATCH_SIZE, spec.horizon, spec.action_dim)
+    ones = torch.ones(BATCH_SIZE)
+    times = []
+    for i in range(calls + 10):
+        t0 = time.perf_counter()
+        guidance.gradient(x, x, ones)
+        if i >= 10:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 # --- timing --------------------------------------------------------------------------------
 
 
@@ -446,6 +464,12 @@ def main() -> None:
             "n_action_steps": policy.config.n_action_steps,
             "down_dims": list(policy.config.down_dims),
         }
+        if scheduler == "DDIM":
+            info["guidance"] = (
+                "LatentGuidance(ActionVAE(D, H, arch='mlp'): d_z 512, hidden (512, 512); "
+                "scale 2, clamp 0.1, direct)"
+            )
+            info["guidance_gradient_ms_per_step"] = guidance_gradient_ms(guidance, policy)
         batch = diffusion_batch(policy, batch_size=BATCH_SIZE)
         extra = {"unet-only": unet_floor(policy, batch)} if scheduler == "DDIM" else None
         rows += measure(label, policy, "diffusion", batch, variants, repeats, info, extra)

@@ -83,6 +83,11 @@ class RTCGuidance:
             ``"ones"``, ``"zeros"``.
         convention: ``"openpi"`` (FlowSampler's) or ``"paper"``: the time convention of
             :meth:`coefficient` and :meth:`guided_velocity`.
+        jacobian: True (the paper): g is the VJP through the policy (mode
+            ``"policy_vjp"``, one backward pass per step). False: the policy's Jacobian is
+            dropped, g = W ⊙ (Y − x̂) (mode ``"tweedie"``, no backward pass) — what
+            LeRobot 0.4.4's ``RTCProcessor`` computes (it evaluates the policy before
+            enabling gradients on x), so ``jacobian=False`` reproduces its chunks.
 
     The previous chunk and the mask live in static buffers that :meth:`set_prefix`
     overwrites in place, so one ``sampler.capture(...)`` serves every control tick and
@@ -104,8 +109,12 @@ class RTCGuidance:
         max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT,
         prefix_schedule: str = "exp",
         convention: str = "openpi",
+        jacobian: bool = True,
     ) -> None:
         check_int("execution_horizon", execution_horizon, 1, 1 << 20)
+        if not isinstance(jacobian, bool):
+            raise ArgumentTypeError(f"jacobian must be a bool, got {type(jacobian).__name__}")
+        self.mode = POLICY_VJP if jacobian else "tweedie"
         beta = max_guidance_weight
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
             raise InvalidArgumentError(f"max_guidance_weight must be a float >= 0, got {beta!r}")
@@ -136,7 +145,7 @@ class RTCGuidance:
         return (
             f"RTCGuidance(prev_chunk={shape}, execution_horizon={self._s}, "
             f"max_guidance_weight={self._beta}, prefix_schedule={self._schedule!r}, "
-            f"convention={self._convention!r})"
+            f"convention={self._convention!r}, jacobian={self.mode == POLICY_VJP})"
         )
 
     # -- the previous chunk ------------------------------------------------------------
@@ -214,8 +223,10 @@ class RTCGuidance:
     def gradient(self, x: Tensor, x0_hat: Tensor, dx0_dx: Optional[Tensor] = None) -> Tensor:
         """The cotangent ``u = W ⊙ (Y − x0_hat)`` [B, H, D] (= ∇_{x0_hat} of
         ``y = −½‖√W ⊙ (Y − x0_hat)‖²``); the sampler pulls it back through the policy.
+        With ``jacobian=False`` (mode ``"tweedie"``) it is the gradient itself,
+        ``dx0_dx·u`` with the policy held constant (``dx0_dx`` [B]; 1 for a flow).
 
-        ``x``, ``x0_hat``: [B, H, D] (Y's shape, dtype and device); ``dx0_dx`` unused.
+        ``x``, ``x0_hat``: [B, H, D] (Y's shape, dtype and device).
         """
         y, w = self.prev_chunk, self.weights
         if y is None or w is None:
@@ -230,7 +241,10 @@ class RTCGuidance:
                     f"{y.device}; got {tuple(t.shape)}, {t.dtype} on {t.device} (sample with "
                     "noise shaped, typed and placed like prev_chunk)"
                 )
-        return (y - x0_hat) * w
+        u = (y - x0_hat) * w
+        if self.mode == POLICY_VJP or dx0_dx is None:
+            return u
+        return u * dx0_dx.to(device=u.device, dtype=u.dtype).reshape(-1, 1, 1)
 
     def coefficient(self, t: np.ndarray) -> np.ndarray:
         """The per-step ``c`` [K] float64 replacing the sampler's for model times ``t`` [K]
@@ -252,11 +266,18 @@ class RTCGuidance:
                 "guided_velocity differentiates through velocity_fn, which "
                 "torch.inference_mode() forbids (torch.no_grad() is fine)"
             )
-        time = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
+        # a Python float stays float64 (torch.as_tensor would round it to float32 first)
+        time = t.detach() if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64)
+        time = time.to("cpu", torch.float64).reshape(-1)
         weight = torch.from_numpy(rtc_guidance_weight(time.numpy(), self._beta))
         weight = weight.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1)
         time = time.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1)
         openpi = self._convention == "openpi"
+        if self.mode != POLICY_VJP:  # the policy's Jacobian dropped: no backward pass
+            v = velocity_fn(x.detach())
+            x0_hat = x - time * v if openpi else x + (1.0 - time) * v
+            g = self.gradient(x, x0_hat)
+            return (v - weight * g if openpi else v + weight * g).detach()
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             v = velocity_fn(leaf)

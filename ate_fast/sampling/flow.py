@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
-from ate_fast.guidance import POLICY_VJP, Guidance, flow_guidance_coefficient
+from ate_fast.guidance import Guidance, flow_guidance_coefficient
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
 from ate_fast.sampling.timesteps import FLOW_TIME_GRIDS, flow_sigmas
 
@@ -113,7 +113,7 @@ class FlowSampler(Sampler):
         )
 
     def _check_guidance_mode(self, guidance: Guidance, mode: str) -> None:
-        if mode != POLICY_VJP or not hasattr(guidance, "coefficient"):
+        if not hasattr(guidance, "coefficient"):
             return
         convention = getattr(guidance, "convention", None)
         if convention != "openpi":
@@ -126,9 +126,9 @@ class FlowSampler(Sampler):
         self.guidance_coefficients(guidance)  # raises now for a bad coefficient table
 
     def guidance_coefficients(self, guidance: Optional[Guidance]) -> dict[str, np.ndarray]:
-        """``{"c": ..., "c2": ...}`` from a policy_vjp guidance's ``coefficient(t)`` at the
-        model times ``t`` and ``t2`` (Heun's second stage); {} otherwise."""
-        if guidance is None or guidance.mode != POLICY_VJP or not hasattr(guidance, "coefficient"):
+        """``{"c": ..., "c2": ...}`` from a guidance's own ``coefficient(t)`` (RTC's) at the
+        model times ``t`` and ``t2`` (Heun's second stage); {} for one without it."""
+        if guidance is None or not hasattr(guidance, "coefficient"):
             return {}
         return {
             c: self._coefficient_table(guidance, self.model_times[t])
