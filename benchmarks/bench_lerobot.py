@@ -1,6 +1,6 @@
 """LeRobot ``select_action`` latency: LeRobot's own sampling loop vs ``patch_policy``.
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 /work/venv-lerobot/bin/python \\
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv-lerobot/bin/python \\
         benchmarks/bench_lerobot.py --out benchmarks/results/lerobot-cpu-2026-12-02.json
 
 (from the repository root, in an environment with LeRobot 0.4.4; ``--quick`` is a smoke
