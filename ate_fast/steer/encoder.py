@@ -125,6 +125,14 @@ class FrozenEncoder:
         return None if self._mlp is None else mlp_encoder_parts(self._mlp)
 
     @property
+    def weight_dtype(self) -> Optional[torch.dtype]:
+        """The floating dtype of the encoder's parameters when they share one (the dtype
+        it computes in: the guidance casts its input there and the gradient back), else
+        None (a plain callable, or mixed dtypes: the input is passed as it comes)."""
+        dtypes = {p.dtype for m in self.modules for p in m.parameters() if p.is_floating_point()}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
+    @property
     def latent_dim(self) -> Optional[int]:
         """d_z where the encoder's structure says it (the fused paths), else None."""
         if self._mlp is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.encoder import FrozenEncoder, autocast_enabled
 from ate_fast.steer.mlp_gradient import mlp_fused_gradient
 from ate_fast.steer.transformer_vjp import vjp_function
 
@@ -97,6 +97,23 @@ def latent_distance_gradient(
     """
     if (target is None) == (a0 is None):
         raise InvalidArgumentError("latent_distance_gradient: give exactly one of target and a0")
+    weight_dtype = encoder.weight_dtype
+    if (
+        weight_dtype is not None
+        and x.is_floating_point()
+        and x.dtype != weight_dtype
+        and not autocast_enabled(x)
+    ):
+        # mixed precision: the encoder computes in its weights' dtype (bf16/fp16 weights and
+        # activations), the sampler state and the gradient handed back stay in x's
+        def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None or not t.is_floating_point() else t.to(weight_dtype)
+
+        g = latent_distance_gradient(
+            encoder, x.to(weight_dtype), cast(target), a0=cast(a0), latent=latent,
+            eps=cast(eps), generator=generator, reduction=reduction, target_name=target_name,
+        )  # fmt: skip
+        return g.to(x.dtype)
     path = encoder.path_for(x)
     if a0 is not None:
         if path == "mlp_fused":  # one fused call encodes a0 and x and backpropagates to x
