@@ -322,8 +322,10 @@ def test_sampling_errors(policy, inputs):
         paper = RTCGuidance(prev, execution_horizon=4, convention="paper")
         with pytest.raises(InvalidArgumentError, match="FlowSampler integrates in the 'openpi'"):
             flow.sample(noise, cond, guidance=paper)
+    # autograd (a model function without its own input-VJP) cannot run in inference_mode
+    plain = ate_fast.FlowSampler(lambda x, t, c: policy(x, t, c), num_steps=3)
     with torch.inference_mode(), pytest.raises(InvalidArgumentError, match="inference_mode"):
-        flow.sample(noise, cond, guidance=RTCGuidance(prev, execution_horizon=4))
+        plain.sample(noise, cond, guidance=RTCGuidance(prev, execution_horizon=4))
     diffusion = ate_fast.DiffusionSampler(policy, ate_fast.NoiseSchedule(), num_steps=3)
     with pytest.raises(InvalidArgumentError, match="DiffusionSampler does not support it"):
         diffusion.sample(noise, cond, guidance=RTCGuidance(prev, execution_horizon=4))
