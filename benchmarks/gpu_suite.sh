@@ -101,9 +101,10 @@ fi
 
 echo "== benchmarks (one JSON per suite, each under its own time limit)"
 heads=benchmarks/bench_heads.py
-# after the heads, the suites with rows no GPU has timed yet (graphed guidance backends, the
-# compiled transformer VJP), then bench_sampling (not reached by the last full run), the rest
-first="benchmarks/bench_guidance.py benchmarks/bench_transformer_guidance.py benchmarks/bench_sampling.py"
+# after the heads, the suites with rows no GPU has timed yet (RTC, graphed guidance
+# backends, the compiled transformer VJP), then bench_sampling (not reached by the last full
+# run), the rest
+first="benchmarks/bench_rtc.py benchmarks/bench_guidance.py benchmarks/bench_transformer_guidance.py benchmarks/bench_sampling.py"
 suites="${ATE_FAST_SUITES:-$heads $first $(ls benchmarks/bench_*.py)}"
 seen=" "
 for suite in $suites; do

@@ -9,8 +9,15 @@ hand-written VJP (attention, softmax, LayerNorm and GELU backward as forward ops
 ``mode="tweedie"`` evaluates it at ``x0_hat`` and scales by the scalar ``dx0_dx`` as
 :class:`ate_fast.steer.LatentGuidance` does.
 
+Real-time chunking (:class:`ate_fast.realtime.RTCGuidance`, mode ``"policy_vjp"``) is
+:class:`RTCGuidanceGraph`: the cotangent ``u = W ⊙ (Y − x̂₀)`` with the previous chunk Y
+and the delay d as graph inputs (W = the baked mask table's row d); the VJP through the
+policy is the head's own ``forward_with_vjp`` (forward ops), which the exported loop calls
+(:mod:`ate_fast.export.sampler_graph`).
+
 Refused, with an error saying what to change: any guidance other than
-:class:`ate_fast.steer.LatentGuidance` (a custom ``Guidance.gradient`` uses autograd),
+:class:`ate_fast.steer.LatentGuidance` or ``RTCGuidance`` (a custom ``Guidance.gradient``
+uses autograd), a ``"policy_vjp"`` guidance over a model without its own input-VJP,
 LatentGuidance subclasses that override the gradient, and encoders other than these two
 (or a Transformer encoder whose layers the VJP does not cover: pre-norm, other
 activations).
@@ -27,6 +34,9 @@ from torch import Tensor, nn
 
 from ate_fast.guidance import POLICY_VJP
 from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
+from ate_fast.realtime import RTCGuidance
+from ate_fast.realtime.prefix_weights import prefix_weight_table
+from ate_fast.sampling.sampler import ModelFn, forward_with_vjp_of
 from ate_fast.steer import LatentGuidance
 from ate_fast.steer.transformer_vjp import align_transformer_encoder, transformer_latent_gradient
 
@@ -129,17 +139,74 @@ class TransformerGuidanceGraph(_GuidanceGraph):
         return transformer_latent_gradient(self.encoder, point, target, mask=self.mask)
 
 
-GuidanceGraph = Union[MLPGuidanceGraph, TransformerGuidanceGraph]
+class RTCGuidanceGraph(nn.Module):
+    """Real-time chunking's cotangent for the exported loop, forward ops only.
+
+    ``forward(x0_hat [B, H, D], prev_chunk [B, H, D], delay int64 [B]) -> u [B, H, D]``,
+    ``u = W ⊙ (Y − x̂₀)`` with ``W = table[delay]`` [B, H] (Gather from the baked mask
+    table, ``[H − s + 1, H]``: row d is the soft mask for delay d, as
+    :class:`~ate_fast.realtime.RTCGuidance` builds it). The sampler's loop pulls u back
+    through the head's ``forward_with_vjp``; the guidance weight ``−min(β, w(t))`` is in
+    the loop's coefficient tables.
+    """
+
+    mode = POLICY_VJP
+
+    def __init__(self, guidance: RTCGuidance, horizon: int) -> None:
+        super().__init__()
+        self.execution_horizon = guidance.execution_horizon
+        self.prefix_schedule = guidance.prefix_schedule
+        self.max_guidance_weight = guidance.max_guidance_weight
+        table = prefix_weight_table(horizon, self.execution_horizon, self.prefix_schedule)
+        self.register_buffer("table", torch.tensor(table, dtype=torch.float32))
+
+    @property
+    def max_delay(self) -> int:
+        """H − s, the largest delay the table has a row for."""
+        return self.table.shape[0] - 1
+
+    def forward(self, x0_hat: Tensor, prev_chunk: Tensor, delay: Tensor) -> Tensor:
+        weights = self.table[delay].unsqueeze(-1).to(x0_hat.dtype)  # [B, H, 1]
+        return (prev_chunk.to(x0_hat.dtype) - x0_hat) * weights
+
+
+def rtc_guidance_graph(guidance: Any, model_fn: ModelFn, horizon: int) -> RTCGuidanceGraph:
+    """The graph of a ``"policy_vjp"`` guidance, or a GuidanceExportError saying why not:
+    only :class:`~ate_fast.realtime.RTCGuidance` (in the openpi convention), over a model
+    with its own input-VJP (``forward_with_vjp``: ``ate_fast.models``' MLPHead and
+    FlowTransformerHead), for previous chunks of the examples' horizon."""
+    if not isinstance(guidance, RTCGuidance):
+        raise GuidanceExportError(
+            f"guidance: {type(guidance).__name__} has mode {POLICY_VJP!r} (a VJP through the "
+            "policy); of those, only ate_fast.realtime.RTCGuidance can be exported (its "
+            "cotangent is written into the graph)"
+        )
+    if forward_with_vjp_of(model_fn) is None:
+        raise GuidanceExportError(
+            f"guidance: {type(guidance).__name__} has mode {POLICY_VJP!r} (a VJP through the "
+            "policy at every step), and the sampler's model_fn has no input-VJP of its own "
+            "(a forward_with_vjp(x, t, cond) -> (out, pullback) method, as ate_fast.models' "
+            "MLPHead and FlowTransformerHead have). torch.export traces neither "
+            "torch.autograd.grad nor torch.func.vjp through model_fn, so an arbitrary "
+            "model cannot be exported with it: add forward_with_vjp to the model (forward "
+            "ops only), or sample with sampler.sample() / capture()"
+        )
+    prev = guidance.prev_chunk
+    if prev is not None and prev.shape[1] != horizon:
+        raise GuidanceExportError(
+            f"guidance.prev_chunk has horizon {prev.shape[1]} but example_noise has {horizon}"
+        )
+    if guidance.execution_horizon >= horizon:
+        raise GuidanceExportError(
+            f"guidance.execution_horizon must be < H = {horizon}, got {guidance.execution_horizon}"
+        )
+    return RTCGuidanceGraph(guidance, horizon)
+
+
+GuidanceGraph = Union[MLPGuidanceGraph, TransformerGuidanceGraph, RTCGuidanceGraph]
 
 
 def _encoder_module(guidance: Any) -> Any:
-    if getattr(guidance, "mode", None) == POLICY_VJP:
-        raise GuidanceExportError(
-            f"guidance: {type(guidance).__name__} has mode {POLICY_VJP!r} (a VJP through the "
-            "policy at every step, e.g. RTCGuidance), which cannot be exported yet: "
-            "torch.export does not trace torch.autograd.grad or torch.func.vjp through "
-            "model_fn. Sample it with sampler.sample() / capture() instead"
-        )
     if not isinstance(guidance, LatentGuidance):
         raise GuidanceExportError(
             "guidance must be an ate_fast.steer.LatentGuidance to be exported: its gradient "
@@ -202,6 +269,13 @@ def guidance_graph(guidance: Any, target_input: bool, batch: int) -> GuidanceGra
 
 def guidance_settings(guidance: Any, graph: GuidanceGraph, target_input: bool) -> dict:
     """What the graph's metadata records about the guidance."""
+    if isinstance(graph, RTCGuidanceGraph):
+        return {
+            "scale": float(guidance.scale), "clamp": "inf", "mode": POLICY_VJP,
+            "guidance": "rtc", "execution_horizon": graph.execution_horizon,
+            "max_guidance_weight": graph.max_guidance_weight,
+            "prefix_schedule": graph.prefix_schedule, "max_delay": graph.max_delay,
+        }  # fmt: skip
     return {
         "scale": float(guidance.scale),
         "clamp": float(guidance.clamp) if guidance.clamp != float("inf") else "inf",

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ate_fast._version import __version__
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.export.guidance_graph import guidance_graph, guidance_settings
+from ate_fast.export.guidance_graph import guidance_graph, guidance_settings, rtc_guidance_graph
 from ate_fast.export.sampler_graph import (
     TRACEABLE_MODEL,
     ModelTraceError,
@@ -40,7 +40,9 @@ from ate_fast.export.sampler_graph import (
 from ate_fast.export.signature import (
     ACTIONS,
     BATCH_DIM,
+    DELAY,
     METADATA_KEY,
+    PREV_CHUNK,
     STEP_NOISE,
     TARGET,
     GraphSignature,
@@ -48,6 +50,7 @@ from ate_fast.export.signature import (
     cond_leaves,
 )
 from ate_fast.export.tensorrt_ops import TENSORRT_OPSETS, tensorrt_problems
+from ate_fast.guidance import POLICY_VJP
 from ate_fast.ops.constants import ACTIVATIONS
 from ate_fast.ops.guided_step.ref import guided_step_reference
 from ate_fast.ops.mlp_guidance.ref import mlp_guidance_reference
@@ -193,8 +196,13 @@ def to_onnx(
             ``dynamic_batch=False``) the batch.
         example_cond: the model's ``cond`` for that batch: None, a Tensor [B, ...], or a
             flat dict/list/tuple of tensors [B, ...] (each becomes a graph input).
-        guidance: None, or an :class:`ate_fast.steer.LatentGuidance` over ``ate_fast.align``'s
-            MLP or Transformer encoder (its scale, clamp, mode, mask and weights are baked in).
+        guidance: None, an :class:`ate_fast.steer.LatentGuidance` over ``ate_fast.align``'s
+            MLP or Transformer encoder (its scale, clamp, mode, mask and weights are baked
+            in), or an :class:`ate_fast.realtime.RTCGuidance` (real-time chunking; the
+            model must have its own input-VJP, ``forward_with_vjp``, as ``ate_fast.models``'
+            MLPHead and FlowTransformerHead do): the graph then takes the previous chunk
+            ``prev_chunk`` [B, H, D] and the delay ``delay`` int64 [B] as inputs (s, β and
+            the mask schedule are baked in).
         dynamic_batch: the batch dimension is symbolic (``batch``, 1..``max_batch``).
         opset: the ONNX opset, 18 (default), 19 or 20.
         target_input: guided graphs take z* as the input ``target`` [B, d_z]; False bakes
@@ -278,15 +286,21 @@ def _sampler_graph(
 ) -> SamplerGraph:
     """The sampler's loop as an ``nn.Module`` with the guidance's forward-op graph."""
     scale, clamp = sampler.check_guidance(guidance)
-    guide = None
-    if guidance is not None:
+    guide, replaced = None, None
+    rtc = guidance is not None and guidance.mode == POLICY_VJP
+    if rtc:
+        guide = rtc_guidance_graph(guidance, sampler.model_fn, example_noise.shape[1])
+        replaced = sampler.guidance_coefficients(guidance)
+    elif guidance is not None:
         guide = guidance_graph(guidance, target_input, example_noise.shape[0])
+    if guide is not None:
         guide.to(example_noise.device)
     kind = cond_kind(example_cond)
     return SamplerGraph(
         sampler, scale, clamp, guide, kind, _cond_keys(example_cond),
-        target_input=guide is not None and target_input,
+        target_input=guide is not None and not rtc and target_input,
         step_noise_draws=planned_step_noise_draws(sampler), device=example_noise.device,
+        prefix_inputs=rtc, replaced=replaced,
     )  # fmt: skip
 
 
@@ -312,6 +326,12 @@ def _trace_inputs(
         target = target.reshape(-1, target.shape[-1])
         inputs.append(_with_batch(target, trace_batch))
         names.append(TARGET)
+    if graph.prefix_inputs:
+        prev = guidance.prev_chunk
+        prev = torch.zeros_like(example_noise) if prev is None else prev
+        inputs.append(_with_batch(prev.to(example_noise.device, torch.float32), trace_batch))
+        inputs.append(torch.zeros(trace_batch, dtype=torch.int64, device=example_noise.device))
+        names += [PREV_CHUNK, DELAY]
     if graph.step_noise_draws:
         shape = (graph.step_noise_draws, trace_batch, *example_noise.shape[1:])
         inputs.append(torch.randn(shape, device=example_noise.device))
@@ -405,6 +425,7 @@ def _signature(
         cond_keys=graph.cond_keys,
         cond_shapes=[list(t.shape[1:]) for _, t in leaves],
         target_dim=guide.latent_dim if graph.target_input else None,
+        prefix_inputs=graph.prefix_inputs,
         step_noise_draws=graph.step_noise_draws,
         dynamic_batch=True,
         batch=int(example_noise.shape[0]),

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.export.signature import ACTIONS, GraphSignature
+from ate_fast.guidance import POLICY_VJP
 from ate_fast.sampling.inputs import check_cond, check_finite, check_noise
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,6 +41,29 @@ def guidance_target(
     return value
 
 
+def prefix_inputs(
+    signature: GraphSignature,
+    guidance: Any,
+    prev_chunk: Optional[Tensor],
+    delay: Optional[Tensor],
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The ``(prev_chunk, delay)`` a runner feeds an RTC graph: the arguments if given,
+    else the RTCGuidance's own (``guidance.prev_chunk`` and ``guidance.delays``, set by
+    its ``set_prefix``)."""
+    if guidance is None or getattr(guidance, "mode", None) != POLICY_VJP:
+        return prev_chunk, delay
+    if prev_chunk is not None or delay is not None:
+        raise InvalidArgumentError("pass either guidance or prev_chunk/delay, not both")
+    prev_chunk, delay = getattr(guidance, "prev_chunk", None), getattr(guidance, "delays", None)
+    if prev_chunk is None or delay is None:
+        raise InvalidArgumentError(
+            "guidance has no previous chunk and delay to feed: call guidance.set_prefix("
+            "prev_chunk, delay) first (after clear_prefix(), sample the unguided graph), or "
+            "pass prev_chunk= and delay="
+        )
+    return prev_chunk, delay
+
+
 def check_runner_inputs(
     noise: object, cond: Any, target: Optional[Tensor], step_noise: Optional[Tensor]
 ) -> None:
@@ -63,7 +87,11 @@ def check_guidance_matches(signature: GraphSignature, guidance: Any) -> None:
     if settings is None:
         raise InvalidArgumentError("guidance was given but the graph was exported unguided")
     clamp = float(settings["clamp"])
-    for name, baked in (("scale", settings["scale"]), ("clamp", clamp), ("mode", settings["mode"])):
+    baked_settings = [("scale", settings["scale"]), ("clamp", clamp), ("mode", settings["mode"])]
+    if settings.get("guidance") == "rtc":
+        names = ("execution_horizon", "max_guidance_weight", "prefix_schedule")
+        baked_settings += [(name, settings[name]) for name in names]
+    for name, baked in baked_settings:
         value = getattr(guidance, name, None)
         if value != baked:
             raise InvalidArgumentError(
@@ -116,8 +144,14 @@ class OnnxRuntimeSampler:
         *,
         target: Optional[Tensor] = None,
         step_noise: Optional[Tensor] = None,
+        prev_chunk: Optional[Tensor] = None,
+        delay: Optional[Tensor] = None,
     ) -> Tensor:
         """The actions [B, H, D] for ``noise`` [B, H, D] (CPU tensors; float32 result).
+
+        Real-time chunking graphs: ``guidance`` the RTCGuidance it was exported with (its
+        ``prev_chunk`` and ``delays`` are fed), or ``prev_chunk`` [B, H, D] and ``delay``
+        (int tensor [B] or [], each in 0..H − s) directly.
 
         ``guidance``: the LatentGuidance the graph was exported with (its target is fed),
         or pass ``target`` [d_z] / [B, d_z] directly. ``generator``/``step_noise``: the step
@@ -128,8 +162,13 @@ class OnnxRuntimeSampler:
         ``target`` or ``step_noise``.
         """
         target = guidance_target(self.signature, guidance, target)
-        feeds = self.signature.feeds(noise, cond, target, step_noise, generator)
+        prev_chunk, delay = prefix_inputs(self.signature, guidance, prev_chunk, delay)
+        feeds = self.signature.feeds(
+            noise, cond, target, step_noise, generator, prev_chunk=prev_chunk, delay=delay
+        )
         check_runner_inputs(noise, cond, target, step_noise)
+        if prev_chunk is not None:
+            check_finite("prev_chunk", prev_chunk)
         arrays = {name: _numpy(name, t) for name, t in feeds.items()}
         (actions,) = self.session.run([ACTIONS], arrays)
         return torch.from_numpy(actions)

@@ -15,7 +15,11 @@ through the sampler's public export seam, with export stand-ins for what the loo
 - the guidance gradient: :class:`~ate_fast.export.guidance_graph.MLPGuidanceGraph` or
   ``TransformerGuidanceGraph`` (the encoder's VJP written as forward ops) instead of
   autograd;
-- step noise: slices of the ``step_noise`` graph input instead of generator draws.
+- step noise: slices of the ``step_noise`` graph input instead of generator draws;
+- real-time chunking (a ``"policy_vjp"`` guidance): the head's own input-VJP
+  (``forward_with_vjp``, forward ops) instead of ``torch.autograd.grad``, the cotangent
+  from :class:`~ate_fast.export.guidance_graph.RTCGuidanceGraph` with ``prev_chunk`` and
+  ``delay`` graph inputs, and the guidance's coefficient tables in place of the sampler's.
 
 Buffers the loop updates in place become functional ops when ``torch.export`` traces it.
 """
@@ -28,12 +32,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ate_fast.export.guidance_graph import GuidanceGraph
+from ate_fast.export.guidance_graph import GuidanceGraph, RTCGuidanceGraph
 from ate_fast.export.signature import rebuild_cond
 from ate_fast.ops.constants import FLOAT32_MAX
 from ate_fast.ops.guided_step.ref import guided_step_reference
 from ate_fast.sampling import Run, Sampler, StepBuffers
 from ate_fast.sampling.inputs import check_output
+from ate_fast.sampling.sampler import forward_with_vjp_of
 
 
 class ModelTraceError(RuntimeError):
@@ -97,10 +102,34 @@ class _ExportRun(Run):
     """A :class:`Run` whose model call reports untraceable model functions and whose
     guidance gradient is the exported forward-op graph."""
 
-    def __init__(self, *, guide: Optional[GuidanceGraph], target: Optional[Tensor], **run: Any):
+    def __init__(
+        self,
+        *,
+        guide: Optional[GuidanceGraph],
+        target: Optional[Tensor],
+        prefix: tuple[Tensor, ...] = (),
+        **run: Any,
+    ):
         super().__init__(**run)
         self.guide = guide
         self.target = target
+        self.prefix = prefix  # RTC: (prev_chunk [B, H, D], delay int64 [B])
+        self.through_policy = isinstance(guide, RTCGuidanceGraph)
+        self.forward_with_vjp = forward_with_vjp_of(self.model_fn) if self.through_policy else None
+
+    def model_vjp(self, x: Tensor, t: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """RTC: ``g = p·u + q·(∂m/∂x)ᵀ u`` with the head's own pullback (forward ops)."""
+        if self.forward_with_vjp is None or self.guide is None:
+            raise AssertionError("ate_fast.export: a policy_vjp graph without its VJP (bug)")
+        try:
+            m, pullback = self.forward_with_vjp(x, t, self.cond)
+        except Exception as exc:
+            raise ModelTraceError(model_trace_message(exc)) from exc
+        m = check_output("model_fn", m, x)
+        p, q = p.view(-1, 1, 1), q.view(-1, 1, 1)
+        u = self.guide(p * x + q * m, *self.prefix)
+        g = p * u + q * pullback(u)
+        return m, check_output("guidance.gradient", g.to(x.dtype), x)
 
     def model(self, x: Tensor, t: Tensor) -> Tensor:
         try:
@@ -139,6 +168,9 @@ class SamplerGraph(nn.Module):
         guide: the guidance gradient graph, or None (unguided).
         cond_kind, cond_keys: the structure ``cond`` is rebuilt into for ``model_fn``.
         target_input: the graph takes ``target`` [B, d_z] after the cond inputs.
+        prefix_inputs: the graph takes ``prev_chunk`` [B, H, D] and ``delay`` int64 [B]
+            after the cond inputs (real-time chunking).
+        replaced: coefficient tables the guidance replaces (``guidance_coefficients``).
         step_noise_draws: N > 0: the graph takes ``step_noise`` [N, B, H, D] last.
         device: where the coefficient tables live (the example inputs' device).
     """
@@ -154,6 +186,8 @@ class SamplerGraph(nn.Module):
         target_input: bool = False,
         step_noise_draws: int = 0,
         device: Optional[torch.device] = None,
+        prefix_inputs: bool = False,
+        replaced: Optional[dict] = None,
     ) -> None:
         super().__init__()
         self.sampler = sampler
@@ -166,10 +200,12 @@ class SamplerGraph(nn.Module):
         self.cond_kind, self.cond_keys = cond_kind, list(cond_keys or [])
         self.num_cond = {"none": 0, "tensor": 1}.get(cond_kind, len(self.cond_keys))
         self.target_input = target_input
+        self.prefix_inputs = prefix_inputs
         self.step_noise_draws = step_noise_draws
-        self._coefficients = list(sampler.coefficient_tables)
+        tables = {**sampler.coefficient_tables, **(replaced or {})}
+        self._coefficients = list(tables)
         self._times = list(sampler.model_times)
-        for name, values in sampler.coefficient_tables.items():
+        for name, values in tables.items():
             table = torch.tensor(values, dtype=torch.float32, device=device)
             self.register_buffer(f"coef_{name}", table)
         for name, values in sampler.model_times.items():
@@ -188,17 +224,19 @@ class SamplerGraph(nn.Module):
         return rows
 
     def forward(self, noise: Tensor, *inputs: Tensor) -> Tensor:
-        """``noise`` [B, H, D], then the cond tensors, ``target`` [B, d_z] and
-        ``step_noise`` [N, B, H, D] as configured. Returns the actions [B, H, D]."""
+        """``noise`` [B, H, D], then the cond tensors, ``target`` [B, d_z] or
+        ``prev_chunk`` [B, H, D] and ``delay`` int64 [B], and ``step_noise`` [N, B, H, D]
+        as configured. Returns the actions [B, H, D]."""
         cond = rebuild_cond(self.cond_kind, self.cond_keys, list(inputs[: self.num_cond]))
         rest = list(inputs[self.num_cond :])
         target = rest.pop(0) if self.target_input else None
+        prefix = (rest.pop(0), rest.pop(0)) if self.prefix_inputs else ()
         draw = _StepNoise(rest.pop(0)) if self.step_noise_draws else None
         ws = StepBuffers(noise)
         run = _ExportRun(
             model_fn=self._model_fn[0], x=ws["x"], cond=cond, tables=self._rows(noise.shape[0]),
             ws=ws, launch=_ExportLaunch(self.scale, self.clamp), draw=draw,
-            guide=self.guide, target=target,
+            guide=self.guide, target=target, prefix=prefix,
         )  # fmt: skip
         run.x.copy_(noise)
         self.sampler.loop(run)

@@ -10,6 +10,10 @@ name            shape                        what
                                              dict/list of tensors becomes ``cond.<key>`` /
                                              ``cond.<i>`` inputs
 ``target``      [B, d_z] float32             z*, when guided with ``target_input=True``
+``prev_chunk``  [B, H, D] float32            real-time chunking: Y, the previous chunk
+                                             aligned to the new one
+``delay``       [B] int64                    real-time chunking: d, the inference delay
+                                             in steps (0 ≤ d ≤ H − s; picks the mask row)
 ``step_noise``  [N, B, H, D] float32         the N step-noise draws of a stochastic sampler
                                              (DDPM; DDIM with eta > 0), in the order the
                                              PyTorch sampler draws them
@@ -34,6 +38,8 @@ from torch import Tensor
 NOISE = "noise"
 COND = "cond"
 TARGET = "target"
+PREV_CHUNK = "prev_chunk"
+DELAY = "delay"
 STEP_NOISE = "step_noise"
 ACTIONS = "actions"
 BATCH_DIM = "batch"
@@ -103,6 +109,7 @@ class GraphSignature:
         cond_kind, cond_keys: the structure of ``cond`` (see :func:`cond_leaves`).
         cond_shapes: the shape of each ``cond`` input without its batch dim.
         target_dim: d_z when the graph has a ``target`` input, else None.
+        prefix_inputs: the graph has the ``prev_chunk`` and ``delay`` inputs (RTC).
         step_noise_draws: N, the number of step-noise draws (0: no ``step_noise`` input).
         dynamic_batch: B is symbolic; else ``batch`` is the only batch size.
         batch: the example batch (the graph's static batch when not dynamic).
@@ -127,6 +134,7 @@ class GraphSignature:
     opset: int = 18
     ate_fast_version: str = ""
     guidance_known: bool = True
+    prefix_inputs: bool = False
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -144,6 +152,8 @@ class GraphSignature:
         names = [NOISE, *self.cond_names]
         if self.target_dim is not None:
             names.append(TARGET)
+        if self.prefix_inputs:
+            names += [PREV_CHUNK, DELAY]
         if self.step_noise_draws:
             names.append(STEP_NOISE)
         return names
@@ -188,8 +198,13 @@ class GraphSignature:
         target: Optional[Tensor] = None,
         step_noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        *,
+        prev_chunk: Optional[Tensor] = None,
+        delay: Optional[Tensor] = None,
     ) -> dict[str, Tensor]:
         """The graph's inputs for one call, checked (errors name the argument).
+
+        RTC graphs: ``prev_chunk`` [B, H, D] and ``delay`` int64 [B] (or [], broadcast).
 
         ``target`` [d_z] is broadcast to [B, d_z]. Without ``step_noise``, a stochastic
         graph's draws come from ``generator`` exactly as the PyTorch sampler draws them.
@@ -239,6 +254,7 @@ class GraphSignature:
             feeds[TARGET] = target.to(device=noise.device, dtype=noise.dtype)
         elif target is not None:
             raise ValueError("target was given but the graph takes none (unguided or baked)")
+        feeds.update(self._prefix_feeds(noise, prev_chunk, delay))
         if self.step_noise_draws:
             if step_noise is None:
                 step_noise = draw_step_noise(self.step_noise_draws, noise, generator)
@@ -252,6 +268,41 @@ class GraphSignature:
         elif step_noise is not None:
             raise ValueError("step_noise was given but the sampler is deterministic")
         return feeds
+
+    def _prefix_feeds(
+        self, noise: Tensor, prev_chunk: Optional[Tensor], delay: Optional[Tensor]
+    ) -> dict[str, Tensor]:
+        if not self.prefix_inputs:
+            if prev_chunk is not None or delay is not None:
+                raise ValueError(
+                    "prev_chunk/delay were given but the graph takes none (exported without "
+                    "RTCGuidance)"
+                )
+            return {}
+        if not isinstance(prev_chunk, Tensor) or tuple(prev_chunk.shape) != tuple(noise.shape):
+            got = tuple(prev_chunk.shape) if isinstance(prev_chunk, Tensor) else prev_chunk
+            raise ValueError(
+                f"prev_chunk must be the previous chunk [B, H, D] = {list(noise.shape)} (this "
+                f"graph does real-time chunking), got {got}"
+            )
+        if not isinstance(delay, Tensor) or delay.dtype.is_floating_point or delay.ndim > 1:
+            raise ValueError(
+                "delay must be an integer tensor [B] or [] (d, the inference delay in steps), "
+                f"got {delay if not isinstance(delay, Tensor) else (delay.dtype, delay.shape)}"
+            )
+        delay = delay.to(device=noise.device, dtype=torch.int64).reshape(-1)
+        delay = delay.expand(noise.shape[0]) if delay.numel() == 1 else delay
+        if delay.shape[0] != noise.shape[0]:
+            raise ValueError(f"delay must have B = {noise.shape[0]} entries, got {delay.shape[0]}")
+        high = (self.guidance or {}).get("max_delay")
+        if high is not None and not bool(((delay >= 0) & (delay <= high)).all()):
+            raise ValueError(
+                f"delay must be in 0..H − execution_horizon = 0..{high}, got {delay.tolist()}"
+            )
+        return {
+            PREV_CHUNK: prev_chunk.to(device=noise.device, dtype=noise.dtype),
+            DELAY: delay.contiguous(),
+        }
 
 
 def draw_step_noise(
@@ -296,6 +347,7 @@ def signature_from_io(shapes: dict[str, tuple[int, ...]]) -> GraphSignature:
         kind, keys = "none", []
     target = shapes.get(TARGET)
     step = shapes.get(STEP_NOISE)
+    prefix = PREV_CHUNK in shapes and DELAY in shapes
     return GraphSignature(
         horizon=int(horizon),
         action_dim=int(action_dim),
@@ -307,4 +359,5 @@ def signature_from_io(shapes: dict[str, tuple[int, ...]]) -> GraphSignature:
         dynamic_batch=batch < 0,
         batch=max(int(batch), 1),
         guidance_known=False,
+        prefix_inputs=prefix,
     )

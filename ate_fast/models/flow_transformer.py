@@ -14,18 +14,21 @@ Structure (as the π0 action expert; our own implementation):
 4. Final RMSNorm, ``action_out``: Linear width -> D.
 
 Forward is shape-static and free of host syncs, so it captures in a CUDA graph and
-compiles with ``torch.compile(fullgraph=True)``.
+compiles with ``torch.compile(fullgraph=True)``. :meth:`FlowTransformerHead.forward_with_vjp`
+adds the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`) that real-time chunking
+pulls its guidance back through.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 
@@ -95,6 +98,13 @@ class _Block(nn.Module):
         self.down = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def forward(self, x: Tensor, cond: Optional[Tensor], cos: Tensor, sin: Tensor) -> Tensor:
+        return self.forward_saving(x, cond, cos, sin)[0]
+
+    def forward_saving(
+        self, x: Tensor, cond: Optional[Tensor], cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, BlockSaved]:
+        """The block on ``x`` [B, H, width] and what its input-VJP needs
+        (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`)."""
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
         context = h if cond is None else torch.cat([self.attn_norm(cond), h], dim=1)
@@ -104,13 +114,15 @@ class _Block(nn.Module):
         q = _rotate(q, cos[-horizon:], sin[-horizon:])
         k = _rotate(k, cos, sin)
         group = self.num_heads // self.num_kv_heads
+        k_all, v_all = k, v
         if group > 1:  # share each key/value head across its group of query heads
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.o(attn.transpose(1, 2).reshape(batch, horizon, -1))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.gelu(gate, approximate="tanh") * up)
+            k_all = k.repeat_interleave(group, dim=1)
+            v_all = v.repeat_interleave(group, dim=1)
+        attn = F.scaled_dot_product_attention(q, k_all, v_all)
+        x1 = x + self.o(attn.transpose(1, 2).reshape(batch, horizon, -1))
+        gate, up = self.gate_up(self.mlp_norm(x1)).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh")
+        return x1 + self.down(act * up), BlockSaved(x, q, k, v, x1, gate, up, act)
 
 
 class FlowTransformerHead(nn.Module):
@@ -136,6 +148,37 @@ class FlowTransformerHead(nn.Module):
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        tokens, _, cos, sin = self._embed(x, t, cond)
+        for block in self.blocks:
+            tokens = block(tokens, cond, cos, sin)
+        return self.action_out(self.final_norm(tokens))
+
+    def forward_with_vjp(
+        self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``(out, pullback)``: ``out`` = ``forward(x, t, cond)`` [B, H, D] (the same ops,
+        so bit for bit) and ``pullback(u [B, H, D]) -> (∂out/∂x)ᵀ u`` [B, H, D], the
+        input-VJP written in forward ops (RMSNorm, attention, softmax, rotary, gated-GELU
+        backward; t and cond are constants, no weight gradient is formed). Runs without
+        autograd (``no_grad`` / ``inference_mode`` too), captures in a CUDA graph, and
+        exports to ONNX like any forward."""
+        tokens, pre_silu, cos, sin = self._embed(x, t, cond)
+        saved = []
+        for block in self.blocks:
+            tokens, kept = block.forward_saving(tokens, cond, cos, sin)
+            saved.append(kept)
+        out = self.action_out(self.final_norm(tokens))
+
+        def pullback(u: Tensor) -> Tensor:
+            return head_input_vjp(self, u, tokens, saved, pre_silu, cos, sin)
+
+        return out, pullback
+
+    def _embed(
+        self, x: Tensor, t: Tensor, cond: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width], cos, sin
+        [L + H, hd/2])`` for the blocks."""
         cfg = self.config
         check_head_inputs(
             "FlowTransformerHead", x, t, cond, cfg.horizon, cfg.action_dim, (-1, cfg.width)
@@ -144,11 +187,10 @@ class FlowTransformerHead(nn.Module):
         tokens = self.action_in(x)
         time = sinusoidal_embedding(t * cfg.time_scale, cfg.width, cfg.min_period, cfg.max_period)
         time = time.to(tokens.dtype)[:, None, :].expand(-1, horizon, -1)
-        tokens = self.time_mlp_out(F.silu(self.time_mlp_in(torch.cat([tokens, time], dim=-1))))
+        pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
+        tokens = self.time_mlp_out(F.silu(pre_silu))
         length = horizon + (0 if cond is None else cond.shape[1])
         positions = torch.arange(length, device=x.device, dtype=torch.float32)
         angle = positions[:, None] * self.rope_inv_freq.to(x.device)[None, :]
         cos, sin = angle.cos().to(tokens.dtype), angle.sin().to(tokens.dtype)
-        for block in self.blocks:
-            tokens = block(tokens, cond, cos, sin)
-        return self.action_out(self.final_norm(tokens))
+        return tokens, pre_silu, cos, sin

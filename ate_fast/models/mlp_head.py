@@ -4,12 +4,17 @@
 embedding, the optional cond [B, cond_dim] and a learned per-step embedding added to the
 first layer (so steps are told apart). ``flatten=True``: one MLP maps the whole chunk
 [B, H·D] (with time and cond concatenated) to [B, H·D].
+
+:meth:`MLPHead.forward_with_vjp` is the input-VJP real-time chunking needs: the same
+forward (the same ops, so the same output bit for bit), keeping each SiLU's input, and
+a pullback ``u -> (∂out/∂x)ᵀ u`` written in forward ops (transposed matmuls and the SiLU
+derivative; no autograd tape, no weight gradients), so it also exports to ONNX.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +71,33 @@ class MLPHead(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self._forward_saving(x, t, cond)[0]
+
+    def forward_with_vjp(
+        self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``(out, pullback)``: ``out`` = ``forward(x, t, cond)`` [B, H, D] (bit for bit) and
+        ``pullback(u [B, H, D]) -> (∂out/∂x)ᵀ u`` [B, H, D], the input-VJP in forward ops
+        (t and cond are constants; no weight gradient is formed). Runs without autograd
+        (under ``no_grad`` / ``inference_mode`` too) and captures in a CUDA graph."""
+        out, pres = self._forward_saving(x, t, cond)
+        flatten = self.config.flatten
+        linears = [m for m in self.body if isinstance(m, nn.Linear)]
+        slopes = [_silu_slope(pre) for pre in pres]  # σ(h)·(1 + h·(1 − σ(h))) per layer
+
+        def pullback(u: Tensor) -> Tensor:
+            g = u.flatten(1) if flatten else u
+            for linear, slope in zip(reversed(linears), reversed(slopes)):
+                g = (g @ linear.weight) * slope
+            return (g @ self.input.weight).view_as(x)
+
+        return out, pullback
+
+    def _forward_saving(
+        self, x: Tensor, t: Tensor, cond: Optional[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The forward [B, H, D] and the input of every SiLU ([B, H, hidden]; flatten:
+        [B, hidden])."""
         cfg = self.config
         cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
         check_head_inputs(
@@ -80,6 +112,18 @@ class MLPHead(nn.Module):
             context = torch.cat([context, cond], dim=-1)
         ctx = self.context(context)  # [B, hidden]
         if cfg.flatten:
-            out = self.body(self.input(x.flatten(1)) + ctx)
-            return out.view_as(x)
-        return self.body(self.input(x) + ctx[:, None, :] + self.step)
+            h = self.input(x.flatten(1)) + ctx
+        else:
+            h = self.input(x) + ctx[:, None, :] + self.step
+        pres = []
+        for module in self.body:
+            if isinstance(module, nn.SiLU):
+                pres.append(h)
+            h = module(h)
+        return (h.view_as(x) if cfg.flatten else h), pres
+
+
+def _silu_slope(h: Tensor) -> Tensor:
+    """d silu(h)/dh = σ(h)·(1 + h·(1 − σ(h))), element-wise."""
+    s = torch.sigmoid(h)
+    return s * (1 + h * (1 - s))

@@ -67,6 +67,15 @@ def _check_chunk(prev_chunk: object, check_finite: bool) -> Tensor:
     return prev_chunk
 
 
+def _delay_tensor(delay: Delay, batch: int) -> Tensor:
+    """A checked ``delay`` (int, B ints, or an int CPU tensor [] / [B]) as int64 CPU [B]."""
+    if isinstance(delay, Tensor):
+        return delay.to(torch.int64).reshape(-1).expand(batch).clone()
+    if isinstance(delay, Sequence):
+        return torch.tensor([int(d) for d in delay], dtype=torch.int64)
+    return torch.full((batch,), int(delay), dtype=torch.int64)
+
+
 class RTCGuidance:
     """Real-time chunking (implements :class:`ate_fast.Guidance`, mode ``"policy_vjp"``).
 
@@ -92,7 +101,9 @@ class RTCGuidance:
     The previous chunk and the mask live in static buffers that :meth:`set_prefix`
     overwrites in place, so one ``sampler.capture(...)`` serves every control tick and
     every delay: call ``set_prefix(Y, d)``, then the captured sampler. The buffers keep the
-    first prev_chunk's shape, dtype and device. ``scale`` is 1 and ``clamp`` inf (the
+    first prev_chunk's shape, dtype and device. ``delays`` (int64 CPU [B]) records the
+    delay last set (None after :meth:`clear_prefix`): what an exported graph's ``delay``
+    input is fed (``ate_fast.export.OnnxRuntimeSampler``). ``scale`` is 1 and ``clamp`` inf (the
     weight's clip is β); β, s, the schedule and the convention are fixed at construction.
     """
 
@@ -131,6 +142,7 @@ class RTCGuidance:
         self.prev_chunk: Optional[Tensor] = None  # Y [B, H, D], static
         self.weights: Optional[Tensor] = None  # W [B, H, 1], static
         self._table: Optional[Tensor] = None  # [H − s + 1, H]: row d is W for delay d
+        self.delays: Optional[Tensor] = None  # d per sample, int64 CPU [B] (None: cleared)
         if prev_chunk is not None:
             self.set_prefix(prev_chunk, delay)
 
@@ -170,6 +182,7 @@ class RTCGuidance:
         rows = self._delay_rows(delay, y.shape[0], table)
         y.copy_(prev_chunk)
         w.copy_(rows.unsqueeze(-1).expand_as(w))
+        self.delays = _delay_tensor(delay, y.shape[0])
 
     def clear_prefix(self) -> None:
         """Zero the mask: the guidance then changes nothing (g = 0; e.g. the first tick,
@@ -177,6 +190,7 @@ class RTCGuidance:
         if self.weights is None:
             raise InvalidArgumentError("clear_prefix() needs a prefix: call set_prefix() first")
         self.weights.zero_()
+        self.delays = None
 
     def _allocate(self, prev_chunk: Tensor) -> None:
         horizon = prev_chunk.shape[1]

@@ -11,13 +11,14 @@ with its own :class:`Run` (these four names are the sampler's export seam).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
 from ate_fast.guidance import POLICY_VJP, SCALAR_SLOPE_MODES, Guidance, check_guidance
@@ -29,6 +30,8 @@ from ate_fast.sampling.noise import NoiseDraw
 from ate_fast.sampling.workspace import StepBuffers, StepTables
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
+# forward_with_vjp(x, t, cond) -> (out [B, H, D], pullback: u [B, H, D] -> (∂out/∂x)ᵀ u)
+ForwardWithVJP = Callable[[Tensor, Tensor, Any], tuple[Tensor, Callable[[Tensor], Tensor]]]
 StepCallback = Callable[[int, Tensor], None]
 _TABLE_CACHE_SIZE = 8
 
@@ -56,6 +59,30 @@ def check_choice(name: str, value: object, choices: tuple) -> str:
     if value not in choices:
         raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def forward_with_vjp_of(model_fn: ModelFn) -> Optional[ForwardWithVJP]:
+    """``model_fn``'s own input-VJP, ``forward_with_vjp(x, t, cond) -> (out, pullback)``
+    with ``pullback(u [B, H, D]) -> (∂out/∂x)ᵀ u`` [B, H, D], or None (use autograd).
+
+    Found when ``model_fn`` is an ``nn.Module`` (or its bound ``forward``) whose class
+    defines ``forward_with_vjp`` next to the ``forward`` that runs — a subclass that
+    overrides ``forward`` but not ``forward_with_vjp`` would differentiate another
+    function, so it gets autograd — and that has no forward hooks (they would be skipped).
+    The reference heads (:mod:`ate_fast.models`: MLPHead, FlowTransformerHead) qualify.
+    """
+    owner = model_fn
+    if inspect.ismethod(model_fn) and model_fn.__name__ in ("forward", "__call__"):
+        owner = model_fn.__self__
+    if not isinstance(owner, nn.Module):
+        return None
+    cls = type(owner)
+    home = next((c for c in cls.__mro__ if "forward_with_vjp" in vars(c)), None)
+    if home is None or vars(home).get("forward") is not cls.forward:
+        return None
+    if owner._forward_hooks or owner._forward_pre_hooks:
+        return None
+    return owner.forward_with_vjp
 
 
 class Run:
@@ -96,6 +123,8 @@ class Run:
         self.step = 0  # the step k being computed (step_done(k) moves on to k + 1)
         # policy_vjp guidance differentiates through model_fn (see evaluate()).
         self.through_policy = guidance is not None and guidance.mode == POLICY_VJP
+        # the head's own input-VJP when it has one (else autograd): see model_vjp()
+        self.forward_with_vjp = forward_with_vjp_of(model_fn) if self.through_policy else None
 
     def model(self, x: Tensor, t: Tensor) -> Tensor:
         """The unguided model output at ``x`` [B, H, D], time ``t`` [B]."""
@@ -137,18 +166,29 @@ class Run:
         return m, self.gradient(x, m, p, q, dx0_dx)
 
     def model_vjp(self, x: Tensor, t: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-        """``(m, g)`` for a ``"policy_vjp"`` guidance: the model runs with autograd at a
-        leaf ``x``; the guidance returns the cotangent ``u = ∇_{x0_hat} y`` [B, H, D] at
-        ``x0_hat = p·x + q·m(x)``, and ``g = (∂x0_hat/∂x)ᵀ u = p·u + q·(∂m/∂x)ᵀ u``.
+        """``(m, g)`` for a ``"policy_vjp"`` guidance: the guidance returns the cotangent
+        ``u = ∇_{x0_hat} y`` [B, H, D] at ``x0_hat = p·x + q·m(x)``, and
+        ``g = (∂x0_hat/∂x)ᵀ u = p·u + q·(∂m/∂x)ᵀ u``.
 
-        Capturable: static shapes, no host sync (the backward is captured with the
-        forward in a CUDA graph; only ``x``'s gradient is computed, never the weights').
+        The VJP through the model is the head's own ``forward_with_vjp`` when it has one
+        (:func:`forward_with_vjp_of`: the reference heads of :mod:`ate_fast.models`; forward
+        ops only, no autograd tape); otherwise the model runs with autograd at a leaf ``x``
+        and one ``torch.autograd.grad`` pulls ``u`` back. Capturable either way: static
+        shapes, no host sync (the backward is captured with the forward in a CUDA graph;
+        only ``x``'s gradient is computed, never the weights').
         """
+        if self.forward_with_vjp is not None:
+            m, pullback = self.forward_with_vjp(x, t, self.cond)
+            m = check_output("model_fn", m, x)
+            x0_hat = (p.view(-1, 1, 1) * x + q.view(-1, 1, 1) * m).to(x.dtype)
+            u = check_output("guidance.gradient", self.guidance.gradient(x, x0_hat, p), x)
+            g = p.view(-1, 1, 1) * u + q.view(-1, 1, 1) * pullback(u)
+            return self._observed(m, check_output("guidance.gradient", g.to(x.dtype), x))
         if torch.is_inference_mode_enabled() or x.is_inference():
             raise InvalidArgumentError(
                 f"guidance.mode={POLICY_VJP!r} differentiates through model_fn, which "
                 "torch.inference_mode() forbids: sample outside inference_mode (no_grad is "
-                "fine)"
+                "fine; the reference heads' own input-VJP needs neither)"
             )
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
@@ -156,8 +196,9 @@ class Run:
             x0_hat = (p.view(-1, 1, 1) * leaf + q.view(-1, 1, 1) * m).to(x.dtype)
             u = check_output("guidance.gradient", self.guidance.gradient(x, x0_hat.detach(), p), x)
             (g,) = torch.autograd.grad(x0_hat, leaf, u)
-        m = m.detach()
-        g = check_output("guidance.gradient", g, x)
+        return self._observed(m.detach(), check_output("guidance.gradient", g, x))
+
+    def _observed(self, m: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         if self.finite is not None:
             self.finite.observe(self.step, "model_fn", m)
             self.finite.observe(self.step, "guidance.gradient", g)

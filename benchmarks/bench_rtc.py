@@ -1,0 +1,216 @@
+"""Real-time chunking (RTC) latency per policy head: the captured RTC call vs the
+unguided captured call, and vs the eager autograd RTC loop a user writes.
+
+Run:  pytest benchmarks/bench_rtc.py -k cpu -p no:cacheprovider --benchmark-json=rtc.json
+      python benchmarks/bench_rtc.py rtc.json      (the ratios: min per chunk, median)
+      ATE_FAST_RTC_DRY_RUN=1 pytest benchmarks/bench_rtc.py -k cuda --benchmark-disable
+          (no GPU: the GPU rows, built and checked on the CPU, π0-expert cut to 2 blocks)
+
+Problem: flow Euler 10 (openpi grid), B = 1, each head at H = 50, D = 32, no conditioning;
+``RTCGuidance(Y, d=5, execution_horizon=20)`` (β = 5, "exp" mask). Heads:
+``mlp-small``, ``flow-transformer-small`` (CPU and GPU) and ``flow-transformer-pi0-expert``
+(GPU; ``ATE_FAST_RTC_CPU=full`` adds it to the CPU rows: seconds per call on one thread).
+
+Rows (``extra_info["impl"]``):
+
+- ``unguided``: ``sampler.capture(noise)`` replayed (the cost RTC adds to).
+- ``rtc``: ``sampler.capture(noise, guidance=rtc)`` replayed: the head's own input-VJP
+  (``forward_with_vjp``), forward ops only.
+- ``rtc_autograd``: the same capture with the head behind a lambda, so the sampler takes
+  the VJP by ``torch.autograd.grad`` (what the hand-written VJP saves).
+- ``eager``: the loop a user writes (LeRobot's ``RTCProcessor`` style): per step
+  ``x.requires_grad_()``, ``v = model(x, t)``, ``x1 = x − t·v``, ``err = (Y − x1)·W``,
+  ``g = autograd.grad(x1, x, err)``, ``v′ = v − min(β, w(t))·g``, Euler step.
+
+Before timing, ``rtc_autograd`` and ``eager`` are checked against ``rtc`` (max error ≤
+``ATOL_REL``·max|ref|). CPU: one torch thread; every row runs as ``CHUNKS`` alternating
+chunks (unguided, rtc, rtc_autograd, eager, unguided, …) so that all rows sample the same
+stretches of a shared machine's load; the figures are, per chunk, the ratio of two rows'
+fastest rounds, and their median over the chunks (``python benchmarks/bench_rtc.py``).
+GPU: a round is ``GPU_CALLS`` calls and one synchronisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+import ate_fast
+from ate_fast.models import make_head
+from ate_fast.realtime import RTCGuidance
+from ate_fast.realtime.rtc import rtc_guidance_weight
+
+B, H, D = 1, 50, 32
+STEPS = 10
+DELAY, EXECUTION_HORIZON, BETA = 5, 20, 5.0
+HEADS = {
+    "mlp-small": ("mlp", "small"),
+    "flow-transformer-small": ("flow-transformer", "small"),
+    "flow-transformer-pi0-expert": ("flow-transformer", "pi0-expert"),
+}
+ROWS = ("unguided", "rtc", "rtc_autograd", "eager")
+# float32: every row but "unguided" computes the same function as "rtc" (the tolerances of
+# bench_heads.py, relative to max|ref|: float32 rounding, never timings)
+ATOL_REL = {"cpu": 5e-5, "cuda": 2e-4}
+CHUNKS = {"cpu": 5, "cuda": 1}
+ROUNDS = {"cpu": 10, "cuda": 20}
+GPU_CALLS = 10
+THREADS = 1
+DRY_RUN = os.environ.get("ATE_FAST_RTC_DRY_RUN") == "1"
+HAS_GPU = torch.cuda.is_available()
+
+
+def _cases():
+    cpu_heads = tuple(HEADS) if os.environ.get("ATE_FAST_RTC_CPU") == "full" else tuple(HEADS)[:2]
+    for device, heads in (("cpu", cpu_heads), ("cuda", tuple(HEADS))):
+        if device == "cuda" and not (HAS_GPU or DRY_RUN):
+            continue
+        for head in heads:
+            for chunk in range(CHUNKS[device]):
+                for row in ROWS:
+                    yield pytest.param(
+                        device, head, chunk, row, id=f"{device}-{head}-{chunk}-{row}"
+                    )
+
+
+def build_head(key: str, device: str) -> torch.nn.Module:
+    """The head on ``device`` (the dry run of the GPU rows on the CPU: π0-expert cut to two
+    of its 18 blocks, the same structure)."""
+    torch.manual_seed(0)
+    name, config = HEADS[key]
+    overrides = {"depth": 2} if DRY_RUN and not HAS_GPU and key.endswith("pi0-expert") else {}
+    return make_head(name, config, horizon=H, action_dim=D, **overrides).to(device).eval()
+
+
+def eager_rtc_loop(model: Callable, prev: torch.Tensor, weights: torch.Tensor) -> Callable:
+    """``loop(noise) -> actions``: the RTC loop written out with autograd (openpi
+    convention: t = 1 noise -> 0, x̂₁ = x − t·v, v′ = v − min(β, w(t))·g)."""
+    times = [1.0 - k / STEPS for k in range(STEPS)]
+    guidance_weight = rtc_guidance_weight(torch.tensor(times).numpy(), BETA).tolist()
+    device = prev.device
+    t_vecs = [torch.full((B,), t, device=device) for t in times]
+
+    def loop(noise: torch.Tensor) -> torch.Tensor:
+        x = noise
+        for k, t in enumerate(times):
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                v = model(x, t_vecs[k], None)
+                x1 = x - t * v
+                err = (prev - x1) * weights
+                (g,) = torch.autograd.grad(x1, x, err)
+            x = (x + (-1.0 / STEPS) * (v - guidance_weight[k] * g)).detach()
+        return x
+
+    return loop
+
+
+def rows(key: str, device: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every row's call (no arguments) on the same noise, previous chunk and delay."""
+    head = build_head(key, device)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(B, H, D, generator=gen).to(device)
+    prev = torch.randn(B, H, D, generator=gen).to(device)
+    rtc = RTCGuidance(prev, DELAY, execution_horizon=EXECUTION_HORIZON, max_guidance_weight=BETA)
+    fast = ate_fast.FlowSampler(head, STEPS)
+    slow = ate_fast.FlowSampler(lambda x, t, c: head(x, t, c), STEPS)
+    with torch.no_grad():
+        unguided = fast.capture(noise, check_finite=False)
+        captured = fast.capture(noise, guidance=rtc, check_finite=False)
+        captured_autograd = slow.capture(noise, guidance=rtc, check_finite=False)
+    loop = eager_rtc_loop(head, prev, rtc.weights)
+    return {
+        "unguided": lambda: unguided(noise),
+        "rtc": lambda: captured(noise),
+        "rtc_autograd": lambda: captured_autograd(noise),
+        "eager": lambda: loop(noise),
+    }
+
+
+_ROWS_CACHE: dict[tuple[str, str], dict] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("device", "head", "chunk", "row"), list(_cases()))
+def test_rtc(benchmark, time_calls, device, head, chunk, row):
+    key = (device if HAS_GPU or device == "cpu" else "cpu", head)
+    target = key[0]
+    if key not in _ROWS_CACHE:
+        _ROWS_CACHE.clear()  # one head's captures alive at a time (π0-expert's memory)
+        calls = rows(head, target)
+        with torch.no_grad():
+            ref = calls["rtc"]().clone()
+            for name in ("rtc_autograd", "eager"):
+                err = float((calls[name]() - ref).abs().max() / ref.abs().max())
+                assert err <= ATOL_REL[device], f"{head} {name}: relative error {err:.3g}"
+            assert float((calls["unguided"]() - ref).abs().max()) > 1e-3  # RTC acts
+        _ROWS_CACHE[key] = calls
+    fn = _ROWS_CACHE[key][row]
+    benchmark.group = f"{device} rtc {head} flow-euler-10 B={B}"
+    benchmark.extra_info.update(
+        impl=row, device=device, head=head, chunk=chunk, threads=torch.get_num_threads(),
+        dry_run=DRY_RUN and not HAS_GPU,
+    )  # fmt: skip
+    with torch.no_grad():
+        for _ in range(2):  # warm-up: allocator, the first (recording) call of a capture
+            fn()
+        if device == "cuda":
+            time_calls(fn, target, GPU_CALLS, rounds=ROUNDS[device])
+        else:
+            benchmark.pedantic(fn, rounds=ROUNDS[device], iterations=1, warmup_rounds=1)
+
+
+# ------------------------------------------------------------------------------ ratios
+RATIOS = (("rtc", "unguided"), ("eager", "rtc"), ("rtc_autograd", "rtc"))
+
+
+def ratios(bench: dict) -> dict[str, dict[str, float]]:
+    """group -> ``"a/b"`` -> the median over chunks of (a's fastest round / b's), for the
+    pairs in :data:`RATIOS` (rtc/unguided: RTC's cost; eager/rtc and rtc_autograd/rtc:
+    how much faster the captured RTC call is)."""
+    chunks: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for entry in bench.get("benchmarks", []):
+        extra = entry.get("extra_info", {})
+        per_call = entry["stats"]["min"] / extra.get("calls", 1)
+        chunks[entry["group"]][extra.get("chunk", 0)][extra["impl"]] = per_call
+    out: dict[str, dict[str, float]] = {}
+    for group, per_chunk in chunks.items():
+        figures = {}
+        for a, b in RATIOS:
+            values = [c[a] / c[b] for c in per_chunk.values() if a in c and b in c]
+            if values:
+                figures[f"{a}/{b}"] = statistics.median(values)
+        fastest = {impl: min(c[impl] for c in per_chunk.values() if impl in c) for impl in ROWS}
+        figures.update({f"{impl} ms": 1e3 * s for impl, s in fastest.items()})
+        out[group] = figures
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(__doc__)
+        return 2
+    for path in args:
+        for group, figures in ratios(json.loads(open(path).read())).items():
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+            print(f"{group}: {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

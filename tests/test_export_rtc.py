@@ -1,0 +1,133 @@
+"""ONNX export of real-time chunking: the previous chunk Y and the delay d are graph
+inputs, the VJP through the head is its own ``forward_with_vjp`` (forward ops), and ONNX
+Runtime computes what ``FlowSampler.sample(..., guidance=RTCGuidance)`` does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ate_fast
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import make_head
+from ate_fast.realtime import RTCGuidance
+
+onnx = pytest.importorskip("onnx")  # the `test` extra installs onnx, onnxruntime, onnxscript
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from ate_fast.export import (  # noqa: E402
+    GuidanceExportError,
+    OnnxRuntimeSampler,
+    read_signature,
+    relative_error,
+    to_onnx,
+)
+
+H, D, S = 16, 4, 5  # horizon, action dim, execution horizon: delays 0..H − S = 11
+# max |onnx − torch| / max |torch| in float32 (as tests/test_export_cases.py); measured
+# 1.8e-7 (MLP) and 5.5e-6 (flow transformer) on these cases
+PARITY_TOLERANCE = 1e-4
+HEADS = {
+    "mlp": lambda: make_head("mlp", "small", horizon=H, action_dim=D, cond_dim=6),
+    "flow-transformer-small": lambda: make_head(
+        "flow-transformer", "small", horizon=H, action_dim=D, depth=2
+    ),
+}
+
+
+def _cond(key: str, batch: int, gen: torch.Generator) -> torch.Tensor:
+    shape = (batch, 6) if key == "mlp" else (batch, 3, 256)
+    return torch.randn(shape, generator=gen)
+
+
+@pytest.fixture(scope="module", params=list(HEADS))
+def exported(request, tmp_path_factory):
+    torch.manual_seed(0)
+    head = HEADS[request.param]().eval()
+    gen = torch.Generator().manual_seed(1)
+    noise, prev = torch.randn(2, H, D, generator=gen), torch.randn(2, H, D, generator=gen)
+    cond = _cond(request.param, 2, gen)
+    sampler = ate_fast.FlowSampler(head, num_steps=4, method="heun")
+    rtc = RTCGuidance(prev, 2, execution_horizon=S)
+    path = to_onnx(sampler, tmp_path_factory.mktemp("rtc") / "rtc.onnx", noise, cond, rtc)
+    return request.param, sampler, rtc, path, (noise, cond, prev)
+
+
+def test_graph_takes_prev_chunk_and_delay(exported):
+    _, _, _, path, _ = exported
+    signature = read_signature(path)
+    assert signature.input_names == ["noise", "cond", "prev_chunk", "delay"]
+    assert signature.guidance["guidance"] == "rtc"
+    assert signature.guidance["max_delay"] == H - S
+    model = onnx.load(str(path))
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert types["delay"] == onnx.TensorProto.INT64
+    assert types["prev_chunk"] == onnx.TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("delay", [0, 3, [1, 9]], ids=["d0", "d3", "per-sample"])
+def test_onnxruntime_matches_pytorch_for_every_delay(exported, delay):
+    key, sampler, rtc, path, (noise, cond, prev) = exported
+    runner = OnnxRuntimeSampler(path)
+    rtc.set_prefix(prev, delay)
+    with torch.no_grad():
+        want = sampler.sample(noise, cond, guidance=rtc).clone()
+        unguided = sampler.sample(noise, cond)
+    got = runner.sample(noise, cond, guidance=rtc)  # feeds rtc.prev_chunk and rtc.delays
+    assert relative_error(got, want) < PARITY_TOLERANCE, key
+    assert relative_error(unguided, want) > 1e-2  # the guidance acts
+    explicit = runner.sample(noise, cond, prev_chunk=prev, delay=torch.tensor(delay))
+    assert torch.equal(explicit, got)
+
+
+def test_dynamic_batch(exported):
+    key, sampler, _, path, _ = exported
+    gen = torch.Generator().manual_seed(2)
+    noise, prev = torch.randn(3, H, D, generator=gen), torch.randn(3, H, D, generator=gen)
+    cond = _cond(key, 3, gen)
+    other = RTCGuidance(prev, [0, 4, 11], execution_horizon=S)
+    with torch.no_grad():
+        want = sampler.sample(noise, cond, guidance=other)
+    got = OnnxRuntimeSampler(path).sample(noise, cond, guidance=other)
+    assert relative_error(got, want) < PARITY_TOLERANCE
+
+
+def test_runner_errors_name_the_argument(exported):
+    _, _, rtc, path, (noise, cond, prev) = exported
+    runner = OnnxRuntimeSampler(path)
+    with pytest.raises(ValueError, match="prev_chunk must be the previous chunk"):
+        runner.sample(noise, cond)
+    with pytest.raises(ValueError, match=r"delay must be in 0\.\.H − execution_horizon = 0\.\.11"):
+        runner.sample(noise, cond, prev_chunk=prev, delay=torch.tensor([0, 12]))
+    with pytest.raises(ValueError, match="delay must be an integer tensor"):
+        runner.sample(noise, cond, prev_chunk=prev, delay=torch.tensor(1.0))
+    with pytest.raises(InvalidArgumentError, match="either guidance or prev_chunk"):
+        runner.sample(noise, cond, guidance=rtc, prev_chunk=prev)
+    other = RTCGuidance(prev, 1, execution_horizon=S + 1)
+    with pytest.raises(InvalidArgumentError, match=r"guidance\.execution_horizon is 6"):
+        runner.sample(noise, cond, guidance=other)
+    cleared = RTCGuidance(prev, 1, execution_horizon=S)
+    cleared.clear_prefix()
+    with pytest.raises(InvalidArgumentError, match=r"call guidance\.set_prefix"):
+        runner.sample(noise, cond, guidance=cleared)
+
+
+def test_refused_guidance_and_models(tmp_path):
+    torch.manual_seed(0)
+    head = HEADS["mlp"]().eval()
+    noise, prev, cond = torch.randn(1, H, D), torch.randn(1, H, D), torch.randn(1, 6)
+
+    class OtherVJP:
+        scale, clamp, mode = 1.0, float("inf"), "policy_vjp"
+
+        def gradient(self, x, x0_hat, dx0_dx):
+            return torch.zeros_like(x)
+
+    sampler = ate_fast.FlowSampler(head, num_steps=2)
+    with pytest.raises(GuidanceExportError, match=r"only ate_fast\.realtime\.RTCGuidance"):
+        to_onnx(sampler, tmp_path / "g.onnx", noise, cond, OtherVJP())
+    unet = make_head("unet1d", "small", horizon=H, action_dim=D, cond_dim=6).eval()
+    rtc = RTCGuidance(prev, 1, execution_horizon=S)
+    with pytest.raises(GuidanceExportError, match="no input-VJP of its own"):
+        to_onnx(ate_fast.FlowSampler(unet, 2), tmp_path / "g.onnx", noise, cond, rtc)
