@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
-from ate_fast.models.head_inputs import check_head_inputs
+from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 
 
@@ -149,9 +149,10 @@ class FlowTransformerHead(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         tokens, _, cos, sin = self._embed(x, t, cond)
+        cond = in_dtype(cond, tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens, cond, cos, sin)
-        return self.action_out(self.final_norm(tokens))
+        return self.action_out(self.final_norm(tokens)).to(x.dtype)
 
     def forward_with_vjp(
         self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None
@@ -163,16 +164,28 @@ class FlowTransformerHead(nn.Module):
         autograd (``no_grad`` / ``inference_mode`` too), captures in a CUDA graph, and
         exports to ONNX like any forward."""
         tokens, pre_silu, cos, sin = self._embed(x, t, cond)
+        cond = in_dtype(cond, tokens.dtype)
         saved = []
         for block in self.blocks:
             tokens, kept = block.forward_saving(tokens, cond, cos, sin)
             saved.append(kept)
-        out = self.action_out(self.final_norm(tokens))
+        out = self.action_out(self.final_norm(tokens)).to(x.dtype)
 
         def pullback(u: Tensor) -> Tensor:
-            return head_input_vjp(self, u, tokens, saved, pre_silu, cos, sin)
+            grad = head_input_vjp(self, u.to(tokens.dtype), tokens, saved, pre_silu, cos, sin)
+            return grad.to(x.dtype)
 
         return out, pullback
+
+    def _rope_inv_freq(self, device: torch.device) -> Tensor:
+        """The rotary frequencies in float32 [hd/2] (recomputed when the module was cast to
+        a lower precision, which rounds the buffer too)."""
+        inv_freq = self.rope_inv_freq
+        if inv_freq.dtype != torch.float32:
+            half = self.config.head_dim // 2
+            exponent = -torch.arange(half, dtype=torch.float32) / half
+            inv_freq = self.config.rope_base**exponent
+        return inv_freq.to(device)
 
     def _embed(
         self, x: Tensor, t: Tensor, cond: Optional[Tensor]
@@ -180,17 +193,19 @@ class FlowTransformerHead(nn.Module):
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width], cos, sin
         [L + H, hd/2])`` for the blocks."""
         cfg = self.config
+        dtype = self.action_in.weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
         check_head_inputs(
-            "FlowTransformerHead", x, t, cond, cfg.horizon, cfg.action_dim, (-1, cfg.width)
-        )
+            "FlowTransformerHead", x, t, cond, cfg.horizon, cfg.action_dim, (-1, cfg.width),
+            weight_dtype=dtype,
+        )  # fmt: skip
         horizon = x.shape[1]
-        tokens = self.action_in(x)
+        tokens = self.action_in(x.to(dtype))
         time = sinusoidal_embedding(t * cfg.time_scale, cfg.width, cfg.min_period, cfg.max_period)
         time = time.to(tokens.dtype)[:, None, :].expand(-1, horizon, -1)
         pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
         tokens = self.time_mlp_out(F.silu(pre_silu))
         length = horizon + (0 if cond is None else cond.shape[1])
         positions = torch.arange(length, device=x.device, dtype=torch.float32)
-        angle = positions[:, None] * self.rope_inv_freq.to(x.device)[None, :]
+        angle = positions[:, None] * self._rope_inv_freq(x.device)[None, :]
         cos, sin = angle.cos().to(tokens.dtype), angle.sin().to(tokens.dtype)
         return tokens, pre_silu, cos, sin

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ate_fast.models.head_inputs import check_head_inputs
+from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 
 
@@ -81,46 +81,49 @@ class MLPHead(nn.Module):
         (t and cond are constants; no weight gradient is formed). Runs without autograd
         (under ``no_grad`` / ``inference_mode`` too) and captures in a CUDA graph."""
         out, pres = self._forward_saving(x, t, cond)
-        flatten = self.config.flatten
+        flatten, dtype = self.config.flatten, self.input.weight.dtype
         linears = [m for m in self.body if isinstance(m, nn.Linear)]
         slopes = [_silu_slope(pre) for pre in pres]  # σ(h)·(1 + h·(1 − σ(h))) per layer
 
         def pullback(u: Tensor) -> Tensor:
-            g = u.flatten(1) if flatten else u
+            g = u.to(dtype)
+            g = g.flatten(1) if flatten else g
             for linear, slope in zip(reversed(linears), reversed(slopes)):
                 g = (g @ linear.weight) * slope
-            return (g @ self.input.weight).view_as(x)
+            return (g @ self.input.weight).view_as(x).to(x.dtype)
 
         return out, pullback
 
     def _forward_saving(
         self, x: Tensor, t: Tensor, cond: Optional[Tensor]
     ) -> tuple[Tensor, list[Tensor]]:
-        """The forward [B, H, D] and the input of every SiLU ([B, H, hidden]; flatten:
-        [B, hidden])."""
+        """The forward [B, H, D] (in ``x``'s dtype) and the input of every SiLU
+        ([B, H, hidden]; flatten: [B, hidden]), computed in the weights' dtype."""
         cfg = self.config
+        dtype = self.input.weight.dtype
         cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
         check_head_inputs(
             "MLPHead", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape,
-            cond_required=bool(cfg.cond_dim),
+            cond_required=bool(cfg.cond_dim), weight_dtype=dtype,
         )  # fmt: skip
-        time = sinusoidal_embedding(
+        time = sinusoidal_embedding(  # in t's precision, then the weights' dtype
             t * cfg.time_scale, cfg.time_dim, cfg.min_period, cfg.max_period
         )
-        context = time.to(x.dtype)
+        context = time.to(dtype)
         if cfg.cond_dim:
-            context = torch.cat([context, cond], dim=-1)
+            context = torch.cat([context, in_dtype(cond, dtype)], dim=-1)
         ctx = self.context(context)  # [B, hidden]
+        inputs = x.to(dtype)
         if cfg.flatten:
-            h = self.input(x.flatten(1)) + ctx
+            h = self.input(inputs.flatten(1)) + ctx
         else:
-            h = self.input(x) + ctx[:, None, :] + self.step
+            h = self.input(inputs) + ctx[:, None, :] + self.step
         pres = []
         for module in self.body:
             if isinstance(module, nn.SiLU):
                 pres.append(h)
             h = module(h)
-        return (h.view_as(x) if cfg.flatten else h), pres
+        return (h.view_as(x) if cfg.flatten else h).to(x.dtype), pres
 
 
 def _silu_slope(h: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ate_fast.models.head_inputs import check_head_inputs
+from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import DIFFUSION_PERIODS, sinusoidal_embedding
 
 
@@ -131,19 +131,20 @@ class ConditionalUnet1D(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         cfg = self.config
+        dtype = self.final[-1].weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
         cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
         check_head_inputs(
             "ConditionalUnet1D", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape,
-            cond_required=bool(cfg.cond_dim),
+            cond_required=bool(cfg.cond_dim), weight_dtype=dtype,
         )  # fmt: skip
         emb = sinusoidal_embedding(
             t * cfg.time_scale, cfg.time_embed_dim, cfg.min_period, cfg.max_period
-        ).to(x.dtype)
+        ).to(dtype)
         film = self.time_mlp(emb)
         if cfg.cond_dim:
-            film = torch.cat([film, cond], dim=-1)
+            film = torch.cat([film, in_dtype(cond, dtype)], dim=-1)
 
-        h = x.transpose(1, 2)  # [B, D, H]: channels over time
+        h = x.to(dtype).transpose(1, 2)  # [B, D, H]: channels over time
         skips = []
         for block1, block2, downsample in self.down:
             h = block2(block1(h, film), film)
@@ -154,4 +155,4 @@ class ConditionalUnet1D(nn.Module):
         for block1, block2, upsample in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             h = upsample(block2(block1(h, film), film))
-        return self.final(h).transpose(1, 2)
+        return self.final(h).transpose(1, 2).to(x.dtype)
