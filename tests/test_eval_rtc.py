@@ -59,3 +59,17 @@ def test_smoke_protocol_runs_reports_and_resumes(tmp_path):
     assert cli_main(["eval", "rtc", "--protocol", "smoke", "--out", str(out), "--cache-dir",
                      str(cache), "--workers", "1", "--no-progress"]) == 0  # fmt: skip
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rerun
+
+
+def test_point_mass_smoke_protocol(tmp_path):
+    out = tmp_path / "pm"
+    assert cli_main(["eval", "rtc", "--env", "point-mass", "--protocol", "smoke", "--out",
+                     str(out), "--no-progress"]) == 0  # fmt: skip
+    runs = load_runs(out)
+    assert {r["method"] for r in runs} == {"naive", "ensemble", "rtc", "rtc_training"}
+    assert len(runs) == 4 * 2
+    latency = json.loads((out / "latency.json").read_text())
+    assert set(latency["batch 1"]) >= {"plain/eager", "rtc/captured", "inpainting/captured"}
+    text = (out / "realtime.md").read_text()
+    assert "point-mass world" in text and "latency per chunk" in text
+    assert "Steer" not in text.split("latency per chunk")[1]  # no Steer row on point-mass

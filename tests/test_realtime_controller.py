@@ -20,6 +20,7 @@ from ate_fast.realtime.controller import (
     ensemble_weights,
     run_controller,
 )
+from ate_fast.realtime.latency import strategy_latency
 
 B, H, D = 2, 8, 1
 
@@ -164,3 +165,14 @@ def test_errors():
                               execution_horizon=4, delay=0)  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="policy must return"):
         ctrl.act(0)
+
+
+def test_strategy_latency_measures_every_variant():
+    torch.manual_seed(0)
+    policy = make_head("mlp", "small", horizon=H, action_dim=3, cond_dim=2).eval()
+    sampler = ate_fast.FlowSampler(policy, num_steps=3)
+    out = strategy_latency(sampler, torch.randn(1, H, 3), torch.randn(1, 2),
+                           execution_horizon=4, delay=2, repeats=3)  # fmt: skip
+    assert set(out) == {f"{v}/{m}" for v in ("plain", "rtc", "inpainting")
+                        for m in ("eager", "captured")}  # fmt: skip
+    assert all(row["median_ms"] > 0 for row in out.values())

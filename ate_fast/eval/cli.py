@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 from ate_fast.cli_errors import CommandLineError, with_flag_names
@@ -61,6 +62,16 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
 def _cmd_rtc(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CommandLineError(f"--workers: expected >= 1, got {args.workers}")
+    if args.env == "point-mass":
+        from ate_fast.demo.realtime_study import point_mass_latency, run_point_mass_study
+        from ate_fast.eval.metaworld.realtime_runner import latency_file, write_realtime_report
+
+        out = args.out or f"results/rtc-point-mass-{args.protocol}"
+        run_point_mass_study(args.protocol, out, progress=not args.no_progress)
+        latency_file(Path(out), lambda: point_mass_latency(args.protocol))
+        paths = write_realtime_report(out, "the point-mass world")
+        print(f"results in {out} ({', '.join(p.name for p in paths.values())}, runs/*.json)")
+        return 0
     _require_extra()
     from ate_fast.eval.metaworld.realtime_runner import run_realtime_study  # deferred
 
@@ -88,7 +99,16 @@ def _register_rtc(sims: Any) -> None:
         ),
     )
     p.add_argument("--protocol", choices=("smoke", "quick", "full"), default="quick")
-    p.add_argument("--out", help="output folder (default results/rtc-<protocol>)")
+    p.add_argument(
+        "--env",
+        choices=("metaworld", "point-mass"),
+        default="metaworld",
+        help="Meta-World (the benchmark's flow policy; default) or the demo's point-mass "
+        "world (no extra needed; no Steer row)",
+    )
+    p.add_argument(
+        "--out", help="output folder (default results/rtc-<protocol>, rtc-point-mass-<protocol>)"
+    )
     p.add_argument("--cache-dir", help="the benchmark's artefact cache (as eval metaworld)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -62,15 +62,41 @@ def _group_table(group: str, rows: dict, jumps: dict) -> list[str]:
     return [*lines, ""]
 
 
-def realtime_markdown(out: Path, jumps: list[dict[str, Any]], steer: list[dict]) -> str:
+def _latency_table(out: Path) -> list[str]:
+    path = out / "latency.json"
+    if not path.exists():
+        return []
+    numbers = json.loads(path.read_text())
+    batches = [k for k in numbers if k.startswith("batch ")]
+    lines = [
+        f"## Sampler latency per chunk (delay {numbers['delay']}, one CPU thread, "
+        "median [90th percentile] ms of interleaved calls)",
+        "",
+        "| variant | " + " | ".join(batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for variant in numbers[batches[0]]:
+        cells = [
+            f"{numbers[b][variant]['median_ms']:.2f} [{numbers[b][variant]['p90_ms']:.2f}]"
+            for b in batches
+        ]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def realtime_markdown(
+    out: Path, jumps: list[dict[str, Any]], steer: list[dict], title: str = "Meta-World"
+) -> str:
     """``realtime.md``: per delay, every method's success, jumps and latency; then
     RTC with the Steer-fine-tuned policy against RTC with the direct one."""
     summary = json.loads((out / "summary.json").read_text())
     rows = _success_rows(summary)
     by_key = {(j["group"], j["method"]): j for j in jumps}
-    groups = sorted({j["group"] for j in jumps}, key=lambda g: (g.split("/")[0], int(g[-1])))
+    groups = sorted(
+        {j["group"] for j in jumps}, key=lambda g: (g.split("/")[0], int(g.rsplit("=", 1)[1]))
+    )
     lines = [
-        "# Real-time chunking on Meta-World",
+        f"# Real-time chunking on {title}",
         "",
         "Success: mean over seeds of the per-task rates, 95 % hierarchical bootstrap "
         "intervals (seeds, then episodes), paired Δ vs `naive` (same layouts and noise); "
@@ -82,6 +108,9 @@ def realtime_markdown(out: Path, jumps: list[dict[str, Any]], steer: list[dict])
     ]
     for group in groups:
         lines += _group_table(group, rows, by_key)
+    lines += _latency_table(out)
+    if not steer:
+        return "\n".join(lines)
     lines += [
         "## RTC with the Steer.recommended policy vs RTC with the direct policy",
         "",

@@ -18,17 +18,22 @@ import torch
 from ate_fast.eval.metaworld.builders import (
     make_stage2,
     pretrained,
+    pretrained_policy,
     source_demos,
     stage1,
     target_demos,
 )
 from ate_fast.eval.metaworld.cache import ResultCache, default_cache_dir
 from ate_fast.eval.metaworld.config import CONFIGS, EvalConfig
+from ate_fast.eval.metaworld.embodiment import ACTION_DIM
+from ate_fast.eval.metaworld.envs import OBS_DIM
 from ate_fast.eval.metaworld.pool import run_pool
 from ate_fast.eval.metaworld.realtime import RTC_METHODS, TRAINED, realtime_job
 from ate_fast.eval.metaworld.realtime_report import plot_realtime, realtime_markdown
 from ate_fast.eval.report import write_report
 from ate_fast.eval.stats import load_runs, paired_difference
+from ate_fast.realtime.latency import strategy_latency
+from ate_fast.sampling import FlowSampler
 
 
 @dataclass(frozen=True)
@@ -99,10 +104,45 @@ def run_realtime_study(
             run_pool(realtime_job, store, jobs, workers, "fine-tune + evaluate", progress)
         finally:
             torch.set_num_threads(threads)
+    latency_file(store.out, lambda: _latency(store, proto))
     paths = write_realtime_report(store.out)
     echo("  report: " + ", ".join(str(p) for p in paths.values()))
     echo(f"  done ({time.perf_counter() - t0:.0f} s)")
     return store.out
+
+
+def latency_file(out: Path, measure: Callable[[], dict[str, Any]]) -> Path:
+    """``out/latency.json``: ``measure()`` once (kept when it exists)."""
+    path = out / "latency.json"
+    if not path.exists():
+        path.write_text(json.dumps(measure(), indent=2) + "\n")
+    return path
+
+
+def _latency(store: ResultCache, proto: RealtimeProtocol) -> dict[str, Any]:
+    """The sampler's per-chunk time per strategy at batch 1 (a robot) and at the
+    evaluation's batch, on the pre-trained policy (the cost does not depend on weights)."""
+    cfg = store.cfg
+    policy, conditioner, _ = pretrained_policy(store, "flow")
+    sampler = FlowSampler(policy.eval(), num_steps=cfg.sampler_steps)
+    out: dict[str, Any] = {"delay": max(proto.delays), "threads": 1}
+    batches = (1, cfg.eval_episodes * len(cfg.target_tasks))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch in batches:
+            gen = torch.Generator().manual_seed(batch)
+            noise = torch.randn(batch, cfg.horizon, ACTION_DIM, generator=gen)
+            with torch.no_grad():
+                cond = conditioner(
+                    torch.zeros(batch, OBS_DIM), torch.zeros(batch, dtype=torch.long)
+                )
+            out[f"batch {batch}"] = strategy_latency(
+                sampler, noise, cond, execution_horizon=cfg.exec_steps, delay=max(proto.delays)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 # ------------------------------------------------------------------------- statistics
@@ -163,9 +203,10 @@ def _delay(group: str) -> int:
     return int(group.rsplit("=", 1)[1])
 
 
-def write_realtime_report(out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_realtime_report(out_dir: str | os.PathLike, title: str = "Meta-World") -> dict[str, Path]:
     """The benchmark's report with ``naive`` as the baseline (summary.md/json, success
-    and difference plots), plus ``realtime.json``, ``realtime.md`` and ``realtime.png``."""
+    and difference plots), plus ``realtime.json``, ``realtime.md`` (headed ``title``) and
+    ``realtime.png``."""
     out = Path(out_dir)
     paths = write_report(out, baseline="naive", method_order=list(RTC_METHODS))
     runs = load_runs(out)
@@ -175,6 +216,6 @@ def write_realtime_report(out_dir: str | os.PathLike) -> dict[str, Path]:
     paths["realtime_json"] = out / "realtime.json"
     paths["realtime_json"].write_text(json.dumps(numbers, indent=2) + "\n")
     paths["realtime_md"] = out / "realtime.md"
-    paths["realtime_md"].write_text(realtime_markdown(out, jumps, steer))
+    paths["realtime_md"].write_text(realtime_markdown(out, jumps, steer, title))
     paths["realtime_plot"] = plot_realtime(out, jumps, out / "realtime.png")
     return paths
