@@ -18,6 +18,10 @@ def _signed(x: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
     return "—" if x is None else f"{scale * x:+.{digits}f}"
 
 
+def _num(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 def _interval(ci: list, scale: float = 100.0, digits: int = 1, signed: bool = True) -> str:
     if ci[0] is None:
         return ""
@@ -53,11 +57,10 @@ def _group_table(group: str, rows: dict, jumps: dict) -> list[str]:
             delta = f"**{delta}**"
         sw, other = jump["switch"], jump["other"]
         vs = jump.get("switch_vs_naive")
-        jump_at = f"{_signed(sw['mean'], 1, 3)[1:]}{_interval(sw['ci'], 1, 3, False)}"
+        jump_at = f"{_num(sw['mean'])}{_interval(sw['ci'], 1, 3, False)}"
         jump_vs = "—" if vs is None else f"{_signed(vs['mean'], 1, 3)}{_interval(vs['ci'], 1, 3)}"
         lines.append(
-            f"| {method} | {success} | {delta} | {jump_at} | "
-            f"{_signed(other['mean'], 1, 3)[1:]} | {jump_vs} |"
+            f"| {method} | {success} | {delta} | {jump_at} | {_num(other['mean'])} | {jump_vs} |"
         )
     return [*lines, ""]
 
