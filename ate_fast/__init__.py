@@ -27,6 +27,8 @@ _LAZY = {
     "SteerLoss": "ate_fast.steer",
     "LatentGuidance": "ate_fast.steer",
     "RTCGuidance": "ate_fast.realtime",
+    "TrainingTimeRTC": "ate_fast.realtime",
+    "PrefixInpainting": "ate_fast.realtime",
     "ActionVAE": "ate_fast.align",
     "LatentPrior": "ate_fast.align",
     "train_stage1": "ate_fast.align",

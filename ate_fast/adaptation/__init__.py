@@ -8,7 +8,8 @@ new robot.
   CLI can build its configs cheaply);
 * :mod:`.align_step` — ATE Align: the stage-1 VAE and its latent prior on the source
   robot's chunks, the stage-2 VAE on the target robot's, and the mean stage-2 latent;
-* :mod:`.objectives` — flow matching and ε-prediction diffusion, each plain or with the
+* :mod:`.objectives` — flow matching (also with training-time RTC) and ε-prediction
+  diffusion, each plain or with the
   ATE Steer loss;
 * :mod:`.policy_training` — the training loop both pre-training and fine-tuning (direct
   or Steer) run.
@@ -35,6 +36,7 @@ _EXPORTS = {
     "TIME_BETA_A": "objectives",
     "EpsilonDiffusion": "objectives",
     "FlowMatching": "objectives",
+    "RTCFlowMatching": "objectives",
     "Objective": "objectives",
     "PolicyFit": "policy_training",
     "train_chunk_policy": "policy_training",

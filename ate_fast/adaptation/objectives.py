@@ -12,6 +12,7 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor, nn
 
+from ate_fast.realtime import TrainingTimeRTC
 from ate_fast.sampling import NoiseSchedule
 from ate_fast.steer import Steer
 
@@ -60,6 +61,41 @@ class FlowMatching:
         if steer is None:
             return (v_pred - (noise - a0)).square(), {}
         return steer.flow_loss(v_pred, x_t, a0, noise, times, loss_reduction="none")
+
+
+class RTCFlowMatching(FlowMatching):
+    """:class:`FlowMatching` with training-time real-time chunking
+    (:class:`~ate_fast.realtime.TrainingTimeRTC`): per example a delay d, the first d
+    actions of ``x_t`` clean, the loss on the rest only. Delays come from their own
+    generator (seeded with ``seed``), so batches, noise and times stay those of plain
+    flow matching for the same training seed (a paired comparison). The error is scaled so
+    that the training loop's fixed denominator (B·H·slots) gives the mean over the trained
+    elements."""
+
+    def __init__(self, rtc: TrainingTimeRTC, seed: int) -> None:
+        self.rtc = rtc
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def error(
+        self,
+        policy: nn.Module,
+        a0: Tensor,
+        cond: Tensor,
+        noise: Tensor,
+        times: Tensor,
+        steer: Optional[Steer],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        delays = self.rtc.draw_delays(a0.shape[0], self.generator)
+        batch = self.rtc.prefix_batch(a0, noise, times, delays)
+        v_pred = policy(batch.x_t, times, cond)
+        if steer is None:
+            err, diagnostics = (v_pred - (noise - a0)).square(), {}
+        else:
+            err, diagnostics = steer.flow_loss(
+                v_pred, batch.x_t, a0, noise, times, loss_reduction="none"
+            )
+        scale = batch.postfix.numel() / batch.postfix.sum()
+        return err * batch.postfix * scale, diagnostics
 
 
 class EpsilonDiffusion:

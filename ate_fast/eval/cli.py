@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 from ate_fast.cli_errors import CommandLineError, with_flag_names
@@ -57,6 +58,63 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
     return 0
 
 
+@with_flag_names(FLAGS)
+def _cmd_rtc(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise CommandLineError(f"--workers: expected >= 1, got {args.workers}")
+    if args.env == "point-mass":
+        from ate_fast.demo.realtime_study import point_mass_latency, run_point_mass_study
+        from ate_fast.eval.metaworld.realtime_runner import latency_file, write_realtime_report
+
+        out = args.out or f"results/rtc-point-mass-{args.protocol}"
+        run_point_mass_study(args.protocol, out, progress=not args.no_progress)
+        latency_file(Path(out), lambda: point_mass_latency(args.protocol))
+        paths = write_realtime_report(out, "the point-mass world")
+        print(f"results in {out} ({', '.join(p.name for p in paths.values())}, runs/*.json)")
+        return 0
+    _require_extra()
+    from ate_fast.eval.metaworld.realtime_runner import run_realtime_study  # deferred
+
+    out = run_realtime_study(
+        args.protocol,
+        args.out or f"results/rtc-{args.protocol}",
+        workers=args.workers,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    print(f"results in {out} (realtime.md, realtime.json, realtime.png, summary.*, runs/*.json)")
+    return 0
+
+
+def _register_rtc(sims: Any) -> None:
+    p = sims.add_parser(
+        "rtc",
+        help="real-time chunking on Meta-World: delays × strategies (needs the [eval] extra)",
+        description=(
+            "The benchmark's flow policy run as an asynchronous controller with a simulated "
+            "inference delay d: naive switching, temporal ensembling, inference-time RTC, "
+            "training-time RTC, and RTC with the Steer.recommended policy; success (paired "
+            "vs naive, 95%% intervals), action jumps at chunk switches, sampler latency. "
+            "Reuses the benchmark's cache; resumable: finished runs in --out are skipped."
+        ),
+    )
+    p.add_argument("--protocol", choices=("smoke", "quick", "full"), default="quick")
+    p.add_argument(
+        "--env",
+        choices=("metaworld", "point-mass"),
+        default="metaworld",
+        help="Meta-World (the benchmark's flow policy; default) or the demo's point-mass "
+        "world (no extra needed; no Steer row)",
+    )
+    p.add_argument(
+        "--out", help="output folder (default results/rtc-<protocol>, rtc-point-mass-<protocol>)"
+    )
+    p.add_argument("--cache-dir", help="the benchmark's artefact cache (as eval metaworld)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_rtc)
+
+
 def register(subparsers: Any) -> None:
     evaluation = subparsers.add_parser("eval", help="evaluate adaptation methods on a simulator")
     sims = evaluation.add_subparsers(dest="simulator", required=True)
@@ -87,3 +145,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="print the configs and exit")
     p.set_defaults(func=_cmd_metaworld)
+    _register_rtc(sims)

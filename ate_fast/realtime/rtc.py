@@ -46,7 +46,9 @@ def rtc_guidance_weight(t: np.ndarray, max_guidance_weight: float) -> np.ndarray
     return np.minimum(np.where(t * (1.0 - t) > 0, w, math.inf), max_guidance_weight)
 
 
-def _check_chunk(prev_chunk: object, check_finite: bool) -> Tensor:
+def check_chunk(prev_chunk: object, check_finite: bool) -> Tensor:
+    """``prev_chunk`` checked as a non-empty floating [B, H, D] tensor with H ≥ 2 (and
+    finite, with ``check_finite``); errors name the argument."""
     if not isinstance(prev_chunk, Tensor):
         raise ArgumentTypeError(
             f"prev_chunk must be a torch.Tensor [B, H, D], got {type(prev_chunk).__name__}"
@@ -168,7 +170,7 @@ class RTCGuidance:
         ``delay``: an int, or B ints (one per sample, a sequence or an int CPU tensor),
         each in ``0..H − s``.
         """
-        prev_chunk = _check_chunk(prev_chunk, check_finite)
+        prev_chunk = check_chunk(prev_chunk, check_finite)
         if self.prev_chunk is None:
             self._allocate(prev_chunk)
         y, w, table = self.prev_chunk, self.weights, self._table

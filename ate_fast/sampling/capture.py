@@ -22,6 +22,7 @@ from torch import Tensor
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance
 from ate_fast.sampling.finite import DeferredFiniteCheck
+from ate_fast.sampling.inpainting import Inpainting
 from ate_fast.sampling.inputs import check_cond, check_finite, copy_into, static_copy
 from ate_fast.sampling.launch import Launch, RecordingLaunch, ReplayLaunch
 from ate_fast.sampling.workspace import StepBuffers
@@ -34,14 +35,16 @@ class CapturableSampler(Protocol):
     provides it; the protocol keeps this module below ``sampler.py``)."""
 
     def check_inputs(
-        self, noise: Tensor, cond: Any, guidance: Optional[Guidance], generator: object
-    ) -> tuple[float, float]: ...
+        self, noise: Tensor, cond: Any, guidance: Optional[Guidance], generator: object,
+        inpainting: object = None,
+    ) -> tuple[float, float]: ...  # fmt: skip
 
     num_steps: int
 
     def new_run(self, ws: StepBuffers, cond: Any, guidance: Optional[Guidance],
                 generator: Optional[torch.Generator], launch: Launch, callback: Any = None,
-                finite: Optional[DeferredFiniteCheck] = None) -> Any: ...  # fmt: skip
+                finite: Optional[DeferredFiniteCheck] = None,
+                inpainting: Optional[Inpainting] = None) -> Any: ...  # fmt: skip
 
     def execute(self, noise: Tensor, run: Any) -> Tensor: ...
 
@@ -78,8 +81,9 @@ class CapturedSampler:
     Contract:
         * ``noise`` and the tensors of ``cond`` must have the examples' shapes, dtypes
           and devices (and ``cond`` their structure); their values are copied in.
-        * ``guidance`` and ``generator`` are bound at capture: pass None (or the very
-          same objects). The guidance's scale, clamp and mode must not change.
+        * ``guidance``, ``generator`` and ``inpainting`` are bound at capture: pass None
+          (or the very same objects). The guidance's scale, clamp and mode must not
+          change; an inpainting's buffers may (they are read on every call).
         * The result is the loop's output buffer, overwritten by the next call:
           ``.clone()`` it to keep it.
         * CUDA: ``model_fn`` and the guidance must be capturable (no host sync such as
@@ -109,10 +113,14 @@ class CapturedSampler:
         *,
         check_finite: bool = True,
         check_finite_steps: bool = False,
+        inpainting: Optional[Inpainting] = None,
     ) -> None:
-        scale, clamp = sampler.check_inputs(example_noise, example_cond, guidance, generator)
+        scale, clamp = sampler.check_inputs(
+            example_noise, example_cond, guidance, generator, inpainting
+        )
         self.sampler = sampler
         self.guidance = guidance
+        self.inpainting = inpainting
         self.generator = generator
         self.check_finite = bool(check_finite)
         self._guidance_args = (
@@ -141,15 +149,17 @@ class CapturedSampler:
             self._replay: Optional[ReplayLaunch] = None
             first = self._recording if self.mode == "cpu_replay" else Launch(scale, clamp)
             self._run = sampler.new_run(
-                self.ws, self.static_cond, guidance, generator, first, finite=self.finite
-            )
+                self.ws, self.static_cond, guidance, generator, first, finite=self.finite,
+                inpainting=inpainting,
+            )  # fmt: skip
 
     # -- CUDA ------------------------------------------------------------------------------
     def _capture_graph(self, launch: Launch) -> None:
         sampler, device = self.sampler, self.device
         run = sampler.new_run(
-            self.ws, self.static_cond, self.guidance, self.generator, launch, finite=self.finite
-        )
+            self.ws, self.static_cond, self.guidance, self.generator, launch, finite=self.finite,
+            inpainting=self.inpainting,
+        )  # fmt: skip
         snapshot = _RngSnapshot(self.generator, device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

@@ -57,6 +57,8 @@ class FlowSampler(Sampler):
             ``1/num_train_timesteps`` before shifting).
     """
 
+    supports_inpainting = True
+
     def __init__(
         self,
         model_fn: ModelFn,

@@ -24,6 +24,7 @@ from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceed
 from ate_fast.guidance import POLICY_VJP, SCALAR_SLOPE_MODES, Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.finite import EagerFiniteCheck, FiniteCheck
+from ate_fast.sampling.inpainting import Inpainting, check_inpainting
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
 from ate_fast.sampling.launch import Launch
 from ate_fast.sampling.noise import NoiseDraw
@@ -89,7 +90,9 @@ class Run:
     """The state of one pass through a sampler's loop.
 
     ``x`` [B, H, D] is the sample, updated in place; ``ws`` holds the other buffers;
-    ``tables`` the per-step coefficient rows; ``launch`` issues fused guided steps.
+    ``tables`` the per-step coefficient rows; ``launch`` issues fused guided steps;
+    ``inpainting`` (or None) writes known positions into the sample before every model
+    evaluation (:meth:`evaluate`) and after every step (:meth:`step_done`).
 
     A loop gets each model evaluation's output and guidance gradient from
     :meth:`evaluate` (or :meth:`model` then :meth:`gradient`, which is what
@@ -109,8 +112,10 @@ class Run:
         draw: Optional[Callable[[], Tensor]] = None,
         callback: Optional[StepCallback] = None,
         finite: Optional[FiniteCheck] = None,
+        inpainting: Optional[Inpainting] = None,
     ) -> None:
         self.model_fn = model_fn
+        self.inpainting = inpainting
         self.x = x
         self.cond = cond
         self.tables = tables
@@ -158,8 +163,11 @@ class Run:
         guidance gradient (None when unguided); ``x0_hat = p·x + q·m``, slope ``dx0_dx``.
 
         Modes ``"direct"``/``"tweedie"``: :meth:`model` under no_grad, then :meth:`gradient`.
-        Mode ``"policy_vjp"``: :meth:`model_vjp` (one VJP through the model).
+        Mode ``"policy_vjp"``: :meth:`model_vjp` (one VJP through the model). With an
+        inpainting, its known positions are written into ``x`` first (in place).
         """
+        if self.inpainting is not None:
+            self.inpainting.apply_(x)
         if self.through_policy:
             return self.model_vjp(x, t, p, q)
         m = self.model(x, t)
@@ -209,6 +217,8 @@ class Run:
         return None if self.draw is None else self.draw()
 
     def step_done(self, k: int) -> None:
+        if self.inpainting is not None:
+            self.inpainting.apply_(self.x)
         self.step = k + 1
         if self.callback is not None:
             self.callback(k, self.x)
@@ -227,6 +237,8 @@ class Sampler:
     coefficient_tables: dict[str, np.ndarray]
     model_times: dict[str, np.ndarray]
     step_noise_draws: np.ndarray
+    # whether the loop may be given an inpainting (FlowSampler: clean known positions)
+    supports_inpainting = False
 
     @property
     def stochastic(self) -> bool:
@@ -294,12 +306,24 @@ class Sampler:
         return scale, clamp
 
     def check_inputs(
-        self, noise: Tensor, cond: Any, guidance: Optional[Guidance], generator: object
+        self,
+        noise: Tensor,
+        cond: Any,
+        guidance: Optional[Guidance],
+        generator: object,
+        inpainting: object = None,
     ) -> tuple[float, float]:
         """Validate a call's arguments; returns the guidance's (λ, κ)."""
         check_noise(noise)
         check_cond(cond)
         check_generator(generator, noise.device)
+        if inpainting is not None and not self.supports_inpainting:
+            raise InvalidArgumentError(
+                f"inpainting is not supported by {type(self).__name__} (its samples are "
+                "noisy until the last step, so clean known positions cannot be written into "
+                "them); use FlowSampler, or inpainting=None"
+            )
+        check_inpainting(inpainting, noise)
         return self.check_guidance(guidance)
 
     def execute(self, noise: Tensor, run: Run) -> Tensor:
@@ -321,6 +345,7 @@ class Sampler:
         launch: Launch,
         callback: Optional[StepCallback] = None,
         finite: Optional[FiniteCheck] = None,
+        inpainting: Optional[Inpainting] = None,
     ) -> Run:
         x = ws["x"]
         replaced = self.guidance_coefficients(guidance)
@@ -329,6 +354,7 @@ class Sampler:
         return Run(
             model_fn=self.model_fn, x=x, cond=cond, tables=tables, ws=ws, launch=launch,
             guidance=guidance, draw=draw, callback=callback, finite=finite,
+            inpainting=inpainting,
         )  # fmt: skip
 
     # -- public API --------------------------------------------------------------------
@@ -341,6 +367,7 @@ class Sampler:
         *,
         callback: Optional[StepCallback] = None,
         check_finite: bool = True,
+        inpainting: Optional[Inpainting] = None,
     ) -> Tensor:
         """Run the K-step loop from ``noise`` [B, H, D]; returns the actions [B, H, D].
 
@@ -356,12 +383,16 @@ class Sampler:
                 it comes (one host sync each) and raise
                 :class:`~ate_fast.errors.NonFiniteError` naming the step k and the source
                 (``model_fn`` or ``guidance.gradient``); False skips it.
+            inpainting: None, or an :class:`~ate_fast.sampling.Inpainting` (FlowSampler
+                only) whose ``apply_(x)`` writes known positions into the sample before
+                every model evaluation and after every step (e.g.
+                :class:`ate_fast.realtime.PrefixInpainting`: the committed prefix).
 
         Raises:
             NonFiniteError: NaN/inf in ``noise``, ``cond`` or (with ``check_finite``) a
                 step's model output or guidance gradient.
         """
-        scale, clamp = self.check_inputs(noise, cond, guidance, generator)
+        scale, clamp = self.check_inputs(noise, cond, guidance, generator, inpainting)
         if callback is not None and not callable(callback):
             raise ArgumentTypeError(
                 f"callback must be callable or None, got {type(callback).__name__}"
@@ -369,8 +400,9 @@ class Sampler:
         ws = StepBuffers(noise)
         finite = EagerFiniteCheck() if check_finite else None
         run = self.new_run(
-            ws, cond, guidance, generator, Launch(scale, clamp), callback, finite=finite
-        )
+            ws, cond, guidance, generator, Launch(scale, clamp), callback, finite=finite,
+            inpainting=inpainting,
+        )  # fmt: skip
         return self.execute(noise, run)
 
     def capture(
@@ -382,6 +414,7 @@ class Sampler:
         *,
         check_finite: bool = True,
         check_finite_steps: bool = False,
+        inpainting: Optional[Inpainting] = None,
     ) -> CapturedSampler:
         """A callable replaying the whole K-step loop for inputs shaped like the examples.
 
@@ -395,8 +428,11 @@ class Sampler:
         output and guidance gradient on the device, inside the captured loop, and reads
         the flags once after each call (one more sync), raising
         :class:`~ate_fast.errors.NonFiniteError` naming the step and the source.
+        ``inpainting`` is bound at capture like the guidance (its buffers may change
+        between calls: e.g. one capture for every delay of a PrefixInpainting).
         """
         return CapturedSampler(
             self, example_noise, example_cond, guidance, generator,
             check_finite=check_finite, check_finite_steps=check_finite_steps,
+            inpainting=inpainting,
         )  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ate_fast.adaptation.objectives import EpsilonDiffusion, FlowMatching
+from ate_fast.adaptation.objectives import EpsilonDiffusion, FlowMatching, Objective
 from ate_fast.adaptation.policy_training import PolicyFit, train_chunk_policy
 from ate_fast.eval.metaworld.config import POLICY_KINDS
 from ate_fast.eval.metaworld.embodiment import ACTION_DIM
@@ -115,14 +115,17 @@ def train_policy(
     steer: Optional[Steer] = None,
     progress: bool = False,
     desc: str = "train",
+    objective: Optional[Objective] = None,
 ) -> PolicyFit:
     """Train ``policy`` in place on ``data`` (conditioned on each chunk's observation and
     task) with the ``kind``'s objective for ``steps`` AdamW steps (see
     ``train_chunk_policy``). Batches, noise and times come from a generator seeded with
-    ``seed``: two runs with one seed see the same batches (a paired comparison)."""
+    ``seed``: two runs with one seed see the same batches (a paired comparison).
+    ``objective`` replaces the kind's (e.g. :class:`~ate_fast.adaptation.RTCFlowMatching`)."""
     with torch.no_grad():
         cond = conditioner(data.obs, data.task)
-    objective = FlowMatching() if kind == "flow" else EpsilonDiffusion(noise_schedule())
+    if objective is None:
+        objective = FlowMatching() if kind == "flow" else EpsilonDiffusion(noise_schedule())
     return train_chunk_policy(
         policy,
         data.chunks,
