@@ -9,6 +9,7 @@ from ate_fast.models.flow_transformer import (
     FLOW_TRANSFORMER_CONFIGS,
     FlowTransformerConfig,
     FlowTransformerHead,
+    PrefixCache,
 )
 from ate_fast.models.mlp_head import MLP_HEAD_CONFIGS, MLPHead, MLPHeadConfig
 from ate_fast.models.registry import HEADS, count_parameters, make_head
@@ -24,6 +25,7 @@ __all__ = [
     "FlowTransformerHead",
     "MLPHead",
     "MLPHeadConfig",
+    "PrefixCache",
     "UnetConfig",
     "count_parameters",
     "make_head",

@@ -22,7 +22,7 @@ pulls its guidance back through.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,25 @@ class FlowTransformerConfig:
             raise ValueError(f"width must be even and >= 4, got {self.width}")
 
 
+class PrefixCache(NamedTuple):
+    """The conditioning prefix as keys and values, per block: what π0's action expert reads
+    every step (the VLM's KV cache) — computed once per observation, not per step.
+
+    ``keys[i]``, ``values[i]``: block i's [B, kv_heads, L, head_dim]; keys already rotated
+    at positions 0…L−1. :meth:`FlowTransformerHead.prefix_cache` builds one from tokens
+    [B, L, width] (then equal to passing the tokens as ``cond``); a VLM's own cache can be
+    passed as it is (projected to the expert's kv heads and head_dim).
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        """L, the prefix length."""
+        return self.keys[0].shape[2]
+
+
 FLOW_TRANSFORMER_CONFIGS: dict[str, FlowTransformerConfig] = {
     # π0's action expert (Gemma-300M-sized): width 1024, 18 layers, MLP 4096, 8 query heads
     # sharing one key/value head of dim 256; H = 50, D = 32.
@@ -97,22 +116,36 @@ class _Block(nn.Module):
         self.gate_up = nn.Linear(cfg.width, 2 * cfg.mlp_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
-    def forward(self, x: Tensor, cond: Optional[Tensor], cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor) -> Tensor:
         return self.forward_saving(x, cond, cos, sin)[0]
 
+    def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (rotated at 0…L−1) and values [B, kv_heads, L, hd] of tokens [B, L, width]."""
+        batch, length, _ = cond.shape
+        kv = self.kv(self.attn_norm(cond)).view(batch, length, 2 * self.num_kv_heads, -1)
+        k, v = kv.transpose(1, 2).chunk(2, dim=1)
+        return _rotate(k, cos[:length], sin[:length]), v
+
     def forward_saving(
-        self, x: Tensor, cond: Optional[Tensor], cos: Tensor, sin: Tensor
+        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor
     ) -> tuple[Tensor, BlockSaved]:
         """The block on ``x`` [B, H, width] and what its input-VJP needs
-        (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`)."""
+        (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None,
+        tokens [B, L, width], or this block's cached ``(keys, values)``."""
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
-        context = h if cond is None else torch.cat([self.attn_norm(cond), h], dim=1)
         q = self.q(h).view(batch, horizon, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(context).view(batch, context.shape[1], 2 * self.num_kv_heads, self.head_dim)
-        k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, L+H, hd] each
         q = _rotate(q, cos[-horizon:], sin[-horizon:])
-        k = _rotate(k, cos, sin)
+        if isinstance(cond, tuple):  # a prefix cache: only the action rows are projected
+            kv = self.kv(h).view(batch, horizon, 2 * self.num_kv_heads, self.head_dim)
+            k, v = kv.transpose(1, 2).chunk(2, dim=1)
+            k = torch.cat([cond[0], _rotate(k, cos[-horizon:], sin[-horizon:])], dim=2)
+            v = torch.cat([cond[1], v], dim=2)
+        else:
+            context = h if cond is None else torch.cat([self.attn_norm(cond), h], dim=1)
+            kv = self.kv(context).view(batch, context.shape[1], 2 * self.num_kv_heads, -1)
+            k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, L+H, hd] each
+            k = _rotate(k, cos, sin)
         group = self.num_heads // self.num_kv_heads
         k_all, v_all = k, v
         if group > 1:  # share each key/value head across its group of query heads
@@ -147,15 +180,54 @@ class FlowTransformerHead(nn.Module):
         inv_freq = cfg.rope_base ** (-torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         tokens, _, cos, sin = self._embed(x, t, cond)
-        cond = in_dtype(cond, tokens.dtype)
-        for block in self.blocks:
-            tokens = block(tokens, cond, cos, sin)
+        for block, block_cond in zip(self.blocks, self._block_conds(cond, tokens.dtype)):
+            tokens = block(tokens, block_cond, cos, sin)
         return self.action_out(self.final_norm(tokens)).to(x.dtype)
 
+    def prefix_cache(self, cond: Tensor) -> PrefixCache:
+        """The :class:`PrefixCache` of conditioning tokens ``cond`` [B, L, width]: each
+        block's keys and values of the prefix, computed once (then ``forward(x, t, cache)``
+        equals ``forward(x, t, cond)`` and projects only the H action rows per step)."""
+        cfg = self.config
+        if cond.ndim != 3 or cond.shape[2] != cfg.width:
+            raise ValueError(
+                f"FlowTransformerHead: cond must have shape [B, L, width] = [B, L, {cfg.width}], "
+                f"got {tuple(cond.shape)}"
+            )
+        dtype = self.action_in.weight.dtype
+        angle = self._rope_angle(cond.shape[1], cond.device)
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        pairs = [block.prefix_kv(cond.to(dtype), cos, sin) for block in self.blocks]
+        return PrefixCache(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))
+
+    def _check_cache(self, cache: PrefixCache, x: Tensor) -> None:
+        """A PrefixCache must have one [B, kv_heads, L, head_dim] key and value per block."""
+        cfg = self.config
+        if len(cache.keys) != cfg.depth or len(cache.values) != cfg.depth:
+            raise ValueError(
+                f"FlowTransformerHead: cond is a PrefixCache of {len(cache.keys)} keys and "
+                f"{len(cache.values)} values; this head has {cfg.depth} blocks"
+            )
+        shape = (x.shape[0], cfg.num_kv_heads, cache.length, cfg.head_dim)
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            for name, t in (("keys", k), ("values", v)):
+                if tuple(t.shape) != shape or not t.is_floating_point() or t.device != x.device:
+                    raise ValueError(
+                        f"FlowTransformerHead: cond.{name}[{i}] must be a floating tensor "
+                        f"[B, kv_heads, L, head_dim] = {list(shape)} on {x.device}, got "
+                        f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                    )
+
+    def _block_conds(self, cond: Any, dtype: torch.dtype) -> list[Any]:
+        """What each block reads: None, the tokens, or its (keys, values) of the cache."""
+        if isinstance(cond, PrefixCache):
+            return [(k.to(dtype), v.to(dtype)) for k, v in zip(cond.keys, cond.values)]
+        return [in_dtype(cond, dtype)] * len(self.blocks)
+
     def forward_with_vjp(
-        self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None
+        self, x: Tensor, t: Tensor, cond: Any = None
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """``(out, pullback)``: ``out`` = ``forward(x, t, cond)`` [B, H, D] (the same ops,
         so bit for bit) and ``pullback(u [B, H, D]) -> (∂out/∂x)ᵀ u`` [B, H, D], the
@@ -164,10 +236,9 @@ class FlowTransformerHead(nn.Module):
         autograd (``no_grad`` / ``inference_mode`` too), captures in a CUDA graph, and
         exports to ONNX like any forward."""
         tokens, pre_silu, cos, sin = self._embed(x, t, cond)
-        cond = in_dtype(cond, tokens.dtype)
         saved = []
-        for block in self.blocks:
-            tokens, kept = block.forward_saving(tokens, cond, cos, sin)
+        for block, block_cond in zip(self.blocks, self._block_conds(cond, tokens.dtype)):
+            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin)
             saved.append(kept)
         out = self.action_out(self.final_norm(tokens)).to(x.dtype)
 
@@ -187,25 +258,34 @@ class FlowTransformerHead(nn.Module):
             inv_freq = self.config.rope_base**exponent
         return inv_freq.to(device)
 
-    def _embed(
-        self, x: Tensor, t: Tensor, cond: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _rope_angle(self, length: int, device: torch.device) -> Tensor:
+        """Rotary angles [length, hd/2] (float32) at positions 0…length−1."""
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        return positions[:, None] * self._rope_inv_freq(device)[None, :]
+
+    def _embed(self, x: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width], cos, sin
         [L + H, hd/2])`` for the blocks."""
         cfg = self.config
         dtype = self.action_in.weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
-        check_head_inputs(
-            "FlowTransformerHead", x, t, cond, cfg.horizon, cfg.action_dim, (-1, cfg.width),
-            weight_dtype=dtype,
-        )  # fmt: skip
+        if isinstance(cond, PrefixCache):
+            self._check_cache(cond, x)
+            check_head_inputs("FlowTransformerHead", x, t, None, cfg.horizon, cfg.action_dim,
+                              None)  # fmt: skip
+        else:
+            check_head_inputs(
+                "FlowTransformerHead", x, t, cond, cfg.horizon, cfg.action_dim,
+                (-1, cfg.width), weight_dtype=dtype,
+            )  # fmt: skip
         horizon = x.shape[1]
         tokens = self.action_in(x.to(dtype))
         time = sinusoidal_embedding(t * cfg.time_scale, cfg.width, cfg.min_period, cfg.max_period)
         time = time.to(tokens.dtype)[:, None, :].expand(-1, horizon, -1)
         pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
         tokens = self.time_mlp_out(F.silu(pre_silu))
-        length = horizon + (0 if cond is None else cond.shape[1])
-        positions = torch.arange(length, device=x.device, dtype=torch.float32)
-        angle = positions[:, None] * self._rope_inv_freq(x.device)[None, :]
+        prefix = 0 if cond is None else (
+            cond.length if isinstance(cond, PrefixCache) else cond.shape[1]
+        )  # fmt: skip
+        angle = self._rope_angle(horizon + prefix, x.device)
         cos, sin = angle.cos().to(tokens.dtype), angle.sin().to(tokens.dtype)
         return tokens, pre_silu, cos, sin

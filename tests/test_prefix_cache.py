@@ -1,0 +1,73 @@
+"""FlowTransformerHead with a prefix KV cache (what π0's expert reads every step): equal to
+passing the prefix tokens, bit for bit, in the forward, its input-VJP, sampling, RTC and
+capture; the cache is checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ate_fast import FlowSampler, RTCGuidance, make_head
+from ate_fast.models import PrefixCache
+
+H, D, L, WIDTH = 16, 4, 24, 256
+
+
+@pytest.fixture(scope="module")
+def head():
+    torch.manual_seed(0)
+    return make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cache_equals_tokens(head, dtype):
+    model = make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
+    model.load_state_dict(head.state_dict())
+    model = model.to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    x, u = torch.randn(2, 2, H, D, generator=gen, dtype=dtype)
+    t, cond = torch.rand(2, generator=gen, dtype=dtype), torch.randn(2, L, WIDTH, dtype=dtype)
+    with torch.no_grad():
+        cache = model.prefix_cache(cond)
+        assert isinstance(cache, PrefixCache) and cache.length == L
+        assert len(cache.keys) == model.config.depth
+        assert cache.keys[0].shape == (2, model.config.num_kv_heads, L, model.config.head_dim)
+        assert torch.equal(model(x, t, cache), model(x, t, cond))
+        out_c, pull_c = model.forward_with_vjp(x, t, cache)
+        out_t, pull_t = model.forward_with_vjp(x, t, cond)
+        assert torch.equal(out_c, out_t) and torch.equal(pull_c(u), pull_t(u))
+    assert not torch.equal(model(x, t, cond), model(x, t, None))  # the prefix matters
+
+
+def test_sampling_rtc_and_capture_with_a_cache(head):
+    gen = torch.Generator().manual_seed(2)
+    noise, prev = torch.randn(2, 2, H, D, generator=gen)
+    cond = torch.randn(2, L, WIDTH, generator=gen)
+    with torch.no_grad():
+        cache = head.prefix_cache(cond)
+    sampler = FlowSampler(head, num_steps=5)
+    rtc = RTCGuidance(prev, 3, execution_horizon=6)
+    for guidance in (None, rtc):
+        with_tokens = sampler.sample(noise, cond, guidance)
+        with_cache = sampler.sample(noise, cache, guidance)
+        assert torch.equal(with_cache, with_tokens)
+    captured = sampler.capture(noise, cache, rtc)
+    with torch.no_grad():
+        other = head.prefix_cache(torch.randn(2, L, WIDTH, generator=gen))
+    for c in (cache, other):  # a new observation's cache is copied into the capture
+        torch.testing.assert_close(captured(noise, c), sampler.sample(noise, c, rtc),
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+def test_bad_caches_are_named(head):
+    x, t = torch.randn(2, H, D), torch.rand(2)
+    with torch.no_grad():
+        cache = head.prefix_cache(torch.randn(2, L, WIDTH))
+    short = PrefixCache(cache.keys[:-1], cache.values[:-1])
+    with pytest.raises(ValueError, match="PrefixCache of 3 keys and 3 values; this head has 4"):
+        head(x, t, short)
+    wrong = PrefixCache((cache.keys[0][:1], *cache.keys[1:]), cache.values)
+    with pytest.raises(ValueError, match=r"cond\.keys\[0\] must be a floating tensor"):
+        head(x, t, wrong)
+    with pytest.raises(ValueError, match=r"cond must have shape \[B, L, width\]"):
+        head.prefix_cache(torch.randn(2, L, 7))
