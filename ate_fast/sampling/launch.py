@@ -1,7 +1,12 @@
 """How a sampling loop issues its fused guided steps (:func:`ate_fast.ops.guided_step`).
 
-:class:`Launch` calls the public op: validation, backend dispatch, then the kernel. It
-is what ``sample()`` uses, and what a CUDA graph captures.
+:class:`Launch` calls the public op: validation, backend dispatch, then the kernel; it
+is what a CUDA graph captures. ``sample()`` uses :class:`CachedLaunch`: on the CPU the
+first launch of each kind is validated and prepared, the next ones of that kind (every
+step of a loop issues the same few) re-bind the model output, the gradient and the
+coefficient rows after a shape check (measured with a trivial model, flow Euler 10,
+B = 1: 158–167 µs per call instead of 187–207 µs without the finite checks); elsewhere it
+is :class:`Launch`.
 
 On the CPU there is no graph to capture, and the op's per-call validation and
 dispatch (~20 µs) cost as much as the kernel on a small action chunk many times over.
@@ -56,6 +61,48 @@ class Launch:
             x, m, a=a, b=b, g=g, c=c, scale=self.scale, clamp=self.clamp,
             m_prev=m_prev, d=d, z=z, s=s, out=out,
         )  # fmt: skip
+
+
+class CachedLaunch(Launch):
+    """``sample()``'s launches on the CPU: the first launch of each kind runs through the
+    public, validated op and is prepared (:func:`ate_fast.ops.guided_step.prepare_launch`
+    with the coefficient rows as slots); the next launches of that kind — the same
+    ``out``, ``x``, ``m_prev`` and ``z`` objects, the same optional arguments given — only
+    check the tensors that change (``m``, ``g`` and the rows: shape, dtype, device,
+    contiguity) and re-bind them in the prepared native call. Any other launch, or one
+    whose tensors fail the check, goes through the public op (and its clear errors).
+    One instance serves one pass of the loop (its buffers are the same objects).
+    """
+
+    def __init__(self, scale: float = 1.0, clamp: float = math.inf) -> None:
+        super().__init__(scale, clamp)
+        self.prepared: dict[tuple, Optional[tuple]] = {}
+
+    def __call__(self, out, *, x, m, a, b, g=None, c=None, m_prev=None, d=None, z=None, s=None):
+        if g is None:
+            c = None
+        given = (g is not None, a is not None, c is not None, d is not None, s is not None)
+        key = (id(out), id(x), id(m_prev), id(z), given)
+        entry = self.prepared.get(key)
+        if entry is not None:
+            tensors = [t for t in (m, g, a, b, c, d, s) if t is not None]
+            checks, run = entry
+            if all(check(t) for check, t in zip(checks, tensors)):
+                run(*tensors)
+                return out
+        result = super().__call__(out, x=x, m=m, a=a, b=b, g=g, c=c, m_prev=m_prev, d=d, z=z, s=s)
+        if key not in self.prepared:
+            prepared = prepare_launch(
+                out, x, m, a, b, g, c, m_prev, d, z, s, self.scale, self.clamp, row_slots=True
+            )
+            self.prepared[key] = None if prepared is None else _fast_path(prepared)
+        return result
+
+
+def _fast_path(prepared: PreparedLaunch) -> tuple:
+    """(slot checks, positional runner) over the slots in the order m, g, a, b, c, d, s."""
+    names = [n for n in ("m", "g", "a", "b", "c", "d", "s") if n in prepared.slots]
+    return [prepared.checker(n) for n in names], prepared.bound(*names)
 
 
 class _Recorded:

@@ -26,7 +26,7 @@ from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.finite import EagerFiniteCheck, FiniteCheck
 from ate_fast.sampling.inpainting import Inpainting, check_inpainting
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
-from ate_fast.sampling.launch import Launch
+from ate_fast.sampling.launch import CachedLaunch, Launch
 from ate_fast.sampling.noise import NoiseDraw
 from ate_fast.sampling.workspace import StepBuffers, StepTables
 
@@ -400,7 +400,7 @@ class Sampler:
         ws = StepBuffers(noise)
         finite = EagerFiniteCheck() if check_finite else None
         run = self.new_run(
-            ws, cond, guidance, generator, Launch(scale, clamp), callback, finite=finite,
+            ws, cond, guidance, generator, CachedLaunch(scale, clamp), callback, finite=finite,
             inpainting=inpainting,
         )  # fmt: skip
         return self.execute(noise, run)

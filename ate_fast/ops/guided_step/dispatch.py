@@ -104,14 +104,19 @@ def guided_step_into(out: Tensor, x, m, a, b, g, c, m_prev, d, z, s, scale, clam
     return out
 
 
-def prepare_launch(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp
-                   ) -> Optional[PreparedLaunch]:  # fmt: skip
-    """The validated CPU kernel call for these arguments, with slots ``m`` and ``g`` to
-    re-bind per launch; None where the ``cpu`` backend would not run them, or where
-    ``out`` partly overlaps an input (the public op then computes via a temporary).
+# where the coefficient rows sit in native_args (slots re-bound by a sample() loop)
+_ROW_AT = {"a": 9, "b": 10, "c": 11, "d": 12, "s": 13}
 
-    The caller owns the aliasing contract: every tensor but ``m`` and ``g`` stays the
-    same object (same storage) for as long as it launches the result.
+
+def prepare_launch(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp, *,
+                   row_slots: bool = False) -> Optional[PreparedLaunch]:  # fmt: skip
+    """The validated CPU kernel call for these arguments, with slots ``m`` and ``g`` (and,
+    with ``row_slots``, the coefficient rows ``a``, ``b``, ``c``, ``d``, ``s`` that are
+    given) to re-bind per launch; None where the ``cpu`` backend would not run them, or
+    where ``out`` partly overlaps an input (the public op then computes via a temporary).
+
+    The caller owns the aliasing contract: every tensor but the slots stays the same
+    object (same storage) for as long as it launches the result.
     """
     validate(x, m, a, b, g, c, m_prev, d, z, s, scale, clamp)
     validate_out(out, m)
@@ -125,4 +130,7 @@ def prepare_launch(out, x, m, a, b, g, c, m_prev, d, z, s, scale, clamp
     slots = {"m": (_M_AT, m)}
     if g is not None:
         slots["g"] = (_G_AT, g)
+    if row_slots:
+        rows = {"a": a, "b": b, "c": c, "d": d, "s": s}
+        slots.update({k: (_ROW_AT[k], t) for k, t in rows.items() if t is not None})
     return PreparedLaunch(kernel.guided_step, args, slots)
