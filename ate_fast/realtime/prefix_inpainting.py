@@ -12,43 +12,20 @@ model evaluation: the cost is one masked copy per step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.realtime.prefix_buffers import Delay, check_chunk, write_prefix
 from ate_fast.realtime.prefix_weights import check_int
-from ate_fast.realtime.rtc import Delay, check_chunk
 
 
 def prefix_mask_table(horizon: int, max_delay: int) -> np.ndarray:
     """``[max_delay + 1, H]`` bool: row d is True on the first d positions."""
     return np.arange(horizon)[None, :] < np.arange(max_delay + 1)[:, None]
-
-
-def delay_list(delay: Delay, batch: int, high: int, why: str = "") -> list[int]:
-    """``delay`` (an int, B ints, or an int CPU tensor [] / [B]) as B ints in ``0..high``."""
-    if isinstance(delay, Tensor):
-        if delay.device.type != "cpu" or delay.dtype.is_floating_point or delay.ndim > 1:
-            raise InvalidArgumentError(
-                "delay as a tensor must be an integer CPU tensor [] or [B] (its range is "
-                f"checked on the host), got {delay.dtype} {tuple(delay.shape)} on {delay.device}"
-            )
-        delay = delay.tolist()
-    if isinstance(delay, (int, np.integer)) and not isinstance(delay, bool):
-        return [check_int("delay", delay, 0, high, why)] * batch
-    if not isinstance(delay, Sequence) or isinstance(delay, (str, bytes)):
-        raise ArgumentTypeError(
-            f"delay must be an int or a sequence of B ints, got {type(delay).__name__}"
-        )
-    if len(delay) != batch:
-        raise InvalidArgumentError(
-            f"delay must have one entry per sample (B = {batch}), got {len(delay)}"
-        )
-    return [check_int(f"delay[{b}]", d, 0, high, why) for b, d in enumerate(delay)]
 
 
 class PrefixInpainting:
@@ -92,20 +69,8 @@ class PrefixInpainting:
             self._allocate(prev_chunk)
         y, mask, table = self.prev_chunk, self.mask, self._table
         assert y is not None and mask is not None and table is not None
-        if prev_chunk.shape != y.shape or prev_chunk.dtype != y.dtype:
-            raise InvalidArgumentError(
-                f"prev_chunk must keep the shape and dtype of the first one, {tuple(y.shape)} "
-                f"{y.dtype} (captured loops read these buffers); got "
-                f"{tuple(prev_chunk.shape)} {prev_chunk.dtype}: build a new PrefixInpainting"
-            )
         why = f" (max_delay = {self._max_delay})"
-        delays = delay_list(delay, y.shape[0], self._max_delay, why)
-        if len(set(delays)) == 1:
-            rows = table[delays[0]].expand(y.shape[0], -1)
-        else:
-            rows = table[torch.tensor(delays, device=table.device)]
-        y.copy_(prev_chunk)
-        mask.copy_(rows.unsqueeze(-1).expand_as(mask))
+        write_prefix("PrefixInpainting", prev_chunk, delay, y, mask, table, why)
 
     def clear_prefix(self) -> None:
         """Empty the mask (delay 0 everywhere): the sampler's output is then unchanged."""

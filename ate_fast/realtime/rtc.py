@@ -21,18 +21,17 @@ correction's sign flips with the velocity's). docs/rtc.md derives it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import FLOW_CONVENTIONS, POLICY_VJP
+from ate_fast.realtime.prefix_buffers import Delay, check_chunk, write_prefix
 from ate_fast.realtime.prefix_weights import check_int, check_schedule, prefix_weight_table
 
-Delay = Union[int, Sequence[int], Tensor]
 # The paper's guidance-weight clip β (its experiments use 5).
 DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
 
@@ -44,38 +43,6 @@ def rtc_guidance_weight(t: np.ndarray, max_guidance_weight: float) -> np.ndarray
     with np.errstate(divide="ignore"):
         w = (t * t + (1.0 - t) ** 2) / (t * (1.0 - t))
     return np.minimum(np.where(t * (1.0 - t) > 0, w, math.inf), max_guidance_weight)
-
-
-def check_chunk(prev_chunk: object, check_finite: bool) -> Tensor:
-    """``prev_chunk`` checked as a non-empty floating [B, H, D] tensor with H ≥ 2 (and
-    finite, with ``check_finite``); errors name the argument."""
-    if not isinstance(prev_chunk, Tensor):
-        raise ArgumentTypeError(
-            f"prev_chunk must be a torch.Tensor [B, H, D], got {type(prev_chunk).__name__}"
-        )
-    if prev_chunk.ndim != 3 or prev_chunk.numel() == 0:
-        raise InvalidArgumentError(
-            f"prev_chunk must be a non-empty [B, H, D] tensor, got shape {tuple(prev_chunk.shape)}"
-        )
-    if not prev_chunk.is_floating_point():
-        raise ArgumentTypeError(f"prev_chunk must be floating, got {prev_chunk.dtype}")
-    if prev_chunk.shape[1] < 2:
-        raise InvalidArgumentError(
-            "prev_chunk must have a horizon H >= 2 (shape [B, H, D]), got "
-            f"{tuple(prev_chunk.shape)}"
-        )
-    if check_finite and not bool(torch.isfinite(prev_chunk).all()):
-        raise NonFiniteError("prev_chunk contains NaN or inf (expected finite actions)")
-    return prev_chunk
-
-
-def _delay_tensor(delay: Delay, batch: int) -> Tensor:
-    """A checked ``delay`` (int, B ints, or an int CPU tensor [] / [B]) as int64 CPU [B]."""
-    if isinstance(delay, Tensor):
-        return delay.to(torch.int64).reshape(-1).expand(batch).clone()
-    if isinstance(delay, Sequence):
-        return torch.tensor([int(d) for d in delay], dtype=torch.int64)
-    return torch.full((batch,), int(delay), dtype=torch.int64)
 
 
 class RTCGuidance:
@@ -175,16 +142,9 @@ class RTCGuidance:
             self._allocate(prev_chunk)
         y, w, table = self.prev_chunk, self.weights, self._table
         assert y is not None and w is not None and table is not None
-        if prev_chunk.shape != y.shape or prev_chunk.dtype != y.dtype:
-            raise InvalidArgumentError(
-                f"prev_chunk must keep the shape and dtype of the first one, "
-                f"{tuple(y.shape)} {y.dtype} (captured loops read these buffers); got "
-                f"{tuple(prev_chunk.shape)} {prev_chunk.dtype}: build a new RTCGuidance"
-            )
-        rows = self._delay_rows(delay, y.shape[0], table)
-        y.copy_(prev_chunk)
-        w.copy_(rows.unsqueeze(-1).expand_as(w))
-        self.delays = _delay_tensor(delay, y.shape[0])
+        why = f" (H − execution_horizon = {table.shape[1]} − {self._s})"
+        delays = write_prefix("RTCGuidance", prev_chunk, delay, y, w, table, why)
+        self.delays = torch.tensor(delays, dtype=torch.int64)
 
     def clear_prefix(self) -> None:
         """Zero the mask: the guidance then changes nothing (g = 0; e.g. the first tick,
@@ -207,33 +167,6 @@ class RTCGuidance:
             self._table = torch.tensor(table, **like)
             self.prev_chunk = torch.zeros(prev_chunk.shape, **like)
             self.weights = torch.zeros(prev_chunk.shape[0], horizon, 1, **like)
-
-    def _delay_rows(self, delay: Delay, batch: int, table: Tensor) -> Tensor:
-        """W [B, H] for ``delay`` (rows of the table, picked on its device)."""
-        high = table.shape[0] - 1
-        why = f" (H − execution_horizon = {table.shape[1]} − {self._s})"
-        if isinstance(delay, (int, np.integer)) and not isinstance(delay, bool):
-            return table[check_int("delay", delay, 0, high, why)].expand(batch, -1)
-        if isinstance(delay, Tensor):
-            if delay.device.type != "cpu" or delay.dtype.is_floating_point or delay.ndim > 1:
-                raise InvalidArgumentError(
-                    "delay as a tensor must be an integer CPU tensor [] or [B] (its range is "
-                    f"checked on the host), got {delay.dtype} {tuple(delay.shape)} on "
-                    f"{delay.device}"
-                )
-            delay = delay.tolist()
-            if isinstance(delay, int):
-                return self._delay_rows(delay, batch, table)
-        if not isinstance(delay, Sequence) or isinstance(delay, (str, bytes)):
-            raise ArgumentTypeError(
-                f"delay must be an int or a sequence of B ints, got {type(delay).__name__}"
-            )
-        if len(delay) != batch:
-            raise InvalidArgumentError(
-                f"delay must have one entry per sample (B = {batch}), got {len(delay)}"
-            )
-        index = [check_int(f"delay[{b}]", d, 0, high, why) for b, d in enumerate(delay)]
-        return table[torch.tensor(index, device=table.device)]
 
     # -- the Guidance protocol ---------------------------------------------------------
     def gradient(self, x: Tensor, x0_hat: Tensor, dx0_dx: Optional[Tensor] = None) -> Tensor:
