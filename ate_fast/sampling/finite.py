@@ -5,12 +5,13 @@ actions, into NaN without a word. Each model output and guidance gradient of ste
 checked, so the error names the step and the source (``model_fn`` or
 ``guidance.gradient``):
 
-* :class:`EagerFiniteCheck` (``sample()``, on by default): one host sync per checked
-  output; raises at the first bad one, before it reaches the sample.
-* :class:`DeferredFiniteCheck` (``capture(..., check_finite_steps=True)``, opt-in): the
+* :class:`EagerFiniteCheck` (``sample()`` on the CPU, on by default): each output is
+  checked as it comes; raises at the first bad one, before it reaches the sample.
+* :class:`DeferredFiniteCheck` (``sample()`` on an accelerator, where a check per step
+  would be a host sync per step; ``capture(..., check_finite_steps=True)``, opt-in): the
   loop writes per-step flags into a device tensor (captured into a CUDA graph, no host
   sync inside the loop); :meth:`DeferredFiniteCheck.raise_if_bad` reads them once after
-  the loop.
+  the loop and names the first bad step.
 """
 
 from __future__ import annotations
@@ -57,8 +58,15 @@ class DeferredFiniteCheck:
     into ``flags[k, source]`` without a host sync (so it can be captured in a CUDA graph).
     """
 
-    def __init__(self, num_steps: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        num_steps: int,
+        device: torch.device,
+        where: str = "the captured loop",
+        hint: str = "checked because capture(..., check_finite_steps=True)",
+    ) -> None:
         self.flags = torch.ones(num_steps, len(SOURCES), dtype=torch.bool, device=device)
+        self.where, self.hint = where, hint
 
     def reset(self) -> None:
         self.flags.fill_(True)
@@ -80,6 +88,15 @@ class DeferredFiniteCheck:
         bad = self.first_bad()
         if bad is not None:
             raise NonFiniteError(
-                f"step {bad[0]}: {bad[1]} returned NaN or inf in the captured loop "
-                "(checked because capture(..., check_finite_steps=True))"
+                f"step {bad[0]}: {bad[1]} returned NaN or inf in {self.where} ({self.hint})"
             )
+
+
+def finite_check_for(device: torch.device, num_steps: int) -> FiniteCheck:
+    """``sample()``'s step check: eager on the CPU (the check costs no sync there), flags
+    read once after the loop elsewhere (a check per step would be a host sync per step)."""
+    if device.type == "cpu":
+        return EagerFiniteCheck()
+    return DeferredFiniteCheck(
+        num_steps, device, "sample()", "sample(..., check_finite=False) skips this check"
+    )

@@ -23,7 +23,11 @@ from torch import Tensor, nn
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
 from ate_fast.guidance import POLICY_VJP, SCALAR_SLOPE_MODES, Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
-from ate_fast.sampling.finite import EagerFiniteCheck, FiniteCheck
+from ate_fast.sampling.finite import (
+    DeferredFiniteCheck,
+    FiniteCheck,
+    finite_check_for,
+)
 from ate_fast.sampling.inpainting import Inpainting, check_inpainting
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
 from ate_fast.sampling.launch import CachedLaunch, Launch
@@ -379,10 +383,12 @@ class Sampler:
                 eta > 0), consumed exactly as diffusers consumes it; None = global RNG.
             callback: ``callback(k, x)`` after step k (0-based) with the current sample
                 [B, H, D] (a buffer the next step overwrites: clone it to keep it).
-            check_finite: check every model output and guidance gradient for NaN/inf as
-                it comes (one host sync each) and raise
-                :class:`~ate_fast.errors.NonFiniteError` naming the step k and the source
-                (``model_fn`` or ``guidance.gradient``); False skips it.
+            check_finite: check every model output and guidance gradient for NaN/inf and
+                raise :class:`~ate_fast.errors.NonFiniteError` naming the step k and the
+                source (``model_fn`` or ``guidance.gradient``); False skips it. On the CPU
+                each output is checked as it comes; on an accelerator the checks are
+                flags kept on the device and read once after the loop (one host sync per
+                call instead of one per step; the error names the first bad step).
             inpainting: None, or an :class:`~ate_fast.sampling.Inpainting` (FlowSampler
                 only) whose ``apply_(x)`` writes known positions into the sample before
                 every model evaluation and after every step (e.g.
@@ -398,12 +404,15 @@ class Sampler:
                 f"callback must be callable or None, got {type(callback).__name__}"
             )
         ws = StepBuffers(noise)
-        finite = EagerFiniteCheck() if check_finite else None
+        finite = finite_check_for(noise.device, self.num_steps) if check_finite else None
         run = self.new_run(
             ws, cond, guidance, generator, CachedLaunch(scale, clamp), callback, finite=finite,
             inpainting=inpainting,
         )  # fmt: skip
-        return self.execute(noise, run)
+        out = self.execute(noise, run)
+        if isinstance(finite, DeferredFiniteCheck):
+            finite.raise_if_bad()
+        return out
 
     def capture(
         self,

@@ -1,5 +1,7 @@
-"""sample()'s CachedLaunch: the same results as the public op on every launch, bit for bit,
-and a later launch that does not fit the prepared call still gets the op's clear error."""
+"""sample()'s per-step path: CachedLaunch gives the public op's results on every launch, bit
+for bit, and a later launch that does not fit the prepared call still gets the op's clear
+error; the step finite check deferred to the loop's end (accelerators) names the first bad
+step as the eager one (the CPU) does."""
 
 from __future__ import annotations
 
@@ -56,3 +58,28 @@ def test_a_launch_that_does_not_fit_goes_through_the_op():
         launch(out, x=x, m=torch.ones(2, H, D, dtype=torch.float64), a=a, b=b)
     with pytest.raises(ValueError, match="shape"):
         launch(out, x=x, m=torch.ones(2, H, D + 1), a=a, b=b)
+
+
+def test_deferred_step_check_names_the_first_bad_step(monkeypatch):
+    """sample()'s check on an accelerator (flags read once after the loop), run here on
+    the CPU: the same error as the eager check, naming the first bad step and source."""
+    from ate_fast.sampling import finite
+
+    calls = []
+
+    def model(x, t, cond):
+        calls.append(1)
+        return x * (float("nan") if len(calls) == 3 else 0.5)
+
+    sampler = FlowSampler(model, 6)
+    noise = torch.randn(1, H, D)
+    with pytest.raises(ValueError, match=r"step 2: model_fn returned NaN"):
+        sampler.sample(noise)
+    calls.clear()
+    deferred = finite.DeferredFiniteCheck(6, noise.device, "sample()", "check_finite=False")
+    monkeypatch.setattr(sampler_module, "finite_check_for", lambda device, steps: deferred)
+    with pytest.raises(ValueError, match=r"step 2: model_fn returned NaN or inf in sample\(\)"):
+        sampler.sample(noise)
+    assert len(calls) == 6  # the loop ran to its end; the flags were read once after it
+    assert finite.finite_check_for(torch.device("cpu"), 6).__class__ is finite.EagerFiniteCheck
+    assert isinstance(finite.finite_check_for(torch.device("meta"), 6), finite.DeferredFiniteCheck)
