@@ -162,7 +162,11 @@ def test_attention_and_its_backward(dtype, batch, tokens, queries, width, heads)
     assert rel(o, o_ref) < TOL[dtype]
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert not got.isnan().any()
-        assert rel(got, want) < TOL[dtype]
+        if want.abs().max() == 0:  # one key: softmax is constant, dQ = dK = 0 exactly;
+            # the kernel's rowsum(dO ⊙ O) leaves rounding noise, measured against dV's size
+            assert (got.double() - want).norm() < TOL[dtype] * dv_ref.norm()
+        else:
+            assert rel(got, want) < TOL[dtype]
 
 
 def test_attention_refuses_more_than_128_tokens():

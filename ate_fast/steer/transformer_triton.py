@@ -20,7 +20,8 @@ Five kernels, each replacing a chain of torch kernels of one post-norm layer:
   output (no head split copies), writes the heads merged ``[B, Tq, d]`` and the
   softmax's log-sum-exp per query (the backward recomputes P from it).
 * :func:`attention_backward` — ``dQ, dK, dV`` in one kernel per layer (one program per
-  (sample, head)), written into caller-given views (the merged ``[B, T, 3d]`` gradient of
+  (sample, head), looping over blocks of 32 keys; ``rowsum(P ⊙ dP)`` as ``rowsum(dO ⊙ O)``
+  from the saved output), written into caller-given views (the merged ``[B, T, 3d]`` gradient of
   the in-projection's output, so that one matmul takes it back to the layer input).
 
 Storage float32, float64, float16 or bfloat16; arithmetic in float32 (float64 for float64
@@ -41,7 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_TOKENS = 128  # keys per attention program (one block)
+MAX_TOKENS = 128  # keys per attention program (one block in the forward)
+BACKWARD_KEYS = 32  # keys per step of the attention backward's loop
 MAX_ROW = 4096  # LayerNorm row width in one block
 ACT_BLOCK = 1024  # elements per program of the element-wise kernels
 ACT_GELU = 0
@@ -269,49 +271,58 @@ def _attention_kernel(
 
 @triton.jit
 def _attention_backward_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, tq, t, nh,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, tq, t, nh,
     q_sb, q_st, kv_sb, kv_st, do_sb, do_st, dq_sb, dq_st, dkv_sb, dkv_st,
-    HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # One program per (sample, head): P recomputed from lse; dP = dO Vᵀ,
-    # dS = P ⊙ (dP − rowsum(P ⊙ dP))/√hd; dQ = dS K, dK = dSᵀ Q, dV = Pᵀ dO.
+    # One program per (sample, head), looping over blocks of BLOCK_K keys (so that only
+    # one block's K, V, P, dP, dK, dV are live): P recomputed from lse; dP = dO Vᵀ,
+    # dS = P ⊙ (dP − rowsum(dO ⊙ O))/√hd; dQ = Σ_blocks dS K, dK = dSᵀ Q, dV = Pᵀ dO.
     C: tl.constexpr = lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
     bi, hi = (pid // nh).to(tl.int64), pid % nh
-    iq, it, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D)
+    iq, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
     col = hi * HD
     q = _tile(q_ptr, q_sb, q_st, bi, col, iq, tq, j, HD, C)
-    k = _tile(k_ptr, kv_sb, kv_st, bi, col, it, t, j, HD, C)
-    v = _tile(v_ptr, kv_sb, kv_st, bi, col, it, t, j, HD, C)
     do = _tile(do_ptr, do_sb, do_st, bi, col, iq, tq, j, HD, C)
+    o = _tile(o_ptr, tq * nh * HD, nh * HD, bi, col, iq, tq, j, HD, C)
+    delta = tl.sum(do * o, 1)  # = rowsum(P ⊙ dP)
     lse = tl.load(lse_ptr + (bi * nh + hi) * tq + iq, mask=iq < tq, other=0.0)
-    p = tl.exp(_scores(q, k, iq, it, tq, t, HD, C) - lse[:, None])
-    p = tl.where((iq < tq)[:, None] & (it < t)[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=C)
     scale = 1.0 / tl.sqrt(tl.full([], HD, C))
-    ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * scale
-    dq = tl.dot(ds, k, input_precision="ieee", out_dtype=C)
-    dk = tl.dot(tl.trans(ds), q, input_precision="ieee", out_dtype=C)
-    dv = tl.dot(tl.trans(p), do, input_precision="ieee", out_dtype=C)
     jok = (j < HD)[None, :]
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
+    for k0 in range(0, t, BLOCK_K):
+        ik = k0 + tl.arange(0, BLOCK_K)
+        k = _tile(k_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD, C)
+        v = _tile(v_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD, C)
+        p = tl.exp(_scores(q, k, iq, ik, tq, t, HD, C) - lse[:, None])
+        p = tl.where((iq < tq)[:, None] & (ik < t)[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=C)
+        ds = p * (dp - delta[:, None]) * scale
+        dq = tl.dot(ds, k, dq, input_precision="ieee", out_dtype=C)
+        dk = tl.dot(tl.trans(ds), q, input_precision="ieee", out_dtype=C)
+        dv = tl.dot(tl.trans(p), do, input_precision="ieee", out_dtype=C)
+        kv_offs = bi * dkv_sb + ik.to(tl.int64)[:, None] * dkv_st + col + j[None, :]
+        kv_ok = (ik < t)[:, None] & jok
+        tl.store(dk_ptr + kv_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
     q_offs = bi * dq_sb + iq.to(tl.int64)[:, None] * dq_st + col + j[None, :]
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=(iq < tq)[:, None] & jok)
-    kv_offs = bi * dkv_sb + it.to(tl.int64)[:, None] * dkv_st + col + j[None, :]
-    kv_ok = (it < t)[:, None] & jok
-    tl.store(dk_ptr + kv_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
-    tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
 
 
-def _attention_config(q: Tensor, k: Tensor, num_heads: int) -> dict:
-    tq, t, d = q.shape[1], k.shape[1], q.shape[2]
-    if t > MAX_TOKENS:
-        raise ValueError(f"attention kernel: at most {MAX_TOKENS} tokens, got {t}")
-    hd = d // num_heads
-    block_t, block_d = _block(t), _block(hd)
-    return dict(
-        HD=hd, BLOCK_Q=_block(tq), BLOCK_T=block_t, BLOCK_D=block_d,
-        num_warps=attention_warps(block_t, block_d),
-    )  # fmt: skip
+def attention_constants(queries: int, tokens: int, head_dim: int, backward: bool = False) -> dict:
+    """The attention kernels' launch constants (``num_warps`` included) for ``queries``
+    × ``tokens`` (≤ :data:`MAX_TOKENS`) and heads of ``head_dim``: the forward holds all
+    keys in one block, the backward loops over blocks of :data:`BACKWARD_KEYS`."""
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"attention kernel: at most {MAX_TOKENS} tokens, got {tokens}")
+    block_q, block_t, block_d = _block(queries), _block(tokens), _block(head_dim)
+    if backward:
+        keys = min(block_t, BACKWARD_KEYS)
+        return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_K=keys, BLOCK_D=block_d,
+                    num_warps=attention_warps(max(block_q, keys), block_d))  # fmt: skip
+    return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_T=block_t, BLOCK_D=block_d,
+                num_warps=attention_warps(max(block_q, block_t), block_d))  # fmt: skip
 
 
 def attention(
@@ -320,7 +331,7 @@ def attention(
     """Bidirectional multi-head attention without masks: ``q`` [B, Tq, d], ``k``, ``v``
     [B, T, d] (T ≤ :data:`MAX_TOKENS`; any batch and row strides, unit column stride; k and
     v with the same strides, e.g. slices of one ``[B, T, 3d]`` projection) -> ``(o [B, Tq, d]
-    with the heads merged, saved)``; ``saved = (q, k, v, lse [B, nh, Tq], num_heads)``."""
+    with the heads merged, saved)``; ``saved = (q, k, v, o, lse [B, nh, Tq], num_heads)``."""
     batch, tq, d = q.shape
     if k.stride() != v.stride():
         raise ValueError("attention kernel: k and v must share their strides")
@@ -329,24 +340,25 @@ def attention(
     if o.numel():
         _attention_kernel[(batch * num_heads,)](
             q, k, v, o, lse, tq, k.shape[1], num_heads, *_rows(q), *_rows(k),
-            **_attention_config(q, k, num_heads),
+            **attention_constants(tq, k.shape[1], d // num_heads),
         )  # fmt: skip
-    return o, (q, k, v, lse, num_heads)
+    return o, (q, k, v, o, lse, num_heads)
 
 
 def attention_backward(
-    grad: Tensor, saved: tuple[Tensor, Tensor, Tensor, Tensor, int], dq: Tensor, dk: Tensor,
-    dv: Tensor,
+    grad: Tensor, saved: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int], dq: Tensor,
+    dk: Tensor, dv: Tensor,
 ) -> None:  # fmt: skip
     """Write ``∂/∂q`` into ``dq`` [B, Tq, d] and ``∂/∂k``, ``∂/∂v`` into ``dk``, ``dv``
     [B, T, d] (views with a unit column stride; dk and dv with the same strides) for the
     gradient ``grad`` [B, Tq, d] of :func:`attention`'s output."""
-    q, k, v, lse, num_heads = saved
+    q, k, v, o, lse, num_heads = saved
     if dk.stride() != dv.stride():
         raise ValueError("attention kernel: dk and dv must share their strides")
     if grad.numel() == 0 and dk.numel() == 0:
         return
     _attention_backward_kernel[(q.shape[0] * num_heads,)](
-        q, k, v, grad, lse, dq, dk, dv, q.shape[1], k.shape[1], num_heads, *_rows(q),
-        *_rows(k), *_rows(grad), *_rows(dq), *_rows(dk), **_attention_config(q, k, num_heads),
+        q, k, v, o, grad, lse, dq, dk, dv, q.shape[1], k.shape[1], num_heads, *_rows(q),
+        *_rows(k), *_rows(grad), *_rows(dq), *_rows(dk),
+        **attention_constants(q.shape[1], k.shape[1], q.shape[2] // num_heads, backward=True),
     )  # fmt: skip
