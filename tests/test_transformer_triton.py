@@ -3,8 +3,11 @@ against torch references, and the ``triton`` path of the encoder's guidance grad
 autograd.
 
 On the CPU the kernels run through the Triton interpreter (``TRITON_INTERPRET=1``, set by
-conftest); the ``cuda``-marked cases in ``tests/test_transformer_vjp.py`` run them
-compiled. Tolerances: float64 data is computed in float64 (≤ 1e-12 relative, kernels;
+conftest); the ``cuda``-marked cases (here: the paper-size encoder in float32 and
+bfloat16; ``tests/test_transformer_vjp.py``: a CUDA-graph replay) run them compiled —
+they have not run yet: no GPU was available when the kernels were written.
+
+Tolerances: float64 data is computed in float64 (≤ 1e-12 relative, kernels;
 1e-10 / 1e-12 like the torch VJP, whole encoder); float32 in float32 (relative error
 ≤ 1e-5 — float32's rounding over sums of ≤ 1024 terms, no TF32); bfloat16 storage is
 compared with the float64 truth at 3e-2 (bf16's 8-bit mantissa), and its encoder gradient
@@ -31,7 +34,10 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def _interpreter():
+def _interpreter(request):
+    """The CPU cases need the interpreter; the ``cuda`` ones run compiled kernels."""
+    if request.node.get_closest_marker("cuda"):
+        return
     if not backends.triton_interpret():
         pytest.skip("Triton CPU interpreter is off (TRITON_INTERPRET=0); cuda cases run instead")
     ok, why = backends.availability("triton", "cpu")
@@ -283,3 +289,34 @@ def test_selection(monkeypatch):
     finally:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         backends.reset_caches()
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full precision for the test, restored after it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_paper_size_encoder_on_cuda(monkeypatch, no_tf32, dtype, batch):
+    """The paper's encoder (d_model 512, 4 heads of 128, ff 1024, 9 layers) at H = 50
+    (52 tokens) on the GPU: the triton path against the float64 autograd truth, as close
+    as the torch VJP in the same dtype (×1.5 slack)."""
+    torch.manual_seed(0)
+    vae = ActionVAE(32, 50, latent_dim=512, arch="transformer").cuda()
+    x = torch.randn(batch, 50, 32, device="cuda")
+    target, eps = torch.randn(512, device="cuda"), torch.randn(batch, 512, device="cuda")
+    kwargs = dict(latent="sample", eps=eps)
+    truth = gradient("autograd", monkeypatch, FrozenEncoder(vae.double()), x.double(),
+                     target.double(), latent="sample", eps=eps.double())  # fmt: skip
+    low = FrozenEncoder(vae.to(dtype))
+    got = gradient("triton", monkeypatch, low, x, target, **kwargs)
+    torch_vjp = gradient("vjp", monkeypatch, low, x, target, **kwargs)
+    assert got.dtype == torch.float32 and got.is_cuda
+    assert rel(got, truth) < (1e-4 if dtype == torch.float32 else TOL[dtype])
+    assert rel(got, truth) < 1.5 * rel(torch_vjp, truth) + 1e-6
