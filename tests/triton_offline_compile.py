@@ -144,9 +144,8 @@ def transformer_variants(target) -> int:
                 count += 1
         # (queries, tokens, head dim): a full paper layer, its last layer, the token limit
         for tq, t, hd in ((52, 52, 128), (2, 52, 128), (128, 128, 128), (50, 50, 16)):
-            for backward, kernel in ((False, tt._attention_kernel),
-                                     (True, tt._attention_backward_kernel)):  # fmt: skip
-                constants = tt.attention_constants(tq, t, hd, backward)
+            for kernel in (tt._attention_kernel, tt._attention_backward_kernel):
+                constants = tt.attention_constants(tq, t, hd)
                 options = {"num_warps": constants.pop("num_warps"),
                            "num_stages": _TRITON_DEFAULT_STAGES}  # fmt: skip
                 compile_one(

@@ -16,7 +16,8 @@ Five kernels, each replacing a chain of torch kernels of one post-norm layer:
 * :func:`bias_act` / :func:`act_backward` — bias + GELU (exact, erf) or ReLU forward from
   a bias-free matmul, storing the pre-activation; and ``g ⊙ act'(pre)``; element-wise.
 * :func:`attention` — ``softmax(QKᵀ/√hd)V`` for every head of every sample, one program
-  per (sample, head), ≤ 128 keys (one block); reads Q, K, V straight from the in-projection's
+  per (sample, head) holding its ≤ 128 queries, looping over blocks of 32 keys (online
+  softmax); reads Q, K, V straight from the in-projection's
   output (no head split copies), writes the heads merged ``[B, Tq, d]`` and the
   softmax's log-sum-exp per query (the backward recomputes P from it).
 * :func:`attention_backward` — ``dQ, dK, dV`` in one kernel per layer (one program per
@@ -42,8 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_TOKENS = 128  # keys per attention program (one block in the forward)
-BACKWARD_KEYS = 32  # keys per step of the attention backward's loop
+MAX_TOKENS = 128  # tokens per attention program (all queries of a head in one block)
+KEY_BLOCK = 32  # keys per step of the attention kernels' loops
 MAX_ROW = 4096  # LayerNorm row width in one block
 ACT_BLOCK = 1024  # elements per program of the element-wise kernels
 ACT_GELU = 0
@@ -238,7 +239,7 @@ def _tile(ptr, sb, st, bi, col0, rows, n_rows, j, HD: tl.constexpr, C: tl.conste
 
 @triton.jit
 def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr):
-    """``QKᵀ/√hd`` [BLOCK_Q, BLOCK_T] with padded keys at −inf (padded queries stay finite)."""
+    """``QKᵀ/√hd`` [BLOCK_Q, BLOCK_K] with padded keys at −inf (padded queries stay finite)."""
     scale = 1.0 / tl.sqrt(tl.full([], HD, C))
     s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=C) * scale
     return tl.where((it < t)[None, :], s, float("-inf"))
@@ -247,21 +248,30 @@ def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, t, nh, q_sb, q_st, kv_sb, kv_st,
-    HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # One program per (sample, head): O = softmax(QKᵀ/√hd) V, lse = log Σ exp(QKᵀ/√hd).
+    # One program per (sample, head): O = softmax(QKᵀ/√hd) V, lse = log Σ exp(QKᵀ/√hd),
+    # over blocks of BLOCK_K keys with the running max / sum of the online softmax.
     C: tl.constexpr = lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
     bi, hi = (pid // nh).to(tl.int64), pid % nh
-    iq, it, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D)
+    iq, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
     q = _tile(q_ptr, q_sb, q_st, bi, hi * HD, iq, tq, j, HD, C)
-    k = _tile(k_ptr, kv_sb, kv_st, bi, hi * HD, it, t, j, HD, C)
-    v = _tile(v_ptr, kv_sb, kv_st, bi, hi * HD, it, t, j, HD, C)
-    s = _scores(q, k, iq, it, tq, t, HD, C)
-    m = tl.max(s, 1)
-    p = tl.exp(s - m[:, None])
-    total = tl.sum(p, 1)
-    o = tl.dot(p / total[:, None], v, input_precision="ieee", out_dtype=C)
+    m = tl.full([BLOCK_Q], float("-inf"), C)
+    total = tl.zeros([BLOCK_Q], dtype=C)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
+    for k0 in range(0, t, BLOCK_K):  # every block holds ≥ 1 real key: m stays finite
+        ik = k0 + tl.arange(0, BLOCK_K)
+        k = _tile(k_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD, C)
+        v = _tile(v_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD, C)
+        s = _scores(q, k, iq, ik, tq, t, HD, C)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee", out_dtype=C)
+        m = m_new
+    o = acc / total[:, None]
     d = nh * HD
     offs = (bi * tq + iq.to(tl.int64))[:, None] * d + hi * HD + j[None, :]
     ok = (iq < tq)[:, None] & (j < HD)[None, :]
@@ -276,7 +286,7 @@ def _attention_backward_kernel(
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (sample, head), looping over blocks of BLOCK_K keys (so that only
-    # one block's K, V, P, dP, dK, dV are live): P recomputed from lse; dP = dO Vᵀ,
+    # one block's K, V, P, dP, dK, dV is live): P recomputed from lse; dP = dO Vᵀ,
     # dS = P ⊙ (dP − rowsum(dO ⊙ O))/√hd; dQ = Σ_blocks dS K, dK = dSᵀ Q, dV = Pᵀ dO.
     C: tl.constexpr = lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -310,19 +320,16 @@ def _attention_backward_kernel(
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=(iq < tq)[:, None] & jok)
 
 
-def attention_constants(queries: int, tokens: int, head_dim: int, backward: bool = False) -> dict:
+def attention_constants(queries: int, tokens: int, head_dim: int) -> dict:
     """The attention kernels' launch constants (``num_warps`` included) for ``queries``
-    × ``tokens`` (≤ :data:`MAX_TOKENS`) and heads of ``head_dim``: the forward holds all
-    keys in one block, the backward loops over blocks of :data:`BACKWARD_KEYS`."""
+    × ``tokens`` (≤ :data:`MAX_TOKENS`) and heads of ``head_dim``; both kernels loop over
+    blocks of :data:`KEY_BLOCK` keys."""
     if tokens > MAX_TOKENS:
         raise ValueError(f"attention kernel: at most {MAX_TOKENS} tokens, got {tokens}")
-    block_q, block_t, block_d = _block(queries), _block(tokens), _block(head_dim)
-    if backward:
-        keys = min(block_t, BACKWARD_KEYS)
-        return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_K=keys, BLOCK_D=block_d,
-                    num_warps=attention_warps(max(block_q, keys), block_d))  # fmt: skip
-    return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_T=block_t, BLOCK_D=block_d,
-                num_warps=attention_warps(max(block_q, block_t), block_d))  # fmt: skip
+    block_q, block_d = _block(queries), _block(head_dim)
+    keys = min(_block(tokens), KEY_BLOCK)
+    return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_K=keys, BLOCK_D=block_d,
+                num_warps=attention_warps(max(block_q, keys), block_d))  # fmt: skip
 
 
 def attention(
@@ -360,5 +367,5 @@ def attention_backward(
     _attention_backward_kernel[(q.shape[0] * num_heads,)](
         q, k, v, o, grad, lse, dq, dk, dv, q.shape[1], k.shape[1], num_heads, *_rows(q),
         *_rows(k), *_rows(grad), *_rows(dq), *_rows(dk),
-        **attention_constants(q.shape[1], k.shape[1], q.shape[2] // num_heads, backward=True),
+        **attention_constants(q.shape[1], k.shape[1], q.shape[2] // num_heads),
     )  # fmt: skip
