@@ -39,7 +39,11 @@ and backward (one kernel each per layer, ≤ 128 tokens). Kernels per full layer
 from the code: forward 14 → 8 (in-projection, attention, out-projection, add+norm,
 linear1, bias+GELU, linear2, add+norm), backward 22 → 8 (norm backward, ·W2, GELU
 backward, ·W1, norm backward + residual gradient, ·W_out, attention backward, one in-place
-``addmm_`` for ``dr1 + dqkv·W_in``); the matmuls stay torch's (cuBLAS). **These kernels
+``addmm_`` for ``dr1 + dqkv·W_in``); 17 → 8 and 27 → 8 counting the copies
+``torch.matmul`` makes of the strided per-head views, and the input layers' skip-gradient
+add (one more kernel on the torch path) is fused into the first norm backward. The
+matmuls stay torch's (cuBLAS); bias + GELU is a 1:1 swap (the bias leaves the matmul for
+the element-wise kernel, which also keeps the pre-activation for the backward). **These kernels
 have never run on a GPU**: they are tested on the CPU through the Triton interpreter
 (float32, float64) and compiled offline for sm_87 and sm_90; their speed is unmeasured.
 """
@@ -50,6 +54,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import NamedTuple, Optional
 
 import torch
@@ -216,10 +221,12 @@ def _layer_backward(grad: Tensor, extra: Optional[Tensor], saved: tuple) -> Tens
 
 
 # --- the same layer on the Triton kernels (the ``triton`` path) --------------------------
-def _kernels():  # imported on first use: importing triton costs a second
-    from ate_fast.steer import transformer_triton
+def _kernels() -> ModuleType:
+    """:mod:`ate_fast.steer.transformer_triton`, imported on first use (importing triton
+    costs a second)."""
+    import ate_fast.steer.transformer_triton as kernels
 
-    return transformer_triton
+    return kernels
 
 
 def _act_code(layer: nn.TransformerEncoderLayer) -> int:
