@@ -37,6 +37,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   ``torch.compile(head)`` (default mode: Inductor's fused kernels, no CUDA graphs of its
   own — the sampler's one graph replays them) with the transformer encoder's guidance on
   the ``compiled`` path: what a user gets from ate_fast plus Inductor.
+- ``ate_capture_triton`` (CUDA, flow transformer small, transformer-guided only): the
+  ``ate_capture`` row with the transformer encoder's guidance on the opt-in ``triton``
+  path (``ATE_FAST_TRANSFORMER_GUIDANCE=triton``: ``ate_fast.steer.transformer_triton``'s
+  fused LayerNorm / activation / attention kernels); compare with ``ate_capture`` (the
+  default ``vjp`` path). Added without a GPU: these kernels have never run on one.
 
 The head gets float32 times on every row: flow t ∈ (0, 1] for the flow heads (MLP,
 flow transformer), integer training timesteps for the U-Nets; a sampler of the other kind
@@ -80,8 +85,12 @@ HEADS = {
 SMALL_HEADS = ("flow-transformer-small", "mlp-small", "unet1d-small")
 SAMPLERS = ("flow-euler-10", "ddim-10", "dpmsolver++-5")
 GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
-CUDA_ROWS = ("eager", "ate_sample", "ate_capture", "cuda_graph", "compile", "ate_capture_compiled")
+CUDA_ROWS = (
+    "eager", "ate_sample", "ate_capture", "cuda_graph", "compile", "ate_capture_compiled",
+    "ate_capture_triton",
+)  # fmt: skip
 COMPILED_CAPTURE_HEADS = ("flow-transformer-small",)  # the targets' head (compile time)
+TRITON_CAPTURE_HEADS = ("flow-transformer-small",)  # transformer-guided only
 CPU_ROWS = ("eager", "ate_sample", "ate_capture", "compile")
 LAMBDA, KAPPA = 2.0, 0.1
 FLOOR = 1e-6  # the flow guidance coefficient's denominator floor (ate_fast.steer)
@@ -131,6 +140,8 @@ def _cases(device: str, full: bool = True) -> list[tuple[str, str, str, str, str
         for problem in problems
         for row in rows
         if row != "ate_capture_compiled" or problem[0] in COMPILED_CAPTURE_HEADS
+        if row != "ate_capture_triton"
+        or (problem[0] in TRITON_CAPTURE_HEADS and problem[2] == "transformer-guided")
     ]
 
 
@@ -467,7 +478,7 @@ def test_head_sampler_latency(benchmark, monkeypatch, device, head, sampler, gui
     enc = None if guidance == "unguided" else _encoder(device, guidance.split("-")[0], head)
     ref = _reference(device, head, sampler, guidance, noise)
 
-    if row in ("ate_sample", "ate_capture", "ate_capture_compiled"):
+    if row in ("ate_sample", "ate_capture", "ate_capture_compiled", "ate_capture_triton"):
         compiled = row == "ate_capture_compiled"
         model = _compiled_head(device, head, "default") if compiled else _head(device, head)
         ate = _ate_sampler(head, sampler, _ate_model_fn(model, factor))
@@ -478,6 +489,8 @@ def test_head_sampler_latency(benchmark, monkeypatch, device, head, sampler, gui
             monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "compiled")
             fn = ate.capture(noise, guidance=ate_guidance, check_finite=False)
         else:
+            if row == "ate_capture_triton":  # read while capturing, like "compiled"
+                monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "triton")
             fn = ate.capture(noise, guidance=ate_guidance, check_finite=False)
     elif row == "compile":
         gradient = None if enc is None else enc.compiled_gradient()

@@ -12,7 +12,10 @@ Rows (``impl``): ``eager`` (baseline) = forward + ``torch.autograd.grad`` (what
 call captured once in a ``torch.cuda.CUDAGraph`` and replayed — what a captured sampler
 runs; ``compiled`` (CUDA also ``compiled_graph``) = the VJP through ``torch.compile``
 (``ATE_FAST_TRANSFORMER_GUIDANCE=compiled``), at (H, D) = (50, 32) and B ≤ 8 only (each
-shape compiles once, tens of seconds). B ∈ {1, 8, 64} × (H, D) ∈ {(50, 32), (64, 128),
+shape compiles once, tens of seconds); on CUDA also ``triton`` / ``triton_graph``: the
+VJP on the opt-in Triton kernels (``ATE_FAST_TRANSFORMER_GUIDANCE=triton``,
+``ate_fast/steer/transformer_triton.py``; added without a GPU, never run on one), every
+shape. B ∈ {1, 8, 64} × (H, D) ∈ {(50, 32), (64, 128),
 (16, 14)} on CUDA; B ∈ {1, 8} on the CPU (B = 64 is ≈ 270 GFLOP per call there, seconds
 per round; ``compiled`` at B = 1).
 """
@@ -39,7 +42,9 @@ def _cases():
     that a suite cut short by its time limit still has the rest)."""
     for device in DEVICES:
         batches = [1, 8] if device == "cpu" else [1, 8, 64]
-        impls = ["eager", "vjp"] + (["eager_graph", "vjp_graph"] if device == "cuda" else [])
+        impls = ["eager", "vjp"]
+        if device == "cuda":
+            impls += ["eager_graph", "vjp_graph", "triton", "triton_graph"]
         cases = [(b, h, d, impl) for h, d in SHAPES for b in batches for impl in impls]
         compiled = ["compiled"] + (["compiled_graph"] if device == "cuda" else [])
         horizon, dim = SHAPES[0]

@@ -48,8 +48,15 @@ def test_counts(junits: list[Path]) -> dict:
     return counts
 
 
-HEADS_ROWS = ("eager", "compile", "cuda_graph", "ate_sample", "ate_capture", "ate_capture_compiled")
-ATE_ROWS = ("ate_capture", "ate_capture_compiled")  # the rows the targets are stated for
+HEADS_ROWS = (
+    "eager", "compile", "cuda_graph", "ate_sample", "ate_capture", "ate_capture_compiled",
+    "ate_capture_triton",
+)  # fmt: skip
+# the rows the targets are stated for (ate_capture_triton: transformer-guided only)
+ATE_ROWS = ("ate_capture", "ate_capture_compiled", "ate_capture_triton")
+# the unguided row a guided row's overhead is measured against (the triton row differs from
+# ate_capture only in the guidance, so it has no unguided run of its own)
+UNGUIDED_ROW = {"ate_capture_triton": "ate_capture"}
 # The targets (GPU): guided ate_capture vs compile / eager on this head, and the
 # cost of guidance over unguided captured sampling per encoder.
 TARGET_HEAD = "flow-transformer-small"
@@ -129,7 +136,8 @@ def heads_targets(cases: dict[tuple, dict[str, float]]) -> tuple[list[str], list
         limit = GUIDANCE_OVERHEAD.get(guidance)
         unguided = cases.get((device, head, sampler, "unguided"), {})
         for ate_row in ATE_ROWS:
-            plain, guided = unguided.get(ate_row), per_row.get(ate_row)
+            plain = unguided.get(UNGUIDED_ROW.get(ate_row, ate_row))
+            guided = per_row.get(ate_row)
             if limit is None or plain is None or guided is None:
                 continue
             overhead = guided / plain - 1.0

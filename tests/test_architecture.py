@@ -18,7 +18,11 @@ OPTIONAL = {
     "metaworld", "mujoco", "gymnasium", "matplotlib", "lerobot",
 }  # fmt: skip
 # Kernel modules whose only function-local import is their optional dependency.
-LAZY_KERNELS = {"ate_fast.ops.guided_step.triton", "ate_fast.ops.mlp_guidance.triton"}
+LAZY_KERNELS = {
+    "ate_fast.ops.guided_step.triton",
+    "ate_fast.ops.mlp_guidance.triton",
+    "ate_fast.steer.transformer_triton",
+}
 
 
 def _module_name(path: Path) -> str:

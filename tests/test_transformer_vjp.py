@@ -209,14 +209,15 @@ def no_tf32():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("path", ["vjp", "compiled"])
+@pytest.mark.parametrize("path", ["vjp", "compiled", "triton"])
 @pytest.mark.parametrize("latent_mode", ["mean", "sample"])
 def test_vjp_on_cuda_matches_autograd_and_replays_in_a_graph(
     monkeypatch, no_tf32, latent_mode, path
 ):
     """float32 on the GPU (TF32 off): equal to autograd, and capturable in a CUDA graph
     as the sampler captures its loop (``compiled``: Inductor's kernels, compiled during
-    the warm-up, replayed from the graph)."""
+    the warm-up, replayed from the graph; ``triton``: ``transformer_triton``'s kernels,
+    never run on a GPU before this test)."""
     vae = ActionVAE(32, 50, latent_dim=64, arch="transformer", d_model=128, num_layers=5).cuda()
     encoder = FrozenEncoder(vae)
     x = torch.randn(4, 50, 32, device="cuda")

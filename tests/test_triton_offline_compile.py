@@ -1,4 +1,5 @@
-"""The Triton kernels compile for the H100 (sm_90) on a machine without a GPU.
+"""The Triton kernels compile for the H100 (sm_90), and the Transformer encoder's also for
+sm_87, on a machine without a GPU.
 
 The CPU tests run the kernels through Triton's interpreter, which skips the compiler; the
 first H100 run found float64 kernels that passed every interpreted test and failed to
@@ -20,11 +21,24 @@ SCRIPT = Path(__file__).with_name("triton_offline_compile.py")
 ROOT = SCRIPT.parent.parent
 
 
-def test_kernels_compile_for_sm90(tmp_path):
+def _compile(tmp_path, *args: str) -> str:
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "90"], env=env, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "compiled 46 kernel variants for sm_90" in done.stdout
+    return done.stdout
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    # 46 MLP-guidance and guided-step variants + 60 Transformer-encoder ones
+    assert "compiled 106 kernel variants for sm_90" in _compile(tmp_path, "90")
+
+
+def test_transformer_kernels_compile_for_sm87(tmp_path):
+    """The Transformer encoder's kernels (``ate_fast.steer.transformer_triton``) also for
+    the Jetson Orin's sm_87 (an embedded target of the guidance)."""
+    out = _compile(tmp_path, "87", "transformer")
+    assert "compiled 60 kernel variants for sm_87" in out

@@ -1,6 +1,7 @@
 """Compile the project's Triton kernels for a CUDA target without a GPU (run as a script).
 
-    TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH]   (default 90)
+    TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]]
+        ARCH: default 90; GROUP: all (default), or one of mlp, guided_step, transformer
 
 Prints one line per kernel variant and exits non-zero on the first compile error. The
 interpreter (how the CPU tests run the kernels) skips Triton's code generator, so a kernel
@@ -13,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunctions
 
@@ -22,6 +24,7 @@ from triton.compiler import ASTSource
 
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
+from ate_fast.steer import transformer_triton as tt
 
 
 def signature(kernel, constexprs: dict, pointer_type, scalar_types: dict) -> dict:
@@ -38,11 +41,16 @@ def signature(kernel, constexprs: dict, pointer_type, scalar_types: dict) -> dic
     return sig
 
 
-def compile_one(kernel, constexprs: dict, pointer_type, scalar_types: dict, target, label: str):
+def compile_one(
+    kernel, constexprs: dict, pointer_type, scalar_types: dict, target, label: str,
+    options: dict | None = None,
+):  # fmt: skip
+    """Compile one variant; ``options`` default to the MLP-guidance launch options."""
     sig = signature(kernel, constexprs, pointer_type, scalar_types)
-    options = {"num_warps": mg.NUM_WARPS, "num_stages": mg.NUM_STAGES}
+    options = options or {"num_warps": mg.NUM_WARPS, "num_stages": mg.NUM_STAGES}
+    start = time.perf_counter()
     triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=target, options=options)
-    print(f"ok  {kernel.__name__:<22} {label}")
+    print(f"ok  {kernel.__name__:<26} {label}  ({time.perf_counter() - start:.1f} s)")
 
 
 def mlp_variants(target) -> int:
@@ -99,11 +107,65 @@ def guided_step_variants(target) -> int:
     return count
 
 
-def main(arch: int) -> None:
+# torch's launch defaults, which the transformer launchers keep (no num_stages given)
+_TRITON_DEFAULT_STAGES = 3
+_STORAGE_COMPUTE = [("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "fp32")]
+
+
+def _typed(compute_ptrs: set, store: str, comp: str):
+    return lambda name: comp if name in compute_ptrs else store
+
+
+def transformer_variants(target) -> int:
+    """The Transformer encoder kernels (``ate_fast.steer.transformer_triton``) in the
+    configurations the launchers use at the paper's size (d_model 512, 4 heads of 128,
+    ff 1024, 52 tokens; the last layer's 1..2 queries) and at the 128-token limit, for
+    float32, float64 and bfloat16 storage (statistics and pre-activations in the compute
+    type)."""
+    count = 0
+    stats = {"mean_ptr", "rstd_ptr"}
+    default = {"num_warps": 4, "num_stages": _TRITON_DEFAULT_STAGES}
+    for store, comp in _STORAGE_COMPUTE:
+        label = f"{store}->{comp}"
+        for flag, block in itertools.product((True, False), (64, 512)):
+            for kernel, name in ((tt._add_norm_kernel, "HAS_RES"),
+                                 (tt._norm_backward_kernel, "HAS_DY2")):  # fmt: skip
+                compile_one(
+                    kernel, {name: flag, "BLOCK": block}, _typed(stats, store, comp),
+                    {"eps": "fp32"}, target, f"{label} {name}={flag} BLOCK={block}", default,
+                )  # fmt: skip
+                count += 1
+        for act in (tt.ACT_GELU, tt.ACT_RELU):
+            for kernel in (tt._bias_act_kernel, tt._act_backward_kernel):
+                compile_one(
+                    kernel, {"ACT": act, "BLOCK": tt.ACT_BLOCK}, _typed({"pre_ptr"}, store, comp),
+                    {}, target, f"{label} act={act}", default,
+                )  # fmt: skip
+                count += 1
+        # (queries, tokens, head dim): a full paper layer, its last layer, the token limit
+        for tq, t, hd in ((52, 52, 128), (2, 52, 128), (128, 128, 128), (50, 50, 16)):
+            for kernel in (tt._attention_kernel, tt._attention_backward_kernel):
+                constants = tt.attention_constants(tq, t, hd)
+                options = {"num_warps": constants.pop("num_warps"),
+                           "num_stages": _TRITON_DEFAULT_STAGES}  # fmt: skip
+                compile_one(
+                    kernel, constants, _typed({"lse_ptr"}, store, comp), {}, target,
+                    f"{label} Tq={tq} T={t} hd={hd}", options,
+                )  # fmt: skip
+                count += 1
+    return count
+
+
+GROUPS = {"mlp": mlp_variants, "guided_step": guided_step_variants,
+          "transformer": transformer_variants}  # fmt: skip
+
+
+def main(arch: int, group: str = "all") -> None:
     target = GPUTarget("cuda", arch, 32)
-    count = mlp_variants(target) + guided_step_variants(target)
+    chosen = GROUPS.values() if group == "all" else [GROUPS[group]]
+    count = sum(variants(target) for variants in chosen)
     print(f"compiled {count} kernel variants for sm_{arch} with triton {triton.__version__}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90, sys.argv[2] if len(sys.argv) > 2 else "all")

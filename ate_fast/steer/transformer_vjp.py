@@ -18,7 +18,7 @@ Layers must be ``nn.TransformerEncoderLayer`` in post-norm form (``norm_first=Fa
 and no dropout in effect; :func:`align_transformer_encoder` returns ``None`` otherwise and
 :class:`~ate_fast.steer.encoder.FrozenEncoder` keeps autograd.
 
-Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled`` forces one;
+Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled|triton`` forces one;
 unset, the default of :data:`DEFAULT_PATH` for the tensor's device type (the measured
 winner; see ``benchmarks/README.md``, "Guidance gradient through the Transformer encoder").
 
@@ -30,14 +30,32 @@ on the GPU the graphed VJP is bound by its kernel count, not its FLOPs or bytes.
 call per (encoder, shape, dtype) compiles (seconds); past dynamo's recompile limit (8 by
 default) further shapes run the uncompiled VJP. The sampler's capture warms the guidance
 up before it captures, so compiling never happens inside a CUDA graph.
+
+``triton`` (opt-in, never the default) runs this same VJP with the layer's chains of small
+kernels replaced by the Triton kernels of :mod:`ate_fast.steer.transformer_triton`:
+residual add + LayerNorm (forward and input-VJP, the backward also adding the residual's
+or the skip connection's gradient), bias + activation, and multi-head attention forward
+and backward (one kernel each per layer, ≤ 128 tokens). Kernels per full layer, counted
+from the code: forward 14 → 8 (in-projection, attention, out-projection, add+norm,
+linear1, bias+GELU, linear2, add+norm), backward 22 → 8 (norm backward, ·W2, GELU
+backward, ·W1, norm backward + residual gradient, ·W_out, attention backward, one in-place
+``addmm_`` for ``dr1 + dqkv·W_in``); 17 → 8 and 27 → 8 counting the copies
+``torch.matmul`` makes of the strided per-head views, and the input layers' skip-gradient
+add (one more kernel on the torch path) is fused into the first norm backward. The
+matmuls stay torch's (cuBLAS); bias + GELU is a 1:1 swap (the bias leaves the matmul for
+the element-wise kernel, which also keeps the pre-activation for the backward). **These kernels
+have never run on a GPU**: they are tested on the CPU through the Triton interpreter
+(float32, float64) and compiled offline for sm_87 and sm_90; their speed is unmeasured.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
-from typing import Optional
+from types import ModuleType
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +64,18 @@ from torch import Tensor, nn
 from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_TRANSFORMER_GUIDANCE"
-PATHS = ("autograd", "vjp", "compiled")
+PATHS = ("autograd", "vjp", "compiled", "triton")
 # device type -> default path; device types not listed use "autograd". Both measured
 # (benchmarks/README.md): CPU 1.05-1.36x; H100, each replayed from a CUDA graph, 1.11-1.60x.
 DEFAULT_PATH = {"cpu": "vjp", "cuda": "vjp"}
 
 
 def selected_path(device_type: str) -> str:
-    """``"autograd"`` or ``"vjp"``: the forced path (``$ATE_FAST_TRANSFORMER_GUIDANCE``) or
+    """One of :data:`PATHS`: the forced path (``$ATE_FAST_TRANSFORMER_GUIDANCE``) or
     the default for ``device_type``."""
     forced = os.environ.get(ENV_VAR, "").strip()
     if forced:
@@ -67,10 +86,18 @@ def selected_path(device_type: str) -> str:
 
 
 def vjp_function(device_type: str) -> Callable[..., Tensor]:
-    """:func:`transformer_latent_gradient`, or its ``torch.compile`` form where the
-    ``compiled`` path is selected for ``device_type``."""
+    """:func:`transformer_latent_gradient`, its ``torch.compile`` form where the
+    ``compiled`` path is selected for ``device_type``, or its Triton-kernel form
+    (``kernels="triton"``) where the ``triton`` path is (raises
+    :class:`~ate_fast.errors.BackendUnavailableError` where Triton cannot run)."""
     global _COMPILED
-    if selected_path(device_type) != "compiled":
+    path = selected_path(device_type)
+    if path == "triton":
+        ok, why = backends.availability("triton", device_type)
+        if not ok:
+            raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
+        return functools.partial(transformer_latent_gradient, kernels="triton")
+    if path != "compiled":
         return transformer_latent_gradient
     if _COMPILED is None:
         _COMPILED = torch.compile(transformer_latent_gradient, dynamic=False, fullgraph=True)
@@ -172,12 +199,13 @@ def _layer_forward(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[
     return out, (layer, rows, q, k, v, p, n1, pre, n2, scale)
 
 
-def _layer_backward(grad: Tensor, saved: tuple) -> Tensor:
-    """``∂/∂h`` [B, T, d] of the layer from ``grad`` [B, rows or T, d] on its output."""
+def _layer_backward(grad: Tensor, extra: Optional[Tensor], saved: tuple) -> Tensor:
+    """``∂/∂h`` [B, T, d] of the layer from ``grad (+ extra)`` [B, rows or T, d] on its
+    output."""
     layer, rows, q, k, v, p, n1, pre, n2, scale = saved
     attn = layer.self_attn
     d, nh = attn.embed_dim, attn.num_heads
-    dr2 = _norm_backward(grad, n2)
+    dr2 = _norm_backward(grad if extra is None else grad + extra, n2)
     dpre = _activation_backward(dr2 @ layer.linear2.weight, pre, layer.activation)
     dr1 = _norm_backward(dr2 + dpre @ layer.linear1.weight, n1)
     do = _heads(dr1 @ attn.out_proj.weight, nh)  # [B, nh, Tq, hd]
@@ -192,6 +220,92 @@ def _layer_backward(grad: Tensor, saved: tuple) -> Tensor:
     return dh
 
 
+# --- the same layer on the Triton kernels (the ``triton`` path) --------------------------
+def _kernels() -> ModuleType:
+    """:mod:`ate_fast.steer.transformer_triton`, imported on first use (importing triton
+    costs a second)."""
+    import ate_fast.steer.transformer_triton as kernels
+
+    return kernels
+
+
+def _act_code(layer: nn.TransformerEncoderLayer) -> int:
+    tt = _kernels()
+    return tt.ACT_GELU if layer.activation is F.gelu else tt.ACT_RELU
+
+
+def _layer_forward_triton(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[int]):
+    """:func:`_layer_forward` on the Triton kernels: attention, add + norm and bias + act
+    in one kernel each; the projections are torch matmuls."""
+    tt = _kernels()
+    attn = layer.self_attn
+    d, nh = attn.embed_dim, attn.num_heads
+    w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
+    if rows is None:
+        hq = h
+        q, k, v = F.linear(h, w_in, b_in).split(d, dim=-1)  # views of one [B, T, 3d]
+    else:
+        hq = h[:, :rows]
+        q = F.linear(hq, w_in[:d], b_in[:d])
+        k, v = F.linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
+    o, att = tt.attention(q, k, v, nh)
+    h1, n1 = tt.add_norm(hq, F.linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
+    act = _act_code(layer)
+    pre, a = tt.bias_act(F.linear(h1, layer.linear1.weight), layer.linear1.bias, act)
+    r2 = F.linear(a, layer.linear2.weight, layer.linear2.bias)
+    out, n2 = tt.add_norm(h1, r2, layer.norm2)
+    return out, (layer, rows, att, n1, pre, n2, act)
+
+
+def _layer_backward_triton(grad: Tensor, extra: Optional[Tensor], saved: tuple) -> Tensor:
+    """:func:`_layer_backward` on the Triton kernels."""
+    tt = _kernels()
+    layer, rows, att, n1, pre, n2, act = saved
+    attn = layer.self_attn
+    d = attn.embed_dim
+    dr2 = tt.norm_backward(grad, extra, n2, layer.norm2.weight)
+    dpre = tt.act_backward(dr2 @ layer.linear2.weight, pre, act)
+    dr1 = tt.norm_backward(dr2, dpre @ layer.linear1.weight, n1, layer.norm1.weight)
+    do = dr1 @ attn.out_proj.weight  # [B, rows or T, d]
+    batch, tokens = att[1].shape[:2]
+    w_in = attn.in_proj_weight
+    if rows is None:
+        dqkv = torch.empty((batch, tokens, 3 * d), dtype=grad.dtype, device=grad.device)
+        tt.attention_backward(do, att, *dqkv.split(d, dim=-1))
+        return dr1.view(-1, d).addmm_(dqkv.view(-1, 3 * d), w_in).view(batch, tokens, d)
+    dq = torch.empty((batch, rows, d), dtype=grad.dtype, device=grad.device)
+    dkv = torch.empty((batch, tokens, 2 * d), dtype=grad.dtype, device=grad.device)
+    tt.attention_backward(do, att, dq, *dkv.split(d, dim=-1))
+    dh = dkv @ w_in[d:]
+    dh[:, :rows] += dr1.view(-1, d).addmm_(dq.view(-1, d), w_in[:d]).view(batch, rows, d)
+    return dh
+
+
+def _norm_triton(x: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, tuple]:
+    out, saved = _kernels().add_norm(x, None, norm)
+    return out, (saved, norm.weight)
+
+
+def _norm_backward_triton(grad: Tensor, saved: tuple) -> Tensor:
+    stats, weight = saved
+    return _kernels().norm_backward(grad, None, stats, weight)
+
+
+class _Kernels(NamedTuple):
+    layer_forward: Callable
+    layer_backward: Callable
+    norm: Callable
+    norm_backward: Callable
+
+
+KERNELS = {
+    "torch": _Kernels(_layer_forward, _layer_backward, _norm, _norm_backward),
+    "triton": _Kernels(
+        _layer_forward_triton, _layer_backward_triton, _norm_triton, _norm_backward_triton
+    ),
+}
+
+
 # --- the encoder --------------------------------------------------------------------------
 def transformer_latent_gradient(
     module: nn.Module,
@@ -201,13 +315,17 @@ def transformer_latent_gradient(
     mask: Optional[Tensor] = None,
     eps: Optional[Tensor] = None,
     reduction: str = "sample",
+    kernels: str = "torch",
 ) -> Tensor:
     """``g`` [B, H, D] of ``−s‖z(x) − target‖²`` through ``module`` (a supported
     ``TransformerEncoder``) for ``x`` [B, H, D] and ``target`` [d_z] or [B, d_z].
 
     ``z = μ`` when ``eps`` is None, else ``μ + exp(½ log σ²)·eps`` (``eps`` [B, d_z]);
-    ``mask`` ([D] or [B, D]) zeroes absent action dims as the encoder does.
+    ``mask`` ([D] or [B, D]) zeroes absent action dims as the encoder does. ``kernels``:
+    ``"torch"`` (torch ops) or ``"triton"`` (:mod:`ate_fast.steer.transformer_triton`'s
+    kernels; ``H + 2 ≤ 128`` tokens).
     """
+    ops = KERNELS[kernels]
     blocks = module.blocks
     rows = 1 if eps is None else 2  # the tokens the latent reads: μ (and log σ²)
     batch = x.shape[0]
@@ -224,11 +342,11 @@ def transformer_latent_gradient(
         if j >= 0:
             proj = blocks.skip_projections[j]
             h = F.linear(torch.cat([h, skips[-1 - j]], dim=-1), proj.weight, proj.bias)
-        h, kept = _layer_forward(layer, h, rows if i == len(layers) - 1 else None)
+        h, kept = ops.layer_forward(layer, h, rows if i == len(layers) - 1 else None)
         saved.append(kept)
         if i < len(blocks.input_blocks):
             skips.append(h)
-    h, final = _norm(h, blocks.norm)  # [B, rows, d]
+    h, final = ops.norm(h, blocks.norm)  # [B, rows, d]
 
     def head(m: nn.Module, t: Tensor) -> Tensor:
         return t if isinstance(m, nn.Identity) else F.linear(t, m.weight, m.bias)
@@ -249,12 +367,11 @@ def transformer_latent_gradient(
     dh[:, 0] = head_backward(module.mu_head, dy_dz)
 
     # backward, input gradient only
-    dh = _norm_backward(dh, final)
+    dh = ops.norm_backward(dh, final)
     skip_grads: list[Optional[Tensor]] = [None] * len(blocks.input_blocks)
     for i in reversed(range(len(layers))):
-        if i < len(blocks.input_blocks) and skip_grads[i] is not None:
-            dh = dh + skip_grads[i]
-        dh = _layer_backward(dh, saved[i])
+        extra = skip_grads[i] if i < len(blocks.input_blocks) else None
+        dh = ops.layer_backward(dh, extra, saved[i])
         j = i - len(blocks.input_blocks) - 1
         if j >= 0:
             dcat = dh @ blocks.skip_projections[j].weight

@@ -1,0 +1,371 @@
+"""Triton kernels of the Transformer encoder's forward and input-VJP (the ``triton`` path of
+:mod:`ate_fast.steer.transformer_vjp`; CUDA, or the CPU through ``TRITON_INTERPRET=1``).
+
+**Status: these kernels have never run on a GPU.** They pass the CPU tests through the
+Triton interpreter (float32 and float64) and compile offline for sm_87 and sm_90
+(``tests/triton_offline_compile.py``: float32, float64 and bfloat16 storage); their speed
+is unmeasured, so the path is opt-in (``ATE_FAST_TRANSFORMER_GUIDANCE=triton``).
+
+Five kernels, each replacing a chain of torch kernels of one post-norm layer:
+
+* :func:`add_norm` — residual add + LayerNorm forward, one program per token row (the
+  row, ``d_model ≤ 4096``, in one block); stores the output, the pre-norm sum (what the
+  backward reads) and the row's mean and 1/std.
+* :func:`norm_backward` — LayerNorm's input-VJP, with up to one extra incoming gradient
+  added first (the residual branch's, or a skip connection's): ``dx = LN'(dy + dy2)``.
+* :func:`bias_act` / :func:`act_backward` — bias + GELU (exact, erf) or ReLU forward from
+  a bias-free matmul, storing the pre-activation; and ``g ⊙ act'(pre)``; element-wise.
+* :func:`attention` — ``softmax(QKᵀ/√hd)V`` for every head of every sample, one program
+  per (sample, head) holding its ≤ 128 queries, looping over blocks of 32 keys (online
+  softmax); reads Q, K, V straight from the in-projection's
+  output (no head split copies), writes the heads merged ``[B, Tq, d]`` and the
+  softmax's log-sum-exp per query (the backward recomputes P from it).
+* :func:`attention_backward` — ``dQ, dK, dV`` in one kernel per layer (one program per
+  (sample, head), looping over blocks of 32 keys; ``rowsum(P ⊙ dP)`` as ``rowsum(dO ⊙ O)``
+  from the saved output), written into caller-given views (the merged ``[B, T, 3d]`` gradient of
+  the in-projection's output, so that one matmul takes it back to the layer input).
+
+Storage float32, float64, float16 or bfloat16; arithmetic in float32 (float64 for float64
+data: the saved statistics' dtype, chosen by the launchers, is the compute type). ``tl.dot``
+runs with ``input_precision="ieee"`` (no TF32), ``out_dtype`` explicit (Triton < 3.7
+defaults it to float32, which float64 fails to compile).
+
+Imported only when the ``triton`` path runs (importing triton costs a second); the
+interpreter reads ``TRITON_INTERPRET`` when a kernel is decorated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_TOKENS = 128  # tokens per attention program (all queries of a head in one block)
+KEY_BLOCK = 32  # keys per step of the attention kernels' loops
+MAX_ROW = 4096  # LayerNorm row width in one block
+ACT_BLOCK = 1024  # elements per program of the element-wise kernels
+ACT_GELU = 0
+ACT_RELU = 1
+_GELU = tl.constexpr(ACT_GELU)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic type for data stored in ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def attention_warps(block_t: int, block_d: int) -> int:
+    """Warps per attention program: 8 once a ``[T, hd]`` tile exceeds 64×64 elements."""
+    return 8 if block_t * block_d > 64 * 64 else 4
+
+
+# ---------------------------------------------------------------- LayerNorm rows
+@triton.jit
+def _add_norm_kernel(
+    x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
+    rows_per_batch, x_sb, x_st, r_sb, r_st, n, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One program per token row: s = x + r, y = (s − mean)·rstd·w + b.
+    C: tl.constexpr = mean_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    bi, ti = row // rows_per_batch, row % rows_per_batch
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    s = tl.load(x_ptr + bi * x_sb + ti * x_st + cols, mask=ok, other=0.0).to(C)
+    if HAS_RES:
+        s = s + tl.load(r_ptr + bi * r_sb + ti * r_st + cols, mask=ok, other=0.0).to(C)
+    tl.store(s_ptr + row * n + cols, s.to(s_ptr.dtype.element_ty), mask=ok)
+    mean = tl.sum(s, 0) / n
+    xc = tl.where(ok, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(C)
+    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(C)
+    tl.store(y_ptr + row * n + cols, (xc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _norm_backward_kernel(
+    dy_ptr, dy2_ptr, s_ptr, mean_ptr, rstd_ptr, w_ptr, dx_ptr,
+    rows_per_batch, dy_sb, dy_st, dy2_sb, dy2_st, n,
+    HAS_DY2: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One program per row: g = dy (+ dy2); dx = rstd·(w⊙g − mean(w⊙g) − x̂·mean(w⊙g⊙x̂)).
+    C: tl.constexpr = mean_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    bi, ti = row // rows_per_batch, row % rows_per_batch
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    g = tl.load(dy_ptr + bi * dy_sb + ti * dy_st + cols, mask=ok, other=0.0).to(C)
+    if HAS_DY2:
+        g = g + tl.load(dy2_ptr + bi * dy2_sb + ti * dy2_st + cols, mask=ok, other=0.0).to(C)
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    s = tl.load(s_ptr + row * n + cols, mask=ok, other=0.0).to(C)
+    xhat = tl.where(ok, (s - mean) * rstd, 0.0)
+    wg = g * tl.load(w_ptr + cols, mask=ok, other=0.0).to(C)
+    c1 = tl.sum(wg, 0) / n
+    c2 = tl.sum(wg * xhat, 0) / n
+    dx = rstd * (wg - c1 - xhat * c2)
+    tl.store(dx_ptr + row * n + cols, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows(t: Tensor) -> tuple[int, int]:
+    """(batch stride, row stride) of a ``[B, T, n]`` tensor with unit column stride."""
+    if t.stride(-1) != 1:
+        raise ValueError("expected a unit stride along the last dimension")
+    return t.stride(0), t.stride(1)
+
+
+def add_norm(
+    x: Tensor, residual: Optional[Tensor], norm: torch.nn.LayerNorm
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """``LayerNorm(x + residual)`` (or of ``x`` alone) for ``x``, ``residual`` [B, T, n]
+    (any batch and row strides, unit column stride) -> ``(y [B, T, n], (s, mean, rstd))``:
+    ``s = x + residual`` [B, T, n] contiguous, ``mean``/``rstd`` [B·T] in the compute type."""
+    batch, rows, n = x.shape
+    y = torch.empty((batch, rows, n), dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y)
+    stats = torch.empty((2, batch * rows), dtype=compute_dtype(x.dtype), device=x.device)
+    if y.numel():
+        r = x if residual is None else residual
+        _add_norm_kernel[(batch * rows,)](
+            x, r, norm.weight, norm.bias, y, s, stats[0], stats[1], rows, *_rows(x), *_rows(r),
+            n, float(norm.eps), HAS_RES=residual is not None, BLOCK=_block(n),
+        )  # fmt: skip
+    return y, (s, stats[0], stats[1])
+
+
+def norm_backward(
+    grad: Tensor, extra: Optional[Tensor], saved: tuple[Tensor, Tensor, Tensor], weight: Tensor
+) -> Tensor:
+    """LayerNorm's input-VJP of ``grad (+ extra)`` ([B, T, n], any batch and row strides)
+    with ``saved`` from :func:`add_norm` -> ``dx`` [B, T, n] (the gradient of ``s``, so
+    also of both summands of a residual add)."""
+    s, mean, rstd = saved
+    batch, rows, n = grad.shape
+    dx = torch.empty((batch, rows, n), dtype=grad.dtype, device=grad.device)
+    if dx.numel():
+        e = grad if extra is None else extra
+        _norm_backward_kernel[(batch * rows,)](
+            grad, e, s, mean, rstd, weight, dx, rows, *_rows(grad), *_rows(e), n,
+            HAS_DY2=extra is not None, BLOCK=_block(n),
+        )  # fmt: skip
+    return dx
+
+
+# ---------------------------------------------------------------- bias + activation
+@triton.jit
+def _gelu_grad(u):
+    cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+    return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+
+
+@triton.jit
+def _bias_act_kernel(
+    x_ptr, b_ptr, pre_ptr, y_ptr, numel, width, ACT: tl.constexpr, BLOCK: tl.constexpr
+):
+    # pre = x + b (b broadcast along rows, pre kept in the compute type), y = act(pre).
+    C: tl.constexpr = pre_ptr.dtype.element_ty
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    pre = tl.load(x_ptr + offs, mask=ok, other=0.0).to(C)
+    pre = pre + tl.load(b_ptr + offs % width, mask=ok, other=0.0).to(C)
+    if ACT == _GELU:
+        y = 0.5 * pre * (1.0 + tl.erf(pre * 0.7071067811865476))
+    else:
+        y = tl.where(pre < 0, 0.0, pre)  # keeps NaN like torch.relu
+    tl.store(pre_ptr + offs, pre, mask=ok)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _act_backward_kernel(g_ptr, pre_ptr, dx_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # dx = g ⊙ act'(pre); element-wise, in pre's (the compute) type.
+    C: tl.constexpr = pre_ptr.dtype.element_ty
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    u = tl.load(pre_ptr + offs, mask=ok, other=0.0)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(C)
+    if ACT == _GELU:
+        d = g * _gelu_grad(u)
+    else:
+        d = tl.where(u > 0, g, 0.0)
+    tl.store(dx_ptr + offs, d.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def bias_act(x: Tensor, bias: Tensor, act: int) -> tuple[Tensor, Tensor]:
+    """``(pre, act(pre))`` with ``pre = x + bias`` for contiguous ``x`` [..., n] and
+    ``bias`` [n]; ``act`` :data:`ACT_GELU` (exact) or :data:`ACT_RELU`. ``pre`` is in the
+    compute type (what :func:`act_backward` reads), ``act(pre)`` in ``x``'s."""
+    pre = torch.empty(x.shape, dtype=compute_dtype(x.dtype), device=x.device)
+    y = torch.empty_like(x)
+    if x.numel():
+        _bias_act_kernel[(triton.cdiv(x.numel(), ACT_BLOCK),)](
+            x, bias, pre, y, x.numel(), x.shape[-1], ACT=act, BLOCK=ACT_BLOCK
+        )
+    return pre, y
+
+
+def act_backward(grad: Tensor, pre: Tensor, act: int) -> Tensor:
+    """``grad ⊙ act'(pre)`` [...] for contiguous ``grad`` and ``pre`` (from
+    :func:`bias_act`) of one shape, in ``grad``'s dtype."""
+    dx = torch.empty_like(grad)
+    if grad.numel():
+        _act_backward_kernel[(triton.cdiv(grad.numel(), ACT_BLOCK),)](
+            grad, pre, dx, grad.numel(), ACT=act, BLOCK=ACT_BLOCK
+        )
+    return dx
+
+
+# ---------------------------------------------------------------- attention
+@triton.jit
+def _tile(ptr, sb, st, bi, col0, rows, n_rows, j, HD: tl.constexpr, C: tl.constexpr):
+    """``[BLOCK_rows, BLOCK_D]`` tile of one head (columns ``col0 + j``) of sample ``bi``;
+    rows ≥ ``n_rows`` and columns ≥ ``HD`` read 0."""
+    ok = (rows < n_rows)[:, None] & (j < HD)[None, :]
+    offs = bi * sb + rows.to(tl.int64)[:, None] * st + col0 + j[None, :]
+    return tl.load(ptr + offs, mask=ok, other=0.0).to(C)
+
+
+@triton.jit
+def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr):
+    """``QKᵀ/√hd`` [BLOCK_Q, BLOCK_K] with padded keys at −inf (padded queries stay finite)."""
+    scale = 1.0 / tl.sqrt(tl.full([], HD, C))
+    s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=C) * scale
+    return tl.where((it < t)[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, t, nh, q_sb, q_st, kv_sb, kv_st,
+    HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program per (sample, head): O = softmax(QKᵀ/√hd) V, lse = log Σ exp(QKᵀ/√hd),
+    # over blocks of BLOCK_K keys with the running max / sum of the online softmax.
+    C: tl.constexpr = lse_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    bi, hi = (pid // nh).to(tl.int64), pid % nh
+    iq, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
+    q = _tile(q_ptr, q_sb, q_st, bi, hi * HD, iq, tq, j, HD, C)
+    m = tl.full([BLOCK_Q], float("-inf"), C)
+    total = tl.zeros([BLOCK_Q], dtype=C)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
+    for k0 in range(0, t, BLOCK_K):  # every block holds ≥ 1 real key: m stays finite
+        ik = k0 + tl.arange(0, BLOCK_K)
+        k = _tile(k_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD, C)
+        v = _tile(v_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD, C)
+        s = _scores(q, k, iq, ik, tq, t, HD, C)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee", out_dtype=C)
+        m = m_new
+    o = acc / total[:, None]
+    d = nh * HD
+    offs = (bi * tq + iq.to(tl.int64))[:, None] * d + hi * HD + j[None, :]
+    ok = (iq < tq)[:, None] & (j < HD)[None, :]
+    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=ok)
+    tl.store(lse_ptr + (bi * nh + hi) * tq + iq, m + tl.log(total), mask=iq < tq)
+
+
+@triton.jit
+def _attention_backward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, tq, t, nh,
+    q_sb, q_st, kv_sb, kv_st, do_sb, do_st, dq_sb, dq_st, dkv_sb, dkv_st,
+    HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program per (sample, head), looping over blocks of BLOCK_K keys (so that only
+    # one block's K, V, P, dP, dK, dV is live): P recomputed from lse; dP = dO Vᵀ,
+    # dS = P ⊙ (dP − rowsum(dO ⊙ O))/√hd; dQ = Σ_blocks dS K, dK = dSᵀ Q, dV = Pᵀ dO.
+    C: tl.constexpr = lse_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    bi, hi = (pid // nh).to(tl.int64), pid % nh
+    iq, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
+    col = hi * HD
+    q = _tile(q_ptr, q_sb, q_st, bi, col, iq, tq, j, HD, C)
+    do = _tile(do_ptr, do_sb, do_st, bi, col, iq, tq, j, HD, C)
+    o = _tile(o_ptr, tq * nh * HD, nh * HD, bi, col, iq, tq, j, HD, C)
+    delta = tl.sum(do * o, 1)  # = rowsum(P ⊙ dP)
+    lse = tl.load(lse_ptr + (bi * nh + hi) * tq + iq, mask=iq < tq, other=0.0)
+    scale = 1.0 / tl.sqrt(tl.full([], HD, C))
+    jok = (j < HD)[None, :]
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
+    for k0 in range(0, t, BLOCK_K):
+        ik = k0 + tl.arange(0, BLOCK_K)
+        k = _tile(k_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD, C)
+        v = _tile(v_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD, C)
+        p = tl.exp(_scores(q, k, iq, ik, tq, t, HD, C) - lse[:, None])
+        p = tl.where((iq < tq)[:, None] & (ik < t)[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=C)
+        ds = p * (dp - delta[:, None]) * scale
+        dq = tl.dot(ds, k, dq, input_precision="ieee", out_dtype=C)
+        dk = tl.dot(tl.trans(ds), q, input_precision="ieee", out_dtype=C)
+        dv = tl.dot(tl.trans(p), do, input_precision="ieee", out_dtype=C)
+        kv_offs = bi * dkv_sb + ik.to(tl.int64)[:, None] * dkv_st + col + j[None, :]
+        kv_ok = (ik < t)[:, None] & jok
+        tl.store(dk_ptr + kv_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
+        tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+    q_offs = bi * dq_sb + iq.to(tl.int64)[:, None] * dq_st + col + j[None, :]
+    tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=(iq < tq)[:, None] & jok)
+
+
+def attention_constants(queries: int, tokens: int, head_dim: int) -> dict:
+    """The attention kernels' launch constants (``num_warps`` included) for ``queries``
+    × ``tokens`` (≤ :data:`MAX_TOKENS`) and heads of ``head_dim``; both kernels loop over
+    blocks of :data:`KEY_BLOCK` keys."""
+    if tokens > MAX_TOKENS:
+        raise ValueError(f"attention kernel: at most {MAX_TOKENS} tokens, got {tokens}")
+    block_q, block_d = _block(queries), _block(head_dim)
+    keys = min(_block(tokens), KEY_BLOCK)
+    return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_K=keys, BLOCK_D=block_d,
+                num_warps=attention_warps(max(block_q, keys), block_d))  # fmt: skip
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, num_heads: int
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, int]]:
+    """Bidirectional multi-head attention without masks: ``q`` [B, Tq, d], ``k``, ``v``
+    [B, T, d] (T ≤ :data:`MAX_TOKENS`; any batch and row strides, unit column stride; k and
+    v with the same strides, e.g. slices of one ``[B, T, 3d]`` projection) -> ``(o [B, Tq, d]
+    with the heads merged, saved)``; ``saved = (q, k, v, o, lse [B, nh, Tq], num_heads)``."""
+    batch, tq, d = q.shape
+    if k.stride() != v.stride():
+        raise ValueError("attention kernel: k and v must share their strides")
+    o = torch.empty((batch, tq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_heads, tq), dtype=compute_dtype(q.dtype), device=q.device)
+    if o.numel():
+        _attention_kernel[(batch * num_heads,)](
+            q, k, v, o, lse, tq, k.shape[1], num_heads, *_rows(q), *_rows(k),
+            **attention_constants(tq, k.shape[1], d // num_heads),
+        )  # fmt: skip
+    return o, (q, k, v, o, lse, num_heads)
+
+
+def attention_backward(
+    grad: Tensor, saved: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int], dq: Tensor,
+    dk: Tensor, dv: Tensor,
+) -> None:  # fmt: skip
+    """Write ``∂/∂q`` into ``dq`` [B, Tq, d] and ``∂/∂k``, ``∂/∂v`` into ``dk``, ``dv``
+    [B, T, d] (views with a unit column stride; dk and dv with the same strides) for the
+    gradient ``grad`` [B, Tq, d] of :func:`attention`'s output."""
+    q, k, v, o, lse, num_heads = saved
+    if dk.stride() != dv.stride():
+        raise ValueError("attention kernel: dk and dv must share their strides")
+    if grad.numel() == 0 and dk.numel() == 0:
+        return
+    _attention_backward_kernel[(q.shape[0] * num_heads,)](
+        q, k, v, o, grad, lse, dq, dk, dv, q.shape[1], k.shape[1], num_heads, *_rows(q),
+        *_rows(k), *_rows(grad), *_rows(dq), *_rows(dk),
+        **attention_constants(q.shape[1], k.shape[1], q.shape[2] // num_heads),
+    )  # fmt: skip

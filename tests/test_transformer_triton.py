@@ -1,0 +1,322 @@
+"""The Triton kernels of the Transformer encoder's VJP (``ate_fast.steer.transformer_triton``)
+against torch references, and the ``triton`` path of the encoder's guidance gradient against
+autograd.
+
+On the CPU the kernels run through the Triton interpreter (``TRITON_INTERPRET=1``, set by
+conftest); the ``cuda``-marked cases (here: the paper-size encoder in float32 and
+bfloat16; ``tests/test_transformer_vjp.py``: a CUDA-graph replay) run them compiled —
+they have not run yet: no GPU was available when the kernels were written.
+
+Tolerances: float64 data is computed in float64 (≤ 1e-12 relative, kernels;
+1e-10 / 1e-12 like the torch VJP, whole encoder); float32 in float32 (relative error
+≤ 1e-5 — float32's rounding over sums of ≤ 1024 terms, no TF32); bfloat16 storage is
+compared with the float64 truth at 3e-2 (bf16's 8-bit mantissa), and its encoder gradient
+must be no further from the truth than the torch VJP's in bfloat16 (×1.5 slack).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ate_fast.align import ActionVAE
+from ate_fast.errors import BackendUnavailableError
+from ate_fast.ops import backends
+from ate_fast.steer import LatentGuidance, Steer, latent_distance_gradient
+from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.transformer_vjp import ENV_VAR, selected_path, vjp_function
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(request):
+    """The CPU cases need the interpreter; the ``cuda`` ones run compiled kernels."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    if not backends.triton_interpret():
+        pytest.skip("Triton CPU interpreter is off (TRITON_INTERPRET=0); cuda cases run instead")
+    ok, why = backends.availability("triton", "cpu")
+    assert ok, why
+
+
+def tt():
+    from ate_fast.steer import transformer_triton
+
+    return transformer_triton
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
+def rand(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """float64 draws stored in ``dtype`` (the float64 reference reads the same values)."""
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def make_norm(width: int, dtype: torch.dtype) -> torch.nn.LayerNorm:
+    norm = torch.nn.LayerNorm(width)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(width))
+        norm.bias.copy_(torch.randn(width))
+    return norm.to(dtype)
+
+
+# --- residual add + LayerNorm --------------------------------------------------------------
+NORM_SHAPES = [(2, 50, 512), (3, 7, 64), (1, 1, 64), (2, 5, 1024), (2, 3, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("batch", "rows", "width"), NORM_SHAPES)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+def test_add_norm_and_its_backward(dtype, batch, rows, width, residual):
+    norm = make_norm(width, dtype)
+    # x a row slice of a longer sequence (batch stride ≠ rows·width), as the last layer's
+    x = rand(batch, rows + 2, width, dtype=dtype)[:, :rows]
+    r = rand(batch, rows, width, dtype=dtype) if residual else None
+    grad, extra = rand(batch, rows, width, dtype=dtype), rand(batch, rows, width, dtype=dtype)
+
+    y, saved = tt().add_norm(x, r, norm)
+    dx = tt().norm_backward(grad, extra if residual else None, saved, norm.weight)
+
+    s = (x.double() + (r.double() if residual else 0)).requires_grad_()
+    w, b = norm.weight.double(), norm.bias.double()
+    y_ref = F.layer_norm(s, (width,), w, b, norm.eps)
+    g_ref = grad.double() + (extra.double() if residual else 0)
+    (dx_ref,) = torch.autograd.grad(y_ref, s, g_ref)
+    assert y.dtype == dtype and dx.dtype == dtype and y.is_contiguous()
+    assert rel(y, y_ref) < TOL[dtype]
+    assert rel(dx, dx_ref) < TOL[dtype]
+    mean, rstd = saved[1].view(batch, rows), saved[2].view(batch, rows)
+    assert rel(mean, s.detach().mean(-1)) < TOL[dtype]
+    var = s.detach().var(-1, unbiased=False)
+    assert rel(rstd, (var + norm.eps).rsqrt()) < TOL[dtype]
+
+
+# --- bias + activation ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("shape", [(2, 50, 1024), (3, 7, 40), (1, 1, 16)])
+def test_bias_act_and_its_backward(dtype, act, shape):
+    x, bias, grad = (
+        rand(*shape, dtype=dtype),
+        rand(shape[-1], dtype=dtype),
+        rand(*shape, dtype=dtype),
+    )
+    code = tt().ACT_GELU if act == "gelu" else tt().ACT_RELU
+    pre, y = tt().bias_act(x, bias, code)
+    dx = tt().act_backward(grad, pre, code)
+    u = (x.double() + bias.double()).requires_grad_()
+    y_ref = F.gelu(u) if act == "gelu" else F.relu(u)
+    (dx_ref,) = torch.autograd.grad(y_ref, u, grad.double())
+    assert pre.dtype == tt().compute_dtype(dtype) and y.dtype == dtype and dx.dtype == dtype
+    assert rel(pre, u.detach()) < TOL[dtype]
+    assert rel(y, y_ref) < TOL[dtype]
+    assert rel(dx, dx_ref) < TOL[dtype]
+
+
+# --- attention -----------------------------------------------------------------------------
+def attention_reference(q, k, v, heads):
+    """softmax(QKᵀ/√hd)V per head, heads merged: [B, Tq, d] from [B, Tq|T, d]."""
+
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    hd = q.shape[-1] // heads
+    p = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(hd), dim=-1)
+    return (p @ split(v)).transpose(1, 2).reshape(q.shape)
+
+
+ATTENTION_SHAPES = [  # batch, tokens, queries (None: all, from one [B, T, 3d]), d, heads
+    pytest.param(2, 52, None, 512, 4, id="T52-d512"),
+    pytest.param(1, 128, None, 64, 4, id="T128-d64"),
+    pytest.param(3, 50, None, 64, 4, id="T50-d64"),
+    pytest.param(2, 7, None, 48, 4, id="T7-hd12"),
+    pytest.param(2, 1, None, 64, 2, id="T1"),
+    pytest.param(2, 50, 1, 512, 4, id="last-layer-1-query"),
+    pytest.param(3, 18, 2, 64, 4, id="last-layer-2-queries"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("batch", "tokens", "queries", "width", "heads"), ATTENTION_SHAPES)
+def test_attention_and_its_backward(dtype, batch, tokens, queries, width, heads):
+    if queries is None:  # the encoder's full layer: q, k, v slices of one projection
+        qkv = rand(batch, tokens, 3 * width, dtype=dtype)
+        q, k, v = qkv.split(width, dim=-1)
+    else:  # its last layer: the queries apart, k and v slices of one [B, T, 2d]
+        q = rand(batch, queries, width, dtype=dtype)
+        k, v = rand(batch, tokens, 2 * width, dtype=dtype).split(width, dim=-1)
+    grad = rand(*q.shape, dtype=dtype)
+
+    o, saved = tt().attention(q, k, v, heads)
+    dq = torch.full(q.shape, float("nan"), dtype=dtype)  # NaN-poisoned: all must be written
+    dkv = torch.full((batch, tokens, 2 * width), float("nan"), dtype=dtype)
+    dk, dv = dkv.split(width, dim=-1)
+    tt().attention_backward(grad, saved, dq, dk, dv)
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref = attention_reference(*leaves, heads)
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad(o_ref, leaves, grad.double())
+    assert o.dtype == dtype and o.shape == q.shape
+    assert rel(o, o_ref) < TOL[dtype]
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert not got.isnan().any()
+        if want.abs().max() == 0:  # one key: softmax is constant, dQ = dK = 0 exactly;
+            # the kernel's rowsum(dO ⊙ O) leaves rounding noise, measured against dV's size
+            assert (got.double() - want).norm() < TOL[dtype] * dv_ref.norm()
+        else:
+            assert rel(got, want) < TOL[dtype]
+
+
+def test_attention_refuses_more_than_128_tokens():
+    q, k, v = rand(1, 129, 3 * 64, dtype=torch.float32).split(64, dim=-1)
+    with pytest.raises(ValueError, match="at most 128 tokens"):
+        tt().attention(q, k, v, 4)
+
+
+# --- the whole encoder ---------------------------------------------------------------------
+def make_vae(horizon=6, dim=3, latent=16, layers=3, activation="gelu", d_model=32, seed=0):
+    torch.manual_seed(seed)
+    vae = ActionVAE(
+        dim, horizon, latent_dim=latent, arch="transformer", d_model=d_model, num_heads=4,
+        ff_dim=40, num_layers=layers, activation=activation,
+    )  # fmt: skip
+    with torch.no_grad():  # learned tokens and positions well away from init
+        for p in vae.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vae.double()
+
+
+def gradient(path, monkeypatch, encoder, x, target, **kwargs):
+    monkeypatch.setenv(ENV_VAR, path)
+    return latent_distance_gradient(encoder, x, target, **kwargs)
+
+
+ENCODER_CASES = [  # horizon, dim, latent (d_model: identity heads), layers, activation, d_model
+    pytest.param(6, 3, 16, 3, "gelu", 32, id="H6-D3-heads-3layers"),
+    pytest.param(5, 4, 64, 5, "gelu", 64, id="identity-heads-5layers-d64"),
+    pytest.param(4, 2, 8, 1, "relu", 32, id="one-layer-relu"),
+    pytest.param(48, 3, 12, 3, "gelu", 64, id="H48-50-tokens"),
+]
+
+
+@pytest.mark.parametrize(
+    ("horizon", "dim", "latent", "layers", "activation", "d_model"), ENCODER_CASES
+)
+@pytest.mark.parametrize("latent_mode", ["mean", "sample"])
+@pytest.mark.parametrize("reduction", ["sample", "batch"])
+def test_triton_path_equals_autograd_in_float64(
+    monkeypatch, horizon, dim, latent, layers, activation, d_model, latent_mode, reduction
+):
+    vae = make_vae(horizon, dim, latent, layers, activation, d_model)
+    encoder = FrozenEncoder(vae)
+    x = torch.randn(3, horizon, dim, dtype=torch.float64)
+    target = torch.randn(3, latent, dtype=torch.float64)
+    eps = torch.randn(3, latent, dtype=torch.float64) if latent_mode == "sample" else None
+    kwargs = dict(latent=latent_mode, eps=eps, reduction=reduction)
+    expected = gradient("autograd", monkeypatch, encoder, x, target, **kwargs)
+    got = gradient("triton", monkeypatch, encoder, x, target, **kwargs)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_path_in_float32_and_bfloat16(monkeypatch, dtype):
+    """float32 / bfloat16 weights (bf16: the mixed-precision path, float32 samples cast to
+    the encoder's dtype) against the float64 autograd truth."""
+    vae64 = make_vae(horizon=8, dim=3, latent=16, layers=3, d_model=64)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    x = torch.randn(4, 8, 3, dtype=torch.float64)
+    target, eps = torch.randn(16, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64)
+    kwargs = dict(latent="sample", eps=eps)
+    truth = gradient("autograd", monkeypatch, FrozenEncoder(vae64, mask=mask), x, target, **kwargs)
+    low = FrozenEncoder(make_vae(horizon=8, dim=3, latent=16, layers=3, d_model=64).to(dtype),
+                        mask=mask)  # fmt: skip
+    x32, kw32 = x.float(), dict(latent="sample", eps=eps.float())
+    got = gradient("triton", monkeypatch, low, x32, target.float(), **kw32)
+    torch_vjp = gradient("vjp", monkeypatch, low, x32, target.float(), **kw32)
+    assert got.dtype == torch.float32 and got[..., 1].abs().max() == 0  # masked dim
+    assert rel(got, truth) < TOL[dtype]
+    if dtype == torch.bfloat16:  # as close to the truth as the torch VJP in bf16
+        assert rel(got, truth) < 1.5 * rel(torch_vjp, truth)
+
+
+def test_public_entry_points_take_the_triton_path(monkeypatch):
+    """Steer and LatentGuidance (in inference mode, as the samplers call it) through the
+    triton path give the autograd result, and the Triton kernels are what ran."""
+    vae = make_vae()
+    x, a0 = torch.randn(3, 6, 3, dtype=torch.float64), torch.randn(3, 6, 3, dtype=torch.float64)
+    steer = Steer(vae)
+    guidance = LatentGuidance(vae, torch.randn(16, dtype=torch.float64), mode="direct")
+    calls = []
+    attention = tt().attention
+
+    def spy(*args):
+        calls.append(1)
+        return attention(*args)
+
+    results = {}
+    for path in ("autograd", "triton"):
+        monkeypatch.setenv(ENV_VAR, path)
+        monkeypatch.setattr(tt(), "attention", spy)
+        with torch.inference_mode():
+            g_infer = guidance.gradient(x, x, torch.ones(3, dtype=torch.float64))
+        results[path] = (steer.guidance(x, a0), g_infer)
+    assert len(calls) == 2 * 3  # two calls, three layers each
+    for got, expected in zip(results["triton"], results["autograd"]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_selection(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert selected_path("cuda") == "vjp" and selected_path("cpu") == "vjp"  # opt-in only
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert selected_path("cuda") == "triton"
+    fn = vjp_function("cpu")  # the interpreter is on (conftest)
+    assert fn.keywords == {"kernels": "triton"}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backends.reset_caches()
+    try:
+        with pytest.raises(BackendUnavailableError, match=f"{ENV_VAR}=triton is unavailable"):
+            vjp_function("cpu")
+    finally:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        backends.reset_caches()
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full precision for the test, restored after it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_paper_size_encoder_on_cuda(monkeypatch, no_tf32, dtype, batch):
+    """The paper's encoder (d_model 512, 4 heads of 128, ff 1024, 9 layers) at H = 50
+    (52 tokens) on the GPU: the triton path against the float64 autograd truth, as close
+    as the torch VJP in the same dtype (×1.5 slack)."""
+    torch.manual_seed(0)
+    vae = ActionVAE(32, 50, latent_dim=512, arch="transformer").cuda()
+    x = torch.randn(batch, 50, 32, device="cuda")
+    target, eps = torch.randn(512, device="cuda"), torch.randn(batch, 512, device="cuda")
+    kwargs = dict(latent="sample", eps=eps)
+    truth = gradient("autograd", monkeypatch, FrozenEncoder(vae.double()), x.double(),
+                     target.double(), latent="sample", eps=eps.double())  # fmt: skip
+    low = FrozenEncoder(vae.to(dtype))
+    got = gradient("triton", monkeypatch, low, x, target, **kwargs)
+    torch_vjp = gradient("vjp", monkeypatch, low, x, target, **kwargs)
+    assert got.dtype == torch.float32 and got.is_cuda
+    assert rel(got, truth) < (1e-4 if dtype == torch.float32 else TOL[dtype])
+    assert rel(got, truth) < 1.5 * rel(torch_vjp, truth) + 1e-6
