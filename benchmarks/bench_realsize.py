@@ -648,7 +648,8 @@ def test_realsize(benchmark, batch: int, guidance: str, row: str) -> None:
     benchmark.extra_info.update(
         impl=row, suite="realsize", device=DEVICE, B=batch, guidance=guidance, calls=1, H=H,
         D=D, prefix=PREFIX, dtype="bfloat16", floor_bytes=floor["per_call"], floor_s=floor_s,
-        copy_bytes_per_s=bw["bytes_per_s"], dry_run=DRY_RUN,
+        copy_bytes_per_s=bw["bytes_per_s"], copy_bytes=bw["copy_bytes"], torch=torch.__version__,
+        dry_run=DRY_RUN,
     )  # fmt: skip
     noise = _noise(batch)
     reference(batch, guidance)
@@ -713,7 +714,7 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
     data = {
         "environment": {
             "device": first["device"],
-            "torch": bench.get("machine_info", {}).get("torch", "?"),
+            "torch": first.get("torch", "?"),
             "dry_run": first.get("dry_run", False),
             "dtype": "bfloat16",
             "head": "flow-transformer pi0-expert",
@@ -725,7 +726,7 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
             "batches": sorted({e["extra_info"]["B"] for e in entries}),
         },
         "bandwidth": {
-            "copy_bytes": COPY_BYTES,
+            "copy_bytes": first.get("copy_bytes", COPY_BYTES),
             "repeats": COPY_REPEATS,
             "best_s": None,
             "bytes_per_s": first["copy_bytes_per_s"],
