@@ -11,8 +11,9 @@ Run:  pytest benchmarks/bench_realsize.py -k cuda -p no:cacheprovider \\
       ATE_FAST_REALSIZE_DRY_RUN=1 pytest benchmarks/bench_realsize.py -k cuda \\
           -p no:cacheprovider --benchmark-disable
           (no GPU: the GPU rows built, checked and run once on the CPU, the expert cut to
-          2 of its 18 blocks, the Transformer encoder to 3 of its 9 layers, B = 8 to 2;
-          the compiled rows at B = 1 only, ``ATE_FAST_REALSIZE_DRY_RUN=full`` adds B = 2)
+          2 of its 18 blocks, the Transformer encoder to 3 of its 9 layers, B = 8 to 2, one
+          torch thread; the compiled rows at B = 1 only, ``ATE_FAST_REALSIZE_DRY_RUN=full``
+          adds B = 2; ≈ 75 s with a cold compile cache on 2 shared cores)
 
 Problem: ``make_head("flow-transformer", "pi0-expert")`` (width 1024, 18 blocks, MLP 4096,
 8 query heads sharing one key/value head of dim 256; 314M parameters) cast to bf16
@@ -615,6 +616,17 @@ def markdown(data: dict) -> str:
 
 
 # -- the benchmark ---------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_dry_run():
+    """The dry run on one torch thread: on a shared 2-core machine two threads' barriers
+    made the bf16 calls 20–30× slower."""
+    threads = torch.get_num_threads()
+    if DRY_RUN:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _announce(request):
     """Print the plan; write the report when the module ends (also after a budget cut)."""
