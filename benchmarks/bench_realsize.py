@@ -59,7 +59,8 @@ guidance adds ≤ 25 % and MLP guidance ≤ 5 % to the unguided call of the same
 
 Before timing, every row's output is checked against ``FlowSampler.sample`` (the same bf16
 head, guidance and cache) for the same noise: max error ≤ ``ATOL_REL``·max|ref| (bf16
-rounding, not timings), and for guided rows ≤ half the guidance's own effect (so a lost
+rounding, not timings; guided rows + ``FLIP_ALLOWANCE``, see :func:`check`), and a guided
+row must move from the unguided output by ≥ half the guidance's own effect (so a lost
 guidance term fails). A round is one call and one synchronisation. Rounds are capped
 (``ROW_SECONDS``, ``MAX_ROUNDS``).
 
@@ -113,8 +114,14 @@ VS_BASELINE = 1.3  # ≥ 1.3× faster than compile_max_autotune
 GUIDANCE_OVERHEAD = {"mlp-guided": 0.05, "transformer-guided": 0.25}
 # Check tolerance, relative to max|ref|: bf16 weights and activations, so rows whose
 # kernels round differently (Inductor fusions, the fused guidance paths) differ by a few
-# bf16 ulps per step. Measured on the CPU dry run (2 blocks): see benchmarks/README.md.
-ATOL_REL = 3e-2
+# bf16 ulps per step: measured ≤ 1.9e-3 unguided on the CPU dry run (2 blocks; 18 blocks
+# round more), a lost prefix or time term changes the output by O(1).
+ATOL_REL = 5e-2
+# Guided rows may differ by more: an element of g that flips sign between two bf16 paths
+# flips its clamped correction λ·clamp(c·g, −κ, κ) by up to 2λκ in that step (dt-weighted in
+# x): at most 2·λ·κ·Σ|dt| = 0.4 in absolute value if it flipped in every step. Measured on
+# the dry run: one step's flip (≈ 0.04, 1.1e-2 of max|ref|).
+FLIP_ALLOWANCE = 2 * LAMBDA * KAPPA * 1.0  # Σ|dt| = 1 over the flow grid
 COPY_BYTES = 1 << 26 if DRY_RUN else 1 << 30
 COPY_REPEATS = 10
 ROW_SECONDS = 0.0 if DRY_RUN else 0.6
@@ -456,9 +463,10 @@ def reference(batch: int, guidance: str) -> torch.Tensor:
 
 
 def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
-    """The row's output against ``sample()``'s: max error ≤ ATOL_REL·max|ref| and, guided,
-    moved from the unguided output by at least half the guidance's own effect (so a lost
-    guidance term fails). Returns the distances (relative to max|ref|).
+    """The row's output against ``sample()``'s: max error ≤ ATOL_REL·max|ref| (guided: +
+    FLIP_ALLOWANCE) and, guided, moved from the unguided output by at least half the
+    guidance's own effect (so a lost guidance term fails). Returns the distances (relative
+    to max|ref|).
 
     Not "closer to the guided than to the unguided output": with κ = 0.1 the early steps'
     correction is ≈ κ·sign(g) (c = −t/(1−t) is large), and near-zero elements of g flip
@@ -468,8 +476,11 @@ def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
     scale = max(float(ref.abs().max()), 1.0)
     out = out.float()
     err = float((out - ref).abs().max()) / scale
+    allowed = ATOL_REL + (0.0 if guidance == "unguided" else FLIP_ALLOWANCE / scale)
     assert bool(torch.isfinite(out).all()), f"{row}: non-finite output"
-    assert err <= ATOL_REL, f"{row} differs from sample(): max |Δ| = {err:.3g} of max |ref|"
+    assert err <= allowed, (
+        f"{row} differs from sample(): max |Δ| = {err:.3g} of max |ref| (allowed {allowed:.3g})"
+    )
     result = {"max_rel_error": err}
     if guidance != "unguided":
         unguided = reference(batch, "unguided")
