@@ -4,10 +4,12 @@
 
 Reads OUT_DIR/info.json (ate-fast info --json), OUT_DIR/cuda_tests*.xml (pytest junit,
 one per shard),
-OUT_DIR/bench*.json (pytest-benchmark) and OUT_DIR/profile_capture.json if present;
-writes OUT_DIR/<date>-<gpu>.json and OUT_DIR/summary.md, and prints the summary.
-``bench_heads.json`` gets its own table (per case: median per row, × eager and × compile)
-and the issue's targets, as explicit ratios.
+OUT_DIR/bench*.json (pytest-benchmark), OUT_DIR/profile_capture.json, OUT_DIR/realsize.json
+and realsize.md (bench_realsize.py's report) and OUT_DIR/not_run.txt (what the suite's time
+budget left out) if present; writes OUT_DIR/<date>-<gpu>.json and OUT_DIR/summary.md, and
+prints the summary. ``bench_heads.json`` gets its own table (per case: median per row,
+× eager and × compile) and the issue's targets, as explicit ratios; the real-size rows come
+first, as bench_realsize.py reported them (floor fractions, targets).
 """
 
 from __future__ import annotations
@@ -178,6 +180,14 @@ def _optional_json(path: Path) -> Optional[dict]:
         return None
 
 
+def _not_run(out_dir: Path) -> list[str]:
+    """The suite steps gpu_suite.sh left out for its time budget (not_run.txt)."""
+    try:
+        return [line for line in (out_dir / "not_run.txt").read_text().splitlines() if line]
+    except OSError:
+        return []
+
+
 def main(out_dir: Path) -> None:
     info = json.loads((out_dir / "info.json").read_text())
     gpu = info["gpus"][0]["name"] if info.get("gpus") else "no-gpu"
@@ -186,7 +196,8 @@ def main(out_dir: Path) -> None:
     bench_files = sorted(str(p) for p in out_dir.glob("bench*.json"))
     table = rows(bench_files) if bench_files else {}
     heads_file = out_dir / "bench_heads.json"
-    others = [f for f in bench_files if Path(f).name != heads_file.name]
+    own_sections = (heads_file.name, "bench_realsize.json")
+    others = [f for f in bench_files if Path(f).name not in own_sections]
     general = {Path(f).stem: rows([f]) for f in others}
     heads = heads_cases(heads_file) if heads_file.exists() else {}
     target_lines, target_records = heads_targets(heads)
@@ -198,10 +209,15 @@ def main(out_dir: Path) -> None:
         "benchmarks_median_seconds_per_call": table,
         "heads_targets": target_records,
         "profile_capture": _optional_json(out_dir / "profile_capture.json"),
+        "realsize": _optional_json(out_dir / "realsize.json"),
+        "not_run": _not_run(out_dir),
     }
     (out_dir / f"{date}-{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
     tests = result["cuda_tests"]
     summary = [f"# GPU suite {date} on {gpu}", "", f"cuda-marked tests: {json.dumps(tests)}", ""]
+    realsize_md = out_dir / "realsize.md"
+    if realsize_md.exists():  # its title is a level-1 heading: one level down here
+        summary += ["#" + realsize_md.read_text(), ""]
     for suite, suite_rows in general.items():
         summary += [f"## {suite}", "", markdown(suite_rows) if suite_rows else "(no results)", ""]
     if not general:
@@ -215,6 +231,9 @@ def main(out_dir: Path) -> None:
         counts = ", ".join(f"{k} {v:.1f}" for k, v in case.items() if k.endswith("_per_call"))
         kind = case.get("guidance") or ("guided" if case["guided"] else "unguided")
         summary.append(f"- captured flow Euler 10, guidance {kind} (profile_capture.py): {counts}")
+    if result["not_run"]:
+        summary += ["", "Not run (the suite's time budget):", ""]
+        summary += [f"- {line}" for line in result["not_run"]]
     text = "\n".join(summary) + "\n"
     (out_dir / "summary.md").write_text(text)
     print(text)
