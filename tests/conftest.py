@@ -47,3 +47,12 @@ def pytest_collection_modifyitems(config, items):
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full precision for the test, restored after it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before

@@ -55,16 +55,18 @@ def inputs():
     return noise, cond, prev
 
 
-def reference_rtc(policy, sampler, noise, cond, prev, weights, beta, method="euler"):
-    """A plain autograd RTC loop in the openpi convention (x̂₀ = x − t·v, v' = v − w·g)."""
+def reference_rtc(policy, sampler, noise, cond, prev, weights, beta, method="euler", jacobian=True):
+    """A plain autograd RTC loop in the openpi convention (x̂₀ = x − t·v, v' = v − w·g);
+    ``jacobian=False``: g = W ⊙ (Y − x̂₀), the policy held constant (no autograd)."""
     times = torch.tensor(sampler.times, dtype=F64)
     w_mask = torch.as_tensor(weights, dtype=F64).reshape(-1, H, 1)
 
     def guided(x, t):
-        leaf = x.detach().requires_grad_(True)
+        leaf = x.detach().requires_grad_(jacobian)
         v = policy(leaf, torch.full((x.shape[0],), float(t), dtype=F64), cond)
         x0 = leaf - t * v
-        (g,) = torch.autograd.grad(x0, leaf, (prev - x0.detach()) * w_mask)
+        u = (prev - x0.detach()) * w_mask
+        (g,) = torch.autograd.grad(x0, leaf, u) if jacobian else (u,)
         weight = min(beta, float((t**2 + (1 - t) ** 2) / (t * (1 - t)))) if t < 1 else beta
         return (v - weight * g).detach()
 
@@ -128,8 +130,8 @@ def test_the_vjp_goes_through_the_model(policy, inputs):
     guidance = RTCGuidance(prev, 3, execution_horizon=4)
     with torch.no_grad():
         got = sampler.sample(noise, cond, guidance=guidance)
-    no_jacobian = reference_rtc(lambda x, t, c: policy(x, t, c).detach(), sampler, noise, cond,
-                                prev, prefix_weights(H, 3, 4), 5.0)  # fmt: skip
+    no_jacobian = reference_rtc(policy, sampler, noise, cond, prev, prefix_weights(H, 3, 4), 5.0,
+                                jacobian=False)  # fmt: skip
     assert (got - no_jacobian).abs().max() > 1e-3
 
 
@@ -359,3 +361,45 @@ def test_to_onnx_refuses_rtc_through_a_model_without_its_own_vjp(policy, inputs,
             to_onnx(sampler, tmp_path / "rtc.onnx", noise, cond, guidance=guidance)
     finally:
         policy.double()
+
+
+# -- jacobian=False: the policy's Jacobian dropped (LeRobot 0.4.4's RTCProcessor; tests_lerobot
+# checks the chunks equal) -------------------------------------------------------------
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("schedule", ["exp", "linear"])
+def test_equals_a_plain_jacobian_free_loop(policy, inputs, method, schedule):
+    noise, cond, prev = inputs
+    sampler = ate_fast.FlowSampler(policy, num_steps=6, method=method)
+    rtc = RTCGuidance(prev, 3, execution_horizon=4, max_guidance_weight=5.0,
+                      prefix_schedule=schedule, jacobian=False)  # fmt: skip
+    assert rtc.mode == "tweedie"
+    with torch.no_grad():
+        out = sampler.sample(noise, cond, rtc)
+        ref = reference_rtc(policy, sampler, noise, cond, prev, prefix_weights(H, 3, 4, schedule),
+                            5.0, method, jacobian=False)  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    with_jacobian = RTCGuidance(prev, 3, execution_horizon=4, prefix_schedule=schedule)
+    full = sampler.sample(noise, cond, with_jacobian)
+    assert (full - out).abs().max() > 1e-6  # the Jacobian term is really dropped
+
+
+def test_jacobian_free_capture_and_guided_velocity(policy, inputs):
+    noise, cond, prev = inputs
+    sampler = ate_fast.FlowSampler(policy, num_steps=5)
+    rtc = RTCGuidance(prev, 2, execution_horizon=3, jacobian=False)
+    captured = sampler.capture(noise, cond, rtc)
+    for delay in (0, 2, 5):
+        rtc.set_prefix(prev * 0.5, delay)
+        torch.testing.assert_close(captured(noise, cond), sampler.sample(noise, cond, rtc),
+                                   rtol=0, atol=0)  # fmt: skip
+    x, t = noise, 0.6
+    v = rtc.guided_velocity(lambda z: policy(z, torch.full((2,), t, dtype=F64), cond), x, t)
+    base = policy(x, torch.full((2,), t, dtype=F64), cond)
+    weight = min(5.0, (t**2 + (1 - t) ** 2) / (t * (1 - t)))
+    expected = base - weight * (rtc.prev_chunk - (x - t * base)) * rtc.weights
+    torch.testing.assert_close(v, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_jacobian_must_be_a_bool():
+    with pytest.raises(ArgumentTypeError, match="jacobian must be a bool"):
+        RTCGuidance(execution_horizon=2, jacobian="no")

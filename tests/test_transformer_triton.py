@@ -291,15 +291,6 @@ def test_selection(monkeypatch):
         backends.reset_caches()
 
 
-@pytest.fixture
-def no_tf32():
-    """float32 matmuls in full precision for the test, restored after it."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch", [1, 8])

@@ -199,15 +199,6 @@ def test_direct_call_shapes():
     assert g.shape == x.shape and g.is_contiguous() and not g.requires_grad
 
 
-@pytest.fixture
-def no_tf32():
-    """float32 matmuls in full precision for the test, restored after it."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", ["vjp", "compiled", "triton"])
 @pytest.mark.parametrize("latent_mode", ["mean", "sample"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunctions
 
@@ -48,9 +47,8 @@ def compile_one(
     """Compile one variant; ``options`` default to the MLP-guidance launch options."""
     sig = signature(kernel, constexprs, pointer_type, scalar_types)
     options = options or {"num_warps": mg.NUM_WARPS, "num_stages": mg.NUM_STAGES}
-    start = time.perf_counter()
     triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=target, options=options)
-    print(f"ok  {kernel.__name__:<26} {label}  ({time.perf_counter() - start:.1f} s)")
+    print(f"ok  {kernel.__name__:<26} {label}")
 
 
 def mlp_variants(target) -> int:
