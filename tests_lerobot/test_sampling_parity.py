@@ -40,19 +40,28 @@ def test_diffusion_matches_lerobot(diffusion):
     assert relative_error(_diffusion_chunks(diffusion, batch, seed=2), ref) > 1e-2
 
 
+def _select_actions(policy, batch, steps, seed):
+    policy.reset()
+    torch.manual_seed(seed)
+    return [policy.select_action(dict(batch)) for _ in range(steps)]
+
+
+def _assert_captured_select_actions_match(policy, batch, steps, seed):
+    """``steps`` of select_action (queue refills included): patched and captured equals
+    LeRobot's own for the same seed."""
+    ref = _select_actions(policy, batch, steps, seed)
+    with patch_policy(policy, capture=True):
+        out = _select_actions(policy, batch, steps, seed)
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape
+        assert relative_error(a, b) <= 1e-5
+
+
 def test_diffusion_select_action_queue(ddpm):
     batch = diffusion_batch(ddpm, batch_size=2)
     steps = ddpm.config.n_action_steps + 2  # crosses a chunk boundary
-    ddpm.reset()
-    torch.manual_seed(0)
-    ref = [ddpm.select_action(dict(batch)) for _ in range(steps)]
-    with patch_policy(ddpm, capture=True):
-        ddpm.reset()
-        torch.manual_seed(0)
-        out = [ddpm.select_action(dict(batch)) for _ in range(steps)]
-    for a, b in zip(out, ref):
-        assert a.shape == b.shape == (2, 2)
-        assert relative_error(a, b) <= 1e-5
+    assert _select_actions(ddpm, batch, 1, seed=0)[0].shape == (2, 2)
+    _assert_captured_select_actions_match(ddpm, batch, steps, seed=0)
 
 
 def test_diffusion_capture_equals_sample(ddpm):
@@ -91,16 +100,7 @@ def test_smolvla_capture_equals_sample_and_select_action(smolvla):
         assert len(patch.loop.captures) == 1
     for out in captured:
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
-    steps = smolvla.config.n_action_steps + 1
-    smolvla.reset()
-    torch.manual_seed(8)
-    ref = [smolvla.select_action(dict(batch)) for _ in range(steps)]
-    with patch_policy(smolvla, capture=True):
-        smolvla.reset()
-        torch.manual_seed(8)
-        out = [smolvla.select_action(dict(batch)) for _ in range(steps)]
-    for a, b in zip(out, ref):
-        assert relative_error(a, b) <= 1e-5
+    _assert_captured_select_actions_match(smolvla, batch, smolvla.config.n_action_steps + 1, seed=8)
 
 
 def test_capturable_embed_suffix_is_exact(smolvla):
