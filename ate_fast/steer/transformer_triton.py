@@ -68,6 +68,20 @@ def attention_warps(block_t: int, block_d: int) -> int:
 
 # ---------------------------------------------------------------- LayerNorm rows
 @triton.jit
+def _strided_row_sum(
+    a_ptr, a_sb, a_st, b_ptr, b_sb, b_st, row, rows_per_batch, cols, ok,
+    HAS_B: tl.constexpr, C: tl.constexpr,
+):  # fmt: skip
+    # Row ``row`` of a [B, T, n] tensor with strides (a_sb, a_st, 1), plus b's when HAS_B,
+    # in the compute type C (the add + norm forward's x + r; its backward's dy + dy2).
+    bi, ti = row // rows_per_batch, row % rows_per_batch
+    out = tl.load(a_ptr + bi * a_sb + ti * a_st + cols, mask=ok, other=0.0).to(C)
+    if HAS_B:
+        out = out + tl.load(b_ptr + bi * b_sb + ti * b_st + cols, mask=ok, other=0.0).to(C)
+    return out
+
+
+@triton.jit
 def _add_norm_kernel(
     x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
     rows_per_batch, x_sb, x_st, r_sb, r_st, n, eps,
@@ -76,12 +90,11 @@ def _add_norm_kernel(
     # One program per token row: s = x + r, y = (s − mean)·rstd·w + b.
     C: tl.constexpr = mean_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
-    bi, ti = row // rows_per_batch, row % rows_per_batch
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    s = tl.load(x_ptr + bi * x_sb + ti * x_st + cols, mask=ok, other=0.0).to(C)
-    if HAS_RES:
-        s = s + tl.load(r_ptr + bi * r_sb + ti * r_st + cols, mask=ok, other=0.0).to(C)
+    s = _strided_row_sum(
+        x_ptr, x_sb, x_st, r_ptr, r_sb, r_st, row, rows_per_batch, cols, ok, HAS_RES, C
+    )
     tl.store(s_ptr + row * n + cols, s.to(s_ptr.dtype.element_ty), mask=ok)
     mean = tl.sum(s, 0) / n
     xc = tl.where(ok, s - mean, 0.0)
@@ -102,12 +115,11 @@ def _norm_backward_kernel(
     # One program per row: g = dy (+ dy2); dx = rstd·(w⊙g − mean(w⊙g) − x̂·mean(w⊙g⊙x̂)).
     C: tl.constexpr = mean_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
-    bi, ti = row // rows_per_batch, row % rows_per_batch
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    g = tl.load(dy_ptr + bi * dy_sb + ti * dy_st + cols, mask=ok, other=0.0).to(C)
-    if HAS_DY2:
-        g = g + tl.load(dy2_ptr + bi * dy2_sb + ti * dy2_st + cols, mask=ok, other=0.0).to(C)
+    g = _strided_row_sum(
+        dy_ptr, dy_sb, dy_st, dy2_ptr, dy2_sb, dy2_st, row, rows_per_batch, cols, ok, HAS_DY2, C
+    )
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     s = tl.load(s_ptr + row * n + cols, mask=ok, other=0.0).to(C)
