@@ -96,3 +96,18 @@ def test_weight_dtype_of_mixed_or_parameterless_encoders():
     mixed = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2).half())
     assert FrozenEncoder(mixed).weight_dtype is None
     assert FrozenEncoder(lambda a: a.flatten(1)).weight_dtype is None
+
+
+def test_weight_dtype_follows_a_cast_after_construction():
+    """weight_dtype is cached per call; a cast or an assign-load after the guidance was
+    built is seen on the next call."""
+    full, _ = _pair("mlp", torch.bfloat16)
+    guidance = LatentGuidance(full, torch.zeros(DZ))
+    x = torch.randn(2, H, D)
+    assert guidance.encoder.weight_dtype == torch.float32
+    full.to(torch.bfloat16)
+    assert guidance.encoder.weight_dtype == torch.bfloat16
+    assert guidance.gradient(x, x, torch.ones(2)).dtype == torch.float32
+    halves = {k: v.half() for k, v in full.state_dict().items()}
+    full.load_state_dict(halves, assign=True)
+    assert guidance.encoder.weight_dtype == torch.float16

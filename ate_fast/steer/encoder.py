@@ -97,6 +97,8 @@ class FrozenEncoder:
             for m in (vae_or_encoder, getattr(vae_or_encoder, "encoder", None))
             if isinstance(m, nn.Module)
         ]
+        self._dtype_key: Optional[tuple] = None  # weight_dtype's cache (see there)
+        self._weight_dtype: Optional[torch.dtype] = None
         if freeze:
             for module in self.modules:
                 module.eval()
@@ -128,9 +130,28 @@ class FrozenEncoder:
     def weight_dtype(self) -> Optional[torch.dtype]:
         """The floating dtype of the encoder's parameters when they share one (the dtype
         it computes in: the guidance casts its input there and the gradient back), else
-        None (a plain callable, or mixed dtypes: the input is passed as it comes)."""
-        dtypes = {p.dtype for m in self.modules for p in m.parameters() if p.is_floating_point()}
-        return dtypes.pop() if len(dtypes) == 1 else None
+        None (a plain callable, or mixed dtypes: the input is passed as it comes).
+
+        Read every guidance call, so the scan of every parameter (≈ 0.4 ms for the paper's
+        Transformer encoder) runs only when the first floating parameter changed object or
+        dtype since the last scan (``module.to(...)``, ``load_state_dict(assign=True)``).
+        """
+        probe = self._first_floating_parameter()
+        key = None if probe is None else (id(probe), probe.dtype)
+        if key != self._dtype_key:
+            dtypes = {
+                p.dtype for m in self.modules for p in m.parameters() if p.is_floating_point()
+            }
+            self._dtype_key = key
+            self._weight_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        return self._weight_dtype
+
+    def _first_floating_parameter(self) -> Optional[nn.Parameter]:
+        for module in self.modules:
+            for p in module.parameters():
+                if p.is_floating_point():
+                    return p
+        return None
 
     @property
     def latent_dim(self) -> Optional[int]:
