@@ -34,9 +34,11 @@ namespace {
 constexpr int kRows = 4;  // batch rows sharing one pass over a weight row (forward: 8, then 4)
 constexpr int64_t kOutChunk = 8;  // forward: output neurons per work item
 constexpr int64_t kColChunk = 64; // backward: input columns per work item (threads)
-// backward on one thread: wide column blocks, so each weight row is read in long
-// contiguous runs (the block of gin rows stays in L1)
-constexpr int64_t kSerialColChunk = 1024;
+// backward on one thread: one column block up to 2048 wide, so each weight is read in one
+// pass over its rows (from the last, where the forward ended: see dense_transposed_rows)
+// in long contiguous runs; the gin rows (≤ 4 × 8 KB) stay in L1/L2. With two passes
+// (1024 wide) the second found none of the first's rows left in L2.
+constexpr int64_t kSerialColChunk = 2048;
 // Below this many multiply-adds (forward rows × layer MACs) the whole call runs on one
 // thread. A control-rate call (B = 1, a 1600→512→512→1024 encoder: ≈1.2M) takes ~100 µs
 // on one core; splitting it over OpenMP threads saves ~30 % on an idle machine but puts
@@ -142,8 +144,20 @@ ATE_INLINE void dense_transposed_rows(const T* __restrict__ w, int64_t in_dim, i
                                       int64_t c0, int64_t c1) {
   for (int k = 0; k < R; ++k)
     for (int64_t i = c0; i < c1; ++i) gin[k * in_dim + i] = T(0);
-  int64_t o = 0;
-  for (; o + 4 <= out_dim; o += 4) {
+  // Weight rows from the last to the first: the forward read them first to last, so the
+  // rows it read last (and the layers after it) are still in L2 when the backward starts,
+  // and the rows read last here are the first the next call's forward reads.
+  const int64_t tail = out_dim % 4;
+  for (int64_t o = out_dim - 1; o >= out_dim - tail; --o) {
+    const T* __restrict__ wr = w + o * in_dim;
+    for (int k = 0; k < R; ++k) {
+      const T d = delta[k * out_dim + o];
+      T* __restrict__ g = gin + k * in_dim;
+#pragma omp simd
+      for (int64_t i = c0; i < c1; ++i) g[i] += d * wr[i];
+    }
+  }
+  for (int64_t o = out_dim - tail - 4; o >= 0; o -= 4) {
     const T* __restrict__ w0 = w + o * in_dim;
     const T* __restrict__ w1 = w0 + in_dim;
     const T* __restrict__ w2 = w1 + in_dim;
@@ -153,16 +167,7 @@ ATE_INLINE void dense_transposed_rows(const T* __restrict__ w, int64_t in_dim, i
       const T d0 = dk[0], d1 = dk[1], d2 = dk[2], d3 = dk[3];
       T* __restrict__ g = gin + k * in_dim;
 #pragma omp simd
-      for (int64_t i = c0; i < c1; ++i) g[i] += d0 * w0[i] + d1 * w1[i] + d2 * w2[i] + d3 * w3[i];
-    }
-  }
-  for (; o < out_dim; ++o) {
-    const T* __restrict__ wr = w + o * in_dim;
-    for (int k = 0; k < R; ++k) {
-      const T d = delta[k * out_dim + o];
-      T* __restrict__ g = gin + k * in_dim;
-#pragma omp simd
-      for (int64_t i = c0; i < c1; ++i) g[i] += d * wr[i];
+      for (int64_t i = c0; i < c1; ++i) g[i] += d3 * w3[i] + d2 * w2[i] + d1 * w1[i] + d0 * w0[i];
     }
   }
 }
