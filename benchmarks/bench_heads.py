@@ -7,7 +7,8 @@ Run:  pytest benchmarks/bench_heads.py -k cuda --benchmark-json=bench_heads.json
       python benchmarks/bench_heads.py                   (the plan: cases, compiles, time)
 
 One benchmark group per (device, head, sampler, guidance) at B = 1, each head at the
-(H, D) of its config, no conditioning (``cond=None``; the U-Nets then use zeros):
+(H, D) of its config; conditioning only where the head needs it (the U-Nets: a fixed random
+[B, cond_dim] observation feature, ``_cond``; ``cond=None`` for the flow heads):
 
 - heads: ``flow-transformer-small`` (H=50, D=32), ``mlp-small`` (50, 32), ``unet1d-small``
   (16, 2), ``flow-transformer-pi0-expert`` (50, 32), ``unet1d-dp`` (16, 2);
@@ -217,6 +218,17 @@ def _head(device: str, head_id: str) -> torch.nn.Module:
     return _cached((device, "head", head_id), build)
 
 
+def _cond(device: str, head_id: str) -> Optional[torch.Tensor]:
+    """The head's conditioning on every row: [B, cond_dim] for a head built with one."""
+    cond_dim = getattr(_head(device, head_id).config, "cond_dim", 0)
+    if not cond_dim:
+        return None
+    gen = torch.Generator().manual_seed(4)
+    return _cached(
+        (device, "cond", head_id), lambda: torch.randn(B, cond_dim, generator=gen).to(device)
+    )
+
+
 def _time_factor(head_id: str, sampler: str) -> float:
     """What the sampler's time is multiplied by before the head sees it (1: native)."""
     flow_head = HEADS[head_id][0] != "unet1d"
@@ -243,7 +255,7 @@ def _ate_model_fn(head: torch.nn.Module, factor: float):
         return head  # the heads cast t to float32 themselves
 
     def model_fn(x, t, cond):
-        return head(x, t.to(torch.float32) * factor)
+        return head(x, t.to(torch.float32) * factor, cond)
 
     return model_fn
 
@@ -308,9 +320,11 @@ def _user_loop(
     gradient: Optional[Callable],
     device: str,
     mark_step: bool = False,
+    cond: Optional[torch.Tensor] = None,
 ):
     """The loop a user writes: precomputed float32 head times, Python-float coefficients,
-    the update in tensor ops. ``gradient(x)`` -> g (None: unguided)."""
+    the update in tensor ops. ``gradient(x)`` -> g (None: unguided); ``cond`` goes to
+    every head call."""
 
     def times(values) -> list[torch.Tensor]:
         out = []
@@ -341,7 +355,7 @@ def _user_loop(
                 x = noise.clone()
                 for i in range(k):
                     begin_step()
-                    v = corrected(model(x, tt[i]), x, cs[i])
+                    v = corrected(model(x, tt[i], cond), x, cs[i])
                     x = x + dt * v
                 return x
 
@@ -363,7 +377,7 @@ def _user_loop(
                 x = noise.clone()
                 for i in range(k):
                     begin_step()
-                    eps = corrected(model(x, tt[i]), x, -s1[i])
+                    eps = corrected(model(x, tt[i], cond), x, -s1[i])
                     x0 = (x - s1[i] * eps) / sa[i]
                     x = sap[i] * x0 + s1p[i] * eps
                 return x
@@ -384,7 +398,7 @@ def _user_loop(
             x, x0_prev = noise.clone(), None
             for i in range(k):
                 begin_step()
-                m = corrected(model(x, tt[i]), x, -sigma[i])
+                m = corrected(model(x, tt[i], cond), x, -sigma[i])
                 x0 = (x - sigma[i] * m) / alpha[i]
                 if i == k - 1:
                     x = x0
@@ -423,6 +437,11 @@ def _cuda_graph(loop, noise):
     return replay
 
 
+def _replay(captured, cond):
+    """A captured sampler as a one-argument row (the same cond every call)."""
+    return lambda n: captured(n, cond)
+
+
 # -- the benchmark ---------------------------------------------------------------------------
 def _reference(device, head_id, sampler, guidance, noise):
     """``ate_sample``'s output for the case (computed once)."""
@@ -432,7 +451,8 @@ def _reference(device, head_id, sampler, guidance, noise):
         model_fn = _ate_model_fn(head, _time_factor(head_id, sampler))
         enc = None if guidance == "unguided" else _encoder(device, guidance.split("-")[0], head_id)
         ate = _ate_sampler(head_id, sampler, model_fn)
-        return ate.sample(noise, guidance=None if enc is None else enc.guidance).clone()
+        guide = None if enc is None else enc.guidance
+        return ate.sample(noise, _cond(device, head_id), guidance=guide).clone()
 
     return _cached((device, "reference", head_id, sampler, guidance), build)
 
@@ -475,6 +495,7 @@ def test_head_sampler_latency(benchmark, monkeypatch, device, head, sampler, gui
     noise = torch.randn(B, horizon, action_dim, generator=torch.Generator().manual_seed(1))
     noise = noise.to(device)
     factor = _time_factor(head, sampler)
+    cond = _cond(device, head)
     enc = None if guidance == "unguided" else _encoder(device, guidance.split("-")[0], head)
     ref = _reference(device, head, sampler, guidance, noise)
 
@@ -484,21 +505,21 @@ def test_head_sampler_latency(benchmark, monkeypatch, device, head, sampler, gui
         ate = _ate_sampler(head, sampler, _ate_model_fn(model, factor))
         ate_guidance = None if enc is None else enc.guidance
         if row == "ate_sample":
-            fn = lambda n: ate.sample(n, guidance=ate_guidance)  # noqa: E731
+            fn = lambda n: ate.sample(n, cond, guidance=ate_guidance)  # noqa: E731
         elif compiled:  # the guidance path is read while capturing (warm-up compiles it)
             monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "compiled")
-            fn = ate.capture(noise, guidance=ate_guidance, check_finite=False)
+            fn = _replay(ate.capture(noise, cond, guidance=ate_guidance, check_finite=False), cond)
         else:
             if row == "ate_capture_triton":  # read while capturing, like "compiled"
                 monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "triton")
-            fn = ate.capture(noise, guidance=ate_guidance, check_finite=False)
+            fn = _replay(ate.capture(noise, cond, guidance=ate_guidance, check_finite=False), cond)
     elif row == "compile":
         gradient = None if enc is None else enc.compiled_gradient()
         model = _compiled_head(device, head)
-        fn = _user_loop(model, sampler, factor, gradient, device, mark_step=device == "cuda")
+        fn = _user_loop(model, sampler, factor, gradient, device, device == "cuda", cond)
     else:
         gradient = None if enc is None else enc.autograd_gradient
-        fn = _user_loop(_head(device, head), sampler, factor, gradient, device)
+        fn = _user_loop(_head(device, head), sampler, factor, gradient, device, cond=cond)
         if row == "cuda_graph":
             fn = _cuda_graph(fn, noise)
 
