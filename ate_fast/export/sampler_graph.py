@@ -62,7 +62,12 @@ def model_trace_message(exc: BaseException) -> str:
 
 
 class _Rows:
-    """``rows.<name>[k]``: per-step coefficient rows, as :class:`StepTables` gives them."""
+    """``rows.<name>[k]``: per-step coefficient rows, as :class:`StepTables` gives them
+    (with the model times' ``time_blocks`` [K, B] and ``time_rows``, for step features)."""
+
+    def __init__(self) -> None:
+        self.time_blocks: dict[str, Tensor] = {}
+        self.time_rows: dict[int, tuple[str, int]] = {}
 
 
 class _ExportLaunch:
@@ -122,7 +127,8 @@ class _ExportRun(Run):
         if self.forward_with_vjp is None or self.guide is None:
             raise AssertionError("ate_fast.export: a policy_vjp graph without its VJP (bug)")
         try:
-            m, pullback = self.forward_with_vjp(x, t, self.cond)
+            pair = None if self.features is None else self.features.forward_with_vjp(x, t)
+            m, pullback = self.forward_with_vjp(x, t, self.cond) if pair is None else pair
         except Exception as exc:
             raise ModelTraceError(model_trace_message(exc)) from exc
         m = check_output("model_fn", m, x)
@@ -132,8 +138,10 @@ class _ExportRun(Run):
         return m, check_output("guidance.gradient", g.to(x.dtype), x)
 
     def model(self, x: Tensor, t: Tensor) -> Tensor:
-        try:
-            out = self.model_fn(x, t, self.cond)
+        try:  # a head's step features, as sample() computes them (once, for every step)
+            out = None if self.features is None else self.features.forward(x, t)
+            if out is None:
+                out = self.model_fn(x, t, self.cond)
         except Exception as exc:
             raise ModelTraceError(model_trace_message(exc)) from exc
         return check_output("model_fn", out, x)
@@ -220,7 +228,11 @@ class SamplerGraph(nn.Module):
             setattr(rows, name, [table[k : k + 1] for k in range(steps)])
         for name in self._times:
             table = getattr(self, f"time_{name}")
-            setattr(rows, name, [table[k].expand(batch).contiguous() for k in range(steps)])
+            block = table[:, None].expand(-1, batch).contiguous()  # [K, B]
+            per_step = list(block.unbind(0))
+            setattr(rows, name, per_step)
+            rows.time_blocks[name] = block
+            rows.time_rows.update((id(row), (name, k)) for k, row in enumerate(per_step))
         return rows
 
     def forward(self, noise: Tensor, *inputs: Tensor) -> Tensor:

@@ -3,10 +3,15 @@
 All share the sampler's model-function signature ``forward(x [B, H, D], t [B], cond) ->
 [B, H, D]`` (diffusion: integer timesteps; flow: t in [0, 1], t = 1 noise), are free of host
 syncs and data-dependent control flow (CUDA-graph capturable, ``torch.compile(fullgraph=True)``).
+Each also splits its forward into ``step_features(x, t [N, B], cond)`` (what depends on
+time and conditioning only, for N steps at once) and ``forward_features(x, features)``,
+which the samplers use to compute the former once per call
+(:mod:`ate_fast.sampling.step_features`).
 """
 
 from ate_fast.models.flow_transformer import (
     FLOW_TRANSFORMER_CONFIGS,
+    FlowStepFeatures,
     FlowTransformerConfig,
     FlowTransformerHead,
     PrefixCache,
@@ -21,6 +26,7 @@ __all__ = [
     "MLP_HEAD_CONFIGS",
     "UNET_CONFIGS",
     "ConditionalUnet1D",
+    "FlowStepFeatures",
     "FlowTransformerConfig",
     "FlowTransformerHead",
     "MLPHead",

@@ -5,7 +5,8 @@ Structure (as the π0 action expert; our own implementation):
 1. ``action_in``: Linear D -> width on the noisy chunk.
 2. Time: a sinusoidal embedding of t (π0's periods 4e-3 … 4) repeated over the H
    tokens, concatenated with the action tokens and mixed by Linear(2·width -> width),
-   swish, Linear(width -> width).
+   swish, Linear(width -> width). (Computed as the tokens' half of that Linear plus its
+   time half, which is the same for every token: the time half is a step feature.)
 3. ``depth`` pre-norm blocks (RMSNorm; multi-query/grouped attention with rotary
    positions; gated-GELU MLP, as Gemma). Each block's attention lets the H action tokens
    attend to the conditioning tokens ``cond`` [B, L, width] and to one another
@@ -17,6 +18,11 @@ Forward is shape-static and free of host syncs, so it captures in a CUDA graph a
 compiles with ``torch.compile(fullgraph=True)``. :meth:`FlowTransformerHead.forward_with_vjp`
 adds the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`) that real-time chunking
 pulls its guidance back through.
+
+:meth:`FlowTransformerHead.step_features` computes what does not depend on the sample
+(:mod:`ate_fast.sampling.step_features`): the time half of the time MLP's first layer for
+every step at once, the rotary tables, and conditioning tokens' keys and values (a
+:class:`PrefixCache`), so a sampler computes them once per call, not once per step.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
-from ate_fast.models.head_inputs import check_head_inputs, in_dtype
+from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 
 
@@ -63,6 +69,16 @@ class FlowTransformerConfig:
             raise ValueError(f"head_dim must be even (rotary positions), got {self.head_dim}")
         if self.width % 2 or self.width < 4:
             raise ValueError(f"width must be even and >= 4, got {self.width}")
+
+
+class FlowStepFeatures(NamedTuple):
+    """What one step of :class:`FlowTransformerHead` reads besides the sample
+    (:meth:`FlowTransformerHead.step_features`)."""
+
+    time: Tensor  # [B, 1, width]: the time MLP's first layer on the time embedding, + bias
+    cos: Tensor  # [L + H, hd/2] rotary tables (positions 0…L+H−1)
+    sin: Tensor
+    blocks: tuple[Any, ...]  # per block: None, or the prefix's (keys, values)
 
 
 class PrefixCache(NamedTuple):
@@ -130,22 +146,18 @@ class _Block(nn.Module):
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor
     ) -> tuple[Tensor, BlockSaved]:
         """The block on ``x`` [B, H, width] and what its input-VJP needs
-        (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None,
-        tokens [B, L, width], or this block's cached ``(keys, values)``."""
+        (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
+        this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each."""
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
         q = self.q(h).view(batch, horizon, self.num_heads, self.head_dim).transpose(1, 2)
         q = _rotate(q, cos[-horizon:], sin[-horizon:])
-        if isinstance(cond, tuple):  # a prefix cache: only the action rows are projected
-            kv = self.kv(h).view(batch, horizon, 2 * self.num_kv_heads, self.head_dim)
-            k, v = kv.transpose(1, 2).chunk(2, dim=1)
-            k = torch.cat([cond[0], _rotate(k, cos[-horizon:], sin[-horizon:])], dim=2)
+        kv = self.kv(h).view(batch, horizon, 2 * self.num_kv_heads, self.head_dim)
+        k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, H, hd] each
+        k = _rotate(k, cos[-horizon:], sin[-horizon:])
+        if cond is not None:  # the prefix cache: only the action rows are projected
+            k = torch.cat([cond[0], k], dim=2)
             v = torch.cat([cond[1], v], dim=2)
-        else:
-            context = h if cond is None else torch.cat([self.attn_norm(cond), h], dim=1)
-            kv = self.kv(context).view(batch, context.shape[1], 2 * self.num_kv_heads, -1)
-            k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, L+H, hd] each
-            k = _rotate(k, cos, sin)
         # query heads sharing a key/value head are folded into its rows (heads are grouped
         # contiguously): no copy of K and V per query head (at B = 8 with an 816-token
         # prefix that copy would move more bytes per step than the weights)
@@ -162,8 +174,9 @@ class _Block(nn.Module):
 class FlowTransformerHead(nn.Module):
     """π0-action-expert-like velocity head: ``forward(x [B,H,D], t [B], cond) -> [B,H,D]``.
 
-    ``t`` is the flow time in [0, 1] (openpi: t = 1 is noise). ``cond``: None or
-    conditioning tokens [B, L, width] (e.g. a VLM prefix projected to the expert's width).
+    ``t`` is the flow time in [0, 1] (openpi: t = 1 is noise). ``cond``: None,
+    conditioning tokens [B, L, width] (e.g. a VLM prefix projected to the expert's width),
+    or their :class:`PrefixCache`.
     """
 
     def __init__(self, config: Union[str, FlowTransformerConfig] = "small", **overrides: Any):
@@ -182,9 +195,24 @@ class FlowTransformerHead(nn.Module):
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        tokens, _, cos, sin = self._embed(x, t, cond)
-        for block, block_cond in zip(self.blocks, self._block_conds(cond, tokens.dtype)):
-            tokens = block(tokens, block_cond, cos, sin)
+        self._check(x, t, cond)
+        return self.forward_features(x, self._features(t[None], cond)[0])
+
+    def step_features(self, x: Tensor, t: Tensor, cond: Any = None) -> list[FlowStepFeatures]:
+        """The :class:`FlowStepFeatures` of N times ``t`` [N, B] (the time half of the time
+        MLP's first layer in one pass; rotary tables and the prefix's keys and values once,
+        shared); ``x`` [B, H, D] (the sample) is only checked.
+        ``forward_features(x, features[k])`` is ``forward(x, t[k], cond)``."""
+        if t.ndim != 2:
+            raise ValueError(f"FlowTransformerHead: t must have shape [N, B], got {tuple(t.shape)}")
+        self._check(x, t[0], cond)
+        return self._features(t, cond)
+
+    def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
+        """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
+        tokens, _ = self._embed(x, features)
+        for block, block_cond in zip(self.blocks, features.blocks):
+            tokens = block(tokens, block_cond, features.cos, features.sin)
         return self.action_out(self.final_norm(tokens)).to(x.dtype)
 
     def prefix_cache(self, cond: Tensor) -> PrefixCache:
@@ -221,12 +249,6 @@ class FlowTransformerHead(nn.Module):
                         f"{t.dtype} {tuple(t.shape)} on {t.device}"
                     )
 
-    def _block_conds(self, cond: Any, dtype: torch.dtype) -> list[Any]:
-        """What each block reads: None, the tokens, or its (keys, values) of the cache."""
-        if isinstance(cond, PrefixCache):
-            return [(k.to(dtype), v.to(dtype)) for k, v in zip(cond.keys, cond.values)]
-        return [in_dtype(cond, dtype)] * len(self.blocks)
-
     def forward_with_vjp(
         self, x: Tensor, t: Tensor, cond: Any = None
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -236,9 +258,17 @@ class FlowTransformerHead(nn.Module):
         backward; t and cond are constants, no weight gradient is formed). Runs without
         autograd (``no_grad`` / ``inference_mode`` too), captures in a CUDA graph, and
         exports to ONNX like any forward."""
-        tokens, pre_silu, cos, sin = self._embed(x, t, cond)
+        self._check(x, t, cond)
+        return self.forward_with_vjp_features(x, self._features(t[None], cond)[0])
+
+    def forward_with_vjp_features(
+        self, x: Tensor, features: FlowStepFeatures
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """:meth:`forward_with_vjp` from one step's ``features`` (:meth:`step_features`)."""
+        tokens, pre_silu = self._embed(x, features)
+        cos, sin = features.cos, features.sin
         saved = []
-        for block, block_cond in zip(self.blocks, self._block_conds(cond, tokens.dtype)):
+        for block, block_cond in zip(self.blocks, features.blocks):
             tokens, kept = block.forward_saving(tokens, block_cond, cos, sin)
             saved.append(kept)
         out = self.action_out(self.final_norm(tokens)).to(x.dtype)
@@ -264,11 +294,8 @@ class FlowTransformerHead(nn.Module):
         positions = torch.arange(length, device=device, dtype=torch.float32)
         return positions[:, None] * self._rope_inv_freq(device)[None, :]
 
-    def _embed(self, x: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width], cos, sin
-        [L + H, hd/2])`` for the blocks."""
+    def _check(self, x: Tensor, t: Tensor, cond: Any) -> None:
         cfg = self.config
-        dtype = self.action_in.weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
         if isinstance(cond, PrefixCache):
             self._check_cache(cond, x)
             check_head_inputs("FlowTransformerHead", x, t, None, cfg.horizon, cfg.action_dim,
@@ -276,17 +303,34 @@ class FlowTransformerHead(nn.Module):
         else:
             check_head_inputs(
                 "FlowTransformerHead", x, t, cond, cfg.horizon, cfg.action_dim,
-                (-1, cfg.width), weight_dtype=dtype,
+                (-1, cfg.width), weight_dtype=self.action_in.weight.dtype,
             )  # fmt: skip
-        horizon = x.shape[1]
-        tokens = self.action_in(x.to(dtype))
-        time = sinusoidal_embedding(t * cfg.time_scale, cfg.width, cfg.min_period, cfg.max_period)
-        time = time.to(tokens.dtype)[:, None, :].expand(-1, horizon, -1)
-        pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
-        tokens = self.time_mlp_out(F.silu(pre_silu))
-        prefix = 0 if cond is None else (
-            cond.length if isinstance(cond, PrefixCache) else cond.shape[1]
-        )  # fmt: skip
-        angle = self._rope_angle(horizon + prefix, x.device)
-        cos, sin = angle.cos().to(tokens.dtype), angle.sin().to(tokens.dtype)
-        return tokens, pre_silu, cos, sin
+
+    def _features(self, t: Tensor, cond: Any) -> list[FlowStepFeatures]:
+        """One :class:`FlowStepFeatures` per row of ``t`` [N, B] (inputs checked)."""
+        cfg = self.config
+        dtype = self.action_in.weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
+        steps, batch = t.shape
+        w = cfg.width
+        time = sinusoidal_embedding(t.reshape(-1) * cfg.time_scale, w, cfg.min_period,
+                                    cfg.max_period).to(dtype)  # fmt: skip
+        time_in = F.linear(time, self.time_mlp_in.weight[:, w:], self.time_mlp_in.bias)
+        time_in = time_in.view(steps, batch, 1, w)
+        if cond is None:
+            blocks: tuple[Any, ...] = (None,) * cfg.depth
+            prefix = 0
+        else:
+            cache = cond if isinstance(cond, PrefixCache) else self.prefix_cache(cond)
+            blocks = tuple((k.to(dtype), v.to(dtype)) for k, v in zip(cache.keys, cache.values))
+            prefix = cache.length
+        angle = self._rope_angle(cfg.horizon + prefix, t.device)
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        return [FlowStepFeatures(time_in[k], cos, sin, blocks) for k in range(steps)]
+
+    def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
+        """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the
+        blocks: the time MLP's first layer is its tokens' half plus the step's time half."""
+        w = self.config.width
+        tokens = self.action_in(x.to(self.action_in.weight.dtype))
+        pre_silu = F.linear(tokens, self.time_mlp_in.weight[:, :w]) + features.time
+        return self.time_mlp_out(F.silu(pre_silu)), pre_silu

@@ -9,6 +9,10 @@ first layer (so steps are told apart). ``flatten=True``: one MLP maps the whole 
 forward (the same ops, so the same output bit for bit), keeping each SiLU's input, and
 a pullback ``u -> (∂out/∂x)ᵀ u`` written in forward ops (transposed matmuls and the SiLU
 derivative; no autograd tape, no weight gradients), so it also exports to ONNX.
+
+:meth:`MLPHead.step_features` / :meth:`MLPHead.forward_features` split the forward for
+the samplers (:mod:`ate_fast.sampling.step_features`): the time embedding and cond
+through the first layer's context part, for every step at once, then the rest per step.
 """
 
 from __future__ import annotations
@@ -71,7 +75,28 @@ class MLPHead(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        return self._forward_saving(x, t, cond)[0]
+        self._check(x, t, cond)
+        return self._forward_saving(x, self._context(t[None], cond)[0])[0]
+
+    def step_features(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> list[Tensor]:
+        """The context rows [B, hidden] of N times ``t`` [N, B] (time embedding and cond
+        through the first layer's context part), one per time, computed in one pass; ``x``
+        [B, H, D] (the sample) is only checked. ``forward_features(x, features[k])`` is
+        ``forward(x, t[k], cond)``."""
+        if t.ndim != 2:
+            raise ValueError(f"MLPHead: t must have shape [N, B], got {tuple(t.shape)}")
+        self._check(x, t[0], cond)
+        return list(self._context(t, cond).unbind(0))
+
+    def forward_features(self, x: Tensor, features: Tensor) -> Tensor:
+        """The forward at ``x`` [B, H, D] from one step's ``features`` [B, hidden]
+        (:meth:`step_features`)."""
+        if features.shape != (x.shape[0], self.config.hidden):
+            raise ValueError(
+                f"MLPHead: features must have shape [B, hidden] = [{x.shape[0]}, "
+                f"{self.config.hidden}] (from step_features), got {tuple(features.shape)}"
+            )
+        return self._forward_saving(x, features)[0]
 
     def forward_with_vjp(
         self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None
@@ -80,7 +105,14 @@ class MLPHead(nn.Module):
         ``pullback(u [B, H, D]) -> (∂out/∂x)ᵀ u`` [B, H, D], the input-VJP in forward ops
         (t and cond are constants; no weight gradient is formed). Runs without autograd
         (under ``no_grad`` / ``inference_mode`` too) and captures in a CUDA graph."""
-        out, pres = self._forward_saving(x, t, cond)
+        self._check(x, t, cond)
+        return self.forward_with_vjp_features(x, self._context(t[None], cond)[0])
+
+    def forward_with_vjp_features(
+        self, x: Tensor, features: Tensor
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """:meth:`forward_with_vjp` from one step's ``features`` (:meth:`step_features`)."""
+        out, pres = self._forward_saving(x, features)
         flatten, dtype = self.config.flatten, self.input.weight.dtype
         linears = [m for m in self.body if isinstance(m, nn.Linear)]
         slopes = [_silu_slope(pre) for pre in pres]  # σ(h)·(1 + h·(1 − σ(h))) per layer
@@ -94,27 +126,33 @@ class MLPHead(nn.Module):
 
         return out, pullback
 
-    def _forward_saving(
-        self, x: Tensor, t: Tensor, cond: Optional[Tensor]
-    ) -> tuple[Tensor, list[Tensor]]:
-        """The forward [B, H, D] (in ``x``'s dtype) and the input of every SiLU
-        ([B, H, hidden]; flatten: [B, hidden]), computed in the weights' dtype."""
+    def _check(self, x: Tensor, t: Tensor, cond: Optional[Tensor]) -> None:
+        cfg = self.config
+        check_head_inputs(
+            "MLPHead", x, t, cond, cfg.horizon, cfg.action_dim,
+            (cfg.cond_dim,) if cfg.cond_dim else None, cond_required=bool(cfg.cond_dim),
+            weight_dtype=self.input.weight.dtype,
+        )  # fmt: skip
+
+    def _context(self, t: Tensor, cond: Optional[Tensor]) -> Tensor:
+        """[N, B, hidden]: the context part of the first layer at times ``t`` [N, B]."""
         cfg = self.config
         dtype = self.input.weight.dtype
-        cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
-        check_head_inputs(
-            "MLPHead", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape,
-            cond_required=bool(cfg.cond_dim), weight_dtype=dtype,
-        )  # fmt: skip
+        steps, batch = t.shape
         time = sinusoidal_embedding(  # in t's precision, then the weights' dtype
-            t * cfg.time_scale, cfg.time_dim, cfg.min_period, cfg.max_period
+            t.reshape(-1) * cfg.time_scale, cfg.time_dim, cfg.min_period, cfg.max_period
         )
         context = time.to(dtype)
         if cfg.cond_dim:
-            context = torch.cat([context, in_dtype(cond, dtype)], dim=-1)
-        ctx = self.context(context)  # [B, hidden]
-        inputs = x.to(dtype)
-        if cfg.flatten:
+            context = torch.cat([context, in_dtype(cond, dtype).repeat(steps, 1)], dim=-1)
+        return self.context(context).view(steps, batch, -1)
+
+    def _forward_saving(self, x: Tensor, ctx: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The forward [B, H, D] (in ``x``'s dtype) from the context row ``ctx`` [B, hidden],
+        and the input of every SiLU ([B, H, hidden]; flatten: [B, hidden]), computed in the
+        weights' dtype."""
+        inputs = x.to(self.input.weight.dtype)
+        if self.config.flatten:
             h = self.input(inputs.flatten(1)) + ctx
         else:
             h = self.input(inputs) + ctx[:, None, :] + self.step
@@ -123,7 +161,7 @@ class MLPHead(nn.Module):
             if isinstance(module, nn.SiLU):
                 pres.append(h)
             h = module(h)
-        return (h.view_as(x) if cfg.flatten else h).to(x.dtype), pres
+        return (h.view_as(x) if self.config.flatten else h).to(x.dtype), pres
 
 
 def _silu_slope(h: Tensor) -> Tensor:

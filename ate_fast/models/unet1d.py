@@ -7,6 +7,11 @@ after the block's first convolution). Down path: per level two residual blocks, 
 stride-2 convolution (not after the last level); two middle blocks; up path mirrors the
 down path with skip concatenations and transposed-convolution upsampling; a final
 convolution block and a 1×1 convolution back to D channels.
+
+:meth:`ConditionalUnet1D.step_features` computes the FiLM scales and biases of every
+block from (t, cond) for N steps at once (the samplers compute them once per call:
+:mod:`ate_fast.sampling.step_features`); :meth:`ConditionalUnet1D.forward_features`
+runs the convolutions with them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from torch import Tensor, nn
 
 from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import DIFFUSION_PERIODS, sinusoidal_embedding
+
+# One step's FiLM modulation: per residual block (in forward order), (scale, bias) [B, C, 1].
+Modulation = list[tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,9 @@ class _FiLMResidualBlock(nn.Module):
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        scale, bias = self.film(cond)[:, :, None].chunk(2, dim=1)
+    def forward(self, x: Tensor, film: tuple[Tensor, Tensor]) -> Tensor:
+        """``x`` [B, C_in, H] with this block's FiLM ``(scale, bias)`` [B, C_out, 1] each."""
+        scale, bias = film
         h = self.conv2(scale * self.conv1(x) + bias)
         return h + self.skip(x)
 
@@ -130,29 +139,67 @@ class ConditionalUnet1D(nn.Module):
         )
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        cfg = self.config
-        dtype = self.final[-1].weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
-        cond_shape = (cfg.cond_dim,) if cfg.cond_dim else None
-        check_head_inputs(
-            "ConditionalUnet1D", x, t, cond, cfg.horizon, cfg.action_dim, cond_shape,
-            cond_required=bool(cfg.cond_dim), weight_dtype=dtype,
-        )  # fmt: skip
-        emb = sinusoidal_embedding(
-            t * cfg.time_scale, cfg.time_embed_dim, cfg.min_period, cfg.max_period
-        ).to(dtype)
-        film = self.time_mlp(emb)
-        if cfg.cond_dim:
-            film = torch.cat([film, in_dtype(cond, dtype)], dim=-1)
+        self._check(x, t, cond)
+        return self.forward_features(x, self._modulations(t[None], cond)[0])
 
-        h = x.to(dtype).transpose(1, 2)  # [B, D, H]: channels over time
+    def step_features(
+        self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None
+    ) -> list[Modulation]:
+        """Every block's FiLM ``(scale, bias)`` [B, C, 1] at N times ``t`` [N, B] (the time
+        MLP and each block's FiLM layer run once on all N·B rows); ``x`` [B, H, D] (the
+        sample) is only checked. ``forward_features(x, features[k])`` is
+        ``forward(x, t[k], cond)``."""
+        if t.ndim != 2:
+            raise ValueError(f"ConditionalUnet1D: t must have shape [N, B], got {tuple(t.shape)}")
+        self._check(x, t[0], cond)
+        return self._modulations(t, cond)
+
+    def forward_features(self, x: Tensor, features: Modulation) -> Tensor:
+        """The U-Net on ``x`` [B, H, D] with one step's FiLM ``features``
+        (:meth:`step_features`)."""
+        films = iter(features)
+        h = x.to(self.final[-1].weight.dtype).transpose(1, 2)  # [B, D, H]: channels over time
         skips = []
         for block1, block2, downsample in self.down:
-            h = block2(block1(h, film), film)
+            h = block1(h, next(films))
+            h = block2(h, next(films))
             skips.append(h)
             h = downsample(h)
         for block in self.mid:
-            h = block(h, film)
+            h = block(h, next(films))
         for block1, block2, upsample in self.up:
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = upsample(block2(block1(h, film), film))
+            h = block1(torch.cat([h, skips.pop()], dim=1), next(films))
+            h = upsample(block2(h, next(films)))
         return self.final(h).transpose(1, 2).to(x.dtype)
+
+    def film_blocks(self) -> list[nn.Module]:
+        """The FiLM residual blocks in forward order (what a step's features are for)."""
+        down = [block for level in self.down for block in level[:2]]
+        up = [block for level in self.up for block in level[:2]]
+        return [*down, *self.mid, *up]
+
+    def _check(self, x: Tensor, t: Tensor, cond: Optional[Tensor]) -> None:
+        cfg = self.config
+        check_head_inputs(
+            "ConditionalUnet1D", x, t, cond, cfg.horizon, cfg.action_dim,
+            (cfg.cond_dim,) if cfg.cond_dim else None, cond_required=bool(cfg.cond_dim),
+            weight_dtype=self.final[-1].weight.dtype,
+        )  # fmt: skip
+
+    def _modulations(self, t: Tensor, cond: Optional[Tensor]) -> list[Modulation]:
+        """Per row of ``t`` [N, B]: every block's FiLM (scale, bias) [B, C, 1]."""
+        cfg = self.config
+        dtype = self.final[-1].weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
+        steps, batch = t.shape
+        emb = sinusoidal_embedding(
+            t.reshape(-1) * cfg.time_scale, cfg.time_embed_dim, cfg.min_period, cfg.max_period
+        ).to(dtype)
+        film = self.time_mlp(emb)
+        if cfg.cond_dim:
+            film = torch.cat([film, in_dtype(cond, dtype).repeat(steps, 1)], dim=-1)
+        film = self.film_blocks()[0].film[0](film)  # every block's FiLM starts with this Mish
+        per_block = []
+        for block in self.film_blocks():
+            scale, bias = block.film[1](film).view(steps, batch, -1, 1).chunk(2, dim=2)
+            per_block.append((scale.unbind(0), bias.unbind(0)))
+        return [[(scale[k], bias[k]) for scale, bias in per_block] for k in range(steps)]

@@ -11,14 +11,13 @@ with its own :class:`Run` (these four names are the sampler's export seam).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
 from ate_fast.guidance import POLICY_VJP, SCALAR_SLOPE_MODES, Guidance, check_guidance
@@ -32,6 +31,7 @@ from ate_fast.sampling.inpainting import Inpainting, check_inpainting
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
 from ate_fast.sampling.launch import CachedLaunch, Launch
 from ate_fast.sampling.noise import NoiseDraw
+from ate_fast.sampling.step_features import StepFeatureCache, own_head_methods, step_features_of
 from ate_fast.sampling.workspace import StepBuffers, StepTables
 
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
@@ -76,18 +76,8 @@ def forward_with_vjp_of(model_fn: ModelFn) -> Optional[ForwardWithVJP]:
     function, so it gets autograd — and that has no forward hooks (they would be skipped).
     The reference heads (:mod:`ate_fast.models`: MLPHead, FlowTransformerHead) qualify.
     """
-    owner = model_fn
-    if inspect.ismethod(model_fn) and model_fn.__name__ in ("forward", "__call__"):
-        owner = model_fn.__self__
-    if not isinstance(owner, nn.Module):
-        return None
-    cls = type(owner)
-    home = next((c for c in cls.__mro__ if "forward_with_vjp" in vars(c)), None)
-    if home is None or vars(home).get("forward") is not cls.forward:
-        return None
-    if owner._forward_hooks or owner._forward_pre_hooks:
-        return None
-    return owner.forward_with_vjp
+    owner = own_head_methods(model_fn, "forward_with_vjp")
+    return None if owner is None else owner.forward_with_vjp
 
 
 class Run:
@@ -134,10 +124,32 @@ class Run:
         self.through_policy = guidance is not None and guidance.mode == POLICY_VJP
         # the head's own input-VJP when it has one (else autograd): see model_vjp()
         self.forward_with_vjp = forward_with_vjp_of(model_fn) if self.through_policy else None
+        # a head with step features gets them computed once per call (see model())
+        head = step_features_of(model_fn)
+        self.features = (
+            None
+            if head is None
+            else StepFeatureCache(head, tables.time_blocks, tables.time_rows, cond)
+        )
+
+    def reset(self) -> None:
+        """Before each pass through the loop: back to step 0, no features of a past call."""
+        self.step = 0
+        if self.features is not None:
+            self.features.reset()
+        if self.finite is not None:
+            self.finite.reset()
 
     def model(self, x: Tensor, t: Tensor) -> Tensor:
-        """The unguided model output at ``x`` [B, H, D], time ``t`` [B]."""
-        out = check_output("model_fn", self.model_fn(x, t, self.cond), x)
+        """The unguided model output at ``x`` [B, H, D], time ``t`` [B].
+
+        For a head with step features (:mod:`ate_fast.sampling.step_features`) and ``t`` a
+        row of the tables, its (t, cond) part comes from this call's features, computed
+        for every step at the first evaluation."""
+        out = None if self.features is None else self.features.forward(x, t)
+        if out is None:
+            out = self.model_fn(x, t, self.cond)
+        out = check_output("model_fn", out, x)
         if self.finite is not None:
             self.finite.observe(self.step, "model_fn", out)
         return out
@@ -190,7 +202,8 @@ class Run:
         only ``x``'s gradient is computed, never the weights').
         """
         if self.forward_with_vjp is not None:
-            m, pullback = self.forward_with_vjp(x, t, self.cond)
+            pair = None if self.features is None else self.features.forward_with_vjp(x, t)
+            m, pullback = self.forward_with_vjp(x, t, self.cond) if pair is None else pair
             m = check_output("model_fn", m, x)
             x0_hat = (p.view(-1, 1, 1) * x + q.view(-1, 1, 1) * m).to(x.dtype)
             u = check_output("guidance.gradient", self.guidance.gradient(x, x0_hat, p), x)
@@ -334,9 +347,7 @@ class Sampler:
         """Copy ``noise`` into ``run.x`` and run the loop without autograd; returns ``run.x``."""
         with torch.no_grad():
             run.x.copy_(noise)
-            run.step = 0
-            if run.finite is not None:
-                run.finite.reset()
+            run.reset()
             self.loop(run)
         return run.x
 

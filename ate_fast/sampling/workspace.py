@@ -22,6 +22,10 @@ from ate_fast.ops.constants import compute_dtype
 class StepTables:
     """Per-step ``[B]`` rows: ``tables.<name>[k]`` for every host array given.
 
+    The model times are also kept whole, ``time_blocks[name]`` [K, B] (the rows are its
+    views), with ``time_rows`` mapping ``id(row)`` to ``(name, k)``: what a head's step
+    features are computed from (:mod:`ate_fast.sampling.step_features`).
+
     Args:
         host: name -> ``[K]`` float64 array of per-step coefficients.
         model_times: name -> ``[K]`` array of the times passed to the model (int64 for
@@ -39,19 +43,26 @@ class StepTables:
     ) -> None:
         cd = compute_dtype(dtype)
         for name, values in host.items():
-            setattr(self, name, self._rows(np.asarray(values, dtype=np.float64), cd, device, batch))
+            block = self._block(np.asarray(values, dtype=np.float64), cd, device, batch)
+            setattr(self, name, list(block.unbind(0)))
+        self.time_blocks: dict[str, Tensor] = {}
+        self.time_rows: dict[int, tuple[str, int]] = {}
         for name, values in model_times.items():
             values = np.asarray(values)
             tdtype = torch.int64 if np.issubdtype(values.dtype, np.integer) else cd
-            setattr(self, name, self._rows(values, tdtype, device, batch))
+            block = self._block(values, tdtype, device, batch)
+            rows = list(block.unbind(0))
+            setattr(self, name, rows)
+            self.time_blocks[name] = block
+            self.time_rows.update((id(row), (name, k)) for k, row in enumerate(rows))
 
     @staticmethod
-    def _rows(values: np.ndarray, dtype: torch.dtype, device: torch.device, batch: int) -> list:
+    def _block(values: np.ndarray, dtype: torch.dtype, device: torch.device, batch: int) -> Tensor:
+        """The [K, B] table (its rows: contiguous [B] views)."""
         if not np.all(np.isfinite(values)):
             raise AssertionError("ate_fast.sampling: a step coefficient is not finite (bug)")
         full = torch.tensor(values, dtype=dtype).reshape(-1, 1).expand(-1, batch)
-        # Rows of a contiguous [K, B] tensor are contiguous [B] views.
-        return list(full.contiguous().to(device).unbind(0))
+        return full.contiguous().to(device)
 
 
 class StepBuffers:
