@@ -126,6 +126,12 @@ class FrozenEncoder:
         arguments, :func:`ate_fast.ops.mlp_encoder_parts`), or None on another path."""
         return None if self._mlp is None else mlp_encoder_parts(self._mlp)
 
+    def mlp_tensors(self) -> tuple[list[Tensor], list[Optional[Tensor]]]:
+        """The align MLP encoder's current ``(weights, biases)`` (the fused path's tensors,
+        read without re-recognising the module: for the prepared call's cheap re-check)."""
+        layers = self._mlp.layers  # type: ignore[union-attr]
+        return [m.weight for m in layers], [m.bias for m in layers]
+
     @property
     def weight_dtype(self) -> Optional[torch.dtype]:
         """The floating dtype of the encoder's parameters when they share one (the dtype

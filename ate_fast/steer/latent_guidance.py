@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 from ate_fast.guidance import SCALAR_SLOPE_MODES
+from ate_fast.ops.mlp_guidance.prepared import PreparedMlpGuidance, prepare_mlp_guidance
 from ate_fast.steer import validation as check
-from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.encoder import FrozenEncoder, autocast_enabled
 from ate_fast.steer.latent_gradient import latent_distance_gradient
 
 
@@ -81,6 +82,7 @@ class LatentGuidance:
         """Replace z* (a latent [d_z], a batch [B, d_z] or a LatentPrior)."""
         self.target = _target_tensor(target)
         self._placed: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._prepared: Optional[_PreparedGradient] = None
 
     def __repr__(self) -> str:
         return (
@@ -105,12 +107,17 @@ class LatentGuidance:
         Computed by :func:`~ate_fast.steer.latent_gradient.latent_distance_gradient`.
         """
         target = self._target_for(point)
+        prepared = self._prepared
+        if prepared is not None and prepared.accepts(point, target):
+            return prepared.call(point)
         if target.ndim == 2 and target.shape[0] != point.shape[0]:
             raise InvalidArgumentError(
                 f"target is a batch of {target.shape[0]} latents but the sample has batch "
                 f"{point.shape[0]}; pass one latent [d_z] or one per sample"
             )
-        return latent_distance_gradient(self.encoder, point, target, target_name="target")
+        g = latent_distance_gradient(self.encoder, point, target, target_name="target")
+        self._prepared = _PreparedGradient.build(self.encoder, point, target)
+        return g
 
     def _target_for(self, point: Tensor) -> Tensor:
         """The target on ``point``'s device and dtype, moved once and kept (no copy per step,
@@ -122,3 +129,38 @@ class LatentGuidance:
                 placed = self.target.to(device=point.device, dtype=point.dtype).clone()
             self._placed[key] = placed
         return placed
+
+
+class _PreparedGradient:
+    """The fused MLP path's native CPU call, prepared after a call that took it: a guided
+    loop's every later step re-checks only what may change (sample layout, weight and
+    target storage, autocast, the backend selection) and skips the public op's validation
+    and dispatch (:mod:`ate_fast.ops.mlp_guidance.prepared`). Any change: the full path."""
+
+    def __init__(self, encoder: FrozenEncoder, call: PreparedMlpGuidance, mask: Any) -> None:
+        self.encoder = encoder
+        self.call = call
+        self.mask = mask  # the encoder's mask object when prepared (None: no mask)
+
+    @staticmethod
+    def build(encoder: FrozenEncoder, point: Tensor, target: Tensor) -> Optional[_PreparedGradient]:
+        if encoder.path_for(point) != "mlp_fused" or encoder.weight_dtype != point.dtype:
+            return None
+        mask = encoder.mask
+        if mask is not None and (mask.dtype != point.dtype or mask.device != point.device):
+            return None  # the full path converts it per call; keep that path
+        weights, biases = encoder.mlp_tensors()
+        dz = weights[-1].shape[0] // 2
+        call = prepare_mlp_guidance(
+            point, weights, biases, encoder.mlp_parts[2], target=target, mask=mask,
+            distance_weight=1.0 / dz,
+        )  # fmt: skip
+        return None if call is None else _PreparedGradient(encoder, call, mask)
+
+    def accepts(self, point: Tensor, target: Tensor) -> bool:
+        encoder = self.encoder
+        return (
+            encoder.mask is self.mask
+            and not autocast_enabled(point)
+            and self.call.accepts(point, *encoder.mlp_tensors(), target, self.mask)
+        )

@@ -1,0 +1,139 @@
+"""LatentGuidance's prepared fused call (ate_fast.ops.mlp_guidance.prepared): after one
+call on the fused MLP path, later calls skip the public op's validation and dispatch —
+with the same result — and every change that the prepared call cannot see sends the
+call back through the public op: another sample layout, weights replaced or recast, a
+new target or mask, a forced backend, autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ate_fast
+from ate_fast.align import ActionVAE
+from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
+from ate_fast.ops.mlp_guidance import dispatch
+from ate_fast.steer import LatentGuidance
+
+B, H, D, DZ = 2, 6, 3, 4
+
+
+@pytest.fixture
+def full_calls(monkeypatch):
+    """How many calls went through the public op (its validation)."""
+    calls = []
+    validate = dispatch.validate
+
+    def counted(*args):
+        calls.append(1)
+        return validate(*args)
+
+    monkeypatch.setattr(dispatch, "validate", counted)
+    return calls
+
+
+def _guidance(dtype=torch.float64, mask=None):
+    torch.manual_seed(0)
+    vae = ActionVAE(D, H, latent_dim=DZ, arch="mlp", hidden_dims=(16, 8)).to(dtype)
+    target = torch.randn(DZ, dtype=dtype)
+    return LatentGuidance(vae, target, scale=2.0, clamp=0.1, mask=mask)
+
+
+def _reference(guidance, x):
+    weights, biases, activation = mlp_encoder_parts(guidance.encoder._mlp)
+    target = guidance.target.to(x.dtype)
+    mask = guidance.encoder.mask
+    g, _ = mlp_guidance_reference(x, weights, biases, activation, target, None, mask, None, 1 / DZ)
+    return g
+
+
+def _x(dtype=torch.float64, batch=B, seed=1):
+    return torch.randn(batch, H, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_later_calls_are_prepared_and_equal(full_calls, dtype):
+    guidance = _guidance(dtype)
+    x, one = _x(dtype), torch.ones(B, dtype=dtype)
+    first = guidance.gradient(x, x, one)
+    assert len(full_calls) == 1
+    for seed in (2, 3):  # new values in the same layout: the prepared call
+        y = _x(dtype, seed=seed)
+        got = guidance.gradient(y, y, one)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got, _reference(guidance, y), rtol=tol, atol=tol)
+    assert len(full_calls) == 1
+    assert torch.equal(guidance.gradient(x, x, one), first)  # bit for bit the public op's
+
+
+def test_weights_updated_in_place_are_seen(full_calls):
+    guidance = _guidance()
+    x, one = _x(), torch.ones(B, dtype=torch.float64)
+    guidance.gradient(x, x, one)
+    with torch.no_grad():
+        for p in guidance.encoder._mlp.parameters():
+            p.mul_(1.1)
+    got = guidance.gradient(x, x, one)
+    assert len(full_calls) == 1  # same storage: still prepared, reading the new values
+    torch.testing.assert_close(got, _reference(guidance, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["replace weights", "recast", "set_target", "batch", "non-contiguous", "backend", "mask"],
+)
+def test_changes_go_back_through_the_public_op(full_calls, monkeypatch, change):
+    guidance = _guidance()
+    x, one = _x(), torch.ones(B, dtype=torch.float64)
+    guidance.gradient(x, x, one)
+    assert len(full_calls) == 1
+    layer = guidance.encoder._mlp.layers[0]
+    if change == "replace weights":  # e.g. load_state_dict(..., assign=True)
+        layer.weight = torch.nn.Parameter(layer.weight.detach() * 2, requires_grad=False)
+    elif change == "recast":  # the VAE cast to float32: the gradient stays float64
+        guidance.encoder.modules[0].to(torch.float32)
+    elif change == "set_target":
+        guidance.set_target(torch.randn(DZ, dtype=torch.float64))
+    elif change == "batch":
+        x, one = _x(batch=B + 1), torch.ones(B + 1, dtype=torch.float64)
+    elif change == "non-contiguous":  # the same values, a transposed layout
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not x.is_contiguous()
+    elif change == "backend":
+        monkeypatch.setenv("ATE_FAST_BACKEND", "ref")
+    elif change == "mask":
+        guidance.encoder.mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    got = guidance.gradient(x, x, one)
+    assert len(full_calls) == 2, "the change was not noticed"
+    if change == "recast":
+        assert got.dtype == torch.float64
+        x32 = x.to(torch.float32)
+        torch.testing.assert_close(got, _reference(guidance, x32).double(), rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(got, _reference(guidance, x), rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_takes_the_autograd_path(full_calls):
+    guidance = _guidance(torch.float32)
+    x, one = _x(torch.float32), torch.ones(B)
+    guidance.gradient(x, x, one)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = guidance.gradient(x, x, one)
+    assert len(full_calls) == 1  # autocast: autograd through the encoder, not the op
+    torch.testing.assert_close(got, _reference(guidance, x), rtol=0.05, atol=2e-3)
+
+
+def test_captured_guided_loop_uses_it(full_calls):
+    torch.manual_seed(0)
+    head = ate_fast.make_head("mlp", "small", horizon=H, action_dim=D).double().eval()
+    guidance = _guidance()
+    sampler = ate_fast.FlowSampler(head, 5)
+    noise = _x()
+    with torch.no_grad():
+        expected = sampler.sample(noise, guidance=guidance).clone()
+        calls = len(full_calls)
+        assert calls == 1  # the first step prepared it; the other four and later calls reuse
+        captured = sampler.capture(noise, guidance=guidance)
+        assert torch.equal(captured(noise), expected)
+        assert torch.equal(captured(noise), expected)
+    assert len(full_calls) == calls
