@@ -34,6 +34,7 @@ import ate_fast
 from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_heads
 from bench_sampling import latent_guidances, torch_loop
 
 GATE_THREADS = 1
@@ -180,6 +181,39 @@ def _steer_pair() -> Pair:
     return Pair(Row("mse", lambda: step(False)), Row("steer", lambda: step(True)), atol=None)
 
 
+def _head_pair(head_id: str, sampler: str, row: str, guidance: str = "unguided") -> Pair:
+    """A reference head at B = 1 (``bench_heads``' set-up): the eager loop a user writes
+    (the head called each step, the update in tensor ops; guided: the gradient by
+    autograd) vs ate_fast's ``sample()`` or ``capture()`` (the head's step features once
+    per call; guided: ``LatentGuidance``'s fused gradient). The issue's CPU targets."""
+    device = "cpu"
+    head = bench_heads._head(device, head_id)
+    horizon, action_dim = bench_heads._shape(head_id)
+    noise = torch.randn(1, horizon, action_dim, generator=torch.Generator().manual_seed(1))
+    cond = bench_heads._cond(device, head_id)
+    if bench_heads._time_factor(head_id, sampler) != 1.0:
+        raise ValueError(f"{head_id} is not native to {sampler}: use a sampler of its kind")
+    enc = None
+    if guidance != "unguided":
+        enc = bench_heads._encoder(device, guidance.removesuffix("-guided"), head_id)
+    gradient = None if enc is None else enc.autograd_gradient
+    if row == "compile":
+        model = bench_heads._compiled_head(device, head_id, "default")
+        gradient = None if enc is None else enc.compiled_gradient()
+    else:
+        model = head
+    loop = bench_heads._user_loop(model, sampler, 1.0, gradient, device, cond=cond)
+    baseline = Row(row, lambda: loop(noise))
+    ate = bench_heads._ate_sampler(head_id, sampler, head)
+    ate_guidance = None if enc is None else enc.guidance
+    captured = ate.capture(noise, cond, guidance=ate_guidance, check_finite=False)
+    if row != "compile" and guidance == "unguided":
+        sample = Row("sample", lambda: ate.sample(noise, cond, guidance=ate_guidance))
+        if row == "sample":
+            return Pair(Row("eager", lambda: loop(noise)), sample)
+    return Pair(baseline, Row("capture", lambda: captured(noise, cond)))
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[], Pair]
@@ -196,6 +230,22 @@ CASES: dict[str, Case] = {
     "flow-euler-10 guided capture vs torch_loop": Case(_guided_capture_pair, rounds=10),
     "flow-euler-10 guided vs unguided sample": Case(_guidance_overhead_pair, rounds=15),
     "steer flow_loss vs mse B=8": Case(_steer_pair, rounds=15),
+    "mlp-small flow-euler-10 sample vs eager": Case(
+        lambda: _head_pair("mlp-small", "flow-euler-10", "sample"), rounds=30
+    ),
+    "mlp-small flow-euler-10 capture vs eager": Case(
+        lambda: _head_pair("mlp-small", "flow-euler-10", "eager"), rounds=30
+    ),
+    "unet1d-small ddim-10 capture vs eager": Case(
+        lambda: _head_pair("unet1d-small", "ddim-10", "eager"), rounds=5
+    ),
+    "mlp-small flow-euler-10 guided 1600-512-512-128 capture vs eager": Case(
+        lambda: _head_pair("mlp-small", "flow-euler-10", "eager", "mlp-default-guided"), rounds=6
+    ),
+    "mlp-small flow-euler-10 guided 1600-512-512-128 capture vs compile": Case(
+        lambda: _head_pair("mlp-small", "flow-euler-10", "compile", "mlp-default-guided"),
+        rounds=6,
+    ),
 }
 ROLES = ("baseline", "candidate")
 # Each case runs as CHUNKS (baseline, candidate) pairs in a row, so that both roles sample

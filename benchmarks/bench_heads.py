@@ -261,7 +261,9 @@ def _ate_model_fn(head: torch.nn.Module, factor: float):
 
 
 class _Encoder:
-    """One ActionVAE encoder, its target z*, the ate_fast guidance and the user's gradient."""
+    """One ActionVAE encoder, its target z*, the ate_fast guidance and the user's gradient.
+    ``kind``: ``"mlp"`` (H·D → 256 → 256 → 2·64), ``"mlp-default"`` (→ 512 → 512 → 2·64,
+    the CI gate's) or ``"transformer"`` (the paper's)."""
 
     def __init__(self, device: str, kind: str, horizon: int, action_dim: int) -> None:
         from ate_fast.align import ActionVAE
@@ -270,6 +272,8 @@ class _Encoder:
         torch.manual_seed(2)
         if kind == "mlp":
             vae = ActionVAE(action_dim, horizon, latent_dim=64, arch="mlp", hidden_dims=(256, 256))
+        elif kind == "mlp-default":  # the align default's widths: H·D → 512 → 512 → 2·64
+            vae = ActionVAE(action_dim, horizon, latent_dim=64, arch="mlp")
         else:  # the paper's encoder: d_model 512, 4 heads, ff 1024, 9 layers, d_z 512
             vae = ActionVAE(action_dim, horizon, latent_dim=512, arch="transformer")
         self.vae = vae.to(device).eval().requires_grad_(False)
