@@ -269,6 +269,9 @@ int run(const MlpGuidanceArgs& p) {
   const Activation act = p.activation;
   const T w = static_cast<T>(p.distance_weight);
   const bool parallel = macs * rows >= kParallelMacs;
+  // Without ε the log σ² half of the output has zero gradient: its rows of the last weight
+  // are neither computed nor read back (one pass less over half of that weight).
+  const int64_t used_out = eps ? out_dim : dz;
 
 #pragma omp parallel if (parallel)
   {
@@ -290,10 +293,11 @@ int run(const MlpGuidanceArgs& p) {
       const int64_t in_dim = p.dims[l], o_dim = p.dims[l + 1];
       const bool last = l == L - 1;
       T* dst = last ? out : h[l + 1];
-      const int64_t chunks = (o_dim + kOutChunk - 1) / kOutChunk;
+      const int64_t o_used = last ? used_out : o_dim;
+      const int64_t chunks = (o_used + kOutChunk - 1) / kOutChunk;
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t o0 = c * kOutChunk, o1 = std::min(o0 + kOutChunk, o_dim);
+        const int64_t o0 = c * kOutChunk, o1 = std::min(o0 + kOutChunk, o_used);
         dense(W[l], bias[l], h[l], rows, in_dim, dst, o_dim, o0, o1);
         if (!last) {
           for (int64_t r = 0; r < rows; ++r) {
@@ -306,12 +310,12 @@ int run(const MlpGuidanceArgs& p) {
         }
       }
     }
-    // Latent distance gradient at the output: δ = ∂y/∂(μ, log σ²).
+    // Latent distance gradient at the output: δ = ∂y/∂(μ, log σ²) ([B, used_out]).
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const T* o_x = out + b * out_dim;
       const T* o_a = with_a0 ? out + (B + b) * out_dim : nullptr;
-      T* d = delta[0] + b * out_dim;
+      T* d = delta[0] + b * used_out;
       for (int64_t j = 0; j < dz; ++j) {
         const T e = eps ? eps[b * dz + j] : T(0);
         const T sx = eps ? std::exp(T(0.5) * o_x[dz + j]) : T(0);
@@ -320,7 +324,7 @@ int run(const MlpGuidanceArgs& p) {
                              : target[b * p.target_stride + j];
         const T dzv = T(-2) * w * (zx - zt);
         d[j] = dzv;
-        d[dz + j] = eps ? dzv * e * T(0.5) * sx : T(0);
+        if (eps) d[dz + j] = dzv * e * T(0.5) * sx;
         if (latent) latent[b * dz + j] = zx;
       }
     }
@@ -334,7 +338,7 @@ int run(const MlpGuidanceArgs& p) {
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t c0 = c * width, c1 = std::min(c0 + width, in_dim);
-        dense_t(W[l], in_dim, o_dim, delta[cur], B, dst, c0, c1);
+        dense_t(W[l], in_dim, l == L - 1 ? used_out : o_dim, delta[cur], B, dst, c0, c1);
         for (int64_t b = 0; b < B; ++b) {
           T* g = dst + b * in_dim;
           if (l > 0) {
