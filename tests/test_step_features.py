@@ -214,5 +214,24 @@ def test_mlp_features_shape_is_checked():
     head = _head("mlp")
     x, t, cond = _inputs("mlp", head)
     features = head.step_features(x, t, cond)[0]
-    with pytest.raises(ValueError, match=r"features must have shape \[B, hidden\]"):
+    assert features.shape == (B, head.config.horizon, head.config.hidden)  # folded bias
+    with pytest.raises(ValueError, match=r"features must have shape \[2, 256\] or \[2, 8, 256\]"):
         head.forward_features(x, features[:1])
+
+
+def test_mlp_context_rows_above_the_folding_bound(monkeypatch):
+    """Above FOLDED_BIAS_ELEMENTS a step gets the context row [B, hidden] (the per-step
+    bias would be N·B·H·hidden elements): the same function, other rounding."""
+    from ate_fast.models import mlp_head
+
+    head = _head("mlp")
+    x, t, cond = _inputs("mlp", head)
+    with torch.no_grad():
+        folded = [head.forward_features(x, f) for f in head.step_features(x, t, cond)]
+        monkeypatch.setattr(mlp_head, "FOLDED_BIAS_ELEMENTS", 0)
+        rows = head.step_features(x, t, cond)
+        assert rows[0].shape == (B, head.config.hidden)
+        for k, features in enumerate(rows):
+            out = head.forward_features(x, features)
+            torch.testing.assert_close(out, folded[k], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(out, head(x, t[k], cond), rtol=1e-12, atol=1e-12)

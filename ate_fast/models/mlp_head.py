@@ -48,6 +48,12 @@ class MLPHeadConfig:
                 raise ValueError(f"MLPHeadConfig.{name} must be >= 1")
 
 
+# The most elements per sample of one call's folded first-layer biases (N steps × H ×
+# hidden: 1 MB per sample in float32); above it (many steps) a step adds the context row
+# instead. Per sample, not per call: the choice must not depend on the batch size, which an
+# exported graph keeps symbolic.
+FOLDED_BIAS_ELEMENTS = 1 << 18
+
 MLP_HEAD_CONFIGS: dict[str, MLPHeadConfig] = {
     "small": MLPHeadConfig(),
     "flat": MLPHeadConfig(hidden=512, flatten=True),
@@ -76,25 +82,32 @@ class MLPHead(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         self._check(x, t, cond)
-        return self._forward_saving(x, self._context(t[None], cond)[0])[0]
+        return self._forward_saving(x, self._features(t[None], cond)[0])[0]
 
     def step_features(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> list[Tensor]:
-        """The context rows [B, hidden] of N times ``t`` [N, B] (time embedding and cond
-        through the first layer's context part), one per time, computed in one pass; ``x``
+        """One step's first-layer terms besides the chunk's for each of N times ``t`` [N, B]
+        (time embedding and cond through the context part, computed in one pass); ``x``
         [B, H, D] (the sample) is only checked. ``forward_features(x, features[k])`` is
-        ``forward(x, t[k], cond)``."""
+        ``forward(x, t[k], cond)``.
+
+        Each is the whole first-layer bias [B, H, hidden] (context + per-step embedding +
+        bias: the step's first layer is then one batched GEMM with it), or — when N·H·hidden
+        exceeds :data:`FOLDED_BIAS_ELEMENTS` — the context row [B, hidden] (flatten: always
+        [B, hidden], context + bias)."""
         if t.ndim != 2:
             raise ValueError(f"MLPHead: t must have shape [N, B], got {tuple(t.shape)}")
         self._check(x, t[0], cond)
-        return list(self._context(t, cond).unbind(0))
+        return list(self._features(t, cond).unbind(0))
 
     def forward_features(self, x: Tensor, features: Tensor) -> Tensor:
-        """The forward at ``x`` [B, H, D] from one step's ``features`` [B, hidden]
-        (:meth:`step_features`)."""
-        if features.shape != (x.shape[0], self.config.hidden):
+        """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`:
+        [B, H, hidden] or [B, hidden])."""
+        cfg, batch = self.config, x.shape[0]
+        shapes = [(batch, cfg.hidden)] + ([] if cfg.flatten else [(batch, cfg.horizon, cfg.hidden)])
+        if features.shape not in shapes:
             raise ValueError(
-                f"MLPHead: features must have shape [B, hidden] = [{x.shape[0]}, "
-                f"{self.config.hidden}] (from step_features), got {tuple(features.shape)}"
+                f"MLPHead: features must have shape {' or '.join(str(list(s)) for s in shapes)}"
+                f" (from step_features), got {list(features.shape)}"
             )
         return self._forward_saving(x, features)[0]
 
@@ -106,7 +119,7 @@ class MLPHead(nn.Module):
         (t and cond are constants; no weight gradient is formed). Runs without autograd
         (under ``no_grad`` / ``inference_mode`` too) and captures in a CUDA graph."""
         self._check(x, t, cond)
-        return self.forward_with_vjp_features(x, self._context(t[None], cond)[0])
+        return self.forward_with_vjp_features(x, self._features(t[None], cond)[0])
 
     def forward_with_vjp_features(
         self, x: Tensor, features: Tensor
@@ -134,6 +147,16 @@ class MLPHead(nn.Module):
             weight_dtype=self.input.weight.dtype,
         )  # fmt: skip
 
+    def _features(self, t: Tensor, cond: Optional[Tensor]) -> Tensor:
+        """[N, B, H, hidden] (folded first-layer bias) or [N, B, hidden]: see step_features."""
+        ctx = self._context(t, cond)
+        steps, _, hidden = ctx.shape
+        if self.config.flatten:
+            return ctx + self.input.bias
+        if steps * self.config.horizon * hidden > FOLDED_BIAS_ELEMENTS:
+            return ctx
+        return ctx[:, :, None, :] + (self.step + self.input.bias)
+
     def _context(self, t: Tensor, cond: Optional[Tensor]) -> Tensor:
         """[N, B, hidden]: the context part of the first layer at times ``t`` [N, B]."""
         cfg = self.config
@@ -147,15 +170,18 @@ class MLPHead(nn.Module):
             context = torch.cat([context, in_dtype(cond, dtype).repeat(steps, 1)], dim=-1)
         return self.context(context).view(steps, batch, -1)
 
-    def _forward_saving(self, x: Tensor, ctx: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The forward [B, H, D] (in ``x``'s dtype) from the context row ``ctx`` [B, hidden],
-        and the input of every SiLU ([B, H, hidden]; flatten: [B, hidden]), computed in the
-        weights' dtype."""
-        inputs = x.to(self.input.weight.dtype)
-        if self.config.flatten:
-            h = self.input(inputs.flatten(1)) + ctx
-        else:
-            h = self.input(inputs) + ctx[:, None, :] + self.step
+    def _forward_saving(self, x: Tensor, features: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The forward [B, H, D] (in ``x``'s dtype) from one step's ``features``
+        (:meth:`step_features`), and the input of every SiLU ([B, H, hidden]; flatten:
+        [B, hidden]), computed in the weights' dtype."""
+        weight = self.input.weight
+        inputs = x.to(weight.dtype)
+        if self.config.flatten:  # features: context + bias [B, hidden]
+            h = torch.addmm(features, inputs.flatten(1), weight.t())
+        elif features.ndim == 3:  # the folded bias [B, H, hidden]: one batched GEMM
+            h = torch.baddbmm(features, inputs, weight.t().expand(x.shape[0], -1, -1))
+        else:  # the context row [B, hidden]
+            h = self.input(inputs) + features[:, None, :] + self.step
         pres = []
         for module in self.body:
             if isinstance(module, nn.SiLU):
