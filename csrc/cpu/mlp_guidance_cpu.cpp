@@ -303,8 +303,11 @@ int run(const MlpGuidanceArgs& p) {
           for (int64_t r = 0; r < rows; ++r) {
             for (int64_t o = o0; o < o1; ++o) {
               const T u = dst[r * o_dim + o];
-              if (r < B) dact[l + 1][r * o_dim + o] = activate_grad<T>(act, u);
-              dst[r * o_dim + o] = activate<T>(act, u);
+              if (r < B) {  // x's rows: the activation and its slope share erf / exp
+                activate_with_grad<T>(act, u, dst[r * o_dim + o], dact[l + 1][r * o_dim + o]);
+              } else {
+                dst[r * o_dim + o] = activate<T>(act, u);
+              }
             }
           }
         }
