@@ -131,3 +131,26 @@ def test_refused_guidance_and_models(tmp_path):
     rtc = RTCGuidance(prev, 1, execution_horizon=S)
     with pytest.raises(GuidanceExportError, match="no input-VJP of its own"):
         to_onnx(ate_fast.FlowSampler(unet, 2), tmp_path / "g.onnx", noise, cond, rtc)
+
+
+@pytest.mark.cuda
+def test_tensorrt_engine_feeds_prev_chunk_and_delay(exported, tmp_path):
+    """Where TensorRT and a GPU exist: the RTC engine, fed the guidance's prefix or the
+    explicit arguments, computes what the PyTorch sampler does."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    from ate_fast.export import TensorRTSampler, to_tensorrt
+
+    key, sampler, _, path, (noise, cond, prev) = exported
+    engine = TensorRTSampler(to_tensorrt(path, tmp_path / "rtc.plan", "fp32", 2.0))
+    sampler.model_fn.cuda()
+    try:
+        noise, cond, prev = noise.cuda(), cond.cuda(), prev.cuda()
+        guidance = RTCGuidance(prev, [1, 9], execution_horizon=S)
+        with torch.no_grad():
+            want = sampler.sample(noise, cond, guidance=guidance)
+        got = engine.sample(noise, cond, guidance=guidance)
+        assert relative_error(got, want) < 1e-3, key
+        explicit = engine.sample(noise, cond, prev_chunk=prev, delay=torch.tensor([1, 9]).cuda())
+        assert relative_error(explicit, got) < 1e-6
+    finally:
+        sampler.model_fn.cpu()

@@ -64,6 +64,32 @@ def prefix_inputs(
     return prev_chunk, delay
 
 
+def runner_feeds(
+    signature: GraphSignature,
+    noise: Tensor,
+    cond: Any,
+    guidance: Any,
+    generator: Optional[torch.Generator],
+    *,
+    target: Optional[Tensor],
+    step_noise: Optional[Tensor],
+    prev_chunk: Optional[Tensor],
+    delay: Optional[Tensor],
+) -> dict[str, Tensor]:
+    """One runner call's graph inputs (both runners): the guidance's target or RTC prefix
+    unless given, checked as ``Sampler.sample()`` checks its own (errors name the
+    argument)."""
+    target = guidance_target(signature, guidance, target)
+    prev_chunk, delay = prefix_inputs(signature, guidance, prev_chunk, delay)
+    feeds = signature.feeds(
+        noise, cond, target, step_noise, generator, prev_chunk=prev_chunk, delay=delay
+    )
+    check_runner_inputs(noise, cond, target, step_noise)
+    if prev_chunk is not None:
+        check_finite("prev_chunk", prev_chunk)
+    return feeds
+
+
 def check_runner_inputs(
     noise: object, cond: Any, target: Optional[Tensor], step_noise: Optional[Tensor]
 ) -> None:
@@ -161,14 +187,10 @@ class OnnxRuntimeSampler:
         malformed ``noise``, ``NonFiniteError`` for NaN/inf in ``noise``, ``cond``,
         ``target`` or ``step_noise``.
         """
-        target = guidance_target(self.signature, guidance, target)
-        prev_chunk, delay = prefix_inputs(self.signature, guidance, prev_chunk, delay)
-        feeds = self.signature.feeds(
-            noise, cond, target, step_noise, generator, prev_chunk=prev_chunk, delay=delay
-        )
-        check_runner_inputs(noise, cond, target, step_noise)
-        if prev_chunk is not None:
-            check_finite("prev_chunk", prev_chunk)
+        feeds = runner_feeds(
+            self.signature, noise, cond, guidance, generator, target=target,
+            step_noise=step_noise, prev_chunk=prev_chunk, delay=delay,
+        )  # fmt: skip
         arrays = {name: _numpy(name, t) for name, t in feeds.items()}
         (actions,) = self.session.run([ACTIONS], arrays)
         return torch.from_numpy(actions)

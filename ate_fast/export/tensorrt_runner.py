@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
-from ate_fast.export.onnxruntime_runner import check_runner_inputs, guidance_target
+from ate_fast.export.onnxruntime_runner import runner_feeds
 from ate_fast.export.signature import ACTIONS, GraphSignature, signature_from_io
 from ate_fast.export.tensorrt_build import (
     TensorRTBuildError,
@@ -178,17 +178,21 @@ class TensorRTSampler:
         *,
         target: Optional[Tensor] = None,
         step_noise: Optional[Tensor] = None,
+        prev_chunk: Optional[Tensor] = None,
+        delay: Optional[Tensor] = None,
     ) -> Tensor:
         """The actions [B, H, D] for ``noise`` [B, H, D] (CUDA tensors on ``device``).
 
-        Arguments as :meth:`ate_fast.export.OnnxRuntimeSampler.sample`. Without a CUDA
-        graph the result is a new tensor, ready in stream order on torch's current stream;
-        with one it is the graph's output buffer (overwritten by the next call).
-        Batch 0 and NaN/inf inputs raise as in ``OnnxRuntimeSampler.sample``.
+        Arguments as :meth:`ate_fast.export.OnnxRuntimeSampler.sample` (a real-time
+        chunking engine: the RTCGuidance it was exported with, or ``prev_chunk`` and
+        ``delay``). Without a CUDA graph the result is a new tensor, ready in stream order
+        on torch's current stream; with one it is the graph's output buffer (overwritten by
+        the next call). Batch 0 and NaN/inf inputs raise as in ``OnnxRuntimeSampler.sample``.
         """
-        target = guidance_target(self.signature, guidance, target)
-        feeds = self.signature.feeds(noise, cond, target, step_noise, generator)
-        check_runner_inputs(noise, cond, target, step_noise)
+        feeds = runner_feeds(
+            self.signature, noise, cond, guidance, generator, target=target,
+            step_noise=step_noise, prev_chunk=prev_chunk, delay=delay,
+        )  # fmt: skip
         feeds = self._prepared(feeds)
         if self.cuda_graph:
             return self._replay(feeds)
