@@ -47,7 +47,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
 The head gets float32 times on every row: flow t ∈ (0, 1] for the flow heads (MLP,
 flow transformer), integer training timesteps for the U-Nets; a sampler of the other kind
 is adapted by a factor (flow heads in DDIM: t·10⁻³; U-Nets in a flow loop: t·10³), the
-same op on every row, so one compiled graph per head serves all samplers.
+same op on every row, so one compiled graph per head serves all samplers. Such a wrapped
+head is an opaque function to the samplers, so only the native (head, sampler) pairs get
+the heads' step features (their time and conditioning path once per call:
+docs/architecture.md); a user who wants them sets the head's ``time_scale`` instead.
 
 Before timing, every row's output is checked against ``ate_sample``'s for the same noise
 (max error ≤ ``ATOL_REL``·max|ref|: float32 rounding, never timings). A round is one
