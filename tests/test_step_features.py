@@ -179,6 +179,12 @@ def test_detection():
     assert step_features_of(head) is None  # calling forward_features would skip the hook
     handle.remove()
     assert step_features_of(head) is head
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert step_features_of(head) is None  # a module-wide hook too
+    finally:
+        handle.remove()
+    assert step_features_of(head) is head
 
 
 def test_hooked_head_still_samples_through_forward():

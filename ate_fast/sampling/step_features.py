@@ -59,9 +59,20 @@ def own_head_methods(model_fn: Callable, *names: str) -> Optional[nn.Module]:
         home = next((c for c in cls.__mro__ if name in vars(c)), None)
         if home is None or vars(home).get("forward") is not cls.forward:
             return None
-    if owner._forward_hooks or owner._forward_pre_hooks:
+    if owner._forward_hooks or owner._forward_pre_hooks or _global_forward_hooks():
         return None
     return owner
+
+
+def _global_forward_hooks() -> bool:
+    """Whether module-wide forward hooks are registered (``nn.modules.module.
+    register_module_forward_hook``): calling a head's methods directly would skip them."""
+    from torch.nn.modules import module
+
+    return bool(
+        getattr(module, "_global_forward_hooks", None)
+        or getattr(module, "_global_forward_pre_hooks", None)
+    )
 
 
 def step_features_of(model_fn: Callable) -> Optional[StepFeatureHead]:
@@ -92,6 +103,7 @@ class StepFeatureCache:
         self.rows = rows
         self.cond = cond
         self._features: dict[str, Sequence[Any]] = {}
+        self._with_vjp = own_head_methods(head, "forward_with_vjp_features") is not None
 
     def reset(self) -> None:
         """Forget the features: the next call computes them again (weights, cond may change)."""
@@ -119,7 +131,7 @@ class StepFeatureCache:
     def forward_with_vjp(self, x: Tensor, t: Tensor) -> Optional[tuple[Tensor, Callable]]:
         """The head's ``forward_with_vjp_features`` at ``x`` and the table row ``t``; None
         when the head has none or ``t`` is not a row of the tables."""
-        if own_head_methods(self.head, "forward_with_vjp_features") is None:
+        if not self._with_vjp:
             return None
         features = self.features(x, t)
         if features is None:
