@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional, Protocol
 
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 
 class StepFeatureHead(Protocol):
@@ -67,11 +68,9 @@ def own_head_methods(model_fn: Callable, *names: str) -> Optional[nn.Module]:
 def _global_forward_hooks() -> bool:
     """Whether module-wide forward hooks are registered (``nn.modules.module.
     register_module_forward_hook``): calling a head's methods directly would skip them."""
-    from torch.nn.modules import module
-
     return bool(
-        getattr(module, "_global_forward_hooks", None)
-        or getattr(module, "_global_forward_pre_hooks", None)
+        getattr(torch_module, "_global_forward_hooks", None)
+        or getattr(torch_module, "_global_forward_pre_hooks", None)
     )
 
 
