@@ -127,8 +127,7 @@ class _ExportRun(Run):
         if self.forward_with_vjp is None or self.guide is None:
             raise AssertionError("ate_fast.export: a policy_vjp graph without its VJP (bug)")
         try:
-            pair = None if self.features is None else self.features.forward_with_vjp(x, t)
-            m, pullback = self.forward_with_vjp(x, t, self.cond) if pair is None else pair
+            m, pullback = self.model_output_with_vjp(x, t)
         except Exception as exc:
             raise ModelTraceError(model_trace_message(exc)) from exc
         m = check_output("model_fn", m, x)
@@ -139,9 +138,7 @@ class _ExportRun(Run):
 
     def model(self, x: Tensor, t: Tensor) -> Tensor:
         try:  # a head's step features, as sample() computes them (once, for every step)
-            out = None if self.features is None else self.features.forward(x, t)
-            if out is None:
-                out = self.model_fn(x, t, self.cond)
+            out = self.model_output(x, t)
         except Exception as exc:
             raise ModelTraceError(model_trace_message(exc)) from exc
         return check_output("model_fn", out, x)

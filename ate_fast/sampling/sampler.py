@@ -146,13 +146,21 @@ class Run:
         For a head with step features (:mod:`ate_fast.sampling.step_features`) and ``t`` a
         row of the tables, its (t, cond) part comes from this call's features, computed
         for every step at the first evaluation."""
-        out = None if self.features is None else self.features.forward(x, t)
-        if out is None:
-            out = self.model_fn(x, t, self.cond)
-        out = check_output("model_fn", out, x)
+        out = check_output("model_fn", self.model_output(x, t), x)
         if self.finite is not None:
             self.finite.observe(self.step, "model_fn", out)
         return out
+
+    def model_output(self, x: Tensor, t: Tensor) -> Tensor:
+        """``model_fn(x, t, cond)`` unchecked, through this call's step features when the
+        head has them and ``t`` is a table row."""
+        out = None if self.features is None else self.features.forward(x, t)
+        return self.model_fn(x, t, self.cond) if out is None else out
+
+    def model_output_with_vjp(self, x: Tensor, t: Tensor) -> tuple[Tensor, Callable]:
+        """``forward_with_vjp(x, t, cond)`` unchecked, through the step features likewise."""
+        pair = None if self.features is None else self.features.forward_with_vjp(x, t)
+        return self.forward_with_vjp(x, t, self.cond) if pair is None else pair
 
     def gradient(
         self, x: Tensor, m: Tensor, p: Tensor, q: Tensor, dx0_dx: Tensor
@@ -202,8 +210,7 @@ class Run:
         only ``x``'s gradient is computed, never the weights').
         """
         if self.forward_with_vjp is not None:
-            pair = None if self.features is None else self.features.forward_with_vjp(x, t)
-            m, pullback = self.forward_with_vjp(x, t, self.cond) if pair is None else pair
+            m, pullback = self.model_output_with_vjp(x, t)
             m = check_output("model_fn", m, x)
             x0_hat = (p.view(-1, 1, 1) * x + q.view(-1, 1, 1) * m).to(x.dtype)
             u = check_output("guidance.gradient", self.guidance.gradient(x, x0_hat, p), x)
