@@ -144,6 +144,8 @@ class _PreparedGradient:
 
     @staticmethod
     def build(encoder: FrozenEncoder, point: Tensor, target: Tensor) -> Optional[_PreparedGradient]:
+        if point.device.type != "cpu":  # only the CPU kernel is prepared: no work per GPU call
+            return None
         if encoder.path_for(point) != "mlp_fused" or encoder.weight_dtype != point.dtype:
             return None
         mask = encoder.mask

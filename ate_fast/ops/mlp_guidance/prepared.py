@@ -24,7 +24,7 @@ from ate_fast.ops import backends
 from ate_fast.ops.constants import ACTIVATIONS
 from ate_fast.ops.mlp_guidance.dispatch import native_args, selected_backend
 
-_X, _G, _Z = 6, 15, 16  # positions of x's, g's and z's pointers in native_args
+_X, _G = 6, 15  # positions of x's and g's pointers in native_args (z's follows g's)
 
 
 def _storage(tensors: Sequence[Optional[Tensor]]) -> tuple:
