@@ -181,10 +181,13 @@ def _steer_pair() -> Pair:
     return Pair(Row("mse", lambda: step(False)), Row("steer", lambda: step(True)), atol=None)
 
 
-def _head_pair(head_id: str, sampler: str, row: str, guidance: str = "unguided") -> Pair:
-    """A reference head at B = 1 (``bench_heads``' set-up): the eager loop a user writes
-    (the head called each step, the update in tensor ops; guided: the gradient by
-    autograd) vs ate_fast's ``sample()`` or ``capture()`` (the head's step features once
+def _head_pair(
+    head_id: str, sampler: str, baseline: str, candidate: str, guidance: str = "unguided"
+) -> Pair:
+    """A reference head at B = 1 (``bench_heads``' set-up): the loop a user writes
+    (``baseline`` ``"eager"``: the head called each step, the update in tensor ops, guided:
+    the gradient by autograd; ``"compile"``: head and gradient ``torch.compile``d) vs
+    ate_fast's ``candidate`` ``"sample"`` or ``"capture"`` (the head's step features once
     per call; guided: ``LatentGuidance``'s fused gradient). The issue's CPU targets."""
     device = "cpu"
     head = bench_heads._head(device, head_id)
@@ -196,22 +199,20 @@ def _head_pair(head_id: str, sampler: str, row: str, guidance: str = "unguided")
     enc = None
     if guidance != "unguided":
         enc = bench_heads._encoder(device, guidance.removesuffix("-guided"), head_id)
-    gradient = None if enc is None else enc.autograd_gradient
-    if row == "compile":
+    if baseline == "compile":
         model = bench_heads._compiled_head(device, head_id, "default")
         gradient = None if enc is None else enc.compiled_gradient()
     else:
-        model = head
+        model, gradient = head, None if enc is None else enc.autograd_gradient
     loop = bench_heads._user_loop(model, sampler, 1.0, gradient, device, cond=cond)
-    baseline = Row(row, lambda: loop(noise))
     ate = bench_heads._ate_sampler(head_id, sampler, head)
     ate_guidance = None if enc is None else enc.guidance
-    captured = ate.capture(noise, cond, guidance=ate_guidance, check_finite=False)
-    if row != "compile" and guidance == "unguided":
-        sample = Row("sample", lambda: ate.sample(noise, cond, guidance=ate_guidance))
-        if row == "sample":
-            return Pair(Row("eager", lambda: loop(noise)), sample)
-    return Pair(baseline, Row("capture", lambda: captured(noise, cond)))
+    if candidate == "sample":
+        run = lambda: ate.sample(noise, cond, guidance=ate_guidance)  # noqa: E731
+    else:
+        captured = ate.capture(noise, cond, guidance=ate_guidance, check_finite=False)
+        run = lambda: captured(noise, cond)  # noqa: E731
+    return Pair(Row(baseline, lambda: loop(noise)), Row(candidate, run))
 
 
 @dataclass(frozen=True)
@@ -231,19 +232,22 @@ CASES: dict[str, Case] = {
     "flow-euler-10 guided vs unguided sample": Case(_guidance_overhead_pair, rounds=15),
     "steer flow_loss vs mse B=8": Case(_steer_pair, rounds=15),
     "mlp-small flow-euler-10 sample vs eager": Case(
-        lambda: _head_pair("mlp-small", "flow-euler-10", "sample"), rounds=30
+        lambda: _head_pair("mlp-small", "flow-euler-10", "eager", "sample"), rounds=30
     ),
     "mlp-small flow-euler-10 capture vs eager": Case(
-        lambda: _head_pair("mlp-small", "flow-euler-10", "eager"), rounds=30
+        lambda: _head_pair("mlp-small", "flow-euler-10", "eager", "capture"), rounds=30
     ),
     "unet1d-small ddim-10 capture vs eager": Case(
-        lambda: _head_pair("unet1d-small", "ddim-10", "eager"), rounds=5
+        lambda: _head_pair("unet1d-small", "ddim-10", "eager", "capture"), rounds=5
     ),
     "mlp-small flow-euler-10 guided 1600-512-512-128 capture vs eager": Case(
-        lambda: _head_pair("mlp-small", "flow-euler-10", "eager", "mlp-default-guided"), rounds=6
+        lambda: _head_pair("mlp-small", "flow-euler-10", "eager", "capture", "mlp-default-guided"),
+        rounds=6,
     ),
     "mlp-small flow-euler-10 guided 1600-512-512-128 capture vs compile": Case(
-        lambda: _head_pair("mlp-small", "flow-euler-10", "compile", "mlp-default-guided"),
+        lambda: _head_pair(
+            "mlp-small", "flow-euler-10", "compile", "capture", "mlp-default-guided"
+        ),
         rounds=6,
     ),
 }
