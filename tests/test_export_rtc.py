@@ -1,6 +1,7 @@
 """ONNX export of real-time chunking: the previous chunk Y and the delay d are graph
-inputs, the VJP through the head is its own ``forward_with_vjp`` (forward ops), and ONNX
-Runtime computes what ``FlowSampler.sample(..., guidance=RTCGuidance)`` does."""
+inputs, the VJP through the head is its own ``forward_with_vjp`` (forward ops) — or, with
+``jacobian=False`` (LeRobot's RTC), there is none and any traceable head exports — and
+ONNX Runtime computes what ``FlowSampler.sample(..., guidance=RTCGuidance)`` does."""
 
 from __future__ import annotations
 
@@ -33,32 +34,43 @@ HEADS = {
     "flow-transformer-small": lambda: make_head(
         "flow-transformer", "small", horizon=H, action_dim=D, depth=2
     ),
+    "unet1d": lambda: make_head("unet1d", "small", horizon=H, action_dim=D, cond_dim=6),
+}
+# case -> (head, jacobian): the paper's RTC through the two heads with their own input-VJP;
+# LeRobot's (jacobian=False) through the MLP and through the U-Net, which has none
+CASES = {
+    "mlp": ("mlp", True),
+    "flow-transformer-small": ("flow-transformer-small", True),
+    "mlp-no-jacobian": ("mlp", False),
+    "unet1d-no-jacobian": ("unet1d", False),
 }
 
 
 def _cond(key: str, batch: int, gen: torch.Generator) -> torch.Tensor:
-    shape = (batch, 6) if key == "mlp" else (batch, 3, 256)
+    shape = (batch, 3, 256) if key == "flow-transformer-small" else (batch, 6)
     return torch.randn(shape, generator=gen)
 
 
-@pytest.fixture(scope="module", params=list(HEADS))
+@pytest.fixture(scope="module", params=list(CASES))
 def exported(request, tmp_path_factory):
+    key, jacobian = CASES[request.param]
     torch.manual_seed(0)
-    head = HEADS[request.param]().eval()
+    head = HEADS[key]().eval()
     gen = torch.Generator().manual_seed(1)
     noise, prev = torch.randn(2, H, D, generator=gen), torch.randn(2, H, D, generator=gen)
-    cond = _cond(request.param, 2, gen)
+    cond = _cond(key, 2, gen)
     sampler = ate_fast.FlowSampler(head, num_steps=4, method="heun")
-    rtc = RTCGuidance(prev, 2, execution_horizon=S)
+    rtc = RTCGuidance(prev, 2, execution_horizon=S, jacobian=jacobian)
     path = to_onnx(sampler, tmp_path_factory.mktemp("rtc") / "rtc.onnx", noise, cond, rtc)
-    return request.param, sampler, rtc, path, (noise, cond, prev)
+    return key, sampler, rtc, path, (noise, cond, prev)
 
 
 def test_graph_takes_prev_chunk_and_delay(exported):
-    _, _, _, path, _ = exported
+    _, _, rtc, path, _ = exported
     signature = read_signature(path)
     assert signature.input_names == ["noise", "cond", "prev_chunk", "delay"]
     assert signature.guidance["guidance"] == "rtc"
+    assert signature.guidance["mode"] == rtc.mode  # "policy_vjp", or "tweedie" without it
     assert signature.guidance["max_delay"] == H - S
     model = onnx.load(str(path))
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
@@ -82,11 +94,11 @@ def test_onnxruntime_matches_pytorch_for_every_delay(exported, delay):
 
 
 def test_dynamic_batch(exported):
-    key, sampler, _, path, _ = exported
+    key, sampler, rtc, path, _ = exported
     gen = torch.Generator().manual_seed(2)
     noise, prev = torch.randn(3, H, D, generator=gen), torch.randn(3, H, D, generator=gen)
     cond = _cond(key, 3, gen)
-    other = RTCGuidance(prev, [0, 4, 11], execution_horizon=S)
+    other = RTCGuidance(prev, [0, 4, 11], execution_horizon=S, jacobian=rtc.mode != "tweedie")
     with torch.no_grad():
         want = sampler.sample(noise, cond, guidance=other)
     got = OnnxRuntimeSampler(path).sample(noise, cond, guidance=other)
@@ -104,10 +116,13 @@ def test_runner_errors_name_the_argument(exported):
         runner.sample(noise, cond, prev_chunk=prev, delay=torch.tensor(1.0))
     with pytest.raises(InvalidArgumentError, match="either guidance or prev_chunk"):
         runner.sample(noise, cond, guidance=rtc, prev_chunk=prev)
-    other = RTCGuidance(prev, 1, execution_horizon=S + 1)
+    other = RTCGuidance(prev, 1, execution_horizon=S + 1, jacobian=rtc.mode != "tweedie")
     with pytest.raises(InvalidArgumentError, match=r"guidance\.execution_horizon is 6"):
         runner.sample(noise, cond, guidance=other)
-    cleared = RTCGuidance(prev, 1, execution_horizon=S)
+    flipped = RTCGuidance(prev, 1, execution_horizon=S, jacobian=rtc.mode == "tweedie")
+    with pytest.raises(InvalidArgumentError, match=r"guidance\.mode is '(policy_vjp|tweedie)'"):
+        runner.sample(noise, cond, guidance=flipped)
+    cleared = RTCGuidance(prev, 1, execution_horizon=S, jacobian=rtc.mode != "tweedie")
     cleared.clear_prefix()
     with pytest.raises(InvalidArgumentError, match=r"call guidance\.set_prefix"):
         runner.sample(noise, cond, guidance=cleared)
@@ -140,12 +155,12 @@ def test_tensorrt_engine_feeds_prev_chunk_and_delay(exported, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     from ate_fast.export import TensorRTSampler, to_tensorrt
 
-    key, sampler, _, path, (noise, cond, prev) = exported
+    key, sampler, rtc, path, (noise, cond, prev) = exported
     engine = TensorRTSampler(to_tensorrt(path, tmp_path / "rtc.plan", "fp32", 2.0))
     sampler.model_fn.cuda()
     try:
         noise, cond, prev = noise.cuda(), cond.cuda(), prev.cuda()
-        guidance = RTCGuidance(prev, [1, 9], execution_horizon=S)
+        guidance = RTCGuidance(prev, [1, 9], execution_horizon=S, jacobian=rtc.mode != "tweedie")
         with torch.no_grad():
             want = sampler.sample(noise, cond, guidance=guidance)
         got = engine.sample(noise, cond, guidance=guidance)

@@ -331,6 +331,10 @@ def test_sampling_errors(policy, inputs):
     diffusion = ate_fast.DiffusionSampler(policy, ate_fast.NoiseSchedule(), num_steps=3)
     with pytest.raises(InvalidArgumentError, match="DiffusionSampler does not support it"):
         diffusion.sample(noise, cond, guidance=RTCGuidance(prev, execution_horizon=4))
+    # jacobian=False passes the mode check but its flow-time weights would be dropped
+    lerobot_rtc = RTCGuidance(prev, execution_horizon=4, jacobian=False)
+    with pytest.raises(InvalidArgumentError, match="only FlowSampler applies"):
+        diffusion.sample(noise, cond, guidance=lerobot_rtc)
 
 
 def test_clear_prefix_needs_a_prefix():

@@ -9,15 +9,17 @@ hand-written VJP (attention, softmax, LayerNorm and GELU backward as forward ops
 ``mode="tweedie"`` evaluates it at ``x0_hat`` and scales by the scalar ``dx0_dx`` as
 :class:`ate_fast.steer.LatentGuidance` does.
 
-Real-time chunking (:class:`ate_fast.realtime.RTCGuidance`, mode ``"policy_vjp"``) is
-:class:`RTCGuidanceGraph`: the cotangent ``u = W ⊙ (Y − x̂₀)`` with the previous chunk Y
-and the delay d as graph inputs (W = the baked mask table's row d); the VJP through the
-policy is the head's own ``forward_with_vjp`` (forward ops), which the exported loop calls
-(:mod:`ate_fast.export.sampler_graph`).
+Real-time chunking (:class:`ate_fast.realtime.RTCGuidance`) is :class:`RTCGuidanceGraph`:
+the cotangent ``u = W ⊙ (Y − x̂₀)`` with the previous chunk Y and the delay d as graph
+inputs (W = the baked mask table's row d). With ``jacobian=True`` (mode ``"policy_vjp"``)
+the VJP through the policy is the head's own ``forward_with_vjp`` (forward ops), which the
+exported loop calls (:mod:`ate_fast.export.sampler_graph`); with ``jacobian=False`` (mode
+``"tweedie"``, LeRobot's RTC) u scaled by ``dx0_dx`` is the gradient, so any traceable
+model can be exported with it.
 
 Refused, with an error saying what to change: any guidance other than
 :class:`ate_fast.steer.LatentGuidance` or ``RTCGuidance`` (a custom ``Guidance.gradient``
-uses autograd), a ``"policy_vjp"`` guidance over a model without its own input-VJP,
+uses autograd), an ``RTCGuidance(jacobian=True)`` over a model without its own input-VJP,
 LatentGuidance subclasses that override the gradient, and encoders other than these two
 (or a Transformer encoder whose layers the VJP does not cover: pre-norm, other
 activations).
@@ -145,15 +147,16 @@ class RTCGuidanceGraph(nn.Module):
     ``forward(x0_hat [B, H, D], prev_chunk [B, H, D], delay int64 [B]) -> u [B, H, D]``,
     ``u = W ⊙ (Y − x̂₀)`` with ``W = table[delay]`` [B, H] (Gather from the baked mask
     table, ``[H − s + 1, H]``: row d is the soft mask for delay d, as
-    :class:`~ate_fast.realtime.RTCGuidance` builds it). The sampler's loop pulls u back
-    through the head's ``forward_with_vjp``; the guidance weight ``−min(β, w(t))`` is in
-    the loop's coefficient tables.
+    :class:`~ate_fast.realtime.RTCGuidance` builds it). ``mode`` is the guidance's:
+    ``"policy_vjp"`` (the sampler's loop pulls u back through the head's
+    ``forward_with_vjp``) or ``"tweedie"`` (``jacobian=False``: the loop takes u·dx0_dx as
+    the gradient). The guidance weight ``−min(β, w(t))`` is in the loop's coefficient
+    tables.
     """
-
-    mode = POLICY_VJP
 
     def __init__(self, guidance: RTCGuidance, horizon: int) -> None:
         super().__init__()
+        self.mode = guidance.mode
         self.execution_horizon = guidance.execution_horizon
         self.prefix_schedule = guidance.prefix_schedule
         self.max_guidance_weight = guidance.max_guidance_weight
@@ -171,17 +174,18 @@ class RTCGuidanceGraph(nn.Module):
 
 
 def rtc_guidance_graph(guidance: Any, model_fn: ModelFn, horizon: int) -> RTCGuidanceGraph:
-    """The graph of a ``"policy_vjp"`` guidance, or a GuidanceExportError saying why not:
-    only :class:`~ate_fast.realtime.RTCGuidance` (in the openpi convention), over a model
-    with its own input-VJP (``forward_with_vjp``: ``ate_fast.models``' MLPHead and
-    FlowTransformerHead), for previous chunks of the examples' horizon."""
+    """The graph of an :class:`~ate_fast.realtime.RTCGuidance` or another ``"policy_vjp"``
+    guidance, or a GuidanceExportError saying why not: only ``RTCGuidance`` (in the openpi
+    convention), for previous chunks of the examples' horizon; with ``jacobian=True`` over a
+    model with its own input-VJP (``forward_with_vjp``: ``ate_fast.models``' MLPHead and
+    FlowTransformerHead), with ``jacobian=False`` over any traceable model."""
     if not isinstance(guidance, RTCGuidance):
         raise GuidanceExportError(
             f"guidance: {type(guidance).__name__} has mode {POLICY_VJP!r} (a VJP through the "
             "policy); of those, only ate_fast.realtime.RTCGuidance can be exported (its "
             "cotangent is written into the graph)"
         )
-    if forward_with_vjp_of(model_fn) is None:
+    if guidance.mode == POLICY_VJP and forward_with_vjp_of(model_fn) is None:
         raise GuidanceExportError(
             f"guidance: {type(guidance).__name__} has mode {POLICY_VJP!r} (a VJP through the "
             "policy at every step), and the sampler's model_fn has no input-VJP of its own "
@@ -189,7 +193,8 @@ def rtc_guidance_graph(guidance: Any, model_fn: ModelFn, horizon: int) -> RTCGui
             "MLPHead and FlowTransformerHead have). torch.export traces neither "
             "torch.autograd.grad nor torch.func.vjp through model_fn, so an arbitrary "
             "model cannot be exported with it: add forward_with_vjp to the model (forward "
-            "ops only), or sample with sampler.sample() / capture()"
+            "ops only), export RTCGuidance(..., jacobian=False) (no VJP through the policy, "
+            "as LeRobot's RTC), or sample with sampler.sample() / capture()"
         )
     prev = guidance.prev_chunk
     if prev is not None and prev.shape[1] != horizon:
@@ -271,7 +276,7 @@ def guidance_settings(guidance: Any, graph: GuidanceGraph, target_input: bool) -
     """What the graph's metadata records about the guidance."""
     if isinstance(graph, RTCGuidanceGraph):
         return {
-            "scale": float(guidance.scale), "clamp": "inf", "mode": POLICY_VJP,
+            "scale": float(guidance.scale), "clamp": "inf", "mode": graph.mode,
             "guidance": "rtc", "execution_horizon": graph.execution_horizon,
             "max_guidance_weight": graph.max_guidance_weight,
             "prefix_schedule": graph.prefix_schedule, "max_delay": graph.max_delay,

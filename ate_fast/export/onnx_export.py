@@ -54,6 +54,7 @@ from ate_fast.guidance import POLICY_VJP
 from ate_fast.ops.constants import ACTIVATIONS
 from ate_fast.ops.guided_step.ref import guided_step_reference
 from ate_fast.ops.mlp_guidance.ref import mlp_guidance_reference
+from ate_fast.realtime import RTCGuidance
 from ate_fast.sampling.inputs import check_noise
 from ate_fast.sampling.sampler import Sampler
 
@@ -200,9 +201,10 @@ def to_onnx(
             MLP or Transformer encoder (its scale, clamp, mode, mask and weights are baked
             in), or an :class:`ate_fast.realtime.RTCGuidance` (real-time chunking; the
             model must have its own input-VJP, ``forward_with_vjp``, as ``ate_fast.models``'
-            MLPHead and FlowTransformerHead do): the graph then takes the previous chunk
-            ``prev_chunk`` [B, H, D] and the delay ``delay`` int64 [B] as inputs (s, β and
-            the mask schedule are baked in).
+            MLPHead and FlowTransformerHead do; with ``jacobian=False``, as LeRobot's RTC,
+            any traceable model): the graph then takes the previous chunk ``prev_chunk``
+            [B, H, D] and the delay ``delay`` int64 [B] as inputs (s, β, the mask schedule
+            and the mode are baked in).
         dynamic_batch: the batch dimension is symbolic (``batch``, 1..``max_batch``).
         opset: the ONNX opset, 18 (default), 19 or 20.
         target_input: guided graphs take z* as the input ``target`` [B, d_z]; False bakes
@@ -287,7 +289,9 @@ def _sampler_graph(
     """The sampler's loop as an ``nn.Module`` with the guidance's forward-op graph."""
     scale, clamp = sampler.check_guidance(guidance)
     guide, replaced = None, None
-    rtc = guidance is not None and guidance.mode == POLICY_VJP
+    # RTC in either mode (its prefix is a graph input), or another policy_vjp guidance
+    # (refused there, with the reason)
+    rtc = isinstance(guidance, RTCGuidance) or getattr(guidance, "mode", None) == POLICY_VJP
     if rtc:
         guide = rtc_guidance_graph(guidance, sampler.model_fn, example_noise.shape[1])
         replaced = sampler.guidance_coefficients(guidance)

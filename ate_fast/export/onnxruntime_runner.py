@@ -13,7 +13,6 @@ from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.export.signature import ACTIONS, GraphSignature
-from ate_fast.guidance import POLICY_VJP
 from ate_fast.sampling.inputs import check_cond, check_finite, check_noise
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -50,7 +49,7 @@ def prefix_inputs(
     """The ``(prev_chunk, delay)`` a runner feeds an RTC graph: the arguments if given,
     else the RTCGuidance's own (``guidance.prev_chunk`` and ``guidance.delays``, set by
     its ``set_prefix``)."""
-    if guidance is None or getattr(guidance, "mode", None) != POLICY_VJP:
+    if guidance is None or not signature.prefix_inputs:
         return prev_chunk, delay
     if prev_chunk is not None or delay is not None:
         raise InvalidArgumentError("pass either guidance or prev_chunk/delay, not both")

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ate_fast.export.guidance_graph import GuidanceGraph, RTCGuidanceGraph
 from ate_fast.export.signature import rebuild_cond
+from ate_fast.guidance import POLICY_VJP
 from ate_fast.ops.constants import FLOAT32_MAX
 from ate_fast.ops.guided_step.ref import guided_step_reference
 from ate_fast.sampling import Run, Sampler, StepBuffers
@@ -119,7 +120,7 @@ class _ExportRun(Run):
         self.guide = guide
         self.target = target
         self.prefix = prefix  # RTC: (prev_chunk [B, H, D], delay int64 [B])
-        self.through_policy = isinstance(guide, RTCGuidanceGraph)
+        self.through_policy = guide is not None and guide.mode == POLICY_VJP
         self.forward_with_vjp = forward_with_vjp_of(self.model_fn) if self.through_policy else None
 
     def model_vjp(self, x: Tensor, t: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,7 +153,10 @@ class _ExportRun(Run):
         if self.guide.mode == "tweedie":
             x0_hat = self.ws["x0_hat"]
             self.launch(x0_hat, x=x, m=m, a=p, b=q)
-        g = self.guide(x, x0_hat, dx0_dx, self.target)
+        if isinstance(self.guide, RTCGuidanceGraph):  # jacobian=False: the policy held constant
+            g = self.guide(x0_hat, *self.prefix) * dx0_dx.view(-1, 1, 1)
+        else:
+            g = self.guide(x, x0_hat, dx0_dx, self.target)
         return check_output("guidance.gradient", g.to(x.dtype), x)
 
 

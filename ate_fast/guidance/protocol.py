@@ -34,11 +34,13 @@ backpropagates through the policy. At each model evaluation the sampler runs the
 with autograd on, at a fresh leaf ``x``; ``gradient(x, x0_hat, dx0_dx)`` returns the
 *cotangent* ``u = ∇_{x0_hat} y`` [B, H, D] at ``x0_hat``; the sampler pulls it back
 through ``x0_hat(x) = p·x + q·m(x)``, the model included (one ``torch.autograd.grad``
-per evaluation: ``g = p·u + q·(∂m/∂x)ᵀu``), and uses that ``g`` in step 3. Such a
-guidance may also define ``coefficient(t)``: ``[K]`` float64 model times (in its
+per evaluation: ``g = p·u + q·(∂m/∂x)ᵀu``), and uses that ``g`` in step 3.
+
+A guidance of any mode may also define ``coefficient(t)`` (flow samplers only; e.g.
+``RTCGuidance``, with or without its Jacobian): ``[K]`` float64 model times (in its
 ``convention``, one of :data:`~ate_fast.guidance.FLOW_CONVENTIONS`) -> ``[K]`` float64,
 the per-step ``c`` that replaces the sampler's (computed once, on the host, so the step
-stays a table lookup; a captured loop bakes it in).
+stays a table lookup; a captured loop bakes it in). ``DiffusionSampler`` refuses it.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
         )
     if mode not in GUIDANCE_MODES:
         raise InvalidArgumentError(f"guidance.mode must be one of {GUIDANCE_MODES}, got {mode!r}")
-    if mode == POLICY_VJP and hasattr(guidance, "coefficient"):
+    if hasattr(guidance, "coefficient"):
         if not callable(guidance.coefficient):
             raise ArgumentTypeError(
                 "guidance.coefficient must be callable as coefficient(t [K]) -> [K], got "

@@ -215,6 +215,15 @@ class DiffusionSampler(Sampler):
                 "DiffusionSampler does not support it (use a FlowSampler, or a guidance with "
                 f"mode in {SCALAR_SLOPE_MODES})"
             )
+        if hasattr(guidance, "coefficient"):
+            # RTC's weight −min(β, w(t)) is defined at flow times: applying this sampler's
+            # ATE coefficient instead would be a different guidance, silently
+            raise InvalidArgumentError(
+                f"guidance ({type(guidance).__name__}) brings its own per-step coefficient(t) "
+                "at flow-matching times (real-time chunking), which only FlowSampler applies; "
+                "DiffusionSampler would replace it by its own ATE coefficient. Use a "
+                "FlowSampler for real-time chunking"
+            )
         if mode == "tweedie" and self.prediction_type == "sample":
             raise InvalidArgumentError(
                 "guidance.mode='tweedie' is undefined for prediction_type='sample': x0_hat is "
