@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
+from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 
 
@@ -76,7 +77,7 @@ class FlowStepFeatures(NamedTuple):
     (:meth:`FlowTransformerHead.step_features`)."""
 
     time: Tensor  # [B, 1, width]: the time MLP's first layer on the time embedding, + bias
-    cos: Tensor  # [L + H, hd/2] rotary tables (positions 0…L+H−1)
+    cos: Tensor  # [L + H, hd] rotary tables (positions 0…L+H−1), :func:`rotary_tables`
     sin: Tensor
     blocks: tuple[Any, ...]  # per block: None, or the prefix's (keys, values)
 
@@ -110,10 +111,11 @@ FLOW_TRANSFORMER_CONFIGS: dict[str, FlowTransformerConfig] = {
 }
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary positions on the last dim of x [B, heads, N, hd] with cos/sin [N, hd/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+def _linear_residual(x: Tensor, residual: Tensor, weight: Tensor) -> Tensor:
+    """``residual + x @ weightᵀ`` [..., out] as one GEMM (the residual is its C operand:
+    one kernel and one rounding instead of a GEMM and an add)."""
+    out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())
+    return out.view(residual.shape)
 
 
 class _Block(nn.Module):
@@ -140,7 +142,7 @@ class _Block(nn.Module):
         batch, length, _ = cond.shape
         kv = self.kv(self.attn_norm(cond)).view(batch, length, 2 * self.num_kv_heads, -1)
         k, v = kv.transpose(1, 2).chunk(2, dim=1)
-        return _rotate(k, cos[:length], sin[:length]), v
+        return rotate(k, cos[:length], sin[:length]), v
 
     def forward_saving(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor
@@ -151,10 +153,10 @@ class _Block(nn.Module):
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
         q = self.q(h).view(batch, horizon, self.num_heads, self.head_dim).transpose(1, 2)
-        q = _rotate(q, cos[-horizon:], sin[-horizon:])
+        q = rotate(q, cos[-horizon:], sin[-horizon:])
         kv = self.kv(h).view(batch, horizon, 2 * self.num_kv_heads, self.head_dim)
         k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, H, hd] each
-        k = _rotate(k, cos[-horizon:], sin[-horizon:])
+        k = rotate(k, cos[-horizon:], sin[-horizon:])
         if cond is not None:  # the prefix cache: only the action rows are projected
             k = torch.cat([cond[0], k], dim=2)
             v = torch.cat([cond[1], v], dim=2)
@@ -165,10 +167,12 @@ class _Block(nn.Module):
         attn = F.scaled_dot_product_attention(qg, k, v).view(
             batch, self.num_heads, horizon, self.head_dim
         )
-        x1 = x + self.o(attn.transpose(1, 2).reshape(batch, horizon, -1))
+        # the residual adds ride in the output projections' GEMMs (no biases there)
+        x1 = _linear_residual(attn.transpose(1, 2).reshape(batch, horizon, -1), x, self.o.weight)
         gate, up = self.gate_up(self.mlp_norm(x1)).chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh")
-        return x1 + self.down(act * up), BlockSaved(x, q, k, v, x1, gate, up, act)
+        out = _linear_residual(act * up, x1, self.down.weight)
+        return out, BlockSaved(x, q, k, v, x1, gate, up, act)
 
 
 class FlowTransformerHead(nn.Module):
@@ -226,8 +230,7 @@ class FlowTransformerHead(nn.Module):
                 f"got {tuple(cond.shape)}"
             )
         dtype = self.action_in.weight.dtype
-        angle = self._rope_angle(cond.shape[1], cond.device)
-        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        cos, sin = rotary_tables(self._rope_angle(cond.shape[1], cond.device), dtype)
         pairs = [block.prefix_kv(cond.to(dtype), cos, sin) for block in self.blocks]
         return PrefixCache(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))
 
@@ -323,8 +326,7 @@ class FlowTransformerHead(nn.Module):
             cache = cond if isinstance(cond, PrefixCache) else self.prefix_cache(cond)
             blocks = tuple((k.to(dtype), v.to(dtype)) for k, v in zip(cache.keys, cache.values))
             prefix = cache.length
-        angle = self._rope_angle(cfg.horizon + prefix, t.device)
-        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        cos, sin = rotary_tables(self._rope_angle(cfg.horizon + prefix, t.device), dtype)
         return [FlowStepFeatures(time_in[k], cos, sin, blocks) for k in range(steps)]
 
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:

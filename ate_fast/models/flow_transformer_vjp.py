@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ate_fast.models.rotary import swap_halves
+
 
 class BlockSaved(NamedTuple):
     """What a block's forward keeps for its input-VJP (x [B, H, width], L conditioning
@@ -52,9 +54,9 @@ def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm) -> Tensor:
 
 def unrotate(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The transpose of the rotary rotation (rotation by −angle) on the last dim of
-    ``grad`` [..., N, hd] with cos/sin [N, hd/2]."""
-    g1, g2 = grad.chunk(2, dim=-1)
-    return torch.cat([g1 * cos + g2 * sin, g2 * cos - g1 * sin], dim=-1)
+    ``grad`` [..., N, hd] with the rotary tables cos/sin [N, hd]
+    (:func:`~ate_fast.models.rotary.rotary_tables`): ``[g1·c + g2·s, g2·c − g1·s]``."""
+    return torch.addcmul(grad * cos, swap_halves(grad), sin, value=-1)
 
 
 def attention_input_vjp(

@@ -1,0 +1,82 @@
+"""How many kernels one flow-transformer block launches per step.
+
+A captured step of the π0-size expert is bound by its kernel count, not by its weights
+(the H100 run: the small flow transformer's captured step took ≈ 110 µs per block for
+≈ 2 MB of float32 weights, ≈ 30 kernels of a few µs each), so the block's op count is a
+performance property worth a test. Counted here: the ATen compute ops a block dispatches
+(views and metadata ops excluded), on the CPU — on the GPU each is one kernel, except
+that torch's CPU ``rms_norm`` decomposes into 8 ops where CUDA has one fused kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ate_fast.models import make_head
+from ate_fast.models.rotary import rotary_tables, rotate
+
+# ops that only make views or change metadata: no kernel
+_NO_KERNEL = {
+    "view", "_unsafe_view", "transpose", "t", "expand", "slice", "select", "unsqueeze",
+    "squeeze", "permute", "split", "split_with_sizes", "chunk", "as_strided", "alias",
+    "detach", "unbind", "_reshape_alias", "reshape", "lift_fresh", "empty", "empty_strided",
+}  # fmt: skip
+# per block, 64 prefix tokens: 2 × 6 for the CPU RMSNorms (+ 2 × 2 casts to float32 and
+# back in bf16), q/kv/gate_up GEMMs, 3 per rotation (q, k), 2 prefix concatenations,
+# attention, the copy of its output's layout, 2 GEMMs with their residual add, GELU and the
+# gate product. Were 39 / 43 before the rotation went 7 → 3 ops and the residual adds into
+# the GEMMs.
+BLOCK_OPS = {torch.float32: 29, torch.bfloat16: 33}
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in _NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of_forward(depth: int, dtype: torch.dtype) -> collections.Counter:
+    torch.manual_seed(0)
+    head = make_head("flow-transformer", "small", depth=depth).eval().to(dtype)
+    x, t = torch.randn(1, 50, 32), torch.rand(1, 1)
+    cache = head.prefix_cache(torch.randn(1, 64, head.config.width))
+    features = head.step_features(x, t, cache)[0]
+    with torch.no_grad(), _Count() as count:
+        head.forward_features(x, features)
+    return count.ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ops_per_block(dtype):
+    one, two = _ops_of_forward(1, dtype), _ops_of_forward(2, dtype)
+    per_block = two - one
+    assert sum(per_block.values()) == BLOCK_OPS[dtype], dict(per_block)
+    assert "add" not in per_block  # the residuals ride in the output projections' GEMMs
+    assert per_block["addmm"] == 2 and per_block["addcmul"] == 2
+
+
+def test_rotation_is_three_ops_and_exact():
+    """The rotate-half rotation through the signed tables equals the textbook formula
+    (float64: to the last bit but one) in three ops."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 16, generator=gen, dtype=torch.float64)
+    angle = torch.rand(7, 8, generator=gen) * 6.0
+    cos, sin = rotary_tables(angle, torch.float64)
+    with _Count() as count:
+        got = rotate(x, cos, sin)
+    assert sum(count.ops.values()) == 3, dict(count.ops)
+    c, s = angle.cos().double(), angle.sin().double()
+    x1, x2 = x.chunk(2, dim=-1)
+    want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+    assert got.is_contiguous()  # the grouped-query fold of the queries stays a view
