@@ -113,7 +113,12 @@ FLOW_TRANSFORMER_CONFIGS: dict[str, FlowTransformerConfig] = {
 
 def _linear_residual(x: Tensor, residual: Tensor, weight: Tensor) -> Tensor:
     """``residual + x @ weightᵀ`` [..., out] as one GEMM (the residual is its C operand:
-    one kernel and one rounding instead of a GEMM and an add)."""
+    one kernel and one rounding instead of a GEMM and an add). Under autocast, or with a
+    residual of another dtype than the weight, the add stays separate: autocast would
+    round an addmm's residual to the GEMM's lower precision, where the separate add keeps
+    the residual stream in the wider type."""
+    if residual.dtype != weight.dtype or torch.is_autocast_enabled(residual.device.type):
+        return residual + F.linear(x, weight)
     out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())
     return out.view(residual.shape)
 
