@@ -47,6 +47,12 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   (default mode: Inductor's kernels, replayed by the sampler's one graph); guidance on its
   default path (fused MLP kernel; the hand-written Transformer VJP, not compiled).
 
+Kernels: after its timing, each row's call is profiled once (``kernel_profile.py``):
+device kernels per call (inside the CUDA graphs too) and their summed device time
+(``busy``); the report gives kernels per step and busy ms, so ``median − busy`` is the time
+the GPU sat between kernels — what decides whether a row is bound by its kernel count (the
+dry run counts ATen ops, composite ones and their parts alike, and their CPU time).
+
 Floor (per problem): the bytes that must be read per call, STEPS × (the head's bf16
 weights + the encoder's bf16 weights when guided, each weight once per step + the prefix
 cache), divided by the device copy bandwidth measured in the same run (a 1 GiB
@@ -88,6 +94,9 @@ import torch
 from ate_fast.models import make_head
 from ate_fast.models.flow_transformer import PrefixCache
 from ate_fast.sampling import FlowSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_profile import kernel_profile
 
 HAS_GPU = torch.cuda.is_available()
 DRY_RUN = os.environ.get("ATE_FAST_REALSIZE_DRY_RUN") in ("1", "full") and not HAS_GPU
@@ -581,6 +590,7 @@ def markdown(data: dict) -> str:
     env, bw = data["environment"], data["bandwidth"]
     n = env.get("head_parameters")
     params = "parameters ?" if n is None else f"{n / 1e6:.1f}M parameters"
+    kernels = "ATen ops" if env["dry_run"] else "kernels"
     lines = [
         f"# Real size: π0 expert bf16, flow Euler {env['steps']}, H {env['H']}, D {env['D']}, "
         f"{env['prefix_tokens']}-token prefix cache ({env['device']})",
@@ -593,8 +603,8 @@ def markdown(data: dict) -> str:
         "sampler call with the cache given.",
         "",
         "| B | guidance | row | median ms | min ms | × compile_max_autotune | × floor | "
-        "floor fraction | floor ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"floor fraction | floor ms | {kernels} per step | busy ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = data["rows"]
     for b in env["batches"]:
@@ -605,10 +615,12 @@ def markdown(data: dict) -> str:
                 if e is None:
                     continue
                 vs = f"{base['median_s'] / e['median_s']:.2f}×" if base else "–"
+                per_step = f"{e['kernels'] / env['steps']:.0f}" if "kernels" in e else "–"
+                busy = f"{e['busy_s'] * 1e3:.3f}" if "busy_s" in e else "–"
                 lines.append(
                     f"| {b} | {g} | {r} | {e['median_s'] * 1e3:.3f} | {e['min_s'] * 1e3:.3f} | "
                     f"{vs} | {e['x_floor']:.2f} | {e['floor_fraction']:.3f} | "
-                    f"{e['floor_s'] * 1e3:.3f} |"
+                    f"{e['floor_s'] * 1e3:.3f} | {per_step} | {busy} |"
                 )
     lines += ["", "Targets (ate rows):", ""]
     for t in data["targets"]:
@@ -706,13 +718,27 @@ def test_realsize(benchmark, batch: int, guidance: str, row: str) -> None:
     benchmark.extra_info["rounds"] = rounds
     benchmark.pedantic(call, rounds=rounds, iterations=1)
     median = statistics.median(times)
+    kernels = _kernels_per_call(lambda: fn(noise))
+    benchmark.extra_info.update(kernels)
     _RESULTS["rows"][_row_key(*case)] = {
         "B": batch, "guidance": guidance, "row": row, "median_s": median, "min_s": min(times),
         "rounds": len(times), "floor_s": floor_s, "x_floor": median / floor_s,
-        "floor_fraction": floor_s / median, **errors,
+        "floor_fraction": floor_s / median, **errors, **kernels,
     }  # fmt: skip
     _RESULTS["setup_s"][_row_key(*case)] = setup_s
     write_report()
+
+
+def _kernels_per_call(fn: Callable[[], Any]) -> dict:
+    """One profiled call after the timing: ``kernels`` per call (CUDA device kernels; the
+    dry run: ATen ops) and their summed ``busy_s`` — against the row's median, the time the
+    device sat between kernels (a call bound by its kernel count, not its bytes, shows it)."""
+    profiled = kernel_profile(fn, DEVICE, calls=1, top=0)
+    label = "kernels" if DEVICE == "cuda" else "aten_ops"
+    return {
+        "kernels": profiled[f"{label}_per_call"],
+        "busy_s": profiled[f"{label}_us_per_call"] * 1e-6,
+    }
 
 
 # -- the report again, from a pytest-benchmark JSON -------------------------------------------
@@ -732,6 +758,7 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
             "B": e["B"], "guidance": e["guidance"], "row": e["impl"], "median_s": median,
             "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"], "floor_s": floor_s,
             "x_floor": median / floor_s, "floor_fraction": floor_s / median,
+            **{k: e[k] for k in ("kernels", "busy_s") if k in e},
         }  # fmt: skip
     first = entries[0]["extra_info"]
     data = {

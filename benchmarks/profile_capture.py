@@ -22,22 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampling import B, D, H, Head, latent_guidances
+from kernel_profile import kernel_profile
 
 from ate_fast.sampling import FlowSampler
-
-
-def _device_time_us(event) -> float:
-    """Self device time of a profiler aggregate (its name moved across torch versions)."""
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        value = getattr(event, name, None)
-        if value is not None:
-            return float(value)
-    return 0.0
-
 
 GUIDANCES = ("none", "mlp", "transformer")
 
@@ -75,36 +65,14 @@ def profile_case(device: str, guidance_kind: str, calls: int) -> dict:
     sync()
     wall_us = (time.perf_counter() - t0) / calls * 1e6
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(calls):
-            captured(noise)
-        sync()
-    events = prof.key_averages()
-    if device == "cuda":
-        kernels = [e for e in events if _device_time_us(e) > 0 and e.device_type.name == "CUDA"]
-        cost = _device_time_us
-        label = "kernels"
-    else:
-        kernels = [e for e in events if e.key.startswith("aten::")]
-
-        def cost(e) -> float:
-            return float(e.self_cpu_time_total)
-
-        label = "aten_ops"
-    top = sorted(kernels, key=cost, reverse=True)[:10]
+    profiled = kernel_profile(lambda: captured(noise), device, calls)
     return {
         "device": device,
         "guided": guidance is not None,
         "guidance": guidance_kind,
         "calls": calls,
         "wall_us_per_call": wall_us,
-        f"{label}_per_call": sum(e.count for e in kernels) / calls,
-        f"{label}_us_per_call": sum(cost(e) for e in kernels) / calls,
-        "top": [
-            {"name": e.key, "count_per_call": e.count / calls, "us_per_call": cost(e) / calls}
-            for e in top
-        ],
+        **profiled,
     }
 
 
