@@ -181,7 +181,8 @@ def _optional_json(path: Path) -> Optional[dict]:
 
 
 def _not_run(out_dir: Path) -> list[str]:
-    """The suite steps gpu_suite.sh left out for its time budget (not_run.txt)."""
+    """The suite steps gpu_suite.sh left out or cut (not_run.txt): its time budget, a failed
+    CUDA build."""
     try:
         return [line for line in (out_dir / "not_run.txt").read_text().splitlines() if line]
     except OSError:
@@ -232,7 +233,7 @@ def main(out_dir: Path) -> None:
         kind = case.get("guidance") or ("guided" if case["guided"] else "unguided")
         summary.append(f"- captured flow Euler 10, guidance {kind} (profile_capture.py): {counts}")
     if result["not_run"]:
-        summary += ["", "Not run (the suite's time budget):", ""]
+        summary += ["", "Not run or cut (the suite's time budget, a failed CUDA build):", ""]
         summary += [f"- {line}" for line in result["not_run"]]
     text = "\n".join(summary) + "\n"
     (out_dir / "summary.md").write_text(text)
