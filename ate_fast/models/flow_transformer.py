@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
+from ate_fast.models.fused_linear import linear_residual
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
@@ -111,18 +112,6 @@ FLOW_TRANSFORMER_CONFIGS: dict[str, FlowTransformerConfig] = {
 }
 
 
-def _linear_residual(x: Tensor, residual: Tensor, weight: Tensor) -> Tensor:
-    """``residual + x @ weightᵀ`` [..., out] as one GEMM (the residual is its C operand:
-    one kernel and one rounding instead of a GEMM and an add). Under autocast, or with a
-    residual of another dtype than the weight, the add stays separate: autocast would
-    round an addmm's residual to the GEMM's lower precision, where the separate add keeps
-    the residual stream in the wider type."""
-    if residual.dtype != weight.dtype or torch.is_autocast_enabled(residual.device.type):
-        return residual + F.linear(x, weight)
-    out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())
-    return out.view(residual.shape)
-
-
 class _Block(nn.Module):
     def __init__(self, cfg: FlowTransformerConfig) -> None:
         super().__init__()
@@ -173,10 +162,10 @@ class _Block(nn.Module):
             batch, self.num_heads, horizon, self.head_dim
         )
         # the residual adds ride in the output projections' GEMMs (no biases there)
-        x1 = _linear_residual(attn.transpose(1, 2).reshape(batch, horizon, -1), x, self.o.weight)
+        x1 = linear_residual(self.o, attn.transpose(1, 2).reshape(batch, horizon, -1), x)
         gate, up = self.gate_up(self.mlp_norm(x1)).chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh")
-        out = _linear_residual(act * up, x1, self.down.weight)
+        out = linear_residual(self.down, act * up, x1)
         return out, BlockSaved(x, q, k, v, x1, gate, up, act)
 
 

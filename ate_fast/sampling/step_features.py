@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional, Protocol
 
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
+
+from ate_fast.models.fused_linear import forward_hooks_active
 
 
 class StepFeatureHead(Protocol):
@@ -60,18 +61,9 @@ def own_head_methods(model_fn: Callable, *names: str) -> Optional[nn.Module]:
         home = next((c for c in cls.__mro__ if name in vars(c)), None)
         if home is None or vars(home).get("forward") is not cls.forward:
             return None
-    if owner._forward_hooks or owner._forward_pre_hooks or _global_forward_hooks():
+    if forward_hooks_active(owner):
         return None
     return owner
-
-
-def _global_forward_hooks() -> bool:
-    """Whether module-wide forward hooks are registered (``nn.modules.module.
-    register_module_forward_hook``): calling a head's methods directly would skip them."""
-    return bool(
-        getattr(torch_module, "_global_forward_hooks", None)
-        or getattr(torch_module, "_global_forward_pre_hooks", None)
-    )
 
 
 def step_features_of(model_fn: Callable) -> Optional[StepFeatureHead]:
