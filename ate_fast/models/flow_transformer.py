@@ -27,6 +27,7 @@ every step at once, the rotary tables, and conditioning tokens' keys and values 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple, Union
 
@@ -34,8 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ate_fast.models.direct_weights import (
+    autograd_input_vjp,
+    linear_residual,
+    plain_linear,
+    plain_tree,
+)
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
-from ate_fast.models.fused_linear import linear_residual
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
@@ -77,10 +83,14 @@ class FlowStepFeatures(NamedTuple):
     """What one step of :class:`FlowTransformerHead` reads besides the sample
     (:meth:`FlowTransformerHead.step_features`)."""
 
-    time: Tensor  # [B, 1, width]: the time MLP's first layer on the time embedding, + bias
+    # [B, 1, width]: the time MLP's first layer on the time embedding, + bias — or, when
+    # that layer is not plain (``split_time`` False: a wrapper or hook), the embedding itself
+    time: Tensor
     cos: Tensor  # [L + H, hd] rotary tables (positions 0…L+H−1), :func:`rotary_tables`
     sin: Tensor
     blocks: tuple[Any, ...]  # per block: None, or the prefix's (keys, values)
+    split_time: bool = True  # the time MLP's first layer is applied in halves (its weights)
+    plain: bool = True  # every layer is plain: the hand-written input-VJP is exact
 
 
 class PrefixCache(NamedTuple):
@@ -194,7 +204,7 @@ class FlowTransformerHead(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         self._check(x, t, cond)
-        return self.forward_features(x, self._features(t[None], cond)[0])
+        return self.forward_features(x, self._features(t[None], cond, for_vjp=False)[0])
 
     def step_features(self, x: Tensor, t: Tensor, cond: Any = None) -> list[FlowStepFeatures]:
         """The :class:`FlowStepFeatures` of N times ``t`` [N, B] (the time half of the time
@@ -262,6 +272,9 @@ class FlowTransformerHead(nn.Module):
         self, x: Tensor, features: FlowStepFeatures
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """:meth:`forward_with_vjp` from one step's ``features`` (:meth:`step_features`)."""
+        if not features.plain:  # wrapped or hooked layers: the weights alone are not it
+            forward = functools.partial(self.forward_features, features=features)
+            return autograd_input_vjp("FlowTransformerHead", forward, x)
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
@@ -303,16 +316,20 @@ class FlowTransformerHead(nn.Module):
                 (-1, cfg.width), weight_dtype=self.action_in.weight.dtype,
             )  # fmt: skip
 
-    def _features(self, t: Tensor, cond: Any) -> list[FlowStepFeatures]:
-        """One :class:`FlowStepFeatures` per row of ``t`` [N, B] (inputs checked)."""
+    def _features(self, t: Tensor, cond: Any, for_vjp: bool = True) -> list[FlowStepFeatures]:
+        """One :class:`FlowStepFeatures` per row of ``t`` [N, B] (inputs checked);
+        ``for_vjp=False`` (a plain forward) skips the check that only the input-VJP reads
+        (``plain``: one pass over the modules)."""
         cfg = self.config
         dtype = self.action_in.weight.dtype  # the compute dtype (mixed precision: bf16/fp16)
         steps, batch = t.shape
         w = cfg.width
         time = sinusoidal_embedding(t.reshape(-1) * cfg.time_scale, w, cfg.min_period,
                                     cfg.max_period).to(dtype)  # fmt: skip
-        time_in = F.linear(time, self.time_mlp_in.weight[:, w:], self.time_mlp_in.bias)
-        time_in = time_in.view(steps, batch, 1, w)
+        split = plain_linear(self.time_mlp_in)
+        if split:  # the time half of the first layer, for every step at once
+            time = F.linear(time, self.time_mlp_in.weight[:, w:], self.time_mlp_in.bias)
+        time_in = time.view(steps, batch, 1, w)
         if cond is None:
             blocks: tuple[Any, ...] = (None,) * cfg.depth
             prefix = 0
@@ -321,12 +338,17 @@ class FlowTransformerHead(nn.Module):
             blocks = tuple((k.to(dtype), v.to(dtype)) for k, v in zip(cache.keys, cache.values))
             prefix = cache.length
         cos, sin = rotary_tables(self._rope_angle(cfg.horizon + prefix, t.device), dtype)
-        return [FlowStepFeatures(time_in[k], cos, sin, blocks) for k in range(steps)]
+        plain = plain_tree(self) if for_vjp else True
+        return [FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain) for k in range(steps)]
 
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the
         blocks: the time MLP's first layer is its tokens' half plus the step's time half."""
         w = self.config.width
         tokens = self.action_in(x.to(self.action_in.weight.dtype))
-        pre_silu = F.linear(tokens, self.time_mlp_in.weight[:, :w]) + features.time
+        if features.split_time:
+            pre_silu = F.linear(tokens, self.time_mlp_in.weight[:, :w]) + features.time
+        else:  # the layer called on [tokens, time embedding]
+            time = features.time.expand(-1, tokens.shape[1], -1)
+            pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
         return self.time_mlp_out(F.silu(pre_silu)), pre_silu

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ate_fast.models.direct_weights import autograd_input_vjp, plain_linear, plain_tree
 from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 
@@ -125,6 +126,8 @@ class MLPHead(nn.Module):
         self, x: Tensor, features: Tensor
     ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """:meth:`forward_with_vjp` from one step's ``features`` (:meth:`step_features`)."""
+        if not plain_tree(self):  # wrapped or hooked layers: the weights alone are not it
+            return autograd_input_vjp("MLPHead", lambda y: self._forward_saving(y, features)[0], x)
         out, pres = self._forward_saving(x, features)
         flatten, dtype = self.config.flatten, self.input.weight.dtype
         linears = [m for m in self.body if isinstance(m, nn.Linear)]
@@ -151,6 +154,8 @@ class MLPHead(nn.Module):
         """[N, B, H, hidden] (folded first-layer bias) or [N, B, hidden]: see step_features."""
         ctx = self._context(t, cond)
         steps, _, hidden = ctx.shape
+        if not plain_linear(self.input):  # the first layer is called (it may add more)
+            return ctx
         if self.config.flatten:
             return ctx + self.input.bias
         if steps * self.config.horizon * hidden > FOLDED_BIAS_ELEMENTS:
@@ -176,11 +181,13 @@ class MLPHead(nn.Module):
         [B, hidden]), computed in the weights' dtype."""
         weight = self.input.weight
         inputs = x.to(weight.dtype)
-        if self.config.flatten:  # features: context + bias [B, hidden]
+        if self.config.flatten and not plain_linear(self.input):  # features: the context
+            h = self.input(inputs.flatten(1)) + features
+        elif self.config.flatten:  # features: context + bias [B, hidden]
             h = torch.addmm(features, inputs.flatten(1), weight.t())
         elif features.ndim == 3:  # the folded bias [B, H, hidden]: one batched GEMM
             h = torch.baddbmm(features, inputs, weight.t().expand(x.shape[0], -1, -1))
-        else:  # the context row [B, hidden]
+        else:  # the context row [B, hidden] (also for a first layer that is not plain)
             h = self.input(inputs) + features[:, None, :] + self.step
         pres = []
         for module in self.body:

@@ -1,0 +1,97 @@
+"""Where the reference heads read a layer's weights instead of calling the layer, and the
+checks that keep it exact.
+
+The heads split or fuse some layers for speed — the first layer's bias folded over the
+steps (MLPHead), the time MLP's first layer split into its tokens' and time's halves
+(FlowTransformerHead), a residual add as a GEMM's C operand, and the hand-written
+input-VJPs, which multiply by every layer's weight. That reads ``linear.weight`` instead of
+calling ``linear(x)``, so it is exact only for a plain layer: a LoRA or other wrapper whose
+forward adds to the product, or a forward hook that changes the output, would be skipped
+silently. Each such site checks its layer (:func:`plain_linear`) and calls it otherwise;
+a head's hand-written input-VJP is used only when every layer below the head is plain
+(:func:`plain_tree`), else its pullback is autograd's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
+
+from ate_fast.errors import InvalidArgumentError
+
+# the packages whose layers compute what their parameters say (no hidden extra terms)
+_PLAIN_PACKAGES = ("torch.nn.", "ate_fast.")
+
+
+def forward_hooks_active(module: nn.Module) -> bool:
+    """Whether calling ``module``'s methods directly would skip a forward (pre-)hook: its
+    own, or a module-wide one (``nn.modules.module.register_module_forward_hook``)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(torch_module, "_global_forward_hooks", None)
+        or getattr(torch_module, "_global_forward_pre_hooks", None)
+    )
+
+
+def plain_linear(linear: nn.Module) -> bool:
+    """``linear`` is an ``nn.Linear`` itself (not a subclass) with no forward hooks, so
+    ``F.linear(x, linear.weight, linear.bias)`` is what calling it computes."""
+    return type(linear) is nn.Linear and not forward_hooks_active(linear)
+
+
+def plain_tree(module: nn.Module) -> bool:
+    """No forward hooks on ``module`` or below it (module-wide ones included), and every
+    submodule below it is a ``torch.nn`` or ``ate_fast`` class (one pass over the modules:
+    ≈ 0.7 µs each)."""
+    if forward_hooks_active(module):
+        return False
+    for m in module.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if m is not module and not type(m).__module__.startswith(_PLAIN_PACKAGES):
+            return False
+    return True
+
+
+def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """``residual + linear(x)`` [..., out] for ``x`` [..., in] and ``residual`` [..., out]:
+    one ``addmm`` with the residual as C (one kernel and one rounding fewer) for a plain
+    bias-free ``nn.Linear`` with the residual in its dtype, outside autocast (which would
+    round the residual to the GEMM's precision); else the two ops as written."""
+    if (
+        not plain_linear(linear)
+        or linear.bias is not None
+        or residual.dtype != linear.weight.dtype
+        or torch.is_autocast_enabled(residual.device.type)
+    ):
+        return residual + linear(x)
+    weight = linear.weight
+    out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())
+    return out.view(residual.shape)
+
+
+def autograd_input_vjp(
+    name: str, forward: Callable[[Tensor], Tensor], x: Tensor
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``(out, pullback)`` of ``forward`` at ``x`` by autograd — what a head's
+    ``forward_with_vjp`` returns when its layers are not plain (:func:`plain_tree`): the
+    forward at a leaf copy of ``x``, ``pullback(u) = (∂out/∂x)ᵀ u`` (callable repeatedly)."""
+    if torch.is_inference_mode_enabled():
+        raise InvalidArgumentError(
+            f"{name}: its layers are wrapped or hooked (not plain torch.nn layers), so its "
+            "input-VJP is autograd's, which torch.inference_mode() forbids (use "
+            "torch.no_grad(), or merge the wrapper into the weights)"
+        )
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = forward(leaf)
+
+    def pullback(u: Tensor) -> Tensor:
+        (grad,) = torch.autograd.grad(out, leaf, u.to(out.dtype), retain_graph=True)
+        return grad
+
+    return out.detach(), pullback
