@@ -1,11 +1,12 @@
 """How many kernels one flow-transformer block launches per step.
 
-A captured step of the π0-size expert is bound by its kernel count, not by its weights
-(the H100 run: the small flow transformer's captured step took ≈ 110 µs per block for
-≈ 2 MB of float32 weights, ≈ 30 kernels of a few µs each), so the block's op count is a
-performance property worth a test. Counted here: the ATen compute ops a block dispatches
+A captured flow-transformer step on the GPU is bound by its kernel count, not by its
+weights (the H100 run: the small flow transformer's captured step took ≈ 110 µs per block
+for ≈ 2 MB of float32 weights, ≈ 30 kernels of a few µs each), so the block's op count is
+a performance property worth a test. Counted here: the ATen compute ops a block dispatches
 (views and metadata ops excluded), on the CPU — on the GPU each is one kernel, except
-that torch's CPU ``rms_norm`` decomposes into 8 ops where CUDA has one fused kernel.
+that torch's CPU ``rms_norm`` decomposes into 6 ops (8 in bf16, with its casts) where CUDA
+has one fused kernel.
 """
 
 from __future__ import annotations
