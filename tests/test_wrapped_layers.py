@@ -3,7 +3,8 @@ the split time MLP, residual adds as GEMM operands, the hand-written input-VJPs
 (``ate_fast/models/direct_weights.py``). A layer wrapped by the user (LoRA, a quantization
 wrapper) or hooked must still count: every head equals, in float64, the same head with the
 adapter merged into its weights — forward, step features through the samplers, the
-input-VJP and real-time chunking through it."""
+input-VJP and real-time chunking through it. The guidance encoders' fast paths (the fused
+MLP kernel, the Transformer VJP) read weights as well: a hooked encoder takes autograd."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch
 from torch import nn
 
 import ate_fast
+from ate_fast.align import ActionVAE
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import make_head
 from ate_fast.realtime import RTCGuidance
+from ate_fast.steer import LatentGuidance
 
 H, D = 16, 4
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -129,3 +132,47 @@ def test_inference_mode_with_a_wrapped_head_says_why():
     noise, t, _ = _inputs("flow-transformer")
     with torch.inference_mode(), pytest.raises(InvalidArgumentError, match="wrapped or hooked"):
         head.forward_with_vjp(noise, t)
+
+
+# -- the guidance encoders: the fused MLP kernel and the Transformer VJP read weights too --
+DZ = 8
+
+
+def _autograd_latent_gradient(vae, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """∇ₓ of −(1/d_z)‖μ(x) − z*‖² per sample, by autograd through the encoder as called."""
+    leaf = x.detach().clone().requires_grad_(True)
+    mu = vae.encode(leaf)[0]
+    (grad,) = torch.autograd.grad(-((mu - target) ** 2).sum() / DZ, leaf)
+    return grad
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_a_hooked_encoder_takes_the_autograd_path(arch):
+    """A forward hook on an encoder layer (here: scaling linear outputs) changes what the
+    encoder computes; the fused kernel / hand VJP would skip it, so the guidance takes
+    autograd — hooked before the guidance is built, or after its calls were prepared."""
+    torch.manual_seed(0)
+    extra = dict(hidden_dims=(16, 8)) if arch == "mlp" else dict(d_model=32, num_layers=3)
+    vae = ActionVAE(D, H, latent_dim=DZ, arch=arch, **extra).double()
+    layer = vae.encoder.layers[0] if arch == "mlp" else vae.encoder.blocks.middle_block.linear1
+    target = torch.randn(DZ, dtype=torch.float64)
+    x = torch.randn(2, H, D, dtype=torch.float64)
+    one = torch.ones(2, dtype=torch.float64)
+    guidance = LatentGuidance(vae, target, scale=1.0)
+    fast = guidance.encoder.gradient_path
+    assert fast != "autograd"
+    for _ in range(2):  # the second call is the prepared one (MLP, CPU)
+        torch.testing.assert_close(
+            guidance.gradient(x, x, one), _autograd_latent_gradient(vae, x, target), **TOL
+        )
+    handle = layer.register_forward_hook(lambda m, i, out: 1.3 * out)
+    try:
+        want = _autograd_latent_gradient(vae, x, target)
+        if arch == "mlp":  # the prepared call re-checks the structure every step
+            torch.testing.assert_close(guidance.gradient(x, x, one), want, **TOL)
+        rebuilt = LatentGuidance(vae, target, scale=1.0)
+        assert rebuilt.encoder.gradient_path == "autograd"
+        torch.testing.assert_close(rebuilt.gradient(x, x, one), want, **TOL)
+    finally:
+        handle.remove()
+    assert LatentGuidance(vae, target, scale=1.0).encoder.gradient_path == fast

@@ -7,9 +7,10 @@ steps (MLPHead), the time MLP's first layer split into its tokens' and time's ha
 input-VJPs, which multiply by every layer's weight. That reads ``linear.weight`` instead of
 calling ``linear(x)``, so it is exact only for a plain layer: a LoRA or other wrapper whose
 forward adds to the product, or a forward hook that changes the output, would be skipped
-silently. Each such site checks its layer (:func:`plain_linear`) and calls it otherwise;
-a head's hand-written input-VJP is used only when every layer below the head is plain
-(:func:`plain_tree`), else its pullback is autograd's.
+silently. Each such site checks its layer (:func:`~ate_fast.module_checks.plain_linear`)
+and calls it otherwise; a head's hand-written input-VJP is used only when every layer
+below the head is plain (:func:`~ate_fast.module_checks.plain_tree`), else its pullback is
+autograd's (:func:`autograd_input_vjp`).
 """
 
 from __future__ import annotations
@@ -18,43 +19,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
 
 from ate_fast.errors import InvalidArgumentError
-
-# the packages whose layers compute what their parameters say (no hidden extra terms)
-_PLAIN_PACKAGES = ("torch.nn.", "ate_fast.")
-
-
-def forward_hooks_active(module: nn.Module) -> bool:
-    """Whether calling ``module``'s methods directly would skip a forward (pre-)hook: its
-    own, or a module-wide one (``nn.modules.module.register_module_forward_hook``)."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(torch_module, "_global_forward_hooks", None)
-        or getattr(torch_module, "_global_forward_pre_hooks", None)
-    )
-
-
-def plain_linear(linear: nn.Module) -> bool:
-    """``linear`` is an ``nn.Linear`` itself (not a subclass) with no forward hooks, so
-    ``F.linear(x, linear.weight, linear.bias)`` is what calling it computes."""
-    return type(linear) is nn.Linear and not forward_hooks_active(linear)
-
-
-def plain_tree(module: nn.Module) -> bool:
-    """No forward hooks on ``module`` or below it (module-wide ones included), and every
-    submodule below it is a ``torch.nn`` or ``ate_fast`` class (one pass over the modules:
-    ≈ 0.7 µs each)."""
-    if forward_hooks_active(module):
-        return False
-    for m in module.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            return False
-        if m is not module and not type(m).__module__.startswith(_PLAIN_PACKAGES):
-            return False
-    return True
+from ate_fast.module_checks import plain_linear
 
 
 def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:

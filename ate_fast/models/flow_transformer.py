@@ -35,16 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.models.direct_weights import (
-    autograd_input_vjp,
-    linear_residual,
-    plain_linear,
-    plain_tree,
-)
+from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
+from ate_fast.module_checks import plain_linear, plain_tree
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ate_fast.models.direct_weights import autograd_input_vjp, plain_linear, plain_tree
+from ate_fast.models.direct_weights import autograd_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
+from ate_fast.module_checks import plain_linear, plain_tree
 
 
 @dataclass(frozen=True)

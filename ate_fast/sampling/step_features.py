@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from torch import Tensor, nn
 
-from ate_fast.models.direct_weights import forward_hooks_active
+from ate_fast.module_checks import forward_hooks_active
 
 
 class StepFeatureHead(Protocol):

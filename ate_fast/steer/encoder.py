@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ate_fast.align.mlp_vae import MLPEncoder
 from ate_fast.align.vae import ActionVAE
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.module_checks import plain_tree
 from ate_fast.ops import mlp_encoder_parts
 from ate_fast.steer import transformer_vjp
 
@@ -126,6 +127,11 @@ class FrozenEncoder:
         arguments, :func:`ate_fast.ops.mlp_encoder_parts`), or None on another path."""
         return None if self._mlp is None else mlp_encoder_parts(self._mlp)
 
+    def mlp_plain(self) -> bool:
+        """The align MLP encoder still has no forward hook or wrapped layer (the prepared
+        call's per-step structural re-check; ≈ 2–4 µs)."""
+        return self._mlp is not None and plain_tree(self._mlp)
+
     def mlp_tensors(self) -> tuple[list[Tensor], list[Optional[Tensor]]]:
         """The align MLP encoder's current ``(weights, biases)`` (the fused path's tensors,
         read without re-recognising the module: for the prepared call's cheap re-check)."""
@@ -177,7 +183,10 @@ class FrozenEncoder:
         if path == "autograd" or autocast_enabled(x):
             return "autograd"
         if path == "mlp_fused":
-            weights, biases, _ = self.mlp_parts
+            parts = self.mlp_parts  # None once a hook or another layer type appeared
+            if parts is None:
+                return "autograd"
+            weights, biases, _ = parts
             tensors = (*weights, *(b for b in biases if b is not None))
         else:
             module = self.transformer

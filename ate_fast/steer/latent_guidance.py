@@ -164,5 +164,6 @@ class _PreparedGradient:
         return (
             encoder.mask is self.mask
             and not autocast_enabled(point)
+            and encoder.mlp_plain()
             and self.call.accepts(point, *encoder.mlp_tensors(), target, self.mask)
         )

@@ -65,6 +65,7 @@ from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.module_checks import plain_tree
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_TRANSFORMER_GUIDANCE"
@@ -127,8 +128,10 @@ def _layers(blocks: nn.Module) -> list[nn.Module]:
 
 def supported_encoder(module: nn.Module) -> bool:
     """Whether :func:`transformer_latent_gradient` computes ``module`` (an
-    ``ate_fast.align`` ``TransformerEncoder``) exactly: every layer in the supported form."""
-    return all(_supported_layer(layer) for layer in _layers(module.blocks))
+    ``ate_fast.align`` ``TransformerEncoder``) exactly: every layer in the supported form, and
+    no forward hook or wrapped submodule anywhere in it (the VJP reads their weights)."""
+    plain = plain_tree(module)  # no hooks, no wrapped layer whose weights the VJP would read
+    return plain and all(_supported_layer(layer) for layer in _layers(module.blocks))
 
 
 def align_transformer_encoder(source: object) -> Optional[nn.Module]:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.module_checks import plain_tree
 from ate_fast.ops.constants import ACTIVATIONS, MAX_MLP_LAYERS
 from ate_fast.ops.mlp_guidance.dispatch import (
     FUSED_MAX_BATCH,
@@ -59,7 +60,8 @@ def mlp_encoder_parts(
     Recognised: a module with ``layers`` (``nn.ModuleList`` of ``nn.Linear`` only, ≤ 16)
     and ``activation`` (a name in gelu/silu/relu/tanh) whose forward applies the activation
     between layers and returns ``(μ, log σ²)`` halves of the last layer — the contract of
-    ``ate_fast.align``'s ``MLPEncoder``.
+    ``ate_fast.align``'s ``MLPEncoder`` — with no forward hooks on it or its layers
+    (:func:`ate_fast.module_checks.plain_tree`).
     """
     encoder = getattr(module, "encoder", module)
     layers = getattr(encoder, "layers", None)
@@ -67,6 +69,8 @@ def mlp_encoder_parts(
     if not isinstance(layers, nn.ModuleList) or activation not in ACTIVATIONS:
         return None
     if not 1 <= len(layers) <= MAX_MLP_LAYERS or not all(type(m) is nn.Linear for m in layers):
+        return None
+    if not plain_tree(encoder):  # a hook (or a wrapped submodule) the kernel would skip
         return None
     if layers[-1].out_features % 2:
         return None
