@@ -176,3 +176,27 @@ def test_a_hooked_encoder_takes_the_autograd_path(arch):
     finally:
         handle.remove()
     assert LatentGuidance(vae, target, scale=1.0).encoder.gradient_path == fast
+
+
+def test_rtc_export_of_an_adapted_head(tmp_path):
+    """With adapters the input-VJP is autograd's, which torch.export cannot trace: the paper's
+    RTC export says so (merge first); LeRobot's RTC (no VJP) exports the adapted head and
+    ONNX Runtime computes what sample() does."""
+    pytest.importorskip("onnxruntime")
+    from ate_fast.export import GuidanceExportError, OnnxRuntimeSampler, relative_error, to_onnx
+
+    head, _ = _adapted("mlp", ["input", "body.1"], cond_dim=6)
+    head.float()
+    gen = torch.Generator().manual_seed(2)
+    noise, prev = torch.randn(2, 1, H, D, generator=gen)
+    cond = torch.randn(1, 6, generator=gen)
+    sampler = ate_fast.FlowSampler(head, num_steps=3)
+    with pytest.raises(GuidanceExportError, match="merge the adapters"):
+        to_onnx(
+            sampler, tmp_path / "vjp.onnx", noise, cond, RTCGuidance(prev, 1, execution_horizon=5)
+        )
+    rtc = RTCGuidance(prev, 1, execution_horizon=5, jacobian=False)
+    path = to_onnx(sampler, tmp_path / "rtc.onnx", noise, cond, rtc)
+    with torch.no_grad():
+        want = sampler.sample(noise, cond, guidance=rtc)
+    assert relative_error(OnnxRuntimeSampler(path).sample(noise, cond, guidance=rtc), want) < 1e-4

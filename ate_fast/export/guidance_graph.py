@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.guidance import POLICY_VJP
+from ate_fast.models import FlowTransformerHead, MLPHead
+from ate_fast.module_checks import plain_tree
 from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
 from ate_fast.realtime import RTCGuidance
 from ate_fast.realtime.prefix_weights import prefix_weight_table
@@ -195,6 +197,16 @@ def rtc_guidance_graph(guidance: Any, model_fn: ModelFn, horizon: int) -> RTCGui
             "model cannot be exported with it: add forward_with_vjp to the model (forward "
             "ops only), export RTCGuidance(..., jacobian=False) (no VJP through the policy, "
             "as LeRobot's RTC), or sample with sampler.sample() / capture()"
+        )
+    vjp = forward_with_vjp_of(model_fn) if guidance.mode == POLICY_VJP else None
+    head = getattr(vjp, "__self__", None)
+    if isinstance(head, (MLPHead, FlowTransformerHead)) and not plain_tree(head):
+        raise GuidanceExportError(
+            f"guidance: RTCGuidance(jacobian=True) pulls back through the {type(head).__name__}'s "
+            "input-VJP, and this head has wrapped or hooked layers (e.g. LoRA adapters), so "
+            "its VJP is autograd's, which torch.export cannot trace: merge the adapters into "
+            "the weights first (e.g. PEFT's merge_and_unload()), or export "
+            "RTCGuidance(..., jacobian=False)"
         )
     prev = guidance.prev_chunk
     if prev is not None and prev.shape[1] != horizon:
