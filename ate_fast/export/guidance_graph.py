@@ -187,7 +187,8 @@ def rtc_guidance_graph(guidance: Any, model_fn: ModelFn, horizon: int) -> RTCGui
             "policy); of those, only ate_fast.realtime.RTCGuidance can be exported (its "
             "cotangent is written into the graph)"
         )
-    if guidance.mode == POLICY_VJP and forward_with_vjp_of(model_fn) is None:
+    vjp = forward_with_vjp_of(model_fn) if guidance.mode == POLICY_VJP else None
+    if guidance.mode == POLICY_VJP and vjp is None:
         raise GuidanceExportError(
             f"guidance: {type(guidance).__name__} has mode {POLICY_VJP!r} (a VJP through the "
             "policy at every step), and the sampler's model_fn has no input-VJP of its own "
@@ -198,7 +199,6 @@ def rtc_guidance_graph(guidance: Any, model_fn: ModelFn, horizon: int) -> RTCGui
             "ops only), export RTCGuidance(..., jacobian=False) (no VJP through the policy, "
             "as LeRobot's RTC), or sample with sampler.sample() / capture()"
         )
-    vjp = forward_with_vjp_of(model_fn) if guidance.mode == POLICY_VJP else None
     head = getattr(vjp, "__self__", None)
     if isinstance(head, (MLPHead, FlowTransformerHead)) and not plain_tree(head):
         raise GuidanceExportError(

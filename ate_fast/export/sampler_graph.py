@@ -40,6 +40,7 @@ from ate_fast.ops.guided_step.ref import guided_step_reference
 from ate_fast.sampling import Run, Sampler, StepBuffers
 from ate_fast.sampling.inputs import check_output
 from ate_fast.sampling.sampler import forward_with_vjp_of
+from ate_fast.sampling.workspace import add_time_table
 
 
 class ModelTraceError(RuntimeError):
@@ -229,11 +230,7 @@ class SamplerGraph(nn.Module):
             setattr(rows, name, [table[k : k + 1] for k in range(steps)])
         for name in self._times:
             table = getattr(self, f"time_{name}")
-            block = table[:, None].expand(-1, batch).contiguous()  # [K, B]
-            per_step = list(block.unbind(0))
-            setattr(rows, name, per_step)
-            rows.time_blocks[name] = block
-            rows.time_rows.update((id(row), (name, k)) for k, row in enumerate(per_step))
+            add_time_table(rows, name, table[:, None].expand(-1, batch).contiguous())
         return rows
 
     def forward(self, noise: Tensor, *inputs: Tensor) -> Tensor:

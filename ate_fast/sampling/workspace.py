@@ -10,7 +10,7 @@ updates in place; a captured loop keeps one set for its lifetime.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -50,11 +50,7 @@ class StepTables:
         for name, values in model_times.items():
             values = np.asarray(values)
             tdtype = torch.int64 if np.issubdtype(values.dtype, np.integer) else cd
-            block = self._block(values, tdtype, device, batch)
-            rows = list(block.unbind(0))
-            setattr(self, name, rows)
-            self.time_blocks[name] = block
-            self.time_rows.update((id(row), (name, k)) for k, row in enumerate(rows))
+            add_time_table(self, name, self._block(values, tdtype, device, batch))
 
     @staticmethod
     def _block(values: np.ndarray, dtype: torch.dtype, device: torch.device, batch: int) -> Tensor:
@@ -63,6 +59,17 @@ class StepTables:
             raise AssertionError("ate_fast.sampling: a step coefficient is not finite (bug)")
         full = torch.tensor(values, dtype=dtype).reshape(-1, 1).expand(-1, batch)
         return full.contiguous().to(device)
+
+
+def add_time_table(tables: Any, name: str, block: Tensor) -> None:
+    """Give ``tables`` the model-time table ``name``: its rows ``tables.<name>[k]`` [B]
+    (views of ``block`` [K, B]), ``time_blocks[name] = block`` and each row's ``id`` in
+    ``time_rows`` — what :class:`~ate_fast.sampling.step_features.StepFeatureCache` reads
+    (``StepTables``, and the export's per-graph rows)."""
+    rows = list(block.unbind(0))
+    setattr(tables, name, rows)
+    tables.time_blocks[name] = block
+    tables.time_rows.update((id(row), (name, k)) for k, row in enumerate(rows))
 
 
 class StepBuffers:
