@@ -10,6 +10,7 @@ import torch
 
 from ate_fast import native
 from ate_fast._version import __version__
+from ate_fast.models import block_epilogues
 from ate_fast.ops import backends
 from ate_fast.steer.transformer_vjp import selected_path
 
@@ -81,7 +82,16 @@ def info() -> dict:
         "forced_backend": backends.forced_backend(),
         "triton_interpret": backends.triton_interpret(),
         "transformer_guidance": _transformer_guidance_paths(),
+        "flow_epilogues": _flow_epilogues_path(),
     }
+
+
+def _flow_epilogues_path() -> str:
+    """The flow-transformer block's epilogue path (or the env variable's error)."""
+    try:
+        return block_epilogues.selected_path()
+    except ValueError as exc:
+        return f"error: {exc}"
 
 
 def _transformer_guidance_paths() -> dict:
@@ -136,6 +146,10 @@ def format_info(data: dict) -> str:
     lines.append(
         f"\nguidance through the Transformer encoder: cpu {paths['cpu']}, cuda {paths['cuda']}"
         " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled forces one)"
+    )
+    lines.append(
+        f"flow-transformer block epilogues: {data['flow_epilogues']}"
+        " (ATE_FAST_FLOW_EPILOGUES=torch|triton)"
     )
     if data["forced_backend"]:
         lines.append(f"\nATE_FAST_BACKEND={data['forced_backend']} forces that backend")

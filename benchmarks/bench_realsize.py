@@ -13,7 +13,8 @@ Run:  pytest benchmarks/bench_realsize.py -k cuda -p no:cacheprovider \\
           (no GPU: the GPU rows built, checked and run once on the CPU, the expert cut to
           2 of its 18 blocks, the Transformer encoder to 3 of its 9 layers, B = 8 to 2, one
           torch thread; the compiled rows at B = 1 only, ``ATE_FAST_REALSIZE_DRY_RUN=full``
-          adds B = 2; ≈ 75 s with a cold compile cache on 2 shared cores)
+          adds B = 2; ≈ 75 s with a cold compile cache on 2 shared cores; the Triton
+          epilogue rows only with ``TRITON_INTERPRET=1``, interpreted: ≈ 4 min more)
 
 Problem: ``make_head("flow-transformer", "pi0-expert")`` (width 1024, 18 blocks, MLP 4096,
 8 query heads sharing one key/value head of dim 256; 314M parameters) cast to bf16
@@ -43,6 +44,9 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
 - ``ate_capture``: ``FlowSampler(head, 10).capture(noise, cache, guidance=...)`` replayed
   (one CUDA graph) as ``captured(noise, cache)``: the cache is copied into the graph's
   buffers once per call, inside the timed region.
+- ``ate_capture_triton_epilogues``: ``ate_capture`` with the block's element-wise epilogues
+  as two Triton kernels (``ATE_FAST_FLOW_EPILOGUES=triton``,
+  :mod:`ate_fast.models.block_epilogues`: −8 kernels per block), unguided: their A/B.
 - ``ate_capture_compiled``: the same capture of ``torch.compile(head, dynamic=False)``
   (default mode: Inductor's kernels, replayed by the sampler's one graph); guidance on its
   default path (fused MLP kernel; the hand-written Transformer VJP, not compiled).
@@ -110,8 +114,9 @@ PREFIX_IMAGES, IMAGE_TOKENS, LANGUAGE_TOKENS = 3, 256, 48
 PREFIX = PREFIX_IMAGES * IMAGE_TOKENS + LANGUAGE_TOKENS  # 816
 BATCHES = (1, 2) if DRY_RUN else (1, 8)
 GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
-ROWS = ("eager", "compile_max_autotune", "ate_capture", "ate_capture_compiled")
-ATE_ROWS = ("ate_capture", "ate_capture_compiled")
+EPILOGUES_ROW = "ate_capture_triton_epilogues"  # ate_capture, ATE_FAST_FLOW_EPILOGUES=triton
+ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
+ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
 BASELINE = "compile_max_autotune"
 DEPTH = 2 if DRY_RUN else None  # None: the config's 18 blocks
 ENCODER_LAYERS = 3 if DRY_RUN else 9
@@ -148,6 +153,7 @@ COMPILE_GUESS_S = {
 CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     "eager": 5.0,
     "ate_capture": 4.0,
+    EPILOGUES_ROW: 4.0,
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -168,6 +174,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cases (the compiled rows at B = 8) first."""
     b1, b8 = BATCHES
     cheap = [(b, g, r) for b in BATCHES for g in GUIDANCES for r in ("eager", "ate_capture")]
+    cheap += [(b, "unguided", EPILOGUES_ROW) for b in BATCHES]  # the kernels' own A/B
     compiled_b1 = [
         (b1, "unguided", "compile_max_autotune"),
         (b1, "unguided", "ate_capture_compiled"),
@@ -449,7 +456,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         if enc is not None:
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
-    if row == "ate_capture":
+    if row in ("ate_capture", EPILOGUES_ROW):  # the latter under ATE_FAST_FLOW_EPILOGUES
         return _ate_call(batch, guidance, _head())
     if row == "ate_capture_compiled":
         return _ate_call(batch, guidance, _compiled("default-head", batch))
@@ -666,8 +673,12 @@ def _case_id(case: tuple[int, str, str]) -> str:
 
 
 @pytest.mark.parametrize("batch,guidance,row", CASES, ids=[_case_id(c) for c in CASES])
-def test_realsize(benchmark, batch: int, guidance: str, row: str) -> None:
+def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -> None:
     case = (batch, guidance, row)
+    if row == EPILOGUES_ROW:
+        if DRY_RUN and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton epilogues on the CPU need TRITON_INTERPRET=1 (dry run)")
+        monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
     spent = time.monotonic() - _STARTED
     guess = _guess(case, _BUILT_UNITS)
     if spent + guess > BUDGET_S:

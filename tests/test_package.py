@@ -88,3 +88,12 @@ def test_public_api_resolves():
     for name in ate_fast.__all__:
         assert getattr(ate_fast, name) is not None, name
     assert ate_fast.FlowSampler is __import__("ate_fast.sampling").sampling.FlowSampler
+
+
+def test_info_reports_the_flow_epilogues_path(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
+    assert info()["flow_epilogues"] == "torch"
+    monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
+    assert "flow-transformer block epilogues: triton" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "bogus")
+    assert info()["flow_epilogues"].startswith("error: ATE_FAST_FLOW_EPILOGUES")

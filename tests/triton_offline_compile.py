@@ -1,7 +1,8 @@
 """Compile the project's Triton kernels for a CUDA target without a GPU (run as a script).
 
     TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]]
-        ARCH: default 90; GROUP: all (default), or one of mlp, guided_step, transformer
+        ARCH: default 90; GROUP: all (default), or one of mlp, guided_step, transformer,
+        flow_block
 
 Prints one line per kernel variant and exits non-zero on the first compile error. The
 interpreter (how the CPU tests run the kernels) skips Triton's code generator, so a kernel
@@ -21,6 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ate_fast.models import block_epilogues_triton as fb
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
 from ate_fast.steer import transformer_triton as tt
@@ -154,8 +156,31 @@ def transformer_variants(target) -> int:
     return count
 
 
+def flow_block_variants(target) -> int:
+    """The flow-transformer block's epilogue kernels (``ate_fast.models.block_epilogues_triton``)
+    for float32, float64, bfloat16 and float16 storage: the rotation's blocks for the small
+    head's and π0's head dims (64, 256; other head dims run masked in the next power of
+    two), the gated GELU with and without the stored GELU."""
+    count = 0
+    options = {"num_warps": fb.NUM_WARPS, "num_stages": _TRITON_DEFAULT_STAGES}
+    for store in ("fp32", "fp64", "bf16", "fp16"):
+        for block_d in (64, 256):
+            compile_one(
+                fb._rotate_qkv_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d},
+                lambda name, d=store: d, {}, target, f"{store} BLOCK_D={block_d}", options,
+            )  # fmt: skip
+            count += 1
+        for save in (True, False):
+            compile_one(
+                fb._gated_gelu_kernel, {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK},
+                lambda name, d=store: d, {}, target, f"{store} SAVE_ACT={save}", options,
+            )  # fmt: skip
+            count += 1
+    return count
+
+
 GROUPS = {"mlp": mlp_variants, "guided_step": guided_step_variants,
-          "transformer": transformer_variants}  # fmt: skip
+          "transformer": transformer_variants, "flow_block": flow_block_variants}  # fmt: skip
 
 
 def main(arch: int, group: str = "all") -> None:

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ate_fast.models.block_epilogues import gated_gelu, rotate_qkv
 from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
@@ -135,7 +136,7 @@ class _Block(nn.Module):
         self.down = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def forward(self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor) -> Tensor:
-        return self.forward_saving(x, cond, cos, sin)[0]
+        return self._run(x, cond, cos, sin, save=False)[0]
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (rotated at 0…L−1) and values [B, kv_heads, L, hd] of tokens [B, L, width]."""
@@ -150,16 +151,16 @@ class _Block(nn.Module):
         """The block on ``x`` [B, H, width] and what its input-VJP needs
         (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
         this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each."""
+        return self._run(x, cond, cos, sin, save=True)
+
+    def _run(
+        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool
+    ) -> tuple[Tensor, Optional[BlockSaved]]:
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q(h).view(batch, horizon, self.num_heads, self.head_dim).transpose(1, 2)
-        q = rotate(q, cos[-horizon:], sin[-horizon:])
-        kv = self.kv(h).view(batch, horizon, 2 * self.num_kv_heads, self.head_dim)
-        k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, H, hd] each
-        k = rotate(k, cos[-horizon:], sin[-horizon:])
-        if cond is not None:  # the prefix cache: only the action rows are projected
-            k = torch.cat([cond[0], k], dim=2)
-            v = torch.cat([cond[1], v], dim=2)
+        # rotary q and k, the prefix in front (block_epilogues: torch ops or one kernel)
+        q, k, v = rotate_qkv(self.q(h), self.kv(h), cos, sin, cond, self.num_heads,
+                             self.num_kv_heads)  # fmt: skip
         # query heads sharing a key/value head are folded into its rows (heads are grouped
         # contiguously): no copy of K and V per query head (at B = 8 with an 816-token
         # prefix that copy would move more bytes per step than the weights)
@@ -169,9 +170,12 @@ class _Block(nn.Module):
         )
         # the residual adds ride in the output projections' GEMMs (no biases there)
         x1 = linear_residual(self.o, attn.transpose(1, 2).reshape(batch, horizon, -1), x)
-        gate, up = self.gate_up(self.mlp_norm(x1)).chunk(2, dim=-1)
-        act = F.gelu(gate, approximate="tanh")
-        out = linear_residual(self.down, act * up, x1)
+        gate_up = self.gate_up(self.mlp_norm(x1))
+        hidden, act = gated_gelu(gate_up, save_act=save)
+        out = linear_residual(self.down, hidden, x1)
+        if not save:
+            return out, None
+        gate, up = gate_up.chunk(2, dim=-1)
         return out, BlockSaved(x, q, k, v, x1, gate, up, act)
 
 

@@ -1,0 +1,114 @@
+"""The flow-transformer block's element-wise epilogues: torch ops, or two Triton kernels.
+
+Between its GEMMs a :class:`~ate_fast.models.flow_transformer.FlowTransformerHead` block
+runs small element-wise ops — the rotary rotation of queries and keys, the prefix's keys
+and values concatenated in front, the gated GELU — and a captured step launches each as a
+kernel: at B = 1 each takes a few microseconds of a step whose GEMMs read the weights in
+tens, so their count, not their bytes, is what they cost (``benchmarks/README.md``,
+"Kernels per flow-transformer block"). Two functions cover them:
+
+* :func:`rotate_qkv` — from the q and kv projections' outputs, the queries
+  ``[B, heads, H, hd]`` and keys / values ``[B, kv_heads, L + H, hd]`` attention reads
+  (torch: 8 kernels with a prefix, 6 without; Triton: 1);
+* :func:`gated_gelu` — ``gelu_tanh(gate)·up`` and, for the input-VJP, the GELU
+  (torch: 2 kernels; Triton: 1).
+
+Which path runs: ``ATE_FAST_FLOW_EPILOGUES=torch|triton`` (default ``torch``: the Triton
+kernels, :mod:`ate_fast.models.block_epilogues_triton`, have never run on a GPU; the CPU
+runs them only through ``TRITON_INTERPRET=1``). ``triton`` raises
+:class:`~ate_fast.errors.BackendUnavailableError` where Triton cannot run. Even then the
+torch ops run when autograd records (an input requires grad: training, an autograd VJP),
+under ``torch.compile`` / ``torch.export`` tracing (Inductor fuses the torch ops itself; the
+ONNX export traces them), and on tensor subclasses — the kernels have no backward and no
+symbolic form.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.models.rotary import rotate
+from ate_fast.ops import backends
+
+ENV_VAR = "ATE_FAST_FLOW_EPILOGUES"
+PATHS = ("torch", "triton")
+
+
+def selected_path() -> str:
+    """``torch`` or ``triton``: ``$ATE_FAST_FLOW_EPILOGUES``, default ``torch``."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return "torch"
+    if value not in PATHS:
+        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
+    return value
+
+
+def _use_triton(*tensors: Tensor) -> bool:
+    if selected_path() == "torch":
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if any(type(t) is not Tensor for t in tensors):  # fake / functional / other subclasses
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    ok, why = backends.availability("triton", tensors[0].device.type)
+    if not ok:
+        raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
+    return True
+
+
+def rotate_qkv(
+    q_lin: Tensor,
+    kv_lin: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    prefix: Optional[tuple[Tensor, Tensor]],
+    heads: int,
+    kv_heads: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention's inputs from the projections: ``q`` [B, heads, H, hd] (contiguous) and
+    ``k``, ``v`` [B, kv_heads, L + H, hd], queries and keys rotated at positions L…L+H−1,
+    the prefix's ``(keys, values)`` [B, kv_heads, L, hd] (keys already rotated) in front.
+
+    ``q_lin`` [B, H, heads·hd] and ``kv_lin`` [B, H, 2·kv_heads·hd] (keys' heads first);
+    ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`);
+    ``prefix`` None when there is none (L = 0)."""
+    if _use_triton(q_lin, kv_lin, *(prefix or ())):
+        from ate_fast.models import block_epilogues_triton as kernels
+
+        if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):
+            prefix = (prefix[0].contiguous(), prefix[1].contiguous())
+        return kernels.rotate_qkv(
+            q_lin.contiguous(), kv_lin.contiguous(), cos.contiguous(), sin.contiguous(),
+            prefix, heads, kv_heads,
+        )  # fmt: skip
+    batch, horizon, _ = q_lin.shape
+    q = q_lin.view(batch, horizon, heads, -1).transpose(1, 2)
+    q = rotate(q, cos[-horizon:], sin[-horizon:])
+    kv = kv_lin.view(batch, horizon, 2 * kv_heads, q.shape[-1])
+    k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, H, hd] each
+    k = rotate(k, cos[-horizon:], sin[-horizon:])
+    if prefix is not None:  # the prefix cache: only the action rows are projected
+        k = torch.cat([prefix[0], k], dim=2)
+        v = torch.cat([prefix[1], v], dim=2)
+    return q, k, v
+
+
+def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """``(gelu_tanh(gate)·up, gelu_tanh(gate) if save_act else None)`` [.., F] for
+    ``gate_up`` [.., 2F] split as ``gate, up`` (Gemma's gated MLP)."""
+    if _use_triton(gate_up):
+        from ate_fast.models import block_epilogues_triton as kernels
+
+        return kernels.gated_gelu(gate_up.contiguous(), save_act)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = F.gelu(gate, approximate="tanh")
+    return act * up, act if save_act else None
