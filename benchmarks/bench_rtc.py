@@ -18,6 +18,10 @@ Rows (``extra_info["impl"]``):
   (``forward_with_vjp``), forward ops only.
 - ``rtc_autograd``: the same capture with the head behind a lambda, so the sampler takes
   the VJP by ``torch.autograd.grad`` (what the hand-written VJP saves).
+- ``rtc_triton_epilogues`` (GPU rows of the flow transformers): ``rtc`` with
+  ``ATE_FAST_FLOW_EPILOGUES=triton`` — the block's element-wise ops of the forward and the
+  input-VJP as Triton kernels (``ate_fast.models.block_epilogues``); the dry run includes
+  it only with ``TRITON_INTERPRET=1``.
 - ``eager``: the loop a user writes (LeRobot's ``RTCProcessor`` style): per step
   ``x.requires_grad_()``, ``v = model(x, t)``, ``x1 = x − t·v``, ``err = (Y − x1)·W``,
   ``g = autograd.grad(x1, x, err)``, ``v′ = v − min(β, w(t))·g``, Euler step.
@@ -32,6 +36,7 @@ GPU: a round is ``GPU_CALLS`` calls and one synchronisation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -43,7 +48,7 @@ import pytest
 import torch
 
 import ate_fast
-from ate_fast.models import make_head
+from ate_fast.models import block_epilogues, make_head
 from ate_fast.realtime import RTCGuidance
 from ate_fast.realtime.rtc import rtc_guidance_weight
 
@@ -55,7 +60,8 @@ HEADS = {
     "flow-transformer-small": ("flow-transformer", "small"),
     "flow-transformer-pi0-expert": ("flow-transformer", "pi0-expert"),
 }
-ROWS = ("unguided", "rtc", "rtc_autograd", "eager")
+EPILOGUES_ROW = "rtc_triton_epilogues"  # rtc with ATE_FAST_FLOW_EPILOGUES=triton (GPU)
+ROWS = ("unguided", "rtc", "rtc_autograd", "eager", EPILOGUES_ROW)
 # float32: every row but "unguided" computes the same function as "rtc" (the tolerances of
 # bench_heads.py, relative to max|ref|: float32 rounding, never timings)
 ATOL_REL = {"cpu": 5e-5, "cuda": 2e-4}
@@ -75,9 +81,32 @@ def _cases():
         for head in heads:
             for chunk in range(CHUNKS[device]):
                 for row in ROWS:
+                    if row == EPILOGUES_ROW and not _epilogues_row(device, head):
+                        continue
                     yield pytest.param(
                         device, head, chunk, row, id=f"{device}-{head}-{chunk}-{row}"
                     )
+
+
+def _epilogues_row(device: str, head: str) -> bool:
+    """The Triton-epilogue row: GPU rows of the flow transformers (their dry run on the CPU
+    only through the interpreter, ``TRITON_INTERPRET=1``)."""
+    if device != "cuda" or not head.startswith("flow-transformer"):
+        return False
+    return HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def _triton_epilogues():
+    before = os.environ.get(block_epilogues.ENV_VAR)
+    os.environ[block_epilogues.ENV_VAR] = "triton"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[block_epilogues.ENV_VAR]
+        else:
+            os.environ[block_epilogues.ENV_VAR] = before
 
 
 def build_head(key: str, device: str) -> torch.nn.Module:
@@ -112,8 +141,9 @@ def eager_rtc_loop(model: Callable, prev: torch.Tensor, weights: torch.Tensor) -
     return loop
 
 
-def rows(key: str, device: str) -> dict[str, Callable[[], torch.Tensor]]:
-    """Every row's call (no arguments) on the same noise, previous chunk and delay."""
+def rows(key: str, device: str, epilogues: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every row's call (no arguments) on the same noise, previous chunk and delay
+    (``epilogues``: with the Triton-epilogue row)."""
     head = build_head(key, device)
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(B, H, D, generator=gen).to(device)
@@ -126,12 +156,22 @@ def rows(key: str, device: str) -> dict[str, Callable[[], torch.Tensor]]:
         captured = fast.capture(noise, guidance=rtc, check_finite=False)
         captured_autograd = slow.capture(noise, guidance=rtc, check_finite=False)
     loop = eager_rtc_loop(head, prev, rtc.weights)
-    return {
+    calls = {
         "unguided": lambda: unguided(noise),
         "rtc": lambda: captured(noise),
         "rtc_autograd": lambda: captured_autograd(noise),
         "eager": lambda: loop(noise),
     }
+    if epilogues:  # set while capturing, and per call for the CPU replay
+        with _triton_epilogues(), torch.no_grad():
+            captured_kernels = fast.capture(noise, guidance=rtc, check_finite=False)
+
+        def kernels_call() -> torch.Tensor:
+            with _triton_epilogues():
+                return captured_kernels(noise)
+
+        calls[EPILOGUES_ROW] = kernels_call
+    return calls
 
 
 _ROWS_CACHE: dict[tuple[str, str], dict] = {}
@@ -151,10 +191,10 @@ def test_rtc(benchmark, time_calls, device, head, chunk, row):
     target = key[0]
     if key not in _ROWS_CACHE:
         _ROWS_CACHE.clear()  # one head's captures alive at a time (π0-expert's memory)
-        calls = rows(head, target)
+        calls = rows(head, target, epilogues=_epilogues_row(device, head))
         with torch.no_grad():
             ref = calls["rtc"]().clone()
-            for name in ("rtc_autograd", "eager"):
+            for name in [n for n in ("rtc_autograd", "eager", EPILOGUES_ROW) if n in calls]:
                 err = float((calls[name]() - ref).abs().max() / ref.abs().max())
                 assert err <= ATOL_REL[device], f"{head} {name}: relative error {err:.3g}"
             assert float((calls["unguided"]() - ref).abs().max()) > 1e-3  # RTC acts
@@ -175,13 +215,14 @@ def test_rtc(benchmark, time_calls, device, head, chunk, row):
 
 
 # ------------------------------------------------------------------------------ ratios
-RATIOS = (("rtc", "unguided"), ("eager", "rtc"), ("rtc_autograd", "rtc"))
+RATIOS = (("rtc", "unguided"), ("eager", "rtc"), ("rtc_autograd", "rtc"), ("rtc", EPILOGUES_ROW))
 
 
 def ratios(bench: dict) -> dict[str, dict[str, float]]:
     """group -> ``"a/b"`` -> the median over chunks of (a's fastest round / b's), for the
     pairs in :data:`RATIOS` (rtc/unguided: RTC's cost; eager/rtc and rtc_autograd/rtc:
-    how much faster the captured RTC call is)."""
+    how much faster the captured RTC call is; rtc/rtc_triton_epilogues: what the Triton
+    epilogues gain)."""
     chunks: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for entry in bench.get("benchmarks", []):
         extra = entry.get("extra_info", {})
@@ -194,7 +235,10 @@ def ratios(bench: dict) -> dict[str, dict[str, float]]:
             values = [c[a] / c[b] for c in per_chunk.values() if a in c and b in c]
             if values:
                 figures[f"{a}/{b}"] = statistics.median(values)
-        fastest = {impl: min(c[impl] for c in per_chunk.values() if impl in c) for impl in ROWS}
+        fastest = {
+            impl: min(c[impl] for c in per_chunk.values() if impl in c)
+            for impl in ROWS if any(impl in c for c in per_chunk.values())
+        }  # fmt: skip
         figures.update({f"{impl} ms": 1e3 * s for impl, s in fastest.items()})
         out[group] = figures
     return out

@@ -5,11 +5,14 @@ and where the torch ops must run instead (autograd, torch.compile)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import FlowTransformerHead, block_epilogues
+from ate_fast.models import flow_transformer_vjp as fv
 from ate_fast.models.rotary import rotary_tables
 from ate_fast.sampling import FlowSampler
 
@@ -132,6 +135,74 @@ def test_gated_gelu_matches_torch(path, dtype, save_act):
         assert (error <= _rounding(dtype) * stored.abs())[normal].all()
     else:
         torch.testing.assert_close(got[0], stored.to(dtype), rtol=0, atol=0)
+
+
+# -- the input-VJP's epilogues (ate_fast.models.flow_transformer_vjp) -------------------------
+def _vjp_inputs(dtype):
+    """Random inputs of the four VJP epilogues (B = 2, H = 5, 4 query heads / 2 kv heads of
+    12, width 24, MLP 20, 7 prefix + 5 action keys), stored in ``dtype``."""
+    g = torch.Generator().manual_seed(7)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    gate_up = 3 * rand(2, 5, 40)
+    gate, up = gate_up.chunk(2, dim=-1)  # rows of stride 2F, as the forward keeps them
+    act = torch.nn.functional.gelu(gate.double(), approximate="tanh").to(dtype)
+    saved = fv.BlockSaved(None, None, None, None, None, gate, up, act)
+    cos, sin = _tables(12, 12, dtype)
+    return {
+        "gelu": (rand(2, 5, 20), saved),
+        "rms": (rand(2, 5, 24), 1 + rand(2, 5, 24), rand(2, 5, 24)),
+        "softmax": (3 * rand(2, 2, 10, 12), rand(2, 2, 10, 12)),
+        "unrotate": (rand(2, 4, 5, 12), rand(2, 2, 5, 12), rand(2, 2, 5, 12), cos, sin),
+    }
+
+
+def _upcast(value):
+    if isinstance(value, torch.Tensor):
+        return value.double()
+    if isinstance(value, fv.BlockSaved):
+        return fv.BlockSaved(*(None if t is None else t.double() for t in value))
+    return value
+
+
+def _vjp_calls(norm):
+    return {
+        "gelu": lambda dm, saved: fv.gelu_gate_backward(dm, saved),
+        "rms": lambda grad, x, res: fv.rms_norm_vjp(grad, x, norm, residual=res),
+        "rms-no-residual": lambda grad, x, res: fv.rms_norm_vjp(grad, x, norm),
+        "softmax": lambda s, dp: fv.softmax_backward(s, dp, 12**-0.5),
+        "unrotate": fv.unrotate_pack,
+    }
+
+
+# (epilogue, RMSNorm with a weight): the weight matters to the RMSNorm VJP only
+VJP_CASES = [("gelu", True), ("rms", True), ("rms", False), ("rms-no-residual", True),
+             ("rms-no-residual", False), ("softmax", True), ("unrotate", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which,affine", VJP_CASES, ids=lambda v: str(v))
+def test_vjp_epilogues_match_float64(path, dtype, which, affine):
+    """Each of the input-VJP's Triton epilogues against the torch path in float64 on the
+    same (rounded) inputs: float32 arithmetic, one rounding to the storage dtype."""
+    norm = torch.nn.RMSNorm(24, eps=1e-6, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.5 * torch.randn(24, generator=torch.Generator().manual_seed(1)))
+    norm = norm.to(dtype)  # the weight in the storage dtype, as in a cast head
+    args = _vjp_inputs(dtype)[which.split("-")[0]]
+    path("torch")
+    exact = _vjp_calls(copy.deepcopy(norm).double())[which](*[_upcast(a) for a in args])
+    path("triton")
+    with torch.no_grad():
+        got = _vjp_calls(norm)[which](*args)
+    exact, got = (exact, got) if isinstance(got, tuple) else ((exact,), (got,))
+    bound = {torch.float64: 1e-13, torch.float32: 1e-5}.get(dtype) or _rounding(dtype) + 1e-5
+    for e, k in zip(exact, got):
+        assert k.shape == e.shape and k.dtype == dtype
+        assert (k.double() - e).abs().max() <= bound * e.abs().max()
 
 
 def _head(dtype, device="cpu"):

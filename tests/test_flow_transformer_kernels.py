@@ -81,3 +81,39 @@ def test_rotation_is_three_ops_and_exact():
     want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
     assert got.is_contiguous()  # the grouped-query fold of the queries stays a view
+
+
+# the input-VJP per block (RTC's pullback), float32: 5 GEMMs, 5 batched GEMMs and the
+# softmax, and 44 element-wise / row ops with the torch epilogues (2 × 11 for the RMSNorm
+# VJPs, 9 for the rotation's transpose and the packing, 5 for the softmax backward, 4 for
+# the gated GELU's); with ATE_FAST_FLOW_EPILOGUES=triton those 44 + the softmax are 5
+# Triton kernels and 11 ATen ops remain (the GEMMs and one layout copy of the attention
+# output's gradient)
+VJP_BLOCK_OPS = {"torch": 55, "triton": 11}
+# what Triton's interpreter dispatches around a launch (copies to and from its host arrays)
+_INTERPRETER_OPS = {"set_", "copy_", "new_empty", "empty_like", "promote_types"}
+
+
+def _ops_of_vjp(depth: int) -> collections.Counter:
+    torch.manual_seed(0)
+    head = make_head("flow-transformer", "small", depth=depth).eval()
+    x, t = torch.randn(1, 50, 32), torch.rand(1)
+    cache = head.prefix_cache(torch.randn(1, 64, head.config.width))
+    with torch.no_grad():
+        out, pullback = head.forward_with_vjp(x, t, cache)
+        u = torch.randn_like(out)
+        with _Count() as count:
+            pullback(u)
+    return count.ops
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_vjp_ops_per_block(monkeypatch, path):
+    if path == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", path)
+    per_block = _ops_of_vjp(2) - _ops_of_vjp(1)
+    for name in _INTERPRETER_OPS:
+        per_block.pop(name, None)
+    assert sum(per_block.values()) == VJP_BLOCK_OPS[path], dict(per_block)
+    assert per_block["addmm"] == 1  # dq·W_q rides in the kv gradient's GEMM as its C

@@ -176,6 +176,34 @@ def flow_block_variants(target) -> int:
                 lambda name, d=store: d, {}, target, f"{store} SAVE_ACT={save}", options,
             )  # fmt: skip
             count += 1
+        count += _flow_block_vjp_variants(target, store, options)
+    return count
+
+
+def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
+    """The input-VJP's epilogues in one storage dtype: the gated GELU's backward, the
+    RMSNorm VJP (with / without weight and residual; the small head's and π0's widths 256,
+    1024), the softmax backward (π0's 866 keys: 1024), the unrotation (head dims 64, 256)."""
+    count = 0
+
+    def typed(name, d=store):
+        return d
+
+    compile_one(fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK}, typed, {}, target,
+                store, options)  # fmt: skip
+    for has_w, has_r, block in itertools.product((True, False), (True, False), (256, 1024)):
+        compile_one(
+            fb._rms_norm_vjp_kernel, {"HAS_W": has_w, "HAS_R": has_r, "BLOCK": block}, typed,
+            {"eps": "fp32"}, target, f"{store} HAS_W={has_w} HAS_R={has_r} BLOCK={block}",
+            options,
+        )  # fmt: skip
+    for block in (128, 1024):
+        compile_one(fb._softmax_backward_kernel, {"BLOCK": block}, typed, {"scale": "fp32"},
+                    target, f"{store} BLOCK={block}", options)  # fmt: skip
+    for block_d in (64, 256):
+        compile_one(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d}, typed,
+                    {}, target, f"{store} BLOCK_D={block_d}", options)  # fmt: skip
+    count += 1 + 8 + 2 + 2
     return count
 
 

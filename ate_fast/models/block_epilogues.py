@@ -13,6 +13,12 @@ tens, so their count, not their bytes, is what they cost (``benchmarks/README.md
 * :func:`gated_gelu` — ``gelu_tanh(gate)·up`` and, for the input-VJP, the GELU
   (torch: 2 kernels; Triton: 1).
 
+The hand-written input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`, real-time
+chunking's pullback) has four more, chosen by the same setting: the gated GELU's backward,
+RMSNorm's input-VJP with the residual's gradient added, the softmax recomputed with its
+backward, and the rotation undone with the gradients packed into the projections' layout
+(torch: 45 kernels per block — 44 element-wise and row ops and the softmax; Triton: 5).
+
 Which path runs: ``ATE_FAST_FLOW_EPILOGUES=torch|triton`` (default ``torch``: the Triton
 kernels, :mod:`ate_fast.models.block_epilogues_triton`, have never run on a GPU; the CPU
 runs them only through ``TRITON_INTERPRET=1``). ``triton`` raises
@@ -20,7 +26,9 @@ runs them only through ``TRITON_INTERPRET=1``). ``triton`` raises
 torch ops run when autograd records (an input requires grad: training, an autograd VJP),
 under ``torch.compile`` / ``torch.export`` tracing (Inductor fuses the torch ops itself; the
 ONNX export traces them), and on tensor subclasses — the kernels have no backward and no
-symbolic form.
+symbolic form. The two paths round differently (the kernels compute in float32 and round
+once per output), so with the kernels selected a head's output under autograd (torch ops)
+and without it (kernels) agree to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models.rotary import rotate
@@ -38,6 +46,7 @@ from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_FLOW_EPILOGUES"
 PATHS = ("torch", "triton")
+MAX_ROW = 16384  # the longest row (width, or keys per softmax row) one Triton program holds
 
 
 def selected_path() -> str:
@@ -50,12 +59,14 @@ def selected_path() -> str:
     return value
 
 
-def _use_triton(*tensors: Tensor) -> bool:
+def use_triton(*tensors: Tensor) -> bool:
+    """Whether the Triton kernels run on ``tensors`` (see the module's docs; raises where
+    ``triton`` is selected and cannot run)."""
     if selected_path() == "torch":
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if any(type(t) is not Tensor for t in tensors):  # fake / functional / other subclasses
+    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):  # fake, functional, …
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
@@ -81,8 +92,8 @@ def rotate_qkv(
     ``q_lin`` [B, H, heads·hd] and ``kv_lin`` [B, H, 2·kv_heads·hd] (keys' heads first);
     ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`);
     ``prefix`` None when there is none (L = 0)."""
-    if _use_triton(q_lin, kv_lin, *(prefix or ())):
-        from ate_fast.models import block_epilogues_triton as kernels
+    if use_triton(q_lin, kv_lin, *(prefix or ())):
+        import ate_fast.models.block_epilogues_triton as kernels
 
         if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):
             prefix = (prefix[0].contiguous(), prefix[1].contiguous())
@@ -105,8 +116,8 @@ def rotate_qkv(
 def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """``(gelu_tanh(gate)·up, gelu_tanh(gate) if save_act else None)`` [.., F] for
     ``gate_up`` [.., 2F] split as ``gate, up`` (Gemma's gated MLP)."""
-    if _use_triton(gate_up):
-        from ate_fast.models import block_epilogues_triton as kernels
+    if use_triton(gate_up):
+        import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.gated_gelu(gate_up.contiguous(), save_act)
     gate, up = gate_up.chunk(2, dim=-1)

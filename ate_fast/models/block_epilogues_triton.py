@@ -7,7 +7,7 @@ Triton interpreter (float32 and float64 storage; bfloat16 too) and compile offli
 sm_87 and sm_90 (``tests/triton_offline_compile.py``, group ``flow_block``); their speed is
 unmeasured, so the path is opt-in (``ATE_FAST_FLOW_EPILOGUES=triton``).
 
-Two kernels per block, replacing eight (nine without a prefix: seven) torch kernels:
+Two kernels per block for the forward, replacing ten (eight without a prefix):
 
 * :func:`rotate_qkv` — rotary positions on the queries and the action rows' keys, the
   action rows' values, and the prefix's keys and values copied in front: the inputs of
@@ -18,6 +18,17 @@ Two kernels per block, replacing eight (nine without a prefix: seven) torch kern
   ``[.., 2F]`` (torch: 2 kernels), optionally storing ``gelu_tanh(gate)`` (what the
   input-VJP reads). ``gelu_tanh(g) = g · sigmoid(2z)``, ``z = √(2/π)(g + 0.044715 g³)``:
   the same function as ``0.5 g (1 + tanh z)``.
+
+Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 45:
+
+* :func:`gelu_gate_backward` — ``[dm·up·gelu′(gate), dm·gelu(gate)]`` into the gate/up
+  projection's layout (torch: a product, ``gelu_backward``, a product, a concatenation);
+* :func:`rms_norm_vjp` — RMSNorm's input-VJP with the residual branch's gradient added, one
+  program per row (torch: ≈ 12 ops);
+* :func:`softmax_backward` — the attention probabilities recomputed from the scores and the
+  scores' gradient ``p⊙(dp − Σ p⊙dp)·scale``, one program per row (torch: 7 ops);
+* :func:`unrotate_pack` — the rotation undone on dq and dk, with dq, dk and dv written in
+  the q and kv projections' output layouts (torch: 9 ops).
 
 Arithmetic in float32 (float64 for float64 data), one rounding to the storage dtype per
 output (torch's rotation rounds ``swap(x)·sin`` first, and its gated GELU rounds the GELU
@@ -207,3 +218,179 @@ def gated_gelu(gate_up: Tensor, save_act: bool) -> tuple[Tensor, Optional[Tensor
         gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK, num_warps=NUM_WARPS
     )
     return out, act if save_act else None
+
+
+# ------------------------------------------------------------------ the input-VJP's epilogues
+@triton.jit
+def _gelu_gate_backward_kernel(
+    dm_ptr, gate_ptr, up_ptr, act_ptr, out_ptr, n, mlp, gate_sr, up_sr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    # dm, act [M, F] contiguous; gate, up rows of stride gate_sr / up_sr; out [M, 2F]:
+    # [dm·up·gelu'(gate) | dm·act]. gelu'(g) = s + 2g·s(1−s)·√(2/π)(1 + 3·0.044715 g²),
+    # s = sigmoid(2z) (= (1 + tanh z)/2).
+    e = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = e < n
+    row, col = e // mlp, e % mlp
+    dm = _compute(tl.load(dm_ptr + e, mask=ok, other=0.0))
+    g = _compute(tl.load(gate_ptr + row * gate_sr + col, mask=ok, other=0.0))
+    u = _compute(tl.load(up_ptr + row * up_sr + col, mask=ok, other=0.0))
+    a = _compute(tl.load(act_ptr + e, mask=ok, other=0.0))
+    z2 = _TWO_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+    ez = tl.exp(-tl.abs(z2))
+    s = tl.where(z2 >= 0, 1.0, ez) / (1.0 + ez)
+    slope = s + (_TWO_SQRT_2_OVER_PI * g) * s * (1.0 - s) * (1.0 + 3 * 0.044715 * g * g)
+    dst = row * (2 * mlp) + col
+    tl.store(out_ptr + dst, (dm * u * slope).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + dst + mlp, (dm * a).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Tensor:
+    """``[dm·up·gelu_tanh′(gate), dm·act]`` [.., 2F] from ``dm``, ``act`` [.., F]
+    (contiguous) and ``gate``, ``up`` [.., F] (rows of any stride, unit stride within)."""
+    mlp = dm.shape[-1]
+    out = dm.new_empty(*dm.shape[:-1], 2 * mlp)
+    n = dm.numel()
+    _gelu_gate_backward_kernel[(triton.cdiv(n, GELU_BLOCK),)](
+        dm, gate, up, act, out, n, mlp, gate.stride(-2), up.stride(-2),
+        BLOCK=GELU_BLOCK, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _rms_norm_vjp_kernel(
+    g_ptr, x_ptr, w_ptr, r_ptr, out_ptr, width, eps,
+    HAS_W: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # one program per row: out = r + rstd·(g⊙w − x̂·mean(g⊙w⊙x̂)), x̂ = x·rstd,
+    # rstd = 1/√(mean(x²) + eps); rows contiguous
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < width
+    x = _compute(tl.load(x_ptr + row * width + cols, mask=ok, other=0.0))
+    gw = _compute(tl.load(g_ptr + row * width + cols, mask=ok, other=0.0))
+    if HAS_W:
+        gw = gw * _compute(tl.load(w_ptr + cols, mask=ok, other=0.0))
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / width + eps)
+    xhat = x * rstd
+    dx = rstd * (gw - xhat * (tl.sum(gw * xhat, 0) / width))
+    if HAS_R:
+        dx = dx + _compute(tl.load(r_ptr + row * width + cols, mask=ok, other=0.0))
+    tl.store(out_ptr + row * width + cols, dx.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm_vjp(
+    grad: Tensor, x: Tensor, weight: Optional[Tensor], eps: float, residual: Optional[Tensor]
+) -> Tensor:
+    """``residual + (∂ rms_norm(x)/∂x)ᵀ grad`` [.., width], all contiguous, in one pass."""
+    width = x.shape[-1]
+    dtype = grad.dtype  # torch's type promotion, as the torch ops would give
+    for t in (x, weight, residual):
+        dtype = dtype if t is None else torch.promote_types(dtype, t.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    w = weight if weight is not None else x
+    r = residual if residual is not None else x
+    _rms_norm_vjp_kernel[(x.numel() // width,)](
+        grad, x, w, r, out, width, eps, HAS_W=weight is not None, HAS_R=residual is not None,
+        BLOCK=triton.next_power_of_2(width), num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _softmax_backward_kernel(s_ptr, dp_ptr, p_ptr, ds_ptr, n, scale, BLOCK: tl.constexpr):
+    # one program per row of scores s [R, n]: p = softmax(s·scale) (stored) and
+    # ds = p⊙(dp − Σ p⊙dp)·scale
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    s = _compute(tl.load(s_ptr + row * n + cols, mask=ok, other=0.0)) * scale
+    s = tl.where(ok, s, -float("inf"))
+    e = tl.exp(s - tl.max(s, 0))
+    p = e / tl.sum(e, 0)
+    dp = _compute(tl.load(dp_ptr + row * n + cols, mask=ok, other=0.0))
+    ds = p * (dp - tl.sum(p * dp, 0)) * scale
+    tl.store(p_ptr + row * n + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
+    tl.store(ds_ptr + row * n + cols, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+
+
+def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(p, ds)`` [.., N]: ``p = softmax(scores·scale)`` and the scores' gradient
+    ``p⊙(dp − rowsum(p⊙dp))·scale``, from ``scores``, ``dp`` [.., N] (contiguous)."""
+    n = scores.shape[-1]
+    p, ds = torch.empty_like(scores), torch.empty_like(scores)
+    _softmax_backward_kernel[(scores.numel() // n,)](
+        scores, dp, p, ds, n, scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS
+    )
+    return p, ds
+
+
+@triton.jit
+def _unrotate_pack_kernel(
+    dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, dkvo_ptr,
+    horizon, heads, kv_heads, head_dim, table_offset, q_rows, kv_rows,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # dq [B, heads, H, hd], dk, dv [B, kv_heads, H, hd] (contiguous) -> dq [B, H, heads·hd]
+    # unrotated and [dk unrotated | dv] [B, H, 2·kv_heads·hd]: the projections' layouts
+    pid = tl.program_id(0)
+    q_progs = tl.cdiv(q_rows, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    half = head_dim // 2
+    swap = tl.where(cols < half, cols + half, cols - half)
+    col_ok = cols < head_dim
+    if pid < q_progs:
+        r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        _unrotate_rows(dq_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, r, cols, swap, col_ok,
+                       horizon, heads, head_dim, table_offset, q_rows, HAS_V=False)  # fmt: skip
+    else:
+        r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        _unrotate_rows(dk_ptr, dv_ptr, cos_ptr, sin_ptr, dkvo_ptr, r, cols, swap, col_ok,
+                       horizon, kv_heads, head_dim, table_offset, kv_rows, HAS_V=True)  # fmt: skip
+
+
+@triton.jit
+def _unrotate_rows(
+    src_ptr, v_ptr, cos_ptr, sin_ptr, dst_ptr, r, cols, swap, col_ok, horizon, heads,
+    head_dim, table_offset, rows, HAS_V: tl.constexpr,
+):  # fmt: skip
+    # rows r of src [B, heads, H, hd]: g·cos − swap(g)·sin into dst [B, H, (1 + HAS_V)·heads·hd]
+    # at head h; v's row copied after all the heads when HAS_V
+    ok = (r < rows)[:, None] & col_ok[None, :]
+    i = r % horizon
+    bh = r // horizon
+    b, h = bh // heads, bh % heads
+    src = r[:, None] * head_dim
+    g = _compute(tl.load(src_ptr + src + cols[None, :], mask=ok, other=0.0))
+    gs = _compute(tl.load(src_ptr + src + swap[None, :], mask=ok, other=0.0))
+    table = (table_offset + i)[:, None] * head_dim + cols[None, :]
+    c = _compute(tl.load(cos_ptr + table, mask=ok, other=0.0))
+    s = _compute(tl.load(sin_ptr + table, mask=ok, other=0.0))
+    out = g * c - gs * s  # the rotation's transpose (rotation by −angle)
+    width = (2 if HAS_V else 1) * heads * head_dim
+    dst = (b * horizon + i)[:, None] * width + (h * head_dim)[:, None] + cols[None, :]
+    tl.store(dst_ptr + dst, out.to(dst_ptr.dtype.element_ty), mask=ok)
+    if HAS_V:
+        v = tl.load(v_ptr + r[:, None] * head_dim + cols[None, :], mask=ok)
+        tl.store(dst_ptr + dst + heads * head_dim, v.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+def unrotate_pack(
+    dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(dq [B, H, heads·hd], [dk | dv] [B, H, 2·kv_heads·hd])`` from ``dq``
+    [B, heads, H, hd] and ``dk``, ``dv`` [B, kv_heads, H, hd] (contiguous), the rotation
+    undone on dq and dk with the tables' last H rows of ``cos``, ``sin`` [N, hd]."""
+    batch, heads, horizon, head_dim = dq.shape
+    kv_heads = dk.shape[1]
+    dqo = dq.new_empty(batch, horizon, heads * head_dim)
+    dkvo = dk.new_empty(batch, horizon, 2 * kv_heads * head_dim)
+    q_rows, kv_rows = batch * heads * horizon, batch * kv_heads * horizon
+    grid = (triton.cdiv(q_rows, ROWS) + triton.cdiv(kv_rows, ROWS),)
+    _unrotate_pack_kernel[grid](
+        dq, dk, dv, cos, sin, dqo, dkvo, horizon, heads, kv_heads, head_dim,
+        cos.shape[0] - horizon, q_rows, kv_rows,
+        ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return dqo, dkvo

@@ -21,11 +21,12 @@ graph. Per block (pre-norm, as π0's action expert), backwards:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ate_fast.models.block_epilogues import MAX_ROW, use_triton
 from ate_fast.models.rotary import swap_halves
 
 
@@ -52,6 +53,67 @@ def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm) -> Tensor:
     return rstd * (gw - xhat * (gw * xhat).mean(dim=-1, keepdim=True))
 
 
+def rms_norm_vjp(
+    grad: Tensor, x: Tensor, norm: nn.RMSNorm, residual: Optional[Tensor] = None
+) -> Tensor:
+    """``residual + (∂ norm(x)/∂x)ᵀ grad`` [..., width] (``residual`` None: 0): torch ops,
+    or one Triton kernel (:mod:`ate_fast.models.block_epilogues`)."""
+    extra = tuple(t for t in (residual, norm.weight) if t is not None)
+    if x.shape[-1] <= MAX_ROW and use_triton(grad, x, *extra):
+        import ate_fast.models.block_epilogues_triton as kernels
+
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        return kernels.rms_norm_vjp(
+            grad.contiguous(), x.contiguous(), norm.weight, eps,
+            None if residual is None else residual.contiguous(),
+        )  # fmt: skip
+    dx = rms_norm_input_vjp(grad, x, norm)
+    return dx if residual is None else residual + dx
+
+
+def gelu_gate_backward(dm: Tensor, saved: BlockSaved) -> Tensor:
+    """The gate/up projection's output gradient ``[dm·up·gelu′(gate), dm·gelu(gate)]``
+    [B, H, 2·mlp_dim] from the gated product's gradient ``dm`` [B, H, mlp_dim]."""
+    if use_triton(dm, saved.gate):
+        import ate_fast.models.block_epilogues_triton as kernels
+
+        return kernels.gelu_gate_backward(dm.contiguous(), saved.gate, saved.up,
+                                          saved.act.contiguous())  # fmt: skip
+    dgate = torch.ops.aten.gelu_backward(dm * saved.up, saved.gate, approximate="tanh")
+    return torch.cat([dgate, dm * saved.act], dim=-1)
+
+
+def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(p, ds)``: the attention probabilities ``softmax(scores·scale)`` and the scores'
+    gradient ``p ⊙ (dp − rowsum(dp ⊙ p))·scale`` [..., N]."""
+    if scores.shape[-1] <= MAX_ROW and use_triton(scores, dp):
+        import ate_fast.models.block_epilogues_triton as kernels
+
+        return kernels.softmax_backward(scores.contiguous(), dp.contiguous(), scale)
+    p = torch.softmax(scores * scale, dim=-1)
+    return p, p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
+
+
+def unrotate_pack(
+    dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The q and kv projections' output gradients, ``dq`` [B, H, heads·hd] and
+    ``[dk | dv]`` [B, H, 2·kv_heads·hd], from ``dq`` [B, heads, H, hd] and ``dk``, ``dv``
+    [B, kv_heads, H, hd] (the rotation undone on dq and dk; tables ``cos``, ``sin``
+    [N, hd], their last H rows the action positions)."""
+    batch, heads, horizon, hd = dq.shape
+    if use_triton(dq, dk, dv):
+        import ate_fast.models.block_epilogues_triton as kernels
+
+        return kernels.unrotate_pack(dq.contiguous(), dk.contiguous(), dv.contiguous(),
+                                     cos.contiguous(), sin.contiguous())  # fmt: skip
+    dq = unrotate(dq, cos[-horizon:], sin[-horizon:])
+    dk = unrotate(dk, cos[-horizon:], sin[-horizon:])
+    dq = dq.transpose(1, 2).reshape(batch, horizon, heads * hd)
+    kv_width = 2 * dk.shape[1] * hd
+    return dq, torch.cat([dk, dv], dim=1).transpose(1, 2).reshape(batch, horizon, kv_width)
+
+
 def unrotate(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The transpose of the rotary rotation (rotation by −angle) on the last dim of
     ``grad`` [..., N, hd] with the rotary tables cos/sin [N, hd]
@@ -71,18 +133,17 @@ def attention_input_vjp(
     qg = q.reshape(batch, kv_heads, rows, hd)
     dog = do.reshape(batch, kv_heads, rows, hd)
     scale = 1.0 / math.sqrt(hd)
-    p = torch.softmax((qg @ k.transpose(-1, -2)) * scale, dim=-1)  # [B, kvh, rows, N]
     dp = dog @ v.transpose(-1, -2)
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
+    p, ds = softmax_backward(qg @ k.transpose(-1, -2), dp, scale)  # [B, kvh, rows, N]
     dq = (ds @ k).view(batch, heads, horizon, hd)
     actions = slice(length - horizon, length)  # the rows of K and V that depend on x
     dk = ds[..., actions].transpose(-1, -2) @ qg  # [B, kvh, H, hd]
     dv = p[..., actions].transpose(-1, -2) @ dog
-    dq = unrotate(dq, cos[-horizon:], sin[-horizon:])
-    dk = unrotate(dk, cos[-horizon:], sin[-horizon:])
-    dq = dq.transpose(1, 2).reshape(batch, horizon, heads * hd)
-    dkv = torch.cat([dk, dv], dim=1).transpose(1, 2).reshape(batch, horizon, 2 * kv_heads * hd)
-    return dq @ block.q.weight + dkv @ block.kv.weight
+    dq, dkv = unrotate_pack(dq, dk, dv, cos, sin)
+    # dq·W_q + dkv·W_kv with the first product as the second GEMM's C operand
+    out = torch.addmm((dq @ block.q.weight).view(-1, block.q.weight.shape[1]),
+                      dkv.view(-1, dkv.shape[-1]), block.kv.weight)  # fmt: skip
+    return out.view(batch, horizon, -1)
 
 
 def block_input_vjp(
@@ -90,13 +151,12 @@ def block_input_vjp(
 ) -> Tensor:
     """``(∂ block(x)/∂x)ᵀ grad`` [B, H, width] from ``grad`` on the block's output."""
     dm = grad @ block.down.weight  # [B, H, mlp_dim]
-    dgate = torch.ops.aten.gelu_backward(dm * saved.up, saved.gate, approximate="tanh")
-    dgu = torch.cat([dgate, dm * saved.act], dim=-1)
-    dx1 = grad + rms_norm_input_vjp(dgu @ block.gate_up.weight, saved.x1, block.mlp_norm)
+    dgu = gelu_gate_backward(dm, saved)
+    dx1 = rms_norm_vjp(dgu @ block.gate_up.weight, saved.x1, block.mlp_norm, residual=grad)
     batch, horizon, _ = grad.shape
     do = (dx1 @ block.o.weight).view(batch, horizon, block.num_heads, block.head_dim)
     dh = attention_input_vjp(block, do.transpose(1, 2), saved, cos, sin)
-    return dx1 + rms_norm_input_vjp(dh, saved.x, block.attn_norm)
+    return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1)
 
 
 def head_input_vjp(
@@ -113,7 +173,7 @@ def head_input_vjp(
     ``tokens`` [B, H, width]: the last block's output; ``saved``: each block's
     :class:`BlockSaved`; ``pre_silu`` [B, H, width]: the time MLP's SiLU input.
     """
-    g = rms_norm_input_vjp(u @ head.action_out.weight, tokens, head.final_norm)
+    g = rms_norm_vjp(u @ head.action_out.weight, tokens, head.final_norm)
     for block, kept in zip(reversed(head.blocks), reversed(saved)):
         g = block_input_vjp(block, g, kept, cos, sin)
     s = torch.sigmoid(pre_silu)
