@@ -59,6 +59,15 @@ def _compute(x):
 
 
 @triton.jit
+def _head_columns(head_dim, BLOCK_D: tl.constexpr):
+    # a head's columns [BLOCK_D], each one's partner in the other half (rotate-half), and
+    # which columns exist (head_dim ≤ BLOCK_D)
+    cols = tl.arange(0, BLOCK_D)
+    half = head_dim // 2
+    return cols, tl.where(cols < half, cols + half, cols - half), cols < head_dim
+
+
+@triton.jit
 def _rotated(src_ptr, row_off, table_row, cos_ptr, sin_ptr, cols, swap, ok, head_dim):
     # x·cos + swap(x)·sin for the rows at src_ptr + row_off [R] (cols [D] within a head)
     x = _compute(tl.load(src_ptr + row_off[:, None] + cols[None, :], mask=ok, other=0.0))
@@ -82,10 +91,7 @@ def _rotate_qkv_kernel(
     pid = tl.program_id(0)
     q_progs = tl.cdiv(q_rows, ROWS)
     kv_progs = tl.cdiv(kv_rows, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    half = head_dim // 2
-    swap = tl.where(cols < half, cols + half, cols - half)
-    col_ok = cols < head_dim
+    cols, swap, col_ok = _head_columns(head_dim, BLOCK_D)
     # each range in its own function: a compiled if/else must give a name one type
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
@@ -336,10 +342,7 @@ def _unrotate_pack_kernel(
     # unrotated and [dk unrotated | dv] [B, H, 2·kv_heads·hd]: the projections' layouts
     pid = tl.program_id(0)
     q_progs = tl.cdiv(q_rows, ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    half = head_dim // 2
-    swap = tl.where(cols < half, cols + half, cols - half)
-    col_ok = cols < head_dim
+    cols, swap, col_ok = _head_columns(head_dim, BLOCK_D)
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _unrotate_rows(dq_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, r, cols, swap, col_ok,
