@@ -75,7 +75,8 @@ guidance term fails). A round is one call and one synchronisation. Rounds are ca
 (``ROW_SECONDS``, ``MAX_ROUNDS``).
 
 Budget: ``ATE_FAST_REALSIZE_BUDGET_S`` (seconds from import). Cases run in priority order
-(every eager and ate_capture row first, then the compiled rows at B = 1, then at B = 8); a
+(every eager and ate_capture row first and the Triton-epilogue row at B = 1, then the
+compiled rows at B = 1, the Triton-epilogue row at B = 8, the compiled rows at B = 8); a
 case is skipped, and recorded as skipped in realsize.json/.md, when the seconds spent plus
 its guessed cost (``CASE_GUESS_S`` + the ``COMPILE_GUESS_S`` of the compile units it would
 be first to build) exceed the budget.
@@ -153,7 +154,7 @@ COMPILE_GUESS_S = {
 CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     "eager": 5.0,
     "ate_capture": 4.0,
-    EPILOGUES_ROW: 4.0,
+    EPILOGUES_ROW: 10.0,  # + Triton compiling its two kernels at first use
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -174,7 +175,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cases (the compiled rows at B = 8) first."""
     b1, b8 = BATCHES
     cheap = [(b, g, r) for b in BATCHES for g in GUIDANCES for r in ("eager", "ate_capture")]
-    cheap += [(b, "unguided", EPILOGUES_ROW) for b in BATCHES]  # the kernels' own A/B
+    cheap.append((b1, "unguided", EPILOGUES_ROW))  # the Triton epilogues' A/B (B = 8: later)
     compiled_b1 = [
         (b1, "unguided", "compile_max_autotune"),
         (b1, "unguided", "ate_capture_compiled"),
@@ -186,7 +187,7 @@ def _cases() -> list[tuple[int, str, str]]:
     compiled_b8 = [(b8, g, r) for (_, g, r) in compiled_b1]
     if DRY_RUN and not DRY_RUN_FULL:
         compiled_b8 = []
-    return cheap + compiled_b1 + compiled_b8
+    return cheap + compiled_b1 + [(b8, "unguided", EPILOGUES_ROW)] + compiled_b8
 
 
 CASES = _cases() if HAS_GPU or DRY_RUN else []
