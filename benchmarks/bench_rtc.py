@@ -36,13 +36,13 @@ GPU: a round is ``GPU_CALLS`` calls and one synchronisation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
 import sys
 from collections import defaultdict
 from typing import Callable, Optional
+from unittest import mock
 
 import pytest
 import torch
@@ -96,17 +96,9 @@ def _epilogues_row(device: str, head: str) -> bool:
     return HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@contextlib.contextmanager
 def _triton_epilogues():
-    before = os.environ.get(block_epilogues.ENV_VAR)
-    os.environ[block_epilogues.ENV_VAR] = "triton"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[block_epilogues.ENV_VAR]
-        else:
-            os.environ[block_epilogues.ENV_VAR] = before
+    """The environment with ``ATE_FAST_FLOW_EPILOGUES=triton`` while it lasts (a context)."""
+    return mock.patch.dict(os.environ, {block_epilogues.ENV_VAR: "triton"})
 
 
 def build_head(key: str, device: str) -> torch.nn.Module:
