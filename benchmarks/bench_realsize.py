@@ -61,7 +61,13 @@ Floor (per problem): the bytes that must be read per call, STEPS × (the head's 
 weights + the encoder's bf16 weights when guided, each weight once per step + the prefix
 cache), divided by the device copy bandwidth measured in the same run (a 1 GiB
 device-to-device copy, bytes moved = 2 × size, best of ``COPY_REPEATS``). Each row reports
-``x_floor`` = median / floor (target ≤ 2) and ``floor_fraction`` = floor / median.
+``x_floor`` = median / floor (target ≤ 2) and ``floor_fraction`` = floor / median. Each
+row also records ``floor_flops`` (:func:`floor_flops`: the GEMM and attention FLOPs per
+call, for a compute floor).
+
+Jetson: realsize.json/.md end with the AGX Orin projection of every timed row
+(``jetson_projection.py``: the row's ``x_floor`` applied to the Orin's weight-read floor at
+204.8 GB/s, labelled a projection; compute-bound rows flagged).
 
 Targets (reported met / not met for ``ate_capture`` and ``ate_capture_compiled``): the
 whole call ≤ 2× its floor; ≥ 1.3× faster than ``compile_max_autotune``; Transformer
@@ -101,6 +107,7 @@ from ate_fast.models.flow_transformer import PrefixCache
 from ate_fast.sampling import FlowSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jetson_projection
 from kernel_profile import kernel_profile
 
 HAS_GPU = torch.cuda.is_available()
@@ -392,6 +399,30 @@ def floor_bytes(batch: int, guidance: str) -> dict:
     return {**parts, "steps": STEPS, "per_call": STEPS * sum(parts.values())}
 
 
+def _matrix_elements(module: torch.nn.Module) -> int:
+    """Elements of a module's 2-D parameters: its GEMMs' weights (one multiply-add each per
+    row through them)."""
+    return sum(p.numel() for p in module.parameters() if p.ndim == 2)
+
+
+def floor_flops(batch: int, guidance: str) -> int:
+    """FLOPs per call no kernel can skip (2 per multiply-add), for a compute floor: per step
+    the head's weight matrices on its B·H tokens, attention of those tokens' queries
+    against the prefix and the chunk (QKᵀ and PV), and, guided, the encoder's forward and
+    input-VJP (each a pass through its matrices: the MLP encoder's on one flattened row per
+    sample, the Transformer encoder's on H tokens per sample)."""
+    head = _head()
+    cfg = head.config
+    tokens = batch * H
+    step = 2 * _matrix_elements(head) * tokens
+    step += 2 * 2 * tokens * (PREFIX + H) * cfg.num_heads * cfg.head_dim * cfg.depth
+    enc = _guidance_encoder(guidance)
+    if enc is not None:
+        rows = batch if guidance == "mlp-guided" else tokens
+        step += 2 * 2 * _matrix_elements(enc.vae.encoder) * rows
+    return STEPS * step
+
+
 # -- the rows --------------------------------------------------------------------------------
 def _flow_times() -> tuple[list[float], list[float], float]:
     """openpi's grid: t = 1, 0.9, …, 0.1; the guidance coefficients c = −t/(1−t); dt."""
@@ -546,10 +577,22 @@ def write_report(out_dir: Optional[Path] = None) -> None:
         "floors": {f"B={b} {g}": floor_bytes(b, g) for b in BATCHES for g in GUIDANCES},
         **_RESULTS,
     }
-    data["rows"] = {key: value for key, value in sorted(_RESULTS["rows"].items())}
+    data["rows"] = _ordered(_RESULTS["rows"])
     data["targets"] = targets(data)
+    data["jetson_projection"] = jetson_projection.project(data)
     (out_dir / "realsize.json").write_text(json.dumps(data, indent=2) + "\n")
     (out_dir / "realsize.md").write_text(markdown(data))
+
+
+def _ordered(rows: dict) -> dict:
+    """``rows`` in the report's order: by B, then guidance and row as in GUIDANCES, ROWS."""
+
+    def order(item: tuple) -> tuple:
+        e = item[1]
+        row = ROWS.index(e["row"]) if e["row"] in ROWS else len(ROWS)
+        return e["B"], GUIDANCES.index(e["guidance"]), row, e["row"]
+
+    return dict(sorted(rows.items(), key=order))
 
 
 def _row_key(batch: int, guidance: str, row: str) -> str:
@@ -643,6 +686,7 @@ def markdown(data: dict) -> str:
     if data["setup_s"]:
         setups = ", ".join(f"{k} {v:.1f} s" for k, v in data["setup_s"].items())
         lines += ["", f"Set-up (build, compile, capture, warm-up) per case: {setups}"]
+    lines += ["", jetson_projection.markdown(data).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -696,7 +740,7 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         impl=row, suite="realsize", device=DEVICE, B=batch, guidance=guidance, calls=1, H=H,
         D=D, prefix=PREFIX, dtype="bfloat16", floor_bytes=floor["per_call"], floor_s=floor_s,
         copy_bytes_per_s=bw["bytes_per_s"], copy_bytes=bw["copy_bytes"], torch=torch.__version__,
-        dry_run=DRY_RUN,
+        dry_run=DRY_RUN, floor_flops=floor_flops(batch, guidance),
     )  # fmt: skip
     noise = _noise(batch)
     reference(batch, guidance)
@@ -735,7 +779,8 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
     _RESULTS["rows"][_row_key(*case)] = {
         "B": batch, "guidance": guidance, "row": row, "median_s": median, "min_s": min(times),
         "rounds": len(times), "floor_s": floor_s, "x_floor": median / floor_s,
-        "floor_fraction": floor_s / median, **errors, **kernels,
+        "floor_fraction": floor_s / median, "floor_bytes": floor["per_call"],
+        "floor_flops": floor_flops(batch, guidance), **errors, **kernels,
     }  # fmt: skip
     _RESULTS["setup_s"][_row_key(*case)] = setup_s
     write_report()
@@ -770,7 +815,7 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
             "B": e["B"], "guidance": e["guidance"], "row": e["impl"], "median_s": median,
             "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"], "floor_s": floor_s,
             "x_floor": median / floor_s, "floor_fraction": floor_s / median,
-            **{k: e[k] for k in ("kernels", "busy_s") if k in e},
+            **{k: e[k] for k in ("kernels", "busy_s", "floor_bytes", "floor_flops") if k in e},
         }  # fmt: skip
     first = entries[0]["extra_info"]
     data = {
@@ -793,11 +838,12 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
             "best_s": None,
             "bytes_per_s": first["copy_bytes_per_s"],
         },
-        "rows": rows,
+        "rows": _ordered(rows),
         "skipped": [],
         "setup_s": {},
     }
     data["targets"] = targets(data)
+    data["jetson_projection"] = jetson_projection.project(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "realsize.json").write_text(json.dumps(data, indent=2) + "\n")
     text = markdown(data)

@@ -173,6 +173,13 @@ def transformer_path_lines(table: dict[str, dict[str, float]]) -> list[str]:
     return ["Transformer-encoder guidance, graphed paths:", "", *lines, ""] if lines else []
 
 
+def _demoted(markdown_text: str) -> str:
+    """Every Markdown heading of ``markdown_text`` one level down."""
+    return "\n".join(
+        "#" + line if line.startswith("#") else line for line in markdown_text.splitlines()
+    )
+
+
 def _optional_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
@@ -217,8 +224,8 @@ def main(out_dir: Path) -> None:
     tests = result["cuda_tests"]
     summary = [f"# GPU suite {date} on {gpu}", "", f"cuda-marked tests: {json.dumps(tests)}", ""]
     realsize_md = out_dir / "realsize.md"
-    if realsize_md.exists():  # its title is a level-1 heading: one level down here
-        summary += ["#" + realsize_md.read_text(), ""]
+    if realsize_md.exists():  # its headings one level down here (its title is level 1)
+        summary += [_demoted(realsize_md.read_text()), ""]
     for suite, suite_rows in general.items():
         summary += [f"## {suite}", "", markdown(suite_rows) if suite_rows else "(no results)", ""]
     if not general:
