@@ -63,7 +63,9 @@ cache), divided by the device copy bandwidth measured in the same run (a 1 GiB
 device-to-device copy, bytes moved = 2 × size, best of ``COPY_REPEATS``). Each row reports
 ``x_floor`` = median / floor (target ≤ 2) and ``floor_fraction`` = floor / median. Each
 row also records ``floor_flops`` (:func:`floor_flops`: the GEMM and attention FLOPs per
-call, for a compute floor).
+call) and ``compute_floor_s``, those FLOPs at the bf16 GEMM rate measured in the same run
+(:func:`gemm_throughput`); where it exceeds the bytes' floor (B = 8) the row's floor
+target is marked compute-bound.
 
 Jetson: realsize.json/.md end with the AGX Orin projection of every timed row
 (``jetson_projection.py``: the row's ``x_floor`` applied to the Orin's weight-read floor at
@@ -146,6 +148,7 @@ ATOL_REL = 5e-2
 FLIP_ALLOWANCE = 2 * LAMBDA * KAPPA * 1.0  # Σ|dt| = 1 over the flow grid
 COPY_BYTES = 1 << 26 if DRY_RUN else 1 << 30
 COPY_REPEATS = 10
+GEMM_SIZE = 1024 if DRY_RUN else 8192  # the throughput GEMM's n (8192: 1.1 TFLOP per call)
 ROW_SECONDS = 0.0 if DRY_RUN else 0.6
 MAX_ROUNDS = 1 if DRY_RUN else 30
 MIN_ROUNDS = 1 if DRY_RUN else 3
@@ -352,6 +355,28 @@ def _compiled(unit: str, batch: int) -> Callable:
     return fn
 
 
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` after two warm-up calls (CUDA events on
+    the GPU)."""
+    for _ in range(2):
+        fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def copy_bandwidth() -> dict:
     """Device copy bandwidth: a ``COPY_BYTES`` device-to-device copy, bytes moved = 2 ×
     size, best of ``COPY_REPEATS`` (CUDA events on the GPU)."""
@@ -359,31 +384,27 @@ def copy_bandwidth() -> dict:
     def build() -> dict:
         src = torch.ones(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
         dst = torch.empty_like(src)
-        for _ in range(2):
-            dst.copy_(src)
-        _sync()
-        times = []
-        for _ in range(COPY_REPEATS):
-            if DEVICE == "cuda":
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                dst.copy_(src)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                times.append(time.perf_counter() - t0)
-        del src, dst
-        best = min(times)
+        best = _best_seconds(lambda: dst.copy_(src), COPY_REPEATS)
         return {"copy_bytes": COPY_BYTES, "repeats": COPY_REPEATS, "best_s": best,
                 "bytes_per_s": 2 * COPY_BYTES / best}  # fmt: skip
 
     return _cached("bandwidth", build)
+
+
+def gemm_throughput() -> dict:
+    """Device bf16 GEMM throughput: a [n, n] @ [n, n] matmul (2n³ FLOPs, n = ``GEMM_SIZE``),
+    best of ``COPY_REPEATS`` — the compute side of a row's floor (what cuBLAS reaches on
+    the tensor cores, not the data sheet's peak)."""
+
+    def build() -> dict:
+        n = GEMM_SIZE
+        gen = torch.Generator().manual_seed(5)
+        a, b = (torch.randn(n, n, generator=gen).to(DEVICE, DTYPE) for _ in range(2))
+        out = torch.empty(n, n, dtype=DTYPE, device=DEVICE)
+        best = _best_seconds(lambda: torch.mm(a, b, out=out), COPY_REPEATS)
+        return {"n": n, "repeats": COPY_REPEATS, "best_s": best, "flops_per_s": 2 * n**3 / best}
+
+    return _cached("gemm", build)
 
 
 def floor_bytes(batch: int, guidance: str) -> dict:
@@ -574,6 +595,7 @@ def write_report(out_dir: Optional[Path] = None) -> None:
     data = {
         "environment": _environment(),
         "bandwidth": copy_bandwidth(),
+        "gemm": gemm_throughput(),
         "floors": {f"B={b} {g}": floor_bytes(b, g) for b in BATCHES for g in GUIDANCES},
         **_RESULTS,
     }
@@ -616,9 +638,11 @@ def targets(data: dict) -> list[dict]:
                 if t is None:
                     continue
                 entry = rows[_row_key(b, g, r)]
+                compute = entry.get("compute_floor_s")
                 out.append({
                     "target": f"whole call <= {FLOOR_TARGET:g}x floor", "B": b, "guidance": g,
                     "row": r, "value": entry["x_floor"], "met": entry["x_floor"] <= FLOOR_TARGET,
+                    "compute_bound": compute is not None and compute > entry["floor_s"],
                 })  # fmt: skip
                 base = median(b, g, BASELINE)
                 if base is not None:
@@ -637,6 +661,15 @@ def targets(data: dict) -> list[dict]:
     return out
 
 
+def _gemm_line(gemm: Optional[dict]) -> str:
+    if not gemm:
+        return ""
+    return (
+        f"; bf16 GEMM {gemm['flops_per_s'] / 1e12:.0f} TFLOP/s ({gemm['n']}³, best of "
+        f"{gemm['repeats']}: the compute floor's rate)"
+    )
+
+
 def markdown(data: dict) -> str:
     env, bw = data["environment"], data["bandwidth"]
     n = env.get("head_parameters")
@@ -649,13 +682,13 @@ def markdown(data: dict) -> str:
         f"torch {env['torch']}, {env['head']}, {params}"
         + (" — DRY RUN on the CPU (cut model; timings mean nothing)" if env["dry_run"] else ""),
         f"copy bandwidth {bw['bytes_per_s'] / 1e9:.0f} GB/s ({bw['copy_bytes'] >> 20} MiB copy, "
-        f"2× bytes moved, best of {bw['repeats']})",
+        f"2× bytes moved, best of {bw['repeats']})" + _gemm_line(data.get("gemm")),
         "The cache is built once per B outside the timed region; each timed call is the "
         "sampler call with the cache given.",
         "",
         "| B | guidance | row | median ms | min ms | × compile_max_autotune | × floor | "
-        f"floor fraction | floor ms | {kernels} per step | busy ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"floor fraction | floor ms | compute floor ms | {kernels} per step | busy ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = data["rows"]
     for b in env["batches"]:
@@ -668,15 +701,19 @@ def markdown(data: dict) -> str:
                 vs = f"{base['median_s'] / e['median_s']:.2f}×" if base else "–"
                 per_step = f"{e['kernels'] / env['steps']:.0f}" if "kernels" in e else "–"
                 busy = f"{e['busy_s'] * 1e3:.3f}" if "busy_s" in e else "–"
+                compute = e.get("compute_floor_s")
+                compute = "–" if compute is None else f"{compute * 1e3:.3f}"
                 lines.append(
                     f"| {b} | {g} | {r} | {e['median_s'] * 1e3:.3f} | {e['min_s'] * 1e3:.3f} | "
                     f"{vs} | {e['x_floor']:.2f} | {e['floor_fraction']:.3f} | "
-                    f"{e['floor_s'] * 1e3:.3f} | {per_step} | {busy} |"
+                    f"{e['floor_s'] * 1e3:.3f} | {compute} | {per_step} | {busy} |"
                 )
     lines += ["", "Targets (ate rows):", ""]
     for t in data["targets"]:
         value = f"{t['value']:+.1%}" if "adds" in t["target"] else f"{t['value']:.2f}×"
         verdict = "met" if t["met"] else "not met"
+        if t.get("compute_bound"):
+            verdict += " (compute-bound: its FLOPs at the measured GEMM rate exceed its bytes)"
         lines.append(f"- B={t['B']} {t['guidance']} {t['row']}: {t['target']}: {value} — {verdict}")
     if not data["targets"]:
         lines.append("(no ate row timed)")
@@ -736,11 +773,13 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
     bw = copy_bandwidth()
     floor = floor_bytes(batch, guidance)
     floor_s = floor["per_call"] / bw["bytes_per_s"]
+    flops = floor_flops(batch, guidance)
+    compute_floor_s = flops / gemm_throughput()["flops_per_s"]
     benchmark.extra_info.update(
         impl=row, suite="realsize", device=DEVICE, B=batch, guidance=guidance, calls=1, H=H,
         D=D, prefix=PREFIX, dtype="bfloat16", floor_bytes=floor["per_call"], floor_s=floor_s,
         copy_bytes_per_s=bw["bytes_per_s"], copy_bytes=bw["copy_bytes"], torch=torch.__version__,
-        dry_run=DRY_RUN, floor_flops=floor_flops(batch, guidance),
+        dry_run=DRY_RUN, floor_flops=flops, compute_floor_s=compute_floor_s,
     )  # fmt: skip
     noise = _noise(batch)
     reference(batch, guidance)
@@ -780,7 +819,7 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         "B": batch, "guidance": guidance, "row": row, "median_s": median, "min_s": min(times),
         "rounds": len(times), "floor_s": floor_s, "x_floor": median / floor_s,
         "floor_fraction": floor_s / median, "floor_bytes": floor["per_call"],
-        "floor_flops": floor_flops(batch, guidance), **errors, **kernels,
+        "floor_flops": flops, "compute_floor_s": compute_floor_s, **errors, **kernels,
     }  # fmt: skip
     _RESULTS["setup_s"][_row_key(*case)] = setup_s
     write_report()
@@ -815,7 +854,11 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
             "B": e["B"], "guidance": e["guidance"], "row": e["impl"], "median_s": median,
             "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"], "floor_s": floor_s,
             "x_floor": median / floor_s, "floor_fraction": floor_s / median,
-            **{k: e[k] for k in ("kernels", "busy_s", "floor_bytes", "floor_flops") if k in e},
+            **{
+                k: e[k]
+                for k in ("kernels", "busy_s", "floor_bytes", "floor_flops", "compute_floor_s")
+                if k in e
+            },
         }  # fmt: skip
     first = entries[0]["extra_info"]
     data = {

@@ -160,8 +160,14 @@ def test_gpu_summary_carries_the_projection(realsize_dry_run, tmp_path, monkeypa
         H=50, D=32, steps=10, prefix_tokens=816, batches=[1, 8],
     )  # fmt: skip
     data["bandwidth"].update(copy_bytes=1 << 30, repeats=10)
-    data.update(skipped=[], setup_s={})
+    data.update(skipped=[], setup_s={}, gemm={"n": 8192, "repeats": 10, "flops_per_s": 7e14})
+    for row in data["rows"].values():  # the measured GEMM rate's compute floor, where recorded
+        if "floor_flops" in row:
+            row["compute_floor_s"] = row["floor_flops"] / 7e14
     data["targets"] = br.targets(data)
+    floor_targets = {t["B"]: t for t in data["targets"] if "floor" in t["target"]}
+    # B = 8: 2.5 PFLOP at 700 TFLOP/s = 3.6 ms > the 2.3 ms weight-read floor; B = 1: 0.45 ms
+    assert floor_targets[8]["compute_bound"] and not floor_targets[1]["compute_bound"]
     data["jetson_projection"] = projection.project(data)
     (tmp_path / "realsize.json").write_text(json.dumps(data))
     (tmp_path / "realsize.md").write_text(br.markdown(data))
@@ -174,6 +180,9 @@ def test_gpu_summary_carries_the_projection(realsize_dry_run, tmp_path, monkeypa
     assert "\n## Real size: π0 expert bf16" in text
     assert "\n### Jetson AGX Orin 64GB: projected from this run" in text
     assert "| 1 | unguided | ate_capture | 3.00 | 34.2 | 7.4 | 102.5 |" in text
+    assert "bf16 GEMM 700 TFLOP/s" in text
+    (b8_target,) = [line for line in text.splitlines() if line.startswith("- B=8 ")]
+    assert "(compute-bound" in b8_target
     (results,) = tmp_path.glob("20*-nvidia-h200.json")
     projected = json.loads(results.read_text())["realsize"]["jetson_projection"]
     assert {e["key"] for e in projected} == set(data["rows"])
