@@ -155,7 +155,8 @@ def _vjp_inputs(dtype):
         "gelu": (rand(2, 5, 20), saved),
         "rms": (rand(2, 5, 24), 1 + rand(2, 5, 24), rand(2, 5, 24)),
         "softmax": (3 * rand(2, 2, 10, 12), rand(2, 2, 10, 12)),
-        "unrotate": (rand(2, 4, 5, 12), rand(2, 2, 5, 12), rand(2, 2, 5, 12), cos, sin),
+        # dq in the queries' grouped layout [B, kv_heads, H·heads/kv_heads, hd]
+        "unrotate": (rand(2, 2, 10, 12), rand(2, 2, 5, 12), rand(2, 2, 5, 12), cos, sin),
     }
 
 

@@ -8,7 +8,8 @@ tens, so their count, not their bytes, is what they cost (``benchmarks/README.md
 "Kernels per flow-transformer block"). Two functions cover them:
 
 * :func:`rotate_qkv` — from the q and kv projections' outputs, the queries
-  ``[B, heads, H, hd]`` and keys / values ``[B, kv_heads, L + H, hd]`` attention reads
+  ``[B, kv_heads, H·heads/kv_heads, hd]`` (each key/value head's query heads folded into
+  its rows, token-major) and keys / values ``[B, kv_heads, L + H, hd]`` attention reads
   (torch: 8 kernels with a prefix, 6 without; Triton: 1);
 * :func:`gated_gelu` — ``gelu_tanh(gate)·up`` and, for the input-VJP, the GELU
   (torch: 2 kernels; Triton: 1).
@@ -17,7 +18,8 @@ The hand-written input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`, real-ti
 chunking's pullback) has four more, chosen by the same setting: the gated GELU's backward,
 RMSNorm's input-VJP with the residual's gradient added, the softmax recomputed with its
 backward, and the rotation undone with the gradients packed into the projections' layout
-(torch: 45 kernels per block — 44 element-wise and row ops and the softmax; Triton: 5).
+(torch: 43 kernels per block — 42 element-wise, row and layout ops and the softmax, with one
+kv head; Triton: 5).
 
 Which path runs: ``ATE_FAST_FLOW_EPILOGUES=torch|triton`` (default ``torch``: the Triton
 kernels, :mod:`ate_fast.models.block_epilogues_triton`, have never run on a GPU; the CPU
@@ -85,9 +87,12 @@ def rotate_qkv(
     heads: int,
     kv_heads: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention's inputs from the projections: ``q`` [B, heads, H, hd] (contiguous) and
-    ``k``, ``v`` [B, kv_heads, L + H, hd], queries and keys rotated at positions L…L+H−1,
-    the prefix's ``(keys, values)`` [B, kv_heads, L, hd] (keys already rotated) in front.
+    """Attention's inputs from the projections: ``q`` [B, kv_heads, H·g, hd] (contiguous;
+    g = heads / kv_heads: the query heads sharing a key/value head are folded into its
+    rows, ordered (token, query head) — with one kv head that is ``q_lin``'s own layout, so
+    attention's output is the o projection's input without a copy) and ``k``, ``v``
+    [B, kv_heads, L + H, hd], queries and keys rotated at positions L…L+H−1, the prefix's
+    ``(keys, values)`` [B, kv_heads, L, hd] (keys already rotated) in front.
 
     ``q_lin`` [B, H, heads·hd] and ``kv_lin`` [B, H, 2·kv_heads·hd] (keys' heads first);
     ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`);
@@ -102,8 +107,12 @@ def rotate_qkv(
             prefix, heads, kv_heads,
         )  # fmt: skip
     batch, horizon, _ = q_lin.shape
-    q = q_lin.view(batch, horizon, heads, -1).transpose(1, 2)
-    q = rotate(q, cos[-horizon:], sin[-horizon:])
+    group = heads // kv_heads
+    # [B, kv_heads, H, g, hd]: a view of q_lin; the rotation's result is contiguous in this
+    # order (rotate), so the fold into [B, kv_heads, H·g, hd] is a view too
+    q = q_lin.view(batch, horizon, kv_heads, group, -1).transpose(1, 2)
+    q = rotate(q, cos[-horizon:, None], sin[-horizon:, None])
+    q = q.view(batch, kv_heads, horizon * group, -1)
     kv = kv_lin.view(batch, horizon, 2 * kv_heads, q.shape[-1])
     k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, H, hd] each
     k = rotate(k, cos[-horizon:], sin[-horizon:])

@@ -19,7 +19,7 @@ Two kernels per block for the forward, replacing ten (eight without a prefix):
   input-VJP reads). ``gelu_tanh(g) = g · sigmoid(2z)``, ``z = √(2/π)(g + 0.044715 g³)``:
   the same function as ``0.5 g (1 + tanh z)``.
 
-Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 45:
+Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 43:
 
 * :func:`gelu_gate_backward` — ``[dm·up·gelu′(gate), dm·gelu(gate)]`` into the gate/up
   projection's layout (torch: a product, ``gelu_backward``, a product, a concatenation);
@@ -28,7 +28,7 @@ Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing 
 * :func:`softmax_backward` — the attention probabilities recomputed from the scores and the
   scores' gradient ``p⊙(dp − Σ p⊙dp)·scale``, one program per row (torch: 7 ops);
 * :func:`unrotate_pack` — the rotation undone on dq and dk, with dq, dk and dv written in
-  the q and kv projections' output layouts (torch: 9 ops).
+  the q and kv projections' output layouts (torch: 8 ops with one kv head).
 
 Arithmetic in float32 (float64 for float64 data), one rounding to the storage dtype per
 output (torch's rotation rounds ``swap(x)·sin`` first, and its gated GELU rounds the GELU
@@ -68,6 +68,16 @@ def _head_columns(head_dim, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _grouped_row(r, horizon, kv_heads, group):
+    # (b, token i, query head) of the rows r of a [B, kv_heads, H, group] layout: query heads
+    # folded into the rows of their key/value head, token-major (group 1: keys, values)
+    gi = r % group
+    i = (r // group) % horizon
+    bk = r // (group * horizon)
+    return bk // kv_heads, i, (bk % kv_heads) * group + gi
+
+
+@triton.jit
 def _rotated(src_ptr, row_off, table_row, cos_ptr, sin_ptr, cols, swap, ok, head_dim):
     # x·cos + swap(x)·sin for the rows at src_ptr + row_off [R] (cols [D] within a head)
     x = _compute(tl.load(src_ptr + row_off[:, None] + cols[None, :], mask=ok, other=0.0))
@@ -87,7 +97,8 @@ def _rotate_qkv_kernel(
 ):  # fmt: skip
     # q [B·H, heads·hd] and kv [B·H, 2·kv_heads·hd] (the projections' outputs, contiguous);
     # cos/sin [prefix + H, hd]; prefix keys/values [B, kv_heads, L, hd] (strides given, the
-    # last 1). Out: q [B, heads, H, hd]; k, v [B, kv_heads, L + H, hd] (prefix rows first).
+    # last 1). Out: q [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head));
+    # k, v [B, kv_heads, L + H, hd] (prefix rows first).
     pid = tl.program_id(0)
     q_progs = tl.cdiv(q_rows, ROWS)
     kv_progs = tl.cdiv(kv_rows, ROWS)
@@ -96,7 +107,7 @@ def _rotate_qkv_kernel(
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _queries(q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix,
-                 heads, head_dim, q_rows)  # fmt: skip
+                 heads, kv_heads, head_dim, q_rows)  # fmt: skip
     elif pid < q_progs + kv_progs:
         r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _action_keys_values(kv_ptr, cos_ptr, sin_ptr, ko_ptr, vo_ptr, r, cols, swap, col_ok,
@@ -110,14 +121,13 @@ def _rotate_qkv_kernel(
 
 @triton.jit
 def _queries(
-    q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix, heads, head_dim,
-    q_rows,
+    q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix, heads, kv_heads,
+    head_dim, q_rows,
 ):  # fmt: skip
-    # query rows r, ordered [B, heads, H]
+    # query rows r, ordered [B, kv_heads, H, heads/kv_heads] (_grouped_row)
     ok = (r < q_rows)[:, None] & col_ok[None, :]
-    i = r % horizon
-    bh = r // horizon
-    src = ((bh // heads) * horizon + i) * (heads * head_dim) + (bh % heads) * head_dim
+    b, i, head = _grouped_row(r, horizon, kv_heads, heads // kv_heads)
+    src = ((b * horizon + i) * heads + head) * head_dim
     out = _rotated(q_ptr, src, prefix + i, cos_ptr, sin_ptr, cols, swap, ok, head_dim)
     tl.store(qo_ptr + r[:, None] * head_dim + cols[None, :], out.to(qo_ptr.dtype.element_ty),
              mask=ok)  # fmt: skip
@@ -169,7 +179,8 @@ def rotate_qkv(
     heads: int,
     kv_heads: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(q [B, heads, H, hd], k, v [B, kv_heads, L + H, hd])``, contiguous, from
+    """``(q [B, kv_heads, H·heads/kv_heads, hd], k, v [B, kv_heads, L + H, hd])`` (q's rows
+    ordered (token, query head) within each kv head), contiguous, from
     ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (contiguous), the rotary
     tables [L + H, hd] (contiguous) and the prefix's ``(keys, values)`` [B, kv_heads, L, hd]
     (unit stride on hd) or None (L = 0)."""
@@ -177,7 +188,7 @@ def rotate_qkv(
     head_dim = width // heads
     length = 0 if prefix is None else prefix[0].shape[2]
     total = length + horizon
-    q = q_lin.new_empty(batch, heads, horizon, head_dim)
+    q = q_lin.new_empty(batch, kv_heads, horizon * (heads // kv_heads), head_dim)
     k = kv_lin.new_empty(batch, kv_heads, total, head_dim)
     v = torch.empty_like(k)
     pk, pv = prefix if prefix is not None else (k, v)  # unread when L = 0
@@ -338,32 +349,35 @@ def _unrotate_pack_kernel(
     horizon, heads, kv_heads, head_dim, table_offset, q_rows, kv_rows,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # dq [B, heads, H, hd], dk, dv [B, kv_heads, H, hd] (contiguous) -> dq [B, H, heads·hd]
-    # unrotated and [dk unrotated | dv] [B, H, 2·kv_heads·hd]: the projections' layouts
+    # dq [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head)), dk, dv
+    # [B, kv_heads, H, hd] (contiguous) -> dq [B, H, heads·hd] unrotated and
+    # [dk unrotated | dv] [B, H, 2·kv_heads·hd]: the projections' layouts
     pid = tl.program_id(0)
     q_progs = tl.cdiv(q_rows, ROWS)
     cols, swap, col_ok = _head_columns(head_dim, BLOCK_D)
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _unrotate_rows(dq_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, r, cols, swap, col_ok,
-                       horizon, heads, head_dim, table_offset, q_rows, HAS_V=False)  # fmt: skip
+                       horizon, kv_heads, heads // kv_heads, head_dim, table_offset, q_rows,
+                       HAS_V=False)  # fmt: skip
     else:
         r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _unrotate_rows(dk_ptr, dv_ptr, cos_ptr, sin_ptr, dkvo_ptr, r, cols, swap, col_ok,
-                       horizon, kv_heads, head_dim, table_offset, kv_rows, HAS_V=True)  # fmt: skip
+                       horizon, kv_heads, 1, head_dim, table_offset, kv_rows,
+                       HAS_V=True)  # fmt: skip
 
 
 @triton.jit
 def _unrotate_rows(
-    src_ptr, v_ptr, cos_ptr, sin_ptr, dst_ptr, r, cols, swap, col_ok, horizon, heads,
+    src_ptr, v_ptr, cos_ptr, sin_ptr, dst_ptr, r, cols, swap, col_ok, horizon, kv_heads, group,
     head_dim, table_offset, rows, HAS_V: tl.constexpr,
 ):  # fmt: skip
-    # rows r of src [B, heads, H, hd]: g·cos − swap(g)·sin into dst [B, H, (1 + HAS_V)·heads·hd]
-    # at head h; v's row copied after all the heads when HAS_V
+    # rows r of src [B, kv_heads, H, group, hd] (_grouped_row): g·cos − swap(g)·sin into dst
+    # [B, H, (1 + HAS_V)·heads·hd] at its head (heads = kv_heads·group); v's row (group 1)
+    # copied after all the heads when HAS_V
     ok = (r < rows)[:, None] & col_ok[None, :]
-    i = r % horizon
-    bh = r // horizon
-    b, h = bh // heads, bh % heads
+    b, i, h = _grouped_row(r, horizon, kv_heads, group)
+    heads = kv_heads * group
     src = r[:, None] * head_dim
     g = _compute(tl.load(src_ptr + src + cols[None, :], mask=ok, other=0.0))
     gs = _compute(tl.load(src_ptr + src + swap[None, :], mask=ok, other=0.0))
@@ -383,10 +397,11 @@ def unrotate_pack(
     dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(dq [B, H, heads·hd], [dk | dv] [B, H, 2·kv_heads·hd])`` from ``dq``
-    [B, heads, H, hd] and ``dk``, ``dv`` [B, kv_heads, H, hd] (contiguous), the rotation
-    undone on dq and dk with the tables' last H rows of ``cos``, ``sin`` [N, hd]."""
-    batch, heads, horizon, head_dim = dq.shape
-    kv_heads = dk.shape[1]
+    [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head)) and ``dk``, ``dv``
+    [B, kv_heads, H, hd] (contiguous), the rotation undone on dq and dk with the tables'
+    last H rows of ``cos``, ``sin`` [N, hd]."""
+    batch, kv_heads, horizon, head_dim = dk.shape
+    heads = kv_heads * (dq.shape[2] // horizon)
     dqo = dq.new_empty(batch, horizon, heads * head_dim)
     dkvo = dk.new_empty(batch, horizon, 2 * kv_heads * head_dim)
     q_rows, kv_rows = batch * heads * horizon, batch * kv_heads * horizon

@@ -158,18 +158,17 @@ class _Block(nn.Module):
     ) -> tuple[Tensor, Optional[BlockSaved]]:
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
-        # rotary q and k, the prefix in front (block_epilogues: torch ops or one kernel)
+        # rotary q and k, the prefix in front (block_epilogues: torch ops or one kernel);
+        # the query heads sharing a key/value head are folded into its rows, token-major: no
+        # copy of K and V per query head (at B = 8 with an 816-token prefix that copy would
+        # move more bytes per step than the weights) and, with one kv head (π0), attention's
+        # output [B, 1, H·heads, hd] is already the o projection's input [B, H, heads·hd]
         q, k, v = rotate_qkv(self.q(h), self.kv(h), cos, sin, cond, self.num_heads,
                              self.num_kv_heads)  # fmt: skip
-        # query heads sharing a key/value head are folded into its rows (heads are grouped
-        # contiguously): no copy of K and V per query head (at B = 8 with an 816-token
-        # prefix that copy would move more bytes per step than the weights)
-        qg = q.reshape(batch, self.num_kv_heads, -1, self.head_dim)
-        attn = F.scaled_dot_product_attention(qg, k, v).view(
-            batch, self.num_heads, horizon, self.head_dim
-        )
+        attn = F.scaled_dot_product_attention(q, k, v)
+        attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
-        x1 = linear_residual(self.o, attn.transpose(1, 2).reshape(batch, horizon, -1), x)
+        x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)
         gate_up = self.gate_up(self.mlp_norm(x1))
         hidden, act = gated_gelu(gate_up, save_act=save)
         out = linear_residual(self.down, hidden, x1)

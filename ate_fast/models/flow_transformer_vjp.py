@@ -35,7 +35,9 @@ class BlockSaved(NamedTuple):
     tokens, N = L + H)."""
 
     x: Tensor  # the block's input [B, H, width]
-    q: Tensor  # rotated queries [B, heads, H, hd]
+    # rotated queries [B, kv_heads, H·heads/kv_heads, hd]: each key/value head's query heads
+    # folded into its rows, ordered (token, query head) (block_epilogues.rotate_qkv)
+    q: Tensor
     k: Tensor  # rotated keys [B, kv_heads, N, hd] (before sharing across query heads)
     v: Tensor  # values [B, kv_heads, N, hd]
     x1: Tensor  # after the attention residual [B, H, width]
@@ -98,19 +100,21 @@ def unrotate_pack(
     dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The q and kv projections' output gradients, ``dq`` [B, H, heads·hd] and
-    ``[dk | dv]`` [B, H, 2·kv_heads·hd], from ``dq`` [B, heads, H, hd] and ``dk``, ``dv``
-    [B, kv_heads, H, hd] (the rotation undone on dq and dk; tables ``cos``, ``sin``
-    [N, hd], their last H rows the action positions)."""
-    batch, heads, horizon, hd = dq.shape
+    ``[dk | dv]`` [B, H, 2·kv_heads·hd], from ``dq`` [B, kv_heads, H·g, hd] (the queries'
+    grouped layout, :class:`BlockSaved`) and ``dk``, ``dv`` [B, kv_heads, H, hd] (the
+    rotation undone on dq and dk; tables ``cos``, ``sin`` [N, hd], their last H rows the
+    action positions)."""
+    batch, kv_heads, horizon, hd = dk.shape
     if use_triton(dq, dk, dv):
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.unrotate_pack(dq.contiguous(), dk.contiguous(), dv.contiguous(),
                                      cos.contiguous(), sin.contiguous())  # fmt: skip
-    dq = unrotate(dq, cos[-horizon:], sin[-horizon:])
+    dq = dq.view(batch, kv_heads, horizon, -1, hd)  # [B, kv_heads, H, g, hd]
+    dq = unrotate(dq, cos[-horizon:, None], sin[-horizon:, None])
+    dq = dq.transpose(1, 2).reshape(batch, horizon, -1)  # a view with one kv head
     dk = unrotate(dk, cos[-horizon:], sin[-horizon:])
-    dq = dq.transpose(1, 2).reshape(batch, horizon, heads * hd)
-    kv_width = 2 * dk.shape[1] * hd
+    kv_width = 2 * kv_heads * hd
     return dq, torch.cat([dk, dv], dim=1).transpose(1, 2).reshape(batch, horizon, kv_width)
 
 
@@ -125,19 +129,18 @@ def attention_input_vjp(
     block: nn.Module, do: Tensor, saved: BlockSaved, cos: Tensor, sin: Tensor
 ) -> Tensor:
     """``∂/∂h`` [B, H, width] of the attention output (before ``W_o``) at the block's
-    normed input h, from ``do`` [B, heads, H, hd]."""
+    normed input h, from ``do`` [B, H, heads·hd] (the gradient of W_o's input)."""
     q, k, v = saved.q, saved.k, saved.v
-    batch, heads, horizon, hd = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
-    rows = heads // kv_heads * horizon  # the query rows that share one key/value head
-    qg = q.reshape(batch, kv_heads, rows, hd)
-    dog = do.reshape(batch, kv_heads, rows, hd)
+    batch, kv_heads, rows, hd = q.shape  # rows = H·g: the query rows of one key/value head
+    horizon, length = do.shape[1], k.shape[2]
+    # do in the queries' grouped layout (block_epilogues.rotate_qkv): a view with one kv head
+    dog = do.view(batch, horizon, kv_heads, -1).transpose(1, 2).reshape(batch, kv_heads, rows, hd)
     scale = 1.0 / math.sqrt(hd)
     dp = dog @ v.transpose(-1, -2)
-    p, ds = softmax_backward(qg @ k.transpose(-1, -2), dp, scale)  # [B, kvh, rows, N]
-    dq = (ds @ k).view(batch, heads, horizon, hd)
+    p, ds = softmax_backward(q @ k.transpose(-1, -2), dp, scale)  # [B, kvh, rows, N]
+    dq = ds @ k  # [B, kvh, rows, hd]
     actions = slice(length - horizon, length)  # the rows of K and V that depend on x
-    dk = ds[..., actions].transpose(-1, -2) @ qg  # [B, kvh, H, hd]
+    dk = ds[..., actions].transpose(-1, -2) @ q  # [B, kvh, H, hd]
     dv = p[..., actions].transpose(-1, -2) @ dog
     dq, dkv = unrotate_pack(dq, dk, dv, cos, sin)
     # dq·W_q + dkv·W_kv with the first product as the second GEMM's C operand
@@ -153,9 +156,7 @@ def block_input_vjp(
     dm = grad @ block.down.weight  # [B, H, mlp_dim]
     dgu = gelu_gate_backward(dm, saved)
     dx1 = rms_norm_vjp(dgu @ block.gate_up.weight, saved.x1, block.mlp_norm, residual=grad)
-    batch, horizon, _ = grad.shape
-    do = (dx1 @ block.o.weight).view(batch, horizon, block.num_heads, block.head_dim)
-    dh = attention_input_vjp(block, do.transpose(1, 2), saved, cos, sin)
+    dh = attention_input_vjp(block, dx1 @ block.o.weight, saved, cos, sin)
     return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1)
 
 
