@@ -71,3 +71,54 @@ def test_bad_caches_are_named(head):
         head(x, t, wrong)
     with pytest.raises(ValueError, match=r"cond must have shape \[B, L, width\]"):
         head.prefix_cache(torch.randn(2, L, 7))
+
+
+@pytest.mark.parametrize("epilogues", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_prefix_buffers_equal_the_concatenation(head, dtype, epilogues, monkeypatch):
+    """A call's steps keep the prefix's keys and values in one buffer per block, each step
+    writing its action rows behind them (block_epilogues.PrefixSlots): every step equals the
+    forward that concatenates the prefix in front, bit for bit, whatever the previous step
+    left in the buffer."""
+    if epilogues == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", epilogues)
+    model = make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
+    model.load_state_dict(head.state_dict())
+    model = model.to(dtype)
+    gen = torch.Generator().manual_seed(4)
+    xs = torch.randn(3, 2, H, D, generator=gen)
+    t = torch.rand(3, 2, generator=gen)
+    with torch.no_grad():
+        cache = model.prefix_cache(torch.randn(2, L, WIDTH, generator=gen).to(dtype))
+        steps = model.step_features(xs[0], t, cache)
+        assert steps[0].slots is steps[2].slots  # one set of buffers per call
+        for x, features in zip(xs, steps):
+            got = model.forward_features(x, features)
+            want = model.forward_features(x, features._replace(slots=None))
+            assert torch.equal(got, want)
+        assert not torch.equal(got, model.forward_features(xs[0], steps[2]))
+
+
+def test_prefix_buffers_leave_pullbacks_and_autograd_alone(head):
+    """The buffers serve plain forwards only: a pullback taken before another step's forward
+    (which rewrites the buffers' action rows) is unchanged by it, and with weights that
+    require grad the forward concatenates (autograd cannot record the in-place writes)."""
+    gen = torch.Generator().manual_seed(5)
+    x1, x2, u = torch.randn(3, 2, H, D, generator=gen)
+    t = torch.rand(2, 2, generator=gen)
+    with torch.no_grad():
+        cache = head.prefix_cache(torch.randn(2, L, WIDTH, generator=gen))
+        steps = head.step_features(x1, t, cache)
+        _, pull = head.forward_with_vjp_features(x1, steps[0])
+        want = pull(u)
+        head.forward_features(x2, steps[1])  # writes the buffers' action rows
+        assert torch.equal(pull(u), want)
+    trained = make_head("flow-transformer", "small", horizon=H, action_dim=D)
+    trained.load_state_dict(head.state_dict())  # weights require grad
+    steps = trained.step_features(x1, t, cache)
+    out = trained.forward_features(x1, steps[0])
+    out.square().sum().backward()
+    assert trained.blocks[0].kv.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(out, trained.forward_features(x1, steps[0]._replace(slots=None)))

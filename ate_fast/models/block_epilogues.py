@@ -10,7 +10,8 @@ tens, so their count, not their bytes, is what they cost (``benchmarks/README.md
 * :func:`rotate_qkv` — from the q and kv projections' outputs, the queries
   ``[B, kv_heads, H·heads/kv_heads, hd]`` (each key/value head's query heads folded into
   its rows, token-major) and keys / values ``[B, kv_heads, L + H, hd]`` attention reads
-  (torch: 8 kernels with a prefix, 6 without; Triton: 1);
+  (torch: 7 kernels with a prefix — the keys rotated into, and the values copied into, the
+  call's :class:`PrefixSlots` buffers behind the prefix — 6 without; Triton: 1);
 * :func:`gated_gelu` — ``gelu_tanh(gate)·up`` and, for the input-VJP, the GELU
   (torch: 2 kernels; Triton: 1).
 
@@ -78,6 +79,48 @@ def use_triton(*tensors: Tensor) -> bool:
     return True
 
 
+def writes_in_place(*tensors: Tensor) -> bool:
+    """Whether a forward on ``tensors`` may write into a call's :class:`PrefixSlots`: not
+    when autograd records (the in-place writes have no backward), nor under
+    ``torch.compile`` / ``torch.export`` / ``jit`` tracing (they trace the concatenation),
+    nor on tensor subclasses."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class PrefixSlots:
+    """One sampler call's key/value buffers, per block ``[B, kv_heads, L + H, hd]`` each: the
+    prefix's rows written once, at the first forward that asks, and every step's action
+    rows written in place by :func:`rotate_qkv` — instead of concatenating the prefix in
+    front at every step (π0's 816-token prefix in bf16: 15 MB per sample per step read and
+    written again, at B = 8 a third of the weights' bytes).
+
+    Shared by the steps of one call (``FlowStepFeatures.slots``), so a step overwrites the
+    previous step's action rows: only for forwards that keep nothing for later — a
+    pullback's saved keys would change under it (the input-VJP concatenates instead).
+    """
+
+    def __init__(self, depth: int) -> None:
+        self._buffers: list[Optional[tuple[Tensor, Tensor]]] = [None] * depth
+
+    def get(self, index: int, prefix: tuple[Tensor, Tensor], horizon: int) -> tuple[Tensor, Tensor]:
+        """Block ``index``'s ``(keys, values)`` buffers for ``prefix`` [B, kv_heads, L, hd]
+        each and ``horizon`` action rows, the prefix written in front."""
+        keys, values = prefix
+        buffers = self._buffers[index]
+        if buffers is None or buffers[0].shape[2] != keys.shape[2] + horizon:
+            batch, kv_heads, length, hd = keys.shape
+            shape = (batch, kv_heads, length + horizon, hd)
+            buffers = keys.new_empty(shape), values.new_empty(shape)
+            buffers[0][:, :, :length].copy_(keys)
+            buffers[1][:, :, :length].copy_(values)
+            self._buffers[index] = buffers
+        return buffers
+
+
 def rotate_qkv(
     q_lin: Tensor,
     kv_lin: Tensor,
@@ -86,6 +129,7 @@ def rotate_qkv(
     prefix: Optional[tuple[Tensor, Tensor]],
     heads: int,
     kv_heads: int,
+    out: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention's inputs from the projections: ``q`` [B, kv_heads, H·g, hd] (contiguous;
     g = heads / kv_heads: the query heads sharing a key/value head are folded into its
@@ -96,7 +140,9 @@ def rotate_qkv(
 
     ``q_lin`` [B, H, heads·hd] and ``kv_lin`` [B, H, 2·kv_heads·hd] (keys' heads first);
     ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`);
-    ``prefix`` None when there is none (L = 0)."""
+    ``prefix`` None when there is none (L = 0). ``out``: a :class:`PrefixSlots` buffer pair
+    [B, kv_heads, L + H, hd] (contiguous) holding the prefix's rows already: the action
+    rows are written into it and it is returned as ``k``, ``v`` (the prefix is not copied)."""
     if use_triton(q_lin, kv_lin, *(prefix or ())):
         import ate_fast.models.block_epilogues_triton as kernels
 
@@ -104,7 +150,7 @@ def rotate_qkv(
             prefix = (prefix[0].contiguous(), prefix[1].contiguous())
         return kernels.rotate_qkv(
             q_lin.contiguous(), kv_lin.contiguous(), cos.contiguous(), sin.contiguous(),
-            prefix, heads, kv_heads,
+            prefix, heads, kv_heads, out,
         )  # fmt: skip
     batch, horizon, _ = q_lin.shape
     group = heads // kv_heads
@@ -115,6 +161,10 @@ def rotate_qkv(
     q = q.view(batch, kv_heads, horizon * group, -1)
     kv = kv_lin.view(batch, horizon, 2 * kv_heads, q.shape[-1])
     k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, H, hd] each
+    if out is not None:  # the action rows into the call's buffers, behind the prefix's
+        rotate(k, cos[-horizon:], sin[-horizon:], out=out[0][:, :, -horizon:])
+        out[1][:, :, -horizon:].copy_(v)
+        return q, out[0], out[1]
     k = rotate(k, cos[-horizon:], sin[-horizon:])
     if prefix is not None:  # the prefix cache: only the action rows are projected
         k = torch.cat([prefix[0], k], dim=2)

@@ -10,9 +10,10 @@ unmeasured, so the path is opt-in (``ATE_FAST_FLOW_EPILOGUES=triton``).
 Two kernels per block for the forward, replacing ten (eight without a prefix):
 
 * :func:`rotate_qkv` — rotary positions on the queries and the action rows' keys, the
-  action rows' values, and the prefix's keys and values copied in front: the inputs of
+  action rows' values, and the prefix's keys and values copied in front (or, into a call's
+  ``PrefixSlots`` buffers that hold them already, the action rows only): the inputs of
   attention, from the two projections' outputs, in one launch (torch: 3 kernels per
-  rotation, two concatenations). A 1-D grid in three ranges: query rows, action key/value
+  rotation and the values' copy). A 1-D grid in three ranges: query rows, action key/value
   rows, prefix rows; each program a tile of ``ROWS`` rows × the head dim.
 * :func:`gated_gelu` — ``gelu_tanh(gate) · up`` from the gate/up projection's output
   ``[.., 2F]`` (torch: 2 kernels), optionally storing ``gelu_tanh(gate)`` (what the
@@ -178,22 +179,28 @@ def rotate_qkv(
     prefix: Optional[tuple[Tensor, Tensor]],
     heads: int,
     kv_heads: int,
+    out: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(q [B, kv_heads, H·heads/kv_heads, hd], k, v [B, kv_heads, L + H, hd])`` (q's rows
     ordered (token, query head) within each kv head), contiguous, from
     ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (contiguous), the rotary
     tables [L + H, hd] (contiguous) and the prefix's ``(keys, values)`` [B, kv_heads, L, hd]
-    (unit stride on hd) or None (L = 0)."""
+    (unit stride on hd) or None (L = 0). ``out``: contiguous ``(k, v)`` buffers holding the
+    prefix's rows already (``block_epilogues.PrefixSlots``): only the action rows are
+    written, into them."""
     batch, horizon, width = q_lin.shape
     head_dim = width // heads
     length = 0 if prefix is None else prefix[0].shape[2]
     total = length + horizon
     q = q_lin.new_empty(batch, kv_heads, horizon * (heads // kv_heads), head_dim)
-    k = kv_lin.new_empty(batch, kv_heads, total, head_dim)
-    v = torch.empty_like(k)
+    if out is None:
+        k = kv_lin.new_empty(batch, kv_heads, total, head_dim)
+        v = torch.empty_like(k)
+    else:
+        k, v = out
     pk, pv = prefix if prefix is not None else (k, v)  # unread when L = 0
     q_rows, kv_rows, p_rows = batch * heads * horizon, batch * kv_heads * horizon, 0
-    if prefix is not None:
+    if prefix is not None and out is None:  # the prefix's rows (already in out's)
         p_rows = batch * kv_heads * length
     grid = (triton.cdiv(q_rows, ROWS) + triton.cdiv(kv_rows, ROWS) + triton.cdiv(p_rows, ROWS),)
     _rotate_qkv_kernel[grid](

@@ -35,7 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.models.block_epilogues import gated_gelu, rotate_qkv
+from ate_fast.models.block_epilogues import (
+    PrefixSlots,
+    gated_gelu,
+    rotate_qkv,
+    writes_in_place,
+)
 from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
@@ -88,6 +93,9 @@ class FlowStepFeatures(NamedTuple):
     blocks: tuple[Any, ...]  # per block: None, or the prefix's (keys, values)
     split_time: bool = True  # the time MLP's first layer is applied in halves (its weights)
     plain: bool = True  # every layer is plain: the hand-written input-VJP is exact
+    # with a prefix: the call's key/value buffers (one object shared by its steps), the
+    # prefix written once and each step's action rows in place (block_epilogues.PrefixSlots)
+    slots: Optional[PrefixSlots] = None
 
 
 class PrefixCache(NamedTuple):
@@ -135,8 +143,19 @@ class _Block(nn.Module):
         self.gate_up = nn.Linear(cfg.width, 2 * cfg.mlp_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
-    def forward(self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor) -> Tensor:
-        return self._run(x, cond, cos, sin, save=False)[0]
+    def forward(
+        self,
+        x: Tensor,
+        cond: Any,
+        cos: Tensor,
+        sin: Tensor,
+        slots: Optional[PrefixSlots] = None,
+        index: int = 0,
+    ) -> Tensor:
+        """The block on ``x`` [B, H, width]; ``cond``: None, or this block's prefix
+        ``(keys, values)`` [B, kv_heads, L, hd] each; ``slots`` (with a prefix): the call's
+        key/value buffers, this block's at ``index`` (see :class:`PrefixSlots`)."""
+        return self._run(x, cond, cos, sin, save=False, slots=slots, index=index)[0]
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (rotated at 0…L−1) and values [B, kv_heads, L, hd] of tokens [B, L, width]."""
@@ -154,17 +173,31 @@ class _Block(nn.Module):
         return self._run(x, cond, cos, sin, save=True)
 
     def _run(
-        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool
+        self,
+        x: Tensor,
+        cond: Any,
+        cos: Tensor,
+        sin: Tensor,
+        save: bool,
+        slots: Optional[PrefixSlots] = None,
+        index: int = 0,
     ) -> tuple[Tensor, Optional[BlockSaved]]:
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
+        q_lin, kv_lin = self.q(h), self.kv(h)
+        # the prefix's keys and values stay in the call's buffers, each step's action rows
+        # written behind them — not when the keys are saved for a pullback (the next step
+        # would overwrite them) or where the in-place write cannot run (autograd, tracing)
+        out = None
+        if slots is not None and cond is not None and not save and writes_in_place(kv_lin, *cond):
+            out = slots.get(index, cond, horizon)
         # rotary q and k, the prefix in front (block_epilogues: torch ops or one kernel);
         # the query heads sharing a key/value head are folded into its rows, token-major: no
         # copy of K and V per query head (at B = 8 with an 816-token prefix that copy would
         # move more bytes per step than the weights) and, with one kv head (π0), attention's
         # output [B, 1, H·heads, hd] is already the o projection's input [B, H, heads·hd]
-        q, k, v = rotate_qkv(self.q(h), self.kv(h), cos, sin, cond, self.num_heads,
-                             self.num_kv_heads)  # fmt: skip
+        q, k, v = rotate_qkv(q_lin, kv_lin, cos, sin, cond, self.num_heads, self.num_kv_heads,
+                             out)  # fmt: skip
         attn = F.scaled_dot_product_attention(q, k, v)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
@@ -218,8 +251,8 @@ class FlowTransformerHead(nn.Module):
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
-        for block, block_cond in zip(self.blocks, features.blocks):
-            tokens = block(tokens, block_cond, features.cos, features.sin)
+        for i, (block, block_cond) in enumerate(zip(self.blocks, features.blocks)):
+            tokens = block(tokens, block_cond, features.cos, features.sin, features.slots, i)
         return self.action_out(self.final_norm(tokens)).to(x.dtype)
 
     def prefix_cache(self, cond: Tensor) -> PrefixCache:
@@ -338,7 +371,11 @@ class FlowTransformerHead(nn.Module):
             prefix = cache.length
         cos, sin = rotary_tables(self._rope_angle(cfg.horizon + prefix, t.device), dtype)
         plain = plain_tree(self) if for_vjp else True
-        return [FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain) for k in range(steps)]
+        slots = None if cond is None else PrefixSlots(cfg.depth)  # shared by the N steps
+        return [
+            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots)
+            for k in range(steps)
+        ]
 
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the

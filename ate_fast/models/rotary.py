@@ -9,6 +9,8 @@ a subtract and a concatenation — a captured step launches each op as a kernel.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -27,9 +29,12 @@ def swap_halves(x: Tensor) -> Tensor:
     return torch.cat([x2, x1], dim=-1)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Rotary positions (rotate-half layout) on the last dim of x [B, heads, N, hd] with
     the :func:`rotary_tables` cos/sin [N, hd]: ``[x1·c − x2·s, x2·c + x1·s]``, contiguous
     (the first operand is the concatenation's product, whose layout the result takes: the
-    grouped-query fold of the rotated queries is then a view, not a copy)."""
-    return torch.addcmul(swap_halves(x) * sin, x, cos)
+    grouped-query fold of the rotated queries is then a view, not a copy); written into
+    ``out`` (x's shape) when given."""
+    if out is None:
+        return torch.addcmul(swap_halves(x) * sin, x, cos)
+    return torch.addcmul(swap_halves(x) * sin, x, cos, out=out)
