@@ -371,7 +371,9 @@ class FlowTransformerHead(nn.Module):
             prefix = cache.length
         cos, sin = rotary_tables(self._rope_angle(cfg.horizon + prefix, t.device), dtype)
         plain = plain_tree(self) if for_vjp else True
-        slots = None if cond is None else PrefixSlots(cfg.depth)  # shared by the N steps
+        # the prefix's key/value buffers, shared by the N steps (one step: concatenating the
+        # prefix once costs what writing it into a buffer once does, in fewer kernels)
+        slots = PrefixSlots(cfg.depth) if cond is not None and steps > 1 else None
         return [
             FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots)
             for k in range(steps)
