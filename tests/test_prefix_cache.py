@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ate_fast import FlowSampler, RTCGuidance, make_head
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import PrefixCache
 
 H, D, L, WIDTH = 16, 4, 24, 256
@@ -100,20 +101,26 @@ def test_prefix_buffers_equal_the_concatenation(head, dtype, epilogues, monkeypa
         assert not torch.equal(got, model.forward_features(xs[0], steps[2]))
 
 
-def test_prefix_buffers_leave_pullbacks_and_autograd_alone(head):
-    """The buffers serve plain forwards only: a pullback taken before another step's forward
-    (which rewrites the buffers' action rows) is unchanged by it, and with weights that
-    require grad the forward concatenates (autograd cannot record the in-place writes)."""
+def test_prefix_buffers_with_pullbacks_and_autograd(head):
+    """The input-VJP through the buffers equals the one through the concatenation, bit for
+    bit; a pullback called after another forward with the same features (which rewrote the
+    buffers' action rows) raises instead of reading them; with weights that require grad
+    the forward concatenates (autograd cannot record the in-place writes)."""
     gen = torch.Generator().manual_seed(5)
     x1, x2, u = torch.randn(3, 2, H, D, generator=gen)
     t = torch.rand(2, 2, generator=gen)
     with torch.no_grad():
         cache = head.prefix_cache(torch.randn(2, L, WIDTH, generator=gen))
         steps = head.step_features(x1, t, cache)
+        for x, features in ((x1, steps[0]), (x2, steps[1]), (x1, steps[0])):
+            out, pull = head.forward_with_vjp_features(x, features)
+            out_c, pull_c = head.forward_with_vjp_features(x, features._replace(slots=None))
+            assert torch.equal(out, out_c) and torch.equal(pull(u), pull_c(u))
         _, pull = head.forward_with_vjp_features(x1, steps[0])
-        want = pull(u)
-        head.forward_features(x2, steps[1])  # writes the buffers' action rows
-        assert torch.equal(pull(u), want)
+        pull(u)  # as often as wanted, before the next forward
+        head.forward_features(x2, steps[1])  # rewrites the buffers' action rows
+        with pytest.raises(InvalidArgumentError, match="pullback reads keys and values"):
+            pull(u)
     trained = make_head("flow-transformer", "small", horizon=H, action_dim=D)
     trained.load_state_dict(head.state_dict())  # weights require grad
     steps = trained.step_features(x1, t, cache)

@@ -99,16 +99,21 @@ class PrefixSlots:
     written again, at B = 8 a third of the weights' bytes).
 
     Shared by the steps of one call (``FlowStepFeatures.slots``), so a step overwrites the
-    previous step's action rows: only for forwards that keep nothing for later — a
-    pullback's saved keys would change under it (the input-VJP concatenates instead).
+    previous step's action rows. A pullback (the input-VJP, real-time chunking) reads the
+    keys and values its forward wrote: it must run before the next forward with the same
+    features — as the samplers call it — and :meth:`check` raises if it does not (each
+    block's writes are counted; a stale pullback would silently read another step's rows).
     """
 
     def __init__(self, depth: int) -> None:
         self._buffers: list[Optional[tuple[Tensor, Tensor]]] = [None] * depth
+        self._writes = [0] * depth
 
     def get(self, index: int, prefix: tuple[Tensor, Tensor], horizon: int) -> tuple[Tensor, Tensor]:
         """Block ``index``'s ``(keys, values)`` buffers for ``prefix`` [B, kv_heads, L, hd]
-        each and ``horizon`` action rows, the prefix written in front."""
+        each and ``horizon`` action rows, the prefix written in front; the caller writes its
+        action rows (counted: :meth:`stamp`)."""
+        self._writes[index] += 1
         keys, values = prefix
         buffers = self._buffers[index]
         if buffers is None or buffers[0].shape[2] != keys.shape[2] + horizon:
@@ -119,6 +124,20 @@ class PrefixSlots:
             buffers[1][:, :, :length].copy_(values)
             self._buffers[index] = buffers
         return buffers
+
+    def stamp(self, index: int) -> int:
+        """How many forwards have written block ``index``'s action rows so far."""
+        return self._writes[index]
+
+    def check(self, index: int, stamp: int) -> None:
+        """Raise unless block ``index``'s rows are still those written at ``stamp``."""
+        if self._writes[index] != stamp:
+            raise InvalidArgumentError(
+                "FlowTransformerHead: this pullback reads keys and values that a later forward "
+                "with the same step features has overwritten (they share one buffer per "
+                "block): call each forward_with_vjp_features' pullback before the next "
+                "forward with those features, or take the features again per forward"
+            )
 
 
 def rotate_qkv(

@@ -165,12 +165,19 @@ class _Block(nn.Module):
         return rotate(k, cos[:length], sin[:length]), v
 
     def forward_saving(
-        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor
+        self,
+        x: Tensor,
+        cond: Any,
+        cos: Tensor,
+        sin: Tensor,
+        slots: Optional[PrefixSlots] = None,
+        index: int = 0,
     ) -> tuple[Tensor, BlockSaved]:
         """The block on ``x`` [B, H, width] and what its input-VJP needs
         (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
-        this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each."""
-        return self._run(x, cond, cos, sin, save=True)
+        this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slots``:
+        as in :meth:`forward` (the pullback must then run before the next forward)."""
+        return self._run(x, cond, cos, sin, save=True, slots=slots, index=index)
 
     def _run(
         self,
@@ -186,18 +193,17 @@ class _Block(nn.Module):
         h = self.attn_norm(x)
         q_lin, kv_lin = self.q(h), self.kv(h)
         # the prefix's keys and values stay in the call's buffers, each step's action rows
-        # written behind them — not when the keys are saved for a pullback (the next step
-        # would overwrite them) or where the in-place write cannot run (autograd, tracing)
-        out = None
-        if slots is not None and cond is not None and not save and writes_in_place(kv_lin, *cond):
-            out = slots.get(index, cond, horizon)
+        # written behind them — not where the in-place write cannot run (autograd, tracing)
+        buffers = None
+        if slots is not None and cond is not None and writes_in_place(kv_lin, *cond):
+            buffers = slots.get(index, cond, horizon)
         # rotary q and k, the prefix in front (block_epilogues: torch ops or one kernel);
         # the query heads sharing a key/value head are folded into its rows, token-major: no
         # copy of K and V per query head (at B = 8 with an 816-token prefix that copy would
         # move more bytes per step than the weights) and, with one kv head (π0), attention's
         # output [B, 1, H·heads, hd] is already the o projection's input [B, H, heads·hd]
         q, k, v = rotate_qkv(q_lin, kv_lin, cos, sin, cond, self.num_heads, self.num_kv_heads,
-                             out)  # fmt: skip
+                             buffers)  # fmt: skip
         attn = F.scaled_dot_product_attention(q, k, v)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
@@ -208,7 +214,9 @@ class _Block(nn.Module):
         if not save:
             return out, None
         gate, up = gate_up.chunk(2, dim=-1)
-        return out, BlockSaved(x, q, k, v, x1, gate, up, act)
+        # k and v in the call's buffers: the pullback checks they were not rewritten since
+        slot = None if buffers is None else (slots, index, slots.stamp(index))
+        return out, BlockSaved(x, q, k, v, x1, gate, up, act, slot)
 
 
 class FlowTransformerHead(nn.Module):
@@ -310,8 +318,8 @@ class FlowTransformerHead(nn.Module):
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
-        for block, block_cond in zip(self.blocks, features.blocks):
-            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin)
+        for i, (block, block_cond) in enumerate(zip(self.blocks, features.blocks)):
+            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, features.slots, i)
             saved.append(kept)
         out = self.action_out(self.final_norm(tokens)).to(x.dtype)
 

@@ -21,7 +21,7 @@ graph. Per block (pre-norm, as π0's action expert), backwards:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,9 @@ class BlockSaved(NamedTuple):
     gate: Tensor  # [B, H, mlp_dim]
     up: Tensor  # [B, H, mlp_dim]
     act: Tensor  # gelu_tanh(gate) [B, H, mlp_dim]
+    # (PrefixSlots, block index, stamp) when k and v are a call's prefix buffers (checked
+    # by the pullback: a later forward with the same features rewrites them), else None
+    slot: Any = None
 
 
 def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm) -> Tensor:
@@ -130,6 +133,9 @@ def attention_input_vjp(
 ) -> Tensor:
     """``∂/∂h`` [B, H, width] of the attention output (before ``W_o``) at the block's
     normed input h, from ``do`` [B, H, heads·hd] (the gradient of W_o's input)."""
+    if saved.slot is not None:
+        slots, index, stamp = saved.slot
+        slots.check(index, stamp)
     q, k, v = saved.q, saved.k, saved.v
     batch, kv_heads, rows, hd = q.shape  # rows = H·g: the query rows of one key/value head
     horizon, length = do.shape[1], k.shape[2]
