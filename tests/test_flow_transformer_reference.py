@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ate_fast.models import FlowTransformerHead
-from ate_fast.models.block_epilogues import ENV_VAR, PrefixSlots
+from ate_fast.models.block_epilogues import ENV_VAR, PrefixSlot
 from ate_fast.models.rotary import rotary_tables
 
 # (heads, kv_heads, head_dim, prefix L): one kv head (π0), two, one per query head (MHA); no prefix
@@ -96,7 +96,7 @@ def test_block_equals_the_textbook_block(case, epilogues, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(saving, got, rtol=0, atol=0)
     if prefix is not None:  # a call's key/value buffers, after another step used them
-        slots = PrefixSlots(1)
+        slot = PrefixSlot()
         with torch.no_grad():
-            block(torch.randn_like(x), prefix, cos, sin, slots, 0)
-            torch.testing.assert_close(block(x, prefix, cos, sin, slots, 0), got, rtol=0, atol=0)
+            block(torch.randn_like(x), prefix, cos, sin, slot)
+            torch.testing.assert_close(block(x, prefix, cos, sin, slot), got, rtol=0, atol=0)

@@ -78,7 +78,7 @@ def test_bad_caches_are_named(head):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_prefix_buffers_equal_the_concatenation(head, dtype, epilogues, monkeypatch):
     """A call's steps keep the prefix's keys and values in one buffer per block, each step
-    writing its action rows behind them (block_epilogues.PrefixSlots): every step equals the
+    writing its action rows behind them (block_epilogues.PrefixSlot): every step equals the
     forward that concatenates the prefix in front, bit for bit, whatever the previous step
     left in the buffer."""
     if epilogues == "triton":

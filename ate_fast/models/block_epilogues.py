@@ -11,7 +11,7 @@ tens, so their count, not their bytes, is what they cost (``benchmarks/README.md
   ``[B, kv_heads, H·heads/kv_heads, hd]`` (each key/value head's query heads folded into
   its rows, token-major) and keys / values ``[B, kv_heads, L + H, hd]`` attention reads
   (torch: 7 kernels with a prefix — the keys rotated into, and the values copied into, the
-  call's :class:`PrefixSlots` buffers behind the prefix — 6 without; Triton: 1);
+  call's :class:`PrefixSlot` buffers behind the prefix — 6 without; Triton: 1);
 * :func:`gated_gelu` — ``gelu_tanh(gate)·up`` and, for the input-VJP, the GELU
   (torch: 2 kernels; Triton: 1).
 
@@ -80,7 +80,7 @@ def use_triton(*tensors: Tensor) -> bool:
 
 
 def writes_in_place(*tensors: Tensor) -> bool:
-    """Whether a forward on ``tensors`` may write into a call's :class:`PrefixSlots`: not
+    """Whether a forward on ``tensors`` may write into a call's :class:`PrefixSlot`: not
     when autograd records (the in-place writes have no backward), nor under
     ``torch.compile`` / ``torch.export`` / ``jit`` tracing (they trace the concatenation),
     nor on tensor subclasses."""
@@ -91,47 +91,44 @@ def writes_in_place(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-class PrefixSlots:
-    """One sampler call's key/value buffers, per block ``[B, kv_heads, L + H, hd]`` each: the
-    prefix's rows written once, at the first forward that asks, and every step's action
+class PrefixSlot:
+    """One block's key/value buffers for one sampler call, ``[B, kv_heads, L + H, hd]`` each:
+    the prefix's rows written once, at the first forward that asks, and every step's action
     rows written in place by :func:`rotate_qkv` — instead of concatenating the prefix in
     front at every step (π0's 816-token prefix in bf16: 15 MB per sample per step read and
     written again, at B = 8 a third of the weights' bytes).
 
-    Shared by the steps of one call (``FlowStepFeatures.slots``), so a step overwrites the
-    previous step's action rows. A pullback (the input-VJP, real-time chunking) reads the
-    keys and values its forward wrote: it must run before the next forward with the same
-    features — as the samplers call it — and :meth:`check` raises if it does not (each
-    block's writes are counted; a stale pullback would silently read another step's rows).
+    Shared by the steps of one call (``FlowStepFeatures.slots``: one per block), so a step
+    overwrites the previous step's action rows. A pullback (the input-VJP, real-time
+    chunking) reads the keys and values its forward wrote: it must run before the next
+    forward with the same features — as the samplers call it — and :meth:`check` raises if
+    it does not (the writes are counted; a stale pullback would silently read another
+    step's rows).
     """
 
-    def __init__(self, depth: int) -> None:
-        self._buffers: list[Optional[tuple[Tensor, Tensor]]] = [None] * depth
-        self._writes = [0] * depth
+    def __init__(self) -> None:
+        self._buffers: Optional[tuple[Tensor, Tensor]] = None
+        self.writes = 0  # forwards that wrote the action rows so far
 
-    def get(self, index: int, prefix: tuple[Tensor, Tensor], horizon: int) -> tuple[Tensor, Tensor]:
-        """Block ``index``'s ``(keys, values)`` buffers for ``prefix`` [B, kv_heads, L, hd]
-        each and ``horizon`` action rows, the prefix written in front; the caller writes its
-        action rows (counted: :meth:`stamp`)."""
-        self._writes[index] += 1
+    def get(self, prefix: tuple[Tensor, Tensor], horizon: int) -> tuple[Tensor, Tensor]:
+        """The ``(keys, values)`` buffers for ``prefix`` [B, kv_heads, L, hd] each and
+        ``horizon`` action rows, the prefix written in front; the caller writes its action
+        rows (counted in :attr:`writes`)."""
+        self.writes += 1
         keys, values = prefix
-        buffers = self._buffers[index]
+        buffers = self._buffers
         if buffers is None or buffers[0].shape[2] != keys.shape[2] + horizon:
             batch, kv_heads, length, hd = keys.shape
             shape = (batch, kv_heads, length + horizon, hd)
             buffers = keys.new_empty(shape), values.new_empty(shape)
             buffers[0][:, :, :length].copy_(keys)
             buffers[1][:, :, :length].copy_(values)
-            self._buffers[index] = buffers
+            self._buffers = buffers
         return buffers
 
-    def stamp(self, index: int) -> int:
-        """How many forwards have written block ``index``'s action rows so far."""
-        return self._writes[index]
-
-    def check(self, index: int, stamp: int) -> None:
-        """Raise unless block ``index``'s rows are still those written at ``stamp``."""
-        if self._writes[index] != stamp:
+    def check(self, writes: int) -> None:
+        """Raise unless the action rows are still those of the forward that made ``writes``."""
+        if self.writes != writes:
             raise InvalidArgumentError(
                 "FlowTransformerHead: this pullback reads keys and values that a later forward "
                 "with the same step features has overwritten (they share one buffer per "
@@ -159,7 +156,7 @@ def rotate_qkv(
 
     ``q_lin`` [B, H, heads·hd] and ``kv_lin`` [B, H, 2·kv_heads·hd] (keys' heads first);
     ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`);
-    ``prefix`` None when there is none (L = 0). ``out``: a :class:`PrefixSlots` buffer pair
+    ``prefix`` None when there is none (L = 0). ``out``: a :class:`PrefixSlot`'s buffer pair
     [B, kv_heads, L + H, hd] (contiguous) holding the prefix's rows already: the action
     rows are written into it and it is returned as ``k``, ``v`` (the prefix is not copied)."""
     if use_triton(q_lin, kv_lin, *(prefix or ())):

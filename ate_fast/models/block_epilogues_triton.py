@@ -11,7 +11,7 @@ Two kernels per block for the forward, replacing ten (eight without a prefix):
 
 * :func:`rotate_qkv` — rotary positions on the queries and the action rows' keys, the
   action rows' values, and the prefix's keys and values copied in front (or, into a call's
-  ``PrefixSlots`` buffers that hold them already, the action rows only): the inputs of
+  ``PrefixSlot`` buffers that hold them already, the action rows only): the inputs of
   attention, from the two projections' outputs, in one launch (torch: 3 kernels per
   rotation and the values' copy). A 1-D grid in three ranges: query rows, action key/value
   rows, prefix rows; each program a tile of ``ROWS`` rows × the head dim.
@@ -186,7 +186,7 @@ def rotate_qkv(
     ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (contiguous), the rotary
     tables [L + H, hd] (contiguous) and the prefix's ``(keys, values)`` [B, kv_heads, L, hd]
     (unit stride on hd) or None (L = 0). ``out``: contiguous ``(k, v)`` buffers holding the
-    prefix's rows already (``block_epilogues.PrefixSlots``): only the action rows are
+    prefix's rows already (``block_epilogues.PrefixSlot``): only the action rows are
     written, into them."""
     batch, horizon, width = q_lin.shape
     head_dim = width // heads

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.models.block_epilogues import (
-    PrefixSlots,
+    PrefixSlot,
     gated_gelu,
     rotate_qkv,
     writes_in_place,
@@ -93,9 +93,9 @@ class FlowStepFeatures(NamedTuple):
     blocks: tuple[Any, ...]  # per block: None, or the prefix's (keys, values)
     split_time: bool = True  # the time MLP's first layer is applied in halves (its weights)
     plain: bool = True  # every layer is plain: the hand-written input-VJP is exact
-    # with a prefix: the call's key/value buffers (one object shared by its steps), the
-    # prefix written once and each step's action rows in place (block_epilogues.PrefixSlots)
-    slots: Optional[PrefixSlots] = None
+    # with a prefix, per block: the call's key/value buffers (shared by its steps), the
+    # prefix written once and each step's action rows in place (block_epilogues.PrefixSlot)
+    slots: Optional[tuple[PrefixSlot, ...]] = None
 
 
 class PrefixCache(NamedTuple):
@@ -143,19 +143,11 @@ class _Block(nn.Module):
         self.gate_up = nn.Linear(cfg.width, 2 * cfg.mlp_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        cond: Any,
-        cos: Tensor,
-        sin: Tensor,
-        slots: Optional[PrefixSlots] = None,
-        index: int = 0,
-    ) -> Tensor:
+    def forward(self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None) -> Tensor:
         """The block on ``x`` [B, H, width]; ``cond``: None, or this block's prefix
-        ``(keys, values)`` [B, kv_heads, L, hd] each; ``slots`` (with a prefix): the call's
-        key/value buffers, this block's at ``index`` (see :class:`PrefixSlots`)."""
-        return self._run(x, cond, cos, sin, save=False, slots=slots, index=index)[0]
+        ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot`` (with a prefix): its
+        :class:`~ate_fast.models.block_epilogues.PrefixSlot` for the call, or None."""
+        return self._run(x, cond, cos, sin, save=False, slot=slot)[0]
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (rotated at 0…L−1) and values [B, kv_heads, L, hd] of tokens [B, L, width]."""
@@ -165,29 +157,16 @@ class _Block(nn.Module):
         return rotate(k, cos[:length], sin[:length]), v
 
     def forward_saving(
-        self,
-        x: Tensor,
-        cond: Any,
-        cos: Tensor,
-        sin: Tensor,
-        slots: Optional[PrefixSlots] = None,
-        index: int = 0,
+        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None
     ) -> tuple[Tensor, BlockSaved]:
         """The block on ``x`` [B, H, width] and what its input-VJP needs
         (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
-        this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slots``:
+        this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot``:
         as in :meth:`forward` (the pullback must then run before the next forward)."""
-        return self._run(x, cond, cos, sin, save=True, slots=slots, index=index)
+        return self._run(x, cond, cos, sin, save=True, slot=slot)
 
     def _run(
-        self,
-        x: Tensor,
-        cond: Any,
-        cos: Tensor,
-        sin: Tensor,
-        save: bool,
-        slots: Optional[PrefixSlots] = None,
-        index: int = 0,
+        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool, slot: Any = None
     ) -> tuple[Tensor, Optional[BlockSaved]]:
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
@@ -195,8 +174,8 @@ class _Block(nn.Module):
         # the prefix's keys and values stay in the call's buffers, each step's action rows
         # written behind them — not where the in-place write cannot run (autograd, tracing)
         buffers = None
-        if slots is not None and cond is not None and writes_in_place(kv_lin, *cond):
-            buffers = slots.get(index, cond, horizon)
+        if slot is not None and cond is not None and writes_in_place(kv_lin, *cond):
+            buffers = slot.get(cond, horizon)
         # rotary q and k, the prefix in front (block_epilogues: torch ops or one kernel);
         # the query heads sharing a key/value head are folded into its rows, token-major: no
         # copy of K and V per query head (at B = 8 with an 816-token prefix that copy would
@@ -215,8 +194,8 @@ class _Block(nn.Module):
             return out, None
         gate, up = gate_up.chunk(2, dim=-1)
         # k and v in the call's buffers: the pullback checks they were not rewritten since
-        slot = None if buffers is None else (slots, index, slots.stamp(index))
-        return out, BlockSaved(x, q, k, v, x1, gate, up, act, slot)
+        written = None if buffers is None else (slot, slot.writes)
+        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written)
 
 
 class FlowTransformerHead(nn.Module):
@@ -259,8 +238,9 @@ class FlowTransformerHead(nn.Module):
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
-        for i, (block, block_cond) in enumerate(zip(self.blocks, features.blocks)):
-            tokens = block(tokens, block_cond, features.cos, features.sin, features.slots, i)
+        slots = features.slots or (None,) * len(self.blocks)
+        for block, block_cond, slot in zip(self.blocks, features.blocks, slots):
+            tokens = block(tokens, block_cond, features.cos, features.sin, slot)
         return self.action_out(self.final_norm(tokens)).to(x.dtype)
 
     def prefix_cache(self, cond: Tensor) -> PrefixCache:
@@ -318,8 +298,9 @@ class FlowTransformerHead(nn.Module):
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
-        for i, (block, block_cond) in enumerate(zip(self.blocks, features.blocks)):
-            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, features.slots, i)
+        slots = features.slots or (None,) * len(self.blocks)
+        for block, block_cond, slot in zip(self.blocks, features.blocks, slots):
+            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot)
             saved.append(kept)
         out = self.action_out(self.final_norm(tokens)).to(x.dtype)
 
@@ -381,7 +362,9 @@ class FlowTransformerHead(nn.Module):
         plain = plain_tree(self) if for_vjp else True
         # the prefix's key/value buffers, shared by the N steps (one step: concatenating the
         # prefix once costs what writing it into a buffer once does, in fewer kernels)
-        slots = PrefixSlots(cfg.depth) if cond is not None and steps > 1 else None
+        slots = None
+        if cond is not None and steps > 1:
+            slots = tuple(PrefixSlot() for _ in range(cfg.depth))
         return [
             FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots)
             for k in range(steps)

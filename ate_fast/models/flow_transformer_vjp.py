@@ -44,8 +44,8 @@ class BlockSaved(NamedTuple):
     gate: Tensor  # [B, H, mlp_dim]
     up: Tensor  # [B, H, mlp_dim]
     act: Tensor  # gelu_tanh(gate) [B, H, mlp_dim]
-    # (PrefixSlots, block index, stamp) when k and v are a call's prefix buffers (checked
-    # by the pullback: a later forward with the same features rewrites them), else None
+    # (PrefixSlot, its writes) when k and v are a call's prefix buffers (checked by the
+    # pullback: a later forward with the same features rewrites them), else None
     slot: Any = None
 
 
@@ -134,8 +134,8 @@ def attention_input_vjp(
     """``∂/∂h`` [B, H, width] of the attention output (before ``W_o``) at the block's
     normed input h, from ``do`` [B, H, heads·hd] (the gradient of W_o's input)."""
     if saved.slot is not None:
-        slots, index, stamp = saved.slot
-        slots.check(index, stamp)
+        slot, writes = saved.slot
+        slot.check(writes)
     q, k, v = saved.q, saved.k, saved.v
     batch, kv_heads, rows, hd = q.shape  # rows = H·g: the query rows of one key/value head
     horizon, length = do.shape[1], k.shape[2]
