@@ -127,5 +127,6 @@ def test_prefix_buffers_with_pullbacks_and_autograd(head):
     out = trained.forward_features(x1, steps[0])
     out.square().sum().backward()
     assert trained.blocks[0].kv.weight.grad is not None
-    with torch.no_grad():
-        assert torch.equal(out, trained.forward_features(x1, steps[0]._replace(slots=None)))
+    # the same ops as the concatenating path under autograd (with Triton epilogues selected
+    # a no-grad forward would take the kernels, which round differently)
+    assert torch.equal(out, trained.forward_features(x1, steps[0]._replace(slots=None)))
