@@ -130,3 +130,32 @@ def test_prefix_buffers_with_pullbacks_and_autograd(head):
     # the same ops as the concatenating path under autograd (with Triton epilogues selected
     # a no-grad forward would take the kernels, which round differently)
     assert torch.equal(out, trained.forward_features(x1, steps[0]._replace(slots=None)))
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+)  # fmt: skip
+def test_prefix_buffers_in_captured_sampling(head, device, monkeypatch):
+    """A captured loop (a CUDA graph on the GPU: the buffers are allocated and written inside
+    it) with the prefix buffers equals sample() with the concatenation, unguided and with
+    RTC (whose pullback reads the buffers): bit for bit on the CPU; on the GPU to float32
+    rounding (a graph's GEMMs may pick other algorithms; stale or missing keys are O(1))."""
+    model = make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
+    model.load_state_dict(head.state_dict())
+    model = model.to(device)
+    gen = torch.Generator().manual_seed(6)
+    noise, prev = torch.randn(2, 2, H, D, generator=gen).to(device)
+    with torch.no_grad():
+        cache = model.prefix_cache(torch.randn(2, L, WIDTH, generator=gen).to(device))
+    sampler = FlowSampler(model, num_steps=5)
+    for guidance in (None, RTCGuidance(prev, 3, execution_horizon=6)):
+        captured = sampler.capture(noise, cache, guidance)
+        with_buffers = captured(noise, cache).clone()
+        with monkeypatch.context() as patched:  # every forward concatenates
+            patched.setattr("ate_fast.models.flow_transformer.writes_in_place", lambda *t: False)
+            concatenated = sampler.sample(noise, cache, guidance)
+        if device == "cpu":
+            assert torch.equal(with_buffers, concatenated)
+        else:
+            scale = float(concatenated.abs().max())
+            torch.testing.assert_close(with_buffers, concatenated, rtol=0, atol=1e-5 * scale)
