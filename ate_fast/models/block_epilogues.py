@@ -62,33 +62,28 @@ def selected_path() -> str:
     return value
 
 
-def use_triton(*tensors: Tensor) -> bool:
-    """Whether the Triton kernels run on ``tensors`` (see the module's docs; raises where
-    ``triton`` is selected and cannot run)."""
-    if selected_path() == "torch":
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):  # fake, functional, …
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    ok, why = backends.availability("triton", tensors[0].device.type)
-    if not ok:
-        raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
-    return True
-
-
 def writes_in_place(*tensors: Tensor) -> bool:
-    """Whether a forward on ``tensors`` may write into a call's :class:`PrefixSlot`: not
-    when autograd records (the in-place writes have no backward), nor under
-    ``torch.compile`` / ``torch.export`` / ``jit`` tracing (they trace the concatenation),
-    nor on tensor subclasses."""
+    """Whether a forward on ``tensors`` may leave the torch ops for in-place writes into a
+    call's :class:`PrefixSlot` or for the Triton kernels: not when autograd records (neither
+    has a backward), nor under ``torch.compile`` / ``torch.export`` / ``jit`` tracing (they
+    trace the torch ops: Inductor fuses them, the ONNX export needs them), nor on tensor
+    subclasses (fake, functional, …)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def use_triton(*tensors: Tensor) -> bool:
+    """Whether the Triton kernels run on ``tensors`` (see the module's docs; raises where
+    ``triton`` is selected and cannot run)."""
+    if selected_path() == "torch" or not writes_in_place(*tensors):
+        return False
+    ok, why = backends.availability("triton", tensors[0].device.type)
+    if not ok:
+        raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
+    return True
 
 
 class PrefixSlot:

@@ -35,6 +35,4 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Optional[Tensor] = None) ->
     (the first operand is the concatenation's product, whose layout the result takes: the
     grouped-query fold of the rotated queries is then a view, not a copy); written into
     ``out`` (x's shape) when given."""
-    if out is None:
-        return torch.addcmul(swap_halves(x) * sin, x, cos)
     return torch.addcmul(swap_halves(x) * sin, x, cos, out=out)
