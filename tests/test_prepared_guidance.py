@@ -2,7 +2,10 @@
 call on the fused MLP path, later calls skip the public op's validation and dispatch —
 with the same result — and every change that the prepared call cannot see sends the
 call back through the public op: another sample layout, weights replaced or recast, a
-new target or mask, a forced backend, autocast."""
+new target or mask, a forced backend, autocast. Within one sampler call
+(LatentGuidance.call_gradient) the re-check runs at the first evaluation only: a new
+target and another sample layout are still seen at once, user code in a step callback
+gets every evaluation checked, and every change between calls is seen."""
 
 from __future__ import annotations
 
@@ -137,3 +140,144 @@ def test_captured_guided_loop_uses_it(full_calls):
         assert torch.equal(captured(noise), expected)
         assert torch.equal(captured(noise), expected)
     assert len(full_calls) == calls
+
+
+# -- one check per sampler call (LatentGuidance.call_gradient) ----------------------------
+class _PerStepGuidance(LatentGuidance):
+    """The same guidance without ``call_gradient``: every evaluation re-checks."""
+
+    call_gradient = None
+
+
+def _both(mode="direct", mask=None):
+    """The guidance and its per-step twin, with the same weights and target."""
+    guidance = _guidance(mask=mask)
+    guidance.mode = mode
+    twin = _PerStepGuidance(_guidance(mask=mask).encoder.modules[0], guidance.target, mode=mode)
+    twin.encoder.mask = mask
+    return guidance, twin
+
+
+@pytest.fixture
+def re_checks(monkeypatch):
+    """How many times the prepared call's full re-check ran."""
+    from ate_fast.steer import latent_guidance
+
+    calls = []
+    accepts = latent_guidance._PreparedGradient.accepts
+
+    def counted(self, *args):
+        calls.append(1)
+        return accepts(self, *args)
+
+    monkeypatch.setattr(latent_guidance._PreparedGradient, "accepts", counted)
+    return calls
+
+
+def _samplers(head):
+    schedule = ate_fast.NoiseSchedule("squaredcos_cap_v2", num_train_timesteps=100)
+    return {
+        "euler": ate_fast.FlowSampler(head, 5),
+        "heun": ate_fast.FlowSampler(head, 4, method="heun"),
+        "ddim": ate_fast.DiffusionSampler(head, schedule, num_steps=5),
+    }
+
+
+def _head():
+    torch.manual_seed(0)
+    return ate_fast.make_head("mlp", "small", horizon=H, action_dim=D).double().eval()
+
+
+@pytest.mark.parametrize("mode", ["direct", "tweedie"])
+@pytest.mark.parametrize("name", ["euler", "heun", "ddim"])
+def test_a_sampler_call_checks_once_with_the_same_result(re_checks, mode, name):
+    guidance, twin = _both(mode)
+    sampler = _samplers(_head())[name]
+    noise = _x()
+    with torch.no_grad():
+        expected = sampler.sample(noise, guidance=twin)
+        first = sampler.sample(noise, guidance=guidance)  # builds the prepared call
+        re_checks.clear()
+        again = sampler.sample(noise, guidance=guidance)
+        assert len(re_checks) == 1  # the call's first evaluation only
+        captured = sampler.capture(noise, guidance=guidance)
+        re_checks.clear()
+        replayed = captured(noise).clone()
+        assert len(re_checks) == 1
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+    assert torch.equal(replayed, expected)
+
+
+@pytest.mark.parametrize("change", ["replace weights", "set_target", "mask", "backend"])
+def test_changes_between_calls_are_seen(full_calls, monkeypatch, change):
+    mask = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    guidance, twin = _both(mask=mask)
+    sampler = ate_fast.FlowSampler(_head(), 5)
+    noise = _x()
+    with torch.no_grad():
+        captured = sampler.capture(noise, guidance=guidance)
+        captured(noise)
+        calls = len(full_calls)
+        new_target = guidance.target * 3
+        for g in (guidance, twin):
+            layer = g.encoder._mlp.layers[0]
+            if change == "replace weights":  # e.g. load_state_dict(..., assign=True)
+                layer.weight = torch.nn.Parameter(layer.weight.detach() * 2, requires_grad=False)
+            elif change == "set_target":
+                g.set_target(new_target)
+            elif change == "mask":
+                g.encoder.mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+        if change == "backend":
+            monkeypatch.setenv("ATE_FAST_BACKEND", "ref")
+        got = captured(noise).clone()
+        expected = sampler.sample(noise, guidance=twin)
+    assert len(full_calls) > calls, "the change was not noticed"
+    assert torch.equal(got, expected)
+
+
+def test_set_target_within_a_call_is_seen():
+    guidance, twin = _both()
+    gradient = guidance.call_gradient()
+    x, one = _x(), torch.ones(B, dtype=torch.float64)
+    gradient(x, x, one)
+    gradient(x, x, one)  # the prepared call, unchecked
+    new = torch.randn(DZ, dtype=torch.float64)
+    guidance.set_target(new)
+    twin.set_target(new)
+    assert torch.equal(gradient(x, x, one), twin.gradient(x, x, one))
+    torch.testing.assert_close(gradient(x, x, one), _reference(guidance, x), rtol=1e-12, atol=0)
+
+
+def test_another_layout_within_a_call_takes_the_checked_path():
+    guidance, twin = _both()
+    gradient = guidance.call_gradient()
+    x, one = _x(), torch.ones(B, dtype=torch.float64)
+    gradient(x, x, one)
+    wide, one3 = _x(batch=B + 1), torch.ones(B + 1, dtype=torch.float64)
+    assert torch.equal(gradient(wide, wide, one3), twin.gradient(wide, wide, one3))
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(gradient(strided, strided, one), twin.gradient(strided, strided, one))
+
+
+def test_a_step_callback_gets_every_evaluation_checked():
+    """User code between evaluations (here: weights replaced at step 2, as a
+    load_state_dict(assign=True) would) is seen from the next evaluation on."""
+    guidance, twin = _both()
+    sampler = ate_fast.FlowSampler(_head(), 5)
+    noise = _x()
+
+    def replace_at_2(g):
+        def callback(k, x):
+            if k == 2:
+                layer = g.encoder._mlp.layers[1]
+                layer.weight = torch.nn.Parameter(layer.weight.detach() * 3, requires_grad=False)
+
+        return callback
+
+    with torch.no_grad():
+        untouched = sampler.sample(noise, guidance=_both()[0])
+        sampler.sample(noise, guidance=guidance)  # prepared
+        got = sampler.sample(noise, guidance=guidance, callback=replace_at_2(guidance))
+        expected = sampler.sample(noise, guidance=twin, callback=replace_at_2(twin))
+    assert torch.equal(got, expected)
+    assert not torch.allclose(got, untouched)

@@ -79,6 +79,14 @@ class Guidance(Protocol):
 
     Mode ``"policy_vjp"`` may add ``convention`` (``"openpi"`` or ``"paper"``) and
     ``coefficient(t [K] float64) -> [K] float64``, the per-step ``c`` (module docstring).
+
+    Any guidance may add ``call_gradient() -> gradient``: a function with ``gradient``'s
+    signature and results for the evaluations of one sampler call. The samplers ask for it
+    once per call (each ``sample()``, each replay of a captured loop) before the first
+    evaluation and call it instead of ``gradient``, except when a step ``callback`` runs
+    user code between evaluations; so it may check once per call what nothing but the
+    sampler and the model changes within one (:meth:`ate_fast.steer.LatentGuidance.call_gradient`
+    checks its encoder and target there).
     """
 
     scale: float

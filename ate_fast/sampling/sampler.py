@@ -131,10 +131,22 @@ class Run:
             if head is None
             else StepFeatureCache(head, tables.time_blocks, tables.time_rows, cond)
         )
+        self.guidance_gradient = self._call_gradient()
+
+    def _call_gradient(self) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+        """This call's ``gradient(x, x0_hat, dx0_dx)``: the guidance's ``call_gradient()``
+        when it has one (checks once per call what cannot change within it) and no step
+        callback runs user code between evaluations, else ``guidance.gradient``."""
+        guidance = self.guidance
+        if guidance is None:
+            return None
+        per_call = getattr(guidance, "call_gradient", None)
+        return guidance.gradient if per_call is None or self.callback else per_call()
 
     def reset(self) -> None:
         """Before each pass through the loop: back to step 0, no features of a past call."""
         self.step = 0
+        self.guidance_gradient = self._call_gradient()
         if self.features is not None:
             self.features.reset()
         if self.finite is not None:
@@ -174,7 +186,7 @@ class Run:
         x0_hat = self.ws["x0_hat"]
         self.launch(x0_hat, x=x, m=m, a=p, b=q)
         with torch.enable_grad():
-            g = self.guidance.gradient(x, x0_hat, dx0_dx)
+            g = self.guidance_gradient(x, x0_hat, dx0_dx)  # type: ignore[misc]
         g = check_output("guidance.gradient", g, x)
         if self.finite is not None:
             self.finite.observe(self.step, "guidance.gradient", g)

@@ -52,14 +52,21 @@ class PreparedMlpGuidance:
     def accepts(self, x: Tensor, weights, biases, target, mask) -> bool:
         """Whether ``x`` and the current tensors are those the call was prepared for."""
         return (
+            self.accepts_sample(x)
+            and backends.forced_backend() == self._forced
+            and _storage([*weights, *biases]) == self._params
+            and _storage([target, mask]) == self._others
+        )
+
+    def accepts_sample(self, x: Tensor) -> bool:
+        """Whether ``x`` has the prepared sample's shape, dtype, device and a contiguous
+        layout (the part of :meth:`accepts` that reads only ``x``)."""
+        return (
             type(x) is Tensor
             and x.shape == self._shape
             and x.dtype == self._dtype
             and x.device == self._device
             and x.is_contiguous()
-            and backends.forced_backend() == self._forced
-            and _storage([*weights, *biases]) == self._params
-            and _storage([target, mask]) == self._others
         )
 
     def __call__(self, x: Tensor) -> Tensor:
