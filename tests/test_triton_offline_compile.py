@@ -1,5 +1,5 @@
-"""The Triton kernels compile for the H100 (sm_90), and the Transformer encoder's also for
-sm_87, on a machine without a GPU.
+"""Every Triton kernel compiles for the H100 (sm_90) and for the Jetson Orin (sm_87), on a
+machine without a GPU.
 
 The CPU tests run the kernels through Triton's interpreter, which skips the compiler; the
 first H100 run found float64 kernels that passed every interpreted test and failed to
@@ -50,3 +50,10 @@ def test_flow_block_kernels_compile_for_sm87(tmp_path):
     also for the Jetson Orin's sm_87, where the π0-scale expert is to run."""
     out = _compile(tmp_path, "87", "flow_block")
     assert "compiled 68 kernel variants for sm_87" in out
+
+
+def test_guidance_and_step_kernels_compile_for_sm87(tmp_path):
+    """The fused MLP-guidance gradient's and the guided step's kernels for the Orin too: the
+    sampler's guided update and the default encoder's gradient run there as well."""
+    out = _compile(tmp_path, "87", "mlp,guided_step")
+    assert "compiled 46 kernel variants for sm_87" in out

@@ -1,8 +1,8 @@
 """Compile the project's Triton kernels for a CUDA target without a GPU (run as a script).
 
     TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]]
-        ARCH: default 90; GROUP: all (default), or one of mlp, guided_step, transformer,
-        flow_block
+        ARCH: default 90; GROUP: all (default), or a comma-separated list of mlp,
+        guided_step, transformer, flow_block
 
 Prints one line per kernel variant and exits non-zero on the first compile error. The
 interpreter (how the CPU tests run the kernels) skips Triton's code generator, so a kernel
@@ -213,7 +213,7 @@ GROUPS = {"mlp": mlp_variants, "guided_step": guided_step_variants,
 
 def main(arch: int, group: str = "all") -> None:
     target = GPUTarget("cuda", arch, 32)
-    chosen = GROUPS.values() if group == "all" else [GROUPS[group]]
+    chosen = GROUPS.values() if group == "all" else [GROUPS[g] for g in group.split(",")]
     count = sum(variants(target) for variants in chosen)
     print(f"compiled {count} kernel variants for sm_{arch} with triton {triton.__version__}")
 
