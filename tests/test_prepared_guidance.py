@@ -281,3 +281,50 @@ def test_a_step_callback_gets_every_evaluation_checked():
         expected = sampler.sample(noise, guidance=twin, callback=replace_at_2(twin))
     assert torch.equal(got, expected)
     assert not torch.allclose(got, untouched)
+
+
+@pytest.mark.parametrize("method", ["gradient", "latent_gradient"])
+def test_a_subclass_overriding_the_gradient_runs_it_every_evaluation(method):
+    """A subclass's own gradient (here: doubled) is never bypassed by the per-call path."""
+
+    def doubled(base):
+        def method_(self, *args):
+            return 2 * base(self, *args)
+
+        return method_
+
+    class Doubled(LatentGuidance):
+        pass
+
+    class DoubledPerStep(_PerStepGuidance):
+        pass
+
+    setattr(Doubled, method, doubled(getattr(LatentGuidance, method)))
+    setattr(DoubledPerStep, method, doubled(getattr(LatentGuidance, method)))
+    guidance, twin = _both()
+    mine = Doubled(guidance.encoder.modules[0], guidance.target)
+    theirs = DoubledPerStep(twin.encoder.modules[0], twin.target)
+    sampler = ate_fast.FlowSampler(_head(), 5)
+    noise = _x()
+    with torch.no_grad():
+        plain = sampler.sample(noise, guidance=guidance)
+        sampler.sample(noise, guidance=mine)
+        got = sampler.sample(noise, guidance=mine)
+        expected = sampler.sample(noise, guidance=theirs)
+    assert torch.equal(got, expected)
+    assert not torch.allclose(got, plain)
+
+
+def test_a_gradient_replaced_on_the_instance_runs_every_evaluation():
+    guidance = _both()[0]
+    calls = []
+    own = guidance.latent_gradient
+
+    def counted(point):
+        calls.append(1)
+        return own(point)
+
+    guidance.latent_gradient = counted
+    with torch.no_grad():
+        ate_fast.FlowSampler(_head(), 5).sample(_x(), guidance=guidance)
+    assert len(calls) == 5

@@ -114,8 +114,17 @@ class LatentGuidance:
         code and the head — and costs ≈ 30–50 µs per step on one CPU thread, where the
         encoder's streaming has just evicted the interpreter's state from L2. A new
         target (:meth:`set_target`) drops the prepared call: the next evaluation takes
-        :meth:`gradient` again.
+        :meth:`gradient` again. Where a subclass or the instance replaces :meth:`gradient`
+        or :meth:`latent_gradient`, that :meth:`gradient` runs at every evaluation.
         """
+        cls, own = type(self), vars(self)
+        if (
+            cls.gradient is not LatentGuidance.gradient
+            or cls.latent_gradient is not LatentGuidance.latent_gradient
+            or "gradient" in own
+            or "latent_gradient" in own  # replaced on the instance (a wrapper, a mock)
+        ):
+            return self.gradient
         return _CallGradient(self)
 
     def latent_gradient(self, point: Tensor) -> Tensor:
