@@ -141,7 +141,7 @@ class Run:
         if guidance is None:
             return None
         per_call = getattr(guidance, "call_gradient", None)
-        return guidance.gradient if per_call is None or self.callback else per_call()
+        return guidance.gradient if per_call is None or self.callback is not None else per_call()
 
     def reset(self) -> None:
         """Before each pass through the loop: back to step 0, no features of a past call."""
