@@ -193,6 +193,18 @@ def test_guidance_gradient_must_be_callable(noise):
         SAMPLERS["flow"]().sample(noise, guidance=guide)
 
 
+@pytest.mark.parametrize("method", ["sample", "capture"])
+def test_a_bad_call_gradient_is_named(noise, method):
+    guide = Guide()
+    guide.call_gradient = 3
+    sampler = SAMPLERS["flow"]()
+    with pytest.raises(TypeError, match=r"guidance\.call_gradient must be None or callable"):
+        getattr(sampler, method)(noise, guidance=guide)
+    guide.call_gradient = lambda: None  # callable, but returns no function
+    with pytest.raises(TypeError, match=r"guidance\.call_gradient\(\) must return a function"):
+        getattr(sampler, method)(noise, guidance=guide)
+
+
 def test_tweedie_needs_an_x0_that_depends_on_x(noise):
     sampler = SAMPLERS["ddim"](prediction_type="sample")
     with pytest.raises(

@@ -133,6 +133,12 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
         )
     if mode not in GUIDANCE_MODES:
         raise InvalidArgumentError(f"guidance.mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+    per_call = getattr(guidance, "call_gradient", None)
+    if per_call is not None and not callable(per_call):
+        raise ArgumentTypeError(
+            "guidance.call_gradient must be None or callable as call_gradient() -> "
+            f"gradient, got {type(per_call).__name__}"
+        )
     if hasattr(guidance, "coefficient"):
         if not callable(guidance.coefficient):
             raise ArgumentTypeError(

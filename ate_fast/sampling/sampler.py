@@ -141,7 +141,15 @@ class Run:
         if guidance is None:
             return None
         per_call = getattr(guidance, "call_gradient", None)
-        return guidance.gradient if per_call is None or self.callback is not None else per_call()
+        if per_call is None or self.callback is not None:
+            return guidance.gradient
+        gradient = per_call()
+        if not callable(gradient):
+            raise ArgumentTypeError(
+                "guidance.call_gradient() must return a function gradient(x, x0_hat, dx0_dx), "
+                f"got {type(gradient).__name__}"
+            )
+        return gradient
 
     def reset(self) -> None:
         """Before each pass through the loop: back to step 0, no features of a past call."""
