@@ -332,6 +332,15 @@ def transformer_latent_gradient(
     blocks = module.blocks
     rows = 1 if eps is None else 2  # the tokens the latent reads: μ (and log σ²)
     batch = x.shape[0]
+    if kernels == "triton":  # all of a head's tokens in one attention program
+        extra, limit = module.dist_tokens.shape[0], _kernels().MAX_TOKENS
+        if x.shape[1] + extra > limit:
+            raise InvalidArgumentError(
+                f"{ENV_VAR}=triton: the Triton attention kernel holds at most {limit} tokens "
+                f"(the chunk's H + {extra} distribution tokens), got H = {x.shape[1]}; leave "
+                f"{ENV_VAR} unset (the hand-written VJP in torch ops) for chunks longer than "
+                f"{limit - extra}"
+            )
 
     # forward, keeping what the backward needs
     masked = apply_mask(x, mask)
