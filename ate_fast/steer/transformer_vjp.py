@@ -232,6 +232,19 @@ def _kernels() -> ModuleType:
     return kernels
 
 
+def _check_kernel_tokens(module: nn.Module, horizon: int) -> None:
+    """The Triton attention kernel holds all of a head's tokens in one program: raise
+    before any kernel runs where the chunk's H plus the distribution tokens exceed that."""
+    extra, limit = module.dist_tokens.shape[0], _kernels().MAX_TOKENS
+    if horizon + extra > limit:
+        raise InvalidArgumentError(
+            f"{ENV_VAR}=triton: the Triton attention kernel holds at most {limit} tokens "
+            f"(the chunk's H + {extra} distribution tokens), got H = {horizon}; leave "
+            f"{ENV_VAR} unset (the hand-written VJP in torch ops) for chunks longer than "
+            f"{limit - extra}"
+        )
+
+
 def _act_code(layer: nn.TransformerEncoderLayer) -> int:
     tt = _kernels()
     return tt.ACT_GELU if layer.activation is F.gelu else tt.ACT_RELU
@@ -332,15 +345,8 @@ def transformer_latent_gradient(
     blocks = module.blocks
     rows = 1 if eps is None else 2  # the tokens the latent reads: μ (and log σ²)
     batch = x.shape[0]
-    if kernels == "triton":  # all of a head's tokens in one attention program
-        extra, limit = module.dist_tokens.shape[0], _kernels().MAX_TOKENS
-        if x.shape[1] + extra > limit:
-            raise InvalidArgumentError(
-                f"{ENV_VAR}=triton: the Triton attention kernel holds at most {limit} tokens "
-                f"(the chunk's H + {extra} distribution tokens), got H = {x.shape[1]}; leave "
-                f"{ENV_VAR} unset (the hand-written VJP in torch ops) for chunks longer than "
-                f"{limit - extra}"
-            )
+    if kernels == "triton":
+        _check_kernel_tokens(module, x.shape[1])
 
     # forward, keeping what the backward needs
     masked = apply_mask(x, mask)
