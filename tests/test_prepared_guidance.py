@@ -328,3 +328,39 @@ def test_a_gradient_replaced_on_the_instance_runs_every_evaluation():
     with torch.no_grad():
         ate_fast.FlowSampler(_head(), 5).sample(_x(), guidance=guidance)
     assert len(calls) == 5
+
+
+class _CountingGuidance:
+    """A guidance of its own with ``call_gradient``: counts the asks and the calls."""
+
+    def __init__(self, mode):
+        self.scale, self.clamp, self.mode = 1.0, 0.1, mode
+        self.asks, self.per_call, self.per_step = 0, 0, 0
+
+    def gradient(self, x, x0_hat, dx0_dx):
+        self.per_step += 1
+        return 0.1 * x0_hat
+
+    def call_gradient(self):
+        self.asks += 1
+
+        def gradient(x, x0_hat, dx0_dx):
+            self.per_call += 1
+            return 0.1 * x0_hat
+
+        return gradient
+
+
+@pytest.mark.parametrize("mode", ["direct", "tweedie", "policy_vjp"])
+def test_the_samplers_ask_any_guidance_once_per_call(mode):
+    """The protocol for a guidance of one's own, every mode: asked once per call, its
+    function called at every evaluation; with a step callback, ``gradient`` instead."""
+    sampler = ate_fast.FlowSampler(_head(), 4)
+    noise = _x()
+    guidance = _CountingGuidance(mode)
+    with torch.no_grad():
+        sampler.sample(noise, guidance=guidance)
+        sampler.sample(noise, guidance=guidance)
+        assert (guidance.asks, guidance.per_call, guidance.per_step) == (2, 8, 0)
+        sampler.sample(noise, guidance=guidance, callback=lambda k, x: None)
+    assert (guidance.asks, guidance.per_call, guidance.per_step) == (2, 8, 4)

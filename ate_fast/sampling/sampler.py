@@ -131,7 +131,8 @@ class Run:
             if head is None
             else StepFeatureCache(head, tables.time_blocks, tables.time_rows, cond)
         )
-        self.guidance_gradient = self._call_gradient()
+        # guidance.gradient until reset() asks for the call's own (see _call_gradient)
+        self.guidance_gradient = None if guidance is None else guidance.gradient
 
     def _call_gradient(self) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
         """This call's ``gradient(x, x0_hat, dx0_dx)``: the guidance's ``call_gradient()``
@@ -233,7 +234,7 @@ class Run:
             m, pullback = self.model_output_with_vjp(x, t)
             m = check_output("model_fn", m, x)
             x0_hat = (p.view(-1, 1, 1) * x + q.view(-1, 1, 1) * m).to(x.dtype)
-            u = check_output("guidance.gradient", self.guidance.gradient(x, x0_hat, p), x)
+            u = check_output("guidance.gradient", self.guidance_gradient(x, x0_hat, p), x)
             g = p.view(-1, 1, 1) * u + q.view(-1, 1, 1) * pullback(u)
             return self._observed(m, check_output("guidance.gradient", g.to(x.dtype), x))
         if torch.is_inference_mode_enabled() or x.is_inference():
@@ -246,7 +247,7 @@ class Run:
             leaf = x.detach().requires_grad_(True)
             m = check_output("model_fn", self.model_fn(leaf, t, self.cond), x)
             x0_hat = (p.view(-1, 1, 1) * leaf + q.view(-1, 1, 1) * m).to(x.dtype)
-            u = check_output("guidance.gradient", self.guidance.gradient(x, x0_hat.detach(), p), x)
+            u = check_output("guidance.gradient", self.guidance_gradient(x, x0_hat.detach(), p), x)
             (g,) = torch.autograd.grad(x0_hat, leaf, u)
         return self._observed(m.detach(), check_output("guidance.gradient", g, x))
 
