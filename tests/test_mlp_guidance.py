@@ -281,3 +281,49 @@ def test_auto_selection_leaves_large_batches_to_gemm():
         mp.setenv("ATE_FAST_BACKEND", "cpu")
         assert selected_backend(torch.empty(FUSED_MAX_BATCH + 1, 2, 2)) == "cpu"
     backends.reset_caches()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])  # the kernel's 1-, 4- and 8-row paths
+@pytest.mark.parametrize("act", ["gelu", "silu", "relu", "tanh"])
+@pytest.mark.parametrize("options", ["target", "mask+eps", "a0+eps"])
+def test_cpu_bfloat16_is_the_float32_kernel_rounded_once(batch, act, options):
+    """bf16 storage, float32 compute: widening is exact, so the result is the float32
+    kernel's on the same (widened) values, rounded once to bf16 — bit for bit."""
+    torch.manual_seed(batch)
+    bf = torch.bfloat16
+    weights, biases = make_encoder(6 * 5, (24, 16), 8, bf, "cpu", bias_last=batch % 2 == 0)
+    x = torch.randn(batch, 6, 5, dtype=bf)
+    kw = {"target": torch.randn(batch, 8, dtype=bf)}
+    if options != "target":
+        kw["eps"] = torch.randn(batch, 8, dtype=bf)
+    if options == "mask+eps":
+        kw["mask"] = (torch.rand(batch, 5) > 0.3).to(bf)
+    if options == "a0+eps":
+        kw = {"a0": torch.randn_like(x), "eps": kw["eps"]}
+    assert selected_backend(x) == "cpu"
+    g, z = mlp_guidance(x, weights, biases, act, distance_weight=0.25, **kw)
+    wide = {k: v.float() for k, v in kw.items()}
+    g32, z32 = mlp_guidance(x.float(), [w.float() for w in weights],
+                            [None if b is None else b.float() for b in biases], act,
+                            distance_weight=0.25, **wide)  # fmt: skip
+    assert g.dtype == z.dtype == bf
+    assert torch.equal(g, g32.to(bf)) and torch.equal(z, z32.to(bf))
+
+
+def test_cpu_bfloat16_accumulates_in_float32():
+    """Error vs float64 ≤ 2× that of the same math done by autograd in bf16 (the default
+    encoder's width)."""
+    weights, biases = make_encoder(50 * 32, (512, 512), 64, torch.bfloat16, "cpu")
+    x = torch.randn(2, 50, 32, dtype=torch.bfloat16)
+    target = torch.randn(2, 64, dtype=torch.bfloat16)
+    g_true, _ = autograd_truth(x, weights, biases, "gelu", target=target, distance_weight=1 / 64)
+    g, _ = mlp_guidance(x, weights, biases, "gelu", target=target, distance_weight=1 / 64)
+    xx = x.clone().requires_grad_(True)
+    h = xx.reshape(2, -1)
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = F.linear(h, w, b)
+        if i < 2:
+            h = F.gelu(h)
+    y = -((h.chunk(2, dim=1)[0] - target) ** 2).sum() / 64
+    (g_low,) = torch.autograd.grad(y, xx)
+    assert _rel(g, g_true) <= 2 * _rel(g_low, g_true)

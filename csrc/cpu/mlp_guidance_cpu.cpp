@@ -6,9 +6,14 @@
 // backward splits the input columns, so each thread owns a slice of the result and
 // needs no reduction. One barrier per layer. The hot loops are compiled for several x86
 // levels (target_clones) so a portable wheel still uses AVX2/FMA or AVX-512 where present.
+// bfloat16: every tensor stored in bf16 (half the bytes of the weights, the kernel's bound at
+// control-rate batches), computed in float32 — loads widen, the outputs round once (to nearest
+// even, as torch rounds).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -31,6 +36,43 @@
 namespace ate_fast {
 namespace {
 
+struct Bf16 {  // bfloat16 storage: the upper half of a float32
+  uint16_t bits;
+};
+
+// Compute type of a storage type: bf16 computes in float32, float / double in themselves.
+template <typename S>
+struct Compute {
+  using type = S;
+};
+template <>
+struct Compute<Bf16> {
+  using type = float;
+};
+
+ATE_INLINE float widen(Bf16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+ATE_INLINE float widen(float v) { return v; }
+ATE_INLINE double widen(double v) { return v; }
+
+template <typename S, typename C>
+ATE_INLINE S narrow(C v) {
+  if constexpr (std::is_same_v<S, Bf16>) {
+    uint32_t bits;
+    const float f = static_cast<float>(v);
+    std::memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return Bf16{static_cast<uint16_t>((bits >> 16) | 0x40)};
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+    return Bf16{static_cast<uint16_t>(bits >> 16)};
+  } else {
+    return static_cast<S>(v);
+  }
+}
+
 constexpr int kRows = 4;  // batch rows sharing one pass over a weight row (forward: 8, then 4)
 constexpr int64_t kOutChunk = 8;  // forward: output neurons per work item
 constexpr int64_t kColChunk = 64; // backward: input columns per work item (threads)
@@ -51,41 +93,41 @@ constexpr int64_t kParallelMacs = 1 << 21;
 // `omp simd`), so the FMAs are not one dependent chain: R = 8 rows × 1 output, R = 4
 // rows × 2 outputs, R = 1 row × 8 outputs (the control-rate B = 1 case, which would
 // otherwise wait on the FMA latency of a single accumulator).
-template <typename T, int R>
-ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
+template <typename W, typename T, int R>
+ATE_INLINE void dense_rows(const W* __restrict__ w, const W* __restrict__ bias,
                            const T* __restrict__ in, int64_t in_dim, T* __restrict__ out,
                            int64_t out_dim, int64_t o0, int64_t o1) {
   int64_t o = o0;
   if constexpr (R == 1) {
     for (; o + 8 <= o1; o += 8) {
-      const T* __restrict__ w0 = w + o * in_dim;
-      const T *w1 = w0 + in_dim, *w2 = w1 + in_dim, *w3 = w2 + in_dim;
-      const T *w4 = w3 + in_dim, *w5 = w4 + in_dim, *w6 = w5 + in_dim, *w7 = w6 + in_dim;
+      const W* __restrict__ w0 = w + o * in_dim;
+      const W *w1 = w0 + in_dim, *w2 = w1 + in_dim, *w3 = w2 + in_dim;
+      const W *w4 = w3 + in_dim, *w5 = w4 + in_dim, *w6 = w5 + in_dim, *w7 = w6 + in_dim;
       T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
       for (int64_t i = 0; i < in_dim; ++i) {
         const T v = in[i];
-        a0 += w0[i] * v;
-        a1 += w1[i] * v;
-        a2 += w2[i] * v;
-        a3 += w3[i] * v;
-        a4 += w4[i] * v;
-        a5 += w5[i] * v;
-        a6 += w6[i] * v;
-        a7 += w7[i] * v;
+        a0 += widen(w0[i]) * v;
+        a1 += widen(w1[i]) * v;
+        a2 += widen(w2[i]) * v;
+        a3 += widen(w3[i]) * v;
+        a4 += widen(w4[i]) * v;
+        a5 += widen(w5[i]) * v;
+        a6 += widen(w6[i]) * v;
+        a7 += widen(w7[i]) * v;
       }
       const T acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-      for (int k = 0; k < 8; ++k) out[o + k] = acc[k] + (bias ? bias[o + k] : T(0));
+      for (int k = 0; k < 8; ++k) out[o + k] = acc[k] + (bias ? T(widen(bias[o + k])) : T(0));
     }
   } else if constexpr (R == 4) {
     for (; o + 2 <= o1; o += 2) {
-      const T* __restrict__ wa = w + o * in_dim;
-      const T* __restrict__ wb = wa + in_dim;
+      const W* __restrict__ wa = w + o * in_dim;
+      const W* __restrict__ wb = wa + in_dim;
       const T *i0 = in, *i1 = in + in_dim, *i2 = in + 2 * in_dim, *i3 = in + 3 * in_dim;
       T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
       for (int64_t i = 0; i < in_dim; ++i) {
-        const T va = wa[i], vb = wb[i];
+        const T va = widen(wa[i]), vb = widen(wb[i]);
         a0 += va * i0[i];
         a1 += va * i1[i];
         a2 += va * i2[i];
@@ -95,7 +137,7 @@ ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
         b2 += vb * i2[i];
         b3 += vb * i3[i];
       }
-      const T ba = bias ? bias[o] : T(0), bb = bias ? bias[o + 1] : T(0);
+      const T ba = bias ? T(widen(bias[o])) : T(0), bb = bias ? T(widen(bias[o + 1])) : T(0);
       out[o] = a0 + ba, out[out_dim + o] = a1 + ba;
       out[2 * out_dim + o] = a2 + ba, out[3 * out_dim + o] = a3 + ba;
       out[o + 1] = b0 + bb, out[out_dim + o + 1] = b1 + bb;
@@ -103,14 +145,14 @@ ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
     }
   }
   for (; o < o1; ++o) {  // R = 8, and the outputs left over by the variants above
-    const T* __restrict__ wr = w + o * in_dim;
+    const W* __restrict__ wr = w + o * in_dim;
     T acc[R];
     if constexpr (R == 8) {
       T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
       const T* i0 = in;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
       for (int64_t i = 0; i < in_dim; ++i) {
-        const T wv = wr[i];
+        const T wv = widen(wr[i]);
         a0 += wv * i0[i];
         a1 += wv * i0[in_dim + i];
         a2 += wv * i0[2 * in_dim + i];
@@ -127,19 +169,19 @@ ATE_INLINE void dense_rows(const T* __restrict__ w, const T* __restrict__ bias,
         const T* ik = in + k * in_dim;
         T a0 = 0;
 #pragma omp simd reduction(+ : a0)
-        for (int64_t i = 0; i < in_dim; ++i) a0 += wr[i] * ik[i];
+        for (int64_t i = 0; i < in_dim; ++i) a0 += widen(wr[i]) * ik[i];
         acc[k] = a0;
       }
     }
-    const T b = bias ? bias[o] : T(0);
+    const T b = bias ? T(widen(bias[o])) : T(0);
     for (int k = 0; k < R; ++k) out[k * out_dim + o] = acc[k] + b;
   }
 }
 
 // gin[r][i] = Σ_o delta[r][o]·W[o][i] for R rows, columns [c0, c1): four weight rows per
 // pass, so each gin element is loaded and stored once per four multiply-adds.
-template <typename T, int R>
-ATE_INLINE void dense_transposed_rows(const T* __restrict__ w, int64_t in_dim, int64_t out_dim,
+template <typename W, typename T, int R>
+ATE_INLINE void dense_transposed_rows(const W* __restrict__ w, int64_t in_dim, int64_t out_dim,
                                       const T* __restrict__ delta, T* __restrict__ gin,
                                       int64_t c0, int64_t c1) {
   for (int k = 0; k < R; ++k)
@@ -149,72 +191,67 @@ ATE_INLINE void dense_transposed_rows(const T* __restrict__ w, int64_t in_dim, i
   // and the rows read last here are the first the next call's forward reads.
   const int64_t tail = out_dim % 4;
   for (int64_t o = out_dim - 1; o >= out_dim - tail; --o) {
-    const T* __restrict__ wr = w + o * in_dim;
+    const W* __restrict__ wr = w + o * in_dim;
     for (int k = 0; k < R; ++k) {
       const T d = delta[k * out_dim + o];
       T* __restrict__ g = gin + k * in_dim;
 #pragma omp simd
-      for (int64_t i = c0; i < c1; ++i) g[i] += d * wr[i];
+      for (int64_t i = c0; i < c1; ++i) g[i] += d * widen(wr[i]);
     }
   }
   for (int64_t o = out_dim - tail - 4; o >= 0; o -= 4) {
-    const T* __restrict__ w0 = w + o * in_dim;
-    const T* __restrict__ w1 = w0 + in_dim;
-    const T* __restrict__ w2 = w1 + in_dim;
-    const T* __restrict__ w3 = w2 + in_dim;
+    const W* __restrict__ w0 = w + o * in_dim;
+    const W* __restrict__ w1 = w0 + in_dim;
+    const W* __restrict__ w2 = w1 + in_dim;
+    const W* __restrict__ w3 = w2 + in_dim;
     for (int k = 0; k < R; ++k) {
       const T* dk = delta + k * out_dim + o;
       const T d0 = dk[0], d1 = dk[1], d2 = dk[2], d3 = dk[3];
       T* __restrict__ g = gin + k * in_dim;
 #pragma omp simd
-      for (int64_t i = c0; i < c1; ++i) g[i] += d3 * w3[i] + d2 * w2[i] + d1 * w1[i] + d0 * w0[i];
+      for (int64_t i = c0; i < c1; ++i) g[i] += d3 * widen(w3[i]) + d2 * widen(w2[i]) + d1 * widen(w1[i]) + d0 * widen(w0[i]);
     }
   }
 }
 
-#define ATE_DEFINE_KERNELS(T, SUFFIX)                                                       \
-  ATE_CLONES void dense_##SUFFIX(const T* w, const T* bias, const T* in, int64_t rows,      \
+// W: the weights' storage type; T: the compute type (the activations and gradients).
+#define ATE_DEFINE_KERNELS(W, T, SUFFIX)                                                    \
+  ATE_CLONES void dense_##SUFFIX(const W* w, const W* bias, const T* in, int64_t rows,      \
                                  int64_t in_dim, T* out, int64_t out_dim, int64_t o0,       \
                                  int64_t o1) {                                              \
     int64_t r = 0;                                                                          \
     for (; r + 8 <= rows; r += 8)                                                           \
-      dense_rows<T, 8>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, o1); \
+      dense_rows<W, T, 8>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, \
+                          o1);                                                              \
     for (; r + kRows <= rows; r += kRows)                                                   \
-      dense_rows<T, kRows>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, \
-                           o1);                                                             \
+      dense_rows<W, T, kRows>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, \
+                              o0, o1);                                                      \
     for (; r < rows; ++r)                                                                   \
-      dense_rows<T, 1>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, o1); \
+      dense_rows<W, T, 1>(w, bias, in + r * in_dim, in_dim, out + r * out_dim, out_dim, o0, \
+                          o1);                                                              \
   }                                                                                         \
-  ATE_CLONES void dense_t_##SUFFIX(const T* w, int64_t in_dim, int64_t out_dim, const T* delta, \
+  ATE_CLONES void dense_t_##SUFFIX(const W* w, int64_t in_dim, int64_t out_dim, const T* delta, \
                                    int64_t rows, T* gin, int64_t c0, int64_t c1) {          \
     int64_t r = 0;                                                                          \
     for (; r + kRows <= rows; r += kRows)                                                   \
-      dense_transposed_rows<T, kRows>(w, in_dim, out_dim, delta + r * out_dim,              \
-                                      gin + r * in_dim, c0, c1);                            \
+      dense_transposed_rows<W, T, kRows>(w, in_dim, out_dim, delta + r * out_dim,           \
+                                         gin + r * in_dim, c0, c1);                         \
     for (; r < rows; ++r)                                                                   \
-      dense_transposed_rows<T, 1>(w, in_dim, out_dim, delta + r * out_dim, gin + r * in_dim, \
-                                  c0, c1);                                                  \
+      dense_transposed_rows<W, T, 1>(w, in_dim, out_dim, delta + r * out_dim,               \
+                                     gin + r * in_dim, c0, c1);                             \
+  }                                                                                         \
+  inline void dense(const W* w, const W* b, const T* in, int64_t rows, int64_t in_dim,      \
+                    T* out, int64_t out_dim, int64_t o0, int64_t o1) {                      \
+    dense_##SUFFIX(w, b, in, rows, in_dim, out, out_dim, o0, o1);                           \
+  }                                                                                         \
+  inline void dense_t(const W* w, int64_t in_dim, int64_t out_dim, const T* delta,          \
+                      int64_t rows, T* gin, int64_t c0, int64_t c1) {                       \
+    dense_t_##SUFFIX(w, in_dim, out_dim, delta, rows, gin, c0, c1);                         \
   }
 
-ATE_DEFINE_KERNELS(float, f32)
-ATE_DEFINE_KERNELS(double, f64)
-
-inline void dense(const float* w, const float* b, const float* in, int64_t rows, int64_t in_dim,
-                  float* out, int64_t out_dim, int64_t o0, int64_t o1) {
-  dense_f32(w, b, in, rows, in_dim, out, out_dim, o0, o1);
-}
-inline void dense(const double* w, const double* b, const double* in, int64_t rows,
-                  int64_t in_dim, double* out, int64_t out_dim, int64_t o0, int64_t o1) {
-  dense_f64(w, b, in, rows, in_dim, out, out_dim, o0, o1);
-}
-inline void dense_t(const float* w, int64_t in_dim, int64_t out_dim, const float* delta,
-                    int64_t rows, float* gin, int64_t c0, int64_t c1) {
-  dense_t_f32(w, in_dim, out_dim, delta, rows, gin, c0, c1);
-}
-inline void dense_t(const double* w, int64_t in_dim, int64_t out_dim, const double* delta,
-                    int64_t rows, double* gin, int64_t c0, int64_t c1) {
-  dense_t_f64(w, in_dim, out_dim, delta, rows, gin, c0, c1);
-}
+ATE_DEFINE_KERNELS(float, float, f32)
+ATE_DEFINE_KERNELS(double, double, f64)
+ATE_DEFINE_KERNELS(Bf16, float, bf16)
 
 template <typename T>
 struct Workspace {
@@ -226,21 +263,24 @@ struct Workspace {
   }
 };
 
-template <typename T>
+// S: the storage type of every tensor argument; T: the compute type (see Compute).
+template <typename S>
 int run(const MlpGuidanceArgs& p) {
+  using T = typename Compute<S>::type;
+  constexpr bool kWide = std::is_same_v<S, T>;  // float / double: no conversion
   const int L = p.num_layers;
   const int64_t B = p.batch, F = p.dims[0], out_dim = p.dims[L], dz = out_dim / 2;
   const bool with_a0 = p.a0 != nullptr;
   const int64_t rows = with_a0 ? 2 * B : B;  // a0's rows are stacked under x's
-  const T* const* W = reinterpret_cast<const T* const*>(p.weights);
-  const T* const* bias = reinterpret_cast<const T* const*>(p.biases);
-  const T* x = static_cast<const T*>(p.x);
-  const T* a0 = static_cast<const T*>(p.a0);
-  const T* mask = static_cast<const T*>(p.mask);
-  const T* target = static_cast<const T*>(p.target);
-  const T* eps = static_cast<const T*>(p.eps);
-  T* grad = static_cast<T*>(p.grad);
-  T* latent = static_cast<T*>(p.latent);
+  const S* const* W = reinterpret_cast<const S* const*>(p.weights);
+  const S* const* bias = reinterpret_cast<const S* const*>(p.biases);
+  const S* x = static_cast<const S*>(p.x);
+  const S* a0 = static_cast<const S*>(p.a0);
+  const S* mask = static_cast<const S*>(p.mask);
+  const S* target = static_cast<const S*>(p.target);
+  const S* eps = static_cast<const S*>(p.eps);
+  S* grad = static_cast<S*>(p.grad);
+  S* latent = static_cast<S*>(p.latent);
 
   // Workspace: h_l for every layer input (rows × dims[l]); act'(pre) for hidden layers
   // (x rows only: a0 needs no backward); the output; two backward buffers.
@@ -279,13 +319,13 @@ int run(const MlpGuidanceArgs& p) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r < B ? r : r - B;
-      const T* src = (r < B ? x : a0) + b * F;
+      const S* src = (r < B ? x : a0) + b * F;
       T* dst = h[0] + r * F;
       if (mask) {
-        const T* mrow = mask + b * p.mask_stride;
-        for (int64_t f = 0; f < F; ++f) dst[f] = src[f] * mrow[f % p.action_dim];
+        const S* mrow = mask + b * p.mask_stride;
+        for (int64_t f = 0; f < F; ++f) dst[f] = T(widen(src[f])) * T(widen(mrow[f % p.action_dim]));
       } else {
-        std::copy(src, src + F, dst);
+        for (int64_t f = 0; f < F; ++f) dst[f] = T(widen(src[f]));
       }
     }
     // Forward, layer by layer: pre-activations, then act and act' for hidden layers.
@@ -320,22 +360,23 @@ int run(const MlpGuidanceArgs& p) {
       const T* o_a = with_a0 ? out + (B + b) * out_dim : nullptr;
       T* d = delta[0] + b * used_out;
       for (int64_t j = 0; j < dz; ++j) {
-        const T e = eps ? eps[b * dz + j] : T(0);
+        const T e = eps ? T(widen(eps[b * dz + j])) : T(0);
         const T sx = eps ? std::exp(T(0.5) * o_x[dz + j]) : T(0);
         const T zx = o_x[j] + sx * e;
         const T zt = with_a0 ? o_a[j] + (eps ? std::exp(T(0.5) * o_a[dz + j]) * e : T(0))
-                             : target[b * p.target_stride + j];
+                             : T(widen(target[b * p.target_stride + j]));
         const T dzv = T(-2) * w * (zx - zt);
         d[j] = dzv;
         if (eps) d[dz + j] = dzv * e * T(0.5) * sx;
-        if (latent) latent[b * dz + j] = zx;
+        if (latent) latent[b * dz + j] = narrow<S>(zx);
       }
     }
     // Backward to the input, layer by layer; the last step applies the mask.
     int cur = 0;
     for (int l = L - 1; l >= 0; --l) {
       const int64_t in_dim = p.dims[l], o_dim = p.dims[l + 1];
-      T* dst = l == 0 ? grad : delta[1 - cur];
+      // bf16: the input gradient in float32 first (a delta buffer: its width ≥ dims[0])
+      T* dst = l == 0 && kWide ? reinterpret_cast<T*>(grad) : delta[1 - cur];
       const int64_t width = parallel ? kColChunk : kSerialColChunk;
       const int64_t chunks = (in_dim + width - 1) / width;
 #pragma omp for schedule(static)
@@ -348,12 +389,17 @@ int run(const MlpGuidanceArgs& p) {
             const T* da = dact[l] + b * in_dim;
             for (int64_t i = c0; i < c1; ++i) g[i] *= da[i];
           } else if (mask) {
-            const T* mrow = mask + b * p.mask_stride;
-            for (int64_t i = c0; i < c1; ++i) g[i] *= mrow[i % p.action_dim];
+            const S* mrow = mask + b * p.mask_stride;
+            for (int64_t i = c0; i < c1; ++i) g[i] *= T(widen(mrow[i % p.action_dim]));
           }
         }
       }
       cur = 1 - cur;
+    }
+    if constexpr (!kWide) {  // round the float32 gradient once into the output
+      const T* g = delta[cur];
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < B * F; ++i) grad[i] = narrow<S>(g[i]);
     }
   }
   return kOk;
@@ -371,6 +417,7 @@ int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args) {
   switch (dtype) {
     case DType::kFloat32: return run<float>(args);
     case DType::kFloat64: return run<double>(args);
+    case DType::kBFloat16: return run<Bf16>(args);
     default: return kBadDType;
   }
 }

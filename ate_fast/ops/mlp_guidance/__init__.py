@@ -10,7 +10,8 @@ activation between them; the last layer gives ``concat(μ, log σ²)``). The dis
 mean. The result is a constant for the training loss (no gradient flows through it).
 
 Backends: ``ref`` (forward ops only, the ONNX-exportable decomposition), ``cpu`` (C++,
-blocked GEMV/GEMM with OpenMP, float32/float64), ``cuda`` (one cooperative kernel,
+blocked GEMV/GEMM with OpenMP, float32/float64, and bfloat16 storage with float32
+arithmetic: the float32 kernel's result rounded once), ``cuda`` (one cooperative kernel,
 float32/float64/float16/bfloat16 with float32 accumulation), ``triton`` (2·L kernels
 for L layers — a GEMM per layer and direction with bias/activation/latent epilogues —
 :mod:`ate_fast.ops.mlp_guidance.triton`; CUDA after ``cuda`` in preference, float32/

@@ -24,7 +24,7 @@ SUPPORT = {
     torch.float32: backends.support(cpu=("cpu",), triton=("cpu", "cuda"), cuda=("cuda",)),
     torch.float64: backends.support(cpu=("cpu",), triton=("cpu", "cuda"), cuda=("cuda",)),
     torch.float16: backends.support(triton=("cuda",), cuda=("cuda",)),
-    torch.bfloat16: backends.support(triton=("cuda",), cuda=("cuda",)),
+    torch.bfloat16: backends.support(cpu=("cpu",), triton=("cuda",), cuda=("cuda",)),
 }
 # Above this batch size the op-by-op decomposition (cuBLAS / MKL GEMMs) beats the fused
 # kernels, which are built for control-rate batches (measured: benchmarks/README.md).

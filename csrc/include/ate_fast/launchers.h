@@ -9,7 +9,8 @@ namespace ate_fast {
 // CPU: float32 and float64 (dtype must be kFloat32 or kFloat64). OpenMP over rows.
 int guided_step_cpu(DType dtype, const GuidedStepArgs& args);
 
-// CPU: fused MLP-encoder guidance gradient (see mlp_guidance.h); float32 and float64.
+// CPU: fused MLP-encoder guidance gradient (see mlp_guidance.h); float32, float64, and
+// bfloat16 storage computed in float32.
 int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args);
 
 // Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
