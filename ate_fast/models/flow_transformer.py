@@ -28,6 +28,7 @@ every step at once, the rotary tables, and conditioning tokens' keys and values 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -96,6 +97,11 @@ class FlowStepFeatures(NamedTuple):
     # with a prefix, per block: the call's key/value buffers (shared by its steps), the
     # prefix written once and each step's action rows in place (block_epilogues.PrefixSlot)
     slots: Optional[tuple[PrefixSlot, ...]] = None
+
+    def per_block(self) -> Iterator[tuple[Any, Optional[PrefixSlot]]]:
+        """``(prefix (keys, values) or None, PrefixSlot or None)`` for each block in turn
+        (no slots: every block concatenates its prefix)."""
+        return zip(self.blocks, self.slots or (None,) * len(self.blocks))
 
 
 class PrefixCache(NamedTuple):
@@ -238,8 +244,7 @@ class FlowTransformerHead(nn.Module):
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
-        slots = features.slots or (None,) * len(self.blocks)
-        for block, block_cond, slot in zip(self.blocks, features.blocks, slots):
+        for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
             tokens = block(tokens, block_cond, features.cos, features.sin, slot)
         return self.action_out(self.final_norm(tokens)).to(x.dtype)
 
@@ -298,8 +303,7 @@ class FlowTransformerHead(nn.Module):
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
-        slots = features.slots or (None,) * len(self.blocks)
-        for block, block_cond, slot in zip(self.blocks, features.blocks, slots):
+        for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
             tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot)
             saved.append(kept)
         out = self.action_out(self.final_norm(tokens)).to(x.dtype)
