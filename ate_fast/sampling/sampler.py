@@ -195,7 +195,7 @@ class Run:
         x0_hat = self.ws["x0_hat"]
         self.launch(x0_hat, x=x, m=m, a=p, b=q)
         with torch.enable_grad():
-            g = self.guidance_gradient(x, x0_hat, dx0_dx)  # type: ignore[misc]
+            g = self.guidance_gradient(x, x0_hat, dx0_dx)
         g = check_output("guidance.gradient", g, x)
         if self.finite is not None:
             self.finite.observe(self.step, "guidance.gradient", g)
