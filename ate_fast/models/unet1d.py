@@ -6,7 +6,9 @@ timestep goes through Linear -> Mish -> Linear; concatenated with the global ``c
 after the block's first convolution). Down path: per level two residual blocks, then a
 stride-2 convolution (not after the last level); two middle blocks; up path mirrors the
 down path with skip concatenations and transposed-convolution upsampling; a final
-convolution block and a 1×1 convolution back to D channels.
+convolution block and a 1×1 convolution back to D channels. The convolutions are
+:class:`~ate_fast.models.chunk_conv.ChunkConv1d` / ``ChunkConvTranspose1d``: ``nn`` layers
+that run as one row-major GEMM at batch 1 on the CPU, where ATen's own path is slow.
 
 :meth:`ConditionalUnet1D.step_features` computes the FiLM scales and biases of every
 block from (t, cond) for N steps at once (the samplers compute them once per call:
@@ -22,6 +24,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ate_fast.models.chunk_conv import ChunkConv1d, ChunkConvTranspose1d
 from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import DIFFUSION_PERIODS, sinusoidal_embedding
 
@@ -73,7 +76,9 @@ UNET_CONFIGS: dict[str, UnetConfig] = {
 
 def _conv_block(c_in: int, c_out: int, kernel: int, groups: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out), nn.Mish()
+        ChunkConv1d(c_in, c_out, kernel, padding=kernel // 2),
+        nn.GroupNorm(groups, c_out),
+        nn.Mish(),
     )
 
 
@@ -83,7 +88,7 @@ class _FiLMResidualBlock(nn.Module):
         self.conv1 = _conv_block(c_in, c_out, kernel, groups)
         self.conv2 = _conv_block(c_out, c_out, kernel, groups)
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
-        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.skip = ChunkConv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, film: tuple[Tensor, Tensor]) -> Tensor:
         """``x`` [B, C_in, H] with this block's FiLM ``(scale, bias)`` [B, C_out, 1] each."""
@@ -117,7 +122,7 @@ class ConditionalUnet1D(nn.Module):
                 nn.ModuleList([
                     _FiLMResidualBlock(c_in, c_out, film_dim, k, grp),
                     _FiLMResidualBlock(c_out, c_out, film_dim, k, grp),
-                    nn.Identity() if last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1),
+                    nn.Identity() if last else ChunkConv1d(c_out, c_out, 3, stride=2, padding=1),
                 ])
             )  # fmt: skip
         mid = cfg.down_dims[-1]
@@ -130,12 +135,12 @@ class ConditionalUnet1D(nn.Module):
                 nn.ModuleList([
                     _FiLMResidualBlock(2 * c_out, c_in, film_dim, k, grp),
                     _FiLMResidualBlock(c_in, c_in, film_dim, k, grp),
-                    nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
+                    ChunkConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
                 ])
             )  # fmt: skip
         start = cfg.down_dims[0]
         self.final = nn.Sequential(
-            _conv_block(start, start, k, grp), nn.Conv1d(start, cfg.action_dim, 1)
+            _conv_block(start, start, k, grp), ChunkConv1d(start, cfg.action_dim, 1)
         )
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:

@@ -1,0 +1,173 @@
+"""The U-Net's convolutions as row-major GEMMs at batch 1 on the CPU (models/chunk_conv.py):
+the row forms against ATen's convolutions in float64, the modules' choice of path, their
+gradients, and graph captures that keep the convolution op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ate_fast.models import chunk_conv
+from ate_fast.models.chunk_conv import (
+    ChunkConv1d,
+    ChunkConvTranspose1d,
+    conv1d_rows,
+    conv_transpose1d_rows,
+)
+
+# (batch, C_in, C_out, k, stride, padding, L): the U-Net's shapes and odd ones
+CONV_SHAPES = [
+    (1, 64, 64, 5, 1, 2, 8),
+    (1, 7, 5, 3, 2, 1, 16),
+    (3, 6, 9, 1, 1, 0, 4),
+    (2, 4, 4, 5, 1, 0, 9),
+    (1, 3, 8, 4, 3, 2, 11),
+]
+TRANSPOSE_SHAPES = [
+    (1, 16, 16, 4, 2, 1, 4),
+    (2, 5, 7, 3, 1, 0, 6),
+    (1, 4, 6, 5, 3, 2, 3),
+    (3, 2, 3, 1, 2, 0, 5),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("batch", "c_in", "c_out", "k", "stride", "padding", "steps"), CONV_SHAPES)
+def test_conv1d_rows_is_the_convolution(batch, c_in, c_out, k, stride, padding, steps, bias):
+    gen = torch.Generator().manual_seed(steps * k + stride)
+    x = torch.randn(batch, c_in, steps, dtype=torch.float64, generator=gen)
+    weight = torch.randn(c_out, c_in, k, dtype=torch.float64, generator=gen)
+    b = torch.randn(c_out, dtype=torch.float64, generator=gen) if bias else None
+    expected = F.conv1d(x, weight, b, stride=stride, padding=padding)
+    got = conv1d_rows(x, weight, b, stride, padding)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    ("batch", "c_in", "c_out", "k", "stride", "padding", "steps"), TRANSPOSE_SHAPES
+)
+def test_conv_transpose1d_rows_is_the_convolution(
+    batch, c_in, c_out, k, stride, padding, steps, bias
+):
+    gen = torch.Generator().manual_seed(steps * k + stride)
+    x = torch.randn(batch, c_in, steps, dtype=torch.float64, generator=gen)
+    weight = torch.randn(c_in, c_out, k, dtype=torch.float64, generator=gen)
+    b = torch.randn(c_out, dtype=torch.float64, generator=gen) if bias else None
+    expected = F.conv_transpose1d(x, weight, b, stride=stride, padding=padding)
+    got = conv_transpose1d_rows(x, weight, b, stride, padding)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _counting(monkeypatch, name: str) -> list[int]:
+    """Count the calls of chunk_conv's row form ``name``."""
+    calls: list[int] = []
+    original = getattr(chunk_conv, name)
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(chunk_conv, name, counted)
+    return calls
+
+
+def _pair(transposed: bool, c: int, k: int) -> tuple[nn.Module, nn.Module]:
+    """A chunk layer and the plain ``nn`` layer with the same parameters."""
+    torch.manual_seed(0)
+    if transposed:
+        plain: nn.Module = nn.ConvTranspose1d(c, c, k, stride=2, padding=1)
+        chunk: nn.Module = ChunkConvTranspose1d(c, c, k, stride=2, padding=1)
+    else:
+        plain, chunk = nn.Conv1d(c, c, k, padding=k // 2), ChunkConv1d(c, c, k, padding=k // 2)
+    chunk.load_state_dict(plain.state_dict())  # the same parameters and keys
+    return chunk, plain
+
+
+@pytest.mark.parametrize(
+    ("transposed", "channels", "k", "batch", "steps", "dtype", "rows"),
+    [
+        (False, 64, 5, 1, 8, torch.float32, True),  # 20 480 weights, 8 steps
+        (False, 64, 5, 1, 16, torch.float32, False),  # 16 output steps: ATen's path
+        (False, 64, 5, 2, 8, torch.float32, False),  # batch 2: oneDNN
+        (False, 32, 5, 1, 8, torch.float32, False),  # 5 120 weights: too small to pay
+        (False, 64, 5, 1, 8, torch.float64, False),  # float32 only
+        (True, 128, 4, 1, 4, torch.float32, True),  # 65 536 weights, 4 input steps
+        (True, 64, 4, 1, 4, torch.float32, False),  # 16 384 weights
+        (True, 128, 4, 1, 16, torch.float32, False),
+    ],
+)
+def test_chunk_layers_take_the_row_form_where_it_pays(
+    monkeypatch, transposed, channels, k, batch, steps, dtype, rows
+):
+    calls = _counting(monkeypatch, "conv_transpose1d_rows" if transposed else "conv1d_rows")
+    chunk, plain = (m.to(dtype) for m in _pair(transposed, channels, k))
+    x = torch.randn(batch, channels, steps, dtype=dtype)
+    got, expected = chunk(x), plain(x)
+    assert len(calls) == (1 if rows else 0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_row_form_gradients_match_the_convolution(monkeypatch, transposed):
+    calls = _counting(monkeypatch, "conv_transpose1d_rows" if transposed else "conv1d_rows")
+    chunk, plain = _pair(transposed, 128, 4 if transposed else 5)
+    x = torch.randn(1, 128, 4, requires_grad=True)
+    out_weight = torch.randn(chunk(x).shape)  # a random cotangent, the same for both
+    calls.clear()
+    grads = []
+    for module in (chunk, plain):
+        loss = (module(x) * out_weight).sum()
+        grads.append(torch.autograd.grad(loss, (x, module.weight, module.bias)))
+    assert len(calls) == 1
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_that_are_not_plain_keep_atens_path(monkeypatch):
+    calls = _counting(monkeypatch, "conv1d_rows")
+    x = torch.randn(1, 64, 8)
+    for layer in (
+        ChunkConv1d(64, 64, 5, padding=4, dilation=2),
+        ChunkConv1d(64, 64, 5, padding=2, groups=2),
+        ChunkConv1d(64, 64, 5, padding=2, padding_mode="circular"),
+        ChunkConv1d(64, 64, 5, padding="same"),
+    ):
+        assert layer(x).shape == (1, 64, 8)
+    assert calls == []
+
+
+def test_graph_captures_keep_the_convolution_op(monkeypatch):
+    """torch.export (non-strict, as ate_fast's ONNX export runs it), torch.jit.trace and
+    torch.compile see Conv1d / ConvTranspose1d, not the row form, at the batch where eager
+    takes it."""
+    calls = _counting(monkeypatch, "conv1d_rows")
+    calls_t = _counting(monkeypatch, "conv_transpose1d_rows")
+    model = nn.Sequential(ChunkConv1d(64, 64, 5, padding=2), ChunkConvTranspose1d(64, 128, 4, 2, 1))
+    x = torch.randn(1, 64, 8)
+    model(x)
+    assert (len(calls), len(calls_t)) == (1, 1)  # eager: the row forms
+    program = torch.export.export(model, (x,), strict=False)
+    assert (len(calls), len(calls_t)) == (1, 1)  # the export did not take them
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any("conv1d" in t or "convolution" in t for t in targets), targets
+    assert any("conv_transpose1d" in t or "convolution" in t for t in targets), targets
+    traced = torch.jit.trace(model, (x,), check_trace=False)  # the check reruns it eagerly
+    assert (len(calls), len(calls_t)) == (1, 1)  # nor the trace
+    assert "conv" in str(traced.inlined_graph)
+    seen: list[str] = []
+
+    def backend(graph_module, example_inputs):  # records what Dynamo traced, runs it as is
+        seen.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(x)
+    assert (len(calls), len(calls_t)) == (1, 1)  # nor torch.compile
+    assert any("conv1d" in t for t in seen) and any("conv_transpose1d" in t for t in seen), seen
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
