@@ -1,0 +1,99 @@
+"""Issue 18's unguided CPU targets per reference head: ``sample()`` and ``capture()`` against
+the eager loop a user writes, rows interleaved round by round, one torch thread.
+
+    python benchmarks/cpu_head_targets.py [--heads mlp-small unet1d-dp …] [--rounds 5]
+                                          [--aten-conv] [--json OUT.json]
+
+``bench_heads``' set-up: each head at its config's (H, D), B = 1, float32, on its native
+sampler (flow heads: flow Euler 10; U-Nets: DDIM 10), the U-Nets' conditioning a fixed
+random [1, cond_dim]; the eager row is ``bench_heads``' ``eager`` loop (the head called every
+step, the update in tensor ops). Each round calls every row once, in turn, so load from
+other processes falls on all of them alike; a row's time is its fastest round. Prints a
+markdown table: per call eager time, ``sample()`` and ``capture()`` as eager / row (> 1:
+ate_fast faster). ``--aten-conv`` runs the U-Nets' convolutions on ATen's path
+everywhere (``ate_fast.models.chunk_conv`` off: the state before it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_heads
+
+from ate_fast.models import chunk_conv
+
+NATIVE_SAMPLER = {"unet1d": "ddim-10"}  # every other head: flow Euler 10
+
+
+def rows(head_id: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """The three rows of one head, each a call with fixed noise (and cond)."""
+    head = bench_heads._head("cpu", head_id)
+    sampler = NATIVE_SAMPLER.get(bench_heads.HEADS[head_id][0], "flow-euler-10")
+    horizon, action_dim = bench_heads._shape(head_id)
+    noise = torch.randn(1, horizon, action_dim, generator=torch.Generator().manual_seed(1))
+    cond = bench_heads._cond("cpu", head_id)
+    loop = bench_heads._user_loop(head, sampler, 1.0, None, "cpu", cond=cond)
+    ate = bench_heads._ate_sampler(head_id, sampler, head)
+    captured = ate.capture(noise, cond, check_finite=False)
+    return {
+        "eager": lambda: loop(noise),
+        "sample": lambda: ate.sample(noise, cond),
+        "capture": lambda: captured(noise, cond),
+    }
+
+
+def fastest(impls: dict[str, Callable[[], torch.Tensor]], rounds: int) -> dict[str, float]:
+    """Each row's fastest of ``rounds`` interleaved rounds, seconds (after one warm call)."""
+    for fn in impls.values():
+        fn()
+    best = {name: float("inf") for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", nargs="+", default=list(bench_heads.HEADS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--aten-conv", action="store_true", help="U-Net convolutions on ATen")
+    parser.add_argument("--json", type=Path, help="also write the times and ratios here")
+    args = parser.parse_args()
+    unknown = sorted(set(args.heads) - set(bench_heads.HEADS))
+    if unknown:
+        parser.error(f"--heads: unknown {unknown}; expected some of {list(bench_heads.HEADS)}")
+    if args.aten_conv:
+        chunk_conv.ROWS_BELOW = 0  # no output length is below 0: every layer takes ATen's path
+    torch.set_num_threads(1)
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, 1 thread, {cpu}, min of {args.rounds} rounds")
+    print("| head | eager per call | `sample()` | `capture()` |\n|---|---|---|---|")
+    results = {}
+    for head_id in args.heads:
+        times = fastest(rows(head_id), args.rounds)
+        ratio = {row: times["eager"] / times[row] for row in ("sample", "capture")}
+        results[head_id] = {"seconds": times, "eager_over": ratio}
+        print(
+            f"| `{head_id}` | {times['eager'] * 1e3:.2f} ms | {ratio['sample']:.2f}× "
+            f"| {ratio['capture']:.2f}× |",
+            flush=True,
+        )
+    if args.json:
+        meta = {"torch": torch.__version__, "cpu": cpu, "aten_conv": args.aten_conv}
+        args.json.write_text(json.dumps({"meta": meta, "heads": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
