@@ -33,32 +33,30 @@ TRANSPOSE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize(("batch", "c_in", "c_out", "k", "stride", "padding", "steps"), CONV_SHAPES)
-def test_conv1d_rows_is_the_convolution(batch, c_in, c_out, k, stride, padding, steps, bias):
-    gen = torch.Generator().manual_seed(steps * k + stride)
-    x = torch.randn(batch, c_in, steps, dtype=torch.float64, generator=gen)
-    weight = torch.randn(c_out, c_in, k, dtype=torch.float64, generator=gen)
-    b = torch.randn(c_out, dtype=torch.float64, generator=gen) if bias else None
-    expected = F.conv1d(x, weight, b, stride=stride, padding=padding)
-    got = conv1d_rows(x, weight, b, stride, padding)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+ROW_FORMS = {  # kind -> (the row form, ATen's op, weight shape from (C_in, C_out, k))
+    "conv": (conv1d_rows, F.conv1d, lambda c_in, c_out, k: (c_out, c_in, k)),
+    "transpose": (
+        conv_transpose1d_rows,
+        F.conv_transpose1d,
+        lambda c_in, c_out, k: (c_in, c_out, k),
+    ),
+}
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(
-    ("batch", "c_in", "c_out", "k", "stride", "padding", "steps"), TRANSPOSE_SHAPES
+    ("kind", "batch", "c_in", "c_out", "k", "stride", "padding", "steps"),
+    [("conv", *shape) for shape in CONV_SHAPES]
+    + [("transpose", *shape) for shape in TRANSPOSE_SHAPES],
 )
-def test_conv_transpose1d_rows_is_the_convolution(
-    batch, c_in, c_out, k, stride, padding, steps, bias
-):
+def test_row_forms_are_the_convolutions(kind, batch, c_in, c_out, k, stride, padding, steps, bias):
+    rows_form, aten_op, weight_shape = ROW_FORMS[kind]
     gen = torch.Generator().manual_seed(steps * k + stride)
     x = torch.randn(batch, c_in, steps, dtype=torch.float64, generator=gen)
-    weight = torch.randn(c_in, c_out, k, dtype=torch.float64, generator=gen)
+    weight = torch.randn(weight_shape(c_in, c_out, k), dtype=torch.float64, generator=gen)
     b = torch.randn(c_out, dtype=torch.float64, generator=gen) if bias else None
-    expected = F.conv_transpose1d(x, weight, b, stride=stride, padding=padding)
-    got = conv_transpose1d_rows(x, weight, b, stride, padding)
+    expected = aten_op(x, weight, b, stride=stride, padding=padding)
+    got = rows_form(x, weight, b, stride, padding)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
