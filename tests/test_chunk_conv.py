@@ -93,10 +93,12 @@ def _pair(transposed: bool, c: int, k: int) -> tuple[nn.Module, nn.Module]:
         (False, 64, 5, 1, 16, torch.float32, False),  # 16 output steps: ATen's path
         (False, 64, 5, 2, 8, torch.float32, False),  # batch 2: oneDNN
         (False, 32, 5, 1, 8, torch.float32, False),  # 5 120 weights: too small to pay
-        (False, 64, 5, 1, 8, torch.float64, False),  # float32 only
+        (False, 64, 5, 1, 8, torch.float64, False),  # float32 and bfloat16 only
+        (False, 64, 5, 1, 8, torch.bfloat16, True),
         (True, 128, 4, 1, 4, torch.float32, True),  # 65 536 weights, 4 input steps
         (True, 64, 4, 1, 4, torch.float32, False),  # 16 384 weights
         (True, 128, 4, 1, 16, torch.float32, False),
+        (True, 128, 4, 1, 4, torch.bfloat16, False),  # taps would be summed in bf16
     ],
 )
 def test_chunk_layers_take_the_row_form_where_it_pays(
@@ -107,8 +109,25 @@ def test_chunk_layers_take_the_row_form_where_it_pays(
     x = torch.randn(batch, channels, steps, dtype=dtype)
     got, expected = chunk(x), plain(x)
     assert len(calls) == (1 if rows else 0)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:  # both accumulate in float32 and round once: ≤ 1 bf16 ulp
+        got, expected = got.float(), expected.float()
+        atol = 1e-3 * expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=2**-7, atol=atol)
+    else:
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_bf16_row_form_rounds_once():
+    """bf16 ChunkConv1d: the float64 convolution of the same (bf16) values, rounded once to
+    bfloat16 — per element within half a bf16 ulp (≤ 2⁻⁸ relative) plus float32 summation
+    error; a bf16 accumulation of the 640 products would miss it by far."""
+    layer = ChunkConv1d(128, 96, 5, padding=2).to(torch.bfloat16)
+    x = torch.randn(1, 128, 8).to(torch.bfloat16)
+    got = layer(x).double()
+    ref = F.conv1d(x.double(), layer.weight.double(), layer.bias.double(), padding=2)
+    bound = 2**-8 * ref.abs() + 1e-5 * ref.abs().max()
+    assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() - bound).max()
 
 
 @pytest.mark.parametrize("transposed", [False, True])

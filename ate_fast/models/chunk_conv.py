@@ -16,13 +16,13 @@ saves, so those keep ATen's path.
 
 :class:`ChunkConv1d` and :class:`ChunkConvTranspose1d` are ``nn.Conv1d`` /
 ``nn.ConvTranspose1d`` (same parameters, ``state_dict`` and arguments) that take the row
-form exactly there: CPU, float32, batch 1, fewer than ``ROWS_BELOW`` output (transposed:
-input) steps, at least ``MIN_WEIGHT`` weight elements, no groups or dilation, zero
-padding, and not while ``torch.export`` / ``torch.compile`` / the ONNX exporter traces
-the module (their graphs keep the convolution op, which Inductor, ONNX Runtime and
-TensorRT each lower themselves). Everything else is the parent class's call. The row form
-is differentiable (autograd, ``torch.func``) like the convolution; its rounding differs by
-summation order only.
+form exactly there: CPU, float32 (``ChunkConv1d``: bfloat16 too), batch 1, fewer than
+``ROWS_BELOW`` output (transposed: input) steps, at least ``MIN_WEIGHT`` weight elements,
+no groups or dilation, zero padding, and not while ``torch.export`` / ``torch.compile`` /
+the ONNX exporter traces the module (their graphs keep the convolution op, which Inductor,
+ONNX Runtime and TensorRT each lower themselves). Everything else is the parent class's
+call. The row form is differentiable (autograd, ``torch.func``) like the convolution; its
+rounding differs by summation order only.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ ROWS_BELOW = 16
 # ... and from this many weight elements: Conv1d(64, 64, 5) (20 480) gains, 32 channels or
 # ConvTranspose1d(64, 64, 4) (16 384) lose to the im2col copy and the extra op calls.
 MIN_WEIGHT = 20_000
+# bf16 too for Conv1d: F.linear accumulates in float32 and rounds once, as oneDNN's bf16
+# convolution does, and the DP U-Net's bf16 call drops 262 -> 118 ms. Not for the
+# transposed form, whose overlap-add would sum taps already rounded to bf16.
+CONV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _tracing() -> bool:
@@ -51,13 +55,13 @@ def _tracing() -> bool:
     )
 
 
-def _row_form_pays(x: Tensor, weight: Tensor, steps: int) -> bool:
-    """Batch 1 of ``steps`` rows, float32 on the CPU, a weight large enough (asked only
-    outside a graph capture: a symbolic batch must not be compared with 1)."""
+def _row_form_pays(x: Tensor, weight: Tensor, steps: int, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Batch 1 of ``steps`` rows on the CPU in one of ``dtypes``, a weight large enough
+    (asked only outside a graph capture: a symbolic batch must not be compared with 1)."""
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and x.dtype in dtypes
+        and weight.dtype == x.dtype
         and x.dim() == 3
         and x.shape[0] == 1
         and steps < ROWS_BELOW
@@ -107,7 +111,7 @@ class ChunkConv1d(nn.Conv1d):
         if self._plain() and not _tracing():
             (k,), (stride,), (padding,) = self.kernel_size, self.stride, self.padding
             steps = (input.shape[-1] + 2 * padding - k) // stride + 1
-            if _row_form_pays(input, weight, steps):
+            if _row_form_pays(input, weight, steps, CONV_DTYPES):
                 return conv1d_rows(input, weight, bias, stride, padding)
         return super()._conv_forward(input, weight, bias)
 
@@ -131,7 +135,8 @@ class ChunkConvTranspose1d(nn.ConvTranspose1d):
             and self.output_padding == (0,)
             and self.padding_mode == "zeros"
         )
-        if plain and not _tracing() and _row_form_pays(input, self.weight, input.shape[-1]):
+        steps = input.shape[-1]
+        if plain and not _tracing() and _row_form_pays(input, self.weight, steps, (torch.float32,)):
             (stride,), (padding,) = self.stride, self.padding
             return conv_transpose1d_rows(input, self.weight, self.bias, stride, padding)
         return super().forward(input, output_size)
