@@ -15,7 +15,9 @@ replacement) and pops the first action: the latency of the chunk-generating call
 sees every ``n_action_steps`` steps.
 
 Variants, each a shallow copy of the same policy object (the same modules, so the same
-weights and memory), timed in the same run, one call per variant per round, the order
+weights and memory; the unpatched one a deep copy of the inner model, because a patched
+DiffusionPolicy's U-Net convolutions are re-classed in place as ``ChunkConv1d``), timed in
+the same run, one call per variant per round, the order
 rotated every round so that load from other processes falls on all alike:
 
 - ``lerobot``: unpatched;
@@ -27,7 +29,8 @@ rotated every round so that load from other processes falls on all alike:
   encoder (defaults: d_z 512, hidden 512, 512) built from ``vae_spec(policy)``; the JSON
   also holds ``guidance_gradient_ms_per_step``, one ``guidance.gradient`` timed alone;
 - Diffusion DDIM 10 also ``unet-only``: the 10 U-Net calls alone (same B, H, cond, no
-  scheduler, no queues), the floor any sampling loop pays, interleaved with the rest.
+  scheduler, no queues) with the patched variants' U-Net (its convolutions
+  ``ChunkConv1d``), the floor a patched sampling loop pays, interleaved with the rest.
 
 Policies:
 
@@ -102,12 +105,15 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _shell(policy: Any, inner_name: str) -> Any:
+def _shell(policy: Any, inner_name: str, own_modules: bool = False) -> Any:
     """A shallow copy of ``policy`` with its own inner-model object (``policy.diffusion`` /
-    ``policy.model``) sharing every submodule: patching it leaves ``policy`` unpatched."""
+    ``policy.model``) sharing every submodule: patching it leaves ``policy`` unpatched.
+    ``own_modules``: a deep copy of the inner model instead (the unpatched baseline: a
+    patch re-classes the U-Net's convolutions in place, which shared modules would see)."""
     shell = copy.copy(policy)
     shell._modules = dict(policy._modules)
-    shell._modules[inner_name] = copy.copy(policy._modules[inner_name])
+    inner = policy._modules[inner_name]
+    shell._modules[inner_name] = copy.deepcopy(inner) if own_modules else copy.copy(inner)
     shell.reset()
     return shell
 
@@ -285,7 +291,8 @@ def executed_chunk(policy: Any, batch: dict[str, torch.Tensor], seed: int) -> to
 
 def unet_floor(policy: Any, batch: dict[str, torch.Tensor]) -> Callable[[], float]:
     """Seconds of the sampler's ``num_inference_steps`` U-Net calls alone (B, H, cond as
-    in ``select_action``; no scheduler, no queues): what any sampling loop must spend."""
+    in ``select_action``; no scheduler, no queues): what a sampling loop must spend
+    with this U-Net (timed while the patches are active: their ChunkConv1d layers)."""
     model = policy.diffusion
     policy.reset()
     policy.select_action(dict(batch))
@@ -327,7 +334,7 @@ def measure(
     shells: dict[str, Any] = {}
     patches = []
     for name, kwargs in variants.items():
-        shell = _shell(policy, inner_name)
+        shell = _shell(policy, inner_name, own_modules=kwargs is None)
         if kwargs is not None:
             patches.append(patch_policy(shell, **kwargs))
         shells[name] = shell

@@ -15,6 +15,7 @@ from ate_fast.models.chunk_conv import (
     ChunkConvTranspose1d,
     conv1d_rows,
     conv_transpose1d_rows,
+    use_chunk_convs,
 )
 
 # (batch, C_in, C_out, k, stride, padding, L): the U-Net's shapes and odd ones
@@ -188,3 +189,31 @@ def test_graph_captures_keep_the_convolution_op(monkeypatch):
     assert (len(calls), len(calls_t)) == (1, 1)  # nor torch.compile
     assert any("conv1d" in t for t in seen) and any("conv_transpose1d" in t for t in seen), seen
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_use_chunk_convs_reclasses_in_place_and_restores(monkeypatch):
+    calls = _counting(monkeypatch, "conv1d_rows")
+
+    class OwnConv(nn.Conv1d):  # a subclass may have a forward of its own: left alone
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(64, 64, 5, padding=2),
+        nn.Conv2d(3, 3, 1),
+        OwnConv(64, 64, 1),
+        nn.ConvTranspose1d(64, 64, 4, 2, 1),
+    )
+    layers, keys = list(model), list(model.state_dict())
+    x = torch.randn(1, 64, 8)
+    expected = model[3](model[2](model[0](x)))
+    restore = use_chunk_convs(model)
+    assert list(model) == layers and list(model.state_dict()) == keys  # the same objects
+    assert [type(m) for m in model] == [ChunkConv1d, nn.Conv2d, OwnConv, ChunkConvTranspose1d]
+    got = model[3](model[2](model[0](x)))
+    assert len(calls) == 1  # the first conv took the row form
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    restore()
+    assert [type(m) for m in model] == [nn.Conv1d, nn.Conv2d, OwnConv, nn.ConvTranspose1d]
+    restore()  # idempotent
+    assert type(model[0]) is nn.Conv1d

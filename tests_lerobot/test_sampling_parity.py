@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import relative_error
-from tiny_policies import diffusion_batch, smolvla_batch
+from tiny_policies import diffusion_batch, make_tiny_diffusion, smolvla_batch
 
 from ate_fast.integrations.lerobot import patch_policy
 from ate_fast.sampling import CapturedSampler, DiffusionSampler, FlowSampler
@@ -38,6 +38,32 @@ def test_diffusion_matches_lerobot(diffusion):
     assert relative_error(out, ref) <= 1e-5
     # a different seed gives different actions (the comparison is not vacuous)
     assert relative_error(_diffusion_chunks(diffusion, batch, seed=2), ref) > 1e-2
+
+
+@pytest.mark.parametrize("scheduler", ["DDPM", "DDIM"])
+def test_diffusion_batch1_matches_lerobot_with_chunk_convs(monkeypatch, scheduler):
+    """At batch 1 the patched U-Net's convolutions run as row GEMMs (ChunkConv1d: the
+    128-channel level at 8 steps qualifies) and still sample what LeRobot samples;
+    remove() gives the layers their classes back."""
+    from torch import nn
+
+    from ate_fast.models import chunk_conv
+
+    rows = []
+    original = chunk_conv.conv1d_rows
+    monkeypatch.setattr(chunk_conv, "conv1d_rows", lambda *a: rows.append(1) or original(*a))
+    policy = make_tiny_diffusion(scheduler=scheduler, down_dims=(32, 128))
+    convs = [m for m in policy.diffusion.unet.modules() if type(m) is nn.Conv1d]
+    batch = diffusion_batch(policy, batch_size=1)
+    ref = _diffusion_chunks(policy, batch, seed=1)
+    assert not rows
+    with patch_policy(policy):
+        assert convs and all(type(m) is chunk_conv.ChunkConv1d for m in convs)
+        out = _diffusion_chunks(policy, batch, seed=1)
+    assert rows  # the row form ran
+    assert all(type(m) is nn.Conv1d for m in convs)
+    assert out.shape == ref.shape == (1, 16, 2)
+    assert relative_error(out, ref) <= 1e-5
 
 
 def _select_actions(policy, batch, steps, seed):

@@ -27,7 +27,7 @@ rounding differs by summation order only.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,3 +140,30 @@ class ChunkConvTranspose1d(nn.ConvTranspose1d):
             (stride,), (padding,) = self.stride, self.padding
             return conv_transpose1d_rows(input, self.weight, self.bias, stride, padding)
         return super().forward(input, output_size)
+
+
+_CHUNK_CLASSES: dict[type, type] = {
+    nn.Conv1d: ChunkConv1d,
+    nn.ConvTranspose1d: ChunkConvTranspose1d,
+}
+
+
+def use_chunk_convs(module: nn.Module) -> Callable[[], None]:
+    """Make every ``nn.Conv1d`` / ``nn.ConvTranspose1d`` in ``module`` (exactly those
+    classes: a subclass may have a forward of its own) a :class:`ChunkConv1d` /
+    :class:`ChunkConvTranspose1d` in place — the same objects and parameters, so optimisers,
+    hooks and ``state_dict`` see no change. Returns a function that puts the classes back.
+    Used by ``ate_fast.integrations.lerobot.patch_policy`` for LeRobot's U-Net."""
+    swapped = []
+    for layer in module.modules():
+        chunk_class = _CHUNK_CLASSES.get(type(layer))
+        if chunk_class is not None:
+            swapped.append((layer, type(layer)))
+            layer.__class__ = chunk_class
+
+    def restore() -> None:
+        for layer, original in swapped:
+            if type(layer) is _CHUNK_CLASSES[original]:  # not re-classed since
+                layer.__class__ = original
+
+    return restore

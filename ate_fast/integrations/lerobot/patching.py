@@ -19,6 +19,7 @@ from ate_fast.integrations.lerobot import diffusion_policy, smolvla_policy
 from ate_fast.integrations.lerobot.loop import SamplingLoop
 from ate_fast.integrations.lerobot.spec import VaeSpec, vae_spec
 from ate_fast.integrations.lerobot.version import policy_kind, unwrap
+from ate_fast.models.chunk_conv import use_chunk_convs
 from ate_fast.steer import Steer
 
 _MISSING = object()
@@ -106,7 +107,10 @@ def patch_policy(
 
     The policy's sampling loop is replaced by ate_fast's sampler (same noise draws, same
     result as LeRobot's loop to float rounding); ``select_action`` and its queue are
-    unchanged. Use the result as a context manager or call ``.remove()``.
+    unchanged. A DiffusionPolicy's U-Net convolutions become
+    :class:`~ate_fast.models.chunk_conv.ChunkConv1d` / ``ChunkConvTranspose1d`` while
+    patched (the same layers; at batch 1 on the CPU one row GEMM each, where ATen's path
+    is slow). Use the result as a context manager or call ``.remove()``.
 
     Args:
         policy: the LeRobot policy (a ``torch.compile``'d one too).
@@ -134,6 +138,7 @@ def patch_policy(
         patch.replace(
             "conditional_sample", diffusion_policy.patched_conditional_sample(inner, loop)
         )
+        patch.on_remove(use_chunk_convs(inner.unet))
     else:
         loop = SamplingLoop(smolvla_policy.flow_sampler(inner), guidance, capture)
         patch = PolicyPatch(policy, kind, inner)
