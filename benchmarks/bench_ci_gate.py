@@ -141,7 +141,10 @@ def _guided_capture_pair() -> Pair:
     noise = torch.randn(1, H, D)
     captured = ate_fast.FlowSampler(policy, 10).capture(noise, guidance=fused, check_finite=False)
     loop = torch_loop(policy, "flow-euler-10", autograd)
-    return Pair(Row("torch_loop", lambda: loop(noise)), Row("capture", lambda: captured(noise)))
+    # guided: the first step's c = -1e6 makes the 1e-5 check ill-conditioned (_head_pair)
+    return Pair(
+        Row("torch_loop", lambda: loop(noise)), Row("capture", lambda: captured(noise)), atol=1e-4
+    )
 
 
 def _guidance_overhead_pair() -> Pair:
