@@ -9,6 +9,7 @@ which the samplers use to compute the former once per call
 (:mod:`ate_fast.sampling.step_features`).
 """
 
+from ate_fast.models.chunk_conv import ChunkConv1d, ChunkConvTranspose1d, use_chunk_convs
 from ate_fast.models.flow_transformer import (
     FLOW_TRANSFORMER_CONFIGS,
     FlowStepFeatures,
@@ -25,6 +26,8 @@ __all__ = [
     "HEADS",
     "MLP_HEAD_CONFIGS",
     "UNET_CONFIGS",
+    "ChunkConv1d",
+    "ChunkConvTranspose1d",
     "ConditionalUnet1D",
     "FlowStepFeatures",
     "FlowTransformerConfig",
@@ -35,4 +38,5 @@ __all__ = [
     "UnetConfig",
     "count_parameters",
     "make_head",
+    "use_chunk_convs",
 ]
