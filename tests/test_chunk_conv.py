@@ -62,6 +62,27 @@ def test_row_forms_are_the_convolutions(kind, batch, c_in, c_out, k, stride, pad
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The weight threshold scales with torch's thread count: the cases below assume one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_weight_threshold_scales_with_threads(monkeypatch):
+    calls = _counting(monkeypatch, "conv1d_rows")
+    layer, x = ChunkConv1d(64, 64, 5, padding=2), torch.randn(1, 64, 8)  # 20 480 weights
+    layer(x)
+    assert len(calls) == 1
+    torch.set_num_threads(2)  # ATen's path parallelises; 40 000 weights needed now
+    layer(x)
+    assert len(calls) == 1
+    ChunkConv1d(128, 128, 3, padding=1)(torch.randn(1, 128, 8))  # 49 152 weights
+    assert len(calls) == 2
+
+
 def _counting(monkeypatch, name: str) -> list[int]:
     """Count the calls of chunk_conv's row form ``name``."""
     calls: list[int] = []

@@ -11,18 +11,18 @@ layer at batch 1 does. Measured on one thread of an AMD EPYC (Zen 4), batch 1:
 ``Conv1d(512, 512, 5)`` at L = 8 1064 → 317 µs, ``Conv1d(1024, 1024, 5)`` at L = 4
 4294 → 1167 µs, ``ConvTranspose1d(512, 512, 4, stride=2)`` at L = 4 2060 → 268 µs (each
 with the GroupNorm after it); at L = 16 both forms run at the GEMM's compute rate and
-tie, and a small weight (under ≈ 20 k elements) pays more for the im2col copy than it
+tie, and a small weight (under ≈ 20 k elements per thread) pays more for the im2col copy than it
 saves, so those keep ATen's path.
 
 :class:`ChunkConv1d` and :class:`ChunkConvTranspose1d` are ``nn.Conv1d`` /
 ``nn.ConvTranspose1d`` (same parameters, ``state_dict`` and arguments) that take the row
 form exactly there: CPU, float32 (``ChunkConv1d``: bfloat16 too), batch 1, fewer than
-``ROWS_BELOW`` output (transposed: input) steps, at least ``MIN_WEIGHT`` weight elements,
-no groups or dilation, zero padding, and not while ``torch.export`` / ``torch.compile`` /
-the ONNX exporter traces the module (their graphs keep the convolution op, which Inductor,
-ONNX Runtime and TensorRT each lower themselves). Everything else is the parent class's
-call. The row form is differentiable (autograd, ``torch.func``) like the convolution; its
-rounding differs by summation order only.
+``ROWS_BELOW`` output (transposed: input) steps, at least ``MIN_WEIGHT`` weight elements
+per torch thread, no groups or dilation, zero padding, and not while ``torch.export`` /
+``torch.compile`` / the ONNX exporter traces the module (their graphs keep the convolution
+op, which Inductor, ONNX Runtime and TensorRT each lower themselves). Everything else is
+the parent class's call. The row form is differentiable (autograd, ``torch.func``) like
+the convolution; its rounding differs by summation order only.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from torch import Tensor, nn
 
 # Row form below this many output steps: at 16 the two forms tie (compute-bound GEMMs).
 ROWS_BELOW = 16
-# ... and from this many weight elements: Conv1d(64, 64, 5) (20 480) gains, 32 channels or
-# ConvTranspose1d(64, 64, 4) (16 384) lose to the im2col copy and the extra op calls.
+# ... and from this many weight elements per torch thread: on one thread Conv1d(64, 64, 5)
+# (20 480) gains, 32 channels or ConvTranspose1d(64, 64, 4) (16 384) lose to the im2col
+# copy and the extra op calls; on two, ATen's path runs Conv1d(64, 64, 5) at L = 8 in
+# 18 µs to the row form's 23 (from 26 on one), Conv1d(128, 128, 3) ties, larger ones gain.
 MIN_WEIGHT = 20_000
 # bf16 too for Conv1d: F.linear accumulates in float32 and rounds once, as oneDNN's bf16
 # convolution does: the DP U-Net's bf16 capture() (DDIM 10) 323 -> 119 ms. Not for the
@@ -65,7 +67,7 @@ def _row_form_pays(x: Tensor, weight: Tensor, steps: int, dtypes: tuple[torch.dt
         and x.dim() == 3
         and x.shape[0] == 1
         and steps < ROWS_BELOW
-        and weight.numel() >= MIN_WEIGHT
+        and weight.numel() >= MIN_WEIGHT * torch.get_num_threads()
     )
 
 
