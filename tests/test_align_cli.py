@@ -33,12 +33,7 @@ TRAIN = ["--batch-size", "32", "--no-progress", "--lr", "2e-3", "--layers", "3",
 CPU = ["--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(argv: list[str]) -> str:

@@ -26,13 +26,8 @@ from ate_fast.data import ActionChunkDataset
 CPU = "cpu"  # CI is CPU-only; resume is bitwise there (GPU kernels need not be)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is fastest and immune to a busy CI core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one intra-op thread is fastest and immune to a busy CI core.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(fn, *args, **kwargs):

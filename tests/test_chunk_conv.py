@@ -18,6 +18,9 @@ from ate_fast.models.chunk_conv import (
     use_chunk_convs,
 )
 
+# The weight threshold scales with torch's thread count: the cases here assume one.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # (batch, C_in, C_out, k, stride, padding, L): the U-Net's shapes and odd ones
 CONV_SHAPES = [
     (1, 64, 64, 5, 1, 2, 8),
@@ -60,15 +63,6 @@ def test_row_forms_are_the_convolutions(kind, batch, c_in, c_out, k, stride, pad
     got = rows_form(x, weight, b, stride, padding)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The weight threshold scales with torch's thread count: the cases below assume one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_weight_threshold_scales_with_threads(monkeypatch):

@@ -27,7 +27,7 @@ the convolution; its rounding differs by summation order only.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,16 @@ def _row_form_pays(x: Tensor, weight: Tensor, steps: int, dtypes: tuple[torch.dt
     )
 
 
+def _plain(layer: Union[nn.Conv1d, nn.ConvTranspose1d]) -> bool:
+    """No groups, dilation, padding string or non-zero padding mode: what the row forms do."""
+    return (
+        layer.groups == 1
+        and layer.dilation == (1,)
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    )
+
+
 def conv1d_rows(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int
 ) -> Tensor:
@@ -110,33 +120,19 @@ class ChunkConv1d(nn.Conv1d):
     """``nn.Conv1d`` that runs :func:`conv1d_rows` where it pays (module docstring)."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if self._plain() and not _tracing():
+        if _plain(self) and not _tracing():
             (k,), (stride,), (padding,) = self.kernel_size, self.stride, self.padding
             steps = (input.shape[-1] + 2 * padding - k) // stride + 1
             if _row_form_pays(input, weight, steps, CONV_DTYPES):
                 return conv1d_rows(input, weight, bias, stride, padding)
         return super()._conv_forward(input, weight, bias)
 
-    def _plain(self) -> bool:
-        return (
-            self.groups == 1
-            and self.dilation == (1,)
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-        )
-
 
 class ChunkConvTranspose1d(nn.ConvTranspose1d):
     """``nn.ConvTranspose1d`` that runs :func:`conv_transpose1d_rows` where it pays."""
 
     def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
-        plain = (
-            output_size is None
-            and self.groups == 1
-            and self.dilation == (1,)
-            and self.output_padding == (0,)
-            and self.padding_mode == "zeros"
-        )
+        plain = output_size is None and self.output_padding == (0,) and _plain(self)
         steps = input.shape[-1]
         if plain and not _tracing() and _row_form_pays(input, self.weight, steps, (torch.float32,)):
             (stride,), (padding,) = self.stride, self.padding
