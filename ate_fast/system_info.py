@@ -10,7 +10,7 @@ import torch
 
 from ate_fast import native
 from ate_fast._version import __version__
-from ate_fast.models import block_epilogues
+from ate_fast.models import block_epilogues, cpu_gemm
 from ate_fast.ops import backends
 from ate_fast.steer.transformer_vjp import selected_path
 
@@ -83,7 +83,18 @@ def info() -> dict:
         "triton_interpret": backends.triton_interpret(),
         "transformer_guidance": _transformer_guidance_paths(),
         "flow_epilogues": _flow_epilogues_path(),
+        "cpu_gemm": _cpu_gemm(),
     }
+
+
+def _cpu_gemm() -> str:
+    """The CPU float32 GEMM of the heads and encoders (or the env variable's error)."""
+    try:
+        choice = cpu_gemm.selected_gemm()
+    except (ValueError, RuntimeError) as exc:
+        return f"error: {exc}"
+    vendor = cpu_gemm.cpu_vendor() or "unknown vendor"
+    return f"{choice} ({vendor}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
 
 
 def _flow_epilogues_path() -> str:
@@ -150,6 +161,10 @@ def format_info(data: dict) -> str:
     lines.append(
         f"flow-transformer block epilogues: {data['flow_epilogues']}"
         " (ATE_FAST_FLOW_EPILOGUES=torch|triton)"
+    )
+    lines.append(
+        f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"
+        " (ATE_FAST_CPU_GEMM=auto|onednn|aten)"
     )
     if data["forced_backend"]:
         lines.append(f"\nATE_FAST_BACKEND={data['forced_backend']} forces that backend")

@@ -65,8 +65,10 @@ def _ops_of_forward(depth: int, dtype: torch.dtype) -> tuple[collections.Counter
     return tuple(counts)
 
 
+@pytest.mark.parametrize("gemm", ["aten", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_ops_per_block(dtype):
+def test_ops_per_block(monkeypatch, dtype, gemm):
+    monkeypatch.setenv("ATE_FAST_CPU_GEMM", gemm)  # cpu_gemm: oneDNN takes float32 only
     (first1, one), (first2, two) = _ops_of_forward(1, dtype), _ops_of_forward(2, dtype)
     per_block = two - one
     assert sum(per_block.values()) == BLOCK_OPS[dtype], dict(per_block)
@@ -74,7 +76,11 @@ def test_ops_per_block(dtype):
     assert (first2 - first1) - per_block == collections.Counter(new_empty=2, copy_=2)
     assert per_block["cat"] == 2  # the rotations' swaps only: no prefix concatenation
     assert "add" not in per_block  # the residuals ride in the output projections' GEMMs
-    assert per_block["addmm"] == 2 and per_block["addcmul"] == 2
+    if gemm == "onednn" and dtype == torch.float32:  # the 5 GEMMs, 2 with the residual
+        assert per_block["_linear_pointwise"] == 5 and "addmm" not in per_block
+    else:
+        assert per_block["addmm"] == 2 and "_linear_pointwise" not in per_block
+    assert per_block["addcmul"] == 2
     assert "clone" not in per_block  # one kv head: attention's output is W_o's input as is
 
 
@@ -120,13 +126,18 @@ def _ops_of_vjp(depth: int) -> collections.Counter:
     return count.ops
 
 
+@pytest.mark.parametrize("gemm", ["aten", "onednn"])
 @pytest.mark.parametrize("path", ["torch", "triton"])
-def test_vjp_ops_per_block(monkeypatch, path):
+def test_vjp_ops_per_block(monkeypatch, path, gemm):
     if path == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", path)
+    monkeypatch.setenv("ATE_FAST_CPU_GEMM", gemm)
     per_block = _ops_of_vjp(2) - _ops_of_vjp(1)
     for name in _INTERPRETER_OPS:
         per_block.pop(name, None)
     assert sum(per_block.values()) == VJP_BLOCK_OPS[path], dict(per_block)
-    assert per_block["addmm"] == 1  # dq·W_q rides in the kv gradient's GEMM as its C
+    if gemm == "onednn":  # the 5 GEMMs, dq·W_q the kv gradient's residual
+        assert per_block["_linear_pointwise"] == 5 and "addmm" not in per_block
+    else:
+        assert per_block["addmm"] == 1  # dq·W_q rides in the kv gradient's GEMM as its C

@@ -90,6 +90,15 @@ def test_public_api_resolves():
     assert ate_fast.FlowSampler is __import__("ate_fast.sampling").sampling.FlowSampler
 
 
+def test_info_reports_the_cpu_gemm(monkeypatch):
+    monkeypatch.setenv("ATE_FAST_CPU_GEMM", "aten")
+    assert info()["cpu_gemm"].startswith("aten (")
+    monkeypatch.setenv("ATE_FAST_CPU_GEMM", "onednn")
+    assert "CPU float32 GEMMs (heads, encoder VJP): onednn (" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_CPU_GEMM", "mkl")
+    assert info()["cpu_gemm"].startswith("error: ATE_FAST_CPU_GEMM: expected one of")
+
+
 def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
     assert info()["flow_epilogues"] == "torch"

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ate_fast.models.cpu_gemm import capturing_graph, linear, times_weight
+
 # Row form below this many output steps: at 16 the two forms tie (compute-bound GEMMs).
 ROWS_BELOW = 16
 # ... and from this many weight elements per torch thread: on one thread Conv1d(64, 64, 5)
@@ -44,17 +46,6 @@ MIN_WEIGHT = 20_000
 # convolution does: the DP U-Net's bf16 capture() (DDIM 10) 323 -> 119 ms. Not for the
 # transposed form, whose overlap-add would sum taps already rounded to bf16.
 CONV_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _tracing() -> bool:
-    """A graph capture that must see the convolution op itself."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-        or (exporting is not None and exporting())
-    )
 
 
 def _row_form_pays(x: Tensor, weight: Tensor, steps: int, dtypes: tuple[torch.dtype, ...]) -> bool:
@@ -93,7 +84,7 @@ def conv1d_rows(
         x = F.pad(x, (padding, padding))
     rows = x.unfold(2, k, stride).transpose(1, 2)  # [B, L_out, C_in, k], a view
     rows = rows.reshape(batch, rows.shape[1], channels * k)  # the one im2col copy
-    out = F.linear(rows, weight.reshape(out_channels, channels * k), bias)  # [B, L_out, C_out]
+    out = linear(rows, weight.reshape(out_channels, channels * k), bias)  # [B, L_out, C_out]
     # channels-major again: the next layer's im2col gathers 10-20x slower from a transposed view
     return out.transpose(1, 2).contiguous()
 
@@ -109,7 +100,8 @@ def conv_transpose1d_rows(
     batch, channels, steps = x.shape
     _, out_channels, k = weight.shape
     full = (steps - 1) * stride + k
-    taps = torch.matmul(x.transpose(1, 2), weight.reshape(channels, out_channels * k))
+    rows = x.transpose(1, 2).contiguous()  # [B, L, C_in]
+    taps = times_weight(rows, weight.reshape(channels, out_channels * k))  # [B, L, C_out·k]
     columns = taps.transpose(1, 2).contiguous()  # [B, C_out·k, L]: fold's column layout
     out = F.fold(columns, (1, full), (1, k), stride=(1, stride))  # the overlap-add of the taps
     out = out.view(batch, out_channels, full)[:, :, padding : full - padding]
@@ -120,7 +112,7 @@ class ChunkConv1d(nn.Conv1d):
     """``nn.Conv1d`` that runs :func:`conv1d_rows` where it pays (module docstring)."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if _plain(self) and not _tracing():
+        if _plain(self) and not capturing_graph():
             (k,), (stride,), (padding,) = self.kernel_size, self.stride, self.padding
             steps = (input.shape[-1] + 2 * padding - k) // stride + 1
             if _row_form_pays(input, weight, steps, CONV_DTYPES):
@@ -134,7 +126,8 @@ class ChunkConvTranspose1d(nn.ConvTranspose1d):
     def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
         plain = output_size is None and self.output_padding == (0,) and _plain(self)
         steps = input.shape[-1]
-        if plain and not _tracing() and _row_form_pays(input, self.weight, steps, (torch.float32,)):
+        plain = plain and not capturing_graph()
+        if plain and _row_form_pays(input, self.weight, steps, (torch.float32,)):
             (stride,), (padding,) = self.stride, self.padding
             return conv_transpose1d_rows(input, self.weight, self.bias, stride, padding)
         return super().forward(input, output_size)

@@ -21,12 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from ate_fast.errors import InvalidArgumentError
+from ate_fast.models.cpu_gemm import linear_residual_rows
 from ate_fast.module_checks import plain_linear
 
 
 def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     """``residual + linear(x)`` [..., out] for ``x`` [..., in] and ``residual`` [..., out]:
-    one ``addmm`` with the residual as C (one kernel and one rounding fewer) for a plain
+    one GEMM with the residual as C (one kernel and one rounding fewer:
+    :func:`~ate_fast.models.cpu_gemm.linear_residual_rows`) for a plain
     bias-free ``nn.Linear`` with the residual in its dtype, outside autocast (which would
     round the residual to the GEMM's precision); else the two ops as written."""
     if (
@@ -36,9 +38,7 @@ def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
         or torch.is_autocast_enabled(residual.device.type)
     ):
         return residual + linear(x)
-    weight = linear.weight
-    out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())
-    return out.view(residual.shape)
+    return linear_residual_rows(x, linear.weight, residual)
 
 
 def autograd_input_vjp(

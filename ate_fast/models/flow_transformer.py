@@ -42,6 +42,7 @@ from ate_fast.models.block_epilogues import (
     rotate_qkv,
     writes_in_place,
 )
+from ate_fast.models.cpu_gemm import linear_of
 from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
@@ -158,7 +159,7 @@ class _Block(nn.Module):
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (rotated at 0…L−1) and values [B, kv_heads, L, hd] of tokens [B, L, width]."""
         batch, length, _ = cond.shape
-        kv = self.kv(self.attn_norm(cond)).view(batch, length, 2 * self.num_kv_heads, -1)
+        kv = linear_of(self.kv, self.attn_norm(cond)).view(batch, length, 2 * self.num_kv_heads, -1)
         k, v = kv.transpose(1, 2).chunk(2, dim=1)
         return rotate(k, cos[:length], sin[:length]), v
 
@@ -176,7 +177,7 @@ class _Block(nn.Module):
     ) -> tuple[Tensor, Optional[BlockSaved]]:
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
-        q_lin, kv_lin = self.q(h), self.kv(h)
+        q_lin, kv_lin = linear_of(self.q, h), linear_of(self.kv, h)
         # the prefix's keys and values stay in the call's buffers, each step's action rows
         # written behind them — not where the in-place write cannot run (autograd, tracing)
         buffers = None
@@ -193,7 +194,7 @@ class _Block(nn.Module):
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
         x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)
-        gate_up = self.gate_up(self.mlp_norm(x1))
+        gate_up = linear_of(self.gate_up, self.mlp_norm(x1))
         hidden, act = gated_gelu(gate_up, save_act=save)
         out = linear_residual(self.down, hidden, x1)
         if not save:
@@ -246,7 +247,7 @@ class FlowTransformerHead(nn.Module):
         tokens, _ = self._embed(x, features)
         for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
             tokens = block(tokens, block_cond, features.cos, features.sin, slot)
-        return self.action_out(self.final_norm(tokens)).to(x.dtype)
+        return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
     def prefix_cache(self, cond: Tensor) -> PrefixCache:
         """The :class:`PrefixCache` of conditioning tokens ``cond`` [B, L, width]: each
@@ -306,7 +307,7 @@ class FlowTransformerHead(nn.Module):
         for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
             tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot)
             saved.append(kept)
-        out = self.action_out(self.final_norm(tokens)).to(x.dtype)
+        out = linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
         def pullback(u: Tensor) -> Tensor:
             grad = head_input_vjp(self, u.to(tokens.dtype), tokens, saved, pre_silu, cos, sin)
@@ -378,10 +379,10 @@ class FlowTransformerHead(nn.Module):
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the
         blocks: the time MLP's first layer is its tokens' half plus the step's time half."""
         w = self.config.width
-        tokens = self.action_in(x.to(self.action_in.weight.dtype))
+        tokens = linear_of(self.action_in, x.to(self.action_in.weight.dtype))
         if features.split_time:
             pre_silu = F.linear(tokens, self.time_mlp_in.weight[:, :w]) + features.time
         else:  # the layer called on [tokens, time embedding]
             time = features.time.expand(-1, tokens.shape[1], -1)
             pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
-        return self.time_mlp_out(F.silu(pre_silu)), pre_silu
+        return linear_of(self.time_mlp_out, F.silu(pre_silu)), pre_silu

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ate_fast.models.block_epilogues import MAX_ROW, use_triton
+from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
 from ate_fast.models.rotary import swap_halves
 
 
@@ -150,8 +151,9 @@ def attention_input_vjp(
     dv = p[..., actions].transpose(-1, -2) @ dog
     dq, dkv = unrotate_pack(dq, dk, dv, cos, sin)
     # dq·W_q + dkv·W_kv with the first product as the second GEMM's C operand
-    out = torch.addmm((dq @ block.q.weight).view(-1, block.q.weight.shape[1]),
-                      dkv.view(-1, dkv.shape[-1]), block.kv.weight)  # fmt: skip
+    first = times_weight(dq, block.q.weight)
+    out = linear_residual_rows(dkv.reshape(-1, dkv.shape[-1]), block.kv.weight.t(),
+                               first.view(-1, first.shape[-1]))  # fmt: skip
     return out.view(batch, horizon, -1)
 
 
@@ -159,10 +161,11 @@ def block_input_vjp(
     block: nn.Module, grad: Tensor, saved: BlockSaved, cos: Tensor, sin: Tensor
 ) -> Tensor:
     """``(∂ block(x)/∂x)ᵀ grad`` [B, H, width] from ``grad`` on the block's output."""
-    dm = grad @ block.down.weight  # [B, H, mlp_dim]
+    dm = times_weight(grad, block.down.weight)  # [B, H, mlp_dim]
     dgu = gelu_gate_backward(dm, saved)
-    dx1 = rms_norm_vjp(dgu @ block.gate_up.weight, saved.x1, block.mlp_norm, residual=grad)
-    dh = attention_input_vjp(block, dx1 @ block.o.weight, saved, cos, sin)
+    dn = times_weight(dgu, block.gate_up.weight)  # [B, H, width]: at the MLP norm's output
+    dx1 = rms_norm_vjp(dn, saved.x1, block.mlp_norm, residual=grad)
+    dh = attention_input_vjp(block, times_weight(dx1, block.o.weight), saved, cos, sin)
     return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1)
 
 
@@ -180,11 +183,11 @@ def head_input_vjp(
     ``tokens`` [B, H, width]: the last block's output; ``saved``: each block's
     :class:`BlockSaved`; ``pre_silu`` [B, H, width]: the time MLP's SiLU input.
     """
-    g = rms_norm_vjp(u @ head.action_out.weight, tokens, head.final_norm)
+    g = rms_norm_vjp(times_weight(u, head.action_out.weight), tokens, head.final_norm)
     for block, kept in zip(reversed(head.blocks), reversed(saved)):
         g = block_input_vjp(block, g, kept, cos, sin)
     s = torch.sigmoid(pre_silu)
-    g = (g @ head.time_mlp_out.weight) * (s * (1 + pre_silu * (1 - s)))
+    g = times_weight(g, head.time_mlp_out.weight) * (s * (1 + pre_silu * (1 - s)))
     width = tokens.shape[-1]
     g = g @ head.time_mlp_in.weight[:, :width]  # the action tokens' half of the input
-    return g @ head.action_in.weight
+    return times_weight(g, head.action_in.weight)

@@ -65,6 +65,7 @@ from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.models.cpu_gemm import linear, times_weight
 from ate_fast.module_checks import plain_tree
 from ate_fast.ops import backends
 
@@ -185,19 +186,19 @@ def _layer_forward(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[
     d, nh = attn.embed_dim, attn.num_heads
     w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
     if rows is None:
-        q, k, v = F.linear(h, w_in, b_in).split(d, dim=-1)
+        q, k, v = linear(h, w_in, b_in).split(d, dim=-1)
         hq = h
     else:
         hq = h[:, :rows]
-        q = F.linear(hq, w_in[:d], b_in[:d])
-        k, v = F.linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
+        q = linear(hq, w_in[:d], b_in[:d])
+        k, v = linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
     q, k, v = _heads(q, nh), _heads(k, nh), _heads(v, nh)
     scale = 1.0 / math.sqrt(d // nh)
     p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # [B, nh, Tq, T]
     o = _merge(p @ v)
-    h1, n1 = _norm(hq + F.linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
-    pre = F.linear(h1, layer.linear1.weight, layer.linear1.bias)
-    r2 = h1 + F.linear(layer.activation(pre), layer.linear2.weight, layer.linear2.bias)
+    h1, n1 = _norm(hq + linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
+    pre = linear(h1, layer.linear1.weight, layer.linear1.bias)
+    r2 = h1 + linear(layer.activation(pre), layer.linear2.weight, layer.linear2.bias)
     out, n2 = _norm(r2, layer.norm2)
     return out, (layer, rows, q, k, v, p, n1, pre, n2, scale)
 
@@ -209,17 +210,17 @@ def _layer_backward(grad: Tensor, extra: Optional[Tensor], saved: tuple) -> Tens
     attn = layer.self_attn
     d, nh = attn.embed_dim, attn.num_heads
     dr2 = _norm_backward(grad if extra is None else grad + extra, n2)
-    dpre = _activation_backward(dr2 @ layer.linear2.weight, pre, layer.activation)
-    dr1 = _norm_backward(dr2 + dpre @ layer.linear1.weight, n1)
-    do = _heads(dr1 @ attn.out_proj.weight, nh)  # [B, nh, Tq, hd]
+    dpre = _activation_backward(times_weight(dr2, layer.linear2.weight), pre, layer.activation)
+    dr1 = _norm_backward(dr2 + times_weight(dpre, layer.linear1.weight), n1)
+    do = _heads(times_weight(dr1, attn.out_proj.weight), nh)  # [B, nh, Tq, hd]
     dp = do @ v.transpose(-1, -2)
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale  # softmax backward
     dq, dk, dv = _merge(ds @ k), _merge(ds.transpose(-1, -2) @ q), _merge(p.transpose(-1, -2) @ do)
     w_in = attn.in_proj_weight
     if rows is None:
-        return dr1 + torch.cat([dq, dk, dv], dim=-1) @ w_in
-    dh = torch.cat([dk, dv], dim=-1) @ w_in[d:]
-    dh[:, :rows] += dr1 + dq @ w_in[:d]
+        return dr1 + times_weight(torch.cat([dq, dk, dv], dim=-1), w_in)
+    dh = times_weight(torch.cat([dk, dv], dim=-1), w_in[d:])
+    dh[:, :rows] += dr1 + times_weight(dq, w_in[:d])
     return dh
 
 
@@ -351,7 +352,7 @@ def transformer_latent_gradient(
     # forward, keeping what the backward needs
     masked = apply_mask(x, mask)
     tokens = module.dist_tokens.unsqueeze(0).expand(batch, -1, -1)
-    h = torch.cat([tokens, F.linear(masked, module.input_proj.weight, module.input_proj.bias)], 1)
+    h = torch.cat([tokens, linear(masked, module.input_proj.weight, module.input_proj.bias)], 1)
     h = h + module.positions
     layers = _layers(blocks)
     saved, skips = [], []
@@ -359,7 +360,7 @@ def transformer_latent_gradient(
         j = i - len(blocks.input_blocks) - 1  # index among the output layers
         if j >= 0:
             proj = blocks.skip_projections[j]
-            h = F.linear(torch.cat([h, skips[-1 - j]], dim=-1), proj.weight, proj.bias)
+            h = linear(torch.cat([h, skips[-1 - j]], dim=-1), proj.weight, proj.bias)
         h, kept = ops.layer_forward(layer, h, rows if i == len(layers) - 1 else None)
         saved.append(kept)
         if i < len(blocks.input_blocks):
@@ -392,9 +393,9 @@ def transformer_latent_gradient(
         dh = ops.layer_backward(dh, extra, saved[i])
         j = i - len(blocks.input_blocks) - 1
         if j >= 0:
-            dcat = dh @ blocks.skip_projections[j].weight
+            dcat = times_weight(dh, blocks.skip_projections[j].weight)
             d = dh.shape[-1]
             dh = dcat[..., :d]
             skip_grads[len(blocks.input_blocks) - 1 - j] = dcat[..., d:]
-    g = dh[:, 2:] @ module.input_proj.weight
+    g = times_weight(dh[:, 2:], module.input_proj.weight)
     return apply_mask(g, mask).contiguous()

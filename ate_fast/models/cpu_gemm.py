@@ -1,0 +1,184 @@
+"""The heads' float32 GEMMs on the CPU through oneDNN where MKL takes its AVX2 code.
+
+ATen runs every float32 ``linear`` / ``addmm`` / ``matmul`` on the CPU through MKL's
+``sgemm``, and MKL chooses its code by CPU vendor: on a non-Intel CPU it runs AVX2 even
+where the CPU has AVX-512 (AMD Zen 4 and 5: EPYC 9004/9005, Ryzen 7000/9000). oneDNN,
+which PyTorch ships as well (``torch.backends.mkldnn``), chooses by instruction set. On
+one thread of an AMD EPYC (Zen 4), float32, ``x [M, K] @ weightᵀ``: M = 50, 256 → 2048
+555 → 282 µs, 4096 → 1024 5.0 → 2.4 ms; M = 4, 5120 → 1024 1.41 → 0.91 ms (on two threads
+1.37 → 0.44 ms: MKL does not split a skinny GEMM across threads). oneDNN pays ≈ 12 µs
+per call to find its primitive, so below ``MIN_MACS`` multiply-adds (M = 1, 512 → 512:
+19 vs 29 µs) ATen's call stays faster. The heads' forwards and hand-written input-VJPs
+(FlowTransformerHead; the U-Net's convolutions as chunk rows, :mod:`chunk_conv`) call
+:func:`linear_of` / :func:`linear` / :func:`times_weight` / :func:`linear_residual_rows`,
+which take oneDNN's op (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU
+lowering calls) exactly when all of these hold, and otherwise ATen's op as before:
+
+* the selected GEMM is ``onednn`` (``$ATE_FAST_CPU_GEMM``: ``auto`` — the default: a
+  non-Intel CPU whose ATen kernels run AVX-512 — ``onednn`` or ``aten``);
+* CPU float32 tensors (plain ``Tensor`` / ``Parameter``), contiguous, the weight [N, K]
+  contiguous or a transposed contiguous [K, N];
+* at least ``MIN_MACS`` multiply-adds;
+* no autograd record (no operand requires grad while grad mode is on: oneDNN's op has no
+  backward), no ``torch.func`` transform, and no graph capture (``torch.compile``,
+  ``torch.export``, the ONNX exporter, ``jit.trace``), whose graphs keep ATen's op.
+
+The two compute the same products; only the order of float32 summation differs (tested
+against float64). On an Intel CPU ``auto`` keeps MKL, whose AVX-512 code runs there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.module_checks import plain_linear
+
+ENV_VAR = "ATE_FAST_CPU_GEMM"
+CHOICES = ("auto", "onednn", "aten")
+# oneDNN from this many multiply-adds (rows x weight elements): on one thread of the Zen 4
+# [50, 256] x [256, 128] (1.6 M) 38 -> 28 µs, [16, 640] x [640, 128] (1.3 M) ties,
+# [1, 1600] x [1600, 512] (0.8 M) 46 -> 56 µs; on two threads the crossover is ≈ 1 M.
+MIN_MACS = 1_500_000
+_PLAIN_TYPES = (Tensor, nn.Parameter)
+
+
+def capturing_graph() -> bool:
+    """A graph capture that must see ATen's ops themselves (``torch.compile``,
+    ``torch.export``, the ONNX exporter, ``torch.jit.trace``)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or (exporting is not None and exporting())
+    )
+
+
+def selected_gemm() -> str:
+    """``onednn`` or ``aten``: what ``$ATE_FAST_CPU_GEMM`` (default ``auto``) selects on this
+    machine. Raises where the variable names no choice, or ``onednn`` where it cannot run."""
+    return _resolve(os.environ.get(ENV_VAR, ""))
+
+
+@functools.cache
+def _resolve(value: str) -> str:
+    choice = value.strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(CHOICES)}, got {value!r}")
+    if choice == "aten":
+        return "aten"
+    ok, why = onednn_linear_available()
+    if choice == "onednn" and not ok:
+        raise BackendUnavailableError(f"{ENV_VAR}=onednn is unavailable: {why}")
+    return "onednn" if ok and (choice == "onednn" or mkl_runs_avx2_on_avx512()) else "aten"
+
+
+@functools.cache
+def onednn_linear_available() -> tuple[bool, str]:
+    """``(ok, why not)``: this torch has oneDNN and its linear op computes ``F.linear``
+    (with a bias, and a residual added) on a probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False, "this torch was built without oneDNN (torch.backends.mkldnn)"
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        gen = torch.Generator().manual_seed(0)
+        x, w, b, r = (torch.randn(*s, generator=gen) for s in ((3, 8), (4, 8), (4,), (3, 4)))
+        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        ok = ok and torch.allclose(op.binary(x, r, w, b, "add"), r + F.linear(x, w, b), atol=1e-5)
+    except (AttributeError, RuntimeError) as exc:
+        return False, f"torch.ops.mkldnn._linear_pointwise failed: {exc}"
+    if not ok:
+        return False, "torch.ops.mkldnn._linear_pointwise differs from F.linear on a probe"
+    return True, ""
+
+
+@functools.cache
+def mkl_runs_avx2_on_avx512() -> bool:
+    """A non-Intel CPU (``/proc/cpuinfo``'s vendor) whose ATen kernels run AVX-512: where
+    MKL takes its AVX2 code though the CPU has AVX-512 (``auto`` selects oneDNN there)."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return capability.startswith("AVX512") and cpu_vendor() not in ("", "GenuineIntel")
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, …; "" if unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether ``x`` [..., K] times ``weight`` [N, K] (and ``others``: a bias, a residual)
+    runs on oneDNN (the conditions in the module's docs). Cheapest exits first: ≈ 0.3 µs
+    for a GEMM under ``MIN_MACS``, ≈ 1 µs on to ATen's op for a larger one."""
+    # a trace first: torch.compile must not trace into the choice (it probes oneDNN), and
+    # jit.trace would record the size checks
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if x.dtype != torch.float32 or x.dim() < 2 or weight.dim() != 2 or not x.is_cpu:
+        return False
+    if x.shape[-1] != weight.shape[1] or x.numel() // x.shape[-1] * weight.numel() < MIN_MACS:
+        return False
+    if selected_gemm() != "onednn":
+        return False
+    tensors = [x, weight, *(t for t in others if t is not None)]
+    if any(type(t) not in _PLAIN_TYPES or t.dtype != torch.float32 for t in tensors):
+        return False
+    if not all(t.is_contiguous() for t in tensors if t is not weight):
+        return False
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not (torch._C._are_functorch_transforms_active() or capturing_graph())
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``: ``x`` [..., K], ``weight`` [N, K] -> [..., N]."""
+    if onednn_takes(x, weight, bias):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def linear_of(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)``; a plain ``nn.Linear`` (:func:`~ate_fast.module_checks.plain_linear`) on
+    oneDNN where it takes the GEMM."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, Tensor) and onednn_takes(x, weight, layer.bias) and plain_linear(layer):
+        return _onednn_linear(x, weight, layer.bias)
+    return layer(x)
+
+
+def times_weight(g: Tensor, weight: Tensor) -> Tensor:
+    """``g @ weight`` for ``g`` [..., N] and a Linear's ``weight`` [N, K] -> [..., K] (the
+    input-VJP through the layer)."""
+    transposed = weight.t()
+    if onednn_takes(g, transposed):
+        return _onednn_linear(g, transposed, None)
+    return g @ weight
+
+
+def linear_residual_rows(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
+    """``residual + x @ weightᵀ`` for ``x`` [..., K], ``weight`` [N, K] and ``residual``
+    [..., N] (same leading shape), the residual added to the float32 accumulator before
+    the one rounding, as ``addmm`` with the residual as C does."""
+    if onednn_takes(x, weight, residual):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.addmm(residual.reshape(-1, weight.shape[0]), rows, weight.t()).view(residual.shape)
