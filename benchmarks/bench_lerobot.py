@@ -390,6 +390,8 @@ def measure(
 def machine_info(threads: int) -> dict[str, Any]:
     import importlib.metadata as metadata
 
+    from ate_fast.models import cpu_gemm
+
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -408,6 +410,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "diffusers": metadata.version("diffusers"),
         "python": platform.python_version(),
         "device": "cpu",
+        "cpu_gemm": cpu_gemm.selected_gemm(),  # the patched U-Net's chunk-row GEMMs
         "date": datetime.date.today().isoformat(),
     }
 

@@ -2,7 +2,8 @@
 the eager loop a user writes, rows interleaved round by round, one torch thread.
 
     python benchmarks/cpu_head_targets.py [--heads mlp-small unet1d-dp …] [--rounds 5]
-                                          [--aten-conv] [--json OUT.json]
+                                          [--aten-conv] [--gemms aten onednn]
+                                          [--json OUT.json]
 
 ``bench_heads``' set-up: each head at its config's (H, D), B = 1, float32, on its native
 sampler (flow heads: flow Euler 10; U-Nets: DDIM 10), the U-Nets' conditioning a fixed
@@ -11,13 +12,17 @@ step, the update in tensor ops). Each round calls every row once, in turn, so lo
 other processes falls on all of them alike; a row's time is its fastest round. Prints a
 markdown table: per call eager time, ``sample()`` and ``capture()`` as eager / row (> 1:
 ate_fast faster). ``--aten-conv`` runs the U-Nets' convolutions on ATen's path
-everywhere (``ate_fast.models.chunk_conv`` off: the state before it).
+everywhere (``ate_fast.models.chunk_conv`` off: the state before it). ``--gemms aten
+onednn`` runs every row under each ``ATE_FAST_CPU_GEMM`` choice (``ate_fast.models.cpu_gemm``),
+interleaved in the same rounds; the last column is the first choice's eager time over
+this row's (> 1: this GEMM's eager loop faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -29,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heads
 
-from ate_fast.models import chunk_conv
+from ate_fast.models import chunk_conv, cpu_gemm
 
 NATIVE_SAMPLER = {"unet1d": "ddim-10"}  # every other head: flow Euler 10
 
@@ -64,11 +69,24 @@ def fastest(impls: dict[str, Callable[[], torch.Tensor]], rounds: int) -> dict[s
     return best
 
 
+def under_gemm(choice: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` with ``ATE_FAST_CPU_GEMM=choice`` (read at every GEMM, so set per call)."""
+
+    def call() -> torch.Tensor:
+        os.environ[cpu_gemm.ENV_VAR] = choice
+        return fn()
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", nargs="+", default=list(bench_heads.HEADS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--aten-conv", action="store_true", help="U-Net convolutions on ATen")
+    parser.add_argument(
+        "--gemms", nargs="+", choices=cpu_gemm.CHOICES, help="every row under each GEMM choice"
+    )
     parser.add_argument("--json", type=Path, help="also write the times and ratios here")
     args = parser.parse_args()
     unknown = sorted(set(args.heads) - set(bench_heads.HEADS))
@@ -77,19 +95,31 @@ def main() -> None:
     if args.aten_conv:
         chunk_conv.ROWS_BELOW = 0  # no output length is below 0: every layer takes ATen's path
     torch.set_num_threads(1)
-    cpu = platform.processor() or platform.machine()
+    gemms = args.gemms or [os.environ.get(cpu_gemm.ENV_VAR, "") or "auto"]
+    cpu = f"{platform.machine()} {cpu_gemm.cpu_vendor() or 'unknown vendor'}"
+    cpu += f" (ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
     print(f"torch {torch.__version__}, 1 thread, {cpu}, min of {args.rounds} rounds")
-    print("| head | eager per call | `sample()` | `capture()` |\n|---|---|---|---|")
+    print(f"| head | GEMM | eager per call | `sample()` | `capture()` | eager, {gemms[0]} / this |")
+    print("|---|---|---|---|---|---|")
+    label = {}
+    for g in gemms:  # what each choice selects on this machine
+        os.environ[cpu_gemm.ENV_VAR] = g
+        label[g] = g if g == cpu_gemm.selected_gemm() else f"{g} ({cpu_gemm.selected_gemm()})"
     results = {}
     for head_id in args.heads:
-        times = fastest(rows(head_id), args.rounds)
-        ratio = {row: times["eager"] / times[row] for row in ("sample", "capture")}
-        results[head_id] = {"seconds": times, "eager_over": ratio}
-        print(
-            f"| `{head_id}` | {times['eager'] * 1e3:.2f} ms | {ratio['sample']:.2f}× "
-            f"| {ratio['capture']:.2f}× |",
-            flush=True,
-        )
+        base = rows(head_id)
+        impls = {(g, row): under_gemm(g, fn) for g in gemms for row, fn in base.items()}
+        times = fastest(impls, args.rounds)
+        for g in gemms:
+            mine = {row: times[(g, row)] for row in base}
+            ratio = {row: mine["eager"] / mine[row] for row in ("sample", "capture")}
+            versus = times[(gemms[0], "eager")] / mine["eager"]
+            results[f"{head_id} {g}"] = {"seconds": mine, "eager_over": ratio, "gemm": label[g]}
+            print(
+                f"| `{head_id}` | {label[g]} | {mine['eager'] * 1e3:.2f} ms "
+                f"| {ratio['sample']:.2f}× | {ratio['capture']:.2f}× | {versus:.2f}× |",
+                flush=True,
+            )
     if args.json:
         meta = {"torch": torch.__version__, "cpu": cpu, "aten_conv": args.aten_conv}
         args.json.write_text(json.dumps({"meta": meta, "heads": results}, indent=1))
