@@ -21,8 +21,9 @@ form exactly there: CPU, float32 (``ChunkConv1d``: bfloat16 too), batch 1, fewer
 per torch thread, no groups or dilation, zero padding, and not while ``torch.export`` /
 ``torch.compile`` / the ONNX exporter traces the module (their graphs keep the convolution
 op, which Inductor, ONNX Runtime and TensorRT each lower themselves). Everything else is
-the parent class's call. The row form is differentiable (autograd, ``torch.func``) like
-the convolution; its rounding differs by summation order only.
+the parent class's call. The row GEMMs go through :mod:`~ate_fast.models.cpu_gemm`
+(oneDNN where it selects it: AMD Zen 4 / 5). The row form is differentiable (autograd,
+``torch.func``) like the convolution; its rounding differs by summation order only.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ one thread of an AMD EPYC (Zen 4), float32, ``x [M, K] @ weightᵀ``: M = 50, 25
 1.37 → 0.44 ms: MKL does not split a skinny GEMM across threads). oneDNN pays ≈ 12 µs
 per call to find its primitive, so below ``MIN_MACS`` multiply-adds (M = 1, 512 → 512:
 19 vs 29 µs) ATen's call stays faster. The heads' forwards and hand-written input-VJPs
-(FlowTransformerHead; the U-Net's convolutions as chunk rows, :mod:`chunk_conv`) call
+(FlowTransformerHead; the U-Net's convolutions as chunk rows, :mod:`chunk_conv`) and the
+Transformer encoder's guidance VJP (:mod:`ate_fast.steer.transformer_vjp`) call
 :func:`linear_of` / :func:`linear` / :func:`times_weight` / :func:`linear_residual_rows`,
 which take oneDNN's op (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU
 lowering calls) exactly when all of these hold, and otherwise ATen's op as before:
@@ -17,7 +18,8 @@ lowering calls) exactly when all of these hold, and otherwise ATen's op as befor
 * the selected GEMM is ``onednn`` (``$ATE_FAST_CPU_GEMM``: ``auto`` — the default: a
   non-Intel CPU whose ATen kernels run AVX-512 — ``onednn`` or ``aten``);
 * CPU float32 tensors (plain ``Tensor`` / ``Parameter``), contiguous, the weight [N, K]
-  contiguous or a transposed contiguous [K, N];
+  contiguous or a transposed contiguous [K, N] (a slice of a wider weight takes oneDNN's
+  reference path: 69 ms for a [256, 256] half of a [256, 512] weight at M = 50);
 * at least ``MIN_MACS`` multiply-adds;
 * no autograd record (no operand requires grad while grad mode is on: oneDNN's op has no
   backward), no ``torch.func`` transform, and no graph capture (``torch.compile``,
