@@ -2,7 +2,7 @@
 the eager loop a user writes, rows interleaved round by round, one torch thread.
 
     python benchmarks/cpu_head_targets.py [--heads mlp-small unet1d-dp …] [--rounds 5]
-                                          [--aten-conv] [--gemms aten onednn]
+                                          [--aten-conv] [--gemms aten onednn] [--compile]
                                           [--json OUT.json]
 
 ``bench_heads``' set-up: each head at its config's (H, D), B = 1, float32, on its native
@@ -15,7 +15,9 @@ ate_fast faster). ``--aten-conv`` runs the U-Nets' convolutions on ATen's path
 everywhere (``ate_fast.models.chunk_conv`` off: the state before it). ``--gemms aten
 onednn`` runs every row under each ``ATE_FAST_CPU_GEMM`` choice (``ate_fast.models.cpu_gemm``),
 interleaved in the same rounds; the last column is the first choice's eager time over
-this row's (> 1: this GEMM's eager loop faster).
+this row's (> 1: this GEMM's eager loop faster). ``--compile`` adds ``bench_heads``'
+``compile`` row (the eager loop with the head ``torch.compile(mode="reduce-overhead")``d,
+compiled before the rounds) and the column ``capture()`` vs it.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from ate_fast.models import chunk_conv, cpu_gemm
 NATIVE_SAMPLER = {"unet1d": "ddim-10"}  # every other head: flow Euler 10
 
 
-def rows(head_id: str) -> dict[str, Callable[[], torch.Tensor]]:
-    """The three rows of one head, each a call with fixed noise (and cond)."""
+def rows(head_id: str, compiled: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+    """The rows of one head, each a call with fixed noise (and cond); ``compiled``: also
+    the eager loop with the head ``torch.compile``d (``bench_heads``' ``compile`` row)."""
     head = bench_heads._head("cpu", head_id)
     sampler = NATIVE_SAMPLER.get(bench_heads.HEADS[head_id][0], "flow-euler-10")
     horizon, action_dim = bench_heads._shape(head_id)
@@ -49,11 +52,16 @@ def rows(head_id: str) -> dict[str, Callable[[], torch.Tensor]]:
     loop = bench_heads._user_loop(head, sampler, 1.0, None, "cpu", cond=cond)
     ate = bench_heads._ate_sampler(head_id, sampler, head)
     captured = ate.capture(noise, cond, check_finite=False)
-    return {
+    impls = {
         "eager": lambda: loop(noise),
         "sample": lambda: ate.sample(noise, cond),
         "capture": lambda: captured(noise, cond),
     }
+    if compiled:
+        model = bench_heads._compiled_head("cpu", head_id)
+        compiled_loop = bench_heads._user_loop(model, sampler, 1.0, None, "cpu", cond=cond)
+        impls["compile"] = lambda: compiled_loop(noise)
+    return impls
 
 
 def fastest(impls: dict[str, Callable[[], torch.Tensor]], rounds: int) -> dict[str, float]:
@@ -87,6 +95,9 @@ def main() -> None:
     parser.add_argument(
         "--gemms", nargs="+", choices=cpu_gemm.CHOICES, help="every row under each GEMM choice"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also the eager loop with the head compiled"
+    )
     parser.add_argument("--json", type=Path, help="also write the times and ratios here")
     args = parser.parse_args()
     unknown = sorted(set(args.heads) - set(bench_heads.HEADS))
@@ -99,25 +110,30 @@ def main() -> None:
     cpu = f"{platform.machine()} {cpu_gemm.cpu_vendor() or 'unknown vendor'}"
     cpu += f" (ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
     print(f"torch {torch.__version__}, 1 thread, {cpu}, min of {args.rounds} rounds")
-    print(f"| head | GEMM | eager per call | `sample()` | `capture()` | eager, {gemms[0]} / this |")
-    print("|---|---|---|---|---|---|")
+    extra = " `capture()` vs `torch.compile` |" if args.compile else ""
+    print(f"| head | GEMM | eager per call | `sample()` | `capture()` | eager, {gemms[0]} / this |"
+          + extra)  # fmt: skip
+    print("|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
     label = {}
     for g in gemms:  # what each choice selects on this machine
         os.environ[cpu_gemm.ENV_VAR] = g
         label[g] = g if g == cpu_gemm.selected_gemm() else f"{g} ({cpu_gemm.selected_gemm()})"
     results = {}
     for head_id in args.heads:
-        base = rows(head_id)
+        base = rows(head_id, args.compile)
         impls = {(g, row): under_gemm(g, fn) for g in gemms for row, fn in base.items()}
         times = fastest(impls, args.rounds)
         for g in gemms:
             mine = {row: times[(g, row)] for row in base}
             ratio = {row: mine["eager"] / mine[row] for row in ("sample", "capture")}
+            if args.compile:
+                ratio["capture_vs_compile"] = mine["compile"] / mine["capture"]
             versus = times[(gemms[0], "eager")] / mine["eager"]
             results[f"{head_id} {g}"] = {"seconds": mine, "eager_over": ratio, "gemm": label[g]}
             print(
                 f"| `{head_id}` | {label[g]} | {mine['eager'] * 1e3:.2f} ms "
-                f"| {ratio['sample']:.2f}× | {ratio['capture']:.2f}× | {versus:.2f}× |",
+                f"| {ratio['sample']:.2f}× | {ratio['capture']:.2f}× | {versus:.2f}× |"
+                + (f" {ratio['capture_vs_compile']:.2f}× |" if args.compile else ""),
                 flush=True,
             )
     if args.json:
