@@ -223,26 +223,43 @@ def test_a_wrapped_layer_is_called(gemm):
         torch.testing.assert_close(cpu_gemm.linear_of(layer, x), want)
 
 
-def _flow_head_run(gemm, choice: str):
+# (kind, config, batch, cond width or None, GEMMs on oneDNN per forward and per pullback)
+HEAD_CASES = {
+    # 4 blocks x 5 GEMMs + the time MLP's second layer, in the forward and in the pullback
+    "flow-transformer-small": ("flow-transformer", "small", 1, 16, 21, 21),
+    # the body's hidden layer [50, 256] x [256, 256] (the in / out layers: under MIN_MACS)
+    "mlp-small": ("mlp", "small", 1, None, 1, 1),
+    # flatten: [8, 1600] x [1600, 512] with the context as the residual, [8, 512] x
+    # [512, 512] and x [512, 1600]; the pullback's three products
+    "mlp-flat-b8": ("mlp", "flat", 8, None, 3, 3),
+}
+
+
+def _head_run(gemm, choice: str, case: str):
+    """A head's forward, forward_with_vjp and pullback under GEMM ``choice``, and the ops."""
+    kind, config, batch, prefix, _, _ = HEAD_CASES[case]
     gemm(choice)
     torch.manual_seed(0)
-    head = make_head("flow-transformer", "small").eval()
-    x, t = torch.randn(1, 50, 32), torch.rand(1)
-    cache = head.prefix_cache(torch.randn(1, 16, head.config.width))
-    u = torch.randn(1, 50, 32)
+    head = make_head(kind, config).eval()
+    horizon, dim = head.config.horizon, head.config.action_dim
+    x, t, u = torch.randn(batch, horizon, dim), torch.rand(batch), torch.randn(batch, horizon, dim)
+    cond = (
+        None if prefix is None else head.prefix_cache(torch.randn(batch, prefix, head.config.width))
+    )
     with torch.no_grad(), _Ops() as seen:
-        out = head(x, t, cache)
-        vjp_out, pullback = head.forward_with_vjp(x, t, cache)
+        out = head(x, t, cond)
+        vjp_out, pullback = head.forward_with_vjp(x, t, cond)
         grad = pullback(u)
     return out, vjp_out, grad, seen.ops
 
 
-def test_flow_transformer_head_on_onednn(gemm):
-    out, vjp_out, grad, ops = _flow_head_run(gemm, "onednn")
-    # forward: 4 blocks x 5 GEMMs + the time MLP's second layer; the pullback: 4 x 5 + 1
-    assert ops["_linear_pointwise"] == 2 * 21 + 21, dict(ops)
+@pytest.mark.parametrize("case", list(HEAD_CASES))
+def test_heads_on_onednn(gemm, case):
+    *_, forward_gemms, pullback_gemms = HEAD_CASES[case]
+    out, vjp_out, grad, ops = _head_run(gemm, "onednn", case)
+    assert ops["_linear_pointwise"] == 2 * forward_gemms + pullback_gemms, dict(ops)
     assert torch.equal(out, vjp_out)  # forward_with_vjp: the forward's ops, bit for bit
-    ref_out, _, ref_grad, ref_ops = _flow_head_run(gemm, "aten")
+    ref_out, _, ref_grad, ref_ops = _head_run(gemm, "aten", case)
     assert "_linear_pointwise" not in ref_ops
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)

@@ -9,8 +9,8 @@ one thread of an AMD EPYC (Zen 4), float32, ``x [M, K] @ weightᵀ``: M = 50, 25
 1.37 → 0.44 ms: MKL does not split a skinny GEMM across threads). oneDNN pays ≈ 12 µs
 per call to find its primitive, so below ``MIN_MACS`` multiply-adds (M = 1, 512 → 512:
 19 vs 29 µs) ATen's call stays faster. The heads' forwards and hand-written input-VJPs
-(FlowTransformerHead; the U-Net's convolutions as chunk rows, :mod:`chunk_conv`) and the
-Transformer encoder's guidance VJP (:mod:`ate_fast.steer.transformer_vjp`) call
+(FlowTransformerHead, MLPHead; the U-Net's convolutions as chunk rows, :mod:`chunk_conv`)
+and the Transformer encoder's guidance VJP (:mod:`ate_fast.steer.transformer_vjp`) call
 :func:`linear_of` / :func:`linear` / :func:`times_weight` / :func:`linear_residual_rows`,
 which take oneDNN's op (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU
 lowering calls) exactly when all of these hold, and otherwise ATen's op as before:

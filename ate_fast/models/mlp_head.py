@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ate_fast.models.cpu_gemm import linear_of, linear_residual_rows, times_weight
 from ate_fast.models.direct_weights import autograd_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
@@ -138,8 +139,8 @@ class MLPHead(nn.Module):
             g = u.to(dtype)
             g = g.flatten(1) if flatten else g
             for linear, slope in zip(reversed(linears), reversed(slopes)):
-                g = (g @ linear.weight) * slope
-            return (g @ self.input.weight).view_as(x).to(x.dtype)
+                g = times_weight(g, linear.weight) * slope
+            return times_weight(g, self.input.weight).view_as(x).to(x.dtype)
 
         return out, pullback
 
@@ -185,7 +186,7 @@ class MLPHead(nn.Module):
         if self.config.flatten and not plain_linear(self.input):  # features: the context
             h = self.input(inputs.flatten(1)) + features
         elif self.config.flatten:  # features: context + bias [B, hidden]
-            h = torch.addmm(features, inputs.flatten(1), weight.t())
+            h = linear_residual_rows(inputs.flatten(1), weight, features)
         elif features.ndim == 3:  # the folded bias [B, H, hidden]: one batched GEMM
             h = torch.baddbmm(features, inputs, weight.t().expand(x.shape[0], -1, -1))
         else:  # the context row [B, hidden] (also for a first layer that is not plain)
@@ -194,7 +195,7 @@ class MLPHead(nn.Module):
         for module in self.body:
             if isinstance(module, nn.SiLU):
                 pres.append(h)
-            h = module(h)
+            h = linear_of(module, h) if isinstance(module, nn.Linear) else module(h)
         return (h.view_as(x) if self.config.flatten else h).to(x.dtype), pres
 
 
