@@ -1,5 +1,6 @@
 """Issue 18's unguided CPU targets per reference head: ``sample()`` and ``capture()`` against
-the eager loop a user writes, rows interleaved round by round, one torch thread.
+the eager loop a user writes, rows interleaved round by round, one torch thread
+(``--threads``).
 
     python benchmarks/cpu_head_targets.py [--heads mlp-small unet1d-dp …] [--rounds 5]
                                           [--aten-conv] [--gemms aten onednn] [--compile]
@@ -91,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", nargs="+", default=list(bench_heads.HEADS))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--aten-conv", action="store_true", help="U-Net convolutions on ATen")
     parser.add_argument(
         "--gemms", nargs="+", choices=cpu_gemm.CHOICES, help="every row under each GEMM choice"
@@ -105,11 +107,13 @@ def main() -> None:
         parser.error(f"--heads: unknown {unknown}; expected some of {list(bench_heads.HEADS)}")
     if args.aten_conv:
         chunk_conv.ROWS_BELOW = 0  # no output length is below 0: every layer takes ATen's path
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     gemms = args.gemms or [os.environ.get(cpu_gemm.ENV_VAR, "") or "auto"]
     cpu = f"{platform.machine()} {cpu_gemm.cpu_vendor() or 'unknown vendor'}"
     cpu += f" (ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
-    print(f"torch {torch.__version__}, 1 thread, {cpu}, min of {args.rounds} rounds")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {cpu}, min of {args.rounds} rounds"
+    )
     extra = " `capture()` vs `torch.compile` |" if args.compile else ""
     print(f"| head | GEMM | eager per call | `sample()` | `capture()` | eager, {gemms[0]} / this |"
           + extra)  # fmt: skip
@@ -137,7 +141,8 @@ def main() -> None:
                 flush=True,
             )
     if args.json:
-        meta = {"torch": torch.__version__, "cpu": cpu, "aten_conv": args.aten_conv}
+        meta = {"torch": torch.__version__, "cpu": cpu, "aten_conv": args.aten_conv,
+                "threads": args.threads}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "heads": results}, indent=1))
 
 
