@@ -49,6 +49,9 @@ CHOICES = ("auto", "onednn", "aten")
 # [1, 1600] x [1600, 512] (0.8 M) 46 -> 56 µs; on two threads the crossover is ≈ 1 M.
 MIN_MACS = 1_500_000
 _PLAIN_TYPES = (Tensor, nn.Parameter)
+# whether a torch.func transform (vmap, grad, vjp) wraps the tensors; a torch without the
+# query counts as always: oneDNN's op has no batching or autograd rule
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def capturing_graph() -> bool:
@@ -144,7 +147,7 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return not (torch._C._are_functorch_transforms_active() or capturing_graph())
+    return not (_functorch_active() or capturing_graph())
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -162,8 +165,9 @@ def linear_of(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)``; a plain ``nn.Linear`` (:func:`~ate_fast.module_checks.plain_linear`) on
     oneDNN where it takes the GEMM."""
     weight = getattr(layer, "weight", None)
-    if isinstance(weight, Tensor) and onednn_takes(x, weight, layer.bias) and plain_linear(layer):
-        return _onednn_linear(x, weight, layer.bias)
+    bias = getattr(layer, "bias", None)
+    if isinstance(weight, Tensor) and onednn_takes(x, weight, bias) and plain_linear(layer):
+        return _onednn_linear(x, weight, bias)
     return layer(x)
 
 
@@ -180,7 +184,8 @@ def linear_residual_rows(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
     """``residual + x @ weightᵀ`` for ``x`` [..., K], ``weight`` [N, K] and ``residual``
     [..., N] (same leading shape), the residual added to the float32 accumulator before
     the one rounding, as ``addmm`` with the residual as C does."""
-    if onednn_takes(x, weight, residual):
+    same_shape = residual.shape == x.shape[:-1] + weight.shape[:1]  # no broadcast in oneDNN's add
+    if same_shape and onednn_takes(x, weight, residual):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
     rows = x.reshape(-1, x.shape[-1])
     return torch.addmm(residual.reshape(-1, weight.shape[0]), rows, weight.t()).view(residual.shape)
