@@ -159,3 +159,137 @@ def test_prefix_buffers_in_captured_sampling(head, device, monkeypatch):
         else:
             scale = float(concatenated.abs().max())
             torch.testing.assert_close(with_buffers, concatenated, rtol=0, atol=1e-5 * scale)
+
+
+# -- a padded prefix (PrefixCache.mask, openpi's prefix mask) ---------------------------------
+
+
+def _masks(gen: torch.Generator, batch: int, length: int) -> torch.Tensor:
+    """bool [B, L]: sample 0 right-padded (as openpi pads a prompt), the others with random
+    holes; every sample keeps at least one real token."""
+    mask = torch.rand(batch, length, generator=gen) < 0.6
+    mask[0] = torch.arange(length) < length // 3
+    mask[:, 0] = True
+    return mask
+
+
+def _per_sample(model, x, t, tokens, mask, u=None):
+    """Each sample alone with only its real tokens (no mask): (out, input-VJP of u)."""
+    outs, grads = [], []
+    for b in range(x.shape[0]):
+        real = tokens[b : b + 1, mask[b]]
+        out, pull = model.forward_with_vjp(x[b : b + 1], t[b : b + 1], real)
+        outs.append(out)
+        grads.append(pull(u[b : b + 1]) if u is not None else out)
+    return torch.cat(outs), torch.cat(grads)
+
+
+def test_a_padded_prefix_gives_what_its_real_tokens_give(head):
+    """float64: with a mask, each sample's forward and input-VJP equal those of its real
+    tokens alone (padded keys hidden, positions counting real tokens only: openpi's rule),
+    whatever the padded tokens hold; the hand-written VJP equals autograd's."""
+    model = make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
+    model.load_state_dict(head.state_dict())
+    model = model.double()
+    gen = torch.Generator().manual_seed(7)
+    x, u = torch.randn(2, 3, H, D, generator=gen, dtype=torch.float64)
+    t = torch.rand(3, generator=gen, dtype=torch.float64)
+    tokens = torch.randn(3, L, WIDTH, generator=gen, dtype=torch.float64)
+    mask = _masks(gen, 3, L)
+    with torch.no_grad():
+        cache = model.prefix_cache(tokens, mask)
+        assert cache.mask is mask
+        out, pull = model.forward_with_vjp(x, t, cache)
+        grad = pull(u)
+        want_out, want_grad = _per_sample(model, x, t, tokens, mask, u)
+        torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-12)
+        assert torch.equal(model(x, t, cache), out)
+        junk = torch.where(mask[..., None], tokens, 1e3 * torch.randn_like(tokens))
+        torch.testing.assert_close(model(x, t, model.prefix_cache(junk, mask)), out,
+                                   rtol=0, atol=1e-12)  # fmt: skip
+        unmasked = model(x, t, model.prefix_cache(tokens))
+        assert (unmasked - out).abs().max() > 1e-3  # the mask matters
+    leaf = x.clone().requires_grad_(True)
+    (autograd,) = torch.autograd.grad(model(leaf, t, cache), leaf, u)
+    torch.testing.assert_close(grad, autograd, rtol=0, atol=1e-12)
+
+
+def test_a_padded_prefix_in_sampling_rtc_and_capture(head):
+    """Sampling (the call's prefix buffers), RTC (the pullback) and a captured loop with a
+    padded prefix equal each sample sampled with its real tokens alone; the capture takes
+    a new observation's mask."""
+    gen = torch.Generator().manual_seed(8)
+    noise, prev = torch.randn(2, 2, H, D, generator=gen)
+    tokens = torch.randn(2, 2, L, WIDTH, generator=gen)
+    masks = _masks(gen, 2, L), _masks(gen, 2, L).flip(0)
+    sampler = FlowSampler(head, num_steps=4)
+    rtc = RTCGuidance(prev, 3, execution_horizon=6)
+    with torch.no_grad():
+        caches = [head.prefix_cache(tok, m) for tok, m in zip(tokens, masks)]
+    captured = sampler.capture(noise, caches[0], rtc)
+    for tok, mask, cache in zip(tokens, masks, caches):
+        for guidance in (None, rtc):
+            got = sampler.sample(noise, cache, guidance)
+            want = []
+            for b in range(2):
+                one = None
+                if guidance is not None:
+                    one = RTCGuidance(prev[b : b + 1], 3, execution_horizon=6)
+                want.append(sampler.sample(noise[b : b + 1], tok[b : b + 1, mask[b]], one))
+            torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=2e-5)
+        torch.testing.assert_close(captured(noise, cache), sampler.sample(noise, cache, rtc),
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+def test_a_padded_prefix_with_triton_epilogues(head, monkeypatch):
+    """With the Triton epilogues selected (interpreted here) and a padded prefix, the
+    rotation takes the torch ops (per-sample tables: the kernel reads shared ones) and the
+    input-VJP's softmax backward its kernel (padded keys at −inf): forward and input-VJP
+    equal the torch path's to float32 rounding."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(10)
+    x, u = torch.randn(2, 2, H, D, generator=gen)
+    t = torch.rand(2, generator=gen)
+    with torch.no_grad():
+        cache = head.prefix_cache(torch.randn(2, L, WIDTH, generator=gen), _masks(gen, 2, L))
+        results = {}
+        for path in ("torch", "triton"):
+            monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", path)
+            out, pull = head.forward_with_vjp(x, t, cache)
+            results[path] = out, pull(u)
+    for want, got in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_a_padded_prefix_in_bf16(head):
+    """bf16 weights and activations with a padded prefix: within the bf16 forward bound of
+    tests/test_mixed_precision_heads.py (2e-2 relative L2) of float32 with the same rounded
+    weights and each sample's real tokens alone."""
+    ref = make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
+    ref.load_state_dict({k: v.bfloat16().float() for k, v in head.state_dict().items()})
+    low = make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
+    low.load_state_dict(head.state_dict())
+    low = low.bfloat16()
+    gen = torch.Generator().manual_seed(9)
+    x, t = torch.randn(2, H, D, generator=gen), torch.rand(2, generator=gen)
+    tokens = torch.randn(2, L, WIDTH, generator=gen)
+    mask = _masks(gen, 2, L)
+    with torch.no_grad():
+        out = low(x, t, low.prefix_cache(tokens.bfloat16(), mask))
+        want, _ = _per_sample(ref, x, t, tokens, mask)
+    assert out.dtype == torch.float32
+    assert float((out - want).norm() / want.norm()) <= 2e-2
+
+
+def test_bad_masks_are_named(head):
+    x, t = torch.randn(2, H, D), torch.rand(2)
+    tokens = torch.randn(2, L, WIDTH)
+    with torch.no_grad():
+        cache = head.prefix_cache(tokens)
+    for bad in (torch.ones(2, L), torch.ones(2, L - 1, dtype=torch.bool), [[True] * L] * 2):
+        named = r"prefix mask must be a bool tensor \[B, L\] = \[2, 24\]"
+        with pytest.raises(ValueError, match=named):
+            head.prefix_cache(tokens, bad)
+        with pytest.raises(ValueError, match=r"prefix mask must be a bool tensor"):
+            head(x, t, cache._replace(mask=bad))

@@ -150,11 +150,13 @@ def rotate_qkv(
     ``(keys, values)`` [B, kv_heads, L, hd] (keys already rotated) in front.
 
     ``q_lin`` [B, H, heads·hd] and ``kv_lin`` [B, H, 2·kv_heads·hd] (keys' heads first);
-    ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`);
+    ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`), or per
+    sample [B, 1, L + H, hd] (a padded prefix's positions; the torch ops then run);
     ``prefix`` None when there is none (L = 0). ``out``: a :class:`PrefixSlot`'s buffer pair
     [B, kv_heads, L + H, hd] (contiguous) holding the prefix's rows already: the action
     rows are written into it and it is returned as ``k``, ``v`` (the prefix is not copied)."""
-    if use_triton(q_lin, kv_lin, *(prefix or ())):
+    # the kernel reads one table row per position: shared tables only
+    if cos.dim() == 2 and use_triton(q_lin, kv_lin, *(prefix or ())):
         import ate_fast.models.block_epilogues_triton as kernels
 
         if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):
@@ -168,15 +170,15 @@ def rotate_qkv(
     # [B, kv_heads, H, g, hd]: a view of q_lin; the rotation's result is contiguous in this
     # order (rotate), so the fold into [B, kv_heads, H·g, hd] is a view too
     q = q_lin.view(batch, horizon, kv_heads, group, -1).transpose(1, 2)
-    q = rotate(q, cos[-horizon:, None], sin[-horizon:, None])
+    q = rotate(q, cos[..., -horizon:, None, :], sin[..., -horizon:, None, :])
     q = q.view(batch, kv_heads, horizon * group, -1)
     kv = kv_lin.view(batch, horizon, 2 * kv_heads, q.shape[-1])
     k, v = kv.transpose(1, 2).chunk(2, dim=1)  # [B, kv_heads, H, hd] each
     if out is not None:  # the action rows into the call's buffers, behind the prefix's
-        rotate(k, cos[-horizon:], sin[-horizon:], out=out[0][:, :, -horizon:])
+        rotate(k, cos[..., -horizon:, :], sin[..., -horizon:, :], out=out[0][:, :, -horizon:])
         out[1][:, :, -horizon:].copy_(v)
         return q, out[0], out[1]
-    k = rotate(k, cos[-horizon:], sin[-horizon:])
+    k = rotate(k, cos[..., -horizon:, :], sin[..., -horizon:, :])
     if prefix is not None:  # the prefix cache: only the action rows are projected
         k = torch.cat([prefix[0], k], dim=2)
         v = torch.cat([prefix[1], v], dim=2)

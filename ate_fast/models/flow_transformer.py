@@ -11,7 +11,9 @@ Structure (as the π0 action expert; our own implementation):
    positions; gated-GELU MLP, as Gemma). Each block's attention lets the H action tokens
    attend to the conditioning tokens ``cond`` [B, L, width] and to one another
    (bidirectionally); ``cond`` supplies keys and values only, through the block's own
-   norm and projections, at positions 0…L−1 (action tokens at L…L+H−1).
+   norm and projections, at positions 0…L−1 (action tokens at L…L+H−1). A
+   :class:`PrefixCache` with a padding ``mask`` (openpi's prefix mask) hides its padded
+   tokens, and positions count real tokens only (openpi: ``cumsum(mask) − 1``).
 4. Final RMSNorm, ``action_out``: Linear width -> D.
 
 Forward is shape-static and free of host syncs, so it captures in a CUDA graph and
@@ -98,6 +100,9 @@ class FlowStepFeatures(NamedTuple):
     # with a prefix, per block: the call's key/value buffers (shared by its steps), the
     # prefix written once and each step's action rows in place (block_epilogues.PrefixSlot)
     slots: Optional[tuple[PrefixSlot, ...]] = None
+    # with a padded prefix (PrefixCache.mask): attention's additive mask [B, 1, 1, L + H]
+    # (0, or −inf on a padded key), and cos / sin are then per sample, [B, 1, L + H, hd]
+    bias: Optional[Tensor] = None
 
     def per_block(self) -> Iterator[tuple[Any, Optional[PrefixSlot]]]:
         """``(prefix (keys, values) or None, PrefixSlot or None)`` for each block in turn
@@ -110,13 +115,23 @@ class PrefixCache(NamedTuple):
     every step (the VLM's KV cache) — computed once per observation, not per step.
 
     ``keys[i]``, ``values[i]``: block i's [B, kv_heads, L, head_dim]; keys already rotated
-    at positions 0…L−1. :meth:`FlowTransformerHead.prefix_cache` builds one from tokens
+    at their positions. :meth:`FlowTransformerHead.prefix_cache` builds one from tokens
     [B, L, width] (then equal to passing the tokens as ``cond``); a VLM's own cache can be
     passed as it is (projected to the expert's kv heads and head_dim).
+
+    ``mask``: None (every token real; positions 0…L−1, the action tokens at L…L+H−1), or
+    bool [B, L], True on a real token and False on padding — openpi's prefix mask, e.g. a
+    prompt padded to a fixed length, so that one static shape (a CUDA graph, an exported
+    engine) serves every prompt. As in openpi, padded keys are not attended and positions
+    count real tokens only (``cumsum(mask) − 1``): sample b's action tokens sit at
+    n_b…n_b+H−1 for its n_b real tokens, and its cached keys must be rotated at the real
+    tokens' positions (as :meth:`~FlowTransformerHead.prefix_cache` does). A padded
+    prefix then gives what its real tokens alone give.
     """
 
     keys: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
+    mask: Optional[Tensor] = None
 
     @property
     def length(self) -> int:
@@ -150,31 +165,40 @@ class _Block(nn.Module):
         self.gate_up = nn.Linear(cfg.width, 2 * cfg.mlp_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
-    def forward(self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
+        bias: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
         """The block on ``x`` [B, H, width]; ``cond``: None, or this block's prefix
         ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot`` (with a prefix): its
-        :class:`~ate_fast.models.block_epilogues.PrefixSlot` for the call, or None."""
-        return self._run(x, cond, cos, sin, save=False, slot=slot)[0]
+        :class:`~ate_fast.models.block_epilogues.PrefixSlot` for the call, or None;
+        ``bias``: None, or attention's additive mask [B, 1, 1, L + H] (a padded prefix,
+        :attr:`FlowStepFeatures.bias`; ``cos`` / ``sin`` then [B, 1, L + H, hd])."""
+        return self._run(x, cond, cos, sin, save=False, slot=slot, bias=bias)[0]
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys (rotated at 0…L−1) and values [B, kv_heads, L, hd] of tokens [B, L, width]."""
+        """Keys and values [B, kv_heads, L, hd] of tokens [B, L, width], the keys rotated
+        with the tables ``cos``, ``sin`` [≥ L, hd] (positions 0…L−1) or [B, 1, ≥ L, hd]."""
         batch, length, _ = cond.shape
         kv = linear_of(self.kv, self.attn_norm(cond)).view(batch, length, 2 * self.num_kv_heads, -1)
         k, v = kv.transpose(1, 2).chunk(2, dim=1)
-        return rotate(k, cos[:length], sin[:length]), v
+        return rotate(k, cos[..., :length, :], sin[..., :length, :]), v
 
     def forward_saving(
-        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None
-    ) -> tuple[Tensor, BlockSaved]:
+        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
+        bias: Optional[Tensor] = None,
+    ) -> tuple[Tensor, BlockSaved]:  # fmt: skip
         """The block on ``x`` [B, H, width] and what its input-VJP needs
         (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
-        this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot``:
-        as in :meth:`forward` (the pullback must then run before the next forward)."""
-        return self._run(x, cond, cos, sin, save=True, slot=slot)
+        this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot``,
+        ``bias``: as in :meth:`forward` (with a slot the pullback must run before the next
+        forward)."""
+        return self._run(x, cond, cos, sin, save=True, slot=slot, bias=bias)
 
     def _run(
-        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool, slot: Any = None
-    ) -> tuple[Tensor, Optional[BlockSaved]]:
+        self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool, slot: Any = None,
+        bias: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Optional[BlockSaved]]:  # fmt: skip
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
         q_lin, kv_lin = linear_of(self.q, h), linear_of(self.kv, h)
@@ -190,7 +214,7 @@ class _Block(nn.Module):
         # output [B, 1, H·heads, hd] is already the o projection's input [B, H, heads·hd]
         q, k, v = rotate_qkv(q_lin, kv_lin, cos, sin, cond, self.num_heads, self.num_kv_heads,
                              buffers)  # fmt: skip
-        attn = F.scaled_dot_product_attention(q, k, v)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
         x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)
@@ -202,7 +226,7 @@ class _Block(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         # k and v in the call's buffers: the pullback checks they were not rewritten since
         written = None if buffers is None else (slot, slot.writes)
-        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written)
+        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias)
 
 
 class FlowTransformerHead(nn.Module):
@@ -246,23 +270,48 @@ class FlowTransformerHead(nn.Module):
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
         for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
-            tokens = block(tokens, block_cond, features.cos, features.sin, slot)
+            tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias)
         return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
-    def prefix_cache(self, cond: Tensor) -> PrefixCache:
+    def prefix_cache(self, cond: Tensor, mask: Optional[Tensor] = None) -> PrefixCache:
         """The :class:`PrefixCache` of conditioning tokens ``cond`` [B, L, width]: each
         block's keys and values of the prefix, computed once (then ``forward(x, t, cache)``
-        equals ``forward(x, t, cond)`` and projects only the H action rows per step)."""
+        equals ``forward(x, t, cond)`` and projects only the H action rows per step).
+        ``mask``: None, or bool [B, L] (True: a real token, False: padding), kept in the
+        cache; the keys are then rotated at the real tokens' positions ``cumsum(mask) − 1``
+        (a padded token's keys and values are computed but never attended)."""
         cfg = self.config
-        if cond.ndim != 3 or cond.shape[2] != cfg.width:
+        if not isinstance(cond, Tensor) or cond.ndim != 3 or cond.shape[2] != cfg.width:
+            got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
             raise ValueError(
                 f"FlowTransformerHead: cond must have shape [B, L, width] = [B, L, {cfg.width}], "
-                f"got {tuple(cond.shape)}"
+                f"got {got}"
             )
+        batch, length, _ = cond.shape
+        if mask is not None:
+            self._check_mask(mask, batch, length, cond.device)
         dtype = self.action_in.weight.dtype
-        cos, sin = rotary_tables(self._rope_angle(cond.shape[1], cond.device), dtype)
+        if mask is None:
+            angle = self._rope_angle(length, cond.device)
+        else:
+            angle = self._position_angle(_real_positions(mask))[:, None]  # [B, 1, L, hd/2]
+        cos, sin = rotary_tables(angle, dtype)
         pairs = [block.prefix_kv(cond.to(dtype), cos, sin) for block in self.blocks]
-        return PrefixCache(tuple(k for k, _ in pairs), tuple(v for _, v in pairs))
+        return PrefixCache(tuple(k for k, _ in pairs), tuple(v for _, v in pairs), mask)
+
+    def _check_mask(self, mask: object, batch: int, length: int, device: torch.device) -> None:
+        """A prefix mask must be a bool tensor [B, L] on the prefix's device."""
+        ok = isinstance(mask, Tensor) and mask.dtype == torch.bool
+        if not ok or tuple(mask.shape) != (batch, length) or mask.device != device:
+            got = (
+                f"{mask.dtype} {tuple(mask.shape)} on {mask.device}"
+                if isinstance(mask, Tensor) else type(mask).__name__
+            )  # fmt: skip
+            raise ValueError(
+                f"FlowTransformerHead: the prefix mask must be a bool tensor [B, L] = "
+                f"[{batch}, {length}] on {device} (True: a real token, False: padding; "
+                f"convert a 0/1 attention_mask with .bool()), got {got}"
+            )
 
     def _check_cache(self, cache: PrefixCache, x: Tensor) -> None:
         """A PrefixCache must have one [B, kv_heads, L, head_dim] key and value per block."""
@@ -273,6 +322,8 @@ class FlowTransformerHead(nn.Module):
                 f"{len(cache.values)} values; this head has {cfg.depth} blocks"
             )
         shape = (x.shape[0], cfg.num_kv_heads, cache.length, cfg.head_dim)
+        if cache.mask is not None:
+            self._check_mask(cache.mask, x.shape[0], cache.length, x.device)
         for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
             for name, t in (("keys", k), ("values", v)):
                 if tuple(t.shape) != shape or not t.is_floating_point() or t.device != x.device:
@@ -305,7 +356,7 @@ class FlowTransformerHead(nn.Module):
         cos, sin = features.cos, features.sin
         saved = []
         for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
-            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot)
+            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot, features.bias)
             saved.append(kept)
         out = linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
@@ -327,8 +378,12 @@ class FlowTransformerHead(nn.Module):
 
     def _rope_angle(self, length: int, device: torch.device) -> Tensor:
         """Rotary angles [length, hd/2] (float32) at positions 0…length−1."""
-        positions = torch.arange(length, device=device, dtype=torch.float32)
-        return positions[:, None] * self._rope_inv_freq(device)[None, :]
+        return self._position_angle(torch.arange(length, device=device, dtype=torch.float32))
+
+    def _position_angle(self, positions: Tensor) -> Tensor:
+        """Rotary angles [..., hd/2] (float32) at ``positions`` [...]."""
+        inv_freq = self._rope_inv_freq(positions.device)
+        return positions.to(torch.float32)[..., None] * inv_freq
 
     def _check(self, x: Tensor, t: Tensor, cond: Any) -> None:
         cfg = self.config
@@ -356,14 +411,22 @@ class FlowTransformerHead(nn.Module):
         if split:  # the time half of the first layer, for every step at once
             time = F.linear(time, self.time_mlp_in.weight[:, w:], self.time_mlp_in.bias)
         time_in = time.view(steps, batch, 1, w)
+        mask, bias = None, None
         if cond is None:
             blocks: tuple[Any, ...] = (None,) * cfg.depth
             prefix = 0
         else:
             cache = cond if isinstance(cond, PrefixCache) else self.prefix_cache(cond)
             blocks = tuple((k.to(dtype), v.to(dtype)) for k, v in zip(cache.keys, cache.values))
-            prefix = cache.length
-        cos, sin = rotary_tables(self._rope_angle(cfg.horizon + prefix, t.device), dtype)
+            prefix, mask = cache.length, cache.mask
+        if mask is None:
+            angle = self._rope_angle(cfg.horizon + prefix, t.device)
+        else:  # openpi's positions: real tokens counted, per sample; padded keys hidden
+            real = torch.cat([mask, mask.new_ones(batch, cfg.horizon)], dim=1)  # [B, L + H]
+            angle = self._position_angle(_real_positions(real))[:, None]  # [B, 1, L + H, hd/2]
+            zero = torch.zeros((), dtype=dtype, device=mask.device)
+            bias = torch.where(real, zero, float("-inf"))[:, None, None, :]  # [B, 1, 1, L + H]
+        cos, sin = rotary_tables(angle, dtype)
         plain = plain_tree(self) if for_vjp else True
         # the prefix's key/value buffers, shared by the N steps (one step: concatenating the
         # prefix once costs what writing it into a buffer once does, in fewer kernels)
@@ -371,7 +434,7 @@ class FlowTransformerHead(nn.Module):
         if cond is not None and steps > 1:
             slots = tuple(PrefixSlot() for _ in range(cfg.depth))
         return [
-            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots)
+            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots, bias)
             for k in range(steps)
         ]
 
@@ -386,3 +449,10 @@ class FlowTransformerHead(nn.Module):
             time = features.time.expand(-1, tokens.shape[1], -1)
             pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
         return linear_of(self.time_mlp_out, F.silu(pre_silu)), pre_silu
+
+
+def _real_positions(mask: Tensor) -> Tensor:
+    """openpi's positions of a padded sequence: ``cumsum(mask) − 1`` [B, N] (float32, exact
+    below 2²⁴ tokens; TensorRT's CumSum takes floating types only) for a bool ``mask``
+    [B, N]: a real token's index among the real tokens (a pad repeats its predecessor's)."""
+    return mask.to(torch.float32).cumsum(dim=1) - 1

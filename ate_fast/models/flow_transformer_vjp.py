@@ -48,6 +48,7 @@ class BlockSaved(NamedTuple):
     # (PrefixSlot, its writes) when k and v are a call's prefix buffers (checked by the
     # pullback: a later forward with the same features rewrites them), else None
     slot: Any = None
+    bias: Optional[Tensor] = None  # attention's additive mask [B, 1, 1, N] (a padded prefix)
 
 
 def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm) -> Tensor:
@@ -106,18 +107,18 @@ def unrotate_pack(
     """The q and kv projections' output gradients, ``dq`` [B, H, heads·hd] and
     ``[dk | dv]`` [B, H, 2·kv_heads·hd], from ``dq`` [B, kv_heads, H·g, hd] (the queries'
     grouped layout, :class:`BlockSaved`) and ``dk``, ``dv`` [B, kv_heads, H, hd] (the
-    rotation undone on dq and dk; tables ``cos``, ``sin`` [N, hd], their last H rows the
-    action positions)."""
+    rotation undone on dq and dk; tables ``cos``, ``sin`` [N, hd] or per sample
+    [B, 1, N, hd], their last H rows the action positions)."""
     batch, kv_heads, horizon, hd = dk.shape
-    if use_triton(dq, dk, dv):
+    if cos.dim() == 2 and use_triton(dq, dk, dv):  # the kernel: shared tables only
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.unrotate_pack(dq.contiguous(), dk.contiguous(), dv.contiguous(),
                                      cos.contiguous(), sin.contiguous())  # fmt: skip
     dq = dq.view(batch, kv_heads, horizon, -1, hd)  # [B, kv_heads, H, g, hd]
-    dq = unrotate(dq, cos[-horizon:, None], sin[-horizon:, None])
+    dq = unrotate(dq, cos[..., -horizon:, None, :], sin[..., -horizon:, None, :])
     dq = dq.transpose(1, 2).reshape(batch, horizon, -1)  # a view with one kv head
-    dk = unrotate(dk, cos[-horizon:], sin[-horizon:])
+    dk = unrotate(dk, cos[..., -horizon:, :], sin[..., -horizon:, :])
     kv_width = 2 * kv_heads * hd
     return dq, torch.cat([dk, dv], dim=1).transpose(1, 2).reshape(batch, horizon, kv_width)
 
@@ -144,7 +145,10 @@ def attention_input_vjp(
     dog = do.view(batch, horizon, kv_heads, -1).transpose(1, 2).reshape(batch, kv_heads, rows, hd)
     scale = 1.0 / math.sqrt(hd)
     dp = dog @ v.transpose(-1, -2)
-    p, ds = softmax_backward(q @ k.transpose(-1, -2), dp, scale)  # [B, kvh, rows, N]
+    scores = q @ k.transpose(-1, -2)  # [B, kvh, rows, N]
+    if saved.bias is not None:  # a padded prefix: its keys get no probability
+        scores = scores + saved.bias
+    p, ds = softmax_backward(scores, dp, scale)
     dq = ds @ k  # [B, kvh, rows, hd]
     actions = slice(length - horizon, length)  # the rows of K and V that depend on x
     dk = ds[..., actions].transpose(-1, -2) @ q  # [B, kvh, H, hd]
