@@ -83,3 +83,20 @@ def test_export_onnx_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "x.onnx").write_bytes(b"")
     assert main(["export", "tensorrt", out, "--out", str(tmp_path / "x.plan")]) == 2
     assert "TensorRT is not available" in capsys.readouterr().err
+
+
+def test_export_onnx_a_vlm_kv_cache_with_its_mask(tmp_path, capsys):
+    """--cond-as kv-cache-masked: the graph takes the flow transformer's PrefixCache (per
+    block keys and values, the padding mask) and --verify runs it with random masks; the
+    cache forms need --cond-len."""
+    out = tmp_path / "kv.onnx"
+    head = ["--head", "flow-transformer", "--set", "horizon=8", "--set", "action_dim=4",
+            "--set", "depth=1", "--random-init", "--steps", "2", "--out", str(out)]  # fmt: skip
+    assert main(["export", "onnx", *head, "--cond-len", "6", "--cond-as", "kv-cache-masked",
+                 "--verify"]) == 0  # fmt: skip
+    assert "batch 8: max relative error" in capsys.readouterr().out
+    sig = read_signature(out)
+    assert sig.cond_names == ["cond.keys.0", "cond.values.0", "cond.mask"]
+    assert sig.cond_shapes == [[1, 6, 64], [1, 6, 64], [6]]
+    assert main(["export", "onnx", *head, "--cond-as", "kv-cache"]) == 2
+    assert "--cond-as kv-cache needs --cond-len" in capsys.readouterr().err

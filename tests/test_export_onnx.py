@@ -36,11 +36,13 @@ from ate_fast.export import (  # noqa: E402
     GuidanceExportError,
     ModelTraceError,
     OnnxRuntimeSampler,
+    cast_for_precision,
     read_signature,
     relative_error,
     tensorrt_problems,
     to_onnx,
 )
+from ate_fast.models import PrefixCache, make_head  # noqa: E402
 from ate_fast.sampling import DiffusionSampler, FlowSampler  # noqa: E402
 
 
@@ -139,6 +141,46 @@ def test_graph_inputs_follow_the_sampler(export_dir):
     assert guided["mode"] == "tweedie" and guided["scale"] == 2.0 and guided["masked"]
     step = onnx.load(str(path)).graph.input[2].type.tensor_type.shape.dim
     assert step[0].dim_value == 3 and step[1].dim_param == "batch"
+
+
+def test_a_vlm_kv_cache_and_its_padding_mask_as_graph_inputs(tmp_path):
+    """A flow transformer conditioned on a PrefixCache (a VLM's KV cache) exports with the
+    cache as inputs ``cond.keys.<i>``, ``cond.values.<i>`` [B, kv_heads, L, hd] per block
+    and ``cond.mask`` bool [B, L]: ONNX Runtime reproduces ``sample()`` for other caches,
+    masks and batches; fp16 casting keeps the mask a bool input; a cond of tokens where the
+    graph takes a cache is refused naming the inputs."""
+    torch.manual_seed(0)
+    head = make_head("flow-transformer", "small", horizon=16, action_dim=4, depth=2).eval()
+    sampler = FlowSampler(head, 2)
+    gen = torch.Generator().manual_seed(1)
+
+    def inputs(batch: int) -> tuple[torch.Tensor, PrefixCache, torch.Tensor]:
+        tokens = torch.randn(batch, 12, 256, generator=gen)
+        real = torch.randint(1, 13, (batch, 1), generator=gen)
+        with torch.no_grad():
+            cache = head.prefix_cache(tokens, torch.arange(12) < real)
+        return torch.randn(batch, 16, 4, generator=gen), cache, tokens
+
+    noise, cache, tokens = inputs(2)
+    path = to_onnx(sampler, tmp_path / "kv.onnx", noise, cache)
+    model = onnx.load(str(path))
+    names = [i.name for i in model.graph.input]
+    assert names == ["noise", "cond.keys.0", "cond.keys.1", "cond.values.0", "cond.values.1",
+                     "cond.mask"]  # fmt: skip
+    assert model.graph.input[-1].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    assert tensorrt_problems(model) == []
+    runner = OnnxRuntimeSampler(path)
+    assert runner.signature.cond_kind == "prefix_cache"
+    for batch in (1, 3):
+        noise, cache, _ = inputs(batch)
+        ref = sampler.sample(noise, cache)
+        assert relative_error(runner.sample(noise, cache), ref) <= PARITY_TOLERANCE
+    cast = cast_for_precision(model, "fp16")
+    assert [i.type.tensor_type.elem_type for i in cast.graph.input][-1] == onnx.TensorProto.BOOL
+    with pytest.raises(ValueError, match=r"cond must give the graph's inputs \['cond.keys.0'"):
+        runner.sample(noise, tokens[:batch])
+    with pytest.raises(ValueError, match=r"got \['cond.keys.0', .*'cond.values.1'\]"):
+        runner.sample(noise, cache._replace(mask=None))
 
 
 def test_dynamic_batch_and_explicit_noise(export_dir):

@@ -365,6 +365,17 @@ def test_signature_from_engine_io():
     assert keyed.cond_kind == "dict" and keyed.cond_keys == ["obs", "img"] and keyed.batch == 2
     with pytest.raises(ValueError, match="no 'noise' input"):
         signature_from_io({"x": (1, 2)})
+    # a PrefixCache's inputs (a VLM's KV cache, its padding mask), in any engine order
+    kv = (-1, 1, 12, 64)
+    io = {"cond.mask": (-1, 12), "noise": (-1, 16, 2), "cond.values.1": kv, "cond.keys.1": kv,
+          "cond.values.0": kv, "cond.keys.0": kv}  # fmt: skip
+    cache = signature_from_io(io)
+    assert cache.cond_kind == "prefix_cache"
+    assert cache.cond_keys == ["keys.0", "keys.1", "values.0", "values.1", "mask"]
+    assert cache.cond_shapes == [[1, 12, 64]] * 4 + [[12]]
+    del io["cond.mask"], io["cond.values.1"]  # no mask; keys without values: not a cache
+    assert signature_from_io({**io, "cond.values.1": kv}).cond_keys[-1] == "values.1"
+    assert signature_from_io(io).cond_kind == "dict"
 
 
 # -- real engines (run where TensorRT and a GPU exist) ---------------------------------

@@ -23,6 +23,7 @@ HEAD_NAMES = ("mlp", "flow-transformer", "unet1d")
 FLOW_METHODS = ("euler", "heun")
 DIFFUSION_METHODS = ("ddpm", "ddim", "dpmsolver++")
 VERIFY_TOLERANCE = 1e-4
+COND_FORMS = ("tokens", "kv-cache", "kv-cache-masked")  # --cond-as
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -112,6 +113,13 @@ def _graph_arguments(g: Any) -> None:
     g.add_argument(
         "--cond-len", type=int, default=0,
         help="flow-transformer: conditioning tokens L (0: no cond input)",
+    )  # fmt: skip
+    g.add_argument(
+        "--cond-as", default="tokens", choices=COND_FORMS,
+        help="flow-transformer with --cond-len: the graph's conditioning inputs: the tokens "
+        "`cond` [B, L, width]; or a VLM's KV cache (a PrefixCache): `cond.keys.<i>` and "
+        "`cond.values.<i>` [B, kv_heads, L, head_dim] per block, and with kv-cache-masked "
+        "also `cond.mask` bool [B, L] (False: padding, openpi's prefix mask)",
     )  # fmt: skip
     g.add_argument("--opset", type=int, default=18, help="ONNX opset (18..20)")
     g.add_argument("--seed", type=int, default=0, help="random init and example inputs")
@@ -277,15 +285,29 @@ def _guidance(args: argparse.Namespace) -> Any:
     return LatentGuidance(vae, target, args.guidance_scale, args.guidance_clamp, args.guidance_mode)
 
 
-def _example_cond(head: Any, batch: int, cond_len: int, generator: Any) -> Any:
+def _example_cond(head: Any, batch: int, args: argparse.Namespace, generator: Any) -> Any:
+    """An example ``cond`` for ``head`` at ``batch`` (``--cond-len``, ``--cond-as``); a
+    masked KV cache pads each sample after a random number (1…L) of real tokens."""
     import torch
 
-    cfg = head.config
+    cfg, cond_len = head.config, args.cond_len
+    if args.cond_as != "tokens" and not cond_len:
+        raise CommandLineError(f"--cond-as {args.cond_as} needs --cond-len (the prefix length)")
     if hasattr(cfg, "cond_dim"):
         if cond_len:
-            raise ValueError(f"--cond-len applies to the flow-transformer head, not {cfg}")
+            raise CommandLineError(f"--cond-len applies to the flow-transformer head, not {cfg}")
         return torch.randn(batch, cfg.cond_dim, generator=generator) if cfg.cond_dim else None
-    return torch.randn(batch, cond_len, cfg.width, generator=generator) if cond_len else None
+    if not cond_len:
+        return None
+    tokens = torch.randn(batch, cond_len, cfg.width, generator=generator)
+    if args.cond_as == "tokens":
+        return tokens
+    mask = None
+    if args.cond_as == "kv-cache-masked":
+        real = torch.randint(1, cond_len + 1, (batch, 1), generator=generator)
+        mask = torch.arange(cond_len)[None, :] < real
+    with torch.no_grad():
+        return head.prefix_cache(tokens, mask)
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
@@ -313,7 +335,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     cfg = head.config
     noise = torch.randn(args.batch, cfg.horizon, cfg.action_dim, generator=gen)
-    cond = _example_cond(head, args.batch, args.cond_len, gen)
+    cond = _example_cond(head, args.batch, args, gen)
     try:
         path = to_onnx(
             sampler, args.out, noise, cond, guidance=guidance,
@@ -329,7 +351,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     worst = 0.0
     for batch in (args.batch,) if args.static_batch else (1, 8):
         noise = torch.randn(batch, cfg.horizon, cfg.action_dim, generator=gen)
-        cond = _example_cond(head, batch, args.cond_len, gen)
+        cond = _example_cond(head, batch, args, gen)
         seed = int(torch.randint(1 << 30, (1,), generator=gen))
         ref = sampler.sample(
             noise, cond, guidance=guidance, generator=torch.Generator().manual_seed(seed)

@@ -46,6 +46,7 @@ from ate_fast.export.signature import (
     STEP_NOISE,
     TARGET,
     GraphSignature,
+    cond_keys,
     cond_kind,
     cond_leaves,
 )
@@ -301,18 +302,11 @@ def _sampler_graph(
         guide.to(example_noise.device)
     kind = cond_kind(example_cond)
     return SamplerGraph(
-        sampler, scale, clamp, guide, kind, _cond_keys(example_cond),
+        sampler, scale, clamp, guide, kind, cond_keys(example_cond),
         target_input=guide is not None and not rtc and target_input,
         step_noise_draws=planned_step_noise_draws(sampler), device=example_noise.device,
         prefix_inputs=rtc, replaced=replaced,
     )  # fmt: skip
-
-
-def _cond_keys(example_cond: Any) -> list:
-    kind = cond_kind(example_cond)
-    if kind in ("none", "tensor"):
-        return []
-    return list(example_cond) if kind == "dict" else list(range(len(cond_leaves(example_cond))))
 
 
 def _trace_inputs(

@@ -8,7 +8,10 @@ name            shape                        what
 ``noise``       [B, H, D] float32            the initial sample (pure noise)
 ``cond``        [B, ...]                     the model's conditioning, when it has one; a
                                              dict/list of tensors becomes ``cond.<key>`` /
-                                             ``cond.<i>`` inputs
+                                             ``cond.<i>`` inputs, a flow transformer's
+                                             ``PrefixCache`` (a VLM's KV cache)
+                                             ``cond.keys.<i>``, ``cond.values.<i>`` per
+                                             block (and ``cond.mask``, bool [B, L])
 ``target``      [B, d_z] float32             z*, when guided with ``target_input=True``
 ``prev_chunk``  [B, H, D] float32            real-time chunking: Y, the previous chunk
                                              aligned to the new one
@@ -35,12 +38,15 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ate_fast.models import PrefixCache
+
 NOISE = "noise"
 COND = "cond"
 TARGET = "target"
 PREV_CHUNK = "prev_chunk"
 DELAY = "delay"
 STEP_NOISE = "step_noise"
+PREFIX_CACHE = "prefix_cache"  # the cond kind of a flow transformer's PrefixCache
 ACTIONS = "actions"
 BATCH_DIM = "batch"
 METADATA_KEY = "ate_fast"
@@ -50,7 +56,9 @@ FORMAT_VERSION = 1
 
 def cond_leaves(cond: Any, argument: str = "example_cond") -> list[tuple[str, Tensor]]:
     """``cond`` as ``(input name, tensor)`` pairs: None -> [], a Tensor -> [("cond", t)],
-    a flat dict of tensors -> ``cond.<key>``, a list/tuple of tensors -> ``cond.<i>``.
+    a flat dict of tensors -> ``cond.<key>``, a list/tuple of tensors -> ``cond.<i>``, a
+    :class:`~ate_fast.models.PrefixCache` -> ``cond.keys.<i>``, ``cond.values.<i>`` (block
+    i) and ``cond.mask`` when it has one.
 
     Raises TypeError naming ``argument`` for anything else (nested containers, non-tensor
     values: an exported graph has tensor inputs only).
@@ -59,6 +67,8 @@ def cond_leaves(cond: Any, argument: str = "example_cond") -> list[tuple[str, Te
         return []
     if isinstance(cond, Tensor):
         return [(COND, cond)]
+    if isinstance(cond, PrefixCache):
+        return _prefix_cache_leaves(cond, argument)
     if isinstance(cond, dict):
         items = list(cond.items())
     elif isinstance(cond, (list, tuple)):
@@ -81,12 +91,53 @@ def cond_leaves(cond: Any, argument: str = "example_cond") -> list[tuple[str, Te
     return leaves
 
 
+def _prefix_cache_leaves(cache: PrefixCache, argument: str) -> list[tuple[str, Tensor]]:
+    leaves = []
+    for field_name in ("keys", "values"):
+        group = getattr(cache, field_name)
+        if not isinstance(group, (tuple, list)) or not all(isinstance(t, Tensor) for t in group):
+            raise TypeError(
+                f"{argument}.{field_name} must be a tuple of Tensors (one per block) for "
+                f"export, got {type(group).__name__}"
+            )
+        leaves += [(f"{COND}.{field_name}.{i}", t) for i, t in enumerate(group)]
+    if cache.mask is not None:
+        if not isinstance(cache.mask, Tensor):
+            raise TypeError(
+                f"{argument}.mask must be None or a bool Tensor [B, L] for export, got "
+                f"{type(cache.mask).__name__}"
+            )
+        leaves.append((f"{COND}.mask", cache.mask))
+    return leaves
+
+
+def cond_keys(cond: Any) -> list:
+    """The keys :func:`rebuild_cond` takes for ``cond``: a dict's keys, a sequence's
+    indices, a PrefixCache's ``keys.<i>``, ``values.<i>`` (and ``mask``); none else."""
+    kind = cond_kind(cond)
+    if kind in ("none", "tensor"):
+        return []
+    if kind == "dict":
+        return list(cond)
+    if kind == PREFIX_CACHE:
+        return [name.split(".", 1)[1] for name, _ in cond_leaves(cond)]
+    return list(range(len(cond_leaves(cond))))
+
+
 def rebuild_cond(kind: str, keys: list, tensors: list[Tensor]) -> Any:
     """Inverse of :func:`cond_leaves` for a graph's ``cond`` inputs."""
     if kind == "none":
         return None
     if kind == "tensor":
         return tensors[0]
+    if kind == PREFIX_CACHE:
+        named = dict(zip(keys, tensors))
+        depth = sum(1 for key in keys if key.startswith("keys."))
+        return PrefixCache(
+            tuple(named[f"keys.{i}"] for i in range(depth)),
+            tuple(named[f"values.{i}"] for i in range(depth)),
+            named.get("mask"),
+        )
     if kind == "dict":
         return dict(zip(keys, tensors))
     return tuple(tensors) if kind == "tuple" else list(tensors)
@@ -97,6 +148,8 @@ def cond_kind(cond: Any) -> str:
         return "none"
     if isinstance(cond, Tensor):
         return "tensor"
+    if isinstance(cond, PrefixCache):  # a NamedTuple: before the tuple
+        return PREFIX_CACHE
     return "dict" if isinstance(cond, dict) else ("tuple" if isinstance(cond, tuple) else "list")
 
 
@@ -334,8 +387,12 @@ def signature_from_io(shapes: dict[str, tuple[int, ...]]) -> GraphSignature:
         )
     batch, horizon, action_dim = shapes[NOISE]
     names = [n for n in shapes if n == COND or n.startswith(f"{COND}.")]
+    cache = _prefix_cache_keys(names)
     if names == [COND]:
         kind, keys = "tensor", []
+    elif cache is not None:
+        kind, keys = PREFIX_CACHE, cache
+        names = [f"{COND}.{k}" for k in keys]
     elif names:
         raw = [n.split(".", 1)[1] for n in names]
         if all(k.isdigit() for k in raw):
@@ -361,3 +418,15 @@ def signature_from_io(shapes: dict[str, tuple[int, ...]]) -> GraphSignature:
         guidance_known=False,
         prefix_inputs=prefix,
     )
+
+
+def _prefix_cache_keys(names: list[str]) -> Optional[list[str]]:
+    """The PrefixCache keys (``keys.<i>``, ``values.<i>``, ``mask``) in :func:`cond_leaves`'
+    order, when ``names`` are exactly a PrefixCache's inputs for some depth; else None."""
+    depth = sum(1 for n in names if n.startswith(f"{COND}.keys."))
+    keys = [f"{group}.{i}" for group in ("keys", "values") for i in range(depth)]
+    if f"{COND}.mask" in names:
+        keys.append("mask")
+    if not depth or sorted(f"{COND}.{k}" for k in keys) != sorted(names):
+        return None
+    return keys
