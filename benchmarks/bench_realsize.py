@@ -47,6 +47,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
 - ``ate_capture_triton_epilogues``: ``ate_capture`` with the block's element-wise epilogues
   as two Triton kernels (``ATE_FAST_FLOW_EPILOGUES=triton``,
   :mod:`ate_fast.models.block_epilogues`: −8 kernels per block), unguided: their A/B.
+- ``ate_capture_padded_prompt``: ``ate_capture`` (B = 1, unguided) with openpi's padded
+  prompt: the language tokens' last ``PADDED_TOKENS`` of 48 are padding, hidden by the
+  cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
+  positions) — what a real π0 deployment runs; its A/B against ``ate_capture`` is the cost
+  of the mask (another attention kernel where flash attention takes no mask).
 - ``ate_capture_compiled``: the same capture of ``torch.compile(head, dynamic=False)``
   (default mode: Inductor's kernels, replayed by the sampler's one graph); guidance on its
   default path (fused MLP kernel; the hand-written Transformer VJP, not compiled).
@@ -83,8 +88,9 @@ guidance term fails). A round is one call and one synchronisation. Rounds are ca
 (``ROW_SECONDS``, ``MAX_ROUNDS``).
 
 Budget: ``ATE_FAST_REALSIZE_BUDGET_S`` (seconds from import). Cases run in priority order
-(every eager and ate_capture row first and the Triton-epilogue row at B = 1, then the
-compiled rows at B = 1, the Triton-epilogue row at B = 8, the compiled rows at B = 8); a
+(every eager and ate_capture row first, the Triton-epilogue and padded-prompt rows at B = 1,
+then the compiled rows at B = 1, the Triton-epilogue row at B = 8, the compiled rows at
+B = 8); a
 case is skipped, and recorded as skipped in realsize.json/.md, when the seconds spent plus
 its guessed cost (``CASE_GUESS_S`` + the ``COMPILE_GUESS_S`` of the compile units it would
 be first to build) exceed the budget.
@@ -122,10 +128,13 @@ DTYPE = torch.bfloat16
 H, D, STEPS = 50, 32, 10
 PREFIX_IMAGES, IMAGE_TOKENS, LANGUAGE_TOKENS = 3, 256, 48
 PREFIX = PREFIX_IMAGES * IMAGE_TOKENS + LANGUAGE_TOKENS  # 816
+PADDED_TOKENS = 20  # PADDED_ROW: a 28-token instruction in openpi's 48-token prompt
 BATCHES = (1, 2) if DRY_RUN else (1, 8)
 GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
 EPILOGUES_ROW = "ate_capture_triton_epilogues"  # ate_capture, ATE_FAST_FLOW_EPILOGUES=triton
-ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
+PADDED_ROW = "ate_capture_padded_prompt"  # ate_capture with a padded prompt (its mask)
+ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, PADDED_ROW,
+        "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
 BASELINE = "compile_max_autotune"
 DEPTH = 2 if DRY_RUN else None  # None: the config's 18 blocks
@@ -165,6 +174,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     "eager": 5.0,
     "ate_capture": 4.0,
     EPILOGUES_ROW: 10.0,  # + Triton compiling its two kernels at first use
+    PADDED_ROW: 4.0,
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -186,6 +196,7 @@ def _cases() -> list[tuple[int, str, str]]:
     b1, b8 = BATCHES
     cheap = [(b, g, r) for b in BATCHES for g in GUIDANCES for r in ("eager", "ate_capture")]
     cheap.append((b1, "unguided", EPILOGUES_ROW))  # the Triton epilogues' A/B (B = 8: later)
+    cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     compiled_b1 = [
         (b1, "unguided", "compile_max_autotune"),
         (b1, "unguided", "ate_capture_compiled"),
@@ -268,20 +279,27 @@ def _head() -> torch.nn.Module:
     return _cached("head", build)
 
 
-def _prefix_cache(batch: int) -> PrefixCache:
-    """The 816-token prefix's per-block keys/values (bf16), built once per B."""
+def _prefix_cache(batch: int, padded: bool = False) -> PrefixCache:
+    """The 816-token prefix's per-block keys/values (bf16), built once per B; ``padded``:
+    the prompt's last PADDED_TOKENS tokens padding (the cache's ``mask``)."""
 
     def build() -> PrefixCache:
         head = _head()
         gen = torch.Generator().manual_seed(4)
         tokens = torch.randn(batch, PREFIX, head.config.width, generator=gen).to(DEVICE)
+        mask = None
+        if padded:
+            mask = torch.ones(batch, PREFIX, dtype=torch.bool, device=DEVICE)
+            mask[:, PREFIX - PADDED_TOKENS :] = False
         with torch.no_grad():
-            cache = head.prefix_cache(tokens.to(DTYPE))
+            cache = head.prefix_cache(tokens.to(DTYPE), mask)
         return PrefixCache(
-            tuple(k.contiguous() for k in cache.keys), tuple(v.contiguous() for v in cache.values)
+            tuple(k.contiguous() for k in cache.keys),
+            tuple(v.contiguous() for v in cache.values),
+            mask,
         )
 
-    return _cached(("prefix", batch), build)
+    return _cached(("prefix", batch, padded), build)
 
 
 def _noise(batch: int) -> torch.Tensor:
@@ -484,9 +502,11 @@ def user_loop(
     return run
 
 
-def _ate_call(batch: int, guidance: str, model: Callable) -> Callable[[torch.Tensor], Any]:
+def _ate_call(
+    batch: int, guidance: str, model: Callable, padded: bool = False
+) -> Callable[[torch.Tensor], Any]:
     enc = _guidance_encoder(guidance)
-    cache = _prefix_cache(batch)
+    cache = _prefix_cache(batch, padded)
     sampler = FlowSampler(model, STEPS)
     with torch.no_grad():
         captured = sampler.capture(
@@ -511,24 +531,27 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW):  # the latter under ATE_FAST_FLOW_EPILOGUES
         return _ate_call(batch, guidance, _head())
+    if row == PADDED_ROW:
+        return _ate_call(batch, guidance, _head(), padded=True)
     if row == "ate_capture_compiled":
         return _ate_call(batch, guidance, _compiled("default-head", batch))
     raise ValueError(row)
 
 
-def reference(batch: int, guidance: str) -> torch.Tensor:
-    """``FlowSampler.sample``'s output for the problem (computed once)."""
+def reference(batch: int, guidance: str, padded: bool = False) -> torch.Tensor:
+    """``FlowSampler.sample``'s output for the problem (computed once); ``padded``: with
+    the padded prompt's cache (PADDED_ROW)."""
 
     def build() -> torch.Tensor:
         enc = _guidance_encoder(guidance)
         sampler = FlowSampler(_head(), STEPS)
         with torch.no_grad():
             return sampler.sample(
-                _noise(batch), _prefix_cache(batch),
+                _noise(batch), _prefix_cache(batch, padded),
                 guidance=None if enc is None else enc.guidance,
             ).clone()  # fmt: skip
 
-    return _cached(("reference", batch, guidance), build)
+    return _cached(("reference", batch, guidance, padded), build)
 
 
 def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
@@ -541,7 +564,7 @@ def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
     correction is ≈ κ·sign(g) (c = −t/(1−t) is large), and near-zero elements of g flip
     sign between two bf16 paths, so two correct guided rows differ by about the guidance's
     own effect (docs/precision.md, "The clamp amplifies precision")."""
-    ref = reference(batch, guidance)
+    ref = reference(batch, guidance, row == PADDED_ROW)
     scale = max(float(ref.abs().max()), 1.0)
     out = out.float()
     err = float((out - ref).abs().max()) / scale
@@ -782,7 +805,7 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         dry_run=DRY_RUN, floor_flops=flops, compute_floor_s=compute_floor_s,
     )  # fmt: skip
     noise = _noise(batch)
-    reference(batch, guidance)
+    reference(batch, guidance, row == PADDED_ROW)
     if guidance != "unguided":
         reference(batch, "unguided")
 
