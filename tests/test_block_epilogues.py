@@ -38,13 +38,20 @@ def path(monkeypatch):
     return use
 
 
-def _tables(length: int, head_dim: int, dtype, device="cpu"):
+def _tables(length: int, head_dim: int, dtype, device="cpu", batch: int = 0):
+    """Rotary tables [length, hd]; ``batch`` > 0: per sample [B, 1, length, hd], sample b's
+    positions shifted by −2b (a padded prefix's: real tokens counted only)."""
     inv = 10_000.0 ** (-torch.arange(head_dim // 2, dtype=torch.float32) / (head_dim // 2))
-    angle = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+    positions = torch.arange(length, dtype=torch.float32)
+    if batch:
+        positions = positions - 2 * torch.arange(batch, dtype=torch.float32)[:, None, None]
+    angle = positions[..., None] * inv
     return tuple(t.to(device) for t in rotary_tables(angle, dtype))
 
 
-def _qkv_inputs(batch, horizon, prefix, heads, kv_heads, head_dim, dtype, device="cpu"):
+def _qkv_inputs(
+    batch, horizon, prefix, heads, kv_heads, head_dim, dtype, device="cpu", per_sample=False
+):  # fmt: skip
     g = torch.Generator().manual_seed(batch * 100 + prefix + heads + head_dim)
 
     def rand(*shape):
@@ -57,7 +64,7 @@ def _qkv_inputs(batch, horizon, prefix, heads, kv_heads, head_dim, dtype, device
         kv = rand(batch, prefix, 2 * kv_heads, head_dim).transpose(1, 2)
         keys, values = kv.chunk(2, dim=1)
         cond = (keys.contiguous(), values)
-    cos, sin = _tables(prefix + horizon, head_dim, dtype, device)
+    cos, sin = _tables(prefix + horizon, head_dim, dtype, device, batch if per_sample else 0)
     return q_lin, kv_lin, cos, sin, cond
 
 
@@ -84,11 +91,14 @@ def _ref64(q_lin, kv_lin, cos, sin, cond, heads, kv_heads):
 QKV_CASES = [(2, 5, 7, 4, 1, 16), (1, 6, 3, 4, 2, 12), (2, 4, 0, 2, 1, 8)]
 
 
+@pytest.mark.parametrize("tables", ["shared", "per-sample"])
 @pytest.mark.parametrize("case", QKV_CASES, ids=lambda c: "B{}H{}L{}q{}kv{}hd{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_rotate_qkv_matches_torch(path, monkeypatch, case, dtype):
+def test_rotate_qkv_matches_torch(path, monkeypatch, case, dtype, tables):
+    """Shared rotary tables [L + H, hd], or per sample [B, 1, L + H, hd] (a padded prefix)."""
     batch, horizon, prefix, heads, kv_heads, head_dim = case
-    inputs = _qkv_inputs(batch, horizon, prefix, heads, kv_heads, head_dim, dtype)
+    inputs = _qkv_inputs(batch, horizon, prefix, heads, kv_heads, head_dim, dtype,
+                         per_sample=tables == "per-sample")  # fmt: skip
     ref, got = _both(path, block_epilogues.rotate_qkv, *inputs, heads, kv_heads)
     path("torch")
     exact = _ref64(*inputs, heads, kv_heads)  # the same inputs, float64 arithmetic
@@ -157,6 +167,12 @@ def _vjp_inputs(dtype):
         "softmax": (3 * rand(2, 2, 10, 12), rand(2, 2, 10, 12)),
         # dq in the queries' grouped layout [B, kv_heads, H·heads/kv_heads, hd]
         "unrotate": (rand(2, 2, 10, 12), rand(2, 2, 5, 12), rand(2, 2, 5, 12), cos, sin),
+        "unrotate-per-sample": (
+            rand(2, 2, 10, 12),
+            rand(2, 2, 5, 12),
+            rand(2, 2, 5, 12),
+            *_tables(12, 12, dtype, batch=2),
+        ),
     }
 
 
@@ -175,12 +191,14 @@ def _vjp_calls(norm):
         "rms-no-residual": lambda grad, x, res: fv.rms_norm_vjp(grad, x, norm),
         "softmax": lambda s, dp: fv.softmax_backward(s, dp, 12**-0.5),
         "unrotate": fv.unrotate_pack,
+        "unrotate-per-sample": fv.unrotate_pack,
     }
 
 
 # (epilogue, RMSNorm with a weight): the weight matters to the RMSNorm VJP only
 VJP_CASES = [("gelu", True), ("rms", True), ("rms", False), ("rms-no-residual", True),
-             ("rms-no-residual", False), ("softmax", True), ("unrotate", True)]  # fmt: skip
+             ("rms-no-residual", False), ("softmax", True), ("unrotate", True),
+             ("unrotate-per-sample", True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -193,7 +211,7 @@ def test_vjp_epilogues_match_float64(path, dtype, which, affine):
         with torch.no_grad():
             norm.weight.copy_(1 + 0.5 * torch.randn(24, generator=torch.Generator().manual_seed(1)))
     norm = norm.to(dtype)  # the weight in the storage dtype, as in a cast head
-    args = _vjp_inputs(dtype)[which.split("-")[0]]
+    args = _vjp_inputs(dtype)[which if which.startswith("unrotate") else which.split("-")[0]]
     path("torch")
     exact = _vjp_calls(copy.deepcopy(norm).double())[which](*[_upcast(a) for a in args])
     path("triton")
@@ -213,10 +231,11 @@ def _head(dtype, device="cpu"):
     return head.to(device, dtype)
 
 
-@pytest.mark.parametrize("prefix", [None, "tokens", "cache"])
+@pytest.mark.parametrize("prefix", [None, "tokens", "cache", "padded"])
 def test_head_forward_and_vjp_match_torch_path(path, prefix):
     """float64: the head's forward and hand input-VJP with the kernels equal the torch
-    path's to rounding, with and without a prefix (tokens, or their PrefixCache)."""
+    path's to rounding, with and without a prefix (tokens, their PrefixCache, a padded
+    one: per-sample rotary tables and the softmax's masked keys)."""
     head = _head(torch.float64)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
@@ -225,6 +244,8 @@ def test_head_forward_and_vjp_match_torch_path(path, prefix):
     cond = None if prefix is None else torch.randn(2, 5, 32, generator=g, dtype=torch.float64)
     if prefix == "cache":
         cond = head.prefix_cache(cond)
+    if prefix == "padded":
+        cond = head.prefix_cache(cond, torch.tensor([[True] * 5, [True, False, True, True, False]]))
 
     def run():
         with torch.no_grad():

@@ -243,10 +243,9 @@ def test_a_padded_prefix_in_sampling_rtc_and_capture(head):
 
 
 def test_a_padded_prefix_with_triton_epilogues(head, monkeypatch):
-    """With the Triton epilogues selected (interpreted here) and a padded prefix, the
-    rotation takes the torch ops (per-sample tables: the kernel reads shared ones) and the
-    input-VJP's softmax backward its kernel (padded keys at −inf): forward and input-VJP
-    equal the torch path's to float32 rounding."""
+    """With the Triton epilogues selected (interpreted here) and a padded prefix — the
+    rotation's kernels reading per-sample tables, the softmax backward's padded keys at
+    −inf — forward and input-VJP equal the torch path's to float32 rounding."""
     pytest.importorskip("triton")
     gen = torch.Generator().manual_seed(10)
     x, u = torch.randn(2, 2, H, D, generator=gen)

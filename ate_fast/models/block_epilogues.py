@@ -151,12 +151,11 @@ def rotate_qkv(
 
     ``q_lin`` [B, H, heads·hd] and ``kv_lin`` [B, H, 2·kv_heads·hd] (keys' heads first);
     ``cos``, ``sin`` [L + H, hd] (:func:`~ate_fast.models.rotary.rotary_tables`), or per
-    sample [B, 1, L + H, hd] (a padded prefix's positions; the torch ops then run);
+    sample [B, 1, L + H, hd] (a padded prefix's positions);
     ``prefix`` None when there is none (L = 0). ``out``: a :class:`PrefixSlot`'s buffer pair
     [B, kv_heads, L + H, hd] (contiguous) holding the prefix's rows already: the action
     rows are written into it and it is returned as ``k``, ``v`` (the prefix is not copied)."""
-    # the kernel reads one table row per position: shared tables only
-    if cos.dim() == 2 and use_triton(q_lin, kv_lin, *(prefix or ())):
+    if use_triton(q_lin, kv_lin, *(prefix or ())):
         import ate_fast.models.block_epilogues_triton as kernels
 
         if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):

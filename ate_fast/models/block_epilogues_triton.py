@@ -92,12 +92,13 @@ def _rotated(src_ptr, row_off, table_row, cos_ptr, sin_ptr, cols, swap, ok, head
 @triton.jit
 def _rotate_qkv_kernel(
     q_ptr, kv_ptr, cos_ptr, sin_ptr, pk_ptr, pv_ptr, qo_ptr, ko_ptr, vo_ptr,
-    horizon, prefix, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows,
+    horizon, prefix, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows, table_sb,
     pk_sb, pk_sh, pk_sl, pv_sb, pv_sh, pv_sl,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # q [B·H, heads·hd] and kv [B·H, 2·kv_heads·hd] (the projections' outputs, contiguous);
-    # cos/sin [prefix + H, hd]; prefix keys/values [B, kv_heads, L, hd] (strides given, the
+    # cos/sin [prefix + H, hd] (table_sb 0) or per sample [B, prefix + H, hd] (table_sb:
+    # prefix + H rows per sample); prefix keys/values [B, kv_heads, L, hd] (strides given, the
     # last 1). Out: q [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head));
     # k, v [B, kv_heads, L + H, hd] (prefix rows first).
     pid = tl.program_id(0)
@@ -108,11 +109,11 @@ def _rotate_qkv_kernel(
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _queries(q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix,
-                 heads, kv_heads, head_dim, q_rows)  # fmt: skip
+                 heads, kv_heads, head_dim, q_rows, table_sb)  # fmt: skip
     elif pid < q_progs + kv_progs:
         r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _action_keys_values(kv_ptr, cos_ptr, sin_ptr, ko_ptr, vo_ptr, r, cols, swap, col_ok,
-                            horizon, prefix, kv_heads, head_dim, kv_rows)  # fmt: skip
+                            horizon, prefix, kv_heads, head_dim, kv_rows, table_sb)  # fmt: skip
     else:
         r = ((pid - q_progs - kv_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _prefix_keys_values(pk_ptr, pv_ptr, ko_ptr, vo_ptr, r, cols, col_ok, horizon, prefix,
@@ -123,13 +124,14 @@ def _rotate_qkv_kernel(
 @triton.jit
 def _queries(
     q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix, heads, kv_heads,
-    head_dim, q_rows,
+    head_dim, q_rows, table_sb,
 ):  # fmt: skip
     # query rows r, ordered [B, kv_heads, H, heads/kv_heads] (_grouped_row)
     ok = (r < q_rows)[:, None] & col_ok[None, :]
     b, i, head = _grouped_row(r, horizon, kv_heads, heads // kv_heads)
     src = ((b * horizon + i) * heads + head) * head_dim
-    out = _rotated(q_ptr, src, prefix + i, cos_ptr, sin_ptr, cols, swap, ok, head_dim)
+    out = _rotated(q_ptr, src, b * table_sb + prefix + i, cos_ptr, sin_ptr, cols, swap, ok,
+                   head_dim)  # fmt: skip
     tl.store(qo_ptr + r[:, None] * head_dim + cols[None, :], out.to(qo_ptr.dtype.element_ty),
              mask=ok)  # fmt: skip
 
@@ -137,7 +139,7 @@ def _queries(
 @triton.jit
 def _action_keys_values(
     kv_ptr, cos_ptr, sin_ptr, ko_ptr, vo_ptr, r, cols, swap, col_ok, horizon, prefix,
-    kv_heads, head_dim, kv_rows,
+    kv_heads, head_dim, kv_rows, table_sb,
 ):  # fmt: skip
     # the action rows' keys (rotated) and values, rows r ordered [B, kv_heads, H]
     ok = (r < kv_rows)[:, None] & col_ok[None, :]
@@ -145,7 +147,8 @@ def _action_keys_values(
     bh = r // horizon
     src = ((bh // kv_heads) * horizon + i) * (2 * kv_heads * head_dim)
     src += (bh % kv_heads) * head_dim
-    k = _rotated(kv_ptr, src, prefix + i, cos_ptr, sin_ptr, cols, swap, ok, head_dim)
+    table_row = (bh // kv_heads) * table_sb + prefix + i
+    k = _rotated(kv_ptr, src, table_row, cos_ptr, sin_ptr, cols, swap, ok, head_dim)
     v = tl.load(kv_ptr + src[:, None] + kv_heads * head_dim + cols[None, :], mask=ok)
     dst = (bh * (prefix + horizon) + prefix + i)[:, None] * head_dim + cols[None, :]
     tl.store(ko_ptr + dst, k.to(ko_ptr.dtype.element_ty), mask=ok)
@@ -184,10 +187,10 @@ def rotate_qkv(
     """``(q [B, kv_heads, H·heads/kv_heads, hd], k, v [B, kv_heads, L + H, hd])`` (q's rows
     ordered (token, query head) within each kv head), contiguous, from
     ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (contiguous), the rotary
-    tables [L + H, hd] (contiguous) and the prefix's ``(keys, values)`` [B, kv_heads, L, hd]
-    (unit stride on hd) or None (L = 0). ``out``: contiguous ``(k, v)`` buffers holding the
-    prefix's rows already (``block_epilogues.PrefixSlot``): only the action rows are
-    written, into them."""
+    tables [L + H, hd] or per sample [B, 1, L + H, hd] (contiguous) and the prefix's
+    ``(keys, values)`` [B, kv_heads, L, hd] (unit stride on hd) or None (L = 0).
+    ``out``: contiguous ``(k, v)`` buffers holding the prefix's rows already
+    (``block_epilogues.PrefixSlot``): only the action rows are written, into them."""
     batch, horizon, width = q_lin.shape
     head_dim = width // heads
     length = 0 if prefix is None else prefix[0].shape[2]
@@ -205,7 +208,7 @@ def rotate_qkv(
     grid = (triton.cdiv(q_rows, ROWS) + triton.cdiv(kv_rows, ROWS) + triton.cdiv(p_rows, ROWS),)
     _rotate_qkv_kernel[grid](
         q_lin, kv_lin, cos, sin, pk, pv, q, k, v,
-        horizon, length, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows,
+        horizon, length, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows, _table_rows(cos),
         pk.stride(0), pk.stride(1), pk.stride(2), pv.stride(0), pv.stride(1), pv.stride(2),
         ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -353,7 +356,7 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
 @triton.jit
 def _unrotate_pack_kernel(
     dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, dkvo_ptr,
-    horizon, heads, kv_heads, head_dim, table_offset, q_rows, kv_rows,
+    horizon, heads, kv_heads, head_dim, table_offset, table_sb, q_rows, kv_rows,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # dq [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head)), dk, dv
@@ -365,19 +368,19 @@ def _unrotate_pack_kernel(
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _unrotate_rows(dq_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, r, cols, swap, col_ok,
-                       horizon, kv_heads, heads // kv_heads, head_dim, table_offset, q_rows,
-                       HAS_V=False)  # fmt: skip
+                       horizon, kv_heads, heads // kv_heads, head_dim, table_offset, table_sb,
+                       q_rows, HAS_V=False)  # fmt: skip
     else:
         r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _unrotate_rows(dk_ptr, dv_ptr, cos_ptr, sin_ptr, dkvo_ptr, r, cols, swap, col_ok,
-                       horizon, kv_heads, 1, head_dim, table_offset, kv_rows,
+                       horizon, kv_heads, 1, head_dim, table_offset, table_sb, kv_rows,
                        HAS_V=True)  # fmt: skip
 
 
 @triton.jit
 def _unrotate_rows(
     src_ptr, v_ptr, cos_ptr, sin_ptr, dst_ptr, r, cols, swap, col_ok, horizon, kv_heads, group,
-    head_dim, table_offset, rows, HAS_V: tl.constexpr,
+    head_dim, table_offset, table_sb, rows, HAS_V: tl.constexpr,
 ):  # fmt: skip
     # rows r of src [B, kv_heads, H, group, hd] (_grouped_row): g·cos − swap(g)·sin into dst
     # [B, H, (1 + HAS_V)·heads·hd] at its head (heads = kv_heads·group); v's row (group 1)
@@ -388,7 +391,7 @@ def _unrotate_rows(
     src = r[:, None] * head_dim
     g = _compute(tl.load(src_ptr + src + cols[None, :], mask=ok, other=0.0))
     gs = _compute(tl.load(src_ptr + src + swap[None, :], mask=ok, other=0.0))
-    table = (table_offset + i)[:, None] * head_dim + cols[None, :]
+    table = (b * table_sb + table_offset + i)[:, None] * head_dim + cols[None, :]
     c = _compute(tl.load(cos_ptr + table, mask=ok, other=0.0))
     s = _compute(tl.load(sin_ptr + table, mask=ok, other=0.0))
     out = g * c - gs * s  # the rotation's transpose (rotation by −angle)
@@ -400,13 +403,19 @@ def _unrotate_rows(
         tl.store(dst_ptr + dst + heads * head_dim, v.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
+def _table_rows(cos: Tensor) -> int:
+    """Rows per sample of rotary tables: 0 for shared [N, hd], N for per-sample [B, 1, N, hd]
+    (a padded prefix's positions)."""
+    return 0 if cos.dim() == 2 else cos.shape[-2]
+
+
 def unrotate_pack(
     dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(dq [B, H, heads·hd], [dk | dv] [B, H, 2·kv_heads·hd])`` from ``dq``
     [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head)) and ``dk``, ``dv``
     [B, kv_heads, H, hd] (contiguous), the rotation undone on dq and dk with the tables'
-    last H rows of ``cos``, ``sin`` [N, hd]."""
+    last H rows of ``cos``, ``sin`` [N, hd] or per sample [B, 1, N, hd] (contiguous)."""
     batch, kv_heads, horizon, head_dim = dk.shape
     heads = kv_heads * (dq.shape[2] // horizon)
     dqo = dq.new_empty(batch, horizon, heads * head_dim)
@@ -415,7 +424,7 @@ def unrotate_pack(
     grid = (triton.cdiv(q_rows, ROWS) + triton.cdiv(kv_rows, ROWS),)
     _unrotate_pack_kernel[grid](
         dq, dk, dv, cos, sin, dqo, dkvo, horizon, heads, kv_heads, head_dim,
-        cos.shape[0] - horizon, q_rows, kv_rows,
+        cos.shape[-2] - horizon, _table_rows(cos), q_rows, kv_rows,
         ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=NUM_WARPS,
     )  # fmt: skip
     return dqo, dkvo

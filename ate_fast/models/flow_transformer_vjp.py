@@ -110,7 +110,7 @@ def unrotate_pack(
     rotation undone on dq and dk; tables ``cos``, ``sin`` [N, hd] or per sample
     [B, 1, N, hd], their last H rows the action positions)."""
     batch, kv_heads, horizon, hd = dk.shape
-    if cos.dim() == 2 and use_triton(dq, dk, dv):  # the kernel: shared tables only
+    if use_triton(dq, dk, dv):
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.unrotate_pack(dq.contiguous(), dk.contiguous(), dv.contiguous(),
