@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ate_fast.align import ActionVAE
-from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.errors import BackendUnavailableError
 from ate_fast.ops import backends
 from ate_fast.steer import LatentGuidance, Steer, latent_distance_gradient
 from ate_fast.steer.encoder import FrozenEncoder
@@ -175,22 +175,19 @@ def test_attention_and_its_backward(dtype, batch, tokens, queries, width, heads)
             assert rel(got, want) < TOL[dtype]
 
 
-def test_attention_refuses_more_than_128_tokens():
-    q, k, v = rand(1, 129, 3 * 64, dtype=torch.float32).split(64, dim=-1)
-    with pytest.raises(ValueError, match="at most 128 tokens"):
-        tt().attention(q, k, v, 4)
+def test_attention_past_128_tokens():
+    """Blocks of queries and keys (no token limit): 150 tokens (10 query blocks of 16 in
+    float32, 5 of 32 in bf16; 10 key blocks, the last one partial) against the reference."""
+    test_attention_and_its_backward(torch.float32, 1, 150, None, 32, 2)
+    test_attention_and_its_backward(torch.bfloat16, 1, 150, 3, 32, 2)
 
 
-def test_a_chunk_too_long_for_the_kernel_is_named(monkeypatch):
-    """H + 2 > 128 tokens: a clear error naming the setting, the limit and what to do, not
-    the kernel's own."""
-    encoder = FrozenEncoder(make_vae(horizon=127, dim=2, latent=8, layers=1))
-    x, target = torch.randn(1, 127, 2, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    with pytest.raises(InvalidArgumentError, match=rf"{ENV_VAR}=triton: .* at most 128 tokens"):
-        gradient("triton", monkeypatch, encoder, x, target)
-    shorter = FrozenEncoder(make_vae(horizon=126, dim=2, latent=8, layers=1))
-    got = gradient("triton", monkeypatch, shorter, x[:, :126], target)  # 128 tokens: fine
-    expected = gradient("autograd", monkeypatch, shorter, x[:, :126], target)
+def test_a_long_chunk_takes_the_triton_path(monkeypatch):
+    """H + 2 = 131 tokens through the whole encoder (the kernels used to stop at 128)."""
+    encoder = FrozenEncoder(make_vae(horizon=129, dim=2, latent=8, layers=1))
+    x, target = torch.randn(1, 129, 2, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    got = gradient("triton", monkeypatch, encoder, x, target)
+    expected = gradient("autograd", monkeypatch, encoder, x, target)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 

@@ -4,22 +4,30 @@
         ARCH: default 90; GROUP: all (default), or a comma-separated list of mlp,
         guided_step, transformer, flow_block
 
-Prints one line per kernel variant and exits non-zero on the first compile error. The
-interpreter (how the CPU tests run the kernels) skips Triton's code generator, so a kernel
-can pass every CPU test and still fail to compile for a GPU: this runs the real compiler
-(front end, LLVM, ptxas) on the launch configurations the launchers use.
+Prints one line per kernel variant (its shared memory) and exits non-zero on the first
+compile error, on a variant that needs more shared memory than one block of ARCH may have
+(Triton would refuse its launch: ``OutOfResources``), or on an attention variant in bf16 or
+float32 (the precisions guidance runs in) whose registers spill (ptxas's report). The interpreter
+(how the CPU tests run the kernels) skips Triton's code generator, so a kernel can pass
+every CPU test and still fail to compile, or to launch, on a GPU: this runs the real
+compiler (front end, LLVM, ptxas) on the launch configurations the launchers use.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunctions
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ate_fast.models import block_epilogues_triton as fb
@@ -42,15 +50,54 @@ def signature(kernel, constexprs: dict, pointer_type, scalar_types: dict) -> dic
     return sig
 
 
+# the most shared memory one block may use, per compute capability (CUDA C++ Programming
+# Guide, "Technical Specifications per Compute Capability"); Triton refuses a launch that
+# needs more
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448}
+
+
+def register_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """``(registers per thread, bytes of spill stores)`` of one kernel's PTX, by ptxas -v."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        done = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"-arch={sm}", path, "-o", path + ".cubin"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    report = done.stderr + done.stdout
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    if not (regs and spills):
+        sys.exit(f"ptxas -v printed no register report:\n{report}")
+    return int(regs.group(1)), int(spills.group(1))
+
+
 def compile_one(
     kernel, constexprs: dict, pointer_type, scalar_types: dict, target, label: str,
-    options: dict | None = None,
+    options: dict | None = None, spill_free: bool = False,
 ):  # fmt: skip
-    """Compile one variant; ``options`` default to the MLP-guidance launch options."""
+    """Compile one variant and check its shared memory against the target's per-block limit
+    (and, ``spill_free``, that no register spills); ``options`` default to the
+    MLP-guidance launch options."""
     sig = signature(kernel, constexprs, pointer_type, scalar_types)
     options = options or {"num_warps": mg.NUM_WARPS, "num_stages": mg.NUM_STAGES}
-    triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=target, options=options)
-    print(f"ok  {kernel.__name__:<26} {label}")
+    compiled = triton.compile(
+        ASTSource(kernel, sig, constexprs=constexprs), target=target, options=options
+    )
+    name, shared, limit = kernel.__name__, compiled.metadata.shared, SHARED_LIMIT[target.arch]
+    if shared > limit:
+        sys.exit(f"FAIL {name} {label}: needs {shared} B of shared memory per block, "
+                 f"sm_{target.arch} allows {limit} B")  # fmt: skip
+    usage = ""
+    if spill_free:
+        regs, spills = register_usage(compiled.asm["ptx"], target.arch)
+        if spills:
+            sys.exit(f"FAIL {name} {label}: {regs} registers, {spills} B of spill stores")
+        usage = f" registers={regs} spills=0"
+    print(f"ok  {name:<26} {label} shared={shared}{usage}")
 
 
 def mlp_variants(target) -> int:
@@ -110,6 +157,8 @@ def guided_step_variants(target) -> int:
 # torch's launch defaults, which the transformer launchers keep (no num_stages given)
 _TRITON_DEFAULT_STAGES = 3
 _STORAGE_COMPUTE = [("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "fp32")]
+_TORCH_DTYPE = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
+                "fp16": torch.float16}  # fmt: skip
 
 
 def _typed(compute_ptrs: set, store: str, comp: str):
@@ -142,15 +191,15 @@ def transformer_variants(target) -> int:
                     {}, target, f"{label} act={act}", default,
                 )  # fmt: skip
                 count += 1
-        # (queries, tokens, head dim): a full paper layer, its last layer, the token limit
-        for tq, t, hd in ((52, 52, 128), (2, 52, 128), (128, 128, 128), (50, 50, 16)):
+        # (queries, tokens, head dim): a full paper layer, its last layer, a long chunk
+        for tq, t, hd in ((52, 52, 128), (2, 52, 128), (300, 300, 128), (50, 50, 16)):
             for kernel in (tt._attention_kernel, tt._attention_backward_kernel):
-                constants = tt.attention_constants(tq, t, hd)
+                constants = tt.attention_constants(tq, t, hd, _TORCH_DTYPE[store])
                 options = {"num_warps": constants.pop("num_warps"),
-                           "num_stages": _TRITON_DEFAULT_STAGES}  # fmt: skip
+                           "num_stages": constants.pop("num_stages")}  # fmt: skip
                 compile_one(
                     kernel, constants, _typed({"lse_ptr"}, store, comp), {}, target,
-                    f"{label} Tq={tq} T={t} hd={hd}", options,
+                    f"{label} Tq={tq} T={t} hd={hd}", options, spill_free=store != "fp64",
                 )  # fmt: skip
                 count += 1
     return count

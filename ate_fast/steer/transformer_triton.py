@@ -2,9 +2,10 @@
 :mod:`ate_fast.steer.transformer_vjp`; CUDA, or the CPU through ``TRITON_INTERPRET=1``).
 
 **Status: these kernels have never run on a GPU.** They pass the CPU tests through the
-Triton interpreter (float32 and float64) and compile offline for sm_87 and sm_90
-(``tests/triton_offline_compile.py``: float32, float64 and bfloat16 storage); their speed
-is unmeasured, so the path is opt-in (``ATE_FAST_TRANSFORMER_GUIDANCE=triton``).
+Triton interpreter (float64, float32, bfloat16) and compile offline for sm_87, sm_89 and
+sm_90 within each one's shared memory (``tests/triton_offline_compile.py``: float32,
+float64 and bfloat16 storage); their speed is unmeasured, so the path is opt-in
+(``ATE_FAST_TRANSFORMER_GUIDANCE=triton``).
 
 Five kernels, each replacing a chain of torch kernels of one post-norm layer:
 
@@ -16,19 +17,27 @@ Five kernels, each replacing a chain of torch kernels of one post-norm layer:
 * :func:`bias_act` / :func:`act_backward` — bias + GELU (exact, erf) or ReLU forward from
   a bias-free matmul, storing the pre-activation; and ``g ⊙ act'(pre)``; element-wise.
 * :func:`attention` — ``softmax(QKᵀ/√hd)V`` for every head of every sample, one program
-  per (sample, head) holding its ≤ 128 queries, looping over blocks of 32 keys (online
-  softmax); reads Q, K, V straight from the in-projection's
-  output (no head split copies), writes the heads merged ``[B, Tq, d]`` and the
-  softmax's log-sum-exp per query (the backward recomputes P from it).
-* :func:`attention_backward` — ``dQ, dK, dV`` in one kernel per layer (one program per
-  (sample, head), looping over blocks of 32 keys; ``rowsum(P ⊙ dP)`` as ``rowsum(dO ⊙ O)``
-  from the saved output), written into caller-given views (the merged ``[B, T, 3d]`` gradient of
-  the in-projection's output, so that one matmul takes it back to the layer input).
+  per (sample, head, block of queries), looping over blocks of 16 keys (online softmax);
+  reads Q, K, V straight from the in-projection's output (no head split copies), writes
+  the heads merged ``[B, Tq, d]`` and the softmax's log-sum-exp per query (the backward
+  recomputes P from it).
+* :func:`attention_backward` — ``dQ, dK, dV`` in one kernel per layer: per (sample, head)
+  one program per block of keys (dK, dV, looping over the queries) and one per block of
+  queries (dQ, looping over the keys); ``rowsum(P ⊙ dP)`` as ``rowsum(dO ⊙ O)`` from the
+  saved output; no atomics (each gradient row is summed in one program, in a fixed order);
+  written into caller-given views (the merged ``[B, T, 3d]`` gradient of the
+  in-projection's output, so that one matmul takes it back to the layer input).
 
 Storage float32, float64, float16 or bfloat16; arithmetic in float32 (float64 for float64
-data: the saved statistics' dtype, chosen by the launchers, is the compute type). ``tl.dot``
-runs with ``input_precision="ieee"`` (no TF32), ``out_dtype`` explicit (Triton < 3.7
-defaults it to float32, which float64 fails to compile).
+data: the saved statistics' dtype, chosen by the launchers, is the compute type). The
+attention's dots take their operands in the storage dtype — bfloat16 / float16 on tensor
+cores, P and dS rounded to it first as FlashAttention does, accumulated in float32 — and
+float32 / float64 exactly (``input_precision="ieee"``, no TF32); ``out_dtype`` explicit
+(Triton < 3.7 defaults it to float32, which float64 fails to compile). Tiles are small
+(≤ 32 queries × 16 keys) so that registers and shared memory stay within every target's
+limits at any token count: ``tests/triton_offline_compile.py`` checks each variant's
+shared memory against the GPU's per-block limit and that the bf16 and float32 attention
+kernels spill no registers (ptxas).
 
 Imported only when the ``triton`` path runs (importing triton costs a second); the
 interpreter reads ``TRITON_INTERPRET`` when a kernel is decorated.
@@ -43,8 +52,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_TOKENS = 128  # tokens per attention program (all queries of a head in one block)
-KEY_BLOCK = 32  # keys per step of the attention kernels' loops
+# queries per tile of the attention kernels: 32 for bf16 / fp16 (tensor-core dots), 16 for
+# float32 / float64 (FMA dots, twice or four times the registers per element); keys per
+# tile 16 — so that no tile spills registers or outgrows the smallest target's shared
+# memory (sm_89: 99 KB) at any token count (tests/triton_offline_compile.py checks both)
+QUERY_BLOCK = {2: 32, 4: 16, 8: 16}
+KEY_BLOCK = 16
 MAX_ROW = 4096  # LayerNorm row width in one block
 ACT_BLOCK = 1024  # elements per program of the element-wise kernels
 ACT_GELU = 0
@@ -62,8 +75,8 @@ def _block(n: int, least: int = 16) -> int:
 
 
 def attention_warps(block_t: int, block_d: int) -> int:
-    """Warps per attention program: 8 once a ``[T, hd]`` tile exceeds 64×64 elements."""
-    return 8 if block_t * block_d > 64 * 64 else 4
+    """Warps per attention program: 8 once a ``[T, hd]`` tile holds 16×128 elements."""
+    return 8 if block_t * block_d >= 16 * 128 else 4
 
 
 # ---------------------------------------------------------------- LayerNorm rows
@@ -241,19 +254,30 @@ def act_backward(grad: Tensor, pre: Tensor, act: int) -> Tensor:
 
 # ---------------------------------------------------------------- attention
 @triton.jit
-def _tile(ptr, sb, st, bi, col0, rows, n_rows, j, HD: tl.constexpr, C: tl.constexpr):
-    """``[BLOCK_rows, BLOCK_D]`` tile of one head (columns ``col0 + j``) of sample ``bi``;
-    rows ≥ ``n_rows`` and columns ≥ ``HD`` read 0."""
+def _tile(ptr, sb, st, bi, col0, rows, n_rows, j, HD: tl.constexpr):
+    """``[BLOCK_rows, BLOCK_D]`` tile of one head (columns ``col0 + j``) of sample ``bi``, in
+    its storage dtype (the dots' operand type); rows ≥ ``n_rows`` and columns ≥ ``HD`` read 0."""
     ok = (rows < n_rows)[:, None] & (j < HD)[None, :]
     offs = bi * sb + rows.to(tl.int64)[:, None] * st + col0 + j[None, :]
-    return tl.load(ptr + offs, mask=ok, other=0.0).to(C)
+    return tl.load(ptr + offs, mask=ok, other=0.0)
 
 
 @triton.jit
-def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr):
+def _dot(a, b, acc, C: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``a @ b (+ acc)`` accumulated in ``C``: operands in their storage dtype (bf16 / fp16
+    on tensor cores), float32 and float64 exactly (no TF32). The interpreter multiplies
+    bfloat16 as its uint16 bits (Triton 3.x), so there the operands are widened to ``C``
+    first: exact, as each bf16 product is in float32; only the summation order differs."""
+    if INTERPRETED:
+        a, b = a.to(C), b.to(C)
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=C)
+
+
+@triton.jit
+def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr):
     """``QKᵀ/√hd`` [BLOCK_Q, BLOCK_K] with padded keys at −inf (padded queries stay finite)."""
     scale = 1.0 / tl.sqrt(tl.full([], HD, C))
-    s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=C) * scale
+    s = _dot(q, tl.trans(k), None, C, INTERPRETED) * scale
     return tl.where((it < t)[None, :], s, float("-inf"))
 
 
@@ -261,27 +285,29 @@ def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr):
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, t, nh, q_sb, q_st, kv_sb, kv_st,
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    # One program per (sample, head): O = softmax(QKᵀ/√hd) V, lse = log Σ exp(QKᵀ/√hd),
-    # over blocks of BLOCK_K keys with the running max / sum of the online softmax.
+    # One program per (sample, head, block of BLOCK_Q queries): O = softmax(QKᵀ/√hd) V,
+    # lse = log Σ exp(QKᵀ/√hd), over blocks of BLOCK_K keys with the running max / sum of
+    # the online softmax.
     C: tl.constexpr = lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
     bi, hi = (pid // nh).to(tl.int64), pid % nh
-    iq, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
-    q = _tile(q_ptr, q_sb, q_st, bi, hi * HD, iq, tq, j, HD, C)
+    iq, j = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
+    q = _tile(q_ptr, q_sb, q_st, bi, hi * HD, iq, tq, j, HD)
     m = tl.full([BLOCK_Q], float("-inf"), C)
     total = tl.zeros([BLOCK_Q], dtype=C)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
     for k0 in range(0, t, BLOCK_K):  # every block holds ≥ 1 real key: m stays finite
         ik = k0 + tl.arange(0, BLOCK_K)
-        k = _tile(k_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD, C)
-        v = _tile(v_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD, C)
-        s = _scores(q, k, iq, ik, tq, t, HD, C)
+        k = _tile(k_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD)
+        v = _tile(v_ptr, kv_sb, kv_st, bi, hi * HD, ik, t, j, HD)
+        s = _scores(q, k, iq, ik, tq, t, HD, C, INTERPRETED)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         total = total * alpha + tl.sum(p, 1)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee", out_dtype=C)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], C, INTERPRETED)
         m = m_new
     o = acc / total[:, None]
     d = nh * HD
@@ -292,74 +318,112 @@ def _attention_kernel(
 
 
 @triton.jit
+def _probabilities(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, ik, tq, t, q_sb, q_st,
+    kv_sb, kv_st, do_sb, do_st, j, HD: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """One (query block, key block) tile of the backward: ``(q, do, k, v, p, ds)`` with P
+    recomputed from lse and dS = P ⊙ (dP − rowsum(dO ⊙ O))/√hd (dP = dO Vᵀ); P and dS are
+    0 on padded queries and keys, and in the tiles' storage dtype (the dots' operands)."""
+    col = hi * HD
+    q = _tile(q_ptr, q_sb, q_st, bi, col, iq, tq, j, HD)
+    do = _tile(do_ptr, do_sb, do_st, bi, col, iq, tq, j, HD)
+    o = _tile(o_ptr, tq * nh * HD, nh * HD, bi, col, iq, tq, j, HD)
+    delta = tl.sum(do.to(C) * o.to(C), 1)  # = rowsum(P ⊙ dP)
+    lse = tl.load(lse_ptr + (bi * nh + hi) * tq + iq, mask=iq < tq, other=0.0)
+    k = _tile(k_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
+    v = _tile(v_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
+    p = tl.exp(_scores(q, k, iq, ik, tq, t, HD, C, INTERPRETED) - lse[:, None])
+    p = tl.where((iq < tq)[:, None] & (ik < t)[None, :], p, 0.0)
+    dp = _dot(do, tl.trans(v), None, C, INTERPRETED)
+    ds = p * (dp - delta[:, None]) / tl.sqrt(tl.full([], HD, C))
+    return q, do, k, p.to(k.dtype), ds.to(k.dtype)
+
+
+@triton.jit
 def _attention_backward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, tq, t, nh,
     q_sb, q_st, kv_sb, kv_st, do_sb, do_st, dq_sb, dq_st, dkv_sb, dkv_st,
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    # One program per (sample, head), looping over blocks of BLOCK_K keys (so that only
-    # one block's K, V, P, dP, dK, dV is live): P recomputed from lse; dP = dO Vᵀ,
-    # dS = P ⊙ (dP − rowsum(dO ⊙ O))/√hd; dQ = Σ_blocks dS K, dK = dSᵀ Q, dV = Pᵀ dO.
+    # Axis 1 of the grid: the first cdiv(t, BLOCK_K) programs of a (sample, head) each own a
+    # block of keys, dK = Σ dSᵀ Q and dV = Σ Pᵀ dO over blocks of BLOCK_Q queries; the rest
+    # each own a block of queries, dQ = Σ dS K over blocks of keys. Every gradient row is
+    # summed in one program in a fixed order (no atomics), and only one tile pair is live.
     C: tl.constexpr = lse_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    pid, blk = tl.program_id(0), tl.program_id(1)
     bi, hi = (pid // nh).to(tl.int64), pid % nh
-    iq, j = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_D)
-    col = hi * HD
-    q = _tile(q_ptr, q_sb, q_st, bi, col, iq, tq, j, HD, C)
-    do = _tile(do_ptr, do_sb, do_st, bi, col, iq, tq, j, HD, C)
-    o = _tile(o_ptr, tq * nh * HD, nh * HD, bi, col, iq, tq, j, HD, C)
-    delta = tl.sum(do * o, 1)  # = rowsum(P ⊙ dP)
-    lse = tl.load(lse_ptr + (bi * nh + hi) * tq + iq, mask=iq < tq, other=0.0)
-    scale = 1.0 / tl.sqrt(tl.full([], HD, C))
-    jok = (j < HD)[None, :]
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
-    for k0 in range(0, t, BLOCK_K):
-        ik = k0 + tl.arange(0, BLOCK_K)
-        k = _tile(k_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD, C)
-        v = _tile(v_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD, C)
-        p = tl.exp(_scores(q, k, iq, ik, tq, t, HD, C) - lse[:, None])
-        p = tl.where((iq < tq)[:, None] & (ik < t)[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=C)
-        ds = p * (dp - delta[:, None]) * scale
-        dq = tl.dot(ds, k, dq, input_precision="ieee", out_dtype=C)
-        dk = tl.dot(tl.trans(ds), q, input_precision="ieee", out_dtype=C)
-        dv = tl.dot(tl.trans(p), do, input_precision="ieee", out_dtype=C)
+    j = tl.arange(0, BLOCK_D)
+    col, jok = hi * HD, (j < HD)[None, :]
+    key_blocks = tl.cdiv(t, BLOCK_K)
+    if blk < key_blocks:
+        ik = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+        dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=C)
+        dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=C)
+        for q0 in range(0, tq, BLOCK_Q):
+            iq = q0 + tl.arange(0, BLOCK_Q)
+            q, do, k, p, ds = _probabilities(
+                q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, ik, tq, t,
+                q_sb, q_st, kv_sb, kv_st, do_sb, do_st, j, HD, C, INTERPRETED,
+            )  # fmt: skip
+            dk = _dot(tl.trans(ds), q, dk, C, INTERPRETED)
+            dv = _dot(tl.trans(p), do, dv, C, INTERPRETED)
         kv_offs = bi * dkv_sb + ik.to(tl.int64)[:, None] * dkv_st + col + j[None, :]
         kv_ok = (ik < t)[:, None] & jok
         tl.store(dk_ptr + kv_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
         tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
-    q_offs = bi * dq_sb + iq.to(tl.int64)[:, None] * dq_st + col + j[None, :]
-    tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=(iq < tq)[:, None] & jok)
+    else:
+        iq = (blk - key_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
+        for k0 in range(0, t, BLOCK_K):
+            ik = k0 + tl.arange(0, BLOCK_K)
+            q, do, k, p, ds = _probabilities(
+                q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, ik, tq, t,
+                q_sb, q_st, kv_sb, kv_st, do_sb, do_st, j, HD, C, INTERPRETED,
+            )  # fmt: skip
+            dq = _dot(ds, k, dq, C, INTERPRETED)
+        q_offs = bi * dq_sb + iq.to(tl.int64)[:, None] * dq_st + col + j[None, :]
+        tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=(iq < tq)[:, None] & jok)
 
 
-def attention_constants(queries: int, tokens: int, head_dim: int) -> dict:
-    """The attention kernels' launch constants (``num_warps`` included) for ``queries``
-    × ``tokens`` (≤ :data:`MAX_TOKENS`) and heads of ``head_dim``; both kernels loop over
-    blocks of :data:`KEY_BLOCK` keys."""
-    if tokens > MAX_TOKENS:
-        raise ValueError(f"attention kernel: at most {MAX_TOKENS} tokens, got {tokens}")
-    block_q, block_d = _block(queries), _block(head_dim)
-    keys = min(_block(tokens), KEY_BLOCK)
-    return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_K=keys, BLOCK_D=block_d,
-                num_warps=attention_warps(max(block_q, keys), block_d))  # fmt: skip
+def attention_constants(
+    queries: int, tokens: int, head_dim: int, dtype: torch.dtype, interpreted: bool = False
+) -> dict:
+    """The attention kernels' launch constants (``num_warps`` and ``num_stages`` included)
+    for ``queries`` × ``tokens``, heads of ``head_dim`` and data stored in ``dtype``: blocks
+    of ≤ :data:`QUERY_BLOCK` queries and :data:`KEY_BLOCK` keys, so that registers and
+    shared memory do not grow with the token count; ``interpreted``: run by Triton's CPU
+    interpreter (see :func:`_dot`)."""
+    block_q, block_k, block_d = (
+        min(_block(queries), QUERY_BLOCK[dtype.itemsize]),
+        min(_block(tokens), KEY_BLOCK),
+        _block(head_dim),
+    )
+    return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d,
+                INTERPRETED=interpreted, num_warps=attention_warps(max(block_q, block_k), block_d),
+                num_stages=1)  # fmt: skip
 
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, num_heads: int
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, int]]:
     """Bidirectional multi-head attention without masks: ``q`` [B, Tq, d], ``k``, ``v``
-    [B, T, d] (T ≤ :data:`MAX_TOKENS`; any batch and row strides, unit column stride; k and
-    v with the same strides, e.g. slices of one ``[B, T, 3d]`` projection) -> ``(o [B, Tq, d]
-    with the heads merged, saved)``; ``saved = (q, k, v, o, lse [B, nh, Tq], num_heads)``."""
+    [B, T, d] (any T; any batch and row strides, unit column stride; k and v with the same
+    strides, e.g. slices of one ``[B, T, 3d]`` projection) -> ``(o [B, Tq, d] with the heads
+    merged, saved)``; ``saved = (q, k, v, o, lse [B, nh, Tq], num_heads)``."""
     batch, tq, d = q.shape
     if k.stride() != v.stride():
         raise ValueError("attention kernel: k and v must share their strides")
     o = torch.empty((batch, tq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, tq), dtype=compute_dtype(q.dtype), device=q.device)
     if o.numel():
-        _attention_kernel[(batch * num_heads,)](
-            q, k, v, o, lse, tq, k.shape[1], num_heads, *_rows(q), *_rows(k),
-            **attention_constants(tq, k.shape[1], d // num_heads),
+        constants = attention_constants(
+            tq, k.shape[1], d // num_heads, q.dtype, q.device.type == "cpu"
+        )
+        grid = (batch * num_heads, triton.cdiv(tq, constants["BLOCK_Q"]))
+        _attention_kernel[grid](
+            q, k, v, o, lse, tq, k.shape[1], num_heads, *_rows(q), *_rows(k), **constants
         )  # fmt: skip
     return o, (q, k, v, o, lse, num_heads)
 
@@ -376,8 +440,10 @@ def attention_backward(
         raise ValueError("attention kernel: dk and dv must share their strides")
     if grad.numel() == 0 and dk.numel() == 0:
         return
-    _attention_backward_kernel[(q.shape[0] * num_heads,)](
-        q, k, v, o, grad, lse, dq, dk, dv, q.shape[1], k.shape[1], num_heads, *_rows(q),
-        *_rows(k), *_rows(grad), *_rows(dq), *_rows(dk),
-        **attention_constants(q.shape[1], k.shape[1], q.shape[2] // num_heads),
+    (batch, tq, d), t = q.shape, k.shape[1]
+    constants = attention_constants(tq, t, d // num_heads, q.dtype, q.device.type == "cpu")
+    blocks = triton.cdiv(t, constants["BLOCK_K"]) + triton.cdiv(tq, constants["BLOCK_Q"])
+    _attention_backward_kernel[(batch * num_heads, blocks)](
+        q, k, v, o, grad, lse, dq, dk, dv, tq, t, num_heads, *_rows(q), *_rows(k),
+        *_rows(grad), *_rows(dq), *_rows(dk), **constants,
     )  # fmt: skip

@@ -35,7 +35,7 @@ up before it captures, so compiling never happens inside a CUDA graph.
 kernels replaced by the Triton kernels of :mod:`ate_fast.steer.transformer_triton`:
 residual add + LayerNorm (forward and input-VJP, the backward also adding the residual's
 or the skip connection's gradient), bias + activation, and multi-head attention forward
-and backward (one kernel each per layer, ≤ 128 tokens). Kernels per full layer, counted
+and backward (one kernel each per layer, any token count). Kernels per full layer, counted
 from the code: forward 14 → 8 (in-projection, attention, out-projection, add+norm,
 linear1, bias+GELU, linear2, add+norm), backward 22 → 8 (norm backward, ·W2, GELU
 backward, ·W1, norm backward + residual gradient, ·W_out, attention backward, one in-place
@@ -233,19 +233,6 @@ def _kernels() -> ModuleType:
     return kernels
 
 
-def _check_kernel_tokens(module: nn.Module, horizon: int) -> None:
-    """The Triton attention kernel holds all of a head's tokens in one program: raise
-    before any kernel runs where the chunk's H plus the distribution tokens exceed that."""
-    extra, limit = module.dist_tokens.shape[0], _kernels().MAX_TOKENS
-    if horizon + extra > limit:
-        raise InvalidArgumentError(
-            f"{ENV_VAR}=triton: the Triton attention kernel holds at most {limit} tokens "
-            f"(the chunk's H + {extra} distribution tokens), got H = {horizon}; leave "
-            f"{ENV_VAR} unset (the hand-written VJP in torch ops) for chunks longer than "
-            f"{limit - extra}"
-        )
-
-
 def _act_code(layer: nn.TransformerEncoderLayer) -> int:
     tt = _kernels()
     return tt.ACT_GELU if layer.activation is F.gelu else tt.ACT_RELU
@@ -340,14 +327,12 @@ def transformer_latent_gradient(
     ``z = μ`` when ``eps`` is None, else ``μ + exp(½ log σ²)·eps`` (``eps`` [B, d_z]);
     ``mask`` ([D] or [B, D]) zeroes absent action dims as the encoder does. ``kernels``:
     ``"torch"`` (torch ops) or ``"triton"`` (:mod:`ate_fast.steer.transformer_triton`'s
-    kernels; ``H + 2 ≤ 128`` tokens).
+    kernels).
     """
     ops = KERNELS[kernels]
     blocks = module.blocks
     rows = 1 if eps is None else 2  # the tokens the latent reads: μ (and log σ²)
     batch = x.shape[0]
-    if kernels == "triton":
-        _check_kernel_tokens(module, x.shape[1])
 
     # forward, keeping what the backward needs
     masked = apply_mask(x, mask)
