@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for the H100 (sm_90), the Jetson Orin (sm_87) and the RTX
 4090 (sm_89), on a machine without a GPU, within each one's shared memory per block; the
-attention kernels in bf16 and float32 spill no registers.
+flow-transformer block's epilogues and the attention kernels in bf16 and float32 spill no
+registers.
 
 The CPU tests run the kernels through Triton's interpreter, which skips the compiler; the
 first H100 run found float64 kernels that passed every interpreted test and failed to

@@ -6,8 +6,9 @@
 
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
-(Triton would refuse its launch: ``OutOfResources``), or on an attention variant in bf16 or
-float32 (the precisions guidance runs in) whose registers spill (ptxas's report). The interpreter
+(Triton would refuse its launch: ``OutOfResources``), or on a flow-transformer epilogue
+variant or an attention variant in bf16 or float32 (the precisions guidance runs in) whose
+registers spill (ptxas's report). The interpreter
 (how the CPU tests run the kernels) skips Triton's code generator, so a kernel can pass
 every CPU test and still fail to compile, or to launch, on a GPU: this runs the real
 compiler (front end, LLVM, ptxas) on the launch configurations the launchers use.
@@ -205,6 +206,11 @@ def transformer_variants(target) -> int:
     return count
 
 
+def _compile_spill_free(*args) -> None:
+    """:func:`compile_one`, also failing on register spills (the π0 expert's epilogues)."""
+    compile_one(*args, spill_free=True)
+
+
 def flow_block_variants(target) -> int:
     """The flow-transformer block's epilogue kernels (``ate_fast.models.block_epilogues_triton``)
     for float32, float64, bfloat16 and float16 storage: the rotation's blocks for the small
@@ -214,13 +220,13 @@ def flow_block_variants(target) -> int:
     options = {"num_warps": fb.NUM_WARPS, "num_stages": _TRITON_DEFAULT_STAGES}
     for store in ("fp32", "fp64", "bf16", "fp16"):
         for block_d in (64, 256):
-            compile_one(
+            _compile_spill_free(
                 fb._rotate_qkv_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d},
                 lambda name, d=store: d, {}, target, f"{store} BLOCK_D={block_d}", options,
             )  # fmt: skip
             count += 1
         for save in (True, False):
-            compile_one(
+            _compile_spill_free(
                 fb._gated_gelu_kernel, {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK},
                 lambda name, d=store: d, {}, target, f"{store} SAVE_ACT={save}", options,
             )  # fmt: skip
@@ -238,19 +244,19 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     def typed(name, d=store):
         return d
 
-    compile_one(fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK}, typed, {}, target,
+    _compile_spill_free(fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK}, typed, {}, target,
                 store, options)  # fmt: skip
     for has_w, has_r, block in itertools.product((True, False), (True, False), (256, 1024)):
-        compile_one(
+        _compile_spill_free(
             fb._rms_norm_vjp_kernel, {"HAS_W": has_w, "HAS_R": has_r, "BLOCK": block}, typed,
             {"eps": "fp32"}, target, f"{store} HAS_W={has_w} HAS_R={has_r} BLOCK={block}",
             options,
         )  # fmt: skip
     for block in (128, 1024):
-        compile_one(fb._softmax_backward_kernel, {"BLOCK": block}, typed, {"scale": "fp32"},
+        _compile_spill_free(fb._softmax_backward_kernel, {"BLOCK": block}, typed, {"scale": "fp32"},
                     target, f"{store} BLOCK={block}", options)  # fmt: skip
     for block_d in (64, 256):
-        compile_one(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d}, typed,
+        _compile_spill_free(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d}, typed,
                     {}, target, f"{store} BLOCK_D={block_d}", options)  # fmt: skip
     count += 1 + 8 + 2 + 2
     return count
