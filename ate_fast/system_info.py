@@ -156,7 +156,7 @@ def format_info(data: dict) -> str:
     paths = data["transformer_guidance"]
     lines.append(
         f"\nguidance through the Transformer encoder: cpu {paths['cpu']}, cuda {paths['cuda']}"
-        " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled forces one)"
+        " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled|triton forces one)"
     )
     lines.append(
         f"flow-transformer block epilogues: {data['flow_epilogues']}"
