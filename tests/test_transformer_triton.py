@@ -10,8 +10,9 @@ they have not run yet: no GPU was available when the kernels were written.
 Tolerances: float64 data is computed in float64 (≤ 1e-12 relative, kernels;
 1e-10 / 1e-12 like the torch VJP, whole encoder); float32 in float32 (relative error
 ≤ 1e-5 — float32's rounding over sums of ≤ 1024 terms, no TF32); bfloat16 storage is
-compared with the float64 truth at 3e-2 (bf16's 8-bit mantissa), and its encoder gradient
-must be no further from the truth than the torch VJP's in bfloat16 (×1.5 slack).
+compared with the float64 truth at 3e-2 (bf16's 8-bit mantissa), float16 storage at 4e-3
+(its 11-bit mantissa: 8× finer), and the bf16 encoder gradient must be no further from the
+truth than the torch VJP's in bfloat16 (×1.5 slack).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ate_fast.steer import LatentGuidance, Steer, latent_distance_gradient
 from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.transformer_vjp import ENV_VAR, selected_path, vjp_function
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)

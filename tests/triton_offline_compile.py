@@ -7,11 +7,11 @@
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
 (Triton would refuse its launch: ``OutOfResources``), or on a flow-transformer epilogue
-variant or an attention variant in bf16 or float32 (the precisions guidance runs in) whose
-registers spill (ptxas's report). The interpreter
-(how the CPU tests run the kernels) skips Triton's code generator, so a kernel can pass
-every CPU test and still fail to compile, or to launch, on a GPU: this runs the real
-compiler (front end, LLVM, ptxas) on the launch configurations the launchers use.
+variant or an attention variant in bf16, fp16 or float32 (the precisions guidance runs in)
+whose registers spill (ptxas's report). The interpreter (how the CPU tests run the
+kernels) skips Triton's code generator, so a kernel can pass every CPU test and still fail
+to compile, or to launch, on a GPU: this runs the real compiler (front end, LLVM, ptxas)
+on the launch configurations the launchers use.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def guided_step_variants(target) -> int:
 
 # torch's launch defaults, which the transformer launchers keep (no num_stages given)
 _TRITON_DEFAULT_STAGES = 3
-_STORAGE_COMPUTE = [("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "fp32")]
+_STORAGE_COMPUTE = [("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "fp32"), ("fp16", "fp32")]
 _TORCH_DTYPE = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
                 "fp16": torch.float16}  # fmt: skip
 
@@ -169,9 +169,9 @@ def _typed(compute_ptrs: set, store: str, comp: str):
 def transformer_variants(target) -> int:
     """The Transformer encoder kernels (``ate_fast.steer.transformer_triton``) in the
     configurations the launchers use at the paper's size (d_model 512, 4 heads of 128,
-    ff 1024, 52 tokens; the last layer's 1..2 queries) and at the 128-token limit, for
-    float32, float64 and bfloat16 storage (statistics and pre-activations in the compute
-    type)."""
+    ff 1024, 52 tokens; the last layer's 1..2 queries) and for a 300-token chunk, for
+    float32, float64, bfloat16 and float16 storage (statistics and pre-activations in the
+    compute type)."""
     count = 0
     stats = {"mean_ptr", "rstd_ptr"}
     default = {"num_warps": 4, "num_stages": _TRITON_DEFAULT_STAGES}
@@ -198,7 +198,7 @@ def transformer_variants(target) -> int:
                 constants = tt.attention_constants(tq, t, hd, _TORCH_DTYPE[store])
                 options = {"num_warps": constants.pop("num_warps"),
                            "num_stages": constants.pop("num_stages")}  # fmt: skip
-                compile_one(
+                compile_one(  # float64: the tests' precision, not gated on spills
                     kernel, constants, _typed({"lse_ptr"}, store, comp), {}, target,
                     f"{label} Tq={tq} T={t} hd={hd}", options, spill_free=store != "fp64",
                 )  # fmt: skip

@@ -2,9 +2,9 @@
 :mod:`ate_fast.steer.transformer_vjp`; CUDA, or the CPU through ``TRITON_INTERPRET=1``).
 
 **Status: these kernels have never run on a GPU.** They pass the CPU tests through the
-Triton interpreter (float64, float32, bfloat16) and compile offline for sm_87, sm_89 and
-sm_90 within each one's shared memory (``tests/triton_offline_compile.py``: float32,
-float64 and bfloat16 storage); their speed is unmeasured, so the path is opt-in
+Triton interpreter (float64, float32, bfloat16, float16) and compile offline for sm_87,
+sm_89 and sm_90 within each one's shared memory (``tests/triton_offline_compile.py``, the
+same four storage dtypes); their speed is unmeasured, so the path is opt-in
 (``ATE_FAST_TRANSFORMER_GUIDANCE=triton``).
 
 Five kernels, each replacing a chain of torch kernels of one post-norm layer:
@@ -36,8 +36,8 @@ float32 / float64 exactly (``input_precision="ieee"``, no TF32); ``out_dtype`` e
 (Triton < 3.7 defaults it to float32, which float64 fails to compile). Tiles are small
 (≤ 32 queries × 16 keys) so that registers and shared memory stay within every target's
 limits at any token count: ``tests/triton_offline_compile.py`` checks each variant's
-shared memory against the GPU's per-block limit and that the bf16 and float32 attention
-kernels spill no registers (ptxas).
+shared memory against the GPU's per-block limit and that the attention kernels spill no
+registers in bf16, fp16 and float32 (ptxas).
 
 Imported only when the ``triton`` path runs (importing triton costs a second); the
 interpreter reads ``TRITON_INTERPRET`` when a kernel is decorated.
