@@ -160,7 +160,8 @@ def transformer_path_lines(table: dict[str, dict[str, float]]) -> list[str]:
     """Which Transformer-encoder guidance path wins inside a CUDA graph, per problem (the
     default of ``ate_fast.steer.transformer_vjp.DEFAULT_PATH["cuda"]`` follows this)."""
     lines = []
-    names = {"eager_graph": "autograd", "vjp_graph": "vjp", "compiled_graph": "compiled"}
+    names = {"eager_graph": "autograd", "vjp_graph": "vjp", "compiled_graph": "compiled",
+             "triton_graph": "triton"}  # fmt: skip
     for group, per_impl in table.items():
         graphed = {name: per_impl[impl] for impl, name in names.items() if per_impl.get(impl)}
         if len(graphed) < 2:
