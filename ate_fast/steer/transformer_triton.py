@@ -318,26 +318,33 @@ def _attention_kernel(
 
 
 @triton.jit
-def _probabilities(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, ik, tq, t, q_sb, q_st,
-    kv_sb, kv_st, do_sb, do_st, j, HD: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
+def _query_tiles(
+    q_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, tq, q_sb, q_st, do_sb, do_st, j,
+    HD: tl.constexpr, C: tl.constexpr,
 ):  # fmt: skip
-    """One (query block, key block) tile of the backward: ``(q, do, k, v, p, ds)`` with P
-    recomputed from lse and dS = P ⊙ (dP − rowsum(dO ⊙ O))/√hd (dP = dO Vᵀ); P and dS are
-    0 on padded queries and keys, and in the tiles' storage dtype (the dots' operands)."""
+    """A block of queries' part of the backward: ``(q, do, lse, delta)``, delta =
+    rowsum(dO ⊙ O) = rowsum(P ⊙ dP)."""
     col = hi * HD
     q = _tile(q_ptr, q_sb, q_st, bi, col, iq, tq, j, HD)
     do = _tile(do_ptr, do_sb, do_st, bi, col, iq, tq, j, HD)
     o = _tile(o_ptr, tq * nh * HD, nh * HD, bi, col, iq, tq, j, HD)
-    delta = tl.sum(do.to(C) * o.to(C), 1)  # = rowsum(P ⊙ dP)
     lse = tl.load(lse_ptr + (bi * nh + hi) * tq + iq, mask=iq < tq, other=0.0)
-    k = _tile(k_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
-    v = _tile(v_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
+    return q, do, lse, tl.sum(do.to(C) * o.to(C), 1)
+
+
+@triton.jit
+def _probabilities(
+    q, do, lse, delta, k, v, iq, ik, tq, t, HD: tl.constexpr, C: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """One (query block, key block) tile of the backward: ``(p, ds)``, P recomputed from lse
+    and dS = P ⊙ (dP − delta)/√hd (dP = dO Vᵀ); both 0 on padded queries and keys, and in the
+    tiles' storage dtype (the dots' operands)."""
     p = tl.exp(_scores(q, k, iq, ik, tq, t, HD, C, INTERPRETED) - lse[:, None])
     p = tl.where((iq < tq)[:, None] & (ik < t)[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), None, C, INTERPRETED)
     ds = p * (dp - delta[:, None]) / tl.sqrt(tl.full([], HD, C))
-    return q, do, k, p.to(k.dtype), ds.to(k.dtype)
+    return p.to(k.dtype), ds.to(k.dtype)
 
 
 @triton.jit
@@ -350,7 +357,8 @@ def _attention_backward_kernel(
     # Axis 1 of the grid: the first cdiv(t, BLOCK_K) programs of a (sample, head) each own a
     # block of keys, dK = Σ dSᵀ Q and dV = Σ Pᵀ dO over blocks of BLOCK_Q queries; the rest
     # each own a block of queries, dQ = Σ dS K over blocks of keys. Every gradient row is
-    # summed in one program in a fixed order (no atomics), and only one tile pair is live.
+    # summed in one program in a fixed order (no atomics); a program loads its own block
+    # once and the other side's blocks in turn, so only one tile pair is live.
     C: tl.constexpr = lse_ptr.dtype.element_ty
     pid, blk = tl.program_id(0), tl.program_id(1)
     bi, hi = (pid // nh).to(tl.int64), pid % nh
@@ -359,14 +367,17 @@ def _attention_backward_kernel(
     key_blocks = tl.cdiv(t, BLOCK_K)
     if blk < key_blocks:
         ik = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+        k = _tile(k_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
+        v = _tile(v_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
         dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=C)
         dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=C)
         for q0 in range(0, tq, BLOCK_Q):
             iq = q0 + tl.arange(0, BLOCK_Q)
-            q, do, k, p, ds = _probabilities(
-                q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, ik, tq, t,
-                q_sb, q_st, kv_sb, kv_st, do_sb, do_st, j, HD, C, INTERPRETED,
+            q, do, lse, delta = _query_tiles(
+                q_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, tq, q_sb, q_st, do_sb, do_st, j,
+                HD, C,
             )  # fmt: skip
+            p, ds = _probabilities(q, do, lse, delta, k, v, iq, ik, tq, t, HD, C, INTERPRETED)
             dk = _dot(tl.trans(ds), q, dk, C, INTERPRETED)
             dv = _dot(tl.trans(p), do, dv, C, INTERPRETED)
         kv_offs = bi * dkv_sb + ik.to(tl.int64)[:, None] * dkv_st + col + j[None, :]
@@ -375,13 +386,15 @@ def _attention_backward_kernel(
         tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
     else:
         iq = (blk - key_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q, do, lse, delta = _query_tiles(
+            q_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, tq, q_sb, q_st, do_sb, do_st, j, HD, C
+        )  # fmt: skip
         dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=C)
         for k0 in range(0, t, BLOCK_K):
             ik = k0 + tl.arange(0, BLOCK_K)
-            q, do, k, p, ds = _probabilities(
-                q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bi, hi, nh, iq, ik, tq, t,
-                q_sb, q_st, kv_sb, kv_st, do_sb, do_st, j, HD, C, INTERPRETED,
-            )  # fmt: skip
+            k = _tile(k_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
+            v = _tile(v_ptr, kv_sb, kv_st, bi, col, ik, t, j, HD)
+            p, ds = _probabilities(q, do, lse, delta, k, v, iq, ik, tq, t, HD, C, INTERPRETED)
             dq = _dot(ds, k, dq, C, INTERPRETED)
         q_offs = bi * dq_sb + iq.to(tl.int64)[:, None] * dq_st + col + j[None, :]
         tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=(iq < tq)[:, None] & jok)
