@@ -244,8 +244,8 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     def typed(name, d=store):
         return d
 
-    _compile_spill_free(fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK}, typed, {}, target,
-                store, options)  # fmt: skip
+    _compile_spill_free(fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK}, typed, {},
+                        target, store, options)  # fmt: skip
     for has_w, has_r, block in itertools.product((True, False), (True, False), (256, 1024)):
         _compile_spill_free(
             fb._rms_norm_vjp_kernel, {"HAS_W": has_w, "HAS_R": has_r, "BLOCK": block}, typed,
@@ -253,11 +253,12 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
             options,
         )  # fmt: skip
     for block in (128, 1024):
-        _compile_spill_free(fb._softmax_backward_kernel, {"BLOCK": block}, typed, {"scale": "fp32"},
-                    target, f"{store} BLOCK={block}", options)  # fmt: skip
+        _compile_spill_free(fb._softmax_backward_kernel, {"BLOCK": block}, typed,
+                            {"scale": "fp32"}, target, f"{store} BLOCK={block}",
+                            options)  # fmt: skip
     for block_d in (64, 256):
-        _compile_spill_free(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d}, typed,
-                    {}, target, f"{store} BLOCK_D={block_d}", options)  # fmt: skip
+        _compile_spill_free(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d},
+                            typed, {}, target, f"{store} BLOCK_D={block_d}", options)  # fmt: skip
     count += 1 + 8 + 2 + 2
     return count
 
