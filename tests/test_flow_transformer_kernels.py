@@ -27,14 +27,16 @@ _NO_KERNEL = {
     "detach", "unbind", "_reshape_alias", "reshape", "lift_fresh", "empty", "empty_strided",
 }  # fmt: skip
 # per step and block, 64 prefix tokens, one kv head (both reference configs): 2 × 6 for the
-# CPU RMSNorms (+ 2 × 2 casts to float32 and back in bf16), q/kv/gate_up GEMMs, 3 per
-# rotation (q; k, written into the call's key/value buffer), the values' copy into it,
+# CPU RMSNorms (+ 2 × 2 casts to float32 and back in bf16), the q|kv and gate_up GEMMs, 3
+# per rotation (q; k, written into the call's key/value buffer), the values' copy into it,
 # attention, 2 GEMMs with their residual add, GELU and the gate product. Were 39 / 43
 # before the rotation went 7 → 3 ops and the residual adds into the GEMMs, 29 / 33 before
 # the queries were folded token-major (attention's output was copied into the o
 # projection's layout), 28 / 32 before the prefix stayed in the call's buffers (two
-# concatenations per step: the keys and the values).
-BLOCK_OPS = {torch.float32: 27, torch.bfloat16: 31}
+# concatenations per step: the keys and the values), 27 / 31 before q and kv were
+# projected by one GEMM (FlowStepFeatures.qkv: a call of N > 1 steps on a GPU; forced on
+# here, the CPU's default keeps the two GEMMs).
+BLOCK_OPS = {torch.float32: 26, torch.bfloat16: 30}
 
 
 class _Count(TorchDispatchMode):
@@ -54,6 +56,7 @@ def _ops_of_forward(depth: int, dtype: torch.dtype) -> tuple[collections.Counter
     buffers) and of a later step, which is what each step of a sampler costs."""
     torch.manual_seed(0)
     head = make_head("flow-transformer", "small", depth=depth).eval().to(dtype)
+    head.fuse_qkv = True  # as a GPU call does (the CPU's default keeps q and kv apart)
     x, t = torch.randn(1, 50, 32), torch.rand(2, 1)
     cache = head.prefix_cache(torch.randn(1, 64, head.config.width))
     first, second = head.step_features(x, t, cache)
@@ -76,10 +79,11 @@ def test_ops_per_block(monkeypatch, dtype, gemm):
     assert (first2 - first1) - per_block == collections.Counter(new_empty=2, copy_=2)
     assert per_block["cat"] == 2  # the rotations' swaps only: no prefix concatenation
     assert "add" not in per_block  # the residuals ride in the output projections' GEMMs
-    if gemm == "onednn" and dtype == torch.float32:  # the 5 GEMMs, 2 with the residual
-        assert per_block["_linear_pointwise"] == 5 and "addmm" not in per_block
+    if gemm == "onednn" and dtype == torch.float32:  # the 4 GEMMs, 2 with the residual
+        assert per_block["_linear_pointwise"] == 4 and "addmm" not in per_block
     else:
         assert per_block["addmm"] == 2 and "_linear_pointwise" not in per_block
+        assert per_block["mm"] == 2  # q|kv (one GEMM) and gate_up
     assert per_block["addcmul"] == 2
     assert "clone" not in per_block  # one kv head: attention's output is W_o's input as is
 
@@ -102,42 +106,56 @@ def test_rotation_is_three_ops_and_exact():
 
 
 # the input-VJP per block (RTC's pullback), float32: 5 GEMMs, 5 batched GEMMs and the
-# softmax, and 42 element-wise / row / layout ops with the torch epilogues (the RMSNorm
+# softmax, and 41 element-wise / row / layout ops with the torch epilogues (the RMSNorm
 # VJPs, the rotation's transpose and the packing, the softmax backward, the gated GELU's);
-# with ATE_FAST_FLOW_EPILOGUES=triton those 42 + the softmax are 5 Triton kernels and the
+# with ATE_FAST_FLOW_EPILOGUES=triton those 41 + the softmax are 5 Triton kernels and the
 # 10 GEMMs remain. Were 55 / 11 before the queries were folded token-major (with one kv
 # head the attention output's gradient and dq are then in the projections' layouts: two
-# layout copies fewer).
-VJP_BLOCK_OPS = {"torch": 53, "triton": 10}
+# layout copies fewer), 53 before [dk | dv] was concatenated in the projection's layout
+# (it was concatenated per head, then copied into it).
+VJP_BLOCK_OPS = {"torch": 52, "triton": 10}
+# a sampler call's features (N > 1 steps) project q and kv in one GEMM: the pullback then
+# packs [dq | dk | dv] for one GEMM back, not two (torch: its packing is the one
+# concatenation the unfused path needs for [dk | dv])
+VJP_BLOCK_OPS_FUSED = {"torch": 51, "triton": 9}
 # what Triton's interpreter dispatches around a launch (copies to and from its host arrays)
 _INTERPRETER_OPS = {"set_", "copy_", "new_empty", "empty_like", "promote_types"}
 
 
-def _ops_of_vjp(depth: int) -> collections.Counter:
+def _ops_of_vjp(depth: int, steps: int) -> collections.Counter:
+    """The ops of one pullback, from features of a call of ``steps`` steps."""
     torch.manual_seed(0)
     head = make_head("flow-transformer", "small", depth=depth).eval()
-    x, t = torch.randn(1, 50, 32), torch.rand(1)
+    head.fuse_qkv = True  # as a GPU call does (a one-step call never fuses)
+    x, t = torch.randn(1, 50, 32), torch.rand(steps, 1)
     cache = head.prefix_cache(torch.randn(1, 64, head.config.width))
     with torch.no_grad():
-        out, pullback = head.forward_with_vjp(x, t, cache)
+        features = head.step_features(x, t, cache)
+        assert (features[0].qkv is not None) == (steps > 1)
+        out, pullback = head.forward_with_vjp_features(x, features[0])
         u = torch.randn_like(out)
         with _Count() as count:
             pullback(u)
     return count.ops
 
 
+@pytest.mark.parametrize("steps", [1, 2], ids=["one-step", "call"])
 @pytest.mark.parametrize("gemm", ["aten", "onednn"])
 @pytest.mark.parametrize("path", ["torch", "triton"])
-def test_vjp_ops_per_block(monkeypatch, path, gemm):
+def test_vjp_ops_per_block(monkeypatch, path, gemm, steps):
     if path == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", path)
     monkeypatch.setenv("ATE_FAST_CPU_GEMM", gemm)
-    per_block = _ops_of_vjp(2) - _ops_of_vjp(1)
+    per_block = _ops_of_vjp(2, steps) - _ops_of_vjp(1, steps)
     for name in _INTERPRETER_OPS:
         per_block.pop(name, None)
-    assert sum(per_block.values()) == VJP_BLOCK_OPS[path], dict(per_block)
-    if gemm == "onednn":  # the 5 GEMMs, dq·W_q the kv gradient's residual
-        assert per_block["_linear_pointwise"] == 5 and "addmm" not in per_block
-    else:
+    want = (VJP_BLOCK_OPS if steps == 1 else VJP_BLOCK_OPS_FUSED)[path]
+    assert sum(per_block.values()) == want, dict(per_block)
+    gemms = 5 if steps == 1 else 4
+    if gemm == "onednn":  # one step: dq·W_q is the kv gradient's residual
+        assert per_block["_linear_pointwise"] == gemms and "addmm" not in per_block
+    elif steps == 1:
         assert per_block["addmm"] == 1  # dq·W_q rides in the kv gradient's GEMM as its C
+    else:
+        assert "addmm" not in per_block  # [dq | dk | dv]·[W_q; W_kv]: one GEMM

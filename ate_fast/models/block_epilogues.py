@@ -19,7 +19,7 @@ The hand-written input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`, real-ti
 chunking's pullback) has four more, chosen by the same setting: the gated GELU's backward,
 RMSNorm's input-VJP with the residual's gradient added, the softmax recomputed with its
 backward, and the rotation undone with the gradients packed into the projections' layout
-(torch: 43 kernels per block — 42 element-wise, row and layout ops and the softmax, with one
+(torch: 42 kernels per block — 41 element-wise, row and layout ops and the softmax, with one
 kv head; Triton: 5).
 
 Which path runs: ``ATE_FAST_FLOW_EPILOGUES=torch|triton`` (default ``torch``: the Triton
@@ -161,8 +161,8 @@ def rotate_qkv(
         if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):
             prefix = (prefix[0].contiguous(), prefix[1].contiguous())
         return kernels.rotate_qkv(
-            q_lin.contiguous(), kv_lin.contiguous(), cos.contiguous(), sin.contiguous(),
-            prefix, heads, kv_heads, out,
+            kernels.token_rows(q_lin), kernels.token_rows(kv_lin), cos.contiguous(),
+            sin.contiguous(), prefix, heads, kv_heads, out,
         )  # fmt: skip
     batch, horizon, _ = q_lin.shape
     group = heads // kv_heads

@@ -20,7 +20,7 @@ Two kernels per block for the forward, replacing ten (eight without a prefix):
   input-VJP reads). ``gelu_tanh(g) = g · sigmoid(2z)``, ``z = √(2/π)(g + 0.044715 g³)``:
   the same function as ``0.5 g (1 + tanh z)``.
 
-Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 43:
+Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 42:
 
 * :func:`gelu_gate_backward` — ``[dm·up·gelu′(gate), dm·gelu(gate)]`` into the gate/up
   projection's layout (torch: a product, ``gelu_backward``, a product, a concatenation);
@@ -93,10 +93,11 @@ def _rotated(src_ptr, row_off, table_row, cos_ptr, sin_ptr, cols, swap, ok, head
 def _rotate_qkv_kernel(
     q_ptr, kv_ptr, cos_ptr, sin_ptr, pk_ptr, pv_ptr, qo_ptr, ko_ptr, vo_ptr,
     horizon, prefix, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows, table_sb,
-    pk_sb, pk_sh, pk_sl, pv_sb, pv_sh, pv_sl,
+    q_sr, kv_sr, pk_sb, pk_sh, pk_sl, pv_sb, pv_sh, pv_sl,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # q [B·H, heads·hd] and kv [B·H, 2·kv_heads·hd] (the projections' outputs, contiguous);
+    # q [B·H, heads·hd] and kv [B·H, 2·kv_heads·hd] (the projections' outputs; rows of
+    # stride q_sr / kv_sr: column ranges of one fused projection's rows, or contiguous);
     # cos/sin [prefix + H, hd] (table_sb 0) or per sample [B, prefix + H, hd] (table_sb:
     # prefix + H rows per sample); prefix keys/values [B, kv_heads, L, hd] (strides given, the
     # last 1). Out: q [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head));
@@ -109,11 +110,12 @@ def _rotate_qkv_kernel(
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _queries(q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix,
-                 heads, kv_heads, head_dim, q_rows, table_sb)  # fmt: skip
+                 heads, kv_heads, head_dim, q_rows, table_sb, q_sr)  # fmt: skip
     elif pid < q_progs + kv_progs:
         r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _action_keys_values(kv_ptr, cos_ptr, sin_ptr, ko_ptr, vo_ptr, r, cols, swap, col_ok,
-                            horizon, prefix, kv_heads, head_dim, kv_rows, table_sb)  # fmt: skip
+                            horizon, prefix, kv_heads, head_dim, kv_rows, table_sb,
+                            kv_sr)  # fmt: skip
     else:
         r = ((pid - q_progs - kv_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _prefix_keys_values(pk_ptr, pv_ptr, ko_ptr, vo_ptr, r, cols, col_ok, horizon, prefix,
@@ -124,12 +126,12 @@ def _rotate_qkv_kernel(
 @triton.jit
 def _queries(
     q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix, heads, kv_heads,
-    head_dim, q_rows, table_sb,
+    head_dim, q_rows, table_sb, q_sr,
 ):  # fmt: skip
     # query rows r, ordered [B, kv_heads, H, heads/kv_heads] (_grouped_row)
     ok = (r < q_rows)[:, None] & col_ok[None, :]
     b, i, head = _grouped_row(r, horizon, kv_heads, heads // kv_heads)
-    src = ((b * horizon + i) * heads + head) * head_dim
+    src = (b * horizon + i) * q_sr + head * head_dim
     out = _rotated(q_ptr, src, b * table_sb + prefix + i, cos_ptr, sin_ptr, cols, swap, ok,
                    head_dim)  # fmt: skip
     tl.store(qo_ptr + r[:, None] * head_dim + cols[None, :], out.to(qo_ptr.dtype.element_ty),
@@ -139,13 +141,13 @@ def _queries(
 @triton.jit
 def _action_keys_values(
     kv_ptr, cos_ptr, sin_ptr, ko_ptr, vo_ptr, r, cols, swap, col_ok, horizon, prefix,
-    kv_heads, head_dim, kv_rows, table_sb,
+    kv_heads, head_dim, kv_rows, table_sb, kv_sr,
 ):  # fmt: skip
     # the action rows' keys (rotated) and values, rows r ordered [B, kv_heads, H]
     ok = (r < kv_rows)[:, None] & col_ok[None, :]
     i = r % horizon
     bh = r // horizon
-    src = ((bh // kv_heads) * horizon + i) * (2 * kv_heads * head_dim)
+    src = ((bh // kv_heads) * horizon + i) * kv_sr
     src += (bh % kv_heads) * head_dim
     table_row = (bh // kv_heads) * table_sb + prefix + i
     k = _rotated(kv_ptr, src, table_row, cos_ptr, sin_ptr, cols, swap, ok, head_dim)
@@ -174,6 +176,14 @@ def _prefix_keys_values(
     tl.store(vo_ptr + dst, v.to(vo_ptr.dtype.element_ty), mask=ok)
 
 
+def token_rows(t: Tensor) -> Tensor:
+    """``t`` [B, H, C] itself when its B·H rows are one stride apart with unit stride
+    within (a contiguous tensor, or a column range of a wider one: the fused q|kv
+    projection's output), else a contiguous copy."""
+    rows_even = t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
+    return t if t.stride(-1) == 1 and rows_even else t.contiguous()
+
+
 def rotate_qkv(
     q_lin: Tensor,
     kv_lin: Tensor,
@@ -186,7 +196,8 @@ def rotate_qkv(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(q [B, kv_heads, H·heads/kv_heads, hd], k, v [B, kv_heads, L + H, hd])`` (q's rows
     ordered (token, query head) within each kv head), contiguous, from
-    ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (contiguous), the rotary
+    ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (:func:`token_rows`: unit
+    stride within a row, one stride between the B·H rows), the rotary
     tables [L + H, hd] or per sample [B, 1, L + H, hd] (contiguous) and the prefix's
     ``(keys, values)`` [B, kv_heads, L, hd] (unit stride on hd) or None (L = 0).
     ``out``: contiguous ``(k, v)`` buffers holding the prefix's rows already
@@ -209,7 +220,8 @@ def rotate_qkv(
     _rotate_qkv_kernel[grid](
         q_lin, kv_lin, cos, sin, pk, pv, q, k, v,
         horizon, length, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows, _table_rows(cos),
-        pk.stride(0), pk.stride(1), pk.stride(2), pv.stride(0), pv.stride(1), pv.stride(2),
+        q_lin.stride(1), kv_lin.stride(1), pk.stride(0), pk.stride(1), pk.stride(2),
+        pv.stride(0), pv.stride(1), pv.stride(2),
         ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=NUM_WARPS,
     )  # fmt: skip
     return q, k, v
@@ -356,12 +368,13 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
 @triton.jit
 def _unrotate_pack_kernel(
     dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, dkvo_ptr,
-    horizon, heads, kv_heads, head_dim, table_offset, table_sb, q_rows, kv_rows,
+    horizon, heads, kv_heads, head_dim, table_offset, table_sb, q_rows, kv_rows, dq_sr, dkv_sr,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # dq [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head)), dk, dv
     # [B, kv_heads, H, hd] (contiguous) -> dq [B, H, heads·hd] unrotated and
-    # [dk unrotated | dv] [B, H, 2·kv_heads·hd]: the projections' layouts
+    # [dk unrotated | dv] [B, H, 2·kv_heads·hd]: the projections' layouts, rows of stride
+    # dq_sr / dkv_sr (two buffers, or the column ranges of one fused projection's)
     pid = tl.program_id(0)
     q_progs = tl.cdiv(q_rows, ROWS)
     cols, swap, col_ok = _head_columns(head_dim, BLOCK_D)
@@ -369,22 +382,22 @@ def _unrotate_pack_kernel(
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _unrotate_rows(dq_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, r, cols, swap, col_ok,
                        horizon, kv_heads, heads // kv_heads, head_dim, table_offset, table_sb,
-                       q_rows, HAS_V=False)  # fmt: skip
+                       q_rows, dq_sr, HAS_V=False)  # fmt: skip
     else:
         r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _unrotate_rows(dk_ptr, dv_ptr, cos_ptr, sin_ptr, dkvo_ptr, r, cols, swap, col_ok,
                        horizon, kv_heads, 1, head_dim, table_offset, table_sb, kv_rows,
-                       HAS_V=True)  # fmt: skip
+                       dkv_sr, HAS_V=True)  # fmt: skip
 
 
 @triton.jit
 def _unrotate_rows(
     src_ptr, v_ptr, cos_ptr, sin_ptr, dst_ptr, r, cols, swap, col_ok, horizon, kv_heads, group,
-    head_dim, table_offset, table_sb, rows, HAS_V: tl.constexpr,
+    head_dim, table_offset, table_sb, rows, dst_sr, HAS_V: tl.constexpr,
 ):  # fmt: skip
     # rows r of src [B, kv_heads, H, group, hd] (_grouped_row): g·cos − swap(g)·sin into dst
-    # [B, H, (1 + HAS_V)·heads·hd] at its head (heads = kv_heads·group); v's row (group 1)
-    # copied after all the heads when HAS_V
+    # [B, H, (1 + HAS_V)·heads·hd] (rows of stride dst_sr) at its head (heads =
+    # kv_heads·group); v's row (group 1) copied after all the heads when HAS_V
     ok = (r < rows)[:, None] & col_ok[None, :]
     b, i, h = _grouped_row(r, horizon, kv_heads, group)
     heads = kv_heads * group
@@ -395,8 +408,7 @@ def _unrotate_rows(
     c = _compute(tl.load(cos_ptr + table, mask=ok, other=0.0))
     s = _compute(tl.load(sin_ptr + table, mask=ok, other=0.0))
     out = g * c - gs * s  # the rotation's transpose (rotation by −angle)
-    width = (2 if HAS_V else 1) * heads * head_dim
-    dst = (b * horizon + i)[:, None] * width + (h * head_dim)[:, None] + cols[None, :]
+    dst = (b * horizon + i)[:, None] * dst_sr + (h * head_dim)[:, None] + cols[None, :]
     tl.store(dst_ptr + dst, out.to(dst_ptr.dtype.element_ty), mask=ok)
     if HAS_V:
         v = tl.load(v_ptr + r[:, None] * head_dim + cols[None, :], mask=ok)
@@ -410,21 +422,28 @@ def _table_rows(cos: Tensor) -> int:
 
 
 def unrotate_pack(
-    dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
+    dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor, out: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
     """``(dq [B, H, heads·hd], [dk | dv] [B, H, 2·kv_heads·hd])`` from ``dq``
     [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head)) and ``dk``, ``dv``
     [B, kv_heads, H, hd] (contiguous), the rotation undone on dq and dk with the tables'
-    last H rows of ``cos``, ``sin`` [N, hd] or per sample [B, 1, N, hd] (contiguous)."""
+    last H rows of ``cos``, ``sin`` [N, hd] or per sample [B, 1, N, hd] (contiguous).
+    ``out``: None (two new contiguous tensors), or one contiguous [B, H, (heads +
+    2·kv_heads)·hd] that receives both side by side (the two returned are its column
+    ranges)."""
     batch, kv_heads, horizon, head_dim = dk.shape
     heads = kv_heads * (dq.shape[2] // horizon)
-    dqo = dq.new_empty(batch, horizon, heads * head_dim)
-    dkvo = dk.new_empty(batch, horizon, 2 * kv_heads * head_dim)
+    if out is None:
+        dqo = dq.new_empty(batch, horizon, heads * head_dim)
+        dkvo = dk.new_empty(batch, horizon, 2 * kv_heads * head_dim)
+    else:
+        dqo, dkvo = out.split([heads * head_dim, 2 * kv_heads * head_dim], dim=-1)
     q_rows, kv_rows = batch * heads * horizon, batch * kv_heads * horizon
     grid = (triton.cdiv(q_rows, ROWS) + triton.cdiv(kv_rows, ROWS),)
     _unrotate_pack_kernel[grid](
         dq, dk, dv, cos, sin, dqo, dkvo, horizon, heads, kv_heads, head_dim,
-        cos.shape[-2] - horizon, _table_rows(cos), q_rows, kv_rows,
-        ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=NUM_WARPS,
+        cos.shape[-2] - horizon, _table_rows(cos), q_rows, kv_rows, dqo.stride(1),
+        dkvo.stride(1), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return dqo, dkvo

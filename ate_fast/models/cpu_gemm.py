@@ -57,11 +57,16 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 def capturing_graph() -> bool:
     """A graph capture that must see ATen's ops themselves (``torch.compile``,
     ``torch.export``, the ONNX exporter, ``torch.jit.trace``)."""
+    return torch.compiler.is_compiling() or exporting_graph()
+
+
+def exporting_graph() -> bool:
+    """A graph being traced for export (``torch.export``, the ONNX exporter,
+    ``torch.jit.trace``): its weights become constants of the exported graph."""
     exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(
         torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
         or (exporting is not None and exporting())
     )
 

@@ -24,7 +24,9 @@ pulls its guidance back through.
 :meth:`FlowTransformerHead.step_features` computes what does not depend on the sample
 (:mod:`ate_fast.sampling.step_features`): the time half of the time MLP's first layer for
 every step at once, the rotary tables, and conditioning tokens' keys and values (a
-:class:`PrefixCache`), so a sampler computes them once per call, not once per step.
+:class:`PrefixCache`), so a sampler computes them once per call, not once per step — and,
+on a GPU, each block's ``[W_q; W_kv]``, so a step projects queries, keys and values with
+one GEMM (:attr:`FlowTransformerHead.fuse_qkv`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from ate_fast.models.block_epilogues import (
     rotate_qkv,
     writes_in_place,
 )
-from ate_fast.models.cpu_gemm import linear_of
+from ate_fast.models.cpu_gemm import exporting_graph, linear, linear_of
 from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
@@ -103,11 +105,17 @@ class FlowStepFeatures(NamedTuple):
     # with a padded prefix (PrefixCache.mask): attention's additive mask [B, 1, 1, L + H]
     # (0, or −inf on a padded key), and cos / sin are then per sample, [B, 1, L + H, hd]
     bias: Optional[Tensor] = None
+    # with N > 1 steps and plain q and kv layers, per block: [W_q; W_kv]
+    # [(heads + 2·kv_heads)·hd, width], concatenated once per call, so that each step
+    # projects queries, keys and values in one GEMM (and its pullback in one), not two
+    qkv: Optional[tuple[Tensor, ...]] = None
 
-    def per_block(self) -> Iterator[tuple[Any, Optional[PrefixSlot]]]:
-        """``(prefix (keys, values) or None, PrefixSlot or None)`` for each block in turn
-        (no slots: every block concatenates its prefix)."""
-        return zip(self.blocks, self.slots or (None,) * len(self.blocks))
+    def per_block(self) -> Iterator[tuple[Any, Optional[PrefixSlot], Optional[Tensor]]]:
+        """``(prefix (keys, values) or None, PrefixSlot or None, [W_q; W_kv] or None)`` for
+        each block in turn (no slots: every block concatenates its prefix; no qkv: two
+        GEMMs project it)."""
+        none = (None,) * len(self.blocks)
+        return zip(self.blocks, self.slots or none, self.qkv or none)
 
 
 class PrefixCache(NamedTuple):
@@ -167,14 +175,16 @@ class _Block(nn.Module):
 
     def forward(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
-        bias: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
     ) -> Tensor:  # fmt: skip
         """The block on ``x`` [B, H, width]; ``cond``: None, or this block's prefix
         ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot`` (with a prefix): its
         :class:`~ate_fast.models.block_epilogues.PrefixSlot` for the call, or None;
         ``bias``: None, or attention's additive mask [B, 1, 1, L + H] (a padded prefix,
-        :attr:`FlowStepFeatures.bias`; ``cos`` / ``sin`` then [B, 1, L + H, hd])."""
-        return self._run(x, cond, cos, sin, save=False, slot=slot, bias=bias)[0]
+        :attr:`FlowStepFeatures.bias`; ``cos`` / ``sin`` then [B, 1, L + H, hd]);
+        ``qkv``: None, or ``[W_q; W_kv]`` (:attr:`FlowStepFeatures.qkv`): one GEMM for both
+        projections."""
+        return self._run(x, cond, cos, sin, save=False, slot=slot, bias=bias, qkv=qkv)[0]
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, kv_heads, L, hd] of tokens [B, L, width], the keys rotated
@@ -186,22 +196,26 @@ class _Block(nn.Module):
 
     def forward_saving(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
-        bias: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
     ) -> tuple[Tensor, BlockSaved]:  # fmt: skip
         """The block on ``x`` [B, H, width] and what its input-VJP needs
         (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
         this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot``,
-        ``bias``: as in :meth:`forward` (with a slot the pullback must run before the next
-        forward)."""
-        return self._run(x, cond, cos, sin, save=True, slot=slot, bias=bias)
+        ``bias``, ``qkv``: as in :meth:`forward` (with a slot the pullback must run before
+        the next forward)."""
+        return self._run(x, cond, cos, sin, save=True, slot=slot, bias=bias, qkv=qkv)
 
     def _run(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool, slot: Any = None,
-        bias: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
     ) -> tuple[Tensor, Optional[BlockSaved]]:  # fmt: skip
         batch, horizon, _ = x.shape
         h = self.attn_norm(x)
-        q_lin, kv_lin = linear_of(self.q, h), linear_of(self.kv, h)
+        if qkv is None:
+            q_lin, kv_lin = linear_of(self.q, h), linear_of(self.kv, h)
+        else:  # one GEMM; q_lin and kv_lin are column ranges of its rows (views)
+            widths = [self.q.out_features, self.kv.out_features]
+            q_lin, kv_lin = linear(h, qkv).split(widths, dim=-1)
         # the prefix's keys and values stay in the call's buffers, each step's action rows
         # written behind them — not where the in-place write cannot run (autograd, tracing)
         buffers = None
@@ -226,7 +240,7 @@ class _Block(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         # k and v in the call's buffers: the pullback checks they were not rewritten since
         written = None if buffers is None else (slot, slot.writes)
-        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias)
+        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias, qkv)
 
 
 class FlowTransformerHead(nn.Module):
@@ -236,6 +250,18 @@ class FlowTransformerHead(nn.Module):
     conditioning tokens [B, L, width] (e.g. a VLM prefix projected to the expert's width),
     or their :class:`PrefixCache`.
     """
+
+    # Whether a sampler call (N > 1 steps) projects each block's queries, keys and values
+    # with one GEMM through [W_q; W_kv] concatenated once per call (FlowStepFeatures.qkv),
+    # and its pullback takes them back with one. None (auto): on a GPU (any device but the
+    # CPU), outside an ONNX / torch.export trace and autocast. On a GPU at B = 1 a launch
+    # costs about what the GEMM's bytes do (π0's q and kv weights are 5 MB in bf16, ≈ 1.6 µs
+    # of an H100's 3.35 TB/s), so the call saves a launch per block and step for one
+    # concatenation per block and call; on the CPU a GEMM has no launch to save and the
+    # concatenation costs more than the one larger GEMM gains (π0 expert, one thread,
+    # float32: 2.20 → 2.29 s per call). True / False: always / never (the tests set True
+    # on the CPU).
+    fuse_qkv: Optional[bool] = None
 
     def __init__(self, config: Union[str, FlowTransformerConfig] = "small", **overrides: Any):
         super().__init__()
@@ -269,8 +295,9 @@ class FlowTransformerHead(nn.Module):
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
-        for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
-            tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias)
+        for block, (block_cond, slot, qkv) in zip(self.blocks, features.per_block()):
+            tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias,
+                           qkv)  # fmt: skip
         return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
     def prefix_cache(self, cond: Tensor, mask: Optional[Tensor] = None) -> PrefixCache:
@@ -355,8 +382,9 @@ class FlowTransformerHead(nn.Module):
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
-        for block, (block_cond, slot) in zip(self.blocks, features.per_block()):
-            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot, features.bias)
+        for block, (block_cond, slot, qkv) in zip(self.blocks, features.per_block()):
+            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot, features.bias,
+                                                qkv)  # fmt: skip
             saved.append(kept)
         out = linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
@@ -433,10 +461,31 @@ class FlowTransformerHead(nn.Module):
         slots = None
         if cond is not None and steps > 1:
             slots = tuple(PrefixSlot() for _ in range(cfg.depth))
+        qkv = self._fused_qkv(steps, t.device)
         return [
-            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots, bias)
+            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots, bias, qkv)
             for k in range(steps)
         ]
+
+    def _fused_qkv(self, steps: int, device: torch.device) -> Optional[tuple[Tensor, ...]]:
+        """Each block's ``[W_q; W_kv]`` for a call of ``steps`` > 1 steps where
+        :attr:`fuse_qkv` says so and the q and kv layers are plain bias-free ``nn.Linear`` s
+        (:func:`plain_linear`: a LoRA wrapper or a hook computes something else), else
+        None. The concatenation reads and writes both weights once per call, in the call (a
+        CUDA graph replays it, so in-place weight updates are seen)."""
+        fuse = self.fuse_qkv
+        if fuse is None:  # auto: where a launch costs what the GEMM's bytes do
+            # (not under autocast: it casts a leaf weight once per region, the call's
+            # concatenation at every step)
+            fuse = not (device.type == "cpu" or exporting_graph() or _autocast_enabled(device.type))
+        if not fuse or steps < 2:  # one step would read the weights twice for one GEMM
+            return None
+        if not all(
+            plain_linear(b.q) and plain_linear(b.kv) and b.q.bias is None and b.kv.bias is None
+            for b in self.blocks
+        ):
+            return None
+        return tuple(torch.cat([b.q.weight, b.kv.weight]) for b in self.blocks)
 
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the
@@ -449,6 +498,15 @@ class FlowTransformerHead(nn.Module):
             time = features.time.expand(-1, tokens.shape[1], -1)
             pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
         return linear_of(self.time_mlp_out, F.silu(pre_silu)), pre_silu
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for a type autocast has no mode
+    for, e.g. ``meta``: torch raises there)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def _real_positions(mask: Tensor) -> Tensor:

@@ -49,6 +49,8 @@ class BlockSaved(NamedTuple):
     # pullback: a later forward with the same features rewrites them), else None
     slot: Any = None
     bias: Optional[Tensor] = None  # attention's additive mask [B, 1, 1, N] (a padded prefix)
+    # [W_q; W_kv] when the forward projected with one GEMM (FlowStepFeatures.qkv), else None
+    qkv: Optional[Tensor] = None
 
 
 def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm) -> Tensor:
@@ -109,18 +111,45 @@ def unrotate_pack(
     grouped layout, :class:`BlockSaved`) and ``dk``, ``dv`` [B, kv_heads, H, hd] (the
     rotation undone on dq and dk; tables ``cos``, ``sin`` [N, hd] or per sample
     [B, 1, N, hd], their last H rows the action positions)."""
-    batch, kv_heads, horizon, hd = dk.shape
     if use_triton(dq, dk, dv):
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.unrotate_pack(dq.contiguous(), dk.contiguous(), dv.contiguous(),
                                      cos.contiguous(), sin.contiguous())  # fmt: skip
+    dq, dk, dv = _unrotated_by_token(dq, dk, dv, cos, sin)
+    batch, horizon = dq.shape[:2]
+    return dq.reshape(batch, horizon, -1), torch.cat([dk, dv], dim=2).view(batch, horizon, -1)
+
+
+def unrotate_pack_qkv(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`unrotate_pack`'s two gradients side by side, ``[dq | dk | dv]``
+    [B, H, (heads + 2·kv_heads)·hd]: the output gradient of the fused projection
+    ``[W_q; W_kv]`` (:attr:`~ate_fast.models.flow_transformer.FlowStepFeatures.qkv`), so
+    that one GEMM takes it back to the block's normed input."""
+    if use_triton(dq, dk, dv):
+        import ate_fast.models.block_epilogues_triton as kernels
+
+        batch, kv_heads, horizon, hd = dk.shape
+        heads = kv_heads * (dq.shape[2] // horizon)
+        out = dq.new_empty(batch, horizon, (heads + 2 * kv_heads) * hd)
+        kernels.unrotate_pack(dq.contiguous(), dk.contiguous(), dv.contiguous(),
+                              cos.contiguous(), sin.contiguous(), out)  # fmt: skip
+        return out
+    dq, dk, dv = _unrotated_by_token(dq, dk, dv, cos, sin)
+    return torch.cat([dq, dk, dv], dim=2).flatten(2)
+
+
+def _unrotated_by_token(
+    dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch ops of :func:`unrotate_pack`: dq [B, H, heads, hd] (a view with one kv
+    head), dk, dv [B, H, kv_heads, hd] (views), dq and dk unrotated."""
+    batch, kv_heads, horizon, hd = dk.shape
     dq = dq.view(batch, kv_heads, horizon, -1, hd)  # [B, kv_heads, H, g, hd]
     dq = unrotate(dq, cos[..., -horizon:, None, :], sin[..., -horizon:, None, :])
-    dq = dq.transpose(1, 2).reshape(batch, horizon, -1)  # a view with one kv head
+    dq = dq.transpose(1, 2).reshape(batch, horizon, -1, hd)  # a view with one kv head
     dk = unrotate(dk, cos[..., -horizon:, :], sin[..., -horizon:, :])
-    kv_width = 2 * kv_heads * hd
-    return dq, torch.cat([dk, dv], dim=1).transpose(1, 2).reshape(batch, horizon, kv_width)
+    return dq, dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 def unrotate(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -153,6 +182,8 @@ def attention_input_vjp(
     actions = slice(length - horizon, length)  # the rows of K and V that depend on x
     dk = ds[..., actions].transpose(-1, -2) @ q  # [B, kvh, H, hd]
     dv = p[..., actions].transpose(-1, -2) @ dog
+    if saved.qkv is not None:  # [dq | dkv]·[W_q; W_kv]: one GEMM
+        return times_weight(unrotate_pack_qkv(dq, dk, dv, cos, sin), saved.qkv)
     dq, dkv = unrotate_pack(dq, dk, dv, cos, sin)
     # dq·W_q + dkv·W_kv with the first product as the second GEMM's C operand
     first = times_weight(dq, block.q.weight)

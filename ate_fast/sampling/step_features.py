@@ -13,7 +13,9 @@ per call, for all K steps in one batched pass, instead of K times:
 - ``head.forward_features(x [B, H, D], features) -> [B, H, D]``: the rest, with
   ``forward(x, t, cond) == forward_features(x, step_features(x, t[None], cond)[0])``
   (the same ops; only the N-row batching of the x-independent part may round
-  differently).
+  differently, and a head may merge GEMMs over a call of N > 1 steps — the flow
+  transformer's q and kv projections on a GPU — which rounds like the separate ones to
+  the GEMM's summation order).
 
 A head with an input-VJP (``forward_with_vjp``, real-time chunking) may also define
 ``forward_with_vjp_features(x, features) -> (out, pullback)``, so that a guided loop
