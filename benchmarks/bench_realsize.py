@@ -52,6 +52,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
   positions) — what a real π0 deployment runs; its A/B against ``ate_capture`` is the cost
   of the mask (another attention kernel where flash attention takes no mask).
+- ``ate_capture_two_gemms``: ``ate_capture`` (B = 1, unguided) with the head's
+  ``fuse_qkv = False``: each block's q and kv projections as two GEMMs per step, as before
+  ``FlowStepFeatures.qkv`` (on a GPU ``ate_capture`` concatenates ``[W_q; W_kv]`` once per
+  call and projects with one); its A/B against ``ate_capture`` is what that saves.
 - ``ate_capture_compiled``: the same capture of ``torch.compile(head, dynamic=False)``
   (default mode: Inductor's kernels, replayed by the sampler's one graph); guidance on its
   default path (fused MLP kernel; the hand-written Transformer VJP, not compiled).
@@ -88,16 +92,16 @@ guidance term fails). A round is one call and one synchronisation. Rounds are ca
 (``ROW_SECONDS``, ``MAX_ROUNDS``).
 
 Budget: ``ATE_FAST_REALSIZE_BUDGET_S`` (seconds from import). Cases run in priority order
-(every eager and ate_capture row first, the Triton-epilogue and padded-prompt rows at B = 1,
-then the compiled rows at B = 1, the Triton-epilogue row at B = 8, the compiled rows at
-B = 8); a
-case is skipped, and recorded as skipped in realsize.json/.md, when the seconds spent plus
-its guessed cost (``CASE_GUESS_S`` + the ``COMPILE_GUESS_S`` of the compile units it would
-be first to build) exceed the budget.
+(every eager and ate_capture row first, the Triton-epilogue, padded-prompt and two-GEMM
+rows at B = 1, then the compiled rows at B = 1, the Triton-epilogue row at B = 8, the
+compiled rows at B = 8); a case is skipped, and recorded as skipped in realsize.json/.md,
+when the seconds spent plus its guessed cost (``CASE_GUESS_S`` + the ``COMPILE_GUESS_S`` of
+the compile units it would be first to build) exceed the budget.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -133,8 +137,9 @@ BATCHES = (1, 2) if DRY_RUN else (1, 8)
 GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
 EPILOGUES_ROW = "ate_capture_triton_epilogues"  # ate_capture, ATE_FAST_FLOW_EPILOGUES=triton
 PADDED_ROW = "ate_capture_padded_prompt"  # ate_capture with a padded prompt (its mask)
+TWO_GEMMS_ROW = "ate_capture_two_gemms"  # ate_capture with q and kv as two GEMMs per block
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, PADDED_ROW,
-        "ate_capture_compiled")  # fmt: skip
+        TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
 BASELINE = "compile_max_autotune"
 DEPTH = 2 if DRY_RUN else None  # None: the config's 18 blocks
@@ -175,6 +180,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     "ate_capture": 4.0,
     EPILOGUES_ROW: 10.0,  # + Triton compiling its two kernels at first use
     PADDED_ROW: 4.0,
+    TWO_GEMMS_ROW: 4.0,
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -197,6 +203,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap = [(b, g, r) for b in BATCHES for g in GUIDANCES for r in ("eager", "ate_capture")]
     cheap.append((b1, "unguided", EPILOGUES_ROW))  # the Triton epilogues' A/B (B = 8: later)
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
+    cheap.append((b1, "unguided", TWO_GEMMS_ROW))  # one q|kv GEMM per block: its A/B
     compiled_b1 = [
         (b1, "unguided", "compile_max_autotune"),
         (b1, "unguided", "ate_capture_compiled"),
@@ -533,6 +540,10 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
+    if row == TWO_GEMMS_ROW:  # the same weights and modules, its own fuse_qkv
+        head = copy.copy(_head())
+        head.fuse_qkv = False
+        return _ate_call(batch, guidance, head)
     if row == "ate_capture_compiled":
         return _ate_call(batch, guidance, _compiled("default-head", batch))
     raise ValueError(row)
