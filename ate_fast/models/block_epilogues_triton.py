@@ -45,6 +45,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.triton_resources import launch_limits
+
+_limits = launch_limits(
+    "ATE_FAST_FLOW_EPILOGUES=triton",
+    "Unset ATE_FAST_FLOW_EPILOGUES (or set it to torch) to run the torch ops.",
+)
+
 ROWS = 8  # rows of a rotate_qkv tile (× the head dim, ≤ 256 for π0: 2048 elements)
 GELU_BLOCK = 1024  # elements per gated_gelu program
 NUM_WARPS = 4
@@ -184,6 +191,7 @@ def token_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 and rows_even else t.contiguous()
 
 
+@_limits
 def rotate_qkv(
     q_lin: Tensor,
     kv_lin: Tensor,
@@ -245,6 +253,7 @@ def _gated_gelu_kernel(
         tl.store(act_ptr + e, act, mask=ok)
 
 
+@_limits
 def gated_gelu(gate_up: Tensor, save_act: bool) -> tuple[Tensor, Optional[Tensor]]:
     """``(gelu_tanh(gate)·up, gelu_tanh(gate) or None)`` [.., F] from ``gate_up`` [.., 2F]
     (contiguous; gate first)."""
@@ -284,6 +293,7 @@ def _gelu_gate_backward_kernel(
     tl.store(out_ptr + dst + mlp, (dm * a).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@_limits
 def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Tensor:
     """``[dm·up·gelu_tanh′(gate), dm·act]`` [.., 2F] from ``dm``, ``act`` [.., F]
     (contiguous) and ``gate``, ``up`` [.., F] (rows of any stride, unit stride within)."""
@@ -319,6 +329,7 @@ def _rms_norm_vjp_kernel(
     tl.store(out_ptr + row * width + cols, dx.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@_limits
 def rms_norm_vjp(
     grad: Tensor, x: Tensor, weight: Optional[Tensor], eps: float, residual: Optional[Tensor]
 ) -> Tensor:
@@ -354,6 +365,7 @@ def _softmax_backward_kernel(s_ptr, dp_ptr, p_ptr, ds_ptr, n, scale, BLOCK: tl.c
     tl.store(ds_ptr + row * n + cols, ds.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
+@_limits
 def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``(p, ds)`` [.., N]: ``p = softmax(scores·scale)`` and the scores' gradient
     ``p⊙(dp − rowsum(p⊙dp))·scale``, from ``scores``, ``dp`` [.., N] (contiguous)."""
@@ -421,6 +433,7 @@ def _table_rows(cos: Tensor) -> int:
     return 0 if cos.dim() == 2 else cos.shape[-2]
 
 
+@_limits
 def unrotate_pack(
     dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor, out: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:

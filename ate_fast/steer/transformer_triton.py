@@ -52,6 +52,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.triton_resources import launch_limits
+
+_limits = launch_limits(
+    "ATE_FAST_TRANSFORMER_GUIDANCE=triton",
+    "Unset ATE_FAST_TRANSFORMER_GUIDANCE (or set it to vjp) to run the hand-written VJP on "
+    "torch ops.",
+)
+
 # queries per tile of the attention kernels: 32 for bf16 / fp16 (tensor-core dots), 16 for
 # float32 / float64 (FMA dots, twice or four times the registers per element); keys per
 # tile 16 — so that no tile spills registers or outgrows the smallest target's shared
@@ -151,6 +159,7 @@ def _rows(t: Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
+@_limits
 def add_norm(
     x: Tensor, residual: Optional[Tensor], norm: torch.nn.LayerNorm
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
@@ -170,6 +179,7 @@ def add_norm(
     return y, (s, stats[0], stats[1])
 
 
+@_limits
 def norm_backward(
     grad: Tensor, extra: Optional[Tensor], saved: tuple[Tensor, Tensor, Tensor], weight: Tensor
 ) -> Tensor:
@@ -228,6 +238,7 @@ def _act_backward_kernel(g_ptr, pre_ptr, dx_ptr, numel, ACT: tl.constexpr, BLOCK
     tl.store(dx_ptr + offs, d.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
+@_limits
 def bias_act(x: Tensor, bias: Tensor, act: int) -> tuple[Tensor, Tensor]:
     """``(pre, act(pre))`` with ``pre = x + bias`` for contiguous ``x`` [..., n] and
     ``bias`` [n]; ``act`` :data:`ACT_GELU` (exact) or :data:`ACT_RELU`. ``pre`` is in the
@@ -241,6 +252,7 @@ def bias_act(x: Tensor, bias: Tensor, act: int) -> tuple[Tensor, Tensor]:
     return pre, y
 
 
+@_limits
 def act_backward(grad: Tensor, pre: Tensor, act: int) -> Tensor:
     """``grad ⊙ act'(pre)`` [...] for contiguous ``grad`` and ``pre`` (from
     :func:`bias_act`) of one shape, in ``grad``'s dtype."""
@@ -418,6 +430,7 @@ def attention_constants(
                 num_stages=1)  # fmt: skip
 
 
+@_limits
 def attention(
     q: Tensor, k: Tensor, v: Tensor, num_heads: int
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, int]]:
@@ -441,6 +454,7 @@ def attention(
     return o, (q, k, v, o, lse, num_heads)
 
 
+@_limits
 def attention_backward(
     grad: Tensor, saved: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int], dq: Tensor,
     dk: Tensor, dv: Tensor,

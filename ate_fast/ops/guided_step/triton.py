@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.triton_resources import launch_limits
+
 _BLOCK = 1024
 
 
@@ -52,6 +54,10 @@ def _guided_step_kernel(
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@launch_limits(
+    "guided_step's triton backend",
+    "Set ATE_FAST_BACKEND=cuda (the compiled extension) or ref (PyTorch) to run another.",
+)
 def guided_step_triton_into(
     out: Tensor,
     x: Optional[Tensor],

@@ -1,0 +1,54 @@
+"""A Triton kernel that a GPU cannot launch, reported as the project's error.
+
+Triton compiles a kernel at its first launch on a device and refuses the launch when the
+compiled kernel needs more of a per-block resource (shared memory, or registers × threads)
+than the device allows: ``triton.runtime.errors.OutOfResources``, whose message suggests
+smaller blocks or fewer pipeline stages — settings a user of ate_fast cannot change. Each
+Triton launcher of the package is wrapped by :func:`launch_limits`, which re-raises it as
+:class:`~ate_fast.errors.BackendUnavailableError` naming the path, the kernel's launcher,
+the resource with what it needs and what the device allows, and the setting that runs
+another path. ``tests/triton_offline_compile.py`` checks every kernel variant's shared
+memory against sm_87 / sm_89 / sm_90's limits; a GPU with less per block (Turing: 64 KB)
+may still refuse one (the float64 attention backward needs 68 KB).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+from ate_fast.errors import BackendUnavailableError
+
+Launcher = TypeVar("Launcher", bound=Callable)
+
+
+def launch_limits(path: str, instead: str) -> Callable[[Launcher], Launcher]:
+    """Decorate a Triton launcher of ``path`` (e.g. ``ATE_FAST_FLOW_EPILOGUES=triton``):
+    Triton's ``OutOfResources`` becomes a :class:`BackendUnavailableError` whose message
+    ends with ``instead`` (how to run another path)."""
+
+    def wrap(launcher: Launcher) -> Launcher:
+        @functools.wraps(launcher)
+        def launch(*args, **kwargs):
+            try:
+                return launcher(*args, **kwargs)
+            except OutOfResources as exc:
+                raise BackendUnavailableError(
+                    f"{path}: the Triton kernel of {launcher.__name__} needs {exc.required} "
+                    f"of {exc.name} per block; {_device()} allows {exc.limit}. {instead}"
+                ) from exc
+
+        return launch  # type: ignore[return-value]
+
+    return wrap
+
+
+def _device() -> str:
+    """The current CUDA device, named."""
+    if not torch.cuda.is_available():
+        return "this device"
+    major, minor = torch.cuda.get_device_capability()
+    return f"this GPU ({torch.cuda.get_device_name()}, sm_{major}{minor})"
