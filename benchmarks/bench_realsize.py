@@ -46,7 +46,8 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   buffers once per call, inside the timed region.
 - ``ate_capture_triton_epilogues``: ``ate_capture`` with the block's element-wise epilogues
   as two Triton kernels (``ATE_FAST_FLOW_EPILOGUES=triton``,
-  :mod:`ate_fast.models.block_epilogues`: −8 kernels per block), unguided: their A/B.
+  :mod:`ate_fast.models.block_epilogues`: −8 kernels per block) and, there, the two
+  RMSNorms folded into them (−2 more: ``FlowStepFeatures.gate_up``), unguided: their A/B.
 - ``ate_capture_padded_prompt``: ``ate_capture`` (B = 1, unguided) with openpi's padded
   prompt: the language tokens' last ``PADDED_TOKENS`` of 48 are padding, hidden by the
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary

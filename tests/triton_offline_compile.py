@@ -219,10 +219,13 @@ def flow_block_variants(target) -> int:
     count = 0
     options = {"num_warps": fb.NUM_WARPS, "num_stages": _TRITON_DEFAULT_STAGES}
     for store in ("fp32", "fp64", "bf16", "fp16"):
-        for block_d in (64, 256):
+        for block_d, norm in itertools.product((64, 256), (False, True)):
+            chunk = fb.NORM_CHUNK if norm else 16
             _compile_spill_free(
-                fb._rotate_qkv_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d},
-                lambda name, d=store: d, {}, target, f"{store} BLOCK_D={block_d}", options,
+                fb._rotate_qkv_kernel,
+                {"ROWS": fb.ROWS, "BLOCK_D": block_d, "NORM": norm, "CHUNK": chunk},
+                lambda name, d=store: d, {"eps": "fp32"}, target,
+                f"{store} BLOCK_D={block_d} NORM={norm}", options,
             )  # fmt: skip
             count += 1
         for save in (True, False):
@@ -230,7 +233,13 @@ def flow_block_variants(target) -> int:
                 fb._gated_gelu_kernel, {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK},
                 lambda name, d=store: d, {}, target, f"{store} SAVE_ACT={save}", options,
             )  # fmt: skip
-            count += 1
+            _compile_spill_free(  # the folded MLP norm's (π0: F = 4096, width 1024)
+                fb._norm_gated_gelu_kernel,
+                {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK, "CHUNK": fb.NORM_CHUNK},
+                lambda name, d=store: d, {"eps": "fp32"}, target, f"{store} SAVE_ACT={save}",
+                options,
+            )  # fmt: skip
+            count += 2
         count += _flow_block_vjp_variants(target, store, options)
     return count
 

@@ -15,6 +15,15 @@ tens, so their count, not their bytes, is what they cost (``benchmarks/README.md
 * :func:`gated_gelu` — ``gelu_tanh(gate)·up`` and, for the input-VJP, the GELU
   (torch: 2 kernels; Triton: 1).
 
+With the Triton kernels running, a sampler call with one q|kv GEMM
+(``FlowTransformerHead.fuse_qkv``) also folds the block's two RMSNorms: their weights go
+into ``[W_q; W_kv]`` and a copy of ``W_gate_up`` once per call (:func:`fold_norm_weight`),
+the GEMMs take the un-normed rows, and :func:`rotate_qkv` (``norm=``) and
+:func:`norm_gated_gelu` scale each row by its norm factor ``1/√(mean(x²) + ε)`` in the same
+kernels — computed from the row of x they read — so no kernel runs either norm (a GPU
+step: 2 launches fewer per block; the torch ops gain nothing, CUDA's RMSNorm being one
+kernel).
+
 The hand-written input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`, real-time
 chunking's pullback) has four more, chosen by the same setting: the gated GELU's backward,
 RMSNorm's input-VJP with the residual's gradient added, the softmax recomputed with its
@@ -141,6 +150,7 @@ def rotate_qkv(
     heads: int,
     kv_heads: int,
     out: Optional[tuple[Tensor, Tensor]] = None,
+    norm: Optional[tuple[Tensor, float]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention's inputs from the projections: ``q`` [B, kv_heads, H·g, hd] (contiguous;
     g = heads / kv_heads: the query heads sharing a key/value head are folded into its
@@ -154,16 +164,24 @@ def rotate_qkv(
     sample [B, 1, L + H, hd] (a padded prefix's positions);
     ``prefix`` None when there is none (L = 0). ``out``: a :class:`PrefixSlot`'s buffer pair
     [B, kv_heads, L + H, hd] (contiguous) holding the prefix's rows already: the action
-    rows are written into it and it is returned as ``k``, ``v`` (the prefix is not copied)."""
+    rows are written into it and it is returned as ``k``, ``v`` (the prefix is not copied).
+    ``norm``: ``(x [B, H, width], eps)`` when the projections took the block's input x
+    itself, the RMSNorm's weight folded into them (:func:`fold_norm_weight`): each action
+    row is scaled by its token's ``1/√(mean(x²) + eps)``, the norm's per-row factor."""
     if use_triton(q_lin, kv_lin, *(prefix or ())):
         import ate_fast.models.block_epilogues_triton as kernels
 
         if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):
             prefix = (prefix[0].contiguous(), prefix[1].contiguous())
+        if norm is not None:
+            norm = (norm[0].contiguous(), norm[1])
         return kernels.rotate_qkv(
             kernels.token_rows(q_lin), kernels.token_rows(kv_lin), cos.contiguous(),
-            sin.contiguous(), prefix, heads, kv_heads, out,
+            sin.contiguous(), prefix, heads, kv_heads, out, norm,
         )  # fmt: skip
+    if norm is not None:
+        rstd = inverse_rms(*norm)
+        q_lin, kv_lin = (q_lin * rstd).to(q_lin.dtype), (kv_lin * rstd).to(kv_lin.dtype)
     batch, horizon, _ = q_lin.shape
     group = heads // kv_heads
     # [B, kv_heads, H, g, hd]: a view of q_lin; the rotation's result is contiguous in this
@@ -194,3 +212,42 @@ def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optiona
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.gelu(gate, approximate="tanh")
     return act * up, act if save_act else None
+
+
+def norm_gated_gelu(
+    gate_up: Tensor, x: Tensor, eps: float, save_act: bool = False
+) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """:func:`gated_gelu` of ``gate_up`` [.., 2F] = ``x·W'ᵀ``, a projection of the
+    un-normed ``x`` [.., width] with the RMSNorm's weight folded into ``W'``
+    (:func:`fold_norm_weight`): gate and up are first scaled by their row's
+    ``1/√(mean(x²) + eps)``. Returns ``(gelu_tanh(gate)·up, gelu_tanh(gate) or None,
+    gate_up as scaled)`` — the last is what the input-VJP reads (the Triton kernel writes it
+    back into ``gate_up`` when ``save_act``)."""
+    if use_triton(gate_up, x):
+        import ate_fast.models.block_epilogues_triton as kernels
+
+        gate_up = gate_up.contiguous()
+        out, act = kernels.gated_gelu(gate_up, save_act, (x.contiguous(), eps))
+        return out, act, gate_up
+    gate_up = (gate_up * inverse_rms(x, eps)).to(gate_up.dtype)
+    return (*gated_gelu(gate_up, save_act), gate_up)
+
+
+def inverse_rms(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm's per-row factor ``1/√(mean(x²) + eps)`` [.., 1] of ``x`` [.., width], in
+    float32 (float64 for float64 ``x``), as ``torch.nn.RMSNorm`` computes it."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def fold_norm_weight(weight: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """``weight`` [N, width] with ``norm``'s weight [width] folded into its columns, so that
+    ``x·foldedᵀ·rstd(x)`` is ``linear(norm(x))`` (one rounding of the product in
+    ``weight``'s dtype); ``weight`` itself when the norm has no weight."""
+    return weight if norm.weight is None else weight * norm.weight.to(weight.dtype)
+
+
+def norm_eps(norm: nn.RMSNorm, dtype: torch.dtype) -> float:
+    """The epsilon ``norm`` adds to mean(x²): its own, or (None) ``dtype``'s machine epsilon,
+    as ``torch.nn.functional.rms_norm``."""
+    return norm.eps if norm.eps is not None else torch.finfo(dtype).eps

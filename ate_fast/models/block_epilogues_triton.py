@@ -20,6 +20,11 @@ Two kernels per block for the forward, replacing ten (eight without a prefix):
   input-VJP reads). ``gelu_tanh(g) = g · sigmoid(2z)``, ``z = √(2/π)(g + 0.044715 g³)``:
   the same function as ``0.5 g (1 + tanh z)``.
 
+Both take an optional ``norm`` (``NORM`` / :func:`_norm_gated_gelu_kernel`): the
+projections then took the block's un-normed rows x with the RMSNorm's weight folded into
+the weight matrix, and each row is scaled by ``1/√(mean(x²) + ε)`` from its row of x
+(read ``NORM_CHUNK`` columns at a time) — the norm's kernel gone (2 per block and step).
+
 Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 42:
 
 * :func:`gelu_gate_backward` — ``[dm·up·gelu′(gate), dm·gelu(gate)]`` into the gate/up
@@ -97,14 +102,33 @@ def _rotated(src_ptr, row_off, table_row, cos_ptr, sin_ptr, cols, swap, ok, head
 
 
 @triton.jit
+def _rstd_rows(x_ptr, rows, rows_ok, width, eps, R: tl.constexpr, CHUNK: tl.constexpr):
+    # [R]: RMSNorm's 1/√(mean(x²) + eps) of the rows ``rows`` [R] of x [N, width]
+    # (contiguous), summed CHUNK columns at a time (registers independent of the width)
+    cols = tl.arange(0, CHUNK)
+    base = x_ptr + rows[:, None] * width
+    xv = _compute(tl.load(base + cols[None, :], mask=rows_ok[:, None] & (cols < width)[None, :],
+                          other=0.0))  # fmt: skip
+    acc = xv * xv
+    for c in range(CHUNK, width, CHUNK):
+        ok = rows_ok[:, None] & ((cols + c) < width)[None, :]
+        xv = _compute(tl.load(base + c + cols[None, :], mask=ok, other=0.0))
+        acc += xv * xv
+    return 1.0 / tl.sqrt(tl.sum(acc, 1) / width + eps)
+
+
+@triton.jit
 def _rotate_qkv_kernel(
     q_ptr, kv_ptr, cos_ptr, sin_ptr, pk_ptr, pv_ptr, qo_ptr, ko_ptr, vo_ptr,
     horizon, prefix, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows, table_sb,
-    q_sr, kv_sr, pk_sb, pk_sh, pk_sl, pv_sb, pv_sh, pv_sl,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_sr, kv_sr, pk_sb, pk_sh, pk_sl, pv_sb, pv_sh, pv_sl, x_ptr, width, eps,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     # q [B·H, heads·hd] and kv [B·H, 2·kv_heads·hd] (the projections' outputs; rows of
     # stride q_sr / kv_sr: column ranges of one fused projection's rows, or contiguous);
+    # NORM: they projected the block's input x [B·H, width] (contiguous) itself, the
+    # RMSNorm's weight folded into the projection, so each action row is scaled by its
+    # token's 1/√(mean(x²) + eps) here (the norm's only per-row factor);
     # cos/sin [prefix + H, hd] (table_sb 0) or per sample [B, prefix + H, hd] (table_sb:
     # prefix + H rows per sample); prefix keys/values [B, kv_heads, L, hd] (strides given, the
     # last 1). Out: q [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head));
@@ -117,12 +141,13 @@ def _rotate_qkv_kernel(
     if pid < q_progs:
         r = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _queries(q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix,
-                 heads, kv_heads, head_dim, q_rows, table_sb, q_sr)  # fmt: skip
+                 heads, kv_heads, head_dim, q_rows, table_sb, q_sr, x_ptr, width, eps,
+                 ROWS, NORM, CHUNK)  # fmt: skip
     elif pid < q_progs + kv_progs:
         r = ((pid - q_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _action_keys_values(kv_ptr, cos_ptr, sin_ptr, ko_ptr, vo_ptr, r, cols, swap, col_ok,
                             horizon, prefix, kv_heads, head_dim, kv_rows, table_sb,
-                            kv_sr)  # fmt: skip
+                            kv_sr, x_ptr, width, eps, ROWS, NORM, CHUNK)  # fmt: skip
     else:
         r = ((pid - q_progs - kv_progs) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         _prefix_keys_values(pk_ptr, pv_ptr, ko_ptr, vo_ptr, r, cols, col_ok, horizon, prefix,
@@ -133,7 +158,8 @@ def _rotate_qkv_kernel(
 @triton.jit
 def _queries(
     q_ptr, cos_ptr, sin_ptr, qo_ptr, r, cols, swap, col_ok, horizon, prefix, heads, kv_heads,
-    head_dim, q_rows, table_sb, q_sr,
+    head_dim, q_rows, table_sb, q_sr, x_ptr, width, eps, ROWS: tl.constexpr,
+    NORM: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     # query rows r, ordered [B, kv_heads, H, heads/kv_heads] (_grouped_row)
     ok = (r < q_rows)[:, None] & col_ok[None, :]
@@ -141,6 +167,8 @@ def _queries(
     src = (b * horizon + i) * q_sr + head * head_dim
     out = _rotated(q_ptr, src, b * table_sb + prefix + i, cos_ptr, sin_ptr, cols, swap, ok,
                    head_dim)  # fmt: skip
+    if NORM:  # the rotation is linear: scaling after it is scaling before
+        out *= _rstd_rows(x_ptr, b * horizon + i, r < q_rows, width, eps, ROWS, CHUNK)[:, None]
     tl.store(qo_ptr + r[:, None] * head_dim + cols[None, :], out.to(qo_ptr.dtype.element_ty),
              mask=ok)  # fmt: skip
 
@@ -148,7 +176,8 @@ def _queries(
 @triton.jit
 def _action_keys_values(
     kv_ptr, cos_ptr, sin_ptr, ko_ptr, vo_ptr, r, cols, swap, col_ok, horizon, prefix,
-    kv_heads, head_dim, kv_rows, table_sb, kv_sr,
+    kv_heads, head_dim, kv_rows, table_sb, kv_sr, x_ptr, width, eps, ROWS: tl.constexpr,
+    NORM: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     # the action rows' keys (rotated) and values, rows r ordered [B, kv_heads, H]
     ok = (r < kv_rows)[:, None] & col_ok[None, :]
@@ -159,6 +188,11 @@ def _action_keys_values(
     table_row = (bh // kv_heads) * table_sb + prefix + i
     k = _rotated(kv_ptr, src, table_row, cos_ptr, sin_ptr, cols, swap, ok, head_dim)
     v = tl.load(kv_ptr + src[:, None] + kv_heads * head_dim + cols[None, :], mask=ok)
+    if NORM:
+        token = (bh // kv_heads) * horizon + i
+        rstd = _rstd_rows(x_ptr, token, r < kv_rows, width, eps, ROWS, CHUNK)[:, None]
+        k *= rstd
+        v = _compute(v) * rstd
     dst = (bh * (prefix + horizon) + prefix + i)[:, None] * head_dim + cols[None, :]
     tl.store(ko_ptr + dst, k.to(ko_ptr.dtype.element_ty), mask=ok)
     tl.store(vo_ptr + dst, v.to(vo_ptr.dtype.element_ty), mask=ok)
@@ -201,6 +235,7 @@ def rotate_qkv(
     heads: int,
     kv_heads: int,
     out: Optional[tuple[Tensor, Tensor]] = None,
+    norm: Optional[tuple[Tensor, float]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(q [B, kv_heads, H·heads/kv_heads, hd], k, v [B, kv_heads, L + H, hd])`` (q's rows
     ordered (token, query head) within each kv head), contiguous, from
@@ -209,7 +244,10 @@ def rotate_qkv(
     tables [L + H, hd] or per sample [B, 1, L + H, hd] (contiguous) and the prefix's
     ``(keys, values)`` [B, kv_heads, L, hd] (unit stride on hd) or None (L = 0).
     ``out``: contiguous ``(k, v)`` buffers holding the prefix's rows already
-    (``block_epilogues.PrefixSlot``): only the action rows are written, into them."""
+    (``block_epilogues.PrefixSlot``): only the action rows are written, into them.
+    ``norm``: ``(x [B, H, width] contiguous, eps)`` when q_lin and kv_lin are projections of
+    the block's input x itself (the RMSNorm's weight folded into the projection): each
+    action row is then scaled by its token's ``1/√(mean(x²) + eps)``."""
     batch, horizon, width = q_lin.shape
     head_dim = width // heads
     length = 0 if prefix is None else prefix[0].shape[2]
@@ -230,9 +268,36 @@ def rotate_qkv(
         horizon, length, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows, _table_rows(cos),
         q_lin.stride(1), kv_lin.stride(1), pk.stride(0), pk.stride(1), pk.stride(2),
         pv.stride(0), pv.stride(1), pv.stride(2),
-        ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=NUM_WARPS,
+        *_norm_args(norm, q_lin), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
+        NORM=norm is not None, CHUNK=_chunk(norm), num_warps=NUM_WARPS,
     )  # fmt: skip
     return q, k, v
+
+
+NORM_CHUNK = 256  # columns of x per step of a row's mean(x²) (_rstd_rows)
+
+
+def _norm_args(norm: Optional[tuple[Tensor, float]], unread: Tensor) -> tuple:
+    """``(x, width, eps)`` for a kernel's NORM arguments (``unread`` stands in for x and
+    is never read when ``norm`` is None)."""
+    if norm is None:
+        return unread, 1, 0.0
+    x, eps = norm
+    return x, x.shape[-1], float(eps)
+
+
+def _chunk(norm: Optional[tuple[Tensor, float]]) -> int:
+    """The CHUNK constexpr: the width's next power of two up to ``NORM_CHUNK`` (16 without
+    a norm: one variant)."""
+    return 16 if norm is None else min(triton.next_power_of_2(norm[0].shape[-1]), NORM_CHUNK)
+
+
+@triton.jit
+def _gelu_tanh(g):
+    # gelu_tanh(g) = g·sigmoid(2z), z = √(2/π)(g + 0.044715 g³), in g's arithmetic type
+    z2 = _TWO_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+    ez = tl.exp(-tl.abs(z2))  # sigmoid(z2) without overflow: 1/(1+ez) or ez/(1+ez)
+    return g * tl.where(z2 >= 0, 1.0, ez) / (1.0 + ez)
 
 
 @triton.jit
@@ -245,26 +310,64 @@ def _gated_gelu_kernel(
     src = (e // mlp) * (2 * mlp) + e % mlp
     g = _compute(tl.load(gu_ptr + src, mask=ok, other=0.0))
     u = _compute(tl.load(gu_ptr + src + mlp, mask=ok, other=0.0))
-    z2 = _TWO_SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
-    ez = tl.exp(-tl.abs(z2))  # sigmoid(z2) without overflow: 1/(1+ez) or ez/(1+ez)
-    act = (g * tl.where(z2 >= 0, 1.0, ez) / (1.0 + ez)).to(out_ptr.dtype.element_ty)
+    act = _gelu_tanh(g).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + e, (_compute(act) * u).to(out_ptr.dtype.element_ty), mask=ok)
     if SAVE_ACT:
         tl.store(act_ptr + e, act, mask=ok)
 
 
+@triton.jit
+def _norm_gated_gelu_kernel(
+    gu_ptr, x_ptr, out_ptr, act_ptr, mlp, width, eps, SAVE_ACT: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    # gu [M, 2F] = x·W'ᵀ (gate | up; the MLP norm's weight folded into W'), x [M, width]
+    # (both contiguous): gate and up scaled by the row's 1/√(mean(x²) + eps) — RMSNorm's
+    # per-row factor — before the gated GELU; SAVE_ACT: the scaled gate and up written back
+    # into gu (what the input-VJP reads) and gelu_tanh(gate) into act. A program: BLOCK
+    # columns of one row (its rstd from the row's width elements of x).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < mlp
+    one = row + tl.arange(0, 1)
+    rstd = tl.sum(_rstd_rows(x_ptr, one, one >= 0, width, eps, 1, CHUNK), 0)
+    src = row * (2 * mlp) + cols
+    g = _compute(tl.load(gu_ptr + src, mask=ok, other=0.0)) * rstd
+    u = _compute(tl.load(gu_ptr + src + mlp, mask=ok, other=0.0)) * rstd
+    act = _gelu_tanh(g).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * mlp + cols, (_compute(act) * u).to(out_ptr.dtype.element_ty),
+             mask=ok)  # fmt: skip
+    if SAVE_ACT:
+        tl.store(act_ptr + row * mlp + cols, act, mask=ok)
+        tl.store(gu_ptr + src, g.to(gu_ptr.dtype.element_ty), mask=ok)
+        tl.store(gu_ptr + src + mlp, u.to(gu_ptr.dtype.element_ty), mask=ok)
+
+
 @_limits
-def gated_gelu(gate_up: Tensor, save_act: bool) -> tuple[Tensor, Optional[Tensor]]:
+def gated_gelu(
+    gate_up: Tensor, save_act: bool, norm: Optional[tuple[Tensor, float]] = None
+) -> tuple[Tensor, Optional[Tensor]]:
     """``(gelu_tanh(gate)·up, gelu_tanh(gate) or None)`` [.., F] from ``gate_up`` [.., 2F]
-    (contiguous; gate first)."""
+    (contiguous; gate first). ``norm``: ``(x [.., width] contiguous, eps)`` when gate_up is
+    a projection of x itself (the RMSNorm's weight folded into it): gate and up are first
+    scaled by their row's ``1/√(mean(x²) + eps)``, and with ``save_act`` written back into
+    ``gate_up`` so scaled (what the input-VJP reads)."""
     mlp = gate_up.shape[-1] // 2
     shape = (*gate_up.shape[:-1], mlp)
     out = gate_up.new_empty(shape)
     act = gate_up.new_empty(shape) if save_act else out  # unwritten when not saved
-    n = out.numel()
-    _gated_gelu_kernel[(triton.cdiv(n, GELU_BLOCK),)](
-        gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK, num_warps=NUM_WARPS
-    )
+    if norm is None:
+        n = out.numel()
+        _gated_gelu_kernel[(triton.cdiv(n, GELU_BLOCK),)](
+            gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK, num_warps=NUM_WARPS
+        )
+    elif out.numel():
+        x, width, eps = _norm_args(norm, gate_up)
+        block = min(triton.next_power_of_2(mlp), GELU_BLOCK)
+        _norm_gated_gelu_kernel[(out.numel() // mlp, triton.cdiv(mlp, block))](
+            gate_up, x, out, act, mlp, width, eps, SAVE_ACT=save_act, BLOCK=block,
+            CHUNK=_chunk(norm), num_warps=NUM_WARPS,
+        )  # fmt: skip
     return out, act if save_act else None
 
 

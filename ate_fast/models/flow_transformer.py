@@ -42,8 +42,12 @@ from torch import Tensor, nn
 
 from ate_fast.models.block_epilogues import (
     PrefixSlot,
+    fold_norm_weight,
     gated_gelu,
+    norm_eps,
+    norm_gated_gelu,
     rotate_qkv,
+    use_triton,
     writes_in_place,
 )
 from ate_fast.models.cpu_gemm import exporting_graph, linear, linear_of
@@ -52,7 +56,7 @@ from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
-from ate_fast.module_checks import plain_linear, plain_tree
+from ate_fast.module_checks import forward_hooks_active, plain_linear, plain_tree
 
 
 @dataclass(frozen=True)
@@ -109,13 +113,19 @@ class FlowStepFeatures(NamedTuple):
     # [(heads + 2·kv_heads)·hd, width], concatenated once per call, so that each step
     # projects queries, keys and values in one GEMM (and its pullback in one), not two
     qkv: Optional[tuple[Tensor, ...]] = None
+    # with qkv and the Triton epilogues running, per block: W_gate_up with the MLP norm's
+    # weight folded in — and qkv then has the attention norm's (block_epilogues.
+    # fold_norm_weight): the GEMMs take the un-normed rows and the epilogue kernels scale
+    # each by its norm factor 1/√(mean(x²) + ε), so no kernel computes either norm
+    gate_up: Optional[tuple[Tensor, ...]] = None
 
-    def per_block(self) -> Iterator[tuple[Any, Optional[PrefixSlot], Optional[Tensor]]]:
-        """``(prefix (keys, values) or None, PrefixSlot or None, [W_q; W_kv] or None)`` for
-        each block in turn (no slots: every block concatenates its prefix; no qkv: two
-        GEMMs project it)."""
+    def per_block(self) -> Iterator[tuple[Any, ...]]:
+        """``(prefix (keys, values) or None, PrefixSlot or None, [W_q; W_kv] or None, the
+        folded W_gate_up or None)`` for each block in turn (no slots: every block
+        concatenates its prefix; no qkv: two GEMMs project it; no gate_up: the norms run
+        as layers)."""
         none = (None,) * len(self.blocks)
-        return zip(self.blocks, self.slots or none, self.qkv or none)
+        return zip(self.blocks, self.slots or none, self.qkv or none, self.gate_up or none)
 
 
 class PrefixCache(NamedTuple):
@@ -176,6 +186,7 @@ class _Block(nn.Module):
     def forward(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
+        gate_up: Optional[Tensor] = None,
     ) -> Tensor:  # fmt: skip
         """The block on ``x`` [B, H, width]; ``cond``: None, or this block's prefix
         ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot`` (with a prefix): its
@@ -183,8 +194,9 @@ class _Block(nn.Module):
         ``bias``: None, or attention's additive mask [B, 1, 1, L + H] (a padded prefix,
         :attr:`FlowStepFeatures.bias`; ``cos`` / ``sin`` then [B, 1, L + H, hd]);
         ``qkv``: None, or ``[W_q; W_kv]`` (:attr:`FlowStepFeatures.qkv`): one GEMM for both
-        projections."""
-        return self._run(x, cond, cos, sin, save=False, slot=slot, bias=bias, qkv=qkv)[0]
+        projections; ``gate_up``: None, or the folded W_gate_up (:attr:`FlowStepFeatures.
+        gate_up`; ``qkv`` then folded too)."""
+        return self._run(x, cond, cos, sin, False, slot, bias, qkv, gate_up)[0]
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, kv_heads, L, hd] of tokens [B, L, width], the keys rotated
@@ -197,20 +209,25 @@ class _Block(nn.Module):
     def forward_saving(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
+        gate_up: Optional[Tensor] = None,
     ) -> tuple[Tensor, BlockSaved]:  # fmt: skip
         """The block on ``x`` [B, H, width] and what its input-VJP needs
         (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
         this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot``,
-        ``bias``, ``qkv``: as in :meth:`forward` (with a slot the pullback must run before
-        the next forward)."""
-        return self._run(x, cond, cos, sin, save=True, slot=slot, bias=bias, qkv=qkv)
+        ``bias``, ``qkv``, ``gate_up``: as in :meth:`forward` (with a slot the pullback must
+        run before the next forward)."""
+        return self._run(x, cond, cos, sin, True, slot, bias, qkv, gate_up)
 
     def _run(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
+        gate_up: Optional[Tensor] = None,
     ) -> tuple[Tensor, Optional[BlockSaved]]:  # fmt: skip
         batch, horizon, _ = x.shape
-        h = self.attn_norm(x)
+        # folded norms (gate_up given): the GEMMs take x and x1 themselves and the epilogues
+        # scale each row by its norm factor (the norms' weights are in qkv and gate_up)
+        folded = gate_up is not None
+        h = x if folded else self.attn_norm(x)
         if qkv is None:
             q_lin, kv_lin = linear_of(self.q, h), linear_of(self.kv, h)
         else:  # one GEMM; q_lin and kv_lin are column ranges of its rows (views)
@@ -226,21 +243,26 @@ class _Block(nn.Module):
         # copy of K and V per query head (at B = 8 with an 816-token prefix that copy would
         # move more bytes per step than the weights) and, with one kv head (π0), attention's
         # output [B, 1, H·heads, hd] is already the o projection's input [B, H, heads·hd]
+        norm = (x, norm_eps(self.attn_norm, x.dtype)) if folded else None
         q, k, v = rotate_qkv(q_lin, kv_lin, cos, sin, cond, self.num_heads, self.num_kv_heads,
-                             buffers)  # fmt: skip
+                             buffers, norm)  # fmt: skip
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
         x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)
-        gate_up = linear_of(self.gate_up, self.mlp_norm(x1))
-        hidden, act = gated_gelu(gate_up, save_act=save)
+        if folded:  # gu: the scaled gate | up the pullback reads
+            eps = norm_eps(self.mlp_norm, x1.dtype)
+            hidden, act, gu = norm_gated_gelu(linear(x1, gate_up), x1, eps, save_act=save)
+        else:
+            gu = linear_of(self.gate_up, self.mlp_norm(x1))
+            hidden, act = gated_gelu(gu, save_act=save)
         out = linear_residual(self.down, hidden, x1)
         if not save:
             return out, None
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = gu.chunk(2, dim=-1)
         # k and v in the call's buffers: the pullback checks they were not rewritten since
         written = None if buffers is None else (slot, slot.writes)
-        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias, qkv)
+        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias, qkv, gate_up)
 
 
 class FlowTransformerHead(nn.Module):
@@ -295,9 +317,9 @@ class FlowTransformerHead(nn.Module):
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
-        for block, (block_cond, slot, qkv) in zip(self.blocks, features.per_block()):
+        for block, (block_cond, slot, qkv, gate_up) in zip(self.blocks, features.per_block()):
             tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias,
-                           qkv)  # fmt: skip
+                           qkv, gate_up)  # fmt: skip
         return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
     def prefix_cache(self, cond: Tensor, mask: Optional[Tensor] = None) -> PrefixCache:
@@ -382,9 +404,9 @@ class FlowTransformerHead(nn.Module):
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
-        for block, (block_cond, slot, qkv) in zip(self.blocks, features.per_block()):
+        for block, (block_cond, slot, qkv, gate_up) in zip(self.blocks, features.per_block()):
             tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot, features.bias,
-                                                qkv)  # fmt: skip
+                                                qkv, gate_up)  # fmt: skip
             saved.append(kept)
         out = linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
@@ -461,9 +483,9 @@ class FlowTransformerHead(nn.Module):
         slots = None
         if cond is not None and steps > 1:
             slots = tuple(PrefixSlot() for _ in range(cfg.depth))
-        qkv = self._fused_qkv(steps, t.device)
+        qkv, gate_up = self._folded_norms(self._fused_qkv(steps, t.device))
         return [
-            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots, bias, qkv)
+            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots, bias, qkv, gate_up)
             for k in range(steps)
         ]
 
@@ -486,6 +508,29 @@ class FlowTransformerHead(nn.Module):
         ):
             return None
         return tuple(torch.cat([b.q.weight, b.kv.weight]) for b in self.blocks)
+
+    def _folded_norms(
+        self, qkv: Optional[tuple[Tensor, ...]]
+    ) -> tuple[Optional[tuple[Tensor, ...]], Optional[tuple[Tensor, ...]]]:
+        """``(qkv, gate_up)`` of :class:`FlowStepFeatures`: with a fused ``qkv`` and the
+        Triton epilogues running (:func:`~ate_fast.models.block_epilogues.use_triton`), each
+        block's attention norm weight folded into ``qkv`` and its MLP norm weight into a
+        copy of W_gate_up (once per call, in the call), so the epilogue kernels apply the
+        norms' per-row factor and no kernel runs either norm (2 launches per block and step
+        for one multiply per block and call; the torch ops gain nothing: CUDA's RMSNorm is
+        one kernel either way). Else ``(qkv, None)``; plain ``nn.RMSNorm`` s and a plain
+        bias-free gate_up layer only."""
+        if qkv is None or not use_triton(qkv[0]):
+            return qkv, None
+        for b in self.blocks:
+            norms = (b.attn_norm, b.mlp_norm)
+            if not all(type(n) is nn.RMSNorm and not forward_hooks_active(n) for n in norms):
+                return qkv, None
+            if not plain_linear(b.gate_up) or b.gate_up.bias is not None:
+                return qkv, None
+        folded = tuple(fold_norm_weight(w, b.attn_norm) for w, b in zip(qkv, self.blocks))
+        gate_up = tuple(fold_norm_weight(b.gate_up.weight, b.mlp_norm) for b in self.blocks)
+        return folded, gate_up
 
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ate_fast.models.block_epilogues import MAX_ROW, use_triton
+from ate_fast.models.block_epilogues import MAX_ROW, norm_eps, use_triton
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
 from ate_fast.models.rotary import swap_halves
 
@@ -51,32 +51,38 @@ class BlockSaved(NamedTuple):
     bias: Optional[Tensor] = None  # attention's additive mask [B, 1, 1, N] (a padded prefix)
     # [W_q; W_kv] when the forward projected with one GEMM (FlowStepFeatures.qkv), else None
     qkv: Optional[Tensor] = None
+    # W_gate_up with the MLP norm's weight folded in when the forward folded both norms
+    # (FlowStepFeatures.gate_up; qkv then holds the attention norm's), else None
+    gate_up: Optional[Tensor] = None
 
 
-def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm) -> Tensor:
-    """``(∂ norm(x)/∂x)ᵀ grad`` [..., width] for ``nn.RMSNorm`` over the last dim."""
-    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-    rstd = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm, weighted: bool = False) -> Tensor:
+    """``(∂ norm(x)/∂x)ᵀ grad`` [..., width] for ``nn.RMSNorm`` over the last dim
+    (``weighted``: ``grad`` already multiplied by the norm's weight)."""
+    rstd = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm_eps(norm, x.dtype))
     xhat = x * rstd
-    gw = grad if norm.weight is None else grad * norm.weight
+    gw = grad if norm.weight is None or weighted else grad * norm.weight
     return rstd * (gw - xhat * (gw * xhat).mean(dim=-1, keepdim=True))
 
 
 def rms_norm_vjp(
-    grad: Tensor, x: Tensor, norm: nn.RMSNorm, residual: Optional[Tensor] = None
-) -> Tensor:
+    grad: Tensor, x: Tensor, norm: nn.RMSNorm, residual: Optional[Tensor] = None,
+    weighted: bool = False,
+) -> Tensor:  # fmt: skip
     """``residual + (∂ norm(x)/∂x)ᵀ grad`` [..., width] (``residual`` None: 0): torch ops,
-    or one Triton kernel (:mod:`ate_fast.models.block_epilogues`)."""
-    extra = tuple(t for t in (residual, norm.weight) if t is not None)
+    or one Triton kernel (:mod:`ate_fast.models.block_epilogues`). ``weighted``: ``grad``
+    is already multiplied by the norm's weight (the weight folded into the next
+    projection, :attr:`BlockSaved.gate_up`)."""
+    weight = None if weighted else norm.weight
+    extra = tuple(t for t in (residual, weight) if t is not None)
     if x.shape[-1] <= MAX_ROW and use_triton(grad, x, *extra):
         import ate_fast.models.block_epilogues_triton as kernels
 
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
         return kernels.rms_norm_vjp(
-            grad.contiguous(), x.contiguous(), norm.weight, eps,
+            grad.contiguous(), x.contiguous(), weight, norm_eps(norm, x.dtype),
             None if residual is None else residual.contiguous(),
         )  # fmt: skip
-    dx = rms_norm_input_vjp(grad, x, norm)
+    dx = rms_norm_input_vjp(grad, x, norm, weighted)
     return dx if residual is None else residual + dx
 
 
@@ -196,12 +202,16 @@ def block_input_vjp(
     block: nn.Module, grad: Tensor, saved: BlockSaved, cos: Tensor, sin: Tensor
 ) -> Tensor:
     """``(∂ block(x)/∂x)ᵀ grad`` [B, H, width] from ``grad`` on the block's output."""
+    # folded norms: gate_up and qkv hold the norms' weights, so the gradients that come
+    # back through them are already multiplied by those weights
+    folded = saved.gate_up is not None
     dm = times_weight(grad, block.down.weight)  # [B, H, mlp_dim]
     dgu = gelu_gate_backward(dm, saved)
-    dn = times_weight(dgu, block.gate_up.weight)  # [B, H, width]: at the MLP norm's output
-    dx1 = rms_norm_vjp(dn, saved.x1, block.mlp_norm, residual=grad)
+    gate_up = saved.gate_up if folded else block.gate_up.weight
+    dn = times_weight(dgu, gate_up)  # [B, H, width]: at the MLP norm's output
+    dx1 = rms_norm_vjp(dn, saved.x1, block.mlp_norm, residual=grad, weighted=folded)
     dh = attention_input_vjp(block, times_weight(dx1, block.o.weight), saved, cos, sin)
-    return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1)
+    return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1, weighted=folded)
 
 
 def head_input_vjp(
