@@ -46,8 +46,13 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   buffers once per call, inside the timed region.
 - ``ate_capture_triton_epilogues``: ``ate_capture`` with the block's element-wise epilogues
   as two Triton kernels (``ATE_FAST_FLOW_EPILOGUES=triton``,
-  :mod:`ate_fast.models.block_epilogues`: −8 kernels per block) and, there, the two
-  RMSNorms folded into them (−2 more: ``FlowStepFeatures.gate_up``), unguided: their A/B.
+  :mod:`ate_fast.models.block_epilogues`: −8 kernels per block) and, there, the attention
+  RMSNorm folded into the q|kv GEMM and the rotation kernel (−1 more:
+  ``FlowStepFeatures.attn_norm_folded``), unguided: their A/B.
+- ``ate_capture_triton_fold_mlp``: the same with the head's ``fold_mlp_norm = True``
+  (B = 1, unguided): the MLP norm folded too, into a per-call copy of W_gate_up (−1 kernel
+  per block and step, +2 × 302 MB per call); against ``ate_capture_triton_epilogues``,
+  whether that pays on this GPU.
 - ``ate_capture_padded_prompt``: ``ate_capture`` (B = 1, unguided) with openpi's padded
   prompt: the language tokens' last ``PADDED_TOKENS`` of 48 are padding, hidden by the
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
@@ -93,10 +98,11 @@ guidance term fails). A round is one call and one synchronisation. Rounds are ca
 (``ROW_SECONDS``, ``MAX_ROUNDS``).
 
 Budget: ``ATE_FAST_REALSIZE_BUDGET_S`` (seconds from import). Cases run in priority order
-(every eager and ate_capture row first, the Triton-epilogue, padded-prompt and two-GEMM
-rows at B = 1, then the compiled rows at B = 1, the Triton-epilogue row at B = 8, the
-compiled rows at B = 8); a case is skipped, and recorded as skipped in realsize.json/.md,
-when the seconds spent plus its guessed cost (``CASE_GUESS_S`` + the ``COMPILE_GUESS_S`` of
+(every eager and ate_capture row first, the Triton-epilogue and padded-prompt rows at
+B = 1, the unguided compiled rows at B = 1, the two-GEMM and folded-MLP-norm rows, the
+other compiled rows at B = 1, the Triton-epilogue row at B = 8, the compiled rows at
+B = 8); a case is skipped, and recorded as skipped in realsize.json/.md, when the seconds
+spent plus its guessed cost (``CASE_GUESS_S`` + the ``COMPILE_GUESS_S`` of
 the compile units it would be first to build) exceed the budget.
 """
 
@@ -139,8 +145,10 @@ GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
 EPILOGUES_ROW = "ate_capture_triton_epilogues"  # ate_capture, ATE_FAST_FLOW_EPILOGUES=triton
 PADDED_ROW = "ate_capture_padded_prompt"  # ate_capture with a padded prompt (its mask)
 TWO_GEMMS_ROW = "ate_capture_two_gemms"  # ate_capture with q and kv as two GEMMs per block
-ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, PADDED_ROW,
-        TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
+FOLD_MLP_ROW = "ate_capture_triton_fold_mlp"  # EPILOGUES_ROW with the MLP norm folded too
+TRITON_ROWS = (EPILOGUES_ROW, FOLD_MLP_ROW)  # under ATE_FAST_FLOW_EPILOGUES=triton
+ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, FOLD_MLP_ROW,
+        PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
 BASELINE = "compile_max_autotune"
 DEPTH = 2 if DRY_RUN else None  # None: the config's 18 blocks
@@ -182,6 +190,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     EPILOGUES_ROW: 10.0,  # + Triton compiling its two kernels at first use
     PADDED_ROW: 4.0,
     TWO_GEMMS_ROW: 4.0,
+    FOLD_MLP_ROW: 10.0,  # + Triton compiling its kernels' folded variants at first use
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -204,7 +213,8 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap = [(b, g, r) for b in BATCHES for g in GUIDANCES for r in ("eager", "ate_capture")]
     cheap.append((b1, "unguided", EPILOGUES_ROW))  # the Triton epilogues' A/B (B = 8: later)
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
-    cheap.append((b1, "unguided", TWO_GEMMS_ROW))  # one q|kv GEMM per block: its A/B
+    # A/Bs of a default's parts, after the unguided compiled baseline (the targets' peer)
+    parts = [(b1, "unguided", TWO_GEMMS_ROW), (b1, "unguided", FOLD_MLP_ROW)]
     compiled_b1 = [
         (b1, "unguided", "compile_max_autotune"),
         (b1, "unguided", "ate_capture_compiled"),
@@ -216,7 +226,9 @@ def _cases() -> list[tuple[int, str, str]]:
     compiled_b8 = [(b8, g, r) for (_, g, r) in compiled_b1]
     if DRY_RUN and not DRY_RUN_FULL:
         compiled_b8 = []
-    return cheap + compiled_b1 + [(b8, "unguided", EPILOGUES_ROW)] + compiled_b8
+    first_compiled, compiled_b1 = compiled_b1[:2], compiled_b1[2:]
+    tail = [(b8, "unguided", EPILOGUES_ROW), *compiled_b8]
+    return cheap + first_compiled + parts + compiled_b1 + tail
 
 
 CASES = _cases() if HAS_GPU or DRY_RUN else []
@@ -541,9 +553,12 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
-    if row == TWO_GEMMS_ROW:  # the same weights and modules, its own fuse_qkv
+    if row in (TWO_GEMMS_ROW, FOLD_MLP_ROW):  # the same weights and modules, own settings
         head = copy.copy(_head())
-        head.fuse_qkv = False
+        if row == TWO_GEMMS_ROW:
+            head.fuse_qkv = False
+        else:
+            head.fold_mlp_norm = True
         return _ate_call(batch, guidance, head)
     if row == "ate_capture_compiled":
         return _ate_call(batch, guidance, _compiled("default-head", batch))
@@ -792,7 +807,7 @@ def _case_id(case: tuple[int, str, str]) -> str:
 @pytest.mark.parametrize("batch,guidance,row", CASES, ids=[_case_id(c) for c in CASES])
 def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -> None:
     case = (batch, guidance, row)
-    if row == EPILOGUES_ROW:
+    if row in TRITON_ROWS:
         if DRY_RUN and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton epilogues on the CPU need TRITON_INTERPRET=1 (dry run)")
         monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")

@@ -180,7 +180,7 @@ def _upcast(value):
     if isinstance(value, torch.Tensor):
         return value.double()
     if isinstance(value, fv.BlockSaved):
-        return fv.BlockSaved(*(None if t is None else t.double() for t in value))
+        return fv.BlockSaved(*(t.double() if isinstance(t, torch.Tensor) else t for t in value))
     return value
 
 

@@ -2,12 +2,14 @@
 
 With the Triton epilogues running (``ATE_FAST_FLOW_EPILOGUES=triton``; here Triton's CPU
 interpreter) and a fused q|kv call (``FlowTransformerHead.fuse_qkv``), the step features
-carry ``[W_q; W_kv]`` and ``W_gate_up`` with the norms' weights folded in
-(``FlowStepFeatures.gate_up``): the GEMMs take the un-normed rows and the rotation and
-gated-GELU kernels scale each row by its norm factor ``1/√(mean(x²) + ε)``, so no kernel
-computes either norm. Checked: the folded call equals the torch path's (float64, forward
-and pullback, with and without a padded prefix), stays within bf16's own error, the
-kernels against their torch fallbacks, the op count, and where the fold must not happen.
+carry ``[W_q; W_kv]`` with the attention norm's weight folded in
+(``FlowStepFeatures.attn_norm_folded``) and, with ``fold_mlp_norm``, a copy of
+``W_gate_up`` with the MLP norm's (``FlowStepFeatures.gate_up``): those GEMMs take the
+un-normed rows and the rotation and gated-GELU kernels scale each row by its norm factor
+``1/√(mean(x²) + ε)``, so no kernel computes the folded norms. Checked: the folded call
+equals the torch path's (float64, forward and pullback, with and without a padded prefix,
+one or both norms folded), stays within bf16's own error, the kernels against their torch
+fallbacks, the op count, and where the fold must not happen.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ def path(monkeypatch):
     return use
 
 
-def _head(dtype=torch.float64, kv_heads: int = 1) -> FlowTransformerHead:
+def _head(
+    dtype=torch.float64, kv_heads: int = 1, fold_mlp_norm: bool = True
+) -> FlowTransformerHead:
     """A 2-block small head, fused q|kv on the CPU too, its norm weights not all 1."""
     torch.manual_seed(0)
     head = FlowTransformerHead("small", depth=2, num_kv_heads=kv_heads, horizon=HORIZON)
     head.fuse_qkv = True
+    head.fold_mlp_norm = fold_mlp_norm
     with torch.no_grad():
         for block in head.blocks:
             for norm in (block.attn_norm, block.mlp_norm):
@@ -67,7 +72,8 @@ def _steps(head, path, prefix: str, k: int = 1):
     with torch.no_grad():
         path("triton")
         features = head.step_features(x, t, cond)
-        assert features[k].gate_up is not None  # folded
+        assert features[k].attn_norm_folded
+        assert (features[k].gate_up is not None) == head.fold_mlp_norm
         out, pullback = head.forward_with_vjp_features(x, features[k])
         pulled = pullback(u)  # before the next forward with these features (prefix buffers)
         got = (head.forward_features(x, features[k]), out, pulled)
@@ -76,10 +82,11 @@ def _steps(head, path, prefix: str, k: int = 1):
         return got, (want, want, want_pullback(u))
 
 
+@pytest.mark.parametrize("fold_mlp_norm", [True, False], ids=["both", "attention"])
 @pytest.mark.parametrize("prefix", ["none", "cache", "padded"])
 @pytest.mark.parametrize("kv_heads", [1, 2])
-def test_folded_call_equals_the_torch_path(path, kv_heads, prefix):
-    got, want = _steps(_head(kv_heads=kv_heads), path, prefix)
+def test_folded_call_equals_the_torch_path(path, kv_heads, prefix, fold_mlp_norm):
+    got, want = _steps(_head(kv_heads=kv_heads, fold_mlp_norm=fold_mlp_norm), path, prefix)
     for name, a, b in zip(("forward", "forward_with_vjp", "pullback"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
@@ -127,15 +134,17 @@ def test_norm_kernels_match_their_torch_fallback(path, dtype):
     torch.testing.assert_close(results["torch"][-1], gate_up * rstd, **tol)
 
 
-def test_no_norm_kernel_runs(path):
-    """Per folded block and step the ATen ops hold no norm (pow, mean, rsqrt: the kernels
-    apply its factor) and 4 GEMMs: q|kv, o, gate_up, down."""
+@pytest.mark.parametrize("fold_mlp_norm", [True, False], ids=["both", "attention"])
+def test_no_folded_norm_kernel_runs(path, fold_mlp_norm):
+    """Per block and step the ATen ops hold no folded norm (pow, mean, rsqrt: the kernels
+    apply its factor; the MLP norm's unless it is folded too) and 4 GEMMs: q|kv, o,
+    gate_up, down."""
     path("triton")
     counts = []
     for depth in (1, 2):
         torch.manual_seed(0)
         head = FlowTransformerHead("small", depth=depth, horizon=HORIZON).eval()
-        head.fuse_qkv = True
+        head.fuse_qkv, head.fold_mlp_norm = True, fold_mlp_norm
         x, t = torch.randn(1, HORIZON, 32), torch.rand(2, 1)
         with torch.no_grad():
             features = head.step_features(x, t, head.prefix_cache(torch.randn(1, 16, 256)))
@@ -143,15 +152,16 @@ def test_no_norm_kernel_runs(path):
                 head.forward_features(x, features[1])
         counts.append(count.ops)
     per_block = counts[1] - counts[0]
-    assert not {"pow", "mean", "rsqrt"} & set(per_block), dict(per_block)
+    norms = 0 if fold_mlp_norm else 1
+    assert all(per_block[op] == norms for op in ("pow", "mean", "rsqrt")), dict(per_block)
     gemms = sum(per_block[n] for n in ("mm", "addmm", "_linear_pointwise"))
     assert gemms == 4, dict(per_block)
 
 
 def test_fold_only_where_the_kernels_run(path):
     """No fold under autograd (the kernels have no backward), with the torch epilogues
-    (CUDA's RMSNorm is one kernel: nothing to save), without a fused q|kv, or for a hooked
-    norm; that call still equals the torch path's."""
+    (CUDA's RMSNorm is one kernel: nothing to save) or without a fused q|kv; no MLP norm
+    fold by default or for a hooked MLP norm (that call still equals the torch path's)."""
     path("triton")
     head = _head()
     x, t = torch.randn(1, HORIZON, 32, dtype=torch.float64), torch.rand(3, 1, dtype=torch.float64)
@@ -161,13 +171,18 @@ def test_fold_only_where_the_kernels_run(path):
         assert head.step_features(x, t)[0].gate_up is None
         path("triton")
         assert head.step_features(x, t)[0].gate_up is not None
+        head.fold_mlp_norm = False  # the default
+        assert head.step_features(x, t)[0].attn_norm_folded
+        assert head.step_features(x, t)[0].gate_up is None
+        head.fold_mlp_norm = True
         head.fuse_qkv = False
+        assert not head.step_features(x, t)[0].attn_norm_folded
         assert head.step_features(x, t)[0].gate_up is None
     head.fuse_qkv = True
     handle = head.blocks[1].mlp_norm.register_forward_hook(lambda m, a, out: out * 2)
     with torch.no_grad():
         features = head.step_features(x, t)
-        assert features[0].gate_up is None
+        assert features[0].attn_norm_folded and features[0].gate_up is None
         got = head.forward_features(x, features[1])
         path("torch")
         torch.testing.assert_close(got, head(x, t[1]), rtol=1e-12, atol=1e-12)
@@ -181,6 +196,7 @@ def test_pi0_folded_on_cuda(path):
     compiled) against the torch path's, each within bf16's error of the other."""
     torch.manual_seed(0)
     head = FlowTransformerHead("pi0-expert", depth=2).to("cuda", torch.bfloat16).eval()
+    head.fold_mlp_norm = True
     cache = head.prefix_cache(torch.randn(2, 816, 1024, device="cuda", dtype=torch.bfloat16))
     noise, u = torch.randn(2, 50, 32, device="cuda"), torch.randn(2, 50, 32, device="cuda")
     t = torch.rand(3, 2, device="cuda")

@@ -16,13 +16,13 @@ tens, so their count, not their bytes, is what they cost (``benchmarks/README.md
   (torch: 2 kernels; Triton: 1).
 
 With the Triton kernels running, a sampler call with one q|kv GEMM
-(``FlowTransformerHead.fuse_qkv``) also folds the block's two RMSNorms: their weights go
-into ``[W_q; W_kv]`` and a copy of ``W_gate_up`` once per call (:func:`fold_norm_weight`),
-the GEMMs take the un-normed rows, and :func:`rotate_qkv` (``norm=``) and
-:func:`norm_gated_gelu` scale each row by its norm factor ``1/√(mean(x²) + ε)`` in the same
-kernels — computed from the row of x they read — so no kernel runs either norm (a GPU
-step: 2 launches fewer per block; the torch ops gain nothing, CUDA's RMSNorm being one
-kernel).
+(``FlowTransformerHead.fuse_qkv``) also folds the block's attention RMSNorm — its weight
+goes into ``[W_q; W_kv]`` as the call concatenates them (:func:`fold_norm_weight`), the
+GEMM takes the un-normed rows, and :func:`rotate_qkv` (``norm=``) scales each row by its
+norm factor ``1/√(mean(x²) + ε)``, computed from the row of x — so no kernel runs that
+norm (a launch fewer per block and step); with ``FlowTransformerHead.fold_mlp_norm`` the
+MLP norm too, into a per-call copy of ``W_gate_up`` and :func:`norm_gated_gelu`. The torch
+ops gain nothing from a fold (CUDA's RMSNorm is one kernel).
 
 The hand-written input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`, real-time
 chunking's pullback) has four more, chosen by the same setting: the gated GELU's backward,

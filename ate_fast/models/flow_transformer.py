@@ -113,10 +113,13 @@ class FlowStepFeatures(NamedTuple):
     # [(heads + 2·kv_heads)·hd, width], concatenated once per call, so that each step
     # projects queries, keys and values in one GEMM (and its pullback in one), not two
     qkv: Optional[tuple[Tensor, ...]] = None
-    # with qkv and the Triton epilogues running, per block: W_gate_up with the MLP norm's
-    # weight folded in — and qkv then has the attention norm's (block_epilogues.
-    # fold_norm_weight): the GEMMs take the un-normed rows and the epilogue kernels scale
-    # each by its norm factor 1/√(mean(x²) + ε), so no kernel computes either norm
+    # with qkv and the Triton epilogues running: the attention norm's weight is folded into
+    # qkv (block_epilogues.fold_norm_weight), so the q|kv GEMM takes the un-normed rows and
+    # the rotation kernel scales each by its norm factor 1/√(mean(x²) + ε) — no norm kernel,
+    # for no extra bytes (the call copies those weights for qkv anyway)
+    attn_norm_folded: bool = False
+    # and with FlowTransformerHead.fold_mlp_norm, per block a copy of W_gate_up with the MLP
+    # norm's weight folded in (the gated-GELU kernel applies the factor)
     gate_up: Optional[tuple[Tensor, ...]] = None
 
     def per_block(self) -> Iterator[tuple[Any, ...]]:
@@ -186,7 +189,7 @@ class _Block(nn.Module):
     def forward(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
-        gate_up: Optional[Tensor] = None,
+        gate_up: Optional[Tensor] = None, attn_norm_folded: bool = False,
     ) -> Tensor:  # fmt: skip
         """The block on ``x`` [B, H, width]; ``cond``: None, or this block's prefix
         ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot`` (with a prefix): its
@@ -194,9 +197,10 @@ class _Block(nn.Module):
         ``bias``: None, or attention's additive mask [B, 1, 1, L + H] (a padded prefix,
         :attr:`FlowStepFeatures.bias`; ``cos`` / ``sin`` then [B, 1, L + H, hd]);
         ``qkv``: None, or ``[W_q; W_kv]`` (:attr:`FlowStepFeatures.qkv`): one GEMM for both
-        projections; ``gate_up``: None, or the folded W_gate_up (:attr:`FlowStepFeatures.
-        gate_up`; ``qkv`` then folded too)."""
-        return self._run(x, cond, cos, sin, False, slot, bias, qkv, gate_up)[0]
+        projections; ``attn_norm_folded``: ``qkv`` holds the attention norm's weight;
+        ``gate_up``: None, or W_gate_up with the MLP norm's weight
+        (:attr:`FlowStepFeatures.attn_norm_folded`, :attr:`FlowStepFeatures.gate_up`)."""
+        return self._run(x, cond, cos, sin, False, slot, bias, qkv, gate_up, attn_norm_folded)[0]
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, kv_heads, L, hd] of tokens [B, L, width], the keys rotated
@@ -209,25 +213,25 @@ class _Block(nn.Module):
     def forward_saving(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
-        gate_up: Optional[Tensor] = None,
+        gate_up: Optional[Tensor] = None, attn_norm_folded: bool = False,
     ) -> tuple[Tensor, BlockSaved]:  # fmt: skip
         """The block on ``x`` [B, H, width] and what its input-VJP needs
         (:func:`ate_fast.models.flow_transformer_vjp.block_input_vjp`). ``cond``: None, or
         this block's cached prefix ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot``,
-        ``bias``, ``qkv``, ``gate_up``: as in :meth:`forward` (with a slot the pullback must
-        run before the next forward)."""
-        return self._run(x, cond, cos, sin, True, slot, bias, qkv, gate_up)
+        ``bias``, ``qkv``, ``gate_up``, ``attn_norm_folded``: as in :meth:`forward` (with a
+        slot the pullback must run before the next forward)."""
+        return self._run(x, cond, cos, sin, True, slot, bias, qkv, gate_up, attn_norm_folded)
 
     def _run(
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
-        gate_up: Optional[Tensor] = None,
+        gate_up: Optional[Tensor] = None, attn_norm_folded: bool = False,
     ) -> tuple[Tensor, Optional[BlockSaved]]:  # fmt: skip
         batch, horizon, _ = x.shape
-        # folded norms (gate_up given): the GEMMs take x and x1 themselves and the epilogues
-        # scale each row by its norm factor (the norms' weights are in qkv and gate_up)
-        folded = gate_up is not None
-        h = x if folded else self.attn_norm(x)
+        # a folded norm: its GEMM takes x (x1) itself, the norm's weight is in the GEMM's
+        # weight, and the epilogue scales each row by the norm's factor
+        attn_norm_folded = attn_norm_folded and qkv is not None
+        h = x if attn_norm_folded else self.attn_norm(x)
         if qkv is None:
             q_lin, kv_lin = linear_of(self.q, h), linear_of(self.kv, h)
         else:  # one GEMM; q_lin and kv_lin are column ranges of its rows (views)
@@ -243,14 +247,14 @@ class _Block(nn.Module):
         # copy of K and V per query head (at B = 8 with an 816-token prefix that copy would
         # move more bytes per step than the weights) and, with one kv head (π0), attention's
         # output [B, 1, H·heads, hd] is already the o projection's input [B, H, heads·hd]
-        norm = (x, norm_eps(self.attn_norm, x.dtype)) if folded else None
+        norm = (x, norm_eps(self.attn_norm, x.dtype)) if attn_norm_folded else None
         q, k, v = rotate_qkv(q_lin, kv_lin, cos, sin, cond, self.num_heads, self.num_kv_heads,
                              buffers, norm)  # fmt: skip
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
         x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)
-        if folded:  # gu: the scaled gate | up the pullback reads
+        if gate_up is not None:  # gu: the scaled gate | up the pullback reads
             eps = norm_eps(self.mlp_norm, x1.dtype)
             hidden, act, gu = norm_gated_gelu(linear(x1, gate_up), x1, eps, save_act=save)
         else:
@@ -262,7 +266,8 @@ class _Block(nn.Module):
         gate, up = gu.chunk(2, dim=-1)
         # k and v in the call's buffers: the pullback checks they were not rewritten since
         written = None if buffers is None else (slot, slot.writes)
-        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias, qkv, gate_up)
+        return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias, qkv, gate_up,
+                               attn_norm_folded)  # fmt: skip
 
 
 class FlowTransformerHead(nn.Module):
@@ -284,6 +289,15 @@ class FlowTransformerHead(nn.Module):
     # float32: 2.20 → 2.29 s per call). True / False: always / never (the tests set True
     # on the CPU).
     fuse_qkv: Optional[bool] = None
+    # With the Triton epilogues (ATE_FAST_FLOW_EPILOGUES=triton) in a fused call, also fold
+    # each block's MLP norm weight into a per-call copy of W_gate_up, so that the gated-GELU
+    # kernel applies the norm and its kernel goes (the attention norm is folded whenever
+    # the path runs: it rides on the q|kv concatenation). Off by default: the copy reads and
+    # writes W_gate_up once per call (π0, bf16: 604 MB), which pays for the 180 launches a
+    # 10-step call saves only above ≈ 1.3 TB/s (at ≈ 2.5 µs a launch: an H100 or H200, not
+    # an RTX 4090 or a Jetson Orin). bench_realsize's ate_capture_triton_fold_mlp row is its
+    # A/B on the GPU; never measured on one.
+    fold_mlp_norm: bool = False
 
     def __init__(self, config: Union[str, FlowTransformerConfig] = "small", **overrides: Any):
         super().__init__()
@@ -319,7 +333,7 @@ class FlowTransformerHead(nn.Module):
         tokens, _ = self._embed(x, features)
         for block, (block_cond, slot, qkv, gate_up) in zip(self.blocks, features.per_block()):
             tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias,
-                           qkv, gate_up)  # fmt: skip
+                           qkv, gate_up, features.attn_norm_folded)  # fmt: skip
         return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
     def prefix_cache(self, cond: Tensor, mask: Optional[Tensor] = None) -> PrefixCache:
@@ -405,8 +419,10 @@ class FlowTransformerHead(nn.Module):
         cos, sin = features.cos, features.sin
         saved = []
         for block, (block_cond, slot, qkv, gate_up) in zip(self.blocks, features.per_block()):
-            tokens, kept = block.forward_saving(tokens, block_cond, cos, sin, slot, features.bias,
-                                                qkv, gate_up)  # fmt: skip
+            tokens, kept = block.forward_saving(
+                tokens, block_cond, cos, sin, slot, features.bias, qkv, gate_up,
+                features.attn_norm_folded,
+            )  # fmt: skip
             saved.append(kept)
         out = linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
@@ -483,9 +499,11 @@ class FlowTransformerHead(nn.Module):
         slots = None
         if cond is not None and steps > 1:
             slots = tuple(PrefixSlot() for _ in range(cfg.depth))
-        qkv, gate_up = self._folded_norms(self._fused_qkv(steps, t.device))
+        qkv, attn_folded, gate_up = self._folded_norms(self._fused_qkv(steps, t.device))
         return [
-            FlowStepFeatures(time_in[k], cos, sin, blocks, split, plain, slots, bias, qkv, gate_up)
+            FlowStepFeatures(
+                time_in[k], cos, sin, blocks, split, plain, slots, bias, qkv, attn_folded, gate_up
+            )
             for k in range(steps)
         ]
 
@@ -511,26 +529,28 @@ class FlowTransformerHead(nn.Module):
 
     def _folded_norms(
         self, qkv: Optional[tuple[Tensor, ...]]
-    ) -> tuple[Optional[tuple[Tensor, ...]], Optional[tuple[Tensor, ...]]]:
-        """``(qkv, gate_up)`` of :class:`FlowStepFeatures`: with a fused ``qkv`` and the
-        Triton epilogues running (:func:`~ate_fast.models.block_epilogues.use_triton`), each
-        block's attention norm weight folded into ``qkv`` and its MLP norm weight into a
-        copy of W_gate_up (once per call, in the call), so the epilogue kernels apply the
-        norms' per-row factor and no kernel runs either norm (2 launches per block and step
-        for one multiply per block and call; the torch ops gain nothing: CUDA's RMSNorm is
-        one kernel either way). Else ``(qkv, None)``; plain ``nn.RMSNorm`` s and a plain
-        bias-free gate_up layer only."""
+    ) -> tuple[Optional[tuple[Tensor, ...]], bool, Optional[tuple[Tensor, ...]]]:
+        """``(qkv, attn_norm_folded, gate_up)`` of :class:`FlowStepFeatures`. With a fused
+        ``qkv`` and the Triton epilogues running
+        (:func:`~ate_fast.models.block_epilogues.use_triton`), each block's attention norm
+        weight is folded into ``qkv`` — in the call, like the concatenation: the rotation
+        kernel then applies the norm's per-row factor, and no kernel runs the norm (a
+        launch per block and step, for no extra bytes) — and with :attr:`fold_mlp_norm`
+        its MLP norm weight into a copy of W_gate_up (a launch per block and step for 2 ×
+        W_gate_up's bytes per block and call). Plain ``nn.RMSNorm`` s and a plain bias-free
+        gate_up layer only; the torch ops gain nothing (CUDA's RMSNorm is one kernel)."""
         if qkv is None or not use_triton(qkv[0]):
-            return qkv, None
-        for b in self.blocks:
-            norms = (b.attn_norm, b.mlp_norm)
-            if not all(type(n) is nn.RMSNorm and not forward_hooks_active(n) for n in norms):
-                return qkv, None
-            if not plain_linear(b.gate_up) or b.gate_up.bias is not None:
-                return qkv, None
-        folded = tuple(fold_norm_weight(w, b.attn_norm) for w, b in zip(qkv, self.blocks))
-        gate_up = tuple(fold_norm_weight(b.gate_up.weight, b.mlp_norm) for b in self.blocks)
-        return folded, gate_up
+            return qkv, False, None
+        if not all(_plain_norm(b.attn_norm) for b in self.blocks):
+            return qkv, False, None
+        qkv = tuple(fold_norm_weight(w, b.attn_norm) for w, b in zip(qkv, self.blocks))
+        mlp = self.fold_mlp_norm and all(
+            _plain_norm(b.mlp_norm) and plain_linear(b.gate_up) and b.gate_up.bias is None
+            for b in self.blocks
+        )
+        if not mlp:
+            return qkv, True, None
+        return qkv, True, tuple(fold_norm_weight(b.gate_up.weight, b.mlp_norm) for b in self.blocks)
 
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the
@@ -543,6 +563,11 @@ class FlowTransformerHead(nn.Module):
             time = features.time.expand(-1, tokens.shape[1], -1)
             pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
         return linear_of(self.time_mlp_out, F.silu(pre_silu)), pre_silu
+
+
+def _plain_norm(norm: nn.Module) -> bool:
+    """``norm`` is an ``nn.RMSNorm`` itself with no forward hooks (its weight is all it adds)."""
+    return type(norm) is nn.RMSNorm and not forward_hooks_active(norm)
 
 
 def _autocast_enabled(device_type: str) -> bool:

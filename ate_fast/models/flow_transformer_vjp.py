@@ -51,9 +51,10 @@ class BlockSaved(NamedTuple):
     bias: Optional[Tensor] = None  # attention's additive mask [B, 1, 1, N] (a padded prefix)
     # [W_q; W_kv] when the forward projected with one GEMM (FlowStepFeatures.qkv), else None
     qkv: Optional[Tensor] = None
-    # W_gate_up with the MLP norm's weight folded in when the forward folded both norms
-    # (FlowStepFeatures.gate_up; qkv then holds the attention norm's), else None
+    # W_gate_up with the MLP norm's weight folded in when the forward folded that norm
+    # (FlowStepFeatures.gate_up), else None
     gate_up: Optional[Tensor] = None
+    attn_norm_folded: bool = False  # qkv holds the attention norm's weight
 
 
 def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm, weighted: bool = False) -> Tensor:
@@ -202,16 +203,17 @@ def block_input_vjp(
     block: nn.Module, grad: Tensor, saved: BlockSaved, cos: Tensor, sin: Tensor
 ) -> Tensor:
     """``(∂ block(x)/∂x)ᵀ grad`` [B, H, width] from ``grad`` on the block's output."""
-    # folded norms: gate_up and qkv hold the norms' weights, so the gradients that come
-    # back through them are already multiplied by those weights
-    folded = saved.gate_up is not None
+    # a folded norm: the weight it came back through holds the norm's weight, so the
+    # gradient is already multiplied by it
+    mlp_folded = saved.gate_up is not None
     dm = times_weight(grad, block.down.weight)  # [B, H, mlp_dim]
     dgu = gelu_gate_backward(dm, saved)
-    gate_up = saved.gate_up if folded else block.gate_up.weight
+    gate_up = saved.gate_up if mlp_folded else block.gate_up.weight
     dn = times_weight(dgu, gate_up)  # [B, H, width]: at the MLP norm's output
-    dx1 = rms_norm_vjp(dn, saved.x1, block.mlp_norm, residual=grad, weighted=folded)
+    dx1 = rms_norm_vjp(dn, saved.x1, block.mlp_norm, residual=grad, weighted=mlp_folded)
     dh = attention_input_vjp(block, times_weight(dx1, block.o.weight), saved, cos, sin)
-    return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1, weighted=folded)
+    return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1,
+                        weighted=saved.attn_norm_folded)  # fmt: skip
 
 
 def head_input_vjp(
