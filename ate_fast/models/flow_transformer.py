@@ -499,7 +499,7 @@ class FlowTransformerHead(nn.Module):
         slots = None
         if cond is not None and steps > 1:
             slots = tuple(PrefixSlot() for _ in range(cfg.depth))
-        qkv, attn_folded, gate_up = self._folded_norms(self._fused_qkv(steps, t.device))
+        qkv, attn_folded, gate_up = self._projection_weights(steps, t.device)
         return [
             FlowStepFeatures(
                 time_in[k], cos, sin, blocks, split, plain, slots, bias, qkv, attn_folded, gate_up
@@ -507,50 +507,54 @@ class FlowTransformerHead(nn.Module):
             for k in range(steps)
         ]
 
-    def _fused_qkv(self, steps: int, device: torch.device) -> Optional[tuple[Tensor, ...]]:
-        """Each block's ``[W_q; W_kv]`` for a call of ``steps`` > 1 steps where
-        :attr:`fuse_qkv` says so and the q and kv layers are plain bias-free ``nn.Linear`` s
-        (:func:`plain_linear`: a LoRA wrapper or a hook computes something else), else
-        None. The concatenation reads and writes both weights once per call, in the call (a
-        CUDA graph replays it, so in-place weight updates are seen)."""
+    def _projection_weights(
+        self, steps: int, device: torch.device
+    ) -> tuple[Optional[tuple[Tensor, ...]], bool, Optional[tuple[Tensor, ...]]]:
+        """``(qkv, attn_norm_folded, gate_up)`` of :class:`FlowStepFeatures` for a call of
+        ``steps`` steps on ``device``, built in the call (a CUDA graph replays the build, so
+        in-place weight updates are seen).
+
+        ``qkv``: each block's ``[W_q; W_kv]`` where :meth:`_fuses_qkv`, else None. With it
+        and the Triton epilogues running (:func:`~ate_fast.models.block_epilogues.use_triton`)
+        the attention norm's weight is folded in as the two are stacked (the same bytes as
+        the concatenation): the rotation kernel applies the norm's per-row factor and no
+        kernel runs that norm. ``gate_up``: with that and :attr:`fold_mlp_norm`, a copy of
+        each W_gate_up with the MLP norm's weight folded in (2 × its bytes per call). Plain
+        ``nn.RMSNorm`` s and a plain bias-free gate_up layer only; the torch ops gain
+        nothing from a fold (CUDA's RMSNorm is one kernel)."""
+        if not self._fuses_qkv(steps, device):
+            return None, False, None
+        blocks = self.blocks
+        fold = all(_plain_norm(b.attn_norm) for b in blocks)
+        if fold:  # and the kernels run (no autograd record: the stacking writes in place)
+            stacked = [t for b in blocks for t in (b.q.weight, b.kv.weight, b.attn_norm.weight)]
+            fold = use_triton(*(t for t in stacked if t is not None))
+        qkv = tuple(
+            _stacked(b.q.weight, b.kv.weight, b.attn_norm.weight if fold else None) for b in blocks
+        )
+        mlp = fold and self.fold_mlp_norm and all(
+            _plain_norm(b.mlp_norm) and plain_linear(b.gate_up) and b.gate_up.bias is None
+            for b in blocks
+        )  # fmt: skip
+        gate_up = tuple(fold_norm_weight(b.gate_up.weight, b.mlp_norm) for b in blocks)
+        return qkv, fold, gate_up if mlp else None
+
+    def _fuses_qkv(self, steps: int, device: torch.device) -> bool:
+        """Whether a call of ``steps`` steps on ``device`` projects q and kv with one GEMM:
+        :attr:`fuse_qkv` (auto: off the CPU, outside an export trace and autocast), more
+        than one step, and plain bias-free ``nn.Linear`` q and kv layers (a LoRA wrapper or
+        a hook computes something else)."""
         fuse = self.fuse_qkv
         if fuse is None:  # auto: where a launch costs what the GEMM's bytes do
             # (not under autocast: it casts a leaf weight once per region, the call's
             # concatenation at every step)
             fuse = not (device.type == "cpu" or exporting_graph() or _autocast_enabled(device.type))
         if not fuse or steps < 2:  # one step would read the weights twice for one GEMM
-            return None
-        if not all(
+            return False
+        return all(
             plain_linear(b.q) and plain_linear(b.kv) and b.q.bias is None and b.kv.bias is None
             for b in self.blocks
-        ):
-            return None
-        return tuple(torch.cat([b.q.weight, b.kv.weight]) for b in self.blocks)
-
-    def _folded_norms(
-        self, qkv: Optional[tuple[Tensor, ...]]
-    ) -> tuple[Optional[tuple[Tensor, ...]], bool, Optional[tuple[Tensor, ...]]]:
-        """``(qkv, attn_norm_folded, gate_up)`` of :class:`FlowStepFeatures`. With a fused
-        ``qkv`` and the Triton epilogues running
-        (:func:`~ate_fast.models.block_epilogues.use_triton`), each block's attention norm
-        weight is folded into ``qkv`` — in the call, like the concatenation: the rotation
-        kernel then applies the norm's per-row factor, and no kernel runs the norm (a
-        launch per block and step, for no extra bytes) — and with :attr:`fold_mlp_norm`
-        its MLP norm weight into a copy of W_gate_up (a launch per block and step for 2 ×
-        W_gate_up's bytes per block and call). Plain ``nn.RMSNorm`` s and a plain bias-free
-        gate_up layer only; the torch ops gain nothing (CUDA's RMSNorm is one kernel)."""
-        if qkv is None or not use_triton(qkv[0]):
-            return qkv, False, None
-        if not all(_plain_norm(b.attn_norm) for b in self.blocks):
-            return qkv, False, None
-        qkv = tuple(fold_norm_weight(w, b.attn_norm) for w, b in zip(qkv, self.blocks))
-        mlp = self.fold_mlp_norm and all(
-            _plain_norm(b.mlp_norm) and plain_linear(b.gate_up) and b.gate_up.bias is None
-            for b in self.blocks
         )
-        if not mlp:
-            return qkv, True, None
-        return qkv, True, tuple(fold_norm_weight(b.gate_up.weight, b.mlp_norm) for b in self.blocks)
 
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the
@@ -563,6 +567,19 @@ class FlowTransformerHead(nn.Module):
             time = features.time.expand(-1, tokens.shape[1], -1)
             pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
         return linear_of(self.time_mlp_out, F.silu(pre_silu)), pre_silu
+
+
+def _stacked(w_q: Tensor, w_kv: Tensor, gain: Optional[Tensor]) -> Tensor:
+    """``[W_q; W_kv]`` [N_q + N_kv, width], each column times ``gain`` [width] (an RMSNorm's
+    weight, :func:`~ate_fast.models.block_epilogues.fold_norm_weight`) when given — written
+    straight into the stacked tensor: the bytes of the concatenation alone."""
+    if gain is None:
+        return torch.cat([w_q, w_kv])
+    out = w_q.new_empty(w_q.shape[0] + w_kv.shape[0], w_q.shape[1])
+    gain = gain.to(w_q.dtype)
+    torch.mul(w_q, gain, out=out[: w_q.shape[0]])
+    torch.mul(w_kv, gain, out=out[w_q.shape[0] :])
+    return out
 
 
 def _plain_norm(norm: nn.Module) -> bool:
