@@ -4,7 +4,7 @@ the eager loop a user writes, rows interleaved round by round, one torch thread
 
     python benchmarks/cpu_head_targets.py [--heads mlp-small unet1d-dp …] [--rounds 5]
                                           [--aten-conv] [--gemms aten onednn] [--compile]
-                                          [--json OUT.json]
+                                          [--fuse-qkv] [--json OUT.json]
 
 ``bench_heads``' set-up: each head at its config's (H, D), B = 1, float32, on its native
 sampler (flow heads: flow Euler 10; U-Nets: DDIM 10), the U-Nets' conditioning a fixed
@@ -18,12 +18,17 @@ onednn`` runs every row under each ``ATE_FAST_CPU_GEMM`` choice (``ate_fast.mode
 interleaved in the same rounds; the last column is the first choice's eager time over
 this row's (> 1: this GEMM's eager loop faster). ``--compile`` adds ``bench_heads``'
 ``compile`` row (the eager loop with the head ``torch.compile(mode="reduce-overhead")``d,
-compiled before the rounds) and the column ``capture()`` vs it.
+compiled before the rounds) and the column ``capture()`` vs it. ``--fuse-qkv`` adds, for
+the flow transformers, ``capture()`` of the same head with ``fuse_qkv = True`` (each
+block's q and kv projected by one GEMM through ``[W_q; W_kv]`` concatenated once per call:
+a GPU call's default, off on the CPU) and the column ``capture()`` / it (> 1: the fused
+call faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -37,14 +42,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heads
 
-from ate_fast.models import chunk_conv, cpu_gemm
+from ate_fast.models import FlowTransformerHead, chunk_conv, cpu_gemm
 
 NATIVE_SAMPLER = {"unet1d": "ddim-10"}  # every other head: flow Euler 10
 
 
-def rows(head_id: str, compiled: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+def rows(
+    head_id: str, compiled: bool = False, fused: bool = False
+) -> dict[str, Callable[[], torch.Tensor]]:
     """The rows of one head, each a call with fixed noise (and cond); ``compiled``: also
-    the eager loop with the head ``torch.compile``d (``bench_heads``' ``compile`` row)."""
+    the eager loop with the head ``torch.compile``d (``bench_heads``' ``compile`` row);
+    ``fused``: also ``capture()`` with a flow transformer's ``fuse_qkv = True``."""
     head = bench_heads._head("cpu", head_id)
     sampler = NATIVE_SAMPLER.get(bench_heads.HEADS[head_id][0], "flow-euler-10")
     horizon, action_dim = bench_heads._shape(head_id)
@@ -58,6 +66,13 @@ def rows(head_id: str, compiled: bool = False) -> dict[str, Callable[[], torch.T
         "sample": lambda: ate.sample(noise, cond),
         "capture": lambda: captured(noise, cond),
     }
+    if fused and isinstance(head, FlowTransformerHead):
+        fused_head = copy.copy(head)  # the same modules and weights, its own setting
+        fused_head.fuse_qkv = True
+        fused_call = bench_heads._ate_sampler(head_id, sampler, fused_head).capture(
+            noise, cond, check_finite=False
+        )
+        impls["capture_fused"] = lambda: fused_call(noise, cond)
     if compiled:
         model = bench_heads._compiled_head("cpu", head_id)
         compiled_loop = bench_heads._user_loop(model, sampler, 1.0, None, "cpu", cond=cond)
@@ -100,6 +115,9 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="also the eager loop with the head compiled"
     )
+    parser.add_argument(
+        "--fuse-qkv", action="store_true", help="also capture() with one q|kv GEMM per block"
+    )
     parser.add_argument("--json", type=Path, help="also write the times and ratios here")
     args = parser.parse_args()
     unknown = sorted(set(args.heads) - set(bench_heads.HEADS))
@@ -115,16 +133,17 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {cpu}, min of {args.rounds} rounds"
     )
     extra = " `capture()` vs `torch.compile` |" if args.compile else ""
+    extra += " `capture()` / with one q/kv GEMM |" if args.fuse_qkv else ""
     print(f"| head | GEMM | eager per call | `sample()` | `capture()` | eager, {gemms[0]} / this |"
           + extra)  # fmt: skip
-    print("|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    print("|---|---|---|---|---|---|" + "---|" * (args.compile + args.fuse_qkv))
     label = {}
     for g in gemms:  # what each choice selects on this machine
         os.environ[cpu_gemm.ENV_VAR] = g
         label[g] = g if g == cpu_gemm.selected_gemm() else f"{g} ({cpu_gemm.selected_gemm()})"
     results = {}
     for head_id in args.heads:
-        base = rows(head_id, args.compile)
+        base = rows(head_id, args.compile, args.fuse_qkv)
         impls = {(g, row): under_gemm(g, fn) for g in gemms for row, fn in base.items()}
         times = fastest(impls, args.rounds)
         for g in gemms:
@@ -132,12 +151,16 @@ def main() -> None:
             ratio = {row: mine["eager"] / mine[row] for row in ("sample", "capture")}
             if args.compile:
                 ratio["capture_vs_compile"] = mine["compile"] / mine["capture"]
+            if "capture_fused" in mine:
+                ratio["capture_over_fused"] = mine["capture"] / mine["capture_fused"]
+            fused = ratio.get("capture_over_fused")
             versus = times[(gemms[0], "eager")] / mine["eager"]
             results[f"{head_id} {g}"] = {"seconds": mine, "eager_over": ratio, "gemm": label[g]}
             print(
                 f"| `{head_id}` | {label[g]} | {mine['eager'] * 1e3:.2f} ms "
                 f"| {ratio['sample']:.2f}× | {ratio['capture']:.2f}× | {versus:.2f}× |"
-                + (f" {ratio['capture_vs_compile']:.2f}× |" if args.compile else ""),
+                + (f" {ratio['capture_vs_compile']:.2f}× |" if args.compile else "")
+                + ((" –" if fused is None else f" {fused:.2f}×") + " |" if args.fuse_qkv else ""),
                 flush=True,
             )
     if args.json:
