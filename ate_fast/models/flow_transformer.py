@@ -285,9 +285,10 @@ class FlowTransformerHead(nn.Module):
     # costs about what the GEMM's bytes do (π0's q and kv weights are 5 MB in bf16, ≈ 1.6 µs
     # of an H100's 3.35 TB/s), so the call saves a launch per block and step for one
     # concatenation per block and call; on the CPU a GEMM has no launch to save and the
-    # concatenation costs more than the one larger GEMM gains (π0 expert, one thread,
-    # float32: 2.20 → 2.29 s per call). True / False: always / never (the tests set True
-    # on the CPU).
+    # concatenation costs more than the one larger GEMM gains (captured flow Euler 10, one
+    # thread, float32: π0 expert 2.34 → 2.74 s per call, the small head 51 → 54 ms;
+    # benchmarks/cpu_head_targets.py --fuse-qkv). True / False: always / never (the tests
+    # set True on the CPU).
     fuse_qkv: Optional[bool] = None
     # With the Triton epilogues (ATE_FAST_FLOW_EPILOGUES=triton) in a fused call, also fold
     # each block's MLP norm weight into a per-call copy of W_gate_up, so that the gated-GELU
