@@ -158,6 +158,28 @@ def test_no_folded_norm_kernel_runs(path, fold_mlp_norm):
     assert gemms == 4, dict(per_block)
 
 
+@pytest.mark.parametrize("epilogues", ["torch", "triton", "triton-fold-mlp"])
+def test_per_call_weight_work(path, epilogues):
+    """What a fused call does to the weights, per block: the concatenation (torch
+    epilogues); the two multiplies into the stacked tensor (the attention norm folded);
+    one more multiply, W_gate_up's copy, only when the MLP norm is folded too."""
+    path("torch" if epilogues == "torch" else "triton")
+    counts = []
+    for depth in (1, 2):
+        head = FlowTransformerHead("small", depth=depth, horizon=HORIZON).eval()
+        head.fuse_qkv, head.fold_mlp_norm = True, epilogues == "triton-fold-mlp"
+        x, t = torch.randn(1, HORIZON, 32), torch.rand(2, 1)
+        with torch.no_grad(), _Count() as count:
+            head.step_features(x, t)
+        counts.append(count.ops)
+    want = {
+        "torch": {"cat": 1},
+        "triton": {"new_empty": 1, "mul": 2},
+        "triton-fold-mlp": {"new_empty": 1, "mul": 3},
+    }[epilogues]
+    assert dict(counts[1] - counts[0]) == want
+
+
 def test_fold_only_where_the_kernels_run(path):
     """No fold under autograd (the kernels have no backward), with the torch epilogues
     (CUDA's RMSNorm is one kernel: nothing to save) or without a fused q|kv; no MLP norm

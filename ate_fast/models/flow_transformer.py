@@ -537,8 +537,9 @@ class FlowTransformerHead(nn.Module):
             _plain_norm(b.mlp_norm) and plain_linear(b.gate_up) and b.gate_up.bias is None
             for b in blocks
         )  # fmt: skip
-        gate_up = tuple(fold_norm_weight(b.gate_up.weight, b.mlp_norm) for b in blocks)
-        return qkv, fold, gate_up if mlp else None
+        if not mlp:
+            return qkv, fold, None
+        return qkv, fold, tuple(fold_norm_weight(b.gate_up.weight, b.mlp_norm) for b in blocks)
 
     def _fuses_qkv(self, steps: int, device: torch.device) -> bool:
         """Whether a call of ``steps`` steps on ``device`` projects q and kv with one GEMM:
