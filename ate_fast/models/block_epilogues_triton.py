@@ -23,7 +23,8 @@ Two kernels per block for the forward, replacing ten (eight without a prefix):
 Both take an optional ``norm`` (``NORM`` / :func:`_norm_gated_gelu_kernel`): the
 projections then took the block's un-normed rows x with the RMSNorm's weight folded into
 the weight matrix, and each row is scaled by ``1/√(mean(x²) + ε)`` from its row of x
-(read ``NORM_CHUNK`` columns at a time) — the norm's kernel gone (2 per block and step).
+(read ``NORM_CHUNK`` columns at a time) — that norm's kernel gone (one per folded norm,
+block and step; the attention norm's by default, the MLP norm's with ``fold_mlp_norm``).
 
 Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 42:
 

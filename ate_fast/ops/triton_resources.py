@@ -23,6 +23,10 @@ from triton.runtime.errors import OutOfResources
 from ate_fast.errors import BackendUnavailableError
 
 Launcher = TypeVar("Launcher", bound=Callable)
+# what runs a fused op (guided_step, mlp_guidance) instead of its triton backend
+OTHER_BACKEND = (
+    "Set ATE_FAST_BACKEND=cuda (the compiled extension) or ref (PyTorch) to run another."
+)
 
 
 def launch_limits(path: str, instead: str) -> Callable[[Launcher], Launcher]:

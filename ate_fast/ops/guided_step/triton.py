@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import OTHER_BACKEND, launch_limits
 
 _BLOCK = 1024
 
@@ -54,10 +54,7 @@ def _guided_step_kernel(
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@launch_limits(
-    "guided_step's triton backend",
-    "Set ATE_FAST_BACKEND=cuda (the compiled extension) or ref (PyTorch) to run another.",
-)
+@launch_limits("guided_step's triton backend", OTHER_BACKEND)
 def guided_step_triton_into(
     out: Tensor,
     x: Optional[Tensor],

@@ -65,7 +65,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ate_fast.ops.constants import ACTIVATIONS
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import OTHER_BACKEND, launch_limits
 
 FWD_BLOCK_N = 16  # output features per forward program
 FWD_BLOCK_K = 64  # input features per forward K-step
@@ -303,10 +303,7 @@ def _float64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-@launch_limits(
-    "mlp_guidance's triton backend",
-    "Set ATE_FAST_BACKEND=cuda (the compiled extension) or ref (PyTorch) to run another.",
-)
+@launch_limits("mlp_guidance's triton backend", OTHER_BACKEND)
 def mlp_guidance_triton_into(
     g: Tensor,
     z: Tensor,
