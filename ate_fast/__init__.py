@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from ate_fast._version import __version__
 from ate_fast.lazy_exports import lazy_attributes
-from ate_fast.ops import guided_step, mlp_guidance
+from ate_fast.ops.guided_step import guided_step
+from ate_fast.ops.mlp_guidance import mlp_guidance
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from cuda_graphs import graphed
 
-from ate_fast.ops import backends, mlp_guidance, mlp_guidance_reference
+from ate_fast.ops import backends, mlp_guidance_reference
+from ate_fast.ops.mlp_guidance import mlp_guidance
 
 HIDDEN, DZ = (256, 256), 64
 SHAPES = [(50, 32), (64, 128), (16, 14)]

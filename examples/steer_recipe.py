@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ate_fast.ops import guided_step
+from ate_fast import guided_step
 from ate_fast.steer import LatentGuidance, Steer, flow_guidance_coefficient
 
 B, H, D, D_Z, COND = 32, 16, 4, 8, 32

@@ -6,6 +6,7 @@ imports only where an optional dependency (or a CLI command's handler, to keep
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,15 @@ def test_no_function_over_80_lines(module):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
             assert length <= 80, f"{module}:{node.lineno} {node.name} is {length} lines long"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if "." in m))
+def test_no_package_attribute_hides_a_submodule(module):
+    """``pkg.sub`` is the submodule ``sub``: a function of the same name re-exported by
+    ``pkg/__init__`` would hide it, and ``import pkg.sub.x as y``, ``mock.patch("pkg.sub.x")``
+    and documented spellings such as ``ate_fast.ops.guided_step.prepare_launch`` would fail."""
+    parent, _, leaf = module.rpartition(".")
+    imported = importlib.import_module(module)
+    assert getattr(importlib.import_module(parent), leaf) is imported, (
+        f"{parent}.{leaf} is not the module {module}: rename one of them"
+    )

@@ -24,7 +24,8 @@ from ate_fast.errors import (
     NonFiniteError,
 )
 from ate_fast.models import make_head
-from ate_fast.ops import guided_step, mlp_guidance
+from ate_fast.ops.guided_step import guided_step
+from ate_fast.ops.mlp_guidance import mlp_guidance
 from ate_fast.sampling import MAX_NUM_STEPS, DiffusionSampler, FlowSampler, NoiseSchedule
 from ate_fast.steer import LatentGuidance, Steer
 

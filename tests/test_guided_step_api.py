@@ -11,8 +11,8 @@ from guided_step_cases import make_inputs, ordered
 
 import ate_fast
 from ate_fast import native
-from ate_fast.ops import BackendUnavailableError, backends, guided_step, guided_step_reference
-from ate_fast.ops.guided_step import selected_backend
+from ate_fast.ops import BackendUnavailableError, backends, guided_step_reference
+from ate_fast.ops.guided_step import guided_step, selected_backend
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ate_fast.ops import backends, mlp_encoder_parts, mlp_guidance, mlp_guidance_reference
-from ate_fast.ops.mlp_guidance import mlp_guidance_into, selected_backend
+from ate_fast.ops import backends, mlp_encoder_parts, mlp_guidance_reference
+from ate_fast.ops.mlp_guidance import mlp_guidance, mlp_guidance_into, selected_backend
 
 ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
 

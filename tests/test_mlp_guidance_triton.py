@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ate_fast.ops import backends, mlp_guidance, mlp_guidance_reference
+from ate_fast.ops import backends, mlp_guidance_reference
 from ate_fast.ops.constants import ACTIVATIONS
+from ate_fast.ops.mlp_guidance import mlp_guidance
 from ate_fast.ops.mlp_guidance.dispatch import IMPLEMENTATIONS, mlp_guidance_into, selected_backend
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -71,14 +71,14 @@ def test_fused_op_backends(monkeypatch, op):
         from ate_fast.ops.guided_step import triton as kernels
 
         monkeypatch.setattr(kernels, "_guided_step_kernel", _Refused())
-        call = lambda: ate_fast.ops.guided_step(x, torch.randn(2, 4, 3), a=1.0, b=0.5)  # noqa: E731
+        call = lambda: ate_fast.guided_step(x, torch.randn(2, 4, 3), a=1.0, b=0.5)  # noqa: E731
     else:
         from ate_fast.ops.mlp_guidance import triton as kernels
 
         monkeypatch.setattr(kernels, "_forward_kernel", _Refused())
         monkeypatch.setattr(kernels, "_latent_kernel", _Refused())
         weights = [torch.randn(8, 12), torch.randn(4, 8)]
-        call = lambda: ate_fast.ops.mlp_guidance(x, weights, [None, None], target=torch.zeros(2))  # noqa: E731
+        call = lambda: ate_fast.mlp_guidance(x, weights, [None, None], target=torch.zeros(2))  # noqa: E731
     with pytest.raises(BackendUnavailableError) as error:
         call()
     _check(error, f"{op}'s triton backend", f"{op}_triton_into", "ATE_FAST_BACKEND=cuda")

@@ -39,7 +39,7 @@ from ate_fast.models import FlowTransformerHead, MLPHead
 from ate_fast.module_checks import plain_tree
 from ate_fast.ops import mlp_encoder_parts, mlp_guidance_reference
 from ate_fast.realtime import RTCGuidance
-from ate_fast.realtime.prefix_weights import prefix_weight_table
+from ate_fast.realtime.prefix_schedules import prefix_weight_table
 from ate_fast.sampling.sampler import ModelFn, forward_with_vjp_of
 from ate_fast.steer import LatentGuidance
 from ate_fast.steer.transformer_vjp import align_transformer_encoder, transformer_latent_gradient

@@ -23,7 +23,7 @@ and model output ``m`` [B, H, D] (unguided):
    with the scalar ``dx0_dx``.
 3. The guided output ``m + scale·clip(c·g, −clamp, clamp)`` (``c`` from
    :mod:`ate_fast.guidance.coefficients`) replaces ``m`` in the sampler's update, fused
-   into the update itself by :func:`ate_fast.ops.guided_step`.
+   into the update itself by :func:`ate_fast.guided_step`.
 
 ``mode="tweedie"`` with ``prediction_type="sample"`` is rejected: ``x0_hat`` is the
 model output itself, so without backpropagating through the policy ``dx0_dx`` is 0

@@ -12,7 +12,7 @@
 """
 
 from ate_fast.realtime.prefix_inpainting import PrefixInpainting
-from ate_fast.realtime.prefix_weights import PREFIX_SCHEDULES, prefix_weight_table, prefix_weights
+from ate_fast.realtime.prefix_schedules import PREFIX_SCHEDULES, prefix_weight_table, prefix_weights
 from ate_fast.realtime.rtc import DEFAULT_MAX_GUIDANCE_WEIGHT, RTCGuidance, rtc_guidance_weight
 from ate_fast.realtime.training import DELAY_DISTRIBUTIONS, PrefixBatch, TrainingTimeRTC
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.realtime.prefix_inpainting import PrefixInpainting
-from ate_fast.realtime.prefix_weights import check_int
+from ate_fast.realtime.prefix_schedules import check_int
 from ate_fast.realtime.rtc import RTCGuidance
 
 STRATEGIES = ("naive", "ensemble", "rtc", "rtc_training")

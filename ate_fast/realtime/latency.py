@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.realtime.prefix_inpainting import PrefixInpainting
-from ate_fast.realtime.prefix_weights import check_int
+from ate_fast.realtime.prefix_schedules import check_int
 from ate_fast.realtime.rtc import RTCGuidance
 
 WARMUP_CALLS = 3

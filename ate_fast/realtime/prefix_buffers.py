@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
-from ate_fast.realtime.prefix_weights import check_int
+from ate_fast.realtime.prefix_schedules import check_int
 
 Delay = Union[int, Sequence[int], Tensor]
 

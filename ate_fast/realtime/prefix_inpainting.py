@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.realtime.prefix_buffers import Delay, check_chunk, write_prefix
-from ate_fast.realtime.prefix_weights import check_int
+from ate_fast.realtime.prefix_schedules import check_int
 
 
 def prefix_mask_table(horizon: int, max_delay: int) -> np.ndarray:

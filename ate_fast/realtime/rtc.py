@@ -2,7 +2,7 @@
 
 The next chunk is inpainted toward the previous one, Y [B, H, D] (aligned so that
 ``Y[:, i]`` is the previous plan's action for the new chunk's step i), weighted by the
-soft mask W [H] (:mod:`ate_fast.realtime.prefix_weights`). Paper convention (τ = 0 noise,
+soft mask W [H] (:mod:`ate_fast.realtime.prefix_schedules`). Paper convention (τ = 0 noise,
 τ = 1 data, v_τ = data − noise), one flow step:
 
     x̂₁ = x + (1 − τ)·v(x, τ)
@@ -30,7 +30,7 @@ from torch import Tensor
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import FLOW_CONVENTIONS, POLICY_VJP
 from ate_fast.realtime.prefix_buffers import Delay, check_chunk, write_prefix
-from ate_fast.realtime.prefix_weights import check_int, check_schedule, prefix_weight_table
+from ate_fast.realtime.prefix_schedules import check_int, check_schedule, prefix_weight_table
 
 # The paper's guidance-weight clip β (its experiments use 5).
 DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import FLOW_CONVENTIONS
-from ate_fast.realtime.prefix_weights import check_int
+from ate_fast.realtime.prefix_schedules import check_int
 
 DELAY_DISTRIBUTIONS = ("uniform", "exp")
 LOSS_REDUCTIONS = ("mean", "none")

@@ -11,7 +11,7 @@ and captured (CUDA-graph) loops.
   seam — a sampler's per-step tables and its loop, which ``ate_fast.export`` traces.
 
 The :class:`~ate_fast.guidance.Guidance` protocol lives in :mod:`ate_fast.guidance` (and
-is re-exported here). Every update goes through the fused :func:`ate_fast.ops.guided_step`.
+is re-exported here). Every update goes through the fused :func:`ate_fast.guided_step`.
 """
 
 from ate_fast.guidance import Guidance, check_guidance

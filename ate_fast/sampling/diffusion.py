@@ -1,7 +1,7 @@
 """Discrete-time diffusion samplers matching diffusers' DDPM, DDIM and DPM-Solver++ loops.
 
 Each step's update is linear in the sample ``x`` and the (guided) model output
-``m̂ = m + λ·clip(c·g, −κ, κ)``, so it is one fused :func:`ate_fast.ops.guided_step`:
+``m̂ = m + λ·clip(c·g, −κ, κ)``, so it is one fused :func:`ate_fast.guided_step`:
 
 =========================  ================================================================
 DDPM (fixed_small)         x' = (cₓ₀·p + cₓ)·x + cₓ₀·q·m̂ + σ·z      (posterior mean + noise)

@@ -1,4 +1,4 @@
-"""How a sampling loop issues its fused guided steps (:func:`ate_fast.ops.guided_step`).
+"""How a sampling loop issues its fused guided steps (:func:`ate_fast.guided_step`).
 
 :class:`Launch` calls the public op: validation, backend dispatch, then the kernel; it
 is what a CUDA graph captures. ``sample()`` uses :class:`CachedLaunch`: on the CPU the

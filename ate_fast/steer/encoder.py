@@ -10,7 +10,7 @@ Accepted (checked in this order):
 
 It is also the one place that decides how the guidance gradient through the encoder is
 computed (:attr:`FrozenEncoder.gradient_path`), once, at construction: the fused MLP
-kernel (:func:`ate_fast.ops.mlp_guidance`) for ``ate_fast.align``'s MLP encoder, the
+kernel (:func:`ate_fast.mlp_guidance`) for ``ate_fast.align``'s MLP encoder, the
 hand-written VJP (:mod:`ate_fast.steer.transformer_vjp`) for its Transformer encoder, and
 autograd for anything else. A call falls back to autograd only where the fused path
 cannot run its input (:meth:`FrozenEncoder.path_for`: dtype/device of the weights,

@@ -1,6 +1,6 @@
 """The guidance gradient through ``ate_fast.align``'s MLP encoder by the fused kernel.
 
-:func:`ate_fast.ops.mlp_guidance` computes exactly the forward of the ``MLPEncoder`` and
+:func:`ate_fast.mlp_guidance` computes exactly the forward of the ``MLPEncoder`` and
 its input-VJP in one call; :class:`~ate_fast.steer.encoder.FrozenEncoder` decides when it
 applies. ``ATE_FAST_BACKEND`` still picks the fused op's backend.
 """
@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ate_fast.ops import mlp_guidance
+from ate_fast.ops.mlp_guidance import mlp_guidance
 
 
 def mlp_fused_gradient(

@@ -69,7 +69,7 @@ IMPLEMENTATIONS = {"ref": _into_ref, "cpu": _into_cpu, "cuda": _into_cuda, "trit
 
 
 def selected_backend(m: Tensor) -> str:
-    """The backend :func:`ate_fast.ops.guided_step` runs for data like ``m`` (honours
+    """The backend :func:`ate_fast.guided_step` runs for data like ``m`` (honours
     ``ATE_FAST_BACKEND``)."""
     device_type = "cuda" if m.is_cuda else m.device.type
     key = ("guided_step", device_type, m.dtype, os.environ.get(backends.ENV_VAR))

@@ -37,7 +37,7 @@ def guided_step_reference(
     scale: float = 1.0,
     clamp: float = float("inf"),
 ) -> Tensor:
-    """Reference guided step; arguments as in :func:`ate_fast.ops.guided_step`. Returns [B, ...]."""
+    """Reference guided step; arguments as in :func:`ate_fast.guided_step`. Returns [B, ...]."""
     cd = compute_dtype(m.dtype)
     n = m.ndim
     clamp = effective_clamp(clamp)  # κ ≥ float32 max: no clamp, as on every backend

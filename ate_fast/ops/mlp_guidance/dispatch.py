@@ -91,7 +91,7 @@ IMPLEMENTATIONS = {"ref": _run_ref, "cpu": _run_cpu, "cuda": _run_cuda, "triton"
 
 
 def selected_backend(x) -> str:
-    """The backend :func:`ate_fast.ops.mlp_guidance` runs for ``x`` (honours
+    """The backend :func:`ate_fast.mlp_guidance` runs for ``x`` (honours
     ``ATE_FAST_BACKEND``; unforced, batches above :data:`FUSED_MAX_BATCH` take ``ref``)."""
     device_type = "cuda" if x.is_cuda else x.device.type
     forced = backends.forced_backend()

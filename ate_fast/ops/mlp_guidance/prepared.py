@@ -1,4 +1,4 @@
-"""A prepared native CPU call of :func:`ate_fast.ops.mlp_guidance` for repeated calls.
+"""A prepared native CPU call of :func:`ate_fast.mlp_guidance` for repeated calls.
 
 A guided sampling loop takes the same guidance gradient every step: the same encoder
 weights, target and mask, a sample of the same shape. The public op validates all of it

@@ -80,7 +80,7 @@ def mlp_guidance_reference(
     eps: Optional[Tensor] = None,
     distance_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """``(g [B, H, D], z [B, d_z])``; arguments as in :func:`ate_fast.ops.mlp_guidance`."""
+    """``(g [B, H, D], z [B, d_z])``; arguments as in :func:`ate_fast.mlp_guidance`."""
     out, dacts = _forward(_masked_flat(x, mask), weights, biases, activation)
     z, sigma = _latent(out, eps)
     if a0 is not None:

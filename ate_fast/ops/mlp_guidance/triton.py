@@ -2,7 +2,7 @@
 ``TRITON_INTERPRET=1``).
 
 Same computation and semantics as the other backends of
-:func:`ate_fast.ops.mlp_guidance` (see :mod:`ate_fast.ops.mlp_guidance.ref`). Storage in
+:func:`ate_fast.mlp_guidance` (see :mod:`ate_fast.ops.mlp_guidance.ref`). Storage in
 float32/float64 (and float16/bfloat16 on CUDA), arithmetic in float32 (float64 for
 float64 data): weight tiles are converted to the compute type before ``tl.dot``, which
 runs with ``input_precision="ieee"`` (no TF32), and the activations between layers live
