@@ -146,6 +146,24 @@ def test_distance_weight_reaches_the_kernel_in_float64(distance_weight):
         assert _rel(g, g_ref) < 1e-13
 
 
+@pytest.mark.parametrize("with_a0", [True, False], ids=["a0", "target"])
+def test_latent_kernel_k_steps(with_a0):
+    """The latent layer over an input 45 wide: three K-steps of 16 (a0 and eps: the
+    latent kernel's narrower step, ``latent_block_k``) or two of 32, the last one partial."""
+    _require("cpu")
+    from ate_fast.ops.mlp_guidance.triton import latent_block_k
+
+    weights, biases = make_encoder(12, (45,), 5, torch.float64, "cpu")
+    x, a0 = torch.randn(2, 3, 4, 3, dtype=torch.float64)  # [B, H, D] each, 12 features
+    eps = torch.randn(3, 5, dtype=torch.float64)
+    kw = dict(a0=a0) if with_a0 else dict(target=torch.randn(3, 5, dtype=torch.float64))
+    assert latent_block_k(with_a0, True) == (16 if with_a0 else 32)
+    g, z = _run(x, weights, biases, "gelu", eps=eps, distance_weight=0.7, **kw)
+    g_ref, z_ref = _reference(x, weights, biases, "gelu", kw.get("target"), kw.get("a0"), None,
+                              eps, 0.7)  # fmt: skip
+    assert _rel(g, g_ref) < 1e-12 and _rel(z, z_ref) < 1e-12
+
+
 def test_sixteen_layers_and_empty_batch():
     _require("cpu")
     weights, biases = make_encoder(6, (9,) * 15, 2, torch.float64, "cpu")

@@ -7,11 +7,11 @@
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
 (Triton would refuse its launch: ``OutOfResources``), or on a flow-transformer epilogue
-variant or an attention variant in bf16, fp16 or float32 (the precisions guidance runs in)
-whose registers spill (ptxas's report). The interpreter (how the CPU tests run the
-kernels) skips Triton's code generator, so a kernel can pass every CPU test and still fail
-to compile, or to launch, on a GPU: this runs the real compiler (front end, LLVM, ptxas)
-on the launch configurations the launchers use.
+variant, an MLP-guidance variant or an attention variant in bf16, fp16 or float32 (the
+precisions guidance runs in) whose registers spill (ptxas's report). The interpreter (how
+the CPU tests run the kernels) skips Triton's code generator, so a kernel can pass every
+CPU test and still fail to compile, or to launch, on a GPU: this runs the real compiler
+(front end, LLVM, ptxas) on the launch configurations the launchers use.
 """
 
 from __future__ import annotations
@@ -102,16 +102,18 @@ def compile_one(
 
 
 def mlp_variants(target) -> int:
-    """The three MLP-guidance kernels: storage dtype × compute dtype × flags, every
-    activation in float32 (the activation code does not depend on the dtype)."""
+    """The three MLP-guidance kernels: storage dtype × compute dtype × first layer or not ×
+    a0 (training's z* = z(a0)) or not, every activation in float32 (the activation code does
+    not depend on the dtype); all but float64 (the tests' precision) without register
+    spills."""
     count = 0
     storage_compute = [("fp32", "fp32"), ("fp64", "fp64"), ("fp16", "fp32"), ("bf16", "fp32")]
     variants = [
-        (types, act, first)
-        for types, first in itertools.product(storage_compute, (True, False))
+        (types, act, first, a0)
+        for types, first, a0 in itertools.product(storage_compute, (True, False), (True, False))
         for act in (range(4) if types == ("fp32", "fp32") else (0,))
     ]
-    for (store, comp), act, first in variants:
+    for (store, comp), act, first, a0 in variants:
         # pointers to the compute-type scratch buffers; everything else is in storage type
         scratch = {"dst_ptr", "delta_ptr", "pre_ptr"} | ({"out_ptr"} if not first else set())
         scratch |= set() if first else {"src_ptr"}
@@ -119,27 +121,30 @@ def mlp_variants(target) -> int:
         def ptype(name, scratch=scratch, store=store, comp=comp):
             return comp if name in scratch else store
 
-        label = f"{store}->{comp} act={act} {'first' if first else 'inner'}"
-        flags = dict(ACT=act, HAS_MASK=first, HAS_A0=first)
+        label = f"{store}->{comp} act={act} {'first' if first else 'inner'} a0={a0}"
+        flags = dict(ACT=act, HAS_MASK=first, HAS_A0=a0)
+        gate = dict(spill_free=store != "fp64")
         compile_one(
             mg._forward_kernel,
             dict(flags, FROM_INPUT=first, HAS_BIAS=True, BLOCK_B=16,
                  BLOCK_N=mg.FWD_BLOCK_N, BLOCK_K=mg.FWD_BLOCK_K),
-            ptype, {}, target, label,
+            ptype, {}, target, label, **gate,
         )  # fmt: skip
-        compile_one(
-            mg._latent_kernel,
-            dict(flags, FROM_INPUT=first, HAS_BIAS=not first, HAS_EPS=not first, BLOCK_B=32,
-                 BLOCK_N=mg.FWD_BLOCK_N, BLOCK_K=mg.FWD_BLOCK_K),
-            ptype, {"weight_bits": "i64"}, target, label,
-        )  # fmt: skip
-        compile_one(
-            mg._backward_kernel,
-            dict(ACT=act, HAS_MASK=first, TO_INPUT=first, BLOCK_B=16,
-                 BLOCK_K=mg.BWD_BLOCK_K, BLOCK_O=mg.BWD_BLOCK_O),
-            ptype, {}, target, label,
-        )  # fmt: skip
-        count += 3
+        for eps in (True, False):  # latent="sample" / "mean"
+            compile_one(
+                mg._latent_kernel,
+                dict(flags, FROM_INPUT=first, HAS_BIAS=not first, HAS_EPS=eps, BLOCK_B=32,
+                     BLOCK_N=mg.FWD_BLOCK_N, BLOCK_K=mg.latent_block_k(a0, eps)),
+                ptype, {"weight_bits": "i64"}, target, f"{label} eps={eps}", **gate,
+            )  # fmt: skip
+        if not a0:  # the backward kernel has no a0 rows
+            compile_one(
+                mg._backward_kernel,
+                dict(ACT=act, HAS_MASK=first, TO_INPUT=first, BLOCK_B=16,
+                     BLOCK_K=mg.BWD_BLOCK_K, BLOCK_O=mg.BWD_BLOCK_O),
+                ptype, {}, target, label, **gate,
+            )  # fmt: skip
+        count += 3 + (not a0)
     return count
 
 

@@ -82,6 +82,15 @@ _SILU = tl.constexpr(ACTIVATIONS.index("silu"))
 _RELU = tl.constexpr(ACTIVATIONS.index("relu"))
 
 
+def latent_block_k(has_a0: bool, has_eps: bool) -> int:
+    """The latent kernel's K-step. With a0 and eps it keeps four [BLOCK_B, BLOCK_N]
+    accumulators (μ and log σ² of x and of a0) beside two K-tiles of rows: at a K-step of
+    32 its float32 / bf16 / fp16 variants spill (ptxas, sm_90: 255 registers, 48–52 B;
+    at 64, the K-step of every variant before, 16–4678 B), at 16 none does. Every other
+    variant is spill-free at 32 (80–182 registers) and two of them spill 8 B at 16."""
+    return 16 if has_a0 and has_eps else 32
+
+
 # ---------------------------------------------------------------- element-wise helpers
 @triton.jit
 def _tanh(u):
@@ -391,7 +400,7 @@ class _Call:
                 self.mask_stride, self.action_dim, _float64_bits(distance_weight),
                 FROM_INPUT=len(self.weights) == 1, HAS_A0=a0 is not None, HAS_BIAS=b is not None,
                 HAS_EPS=eps is not None, BLOCK_B=block_b, BLOCK_N=FWD_BLOCK_N,
-                BLOCK_K=FWD_BLOCK_K, **self.options,
+                BLOCK_K=latent_block_k(a0 is not None, eps is not None), **self.options,
             )  # fmt: skip
 
     def backward(self, delta_out, pre, ping, g, has_eps: bool) -> None:
