@@ -83,6 +83,21 @@ def test_max_delay_zero_is_the_plain_flow_loss_bit_for_bit(policy, convention):
                        (v - target).square())  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 50, 32), (256, 16, 7), (3, 5, 2)])
+def test_max_delay_zero_in_every_dtype(dtype, shape):
+    """Half-precision chunks too: the sum and count accumulate in float32 at least (in
+    float16 both pass 65504 at B, H, D = 64, 50, 32: the loss was inf / inf = NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    a0, noise, v = (torch.randn(*shape, generator=gen).to(dtype) for _ in range(3))
+    t = torch.rand(shape[0], generator=gen).to(dtype)
+    rtc = TrainingTimeRTC(max_delay=0)
+    pb = rtc.prefix_batch(a0, noise, t, rtc.draw_delays(shape[0]))
+    loss = rtc.flow_loss(v, pb, a0, noise)
+    assert loss.dtype == dtype and torch.isfinite(loss)
+    assert torch.equal(loss, nn.functional.mse_loss(v, noise - a0))
+
+
 def test_delay_distributions():
     gen = torch.Generator().manual_seed(0)
     uniform = TrainingTimeRTC(max_delay=3, min_delay=1)

@@ -47,6 +47,21 @@ def test_num_steps_must_be_positive(steps):
         DiffusionSampler(identity_model, NoiseSchedule(), "ddim", steps)
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_dpmsolver_num_steps_that_repeat_a_timestep(spacing):
+    """DPM-Solver++ spaces K + 1 points: at K = N two coincide (a step of length 0, whose
+    coefficients are inf / NaN); named at construction, not an internal assertion later.
+    K = N − 1, and DDIM at K = N, still sample."""
+    schedule = NoiseSchedule("squaredcos_cap_v2", num_train_timesteps=100)
+    with pytest.raises(ValueError, match=r"num_steps=100 repeats timestep"):
+        DiffusionSampler(identity_model, schedule, "dpmsolver++", 100, timestep_spacing=spacing)
+    for method, steps in (("dpmsolver++", 99), ("ddim", 100)):
+        sampler = DiffusionSampler(identity_model, schedule, method, steps,
+                                   timestep_spacing=spacing)  # fmt: skip
+        assert len(set(sampler.timesteps.tolist())) == steps
+        assert torch.isfinite(sampler.sample(torch.randn(B, H, D))).all()
+
+
 @pytest.mark.parametrize("steps", [2.5, True, "10"])
 def test_num_steps_must_be_an_int(steps):
     with pytest.raises(TypeError, match="num_steps must be an int"):

@@ -185,8 +185,12 @@ class TrainingTimeRTC:
                 f"per_element must have x_t's shape {tuple(batch.x_t.shape)}, got "
                 f"{tuple(per_element.shape)}"
             )
-        count = batch.postfix.sum() * per_element.shape[-1]
-        return (per_element * batch.postfix.to(per_element.dtype)).sum() / count
+        # sum and count in float32 at least (as F.mse_loss accumulates): in float16 both
+        # overflow 65504 at ordinary sizes (B, H, D = 64, 50, 32), and bf16 sums lose digits
+        acc = torch.promote_types(per_element.dtype, torch.float32)
+        count = batch.postfix.to(acc).sum() * per_element.shape[-1]
+        total = (per_element.to(acc) * batch.postfix.to(acc)).sum()
+        return (total / count).to(per_element.dtype)
 
     def flow_loss(
         self,

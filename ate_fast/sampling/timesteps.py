@@ -29,8 +29,9 @@ def diffusion_timesteps(
 ) -> np.ndarray:
     """Descending int64 training timesteps ``[num_steps]`` that ``method`` evaluates the model at.
 
-    Raises ValueError naming ``steps_offset`` / ``num_steps`` when a timestep would fall
-    outside ``[0, num_train_timesteps)``.
+    Raises InvalidArgumentError naming ``steps_offset`` / ``num_steps`` when a timestep
+    would fall outside ``[0, num_train_timesteps)`` or appear twice (DPM-Solver++'s K + 1
+    points with ``"linspace"`` / ``"leading"`` at K = N).
     """
     n, k = num_train_timesteps, num_steps
     if k > n:
@@ -59,6 +60,13 @@ def diffusion_timesteps(
         raise InvalidArgumentError(
             f"timestep_spacing={spacing!r} gives {len(ts)} timesteps for num_steps={k} and "
             f"num_train_timesteps={n}; choose another spacing or number of steps"
+        )
+    if k > 1 and (np.diff(ts) >= 0).any():  # a repeated timestep: a step of size h = 0
+        t = int(ts[:-1][np.diff(ts) >= 0][0])
+        raise InvalidArgumentError(
+            f"num_steps={k} repeats timestep {t} with method={method!r}, "
+            f"timestep_spacing={spacing!r} and num_train_timesteps={n} (a step of length 0, "
+            "whose coefficients are not finite); choose fewer steps or another spacing"
         )
     if ts.max() >= n or ts.min() < 0:
         raise InvalidArgumentError(
