@@ -90,6 +90,22 @@ def test_ensemble_weights_sum_to_one_and_favour_the_oldest():
         assert abs(w.sum() - 1.0) < 1e-15
         assert np.all(np.diff(w) < 0)  # the oldest prediction weighs the most
     assert ensemble_weights(3, 0.0).tolist() == [1 / 3, 1 / 3, 1 / 3]
+    # a negative decay favours the newest; far from 0 the weights stay finite (one-hot)
+    assert np.all(np.diff(ensemble_weights(4, -0.5)) > 0)
+    assert ensemble_weights(3, -1e4).tolist() == [0.0, 0.0, 1.0]
+    assert ensemble_weights(3, 1e4).tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("decay", [float("nan"), float("inf"), -float("inf")])
+def test_ensemble_decay_must_be_finite(decay):
+    """NaN or ±inf made every ensembled action NaN without a word."""
+    with pytest.raises(InvalidArgumentError, match="ensemble_decay must be finite"):
+        ensemble_weights(3, decay)
+    with pytest.raises(InvalidArgumentError, match="ensemble_decay must be finite"):
+        RealTimeController(LabelledChunks(), horizon=H, execution_horizon=4, delay=0,
+                           strategy="ensemble", ensemble_decay=decay)  # fmt: skip
+    with pytest.raises(TypeError, match="ensemble_decay must be a float, got str"):
+        ensemble_weights(3, "0.01")
 
 
 def test_ensemble_averages_every_available_chunk_covering_the_step():

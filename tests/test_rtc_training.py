@@ -173,6 +173,19 @@ def test_inpainting_capture_equals_sample_for_every_delay(policy):
                 assert torch.equal(got[b, :d], y[b, :d])
 
 
+def test_inpainting_first_set_under_inference_mode(policy):
+    """A deployment's first tick often runs under torch.inference_mode(): the buffers made
+    there are written in place on every later tick, also outside it (as RTCGuidance's)."""
+    sampler = ate_fast.FlowSampler(policy, num_steps=3)
+    a0, noise, _, cond = batch(8)
+    with torch.inference_mode():
+        inpaint = PrefixInpainting(a0, 2, max_delay=3)
+    with torch.no_grad():
+        inpaint.set_prefix(aligned(a0, 3), 1)
+        out = sampler.sample(noise, cond, inpainting=inpaint)
+    assert torch.equal(out[:, :1], aligned(a0, 3)[:, :1])
+
+
 def test_inpainting_composes_with_rtc_guidance(policy):
     sampler = ate_fast.FlowSampler(policy, num_steps=4)
     a0, noise, _, cond = batch(7)

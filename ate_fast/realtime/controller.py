@@ -30,6 +30,7 @@ A *switch step* is one where a new chunk takes over (k = n·s + d, n ≥ 1);
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.realtime.prefix_inpainting import PrefixInpainting
 from ate_fast.realtime.prefix_schedules import check_int
 from ate_fast.realtime.rtc import RTCGuidance
@@ -53,10 +54,21 @@ ChunkFn = Callable[[Any, Optional[Tensor], int], Tensor]
 
 def ensemble_weights(count: int, decay: float = ACT_ENSEMBLE_DECAY) -> np.ndarray:
     """``[count]`` float64 weights of ``count`` overlapping predictions, oldest first:
-    ∝ exp(−decay·j), normalised to sum to 1 (ACT's temporal ensembling)."""
+    ∝ exp(−decay·j), normalised to sum to 1 (ACT's temporal ensembling; a negative
+    ``decay`` favours the newer predictions)."""
     count = check_int("count", count, 1, 1 << 20)
-    w = np.exp(-float(decay) * np.arange(count, dtype=np.float64))
+    exponent = -check_decay(decay) * np.arange(count, dtype=np.float64)
+    w = np.exp(exponent - exponent.max())  # any finite decay: no overflow to inf / inf
     return w / w.sum()
+
+
+def check_decay(decay: object) -> float:
+    """``ensemble_decay`` as a finite float (NaN or ±inf would make every action NaN)."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)):
+        raise ArgumentTypeError(f"ensemble_decay must be a float, got {type(decay).__name__}")
+    if not math.isfinite(decay):
+        raise InvalidArgumentError(f"ensemble_decay must be finite, got {decay}")
+    return float(decay)
 
 
 def align_plan(chunk: Tensor, offset: int) -> Tensor:
@@ -131,7 +143,7 @@ class RealTimeController:
         if strategy not in STRATEGIES:
             raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.policy, self.strategy = policy, strategy
-        self.ensemble_decay, self.clock = float(ensemble_decay), clock
+        self.ensemble_decay, self.clock = check_decay(ensemble_decay), clock
         self.reset()
 
     def reset(self) -> None:

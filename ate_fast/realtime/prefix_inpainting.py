@@ -85,10 +85,15 @@ class PrefixInpainting:
                 f"max_delay must be <= H = {horizon} (prev_chunk's horizon), got {self._max_delay}"
             )
         device = prev_chunk.device
-        self._table = torch.tensor(prefix_mask_table(horizon, self._max_delay), device=device)
-        self.prev_chunk = torch.zeros_like(prev_chunk, memory_format=torch.contiguous_format)
-        self.mask = torch.zeros(prev_chunk.shape[0], horizon, 1, dtype=torch.bool, device=device)
-        self._out = torch.empty_like(self.prev_chunk)
+        # plain tensors even when first set under torch.inference_mode(): the buffers are
+        # written in place on every later tick, which an inference tensor forbids outside it
+        with torch.inference_mode(False):
+            self._table = torch.tensor(prefix_mask_table(horizon, self._max_delay), device=device)
+            self.prev_chunk = torch.zeros_like(prev_chunk, memory_format=torch.contiguous_format)
+            self.mask = torch.zeros(
+                prev_chunk.shape[0], horizon, 1, dtype=torch.bool, device=device
+            )
+            self._out = torch.empty_like(self.prev_chunk)
 
     # -- the Inpainting protocol -------------------------------------------------------
     def check(self, noise: Tensor) -> None:
