@@ -115,3 +115,32 @@ def test_errors():
         LatentPrior.from_latents(mu, logvar, kind="gmm", n_components=8)
     with pytest.raises(ValueError, match=r"z: expected \[N, d_z\]=\[N, 4\]"):
         LatentPrior.standard_normal(4).log_prob(torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "gaussian-code", "gmm"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_latents_are_refused(kind, bad):
+    """One latent of a diverged stage-1 encoder made the gaussian kinds' means NaN."""
+    mu, logvar = _latents(n=12)
+    mu[3, 1] = bad
+    with pytest.raises(
+        ValueError, match="mu/logvar: expected finite latents, got NaN or inf in 1 of 12"
+    ):
+        LatentPrior.from_latents(mu, logvar, kind=kind)
+    mu, logvar = _latents(n=12)
+    logvar[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="expected finite latents"):
+        LatentPrior.from_latents(mu, logvar, kind=kind)
+
+
+def test_parameters_must_be_finite_with_positive_weight():
+    ones, zeros = torch.ones(2, 4), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="positive sum"):  # was divided by 0: NaN weights
+        LatentPrior(torch.zeros(2), zeros, ones)
+    for weights, means, variances in [
+        (torch.ones(2), zeros, torch.full((2, 4), float("nan"))),
+        (torch.tensor([1.0, float("nan")]), zeros, ones),
+        (torch.ones(2), torch.full((2, 4), float("inf")), ones),
+    ]:
+        with pytest.raises(ValueError, match="expected finite values"):
+            LatentPrior(weights, means, variances)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from _align_fixtures import synthetic_episodes
@@ -146,6 +147,41 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
     assert steps == sorted(set(steps))  # nothing logged twice
 
 
+class _Jittered(torch.utils.data.Dataset):
+    """Chunks with augmentation noise drawn from torch's and NumPy's global generators."""
+
+    def __init__(self):
+        self.chunks = torch.randn(48, 6, 3, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        jitter = torch.randn(6, 3) + torch.from_numpy(np.random.standard_normal((6, 3)))  # noqa: NPY002
+        return self.chunks[i] + 0.1 * jitter.float()
+
+
+def test_resume_with_loader_workers_and_augmentation(tmp_path):
+    """num_workers > 0 and a dataset that draws random numbers: an interrupted run
+    (part-way through an epoch, and at an epoch's end) resumes to the uninterrupted run's
+    steps, and the steps do not depend on the number of workers."""
+
+    def run(out, workers=2, model_seed=0, **kw):
+        cfg = Stage1Config(
+            device=CPU, out_dir=str(tmp_path / out), epochs=2, batch_size=12, lr=1e-3,
+            val_fraction=0.0, num_workers=workers, progress=False, save_every_minutes=None,
+            overwrite=not kw.get("resume"), **kw,
+        )  # fmt: skip
+        return _quiet(train_stage1, _mlp(seed=model_seed), _Jittered(), cfg).step_losses
+
+    full = run("full")  # 4 steps per epoch
+    assert run("one_worker", workers=1) == full
+    for stop in (2, 4):
+        part = run(f"part{stop}", max_steps=stop)
+        rest = run(f"part{stop}", model_seed=7, resume=True)
+        assert part + rest == full, stop
+
+
 def test_existing_checkpoint_needs_resume_or_overwrite(tmp_path):
     cfg = Stage1Config(
         device=CPU, out_dir=str(tmp_path / "x"), epochs=1, batch_size=32, progress=False
@@ -265,5 +301,16 @@ def test_batch_larger_than_the_data():
             _dataset(),
             Stage1Config(device=CPU, batch_size=4096, progress=False),
         )
-    with pytest.raises(ValueError, match="lr: expected > 0"):
+    with pytest.raises(ValueError, match="lr: expected a finite value > 0"):
         _quiet(train_stage1, _mlp(), _dataset(), Stage1Config(device=CPU, lr=0.0))
+
+
+@pytest.mark.parametrize(
+    "field", ["lr", "lr_gamma", "lr_floor", "grad_clip", "save_every_minutes", "weight_decay",
+              "beta", "gamma"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_config_refuses_nan_and_inf(field, value):
+    """Every comparison is False for NaN: `value <= 0` let `--beta nan` train to NaN weights."""
+    with pytest.raises(ValueError, match=f"^{field}: expected a finite value"):
+        Stage1Config(device=CPU, **{field: value}).validate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import h5py
 import numpy as np
 import pyarrow as pa
@@ -163,6 +165,19 @@ def test_mixed_action_dims_and_bad_episode_ends(tmp_path):
     np.savez(tmp_path / "ends.npz", actions=np.zeros((10, 2)), episode_ends=np.array([4, 9]))
     with pytest.raises(DataFormatError, match="episode_ends must be strictly increasing"):
         read_episodes(tmp_path / "ends.npz")
+
+
+@pytest.mark.parametrize("marker", ["episode_ends", "episode_index"])
+def test_npz_one_dimensional_actions_are_split_by_their_markers(tmp_path, marker):
+    """A [T] action array (one action dimension) is read as [T, 1] and split like [T, D]
+    (it was one episode, without the warning, its chunks crossing the boundaries)."""
+    markers = {"episode_ends": np.array([4, 10]), "episode_index": np.repeat([0, 1], [4, 6])}
+    np.savez(tmp_path / "flat.npz", actions=np.arange(10.0), **{marker: markers[marker]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        episodes = read_episodes(tmp_path / "flat.npz")
+    assert [tuple(e.actions.shape) for e in episodes] == [(4, 1), (6, 1)]
+    assert episodes[1].actions[:, 0].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
 
 
 def test_unknown_suffix_and_format(tmp_path):

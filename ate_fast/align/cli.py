@@ -211,7 +211,11 @@ def _add_train_args(p: argparse.ArgumentParser, stage2: bool) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out")
     g.add_argument("--val-every", type=int, default=1, help="epochs between validations")
     g.add_argument("--seed", type=int, default=0, help="weights, data order and noise")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument(
+        "--workers", type=int, default=0,
+        help="DataLoader worker processes (each item they fetch draws from generators seeded "
+        "by (seed, epoch, index): --resume stays exact, whatever the count)",
+    )  # fmt: skip
     g.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
@@ -61,17 +62,21 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        # written as `not value > 0` so that NaN (which every comparison rejects) fails too;
+        # ±inf is no learning rate, weight or interval either
         optional_positive = ["max_steps", "save_every_epochs", "save_every_steps", "grad_clip"]
         for name in [*optional_positive, "save_every_minutes"]:
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}: expected > 0 or None, got {value}")
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite value > 0 or None, got {value}")
         for name in ("lr", "lr_gamma", "lr_floor"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite value > 0, got {value}")
         for name in ("weight_decay", "beta", "gamma", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: expected a value in [0, 1), got {self.val_fraction}")
         if self.precision not in PRECISIONS:

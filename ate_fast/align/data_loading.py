@@ -8,9 +8,11 @@ available).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -50,3 +52,32 @@ def iterate_batches(data: Any, batch_size: int) -> Iterator[Batch]:
         as_dataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_chunks
     )
     yield from loader
+
+
+class WorkerSeededItems(Dataset):
+    """``dataset``, each item fetched in a loader worker with torch's, NumPy's and Python's
+    global generators seeded from ``(seed, epoch, index)``.
+
+    A worker's generators otherwise start from a seed its loader draws when each epoch's
+    iterator starts, and then run on over the worker's share of the items: a run resumed
+    part-way through an epoch (its remaining items dealt to the workers afresh) or at
+    another epoch would give a dataset that draws random numbers (augmentation) other
+    numbers than an uninterrupted run. Seeded per item, the draws depend on neither,
+    nor on the number of workers. Set :attr:`epoch` before each epoch's iterator starts
+    (the workers copy the dataset then). In the main process (``num_workers=0``) items are
+    fetched as they are: the trainer's saved RNG state covers them there.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        if torch.utils.data.get_worker_info() is not None:
+            words = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2)
+            torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+            np.random.seed(words[0])  # noqa: NPY002 (the global state is what datasets draw from)
+            random.seed(int(words[1]))
+        return self.dataset[index]

@@ -73,8 +73,11 @@ class LatentPrior(nn.Module):
                 "weights/means/variances: expected [K], [K, d], [K, d], got "
                 f"{tuple(weights.shape)}, {tuple(means.shape)}, {tuple(variances.shape)}"
             )
-        if (variances <= 0).any() or (weights < 0).any():
-            raise ValueError("variances must be > 0 and weights >= 0")
+        finite = all(bool(torch.isfinite(t).all()) for t in (weights, means, variances))
+        if not finite:  # NaN passes every comparison below
+            raise ValueError("weights/means/variances: expected finite values, got NaN or inf")
+        if (variances <= 0).any() or (weights < 0).any() or not weights.sum() > 0:
+            raise ValueError("variances must be > 0 and weights >= 0 with a positive sum")
         self.kind = kind
         self.info = dict(info or {})
         self.register_buffer("weights", (weights / weights.sum()).float())
@@ -105,6 +108,12 @@ class LatentPrior(nn.Module):
                 f"{tuple(logvar.shape)}"
             )
         mu64, var64 = mu.detach().double().cpu(), logvar.detach().double().cpu().exp()
+        if not (torch.isfinite(mu64).all() and torch.isfinite(var64).all()):
+            bad = int((~torch.isfinite(mu64) | ~torch.isfinite(var64)).any(1).sum())
+            raise ValueError(
+                f"mu/logvar: expected finite latents, got NaN or inf in {bad} of "
+                f"{mu.shape[0]} (a diverged encoder?)"
+            )
         info: dict[str, Any] = {"n_latents": int(mu.shape[0])}
         if kind == "gaussian":
             mean = mu64.mean(0)

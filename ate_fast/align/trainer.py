@@ -7,8 +7,11 @@ Exact resume: the data order is a function of ``(seed, epoch)`` (see
 :class:`~ate_fast.align.distributed_sampler.ResumableDistributedSampler`), the loader
 draws nothing from the global generator, and the resume state holds the weights, the
 optimiser, the scheduler, the gradient scaler, every rank's RNG states and the position
-inside the epoch. A run that is killed and resumed therefore takes the same steps with
-the same noise as one that is not (bitwise on CPU).
+inside the epoch; with ``num_workers > 0`` each item fetched in a worker draws from
+generators seeded by ``(seed, epoch, index)``
+(:class:`~ate_fast.align.data_loading.WorkerSeededItems`). A run that is killed and
+resumed therefore takes the same steps with the same noise as one that is not (bitwise on
+CPU), a dataset's own random draws (augmentation) included.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ate_fast.align.checkpoint import (
     unflatten_optimizer_state,
 )
 from ate_fast.align.config import Stage1Config, Stage2Config, TrainConfig
-from ate_fast.align.data_loading import as_dataset, collate_chunks
+from ate_fast.align.data_loading import WorkerSeededItems, as_dataset, collate_chunks
 from ate_fast.align.distributed import (
     DistContext,
     all_reduce_sum,
@@ -141,6 +144,7 @@ class _AlignTrainer:
             raise TypeError(f"vae: expected an ActionVAE, got {type(vae).__name__}")
         cfg.validate()
         self.vae, self.data, self.cfg, self.stage, self.prior = vae, data, cfg, stage, prior
+        self._worker_items: Optional[WorkerSeededItems] = None  # with num_workers > 0
 
     # --- entry ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -278,6 +282,8 @@ class _AlignTrainer:
         self.accum = [0.0] * len(TRAIN_KEYS)
 
     def _loader(self, train_set: Dataset, sampler: ResumableDistributedSampler) -> DataLoader:
+        if self.cfg.num_workers > 0:  # a worker's random draws: seeded per item
+            train_set = self._worker_items = WorkerSeededItems(train_set, self.cfg.seed)
         return DataLoader(
             train_set,
             batch_size=self.per_rank,
@@ -312,6 +318,8 @@ class _AlignTrainer:
         for epoch in epochs:
             first = self.progress["step_in_epoch"]
             sampler.set_epoch(epoch, skip=first * self.per_rank)
+            if self._worker_items is not None:
+                self._worker_items.epoch = epoch
             model.train()
             lr = self.optimizer.param_groups[0]["lr"]
             elapsed, stop = self._train_epoch(model, vae, loader, logger, epoch, lr, step_losses)

@@ -2,7 +2,7 @@
 
 - ``.npy``: one episode ``[T, D]`` or ``N`` equal-length episodes ``[N, T, D]``.
 - ``.npz``: the action array under ``key`` (default: ``actions`` or ``action``), either
-  ``[N, T, D]`` or ``[T, D]``. A ``[T, D]`` array is split into episodes by an
+  ``[N, T, D]`` or ``[T, D]`` (``[T]``: D = 1). A ``[T, D]`` array is split into episodes by an
   ``episode_ends`` array (cumulative ends, Diffusion Policy's replay-buffer convention)
   or a per-step ``episode_index`` array (LeRobot's convention) when the file has one;
   otherwise it is a single episode, and a ``UserWarning`` says so (chunks would cross
@@ -65,6 +65,8 @@ def read_npz(path: Path, key: Optional[str] = None) -> list[Episode]:
         elif key not in keys:
             raise DataFormatError(f"{path}: missing key {key!r}; found keys {keys}")
         arr = archive[key]
+        if arr.ndim == 1:  # [T]: one action dimension, split by the markers like [T, D]
+            arr = arr[:, None]
         name = f"{path}:{key}"
         if arr.ndim == 2 and "episode_ends" in keys:
             return split_by_episode_ends(name, arr, archive["episode_ends"])
