@@ -127,6 +127,17 @@ CASES: list[tuple[str, Callable[[], object], type, str]] = [
      ArgumentTypeError, "x must be a torch.Tensor"),
     ("mg x rank", lambda: mlp_guidance(torch.randn(B, H * D), ws, bs, target=torch.zeros(DZ)),
      InvalidArgumentError, "x must be [B, H, D]"),
+    ("mg x 0-dim", lambda: mlp_guidance(torch.tensor(1.0), ws, bs, target=torch.zeros(DZ)),
+     InvalidArgumentError, "x must be [B, H, D], got shape ()"),
+    ("mg x 0-dim, op", lambda: torch.ops.ate_fast.mlp_guidance(
+        torch.tensor(1.0), ws, bs, 0, torch.zeros(DZ), None, None, None, 1.0),
+     InvalidArgumentError, "x must be [B, H, D], got shape ()"),
+    ("mg weight not a tensor", lambda: mlp_guidance(chunk(), [ws[0], 1.0], bs,
+                                                    target=torch.zeros(DZ)),
+     ArgumentTypeError, "weights[1] must be a torch.Tensor, got float"),
+    ("mg bias not a tensor", lambda: mlp_guidance(chunk(), ws, [bs[0], "0"],
+                                                  target=torch.zeros(DZ)),
+     ArgumentTypeError, "biases[1] must be a torch.Tensor or None, got str"),
     ("mg x int", lambda: mlp_guidance(torch.ones(B, H, D, dtype=torch.int64), ws, bs,
                                       target=torch.zeros(DZ)), ArgumentTypeError, "float32"),
     ("mg activation", lambda: mlp_guidance(chunk(), ws, bs, "elu", target=torch.zeros(DZ)),
@@ -275,6 +286,19 @@ def test_forced_backend_unavailable(monkeypatch):
     monkeypatch.setenv("ATE_FAST_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError, match="ATE_FAST_BACKEND=cuda"):
         guided_step(None, chunk())
+
+
+def test_forced_backend_without_the_dtype_names_it(monkeypatch):
+    """The C++ backend has no half kernels: the error says float16, not just "cpu"."""
+    monkeypatch.setenv("ATE_FAST_BACKEND", "cpu")
+    half = chunk().half()
+    with pytest.raises(BackendUnavailableError,
+                       match="no cpu implementation for float16 cpu tensors"):  # fmt: skip
+        guided_step(None, half, b=1.0)
+    with pytest.raises(BackendUnavailableError,
+                       match="no cpu implementation for float16 cpu tensors"):  # fmt: skip
+        mlp_guidance(half, [w.half() for w in ws], [b if b is None else b.half() for b in bs],
+                     target=torch.zeros(DZ, dtype=torch.float16))  # fmt: skip
 
 
 def test_unknown_forced_backend(monkeypatch):

@@ -169,3 +169,40 @@ def test_latent_guidance_bad_input():
         tweedie.gradient(x, x, torch.ones(B, 1))
     with pytest.raises(ValueError, match="x0_hat must have x's shape"):
         tweedie.gradient(x, torch.randn(B, H, D + 1), torch.ones(B))
+
+
+@pytest.mark.parametrize("source", ["vae", "encoder"])
+def test_mlp_encoder_refuses_a_transposed_chunk(source):
+    """The fused MLP kernel checks only H·D: a [B, D, H] chunk took the fused path and was
+    read as [B, H, D]. It now gets the encoder's own shape error, as every other path does."""
+    from ate_fast.align import ActionVAE
+
+    torch.manual_seed(0)
+    vae = ActionVAE(3, 4, latent_dim=8, arch="mlp", hidden_dims=(16,)).double()
+    steer = Steer(vae if source == "vae" else vae.encoder)
+    assert steer.encoder.gradient_path == "mlp_fused"
+    x, a0 = torch.randn(2, 2, 3, 4, dtype=torch.float64)  # [B, D, H]: transposed
+    with pytest.raises(ValueError, match=r"a: expected \[B, H, D\]=\[B, 4, 3\].*got \(2, 3, 4\)"):
+        steer.guidance(x, a0)
+    guidance = LatentGuidance(vae, target=torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"a: expected \[B, H, D\]=\[B, 4, 3\]"):
+        guidance.gradient(x, x, None)
+    g = steer.guidance(x.transpose(1, 2), a0.transpose(1, 2))  # [B, H, D]: still fused, fine
+    assert g.shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(reduction="mean"), r"reduction must be one of \('sample', 'batch'\), got 'mean'"),
+    (dict(latent="Sample"), r"latent must be one of \('mean', 'sample'\), got 'Sample'"),
+])  # fmt: skip
+def test_latent_distance_gradient_checks_its_choices(kwargs, match):
+    """The paths test `== "sample"`: reduction="mean" ran as "batch", and an unknown latent
+    as "mean" on the fused path but as "sample" on the autograd path."""
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer import latent_distance_gradient
+    from ate_fast.steer.encoder import FrozenEncoder
+
+    encoder = FrozenEncoder(ActionVAE(3, 4, latent_dim=8, arch="mlp", hidden_dims=(16,)))
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match=match):
+        latent_distance_gradient(encoder, x, torch.zeros(8), eps=torch.randn(2, 8), **kwargs)

@@ -230,3 +230,18 @@ def test_vjp_on_cuda_matches_autograd_and_replays_in_a_graph(
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(g, latent_distance_gradient(encoder, x, target, **kwargs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["vjp", "triton"])
+def test_vjp_takes_a_host_mask_as_autograd_does(monkeypatch, no_tf32, path):
+    """An action mask built on the CPU for an encoder on the GPU: autograd's encoder call
+    and the fused MLP path move it to the chunk's device; the VJP paths raised a device
+    mismatch."""
+    vae = ActionVAE(6, 10, latent_dim=8, arch="transformer", d_model=32, num_layers=3).cuda()
+    encoder = FrozenEncoder(vae, mask=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]))
+    x, target = torch.randn(3, 10, 6, device="cuda"), torch.randn(8, device="cuda")
+    expected = gradient("autograd", monkeypatch, encoder, x, target)
+    got = gradient(path, monkeypatch, encoder, x, target)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert (got[..., [1, 4]] == 0).all()

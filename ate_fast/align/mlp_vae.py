@@ -47,7 +47,7 @@ class MLPEncoder(nn.Module):
         self.layers = _linear_stack([self.in_features, *hidden_dims, 2 * latent_dim])
 
     def forward(self, a: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        if a.dim() == 3:
+        if a.dim() == 3 and tuple(a.shape[1:]) == (self.horizon, self.action_dim):
             x = apply_mask(a, mask).flatten(1)
         elif a.dim() == 2 and a.shape[1] == self.in_features and mask is None:
             x = a

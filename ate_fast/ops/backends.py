@@ -122,8 +122,9 @@ def support(**backends: tuple[str, ...]) -> Support:
     return tuple(sorted((name, frozenset(devices)) for name, devices in backends.items()))
 
 
-def select(device_type: str, supported: Support) -> str:
-    """The backend to run an op on ``device_type``.
+def select(device_type: str, supported: Support, dtype: torch.dtype | None = None) -> str:
+    """The backend to run an op on ``device_type`` (for data of ``dtype``, which
+    ``supported`` was chosen by: named in the error when a forced backend lacks it).
 
     ``supported`` (from :func:`support`) says which device types each backend's
     implementation of this op covers (``ref`` covers every device type). A forced
@@ -133,16 +134,20 @@ def select(device_type: str, supported: Support) -> str:
     """
     forced = forced_backend()
     if forced is not None:
-        return _select_forced(forced, device_type, supported)
+        return _select_forced(forced, device_type, supported, dtype)
     return _select_auto(device_type, supported)
 
 
-def _select_forced(forced: str, device_type: str, supported: Support) -> str:
+def _select_forced(
+    forced: str, device_type: str, supported: Support, dtype: torch.dtype | None
+) -> str:
     if forced == "ref":  # the reference runs wherever torch does
         return forced
     if device_type not in dict(supported).get(forced, frozenset()):
+        data = "" if dtype is None else f"{str(dtype).removeprefix('torch.')} "
         raise BackendUnavailableError(
-            f"{ENV_VAR}={forced}: this op has no {forced} implementation for {device_type} tensors"
+            f"{ENV_VAR}={forced}: this op has no {forced} implementation for {data}"
+            f"{device_type} tensors"
         )
     ok, why = availability(forced, device_type)
     if not ok:

@@ -177,7 +177,7 @@ class FrozenEncoder:
     def path_for(self, x: Tensor) -> str:
         """The gradient path for ``x`` [B, H, D]: :attr:`gradient_path`, or ``"autograd"``
         where that path cannot compute the encoder at ``x`` (weights in another dtype or on
-        another device, autocast on, a shape the Transformer does not take, or the
+        another device, autocast on, a shape the encoder does not take, or the
         Transformer VJP switched off by ``ATE_FAST_TRANSFORMER_GUIDANCE``)."""
         path = self.gradient_path
         if path == "autograd" or autocast_enabled(x):
@@ -186,6 +186,9 @@ class FrozenEncoder:
             parts = self.mlp_parts  # None once a hook or another layer type appeared
             if parts is None:
                 return "autograd"
+            mlp = self._mlp
+            if x.dim() != 3 or tuple(x.shape[1:]) != (mlp.horizon, mlp.action_dim):
+                return "autograd"  # the kernel checks H·D only; the encoder names the shape
             weights, biases, _ = parts
             tensors = (*weights, *(b for b in biases if b is not None))
         else:

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.steer.encoder import FrozenEncoder, autocast_enabled
+from ate_fast.steer.encoder import LATENT_MODES, FrozenEncoder, autocast_enabled
 from ate_fast.steer.mlp_gradient import mlp_fused_gradient
 from ate_fast.steer.transformer_vjp import vjp_function
+from ate_fast.steer.validation import check_choice
 
 REDUCTIONS = ("sample", "batch")
 
@@ -97,6 +98,9 @@ def latent_distance_gradient(
     """
     if (target is None) == (a0 is None):
         raise InvalidArgumentError("latent_distance_gradient: give exactly one of target and a0")
+    # the paths test `== "sample"` and take anything else for the other choice
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("latent", latent, LATENT_MODES)
     weight_dtype = encoder.weight_dtype
     if (
         weight_dtype is not None
@@ -136,10 +140,11 @@ def latent_distance_gradient(
         )  # fmt: skip
     if path == "transformer_vjp":
         _check_target(target, encoder.latent_dim, x.shape[0], target_name, latent, eps)
+        mask = None if encoder.mask is None else encoder.mask.to(x.device)  # as the others
         with torch.no_grad():
             return vjp_function(x.device.type)(
                 encoder.transformer, x, target.to(device=x.device, dtype=x.dtype),
-                mask=encoder.mask, eps=eps if latent == "sample" else None, reduction=reduction,
+                mask=mask, eps=eps if latent == "sample" else None, reduction=reduction,
             )  # fmt: skip
     return _autograd_gradient(encoder, x, target, latent, eps, reduction, target_name)
 

@@ -75,7 +75,7 @@ def selected_backend(m: Tensor) -> str:
     key = ("guided_step", device_type, m.dtype, os.environ.get(backends.ENV_VAR))
     backend = backends.SELECTION_CACHE.get(key)
     if backend is None:
-        backend = backends.select(device_type, SUPPORT.get(m.dtype, ()))
+        backend = backends.select(device_type, SUPPORT.get(m.dtype, ()), m.dtype)
         backends.SELECTION_CACHE[key] = backend
     return backend
 

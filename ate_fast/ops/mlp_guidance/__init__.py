@@ -86,8 +86,7 @@ def mlp_encoder_parts(
     "Tensor? a0, Tensor? mask, Tensor? eps, float distance_weight) -> (Tensor, Tensor)",
 )
 def _mlp_guidance_op(x, weights, biases, activation, target, a0, mask, eps, distance_weight):
-    g = torch.empty_like(x)
-    z = x.new_empty((x.shape[0], weights[-1].shape[0] // 2))
+    g, z = _fresh_outputs(x, weights)
     mlp_guidance_into(g, z, x, weights, biases, activation, target, a0, mask, eps,
                       distance_weight, fresh_out=True)  # fmt: skip
     return g, z
@@ -97,6 +96,15 @@ def _mlp_guidance_op(x, weights, biases, activation, target, a0, mask, eps, dist
 def _(x, weights, biases, activation, target, a0, mask, eps, distance_weight):
     validate(x, weights, biases, activation, target, a0, mask, eps, distance_weight)
     return torch.empty_like(x), x.new_empty((x.shape[0], weights[-1].shape[0] // 2))
+
+
+def _fresh_outputs(x: Tensor, weights: Sequence) -> tuple[Tensor, Tensor]:
+    """New ``(g, z)`` for a call that then validates its arguments: shaped without trusting
+    them, so that a bad ``x`` or ``weights`` meets validation's error naming it (a 0-dim
+    ``x`` was an IndexError here)."""
+    last = weights[-1] if len(weights) else None
+    dz = last.shape[0] // 2 if isinstance(last, Tensor) and last.ndim >= 1 else 0
+    return torch.empty_like(x), x.new_empty((x.shape[0] if x.ndim else 0, dz))
 
 
 # ---------------------------------------------------------------- public API
@@ -136,14 +144,20 @@ def mlp_guidance(
         raise InvalidArgumentError(
             f"mlp_guidance: activation must be one of {ACTIVATIONS}, got {activation!r}"
         )
+    for name, seq, optional in (("weights", weights, False), ("biases", biases, True)):
+        for i, t in enumerate(seq):  # before torch.ops, whose schema error names no argument
+            if not (isinstance(t, Tensor) or (optional and t is None)):
+                raise ArgumentTypeError(
+                    f"mlp_guidance: {name}[{i}] must be a torch.Tensor"
+                    f"{' or None' if optional else ''}, got {type(t).__name__}"
+                )
     args = (x, list(weights), list(biases), ACTIVATIONS.index(activation), target, a0, mask, eps,
             float(distance_weight))  # fmt: skip
     tensors = (x, target, a0, mask, eps, *args[1], *args[2])
     if not torch.compiler.is_compiling() and all(
         t is None or type(t) is Tensor or isinstance(t, nn.Parameter) for t in tensors
     ):
-        g = torch.empty_like(x)
-        z = x.new_empty((x.shape[0], args[1][-1].shape[0] // 2)) if args[1] else x.new_empty(0)
+        g, z = _fresh_outputs(x, args[1])
         mlp_guidance_into(g, z, *args, fresh_out=True)
         return g, z
     return torch.ops.ate_fast.mlp_guidance(*args)

@@ -99,7 +99,8 @@ def selected_backend(x) -> str:
     key = ("mlp_guidance", device_type, x.dtype, forced, large)
     backend = backends.SELECTION_CACHE.get(key)
     if backend is None:
-        backend = "ref" if large else backends.select(device_type, SUPPORT.get(x.dtype, ()))
+        supported = SUPPORT.get(x.dtype, ())
+        backend = "ref" if large else backends.select(device_type, supported, x.dtype)
         backends.SELECTION_CACHE[key] = backend
     return backend
 
