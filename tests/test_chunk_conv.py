@@ -134,6 +134,20 @@ def test_chunk_layers_take_the_row_form_where_it_pays(
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("steps, padding", [(1, 3), (1, 2), (2, 4)])
+def test_an_output_too_short_is_the_parents_error(steps, padding):
+    """L_out = (L − 1)·stride + k − 2·padding ≤ 0: the row form sliced an empty (or
+    negative) range and returned [B, C_out, 0] where nn.ConvTranspose1d raises."""
+    chunk, plain = _pair(True, 160, 4)
+    chunk.stride = plain.stride = (2,)
+    chunk.padding = plain.padding = (padding,)
+    x = torch.randn(1, 160, steps)
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        plain(x)
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        chunk(x)
+
+
 def test_bf16_row_form_rounds_once():
     """bf16 ChunkConv1d: the float64 convolution of the same (bf16) values, rounded once to
     bfloat16 — per element within half a bf16 ulp (≤ 2⁻⁸ relative) plus float32 summation

@@ -178,6 +178,25 @@ def test_autograd_and_torch_func_keep_aten(gemm):
         torch.testing.assert_close(got, layer.weight.sum(0).expand(50, -1))
 
 
+def test_forward_mode_ad_keeps_aten(gemm):
+    """Dual tensors through frozen weights (forward-mode AD, no requires_grad anywhere):
+    oneDNN's op has no forward-AD rule and dropped the tangent (None) without a word."""
+    import torch.autograd.forward_ad as fwAD
+
+    gemm("onednn")
+    layer = nn.Linear(256, 2048).requires_grad_(False)
+    x, v = torch.randn(50, 256), torch.randn(50, 256)
+    assert cpu_gemm.onednn_takes(x, layer.weight, layer.bias)
+    with fwAD.dual_level():
+        assert not cpu_gemm.onednn_takes(x, layer.weight, layer.bias)
+        with _Ops() as seen:
+            out = cpu_gemm.linear_of(layer, fwAD.make_dual(x, v))
+        tangent = fwAD.unpack_dual(out).tangent
+    assert "_linear_pointwise" not in seen.ops
+    assert tangent is not None
+    torch.testing.assert_close(tangent, v @ layer.weight.t())
+
+
 class _Projection(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -127,9 +127,10 @@ class ChunkConvTranspose1d(nn.ConvTranspose1d):
     def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
         plain = output_size is None and self.output_padding == (0,) and _plain(self)
         steps = input.shape[-1]
-        plain = plain and not capturing_graph()
+        (k,), (stride,), (padding,) = self.kernel_size, self.stride, self.padding
+        # an empty or negative output length: the parent raises "Output size is too small"
+        plain = plain and not capturing_graph() and (steps - 1) * stride + k > 2 * padding
         if plain and _row_form_pays(input, self.weight, steps, (torch.float32,)):
-            (stride,), (padding,) = self.stride, self.padding
             return conv_transpose1d_rows(input, self.weight, self.bias, stride, padding)
         return super().forward(input, output_size)
 

@@ -22,8 +22,9 @@ lowering calls) exactly when all of these hold, and otherwise ATen's op as befor
   reference path: 69 ms for a [256, 256] half of a [256, 512] weight at M = 50);
 * at least ``MIN_MACS`` multiply-adds;
 * no autograd record (no operand requires grad while grad mode is on: oneDNN's op has no
-  backward), no ``torch.func`` transform, and no graph capture (``torch.compile``,
-  ``torch.export``, the ONNX exporter, ``jit.trace``), whose graphs keep ATen's op.
+  backward), no forward-mode AD level, no ``torch.func`` transform, and no graph capture
+  (``torch.compile``, ``torch.export``, the ONNX exporter, ``jit.trace``), whose graphs
+  keep ATen's op.
 
 The two compute the same products; only the order of float32 summation differs (tested
 against float64). On an Intel CPU ``auto`` keeps MKL, whose AVX-512 code runs there.
@@ -52,6 +53,13 @@ _PLAIN_TYPES = (Tensor, nn.Parameter)
 # whether a torch.func transform (vmap, grad, vjp) wraps the tensors; a torch without the
 # query counts as always: oneDNN's op has no batching or autograd rule
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _forward_ad_active() -> bool:
+    """Inside ``torch.autograd.forward_ad.dual_level()``: dual tensors may flow, and
+    oneDNN's op has no forward-AD rule (their tangents would be dropped without a word).
+    A torch without the level counts as always."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
 
 
 def capturing_graph() -> bool:
@@ -152,7 +160,7 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return not (_functorch_active() or capturing_graph())
+    return not (_functorch_active() or _forward_ad_active() or capturing_graph())
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
