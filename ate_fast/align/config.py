@@ -62,7 +62,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        # written as `not value > 0` so that NaN (which every comparison rejects) fails too;
+        # `not (value > 0 ...)`: NaN fails every comparison, so `value <= 0` let it through;
         # ±inf is no learning rate, weight or interval either
         optional_positive = ["max_steps", "save_every_epochs", "save_every_steps", "grad_clip"]
         for name in [*optional_positive, "save_every_minutes"]:

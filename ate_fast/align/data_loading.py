@@ -59,13 +59,13 @@ class WorkerSeededItems(Dataset):
     global generators seeded from ``(seed, epoch, index)``.
 
     A worker's generators otherwise start from a seed its loader draws when each epoch's
-    iterator starts, and then run on over the worker's share of the items: a run resumed
-    part-way through an epoch (its remaining items dealt to the workers afresh) or at
-    another epoch would give a dataset that draws random numbers (augmentation) other
-    numbers than an uninterrupted run. Seeded per item, the draws depend on neither,
-    nor on the number of workers. Set :attr:`epoch` before each epoch's iterator starts
-    (the workers copy the dataset then). In the main process (``num_workers=0``) items are
-    fetched as they are: the trainer's saved RNG state covers them there.
+    iterator starts, then run on over the worker's share of the items. A resumed run deals
+    the remaining items to fresh workers, so a dataset that draws random numbers
+    (augmentation) would draw other numbers than in the uninterrupted run. Seeded per item,
+    the draws depend on neither the resume point nor the number of workers. Set
+    :attr:`epoch` before each epoch's iterator starts (the workers copy the dataset then).
+    In the main process (``num_workers=0``) items are fetched as they are: the trainer's
+    saved RNG state covers them there.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
