@@ -250,6 +250,7 @@ CLI_CASES = [
     ("align stage2 --prior {prior} --latent-dim 5 --data {data} --out {out}", "--latent-dim 5 differs from the prior's 2"),
     ("align stage1 --data {torch_as_npz} --horizon 4 --out {out}", "expected a NumPy .npz archive"),
     ("align stage1 --data {data} --horizon 4 --epochs 0 --out {out}", "--epochs: expected >= 1, got 0"),
+    ("align stage1 --data {data} --horizon 4 --beta nan --out {out}", "--beta: expected a finite value >= 0, got nan"),
     ("align stage1 --data {data} --horizon 40 --out {out}", "--horizon 40 is longer than every episode"),
     ("align stage1 --data {data} --horizon 4 --batch-size 4 --out {stage1}", "pass --resume to continue it or --overwrite to start over"),
     ("export onnx --head mlp --out {out}.onnx", "give --ckpt (the head's weights) or --random-init"),
