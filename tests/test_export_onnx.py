@@ -143,6 +143,54 @@ def test_graph_inputs_follow_the_sampler(export_dir):
     assert step[0].dim_value == 3 and step[1].dim_param == "batch"
 
 
+class _TwoKeyHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 24), nn.Linear(2, 24)
+
+    def forward(self, x, t, cond):
+        return 0.5 * x + (self.a(cond["a"]) + self.b(cond["b"])).view(-1, 8, 3) * t.view(-1, 1, 1)
+
+
+def test_a_cond_dict_in_any_key_order(tmp_path):
+    """A dict is keyed by name: the runner takes its keys in any order, as sample() does
+    (it refused {"b", "a"} for a graph exported with {"a", "b"})."""
+    torch.manual_seed(0)
+    sampler = FlowSampler(_TwoKeyHead().eval(), 2)
+    path = to_onnx(sampler, tmp_path / "dict.onnx", torch.randn(2, 8, 3),
+                   {"a": torch.randn(2, 4), "b": torch.randn(2, 2)})  # fmt: skip
+    runner = OnnxRuntimeSampler(path)
+    noise, cond = torch.randn(2, 8, 3), {"b": torch.randn(2, 2), "a": torch.randn(2, 4)}
+    torch.testing.assert_close(runner.sample(noise, cond), sampler.sample(noise, cond),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"cond must give the graph's inputs"):
+        runner.sample(noise, {"a": cond["a"], "c": cond["b"]})
+
+
+def test_re_export_to_the_same_path_with_external_weights(tmp_path, monkeypatch):
+    """ONNX appends external data to an existing file: each re-export of a > 1 GiB policy
+    to the same path added a copy of its weights to `<name>.data`. (The threshold is
+    lowered so a small head takes that path.)"""
+    import ate_fast.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 1024)
+    torch.manual_seed(0)
+    sampler = FlowSampler(make_head("mlp", "small", horizon=16, action_dim=4).eval(), 2)
+    path, data = tmp_path / "policy.onnx", tmp_path / "policy.onnx.data"
+    sizes = []
+    for _ in range(3):
+        to_onnx(sampler, path, torch.randn(2, 16, 4))
+        sizes.append(data.stat().st_size)
+    assert sizes[0] == sizes[1] == sizes[2]
+    noise = torch.randn(2, 16, 4)
+    want = sampler.sample(noise)
+    torch.testing.assert_close(OnnxRuntimeSampler(path).sample(noise), want, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 1 << 30)
+    to_onnx(sampler, path, torch.randn(2, 16, 4))  # weights inline now: no stale .data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.onnx"]
+    torch.testing.assert_close(OnnxRuntimeSampler(path).sample(noise), want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_vlm_kv_cache_and_its_padding_mask_as_graph_inputs(tmp_path):
     """A flow transformer conditioned on a PrefixCache (a VLM's KV cache) exports with the
     cache as inputs ``cond.keys.<i>``, ``cond.values.<i>`` [B, kv_heads, L, hd] per block

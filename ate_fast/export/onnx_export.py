@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -461,19 +463,32 @@ def check_graph(model: Any) -> None:
 
 
 def save_model(model: Any, path: PathLike) -> Path:
-    """Write ``model`` to ``path`` (weights to ``<name>.data`` beside it when large)."""
+    """Write ``model`` to ``path`` (weights to ``<name>.data`` beside it when large).
+
+    Written in a temporary folder beside ``path`` and moved into place: ONNX appends
+    external data to an existing file, so a re-export to the same path grew ``.data`` by a
+    copy of the weights each time; and an interrupted export leaves the old files whole.
+    A stale ``<name>.data`` goes when the new graph holds its weights inline."""
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
     size = sum(int(np.prod(init.dims, dtype=np.int64)) * 4 for init in model.graph.initializer)
-    if size > _EXTERNAL_DATA_BYTES:
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data",
-        )  # fmt: skip
-    else:
-        onnx.save_model(model, str(path))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if size > _EXTERNAL_DATA_BYTES:
+            onnx.save_model(
+                model, str(staging / path.name), save_as_external_data=True,
+                all_tensors_to_one_file=True, location=data.name,
+            )  # fmt: skip
+            os.replace(staging / data.name, data)
+        else:
+            onnx.save_model(model, str(staging / path.name))
+            data.unlink(missing_ok=True)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

@@ -279,6 +279,11 @@ class GraphSignature:
         feeds = {NOISE: noise}
         leaves = cond_leaves(cond, "cond")
         names = [name for name, _ in leaves]
+        if names != self.cond_names and sorted(names) == sorted(self.cond_names):
+            # a dict's keys in another order (a leaf's name holds its key or list index)
+            by_name = dict(leaves)
+            leaves = [(name, by_name[name]) for name in self.cond_names]
+            names = list(self.cond_names)
         if names != self.cond_names:
             raise ValueError(
                 f"cond must give the graph's inputs {self.cond_names or 'none (cond=None)'}, got "
