@@ -191,6 +191,32 @@ def test_re_export_to_the_same_path_with_external_weights(tmp_path, monkeypatch)
     torch.testing.assert_close(OnnxRuntimeSampler(path).sample(noise), want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_baked_target_is_checked_against_the_guidance(tmp_path):
+    """target_input=False bakes z*: a LatentGuidance with another target was accepted and
+    sampled toward the baked one (its scale, clamp and mode were already checked)."""
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer import LatentGuidance
+
+    torch.manual_seed(0)
+    head = make_head("mlp", "small", horizon=16, action_dim=4, cond_dim=6).eval()
+    sampler = FlowSampler(head, 2)
+    vae = ActionVAE(4, 16, latent_dim=8, arch="mlp", hidden_dims=(32,))
+    target = torch.randn(8)
+    guidance = LatentGuidance(vae, target, scale=2.0, clamp=0.5, mode="direct")
+    path = to_onnx(sampler, tmp_path / "baked.onnx", torch.randn(2, 16, 4), torch.randn(2, 6),
+                   guidance, target_input=False)  # fmt: skip
+    assert read_signature(path).guidance["baked_target"]["values"] == target.tolist()
+    runner = OnnxRuntimeSampler(path)
+    noise, cond = torch.randn(2, 16, 4), torch.randn(2, 6)
+    same = LatentGuidance(vae, target.clone(), scale=2.0, clamp=0.5, mode="direct")
+    want = sampler.sample(noise, cond, guidance=same)
+    torch.testing.assert_close(runner.sample(noise, cond, guidance=same), want,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    other = LatentGuidance(vae, target + 1.0, scale=2.0, clamp=0.5, mode="direct")
+    with pytest.raises(ValueError, match="is not the target baked into the graph"):
+        runner.sample(noise, cond, guidance=other)
+
+
 def test_a_vlm_kv_cache_and_its_padding_mask_as_graph_inputs(tmp_path):
     """A flow transformer conditioned on a PrefixCache (a VLM's KV cache) exports with the
     cache as inputs ``cond.keys.<i>``, ``cond.values.<i>`` [B, kv_heads, L, hd] per block

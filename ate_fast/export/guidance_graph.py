@@ -293,7 +293,7 @@ def guidance_settings(guidance: Any, graph: GuidanceGraph, target_input: bool) -
             "max_guidance_weight": graph.max_guidance_weight,
             "prefix_schedule": graph.prefix_schedule, "max_delay": graph.max_delay,
         }  # fmt: skip
-    return {
+    settings = {
         "scale": float(guidance.scale),
         "clamp": float(guidance.clamp) if guidance.clamp != float("inf") else "inf",
         "mode": guidance.mode,
@@ -304,3 +304,7 @@ def guidance_settings(guidance: Any, graph: GuidanceGraph, target_input: bool) -
         "masked": graph.mask is not None,
         "target": "input" if target_input else "baked",
     }
+    if not target_input:  # what the runners check a LatentGuidance's target against
+        baked = guidance.target.detach().to("cpu", torch.float32)
+        settings["baked_target"] = {"shape": list(baked.shape), "values": baked.flatten().tolist()}
+    return settings

@@ -29,8 +29,9 @@ def guidance_target(
         return target
     if target is not None:
         raise InvalidArgumentError("pass either guidance or target, not both")
-    if signature.target_dim is None:
-        return None  # the target is baked into the graph
+    if signature.target_dim is None:  # the target is baked into the graph
+        check_baked_target(signature, guidance)
+        return None
     value = getattr(guidance, "target", None)
     if not isinstance(value, Tensor):
         raise ArgumentTypeError(
@@ -38,6 +39,24 @@ def guidance_target(
             f"fed as the graph's target input), got {type(guidance).__name__}"
         )
     return value
+
+
+def check_baked_target(signature: GraphSignature, guidance: Any) -> None:
+    """Raise if ``guidance.target`` is not the z* baked into the graph (graphs exported
+    before ate_fast recorded it carry no record: nothing to check)."""
+    record = (signature.guidance or {}).get("baked_target")
+    value = getattr(guidance, "target", None)
+    if record is None or not isinstance(value, Tensor):
+        return
+    baked = torch.tensor(record["values"], dtype=torch.float32).reshape(record["shape"])
+    given = value.detach().to("cpu", torch.float32)
+    tolerance = 1e-6 * float(baked.abs().max()) if baked.numel() else 0.0
+    if given.shape != baked.shape or not torch.allclose(given, baked, rtol=0, atol=tolerance):
+        raise InvalidArgumentError(
+            f"guidance.target (shape {tuple(given.shape)}) is not the target baked into the "
+            f"graph at export (shape {tuple(baked.shape)}): a baked graph always steers "
+            "toward that one; export with target_input=True to feed targets"
+        )
 
 
 def prefix_inputs(
