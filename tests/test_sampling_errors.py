@@ -270,3 +270,17 @@ def test_captured_call_checks(noise):
     guide.scale = 3.0
     with pytest.raises(ValueError, match=r"guidance's \(scale, clamp, mode\) changed"):
         captured(noise, cond)
+
+
+def test_diffusion_repr_names_every_setting_that_changes_the_update():
+    """An exported graph records repr(sampler) as what it computes: eta, clipping and the
+    solver order were missing from it."""
+    schedule = NoiseSchedule(num_train_timesteps=100)
+    ddim = DiffusionSampler(identity_model, schedule, "ddim", 4, eta=0.5, clip_sample=True,
+                            clip_sample_range=2.0, steps_offset=1)  # fmt: skip
+    for part in ("eta=0.5", "clip_sample=True", "clip_sample_range=2.0", "steps_offset=1"):
+        assert part in repr(ddim)
+    assert "solver_order=3" in repr(DiffusionSampler(identity_model, schedule, "dpmsolver++",
+                                                     4, solver_order=3))  # fmt: skip
+    plain = repr(DiffusionSampler(identity_model, schedule, "ddpm", 4))
+    assert "eta=" not in plain and "clip" not in plain and "solver_order" not in plain

@@ -17,7 +17,7 @@ import argparse
 import ast
 from typing import Any
 
-from ate_fast.cli_errors import CommandLineError
+from ate_fast.cli_errors import CommandLineError, with_flag_names
 
 HEAD_NAMES = ("mlp", "flow-transformer", "unet1d")
 FLOW_METHODS = ("euler", "heun")
@@ -59,7 +59,7 @@ def _register_onnx(sub: Any) -> None:
         p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` VAE)")
     )
     _graph_arguments(p.add_argument_group("graph"))
-    p.set_defaults(func=_cmd_onnx)
+    p.set_defaults(func=with_flag_names(FLAGS)(_cmd_onnx))
 
 
 def _head_arguments(g: Any) -> None:
@@ -81,22 +81,24 @@ def _sampler_arguments(g: Any) -> None:
         help="flow (euler, heun) or diffusion (ddpm, ddim, dpmsolver++) sampler",
     )  # fmt: skip
     g.add_argument("--steps", type=int, default=10, help="K steps")
-    g.add_argument("--time-grid", default="uniform", help="flow: uniform or diffusers")
-    g.add_argument("--shift", type=float, default=1.0, help="flow: the diffusers grid's shift")
-    g.add_argument("--schedule", default="squaredcos_cap_v2", help="diffusion: beta schedule")
-    g.add_argument("--train-timesteps", type=int, default=100, help="diffusion: N")
-    g.add_argument("--prediction-type", default="epsilon", help="diffusion: what the head predicts")
+    # the method-specific flags default to None: one given for a method that ignores it
+    # is an error (METHOD_FLAGS), not a graph other than the one asked for
+    g.add_argument("--time-grid", help="flow: uniform (default) or diffusers")
+    g.add_argument("--shift", type=float, help="flow: the diffusers grid's shift (1.0)")
+    g.add_argument("--schedule", help="diffusion: beta schedule (squaredcos_cap_v2)")
+    g.add_argument("--train-timesteps", type=int, help="diffusion: N (100)")
+    g.add_argument("--prediction-type", help="diffusion: what the head predicts (epsilon)")
     g.add_argument("--timestep-spacing", help="diffusion: leading, trailing or linspace")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight")
-    g.add_argument("--solver-order", type=int, default=2, help="DPM-Solver++ order")
+    g.add_argument("--eta", type=float, help="DDIM noise weight (0.0)")
+    g.add_argument("--solver-order", type=int, help="DPM-Solver++ order (2)")
     g.add_argument("--clip-sample", action="store_true", help="DDPM/DDIM: clip x0 to ±1")
 
 
 def _guidance_arguments(g: Any) -> None:
     g.add_argument("--guidance-vae", help="align checkpoint directory (arch mlp or transformer)")
-    g.add_argument("--guidance-scale", type=float, default=2.0, help="λ")
-    g.add_argument("--guidance-clamp", type=float, default=0.1, help="κ")
-    g.add_argument("--guidance-mode", default="direct", help="direct or tweedie")
+    g.add_argument("--guidance-scale", type=float, help="λ (2.0)")
+    g.add_argument("--guidance-clamp", type=float, help="κ (0.1)")
+    g.add_argument("--guidance-mode", help="direct (default) or tweedie")
     g.add_argument(
         "--target",
         help="bake z* into the graph: a LatentPrior file (its mean) or a tensor [d_z] "
@@ -149,7 +151,7 @@ def _register_tensorrt(sub: Any) -> None:
     )  # fmt: skip
     t.add_argument("--opt-level", type=int, help="builder optimisation level 0..5")
     t.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
-    t.set_defaults(func=_cmd_tensorrt)
+    t.set_defaults(func=with_flag_names(FLAGS)(_cmd_tensorrt))
 
 
 # --- handlers (heavy imports live here) -----------------------------------------------
@@ -210,20 +212,63 @@ def _head(args: argparse.Namespace) -> Any:
     return head.eval().requires_grad_(False)
 
 
+# Python argument names in the library's errors -> the flags that set them
+FLAGS = {
+    "num_steps": "--steps", "num_train_timesteps": "--train-timesteps",
+    "time_grid": "--time-grid", "timestep_spacing": "--timestep-spacing",
+    "prediction_type": "--prediction-type", "solver_order": "--solver-order",
+    "clip_sample": "--clip-sample", "eta": "--eta", "shift": "--shift", "opset": "--opset",
+    "max_batch": "--max-batch", "min_batch": "--min-batch", "opt_batch": "--opt-batch",
+    "workspace_gb": "--workspace-gb",
+}  # fmt: skip
+# flag dest -> (the methods it applies to, its default)
+METHOD_FLAGS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "time_grid": (FLOW_METHODS, "uniform"),
+    "shift": (FLOW_METHODS, 1.0),
+    "schedule": (DIFFUSION_METHODS, "squaredcos_cap_v2"),
+    "train_timesteps": (DIFFUSION_METHODS, 100),
+    "prediction_type": (DIFFUSION_METHODS, "epsilon"),
+    "timestep_spacing": (DIFFUSION_METHODS, None),
+    "eta": (("ddim",), 0.0),
+    "solver_order": (("dpmsolver++",), 2),
+    "clip_sample": (("ddpm", "ddim"), False),
+}
+GUIDANCE_FLAGS = {"guidance_scale": 2.0, "guidance_clamp": 0.1, "guidance_mode": "direct"}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method flag's value for ``--method`` (its default where not given); raises
+    naming a flag given for a method that ignores it."""
+    values = {}
+    for dest, (methods, default) in METHOD_FLAGS.items():
+        given = getattr(args, dest)
+        if given not in (None, False) and args.method not in methods:
+            raise CommandLineError(
+                f"{_flag(dest)} applies to --method {' / '.join(methods)}, not {args.method}"
+            )
+        values[dest] = default if given is None else given
+    return values
+
+
 def _sampler(args: argparse.Namespace, head: Any) -> Any:
     from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
 
+    o = _method_options(args)
     if args.method in FLOW_METHODS:
-        return FlowSampler(head, args.steps, args.method, args.time_grid, args.shift)
-    schedule = NoiseSchedule(args.schedule, args.train_timesteps)
-    options: dict[str, Any] = {"prediction_type": args.prediction_type}
-    if args.timestep_spacing:
-        options["timestep_spacing"] = args.timestep_spacing
+        return FlowSampler(head, args.steps, args.method, o["time_grid"], o["shift"])
+    schedule = NoiseSchedule(o["schedule"], o["train_timesteps"])
+    options: dict[str, Any] = {"prediction_type": o["prediction_type"]}
+    if o["timestep_spacing"]:
+        options["timestep_spacing"] = o["timestep_spacing"]
     if args.method == "ddim":
-        options["eta"] = args.eta
+        options["eta"] = o["eta"]
     if args.method == "dpmsolver++":
-        options["solver_order"] = args.solver_order
-    if args.clip_sample:
+        options["solver_order"] = o["solver_order"]
+    if o["clip_sample"]:
         options["clip_sample"] = True
     return DiffusionSampler(head, schedule, args.method, args.steps, **options)
 
@@ -268,10 +313,16 @@ def _guidance(args: argparse.Namespace) -> Any:
     from ate_fast.align import KIND_STAGE1, KIND_STAGE2, load_checkpoint
     from ate_fast.steer import LatentGuidance
 
+    given = [_flag(dest) for dest in GUIDANCE_FLAGS if getattr(args, dest) is not None]
     if args.guidance_vae is None:
         if args.target:
             raise ValueError("--target needs --guidance-vae")
+        if given:  # an unguided graph would be written
+            verb = "needs" if len(given) == 1 else "need"
+            raise CommandLineError(f"{', '.join(given)} {verb} --guidance-vae")
         return None
+    settings = {d: v if getattr(args, d) is None else getattr(args, d)
+                for d, v in GUIDANCE_FLAGS.items()}  # fmt: skip
     try:
         vae = load_checkpoint(args.guidance_vae, kind=(KIND_STAGE1, KIND_STAGE2)).vae
     except ValueError as exc:
@@ -282,7 +333,8 @@ def _guidance(args: argparse.Namespace) -> Any:
             f"--target {args.target}: expected a latent [d_z] = [{vae.latent_dim}] for "
             f"--guidance-vae {args.guidance_vae}, got shape {list(target.shape)}"
         )
-    return LatentGuidance(vae, target, args.guidance_scale, args.guidance_clamp, args.guidance_mode)
+    return LatentGuidance(vae, target, settings["guidance_scale"], settings["guidance_clamp"],
+                          settings["guidance_mode"])  # fmt: skip
 
 
 def _example_cond(head: Any, batch: int, args: argparse.Namespace, generator: Any) -> Any:

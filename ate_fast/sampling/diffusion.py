@@ -232,10 +232,20 @@ class DiffusionSampler(Sampler):
             )
 
     def __repr__(self) -> str:
+        # every setting that changes the update (defaults left out; DPM-Solver++'s order
+        # always shown): an exported graph's metadata records this as what it computes
+        defaults = {
+            "steps_offset": 0, "set_alpha_to_one": True, "eta": 0.0, "clip_sample": False,
+            "clip_sample_range": 1.0, "lower_order_final": True,
+        }  # fmt: skip
+        shown = [(n, getattr(self, n)) for n, d in defaults.items() if getattr(self, n) != d]
+        if self.method == "dpmsolver++":
+            shown.insert(0, ("solver_order", self.solver_order))
+        extra = "".join(f", {name}={value!r}" for name, value in shown)
         return (
             f"DiffusionSampler(method={self.method!r}, num_steps={self.num_steps}, "
             f"prediction_type={self.prediction_type!r}, timestep_spacing="
-            f"{self.timestep_spacing!r}, schedule={self.schedule!r})"
+            f"{self.timestep_spacing!r}{extra}, schedule={self.schedule!r})"
         )
 
     # -- host-side plans -----------------------------------------------------------------
