@@ -383,6 +383,17 @@ def test_bad_arguments(tmp_path):
     trained = FlowSampler(_mlp().train(), 2)
     with pytest.raises(ValueError, match=r"training mode: call \.eval\(\)"):
         to_onnx(trained, out, noise, cond)
+    # named before torch.export, whose error blamed the model
+    with pytest.raises(ValueError, match="example_noise has batch 4 but max_batch is 3"):
+        to_onnx(sampler, out, torch.randn(4, 50, 32), torch.randn(4, 8), max_batch=3)
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer import LatentGuidance
+
+    vae = ActionVAE(32, 50, latent_dim=8, arch="mlp", hidden_dims=(16,))
+    per_sample = LatentGuidance(vae, torch.randn(2, 8))
+    with pytest.raises(GuidanceExportError, match="a batch of 2 latents: baked, it fixes"):
+        to_onnx(sampler, out, torch.randn(2, 50, 32), torch.randn(2, 8), per_sample,
+                target_input=False)  # fmt: skip
     assert not out.exists()
 
 

@@ -32,7 +32,12 @@ from torch import Tensor
 
 from ate_fast._version import __version__
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.export.guidance_graph import guidance_graph, guidance_settings, rtc_guidance_graph
+from ate_fast.export.guidance_graph import (
+    GuidanceExportError,
+    guidance_graph,
+    guidance_settings,
+    rtc_guidance_graph,
+)
 from ate_fast.export.sampler_graph import (
     TRACEABLE_MODEL,
     ModelTraceError,
@@ -234,6 +239,18 @@ def to_onnx(
         raise ValueError(f"max_batch must be an int >= 2, got {max_batch!r}")
     if not isinstance(target_input, bool):
         raise TypeError(f"target_input must be a bool, got {type(target_input).__name__}")
+    batch = example_noise.shape[0]
+    if dynamic_batch and batch > max_batch:  # torch.export's error would blame the model
+        raise ValueError(
+            f"example_noise has batch {batch} but max_batch is {max_batch}: the example batch "
+            "must lie in the graph's batch range 1..max_batch"
+        )
+    baked = None if target_input else getattr(guidance, "target", None)
+    if dynamic_batch and isinstance(baked, Tensor) and baked.ndim == 2:
+        raise GuidanceExportError(
+            f"guidance.target is a batch of {baked.shape[0]} latents: baked, it fixes the "
+            "graph's batch; pass one latent [d_z], dynamic_batch=False, or target_input=True"
+        )
     leaves = cond_leaves(example_cond)
     _check_cond_batch(leaves, example_noise.shape[0])
     _check_model_fits_examples(sampler, example_noise, example_cond)
