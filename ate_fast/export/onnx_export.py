@@ -235,22 +235,7 @@ def to_onnx(
     """
     require_export_dependencies()
     _check_arguments(sampler, example_noise, dynamic_batch, opset, path)
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
-        raise ValueError(f"max_batch must be an int >= 2, got {max_batch!r}")
-    if not isinstance(target_input, bool):
-        raise TypeError(f"target_input must be a bool, got {type(target_input).__name__}")
-    batch = example_noise.shape[0]
-    if dynamic_batch and batch > max_batch:  # torch.export's error would blame the model
-        raise ValueError(
-            f"example_noise has batch {batch} but max_batch is {max_batch}: the example batch "
-            "must lie in the graph's batch range 1..max_batch"
-        )
-    baked = None if target_input else getattr(guidance, "target", None)
-    if dynamic_batch and isinstance(baked, Tensor) and baked.ndim == 2:
-        raise GuidanceExportError(
-            f"guidance.target is a batch of {baked.shape[0]} latents: baked, it fixes the "
-            "graph's batch; pass one latent [d_z], dynamic_batch=False, or target_input=True"
-        )
+    _check_batch_settings(example_noise, guidance, dynamic_batch, max_batch, target_input)
     leaves = cond_leaves(example_cond)
     _check_cond_batch(leaves, example_noise.shape[0])
     _check_model_fits_examples(sampler, example_noise, example_cond)
@@ -477,6 +462,29 @@ def check_graph(model: Any) -> None:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
+
+
+def _check_batch_settings(
+    example_noise: Tensor, guidance: Any, dynamic_batch: bool, max_batch: int, target_input: bool
+) -> None:
+    """``max_batch`` and ``target_input``, and what they exclude, named before tracing
+    (torch.export's error for them blames the model)."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
+        raise ValueError(f"max_batch must be an int >= 2, got {max_batch!r}")
+    if not isinstance(target_input, bool):
+        raise TypeError(f"target_input must be a bool, got {type(target_input).__name__}")
+    batch = example_noise.shape[0]
+    if dynamic_batch and batch > max_batch:
+        raise ValueError(
+            f"example_noise has batch {batch} but max_batch is {max_batch}: the example batch "
+            "must lie in the graph's batch range 1..max_batch"
+        )
+    baked = None if target_input else getattr(guidance, "target", None)
+    if dynamic_batch and isinstance(baked, Tensor) and baked.ndim == 2:
+        raise GuidanceExportError(
+            f"guidance.target is a batch of {baked.shape[0]} latents: baked, it fixes the "
+            "graph's batch; pass one latent [d_z], dynamic_batch=False, or target_input=True"
+        )
 
 
 def save_model(model: Any, path: PathLike) -> Path:

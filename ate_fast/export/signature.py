@@ -244,6 +244,22 @@ class GraphSignature:
         )
 
     # -- feeds ----------------------------------------------------------------------
+    def _cond_leaves(self, cond: Any) -> list[tuple[str, Tensor]]:
+        """``cond``'s ``(name, tensor)`` leaves in the graph's input order (a dict's keys
+        may come in any order: a leaf's name holds its key or list index)."""
+        leaves = cond_leaves(cond, "cond")
+        names = [name for name, _ in leaves]
+        if names != self.cond_names and sorted(names) == sorted(self.cond_names):
+            by_name = dict(leaves)
+            leaves = [(name, by_name[name]) for name in self.cond_names]
+            names = list(self.cond_names)
+        if names != self.cond_names:
+            raise ValueError(
+                f"cond must give the graph's inputs {self.cond_names or 'none (cond=None)'}, got "
+                f"{names or 'none'}"
+            )
+        return leaves
+
     def feeds(
         self,
         noise: Tensor,
@@ -277,19 +293,7 @@ class GraphSignature:
                 "only (export with dynamic_batch=True for others)"
             )
         feeds = {NOISE: noise}
-        leaves = cond_leaves(cond, "cond")
-        names = [name for name, _ in leaves]
-        if names != self.cond_names and sorted(names) == sorted(self.cond_names):
-            # a dict's keys in another order (a leaf's name holds its key or list index)
-            by_name = dict(leaves)
-            leaves = [(name, by_name[name]) for name in self.cond_names]
-            names = list(self.cond_names)
-        if names != self.cond_names:
-            raise ValueError(
-                f"cond must give the graph's inputs {self.cond_names or 'none (cond=None)'}, got "
-                f"{names or 'none'}"
-            )
-        for (name, tensor), shape in zip(leaves, self.cond_shapes):
+        for (name, tensor), shape in zip(self._cond_leaves(cond), self.cond_shapes):
             if tensor.ndim == 0 or tensor.shape[0] != batch or list(tensor.shape[1:]) != shape:
                 raise ValueError(
                     f"{name} must have shape [B, {', '.join(map(str, shape))}] with B = {batch}, "
