@@ -144,18 +144,14 @@ def mlp_guidance(
         raise InvalidArgumentError(
             f"mlp_guidance: activation must be one of {ACTIVATIONS}, got {activation!r}"
         )
-    for name, seq, optional in (("weights", weights, False), ("biases", biases, True)):
-        for i, t in enumerate(seq):  # before torch.ops, whose schema error names no argument
-            if not (isinstance(t, Tensor) or (optional and t is None)):
-                raise ArgumentTypeError(
-                    f"mlp_guidance: {name}[{i}] must be a torch.Tensor"
-                    f"{' or None' if optional else ''}, got {type(t).__name__}"
-                )
     args = (x, list(weights), list(biases), ACTIVATIONS.index(activation), target, a0, mask, eps,
             float(distance_weight))  # fmt: skip
     tensors = (x, target, a0, mask, eps, *args[1], *args[2])
+    # tensor subclasses (fake, functional) take the registered op; plain tensors, and
+    # anything that is no tensor (validation names it), the direct call
     if not torch.compiler.is_compiling() and all(
-        t is None or type(t) is Tensor or isinstance(t, nn.Parameter) for t in tensors
+        not isinstance(t, Tensor) or type(t) is Tensor or isinstance(t, nn.Parameter)
+        for t in tensors
     ):
         g, z = _fresh_outputs(x, args[1])
         mlp_guidance_into(g, z, *args, fresh_out=True)

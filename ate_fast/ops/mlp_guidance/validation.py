@@ -73,10 +73,17 @@ def _check_layers(x: Tensor, weights, biases) -> int:
         )
     width = x.shape[1] * x.shape[2]
     for i, (w, b) in enumerate(zip(weights, biases)):
-        if not isinstance(w, Tensor) or w.ndim != 2 or w.shape[1] != width:
-            got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        if not isinstance(w, Tensor):
+            raise ArgumentTypeError(
+                f"mlp_guidance: weights[{i}] must be a torch.Tensor, got {type(w).__name__}"
+            )
+        if b is not None and not isinstance(b, Tensor):
+            raise ArgumentTypeError(
+                f"mlp_guidance: biases[{i}] must be a torch.Tensor or None, got {type(b).__name__}"
+            )
+        if w.ndim != 2 or w.shape[1] != width:
             raise InvalidArgumentError(
-                f"mlp_guidance: weights[{i}] must be [out, {width}], got {got}"
+                f"mlp_guidance: weights[{i}] must be [out, {width}], got {tuple(w.shape)}"
             )
         _same("weights", i, w, x)
         if w.shape[0] == 0 or w.shape[1] == 0:
@@ -86,7 +93,7 @@ def _check_layers(x: Tensor, weights, biases) -> int:
             )
         width = w.shape[0]
         if b is not None:
-            if not isinstance(b, Tensor) or tuple(b.shape) != (width,):
+            if tuple(b.shape) != (width,):
                 raise InvalidArgumentError(f"mlp_guidance: biases[{i}] must be [{width}] or None")
             _same("biases", i, b, x)
     if width % 2:
