@@ -84,6 +84,27 @@ def test_vjp_split_is_the_vjp(key):
     assert torch.equal(out_f, out) and torch.equal(pull_f(u), pull(u))
 
 
+@pytest.mark.parametrize("key", list(HEADS))
+def test_vmap_over_a_calls_features(key):
+    """``torch.func.vmap`` over samples x with one call's multi-step features: the flow
+    transformer's in-place writes into the call's prefix buffers (and oneDNN's GEMM) have
+    no batching rule, so its fast paths must step aside under a transform (they did not:
+    "Batching rule not implemented for aten::addcmul.out")."""
+    head = _head(key)
+    x, t, cond = _inputs(key, head)
+    xs = torch.stack([x, torch.randn_like(x), torch.randn_like(x)])  # [V, B, H, D]
+    features = head.step_features(x, t, cond)
+    assert len(features) > 1
+    for k in (0, 2):
+        out = torch.func.vmap(lambda v, f=features[k]: head.forward_features(v, f))(xs)
+        ref = torch.stack([head(v, t[k], cond) for v in xs])
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # and a plain forward with the same features afterwards still writes and reads its rows
+    torch.testing.assert_close(
+        head.forward_features(xs[1], features[1]), head(xs[1], t[1], cond), rtol=1e-12, atol=1e-12
+    )
+
+
 def _count_calls(head):
     """Count the sampler's calls of the split (patched on the instance: the class, so the
     detection, is unchanged; ``head(...)`` itself does not go through these)."""

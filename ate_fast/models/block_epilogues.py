@@ -37,10 +37,12 @@ runs them only through ``TRITON_INTERPRET=1``). ``triton`` raises
 :class:`~ate_fast.errors.BackendUnavailableError` where Triton cannot run. Even then the
 torch ops run when autograd records (an input requires grad: training, an autograd VJP),
 under ``torch.compile`` / ``torch.export`` tracing (Inductor fuses the torch ops itself; the
-ONNX export traces them), and on tensor subclasses — the kernels have no backward and no
-symbolic form. The two paths round differently (the kernels compute in float32 and round
-once per output), so with the kernels selected a head's output under autograd (torch ops)
-and without it (kernels) agree to rounding, not bit for bit.
+ONNX export traces them), under a ``torch.func`` transform or a forward-AD level (``vmap``
+over a call's features: the prefix buffers' in-place writes have no batching rule), and on
+tensor subclasses — the kernels have no backward, no batching rule and no symbolic form.
+The two paths round differently (the kernels compute in float32 and round once per
+output), so with the kernels selected a head's output under autograd (torch ops) and
+without it (kernels) agree to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from torch import Tensor, nn
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models.rotary import rotate
+from ate_fast.models.trace_state import capturing_graph, transforms_active
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_FLOW_EPILOGUES"
@@ -74,10 +77,12 @@ def selected_path() -> str:
 def writes_in_place(*tensors: Tensor) -> bool:
     """Whether a forward on ``tensors`` may leave the torch ops for in-place writes into a
     call's :class:`PrefixSlot` or for the Triton kernels: not when autograd records (neither
-    has a backward), nor under ``torch.compile`` / ``torch.export`` / ``jit`` tracing (they
-    trace the torch ops: Inductor fuses them, the ONNX export needs them), nor on tensor
-    subclasses (fake, functional, …)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    has a backward), nor under ``torch.compile`` / ``torch.export`` / ``jit`` / ONNX tracing
+    (they trace the torch ops: Inductor fuses them, the ONNX export needs them), nor under
+    a ``torch.func`` transform or forward-AD level (batched or dual tensors: an ``out=``
+    write has no batching or forward-AD rule), nor on tensor subclasses (fake, functional,
+    …)."""
+    if capturing_graph() or transforms_active():
         return False
     if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):
         return False

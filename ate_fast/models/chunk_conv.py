@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.models.cpu_gemm import capturing_graph, linear, times_weight
+from ate_fast.models.cpu_gemm import linear, times_weight
+from ate_fast.models.trace_state import capturing_graph
 
 # Row form below this many output steps: at 16 the two forms tie (compute-bound GEMMs).
 ROWS_BELOW = 16

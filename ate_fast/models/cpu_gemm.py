@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.models.trace_state import capturing_graph, transforms_active
 from ate_fast.module_checks import plain_linear
 
 ENV_VAR = "ATE_FAST_CPU_GEMM"
@@ -50,33 +51,6 @@ CHOICES = ("auto", "onednn", "aten")
 # [1, 1600] x [1600, 512] (0.8 M) 46 -> 56 µs; on two threads the crossover is ≈ 1 M.
 MIN_MACS = 1_500_000
 _PLAIN_TYPES = (Tensor, nn.Parameter)
-# whether a torch.func transform (vmap, grad, vjp) wraps the tensors; a torch without the
-# query counts as always: oneDNN's op has no batching or autograd rule
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
-
-
-def _forward_ad_active() -> bool:
-    """Inside ``torch.autograd.forward_ad.dual_level()``: dual tensors may flow, and
-    oneDNN's op has no forward-AD rule (their tangents would be dropped without a word).
-    A torch without the level counts as always."""
-    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
-
-
-def capturing_graph() -> bool:
-    """A graph capture that must see ATen's ops themselves (``torch.compile``,
-    ``torch.export``, the ONNX exporter, ``torch.jit.trace``)."""
-    return torch.compiler.is_compiling() or exporting_graph()
-
-
-def exporting_graph() -> bool:
-    """A graph being traced for export (``torch.export``, the ONNX exporter,
-    ``torch.jit.trace``): its weights become constants of the exported graph."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or (exporting is not None and exporting())
-    )
 
 
 def selected_gemm() -> str:
@@ -160,7 +134,7 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return not (_functorch_active() or _forward_ad_active() or capturing_graph())
+    return not (transforms_active() or capturing_graph())
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

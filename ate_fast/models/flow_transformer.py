@@ -50,12 +50,13 @@ from ate_fast.models.block_epilogues import (
     use_triton,
     writes_in_place,
 )
-from ate_fast.models.cpu_gemm import exporting_graph, linear, linear_of
+from ate_fast.models.cpu_gemm import linear, linear_of
 from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
+from ate_fast.models.trace_state import exporting_graph
 from ate_fast.module_checks import forward_hooks_active, plain_linear, plain_tree
 
 

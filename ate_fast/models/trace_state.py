@@ -1,0 +1,47 @@
+"""What the heads' fast paths must know about how they are being run.
+
+The heads leave plain ATen ops for faster ones that torch's machinery cannot see through:
+oneDNN's GEMM (:mod:`cpu_gemm`: no backward, no forward-AD or batching rule), in-place
+writes into a call's prefix buffers and the Triton epilogues (:mod:`block_epilogues`: no
+backward, no batching rule), convolutions as chunk rows (:mod:`chunk_conv`). Each must step
+aside where a transform or a graph trace has to see the ATen ops themselves; these
+predicates say when.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# whether a torch.func transform (vmap, grad, vjp, jvp) wraps tensors; a torch without the
+# query counts as always
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def forward_ad_active() -> bool:
+    """Inside ``torch.autograd.forward_ad.dual_level()``: dual tensors may flow, and an op
+    without a forward-AD rule (an ``out=`` write, oneDNN's GEMM) would fail or drop their
+    tangents. A torch without the level counts as always."""
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+
+
+def transforms_active() -> bool:
+    """A ``torch.func`` transform or a forward-mode AD level is active: the tensors may be
+    batched or carry tangents that only ATen's ops propagate."""
+    return _functorch_active() or forward_ad_active()
+
+
+def exporting_graph() -> bool:
+    """A graph being traced for export (``torch.export``, the ONNX exporter,
+    ``torch.jit.trace``): its weights become constants of the exported graph."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or (exporting is not None and exporting())
+    )
+
+
+def capturing_graph() -> bool:
+    """A graph capture that must see ATen's ops themselves (``torch.compile``,
+    ``torch.export``, the ONNX exporter, ``torch.jit.trace``)."""
+    return torch.compiler.is_compiling() or exporting_graph()
