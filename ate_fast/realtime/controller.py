@@ -30,7 +30,6 @@ A *switch step* is one where a new chunk takes over (k = n·s + d, n ≥ 1);
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -39,9 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.realtime.prefix_inpainting import PrefixInpainting
-from ate_fast.realtime.prefix_schedules import check_int
 from ate_fast.realtime.rtc import RTCGuidance
 
 STRATEGIES = ("naive", "ensemble", "rtc", "rtc_training")
@@ -64,11 +63,7 @@ def ensemble_weights(count: int, decay: float = ACT_ENSEMBLE_DECAY) -> np.ndarra
 
 def check_decay(decay: object) -> float:
     """``ensemble_decay`` as a finite float (NaN or ±inf would make every action NaN)."""
-    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)):
-        raise ArgumentTypeError(f"ensemble_decay must be a float, got {type(decay).__name__}")
-    if not math.isfinite(decay):
-        raise InvalidArgumentError(f"ensemble_decay must be finite, got {decay}")
-    return float(decay)
+    return check_finite("ensemble_decay", decay)
 
 
 def align_plan(chunk: Tensor, offset: int) -> Tensor:
@@ -140,9 +135,7 @@ class RealTimeController:
             "delay", delay, 0, min(self.s, self.horizon - self.s),
             " (min(execution_horizon, horizon − execution_horizon))",
         )  # fmt: skip
-        if strategy not in STRATEGIES:
-            raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.policy, self.strategy = policy, strategy
+        self.policy, self.strategy = policy, check_choice("strategy", strategy, STRATEGIES)
         self.ensemble_decay, self.clock = check_decay(ensemble_decay), clock
         self.reset()
 
@@ -266,9 +259,8 @@ class SamplerChunks:
         cond: Callable[[Any], Any] = lambda obs: obs,
         rtc: Optional[dict[str, Any]] = None,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.sampler, self.noise, self.cond, self.strategy = sampler, noise, cond, strategy
+        self.strategy = check_choice("strategy", strategy, STRATEGIES)
+        self.sampler, self.noise, self.cond = sampler, noise, cond
         self.guidance: Optional[RTCGuidance] = None
         self.inpainting: Optional[PrefixInpainting] = None
         if strategy == "rtc":

@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_int
 from ate_fast.realtime.prefix_inpainting import PrefixInpainting
-from ate_fast.realtime.prefix_schedules import check_int
 from ate_fast.realtime.rtc import RTCGuidance
 
 WARMUP_CALLS = 3

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
-from ate_fast.realtime.prefix_schedules import check_int
 
 Delay = Union[int, Sequence[int], Tensor]
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_int
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.realtime.prefix_buffers import Delay, check_chunk, write_prefix
-from ate_fast.realtime.prefix_schedules import check_int
 
 
 def prefix_mask_table(horizon: int, max_delay: int) -> np.ndarray:

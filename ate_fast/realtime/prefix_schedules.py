@@ -25,26 +25,13 @@ import math
 
 import numpy as np
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.argument_checks import check_choice, check_int
 
 PREFIX_SCHEDULES = ("exp", "linear", "ones", "zeros")
 
 
-def check_int(name: str, value: object, low: int, high: int, why: str = "") -> int:
-    """``value`` as an int in ``low..high``; errors name ``name`` and the range."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise InvalidArgumentError(f"{name} must be in [{low}, {high}]{why}, got {value}")
-    return int(value)
-
-
 def check_schedule(schedule: object) -> str:
-    if schedule not in PREFIX_SCHEDULES:
-        raise InvalidArgumentError(
-            f"prefix_schedule must be one of {PREFIX_SCHEDULES}, got {schedule!r}"
-        )
-    return schedule  # type: ignore[return-value]
+    return check_choice("prefix_schedule", schedule, PREFIX_SCHEDULES)  # type: ignore[return-value]
 
 
 def prefix_weights(horizon: int, delay: int, execution_horizon: int, schedule: str = "exp"):

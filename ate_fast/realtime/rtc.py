@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_choice, check_finite, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import FLOW_CONVENTIONS, POLICY_VJP
 from ate_fast.realtime.prefix_buffers import Delay, check_chunk, write_prefix
-from ate_fast.realtime.prefix_schedules import check_int, check_schedule, prefix_weight_table
+from ate_fast.realtime.prefix_schedules import check_schedule, prefix_weight_table
 
 # The paper's guidance-weight clip β (its experiments use 5).
 DEFAULT_MAX_GUIDANCE_WEIGHT = 5.0
@@ -95,17 +96,10 @@ class RTCGuidance:
         if not isinstance(jacobian, bool):
             raise ArgumentTypeError(f"jacobian must be a bool, got {type(jacobian).__name__}")
         self.mode = POLICY_VJP if jacobian else "tweedie"
-        beta = max_guidance_weight
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise InvalidArgumentError(f"max_guidance_weight must be a float >= 0, got {beta!r}")
-        if not math.isfinite(beta):
-            raise InvalidArgumentError(f"max_guidance_weight must be finite, got {beta!r}")
-        if convention not in FLOW_CONVENTIONS:
-            raise InvalidArgumentError(
-                f"convention must be one of {FLOW_CONVENTIONS}, got {convention!r}"
-            )
+        beta = check_finite("max_guidance_weight", max_guidance_weight, 0.0)
+        check_choice("convention", convention, FLOW_CONVENTIONS)
         self._s = int(execution_horizon)
-        self._beta = float(beta)
+        self._beta = beta
         self._schedule = check_schedule(prefix_schedule)
         self._convention = convention
         self.prev_chunk: Optional[Tensor] = None  # Y [B, H, D], static

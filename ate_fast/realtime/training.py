@@ -24,16 +24,15 @@ learn. The loss never asks the prefix's velocity to be anything.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_choice, check_finite, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import FLOW_CONVENTIONS
-from ate_fast.realtime.prefix_schedules import check_int
 
 DELAY_DISTRIBUTIONS = ("uniform", "exp")
 LOSS_REDUCTIONS = ("mean", "none")
@@ -100,18 +99,8 @@ class TrainingTimeRTC:
         self.min_delay = check_int(
             "min_delay", min_delay, 0, self.max_delay, f" (max_delay = {self.max_delay})"
         )
-        if distribution not in DELAY_DISTRIBUTIONS:
-            raise InvalidArgumentError(
-                f"distribution must be one of {DELAY_DISTRIBUTIONS}, got {distribution!r}"
-            )
-        if (
-            isinstance(exp_decay, bool)
-            or not isinstance(exp_decay, (int, float))
-            or not (exp_decay >= 0 and math.isfinite(exp_decay))
-        ):
-            raise InvalidArgumentError(f"exp_decay must be a finite float >= 0, got {exp_decay!r}")
-        self.distribution = distribution
-        self.exp_decay = float(exp_decay)
+        self.distribution = check_choice("distribution", distribution, DELAY_DISTRIBUTIONS)
+        self.exp_decay = check_finite("exp_decay", exp_decay, 0.0)
 
     def __repr__(self) -> str:
         return (
@@ -141,10 +130,7 @@ class TrainingTimeRTC:
         """The interpolant of ``a0``, ``noise`` [B, H, D] at times ``t`` [B] with the first
         ``delays`` [B] (ints in min_delay..max_delay, < H) actions clean."""
         batch, horizon, _ = _check_chunks(a0=a0, noise=noise)
-        if convention not in FLOW_CONVENTIONS:
-            raise InvalidArgumentError(
-                f"convention must be one of {FLOW_CONVENTIONS}, got {convention!r}"
-            )
+        check_choice("convention", convention, FLOW_CONVENTIONS)
         if not isinstance(t, Tensor) or tuple(t.shape) != (batch,) or not t.is_floating_point():
             raise InvalidArgumentError(f"t must be a floating tensor [B] = [{batch}], got {t!r}")
         if self.max_delay >= horizon:
@@ -206,14 +192,8 @@ class TrainingTimeRTC:
         without the prefix: ``"mean"`` over the trained elements (a scalar) or ``"none"``
         (the per-element squared error [B, H, D], 0 on the prefix)."""
         _check_chunks(v_pred=v_pred, a0=a0, noise=noise, x_t=batch.x_t)
-        if convention not in FLOW_CONVENTIONS:
-            raise InvalidArgumentError(
-                f"convention must be one of {FLOW_CONVENTIONS}, got {convention!r}"
-            )
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise InvalidArgumentError(
-                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
-            )
+        check_choice("convention", convention, FLOW_CONVENTIONS)
+        check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         target = noise - a0 if convention == "openpi" else a0 - noise
         err = (v_pred - target).square()
         if loss_reduction == "mean":

@@ -1,0 +1,76 @@
+"""The scalar argument checks every layer shares: an int in a range, one of a few choices,
+a finite number. Errors name the argument, what was expected and what came
+(:mod:`ate_fast.errors`); nothing is coerced that could lose what the caller meant — a
+bool is no int (``True`` would pass as 1), a float is no int choice (``2.0`` would pass as
+2), a NumPy scalar is taken as the Python number it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Optional, TypeVar
+
+import numpy as np
+
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+
+T = TypeVar("T")
+
+
+def is_int(value: object) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(
+    name: str, value: object, low: Optional[int] = None, high: Optional[int] = None, why: str = ""
+) -> int:
+    """``value`` as an int in ``low..high`` (either bound None: open); ``why`` is added to
+    the range in the error (e.g. which other argument sets the bound)."""
+    if not is_int(value):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            expected = f">= {low}"
+        elif low is None:
+            expected = f"<= {high}"
+        else:
+            expected = f"in [{low}, {high}]"
+        raise InvalidArgumentError(f"{name} must be {expected}{why}, got {value}")
+    return int(value)
+
+
+def _same_kind(value: object, choice: object) -> bool:
+    """Whether ``value`` may be compared with ``choice`` at all: strings with strings, ints
+    with ints (bools and floats are neither)."""
+    if isinstance(choice, str):
+        return isinstance(value, str)
+    if isinstance(choice, bool):
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(choice, int):
+        return is_int(value)
+    return not isinstance(value, np.ndarray)
+
+
+def check_choice(name: str, value: T, choices: Sequence[object]) -> T:
+    """``value`` if it is one of ``choices`` (the same kind: ``True`` is not the choice 1,
+    ``2.0`` not the choice 2); else an error listing them."""
+    if not any(_same_kind(value, c) and value == c for c in choices):
+        raise InvalidArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_finite(
+    name: str, value: object, low: Optional[float] = None, *, above: bool = False
+) -> float:
+    """``value`` as a finite float, ``>= low`` (``above``: ``> low``) when ``low`` is given.
+    A bool or a non-number is an :class:`~ate_fast.errors.ArgumentTypeError`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if above else value < low):
+        raise InvalidArgumentError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
+    return float(value)
