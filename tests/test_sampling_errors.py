@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,7 +83,7 @@ def test_num_steps_must_be_an_int(steps):
         (dict(solver_order=3, method="ddim"), "solver_order=3 does not apply"),
         (dict(set_alpha_to_one=False, method="ddpm"), "set_alpha_to_one=False does not apply"),
         (dict(clip_sample_range=0.0, clip_sample=True), "clip_sample_range must be > 0"),
-        (dict(steps_offset=-1), "steps_offset must be an int >= 0"),
+        (dict(steps_offset=-1), "steps_offset must be >= 0"),
         (dict(num_steps=1001), r"num_steps \(1001\) must be <= .* num_train_timesteps \(1000\)"),
         (dict(steps_offset=100), r"steps_offset=100 puts a timestep at 1000, outside .*\[0, 999\]"),
         (dict(eta=5.0), "eta=5.0 is too large"),
@@ -94,6 +95,34 @@ def test_diffusion_options(kwargs, match):
     steps = kwargs.pop("num_steps", 10)
     with pytest.raises(ValueError, match=match):
         DiffusionSampler(identity_model, NoiseSchedule(), method, steps, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        # a bool or a float equal to a choice is not that choice (True == 1, 2.0 == 2)
+        (dict(method="dpmsolver++", solver_order=True), ValueError, "solver_order must be one of"),
+        (dict(method="dpmsolver++", solver_order=2.0), ValueError, "solver_order must be one of"),
+        (dict(steps_offset=True), TypeError, "steps_offset must be an int, got bool"),
+        (dict(eta="0.5"), TypeError, "eta must be a float, got str"),
+        (dict(eta=True), TypeError, "eta must be a float, got bool"),
+        (dict(clip_sample=True, clip_sample_range="1"), TypeError, "clip_sample_range must be a"),
+    ],
+)
+def test_diffusion_options_of_the_wrong_kind(kwargs, error, match):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", "ddim")
+    with pytest.raises(error, match=match):
+        DiffusionSampler(identity_model, NoiseSchedule(), method, 10, **kwargs)
+
+
+def test_numpy_integers_are_ints():
+    sampler = DiffusionSampler(identity_model, NoiseSchedule(num_train_timesteps=np.int64(100)),
+                               "ddim", np.int32(5), steps_offset=np.int64(1))  # fmt: skip
+    assert type(sampler.num_steps) is int and sampler.num_steps == 5
+    assert type(sampler.schedule.num_train_timesteps) is int
+    with pytest.raises(TypeError, match="beta_start must be a float, got str"):
+        NoiseSchedule(beta_start="0.1")
 
 
 def test_schedule_and_model_types():
@@ -114,7 +143,7 @@ def test_schedule_and_model_types():
     [
         (dict(method="ddim"), "method must be one of"),
         (dict(time_grid="cosine"), "time_grid must be one of"),
-        (dict(time_grid="diffusers", shift=0.0), "shift must be a float > 0"),
+        (dict(time_grid="diffusers", shift=0.0), "shift must be > 0"),
         (dict(time_grid="diffusers", shift=math.inf), "shift must be finite"),
         (dict(shift=2.0), "shift=2.0 applies to time_grid='diffusers' only"),
         (dict(time_grid="diffusers", num_train_timesteps=1), "num_train_timesteps must be"),

@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ate_fast.argument_checks import check_choice, check_finite, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import (
     POLICY_VJP,
@@ -40,7 +41,7 @@ from ate_fast.guidance import (
     Guidance,
     diffusion_guidance_coefficient,
 )
-from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
+from ate_fast.sampling.sampler import ModelFn, Run, Sampler
 from ate_fast.sampling.schedule import NoiseSchedule
 from ate_fast.sampling.timesteps import (
     DEFAULT_SPACING,
@@ -147,16 +148,10 @@ class DiffusionSampler(Sampler):
         self.timestep_spacing = check_choice(
             "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS
         )
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
-            raise InvalidArgumentError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
-        if not (clip_sample_range > 0):
-            raise InvalidArgumentError(f"clip_sample_range must be > 0, got {clip_sample_range}")
-        if not (eta >= 0 and np.isfinite(eta)):
-            raise InvalidArgumentError(f"eta must be a finite float >= 0, got {eta}")
-        if solver_order not in SOLVER_ORDERS:
-            raise InvalidArgumentError(
-                f"solver_order must be one of {SOLVER_ORDERS}, got {solver_order!r}"
-            )
+        check_int("steps_offset", steps_offset, 0)
+        check_finite("clip_sample_range", clip_sample_range, 0.0, above=True)
+        check_finite("eta", eta, 0.0)
+        check_choice("solver_order", solver_order, SOLVER_ORDERS)
         self._check_applicable(
             set_alpha_to_one=(set_alpha_to_one, True, ("ddim",)),
             eta=(eta, 0.0, ("ddim",)),

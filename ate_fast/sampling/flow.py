@@ -23,9 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ate_fast.argument_checks import check_choice, check_finite, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance, flow_guidance_coefficient
-from ate_fast.sampling.sampler import ModelFn, Run, Sampler, check_choice
+from ate_fast.sampling.sampler import ModelFn, Run, Sampler
 from ate_fast.sampling.timesteps import FLOW_TIME_GRIDS, flow_sigmas
 
 FLOW_METHODS = ("euler", "heun")
@@ -71,20 +72,10 @@ class FlowSampler(Sampler):
         super().__init__(model_fn, num_steps)
         self.method = check_choice("method", method, FLOW_METHODS)
         self.time_grid = check_choice("time_grid", time_grid, FLOW_TIME_GRIDS)
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
-            raise InvalidArgumentError(f"shift must be a float > 0, got {shift!r}")
-        if not np.isfinite(shift):
-            raise InvalidArgumentError(f"shift must be finite, got {shift!r}")
+        check_finite("shift", shift, 0.0, above=True)
         if time_grid == "uniform" and shift != 1.0:
             raise InvalidArgumentError(f"shift={shift} applies to time_grid='diffusers' only")
-        if (
-            isinstance(num_train_timesteps, bool)
-            or not isinstance(num_train_timesteps, int)
-            or num_train_timesteps < 2
-        ):
-            raise InvalidArgumentError(
-                f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}"
-            )
+        check_int("num_train_timesteps", num_train_timesteps, 2)
         self.shift = float(shift)
         self.num_train_timesteps = num_train_timesteps
 

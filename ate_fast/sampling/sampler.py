@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
 from ate_fast.guidance import POLICY_VJP, SCALAR_SLOPE_MODES, Guidance, check_guidance
 from ate_fast.sampling.capture import CapturedSampler
@@ -48,22 +49,13 @@ MAX_NUM_STEPS = 10_000
 
 def check_num_steps(num_steps: object) -> int:
     """``num_steps`` as an int in ``1..MAX_NUM_STEPS``."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise ArgumentTypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
-    if num_steps <= 0:
-        raise InvalidArgumentError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = check_int("num_steps", num_steps, 1)
     if num_steps > MAX_NUM_STEPS:
         raise LimitExceededError(
             f"num_steps must be <= MAX_NUM_STEPS = {MAX_NUM_STEPS} (the per-step tables are "
             f"allocated up front), got {num_steps}"
         )
-    return int(num_steps)
-
-
-def check_choice(name: str, value: object, choices: tuple) -> str:
-    if value not in choices:
-        raise InvalidArgumentError(f"{name} must be one of {choices}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return num_steps
 
 
 def forward_with_vjp_of(model_fn: ModelFn) -> Optional[ForwardWithVJP]:

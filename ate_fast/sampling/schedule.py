@@ -15,7 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.errors import InvalidArgumentError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # diffusers caps the cosine schedule's betas here (betas_for_alpha_bar's max_beta).
@@ -61,19 +62,11 @@ class NoiseSchedule:
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
     ) -> None:
-        if beta_schedule not in BETA_SCHEDULES:
-            raise InvalidArgumentError(
-                f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}"
-            )
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int):
-            raise ArgumentTypeError(
-                f"num_train_timesteps must be an int, got {type(num_train_timesteps).__name__}"
-            )
-        if num_train_timesteps < 2:
-            raise InvalidArgumentError(
-                f"num_train_timesteps must be >= 2, got {num_train_timesteps}"
-            )
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 2)
         if beta_schedule != "squaredcos_cap_v2":
+            check_finite("beta_start", beta_start)
+            check_finite("beta_end", beta_end)
             if not (0.0 < beta_start < 1.0):
                 raise InvalidArgumentError(f"beta_start must be in (0, 1), got {beta_start}")
             if not (0.0 < beta_end < 1.0):
