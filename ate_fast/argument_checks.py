@@ -1,5 +1,5 @@
 """The scalar argument checks every layer shares: an int in a range, one of a few choices,
-a finite number. Errors name the argument, what was expected and what came
+a float. Errors name the argument, what was expected and what came
 (:mod:`ate_fast.errors`); nothing is coerced that could lose what the caller meant — a
 bool is no int (``True`` would pass as 1), a float is no int choice (``2.0`` would pass as
 2), a NumPy scalar is taken as the Python number it holds.
@@ -62,15 +62,24 @@ def check_choice(name: str, value: T, choices: Sequence[object]) -> T:
     return value
 
 
-def check_finite(
-    name: str, value: object, low: Optional[float] = None, *, above: bool = False
+def check_float(
+    name: str,
+    value: object,
+    low: Optional[float] = None,
+    *,
+    above: bool = False,
+    allow_inf: bool = False,
+    why: str = "",
 ) -> float:
-    """``value`` as a finite float, ``>= low`` (``above``: ``> low``) when ``low`` is given.
-    A bool or a non-number is an :class:`~ate_fast.errors.ArgumentTypeError`."""
+    """``value`` as a float, ``>= low`` (``above``: ``> low``) when ``low`` is given; finite
+    unless ``allow_inf`` (e.g. a clamp, where ``math.inf`` means none); never NaN. A bool or
+    a non-number is an :class:`~ate_fast.errors.ArgumentTypeError`; ``why`` is added to the
+    expected range in the error."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise InvalidArgumentError(f"{name} must be finite{why}, got {value!r}")
     if low is not None and (value <= low if above else value < low):
-        raise InvalidArgumentError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
+        expected = f"{'>' if above else '>='} {low}{why}"
+        raise InvalidArgumentError(f"{name} must be {expected}, got {value!r}")
     return float(value)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_choice
+
 NORMALIZATIONS = ("meanstd", "minmax", "none")
 
 # A dimension whose spread is below this is constant in the data: it is centred but not
@@ -37,8 +39,7 @@ class Normalizer:
     @classmethod
     def fit(cls, actions: np.ndarray, kind: str = "meanstd") -> Normalizer:
         """Statistics of ``actions [N, D_r]`` (every frame of every episode, no padding)."""
-        if kind not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {kind!r}")
+        check_choice("normalization", kind, tuple(NORMALIZATIONS))
         x = np.asarray(actions, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"actions: expected [N, D] with N > 0, got {tuple(x.shape)}")

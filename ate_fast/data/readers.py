@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
+from ate_fast.argument_checks import check_choice
 from ate_fast.data.episodes import Episode, check_consistent_dim
 from ate_fast.data.errors import DataFormatError
 from ate_fast.data.file_format import require_format, sniff_format
@@ -82,8 +83,7 @@ def read_episodes(
         DataFormatError: missing file/key, wrong rank, non-finite actions, episodes with
             different action dims; the message names the file and what was expected.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    check_choice("format", format, tuple(FORMATS))
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:
         raise ValueError("path: expected at least one file or directory, got an empty list")

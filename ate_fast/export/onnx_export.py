@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ate_fast._version import __version__
+from ate_fast.argument_checks import check_int
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.export.guidance_graph import (
     GuidanceExportError,
@@ -469,8 +470,7 @@ def _check_batch_settings(
 ) -> None:
     """``max_batch`` and ``target_input``, and what they exclude, named before tracing
     (torch.export's error for them blames the model)."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
-        raise ValueError(f"max_batch must be an int >= 2, got {max_batch!r}")
+    check_int("max_batch", max_batch, 2)
     if not isinstance(target_input, bool):
         raise TypeError(f"target_input must be a bool, got {type(target_input).__name__}")
     batch = example_noise.shape[0]

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ate_fast.argument_checks import check_choice
+
 PRECISIONS = ("fp16", "bf16", "fp32")
 LOW_PRECISION_OPS = {
     "fp16": ("MatMul", "Gemm", "Conv", "ConvTranspose"),
@@ -87,8 +89,7 @@ def cast_for_precision(model: Any, precision: str) -> Any:
     """
     import onnx
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if precision == "fp32":

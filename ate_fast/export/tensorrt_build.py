@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.export.precision import PRECISIONS, cast_for_precision
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -99,8 +100,7 @@ def build_plan(
     ``strongly_typed``: None picks the version's way (10.x: builder flags; 11+: strong
     typing); True forces strong typing on 10.x; False is refused on 11+.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     if strongly_typed is not None and not isinstance(strongly_typed, bool):
         raise TypeError(f"strongly_typed must be a bool or None, got {strongly_typed!r}")
     major = version[0]
@@ -153,16 +153,10 @@ def _check_build_arguments(
 ) -> None:
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: no ONNX file at {onnx_path}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if isinstance(workspace_gb, bool) or not isinstance(workspace_gb, (int, float)):
-        raise TypeError(f"workspace_gb must be a number, got {type(workspace_gb).__name__}")
-    if not workspace_gb > 0:
-        raise ValueError(f"workspace_gb must be > 0, got {workspace_gb}")
-    names = ("min_batch", "opt_batch", "max_batch")
-    for name, value in zip(names, batches):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_choice("precision", precision, PRECISIONS)
+    check_float("workspace_gb", workspace_gb, 0.0, above=True)
+    for name, value in zip(("min_batch", "opt_batch", "max_batch"), batches):
+        check_int(name, value, 1)
     if not batches[0] <= batches[1] <= batches[2]:
         raise ValueError(f"batches must satisfy min_batch <= opt_batch <= max_batch, got {batches}")
 

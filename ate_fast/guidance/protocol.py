@@ -45,11 +45,11 @@ stays a table lookup; a captured loop bakes it in). ``DiffusionSampler`` refuses
 
 from __future__ import annotations
 
-import math
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from ate_fast.argument_checks import check_choice, check_float
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance.coefficients import FLOW_CONVENTIONS
 
@@ -120,19 +120,9 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
             f"guidance.gradient must be callable, got {type(guidance.gradient).__name__}"
         )
     scale, clamp, mode = guidance.scale, guidance.clamp, guidance.mode
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise InvalidArgumentError(f"guidance.scale must be a finite float, got {scale!r}")
-    if (
-        isinstance(clamp, bool)
-        or not isinstance(clamp, (int, float))
-        or math.isnan(clamp)
-        or clamp < 0
-    ):
-        raise InvalidArgumentError(
-            f"guidance.clamp must be a float >= 0 (math.inf = no clamp), got {clamp!r}"
-        )
-    if mode not in GUIDANCE_MODES:
-        raise InvalidArgumentError(f"guidance.mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+    scale = check_float("guidance.scale", scale)
+    clamp = check_float("guidance.clamp", clamp, 0.0, allow_inf=True, why=" (math.inf: no clamp)")
+    check_choice("guidance.mode", mode, GUIDANCE_MODES)
     per_call = getattr(guidance, "call_gradient", None)
     if per_call is not None and not callable(per_call):
         raise ArgumentTypeError(
@@ -151,4 +141,4 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
                 f"guidance.convention must be one of {FLOW_CONVENTIONS} (the time convention "
                 f"of coefficient(t)), got {convention!r}"
             )
-    return float(scale), float(clamp), mode
+    return scale, clamp, mode

@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from ate_fast.argument_checks import check_choice
+from ate_fast.errors import ArgumentTypeError
 from ate_fast.models.flow_transformer import FLOW_TRANSFORMER_CONFIGS, FlowTransformerHead
 from ate_fast.models.mlp_head import MLP_HEAD_CONFIGS, MLPHead
 from ate_fast.models.unet1d import UNET_CONFIGS, ConditionalUnet1D
@@ -23,11 +25,16 @@ def make_head(name: str, config: Any = "small", **overrides: Any) -> nn.Module:
     ``"dp"``, ``"small"``) or a config object; ``overrides`` replace config fields
     (``horizon=16, action_dim=7``). Build on the meta device to count parameters without
     allocating: ``with torch.device("meta"): make_head(...)``."""
-    if name not in HEADS:
-        raise ValueError(f"name must be one of {tuple(HEADS)}, got {name!r}")
-    cls, configs = HEADS[name]
-    if isinstance(config, str) and config not in configs:
-        raise ValueError(f"config for {name!r} must be one of {tuple(configs)}, got {config!r}")
+    cls, configs = HEADS[check_choice("name", name, tuple(HEADS))]
+    if isinstance(config, str):
+        check_choice(f"config for {name!r}", config, tuple(configs))
+    else:
+        config_type = type(next(iter(configs.values())))
+        if not isinstance(config, config_type):
+            raise ArgumentTypeError(
+                f"config for {name!r} must be one of {tuple(configs)} or a "
+                f"{config_type.__name__}, got {type(config).__name__}"
+            )
     return cls(config, **overrides)
 
 

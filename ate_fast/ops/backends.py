@@ -15,6 +15,7 @@ from functools import cache
 import torch
 
 from ate_fast import native
+from ate_fast.argument_checks import check_choice
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 
 __all__ = [
@@ -70,8 +71,7 @@ def _cuda_device_status() -> tuple[bool, str]:
 
 def availability(backend: str, device_type: str) -> tuple[bool, str]:
     """(available, reason) for running ``backend`` on tensors of ``device_type``."""
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if device_type not in PREFERENCE:
         if backend == "ref":
             return True, "ok"

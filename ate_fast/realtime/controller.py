@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.realtime.prefix_inpainting import PrefixInpainting
 from ate_fast.realtime.rtc import RTCGuidance
@@ -63,7 +63,7 @@ def ensemble_weights(count: int, decay: float = ACT_ENSEMBLE_DECAY) -> np.ndarra
 
 def check_decay(decay: object) -> float:
     """``ensemble_decay`` as a finite float (NaN or ±inf would make every action NaN)."""
-    return check_finite("ensemble_decay", decay)
+    return check_float("ensemble_decay", decay)
 
 
 def align_plan(chunk: Tensor, offset: int) -> Tensor:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import FLOW_CONVENTIONS, POLICY_VJP
 from ate_fast.realtime.prefix_buffers import Delay, check_chunk, write_prefix
@@ -96,7 +96,7 @@ class RTCGuidance:
         if not isinstance(jacobian, bool):
             raise ArgumentTypeError(f"jacobian must be a bool, got {type(jacobian).__name__}")
         self.mode = POLICY_VJP if jacobian else "tweedie"
-        beta = check_finite("max_guidance_weight", max_guidance_weight, 0.0)
+        beta = check_float("max_guidance_weight", max_guidance_weight, 0.0)
         check_choice("convention", convention, FLOW_CONVENTIONS)
         self._s = int(execution_horizon)
         self._beta = beta

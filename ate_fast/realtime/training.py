@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import FLOW_CONVENTIONS
 
@@ -100,7 +100,7 @@ class TrainingTimeRTC:
             "min_delay", min_delay, 0, self.max_delay, f" (max_delay = {self.max_delay})"
         )
         self.distribution = check_choice("distribution", distribution, DELAY_DISTRIBUTIONS)
-        self.exp_decay = check_finite("exp_decay", exp_decay, 0.0)
+        self.exp_decay = check_float("exp_decay", exp_decay, 0.0)
 
     def __repr__(self) -> str:
         return (

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import (
     POLICY_VJP,
@@ -149,8 +149,8 @@ class DiffusionSampler(Sampler):
             "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS
         )
         check_int("steps_offset", steps_offset, 0)
-        check_finite("clip_sample_range", clip_sample_range, 0.0, above=True)
-        check_finite("eta", eta, 0.0)
+        check_float("clip_sample_range", clip_sample_range, 0.0, above=True)
+        check_float("eta", eta, 0.0)
         check_choice("solver_order", solver_order, SOLVER_ORDERS)
         self._check_applicable(
             set_alpha_to_one=(set_alpha_to_one, True, ("ddim",)),

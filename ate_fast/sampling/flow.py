@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance, flow_guidance_coefficient
 from ate_fast.sampling.sampler import ModelFn, Run, Sampler
@@ -72,7 +72,7 @@ class FlowSampler(Sampler):
         super().__init__(model_fn, num_steps)
         self.method = check_choice("method", method, FLOW_METHODS)
         self.time_grid = check_choice("time_grid", time_grid, FLOW_TIME_GRIDS)
-        check_finite("shift", shift, 0.0, above=True)
+        check_float("shift", shift, 0.0, above=True)
         if time_grid == "uniform" and shift != 1.0:
             raise InvalidArgumentError(f"shift={shift} applies to time_grid='diffusers' only")
         check_int("num_train_timesteps", num_train_timesteps, 2)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from ate_fast.argument_checks import check_choice, check_finite, check_int
+from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.errors import InvalidArgumentError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -65,8 +65,8 @@ class NoiseSchedule:
         check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 2)
         if beta_schedule != "squaredcos_cap_v2":
-            check_finite("beta_start", beta_start)
-            check_finite("beta_end", beta_end)
+            check_float("beta_start", beta_start)
+            check_float("beta_end", beta_end)
             if not (0.0 < beta_start < 1.0):
                 raise InvalidArgumentError(f"beta_start must be in (0, 1), got {beta_start}")
             if not (0.0 < beta_end < 1.0):

@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_choice
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.steer.encoder import LATENT_MODES, FrozenEncoder, autocast_enabled
 from ate_fast.steer.mlp_gradient import mlp_fused_gradient
 from ate_fast.steer.transformer_vjp import vjp_function
-from ate_fast.steer.validation import check_choice
 
 REDUCTIONS = ("sample", "batch")
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_choice
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 from ate_fast.guidance import SCALAR_SLOPE_MODES
 from ate_fast.ops.mlp_guidance.prepared import PreparedMlpGuidance, prepare_mlp_guidance
@@ -71,7 +72,7 @@ class LatentGuidance:
         mask: Optional[Tensor] = None,
     ) -> None:
         check.check_scale_and_clamp(scale, clamp)
-        check.check_choice("mode", mode, SCALAR_SLOPE_MODES)
+        check_choice("mode", mode, SCALAR_SLOPE_MODES)
         self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze, mask=mask)
         self.set_target(target)
         self.scale = float(scale)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_choice
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import (
     FLOW_CONVENTIONS,
@@ -81,8 +82,8 @@ class Steer:
         check_inputs: bool = True,
     ) -> None:
         check.check_scale_and_clamp(scale, clamp)
-        check.check_choice("latent", latent, LATENT_MODES)
-        check.check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("latent", latent, LATENT_MODES)
+        check_choice("reduction", reduction, REDUCTIONS)
         self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze, mask=mask)
         self.scale = float(scale)
         self.clamp = float(clamp)
@@ -177,8 +178,8 @@ class Steer:
             loss_reduction: ``"mean"`` (scalar) or ``"none"`` ([B, H, D]).
             generator: for the shared ε of ``latent="sample"``.
         """
-        check.check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check.check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         check.check_chunks(pred=pred, x_k=x_k, a0=a0, noise=noise)
         batch = pred.shape[0]
         alphas = _alphas_cumprod(schedule)
@@ -242,8 +243,8 @@ class Steer:
             loss_reduction: ``"mean"`` (scalar) or ``"none"`` ([B, H, D]).
             generator: for the shared ε of ``latent="sample"``.
         """
-        check.check_choice("convention", convention, FLOW_CONVENTIONS)
-        check.check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        check_choice("convention", convention, FLOW_CONVENTIONS)
+        check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         check.check_chunks(v_pred=v_pred, x_t=x_t, a0=a0, noise=noise)
         check.check_per_sample("t", t, v_pred.shape[0])
         if not t.is_floating_point():

@@ -7,28 +7,19 @@ skipped where a sync is impossible (torch.compile tracing, CUDA graph capture).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_float
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 
 
-def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise InvalidArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
 def check_scale_and_clamp(scale: float, clamp: float) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise InvalidArgumentError(f"scale must be a finite number, got {scale!r}")
-    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp >= 0:
-        raise InvalidArgumentError(
-            f"clamp must be a number >= 0 (math.inf: no clamp), got {clamp!r}"
-        )
+    check_float("scale", scale)
+    check_float("clamp", clamp, 0.0, allow_inf=True, why=" (math.inf: no clamp)")
 
 
 def check_tensor(name: str, value: object) -> Tensor:
