@@ -7,12 +7,22 @@ including how the generator is consumed. CUDA (marked ``cuda``): a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import math
+import weakref
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
 
 from ate_fast import native
 from ate_fast.sampling import CapturedSampler, DiffusionSampler, FlowSampler, NoiseSchedule
+from ate_fast.sampling import capture as capture_module
+from ate_fast.sampling.inputs import static_copy
+from ate_fast.sampling.launch import Launch
+from ate_fast.sampling.workspace import StepBuffers
 
 B, H, D, C = 2, 12, 5, 7
 
@@ -188,6 +198,56 @@ def test_cuda_graph_capture_matches_sample(name, mode):
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
     assert out is captured.output
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_outlives_the_samplers_table_cache():
+    """The graph reads the step tables made before its capture; the sampler's cache of them
+    evicts after 8 other (device, dtype, batch) keys, so the capture must own them (it did
+    not: replays then read freed memory)."""
+    device = torch.device("cuda")
+    sampler = samplers(MLPHead().to(device))["flow-euler"]
+    noise, cond = inputs(0, device)
+    captured = sampler.capture(noise, cond, check_finite=False)
+    want = sampler.sample(noise, cond)
+    for batch in range(3, 12):  # more other keys than the cache holds
+        other = torch.randn(batch, H, D, device=device)
+        sampler.sample(other, torch.randn(batch, C, device=device))
+    gc.collect()
+    junk = [torch.full((64, 2), 1e3, device=device) for _ in range(2000)]  # reuse freed blocks
+    torch.testing.assert_close(captured(noise, cond), want, rtol=1e-6, atol=1e-6)
+    del junk
+
+
+def test_graph_capture_owns_its_tables(monkeypatch):
+    """The same on the CPU: the CUDA calls of ``_capture_graph`` replaced by no-ops, the
+    tables the captured loop reads must stay alive after the cache evicted them."""
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: mock.MagicMock())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: mock.MagicMock())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", mock.MagicMock)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kw: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(capture_module, "_RngSnapshot", mock.MagicMock())
+    sampler = samplers(MLPHead())["flow-euler"]
+    noise, cond = inputs(0, torch.device("cpu"))
+    captured = CapturedSampler.__new__(CapturedSampler)
+    captured.sampler, captured.guidance, captured.inpainting = sampler, None, None
+    captured.generator, captured.device, captured.finite = None, noise.device, None
+    captured.static_cond, captured.ws = static_copy(cond), StepBuffers(noise)
+    captured.static_noise = noise.clone()
+    captured._capture_graph(Launch(1.0, math.inf))
+    tables = sampler._tables[(noise.device, noise.dtype, B)]
+    alive = [weakref.ref(t) for t in tables.time_blocks.values()]
+    del tables
+    with torch.no_grad():
+        for batch in range(3, 12):
+            sampler.sample(torch.randn(batch, H, D), torch.randn(batch, C))
+    gc.collect()
+    assert (noise.device, noise.dtype, B) not in sampler._tables  # evicted from the cache
+    assert alive and all(ref() is not None for ref in alive)
 
 
 @pytest.mark.cuda

@@ -82,3 +82,43 @@ def test_fused_op_backends(monkeypatch, op):
     with pytest.raises(BackendUnavailableError) as error:
         call()
     _check(error, f"{op}'s triton backend", f"{op}_triton_into", "ATE_FAST_BACKEND=cuda")
+
+
+class _OnGPU(torch.Tensor):
+    """A CPU tensor that says it lives on ``cuda:<index>`` (this machine has no GPU)."""
+
+    index = 1
+
+    @property
+    def device(self):
+        return torch.device("cuda", self.index)
+
+
+def test_launches_on_the_datas_gpu(monkeypatch):
+    """Triton launches on the current device; a launcher given tensors on another GPU must
+    make theirs current for the launch (else the kernel runs on the wrong GPU)."""
+    from ate_fast.ops import triton_resources
+
+    entered = []
+
+    class _Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    seen = []
+    launcher = triton_resources.launch_limits("a path", "instead")(lambda *a: seen.append(a))
+    on_gpu = torch.zeros(2).as_subclass(_OnGPU)
+    launcher(on_gpu, 3)
+    assert entered == [torch.device("cuda", 1), "exit"] and len(seen) == 1
+    monkeypatch.setattr(_OnGPU, "index", 0)  # the current device: no switch
+    launcher(on_gpu)
+    launcher(torch.zeros(2), on_gpu)  # CPU data (the interpreter): no switch
+    assert entered == [torch.device("cuda", 1), "exit"] and len(seen) == 3

@@ -52,7 +52,8 @@ def strategy_latency(
         }
     calls.update({k: (lambda c=c: c(noise, cond)) for k, c in captured.items()})
     times: dict[str, list[float]] = {k: [] for k in calls}
-    sync = torch.cuda.synchronize if noise.device.type == "cuda" else (lambda: None)
+    device = noise.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         for round_ in range(WARMUP_CALLS + repeats):
             for name, fn in calls.items():

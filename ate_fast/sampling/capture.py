@@ -155,6 +155,12 @@ class CapturedSampler:
 
     # -- CUDA ------------------------------------------------------------------------------
     def _capture_graph(self, launch: Launch) -> None:
+        # on the data's GPU: its streams, and the kernels launched on the current device
+        # (Triton's) — another current device would leave them out of the graph
+        with torch.cuda.device(self.device):
+            self._capture_graph_on_device(launch)
+
+    def _capture_graph_on_device(self, launch: Launch) -> None:
         sampler, device = self.sampler, self.device
         run = sampler.new_run(
             self.ws, self.static_cond, self.guidance, self.generator, launch, finite=self.finite,
@@ -172,9 +178,15 @@ class CapturedSampler:
         self.graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             self.graph.register_generator_state(self.generator)
-        with torch.cuda.graph(self.graph):
+        # captured on this device's side stream (torch's shared default capture stream
+        # belongs to the device current at a process's first capture)
+        with torch.cuda.graph(self.graph, stream=side):
             self.output = sampler.execute(self.static_noise, run)
         torch.cuda.synchronize(device)
+        # the graph reads the run's tables (made before the capture, outside its pool) at
+        # every replay: they must live as long as it does, not only in the sampler's cache
+        # (which evicts them after other batch sizes, dtypes or devices)
+        self._run = run
 
     # -- calls -----------------------------------------------------------------------------
     def _check_call(self, noise: Tensor, cond: Any, guidance: object, generator: object) -> None:
