@@ -146,3 +146,59 @@ def test_steer_diagnostics_summed_on_host_or_device_agree():
     assert means[0].keys() == means[1].keys()
     for name in means[0]:
         assert means[0][name] == pytest.approx(means[1][name], rel=1e-5)
+
+
+def _with_nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[3] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        # one NaN in the demonstrations made every weight of the policy NaN, silently
+        (lambda d: {"chunks": _with_nan(d.chunks)}, ValueError, "chunks contains NaN"),
+        (lambda d: {"cond": _with_nan(d.obs)}, ValueError, "cond contains NaN"),
+        (lambda d: {"mask": torch.zeros(D)}, ValueError, "mask must mark at least one"),
+        (lambda d: {"cond": d.obs[:-1]}, ValueError, "cond must be a tensor"),
+        (lambda d: {"chunks": d.chunks[:0], "cond": d.obs[:0]}, ValueError, "at least one chunk"),
+        (lambda d: {"steps": 0}, ValueError, "steps must be >= 1"),  # was ZeroDivisionError
+        (lambda d: {"steps": True}, TypeError, "steps must be an int"),
+        (lambda d: {"batch": 2.0}, TypeError, "batch must be an int"),
+        (lambda d: {"lr": float("nan")}, ValueError, "lr must be finite"),
+    ],
+)
+def test_train_chunk_policy_refuses_bad_input(change, error, match):
+    data = _data(3)
+    args = {"chunks": data.chunks, "cond": data.obs, "mask": data.mask, "steps": 2,
+            "batch": 4, "lr": 1e-3}  # fmt: skip
+    args.update(change(data))
+    policy = _policy(0)
+    before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.raises(error, match=match):
+        train_chunk_policy(policy, objective=FlowMatching(), seed=0, **args)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))  # untouched
+
+
+def test_settings_and_windows_refuse_bad_input():
+    base = dict(latent_dim=2, hidden=(16,), lr=1e-3, stage1_epochs=2, stage1_batch=16,
+                stage2_epochs=2, stage2_batch=64)  # fmt: skip
+    for change, error, match in [
+        ({"stage1_epochs": 0}, ValueError, "stage1_epochs must be >= 1"),  # ZeroDivisionError
+        ({"stage2_batch": True}, TypeError, "stage2_batch must be an int"),
+        ({"lr": 0.0}, ValueError, "lr must be > 0"),
+        ({"hidden": 16}, TypeError, "hidden must be a sequence"),
+        ({"hidden": (16, 0)}, ValueError, r"hidden\[1\] must be >= 1"),
+    ]:
+        with pytest.raises(error, match=match):
+            AlignSettings(**{**base, **change})
+    actions = np.zeros((5, 2))
+    for args, error, match in [
+        ((actions, 0), ValueError, "horizon must be >= 1"),
+        ((actions, True), TypeError, "horizon must be an int"),
+        ((actions[:, 0], 3), ValueError, r"actions must be an array \[L, D\]"),
+        ((actions[:0], 3), ValueError, "with L >= 1"),
+    ]:
+        with pytest.raises(error, match=match):
+            chunk_windows(*args)

@@ -260,3 +260,20 @@ def test_policy_kinds_train_with_steer_and_evaluate(kind):
     assert len(steps) == len(success) == 2
     # an episode runs to max_steps unless it succeeded earlier
     assert all(1 <= n <= 7 and (n == 7 or ok) for n, ok in zip(steps, success))
+
+
+def test_resume_refuses_another_configs_runs(tmp_path):
+    """``ablation`` differs from ``quick`` only in grid fields the settings check ignores:
+    resuming it in quick's folder reused quick's runs and failed only at the report, after
+    all the training ("configs differ"); now refused up front, naming the config."""
+    from ate_fast.eval.metaworld.cache import ResultCache
+    from ate_fast.eval.metaworld.config import CONFIGS
+    from ate_fast.eval.metaworld.runner import check_resumable
+
+    quick = ResultCache(CONFIGS["quick"], tmp_path, tmp_path / "cache")
+    quick.runs.mkdir()
+    record = {"config": "quick", "settings": CONFIGS["quick"].to_dict()}
+    (quick.runs / "flow-linear-n5-s0-direct.json").write_text(json.dumps(record, default=list))
+    check_resumable(quick)  # its own runs: fine
+    with pytest.raises(ValueError, match="made by the config 'quick', not 'ablation'"):
+        check_resumable(ResultCache(CONFIGS["ablation"], tmp_path, tmp_path / "cache"))

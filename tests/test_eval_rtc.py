@@ -73,3 +73,33 @@ def test_point_mass_smoke_protocol(tmp_path):
     text = (out / "realtime.md").read_text()
     assert "point-mass world" in text and "latency per chunk" in text
     assert "Steer" not in text.split("latency per chunk")[1]  # no Steer row on point-mass
+
+
+def test_report_of_two_shifts(tmp_path):
+    """The ``full`` protocol's two shifts share every delay: the report and its plot (one
+    line per shift and method) must not compare cells (it crashed with "'<' not supported
+    between instances of 'dict' and 'dict'" after the whole study had run)."""
+    from ate_fast.eval.metaworld.realtime_runner import write_realtime_report
+
+    (tmp_path / "runs").mkdir()
+    for shift in ("linear", "warp"):
+        for delay in (0, 2):
+            for seed in (0, 1):
+                for i, method in enumerate(RTC_METHODS):
+                    run_id = f"flow-{shift}-d{delay}-s{seed}-{method}"
+                    success = [(seed + i + k) % 2 for k in range(6)]
+                    record = {
+                        "schema": 1, "run_id": run_id, "config": "rtc-full", "method": method,
+                        "policy": "flow", "shift": f"{shift}/d={delay}", "demos": 5,
+                        "seed": seed, "delay": delay,
+                        "tasks": {"basketball-v3": {"success": success}},
+                        "success_rate": sum(success) / 6,
+                        "jumps": {"switch": [0.1 + delay] * 6, "other": [0.05] * 6},
+                        "latency_ms": {"mean": 1.0, "median": 1.0}, "train": {},
+                        "seconds": 0.0, "machine": "x",
+                    }  # fmt: skip
+                    (tmp_path / "runs" / f"{run_id}.json").write_text(json.dumps(record))
+    write_realtime_report(tmp_path)
+    assert (tmp_path / "realtime.png").stat().st_size > 0
+    text = (tmp_path / "realtime.md").read_text()
+    assert "linear/d=2" in text and "warp/d=2" in text

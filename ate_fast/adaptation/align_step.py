@@ -27,6 +27,7 @@ from ate_fast.align import (
     train_stage1,
     train_stage2,
 )
+from ate_fast.errors import InvalidArgumentError
 
 
 def new_chunk_vae(action_dim: int, horizon: int, settings: AlignSettings, seed: int) -> ActionVAE:
@@ -120,6 +121,8 @@ def align_target(
     """Stage 2: train ``vae`` in place on all of the target chunks ``data`` against
     ``prior`` with ``kl`` direction (no validation split: direct fine-tuning gets every
     demonstration too), then the mean of its latents."""
+    if len(data) == 0:
+        raise InvalidArgumentError("data: no target chunks to align (an empty dataset)")
     batch = min(settings.stage2_batch, len(data))
     fit = train_stage2(
         vae,

@@ -9,6 +9,9 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ate_fast.argument_checks import check_int
+from ate_fast.errors import InvalidArgumentError
+
 
 class MaskedChunks(Dataset):
     """Items ``(chunks[i] [H, D], mask [D])``; ``episode_of_chunk [M]`` (so that a
@@ -47,6 +50,12 @@ class ChunkData:
 def chunk_windows(actions: np.ndarray, horizon: int) -> np.ndarray:
     """``[L, H, D]``: for each step of ``actions [L, D]``, the ``horizon`` actions from it
     on, the last action repeated past the end."""
+    horizon = check_int("horizon", horizon, 1)
+    actions = np.asarray(actions)
+    if actions.ndim != 2 or actions.shape[0] == 0:
+        raise InvalidArgumentError(
+            f"actions must be an array [L, D] with L >= 1, got shape {actions.shape}"
+        )
     length = len(actions)
     padded = np.concatenate([actions, np.repeat(actions[-1:], horizon - 1, axis=0)])
     return padded[np.arange(length)[:, None] + np.arange(horizon)[None, :]]

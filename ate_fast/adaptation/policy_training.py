@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ate_fast.adaptation.objectives import Objective
+from ate_fast.argument_checks import check_float, check_int
+from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 from ate_fast.steer import Steer
 
 
@@ -47,6 +49,27 @@ class _DiagnosticSums:
         return {name: float(total) / steps for name, total in self.sums.items()}
 
 
+def _check_training_data(chunks: object, cond: object, mask: object) -> None:
+    """``chunks [M, H, D]`` (M ≥ 1), ``cond [M, C]``, ``mask [D]`` with a slot set; finite."""
+    if not isinstance(chunks, Tensor) or chunks.ndim != 3 or not chunks.is_floating_point():
+        got = tuple(chunks.shape) if isinstance(chunks, Tensor) else type(chunks).__name__
+        raise ArgumentTypeError(f"chunks must be a floating tensor [M, H, D], got {got}")
+    if chunks.shape[0] == 0:
+        raise InvalidArgumentError("chunks must hold at least one chunk, got M = 0")
+    rows = chunks.shape[0]
+    if not isinstance(cond, Tensor) or cond.ndim < 1 or cond.shape[0] != rows:
+        got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+        raise InvalidArgumentError(f"cond must be a tensor [M, ...] with M = {rows}, got {got}")
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (chunks.shape[2],):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise InvalidArgumentError(f"mask must be a tensor [D] = [{chunks.shape[2]}], got {got}")
+    if not bool(mask.any()):
+        raise InvalidArgumentError("mask must mark at least one action slot (it is all zero)")
+    for name, t in (("chunks", chunks), ("cond", cond)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{name} contains NaN or inf")
+
+
 def train_chunk_policy(
     policy: nn.Module,
     chunks: Tensor,
@@ -74,7 +97,15 @@ def train_chunk_policy(
     one seed see the same batches (a paired comparison) whatever the ``device``.
     ``fused``: the fused AdamW kernel. ``diagnostics_on_host``: sum Steer's diagnostics
     as float64 Python numbers (a sync per step) rather than on the device.
+
+    Raises :class:`~ate_fast.errors.InvalidArgumentError` (or ``ArgumentTypeError``) naming
+    the argument for a bad ``steps`` / ``batch`` / ``lr`` / ``seed``, shapes that do not
+    match, an all-zero ``mask``, and NaN/inf in ``chunks`` or ``cond`` (one of them would
+    make every weight of ``policy`` NaN).
     """
+    steps, batch = check_int("steps", steps, 1), check_int("batch", batch, 1)
+    lr, seed = check_float("lr", lr, 0.0, above=True), check_int("seed", seed)
+    _check_training_data(chunks, cond, mask)
     gen = torch.Generator().manual_seed(seed)
     policy.to(device).train()
     opt = torch.optim.AdamW(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ate_fast.argument_checks import check_float, check_int
+from ate_fast.errors import ArgumentTypeError
+
 
 @dataclass(frozen=True)
 class AlignSettings:
@@ -26,3 +29,17 @@ class AlignSettings:
     prior: str = "gaussian"
     device: str = "cpu"
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        """Each size and count an int >= 1, ``lr`` a float > 0, ``hidden`` a sequence of
+        widths (named here: a 0 epoch count divided by zero deep in the step's schedule)."""
+        for name in ("latent_dim", "stage1_epochs", "stage1_batch", "stage2_epochs",
+                     "stage2_batch"):  # fmt: skip
+            check_int(name, getattr(self, name), 1)
+        check_float("lr", self.lr, 0.0, above=True)
+        if isinstance(self.hidden, (str, bytes)) or not hasattr(self.hidden, "__iter__"):
+            raise ArgumentTypeError(
+                f"hidden must be a sequence of widths, got {type(self.hidden).__name__}"
+            )
+        for i, width in enumerate(self.hidden):
+            check_int(f"hidden[{i}]", width, 1)

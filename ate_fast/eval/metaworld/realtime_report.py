@@ -130,6 +130,12 @@ def realtime_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _shift_and_delay(label: str) -> tuple[str, int]:
+    """``("linear", 2)`` from a cell's or jump group's label ``"linear/d=2"``."""
+    head, delay = label.rsplit("=", 1)
+    return head.rsplit("/", 1)[0], int(delay)
+
+
 def plot_realtime(out: Path, jumps: list[dict[str, Any]], path: Path) -> Path:
     """Two panels against the delay d: success (from ``summary.json``) and the action jump
     at chunk switches, one line per method (matplotlib's Agg canvas)."""
@@ -140,22 +146,30 @@ def plot_realtime(out: Path, jumps: list[dict[str, Any]], path: Path) -> Path:
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     ax_s, ax_j = fig.subplots(1, 2)
-    for method in RTC_METHODS:
-        cells = sorted(
-            (int(c["shift"].rsplit("=", 1)[1]), c)
-            for c in summary["cells"]
-            if c["method"] == method
-        )
-        if cells:
-            ax_s.errorbar(
-                [d for d, _ in cells], [100 * c["mean"] for _, c in cells],
-                yerr=[[100 * (c["mean"] - c["ci"][0]) for _, c in cells],
-                      [100 * (c["ci"][1] - c["mean"]) for _, c in cells]],
-                marker="o", capsize=3, label=method,
+    shifts = sorted({_shift_and_delay(c["shift"])[0] for c in summary["cells"]})
+    for shift in shifts:
+        for method in RTC_METHODS:
+            # one line per (shift, method): sorted by the delay alone (cells never compared)
+            label = method if len(shifts) == 1 else f"{method} ({shift})"
+            cells = sorted(
+                ((_shift_and_delay(c["shift"])[1], c) for c in summary["cells"]
+                 if c["method"] == method and _shift_and_delay(c["shift"])[0] == shift),
+                key=lambda dc: dc[0],
             )  # fmt: skip
-        pts = sorted((j["delay"], j["switch"]["mean"]) for j in jumps if j["method"] == method)
-        if pts:
-            ax_j.plot([d for d, _ in pts], [v for _, v in pts], marker="o", label=method)
+            if cells:
+                ax_s.errorbar(
+                    [d for d, _ in cells], [100 * c["mean"] for _, c in cells],
+                    yerr=[[100 * (c["mean"] - c["ci"][0]) for _, c in cells],
+                          [100 * (c["ci"][1] - c["mean"]) for _, c in cells]],
+                    marker="o", capsize=3, label=label,
+                )  # fmt: skip
+            pts = sorted(
+                (j["delay"], j["switch"]["mean"]) for j in jumps
+                if j["method"] == method and _shift_and_delay(j["group"])[0] == shift
+                and j["switch"]["mean"] is not None
+            )  # fmt: skip
+            if pts:
+                ax_j.plot([d for d, _ in pts], [v for _, v in pts], marker="o", label=label)
     ax_s.set(xlabel="inference delay d (control steps)", ylabel="success %", title="success")
     ax_j.set(xlabel="inference delay d (control steps)", ylabel="‖a_k − a_{k−1}‖ at switches",
              title="action jump at chunk switches")  # fmt: skip

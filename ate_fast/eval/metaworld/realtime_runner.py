@@ -30,6 +30,7 @@ from ate_fast.eval.metaworld.envs import OBS_DIM
 from ate_fast.eval.metaworld.pool import run_pool
 from ate_fast.eval.metaworld.realtime import RTC_METHODS, TRAINED, realtime_job
 from ate_fast.eval.metaworld.realtime_report import plot_realtime, realtime_markdown
+from ate_fast.eval.metaworld.runner import check_resumable
 from ate_fast.eval.report import write_report
 from ate_fast.eval.stats import load_runs, paired_difference
 from ate_fast.realtime.latency import strategy_latency
@@ -85,6 +86,7 @@ def run_realtime_study(
         for trained in TRAINED
     ]
     expected = len(jobs) // len(TRAINED) * len(RTC_METHODS) * len(proto.delays)
+    check_resumable(store)  # runs are skipped by name: only this protocol's may be there
     done = len(list(store.runs.glob("*.json")))
     echo(f"rtc/{protocol}: {expected} runs, {done} done, {workers} workers → {store.out}")
     if done < expected:

@@ -54,11 +54,19 @@ GRID_FIELDS = ("methods", "policies", "shifts", "demos", "seeds")
 
 
 def check_resumable(store: ResultCache) -> None:
-    """Refuse to mix runs made with other settings into ``store.out`` (a finished run is
-    skipped by name only)."""
+    """Refuse to mix runs made with other settings, or by another config, into
+    ``store.out`` (a finished run is skipped by name only; the report compares runs of one
+    config only)."""
     cfg = {k: v for k, v in store.cfg.to_dict().items() if k not in _NOT_RESULT_SETTINGS}
     for path in sorted(store.runs.glob("*.json")):
-        saved = json.loads(path.read_text()).get("settings", {})
+        record = json.loads(path.read_text())
+        made_by = record.get("config")
+        if made_by is not None and made_by != store.cfg.name:
+            raise ValueError(
+                f"out_dir: {path} was made by the config {made_by!r}, not {store.cfg.name!r}; "
+                "resume only with that config, or choose another output folder"
+            )
+        saved = record.get("settings", {})
         diff = sorted(
             k
             for k in cfg
