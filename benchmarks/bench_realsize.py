@@ -614,12 +614,16 @@ def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
 
 
 # -- results: accumulated per case, rewritten after each ------------------------------------
-_RESULTS: dict = {"rows": {}, "skipped": [], "setup_s": {}}
+_RESULTS: dict = {"rows": {}, "skipped": [], "failed": [], "setup_s": {}}
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
 def _environment() -> dict:
     env = {
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "device": _device_name(),
         "torch": torch.__version__,
         "dry_run": DRY_RUN,
         "dtype": "bfloat16",
@@ -650,10 +654,20 @@ def write_report(out_dir: Optional[Path] = None) -> None:
         **_RESULTS,
     }
     data["rows"] = _ordered(_RESULTS["rows"])
+    done = {*data["rows"], *(s["case"] for s in data["skipped"] + data["failed"])}
+    # not yet reached, deselected (-k), or cut by the suite's limit when the module ended
+    data["not_run"] = [_row_key(*c) for c in CASES if _row_key(*c) not in done]
     data["targets"] = targets(data)
     data["jetson_projection"] = jetson_projection.project(data)
-    (out_dir / "realsize.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out_dir / "realsize.md").write_text(markdown(data))
+    _write(out_dir / "realsize.json", json.dumps(data, indent=2) + "\n")
+    _write(out_dir / "realsize.md", markdown(data))
+
+
+def _write(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a kill mid-write keeps the last report)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _ordered(rows: dict) -> dict:
@@ -770,6 +784,12 @@ def markdown(data: dict) -> str:
     if data["skipped"]:
         lines += ["", "Skipped (budget):", ""]
         lines += [f"- {s['case']}: {s['reason']}" for s in data["skipped"]]
+    if data.get("failed"):
+        lines += ["", "Failed (the log in raw.tgz has the traceback):", ""]
+        lines += [f"- {s['case']}: {s['error']}" for s in data["failed"]]
+    if data.get("not_run"):
+        lines += ["", "Not run (not reached, deselected, or cut by the suite's limit):", ""]
+        lines.append(", ".join(data["not_run"]))
     if data["setup_s"]:
         setups = ", ".join(f"{k} {v:.1f} s" for k, v in data["setup_s"].items())
         lines += ["", f"Set-up (build, compile, capture, warm-up) per case: {setups}"]
@@ -796,7 +816,7 @@ def _announce(request):
     with capture.global_and_fixture_disabled():
         print(f"\n{plan()}", flush=True)
     yield
-    if _RESULTS["rows"] or _RESULTS["skipped"]:
+    if _RESULTS["rows"] or _RESULTS["skipped"] or _RESULTS["failed"]:
         write_report()
 
 
@@ -819,6 +839,19 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         _RESULTS["skipped"].append({"case": _row_key(*case), "reason": reason})
         write_report()
         pytest.skip(reason)
+    try:
+        _time_case(benchmark, case)
+    except Exception as exc:  # named in the report (not only in the log)
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        error = f"{type(exc).__name__}: {first_line}"
+        _RESULTS["failed"].append({"case": _row_key(*case), "error": error})
+        write_report()
+        raise
+
+
+def _time_case(benchmark, case: tuple[int, str, str]) -> None:
+    """Build, check and time one case; its row into the report."""
+    batch, guidance, row = case
     benchmark.group = f"cuda realsize pi0-expert bf16 flow-euler-10 B={batch} {guidance} L={PREFIX}"
     bw = copy_bandwidth()
     floor = floor_bytes(batch, guidance)
@@ -826,10 +859,11 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
     flops = floor_flops(batch, guidance)
     compute_floor_s = flops / gemm_throughput()["flops_per_s"]
     benchmark.extra_info.update(
-        impl=row, suite="realsize", device=DEVICE, B=batch, guidance=guidance, calls=1, H=H,
-        D=D, prefix=PREFIX, dtype="bfloat16", floor_bytes=floor["per_call"], floor_s=floor_s,
-        copy_bytes_per_s=bw["bytes_per_s"], copy_bytes=bw["copy_bytes"], torch=torch.__version__,
-        dry_run=DRY_RUN, floor_flops=flops, compute_floor_s=compute_floor_s,
+        impl=row, suite="realsize", device=DEVICE, device_name=_device_name(), B=batch,
+        guidance=guidance, calls=1, H=H, D=D, prefix=PREFIX, dtype="bfloat16",
+        floor_bytes=floor["per_call"], floor_s=floor_s, copy_bytes_per_s=bw["bytes_per_s"],
+        copy_bytes=bw["copy_bytes"], torch=torch.__version__, dry_run=DRY_RUN, floor_flops=flops,
+        compute_floor_s=compute_floor_s,
     )  # fmt: skip
     noise = _noise(batch)
     reference(batch, guidance, row == PADDED_ROW)
@@ -913,7 +947,7 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
     first = entries[0]["extra_info"]
     data = {
         "environment": {
-            "device": first["device"],
+            "device": first.get("device_name", first["device"]),
             "torch": first.get("torch", "?"),
             "dry_run": first.get("dry_run", False),
             "dtype": "bfloat16",
@@ -933,6 +967,7 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
         },
         "rows": _ordered(rows),
         "skipped": [],
+        "failed": [],
         "setup_s": {},
     }
     data["targets"] = targets(data)

@@ -13,8 +13,15 @@
 # (info.json, the cuda tests' JUnit XML, one bench_<suite>.json per benchmark file,
 # profile_capture.json, not_run.txt and every log, the build's included).
 #
+# What a run leaves in OUT_DIR grows as it goes: realsize.json/.md are rewritten there after
+# every real-size case, raw.tgz after every step — so a run the device tool kills at its limit
+# still returns what it measured (gpu_summary.py on the unpacked raw.tgz rebuilds the rest).
+# ATE_FAST_SUITE_BUDGET must stay ≈ 60 s under the device call's limit (timeout_s, or the
+# session's device time left, whichever is less: a second call of a session gets less).
+#
 # Time plan (seconds; the whole script ends by ATE_FAST_SUITE_BUDGET, 470: under 8 minutes,
-# build included). Every step after the build is cut to what the budget leaves:
+# build included — the build itself stopped at ATE_FAST_BUILD_TIMEOUT, 240). Every step after
+# the build is cut to what the budget leaves:
 #   build (3 archs)               ≈ 60  (estimate: the 2026-11-26 H100 run reached its first
 #                                        benchmark 189 s in, after ≤ 150 s of tests)
 #   bench_realsize.py (first)     ≤ ATE_FAST_REALSIZE_TIMEOUT (240), less if it would leave
@@ -40,7 +47,8 @@
 # or node ids for the cuda tests, default tests; "none" skips them), ATE_FAST_TESTS_K (a
 # pytest -k expression for them) and ATE_FAST_SUITES (benchmark files to run, in that
 # order, instead of all; bench_realsize, run before the tests, and bench_heads only if
-# named).
+# named; ATE_FAST_SUITES=none runs none), ATE_FAST_REALSIZE_K (a pytest -k expression that
+# picks bench_realsize's cases, e.g. "B8 and compile": what a first run's budget cut).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results/latest}}"
@@ -67,8 +75,9 @@ capped() {
 # bench SUITE LIMIT [VAR=VALUE ...]: one benchmark file (its cuda cases) into
 # WORK/<name>.json, stopped by SIGINT after LIMIT seconds.
 bench() {
-  local suite=$1 limit=$2 name rc
+  local suite=$1 limit=$2 name rc k="cuda"
   shift 2
+  [ -z "${BENCH_K:-}" ] || k="cuda and ($BENCH_K)"
   name=$(basename "$suite" .py)
   if [ "$limit" -lt 20 ]; then  # a planned cut (see the time plan above), not a failure
     echo "$name: not run (ATE_FAST_SUITE_BUDGET spent, $(( $(date +%s) - t0 )) s into the run)" \
@@ -76,19 +85,29 @@ bench() {
     return
   fi
   env "$@" timeout -s INT -k "$GRACE" "$limit" "$PY" -m pytest "$suite" -q -p no:cacheprovider \
-      -k "cuda" --benchmark-json="$WORK/$name.json" >"$WORK/$name.log" 2>&1
+      -k "$k" --benchmark-json="$WORK/$name.json" >"$WORK/$name.log" 2>&1
   rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then  # what it finished is in its JSON
+    echo "$name: cut at its limit ($limit s)" >>"$WORK/not_run.txt"
+  fi
   grep -m1 "plan:" "$WORK/$name.log"  # bench_heads/realsize: cases, compiles, rough time
   echo "$name: exit $rc (limit $limit s, $(( $(date +%s) - t0 )) s into the run):" \
       "$(tail -1 "$WORK/$name.log")"
   # 5: nothing collected (a script such as bench_sampling_cpu.py, or no cuda cases)
   [ $rc -eq 0 ] || [ $rc -eq 5 ] || { status=1; tail -15 "$WORK/$name.log"; }
+  checkpoint
+}
+
+# checkpoint: everything so far into OUT_DIR/raw.tgz (whole or not at all), so that a run
+# killed later still returns it
+checkpoint() {
+  tar czf "$OUT_DIR/raw.tgz.tmp" -C "$WORK" . 2>/dev/null && mv -f "$OUT_DIR/raw.tgz.tmp" "$OUT_DIR/raw.tgz"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
 
 echo "== build (CUDA module for \${ATE_FAST_CUDA_ARCHS:-87;89;90})"
-if ! ATE_FAST_CUDA=1 ATE_FAST_BUILD_JOBS="$(nproc)" \
+if ! ATE_FAST_CUDA=1 ATE_FAST_BUILD_JOBS="$(nproc)" timeout -k 10 "${ATE_FAST_BUILD_TIMEOUT:-240}" \
     "$PY" -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1; then
   # the session's GPU time is spent either way: without the CUDA module the Triton and
   # torch paths still run and time (the cuda tests that need it fail and say so)
@@ -102,6 +121,7 @@ if ! ATE_FAST_CUDA=1 ATE_FAST_BUILD_JOBS="$(nproc)" \
   fi
 fi
 echo "built in $(( $(date +%s) - t0 )) s"
+checkpoint
 
 "$PY" -m ate_fast.cli info --json >"$WORK/info.json" && "$PY" -m ate_fast.cli info | tail -8
 
@@ -113,30 +133,39 @@ case " ${ATE_FAST_SUITES:-$realsize} " in
     # first: the issue's real-size targets, and the longest compiles (max-autotune)
     echo "== real size (bench_realsize.py: pi0-expert bf16, 816-token prefix cache)"
     limit=$(capped "${ATE_FAST_REALSIZE_TIMEOUT:-240}" "$test_limit")
-    bench "$realsize" "$limit" ATE_FAST_REALSIZE_BUDGET_S=$(( limit - 20 )) \
-      ATE_FAST_REALSIZE_OUT="$WORK"
-    sed -n '/^Targets/,$p' "$WORK/realsize.md" 2>/dev/null ;;
+    # its report straight into OUT_DIR, rewritten after every case
+    BENCH_K="${ATE_FAST_REALSIZE_K:-}" bench "$realsize" "$limit" \
+      ATE_FAST_REALSIZE_BUDGET_S=$(( limit - 20 )) ATE_FAST_REALSIZE_OUT="$OUT_DIR"
+    sed -n '/^Targets/,$p' "$OUT_DIR/realsize.md" 2>/dev/null ;;
 esac
 
 echo "== cuda-marked tests"
-if [ "${ATE_FAST_TESTS:-tests}" != none ]; then
+limit=$(capped "$test_limit")
+if [ "${ATE_FAST_TESTS:-tests}" = none ]; then
+  echo "cuda tests: not run (ATE_FAST_TESTS=none)" >>"$WORK/not_run.txt"
+elif [ "$limit" -lt 20 ]; then  # a planned cut, as in bench()
+  echo "cuda tests: not run (ATE_FAST_SUITE_BUDGET spent, $(( $(date +%s) - t0 )) s into the run)" \
+    | tee -a "$WORK/not_run.txt"
+else
   shards=${ATE_FAST_TEST_SHARDS:-4}
-  limit=$(capped "$test_limit")
   pids=()
   for (( i = 0; i < shards; i++ )); do
     # shellcheck disable=SC2086  # ATE_FAST_TESTS is a list of paths / node ids
     ATE_FAST_TEST_SHARD="$i/$shards" timeout -s INT -k "$GRACE" "$limit" \
-      "$PY" -m pytest ${ATE_FAST_TESTS:-tests} -m cuda -k "${ATE_FAST_TESTS_K:-}" -q -rfE \
+      "$PY" -m pytest ${ATE_FAST_TESTS:-tests} -m cuda -k "${ATE_FAST_TESTS_K:-}" -q -rfE --tb=short \
       -p no:cacheprovider --continue-on-collection-errors \
       --junitxml="$WORK/cuda_tests-$i.xml" >"$WORK/cuda_tests-$i.log" 2>&1 &
     pids+=($!)
   done
   for (( i = 0; i < shards; i++ )); do
-    wait "${pids[$i]}" || status=1
+    wait "${pids[$i]}"
+    rc=$?  # 5: a shard with no test selected (a partial rerun)
+    [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
     { echo "== shard $i/$shards"; cat "$WORK/cuda_tests-$i.log"; } >>"$OUT_DIR/cuda_tests.log"
     grep -h "^FAILED\|^ERROR" "$WORK/cuda_tests-$i.log" | head -20
     echo "shard $i/$shards: $(tail -1 "$WORK/cuda_tests-$i.log")"
   done
+  checkpoint
 fi
 
 echo "== benchmarks (one JSON per suite, each under its own time limit)"
@@ -147,12 +176,15 @@ heads=benchmarks/bench_heads.py
 first="benchmarks/bench_rtc.py benchmarks/bench_guidance.py benchmarks/bench_transformer_guidance.py benchmarks/bench_sampling.py"
 others=$(ls benchmarks/bench_*.py | grep -v -e "$heads" -e "$realsize")
 suites="${ATE_FAST_SUITES:-$first $heads $others}"
+[ "$suites" != none ] || suites=""
 seen=" $realsize "  # run before the tests, when named
 for suite in $suites; do
   case "$seen" in *" $suite "*) continue ;; esac
   seen="$seen$suite "
   if [ "$suite" = "$heads" ]; then
     heads_limit=$(capped "${ATE_FAST_HEADS_TIMEOUT:-300}")
+    # its own budget ends 45 s before the limit: under 20 s of it, not run (bench's cut)
+    [ "$heads_limit" -ge 65 ] || heads_limit=0
     bench "$heads" "$heads_limit" ATE_FAST_HEADS_BUDGET_S=$(( heads_limit - 45 ))
   else
     bench "$suite" "$(capped "${ATE_FAST_BENCH_TIMEOUT:-110}")"
@@ -165,10 +197,13 @@ if [ "$limit" -ge 20 ]; then
   timeout -s INT -k "$GRACE" "$limit" "$PY" benchmarks/profile_capture.py "$WORK" \
       >"$WORK/profile_capture.log" 2>&1 || { status=1; tail -5 "$WORK/profile_capture.log"; }
   tail -3 "$WORK/profile_capture.log"
+  checkpoint
 else
   echo "profile_capture: not run (ATE_FAST_SUITE_BUDGET spent)" | tee -a "$WORK/not_run.txt"
 fi
 
+# bench_realsize wrote its report into OUT_DIR (above); gpu_summary reads it beside the rest
+cp "$OUT_DIR"/realsize.json "$OUT_DIR"/realsize.md "$WORK"/ 2>/dev/null
 "$PY" benchmarks/gpu_summary.py "$WORK" || status=1
 
 # the new results against the last committed ones for this GPU (benchmarks/ci_gate.py gpu;
@@ -181,8 +216,7 @@ if [ -n "$new_results" ]; then
   echo "gpu comparison with the committed results: exit $? ($(head -1 "$WORK/gpu_compare.log"))"
   { echo; cat "$WORK/gpu_compare.md"; } >>"$WORK/summary.md" 2>/dev/null
 fi
-cp "$WORK"/summary.md "$WORK"/20*.json "$WORK"/realsize.json "$WORK"/realsize.md "$OUT_DIR"/ \
-    2>/dev/null
-tar czf "$OUT_DIR/raw.tgz" -C "$WORK" .
+cp "$WORK"/summary.md "$WORK"/20*.json "$OUT_DIR"/ 2>/dev/null
+checkpoint
 echo "total $(( $(date +%s) - t0 )) s, status $status; in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 exit $status

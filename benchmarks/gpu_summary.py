@@ -26,16 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import markdown, rows
 
 
-def test_counts(junits: list[Path]) -> dict:
-    """Test counts summed over JUnit files (one per shard) and the failed tests' ids."""
+def test_counts(junits: list[Path], planned: bool = False) -> dict:
+    """Test counts summed over the readable JUnit files (one per shard), the failed tests'
+    ids, and the shards whose file could not be read (their tests are not counted);
+    ``planned``: the suite ran no tests on purpose (``ATE_FAST_TESTS=none``)."""
     if not junits:
-        return {"error": "no cuda_tests*.xml"}
-    suites = []
+        return {"not_run": TESTS_NONE} if planned else {"error": "no cuda_tests*.xml"}
+    suites, unreadable = [], []
     for junit in junits:
         try:
             root = ET.parse(junit).getroot()
         except (OSError, ET.ParseError) as exc:  # a shard killed before it wrote the file
-            return {"error": f"{junit.name}: {exc}"}
+            unreadable.append(f"{junit.name}: {exc}")
+            continue
         suites += [root] if root.tag == "testsuite" else list(root)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed = []
@@ -47,9 +50,12 @@ def test_counts(junits: list[Path]) -> dict:
                 failed.append(f"{case.get('classname')}::{case.get('name')}")
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     counts["failed_tests"] = failed
+    if unreadable:  # the totals are partial
+        counts["unreadable"] = unreadable
     return counts
 
 
+TESTS_NONE = "ATE_FAST_TESTS=none"  # gpu_suite.sh's not_run.txt line for a run without tests
 HEADS_ROWS = (
     "eager", "compile", "cuda_graph", "ate_sample", "ate_capture", "ate_capture_compiled",
     "ate_capture_triton",
@@ -197,9 +203,28 @@ def _not_run(out_dir: Path) -> list[str]:
         return []
 
 
+def _gpu_name(info: Optional[dict], realsize: Optional[dict]) -> str:
+    """The GPU's name from ``ate-fast info`` (or, where that failed, bench_realsize's report)."""
+    if info and info.get("gpus"):
+        return info["gpus"][0]["name"]
+    device = ((realsize or {}).get("environment") or {}).get("device")
+    if device and device != "cuda":
+        return device
+    return "unknown-gpu" if info is None else "no-gpu"
+
+
+def _write(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a kill mid-write leaves the old file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(out_dir: Path) -> None:
-    info = json.loads((out_dir / "info.json").read_text())
-    gpu = info["gpus"][0]["name"] if info.get("gpus") else "no-gpu"
+    info = _optional_json(out_dir / "info.json")  # None: `ate-fast info` failed
+    realsize = _optional_json(out_dir / "realsize.json")
+    gpu = _gpu_name(info, realsize)
+    not_run = _not_run(out_dir)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     date = datetime.date.today().isoformat()
     bench_files = sorted(str(p) for p in out_dir.glob("bench*.json"))
@@ -213,15 +238,17 @@ def main(out_dir: Path) -> None:
     result = {
         "date": date,
         "gpu": gpu,
-        "info": info,
-        "cuda_tests": test_counts(sorted(out_dir.glob("cuda_tests*.xml"))),
+        "info": info if info is not None else {"error": "info.json missing or unreadable"},
+        "cuda_tests": test_counts(
+            sorted(out_dir.glob("cuda_tests*.xml")), any(TESTS_NONE in line for line in not_run)
+        ),
         "benchmarks_median_seconds_per_call": table,
         "heads_targets": target_records,
         "profile_capture": _optional_json(out_dir / "profile_capture.json"),
-        "realsize": _optional_json(out_dir / "realsize.json"),
-        "not_run": _not_run(out_dir),
+        "realsize": realsize,
+        "not_run": not_run,
     }
-    (out_dir / f"{date}-{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write(out_dir / f"{date}-{slug}.json", json.dumps(result, indent=2) + "\n")
     tests = result["cuda_tests"]
     summary = [f"# GPU suite {date} on {gpu}", "", f"cuda-marked tests: {json.dumps(tests)}", ""]
     realsize_md = out_dir / "realsize.md"
@@ -244,7 +271,7 @@ def main(out_dir: Path) -> None:
         summary += ["", "Not run or cut (the suite's time budget, a failed CUDA build):", ""]
         summary += [f"- {line}" for line in result["not_run"]]
     text = "\n".join(summary) + "\n"
-    (out_dir / "summary.md").write_text(text)
+    _write(out_dir / "summary.md", text)
     print(text)
 
 

@@ -89,20 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)  # control-rate calls; OpenMP threads stall on a busy machine
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    # the Transformer-guided call is ~0.1 s on the CPU: fewer calls there
-    cases = [
-        profile_case(
-            args.device,
-            kind,
-            args.calls if args.device == "cuda" or kind != "transformer" else min(args.calls, 5),
-        )
-        for kind in GUIDANCES
-    ]
     path = args.out_dir / "profile_capture.json"
-    path.write_text(json.dumps({"cases": cases}, indent=1) + "\n")
-    for case in cases:
+    cases: list[dict] = []
+    for kind in GUIDANCES:
+        # the Transformer-guided call is ~0.1 s on the CPU: fewer calls there
+        calls = args.calls if args.device == "cuda" or kind != "transformer" else min(args.calls, 5)
+        cases.append(profile_case(args.device, kind, calls))
+        # rewritten after each case (whole: a temporary replaced), so that a run cut at its
+        # limit or failing in a later case keeps the cases before
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"cases": cases}, indent=1) + "\n")
+        tmp.replace(path)
+        case = cases[-1]
         counts = {k: round(v, 1) for k, v in case.items() if k.endswith("_per_call")}
-        print(f"{args.device} guidance {case['guidance']}: {counts}")
+        print(f"{args.device} guidance {case['guidance']}: {counts}", flush=True)
     print(f"wrote {path}")
     return 0
 

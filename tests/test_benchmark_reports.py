@@ -1,0 +1,90 @@
+"""The GPU suite's reports survive what ends a rare GPU session early: a suite interrupted at
+its time limit (SIGINT) inside a case still writes the JSON of the cases it finished
+(benchmarks/conftest.py), and gpu_summary.py summarises a run whose ``ate-fast info`` or a
+test shard's JUnit file is missing or unreadable."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+INTERRUPTED_SUITE = """
+import os, signal
+import pytest
+
+@pytest.mark.parametrize("i", range(3))
+def test_cuda_case(benchmark, i):
+    benchmark.extra_info["impl"] = f"r{i}"
+
+    def batch():
+        if i == 1:  # the suite's limit arrives in this case's warm-up
+            os.kill(os.getpid(), signal.SIGINT)
+
+    benchmark.pedantic(batch, rounds=5, warmup_rounds=2)
+"""
+
+
+def test_an_interrupted_suite_keeps_its_finished_cases(tmp_path):
+    shutil.copy(BENCH_DIR / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "bench_cut.py").write_text(INTERRUPTED_SUITE)
+    out = tmp_path / "cut.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench_cut.py", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode != 0  # interrupted
+    cases = json.loads(out.read_text())["benchmarks"]  # no JSON at all without the hook
+    assert [c["extra_info"]["impl"] for c in cases] == ["r0"]
+    assert cases[0]["stats"]["rounds"] == 5
+
+
+def _gpu_summary():
+    spec = importlib.util.spec_from_file_location("gpu_summary", BENCH_DIR / "gpu_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3"
+failures="1" errors="0" skipped="1"><testcase classname="tests.test_a" name="test_ok"/>
+<testcase classname="tests.test_a" name="test_bad"><failure message="x"/></testcase>
+<testcase classname="tests.test_a" name="test_skip"><skipped/></testcase></testsuite></testsuites>
+"""
+
+
+def test_summary_without_info_and_with_a_truncated_shard(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # gpu_summary adds benchmarks/
+    summary = _gpu_summary()
+    (tmp_path / "info.json").write_text("")  # `ate-fast info` failed
+    (tmp_path / "cuda_tests-0.xml").write_text(JUNIT)
+    (tmp_path / "cuda_tests-1.xml").write_text(JUNIT)
+    (tmp_path / "cuda_tests-2.xml").write_text(JUNIT[:60])  # killed mid-write
+    (tmp_path / "realsize.json").write_text(json.dumps({"environment": {"device": "NVIDIA H200"}}))
+    summary.main(tmp_path)
+    results = list(tmp_path.glob("20*-nvidia-h200.json"))
+    assert len(results) == 1, list(tmp_path.iterdir())
+    record = json.loads(results[0].read_text())
+    tests = record["cuda_tests"]
+    assert (tests["tests"], tests["passed"], tests["failures"], tests["skipped"]) == (6, 2, 2, 2)
+    assert tests["failed_tests"] == ["tests.test_a::test_bad"] * 2
+    assert [u.split(":")[0] for u in tests["unreadable"]] == ["cuda_tests-2.xml"]
+    assert "error" in record["info"]
+    assert (tmp_path / "summary.md").read_text().startswith("# GPU suite")
+    # a run without tests on purpose says so, not "error"
+    for xml in tmp_path.glob("cuda_tests-*.xml"):
+        xml.unlink()
+    (tmp_path / "not_run.txt").write_text("cuda tests: not run (ATE_FAST_TESTS=none)\n")
+    summary.main(tmp_path)
+    record = json.loads(results[0].read_text())
+    assert record["cuda_tests"] == {"not_run": "ATE_FAST_TESTS=none"}
