@@ -103,3 +103,12 @@ def test_report_of_two_shifts(tmp_path):
     assert (tmp_path / "realtime.png").stat().st_size > 0
     text = (tmp_path / "realtime.md").read_text()
     assert "linear/d=2" in text and "warp/d=2" in text
+
+
+def test_point_mass_refuses_flags_it_would_ignore(tmp_path, capsys):
+    for flags in (["--workers", "4"], ["--cache-dir", str(tmp_path)]):
+        code = cli_main(["eval", "rtc", "--env", "point-mass", "--protocol", "smoke",
+                         "--out", str(tmp_path / "o"), *flags])  # fmt: skip
+        assert code == 2
+        assert f"{flags[0]} does not apply to --env point-mass" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

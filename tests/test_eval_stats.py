@@ -220,6 +220,16 @@ def test_run_errors():
         cell_summary([dict(run, demos="10")])
     with pytest.raises(ValueError, match="n_boot"):
         cell_summary([run], n_boot=0)
+    # bools and floats were coerced (seed=1.5 ran as seed 1) or failed deep in NumPy
+    for kwargs, error, match in [
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
+        ({"seed": True}, TypeError, "seed must be an int, got bool"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"n_boot": 100.0}, TypeError, "n_boot must be an int"),
+        ({"level": 1.5}, ValueError, r"level must be in \(0, 1\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            cell_summary([run], **kwargs)
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -331,6 +341,10 @@ def test_pooled_difference_opposite_effects_cancel_and_errors():
     with pytest.raises(ValueError, match=r"groups: .*\('flow', 'absolute', 10\)"):
         pooled_difference(runs, "ate", groups=[("flow", "absolute", 10)], n_boot=N_BOOT)
     assert pooled_difference(runs, "nothing", n_boot=N_BOOT) is None
+    # groups as summary.json stores them (lists) are the same groups
+    as_tuples = pooled_difference(runs, "ate", groups=[("flow", "warp", 10)], n_boot=N_BOOT)
+    as_lists = pooled_difference(runs, "ate", groups=[["flow", "warp", 10]], n_boot=N_BOOT)
+    assert as_lists == as_tuples
 
 
 def test_method_order():

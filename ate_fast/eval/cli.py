@@ -60,9 +60,12 @@ def _cmd_metaworld(args: argparse.Namespace) -> int:
 
 @with_flag_names(FLAGS)
 def _cmd_rtc(args: argparse.Namespace) -> int:
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise CommandLineError(f"--workers: expected >= 1, got {args.workers}")
     if args.env == "point-mass":
+        for flag, value in (("--workers", args.workers), ("--cache-dir", args.cache_dir)):
+            if value is not None:  # the point-mass study runs in this process, caches nothing
+                raise CommandLineError(f"{flag} does not apply to --env point-mass")
         from ate_fast.demo.realtime_study import point_mass_latency, run_point_mass_study
         from ate_fast.eval.metaworld.realtime_runner import latency_file, write_realtime_report
 
@@ -78,7 +81,7 @@ def _cmd_rtc(args: argparse.Namespace) -> int:
     out = run_realtime_study(
         args.protocol,
         args.out or f"results/rtc-{args.protocol}",
-        workers=args.workers,
+        workers=2 if args.workers is None else args.workers,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
     )
@@ -109,8 +112,10 @@ def _register_rtc(sims: Any) -> None:
     p.add_argument(
         "--out", help="output folder (default results/rtc-<protocol>, rtc-point-mass-<protocol>)"
     )
-    p.add_argument("--cache-dir", help="the benchmark's artefact cache (as eval metaworld)")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    p.add_argument(
+        "--cache-dir", help="the benchmark's artefact cache (as eval metaworld; Meta-World only)"
+    )
+    p.add_argument("--workers", type=int, help="parallel processes (default 2; Meta-World only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_rtc)
 

@@ -47,6 +47,9 @@ from typing import Any, TypedDict
 import numpy as np
 from numpy.typing import NDArray
 
+from ate_fast.argument_checks import check_float, check_int
+from ate_fast.errors import InvalidArgumentError
+
 SCHEMA = 1
 
 # key -> accepted types (bool is rejected separately where an int or float is meant)
@@ -275,11 +278,11 @@ def _interval(boot: NDArray[np.float64], level: float) -> list[float]:
     return [float(low), float(high)]
 
 
-def _check_args(n_boot: int, level: float) -> None:
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+def _check_args(n_boot: int, level: float, seed: int) -> None:
+    check_int("n_boot", n_boot, 1)
+    check_int("seed", seed, 0)  # 1.5 or True were taken as 1
+    if not 0.0 < check_float("level", level) < 1.0:
+        raise InvalidArgumentError(f"level must be in (0, 1), got {level}")
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -379,7 +382,7 @@ def cell_summary(
     docstring). All seeds of a cell must have evaluated the same tasks; episode counts
     may differ between seeds. Deterministic for a given ``seed``.
     """
-    _check_args(n_boot, level)
+    _check_args(n_boot, level, seed)
     out: list[CellSummary] = []
     for key, by_seed in _cells(runs).items():
         seeds = sorted(by_seed)
@@ -448,7 +451,7 @@ def _group_differences(
     paired: bool,
 ) -> list[tuple[PairedDifference, NDArray[np.float64]]]:
     """:func:`paired_difference`'s groups, each with its ``(n_boot,)`` replicates."""
-    _check_args(n_boot, level)
+    _check_args(n_boot, level, seed)
     if method == baseline:
         raise ValueError(f"method and baseline are both {method!r}")
     cells = _cells(runs)
@@ -598,7 +601,8 @@ def differences_and_pooled(
     per_group = _group_differences(runs, method, baseline, n_boot, seed, level, True)
     found = {(d["policy"], d["shift"], d["demos"]): (d, boot) for d, boot in per_group}
     diffs = [d for d, _ in per_group]
-    keys = sorted(found) if groups is None else sorted(set(groups))
+    # tuples: groups read back from summary.json come as lists
+    keys = sorted(found) if groups is None else sorted({tuple(g) for g in groups})
     missing = [g for g in keys if g not in found]
     if missing:
         raise ValueError(
