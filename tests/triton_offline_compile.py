@@ -148,12 +148,21 @@ def mlp_variants(target) -> int:
     return count
 
 
+_GUIDED_STEP_DATA = ("out_ptr", "x_ptr", "m_ptr", "g_ptr", "mp_ptr", "z_ptr")
+# the [B] coefficient rows are in the compute dtype: float32 for half storage
+_GUIDED_STEP_COMPUTE = {"fp32": "fp32", "fp64": "fp64", "bf16": "fp32", "fp16": "fp32"}
+
+
 def guided_step_variants(target) -> int:
+    """The guided step for every storage dtype (the samplers' bf16 / fp16 states included),
+    with and without its optional inputs."""
     count = 0
-    for dtype, present in itertools.product(("fp32", "fp64"), (True, False)):
+    for dtype, present in itertools.product(_GUIDED_STEP_COMPUTE, (True, False)):
         flags = dict(HAS_X=present, HAS_G=present, HAS_P=present, HAS_Z=not present)
+        compute = _GUIDED_STEP_COMPUTE[dtype]
         compile_one(
-            gs._guided_step_kernel, dict(flags, BLOCK=gs._BLOCK), lambda name, d=dtype: d,
+            gs._guided_step_kernel, dict(flags, BLOCK=gs._BLOCK),
+            lambda name, d=dtype, c=compute: d if name in _GUIDED_STEP_DATA else c,
             {"scale": "fp32", "clamp": "fp32"}, target, f"{dtype} inputs={present}",
         )  # fmt: skip
         count += 1
