@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from ate_fast._version import __version__
 from ate_fast.lazy_exports import lazy_attributes
-from ate_fast.ops.guided_step import guided_step
-from ate_fast.ops.mlp_guidance import mlp_guidance
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
+    "guided_step": "ate_fast.ops.guided_step",
+    "mlp_guidance": "ate_fast.ops.mlp_guidance",
     "info": "ate_fast.system_info",
     "Guidance": "ate_fast.guidance",
     "NoiseSchedule": "ate_fast.sampling",
@@ -54,6 +54,6 @@ _SUBPACKAGES = (
     "steer",
 )
 
-__all__ = ["__version__", "guided_step", "mlp_guidance", *_LAZY, *_SUBPACKAGES]
+__all__ = ["__version__", *_LAZY, *_SUBPACKAGES]
 
 __getattr__, __dir__ = lazy_attributes(globals(), _LAZY, _SUBPACKAGES)

@@ -79,12 +79,21 @@ def info() -> dict:
         "build": native.build_info(),
         "gpus": gpus,
         "backends": table,
-        "forced_backend": backends.forced_backend(),
+        "forced_backend": _forced_backend(),
         "triton_interpret": backends.triton_interpret(),
         "transformer_guidance": _transformer_guidance_paths(),
         "flow_epilogues": _flow_epilogues_path(),
         "cpu_gemm": _cpu_gemm(),
     }
+
+
+def _forced_backend() -> str | None:
+    """``$ATE_FAST_BACKEND`` (None: unset), or the variable's error — reported, as the other
+    selectors are, so that the rest of the report still prints."""
+    try:
+        return backends.forced_backend()
+    except ValueError as exc:
+        return f"error: {exc}"
 
 
 def _cpu_gemm() -> str:
@@ -166,6 +175,9 @@ def format_info(data: dict) -> str:
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"
         " (ATE_FAST_CPU_GEMM=auto|onednn|aten)"
     )
-    if data["forced_backend"]:
-        lines.append(f"\nATE_FAST_BACKEND={data['forced_backend']} forces that backend")
+    forced = data["forced_backend"]
+    if forced and forced.startswith("error: "):
+        lines.append(f"\nATE_FAST_BACKEND {forced}")
+    elif forced:
+        lines.append(f"\nATE_FAST_BACKEND={forced} forces that backend")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,15 @@ def test_no_package_attribute_hides_a_submodule(module):
     assert getattr(importlib.import_module(parent), leaf) is imported, (
         f"{parent}.{leaf} is not the module {module}: rename one of them"
     )
+
+
+def test_the_cli_parser_and_the_package_import_no_torch():
+    """``import ate_fast`` and ``ate-fast --help`` (every subcommand's parser) stay cheap:
+    torch loads in a command's handler or at a public name's first use (it did not:
+    ``ate_fast/__init__`` imported the fused ops, and with them torch)."""
+    code = (
+        "import sys, ate_fast, ate_fast.cli; ate_fast.cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'triton', 'onnx') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

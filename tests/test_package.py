@@ -66,6 +66,17 @@ def test_info_reports_the_transformer_guidance_path(monkeypatch):
     assert "cpu autograd, cuda autograd" in format_info(info())
     monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "bogus")
     assert info()["transformer_guidance"]["cpu"].startswith("error: ATE_FAST_TRANSFORMER")
+    monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", " VJP ")  # any case, as the others
+    assert info()["transformer_guidance"] == {"cpu": "vjp", "cuda": "vjp"}
+
+
+def test_info_reports_a_bad_forced_backend_and_the_rest(monkeypatch, capsys):
+    """A misspelt ATE_FAST_BACKEND is reported in the report, not instead of it."""
+    monkeypatch.setenv("ATE_FAST_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "ATE_FAST_BACKEND error: ATE_FAST_BACKEND must be one of" in out
+    assert "torch" in out and "flow-transformer block epilogues" in out
 
 
 def test_cli_info_json(capsys):

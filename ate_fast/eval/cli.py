@@ -97,7 +97,7 @@ def _register_rtc(sims: Any) -> None:
             "The benchmark's flow policy run as an asynchronous controller with a simulated "
             "inference delay d: naive switching, temporal ensembling, inference-time RTC, "
             "training-time RTC, and RTC with the Steer.recommended policy; success (paired "
-            "vs naive, 95%% intervals), action jumps at chunk switches, sampler latency. "
+            "vs naive, 95% intervals), action jumps at chunk switches, sampler latency. "
             "Reuses the benchmark's cache; resumable: finished runs in --out are skipped."
         ),
     )
@@ -128,7 +128,7 @@ def register(subparsers: Any) -> None:
         help="Meta-World cross-embodiment benchmark (needs the [eval] extra)",
         description=(
             "Pre-train on source tasks, adapt to held-out hard tasks on a robot with another "
-            "action space with each method, evaluate, report success with 95%% bootstrap "
+            "action space with each method, evaluate, report success with 95% bootstrap "
             "intervals. Resumable: finished runs in --out are skipped."
         ),
     )

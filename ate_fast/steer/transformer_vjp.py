@@ -79,7 +79,7 @@ DEFAULT_PATH = {"cpu": "vjp", "cuda": "vjp"}
 def selected_path(device_type: str) -> str:
     """One of :data:`PATHS`: the forced path (``$ATE_FAST_TRANSFORMER_GUIDANCE``) or
     the default for ``device_type``."""
-    forced = os.environ.get(ENV_VAR, "").strip()
+    forced = os.environ.get(ENV_VAR, "").strip().lower()  # any case, as the other selectors
     if forced:
         if forced not in PATHS:
             raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {forced!r}")
