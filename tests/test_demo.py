@@ -329,3 +329,18 @@ def test_bad_configs_name_the_field(overrides, needle):
         DemoConfig(**overrides)
     seeds = {DemoConfig(seed=s).seed_for(p) for s in range(3) for p in range(100)}
     assert len(seeds) == 300  # every stream of every run has its own seed
+
+
+def test_an_unwritable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """``--out`` under a file: refused before the demo runs (it failed after the whole run,
+    and the results were lost)."""
+    import ate_fast.demo.pipeline as pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(pipeline, "run_demo", never)
+    (tmp_path / "a-file").write_text("")
+    out = str(tmp_path / "a-file" / "sub")
+    assert main(["demo", "--quick", "--no-progress", "--out", out]) == 2
+    assert f"--out {out}: cannot write there" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ate_fast.adaptation.objectives import FlowMatching, RTCFlowMatching
@@ -112,3 +113,19 @@ def test_point_mass_refuses_flags_it_would_ignore(tmp_path, capsys):
         assert code == 2
         assert f"{flags[0]} does not apply to --env point-mass" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_point_mass_resume_refuses_runs_of_other_settings(tmp_path):
+    """Finished runs are skipped by name, which names no setting: a folder holding another
+    protocol's (or older sizes') runs is refused, not averaged with the new ones."""
+    from ate_fast.demo.realtime_study import point_mass_settings, run_point_mass_study
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    other = {**point_mass_settings("smoke"), "hidden": 7}
+    (runs / "flow-point-mass-d0-s0-naive.json").write_text(json.dumps({"settings": other}))
+    with pytest.raises(ValueError, match="was made with other settings"):
+        run_point_mass_study("smoke", tmp_path, progress=False)
+    (runs / "flow-point-mass-d0-s0-naive.json").write_text('{"settings": {"na')  # cut
+    with pytest.raises(ValueError, match="is no complete run record"):
+        run_point_mass_study("smoke", tmp_path, progress=False)

@@ -15,6 +15,7 @@ Only argparse is imported here; torch and the pipeline load in the handler.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,17 @@ def _out_dir(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
     return path
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` created if missing and writable, or a one-line error naming ``--out``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".ate-fast-demo-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CommandLineError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def register(subparsers: Any) -> None:
@@ -99,6 +111,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.demos is not None:
         overrides["demos"] = args.demos
     cfg = DemoConfig.quick_run(**overrides) if args.quick else DemoConfig(**overrides)
+    if args.out is not None:
+        _check_writable(args.out)  # before the run, not after it (its results would be lost)
     result = run_demo(cfg, progress=not args.no_progress, verbose=args.verbose)
     print()
     print(render(result))

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ate_fast.adaptation.chunks import ChunkData
 from ate_fast.adaptation.objectives import FlowMatching, RTCFlowMatching
 from ate_fast.adaptation.policy_training import PolicyFit, train_chunk_policy
+from ate_fast.align.atomic_io import atomic_write_json
 from ate_fast.demo.demonstrations import demonstration_chunks
 from ate_fast.demo.embodiment import ACTION_DIM, ROBOT_A
 from ate_fast.demo.flow_policy import make_policy
@@ -166,6 +167,7 @@ def run_point_mass_study(
         )
     cfg, runs = POINT_MASS_PROTOCOLS[protocol], Path(out_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    _check_resumable(runs, point_mass_settings(protocol))
     jobs = [(seed, t) for seed in cfg.seeds for t in ("direct", "rtc-trained")]
     written = []
     for seed, trained in tqdm(jobs, desc="point-mass rtc", disable=not progress):
@@ -182,10 +184,31 @@ def run_point_mass_study(
             result = evaluate_point_mass(cfg, policy, method, delay, seed)
             record = _record(cfg, method, delay, seed, result, fit, time.perf_counter() - t0)
             path = runs / f"{record['run_id']}.json"
-            path.write_text(json.dumps(record) + "\n")
+            atomic_write_json(path, record)  # a kill leaves no half run to skip as finished
             written.append(path)
         echo(f"  seed {seed} {trained}: loss {fit.loss:.4f}, {len(todo)} runs")
     return written
+
+
+def point_mass_settings(protocol: str) -> dict[str, Any]:
+    """The protocol's settings as its runs record them (JSON types)."""
+    return json.loads(json.dumps(asdict(POINT_MASS_PROTOCOLS[protocol]), default=list))
+
+
+def _check_resumable(runs: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into ``runs`` holding runs of other settings (a finished run is
+    skipped by name, which names no setting)."""
+    for path in sorted(runs.glob("*.json")):
+        try:
+            saved = json.loads(path.read_text()).get("settings")
+        except ValueError as exc:
+            raise ValueError(f"out_dir: {path} is no complete run record ({exc})") from exc
+        if saved != settings:
+            made_by = (saved or {}).get("name", "?")
+            raise ValueError(
+                f"out_dir: {path} was made with other settings (protocol {made_by!r}); resume "
+                "only with the settings that made it, or choose another output folder"
+            )
 
 
 def point_mass_latency(protocol: str) -> dict[str, Any]:

@@ -66,12 +66,18 @@ def _cmd_rtc(args: argparse.Namespace) -> int:
         for flag, value in (("--workers", args.workers), ("--cache-dir", args.cache_dir)):
             if value is not None:  # the point-mass study runs in this process, caches nothing
                 raise CommandLineError(f"{flag} does not apply to --env point-mass")
-        from ate_fast.demo.realtime_study import point_mass_latency, run_point_mass_study
+        from ate_fast.demo.realtime_study import (
+            point_mass_latency,
+            point_mass_settings,
+            run_point_mass_study,
+        )
         from ate_fast.eval.metaworld.realtime_runner import latency_file, write_realtime_report
 
         out = args.out or f"results/rtc-point-mass-{args.protocol}"
         run_point_mass_study(args.protocol, out, progress=not args.no_progress)
-        latency_file(Path(out), lambda: point_mass_latency(args.protocol))
+        latency_file(
+            Path(out), lambda: point_mass_latency(args.protocol), point_mass_settings(args.protocol)
+        )
         paths = write_realtime_report(out, "the point-mass world")
         print(f"results in {out} ({', '.join(p.name for p in paths.values())}, runs/*.json)")
         return 0

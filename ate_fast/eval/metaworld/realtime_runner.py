@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ate_fast.align.atomic_io import atomic_write_json
 from ate_fast.eval.metaworld.builders import (
     make_stage2,
     pretrained,
@@ -106,18 +107,26 @@ def run_realtime_study(
             run_pool(realtime_job, store, jobs, workers, "fine-tune + evaluate", progress)
         finally:
             torch.set_num_threads(threads)
-    latency_file(store.out, lambda: _latency(store, proto))
+    latency_file(
+        store.out, lambda: _latency(store, proto), {**store.cfg.to_dict(), "delays": proto.delays}
+    )
     paths = write_realtime_report(store.out)
     echo("  report: " + ", ".join(str(p) for p in paths.values()))
     echo(f"  done ({time.perf_counter() - t0:.0f} s)")
     return store.out
 
 
-def latency_file(out: Path, measure: Callable[[], dict[str, Any]]) -> Path:
-    """``out/latency.json``: ``measure()`` once (kept when it exists)."""
+def latency_file(out: Path, measure: Callable[[], dict[str, Any]], settings: Any) -> Path:
+    """``out/latency.json``: ``measure()`` once for ``settings`` (what sized the measured
+    sampler; kept when the file holds the same settings, measured again otherwise)."""
     path = out / "latency.json"
-    if not path.exists():
-        path.write_text(json.dumps(measure(), indent=2) + "\n")
+    settings = json.loads(json.dumps(settings, default=list))
+    try:
+        kept = json.loads(path.read_text()).get("settings") == settings
+    except (OSError, ValueError):
+        kept = False
+    if not kept:
+        atomic_write_json(path, {**measure(), "settings": settings})
     return path
 
 
