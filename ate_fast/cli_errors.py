@@ -22,6 +22,8 @@ from typing import Callable, TextIO
 from ate_fast.errors import AteFastError, CommandLineError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # What counts as the user's mistake (a bad file, flag or value, a missing optional
 # dependency): anything else is a bug and keeps its traceback. AteFastError covers every
 # named error (CommandLineError, CheckpointError, DataFormatError, the ops' and samplers'
@@ -67,6 +69,14 @@ def with_flag_names(
     return decorate
 
 
+def device_flag(text: str) -> str:
+    """An argparse ``type`` for ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (checked
+    without importing torch; whether that GPU exists is the handler's check)."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+    return text
+
+
 def one_line(message: str) -> str:
     """The message on one line (newlines and runs of spaces collapsed)."""
     return " ".join(message.split())
@@ -80,9 +90,15 @@ def run_handler(
     stream: TextIO | None = None,
 ) -> int:
     """``func(args)``; a user error becomes one line on ``stream`` (stderr) and
-    :data:`EXIT_USER_ERROR`, unless ``debug`` (then it propagates with its traceback)."""
+    :data:`EXIT_USER_ERROR`, Ctrl-C the line ``interrupted`` and :data:`EXIT_INTERRUPTED`,
+    unless ``debug`` (then either propagates with its traceback)."""
     try:
         return int(func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prog}: interrupted", file=stream or sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as exc:
         if debug:
             raise

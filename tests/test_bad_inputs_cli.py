@@ -266,6 +266,13 @@ CLI_CASES = [
     ("export onnx --head mlp --random-init --guidance-vae {stage2} --target {junk} --out {out}.onnx", "--target {junk}: expected a safetensors file or a torch.save file or a NumPy .npy array"),
     ("export onnx --head mlp --random-init --guidance-vae {stage2} --target {weights} --out {out}.onnx", "got the weights of an align VAE checkpoint"),
     ("export onnx --head mlp --random-init --guidance-vae {stage2} --target {prior5} --out {out}.onnx", "--target {prior5}: expected a latent [d_z] = [2] for --guidance-vae"),
+    ("align stage1 --data {data} --horizon 4 --arch transformer --d-model 16 --heads 3 --out {out}", "--heads: --d-model = 16 must be divisible by --heads = 3"),
+    ("align stage1 --data {data} --horizon 4 --arch transformer --dropout 2 --out {out}", "--dropout: expected a probability in [0, 1), got 2.0"),
+    ("align stage1 --data {data} --horizon 4 --arch mlp --d-model 7 --out {out}", "--d-model applies to --arch transformer, not --arch mlp"),
+    ("align stage1 --data {data} --horizon 4 --hidden 64 --out {out}", "--hidden applies to --arch mlp, not --arch transformer"),
+    ("align stage1 --data {data} --format npy --horizon 4 --out {out}", "an .npz archive, not an .npy array (use --format npz)"),
+    ("align prior --vae {stage1} --data {data} --out {prior}", "exists: pass --overwrite to replace it"),
+    ("align stage2 --prior {prior} --horizon 8 --data {data} --out {out}", "--horizon 8 differs from the prior's stage-1 horizon 4"),
     ("eval metaworld --workers 0", "--workers: expected >= 1, got 0"),
     ("demo --quick --device cuda:99", "--device cuda:99"),
 ]  # fmt: skip
@@ -300,7 +307,12 @@ def test_debug_shows_the_traceback(files, tmp_path):
         main(["--debug", *argv])
 
 
-@pytest.mark.parametrize("argv", [["info", "--bogus"], ["align", "stage1"], ["nope"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["info", "--bogus"], ["align", "stage1"], ["nope"],
+     ["align", "stage1", "--data", "x.npz", "--horizon", "4", "--out", "o", "--device", "bogus"],
+     ["demo", "--device", "gpu"]],
+)  # fmt: skip
 def test_argparse_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -370,3 +382,16 @@ def test_stage2_follows_the_stage1_architecture(tmp_path, capsys):
 
 def vae_config_of(path: Path) -> dict:
     return load_checkpoint(path).vae.config
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    """Ctrl-C printed a ~110-line traceback, as if the command had crashed."""
+    from ate_fast.cli_errors import EXIT_INTERRUPTED, run_handler
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert run_handler(interrupted, None, "ate-fast demo") == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip() == "ate-fast demo: interrupted"
+    with pytest.raises(KeyboardInterrupt):  # --debug: the traceback
+        run_handler(interrupted, None, "ate-fast demo", debug=True)

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ate_fast.cli_errors import CommandLineError, with_flag_names
+from ate_fast.cli_errors import CommandLineError, device_flag, with_flag_names
 
 DATA_FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
 # Python argument names (trainer configs, ActionChunkDataset) -> the flags that set them
@@ -53,6 +53,10 @@ FLAGS = {
     "dim_index": "--dims",
     "latent_dim": "--latent-dim",
     "filter_key": "--filter-key",
+    "num_heads": "--heads",
+    "d_model": "--d-model",
+    "n_components": "--k",
+    "dropout": "--dropout",
     **{name: f"--{name}" for name in ("epochs", "lr", "beta", "gamma", "seed", "precision")},
     **{name: f"--{name}" for name in ("device", "resume", "overwrite", "kl", "horizon")},
     **{name: f"--{name}" for name in ("stride", "pad")},
@@ -68,6 +72,10 @@ MODEL_FLAGS = {
     "activation": ("activation", ("transformer", "mlp")),
 }
 
+
+# stage 1's architecture sizes when not given (the paper's Transformer, the MLP's widths)
+STAGE1_SIZES = {"d_model": 512, "heads": 4, "ff_dim": 1024, "layers": 9, "dropout": 0.0,
+                "hidden": [512, 512]}  # fmt: skip
 
 _with_flag_names = with_flag_names(FLAGS)
 
@@ -167,23 +175,24 @@ def _add_model_args(p: argparse.ArgumentParser, stage2: bool = False) -> None:
         default=default(512),
         help="d_z" + (" (default: the prior's)" if stage2 else ""),
     )
-    g.add_argument("--d-model", type=int, default=default(512), help="transformer width")
-    g.add_argument("--heads", type=int, default=default(4), help="transformer heads")
-    g.add_argument("--ff-dim", type=int, default=default(1024), help="feed-forward width")
+
+    # one architecture's sizes: None when not given, so that a flag of the other one is
+    # refused (stage 1 fills in STAGE1_SIZES; stage 2 follows stage 1)
+    def sized(dest: str, text: str) -> str:
+        return text if stage2 else f"{text} (default {STAGE1_SIZES[dest]})"
+
+    g.add_argument("--d-model", type=int, help=sized("d_model", "transformer width"))
+    g.add_argument("--heads", type=int, help=sized("heads", "transformer heads"))
+    g.add_argument("--ff-dim", type=int, help=sized("ff_dim", "feed-forward width"))
     g.add_argument(
-        "--layers",
-        type=int,
-        default=default(9),
-        help="transformer layers, odd: k in / 1 middle / k out",
+        "--layers", type=int,
+        help=sized("layers", "transformer layers, odd: k in / 1 middle / k out"),
+    )  # fmt: skip
+    g.add_argument(
+        "--dropout", type=float, help=sized("dropout", "dropout (0 in the released code)")
     )
     g.add_argument(
-        "--dropout", type=float, default=default(0.0), help="dropout (0 in the released code)"
-    )
-    g.add_argument(
-        "--hidden",
-        type=_int_list,
-        default=default([512, 512]),
-        help="MLP hidden sizes, comma-separated",
+        "--hidden", type=_int_list, help=sized("hidden", "MLP hidden sizes, comma-separated")
     )
     g.add_argument(
         "--activation",
@@ -222,7 +231,9 @@ def _add_train_args(p: argparse.ArgumentParser, stage2: bool) -> None:
         default="auto",
         help="autocast: auto = bf16 on GPU (fp16 if unsupported), fp32 on CPU",
     )
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--device", type=device_flag, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
     g.add_argument("--save-every-epochs", type=int, help="checkpoint every N epochs")
     g.add_argument("--save-every-steps", type=int, help="checkpoint every N steps")
     g.add_argument(
@@ -282,10 +293,16 @@ def register(subparsers: Any) -> None:
     pr.add_argument("--k", type=int, default=8, help="mixture components for --kind gmm")
     pr.add_argument("--batch-size", type=int, default=256, help="chunks per encoder call")
     pr.add_argument("--seed", type=int, default=0, help="EM initialisation seed")
-    pr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pr.add_argument(
+        "--device", type=device_flag, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
     pr.add_argument(
         "--out", required=True, help="prior file to write (safetensors, e.g. prior.safetensors)"
     )
+    pr.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing --out (a stage-2 VAE trained against it no longer matches)",
+    )  # fmt: skip
     pr.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     pr.set_defaults(func=_with_flag_names(_cmd_prior))
 
@@ -369,16 +386,23 @@ def _lerobot_policy(args: argparse.Namespace, horizon: Optional[int]) -> tuple[i
 
 
 def _arch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    if args.arch == "mlp":
-        return {"hidden_dims": tuple(args.hidden), "activation": args.activation}
-    return {
-        "d_model": args.d_model,
-        "num_heads": args.heads,
-        "ff_dim": args.ff_dim,
-        "num_layers": args.layers,
-        "dropout": args.dropout,
-        "activation": args.activation,
-    }
+    """Stage 1's ``ActionVAE`` keyword arguments: the given sizes of ``--arch``, its
+    defaults for the rest; a size of the other architecture is refused, not dropped."""
+    kwargs: dict[str, Any] = {"activation": args.activation}
+    for dest, default in STAGE1_SIZES.items():
+        keyword, archs = MODEL_FLAGS[dest]
+        value = getattr(args, dest)
+        if args.arch not in archs:
+            if value is not None:
+                flag = "--" + dest.replace("_", "-")
+                raise CommandLineError(
+                    f"{flag} applies to --arch {archs[0]}, not --arch {args.arch}"
+                )
+            continue
+        kwargs[keyword] = default if value is None else value
+    if "hidden_dims" in kwargs:
+        kwargs["hidden_dims"] = tuple(kwargs["hidden_dims"])
+    return kwargs
 
 
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -444,6 +468,8 @@ def _cmd_prior(args: argparse.Namespace) -> int:
 
     from ate_fast.align import KIND_STAGE1, LatentPrior, load_checkpoint
 
+    if Path(args.out).exists() and not args.overwrite:  # refused before the fit, not after
+        raise FileExistsError(f"--out {args.out} exists: pass --overwrite to replace it")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.vae, map_location=device, kind=KIND_STAGE1)
     if ckpt.normalizer is None:
@@ -529,6 +555,11 @@ def _stage2_shape(args: argparse.Namespace, prior: Any) -> dict[str, Any]:
     base_h = base["horizon"] if base else prior.info.get("horizon")
     if args.init and args.horizon is not None and args.horizon != base_h:
         raise CommandLineError(f"--horizon {args.horizon} differs from --init's horizon {base_h}")
+    prior_h = prior.info.get("horizon")  # the two VAEs share the horizon and the latent size
+    if prior_h is not None and args.horizon is not None and args.horizon != prior_h:
+        raise CommandLineError(
+            f"--horizon {args.horizon} differs from the prior's stage-1 horizon {prior_h}"
+        )
     horizon = args.horizon or base_h
     if horizon is None:
         raise CommandLineError("--horizon is required (the prior file does not record one)")

@@ -35,6 +35,22 @@ class VAEOutput(NamedTuple):
     z: Tensor
 
 
+def _check_transformer_sizes(kwargs: dict[str, Any]) -> None:
+    """The Transformer's sizes named where torch's own check would assert without a name."""
+    if "num_heads" not in kwargs:
+        return
+    d_model, heads = kwargs["d_model"], kwargs["num_heads"]
+    if isinstance(heads, int) and heads >= 1 and isinstance(d_model, int) and d_model % heads:
+        raise ValueError(f"num_heads: d_model = {d_model} must be divisible by num_heads = {heads}")
+    dropout = kwargs.get("dropout", 0.0)
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float))
+        or not (0.0 <= dropout < 1.0)
+    ):
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+
+
 class ActionVAE(nn.Module):
     """Action-chunk VAE: ``E(a) → (μ, log σ²)``, ``z = μ + σ ⊙ ε``, ``D(z) → â``.
 
@@ -79,6 +95,7 @@ class ActionVAE(nn.Module):
                 f"valid: {sorted(defaults)}"
             )
         kwargs = {**defaults, **arch_kwargs}
+        _check_transformer_sizes(kwargs)
         if "hidden_dims" in kwargs:
             kwargs["hidden_dims"] = tuple(int(h) for h in kwargs["hidden_dims"])
         self.action_dim, self.horizon, self.latent_dim, self.arch = (

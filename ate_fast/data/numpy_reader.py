@@ -44,6 +44,9 @@ def read_npy(path: Path) -> list[Episode]:
         arr = np.load(path, allow_pickle=False)
     except ValueError as exc:  # object arrays need pickle: refuse, do not execute
         raise DataFormatError(f"{path}: not a plain numeric .npy array ({exc})") from exc
+    if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive as well
+        arr.close()
+        raise DataFormatError(f"{path}: an .npz archive, not an .npy array (use --format npz)")
     return _episodes_from_array(str(path), arr)
 
 

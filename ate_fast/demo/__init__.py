@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from ate_fast.cli_errors import CommandLineError
-
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+from ate_fast.cli_errors import CommandLineError, device_flag
 
 
 def _non_negative_int(text: str) -> int:
@@ -40,12 +37,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
-
-
-def _device(text: str) -> str:
-    if not _DEVICE.match(text):
-        raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {text!r}")
-    return text
 
 
 def _out_dir(text: str) -> Path:
@@ -80,7 +71,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--out", type=_out_dir, metavar="DIR", help="write demo.md, demo.json and align.log here"
     )
-    p.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument(
+        "--device", type=device_flag, default="cpu", help="cpu (default), cuda or cuda:N"
+    )
     p.add_argument(
         "--demos", type=_positive_int, help="robot B demonstrations (default 10; --quick 3)"
     )

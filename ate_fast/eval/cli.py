@@ -16,7 +16,10 @@ from ate_fast.eval.metaworld.config import CONFIGS, METHODS, POLICY_KINDS
 from ate_fast.eval.metaworld.embodiment import SHIFTS
 
 # run_benchmark's argument names -> the flags that set them (for error messages)
-FLAGS = {"out_dir": "--out", "cache_dir": "--cache-dir", "workers": "--workers"}
+FLAGS = {
+    "out_dir": "--out", "cache_dir": "--cache-dir", "workers": "--workers",
+    **{name: f"--{name}" for name in ("methods", "policies", "shifts", "demos", "seeds")},
+}  # fmt: skip
 EVAL_EXTRA = ("metaworld", "mujoco")
 
 
