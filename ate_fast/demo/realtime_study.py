@@ -94,7 +94,9 @@ POINT_MASS_PROTOCOLS = {
 }
 
 
-def _train(cfg: PointMassRTCConfig, data: ChunkData, trained: str, seed: int) -> tuple:
+def _train(
+    cfg: PointMassRTCConfig, data: ChunkData, trained: str, seed: int, progress: bool = False
+) -> tuple:
     with torch.random.fork_rng():
         torch.manual_seed(1000 + seed)
         policy = make_policy(cfg.horizon, cfg.hidden, cfg.depth)
@@ -103,7 +105,8 @@ def _train(cfg: PointMassRTCConfig, data: ChunkData, trained: str, seed: int) ->
         objective = RTCFlowMatching(TrainingTimeRTC(max_delay=max(cfg.delays)), 2000 + seed)
     fit = train_chunk_policy(
         policy, data.chunks, data.obs, data.mask, objective, steps=cfg.steps,
-        batch=cfg.batch, lr=cfg.lr, seed=3000 + seed,
+        batch=cfg.batch, lr=cfg.lr, seed=3000 + seed, progress=progress,
+        desc=f"train {trained} seed {seed}",
     )  # fmt: skip
     return policy, fit
 
@@ -178,7 +181,7 @@ def run_point_mass_study(
             continue
         tasks = sample_tasks(PRETRAIN_STREAM, seed, cfg.train_episodes)
         data = demonstration_chunks(tasks, ROBOT_A, cfg.horizon)
-        policy, fit = _train(cfg, data, trained, seed)
+        policy, fit = _train(cfg, data, trained, seed, progress)
         for method, delay in todo:
             t0 = time.perf_counter()
             result = evaluate_point_mass(cfg, policy, method, delay, seed)
