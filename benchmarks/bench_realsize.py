@@ -121,6 +121,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
+from ate_fast.align.atomic_io import atomic_write_text
 from ate_fast.models import make_head
 from ate_fast.models.flow_transformer import PrefixCache
 from ate_fast.sampling import FlowSampler
@@ -659,15 +660,9 @@ def write_report(out_dir: Optional[Path] = None) -> None:
     data["not_run"] = [_row_key(*c) for c in CASES if _row_key(*c) not in done]
     data["targets"] = targets(data)
     data["jetson_projection"] = jetson_projection.project(data)
-    _write(out_dir / "realsize.json", json.dumps(data, indent=2) + "\n")
-    _write(out_dir / "realsize.md", markdown(data))
-
-
-def _write(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all (a kill mid-write keeps the last report)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    # whole or not at all: a kill mid-write keeps the last report
+    atomic_write_text(out_dir / "realsize.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out_dir / "realsize.md", markdown(data))
 
 
 def _ordered(rows: dict) -> dict:

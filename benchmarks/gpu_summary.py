@@ -25,6 +25,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import markdown, rows
 
+from ate_fast.align.atomic_io import atomic_write_text  # whole or not at all
+
 
 def test_counts(junits: list[Path], planned: bool = False) -> dict:
     """Test counts summed over the readable JUnit files (one per shard), the failed tests'
@@ -213,13 +215,6 @@ def _gpu_name(info: Optional[dict], realsize: Optional[dict]) -> str:
     return "unknown-gpu" if info is None else "no-gpu"
 
 
-def _write(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all (a kill mid-write leaves the old file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main(out_dir: Path) -> None:
     info = _optional_json(out_dir / "info.json")  # None: `ate-fast info` failed
     realsize = _optional_json(out_dir / "realsize.json")
@@ -248,7 +243,7 @@ def main(out_dir: Path) -> None:
         "realsize": realsize,
         "not_run": not_run,
     }
-    _write(out_dir / f"{date}-{slug}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / f"{date}-{slug}.json", json.dumps(result, indent=2) + "\n")
     tests = result["cuda_tests"]
     summary = [f"# GPU suite {date} on {gpu}", "", f"cuda-marked tests: {json.dumps(tests)}", ""]
     realsize_md = out_dir / "realsize.md"
@@ -271,7 +266,7 @@ def main(out_dir: Path) -> None:
         summary += ["", "Not run or cut (the suite's time budget, a failed CUDA build):", ""]
         summary += [f"- {line}" for line in result["not_run"]]
     text = "\n".join(summary) + "\n"
-    _write(out_dir / "summary.md", text)
+    atomic_write_text(out_dir / "summary.md", text)
     print(text)
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampling import B, D, H, Head, latent_guidances
 from kernel_profile import kernel_profile
 
+from ate_fast.align.atomic_io import atomic_write_text
 from ate_fast.sampling import FlowSampler
 
 GUIDANCES = ("none", "mlp", "transformer")
@@ -95,11 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         # the Transformer-guided call is ~0.1 s on the CPU: fewer calls there
         calls = args.calls if args.device == "cuda" or kind != "transformer" else min(args.calls, 5)
         cases.append(profile_case(args.device, kind, calls))
-        # rewritten after each case (whole: a temporary replaced), so that a run cut at its
-        # limit or failing in a later case keeps the cases before
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"cases": cases}, indent=1) + "\n")
-        tmp.replace(path)
+        # rewritten after each case (whole or not at all), so that a run cut at its limit or
+        # failing in a later case keeps the cases before
+        atomic_write_text(path, json.dumps({"cases": cases}, indent=1) + "\n")
         case = cases[-1]
         counts = {k: round(v, 1) for k, v in case.items() if k.endswith("_per_call")}
         print(f"{args.device} guidance {case['guidance']}: {counts}", flush=True)
