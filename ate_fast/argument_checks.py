@@ -54,11 +54,11 @@ def _same_kind(value: object, choice: object) -> bool:
     return not isinstance(value, np.ndarray)
 
 
-def check_choice(name: str, value: T, choices: Sequence[object]) -> T:
+def check_choice(name: str, value: T, choices: Sequence[object], why: str = "") -> T:
     """``value`` if it is one of ``choices`` (the same kind: ``True`` is not the choice 1,
-    ``2.0`` not the choice 2); else an error listing them."""
+    ``2.0`` not the choice 2); else an error listing them, ``why`` after the list."""
     if not any(_same_kind(value, c) and value == c for c in choices):
-        raise InvalidArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be one of {tuple(choices)}{why}, got {value!r}")
     return value
 
 

@@ -23,6 +23,7 @@ from ate_fast.guidance.protocol import (
     SCALAR_SLOPE_MODES,
     Guidance,
     check_guidance,
+    check_scale_and_clamp,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SCALAR_SLOPE_MODES",
     "Guidance",
     "check_guidance",
+    "check_scale_and_clamp",
     "diffusion_guidance_coefficient",
     "flow_guidance_coefficient",
 ]

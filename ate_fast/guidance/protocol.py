@@ -50,7 +50,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from ate_fast.argument_checks import check_choice, check_float
-from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
+from ate_fast.errors import ArgumentTypeError
 from ate_fast.guidance.coefficients import FLOW_CONVENTIONS
 
 GUIDANCE_MODES = ("direct", "tweedie", "policy_vjp")
@@ -119,10 +119,8 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
         raise ArgumentTypeError(
             f"guidance.gradient must be callable, got {type(guidance.gradient).__name__}"
         )
-    scale, clamp, mode = guidance.scale, guidance.clamp, guidance.mode
-    scale = check_float("guidance.scale", scale)
-    clamp = check_float("guidance.clamp", clamp, 0.0, allow_inf=True, why=" (math.inf: no clamp)")
-    check_choice("guidance.mode", mode, GUIDANCE_MODES)
+    scale, clamp = check_scale_and_clamp(guidance.scale, guidance.clamp, "guidance.")
+    mode = check_choice("guidance.mode", guidance.mode, GUIDANCE_MODES)
     per_call = getattr(guidance, "call_gradient", None)
     if per_call is not None and not callable(per_call):
         raise ArgumentTypeError(
@@ -135,10 +133,17 @@ def check_guidance(guidance: object) -> tuple[float, float, str]:
                 "guidance.coefficient must be callable as coefficient(t [K]) -> [K], got "
                 f"{type(guidance.coefficient).__name__}"
             )
-        convention = getattr(guidance, "convention", None)
-        if convention not in FLOW_CONVENTIONS:
-            raise InvalidArgumentError(
-                f"guidance.convention must be one of {FLOW_CONVENTIONS} (the time convention "
-                f"of coefficient(t)), got {convention!r}"
-            )
+        check_choice(
+            "guidance.convention", getattr(guidance, "convention", None), FLOW_CONVENTIONS,
+            " (the time convention of coefficient(t))",
+        )  # fmt: skip
     return scale, clamp, mode
+
+
+def check_scale_and_clamp(scale: object, clamp: object, owner: str = "") -> tuple[float, float]:
+    """``(λ, κ)`` as floats: λ finite, κ ≥ 0 (``math.inf``: no clamp); errors name
+    ``owner + "scale"`` / ``owner + "clamp"`` (every guidance and Steer check them so)."""
+    return (
+        check_float(f"{owner}scale", scale),
+        check_float(f"{owner}clamp", clamp, 0.0, allow_inf=True, why=" (math.inf: no clamp)"),
+    )

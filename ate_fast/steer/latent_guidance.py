@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ate_fast.argument_checks import check_choice
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
-from ate_fast.guidance import SCALAR_SLOPE_MODES
+from ate_fast.guidance import SCALAR_SLOPE_MODES, check_scale_and_clamp
 from ate_fast.ops.mlp_guidance.prepared import PreparedMlpGuidance, prepare_mlp_guidance
 from ate_fast.steer import validation as check
 from ate_fast.steer.encoder import FrozenEncoder, autocast_enabled
@@ -71,7 +71,7 @@ class LatentGuidance:
         freeze: bool = True,
         mask: Optional[Tensor] = None,
     ) -> None:
-        check.check_scale_and_clamp(scale, clamp)
+        check_scale_and_clamp(scale, clamp)
         check_choice("mode", mode, SCALAR_SLOPE_MODES)
         self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze, mask=mask)
         self.set_target(target)

@@ -22,6 +22,7 @@ from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import (
     FLOW_CONVENTIONS,
     PREDICTION_TYPES,
+    check_scale_and_clamp,
     diffusion_guidance_coefficient,
     flow_guidance_coefficient,
 )
@@ -81,7 +82,7 @@ class Steer:
         mask: Optional[Tensor] = None,
         check_inputs: bool = True,
     ) -> None:
-        check.check_scale_and_clamp(scale, clamp)
+        check_scale_and_clamp(scale, clamp)
         check_choice("latent", latent, LATENT_MODES)
         check_choice("reduction", reduction, REDUCTIONS)
         self.encoder = FrozenEncoder(vae_or_encoder, freeze=freeze, mask=mask)

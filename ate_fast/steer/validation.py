@@ -13,13 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ate_fast.argument_checks import check_float
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
-
-
-def check_scale_and_clamp(scale: float, clamp: float) -> None:
-    check_float("scale", scale)
-    check_float("clamp", clamp, 0.0, allow_inf=True, why=" (math.inf: no clamp)")
 
 
 def check_tensor(name: str, value: object) -> Tensor:
