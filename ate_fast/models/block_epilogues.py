@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models.rotary import rotate
-from ate_fast.models.trace_state import capturing_graph, transforms_active
+from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_FLOW_EPILOGUES"
@@ -82,11 +82,7 @@ def writes_in_place(*tensors: Tensor) -> bool:
     a ``torch.func`` transform or forward-AD level (batched or dual tensors: an ``out=``
     write has no batching or forward-AD rule), nor on tensor subclasses (fake, functional,
     …)."""
-    if capturing_graph() or transforms_active():
-        return False
-    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return opaque_ops_may_run(*tensors)
 
 
 def use_triton(*tensors: Tensor) -> bool:

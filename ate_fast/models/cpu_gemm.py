@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
-from ate_fast.models.trace_state import capturing_graph, transforms_active
+from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.module_checks import plain_linear
 
 ENV_VAR = "ATE_FAST_CPU_GEMM"
@@ -50,7 +50,6 @@ CHOICES = ("auto", "onednn", "aten")
 # [50, 256] x [256, 128] (1.6 M) 38 -> 28 µs, [16, 640] x [640, 128] (1.3 M) ties,
 # [1, 1600] x [1600, 512] (0.8 M) 46 -> 56 µs; on two threads the crossover is ≈ 1 M.
 MIN_MACS = 1_500_000
-_PLAIN_TYPES = (Tensor, nn.Parameter)
 
 
 def selected_gemm() -> str:
@@ -126,15 +125,13 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
     if selected_gemm() != "onednn":
         return False
     tensors = [x, weight, *(t for t in others if t is not None)]
-    if any(type(t) not in _PLAIN_TYPES or t.dtype != torch.float32 for t in tensors):
+    if any(t.dtype != torch.float32 for t in tensors):
         return False
     if not all(t.is_contiguous() for t in tensors if t is not weight):
         return False
     if not (weight.is_contiguous() or weight.t().is_contiguous()):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return not (transforms_active() or capturing_graph())
+    return opaque_ops_may_run(*tensors)
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -11,6 +11,7 @@ predicates say when.
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
 
 # whether a torch.func transform (vmap, grad, vjp, jvp) wraps tensors; a torch without the
 # query counts as always
@@ -45,3 +46,14 @@ def capturing_graph() -> bool:
     """A graph capture that must see ATen's ops themselves (``torch.compile``,
     ``torch.export``, the ONNX exporter, ``torch.jit.trace``)."""
     return torch.compiler.is_compiling() or exporting_graph()
+
+
+def opaque_ops_may_run(*tensors: Tensor) -> bool:
+    """Whether an op torch cannot see through may run on ``tensors``: no graph capture, no
+    transform, plain ``Tensor`` / ``Parameter`` objects (no fake or functional subclass),
+    and no autograd record (no tensor requires grad while grad mode is on)."""
+    if capturing_graph() or transforms_active():
+        return False
+    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
