@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
+from typing import Any, Callable
 
 import torch
 
@@ -79,50 +80,36 @@ def info() -> dict:
         "build": native.build_info(),
         "gpus": gpus,
         "backends": table,
-        "forced_backend": _forced_backend(),
+        "forced_backend": _or_error(backends.forced_backend),
         "triton_interpret": backends.triton_interpret(),
         "transformer_guidance": _transformer_guidance_paths(),
-        "flow_epilogues": _flow_epilogues_path(),
+        "flow_epilogues": _or_error(block_epilogues.selected_path),
         "cpu_gemm": _cpu_gemm(),
     }
 
 
-def _forced_backend() -> str | None:
-    """``$ATE_FAST_BACKEND`` (None: unset), or the variable's error — reported, as the other
-    selectors are, so that the rest of the report still prints."""
+def _or_error(read: Callable[[], Any], errors: tuple = (ValueError,)) -> Any:
+    """``read()`` (a selector reading its ``ATE_FAST_*`` variable), or ``"error: ..."``
+    when it raises one of ``errors`` (the variable names nothing valid): reported, so that
+    the rest of the report still prints."""
     try:
-        return backends.forced_backend()
-    except ValueError as exc:
+        return read()
+    except errors as exc:
         return f"error: {exc}"
 
 
 def _cpu_gemm() -> str:
     """The CPU float32 GEMM of the heads and encoders (or the env variable's error)."""
-    try:
-        choice = cpu_gemm.selected_gemm()
-    except (ValueError, RuntimeError) as exc:
-        return f"error: {exc}"
+    choice = _or_error(cpu_gemm.selected_gemm, (ValueError, RuntimeError))
+    if choice.startswith("error: "):
+        return choice
     vendor = cpu_gemm.cpu_vendor() or "unknown vendor"
     return f"{choice} ({vendor}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
 
 
-def _flow_epilogues_path() -> str:
-    """The flow-transformer block's epilogue path (or the env variable's error)."""
-    try:
-        return block_epilogues.selected_path()
-    except ValueError as exc:
-        return f"error: {exc}"
-
-
 def _transformer_guidance_paths() -> dict:
     """Device type -> the Transformer-encoder guidance path (or the env variable's error)."""
-    paths = {}
-    for device_type in ("cpu", "cuda"):
-        try:
-            paths[device_type] = selected_path(device_type)
-        except ValueError as exc:
-            paths[device_type] = f"error: {exc}"
-    return paths
+    return {d: _or_error(lambda d=d: selected_path(d)) for d in ("cpu", "cuda")}
 
 
 def format_info(data: dict) -> str:

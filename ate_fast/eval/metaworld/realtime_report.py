@@ -146,16 +146,17 @@ def plot_realtime(out: Path, jumps: list[dict[str, Any]], path: Path) -> Path:
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     ax_s, ax_j = fig.subplots(1, 2)
-    shifts = sorted({_shift_and_delay(c["shift"])[0] for c in summary["cells"]})
+    # (shift, delay, cell) once; one line per (shift, method), sorted by the delay alone
+    # (cells are never compared)
+    parsed = [(*_shift_and_delay(c["shift"]), c) for c in summary["cells"]]
+    shifts = sorted({shift for shift, _, _ in parsed})
     for shift in shifts:
         for method in RTC_METHODS:
-            # one line per (shift, method): sorted by the delay alone (cells never compared)
             label = method if len(shifts) == 1 else f"{method} ({shift})"
             cells = sorted(
-                ((_shift_and_delay(c["shift"])[1], c) for c in summary["cells"]
-                 if c["method"] == method and _shift_and_delay(c["shift"])[0] == shift),
+                ((d, c) for s, d, c in parsed if s == shift and c["method"] == method),
                 key=lambda dc: dc[0],
-            )  # fmt: skip
+            )
             if cells:
                 ax_s.errorbar(
                     [d for d, _ in cells], [100 * c["mean"] for _, c in cells],
