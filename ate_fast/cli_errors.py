@@ -48,6 +48,11 @@ def flag_names(message: str, flags: Mapping[str, str]) -> str:
     return message
 
 
+def flag_of(dest: str) -> str:
+    """The command-line flag of an argparse ``dest``: ``max_batch`` → ``--max-batch``."""
+    return "--" + dest.replace("_", "-")
+
+
 def with_flag_names(
     flags: Mapping[str, str],
 ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:

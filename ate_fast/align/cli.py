@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ate_fast.cli_errors import CommandLineError, device_flag, with_flag_names
+from ate_fast.cli_errors import CommandLineError, device_flag, flag_of, with_flag_names
 
 DATA_FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
 # Python argument names (trainer configs, ActionChunkDataset) -> the flags that set them
@@ -394,9 +394,8 @@ def _arch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, dest)
         if args.arch not in archs:
             if value is not None:
-                flag = "--" + dest.replace("_", "-")
                 raise CommandLineError(
-                    f"{flag} applies to --arch {archs[0]}, not --arch {args.arch}"
+                    f"{flag_of(dest)} applies to --arch {archs[0]}, not --arch {args.arch}"
                 )
             continue
         kwargs[keyword] = default if value is None else value
@@ -530,7 +529,7 @@ def _arch_settings(args: argparse.Namespace, base: Optional[dict[str, Any]], sou
         kwargs = {kw: base[kw] for kw, archs in MODEL_FLAGS.values() if arch in archs}
     for dest, value in given.items():
         keyword, archs = MODEL_FLAGS[dest]
-        flag = "--" + dest.replace("_", "-")
+        flag = flag_of(dest)
         if arch not in archs:
             raise CommandLineError(
                 f"{flag} applies to --arch {' or '.join(archs)}, but stage 2 trains a {arch} "

@@ -17,7 +17,7 @@ import argparse
 import ast
 from typing import Any
 
-from ate_fast.cli_errors import CommandLineError, with_flag_names
+from ate_fast.cli_errors import CommandLineError, flag_of, with_flag_names
 
 HEAD_NAMES = ("mlp", "flow-transformer", "unet1d")
 FLOW_METHODS = ("euler", "heun")
@@ -236,10 +236,6 @@ METHOD_FLAGS: dict[str, tuple[tuple[str, ...], Any]] = {
 GUIDANCE_FLAGS = {"guidance_scale": 2.0, "guidance_clamp": 0.1, "guidance_mode": "direct"}
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Every method flag's value for ``--method`` (its default where not given); raises
     naming a flag given for a method that ignores it."""
@@ -248,7 +244,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         given = getattr(args, dest)
         if given not in (None, False) and args.method not in methods:
             raise CommandLineError(
-                f"{_flag(dest)} applies to --method {' / '.join(methods)}, not {args.method}"
+                f"{flag_of(dest)} applies to --method {' / '.join(methods)}, not {args.method}"
             )
         values[dest] = default if given is None else given
     return values
@@ -313,7 +309,7 @@ def _guidance(args: argparse.Namespace) -> Any:
     from ate_fast.align import KIND_STAGE1, KIND_STAGE2, load_checkpoint
     from ate_fast.steer import LatentGuidance
 
-    given = [_flag(dest) for dest in GUIDANCE_FLAGS if getattr(args, dest) is not None]
+    given = [flag_of(dest) for dest in GUIDANCE_FLAGS if getattr(args, dest) is not None]
     if args.guidance_vae is None:
         if args.target:
             raise ValueError("--target needs --guidance-vae")
