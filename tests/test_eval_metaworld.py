@@ -22,7 +22,7 @@ from ate_fast.eval.metaworld.envs import (
     reset_layout,
     task_index,
 )
-from ate_fast.eval.metaworld.experts import chunk_set, collect
+from ate_fast.eval.metaworld.experts import Demonstrations, Episode, chunk_set, collect
 
 
 # ---------------------------------------------------------------- embodiments
@@ -121,6 +121,18 @@ def test_expert_demos_replay_through_the_remap(name):
         robot = np.stack([p[min(k, len(p) - 1)] for p in plans])
         envs.step(shift.to_env(robot, envs.obs[:, HAND]))
     assert envs.success.all(), envs.steps
+
+
+def test_first_demos_count_only_their_own_failures():
+    """A run with fewer demos than the collection reports the failed tries before its last
+    demo, not the whole collection's (layouts 100..106 tried: 101, 104, 105 failed)."""
+    empty = np.zeros((1, 4))
+    episodes = [Episode(empty, empty, layout) for layout in (100, 102, 103, 106)]
+    demos = Demonstrations("reach-v3", episodes, failures=3)
+    assert [demos.first(n).failures for n in (1, 2, 3, 4)] == [0, 1, 1, 3]
+    assert [e.layout for e in demos.first(2).episodes] == [100, 102]
+    with pytest.raises(ValueError, match=r"count: expected 1\.\.4"):
+        demos.first(5)
 
 
 # ---------------------------------------------------------------- configs

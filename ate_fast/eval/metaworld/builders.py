@@ -110,9 +110,7 @@ def target_demos(store: ResultCache, seed: int) -> list[Demonstrations]:
 
 def target_chunks(store: ResultCache, shift: str, demos: int, seed: int) -> ChunkSet:
     """The first ``demos`` target demos per task in ``shift``'s action space."""
-    first = [
-        Demonstrations(d.task, d.episodes[:demos], d.failures) for d in target_demos(store, seed)
-    ]
+    first = [d.first(demos) for d in target_demos(store, seed)]
     return chunk_set(first, task_index(), Shift(shift), store.cfg.horizon)
 
 

@@ -44,6 +44,17 @@ class Demonstrations:
     episodes: list[Episode]
     failures: int = 0
 
+    def first(self, count: int) -> Demonstrations:
+        """The first ``count`` episodes, with the failures among the tries before the
+        ``count``-th success (not the whole collection's): :func:`collect` tries consecutive
+        layout seeds and stops at its last success, so the tries' first seed is
+        ``episodes[-1].layout + 1 - len(episodes) - failures``."""
+        if not 1 <= count <= len(self.episodes):
+            raise ValueError(f"count: expected 1..{len(self.episodes)} episodes, got {count}")
+        start = self.episodes[-1].layout + 1 - len(self.episodes) - self.failures
+        failures = self.episodes[count - 1].layout - start + 1 - count
+        return Demonstrations(self.task, self.episodes[:count], failures)
+
 
 def expert_episode(env, policy, layout: int, max_steps: int = MAX_EPISODE_STEPS) -> Episode | None:
     """Run the scripted ``policy`` from layout ``layout``; the episode (up to and including
