@@ -303,7 +303,7 @@ def test_a_device_that_is_not_there_is_refused_before_any_work():
 def test_help_lists_the_options():
     code, out, _ = _run_cli(["demo", "--help"])
     assert code == 0
-    for option in ("--seed", "--quick", "--out", "--device", "--demos"):
+    for option in ("--seed", "--quick", "--out", "--overwrite", "--device", "--demos"):
         assert option in out
 
 
@@ -329,6 +329,27 @@ def test_bad_configs_name_the_field(overrides, needle):
         DemoConfig(**overrides)
     seeds = {DemoConfig(seed=s).seed_for(p) for s in range(3) for p in range(100)}
     assert len(seeds) == 300  # every stream of every run has its own seed
+
+
+def test_an_earlier_runs_results_are_kept_unless_overwrite(tmp_path, capsys, monkeypatch):
+    """``--out`` holding an earlier run's demo.json: refused before the run (it was replaced
+    without a word); ``--overwrite`` runs and replaces it."""
+    import ate_fast.demo.pipeline as pipeline
+    import ate_fast.demo.report as report
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda cfg, **kw: ran.append(cfg) or "result")
+    monkeypatch.setattr(report, "render", lambda result: "rendered")
+    monkeypatch.setattr(
+        report, "write_outputs", lambda result, out: [(out / JSON_FILE).write_text("new")]
+    )
+    (tmp_path / JSON_FILE).write_text("earlier")
+    argv = ["demo", "--quick", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 2 and not ran
+    assert f"--out {tmp_path}: holds an earlier run's {JSON_FILE}" in capsys.readouterr().err
+    assert (tmp_path / JSON_FILE).read_text() == "earlier"
+    assert main([*argv, "--overwrite"]) == 0 and len(ran) == 1
+    assert (tmp_path / JSON_FILE).read_text() == "new"
 
 
 def test_an_unwritable_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch):

@@ -46,8 +46,17 @@ def _out_dir(text: str) -> Path:
     return path
 
 
-def _check_writable(out: Path) -> None:
-    """``out`` created if missing and writable, or a one-line error naming ``--out``."""
+def _check_writable(out: Path, overwrite: bool) -> None:
+    """``out`` created if missing and writable, holding no earlier demo's results unless
+    ``overwrite``; otherwise a one-line error naming ``--out``."""
+    from ate_fast.demo.report import output_names
+
+    earlier = [name for name in output_names() if (out / name).exists()]
+    if earlier and not overwrite:
+        raise CommandLineError(
+            f"--out {out}: holds an earlier run's {', '.join(earlier)} "
+            "(pass --overwrite to replace them, or another --out)"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".ate-fast-demo-{os.getpid()}"
@@ -70,6 +79,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--out", type=_out_dir, metavar="DIR", help="write demo.md, demo.json and align.log here"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's results in --out"
     )
     p.add_argument(
         "--device", type=device_flag, default="cpu", help="cpu (default), cuda or cuda:N"
@@ -105,7 +117,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         overrides["demos"] = args.demos
     cfg = DemoConfig.quick_run(**overrides) if args.quick else DemoConfig(**overrides)
     if args.out is not None:
-        _check_writable(args.out)  # before the run, not after it (its results would be lost)
+        # before the run, not after it (its results would be lost)
+        _check_writable(args.out, args.overwrite)
     result = run_demo(cfg, progress=not args.no_progress, verbose=args.verbose)
     print()
     print(render(result))

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ate_fast.align.atomic_io import atomic_write_json, atomic_write_text
 from ate_fast.demo.embodiment import ROBOT_B
 from ate_fast.demo.pipeline import ROWS, DemoResult
 
@@ -89,6 +89,11 @@ def render(result: DemoResult) -> str:
     return results_table(result) + "\n\n" + latency_table(result)
 
 
+def output_names() -> tuple[str, ...]:
+    """The files :func:`write_outputs` writes, by name."""
+    return (RESULTS_FILE, JSON_FILE, LOG_FILE)
+
+
 def write_outputs(result: DemoResult, out_dir: Path) -> list[Path]:
     """Write ``demo.md`` (both tables), ``demo.json`` (config, results, timings) and
     ``align.log`` into ``out_dir`` (created if needed); returns the paths."""
@@ -98,8 +103,8 @@ def write_outputs(result: DemoResult, out_dir: Path) -> list[Path]:
         "results": result.results,
         "timings": result.timings,
     }
-    paths = [out_dir / RESULTS_FILE, out_dir / JSON_FILE, out_dir / LOG_FILE]
-    paths[0].write_text(render(result) + "\n")
-    paths[1].write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    paths[2].write_text(result.log)
+    paths = [out_dir / name for name in output_names()]
+    atomic_write_text(paths[0], render(result) + "\n")
+    atomic_write_json(paths[1], payload)
+    atomic_write_text(paths[2], result.log)
     return paths
