@@ -51,6 +51,22 @@
 # picks bench_realsize's cases, e.g. "B8 and compile": what a first run's budget cut).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# ATE_FAST_SUITES as paths from the repository's root ("bench_rtc", "bench_rtc.py" and
+# "./benchmarks/bench_rtc.py" name the same suite); a name that is none, refused before the
+# build rather than after minutes of GPU time
+if [ -n "${ATE_FAST_SUITES:-}" ] && [ "$ATE_FAST_SUITES" != none ]; then
+  named=""
+  for suite in $ATE_FAST_SUITES; do
+    path="benchmarks/$(basename "${suite%.py}").py"
+    if [ ! -f "$path" ]; then
+      echo "ATE_FAST_SUITES: no benchmark file $suite; expected one of:" \
+        $(ls benchmarks/bench_*.py) >&2
+      exit 2
+    fi
+    named="$named $path"
+  done
+  ATE_FAST_SUITES="${named# }"
+fi
 OUT_DIR="${1:-${OUT:-benchmarks/results/latest}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
@@ -161,7 +177,11 @@ else
     wait "${pids[$i]}"
     rc=$?  # 5: a shard with no test selected (a partial rerun)
     [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
-    { echo "== shard $i/$shards"; cat "$WORK/cuda_tests-$i.log"; } >>"$OUT_DIR/cuda_tests.log"
+    # each shard's last 3 MB (the device tool returns files up to 16 MiB; raw.tgz has all)
+    size=$(stat -c %s "$WORK/cuda_tests-$i.log")
+    { echo "== shard $i/$shards"
+      [ "$size" -le 3000000 ] || echo "(its first $(( size - 3000000 )) bytes cut: raw.tgz has all)"
+      tail -c 3000000 "$WORK/cuda_tests-$i.log"; } >>"$OUT_DIR/cuda_tests.log"
     grep -h "^FAILED\|^ERROR" "$WORK/cuda_tests-$i.log" | head -20
     echo "shard $i/$shards: $(tail -1 "$WORK/cuda_tests-$i.log")"
   done

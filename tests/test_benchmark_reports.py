@@ -88,3 +88,19 @@ def test_summary_without_info_and_with_a_truncated_shard(tmp_path, monkeypatch, 
     summary.main(tmp_path)
     record = json.loads(results[0].read_text())
     assert record["cuda_tests"] == {"not_run": "ATE_FAST_TESTS=none"}
+
+
+def test_a_misnamed_suite_is_refused_before_the_build(tmp_path):
+    """``ATE_FAST_SUITES`` naming no benchmark file stops the GPU suite at once (exit 2, the
+    files it could have meant listed), before minutes of GPU time go into the build; a
+    failing ``python`` shows that nothing else ran."""
+    env = {"PATH": "/usr/bin:/bin", "ATE_FAST_SUITES": "bench_rtc bench_nope.py",
+           "PYTHON": "false", "OUT": str(tmp_path / "out")}  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(BENCH_DIR / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "ATE_FAST_SUITES: no benchmark file bench_nope.py" in run.stderr
+    assert "benchmarks/bench_rtc.py" in run.stderr and "== build" not in run.stdout
+    assert not (tmp_path / "out").exists()
