@@ -238,6 +238,8 @@ class CapturedSampler:
 
     def _run_loop(self, noise: Tensor) -> Tensor:
         if self.mode == "cuda_graph":
+            # no device guard needed with another GPU current: the copy runs on the data's
+            # device, and CUDAGraph.replay guards the capture stream's device itself
             self.static_noise.copy_(noise)
             self.graph.replay()
             return self.output
