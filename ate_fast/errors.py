@@ -22,6 +22,7 @@ __all__ = [
     "LimitExceededError",
     "MissingConditionError",
     "NonFiniteError",
+    "SingleEpisodeWarning",
     "UnknownFileFormatError",
     "UnsupportedPolicyError",
     "UnsupportedVersionError",
@@ -95,6 +96,12 @@ class DataFormatError(AteFastError, ValueError):
 class UnknownFileFormatError(DataFormatError):
     """A file's content (its first bytes, not its suffix) is none of the formats a loader
     accepts. The message names the file, what was found and what was expected."""
+
+
+class SingleEpisodeWarning(UserWarning):
+    """A data file's flat ``[T, D]`` array has no episode markers and is read as one
+    episode (given only when it is all the data read: a folder or list of files, one per
+    episode, is that layout)."""
 
 
 # --- the command line (ate_fast.cli_errors) ---

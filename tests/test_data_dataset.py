@@ -135,3 +135,43 @@ def test_split_keeps_episodes_whole():
     tr, va = train_val_split(small, 0.9)
     assert len(set(small.episode_of_chunk[tr.indices].tolist())) == 1
     assert len(set(small.episode_of_chunk[va.indices].tolist())) == 1
+
+
+def test_a_single_episode_split_warns_that_validation_is_not_held_out():
+    """With one episode the split falls back to random chunks, which overlap training
+    chunks almost entirely (stride 1): it did so without a word."""
+    ds = ActionChunkDataset([np.random.default_rng(0).normal(size=(60, 2))], horizon=8)
+    with pytest.warns(UserWarning, match="one episode, so validation takes random chunks"):
+        train, val = train_val_split(ds, 0.1)
+    assert len(train) + len(val) == len(ds) and len(val) > 0
+
+
+def test_describe_counts_episodes_too_short_for_a_chunk():
+    """With max_pad = 0 an episode shorter than H gives no chunk; the log line counted it
+    among the episodes with nothing to say it was left out."""
+    rng = np.random.default_rng(0)
+    ds = ActionChunkDataset([rng.normal(size=(n, 2)) for n in (20, 5, 30)], horizon=8, max_pad=0)
+    assert "3 episodes (5-30 steps) (1 shorter than H - max_pad = 8 steps give no chunk)" in (
+        ds.describe()
+    )
+    assert "shorter" not in ActionChunkDataset([rng.normal(size=(20, 2))], horizon=8).describe()
+
+
+def test_normaliser_in_blocks_matches_float64(monkeypatch):
+    """Fitting and normalising go a block of rows at a time (no float64 copy of a large
+    dataset): the same statistics and values as float64 over the whole array, across
+    block edges, and [..., D] inputs keep their shape."""
+    import ate_fast.data.normalization as normalization
+
+    monkeypatch.setattr(normalization, "BLOCK_ELEMENTS", 7)  # 2 rows of 3 dims per block
+    x = (np.random.default_rng(1).normal(size=(101, 3)) * [1.0, 50.0, 1e-3] + [0, 1e3, 5]).astype(
+        np.float32
+    )
+    ref = x.astype(np.float64)
+    norm = Normalizer.fit(x, "meanstd")
+    np.testing.assert_allclose(norm.shift, ref.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(norm.scale, ref.std(0), rtol=1e-12)
+    out = norm.normalize(x)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, ((ref - ref.mean(0)) / ref.std(0)).astype(np.float32))
+    np.testing.assert_array_equal(norm.normalize(x.reshape(1, 101, 3)), out.reshape(1, 101, 3))

@@ -18,6 +18,7 @@ from _align_fixtures import (
 )
 
 from ate_fast.data import DataFormatError, UnknownFileFormatError, read_episodes
+from ate_fast.errors import SingleEpisodeWarning
 
 
 @pytest.fixture
@@ -193,3 +194,84 @@ def test_unknown_suffix_and_format(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataFormatError, match="directory has no action files"):
         read_episodes(tmp_path / "empty")
+
+
+# ------------------------------------------------------------ what a real dataset folder holds
+def test_lerobot_repeated_frames_are_refused(tmp_path, episodes):
+    """A copy of an episode's file beside it (or two versions of the dataset in one folder)
+    was read as one episode twice as long, its frames interleaved (a0, a0, a1, a1, ...)."""
+    root = write_lerobot(tmp_path / "ds", episodes)
+    chunk = root / "data" / "chunk-000"
+    (chunk / "episode_000001 (copy).parquet").write_bytes(
+        (chunk / "episode_000001.parquet").read_bytes()
+    )
+    with pytest.raises(DataFormatError, match=r"episode 1 has frame 0 more than once"):
+        read_episodes(root)
+
+
+def test_lerobot_frame_count_differs_from_info_json(tmp_path, episodes):
+    root = write_lerobot(tmp_path / "ds", episodes)
+    (root / "data" / "chunk-000" / "episode_000004.parquet").unlink()
+    with pytest.warns(UserWarning, match=r"read \d+ frames, but meta/info.json says"):
+        _same(read_episodes(root), episodes[:4])
+
+
+def test_lerobot_data_folder_itself_and_float32_kept(tmp_path, episodes):
+    """The dataset's data/ folder (parquet files in chunk-*/) reads as the dataset (it was
+    'no action files'); float32 actions stay float32 through the reader (an up-cast to
+    float64 doubled a large dataset's memory)."""
+    root = write_lerobot(tmp_path / "ds", episodes)
+    _same(read_episodes(root / "data"), episodes)
+    read = read_episodes(root)
+    assert all(e.actions.dtype == np.float32 for e in read)
+
+
+def test_filter_key_applies_to_robomimic_only(tmp_path, episodes):
+    """--filter-key on ALOHA / LeRobot / npz data was ignored: every episode was read."""
+    aloha = write_aloha(tmp_path / "aloha", episodes)
+    lerobot = write_lerobot(tmp_path / "ds", episodes)
+    npz = write_npz(tmp_path / "a.npz", episodes)
+    for path in (aloha, aloha / "episode_0.hdf5", lerobot, npz):
+        with pytest.raises(DataFormatError, match=r"filter_key .*robomimic HDF5 files only"):
+            read_episodes(path, filter_key="train")
+
+
+def test_robomimic_mask_listing_an_absent_demo(tmp_path, episodes):
+    path = write_robomimic(tmp_path / "demo.hdf5", episodes)
+    with h5py.File(path, "a") as f:
+        f["mask"].create_dataset("bad", data=np.array([b"demo_0", b"demo_99"]))
+    with pytest.raises(
+        DataFormatError, match=r"/mask/bad lists demos that /data lacks: \['demo_99'\]"
+    ):
+        read_episodes(path, filter_key="bad")
+
+
+def test_values_float32_cannot_hold_are_refused(tmp_path):
+    """float64 beyond float32's range became inf and was blamed on the file as non-finite;
+    integers beyond 2**24 were rounded without a word."""
+    np.save(tmp_path / "huge.npy", np.array([[1e39, 0.0], [1.0, 2.0]]))
+    np.save(tmp_path / "big.npy", np.array([[16_777_217, 0], [1, 2]], dtype=np.int64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the single-episode warning
+        with pytest.raises(DataFormatError, match=r"1e\+39 at step 0, dim 0 is beyond float32"):
+            read_episodes(tmp_path / "huge.npy")
+        with pytest.raises(DataFormatError, match=r"16777217 at step 0, dim 0 is beyond ±2\*\*24"):
+            read_episodes(tmp_path / "big.npy")
+    np.save(tmp_path / "fine.npy", np.array([[16_777_216, -3], [1, 2]], dtype=np.int64))
+    with pytest.warns(SingleEpisodeWarning):
+        assert read_episodes(tmp_path / "fine.npy")[0].actions[0, 0] == 16_777_216
+
+
+def test_flat_npy_warns_unless_one_file_per_episode(tmp_path, episodes):
+    """A flat [T, D] .npy is read as one episode, which the .npz reader warned about and the
+    .npy reader did not; a folder of such files (one per episode) gives no warning."""
+    np.save(tmp_path / "log.npy", np.concatenate(episodes))
+    with pytest.warns(SingleEpisodeWarning, match=r"log\.npy: the array .* read as ONE episode"):
+        read_episodes(tmp_path / "log.npy")
+    folder = tmp_path / "per_episode"
+    folder.mkdir()
+    for i, ep in enumerate(episodes):
+        np.save(folder / f"episode_{i}.npy", ep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SingleEpisodeWarning)
+        _same(read_episodes(folder), episodes)

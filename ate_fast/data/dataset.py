@@ -163,10 +163,18 @@ class ActionChunkDataset(Dataset):
         return list(zip(chunk.unbind(0), mask.unbind(0)))
 
     def describe(self) -> str:
-        """One line for logs: episodes, chunks, dims, normalisation."""
+        """One line for logs: episodes, chunks, dims, normalisation, and the episodes too
+        short to give a chunk (shorter than H − max_pad), which no chunk comes from."""
+        dropped = self.num_episodes - len(np.unique(self._episode_of_chunk))
+        short = (
+            f" ({dropped} shorter than H - max_pad = "
+            f"{self.horizon - self.chunking['max_pad']} steps give no chunk)"
+            if dropped
+            else ""
+        )
         return (
             f"{self.num_episodes} episodes ({int(self.episode_lengths.min())}-"
-            f"{int(self.episode_lengths.max())} steps), {len(self)} chunks of H={self.horizon}, "
-            f"D_r={self.raw_action_dim} -> D={self.action_dim}, {self.normalizer.kind} norm, "
-            f"{self.pad} padding"
+            f"{int(self.episode_lengths.max())} steps){short}, {len(self)} chunks of "
+            f"H={self.horizon}, D_r={self.raw_action_dim} -> D={self.action_dim}, "
+            f"{self.normalizer.kind} norm, {self.pad} padding"
         )

@@ -46,6 +46,7 @@ def make_episode(name: str, actions: object) -> Episode:
         )
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataFormatError(f"{name}: empty episode, shape {tuple(arr.shape)}")
+    _check_float32_range(name, arr)
     arr = arr.astype(np.float32, copy=False)
     finite = np.isfinite(arr)
     if not finite.all():
@@ -55,6 +56,33 @@ def make_episode(name: str, actions: object) -> Episode:
             f"({int((~finite).sum())} non-finite values in the episode)"
         )
     return Episode(name, np.ascontiguousarray(arr))
+
+
+# integers beyond ±2**24 are not all float32 numbers: they would be rounded
+FLOAT32_EXACT_INT = 2**24
+
+
+def _check_float32_range(name: str, arr: np.ndarray) -> None:
+    """Refuse values that float32 cannot hold: finite float64 beyond its range (they would
+    become inf and be blamed on the file) and integers it would round."""
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:
+        with np.errstate(invalid="ignore"):
+            over = np.abs(arr) > np.finfo(np.float32).max
+        over &= np.isfinite(arr)
+        if over.any():
+            t, d = np.argwhere(over)[0]
+            raise DataFormatError(
+                f"{name}: action {arr[t, d]:g} at step {t}, dim {d} is beyond float32's range "
+                f"(±{np.finfo(np.float32).max:.3g}); rescale the actions"
+            )
+    elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 2:
+        big = (arr > FLOAT32_EXACT_INT) | (arr < -FLOAT32_EXACT_INT)
+        if big.any():
+            t, d = np.argwhere(big)[0]
+            raise DataFormatError(
+                f"{name}: integer action {arr[t, d]} at step {t}, dim {d} is beyond ±2**24, "
+                "where float32 rounds integers; rescale the actions"
+            )
 
 
 def check_consistent_dim(episodes: Sequence[Episode], source: str) -> int:
@@ -109,11 +137,27 @@ def split_by_episode_index(
         order = np.lexsort((frame_index, episode_index))
     else:
         order = np.argsort(episode_index, kind="stable")
-    actions = actions[order]
+    if (np.diff(order) != 1).any():  # rows out of order; in order (the usual case): no copy
+        actions = actions[order]
     sorted_ids = episode_index[order]
+    if frame_index is not None:
+        _check_no_repeated_frames(name, sorted_ids, frame_index[order])
     cuts = np.flatnonzero(np.diff(sorted_ids)) + 1
     bounds = np.concatenate([[0], cuts, [len(sorted_ids)]])
     return [
         make_episode(f"{name}[episode {int(sorted_ids[s])}]", actions[s:e])
         for s, e in zip(bounds[:-1], bounds[1:])
     ]
+
+
+def _check_no_repeated_frames(name: str, episode: np.ndarray, frame: np.ndarray) -> None:
+    """Two rows with one (episode, frame): a copy of an episode's file beside it, or two
+    dataset versions in one folder; read anyway, its frames would interleave."""
+    same = (np.diff(episode) == 0) & (np.diff(frame) == 0)
+    if same.any():
+        i = int(np.flatnonzero(same)[0])
+        raise DataFormatError(
+            f"{name}: episode {int(episode[i])} has frame {int(frame[i])} more than once "
+            f"({int(same.sum())} repeated (episode_index, frame_index) rows): is an episode's "
+            "file there twice, or two versions of the dataset?"
+        )

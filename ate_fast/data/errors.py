@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from ate_fast.errors import DataFormatError, UnknownFileFormatError
+from ate_fast.errors import DataFormatError, SingleEpisodeWarning, UnknownFileFormatError
 
-__all__ = ["DataFormatError", "UnknownFileFormatError"]
+__all__ = ["DataFormatError", "SingleEpisodeWarning", "UnknownFileFormatError"]

@@ -87,6 +87,12 @@ def read_robomimic(
                     f"{path}: filter_key {filter_key!r} not in /mask (found {found})"
                 )
             demos = [d.decode() if isinstance(d, bytes) else str(d) for d in mask[()]]
+            absent = [d for d in demos if d not in data]
+            if absent:
+                raise DataFormatError(
+                    f"{path}: /mask/{filter_key} lists demos that /data lacks: "
+                    f"{absent[:5]}{' ...' if len(absent) > 5 else ''}"
+                )
         else:
             demos = [k for k in data.keys() if isinstance(data[k], h5py.Group)]
         demos = sorted(demos, key=_numeric_suffix)

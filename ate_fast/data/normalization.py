@@ -19,6 +19,14 @@ MIN_SPREAD = 1e-6
 
 ArrayLike = Union[np.ndarray, Tensor]
 
+BLOCK_ELEMENTS = 1 << 20  # float64 temporaries of 8 MB when fitting or normalising
+
+
+def _row_blocks(x: np.ndarray) -> list[slice]:
+    """Row slices of ``x [N, D]`` of about :data:`BLOCK_ELEMENTS` elements each."""
+    step = max(1, BLOCK_ELEMENTS // max(1, x.shape[1]))
+    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
+
 
 @dataclass
 class Normalizer:
@@ -40,11 +48,15 @@ class Normalizer:
     def fit(cls, actions: np.ndarray, kind: str = "meanstd") -> Normalizer:
         """Statistics of ``actions [N, D_r]`` (every frame of every episode, no padding)."""
         check_choice("normalization", kind, tuple(NORMALIZATIONS))
-        x = np.asarray(actions, dtype=np.float64)
+        x = np.asarray(actions)  # not copied to float64: a pre-training set can be GBs
         if x.ndim != 2 or x.shape[0] == 0:
             raise ValueError(f"actions: expected [N, D] with N > 0, got {tuple(x.shape)}")
         if kind == "meanstd":
-            mean, std = x.mean(0), x.std(0)
+            mean = x.mean(0, dtype=np.float64)
+            squares = sum(
+                np.square(x[rows].astype(np.float64) - mean).sum(0) for rows in _row_blocks(x)
+            )
+            std = np.sqrt(squares / x.shape[0])
             return cls.from_stats(kind, {"mean": mean.tolist(), "std": std.tolist()})
         if kind == "minmax":
             lo, hi = x.min(0), x.max(0)
@@ -149,8 +161,12 @@ class Normalizer:
             scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
             out = (x - shift) / scale
             return out + self.offset if self.offset else out
-        out = (x - self.shift) / self.scale + self.offset
-        return out.astype(x.dtype, copy=False)
+        if x.ndim != 2:  # [..., D_r]: as rows, in the blocks below
+            return self.normalize(x.reshape(-1, self.dim)).reshape(x.shape)
+        out = np.empty(x.shape, dtype=x.dtype)
+        for rows in _row_blocks(x):  # in float64, a block at a time (no float64 copy of x)
+            out[rows] = (x[rows] - self.shift) / self.scale + self.offset
+        return out
 
     def unnormalize(self, x: ArrayLike) -> ArrayLike:
         """Normalised ``[..., D_r]`` → raw units."""

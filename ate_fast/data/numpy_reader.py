@@ -1,12 +1,15 @@
 """``.npy`` and ``.npz`` action files.
 
-- ``.npy``: one episode ``[T, D]`` or ``N`` equal-length episodes ``[N, T, D]``.
+- ``.npy``: one episode ``[T, D]`` (a :class:`SingleEpisodeWarning` says so, as for an
+  ``.npz`` below) or ``N`` equal-length episodes ``[N, T, D]``.
 - ``.npz``: the action array under ``key`` (default: ``actions`` or ``action``), either
   ``[N, T, D]`` or ``[T, D]`` (``[T]``: D = 1). A ``[T, D]`` array is split into episodes by an
   ``episode_ends`` array (cumulative ends, Diffusion Policy's replay-buffer convention)
   or a per-step ``episode_index`` array (LeRobot's convention) when the file has one;
-  otherwise it is a single episode, and a ``UserWarning`` says so (chunks would cross
-  the boundaries of the episodes it may hold).
+  otherwise it is a single episode, and a :class:`SingleEpisodeWarning` says so (chunks
+  would cross the boundaries of the episodes it may hold) when it is all the data
+  :func:`~ate_fast.data.read_episodes` reads: a folder or list of files, one per episode,
+  is that layout.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ate_fast.data.episodes import (
     split_by_episode_ends,
     split_by_episode_index,
 )
-from ate_fast.data.errors import DataFormatError
+from ate_fast.data.errors import DataFormatError, SingleEpisodeWarning
 
 DEFAULT_NPZ_KEYS = ("actions", "action")
 
@@ -47,6 +50,8 @@ def read_npy(path: Path) -> list[Episode]:
     if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive as well
         arr.close()
         raise DataFormatError(f"{path}: an .npz archive, not an .npy array (use --format npz)")
+    if arr.ndim == 2:
+        warn_single_episode(path, None, arr.shape)
     return _episodes_from_array(str(path), arr)
 
 
@@ -81,13 +86,22 @@ def read_npz(path: Path, key: Optional[str] = None) -> list[Episode]:
         return _episodes_from_array(name, arr)
 
 
-def warn_single_episode(path: Path, key: str, shape: tuple[int, ...]) -> None:
-    """Warn that a flat ``[T, D]`` array without episode markers is read as one episode."""
+def warn_single_episode(path: Path, key: Optional[str], shape: tuple[int, ...]) -> None:
+    """Warn that a flat ``[T, D]`` array without episode markers (an .npz's ``key``, or an
+    .npy's array when ``key`` is None) is read as one episode."""
+    array = "array" if key is None else f"{key!r} array"
+    markers = (
+        "store the actions as [N, T, D], or in an .npz beside an 'episode_ends' array "
+        "(cumulative end index of each episode)"
+        if key is None
+        else "mark the episodes with an 'episode_ends' array (cumulative end index of each "
+        "episode) or a per-step 'episode_index' array in the same .npz, or store the actions "
+        "as [N, T, D]"
+    )
     warnings.warn(
-        f"{path}: the {key!r} array {tuple(shape)} has no episode markers, so it is read as "
-        f"ONE episode and action chunks may cross episode boundaries. Mark the episodes "
-        f"with an 'episode_ends' array (cumulative end index of each episode) or a per-step "
-        f"'episode_index' array in the same .npz, or store the actions as [N, T, D].",
-        UserWarning,
-        stacklevel=2,
+        f"{path}: the {array} {tuple(shape)} has no episode markers, so it is read as ONE "
+        f"episode and action chunks may cross episode boundaries. If it holds several, "
+        f"{markers}.",
+        SingleEpisodeWarning,
+        stacklevel=3,
     )

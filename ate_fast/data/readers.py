@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
 from ate_fast.argument_checks import check_choice
 from ate_fast.data.episodes import Episode, check_consistent_dim
-from ate_fast.data.errors import DataFormatError
+from ate_fast.data.errors import DataFormatError, SingleEpisodeWarning
 from ate_fast.data.file_format import require_format, sniff_format
 from ate_fast.data.hdf5_reader import detect_hdf5_layout, read_aloha, read_robomimic
 from ate_fast.data.lerobot_reader import is_lerobot_dir, read_lerobot
@@ -48,6 +49,11 @@ def _format_of_file(path: Path) -> str:
 def _read_file(path: Path, fmt: str, key: Optional[str], filter_key: Optional[str]):
     if fmt == "auto":
         fmt = _format_of_file(path)
+    if filter_key is not None and fmt != "robomimic":
+        raise DataFormatError(
+            f"{path}: filter_key {filter_key!r} applies to robomimic HDF5 files only "
+            f"(their /mask/<filter_key> demo lists); this file reads as {fmt}"
+        )
     if fmt == "npz":
         return read_npz(path, key)
     if fmt == "npy":
@@ -57,6 +63,26 @@ def _read_file(path: Path, fmt: str, key: Optional[str], filter_key: Optional[st
     if fmt == "aloha":
         return read_aloha(path, key)
     return read_lerobot(path, key)
+
+
+def _read_path(
+    p: Path, format: str, key: Optional[str], filter_key: Optional[str]
+) -> list[Episode]:
+    """The episodes of one file or directory (see :func:`read_episodes`)."""
+    if not p.exists():
+        raise DataFormatError(f"{p}: no such file or directory")
+    if p.is_dir() and (format == "lerobot" or (format == "auto" and is_lerobot_dir(p))):
+        if filter_key is not None:
+            raise DataFormatError(f"{p}: filter_key applies to robomimic HDF5 files only")
+        return read_lerobot(p, key)
+    if not p.is_dir():
+        return _read_file(p, format, key, filter_key)
+    files = sorted((f for f in p.iterdir() if f.suffix.lower() in FILE_SUFFIXES), key=_natural_key)
+    if not files:
+        raise DataFormatError(
+            f"{p}: directory has no action files (expected {list(FILE_SUFFIXES)})"
+        )
+    return [ep for f in files for ep in _read_file(f, format, key, filter_key)]
 
 
 def read_episodes(
@@ -87,24 +113,12 @@ def read_episodes(
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:
         raise ValueError("path: expected at least one file or directory, got an empty list")
-    episodes: list[Episode] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise DataFormatError(f"{p}: no such file or directory")
-        if p.is_dir() and (format == "lerobot" or (format == "auto" and is_lerobot_dir(p))):
-            episodes.extend(read_lerobot(p, key))
-        elif p.is_dir():
-            files = sorted(
-                (f for f in p.iterdir() if f.suffix.lower() in FILE_SUFFIXES), key=_natural_key
-            )
-            if not files:
-                raise DataFormatError(
-                    f"{p}: directory has no action files (expected {list(FILE_SUFFIXES)})"
-                )
-            for f in files:
-                episodes.extend(_read_file(f, format, key, filter_key))
-        else:
-            episodes.extend(_read_file(p, format, key, filter_key))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        episodes = [ep for raw in paths for ep in _read_path(Path(raw), format, key, filter_key)]
+    for w in caught:  # a flat array read as one episode matters when it is all there is:
+        # a folder or list of files, one per episode, is that layout
+        if not (issubclass(w.category, SingleEpisodeWarning) and len(episodes) > 1):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     check_consistent_dim(episodes, ", ".join(str(p) for p in paths))
     return episodes

@@ -6,6 +6,7 @@ would validate on the training data; splitting by episode does not.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -36,6 +37,14 @@ def train_val_split(
         val_ids = ids[perm[:n_val]]
         is_val = np.isin(episodes, val_ids)
     else:
+        if episodes is not None:  # one episode: nothing to hold out whole
+            warnings.warn(
+                "train_val_split: the data is one episode, so validation takes random chunks "
+                "of it, which overlap training chunks: the validation loss is not held out "
+                "(mark the episodes in the data, or pass val_fraction=0)",
+                UserWarning,
+                stacklevel=2,
+            )
         n_val = min(max(1, round(val_fraction * n)), n - 1)
         is_val = np.zeros(n, dtype=bool)
         is_val[torch.randperm(n, generator=gen).numpy()[:n_val]] = True
