@@ -183,6 +183,25 @@ def test_errors():
         ctrl.act(0)
 
 
+def test_a_controller_must_agree_with_its_sampler_chunks():
+    """SamplerChunks' s places the RTC mask: a controller with another s was accepted, and
+    the mask then weighted steps of prev that hold only padding."""
+    sampler = ate_fast.FlowSampler(make_head("mlp", "small", horizon=H, action_dim=3), 2)
+    noise = lambda: torch.zeros(B, H, 3)  # noqa: E731
+    rtc = SamplerChunks(sampler, noise, strategy="rtc", execution_horizon=1, max_delay=1)
+    with pytest.raises(InvalidArgumentError, match=r"controller's s = 4 differs .* s = 1"):
+        RealTimeController(rtc, horizon=H, execution_horizon=4, delay=1, strategy="rtc")
+    with pytest.raises(InvalidArgumentError, match="strategy: the controller's 'naive'"):
+        RealTimeController(rtc, horizon=H, execution_horizon=1, delay=1)
+    trained = SamplerChunks(
+        sampler, noise, strategy="rtc_training", execution_horizon=4, max_delay=1
+    )
+    with pytest.raises(InvalidArgumentError, match=r"d = 2 exceeds .* max_delay = 1"):
+        RealTimeController(trained, horizon=H, execution_horizon=4, delay=2,
+                           strategy="rtc_training")  # fmt: skip
+    RealTimeController(rtc, horizon=H, execution_horizon=1, delay=1, strategy="rtc")
+
+
 def test_strategy_latency_measures_every_variant():
     torch.manual_seed(0)
     policy = make_head("mlp", "small", horizon=H, action_dim=3, cond_dim=2).eval()

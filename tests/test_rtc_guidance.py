@@ -337,6 +337,43 @@ def test_sampling_errors(policy, inputs):
         diffusion.sample(noise, cond, guidance=lerobot_rtc)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: RTCGuidance(execution_horizon=4),
+    lambda: ate_fast.realtime.PrefixInpainting(max_delay=3),
+])  # fmt: skip
+def test_a_refused_first_prefix_leaves_no_prefix(policy, inputs, make):
+    """A first set_prefix refused for its delay left zero buffers behind: sampling then
+    returned the unguided chunk instead of saying there is no previous chunk."""
+    noise, cond, prev = inputs
+    prefix = make()
+    with pytest.raises(InvalidArgumentError, match="delay"):
+        prefix.set_prefix(prev, 11)
+    assert prefix.prev_chunk is None
+    flow = ate_fast.FlowSampler(policy, num_steps=3)
+    key = "guidance" if isinstance(prefix, RTCGuidance) else "inpainting"
+    with torch.no_grad(), pytest.raises(InvalidArgumentError, match="call set_prefix"):
+        flow.sample(noise, cond, **{key: prefix})
+    prefix.set_prefix(prev, 2)  # and it still arms on a good one
+    assert torch.equal(prefix.prev_chunk, prev)
+
+
+@pytest.mark.parametrize("make", [
+    lambda prev: RTCGuidance(prev, 1, execution_horizon=4),
+    lambda prev: ate_fast.realtime.PrefixInpainting(prev, 1, max_delay=3),
+])  # fmt: skip
+def test_prefix_buffers_keep_no_autograd_history(inputs, make):
+    """A prev_chunk with autograd history (a policy output made outside no_grad) made the
+    buffers require grad: each later tick's copy chained onto that graph and kept it (and
+    the tensors it saved) alive as long as the object."""
+    _, _, prev = inputs
+    weight = torch.ones((), dtype=prev.dtype, requires_grad=True)
+    prefix = make(prev * weight)
+    for _ in range(3):
+        prefix.set_prefix(prev * weight, 2)
+    assert not prefix.prev_chunk.requires_grad and prefix.prev_chunk.grad_fn is None
+    assert torch.equal(prefix.prev_chunk, prev)
+
+
 def test_clear_prefix_needs_a_prefix():
     with pytest.raises(InvalidArgumentError, match="call set_prefix"):
         RTCGuidance(execution_horizon=3).clear_prefix()

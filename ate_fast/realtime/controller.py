@@ -137,6 +137,8 @@ class RealTimeController:
         )  # fmt: skip
         self.policy, self.strategy = policy, check_choice("strategy", strategy, STRATEGIES)
         self.ensemble_decay, self.clock = check_decay(ensemble_decay), clock
+        if isinstance(policy, SamplerChunks):
+            policy.check_controller(self.strategy, self.s, self.delay)
         self.reset()
 
     def reset(self) -> None:
@@ -267,6 +269,27 @@ class SamplerChunks:
             self.guidance = RTCGuidance(execution_horizon=execution_horizon, **(rtc or {}))
         elif strategy == "rtc_training":
             self.inpainting = PrefixInpainting(max_delay=max_delay)
+
+    def check_controller(self, strategy: str, execution_horizon: int, delay: int) -> None:
+        """Refuse a controller that runs this policy with another strategy, s, or a delay
+        beyond ``max_delay``: the masks would weight the wrong steps of ``prev`` (past s
+        they hold only padding)."""
+        if strategy != self.strategy:
+            raise InvalidArgumentError(
+                f"strategy: the controller's {strategy!r} differs from its policy's "
+                f"(SamplerChunks) {self.strategy!r}"
+            )
+        if self.guidance is not None and execution_horizon != self.guidance.execution_horizon:
+            raise InvalidArgumentError(
+                f"execution_horizon: the controller's s = {execution_horizon} differs from its "
+                f"policy's (SamplerChunks) s = {self.guidance.execution_horizon}, which places "
+                "the RTC mask"
+            )
+        if self.inpainting is not None and delay > self.inpainting.max_delay:
+            raise InvalidArgumentError(
+                f"delay: the controller's d = {delay} exceeds its policy's (SamplerChunks) "
+                f"max_delay = {self.inpainting.max_delay}"
+            )
 
     def __call__(self, obs: Any, prev: Optional[Tensor], delay: int) -> Tensor:
         noise, cond = self.noise(), self.cond(obs)

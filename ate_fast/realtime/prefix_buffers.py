@@ -91,6 +91,8 @@ def write_prefix(
         picked = table[delays[0]].expand(batch, -1)
     else:
         picked = table[torch.tensor(delays, device=table.device)]
-    y.copy_(prev_chunk)
-    rows.copy_(picked.unsqueeze(-1).expand_as(rows))
+    with torch.no_grad():  # values only: a prev_chunk with autograd history would chain
+        # every later tick's copy onto it and keep its graph alive as long as the buffers
+        y.copy_(prev_chunk)
+        rows.copy_(picked.unsqueeze(-1).expand_as(rows))
     return delays

@@ -65,12 +65,18 @@ class PrefixInpainting:
     def set_prefix(self, prev_chunk: Tensor, delay: Delay = 0, *, check_finite: bool = True):
         """Write Y = ``prev_chunk`` [B, H, D] and the mask of ``delay`` into the buffers."""
         prev_chunk = check_chunk(prev_chunk, check_finite)
-        if self.prev_chunk is None:
+        fresh = self.prev_chunk is None
+        if fresh:
             self._allocate(prev_chunk)
         y, mask, table = self.prev_chunk, self.mask, self._table
         assert y is not None and mask is not None and table is not None
         why = f" (max_delay = {self._max_delay})"
-        write_prefix("PrefixInpainting", prev_chunk, delay, y, mask, table, why)
+        try:
+            write_prefix("PrefixInpainting", prev_chunk, delay, y, mask, table, why)
+        except Exception:
+            if fresh:  # not armed with an empty mask: sampling then says there is no prefix
+                self.prev_chunk = None
+            raise
 
     def clear_prefix(self) -> None:
         """Empty the mask (delay 0 everywhere): the sampler's output is then unchanged."""

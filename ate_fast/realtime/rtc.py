@@ -132,12 +132,18 @@ class RTCGuidance:
         each in ``0..H − s``.
         """
         prev_chunk = check_chunk(prev_chunk, check_finite)
-        if self.prev_chunk is None:
+        fresh = self.prev_chunk is None
+        if fresh:
             self._allocate(prev_chunk)
         y, w, table = self.prev_chunk, self.weights, self._table
         assert y is not None and w is not None and table is not None
         why = f" (H − execution_horizon = {table.shape[1]} − {self._s})"
-        delays = write_prefix("RTCGuidance", prev_chunk, delay, y, w, table, why)
+        try:
+            delays = write_prefix("RTCGuidance", prev_chunk, delay, y, w, table, why)
+        except Exception:
+            if fresh:  # not armed with zero buffers: sampling then says there is no prefix
+                self.prev_chunk = None
+            raise
         self.delays = torch.tensor(delays, dtype=torch.int64)
 
     def clear_prefix(self) -> None:
