@@ -77,7 +77,8 @@ def write_prefix(
     why: str = "",
 ) -> list[int]:
     """Copy ``prev_chunk`` into ``y`` [B, H, D] and the table's rows for ``delay`` into
-    ``rows`` [B, H, 1], in place (rows picked on the table's device: no host sync). Returns
+    ``rows`` [B, H, 1], in place (rows picked on the table's device: no host sync for one
+    delay; B different delays reach a GPU as a small blocking copy, a host sync). Returns
     the B delays. ``owner`` names the object in the error for a changed shape or dtype."""
     if prev_chunk.shape != y.shape or prev_chunk.dtype != y.dtype:
         raise InvalidArgumentError(

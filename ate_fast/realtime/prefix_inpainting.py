@@ -42,7 +42,8 @@ class PrefixInpainting:
             one row per delay, so one capture serves every d ≤ max_delay.
 
     Y and the mask [B, H, 1] live in static buffers that :meth:`set_prefix` overwrites in
-    place (no host sync), keeping the first Y's shape, dtype and device.
+    place (no host sync, but for B different delays on a GPU), keeping the first Y's shape,
+    dtype and device.
     """
 
     def __init__(

@@ -126,7 +126,8 @@ class RTCGuidance:
     # -- the previous chunk ------------------------------------------------------------
     def set_prefix(self, prev_chunk: Tensor, delay: Delay = 0, *, check_finite: bool = True):
         """Write Y = ``prev_chunk`` [B, H, D] and the mask for ``delay`` d into the static
-        buffers (in place; no host sync but the optional finite check of ``prev_chunk``).
+        buffers (in place; no host sync but the optional finite check of ``prev_chunk``,
+        and, on a GPU, the copy of B different per-sample delays).
 
         ``delay``: an int, or B ints (one per sample, a sequence or an int CPU tensor),
         each in ``0..H − s``.
