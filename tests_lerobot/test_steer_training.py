@@ -10,6 +10,7 @@ import torch
 from tiny_policies import diffusion_train_batch, make_tiny_diffusion, smolvla_train_batch
 
 from ate_fast import ActionVAE, Steer
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.integrations.lerobot import steer_policy, vae_spec
 
 
@@ -106,3 +107,98 @@ def test_compiled_policy():
     with steer_policy(compiled, steer):
         out = _loss(compiled, batch, seed=0)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-7)
+
+
+def test_smolvla_compiled_and_run_before_patching(smolvla):
+    """A SmolVLA compiled and run once before steer_policy: the steer loss must run, equal
+    to eager (a forward hook that tapped v_t was never called: torch.compile ignores hooks
+    added after it traced the module), and again after remove() and a second patch."""
+    import torch._dynamo
+
+    smolvla.train()
+    batch = smolvla_train_batch(smolvla, batch_size=2)
+    steer = Steer.recommended(_vae(smolvla), clamp=10.0, mask=vae_spec(smolvla).mask())
+    with steer_policy(smolvla, steer):
+        eager = _loss(smolvla, batch, seed=0)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(smolvla, backend="eager")
+        plain = _loss(compiled, batch, seed=0)  # traced unpatched
+        for _ in range(2):
+            with steer_policy(compiled, steer):
+                torch.testing.assert_close(_loss(compiled, batch, seed=0), eager)
+        assert torch.equal(_loss(compiled, batch, seed=0), plain)  # removed: LeRobot's again
+    finally:
+        torch._dynamo.reset()
+
+
+def test_steer_must_fit_the_policy(smolvla):
+    """A Steer that does not fit was accepted: without a mask (or one open on the padded
+    dims) SmolVLA's 26 padding dims got as much guidance as the robot's; a VAE of another
+    horizon failed only at the first forward, with the encoder's shape error."""
+    spec = vae_spec(smolvla)
+    vae = _vae(smolvla)
+    with pytest.raises(InvalidArgumentError, match="has no mask, but the policy pads its"):
+        steer_policy(smolvla, Steer(vae))
+    open_mask = torch.ones(spec.action_dim)
+    with pytest.raises(InvalidArgumentError, match="0 past the robot's dims"):
+        steer_policy(smolvla, Steer(vae, mask=open_mask))
+    short = ActionVAE(spec.action_dim, spec.horizon - 1, latent_dim=8, arch="mlp",
+                      hidden_dims=(32,))  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match=rf"predicts \[B, {spec.horizon}, "):
+        steer_policy(smolvla, Steer(short, mask=spec.mask()))
+    assert "_ate_fast_patch" not in smolvla.model.__dict__  # nothing left patched
+    narrower = spec.mask().clone()
+    narrower[0] = 0.0  # guiding fewer of the robot's dims is the user's choice
+    steer_policy(smolvla, Steer(vae, mask=narrower)).remove()
+
+
+def test_encoder_on_another_device_is_named(smolvla):
+    """The encoder left on another device than the policy's batch (the docs' example
+    loaded the VAE on the CPU beside a GPU policy) fails with what to do."""
+    smolvla.train()
+    batch = smolvla_train_batch(smolvla, batch_size=2)
+    vae = _vae(smolvla).to("meta")
+    with steer_policy(smolvla, Steer(vae, mask=vae_spec(smolvla).mask())):
+        with pytest.raises(InvalidArgumentError, match="its encoder is on meta, the policy"):
+            _loss(smolvla, batch, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "smolvla"])
+def test_a_patched_policy_refuses_copy_and_pickle(kind, smolvla):
+    """A deep copy of a patched policy ran the original's patched methods (its gradients
+    went to the original); torch.save(policy) failed on a local function."""
+    import io
+
+    policy = make_tiny_diffusion() if kind == "diffusion" else smolvla
+    steer = Steer(_vae(policy), mask=vae_spec(policy).mask())
+    with steer_policy(policy, steer):
+        with pytest.raises(InvalidArgumentError, match="cannot be deep-copied"):
+            copy.deepcopy(policy)
+        with pytest.raises(InvalidArgumentError, match=r"cannot be pickled .*save_pretrained"):
+            torch.save(policy, io.BytesIO())
+    copy.deepcopy(policy)  # removed: copies as before
+    torch.save(policy, io.BytesIO())
+
+
+def test_a_ddp_wrapped_policy(tmp_path):
+    """accelerate's prepare() returns DistributedDataParallel on several GPUs: steer_policy
+    refused it as 'not a LeRobot policy'; it now patches the policy inside."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        policy = make_tiny_diffusion().train()
+        batch = diffusion_train_batch(policy, batch_size=2)
+        steer = Steer.recommended(_vae(policy), clamp=10.0)
+        with steer_policy(policy, steer):
+            plain = _loss(policy, batch, seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(policy)
+        assert vae_spec(ddp) == vae_spec(policy)
+        with steer_policy(ddp, steer):
+            assert torch.equal(_loss(ddp.module, batch, seed=0), plain)
+            torch.manual_seed(0)
+            assert torch.equal(ddp(dict(batch))[0].detach(), plain)
+    finally:
+        dist.destroy_process_group()

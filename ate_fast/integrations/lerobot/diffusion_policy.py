@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ate_fast.errors import UnsupportedPolicyError
 from ate_fast.integrations.lerobot.loop import SamplingLoop
+from ate_fast.integrations.lerobot.steer_fit import check_steer_device
 from ate_fast.sampling import DiffusionSampler, NoiseSchedule
 
 # diffusers scheduler settings the DiffusionSampler reproduces (LeRobot leaves them at
@@ -111,6 +112,7 @@ def steered_compute_loss(model: Any, steer: Any, record: Any):
             )
         global_cond = model._prepare_global_conditioning(batch)
         trajectory = batch[ACTION]
+        check_steer_device(steer, trajectory)
         scheduler = model.noise_scheduler
         eps = torch.randn(trajectory.shape, device=trajectory.device)
         timesteps = torch.randint(

@@ -17,7 +17,9 @@ from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance, check_guidance
 from ate_fast.integrations.lerobot import diffusion_policy, smolvla_policy
 from ate_fast.integrations.lerobot.loop import SamplingLoop
+from ate_fast.integrations.lerobot.not_copyable import NotCopyable
 from ate_fast.integrations.lerobot.spec import VaeSpec, vae_spec
+from ate_fast.integrations.lerobot.steer_fit import check_steer_fits
 from ate_fast.integrations.lerobot.version import policy_kind, unwrap
 from ate_fast.models.chunk_conv import use_chunk_convs
 from ate_fast.steer import Steer
@@ -26,7 +28,7 @@ _MISSING = object()
 _MARK = "_ate_fast_patch"
 
 
-class PolicyPatch:
+class PolicyPatch(NotCopyable):
     """What :func:`patch_policy` / :func:`steer_policy` return.
 
     Attributes:
@@ -159,11 +161,17 @@ def steer_policy(policy: Any, steer: Any) -> PolicyPatch:
     :class:`ate_fast.Steer` (``Steer.recommended(vae, mask=vae_spec(policy).mask())``);
     its encoder is frozen and gets no gradient. The latest diagnostics are in the
     returned patch's ``diagnostics``.
+
+    Raises:
+        InvalidArgumentError: the Steer's VAE takes another chunk shape than the policy
+            predicts, or its mask lets guidance into the policy's padded action dims (and,
+            at a forward, its encoder is on another device than the batch).
     """
     kind = policy_kind(policy)
     if not isinstance(steer, Steer):
         raise ArgumentTypeError(f"steer must be an ate_fast.Steer, got {type(steer).__name__}")
     spec = vae_spec(policy)
+    check_steer_fits(steer, spec)
     inner = _inner(policy, kind)
     patch = PolicyPatch(policy, kind, inner)
     if kind == "diffusion":

@@ -19,7 +19,11 @@ from torch import Tensor
 
 from ate_fast.errors import UnsupportedPolicyError
 from ate_fast.integrations.lerobot.loop import SamplingLoop
+from ate_fast.integrations.lerobot.not_copyable import NotCopyable
+from ate_fast.integrations.lerobot.steer_fit import check_steer_device
 from ate_fast.sampling import FlowSampler
+
+_MISSING = object()
 
 
 def flow_sampler(model: Any) -> FlowSampler:
@@ -100,16 +104,26 @@ def capturable_embed_suffix(model: Any) -> Callable[..., tuple[Tensor, Tensor, T
     return embed_suffix
 
 
-class VelocityTap:
-    """A forward hook on ``action_out_proj`` keeping its latest output: the velocity
-    ``v_t`` of ``VLAFlowMatching.forward``, which returns only the MSE."""
+class VelocityTap(NotCopyable):
+    """Keeps the latest output of ``action_out_proj``: the velocity ``v_t`` of
+    ``VLAFlowMatching.forward``, which returns only the MSE.
+
+    An instance-attribute ``forward`` on the layer, not a forward hook: ``torch.compile``
+    ignores hooks added after it traced the module (its default
+    ``skip_nnmodule_hook_guards``), so a policy compiled and run before ``steer_policy``
+    never called the hook; a changed ``forward`` attribute makes it trace again.
+    """
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.value: Optional[Tensor] = None
-        self.handle = module.register_forward_hook(self._hook)
+        self.module = module
+        self._saved = module.__dict__.get("forward", _MISSING)
+        self.original = module.forward  # the class's (or an instance attribute's), bound
+        object.__setattr__(module, "forward", self)
 
-    def _hook(self, module: torch.nn.Module, inputs: Any, output: Tensor) -> None:
-        self.value = output
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.value = self.original(*args, **kwargs)
+        return self.value
 
     def take(self) -> Tensor:
         value, self.value = self.value, None
@@ -118,7 +132,10 @@ class VelocityTap:
         return value
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self._saved is _MISSING:
+            self.module.__dict__.pop("forward", None)
+        else:
+            object.__setattr__(self.module, "forward", self._saved)
 
 
 def steered_forward(
@@ -143,6 +160,7 @@ def steered_forward(
         noise: Optional[Tensor] = None,
         time: Optional[Tensor] = None,
     ) -> Tensor:
+        check_steer_device(steer, actions)
         if noise is None:
             noise = model.sample_noise(actions.shape, actions.device)
         if time is None:

@@ -12,6 +12,8 @@ import os
 from types import ModuleType
 from typing import Any
 
+from torch import nn
+
 from ate_fast.errors import UnsupportedPolicyError, UnsupportedVersionError
 
 # the LeRobot releases the integration was written and tested against
@@ -49,10 +51,19 @@ def require_lerobot() -> ModuleType:
 
 
 def unwrap(policy: Any) -> Any:
-    """The module under ``torch.compile`` wrappers (``OptimizedModule._orig_mod``)."""
-    while hasattr(policy, "_orig_mod"):
-        policy = policy._orig_mod
-    return policy
+    """The module under the wrappers a training run puts around a policy:
+    ``torch.compile``'s (``OptimizedModule._orig_mod``), ``DistributedDataParallel`` /
+    ``DataParallel``'s (``.module``: what ``accelerator.prepare`` returns on several GPUs)
+    and PEFT's (``PeftModel.get_base_model()``: ``lerobot-train --peft``)."""
+    while True:
+        if hasattr(policy, "_orig_mod"):
+            policy = policy._orig_mod
+        elif isinstance(policy, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            policy = policy.module
+        elif hasattr(policy, "peft_config") and callable(getattr(policy, "get_base_model", None)):
+            policy = policy.get_base_model()
+        else:
+            return policy
 
 
 def policy_kind(policy: Any) -> str:
