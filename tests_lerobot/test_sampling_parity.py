@@ -8,6 +8,7 @@ import torch
 from conftest import relative_error
 from tiny_policies import diffusion_batch, make_tiny_diffusion, smolvla_batch
 
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.integrations.lerobot import patch_policy
 from ate_fast.sampling import CapturedSampler, DiffusionSampler, FlowSampler
 
@@ -185,3 +186,7 @@ def test_latent_guidance_through_patch(smolvla, scale):
         assert relative_error(guided, plain) <= 1e-5
     else:
         assert relative_error(guided, plain) > 1e-3
+    # without the spec's mask the padded dims would be guided: refused
+    with pytest.raises(InvalidArgumentError, match="guidance: has no mask, but the policy"):
+        patch_policy(smolvla, guidance=LatentGuidance(vae, target, scale=scale))
+    assert "sample_actions" not in smolvla.model.__dict__

@@ -22,7 +22,7 @@ from ate_fast.integrations.lerobot.spec import VaeSpec, vae_spec
 from ate_fast.integrations.lerobot.steer_fit import check_steer_fits
 from ate_fast.integrations.lerobot.version import policy_kind, unwrap
 from ate_fast.models.chunk_conv import use_chunk_convs
-from ate_fast.steer import Steer
+from ate_fast.steer import LatentGuidance, Steer
 
 _MISSING = object()
 _MARK = "_ate_fast_patch"
@@ -131,6 +131,8 @@ def patch_policy(
     kind = policy_kind(policy)
     if guidance is not None:
         check_guidance(guidance)
+        if isinstance(guidance, LatentGuidance):  # its VAE must take the policy's chunks
+            check_steer_fits(guidance, vae_spec(policy), "guidance")
     if not isinstance(capture, bool):
         raise ArgumentTypeError(f"capture must be a bool, got {type(capture).__name__}")
     inner = _inner(policy, kind)

@@ -29,13 +29,14 @@ def _vae_shape(source: Any) -> Optional[tuple[int, int]]:
     return None
 
 
-def check_steer_fits(steer: Any, spec: VaeSpec) -> None:
-    """Refuse a Steer whose VAE takes other chunks than the policy predicts, or whose mask
-    lets guidance into the policy's padded action dims (none given, or nonzero past D_r)."""
+def check_steer_fits(steer: Any, spec: VaeSpec, name: str = "steer") -> None:
+    """Refuse a Steer (or a ``LatentGuidance``, named ``name``) whose VAE takes other chunks
+    than the policy predicts, or whose mask lets guidance into the policy's padded action
+    dims (none given, or nonzero past D_r)."""
     shape = _vae_shape(steer.encoder.source)
     if shape is not None and shape != (spec.horizon, spec.action_dim):
         raise InvalidArgumentError(
-            f"steer: its VAE takes chunks [B, H, D] = [B, {shape[0]}, {shape[1]}], the "
+            f"{name}: its VAE takes chunks [B, H, D] = [B, {shape[0]}, {shape[1]}], the "
             f"{spec.policy_type} policy predicts [B, {spec.horizon}, {spec.action_dim}] "
             "(train the VAEs on vae_spec(policy)'s horizon and action width)"
         )
@@ -45,13 +46,13 @@ def check_steer_fits(steer: Any, spec: VaeSpec) -> None:
     padded = f"the policy pads its {spec.raw_action_dim} action dims to {spec.action_dim}"
     if mask is None:
         raise InvalidArgumentError(
-            f"steer: has no mask, but {padded}: guidance would move the padded dims, which "
-            "the policy's loss keeps; pass mask=vae_spec(policy).mask() to the Steer"
+            f"{name}: has no mask, but {padded}: guidance would move the padded dims, which "
+            f"the policy's loss keeps; pass mask=vae_spec(policy).mask() to the {name}"
         )
     tail = mask.detach().reshape(-1, mask.shape[-1])[:, spec.raw_action_dim :]
     if mask.shape[-1] != spec.action_dim or bool(tail.ne(0).any()):
         raise InvalidArgumentError(
-            f"steer: its mask {tuple(mask.shape)} must be [D = {spec.action_dim}] (or "
+            f"{name}: its mask {tuple(mask.shape)} must be [D = {spec.action_dim}] (or "
             f"[B, D]) and 0 past the robot's dims, as {padded}; use vae_spec(policy).mask()"
         )
 
