@@ -7,9 +7,10 @@ unrolled graphs (and the export time) small; K does not change what is exported 
 
 Diffusion cases give the MLP head ``time_scale=1e-3``: with π0's sinusoidal periods
 (4e-3 … 4) and integer timesteps up to 999, the embedding's angles reach ~1e6 rad, where
-one ulp of the period — which differs between PyTorch's and a constant-folded graph's
-``pow`` — moves sin/cos by ~0.1. That head is then ill-conditioned in float32 whatever
-runs it; the ``time_scale`` field exists for exactly this.
+float32's rounding of the angle alone moves sin/cos by up to 0.06. That head is then
+ill-conditioned in float32 whatever runs it; the ``time_scale`` field exists for exactly
+this. (The frequency table itself is the same in PyTorch and in the graph:
+``test_time_embedding_table_is_torchs_in_the_graph``.)
 
 Flow guidance at t = 1 (where every flow grid starts) multiplies g by c = −1e6 (the
 floored −t/(1−t)): an element of g within κ/1e6 of zero leaves c·g unclamped, and its

@@ -272,6 +272,33 @@ def test_dynamic_batch_and_explicit_noise(export_dir):
     assert relative_error(other, ref) > 1e-3  # the target input is used
 
 
+def test_time_embedding_table_is_torchs_in_the_graph(tmp_path):
+    """The flow transformer (π0's periods, time_scale 1) under a 100-step DDIM: the
+    sinusoidal table was folded in the graph from float32 copies of the periods, up to 2 ulp
+    from PyTorch's, which at timesteps up to 99 put ONNX Runtime 1.8e-4 from PyTorch (its
+    own float64 run: 1.5e-7). Now the graph holds PyTorch's table."""
+    from ate_fast.models.time_embedding import _frequencies
+    from ate_fast.sampling import NoiseSchedule
+
+    torch.manual_seed(0)
+    head = make_head("flow-transformer", "small", horizon=16, action_dim=6).eval()
+    sampler = DiffusionSampler(head, NoiseSchedule("squaredcos_cap_v2", 100), "ddim", 2)
+    gen = torch.Generator().manual_seed(0)
+    noise, cond = torch.randn(1, 16, 6, generator=gen), torch.randn(1, 4, 256, generator=gen)
+    path = to_onnx(sampler, tmp_path / "ft-ddim.onnx", noise, cond)
+    width = head.config.width
+    table = _frequencies(width // 2, head.config.min_period, head.config.max_period, noise)
+    folded = [
+        onnx.numpy_helper.to_array(i).reshape(-1)
+        for i in onnx.load(str(path)).graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) in ((1, width // 2),)
+    ]
+    assert any((torch.from_numpy(f.copy()) == table).all() for f in folded)
+    noise, cond = torch.randn(4, 16, 6, generator=gen), torch.randn(4, 4, 256, generator=gen)
+    out = OnnxRuntimeSampler(path).sample(noise, cond)
+    assert relative_error(out, sampler.sample(noise, cond)) < 2e-6
+
+
 def test_static_batch_graph_at_opset_20(tmp_path):
     sampler = FlowSampler(_mlp(), 2)
     noise, cond = torch.randn(3, 50, 32), torch.randn(3, 8)
