@@ -26,7 +26,7 @@ def test_export_is_registered_without_importing_onnx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     args = build_parser().parse_args(["export", "tensorrt", "p.onnx", "--out", "p.plan"])
-    assert (args.precision, args.min_batch, args.max_batch) == ("fp16", 1, 8)
+    assert (args.precision, args.min_batch, args.max_batch) == ("fp16", 1, None)  # 8 or less
 
 
 def test_export_onnx_guided_from_checkpoints(tmp_path, capsys):
@@ -98,5 +98,44 @@ def test_export_onnx_a_vlm_kv_cache_with_its_mask(tmp_path, capsys):
     sig = read_signature(out)
     assert sig.cond_names == ["cond.keys.0", "cond.values.0", "cond.mask"]
     assert sig.cond_shapes == [[1, 6, 64], [1, 6, 64], [6]]
-    assert main(["export", "onnx", *head, "--cond-as", "kv-cache"]) == 2
+    assert main(["export", "onnx", *head, "--cond-as", "kv-cache", "--overwrite"]) == 2
     assert "--cond-as kv-cache needs --cond-len" in capsys.readouterr().err
+
+
+def test_export_out_is_not_replaced_without_overwrite(tmp_path, capsys):
+    """An existing --out was replaced without a word (the align commands refuse that), and
+    a directory as --out failed naming an internal staging path; both before any work."""
+    out = tmp_path / "p.onnx"
+    argv = ["export", "onnx", *HEAD_ARGS, "--random-init", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    before = out.read_bytes()
+    assert main(argv) == 2
+    assert f"--out {out}: exists (pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main([*argv, "--overwrite"]) == 0
+    assert main([*argv[:-1], str(tmp_path)]) == 2
+    assert "is a directory; expected the file to write" in capsys.readouterr().err
+    plan = tmp_path / "p.plan"
+    plan.write_bytes(b"earlier engine")
+    assert main(["export", "tensorrt", str(out), "--out", str(plan)]) == 2
+    assert f"--out {plan}: exists" in capsys.readouterr().err
+
+
+def test_max_batch_is_recorded_and_bounds_verify_and_tensorrt(tmp_path, capsys, monkeypatch):
+    """--max-batch was neither recorded nor enforced: a graph exported for batches up to 4
+    ran at 9, --verify checked batch 8, and the TensorRT build's profile went to 8."""
+    from ate_fast.export import to_tensorrt
+
+    out = tmp_path / "p.onnx"
+    argv = ["export", "onnx", *HEAD_ARGS, "--random-init", "--steps", "2", "--out", str(out),
+            "--max-batch", "4", "--verify"]  # fmt: skip
+    assert main(argv) == 0
+    assert "batch 4: max relative error" in capsys.readouterr().out
+    assert read_signature(out).max_batch == 4
+    runner = OnnxRuntimeSampler(out)
+    runner.sample(torch.randn(4, 8, 4))
+    with pytest.raises(ValueError, match="exported for batches up to max_batch = 4"):
+        runner.sample(torch.randn(5, 8, 4))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # refused before TensorRT is needed
+    with pytest.raises(ValueError, match="max_batch: 8 is more than the graph's max_batch 4"):
+        to_tensorrt(out, tmp_path / "p.plan", max_batch=8)

@@ -335,6 +335,56 @@ def test_runner_argument_errors(export_dir):
         runner.sample(noise, cond, guidance, step_noise=torch.zeros(1, *noise.shape))
 
 
+def test_runner_providers_and_mask_dtype(export_dir, tmp_path):
+    """A providers string was split into characters; a provider this onnxruntime lacks ran
+    the graph on the CPU with a log line only; an int cond.mask gave ONNX Runtime's bare
+    'expected tensor(bool)' (TensorRT's runner cast it)."""
+    path, _, _ = exported("euler-guided", export_dir)
+    with pytest.raises(TypeError, match="providers must be a sequence of provider names"):
+        OnnxRuntimeSampler(path, providers="CPUExecutionProvider")
+    with pytest.raises(ValueError, match=r"providers: \['NoSuchExecutionProvider'\] not in"):
+        OnnxRuntimeSampler(path, providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    torch.manual_seed(0)
+    head = make_head("flow-transformer", "small", horizon=8, action_dim=4, depth=1).eval()
+    with torch.no_grad():
+        cache = head.prefix_cache(torch.randn(2, 5, 256), torch.ones(2, 5, dtype=torch.bool))
+    sampler = FlowSampler(head, 2)
+    kv = to_onnx(sampler, tmp_path / "kv.onnx", torch.randn(2, 8, 4), cache)
+    with pytest.raises(ValueError, match=r"cond.mask must be a bool tensor \[B, L\]"):
+        OnnxRuntimeSampler(kv).sample(torch.randn(2, 8, 4), cache._replace(mask=cache.mask.long()))
+
+
+def test_runner_feeds_skip_the_finite_checks_on_request(export_dir):
+    """TensorRTSampler(check_finite=False) passes finite=False: the NaN/inf checks (a host
+    sync per input tensor on a GPU) are skipped, the structural ones kept."""
+    from ate_fast.errors import NonFiniteError
+    from ate_fast.export.onnxruntime_runner import runner_feeds
+
+    path, _, guidance = exported("euler-guided", export_dir)
+    signature = read_signature(path)
+    noise, cond = example_inputs(ALL_CASES["euler-guided"], 2)
+    noise[0, 0, 0] = float("nan")
+    kwargs = dict(target=None, step_noise=None, prev_chunk=None, delay=None)
+    with pytest.raises(NonFiniteError, match="noise contains NaN"):
+        runner_feeds(signature, noise, cond, guidance, None, **kwargs)
+    feeds = runner_feeds(signature, noise, cond, guidance, None, **kwargs, finite=False)
+    assert feeds["noise"] is noise
+    with pytest.raises(ValueError, match=r"noise must have shape \[B, 50, 32\]"):
+        runner_feeds(signature, noise[:, :3], cond, guidance, None, **kwargs, finite=False)
+
+
+def test_export_leaves_the_global_rng_alone(tmp_path):
+    """The example step noise of a stochastic sampler's export came from torch's global RNG,
+    so exporting changed the caller's later draws."""
+    from ate_fast.sampling import NoiseSchedule
+
+    sampler = DiffusionSampler(_mlp(), NoiseSchedule("squaredcos_cap_v2", 100), "ddpm", 2)
+    state = torch.get_rng_state()
+    to_onnx(sampler, tmp_path / "ddpm.onnx", torch.zeros(1, 50, 32), torch.zeros(1, 8))
+    assert read_signature(tmp_path / "ddpm.onnx").step_noise_draws > 0
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 class UsesGuidedStep(nn.Module):
     """A model function that calls ate_fast's custom op itself."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+from pathlib import Path
 from typing import Any
 
 from ate_fast.cli_errors import CommandLineError, flag_of, with_flag_names
@@ -109,6 +110,7 @@ def _guidance_arguments(g: Any) -> None:
 
 def _graph_arguments(g: Any) -> None:
     g.add_argument("--out", required=True, help="the .onnx file to write")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     g.add_argument("--batch", type=int, default=1, help="example batch")
     g.add_argument("--static-batch", action="store_true", help="fix the batch to --batch")
     g.add_argument("--max-batch", type=int, default=1 << 16, help="dynamic batch upper bound")
@@ -140,11 +142,15 @@ def _register_tensorrt(sub: Any) -> None:
     )
     t.add_argument("onnx", help="the .onnx file from `ate-fast export onnx`")
     t.add_argument("--out", required=True, help="the engine (.plan) to write")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     t.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
     t.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace, GiB")
     t.add_argument("--min-batch", type=int, default=1)
     t.add_argument("--opt-batch", type=int, help="default: --min-batch")
-    t.add_argument("--max-batch", type=int, default=8)
+    t.add_argument(
+        "--max-batch", type=int,
+        help="default: 8, or the graph's --max-batch when smaller (it may not exceed it)",
+    )  # fmt: skip
     t.add_argument(
         "--strongly-typed", action="store_true",
         help="TensorRT 10: build strongly typed from a cast graph (always so on TensorRT 11)",
@@ -155,6 +161,16 @@ def _register_tensorrt(sub: Any) -> None:
 
 
 # --- handlers (heavy imports live here) -----------------------------------------------
+def _check_out(out: str, overwrite: bool) -> None:
+    """``--out`` must name a file: not a directory, nor an existing file unless
+    ``--overwrite`` (the export would replace it without a word)."""
+    path = Path(out)
+    if path.is_dir():
+        raise CommandLineError(f"--out {out}: is a directory; expected the file to write")
+    if path.exists() and not overwrite:
+        raise CommandLineError(f"--out {out}: exists (pass --overwrite to replace it)")
+
+
 def _torch_load(path: str, flag: str) -> Any:
     import pickle
 
@@ -370,6 +386,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
         to_onnx,
     )
 
+    _check_out(args.out, args.overwrite)  # before loading and tracing
     if not args.ckpt and not args.random_init:
         raise CommandLineError("give --ckpt (the head's weights) or --random-init")
     if args.ckpt and args.random_init:
@@ -397,7 +414,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
         return 0
     runner = OnnxRuntimeSampler(path)
     worst = 0.0
-    for batch in (args.batch,) if args.static_batch else (1, 8):
+    for batch in (args.batch,) if args.static_batch else (1, min(8, args.max_batch)):
         noise = torch.randn(batch, cfg.horizon, cfg.action_dim, generator=gen)
         cond = _example_cond(head, batch, args, gen)
         seed = int(torch.randint(1 << 30, (1,), generator=gen))
@@ -416,6 +433,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 def _cmd_tensorrt(args: argparse.Namespace) -> int:
     from ate_fast.export import TensorRTUnavailableError, to_tensorrt
 
+    _check_out(args.out, args.overwrite)
     try:
         path = to_tensorrt(
             args.onnx, args.out, args.precision, args.workspace_gb, args.min_batch,

@@ -245,7 +245,10 @@ def to_onnx(
     program = _trace(graph, inputs, names, dynamic_batch, max_batch)
     model = _translate(program, names, opset, dynamic_batch)
     signature = _signature(graph, sampler, example_noise, leaves, guidance, target_input)
-    signature = replace(signature, dynamic_batch=dynamic_batch, opset=opset)
+    signature = replace(
+        signature, dynamic_batch=dynamic_batch, opset=opset,
+        max_batch=max_batch if dynamic_batch else None,
+    )  # fmt: skip
     prop = model.metadata_props.add()
     prop.key, prop.value = METADATA_KEY, signature.to_json()
     model.producer_name = "ate_fast.export"
@@ -337,7 +340,8 @@ def _trace_inputs(
         names += [PREV_CHUNK, DELAY]
     if graph.step_noise_draws:
         shape = (graph.step_noise_draws, trace_batch, *example_noise.shape[1:])
-        inputs.append(torch.randn(shape, device=example_noise.device))
+        draws = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # not the
+        inputs.append(draws.to(example_noise.device))  # caller's global RNG
         names.append(STEP_NOISE)
     return inputs, names
 

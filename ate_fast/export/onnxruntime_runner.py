@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.export.signature import ACTIONS, GraphSignature
 from ate_fast.sampling.inputs import check_cond, check_finite, check_noise
@@ -93,30 +94,37 @@ def runner_feeds(
     step_noise: Optional[Tensor],
     prev_chunk: Optional[Tensor],
     delay: Optional[Tensor],
+    finite: bool = True,
 ) -> dict[str, Tensor]:
     """One runner call's graph inputs (both runners): the guidance's target or RTC prefix
     unless given, checked as ``Sampler.sample()`` checks its own (errors name the
-    argument)."""
+    argument); ``finite=False`` skips the NaN/inf checks (a host sync per tensor)."""
     target = guidance_target(signature, guidance, target)
     prev_chunk, delay = prefix_inputs(signature, guidance, prev_chunk, delay)
     feeds = signature.feeds(
         noise, cond, target, step_noise, generator, prev_chunk=prev_chunk, delay=delay
     )
-    check_runner_inputs(noise, cond, target, step_noise)
-    if prev_chunk is not None:
+    check_runner_inputs(noise, cond, target, step_noise, finite)
+    if prev_chunk is not None and finite:
         check_finite("prev_chunk", prev_chunk)
     return feeds
 
 
 def check_runner_inputs(
-    noise: object, cond: Any, target: Optional[Tensor], step_noise: Optional[Tensor]
+    noise: object,
+    cond: Any,
+    target: Optional[Tensor],
+    step_noise: Optional[Tensor],
+    finite: bool = True,
 ) -> None:
     """The checks ``Sampler.sample()`` makes, made by the exported-graph runners too:
     ``noise`` a floating ``[B, H, D]`` tensor with B ≥ 1 (batch 0 raises
     :class:`~ate_fast.errors.InvalidArgumentError`, as in ``sample()``), no NaN/inf in
     ``noise``, ``cond``, ``target`` or ``step_noise``
-    (:class:`~ate_fast.errors.NonFiniteError` naming the argument)."""
-    check_noise(noise)
+    (:class:`~ate_fast.errors.NonFiniteError` naming the argument; unless ``finite=False``)."""
+    check_noise(noise, finite)
+    if not finite:
+        return
     check_cond(cond)
     for name, t in (("target", target), ("step_noise", step_noise)):
         if isinstance(t, Tensor):
@@ -169,12 +177,21 @@ class OnnxRuntimeSampler:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"path: no ONNX file at {self.path}")
+        providers = _check_providers(providers, ort.get_available_providers())
         model = onnx.load(str(self.path), load_external_data=False)
         self.signature = GraphSignature.from_model(model, str(self.path))
         options = ort.SessionOptions()
         if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
+            options.intra_op_num_threads = check_int("threads", threads, 1)
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        # a provider that is built in but fails to start (its CUDA libraries missing) is
+        # dropped by ONNX Runtime with a log line only: the graph would run on the CPU
+        dropped = [p for p in providers if p not in self.session.get_providers()]
+        if dropped:
+            raise InvalidArgumentError(
+                f"providers: {dropped} could not start (ONNX Runtime runs this graph with "
+                f"{self.session.get_providers()} only); see ONNX Runtime's log above"
+            )
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeSampler({str(self.path)!r}, {self.signature.sampler})"
@@ -212,6 +229,23 @@ class OnnxRuntimeSampler:
         arrays = {name: _numpy(name, t) for name, t in feeds.items()}
         (actions,) = self.session.run([ACTIONS], arrays)
         return torch.from_numpy(actions)
+
+
+def _check_providers(providers: Any, available: Sequence[str]) -> list[str]:
+    """``providers`` as a list, each one this onnxruntime build has."""
+    if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+        raise ArgumentTypeError(
+            "providers must be a sequence of provider names, e.g. "
+            f"('CUDAExecutionProvider', 'CPUExecutionProvider'); got {providers!r}"
+        )
+    providers = list(providers)
+    missing = [p for p in providers if p not in available]
+    if not providers or missing:
+        raise InvalidArgumentError(
+            f"providers: {missing or 'none given'} not in this onnxruntime build, which has "
+            f"{list(available)} (onnxruntime-gpu has CUDA and TensorRT)"
+        )
+    return providers
 
 
 def _numpy(name: str, t: Tensor) -> np.ndarray:

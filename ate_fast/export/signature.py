@@ -165,6 +165,8 @@ class GraphSignature:
         prefix_inputs: the graph has the ``prev_chunk`` and ``delay`` inputs (RTC).
         step_noise_draws: N, the number of step-noise draws (0: no ``step_noise`` input).
         dynamic_batch: B is symbolic; else ``batch`` is the only batch size.
+        max_batch: the largest B a dynamic graph declares (None: not recorded, a graph
+            from an older ate_fast).
         batch: the example batch (the graph's static batch when not dynamic).
         sampler, guidance: ``repr`` of the sampler; the guidance's settings or None.
         num_steps, opset, ate_fast_version: recorded for the reader.
@@ -188,6 +190,7 @@ class GraphSignature:
     ate_fast_version: str = ""
     guidance_known: bool = True
     prefix_inputs: bool = False
+    max_batch: Optional[int] = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -292,12 +295,21 @@ class GraphSignature:
                 f"noise has batch {batch} but the graph was exported for batch {self.batch} "
                 "only (export with dynamic_batch=True for others)"
             )
+        if self.dynamic_batch and self.max_batch is not None and batch > self.max_batch:
+            raise ValueError(
+                f"noise has batch {batch} but the graph was exported for batches up to "
+                f"max_batch = {self.max_batch} (export with a larger max_batch)"
+            )
         feeds = {NOISE: noise}
         for (name, tensor), shape in zip(self._cond_leaves(cond), self.cond_shapes):
             if tensor.ndim == 0 or tensor.shape[0] != batch or list(tensor.shape[1:]) != shape:
                 raise ValueError(
                     f"{name} must have shape [B, {', '.join(map(str, shape))}] with B = {batch}, "
                     f"got {tuple(tensor.shape)}"
+                )
+            if name == f"{COND}.mask" and tensor.dtype != torch.bool:
+                raise ValueError(  # ONNX Runtime named only its tensor(bool); TensorRT cast
+                    f"{name} must be a bool tensor [B, L] (True: a real token), got {tensor.dtype}"
                 )
             feeds[name] = tensor
         if self.target_dim is not None:

@@ -181,7 +181,7 @@ def to_tensorrt(
     workspace_gb: float = 4.0,
     min_batch: int = 1,
     opt_batch: Optional[int] = None,
-    max_batch: int = 8,
+    max_batch: Optional[int] = None,
     *,
     strongly_typed: Optional[bool] = None,
     builder_optimization_level: Optional[int] = None,
@@ -196,8 +196,9 @@ def to_tensorrt(
             each TensorRT generation applies it).
         workspace_gb: the builder's workspace memory-pool limit, GiB.
         min_batch, opt_batch, max_batch: the optimisation profile of the dynamic batch
-            (``opt_batch`` defaults to ``min_batch``: control-rate inference is batch 1).
-            Ignored for a static-batch graph.
+            (``opt_batch`` defaults to ``min_batch``: control-rate inference is batch 1;
+            ``max_batch`` to 8, or the graph's own ``max_batch`` when smaller, which it
+            may not exceed). Ignored for a static-batch graph.
         strongly_typed: None: TensorRT 10 weak typing with builder flags, TensorRT 11
             strong typing; True: strong typing on 10.x too.
         builder_optimization_level: TensorRT's 0..5 (None: its default, 3).
@@ -207,18 +208,27 @@ def to_tensorrt(
         ``engine_path``. Raises :class:`TensorRTUnavailableError` where ``tensorrt``
         cannot be imported, :class:`TensorRTBuildError` when parsing or building fails.
     """
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    opt = min_batch if opt_batch is None else opt_batch
-    _check_build_arguments(onnx_path, precision, workspace_gb, (min_batch, opt, max_batch))
-    trt = import_tensorrt()
-    plan = build_plan(parse_version(trt.__version__), precision, strongly_typed)
-
     import onnx
 
-    model = onnx.load(str(onnx_path))
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"onnx_path: no ONNX file at {onnx_path}")
+    # the metadata only: the weights (1.26 GB for the π0 expert) load when the graph is cast
+    model = onnx.load(str(onnx_path), load_external_data=False)
     signature = next((p.value for p in model.metadata_props if p.key == "ate_fast"), None)
+    graph_max = json.loads(signature).get("max_batch") if signature else None
+    max_batch = min(8, graph_max or 8) if max_batch is None else max_batch
+    opt = min_batch if opt_batch is None else opt_batch
+    _check_build_arguments(onnx_path, precision, workspace_gb, (min_batch, opt, max_batch))
+    if graph_max is not None and max_batch > graph_max:
+        raise ValueError(
+            f"max_batch: {max_batch} is more than the graph's max_batch {graph_max} (the "
+            "batch range it was exported for); export with a larger max_batch"
+        )
+    trt = import_tensorrt()
+    plan = build_plan(parse_version(trt.__version__), precision, strongly_typed)
     if plan.cast_precision is not None:
-        model = cast_for_precision(model, plan.cast_precision)
+        model = cast_for_precision(onnx.load(str(onnx_path)), plan.cast_precision)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = _parse(trt, builder, logger, plan, model, onnx_path)

@@ -2,7 +2,9 @@
 
 One call binds torch tensors by address (``set_input_shape`` / ``set_tensor_address``)
 and enqueues the engine with ``execute_async_v3`` on torch's current CUDA stream, so it
-orders with the surrounding torch work without a synchronisation. With
+orders with the surrounding torch work without a synchronisation of its own — but the
+inputs' NaN/inf checks (one host sync per input tensor, a π0 KV cache's every block
+included) run unless ``check_finite=False``, as a control loop at rate wants. With
 ``cuda_graph=True`` the engine call is captured once per input shape into a CUDA graph
 (after one plain call, as TensorRT requires) and replayed; inputs are copied into the
 graph's static buffers and the returned tensor is the graph's output buffer, reused by
@@ -57,6 +59,8 @@ class TensorRTSampler:
         engine_path: the ``.plan`` file (its ``.plan.json`` record is read if present).
         device: the CUDA device (default: the current one).
         cuda_graph: capture the engine call in a CUDA graph per input shape and replay it.
+        check_finite: check the inputs for NaN/inf each call (a host sync per input);
+            False in a control loop whose inputs are known finite.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class TensorRTSampler:
         engine_path: PathLike,
         device: Optional[Union[str, torch.device]] = None,
         cuda_graph: bool = False,
+        check_finite: bool = True,
     ) -> None:
         trt = import_tensorrt()
         self._trt = trt
@@ -80,6 +85,11 @@ class TensorRTSampler:
         if not isinstance(cuda_graph, bool):
             raise ArgumentTypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         self.cuda_graph = cuda_graph
+        if not isinstance(check_finite, bool):
+            raise ArgumentTypeError(
+                f"check_finite must be a bool, got {type(check_finite).__name__}"
+            )
+        self.check_finite = check_finite
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
             self._runtime = trt.Runtime(self._logger)
@@ -114,7 +124,8 @@ class TensorRTSampler:
                 f"{sidecar_path(self.path)} describes inputs {self.signature.input_names} but the "
                 f"engine has {derived.input_names}: the record belongs to another engine"
             )
-        self._context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):
+            self._context = self.engine.create_execution_context()
         self._graphs: dict[tuple, tuple] = {}
 
     def _read_record(self) -> Optional[dict]:
@@ -192,13 +203,15 @@ class TensorRTSampler:
         feeds = runner_feeds(
             self.signature, noise, cond, guidance, generator, target=target,
             step_noise=step_noise, prev_chunk=prev_chunk, delay=delay,
+            finite=self.check_finite,
         )  # fmt: skip
         feeds = self._prepared(feeds)
-        if self.cuda_graph:
-            return self._replay(feeds)
-        out = self._bind(self._context, feeds)
-        self._enqueue(self._context, torch.cuda.current_stream(self.device))
-        return out
+        with torch.cuda.device(self.device):  # contexts and launches on the engine's GPU
+            if self.cuda_graph:
+                return self._replay(feeds)
+            out = self._bind(self._context, feeds)
+            self._enqueue(self._context, torch.cuda.current_stream(self.device))
+            return out
 
     def _replay(self, feeds: dict[str, Tensor]) -> Tensor:
         key = tuple((name, tuple(t.shape)) for name, t in feeds.items())

@@ -19,8 +19,9 @@ from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteEr
 DATA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_noise(noise: object) -> Tensor:
-    """``noise`` must be a finite floating ``[B, H, D]`` tensor with B ≥ 1."""
+def check_noise(noise: object, finite: bool = True) -> Tensor:
+    """``noise`` must be a floating ``[B, H, D]`` tensor with B ≥ 1, finite unless
+    ``finite=False`` (its check is a host sync)."""
     if not isinstance(noise, Tensor):
         raise ArgumentTypeError(
             f"noise must be a torch.Tensor [B, H, D], got {type(noise).__name__}"
@@ -33,7 +34,8 @@ def check_noise(noise: object) -> Tensor:
         raise ArgumentTypeError(
             f"noise must be float32, float64, float16 or bfloat16, got {noise.dtype}"
         )
-    check_finite("noise", noise)
+    if finite:
+        check_finite("noise", noise)
     return noise
 
 
