@@ -213,7 +213,13 @@ def cpu_main(args: argparse.Namespace) -> int:
     else:
         bench_path = Path(args.json)
     if not bench_path.exists():
-        print(f"ci_gate: {bench_path} was not written; {bench_error or ''}", file=sys.stderr)
+        message = f"ci_gate: {bench_path} was not written; {bench_error or ''}"
+        print(message, file=sys.stderr)
+        # an earlier run's ci-latest.md would read as this run's result (the .json stays:
+        # the next run's "previous run" column)
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "ci-latest.md").write_text(f"# CPU latency gate: FAILED\n\n{message}\n")
         return 1
     bench = load_json(bench_path)
     cases = cpu_cases(bench)

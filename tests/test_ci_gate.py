@@ -190,6 +190,10 @@ def test_cpu_cli_writes_reports_and_fails_on_regression(tmp_path):
     md = (tmp_path / "ci-latest.md").read_text()
     assert "FAILED" in md and "**REGRESSION**" in md
     assert "2.000 (-40 %)" in md  # against the previous run's ci-latest.json (and recorded)
+    # a run that wrote no benchmark JSON left the earlier run's report as the latest
+    assert gate.main([*args, str(tmp_path / "missing.json")]) == 1
+    md = (tmp_path / "ci-latest.md").read_text()
+    assert md.startswith("# CPU latency gate: FAILED") and "missing.json was not written" in md
 
 
 def test_thresholds_sit_between_measured_and_regressed_ratios():
