@@ -289,3 +289,6 @@ def test_resume_refuses_another_configs_runs(tmp_path):
     check_resumable(quick)  # its own runs: fine
     with pytest.raises(ValueError, match="made by the config 'quick', not 'ablation'"):
         check_resumable(ResultCache(CONFIGS["ablation"], tmp_path, tmp_path / "cache"))
+    (quick.runs / "flow-linear-n5-s1-direct.json").write_text('{"config": "qu')  # cut short
+    with pytest.raises(ValueError, match=r"s1-direct\.json is no complete run record"):
+        check_resumable(quick)

@@ -59,7 +59,10 @@ def check_resumable(store: ResultCache) -> None:
     config only)."""
     cfg = {k: v for k, v in store.cfg.to_dict().items() if k not in _NOT_RESULT_SETTINGS}
     for path in sorted(store.runs.glob("*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as exc:  # runs are written atomically: edited or damaged by hand
+            raise ValueError(f"out_dir: {path} is no complete run record ({exc})") from exc
         made_by = record.get("config")
         if made_by is not None and made_by != store.cfg.name:
             raise ValueError(
