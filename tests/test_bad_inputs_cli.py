@@ -222,7 +222,9 @@ def test_files_are_told_by_content(files, tmp_path):
 
 def test_a_flat_npz_warns_that_it_is_one_episode(tmp_path):
     np.savez(tmp_path / "flat.npz", actions=np.zeros((30, 2)))
-    with pytest.warns(UserWarning, match=r"flat\.npz: .* read as ONE episode .*'episode_ends'"):
+    with pytest.warns(
+        UserWarning, match=r"flat\.npz:actions: the array .* read as ONE episode .*'episode_ends'"
+    ):
         assert len(read_episodes(tmp_path / "flat.npz")) == 1
     np.savez(tmp_path / "ends.npz", actions=np.zeros((30, 2)), episode_ends=np.array([10, 30]))
     with warnings.catch_warnings():

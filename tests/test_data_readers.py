@@ -224,6 +224,7 @@ def test_lerobot_data_folder_itself_and_float32_kept(tmp_path, episodes):
     _same(read_episodes(root / "data"), episodes)
     read = read_episodes(root)
     assert all(e.actions.dtype == np.float32 for e in read)
+    assert all(e.actions.flags.writeable for e in read)  # not views of Arrow's buffers
 
 
 def test_filter_key_applies_to_robomimic_only(tmp_path, episodes):
@@ -275,3 +276,8 @@ def test_flat_npy_warns_unless_one_file_per_episode(tmp_path, episodes):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SingleEpisodeWarning)
         _same(read_episodes(folder), episodes)
+    # the warning is the caller's, filterable by category and module as any other
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_episodes(tmp_path / "log.npy")
+    assert [w.filename for w in caught] == [__file__]

@@ -344,6 +344,7 @@ def test_runner_providers_and_mask_dtype(export_dir, tmp_path):
         OnnxRuntimeSampler(path, providers="CPUExecutionProvider")
     with pytest.raises(ValueError, match=r"providers: \['NoSuchExecutionProvider'\] not in"):
         OnnxRuntimeSampler(path, providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    OnnxRuntimeSampler(path, providers=[("CPUExecutionProvider", {})])  # ORT's options form
     torch.manual_seed(0)
     head = make_head("flow-transformer", "small", horizon=8, action_dim=4, depth=1).eval()
     with torch.no_grad():

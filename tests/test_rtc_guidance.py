@@ -349,6 +349,8 @@ def test_a_refused_first_prefix_leaves_no_prefix(policy, inputs, make):
     with pytest.raises(InvalidArgumentError, match="delay"):
         prefix.set_prefix(prev, 11)
     assert prefix.prev_chunk is None
+    with pytest.raises(InvalidArgumentError, match="call set_prefix"):
+        prefix.clear_prefix()  # nothing to clear: it was accepted, then sampling refused
     flow = ate_fast.FlowSampler(policy, num_steps=3)
     key = "guidance" if isinstance(prefix, RTCGuidance) else "inpainting"
     with torch.no_grad(), pytest.raises(InvalidArgumentError, match="call set_prefix"):

@@ -140,6 +140,8 @@ def test_steer_must_fit_the_policy(smolvla):
     vae = _vae(smolvla)
     with pytest.raises(InvalidArgumentError, match="has no mask, but the policy pads its"):
         steer_policy(smolvla, Steer(vae))
+    with pytest.raises(InvalidArgumentError, match=r"must be \[D = 32\]"):
+        steer_policy(smolvla, Steer(vae, mask=torch.tensor(1.0)))  # was a bare IndexError
     open_mask = torch.ones(spec.action_dim)
     with pytest.raises(InvalidArgumentError, match="0 past the robot's dims"):
         steer_policy(smolvla, Steer(vae, mask=open_mask))

@@ -17,10 +17,13 @@ from ate_fast.data.errors import DataFormatError
 
 @dataclass(frozen=True)
 class Episode:
-    """One demonstration: ``actions`` is ``[T, D_r]`` float32; ``name`` says where it came from."""
+    """One demonstration: ``actions`` is ``[T, D_r]`` float32; ``name`` says where it came
+    from; ``unmarked``: a file's flat array without episode markers, read as this one
+    episode (it may hold several)."""
 
     name: str
     actions: np.ndarray
+    unmarked: bool = False
 
     @property
     def length(self) -> int:

@@ -122,9 +122,12 @@ def read_lerobot(path: Path, key: Optional[str] = None) -> list[Episode]:
     if len(widths) > 1:
         raise DataFormatError(f"{path}: files disagree on the width of {key!r}: {sorted(widths)}")
     _check_frame_count(path, sum(len(a) for a in actions))
+    merged = actions[0] if len(actions) == 1 else np.concatenate(actions)
+    if not merged.flags.writeable:  # a view of Arrow's buffer: the episodes own their data
+        merged = merged.copy()
     return split_by_episode_index(
         f"{path}:{key}",
-        actions[0] if len(actions) == 1 else np.concatenate(actions),
+        merged,
         np.concatenate(episode_index),
         np.concatenate(frame_index) if has_frames else None,
     )

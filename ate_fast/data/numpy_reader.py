@@ -1,20 +1,20 @@
 """``.npy`` and ``.npz`` action files.
 
-- ``.npy``: one episode ``[T, D]`` (a :class:`SingleEpisodeWarning` says so, as for an
-  ``.npz`` below) or ``N`` equal-length episodes ``[N, T, D]``.
+- ``.npy``: one episode ``[T, D]`` (unmarked, as a flat ``.npz`` array below) or ``N``
+  equal-length episodes ``[N, T, D]``.
 - ``.npz``: the action array under ``key`` (default: ``actions`` or ``action``), either
   ``[N, T, D]`` or ``[T, D]`` (``[T]``: D = 1). A ``[T, D]`` array is split into episodes by an
   ``episode_ends`` array (cumulative ends, Diffusion Policy's replay-buffer convention)
   or a per-step ``episode_index`` array (LeRobot's convention) when the file has one;
-  otherwise it is a single episode, and a :class:`SingleEpisodeWarning` says so (chunks
-  would cross the boundaries of the episodes it may hold) when it is all the data
-  :func:`~ate_fast.data.read_episodes` reads: a folder or list of files, one per episode,
-  is that layout.
+  otherwise it is a single episode, marked ``unmarked``: :func:`~ate_fast.data.read_episodes`
+  gives a :class:`SingleEpisodeWarning` when it is all the data read (chunks would cross
+  the boundaries of the episodes it may hold; a folder or list of files, one per episode,
+  is the normal layout and gives none).
 """
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +26,7 @@ from ate_fast.data.episodes import (
     split_by_episode_ends,
     split_by_episode_index,
 )
-from ate_fast.data.errors import DataFormatError, SingleEpisodeWarning
+from ate_fast.data.errors import DataFormatError
 
 DEFAULT_NPZ_KEYS = ("actions", "action")
 
@@ -34,8 +34,8 @@ DEFAULT_NPZ_KEYS = ("actions", "action")
 def _episodes_from_array(name: str, arr: np.ndarray) -> list[Episode]:
     if arr.ndim == 3:
         return [make_episode(f"{name}[{i}]", arr[i]) for i in range(arr.shape[0])]
-    if arr.ndim in (1, 2):
-        return [make_episode(name, arr)]
+    if arr.ndim in (1, 2):  # no episode markers: one episode (read_episodes may warn)
+        return [replace(make_episode(name, arr), unmarked=True)]
     raise DataFormatError(
         f"{name}: actions must have rank 2 [T, D] or 3 [N, T, D], got shape {tuple(arr.shape)}"
     )
@@ -50,8 +50,6 @@ def read_npy(path: Path) -> list[Episode]:
     if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive as well
         arr.close()
         raise DataFormatError(f"{path}: an .npz archive, not an .npy array (use --format npz)")
-    if arr.ndim == 2:
-        warn_single_episode(path, None, arr.shape)
     return _episodes_from_array(str(path), arr)
 
 
@@ -81,27 +79,4 @@ def read_npz(path: Path, key: Optional[str] = None) -> list[Episode]:
         if arr.ndim == 2 and "episode_index" in keys:
             frames = archive["frame_index"] if "frame_index" in keys else None
             return split_by_episode_index(name, arr, archive["episode_index"], frames)
-        if arr.ndim == 2:
-            warn_single_episode(path, key, arr.shape)
         return _episodes_from_array(name, arr)
-
-
-def warn_single_episode(path: Path, key: Optional[str], shape: tuple[int, ...]) -> None:
-    """Warn that a flat ``[T, D]`` array without episode markers (an .npz's ``key``, or an
-    .npy's array when ``key`` is None) is read as one episode."""
-    array = "array" if key is None else f"{key!r} array"
-    markers = (
-        "store the actions as [N, T, D], or in an .npz beside an 'episode_ends' array "
-        "(cumulative end index of each episode)"
-        if key is None
-        else "mark the episodes with an 'episode_ends' array (cumulative end index of each "
-        "episode) or a per-step 'episode_index' array in the same .npz, or store the actions "
-        "as [N, T, D]"
-    )
-    warnings.warn(
-        f"{path}: the {array} {tuple(shape)} has no episode markers, so it is read as ONE "
-        f"episode and action chunks may cross episode boundaries. If it holds several, "
-        f"{markers}.",
-        SingleEpisodeWarning,
-        stacklevel=3,
-    )

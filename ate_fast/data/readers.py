@@ -113,12 +113,17 @@ def read_episodes(
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:
         raise ValueError("path: expected at least one file or directory, got an empty list")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        episodes = [ep for raw in paths for ep in _read_path(Path(raw), format, key, filter_key)]
-    for w in caught:  # a flat array read as one episode matters when it is all there is:
-        # a folder or list of files, one per episode, is that layout
-        if not (issubclass(w.category, SingleEpisodeWarning) and len(episodes) > 1):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    episodes = [ep for raw in paths for ep in _read_path(Path(raw), format, key, filter_key)]
+    if len(episodes) == 1 and episodes[0].unmarked:  # a folder of such files is the layout
+        only = episodes[0]
+        warnings.warn(
+            f"{only.name}: the array {tuple(only.actions.shape)} has no episode markers, so "
+            "it is read as ONE episode and action chunks may cross episode boundaries. If "
+            "it holds several, mark them with an 'episode_ends' array (cumulative end index "
+            "of each episode) or a per-step 'episode_index' array in an .npz, or store the "
+            "actions as [N, T, D].",
+            SingleEpisodeWarning,
+            stacklevel=2,
+        )
     check_consistent_dim(episodes, ", ".join(str(p) for p in paths))
     return episodes

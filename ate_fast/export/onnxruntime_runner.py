@@ -157,7 +157,8 @@ class OnnxRuntimeSampler:
 
     Args:
         path: the ``.onnx`` file from :func:`ate_fast.export.to_onnx`.
-        providers: ONNX Runtime execution providers (default: CPU).
+        providers: ONNX Runtime execution providers, names or (name, options) pairs
+            (default: CPU); each must be in this onnxruntime build and start.
         threads: intra-op threads (None: ONNX Runtime's default).
     """
 
@@ -186,7 +187,7 @@ class OnnxRuntimeSampler:
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         # a provider that is built in but fails to start (its CUDA libraries missing) is
         # dropped by ONNX Runtime with a log line only: the graph would run on the CPU
-        dropped = [p for p in providers if p not in self.session.get_providers()]
+        dropped = [p for p in _names(providers) if p not in self.session.get_providers()]
         if dropped:
             raise InvalidArgumentError(
                 f"providers: {dropped} could not start (ONNX Runtime runs this graph with "
@@ -231,15 +232,27 @@ class OnnxRuntimeSampler:
         return torch.from_numpy(actions)
 
 
-def _check_providers(providers: Any, available: Sequence[str]) -> list[str]:
-    """``providers`` as a list, each one this onnxruntime build has."""
-    if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+def _is_provider(p: Any) -> bool:
+    """A name, or ONNX Runtime's (name, options) pair."""
+    if isinstance(p, str):
+        return True
+    return isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict)
+
+
+def _names(providers: list) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def _check_providers(providers: Any, available: Sequence[str]) -> list:
+    """``providers`` as a list (names, or (name, options) pairs such as
+    ``("CUDAExecutionProvider", {"device_id": 1})``), each one this onnxruntime build has."""
+    if isinstance(providers, str) or not all(_is_provider(p) for p in providers):
         raise ArgumentTypeError(
-            "providers must be a sequence of provider names, e.g. "
+            "providers must be a sequence of provider names or (name, options) pairs, e.g. "
             f"('CUDAExecutionProvider', 'CPUExecutionProvider'); got {providers!r}"
         )
     providers = list(providers)
-    missing = [p for p in providers if p not in available]
+    missing = [p for p in _names(providers) if p not in available]
     if not providers or missing:
         raise InvalidArgumentError(
             f"providers: {missing or 'none given'} not in this onnxruntime build, which has "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -49,9 +50,15 @@ def _frequencies(half: int, min_period: float, max_period: float, t: Tensor) -> 
     sine at π0's periods and diffusion timesteps (angles ~1e5 rad). A traced graph holds
     the table as a constant; eager calls read it from a per-device cache (no host work
     or copy after the first call on a device: capturable)."""
+    if capturing_graph() or type(t) is not Tensor:  # a constant of the traced graph
+        # uncached (dynamo warns on lru_cache); jit.trace's constant warning is this intent
+        table = _host_table.__wrapped__(half, min_period, max_period)
+        if not torch.jit.is_tracing():
+            return torch.tensor(table, dtype=torch.float32, device=t.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return torch.tensor(table, dtype=torch.float32, device=t.device)
     table = _host_table(half, min_period, max_period)
-    if capturing_graph() or type(t) is not Tensor:
-        return torch.tensor(table, dtype=torch.float32, device=t.device)  # a constant
     key = (half, min_period, max_period, t.device)
     cached = _TABLES.get(key)
     if cached is None:

@@ -76,7 +76,7 @@ class PrefixInpainting:
             write_prefix("PrefixInpainting", prev_chunk, delay, y, mask, table, why)
         except Exception:
             if fresh:  # not armed with an empty mask: sampling then says there is no prefix
-                self.prev_chunk = None
+                self.prev_chunk = self.mask = self._table = self._out = None
             raise
 
     def clear_prefix(self) -> None:

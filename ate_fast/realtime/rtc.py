@@ -143,7 +143,7 @@ class RTCGuidance:
             delays = write_prefix("RTCGuidance", prev_chunk, delay, y, w, table, why)
         except Exception:
             if fresh:  # not armed with zero buffers: sampling then says there is no prefix
-                self.prev_chunk = None
+                self.prev_chunk = self.weights = self._table = None
             raise
         self.delays = torch.tensor(delays, dtype=torch.int64)
 

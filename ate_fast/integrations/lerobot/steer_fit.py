@@ -49,8 +49,8 @@ def check_steer_fits(steer: Any, spec: VaeSpec, name: str = "steer") -> None:
             f"{name}: has no mask, but {padded}: guidance would move the padded dims, which "
             f"the policy's loss keeps; pass mask=vae_spec(policy).mask() to the {name}"
         )
-    tail = mask.detach().reshape(-1, mask.shape[-1])[:, spec.raw_action_dim :]
-    if mask.shape[-1] != spec.action_dim or bool(tail.ne(0).any()):
+    shaped = mask.ndim in (1, 2) and mask.shape[-1] == spec.action_dim
+    if not shaped or bool(mask.detach()[..., spec.raw_action_dim :].ne(0).any()):
         raise InvalidArgumentError(
             f"{name}: its mask {tuple(mask.shape)} must be [D = {spec.action_dim}] (or "
             f"[B, D]) and 0 past the robot's dims, as {padded}; use vae_spec(policy).mask()"
