@@ -439,8 +439,9 @@ class FlowTransformerHead(nn.Module):
         a lower precision, which rounds the buffer too)."""
         inv_freq = self.rope_inv_freq
         if inv_freq.dtype != torch.float32:
+            # on ``device``: a host tensor's copy there would fail in a CUDA graph capture
             half = self.config.head_dim // 2
-            exponent = -torch.arange(half, dtype=torch.float32) / half
+            exponent = -torch.arange(half, dtype=torch.float32, device=device) / half
             inv_freq = self.config.rope_base**exponent
         return inv_freq.to(device)
 
