@@ -4,7 +4,9 @@
 
 Reads OUT_DIR/info.json (ate-fast info --json), OUT_DIR/cuda_tests*.xml (pytest junit,
 one per shard),
-OUT_DIR/bench*.json (pytest-benchmark), OUT_DIR/profile_capture.json, OUT_DIR/realsize.json
+OUT_DIR/bench*.json (pytest-benchmark; where one is missing or unreadable, its
+``.partial`` twin, the cases finished before the suite was killed: benchmarks/conftest.py),
+OUT_DIR/profile_capture.json, OUT_DIR/realsize.json
 and realsize.md (bench_realsize.py's report) and OUT_DIR/not_run.txt (what the suite's time
 budget left out) if present; writes OUT_DIR/<date>-<gpu>.json and OUT_DIR/summary.md, and
 prints the summary. ``bench_heads.json`` gets its own table (per case: median per row,
@@ -205,6 +207,26 @@ def _not_run(out_dir: Path) -> list[str]:
         return []
 
 
+def adopt_partials(out_dir: Path) -> list[str]:
+    """Each ``bench*.json.partial`` (benchmarks/conftest.py: the cases finished so far) in
+    place of its ``bench*.json`` where pytest-benchmark wrote none (the suite was killed
+    before its writer ran, or mid-write); one not_run line per adopted file. A partial beside
+    a readable JSON is removed."""
+    notes = []
+    for partial in sorted(out_dir.glob("bench*.json.partial")):
+        whole = partial.with_name(partial.name[: -len(".partial")])
+        if _optional_json(whole) is not None:
+            partial.unlink()
+            continue
+        cases = len((_optional_json(partial) or {}).get("benchmarks", []))
+        partial.replace(whole)
+        notes.append(
+            f"{whole.stem}: killed before pytest-benchmark wrote its JSON; the {cases} cases it "
+            "finished are kept (its .partial file)"
+        )
+    return notes
+
+
 def _gpu_name(info: Optional[dict], realsize: Optional[dict]) -> str:
     """The GPU's name from ``ate-fast info`` (or, where that failed, bench_realsize's report)."""
     if info and info.get("gpus"):
@@ -219,7 +241,7 @@ def main(out_dir: Path) -> None:
     info = _optional_json(out_dir / "info.json")  # None: `ate-fast info` failed
     realsize = _optional_json(out_dir / "realsize.json")
     gpu = _gpu_name(info, realsize)
-    not_run = _not_run(out_dir)
+    not_run = _not_run(out_dir) + adopt_partials(out_dir)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     date = datetime.date.today().isoformat()
     bench_files = sorted(str(p) for p in out_dir.glob("bench*.json"))

@@ -49,6 +49,60 @@ def test_an_interrupted_suite_keeps_its_finished_cases(tmp_path):
     assert cases[0]["stats"]["rounds"] == 5
 
 
+KILLED_SUITE = """
+import os, signal
+import pytest
+
+@pytest.mark.parametrize("i", range(3))
+def test_cuda_case(benchmark, i):
+    benchmark.group = "cut"
+    benchmark.extra_info.update(impl=f"r{i}", calls=2)
+    if i == 2:  # killed outright (SIGKILL after the suite's grace): no writer runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    benchmark.pedantic(lambda: None, rounds=4, warmup_rounds=1)
+"""
+
+
+def _run_suite(tmp_path, source: str, out: Path) -> subprocess.CompletedProcess:
+    shutil.copy(BENCH_DIR / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "bench_cut.py").write_text(source)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "bench_cut.py", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_killed_suite_leaves_its_finished_cases_for_the_summary(tmp_path, monkeypatch):
+    """SIGKILL mid-suite: no JSON from pytest-benchmark, but ``<json>.partial`` has the cases
+    finished before it, and gpu_summary adopts it (and says so) as the suite's JSON."""
+    out = tmp_path / "bench_cut.json"
+    run = _run_suite(tmp_path, KILLED_SUITE, out)
+    assert run.returncode == -9, run.stdout + run.stderr
+    assert not out.exists()
+    partial = json.loads((tmp_path / "bench_cut.json.partial").read_text())
+    assert [c["extra_info"]["impl"] for c in partial["benchmarks"]] == ["r0", "r1"]
+    assert partial["benchmarks"][0]["stats"]["rounds"] == 4
+    monkeypatch.setattr(sys, "path", list(sys.path))  # gpu_summary adds benchmarks/
+    summary = _gpu_summary()
+    out.write_text("")  # as on the H200: the file created, nothing written
+    notes = summary.adopt_partials(tmp_path)
+    assert notes == [
+        "bench_cut: killed before pytest-benchmark wrote its JSON; the 2 cases it finished are "
+        "kept (its .partial file)"
+    ]
+    assert set(summary.rows([str(out)])["cut"]) == {"r0", "r1"}  # medians per call
+    assert not (tmp_path / "bench_cut.json.partial").exists()
+
+
+def test_a_finished_suite_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "whole.json"
+    run = _run_suite(tmp_path, KILLED_SUITE.replace("i == 2", "i == 99"), out)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(json.loads(out.read_text())["benchmarks"]) == 3
+    assert not (tmp_path / "whole.json.partial").exists()
+
+
 def _gpu_summary():
     spec = importlib.util.spec_from_file_location("gpu_summary", BENCH_DIR / "gpu_summary.py")
     module = importlib.util.module_from_spec(spec)
