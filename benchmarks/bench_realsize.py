@@ -28,13 +28,18 @@ B, outside the timed region, and every timed call is the sampler call with the c
 Guidance: ``unguided``; ``mlp-guided``: ``LatentGuidance`` (λ = 2, κ = 0.1, direct)
 through a bf16 ``ActionVAE(arch="mlp")`` encoder (1600 → 512 → 512 → 2·64, the default);
 ``transformer-guided``: through the paper's ``ActionVAE(arch="transformer")`` encoder
-(d_model 512, 4 heads, 9 layers, d_z 512; 21M parameters) in bf16.
+(d_model 512, 4 heads, 9 layers, d_z 512; 21M parameters) in bf16; ``rtc-guided`` (B = 1):
+real-time chunking, ``RTCGuidance`` (delay 5, execution horizon 20, β = 5) — guidance
+through the head itself (its input-VJP every step), what a π0 deployment that chunks in
+real time runs.
 
 Rows (``extra_info["impl"]``), all computing the same function from the same noise:
 
 - ``eager``: the loop a user writes under ``torch.no_grad()``: per step ``v = head(x, t,
   cache)``, guided ``v = v + λ·clamp(c·g, −κ, κ)`` with ``g`` by ``torch.autograd.grad``
-  through the bf16 encoder, ``x = x + dt·v`` (float32 x, precomputed float32 times).
+  through the bf16 encoder, ``x = x + dt·v`` (float32 x, precomputed float32 times);
+  ``rtc-guided``: the RTC loop written out, ``g`` by ``torch.autograd.grad`` through the
+  head (openpi convention, as ``bench_rtc.py``'s ``eager`` row).
 - ``compile_max_autotune``: the same loop with the head and the guidance correction
   ``λ·clamp(c·∇ₓy, −κ, κ)`` (``torch.func.grad`` of the same objective) each
   ``torch.compile(mode="max-autotune", dynamic=False)`` (GEMM autotuning + CUDA graph
@@ -48,7 +53,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   as two Triton kernels (``ATE_FAST_FLOW_EPILOGUES=triton``,
   :mod:`ate_fast.models.block_epilogues`: −8 kernels per block) and, there, the attention
   RMSNorm folded into the q|kv GEMM and the rotation kernel (−1 more:
-  ``FlowStepFeatures.attn_norm_folded``), unguided: their A/B.
+  ``FlowStepFeatures.attn_norm_folded``): their A/B in the dry run (B = 1 unguided and
+  rtc-guided, B = 2 unguided). On CUDA these kernels are the default since the H200 run,
+  so there this row is ``ate_capture`` and the A/B is
+- ``ate_capture_torch_epilogues``: ``ate_capture`` with ``ATE_FAST_FLOW_EPILOGUES=torch``
+  (GPU: B = 1 unguided and rtc-guided, B = 8 unguided).
 - ``ate_capture_triton_fold_mlp``: the same with the head's ``fold_mlp_norm = True``
   (B = 1, unguided): the MLP norm folded too, into a per-call copy of W_gate_up (−1 kernel
   per block and step, +2 × 302 MB per call); against ``ate_capture_triton_epilogues``,
@@ -64,7 +73,8 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   call and projects with one); its A/B against ``ate_capture`` is what that saves.
 - ``ate_capture_compiled``: the same capture of ``torch.compile(head, dynamic=False)``
   (default mode: Inductor's kernels, replayed by the sampler's one graph); guidance on its
-  default path (fused MLP kernel; the hand-written Transformer VJP, not compiled).
+  default path (the fused MLP kernel; through the Transformer encoder its Triton kernels
+  at B = 1, the hand-written VJP at B = 8 — not compiled).
 
 Kernels: after its timing, each row's call is profiled once (``kernel_profile.py``):
 device kernels per call (inside the CUDA graphs too) and their summed device time
@@ -74,7 +84,8 @@ dry run counts ATen ops, composite ones and their parts alike, and their CPU tim
 
 Floor (per problem): the bytes that must be read per call, STEPS × (the head's bf16
 weights + the encoder's bf16 weights when guided, each weight once per step + the prefix
-cache), divided by the device copy bandwidth measured in the same run (a 1 GiB
+cache; ``rtc-guided``: the head's weights and the cache twice, forward and input-VJP),
+divided by the device copy bandwidth measured in the same run (a 1 GiB
 device-to-device copy, bytes moved = 2 × size, best of ``COPY_REPEATS``). Each row reports
 ``x_floor`` = median / floor (target ≤ 2) and ``floor_fraction`` = floor / median. Each
 row also records ``floor_flops`` (:func:`floor_flops`: the GEMM and attention FLOPs per
@@ -89,6 +100,7 @@ Jetson: realsize.json/.md end with the AGX Orin projection of every timed row
 Targets (reported met / not met for ``ate_capture`` and ``ate_capture_compiled``): the
 whole call ≤ 2× its floor; ≥ 1.3× faster than ``compile_max_autotune``; Transformer
 guidance adds ≤ 25 % and MLP guidance ≤ 5 % to the unguided call of the same row and B.
+What RTC adds is reported, with no target of its own.
 
 Before timing, every row's output is checked against ``FlowSampler.sample`` (the same bf16
 head, guidance and cache) for the same noise: max error ≤ ``ATOL_REL``·max|ref| (bf16
@@ -124,6 +136,8 @@ import torch
 from ate_fast.align.atomic_io import atomic_write_text
 from ate_fast.models import make_head
 from ate_fast.models.flow_transformer import PrefixCache
+from ate_fast.realtime import RTCGuidance
+from ate_fast.realtime.rtc import rtc_guidance_weight
 from ate_fast.sampling import FlowSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -142,13 +156,22 @@ PREFIX_IMAGES, IMAGE_TOKENS, LANGUAGE_TOKENS = 3, 256, 48
 PREFIX = PREFIX_IMAGES * IMAGE_TOKENS + LANGUAGE_TOKENS  # 816
 PADDED_TOKENS = 20  # PADDED_ROW: a 28-token instruction in openpi's 48-token prompt
 BATCHES = (1, 2) if DRY_RUN else (1, 8)
-GUIDANCES = ("unguided", "mlp-guided", "transformer-guided")
+RTC = "rtc-guided"  # real-time chunking: guidance through the head's own input-VJP (B = 1)
+GUIDANCES = ("unguided", "mlp-guided", "transformer-guided", RTC)
+LATENT_GUIDANCES = GUIDANCES[:3]  # every B; RTC at the first only
+RTC_DELAY, RTC_EXECUTION_HORIZON, RTC_BETA = 5, 20, 5.0  # bench_rtc.py's
 EPILOGUES_ROW = "ate_capture_triton_epilogues"  # ate_capture, ATE_FAST_FLOW_EPILOGUES=triton
 PADDED_ROW = "ate_capture_padded_prompt"  # ate_capture with a padded prompt (its mask)
 TWO_GEMMS_ROW = "ate_capture_two_gemms"  # ate_capture with q and kv as two GEMMs per block
 FOLD_MLP_ROW = "ate_capture_triton_fold_mlp"  # EPILOGUES_ROW with the MLP norm folded too
 TRITON_ROWS = (EPILOGUES_ROW, FOLD_MLP_ROW)  # under ATE_FAST_FLOW_EPILOGUES=triton
-ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, FOLD_MLP_ROW,
+# ate_capture under ATE_FAST_FLOW_EPILOGUES=torch: on CUDA, where the Triton epilogues are
+# the default (so EPILOGUES_ROW is ate_capture there), the A/B against the torch ops
+TORCH_EPILOGUES_ROW = "ate_capture_torch_epilogues"
+# the epilogues' A/B row: the path other than the default (the dry run's default is torch)
+OTHER_EPILOGUES_ROW = EPILOGUES_ROW if DRY_RUN else TORCH_EPILOGUES_ROW
+ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
+        FOLD_MLP_ROW,
         PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
 BASELINE = "compile_max_autotune"
@@ -177,18 +200,21 @@ ROW_SECONDS = 0.0 if DRY_RUN else 0.6
 MAX_ROUNDS = 1 if DRY_RUN else 30
 MIN_ROUNDS = 1 if DRY_RUN else 3
 WARMUP_CALLS = 1 if DRY_RUN else 2
-# Rough cold-cache seconds on the GPU host (guesses for the plan and the budget, not
-# measurements; realsize.json records each row's measured set-up time for the next run).
+# Cold-cache seconds on the GPU host for the plan and the budget: the H200's measured set-up
+# times (2026-12-04, realsize.json "setup_s", rounded up: max-autotune head 135-148 s,
+# default-mode head 16 s, max-autotune MLP correction 23-27 s with the head built); the
+# Transformer correction's never finished in a run's budget (a guess).
 COMPILE_GUESS_S = {
-    "max-autotune-head": 120.0,
-    "default-head": 45.0,
-    "max-autotune-mlp-corr": 20.0,
+    "max-autotune-head": 150.0,
+    "default-head": 20.0,
+    "max-autotune-mlp-corr": 30.0,
     "max-autotune-transformer-corr": 60.0,
 }
 CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     "eager": 5.0,
     "ate_capture": 4.0,
     EPILOGUES_ROW: 10.0,  # + Triton compiling its two kernels at first use
+    TORCH_EPILOGUES_ROW: 4.0,
     PADDED_ROW: 4.0,
     TWO_GEMMS_ROW: 4.0,
     FOLD_MLP_ROW: 10.0,  # + Triton compiling its kernels' folded variants at first use
@@ -211,8 +237,9 @@ def _cases() -> list[tuple[int, str, str]]:
     """(B, guidance, row) in run order: a budget cut drops the most expensive, least needed
     cases (the compiled rows at B = 8) first."""
     b1, b8 = BATCHES
-    cheap = [(b, g, r) for b in BATCHES for g in GUIDANCES for r in ("eager", "ate_capture")]
-    cheap.append((b1, "unguided", EPILOGUES_ROW))  # the Triton epilogues' A/B (B = 8: later)
+    cheap = [(b, g, r) for b in BATCHES for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
+    cheap.append((b1, "unguided", OTHER_EPILOGUES_ROW))  # the epilogues' A/B (B = 8: later)
+    cheap += [(b1, RTC, r) for r in ("eager", "ate_capture", OTHER_EPILOGUES_ROW)]
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     # A/Bs of a default's parts, after the unguided compiled baseline (the targets' peer)
     parts = [(b1, "unguided", TWO_GEMMS_ROW), (b1, "unguided", FOLD_MLP_ROW)]
@@ -228,7 +255,7 @@ def _cases() -> list[tuple[int, str, str]]:
     if DRY_RUN and not DRY_RUN_FULL:
         compiled_b8 = []
     first_compiled, compiled_b1 = compiled_b1[:2], compiled_b1[2:]
-    tail = [(b8, "unguided", EPILOGUES_ROW), *compiled_b8]
+    tail = [(b8, "unguided", OTHER_EPILOGUES_ROW), *compiled_b8]
     return cheap + first_compiled + parts + compiled_b1 + tail
 
 
@@ -376,7 +403,45 @@ def _encoder(kind: str) -> _Encoder:
 
 
 def _guidance_encoder(guidance: str) -> Optional[_Encoder]:
-    return None if guidance == "unguided" else _encoder(guidance.split("-")[0])
+    return None if guidance in ("unguided", RTC) else _encoder(guidance.split("-")[0])
+
+
+class _RealTimeChunking:
+    """The previous chunk (random, fixed seed), its ``RTCGuidance`` and the per-step
+    guidance weights min(β, w(t)) of the user's loop (openpi's grid)."""
+
+    def __init__(self, batch: int) -> None:
+        gen = torch.Generator().manual_seed(6)
+        self.prev = torch.randn(batch, H, D, generator=gen).to(DEVICE)
+        self.guidance = RTCGuidance(
+            self.prev, RTC_DELAY, execution_horizon=RTC_EXECUTION_HORIZON,
+            max_guidance_weight=RTC_BETA,
+        )  # fmt: skip
+        t_values = _flow_times()[0]
+        self.step_weights = rtc_guidance_weight(torch.tensor(t_values).numpy(), RTC_BETA).tolist()
+
+    def velocity(self, head: Callable, x: torch.Tensor, t: torch.Tensor, t_value: float,
+                 step: int, cache: PrefixCache) -> torch.Tensor:  # fmt: skip
+        """v − min(β, w(t))·g, g = VJP of x̂₁ = x − t·v(x) with (prev − x̂₁)·W: what a user
+        writes with autograd through the head (inside ``torch.no_grad()``)."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            v = head(xg, t, cache)
+            x1 = xg - t_value * v
+            (g,) = torch.autograd.grad(x1, xg, (self.prev - x1) * self.guidance.weights)
+        return v.detach() - self.step_weights[step] * g
+
+
+def _rtc(batch: int) -> _RealTimeChunking:
+    return _cached(("rtc", batch), lambda: _RealTimeChunking(batch))
+
+
+def _guidance(batch: int, guidance: str) -> Any:
+    """The sampler's ``guidance=`` argument for the problem (None: unguided)."""
+    if guidance == RTC:
+        return _rtc(batch).guidance
+    enc = _guidance_encoder(guidance)
+    return None if enc is None else enc.guidance
 
 
 def _compiled(unit: str, batch: int) -> Callable:
@@ -456,6 +521,9 @@ def floor_bytes(batch: int, guidance: str) -> dict:
         "encoder_weights": 0 if enc is None else enc.weight_bytes,
         "prefix_cache": _nbytes(_prefix_cache(batch).keys + _prefix_cache(batch).values),
     }
+    if guidance == RTC:  # the input-VJP reads them again (629 MB + the cache: not in L2)
+        parts["head_weights_vjp"] = parts["head_weights"]
+        parts["prefix_cache_vjp"] = parts["prefix_cache"]
     return {**parts, "steps": STEPS, "per_call": STEPS * sum(parts.values())}
 
 
@@ -470,7 +538,9 @@ def floor_flops(batch: int, guidance: str) -> int:
     the head's weight matrices on its B·H tokens, attention of those tokens' queries
     against the prefix and the chunk (QKᵀ and PV), and, guided, the encoder's forward and
     input-VJP (each a pass through its matrices: the MLP encoder's on one flattened row per
-    sample, the Transformer encoder's on H tokens per sample)."""
+    sample, the Transformer encoder's on H tokens per sample); ``rtc-guided``: twice the
+    head's, its input-VJP (dX through every matrix, dO·Vᵀ and dS·K in attention) as much
+    as its forward."""
     head = _head()
     cfg = head.config
     tokens = batch * H
@@ -480,6 +550,8 @@ def floor_flops(batch: int, guidance: str) -> int:
     if enc is not None:
         rows = batch if guidance == "mlp-guided" else tokens
         step += 2 * 2 * _matrix_elements(enc.vae.encoder) * rows
+    if guidance == RTC:
+        step *= 2
     return STEPS * step
 
 
@@ -497,10 +569,11 @@ def user_loop(
     gradient: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     correction: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     mark_step: bool = False,
+    rtc: Optional[_RealTimeChunking] = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The loop a user writes around ``head(x, t, cache)``: ``gradient(x)`` -> g (eager:
     the correction in tensor ops with Python floats) or ``correction(x, c)`` -> λ·clamp(c·g)
-    (compiled, c a device tensor); neither: unguided."""
+    (compiled, c a device tensor), or ``rtc``'s guided velocity; none: unguided."""
     cache = _prefix_cache(batch)
     t_values, cs, dt = _flow_times()
     tt = [torch.full((batch,), t, dtype=torch.float32, device=DEVICE) for t in t_values]
@@ -512,7 +585,10 @@ def user_loop(
             for i in range(STEPS):
                 if mark_step:
                     torch.compiler.cudagraph_mark_step_begin()
-                v = head(x, tt[i], cache)
+                if rtc is not None:
+                    v = rtc.velocity(head, x, tt[i], t_values[i], i, cache)
+                else:
+                    v = head(x, tt[i], cache)
                 if gradient is not None:
                     v = v + LAMBDA * torch.clamp(cs[i] * gradient(x), -KAPPA, KAPPA)
                 elif correction is not None:
@@ -526,14 +602,12 @@ def user_loop(
 def _ate_call(
     batch: int, guidance: str, model: Callable, padded: bool = False
 ) -> Callable[[torch.Tensor], Any]:
-    enc = _guidance_encoder(guidance)
     cache = _prefix_cache(batch, padded)
     sampler = FlowSampler(model, STEPS)
     with torch.no_grad():
         captured = sampler.capture(
-            _noise(batch), cache, guidance=None if enc is None else enc.guidance,
-            check_finite=False,
-        )  # fmt: skip
+            _noise(batch), cache, guidance=_guidance(batch, guidance), check_finite=False
+        )
     return lambda noise: captured(noise, cache)
 
 
@@ -541,7 +615,8 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
     """The row's call ``fn(noise) -> actions`` (before its warm-up calls)."""
     enc = _guidance_encoder(guidance)
     if row == "eager":
-        return user_loop(batch, _head(), None if enc is None else enc.autograd_gradient)
+        rtc = _rtc(batch) if guidance == RTC else None
+        return user_loop(batch, _head(), None if enc is None else enc.autograd_gradient, rtc=rtc)
     if row == "compile_max_autotune":
         for t in _prefix_cache(batch).keys + _prefix_cache(batch).values:
             torch._dynamo.mark_static_address(t)
@@ -550,7 +625,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         if enc is not None:
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
-    if row in ("ate_capture", EPILOGUES_ROW):  # the latter under ATE_FAST_FLOW_EPILOGUES
+    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW):  # (ATE_FAST_FLOW_EPILOGUES)
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
@@ -571,13 +646,11 @@ def reference(batch: int, guidance: str, padded: bool = False) -> torch.Tensor:
     the padded prompt's cache (PADDED_ROW)."""
 
     def build() -> torch.Tensor:
-        enc = _guidance_encoder(guidance)
         sampler = FlowSampler(_head(), STEPS)
         with torch.no_grad():
             return sampler.sample(
-                _noise(batch), _prefix_cache(batch, padded),
-                guidance=None if enc is None else enc.guidance,
-            ).clone()  # fmt: skip
+                _noise(batch), _prefix_cache(batch, padded), guidance=_guidance(batch, guidance)
+            ).clone()
 
     return _cached(("reference", batch, guidance, padded), build)
 
@@ -596,7 +669,8 @@ def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
     scale = max(float(ref.abs().max()), 1.0)
     out = out.float()
     err = float((out - ref).abs().max()) / scale
-    allowed = ATOL_REL + (0.0 if guidance == "unguided" else FLIP_ALLOWANCE / scale)
+    clamped = guidance not in ("unguided", RTC)  # RTC's correction has no clamp to flip
+    allowed = ATOL_REL + (FLIP_ALLOWANCE / scale if clamped else 0.0)
     assert bool(torch.isfinite(out).all()), f"{row}: non-finite output"
     assert err <= allowed, (
         f"{row} differs from sample(): max |Δ| = {err:.3g} of max |ref| (allowed {allowed:.3g})"
@@ -711,11 +785,14 @@ def targets(data: dict) -> list[dict]:
                     })  # fmt: skip
                 limit = GUIDANCE_OVERHEAD.get(g)
                 plain = median(b, "unguided", r)
-                if limit is not None and plain is not None:
+                if g != "unguided" and plain is not None:
                     added = t / plain - 1.0
+                    name = g.split("-")[0]
                     out.append({
-                        "target": f"{g.split('-')[0]} guidance adds <= {limit:.0%}", "B": b,
-                        "guidance": g, "row": r, "value": added, "met": added <= limit,
+                        "target": f"{name} guidance adds <= {limit:.0%}" if limit is not None
+                        else f"{name} guidance adds (reported; no target)",
+                        "B": b, "guidance": g, "row": r, "value": added,
+                        "met": None if limit is None else added <= limit,
                     })  # fmt: skip
     return out
 
@@ -770,7 +847,7 @@ def markdown(data: dict) -> str:
     lines += ["", "Targets (ate rows):", ""]
     for t in data["targets"]:
         value = f"{t['value']:+.1%}" if "adds" in t["target"] else f"{t['value']:.2f}×"
-        verdict = "met" if t["met"] else "not met"
+        verdict = "measured" if t["met"] is None else "met" if t["met"] else "not met"
         if t.get("compute_bound"):
             verdict += " (compute-bound: its FLOPs at the measured GEMM rate exceed its bytes)"
         lines.append(f"- B={t['B']} {t['guidance']} {t['row']}: {t['target']}: {value} — {verdict}")
@@ -822,6 +899,8 @@ def _case_id(case: tuple[int, str, str]) -> str:
 @pytest.mark.parametrize("batch,guidance,row", CASES, ids=[_case_id(c) for c in CASES])
 def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -> None:
     case = (batch, guidance, row)
+    if row == TORCH_EPILOGUES_ROW:
+        monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "torch")
     if row in TRITON_ROWS:
         if DRY_RUN and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton epilogues on the CPU need TRITON_INTERPRET=1 (dry run)")

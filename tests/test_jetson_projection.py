@@ -147,6 +147,14 @@ def test_compute_floor_counts_what_torch_counts(realsize_dry_run, batch):
         counted = steps * enc.get_total_flops()
         added = br.floor_flops(batch, guidance) - unguided
         assert low * counted <= added <= counted, guidance
+    # real-time chunking: the head's forward and input-VJP. torch counts more for the VJP
+    # (autograd also forms the prefix keys' and values' gradients, which RTC never needs)
+    x = x.requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as rtc:
+        v = br._head()(x, torch.full((batch,), 0.5), cache)
+        v.backward(torch.ones_like(v))  # (autograd.grad: FlopCounterMode refuses it)
+    rtc_flops = br.floor_flops(batch, br.RTC)
+    assert rtc_flops == 2 * unguided <= steps * rtc.get_total_flops()
 
 
 def test_gpu_summary_carries_the_projection(realsize_dry_run, tmp_path, monkeypatch, capsys):
