@@ -83,7 +83,9 @@ def info() -> dict:
         "forced_backend": _or_error(backends.forced_backend),
         "triton_interpret": backends.triton_interpret(),
         "transformer_guidance": _transformer_guidance_paths(),
-        "flow_epilogues": _or_error(block_epilogues.selected_path),
+        "flow_epilogues": {
+            d: _or_error(lambda d=d: block_epilogues.selected_path(d)) for d in ("cpu", "cuda")
+        },
         "cpu_gemm": _cpu_gemm(),
     }
 
@@ -108,8 +110,14 @@ def _cpu_gemm() -> str:
 
 
 def _transformer_guidance_paths() -> dict:
-    """Device type -> the Transformer-encoder guidance path (or the env variable's error)."""
-    return {d: _or_error(lambda d=d: selected_path(d)) for d in ("cpu", "cuda")}
+    """Device type -> the Transformer-encoder guidance path (or the env variable's error);
+    ``<device> B=1``: a batch of one's, where it differs."""
+    paths = {d: _or_error(lambda d=d: selected_path(d)) for d in ("cpu", "cuda")}
+    for d in ("cpu", "cuda"):
+        single = _or_error(lambda d=d: selected_path(d, 1))
+        if single != paths[d]:
+            paths[f"{d} B=1"] = single
+    return paths
 
 
 def format_info(data: dict) -> str:
@@ -151,12 +159,14 @@ def format_info(data: dict) -> str:
         lines.append(f"{backend:<8} {marks[0]:<6} {marks[1]:<6} {'; '.join(reasons)}")
     paths = data["transformer_guidance"]
     lines.append(
-        f"\nguidance through the Transformer encoder: cpu {paths['cpu']}, cuda {paths['cuda']}"
-        " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled|triton forces one)"
+        "\nguidance through the Transformer encoder: "
+        + ", ".join(f"{where} {path}" for where, path in paths.items())
+        + " (ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled|triton forces one)"
     )
+    epilogues = data["flow_epilogues"]
     lines.append(
-        f"flow-transformer block epilogues: {data['flow_epilogues']}"
-        " (ATE_FAST_FLOW_EPILOGUES=torch|triton)"
+        f"flow-transformer block epilogues: cpu {epilogues['cpu']}, cuda {epilogues['cuda']}"
+        " (ATE_FAST_FLOW_EPILOGUES=torch|triton forces one)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

@@ -320,7 +320,16 @@ def test_path_setting_is_checked(path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="ATE_FAST_FLOW_EPILOGUES=triton"):
         block_epilogues.gated_gelu(torch.randn(2, 8))
     monkeypatch.delenv(ENV)
-    assert block_epilogues.selected_path() == "torch"  # the default until measured on a GPU
+    assert block_epilogues.selected_path("cpu") == "torch"  # Triton runs only interpreted there
+    # CUDA: the kernels by default (measured on an H200), where Triton runs; else torch ops,
+    # without an error (only a forced path raises)
+    monkeypatch.setattr(block_epilogues.backends, "availability", lambda *_: (True, ""))
+    assert block_epilogues.selected_path("cuda") == "triton"
+    monkeypatch.setattr(block_epilogues.backends, "availability", lambda *_: (False, "none"))
+    assert block_epilogues.selected_path("cuda") == "torch"
+    path("torch")
+    monkeypatch.setattr(block_epilogues.backends, "availability", lambda *_: (True, ""))
+    assert block_epilogues.selected_path("cuda") == "torch"
 
 
 @pytest.mark.cuda

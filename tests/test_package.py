@@ -8,6 +8,7 @@ import sys
 
 from ate_fast import native
 from ate_fast.cli import main
+from ate_fast.ops import backends
 from ate_fast.system_info import format_info, info
 
 
@@ -61,7 +62,14 @@ def test_info_lists_backends_with_reasons():
 
 def test_info_reports_the_transformer_guidance_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_TRANSFORMER_GUIDANCE", raising=False)
+    # a batch of one on CUDA: the Triton kernels, where Triton runs there
+    monkeypatch.setattr(backends, "availability", lambda *_: (False, "no Triton"))
     assert info()["transformer_guidance"] == {"cpu": "vjp", "cuda": "vjp"}
+    monkeypatch.setattr(backends, "availability", lambda *_: (True, ""))
+    paths = info()["transformer_guidance"]
+    assert paths == {"cpu": "vjp", "cuda": "vjp", "cuda B=1": "triton"}
+    assert "cpu vjp, cuda vjp, cuda B=1 triton (" in format_info(info())
+    monkeypatch.undo()
     monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "autograd")
     assert "cpu autograd, cuda autograd" in format_info(info())
     monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "bogus")
@@ -112,8 +120,10 @@ def test_info_reports_the_cpu_gemm(monkeypatch):
 
 def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
-    assert info()["flow_epilogues"] == "torch"
+    # CUDA's default is triton where Triton runs on CUDA: not on this machine
+    cuda_default = "triton" if backends.availability("triton", "cuda")[0] else "torch"
+    assert info()["flow_epilogues"] == {"cpu": "torch", "cuda": cuda_default}
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
-    assert "flow-transformer block epilogues: triton" in format_info(info())
+    assert "flow-transformer block epilogues: cpu triton, cuda triton" in format_info(info())
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "bogus")
-    assert info()["flow_epilogues"].startswith("error: ATE_FAST_FLOW_EPILOGUES")
+    assert info()["flow_epilogues"]["cuda"].startswith("error: ATE_FAST_FLOW_EPILOGUES")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ate_fast.align import ActionVAE
 from ate_fast.errors import BackendUnavailableError
 from ate_fast.ops import backends
-from ate_fast.steer import LatentGuidance, Steer, latent_distance_gradient
+from ate_fast.steer import LatentGuidance, Steer, latent_distance_gradient, transformer_vjp
 from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.transformer_vjp import ENV_VAR, selected_path, vjp_function
 
@@ -285,9 +285,41 @@ def test_public_entry_points_take_the_triton_path(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_the_batch_of_one_default_reaches_the_kernels(monkeypatch):
+    """The guidance passes its batch size to the selection: with a device's single-sample
+    default set to triton (here the CPU's, whose interpreter is on), a B = 1 gradient runs
+    the Triton kernels and a B = 2 one the torch VJP, both equal to autograd's."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setitem(transformer_vjp.SINGLE_SAMPLE_PATH, "cpu", "triton")
+    vae = make_vae()
+    guidance = LatentGuidance(vae, torch.randn(16, dtype=torch.float64), mode="direct")
+    calls = []
+    attention = tt().attention
+    monkeypatch.setattr(tt(), "attention", lambda *a: calls.append(1) or attention(*a))
+    for batch, layers_run in ((1, 3), (2, 0)):
+        calls.clear()
+        x = torch.randn(batch, 6, 3, dtype=torch.float64)
+        with torch.inference_mode():
+            got = guidance.gradient(x, x, torch.ones(batch, dtype=torch.float64))
+        assert len(calls) == layers_run, batch
+        with monkeypatch.context() as m:
+            m.setenv(ENV_VAR, "autograd")
+            want = guidance.gradient(x, x, torch.ones(batch, dtype=torch.float64))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_selection(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert selected_path("cuda") == "vjp" and selected_path("cpu") == "vjp"  # opt-in only
+    assert selected_path("cuda") == "vjp" and selected_path("cpu") == "vjp"
+    # a batch of one on CUDA: the Triton kernels where Triton runs there (measured faster
+    # on an H200 at B = 1, slower at B = 8); the CPU keeps the VJP
+    with monkeypatch.context() as m:
+        m.setattr(backends, "availability", lambda *_: (True, ""))
+        assert selected_path("cuda", 1) == "triton" and selected_path("cuda", 8) == "vjp"
+        assert vjp_function("cuda", 1).keywords == {"kernels": "triton"}
+        assert selected_path("cpu", 1) == "vjp"
+        m.setattr(backends, "availability", lambda *_: (False, "no Triton"))
+        assert selected_path("cuda", 1) == "vjp"  # a default falls back without an error
     monkeypatch.setenv(ENV_VAR, "triton")
     assert selected_path("cuda") == "triton"
     fn = vjp_function("cpu")  # the interpreter is on (conftest)

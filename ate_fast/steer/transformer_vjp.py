@@ -19,8 +19,10 @@ and no dropout in effect; :func:`align_transformer_encoder` returns ``None`` oth
 :class:`~ate_fast.steer.encoder.FrozenEncoder` keeps autograd.
 
 Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled|triton`` forces one;
-unset, the default of :data:`DEFAULT_PATH` for the tensor's device type (the measured
-winner; see ``benchmarks/README.md``, "Guidance gradient through the Transformer encoder").
+unset, the default of :data:`DEFAULT_PATH` for the tensor's device type, or for a batch of
+one that of :data:`SINGLE_SAMPLE_PATH` where Triton runs (the measured winners; see
+``benchmarks/README.md``, "Guidance gradient through the Transformer encoder" and "GPU:
+NVIDIA H200").
 
 ``compiled`` runs this same VJP through ``torch.compile`` (Inductor, ``fullgraph=True``,
 static shapes). The VJP is written in forward ops only, so Inductor compiles one
@@ -31,7 +33,7 @@ call per (encoder, shape, dtype) compiles (seconds); past dynamo's recompile lim
 default) further shapes run the uncompiled VJP. The sampler's capture warms the guidance
 up before it captures, so compiling never happens inside a CUDA graph.
 
-``triton`` (opt-in, never the default) runs this same VJP with the layer's chains of small
+``triton`` (CUDA's default at B = 1) runs this same VJP with the layer's chains of small
 kernels replaced by the Triton kernels of :mod:`ate_fast.steer.transformer_triton`:
 residual add + LayerNorm (forward and input-VJP, the backward also adding the residual's
 or the skip connection's gradient), bias + activation, and multi-head attention forward
@@ -43,9 +45,12 @@ backward, ·W1, norm backward + residual gradient, ·W_out, attention backward, 
 ``torch.matmul`` makes of the strided per-head views, and the input layers' skip-gradient
 add (one more kernel on the torch path) is fused into the first norm backward. The
 matmuls stay torch's (cuBLAS); bias + GELU is a 1:1 swap (the bias leaves the matmul for
-the element-wise kernel, which also keeps the pre-activation for the backward). **These kernels
-have never run on a GPU**: they are tested on the CPU through the Triton interpreter
-(float32, float64) and compiled offline for sm_87 and sm_90; their speed is unmeasured.
+the element-wise kernel, which also keeps the pre-activation for the backward). Tested on
+the CPU through the Triton interpreter (float32, float64) and compiled offline for sm_87
+and sm_90; on an H200 (2026-12-04, ``bench_transformer_guidance.py``, each path replayed
+from a CUDA graph, the paper's 9-layer encoder) the gradient took 0.61 ms against the VJP's
+0.97 ms in bf16 at B = 1 (1.58×) and 1.58 vs 1.63 ms in float32 (1.03×); at B = 8 and 64
+(float32) the VJP was faster (1.06×, 1.53×), and bf16 at B = 8 was not reached.
 """
 
 from __future__ import annotations
@@ -74,26 +79,33 @@ PATHS = ("autograd", "vjp", "compiled", "triton")
 # device type -> default path; device types not listed use "autograd". Both measured
 # (benchmarks/README.md): CPU 1.05-1.36x; H100, each replayed from a CUDA graph, 1.11-1.60x.
 DEFAULT_PATH = {"cpu": "vjp", "cuda": "vjp"}
+# device type -> the default for a batch of one where Triton runs there: on an H200 the
+# Triton kernels beat the VJP at B = 1 in bf16 (1.58x) and float32 (1.03x), not at B = 8
+SINGLE_SAMPLE_PATH = {"cuda": "triton"}
 
 
-def selected_path(device_type: str) -> str:
-    """One of :data:`PATHS`: the forced path (``$ATE_FAST_TRANSFORMER_GUIDANCE``) or
-    the default for ``device_type``."""
+def selected_path(device_type: str, batch: Optional[int] = None) -> str:
+    """One of :data:`PATHS`: the forced path (``$ATE_FAST_TRANSFORMER_GUIDANCE``), or the
+    default for ``device_type`` and, where given, the ``batch`` size."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()  # any case, as the other selectors
     if forced:
         if forced not in PATHS:
             raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {forced!r}")
         return forced
+    single = SINGLE_SAMPLE_PATH.get(device_type)
+    if batch == 1 and single is not None:
+        if single != "triton" or backends.availability("triton", device_type)[0]:
+            return single
     return DEFAULT_PATH.get(device_type, "autograd")
 
 
-def vjp_function(device_type: str) -> Callable[..., Tensor]:
+def vjp_function(device_type: str, batch: Optional[int] = None) -> Callable[..., Tensor]:
     """:func:`transformer_latent_gradient`, its ``torch.compile`` form where the
     ``compiled`` path is selected for ``device_type``, or its Triton-kernel form
     (``kernels="triton"``) where the ``triton`` path is (raises
     :class:`~ate_fast.errors.BackendUnavailableError` where Triton cannot run)."""
     global _COMPILED
-    path = selected_path(device_type)
+    path = selected_path(device_type, batch)
     if path == "triton":
         ok, why = backends.availability("triton", device_type)
         if not ok:
