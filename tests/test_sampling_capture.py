@@ -8,6 +8,7 @@ including how the generator is consumed. CUDA (marked ``cuda``): a CUDA graph.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import math
 import weakref
@@ -309,6 +310,7 @@ def test_capture_of_a_compiled_head(device):
     uncompiled head, for a flow and a multistep diffusion sampler, over several calls."""
     model = MLPHead().to(device)
     compiled = torch.compile(model)
+    model64 = copy.deepcopy(model).double()
     for name in ("flow-euler", "dpm2"):
         plain, fast = samplers(model)[name], samplers(compiled)[name]
         noise0, cond0 = inputs(0, device)
@@ -316,4 +318,12 @@ def test_capture_of_a_compiled_head(device):
         for seed in (1, 2):
             noise, cond = inputs(seed, device)
             expected = plain.sample(noise, cond)
-            torch.testing.assert_close(captured(noise, cond), expected, rtol=1e-5, atol=1e-6)
+            got = captured(noise, cond)
+            # Inductor's kernels round differently from eager's (fused, reassociated): both
+            # against a float64 run, the compiled one within 4× eager's own error. An
+            # element-wise rtol fails where dpm2's outputs span 1..580 (the H200: 1.6e-5 on one
+            # element of 120), a lost term or step misses by O(1).
+            truth = samplers(model64)[name].sample(noise.double(), cond.double())
+            eager_err = float((expected.double() - truth).abs().max())
+            got_err = float((got.double() - truth).abs().max())
+            assert got_err <= 4 * eager_err + 1e-7 * float(truth.abs().max()), (name, seed)
