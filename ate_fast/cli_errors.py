@@ -17,6 +17,7 @@ import functools
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable, TextIO
 
 from ate_fast.errors import AteFastError, CommandLineError
@@ -80,6 +81,16 @@ def device_flag(text: str) -> str:
     if not _DEVICE.match(text):
         raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {text!r}")
     return text
+
+
+def check_output_file(out: str, overwrite: bool, flag: str = "--out") -> None:
+    """``out`` must name a file to write: not a directory, nor an existing file unless
+    ``overwrite`` (checked before the command's work, not after it)."""
+    path = Path(out)
+    if path.is_dir():
+        raise CommandLineError(f"{flag} {out}: is a directory; expected the file to write")
+    if path.exists() and not overwrite:
+        raise CommandLineError(f"{flag} {out}: exists (pass --overwrite to replace it)")
 
 
 def one_line(message: str) -> str:

@@ -26,7 +26,13 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ate_fast.cli_errors import CommandLineError, device_flag, flag_of, with_flag_names
+from ate_fast.cli_errors import (
+    CommandLineError,
+    check_output_file,
+    device_flag,
+    flag_of,
+    with_flag_names,
+)
 
 DATA_FORMATS = ("auto", "npz", "npy", "robomimic", "aloha", "lerobot")
 # Python argument names (trainer configs, ActionChunkDataset) -> the flags that set them
@@ -467,8 +473,7 @@ def _cmd_prior(args: argparse.Namespace) -> int:
 
     from ate_fast.align import KIND_STAGE1, LatentPrior, load_checkpoint
 
-    if Path(args.out).exists() and not args.overwrite:  # refused before the fit, not after
-        raise FileExistsError(f"--out {args.out} exists: pass --overwrite to replace it")
+    check_output_file(args.out, args.overwrite)  # refused before the fit, not after
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.vae, map_location=device, kind=KIND_STAGE1)
     if ckpt.normalizer is None:

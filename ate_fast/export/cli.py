@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import ast
-from pathlib import Path
 from typing import Any
 
-from ate_fast.cli_errors import CommandLineError, flag_of, with_flag_names
+from ate_fast.cli_errors import CommandLineError, check_output_file, flag_of, with_flag_names
 
 HEAD_NAMES = ("mlp", "flow-transformer", "unet1d")
 FLOW_METHODS = ("euler", "heun")
@@ -161,16 +160,6 @@ def _register_tensorrt(sub: Any) -> None:
 
 
 # --- handlers (heavy imports live here) -----------------------------------------------
-def _check_out(out: str, overwrite: bool) -> None:
-    """``--out`` must name a file: not a directory, nor an existing file unless
-    ``--overwrite`` (the export would replace it without a word)."""
-    path = Path(out)
-    if path.is_dir():
-        raise CommandLineError(f"--out {out}: is a directory; expected the file to write")
-    if path.exists() and not overwrite:
-        raise CommandLineError(f"--out {out}: exists (pass --overwrite to replace it)")
-
-
 def _torch_load(path: str, flag: str) -> Any:
     import pickle
 
@@ -386,7 +375,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
         to_onnx,
     )
 
-    _check_out(args.out, args.overwrite)  # before loading and tracing
+    check_output_file(args.out, args.overwrite)  # before loading and tracing
     if not args.ckpt and not args.random_init:
         raise CommandLineError("give --ckpt (the head's weights) or --random-init")
     if args.ckpt and args.random_init:
@@ -433,7 +422,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 def _cmd_tensorrt(args: argparse.Namespace) -> int:
     from ate_fast.export import TensorRTUnavailableError, to_tensorrt
 
-    _check_out(args.out, args.overwrite)
+    check_output_file(args.out, args.overwrite)
     try:
         path = to_tensorrt(
             args.onnx, args.out, args.precision, args.workspace_gb, args.min_batch,
