@@ -27,6 +27,7 @@ pytest.importorskip("onnxscript")
 
 from onnx import TensorProto  # noqa: E402
 
+from ate_fast.cli import main  # noqa: E402
 from ate_fast.export import (  # noqa: E402
     TensorRTBuildError,
     TensorRTUnavailableError,
@@ -258,6 +259,21 @@ def _fake_tensorrt(version: str, parse_ok: bool = True, build_ok: bool = True):
         def add_optimization_profile(self, profile):
             calls["profiles_added"] = calls.get("profiles_added", 0) + 1
 
+        def create_timing_cache(self, data):
+            calls["timing_cache_read"] = bytes(data)
+            return TimingCache(bytes(data))
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls["timing_cache_ignore_mismatch"] = ignore_mismatch
+            return not cache.data.startswith(b"OTHER-GPU")  # TensorRT's header check
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):  # what was read plus this build's timings
+            return memoryview(self.data + b"+timings")
+
     class Builder:
         def __init__(self, logger):
             pass
@@ -303,6 +319,36 @@ def test_to_tensorrt_10_uses_builder_flags(monkeypatch, tmp_path, export_dir):
     assert record["signature"]["step_noise_draws"] == 3 and record["batch_profile"] == [1, 2, 8]
     to_tensorrt(path, tmp_path / "p32.plan", "fp32")
     assert trt.calls["flags_cleared"] == ["TF32"]
+
+
+def test_timing_cache_is_read_and_written_back(monkeypatch, tmp_path, export_dir):
+    """A missing cache file starts an empty cache; after the build the cache (with the
+    build's timings) is written to the file, which the next build reads; a cache TensorRT
+    refuses is a build error naming the file, and no engine is written."""
+    path = exported("euler", export_dir)[0]  # exported before the stand-in is installed
+    trt = _fake_tensorrt("10.3.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cache = tmp_path / "timing.cache"
+    to_tensorrt(path, tmp_path / "a.plan", timing_cache=cache)
+    assert trt.calls["timing_cache_read"] == b"" and cache.read_bytes() == b"+timings"
+    assert trt.calls["timing_cache_ignore_mismatch"] is False
+    engine = to_tensorrt(path, tmp_path / "b.plan", timing_cache=str(cache))
+    assert trt.calls["timing_cache_read"] == b"+timings"
+    assert cache.read_bytes() == b"+timings+timings"
+    assert json.loads(sidecar_path(engine).read_text())["timing_cache"] == str(cache)
+    cache.write_bytes(b"OTHER-GPU")
+    with pytest.raises(TensorRTBuildError, match=f"timing_cache: TensorRT refused {cache}"):
+        to_tensorrt(path, tmp_path / "c.plan", timing_cache=cache)
+    assert not (tmp_path / "c.plan").exists() and cache.read_bytes() == b"OTHER-GPU"
+    with pytest.raises(ValueError, match="is a directory"):
+        to_tensorrt(path, tmp_path / "d.plan", timing_cache=tmp_path)
+    # the command line: --timing-cache, and its errors named by the flag
+    cache.unlink()
+    argv = ["export", "tensorrt", str(path), "--out", str(tmp_path / "e.plan")]
+    assert main([*argv, "--timing-cache", str(cache)]) == 0
+    assert cache.read_bytes() == b"+timings"
+    argv[-1] = str(tmp_path / "f.plan")
+    assert main([*argv, "--timing-cache", str(tmp_path)]) == 2
 
 
 def test_to_tensorrt_11_is_strongly_typed_on_a_cast_graph(monkeypatch, tmp_path, export_dir):

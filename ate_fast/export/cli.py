@@ -155,6 +155,11 @@ def _register_tensorrt(sub: Any) -> None:
         help="TensorRT 10: build strongly typed from a cast graph (always so on TensorRT 11)",
     )  # fmt: skip
     t.add_argument("--opt-level", type=int, help="builder optimisation level 0..5")
+    t.add_argument(
+        "--timing-cache", metavar="PATH",
+        help="TensorRT's layer-timing cache: read if it exists, updated after the build "
+        "(rebuilds of the same shapes skip most tactic timing)",
+    )  # fmt: skip
     t.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     t.set_defaults(func=with_flag_names(FLAGS)(_cmd_tensorrt))
 
@@ -224,7 +229,7 @@ FLAGS = {
     "prediction_type": "--prediction-type", "solver_order": "--solver-order",
     "clip_sample": "--clip-sample", "eta": "--eta", "shift": "--shift", "opset": "--opset",
     "max_batch": "--max-batch", "min_batch": "--min-batch", "opt_batch": "--opt-batch",
-    "workspace_gb": "--workspace-gb",
+    "workspace_gb": "--workspace-gb", "timing_cache": "--timing-cache",
 }  # fmt: skip
 # flag dest -> (the methods it applies to, its default)
 METHOD_FLAGS: dict[str, tuple[tuple[str, ...], Any]] = {
@@ -427,7 +432,8 @@ def _cmd_tensorrt(args: argparse.Namespace) -> int:
         path = to_tensorrt(
             args.onnx, args.out, args.precision, args.workspace_gb, args.min_batch,
             args.opt_batch, args.max_batch, strongly_typed=True if args.strongly_typed else None,
-            builder_optimization_level=args.opt_level, verbose=args.verbose,
+            builder_optimization_level=args.opt_level, timing_cache=args.timing_cache,
+            verbose=args.verbose,
         )  # fmt: skip
     except TensorRTUnavailableError as exc:
         raise CommandLineError(str(exc)) from exc

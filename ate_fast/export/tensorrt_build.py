@@ -185,6 +185,7 @@ def to_tensorrt(
     *,
     strongly_typed: Optional[bool] = None,
     builder_optimization_level: Optional[int] = None,
+    timing_cache: Optional[PathLike] = None,
     verbose: bool = False,
 ) -> Path:
     """Build a TensorRT engine from a graph written by :func:`ate_fast.export.to_onnx`.
@@ -202,6 +203,12 @@ def to_tensorrt(
         strongly_typed: None: TensorRT 10 weak typing with builder flags, TensorRT 11
             strong typing; True: strong typing on 10.x too.
         builder_optimization_level: TensorRT's 0..5 (None: its default, 3).
+        timing_cache: a file of TensorRT's layer timings: read when it exists, written
+            back (with this build's new timings) after the build. A rebuild of the same
+            shapes — new weights, another precision of the same graph — then skips most
+            tactic timing (minutes for a π0-sized expert on a Jetson). TensorRT refuses a
+            cache from another TensorRT version or GPU: :class:`TensorRTBuildError`, which
+            names the file to delete.
         verbose: TensorRT's verbose log (to see why a build fails).
 
     Returns:
@@ -216,15 +223,8 @@ def to_tensorrt(
     # the metadata only: the weights (1.26 GB for the π0 expert) load when the graph is cast
     model = onnx.load(str(onnx_path), load_external_data=False)
     signature = next((p.value for p in model.metadata_props if p.key == "ate_fast"), None)
-    graph_max = json.loads(signature).get("max_batch") if signature else None
-    max_batch = min(8, graph_max or 8) if max_batch is None else max_batch
-    opt = min_batch if opt_batch is None else opt_batch
-    _check_build_arguments(onnx_path, precision, workspace_gb, (min_batch, opt, max_batch))
-    if graph_max is not None and max_batch > graph_max:
-        raise ValueError(
-            f"max_batch: {max_batch} is more than the graph's max_batch {graph_max} (the "
-            "batch range it was exported for); export with a larger max_batch"
-        )
+    batches = _batch_range(signature, min_batch, opt_batch, max_batch)
+    _check_build_arguments(onnx_path, precision, workspace_gb, batches)
     trt = import_tensorrt()
     plan = build_plan(parse_version(trt.__version__), precision, strongly_typed)
     if plan.cast_precision is not None:
@@ -233,7 +233,8 @@ def to_tensorrt(
     builder = trt.Builder(logger)
     network = _parse(trt, builder, logger, plan, model, onnx_path)
     config = _builder_config(trt, builder, plan, workspace_gb, builder_optimization_level)
-    dynamic = _add_batch_profile(builder, network, config, (min_batch, opt, max_batch))
+    cache = None if timing_cache is None else _attach_timing_cache(config, Path(timing_cache))
+    dynamic = _add_batch_profile(builder, network, config, batches)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTBuildError(
@@ -241,15 +242,14 @@ def to_tensorrt(
             "rerun with verbose=True to see why"
         )
     _write_atomic(engine_path, bytes(serialized))
+    if cache is not None:  # this build's timings added to what was read
+        _write_atomic(Path(timing_cache), bytes(cache.serialize()))
     record = {
-        "tensorrt_version": trt.__version__,
-        "precision": precision,
-        "plan": asdict(plan),
-        "workspace_gb": workspace_gb,
-        "batch_profile": [min_batch, opt, max_batch] if dynamic else None,
-        "onnx": str(onnx_path),
-        "signature": json.loads(signature) if signature else None,
-    }
+        "tensorrt_version": trt.__version__, "precision": precision, "plan": asdict(plan),
+        "workspace_gb": workspace_gb, "batch_profile": list(batches) if dynamic else None,
+        "timing_cache": None if timing_cache is None else str(timing_cache),
+        "onnx": str(onnx_path), "signature": json.loads(signature) if signature else None,
+    }  # fmt: skip
     _write_atomic(sidecar_path(engine_path), json.dumps(record, indent=2).encode())
     return engine_path
 
@@ -284,6 +284,37 @@ def _builder_config(
     if optimization_level is not None:
         config.builder_optimization_level = int(optimization_level)
     return config
+
+
+def _batch_range(
+    signature: Optional[str], min_batch: int, opt_batch: Optional[int], max_batch: Optional[int]
+) -> tuple[int, int, int]:
+    """``(min, opt, max)`` of the batch profile: ``opt`` defaults to ``min``, ``max`` to 8 or
+    the graph's recorded ``max_batch`` (its ``signature``) when smaller, which it may not
+    exceed."""
+    graph_max = json.loads(signature).get("max_batch") if signature else None
+    max_batch = min(8, graph_max or 8) if max_batch is None else max_batch
+    if graph_max is not None and isinstance(max_batch, int) and max_batch > graph_max:
+        raise ValueError(
+            f"max_batch: {max_batch} is more than the graph's max_batch {graph_max} (the "
+            "batch range it was exported for); export with a larger max_batch"
+        )
+    return min_batch, min_batch if opt_batch is None else opt_batch, max_batch
+
+
+def _attach_timing_cache(config: Any, path: Path) -> Any:
+    """The timing cache read from ``path`` (a new, empty one where there is no file) set on
+    ``config``; raises :class:`TensorRTBuildError` where TensorRT refuses it."""
+    if path.is_dir():
+        raise ValueError(f"timing_cache: {path} is a directory; expected a file")
+    data = path.read_bytes() if path.exists() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, False):  # no mismatch ignored: another GPU's timings
+        raise TensorRTBuildError(
+            f"timing_cache: TensorRT refused {path} (written by another TensorRT version, GPU "
+            "or build settings?); delete it, or pass another path, to start a new one"
+        )
+    return cache
 
 
 def _add_batch_profile(builder: Any, network: Any, config: Any, batches: tuple) -> bool:
