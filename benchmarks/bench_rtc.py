@@ -21,10 +21,11 @@ Rows (``extra_info["impl"]``):
   (``forward_with_vjp``), forward ops only.
 - ``rtc_autograd``: the same capture with the head behind a lambda, so the sampler takes
   the VJP by ``torch.autograd.grad`` (what the hand-written VJP saves).
-- ``rtc_triton_epilogues`` (GPU rows of the flow transformers): ``rtc`` with
-  ``ATE_FAST_FLOW_EPILOGUES=triton`` — the block's element-wise ops of the forward and the
-  input-VJP as Triton kernels (``ate_fast.models.block_epilogues``); the dry run includes
-  it only with ``TRITON_INTERPRET=1``.
+- the epilogues' A/B, flow transformers only, the path other than the default:
+  ``rtc_torch_epilogues`` on a GPU (``rtc`` with ``ATE_FAST_FLOW_EPILOGUES=torch``: there
+  the block's element-wise ops of the forward and the input-VJP run as Triton kernels by
+  default, ``ate_fast.models.block_epilogues``), ``rtc_triton_epilogues`` in the CPU dry
+  run (``ATE_FAST_FLOW_EPILOGUES=triton``, only with ``TRITON_INTERPRET=1``).
 - ``eager``: the loop a user writes (LeRobot's ``RTCProcessor`` style): per step
   ``x.requires_grad_()``, ``v = model(x, t)``, ``x1 = x − t·v``, ``err = (Y − x1)·W``,
   ``g = autograd.grad(x1, x, err)``, ``v′ = v − min(β, w(t))·g``, Euler step.
@@ -63,8 +64,9 @@ HEADS = {
     "flow-transformer-small": ("flow-transformer", "small"),
     "flow-transformer-pi0-expert": ("flow-transformer", "pi0-expert"),
 }
-EPILOGUES_ROW = "rtc_triton_epilogues"  # rtc with ATE_FAST_FLOW_EPILOGUES=triton (GPU)
-ROWS = ("unguided", "rtc", "rtc_autograd", "eager", EPILOGUES_ROW)
+EPILOGUES_ROW = "rtc_triton_epilogues"  # rtc with ATE_FAST_FLOW_EPILOGUES=triton (dry run)
+TORCH_EPILOGUES_ROW = "rtc_torch_epilogues"  # ... =torch (GPU, where triton is the default)
+ROWS = ("unguided", "rtc", "rtc_autograd", "eager", EPILOGUES_ROW, TORCH_EPILOGUES_ROW)
 # float32: every row but "unguided" computes the same function as "rtc" (the tolerances of
 # bench_heads.py, relative to max|ref|: float32 rounding, never timings)
 ATOL_REL = {"cpu": 5e-5, "cuda": 2e-4}
@@ -84,24 +86,31 @@ def _cases():
         for head in heads:
             for chunk in range(CHUNKS[device]):
                 for row in ROWS:
-                    if row == EPILOGUES_ROW and not _epilogues_row(device, head):
+                    if row in (EPILOGUES_ROW, TORCH_EPILOGUES_ROW) and row != _epilogues_row(
+                        device, head
+                    ):
                         continue
                     yield pytest.param(
                         device, head, chunk, row, id=f"{device}-{head}-{chunk}-{row}"
                     )
 
 
-def _epilogues_row(device: str, head: str) -> bool:
-    """The Triton-epilogue row: GPU rows of the flow transformers (their dry run on the CPU
-    only through the interpreter, ``TRITON_INTERPRET=1``)."""
+def _epilogues_row(device: str, head: str) -> Optional[str]:
+    """The epilogues' A/B row of the GPU rows of a flow transformer: the torch ops on a GPU
+    (the Triton kernels are CUDA's default), the Triton kernels in the dry run on the CPU
+    (only through the interpreter, ``TRITON_INTERPRET=1``); None: no such row."""
     if device != "cuda" or not head.startswith("flow-transformer"):
-        return False
-    return HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1"
+        return None
+    if HAS_GPU:
+        return TORCH_EPILOGUES_ROW
+    return EPILOGUES_ROW if os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
-def _triton_epilogues():
-    """The environment with ``ATE_FAST_FLOW_EPILOGUES=triton`` while it lasts (a context)."""
-    return mock.patch.dict(os.environ, {block_epilogues.ENV_VAR: "triton"})
+def _epilogues(row: str):
+    """The environment with the row's ``ATE_FAST_FLOW_EPILOGUES`` while it lasts (a
+    context)."""
+    path = "torch" if row == TORCH_EPILOGUES_ROW else "triton"
+    return mock.patch.dict(os.environ, {block_epilogues.ENV_VAR: path})
 
 
 def build_head(key: str, device: str) -> torch.nn.Module:
@@ -136,9 +145,11 @@ def eager_rtc_loop(model: Callable, prev: torch.Tensor, weights: torch.Tensor) -
     return loop
 
 
-def rows(key: str, device: str, epilogues: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+def rows(
+    key: str, device: str, epilogues: Optional[str] = None
+) -> dict[str, Callable[[], torch.Tensor]]:
     """Every row's call (no arguments) on the same noise, previous chunk and delay
-    (``epilogues``: with the Triton-epilogue row)."""
+    (``epilogues``: with that epilogues' A/B row)."""
     head = build_head(key, device)
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(B, H, D, generator=gen).to(device)
@@ -158,14 +169,14 @@ def rows(key: str, device: str, epilogues: bool = False) -> dict[str, Callable[[
         "eager": lambda: loop(noise),
     }
     if epilogues:  # set while capturing, and per call for the CPU replay
-        with _triton_epilogues(), torch.no_grad():
-            captured_kernels = fast.capture(noise, guidance=rtc, check_finite=False)
+        with _epilogues(epilogues), torch.no_grad():
+            captured_other = fast.capture(noise, guidance=rtc, check_finite=False)
 
-        def kernels_call() -> torch.Tensor:
-            with _triton_epilogues():
-                return captured_kernels(noise)
+        def other_call() -> torch.Tensor:
+            with _epilogues(epilogues):
+                return captured_other(noise)
 
-        calls[EPILOGUES_ROW] = kernels_call
+        calls[epilogues] = other_call
     return calls
 
 
@@ -189,7 +200,8 @@ def test_rtc(benchmark, time_calls, device, head, chunk, row):
         calls = rows(head, target, epilogues=_epilogues_row(device, head))
         with torch.no_grad():
             ref = calls["rtc"]().clone()
-            for name in [n for n in ("rtc_autograd", "eager", EPILOGUES_ROW) if n in calls]:
+            others = ("rtc_autograd", "eager", EPILOGUES_ROW, TORCH_EPILOGUES_ROW)
+            for name in [n for n in others if n in calls]:
                 err = float((calls[name]() - ref).abs().max() / ref.abs().max())
                 assert err <= ATOL_REL[device], f"{head} {name}: relative error {err:.3g}"
             assert float((calls["unguided"]() - ref).abs().max()) > 1e-3  # RTC acts
@@ -210,14 +222,17 @@ def test_rtc(benchmark, time_calls, device, head, chunk, row):
 
 
 # ------------------------------------------------------------------------------ ratios
-RATIOS = (("rtc", "unguided"), ("eager", "rtc"), ("rtc_autograd", "rtc"), ("rtc", EPILOGUES_ROW))
+RATIOS = (
+    ("rtc", "unguided"), ("eager", "rtc"), ("rtc_autograd", "rtc"), ("rtc", EPILOGUES_ROW),
+    (TORCH_EPILOGUES_ROW, "rtc"),
+)  # fmt: skip
 
 
 def ratios(bench: dict) -> dict[str, dict[str, float]]:
     """group -> ``"a/b"`` -> the median over chunks of (a's fastest round / b's), for the
     pairs in :data:`RATIOS` (rtc/unguided: RTC's cost; eager/rtc and rtc_autograd/rtc:
-    how much faster the captured RTC call is; rtc/rtc_triton_epilogues: what the Triton
-    epilogues gain)."""
+    how much faster the captured RTC call is; rtc/rtc_triton_epilogues (dry run) and
+    rtc_torch_epilogues/rtc (GPU): what the Triton epilogues gain)."""
     chunks: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for entry in bench.get("benchmarks", []):
         extra = entry.get("extra_info", {})
