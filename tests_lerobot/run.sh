@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-lerobot
-.venv-lerobot/bin/pip install --quiet "lerobot[smolvla]==0.4.4" "pytest>=7.4" "h5py>=3.8"
+.venv-lerobot/bin/pip install --quiet "lerobot[smolvla,peft]==0.4.4" "pytest>=7.4" "h5py>=3.8"
 cd tests_lerobot
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD/..:$PWD" \
   ../.venv-lerobot/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -204,3 +204,33 @@ def test_a_ddp_wrapped_policy(tmp_path):
             assert torch.equal(ddp(dict(batch))[0].detach(), plain)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_peft_wrapped_smolvla(smolvla, tmp_path):
+    """``lerobot-train --peft`` wraps the policy in PEFT's PeftModel with LoRA on SmolVLA's
+    default targets — ``action_out_proj``, the layer whose output Steer taps, among them.
+    steer_policy sees through the wrapper and taps the LoRA layer: at initialisation
+    (LoRA's B = 0) the steered loss equals the unwrapped policy's, a backward pass reaches
+    the adapters only, and removing the patch restores the wrapped policy's loss."""
+    smolvla.train()
+    batch = smolvla_train_batch(smolvla, batch_size=2)
+    spec = vae_spec(smolvla)
+    steer = Steer.recommended(_vae(smolvla), clamp=10.0, mask=spec.mask())
+    plain = _loss(smolvla, batch, seed=0)
+    with steer_policy(smolvla, steer):
+        steered = _loss(smolvla, batch, seed=0)
+    smolvla.save_pretrained(tmp_path)  # PEFT fine-tunes a saved policy (LeRobot checks)
+    smolvla.config.pretrained_path = str(tmp_path)
+    peft_model = smolvla.wrap_with_peft()  # LeRobot's own wrapping, its default targets
+    assert type(smolvla.model.action_out_proj).__module__.startswith("peft")
+    assert vae_spec(peft_model) == spec
+    with steer_policy(peft_model, steer):
+        torch.manual_seed(0)
+        loss = peft_model(dict(batch))[0]
+        assert torch.equal(loss.detach(), steered)
+        loss.backward()
+    lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    assert all(p.grad is None for n, p in peft_model.named_parameters() if "lora_" not in n)
+    torch.manual_seed(0)
+    assert torch.equal(peft_model(dict(batch))[0].detach(), plain)
