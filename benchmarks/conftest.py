@@ -5,6 +5,7 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
@@ -52,8 +53,7 @@ def pytest_sessionfinish(session, exitstatus):
     benchmark_session = getattr(session.config, "_benchmarksession", None)
     drop_untimed(benchmark_session)
     yield
-    target = getattr(benchmark_session, "json", None)
-    target = getattr(target, "name", target)
+    target = _json_path(benchmark_session)
     if target:  # pytest-benchmark wrote the whole JSON: the partial one is not needed
         try:
             json.loads(Path(target).read_text())
@@ -71,11 +71,19 @@ def pytest_runtest_protocol(item, nextitem):
     write_partial(getattr(item.config, "_benchmarksession", None))
 
 
+def _json_path(benchmark_session) -> Optional[str]:
+    """The ``--benchmark-json`` path: pytest-benchmark 5 keeps a ``Path``, 4 an open file
+    (whose ``.name`` is the path as given; a ``Path``'s ``.name`` is only its last part)."""
+    target = getattr(benchmark_session, "json", None)
+    if target is None:
+        return None
+    return str(target.name if hasattr(target, "write") else target)
+
+
 def write_partial(benchmark_session) -> None:
     """The timed cases of ``benchmark_session`` as pytest-benchmark's JSON (stats, no raw
     data) into ``<--benchmark-json>.partial``, atomically; nothing without --benchmark-json."""
-    target = getattr(benchmark_session, "json", None)
-    target = getattr(target, "name", target)  # a path, or an open file (pytest-benchmark 4)
+    target = _json_path(benchmark_session)
     cases = [c for c in getattr(benchmark_session, "benchmarks", None) or [] if _timed(c)]
     if not target or not cases:
         return

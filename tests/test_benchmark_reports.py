@@ -74,33 +74,37 @@ def _run_suite(tmp_path, source: str, out: Path) -> subprocess.CompletedProcess:
 
 
 def test_a_killed_suite_leaves_its_finished_cases_for_the_summary(tmp_path, monkeypatch):
-    """SIGKILL mid-suite: no JSON from pytest-benchmark, but ``<json>.partial`` has the cases
-    finished before it, and gpu_summary adopts it (and says so) as the suite's JSON."""
-    out = tmp_path / "bench_cut.json"
+    """SIGKILL mid-suite: no JSON from pytest-benchmark, but ``<json>.partial`` (beside the
+    JSON, in another directory than pytest's) has the cases finished before it, and
+    gpu_summary adopts it (and says so) as the suite's JSON."""
+    out = tmp_path / "results" / "bench_cut.json"
+    out.parent.mkdir()
     run = _run_suite(tmp_path, KILLED_SUITE, out)
     assert run.returncode == -9, run.stdout + run.stderr
     assert not out.exists()
-    partial = json.loads((tmp_path / "bench_cut.json.partial").read_text())
+    assert not (tmp_path / "bench_cut.json.partial").exists()
+    partial = json.loads((out.parent / "bench_cut.json.partial").read_text())
     assert [c["extra_info"]["impl"] for c in partial["benchmarks"]] == ["r0", "r1"]
     assert partial["benchmarks"][0]["stats"]["rounds"] == 4
     monkeypatch.setattr(sys, "path", list(sys.path))  # gpu_summary adds benchmarks/
     summary = _gpu_summary()
     out.write_text("")  # as on the H200: the file created, nothing written
-    notes = summary.adopt_partials(tmp_path)
+    notes = summary.adopt_partials(out.parent)
     assert notes == [
         "bench_cut: killed before pytest-benchmark wrote its JSON; the 2 cases it finished are "
         "kept (its .partial file)"
     ]
     assert set(summary.rows([str(out)])["cut"]) == {"r0", "r1"}  # medians per call
-    assert not (tmp_path / "bench_cut.json.partial").exists()
+    assert not (out.parent / "bench_cut.json.partial").exists()
 
 
 def test_a_finished_suite_leaves_no_partial_file(tmp_path):
-    out = tmp_path / "whole.json"
+    out = tmp_path / "results" / "whole.json"
+    out.parent.mkdir()
     run = _run_suite(tmp_path, KILLED_SUITE.replace("i == 2", "i == 99"), out)
     assert run.returncode == 0, run.stdout + run.stderr
     assert len(json.loads(out.read_text())["benchmarks"]) == 3
-    assert not (tmp_path / "whole.json.partial").exists()
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 def _gpu_summary():
