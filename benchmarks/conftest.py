@@ -12,6 +12,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 import pytest
 import torch
 
+from ate_fast.align.atomic_io import atomic_write_text  # whole or not at all
+
 PARTIAL_SUFFIX = ".partial"  # <--benchmark-json>.partial: the cases finished so far
 
 
@@ -94,10 +96,7 @@ def write_partial(benchmark_session) -> None:
         "benchmarks": [c.as_dict(include_data=False) for c in cases],
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
-    path = Path(f"{target}{PARTIAL_SUFFIX}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(Path(f"{target}{PARTIAL_SUFFIX}"), json.dumps(data, indent=1, default=str))
 
 
 def drop_untimed(benchmark_session) -> list[str]:
