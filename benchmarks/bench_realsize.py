@@ -80,7 +80,11 @@ Kernels: after its timing, each row's call is profiled once (``kernel_profile.py
 device kernels per call (inside the CUDA graphs too) and their summed device time
 (``busy``); the report gives kernels per step and busy ms, so ``median − busy`` is the time
 the GPU sat between kernels — what decides whether a row is bound by its kernel count (the
-dry run counts ATen ops, composite ones and their parts alike, and their CPU time).
+dry run counts ATen ops, composite ones and their parts alike, and their CPU time). The
+busy time is also split by kernel kind (GEMM, attention, Triton, other: from the kernels'
+names, ``kernel_profile.kernel_kind``) with the GEMMs' achieved bandwidth (the floor's
+bytes over the GEMM time), and the costliest kernels of the fastest B = 1 ate row are
+listed: where a step's time goes, to choose the next kernel by.
 
 Floor (per problem): the bytes that must be read per call, STEPS × (the head's bf16
 weights + the encoder's bf16 weights when guided, each weight once per step + the prefix
@@ -142,7 +146,7 @@ from ate_fast.sampling import FlowSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jetson_projection
-from kernel_profile import kernel_profile
+from kernel_profile import KINDS, kernel_profile
 
 HAS_GPU = torch.cuda.is_available()
 DRY_RUN = os.environ.get("ATE_FAST_REALSIZE_DRY_RUN") in ("1", "full") and not HAS_GPU
@@ -200,6 +204,8 @@ ROW_SECONDS = 0.0 if DRY_RUN else 0.6
 MAX_ROUNDS = 1 if DRY_RUN else 30
 MIN_ROUNDS = 1 if DRY_RUN else 3
 WARMUP_CALLS = 1 if DRY_RUN else 2
+TOP_KERNELS = 12  # the costliest kernels kept per row (JSON; the report lists the best row's)
+KERNEL_KINDS = (*(kind for kind, _ in KINDS), "other")
 # Cold-cache seconds on the GPU host for the plan and the budget: the H200's measured set-up
 # times (2026-12-04, realsize.json "setup_s", rounded up: max-autotune head 135-148 s,
 # default-mode head 16 s, max-autotune MLP correction 23-27 s with the head built); the
@@ -865,11 +871,54 @@ def markdown(data: dict) -> str:
     if data.get("not_run"):
         lines += ["", "Not run (not reached, deselected, or cut by the suite's limit):", ""]
         lines.append(", ".join(data["not_run"]))
+    lines += _time_split_lines(data)
     if data["setup_s"]:
         setups = ", ".join(f"{k} {v:.1f} s" for k, v in data["setup_s"].items())
         lines += ["", f"Set-up (build, compile, capture, warm-up) per case: {setups}"]
     lines += ["", jetson_projection.markdown(data).rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def _time_split_lines(data: dict) -> list[str]:
+    """The report's "where the time goes": each profiled row's busy time by kernel kind (GEMM,
+    attention, Triton, other), and the bytes of its floor over its GEMM time — the GEMMs'
+    achieved weight bandwidth (the floor's bytes are nearly all weights), against the copy
+    bandwidth; then the costliest kernels of the fastest B = 1 ate row."""
+    steps, bw = data["environment"]["steps"], data["bandwidth"]["bytes_per_s"]
+    profiled = [e for e in data["rows"].values() if e.get("busy_by_kind_s")]
+    if not profiled:
+        return []
+    lines = [
+        "", "Where the time goes (one profiled call; ms per step by kernel kind; GEMM GB/s = "
+        "the floor's bytes over the GEMM time):", "",
+        "| B | guidance | row | busy | gemm | attention | triton | other | GEMM GB/s | of copy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for e in profiled:
+        kinds = e["busy_by_kind_s"]
+        cells = [f"{kinds.get(k, 0.0) * 1e3 / steps:.3f}" for k in KERNEL_KINDS]
+        gemm_s = kinds.get("gemm", 0.0)
+        rate = e["floor_bytes"] / gemm_s if gemm_s > 0 else None
+        rate_cells = ["–", "–"] if rate is None else [f"{rate / 1e9:.0f}", f"{rate / bw:.0%}"]
+        lines.append(
+            f"| {e['B']} | {e['guidance']} | {e['row']} | {e['busy_s'] * 1e3 / steps:.3f} | "
+            + " | ".join(cells + rate_cells)
+            + " |"
+        )
+    ate = [e for e in profiled if e["B"] == 1 and e["row"].startswith("ate_") and e["top_kernels"]]
+    if ate:
+        best = min(ate, key=lambda e: e["median_s"])
+        lines += [
+            "",
+            f"Costliest kernels of B=1 {best['guidance']} {best['row']} (µs per step):",
+            "",
+        ]
+        for k in best["top_kernels"]:
+            name = k["name"] if len(k["name"]) <= 110 else k["name"][:107] + "..."
+            lines.append(
+                f"- {k['us_per_call'] / steps:.1f} µs, ×{k['count_per_call'] / steps:.0f}: `{name}`"
+            )
+    return lines
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -990,11 +1039,13 @@ def _kernels_per_call(fn: Callable[[], Any]) -> dict:
     """One profiled call after the timing: ``kernels`` per call (CUDA device kernels; the
     dry run: ATen ops) and their summed ``busy_s`` — against the row's median, the time the
     device sat between kernels (a call bound by its kernel count, not its bytes, shows it)."""
-    profiled = kernel_profile(fn, DEVICE, calls=1, top=0)
+    profiled = kernel_profile(fn, DEVICE, calls=1, top=TOP_KERNELS)
     label = "kernels" if DEVICE == "cuda" else "aten_ops"
     return {
         "kernels": profiled[f"{label}_per_call"],
         "busy_s": profiled[f"{label}_us_per_call"] * 1e-6,
+        "busy_by_kind_s": {k: us * 1e-6 for k, us in profiled["by_kind"].items()},
+        "top_kernels": profiled["top"],
     }
 
 
@@ -1017,7 +1068,10 @@ def report_from_benchmark_json(path: Path, out_dir: Path) -> str:
             "x_floor": median / floor_s, "floor_fraction": floor_s / median,
             **{
                 k: e[k]
-                for k in ("kernels", "busy_s", "floor_bytes", "floor_flops", "compute_floor_s")
+                for k in (
+                    "kernels", "busy_s", "busy_by_kind_s", "top_kernels", "floor_bytes",
+                    "floor_flops", "compute_floor_s",
+                )
                 if k in e
             },
         }  # fmt: skip

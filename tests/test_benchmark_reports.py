@@ -87,7 +87,7 @@ def test_a_killed_suite_leaves_its_finished_cases_for_the_summary(tmp_path, monk
     assert [c["extra_info"]["impl"] for c in partial["benchmarks"]] == ["r0", "r1"]
     assert partial["benchmarks"][0]["stats"]["rounds"] == 4
     monkeypatch.setattr(sys, "path", list(sys.path))  # gpu_summary adds benchmarks/
-    summary = _gpu_summary()
+    summary = _bench_module("gpu_summary")
     out.write_text("")  # as on the H200: the file created, nothing written
     notes = summary.adopt_partials(out.parent)
     assert notes == [
@@ -107,8 +107,9 @@ def test_a_finished_suite_leaves_no_partial_file(tmp_path):
     assert not list(tmp_path.rglob("*.partial"))
 
 
-def _gpu_summary():
-    spec = importlib.util.spec_from_file_location("gpu_summary", BENCH_DIR / "gpu_summary.py")
+def _bench_module(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -123,7 +124,7 @@ failures="1" errors="0" skipped="1"><testcase classname="tests.test_a" name="tes
 
 def test_summary_without_info_and_with_a_truncated_shard(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))  # gpu_summary adds benchmarks/
-    summary = _gpu_summary()
+    summary = _bench_module("gpu_summary")
     (tmp_path / "info.json").write_text("")  # `ate-fast info` failed
     (tmp_path / "cuda_tests-0.xml").write_text(JUNIT)
     (tmp_path / "cuda_tests-1.xml").write_text(JUNIT)
@@ -162,3 +163,26 @@ def test_a_misnamed_suite_is_refused_before_the_build(tmp_path):
     assert "ATE_FAST_SUITES: no benchmark file bench_nope.py" in run.stderr
     assert "benchmarks/bench_rtc.py" in run.stderr and "== build" not in run.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT", "gemm"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "gemm"),
+        ("triton_tem_fused_mm_0", "gemm"),
+        ("aten::mm", "gemm"),
+        ("aten::addmm", "gemm"),
+        (
+            "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64>>(Params)",
+            "attention",
+        ),
+        ("_attention_backward_kernel", "attention"),
+        ("_add_norm_kernel", "triton"),
+        ("triton_poi_fused_add_mul_0", "triton"),
+        ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>(int)", "other"),
+        ("aten::copy_", "other"),
+    ],
+)
+def test_kernel_kind_from_the_name(name, kind):
+    assert _bench_module("kernel_profile").kernel_kind(name) == kind
