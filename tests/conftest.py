@@ -7,8 +7,16 @@ execute CUDA kernels and are skipped only when no GPU is present.
 """
 
 import os
+import signal
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A process a script started in the background (`cmd &`, as gpu_suite.sh starts its test
+# shards, or a runner its whole command) inherits SIGINT ignored, and Python then never
+# raises KeyboardInterrupt: the suite's `timeout -s INT` would go unheard until its SIGKILL,
+# and pytest would write no JSON / JUnit XML of what it finished. Listen to SIGINT again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest
 import torch

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,15 @@ def test_cuda_case(benchmark, i):
 """
 
 
-def test_an_interrupted_suite_keeps_its_finished_cases(tmp_path):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_an_interrupted_suite_keeps_its_finished_cases(tmp_path, sigint):
+    """SIGINT mid-suite (the suite's ``timeout -s INT``): pytest-benchmark writes what
+    finished — also where the suite started with SIGINT ignored (a script's background
+    job: gpu_suite.sh's test shards), which benchmarks/conftest.py undoes."""
     shutil.copy(BENCH_DIR / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "bench_cut.py").write_text(INTERRUPTED_SUITE)
     out = tmp_path / "cut.json"
@@ -42,6 +51,7 @@ def test_an_interrupted_suite_keeps_its_finished_cases(tmp_path):
         [sys.executable, "-m", "pytest", "bench_cut.py", "-q", "-p", "no:cacheprovider",
          f"--benchmark-json={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        preexec_fn=_ignore_sigint if sigint == "ignored" else None,
     )  # fmt: skip
     assert run.returncode != 0  # interrupted
     cases = json.loads(out.read_text())["benchmarks"]  # no JSON at all without the hook
