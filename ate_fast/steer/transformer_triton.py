@@ -3,7 +3,7 @@
 
 **Status: CUDA's default for a batch of one since their H200 run (2026-12-04).** They
 pass the CPU tests through the Triton interpreter (float64, float32, bfloat16, float16),
-compile offline for sm_87, sm_89 and sm_90 within each one's shared memory
+compile offline for sm_87 and sm_90 within the shared memory of each and of sm_86 / sm_89
 (``tests/triton_offline_compile.py``, the same four storage dtypes), and ran on an H200
 (``bench_transformer_guidance.py``, graphed, checked against autograd): 1.58× faster than
 the hand-written VJP in bf16 at B = 1, 1.03× in float32; slower at B = 8 and 64 (float32),
