@@ -147,6 +147,7 @@ from ate_fast.sampling import FlowSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jetson_projection
 from kernel_profile import KINDS, kernel_profile
+from rtc_reference import autograd_rtc_velocity
 
 HAS_GPU = torch.cuda.is_available()
 DRY_RUN = os.environ.get("ATE_FAST_REALSIZE_DRY_RUN") in ("1", "full") and not HAS_GPU
@@ -433,12 +434,9 @@ class _RealTimeChunking:
                  step: int, cache: PrefixCache) -> torch.Tensor:  # fmt: skip
         """v − min(β, w(t))·g, g = VJP of x̂₁ = x − t·v(x) with (prev − x̂₁)·W: what a user
         writes with autograd through the head (inside ``torch.no_grad()``)."""
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            v = head(xg, t, cache)
-            x1 = xg - t_value * v
-            (g,) = torch.autograd.grad(x1, xg, (self.prev - x1) * self.guidance.weights)
-        return v.detach() - self.step_weights[step] * g
+        return autograd_rtc_velocity(
+            head, x, t, t_value, cache, self.prev, self.guidance.weights, self.step_weights[step]
+        )
 
 
 def _rtc(batch: int) -> _RealTimeChunking:

@@ -50,6 +50,7 @@ from unittest import mock
 
 import pytest
 import torch
+from rtc_reference import autograd_rtc_velocity
 
 import ate_fast
 from ate_fast.models import block_epilogues, make_head
@@ -133,13 +134,9 @@ def eager_rtc_loop(model: Callable, prev: torch.Tensor, weights: torch.Tensor) -
     def loop(noise: torch.Tensor) -> torch.Tensor:
         x = noise
         for k, t in enumerate(times):
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                v = model(x, t_vecs[k], None)
-                x1 = x - t * v
-                err = (prev - x1) * weights
-                (g,) = torch.autograd.grad(x1, x, err)
-            x = (x + (-1.0 / STEPS) * (v - guidance_weight[k] * g)).detach()
+            w = guidance_weight[k]
+            v = autograd_rtc_velocity(model, x, t_vecs[k], t, None, prev, weights, w)
+            x = (x + (-1.0 / STEPS) * v).detach()
         return x
 
     return loop
