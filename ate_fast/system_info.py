@@ -11,7 +11,7 @@ import torch
 
 from ate_fast import native
 from ate_fast._version import __version__
-from ate_fast.models import block_epilogues, cpu_gemm
+from ate_fast.models import block_epilogues, cpu_gemm, skinny_gemm
 from ate_fast.ops import backends
 from ate_fast.steer.transformer_vjp import selected_path
 
@@ -87,7 +87,14 @@ def info() -> dict:
             d: _or_error(lambda d=d: block_epilogues.selected_path(d)) for d in ("cpu", "cuda")
         },
         "cpu_gemm": _cpu_gemm(),
+        "skinny_gemm": _or_error(_skinny_gemm),
     }
+
+
+def _skinny_gemm() -> str:
+    """The block GEMMs' path at few rows, with the Triton kernel's column tile."""
+    path = skinny_gemm.selected_path()
+    return f"triton (BLOCK_N {skinny_gemm.block_n()})" if path == "triton" else path
 
 
 def _or_error(read: Callable[[], Any], errors: tuple = (ValueError,)) -> Any:
@@ -167,6 +174,10 @@ def format_info(data: dict) -> str:
     lines.append(
         f"flow-transformer block epilogues: cpu {epilogues['cpu']}, cuda {epilogues['cuda']}"
         " (ATE_FAST_FLOW_EPILOGUES=torch|triton forces one)"
+    )
+    lines.append(
+        f"flow-transformer block GEMMs at <= {skinny_gemm.MAX_ROWS} rows: {data['skinny_gemm']}"
+        " (ATE_FAST_SKINNY_GEMM=torch|triton, ATE_FAST_SKINNY_GEMM_BLOCK_N)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

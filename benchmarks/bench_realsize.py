@@ -62,6 +62,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   (B = 1, unguided): the MLP norm folded too, into a per-call copy of W_gate_up (−1 kernel
   per block and step, +2 × 302 MB per call); against ``ate_capture_triton_epilogues``,
   whether that pays on this GPU.
+- ``ate_capture_skinny_gemm_n{32,16,64}``: ``ate_capture`` (B = 1, unguided) with
+  ``ATE_FAST_SKINNY_GEMM=triton``: each block's four projections on the few-row Triton GEMM
+  (``ate_fast.models.skinny_gemm``) with that column tile, instead of cuBLAS; its A/B
+  against ``ate_capture`` (never run on a GPU before its first such run).
 - ``ate_capture_padded_prompt``: ``ate_capture`` (B = 1, unguided) with openpi's padded
   prompt: the language tokens' last ``PADDED_TOKENS`` of 48 are padding, hidden by the
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
@@ -175,8 +179,11 @@ TRITON_ROWS = (EPILOGUES_ROW, FOLD_MLP_ROW)  # under ATE_FAST_FLOW_EPILOGUES=tri
 TORCH_EPILOGUES_ROW = "ate_capture_torch_epilogues"
 # the epilogues' A/B row: the path other than the default (the dry run's default is torch)
 OTHER_EPILOGUES_ROW = EPILOGUES_ROW if DRY_RUN else TORCH_EPILOGUES_ROW
+# ate_capture with ATE_FAST_SKINNY_GEMM=triton: the block's GEMMs on the few-row kernel,
+# with its column tile (ATE_FAST_SKINNY_GEMM_BLOCK_N): against cuBLAS (ate_capture)
+SKINNY_ROWS = {f"ate_capture_skinny_gemm_n{n}": n for n in (32, 16, 64)}
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
-        FOLD_MLP_ROW,
+        FOLD_MLP_ROW, *SKINNY_ROWS,
         PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
 BASELINE = "compile_max_autotune"
@@ -225,6 +232,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     PADDED_ROW: 4.0,
     TWO_GEMMS_ROW: 4.0,
     FOLD_MLP_ROW: 10.0,  # + Triton compiling its kernels' folded variants at first use
+    **dict.fromkeys(SKINNY_ROWS, 8.0),  # + Triton compiling the GEMM's variants
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -249,6 +257,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap = [(b1, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
     cheap.append((b1, "unguided", OTHER_EPILOGUES_ROW))  # the epilogues' A/B (B = 8: later)
     cheap += [(b1, RTC, r) for r in ("eager", "ate_capture", OTHER_EPILOGUES_ROW)]
+    cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
     # A/Bs of a default's parts, after the unguided compiled baseline (the targets' peer)
@@ -632,7 +641,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         if enc is not None:
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
-    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW):  # (ATE_FAST_FLOW_EPILOGUES)
+    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, *SKINNY_ROWS):  # (env vars)
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
@@ -951,10 +960,14 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
     case = (batch, guidance, row)
     if row == TORCH_EPILOGUES_ROW:
         monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "torch")
+    if (row in TRITON_ROWS or row in SKINNY_ROWS) and DRY_RUN:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernels on the CPU need TRITON_INTERPRET=1 (dry run)")
     if row in TRITON_ROWS:
-        if DRY_RUN and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("the Triton epilogues on the CPU need TRITON_INTERPRET=1 (dry run)")
         monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
+    if row in SKINNY_ROWS:
+        monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
+        monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", str(SKINNY_ROWS[row]))
     spent = time.monotonic() - _STARTED
     guess = _guess(case, _BUILT_UNITS)
     if spent + guess > BUDGET_S:

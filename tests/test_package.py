@@ -118,6 +118,17 @@ def test_info_reports_the_cpu_gemm(monkeypatch):
     assert info()["cpu_gemm"].startswith("error: ATE_FAST_CPU_GEMM: expected one of")
 
 
+def test_info_reports_the_skinny_gemm_path(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_SKINNY_GEMM", raising=False)
+    monkeypatch.delenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", raising=False)
+    assert info()["skinny_gemm"] == "torch"  # never the default before a GPU measured it
+    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
+    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", "64")
+    assert "block GEMMs at <= 64 rows: triton (BLOCK_N 64)" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", "48")
+    assert info()["skinny_gemm"].startswith("error: ATE_FAST_SKINNY_GEMM_BLOCK_N")
+
+
 def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
     # CUDA's default is triton where Triton runs on CUDA: not on this machine

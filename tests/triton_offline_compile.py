@@ -2,7 +2,7 @@
 
     TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]]
         ARCH: default 90; GROUP: all (default), or a comma-separated list of mlp,
-        guided_step, transformer, flow_block
+        guided_step, transformer, flow_block, skinny_gemm
 
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
@@ -28,11 +28,13 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunct
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ate_fast.models import block_epilogues_triton as fb
+from ate_fast.models import skinny_gemm_triton as sg
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
 from ate_fast.steer import transformer_triton as tt
@@ -92,15 +94,17 @@ def register_usage(ptx: str, arch: int) -> tuple[int, int]:
 
 def compile_one(
     kernel, constexprs: dict, pointer_type, scalar_types: dict, target, label: str,
-    options: dict | None = None, spill_free: bool = False,
+    options: dict | None = None, spill_free: bool = False, divisible: tuple[str, ...] = (),
 ):  # fmt: skip
     """Compile one variant and check its shared memory against the target's per-block limit
     (and, ``spill_free``, that no register spills); ``options`` default to the
-    MLP-guidance launch options."""
+    MLP-guidance launch options; ``divisible``: the arguments a launch sees divisible by
+    16 (pointers: 16-byte aligned), as Triton's JIT specialises them at run time."""
     sig = signature(kernel, constexprs, pointer_type, scalar_types)
     options = options or {"num_warps": mg.NUM_WARPS, "num_stages": mg.NUM_STAGES}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     compiled = triton.compile(
-        ASTSource(kernel, sig, constexprs=constexprs), target=target, options=options
+        ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs), target=target, options=options
     )
     name, shared = kernel.__name__, compiled.metadata.shared
     limit, archs = shared_limit(target.arch)
@@ -301,8 +305,44 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     return count
 
 
+# (bias, residual, K a multiple of BLOCK_K): the block's GEMMs, and the general case
+_SKINNY_EPILOGUES = ((False, False, True), (False, True, True), (True, True, False))
+# what every launch sees (skinny_gemm.takes): pointers 16-byte aligned, n and k multiples
+# of 16 — the JIT specialises on both, and only then do the loads vectorise and pipeline
+# through shared memory (without, bf16 tiles of 32 columns spill registers)
+_SKINNY_ALIGNED = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "n", "k")
+
+
+def skinny_gemm_variants(target) -> int:
+    """The few-row GEMM (``ate_fast.models.skinny_gemm_triton``) in every storage dtype and
+    column tile, with and without the residual (and one bias + uneven-K variant each), at
+    the launcher's stages for the tile."""
+    count = 0
+    for (store, comp), block_n in itertools.product(_STORAGE_COMPUTE, sg.STAGES_BY_BLOCK_N):
+        dtype = _TORCH_DTYPE[store]
+        if sg.column_tile(block_n, dtype) != block_n:
+            continue  # the launcher never uses this tile for this dtype
+        c = tl.float64 if comp == "fp64" else tl.float32
+        options = {"num_warps": sg.WARPS_BY_BLOCK_N[block_n],
+                   "num_stages": sg.STAGES_BY_BLOCK_N[block_n]}  # fmt: skip
+        for bias, residual, even in _SKINNY_EPILOGUES:
+            compile_one(
+                sg._skinny_gemm_kernel,
+                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "EVEN_K": even, "C": c,
+                 "INTERPRETED": False, "BLOCK_M": sg.BLOCK_M, "BLOCK_N": block_n,
+                 "BLOCK_K": sg.block_k(dtype)},
+                lambda name, d=store: d, {}, target,
+                f"{store} BLOCK_N={block_n} bias={bias} residual={residual} even_k={even}",
+                options, spill_free=store != "fp64",
+                divisible=_SKINNY_ALIGNED,
+            )  # fmt: skip
+            count += 1
+    return count
+
+
 GROUPS = {"mlp": mlp_variants, "guided_step": guided_step_variants,
-          "transformer": transformer_variants, "flow_block": flow_block_variants}  # fmt: skip
+          "transformer": transformer_variants, "flow_block": flow_block_variants,
+          "skinny_gemm": skinny_gemm_variants}  # fmt: skip
 
 
 def main(arch: int, group: str = "all") -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import skinny_gemm
 from ate_fast.models.cpu_gemm import linear_residual_rows
 from ate_fast.module_checks import plain_linear
 
@@ -28,7 +29,8 @@ from ate_fast.module_checks import plain_linear
 def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     """``residual + linear(x)`` [..., out] for ``x`` [..., in] and ``residual`` [..., out]:
     one GEMM with the residual as C (one kernel and one rounding fewer:
-    :func:`~ate_fast.models.cpu_gemm.linear_residual_rows`) for a plain
+    :func:`~ate_fast.models.cpu_gemm.linear_residual_rows`, or the few-row kernel where
+    ``ATE_FAST_SKINNY_GEMM=triton``: :mod:`~ate_fast.models.skinny_gemm`) for a plain
     bias-free ``nn.Linear`` with the residual in its dtype, outside autocast (which would
     round the residual to the GEMM's precision); else the two ops as written."""
     if (
@@ -38,7 +40,10 @@ def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
         or torch.is_autocast_enabled(residual.device.type)
     ):
         return residual + linear(x)
-    return linear_residual_rows(x, linear.weight, residual)
+    weight = linear.weight
+    if residual.shape == x.shape[:-1] + weight.shape[:1] and skinny_gemm.takes(x, weight, residual):
+        return skinny_gemm.skinny_linear(x, weight, None, residual)
+    return linear_residual_rows(x, weight, residual)
 
 
 def autograd_input_vjp(

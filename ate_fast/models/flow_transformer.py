@@ -50,11 +50,12 @@ from ate_fast.models.block_epilogues import (
     use_triton,
     writes_in_place,
 )
-from ate_fast.models.cpu_gemm import linear, linear_of
+from ate_fast.models.cpu_gemm import linear_of
 from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.rotary import rotary_tables, rotate
+from ate_fast.models.skinny_gemm import block_linear, block_linear_of
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 from ate_fast.models.trace_state import exporting_graph
 from ate_fast.module_checks import forward_hooks_active, plain_linear, plain_tree
@@ -234,10 +235,10 @@ class _Block(nn.Module):
         attn_norm_folded = attn_norm_folded and qkv is not None
         h = x if attn_norm_folded else self.attn_norm(x)
         if qkv is None:
-            q_lin, kv_lin = linear_of(self.q, h), linear_of(self.kv, h)
+            q_lin, kv_lin = block_linear_of(self.q, h), block_linear_of(self.kv, h)
         else:  # one GEMM; q_lin and kv_lin are column ranges of its rows (views)
             widths = [self.q.out_features, self.kv.out_features]
-            q_lin, kv_lin = linear(h, qkv).split(widths, dim=-1)
+            q_lin, kv_lin = block_linear(h, qkv).split(widths, dim=-1)
         # the prefix's keys and values stay in the call's buffers, each step's action rows
         # written behind them — not where the in-place write cannot run (autograd, tracing)
         buffers = None
@@ -257,9 +258,9 @@ class _Block(nn.Module):
         x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)
         if gate_up is not None:  # gu: the scaled gate | up the pullback reads
             eps = norm_eps(self.mlp_norm, x1.dtype)
-            hidden, act, gu = norm_gated_gelu(linear(x1, gate_up), x1, eps, save_act=save)
+            hidden, act, gu = norm_gated_gelu(block_linear(x1, gate_up), x1, eps, save_act=save)
         else:
-            gu = linear_of(self.gate_up, self.mlp_norm(x1))
+            gu = block_linear_of(self.gate_up, self.mlp_norm(x1))
             hidden, act = gated_gelu(gu, save_act=save)
         out = linear_residual(self.down, hidden, x1)
         if not save:

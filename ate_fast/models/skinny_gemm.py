@@ -1,0 +1,116 @@
+"""The flow-transformer block's GEMMs at few rows: torch's (cuBLAS), or a Triton kernel with
+narrow column tiles (:mod:`ate_fast.models.skinny_gemm_triton`).
+
+At B = 1 a π0 step multiplies 50 rows by each weight: the GEMM is a weight read, and the
+question is how many SMs read at once. ``ATE_FAST_SKINNY_GEMM=triton`` runs the block's
+four projections (q|kv, o + residual, gate|up, down + residual) on the kernel wherever
+they have at most :data:`MAX_ROWS` rows; ``ATE_FAST_SKINNY_GEMM_BLOCK_N`` (16, 32, 64 or
+128; default 32) sets its column tile. Unset, or ``torch``, torch's GEMM runs: **the kernel
+has never run on a GPU**, so nothing selects it by default until ``bench_realsize.py``'s
+``ate_capture_skinny_gemm`` rows measure it against cuBLAS.
+
+Like the block's Triton epilogues (:mod:`ate_fast.models.block_epilogues`), the kernel has
+no backward and no symbolic form: torch's GEMM runs whenever autograd records, under
+tracing or a ``torch.func`` transform, and on tensor subclasses; also for more rows, mixed
+dtypes or non-contiguous operands.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.models.cpu_gemm import linear, linear_of
+from ate_fast.models.trace_state import opaque_ops_may_run
+from ate_fast.module_checks import plain_linear
+from ate_fast.ops import backends
+
+ENV_VAR = "ATE_FAST_SKINNY_GEMM"
+BLOCK_N_VAR = "ATE_FAST_SKINNY_GEMM_BLOCK_N"
+PATHS = ("torch", "triton")
+BLOCK_NS = (16, 32, 64, 128)
+DEFAULT_BLOCK_N = 32
+ALIGN = 16  # N, K and every pointer: multiples of this (see _aligned)
+MAX_ROWS = 64  # one row tile; above it (B = 8: 400 rows) cuBLAS's wide tiles have the SMs
+
+
+def selected_path() -> str:
+    """``$ATE_FAST_SKINNY_GEMM``: ``torch`` (also where unset) or ``triton``."""
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "torch"
+    if value not in PATHS:
+        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
+    return value
+
+
+def block_n() -> int:
+    """``$ATE_FAST_SKINNY_GEMM_BLOCK_N``, else :data:`DEFAULT_BLOCK_N`."""
+    value = os.environ.get(BLOCK_N_VAR, "").strip()
+    if not value:
+        return DEFAULT_BLOCK_N
+    if not value.isdigit() or int(value) not in BLOCK_NS:
+        raise InvalidArgumentError(
+            f"{BLOCK_N_VAR}: expected one of {list(BLOCK_NS)}, got {value!r}"
+        )
+    return int(value)
+
+
+def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether the kernel computes ``x`` [..., K] · ``weight`` [N, K]ᵀ (with the optional
+    bias / residual ``others``): selected, at most :data:`MAX_ROWS` rows, N and K multiples
+    of 16, one dtype, every operand contiguous and 16-byte aligned, nothing recording or
+    tracing; raises where it is selected and
+    Triton cannot run on the tensors' device."""
+    if selected_path() != "triton":
+        return False
+    extra = [t for t in others if t is not None]
+    tensors = (x, weight, *extra)
+    if (
+        weight.dim() != 2
+        or x.numel() > MAX_ROWS * x.shape[-1]
+        or not _aligned(*weight.shape, *(t.data_ptr() for t in tensors))
+        or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
+        or not opaque_ops_may_run(*tensors)
+    ):
+        return False
+    ok, why = backends.availability("triton", x.device.type)
+    if not ok:
+        raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
+    return True
+
+
+def _aligned(*values: int) -> bool:
+    """Every value a multiple of 16 (sizes; pointers: 16-byte aligned): what the kernel is
+    compiled and checked for (tests/triton_offline_compile.py), its loads vectorised."""
+    return all(v % ALIGN == 0 for v in values)
+
+
+def skinny_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None
+) -> Tensor:
+    """``x`` [..., K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [..., N]) ->
+    [..., N] on the kernel (call where :func:`takes` is true)."""
+    from ate_fast.models.skinny_gemm_triton import skinny_gemm  # imports triton: on use
+
+    rows = x.reshape(-1, x.shape[-1])
+    res = None if residual is None else residual.reshape(rows.shape[0], -1)
+    out = skinny_gemm(rows, weight, bias, res, block_n())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def block_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` [..., N]: on the kernel where it :func:`takes`, else
+    :func:`~ate_fast.models.cpu_gemm.linear`."""
+    if takes(x, weight, bias):
+        return skinny_linear(x, weight, bias)
+    return linear(x, weight, bias)
+
+
+def block_linear_of(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)``: a plain ``nn.Linear`` (:func:`~ate_fast.module_checks.plain_linear`) on
+    the kernel where it :func:`takes`, else :func:`~ate_fast.models.cpu_gemm.linear_of`."""
+    if plain_linear(layer) and takes(x, layer.weight, layer.bias):
+        return skinny_linear(x, layer.weight, layer.bias)
+    return linear_of(layer, x)
