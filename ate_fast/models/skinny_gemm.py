@@ -63,7 +63,7 @@ def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
     of 16, one dtype, every operand contiguous and 16-byte aligned, nothing recording or
     tracing; raises where it is selected and
     Triton cannot run on the tensors' device."""
-    if selected_path() != "triton":
+    if not os.environ.get(ENV_VAR) or selected_path() != "triton":  # unset: one dict lookup
         return False
     extra = [t for t in others if t is not None]
     tensors = (x, weight, *extra)
