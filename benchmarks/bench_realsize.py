@@ -62,10 +62,13 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   (B = 1, unguided): the MLP norm folded too, into a per-call copy of W_gate_up (−1 kernel
   per block and step, +2 × 302 MB per call); against ``ate_capture_triton_epilogues``,
   whether that pays on this GPU.
-- ``ate_capture_skinny_gemm_n{32,16,64}``: ``ate_capture`` (B = 1, unguided) with
+- ``ate_capture_skinny_gemm_n16``: ``ate_capture`` (B = 1, unguided) with
   ``ATE_FAST_SKINNY_GEMM=triton``: each block's four projections on the few-row Triton GEMM
-  (``ate_fast.models.skinny_gemm``) with that column tile, instead of cuBLAS; its A/B
-  against ``ate_capture`` (never run on a GPU before its first such run).
+  (``ate_fast.models.skinny_gemm``) with 16-column tiles, instead of cuBLAS; its A/B
+  against ``ate_capture`` (H200: slower than cuBLAS at 16, 32 and 64 columns).
+- ``ate_capture_split_kv_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided)
+  with ``ATE_FAST_PREFIX_ATTENTION=split_kv``: each block's attention on the split-key
+  Triton kernels (``ate_fast.models.split_kv_attention``) instead of SDPA; its A/B.
 - ``ate_capture_padded_prompt``: ``ate_capture`` (B = 1, unguided) with openpi's padded
   prompt: the language tokens' last ``PADDED_TOKENS`` of 48 are padding, hidden by the
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
@@ -181,9 +184,14 @@ TORCH_EPILOGUES_ROW = "ate_capture_torch_epilogues"
 OTHER_EPILOGUES_ROW = EPILOGUES_ROW if DRY_RUN else TORCH_EPILOGUES_ROW
 # ate_capture with ATE_FAST_SKINNY_GEMM=triton: the block's GEMMs on the few-row kernel,
 # with its column tile (ATE_FAST_SKINNY_GEMM_BLOCK_N): against cuBLAS (ate_capture)
-SKINNY_ROWS = {f"ate_capture_skinny_gemm_n{n}": n for n in (32, 16, 64)}
+# (H200, 2026-12-04: 32 → 15.19, 16 → 14.30, 64 → 20.97 ms against cuBLAS's 13.58: the
+# n16 row stays as the A/B)
+SKINNY_ROWS = {"ate_capture_skinny_gemm_n16": 16}
+# ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
+# split-key kernels instead of SDPA (B = 1 unguided and rtc-guided)
+SPLIT_KV_ROW = "ate_capture_split_kv_attention"
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
-        FOLD_MLP_ROW, *SKINNY_ROWS,
+        FOLD_MLP_ROW, *SKINNY_ROWS, SPLIT_KV_ROW,
         PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
 BASELINE = "compile_max_autotune"
@@ -233,6 +241,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     TWO_GEMMS_ROW: 4.0,
     FOLD_MLP_ROW: 10.0,  # + Triton compiling its kernels' folded variants at first use
     **dict.fromkeys(SKINNY_ROWS, 8.0),  # + Triton compiling the GEMM's variants
+    SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -257,6 +266,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap = [(b1, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
     cheap.append((b1, "unguided", OTHER_EPILOGUES_ROW))  # the epilogues' A/B (B = 8: later)
     cheap += [(b1, RTC, r) for r in ("eager", "ate_capture", OTHER_EPILOGUES_ROW)]
+    cheap += [(b1, g, SPLIT_KV_ROW) for g in ("unguided", RTC)]  # split-key attention vs SDPA
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
@@ -641,7 +651,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         if enc is not None:
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
-    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, *SKINNY_ROWS):  # (env vars)
+    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, *SKINNY_ROWS):
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
@@ -960,11 +970,13 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
     case = (batch, guidance, row)
     if row == TORCH_EPILOGUES_ROW:
         monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "torch")
-    if (row in TRITON_ROWS or row in SKINNY_ROWS) and DRY_RUN:
+    if (row in TRITON_ROWS or row in SKINNY_ROWS or row == SPLIT_KV_ROW) and DRY_RUN:
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton kernels on the CPU need TRITON_INTERPRET=1 (dry run)")
     if row in TRITON_ROWS:
         monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
+    if row == SPLIT_KV_ROW:
+        monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "split_kv")
     if row in SKINNY_ROWS:
         monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
         monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", str(SKINNY_ROWS[row]))

@@ -24,6 +24,7 @@ OPTIONAL = {
 LAZY_KERNELS = {
     "ate_fast.models.block_epilogues_triton",
     "ate_fast.models.skinny_gemm_triton",
+    "ate_fast.models.split_kv_attention_triton",
     "ate_fast.ops.guided_step.triton",
     "ate_fast.ops.mlp_guidance.triton",
     "ate_fast.steer.transformer_triton",

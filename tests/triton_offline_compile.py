@@ -2,7 +2,8 @@
 
     TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]]
         ARCH: default 90; GROUP: all (default), or a comma-separated list of mlp,
-        guided_step, transformer, flow_block, skinny_gemm
+        guided_step, transformer, flow_block, skinny_gemm,
+        split_kv
 
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
@@ -35,6 +36,7 @@ from triton.compiler import ASTSource
 
 from ate_fast.models import block_epilogues_triton as fb
 from ate_fast.models import skinny_gemm_triton as sg
+from ate_fast.models import split_kv_attention_triton as sk
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
 from ate_fast.steer import transformer_triton as tt
@@ -340,9 +342,35 @@ def skinny_gemm_variants(target) -> int:
     return count
 
 
+def split_kv_variants(target) -> int:
+    """The split-key attention (``ate_fast.models.split_kv_attention_triton``): its partial
+    and combine kernels in every storage dtype, for π0's head dim (256) and the small
+    head's (64), at the launcher's tiles and warps; spill-free but in float64."""
+    count = 0
+    for (store, comp), hd in itertools.product(_STORAGE_COMPUTE, (64, 256)):
+        block_q, block_k = sk.TILES[_TORCH_DTYPE[store].itemsize]
+        c = tl.float64 if comp == "fp64" else tl.float32
+        stats = _typed({"o_ptr", "m_ptr", "l_ptr"}, store, comp)
+        options = {"num_warps": sk.num_warps(hd), "num_stages": 1}
+        compile_one(
+            sk._partial_kernel,
+            {"HD": hd, "BLOCK_Q": block_q, "BLOCK_K": block_k, "BLOCK_D": hd, "C": c,
+             "INTERPRETED": False},
+            stats, {"scale": "fp32"}, target, f"{store} hd={hd}", options,
+            spill_free=store != "fp64",
+        )  # fmt: skip
+        compile_one(
+            sk._combine_kernel,
+            {"HD": hd, "BLOCK_R": sk.COMBINE_ROWS, "BLOCK_D": hd, "C": c},
+            stats, {}, target, f"{store} hd={hd}", options, spill_free=store != "fp64",
+        )  # fmt: skip
+        count += 2
+    return count
+
+
 GROUPS = {"mlp": mlp_variants, "guided_step": guided_step_variants,
           "transformer": transformer_variants, "flow_block": flow_block_variants,
-          "skinny_gemm": skinny_gemm_variants}  # fmt: skip
+          "skinny_gemm": skinny_gemm_variants, "split_kv": split_kv_variants}  # fmt: skip
 
 
 def main(arch: int, group: str = "all") -> None:

@@ -56,6 +56,7 @@ from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.skinny_gemm import block_linear, block_linear_of
+from ate_fast.models.split_kv_attention import prefix_attention
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 from ate_fast.models.trace_state import exporting_graph
 from ate_fast.module_checks import forward_hooks_active, plain_linear, plain_tree
@@ -252,7 +253,7 @@ class _Block(nn.Module):
         norm = (x, norm_eps(self.attn_norm, x.dtype)) if attn_norm_folded else None
         q, k, v = rotate_qkv(q_lin, kv_lin, cos, sin, cond, self.num_heads, self.num_kv_heads,
                              buffers, norm)  # fmt: skip
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        attn = prefix_attention(q, k, v, bias)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there)
         x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)

@@ -1,0 +1,68 @@
+"""The flow-transformer block's attention against its prefix: torch's SDPA, or Triton
+kernels that split the keys over many programs (:mod:`ate_fast.models.split_kv_attention_triton`).
+
+At B = 1 π0's step attends 400 query rows (50 tokens × 8 heads on one key/value head) to
+866 keys: on an H200 the SDPA kernel torch picks runs that on 7 programs, and it took 38 %
+of the step's kernel time (2026-12-04). ``ATE_FAST_PREFIX_ATTENTION=split_kv`` runs it on
+the split-key kernels instead, wherever there is no attention mask (the padded prompt's
+keeps SDPA), nothing records or traces, and the head dim is at most :data:`MAX_HEAD_DIM`;
+unset, or ``sdpa``, SDPA runs. **Opt-in until a GPU run measures it**
+(``bench_realsize.py``'s ``ate_capture_split_kv_attention`` row).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.models.trace_state import opaque_ops_may_run
+from ate_fast.ops import backends
+
+ENV_VAR = "ATE_FAST_PREFIX_ATTENTION"
+PATHS = ("sdpa", "split_kv")
+MAX_HEAD_DIM = 256  # the kernels hold a query row's head dim in one tile
+
+
+def selected_path() -> str:
+    """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset) or ``split_kv``."""
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "sdpa"
+    if value not in PATHS:
+        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
+    return value
+
+
+def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
+    """Whether the split-key kernels run ``q`` [B, heads, rows, hd] against ``k``, ``v``
+    [B, heads, keys, hd]: selected, no mask, one dtype, unit last strides, head dim ≤
+    :data:`MAX_HEAD_DIM`, nothing recording or tracing; raises where selected and Triton
+    cannot run on the tensors' device."""
+    if not os.environ.get(ENV_VAR) or selected_path() != "split_kv":  # unset: one lookup
+        return False
+    tensors = (q, k, v)
+    if (
+        mask is not None
+        or q.dim() != 4
+        or q.shape[-1] > MAX_HEAD_DIM
+        or k.shape[:2] != q.shape[:2]
+        or any(t.dtype != q.dtype or t.stride(-1) != 1 for t in tensors)
+        or not opaque_ops_may_run(*tensors)
+    ):
+        return False
+    ok, why = backends.availability("triton", q.device.type)
+    if not ok:
+        raise BackendUnavailableError(f"{ENV_VAR}=split_kv is unavailable: {why}")
+    return True
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` [B, heads, rows, hd]: on
+    the split-key kernels where they :func:`takes` it, else SDPA."""
+    if takes(q, k, v, mask):
+        from ate_fast.models.split_kv_attention_triton import split_kv_attention  # triton
+
+        return split_kv_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

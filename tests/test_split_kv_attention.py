@@ -1,0 +1,129 @@
+"""The split-key attention kernels (``ate_fast.models.split_kv_attention``): against SDPA
+in float64 / float32 / bfloat16 on random inputs, on the CPU through the Triton interpreter
+(and on a GPU where there is one); inside the flow-transformer head and its captured
+sampler; and where SDPA must run instead."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import FlowTransformerHead, split_kv_attention
+from ate_fast.models import split_kv_attention_triton as kernels
+from ate_fast.sampling import FlowSampler
+
+pytest.importorskip("triton")
+
+F64 = torch.float64
+ENV = split_kv_attention.ENV_VAR
+
+
+@pytest.fixture
+def selected(monkeypatch):
+    monkeypatch.setenv(ENV, "split_kv")
+    return monkeypatch
+
+
+def _qkv(batch, heads, rows, keys, hd, dtype, device="cpu", spare=3):
+    """q [B, heads, rows, hd]; k, v: the first ``keys`` rows of [B, heads, keys + spare, hd]
+    buffers (strided views, as the block's prefix slots are)."""
+    g = torch.Generator().manual_seed(rows * 7 + keys + hd)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).to(device, dtype)
+
+    buf_k, buf_v = rand(batch, heads, keys + spare, hd), rand(batch, heads, keys + spare, hd)
+    return rand(batch, heads, rows, hd), buf_k[:, :, :keys], buf_v[:, :, :keys]
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "rows", "keys", "hd"),
+    [(1, 1, 40, 70, 16), (2, 2, 17, 33, 8), (1, 1, 3, 200, 32), (2, 1, 64, 16, 24)],
+)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_matches_sdpa(dtype, batch, heads, rows, keys, hd):
+    """Keys split into several slices (the CPU aims at 16 programs), a ragged last chunk,
+    a head dim that is not a power of two; float64 to 1e-12, float32 to 1e-5, bfloat16
+    within the output's rounding plus P's rounding to bfloat16 (as in FlashAttention)."""
+    q, k, v = _qkv(batch, heads, rows, keys, hd, dtype)
+    block_k = kernels.TILES[torch.empty((), dtype=dtype).element_size()][1]
+    assert kernels.key_slices(rows, keys, batch * heads, dtype, 8) % block_k == 0
+    got = kernels.split_kv_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.to(F64), k.to(F64), v.to(F64))
+    tol = {F64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got.to(F64), ref, rtol=tol, atol=tol)
+
+
+def test_the_keys_are_split_over_programs():
+    """π0's step at B = 1 on an H200 (132 SMs): 400 rows, 866 keys — the keys in slices of
+    whole chunks, so that at least one program per SM runs (SDPA's kernel ran 7); one
+    slice where the rows alone fill the GPU."""
+    per_split = kernels.key_slices(400, 866, 1, torch.bfloat16, 132)
+    block_q, block_k = kernels.TILES[2]
+    slices = -(-866 // per_split)
+    assert per_split % block_k == 0 and slices > 1
+    assert slices * -(-400 // block_q) >= 132
+    assert kernels.key_slices(4096, 866, 8, torch.bfloat16, 132) >= 866
+
+
+def test_where_sdpa_runs_instead(selected):
+    q, k, v = _qkv(1, 1, 8, 20, 16, torch.float32)
+    assert split_kv_attention.takes(q, k, v, None)
+    assert not split_kv_attention.takes(q, k, v, torch.zeros(1, 1, 8, 20))  # a mask
+    assert not split_kv_attention.takes(q.to(F64), k, v, None)
+    assert not split_kv_attention.takes(q.transpose(-1, -2), k, v, None)
+    with torch.enable_grad():
+        assert not split_kv_attention.takes(q.requires_grad_(True), k, v, None)
+    selected.setenv(ENV, "flash")
+    with pytest.raises(InvalidArgumentError, match="ATE_FAST_PREFIX_ATTENTION: expected one"):
+        split_kv_attention.selected_path()
+    selected.delenv(ENV)
+    assert not split_kv_attention.takes(q, k, v, None)
+
+
+def test_head_and_captured_sampler_match_sdpa(selected):
+    """float64: the head's forward and input-VJP with a prefix cache, and a captured Euler
+    loop, equal SDPA's to rounding; the kernels ran in every block."""
+    torch.manual_seed(0)
+    head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
+                               num_heads=4, num_kv_heads=2, head_dim=8).to(F64)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 3, generator=g, dtype=F64)
+    t = torch.tensor([0.3, 0.8], dtype=F64)
+    u = torch.randn(2, 6, 3, generator=g, dtype=F64)
+    cond = head.prefix_cache(torch.randn(2, 5, 32, generator=g, dtype=F64))
+
+    def run():
+        sampler = FlowSampler(head, 3)
+        with torch.no_grad():
+            out, pullback = head.forward_with_vjp(x, t, cond)
+            captured = sampler.capture(x, cond)
+            return head(x, t, cond), out, pullback(u), captured(x, cond)
+
+    selected.setenv(ENV, "sdpa")
+    ref = run()
+    selected.setenv(ENV, "split_kv")
+    with mock.patch.object(
+        kernels, "split_kv_attention", wraps=kernels.split_kv_attention
+    ) as kernel:
+        got = run()
+    assert kernel.call_count >= 2 * 2  # head() and forward_with_vjp(): 2 blocks each
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pi0_step_on_cuda(dtype):
+    """π0's step at B = 1 and 2: 400 rows (8 heads folded) × 866 keys of 256 dims."""
+    for batch in (1, 2):
+        q, k, v = _qkv(batch, 1, 400, 866, 256, dtype, "cuda")
+        got = kernels.split_kv_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
