@@ -13,7 +13,7 @@ from ate_fast import native
 from ate_fast._version import __version__
 from ate_fast.models import block_epilogues, cpu_gemm, skinny_gemm
 from ate_fast.ops import backends
-from ate_fast.steer.transformer_vjp import selected_path
+from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
 
 
 def _version(dist: str) -> str | None:
@@ -118,12 +118,17 @@ def _cpu_gemm() -> str:
 
 def _transformer_guidance_paths() -> dict:
     """Device type -> the Transformer-encoder guidance path (or the env variable's error);
-    ``<device> B=1``: a batch of one's, where it differs."""
+    ``<device> B=1``: a batch of one's, and ``<device> bf16 B<=N``: half precision's up to
+    the largest batch it covers, where they differ."""
     paths = {d: _or_error(lambda d=d: selected_path(d)) for d in ("cpu", "cuda")}
     for d in ("cpu", "cuda"):
         single = _or_error(lambda d=d: selected_path(d, 1))
         if single != paths[d]:
             paths[f"{d} B=1"] = single
+        largest = HALF_PRECISION_MAX_BATCH.get(d, 1)
+        half = _or_error(lambda d=d: selected_path(d, largest, torch.bfloat16))
+        if largest > 1 and half != paths[d]:
+            paths[f"{d} bf16/fp16 B<={largest}"] = half
     return paths
 
 

@@ -67,8 +67,12 @@ def test_info_reports_the_transformer_guidance_path(monkeypatch):
     assert info()["transformer_guidance"] == {"cpu": "vjp", "cuda": "vjp"}
     monkeypatch.setattr(backends, "availability", lambda *_: (True, ""))
     paths = info()["transformer_guidance"]
-    assert paths == {"cpu": "vjp", "cuda": "vjp", "cuda B=1": "triton"}
-    assert "cpu vjp, cuda vjp, cuda B=1 triton (" in format_info(info())
+    assert paths == {
+        "cpu": "vjp", "cuda": "vjp", "cuda B=1": "triton", "cuda bf16/fp16 B<=8": "triton"
+    }  # fmt: skip
+    assert "cpu vjp, cuda vjp, cuda B=1 triton, cuda bf16/fp16 B<=8 triton (" in format_info(
+        info()
+    )
     monkeypatch.undo()
     monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "autograd")
     assert "cpu autograd, cuda autograd" in format_info(info())

@@ -142,7 +142,7 @@ def latent_distance_gradient(
         _check_target(target, encoder.latent_dim, x.shape[0], target_name, latent, eps)
         mask = None if encoder.mask is None else encoder.mask.to(x.device)  # as the others
         with torch.no_grad():
-            return vjp_function(x.device.type, x.shape[0])(
+            return vjp_function(x.device.type, x.shape[0], x.dtype)(
                 encoder.transformer, x, target.to(device=x.device, dtype=x.dtype),
                 mask=mask, eps=eps if latent == "sample" else None, reduction=reduction,
             )  # fmt: skip

@@ -20,7 +20,8 @@ and no dropout in effect; :func:`align_transformer_encoder` returns ``None`` oth
 
 Which path runs: ``ATE_FAST_TRANSFORMER_GUIDANCE=autograd|vjp|compiled|triton`` forces one;
 unset, the default of :data:`DEFAULT_PATH` for the tensor's device type, or for a batch of
-one that of :data:`SINGLE_SAMPLE_PATH` where Triton runs (the measured winners; see
+one (in bf16 / fp16: up to :data:`HALF_PRECISION_MAX_BATCH`) that of
+:data:`SINGLE_SAMPLE_PATH` where Triton runs (the measured winners; see
 ``benchmarks/README.md``, "Guidance gradient through the Transformer encoder" and "GPU:
 NVIDIA H200").
 
@@ -81,31 +82,43 @@ PATHS = ("autograd", "vjp", "compiled", "triton")
 DEFAULT_PATH = {"cpu": "vjp", "cuda": "vjp"}
 # device type -> the default for a batch of one where Triton runs there: on an H200 the
 # Triton kernels beat the VJP at B = 1 in bf16 (1.58x) and float32 (1.03x), not at B = 8
+# in float32 (0.94x)
 SINGLE_SAMPLE_PATH = {"cuda": "triton"}
+# device type -> the largest batch for which a half-precision (bf16 / fp16) gradient takes
+# the single-sample path too: on an H200 (2026-12-04, graphed) bf16 at B = 8 ran 720 µs on
+# the Triton kernels against the VJP's 1288 µs (1.79x; B = 1: 1.59x)
+HALF_PRECISION_MAX_BATCH = {"cuda": 8}
 
 
-def selected_path(device_type: str, batch: Optional[int] = None) -> str:
+def selected_path(
+    device_type: str, batch: Optional[int] = None, dtype: Optional[torch.dtype] = None
+) -> str:
     """One of :data:`PATHS`: the forced path (``$ATE_FAST_TRANSFORMER_GUIDANCE``), or the
-    default for ``device_type`` and, where given, the ``batch`` size."""
+    default for ``device_type`` and, where given, the ``batch`` size and the data's
+    ``dtype``."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()  # any case, as the other selectors
     if forced:
         if forced not in PATHS:
             raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {forced!r}")
         return forced
     single = SINGLE_SAMPLE_PATH.get(device_type)
-    if batch == 1 and single is not None:
+    half = dtype in (torch.bfloat16, torch.float16)
+    largest = HALF_PRECISION_MAX_BATCH.get(device_type, 1) if half else 1
+    if batch is not None and 1 <= batch <= largest and single is not None:
         if single != "triton" or backends.availability("triton", device_type)[0]:
             return single
     return DEFAULT_PATH.get(device_type, "autograd")
 
 
-def vjp_function(device_type: str, batch: Optional[int] = None) -> Callable[..., Tensor]:
+def vjp_function(
+    device_type: str, batch: Optional[int] = None, dtype: Optional[torch.dtype] = None
+) -> Callable[..., Tensor]:
     """:func:`transformer_latent_gradient`, its ``torch.compile`` form where the
     ``compiled`` path is selected for ``device_type``, or its Triton-kernel form
     (``kernels="triton"``) where the ``triton`` path is (raises
     :class:`~ate_fast.errors.BackendUnavailableError` where Triton cannot run)."""
     global _COMPILED
-    path = selected_path(device_type, batch)
+    path = selected_path(device_type, batch, dtype)
     if path == "triton":
         ok, why = backends.availability("triton", device_type)
         if not ok:
