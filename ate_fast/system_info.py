@@ -126,7 +126,7 @@ def _transformer_guidance_paths() -> dict:
         if single != paths[d]:
             paths[f"{d} B=1"] = single
         largest = HALF_PRECISION_MAX_BATCH.get(d, 1)
-        half = _or_error(lambda d=d: selected_path(d, largest, torch.bfloat16))
+        half = _or_error(lambda d=d, n=largest: selected_path(d, n, torch.bfloat16))
         if largest > 1 and half != paths[d]:
             paths[f"{d} bf16/fp16 B<={largest}"] = half
     return paths

@@ -70,9 +70,8 @@ def test_info_reports_the_transformer_guidance_path(monkeypatch):
     assert paths == {
         "cpu": "vjp", "cuda": "vjp", "cuda B=1": "triton", "cuda bf16/fp16 B<=8": "triton"
     }  # fmt: skip
-    assert "cpu vjp, cuda vjp, cuda B=1 triton, cuda bf16/fp16 B<=8 triton (" in format_info(
-        info()
-    )
+    text = format_info(info())
+    assert "cpu vjp, cuda vjp, cuda B=1 triton, cuda bf16/fp16 B<=8 triton (" in text
     monkeypatch.undo()
     monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "autograd")
     assert "cpu autograd, cuda autograd" in format_info(info())
