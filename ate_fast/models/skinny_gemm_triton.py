@@ -2,10 +2,10 @@
 for few rows (a π0 step at B = 1: 50), narrow column tiles so that many programs read the
 weight at once.
 
-**Status: never run on a GPU.** It passes the CPU tests through the Triton interpreter
-(float64, float32, bfloat16, float16, against ``F.linear``) and compiles offline for sm_87
-and sm_90 (``tests/triton_offline_compile.py``); whether it beats cuBLAS is for
-``bench_realsize.py``'s ``ate_capture_skinny_gemm`` rows to measure.
+**Status: ran on an H200 (2026-12-04), correct (``test_pi0_shapes_on_cuda``) and slower
+than cuBLAS** at every tile (see :mod:`ate_fast.models.skinny_gemm`), so opt-in. It passes
+the CPU tests through the Triton interpreter (float64, float32, bfloat16, float16, against
+float64) and compiles offline for sm_87 and sm_90 (``tests/triton_offline_compile.py``).
 
 One program per ``[BLOCK_M, BLOCK_N]`` output tile loops over K in ``BLOCK_K`` slices (the
 compiler pipelines the loads, ``num_stages`` deep); the bias and the residual are added to

@@ -2,10 +2,11 @@
 hundred query rows against a long key/value sequence, the keys split over many programs
 (flash-decoding), then one combine.
 
-**Status: never run on a GPU before the H200 run that measures it** (see the module that
-selects it). It passes the CPU tests through the Triton interpreter (float64, float32,
-bfloat16 against ``F.scaled_dot_product_attention``) and compiles offline for sm_87 and
-sm_90 (``tests/triton_offline_compile.py``).
+**Status: ran on an H200 (2026-12-04), correct (``test_pi0_step_on_cuda``) and not
+faster than SDPA in the captured call** (see the module that selects it). It passes
+the CPU tests through the Triton interpreter (float64, float32, bfloat16 against
+``F.scaled_dot_product_attention``) and compiles offline for sm_87 and sm_90
+(``tests/triton_offline_compile.py``).
 
 Why: in π0's step at B = 1 attention is 400 query rows (50 tokens × 8 heads folded onto the
 one key/value head) against 866 keys of 256 dims. The SDPA kernel torch picks on an H200
