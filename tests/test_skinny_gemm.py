@@ -10,10 +10,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from flow_head_paths import forward_vjp_and_capture, small_head  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.models import FlowTransformerHead, skinny_gemm
-from ate_fast.sampling import FlowSampler
+from ate_fast.models import skinny_gemm
 
 pytest.importorskip("triton")
 
@@ -125,31 +125,13 @@ def test_settings_are_checked(triton_path):
     assert skinny_gemm.block_n() == skinny_gemm.DEFAULT_BLOCK_N
 
 
-def _head(dtype=F64):
-    torch.manual_seed(0)
-    head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
-                               num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
-    return head.to(dtype)
-
-
 def test_head_and_captured_sampler_match_torch(triton_path):
     """float64: the head's forward and input-VJP, and a captured Euler loop with one q|kv
     GEMM (fuse_qkv), with the kernel equal the torch GEMM's to rounding; the kernel ran at
     every projection of every block (4 per block and forward)."""
-    head = _head()
+    head = small_head()
     head.fuse_qkv = True
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 6, 3, generator=g, dtype=F64)
-    t = torch.tensor([0.3, 0.8], dtype=F64)
-    u = torch.randn(2, 6, 3, generator=g, dtype=F64)
-    cond = head.prefix_cache(torch.randn(2, 5, 32, generator=g, dtype=F64))
-
-    def run():
-        sampler = FlowSampler(head, 3)
-        with torch.no_grad():
-            out, pullback = head.forward_with_vjp(x, t, cond)
-            captured = sampler.capture(x, cond)
-            return head(x, t, cond), out, pullback(u), captured(x, cond)
+    run = forward_vjp_and_capture(head)
 
     triton_path.setenv(skinny_gemm.ENV_VAR, "torch")
     ref = run()

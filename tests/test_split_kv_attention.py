@@ -10,11 +10,11 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from flow_head_paths import forward_vjp_and_capture, small_head  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.models import FlowTransformerHead, split_kv_attention
+from ate_fast.models import split_kv_attention
 from ate_fast.models import split_kv_attention_triton as kernels
-from ate_fast.sampling import FlowSampler
 
 pytest.importorskip("triton")
 
@@ -89,22 +89,7 @@ def test_where_sdpa_runs_instead(selected):
 def test_head_and_captured_sampler_match_sdpa(selected):
     """float64: the head's forward and input-VJP with a prefix cache, and a captured Euler
     loop, equal SDPA's to rounding; the kernels ran in every block."""
-    torch.manual_seed(0)
-    head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
-                               num_heads=4, num_kv_heads=2, head_dim=8).to(F64)  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 6, 3, generator=g, dtype=F64)
-    t = torch.tensor([0.3, 0.8], dtype=F64)
-    u = torch.randn(2, 6, 3, generator=g, dtype=F64)
-    cond = head.prefix_cache(torch.randn(2, 5, 32, generator=g, dtype=F64))
-
-    def run():
-        sampler = FlowSampler(head, 3)
-        with torch.no_grad():
-            out, pullback = head.forward_with_vjp(x, t, cond)
-            captured = sampler.capture(x, cond)
-            return head(x, t, cond), out, pullback(u), captured(x, cond)
-
+    run = forward_vjp_and_capture(small_head())
     selected.setenv(ENV, "sdpa")
     ref = run()
     selected.setenv(ENV, "split_kv")

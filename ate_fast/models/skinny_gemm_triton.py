@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -45,15 +46,6 @@ STAGES_BY_BLOCK_N = {16: 4, 32: 3, 64: 2, 128: 2}
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulator's dtype: float64 for float64 data, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@triton.jit
-def _dot(a, b, acc, C: tl.constexpr, INTERPRETED: tl.constexpr):
-    """``a @ b + acc`` in ``C``; the interpreter multiplies bfloat16 as its uint16 bits
-    (Triton 3.x), so there the operands are widened to ``C`` first (exact products)."""
-    if INTERPRETED:
-        a, b = a.to(C), b.to(C)
-    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=C)
 
 
 @triton.jit

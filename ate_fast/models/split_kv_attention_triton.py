@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -50,15 +51,6 @@ COMBINE_ROWS = 16  # rows per combine program
 # programs to aim for: this many per SM (the keys split until the grid has them)
 PROGRAMS_PER_SM = 2
 _SM_COUNT: dict = {}
-
-
-@triton.jit
-def _dot(a, b, acc, C: tl.constexpr, INTERPRETED: tl.constexpr):
-    """``a @ b + acc`` in ``C``; the interpreter multiplies bfloat16 as its uint16 bits
-    (Triton 3.x), so there the operands are widened to ``C`` first (exact products)."""
-    if INTERPRETED:
-        a, b = a.to(C), b.to(C)
-    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=C)
 
 
 @triton.jit

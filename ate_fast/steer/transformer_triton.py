@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -277,17 +278,6 @@ def _tile(ptr, sb, st, bi, col0, rows, n_rows, j, HD: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, C: tl.constexpr, INTERPRETED: tl.constexpr):
-    """``a @ b (+ acc)`` accumulated in ``C``: operands in their storage dtype (bf16 / fp16
-    on tensor cores), float32 and float64 exactly (no TF32). The interpreter multiplies
-    bfloat16 as its uint16 bits (Triton 3.x), so there the operands are widened to ``C``
-    first: exact, as each bf16 product is in float32; only the summation order differs."""
-    if INTERPRETED:
-        a, b = a.to(C), b.to(C)
-    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=C)
-
-
-@triton.jit
 def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr):
     """``QKᵀ/√hd`` [BLOCK_Q, BLOCK_K] with padded keys at −inf (padded queries stay finite)."""
     scale = 1.0 / tl.sqrt(tl.full([], HD, C))
@@ -421,7 +411,7 @@ def attention_constants(
     for ``queries`` × ``tokens``, heads of ``head_dim`` and data stored in ``dtype``: blocks
     of ≤ :data:`QUERY_BLOCK` queries and :data:`KEY_BLOCK` keys, so that registers and
     shared memory do not grow with the token count; ``interpreted``: run by Triton's CPU
-    interpreter (see :func:`_dot`)."""
+    interpreter (see :func:`ate_fast.ops.triton_dot.tile_dot`)."""
     block_q, block_k, block_d = (
         min(_block(queries), QUERY_BLOCK[dtype.itemsize]),
         min(_block(tokens), KEY_BLOCK),

@@ -1,0 +1,40 @@
+"""A small flow-transformer head and one run of everything a block's alternative path must
+match (shared by the tests of ``skinny_gemm`` and ``split_kv_attention``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ate_fast.models import FlowTransformerHead
+from ate_fast.sampling import FlowSampler
+
+F64 = torch.float64
+
+
+def small_head(dtype: torch.dtype = F64) -> FlowTransformerHead:
+    """Two blocks, width 32, 4 query heads on 2 key/value heads of 8 dims (seeded)."""
+    torch.manual_seed(0)
+    head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
+                               num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
+    return head.to(dtype)
+
+
+def forward_vjp_and_capture(head: FlowTransformerHead) -> Callable[[], tuple]:
+    """``run() -> (head(x), forward_with_vjp's output, its pullback of u, a captured Euler
+    loop's actions)`` on fixed float64 inputs with a prefix cache [2, 5, 32]."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 3, generator=g, dtype=F64)
+    t = torch.tensor([0.3, 0.8], dtype=F64)
+    u = torch.randn(2, 6, 3, generator=g, dtype=F64)
+    cond = head.prefix_cache(torch.randn(2, 5, 32, generator=g, dtype=F64))
+
+    def run() -> tuple:
+        sampler = FlowSampler(head, 3)
+        with torch.no_grad():
+            out, pullback = head.forward_with_vjp(x, t, cond)
+            captured = sampler.capture(x, cond)
+            return head(x, t, cond), out, pullback(u), captured(x, cond)
+
+    return run
