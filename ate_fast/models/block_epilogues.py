@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.models.rotary import rotate
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
@@ -111,9 +111,8 @@ def use_triton(*tensors: Tensor) -> bool:
     device_type = tensors[0].device.type
     if selected_path(device_type) == "torch" or not writes_in_place(*tensors):
         return False
-    ok, why = backends.availability("triton", device_type)
-    if not ok:  # forced (a default falls back to torch where Triton cannot run)
-        raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
+    # raises only where forced (a default falls back to torch where Triton cannot run)
+    backends.require_triton(device_type, f"{ENV_VAR}=triton")
     return True
 
 

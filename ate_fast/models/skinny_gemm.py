@@ -25,7 +25,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.models.cpu_gemm import linear, linear_of
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.module_checks import plain_linear
@@ -78,9 +78,7 @@ def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         or not opaque_ops_may_run(*tensors)
     ):
         return False
-    ok, why = backends.availability("triton", x.device.type)
-    if not ok:
-        raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
+    backends.require_triton(x.device.type, f"{ENV_VAR}=triton")
     return True
 
 

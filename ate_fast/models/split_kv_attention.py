@@ -23,7 +23,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
 
@@ -57,9 +57,7 @@ def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
         or not opaque_ops_may_run(*tensors)
     ):
         return False
-    ok, why = backends.availability("triton", q.device.type)
-    if not ok:
-        raise BackendUnavailableError(f"{ENV_VAR}=split_kv is unavailable: {why}")
+    backends.require_triton(q.device.type, f"{ENV_VAR}=split_kv")
     return True
 
 

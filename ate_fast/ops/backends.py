@@ -102,6 +102,15 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
     return True, "ok"
 
 
+def require_triton(device_type: str, setting: str) -> None:
+    """Raise :class:`~ate_fast.errors.BackendUnavailableError` naming ``setting`` (the
+    environment setting that chose a Triton path, e.g. ``"ATE_FAST_SKINNY_GEMM=triton"``)
+    where Triton cannot run on ``device_type``, with the reason."""
+    ok, why = availability("triton", device_type)
+    if not ok:
+        raise BackendUnavailableError(f"{setting} is unavailable: {why}")
+
+
 def forced_backend() -> str | None:
     """The backend named by ``ATE_FAST_BACKEND``, or None when unset/empty."""
     value = os.environ.get(ENV_VAR, "").strip().lower()

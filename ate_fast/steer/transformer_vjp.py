@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
-from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.models.cpu_gemm import linear, times_weight
 from ate_fast.module_checks import plain_tree
 from ate_fast.ops import backends
@@ -120,9 +120,7 @@ def vjp_function(
     global _COMPILED
     path = selected_path(device_type, batch, dtype)
     if path == "triton":
-        ok, why = backends.availability("triton", device_type)
-        if not ok:
-            raise BackendUnavailableError(f"{ENV_VAR}=triton is unavailable: {why}")
+        backends.require_triton(device_type, f"{ENV_VAR}=triton")
         return functools.partial(transformer_latent_gradient, kernels="triton")
     if path != "compiled":
         return transformer_latent_gradient
