@@ -50,7 +50,7 @@ def test_matches_sdpa(dtype, batch, heads, rows, keys, hd):
     a head dim that is not a power of two; float64 to 1e-12, float32 to 1e-5, bfloat16
     within the output's rounding plus P's rounding to bfloat16 (as in FlashAttention)."""
     q, k, v = _qkv(batch, heads, rows, keys, hd, dtype)
-    block_k = kernels.TILES[torch.empty((), dtype=dtype).element_size()][1]
+    block_k = kernels.TILES[dtype.itemsize][1]
     assert kernels.key_slices(rows, keys, batch * heads, dtype, 8) % block_k == 0
     got = kernels.split_kv_attention(q, k, v)
     ref = F.scaled_dot_product_attention(q.to(F64), k.to(F64), v.to(F64))

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_resources import launch_limits
 
@@ -41,11 +42,6 @@ WARPS_BY_BLOCK_N = {16: 4, 32: 4, 64: 8, 128: 8}
 # load stages by BLOCK_N: (BLOCK_M + BLOCK_N) × K_BYTES bytes each, within every target's
 # shared memory per block (sm_86 / sm_89: 99 KB; tests/triton_offline_compile.py checks)
 STAGES_BY_BLOCK_N = {16: 4, 32: 3, 64: 2, 128: 2}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulator's dtype: float64 for float64 data, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -89,12 +85,12 @@ WIDEST_BLOCK_N = {2: 128, 4: 64, 8: 64}
 
 def column_tile(block_n: int, dtype: torch.dtype) -> int:
     """The column tile a launch uses: ``block_n``, at most :data:`WIDEST_BLOCK_N`."""
-    return min(block_n, WIDEST_BLOCK_N[torch.empty((), dtype=dtype).element_size()])
+    return min(block_n, WIDEST_BLOCK_N[dtype.itemsize])
 
 
 def block_k(dtype: torch.dtype) -> int:
     """K per loop step for ``dtype``: :data:`K_BYTES` of each row."""
-    return K_BYTES // torch.empty((), dtype=dtype).element_size()
+    return K_BYTES // dtype.itemsize
 
 
 @_limits
@@ -109,7 +105,7 @@ def skinny_gemm(
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     bk, block_n = block_k(x.dtype), column_tile(block_n, x.dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, BLOCK_M))
-    c = tl.float64 if compute_dtype(x.dtype) == torch.float64 else tl.float32
+    c = accumulator_type(x.dtype)
     _skinny_gemm_kernel[grid](
         x, weight, y if bias is None else bias, y if residual is None else residual, y,
         rows, n, k,

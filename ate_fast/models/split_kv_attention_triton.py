@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.constants import compute_dtype
+from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_resources import launch_limits
 
@@ -135,15 +137,11 @@ def key_slices(rows: int, keys: int, programs: int, dtype: torch.dtype, sms: int
     """Keys per slice: whole ``BLOCK_K`` chunks, as few per slice as fill
     :data:`PROGRAMS_PER_SM` × ``sms`` programs with ``programs`` (samples × heads) ×
     query blocks."""
-    block_q, block_k = TILES[torch.empty((), dtype=dtype).element_size()]
+    block_q, block_k = TILES[dtype.itemsize]
     chunks = triton.cdiv(keys, block_k)
     grid = programs * triton.cdiv(rows, block_q)
     splits = min(chunks, max(1, triton.cdiv(PROGRAMS_PER_SM * sms, grid)))
     return block_k * triton.cdiv(chunks, splits)
-
-
-def _compute(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
 @_limits
@@ -157,7 +155,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     block_d = max(16, triton.next_power_of_2(hd))
     per_split = key_slices(rows, keys, batch * heads, q.dtype, _sm_count(q.device))
     splits = triton.cdiv(keys, per_split)
-    torch_c, c = _compute(q.dtype)
+    torch_c, c = compute_dtype(q.dtype), accumulator_type(q.dtype)
     o = torch.empty((batch * heads, splits, rows, hd), dtype=torch_c, device=q.device)
     m = torch.empty((batch * heads, splits, rows), dtype=torch_c, device=q.device)
     l_sum = torch.empty_like(m)

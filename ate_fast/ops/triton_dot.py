@@ -1,10 +1,19 @@
-"""The tile product the package's Triton kernels share (imported by the kernel modules only:
-importing triton costs a second)."""
+"""The tile product and accumulator type the package's Triton kernels share (imported by the
+kernel modules only: importing triton costs a second)."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from ate_fast.ops.constants import compute_dtype
+
+
+def accumulator_type(dtype: torch.dtype) -> tl.dtype:
+    """The Triton type of :func:`~ate_fast.ops.constants.compute_dtype` for data stored in
+    ``dtype`` (a kernel's ``C``): float64 for float64, else float32."""
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 @triton.jit

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_resources import launch_limits
 
@@ -74,11 +75,6 @@ ACT_BLOCK = 1024  # elements per program of the element-wise kernels
 ACT_GELU = 0
 ACT_RELU = 1
 _GELU = tl.constexpr(ACT_GELU)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The arithmetic type for data stored in ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block(n: int, least: int = 16) -> int:
