@@ -11,7 +11,7 @@ import torch
 
 from ate_fast import native
 from ate_fast._version import __version__
-from ate_fast.models import block_epilogues, cpu_gemm, skinny_gemm
+from ate_fast.models import block_epilogues, cpu_gemm, skinny_gemm, split_kv_attention
 from ate_fast.ops import backends
 from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
 
@@ -88,7 +88,17 @@ def info() -> dict:
         },
         "cpu_gemm": _cpu_gemm(),
         "skinny_gemm": _or_error(_skinny_gemm),
+        "prefix_attention": _or_error(_prefix_attention),
     }
+
+
+def _prefix_attention() -> str:
+    """The block's attention against its prefix, with the split-key kernels' tile setting."""
+    path = split_kv_attention.selected_path()
+    fields = split_kv_attention.tiles_from_env() if path == "split_kv" else None
+    if not fields:
+        return path
+    return f"{path} ({', '.join(f'{k}={v}' for k, v in fields.items())})"
 
 
 def _skinny_gemm() -> str:
@@ -183,6 +193,10 @@ def format_info(data: dict) -> str:
     lines.append(
         f"flow-transformer block GEMMs at <= {skinny_gemm.MAX_ROWS} rows: {data['skinny_gemm']}"
         " (ATE_FAST_SKINNY_GEMM=torch|triton, ATE_FAST_SKINNY_GEMM_BLOCK_N)"
+    )
+    lines.append(
+        f"flow-transformer attention against the prefix: {data['prefix_attention']}"
+        " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv, ATE_FAST_SPLIT_KV_TILES)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

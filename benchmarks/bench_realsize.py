@@ -722,8 +722,17 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
+# the package's settings the run was started with (e.g. ATE_FAST_SPLIT_KV_TILES for the
+# split-key row), read at import: the rows' own settings come and go with each case
+_RUN_SPOT = ("ATE_FAST_REALSIZE_", "ATE_FAST_SUITE", "ATE_FAST_TEST", "ATE_FAST_BENCH")
+SETTINGS = {
+    k: v for k, v in os.environ.items() if k.startswith("ATE_FAST_") and not k.startswith(_RUN_SPOT)
+}
+
+
 def _environment() -> dict:
     env = {
+        "settings": SETTINGS,
         "device": _device_name(),
         "torch": torch.__version__,
         "dry_run": DRY_RUN,
@@ -832,6 +841,13 @@ def _gemm_line(gemm: Optional[dict]) -> str:
     )
 
 
+def _settings_line(settings: Optional[dict]) -> list[str]:
+    """The package's settings the run started with, where there were any."""
+    if not settings:
+        return []
+    return ["Settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(settings.items()))]
+
+
 def markdown(data: dict) -> str:
     env, bw = data["environment"], data["bandwidth"]
     n = env.get("head_parameters")
@@ -847,6 +863,7 @@ def markdown(data: dict) -> str:
         f"2× bytes moved, best of {bw['repeats']})" + _gemm_line(data.get("gemm")),
         "The cache is built once per B outside the timed region; each timed call is the "
         "sampler call with the cache given.",
+        *_settings_line(env.get("settings")),
         "",
         "| B | guidance | row | median ms | min ms | × compile_max_autotune | × floor | "
         f"floor fraction | floor ms | compute floor ms | {kernels} per step | busy ms |",

@@ -166,6 +166,7 @@ def test_gpu_summary_carries_the_projection(realsize_dry_run, tmp_path, monkeypa
     data["environment"].update(
         torch=torch.__version__, head="flow-transformer pi0-expert", head_parameters=314_700_000,
         H=50, D=32, steps=10, prefix_tokens=816, batches=[1, 8],
+        settings={"ATE_FAST_SPLIT_KV_TILES": "block_q=16,splits=1"},
     )  # fmt: skip
     data["bandwidth"].update(copy_bytes=1 << 30, repeats=10)
     data.update(skipped=[], setup_s={}, gemm={"n": 8192, "repeats": 10, "flops_per_s": 7e14})
@@ -189,6 +190,7 @@ def test_gpu_summary_carries_the_projection(realsize_dry_run, tmp_path, monkeypa
     assert "\n### Jetson AGX Orin 64GB: projected from this run" in text
     assert "| 1 | unguided | ate_capture | 3.00 | 34.2 | 7.4 | 102.5 |" in text
     assert "bf16 GEMM 700 TFLOP/s" in text
+    assert "Settings: `ATE_FAST_SPLIT_KV_TILES=block_q=16,splits=1`" in text
     (b8_target,) = [line for line in text.splitlines() if line.startswith("- B=8 ")]
     assert "(compute-bound" in b8_target
     (results,) = tmp_path.glob("20*-nvidia-h200.json")

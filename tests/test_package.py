@@ -132,6 +132,20 @@ def test_info_reports_the_skinny_gemm_path(monkeypatch):
     assert info()["skinny_gemm"].startswith("error: ATE_FAST_SKINNY_GEMM_BLOCK_N")
 
 
+def test_info_reports_the_prefix_attention_path(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_PREFIX_ATTENTION", raising=False)
+    monkeypatch.setenv("ATE_FAST_SPLIT_KV_TILES", "splits=4")  # read only for split_kv
+    assert info()["prefix_attention"] == "sdpa"  # the default until a GPU measures otherwise
+    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "split_kv")
+    monkeypatch.setenv("ATE_FAST_SPLIT_KV_TILES", "block_q=16, splits=4")
+    text = format_info(info())
+    assert "attention against the prefix: split_kv (block_q=16, splits=4)" in text
+    monkeypatch.setenv("ATE_FAST_SPLIT_KV_TILES", "block_q=16,ways=4")
+    assert info()["prefix_attention"].startswith("error: ATE_FAST_SPLIT_KV_TILES: expected")
+    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "flash")
+    assert info()["prefix_attention"].startswith("error: ATE_FAST_PREFIX_ATTENTION: expected")
+
+
 def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
     # CUDA's default is triton where Triton runs on CUDA: not on this machine

@@ -5,6 +5,7 @@ sampler; and where SDPA must run instead."""
 
 from __future__ import annotations
 
+import itertools
 from unittest import mock
 
 import pytest
@@ -46,29 +47,65 @@ def _qkv(batch, heads, rows, keys, hd, dtype, device="cpu", spare=3):
 )
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
 def test_matches_sdpa(dtype, batch, heads, rows, keys, hd):
-    """Keys split into several slices (the CPU aims at 16 programs), a ragged last chunk,
-    a head dim that is not a power of two; float64 to 1e-12, float32 to 1e-5, bfloat16
-    within the output's rounding plus P's rounding to bfloat16 (as in FlashAttention)."""
+    """The default tiles: keys split into several slices (the CPU aims at 8 programs), a
+    ragged last chunk, a head dim that is not a power of two; float64 to 1e-12, float32 to
+    1e-5, bfloat16 within the output's rounding plus P's rounding to bfloat16 (as in
+    FlashAttention)."""
     q, k, v = _qkv(batch, heads, rows, keys, hd, dtype)
-    block_k = kernels.TILES[dtype.itemsize][1]
-    assert kernels.key_slices(rows, keys, batch * heads, dtype, 8) % block_k == 0
-    got = kernels.split_kv_attention(q, k, v)
+    _assert_sdpa(kernels.split_kv_attention(q, k, v), q, k, v)
+
+
+def _assert_sdpa(got, q, k, v):
     ref = F.scaled_dot_product_attention(q.to(F64), k.to(F64), v.to(F64))
-    tol = {F64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
+    tol = {F64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[q.dtype]
+    assert got.shape == ref.shape and got.dtype == q.dtype and got.is_contiguous()
     torch.testing.assert_close(got.to(F64), ref, rtol=tol, atol=tol)
+
+
+TILES = [
+    kernels.Tiles(16, 16, splits=1),  # one kernel: no partials, no combine
+    kernels.Tiles(32, 16, splits=3, stages=2),  # 3 slices: a non-power-of-two combine
+    kernels.Tiles(16, 32, splits=64),  # more slices asked than chunks: one per chunk
+    kernels.Tiles(64, 16, programs_per_sm=4, warps=8),
+]
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=str)
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_every_tiling_matches_sdpa(dtype, tiles):
+    """The tiles a benchmark sweeps give SDPA's output: one slice (normalised in the
+    partial kernel), a few, one per chunk, and the SM-filling split with wide blocks."""
+    q, k, v = _qkv(2, 1, 37, 90, 24, dtype)
+    per_split = kernels.key_slices(37, 90, 2, tiles, 8)
+    assert per_split % tiles.block_k == 0
+    if tiles.splits:
+        assert -(-90 // per_split) == min(tiles.splits, -(-90 // tiles.block_k))
+    _assert_sdpa(kernels.split_kv_attention(q, k, v, tiles), q, k, v)
 
 
 def test_the_keys_are_split_over_programs():
     """π0's step at B = 1 on an H200 (132 SMs): 400 rows, 866 keys — the keys in slices of
-    whole chunks, so that at least one program per SM runs (SDPA's kernel ran 7); one
-    slice where the rows alone fill the GPU."""
-    per_split = kernels.key_slices(400, 866, 1, torch.bfloat16, 132)
-    block_q, block_k = kernels.TILES[2]
+    whole chunks, so that about one program per SM runs (SDPA's kernel ran 7: here 13
+    query blocks × 10 slices of 3 chunks; one more slice would reach 132); one slice where
+    the rows alone fill the GPU."""
+    tiles = kernels.default_tiles(torch.bfloat16, 256)
+    per_split = kernels.key_slices(400, 866, 1, tiles, 132)
     slices = -(-866 // per_split)
-    assert per_split % block_k == 0 and slices > 1
-    assert slices * -(-400 // block_q) >= 132
-    assert kernels.key_slices(4096, 866, 8, torch.bfloat16, 132) >= 866
+    assert per_split % tiles.block_k == 0 and slices > 1
+    assert (slices + 1) * -(-400 // tiles.block_q) >= 132
+    assert kernels.key_slices(4096, 866, 8, tiles, 132) >= 866
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"block_q": 24}, "Tiles.block_q: expected a power of two >= 16, got 24"),
+     ({"block_k": 8}, "Tiles.block_k: expected a power of two >= 16, got 8"),
+     ({"splits": -1}, "expected splits >= 0"),
+     ({"warps": 3}, "Tiles.warps: expected a power of two <= 16, got 3")],
+)  # fmt: skip
+def test_bad_tiles_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.Tiles(**{"block_q": 16, "block_k": 16, **fields})
 
 
 def test_where_sdpa_runs_instead(selected):
@@ -84,6 +121,30 @@ def test_where_sdpa_runs_instead(selected):
         split_kv_attention.selected_path()
     selected.delenv(ENV)
     assert not split_kv_attention.takes(q, k, v, None)
+
+
+def test_tiles_from_the_environment(selected):
+    """``ATE_FAST_SPLIT_KV_TILES`` overrides the named fields of the default tiles (what
+    a benchmark found fastest, in a whole sampler); bad names or values name the
+    variable."""
+    q, k, v = _qkv(1, 1, 20, 50, 16, torch.float32)
+    selected.setenv(split_kv_attention.TILES_VAR, "splits=1, block_k=16")
+    with mock.patch.object(
+        kernels, "split_kv_attention", wraps=kernels.split_kv_attention
+    ) as kernel:
+        got = split_kv_attention.prefix_attention(q, k, v)
+    want = kernels.default_tiles(torch.float32, 16)
+    assert kernel.call_args.args[3] == kernels.Tiles(
+        want.block_q, 16, 1, want.programs_per_sm, want.warps, want.stages
+    )
+    _assert_sdpa(got, q, k, v)
+    var = split_kv_attention.TILES_VAR
+    for text, message in [("block_q=24", f"{var}: Tiles.block_q: expected"),
+                          ("splits:4", f"{var}: expected comma-separated"),
+                          ("warps=-8", f"{var}: expected comma-separated")]:  # fmt: skip
+        selected.setenv(split_kv_attention.TILES_VAR, text)
+        with pytest.raises(InvalidArgumentError, match=message):
+            split_kv_attention.prefix_attention(q, k, v)
 
 
 def test_head_and_captured_sampler_match_sdpa(selected):
@@ -105,10 +166,17 @@ def test_head_and_captured_sampler_match_sdpa(selected):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_pi0_step_on_cuda(dtype):
-    """π0's step at B = 1 and 2: 400 rows (8 heads folded) × 866 keys of 256 dims."""
-    for batch in (1, 2):
+    """π0's step at B = 1 and 2: 400 rows (8 heads folded) × 866 keys of 256 dims, at the
+    default tiles; in bf16 also one slice (no combine) and a fixed four."""
+    tilings = [None]
+    if dtype == torch.bfloat16:
+        tilings += [
+            kernels.Tiles(16, 64, splits=1, warps=8),
+            kernels.Tiles(32, 32, splits=4, warps=8),
+        ]
+    for batch, tiles in itertools.product((1, 2), tilings):
         q, k, v = _qkv(batch, 1, 400, 866, 256, dtype, "cuda")
-        got = kernels.split_kv_attention(q, k, v)
+        got = kernels.split_kv_attention(q, k, v, tiles)
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol, msg=str(tiles))

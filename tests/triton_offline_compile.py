@@ -344,27 +344,30 @@ def skinny_gemm_variants(target) -> int:
 
 def split_kv_variants(target) -> int:
     """The split-key attention (``ate_fast.models.split_kv_attention_triton``): its partial
-    and combine kernels in every storage dtype, for π0's head dim (256) and the small
-    head's (64), at the launcher's tiles and warps; spill-free but in float64."""
+    kernel (one slice and several) at the default tiles of every storage dtype, for π0's
+    head dim (256) and the small head's (64), and its combine for 2 to 32 slices;
+    spill-free but in float64."""
     count = 0
     for (store, comp), hd in itertools.product(_STORAGE_COMPUTE, (64, 256)):
-        block_q, block_k = sk.TILES[_TORCH_DTYPE[store].itemsize]
+        tiles = sk.default_tiles(_TORCH_DTYPE[store], hd)
         c = tl.float64 if comp == "fp64" else tl.float32
         stats = _typed({"o_ptr", "m_ptr", "l_ptr"}, store, comp)
-        options = {"num_warps": sk.num_warps(hd), "num_stages": 1}
-        compile_one(
-            sk._partial_kernel,
-            {"HD": hd, "BLOCK_Q": block_q, "BLOCK_K": block_k, "BLOCK_D": hd, "C": c,
-             "INTERPRETED": False},
-            stats, {"scale": "fp32"}, target, f"{store} hd={hd}", options,
-            spill_free=store != "fp64",
-        )  # fmt: skip
-        compile_one(
-            sk._combine_kernel,
-            {"HD": hd, "BLOCK_R": sk.COMBINE_ROWS, "BLOCK_D": hd, "C": c},
-            stats, {}, target, f"{store} hd={hd}", options, spill_free=store != "fp64",
-        )  # fmt: skip
-        count += 2
+        options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
+        for single in (False, True):
+            compile_one(
+                sk._partial_kernel,
+                {"HD": hd, "BLOCK_Q": tiles.block_q, "BLOCK_K": tiles.block_k, "BLOCK_D": hd,
+                 "C": c, "SINGLE": single, "INTERPRETED": False},
+                stats, {"scale": "fp32"}, target, f"{store} hd={hd} {tiles} single={single}",
+                options, spill_free=store != "fp64",
+            )  # fmt: skip
+        for splits in (2, 32):
+            compile_one(
+                sk._combine_kernel, {"HD": hd, "SPLITS": splits, "BLOCK_D": hd}, stats, {},
+                target, f"{store} hd={hd} splits<={splits}", {"num_warps": 4, "num_stages": 1},
+                spill_free=store != "fp64",
+            )  # fmt: skip
+        count += 4
     return count
 
 

@@ -11,12 +11,17 @@ unset, or ``sdpa``, SDPA runs — the default, as measured: on an H200 (2026-12-
 kernel time from 0.44 to ≈ 0.37 ms, but the captured call went from 13.31 to 14.35 ms
 (RTC: 28.75 → 31.33 ms): two kernels per block instead of one, and the partial outputs
 (float32, one per key slice) written and read back. It stays as an option and an A/B row
-(``ate_capture_split_kv_attention``); a faster form would keep fewer, wider slices or
-combine in the partial kernel.
+(``ate_capture_split_kv_attention``). Its combine was as slow as its partial kernel (10.7
+vs 10.2 µs per block: a loop over 14 slices, one dependent load after another); the kernels
+now combine all slices of a row in one load, skip the combine with one slice, and take their
+tiles as an argument — ``ATE_FAST_SPLIT_KV_TILES`` (e.g. ``block_q=16,block_k=64,splits=1``)
+sets them for a whole sampler, and ``benchmarks/bench_prefix_attention.py`` times many
+against SDPA's backends. That form has not run on a GPU yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -28,7 +33,9 @@ from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_PREFIX_ATTENTION"
+TILES_VAR = "ATE_FAST_SPLIT_KV_TILES"
 PATHS = ("sdpa", "split_kv")
+TILE_FIELDS = ("block_q", "block_k", "splits", "programs_per_sm", "warps", "stages")
 MAX_HEAD_DIM = 256  # the kernels hold a query row's head dim in one tile
 
 
@@ -38,6 +45,27 @@ def selected_path() -> str:
     if value not in PATHS:
         raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
     return value
+
+
+def tiles_from_env() -> Optional[dict]:
+    """``$ATE_FAST_SPLIT_KV_TILES``: the kernels' tiles as ``key=value`` pairs (any of
+    :data:`TILE_FIELDS`, e.g. ``block_q=32,block_k=64,splits=4``; the rest from the
+    defaults), or None where unset — what ``benchmarks/bench_prefix_attention.py`` found
+    fastest can run in a whole sampler without a code change."""
+    text = os.environ.get(TILES_VAR, "").strip()
+    if not text:
+        return None
+    fields = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        key = key.strip()
+        if key not in TILE_FIELDS or not value.strip().isdigit():
+            raise InvalidArgumentError(
+                f"{TILES_VAR}: expected comma-separated key=value pairs with keys in "
+                f"{list(TILE_FIELDS)} and whole numbers, got {pair!r} in {text!r}"
+            )
+        fields[key] = int(value)
+    return fields
 
 
 def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
@@ -65,7 +93,16 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = N
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` [B, heads, rows, hd]: on
     the split-key kernels where they :func:`takes` it, else SDPA."""
     if takes(q, k, v, mask):
-        from ate_fast.models.split_kv_attention_triton import split_kv_attention  # triton
+        from ate_fast.models.split_kv_attention_triton import (  # triton
+            default_tiles,
+            split_kv_attention,
+        )
 
-        return split_kv_attention(q, k, v)
+        fields, tiles = tiles_from_env(), None
+        if fields:
+            try:
+                tiles = dataclasses.replace(default_tiles(q.dtype, q.shape[-1]), **fields)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"{TILES_VAR}: {exc}") from exc
+        return split_kv_attention(q, k, v, tiles)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -2,11 +2,15 @@
 hundred query rows against a long key/value sequence, the keys split over many programs
 (flash-decoding), then one combine.
 
-**Status: ran on an H200 (2026-12-04), correct (``test_pi0_step_on_cuda``) and not
-faster than SDPA in the captured call** (see the module that selects it). It passes
-the CPU tests through the Triton interpreter (float64, float32, bfloat16 against
-``F.scaled_dot_product_attention``) and compiles offline for sm_87 and sm_90
-(``tests/triton_offline_compile.py``).
+**Status: the first form ran on an H200 (2026-12-04), correct (``test_pi0_step_on_cuda``)
+and not faster than SDPA in the captured call** (see the module that selects it): its
+partial kernel took 10.2 µs per block and its combine 10.7 µs — a loop over the 14 slices,
+one dependent load after another. **This form has not run on a GPU yet**: the combine loads
+all slices of a row at once, one slice needs no partials and no combine, and the tiles are
+a :class:`Tiles` argument, so that ``benchmarks/bench_prefix_attention.py`` can time many
+against SDPA's backends in one run. It passes the CPU tests through the Triton interpreter
+(float64, float32, bfloat16 against ``F.scaled_dot_product_attention``, several tiles) and
+compiles offline for sm_87 and sm_90 (``tests/triton_offline_compile.py``).
 
 Why: in π0's step at B = 1 attention is 400 query rows (50 tokens × 8 heads folded onto the
 one key/value head) against 866 keys of 256 dims. The SDPA kernel torch picks on an H200
@@ -14,20 +18,24 @@ one key/value head) against 866 keys of 256 dims. The SDPA kernel torch picks on
 query rows, each reading all 0.9 MB of keys and values: 24.5 µs per block, 38 % of the step's
 kernel time (2026-12-04). Here every (block of queries, slice of keys) pair is a program:
 
-* :func:`_partial_kernel` — per program ``BLOCK_Q`` queries against its slice of keys, in
-  ``BLOCK_K`` chunks with the online softmax; writes its un-normalised output and its rows'
-  running max and sum (float32);
-* :func:`_combine_kernel` — per block of rows, the slices' outputs weighted by
-  ``exp(m_s − M)`` and divided by the weighted sums: the softmax over all keys.
+* :func:`_partial_kernel` — per program ``block_q`` queries against its slice of keys, in
+  ``block_k`` chunks with the online softmax; writes its un-normalised output and its rows'
+  running max and sum (float32) — or, with one slice, the normalised output itself;
+* :func:`_combine_kernel` — per row, the slices' outputs weighted by ``exp(m_s − M)`` and
+  divided by the weighted sums: the softmax over all keys.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
@@ -38,9 +46,36 @@ _limits = launch_limits(
     "Unset ATE_FAST_PREFIX_ATTENTION (or set it to sdpa) to run torch's attention.",
 )
 
-# (queries, keys) per tile by element size: bf16 / fp16 on tensor cores; float32 / float64
-# (FMA dots) smaller, so that no tile spills registers (tests/triton_offline_compile.py)
-TILES = {2: (32, 32), 4: (16, 32), 8: (16, 16)}
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of the kernels: ``block_q`` query rows per program, keys in chunks of
+    ``block_k`` (one pair of dots each), ``splits`` key slices per block of queries (0: as
+    many as give :attr:`programs_per_sm` programs per SM; 1: one kernel, no partials and
+    no combine), ``warps`` and pipeline ``stages`` of the partial kernel."""
+
+    block_q: int
+    block_k: int
+    splits: int = 0
+    programs_per_sm: int = 1
+    warps: int = 4
+    stages: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise InvalidArgumentError(
+                    f"Tiles.{name}: expected a power of two >= 16, got {value}"
+                )
+        if self.splits < 0 or self.programs_per_sm < 1 or self.stages < 1:
+            raise InvalidArgumentError(
+                f"Tiles: expected splits >= 0 and programs_per_sm, stages >= 1: {self}"
+            )
+        if self.warps not in (1, 2, 4, 8, 16):
+            raise InvalidArgumentError(
+                f"Tiles.warps: expected a power of two <= 16, got {self.warps}"
+            )
 
 
 def num_warps(block_d: int) -> int:
@@ -49,22 +84,32 @@ def num_warps(block_d: int) -> int:
     return 8 if block_d > 128 else 4
 
 
-COMBINE_ROWS = 16  # rows per combine program
-# programs to aim for: this many per SM (the keys split until the grid has them)
-PROGRAMS_PER_SM = 2
+def default_tiles(dtype: torch.dtype, head_dim: int) -> Tiles:
+    """The tiles the launcher uses unless given others: bf16 / fp16 on tensor cores in 32 ×
+    32 tiles with two stages (within the 99 KB of shared memory of sm_86 / sm_89 at 256
+    dims); float32 / float64 (FMA dots) smaller, so that no tile spills registers
+    (tests/triton_offline_compile.py). The keys split until the grid has one program per
+    SM. ``benchmarks/bench_prefix_attention.py`` times these against other tiles and SDPA."""
+    warps = num_warps(max(16, triton.next_power_of_2(head_dim)))
+    if dtype.itemsize == 2:
+        return Tiles(32, 32, warps=warps, stages=2)
+    return Tiles(16, 32 if dtype.itemsize == 4 else 16, warps=warps)
+
+
 _SM_COUNT: dict = {}
 
 
 @triton.jit
 def _partial_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, rows, keys, heads, per_split, splits, scale,
-    q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr,
+    q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, y_ptr, rows, keys, heads, per_split, splits,
+    scale, q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr,
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    C: tl.constexpr, INTERPRETED: tl.constexpr,
+    C: tl.constexpr, SINGLE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     """Program (query block, key slice, sample × head): its queries' softmax-weighted sum of
-    the slice's values, un-normalised, into ``o`` [B·heads, splits, rows, HD] and the rows'
-    max / sum of exp into ``m``, ``l`` [B·heads, splits, rows]."""
+    the slice's values. ``SINGLE`` (one slice): normalised, into ``y`` [B·heads, rows, HD]
+    in the output's dtype; else un-normalised into ``o`` [B·heads, rows, splits, HD] and the
+    rows' max / sum of exp into ``m``, ``l`` [B·heads, rows, splits] (the compute type)."""
     split, bh = tl.program_id(1), tl.program_id(2)
     b, h = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
     iq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -91,36 +136,37 @@ def _partial_kernel(
         v = tl.load(v_ptr + b * v_sb + h * v_sh + rows_k * v_sr + d[None, :], mask=kv_ok, other=0.0)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], C, INTERPRETED)
         m = m_new
-    row = (bh * splits + split).to(tl.int64) * rows + iq
-    tl.store(o_ptr + row[:, None] * HD + d[None, :], acc, mask=q_ok[:, None] & d_ok[None, :])
-    tl.store(m_ptr + row, m, mask=q_ok)
-    tl.store(l_ptr + row, l_sum, mask=q_ok)
+    ok = q_ok[:, None] & d_ok[None, :]
+    if SINGLE:
+        out = (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + (bh * rows + iq.to(tl.int64))[:, None] * HD + d[None, :], out, mask=ok)
+    else:
+        row = (bh * rows + iq.to(tl.int64)) * splits + split
+        tl.store(o_ptr + row[:, None] * HD + d[None, :], acc, mask=ok)
+        tl.store(m_ptr + row, m, mask=q_ok)
+        tl.store(l_ptr + row, l_sum, mask=q_ok)
 
 
 @triton.jit
 def _combine_kernel(
-    o_ptr, m_ptr, l_ptr, y_ptr, rows, splits,
-    HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr,
+    o_ptr, m_ptr, l_ptr, y_ptr, splits,
+    HD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``BLOCK_R`` of sample × head ``program_id(1)``: Σ_s exp(m_s − M)·O_s over
-    Σ_s exp(m_s − M)·l_s into ``y`` [B·heads, rows, HD] (the output's dtype)."""
-    bh = tl.program_id(1).to(tl.int64)
-    ir = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """One program per row of [B·heads·rows]: its slices' outputs (one load, all slices)
+    weighted by ``exp(m_s − M)`` over the weighted sums ``Σ_s exp(m_s − M)·l_s``, into ``y``
+    [B·heads·rows, HD] (the output's dtype); ``SPLITS``: ``splits`` to a power of two."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
-    r_ok = ir < rows
-    ok = r_ok[:, None] & (d < HD)[None, :]
-    top = tl.full([BLOCK_R], float("-inf"), C)
-    for s in range(0, splits):
-        top = tl.maximum(top, tl.load(m_ptr + (bh * splits + s) * rows + ir, mask=r_ok, other=0.0))
-    total = tl.zeros([BLOCK_R], C)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], C)
-    for s in range(0, splits):
-        row = (bh * splits + s) * rows + ir
-        w = tl.exp(tl.load(m_ptr + row, mask=r_ok, other=0.0) - top)
-        total += w * tl.load(l_ptr + row, mask=r_ok, other=0.0)
-        acc += w[:, None] * tl.load(o_ptr + row[:, None] * HD + d[None, :], mask=ok, other=0.0)
-    out = (acc / tl.where(r_ok, total, 1.0)[:, None]).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + (bh * rows + ir)[:, None] * HD + d[None, :], out, mask=ok)
+    s_ok, d_ok = s < splits, d < HD
+    at = row * splits + s
+    m = tl.load(m_ptr + at, mask=s_ok, other=float("-inf"))
+    w = tl.exp(m - tl.max(m, axis=0))  # 0 on the padding slices
+    total = tl.sum(w * tl.load(l_ptr + at, mask=s_ok, other=0.0), axis=0)
+    ok = s_ok[:, None] & d_ok[None, :]
+    o = tl.load(o_ptr + at[:, None] * HD + d[None, :], mask=ok, other=0.0)
+    y = tl.sum(w[:, None] * o, axis=0) / total
+    tl.store(y_ptr + row * HD + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -133,43 +179,48 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def key_slices(rows: int, keys: int, programs: int, dtype: torch.dtype, sms: int) -> int:
-    """Keys per slice: whole ``BLOCK_K`` chunks, as few per slice as fill
-    :data:`PROGRAMS_PER_SM` × ``sms`` programs with ``programs`` (samples × heads) ×
-    query blocks."""
-    block_q, block_k = TILES[dtype.itemsize]
-    chunks = triton.cdiv(keys, block_k)
-    grid = programs * triton.cdiv(rows, block_q)
-    splits = min(chunks, max(1, triton.cdiv(PROGRAMS_PER_SM * sms, grid)))
-    return block_k * triton.cdiv(chunks, splits)
+def key_slices(rows: int, keys: int, programs: int, tiles: Tiles, sms: int) -> int:
+    """Keys per slice: whole ``block_k`` chunks, ``tiles.splits`` slices (at most one per
+    chunk) or, for 0, as few keys per slice as fill ``tiles.programs_per_sm`` × ``sms``
+    programs with ``programs`` (samples × heads) × query blocks."""
+    chunks = triton.cdiv(keys, tiles.block_k)
+    if tiles.splits:
+        splits = min(chunks, tiles.splits)
+    else:
+        grid = programs * triton.cdiv(rows, tiles.block_q)
+        splits = min(chunks, max(1, triton.cdiv(tiles.programs_per_sm * sms, grid)))
+    return tiles.block_k * triton.cdiv(chunks, splits)
 
 
 @_limits
-def split_kv_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, tiles: Optional[Tiles] = None) -> Tensor:
     """``softmax(q kᵀ/√hd) v``: ``q`` [B, heads, rows, hd], ``k``, ``v`` [B, heads, keys, hd]
     (any batch / head / row strides, unit last stride; one dtype) -> [B, heads, rows, hd]
-    contiguous, in q's dtype."""
+    contiguous, in q's dtype. ``tiles``: :func:`default_tiles` unless given."""
     batch, heads, rows, hd = q.shape
     keys = k.shape[2]
-    block_q, block_k = TILES[q.element_size()]
+    tiles = tiles or default_tiles(q.dtype, hd)
     block_d = max(16, triton.next_power_of_2(hd))
-    per_split = key_slices(rows, keys, batch * heads, q.dtype, _sm_count(q.device))
+    per_split = key_slices(rows, keys, batch * heads, tiles, _sm_count(q.device))
     splits = triton.cdiv(keys, per_split)
     torch_c, c = compute_dtype(q.dtype), accumulator_type(q.dtype)
-    o = torch.empty((batch * heads, splits, rows, hd), dtype=torch_c, device=q.device)
-    m = torch.empty((batch * heads, splits, rows), dtype=torch_c, device=q.device)
-    l_sum = torch.empty_like(m)
-    interpreted = q.device.type == "cpu"
-    _partial_kernel[(triton.cdiv(rows, block_q), splits, batch * heads)](
-        q, k, v, o, m, l_sum, rows, keys, heads, per_split, splits, hd**-0.5,
+    y = torch.empty((batch, heads, rows, hd), dtype=q.dtype, device=q.device)
+    o = m = l_sum = y  # unused by the one-slice kernel
+    if splits > 1:
+        o = torch.empty((batch * heads, rows, splits, hd), dtype=torch_c, device=q.device)
+        m = torch.empty((batch * heads, rows, splits), dtype=torch_c, device=q.device)
+        l_sum = torch.empty_like(m)
+    _partial_kernel[(triton.cdiv(rows, tiles.block_q), splits, batch * heads)](
+        q, k, v, o, m, l_sum, y, rows, keys, heads, per_split, splits, hd**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        HD=hd, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, C=c, INTERPRETED=interpreted,
-        num_warps=num_warps(block_d), num_stages=1,
+        HD=hd, BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k, BLOCK_D=block_d, C=c,
+        SINGLE=splits == 1, INTERPRETED=q.device.type == "cpu",
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
-    y = torch.empty((batch, heads, rows, hd), dtype=q.dtype, device=q.device)
-    _combine_kernel[(triton.cdiv(rows, COMBINE_ROWS), batch * heads)](
-        o, m, l_sum, y, rows, splits, HD=hd, BLOCK_R=COMBINE_ROWS, BLOCK_D=block_d, C=c,
-        num_warps=num_warps(block_d),
-    )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(batch * heads * rows,)](
+            o, m, l_sum, y, splits, HD=hd, SPLITS=triton.next_power_of_2(splits),
+            BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     return y
