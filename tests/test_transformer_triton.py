@@ -183,6 +183,23 @@ def test_attention_past_128_tokens():
     test_attention_and_its_backward(torch.bfloat16, 1, 150, 3, 32, 2)
 
 
+@pytest.mark.parametrize(
+    "tiles", [{"forward": (64, 64)}, {"forward": (64, 64), "backward": (32, 64)}], ids=str
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_the_benchmarked_tiles(monkeypatch, dtype, tiles):
+    """The attention tiles bench_transformer_guidance.py times (TILE_ROWS: every key of a
+    52-token layer in one chunk), put in the tables for bf16 and float64 alike, against
+    the reference at the paper's layer and past one chunk (70 tokens)."""
+    for which, tile in tiles.items():
+        for size in (2, 8):
+            monkeypatch.setitem(tt().TILES[which], size, tile)
+    constants = tt().attention_constants(52, 52, 128, dtype, backward="backward" in tiles)
+    assert (constants["BLOCK_Q"], constants["BLOCK_K"]) == tiles.get("backward", (64, 64))
+    test_attention_and_its_backward(dtype, 2, 52, None, 512, 4)
+    test_attention_and_its_backward(dtype, 1, 70, 3, 64, 2)
+
+
 def test_a_long_chunk_takes_the_triton_path(monkeypatch):
     """H + 2 = 131 tokens through the whole encoder (the kernels used to stop at 128)."""
     encoder = FrozenEncoder(make_vae(horizon=129, dim=2, latent=8, layers=1))

@@ -230,7 +230,10 @@ def transformer_variants(target) -> int:
         # (queries, tokens, head dim): a full paper layer, its last layer, a long chunk
         for tq, t, hd in ((52, 52, 128), (2, 52, 128), (300, 300, 128), (50, 50, 16)):
             for kernel in (tt._attention_kernel, tt._attention_backward_kernel):
-                constants = tt.attention_constants(tq, t, hd, _TORCH_DTYPE[store])
+                constants = tt.attention_constants(
+                    tq, t, hd, _TORCH_DTYPE[store],
+                    backward=kernel is tt._attention_backward_kernel,
+                )  # fmt: skip
                 options = {"num_warps": constants.pop("num_warps"),
                            "num_stages": constants.pop("num_stages")}  # fmt: skip
                 compile_one(  # float64: the tests' precision, not gated on spills

@@ -36,8 +36,8 @@ attention's dots take their operands in the storage dtype — bfloat16 / float16
 cores, P and dS rounded to it first as FlashAttention does, accumulated in float32 — and
 float32 / float64 exactly (``input_precision="ieee"``, no TF32); ``out_dtype`` explicit
 (Triton < 3.7 defaults it to float32, which float64 fails to compile). Tiles are small
-(≤ 32 queries × 16 keys) so that registers and shared memory stay within every target's
-limits at any token count: ``tests/triton_offline_compile.py`` checks each variant's
+(≤ 32 queries × 16 keys, :data:`TILES`) so that registers and shared memory stay within
+every target's limits at any token count: ``tests/triton_offline_compile.py`` checks each variant's
 shared memory against the GPU's per-block limit and that the attention kernels spill no
 registers in bf16, fp16 and float32 (ptxas).
 
@@ -64,12 +64,17 @@ _limits = launch_limits(
     "torch ops.",
 )
 
-# queries per tile of the attention kernels: 32 for bf16 / fp16 (tensor-core dots), 16 for
-# float32 / float64 (FMA dots, twice or four times the registers per element); keys per
-# tile 16 — so that no tile spills registers or outgrows the smallest target's shared
-# memory (sm_89: 99 KB) at any token count (tests/triton_offline_compile.py checks both)
-QUERY_BLOCK = {2: 32, 4: 16, 8: 16}
-KEY_BLOCK = 16
+# (queries, keys) per tile of the attention kernels, by pass and element size: bf16 / fp16
+# 32 × 16 (tensor-core dots), float32 / float64 16 × 16 (FMA dots, twice or four times the
+# registers per element) — so that no tile spills registers or outgrows the smallest
+# target's shared memory (sm_89: 99 KB) at any token count (tests/triton_offline_compile.py
+# checks both). A table per pass: bench_transformer_guidance.py times other bf16 tiles by
+# replacing an entry (at 52 tokens, 64 × 64 forward and 32 × 64 backward tiles compile
+# without spills on sm_90 and cover the keys in one chunk)
+TILES = {
+    "forward": {2: (32, 16), 4: (16, 16), 8: (16, 16)},
+    "backward": {2: (32, 16), 4: (16, 16), 8: (16, 16)},
+}
 MAX_ROW = 4096  # LayerNorm row width in one block
 ACT_BLOCK = 1024  # elements per program of the element-wise kernels
 ACT_GELU = 0
@@ -401,16 +406,18 @@ def _attention_backward_kernel(
 
 
 def attention_constants(
-    queries: int, tokens: int, head_dim: int, dtype: torch.dtype, interpreted: bool = False
-) -> dict:
+    queries: int, tokens: int, head_dim: int, dtype: torch.dtype, interpreted: bool = False,
+    backward: bool = False,
+) -> dict:  # fmt: skip
     """The attention kernels' launch constants (``num_warps`` and ``num_stages`` included)
     for ``queries`` × ``tokens``, heads of ``head_dim`` and data stored in ``dtype``: blocks
-    of ≤ :data:`QUERY_BLOCK` queries and :data:`KEY_BLOCK` keys, so that registers and
-    shared memory do not grow with the token count; ``interpreted``: run by Triton's CPU
-    interpreter (see :func:`ate_fast.ops.triton_dot.tile_dot`)."""
+    of at most the :data:`TILES` of the pass (``backward`` or the forward), so that
+    registers and shared memory do not grow with the token count; ``interpreted``: run by
+    Triton's CPU interpreter (see :func:`ate_fast.ops.triton_dot.tile_dot`)."""
+    most_q, most_k = TILES["backward" if backward else "forward"][dtype.itemsize]
     block_q, block_k, block_d = (
-        min(_block(queries), QUERY_BLOCK[dtype.itemsize]),
-        min(_block(tokens), KEY_BLOCK),
+        min(_block(queries), most_q),
+        min(_block(tokens), most_k),
         _block(head_dim),
     )
     return dict(HD=head_dim, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d,
@@ -456,7 +463,9 @@ def attention_backward(
     if grad.numel() == 0 and dk.numel() == 0:
         return
     (batch, tq, d), t = q.shape, k.shape[1]
-    constants = attention_constants(tq, t, d // num_heads, q.dtype, q.device.type == "cpu")
+    constants = attention_constants(
+        tq, t, d // num_heads, q.dtype, q.device.type == "cpu", backward=True
+    )
     blocks = triton.cdiv(t, constants["BLOCK_K"]) + triton.cdiv(tq, constants["BLOCK_Q"])
     _attention_backward_kernel[(batch * num_heads, blocks)](
         q, k, v, o, grad, lse, dq, dk, dv, tq, t, num_heads, *_rows(q), *_rows(k),
