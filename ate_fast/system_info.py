@@ -13,6 +13,7 @@ from ate_fast import native
 from ate_fast._version import __version__
 from ate_fast.models import block_epilogues, cpu_gemm, skinny_gemm, split_kv_attention
 from ate_fast.ops import backends
+from ate_fast.sampling import guidance_stream
 from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
 
 
@@ -89,6 +90,7 @@ def info() -> dict:
         "cpu_gemm": _cpu_gemm(),
         "skinny_gemm": _or_error(_skinny_gemm),
         "prefix_attention": _or_error(_prefix_attention),
+        "guidance_stream": _or_error(guidance_stream.selected_path),
     }
 
 
@@ -197,6 +199,10 @@ def format_info(data: dict) -> str:
     lines.append(
         f"flow-transformer attention against the prefix: {data['prefix_attention']}"
         " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv, ATE_FAST_SPLIT_KV_TILES)"
+    )
+    lines.append(
+        f"latent guidance (mode direct) on CUDA: {data['guidance_stream']} stream as the model"
+        " (ATE_FAST_GUIDANCE_STREAM=same|side)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

@@ -69,6 +69,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
 - ``ate_capture_split_kv_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided)
   with ``ATE_FAST_PREFIX_ATTENTION=split_kv``: each block's attention on the split-key
   Triton kernels (``ate_fast.models.split_kv_attention``) instead of SDPA; its A/B.
+- ``ate_capture_side_stream``: ``ate_capture`` (mlp- and transformer-guided, B = 1 and 8)
+  with ``ATE_FAST_GUIDANCE_STREAM=side``: the latent guidance's gradient (mode ``direct``:
+  it reads x alone) on a second CUDA stream while the head runs
+  (``ate_fast.sampling.guidance_stream``; two parallel branches of the graph); its A/B
+  against ``ate_capture``, and its guidance overhead against unguided ``ate_capture``.
 - ``ate_capture_padded_prompt``: ``ate_capture`` (B = 1, unguided) with openpi's padded
   prompt: the language tokens' last ``PADDED_TOKENS`` of 48 are padding, hidden by the
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
@@ -190,10 +195,15 @@ SKINNY_ROWS = {"ate_capture_skinny_gemm_n16": 16}
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
 # split-key kernels instead of SDPA (B = 1 unguided and rtc-guided)
 SPLIT_KV_ROW = "ate_capture_split_kv_attention"
+# ate_capture with ATE_FAST_GUIDANCE_STREAM=side: the latent guidance's gradient on a second
+# CUDA stream beside the head (mlp- and transformer-guided, B = 1 and 8); unguided it is
+# ate_capture itself, the base of its guidance-overhead target
+SIDE_STREAM_ROW = "ate_capture_side_stream"
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
-        FOLD_MLP_ROW, *SKINNY_ROWS, SPLIT_KV_ROW,
+        FOLD_MLP_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, SIDE_STREAM_ROW,
         PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
-ATE_ROWS = ("ate_capture", EPILOGUES_ROW, "ate_capture_compiled")
+ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
+UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
 BASELINE = "compile_max_autotune"
 DEPTH = 2 if DRY_RUN else None  # None: the config's 18 blocks
 ENCODER_LAYERS = 3 if DRY_RUN else 9
@@ -242,6 +252,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     FOLD_MLP_ROW: 10.0,  # + Triton compiling its kernels' folded variants at first use
     **dict.fromkeys(SKINNY_ROWS, 8.0),  # + Triton compiling the GEMM's variants
     SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
+    SIDE_STREAM_ROW: 4.0,
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -264,12 +275,15 @@ def _cases() -> list[tuple[int, str, str]]:
     default 240 s reach it."""
     b1, b8 = BATCHES
     cheap = [(b1, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
+    side = [g for g in LATENT_GUIDANCES if g != "unguided"]
+    cheap += [(b1, g, SIDE_STREAM_ROW) for g in side]  # the guidance beside the head
     cheap.append((b1, "unguided", OTHER_EPILOGUES_ROW))  # the epilogues' A/B (B = 8: later)
     cheap += [(b1, RTC, r) for r in ("eager", "ate_capture", OTHER_EPILOGUES_ROW)]
     cheap += [(b1, g, SPLIT_KV_ROW) for g in ("unguided", RTC)]  # split-key attention vs SDPA
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
+    cheap_b8 += [(b8, g, SIDE_STREAM_ROW) for g in side]
     # A/Bs of a default's parts, after the unguided compiled baseline (the targets' peer)
     parts = [(b1, "unguided", TWO_GEMMS_ROW), (b1, "unguided", FOLD_MLP_ROW)]
     compiled_b1 = [
@@ -651,7 +665,8 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         if enc is not None:
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
-    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, *SKINNY_ROWS):
+    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, SIDE_STREAM_ROW,
+               *SKINNY_ROWS):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
@@ -819,7 +834,7 @@ def targets(data: dict) -> list[dict]:
                         "guidance": g, "row": r, "value": base / t, "met": base / t >= VS_BASELINE,
                     })  # fmt: skip
                 limit = GUIDANCE_OVERHEAD.get(g)
-                plain = median(b, "unguided", r)
+                plain = median(b, "unguided", UNGUIDED_OF.get(r, r))
                 if g != "unguided" and plain is not None:
                     added = t / plain - 1.0
                     name = g.split("-")[0]
@@ -994,6 +1009,8 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
     if row == SPLIT_KV_ROW:
         monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "split_kv")
+    if row == SIDE_STREAM_ROW:
+        monkeypatch.setenv("ATE_FAST_GUIDANCE_STREAM", "side")
     if row in SKINNY_ROWS:
         monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
         monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", str(SKINNY_ROWS[row]))

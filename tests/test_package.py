@@ -146,6 +146,15 @@ def test_info_reports_the_prefix_attention_path(monkeypatch):
     assert info()["prefix_attention"].startswith("error: ATE_FAST_PREFIX_ATTENTION: expected")
 
 
+def test_info_reports_the_guidance_stream(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_GUIDANCE_STREAM", raising=False)
+    assert info()["guidance_stream"] == "same"  # the default until a GPU measures the side
+    monkeypatch.setenv("ATE_FAST_GUIDANCE_STREAM", "side")
+    assert "latent guidance (mode direct) on CUDA: side stream" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_GUIDANCE_STREAM", "both")
+    assert info()["guidance_stream"].startswith("error: ATE_FAST_GUIDANCE_STREAM: expected")
+
+
 def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
     # CUDA's default is triton where Triton runs on CUDA: not on this machine

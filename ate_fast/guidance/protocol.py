@@ -87,6 +87,12 @@ class Guidance(Protocol):
     user code between evaluations; so it may check once per call what nothing but the
     sampler and the model changes within one (:meth:`ate_fast.steer.LatentGuidance.call_gradient`
     checks its encoder and target there).
+
+    Any guidance may add ``reads_x_only`` (``True``): its gradient reads ``x`` alone — not
+    ``x0_hat`` nor ``dx0_dx``, which it is then given as None. A sampler may then compute
+    it beside the model on a second CUDA stream (``ATE_FAST_GUIDANCE_STREAM=side``,
+    :mod:`ate_fast.sampling.guidance_stream`), before the model's output exists.
+    :class:`ate_fast.steer.LatentGuidance` declares it in mode ``"direct"``.
     """
 
     scale: float

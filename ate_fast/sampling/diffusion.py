@@ -360,8 +360,7 @@ class DiffusionSampler(Sampler):
         clip = self.clip_sample
         r = self.clip_sample_range
         for k in range(self.num_steps):
-            m = run.model(x, tb.t[k])
-            g = run.gradient(x, m, tb.p[k], tb.q[k], tb.dx0_dx[k])
+            m, g = run.evaluate(x, tb.t[k], tb.p[k], tb.q[k], tb.dx0_dx[k])
             z = run.noise() if self.step_noise_draws[k] else None
             s = tb.s[k] if z is not None else None
             if clip:
@@ -383,8 +382,7 @@ class DiffusionSampler(Sampler):
         tb, x, ws, launch = run.tables, run.x, run.ws, run.launch
         n = self.solver_order
         for k in range(self.num_steps):
-            m = run.model(x, tb.t[k])
-            g = run.gradient(x, m, tb.p[k], tb.q[k], tb.dx0_dx[k])
+            m, g = run.evaluate(x, tb.t[k], tb.p[k], tb.q[k], tb.dx0_dx[k])
             # Data predictions rotate through `solver_order` buffers.
             x0 = ws[f"x0_{k % n}"]
             self._combine(run, x0, x, m, tb.p[k], tb.q_issued[k], g, tb.c[k], self._x0_split[k])

@@ -28,6 +28,7 @@ from ate_fast.sampling.finite import (
     FiniteCheck,
     finite_check_for,
 )
+from ate_fast.sampling.guidance_stream import evaluate_beside, side_stream_for
 from ate_fast.sampling.inpainting import Inpainting, check_inpainting
 from ate_fast.sampling.inputs import check_cond, check_generator, check_noise, check_output
 from ate_fast.sampling.launch import CachedLaunch, Launch
@@ -125,6 +126,8 @@ class Run:
         )
         # guidance.gradient until reset() asks for the call's own (see _call_gradient)
         self.guidance_gradient = None if guidance is None else guidance.gradient
+        # a guidance that reads x alone may run beside the model (ATE_FAST_GUIDANCE_STREAM)
+        self.side_stream = None if self.through_policy else side_stream_for(guidance, x)
 
     def _call_gradient(self) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
         """This call's ``gradient(x, x0_hat, dx0_dx)``: the guidance's ``call_gradient()``
@@ -188,6 +191,9 @@ class Run:
         self.launch(x0_hat, x=x, m=m, a=p, b=q)
         with torch.enable_grad():
             g = self.guidance_gradient(x, x0_hat, dx0_dx)
+        return self._checked_gradient(g, x)
+
+    def _checked_gradient(self, g: Tensor, x: Tensor) -> Tensor:
         g = check_output("guidance.gradient", g, x)
         if self.finite is not None:
             self.finite.observe(self.step, "guidance.gradient", g)
@@ -199,7 +205,9 @@ class Run:
         """``(m, g)`` at ``x`` [B, H, D], time ``t`` [B]: the unguided model output and the
         guidance gradient (None when unguided); ``x0_hat = p·x + q·m``, slope ``dx0_dx``.
 
-        Modes ``"direct"``/``"tweedie"``: :meth:`model` under no_grad, then :meth:`gradient`.
+        Modes ``"direct"``/``"tweedie"``: :meth:`model` under no_grad, then :meth:`gradient`
+        — or, for a guidance that reads ``x`` alone with ``ATE_FAST_GUIDANCE_STREAM=side``
+        on CUDA, both at once on two streams (:mod:`ate_fast.sampling.guidance_stream`).
         Mode ``"policy_vjp"``: :meth:`model_vjp` (one VJP through the model). With an
         inpainting, its known positions are written into ``x`` first (in place).
         """
@@ -207,6 +215,11 @@ class Run:
             self.inpainting.apply_(x)
         if self.through_policy:
             return self.model_vjp(x, t, p, q)
+        if self.side_stream is not None:
+            m, g = evaluate_beside(
+                self.side_stream, x, self.guidance_gradient, lambda: self.model(x, t)
+            )
+            return m, self._checked_gradient(g, x)
         m = self.model(x, t)
         return m, self.gradient(x, m, p, q, dx0_dx)
 

@@ -93,8 +93,15 @@ class LatentGuidance:
             f"clamp={self.clamp}, mode={self.mode!r})"
         )
 
-    def gradient(self, x: Tensor, x0_hat: Tensor, dx0_dx: Tensor) -> Tensor:
-        """``g`` [B, H, D] at ``x`` [B, H, D] (``x0_hat`` [B, H, D], ``dx0_dx`` [B]: tweedie)."""
+    @property
+    def reads_x_only(self) -> bool:
+        """Mode ``"direct"``: the gradient reads ``x`` alone (``Guidance.reads_x_only``; a
+        sampler may compute it beside the model, ``x0_hat`` and ``dx0_dx`` then None)."""
+        return self.mode == "direct"
+
+    def gradient(self, x: Tensor, x0_hat: Optional[Tensor], dx0_dx: Optional[Tensor]) -> Tensor:
+        """``g`` [B, H, D] at ``x`` [B, H, D] (``x0_hat`` [B, H, D], ``dx0_dx`` [B]: tweedie;
+        unread, and may be None, in mode ``"direct"``)."""
         if self.mode == "direct":
             check.check_chunks(x=x)
             return self.latent_gradient(x).to(x.dtype)
