@@ -73,10 +73,12 @@ def evaluate_beside(
     runs on the current stream; the current stream then waits for both. ``x`` [B, H, D]."""
     main = torch.cuda.current_stream(x.device)
     side.wait_stream(main)  # fork: x and all before it are written
-    with torch.cuda.stream(side), torch.enable_grad():
-        g = gradient(x, None, None)
-    m = model()
-    main.wait_stream(side)  # join: the update reads g
+    try:
+        with torch.cuda.stream(side), torch.enable_grad():
+            g = gradient(x, None, None)
+        m = model()
+    finally:  # join (the update reads g), also on an error: a capture must end joined
+        main.wait_stream(side)
     if isinstance(g, Tensor) and g.is_cuda and not torch.cuda.is_current_stream_capturing():
         # g's memory came from the side stream's pool: not reused before the current stream
         # has read it (inside a capture the graph's own pool and the fork order see to it)
