@@ -116,3 +116,93 @@ def test_side_stream_equals_one_stream_on_cuda(monkeypatch, arch, sampler):
     assert beside.call_count >= 2  # eager evaluations, then the capture's
     for got in (eager, replayed, again):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class _FakeStream:
+    """Records the fork / join waits and which stream is current when work runs."""
+
+    current = "main"
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+def _fake_cuda(monkeypatch, log):
+    main, side = _FakeStream("main", log), _FakeStream("side", log)
+
+    class _Scope:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            self.before, _FakeStream.current = _FakeStream.current, self.stream.name
+
+        def __exit__(self, *exc):
+            _FakeStream.current = self.before
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", _Scope)
+    return side
+
+
+@pytest.mark.parametrize("fails", [None, "gradient", "model"])
+def test_fork_gradient_model_join(monkeypatch, fails):
+    """The order evaluate_beside issues (CUDA's stream calls faked on the CPU): the side
+    stream waits for the current one, the gradient runs on the side stream with grad on
+    and None for x0_hat / dx0_dx, the model on the current one, then the current stream
+    waits for the side one — also when the gradient or the model raises."""
+    log = []
+    side = _fake_cuda(monkeypatch, log)
+    x = torch.zeros(B, H, D)
+
+    def gradient(point, x0_hat, dx0_dx):
+        log.append(f"gradient on {_FakeStream.current}, grad {torch.is_grad_enabled()}, "
+                   f"{x0_hat}, {dx0_dx}")  # fmt: skip
+        if fails == "gradient":
+            raise RuntimeError("gradient failed")
+        return point + 1
+
+    def model():
+        log.append(f"model on {_FakeStream.current}")
+        if fails == "model":
+            raise RuntimeError("model failed")
+        return x + 2
+
+    order = ["side waits for main", "gradient on side, grad True, None, None",
+             "model on main", "main waits for side"]  # fmt: skip
+    with torch.no_grad():
+        if fails:
+            with pytest.raises(RuntimeError, match=f"{fails} failed"):
+                guidance_stream.evaluate_beside(side, x, gradient, model)
+            order = [e for e in order if not (fails == "gradient" and e.startswith("model"))]
+            assert log == order
+            return
+        m, g = guidance_stream.evaluate_beside(side, x, gradient, model)
+    assert log == order
+    assert torch.equal(m, x + 2) and torch.equal(g, x + 1)
+
+
+@pytest.mark.parametrize("sampler", ["flow-euler", "flow-heun", "ddim", "dpmsolver"])
+def test_every_sampler_takes_the_side_path(monkeypatch, sampler):
+    """Every sampler's loop reaches the side path through Run.evaluate (the streams faked
+    on the CPU, the side stream forced): sample() and the captured loop equal the
+    one-stream result exactly, with the gradient beside the model at every evaluation."""
+    guidance = _guidance("transformer")
+    chosen = _samplers(_head("cpu"))[sampler]
+    noise = torch.randn(B, H, D)
+    with torch.no_grad():
+        want = chosen.sample(noise, guidance=guidance).clone()
+    side = _fake_cuda(monkeypatch, [])
+    monkeypatch.setattr(sampler_module, "side_stream_for", lambda guidance, x: side)
+    beside = mock.Mock(wraps=guidance_stream.evaluate_beside)
+    monkeypatch.setattr(sampler_module, "evaluate_beside", beside)
+    with torch.no_grad():
+        eager = chosen.sample(noise, guidance=guidance).clone()
+        evaluations = beside.call_count
+        replayed = chosen.capture(noise, guidance=guidance)(noise).clone()
+    assert evaluations == {"flow-heun": 2 * 3 - 1}.get(sampler, 4)
+    torch.testing.assert_close(eager, want, rtol=0, atol=0)
+    torch.testing.assert_close(replayed, want, rtol=0, atol=0)
