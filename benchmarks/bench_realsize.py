@@ -74,6 +74,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   it reads x alone) on a second CUDA stream while the head runs
   (``ate_fast.sampling.guidance_stream``; two parallel branches of the graph); its A/B
   against ``ate_capture``, and its guidance overhead against unguided ``ate_capture``.
+- ``ate_capture_sdpa_flash``, ``ate_capture_sdpa_efficient``: ``ate_capture`` (B = 1,
+  unguided) captured with one SDPA backend forced (``torch.nn.attention.sdpa_kernel``;
+  torch's own pick on the H200 is cuDNN's); ``ate_capture_cublaslt``: captured with
+  ``torch.backends.cuda.preferred_blas_library("cublaslt")``. A/Bs of torch's settings
+  against ``ate_capture`` (the efficient and cuBLASLt rows are GPU-only).
 - ``ate_capture_padded_prompt``: ``ate_capture`` (B = 1, unguided) with openpi's padded
   prompt: the language tokens' last ``PADDED_TOKENS`` of 48 are padding, hidden by the
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
@@ -136,6 +141,7 @@ of the compile units it would be first to build) exceed the budget.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -143,6 +149,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -199,8 +206,21 @@ SPLIT_KV_ROW = "ate_capture_split_kv_attention"
 # CUDA stream beside the head (mlp- and transformer-guided, B = 1 and 8); unguided it is
 # ate_capture itself, the base of its guidance-overhead target
 SIDE_STREAM_ROW = "ate_capture_side_stream"
+# ate_capture captured with one SDPA backend forced (B = 1, unguided): torch's pick on the
+# H200, cuDNN's flash forward, ran the block's attention on 7 programs (24.5 µs per block);
+# bench_prefix_attention.py times the backends alone. Memory-efficient attention has no
+# CPU kernel: not in the dry run.
+SDPA_ROWS = {"ate_capture_sdpa_flash": "FLASH_ATTENTION"}
+if not DRY_RUN:
+    SDPA_ROWS["ate_capture_sdpa_efficient"] = "EFFICIENT_ATTENTION"
+# ate_capture captured with cuBLASLt as torch's preferred BLAS library (B = 1, unguided):
+# the GEMMs took 0.49 ms per step at 32 % of the copy rate with torch's default (cuBLAS).
+# A CPU build of torch has no cuBLASLt: not in the dry run either.
+CUBLASLT_ROW = "ate_capture_cublaslt"
+# ate_capture under a setting of torch's
+SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
-        FOLD_MLP_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, SIDE_STREAM_ROW,
+        FOLD_MLP_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, SIDE_STREAM_ROW, *SETTING_ROWS,
         PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
@@ -253,6 +273,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     **dict.fromkeys(SKINNY_ROWS, 8.0),  # + Triton compiling the GEMM's variants
     SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
     SIDE_STREAM_ROW: 4.0,
+    **dict.fromkeys(SETTING_ROWS, 4.0),
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
 }
@@ -286,6 +307,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap_b8 += [(b8, g, SIDE_STREAM_ROW) for g in side]
     # A/Bs of a default's parts, after the unguided compiled baseline (the targets' peer)
     parts = [(b1, "unguided", TWO_GEMMS_ROW), (b1, "unguided", FOLD_MLP_ROW)]
+    parts += [(b1, "unguided", r) for r in SETTING_ROWS]  # SDPA backends, cuBLASLt
     compiled_b1 = [
         (b1, "unguided", "compile_max_autotune"),
         (b1, "unguided", "ate_capture_compiled"),
@@ -666,7 +688,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, SIDE_STREAM_ROW,
-               *SKINNY_ROWS):  # fmt: skip
+               *SKINNY_ROWS, *SETTING_ROWS):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
@@ -1023,13 +1045,34 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         write_report()
         pytest.skip(reason)
     try:
-        _time_case(benchmark, case)
+        with _torch_setting(row):
+            _time_case(benchmark, case)
     except Exception as exc:  # named in the report (not only in the log)
         first_line = (str(exc).splitlines() or [""])[0][:300]
         error = f"{type(exc).__name__}: {first_line}"
         _RESULTS["failed"].append({"case": _row_key(*case), "error": error})
         write_report()
         raise
+
+
+@contextlib.contextmanager
+def _torch_setting(row: str) -> Iterator[None]:
+    """The setting of torch's a :data:`SETTING_ROWS` row is built (captured) and timed
+    under; nothing for the other rows."""
+    if row in SDPA_ROWS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([getattr(SDPBackend, SDPA_ROWS[row])]):
+            yield
+    elif row == CUBLASLT_ROW:
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            yield
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
+    else:
+        yield
 
 
 def _time_case(benchmark, case: tuple[int, str, str]) -> None:
