@@ -42,6 +42,15 @@ def test_who_declares_reading_x_alone():
     assert _guidance(mode="direct").reads_x_only
     assert not _guidance(mode="tweedie").reads_x_only  # reads x0_hat
     assert not guidance_stream.reads_x_only(SimpleNamespace())  # undeclared: no
+
+    class Blended(LatentGuidance):  # a gradient of its own may read x0_hat
+        def gradient(self, x, x0_hat, dx0_dx):
+            return super().gradient(x, x0_hat, dx0_dx) + 0 * x0_hat
+
+    assert not Blended(_guidance().encoder, torch.zeros(DZ)).reads_x_only
+    wrapped = _guidance()
+    wrapped.gradient = mock.Mock(wraps=wrapped.gradient)
+    assert not wrapped.reads_x_only
     assert not guidance_stream.reads_x_only(SimpleNamespace(reads_x_only="yes"))  # not a bool
 
 

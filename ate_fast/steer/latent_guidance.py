@@ -96,8 +96,10 @@ class LatentGuidance:
     @property
     def reads_x_only(self) -> bool:
         """Mode ``"direct"``: the gradient reads ``x`` alone (``Guidance.reads_x_only``; a
-        sampler may compute it beside the model, ``x0_hat`` and ``dx0_dx`` then None)."""
-        return self.mode == "direct"
+        sampler may compute it beside the model, ``x0_hat`` and ``dx0_dx`` then None) —
+        unless a subclass or the instance replaces :meth:`gradient`, which may read them."""
+        replaced = type(self).gradient is not LatentGuidance.gradient or "gradient" in vars(self)
+        return self.mode == "direct" and not replaced
 
     def gradient(self, x: Tensor, x0_hat: Optional[Tensor], dx0_dx: Optional[Tensor]) -> Tensor:
         """``g`` [B, H, D] at ``x`` [B, H, D] (``x0_hat`` [B, H, D], ``dx0_dx`` [B]: tweedie;
