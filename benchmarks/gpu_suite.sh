@@ -48,7 +48,10 @@
 # pytest -k expression for them) and ATE_FAST_SUITES (benchmark files to run, in that
 # order, instead of all; bench_realsize, run before the tests, and bench_heads only if
 # named; ATE_FAST_SUITES=none runs none), ATE_FAST_REALSIZE_K (a pytest -k expression that
-# picks bench_realsize's cases, e.g. "B8 and compile": what a first run's budget cut).
+# picks bench_realsize's cases, e.g. "B8 and compile": what a first run's budget cut) and
+# ATE_FAST_BENCH_K (one for the other benchmark files: it also matches a file's name, e.g.
+# "bf16 or prefix_attention" keeps bench_transformer_guidance's bf16 rows and all of
+# bench_prefix_attention).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # ATE_FAST_SUITES as paths from the repository's root ("bench_rtc", "bench_rtc.py" and
@@ -91,9 +94,9 @@ capped() {
 # bench SUITE LIMIT [VAR=VALUE ...]: one benchmark file (its cuda cases) into
 # WORK/<name>.json, stopped by SIGINT after LIMIT seconds.
 bench() {
-  local suite=$1 limit=$2 name rc k="cuda"
+  local suite=$1 limit=$2 name rc k="cuda" pick="${BENCH_K:-${ATE_FAST_BENCH_K:-}}"
   shift 2
-  [ -z "${BENCH_K:-}" ] || k="cuda and ($BENCH_K)"
+  [ -z "$pick" ] || k="cuda and ($pick)"
   name=$(basename "$suite" .py)
   if [ "$limit" -lt 20 ]; then  # a planned cut (see the time plan above), not a failure
     echo "$name: not run (ATE_FAST_SUITE_BUDGET spent, $(( $(date +%s) - t0 )) s into the run)" \
