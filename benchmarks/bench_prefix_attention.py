@@ -182,6 +182,11 @@ def test_prefix_attention(benchmark, time_calls, compiled_sweep, device, batch, 
     benchmark.group = f"{device} prefix attention B={batch} rows={rows} keys={keys} hd={hd}"
     tiles = {label(t): dataclasses.asdict(t) for t in SWEEP[device]}.get(impl)
     benchmark.extra_info.update(impl=impl, device=device, batch=batch, tiles=tiles)
+    if tiles:  # the row's tiles as the setting that runs them in a whole sampler
+        benchmark.extra_info["env"] = {
+            "ATE_FAST_PREFIX_ATTENTION": "split_kv",
+            "ATE_FAST_SPLIT_KV_TILES": ",".join(f"{k}={v}" for k, v in tiles.items()),
+        }
     time_calls(fn, device, GPU_CALLS, rounds=10)
     # a call is `blocks` attentions: report.py's per-call time is per block
     benchmark.extra_info["calls"] *= blocks
