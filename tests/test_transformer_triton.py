@@ -364,6 +364,23 @@ def test_paper_size_encoder_on_cuda(monkeypatch, no_tf32, dtype, batch):
     """The paper's encoder (d_model 512, 4 heads of 128, ff 1024, 9 layers) at H = 50
     (52 tokens) on the GPU: the triton path against the float64 autograd truth, as close
     as the torch VJP in the same dtype (×1.5 slack)."""
+    _check_paper_size_encoder(monkeypatch, dtype, batch)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "tiles", [{"forward": (64, 64)}, {"forward": (64, 64), "backward": (32, 64)}], ids=str
+)
+def test_the_benchmarked_tiles_on_cuda(monkeypatch, no_tf32, tiles):
+    """bench_transformer_guidance's bf16 tile rows, compiled for the GPU: the paper's
+    encoder at B = 1 and 8, as close to the truth as at the default tiles' bound."""
+    for which, tile in tiles.items():
+        monkeypatch.setitem(tt().TILES[which], 2, tile)
+    for batch in (1, 8):
+        _check_paper_size_encoder(monkeypatch, torch.bfloat16, batch)
+
+
+def _check_paper_size_encoder(monkeypatch, dtype: torch.dtype, batch: int) -> None:
     torch.manual_seed(0)
     vae = ActionVAE(32, 50, latent_dim=512, arch="transformer").cuda()
     x = torch.randn(batch, 50, 32, device="cuda")
