@@ -56,7 +56,8 @@ SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_A
 
 def _sweep() -> list[Tiles]:
     """The tiles timed on CUDA (bf16, 256 dims): per (block_q, block_k, warps) that compiles
-    spill-free on sm_90, one slice, fixed splits and the SM-filling split."""
+    on sm_90 without spills (32 × 64 and 64 × 32: 24 B), its key splits — n > 0 a fixed n
+    (1: one kernel), 0 the SM-filling split at one program per SM, −2 at two."""
     shapes = {(16, 32, 8): (1, 4, 0, -2), (16, 64, 8): (1, 2, 4, 0), (32, 32, 8): (1, 4, 8, 0, -2),
               (32, 32, 4): (0,), (32, 64, 8): (1, 2, 4, 0), (64, 32, 8): (1, 2, 4, 0)}  # fmt: skip
     return [
