@@ -38,6 +38,7 @@ from cuda_graphs import graphed
 from ate_fast.align import ActionVAE
 from ate_fast.steer import latent_distance_gradient
 from ate_fast.steer.encoder import FrozenEncoder
+from ate_fast.steer.transformer_triton import CANDIDATE_TILES
 from ate_fast.steer.transformer_vjp import ENV_VAR
 
 SHAPES = [(50, 32), (64, 128), (16, 14)]
@@ -77,12 +78,9 @@ def _cases():
             )  # fmt: skip
 
 
-# the Triton kernels at other bf16 attention tiles (transformer_triton.TILES entries, (queries,
-# keys)): at 52 tokens one chunk of keys per program instead of four (both spill-free on sm_90)
-TILE_ROWS = {
-    "triton_f64x64_graph": {"forward": (64, 64)},
-    "triton_f64x64_b32x64_graph": {"forward": (64, 64), "backward": (32, 64)},
-}
+# the Triton kernels at other bf16 attention tiles (transformer_triton.CANDIDATE_TILES: at 52
+# tokens one chunk of keys per program instead of four)
+TILE_ROWS = {f"triton_{name}_graph": tiles for name, tiles in CANDIDATE_TILES.items()}
 
 # relative error against float32 autograd: float32 rounding; bf16's 8-bit mantissa
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}

@@ -183,14 +183,13 @@ def test_attention_past_128_tokens():
     test_attention_and_its_backward(torch.bfloat16, 1, 150, 3, 32, 2)
 
 
-@pytest.mark.parametrize(
-    "tiles", [{"forward": (64, 64)}, {"forward": (64, 64), "backward": (32, 64)}], ids=str
-)
+@pytest.mark.parametrize("name", ["f64x64", "f64x64_b32x64"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_the_benchmarked_tiles(monkeypatch, dtype, tiles):
-    """The attention tiles bench_transformer_guidance.py times (TILE_ROWS: every key of a
-    52-token layer in one chunk), put in the tables for bf16 and float64 alike, against
+def test_the_benchmarked_tiles(monkeypatch, dtype, name):
+    """The attention tiles bench_transformer_guidance.py times (CANDIDATE_TILES: every key
+    of a 52-token layer in one chunk), put in the tables for bf16 and float64 alike, against
     the reference at the paper's layer and past one chunk (70 tokens)."""
+    tiles = tt().CANDIDATE_TILES[name]
     for which, tile in tiles.items():
         for size in (2, 8):
             monkeypatch.setitem(tt().TILES[which], size, tile)
@@ -368,13 +367,11 @@ def test_paper_size_encoder_on_cuda(monkeypatch, no_tf32, dtype, batch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(
-    "tiles", [{"forward": (64, 64)}, {"forward": (64, 64), "backward": (32, 64)}], ids=str
-)
-def test_the_benchmarked_tiles_on_cuda(monkeypatch, no_tf32, tiles):
+@pytest.mark.parametrize("name", ["f64x64", "f64x64_b32x64"])
+def test_the_benchmarked_tiles_on_cuda(monkeypatch, no_tf32, name):
     """bench_transformer_guidance's bf16 tile rows, compiled for the GPU: the paper's
     encoder at B = 1 and 8, as close to the truth as at the default tiles' bound."""
-    for which, tile in tiles.items():
+    for which, tile in tt().CANDIDATE_TILES[name].items():
         monkeypatch.setitem(tt().TILES[which], 2, tile)
     for batch in (1, 8):
         _check_paper_size_encoder(monkeypatch, torch.bfloat16, batch)

@@ -241,7 +241,30 @@ def transformer_variants(target) -> int:
                     f"{label} Tq={tq} T={t} hd={hd}", options, spill_free=store != "fp64",
                 )  # fmt: skip
                 count += 1
+        if store in ("bf16", "fp16"):  # the candidate tiles, at the paper's layer
+            count += _candidate_attention_variants(store, comp, target)
     return count
+
+
+def _candidate_attention_variants(store: str, comp: str, target) -> int:
+    """``transformer_triton.CANDIDATE_TILES`` (half precision; 52 tokens, heads of 128):
+    each (pass, tile) they put in the tables, once, spill-free within every target's shared
+    memory."""
+    candidates = tt.CANDIDATE_TILES.values()
+    passes = sorted({(which, tile) for tiles in candidates for which, tile in tiles.items()})
+    for which, tile in passes:
+        backward = which == "backward"
+        kernel = tt._attention_backward_kernel if backward else tt._attention_kernel
+        constants = tt.attention_constants(
+            52, 52, 128, _TORCH_DTYPE[store], backward=backward, tile=tile
+        )
+        options = {"num_warps": constants.pop("num_warps"),
+                   "num_stages": constants.pop("num_stages")}  # fmt: skip
+        compile_one(
+            kernel, constants, _typed({"lse_ptr"}, store, comp), {}, target,
+            f"{store}->{comp} {which} tile {tile}", options, spill_free=True,
+        )  # fmt: skip
+    return len(passes)
 
 
 def _compile_spill_free(*args) -> None:

@@ -68,12 +68,18 @@ _limits = launch_limits(
 # 32 × 16 (tensor-core dots), float32 / float64 16 × 16 (FMA dots, twice or four times the
 # registers per element) — so that no tile spills registers or outgrows the smallest
 # target's shared memory (sm_89: 99 KB) at any token count (tests/triton_offline_compile.py
-# checks both). A table per pass: bench_transformer_guidance.py times other bf16 tiles by
-# replacing an entry (at 52 tokens, 64 × 64 forward and 32 × 64 backward tiles compile
-# without spills on sm_90 and cover the keys in one chunk)
+# checks both). A table per pass, so that bench_transformer_guidance.py can time other bf16
+# tiles (CANDIDATE_TILES) by replacing an entry
 TILES = {
     "forward": {2: (32, 16), 4: (16, 16), 8: (16, 16)},
     "backward": {2: (32, 16), 4: (16, 16), 8: (16, 16)},
+}
+# bf16 / fp16 tiles timed against TILES (bench_transformer_guidance.py's rows
+# triton_<name>_graph), each replacing some passes' entries — every key of a 52-token layer
+# in one chunk — and compiled offline like TILES (tests/triton_offline_compile.py)
+CANDIDATE_TILES = {
+    "f64x64": {"forward": (64, 64)},
+    "f64x64_b32x64": {"forward": (64, 64), "backward": (32, 64)},
 }
 MAX_ROW = 4096  # LayerNorm row width in one block
 ACT_BLOCK = 1024  # elements per program of the element-wise kernels
@@ -407,14 +413,16 @@ def _attention_backward_kernel(
 
 def attention_constants(
     queries: int, tokens: int, head_dim: int, dtype: torch.dtype, interpreted: bool = False,
-    backward: bool = False,
+    backward: bool = False, tile: Optional[tuple[int, int]] = None,
 ) -> dict:  # fmt: skip
     """The attention kernels' launch constants (``num_warps`` and ``num_stages`` included)
     for ``queries`` × ``tokens``, heads of ``head_dim`` and data stored in ``dtype``: blocks
-    of at most the :data:`TILES` of the pass (``backward`` or the forward), so that
-    registers and shared memory do not grow with the token count; ``interpreted``: run by
-    Triton's CPU interpreter (see :func:`ate_fast.ops.triton_dot.tile_dot`)."""
-    most_q, most_k = TILES["backward" if backward else "forward"][dtype.itemsize]
+    of at most the :data:`TILES` of the pass (``backward`` or the forward), or of ``tile``
+    (queries, keys) where given, so that registers and shared memory do not grow with the
+    token count; ``interpreted``: run by Triton's CPU interpreter (see
+    :func:`ate_fast.ops.triton_dot.tile_dot`)."""
+    pass_tiles = TILES["backward" if backward else "forward"]
+    most_q, most_k = tile or pass_tiles[dtype.itemsize]
     block_q, block_k, block_d = (
         min(_block(queries), most_q),
         min(_block(tokens), most_k),
