@@ -224,6 +224,15 @@ ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPI
         PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
+# the package's settings each A/B row runs under (set for its case only)
+ROW_ENV = {
+    TORCH_EPILOGUES_ROW: {"ATE_FAST_FLOW_EPILOGUES": "torch"},
+    **{row: {"ATE_FAST_FLOW_EPILOGUES": "triton"} for row in TRITON_ROWS},
+    SPLIT_KV_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_kv"},
+    SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
+    **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n)}
+       for row, block_n in SKINNY_ROWS.items()},
+}  # fmt: skip
 BASELINE = "compile_max_autotune"
 DEPTH = 2 if DRY_RUN else None  # None: the config's 18 blocks
 ENCODER_LAYERS = 3 if DRY_RUN else 9
@@ -1022,20 +1031,11 @@ def _case_id(case: tuple[int, str, str]) -> str:
 @pytest.mark.parametrize("batch,guidance,row", CASES, ids=[_case_id(c) for c in CASES])
 def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -> None:
     case = (batch, guidance, row)
-    if row == TORCH_EPILOGUES_ROW:
-        monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "torch")
     if (row in TRITON_ROWS or row in SKINNY_ROWS or row == SPLIT_KV_ROW) and DRY_RUN:
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton kernels on the CPU need TRITON_INTERPRET=1 (dry run)")
-    if row in TRITON_ROWS:
-        monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
-    if row == SPLIT_KV_ROW:
-        monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "split_kv")
-    if row == SIDE_STREAM_ROW:
-        monkeypatch.setenv("ATE_FAST_GUIDANCE_STREAM", "side")
-    if row in SKINNY_ROWS:
-        monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
-        monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", str(SKINNY_ROWS[row]))
+    for name, value in ROW_ENV.get(row, {}).items():
+        monkeypatch.setenv(name, value)
     spent = time.monotonic() - _STARTED
     guess = _guess(case, _BUILT_UNITS)
     if spent + guess > BUDGET_S:

@@ -36,9 +36,8 @@ import torch
 from cuda_graphs import graphed
 
 from ate_fast.align import ActionVAE
-from ate_fast.steer import latent_distance_gradient
+from ate_fast.steer import latent_distance_gradient, transformer_triton
 from ate_fast.steer.encoder import FrozenEncoder
-from ate_fast.steer.transformer_triton import CANDIDATE_TILES
 from ate_fast.steer.transformer_vjp import ENV_VAR
 
 SHAPES = [(50, 32), (64, 128), (16, 14)]
@@ -80,7 +79,9 @@ def _cases():
 
 # the Triton kernels at other bf16 attention tiles (transformer_triton.CANDIDATE_TILES: at 52
 # tokens one chunk of keys per program instead of four)
-TILE_ROWS = {f"triton_{name}_graph": tiles for name, tiles in CANDIDATE_TILES.items()}
+TILE_ROWS = {
+    f"triton_{name}_graph": tiles for name, tiles in transformer_triton.CANDIDATE_TILES.items()
+}
 
 # relative error against float32 autograd: float32 rounding; bf16's 8-bit mantissa
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -103,8 +104,6 @@ def test_transformer_guidance_gradient(
     expected = call("autograd", FrozenEncoder(vae))()  # float32: the reference
     encoder = FrozenEncoder(vae.to(getattr(torch, dtype)))
     if impl in TILE_ROWS:  # read at launch: the capture below keeps them
-        from ate_fast.steer import transformer_triton
-
         for which, tiles in TILE_ROWS[impl].items():
             monkeypatch.setitem(transformer_triton.TILES[which], 2, tiles)
     fn = call({"eager": "autograd"}.get(impl.split("_")[0], impl.split("_")[0]), encoder)

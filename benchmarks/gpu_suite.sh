@@ -196,8 +196,8 @@ fi
 echo "== benchmarks (one JSON per suite, each under its own time limit)"
 heads=benchmarks/bench_heads.py
 # the suites with rows no GPU has timed yet (the prefix attention's sweep, RTC, graphed
-# guidance backends, the compiled transformer VJP), then bench_sampling (not reached by the last full run), the heads (timed
-# on the H100, 110 of 195 cases), the rest
+# guidance backends, the compiled transformer VJP), then bench_sampling (not reached by the
+# last full run), the heads (timed on the H100, 110 of 195 cases), the rest
 first="benchmarks/bench_prefix_attention.py benchmarks/bench_rtc.py benchmarks/bench_guidance.py benchmarks/bench_transformer_guidance.py benchmarks/bench_sampling.py"
 others=$(ls benchmarks/bench_*.py | grep -v -e "$heads" -e "$realsize")
 suites="${ATE_FAST_SUITES:-$first $heads $others}"

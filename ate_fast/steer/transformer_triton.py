@@ -37,9 +37,9 @@ cores, P and dS rounded to it first as FlashAttention does, accumulated in float
 float32 / float64 exactly (``input_precision="ieee"``, no TF32); ``out_dtype`` explicit
 (Triton < 3.7 defaults it to float32, which float64 fails to compile). Tiles are small
 (≤ 32 queries × 16 keys, :data:`TILES`) so that registers and shared memory stay within
-every target's limits at any token count: ``tests/triton_offline_compile.py`` checks each variant's
-shared memory against the GPU's per-block limit and that the attention kernels spill no
-registers in bf16, fp16 and float32 (ptxas).
+every target's limits at any token count: ``tests/triton_offline_compile.py`` checks each
+variant's shared memory against the GPU's per-block limit and that the attention kernels
+spill no registers in bf16, fp16 and float32 (ptxas).
 
 Imported only when the ``triton`` path runs (importing triton costs a second); the
 interpreter reads ``TRITON_INTERPRET`` when a kernel is decorated.
