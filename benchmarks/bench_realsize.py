@@ -62,6 +62,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   (B = 1, unguided): the MLP norm folded too, into a per-call copy of W_gate_up (−1 kernel
   per block and step, +2 × 302 MB per call); against ``ate_capture_triton_epilogues``,
   whether that pays on this GPU.
+- ``ate_capture_folded_norms``: ``ate_capture`` (B = 1, unguided) of a copy of the head
+  with every RMSNorm's weight folded into the layers that read it
+  (``FlowTransformerHead.fold_norm_weights_``, for inference): on the Triton path the MLP
+  norm then folds for free (−1 kernel per block and step, no per-call copy); its A/B
+  against ``ate_capture``.
 - ``ate_capture_skinny_gemm_n16``: ``ate_capture`` (B = 1, unguided) with
   ``ATE_FAST_SKINNY_GEMM=triton``: each block's four projections on the few-row Triton GEMM
   (``ate_fast.models.skinny_gemm``) with 16-column tiles, instead of cuBLAS; its A/B
@@ -188,7 +193,12 @@ EPILOGUES_ROW = "ate_capture_triton_epilogues"  # ate_capture, ATE_FAST_FLOW_EPI
 PADDED_ROW = "ate_capture_padded_prompt"  # ate_capture with a padded prompt (its mask)
 TWO_GEMMS_ROW = "ate_capture_two_gemms"  # ate_capture with q and kv as two GEMMs per block
 FOLD_MLP_ROW = "ate_capture_triton_fold_mlp"  # EPILOGUES_ROW with the MLP norm folded too
-TRITON_ROWS = (EPILOGUES_ROW, FOLD_MLP_ROW)  # under ATE_FAST_FLOW_EPILOGUES=triton
+# ate_capture of a copy of the head with its norms' weights folded into the layers that read
+# them (FlowTransformerHead.fold_norm_weights_): on the Triton path the MLP norm then folds
+# for free, no norm kernel in a block (−18 per step), no per-call copy of W_gate_up
+FOLDED_NORMS_ROW = "ate_capture_folded_norms"
+# under ATE_FAST_FLOW_EPILOGUES=triton (CUDA's default; the dry run's is torch)
+TRITON_ROWS = (EPILOGUES_ROW, FOLD_MLP_ROW, FOLDED_NORMS_ROW)
 # ate_capture under ATE_FAST_FLOW_EPILOGUES=torch: on CUDA, where the Triton epilogues are
 # the default (so EPILOGUES_ROW is ate_capture there), the A/B against the torch ops
 TORCH_EPILOGUES_ROW = "ate_capture_torch_epilogues"
@@ -220,7 +230,7 @@ CUBLASLT_ROW = "ate_capture_cublaslt"
 # ate_capture under a setting of torch's
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
-        FOLD_MLP_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, SIDE_STREAM_ROW, *SETTING_ROWS,
+        FOLD_MLP_ROW, FOLDED_NORMS_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, SIDE_STREAM_ROW, *SETTING_ROWS,
         PADDED_ROW, TWO_GEMMS_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
@@ -279,6 +289,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     PADDED_ROW: 4.0,
     TWO_GEMMS_ROW: 4.0,
     FOLD_MLP_ROW: 10.0,  # + Triton compiling its kernels' folded variants at first use
+    FOLDED_NORMS_ROW: 10.0,  # the same, + a copy of the head
     **dict.fromkeys(SKINNY_ROWS, 8.0),  # + Triton compiling the GEMM's variants
     SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
     SIDE_STREAM_ROW: 4.0,
@@ -308,6 +319,7 @@ def _cases() -> list[tuple[int, str, str]]:
     side = [g for g in LATENT_GUIDANCES if g != "unguided"]
     cheap += [(b1, g, SIDE_STREAM_ROW) for g in side]  # the guidance beside the head
     cheap.append((b1, "unguided", OTHER_EPILOGUES_ROW))  # the epilogues' A/B (B = 8: later)
+    cheap.append((b1, "unguided", FOLDED_NORMS_ROW))  # norms folded for inference: its A/B
     cheap += [(b1, RTC, r) for r in ("eager", "ate_capture", OTHER_EPILOGUES_ROW)]
     cheap += [(b1, g, SPLIT_KV_ROW) for g in ("unguided", RTC)]  # split-key attention vs SDPA
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
@@ -399,6 +411,11 @@ def _head() -> torch.nn.Module:
         return head.to(DTYPE).eval().requires_grad_(False)
 
     return _cached("head", build)
+
+
+def _folded(head: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``head`` with its norms' weights folded in (FOLDED_NORMS_ROW)."""
+    return copy.deepcopy(head).fold_norm_weights_()
 
 
 def _prefix_cache(batch: int, padded: bool = False) -> PrefixCache:
@@ -708,6 +725,8 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         else:
             head.fold_mlp_norm = True
         return _ate_call(batch, guidance, head)
+    if row == FOLDED_NORMS_ROW:  # a folded copy (the weights change), built once
+        return _ate_call(batch, guidance, _cached("folded", lambda: _folded(_head())))
     if row == "ate_capture_compiled":
         return _ate_call(batch, guidance, _compiled("default-head", batch))
     raise ValueError(row)

@@ -92,7 +92,7 @@ def test_this_torch_has_the_onednn_linear():
     assert ok, why
 
 
-ATEN_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+ATEN_GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "linear", "matmul"}
 # (x's shape, N): the heads' shapes (H = 50 rows, U-Net chunk rows) and odd ones
 SHAPES = [((50, 256), 2048), ((1, 50, 1024), 256), ((4, 2560), 512), ((2, 7, 300), 1100)]
 

@@ -29,7 +29,7 @@ _NO_KERNEL = {
 # per step and block, 64 prefix tokens, one kv head (both reference configs): 2 × 6 for the
 # CPU RMSNorms (+ 2 × 2 casts to float32 and back in bf16), the q|kv and gate_up GEMMs, 3
 # per rotation (q; k, written into the call's key/value buffer), the values' copy into it,
-# attention, 2 GEMMs with their residual add, GELU and the gate product. Were 39 / 43
+# attention, 2 GEMMs with their residual add (in place), GELU and the gate product. Were 39 / 43
 # before the rotation went 7 → 3 ops and the residual adds into the GEMMs, 29 / 33 before
 # the queries were folded token-major (attention's output was copied into the o
 # projection's layout), 28 / 32 before the prefix stayed in the call's buffers (two
@@ -81,8 +81,10 @@ def test_ops_per_block(monkeypatch, dtype, gemm):
     assert "add" not in per_block  # the residuals ride in the output projections' GEMMs
     if gemm == "onednn" and dtype == torch.float32:  # the 4 GEMMs, 2 with the residual
         assert per_block["_linear_pointwise"] == 4 and "addmm" not in per_block
-    else:
-        assert per_block["addmm"] == 2 and "_linear_pointwise" not in per_block
+    else:  # the residual GEMMs accumulate into the residual stream in place: ATen's
+        # out-of-place addmm would first copy C into a new output (a memcpy on CUDA)
+        assert per_block["addmm_"] == 2 and "_linear_pointwise" not in per_block
+        assert "addmm" not in per_block
         assert per_block["mm"] == 2  # q|kv (one GEMM) and gate_up
     assert per_block["addcmul"] == 2
     assert "clone" not in per_block  # one kv head: attention's output is W_o's input as is

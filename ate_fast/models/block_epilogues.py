@@ -21,8 +21,10 @@ goes into ``[W_q; W_kv]`` as the call concatenates them (:func:`fold_norm_weight
 GEMM takes the un-normed rows, and :func:`rotate_qkv` (``norm=``) scales each row by its
 norm factor ``1/√(mean(x²) + ε)``, computed from the row of x — so no kernel runs that
 norm (a launch fewer per block and step); with ``FlowTransformerHead.fold_mlp_norm`` the
-MLP norm too, into a per-call copy of ``W_gate_up`` and :func:`norm_gated_gelu`. The torch
-ops gain nothing from a fold (CUDA's RMSNorm is one kernel).
+MLP norm too, through :func:`norm_gated_gelu` — for free where the norm is weightless
+(``FlowTransformerHead.fold_norm_weights_``: ``W_gate_up`` is its own fold), else into a
+per-call copy of ``W_gate_up``. The torch ops gain nothing from a fold (CUDA's RMSNorm is
+one kernel).
 
 The hand-written input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`, real-time
 chunking's pullback) has four more, chosen by the same setting: the gated GELU's backward,

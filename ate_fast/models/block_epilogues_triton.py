@@ -28,7 +28,8 @@ Both take an optional ``norm`` (``NORM`` / :func:`_norm_gated_gelu_kernel`): the
 projections then took the block's un-normed rows x with the RMSNorm's weight folded into
 the weight matrix, and each row is scaled by ``1/√(mean(x²) + ε)`` from its row of x
 (read ``NORM_CHUNK`` columns at a time) — that norm's kernel gone (one per folded norm,
-block and step; the attention norm's by default, the MLP norm's with ``fold_mlp_norm``).
+block and step; the attention norm's by default, the MLP norm's with ``fold_mlp_norm``,
+which is on by itself for a head whose norms are weightless, ``fold_norm_weights_``).
 
 Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing ≈ 42:
 

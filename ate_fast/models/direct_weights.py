@@ -26,13 +26,17 @@ from ate_fast.models.cpu_gemm import linear_residual_rows
 from ate_fast.module_checks import plain_linear
 
 
-def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+def linear_residual(
+    linear: nn.Module, x: Tensor, residual: Tensor, in_place: bool = False
+) -> Tensor:
     """``residual + linear(x)`` [..., out] for ``x`` [..., in] and ``residual`` [..., out]:
     one GEMM with the residual as C (one kernel and one rounding fewer:
     :func:`~ate_fast.models.cpu_gemm.linear_residual_rows`, or the few-row kernel where
     ``ATE_FAST_SKINNY_GEMM=triton``: :mod:`~ate_fast.models.skinny_gemm`) for a plain
     bias-free ``nn.Linear`` with the residual in its dtype, outside autocast (which would
-    round the residual to the GEMM's precision); else the two ops as written."""
+    round the residual to the GEMM's precision); else the two ops as written.
+    ``in_place``: the caller never reads ``residual`` again, so the GEMM may accumulate
+    into it (no copy of C first; see ``linear_residual_rows``)."""
     if (
         not plain_linear(linear)
         or linear.bias is not None
@@ -43,7 +47,7 @@ def linear_residual(linear: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     weight = linear.weight
     if residual.shape == x.shape[:-1] + weight.shape[:1] and skinny_gemm.takes(x, weight, residual):
         return skinny_gemm.skinny_linear(x, weight, None, residual)
-    return linear_residual_rows(x, weight, residual)
+    return linear_residual_rows(x, weight, residual, in_place)
 
 
 def autograd_input_vjp(

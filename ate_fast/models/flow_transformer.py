@@ -54,6 +54,7 @@ from ate_fast.models.cpu_gemm import linear_of
 from ate_fast.models.direct_weights import autograd_input_vjp, linear_residual
 from ate_fast.models.flow_transformer_vjp import BlockSaved, head_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs
+from ate_fast.models.norm_folding import fold_norm_weights_
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.skinny_gemm import block_linear, block_linear_of
 from ate_fast.models.split_kv_attention import prefix_attention
@@ -121,8 +122,9 @@ class FlowStepFeatures(NamedTuple):
     # the rotation kernel scales each by its norm factor 1/√(mean(x²) + ε) — no norm kernel,
     # for no extra bytes (the call copies those weights for qkv anyway)
     attn_norm_folded: bool = False
-    # and with FlowTransformerHead.fold_mlp_norm, per block a copy of W_gate_up with the MLP
-    # norm's weight folded in (the gated-GELU kernel applies the factor)
+    # and with FlowTransformerHead.fold_mlp_norm, per block W_gate_up with the MLP norm's
+    # weight folded in (the gated-GELU kernel applies the factor): a per-call copy, or the
+    # layer's weight itself where the norm is weightless (fold_norm_weights_)
     gate_up: Optional[tuple[Tensor, ...]] = None
 
     def per_block(self) -> Iterator[tuple[Any, ...]]:
@@ -193,6 +195,7 @@ class _Block(nn.Module):
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
         gate_up: Optional[Tensor] = None, attn_norm_folded: bool = False,
+        overwrite_input: bool = False,
     ) -> Tensor:  # fmt: skip
         """The block on ``x`` [B, H, width]; ``cond``: None, or this block's prefix
         ``(keys, values)`` [B, kv_heads, L, hd] each; ``slot`` (with a prefix): its
@@ -202,8 +205,13 @@ class _Block(nn.Module):
         ``qkv``: None, or ``[W_q; W_kv]`` (:attr:`FlowStepFeatures.qkv`): one GEMM for both
         projections; ``attn_norm_folded``: ``qkv`` holds the attention norm's weight;
         ``gate_up``: None, or W_gate_up with the MLP norm's weight
-        (:attr:`FlowStepFeatures.attn_norm_folded`, :attr:`FlowStepFeatures.gate_up`)."""
-        return self._run(x, cond, cos, sin, False, slot, bias, qkv, gate_up, attn_norm_folded)[0]
+        (:attr:`FlowStepFeatures.attn_norm_folded`, :attr:`FlowStepFeatures.gate_up`);
+        ``overwrite_input``: the caller never reads ``x`` again (the head's own tokens), so
+        the residual stream may be accumulated in place in ``x`` — the block's two residual
+        GEMMs then copy nothing first (:func:`~ate_fast.models.cpu_gemm.linear_residual_rows`);
+        the returned tensor may be ``x`` itself."""
+        return self._run(x, cond, cos, sin, False, slot, bias, qkv, gate_up, attn_norm_folded,
+                         overwrite_input)[0]  # fmt: skip
 
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, kv_heads, L, hd] of tokens [B, L, width], the keys rotated
@@ -229,6 +237,7 @@ class _Block(nn.Module):
         self, x: Tensor, cond: Any, cos: Tensor, sin: Tensor, save: bool, slot: Any = None,
         bias: Optional[Tensor] = None, qkv: Optional[Tensor] = None,
         gate_up: Optional[Tensor] = None, attn_norm_folded: bool = False,
+        overwrite_input: bool = False,
     ) -> tuple[Tensor, Optional[BlockSaved]]:  # fmt: skip
         batch, horizon, _ = x.shape
         # a folded norm: its GEMM takes x (x1) itself, the norm's weight is in the GEMM's
@@ -255,15 +264,18 @@ class _Block(nn.Module):
                              buffers, norm)  # fmt: skip
         attn = prefix_attention(q, k, v, bias)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
-        # the residual adds ride in the output projections' GEMMs (no biases there)
-        x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x)
+        # the residual adds ride in the output projections' GEMMs (no biases there), in
+        # place where nothing reads the residual again (not saved for a pullback): no copy
+        # of it into a new output first
+        x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x,
+                             in_place=overwrite_input and not save)  # fmt: skip
         if gate_up is not None:  # gu: the scaled gate | up the pullback reads
             eps = norm_eps(self.mlp_norm, x1.dtype)
             hidden, act, gu = norm_gated_gelu(block_linear(x1, gate_up), x1, eps, save_act=save)
         else:
             gu = block_linear_of(self.gate_up, self.mlp_norm(x1))
             hidden, act = gated_gelu(gu, save_act=save)
-        out = linear_residual(self.down, hidden, x1)
+        out = linear_residual(self.down, hidden, x1, in_place=not save)
         if not save:
             return out, None
         gate, up = gu.chunk(2, dim=-1)
@@ -294,14 +306,15 @@ class FlowTransformerHead(nn.Module):
     # set True on the CPU).
     fuse_qkv: Optional[bool] = None
     # With the Triton epilogues (ATE_FAST_FLOW_EPILOGUES=triton) in a fused call, also fold
-    # each block's MLP norm weight into a per-call copy of W_gate_up, so that the gated-GELU
-    # kernel applies the norm and its kernel goes (the attention norm is folded whenever
-    # the path runs: it rides on the q|kv concatenation). Off by default: the copy reads and
-    # writes W_gate_up once per call (π0, bf16: 604 MB), which pays for the 180 launches a
-    # 10-step call saves only above ≈ 1.3 TB/s (at ≈ 2.5 µs a launch: an H100 or H200, not
-    # an RTX 4090 or a Jetson Orin). bench_realsize's ate_capture_triton_fold_mlp row is its
-    # A/B on the GPU; never measured on one.
-    fold_mlp_norm: bool = False
+    # each block's MLP norm weight into W_gate_up, so that the gated-GELU kernel applies the
+    # norm and its kernel goes (the attention norm is folded whenever the path runs: it
+    # rides on the q|kv concatenation). None (auto): only where every MLP norm is weightless
+    # (fold_norm_weights_), for free — W_gate_up is then its own fold. True: also into a
+    # per-call copy of a weighted norm's W_gate_up, reading and writing it once per call
+    # (π0, bf16: 604 MB); on the H200 (2026-12-04, bench_realsize's
+    # ate_capture_triton_fold_mlp, B = 1) that made the call slower, 13.72 vs 13.58 ms.
+    # False: never.
+    fold_mlp_norm: Optional[bool] = None
 
     def __init__(self, config: Union[str, FlowTransformerConfig] = "small", **overrides: Any):
         super().__init__()
@@ -336,9 +349,22 @@ class FlowTransformerHead(nn.Module):
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
         for block, (block_cond, slot, qkv, gate_up) in zip(self.blocks, features.per_block()):
+            # tokens are the head's own (a hook would see its input overwritten)
             tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias,
-                           qkv, gate_up, features.attn_norm_folded)  # fmt: skip
+                           qkv, gate_up, features.attn_norm_folded,
+                           overwrite_input=not forward_hooks_active(block))  # fmt: skip
         return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
+
+    def fold_norm_weights_(self) -> FlowTransformerHead:
+        """For inference: fold every RMSNorm's weight into the linear layers that read it
+        (attention norm → q, kv; MLP norm → gate_up; final norm → action_out), in place,
+        leaving weightless norms; returns the head. The same function, each folded product
+        rounded once in the weights' dtype; on the GPU's Triton path each block's MLP norm
+        kernel then goes at no per-call cost (:attr:`fold_mlp_norm` auto). The parameters
+        change: a state dict of the unfolded head no longer loads (fold after loading).
+        Every norm must be a plain ``nn.RMSNorm`` and every reader a plain ``nn.Linear``
+        (:mod:`ate_fast.models.norm_folding`)."""
+        return fold_norm_weights_(self)
 
     def prefix_cache(self, cond: Tensor, mask: Optional[Tensor] = None) -> PrefixCache:
         """The :class:`PrefixCache` of conditioning tokens ``cond`` [B, L, width]: each
@@ -523,8 +549,9 @@ class FlowTransformerHead(nn.Module):
         and the Triton epilogues running (:func:`~ate_fast.models.block_epilogues.use_triton`)
         the attention norm's weight is folded in as the two are stacked (the same bytes as
         the concatenation): the rotation kernel applies the norm's per-row factor and no
-        kernel runs that norm. ``gate_up``: with that and :attr:`fold_mlp_norm`, a copy of
-        each W_gate_up with the MLP norm's weight folded in (2 × its bytes per call). Plain
+        kernel runs that norm. ``gate_up``: with that and :attr:`fold_mlp_norm`, each
+        W_gate_up with the MLP norm's weight folded in (a copy, 2 × its bytes per call; the
+        weight itself where the norm is weightless, :meth:`fold_norm_weights_`). Plain
         ``nn.RMSNorm`` s and a plain bias-free gate_up layer only; the torch ops gain
         nothing from a fold (CUDA's RMSNorm is one kernel)."""
         if not self._fuses_qkv(steps, device):
@@ -537,7 +564,10 @@ class FlowTransformerHead(nn.Module):
         qkv = tuple(
             _stacked(b.q.weight, b.kv.weight, b.attn_norm.weight if fold else None) for b in blocks
         )
-        mlp = fold and self.fold_mlp_norm and all(
+        want = self.fold_mlp_norm
+        if want is None:  # free only where W_gate_up is its own fold
+            want = all(b.mlp_norm.weight is None for b in blocks)
+        mlp = fold and want and all(
             _plain_norm(b.mlp_norm) and plain_linear(b.gate_up) and b.gate_up.bias is None
             for b in blocks
         )  # fmt: skip
