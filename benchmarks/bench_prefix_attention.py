@@ -13,7 +13,13 @@ block (``extra_info["calls"]`` counts blocks, so report.py divides by them).
 Rows (``impl``): ``eager`` = ``sdpa``, torch's own choice (what the head runs by default:
 the ratios' baseline, named ``eager`` for report.py); ``sdpa_flash``, ``sdpa_efficient``,
 ``sdpa_cudnn``: one backend forced (``torch.nn.attention.sdpa_kernel``; a backend that
-cannot run the shape is skipped with torch's reason); ``triton_<tiles>``: the split-key
+cannot run the shape is skipped with torch's reason); ``sdpa_gqa`` and ``flex_gqa``: the
+400 rows viewed as 8 query heads of 50 rows (``[B, 8, 50, hd]``, no copy: attention's rows
+are independent, so any regrouping of them is exact, and the output's view back is the
+head's layout) against the one key/value head with ``enable_gqa=True`` — SDPA as torch
+picks it, and ``flex_attention`` under ``torch.compile`` (whose decoding kernel splits the
+keys over the GPU for queries this short: torch's own split-key attention);
+``triton_<tiles>``: the split-key
 kernels at one :class:`Tiles` — ``q``/``k`` the query and key tiles, ``s`` a fixed number of
 key slices (1: one kernel, no combine) or ``auto`` with programs per SM, ``w`` warps. Every
 row is checked against float64 SDPA first (2e-2, bf16's rounding).
@@ -32,6 +38,7 @@ timing worth reading).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -52,6 +59,8 @@ GPU_CALLS = 10
 TOLERANCE = 2e-2
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_cudnn": "CUDNN_ATTENTION"}  # fmt: skip
+GQA_ROWS = ("sdpa_gqa", "flex_gqa")
+HEADS = 8  # π0's query heads on its one key/value head: the rows are (token, head) pairs
 
 
 def _sweep() -> list[Tiles]:
@@ -86,7 +95,7 @@ def _cases():
             continue
         if device == "cpu" and not _interpreted():
             continue  # the Triton rows need the interpreter on the CPU
-        impls = ["eager"] + (list(SDPA_BACKENDS) if device == "cuda" else [])
+        impls = ["eager"] + (list(SDPA_BACKENDS) if device == "cuda" else []) + list(GQA_ROWS)
         impls += [label(t) for t in SWEEP[device]]
         for batch in BATCHES[device]:
             for impl in impls:
@@ -141,10 +150,29 @@ def compiled_sweep():
     print(f"precompiled {len(jobs)} launches in {workers} processes; errors: {errors}")
 
 
+def _gqa(impl: str):
+    """The rows as HEADS query heads on the one key/value head (torch ≥ 2.5): views in and
+    out, no copy."""
+    if impl == "sdpa_gqa":
+        attend = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
+    else:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        attend = functools.partial(torch.compile(flex_attention, dynamic=False), enable_gqa=True)
+
+    def grouped(q, k, v):
+        batch, _, rows, hd = q.shape
+        return attend(q.view(batch, HEADS, rows // HEADS, hd), k, v).view(q.shape)
+
+    return grouped
+
+
 def _attention(impl: str, device: str):
     """``(q, k, v) -> [B, 1, rows, hd]`` of one row."""
     if impl == "eager":
         return F.scaled_dot_product_attention
+    if impl in GQA_ROWS:
+        return _gqa(impl)
     if impl in SDPA_BACKENDS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -167,10 +195,11 @@ def test_prefix_attention(benchmark, time_calls, compiled_sweep, device, batch, 
     q, k, v = inputs[0]
     try:
         got = attend(q, k, v)
-    except RuntimeError as exc:
-        if impl not in SDPA_BACKENDS:
+    except (RuntimeError, TypeError, ImportError) as exc:
+        # a forced backend that cannot run the shape; a torch without enable_gqa or flex
+        if impl not in (*SDPA_BACKENDS, *GQA_ROWS):
             raise
-        pytest.skip(f"{impl} cannot run this shape here: {exc}")
+        pytest.skip(f"{impl} cannot run this shape with torch {torch.__version__}: {exc}")
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     error = ((got.double() - ref).norm() / ref.norm()).item()
     assert error < TOLERANCE, f"{impl}: relative error {error}"

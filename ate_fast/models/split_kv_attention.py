@@ -17,6 +17,11 @@ now combine all slices of a row in one load, skip the combine with one slice, an
 tiles as an argument — ``ATE_FAST_SPLIT_KV_TILES`` (e.g. ``block_q=16,block_k=64,splits=1``)
 sets them for a whole sampler, and ``benchmarks/bench_prefix_attention.py`` times many
 against SDPA's backends. That form has not run on a GPU yet.
+
+``ATE_FAST_PREFIX_ATTENTION=flex`` runs it on torch's compiled FlexAttention instead, whose
+decoding kernel splits the keys the same way (:mod:`ate_fast.models.flex_prefix_attention`;
+the same conditions, a torch with FlexAttention, and not float64, which it has no CPU
+kernel for); not run on a GPU yet either.
 """
 
 from __future__ import annotations
@@ -28,19 +33,20 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.models import flex_prefix_attention as flex
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_PREFIX_ATTENTION"
 TILES_VAR = "ATE_FAST_SPLIT_KV_TILES"
-PATHS = ("sdpa", "split_kv")
+PATHS = ("sdpa", "split_kv", "flex")
 TILE_FIELDS = ("block_q", "block_k", "splits", "programs_per_sm", "warps", "stages")
 MAX_HEAD_DIM = 256  # the kernels hold a query row's head dim in one tile
 
 
 def selected_path() -> str:
-    """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset) or ``split_kv``."""
+    """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset), ``split_kv`` or ``flex``."""
     value = os.environ.get(ENV_VAR, "").strip().lower() or "sdpa"
     if value not in PATHS:
         raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
@@ -68,30 +74,46 @@ def tiles_from_env() -> Optional[dict]:
     return fields
 
 
-def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
-    """Whether the split-key kernels run ``q`` [B, heads, rows, hd] against ``k``, ``v``
-    [B, heads, keys, hd]: selected, no mask, one dtype, unit last strides, head dim ≤
-    :data:`MAX_HEAD_DIM`, nothing recording or tracing; raises where selected and Triton
-    cannot run on the tensors' device."""
-    if not os.environ.get(ENV_VAR) or selected_path() != "split_kv":  # unset: one lookup
-        return False
+def _plain_case(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
+    """No mask, 4-d, one key/value head per query head group, one dtype, unit last strides,
+    head dim ≤ :data:`MAX_HEAD_DIM`, nothing recording or tracing."""
     tensors = (q, k, v)
-    if (
+    return not (
         mask is not None
         or q.dim() != 4
         or q.shape[-1] > MAX_HEAD_DIM
         or k.shape[:2] != q.shape[:2]
         or any(t.dtype != q.dtype or t.stride(-1) != 1 for t in tensors)
         or not opaque_ops_may_run(*tensors)
-    ):
+    )
+
+
+def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "split_kv") -> bool:
+    """Whether ``path`` (``split_kv``: the Triton kernels; ``flex``: FlexAttention) runs
+    ``q`` [B, heads, rows, hd] against ``k``, ``v`` [B, heads, keys, hd]: selected, and
+    :func:`_plain_case` (flex: ``q`` contiguous too, not float64); raises where selected
+    and it cannot run (no Triton on the tensors' device; a torch without FlexAttention)."""
+    if not os.environ.get(ENV_VAR) or selected_path() != path:  # unset: one lookup
         return False
-    backends.require_triton(q.device.type, f"{ENV_VAR}=split_kv")
+    if not _plain_case(q, k, v, mask):
+        return False
+    if path == "flex" and (not q.is_contiguous() or q.dtype not in flex.DTYPES):
+        return False
+    setting = f"{ENV_VAR}={path}"
+    if path == "flex":
+        reason = flex.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(f"{setting}: {reason}")
+    else:
+        backends.require_triton(q.device.type, setting)
     return True
 
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` [B, heads, rows, hd]: on
-    the split-key kernels where they :func:`takes` it, else SDPA."""
+    the split-key kernels or FlexAttention where they :func:`takes` it, else SDPA."""
+    if takes(q, k, v, mask, "flex"):
+        return flex.flex_prefix_attention(q, k, v)
     if takes(q, k, v, mask):
         from ate_fast.models.split_kv_attention_triton import (  # triton
             default_tiles,
