@@ -192,10 +192,11 @@ def attention_input_vjp(
     if saved.qkv is not None:  # [dq | dkv]·[W_q; W_kv]: one GEMM
         return times_weight(unrotate_pack_qkv(dq, dk, dv, cos, sin), saved.qkv)
     dq, dkv = unrotate_pack(dq, dk, dv, cos, sin)
-    # dq·W_q + dkv·W_kv with the first product as the second GEMM's C operand
+    # dq·W_q + dkv·W_kv with the first product as the second GEMM's C operand, accumulated
+    # into it (nothing else reads it: no copy of C first)
     first = times_weight(dq, block.q.weight)
     out = linear_residual_rows(dkv.reshape(-1, dkv.shape[-1]), block.kv.weight.t(),
-                               first.view(-1, first.shape[-1]))  # fmt: skip
+                               first.view(-1, first.shape[-1]), in_place=True)  # fmt: skip
     return out.view(batch, horizon, -1)
 
 
