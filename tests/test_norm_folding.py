@@ -148,3 +148,43 @@ def test_unplain_layers_are_refused_before_any_change(change):
         head.fold_norm_weights_()
     assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
     assert head.blocks[0].attn_norm.weight is not None
+
+
+@pytest.mark.cuda
+def test_cuda_captured_call_runs_no_block_norm():
+    """On CUDA (bf16, the Triton path by default): a folded head's captured Euler call
+    matches the unfolded head's to bf16 rounding, and a step of it launches one RMSNorm
+    kernel per block fewer (the MLP norms': the gated-GELU kernel applies them)."""
+    from ate_fast.sampling import FlowSampler
+
+    head = _head(torch.float32).to("cuda", torch.bfloat16)
+    folded = copy.deepcopy(head).fold_norm_weights_()
+    x = torch.randn(1, HORIZON, 32, device="cuda")
+    tokens = torch.randn(1, 24, head.config.width, device="cuda", dtype=torch.bfloat16)
+    outs, norms = [], []
+    for h in (head, folded):
+        cache = h.prefix_cache(tokens)
+        with torch.no_grad():
+            captured = FlowSampler(h, 4).capture(x, cache)
+            outs.append(captured(x, cache).clone())
+        norms.append(_norm_kernels_per_step(h, x, cache))
+    torch.testing.assert_close(outs[1], outs[0], rtol=3e-2, atol=3e-2)
+    assert len(norms[0]) - len(norms[1]) == head.config.depth, norms
+
+
+def _norm_kernels_per_step(head, x, cache) -> list[str]:
+    """The CUDA kernels of a call's second step that compute an RMSNorm (torch's fused
+    kernel, or its rsqrt where a torch decomposes it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = torch.rand(2, 1, device="cuda")
+    with torch.no_grad():
+        features = head.step_features(x, t, cache)
+        head.forward_features(x, features[0])
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            head.forward_features(x, features[1])
+            torch.cuda.synchronize()
+    pattern = ("layer_norm", "rms_norm", "rsqrt")
+    kernels = [e.name for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    return [name for name in kernels if any(p in name.lower() for p in pattern)]
