@@ -327,3 +327,36 @@ def test_capture_of_a_compiled_head(device):
             eager_err = float((expected.double() - truth).abs().max())
             got_err = float((got.double() - truth).abs().max())
             assert got_err <= 4 * eager_err + 1e-7 * float(truth.abs().max()), (name, seed)
+
+
+def test_conditioning_copied_in_one_call_checked_first():
+    """A call's conditioning goes into the captured buffers in one ``_foreach_copy_``
+    after every leaf was checked (a bad leaf copies nothing), and a buffer passed back as
+    itself — a cache written into ``static_cond`` in place — is not copied."""
+    head = MLPHead()
+    noise = torch.randn(B, H, D)
+    cond = {"c": torch.randn(B, C), "spare": torch.randn(3), "bad": torch.randn(2)}
+
+    def model(x, t, c):
+        return head(x, t, c["c"])
+
+    captured = FlowSampler(model, 4).capture(noise, cond)
+    fresh = {key: torch.randn_like(value) for key, value in cond.items()}
+    with mock.patch.object(torch, "_foreach_copy_", wraps=torch._foreach_copy_) as copies:
+        got = captured(noise, fresh).clone()
+    assert copies.call_count == 1 and len(copies.call_args.args[0]) == 3
+    want = FlowSampler(model, 4).sample(noise, fresh)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the buffers themselves, one rewritten in place: only the others would be copied
+    static = captured.static_cond
+    static["c"].copy_(cond["c"])
+    mixed = {"c": static["c"], "spare": fresh["spare"], "bad": static["bad"]}
+    with mock.patch.object(torch, "_foreach_copy_", wraps=torch._foreach_copy_) as copies:
+        got = captured(noise, mixed).clone()
+    assert len(copies.call_args.args[0]) == 1  # "spare" only
+    torch.testing.assert_close(got, FlowSampler(model, 4).sample(noise, cond), rtol=0, atol=0)
+    before = {key: value.clone() for key, value in static.items()}
+    wrong = {"c": torch.randn(B, C), "spare": torch.randn(3), "bad": torch.randn(5)}
+    with pytest.raises(ValueError, match=r"cond\['bad'\] must match the captured example"):
+        captured(noise, wrong)
+    assert all(torch.equal(static[key], before[key]) for key in static)  # nothing copied

@@ -1,8 +1,9 @@
 """Captured sampling loops: the whole K-step loop replayed for fixed shapes.
 
 CUDA: the loop is captured once into a CUDA graph. Inputs are copied into static
-buffers, the graph is replayed, and the result is a static output buffer; a replay
-allocates nothing. Before capture the loop runs twice on a side stream (Triton
+buffers (the conditioning in one multi-tensor copy; a buffer of ``static_cond`` passed back
+as itself, written in place by the caller, is not copied), the graph is replayed, and the
+result is a static output buffer; a replay allocates nothing. Before capture the loop runs twice on a side stream (Triton
 compilation, cuBLAS workspaces, the workspace buffers), and the generator's state is
 restored afterwards, so a capture consumes no random numbers.
 

@@ -139,8 +139,29 @@ def copy_into(static: Any, new: Any, path: str = "cond") -> None:
     """Copy the tensors of ``new`` into the matching buffers of ``static``.
 
     The structure, shapes, dtypes and devices must match the example the loop was
-    captured with; other leaves must compare equal (they were baked in at capture).
+    captured with; other leaves must compare equal (they were baked in at capture). All
+    is checked before anything is copied; the copies then go in one ``_foreach_copy_``
+    (on CUDA a few multi-tensor kernels for, say, π0's 36 prefix keys and values, not 36
+    launches), and a buffer passed back as itself (a cache written into the captured
+    buffers) is not copied at all.
     """
+    pairs: list[tuple[Tensor, Tensor]] = []
+    _matching_tensors(static, new, path, pairs)
+    pairs = [(s, n) for s, n in pairs if n is not s]
+    if not pairs:
+        return
+    statics, news = zip(*pairs)
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is None:  # pragma: no cover - a torch without it (< 2.1)
+        for s, n in pairs:
+            s.copy_(n)
+    else:
+        foreach_copy(list(statics), list(news))
+
+
+def _matching_tensors(static: Any, new: Any, path: str, pairs: list) -> None:
+    """Check ``new`` against the captured ``static`` and collect its ``(buffer, tensor)``
+    pairs into ``pairs``."""
     if isinstance(static, Tensor):
         if not isinstance(new, Tensor):
             raise ArgumentTypeError(
@@ -152,21 +173,21 @@ def copy_into(static: Any, new: Any, path: str = "cond") -> None:
                 f"{static.dtype} on {static.device}; got {tuple(new.shape)}, {new.dtype} on "
                 f"{new.device} (capture again for other shapes)"
             )
-        static.copy_(new)
+        pairs.append((static, new))
     elif isinstance(static, (list, tuple)):
         if not isinstance(new, (list, tuple)) or len(new) != len(static):
             raise InvalidArgumentError(
                 f"{path} must have the captured structure (a sequence of {len(static)})"
             )
         for i, (s, n) in enumerate(zip(static, new)):
-            copy_into(s, n, f"{path}[{i}]")
+            _matching_tensors(s, n, f"{path}[{i}]", pairs)
     elif isinstance(static, dict):
         if not isinstance(new, dict) or new.keys() != static.keys():
             raise InvalidArgumentError(
                 f"{path} must have the captured keys {sorted(map(str, static))}"
             )
         for key in static:
-            copy_into(static[key], new[key], f"{path}[{key!r}]")
+            _matching_tensors(static[key], new[key], f"{path}[{key!r}]", pairs)
     elif new is not static and new != static:
         raise InvalidArgumentError(
             f"{path} differs from the captured example ({static!r} at capture, got {new!r}); "
