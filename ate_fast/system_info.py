@@ -198,7 +198,7 @@ def format_info(data: dict) -> str:
     )
     lines.append(
         f"flow-transformer attention against the prefix: {data['prefix_attention']}"
-        " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv, ATE_FAST_SPLIT_KV_TILES)"
+        " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv|flex, ATE_FAST_SPLIT_KV_TILES)"
     )
     lines.append(
         f"latent guidance (mode direct) on CUDA: {data['guidance_stream']} stream as the model"

@@ -3,9 +3,9 @@
 CUDA: the loop is captured once into a CUDA graph. Inputs are copied into static
 buffers (the conditioning in one multi-tensor copy; a buffer of ``static_cond`` passed back
 as itself, written in place by the caller, is not copied), the graph is replayed, and the
-result is a static output buffer; a replay allocates nothing. Before capture the loop runs twice on a side stream (Triton
-compilation, cuBLAS workspaces, the workspace buffers), and the generator's state is
-restored afterwards, so a capture consumes no random numbers.
+result is a static output buffer; a replay allocates nothing. Before capture the loop runs
+twice on a side stream (Triton compilation, cuBLAS workspaces, the workspace buffers), and
+the generator's state is restored afterwards, so a capture consumes no random numbers.
 
 CPU: there is no graph; the fastest thing measured (benchmarks/bench_sampling.py) is
 the same Python loop over preallocated buffers whose fused steps, validated once on
