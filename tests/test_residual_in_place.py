@@ -6,8 +6,8 @@ and step of π0's expert (the o and down projections), 36 of the 239 kernels of 
 the H200 profile of 2026-12-04. Where nothing reads the residual again, the head runs
 ``C.addmm_(A, B)`` instead: the same GEMM, no copy. Checked here: the in-place path is
 taken exactly where it may be (the head's own tokens, no pullback saving them, no autograd
-record, no hook on the block), its results equal the out-of-place ones bit for bit, and —
-on CUDA — a step copies nothing.
+record, no hook anywhere in the head), its results equal the out-of-place ones bit for
+bit, and — on CUDA — a step copies nothing.
 """
 
 from __future__ import annotations
@@ -34,14 +34,19 @@ class _Ops(TorchDispatchMode):
 
 def _head(depth: int = 2, dtype: torch.dtype = torch.float64):
     """A small flow transformer with a prefix cache, and two steps' features; float64 on
-    the CPU: oneDNN does not take it, so the residual GEMMs are ATen's addmm."""
+    the CPU: oneDNN does not take it, so the residual GEMMs are ATen's addmm. Also the
+    function that takes the features again (after a change to the head)."""
     torch.manual_seed(0)
     head = make_head("flow-transformer", "small", depth=depth).eval().to(dtype)
     head.fuse_qkv = True  # as a GPU call does
     x = torch.randn(2, 50, 32, dtype=dtype)
     cache = head.prefix_cache(torch.randn(2, 24, head.config.width, dtype=dtype))
-    features = head.step_features(x, torch.rand(2, 2, dtype=dtype), cache)
-    return head, x, features
+    t = torch.rand(2, 2, dtype=dtype)
+
+    def features():
+        return head.step_features(x, t, cache)
+
+    return head, x, features(), features
 
 
 def test_rows_in_place_only_where_allowed():
@@ -73,7 +78,7 @@ def test_step_accumulates_in_place_and_is_exact():
     """A step's residual GEMMs run in place (two per block, no out-of-place addmm with a
     residual) and give the out-of-place result exactly; a pullback's forward saves its
     residuals, so it runs them out of place, with the same output."""
-    head, x, (first, second) = _head()
+    head, x, (first, second), _ = _head()
     with torch.no_grad():
         head.forward_features(x, first)  # writes the prefix into the call's buffers
         with _Ops() as ops:
@@ -91,21 +96,32 @@ def test_step_accumulates_in_place_and_is_exact():
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
 
-def test_hooked_block_sees_its_input_unchanged():
-    """A forward hook on a block is given the block's input: that block leaves it alone
-    (its o projection out of place), the others still accumulate in place."""
-    head, x, (first, _) = _head(depth=3)
-    seen = []
-    head.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    head.blocks[1].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+@pytest.mark.parametrize("where", ["block", "mlp_norm", "time_mlp_out"])
+def test_a_hook_anywhere_keeps_every_residual(where):
+    """A forward hook may keep a reference to what it is given or returns (an activation
+    recorder): with one anywhere in the head, the step's features say so (``plain``
+    False) and nothing runs in place, so what the hook kept is what it saw; the output is
+    the same."""
+    head, x, (first, _), features_of = _head(depth=3)
     with torch.no_grad():
-        want = head.forward_features(x, first)
-        seen.clear()
+        want = head.forward_features(x, first).clone()
+    module = {"block": head.blocks[1], "mlp_norm": head.blocks[1].mlp_norm,
+              "time_mlp_out": head.time_mlp_out}[where]  # fmt: skip
+    kept, snapshots = [], []
+
+    def record(m, args, out):  # the block's input, the norm's input, the embedding's output
+        tensor = out if where == "time_mlp_out" else args[0]
+        kept.append(tensor)
+        snapshots.append(tensor.clone())
+
+    module.register_forward_hook(record)
+    with torch.no_grad():
+        first = features_of()[0]
+        assert not first.plain
         with _Ops() as ops:
             got = head.forward_features(x, first)
-    before, after = seen
-    assert torch.equal(before, after)
-    assert ops.ops["addmm_"] == 2 * 3 - 1
+    assert "addmm_" not in ops.ops, dict(ops.ops)
+    assert kept and all(torch.equal(k, s) for k, s in zip(kept, snapshots))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
