@@ -1,9 +1,11 @@
 """A small flow-transformer head and one run of everything a block's alternative path must
-match (shared by the tests of ``skinny_gemm`` and ``split_kv_attention``)."""
+match (shared by the tests of ``skinny_gemm``, ``split_kv_attention`` and
+``flex_prefix_attention``)."""
 
 from __future__ import annotations
 
 from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -38,3 +40,22 @@ def forward_vjp_and_capture(head: FlowTransformerHead) -> Callable[[], tuple]:
             return head(x, t, cond), out, pullback(u), captured(x, cond)
 
     return run
+
+
+def assert_path_matches(
+    monkeypatch, var: str, path: str, baseline: str, module: object, function: str,
+    head: FlowTransformerHead, tol: float, per_block: int = 1,
+) -> None:  # fmt: skip
+    """:func:`forward_vjp_and_capture` with ``$var`` = ``path`` equals it with ``baseline``
+    to ``tol``, and ``module.function`` (the path's entry point) ran ``per_block`` times in
+    every block of the forward and of forward_with_vjp."""
+    run = forward_vjp_and_capture(head)
+    monkeypatch.setenv(var, baseline)
+    ref = run()
+    monkeypatch.setenv(var, path)
+    with mock.patch.object(module, function, wraps=getattr(module, function)) as entry:
+        got = run()
+    blocks = len(head.blocks)
+    assert entry.call_count >= 2 * blocks * per_block  # head() and forward_with_vjp()
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=tol, atol=tol)

@@ -7,12 +7,10 @@ captured sampler, and where SDPA runs instead. On the CPU through Inductor's C++
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import forward_vjp_and_capture, small_head  # tests/ is on sys.path
+from flow_head_paths import assert_path_matches, small_head  # tests/ is on sys.path
 
 from ate_fast.errors import BackendUnavailableError
 from ate_fast.models import flex_prefix_attention as flex
@@ -84,17 +82,8 @@ def test_a_torch_without_flex_attention_is_named(selected, monkeypatch):
 def test_head_and_captured_sampler_match_sdpa(selected):
     """float32: the head's forward and input-VJP with a prefix cache, and a captured Euler
     loop, equal SDPA's to float32 rounding; FlexAttention ran in every block."""
-    run = forward_vjp_and_capture(small_head(torch.float32))
-    selected.setenv(ENV, "sdpa")
-    ref = run()
-    selected.setenv(ENV, "flex")
-    with mock.patch.object(
-        flex, "flex_prefix_attention", wraps=flex.flex_prefix_attention
-    ) as attention:
-        got = run()
-    assert attention.call_count >= 2 * 2  # head() and forward_with_vjp(): 2 blocks each
-    for r, o in zip(ref, got):
-        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    assert_path_matches(selected, ENV, "flex", "sdpa", flex, "flex_prefix_attention",
+                        small_head(torch.float32), 1e-5)  # fmt: skip
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import forward_vjp_and_capture, small_head  # tests/ is on sys.path
+from flow_head_paths import assert_path_matches, small_head  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import skinny_gemm
@@ -131,16 +131,9 @@ def test_head_and_captured_sampler_match_torch(triton_path):
     every projection of every block (4 per block and forward)."""
     head = small_head()
     head.fuse_qkv = True
-    run = forward_vjp_and_capture(head)
-
-    triton_path.setenv(skinny_gemm.ENV_VAR, "torch")
-    ref = run()
-    triton_path.setenv(skinny_gemm.ENV_VAR, "triton")
-    with mock.patch.object(skinny_gemm, "skinny_linear", wraps=skinny_gemm.skinny_linear) as k:
-        got = run()
-    assert k.call_count >= 4 * 2 * 2  # head(), forward_with_vjp(): 2 blocks × 4 GEMMs
-    for r, o in zip(ref, got):
-        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    # head(), forward_with_vjp(): every block's 4 GEMMs
+    assert_path_matches(triton_path, skinny_gemm.ENV_VAR, "triton", "torch", skinny_gemm,
+                        "skinny_linear", head, 1e-12, per_block=4)  # fmt: skip
 
 
 @pytest.mark.cuda

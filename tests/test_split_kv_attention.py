@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import forward_vjp_and_capture, small_head  # tests/ is on sys.path
+from flow_head_paths import assert_path_matches, small_head  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import split_kv_attention
@@ -150,17 +150,8 @@ def test_tiles_from_the_environment(selected):
 def test_head_and_captured_sampler_match_sdpa(selected):
     """float64: the head's forward and input-VJP with a prefix cache, and a captured Euler
     loop, equal SDPA's to rounding; the kernels ran in every block."""
-    run = forward_vjp_and_capture(small_head())
-    selected.setenv(ENV, "sdpa")
-    ref = run()
-    selected.setenv(ENV, "split_kv")
-    with mock.patch.object(
-        kernels, "split_kv_attention", wraps=kernels.split_kv_attention
-    ) as kernel:
-        got = run()
-    assert kernel.call_count >= 2 * 2  # head() and forward_with_vjp(): 2 blocks each
-    for r, o in zip(ref, got):
-        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    assert_path_matches(selected, ENV, "split_kv", "sdpa", kernels, "split_kv_attention",
+                        small_head(), 1e-12)  # fmt: skip
 
 
 @pytest.mark.cuda
