@@ -34,6 +34,12 @@ def plain_linear(linear: nn.Module) -> bool:
     return type(linear) is nn.Linear and not forward_hooks_active(linear)
 
 
+def plain_rms_norm(norm: nn.Module) -> bool:
+    """``norm`` is an ``nn.RMSNorm`` itself with no forward hooks (its weight, if any, is
+    all it adds to ``F.rms_norm``)."""
+    return type(norm) is nn.RMSNorm and not forward_hooks_active(norm)
+
+
 def plain_tree(module: nn.Module) -> bool:
     """No forward hooks on ``module`` or below it (module-wide ones included), and every
     submodule below it is a ``torch.nn`` or ``ate_fast`` class (one pass over the modules,

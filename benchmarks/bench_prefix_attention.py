@@ -18,7 +18,8 @@ cannot run the shape is skipped with torch's reason); ``sdpa_gqa`` and ``flex_gq
 are independent, so any regrouping of them is exact, and the output's view back is the
 head's layout) against the one key/value head with ``enable_gqa=True`` — SDPA as torch
 picks it, and ``flex_attention`` under ``torch.compile`` (whose decoding kernel splits the
-keys over the GPU for queries this short: torch's own split-key attention);
+keys over the GPU for queries this short: torch's own split-key attention), as
+``ate_fast.models.flex_prefix_attention`` runs it in the head;
 ``triton_<tiles>``: the split-key
 kernels at one :class:`Tiles` — ``q``/``k`` the query and key tiles, ``s`` a fixed number of
 key slices (1: one kernel, no combine) or ``auto`` with programs per SM, ``w`` warps. Every
@@ -38,7 +39,6 @@ timing worth reading).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from cuda_graphs import graphed
 
+from ate_fast.models import flex_prefix_attention as flex
 from ate_fast.models.split_kv_attention_triton import Tiles, split_kv_attention
 
 # (rows, keys, head dim, blocks) per device: π0's step on CUDA; a small dry run on the CPU
@@ -60,7 +61,6 @@ TOLERANCE = 2e-2
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_cudnn": "CUDNN_ATTENTION"}  # fmt: skip
 GQA_ROWS = ("sdpa_gqa", "flex_gqa")
-HEADS = 8  # π0's query heads on its one key/value head: the rows are (token, head) pairs
 
 
 def _sweep() -> list[Tiles]:
@@ -150,29 +150,23 @@ def compiled_sweep():
     print(f"precompiled {len(jobs)} launches in {workers} processes; errors: {errors}")
 
 
-def _gqa(impl: str):
-    """The rows as HEADS query heads on the one key/value head (torch ≥ 2.5): views in and
-    out, no copy."""
-    if impl == "sdpa_gqa":
-        attend = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
-    else:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        attend = functools.partial(torch.compile(flex_attention, dynamic=False), enable_gqa=True)
-
-    def grouped(q, k, v):
-        batch, _, rows, hd = q.shape
-        return attend(q.view(batch, HEADS, rows // HEADS, hd), k, v).view(q.shape)
-
-    return grouped
+def _sdpa_gqa(q, k, v):
+    """SDPA of the rows grouped as ``flex_prefix_attention`` groups them (π0: 8 query heads
+    of 50 rows) on the one key/value head (torch ≥ 2.5): views in and out, no copy."""
+    batch, _, rows, hd = q.shape
+    heads = flex.query_heads(rows)
+    grouped = q.view(batch, heads, rows // heads, hd)
+    return F.scaled_dot_product_attention(grouped, k, v, enable_gqa=True).view(q.shape)
 
 
 def _attention(impl: str, device: str):
     """``(q, k, v) -> [B, 1, rows, hd]`` of one row."""
     if impl == "eager":
         return F.scaled_dot_product_attention
-    if impl in GQA_ROWS:
-        return _gqa(impl)
+    if impl == "sdpa_gqa":
+        return _sdpa_gqa
+    if impl == "flex_gqa":  # what ATE_FAST_PREFIX_ATTENTION=flex runs in the head
+        return flex.flex_prefix_attention
     if impl in SDPA_BACKENDS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -60,7 +60,7 @@ from ate_fast.models.skinny_gemm import block_linear, block_linear_of
 from ate_fast.models.split_kv_attention import prefix_attention
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 from ate_fast.models.trace_state import exporting_graph
-from ate_fast.module_checks import forward_hooks_active, plain_linear, plain_tree
+from ate_fast.module_checks import plain_linear, plain_rms_norm, plain_tree
 
 
 @dataclass(frozen=True)
@@ -561,7 +561,7 @@ class FlowTransformerHead(nn.Module):
         if not self._fuses_qkv(steps, device):
             return None, False, None
         blocks = self.blocks
-        fold = all(_plain_norm(b.attn_norm) for b in blocks)
+        fold = all(plain_rms_norm(b.attn_norm) for b in blocks)
         if fold:  # and the kernels run (no autograd record: the stacking writes in place)
             stacked = [t for b in blocks for t in (b.q.weight, b.kv.weight, b.attn_norm.weight)]
             fold = use_triton(*(t for t in stacked if t is not None))
@@ -572,7 +572,7 @@ class FlowTransformerHead(nn.Module):
         if want is None:  # free only where W_gate_up is its own fold
             want = all(b.mlp_norm.weight is None for b in blocks)
         mlp = fold and want and all(
-            _plain_norm(b.mlp_norm) and plain_linear(b.gate_up) and b.gate_up.bias is None
+            plain_rms_norm(b.mlp_norm) and plain_linear(b.gate_up) and b.gate_up.bias is None
             for b in blocks
         )  # fmt: skip
         if not mlp:
@@ -620,11 +620,6 @@ def _stacked(w_q: Tensor, w_kv: Tensor, gain: Optional[Tensor]) -> Tensor:
     torch.mul(w_q, gain, out=out[: w_q.shape[0]])
     torch.mul(w_kv, gain, out=out[w_q.shape[0] :])
     return out
-
-
-def _plain_norm(norm: nn.Module) -> bool:
-    """``norm`` is an ``nn.RMSNorm`` itself with no forward hooks (its weight is all it adds)."""
-    return type(norm) is nn.RMSNorm and not forward_hooks_active(norm)
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.module_checks import forward_hooks_active, plain_linear
+from ate_fast.models.block_epilogues import fold_norm_weight
+from ate_fast.module_checks import plain_linear, plain_rms_norm
 
 
 def norm_pairs(head: Any) -> list[tuple[str, nn.Module, list[tuple[str, nn.Module]]]]:
@@ -43,7 +44,7 @@ def _check_foldable(pairs: list) -> None:
     """Every norm a plain ``nn.RMSNorm`` and every reader a plain ``nn.Linear``: a wrapper
     (LoRA) or a hook computes something the fold would not carry."""
     for norm_name, norm, linears in pairs:
-        if type(norm) is not nn.RMSNorm or forward_hooks_active(norm):
+        if not plain_rms_norm(norm):
             raise InvalidArgumentError(
                 f"fold_norm_weights_: {norm_name} must be a plain torch.nn.RMSNorm without "
                 f"hooks, got {type(norm).__name__}"
@@ -73,11 +74,8 @@ def fold_norm_weights_(head: Any) -> Any:
     pairs = [p for p in norm_pairs(head) if p[1].weight is not None]
     _check_foldable(pairs)
     for _, norm, linears in pairs:
-        gain = norm.weight
-        for _, linear in linears:
-            weight = linear.weight
-            wide = torch.promote_types(weight.dtype, torch.float32)  # one rounding
-            weight.copy_(weight.to(wide) * gain.to(device=weight.device, dtype=wide))
+        for _, linear in linears:  # the per-call fold's product, kept
+            linear.weight.copy_(fold_norm_weight(linear.weight, norm))
         norm.register_parameter("weight", None)
         norm.elementwise_affine = False
     return head

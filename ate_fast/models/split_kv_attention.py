@@ -97,10 +97,10 @@ def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "
         return False
     if not _plain_case(q, k, v, mask):
         return False
-    if path == "flex" and (not q.is_contiguous() or q.dtype not in flex.DTYPES):
-        return False
     setting = f"{ENV_VAR}={path}"
     if path == "flex":
+        if not q.is_contiguous() or q.dtype not in flex.DTYPES:
+            return False
         reason = flex.unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError(f"{setting}: {reason}")

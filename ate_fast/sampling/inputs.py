@@ -151,12 +151,7 @@ def copy_into(static: Any, new: Any, path: str = "cond") -> None:
     if not pairs:
         return
     statics, news = zip(*pairs)
-    foreach_copy = getattr(torch, "_foreach_copy_", None)
-    if foreach_copy is None:  # pragma: no cover - a torch without it (< 2.1)
-        for s, n in pairs:
-            s.copy_(n)
-    else:
-        foreach_copy(list(statics), list(news))
+    torch._foreach_copy_(list(statics), list(news))  # torch ≥ 2.1
 
 
 def _matching_tensors(static: Any, new: Any, path: str, pairs: list) -> None:
