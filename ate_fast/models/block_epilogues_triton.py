@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.models.gemm_alignment import aligned_rows
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -458,31 +459,51 @@ def rms_norm_vjp(
 
 
 @triton.jit
-def _softmax_backward_kernel(s_ptr, dp_ptr, p_ptr, ds_ptr, n, scale, BLOCK: tl.constexpr):
-    # one program per row of scores s [R, n]: p = softmax(s·scale) (stored) and
-    # ds = p⊙(dp − Σ p⊙dp)·scale
+def _softmax_backward_kernel(
+    s_ptr, dp_ptr, p_ptr, ds_ptr, n, s_sr, dp_sr, out_sr, scale, BLOCK: tl.constexpr
+):
+    # one program per row of scores s [R, n] (rows of stride s_sr, dp's dp_sr, the outputs'
+    # out_sr): p = softmax(s·scale) (stored) and ds = p⊙(dp − Σ p⊙dp)·scale
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    s = _compute(tl.load(s_ptr + row * n + cols, mask=ok, other=0.0)) * scale
+    s = _compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale
     s = tl.where(ok, s, -float("inf"))
     e = tl.exp(s - tl.max(s, 0))
     p = e / tl.sum(e, 0)
-    dp = _compute(tl.load(dp_ptr + row * n + cols, mask=ok, other=0.0))
+    dp = _compute(tl.load(dp_ptr + row * dp_sr + cols, mask=ok, other=0.0))
     ds = p * (dp - tl.sum(p * dp, 0)) * scale
-    tl.store(p_ptr + row * n + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
-    tl.store(ds_ptr + row * n + cols, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+    tl.store(p_ptr + row * out_sr + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
+    tl.store(ds_ptr + row * out_sr + cols, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """``t`` [.., n] as [R, n] rows of one stride: a view where its layout allows (a
+    :func:`~ate_fast.models.gemm_alignment.aligned_rows` buffer, a contiguous tensor), else
+    a contiguous copy."""
+    n = t.shape[-1]
+    if t.stride(-1) == 1:
+        try:
+            return t.view(-1, n)
+        except RuntimeError:  # rows of more than one stride
+            pass
+    return t.contiguous().view(-1, n)
 
 
 @_limits
 def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``(p, ds)`` [.., N]: ``p = softmax(scores·scale)`` and the scores' gradient
-    ``p⊙(dp − rowsum(p⊙dp))·scale``, from ``scores``, ``dp`` [.., N] (contiguous)."""
+    ``p⊙(dp − rowsum(p⊙dp))·scale``, from ``scores``, ``dp`` [.., N] (rows of one stride
+    each: read in place); ``p`` and ``ds`` with 16-byte-aligned rows (the GEMMs that read
+    them: :mod:`ate_fast.models.gemm_alignment`)."""
     n = scores.shape[-1]
-    p, ds = torch.empty_like(scores), torch.empty_like(scores)
-    _softmax_backward_kernel[(scores.numel() // n,)](
-        scores, dp, p, ds, n, scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS
-    )
+    s_rows, dp_rows = _as_rows(scores), _as_rows(dp)
+    p, ds = aligned_rows(scores.shape, scores), aligned_rows(scores.shape, scores)
+    p_rows, ds_rows = p.view(-1, n), ds.view(-1, n)
+    _softmax_backward_kernel[(s_rows.shape[0],)](
+        s_rows, dp_rows, p_rows, ds_rows, n, s_rows.stride(0), dp_rows.stride(0),
+        p_rows.stride(0), scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+    )  # fmt: skip
     return p, ds
 
 

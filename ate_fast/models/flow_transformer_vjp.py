@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from ate_fast.models.block_epilogues import MAX_ROW, norm_eps, use_triton
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
+from ate_fast.models.gemm_alignment import aligned_rows
 from ate_fast.models.rotary import swap_halves
+from ate_fast.models.trace_state import opaque_ops_may_run
 
 
 class BlockSaved(NamedTuple):
@@ -105,9 +107,14 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
     if scores.shape[-1] <= MAX_ROW and use_triton(scores, dp):
         import ate_fast.models.block_epilogues_triton as kernels
 
-        return kernels.softmax_backward(scores.contiguous(), dp.contiguous(), scale)
-    p = torch.softmax(scores * scale, dim=-1)
-    return p, p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
+        return kernels.softmax_backward(scores, dp, scale)  # rows of one stride: read in place
+    if not opaque_ops_may_run(scores, dp):
+        p = torch.softmax(scores * scale, dim=-1)
+        return p, p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
+    # the same ops, p and ds written into 16-byte-aligned rows: the GEMMs of dq, dk, dv read them
+    p = torch.softmax(scores * scale, dim=-1, out=aligned_rows(scores.shape, scores))
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    return p, torch.mul(ds, scale, out=aligned_rows(ds.shape, ds))
 
 
 def unrotate_pack(
@@ -166,6 +173,27 @@ def unrotate(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(grad * cos, swap_halves(grad), sin, value=-1)
 
 
+def score_products(
+    dog: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """``dp = dog·vᵀ`` and ``scores = q·kᵀ (+ bias)`` [B, kv_heads, rows, N] (``dog``, ``q``
+    [B, kv_heads, rows, hd]; ``k``, ``v`` [B, kv_heads, N, hd]; ``bias`` [B, 1, 1, N], a
+    padded prefix's mask: its keys get no probability). Where an ``out=`` write may run,
+    into buffers with 16-byte-aligned rows (:mod:`ate_fast.models.gemm_alignment`: at
+    N = 866 the unaligned products ran on cuBLAS's slowest kernels), the mask added in
+    place; else plain products."""
+    if not opaque_ops_may_run(dog, q, k, v):
+        scores = q @ k.transpose(-1, -2)
+        return dog @ v.transpose(-1, -2), scores if bias is None else scores + bias
+    shape = (*q.shape[:-1], k.shape[-2])
+    dp = torch.matmul(dog, v.transpose(-1, -2), out=aligned_rows(shape, dog))
+    scores = torch.matmul(q, k.transpose(-1, -2), out=aligned_rows(shape, q))
+    if bias is not None:  # in place where that keeps torch's result dtype
+        same = torch.result_type(scores, bias) == scores.dtype
+        scores = scores.add_(bias) if same else scores + bias
+    return dp, scores
+
+
 def attention_input_vjp(
     block: nn.Module, do: Tensor, saved: BlockSaved, cos: Tensor, sin: Tensor
 ) -> Tensor:
@@ -180,10 +208,7 @@ def attention_input_vjp(
     # do in the queries' grouped layout (block_epilogues.rotate_qkv): a view with one kv head
     dog = do.view(batch, horizon, kv_heads, -1).transpose(1, 2).reshape(batch, kv_heads, rows, hd)
     scale = 1.0 / math.sqrt(hd)
-    dp = dog @ v.transpose(-1, -2)
-    scores = q @ k.transpose(-1, -2)  # [B, kvh, rows, N]
-    if saved.bias is not None:  # a padded prefix: its keys get no probability
-        scores = scores + saved.bias
+    dp, scores = score_products(dog, q, k, v, saved.bias)  # [B, kvh, rows, N]
     p, ds = softmax_backward(scores, dp, scale)
     dq = ds @ k  # [B, kvh, rows, hd]
     actions = slice(length - horizon, length)  # the rows of K and V that depend on x
