@@ -175,3 +175,16 @@ def test_pi0_attention_vjp_takes_no_unaligned_gemm_kernel():
     assert names, "the profiler recorded no kernel"
     unaligned = sorted({n for n in names if any(f"_align{a}" in n for a in (1, 2, 4))})
     assert not unaligned, unaligned
+
+
+def test_autocast_keeps_the_plain_products():
+    """Under autocast an ``out=`` product would run in the buffer's dtype, not autocast's:
+    the plain products run there (autocast's bf16), as before."""
+    from ate_fast.models.flow_transformer_vjp import score_products
+
+    gen = torch.Generator().manual_seed(3)
+    q, dog = (torch.randn(1, 1, 8, 8, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, 1, 22, 8, generator=gen) for _ in range(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dp, scores = score_products(dog, q, k, v)
+    assert dp.dtype == scores.dtype == torch.bfloat16

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 
 from ate_fast.models.block_epilogues import MAX_ROW, norm_eps, use_triton
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
-from ate_fast.models.gemm_alignment import aligned_rows
+from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.models.rotary import swap_halves
-from ate_fast.models.trace_state import opaque_ops_may_run
 
 
 class BlockSaved(NamedTuple):
@@ -108,7 +107,7 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.softmax_backward(scores, dp, scale)  # rows of one stride: read in place
-    if not opaque_ops_may_run(scores, dp):
+    if not aligned_writes_may_run(scores, dp):
         p = torch.softmax(scores * scale, dim=-1)
         return p, p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
     # the same ops, p and ds written into 16-byte-aligned rows: the GEMMs of dq, dk, dv read them
@@ -178,11 +177,11 @@ def score_products(
 ) -> tuple[Tensor, Tensor]:
     """``dp = dog·vᵀ`` and ``scores = q·kᵀ (+ bias)`` [B, kv_heads, rows, N] (``dog``, ``q``
     [B, kv_heads, rows, hd]; ``k``, ``v`` [B, kv_heads, N, hd]; ``bias`` [B, 1, 1, N], a
-    padded prefix's mask: its keys get no probability). Where an ``out=`` write may run,
-    into buffers with 16-byte-aligned rows (:mod:`ate_fast.models.gemm_alignment`: at
-    N = 866 the unaligned products ran on cuBLAS's slowest kernels), the mask added in
-    place; else plain products."""
-    if not opaque_ops_may_run(dog, q, k, v):
+    padded prefix's mask: its keys get no probability). Where an ``out=`` write may run
+    (:func:`~ate_fast.models.gemm_alignment.aligned_writes_may_run`), into buffers with
+    16-byte-aligned rows (at N = 866 the unaligned products ran on cuBLAS's slowest
+    kernels), the mask added in place; else plain products."""
+    if not aligned_writes_may_run(dog, q, k, v):
         scores = q @ k.transpose(-1, -2)
         return dog @ v.transpose(-1, -2), scores if bias is None else scores + bias
     shape = (*q.shape[:-1], k.shape[-2])

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
+
+from ate_fast.models.trace_state import opaque_ops_may_run
 
 ROW_ALIGN_BYTES = 16  # the widest load cuBLAS's kernels make per thread (and TMA's stride unit)
 
@@ -38,6 +41,20 @@ def aligned_rows(shape: Sequence[int], like: Tensor) -> Tensor:
     padded = padded_length(n, like.element_size())
     buffer = like.new_empty((*shape[:-1], padded))
     return buffer if padded == n else buffer[..., :n]
+
+
+def aligned_writes_may_run(*tensors: Tensor) -> bool:
+    """Whether products of ``tensors`` may be written into :func:`aligned_rows` buffers
+    (``out=``): an opaque op may run (:func:`~ate_fast.models.trace_state.opaque_ops_may_run`:
+    no autograd record, transform or graph trace) and autocast is off for their device (an
+    ``out=`` op is not autocast-eligible: it would run in the buffer's dtype, not
+    autocast's)."""
+    if not opaque_ops_may_run(*tensors):
+        return False
+    try:
+        return not torch.is_autocast_enabled(tensors[0].device.type)
+    except RuntimeError:  # a device type autocast has no mode for (meta)
+        return True
 
 
 def rows_aligned(t: Tensor) -> bool:
