@@ -142,6 +142,10 @@ def test_info_reports_the_prefix_attention_path(monkeypatch):
     assert "attention against the prefix: split_kv (block_q=16, splits=4)" in text
     monkeypatch.setenv("ATE_FAST_SPLIT_KV_TILES", "block_q=16,ways=4")
     assert info()["prefix_attention"].startswith("error: ATE_FAST_SPLIT_KV_TILES: expected")
+    monkeypatch.setenv("ATE_FAST_SPLIT_KV_TILES", "block_q=24")  # a value the kernels refuse
+    assert info()["prefix_attention"] == (
+        "error: ATE_FAST_SPLIT_KV_TILES: Tiles.block_q: expected a power of two >= 16, got 24"
+    )
     monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "flash")
     assert info()["prefix_attention"].startswith("error: ATE_FAST_PREFIX_ATTENTION: expected")
 

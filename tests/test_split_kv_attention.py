@@ -145,6 +145,12 @@ def test_tiles_from_the_environment(selected):
         selected.setenv(split_kv_attention.TILES_VAR, text)
         with pytest.raises(InvalidArgumentError, match=message):
             split_kv_attention.prefix_attention(q, k, v)
+        with pytest.raises(InvalidArgumentError, match=message):  # again: no error cached away
+            split_kv_attention.tiles_from_env()
+    selected.setenv(split_kv_attention.TILES_VAR, "splits=2")
+    first = split_kv_attention.tiles_from_env()
+    first["splits"] = 5  # a caller's copy: the parsed setting is not changed through it
+    assert split_kv_attention.tiles_from_env() == {"splits": 2}
 
 
 def test_head_and_captured_sampler_match_sdpa(selected):

@@ -27,7 +27,9 @@ kernel for); not run on a GPU yet either.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch.nn.functional as F
@@ -45,6 +47,37 @@ TILE_FIELDS = ("block_q", "block_k", "splits", "programs_per_sm", "warps", "stag
 MAX_HEAD_DIM = 256  # the kernels hold a query row's head dim in one tile
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of the kernels: ``block_q`` query rows per program, keys in chunks of
+    ``block_k`` (one pair of dots each), ``splits`` key slices per block of queries (0: as
+    many as give :attr:`programs_per_sm` programs per SM; 1: one kernel, no partials and
+    no combine), ``warps`` and pipeline ``stages`` of the partial kernel."""
+
+    block_q: int
+    block_k: int
+    splits: int = 0
+    programs_per_sm: int = 1
+    warps: int = 4
+    stages: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise InvalidArgumentError(
+                    f"Tiles.{name}: expected a power of two >= 16, got {value}"
+                )
+        if self.splits < 0 or self.programs_per_sm < 1 or self.stages < 1:
+            raise InvalidArgumentError(
+                f"Tiles: expected splits >= 0 and programs_per_sm, stages >= 1: {self}"
+            )
+        if self.warps not in (1, 2, 4, 8, 16):
+            raise InvalidArgumentError(
+                f"Tiles.warps: expected a power of two <= 16, got {self.warps}"
+            )
+
+
 def selected_path() -> str:
     """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset), ``split_kv`` or ``flex``."""
     value = os.environ.get(ENV_VAR, "").strip().lower() or "sdpa"
@@ -57,10 +90,14 @@ def tiles_from_env() -> Optional[dict]:
     """``$ATE_FAST_SPLIT_KV_TILES``: the kernels' tiles as ``key=value`` pairs (any of
     :data:`TILE_FIELDS`, e.g. ``block_q=32,block_k=64,splits=4``; the rest from the
     defaults), or None where unset — what ``benchmarks/bench_prefix_attention.py`` found
-    fastest can run in a whole sampler without a code change."""
+    fastest can run in a whole sampler without a code change. Each value is checked as
+    :class:`Tiles` checks it; a setting is parsed once (an eager call reads it per block)."""
     text = os.environ.get(TILES_VAR, "").strip()
-    if not text:
-        return None
+    return dict(_parsed_tiles(text)) if text else None
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_tiles(text: str) -> tuple[tuple[str, int], ...]:
     fields = {}
     for pair in text.split(","):
         key, _, value = pair.partition("=")
@@ -71,7 +108,11 @@ def tiles_from_env() -> Optional[dict]:
                 f"{list(TILE_FIELDS)} and whole numbers, got {pair!r} in {text!r}"
             )
         fields[key] = int(value)
-    return fields
+    try:  # the values as Tiles checks them (placeholders for the fields not given)
+        Tiles(**{"block_q": 16, "block_k": 16, **fields})
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{TILES_VAR}: {exc}") from exc
+    return tuple(fields.items())
 
 
 def _plain_case(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
@@ -120,11 +161,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = N
             split_kv_attention,
         )
 
-        fields, tiles = tiles_from_env(), None
+        fields, tiles = tiles_from_env(), None  # checked: replacing the defaults' cannot fail
         if fields:
-            try:
-                tiles = dataclasses.replace(default_tiles(q.dtype, q.shape[-1]), **fields)
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"{TILES_VAR}: {exc}") from exc
+            tiles = dataclasses.replace(default_tiles(q.dtype, q.shape[-1]), **fields)
         return split_kv_attention(q, k, v, tiles)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -27,7 +27,6 @@ kernel time (2026-12-04). Here every (block of queries, slice of keys) pair is a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.models.split_kv_attention import Tiles
 from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
@@ -45,37 +44,6 @@ _limits = launch_limits(
     "ATE_FAST_PREFIX_ATTENTION=split_kv",
     "Unset ATE_FAST_PREFIX_ATTENTION (or set it to sdpa) to run torch's attention.",
 )
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """Launch shape of the kernels: ``block_q`` query rows per program, keys in chunks of
-    ``block_k`` (one pair of dots each), ``splits`` key slices per block of queries (0: as
-    many as give :attr:`programs_per_sm` programs per SM; 1: one kernel, no partials and
-    no combine), ``warps`` and pipeline ``stages`` of the partial kernel."""
-
-    block_q: int
-    block_k: int
-    splits: int = 0
-    programs_per_sm: int = 1
-    warps: int = 4
-    stages: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("block_q", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise InvalidArgumentError(
-                    f"Tiles.{name}: expected a power of two >= 16, got {value}"
-                )
-        if self.splits < 0 or self.programs_per_sm < 1 or self.stages < 1:
-            raise InvalidArgumentError(
-                f"Tiles: expected splits >= 0 and programs_per_sm, stages >= 1: {self}"
-            )
-        if self.warps not in (1, 2, 4, 8, 16):
-            raise InvalidArgumentError(
-                f"Tiles.warps: expected a power of two <= 16, got {self.warps}"
-            )
 
 
 def num_warps(block_d: int) -> int:
