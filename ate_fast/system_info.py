@@ -11,7 +11,13 @@ import torch
 
 from ate_fast import native
 from ate_fast._version import __version__
-from ate_fast.models import block_epilogues, cpu_gemm, skinny_gemm, split_kv_attention
+from ate_fast.models import (
+    block_epilogues,
+    cpu_gemm,
+    skinny_gemm,
+    split_kv_attention,
+    split_sdpa_attention,
+)
 from ate_fast.ops import backends
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
@@ -97,6 +103,8 @@ def info() -> dict:
 def _prefix_attention() -> str:
     """The block's attention against its prefix, with the split-key kernels' tile setting."""
     path = split_kv_attention.selected_path()
+    if path == "split_sdpa":
+        return f"{path} ({split_sdpa_attention.chunks_from_env()} key slices)"
     fields = split_kv_attention.tiles_from_env() if path == "split_kv" else None
     if not fields:
         return path
@@ -198,7 +206,8 @@ def format_info(data: dict) -> str:
     )
     lines.append(
         f"flow-transformer attention against the prefix: {data['prefix_attention']}"
-        " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv|flex, ATE_FAST_SPLIT_KV_TILES)"
+        " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv|flex|split_sdpa, ATE_FAST_SPLIT_KV_TILES,"
+        " ATE_FAST_SPLIT_SDPA_CHUNKS)"
     )
     lines.append(
         f"latent guidance (mode direct) on CUDA: {data['guidance_stream']} stream as the model"

@@ -20,6 +20,9 @@ head's layout) against the one key/value head with ``enable_gqa=True`` — SDPA 
 picks it, and ``flex_attention`` under ``torch.compile`` (whose decoding kernel splits the
 keys over the GPU for queries this short: torch's own split-key attention), as
 ``ate_fast.models.flex_prefix_attention`` runs it in the head;
+``split_sdpa_c<n>``: the keys in about n slices of whole 64-key tiles, each slice a head of
+one call of torch's flash-attention kernel, combined by log-sum-exp (one Triton kernel;
+``ate_fast.models.split_sdpa_attention``, ``ATE_FAST_PREFIX_ATTENTION=split_sdpa``);
 ``triton_<tiles>``: the split-key
 kernels at one :class:`Tiles` — ``q``/``k`` the query and key tiles, ``s`` a fixed number of
 key slices (1: one kernel, no combine) or ``auto`` with programs per SM, ``w`` warps. Every
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from cuda_graphs import graphed
 
 from ate_fast.models import flex_prefix_attention as flex
+from ate_fast.models import split_sdpa_attention as split_sdpa
 from ate_fast.models.split_kv_attention_triton import Tiles, split_kv_attention
 
 # (rows, keys, head dim, blocks) per device: π0's step on CUDA; a small dry run on the CPU
@@ -61,6 +65,11 @@ TOLERANCE = 2e-2
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_cudnn": "CUDNN_ATTENTION"}  # fmt: skip
 GQA_ROWS = ("sdpa_gqa", "flex_gqa")
+# split_sdpa_c<n>: the keys in about n slices of whole 64-key tiles, each a head of one
+# flash-attention call, combined by log-sum-exp (ATE_FAST_PREFIX_ATTENTION=split_sdpa,
+# ATE_FAST_SPLIT_SDPA_CHUNKS=n; π0's 866 keys at n = 8: 6 slices of 128 and 98 more); on
+# the CPU's dry run 90 keys: one slice of 64 and 26 more
+SPLIT_SDPA_CHUNKS = {"cuda": (4, 8, 16), "cpu": (4,)}
 
 
 def _sweep() -> list[Tiles]:
@@ -96,6 +105,7 @@ def _cases():
         if device == "cpu" and not _interpreted():
             continue  # the Triton rows need the interpreter on the CPU
         impls = ["eager"] + (list(SDPA_BACKENDS) if device == "cuda" else []) + list(GQA_ROWS)
+        impls += [f"split_sdpa_c{n}" for n in SPLIT_SDPA_CHUNKS[device]]
         impls += [label(t) for t in SWEEP[device]]
         for batch in BATCHES[device]:
             for impl in impls:
@@ -167,6 +177,9 @@ def _attention(impl: str, device: str):
         return _sdpa_gqa
     if impl == "flex_gqa":  # what ATE_FAST_PREFIX_ATTENTION=flex runs in the head
         return flex.flex_prefix_attention
+    if impl.startswith("split_sdpa_c"):  # what ATE_FAST_PREFIX_ATTENTION=split_sdpa runs
+        chunks = int(impl.removeprefix("split_sdpa_c"))
+        return lambda q, k, v: split_sdpa.split_sdpa_attention(q, k, v, chunks)
     if impl in SDPA_BACKENDS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -206,6 +219,11 @@ def test_prefix_attention(benchmark, time_calls, compiled_sweep, device, batch, 
     benchmark.group = f"{device} prefix attention B={batch} rows={rows} keys={keys} hd={hd}"
     tiles = {label(t): dataclasses.asdict(t) for t in SWEEP[device]}.get(impl)
     benchmark.extra_info.update(impl=impl, device=device, batch=batch, tiles=tiles)
+    if impl.startswith("split_sdpa_c"):
+        benchmark.extra_info["env"] = {
+            "ATE_FAST_PREFIX_ATTENTION": "split_sdpa",
+            "ATE_FAST_SPLIT_SDPA_CHUNKS": impl.removeprefix("split_sdpa_c"),
+        }
     if tiles:  # the row's tiles as the setting that runs them in a whole sampler
         benchmark.extra_info["env"] = {
             "ATE_FAST_PREFIX_ATTENTION": "split_kv",

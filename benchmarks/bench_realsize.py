@@ -82,6 +82,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   ``ATE_FAST_PREFIX_ATTENTION=flex``: each block's attention on torch's compiled
   FlexAttention (``ate_fast.models.flex_prefix_attention``: the rows as 8 query heads of
   the one key/value head, its decoding kernel splitting the keys); its A/B against SDPA.
+- ``ate_capture_split_sdpa_attention``: ``ate_capture`` (B = 1, unguided) with
+  ``ATE_FAST_PREFIX_ATTENTION=split_sdpa``: each block's 866 keys in 8 slices (6 of 128
+  and 98 more), each slice a head of one call of torch's flash-attention kernel
+  (``ate_fast.models.split_sdpa_attention``), combined by log-sum-exp in one Triton kernel;
+  its A/B against SDPA.
 - ``ate_capture_side_stream``: ``ate_capture`` (mlp- and transformer-guided, B = 1 and 8)
   with ``ATE_FAST_GUIDANCE_STREAM=side``: the latent guidance's gradient (mode ``direct``:
   it reads x alone) on a second CUDA stream while the head runs
@@ -226,6 +231,9 @@ SPLIT_KV_ROW = "ate_capture_split_kv_attention"
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=flex: the block's attention on torch's compiled
 # FlexAttention (its decoding kernel splits the keys too) instead of SDPA (B = 1 unguided)
 FLEX_ROW = "ate_capture_flex_attention"
+# ate_capture with ATE_FAST_PREFIX_ATTENTION=split_sdpa: the keys in 8 slices, each a head
+# of one flash-attention call, combined by log-sum-exp (B = 1 unguided)
+SPLIT_SDPA_ROW = "ate_capture_split_sdpa_attention"
 # ate_capture with ATE_FAST_GUIDANCE_STREAM=side: the latent guidance's gradient on a second
 # CUDA stream beside the head (mlp- and transformer-guided, B = 1 and 8); unguided it is
 # ate_capture itself, the base of its guidance-overhead target
@@ -245,7 +253,7 @@ CUBLASLT_ROW = "ate_capture_cublaslt"
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
-        SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
+        SPLIT_SDPA_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
         "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
@@ -255,6 +263,7 @@ ROW_ENV = {
     **{row: {"ATE_FAST_FLOW_EPILOGUES": "triton"} for row in TRITON_ROWS},
     SPLIT_KV_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_kv"},
     FLEX_ROW: {"ATE_FAST_PREFIX_ATTENTION": "flex"},
+    SPLIT_SDPA_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_sdpa"},
     SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n)}
        for row, block_n in SKINNY_ROWS.items()},
@@ -310,6 +319,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     **dict.fromkeys(SKINNY_ROWS, 8.0),  # + Triton compiling the GEMM's variants
     SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
     FLEX_ROW: 30.0,  # + torch.compile of FlexAttention (a guess: never run on a GPU)
+    SPLIT_SDPA_ROW: 6.0,  # + Triton compiling its combine
     SIDE_STREAM_ROW: 4.0,
     **dict.fromkeys(SETTING_ROWS, 4.0),
     "compile_max_autotune": 4.0,
@@ -342,6 +352,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap += [(b1, RTC, r) for r in ("eager", "ate_capture", OTHER_EPILOGUES_ROW)]
     cheap += [(b1, g, SPLIT_KV_ROW) for g in ("unguided", RTC)]  # split-key attention vs SDPA
     cheap.append((b1, "unguided", FLEX_ROW))  # FlexAttention's split keys vs SDPA
+    cheap.append((b1, "unguided", SPLIT_SDPA_ROW))  # flash attention per key slice vs SDPA
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
@@ -738,7 +749,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, FLEX_ROW,
-               SIDE_STREAM_ROW,
+               SPLIT_SDPA_ROW, SIDE_STREAM_ROW,
                *SKINNY_ROWS, *SETTING_ROWS):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:

@@ -146,6 +146,11 @@ def test_info_reports_the_prefix_attention_path(monkeypatch):
     assert info()["prefix_attention"] == (
         "error: ATE_FAST_SPLIT_KV_TILES: Tiles.block_q: expected a power of two >= 16, got 24"
     )
+    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "split_sdpa")
+    monkeypatch.setenv("ATE_FAST_SPLIT_SDPA_CHUNKS", "12")
+    assert info()["prefix_attention"] == "split_sdpa (12 key slices)"
+    monkeypatch.setenv("ATE_FAST_SPLIT_SDPA_CHUNKS", "1")
+    assert info()["prefix_attention"].startswith("error: ATE_FAST_SPLIT_SDPA_CHUNKS: expected")
     monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "flash")
     assert info()["prefix_attention"].startswith("error: ATE_FAST_PREFIX_ATTENTION: expected")
 

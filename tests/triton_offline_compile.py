@@ -371,8 +371,9 @@ def skinny_gemm_variants(target) -> int:
 def split_kv_variants(target) -> int:
     """The split-key attention (``ate_fast.models.split_kv_attention_triton``): its partial
     kernel (one slice and several) at the default tiles of every storage dtype, for π0's
-    head dim (256) and the small head's (64), and its combine for 2 to 32 slices;
-    spill-free but in float64."""
+    head dim (256) and the small head's (64), its combine for 2 to 32 slices, and
+    split_sdpa's log-sum-exp combine (2 slices; 16 and a shorter one); spill-free but in
+    float64."""
     count = 0
     for (store, comp), hd in itertools.product(_STORAGE_COMPUTE, (64, 256)):
         tiles = sk.default_tiles(_TORCH_DTYPE[store], hd)
@@ -393,7 +394,15 @@ def split_kv_variants(target) -> int:
                 target, f"{store} hd={hd} splits<={splits}", {"num_warps": 4, "num_stages": 1},
                 spill_free=store != "fp64",
             )  # fmt: skip
-        count += 4
+        for chunks, rest in ((2, False), (16, True)):  # split_sdpa's log-sum-exp combine
+            compile_one(
+                sk._combine_lse_kernel,
+                {"HD": hd, "CHUNKS": chunks, "BLOCK_D": hd, "REST": rest, "C": c},
+                _typed({"l1_ptr", "l2_ptr"}, store, comp), {}, target,
+                f"{store} hd={hd} chunks<={chunks} rest={rest}",
+                {"num_warps": 4, "num_stages": 1}, spill_free=store != "fp64",
+            )  # fmt: skip
+        count += 6
     return count
 
 

@@ -21,7 +21,10 @@ against SDPA's backends. That form has not run on a GPU yet.
 ``ATE_FAST_PREFIX_ATTENTION=flex`` runs it on torch's compiled FlexAttention instead, whose
 decoding kernel splits the keys the same way (:mod:`ate_fast.models.flex_prefix_attention`;
 the same conditions, a torch with FlexAttention, and not float64, which it has no CPU
-kernel for); not run on a GPU yet either.
+kernel for); not run on a GPU yet either. ``ATE_FAST_PREFIX_ATTENTION=split_sdpa`` cuts the
+keys into slices, each a head of one call of torch's flash-attention kernel, and combines
+them by their log-sum-exps (:mod:`ate_fast.models.split_sdpa_attention`; one key/value
+head, float16 / bfloat16 on CUDA); not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from torch import Tensor
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import flex_prefix_attention as flex
+from ate_fast.models import split_sdpa_attention as split_sdpa
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_PREFIX_ATTENTION"
 TILES_VAR = "ATE_FAST_SPLIT_KV_TILES"
-PATHS = ("sdpa", "split_kv", "flex")
+PATHS = ("sdpa", "split_kv", "flex", "split_sdpa")
 TILE_FIELDS = ("block_q", "block_k", "splits", "programs_per_sm", "warps", "stages")
 MAX_HEAD_DIM = 256  # the kernels hold a query row's head dim in one tile
 
@@ -79,7 +83,8 @@ class Tiles:
 
 
 def selected_path() -> str:
-    """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset), ``split_kv`` or ``flex``."""
+    """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset), ``split_kv``, ``flex``
+    or ``split_sdpa``."""
     value = os.environ.get(ENV_VAR, "").strip().lower() or "sdpa"
     if value not in PATHS:
         raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
@@ -130,10 +135,12 @@ def _plain_case(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool
 
 
 def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "split_kv") -> bool:
-    """Whether ``path`` (``split_kv``: the Triton kernels; ``flex``: FlexAttention) runs
-    ``q`` [B, heads, rows, hd] against ``k``, ``v`` [B, heads, keys, hd]: selected, and
-    :func:`_plain_case` (flex: ``q`` contiguous too, not float64); raises where selected
-    and it cannot run (no Triton on the tensors' device; a torch without FlexAttention)."""
+    """Whether ``path`` (``split_kv``: the Triton kernels; ``flex``: FlexAttention;
+    ``split_sdpa``: flash attention per key slice) runs ``q`` [B, heads, rows, hd] against
+    ``k``, ``v`` [B, heads, keys, hd]: selected, and :func:`_plain_case` (flex: ``q``
+    contiguous too, not float64; split_sdpa: :func:`~ate_fast.models.split_sdpa_attention.runs_on`);
+    raises where selected and it cannot run (no Triton on the tensors' device; a torch
+    without FlexAttention)."""
     if not os.environ.get(ENV_VAR) or selected_path() != path:  # unset: one lookup
         return False
     if not _plain_case(q, k, v, mask):
@@ -145,8 +152,10 @@ def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "
         reason = flex.unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError(f"{setting}: {reason}")
-    else:
-        backends.require_triton(q.device.type, setting)
+        return True
+    if path == "split_sdpa" and not split_sdpa.runs_on(q, k):
+        return False
+    backends.require_triton(q.device.type, setting)  # split_kv's kernels, split_sdpa's combine
     return True
 
 
@@ -155,6 +164,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = N
     the split-key kernels or FlexAttention where they :func:`takes` it, else SDPA."""
     if takes(q, k, v, mask, "flex"):
         return flex.flex_prefix_attention(q, k, v)
+    if takes(q, k, v, mask, "split_sdpa"):
+        return split_sdpa.split_sdpa_attention(q, k, v)
     if takes(q, k, v, mask):
         from ate_fast.models.split_kv_attention_triton import (  # triton
             default_tiles,

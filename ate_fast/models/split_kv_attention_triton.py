@@ -137,6 +137,66 @@ def _combine_kernel(
     tl.store(y_ptr + row * HD + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
+@triton.jit
+def _combine_lse_kernel(
+    o1_ptr, l1_ptr, o2_ptr, l2_ptr, y_ptr, rows, kv_heads, chunks,
+    o1_sb, o1_sh, o1_sr, l1_sb, l1_sh, l1_sr, o2_sb, o2_sh, o2_sr, l2_sb, l2_sh, l2_sr,
+    HD: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, REST: tl.constexpr,
+    C: tl.constexpr,
+):  # fmt: skip
+    """One program per row of y [B, kv_heads, rows, HD] (contiguous): the normalised
+    outputs of ``chunks`` key chunks, ``o1`` [B, kv_heads·chunks, rows, HD] with their
+    log-sum-exps ``l1`` [B, kv_heads·chunks, rows] (kv head h's chunks at heads
+    h·chunks …), and with ``REST`` one more, ``o2`` [B, kv_heads, rows, HD] / ``l2``,
+    weighted by ``exp(l − max l)``: the softmax over all the keys, in ``C`` (float32;
+    float64 for float64 data). Any strides."""
+    row = tl.program_id(0).to(tl.int64)
+    b, h, i = row // (kv_heads * rows), (row // rows) % kv_heads, row % rows
+    s = tl.arange(0, CHUNKS)
+    d = tl.arange(0, BLOCK_D)
+    s_ok, d_ok = s < chunks, d < HD
+    head = h * chunks + s
+    lse = tl.load(l1_ptr + b * l1_sb + head * l1_sh + i * l1_sr, mask=s_ok, other=float("-inf"))
+    lse = lse.to(C)
+    top = tl.max(lse, axis=0)
+    if REST:
+        rest = tl.load(l2_ptr + b * l2_sb + h * l2_sh + i * l2_sr).to(C)
+        top = tl.maximum(top, rest)
+    w = tl.exp(lse - top)  # 0 on the padding chunks
+    o = tl.load(o1_ptr + b * o1_sb + head[:, None] * o1_sh + i * o1_sr + d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    num = tl.sum(w[:, None] * o.to(C), axis=0)
+    den = tl.sum(w, axis=0)
+    if REST:
+        w2 = tl.exp(rest - top)
+        o2 = tl.load(o2_ptr + b * o2_sb + h * o2_sh + i * o2_sr + d, mask=d_ok, other=0.0)
+        num += w2 * o2.to(C)
+        den += w2
+    tl.store(y_ptr + row * HD + d, (num / den).to(y_ptr.dtype.element_ty), mask=d_ok)
+
+
+@_limits
+def combine_lse(
+    o1: Tensor, l1: Tensor, rest: Optional[tuple[Tensor, Tensor]], chunks: int
+) -> Tensor:
+    """:func:`_combine_lse_kernel`'s launcher: ``y`` [B, kv_heads, rows, hd] (contiguous,
+    o1's dtype) from ``o1`` [B, kv_heads·chunks, rows, hd] and ``l1`` [B, kv_heads·chunks,
+    rows] (the chunks' normalised outputs and log-sum-exps) and ``rest`` = ``(o2, l2)`` for
+    the last, shorter chunk ([B, kv_heads, rows, hd], [B, kv_heads, rows]) or None."""
+    batch, heads, rows, hd = o1.shape
+    kv_heads = heads // chunks
+    y = torch.empty((batch, kv_heads, rows, hd), dtype=o1.dtype, device=o1.device)
+    o2, l2 = rest if rest is not None else (o1, l1)  # unread without REST
+    _combine_lse_kernel[(batch * kv_heads * rows,)](
+        o1, l1, o2, l2, y, rows, kv_heads, chunks,
+        o1.stride(0), o1.stride(1), o1.stride(2), l1.stride(0), l1.stride(1), l1.stride(2),
+        o2.stride(0), o2.stride(1), o2.stride(2), l2.stride(0), l2.stride(1), l2.stride(2),
+        HD=hd, CHUNKS=triton.next_power_of_2(chunks), BLOCK_D=max(16, triton.next_power_of_2(hd)),
+        REST=rest is not None, C=accumulator_type(o1.dtype), num_warps=4,
+    )  # fmt: skip
+    return y
+
+
 def _sm_count(device: torch.device) -> int:
     """SMs of a CUDA device (cached: no host sync in a capture); 8 for the interpreter."""
     if device.type != "cuda":
