@@ -14,6 +14,7 @@ from ate_fast._version import __version__
 from ate_fast.models import (
     block_epilogues,
     cpu_gemm,
+    l2_prefetch,
     skinny_gemm,
     split_kv_attention,
     split_sdpa_attention,
@@ -97,6 +98,7 @@ def info() -> dict:
         "skinny_gemm": _or_error(_skinny_gemm),
         "prefix_attention": _or_error(_prefix_attention),
         "guidance_stream": _or_error(guidance_stream.selected_path),
+        "l2_prefetch": _or_error(l2_prefetch.selected_path),
     }
 
 
@@ -212,6 +214,10 @@ def format_info(data: dict) -> str:
     lines.append(
         f"latent guidance (mode direct) on CUDA: {data['guidance_stream']} stream as the model"
         " (ATE_FAST_GUIDANCE_STREAM=same|side)"
+    )
+    lines.append(
+        f"flow-transformer MLP weights into L2 during attention: {data['l2_prefetch']}"
+        " (ATE_FAST_L2_PREFETCH=off|mlp)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

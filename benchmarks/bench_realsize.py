@@ -87,6 +87,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   and 98 more), each slice a head of one call of torch's flash-attention kernel
   (``ate_fast.models.split_sdpa_attention``), combined by log-sum-exp in one Triton kernel;
   its A/B against SDPA.
+- ``ate_capture_l2_prefetch``: ``ate_capture`` (B = 1, unguided) with
+  ``ATE_FAST_L2_PREFETCH=mlp``: as each block's attention starts, a second stream reads the
+  block's W_gate_up and W_down (24 MB) once into L2 (``ate_fast.models.l2_prefetch``), so
+  that the MLP's GEMMs — at 32 % of the copy rate from HBM on the H200 — find them there;
+  its A/B against ``ate_capture``.
 - ``ate_capture_side_stream``: ``ate_capture`` (mlp- and transformer-guided, B = 1 and 8)
   with ``ATE_FAST_GUIDANCE_STREAM=side``: the latent guidance's gradient (mode ``direct``:
   it reads x alone) on a second CUDA stream while the head runs
@@ -234,6 +239,9 @@ FLEX_ROW = "ate_capture_flex_attention"
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_sdpa: the keys in 8 slices, each a head
 # of one flash-attention call, combined by log-sum-exp (B = 1 unguided)
 SPLIT_SDPA_ROW = "ate_capture_split_sdpa_attention"
+# ate_capture with ATE_FAST_L2_PREFETCH=mlp: each block's MLP weights read into L2 on a
+# second stream during its attention (B = 1 unguided)
+L2_PREFETCH_ROW = "ate_capture_l2_prefetch"
 # ate_capture with ATE_FAST_GUIDANCE_STREAM=side: the latent guidance's gradient on a second
 # CUDA stream beside the head (mlp- and transformer-guided, B = 1 and 8); unguided it is
 # ate_capture itself, the base of its guidance-overhead target
@@ -253,7 +261,7 @@ CUBLASLT_ROW = "ate_capture_cublaslt"
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
-        SPLIT_SDPA_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
+        SPLIT_SDPA_ROW, L2_PREFETCH_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
         "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
@@ -264,6 +272,7 @@ ROW_ENV = {
     SPLIT_KV_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_kv"},
     FLEX_ROW: {"ATE_FAST_PREFIX_ATTENTION": "flex"},
     SPLIT_SDPA_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_sdpa"},
+    L2_PREFETCH_ROW: {"ATE_FAST_L2_PREFETCH": "mlp"},
     SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n)}
        for row, block_n in SKINNY_ROWS.items()},
@@ -320,6 +329,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
     FLEX_ROW: 30.0,  # + torch.compile of FlexAttention (a guess: never run on a GPU)
     SPLIT_SDPA_ROW: 6.0,  # + Triton compiling its combine
+    L2_PREFETCH_ROW: 6.0,  # + Triton compiling the prefetch kernel
     SIDE_STREAM_ROW: 4.0,
     **dict.fromkeys(SETTING_ROWS, 4.0),
     "compile_max_autotune": 4.0,
@@ -353,6 +363,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap += [(b1, g, SPLIT_KV_ROW) for g in ("unguided", RTC)]  # split-key attention vs SDPA
     cheap.append((b1, "unguided", FLEX_ROW))  # FlexAttention's split keys vs SDPA
     cheap.append((b1, "unguided", SPLIT_SDPA_ROW))  # flash attention per key slice vs SDPA
+    cheap.append((b1, "unguided", L2_PREFETCH_ROW))  # the MLP's weights into L2 meanwhile
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
@@ -749,7 +760,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, FLEX_ROW,
-               SPLIT_SDPA_ROW, SIDE_STREAM_ROW,
+               SPLIT_SDPA_ROW, L2_PREFETCH_ROW, SIDE_STREAM_ROW,
                *SKINNY_ROWS, *SETTING_ROWS):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:

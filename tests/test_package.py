@@ -164,6 +164,15 @@ def test_info_reports_the_guidance_stream(monkeypatch):
     assert info()["guidance_stream"].startswith("error: ATE_FAST_GUIDANCE_STREAM: expected")
 
 
+def test_info_reports_the_l2_prefetch(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_L2_PREFETCH", raising=False)
+    assert info()["l2_prefetch"] == "off"  # the default until a GPU measures it
+    monkeypatch.setenv("ATE_FAST_L2_PREFETCH", "mlp")
+    assert "MLP weights into L2 during attention: mlp" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_L2_PREFETCH", "yes")
+    assert info()["l2_prefetch"].startswith("error: ATE_FAST_L2_PREFETCH: expected")
+
+
 def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
     # CUDA's default is triton where Triton runs on CUDA: not on this machine

@@ -35,6 +35,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ate_fast.models import block_epilogues_triton as fb
+from ate_fast.models import l2_prefetch_triton as lp
 from ate_fast.models import skinny_gemm_triton as sg
 from ate_fast.models import split_kv_attention_triton as sk
 from ate_fast.ops.guided_step import triton as gs
@@ -120,6 +121,7 @@ def compile_one(
             sys.exit(f"FAIL {name} {label}: {regs} registers, {spills} B of spill stores")
         usage = f" registers={regs} spills=0"
     print(f"ok  {name:<26} {label} shared={shared}{usage}")
+    return compiled
 
 
 def mlp_variants(target) -> int:
@@ -406,9 +408,26 @@ def split_kv_variants(target) -> int:
     return count
 
 
+def l2_prefetch_variants(target) -> int:
+    """The L2 prefetch (``ate_fast.models.l2_prefetch_triton``): 32-bit words, spill-free,
+    with the 16-byte alignment of a weight's storage and a word count divisible by 16 (every
+    π0 weight's), as Triton's JIT specialises them — then its loads are 16 bytes wide
+    (``ld.global.cg.v4.b32``, checked in the PTX)."""
+    compiled = compile_one(
+        lp._prefetch_kernel, {"BLOCK": lp.BLOCK}, lambda name: "i32", {}, target,
+        f"BLOCK={lp.BLOCK}", {"num_warps": 4, "num_stages": 1}, spill_free=True,
+        divisible=("words_ptr", "n"),
+    )  # fmt: skip
+    loads = set(re.findall(r"ld\.global[.\w]*", compiled.asm["ptx"]))
+    if loads != {"ld.global.cg.v4.b32"}:
+        sys.exit(f"FAIL _prefetch_kernel: loads {sorted(loads)}, expected ld.global.cg.v4.b32")
+    return 1
+
+
 GROUPS = {"mlp": mlp_variants, "guided_step": guided_step_variants,
           "transformer": transformer_variants, "flow_block": flow_block_variants,
-          "skinny_gemm": skinny_gemm_variants, "split_kv": split_kv_variants}  # fmt: skip
+          "skinny_gemm": skinny_gemm_variants, "split_kv": split_kv_variants,
+          "l2_prefetch": l2_prefetch_variants}  # fmt: skip
 
 
 def main(arch: int, group: str = "all") -> None:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ate_fast.models import l2_prefetch
 from ate_fast.models.block_epilogues import (
     PrefixSlot,
     fold_norm_weight,
@@ -267,6 +268,9 @@ class _Block(nn.Module):
         norm = (x, norm_eps(self.attn_norm, x.dtype)) if attn_norm_folded else None
         q, k, v = rotate_qkv(q_lin, kv_lin, cos, sin, cond, self.num_heads, self.num_kv_heads,
                              buffers, norm)  # fmt: skip
+        # ATE_FAST_L2_PREFETCH=mlp: the MLP's weights into L2 on a second stream meanwhile
+        mlp_weights = [self.gate_up.weight if gate_up is None else gate_up, self.down.weight]
+        prefetching = l2_prefetch.start(mlp_weights, x)
         attn = prefix_attention(q, k, v, bias)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there), in
@@ -281,6 +285,7 @@ class _Block(nn.Module):
             gu = block_linear_of(self.gate_up, self.mlp_norm(x1))
             hidden, act = gated_gelu(gu, save_act=save)
         out = linear_residual(self.down, hidden, x1, in_place=overwrite_input and not save)
+        l2_prefetch.join(prefetching)
         if not save:
             return out, None
         gate, up = gu.chunk(2, dim=-1)

@@ -1,0 +1,78 @@
+"""The flow-transformer block's MLP weights read into the GPU's L2 cache while its attention
+runs (``ATE_FAST_L2_PREFETCH=mlp``), on a second CUDA stream.
+
+At B = 1 π0's step is bound by small GEMMs that read their weights from HBM with few
+programs: on an H200 (2026-12-04) the block's four GEMMs ran at 32 % of the copy bandwidth,
+while its attention (24.5 µs per block on 7 programs) left HBM idle. The MLP's weights
+(W_gate_up and W_down: 24 MB of the block's 33 MB in bf16) fit in the L2 (50 MB on an
+H100 / H200; 4 MB on a Jetson AGX Orin, where this does nothing useful). Here, as the block
+starts its attention, a second stream reads them once (``l2_prefetch_triton``: loads cached
+in L2 only, ≈ 6 µs of full-bandwidth reading), so that the MLP's GEMMs find them there —
+what L2 holds is the most recent ≈ 50 MB of reads, and between the prefetch and the MLP
+only the attention's keys and values (0.9 MB) and W_o (4 MB) are read. The current stream
+waits for the prefetch at the end of the block (long finished by then: no result depends
+on it). Inside a captured CUDA graph the two streams are parallel branches. The
+arithmetic is unchanged — the same kernels on the same data.
+
+Unset or ``off``: nothing prefetched — the default, until a GPU measures it
+(``bench_realsize.py``'s ``ate_capture_l2_prefetch``). **Not run on a GPU yet.** Only on
+CUDA tensors, outside a trace (``torch.compile``, export), for contiguous weights.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.models.trace_state import capturing_graph
+from ate_fast.ops import backends
+
+ENV_VAR = "ATE_FAST_L2_PREFETCH"
+PATHS = ("off", "mlp")
+_SIDE: dict[int, torch.cuda.Stream] = {}  # one prefetch stream per GPU, made on first use
+
+
+def selected_path() -> str:
+    """``$ATE_FAST_L2_PREFETCH``: ``off`` (also where unset) or ``mlp``."""
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "off"
+    if value not in PATHS:
+        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
+    return value
+
+
+def prefetchable(t: Tensor) -> bool:
+    """A contiguous CUDA tensor of a whole number of 32-bit words."""
+    return t.is_cuda and t.is_contiguous() and (t.numel() * t.element_size()) % 4 == 0
+
+
+def start(weights: list[Tensor], x: Tensor) -> Optional[tuple]:
+    """Read ``weights`` into L2 on the prefetch stream, after what the current stream has
+    queued so far; the handle for :func:`join`, or None where nothing is prefetched (not
+    selected, not CUDA, a trace, a weight :func:`prefetchable` rejects)."""
+    if not os.environ.get(ENV_VAR) or selected_path() == "off" or not x.is_cuda:
+        return None
+    if capturing_graph() or not all(prefetchable(w) for w in weights):
+        return None
+    backends.require_triton("cuda", f"{ENV_VAR}=mlp")
+    import ate_fast.models.l2_prefetch_triton as kernels  # triton
+
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE:
+        _SIDE[index] = torch.cuda.Stream(device=index)
+    side, main = _SIDE[index], torch.cuda.current_stream(x.device)
+    side.wait_stream(main)  # fork: the prefetch joins the graph here
+    with torch.cuda.stream(side):
+        sink = torch.empty(kernels.sink_size(weights), dtype=torch.int32, device=x.device)
+        kernels.prefetch(weights, sink)
+    return main, side
+
+
+def join(handle: Optional[tuple]) -> None:
+    """The current stream waits for :func:`start`'s prefetch (a capture must end joined)."""
+    if handle is not None:
+        main, side = handle
+        main.wait_stream(side)

@@ -1,0 +1,96 @@
+"""The MLP weights' L2 prefetch (``ATE_FAST_L2_PREFETCH=mlp``,
+``ate_fast.models.l2_prefetch``): its kernel reads every word (through Triton's interpreter
+on the CPU), the setting, where it stands aside, and on a GPU that a captured π0 sampler
+gives the same actions bit for bit with it, the prefetch running in every block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import FlowTransformerHead, l2_prefetch
+from ate_fast.sampling import FlowSampler
+
+
+def _wrapped_sums(t: torch.Tensor, block: int) -> torch.Tensor:
+    """Each ``block`` of ``t``'s 32-bit words summed with int32 wrap-around."""
+    words = t.reshape(-1).view(torch.int32).long()
+    pad = -words.numel() % block
+    sums = torch.cat([words, words.new_zeros(pad)]).view(-1, block).sum(dim=1)
+    return ((sums + 2**31) % 2**32 - 2**31).int()
+
+
+def test_kernel_reads_every_word():
+    """Two weights (bf16 of an odd number of words per block, float32): the sink holds
+    each program's sum of its words, tensor after tensor — every word was read."""
+    kernels = pytest.importorskip("ate_fast.models.l2_prefetch_triton")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(70, 130, generator=g).to(torch.bfloat16)  # 4550 words: 2 programs
+    b = torch.randn(33, 64, generator=g)  # 2112 words: 1 program
+    sink = torch.full((kernels.sink_size([a, b]),), 7, dtype=torch.int32)
+    assert sink.numel() == 3
+    kernels.prefetch([a, b], sink)
+    want = torch.cat([_wrapped_sums(a, kernels.BLOCK), _wrapped_sums(b, kernels.BLOCK)])
+    assert torch.equal(sink, want)
+
+
+def test_setting_is_checked(monkeypatch):
+    monkeypatch.delenv(l2_prefetch.ENV_VAR, raising=False)
+    assert l2_prefetch.selected_path() == "off"
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "MLP")
+    assert l2_prefetch.selected_path() == "mlp"
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "all")
+    with pytest.raises(InvalidArgumentError, match="ATE_FAST_L2_PREFETCH: expected one of"):
+        l2_prefetch.selected_path()
+
+
+def test_stands_aside_off_cuda_and_by_default(monkeypatch):
+    """Nothing starts on CPU tensors (selected or not) or where unset; the head's output is
+    unchanged with the setting on the CPU; a strided or odd-sized weight is refused."""
+    w = [torch.randn(8, 8)]
+    monkeypatch.delenv(l2_prefetch.ENV_VAR, raising=False)
+    assert l2_prefetch.start(w, torch.zeros(1)) is None
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "mlp")
+    assert l2_prefetch.start(w, torch.zeros(1)) is None
+    l2_prefetch.join(None)  # nothing to wait for
+    assert not l2_prefetch.prefetchable(torch.randn(8, 8))  # not CUDA
+    head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
+                               num_heads=4, num_kv_heads=1, head_dim=8)  # fmt: skip
+    x, t = torch.randn(2, 6, 3), torch.tensor([0.2, 0.6])
+    with torch.no_grad():
+        on = head(x, t)
+        monkeypatch.setenv(l2_prefetch.ENV_VAR, "off")
+        assert torch.equal(head(x, t), on)
+
+
+@pytest.mark.cuda
+def test_captured_pi0_sampler_is_unchanged_and_prefetches(monkeypatch):
+    """π0's head (2 blocks, bf16, 816-token prefix): the captured Euler loop with the
+    prefetch equals it without, bit for bit, and the prefetch kernel ran twice (W_gate_up,
+    W_down) per block and step; refused for a strided weight."""
+    torch.manual_seed(0)
+    head = FlowTransformerHead("pi0-expert", depth=2).to("cuda", torch.bfloat16)
+    cache = head.prefix_cache(torch.randn(1, 816, 1024, device="cuda", dtype=torch.bfloat16))
+    noise = torch.randn(1, 50, 32, device="cuda")
+
+    def run():
+        with torch.no_grad():
+            captured = FlowSampler(head, 10).capture(noise, cache)
+            out = captured(noise, cache)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
+                again = captured(noise, cache)
+                torch.cuda.synchronize()
+        assert torch.equal(again, out)
+        names = [e.name for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return out, sum("_prefetch_kernel" in n for n in names)
+
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "off")
+    want, none = run()
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "mlp")
+    got, launches = run()
+    assert none == 0 and launches == 2 * 2 * 10
+    assert torch.equal(got, want)
+    strided = torch.randn(64, 64, device="cuda").t()
+    assert not l2_prefetch.prefetchable(strided)
