@@ -217,7 +217,7 @@ def format_info(data: dict) -> str:
     )
     lines.append(
         f"flow-transformer MLP weights into L2 during attention: {data['l2_prefetch']}"
-        " (ATE_FAST_L2_PREFETCH=off|mlp)"
+        " (ATE_FAST_L2_PREFETCH=off|mlp|all)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

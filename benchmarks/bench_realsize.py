@@ -92,6 +92,8 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   block's W_gate_up and W_down (24 MB) once into L2 (``ate_fast.models.l2_prefetch``), so
   that the MLP's GEMMs — at 32 % of the copy rate from HBM on the H200 — find them there;
   its A/B against ``ate_capture``.
+- ``ate_capture_l2_prefetch_all``: the same with ``ATE_FAST_L2_PREFETCH=all``: also, while
+  a block runs, the next block's ``[W_q; W_kv]`` and W_o (9 MB).
 - ``ate_capture_side_stream``: ``ate_capture`` (mlp- and transformer-guided, B = 1 and 8)
   with ``ATE_FAST_GUIDANCE_STREAM=side``: the latent guidance's gradient (mode ``direct``:
   it reads x alone) on a second CUDA stream while the head runs
@@ -242,6 +244,8 @@ SPLIT_SDPA_ROW = "ate_capture_split_sdpa_attention"
 # ate_capture with ATE_FAST_L2_PREFETCH=mlp: each block's MLP weights read into L2 on a
 # second stream during its attention (B = 1 unguided)
 L2_PREFETCH_ROW = "ate_capture_l2_prefetch"
+# ... =all: also the next block's attention weights while a block runs
+L2_PREFETCH_ALL_ROW = "ate_capture_l2_prefetch_all"
 # ate_capture with ATE_FAST_GUIDANCE_STREAM=side: the latent guidance's gradient on a second
 # CUDA stream beside the head (mlp- and transformer-guided, B = 1 and 8); unguided it is
 # ate_capture itself, the base of its guidance-overhead target
@@ -261,7 +265,8 @@ CUBLASLT_ROW = "ate_capture_cublaslt"
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
-        SPLIT_SDPA_ROW, L2_PREFETCH_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
+        SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, SIDE_STREAM_ROW,
+        *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
         "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
@@ -273,6 +278,7 @@ ROW_ENV = {
     FLEX_ROW: {"ATE_FAST_PREFIX_ATTENTION": "flex"},
     SPLIT_SDPA_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_sdpa"},
     L2_PREFETCH_ROW: {"ATE_FAST_L2_PREFETCH": "mlp"},
+    L2_PREFETCH_ALL_ROW: {"ATE_FAST_L2_PREFETCH": "all"},
     SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n)}
        for row, block_n in SKINNY_ROWS.items()},
@@ -330,6 +336,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     FLEX_ROW: 30.0,  # + torch.compile of FlexAttention (a guess: never run on a GPU)
     SPLIT_SDPA_ROW: 6.0,  # + Triton compiling its combine
     L2_PREFETCH_ROW: 6.0,  # + Triton compiling the prefetch kernel
+    L2_PREFETCH_ALL_ROW: 4.0,
     SIDE_STREAM_ROW: 4.0,
     **dict.fromkeys(SETTING_ROWS, 4.0),
     "compile_max_autotune": 4.0,
@@ -364,6 +371,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap.append((b1, "unguided", FLEX_ROW))  # FlexAttention's split keys vs SDPA
     cheap.append((b1, "unguided", SPLIT_SDPA_ROW))  # flash attention per key slice vs SDPA
     cheap.append((b1, "unguided", L2_PREFETCH_ROW))  # the MLP's weights into L2 meanwhile
+    cheap.append((b1, "unguided", L2_PREFETCH_ALL_ROW))  # + the next block's attention's
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
@@ -760,7 +768,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, FLEX_ROW,
-               SPLIT_SDPA_ROW, L2_PREFETCH_ROW, SIDE_STREAM_ROW,
+               SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, SIDE_STREAM_ROW,
                *SKINNY_ROWS, *SETTING_ROWS):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:

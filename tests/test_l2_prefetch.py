@@ -41,18 +41,20 @@ def test_setting_is_checked(monkeypatch):
     monkeypatch.setenv(l2_prefetch.ENV_VAR, "MLP")
     assert l2_prefetch.selected_path() == "mlp"
     monkeypatch.setenv(l2_prefetch.ENV_VAR, "all")
+    assert l2_prefetch.selected_path() == "all"
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "every")
     with pytest.raises(InvalidArgumentError, match="ATE_FAST_L2_PREFETCH: expected one of"):
         l2_prefetch.selected_path()
 
 
 def test_stands_aside_off_cuda_and_by_default(monkeypatch):
     """Nothing starts on CPU tensors (selected or not) or where unset; the head's output is
-    unchanged with the setting on the CPU; a strided or odd-sized weight is refused."""
+    unchanged with the setting on the CPU; a CPU weight is refused."""
     w = [torch.randn(8, 8)]
     monkeypatch.delenv(l2_prefetch.ENV_VAR, raising=False)
-    assert l2_prefetch.start(w, torch.zeros(1)) is None
-    monkeypatch.setenv(l2_prefetch.ENV_VAR, "mlp")
-    assert l2_prefetch.start(w, torch.zeros(1)) is None
+    assert l2_prefetch.start(w) is None
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "all")
+    assert l2_prefetch.start(w) is None and l2_prefetch.start(w, site="ahead") is None
     l2_prefetch.join(None)  # nothing to wait for
     assert not l2_prefetch.prefetchable(torch.randn(8, 8))  # not CUDA
     head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
@@ -66,9 +68,10 @@ def test_stands_aside_off_cuda_and_by_default(monkeypatch):
 
 @pytest.mark.cuda
 def test_captured_pi0_sampler_is_unchanged_and_prefetches(monkeypatch):
-    """π0's head (2 blocks, bf16, 816-token prefix): the captured Euler loop with the
-    prefetch equals it without, bit for bit, and the prefetch kernel ran twice (W_gate_up,
-    W_down) per block and step; refused for a strided weight."""
+    """π0's head (2 blocks, bf16, 816-token prefix): the captured Euler loop with each
+    prefetch path equals it without, bit for bit; ``mlp`` ran the kernel twice (W_gate_up,
+    W_down) per block and step, ``all`` twice more per step ([W_q; W_kv] and W_o of the
+    second block, during the first); refused for a strided weight."""
     torch.manual_seed(0)
     head = FlowTransformerHead("pi0-expert", depth=2).to("cuda", torch.bfloat16)
     cache = head.prefix_cache(torch.randn(1, 816, 1024, device="cuda", dtype=torch.bfloat16))
@@ -91,6 +94,10 @@ def test_captured_pi0_sampler_is_unchanged_and_prefetches(monkeypatch):
     monkeypatch.setenv(l2_prefetch.ENV_VAR, "mlp")
     got, launches = run()
     assert none == 0 and launches == 2 * 2 * 10
+    assert torch.equal(got, want)
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "all")
+    got, launches = run()
+    assert launches == 2 * 2 * 10 + 2 * 10
     assert torch.equal(got, want)
     strided = torch.randn(64, 64, device="cuda").t()
     assert not l2_prefetch.prefetchable(strided)

@@ -270,7 +270,7 @@ class _Block(nn.Module):
                              buffers, norm)  # fmt: skip
         # ATE_FAST_L2_PREFETCH=mlp: the MLP's weights into L2 on a second stream meanwhile
         mlp_weights = [self.gate_up.weight if gate_up is None else gate_up, self.down.weight]
-        prefetching = l2_prefetch.start(mlp_weights, x)
+        prefetching = l2_prefetch.start(mlp_weights)
         attn = prefix_attention(q, k, v, bias)
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there), in
@@ -358,12 +358,26 @@ class FlowTransformerHead(nn.Module):
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
-        for block, (block_cond, slot, qkv, gate_up) in zip(self.blocks, features.per_block()):
+        for block, block_cond, slot, qkv, gate_up in self._per_block(features):
             # tokens are the head's own: in place unless a hook could hold a reference
             tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias,
                            qkv, gate_up, features.attn_norm_folded,
                            overwrite_input=features.plain)  # fmt: skip
         return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
+
+    def _per_block(self, features: FlowStepFeatures) -> Iterator[tuple[Any, ...]]:
+        """``(block, prefix, slot, qkv, gate_up)`` for each block in turn
+        (:meth:`FlowStepFeatures.per_block`); with ``ATE_FAST_L2_PREFETCH=all``, while a
+        block runs, the next block's attention weights are read into L2
+        (:mod:`~ate_fast.models.l2_prefetch`)."""
+        rows = list(features.per_block())
+        for i, (block, row) in enumerate(zip(self.blocks, rows)):
+            ahead = None
+            if i + 1 < len(rows):
+                nxt = l2_prefetch.attention_weights(self.blocks[i + 1], rows[i + 1][2])
+                ahead = l2_prefetch.start(nxt, site="ahead")
+            yield (block, *row)
+            l2_prefetch.join(ahead)
 
     def fold_norm_weights_(self) -> FlowTransformerHead:
         """For inference: fold every RMSNorm's weight into the linear layers that read it
@@ -458,7 +472,7 @@ class FlowTransformerHead(nn.Module):
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
-        for block, (block_cond, slot, qkv, gate_up) in zip(self.blocks, features.per_block()):
+        for block, block_cond, slot, qkv, gate_up in self._per_block(features):
             tokens, kept = block.forward_saving(
                 tokens, block_cond, cos, sin, slot, features.bias, qkv, gate_up,
                 features.attn_norm_folded,

@@ -14,15 +14,18 @@ waits for the prefetch at the end of the block (long finished by then: no result
 on it). Inside a captured CUDA graph the two streams are parallel branches. The
 arithmetic is unchanged — the same kernels on the same data.
 
-Unset or ``off``: nothing prefetched — the default, until a GPU measures it
-(``bench_realsize.py``'s ``ate_capture_l2_prefetch``). **Not run on a GPU yet.** Only on
+``all``: also, while a block runs, the next block's attention weights (``[W_q; W_kv]`` and
+W_o, 9 MB), so that its first GEMMs find them in L2 too (the block's own 33 MB and these
+stay within the 50 MB). Unset or ``off``: nothing prefetched — the default, until a GPU
+measures them (``bench_realsize.py``'s ``ate_capture_l2_prefetch`` and
+``ate_capture_l2_prefetch_all``). **Not run on a GPU yet.** Only on
 CUDA tensors, outside a trace (``torch.compile``, export), for contiguous weights.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -32,12 +35,15 @@ from ate_fast.models.trace_state import capturing_graph
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_L2_PREFETCH"
-PATHS = ("off", "mlp")
+PATHS = ("off", "mlp", "all")
+# where each path prefetches: "mlp" the block's MLP weights during its attention; "all"
+# also the next block's attention weights during this block
+SITES = {"off": (), "mlp": ("mlp",), "all": ("mlp", "ahead")}
 _SIDE: dict[int, torch.cuda.Stream] = {}  # one prefetch stream per GPU, made on first use
 
 
 def selected_path() -> str:
-    """``$ATE_FAST_L2_PREFETCH``: ``off`` (also where unset) or ``mlp``."""
+    """``$ATE_FAST_L2_PREFETCH``: ``off`` (also where unset), ``mlp`` or ``all``."""
     value = os.environ.get(ENV_VAR, "").strip().lower() or "off"
     if value not in PATHS:
         raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
@@ -49,26 +55,35 @@ def prefetchable(t: Tensor) -> bool:
     return t.is_cuda and t.is_contiguous() and (t.numel() * t.element_size()) % 4 == 0
 
 
-def start(weights: list[Tensor], x: Tensor) -> Optional[tuple]:
+def start(weights: list[Tensor], site: str = "mlp") -> Optional[tuple]:
     """Read ``weights`` into L2 on the prefetch stream, after what the current stream has
-    queued so far; the handle for :func:`join`, or None where nothing is prefetched (not
-    selected, not CUDA, a trace, a weight :func:`prefetchable` rejects)."""
-    if not os.environ.get(ENV_VAR) or selected_path() == "off" or not x.is_cuda:
+    queued so far, where the selected path prefetches at ``site`` (:data:`SITES`); the
+    handle for :func:`join`, or None where nothing is prefetched (not selected, not CUDA, a
+    trace, a weight :func:`prefetchable` rejects)."""
+    if not os.environ.get(ENV_VAR) or site not in SITES[selected_path()]:
         return None
     if capturing_graph() or not all(prefetchable(w) for w in weights):
         return None
-    backends.require_triton("cuda", f"{ENV_VAR}=mlp")
+    backends.require_triton("cuda", f"{ENV_VAR}={selected_path()}")
     import ate_fast.models.l2_prefetch_triton as kernels  # triton
 
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device = weights[0].device
+    index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SIDE:
         _SIDE[index] = torch.cuda.Stream(device=index)
-    side, main = _SIDE[index], torch.cuda.current_stream(x.device)
+    side, main = _SIDE[index], torch.cuda.current_stream(device)
     side.wait_stream(main)  # fork: the prefetch joins the graph here
     with torch.cuda.stream(side):
-        sink = torch.empty(kernels.sink_size(weights), dtype=torch.int32, device=x.device)
+        sink = torch.empty(kernels.sink_size(weights), dtype=torch.int32, device=device)
         kernels.prefetch(weights, sink)
     return main, side
+
+
+def attention_weights(block: Any, qkv: Optional[Tensor]) -> list[Tensor]:
+    """The weights a flow-transformer block's attention GEMMs read: ``[W_q; W_kv]`` of a
+    fused call (``qkv``) or W_q and W_kv, and W_o."""
+    first = [qkv] if qkv is not None else [block.q.weight, block.kv.weight]
+    return [*first, block.o.weight]
 
 
 def join(handle: Optional[tuple]) -> None:
