@@ -91,7 +91,8 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   ``ATE_FAST_L2_PREFETCH=mlp``: as each block's attention starts, a second stream reads the
   block's W_gate_up and W_down (24 MB) once into L2 (``ate_fast.models.l2_prefetch``), so
   that the MLP's GEMMs — at 32 % of the copy rate from HBM on the H200 — find them there;
-  its A/B against ``ate_capture``.
+  its A/B against ``ate_capture``; rtc-guided too, where the input-VJP reads, during each
+  block's attention VJP, the MLP weights the next block's VJP reads first.
 - ``ate_capture_l2_prefetch_all``: the same with ``ATE_FAST_L2_PREFETCH=all``: also, while
   a block runs, the next block's ``[W_q; W_kv]`` and W_o (9 MB).
 - ``ate_capture_side_stream``: ``ate_capture`` (mlp- and transformer-guided, B = 1 and 8)
@@ -372,6 +373,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap.append((b1, "unguided", SPLIT_SDPA_ROW))  # flash attention per key slice vs SDPA
     cheap.append((b1, "unguided", L2_PREFETCH_ROW))  # the MLP's weights into L2 meanwhile
     cheap.append((b1, "unguided", L2_PREFETCH_ALL_ROW))  # + the next block's attention's
+    cheap.append((b1, RTC, L2_PREFETCH_ROW))  # + in the pullback: the next VJP's MLP weights
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]

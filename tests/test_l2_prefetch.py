@@ -101,3 +101,36 @@ def test_captured_pi0_sampler_is_unchanged_and_prefetches(monkeypatch):
     assert torch.equal(got, want)
     strided = torch.randn(64, 64, device="cuda").t()
     assert not l2_prefetch.prefetchable(strided)
+
+
+@pytest.mark.cuda
+def test_pi0_pullback_is_unchanged_and_prefetches(monkeypatch):
+    """π0's head (3 blocks, bf16, 816-token prefix): forward_with_vjp and its pullback (RTC's
+    guidance through the head) equal them without the prefetch, bit for bit; ``mlp`` ran the
+    kernel twice per block in the forward and twice per block after the first in the
+    pullback (the next block's W_down and W_gate_up during this one's attention VJP)."""
+    torch.manual_seed(0)
+    head = FlowTransformerHead("pi0-expert", depth=3).to("cuda", torch.bfloat16)
+    cache = head.prefix_cache(torch.randn(1, 816, 1024, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, 50, 32, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([0.4], device="cuda", dtype=torch.bfloat16)
+    u = torch.randn_like(x)
+
+    def run():
+        with (
+            torch.no_grad(),
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
+        ):
+            out, pullback = head.forward_with_vjp(x, t, cache)
+            g = pullback(u)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return out, g, sum("_prefetch_kernel" in n for n in names)
+
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "off")
+    want_out, want_g, none = run()
+    monkeypatch.setenv(l2_prefetch.ENV_VAR, "mlp")
+    run()  # warm-up: Triton compiles the kernel
+    out, g, launches = run()
+    assert none == 0 and launches == 2 * 3 + 2 * 2
+    assert torch.equal(out, want_out) and torch.equal(g, want_g)

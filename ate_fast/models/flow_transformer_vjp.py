@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from ate_fast.models import l2_prefetch
 from ate_fast.models.block_epilogues import MAX_ROW, norm_eps, use_triton
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
@@ -225,9 +226,12 @@ def attention_input_vjp(
 
 
 def block_input_vjp(
-    block: nn.Module, grad: Tensor, saved: BlockSaved, cos: Tensor, sin: Tensor
-) -> Tensor:
-    """``(∂ block(x)/∂x)ᵀ grad`` [B, H, width] from ``grad`` on the block's output."""
+    block: nn.Module, grad: Tensor, saved: BlockSaved, cos: Tensor, sin: Tensor,
+    ahead: Optional[list[Tensor]] = None,
+) -> Tensor:  # fmt: skip
+    """``(∂ block(x)/∂x)ᵀ grad`` [B, H, width] from ``grad`` on the block's output;
+    ``ahead``: weights the next VJP reads first, read into L2 during this one's attention
+    (``ATE_FAST_L2_PREFETCH``: :mod:`~ate_fast.models.l2_prefetch`)."""
     # a folded norm: the weight it came back through holds the norm's weight, so the
     # gradient is already multiplied by it
     mlp_folded = saved.gate_up is not None
@@ -236,9 +240,17 @@ def block_input_vjp(
     gate_up = saved.gate_up if mlp_folded else block.gate_up.weight
     dn = times_weight(dgu, gate_up)  # [B, H, width]: at the MLP norm's output
     dx1 = rms_norm_vjp(dn, saved.x1, block.mlp_norm, residual=grad, weighted=mlp_folded)
-    dh = attention_input_vjp(block, times_weight(dx1, block.o.weight), saved, cos, sin)
+    do = times_weight(dx1, block.o.weight)
+    prefetching = l2_prefetch.start(ahead) if ahead else None  # HBM idles during attention
+    dh = attention_input_vjp(block, do, saved, cos, sin)
+    l2_prefetch.join(prefetching)
     return rms_norm_vjp(dh, saved.x, block.attn_norm, residual=dx1,
                         weighted=saved.attn_norm_folded)  # fmt: skip
+
+
+def _mlp_weights(block: nn.Module, saved: BlockSaved) -> list[Tensor]:
+    """The weights a block's VJP reads first: W_down and W_gate_up (or its folded copy)."""
+    return [block.down.weight, block.gate_up.weight if saved.gate_up is None else saved.gate_up]
 
 
 def head_input_vjp(
@@ -256,8 +268,10 @@ def head_input_vjp(
     :class:`BlockSaved`; ``pre_silu`` [B, H, width]: the time MLP's SiLU input.
     """
     g = rms_norm_vjp(times_weight(u, head.action_out.weight), tokens, head.final_norm)
-    for block, kept in zip(reversed(head.blocks), reversed(saved)):
-        g = block_input_vjp(block, g, kept, cos, sin)
+    pairs = list(zip(reversed(head.blocks), reversed(saved)))
+    for i, (block, kept) in enumerate(pairs):
+        ahead = _mlp_weights(*pairs[i + 1]) if i + 1 < len(pairs) else None
+        g = block_input_vjp(block, g, kept, cos, sin, ahead)
     s = torch.sigmoid(pre_silu)
     g = times_weight(g, head.time_mlp_out.weight) * (s * (1 + pre_silu * (1 - s)))
     width = tokens.shape[-1]

@@ -14,6 +14,8 @@ waits for the prefetch at the end of the block (long finished by then: no result
 on it). Inside a captured CUDA graph the two streams are parallel branches. The
 arithmetic is unchanged — the same kernels on the same data.
 
+The input-VJP (real-time chunking's guidance through the head) does the same in its
+order: during a block's attention VJP, the MLP weights the next block's VJP reads first.
 ``all``: also, while a block runs, the next block's attention weights (``[W_q; W_kv]`` and
 W_o, 9 MB), so that its first GEMMs find them in L2 too (the block's own 33 MB and these
 stay within the 50 MB). Unset or ``off``: nothing prefetched — the default, until a GPU
