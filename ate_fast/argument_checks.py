@@ -1,14 +1,15 @@
 """The scalar argument checks every layer shares: an int in a range, one of a few choices,
-a float. Errors name the argument, what was expected and what came
-(:mod:`ate_fast.errors`); nothing is coerced that could lose what the caller meant — a
-bool is no int (``True`` would pass as 1), a float is no int choice (``2.0`` would pass as
-2), a NumPy scalar is taken as the Python number it holds.
+a float, an ``ATE_FAST_*`` setting naming one of a few paths. Errors name the argument,
+what was expected and what came (:mod:`ate_fast.errors`); nothing is coerced that could
+lose what the caller meant — a bool is no int (``True`` would pass as 1), a float is no int
+choice (``2.0`` would pass as 2), a NumPy scalar is taken as the Python number it holds.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Optional, TypeVar
 
@@ -83,3 +84,12 @@ def check_float(
         expected = f"{'>' if above else '>='} {low}{why}"
         raise InvalidArgumentError(f"{name} must be {expected}, got {value!r}")
     return float(value)
+
+
+def env_choice(var: str, choices: Sequence[str]) -> str:
+    """``$var`` (trimmed, lower case) as one of ``choices``, the first where unset or empty;
+    anything else raises, naming the variable and the choices."""
+    value = os.environ.get(var, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise InvalidArgumentError(f"{var}: expected one of {list(choices)}, got {value!r}")
+    return value

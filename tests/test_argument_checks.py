@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from ate_fast.argument_checks import check_choice, check_float, check_int, is_int
+from ate_fast.argument_checks import check_choice, check_float, check_int, env_choice, is_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 
 
@@ -86,3 +86,21 @@ def test_public_constructors(make, error, match):
 
     with pytest.raises(error, match=match):
         make(ate_fast)
+
+
+def test_env_choice(monkeypatch):
+    """The first choice where unset or blank; trimmed and case-folded; anything else names
+    the variable, the choices and what came."""
+    var = "ATE_FAST_TEST_CHOICE"
+    monkeypatch.delenv(var, raising=False)
+    assert env_choice(var, ("off", "on")) == "off"
+    monkeypatch.setenv(var, "  ")
+    assert env_choice(var, ("off", "on")) == "off"
+    monkeypatch.setenv(var, " On ")
+    assert env_choice(var, ("off", "on")) == "on"
+    monkeypatch.setenv(var, "maybe")
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"ATE_FAST_TEST_CHOICE: expected one of \['off', 'on'\], got 'maybe'",
+    ):
+        env_choice(var, ("off", "on"))

@@ -32,24 +32,21 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.argument_checks import env_choice
 from ate_fast.models.trace_state import capturing_graph
 from ate_fast.ops import backends
+from ate_fast.ops.side_streams import side_stream
 
 ENV_VAR = "ATE_FAST_L2_PREFETCH"
 PATHS = ("off", "mlp", "all")
 # where each path prefetches: "mlp" the block's MLP weights during its attention; "all"
 # also the next block's attention weights during this block
 SITES = {"off": (), "mlp": ("mlp",), "all": ("mlp", "ahead")}
-_SIDE: dict[int, torch.cuda.Stream] = {}  # one prefetch stream per GPU, made on first use
 
 
 def selected_path() -> str:
     """``$ATE_FAST_L2_PREFETCH``: ``off`` (also where unset), ``mlp`` or ``all``."""
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "off"
-    if value not in PATHS:
-        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
-    return value
+    return env_choice(ENV_VAR, PATHS)
 
 
 def prefetchable(t: Tensor) -> bool:
@@ -70,10 +67,7 @@ def start(weights: list[Tensor], site: str = "mlp") -> Optional[tuple]:
     import ate_fast.models.l2_prefetch_triton as kernels  # triton
 
     device = weights[0].device
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE:
-        _SIDE[index] = torch.cuda.Stream(device=index)
-    side, main = _SIDE[index], torch.cuda.current_stream(device)
+    side, main = side_stream(device, "l2_prefetch"), torch.cuda.current_stream(device)
     side.wait_stream(main)  # fork: the prefetch joins the graph here
     with torch.cuda.stream(side):
         sink = torch.empty(kernels.sink_size(weights), dtype=torch.int32, device=device)

@@ -25,6 +25,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ate_fast.argument_checks import env_choice
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models.cpu_gemm import linear, linear_of
 from ate_fast.models.trace_state import opaque_ops_may_run
@@ -42,10 +43,7 @@ MAX_ROWS = 64  # one row tile; above it (B = 8: 400 rows) cuBLAS's wide tiles ha
 
 def selected_path() -> str:
     """``$ATE_FAST_SKINNY_GEMM``: ``torch`` (also where unset) or ``triton``."""
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "torch"
-    if value not in PATHS:
-        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
-    return value
+    return env_choice(ENV_VAR, PATHS)
 
 
 def block_n() -> int:

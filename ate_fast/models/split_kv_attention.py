@@ -38,6 +38,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
+from ate_fast.argument_checks import env_choice
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import flex_prefix_attention as flex
 from ate_fast.models import split_sdpa_attention as split_sdpa
@@ -85,10 +86,7 @@ class Tiles:
 def selected_path() -> str:
     """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset), ``split_kv``, ``flex``
     or ``split_sdpa``."""
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "sdpa"
-    if value not in PATHS:
-        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
-    return value
+    return env_choice(ENV_VAR, PATHS)
 
 
 def tiles_from_env() -> Optional[dict]:

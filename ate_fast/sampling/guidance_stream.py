@@ -22,25 +22,21 @@ gradient differentiates through the model) the one stream runs.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.argument_checks import env_choice
+from ate_fast.ops.side_streams import side_stream
 
 ENV_VAR = "ATE_FAST_GUIDANCE_STREAM"
 PATHS = ("same", "side")
-_SIDE: dict[int, torch.cuda.Stream] = {}  # one side stream per GPU, made on first use
 
 
 def selected_path() -> str:
     """``$ATE_FAST_GUIDANCE_STREAM``: ``same`` (also where unset) or ``side``."""
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "same"
-    if value not in PATHS:
-        raise InvalidArgumentError(f"{ENV_VAR}: expected one of {list(PATHS)}, got {value!r}")
-    return value
+    return env_choice(ENV_VAR, PATHS)
 
 
 def reads_x_only(guidance: Any) -> bool:
@@ -57,10 +53,7 @@ def side_stream_for(guidance: Any, x: Tensor) -> Optional[torch.cuda.Stream]:
     # a trace (torch.compile, export, jit.trace: the ONNX exporters run one) sees one stream
     if not reads_x_only(guidance) or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE:
-        _SIDE[index] = torch.cuda.Stream(device=index)
-    return _SIDE[index]
+    return side_stream(x.device, "guidance")
 
 
 def evaluate_beside(
