@@ -59,3 +59,15 @@ def assert_path_matches(
     assert entry.call_count >= 2 * blocks * per_block  # head() and forward_with_vjp()
     for r, o in zip(ref, got):
         torch.testing.assert_close(o, r, rtol=tol, atol=tol)
+
+
+def pi0_on_cuda(depth: int) -> tuple:
+    """``(head, cache, x, t, u)``: π0's expert with ``depth`` blocks in bf16 on the GPU
+    (seeded), its cache of an 816-token prefix, a sample x [1, 50, 32], a time t [1] and a
+    cotangent u like x."""
+    torch.manual_seed(0)
+    head = FlowTransformerHead("pi0-expert", depth=depth).to("cuda", torch.bfloat16)
+    cache = head.prefix_cache(torch.randn(1, 816, 1024, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, 50, 32, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([0.4], device="cuda", dtype=torch.bfloat16)
+    return head, cache, x, t, torch.randn_like(x)

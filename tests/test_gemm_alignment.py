@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flow_head_paths import pi0_on_cuda  # tests/ is on sys.path
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ate_fast.models import FlowTransformerHead, block_epilogues
@@ -158,12 +159,7 @@ def test_pi0_attention_vjp_takes_no_unaligned_gemm_kernel():
     866 keys) in bf16 on the GPU: the pullback's kernels include no cuBLAS / CUTLASS kernel
     for fewer than 16 bytes per load (``…_align1``, ``…_align2``, ``…_align4``: what an
     H200 ran five times per block before, ≈ 7 µs each)."""
-    torch.manual_seed(0)
-    head = FlowTransformerHead("pi0-expert", depth=1).to("cuda", torch.bfloat16)
-    cache = head.prefix_cache(torch.randn(1, 816, 1024, device="cuda", dtype=torch.bfloat16))
-    x = torch.randn(1, 50, 32, device="cuda", dtype=torch.bfloat16)
-    t = torch.tensor([0.4], device="cuda", dtype=torch.bfloat16)
-    u = torch.randn_like(x)
+    head, cache, x, t, u = pi0_on_cuda(1)
     with torch.no_grad():
         _, pullback = head.forward_with_vjp(x, t, cache)
         pullback(u)  # warm-up: cuBLAS's heuristics, Triton's compiles

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flow_head_paths import pi0_on_cuda  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import FlowTransformerHead, l2_prefetch
@@ -109,12 +110,7 @@ def test_pi0_pullback_is_unchanged_and_prefetches(monkeypatch):
     guidance through the head) equal them without the prefetch, bit for bit; ``mlp`` ran the
     kernel twice per block in the forward and twice per block after the first in the
     pullback (the next block's W_down and W_gate_up during this one's attention VJP)."""
-    torch.manual_seed(0)
-    head = FlowTransformerHead("pi0-expert", depth=3).to("cuda", torch.bfloat16)
-    cache = head.prefix_cache(torch.randn(1, 816, 1024, device="cuda", dtype=torch.bfloat16))
-    x = torch.randn(1, 50, 32, device="cuda", dtype=torch.bfloat16)
-    t = torch.tensor([0.4], device="cuda", dtype=torch.bfloat16)
-    u = torch.randn_like(x)
+    head, cache, x, t, u = pi0_on_cuda(3)
 
     def run():
         with (
