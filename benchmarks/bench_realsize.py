@@ -89,7 +89,7 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   its A/B against SDPA.
 - ``ate_capture_l2_prefetch``: ``ate_capture`` (B = 1, unguided) with
   ``ATE_FAST_L2_PREFETCH=mlp``: as each block's attention starts, a second stream reads the
-  block's W_gate_up and W_down (24 MB) once into L2 (``ate_fast.models.l2_prefetch``), so
+  block's W_gate_up and W_down (25 MB) once into L2 (``ate_fast.models.l2_prefetch``), so
   that the MLP's GEMMs — at 32 % of the copy rate from HBM on the H200 — find them there;
   its A/B against ``ate_capture``; rtc-guided too, where the input-VJP reads, during each
   block's attention VJP, the MLP weights the next block's VJP reads first.

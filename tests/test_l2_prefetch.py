@@ -36,6 +36,16 @@ def test_kernel_reads_every_word():
     assert torch.equal(sink, want)
 
 
+def test_prefetches_only_what_fits_half_the_l2(monkeypatch):
+    """π0's MLP weights (25 MB in bf16) fit half an H100's / H200's 50 MB L2, not a Jetson
+    AGX Orin's 4 MB; an unreported size does not refuse."""
+    weights = [torch.empty(8192, 1024, dtype=torch.bfloat16), torch.empty(1024, 4096,
+               dtype=torch.bfloat16)]  # fmt: skip
+    for l2, fits in ((50 * 2**20, True), (4 * 2**20, False), (None, True)):
+        monkeypatch.setattr(l2_prefetch, "l2_bytes", lambda device, l2=l2: l2)
+        assert l2_prefetch.fits_l2(weights) == fits
+
+
 def test_setting_is_checked(monkeypatch):
     monkeypatch.delenv(l2_prefetch.ENV_VAR, raising=False)
     assert l2_prefetch.selected_path() == "off"
