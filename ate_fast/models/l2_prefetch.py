@@ -6,14 +6,14 @@ programs: on an H200 (2026-12-04) the block's four GEMMs ran at 32 % of the copy
 while its attention (24.5 µs per block on 7 programs) left HBM idle. The MLP's weights
 (W_gate_up and W_down: 25 MB of the block's 33 MB in bf16) fit in the L2 (50 MB on an
 H100 / H200; on a GPU whose L2 is under twice the weights — a Jetson AGX Orin's 4 MB —
-nothing is prefetched: :func:`fits_l2`). Here, as the block
-starts its attention, a second stream reads them once (``l2_prefetch_triton``: loads cached
-in L2 only, ≈ 6 µs of full-bandwidth reading), so that the MLP's GEMMs find them there —
-what L2 holds is the most recent ≈ 50 MB of reads, and between the prefetch and the MLP
-only the attention's keys and values (0.9 MB) and W_o (4 MB) are read. The current stream
-waits for the prefetch at the end of the block (long finished by then: no result depends
-on it). Inside a captured CUDA graph the two streams are parallel branches. The
-arithmetic is unchanged — the same kernels on the same data.
+nothing is prefetched: :func:`fits_l2`). Here, as the block starts its attention, a second
+stream reads them once (``l2_prefetch_triton``: loads cached in L2 only, ≈ 6 µs of
+full-bandwidth reading), so that the MLP's GEMMs find them there — what L2 holds is the
+most recent ≈ 50 MB of reads, and between the prefetch and the MLP only the attention's
+keys and values (0.9 MB) and W_o (4 MB) are read. The current stream waits for the
+prefetch at the end of the block (long finished by then: no result depends on it). Inside
+a captured CUDA graph the two streams are parallel branches. The arithmetic is unchanged —
+the same kernels on the same data.
 
 The input-VJP (real-time chunking's guidance through the head) does the same in its
 order: during a block's attention VJP, the MLP weights the next block's VJP reads first.
@@ -21,8 +21,8 @@ order: during a block's attention VJP, the MLP weights the next block's VJP read
 W_o, 9 MB), so that its first GEMMs find them in L2 too (the block's own 33 MB and these
 stay within the 50 MB). Unset or ``off``: nothing prefetched — the default, until a GPU
 measures them (``bench_realsize.py``'s ``ate_capture_l2_prefetch`` and
-``ate_capture_l2_prefetch_all``). **Not run on a GPU yet.** Only on
-CUDA tensors, outside a trace (``torch.compile``, export), for contiguous weights.
+``ate_capture_l2_prefetch_all``). **Not run on a GPU yet.** Only on CUDA tensors, outside
+a trace (``torch.compile``, export), for contiguous weights.
 """
 
 from __future__ import annotations
