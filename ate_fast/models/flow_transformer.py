@@ -358,26 +358,30 @@ class FlowTransformerHead(nn.Module):
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
         tokens, _ = self._embed(x, features)
-        for block, block_cond, slot, qkv, gate_up in self._per_block(features):
+        rows = self._block_rows(features)
+        for i, (block, block_cond, slot, qkv, gate_up) in enumerate(rows):
+            ahead = self._prefetch_ahead(rows, i)
             # tokens are the head's own: in place unless a hook could hold a reference
             tokens = block(tokens, block_cond, features.cos, features.sin, slot, features.bias,
                            qkv, gate_up, features.attn_norm_folded,
                            overwrite_input=features.plain)  # fmt: skip
+            l2_prefetch.join(ahead)
         return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
-    def _per_block(self, features: FlowStepFeatures) -> Iterator[tuple[Any, ...]]:
+    def _block_rows(self, features: FlowStepFeatures) -> list[tuple[Any, ...]]:
         """``(block, prefix, slot, qkv, gate_up)`` for each block in turn
-        (:meth:`FlowStepFeatures.per_block`); with ``ATE_FAST_L2_PREFETCH=all``, while a
-        block runs, the next block's attention weights are read into L2
-        (:mod:`~ate_fast.models.l2_prefetch`)."""
-        rows = list(features.per_block())
-        for i, (block, row) in enumerate(zip(self.blocks, rows)):
-            ahead = None
-            if i + 1 < len(rows):
-                nxt = l2_prefetch.attention_weights(self.blocks[i + 1], rows[i + 1][2])
-                ahead = l2_prefetch.start(nxt, site="ahead")
-            yield (block, *row)
-            l2_prefetch.join(ahead)
+        (:meth:`FlowStepFeatures.per_block`). A list, not a generator: ``torch.compile`` of
+        torch < 2.6 breaks its graph at a generator."""
+        return [(block, *row) for block, row in zip(self.blocks, features.per_block())]
+
+    def _prefetch_ahead(self, rows: list[tuple[Any, ...]], i: int) -> Optional[tuple]:
+        """With ``ATE_FAST_L2_PREFETCH=all``: block ``i + 1``'s attention weights read into L2
+        while block ``i`` runs (:mod:`~ate_fast.models.l2_prefetch`); the handle to join
+        after block ``i``, or None."""
+        if i + 1 >= len(rows):
+            return None
+        block, _, _, qkv, _ = rows[i + 1]
+        return l2_prefetch.start(l2_prefetch.attention_weights(block, qkv), site="ahead")
 
     def fold_norm_weights_(self) -> FlowTransformerHead:
         """For inference: fold every RMSNorm's weight into the linear layers that read it
@@ -472,11 +476,14 @@ class FlowTransformerHead(nn.Module):
         tokens, pre_silu = self._embed(x, features)
         cos, sin = features.cos, features.sin
         saved = []
-        for block, block_cond, slot, qkv, gate_up in self._per_block(features):
+        rows = self._block_rows(features)
+        for i, (block, block_cond, slot, qkv, gate_up) in enumerate(rows):
+            ahead = self._prefetch_ahead(rows, i)
             tokens, kept = block.forward_saving(
                 tokens, block_cond, cos, sin, slot, features.bias, qkv, gate_up,
                 features.attn_norm_folded,
             )  # fmt: skip
+            l2_prefetch.join(ahead)
             saved.append(kept)
         out = linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
