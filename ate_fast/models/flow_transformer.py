@@ -60,7 +60,7 @@ from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.skinny_gemm import block_linear, block_linear_of
 from ate_fast.models.split_kv_attention import prefix_attention
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
-from ate_fast.models.trace_state import exporting_graph
+from ate_fast.models.trace_state import autocast_active, exporting_graph
 from ate_fast.module_checks import plain_linear, plain_rms_norm, plain_tree
 
 
@@ -614,7 +614,7 @@ class FlowTransformerHead(nn.Module):
         if fuse is None:  # auto: where a launch costs what the GEMM's bytes do
             # (not under autocast: it casts a leaf weight once per region, the call's
             # concatenation at every step)
-            fuse = not (device.type == "cpu" or exporting_graph() or _autocast_enabled(device.type))
+            fuse = not (device.type == "cpu" or exporting_graph() or autocast_active(device.type))
         if not fuse or steps < 2:  # one step would read the weights twice for one GEMM
             return False
         return all(
@@ -646,15 +646,6 @@ def _stacked(w_q: Tensor, w_kv: Tensor, gain: Optional[Tensor]) -> Tensor:
     torch.mul(w_q, gain, out=out[: w_q.shape[0]])
     torch.mul(w_kv, gain, out=out[w_q.shape[0] :])
     return out
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (False for a type autocast has no mode
-    for, e.g. ``meta``: torch raises there)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
 
 
 def _real_positions(mask: Tensor) -> Tensor:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from ate_fast.models.trace_state import opaque_ops_may_run
+from ate_fast.models.trace_state import autocast_active, opaque_ops_may_run
 
 ROW_ALIGN_BYTES = 16  # the widest load cuBLAS's kernels make per thread (and TMA's stride unit)
 
@@ -49,12 +48,7 @@ def aligned_writes_may_run(*tensors: Tensor) -> bool:
     no autograd record, transform or graph trace) and autocast is off for their device (an
     ``out=`` op is not autocast-eligible: it would run in the buffer's dtype, not
     autocast's)."""
-    if not opaque_ops_may_run(*tensors):
-        return False
-    try:
-        return not torch.is_autocast_enabled(tensors[0].device.type)
-    except RuntimeError:  # a device type autocast has no mode for (meta)
-        return True
+    return opaque_ops_may_run(*tensors) and not autocast_active(tensors[0].device.type)
 
 
 def rows_aligned(t: Tensor) -> bool:

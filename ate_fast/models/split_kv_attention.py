@@ -159,19 +159,20 @@ def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` [B, heads, rows, hd]: on
-    the split-key kernels or FlexAttention where they :func:`takes` it, else SDPA."""
-    if takes(q, k, v, mask, "flex"):
+    the selected path where it :func:`takes` it, else SDPA."""
+    path = selected_path() if os.environ.get(ENV_VAR) else "sdpa"  # unset: one lookup
+    if path == "sdpa" or not takes(q, k, v, mask, path):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if path == "flex":
         return flex.flex_prefix_attention(q, k, v)
-    if takes(q, k, v, mask, "split_sdpa"):
+    if path == "split_sdpa":
         return split_sdpa.split_sdpa_attention(q, k, v)
-    if takes(q, k, v, mask):
-        from ate_fast.models.split_kv_attention_triton import (  # triton
-            default_tiles,
-            split_kv_attention,
-        )
+    from ate_fast.models.split_kv_attention_triton import (  # triton
+        default_tiles,
+        split_kv_attention,
+    )
 
-        fields, tiles = tiles_from_env(), None  # checked: replacing the defaults' cannot fail
-        if fields:
-            tiles = dataclasses.replace(default_tiles(q.dtype, q.shape[-1]), **fields)
-        return split_kv_attention(q, k, v, tiles)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    fields, tiles = tiles_from_env(), None  # checked: replacing the defaults' cannot fail
+    if fields:
+        tiles = dataclasses.replace(default_tiles(q.dtype, q.shape[-1]), **fields)
+    return split_kv_attention(q, k, v, tiles)

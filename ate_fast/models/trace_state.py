@@ -42,6 +42,15 @@ def exporting_graph() -> bool:
     )
 
 
+def autocast_active(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for a type autocast has no mode
+    for, e.g. ``meta``: torch raises there)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def capturing_graph() -> bool:
     """A graph capture that must see ATen's ops themselves (``torch.compile``,
     ``torch.export``, the ONNX exporter, ``torch.jit.trace``)."""
