@@ -7,6 +7,7 @@ choice (``2.0`` would pass as 2), a NumPy scalar is taken as the Python number i
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -93,3 +94,22 @@ def env_choice(var: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise InvalidArgumentError(f"{var}: expected one of {list(choices)}, got {value!r}")
     return value
+
+
+@functools.lru_cache(maxsize=16)
+def int_pairs(var: str, text: str, fields: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """``text`` (the value of ``$var``) as comma-separated ``key=value`` pairs, each key one
+    of ``fields`` and each value a whole number, e.g. ``block_q=32,splits=4``; anything
+    else raises, naming the variable, the keys and the pair. Parsed once per text (a
+    setting read per eager call costs a dict lookup)."""
+    pairs = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        key = key.strip()
+        if key not in fields or not value.strip().isdigit():
+            raise InvalidArgumentError(
+                f"{var}: expected comma-separated key=value pairs with keys in "
+                f"{list(fields)} and whole numbers, got {pair!r} in {text!r}"
+            )
+        pairs[key] = int(value)
+    return tuple(pairs.items())

@@ -38,7 +38,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ate_fast.argument_checks import env_choice
+from ate_fast.argument_checks import env_choice, int_pairs
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import flex_prefix_attention as flex
 from ate_fast.models import split_sdpa_attention as split_sdpa
@@ -101,21 +101,12 @@ def tiles_from_env() -> Optional[dict]:
 
 @functools.lru_cache(maxsize=8)
 def _parsed_tiles(text: str) -> tuple[tuple[str, int], ...]:
-    fields = {}
-    for pair in text.split(","):
-        key, _, value = pair.partition("=")
-        key = key.strip()
-        if key not in TILE_FIELDS or not value.strip().isdigit():
-            raise InvalidArgumentError(
-                f"{TILES_VAR}: expected comma-separated key=value pairs with keys in "
-                f"{list(TILE_FIELDS)} and whole numbers, got {pair!r} in {text!r}"
-            )
-        fields[key] = int(value)
+    fields = int_pairs(TILES_VAR, text, TILE_FIELDS)
     try:  # the values as Tiles checks them (placeholders for the fields not given)
-        Tiles(**{"block_q": 16, "block_k": 16, **fields})
+        Tiles(**{"block_q": 16, "block_k": 16, **dict(fields)})
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"{TILES_VAR}: {exc}") from exc
-    return tuple(fields.items())
+    return fields
 
 
 def _plain_case(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
