@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 import sys
@@ -14,6 +15,7 @@ from ate_fast._version import __version__
 from ate_fast.models import (
     block_epilogues,
     cpu_gemm,
+    fused_mlp,
     l2_prefetch,
     skinny_gemm,
     split_kv_attention,
@@ -99,6 +101,7 @@ def info() -> dict:
         "prefix_attention": _or_error(_prefix_attention),
         "guidance_stream": _or_error(guidance_stream.selected_path),
         "l2_prefetch": _or_error(l2_prefetch.selected_path),
+        "fused_mlp": _or_error(_fused_mlp),
     }
 
 
@@ -111,6 +114,15 @@ def _prefix_attention() -> str:
     if not fields:
         return path
     return f"{path} ({', '.join(f'{k}={v}' for k, v in fields.items())})"
+
+
+def _fused_mlp() -> str:
+    """The block MLP's path at few rows, with the persistent kernel's tiles."""
+    path = fused_mlp.selected_path()
+    if path != "persistent":
+        return path
+    tiles = dataclasses.asdict(fused_mlp.tiles_from_env())
+    return f"{path} ({', '.join(f'{k}={v}' for k, v in tiles.items())})"
 
 
 def _skinny_gemm() -> str:
@@ -218,6 +230,10 @@ def format_info(data: dict) -> str:
     lines.append(
         f"flow-transformer MLP weights into L2 during attention: {data['l2_prefetch']}"
         " (ATE_FAST_L2_PREFETCH=off|mlp|all)"
+    )
+    lines.append(
+        f"flow-transformer MLP at <= {fused_mlp.MAX_ROWS} rows: {data['fused_mlp']}"
+        " (ATE_FAST_FUSED_MLP=torch|persistent, ATE_FAST_FUSED_MLP_TILES)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

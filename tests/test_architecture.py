@@ -23,6 +23,7 @@ OPTIONAL = {
 # Kernel modules whose only function-local import is their optional dependency.
 LAZY_KERNELS = {
     "ate_fast.models.block_epilogues_triton",
+    "ate_fast.models.fused_mlp_triton",
     "ate_fast.models.l2_prefetch_triton",
     "ate_fast.models.skinny_gemm_triton",
     "ate_fast.models.split_kv_attention_triton",

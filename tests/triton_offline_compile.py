@@ -3,7 +3,7 @@
     TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]]
         ARCH: default 90; GROUP: all (default), or a comma-separated list of mlp,
         guided_step, transformer, flow_block, skinny_gemm,
-        split_kv
+        split_kv, l2_prefetch, fused_mlp
 
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
@@ -35,6 +35,8 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ate_fast.models import block_epilogues_triton as fb
+from ate_fast.models import fused_mlp
+from ate_fast.models import fused_mlp_triton as fm
 from ate_fast.models import l2_prefetch_triton as lp
 from ate_fast.models import skinny_gemm_triton as sg
 from ate_fast.models import split_kv_attention_triton as sk
@@ -424,10 +426,46 @@ def l2_prefetch_variants(target) -> int:
     return 1
 
 
+# what every launch sees (fused_mlp.takes): pointers 16-byte aligned, width and hidden
+# width multiples of 16
+_FUSED_MLP_ALIGNED = ("x_ptr", "gain_ptr", "w_gu_ptr", "w_down_ptr", "h_ptr", "part_ptr",
+                      "out_ptr", "width", "mlp")  # fmt: skip
+# the A/B tiles benchmarks/bench_realsize.py runs (bf16, folded norm: no gain)
+FUSED_MLP_AB_TILES = ("block_f=64,slice=1024", "block_n=128,stages=3")
+
+
+def fused_mlp_variants(target) -> int:
+    """The persistent MLP (``ate_fast.models.fused_mlp_triton``) at its default tiles in
+    every storage dtype, with the norm's weight and without (folded), for 50 rows (B = 1)
+    and for 1 (row tiles 64 and 16); and bench_realsize's A/B tiles in bf16; spill-free but
+    in float64."""
+    count = 0
+    grid = itertools.product(_STORAGE_COMPUTE, (True, False), (50, 1))
+    settings = [(store, comp, gain, rows, "") for (store, comp), gain, rows in grid]
+    settings += [("bf16", "fp32", False, 50, tiles) for tiles in FUSED_MLP_AB_TILES]
+    for store, comp, gain, rows, tiles in settings:
+        os.environ[fused_mlp.TILES_VAR] = tiles
+        launch = fused_mlp.launch_tiles(_TORCH_DTYPE[store], torch.empty(rows, 16))
+        c = tl.float64 if comp == "fp64" else tl.float32
+        compile_one(
+            fm._fused_mlp_kernel,
+            {"HAS_GAIN": gain, "C": c, "INTERPRETED": False, "BLOCK_M": launch.block_m,
+             "BLOCK_F": launch.block_f, "BLOCK_K": launch.block_k, "BLOCK_N": launch.block_n,
+             "SLICE": launch.slice, "BLOCK_H": launch.block_h},
+            lambda name, d=store, c=comp: {"sync_ptr": "i32", "part_ptr": c}.get(name, d),
+            {"eps": "fp32"}, target, f"{store} gain={gain} rows={rows} {tiles or 'default'}",
+            {"num_warps": launch.warps, "num_stages": launch.stages},
+            spill_free=store != "fp64", divisible=_FUSED_MLP_ALIGNED,
+        )  # fmt: skip
+        count += 1
+    os.environ.pop(fused_mlp.TILES_VAR, None)
+    return count
+
+
 GROUPS = {"mlp": mlp_variants, "guided_step": guided_step_variants,
           "transformer": transformer_variants, "flow_block": flow_block_variants,
           "skinny_gemm": skinny_gemm_variants, "split_kv": split_kv_variants,
-          "l2_prefetch": l2_prefetch_variants}  # fmt: skip
+          "l2_prefetch": l2_prefetch_variants, "fused_mlp": fused_mlp_variants}  # fmt: skip
 
 
 def main(arch: int, group: str = "all") -> None:

@@ -32,6 +32,7 @@ one GEMM (:attr:`FlowTransformerHead.fuse_qkv`).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.models import l2_prefetch
+from ate_fast.models import fused_mlp, l2_prefetch
 from ate_fast.models.block_epilogues import (
     PrefixSlot,
     fold_norm_weight,
@@ -219,6 +220,41 @@ class _Block(nn.Module):
         return self._run(x, cond, cos, sin, False, slot, bias, qkv, gate_up, attn_norm_folded,
                          overwrite_input)[0]  # fmt: skip
 
+    def _mlp(
+        self, x1: Tensor, gate_up: Optional[Tensor], save: bool, in_place: bool
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(x1 + MLP(x1), gate | up as the pullback reads it, gelu_tanh(gate))`` — the
+        last two None unless ``save``; ``gate_up``: the folded W_gate|up or None;
+        ``in_place``: the output written into ``x1``."""
+        eps = norm_eps(self.mlp_norm, x1.dtype)
+        if not save and self._mlp_fuses(x1, gate_up):  # ATE_FAST_FUSED_MLP: one kernel
+            gain = None if gate_up is not None else self.mlp_norm.weight
+            weight = self.gate_up.weight if gate_up is None else gate_up
+            out = fused_mlp.fused_mlp_residual(x1, gain, eps, weight, self.down.weight, in_place)
+            return out, None, None
+        if gate_up is not None:  # gu: the scaled gate | up the pullback reads
+            hidden, act, gu = norm_gated_gelu(block_linear(x1, gate_up), x1, eps, save_act=save)
+        else:
+            gu = block_linear_of(self.gate_up, self.mlp_norm(x1))
+            hidden, act = gated_gelu(gu, save_act=save)
+        return linear_residual(self.down, hidden, x1, in_place=in_place), gu, act
+
+    def _mlp_fuses(self, x1: Tensor, gate_up: Optional[Tensor]) -> bool:
+        """Whether the persistent kernel (:mod:`ate_fast.models.fused_mlp`) runs this MLP
+        on ``x1``: selected, plain modules without biases, and it :func:`takes` the
+        operands (``gate_up``: the folded W_gate|up, else the layer's own with the norm's
+        weight)."""
+        if not os.environ.get(fused_mlp.ENV_VAR):  # unset: one lookup
+            return False
+        plain = plain_rms_norm(self.mlp_norm) and plain_linear(self.gate_up)
+        if not (plain and plain_linear(self.down)) or self.gate_up.bias is not None:
+            return False
+        if self.down.bias is not None:
+            return False
+        weight = self.gate_up.weight if gate_up is None else gate_up
+        gain = None if gate_up is not None else self.mlp_norm.weight
+        return fused_mlp.takes(x1, weight, self.down.weight, gain)
+
     def prefix_kv(self, cond: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, kv_heads, L, hd] of tokens [B, L, width], the keys rotated
         with the tables ``cos``, ``sin`` [≥ L, hd] (positions 0…L−1) or [B, 1, ≥ L, hd]."""
@@ -278,13 +314,7 @@ class _Block(nn.Module):
         # of it into a new output first
         x1 = linear_residual(self.o, attn.reshape(batch, horizon, -1), x,
                              in_place=overwrite_input and not save)  # fmt: skip
-        if gate_up is not None:  # gu: the scaled gate | up the pullback reads
-            eps = norm_eps(self.mlp_norm, x1.dtype)
-            hidden, act, gu = norm_gated_gelu(block_linear(x1, gate_up), x1, eps, save_act=save)
-        else:
-            gu = block_linear_of(self.gate_up, self.mlp_norm(x1))
-            hidden, act = gated_gelu(gu, save_act=save)
-        out = linear_residual(self.down, hidden, x1, in_place=overwrite_input and not save)
+        out, gu, act = self._mlp(x1, gate_up, save, overwrite_input and not save)
         l2_prefetch.join(prefetching)
         if not save:
             return out, None

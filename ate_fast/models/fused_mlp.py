@@ -1,0 +1,156 @@
+"""The flow-transformer block's gated MLP at few rows: torch's three kernels, or one
+persistent Triton kernel (:mod:`ate_fast.models.fused_mlp_triton`).
+
+``out = x + gelu_tanh(g)·u·W_downᵀ`` with ``g | u = RMSNorm(x)·W_gate|upᵀ``. At B = 1 a π0
+step runs it on 50 rows: the MLP's weights (25 MB of the block's 35 MB in bf16) are read
+once, and on an H200 (2026-12-04) its three kernels (gate|up GEMM, gated GELU, down GEMM
+with the residual) took ≈ 16 µs per block against ≈ 6 µs for those bytes at the copy rate —
+each kernel ramps up from its first weight loads after the previous one has drained.
+``ATE_FAST_FUSED_MLP=persistent`` runs the whole MLP as one kernel (and one memset of its
+counters) wherever it :func:`takes` it: about one program per SM takes the up products'
+column tiles, then the down product's tiles as their hidden columns are ready, with no
+launch in between. ``ATE_FAST_FUSED_MLP_TILES`` (e.g. ``block_f=64,slice=1024,stages=3``)
+sets its :class:`Tiles`.
+
+**Not run on a GPU yet**, so opt-in (unset or ``torch``: the three kernels), with an A/B row
+in ``benchmarks/bench_realsize.py`` (``ate_capture_fused_mlp``). Like the block's other
+Triton paths it has no backward and no symbolic form: the three kernels run whenever
+autograd records, under tracing or a ``torch.func`` transform, for a pullback's saving
+forward (which keeps the MLP's intermediates), for more than :data:`MAX_ROWS` rows, on tensor
+subclasses, and for mixed dtypes or non-contiguous operands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ate_fast.argument_checks import env_choice, int_pairs
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.models.trace_state import opaque_ops_may_run
+from ate_fast.ops import backends
+
+ENV_VAR = "ATE_FAST_FUSED_MLP"
+TILES_VAR = "ATE_FAST_FUSED_MLP_TILES"
+PATHS = ("torch", "persistent")
+TILE_FIELDS = ("block_f", "block_n", "slice", "warps", "stages", "programs_per_sm")
+MAX_ROWS = 64  # one row tile: every task holds all rows (B = 1 at H = 50)
+ALIGN = 16  # width, hidden width and every pointer: multiples of this (vectorised loads)
+# K per loop step: 256 bytes of a row in bf16 / fp16; in float32 / float64 32 elements, 16
+# for a 64-row tile — where ptxas spills no register for sm_87 nor sm_90 at 8 warps
+# (tests/triton_offline_compile.py; 64 and, at 64 rows, 32 spill on one or the other)
+HALF_K_STEP = 128
+WIDE_K_STEPS = {16: 32, 32: 32, 64: 16}  # by row tile
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The kernel's tunable tiles: ``block_f`` hidden columns per up task (gate and up
+    side by side), ``block_n`` output columns per down task, over ``slice`` hidden columns
+    (a multiple of ``block_f``: the up tasks a down task waits for), ``warps`` (0: 4 for
+    a 16-row tile in bf16 / fp16, else 8 — where ptxas spills no register on sm_87 nor
+    sm_90, ``tests/triton_offline_compile.py``) and pipeline ``stages`` per program,
+    ``programs_per_sm`` programs per SM."""
+
+    block_f: int = 32
+    block_n: int = 64
+    slice: int = 512
+    warps: int = 0
+    stages: int = 2
+    programs_per_sm: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_f", "block_n", "slice"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise InvalidArgumentError(
+                    f"Tiles.{name}: expected a power of two >= 16, got {value}"
+                )
+        if self.slice < self.block_f:
+            raise InvalidArgumentError(
+                f"Tiles.slice: expected at least block_f ({self.block_f}), got {self.slice}"
+            )
+        if self.warps not in (0, 1, 2, 4, 8, 16) or self.stages < 1 or self.programs_per_sm < 1:
+            raise InvalidArgumentError(
+                f"Tiles: expected warps 0 (automatic) or a power of two <= 16, stages and "
+                f"programs_per_sm >= 1: {self}"
+            )
+
+
+def selected_path() -> str:
+    """``$ATE_FAST_FUSED_MLP``: ``torch`` (also where unset) or ``persistent``."""
+    return env_choice(ENV_VAR, PATHS)
+
+
+def tiles_from_env() -> Tiles:
+    """:class:`Tiles` with the fields ``$ATE_FAST_FUSED_MLP_TILES`` sets (``key=value``
+    pairs of :data:`TILE_FIELDS`), the defaults for the rest."""
+    text = os.environ.get(TILES_VAR, "").strip()
+    if not text:
+        return Tiles()
+    try:
+        return Tiles(**dict(int_pairs(TILES_VAR, text, TILE_FIELDS)))
+    except InvalidArgumentError as exc:
+        if str(exc).startswith(TILES_VAR):
+            raise
+        raise InvalidArgumentError(f"{TILES_VAR}: {exc}") from exc
+
+
+def takes(x: Tensor, w_gate_up: Tensor, w_down: Tensor, gain: Optional[Tensor] = None) -> bool:
+    """Whether the kernel computes the MLP of ``x`` [..., width] with ``w_gate_up``
+    [2F, width], ``w_down`` [width, F] (and the norm's ``gain`` [width]): selected, at most
+    :data:`MAX_ROWS` rows, width and F multiples of 16, one dtype, every operand contiguous
+    and 16-byte aligned, nothing recording or tracing; raises where it is selected and
+    Triton cannot run on the tensors' device."""
+    if not os.environ.get(ENV_VAR) or selected_path() != "persistent":  # unset: one lookup
+        return False
+    width = x.shape[-1]
+    tensors = (x, w_gate_up, w_down) + (() if gain is None else (gain,))
+    if (
+        x.numel() > MAX_ROWS * width
+        or w_gate_up.dim() != 2
+        or w_down.shape != (width, w_gate_up.shape[0] // 2)
+        or w_gate_up.shape != (2 * w_down.shape[1], width)
+        or any(v % ALIGN for v in (width, w_down.shape[1]))
+        or any(t.data_ptr() % ALIGN for t in tensors)
+        or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
+        or not opaque_ops_may_run(*tensors)
+    ):
+        return False
+    backends.require_triton(x.device.type, f"{ENV_VAR}=persistent")
+    return True
+
+
+def fused_mlp_residual(
+    x: Tensor, gain: Optional[Tensor], eps: float, w_gate_up: Tensor, w_down: Tensor,
+    in_place: bool = False,
+) -> Tensor:  # fmt: skip
+    """``x + gelu_tanh(g)·u·W_downᵀ`` [..., width], ``g | u = rms_norm(x, gain, eps)·
+    W_gate|upᵀ``, on the kernel (call where :func:`takes` is true); ``in_place``: written
+    into ``x``."""
+    import ate_fast.models.fused_mlp_triton as kernels  # imports triton: on use
+
+    rows = x.reshape(-1, x.shape[-1])
+    out = rows if in_place else torch.empty_like(rows)
+    kernels.fused_mlp(rows, gain, eps, w_gate_up, w_down, out, launch_tiles(x.dtype, rows))
+    return out.view(x.shape)
+
+
+def launch_tiles(dtype: torch.dtype, rows: Tensor) -> object:
+    """The kernel's :class:`~ate_fast.models.fused_mlp_triton.LaunchTiles` for ``rows``
+    [M, width] of ``dtype``: :func:`tiles_from_env` (automatic warps resolved), the row
+    tile the next power of two of M (at least 16), K steps of :data:`HALF_K_STEP` or
+    :data:`WIDE_K_STEPS`."""
+    import ate_fast.models.fused_mlp_triton as kernels  # imports triton: on use
+
+    block_m = max(16, 1 << (rows.shape[0] - 1).bit_length())
+    step = HALF_K_STEP if dtype.itemsize == 2 else WIDE_K_STEPS[block_m]
+    tiles = tiles_from_env()
+    warps = tiles.warps or (4 if dtype.itemsize == 2 and block_m == 16 else 8)
+    fields = dict(dataclasses.asdict(tiles), warps=warps)
+    return kernels.LaunchTiles(block_m=block_m, block_k=step, block_h=step, **fields)
