@@ -109,6 +109,33 @@ def test_folded_norm_weight_and_in_place(persistent):
     assert torch.equal(in_place.reshape(50, 32), out)
 
 
+def test_a_count_that_never_comes_gives_nan_not_a_hang(persistent):
+    """The down tasks' wait is bounded: with the ticket started past the up tasks (none of
+    them runs, so no slice's count ever comes) and a budget of 3 polls, the launch ends and
+    every output element is NaN — what a broken count would show on a GPU, instead of a
+    hang."""
+    import triton
+
+    import ate_fast.models.fused_mlp_triton as kernels
+
+    persistent.setenv(fused_mlp.TILES_VAR, SMALL)
+    x, gamma, w_gu, w_down = _operands(50, 32, 48, torch.float32)
+    tiles = fused_mlp.launch_tiles(x.dtype, x)
+    up_tasks = triton.cdiv(48, tiles.block_f)
+    slices = triton.cdiv(48, tiles.slice)
+    sync = torch.zeros(kernels.sync_words(32, 48, tiles), dtype=torch.int32)
+    sync[0] = up_tasks
+    out = torch.zeros_like(x)
+    kernels._fused_mlp_kernel[(2,)](
+        x, gamma, w_gu, w_down, torch.zeros(50, 48), torch.empty(slices, 50, 32), out, sync,
+        50, 32, 48, 1e-6, HAS_GAIN=True, C=kernels.tl.float32, INTERPRETED=True,
+        BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
+        BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=3,
+    )  # fmt: skip
+    assert bool(out.isnan().all())
+    assert sync[1 : 1 + slices].sum() == 0  # no up task ran
+
+
 @pytest.mark.parametrize("tiles", ["", SMALL])
 @pytest.mark.parametrize("fold", [False, True])
 def test_head_and_captured_sampler_match_torch(persistent, tiles, fold):

@@ -451,7 +451,7 @@ def fused_mlp_variants(target) -> int:
             fm._fused_mlp_kernel,
             {"HAS_GAIN": gain, "C": c, "INTERPRETED": False, "BLOCK_M": launch.block_m,
              "BLOCK_F": launch.block_f, "BLOCK_K": launch.block_k, "BLOCK_N": launch.block_n,
-             "SLICE": launch.slice, "BLOCK_H": launch.block_h},
+             "SLICE": launch.slice, "BLOCK_H": launch.block_h, "MAX_POLLS": fm.MAX_POLLS},
             lambda name, d=store, c=comp: {"sync_ptr": "i32", "part_ptr": c}.get(name, d),
             {"eps": "fp32"}, target, f"{store} gain={gain} rows={rows} {tiles or 'default'}",
             {"num_warps": launch.warps, "num_stages": launch.stages},

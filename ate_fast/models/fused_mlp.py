@@ -52,7 +52,7 @@ WIDE_K_STEPS = {16: 32, 32: 32, 64: 16}  # by row tile
 class Tiles:
     """The kernel's tunable tiles: ``block_f`` hidden columns per up task (gate and up
     side by side), ``block_n`` output columns per down task, over ``slice`` hidden columns
-    (a multiple of ``block_f``: the up tasks a down task waits for), ``warps`` (0: 4 for
+    (a multiple of ``block_f``: the up tasks a down task waits for), ``warps`` (0: 2 for
     a 16-row tile in bf16 / fp16, else 8 — where ptxas spills no register on sm_87 nor
     sm_90, ``tests/triton_offline_compile.py``) and pipeline ``stages`` per program,
     ``programs_per_sm`` programs per SM."""
@@ -151,6 +151,6 @@ def launch_tiles(dtype: torch.dtype, rows: Tensor) -> object:
     block_m = max(16, 1 << (rows.shape[0] - 1).bit_length())
     step = HALF_K_STEP if dtype.itemsize == 2 else WIDE_K_STEPS[block_m]
     tiles = tiles_from_env()
-    warps = tiles.warps or (4 if dtype.itemsize == 2 and block_m == 16 else 8)
+    warps = tiles.warps or (2 if dtype.itemsize == 2 and block_m == 16 else 8)
     fields = dict(dataclasses.asdict(tiles), warps=warps)
     return kernels.LaunchTiles(block_m=block_m, block_k=step, block_h=step, **fields)

@@ -23,7 +23,8 @@ the one rounding. No task ever waits on a later ticket, and a ticket is only tak
 running program, so the waits end however many programs run at once — also in the
 interpreter, which runs the programs one after another (there, program 0 takes every
 ticket). The counters (``sync``, int32, zero on entry) are the caller's. The sums are in a
-fixed order: the result does not depend on the order the tasks ran in.
+fixed order: the result does not depend on the order the tasks ran in. A wait is bounded
+(:data:`MAX_POLLS`): a count that never comes makes the output NaN rather than hang.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ _limits = launch_limits(
 )
 
 INTERPRETER_PROGRAMS = 3  # the interpreter's grid: more than one program, one runs them all
+# A down task polls its slice's counter at most this often (each poll an L2 round trip,
+# ≈ 1 µs: seconds in all, against microseconds of waiting in a normal launch); past that it
+# writes NaN, so that a broken count (or an up task that never ran) shows in the output
+# instead of hanging the GPU — and a benchmark run with it
+MAX_POLLS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ def _down_task(
     x_ptr, w_ptr, h_ptr, part_ptr, out_ptr, ready_ptr, done_ptr, task, rows, width, mlp,
     C: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, SLICE: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, MAX_POLLS: tl.constexpr,
 ):  # fmt: skip
     """Output columns ``[i·BLOCK_N, +BLOCK_N)`` times hidden slice ``s`` (task = s·tiles +
     i): waits for the slice's up tasks, writes its partial product; the tile's last task
@@ -128,8 +134,12 @@ def _down_task(
     stop = tl.minimum(start + SLICE, mlp)
     need = tl.cdiv(stop - start, BLOCK_F)
     count = tl.atomic_add(ready_ptr + s, 0, sem="acquire")
-    while count < need:  # the slice's hidden columns are being written by other programs
+    polls = 0
+    # the slice's hidden columns are being written by other programs; a bounded wait (see
+    # MAX_POLLS): past it, the partial is NaN, never a hang
+    while (count < need) & (polls < MAX_POLLS):
         count = tl.atomic_add(ready_ptr + s, 0, sem="acquire")
+        polls += 1
     tl.debug_barrier()
     acc = tl.zeros((BLOCK_M, BLOCK_N), C)
     w_cols = w_ptr + rn.to(tl.int64)[None, :] * mlp + rh[:, None]
@@ -141,6 +151,7 @@ def _down_task(
                     cache_modifier=".cg")  # fmt: skip
         b = tl.load(w_cols + h0, mask=h_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, C, INTERPRETED)
+    acc = tl.where(count >= need, acc, float("nan"))
     tile = rm[:, None] * width + rn[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     plane = rows * width
@@ -161,6 +172,7 @@ def _fused_mlp_kernel(
     HAS_GAIN: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, SLICE: tl.constexpr, BLOCK_H: tl.constexpr,
+    MAX_POLLS: tl.constexpr,
 ):  # fmt: skip
     """x, out [rows, width]; W_gate|up [2·mlp, width]; W_down [width, mlp]; h [rows, mlp];
     part [slices, rows, width] (accumulator type); sync int32 [1 + slices + tiles], zero:
@@ -178,7 +190,7 @@ def _fused_mlp_kernel(
         else:
             _down_task(x_ptr, w_down_ptr, h_ptr, part_ptr, out_ptr, ready_ptr, done_ptr,
                        task - up_tasks, rows, width, mlp, C, INTERPRETED, BLOCK_M, BLOCK_F,
-                       BLOCK_N, SLICE, BLOCK_H)  # fmt: skip
+                       BLOCK_N, SLICE, BLOCK_H, MAX_POLLS)  # fmt: skip
         task = tl.atomic_add(sync_ptr, 1)
 
 
@@ -221,7 +233,7 @@ def fused_mlp(
         rows, width, mlp, eps,
         HAS_GAIN=gain is not None, C=c, INTERPRETED=x.device.type == "cpu",
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
-        BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h,
+        BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=MAX_POLLS,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out
