@@ -95,6 +95,13 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   block's attention VJP, the MLP weights the next block's VJP reads first.
 - ``ate_capture_l2_prefetch_all``: the same with ``ATE_FAST_L2_PREFETCH=all``: also, while
   a block runs, the next block's ``[W_q; W_kv]`` and W_o (9 MB).
+- ``ate_capture_fused_mlp``: ``ate_capture`` (B = 1, unguided) with
+  ``ATE_FAST_FUSED_MLP=persistent``: each block's gated MLP (norm, gate|up, gated GELU,
+  down + residual) as one persistent Triton kernel (``ate_fast.models.fused_mlp``) instead
+  of three kernels; its A/B against ``ate_capture`` (unguided, and rtc-guided: the input-VJP's
+  saving forward runs it too). ``…_f64_s1024`` and ``…_n128_st3``:
+  the same at other tiles (``ATE_FAST_FUSED_MLP_TILES``); ``ate_capture_fused_mlp_folded``:
+  of the norm-folded copy (``ate_capture_folded_norms``'s head), against that row.
 - ``ate_capture_side_stream``: ``ate_capture`` (mlp- and transformer-guided, B = 1 and 8)
   with ``ATE_FAST_GUIDANCE_STREAM=side``: the latent guidance's gradient (mode ``direct``:
   it reads x alone) on a second CUDA stream while the head runs
@@ -247,6 +254,15 @@ SPLIT_SDPA_ROW = "ate_capture_split_sdpa_attention"
 L2_PREFETCH_ROW = "ate_capture_l2_prefetch"
 # ... =all: also the next block's attention weights while a block runs
 L2_PREFETCH_ALL_ROW = "ate_capture_l2_prefetch_all"
+# ate_capture with ATE_FAST_FUSED_MLP=persistent: each block's MLP as one persistent kernel
+# (B = 1 unguided), at its default tiles and two others (ATE_FAST_FUSED_MLP_TILES); and of
+# the folded copy of the head (no norm weight to apply), the combination it is made for
+FUSED_MLP_ROWS = {
+    "ate_capture_fused_mlp": "",
+    "ate_capture_fused_mlp_f64_s1024": "block_f=64,slice=1024",
+    "ate_capture_fused_mlp_n128_st3": "block_n=128,stages=3",
+}
+FUSED_MLP_FOLDED_ROW = "ate_capture_fused_mlp_folded"
 # ate_capture with ATE_FAST_GUIDANCE_STREAM=side: the latent guidance's gradient on a second
 # CUDA stream beside the head (mlp- and transformer-guided, B = 1 and 8); unguided it is
 # ate_capture itself, the base of its guidance-overhead target
@@ -266,8 +282,8 @@ CUBLASLT_ROW = "ate_capture_cublaslt"
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
-        SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, SIDE_STREAM_ROW,
-        *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
+        SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS,
+        FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
         "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
@@ -281,6 +297,9 @@ ROW_ENV = {
     L2_PREFETCH_ROW: {"ATE_FAST_L2_PREFETCH": "mlp"},
     L2_PREFETCH_ALL_ROW: {"ATE_FAST_L2_PREFETCH": "all"},
     SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
+    **{row: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FUSED_MLP_TILES": tiles}
+       for row, tiles in FUSED_MLP_ROWS.items()},
+    FUSED_MLP_FOLDED_ROW: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FLOW_EPILOGUES": "triton"},
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n)}
        for row, block_n in SKINNY_ROWS.items()},
 }  # fmt: skip
@@ -338,6 +357,8 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     SPLIT_SDPA_ROW: 6.0,  # + Triton compiling its combine
     L2_PREFETCH_ROW: 6.0,  # + Triton compiling the prefetch kernel
     L2_PREFETCH_ALL_ROW: 4.0,
+    **{row: 8.0 for row in FUSED_MLP_ROWS},  # + Triton compiling the kernel per tile
+    FUSED_MLP_FOLDED_ROW: 10.0,  # + a copy of the head (the folded one, if not built yet)
     SIDE_STREAM_ROW: 4.0,
     **dict.fromkeys(SETTING_ROWS, 4.0),
     "compile_max_autotune": 4.0,
@@ -374,6 +395,8 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap.append((b1, "unguided", L2_PREFETCH_ROW))  # the MLP's weights into L2 meanwhile
     cheap.append((b1, "unguided", L2_PREFETCH_ALL_ROW))  # + the next block's attention's
     cheap.append((b1, RTC, L2_PREFETCH_ROW))  # + in the pullback: the next VJP's MLP weights
+    cheap += [(b1, "unguided", r) for r in (*FUSED_MLP_ROWS, FUSED_MLP_FOLDED_ROW)]  # 1 kernel
+    cheap.append((b1, RTC, "ate_capture_fused_mlp"))  # + the saving launch in RTC's forward
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
@@ -771,7 +794,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, FLEX_ROW,
                SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, SIDE_STREAM_ROW,
-               *SKINNY_ROWS, *SETTING_ROWS):  # fmt: skip
+               *SKINNY_ROWS, *SETTING_ROWS, *FUSED_MLP_ROWS):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
@@ -784,7 +807,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         else:
             head.fold_mlp_norm = True
         return _ate_call(batch, guidance, head)
-    if row == FOLDED_NORMS_ROW:  # a folded copy (the weights change), built once
+    if row in (FOLDED_NORMS_ROW, FUSED_MLP_FOLDED_ROW):  # a folded copy, built once
         return _ate_call(batch, guidance, _cached("folded", lambda: _folded(_head())))
     if row == "ate_capture_compiled":
         return _ate_call(batch, guidance, _compiled("default-head", batch))

@@ -128,7 +128,8 @@ def test_a_count_that_never_comes_gives_nan_not_a_hang(persistent):
     out = torch.zeros_like(x)
     kernels._fused_mlp_kernel[(2,)](
         x, gamma, w_gu, w_down, torch.zeros(50, 48), torch.empty(slices, 50, 32), out, sync,
-        50, 32, 48, 1e-6, HAS_GAIN=True, C=kernels.tl.float32, INTERPRETED=True,
+        out, out, 50, 32, 48, 1e-6, HAS_GAIN=True, SAVE=False, C=kernels.tl.float32,
+        INTERPRETED=True,
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=3,
     )  # fmt: skip
@@ -139,9 +140,9 @@ def test_a_count_that_never_comes_gives_nan_not_a_hang(persistent):
 @pytest.mark.parametrize("tiles", ["", SMALL])
 @pytest.mark.parametrize("fold", [False, True])
 def test_head_and_captured_sampler_match_torch(persistent, tiles, fold):
-    """float64: the head's forward and a captured Euler loop equal the three kernels' to
-    rounding, the kernel run once per block and forward (the input-VJP's saving forward
-    keeps the three); ``fold``: the norms folded into the weights
+    """float64: the head's forward, its input-VJP (forward_with_vjp: the saving forward and
+    the pullback of what it saved) and a captured Euler loop equal the three kernels' to
+    rounding, the kernel run once per block and forward; ``fold``: the norms folded into the weights
     (``fold_norm_weights_``) and the Triton epilogues forced, so the block hands the kernel
     the folded W_gate|up."""
     persistent.setenv(fused_mlp.TILES_VAR, tiles)
@@ -151,7 +152,49 @@ def test_head_and_captured_sampler_match_torch(persistent, tiles, fold):
         head.fuse_qkv = True
         head.fold_norm_weights_()
     assert_path_matches(persistent, fused_mlp.ENV_VAR, "persistent", "torch", fused_mlp,
-                        "fused_mlp_residual", head, 1e-12)  # fmt: skip
+                        "_launch", head, 1e-12, per_block=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("gain", [True, False])
+def test_saving_forward_keeps_what_the_vjp_reads(persistent, dtype, gain):
+    """The saving launch's output equals the plain one bit for bit, and its gate | up and
+    GELU are the float64 pre-activations n(x)·W_gate|upᵀ and gelu_tanh(gate) to the dtype's
+    rounding (their leading dims kept)."""
+    persistent.setenv(fused_mlp.TILES_VAR, SMALL)
+    x, gamma, w_gu, w_down = _operands(17, 96, 160, dtype, gain=gain)
+    x3 = x.view(1, 17, 96)
+    out, gu, act = fused_mlp.fused_mlp_saving(x3, gamma, 1e-6, w_gu, w_down)
+    assert torch.equal(out, fused_mlp.fused_mlp_residual(x3, gamma, 1e-6, w_gu, w_down))
+    assert gu.shape == (1, 17, 320) and act.shape == (1, 17, 160)
+    x64 = x.to(F64)
+    normed = F.rms_norm(x64, (96,), None if gamma is None else gamma.to(F64), 1e-6)
+    ref_gu = normed @ w_gu.to(F64).T
+    tol = 1e-12 if dtype == F64 else 1e-5
+    torch.testing.assert_close(gu[0].to(F64), ref_gu, rtol=tol, atol=tol)
+    ref_act = F.gelu(gu[0].to(F64)[:, :160], approximate="tanh")
+    torch.testing.assert_close(act[0].to(F64), ref_act, rtol=tol, atol=tol)
+
+
+def test_the_input_vjp_runs_the_saving_launch(persistent):
+    """forward_with_vjp (RTC's guidance through the head) runs the saving launch once per
+    block, and its pullback equals the three kernels' (float64)."""
+    head = small_head()
+    x, t = torch.randn(2, 6, 3, dtype=F64), torch.tensor([0.3, 0.8], dtype=F64)
+    cond = head.prefix_cache(torch.randn(2, 5, 32, dtype=F64))
+    u = torch.randn_like(x)
+    with torch.no_grad():
+        persistent.setenv(fused_mlp.ENV_VAR, "torch")
+        ref_out, ref_pullback = head.forward_with_vjp(x, t, cond)
+        ref = ref_pullback(u)
+        persistent.setenv(fused_mlp.ENV_VAR, "persistent")
+        with mock.patch.object(
+            fused_mlp, "fused_mlp_saving", wraps=fused_mlp.fused_mlp_saving
+        ) as k:
+            out, pullback = head.forward_with_vjp(x, t, cond)
+        assert k.call_count == len(head.blocks)
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pullback(u), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_where_the_three_kernels_run_instead(persistent):
@@ -203,7 +246,7 @@ def test_settings_are_checked(persistent):
     for bad, match in [
         ("block_f=24", "Tiles.block_f: expected a power of two"),
         ("block_f=64,slice=32", "Tiles.slice: expected at least block_f"),
-        ("warps=3", "expected warps 0 \\(automatic\\) or a power of two"),
+        ("warps=3", "expected warps a power of two"),
         ("block_q=16", "keys in"),
         ("slice=-1", "whole numbers"),
     ]:
@@ -230,6 +273,8 @@ def test_pi0_mlp_on_cuda(persistent, dtype, tiles):
         assert _normwise(got, ref) <= NORMWISE[dtype]
         unfused = _unfused(x, gamma, 1e-6, w_gu, w_down)
         assert _normwise(got, ref) <= 2 * _normwise(unfused, ref)
+        saved = fused_mlp.fused_mlp_saving(x, gamma, 1e-6, w_gu, w_down)
+        assert torch.equal(saved[0], got)  # RTC's saving launch: the same output
         graph, static = torch.cuda.CUDAGraph(), x.clone()
         fused_mlp.fused_mlp_residual(static, gamma, 1e-6, w_gu, w_down)  # warm-up compile
         with torch.cuda.graph(graph):

@@ -429,7 +429,7 @@ def l2_prefetch_variants(target) -> int:
 # what every launch sees (fused_mlp.takes): pointers 16-byte aligned, width and hidden
 # width multiples of 16
 _FUSED_MLP_ALIGNED = ("x_ptr", "gain_ptr", "w_gu_ptr", "w_down_ptr", "h_ptr", "part_ptr",
-                      "out_ptr", "width", "mlp")  # fmt: skip
+                      "out_ptr", "gu_ptr", "act_ptr", "width", "mlp")  # fmt: skip
 # the A/B tiles benchmarks/bench_realsize.py runs (bf16, folded norm: no gain)
 FUSED_MLP_AB_TILES = ("block_f=64,slice=1024", "block_n=128,stages=3")
 
@@ -437,23 +437,30 @@ FUSED_MLP_AB_TILES = ("block_f=64,slice=1024", "block_n=128,stages=3")
 def fused_mlp_variants(target) -> int:
     """The persistent MLP (``ate_fast.models.fused_mlp_triton``) at its default tiles in
     every storage dtype, with the norm's weight and without (folded), for 50 rows (B = 1)
-    and for 1 (row tiles 64 and 16); and bench_realsize's A/B tiles in bf16; spill-free but
-    in float64."""
+    and for 1 (row tiles 64 and 16), and for 20 in float32 and bf16 (32); bench_realsize's
+    A/B tiles in bf16; the saving launch (RTC) in bf16 and float32; spill-free but in
+    float64."""
     count = 0
     grid = itertools.product(_STORAGE_COMPUTE, (True, False), (50, 1))
-    settings = [(store, comp, gain, rows, "") for (store, comp), gain, rows in grid]
-    settings += [("bf16", "fp32", False, 50, tiles) for tiles in FUSED_MLP_AB_TILES]
-    for store, comp, gain, rows, tiles in settings:
+    settings = [(store, comp, gain, rows, "", False) for (store, comp), gain, rows in grid]
+    settings += [(store, comp, False, 20, "", False) for store, comp in _STORAGE_COMPUTE[::2]]
+    settings += [("bf16", "fp32", False, 50, tiles, False) for tiles in FUSED_MLP_AB_TILES]
+    # the saving launch (RTC's input-VJP): bf16 and float32 at B = 1
+    settings += [("bf16", "fp32", gain, 50, "", True) for gain in (True, False)]
+    settings.append(("fp32", "fp32", False, 50, "", True))
+    for store, comp, gain, rows, tiles, save in settings:
         os.environ[fused_mlp.TILES_VAR] = tiles
         launch = fused_mlp.launch_tiles(_TORCH_DTYPE[store], torch.empty(rows, 16))
         c = tl.float64 if comp == "fp64" else tl.float32
         compile_one(
             fm._fused_mlp_kernel,
-            {"HAS_GAIN": gain, "C": c, "INTERPRETED": False, "BLOCK_M": launch.block_m,
+            {"HAS_GAIN": gain, "SAVE": save, "C": c, "INTERPRETED": False,
+             "BLOCK_M": launch.block_m,
              "BLOCK_F": launch.block_f, "BLOCK_K": launch.block_k, "BLOCK_N": launch.block_n,
              "SLICE": launch.slice, "BLOCK_H": launch.block_h, "MAX_POLLS": fm.MAX_POLLS},
             lambda name, d=store, c=comp: {"sync_ptr": "i32", "part_ptr": c}.get(name, d),
-            {"eps": "fp32"}, target, f"{store} gain={gain} rows={rows} {tiles or 'default'}",
+            {"eps": "fp32"}, target,
+            f"{store} gain={gain} rows={rows} save={save} {tiles or 'default'}",
             {"num_warps": launch.warps, "num_stages": launch.stages},
             spill_free=store != "fp64", divisible=_FUSED_MLP_ALIGNED,
         )  # fmt: skip

@@ -227,9 +227,11 @@ class _Block(nn.Module):
         last two None unless ``save``; ``gate_up``: the folded W_gate|up or None;
         ``in_place``: the output written into ``x1``."""
         eps = norm_eps(self.mlp_norm, x1.dtype)
-        if not save and self._mlp_fuses(x1, gate_up):  # ATE_FAST_FUSED_MLP: one kernel
+        if self._mlp_fuses(x1, gate_up):  # ATE_FAST_FUSED_MLP: one kernel
             gain = None if gate_up is not None else self.mlp_norm.weight
             weight = self.gate_up.weight if gate_up is None else gate_up
+            if save:
+                return fused_mlp.fused_mlp_saving(x1, gain, eps, weight, self.down.weight)
             out = fused_mlp.fused_mlp_residual(x1, gain, eps, weight, self.down.weight, in_place)
             return out, None, None
         if gate_up is not None:  # gu: the scaled gate | up the pullback reads

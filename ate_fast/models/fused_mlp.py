@@ -13,11 +13,12 @@ launch in between. ``ATE_FAST_FUSED_MLP_TILES`` (e.g. ``block_f=64,slice=1024,st
 sets its :class:`Tiles`.
 
 **Not run on a GPU yet**, so opt-in (unset or ``torch``: the three kernels), with an A/B row
-in ``benchmarks/bench_realsize.py`` (``ate_capture_fused_mlp``). Like the block's other
-Triton paths it has no backward and no symbolic form: the three kernels run whenever
-autograd records, under tracing or a ``torch.func`` transform, for a pullback's saving
-forward (which keeps the MLP's intermediates), for more than :data:`MAX_ROWS` rows, on tensor
-subclasses, and for mixed dtypes or non-contiguous operands.
+in ``benchmarks/bench_realsize.py`` (``ate_capture_fused_mlp``). A pullback's saving
+forward (the input-VJP RTC uses) runs it too, also storing the gate, up and GELU the VJP
+reads (:func:`fused_mlp_saving`). Like the block's other Triton paths it has no backward
+and no symbolic form: the three kernels run whenever autograd records, under tracing or a
+``torch.func`` transform, for more than :data:`MAX_ROWS` rows, on tensor subclasses, and
+for mixed dtypes or non-contiguous operands.
 """
 
 from __future__ import annotations
@@ -41,26 +42,25 @@ PATHS = ("torch", "persistent")
 TILE_FIELDS = ("block_f", "block_n", "slice", "warps", "stages", "programs_per_sm")
 MAX_ROWS = 64  # one row tile: every task holds all rows (B = 1 at H = 50)
 ALIGN = 16  # width, hidden width and every pointer: multiples of this (vectorised loads)
-# K per loop step: 256 bytes of a row in bf16 / fp16; in float32 / float64 32 elements, 16
-# for a 64-row tile — where ptxas spills no register for sm_87 nor sm_90 at 8 warps
-# (tests/triton_offline_compile.py; 64 and, at 64 rows, 32 spill on one or the other)
-HALF_K_STEP = 128
-WIDE_K_STEPS = {16: 32, 32: 32, 64: 16}  # by row tile
+# K per loop step by (element size, at most 4; row tile): where ptxas spills no register
+# on sm_87 nor sm_90 at 8 warps (a search over 2/4/8 warps and steps of 16…128 with
+# tests/triton_offline_compile.py's compiler, triton 3.9; the neighbours of each pick spill
+# 4–500 bytes on one target or the other)
+K_STEPS = {(2, 16): 128, (2, 32): 64, (2, 64): 128, (4, 16): 64, (4, 32): 16, (4, 64): 16}
 
 
 @dataclass(frozen=True)
 class Tiles:
     """The kernel's tunable tiles: ``block_f`` hidden columns per up task (gate and up
     side by side), ``block_n`` output columns per down task, over ``slice`` hidden columns
-    (a multiple of ``block_f``: the up tasks a down task waits for), ``warps`` (0: 2 for
-    a 16-row tile in bf16 / fp16, else 8 — where ptxas spills no register on sm_87 nor
-    sm_90, ``tests/triton_offline_compile.py``) and pipeline ``stages`` per program,
+    (a multiple of ``block_f``: the up tasks a down task waits for), ``warps`` and
+    pipeline ``stages`` per program,
     ``programs_per_sm`` programs per SM."""
 
     block_f: int = 32
     block_n: int = 64
     slice: int = 512
-    warps: int = 0
+    warps: int = 8
     stages: int = 2
     programs_per_sm: int = 1
 
@@ -75,10 +75,10 @@ class Tiles:
             raise InvalidArgumentError(
                 f"Tiles.slice: expected at least block_f ({self.block_f}), got {self.slice}"
             )
-        if self.warps not in (0, 1, 2, 4, 8, 16) or self.stages < 1 or self.programs_per_sm < 1:
+        if self.warps not in (1, 2, 4, 8, 16) or self.stages < 1 or self.programs_per_sm < 1:
             raise InvalidArgumentError(
-                f"Tiles: expected warps 0 (automatic) or a power of two <= 16, stages and "
-                f"programs_per_sm >= 1: {self}"
+                f"Tiles: expected warps a power of two <= 16, stages and programs_per_sm "
+                f">= 1: {self}"
             )
 
 
@@ -133,24 +133,41 @@ def fused_mlp_residual(
     """``x + gelu_tanh(g)·u·W_downᵀ`` [..., width], ``g | u = rms_norm(x, gain, eps)·
     W_gate|upᵀ``, on the kernel (call where :func:`takes` is true); ``in_place``: written
     into ``x``."""
+    return _launch(x, gain, eps, w_gate_up, w_down, in_place, False)[0]
+
+
+def fused_mlp_saving(
+    x: Tensor, gain: Optional[Tensor], eps: float, w_gate_up: Tensor, w_down: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fused_mlp_residual` [..., width] with what the block's input-VJP reads:
+    ``(out, gate | up [..., 2F] as the MLP used them — the GEMM's rounding, then the
+    norm's row factor —, gelu_tanh(gate) [..., F])`` (a pullback's saving forward)."""
+    return _launch(x, gain, eps, w_gate_up, w_down, False, True)
+
+
+def _launch(
+    x: Tensor, gain: Optional[Tensor], eps: float, w_gate_up: Tensor, w_down: Tensor,
+    in_place: bool, save: bool,
+) -> tuple:  # fmt: skip
     import ate_fast.models.fused_mlp_triton as kernels  # imports triton: on use
 
     rows = x.reshape(-1, x.shape[-1])
     out = rows if in_place else torch.empty_like(rows)
-    kernels.fused_mlp(rows, gain, eps, w_gate_up, w_down, out, launch_tiles(x.dtype, rows))
-    return out.view(x.shape)
+    tiles = launch_tiles(x.dtype, rows)
+    out, gu, act = kernels.fused_mlp(rows, gain, eps, w_gate_up, w_down, out, tiles, save)
+    if not save:
+        return out.view(x.shape), None, None
+    lead = x.shape[:-1]
+    return out.view(x.shape), gu.view(*lead, -1), act.view(*lead, -1)
 
 
 def launch_tiles(dtype: torch.dtype, rows: Tensor) -> object:
     """The kernel's :class:`~ate_fast.models.fused_mlp_triton.LaunchTiles` for ``rows``
-    [M, width] of ``dtype``: :func:`tiles_from_env` (automatic warps resolved), the row
-    tile the next power of two of M (at least 16), K steps of :data:`HALF_K_STEP` or
-    :data:`WIDE_K_STEPS`."""
+    [M, width] of ``dtype``: :func:`tiles_from_env`, the row tile the next power of two of
+    M (at least 16), the K steps of :data:`K_STEPS`."""
     import ate_fast.models.fused_mlp_triton as kernels  # imports triton: on use
 
     block_m = max(16, 1 << (rows.shape[0] - 1).bit_length())
-    step = HALF_K_STEP if dtype.itemsize == 2 else WIDE_K_STEPS[block_m]
-    tiles = tiles_from_env()
-    warps = tiles.warps or (2 if dtype.itemsize == 2 and block_m == 16 else 8)
-    fields = dict(dataclasses.asdict(tiles), warps=warps)
+    step = K_STEPS[min(dtype.itemsize, 4), block_m]
+    fields = dataclasses.asdict(tiles_from_env())
     return kernels.LaunchTiles(block_m=block_m, block_k=step, block_h=step, **fields)

@@ -73,14 +73,16 @@ class LaunchTiles:
 
 @triton.jit
 def _up_task(
-    x_ptr, gain_ptr, w_ptr, h_ptr, ready_ptr, task, rows, width, mlp, eps,
-    HAS_GAIN: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
+    x_ptr, gain_ptr, w_ptr, h_ptr, gu_ptr, act_ptr, ready_ptr, task, rows, width, mlp, eps,
+    HAS_GAIN: tl.constexpr, SAVE: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
     SLICE: tl.constexpr,
 ):  # fmt: skip
     """Hidden columns ``[task·BLOCK_F, +BLOCK_F)`` of every row: ``h = bf(gelu(g)) · u``
     with ``g, u = bf(x·W'ᵀ)·rstd`` (the GEMM's rounding, then RMSNorm's row factor, as the
-    unfused Triton path), stored in x's dtype; then one count on its slice's counter."""
+    unfused Triton path), stored in x's dtype (``SAVE``: also g | u into gu [rows, 2·mlp]
+    and gelu(g) into act [rows, mlp], what the input-VJP reads); then one count on its
+    slice's counter."""
     rm = tl.arange(0, BLOCK_M)
     cols = task * BLOCK_F + tl.arange(0, BLOCK_F)
     rk = tl.arange(0, BLOCK_K)
@@ -107,8 +109,13 @@ def _up_task(
     g = acc_g.to(store_type).to(C) * rstd[:, None]
     u = acc_u.to(store_type).to(C) * rstd[:, None]
     act = _gelu_tanh(g).to(store_type)
-    tl.store(h_ptr + rm[:, None] * mlp + cols[None, :], (act.to(C) * u).to(store_type),
-             mask=m_ok[:, None] & f_ok[None, :])  # fmt: skip
+    ok = m_ok[:, None] & f_ok[None, :]
+    at = rm[:, None] * mlp + cols[None, :]
+    tl.store(h_ptr + at, (act.to(C) * u).to(store_type), mask=ok)
+    if SAVE:
+        tl.store(act_ptr + at, act, mask=ok)
+        tl.store(gu_ptr + at + rm[:, None] * mlp, g.to(store_type), mask=ok)
+        tl.store(gu_ptr + at + (rm[:, None] + 1) * mlp, u.to(store_type), mask=ok)
     tl.debug_barrier()  # every thread's stores before the count that publishes them
     tl.atomic_add(ready_ptr + (task * BLOCK_F) // SLICE, 1, sem="release")
 
@@ -167,16 +174,17 @@ def _down_task(
 
 @triton.jit
 def _fused_mlp_kernel(
-    x_ptr, gain_ptr, w_gu_ptr, w_down_ptr, h_ptr, part_ptr, out_ptr, sync_ptr,
-    rows, width, mlp, eps,
-    HAS_GAIN: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
+    x_ptr, gain_ptr, w_gu_ptr, w_down_ptr, h_ptr, part_ptr, out_ptr, sync_ptr, gu_ptr,
+    act_ptr, rows, width, mlp, eps,
+    HAS_GAIN: tl.constexpr, SAVE: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, SLICE: tl.constexpr, BLOCK_H: tl.constexpr,
     MAX_POLLS: tl.constexpr,
 ):  # fmt: skip
     """x, out [rows, width]; W_gate|up [2·mlp, width]; W_down [width, mlp]; h [rows, mlp];
     part [slices, rows, width] (accumulator type); sync int32 [1 + slices + tiles], zero:
-    the ticket, each slice's finished up tasks, each output tile's finished down tasks."""
+    the ticket, each slice's finished up tasks, each output tile's finished down tasks;
+    ``SAVE``: gu [rows, 2·mlp], act [rows, mlp] (see :func:`_up_task`)."""
     up_tasks = tl.cdiv(mlp, BLOCK_F)
     slices = tl.cdiv(mlp, SLICE)
     total = up_tasks + slices * tl.cdiv(width, BLOCK_N)
@@ -185,8 +193,9 @@ def _fused_mlp_kernel(
     task = tl.atomic_add(sync_ptr, 1)
     while task < total:
         if task < up_tasks:
-            _up_task(x_ptr, gain_ptr, w_gu_ptr, h_ptr, ready_ptr, task, rows, width, mlp, eps,
-                     HAS_GAIN, C, INTERPRETED, BLOCK_M, BLOCK_F, BLOCK_K, SLICE)  # fmt: skip
+            _up_task(x_ptr, gain_ptr, w_gu_ptr, h_ptr, gu_ptr, act_ptr, ready_ptr, task, rows,
+                     width, mlp, eps, HAS_GAIN, SAVE, C, INTERPRETED, BLOCK_M, BLOCK_F, BLOCK_K,
+                     SLICE)  # fmt: skip
         else:
             _down_task(x_ptr, w_down_ptr, h_ptr, part_ptr, out_ptr, ready_ptr, done_ptr,
                        task - up_tasks, rows, width, mlp, C, INTERPRETED, BLOCK_M, BLOCK_F,
@@ -212,13 +221,14 @@ def programs(device: torch.device, tiles: LaunchTiles, tasks: int) -> int:
 @_limits
 def fused_mlp(
     x: Tensor, gain: Optional[Tensor], eps: float, w_gate_up: Tensor, w_down: Tensor,
-    out: Tensor, tiles: LaunchTiles,
-) -> Tensor:  # fmt: skip
-    """``out`` [rows, width] ← ``x + gelu_tanh(g)·u·W_downᵀ`` with ``g | u = n(x)·W_gate|upᵀ``
-    (``x`` [rows, width]; ``gain`` [width] RMSNorm's weight or None where it is folded into
-    ``w_gate_up`` [2·mlp, width] or absent; ``w_down`` [width, mlp]); every tensor
-    contiguous, one dtype, one device (the caller,
-    :func:`ate_fast.models.fused_mlp.fused_mlp_residual`, checks). ``out`` may be ``x``."""
+    out: Tensor, tiles: LaunchTiles, save: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """``(out, gu, act)``: ``out`` [rows, width] ← ``x + gelu_tanh(g)·u·W_downᵀ`` with
+    ``g | u = n(x)·W_gate|upᵀ`` (``x`` [rows, width]; ``gain`` [width] RMSNorm's weight or
+    None where it is folded into ``w_gate_up`` [2·mlp, width] or absent; ``w_down``
+    [width, mlp]); ``save``: also ``gu`` [rows, 2·mlp] (g | u as the MLP used them) and
+    ``act`` [rows, mlp] (gelu_tanh(g)), else None. Every tensor contiguous, one dtype, one
+    device (the caller, :mod:`ate_fast.models.fused_mlp`, checks). ``out`` may be ``x``."""
     rows, width = x.shape
     mlp = w_down.shape[1]
     slices = triton.cdiv(mlp, tiles.slice)
@@ -227,13 +237,17 @@ def fused_mlp(
     h = torch.empty((rows, mlp), dtype=x.dtype, device=x.device)
     part = torch.empty((slices, rows, width), dtype=part_dtype, device=x.device)
     sync = torch.zeros(sync_words(width, mlp, tiles), dtype=torch.int32, device=x.device)
+    gu = act = None
+    if save:
+        gu = torch.empty((rows, 2 * mlp), dtype=x.dtype, device=x.device)
+        act = torch.empty_like(h)
     tasks = triton.cdiv(mlp, tiles.block_f) + slices * triton.cdiv(width, tiles.block_n)
     _fused_mlp_kernel[(programs(x.device, tiles, tasks),)](
         x, x if gain is None else gain, w_gate_up, w_down, h, part, out, sync,
-        rows, width, mlp, eps,
-        HAS_GAIN=gain is not None, C=c, INTERPRETED=x.device.type == "cpu",
+        h if gu is None else gu, h if act is None else act, rows, width, mlp, eps,
+        HAS_GAIN=gain is not None, SAVE=save, C=c, INTERPRETED=x.device.type == "cpu",
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=MAX_POLLS,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
-    return out
+    return out, gu, act
