@@ -303,3 +303,17 @@ def test_pi0_head_on_cuda(persistent):
         got = head(x, t, cache).float()
     assert kernel.call_count == 2
     assert ((got - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_torch_compile_traces_the_three_kernels(persistent):
+    """Under torch.compile (fullgraph) the head traces the three kernels' torch ops: the
+    kernel is never called on a trace's fake tensors (they have no data pointer to check),
+    and the compiled head equals the eager one, which runs the kernel (float32)."""
+    head = small_head(torch.float32)
+    x, t = torch.randn(1, 6, 3), torch.tensor([0.4])
+    compiled = torch.compile(head, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        with mock.patch.object(fused_mlp, "_launch", wraps=fused_mlp._launch) as kernel:
+            got = compiled(x, t)
+        assert kernel.call_count == 0
+        torch.testing.assert_close(got, head(x, t), rtol=1e-5, atol=1e-5)

@@ -113,6 +113,20 @@ def test_where_torch_runs_instead(triton_path):
     assert not skinny_gemm.takes(torch.randn(50, 32), w)
 
 
+def test_torch_compile_traces_torch_gemms(triton_path):
+    """Under torch.compile (fullgraph) the head traces torch's GEMMs — the kernel is never
+    asked to take a trace's fake tensors (no data pointer to check their alignment) — and
+    equals the eager head, which runs the kernel (float32)."""
+    head = small_head(torch.float32)
+    x, t = torch.randn(1, 6, 3), torch.tensor([0.4])
+    compiled = torch.compile(head, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        with mock.patch.object(skinny_gemm, "skinny_linear", wraps=skinny_gemm.skinny_linear) as k:
+            got = compiled(x, t)
+        assert k.call_count == 0
+        torch.testing.assert_close(got, head(x, t), rtol=1e-5, atol=1e-5)
+
+
 def test_settings_are_checked(triton_path):
     triton_path.setenv(skinny_gemm.ENV_VAR, "cublas")
     with pytest.raises(InvalidArgumentError, match="ATE_FAST_SKINNY_GEMM: expected one of"):

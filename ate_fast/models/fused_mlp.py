@@ -112,14 +112,14 @@ def takes(x: Tensor, w_gate_up: Tensor, w_down: Tensor, gain: Optional[Tensor] =
     width = x.shape[-1]
     tensors = (x, w_gate_up, w_down) + (() if gain is None else (gain,))
     if (
-        x.numel() > MAX_ROWS * width
+        not opaque_ops_may_run(*tensors)  # first: a trace's fake tensors have no data_ptr
+        or x.numel() > MAX_ROWS * width
         or w_gate_up.dim() != 2
         or w_down.shape != (width, w_gate_up.shape[0] // 2)
         or w_gate_up.shape != (2 * w_down.shape[1], width)
         or any(v % ALIGN for v in (width, w_down.shape[1]))
-        or any(t.data_ptr() % ALIGN for t in tensors)
         or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
-        or not opaque_ops_may_run(*tensors)
+        or any(t.data_ptr() % ALIGN for t in tensors)
     ):
         return False
     backends.require_triton(x.device.type, f"{ENV_VAR}=persistent")

@@ -69,11 +69,11 @@ def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
     extra = [t for t in others if t is not None]
     tensors = (x, weight, *extra)
     if (
-        weight.dim() != 2
+        not opaque_ops_may_run(*tensors)  # first: a trace's fake tensors have no data_ptr
+        or weight.dim() != 2
         or x.numel() > MAX_ROWS * x.shape[-1]
         or not _aligned(*weight.shape, *(t.data_ptr() for t in tensors))
         or any(t.dtype != x.dtype or not t.is_contiguous() for t in tensors)
-        or not opaque_ops_may_run(*tensors)
     ):
         return False
     backends.require_triton(x.device.type, f"{ENV_VAR}=triton")
