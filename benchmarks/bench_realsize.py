@@ -99,7 +99,7 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   ``ATE_FAST_FUSED_MLP=persistent``: each block's gated MLP (norm, gate|up, gated GELU,
   down + residual) as one persistent Triton kernel (``ate_fast.models.fused_mlp``) instead
   of three kernels; its A/B against ``ate_capture`` (unguided, and rtc-guided: the input-VJP's
-  saving forward runs it too). ``…_f64_s1024`` and ``…_n128_st3``:
+  saving forward runs it too). ``…_st3`` and ``…_f64_s1024``:
   the same at other tiles (``ATE_FAST_FUSED_MLP_TILES``); ``ate_capture_fused_mlp_folded``:
   of the norm-folded copy (``ate_capture_folded_norms``'s head), against that row.
 - ``ate_capture_side_stream``: ``ate_capture`` (mlp- and transformer-guided, B = 1 and 8)
@@ -259,8 +259,8 @@ L2_PREFETCH_ALL_ROW = "ate_capture_l2_prefetch_all"
 # the folded copy of the head (no norm weight to apply), the combination it is made for
 FUSED_MLP_ROWS = {
     "ate_capture_fused_mlp": "",
-    "ate_capture_fused_mlp_f64_s1024": "block_f=64,slice=1024",
-    "ate_capture_fused_mlp_n128_st3": "block_n=128,stages=3",
+    "ate_capture_fused_mlp_st3": "stages=3",  # loads 2 tiles ahead, not 1: 2x the bytes in flight
+    "ate_capture_fused_mlp_f64_s1024": "block_f=64,slice=1024",  # half the reads of x
 }
 FUSED_MLP_FOLDED_ROW = "ate_capture_fused_mlp_folded"
 # ate_capture with ATE_FAST_GUIDANCE_STREAM=side: the latent guidance's gradient on a second

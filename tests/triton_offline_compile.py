@@ -431,7 +431,7 @@ def l2_prefetch_variants(target) -> int:
 _FUSED_MLP_ALIGNED = ("x_ptr", "gain_ptr", "w_gu_ptr", "w_down_ptr", "h_ptr", "part_ptr",
                       "out_ptr", "gu_ptr", "act_ptr", "width", "mlp")  # fmt: skip
 # the A/B tiles benchmarks/bench_realsize.py runs (bf16, folded norm: no gain)
-FUSED_MLP_AB_TILES = ("block_f=64,slice=1024", "block_n=128,stages=3")
+FUSED_MLP_AB_TILES = ("stages=3", "block_f=64,slice=1024")
 
 
 def fused_mlp_variants(target) -> int:
