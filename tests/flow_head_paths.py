@@ -61,6 +61,21 @@ def assert_path_matches(
         torch.testing.assert_close(o, r, rtol=tol, atol=tol)
 
 
+def assert_compile_traces_torch_ops(module: object, function: str) -> None:
+    """Under ``torch.compile`` (fullgraph, eager backend) a float32 :func:`small_head`
+    traces torch's ops: ``module.function`` (a path's kernel entry) is never called on the
+    trace's fake tensors (they have no data pointer to check), and the compiled head equals
+    the eager one, which runs the selected path."""
+    head = small_head(torch.float32)
+    x, t = torch.randn(1, 6, 3), torch.tensor([0.4])
+    compiled = torch.compile(head, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        with mock.patch.object(module, function, wraps=getattr(module, function)) as entry:
+            got = compiled(x, t)
+        assert entry.call_count == 0
+        torch.testing.assert_close(got, head(x, t), rtol=1e-5, atol=1e-5)
+
+
 def pi0_on_cuda(depth: int) -> tuple:
     """``(head, cache, x, t, u)``: π0's expert with ``depth`` blocks in bf16 on the GPU
     (seeded), its cache of an 816-token prefix, a sample x [1, 50, 32], a time t [1] and a

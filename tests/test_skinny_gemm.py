@@ -10,7 +10,11 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import assert_path_matches, small_head  # tests/ is on sys.path
+from flow_head_paths import (  # tests/ is on sys.path
+    assert_compile_traces_torch_ops,
+    assert_path_matches,
+    small_head,
+)
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import skinny_gemm
@@ -114,17 +118,9 @@ def test_where_torch_runs_instead(triton_path):
 
 
 def test_torch_compile_traces_torch_gemms(triton_path):
-    """Under torch.compile (fullgraph) the head traces torch's GEMMs — the kernel is never
-    asked to take a trace's fake tensors (no data pointer to check their alignment) — and
-    equals the eager head, which runs the kernel (float32)."""
-    head = small_head(torch.float32)
-    x, t = torch.randn(1, 6, 3), torch.tensor([0.4])
-    compiled = torch.compile(head, backend="eager", fullgraph=True)
-    with torch.no_grad():
-        with mock.patch.object(skinny_gemm, "skinny_linear", wraps=skinny_gemm.skinny_linear) as k:
-            got = compiled(x, t)
-        assert k.call_count == 0
-        torch.testing.assert_close(got, head(x, t), rtol=1e-5, atol=1e-5)
+    """Under torch.compile (fullgraph) the head traces torch's GEMMs and equals the eager
+    head, which runs the kernel."""
+    assert_compile_traces_torch_ops(skinny_gemm, "skinny_linear")
 
 
 def test_settings_are_checked(triton_path):
