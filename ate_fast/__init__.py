@@ -6,7 +6,7 @@ that live in subpackages are imported when first accessed.
 
 Layers (arrows point down; ``tests/test_architecture.py`` checks them): ``ops`` (fused
 kernels) → ``guidance`` (the contract) → ``sampling``, ``steer`` and ``realtime`` → ``export``,
-``eval``, ``demo``; ``align``, ``data`` and ``models`` stand beside them.
+``eval``, ``demo``, ``tuning``; ``align``, ``data`` and ``models`` stand beside them.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ _LAZY = {
     "to_tensorrt": "ate_fast.export",
     "OnnxRuntimeSampler": "ate_fast.export",
     "TensorRTSampler": "ate_fast.export",
+    "autotune": "ate_fast.tuning",
+    "apply_settings": "ate_fast.tuning",
+    "load_settings": "ate_fast.tuning",
 }
 _SUBPACKAGES = (
     "align",
@@ -52,6 +55,7 @@ _SUBPACKAGES = (
     "realtime",
     "sampling",
     "steer",
+    "tuning",
 )
 
 __all__ = ["__version__", *_LAZY, *_SUBPACKAGES]

@@ -1,0 +1,116 @@
+"""``ate-fast tune``: the fastest of the package's opt-in paths for a reference head's
+captured sampler at the deployed shape, measured on this machine, saved as JSON.
+
+    ate-fast tune --head flow-transformer --config pi0-expert --random-init \\
+        --dtype bfloat16 --device cuda --batch 1 --steps 10 \\
+        --cond-len 816 --cond-as kv-cache --out tuned.json
+
+The head, sampler and guidance flags are ``ate-fast export onnx``'s. Timing does not
+depend on the weights, so ``--random-init`` tunes for any checkpoint of that config; the
+output is checked against the baseline's either way. Deploy with
+``with ate_fast.apply_settings(ate_fast.load_settings("tuned.json")): captured = ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ate_fast.cli import require_device
+from ate_fast.cli_errors import CommandLineError, check_output_file, device_flag, with_flag_names
+from ate_fast.export.cli import (
+    FLAGS,
+    cond_arguments,
+    example_cond,
+    guidance_arguments,
+    head_arguments,
+    load_head,
+    make_guidance,
+    make_sampler,
+    require_weights,
+    sampler_arguments,
+)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``tune`` to the ``ate-fast`` parser."""
+    p = subparsers.add_parser(
+        "tune",
+        help="pick the fastest ATE_FAST_* paths for a captured sampler on this GPU (JSON)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    head_arguments(p.add_argument_group("policy head"))
+    sampler_arguments(p.add_argument_group("sampler"))
+    guidance_arguments(
+        p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` VAE)")
+    )
+    g = p.add_argument_group("problem")
+    g.add_argument(
+        "--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="head (and VAE) dtype")
+    g.add_argument("--batch", type=int, default=1, help="B, as deployed")
+    cond_arguments(g)
+    g.add_argument("--seed", type=int, default=0, help="random init and example inputs")
+    t = p.add_argument_group("tuning")
+    t.add_argument("--out", required=True, help="the JSON settings file to write")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("--rounds", type=int, default=20, help="timed calls per option")
+    t.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    t.add_argument("--min-gain", type=float, default=0.02, help="keep an option this much faster")
+    t.add_argument(
+        "--tolerance", type=float, default=1e-2,
+        help="max |Δ| / max|baseline| an option's output may differ by",
+    )  # fmt: skip
+    t.add_argument("--budget-s", type=float, help="stop trying options after this many s")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=with_flag_names(TUNE_FLAGS)(_cmd_tune))
+
+
+TUNE_FLAGS = {
+    **FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s", "rounds": "--rounds",
+    "warmup": "--warmup", "tolerance": "--tolerance",
+}  # fmt: skip
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from ate_fast.tuning import autotune
+
+    check_output_file(args.out, args.overwrite)  # before the minutes of tuning
+    require_weights(args)
+    device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batch < 1:
+        raise CommandLineError(f"--batch: expected >= 1, got {args.batch}")
+    dtype = getattr(torch, args.dtype)
+    try:
+        head = load_head(args).to(device=device, dtype=dtype)
+        sampler = make_sampler(args, head)
+        guidance = make_guidance(args, device, dtype)
+    except TypeError as exc:
+        raise CommandLineError(str(exc)) from exc
+    gen = torch.Generator().manual_seed(args.seed)
+    cfg = head.config
+    noise = torch.randn(args.batch, cfg.horizon, cfg.action_dim, generator=gen).to(device)
+    cond = example_cond(head, args.batch, args, gen, device, dtype)
+
+    def build():
+        with torch.no_grad():
+            captured = sampler.capture(noise, cond, guidance=guidance, check_finite=False)
+        return lambda: captured(noise, cond)
+
+    source = None if guidance is None else guidance.encoder.source
+    encoder = getattr(source, "arch", None)  # an ActionVAE's: "mlp" or "transformer"
+    result = autotune(
+        build, rounds=args.rounds, warmup=args.warmup, min_gain=args.min_gain,
+        tolerance=args.tolerance, guided=guidance is not None,
+        transformer_encoder=encoder == "transformer", budget_s=args.budget_s,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(result.summary())
+    path = result.save(args.out)
+    print(f"wrote {path}")
+    return 0

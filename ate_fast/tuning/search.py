@@ -1,0 +1,305 @@
+"""Pick the fastest of the package's opt-in paths for one workload, by measurement.
+
+The paths a GPU runs best differ by GPU, size and batch (on the H200 the Triton epilogues
+won by 1.31×, the split-key attention lost by 8 %: benchmarks/README.md), so a
+deployment measures them: :func:`autotune` times the caller's own call — typically a
+captured sampler at the deployed shape — under each option of each :class:`Choice`
+(greedy: one choice after the other, each on top of the winners so far, as Inductor's
+coordinate-descent tuning goes), keeps an option only where it is faster by
+``min_gain`` and its output matches the baseline's, and re-times the winners against
+the baseline, alternating, before it reports them. The result's settings are applied with
+:func:`~ate_fast.tuning.settings.apply_settings` and saved with :meth:`TuneResult.save`.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.tuning.settings import PathLike, apply_settings, device_name, save_settings
+from ate_fast.tuning.switches import Choice, as_choices, default_choices
+
+Run = Callable[[], Any]
+Build = Callable[[], Run]
+Timer = Callable[[Run], float]
+
+
+@dataclass
+class Trial:
+    """One timed build: ``settings`` on top of the caller's environment; ``seconds``: the
+    median call (None where it failed); ``error``: max |out − baseline| / max(max |baseline|,
+    1) (0 for the baseline); ``status``: ``baseline``, ``kept``, ``slower``, ``differs``,
+    ``failed``, ``skipped`` (``reason`` says why) or ``confirm`` (the re-timing; ``reason``:
+    ``baseline`` or ``tuned``)."""
+
+    choice: str
+    settings: dict[str, str]
+    seconds: Optional[float]
+    error: Optional[float]
+    status: str
+    reason: str = ""
+
+
+@dataclass
+class TuneResult:
+    """What :func:`autotune` found: ``settings`` (empty where nothing beat the baseline),
+    ``baseline_s`` / ``tuned_s`` the alternating re-timing's medians (equal where
+    ``settings`` is empty), every ``trials`` entry, and the ``device`` measured on."""
+
+    settings: dict[str, str]
+    baseline_s: float
+    tuned_s: float
+    device: str
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        """``baseline_s / tuned_s``."""
+        return self.baseline_s / self.tuned_s
+
+    def applied(self):
+        """``with result.applied(): ...`` — :func:`apply_settings` of :attr:`settings`."""
+        return apply_settings(self.settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "baseline_s": self.baseline_s,
+            "tuned_s": self.tuned_s,
+            "speedup": self.speedup,
+            "trials": [asdict(t) for t in self.trials],
+        }
+
+    def save(self, path: PathLike):
+        """The settings, with the device, the timings and every trial, as JSON at ``path``
+        (read back by :func:`~ate_fast.tuning.settings.load_settings`)."""
+        return save_settings(path, self.settings, **self.to_dict())
+
+    def summary(self) -> str:
+        """The trials as a text table, then the settings kept and the speedup."""
+        lines = [f"{'choice':<32} {'settings':<52} {'ms':>9} {'error':>9}  status"]
+        for t in self.trials:
+            shown = ", ".join(f"{k}={v}" for k, v in t.settings.items()) or "(as given)"
+            ms = "-" if t.seconds is None else f"{t.seconds * 1e3:.3f}"
+            err = "-" if t.error is None else f"{t.error:.2e}"
+            status = t.status + (f": {t.reason}" if t.reason else "")
+            lines.append(f"{t.choice:<32} {shown:<52} {ms:>9} {err:>9}  {status}")
+        kept = ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "none"
+        lines.append(
+            f"kept: {kept}; {self.baseline_s * 1e3:.3f} -> {self.tuned_s * 1e3:.3f} ms "
+            f"({self.speedup:.3f}x) on {self.device}"
+        )
+        return "\n".join(lines)
+
+
+def _first_tensor(out: Any) -> Tensor:
+    """The call's output tensor (the first, for a tuple or list)."""
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise InvalidArgumentError(
+            f"build: the call it returns must return a tensor (or a tuple starting with one), "
+            f"got {type(out).__name__}"
+        )
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Run, rounds: int = 20, warmup: int = 3) -> float:
+    """The median wall time of ``rounds`` calls of ``run`` after ``warmup`` calls, each
+    call waited for (its output's device synchronised)."""
+    out = None
+    for _ in range(warmup):
+        out = run()
+    device = _first_tensor(out if out is not None else run()).device
+    times = []
+    for _ in range(rounds):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _distance(out: Tensor, ref: Tensor) -> float:
+    """max |out − ref| / max(max |ref|, 1), computed in float64; inf where ``out`` has a
+    non-finite entry or another shape."""
+    if out.shape != ref.shape or not bool(torch.isfinite(out).all()):
+        return float("inf")
+    ref64, out64 = ref.double(), out.double()
+    scale = max(float(ref64.abs().max()), 1.0) if ref64.numel() else 1.0
+    return float((out64 - ref64).abs().max()) / scale if ref64.numel() else 0.0
+
+
+def _check_arguments(rounds: int, warmup: int, min_gain: float, tolerance: float) -> None:
+    if not isinstance(rounds, int) or rounds < 1:
+        raise InvalidArgumentError(f"rounds: expected a whole number >= 1, got {rounds!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise InvalidArgumentError(f"warmup: expected a whole number >= 0, got {warmup!r}")
+    if not 0.0 <= min_gain < 1.0:
+        raise InvalidArgumentError(f"min_gain: expected a fraction in [0, 1), got {min_gain!r}")
+    if not tolerance > 0.0:
+        raise InvalidArgumentError(f"tolerance: expected > 0, got {tolerance!r}")
+
+
+def autotune(
+    build: Build,
+    choices: Optional[Sequence[Choice]] = None,
+    *,
+    rounds: int = 20,
+    warmup: int = 3,
+    min_gain: float = 0.02,
+    tolerance: float = 1e-2,
+    timer: Optional[Timer] = None,
+    guided: bool = False,
+    transformer_encoder: bool = False,
+    exclude: Sequence[str] = (),
+    budget_s: Optional[float] = None,
+    progress: bool = True,
+) -> TuneResult:
+    """The fastest settings for the call ``build()`` returns, by measurement.
+
+    ``build()`` makes the call to tune — e.g. ``captured = FlowSampler(head, 10).capture(
+    noise, cache); return lambda: captured(noise, cache)`` — and runs once per option with
+    that option's settings in force (a capture records the kernels the settings select);
+    the call must return the output tensor (e.g. actions ``[B, H, D]``), the same inputs
+    every time. ``choices``: the decisions, in order (default: :func:`default_choices`
+    for the output's device type, with ``guided`` / ``transformer_encoder`` saying whether
+    the call has a latent guidance and a Transformer encoder, ``exclude`` its
+    ``"VAR=path"`` entries not to try). Each option is timed
+    (``timer(call) -> seconds``, default: the median of ``rounds`` calls after ``warmup``)
+    and kept if it is the choice's fastest, at least ``min_gain`` faster than the best so
+    far, and its output within ``tolerance`` of the baseline's (max |Δ| / max(max |ref|,
+    1); bf16 heads at 10 steps: correct paths differ by ≤ 6·10⁻³ on the H200). An option
+    that raises is recorded as failed with its message and the search goes on. Finally the
+    kept settings and the baseline are re-timed alternately (twice each); where the
+    settings are not ``min_gain`` faster there, none are kept. ``budget_s``: once that many seconds
+    have passed, the options left are recorded as ``skipped`` (the re-timing still runs).
+
+    Returns a :class:`TuneResult`. Settings are process-wide environment variables: do not
+    run other work that reads them meanwhile.
+    """
+    _check_arguments(rounds, warmup, min_gain, tolerance)
+    if budget_s is not None and not budget_s > 0:
+        raise InvalidArgumentError(f"budget_s: expected seconds > 0 or None, got {budget_s!r}")
+    started = time.monotonic()
+    if not callable(build):
+        raise InvalidArgumentError(f"build: expected a callable, got {type(build).__name__}")
+    timer = timer or (lambda run: median_seconds(run, rounds, warmup))
+
+    def timed(settings: Mapping[str, Optional[str]]) -> tuple[Tensor, float]:
+        with apply_settings(settings):
+            run = build()
+            if not callable(run):
+                raise InvalidArgumentError(
+                    f"build: must return the call to time, got {type(run).__name__}"
+                )
+            out = _first_tensor(run()).detach().clone()
+            seconds = timer(run)
+        del run
+        gc.collect()
+        return out, seconds
+
+    ref, baseline = timed({})
+    if choices is None:
+        choices = default_choices(ref.device.type, guided, transformer_encoder, exclude)
+    choices = as_choices(choices)
+    deadline = None if budget_s is None else started + budget_s
+    search = _Search(timed, ref, baseline, tolerance, min_gain, deadline)
+    total = sum(len(c.options) for c in choices)
+    with tqdm(total=total, desc="autotune", disable=not progress, leave=False) as bar:
+        for choice in choices:
+            search.decide(choice, bar)
+    return _confirm(search.current, timed, ref, search.trials, min_gain, device_name(ref.device))
+
+
+class _Search:
+    """The greedy search's state: the settings kept so far, the best time, every trial."""
+
+    def __init__(self, timed, ref: Tensor, baseline: float, tolerance: float, min_gain: float,
+                 deadline: Optional[float]) -> None:  # fmt: skip
+        self.timed, self.ref, self.tolerance = timed, ref, tolerance
+        self.min_gain, self.deadline = min_gain, deadline
+        self.best = baseline
+        self.current: dict[str, str] = {}
+        self.trials = [Trial("baseline", {}, baseline, 0.0, "baseline")]
+
+    def decide(self, choice: Choice, bar: Any) -> None:
+        """Each option of ``choice`` on top of the settings kept so far (the choice's own
+        variables back to the caller's values first); of those ``min_gain`` faster than
+        the best so far, the fastest is kept."""
+        others = {k: v for k, v in self.current.items() if k not in choice.variables}
+        timed: list[tuple[Trial, dict[str, str]]] = []
+        for option in choice.options:
+            settings = {**others, **option}
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                trial = Trial(choice.name, dict(option), None, None, "skipped", "time budget")
+            else:
+                trial = self.trial(choice.name, dict(option), settings)
+            if trial.status == "timed":
+                trial.status = "slower"
+                timed.append((trial, settings))
+            self.trials.append(trial)
+            bar.update(1)
+        threshold = self.best * (1.0 - self.min_gain)
+        faster = [(t, s) for t, s in timed if t.seconds <= threshold]
+        if faster:
+            winner, settings = min(faster, key=lambda pair: pair[0].seconds)
+            winner.status = "kept"
+            for trial, _ in faster:
+                if trial is not winner:
+                    trial.reason = "faster than the best so far, not the fastest option"
+            self.best, self.current = winner.seconds, settings
+
+    def trial(self, name: str, option: dict[str, str], settings: dict[str, str]) -> Trial:
+        """One option built, run, checked against the baseline's output and timed."""
+        try:
+            out, seconds = self.timed(settings)
+        except Exception as exc:  # a path that cannot run here is a result, not the end
+            return Trial(name, option, None, None, "failed", f"{type(exc).__name__}: {exc}")
+        error = _distance(out, self.ref)
+        if not error <= self.tolerance:
+            reason = f"max |Δ| {error:.3g} of max |baseline| > tolerance {self.tolerance:g}"
+            return Trial(name, option, seconds, error, "differs", reason)
+        return Trial(name, option, seconds, error, "timed")
+
+
+def _demote(trials: list[Trial], reason: str) -> None:
+    """Every kept trial marked slower, for ``reason``."""
+    for trial in trials:
+        if trial.status == "kept":
+            trial.status, trial.reason = "slower", reason
+
+
+def _confirm(current, timed, ref, trials, min_gain, device) -> TuneResult:
+    """The kept settings and the baseline re-timed alternately (A B A B): the result — no
+    settings where the medians are not ``min_gain`` apart."""
+    if not current:
+        baseline = trials[0].seconds
+        return TuneResult({}, baseline, baseline, device, trials)
+    runs: dict[str, list[float]] = {"baseline": [], "tuned": []}
+    for _ in range(2):
+        for which, settings in (("baseline", {}), ("tuned", current)):
+            out, seconds = timed(settings)
+            runs[which].append(seconds)
+            error = _distance(out, ref)
+            trials.append(Trial("confirm", dict(settings), seconds, error, "confirm", which))
+    baseline, tuned = (statistics.median(runs[k]) for k in ("baseline", "tuned"))
+    if not tuned <= baseline * (1.0 - min_gain):
+        _demote(trials, "not faster when re-timed against the baseline")
+        return TuneResult({}, baseline, baseline, device, trials)
+    return TuneResult(dict(current), baseline, tuned, device, trials)

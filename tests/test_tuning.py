@@ -1,0 +1,406 @@
+"""ate_fast.tuning: the search keeps the fastest option per choice on top of the earlier
+winners, and only where it is faster by min_gain, matches the baseline and stays faster
+when re-timed; failures and skips are recorded; settings are applied and restored,
+saved and loaded, checked; and on a real captured sampler a kept setting changes the
+kernels the capture records (the split-key attention through the Triton interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+from unittest import mock
+
+import pytest
+import torch
+from flow_head_paths import small_head
+
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.sampling import FlowSampler
+from ate_fast.tuning import (
+    Choice,
+    apply_settings,
+    autotune,
+    check_settings,
+    default_choices,
+    load_settings,
+    median_seconds,
+)
+from ate_fast.tuning.switches import KNOWN_VARS, SWITCHES
+
+ATTN, MLP, EPI, GEMM = (
+    "ATE_FAST_PREFIX_ATTENTION",
+    "ATE_FAST_FUSED_MLP",
+    "ATE_FAST_FLOW_EPILOGUES",
+    "ATE_FAST_CPU_GEMM",
+)
+ATTENTION = Choice(ATTN, ({ATTN: "split_kv"}, {ATTN: "flex"}, {ATTN: "split_sdpa"}))
+FUSED = Choice(MLP, ({MLP: "persistent"},))
+EPILOGUES = Choice(EPI, ({EPI: "torch"}, {EPI: "triton"}))
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """Every known variable unset, so that the caller's environment is the defaults."""
+    for var in KNOWN_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+class Workload:
+    """A fake call whose time is ``base`` × the factor of each variable's value in force
+    when it was built, and whose output is off by ``offsets`` of the values in force;
+    ``fails``: values whose build raises. Records the environment of every build."""
+
+    def __init__(self, factors=None, offsets=None, fails=(), retimed=None):
+        self.factors = factors or {}
+        self.offsets = offsets or {}
+        self.fails = set(fails)
+        self.retimed = retimed  # factor on every call after the search's (the re-timing)
+        self.builds: list[dict] = []
+        self.search_builds = None
+
+    def state(self) -> set:
+        return {(var, os.environ[var]) for var in KNOWN_VARS if var in os.environ}
+
+    def build(self):
+        state = self.state()
+        self.builds.append(dict(state))
+        failing = state & self.fails
+        if failing:
+            raise RuntimeError(f"cannot run {sorted(failing)}")
+        out = torch.full((2, 3), 1.0 + sum(self.offsets.get(s, 0.0) for s in state))
+        seconds = 1.0
+        for item in state:
+            seconds *= self.factors.get(item, 1.0)
+        if self.search_builds is not None and len(self.builds) > self.search_builds:
+            seconds *= self.retimed.get(frozenset(state), 1.0)
+
+        def run():
+            return out
+
+        run.seconds = seconds
+        return run
+
+    @staticmethod
+    def timer(run) -> float:
+        return run.seconds
+
+
+def tune(workload: Workload, choices, **kwargs):
+    return autotune(workload.build, choices, timer=workload.timer, progress=False, **kwargs)
+
+
+def test_keeps_the_fastest_option_of_each_choice_on_top_of_the_winners():
+    w = Workload({(ATTN, "flex"): 0.7, (ATTN, "split_kv"): 0.8, (MLP, "persistent"): 0.9})
+    result = tune(w, [ATTENTION, FUSED])
+    assert result.settings == {ATTN: "flex", MLP: "persistent"}
+    assert result.tuned_s == pytest.approx(0.63) and result.baseline_s == pytest.approx(1.0)
+    assert result.speedup == pytest.approx(1 / 0.63)
+    # the fused MLP was timed with the attention's winner in force
+    assert {(ATTN, "flex"), (MLP, "persistent")} in [set(b.items()) for b in w.builds[:5]]
+    status = {(t.choice, tuple(t.settings.values())): t.status for t in result.trials}
+    assert status[(ATTN, ("flex",))] == "kept"
+    assert status[(ATTN, ("split_kv",))] == "slower"  # faster than the baseline, not flex
+    reasons = {tuple(t.settings.values()): t.reason for t in result.trials}
+    assert reasons[("split_kv",)] == "faster than the best so far, not the fastest option"
+    assert status[(ATTN, ("split_sdpa",))] == "slower"
+    assert [t.reason for t in result.trials if t.status == "confirm"] == ["baseline", "tuned"] * 2
+    assert os.environ.get(ATTN) is None and os.environ.get(MLP) is None  # restored
+
+
+def test_min_gain_tolerance_and_failures_keep_the_baseline():
+    w = Workload(
+        factors={(ATTN, "flex"): 0.99, (ATTN, "split_kv"): 0.5, (EPI, "triton"): 0.6},
+        offsets={(ATTN, "split_kv"): 0.5},
+        fails={(EPI, "triton")},
+    )
+    result = tune(w, [ATTENTION, EPILOGUES], min_gain=0.02)
+    assert result.settings == {}
+    assert result.tuned_s == result.baseline_s == 1.0
+    by_value = {tuple(t.settings.values()): t for t in result.trials}
+    assert by_value[("flex",)].status == "slower"  # 1 % faster: under min_gain
+    assert by_value[("split_kv",)].status == "differs"
+    assert by_value[("split_kv",)].error == pytest.approx(0.5)
+    assert by_value[("triton",)].status == "failed"
+    assert "RuntimeError: cannot run" in by_value[("triton",)].reason
+    assert not any(t.status == "confirm" for t in result.trials)  # nothing to re-time
+
+
+def test_settings_not_faster_when_retimed_are_dropped():
+    w = Workload(factors={(ATTN, "flex"): 0.8})
+    w.search_builds = 1 + 3  # the baseline and the three attention options
+    w.retimed = {frozenset({(ATTN, "flex")}): 1.5}  # slower than the baseline on re-timing
+    result = tune(w, [ATTENTION])
+    assert result.settings == {}
+    assert result.baseline_s == result.tuned_s == 1.0
+    flex = [t for t in result.trials if t.settings == {ATTN: "flex"} and t.status != "confirm"]
+    assert flex[0].status == "slower" and "re-timed" in flex[0].reason
+
+
+def test_the_time_budget_skips_the_options_left():
+    w = Workload({(ATTN, "flex"): 0.5})
+    with mock.patch("ate_fast.tuning.search.time.monotonic", side_effect=[0.0] + [10.0] * 20):
+        result = tune(w, [ATTENTION, FUSED], budget_s=1.0)
+    assert result.settings == {}
+    assert [t.status for t in result.trials[1:]] == ["skipped"] * 4
+    assert len(w.builds) == 1  # only the baseline was built
+
+
+def test_a_choice_resets_its_variables_to_the_callers_before_each_option(monkeypatch):
+    """The caller's own value is the baseline; an option of a later choice that sets the same
+    variable replaces the earlier winner's value instead of adding to it."""
+    monkeypatch.setenv(ATTN, "sdpa")
+    tiles = "ATE_FAST_SPLIT_KV_TILES"
+    first = Choice("attention", ({ATTN: "split_kv"},))
+    second = Choice("tiles", ({ATTN: "split_kv", tiles: "block_q=16"}, {ATTN: "flex"}))
+    w = Workload({(ATTN, "split_kv"): 0.8, (tiles, "block_q=16"): 0.5})
+    result = tune(w, [first, second])
+    assert result.settings == {ATTN: "split_kv", tiles: "block_q=16"}
+    assert {(ATTN, "flex")} == set(w.builds[3].items())  # not split_kv's tiles with flex
+    assert os.environ[ATTN] == "sdpa" and tiles not in os.environ
+
+
+def test_apply_settings_sets_unsets_and_restores(monkeypatch):
+    monkeypatch.setenv(MLP, "torch")
+    monkeypatch.setenv(EPI, "triton")
+    with pytest.raises(KeyError):
+        with apply_settings({ATTN: "flex", MLP: "persistent", EPI: None}) as applied:
+            assert applied == {ATTN: "flex", MLP: "persistent"}
+            assert os.environ[ATTN] == "flex" and os.environ[MLP] == "persistent"
+            assert EPI not in os.environ
+            raise KeyError("inside")
+    assert ATTN not in os.environ and os.environ[MLP] == "torch" and os.environ[EPI] == "triton"
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"ATE_FAST_NOPE": "1"}, "'ATE_FAST_NOPE' is not one of the package's settings"),
+        ({ATTN: "fast"}, r"ATE_FAST_PREFIX_ATTENTION expected one of \['sdpa'"),
+        ({ATTN: 3}, "ATE_FAST_PREFIX_ATTENTION must be a string, got int"),
+        ([(ATTN, "flex")], "expected a mapping of ATE_FAST_\\* variables"),
+        ({"PATH": None}, "'PATH' is not one of the package's settings"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(settings, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        with apply_settings(settings):
+            pass
+
+
+def test_bad_arguments_name_the_argument():
+    w = Workload()
+    cases = [
+        (dict(rounds=0), "rounds: expected a whole number >= 1"),
+        (dict(warmup=-1), "warmup: expected a whole number >= 0"),
+        (dict(min_gain=1.5), r"min_gain: expected a fraction in \[0, 1\)"),
+        (dict(tolerance=0.0), "tolerance: expected > 0"),
+        (dict(budget_s=0), "budget_s: expected seconds > 0"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(InvalidArgumentError, match=match):
+            tune(w, [ATTENTION], **kwargs)
+    with pytest.raises(InvalidArgumentError, match=r"choices\[1\]: expected an ate_fast.tuning"):
+        tune(w, [ATTENTION, {ATTN: "flex"}])
+    with pytest.raises(InvalidArgumentError, match="build: expected a callable"):
+        autotune("sampler", progress=False)
+    with pytest.raises(InvalidArgumentError, match="build: the call it returns must return a"):
+        autotune(lambda: lambda: 3.0, [ATTENTION], progress=False)
+    with pytest.raises(InvalidArgumentError, match="Choice 'x': options must not be empty"):
+        Choice("x", ())
+    with pytest.raises(InvalidArgumentError, match="Choice 'x': an option: ATE_FAST_FUSED_MLP"):
+        Choice("x", ({MLP: "fused"},))
+    with pytest.raises(InvalidArgumentError, match="device_type: expected 'cpu' or 'cuda'"):
+        default_choices("mps")
+
+
+def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
+    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda")}
+    assert cuda[ATTN] == ["split_kv", "flex", "split_sdpa"]  # sdpa: the baseline's
+    assert cuda[MLP] == ["persistent"]
+    assert cuda[EPI] == ["torch", "triton"]  # its default depends on the device
+    assert "ATE_FAST_GUIDANCE_STREAM" not in cuda and "ATE_FAST_TRANSFORMER_GUIDANCE" not in cuda
+    guided = [c.name for c in default_choices("cuda", guided=True, transformer_encoder=True)]
+    assert guided[-2:] == ["ATE_FAST_GUIDANCE_STREAM", "ATE_FAST_TRANSFORMER_GUIDANCE"]
+    monkeypatch.setenv(ATTN, "FLEX")
+    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda")}
+    assert cuda[ATTN] == ["sdpa", "split_kv", "split_sdpa"]
+    cpu = [(c.name, [o[c.name] for o in c.options]) for c in default_choices("cpu")]
+    assert cpu == [(GEMM, ["onednn", "aten"])]
+    for switch in SWITCHES:  # every default is a path of its variable
+        assert switch.default is None or switch.default in switch.paths
+        for path in switch.paths:
+            assert check_settings({switch.var: path}) == {switch.var: path}
+
+
+def test_save_and_load_round_trip(tmp_path):
+    w = Workload({(ATTN, "flex"): 0.5})
+    result = tune(w, [ATTENTION])
+    path = result.save(tmp_path / "tuned.json")
+    document = json.loads(path.read_text())
+    assert document["format"] == "ate_fast.settings/1"
+    assert document["settings"] == {ATTN: "flex"} and document["device"] == "cpu"
+    assert document["speedup"] == pytest.approx(2.0)
+    assert len(document["trials"]) == len(result.trials)
+    assert load_settings(path) == {ATTN: "flex"}
+    with apply_settings(load_settings(path, device=torch.device("cpu"))):
+        assert os.environ[ATTN] == "flex"
+    assert "kept: ATE_FAST_PREFIX_ATTENTION=flex" in result.summary()
+
+    document["device"] = "NVIDIA H200"
+    path.write_text(json.dumps(document))
+    with pytest.warns(UserWarning, match="tuned on NVIDIA H200, this is cpu"):
+        load_settings(path, device=torch.device("cpu"))
+    document["settings"] = {ATTN: "fastest"}
+    path.write_text(json.dumps(document))
+    with pytest.raises(InvalidArgumentError, match=r"tuned\.json: settings: ATE_FAST_PREFIX"):
+        load_settings(path)
+    path.write_text(json.dumps({"format": "other/2", "settings": {}}))
+    with pytest.raises(InvalidArgumentError, match=r"expected format 'ate_fast\.settings/1'"):
+        load_settings(path)
+    path.write_text("{not json")
+    with pytest.raises(InvalidArgumentError, match="not a JSON settings file"):
+        load_settings(path)
+    with pytest.raises(FileNotFoundError, match="settings file not found"):
+        load_settings(tmp_path / "missing.json")
+
+
+def _captured_sampler_build(head, calls: list):
+    """``build()`` of a captured flow Euler loop (3 steps) with a prefix cache, recording
+    how many times the split-key attention ran while it was captured and first called."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, 6, 3, generator=g, dtype=torch.float32)
+    with torch.no_grad():
+        cond = head.prefix_cache(torch.randn(2, 5, 32, generator=g, dtype=torch.float32))
+
+    def build():
+        before = _split_kv_launches()
+        with torch.no_grad():
+            captured = FlowSampler(head, 3).capture(noise, cond)
+            captured(noise, cond)
+        calls.append(_split_kv_launches() - before)
+        return lambda: captured(noise, cond)
+
+    return build
+
+
+def _split_kv_launches() -> int:
+    from ate_fast.models import split_kv_attention_triton
+
+    return getattr(split_kv_attention_triton, "_tuning_test_launches", 0)
+
+
+def test_a_kept_setting_changes_what_the_capture_records(monkeypatch):
+    """A real captured sampler: with the split-key attention made the winner (the timer
+    favours it; on the CPU the interpreter is slow) the tuned capture runs its kernels, the
+    baseline's does not, and both outputs agree to float32 rounding."""
+    from ate_fast.models import split_kv_attention_triton
+
+    original = split_kv_attention_triton.split_kv_attention
+
+    def counted(*args, **kwargs):
+        split_kv_attention_triton._tuning_test_launches = _split_kv_launches() + 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(split_kv_attention_triton, "split_kv_attention", counted)
+    head = small_head(torch.float32)
+    calls: list = []
+    build = _captured_sampler_build(head, calls)
+
+    def timer(run) -> float:  # split_kv "wins" where the last build launched it
+        run()
+        return 0.5 if calls[-1] else 1.0
+
+    choice = Choice(ATTN, ({ATTN: "split_kv"},))
+    result = autotune(build, [choice], timer=timer, tolerance=1e-5, progress=False)
+    assert result.settings == {ATTN: "split_kv"}
+    assert calls[0] == 0 and calls[1] == 2 * 3  # 2 blocks × 3 steps, recorded in the capture
+    kept = result.trials[1]
+    assert kept.status == "kept" and kept.error < 1e-5
+    assert [c > 0 for c in calls[2:]] == [False, True, False, True]  # the re-timing: A B A B
+
+
+def test_median_seconds_times_a_real_call():
+    x = torch.randn(64, 64)
+    calls = []
+
+    def run():
+        calls.append(1)
+        return x @ x
+
+    seconds = median_seconds(run, rounds=5, warmup=2)
+    assert 0.0 < seconds < 1.0
+    assert len(calls) == 7
+
+
+def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
+    """``ate-fast tune`` on the CPU: a flow transformer guided through a Transformer-encoder
+    align checkpoint; the encoder's gradient paths are choices, every option's output
+    matches the baseline's, and the file it writes loads."""
+    from ate_fast.align import ActionVAE, save_checkpoint
+    from ate_fast.cli import main
+
+    torch.manual_seed(0)
+    vae = ActionVAE(3, 6, latent_dim=4, arch="transformer", d_model=16, num_heads=2,
+                    num_layers=3)  # fmt: skip
+    save_checkpoint(tmp_path / "vae", vae, stage=2)
+    out = tmp_path / "tuned.json"
+    argv = [
+        "tune", "--head", "flow-transformer", "--random-init", "--set", "horizon=6",
+        "--set", "action_dim=3", "--set", "depth=2", "--steps", "3", "--device", "cpu",
+        "--batch", "2", "--cond-len", "5", "--cond-as", "kv-cache", "--guidance-vae",
+        str(tmp_path / "vae"), "--rounds", "2", "--warmup", "1", "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "kept:" in printed and f"wrote {out}" in printed
+    document = json.loads(out.read_text())
+    tried = {(t["choice"], tuple(t["settings"].values())) for t in document["trials"]}
+    assert ("ATE_FAST_TRANSFORMER_GUIDANCE", ("autograd",)) in tried
+    assert ("ATE_FAST_TRANSFORMER_GUIDANCE", ("vjp",)) in tried
+    assert ("ATE_FAST_CPU_GEMM", ("aten",)) in tried
+    for trial in document["trials"]:
+        assert trial["status"] in ("baseline", "kept", "slower", "confirm"), trial
+        assert trial["error"] < 1e-4 and trial["seconds"] > 0
+    assert load_settings(out) == document["settings"]
+
+
+def test_default_choices_exclude_paths_by_name():
+    cuda = default_choices("cuda", exclude=(f"{ATTN}=flex", f"{MLP}=persistent"))
+    names = {c.name: [o[c.name] for o in c.options] for c in cuda}
+    assert names[ATTN] == ["split_kv", "split_sdpa"] and MLP not in names  # none left
+    for bad in ("flex", f"{ATTN}=fastest", "ATE_FAST_NOPE=x"):
+        with pytest.raises(InvalidArgumentError, match="exclude: expected 'VAR=path'"):
+            default_choices("cuda", exclude=(bad,))
+    with pytest.raises(InvalidArgumentError, match="exclude: expected a sequence"):
+        default_choices("cuda", exclude=f"{ATTN}=flex")
+
+
+@pytest.mark.cuda
+def test_every_default_cuda_path_runs_and_matches_in_a_capture():
+    """π0's expert (2 blocks, bf16) in a captured flow Euler loop on the GPU, tuned over the
+    default CUDA choices (FlexAttention left to its own tests: its compile): every path
+    builds, runs inside the CUDA graph and matches the defaults' output (no trial failed
+    or differs), and the settings kept give that output again."""
+    from ate_fast.models import FlowTransformerHead
+
+    torch.manual_seed(0)
+    head = FlowTransformerHead("pi0-expert", depth=2).to("cuda", torch.bfloat16)
+    head.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        tokens = torch.randn(1, 816, 1024, generator=gen).to("cuda", torch.bfloat16)
+        cache = head.prefix_cache(tokens)
+    noise = torch.randn(1, 50, 32, generator=gen).to("cuda")
+
+    def build():
+        with torch.no_grad():
+            captured = FlowSampler(head, 3).capture(noise, cache, check_finite=False)
+        return lambda: captured(noise, cache)
+
+    result = autotune(build, rounds=5, warmup=2, exclude=(f"{ATTN}=flex",), progress=False)
+    bad = [t for t in result.trials if t.status in ("failed", "differs")]
+    assert not bad, result.summary()
+    tried = {t.choice for t in result.trials}
+    assert {ATTN, MLP, EPI, "ATE_FAST_L2_PREFETCH", "ATE_FAST_SKINNY_GEMM"} <= tried
+    assert all(t.error <= 1e-2 for t in result.trials)
