@@ -16,16 +16,33 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
-from ate_fast.cli_errors import run_handler
+from ate_fast.cli_errors import CommandLineError, run_handler
 
 SUBCOMMAND_MODULES = (
     "ate_fast.align.cli",
     "ate_fast.demo",
     "ate_fast.export.cli",
     "ate_fast.eval.cli",
+    "ate_fast.tuning.cli",
 )
+
+
+def require_device(text: str, flag: str = "--device") -> Any:
+    """``torch.device(text)`` for a ``--device`` value (:func:`device_flag`), after checking
+    that a CUDA device is there; a one-line error where it is not."""
+    import torch
+
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandLineError(f"{flag} {text}: CUDA is not available")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise CommandLineError(
+                f"{flag} {text}: there are only {torch.cuda.device_count()} GPU(s)"
+            )
+    return device
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ate_fast.cli import require_device
 from ate_fast.cli_errors import CommandLineError, device_flag
 
 
@@ -97,16 +98,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CommandLineError(f"--device {args.device}: CUDA is not available")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise CommandLineError(
-                f"--device {args.device}: there are only {torch.cuda.device_count()} GPU(s)"
-            )
+    require_device(args.device)
 
     from ate_fast.demo.config import DemoConfig
     from ate_fast.demo.pipeline import run_demo

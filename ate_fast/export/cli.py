@@ -53,16 +53,16 @@ def _register_onnx(sub: Any) -> None:
         help="export a reference head's K-step sampler (optionally guided) as one ONNX graph",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _head_arguments(p.add_argument_group("policy head"))
-    _sampler_arguments(p.add_argument_group("sampler"))
-    _guidance_arguments(
+    head_arguments(p.add_argument_group("policy head"))
+    sampler_arguments(p.add_argument_group("sampler"))
+    guidance_arguments(
         p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` VAE)")
     )
     _graph_arguments(p.add_argument_group("graph"))
     p.set_defaults(func=with_flag_names(FLAGS)(_cmd_onnx))
 
 
-def _head_arguments(g: Any) -> None:
+def head_arguments(g: Any) -> None:
     g.add_argument("--head", required=True, choices=HEAD_NAMES, help="reference head")
     g.add_argument("--config", default="small", help="the head's named config")
     g.add_argument(
@@ -75,7 +75,7 @@ def _head_arguments(g: Any) -> None:
     )
 
 
-def _sampler_arguments(g: Any) -> None:
+def sampler_arguments(g: Any) -> None:
     g.add_argument(
         "--method", default="euler", choices=FLOW_METHODS + DIFFUSION_METHODS,
         help="flow (euler, heun) or diffusion (ddpm, ddim, dpmsolver++) sampler",
@@ -94,7 +94,7 @@ def _sampler_arguments(g: Any) -> None:
     g.add_argument("--clip-sample", action="store_true", help="DDPM/DDIM: clip x0 to ±1")
 
 
-def _guidance_arguments(g: Any) -> None:
+def guidance_arguments(g: Any) -> None:
     g.add_argument("--guidance-vae", help="align checkpoint directory (arch mlp or transformer)")
     g.add_argument("--guidance-scale", type=float, help="λ (2.0)")
     g.add_argument("--guidance-clamp", type=float, help="κ (0.1)")
@@ -113,6 +113,18 @@ def _graph_arguments(g: Any) -> None:
     g.add_argument("--batch", type=int, default=1, help="example batch")
     g.add_argument("--static-batch", action="store_true", help="fix the batch to --batch")
     g.add_argument("--max-batch", type=int, default=1 << 16, help="dynamic batch upper bound")
+    cond_arguments(g)
+    g.add_argument("--opset", type=int, default=18, help="ONNX opset (18..20)")
+    g.add_argument("--seed", type=int, default=0, help="random init and example inputs")
+    g.add_argument(
+        "--verify", action="store_true",
+        help=f"run the graph in ONNX Runtime against PyTorch (batch 1 and 8); exit 1 above "
+        f"{VERIFY_TOLERANCE:g} relative error",
+    )  # fmt: skip
+
+
+def cond_arguments(g: Any) -> None:
+    """``--cond-len`` and ``--cond-as``: the flow-transformer's conditioning."""
     g.add_argument(
         "--cond-len", type=int, default=0,
         help="flow-transformer: conditioning tokens L (0: no cond input)",
@@ -123,13 +135,6 @@ def _graph_arguments(g: Any) -> None:
         "`cond` [B, L, width]; or a VLM's KV cache (a PrefixCache): `cond.keys.<i>` and "
         "`cond.values.<i>` [B, kv_heads, L, head_dim] per block, and with kv-cache-masked "
         "also `cond.mask` bool [B, L] (False: padding, openpi's prefix mask)",
-    )  # fmt: skip
-    g.add_argument("--opset", type=int, default=18, help="ONNX opset (18..20)")
-    g.add_argument("--seed", type=int, default=0, help="random init and example inputs")
-    g.add_argument(
-        "--verify", action="store_true",
-        help=f"run the graph in ONNX Runtime against PyTorch (batch 1 and 8); exit 1 above "
-        f"{VERIFY_TOLERANCE:g} relative error",
     )  # fmt: skip
 
 
@@ -200,7 +205,17 @@ def _load_state(path: str) -> dict:
     return state
 
 
-def _head(args: argparse.Namespace) -> Any:
+def require_weights(args: argparse.Namespace) -> None:
+    """Exactly one of ``--ckpt`` and ``--random-init`` given, else a one-line error."""
+    if not args.ckpt and not args.random_init:
+        raise CommandLineError("give --ckpt (the head's weights) or --random-init")
+    if args.ckpt and args.random_init:
+        raise CommandLineError("--ckpt and --random-init exclude each other")
+
+
+def load_head(args: argparse.Namespace) -> Any:
+    """The reference head of ``--head`` / ``--config`` / ``--set``, with ``--ckpt``'s
+    weights where given (seeded by ``--seed``), in eval mode without gradients."""
     import torch
 
     from ate_fast.models import make_head
@@ -260,7 +275,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _sampler(args: argparse.Namespace, head: Any) -> Any:
+def make_sampler(args: argparse.Namespace, head: Any) -> Any:
+    """The sampler of ``--method`` / ``--steps`` and the method's flags over ``head``."""
     from ate_fast.sampling import DiffusionSampler, FlowSampler, NoiseSchedule
 
     o = _method_options(args)
@@ -313,7 +329,9 @@ def _target(path: str) -> Any:
     raise ValueError(f"--target {path}: name the tensor 'target' ({sorted(tensors)} found)")
 
 
-def _guidance(args: argparse.Namespace) -> Any:
+def make_guidance(args: argparse.Namespace, device: Any = None, dtype: Any = None) -> Any:
+    """``--guidance-vae``'s LatentGuidance (``--target``, λ, κ, mode), or None; its VAE
+    moved to ``device`` / ``dtype`` where given (the target to ``device``)."""
     import torch
 
     from ate_fast.align import KIND_STAGE1, KIND_STAGE2, load_checkpoint
@@ -339,13 +357,18 @@ def _guidance(args: argparse.Namespace) -> Any:
             f"--target {args.target}: expected a latent [d_z] = [{vae.latent_dim}] for "
             f"--guidance-vae {args.guidance_vae}, got shape {list(target.shape)}"
         )
-    return LatentGuidance(vae, target, settings["guidance_scale"], settings["guidance_clamp"],
-                          settings["guidance_mode"])  # fmt: skip
+    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LatentGuidance(vae, target.to(device), settings["guidance_scale"],
+                          settings["guidance_clamp"], settings["guidance_mode"])  # fmt: skip
 
 
-def _example_cond(head: Any, batch: int, args: argparse.Namespace, generator: Any) -> Any:
+def example_cond(
+    head: Any, batch: int, args: argparse.Namespace, generator: Any, device: Any = None,
+    dtype: Any = None,
+) -> Any:  # fmt: skip
     """An example ``cond`` for ``head`` at ``batch`` (``--cond-len``, ``--cond-as``); a
-    masked KV cache pads each sample after a random number (1…L) of real tokens."""
+    masked KV cache pads each sample after a random number (1…L) of real tokens. Drawn on
+    the CPU (the same values on any device), then moved to ``device`` / ``dtype``."""
     import torch
 
     cfg, cond_len = head.config, args.cond_len
@@ -354,16 +377,18 @@ def _example_cond(head: Any, batch: int, args: argparse.Namespace, generator: An
     if hasattr(cfg, "cond_dim"):
         if cond_len:
             raise CommandLineError(f"--cond-len applies to the flow-transformer head, not {cfg}")
-        return torch.randn(batch, cfg.cond_dim, generator=generator) if cfg.cond_dim else None
+        if not cfg.cond_dim:
+            return None
+        return torch.randn(batch, cfg.cond_dim, generator=generator).to(device, dtype)
     if not cond_len:
         return None
-    tokens = torch.randn(batch, cond_len, cfg.width, generator=generator)
+    tokens = torch.randn(batch, cond_len, cfg.width, generator=generator).to(device, dtype)
     if args.cond_as == "tokens":
         return tokens
     mask = None
     if args.cond_as == "kv-cache-masked":
         real = torch.randint(1, cond_len + 1, (batch, 1), generator=generator)
-        mask = torch.arange(cond_len)[None, :] < real
+        mask = (torch.arange(cond_len)[None, :] < real).to(device)
     with torch.no_grad():
         return head.prefix_cache(tokens, mask)
 
@@ -381,20 +406,17 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     )
 
     check_output_file(args.out, args.overwrite)  # before loading and tracing
-    if not args.ckpt and not args.random_init:
-        raise CommandLineError("give --ckpt (the head's weights) or --random-init")
-    if args.ckpt and args.random_init:
-        raise CommandLineError("--ckpt and --random-init exclude each other")
+    require_weights(args)
     try:
-        head = _head(args)
-        sampler = _sampler(args, head)
-        guidance = _guidance(args)
+        head = load_head(args)
+        sampler = make_sampler(args, head)
+        guidance = make_guidance(args)
     except TypeError as exc:
         raise CommandLineError(str(exc)) from exc
     gen = torch.Generator().manual_seed(args.seed)
     cfg = head.config
     noise = torch.randn(args.batch, cfg.horizon, cfg.action_dim, generator=gen)
-    cond = _example_cond(head, args.batch, args, gen)
+    cond = example_cond(head, args.batch, args, gen)
     try:
         path = to_onnx(
             sampler, args.out, noise, cond, guidance=guidance,
@@ -410,7 +432,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     worst = 0.0
     for batch in (args.batch,) if args.static_batch else (1, min(8, args.max_batch)):
         noise = torch.randn(batch, cfg.horizon, cfg.action_dim, generator=gen)
-        cond = _example_cond(head, batch, args, gen)
+        cond = example_cond(head, batch, args, gen)
         seed = int(torch.randint(1 << 30, (1,), generator=gen))
         ref = sampler.sample(
             noise, cond, guidance=guidance, generator=torch.Generator().manual_seed(seed)
