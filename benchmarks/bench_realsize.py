@@ -121,6 +121,14 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   ``fuse_qkv = False``: each block's q and kv projections as two GEMMs per step, as before
   ``FlowStepFeatures.qkv`` (on a GPU ``ate_capture`` concatenates ``[W_q; W_kv]`` once per
   call and projects with one); its A/B against ``ate_capture`` is what that saves.
+- ``ate_capture_tuned``: ``ate_capture`` (B = 1, unguided and transformer-guided) under the
+  settings ``ate_fast.tuning.autotune`` kept for the case in this run: every ``ATE_FAST_*``
+  path that runs on the device tried on the captured call (``default_choices``), one
+  choice after the other on top of the winners, kept where ≥ 2 % faster with its output
+  within ``ATOL_REL``, re-timed against the defaults alternately; within
+  ``ATE_FAST_REALSIZE_TUNE_S`` seconds (default 60), after the single A/B rows (their
+  kernels compiled by then). The A/B rows combined in the same GPU call; realsize.md lists
+  every trial.
 - ``ate_capture_compiled``: the same capture of ``torch.compile(head, dynamic=False)``
   (default mode: Inductor's kernels, replayed by the sampler's one graph); guidance on its
   default path (the fused MLP kernel; through the Transformer encoder its Triton kernels
@@ -195,6 +203,7 @@ from ate_fast.models.flow_transformer import PrefixCache
 from ate_fast.realtime import RTCGuidance
 from ate_fast.realtime.rtc import rtc_guidance_weight
 from ate_fast.sampling import FlowSampler
+from ate_fast.tuning import autotune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jetson_projection
@@ -278,14 +287,23 @@ if not DRY_RUN:
 # the GEMMs took 0.49 ms per step at 32 % of the copy rate with torch's default (cuBLAS).
 # A CPU build of torch has no cuBLASLt: not in the dry run either.
 CUBLASLT_ROW = "ate_capture_cublaslt"
+# ate_capture under the settings ate_fast.tuning.autotune picked for this case in this run
+# (B = 1, unguided and transformer-guided): every ATE_FAST_* path that runs on the device
+# tried on the captured call, kept where ≥ 2 % faster and its output matches (within
+# ATE_FAST_REALSIZE_TUNE_S seconds), then timed as a row like the others — the A/B rows
+# combined without a second GPU call; realsize.md lists each trial
+TUNED_ROW = "ate_capture_tuned"
+TUNE_S = float(os.environ.get("ATE_FAST_REALSIZE_TUNE_S", "60"))
+# FlexAttention's torch.compile (≈ 30 s, guessed) would take half the budget: its own row
+TUNE_EXCLUDE = ("ATE_FAST_PREFIX_ATTENTION=flex",)
 # ate_capture under a setting of torch's
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
         SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS,
         FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
-        "ate_capture_compiled")  # fmt: skip
-ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, "ate_capture_compiled")
+        TUNED_ROW, "ate_capture_compiled")  # fmt: skip
+ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, TUNED_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
 # the package's settings each A/B row runs under (set for its case only)
 ROW_ENV = {
@@ -360,6 +378,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     **{row: 8.0 for row in FUSED_MLP_ROWS},  # + Triton compiling the kernel per tile
     FUSED_MLP_FOLDED_ROW: 10.0,  # + a copy of the head (the folded one, if not built yet)
     SIDE_STREAM_ROW: 4.0,
+    TUNED_ROW: TUNE_S + 8.0,  # its budget, the re-timing (4 captures), then the row
     **dict.fromkeys(SETTING_ROWS, 4.0),
     "compile_max_autotune": 4.0,
     "ate_capture_compiled": 4.0,
@@ -399,6 +418,8 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap.append((b1, RTC, "ate_capture_fused_mlp"))  # + the saving launch in RTC's forward
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
+    # the paths tuned together, after their own rows (their kernels compiled by then)
+    cheap += [(b1, g, TUNED_ROW) for g in ("unguided", "transformer-guided")]
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
     cheap_b8 += [(b8, g, SIDE_STREAM_ROW) for g in side]
     # A/Bs of a default's parts, after the unguided compiled baseline (the targets' peer)
@@ -794,7 +815,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, FLEX_ROW,
                SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, SIDE_STREAM_ROW,
-               *SKINNY_ROWS, *SETTING_ROWS, *FUSED_MLP_ROWS):  # fmt: skip
+               *SKINNY_ROWS, *SETTING_ROWS, *FUSED_MLP_ROWS, TUNED_ROW):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:
         return _ate_call(batch, guidance, _head(), padded=True)
@@ -862,7 +883,7 @@ def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
 
 
 # -- results: accumulated per case, rewritten after each ------------------------------------
-_RESULTS: dict = {"rows": {}, "skipped": [], "failed": [], "setup_s": {}}
+_RESULTS: dict = {"rows": {}, "skipped": [], "failed": [], "setup_s": {}, "tuning": {}}
 
 
 def _device_name() -> str:
@@ -995,6 +1016,26 @@ def _settings_line(settings: Optional[dict]) -> list[str]:
     return ["Settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(settings.items()))]
 
 
+def _tuning_lines(tuning: dict) -> list[str]:
+    """The tuned rows' trials: each option's time and status, the settings kept."""
+    lines = []
+    for key, t in tuning.items():
+        kept = ", ".join(f"{k}={v}" for k, v in t["settings"].items()) or "none"
+        lines += [
+            "", f"Tuning for {key} (ate_fast.tuning.autotune): kept {kept}, "
+            f"{t['baseline_s'] * 1e3:.3f} → {t['tuned_s'] * 1e3:.3f} ms re-timed "
+            f"({t['speedup']:.3f}×)", "",
+            "| choice | settings | ms | max rel error | status |", "|---|---|---|---|---|",
+        ]  # fmt: skip
+        for trial in t["trials"]:
+            shown = ", ".join(f"{k}={v}" for k, v in trial["settings"].items()) or "(defaults)"
+            ms = "–" if trial["seconds"] is None else f"{trial['seconds'] * 1e3:.3f}"
+            err = "–" if trial["error"] is None else f"{trial['error']:.2e}"
+            status = trial["status"] + (f": {trial['reason']}" if trial["reason"] else "")
+            lines.append(f"| {trial['choice']} | {shown} | {ms} | {err} | {status} |")
+    return lines
+
+
 def markdown(data: dict) -> str:
     env, bw = data["environment"], data["bandwidth"]
     n = env.get("head_parameters")
@@ -1053,6 +1094,7 @@ def markdown(data: dict) -> str:
         lines += ["", "Not run (not reached, deselected, or cut by the suite's limit):", ""]
         lines.append(", ".join(data["not_run"]))
     lines += _time_split_lines(data)
+    lines += _tuning_lines(data.get("tuning") or {})
     if data["setup_s"]:
         setups = ", ".join(f"{k} {v:.1f} s" for k, v in data["setup_s"].items())
         lines += ["", f"Set-up (build, compile, capture, warm-up) per case: {setups}"]
@@ -1146,6 +1188,9 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         write_report()
         pytest.skip(reason)
     try:
+        if row == TUNED_ROW:
+            for name, value in _tune(batch, guidance).items():
+                monkeypatch.setenv(name, value)
         with _torch_setting(row):
             _time_case(benchmark, case)
     except Exception as exc:  # named in the report (not only in the log)
@@ -1154,6 +1199,28 @@ def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -
         _RESULTS["failed"].append({"case": _row_key(*case), "error": error})
         write_report()
         raise
+
+
+def _tune(batch: int, guidance: str) -> dict[str, str]:
+    """The settings ``ate_fast.tuning.autotune`` keeps for the case's captured call (each
+    trial into the report's ``tuning``); the dry run tries the CPU's choices."""
+    noise = _noise(batch)
+
+    def build() -> Callable[[], torch.Tensor]:
+        fn = _ate_call(batch, guidance, _head())
+        return lambda: fn(noise)
+
+    result = autotune(
+        build, rounds=20, warmup=3, tolerance=ATOL_REL, budget_s=TUNE_S, progress=False,
+        guided=guidance != "unguided", transformer_encoder=guidance == "transformer-guided",
+        exclude=TUNE_EXCLUDE,
+    )  # fmt: skip
+    _RESULTS["tuning"][_row_key(batch, guidance, TUNED_ROW)] = {
+        "settings": result.settings,
+        **result.to_dict(),
+    }
+    write_report()
+    return result.settings
 
 
 @contextlib.contextmanager
