@@ -1174,7 +1174,8 @@ def _case_id(case: tuple[int, str, str]) -> str:
 @pytest.mark.parametrize("batch,guidance,row", CASES, ids=[_case_id(c) for c in CASES])
 def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -> None:
     case = (batch, guidance, row)
-    if (row in TRITON_ROWS or row in SKINNY_ROWS or row == SPLIT_KV_ROW) and DRY_RUN:
+    triton_rows = (*TRITON_ROWS, *SKINNY_ROWS, SPLIT_KV_ROW, *FUSED_MLP_ROWS, FUSED_MLP_FOLDED_ROW)
+    if row in triton_rows and DRY_RUN:
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton kernels on the CPU need TRITON_INTERPRET=1 (dry run)")
     for name, value in ROW_ENV.get(row, {}).items():

@@ -280,9 +280,9 @@ CLI_CASES = [
     ("demo --quick --device cuda:99", "--device cuda:99"),
     ("tune --head mlp --out {out}.json", "give --ckpt (the head's weights) or --random-init"),
     ("tune --head mlp --random-init --device cuda:99 --out {out}.json", "--device cuda:99"),
-    ("tune --head mlp --random-init --device cpu --batch 0 --out {out}.json", "--batch: expected >= 1, got 0"),
-    ("tune --head mlp --random-init --device cpu --rounds 0 --out {out}.json", "--rounds: expected a whole number >= 1, got 0"),
-    ("tune --head mlp --random-init --device cpu --min-gain 2 --out {out}.json", "--min-gain: expected a fraction in [0, 1), got 2.0"),
+    ("tune --head mlp --random-init --device cpu --batch 0 --out {out}.json", "--batch must be >= 1, got 0"),
+    ("tune --head mlp --random-init --device cpu --rounds 0 --out {out}.json", "--rounds must be >= 1, got 0"),
+    ("tune --head mlp --random-init --device cpu --min-gain 2 --out {out}.json", "--min-gain must be a fraction < 1, got 2.0"),
     ("tune --head mlp --random-init --device cpu --out {prior}", "exists (pass --overwrite to replace it)"),
 ]  # fmt: skip
 

@@ -190,15 +190,19 @@ def test_bad_settings_are_refused_by_name(settings, match):
 def test_bad_arguments_name_the_argument():
     w = Workload()
     cases = [
-        (dict(rounds=0), "rounds: expected a whole number >= 1"),
-        (dict(warmup=-1), "warmup: expected a whole number >= 0"),
-        (dict(min_gain=1.5), r"min_gain: expected a fraction in \[0, 1\)"),
-        (dict(tolerance=0.0), "tolerance: expected > 0"),
-        (dict(budget_s=0), "budget_s: expected seconds > 0"),
+        (dict(rounds=0), "rounds must be >= 1, got 0"),
+        (dict(rounds=True), "rounds must be an int, got bool"),
+        (dict(warmup=-1), "warmup must be >= 0, got -1"),
+        (dict(min_gain=1.5), "min_gain must be a fraction < 1, got 1.5"),
+        (dict(min_gain=-0.1), "min_gain must be >= 0.0, got -0.1"),
+        (dict(tolerance=0.0), "tolerance must be > 0.0, got 0.0"),
+        (dict(tolerance=float("nan")), "tolerance must be finite, got nan"),
+        (dict(budget_s=0), "budget_s must be > 0.0, got 0"),
     ]
     for kwargs, match in cases:
-        with pytest.raises(InvalidArgumentError, match=match):
+        with pytest.raises((InvalidArgumentError, TypeError), match=match):
             tune(w, [ATTENTION], **kwargs)
+    assert not w.builds  # refused before the first build
     with pytest.raises(InvalidArgumentError, match=r"choices\[1\]: expected an ate_fast.tuning"):
         tune(w, [ATTENTION, {ATTN: "flex"}])
     with pytest.raises(InvalidArgumentError, match="build: expected a callable"):

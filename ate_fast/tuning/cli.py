@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ate_fast.argument_checks import check_int
 from ate_fast.cli import require_device
 from ate_fast.cli_errors import CommandLineError, check_output_file, device_flag, with_flag_names
 from ate_fast.export.cli import (
@@ -69,10 +70,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=with_flag_names(TUNE_FLAGS)(_cmd_tune))
 
 
-TUNE_FLAGS = {
-    **FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s", "rounds": "--rounds",
-    "warmup": "--warmup", "tolerance": "--tolerance",
-}  # fmt: skip
+TUNE_FLAGS = {**FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s"}
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -83,8 +81,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     check_output_file(args.out, args.overwrite)  # before the minutes of tuning
     require_weights(args)
     device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.batch < 1:
-        raise CommandLineError(f"--batch: expected >= 1, got {args.batch}")
+    for flag, value, low in (("--batch", args.batch, 1), ("--rounds", args.rounds, 1),
+                             ("--warmup", args.warmup, 0)):  # fmt: skip
+        check_int(flag, value, low)  # before the model is built
     dtype = getattr(torch, args.dtype)
     try:
         head = load_head(args).to(device=device, dtype=dtype)

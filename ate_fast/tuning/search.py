@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ate_fast.argument_checks import check_float, check_int
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.tuning.settings import PathLike, apply_settings, device_name, save_settings
 from ate_fast.tuning.switches import Choice, as_choices, default_choices
@@ -145,15 +146,17 @@ def _distance(out: Tensor, ref: Tensor) -> float:
     return float((out64 - ref64).abs().max()) / scale if ref64.numel() else 0.0
 
 
-def _check_arguments(rounds: int, warmup: int, min_gain: float, tolerance: float) -> None:
-    if not isinstance(rounds, int) or rounds < 1:
-        raise InvalidArgumentError(f"rounds: expected a whole number >= 1, got {rounds!r}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise InvalidArgumentError(f"warmup: expected a whole number >= 0, got {warmup!r}")
-    if not 0.0 <= min_gain < 1.0:
-        raise InvalidArgumentError(f"min_gain: expected a fraction in [0, 1), got {min_gain!r}")
-    if not tolerance > 0.0:
-        raise InvalidArgumentError(f"tolerance: expected > 0, got {tolerance!r}")
+def _check_arguments(
+    rounds: int, warmup: int, min_gain: float, tolerance: float, budget_s: Optional[float]
+) -> None:
+    check_int("rounds", rounds, 1)
+    check_int("warmup", warmup, 0)
+    check_float("min_gain", min_gain, 0.0)
+    if not min_gain < 1.0:
+        raise InvalidArgumentError(f"min_gain must be a fraction < 1, got {min_gain!r}")
+    check_float("tolerance", tolerance, 0.0, above=True, allow_inf=True)
+    if budget_s is not None:
+        check_float("budget_s", budget_s, 0.0, above=True, allow_inf=True)
 
 
 def autotune(
@@ -193,9 +196,7 @@ def autotune(
     Returns a :class:`TuneResult`. Settings are process-wide environment variables: do not
     run other work that reads them meanwhile.
     """
-    _check_arguments(rounds, warmup, min_gain, tolerance)
-    if budget_s is not None and not budget_s > 0:
-        raise InvalidArgumentError(f"budget_s: expected seconds > 0 or None, got {budget_s!r}")
+    _check_arguments(rounds, warmup, min_gain, tolerance, budget_s)
     started = time.monotonic()
     if not callable(build):
         raise InvalidArgumentError(f"build: expected a callable, got {type(build).__name__}")
