@@ -218,7 +218,7 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
-    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda")}
+    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
     assert cuda[ATTN] == ["split_kv", "flex", "split_sdpa"]  # sdpa: the baseline's
     assert cuda[MLP] == ["persistent"]
     assert cuda[EPI] == ["torch", "triton"]  # its default depends on the device
@@ -226,7 +226,7 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
     guided = [c.name for c in default_choices("cuda", guided=True, transformer_encoder=True)]
     assert guided[-2:] == ["ATE_FAST_GUIDANCE_STREAM", "ATE_FAST_TRANSFORMER_GUIDANCE"]
     monkeypatch.setenv(ATTN, "FLEX")
-    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda")}
+    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
     assert cuda[ATTN] == ["sdpa", "split_kv", "split_sdpa"]
     cpu = [(c.name, [o[c.name] for o in c.options]) for c in default_choices("cpu")]
     assert cpu == [(GEMM, ["onednn", "aten"])]
@@ -369,10 +369,19 @@ def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
     assert load_settings(out) == document["settings"]
 
 
-def test_default_choices_exclude_paths_by_name():
+def test_default_choices_exclude_paths_by_name(monkeypatch):
     cuda = default_choices("cuda", exclude=(f"{ATTN}=flex", f"{MLP}=persistent"))
     names = {c.name: [o[c.name] for o in c.options] for c in cuda}
     assert names[ATTN] == ["split_kv", "split_sdpa"] and MLP not in names  # none left
+    assert not any("tiles" in name for name in names)  # nor the excluded path's tiles
+    tiles = "ATE_FAST_FUSED_MLP_TILES"
+    monkeypatch.setenv(MLP, "persistent")  # in force: its tiles still tried, after it
+    cuda = [c.name for c in default_choices("cuda")]
+    assert cuda[cuda.index(MLP) + 1] == f"{MLP}=persistent tiles"
+    (choice,) = [c for c in default_choices("cuda") if c.name.endswith("tiles")]
+    assert [o[tiles] for o in choice.options] == ["stages=3", "block_f=64,slice=1024"]
+    assert all(o[MLP] == "persistent" for o in choice.options)
+    assert not any("tiles" in c.name for c in default_choices("cuda", tiles=False))
     for bad in ("flex", f"{ATTN}=fastest", "ATE_FAST_NOPE=x"):
         with pytest.raises(InvalidArgumentError, match="exclude: expected 'VAR=path'"):
             default_choices("cuda", exclude=(bad,))

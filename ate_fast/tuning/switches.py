@@ -85,6 +85,15 @@ PARAMETER_VARS = (
     skinny_gemm.BLOCK_N_VAR,
 )
 KNOWN_VARS = (*PATH_VARS, *PARAMETER_VARS)
+# Other parameters of a path, tried right after its variable's choice: the tiles its own
+# bench rows time (bench_realsize's ate_capture_fused_mlp_st3 / _f64_s1024), each with the
+# path selected, so that a path whose default tiles lost can still win with these
+PARAMETER_OPTIONS = {
+    (fused_mlp.ENV_VAR, "persistent"): (
+        (fused_mlp.TILES_VAR, "stages=3"),
+        (fused_mlp.TILES_VAR, "block_f=64,slice=1024"),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ def default_choices(
     guided: bool = False,
     transformer_encoder: bool = False,
     exclude: Sequence[str] = (),
+    tiles: bool = True,
 ) -> list[Choice]:
     """One :class:`Choice` per path variable that runs on ``device_type`` and can change the
     workload (``guided``: the sampler has a latent guidance; ``transformer_encoder``: its
@@ -151,7 +161,8 @@ def default_choices(
     one in force now (the variable's value, else its known default: the baseline runs
     that one). ``exclude``: ``"VAR=path"`` entries not to try (e.g.
     ``"ATE_FAST_PREFIX_ATTENTION=flex"``, whose torch.compile outlasts a short budget); a
-    choice left with no option is dropped."""
+    choice left with no option is dropped. ``tiles``: after a path's choice, one of its
+    other tiles (:data:`PARAMETER_OPTIONS`) where it has some."""
     if device_type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"device_type: expected 'cpu' or 'cuda', got {device_type!r}")
     applies = {"any": True, "guided": guided, "transformer": guided and transformer_encoder}
@@ -167,11 +178,26 @@ def default_choices(
     choices = []
     for switch in SWITCHES:
         if device_type in switch.device_types and applies[switch.needs]:
-            skip = {switch.in_force(), *(e.partition("=")[2] for e in exclude
-                                         if e.partition("=")[0] == switch.var)}  # fmt: skip
+            excluded = {e.partition("=")[2] for e in exclude if e.partition("=")[0] == switch.var}
+            skip = {switch.in_force(), *excluded}
             options = tuple({switch.var: p} for p in switch.paths if p not in skip)
             if options:
                 choices.append(Choice(switch.var, options))
+            choices += _parameter_choices(switch, excluded, tiles)
+    return choices
+
+
+def _parameter_choices(switch: Switch, excluded: set, tiles: bool) -> list[Choice]:
+    """A choice of :data:`PARAMETER_OPTIONS` for each path of ``switch`` not ``excluded``
+    (the path in force included: its other tiles are worth a try too)."""
+    if not tiles:
+        return []
+    choices = []
+    for path in switch.paths:
+        parameters = PARAMETER_OPTIONS.get((switch.var, path), ())
+        if parameters and path not in excluded:
+            options = tuple({switch.var: path, var: value} for var, value in parameters)
+            choices.append(Choice(f"{switch.var}={path} tiles", options))
     return choices
 
 
