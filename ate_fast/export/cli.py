@@ -53,13 +53,18 @@ def _register_onnx(sub: Any) -> None:
         help="export a reference head's K-step sampler (optionally guided) as one ONNX graph",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    policy_arguments(p)
+    _graph_arguments(p.add_argument_group("graph"))
+    p.set_defaults(func=with_flag_names(FLAGS)(_cmd_onnx))
+
+
+def policy_arguments(p: Any) -> None:
+    """The head, sampler and guidance flags, each in its group (``export onnx``, ``tune``)."""
     head_arguments(p.add_argument_group("policy head"))
     sampler_arguments(p.add_argument_group("sampler"))
     guidance_arguments(
         p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` VAE)")
     )
-    _graph_arguments(p.add_argument_group("graph"))
-    p.set_defaults(func=with_flag_names(FLAGS)(_cmd_onnx))
 
 
 def head_arguments(g: Any) -> None:

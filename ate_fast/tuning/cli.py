@@ -23,13 +23,11 @@ from ate_fast.export.cli import (
     FLAGS,
     cond_arguments,
     example_cond,
-    guidance_arguments,
-    head_arguments,
     load_head,
     make_guidance,
     make_sampler,
+    policy_arguments,
     require_weights,
-    sampler_arguments,
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -42,11 +40,7 @@ def register(subparsers: Any) -> None:
         help="pick the fastest ATE_FAST_* paths for a captured sampler on this GPU (JSON)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    head_arguments(p.add_argument_group("policy head"))
-    sampler_arguments(p.add_argument_group("sampler"))
-    guidance_arguments(
-        p.add_argument_group("guidance (LatentGuidance over an `ate-fast align` VAE)")
-    )
+    policy_arguments(p)
     g = p.add_argument_group("problem")
     g.add_argument(
         "--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda if available)"
