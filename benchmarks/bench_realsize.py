@@ -121,7 +121,7 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   ``fuse_qkv = False``: each block's q and kv projections as two GEMMs per step, as before
   ``FlowStepFeatures.qkv`` (on a GPU ``ate_capture`` concatenates ``[W_q; W_kv]`` once per
   call and projects with one); its A/B against ``ate_capture`` is what that saves.
-- ``ate_capture_tuned``: ``ate_capture`` (B = 1, unguided and transformer-guided) under the
+- ``ate_capture_tuned``: ``ate_capture`` (B = 1, unguided, transformer- and rtc-guided) under the
   settings ``ate_fast.tuning.autotune`` kept for the case in this run: every ``ATE_FAST_*``
   path that runs on the device tried on the captured call (``default_choices``), one
   choice after the other on top of the winners, kept where ≥ 2 % faster with its output
@@ -288,12 +288,13 @@ if not DRY_RUN:
 # A CPU build of torch has no cuBLASLt: not in the dry run either.
 CUBLASLT_ROW = "ate_capture_cublaslt"
 # ate_capture under the settings ate_fast.tuning.autotune picked for this case in this run
-# (B = 1, unguided and transformer-guided): every ATE_FAST_* path that runs on the device
-# tried on the captured call, kept where ≥ 2 % faster and its output matches (within
+# (B = 1, unguided, transformer-guided and rtc-guided): every ATE_FAST_* path that runs on
+# the device tried on the captured call, kept where ≥ 2 % faster and its output matches (within
 # ATE_FAST_REALSIZE_TUNE_S seconds), then timed as a row like the others — the A/B rows
 # combined without a second GPU call; realsize.md lists each trial
 TUNED_ROW = "ate_capture_tuned"
 TUNE_S = float(os.environ.get("ATE_FAST_REALSIZE_TUNE_S", "60"))
+LATENT_GUIDED = ("mlp-guided", "transformer-guided")  # the guidance stream's workloads
 # FlexAttention's torch.compile (≈ 30 s, guessed) would take half the budget: its own row
 TUNE_EXCLUDE = ("ATE_FAST_PREFIX_ATTENTION=flex",)
 # ate_capture under a setting of torch's
@@ -419,7 +420,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
     # the paths tuned together, after their own rows (their kernels compiled by then)
-    cheap += [(b1, g, TUNED_ROW) for g in ("unguided", "transformer-guided")]
+    cheap += [(b1, g, TUNED_ROW) for g in ("unguided", "transformer-guided", RTC)]
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
     cheap_b8 += [(b8, g, SIDE_STREAM_ROW) for g in side]
     # A/Bs of a default's parts, after the unguided compiled baseline (the targets' peer)
@@ -1213,7 +1214,7 @@ def _tune(batch: int, guidance: str) -> dict[str, str]:
 
     result = autotune(
         build, rounds=20, warmup=3, tolerance=ATOL_REL, budget_s=TUNE_S, progress=False,
-        guided=guidance != "unguided", transformer_encoder=guidance == "transformer-guided",
+        guided=guidance in LATENT_GUIDED, transformer_encoder=guidance == "transformer-guided",
         exclude=TUNE_EXCLUDE,
     )  # fmt: skip
     _RESULTS["tuning"][_row_key(batch, guidance, TUNED_ROW)] = {
