@@ -15,6 +15,7 @@ import torch
 from flow_head_paths import small_head
 
 from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import block_epilogues, cpu_gemm
 from ate_fast.sampling import FlowSampler
 from ate_fast.tuning import (
     Choice,
@@ -221,7 +222,9 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
     cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
     assert cuda[ATTN] == ["split_kv", "flex", "split_sdpa"]  # sdpa: the baseline's
     assert cuda[MLP] == ["persistent"]
-    assert cuda[EPI] == ["torch", "triton"]  # its default depends on the device
+    # the path that runs now on the device type is the baseline's: not an option
+    running = block_epilogues.selected_path("cuda")
+    assert cuda[EPI] == [p for p in ("torch", "triton") if p != running]
     assert "ATE_FAST_GUIDANCE_STREAM" not in cuda and "ATE_FAST_TRANSFORMER_GUIDANCE" not in cuda
     guided = [c.name for c in default_choices("cuda", guided=True, transformer_encoder=True)]
     assert guided[-2:] == ["ATE_FAST_GUIDANCE_STREAM", "ATE_FAST_TRANSFORMER_GUIDANCE"]
@@ -229,7 +232,10 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
     cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
     assert cuda[ATTN] == ["sdpa", "split_kv", "split_sdpa"]
     cpu = [(c.name, [o[c.name] for o in c.options]) for c in default_choices("cpu")]
-    assert cpu == [(GEMM, ["onednn", "aten"])]
+    assert cpu == [(GEMM, [p for p in ("onednn", "aten") if p != cpu_gemm.selected_gemm()])]
+    monkeypatch.setenv(GEMM, "aten")  # forced: auto (whatever it selects here) is an option
+    cpu = [(c.name, [o[c.name] for o in c.options]) for c in default_choices("cpu")]
+    assert cpu == [(GEMM, ["auto", "onednn"])]
     for switch in SWITCHES:  # every default is a path of its variable
         assert switch.default is None or switch.default in switch.paths
         for path in switch.paths:
@@ -362,7 +368,8 @@ def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
     tried = {(t["choice"], tuple(t["settings"].values())) for t in document["trials"]}
     assert ("ATE_FAST_TRANSFORMER_GUIDANCE", ("autograd",)) in tried
     assert ("ATE_FAST_TRANSFORMER_GUIDANCE", ("vjp",)) in tried
-    assert ("ATE_FAST_CPU_GEMM", ("aten",)) in tried
+    other = "onednn" if cpu_gemm.selected_gemm() == "aten" else "aten"  # auto's is the baseline
+    assert ("ATE_FAST_CPU_GEMM", (other,)) in tried
     for trial in document["trials"]:
         assert trial["status"] in ("baseline", "kept", "slower", "confirm"), trial
         assert trial["error"] < 1e-4 and trial["seconds"] > 0

@@ -9,11 +9,11 @@ module only gathers them, so that a new path becomes a tuning choice by being li
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import (
     block_epilogues,
     cpu_gemm,
@@ -36,17 +36,26 @@ class Switch:
     (a Triton or CUDA-stream path: ``("cuda",)``); ``needs``: the workload it can change
     (``"any"``, ``"guided"``: a guidance gradient, ``"transformer"``: the Transformer
     encoder's); ``default``: the path in force where ``var`` is unset, or None where that
-    depends on the device or the shapes."""
+    depends on the device or the shapes; ``effective``: the path that runs now on a device
+    type, where the module can say (``auto`` resolved, a device's default)."""
 
     var: str
     paths: tuple[str, ...]
     device_types: tuple[str, ...]
     needs: str = "any"
     default: Optional[str] = None
+    effective: Optional[Callable[[str], str]] = None
 
-    def in_force(self) -> Optional[str]:
-        """The path ``var`` selects now (its value, else :attr:`default`)."""
-        return os.environ.get(self.var, "").strip().lower() or self.default
+    def in_force(self, device_type: str = "cpu") -> set[str]:
+        """The paths that would run what runs now: ``var``'s value (else :attr:`default`)
+        and what it resolves to on ``device_type`` (a setting that raises: none)."""
+        paths = {os.environ.get(self.var, "").strip().lower() or self.default}
+        if self.effective is not None:
+            try:
+                paths.add(self.effective(device_type))
+            except (InvalidArgumentError, BackendUnavailableError):
+                pass  # the baseline's build raises it, naming the variable
+        return paths - {None}
 
 
 # In tuning order: the largest measured shares of π0's step first (attention, then the
@@ -56,14 +65,25 @@ class Switch:
 SWITCHES = (
     Switch(split_kv_attention.ENV_VAR, split_kv_attention.PATHS, ("cuda",), default="sdpa"),
     Switch(fused_mlp.ENV_VAR, fused_mlp.PATHS, ("cuda",), default="torch"),
-    Switch(block_epilogues.ENV_VAR, block_epilogues.PATHS, ("cuda",)),
+    Switch(
+        block_epilogues.ENV_VAR,
+        block_epilogues.PATHS,
+        ("cuda",),
+        effective=block_epilogues.selected_path,
+    ),
     Switch(l2_prefetch.ENV_VAR, l2_prefetch.PATHS, ("cuda",), default="off"),
     Switch(skinny_gemm.ENV_VAR, skinny_gemm.PATHS, ("cuda",), default="torch"),
     Switch(guidance_stream.ENV_VAR, guidance_stream.PATHS, ("cuda",), "guided", "same"),
     # "compiled" left out of the defaults: a torch.compile per trial (pass it in `choices`)
     Switch(transformer_vjp.ENV_VAR, ("autograd", "vjp", "triton"), ("cuda",), "transformer"),
     Switch(transformer_vjp.ENV_VAR, ("autograd", "vjp"), ("cpu",), "transformer"),
-    Switch(cpu_gemm.ENV_VAR, cpu_gemm.CHOICES, ("cpu",), default="auto"),
+    Switch(
+        cpu_gemm.ENV_VAR,
+        cpu_gemm.CHOICES,
+        ("cpu",),
+        default="auto",
+        effective=lambda _: cpu_gemm.selected_gemm(),
+    ),
 )
 # every path's full set of names (for the check), whatever the device or the defaults
 PATH_VARS = {
@@ -179,7 +199,7 @@ def default_choices(
     for switch in SWITCHES:
         if device_type in switch.device_types and applies[switch.needs]:
             excluded = {e.partition("=")[2] for e in exclude if e.partition("=")[0] == switch.var}
-            skip = {switch.in_force(), *excluded}
+            skip = {*switch.in_force(device_type), *excluded}
             options = tuple({switch.var: p} for p in switch.paths if p not in skip)
             if options:
                 choices.append(Choice(switch.var, options))
