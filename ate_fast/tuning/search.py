@@ -141,9 +141,11 @@ def _distance(out: Tensor, ref: Tensor) -> float:
     non-finite entry or another shape."""
     if out.shape != ref.shape or not bool(torch.isfinite(out).all()):
         return float("inf")
-    ref64, out64 = ref.double(), out.double()
-    scale = max(float(ref64.abs().max()), 1.0) if ref64.numel() else 1.0
-    return float((out64 - ref64).abs().max()) / scale if ref64.numel() else 0.0
+    if ref.numel() == 0:
+        return 0.0
+    ref64 = ref.double()
+    scale = max(float(ref64.abs().max()), 1.0)
+    return float((out.double() - ref64).abs().max()) / scale
 
 
 def _check_arguments(
@@ -190,8 +192,9 @@ def autotune(
     1); bf16 heads at 10 steps: correct paths differ by ≤ 6·10⁻³ on the H200). An option
     that raises is recorded as failed with its message and the search goes on. Finally the
     kept settings and the baseline are re-timed alternately (twice each); where the
-    settings are not ``min_gain`` faster there, none are kept. ``budget_s``: once that many seconds
-    have passed, the options left are recorded as ``skipped`` (the re-timing still runs).
+    settings are not ``min_gain`` faster there, none are kept. ``budget_s``: once that many
+    seconds have passed, the options left are recorded as ``skipped`` (the re-timing still
+    runs).
 
     Returns a :class:`TuneResult`. Settings are process-wide environment variables: do not
     run other work that reads them meanwhile.
