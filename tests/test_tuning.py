@@ -15,7 +15,7 @@ import torch
 from flow_head_paths import small_head
 
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.models import block_epilogues, cpu_gemm
+from ate_fast.models import block_epilogues, cpu_gemm, split_kv_attention
 from ate_fast.sampling import FlowSampler
 from ate_fast.tuning import (
     Choice,
@@ -378,16 +378,26 @@ def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
 
 def test_default_choices_exclude_paths_by_name(monkeypatch):
     cuda = default_choices("cuda", exclude=(f"{ATTN}=flex", f"{MLP}=persistent"))
-    names = {c.name: [o[c.name] for o in c.options] for c in cuda}
+    names = {c.name: [o.get(c.name) for o in c.options] for c in cuda}
     assert names[ATTN] == ["split_kv", "split_sdpa"] and MLP not in names  # none left
-    assert not any("tiles" in name for name in names)  # nor the excluded path's tiles
+    assert [n for n in names if "tiles" in n] == [f"{ATTN}=split_kv tiles"]  # not the MLP's
     tiles = "ATE_FAST_FUSED_MLP_TILES"
     monkeypatch.setenv(MLP, "persistent")  # in force: its tiles still tried, after it
     cuda = [c.name for c in default_choices("cuda")]
     assert cuda[cuda.index(MLP) + 1] == f"{MLP}=persistent tiles"
-    (choice,) = [c for c in default_choices("cuda") if c.name.endswith("tiles")]
+    assert cuda[cuda.index(ATTN) + 1] == f"{ATTN}=split_kv tiles"
+    choices = {c.name: c for c in default_choices("cuda") if c.name.endswith("tiles")}
+    choice = choices[f"{MLP}=persistent tiles"]
     assert [o[tiles] for o in choice.options] == ["stages=3", "block_f=64,slice=1024"]
     assert all(o[MLP] == "persistent" for o in choice.options)
+    for option in choices[f"{ATTN}=split_kv tiles"].options:  # each parses as the path's
+        assert option[ATTN] == "split_kv"
+        monkeypatch.setenv("ATE_FAST_SPLIT_KV_TILES", option["ATE_FAST_SPLIT_KV_TILES"])
+        assert split_kv_attention.tiles_from_env()
+    assert not any(
+        "tiles" in c.name
+        for c in default_choices("cuda", exclude=(f"{ATTN}=split_kv", f"{MLP}=persistent"))
+    )
     assert not any("tiles" in c.name for c in default_choices("cuda", tiles=False))
     for bad in ("flex", f"{ATTN}=fastest", "ATE_FAST_NOPE=x"):
         with pytest.raises(InvalidArgumentError, match="exclude: expected 'VAR=path'"):

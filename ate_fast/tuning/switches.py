@@ -106,9 +106,18 @@ PARAMETER_VARS = (
 )
 KNOWN_VARS = (*PATH_VARS, *PARAMETER_VARS)
 # Other parameters of a path, tried right after its variable's choice: the tiles its own
-# bench rows time (bench_realsize's ate_capture_fused_mlp_st3 / _f64_s1024), each with the
-# path selected, so that a path whose default tiles lost can still win with these
+# bench rows time (bench_realsize's ate_capture_fused_mlp_st3 / _f64_s1024; split-key
+# attention: bench_prefix_attention's sweep), each with the path selected, so that a path
+# whose default tiles lost can still win with these. Split-key attention's default splits
+# the keys until one program runs per SM and was as slow in its combine as in its partial
+# kernel on an H200 (2026-12-04): its options are fewer, fixed slices (a cheaper combine),
+# and two programs per SM; the fields not given (warps, stages) stay the dtype's defaults.
 PARAMETER_OPTIONS = {
+    (split_kv_attention.ENV_VAR, "split_kv"): (
+        (split_kv_attention.TILES_VAR, "block_q=32,block_k=32,splits=4"),
+        (split_kv_attention.TILES_VAR, "block_q=16,block_k=64,splits=2"),
+        (split_kv_attention.TILES_VAR, "block_q=32,block_k=32,programs_per_sm=2"),
+    ),
     (fused_mlp.ENV_VAR, "persistent"): (
         (fused_mlp.TILES_VAR, "stages=3"),
         (fused_mlp.TILES_VAR, "block_f=64,slice=1024"),
