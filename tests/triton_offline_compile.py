@@ -18,6 +18,7 @@ CPU test and still fail to compile, or to launch, on a GPU: this runs the real c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -34,15 +35,18 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
+from ate_fast.argument_checks import int_pairs
 from ate_fast.models import block_epilogues_triton as fb
-from ate_fast.models import fused_mlp
+from ate_fast.models import fused_mlp, split_kv_attention
 from ate_fast.models import fused_mlp_triton as fm
 from ate_fast.models import l2_prefetch_triton as lp
 from ate_fast.models import skinny_gemm_triton as sg
 from ate_fast.models import split_kv_attention_triton as sk
+from ate_fast.models.split_kv_attention import TILE_FIELDS
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
 from ate_fast.steer import transformer_triton as tt
+from ate_fast.tuning.switches import PARAMETER_OPTIONS
 
 
 def signature(kernel, constexprs: dict, pointer_type, scalar_types: dict) -> dict:
@@ -372,12 +376,18 @@ def skinny_gemm_variants(target) -> int:
     return count
 
 
+def _tuned_split_kv_tiles() -> list[str]:
+    """The split-key attention's tiles that ``ate_fast.autotune`` tries by default."""
+    key = (split_kv_attention.ENV_VAR, "split_kv")
+    return [value for _, value in PARAMETER_OPTIONS[key]]
+
+
 def split_kv_variants(target) -> int:
     """The split-key attention (``ate_fast.models.split_kv_attention_triton``): its partial
     kernel (one slice and several) at the default tiles of every storage dtype, for π0's
     head dim (256) and the small head's (64), its combine for 2 to 32 slices, and
     split_sdpa's log-sum-exp combine (2 slices; 16 and a shorter one); spill-free but in
-    float64."""
+    float64; in bf16 / fp16, the partial kernel at the other tiles autotune tries."""
     count = 0
     for (store, comp), hd in itertools.product(_STORAGE_COMPUTE, (64, 256)):
         tiles = sk.default_tiles(_TORCH_DTYPE[store], hd)
@@ -392,6 +402,20 @@ def split_kv_variants(target) -> int:
                 stats, {"scale": "fp32"}, target, f"{store} hd={hd} {tiles} single={single}",
                 options, spill_free=store != "fp64",
             )  # fmt: skip
+        for tiles_text in _tuned_split_kv_tiles() if store in ("bf16", "fp16") else ():
+            fields = dict(int_pairs(split_kv_attention.TILES_VAR, tiles_text, TILE_FIELDS))
+            t = dataclasses.replace(tiles, **fields)
+            if (t.block_q, t.block_k, t.warps, t.stages) != (
+                tiles.block_q, tiles.block_k, tiles.warps, tiles.stages
+            ):  # fmt: skip
+                compile_one(
+                    sk._partial_kernel,
+                    {"HD": hd, "BLOCK_Q": t.block_q, "BLOCK_K": t.block_k, "BLOCK_D": hd,
+                     "C": c, "SINGLE": t.splits == 1, "INTERPRETED": False},
+                    stats, {"scale": "fp32"}, target, f"{store} hd={hd} {t} (autotune's)",
+                    {"num_warps": t.warps, "num_stages": t.stages}, spill_free=True,
+                )  # fmt: skip
+                count += 1
         for splits in (2, 32):
             compile_one(
                 sk._combine_kernel, {"HD": hd, "SPLITS": splits, "BLOCK_D": hd}, stats, {},

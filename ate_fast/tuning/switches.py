@@ -115,7 +115,7 @@ KNOWN_VARS = (*PATH_VARS, *PARAMETER_VARS)
 PARAMETER_OPTIONS = {
     (split_kv_attention.ENV_VAR, "split_kv"): (
         (split_kv_attention.TILES_VAR, "block_q=32,block_k=32,splits=4"),
-        (split_kv_attention.TILES_VAR, "block_q=16,block_k=64,splits=2"),
+        (split_kv_attention.TILES_VAR, "block_q=16,block_k=32,splits=2"),
         (split_kv_attention.TILES_VAR, "block_q=32,block_k=32,programs_per_sm=2"),
     ),
     (fused_mlp.ENV_VAR, "persistent"): (
