@@ -160,7 +160,7 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
     assert lr_ckpt.config["train"]["kl"] == "forward"
     # ... and on a Diffusion-Policy-style npz
     s2c = tmp_path / "adapt_npz.ckpt"
-    _run(
+    log = _run(
         [
             "align",
             "stage2",
@@ -172,6 +172,7 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
             "14",
             "--arch",
             "mlp",
+            "--mask-padding",
             "--out",
             str(s2c),
             "--epochs",
@@ -182,7 +183,10 @@ def test_three_commands_on_robomimic_aloha_lerobot_and_npz(tmp_path):
             *CPU,
         ]
     )
-    npz_vae = load_checkpoint(s2c).vae
+    npz_ckpt = load_checkpoint(s2c)
+    npz_vae = npz_ckpt.vae
+    assert npz_ckpt.config["chunking"]["step_mask"] is True  # --mask-padding
+    assert "chunks padded, padding left out of the loss" in log
     assert npz_vae.encoder.activation == "gelu"
     assert npz_vae.horizon == 8  # no --horizon: the stage-1 horizon recorded in the prior
 

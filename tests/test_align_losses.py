@@ -220,3 +220,56 @@ def test_stage2_mmd_target_depends_on_the_direction():
     torch.testing.assert_close(rev.total, rev.recon + DEFAULT_BETA * rev.kl + rev.mmd)
     with pytest.raises(ValueError, match="kl: expected one of"):
         stage2_loss(out, torch.zeros(256, 2, 2), prior, kl="symmetric")
+
+
+def test_reconstruction_loss_leaves_padded_steps_out():
+    """``steps`` [B, H] (0 = padding past the episode's end): the mean runs over the real
+    steps' kept dims only, in float64 against the selected elements; values at padded
+    steps change nothing, and their gradient is exactly zero."""
+    g = torch.Generator().manual_seed(1)
+    recon = torch.randn(3, 5, 4, generator=g, dtype=torch.float64) * 2
+    target = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    steps = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    mask = torch.tensor([1.0, 0, 1, 1])
+    keep = steps.bool()[:, :, None] & mask.bool()[None, None, :]
+    torch.testing.assert_close(
+        reconstruction_loss(recon, target, mask, steps=steps),
+        F.smooth_l1_loss(recon[keep], target[keep]),
+        rtol=1e-14,
+        atol=0,
+    )
+    only_steps = steps.bool()[:, :, None].expand_as(recon)
+    torch.testing.assert_close(
+        reconstruction_loss(recon, target, steps=steps),
+        F.smooth_l1_loss(recon[only_steps], target[only_steps]),
+        rtol=1e-14,
+        atol=0,
+    )
+    junk = recon.clone().requires_grad_(True)
+    with torch.no_grad():
+        junk[~only_steps] = 1e6
+    loss = reconstruction_loss(junk, target, mask, steps=steps)
+    torch.testing.assert_close(loss, reconstruction_loss(recon, target, mask, steps=steps))
+    loss.backward()
+    assert torch.all(junk.grad[~only_steps] == 0) and junk.grad[keep].abs().sum() > 0
+    ones = torch.ones(3, 5)  # all steps real: the loss without steps, exactly
+    unmasked = reconstruction_loss(recon, target, mask)
+    assert torch.equal(reconstruction_loss(recon, target, mask, steps=ones), unmasked)
+    with pytest.raises(ValueError, match=r"steps: expected shape \[B, H\]=\[3, 5\], got \[3, 4\]"):
+        reconstruction_loss(recon, target, steps=torch.ones(3, 4))
+
+
+def test_stage_losses_pass_the_steps_to_the_reconstruction():
+    g = torch.Generator().manual_seed(2)
+    b, h, d, dz = 6, 4, 3, 2
+    mu, logvar = torch.randn(b, dz, generator=g), 0.1 * torch.randn(b, dz, generator=g)
+    out = _fake_output(mu.clone(), mu, logvar, torch.randn(b, h, d, generator=g))
+    target = torch.randn(b, h, d, generator=g)
+    steps = (torch.arange(h)[None, :] < torch.tensor([4, 4, 3, 2, 1, 4])[:, None]).float()
+    want = reconstruction_loss(out.recon, target, steps=steps)
+    one = stage1_loss(out, target, generator=torch.Generator().manual_seed(0), steps=steps)
+    assert torch.equal(one.recon, want)
+    assert not torch.equal(want, reconstruction_loss(out.recon, target))
+    prior = LatentPrior.standard_normal(dz)
+    two = stage2_loss(out, target, prior, generator=torch.Generator().manual_seed(0), steps=steps)
+    assert torch.equal(two.recon, want)

@@ -314,3 +314,54 @@ def test_config_refuses_nan_and_inf(field, value):
     """Every comparison is False for NaN: `value <= 0` let `--beta nan` train to NaN weights."""
     with pytest.raises(ValueError, match=f"^{field}: expected a finite value"):
         Stage1Config(device=CPU, **{field: value}).validate()
+
+
+def test_mask_padding_leaves_padded_steps_out_of_training(tmp_path, monkeypatch):
+    """Stage 1 and 2 on ``step_mask=True`` data: each training and validation loss gets
+    every batch's real steps (0 exactly on the padded ones, as the dataset marks them),
+    the logged reconstruction differs from the unmasked run's, and the checkpoint and the
+    resume state record the chunking."""
+    from ate_fast.align import trainer
+
+    kw = dict(n=6, horizon=8, seed=3)
+    masked, plain = _dataset(step_mask=True, **kw), _dataset(**kw)
+    assert masked.padded_chunks > 0
+    seen = []
+    for name in ("stage1_loss", "stage2_loss"):
+        real = getattr(trainer, name)
+
+        def record(out, target, *args, _real=real, **kwargs):
+            seen.append((target.shape, kwargs.get("steps")))
+            return _real(out, target, *args, **kwargs)
+
+        monkeypatch.setattr(trainer, name, record)
+    cfg = dict(epochs=2, batch_size=16, val_fraction=0.3, seed=0, device=CPU, progress=False)
+    recon = {}
+    for name, data in (("masked", masked), ("plain", plain)):
+        seen.clear()
+        out = str(tmp_path / name)
+        res = _quiet(train_stage1, _mlp(horizon=8), data, Stage1Config(out_dir=out, **cfg))
+        recon[name] = res.history[-1]["recon"]
+        steps = [st for _, st in seen]
+        if name == "plain":
+            assert all(st is None for st in steps)
+            continue
+        assert len(steps) > 4 and all(st is not None for st in steps)
+        for shape, st in seen:
+            assert st.shape == shape[:2] and set(st.unique().tolist()) <= {0.0, 1.0}
+            # a chunk's real steps come first: padding only at its end
+            assert torch.equal(st, st.sort(dim=1, descending=True).values)
+        assert any((st == 0).any() for st in steps)  # some batch had padding
+        assert load_checkpoint(out).config["chunking"]["step_mask"] is True
+    assert recon["masked"] != pytest.approx(recon["plain"], rel=1e-6)
+    ckpt = load_checkpoint(tmp_path / "masked")
+    prior = LatentPrior.fit(ckpt.vae, masked, kind="gaussian", batch_size=16)  # triples too
+    seen.clear()
+    cfg2 = dict(cfg, epochs=1)
+    _quiet(train_stage2, ckpt.vae, masked, prior, Stage2Config(out_dir=None, **cfg2))
+    assert seen and all(st is not None for _, st in seen)
+    # resuming with the chunks cut otherwise (the padding now counted) says so
+    part = dict(cfg, out_dir=str(tmp_path / "part"), epochs=3)
+    _quiet(train_stage1, _mlp(horizon=8), masked, Stage1Config(max_steps=1, **part))
+    with pytest.warns(UserWarning, match="resume: the run's chunks were cut as .*step_mask"):
+        _quiet(train_stage1, _mlp(horizon=8), plain, Stage1Config(resume=True, **part))

@@ -175,3 +175,29 @@ def test_normaliser_in_blocks_matches_float64(monkeypatch):
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, ((ref - ref.mean(0)) / ref.std(0)).astype(np.float32))
     np.testing.assert_array_equal(norm.normalize(x.reshape(1, 101, 3)), out.reshape(1, 101, 3))
+
+
+@pytest.mark.parametrize("pad", ["edge", "zero"])
+def test_step_mask_marks_exactly_the_padded_steps(pad):
+    """``step_mask=True``: items gain ``steps [H]``, 0 exactly where a chunk runs past its
+    episode's end (whatever the fill), through items, batched gathers and a loader."""
+    a = np.arange(10, dtype=np.float32).reshape(5, 2)  # 5 steps
+    b = 100 + np.arange(6, dtype=np.float32).reshape(3, 2)  # 3 steps
+    ds = ActionChunkDataset([a, b], horizon=3, normalization="none", pad=pad, step_mask=True)
+    plain = ActionChunkDataset([a, b], horizon=3, normalization="none", pad=pad)
+    want = [[1, 1, 1]] * 3 + [[1, 1, 0], [1, 0, 0]] + [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert [ds[i][2].tolist() for i in range(len(ds))] == want
+    for i in range(len(ds)):  # chunk and mask as without step_mask
+        chunk, mask, steps = ds[i]
+        assert torch.equal(chunk, plain[i][0]) and torch.equal(mask, plain[i][1])
+        assert steps.dtype == torch.float32 and steps.shape == (3,)
+    _, masks, steps = ds.gather([4, 0, 7])
+    assert steps.tolist() == [want[4], want[0], want[7]] and masks.shape == (3, 2)
+    batch = next(iter(DataLoader(ds, batch_size=8, shuffle=False)))
+    assert len(batch) == 3 and batch[2].tolist() == want
+    assert ds.padded_chunks == plain.padded_chunks == 4
+    assert ds.chunking["step_mask"] is True and "step_mask" not in plain.chunking
+    assert "4 chunks padded, padding left out of the loss" in ds.describe()
+    assert "4 chunks padded)" in plain.describe()
+    with pytest.raises(TypeError, match="step_mask: expected a bool, got str"):
+        ActionChunkDataset([a], horizon=3, step_mask="yes")

@@ -54,6 +54,7 @@ FLAGS = {
     "kl_samples": "--kl-samples",
     "init_from": "--init",
     "max_pad": "--max-pad",
+    "step_mask": "--mask-padding",
     "normalization": "--norm",
     "action_dim": "--action-dim",
     "dim_index": "--dims",
@@ -131,6 +132,12 @@ def _add_data_args(
     )
     g.add_argument(
         "--max-pad", type=int, help="most padded steps per chunk (default H-1; 0 = full only)"
+    )
+    g.add_argument(
+        "--mask-padding",
+        action="store_true",
+        help="leave a chunk's padded steps out of the reconstruction loss (LeRobot's "
+        "do_mask_loss_for_padding, ACT's is_pad); default: they count, as the loader fills them",
     )
     g.add_argument(
         "--norm",
@@ -344,6 +351,7 @@ def _dataset(args: argparse.Namespace, horizon: int, stats: Any = None, space: A
         stride=args.stride,
         pad=getattr(args, "pad", "edge"),
         max_pad=getattr(args, "max_pad", None),
+        step_mask=bool(getattr(args, "mask_padding", False)),
         normalization=getattr(args, "norm", None) or "meanstd",
         stats=stats,
         format=args.format,

@@ -1,9 +1,10 @@
 """What the trainers and the prior accept as ``data``, turned into batches.
 
-``data`` may be an :class:`~ate_fast.data.ActionChunkDataset` (items ``(chunk, mask)``),
-any dataset of ``(chunk [H, D], mask [D])`` pairs or of bare chunks ``[H, D]``, or a tensor
-``[N, H, D]`` (e.g. chunks sampled from the pre-trained policy when its data is not
-available).
+``data`` may be an :class:`~ate_fast.data.ActionChunkDataset` (items ``(chunk, mask)``, or
+``(chunk, mask, steps)`` with ``step_mask=True``), any dataset of ``(chunk [H, D], mask
+[D])`` pairs, ``(chunk, mask, steps [H])`` triples (``steps``: 1 on a real step, 0 on
+padding) or bare chunks ``[H, D]``, or a tensor ``[N, H, D]`` (e.g. chunks sampled from
+the pre-trained policy when its data is not available).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-Batch = tuple[Tensor, Optional[Tensor]]
+Batch = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
 
 def as_dataset(data: Any) -> Dataset:
@@ -32,17 +33,19 @@ def as_dataset(data: Any) -> Dataset:
 
 
 def collate_chunks(items: Sequence[Any]) -> Batch:
-    """Stack items into ``(chunks [B, H, D], masks [B, D] or None)``."""
+    """Stack items into ``(chunks [B, H, D], masks [B, D] or None, steps [B, H] or None)``."""
     first = items[0]
     if isinstance(first, Tensor):
-        return torch.stack(list(items)), None
-    if isinstance(first, (tuple, list)) and len(first) == 1:
-        return torch.stack([it[0] for it in items]), None
-    if isinstance(first, (tuple, list)) and len(first) == 2:
-        return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+        return torch.stack(list(items)), None, None
+    if isinstance(first, (tuple, list)) and 1 <= len(first) <= 3:
+        if any(len(it) != len(first) for it in items):
+            raise TypeError("data: items of one batch must all have the same number of parts")
+        parts = [torch.stack([it[i] for it in items]) for i in range(len(first))]
+        return tuple(parts + [None] * (3 - len(parts)))  # type: ignore[return-value]
     raise TypeError(
-        "data: items must be a chunk [H, D] or a pair (chunk [H, D], mask [D]), "
-        f"got {type(first).__name__}"
+        "data: items must be a chunk [H, D], a pair (chunk [H, D], mask [D]) or a triple "
+        f"(chunk [H, D], mask [D], steps [H]), got {type(first).__name__}"
+        + (f" of {len(first)}" if isinstance(first, (tuple, list)) else "")
     )
 
 

@@ -4,7 +4,8 @@
     L2 = SmoothL1(D(z), ã) + β · KL(q(z|ã) ‖ p_pre)   + γ · MMD(q(z), p_pre)      (paper)
     L2 = SmoothL1(D(z), ã) + β · KL(p_pre ‖ q(z|ã))   + γ · MMD(q(z), N(0, I))    (released code)
 
-Reductions follow the released code: reconstruction is the mean over (unmasked) elements,
+Reductions follow the released code: reconstruction is the mean over (unmasked) elements
+(the action-dim mask, and optionally a per-step mask that leaves a chunk's padding out),
 KL the mean over batch and latent elements (a mixture's KL, which does not split by
 element, is divided by ``d_z``), MMD the unbiased estimate between the batch's ``z`` and
 as many prior samples. Every term is computed in float32 (or wider).
@@ -35,11 +36,17 @@ def _f32(t: Tensor) -> Tensor:
 
 # --- reconstruction --------------------------------------------------------------------
 def reconstruction_loss(
-    recon: Tensor, target: Tensor, mask: Optional[Tensor] = None, beta: float = 1.0
+    recon: Tensor,
+    target: Tensor,
+    mask: Optional[Tensor] = None,
+    beta: float = 1.0,
+    steps: Optional[Tensor] = None,
 ) -> Tensor:
-    """SmoothL1 (Huber, threshold ``beta``) averaged over the elements the mask keeps.
+    """SmoothL1 (Huber, threshold ``beta``) averaged over the elements the masks keep.
 
-    ``recon``/``target`` ``[B, H, D]``; ``mask`` ``[D]`` or ``[B, D]`` (1 = a real dim).
+    ``recon``/``target`` ``[B, H, D]``; ``mask`` ``[D]`` or ``[B, D]`` (1 = a real dim);
+    ``steps`` ``[B, H]`` (1 = a real step, 0 = padding past the episode's end: those steps
+    count for nothing, as LeRobot's ``do_mask_loss_for_padding`` and ACT's ``is_pad`` do).
     """
     if recon.shape != target.shape:
         raise ValueError(
@@ -47,9 +54,18 @@ def reconstruction_loss(
         )
     loss = F.smooth_l1_loss(_f32(recon), _f32(target), reduction="none", beta=beta)
     m = check_mask(mask, target.shape[0], target.shape[-1])
-    if m is None:
+    if m is None and steps is None:
         return loss.mean()
-    weight = m.to(loss.dtype).unsqueeze(1).expand_as(loss)
+    weight = torch.ones((), dtype=loss.dtype, device=loss.device)
+    if m is not None:
+        weight = weight * m.to(loss.dtype).unsqueeze(1)
+    if steps is not None:
+        if tuple(steps.shape) != tuple(target.shape[:2]):
+            raise ValueError(
+                f"steps: expected shape [B, H]={list(target.shape[:2])}, got {list(steps.shape)}"
+            )
+        weight = weight * steps.to(loss.dtype).unsqueeze(-1)
+    weight = weight.expand_as(loss)
     return (loss * weight).sum() / weight.sum().clamp_min(1.0)
 
 
@@ -187,9 +203,12 @@ def stage1_loss(
     beta: float = DEFAULT_BETA,
     gamma: float = DEFAULT_GAMMA,
     generator: Optional[torch.Generator] = None,
+    *,
+    steps: Optional[Tensor] = None,
 ) -> LossTerms:
-    """``SmoothL1 + β·KL(q ‖ N(0, I)) + γ·MMD(q(z), N(0, I))``."""
-    recon = reconstruction_loss(out.recon, target, mask)
+    """``SmoothL1 + β·KL(q ‖ N(0, I)) + γ·MMD(q(z), N(0, I))``; ``steps`` ``[B, H]``: the
+    real steps (padding left out of the reconstruction, :func:`reconstruction_loss`)."""
+    recon = reconstruction_loss(out.recon, target, mask, steps=steps)
     kl = kl_loss(out.mu, out.logvar)
     z = _f32(out.z)
     prior_z = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
@@ -208,17 +227,20 @@ def stage2_loss(
     kl_samples: int = 8,
     generator: Optional[torch.Generator] = None,
     prior_variance: Optional[float] = None,
+    *,
+    steps: Optional[Tensor] = None,
 ) -> LossTerms:
     """Stage-2 loss with the stage-1 ``prior``.
 
     ``kl="reverse"`` (paper): ``β·KL(q ‖ p_pre) + γ·MMD(q(z), p_pre)``, the MMD kernel
     scale ``s²`` from the prior's mean marginal variance (pass ``prior_variance`` to
     skip recomputing it every step). ``kl="forward"`` (released code):
-    ``β·KL(p_pre ‖ q) + γ·MMD(q(z), N(0, I))``.
+    ``β·KL(p_pre ‖ q) + γ·MMD(q(z), N(0, I))``. ``steps`` ``[B, H]``: the real steps
+    (padding left out of the reconstruction, :func:`reconstruction_loss`).
     """
     if kl not in KL_DIRECTIONS:
         raise ValueError(f"kl: expected one of {list(KL_DIRECTIONS)}, got {kl!r}")
-    recon = reconstruction_loss(out.recon, target, mask)
+    recon = reconstruction_loss(out.recon, target, mask, steps=steps)
     kl_term = kl_loss(out.mu, out.logvar, prior, kl, kl_samples, generator)
     z = _f32(out.z)
     if kl == "reverse":

@@ -150,14 +150,14 @@ class LatentPrior(nn.Module):
     ) -> LatentPrior:
         """Encode every chunk of ``data`` with ``vae`` (eval mode) and summarise.
 
-        ``data``: a dataset of ``(chunk [H, D], mask [D])`` or of chunks, or a tensor
-        ``[N, H, D]``.
+        ``data``: a dataset of ``(chunk [H, D], mask [D])`` (or ``(chunk, mask, steps)``)
+        or of chunks, or a tensor ``[N, H, D]``.
         """
         was_training = vae.training
         vae.eval()
         device = torch.device(device) if device is not None else next(vae.parameters()).device
         mus, logvars = [], []
-        for a, mask in tqdm(
+        for a, mask, _ in tqdm(  # padded steps are encoded as the loader fills them
             iterate_batches(data, batch_size), desc=f"encoding ({kind} prior)", disable=not progress
         ):
             a = a.to(device)

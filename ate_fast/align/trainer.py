@@ -89,8 +89,10 @@ def train_stage1(
 ) -> TrainResult:
     """Stage 1: fit ``vae`` to pre-training chunks with ``SmoothL1 + β·KL(q‖N(0,I)) + γ·MMD``.
 
-    ``data``: a dataset of ``(chunk [H, D], mask [D])`` (e.g. ``ActionChunkDataset``) or
-    of chunks, or a tensor ``[N, H, D]``. Run under ``torchrun`` for several processes.
+    ``data``: a dataset of ``(chunk [H, D], mask [D])`` (e.g. ``ActionChunkDataset``),
+    of ``(chunk, mask, steps [H])`` (``ActionChunkDataset(..., step_mask=True)``: padded
+    steps left out of the reconstruction loss) or of chunks, or a tensor ``[N, H, D]``.
+    Run under ``torchrun`` for several processes.
     """
     return _AlignTrainer(vae, data, cfg or Stage1Config(), stage=1, prior=None).run()
 
@@ -366,8 +368,8 @@ class _AlignTrainer:
         stop = False
         batches = iter(loader)
         for step in range(first, self.steps_per_epoch):
-            a, mask = next(batches)
-            terms = self._train_step(model, vae, a, mask)
+            a, mask, steps = next(batches)
+            terms = self._train_step(model, vae, a, mask, steps)
             reduced = all_reduce_sum(terms, self.ctx) / self.ctx.world_size
             step_losses.append(reduced[0])
             self._unsaved = True
@@ -431,10 +433,12 @@ class _AlignTrainer:
             self.accum = [s + v for s, v in zip(self.accum, total)]
         self._pending = []
 
-    def _loss(self, out, a: Tensor, mask: Optional[Tensor], generator=None) -> LossTerms:
+    def _loss(
+        self, out, a: Tensor, mask: Optional[Tensor], steps: Optional[Tensor], generator=None
+    ) -> LossTerms:
         cfg = self.cfg
         if self.stage == 1:
-            return stage1_loss(out, a, mask, cfg.beta, cfg.gamma, generator)
+            return stage1_loss(out, a, mask, cfg.beta, cfg.gamma, generator, steps=steps)
         return stage2_loss(
             out,
             a,
@@ -446,18 +450,25 @@ class _AlignTrainer:
             cfg.kl_samples,
             generator,
             prior_variance=self.prior_variance,
+            steps=steps,
         )
 
     def _train_step(
-        self, model: torch.nn.Module, vae: ActionVAE, a: Tensor, mask: Optional[Tensor]
+        self,
+        model: torch.nn.Module,
+        vae: ActionVAE,
+        a: Tensor,
+        mask: Optional[Tensor],
+        steps: Optional[Tensor],
     ) -> Tensor:
         device = self.ctx.device
         a = a.to(device, non_blocking=True)
         mask = None if mask is None else mask.to(device, non_blocking=True)
+        steps = None if steps is None else steps.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = model(a, mask)
         with torch.autocast(device.type, enabled=False):
-            terms = self._loss(out, a, mask)
+            terms = self._loss(out, a, mask, steps)
         self.scaler.scale(terms.total).backward()
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -519,9 +530,10 @@ class _AlignTrainer:
         sums = torch.zeros(8, dtype=torch.float64, device=device)
         was_training = vae.training
         vae.eval()
-        for a, mask in loader:
+        for a, mask, steps in loader:
             a = a.to(device)
             mask = None if mask is None else mask.to(device)
+            steps = None if steps is None else steps.to(device)
             b = a.shape[0]
             with torch.autocast(
                 device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
@@ -530,10 +542,10 @@ class _AlignTrainer:
                 recon_mu = vae.decode(out.mu)
             with torch.autocast(device.type, enabled=False):
                 if b >= 2:  # the unbiased MMD needs two samples
-                    t = self._loss(out, a, mask, gen)
+                    t = self._loss(out, a, mask, steps, gen)
                     sums[0:4] += torch.stack([t.total, t.recon, t.kl, t.mmd]).double() * b
                     sums[4] += b
-                sums[5] += reconstruction_loss(recon_mu, a, mask).double() * b
+                sums[5] += reconstruction_loss(recon_mu, a, mask, steps=steps).double() * b
                 sums[6] += self.metric_prior.log_prob(out.mu.float()).double().sum()
                 sums[7] += b
         vae.train(was_training)
@@ -600,6 +612,7 @@ class _AlignTrainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": [m for _, m in everyone],
                 "world_size": self.ctx.world_size,
+                "chunking": self.chunking,
             }
             save_resume_state(self.out_dir / RESUME_FILE, tensors, meta)
             save_checkpoint(
@@ -648,6 +661,12 @@ class _AlignTrainer:
                     f"the result will differ from an uninterrupted run",
                     stacklevel=3,
                 )
+        if meta.get("chunking", self.chunking) != self.chunking:  # e.g. --mask-padding changed
+            warnings.warn(
+                f"resume: the run's chunks were cut as {meta['chunking']}, now as "
+                f"{self.chunking}; the result will differ from an uninterrupted run",
+                stacklevel=3,
+            )
         rank = self.ctx.rank
         if meta["world_size"] == self.ctx.world_size:
             mine = {

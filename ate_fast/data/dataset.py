@@ -41,8 +41,11 @@ class ActionChunkDataset(Dataset):
     """Action chunks of horizon ``H`` cut from episodes, normalised, in a unified dim ``D``.
 
     Item ``i`` is ``(chunk [H, D] float32, mask [D] float32)``; the mask is 1 on the dims
-    the data has (see :class:`~ate_fast.data.action_space.ActionSpaceMap`). A batch of
-    indices is gathered in one vectorised lookup (``__getitems__``).
+    the data has (see :class:`~ate_fast.data.action_space.ActionSpaceMap`). With
+    ``step_mask=True`` it is ``(chunk, mask, steps [H] float32)``, ``steps`` 1 on the
+    episode's own steps and 0 on the padding past its end (LeRobot's ``action_is_pad``,
+    negated): the align trainers then leave padded steps out of the reconstruction loss. A
+    batch of indices is gathered in one vectorised lookup (``__getitems__``).
 
     Args:
         source: a path or list of paths (any format :func:`~ate_fast.data.read_episodes`
@@ -53,6 +56,7 @@ class ActionChunkDataset(Dataset):
             the last action (LeRobot, Diffusion Policy), ``"zero"`` puts 0 in normalised
             space (the dataset mean for ``meanstd``).
         max_pad: the most padded steps per chunk (default ``H − 1``; 0 = full chunks only).
+        step_mask: also return which steps are real (see above).
         normalization: ``"meanstd"``, ``"minmax"`` (to [−1, 1]) or ``"none"``; fitted on
             every frame of every episode, ignored when ``stats`` is given.
         stats: a fitted :class:`Normalizer` (or its ``to_dict()``) to reuse, e.g. the
@@ -70,6 +74,7 @@ class ActionChunkDataset(Dataset):
         stride: int = 1,
         pad: str = "edge",
         max_pad: Optional[int] = None,
+        step_mask: bool = False,
         normalization: str = "meanstd",
         stats: Union[Normalizer, dict, None] = None,
         action_dim: Optional[int] = None,
@@ -80,12 +85,17 @@ class ActionChunkDataset(Dataset):
     ) -> None:
         if pad not in PAD_MODES:
             raise ValueError(f"pad: expected one of {list(PAD_MODES)}, got {pad!r}")
+        if not isinstance(step_mask, bool):
+            raise TypeError(f"step_mask: expected a bool, got {type(step_mask).__name__}")
         episodes = _as_episodes(source, format, key, filter_key)
         lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
         self.horizon = int(horizon)
         self.pad = pad
         # how the chunks were cut, saved with checkpoints so the prior re-cuts them the same way
         self.chunking = {"horizon": self.horizon, "stride": stride, "pad": pad, "max_pad": max_pad}
+        if step_mask:  # recorded only when set: checkpoints without it read as before
+            self.chunking["step_mask"] = True
+        self.step_mask = step_mask
         self.episode_names = [ep.name for ep in episodes]
         self.episode_lengths = lengths
         self._episode_of_chunk, offsets = chunk_starts(lengths, self.horizon, stride, max_pad)
@@ -138,8 +148,9 @@ class ActionChunkDataset(Dataset):
         return int(self._chunk_first.shape[0])
 
     # --- access ------------------------------------------------------------------------
-    def gather(self, indices: Union[Sequence[int], np.ndarray]) -> tuple[Tensor, Tensor]:
-        """Chunks ``[B, H, D]`` and masks ``[B, D]`` for ``B`` indices, in one lookup."""
+    def gather(self, indices: Union[Sequence[int], np.ndarray]) -> tuple[Tensor, ...]:
+        """Chunks ``[B, H, D]`` and masks ``[B, D]`` for ``B`` indices, in one lookup (and,
+        with ``step_mask``, the real steps ``[B, H]``: 0 on padding)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1:
             raise ValueError(f"indices: expected a 1-D list, got shape {idx.shape}")
@@ -152,15 +163,16 @@ class ActionChunkDataset(Dataset):
             chunk[rows > last] = 0.0
         chunk = self.action_space.embed(chunk)
         mask = self.mask.expand(idx.shape[0], -1)
-        return torch.from_numpy(np.ascontiguousarray(chunk)), mask
+        chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        if not self.step_mask:
+            return chunk, mask
+        return chunk, mask, torch.from_numpy((rows <= last).astype(np.float32))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        chunk, mask = self.gather([int(index)])
-        return chunk[0], mask[0]
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return tuple(t[0] for t in self.gather([int(index)]))
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
-        chunk, mask = self.gather(indices)
-        return list(zip(chunk.unbind(0), mask.unbind(0)))
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, ...]]:
+        return list(zip(*(t.unbind(0) for t in self.gather(indices))))
 
     def describe(self) -> str:
         """One line for logs: episodes, chunks, dims, normalisation, and the episodes too
@@ -176,5 +188,11 @@ class ActionChunkDataset(Dataset):
             f"{self.num_episodes} episodes ({int(self.episode_lengths.min())}-"
             f"{int(self.episode_lengths.max())} steps){short}, {len(self)} chunks of "
             f"H={self.horizon}, D_r={self.raw_action_dim} -> D={self.action_dim}, "
-            f"{self.normalizer.kind} norm, {self.pad} padding"
+            f"{self.normalizer.kind} norm, {self.pad} padding ({self.padded_chunks} chunks "
+            f"padded{', padding left out of the loss' if self.step_mask else ''})"
         )
+
+    @property
+    def padded_chunks(self) -> int:
+        """How many chunks run past their episode's end (have padded steps)."""
+        return int((self._chunk_first + self.horizon - 1 > self._chunk_last).sum())
