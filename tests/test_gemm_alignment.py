@@ -45,6 +45,8 @@ def _leading_dim_aligned(t: torch.Tensor) -> bool:
     """A GEMM operand [.., r, c] (row- or column-major): its leading dimension, its batch
     stride and its start on 16-byte boundaries."""
     size, (s0, s1) = t.element_size(), t.stride()[-2:]
+    if 1 in t.shape[-2:]:  # one row or column: no second one to address, any leading dim
+        s0, s1 = 16 // size, 1
     ld = s0 if s1 == 1 or t.shape[-1] == 1 else s1 if s0 == 1 or t.shape[-2] == 1 else None
     batch_ok = t.dim() < 3 or t.shape[-3] == 1 or (t.stride(-3) * size) % 16 == 0
     return ld is not None and (ld * size) % 16 == 0 and batch_ok and t.data_ptr() % 16 == 0
@@ -184,3 +186,70 @@ def test_autocast_keeps_the_plain_products():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         dp, scores = score_products(dog, q, k, v)
     assert dp.dtype == scores.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("latent", ["mean", "sample"])
+def test_encoder_vjp_gemms_read_and_write_aligned_rows(monkeypatch, dtype, latent):
+    """The hand-written VJP through the paper's Transformer encoder (the ``vjp`` path: B ≥
+    2 on CUDA past the half-precision batch limit, and the CPU) at T = H + 2 = 7 tokens, 14
+    bytes per bf16 row as the paper's 52 tokens give 104: every GEMM that reads or writes
+    a score-sized matrix [B, heads, Tq, T] (q·kᵀ, p·v, do·vᵀ, ds·k, dsᵀ·q, pᵀ·do per layer)
+    does so on 16-byte-aligned rows, and the gradient is bitwise the one of the plain
+    products (the buffers switched off)."""
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer import transformer_vjp
+
+    torch.manual_seed(0)
+    horizon, layers = 5, 3
+    # no other size equal to T = 7 or its padded 8 (a GEMM of it would count as score-sized)
+    vae = ActionVAE(3, horizon, latent_dim=12, arch="transformer", d_model=64, num_heads=4,
+                    ff_dim=40, num_layers=layers).to(dtype)  # fmt: skip
+    vae.eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, horizon, 3, generator=gen).to(dtype)
+    target = torch.randn(3, 12, generator=gen).to(dtype)
+    eps = torch.randn(3, 12, generator=gen).to(dtype) if latent == "sample" else None
+
+    def grad() -> torch.Tensor:
+        with torch.no_grad():
+            return transformer_vjp.transformer_latent_gradient(vae.encoder, x, target, eps=eps)
+
+    recorder = _Recorder()
+    with recorder:
+        got = grad()
+    tokens = horizon + 2
+    scored = [ts for ts in recorder.gemms if any(_score_sized(t, tokens) for t in ts)]
+    assert len(scored) == 6 * layers  # the last layer's on its 1 or 2 query rows
+    for tensors in scored:  # float32's 28-byte rows are padded too
+        shapes = [(tuple(t.shape), t.stride()) for t in tensors]
+        assert all(_leading_dim_aligned(t) for t in tensors), shapes
+    monkeypatch.setattr(transformer_vjp, "_score_buffer", lambda like, shape=None: None)
+    plain = grad()
+    assert got.abs().max() > 0 and torch.equal(got, plain)
+
+
+@pytest.mark.cuda
+def test_paper_encoder_vjp_takes_no_unaligned_gemm_kernel():
+    """The paper's Transformer encoder (9 layers, d_model 512, H = 50: 52 tokens) in bf16
+    at B = 16 (the torch VJP's batches) on the GPU: its gradient's kernels include no
+    cuBLAS / CUTLASS kernel for fewer than 16 bytes per load (104-byte rows before)."""
+    from ate_fast.align import ActionVAE
+    from ate_fast.steer.transformer_vjp import transformer_latent_gradient
+
+    torch.manual_seed(0)
+    vae = ActionVAE(32, 50, latent_dim=128, arch="transformer").to("cuda", torch.bfloat16)
+    vae.eval()
+    x = torch.randn(16, 50, 32, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn(16, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        transformer_latent_gradient(vae.encoder, x, target)  # warm-up: cuBLAS's heuristics
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            g = transformer_latent_gradient(vae.encoder, x, target)
+            torch.cuda.synchronize()
+    assert torch.isfinite(g).all() and g.abs().max() > 0
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names, "the profiler recorded no kernel"
+    unaligned = sorted({n for n in names if any(f"_align{a}" in n for a in (1, 2, 4))})
+    assert not unaligned, unaligned

@@ -52,6 +52,14 @@ and sm_90; on an H200 (2026-12-04, ``bench_transformer_guidance.py``, each path 
 from a CUDA graph, the paper's 9-layer encoder) the gradient took 0.61 ms against the VJP's
 0.97 ms in bf16 at B = 1 (1.58×) and 1.58 vs 1.63 ms in float32 (1.03×); at B = 8 and 64
 (float32) the VJP was faster (1.06×, 1.53×), and bf16 at B = 8 was not reached.
+
+The torch path's score-sized matrices [B, heads, Tq, T] (the scores, ``p``, ``dp``,
+``ds``) are written into rows padded to 16 bytes where an ``out=`` write may run, and
+``q``, ``k``, ``v`` are made head-major once (``kᵀ``, ``vᵀ`` then transposed views, not
+copies into rows of T elements): at the paper's T = 52 tokens a bf16 / fp16 row is 104
+bytes, which leaves cuBLAS its two-element-aligned kernels (as π0's 866-key rows did on an
+H200, :mod:`ate_fast.models.gemm_alignment`). The products are bitwise unchanged
+(``tests/test_gemm_alignment.py``); not measured on a GPU yet.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models.cpu_gemm import linear, times_weight
+from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.module_checks import plain_tree
 from ate_fast.ops import backends
 
@@ -202,6 +211,35 @@ def _merge(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, nh * hd)
 
 
+def _score_buffer(like: Tensor, shape: Optional[tuple] = None) -> Optional[Tensor]:
+    """An ``out=`` buffer of ``shape`` (default ``like``'s) [B, nh, Tq, T] for a
+    score-sized attention matrix, its rows padded to 16 bytes — at the paper's T = H + 2 =
+    52 tokens a bf16 row is 104 bytes, and cuBLAS takes its two-element-aligned kernels for
+    a batched GEMM that reads or writes such rows (:mod:`ate_fast.models.gemm_alignment`);
+    None (a plain result) where an ``out=`` write may not run (autograd records, a
+    transform, a trace, autocast) or pads nothing (float32 at 52 tokens: 208 bytes)."""
+    shape = tuple(like.shape) if shape is None else shape
+    if (shape[-1] * like.element_size()) % 16 == 0 or not aligned_writes_may_run(like):
+        return None
+    return aligned_rows(shape, like)
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """``a·b`` [B, nh, Tq, T] (``b`` a transposed [B, nh, T, hd]), into a
+    :func:`_score_buffer` where it pads."""
+    buffer = _score_buffer(a, (*a.shape[:-1], b.shape[-1]))
+    return a @ b if buffer is None else torch.matmul(a, b, out=buffer)
+
+
+def _softmax(scores: Tensor) -> Tensor:
+    """``softmax`` over the last dim of ``scores``, into a :func:`_score_buffer` where it
+    pads (``p`` is the A operand of ``p·v`` and of the backward's products)."""
+    buffer = _score_buffer(scores)
+    if buffer is None:
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, out=buffer)
+
+
 def _layer_forward(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[int]):
     """Post-norm layer on ``h`` [B, T, d]; output rows ``[:rows]`` only when ``rows`` is set
     (keys and values still from all T tokens) -> ``(out [B, rows or T, d], saved)``."""
@@ -215,9 +253,12 @@ def _layer_forward(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[
         hq = h[:, :rows]
         q = linear(hq, w_in[:d], b_in[:d])
         k, v = linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
-    q, k, v = _heads(q, nh), _heads(k, nh), _heads(v, nh)
+    # head-major copies, made once: each is a GEMM operand twice (forward and backward),
+    # and kᵀ, vᵀ then stay transposed views (row stride hd); a strided view would be copied
+    # by every matmul, kᵀ and vᵀ into rows of T elements (misaligned: _score_buffer)
+    q, k, v = _heads(q, nh).contiguous(), _heads(k, nh).contiguous(), _heads(v, nh).contiguous()
     scale = 1.0 / math.sqrt(d // nh)
-    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # [B, nh, Tq, T]
+    p = _softmax(_product(q, k.transpose(-1, -2)) * scale)  # [B, nh, Tq, T]
     o = _merge(p @ v)
     h1, n1 = _norm(hq + linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
     pre = linear(h1, layer.linear1.weight, layer.linear1.bias)
@@ -236,8 +277,10 @@ def _layer_backward(grad: Tensor, extra: Optional[Tensor], saved: tuple) -> Tens
     dpre = _activation_backward(times_weight(dr2, layer.linear2.weight), pre, layer.activation)
     dr1 = _norm_backward(dr2 + times_weight(dpre, layer.linear1.weight), n1)
     do = _heads(times_weight(dr1, attn.out_proj.weight), nh)  # [B, nh, Tq, hd]
-    dp = do @ v.transpose(-1, -2)
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale  # softmax backward
+    dp = _product(do, v.transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))  # softmax backward
+    buffer = _score_buffer(ds)
+    ds = ds * scale if buffer is None else torch.mul(ds, scale, out=buffer)
     dq, dk, dv = _merge(ds @ k), _merge(ds.transpose(-1, -2) @ q), _merge(p.transpose(-1, -2) @ do)
     w_in = attn.in_proj_weight
     if rows is None:
