@@ -284,6 +284,7 @@ CLI_CASES = [
     ("tune --head mlp --random-init --device cpu --rounds 0 --out {out}.json", "--rounds must be >= 1, got 0"),
     ("tune --head mlp --random-init --device cpu --min-gain 2 --out {out}.json", "--min-gain must be a fraction < 1, got 2.0"),
     ("tune --head mlp --random-init --device cpu --out {prior}", "exists (pass --overwrite to replace it)"),
+    ("tune --head mlp --random-init --device cpu --exclude flex --out {out}.json", "--exclude: expected 'VAR=path'"),
 ]  # fmt: skip
 
 

@@ -344,8 +344,8 @@ def test_median_seconds_times_a_real_call():
 
 def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
     """``ate-fast tune`` on the CPU: a flow transformer guided through a Transformer-encoder
-    align checkpoint; the encoder's gradient paths are choices, every option's output
-    matches the baseline's, and the file it writes loads."""
+    align checkpoint; the encoder's gradient paths are choices (but the one ``--exclude``
+    names), every option's output matches the baseline's, and the file it writes loads."""
     from ate_fast.align import ActionVAE, save_checkpoint
     from ate_fast.cli import main
 
@@ -359,14 +359,14 @@ def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
         "--set", "action_dim=3", "--set", "depth=2", "--steps", "3", "--device", "cpu",
         "--batch", "2", "--cond-len", "5", "--cond-as", "kv-cache", "--guidance-vae",
         str(tmp_path / "vae"), "--rounds", "2", "--warmup", "1", "--no-progress",
-        "--out", str(out),
+        "--exclude", "ATE_FAST_TRANSFORMER_GUIDANCE=autograd", "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "kept:" in printed and f"wrote {out}" in printed
     document = json.loads(out.read_text())
     tried = {(t["choice"], tuple(t["settings"].values())) for t in document["trials"]}
-    assert ("ATE_FAST_TRANSFORMER_GUIDANCE", ("autograd",)) in tried
+    assert ("ATE_FAST_TRANSFORMER_GUIDANCE", ("autograd",)) not in tried  # --exclude
     assert ("ATE_FAST_TRANSFORMER_GUIDANCE", ("vjp",)) in tried
     other = "onednn" if cpu_gemm.selected_gemm() == "aten" else "aten"  # auto's is the baseline
     assert ("ATE_FAST_CPU_GEMM", (other,)) in tried

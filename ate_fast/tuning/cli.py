@@ -60,17 +60,23 @@ def register(subparsers: Any) -> None:
         help="max |Δ| / max|baseline| an option's output may differ by",
     )  # fmt: skip
     t.add_argument("--budget-s", type=float, help="stop trying options after this many s")
+    t.add_argument(
+        "--exclude", action="append", default=[], metavar="VAR=path",
+        help="a path not to try, e.g. ATE_FAST_PREFIX_ATTENTION=flex (its torch.compile per "
+        "trial takes minutes); repeat for more",
+    )  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=with_flag_names(TUNE_FLAGS)(_cmd_tune))
 
 
-TUNE_FLAGS = {**FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s"}
+TUNE_FLAGS = {**FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s", "exclude": "--exclude"}
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
     from ate_fast.tuning import autotune
+    from ate_fast.tuning.switches import default_choices
 
     check_output_file(args.out, args.overwrite)  # before the minutes of tuning
     require_weights(args)
@@ -78,6 +84,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     for flag, value, low in (("--batch", args.batch, 1), ("--rounds", args.rounds, 1),
                              ("--warmup", args.warmup, 0)):  # fmt: skip
         check_int(flag, value, low)  # before the model is built
+    default_choices(device.type, exclude=tuple(args.exclude))  # --exclude checked up front
     dtype = getattr(torch, args.dtype)
     try:
         head = load_head(args).to(device=device, dtype=dtype)
@@ -101,7 +108,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         build, rounds=args.rounds, warmup=args.warmup, min_gain=args.min_gain,
         tolerance=args.tolerance, guided=guidance is not None,
         transformer_encoder=encoder == "transformer", budget_s=args.budget_s,
-        progress=not args.no_progress,
+        exclude=tuple(args.exclude), progress=not args.no_progress,
     )  # fmt: skip
     print(result.summary())
     path = result.save(args.out)
