@@ -285,6 +285,8 @@ CLI_CASES = [
     ("tune --head mlp --random-init --device cpu --min-gain 2 --out {out}.json", "--min-gain must be a fraction < 1, got 2.0"),
     ("tune --head mlp --random-init --device cpu --out {prior}", "exists (pass --overwrite to replace it)"),
     ("tune --head mlp --random-init --device cpu --exclude flex --out {out}.json", "--exclude: expected 'VAR=path'"),
+    ("settings {out}.missing.json", "settings file not found"),
+    ("settings {prior}", "not a JSON settings file"),
 ]  # fmt: skip
 
 

@@ -274,6 +274,33 @@ def test_save_and_load_round_trip(tmp_path):
         load_settings(tmp_path / "missing.json")
 
 
+def test_settings_command_prints_them_for_a_shell_and_a_service(tmp_path, capsys):
+    """``ate-fast settings FILE``: ``export`` lines a POSIX shell evaluates back to the
+    file's settings (a value with spaces and quotes survives), or ``VAR=value`` lines
+    (``--format env``), with what they were measured on as comments; the device check."""
+    import shlex
+    import subprocess
+
+    from ate_fast.cli import main
+    from ate_fast.tuning.settings import save_settings
+
+    tiles = "ATE_FAST_SPLIT_KV_TILES"
+    settings = {ATTN: "split_kv", tiles: "block_q=32, block_k='32'"}
+    path = save_settings(tmp_path / "tuned.json", settings, device="NVIDIA H200")
+    assert main(["settings", str(path)]) == 0
+    shell = capsys.readouterr().out
+    assert "# device: NVIDIA H200" in shell and f"export {ATTN}=split_kv" in shell
+    script = shell + "".join(f'printf "%s\\n" "${var}"\n' for var in settings)
+    echoed = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert echoed.stdout.splitlines() == list(settings.values())
+    assert main(["settings", str(path), "--format", "env"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("#")]
+    assert lines == [f"{var}={value}" for var, value in settings.items()]
+    with pytest.warns(UserWarning, match="tuned on NVIDIA H200, this is cpu"):
+        assert main(["settings", str(path), "--device", "cpu"]) == 0
+    assert shlex.split(shell.splitlines()[-1])[1] == f"{tiles}={settings[tiles]}"
+
+
 def _captured_sampler_build(head, calls: list):
     """``build()`` of a captured flow Euler loop (3 steps) with a prefix cache, recording
     how many times the split-key attention ran while it was captured and first called."""

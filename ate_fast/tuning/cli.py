@@ -8,7 +8,9 @@ captured sampler at the deployed shape, measured on this machine, saved as JSON.
 The head, sampler and guidance flags are ``ate-fast export onnx``'s. Timing does not
 depend on the weights, so ``--random-init`` tunes for any checkpoint of that config; the
 output is checked against the baseline's either way. Deploy with
-``with ate_fast.apply_settings(ate_fast.load_settings("tuned.json")): captured = ...``.
+``with ate_fast.apply_settings(ate_fast.load_settings("tuned.json")): captured = ...``,
+or, for a process started by a shell or a service manager, ``ate-fast settings
+tuned.json`` (``export`` lines; ``--format env``: ``VAR=value`` lines).
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=with_flag_names(TUNE_FLAGS)(_cmd_tune))
+    show = subparsers.add_parser(
+        "settings",
+        help="print a tuned settings file's variables for a shell or a service's environment",
+    )
+    show.add_argument("file", help="the JSON settings file (ate-fast tune --out)")
+    show.add_argument(
+        "--format", choices=SETTINGS_FORMATS, default="shell",
+        help="shell: 'export VAR=value' lines (eval \"$(ate-fast settings F)\"); env: "
+        "VAR=value lines (systemd EnvironmentFile=, docker --env-file)",
+    )  # fmt: skip
+    show.add_argument(
+        "--device", type=device_flag,
+        help="warn (on stderr) if the file was tuned on another GPU than this one",
+    )  # fmt: skip
+    show.set_defaults(func=_cmd_settings)
+
+
+SETTINGS_FORMATS = ("shell", "env")
 
 
 TUNE_FLAGS = {**FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s", "exclude": "--exclude"}
@@ -113,4 +133,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print(result.summary())
     path = result.save(args.out)
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ate_fast.tuning.settings import load_settings, read_document
+
+    device = None if args.device is None else require_device(args.device)
+    settings = load_settings(args.file, device=device)  # checked; warns on another GPU
+    document = read_document(args.file)
+    for key in ("device", "torch", "ate_fast"):  # what it was measured on, as a comment
+        if document.get(key) is not None:
+            print(f"# {key}: {document[key]}")
+    for var, value in settings.items():
+        if args.format == "shell":
+            print(f"export {var}={shlex.quote(value)}")
+        else:  # systemd / docker take the rest of the line as the value: no quoting there
+            if "\n" in value:
+                raise CommandLineError(f"{args.file}: {var}'s value spans lines: {value!r}")
+            print(f"{var}={value}")
     return 0

@@ -96,7 +96,7 @@ def read_document(path: PathLike) -> dict[str, Any]:
         document = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"settings file not found: {path}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # text, or another kind of file
         raise InvalidArgumentError(f"{path}: not a JSON settings file ({exc})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
