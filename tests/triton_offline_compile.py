@@ -35,14 +35,12 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from ate_fast.argument_checks import int_pairs
 from ate_fast.models import block_epilogues_triton as fb
 from ate_fast.models import fused_mlp, split_kv_attention
 from ate_fast.models import fused_mlp_triton as fm
 from ate_fast.models import l2_prefetch_triton as lp
 from ate_fast.models import skinny_gemm_triton as sg
 from ate_fast.models import split_kv_attention_triton as sk
-from ate_fast.models.split_kv_attention import TILE_FIELDS
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
 from ate_fast.steer import transformer_triton as tt
@@ -403,7 +401,7 @@ def split_kv_variants(target) -> int:
                 options, spill_free=store != "fp64",
             )  # fmt: skip
         for tiles_text in _tuned_split_kv_tiles() if store in ("bf16", "fp16") else ():
-            fields = dict(int_pairs(split_kv_attention.TILES_VAR, tiles_text, TILE_FIELDS))
+            fields = dict(split_kv_attention._parsed_tiles(tiles_text))  # as the path parses it
             t = dataclasses.replace(tiles, **fields)
             if (t.block_q, t.block_k, t.warps, t.stages) != (
                 tiles.block_q, tiles.block_k, tiles.warps, tiles.stages

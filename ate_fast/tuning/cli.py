@@ -139,11 +139,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import shlex
 
-    from ate_fast.tuning.settings import load_settings, read_document
+    from ate_fast.tuning.settings import read_document, warn_if_tuned_elsewhere
 
     device = None if args.device is None else require_device(args.device)
-    settings = load_settings(args.file, device=device)  # checked; warns on another GPU
-    document = read_document(args.file)
+    document = read_document(args.file)  # checked
+    warn_if_tuned_elsewhere(args.file, document, device)
+    settings = document["settings"]
     for key in ("device", "torch", "ate_fast"):  # what it was measured on, as a comment
         if document.get(key) is not None:
             print(f"# {key}: {document[key]}")

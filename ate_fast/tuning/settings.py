@@ -110,6 +110,16 @@ def load_settings(path: PathLike, device: Optional[torch.device] = None) -> dict
     ``device``: warn where they were measured on another device (they stay valid there,
     only perhaps not the fastest)."""
     document = read_document(path)
+    warn_if_tuned_elsewhere(path, document, device, stacklevel=3)
+    return document["settings"]
+
+
+def warn_if_tuned_elsewhere(
+    path: PathLike, document: Mapping[str, Any], device: Optional[torch.device], stacklevel=2
+) -> None:
+    """Warn where ``document`` (:func:`read_document` of ``path``) was measured on another
+    device than ``device`` (None: no check). The settings stay valid there, only perhaps not
+    the fastest."""
     measured_on = document.get("device")
     if device is not None and measured_on is not None:
         here = device_name(torch.device(device))
@@ -117,6 +127,5 @@ def load_settings(path: PathLike, device: Optional[torch.device] = None) -> dict
             warnings.warn(
                 f"{path}: these settings were tuned on {measured_on}, this is {here}: they "
                 "work here but may not be the fastest (run ate_fast.tuning.autotune again)",
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
-    return document["settings"]
