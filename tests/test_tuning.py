@@ -86,8 +86,8 @@ class Workload:
         return run.seconds
 
 
-def tune(workload: Workload, choices, **kwargs):
-    return autotune(workload.build, choices, timer=workload.timer, progress=False, **kwargs)
+def tune(fake: Workload, choices, **kwargs):
+    return autotune(fake.build, choices, timer=fake.timer, progress=False, **kwargs)
 
 
 def test_keeps_the_fastest_option_of_each_choice_on_top_of_the_winners():
@@ -206,6 +206,7 @@ def test_bad_arguments_name_the_argument():
     assert not w.builds  # refused before the first build
     with pytest.raises(InvalidArgumentError, match=r"choices\[1\]: expected an ate_fast.tuning"):
         tune(w, [ATTENTION, {ATTN: "flex"}])
+    assert not w.builds  # the choices too
     with pytest.raises(InvalidArgumentError, match="build: expected a callable"):
         autotune("sampler", progress=False)
     with pytest.raises(InvalidArgumentError, match="build: the call it returns must return a"):
@@ -461,3 +462,148 @@ def test_every_default_cuda_path_runs_and_matches_in_a_capture():
     tried = {t.choice for t in result.trials}
     assert {ATTN, MLP, EPI, "ATE_FAST_L2_PREFETCH", "ATE_FAST_SKINNY_GEMM"} <= tried
     assert all(t.error <= 1e-2 for t in result.trials)
+
+
+class Interrupting(Workload):
+    """A :class:`Workload` whose build raises KeyboardInterrupt (a killed or Ctrl-C'd search)
+    the first time ``stop_at`` is in force."""
+
+    def __init__(self, stop_at, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_at, self.stopped = stop_at, False
+
+    def build(self):
+        if not self.stopped and self.stop_at in self.state():
+            self.stopped = True
+            raise KeyboardInterrupt
+        return super().build()
+
+
+FACTORS = {(ATTN, "flex"): 0.7, (ATTN, "split_kv"): 0.8, (MLP, "persistent"): 0.9}
+
+
+def test_an_interrupted_search_resumes_from_its_journal(tmp_path):
+    """Cut off at the fused MLP's trial, the search has every finished trial on disk; run
+    again with the journal it builds the baseline once (untimed) and only the options left,
+    takes the rest as recorded, and ends where an uninterrupted search ends."""
+    journal = tmp_path / "tune.journal"
+    whole = tune(Workload(FACTORS), [ATTENTION, FUSED])
+    w = Interrupting((MLP, "persistent"), FACTORS)
+    with pytest.raises(KeyboardInterrupt):
+        tune(w, [ATTENTION, FUSED], journal=journal, workload={"head": "small"})
+    assert os.environ.get(ATTN) is None  # restored on the way out
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + 3  # the header and the three attention trials, flushed
+    assert [json.loads(line)["option"] for line in lines[1:]] == [
+        dict(o) for o in ATTENTION.options
+    ]
+
+    again = Workload(FACTORS)
+    result = tune(again, [ATTENTION, FUSED], journal=journal, workload={"head": "small"})
+    assert result.settings == whole.settings == {ATTN: "flex", MLP: "persistent"}
+    assert result.tuned_s == pytest.approx(whole.tuned_s)
+    searched = [set(b.items()) for b in again.builds[:2]]
+    assert searched == [set(), {(ATTN, "flex"), (MLP, "persistent")}]  # baseline, the MLP only
+    assert len(again.builds) == 2 + 4  # and the alternating re-timing, afresh
+    assert [t.resumed for t in result.trials if t.status != "confirm"] == [True] * 4 + [False]
+    assert [t.status for t in result.trials] == [t.status for t in whole.trials]
+    assert "(journal)" in result.summary()
+    assert len(journal.read_text().splitlines()) == 1 + 4  # the MLP's trial appended
+
+
+def test_a_resumed_search_takes_failures_and_reclassifies_errors(tmp_path):
+    """A failed trial is not rebuilt; a recorded output error is judged by this run's
+    tolerance; a recorded trial is taken even after the time budget has run out."""
+    journal = tmp_path / "tune.journal"
+    w = Workload(FACTORS, offsets={(ATTN, "flex"): 0.05}, fails={(ATTN, "split_kv")})
+    first = tune(w, [ATTENTION], journal=journal)
+    status = {t.settings.get(ATTN): t.status for t in first.trials}
+    assert status["flex"] == "differs" and status["split_kv"] == "failed"
+    again = Workload(FACTORS, offsets={(ATTN, "flex"): 0.05}, fails={(ATTN, "split_kv")})
+    with mock.patch("ate_fast.tuning.search.time.monotonic", side_effect=[0.0] + [10.0] * 20):
+        result = tune(again, [ATTENTION, FUSED], journal=journal, tolerance=0.1, budget_s=1.0)
+    searched = [t for t in result.trials if t.status != "confirm"]
+    status = {t.settings.get(ATTN, t.settings.get(MLP)): t.status for t in searched}
+    assert status["flex"] == "kept"  # 0.05 is within 0.1
+    assert status["split_kv"] == "failed" and status["persistent"] == "skipped"
+    failed = next(t for t in result.trials if t.status == "failed")
+    assert failed.resumed and "RuntimeError: cannot run" in failed.reason
+    assert [set(b.items()) for b in again.builds][:1] == [set()]  # no attention option built
+
+
+def test_a_journal_of_another_run_is_refused_by_name(tmp_path):
+    journal = tmp_path / "tune.journal"
+    tune(Workload(FACTORS), [ATTENTION], journal=journal, workload={"batch": 1})
+    cases = [
+        (dict(workload={"batch": 8}), r"workload \{'batch': 1\} \(now \{'batch': 8\}\)"),
+        (dict(workload={"batch": 1}, rounds=5), "rounds 20 \\(now 5\\)"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(InvalidArgumentError, match=match):
+            tune(Workload(FACTORS), [ATTENTION], journal=journal, **kwargs)
+    other = Workload(FACTORS, offsets={})
+    other.build = lambda: lambda: torch.zeros(2, 3)  # another call's output
+    with pytest.raises(InvalidArgumentError, match="records a baseline output of shape \\(2, 3\\)"):
+        tune(other, [ATTENTION], journal=journal, workload={"batch": 1})
+    for text, match in (("not json\n", "line 1 is not JSON"), ('{"format": "x"}\n', "format")):
+        bad = tmp_path / "bad.journal"
+        bad.write_text(text)
+        with pytest.raises(InvalidArgumentError, match=match):
+            tune(Workload(FACTORS), [ATTENTION], journal=bad)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    with pytest.raises(InvalidArgumentError, match="is not a tuning journal"):
+        tune(Workload(FACTORS), [ATTENTION], journal=bad)
+    with pytest.raises(InvalidArgumentError, match="journal: expected a file path"):
+        tune(Workload(FACTORS), [ATTENTION], journal=tmp_path)
+    with pytest.raises(InvalidArgumentError, match="workload: expected a mapping"):
+        tune(Workload(FACTORS), [ATTENTION], workload=[1])
+
+
+def test_a_line_cut_off_mid_write_is_dropped_and_appends_stay_whole(tmp_path):
+    journal = tmp_path / "tune.journal"
+    with pytest.raises(KeyboardInterrupt):
+        tune(Interrupting((MLP, "persistent"), FACTORS), [ATTENTION, FUSED], journal=journal)
+    with journal.open("a") as f:
+        f.write('{"choice": "ATE_FAST_FUSED_MLP", "appl')  # the process died here
+    result = tune(Workload(FACTORS), [ATTENTION, FUSED], journal=journal)
+    assert result.settings == {ATTN: "flex", MLP: "persistent"}
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [r.get("option") for r in records[1:]] == [
+        *map(dict, ATTENTION.options),
+        {MLP: "persistent"},
+    ]
+
+
+def test_a_bf16_output_is_recorded_exactly():
+    from ate_fast.tuning.journal import decode_output, encode_output
+
+    out = torch.randn(2, 50, 32).to(torch.bfloat16)
+    back = decode_output(json.loads(json.dumps(encode_output(out))))
+    assert back.dtype == torch.float32 and torch.equal(back, out.float())
+
+
+def test_the_command_resumes_an_interrupted_tune_and_removes_its_journal(tmp_path, capsys):
+    """``ate-fast tune`` cut off after its search, before the re-timing (Ctrl-C: exit 130, the
+    journal kept and named); the same command resumes from it, then writes OUT and removes
+    the journal; ``--fresh`` measures everything again."""
+    from ate_fast.cli import main
+    from ate_fast.tuning import search
+
+    out = tmp_path / "tuned.json"
+    argv = [
+        "tune", "--head", "flow-transformer", "--random-init", "--set", "horizon=6",
+        "--set", "action_dim=3", "--set", "depth=1", "--steps", "2", "--device", "cpu",
+        "--cond-len", "5", "--cond-as", "kv-cache", "--rounds", "2", "--warmup", "1",
+        "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    with mock.patch.object(search, "_confirm", side_effect=KeyboardInterrupt):
+        assert main(argv) == 130
+    journal = tmp_path / "tuned.json.journal"
+    assert f"{journal}: the same command resumes" in capsys.readouterr().err
+    assert not out.exists() and len(journal.read_text().splitlines()) == 2
+    assert main(argv) == 0
+    assert f"resuming from {journal}" in capsys.readouterr().err
+    trials = json.loads(out.read_text())["trials"]
+    assert [t["resumed"] for t in trials[:2]] == [True, True] and not journal.exists()
+    assert main([*argv, "--overwrite", "--fresh"]) == 0
+    assert not any(t["resumed"] for t in json.loads(out.read_text())["trials"])

@@ -16,6 +16,7 @@ tuned.json`` (``export`` lines; ``--format env``: ``VAR=value`` lines).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ate_fast.argument_checks import check_int
@@ -67,6 +68,14 @@ def register(subparsers: Any) -> None:
         help="a path not to try, e.g. ATE_FAST_PREFIX_ATTENTION=flex (its torch.compile per "
         "trial takes minutes); repeat for more",
     )  # fmt: skip
+    t.add_argument(
+        "--journal", metavar="PATH",
+        help="the trials as they finish, to resume an interrupted run from (default: "
+        "OUT.journal; removed once OUT is written)",
+    )  # fmt: skip
+    t.add_argument(
+        "--fresh", action="store_true", help="discard an existing journal: measure everything"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=with_flag_names(TUNE_FLAGS)(_cmd_tune))
     show = subparsers.add_parser(
@@ -89,16 +98,23 @@ def register(subparsers: Any) -> None:
 SETTINGS_FORMATS = ("shell", "env")
 
 
-TUNE_FLAGS = {**FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s", "exclude": "--exclude"}
+TUNE_FLAGS = {**FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s", "exclude": "--exclude",
+              "journal": "--journal"}  # fmt: skip
+# The flags that say how to search, not what: a journal resumes across changes to these.
+SEARCH_FLAGS = ("out", "overwrite", "rounds", "warmup", "min_gain", "tolerance", "budget_s",
+                "exclude", "journal", "fresh", "no_progress", "func")  # fmt: skip
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from ate_fast.tuning import autotune
     from ate_fast.tuning.switches import default_choices
 
     check_output_file(args.out, args.overwrite)  # before the minutes of tuning
+    journal = Path(args.journal if args.journal is not None else f"{args.out}.journal")
     require_weights(args)
     device = require_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for flag, value, low in (("--batch", args.batch, 1), ("--rounds", args.rounds, 1),
@@ -122,16 +138,28 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             captured = sampler.capture(noise, cond, guidance=guidance, check_finite=False)
         return lambda: captured(noise, cond)
 
+    if args.fresh:
+        journal.unlink(missing_ok=True)
+    elif journal.is_file():
+        print(f"resuming from {journal} (--fresh to measure everything again)", file=sys.stderr)
     source = None if guidance is None else guidance.encoder.source
     encoder = getattr(source, "arch", None)  # an ActionVAE's: "mlp" or "transformer"
-    result = autotune(
-        build, rounds=args.rounds, warmup=args.warmup, min_gain=args.min_gain,
-        tolerance=args.tolerance, guided=guidance is not None,
-        transformer_encoder=encoder == "transformer", budget_s=args.budget_s,
-        exclude=tuple(args.exclude), progress=not args.no_progress,
-    )  # fmt: skip
+    try:
+        result = autotune(
+            build, rounds=args.rounds, warmup=args.warmup, min_gain=args.min_gain,
+            tolerance=args.tolerance, guided=guidance is not None,
+            transformer_encoder=encoder == "transformer", budget_s=args.budget_s,
+            exclude=tuple(args.exclude), progress=not args.no_progress, journal=journal,
+            workload={k: v for k, v in vars(args).items() if k not in SEARCH_FLAGS},
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if journal.is_file():
+            print(f"the trials finished are in {journal}: the same command resumes from "
+                  "them", file=sys.stderr)  # fmt: skip
+        raise
     print(result.summary())
     path = result.save(args.out)
+    journal.unlink(missing_ok=True)  # its trials are in OUT now
     print(f"wrote {path}")
     return 0
 

@@ -9,15 +9,19 @@ coordinate-descent tuning goes), keeps an option only where it is faster by
 ``min_gain`` and its output matches the baseline's, and re-times the winners against
 the baseline, alternating, before it reports them. The result's settings are applied with
 :func:`~ate_fast.tuning.settings.apply_settings` and saved with :meth:`TuneResult.save`.
+With a ``journal`` file the trials are kept on disk as they finish, and a search cut off
+midway resumes where it stopped (:mod:`ate_fast.tuning.journal`).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ate_fast.argument_checks import check_float, check_int
 from ate_fast.errors import InvalidArgumentError
+from ate_fast.tuning.journal import Journal, header_for
 from ate_fast.tuning.settings import PathLike, apply_settings, device_name, save_settings
 from ate_fast.tuning.switches import Choice, as_choices, default_choices
 
@@ -40,7 +45,8 @@ class Trial:
     median call (None where it failed); ``error``: max |out − baseline| / max(max |baseline|,
     1) (0 for the baseline); ``status``: ``baseline``, ``kept``, ``slower``, ``differs``,
     ``failed``, ``skipped`` (``reason`` says why) or ``confirm`` (the re-timing; ``reason``:
-    ``baseline`` or ``tuned``)."""
+    ``baseline`` or ``tuned``); ``resumed``: taken from the journal of an earlier run, not
+    re-run."""
 
     choice: str
     settings: dict[str, str]
@@ -48,6 +54,7 @@ class Trial:
     error: Optional[float]
     status: str
     reason: str = ""
+    resumed: bool = False
 
 
 @dataclass
@@ -93,6 +100,7 @@ class TuneResult:
             ms = "-" if t.seconds is None else f"{t.seconds * 1e3:.3f}"
             err = "-" if t.error is None else f"{t.error:.2e}"
             status = t.status + (f": {t.reason}" if t.reason else "")
+            status += " (journal)" if t.resumed else ""
             lines.append(f"{t.choice:<32} {shown:<52} {ms:>9} {err:>9}  {status}")
         kept = ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "none"
         lines.append(
@@ -175,6 +183,8 @@ def autotune(
     exclude: Sequence[str] = (),
     budget_s: Optional[float] = None,
     progress: bool = True,
+    journal: Optional[PathLike] = None,
+    workload: Optional[Mapping[str, Any]] = None,
 ) -> TuneResult:
     """The fastest settings for the call ``build()`` returns, by measurement.
 
@@ -196,6 +206,15 @@ def autotune(
     seconds have passed, the options left are recorded as ``skipped`` (the re-timing still
     runs).
 
+    ``journal``: a file (JSON lines) the trials are appended to as they finish. Where it
+    exists, the search resumes from it: the baseline is built once (untimed) and its output
+    checked against the recorded one, and every recorded trial is taken as it was
+    (``Trial.resumed``) instead of re-run; the re-timing always runs. ``workload``: what
+    the call is (JSON-serialisable, e.g. the command line's head, shape and dtype),
+    recorded in the journal; a journal recorded for another workload, device, torch or
+    package version, ``rounds`` or ``warmup`` is refused. Keep the journal to make a later
+    identical search instant, or delete it to measure again.
+
     Returns a :class:`TuneResult`. Settings are process-wide environment variables: do not
     run other work that reads them meanwhile.
     """
@@ -204,26 +223,23 @@ def autotune(
     if not callable(build):
         raise InvalidArgumentError(f"build: expected a callable, got {type(build).__name__}")
     timer = timer or (lambda run: median_seconds(run, rounds, warmup))
+    if workload is not None and not isinstance(workload, Mapping):
+        raise InvalidArgumentError(f"workload: expected a mapping, got {type(workload).__name__}")
 
-    def timed(settings: Mapping[str, Optional[str]]) -> tuple[Tensor, float]:
-        with apply_settings(settings):
-            run = build()
-            if not callable(run):
-                raise InvalidArgumentError(
-                    f"build: must return the call to time, got {type(run).__name__}"
-                )
-            out = _first_tensor(run()).detach().clone()
-            seconds = timer(run)
-        del run
-        gc.collect()
-        return out, seconds
-
-    ref, baseline = timed({})
+    if journal is not None and (
+        not isinstance(journal, (str, os.PathLike)) or Path(journal).is_dir()
+    ):
+        raise InvalidArgumentError(f"journal: expected a file path, got {journal!r}")
+    if choices is not None:  # checked before the first build (and journal line)
+        choices = as_choices(choices)
+    timed = _timed_builds(build, timer)
+    header = {"rounds": rounds, "warmup": warmup, "workload": workload or {}}
+    ref, baseline, record, resumed = _baseline(timed, journal, header, tolerance)
     if choices is None:
-        choices = default_choices(ref.device.type, guided, transformer_encoder, exclude)
-    choices = as_choices(choices)
+        choices = as_choices(default_choices(ref.device.type, guided, transformer_encoder, exclude))
     deadline = None if budget_s is None else started + budget_s
-    search = _Search(timed, ref, baseline, tolerance, min_gain, deadline)
+    search = _Search(timed, ref, baseline, tolerance, min_gain, deadline, record)
+    search.trials[0].resumed = resumed
     total = sum(len(c.options) for c in choices)
     with tqdm(total=total, desc="autotune", disable=not progress, leave=False) as bar:
         for choice in choices:
@@ -231,13 +247,49 @@ def autotune(
     return _confirm(search.current, timed, ref, search.trials, min_gain, device_name(ref.device))
 
 
+def _timed_builds(build: Build, timer: Timer):
+    """``timed(settings, timing=True) -> (output, seconds or None)``: ``build()`` under
+    ``settings``, run once for its output, then timed (the call dropped afterwards)."""
+
+    def timed(settings: Mapping[str, Optional[str]], timing: bool = True):
+        with apply_settings(settings):
+            run = build()
+            if not callable(run):
+                raise InvalidArgumentError(
+                    f"build: must return the call to time, got {type(run).__name__}"
+                )
+            out = _first_tensor(run()).detach().clone()
+            seconds = timer(run) if timing else None
+        del run
+        gc.collect()
+        return out, seconds
+
+    return timed
+
+
+def _baseline(timed, journal: Optional[PathLike], header: Mapping[str, Any], tolerance: float):
+    """``(output, seconds, journal or None, resumed)`` of the caller's own settings: timed
+    and recorded in a new journal, or — where ``journal`` exists — built once untimed, its
+    output checked against the recorded one and the recorded time taken."""
+    if journal is not None and Path(journal).exists():
+        ref, _ = timed({}, timing=False)
+        record = Journal.read(journal, header_for(device_name(ref.device), **header))
+        record.check_output(ref, _distance, tolerance)
+        return ref, record.baseline_s, record, True
+    ref, baseline = timed({})
+    if journal is None:
+        return ref, baseline, None, False
+    full = header_for(device_name(ref.device), **header)
+    return ref, baseline, Journal.create(journal, full, baseline, ref), False
+
+
 class _Search:
     """The greedy search's state: the settings kept so far, the best time, every trial."""
 
     def __init__(self, timed, ref: Tensor, baseline: float, tolerance: float, min_gain: float,
-                 deadline: Optional[float]) -> None:  # fmt: skip
+                 deadline: Optional[float], journal: Optional[Journal]) -> None:  # fmt: skip
         self.timed, self.ref, self.tolerance = timed, ref, tolerance
-        self.min_gain, self.deadline = min_gain, deadline
+        self.min_gain, self.deadline, self.journal = min_gain, deadline, journal
         self.best = baseline
         self.current: dict[str, str] = {}
         self.trials = [Trial("baseline", {}, baseline, 0.0, "baseline")]
@@ -250,7 +302,12 @@ class _Search:
         timed: list[tuple[Trial, dict[str, str]]] = []
         for option in choice.options:
             settings = {**others, **option}
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            recorded = None if self.journal is None else self.journal.lookup(choice.name, settings)
+            if recorded is not None:  # finished by an earlier run: taken as it was
+                trial = self.classify(choice.name, dict(option), recorded["seconds"],
+                                      recorded["error"], recorded["failure"])  # fmt: skip
+                trial.resumed = True
+            elif self.deadline is not None and time.monotonic() > self.deadline:
                 trial = Trial(choice.name, dict(option), None, None, "skipped", "time budget")
             else:
                 trial = self.trial(choice.name, dict(option), settings)
@@ -270,12 +327,24 @@ class _Search:
             self.best, self.current = winner.seconds, settings
 
     def trial(self, name: str, option: dict[str, str], settings: dict[str, str]) -> Trial:
-        """One option built, run, checked against the baseline's output and timed."""
+        """One option built, run, checked against the baseline's output and timed (and
+        recorded in the journal)."""
+        seconds = error = None
+        failure = ""
         try:
             out, seconds = self.timed(settings)
+            error = _distance(out, self.ref)
         except Exception as exc:  # a path that cannot run here is a result, not the end
-            return Trial(name, option, None, None, "failed", f"{type(exc).__name__}: {exc}")
-        error = _distance(out, self.ref)
+            failure = f"{type(exc).__name__}: {exc}"
+        if self.journal is not None:
+            self.journal.record(name, settings, option, seconds, error, failure)
+        return self.classify(name, option, seconds, error, failure)
+
+    def classify(self, name: str, option: dict[str, str], seconds: Optional[float],
+                 error: Optional[float], failure: str) -> Trial:  # fmt: skip
+        """The trial's status from its time, its distance to the baseline and its failure."""
+        if failure:
+            return Trial(name, option, None, None, "failed", failure)
         if not error <= self.tolerance:
             reason = f"max |Δ| {error:.3g} of max |baseline| > tolerance {self.tolerance:g}"
             return Trial(name, option, seconds, error, "differs", reason)
