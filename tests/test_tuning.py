@@ -137,6 +137,30 @@ def test_settings_not_faster_when_retimed_are_dropped():
     assert flex[0].status == "slower" and "re-timed" in flex[0].reason
 
 
+def test_a_winner_later_winners_made_redundant_is_pruned():
+    """Greedy choices interact: the attention path wins first (0.9), the fused MLP on top of
+    it (0.6) — but the fused MLP alone is as fast (0.6), so the attention's winner is left
+    out; the MLP's is not (0.9 without it)."""
+    times = {frozenset(): 1.0, frozenset({(ATTN, "flex")}): 0.9,
+             frozenset({(ATTN, "flex"), (MLP, "persistent")}): 0.6,
+             frozenset({(MLP, "persistent")}): 0.6}  # fmt: skip
+    w = Workload()
+
+    def timer(run) -> float:  # the state the call was just built in
+        return times.get(frozenset(w.builds[-1].items()), 1.0)
+
+    result = autotune(w.build, [ATTENTION, FUSED], timer=timer, progress=False)
+    assert result.settings == {MLP: "persistent"} and result.tuned_s == pytest.approx(0.6)
+    by_choice = {t.choice: t for t in result.trials if t.status != "confirm"}
+    assert by_choice[f"without {MLP}"].status == "slower"  # 0.9 without it: it stays
+    assert by_choice[f"without {MLP}"].settings == {ATTN: "flex"}
+    pruned = by_choice[f"without {ATTN}"]
+    assert pruned.status == "pruned" and pruned.settings == {MLP: "persistent"}
+    flex = next(t for t in result.trials if t.settings == {ATTN: "flex"} and t.choice == ATTN)
+    assert flex.status == "slower" and "pruned" in flex.reason
+    assert sum(t.status == "kept" for t in result.trials) == 1
+
+
 def test_the_time_budget_skips_the_options_left():
     w = Workload({(ATTN, "flex"): 0.5})
     with mock.patch("ate_fast.tuning.search.time.monotonic", side_effect=[0.0] + [10.0] * 20):
@@ -157,6 +181,7 @@ def test_a_choice_resets_its_variables_to_the_callers_before_each_option(monkeyp
     result = tune(w, [first, second])
     assert result.settings == {ATTN: "split_kv", tiles: "block_q=16"}
     assert {(ATTN, "flex")} == set(w.builds[3].items())  # not split_kv's tiles with flex
+    assert not any(t.choice.startswith("without") for t in result.trials)  # one winner: tiles'
     assert os.environ[ATTN] == "sdpa" and tiles not in os.environ
 
 
@@ -399,7 +424,7 @@ def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
     other = "onednn" if cpu_gemm.selected_gemm() == "aten" else "aten"  # auto's is the baseline
     assert ("ATE_FAST_CPU_GEMM", (other,)) in tried
     for trial in document["trials"]:
-        assert trial["status"] in ("baseline", "kept", "slower", "confirm"), trial
+        assert trial["status"] in ("baseline", "kept", "slower", "pruned", "confirm"), trial
         assert trial["error"] < 1e-4 and trial["seconds"] > 0
     assert load_settings(out) == document["settings"]
 
@@ -504,11 +529,12 @@ def test_an_interrupted_search_resumes_from_its_journal(tmp_path):
     assert result.tuned_s == pytest.approx(whole.tuned_s)
     searched = [set(b.items()) for b in again.builds[:2]]
     assert searched == [set(), {(ATTN, "flex"), (MLP, "persistent")}]  # baseline, the MLP only
-    assert len(again.builds) == 2 + 4  # and the alternating re-timing, afresh
-    assert [t.resumed for t in result.trials if t.status != "confirm"] == [True] * 4 + [False]
+    assert len(again.builds) == 2 + 2 + 4  # each winner left out, the re-timing: afresh
+    searched = [t.resumed for t in result.trials if t.status != "confirm"]
+    assert searched == [True] * 4 + [False] * 3
     assert [t.status for t in result.trials] == [t.status for t in whole.trials]
     assert "(journal)" in result.summary()
-    assert len(journal.read_text().splitlines()) == 1 + 4  # the MLP's trial appended
+    assert len(journal.read_text().splitlines()) == 1 + 4 + 2  # the MLP's and the prune's
 
 
 def test_a_resumed_search_takes_failures_and_reclassifies_errors(tmp_path):
@@ -571,6 +597,8 @@ def test_a_line_cut_off_mid_write_is_dropped_and_appends_stay_whole(tmp_path):
     assert [r.get("option") for r in records[1:]] == [
         *map(dict, ATTENTION.options),
         {MLP: "persistent"},
+        {ATTN: "flex"},  # without the MLP's winner
+        {MLP: "persistent"},  # without the attention's
     ]
 
 

@@ -44,7 +44,8 @@ class Trial:
     """One timed build: ``settings`` on top of the caller's environment; ``seconds``: the
     median call (None where it failed); ``error``: max |out − baseline| / max(max |baseline|,
     1) (0 for the baseline); ``status``: ``baseline``, ``kept``, ``slower``, ``differs``,
-    ``failed``, ``skipped`` (``reason`` says why) or ``confirm`` (the re-timing; ``reason``:
+    ``failed``, ``skipped`` (``reason`` says why), ``pruned`` (the settings of a winner left
+    out, adopted: :meth:`_Search.prune`) or ``confirm`` (the re-timing; ``reason``:
     ``baseline`` or ``tuned``); ``resumed``: taken from the journal of an earlier run, not
     re-run."""
 
@@ -200,7 +201,9 @@ def autotune(
     and kept if it is the choice's fastest, at least ``min_gain`` faster than the best so
     far, and its output within ``tolerance`` of the baseline's (max |Δ| / max(max |ref|,
     1); bf16 heads at 10 steps: correct paths differ by ≤ 6·10⁻³ on the H200). An option
-    that raises is recorded as failed with its message and the search goes on. Finally the
+    that raises is recorded as failed with its message and the search goes on. With two or
+    more winners each is then left out in turn and dropped where the rest are as fast
+    without it (``pruned``: a winner that later ones made redundant). Finally the
     kept settings and the baseline are re-timed alternately (twice each); where the
     settings are not ``min_gain`` faster there, none are kept. ``budget_s``: once that many
     seconds have passed, the options left are recorded as ``skipped`` (the re-timing still
@@ -244,6 +247,7 @@ def autotune(
     with tqdm(total=total, desc="autotune", disable=not progress, leave=False) as bar:
         for choice in choices:
             search.decide(choice, bar)
+        search.prune(bar)
     return _confirm(search.current, timed, ref, search.trials, min_gain, device_name(ref.device))
 
 
@@ -293,6 +297,8 @@ class _Search:
         self.best = baseline
         self.current: dict[str, str] = {}
         self.trials = [Trial("baseline", {}, baseline, 0.0, "baseline")]
+        # each choice whose winner is in force: its kept trial and option, in order
+        self.kept: dict[str, tuple[Trial, dict[str, str]]] = {}
 
     def decide(self, choice: Choice, bar: Any) -> None:
         """Each option of ``choice`` on top of the settings kept so far (the choice's own
@@ -302,15 +308,7 @@ class _Search:
         timed: list[tuple[Trial, dict[str, str]]] = []
         for option in choice.options:
             settings = {**others, **option}
-            recorded = None if self.journal is None else self.journal.lookup(choice.name, settings)
-            if recorded is not None:  # finished by an earlier run: taken as it was
-                trial = self.classify(choice.name, dict(option), recorded["seconds"],
-                                      recorded["error"], recorded["failure"])  # fmt: skip
-                trial.resumed = True
-            elif self.deadline is not None and time.monotonic() > self.deadline:
-                trial = Trial(choice.name, dict(option), None, None, "skipped", "time budget")
-            else:
-                trial = self.trial(choice.name, dict(option), settings)
+            trial = self.attempt(choice.name, dict(option), settings)
             if trial.status == "timed":
                 trial.status = "slower"
                 timed.append((trial, settings))
@@ -325,6 +323,47 @@ class _Search:
                 if trial is not winner:
                     trial.reason = "faster than the best so far, not the fastest option"
             self.best, self.current = winner.seconds, settings
+            for name, (_, option) in list(self.kept.items()):  # replaced (e.g. by its tiles)
+                if set(option) & set(winner.settings):
+                    del self.kept[name]
+            self.kept[choice.name] = (winner, dict(winner.settings))
+
+    def prune(self, bar: Any) -> None:
+        """With two or more winners, each left out in turn (latest first; its variables back
+        at the caller's values, the other winners in force): where the call is then within
+        ``min_gain`` of the best, it is dropped — greedy choices interact, and a winner that
+        later ones made redundant is one more path to deploy for nothing. (A single winner
+        is checked against the baseline by the re-timing.)"""
+        if len(self.kept) < 2:
+            return
+        for name, (kept, option) in reversed(list(self.kept.items())):
+            without = {k: v for k, v in self.current.items() if k not in option}
+            bar.total += 1
+            trial = self.attempt(f"without {name}", dict(without), without)
+            bar.update(1)
+            self.trials.append(trial)
+            if trial.status != "timed":
+                continue  # it failed or differs without this winner: the winner stays
+            if self.best <= trial.seconds * (1.0 - self.min_gain):
+                trial.status = "slower"
+                continue
+            trial.status, trial.reason = "pruned", f"{name}'s winner not needed on top of the rest"
+            kept.status, kept.reason = "slower", "redundant on top of the later winners: pruned"
+            self.best, self.current = trial.seconds, without
+            del self.kept[name]
+
+    def attempt(self, name: str, option: dict[str, str], settings: dict[str, str]) -> Trial:
+        """The trial of ``settings`` (``option`` on top of the rest): taken from the journal
+        where an earlier run finished it, skipped past the time budget, else run."""
+        recorded = None if self.journal is None else self.journal.lookup(name, settings)
+        if recorded is not None:  # finished by an earlier run: taken as it was
+            trial = self.classify(name, option, recorded["seconds"], recorded["error"],
+                                  recorded["failure"])  # fmt: skip
+            trial.resumed = True
+            return trial
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return Trial(name, option, None, None, "skipped", "time budget")
+        return self.trial(name, option, settings)
 
     def trial(self, name: str, option: dict[str, str], settings: dict[str, str]) -> Trial:
         """One option built, run, checked against the baseline's output and timed (and
