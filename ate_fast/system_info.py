@@ -220,7 +220,7 @@ def format_info(data: dict) -> str:
     )
     lines.append(
         f"flow-transformer attention against the prefix: {data['prefix_attention']}"
-        " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv|flex|split_sdpa, ATE_FAST_SPLIT_KV_TILES,"
+        " (ATE_FAST_PREFIX_ATTENTION=sdpa|split_kv|flex|split_sdpa|gemm, ATE_FAST_SPLIT_KV_TILES,"
         " ATE_FAST_SPLIT_SDPA_CHUNKS)"
     )
     lines.append(

@@ -23,6 +23,9 @@ keys over the GPU for queries this short: torch's own split-key attention), as
 ``split_sdpa_c<n>``: the keys in about n slices of whole 64-key tiles, each slice a head of
 one call of torch's flash-attention kernel, combined by log-sum-exp (one Triton kernel;
 ``ate_fast.models.split_sdpa_attention``, ``ATE_FAST_PREFIX_ATTENTION=split_sdpa``);
+``gemm``: q·kᵀ written in float32 by cuBLAS, a softmax kernel, P·v — products spread over
+the GPU (``ate_fast.models.gemm_attention``, ``ATE_FAST_PREFIX_ATTENTION=gemm``; its softmax
+in Triton as the block's epilogues run);
 ``triton_<tiles>``: the split-key
 kernels at one :class:`Tiles` — ``q``/``k`` the query and key tiles, ``s`` a fixed number of
 key slices (1: one kernel, no combine) or ``auto`` with programs per SM, ``w`` warps. Every
@@ -54,6 +57,7 @@ import torch.nn.functional as F
 from cuda_graphs import graphed
 
 from ate_fast.models import flex_prefix_attention as flex
+from ate_fast.models import gemm_attention as gemm
 from ate_fast.models import split_sdpa_attention as split_sdpa
 from ate_fast.models.split_kv_attention_triton import Tiles, split_kv_attention
 
@@ -105,7 +109,7 @@ def _cases():
         if device == "cpu" and not _interpreted():
             continue  # the Triton rows need the interpreter on the CPU
         impls = ["eager"] + (list(SDPA_BACKENDS) if device == "cuda" else []) + list(GQA_ROWS)
-        impls += [f"split_sdpa_c{n}" for n in SPLIT_SDPA_CHUNKS[device]]
+        impls += [f"split_sdpa_c{n}" for n in SPLIT_SDPA_CHUNKS[device]] + ["gemm"]
         impls += [label(t) for t in SWEEP[device]]
         for batch in BATCHES[device]:
             for impl in impls:
@@ -177,6 +181,8 @@ def _attention(impl: str, device: str):
         return _sdpa_gqa
     if impl == "flex_gqa":  # what ATE_FAST_PREFIX_ATTENTION=flex runs in the head
         return flex.flex_prefix_attention
+    if impl == "gemm":  # what ATE_FAST_PREFIX_ATTENTION=gemm runs
+        return gemm.gemm_attention
     if impl.startswith("split_sdpa_c"):  # what ATE_FAST_PREFIX_ATTENTION=split_sdpa runs
         chunks = int(impl.removeprefix("split_sdpa_c"))
         return lambda q, k, v: split_sdpa.split_sdpa_attention(q, k, v, chunks)
@@ -224,6 +230,8 @@ def test_prefix_attention(benchmark, time_calls, compiled_sweep, device, batch, 
             "ATE_FAST_PREFIX_ATTENTION": "split_sdpa",
             "ATE_FAST_SPLIT_SDPA_CHUNKS": impl.removeprefix("split_sdpa_c"),
         }
+    if impl == "gemm":
+        benchmark.extra_info["env"] = {"ATE_FAST_PREFIX_ATTENTION": "gemm"}
     if tiles:  # the row's tiles as the setting that runs them in a whole sampler
         benchmark.extra_info["env"] = {
             "ATE_FAST_PREFIX_ATTENTION": "split_kv",

@@ -87,6 +87,9 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   and 98 more), each slice a head of one call of torch's flash-attention kernel
   (``ate_fast.models.split_sdpa_attention``), combined by log-sum-exp in one Triton kernel;
   its A/B against SDPA.
+- ``ate_capture_gemm_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided) with
+  ``ATE_FAST_PREFIX_ATTENTION=gemm``: each block's attention as cuBLAS's q·kᵀ written in
+  float32, a softmax kernel and P·v (``ate_fast.models.gemm_attention``); its A/B against SDPA.
 - ``ate_capture_l2_prefetch``: ``ate_capture`` (B = 1, unguided) with
   ``ATE_FAST_L2_PREFETCH=mlp``: as each block's attention starts, a second stream reads the
   block's W_gate_up and W_down (25 MB) once into L2 (``ate_fast.models.l2_prefetch``), so
@@ -258,6 +261,9 @@ FLEX_ROW = "ate_capture_flex_attention"
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_sdpa: the keys in 8 slices, each a head
 # of one flash-attention call, combined by log-sum-exp (B = 1 unguided)
 SPLIT_SDPA_ROW = "ate_capture_split_sdpa_attention"
+# ate_capture with ATE_FAST_PREFIX_ATTENTION=gemm: q·kᵀ, softmax, P·v — products spread over
+# the GPU instead of one fused kernel on 7 programs (B = 1 unguided and rtc-guided)
+GEMM_ATTENTION_ROW = "ate_capture_gemm_attention"
 # ate_capture with ATE_FAST_L2_PREFETCH=mlp: each block's MLP weights read into L2 on a
 # second stream during its attention (B = 1 unguided)
 L2_PREFETCH_ROW = "ate_capture_l2_prefetch"
@@ -301,7 +307,7 @@ TUNE_EXCLUDE = ("ATE_FAST_PREFIX_ATTENTION=flex",)
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
-        SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS,
+        SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS,
         FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
         TUNED_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, TUNED_ROW, "ate_capture_compiled")
@@ -313,6 +319,7 @@ ROW_ENV = {
     SPLIT_KV_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_kv"},
     FLEX_ROW: {"ATE_FAST_PREFIX_ATTENTION": "flex"},
     SPLIT_SDPA_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_sdpa"},
+    GEMM_ATTENTION_ROW: {"ATE_FAST_PREFIX_ATTENTION": "gemm"},
     L2_PREFETCH_ROW: {"ATE_FAST_L2_PREFETCH": "mlp"},
     L2_PREFETCH_ALL_ROW: {"ATE_FAST_L2_PREFETCH": "all"},
     SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
@@ -374,6 +381,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
     FLEX_ROW: 30.0,  # + torch.compile of FlexAttention (a guess: never run on a GPU)
     SPLIT_SDPA_ROW: 6.0,  # + Triton compiling its combine
+    GEMM_ATTENTION_ROW: 5.0,  # + Triton compiling its softmax
     L2_PREFETCH_ROW: 6.0,  # + Triton compiling the prefetch kernel
     L2_PREFETCH_ALL_ROW: 4.0,
     **{row: 8.0 for row in FUSED_MLP_ROWS},  # + Triton compiling the kernel per tile
@@ -412,6 +420,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap += [(b1, g, SPLIT_KV_ROW) for g in ("unguided", RTC)]  # split-key attention vs SDPA
     cheap.append((b1, "unguided", FLEX_ROW))  # FlexAttention's split keys vs SDPA
     cheap.append((b1, "unguided", SPLIT_SDPA_ROW))  # flash attention per key slice vs SDPA
+    cheap += [(b1, g, GEMM_ATTENTION_ROW) for g in ("unguided", RTC)]  # two GEMMs vs SDPA
     cheap.append((b1, "unguided", L2_PREFETCH_ROW))  # the MLP's weights into L2 meanwhile
     cheap.append((b1, "unguided", L2_PREFETCH_ALL_ROW))  # + the next block's attention's
     cheap.append((b1, RTC, L2_PREFETCH_ROW))  # + in the pullback: the next VJP's MLP weights
@@ -815,7 +824,8 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, FLEX_ROW,
-               SPLIT_SDPA_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, SIDE_STREAM_ROW,
+               SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW,
+               SIDE_STREAM_ROW,
                *SKINNY_ROWS, *SETTING_ROWS, *FUSED_MLP_ROWS, TUNED_ROW):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row == PADDED_ROW:

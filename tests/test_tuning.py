@@ -246,7 +246,7 @@ def test_bad_arguments_name_the_argument():
 
 def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
     cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
-    assert cuda[ATTN] == ["split_kv", "flex", "split_sdpa"]  # sdpa: the baseline's
+    assert cuda[ATTN] == ["split_kv", "flex", "split_sdpa", "gemm"]  # sdpa: the baseline's
     assert cuda[MLP] == ["persistent"]
     # the path that runs now on the device type is the baseline's: not an option
     running = block_epilogues.selected_path("cuda")
@@ -256,7 +256,7 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
     assert guided[-2:] == ["ATE_FAST_GUIDANCE_STREAM", "ATE_FAST_TRANSFORMER_GUIDANCE"]
     monkeypatch.setenv(ATTN, "FLEX")
     cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
-    assert cuda[ATTN] == ["sdpa", "split_kv", "split_sdpa"]
+    assert cuda[ATTN] == ["sdpa", "split_kv", "split_sdpa", "gemm"]
     cpu = [(c.name, [o[c.name] for o in c.options]) for c in default_choices("cpu")]
     assert cpu == [(GEMM, [p for p in ("onednn", "aten") if p != cpu_gemm.selected_gemm()])]
     monkeypatch.setenv(GEMM, "aten")  # forced: auto (whatever it selects here) is an option
@@ -432,7 +432,7 @@ def test_the_command_tunes_a_transformer_guided_sampler(tmp_path, capsys):
 def test_default_choices_exclude_paths_by_name(monkeypatch):
     cuda = default_choices("cuda", exclude=(f"{ATTN}=flex", f"{MLP}=persistent"))
     names = {c.name: [o.get(c.name) for o in c.options] for c in cuda}
-    assert names[ATTN] == ["split_kv", "split_sdpa"] and MLP not in names  # none left
+    assert names[ATTN] == ["split_kv", "split_sdpa", "gemm"] and MLP not in names  # none left
     assert [n for n in names if "tiles" in n] == [f"{ATTN}=split_kv tiles"]  # not the MLP's
     tiles = "ATE_FAST_FUSED_MLP_TILES"
     monkeypatch.setenv(MLP, "persistent")  # in force: its tiles still tried, after it

@@ -314,7 +314,8 @@ def flow_block_variants(target) -> int:
 def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     """The input-VJP's epilogues in one storage dtype: the gated GELU's backward, the
     RMSNorm VJP (with / without weight and residual; the small head's and π0's widths 256,
-    1024), the softmax backward (π0's 866 keys: 1024), the unrotation (head dims 64, 256)."""
+    1024), the softmax backward (π0's 866 keys: 1024), the unrotation (head dims 64, 256);
+    and the gemm attention's softmax (forward)."""
     count = 0
 
     def typed(name, d=store):
@@ -335,7 +336,14 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     for block_d in (64, 256):
         _compile_spill_free(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d},
                             typed, {}, target, f"{store} BLOCK_D={block_d}", options)  # fmt: skip
-    count += 1 + 8 + 2 + 2
+    # the gemm attention's softmax: float32 scores (float64 for float64 data) in, p stored
+    scores = "fp64" if store == "fp64" else "fp32"
+    for block in (128, 1024):
+        _compile_spill_free(fb._softmax_kernel, {"BLOCK": block},
+                            lambda name, d=store: scores if name == "s_ptr" else d,
+                            {"scale": "fp32"}, target, f"{store} BLOCK={block}",
+                            options)  # fmt: skip
+    count += 1 + 8 + 2 + 2 + 2
     return count
 
 

@@ -42,6 +42,10 @@ Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing 
 * :func:`unrotate_pack` — the rotation undone on dq and dk, with dq, dk and dv written in
   the q and kv projections' output layouts (torch: 8 ops with one kv head).
 
+And :func:`softmax` — the probabilities of ``ATE_FAST_PREFIX_ATTENTION=gemm``
+(:mod:`ate_fast.models.gemm_attention`) from its float32 scores, in the inputs' dtype
+(torch: a scaling, the softmax and a cast). Not run on a GPU yet.
+
 Arithmetic in float32 (float64 for float64 data), one rounding to the storage dtype per
 output (torch's rotation rounds ``swap(x)·sin`` first, and its gated GELU rounds the GELU
 before the product — the second is kept: the product reads the rounded GELU it stores).
@@ -475,6 +479,36 @@ def _softmax_backward_kernel(
     ds = p * (dp - tl.sum(p * dp, 0)) * scale
     tl.store(p_ptr + row * out_sr + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
     tl.store(ds_ptr + row * out_sr + cols, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _softmax_kernel(s_ptr, p_ptr, n, s_sr, p_sr, scale, BLOCK: tl.constexpr):
+    # one program per row of scores s [R, n] (float32 or float64, rows of stride s_sr):
+    # p = softmax(s·scale) rounded once to p's dtype (rows of stride p_sr)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    s = _compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale
+    s = tl.where(ok, s, -float("inf"))
+    e = tl.exp(s - tl.max(s, 0))
+    tl.store(p_ptr + row * p_sr + cols, (e / tl.sum(e, 0)).to(p_ptr.dtype.element_ty), mask=ok)
+
+
+@_limits
+def softmax(scores: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``softmax(scores·scale)`` [.., N] in ``dtype`` (one rounding), from ``scores`` [.., N]
+    (rows of one stride: read in place), into 16-byte-aligned rows (the product with the
+    values reads them: :mod:`ate_fast.models.gemm_alignment`) — the gemm attention's
+    probabilities (:mod:`ate_fast.models.gemm_attention`)."""
+    n = scores.shape[-1]
+    s_rows = _as_rows(scores)
+    p = aligned_rows(scores.shape, scores.new_empty((), dtype=dtype))
+    p_rows = p.view(-1, n)
+    _softmax_kernel[(s_rows.shape[0],)](
+        s_rows, p_rows, n, s_rows.stride(0), p_rows.stride(0), scale,
+        BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return p
 
 
 def _as_rows(t: Tensor) -> Tensor:

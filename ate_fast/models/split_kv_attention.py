@@ -24,7 +24,9 @@ the same conditions, a torch with FlexAttention, and not float64, which it has n
 kernel for); not run on a GPU yet either. ``ATE_FAST_PREFIX_ATTENTION=split_sdpa`` cuts the
 keys into slices, each a head of one call of torch's flash-attention kernel, and combines
 them by their log-sum-exps (:mod:`ate_fast.models.split_sdpa_attention`; one key/value
-head, float16 / bfloat16 on CUDA); not run on a GPU yet.
+head, float16 / bfloat16 on CUDA); not run on a GPU yet. ``ATE_FAST_PREFIX_ATTENTION=gemm``
+writes it as two GEMMs and a softmax (:mod:`ate_fast.models.gemm_attention`: cuBLAS spreads
+the products over the GPU); not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ from torch import Tensor
 from ate_fast.argument_checks import env_choice, int_pairs
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import flex_prefix_attention as flex
+from ate_fast.models import gemm_attention as gemm
 from ate_fast.models import split_sdpa_attention as split_sdpa
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_PREFIX_ATTENTION"
 TILES_VAR = "ATE_FAST_SPLIT_KV_TILES"
-PATHS = ("sdpa", "split_kv", "flex", "split_sdpa")
+PATHS = ("sdpa", "split_kv", "flex", "split_sdpa", "gemm")
 TILE_FIELDS = ("block_q", "block_k", "splits", "programs_per_sm", "warps", "stages")
 MAX_HEAD_DIM = 256  # the kernels hold a query row's head dim in one tile
 
@@ -84,8 +87,8 @@ class Tiles:
 
 
 def selected_path() -> str:
-    """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset), ``split_kv``, ``flex``
-    or ``split_sdpa``."""
+    """``$ATE_FAST_PREFIX_ATTENTION``: ``sdpa`` (also where unset), ``split_kv``, ``flex``,
+    ``split_sdpa`` or ``gemm``."""
     return env_choice(ENV_VAR, PATHS)
 
 
@@ -125,9 +128,10 @@ def _plain_case(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool
 
 def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "split_kv") -> bool:
     """Whether ``path`` (``split_kv``: the Triton kernels; ``flex``: FlexAttention;
-    ``split_sdpa``: flash attention per key slice) runs ``q`` [B, heads, rows, hd] against
-    ``k``, ``v`` [B, heads, keys, hd]: selected, and :func:`_plain_case` (flex: ``q``
-    contiguous too, not float64; split_sdpa: :func:`~ate_fast.models.split_sdpa_attention.runs_on`);
+    ``split_sdpa``: flash attention per key slice; ``gemm``: two GEMMs and a softmax) runs
+    ``q`` [B, heads, rows, hd] against ``k``, ``v`` [B, heads, keys, hd]: selected, and
+    :func:`_plain_case` (flex: ``q`` contiguous too, not float64; split_sdpa:
+    :func:`~ate_fast.models.split_sdpa_attention.runs_on`);
     raises where selected and it cannot run (no Triton on the tensors' device; a torch
     without FlexAttention)."""
     if not os.environ.get(ENV_VAR) or selected_path() != path:  # unset: one lookup
@@ -135,6 +139,8 @@ def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "
     if not _plain_case(q, k, v, mask):
         return False
     setting = f"{ENV_VAR}={path}"
+    if path == "gemm":  # torch's GEMMs; its softmax kernel only where the epilogues' Triton runs
+        return True
     if path == "flex":
         if not q.is_contiguous() or q.dtype not in flex.DTYPES:
             return False
@@ -158,6 +164,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = N
         return flex.flex_prefix_attention(q, k, v)
     if path == "split_sdpa":
         return split_sdpa.split_sdpa_attention(q, k, v)
+    if path == "gemm":
+        return gemm.gemm_attention(q, k, v)
     from ate_fast.models.split_kv_attention_triton import (  # triton
         default_tiles,
         split_kv_attention,

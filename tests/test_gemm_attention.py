@@ -1,0 +1,132 @@
+"""The block's attention as two GEMMs and a softmax (``ATE_FAST_PREFIX_ATTENTION=gemm``,
+``ate_fast.models.gemm_attention``; the softmax in torch or in Triton, interpreted on the
+CPU): against float64 SDPA, its scores and probabilities on 16-byte rows, inside the head
+and its captured sampler, and where SDPA runs instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flow_head_paths import assert_path_matches  # tests/ is on sys.path
+
+from ate_fast.models import FlowTransformerHead, block_epilogues, split_kv_attention
+from ate_fast.models import gemm_attention as gemm
+from ate_fast.models.gemm_alignment import rows_aligned
+
+ENV = split_kv_attention.ENV_VAR
+EPILOGUES = ["torch", "triton"]
+
+
+@pytest.fixture(params=EPILOGUES)
+def epilogues(request, monkeypatch):
+    """The softmax's path: torch's ops, or the Triton kernel (the block epilogues')."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv(block_epilogues.ENV_VAR, request.param)
+    return request.param
+
+
+def _qkv(batch, heads, rows, keys, hd, dtype, device="cpu"):
+    """q [B, heads, rows, hd] (contiguous); k, v: views of longer buffers (a prefix slot's)."""
+    g = torch.Generator().manual_seed(rows + keys)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+    buf_k, buf_v = rand(batch, heads, keys + 3, hd), rand(batch, heads, keys + 3, hd)
+    return rand(batch, heads, rows, hd), buf_k[:, :, :keys], buf_v[:, :, :keys]
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_matches_sdpa(epilogues, dtype, heads):
+    """Against float64 SDPA: float64 to rounding; bf16 no further off than bf16 SDPA is
+    (scores and softmax in float32, as flash attention keeps them)."""
+    q, k, v = _qkv(2, heads, 24, 90, 32, dtype)
+    k = k * 3.0  # logits of a few units: the scores' precision shows
+    got = gemm.gemm_attention(q, k, v)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert got.shape == q.shape and got.dtype == dtype
+    if dtype == torch.bfloat16:
+        sdpa = F.scaled_dot_product_attention(q, k, v).double()
+        # Triton's interpreter truncates a bf16 store (a GPU rounds to nearest: the cuda
+        # test holds the kernel to 1.5×), twice the probabilities' rounding error
+        factor = 2.5 if epilogues == "triton" else 1.5
+        assert (got.double() - want).abs().max() <= factor * (sdpa - want).abs().max()
+        return
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scores_and_probabilities_take_sixteen_byte_rows(epilogues, dtype):
+    """At 90 keys a bf16 row is 180 bytes and a float32 one 360: the scores (float32) and
+    the probabilities (the inputs' dtype) come in padded rows, read by the products as they
+    are."""
+    q, k, _ = _qkv(1, 1, 24, 90, 32, dtype)
+    scores = gemm._scores(q[0], k[0], torch.float32)
+    assert scores.dtype == torch.float32 and rows_aligned(scores)
+    p = gemm._probabilities(scores, 32**-0.5, dtype, q[0])
+    assert p.dtype == dtype and rows_aligned(p) and p.shape == (1, 24, 90)
+    torch.testing.assert_close(p.double().sum(-1), torch.ones(1, 24, dtype=torch.float64),
+                               rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)  # fmt: skip
+
+
+def test_scores_are_float32_products_of_half_inputs():
+    """bf16 inputs: the scores are the float32 products of the (exact) upcast inputs — not
+    bf16 products rounded to bf16 and then upcast (4 % off in a probability at a logit
+    of 10)."""
+    q, k, _ = _qkv(1, 1, 8, 40, 32, torch.bfloat16)
+    scores = gemm._scores(q[0], k[0], torch.float32)
+    want = q[0].double() @ k[0].double().transpose(-1, -2)
+    torch.testing.assert_close(scores.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_head_and_captured_sampler_match_sdpa(monkeypatch, epilogues):
+    """float64, one and two key/value heads: the head's forward and input-VJP with a prefix
+    cache, and a captured Euler loop, equal SDPA's; the path ran in every block."""
+    for kv_heads in (1, 2):
+        torch.manual_seed(0)
+        head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32,
+                                   mlp_dim=48, num_heads=4, num_kv_heads=kv_heads,
+                                   head_dim=8).double()  # fmt: skip
+        assert_path_matches(monkeypatch, ENV, "gemm", "sdpa", gemm, "gemm_attention", head,
+                            1e-12)  # fmt: skip
+
+
+def test_sdpa_runs_where_the_path_does_not_apply(monkeypatch):
+    """A mask, a recording autograd: SDPA, not the path."""
+    monkeypatch.setenv(ENV, "gemm")
+    q, k, v = _qkv(1, 1, 8, 90, 16, torch.float32)
+    assert split_kv_attention.takes(q, k, v, None, "gemm")
+    assert not split_kv_attention.takes(q, k, v, torch.zeros(1, 1, 1, 90), "gemm")
+    leaf = q.clone().requires_grad_(True)
+    with torch.enable_grad():
+        assert not split_kv_attention.takes(leaf, k, v, None, "gemm")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 8])
+def test_pi0_attention_on_cuda(batch):
+    """π0's block attention in bf16 (400 rows of one key/value head of 256 against 866
+    keys): no further from float64 SDPA than bf16 SDPA is, float32 scores from cuBLAS, no
+    unaligned GEMM kernel, and replayed in a CUDA graph to the bit."""
+    q, k, v = _qkv(batch, 1, 400, 866, 256, torch.bfloat16, "cuda")
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    sdpa = F.scaled_dot_product_attention(q, k, v).double()
+    got = gemm.gemm_attention(q, k, v)
+    assert (got.double() - want).abs().max() <= 1.5 * (sdpa - want).abs().max()
+    assert gemm.float32_output_gemm()  # the GPU suite's torch: no upcast copies
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        gemm.gemm_attention(q, k, v)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    unaligned = sorted({n for n in names if any(f"_align{a}" in n for a in (1, 2, 4))})
+    assert names and not unaligned, unaligned
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = gemm.gemm_attention(q, k, v)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(replayed, got, rtol=0, atol=0)
