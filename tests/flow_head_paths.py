@@ -1,6 +1,7 @@
 """A small flow-transformer head and one run of everything a block's alternative path must
-match (shared by the tests of ``skinny_gemm``, ``split_kv_attention`` and
-``flex_prefix_attention``)."""
+match (shared by the tests of ``skinny_gemm``, ``split_kv_attention``,
+``flex_prefix_attention`` and ``gemm_attention``), and attention inputs shaped as a block
+reads them."""
 
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ def small_head(dtype: torch.dtype = F64) -> FlowTransformerHead:
     head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
                                num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
     return head.to(dtype)
+
+
+def prefix_qkv(batch, kv_heads, rows, keys, hd, dtype, device="cpu") -> tuple:
+    """q [B, kv_heads, rows, hd] (contiguous); k, v [B, kv_heads, keys, hd]: strided views
+    of longer buffers, as a block's prefix slot holds them (seeded by rows and keys)."""
+    g = torch.Generator().manual_seed(rows + keys)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).to(device, dtype)
+
+    buf_k, buf_v = rand(batch, kv_heads, keys + 3, hd), rand(batch, kv_heads, keys + 3, hd)
+    return rand(batch, kv_heads, rows, hd), buf_k[:, :, :keys], buf_v[:, :, :keys]
 
 
 def forward_vjp_and_capture(head: FlowTransformerHead) -> Callable[[], tuple]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import assert_path_matches, small_head  # tests/ is on sys.path
+from flow_head_paths import assert_path_matches, prefix_qkv, small_head  # tests/ is on sys.path
 
 from ate_fast.errors import BackendUnavailableError
 from ate_fast.models import flex_prefix_attention as flex
@@ -28,17 +28,6 @@ def selected(monkeypatch):
     return monkeypatch
 
 
-def _qkv(batch, kv_heads, rows, keys, hd, dtype, device="cpu"):
-    """q [B, kv_heads, rows, hd] (contiguous); k, v: strided views of longer buffers."""
-    g = torch.Generator().manual_seed(rows + keys)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
-
-    buf_k, buf_v = rand(batch, kv_heads, keys + 3, hd), rand(batch, kv_heads, keys + 3, hd)
-    return rand(batch, kv_heads, rows, hd), buf_k[:, :, :keys], buf_v[:, :, :keys]
-
-
 def test_query_heads():
     assert flex.query_heads(400) == 8  # π0: its own 8 heads of 50 rows
     assert flex.query_heads(50) == 1
@@ -51,7 +40,7 @@ def test_query_heads():
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_sdpa(dtype, batch, kv_heads, rows, keys, hd):
-    q, k, v = _qkv(batch, kv_heads, rows, keys, hd, dtype)
+    q, k, v = prefix_qkv(batch, kv_heads, rows, keys, hd, dtype)
     got = flex.flex_prefix_attention(q, k, v)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert got.shape == q.shape and got.dtype == dtype
@@ -60,12 +49,12 @@ def test_matches_sdpa(dtype, batch, kv_heads, rows, keys, hd):
 
 
 def test_where_sdpa_runs_instead(selected):
-    q, k, v = _qkv(1, 1, 8, 20, 16, torch.float32)
+    q, k, v = prefix_qkv(1, 1, 8, 20, 16, torch.float32)
     takes = split_kv_attention.takes
     assert takes(q, k, v, None, "flex") and not takes(q, k, v, None)  # not split_kv's
     assert not takes(q, k, v, torch.zeros(1, 1, 8, 20), "flex")  # a mask
     assert not takes(q.double(), k.double(), v.double(), None, "flex")  # no float64 kernel
-    q2, k2, v2 = _qkv(2, 1, 8, 20, 16, torch.float32)
+    q2, k2, v2 = prefix_qkv(2, 1, 8, 20, 16, torch.float32)
     strided = torch.cat([q2, q2], dim=1)[:, :1]  # unit last stride, not contiguous
     assert takes(q2, k2, v2, None, "flex") and not takes(strided, k2, v2, None, "flex")
     with torch.enable_grad():
@@ -74,7 +63,7 @@ def test_where_sdpa_runs_instead(selected):
 
 def test_a_torch_without_flex_attention_is_named(selected, monkeypatch):
     monkeypatch.setattr(flex, "flex_attention", None)
-    q, k, v = _qkv(1, 1, 8, 20, 16, torch.float32)
+    q, k, v = prefix_qkv(1, 1, 8, 20, 16, torch.float32)
     with pytest.raises(BackendUnavailableError, match="ATE_FAST_PREFIX_ATTENTION=flex: torch"):
         split_kv_attention.prefix_attention(q, k, v)
 
@@ -90,7 +79,7 @@ def test_head_and_captured_sampler_match_sdpa(selected):
 def test_pi0_step_on_cuda():
     """π0's block at B = 1 and 2 in bf16: 400 rows against 866 keys of 256 dims."""
     for batch in (1, 2):
-        q, k, v = _qkv(batch, 1, 400, 866, 256, torch.bfloat16, "cuda")
+        q, k, v = prefix_qkv(batch, 1, 400, 866, 256, torch.bfloat16, "cuda")
         got = flex.flex_prefix_attention(q, k, v)
         want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)

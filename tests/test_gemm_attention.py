@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import assert_path_matches  # tests/ is on sys.path
+from flow_head_paths import assert_path_matches, prefix_qkv  # tests/ is on sys.path
 
 from ate_fast.models import FlowTransformerHead, block_epilogues, split_kv_attention
 from ate_fast.models import gemm_attention as gemm
@@ -27,23 +27,12 @@ def epilogues(request, monkeypatch):
     return request.param
 
 
-def _qkv(batch, heads, rows, keys, hd, dtype, device="cpu"):
-    """q [B, heads, rows, hd] (contiguous); k, v: views of longer buffers (a prefix slot's)."""
-    g = torch.Generator().manual_seed(rows + keys)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
-
-    buf_k, buf_v = rand(batch, heads, keys + 3, hd), rand(batch, heads, keys + 3, hd)
-    return rand(batch, heads, rows, hd), buf_k[:, :, :keys], buf_v[:, :, :keys]
-
-
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_matches_sdpa(epilogues, dtype, heads):
     """Against float64 SDPA: float64 to rounding; bf16 no further off than bf16 SDPA is
     (scores and softmax in float32, as flash attention keeps them)."""
-    q, k, v = _qkv(2, heads, 24, 90, 32, dtype)
+    q, k, v = prefix_qkv(2, heads, 24, 90, 32, dtype)
     k = k * 3.0  # logits of a few units: the scores' precision shows
     got = gemm.gemm_attention(q, k, v)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -64,7 +53,7 @@ def test_scores_and_probabilities_take_sixteen_byte_rows(epilogues, dtype):
     """At 90 keys a bf16 row is 180 bytes and a float32 one 360: the scores (float32) and
     the probabilities (the inputs' dtype) come in padded rows, read by the products as they
     are."""
-    q, k, _ = _qkv(1, 1, 24, 90, 32, dtype)
+    q, k, _ = prefix_qkv(1, 1, 24, 90, 32, dtype)
     scores = gemm._scores(q[0], k[0], torch.float32)
     assert scores.dtype == torch.float32 and rows_aligned(scores)
     p = gemm._probabilities(scores, 32**-0.5, dtype, q[0])
@@ -77,7 +66,7 @@ def test_scores_are_float32_products_of_half_inputs():
     """bf16 inputs: the scores are the float32 products of the (exact) upcast inputs — not
     bf16 products rounded to bf16 and then upcast (4 % off in a probability at a logit
     of 10)."""
-    q, k, _ = _qkv(1, 1, 8, 40, 32, torch.bfloat16)
+    q, k, _ = prefix_qkv(1, 1, 8, 40, 32, torch.bfloat16)
     scores = gemm._scores(q[0], k[0], torch.float32)
     want = q[0].double() @ k[0].double().transpose(-1, -2)
     torch.testing.assert_close(scores.double(), want, rtol=1e-6, atol=1e-5)
@@ -98,7 +87,7 @@ def test_head_and_captured_sampler_match_sdpa(monkeypatch, epilogues):
 def test_sdpa_runs_where_the_path_does_not_apply(monkeypatch):
     """A mask, a recording autograd: SDPA, not the path."""
     monkeypatch.setenv(ENV, "gemm")
-    q, k, v = _qkv(1, 1, 8, 90, 16, torch.float32)
+    q, k, v = prefix_qkv(1, 1, 8, 90, 16, torch.float32)
     assert split_kv_attention.takes(q, k, v, None, "gemm")
     assert not split_kv_attention.takes(q, k, v, torch.zeros(1, 1, 1, 90), "gemm")
     leaf = q.clone().requires_grad_(True)
@@ -112,7 +101,7 @@ def test_pi0_attention_on_cuda(batch):
     """π0's block attention in bf16 (400 rows of one key/value head of 256 against 866
     keys): no further from float64 SDPA than bf16 SDPA is, float32 scores from cuBLAS, no
     unaligned GEMM kernel, and replayed in a CUDA graph to the bit."""
-    q, k, v = _qkv(batch, 1, 400, 866, 256, torch.bfloat16, "cuda")
+    q, k, v = prefix_qkv(batch, 1, 400, 866, 256, torch.bfloat16, "cuda")
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     sdpa = F.scaled_dot_product_attention(q, k, v).double()
     got = gemm.gemm_attention(q, k, v)

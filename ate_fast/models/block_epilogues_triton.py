@@ -463,6 +463,15 @@ def rms_norm_vjp(
 
 
 @triton.jit
+def _row_softmax(s_ptr, row, s_sr, cols, ok, scale):
+    # softmax(s·scale) of row `row` of scores s (rows of stride s_sr; columns `ok` of `cols`)
+    s = _compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale
+    s = tl.where(ok, s, -float("inf"))
+    e = tl.exp(s - tl.max(s, 0))
+    return e / tl.sum(e, 0)
+
+
+@triton.jit
 def _softmax_backward_kernel(
     s_ptr, dp_ptr, p_ptr, ds_ptr, n, s_sr, dp_sr, out_sr, scale, BLOCK: tl.constexpr
 ):
@@ -471,10 +480,7 @@ def _softmax_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    s = _compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale
-    s = tl.where(ok, s, -float("inf"))
-    e = tl.exp(s - tl.max(s, 0))
-    p = e / tl.sum(e, 0)
+    p = _row_softmax(s_ptr, row, s_sr, cols, ok, scale)
     dp = _compute(tl.load(dp_ptr + row * dp_sr + cols, mask=ok, other=0.0))
     ds = p * (dp - tl.sum(p * dp, 0)) * scale
     tl.store(p_ptr + row * out_sr + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
@@ -488,10 +494,8 @@ def _softmax_kernel(s_ptr, p_ptr, n, s_sr, p_sr, scale, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    s = _compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale
-    s = tl.where(ok, s, -float("inf"))
-    e = tl.exp(s - tl.max(s, 0))
-    tl.store(p_ptr + row * p_sr + cols, (e / tl.sum(e, 0)).to(p_ptr.dtype.element_ty), mask=ok)
+    p = _row_softmax(s_ptr, row, s_sr, cols, ok, scale)
+    tl.store(p_ptr + row * p_sr + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
 
 
 @_limits
