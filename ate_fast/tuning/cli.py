@@ -70,8 +70,8 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     t.add_argument(
         "--journal", metavar="PATH",
-        help="the trials as they finish, to resume an interrupted run from (default: "
-        "OUT.journal; removed once OUT is written)",
+        help="the trials as they finish, to resume an interrupted run from; None: "
+        "OUT.journal (removed once OUT is written)",
     )  # fmt: skip
     t.add_argument(
         "--fresh", action="store_true", help="discard an existing journal: measure everything"
