@@ -119,3 +119,34 @@ def test_pi0_attention_on_cuda(batch):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(replayed, got, rtol=0, atol=0)
+
+
+def test_the_pullback_takes_the_forwards_probabilities(monkeypatch, epilogues):
+    """With the gemm path the forward keeps its probabilities and the input-VJP (RTC's
+    pullback) uses them: no scores product, no softmax recomputed — and the gradient is
+    autograd's (float32, one and two key/value heads)."""
+    from unittest import mock
+
+    from ate_fast.models import flow_transformer_vjp as vjp
+
+    monkeypatch.setenv(ENV, "gemm")
+    for kv_heads in (1, 2):
+        torch.manual_seed(0)
+        head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32,
+                                   mlp_dim=48, num_heads=4, num_kv_heads=kv_heads,
+                                   head_dim=8)  # fmt: skip
+        g = torch.Generator().manual_seed(1)
+        x, u = torch.randn(2, 6, 3, generator=g), torch.randn(2, 6, 3, generator=g)
+        t, cond = torch.tensor([0.3, 0.8]), torch.randn(2, 5, 32, generator=g)
+        cache = head.prefix_cache(cond)
+        with torch.no_grad():
+            _, pullback = head.forward_with_vjp(x, t, cache)
+            with mock.patch.object(vjp, "score_products", side_effect=AssertionError):
+                with mock.patch.object(vjp, "softmax_backward", side_effect=AssertionError):
+                    got = pullback(u)
+        leaf = x.double().requires_grad_(True)
+        ref = head.double()
+        with torch.enable_grad():
+            out = ref(leaf, t.double(), ref.prefix_cache(cond.double()))
+            (want,) = torch.autograd.grad(out, leaf, u.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -315,7 +315,7 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     """The input-VJP's epilogues in one storage dtype: the gated GELU's backward, the
     RMSNorm VJP (with / without weight and residual; the small head's and π0's widths 256,
     1024), the softmax backward (π0's 866 keys: 1024), the unrotation (head dims 64, 256);
-    and the gemm attention's softmax (forward)."""
+    and the gemm attention's softmax and its gradient from the probabilities kept."""
     count = 0
 
     def typed(name, d=store):
@@ -343,7 +343,10 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
                             lambda name, d=store: scores if name == "s_ptr" else d,
                             {"scale": "fp32"}, target, f"{store} BLOCK={block}",
                             options)  # fmt: skip
-    count += 1 + 8 + 2 + 2 + 2
+    for block in (128, 1024):  # its gradient from the probabilities the forward kept
+        _compile_spill_free(fb._softmax_grad_kernel, {"BLOCK": block}, typed, {"scale": "fp32"},
+                            target, f"{store} BLOCK={block}", options)  # fmt: skip
+    count += 1 + 8 + 2 + 2 + 2 + 2
     return count
 
 

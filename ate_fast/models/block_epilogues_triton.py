@@ -44,7 +44,9 @@ Four for the input-VJP (:mod:`ate_fast.models.flow_transformer_vjp`), replacing 
 
 And :func:`softmax` — the probabilities of ``ATE_FAST_PREFIX_ATTENTION=gemm``
 (:mod:`ate_fast.models.gemm_attention`) from its float32 scores, in the inputs' dtype
-(torch: a scaling, the softmax and a cast). Not run on a GPU yet.
+(torch: a scaling, the softmax and a cast) — with :func:`softmax_grad`, the scores'
+gradient from the probabilities that path's forward kept (the input-VJP's then skips
+:func:`softmax_backward`'s recompute). Not run on a GPU yet.
 
 Arithmetic in float32 (float64 for float64 data), one rounding to the storage dtype per
 output (torch's rotation rounds ``swap(x)·sin`` first, and its gated GELU rounds the GELU
@@ -496,6 +498,35 @@ def _softmax_kernel(s_ptr, p_ptr, n, s_sr, p_sr, scale, BLOCK: tl.constexpr):
     ok = cols < n
     p = _row_softmax(s_ptr, row, s_sr, cols, ok, scale)
     tl.store(p_ptr + row * p_sr + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _softmax_grad_kernel(p_ptr, dp_ptr, ds_ptr, n, p_sr, dp_sr, ds_sr, scale, BLOCK: tl.constexpr):
+    # one program per row of probabilities p [R, n] (kept by the forward): the scores'
+    # gradient ds = p⊙(dp − Σ p⊙dp)·scale
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    p = _compute(tl.load(p_ptr + row * p_sr + cols, mask=ok, other=0.0))
+    dp = _compute(tl.load(dp_ptr + row * dp_sr + cols, mask=ok, other=0.0))
+    ds = p * (dp - tl.sum(p * dp, 0)) * scale
+    tl.store(ds_ptr + row * ds_sr + cols, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+
+
+@_limits
+def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:
+    """``p⊙(dp − rowsum(p⊙dp))·scale`` [.., N] from the probabilities ``p`` a forward kept
+    and ``dp`` [.., N] (rows of one stride each: read in place), into 16-byte-aligned rows
+    (the GEMMs of dq and dk read them)."""
+    n = p.shape[-1]
+    p_rows, dp_rows = _as_rows(p), _as_rows(dp)
+    ds = aligned_rows(p.shape, p)
+    ds_rows = ds.view(-1, n)
+    _softmax_grad_kernel[(p_rows.shape[0],)](
+        p_rows, dp_rows, ds_rows, n, p_rows.stride(0), dp_rows.stride(0), ds_rows.stride(0),
+        scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return ds
 
 
 @_limits

@@ -59,7 +59,7 @@ from ate_fast.models.head_inputs import check_head_inputs
 from ate_fast.models.norm_folding import fold_norm_weights_
 from ate_fast.models.rotary import rotary_tables, rotate
 from ate_fast.models.skinny_gemm import block_linear, block_linear_of
-from ate_fast.models.split_kv_attention import prefix_attention
+from ate_fast.models.split_kv_attention import prefix_attention, prefix_attention_saving
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 from ate_fast.models.trace_state import autocast_active, exporting_graph
 from ate_fast.module_checks import plain_linear, plain_rms_norm, plain_tree
@@ -309,7 +309,10 @@ class _Block(nn.Module):
         # ATE_FAST_L2_PREFETCH=mlp: the MLP's weights into L2 on a second stream meanwhile
         mlp_weights = [self.gate_up.weight if gate_up is None else gate_up, self.down.weight]
         prefetching = l2_prefetch.start(mlp_weights)
-        attn = prefix_attention(q, k, v, bias)
+        if save:  # with the gemm path's probabilities: the pullback need not recompute them
+            attn, probs = prefix_attention_saving(q, k, v, bias)
+        else:
+            attn, probs = prefix_attention(q, k, v, bias), None
         attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there), in
         # place where nothing reads the residual again (not saved for a pullback): no copy
@@ -324,7 +327,7 @@ class _Block(nn.Module):
         # k and v in the call's buffers: the pullback checks they were not rewritten since
         written = None if buffers is None else (slot, slot.writes)
         return out, BlockSaved(x, q, k, v, x1, gate, up, act, written, bias, qkv, gate_up,
-                               attn_norm_folded)  # fmt: skip
+                               attn_norm_folded, probs)  # fmt: skip
 
 
 class FlowTransformerHead(nn.Module):

@@ -57,6 +57,9 @@ class BlockSaved(NamedTuple):
     # (FlowStepFeatures.gate_up), else None
     gate_up: Optional[Tensor] = None
     attn_norm_folded: bool = False  # qkv holds the attention norm's weight
+    # the probabilities softmax(q·kᵀ/√hd) [B, kv_heads, rows, N] the forward multiplied v by
+    # (ATE_FAST_PREFIX_ATTENTION=gemm forms them), else None: the pullback recomputes them
+    p: Optional[Tensor] = None
 
 
 def rms_norm_input_vjp(grad: Tensor, x: Tensor, norm: nn.RMSNorm, weighted: bool = False) -> Tensor:
@@ -117,6 +120,19 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
     return p, torch.mul(ds, scale, out=aligned_rows(ds.shape, ds))
 
 
+def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:
+    """The scores' gradient ``p ⊙ (dp − rowsum(dp ⊙ p))·scale`` [..., N] from the
+    probabilities ``p`` the forward kept (:attr:`BlockSaved.p`) and ``dp`` [..., N]."""
+    if p.shape[-1] <= MAX_ROW and use_triton(p, dp):
+        import ate_fast.models.block_epilogues_triton as kernels
+
+        return kernels.softmax_grad(p, dp, scale)  # rows of one stride: read in place
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    if not aligned_writes_may_run(p, dp):
+        return ds * scale
+    return torch.mul(ds, scale, out=aligned_rows(ds.shape, ds))  # the GEMMs of dq, dk read it
+
+
 def unrotate_pack(
     dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -173,6 +189,15 @@ def unrotate(grad: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(grad * cos, swap_halves(grad), sin, value=-1)
 
 
+def dog_times_v(dog: Tensor, v: Tensor) -> Tensor:
+    """``dp = dog·vᵀ`` [B, kv_heads, rows, N] (``dog`` [B, kv_heads, rows, hd], ``v`` [B,
+    kv_heads, N, hd]), into 16-byte-aligned rows where an ``out=`` write may run."""
+    if not aligned_writes_may_run(dog, v):
+        return dog @ v.transpose(-1, -2)
+    shape = (*dog.shape[:-1], v.shape[-2])
+    return torch.matmul(dog, v.transpose(-1, -2), out=aligned_rows(shape, dog))
+
+
 def score_products(
     dog: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor]:
@@ -182,11 +207,11 @@ def score_products(
     (:func:`~ate_fast.models.gemm_alignment.aligned_writes_may_run`), into buffers with
     16-byte-aligned rows (at N = 866 the unaligned products ran on cuBLAS's slowest
     kernels), the mask added in place; else plain products."""
+    dp = dog_times_v(dog, v)
     if not aligned_writes_may_run(dog, q, k, v):
         scores = q @ k.transpose(-1, -2)
-        return dog @ v.transpose(-1, -2), scores if bias is None else scores + bias
+        return dp, scores if bias is None else scores + bias
     shape = (*q.shape[:-1], k.shape[-2])
-    dp = torch.matmul(dog, v.transpose(-1, -2), out=aligned_rows(shape, dog))
     scores = torch.matmul(q, k.transpose(-1, -2), out=aligned_rows(shape, q))
     if bias is not None:  # in place where that keeps torch's result dtype
         same = torch.result_type(scores, bias) == scores.dtype
@@ -208,8 +233,12 @@ def attention_input_vjp(
     # do in the queries' grouped layout (block_epilogues.rotate_qkv): a view with one kv head
     dog = do.view(batch, horizon, kv_heads, -1).transpose(1, 2).reshape(batch, kv_heads, rows, hd)
     scale = 1.0 / math.sqrt(hd)
-    dp, scores = score_products(dog, q, k, v, saved.bias)  # [B, kvh, rows, N]
-    p, ds = softmax_backward(scores, dp, scale)
+    if saved.p is not None:  # the forward's own probabilities: no scores, no recompute
+        p = saved.p
+        ds = softmax_grad(p, dog_times_v(dog, v), scale)
+    else:
+        dp, scores = score_products(dog, q, k, v, saved.bias)  # [B, kvh, rows, N]
+        p, ds = softmax_backward(scores, dp, scale)
     dq = ds @ k  # [B, kvh, rows, hd]
     actions = slice(length - horizon, length)  # the rows of K and V that depend on x
     dk = ds[..., actions].transpose(-1, -2) @ q  # [B, kvh, H, hd]

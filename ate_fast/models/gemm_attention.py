@@ -25,7 +25,10 @@ else torch's. Scores and probabilities are written into rows padded to 16 bytes
 (:mod:`ate_fast.models.gemm_alignment`: at 866 keys a bf16 row is 1732 bytes, which left
 cuBLAS its slowest kernels in the input-VJP's products). Takes what the other split paths
 take (:func:`ate_fast.models.split_kv_attention.takes`: no mask, nothing recording or
-tracing); any number of key/value heads. **Not run on a GPU yet**: bench_realsize's
+tracing); any number of key/value heads. A forward that saves for its input-VJP (real-time
+chunking's pullback) keeps the probabilities (:func:`gemm_attention_saving`), and the
+pullback takes them instead of its own product of q and k and the softmax it recomputes:
+one score-sized GEMM fewer per block there. **Not run on a GPU yet**: bench_realsize's
 ``ate_capture_gemm_attention`` row and bench_prefix_attention's ``gemm`` rows.
 """
 
@@ -79,10 +82,17 @@ def gemm_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v)`` [B, heads, rows, hd] (no mask) as
     ``softmax(q·kᵀ/√hd)·v``: ``q`` [B, heads, rows, hd], ``k``, ``v`` [B, heads, N, hd]
     (heads: the key/value heads, each with its query heads folded into its rows)."""
+    return gemm_attention_saving(q, k, v)[0]
+
+
+def gemm_attention_saving(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gemm_attention(q, k, v), p)`` with the probabilities ``p`` [B, heads, rows, N]
+    (in q's dtype, 16-byte rows) it multiplied v by — what the input-VJP would recompute
+    (:func:`ate_fast.models.flow_transformer_vjp.attention_input_vjp` takes them instead)."""
     batch, heads, rows, hd = q.shape
     n = k.shape[-2]
     accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
     q3, k3, v3 = q.reshape(-1, rows, hd), k.reshape(-1, n, hd), v.reshape(-1, n, hd)
     scores = _scores(q3, k3, accumulate)
     p = _probabilities(scores, hd**-0.5, q.dtype, q3)
-    return torch.bmm(p, v3).view(batch, heads, rows, hd)
+    return torch.bmm(p, v3).view(batch, heads, rows, hd), p.view(batch, heads, rows, n)

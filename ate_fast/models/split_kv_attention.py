@@ -154,6 +154,17 @@ def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "
     return True
 
 
+def prefix_attention_saving(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``(prefix_attention(q, k, v, mask), p)``: ``p`` the probabilities [B, heads, rows,
+    N] where the ``gemm`` path ran (it forms them anyway; an input-VJP then need not
+    recompute them), else None."""
+    if os.environ.get(ENV_VAR) and selected_path() == "gemm" and takes(q, k, v, mask, "gemm"):
+        return gemm.gemm_attention_saving(q, k, v)
+    return prefix_attention(q, k, v, mask), None
+
+
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` [B, heads, rows, hd]: on
     the selected path where it :func:`takes` it, else SDPA."""
