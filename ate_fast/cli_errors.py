@@ -36,7 +36,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (AteFastError, ValueError, OSErro
 def flag_names(message: str, flags: Mapping[str, str]) -> str:
     """``message`` with the Python argument names in ``flags`` (name → ``--flag``) spelt
     as flags: ``name=True`` → ``--flag``, ``name=False`` → ``no --flag``,
-    ``name=value`` → ``--flag value``, ``name:`` → ``--flag:``; a name with an underscore
+    ``name=value`` → ``--flag value``, ``name:`` → ``--flag:``, ``name must`` → ``--flag
+    must`` (the argument checks' wording); a name with an underscore
     (``batch_size``: no English word) → ``--flag`` wherever it stands."""
     for name, flag in flags.items():
         word = re.escape(name)
@@ -44,6 +45,7 @@ def flag_names(message: str, flags: Mapping[str, str]) -> str:
         message = re.sub(rf"(?<![\w\-/.]){word}=False\b", f"no {flag}", message)
         message = re.sub(rf"(?<![\w\-/.]){word}=(?=\S)", f"{flag} ", message)
         message = re.sub(rf"(?<![\w\-/.]){word}:", f"{flag}:", message)
+        message = re.sub(rf"(?<![\w\-/.]){word} must\b", f"{flag} must", message)
         if "_" in name:
             message = re.sub(rf"(?<![\w\-/.]){word}(?!\w)", flag, message)
     return message

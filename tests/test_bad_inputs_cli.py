@@ -351,6 +351,8 @@ def test_flag_names_rewrites_python_argument_names():
     # a name with an underscore is a Python identifier wherever it stands; a plain word
     # ("gamma", "resume") only where it is followed by '=' or ':'
     assert flag_names("lower out_dir or gamma (resume)", flags) == "lower --out or gamma (resume)"
+    # and where an argument check names it ("gamma must be > 0")
+    assert flag_names("gamma must be > 0, got -1", flags) == "--gamma must be > 0, got -1"
 
 
 # --- stage 2 follows stage 1 -------------------------------------------------------------

@@ -635,3 +635,39 @@ def test_the_command_resumes_an_interrupted_tune_and_removes_its_journal(tmp_pat
     assert [t["resumed"] for t in trials[:2]] == [True, True] and not journal.exists()
     assert main([*argv, "--overwrite", "--fresh"]) == 0
     assert not any(t["resumed"] for t in json.loads(out.read_text())["trials"])
+
+
+def test_the_command_tunes_a_real_time_chunking_sampler(tmp_path, capsys):
+    """``ate-fast tune --rtc-horizon``: the captured sampler is RTC-guided (a VJP through the
+    head per step) toward a previous chunk of the problem's shape, every trial matches the
+    baseline; the RTC flags are checked by name."""
+    from ate_fast import realtime
+    from ate_fast.cli import main
+
+    out = tmp_path / "rtc.json"
+    base = [
+        "tune", "--head", "flow-transformer", "--random-init", "--set", "horizon=6",
+        "--set", "action_dim=3", "--set", "depth=1", "--steps", "2", "--device", "cpu",
+        "--batch", "2", "--cond-len", "5", "--cond-as", "kv-cache", "--rounds", "2",
+        "--warmup", "1", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    made = []
+
+    class Recorded(realtime.RTCGuidance):
+        def __init__(self, prev, delay, **kwargs):
+            made.append((tuple(prev.shape), delay, kwargs))
+            super().__init__(prev, delay, **kwargs)
+
+    with mock.patch.object(realtime, "RTCGuidance", Recorded):
+        assert main([*base, "--rtc-horizon", "3", "--rtc-delay", "1"]) == 0
+    assert made == [((2, 6, 3), 1, {"execution_horizon": 3, "max_guidance_weight": 5.0})]
+    for trial in json.loads(out.read_text())["trials"]:
+        assert trial["error"] < 1e-4, trial
+    capsys.readouterr()
+    for extra, message in (
+        (["--rtc-delay", "2"], "--rtc-delay: needs --rtc-horizon"),
+        (["--rtc-horizon", "9"], "--rtc-horizon must be in [1, H − 1] = [1, 5]"),
+        (["--rtc-horizon", "3", "--rtc-delay", "4"], "--rtc-delay"),
+    ):
+        assert main([*base, "--overwrite", *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -5,7 +5,9 @@ captured sampler at the deployed shape, measured on this machine, saved as JSON.
         --dtype bfloat16 --device cuda --batch 1 --steps 10 \\
         --cond-len 816 --cond-as kv-cache --out tuned.json
 
-The head, sampler and guidance flags are ``ate-fast export onnx``'s. Timing does not
+The head, sampler and guidance flags are ``ate-fast export onnx``'s; ``--rtc-horizon S``
+(with ``--rtc-delay``, ``--rtc-beta``) tunes the real-time-chunking sampler instead (its
+step: the head's forward and a VJP through it). Timing does not
 depend on the weights, so ``--random-init`` tunes for any checkpoint of that config; the
 output is checked against the baseline's either way. Deploy with
 ``with ate_fast.apply_settings(ate_fast.load_settings("tuned.json")): captured = ...``,
@@ -52,6 +54,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("--batch", type=int, default=1, help="B, as deployed")
     cond_arguments(g)
     g.add_argument("--seed", type=int, default=0, help="random init and example inputs")
+    r = p.add_argument_group("real-time chunking (instead of --guidance-vae)")
+    r.add_argument(
+        "--rtc-horizon", type=int, metavar="S",
+        help="tune the RTC-guided sampler (a VJP through the head per step) that executes S "
+        "steps of each chunk",
+    )  # fmt: skip
+    r.add_argument("--rtc-delay", type=int, help="d, the inference delay in steps (default 0)")
+    r.add_argument("--rtc-beta", type=float, help="β, the guidance weight's clip (default 5)")
     t = p.add_argument_group("tuning")
     t.add_argument("--out", required=True, help="the JSON settings file to write")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -99,7 +109,8 @@ SETTINGS_FORMATS = ("shell", "env")
 
 
 TUNE_FLAGS = {**FLAGS, "min_gain": "--min-gain", "budget_s": "--budget-s", "exclude": "--exclude",
-              "journal": "--journal"}  # fmt: skip
+              "journal": "--journal", "execution_horizon": "--rtc-horizon",
+              "delay": "--rtc-delay", "max_guidance_weight": "--rtc-beta"}  # fmt: skip
 # The flags that say how to search, not what: a journal resumes across changes to these.
 SEARCH_FLAGS = ("out", "overwrite", "rounds", "warmup", "min_gain", "tolerance", "budget_s",
                 "exclude", "journal", "fresh", "no_progress", "func")  # fmt: skip
@@ -131,6 +142,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     cfg = head.config
     noise = torch.randn(args.batch, cfg.horizon, cfg.action_dim, generator=gen).to(device)
+    guidance = _rtc_guidance(args, guidance, noise, gen)
     cond = example_cond(head, args.batch, args, gen, device, dtype)
 
     def build():
@@ -142,12 +154,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         journal.unlink(missing_ok=True)
     elif journal.is_file():
         print(f"resuming from {journal} (--fresh to measure everything again)", file=sys.stderr)
-    source = None if guidance is None else guidance.encoder.source
+    latent = getattr(guidance, "encoder", None)  # a LatentGuidance's (RTC reads the head)
+    source = None if latent is None else latent.source
     encoder = getattr(source, "arch", None)  # an ActionVAE's: "mlp" or "transformer"
     try:
         result = autotune(
             build, rounds=args.rounds, warmup=args.warmup, min_gain=args.min_gain,
-            tolerance=args.tolerance, guided=guidance is not None,
+            tolerance=args.tolerance, guided=latent is not None,
             transformer_encoder=encoder == "transformer", budget_s=args.budget_s,
             exclude=tuple(args.exclude), progress=not args.no_progress, journal=journal,
             workload={k: v for k, v in vars(args).items() if k not in SEARCH_FLAGS},
@@ -162,6 +175,27 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     journal.unlink(missing_ok=True)  # its trials are in OUT now
     print(f"wrote {path}")
     return 0
+
+
+def _rtc_guidance(args: argparse.Namespace, guidance: Any, noise: Any, gen: Any) -> Any:
+    """``--rtc-*``'s RTCGuidance toward a random previous chunk like ``noise`` [B, H, D]
+    (timing does not depend on it), or ``guidance`` where ``--rtc-horizon`` is not given."""
+    import torch
+
+    from ate_fast.realtime import DEFAULT_MAX_GUIDANCE_WEIGHT, RTCGuidance
+
+    if args.rtc_horizon is None:
+        given = [flag for flag in ("--rtc-delay", "--rtc-beta")
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]  # fmt: skip
+        if given:
+            raise CommandLineError(f"{', '.join(given)}: needs --rtc-horizon")
+        return guidance
+    if guidance is not None:
+        raise CommandLineError("--rtc-horizon and --guidance-vae: one guidance at a time")
+    prev = torch.randn(noise.shape, generator=gen).to(noise.device)
+    beta = DEFAULT_MAX_GUIDANCE_WEIGHT if args.rtc_beta is None else args.rtc_beta
+    return RTCGuidance(prev, args.rtc_delay or 0, execution_horizon=args.rtc_horizon,
+                       max_guidance_weight=beta)  # fmt: skip
 
 
 def _cmd_settings(args: argparse.Namespace) -> int:
