@@ -56,10 +56,67 @@ def test_scores_and_probabilities_take_sixteen_byte_rows(epilogues, dtype):
     q, k, _ = prefix_qkv(1, 1, 24, 90, 32, dtype)
     scores = gemm._scores(q[0], k[0], torch.float32)
     assert scores.dtype == torch.float32 and rows_aligned(scores)
-    p = gemm._probabilities(scores, 32**-0.5, dtype, q[0])
+    p = gemm._probabilities(scores, 32**-0.5, dtype, q[0], None, 1)
     assert p.dtype == dtype and rows_aligned(p) and p.shape == (1, 24, 90)
     torch.testing.assert_close(p.double().sum(-1), torch.ones(1, 24, dtype=torch.float64),
                                rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_a_padded_prefix_mask_is_added_to_the_scores(epilogues, dtype, heads):
+    """The head's additive mask for a padded prefix (−∞ on each sample's padding) against
+    SDPA with the same mask: the padded keys get no probability."""
+    q, k, v = prefix_qkv(2, heads, 24, 90, 32, dtype)
+    real = torch.ones(2, 90, dtype=torch.bool)
+    real[0, 30:60], real[1, 5:10] = False, False
+    mask = torch.where(real, 0.0, float("-inf")).to(dtype)[:, None, None, :]
+    out, p = gemm.gemm_attention_saving(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                          attn_mask=mask.double())  # fmt: skip
+    assert torch.all(p[0, :, :, 30:60] == 0) and torch.all(p[1, :, :, 5:10] == 0)
+    if dtype == torch.bfloat16:  # P and the output rounded once each: ≤ 1.5 ulp of max |v|
+        assert (out.double() - want).abs().max() <= 2**-7 * v.double().abs().max()
+    else:
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_masked_prefix_runs_on_the_path_in_the_head(monkeypatch, epilogues):
+    """float64, a prefix cache with padding: the head's forward, its input-VJP and a
+    captured Euler loop on the gemm path equal SDPA's, and the path ran in every block."""
+    from unittest import mock
+
+    from ate_fast.sampling import FlowSampler
+
+    torch.manual_seed(0)
+    head = FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32,
+                               mlp_dim=48, num_heads=4, num_kv_heads=1, head_dim=8)  # fmt: skip
+    head = head.double()
+    g = torch.Generator().manual_seed(1)
+    x, u = (
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+    )
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    real = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    cache = head.prefix_cache(torch.randn(2, 5, 32, generator=g, dtype=torch.float64), mask=real)
+
+    def run():
+        with torch.no_grad():
+            out, pullback = head.forward_with_vjp(x, t, cache)
+            captured = FlowSampler(head, 3).capture(x, cache)
+            return head(x, t, cache), out, pullback(u), captured(x, cache)
+
+    monkeypatch.setenv(ENV, "sdpa")
+    want = run()
+    monkeypatch.setenv(ENV, "gemm")
+    with mock.patch.object(
+        gemm, "gemm_attention_saving", wraps=gemm.gemm_attention_saving
+    ) as entry:
+        got = run()
+    assert entry.call_count >= 3 * len(head.blocks)
+    for o, r in zip(got, want):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
 
 
 def test_scores_are_float32_products_of_half_inputs():
@@ -85,11 +142,14 @@ def test_head_and_captured_sampler_match_sdpa(monkeypatch, epilogues):
 
 
 def test_sdpa_runs_where_the_path_does_not_apply(monkeypatch):
-    """A mask, a recording autograd: SDPA, not the path."""
+    """A boolean or per-row mask, a recording autograd: SDPA, not the path (the padded
+    prefix's additive [B, 1, 1, N] mask: the path)."""
     monkeypatch.setenv(ENV, "gemm")
     q, k, v = prefix_qkv(1, 1, 8, 90, 16, torch.float32)
     assert split_kv_attention.takes(q, k, v, None, "gemm")
-    assert not split_kv_attention.takes(q, k, v, torch.zeros(1, 1, 1, 90), "gemm")
+    assert split_kv_attention.takes(q, k, v, torch.zeros(1, 1, 1, 90), "gemm")
+    for mask in (torch.ones(1, 1, 1, 90, dtype=torch.bool), torch.zeros(1, 1, 8, 90)):
+        assert not split_kv_attention.takes(q, k, v, mask, "gemm")
     leaf = q.clone().requires_grad_(True)
     with torch.enable_grad():
         assert not split_kv_attention.takes(leaf, k, v, None, "gemm")

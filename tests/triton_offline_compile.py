@@ -337,16 +337,17 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
         _compile_spill_free(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d},
                             typed, {}, target, f"{store} BLOCK_D={block_d}", options)  # fmt: skip
     # the gemm attention's softmax: float32 scores (float64 for float64 data) in, p stored
+    # (and a padded prefix's additive mask, in the head's dtype)
     scores = "fp64" if store == "fp64" else "fp32"
-    for block in (128, 1024):
-        _compile_spill_free(fb._softmax_kernel, {"BLOCK": block},
+    for block, bias in itertools.product((128, 1024), (False, True)):
+        _compile_spill_free(fb._softmax_kernel, {"BLOCK": block, "HAS_BIAS": bias},
                             lambda name, d=store: scores if name == "s_ptr" else d,
-                            {"scale": "fp32"}, target, f"{store} BLOCK={block}",
+                            {"scale": "fp32"}, target, f"{store} BLOCK={block} HAS_BIAS={bias}",
                             options)  # fmt: skip
     for block in (128, 1024):  # its gradient from the probabilities the forward kept
         _compile_spill_free(fb._softmax_grad_kernel, {"BLOCK": block}, typed, {"scale": "fp32"},
                             target, f"{store} BLOCK={block}", options)  # fmt: skip
-    count += 1 + 8 + 2 + 2 + 2 + 2
+    count += 1 + 8 + 2 + 2 + 4 + 2
     return count
 
 

@@ -490,14 +490,23 @@ def _softmax_backward_kernel(
 
 
 @triton.jit
-def _softmax_kernel(s_ptr, p_ptr, n, s_sr, p_sr, scale, BLOCK: tl.constexpr):
+def _softmax_kernel(
+    s_ptr, b_ptr, p_ptr, n, s_sr, b_sr, p_sr, per_bias, scale,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     # one program per row of scores s [R, n] (float32 or float64, rows of stride s_sr):
-    # p = softmax(s·scale) rounded once to p's dtype (rows of stride p_sr)
+    # p = softmax(s·scale + b) rounded once to p's dtype (rows of stride p_sr); b: row
+    # row // per_bias of the additive mask b [R / per_bias, n] (rows of stride b_sr)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    p = _row_softmax(s_ptr, row, s_sr, cols, ok, scale)
-    tl.store(p_ptr + row * p_sr + cols, p.to(p_ptr.dtype.element_ty), mask=ok)
+    s = _compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale
+    if HAS_BIAS:
+        b_row = b_ptr + (row // per_bias) * b_sr
+        s += _compute(tl.load(b_row + cols, mask=ok, other=0.0))
+    s = tl.where(ok, s, -float("inf"))
+    e = tl.exp(s - tl.max(s, 0))
+    tl.store(p_ptr + row * p_sr + cols, (e / tl.sum(e, 0)).to(p_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -530,18 +539,24 @@ def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:
 
 
 @_limits
-def softmax(scores: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    """``softmax(scores·scale)`` [.., N] in ``dtype`` (one rounding), from ``scores`` [.., N]
-    (rows of one stride: read in place), into 16-byte-aligned rows (the product with the
-    values reads them: :mod:`ate_fast.models.gemm_alignment`) — the gemm attention's
-    probabilities (:mod:`ate_fast.models.gemm_attention`)."""
+def softmax(
+    scores: Tensor, scale: float, dtype: torch.dtype, bias: Optional[Tensor] = None,
+    per_bias: int = 1,
+) -> Tensor:  # fmt: skip
+    """``softmax(scores·scale + bias)`` [.., N] in ``dtype`` (one rounding), from ``scores``
+    [.., N] (rows of one stride: read in place), into 16-byte-aligned rows (the product with
+    the values reads them: :mod:`ate_fast.models.gemm_alignment`) — the gemm attention's
+    probabilities (:mod:`ate_fast.models.gemm_attention`). ``bias``: None, or an additive
+    mask whose rows (N each) serve ``per_bias`` consecutive rows of scores each."""
     n = scores.shape[-1]
     s_rows = _as_rows(scores)
     p = aligned_rows(scores.shape, scores.new_empty((), dtype=dtype))
     p_rows = p.view(-1, n)
+    b_rows = s_rows if bias is None else _as_rows(bias)  # (unread without a bias)
     _softmax_kernel[(s_rows.shape[0],)](
-        s_rows, p_rows, n, s_rows.stride(0), p_rows.stride(0), scale,
-        BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+        s_rows, b_rows, p_rows, n, s_rows.stride(0), b_rows.stride(0), p_rows.stride(0),
+        per_bias, scale, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return p
 

@@ -24,15 +24,19 @@ where the block's Triton epilogues run (:func:`ate_fast.models.block_epilogues.u
 else torch's. Scores and probabilities are written into rows padded to 16 bytes
 (:mod:`ate_fast.models.gemm_alignment`: at 866 keys a bf16 row is 1732 bytes, which left
 cuBLAS its slowest kernels in the input-VJP's products). Takes what the other split paths
-take (:func:`ate_fast.models.split_kv_attention.takes`: no mask, nothing recording or
-tracing); any number of key/value heads. A forward that saves for its input-VJP (real-time
-chunking's pullback) keeps the probabilities (:func:`gemm_attention_saving`), and the
-pullback takes them instead of its own product of q and k and the softmax it recomputes:
+take (:func:`ate_fast.models.split_kv_attention.takes`: nothing recording or tracing) and
+a padded prefix's additive mask too (:func:`takes_mask`: added to the scores in the
+softmax kernel), which keeps SDPA on the other paths; any number of key/value heads. A
+forward that saves for its input-VJP (real-time chunking's pullback) keeps the
+probabilities (:func:`gemm_attention_saving`), and the pullback takes them instead of its
+own product of q and k and the softmax it recomputes:
 one score-sized GEMM fewer per block there. **Not run on a GPU yet**: bench_realsize's
 ``ate_capture_gemm_attention`` row and bench_prefix_attention's ``gemm`` rows.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -65,34 +69,54 @@ def _scores(q: Tensor, k: Tensor, accumulate: torch.dtype) -> Tensor:
     return torch.bmm(q, kt, out=out)
 
 
-def _probabilities(scores: Tensor, scale: float, dtype: torch.dtype, like: Tensor) -> Tensor:
-    """``softmax(scores·scale)`` [.., N] in ``dtype``: one Triton kernel where the block's
-    epilogues run on Triton (``like``: the inputs that decide), else torch's ops."""
+def takes_mask(mask: Tensor, q: Tensor, k: Tensor) -> bool:
+    """Whether ``mask`` is what the head passes for a padded prefix and this path adds:
+    additive, floating, [B, 1, 1, N] for ``q`` [B, heads, rows, hd], ``k`` [B, heads, N, hd]
+    (a boolean or per-row mask keeps SDPA)."""
+    return (
+        mask.is_floating_point()
+        and mask.dim() == 4
+        and tuple(mask.shape) == (q.shape[0], 1, 1, k.shape[-2])
+        and mask.device == q.device
+    )
+
+
+def _probabilities(scores: Tensor, scale: float, dtype: torch.dtype, like: Tensor,
+                   bias: Optional[Tensor], heads: int) -> Tensor:  # fmt: skip
+    """``softmax(scores·scale + bias)`` [B·heads, rows, N] in ``dtype`` (``bias`` [B, 1, 1,
+    N] or None, each sample's row for its ``heads`` slices): one Triton kernel where the
+    block's epilogues run on Triton (``like``: the inputs that decide), else torch's ops."""
     if scores.shape[-1] <= MAX_ROW and block_epilogues.use_triton(like):
         import ate_fast.models.block_epilogues_triton as kernels
 
-        return kernels.softmax(scores, scale, dtype)
-    p = torch.softmax(scores * scale, dim=-1)
+        return kernels.softmax(scores, scale, dtype, bias, heads * scores.shape[1])
+    logits = scores * scale
+    if bias is not None:  # [B, 1, 1, N] -> each of the sample's B·heads slices [.., 1, N]
+        logits = logits.view(bias.shape[0], heads, *scores.shape[1:]) + bias
+    p = torch.softmax(logits, dim=-1).view(scores.shape)
     if not aligned_writes_may_run(like):
         return p.to(dtype)
     return aligned_rows(p.shape, like).copy_(p)
 
 
-def gemm_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``F.scaled_dot_product_attention(q, k, v)`` [B, heads, rows, hd] (no mask) as
-    ``softmax(q·kᵀ/√hd)·v``: ``q`` [B, heads, rows, hd], ``k``, ``v`` [B, heads, N, hd]
-    (heads: the key/value heads, each with its query heads folded into its rows)."""
-    return gemm_attention_saving(q, k, v)[0]
+def gemm_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` [B, heads, rows, hd] as
+    ``softmax(q·kᵀ/√hd + mask)·v``: ``q`` [B, heads, rows, hd], ``k``, ``v`` [B, heads, N,
+    hd] (heads: the key/value heads, each with its query heads folded into its rows);
+    ``mask``: None, or additive [B, 1, 1, N] (:func:`takes_mask`: a padded prefix's −∞)."""
+    return gemm_attention_saving(q, k, v, mask)[0]
 
 
-def gemm_attention_saving(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """``(gemm_attention(q, k, v), p)`` with the probabilities ``p`` [B, heads, rows, N]
-    (in q's dtype, 16-byte rows) it multiplied v by — what the input-VJP would recompute
+def gemm_attention_saving(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """``(gemm_attention(q, k, v, mask), p)`` with the probabilities ``p`` [B, heads, rows,
+    N] (in q's dtype, 16-byte rows) it multiplied v by — what the input-VJP would recompute
     (:func:`ate_fast.models.flow_transformer_vjp.attention_input_vjp` takes them instead)."""
     batch, heads, rows, hd = q.shape
     n = k.shape[-2]
     accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
     q3, k3, v3 = q.reshape(-1, rows, hd), k.reshape(-1, n, hd), v.reshape(-1, n, hd)
     scores = _scores(q3, k3, accumulate)
-    p = _probabilities(scores, hd**-0.5, q.dtype, q3)
+    p = _probabilities(scores, hd**-0.5, q.dtype, q3, mask, heads)
     return torch.bmm(p, v3).view(batch, heads, rows, hd), p.view(batch, heads, rows, n)

@@ -136,11 +136,13 @@ def takes(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], path: str = "
     without FlexAttention)."""
     if not os.environ.get(ENV_VAR) or selected_path() != path:  # unset: one lookup
         return False
+    if path == "gemm":  # torch's GEMMs (its softmax kernel where the epilogues' Triton runs)
+        if mask is not None and not (gemm.takes_mask(mask, q, k) and opaque_ops_may_run(mask)):
+            return False
+        return _plain_case(q, k, v, None)
     if not _plain_case(q, k, v, mask):
         return False
     setting = f"{ENV_VAR}={path}"
-    if path == "gemm":  # torch's GEMMs; its softmax kernel only where the epilogues' Triton runs
-        return True
     if path == "flex":
         if not q.is_contiguous() or q.dtype not in flex.DTYPES:
             return False
@@ -161,7 +163,7 @@ def prefix_attention_saving(
     N] where the ``gemm`` path ran (it forms them anyway; an input-VJP then need not
     recompute them), else None."""
     if os.environ.get(ENV_VAR) and selected_path() == "gemm" and takes(q, k, v, mask, "gemm"):
-        return gemm.gemm_attention_saving(q, k, v)
+        return gemm.gemm_attention_saving(q, k, v, mask)
     return prefix_attention(q, k, v, mask), None
 
 
@@ -176,7 +178,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = N
     if path == "split_sdpa":
         return split_sdpa.split_sdpa_attention(q, k, v)
     if path == "gemm":
-        return gemm.gemm_attention(q, k, v)
+        return gemm.gemm_attention(q, k, v, mask)
     from ate_fast.models.split_kv_attention_triton import (  # triton
         default_tiles,
         split_kv_attention,
