@@ -120,6 +120,9 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   cache's ``mask`` (``PrefixCache.mask``: attention's additive mask, per-sample rotary
   positions) — what a real π0 deployment runs; its A/B against ``ate_capture`` is the cost
   of the mask (another attention kernel where flash attention takes no mask).
+- ``ate_capture_padded_prompt_gemm_attention``: the same on
+  ``ATE_FAST_PREFIX_ATTENTION=gemm``, the one attention path that takes the mask (added to
+  the scores in its softmax kernel); its A/B against ``ate_capture_padded_prompt``.
 - ``ate_capture_two_gemms``: ``ate_capture`` (B = 1, unguided) with the head's
   ``fuse_qkv = False``: each block's q and kv projections as two GEMMs per step, as before
   ``FlowStepFeatures.qkv`` (on a GPU ``ate_capture`` concatenates ``[W_q; W_kv]`` once per
@@ -231,6 +234,9 @@ LATENT_GUIDANCES = GUIDANCES[:3]  # every B; RTC at the first only
 RTC_DELAY, RTC_EXECUTION_HORIZON, RTC_BETA = 5, 20, 5.0  # bench_rtc.py's
 EPILOGUES_ROW = "ate_capture_triton_epilogues"  # ate_capture, ATE_FAST_FLOW_EPILOGUES=triton
 PADDED_ROW = "ate_capture_padded_prompt"  # ate_capture with a padded prompt (its mask)
+# the same on ATE_FAST_PREFIX_ATTENTION=gemm: the one attention path that takes the mask
+PADDED_GEMM_ROW = "ate_capture_padded_prompt_gemm_attention"
+PADDED_ROWS = (PADDED_ROW, PADDED_GEMM_ROW)
 TWO_GEMMS_ROW = "ate_capture_two_gemms"  # ate_capture with q and kv as two GEMMs per block
 FOLD_MLP_ROW = "ate_capture_triton_fold_mlp"  # EPILOGUES_ROW with the MLP norm folded too
 # ate_capture of a copy of the head with its norms' weights folded into the layers that read
@@ -308,7 +314,7 @@ SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
         SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS,
-        FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, PADDED_ROW, TWO_GEMMS_ROW,
+        FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, *PADDED_ROWS, TWO_GEMMS_ROW,
         TUNED_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, TUNED_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
@@ -320,6 +326,7 @@ ROW_ENV = {
     FLEX_ROW: {"ATE_FAST_PREFIX_ATTENTION": "flex"},
     SPLIT_SDPA_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_sdpa"},
     GEMM_ATTENTION_ROW: {"ATE_FAST_PREFIX_ATTENTION": "gemm"},
+    PADDED_GEMM_ROW: {"ATE_FAST_PREFIX_ATTENTION": "gemm"},
     L2_PREFETCH_ROW: {"ATE_FAST_L2_PREFETCH": "mlp"},
     L2_PREFETCH_ALL_ROW: {"ATE_FAST_L2_PREFETCH": "all"},
     SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
@@ -373,6 +380,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     EPILOGUES_ROW: 10.0,  # + Triton compiling its two kernels at first use
     TORCH_EPILOGUES_ROW: 4.0,
     PADDED_ROW: 4.0,
+    PADDED_GEMM_ROW: 5.0,
     TWO_GEMMS_ROW: 4.0,
     FOLD_MLP_ROW: 10.0,  # + Triton compiling its kernels' folded variants at first use
     FOLDED_NORMS_ROW: 10.0,  # the same, + a copy of the head
@@ -428,6 +436,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap.append((b1, RTC, "ate_capture_fused_mlp"))  # + the saving launch in RTC's forward
     cheap += [(b1, "unguided", r) for r in SKINNY_ROWS]  # the few-row GEMM vs cuBLAS
     cheap.append((b1, "unguided", PADDED_ROW))  # the prompt's padding mask: its A/B
+    cheap.append((b1, "unguided", PADDED_GEMM_ROW))  # and on the path that takes the mask
     # the paths tuned together, after their own rows (their kernels compiled by then)
     cheap += [(b1, g, TUNED_ROW) for g in ("unguided", "transformer-guided", RTC)]
     cheap_b8 = [(b8, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
@@ -828,7 +837,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
                SIDE_STREAM_ROW,
                *SKINNY_ROWS, *SETTING_ROWS, *FUSED_MLP_ROWS, TUNED_ROW):  # fmt: skip
         return _ate_call(batch, guidance, _head())
-    if row == PADDED_ROW:
+    if row in PADDED_ROWS:
         return _ate_call(batch, guidance, _head(), padded=True)
     if row == STATIC_COND_ROW:
         return _ate_call(batch, guidance, _head(), in_place=True)
@@ -870,7 +879,7 @@ def check(row: str, out: torch.Tensor, batch: int, guidance: str) -> dict:
     correction is ≈ κ·sign(g) (c = −t/(1−t) is large), and near-zero elements of g flip
     sign between two bf16 paths, so two correct guided rows differ by about the guidance's
     own effect (docs/precision.md, "The clamp amplifies precision")."""
-    ref = reference(batch, guidance, row == PADDED_ROW)
+    ref = reference(batch, guidance, row in PADDED_ROWS)
     scale = max(float(ref.abs().max()), 1.0)
     out = out.float()
     err = float((out - ref).abs().max()) / scale
@@ -1272,7 +1281,7 @@ def _time_case(benchmark, case: tuple[int, str, str]) -> None:
         compute_floor_s=compute_floor_s,
     )  # fmt: skip
     noise = _noise(batch)
-    reference(batch, guidance, row == PADDED_ROW)
+    reference(batch, guidance, row in PADDED_ROWS)
     if guidance != "unguided":
         reference(batch, "unguided")
 
