@@ -179,6 +179,15 @@ def test_pi0_attention_on_cuda(batch):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(replayed, got, rtol=0, atol=0)
+    # openpi's padded prompt: the last 20 of each sample's 48 language tokens hidden
+    real = torch.ones(batch, 866, dtype=torch.bool, device="cuda")
+    real[:, 768 - 20 : 768] = False
+    mask = torch.where(real, 0.0, float("-inf")).to(torch.bfloat16)[:, None, None, :]
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                          attn_mask=mask.double())  # fmt: skip
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).double()
+    got = gemm.gemm_attention(q, k, v, mask)
+    assert (got.double() - want).abs().max() <= 1.5 * (sdpa - want).abs().max()
 
 
 def test_the_pullback_takes_the_forwards_probabilities(monkeypatch, epilogues):
