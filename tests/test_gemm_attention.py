@@ -181,7 +181,7 @@ def test_pi0_attention_on_cuda(batch):
     torch.testing.assert_close(replayed, got, rtol=0, atol=0)
     # openpi's padded prompt: the last 20 of each sample's 48 language tokens hidden
     real = torch.ones(batch, 866, dtype=torch.bool, device="cuda")
-    real[:, 768 - 20 : 768] = False
+    real[:, 816 - 20 : 816] = False  # after 3 × 256 image tokens and 28 real ones
     mask = torch.where(real, 0.0, float("-inf")).to(torch.bfloat16)[:, None, None, :]
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                           attn_mask=mask.double())  # fmt: skip
