@@ -576,6 +576,10 @@ def test_a_journal_of_another_run_is_refused_by_name(tmp_path):
         bad.write_text(text)
         with pytest.raises(InvalidArgumentError, match=match):
             tune(Workload(FACTORS), [ATTENTION], journal=bad)
+    good = journal.read_text().splitlines()
+    bad.write_text("\n".join([good[0], '{"choice": "x"}', ""]))
+    with pytest.raises(InvalidArgumentError, match="line 2 is not a trial"):
+        tune(Workload(FACTORS), [ATTENTION], journal=bad, workload={"batch": 1})
     bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00")
     with pytest.raises(InvalidArgumentError, match="is not a tuning journal"):
         tune(Workload(FACTORS), [ATTENTION], journal=bad)

@@ -37,6 +37,8 @@ FORMAT = "ate_fast.tune-journal/1"
 PathLike = Union[str, "os.PathLike[str]"]
 #: Header fields that must match for a journal to be resumed.
 MATCHED = ("device", "torch", "ate_fast", "rounds", "warmup", "workload")
+#: What each trial's line holds.
+TRIAL_KEYS = frozenset({"choice", "applied", "option", "seconds", "error", "failure"})
 
 
 def settings_key(choice: str, applied: Mapping[str, str]) -> str:
@@ -120,6 +122,12 @@ class Journal:
                 + "; ".join(differs)
                 + ". Delete it (ate-fast tune --fresh) or name another journal"
             )
+        for number, r in enumerate(records[1:], 2):
+            if not isinstance(r, dict) or not TRIAL_KEYS <= r.keys():
+                raise InvalidArgumentError(
+                    f"journal: {path} line {number} is not a trial (expected the keys "
+                    f"{sorted(TRIAL_KEYS)}): damaged (delete it to start again)"
+                )
         if cut:  # appends must start on a line of their own
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
