@@ -8,7 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import assert_path_matches, prefix_qkv  # tests/ is on sys.path
+from flow_head_paths import (
+    assert_compile_traces_torch_ops,
+    assert_path_matches,
+    prefix_qkv,
+)  # tests/ is on sys.path
 
 from ate_fast.models import FlowTransformerHead, block_epilogues, split_kv_attention
 from ate_fast.models import gemm_attention as gemm
@@ -153,6 +157,14 @@ def test_sdpa_runs_where_the_path_does_not_apply(monkeypatch):
     leaf = q.clone().requires_grad_(True)
     with torch.enable_grad():
         assert not split_kv_attention.takes(leaf, k, v, None, "gemm")
+
+
+def test_torch_compile_traces_sdpa(monkeypatch):
+    """Under ``torch.compile`` the head traces SDPA (the gemm path's ``out=`` writes and
+    Triton kernel are not for fake tensors), and the compiled head equals the eager one,
+    which runs the path."""
+    monkeypatch.setenv(ENV, "gemm")
+    assert_compile_traces_torch_ops(gemm, "gemm_attention")
 
 
 @pytest.mark.cuda
