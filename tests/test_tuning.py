@@ -639,6 +639,17 @@ def test_the_command_resumes_an_interrupted_tune_and_removes_its_journal(tmp_pat
     assert [t["resumed"] for t in trials[:2]] == [True, True] and not journal.exists()
     assert main([*argv, "--overwrite", "--fresh"]) == 0
     assert not any(t["resumed"] for t in json.loads(out.read_text())["trials"])
+    for settings in ({}, {GEMM: "aten"}):  # a search that kept nothing, one that kept a path
+
+        def result(current, timed, ref, trials, min_gain, device, settings=settings):
+            return search.TuneResult(settings, 2.0, 2.0 if not settings else 1.0, device, trials)
+
+        capsys.readouterr()
+        with mock.patch.object(search, "_confirm", result):
+            assert main([*argv, "--overwrite"]) == 0
+        printed = capsys.readouterr().out  # how to deploy what it kept
+        assert (f"ate_fast.load_settings({str(out)!r})" in printed) == bool(settings)
+        assert (f"ate-fast settings {out}" in printed) == bool(settings)
 
 
 def test_the_command_tunes_a_real_time_chunking_sampler(tmp_path, capsys):

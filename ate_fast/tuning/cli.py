@@ -174,6 +174,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     path = result.save(args.out)
     journal.unlink(missing_ok=True)  # its trials are in OUT now
     print(f"wrote {path}")
+    if result.settings:  # how to deploy them
+        import shlex
+
+        print(f"in force while capturing: ate_fast.apply_settings(ate_fast.load_settings("
+              f"{str(path)!r})); for a shell or a service: eval \"$(ate-fast settings "
+              f"{shlex.quote(str(path))})\"")  # fmt: skip
     return 0
 
 
