@@ -16,6 +16,7 @@ from ate_fast.models import (
     block_epilogues,
     cpu_gemm,
     fused_mlp,
+    gemm_attention,
     l2_prefetch,
     skinny_gemm,
     split_kv_attention,
@@ -110,6 +111,10 @@ def _prefix_attention() -> str:
     path = split_kv_attention.selected_path()
     if path == "split_sdpa":
         return f"{path} ({split_sdpa_attention.chunks_from_env()} key slices)"
+    if path == "gemm":  # how its bf16 / fp16 scores reach float32 on CUDA
+        if gemm_attention.float32_output_gemm():
+            return f"{path} (bf16/fp16 scores written in float32 by cuBLAS)"
+        return f"{path} (bf16/fp16 q and k upcast first: this torch has no bmm out_dtype)"
     fields = split_kv_attention.tiles_from_env() if path == "split_kv" else None
     if not fields:
         return path

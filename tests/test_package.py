@@ -8,6 +8,7 @@ import sys
 
 from ate_fast import native
 from ate_fast.cli import main
+from ate_fast.models import gemm_attention
 from ate_fast.ops import backends
 from ate_fast.system_info import format_info, info
 
@@ -151,6 +152,11 @@ def test_info_reports_the_prefix_attention_path(monkeypatch):
     assert info()["prefix_attention"] == "split_sdpa (12 key slices)"
     monkeypatch.setenv("ATE_FAST_SPLIT_SDPA_CHUNKS", "1")
     assert info()["prefix_attention"].startswith("error: ATE_FAST_SPLIT_SDPA_CHUNKS: expected")
+    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "gemm")
+    with_dtype = "gemm (bf16/fp16 scores written in float32 by cuBLAS)"
+    assert info()["prefix_attention"] == with_dtype  # this torch has bmm(..., out_dtype=)
+    monkeypatch.setattr(gemm_attention, "float32_output_gemm", lambda: False)
+    assert info()["prefix_attention"].startswith("gemm (bf16/fp16 q and k upcast first")
     monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "flash")
     assert info()["prefix_attention"].startswith("error: ATE_FAST_PREFIX_ATTENTION: expected")
 
