@@ -266,6 +266,8 @@ def _timed_builds(build: Build, timer: Timer):
             seconds = timer(run) if timing else None
         del run
         gc.collect()
+        if out.is_cuda:  # the dropped capture's graph pool back to the GPU: dozens of
+            torch.cuda.empty_cache()  # captures in one search would otherwise pile up
         return out, seconds
 
     return timed
