@@ -79,7 +79,7 @@ def test_a_padded_prefix_mask_is_added_to_the_scores(epilogues, dtype, heads):
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                           attn_mask=mask.double())  # fmt: skip
     assert torch.all(p[0, :, :, 30:60] == 0) and torch.all(p[1, :, :, 5:10] == 0)
-    if dtype == torch.bfloat16:  # P and the output rounded once each: ≤ 1.5 ulp of max |v|
+    if dtype == torch.bfloat16:  # P and the output rounded once each (u = 2⁻⁸): ≤ 2u·max|v|
         assert (out.double() - want).abs().max() <= 2**-7 * v.double().abs().max()
     else:
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
