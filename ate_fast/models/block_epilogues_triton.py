@@ -465,12 +465,17 @@ def rms_norm_vjp(
 
 
 @triton.jit
-def _row_softmax(s_ptr, row, s_sr, cols, ok, scale):
-    # softmax(s·scale) of row `row` of scores s (rows of stride s_sr; columns `ok` of `cols`)
-    s = _compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale
+def _softmax_of(s, ok):
+    # softmax of the logits s over the columns `ok` (the others get 0)
     s = tl.where(ok, s, -float("inf"))
     e = tl.exp(s - tl.max(s, 0))
     return e / tl.sum(e, 0)
+
+
+@triton.jit
+def _row_softmax(s_ptr, row, s_sr, cols, ok, scale):
+    # softmax(s·scale) of row `row` of scores s (rows of stride s_sr; columns `ok` of `cols`)
+    return _softmax_of(_compute(tl.load(s_ptr + row * s_sr + cols, mask=ok, other=0.0)) * scale, ok)
 
 
 @triton.jit
@@ -504,9 +509,7 @@ def _softmax_kernel(
     if HAS_BIAS:
         b_row = b_ptr + (row // per_bias) * b_sr
         s += _compute(tl.load(b_row + cols, mask=ok, other=0.0))
-    s = tl.where(ok, s, -float("inf"))
-    e = tl.exp(s - tl.max(s, 0))
-    tl.store(p_ptr + row * p_sr + cols, (e / tl.sum(e, 0)).to(p_ptr.dtype.element_ty), mask=ok)
+    tl.store(p_ptr + row * p_sr + cols, _softmax_of(s, ok).to(p_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

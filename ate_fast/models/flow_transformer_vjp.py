@@ -113,11 +113,9 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
         return kernels.softmax_backward(scores, dp, scale)  # rows of one stride: read in place
     if not aligned_writes_may_run(scores, dp):
         p = torch.softmax(scores * scale, dim=-1)
-        return p, p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
-    # the same ops, p and ds written into 16-byte-aligned rows: the GEMMs of dq, dk, dv read them
-    p = torch.softmax(scores * scale, dim=-1, out=aligned_rows(scores.shape, scores))
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
-    return p, torch.mul(ds, scale, out=aligned_rows(ds.shape, ds))
+    else:  # p written into 16-byte-aligned rows: the GEMM of dv reads it (and ds: dq's, dk's)
+        p = torch.softmax(scores * scale, dim=-1, out=aligned_rows(scores.shape, scores))
+    return p, softmax_grad(p, dp, scale)
 
 
 def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:

@@ -162,7 +162,7 @@ def prefix_attention_saving(
     """``(prefix_attention(q, k, v, mask), p)``: ``p`` the probabilities [B, heads, rows,
     N] where the ``gemm`` path ran (it forms them anyway; an input-VJP then need not
     recompute them), else None."""
-    if os.environ.get(ENV_VAR) and selected_path() == "gemm" and takes(q, k, v, mask, "gemm"):
+    if takes(q, k, v, mask, "gemm"):
         return gemm.gemm_attention_saving(q, k, v, mask)
     return prefix_attention(q, k, v, mask), None
 

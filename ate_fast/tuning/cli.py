@@ -23,7 +23,13 @@ from typing import Any
 
 from ate_fast.argument_checks import check_int
 from ate_fast.cli import require_device
-from ate_fast.cli_errors import CommandLineError, check_output_file, device_flag, with_flag_names
+from ate_fast.cli_errors import (
+    CommandLineError,
+    check_output_file,
+    device_flag,
+    flag_of,
+    with_flag_names,
+)
 from ate_fast.export.cli import (
     FLAGS,
     cond_arguments,
@@ -191,8 +197,8 @@ def _rtc_guidance(args: argparse.Namespace, guidance: Any, noise: Any, gen: Any)
     from ate_fast.realtime import DEFAULT_MAX_GUIDANCE_WEIGHT, RTCGuidance
 
     if args.rtc_horizon is None:
-        given = [flag for flag in ("--rtc-delay", "--rtc-beta")
-                 if getattr(args, flag[2:].replace("-", "_")) is not None]  # fmt: skip
+        given = [flag_of(dest) for dest in ("rtc_delay", "rtc_beta")
+                 if getattr(args, dest) is not None]  # fmt: skip
         if given:
             raise CommandLineError(f"{', '.join(given)}: needs --rtc-horizon")
         return guidance
