@@ -131,9 +131,13 @@ def _fused_mlp() -> str:
 
 
 def _skinny_gemm() -> str:
-    """The block GEMMs' path at few rows, with the Triton kernel's column tile."""
-    path = skinny_gemm.selected_path()
-    return f"triton (BLOCK_N {skinny_gemm.block_n()})" if path == "triton" else path
+    """The block GEMMs' path at few rows, with the Triton kernel's column tile, K split
+    and launch."""
+    if skinny_gemm.selected_path() != "triton":
+        return skinny_gemm.selected_path()
+    split = skinny_gemm.split_k() or "auto"
+    launch = ", PDL" if skinny_gemm.pdl() else ""
+    return f"triton (BLOCK_N {skinny_gemm.block_n()}, split K {split}{launch})"
 
 
 def _or_error(read: Callable[[], Any], errors: tuple = (ValueError,)) -> Any:

@@ -71,10 +71,11 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   cache buffers back (``captured.static_cond``: a deployment's VLM writes its prefix cache
   there), so no copy of the 36 keys and values per call — as ``compile_max_autotune``
   reads its static cache in place; against ``ate_capture``, the copy's cost.
-- ``ate_capture_skinny_gemm_n16``: ``ate_capture`` (B = 1, unguided) with
+- ``ate_capture_skinny_gemm_n16`` / ``…_split_k``: ``ate_capture`` (B = 1, unguided) with
   ``ATE_FAST_SKINNY_GEMM=triton``: each block's four projections on the few-row Triton GEMM
-  (``ate_fast.models.skinny_gemm``) with 16-column tiles, instead of cuBLAS; its A/B
-  against ``ate_capture`` (H200: slower than cuBLAS at 16, 32 and 64 columns).
+  (``ate_fast.models.skinny_gemm``) with 16- / 32-column tiles and K split in slices where
+  the tiles alone leave SMs idle, instead of cuBLAS; its A/B against ``ate_capture`` (H200,
+  whole K: slower than cuBLAS at 16, 32 and 64 columns; the split has not run on a GPU).
 - ``ate_capture_split_kv_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided)
   with ``ATE_FAST_PREFIX_ATTENTION=split_kv``: each block's attention on the split-key
   Triton kernels (``ate_fast.models.split_kv_attention``) instead of SDPA; its A/B.
@@ -254,10 +255,11 @@ TORCH_EPILOGUES_ROW = "ate_capture_torch_epilogues"
 # the epilogues' A/B row: the path other than the default (the dry run's default is torch)
 OTHER_EPILOGUES_ROW = EPILOGUES_ROW if DRY_RUN else TORCH_EPILOGUES_ROW
 # ate_capture with ATE_FAST_SKINNY_GEMM=triton: the block's GEMMs on the few-row kernel,
-# with its column tile (ATE_FAST_SKINNY_GEMM_BLOCK_N): against cuBLAS (ate_capture)
-# (H200, 2026-12-04: 32 → 15.19, 16 → 14.30, 64 → 20.97 ms against cuBLAS's 13.58: the
-# n16 row stays as the A/B)
-SKINNY_ROWS = {"ate_capture_skinny_gemm_n16": 16}
+# with its column tile (ATE_FAST_SKINNY_GEMM_BLOCK_N) and K's slices
+# (ATE_FAST_SKINNY_GEMM_SPLIT_K): against cuBLAS (ate_capture). H200, 2026-12-04, whole K:
+# 32 → 15.19, 16 → 14.30, 64 → 20.97 ms against cuBLAS's 13.58 (the n16 row, now with K
+# split by the SM count as the path's default; the split_k row: the default tile, 32)
+SKINNY_ROWS = {"ate_capture_skinny_gemm_n16": 16, "ate_capture_skinny_gemm_split_k": 32}
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
 # split-key kernels instead of SDPA (B = 1 unguided and rtc-guided)
 SPLIT_KV_ROW = "ate_capture_split_kv_attention"
@@ -333,7 +335,8 @@ ROW_ENV = {
     **{row: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FUSED_MLP_TILES": tiles}
        for row, tiles in FUSED_MLP_ROWS.items()},
     FUSED_MLP_FOLDED_ROW: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FLOW_EPILOGUES": "triton"},
-    **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n)}
+    **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n),
+             "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto"}
        for row, block_n in SKINNY_ROWS.items()},
 }  # fmt: skip
 BASELINE = "compile_max_autotune"

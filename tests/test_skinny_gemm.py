@@ -71,6 +71,53 @@ def test_kernel_matches_float64(triton_path, dtype, block_n, rows, k, n):
     _check(skinny_gemm.skinny_linear(x, w, b, r), x, w, b, r, dtype)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split", ["2", "3", "64", "auto"])
+@pytest.mark.parametrize(("rows", "k", "n"), [(50, 1000, 48), (3, 512, 32)])
+def test_split_k_matches_float64(triton_path, dtype, split, rows, k, n):
+    """K in slices (their partial products summed by the second kernel): uneven K (1000:
+    the last slice short, its last step masked), more slices asked for than K has steps
+    (64: one per step), and the auto split (the CPU's notional 4 SMs: 3 or 2 column tiles,
+    so it splits); with bias and residual, and without. Every call did split."""
+    from ate_fast.models import skinny_gemm_triton as sgt
+
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
+    triton_path.setenv(skinny_gemm.BLOCK_N_VAR, "16")
+    x, w, b, r = _operands(rows, k, n, dtype)
+    splits, k_splits = [], sgt.k_splits
+
+    def counted(*args):
+        splits.append(k_splits(*args))
+        return splits[-1]
+
+    with mock.patch.object(sgt, "k_splits", counted):
+        _check(skinny_gemm.skinny_linear(x, w), x, w, None, None, dtype)
+        _check(skinny_gemm.skinny_linear(x, w, b, r), x, w, b, r, dtype)
+    assert len(splits) == 2 and min(count for count, _ in splits) > 1, splits
+
+
+def test_k_splits():
+    """The auto split: whole where the tiles fill the SMs; else about two programs per SM,
+    at least two K steps per slice; slices whole steps, equal but the last; an explicit
+    count capped at one slice per step."""
+    from ate_fast.models.skinny_gemm_triton import k_splits
+
+    sms, bk = 132, 128  # an H200, bf16's K step
+    assert k_splits(256, 1024, bk, None, sms) == (1, 1024)  # gate|up: 256 tiles
+    assert k_splits(32, 2048, bk, None, sms) == (8, 256)  # o: 32 tiles, 16 steps
+    assert k_splits(32, 4096, bk, None, sms) == (8, 512)  # down: 32 steps, 4 per slice
+    assert k_splits(80, 1024, bk, None, sms) == (4, 256)  # q|kv: 80 tiles, 8 steps
+    assert k_splits(4, 256, bk, None, sms) == (1, 256)  # two steps: one slice
+    assert k_splits(32, 1000, bk, 3, sms) == (3, 384)  # 8 steps: 3 + 3 + 2
+    assert k_splits(32, 1000, bk, 64, sms) == (8, 128)
+    assert k_splits(32, 1000, bk, 1, sms) == (1, 1024)
+    for n_tiles in range(1, 140):
+        for steps in range(1, 40):
+            splits, per = k_splits(n_tiles, steps * bk, bk, None, sms)
+            assert per % bk == 0 and (splits - 1) * per < steps * bk <= splits * per
+            assert splits == 1 or per >= 2 * bk
+
+
 def test_leading_dims_and_the_block_sites(triton_path):
     """[B, H, K] inputs keep their leading dims; block_linear / block_linear_of /
     linear_residual run the kernel, equal to F.linear in float64."""
@@ -133,6 +180,14 @@ def test_settings_are_checked(triton_path):
         skinny_gemm.block_n()
     triton_path.delenv(skinny_gemm.BLOCK_N_VAR)
     assert skinny_gemm.block_n() == skinny_gemm.DEFAULT_BLOCK_N
+    for bad in ("0", "65", "two", "-1"):
+        triton_path.setenv(skinny_gemm.SPLIT_K_VAR, bad)
+        with pytest.raises(InvalidArgumentError, match="SPLIT_K: expected auto or an integer"):
+            skinny_gemm.split_k()
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, " Auto ")
+    assert skinny_gemm.split_k() is None
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, "8")
+    assert skinny_gemm.split_k() == 8
 
 
 def test_head_and_captured_sampler_match_torch(triton_path):
@@ -149,10 +204,80 @@ def test_head_and_captured_sampler_match_torch(triton_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("block_n", skinny_gemm.BLOCK_NS)
-def test_pi0_shapes_on_cuda(triton_path, dtype, block_n):
-    """π0's four projections at B = 1 (50 rows) on the GPU, against float64."""
+@pytest.mark.parametrize("split", ["1", "auto"])
+def test_pi0_shapes_on_cuda(triton_path, dtype, block_n, split):
+    """π0's four projections at B = 1 (50 rows) on the GPU, against float64: whole K, and
+    the auto split (o and down in 8 slices at 32 columns on an H100 / H200)."""
     triton_path.setenv(skinny_gemm.BLOCK_N_VAR, str(block_n))
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
     for k, n in [(1024, 2560), (2048, 1024), (1024, 8192), (4096, 1024)]:
         x, w, b, r = _operands(50, k, n, dtype, "cuda")
         _check(skinny_gemm.skinny_linear(x, w, None, r), x, w, None, r, dtype)
         _check(skinny_gemm.skinny_linear(x, w, b), x, w, b, None, dtype)
+
+
+def test_pdl_is_refused_where_there_is_none(triton_path):
+    """``ATE_FAST_SKINNY_GEMM_PDL=on`` where no programmatic dependent launch exists (the
+    CPU here; a GPU below compute capability 9.0, e.g. the Orin) raises, naming the
+    setting, instead of launching without the wait or ignoring the setting."""
+    from ate_fast.ops import triton_pdl
+
+    assert not triton_pdl.available(torch.device("cpu"))
+    assert triton_pdl.launch_options(False) == {}
+    assert triton_pdl.launch_options(True) == {"launch_pdl": True}
+    triton_path.setenv(skinny_gemm.PDL_VAR, "on")
+    x, w, _, _ = _operands(50, 256, 32, torch.float32)
+    with pytest.raises(InvalidArgumentError, match=r"ATE_FAST_SKINNY_GEMM_PDL=on: .*9\.0"):
+        skinny_gemm.skinny_linear(x, w)
+    triton_path.setenv(skinny_gemm.PDL_VAR, "maybe")
+    with pytest.raises(InvalidArgumentError, match="ATE_FAST_SKINNY_GEMM_PDL: expected one of"):
+        skinny_gemm.pdl()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", ["1", "auto"])
+def test_pdl_chain_on_cuda(triton_path, split):
+    """π0's four projections back to back (each reads what the one before wrote, o and down
+    with the residual), bf16, B = 1, in a CUDA graph replayed 40 times on two inputs in
+    turn: launched with programmatic dependent launch the output is bit-equal to the plain
+    launches' for each input (a kernel that read before its predecessor ended would see the
+    other input's intermediates). Below compute capability 9.0 the setting is refused."""
+    from ate_fast.ops import triton_pdl
+
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, device="cuda", generator=g) / shape[-1] ** 0.5).bfloat16()
+
+    inputs = [rand(50, 1024) * 32, rand(50, 1024) * 32]
+    weights = [rand(2048, 1024), rand(1024, 2048), rand(8192, 1024), rand(1024, 8192)]
+
+    def chain(x):
+        h = skinny_gemm.skinny_linear(x, weights[0])
+        c = skinny_gemm.skinny_linear(h, weights[1], None, x)
+        d = skinny_gemm.skinny_linear(c, weights[2])
+        return skinny_gemm.skinny_linear(d, weights[3], None, c)
+
+    triton_path.setenv(skinny_gemm.PDL_VAR, "off")
+    plain = [chain(x) for x in inputs]
+    triton_path.setenv(skinny_gemm.PDL_VAR, "on")
+    if not triton_pdl.available(inputs[0].device):
+        with pytest.raises(InvalidArgumentError, match="ATE_FAST_SKINNY_GEMM_PDL=on"):
+            chain(inputs[0])
+        return
+    assert all(torch.equal(chain(x), want) for x, want in zip(inputs, plain))
+    x = inputs[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(x)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for i in range(40):
+        x.copy_(inputs[i % 2])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain[i % 2]), f"replay {i}"

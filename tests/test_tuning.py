@@ -15,7 +15,7 @@ import torch
 from flow_head_paths import small_head
 
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.models import block_epilogues, cpu_gemm, split_kv_attention
+from ate_fast.models import block_epilogues, cpu_gemm, skinny_gemm, split_kv_attention
 from ate_fast.sampling import FlowSampler
 from ate_fast.tuning import (
     Choice,
@@ -437,7 +437,10 @@ def test_default_choices_exclude_paths_by_name(monkeypatch):
     cuda = default_choices("cuda", exclude=(f"{ATTN}=flex", f"{MLP}=persistent"))
     names = {c.name: [o.get(c.name) for o in c.options] for c in cuda}
     assert names[ATTN] == ["split_kv", "split_sdpa", "gemm"] and MLP not in names  # none left
-    assert [n for n in names if "tiles" in n] == [f"{ATTN}=split_kv tiles"]  # not the MLP's
+    skinny = "ATE_FAST_SKINNY_GEMM=triton tiles"
+    assert [n for n in names if "tiles" in n] == [f"{ATTN}=split_kv tiles", skinny]  # no MLP's
+    without = default_choices("cuda", exclude=("ATE_FAST_SKINNY_GEMM=triton",))
+    assert skinny not in [c.name for c in without]
     tiles = "ATE_FAST_FUSED_MLP_TILES"
     monkeypatch.setenv(MLP, "persistent")  # in force: its tiles still tried, after it
     cuda = [c.name for c in default_choices("cuda")]
@@ -451,10 +454,15 @@ def test_default_choices_exclude_paths_by_name(monkeypatch):
         assert option[ATTN] == "split_kv"
         monkeypatch.setenv("ATE_FAST_SPLIT_KV_TILES", option["ATE_FAST_SPLIT_KV_TILES"])
         assert split_kv_attention.tiles_from_env()
-    assert not any(
-        "tiles" in c.name
-        for c in default_choices("cuda", exclude=(f"{ATTN}=split_kv", f"{MLP}=persistent"))
-    )
+    excluded = (f"{ATTN}=split_kv", f"{MLP}=persistent", "ATE_FAST_SKINNY_GEMM=triton")
+    assert not any("tiles" in c.name for c in default_choices("cuda", exclude=excluded))
+    options = choices[skinny].options  # other column tiles and PDL, with the path
+    assert all(o["ATE_FAST_SKINNY_GEMM"] == "triton" for o in options)
+    tiles = [o[skinny_gemm.BLOCK_N_VAR] for o in options if skinny_gemm.BLOCK_N_VAR in o]
+    for block_n in tiles:  # each parses, and is not the default (the path's own option)
+        monkeypatch.setenv(skinny_gemm.BLOCK_N_VAR, block_n)
+        assert skinny_gemm.block_n() != skinny_gemm.DEFAULT_BLOCK_N
+    assert len(tiles) == 2 and {"ATE_FAST_SKINNY_GEMM_PDL": "on"}.items() <= options[-1].items()
     assert not any("tiles" in c.name for c in default_choices("cuda", tiles=False))
     for bad in ("flex", f"{ATTN}=fastest", "ATE_FAST_NOPE=x"):
         with pytest.raises(InvalidArgumentError, match="exclude: expected 'VAR=path'"):

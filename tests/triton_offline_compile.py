@@ -41,6 +41,7 @@ from ate_fast.models import fused_mlp_triton as fm
 from ate_fast.models import l2_prefetch_triton as lp
 from ate_fast.models import skinny_gemm_triton as sg
 from ate_fast.models import split_kv_attention_triton as sk
+from ate_fast.ops import triton_pdl
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
 from ate_fast.steer import transformer_triton as tt
@@ -356,14 +357,19 @@ _SKINNY_EPILOGUES = ((False, False, True), (False, True, True), (True, True, Fal
 # what every launch sees (skinny_gemm.takes): pointers 16-byte aligned, n and k multiples
 # of 16 — the JIT specialises on both, and only then do the loads vectorise and pipeline
 # through shared memory (without, bf16 tiles of 32 columns spill registers)
-_SKINNY_ALIGNED = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "n", "k")
+_SKINNY_ALIGNED = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "n", "k", "k_per_split")
 
 
 def skinny_gemm_variants(target) -> int:
     """The few-row GEMM (``ate_fast.models.skinny_gemm_triton``) in every storage dtype and
     column tile, with and without the residual (and one bias + uneven-K variant each), at
-    the launcher's stages for the tile."""
+    the launcher's stages for the tile; its K slices (the float workspace's partials, even
+    K and not), and the slices' sum with each epilogue. For sm_90 also the programmatic
+    dependent launch (bf16 / fp16, every tile, whole and split, and the sum): the weight
+    strip's L2 prefetches come before the grid-dependency wait and every load of x after
+    it (the Orin, sm_87, has no PDL: the launcher never asks for it there)."""
     count = 0
+    pdl_too = target.arch >= 90
     for (store, comp), block_n in itertools.product(_STORAGE_COMPUTE, sg.STAGES_BY_BLOCK_N):
         dtype = _TORCH_DTYPE[store]
         if sg.column_tile(block_n, dtype) != block_n:
@@ -371,19 +377,66 @@ def skinny_gemm_variants(target) -> int:
         c = tl.float64 if comp == "fp64" else tl.float32
         options = {"num_warps": sg.WARPS_BY_BLOCK_N[block_n],
                    "num_stages": sg.STAGES_BY_BLOCK_N[block_n]}  # fmt: skip
-        for bias, residual, even in _SKINNY_EPILOGUES:
-            compile_one(
+        whole = [(b, r, even, False, False) for b, r, even in _SKINNY_EPILOGUES]
+        sliced = [(False, False, True, True, False), (False, False, False, True, False)]
+        if pdl_too and dtype.itemsize == 2:
+            whole.append((False, True, True, False, True))
+            sliced.append((False, False, True, True, True))
+        for bias, residual, even, split, pdl in [*whole, *sliced]:
+            compiled = compile_one(
                 sg._skinny_gemm_kernel,
-                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "EVEN_K": even, "C": c,
-                 "INTERPRETED": False, "BLOCK_M": sg.BLOCK_M, "BLOCK_N": block_n,
-                 "BLOCK_K": sg.block_k(dtype)},
-                lambda name, d=store: d, {}, target,
-                f"{store} BLOCK_N={block_n} bias={bias} residual={residual} even_k={even}",
-                options, spill_free=store != "fp64",
+                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "EVEN_K": even, "SPLIT": split,
+                 "C": c, "INTERPRETED": False, "PDL": pdl, "BLOCK_M": sg.BLOCK_M,
+                 "BLOCK_N": block_n, "BLOCK_K": sg.block_k(dtype),
+                 "LINE": sg.line_elements(dtype)},
+                lambda name, d=store, c=comp, split=split: c if split and name == "y_ptr" else d,
+                {}, target,
+                f"{store} BLOCK_N={block_n} bias={bias} residual={residual} even_k={even} "
+                f"split={split} pdl={pdl}",
+                {**options, **triton_pdl.launch_options(pdl)}, spill_free=store != "fp64",
                 divisible=_SKINNY_ALIGNED,
             )  # fmt: skip
+            _check_pdl_order(compiled, pdl, prefetches=True)
+            count += 1
+    for (store, comp), pdl in itertools.product(_STORAGE_COMPUTE, (False, True)):
+        if pdl and not (pdl_too and _TORCH_DTYPE[store].itemsize == 2):
+            continue
+        for bias, residual, _ in _SKINNY_EPILOGUES:
+            compiled = compile_one(
+                sg._split_sum_kernel,
+                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "BLOCK": sg.SUM_BLOCK, "PDL": pdl,
+                 "C": tl.float64 if comp == "fp64" else tl.float32},
+                lambda name, d=store, c=comp: c if name == "ws_ptr" else d, {}, target,
+                f"{store} bias={bias} residual={residual} pdl={pdl}",
+                {"num_warps": 4, "num_stages": 1, **triton_pdl.launch_options(pdl)},
+                spill_free=True, divisible=("ws_ptr", "bias_ptr", "res_ptr", "y_ptr", "size", "n"),
+            )  # fmt: skip
+            _check_pdl_order(compiled, pdl, prefetches=False)
             count += 1
     return count
+
+
+def _check_pdl_order(compiled, pdl: bool, prefetches: bool) -> None:
+    """A PDL variant: launched with the attribute, ``griddepcontrol.wait`` in its PTX, every
+    global load after it and (``prefetches``) L2 prefetches before it; any other variant:
+    none of these (a wait without the launch attribute is harmless, the attribute without
+    the wait a race)."""
+    ptx = compiled.asm["ptx"]
+    body = ptx[ptx.index(".entry") :]
+    name = compiled.metadata.name
+    if not pdl:
+        if "griddepcontrol" in body or "prefetch.global.L2" in body or compiled.metadata.launch_pdl:
+            sys.exit(f"FAIL {name}: grid-dependency code or launch without PDL")
+        return
+    if not compiled.metadata.launch_pdl or "griddepcontrol.wait" not in body:
+        sys.exit(f"FAIL {name}: a PDL variant without its launch attribute or wait")
+    wait = body.index("griddepcontrol.wait")
+    loads = [m.start() for m in re.finditer(r"\bld\.global|\bcp\.async", body)]
+    if any(at < wait for at in loads):
+        sys.exit(f"FAIL {name}: a global load before the grid-dependency wait")
+    before = body.count("prefetch.global.L2", 0, wait)
+    if prefetches and (before == 0 or body.count("prefetch.global.L2") != before):
+        sys.exit(f"FAIL {name}: the weight prefetches not all before the wait")
 
 
 def _tuned_split_kv_tiles() -> list[str]:

@@ -1,16 +1,25 @@
 """The flow-transformer block's GEMMs at few rows: torch's (cuBLAS), or a Triton kernel with
-narrow column tiles (:mod:`ate_fast.models.skinny_gemm_triton`).
+narrow column tiles and K split over the SMs (:mod:`ate_fast.models.skinny_gemm_triton`).
 
 At B = 1 a π0 step multiplies 50 rows by each weight: the GEMM is a weight read, and the
 question is how many SMs read at once. ``ATE_FAST_SKINNY_GEMM=triton`` runs the block's
 four projections (q|kv, o + residual, gate|up, down + residual) on the kernel wherever
 they have at most :data:`MAX_ROWS` rows; ``ATE_FAST_SKINNY_GEMM_BLOCK_N`` (16, 32, 64 or
-128; default 32) sets its column tile. Unset, or ``torch``, torch's GEMM runs — the
-default, as measured: on an H200 (2026-12-04, ``bench_realsize.py``, π0 bf16, B = 1) the
-captured call took 14.30 / 15.19 / 20.97 ms with 16 / 32 / 64-column tiles against
-cuBLAS's 13.58 ms (the GEMMs' time per step 0.64 / 0.72 / 1.30 against 0.49 ms: cuBLAS's
-``nvjet`` kernels already split these shapes over the SMs, at 32 % of the copy bandwidth).
-It stays as an option and an A/B row (``ate_capture_skinny_gemm_n16``).
+128; default 32) sets its column tile, ``ATE_FAST_SKINNY_GEMM_SPLIT_K`` (``auto``, the
+default, or 1 to 64) how many slices of K each tile's product is cut into. Unset, or
+``torch``, torch's GEMM runs — the default, as measured: on an H200 (2026-12-04,
+``bench_realsize.py``, π0 bf16, B = 1) the kernel *without* the K split took the captured
+call to 14.30 / 15.19 / 20.97 ms with 16 / 32 / 64-column tiles against cuBLAS's 13.58 ms
+(the GEMMs' time per step 0.64 / 0.72 / 1.30 against 0.49 ms: cuBLAS's ``nvjet`` kernels
+split these shapes over the SMs, at 32 % of the copy bandwidth). Wider tiles were slower,
+which is the sign of too few programs: o (K = 2048) and down (K = 4096) have 1024 output
+columns, 32 programs at 32 columns on 132 SMs, each streaming its strip of the weight
+alone. The auto split gives every projection short of one program per SM about two per SM
+(o, down: 8 slices; q|kv, 80 tiles: 4) and a second, small kernel sums the slices' float
+partials in order (deterministic) with the bias and residual; gate|up (256 tiles) stays
+whole. **The split
+has not run on a GPU**; ``ATE_FAST_SKINNY_GEMM_SPLIT_K=1`` is the kernel measured above.
+It stays an option, a tuner choice and an A/B row (``ate_capture_skinny_gemm_n16``).
 
 Like the block's Triton epilogues (:mod:`ate_fast.models.block_epilogues`), the kernel has
 no backward and no symbolic form: torch's GEMM runs whenever autograd records, under
@@ -34,6 +43,10 @@ from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_SKINNY_GEMM"
 BLOCK_N_VAR = "ATE_FAST_SKINNY_GEMM_BLOCK_N"
+SPLIT_K_VAR = "ATE_FAST_SKINNY_GEMM_SPLIT_K"
+MAX_SPLIT_K = 64
+PDL_VAR = "ATE_FAST_SKINNY_GEMM_PDL"
+PDL_CHOICES = ("off", "on")
 PATHS = ("torch", "triton")
 BLOCK_NS = (16, 32, 64, 128)
 DEFAULT_BLOCK_N = 32
@@ -56,6 +69,27 @@ def block_n() -> int:
             f"{BLOCK_N_VAR}: expected one of {list(BLOCK_NS)}, got {value!r}"
         )
     return int(value)
+
+
+def split_k() -> Optional[int]:
+    """``$ATE_FAST_SKINNY_GEMM_SPLIT_K``: K's slices per column tile, 1 to
+    :data:`MAX_SPLIT_K`; None (``auto``, also where unset): as many as fill the SMs
+    (:func:`ate_fast.models.skinny_gemm_triton.k_splits`)."""
+    value = os.environ.get(SPLIT_K_VAR, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= MAX_SPLIT_K:
+        raise InvalidArgumentError(
+            f"{SPLIT_K_VAR}: expected auto or an integer from 1 to {MAX_SPLIT_K}, got {value!r}"
+        )
+    return int(value)
+
+
+def pdl() -> bool:
+    """``$ATE_FAST_SKINNY_GEMM_PDL``: ``on`` launches the kernels with programmatic
+    dependent launch (:mod:`ate_fast.ops.triton_pdl`: Hopper and later; elsewhere the
+    launch raises); ``off`` (also where unset) does not."""
+    return env_choice(PDL_VAR, PDL_CHOICES) == "on"
 
 
 def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
@@ -95,7 +129,7 @@ def skinny_linear(
 
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(rows.shape[0], -1)
-    out = skinny_gemm(rows, weight, bias, res, block_n())
+    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k(), pdl())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -1,23 +1,29 @@
-"""The Triton kernel of :mod:`ate_fast.models.skinny_gemm`: ``y = x Wᵀ (+ bias) (+ residual)``
-for few rows (a π0 step at B = 1: 50), narrow column tiles so that many programs read the
-weight at once.
+"""The Triton kernels of :mod:`ate_fast.models.skinny_gemm`: ``y = x Wᵀ (+ bias) (+ residual)``
+for few rows (a π0 step at B = 1: 50), narrow column tiles and K split in slices, so that
+many programs read the weight at once.
 
-**Status: ran on an H200 (2026-12-04), correct (``test_pi0_shapes_on_cuda``) and slower
-than cuBLAS** at every tile (see :mod:`ate_fast.models.skinny_gemm`), so opt-in. It passes
-the CPU tests through the Triton interpreter (float64, float32, bfloat16, float16, against
-float64) and compiles offline for sm_87 and sm_90 (``tests/triton_offline_compile.py``).
+**Status:** without the K split the kernel ran on an H200 (2026-12-04), correct
+(``test_pi0_shapes_on_cuda``) and slower than cuBLAS at every tile (see
+:mod:`ate_fast.models.skinny_gemm`), so it is opt-in. **The K split (and its sum kernel)
+has never run on a GPU.** Both pass the CPU tests through the Triton interpreter (float64,
+float32, bfloat16, float16, against float64) and compile offline for sm_87 and sm_90
+(``tests/triton_offline_compile.py``).
 
-One program per ``[BLOCK_M, BLOCK_N]`` output tile loops over K in ``BLOCK_K`` slices (the
-compiler pipelines the loads, ``num_stages`` deep); the bias and the residual are added to
-the float32 accumulator before the one rounding, as ``addmm`` with the residual as C does.
-Tiles are narrow (``BLOCK_N`` 16–128 columns) because at B = 1 a weight of 1024 output
-columns in cuBLAS's 128-wide tiles is read by 8 programs of an H200's 132 SMs; at 32 it is
-read by 32, each streaming its ``32 × K`` slice while the rows of x (50 × K, a few hundred
-KB) come from L2 to every program.
+One program per ``[BLOCK_M, BLOCK_N]`` output tile and slice of K loops over its slice in
+``BLOCK_K`` steps (the compiler pipelines the loads, ``num_stages`` deep). Unsplit, the
+bias and the residual are added to the float32 accumulator before the one rounding, as
+``addmm`` with the residual as C does; split, each slice stores its float partial product
+to a workspace and :func:`_split_sum_kernel` adds the slices in order, then the bias and
+the residual, and rounds once. Tiles are narrow (``BLOCK_N`` 16–128 columns) because at
+B = 1 a weight of 1024 output columns in cuBLAS's 128-wide tiles is read by 8 programs of
+an H200's 132 SMs; at 32 it is read by 32, each streaming its ``32 × K`` slice while the
+rows of x (50 × K, a few hundred KB) come from L2 to every program — and 32 programs are
+still a quarter of the SMs, hence the split (:func:`k_splits`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -25,8 +31,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.ops import triton_pdl
+from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
+from ate_fast.ops.triton_pdl import prefetch_l2 as pdl_prefetch
+from ate_fast.ops.triton_pdl import wait as pdl_wait
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -42,40 +53,89 @@ WARPS_BY_BLOCK_N = {16: 4, 32: 4, 64: 8, 128: 8}
 # load stages by BLOCK_N: (BLOCK_M + BLOCK_N) × K_BYTES bytes each, within every target's
 # shared memory per block (sm_86 / sm_89: 99 KB; tests/triton_offline_compile.py checks)
 STAGES_BY_BLOCK_N = {16: 4, 32: 3, 64: 2, 128: 2}
+# Split K where the column tiles leave SMs idle: o and down at 32 columns are 32 programs
+# for an H200's 132 SMs, each streaming a 32-column strip of the whole weight alone
+PROGRAMS_PER_SM = 2  # the auto split's aim: every SM with loads from two programs
+MIN_STEPS_PER_SLICE = 2  # K steps per slice at least (one step: nothing to pipeline)
+INTERPRETER_SMS = 4  # the auto split's SM count on the CPU (it splits small tests too)
+SUM_BLOCK = 1024  # outputs per program of the slices' sum
+LINE_BYTES = 128  # an L2 cache line: one prefetch per line of a weight row
+PDL_SETTING = "ATE_FAST_SKINNY_GEMM_PDL=on"
 
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, rows, n, k,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, rows, n, k, k_per_split,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
-    C: tl.constexpr, INTERPRETED: tl.constexpr,
+    SPLIT: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LINE: tl.constexpr,
 ):  # fmt: skip
     """``y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n]) (+ res[rows, n])``, all row-major
-    and contiguous; one program per output tile."""
+    and contiguous; one program per output tile and slice of K (program id 2:
+    ``k_per_split`` of K, a multiple of ``BLOCK_K``). ``SPLIT``: ``y`` is the float
+    workspace ``[splits, rows, n]`` in ``C``, each slice's partial product stored unrounded
+    (:func:`_split_sum_kernel` adds them up); else the whole K and the epilogue. ``PDL``
+    (launched with programmatic dependent launch): the program's weight strip goes to L2
+    (one prefetch per ``LINE`` elements of a row) while the kernel before still runs, and
+    nothing else is touched before :func:`~ate_fast.ops.triton_pdl.wait`."""
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = rm < rows, rn < n
+    k_lo = tl.program_id(2) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, k)
+    if PDL:  # the weights are constant: read them before the previous kernel ends
+        strip = tl.minimum(rn, n - 1).to(tl.int64)[:, None] * k  # in bounds, as the loads
+        lines = tl.arange(0, BLOCK_K // LINE)[None, :] * LINE
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            pdl_prefetch(w_ptr + strip + tl.minimum(k0 + lines, k - 1))
+        pdl_wait()
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * k + rk[None, :]
     w_cols = w_ptr + rn.to(tl.int64)[None, :] * k + rk[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), C)
-    for k0 in range(0, k, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)
             b = tl.load(w_cols + k0, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = (k0 + rk) < k
+            k_ok = (k0 + rk) < k  # only K's last step is short: slices start on a step
             a = tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_cols + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, C, INTERPRETED)
     ok = m_ok[:, None] & n_ok[None, :]
     out = rm.to(tl.int64)[:, None] * n + rn[None, :]
+    if SPLIT:
+        slice_at = tl.program_id(2).to(tl.int64) * rows * n
+        tl.store(y_ptr + slice_at + out, acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(C)[None, :]
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + out, mask=ok, other=0.0).to(C)
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _split_sum_kernel(
+    ws_ptr, bias_ptr, res_ptr, y_ptr, size, n, splits,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C: tl.constexpr, PDL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``y = Σ_s ws[s] (+ bias) (+ res)`` over ``size`` = rows · n outputs, the slices in
+    order (the result does not depend on which program finished first), rounded once."""
+    if PDL:
+        pdl_wait()
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < size
+    acc = tl.zeros((BLOCK,), C)
+    for s in range(splits):
+        acc += tl.load(ws_ptr + s * size + offs, mask=ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(C)[None, :]
+        acc += tl.load(bias_ptr + offs % n, mask=ok, other=0.0).to(C)
     if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + out, mask=ok, other=0.0).to(C)
-    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        acc += tl.load(res_ptr + offs, mask=ok, other=0.0).to(C)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 # the widest column tile by element size: float32 / float64 multiply on FMA units, where a
@@ -88,30 +148,101 @@ def column_tile(block_n: int, dtype: torch.dtype) -> int:
     return min(block_n, WIDEST_BLOCK_N[dtype.itemsize])
 
 
+def line_elements(dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` per 128-byte cache line (one L2 prefetch each)."""
+    return LINE_BYTES // dtype.itemsize
+
+
+def _where(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"device {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+
+
 def block_k(dtype: torch.dtype) -> int:
     """K per loop step for ``dtype``: :data:`K_BYTES` of each row."""
     return K_BYTES // dtype.itemsize
 
 
+def sm_count(device: torch.device) -> int:
+    """The SMs the auto split fills: the GPU's, or :data:`INTERPRETER_SMS` on the CPU."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_sm_count(torch.device(device).index or torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def k_splits(n_tiles: int, k: int, bk: int, requested: Optional[int], sms: int) -> tuple[int, int]:
+    """``(splits, k_per_split)`` for ``n_tiles`` column tiles over K = ``k`` in steps of
+    ``bk``: ``requested`` slices (at most one per step), or where None, one slice while the
+    tiles fill the SMs, else enough for :data:`PROGRAMS_PER_SM` programs per SM with at
+    least :data:`MIN_STEPS_PER_SLICE` steps each (a slice's loads still pipeline). Slices
+    are whole steps and equal but the last, so ``splits`` may come out below the count
+    asked for."""
+    steps = triton.cdiv(k, bk)
+    if requested is None:
+        wanted = 1 if n_tiles >= sms else triton.cdiv(PROGRAMS_PER_SM * sms, n_tiles)
+        wanted = min(wanted, max(steps // MIN_STEPS_PER_SLICE, 1))
+    else:
+        wanted = min(requested, steps)
+    per_slice = triton.cdiv(steps, wanted)
+    return triton.cdiv(steps, per_slice), per_slice * bk
+
+
 @_limits
 def skinny_gemm(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], block_n: int
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    block_n: int,
+    split_k: Optional[int] = None,
+    use_pdl: bool = False,
 ) -> Tensor:
     """``x`` [rows, K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [rows, N]) ->
     [rows, N] in x's dtype; every tensor contiguous, on one device, in one dtype (the
-    caller, :func:`ate_fast.models.skinny_gemm.skinny_linear`, checks)."""
+    caller, :func:`ate_fast.models.skinny_gemm.skinny_linear`, checks). ``split_k``: K's
+    slices (:func:`k_splits`; None: by the SM count); with more than one, the partial
+    products go to a float workspace [splits, rows, N] and a second kernel sums them.
+    ``use_pdl``: both kernels launched with programmatic dependent launch
+    (:mod:`ate_fast.ops.triton_pdl`); raises where the GPU or Triton has none."""
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     bk, block_n = block_k(x.dtype), column_tile(block_n, x.dtype)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, BLOCK_M))
+    n_tiles = triton.cdiv(n, block_n)
+    splits, k_per_split = k_splits(n_tiles, k, bk, split_k, sm_count(x.device))
     c = accumulator_type(x.dtype)
-    _skinny_gemm_kernel[grid](
-        x, weight, y if bias is None else bias, y if residual is None else residual, y,
-        rows, n, k,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, EVEN_K=k % bk == 0,
-        C=c, INTERPRETED=x.device.type == "cpu",
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk,
+    pdl = use_pdl and triton_pdl.available(x.device)
+    if use_pdl and not pdl:
+        raise InvalidArgumentError(
+            f"{PDL_SETTING}: programmatic dependent launch needs a CUDA GPU of compute "
+            f"capability 9.0 or above and Triton 3.4 or later; here: {_where(x.device)}"
+        )
+    ws = y
+    if splits > 1:
+        ws = torch.empty((splits, rows, n), dtype=compute_dtype(x.dtype), device=x.device)
+    _skinny_gemm_kernel[(n_tiles, triton.cdiv(rows, BLOCK_M), splits)](
+        x, weight, y if bias is None else bias, y if residual is None else residual, ws,
+        rows, n, k, k_per_split,
+        # split: the sum kernel adds bias and residual (one compiled variant with or without)
+        HAS_BIAS=splits == 1 and bias is not None,
+        HAS_RESIDUAL=splits == 1 and residual is not None, EVEN_K=k % bk == 0,
+        SPLIT=splits > 1, C=c, INTERPRETED=x.device.type == "cpu", PDL=pdl,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk, LINE=line_elements(x.dtype),
         num_warps=WARPS_BY_BLOCK_N[block_n], num_stages=STAGES_BY_BLOCK_N[block_n],
+        **triton_pdl.launch_options(pdl),
     )  # fmt: skip
+    if splits > 1:
+        _split_sum_kernel[(triton.cdiv(rows * n, SUM_BLOCK),)](
+            ws, y if bias is None else bias, y if residual is None else residual, y,
+            rows * n, n, splits,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, C=c, PDL=pdl,
+            BLOCK=SUM_BLOCK, num_warps=4, **triton_pdl.launch_options(pdl),
+        )  # fmt: skip
     return y

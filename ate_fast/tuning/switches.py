@@ -103,15 +103,18 @@ PARAMETER_VARS = (
     split_sdpa_attention.CHUNKS_VAR,
     fused_mlp.TILES_VAR,
     skinny_gemm.BLOCK_N_VAR,
+    skinny_gemm.SPLIT_K_VAR,
+    skinny_gemm.PDL_VAR,
 )
 KNOWN_VARS = (*PATH_VARS, *PARAMETER_VARS)
 # Other parameters of a path, tried right after its variable's choice: the tiles its own
 # bench rows time (bench_realsize's ate_capture_fused_mlp_st3 / _f64_s1024; split-key
-# attention: bench_prefix_attention's sweep), each with the path selected, so that a path
-# whose default tiles lost can still win with these. Split-key attention's default splits
-# the keys until one program runs per SM and was as slow in its combine as in its partial
-# kernel on an H200 (2026-12-04): its options are fewer, fixed slices (a cheaper combine),
-# and two programs per SM; the fields not given (warps, stages) stay the dtype's defaults.
+# attention: bench_prefix_attention's sweep; the few-row GEMM's other column tiles), each
+# with the path selected, so that a path whose default tiles lost can still win with these.
+# Split-key attention's default splits the keys until one program runs per SM and was as
+# slow in its combine as in its partial kernel on an H200 (2026-12-04): its options are
+# fewer, fixed slices (a cheaper combine), and two programs per SM; the fields not given
+# (warps, stages) stay the dtype's defaults.
 PARAMETER_OPTIONS = {
     (split_kv_attention.ENV_VAR, "split_kv"): (
         (split_kv_attention.TILES_VAR, "block_q=32,block_k=32,splits=4"),
@@ -121,6 +124,14 @@ PARAMETER_OPTIONS = {
     (fused_mlp.ENV_VAR, "persistent"): (
         (fused_mlp.TILES_VAR, "stages=3"),
         (fused_mlp.TILES_VAR, "block_f=64,slice=1024"),
+    ),
+    # the few-row GEMM's other column tiles, K split by the SM count at each (the default
+    # tile, 32, is the path's own option), and its launch with PDL (Hopper: elsewhere the
+    # trial fails, which the search reports)
+    (skinny_gemm.ENV_VAR, "triton"): (
+        (skinny_gemm.BLOCK_N_VAR, "16"),
+        (skinny_gemm.BLOCK_N_VAR, "64"),
+        (skinny_gemm.PDL_VAR, "on"),
     ),
 }
 
