@@ -22,7 +22,7 @@ from ate_fast.models import (
     split_kv_attention,
     split_sdpa_attention,
 )
-from ate_fast.ops import backends
+from ate_fast.ops import backends, pdl_setting
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
 
@@ -103,6 +103,7 @@ def info() -> dict:
         "guidance_stream": _or_error(guidance_stream.selected_path),
         "l2_prefetch": _or_error(l2_prefetch.selected_path),
         "fused_mlp": _or_error(_fused_mlp),
+        "triton_pdl": _or_error(lambda: "on" if pdl_setting.selected() else "off"),
     }
 
 
@@ -136,8 +137,7 @@ def _skinny_gemm() -> str:
     if skinny_gemm.selected_path() != "triton":
         return skinny_gemm.selected_path()
     split = skinny_gemm.split_k() or "auto"
-    launch = ", PDL" if skinny_gemm.pdl() else ""
-    return f"triton (BLOCK_N {skinny_gemm.block_n()}, split K {split}{launch})"
+    return f"triton (BLOCK_N {skinny_gemm.block_n()}, split K {split})"
 
 
 def _or_error(read: Callable[[], Any], errors: tuple = (ValueError,)) -> Any:
@@ -212,6 +212,19 @@ def format_info(data: dict) -> str:
             {f"{dt}: {v['reason']}" for dt, v in per_device.items() if not v["available"]}
         )
         lines.append(f"{backend:<8} {marks[0]:<6} {marks[1]:<6} {'; '.join(reasons)}")
+    lines += _path_lines(data)
+    forced = data["forced_backend"]
+    if forced and forced.startswith("error: "):
+        lines.append(f"\nATE_FAST_BACKEND {forced}")
+    elif forced:
+        lines.append(f"\nATE_FAST_BACKEND={forced} forces that backend")
+    return "\n".join(lines)
+
+
+def _path_lines(data: dict) -> list[str]:
+    """The kernel paths part of :func:`format_info`: each path in force and the variables
+    that choose it."""
+    lines: list[str] = []
     paths = data["transformer_guidance"]
     lines.append(
         "\nguidance through the Transformer encoder: "
@@ -225,7 +238,8 @@ def format_info(data: dict) -> str:
     )
     lines.append(
         f"flow-transformer block GEMMs at <= {skinny_gemm.MAX_ROWS} rows: {data['skinny_gemm']}"
-        " (ATE_FAST_SKINNY_GEMM=torch|triton, ATE_FAST_SKINNY_GEMM_BLOCK_N)"
+        " (ATE_FAST_SKINNY_GEMM=torch|triton, ATE_FAST_SKINNY_GEMM_BLOCK_N,"
+        " ATE_FAST_SKINNY_GEMM_SPLIT_K)"
     )
     lines.append(
         f"flow-transformer attention against the prefix: {data['prefix_attention']}"
@@ -245,12 +259,11 @@ def format_info(data: dict) -> str:
         " (ATE_FAST_FUSED_MLP=torch|persistent, ATE_FAST_FUSED_MLP_TILES)"
     )
     lines.append(
+        f"flow-transformer block's Triton kernels with programmatic dependent launch:"
+        f" {data['triton_pdl']} (ATE_FAST_TRITON_PDL=off|on; on needs sm_90 or later)"
+    )
+    lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"
         " (ATE_FAST_CPU_GEMM=auto|onednn|aten)"
     )
-    forced = data["forced_backend"]
-    if forced and forced.startswith("error: "):
-        lines.append(f"\nATE_FAST_BACKEND {forced}")
-    elif forced:
-        lines.append(f"\nATE_FAST_BACKEND={forced} forces that backend")
-    return "\n".join(lines)
+    return lines

@@ -76,6 +76,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   (``ate_fast.models.skinny_gemm``) with 16- / 32-column tiles and K split in slices where
   the tiles alone leave SMs idle, instead of cuBLAS; its A/B against ``ate_capture`` (H200,
   whole K: slower than cuBLAS at 16, 32 and 64 columns; the split has not run on a GPU).
+- ``ate_capture_skinny_gemm_pdl``: ``…_split_k`` with ``ATE_FAST_TRITON_PDL=on``: those
+  kernels and the Triton epilogues launched with programmatic dependent launch
+  (``ate_fast.ops.triton_pdl``; Hopper and later, so not in the dry run); against
+  ``…_split_k``, what overlapping each kernel's start with the one before saves.
 - ``ate_capture_split_kv_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided)
   with ``ATE_FAST_PREFIX_ATTENTION=split_kv``: each block's attention on the split-key
   Triton kernels (``ate_fast.models.split_kv_attention``) instead of SDPA; its A/B.
@@ -259,7 +263,14 @@ OTHER_EPILOGUES_ROW = EPILOGUES_ROW if DRY_RUN else TORCH_EPILOGUES_ROW
 # (ATE_FAST_SKINNY_GEMM_SPLIT_K): against cuBLAS (ate_capture). H200, 2026-12-04, whole K:
 # 32 → 15.19, 16 → 14.30, 64 → 20.97 ms against cuBLAS's 13.58 (the n16 row, now with K
 # split by the SM count as the path's default; the split_k row: the default tile, 32)
-SKINNY_ROWS = {"ate_capture_skinny_gemm_n16": 16, "ate_capture_skinny_gemm_split_k": 32}
+# split and launched with programmatic dependent launch (ATE_FAST_TRITON_PDL: the
+# epilogues and softmax too; sm_90 and later — not in the CPU's dry run)
+SKINNY_PDL_ROW = "ate_capture_skinny_gemm_pdl"
+SKINNY_ROWS = {
+    "ate_capture_skinny_gemm_n16": 16,
+    "ate_capture_skinny_gemm_split_k": 32,
+    **({} if DRY_RUN else {SKINNY_PDL_ROW: 32}),
+}
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
 # split-key kernels instead of SDPA (B = 1 unguided and rtc-guided)
 SPLIT_KV_ROW = "ate_capture_split_kv_attention"
@@ -336,7 +347,8 @@ ROW_ENV = {
        for row, tiles in FUSED_MLP_ROWS.items()},
     FUSED_MLP_FOLDED_ROW: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FLOW_EPILOGUES": "triton"},
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n),
-             "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto"}
+             "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto",
+             "ATE_FAST_TRITON_PDL": "on" if row == SKINNY_PDL_ROW else "off"}
        for row, block_n in SKINNY_ROWS.items()},
 }  # fmt: skip
 BASELINE = "compile_max_autotune"

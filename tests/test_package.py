@@ -129,17 +129,21 @@ def test_info_reports_the_skinny_gemm_path(monkeypatch):
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", "64")
     monkeypatch.delenv("ATE_FAST_SKINNY_GEMM_SPLIT_K", raising=False)
-    monkeypatch.delenv("ATE_FAST_SKINNY_GEMM_PDL", raising=False)
     expected = "block GEMMs at <= 64 rows: triton (BLOCK_N 64, split K auto)"
     assert expected in format_info(info())
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_SPLIT_K", "4")
-    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_PDL", "on")
-    assert info()["skinny_gemm"] == "triton (BLOCK_N 64, split K 4, PDL)"
+    assert info()["skinny_gemm"] == "triton (BLOCK_N 64, split K 4)"
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", "48")
     assert info()["skinny_gemm"].startswith("error: ATE_FAST_SKINNY_GEMM_BLOCK_N")
-    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", "64")
-    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_PDL", "yes")
-    assert info()["skinny_gemm"].startswith("error: ATE_FAST_SKINNY_GEMM_PDL")
+
+
+def test_info_reports_the_triton_launch(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_TRITON_PDL", raising=False)
+    assert "Triton kernels with programmatic dependent launch: off" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_TRITON_PDL", "on")
+    assert info()["triton_pdl"] == "on"
+    monkeypatch.setenv("ATE_FAST_TRITON_PDL", "yes")
+    assert info()["triton_pdl"].startswith("error: ATE_FAST_TRITON_PDL: expected one of")
 
 
 def test_info_reports_the_prefix_attention_path(monkeypatch):

@@ -217,21 +217,23 @@ def test_pi0_shapes_on_cuda(triton_path, dtype, block_n, split):
 
 
 def test_pdl_is_refused_where_there_is_none(triton_path):
-    """``ATE_FAST_SKINNY_GEMM_PDL=on`` where no programmatic dependent launch exists (the
-    CPU here; a GPU below compute capability 9.0, e.g. the Orin) raises, naming the
-    setting, instead of launching without the wait or ignoring the setting."""
-    from ate_fast.ops import triton_pdl
+    """``ATE_FAST_TRITON_PDL=on`` where no programmatic dependent launch exists (the CPU
+    here; a GPU below compute capability 9.0, e.g. the Orin) raises, naming the setting,
+    instead of launching without the wait or ignoring the setting."""
+    from ate_fast.ops import pdl_setting, triton_pdl
 
     assert not triton_pdl.available(torch.device("cpu"))
     assert triton_pdl.launch_options(False) == {}
     assert triton_pdl.launch_options(True) == {"launch_pdl": True}
-    triton_path.setenv(skinny_gemm.PDL_VAR, "on")
+    triton_path.setenv(pdl_setting.ENV_VAR, "on")
     x, w, _, _ = _operands(50, 256, 32, torch.float32)
-    with pytest.raises(InvalidArgumentError, match=r"ATE_FAST_SKINNY_GEMM_PDL=on: .*9\.0"):
+    with pytest.raises(InvalidArgumentError, match=r"ATE_FAST_TRITON_PDL=on: .*9\.0.*here: "):
         skinny_gemm.skinny_linear(x, w)
-    triton_path.setenv(skinny_gemm.PDL_VAR, "maybe")
-    with pytest.raises(InvalidArgumentError, match="ATE_FAST_SKINNY_GEMM_PDL: expected one of"):
-        skinny_gemm.pdl()
+    triton_path.setenv(pdl_setting.ENV_VAR, "maybe")
+    with pytest.raises(InvalidArgumentError, match="ATE_FAST_TRITON_PDL: expected one of"):
+        pdl_setting.selected()
+    triton_path.setenv(pdl_setting.ENV_VAR, "off")
+    skinny_gemm.skinny_linear(x, w)  # off: the plain launch
 
 
 @pytest.mark.cuda
@@ -242,7 +244,7 @@ def test_pdl_chain_on_cuda(triton_path, split):
     turn: launched with programmatic dependent launch the output is bit-equal to the plain
     launches' for each input (a kernel that read before its predecessor ended would see the
     other input's intermediates). Below compute capability 9.0 the setting is refused."""
-    from ate_fast.ops import triton_pdl
+    from ate_fast.ops import pdl_setting, triton_pdl
 
     triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -259,11 +261,11 @@ def test_pdl_chain_on_cuda(triton_path, split):
         d = skinny_gemm.skinny_linear(c, weights[2])
         return skinny_gemm.skinny_linear(d, weights[3], None, c)
 
-    triton_path.setenv(skinny_gemm.PDL_VAR, "off")
+    triton_path.setenv(pdl_setting.ENV_VAR, "off")
     plain = [chain(x) for x in inputs]
-    triton_path.setenv(skinny_gemm.PDL_VAR, "on")
+    triton_path.setenv(pdl_setting.ENV_VAR, "on")
     if not triton_pdl.available(inputs[0].device):
-        with pytest.raises(InvalidArgumentError, match="ATE_FAST_SKINNY_GEMM_PDL=on"):
+        with pytest.raises(InvalidArgumentError, match="ATE_FAST_TRITON_PDL=on"):
             chain(inputs[0])
         return
     assert all(torch.equal(chain(x), want) for x, want in zip(inputs, plain))

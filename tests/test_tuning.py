@@ -456,13 +456,15 @@ def test_default_choices_exclude_paths_by_name(monkeypatch):
         assert split_kv_attention.tiles_from_env()
     excluded = (f"{ATTN}=split_kv", f"{MLP}=persistent", "ATE_FAST_SKINNY_GEMM=triton")
     assert not any("tiles" in c.name for c in default_choices("cuda", exclude=excluded))
-    options = choices[skinny].options  # other column tiles and PDL, with the path
-    assert all(o["ATE_FAST_SKINNY_GEMM"] == "triton" for o in options)
-    tiles = [o[skinny_gemm.BLOCK_N_VAR] for o in options if skinny_gemm.BLOCK_N_VAR in o]
-    for block_n in tiles:  # each parses, and is not the default (the path's own option)
-        monkeypatch.setenv(skinny_gemm.BLOCK_N_VAR, block_n)
+    options = choices[skinny].options  # other column tiles, with the path
+    assert all(o["ATE_FAST_SKINNY_GEMM"] == "triton" for o in options) and len(options) == 2
+    for option in options:  # each parses, and is not the default (the path's own option)
+        monkeypatch.setenv(skinny_gemm.BLOCK_N_VAR, option[skinny_gemm.BLOCK_N_VAR])
         assert skinny_gemm.block_n() != skinny_gemm.DEFAULT_BLOCK_N
-    assert len(tiles) == 2 and {"ATE_FAST_SKINNY_GEMM_PDL": "on"}.items() <= options[-1].items()
+    # programmatic dependent launch: its own choice, after the paths (on CUDA only)
+    names = [c.name for c in default_choices("cuda")]
+    assert names.index("ATE_FAST_TRITON_PDL") > names.index("ATE_FAST_SKINNY_GEMM")
+    assert "ATE_FAST_TRITON_PDL" not in [c.name for c in default_choices("cpu")]
     assert not any("tiles" in c.name for c in default_choices("cuda", tiles=False))
     for bad in ("flex", f"{ATTN}=fastest", "ATE_FAST_NOPE=x"):
         with pytest.raises(InvalidArgumentError, match="exclude: expected 'VAR=path'"):

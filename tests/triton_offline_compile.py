@@ -274,16 +274,17 @@ def _candidate_attention_variants(store: str, comp: str, target) -> int:
     return len(passes)
 
 
-def _compile_spill_free(*args) -> None:
+def _compile_spill_free(*args):
     """:func:`compile_one`, also failing on register spills (the π0 expert's epilogues)."""
-    compile_one(*args, spill_free=True)
+    return compile_one(*args, spill_free=True)
 
 
 def flow_block_variants(target) -> int:
     """The flow-transformer block's epilogue kernels (``ate_fast.models.block_epilogues_triton``)
     for float32, float64, bfloat16 and float16 storage: the rotation's blocks for the small
     head's and π0's head dims (64, 256; other head dims run masked in the next power of
-    two), the gated GELU with and without the stored GELU."""
+    two), the gated GELU with and without the stored GELU; for sm_90 also the forward's
+    kernels launched with programmatic dependent launch (bf16, π0's sizes)."""
     count = 0
     options = {"num_warps": fb.NUM_WARPS, "num_stages": _TRITON_DEFAULT_STAGES}
     for store in ("fp32", "fp64", "bf16", "fp16"):
@@ -291,25 +292,58 @@ def flow_block_variants(target) -> int:
             chunk = fb.NORM_CHUNK if norm else 16
             _compile_spill_free(
                 fb._rotate_qkv_kernel,
-                {"ROWS": fb.ROWS, "BLOCK_D": block_d, "NORM": norm, "CHUNK": chunk},
+                {"ROWS": fb.ROWS, "BLOCK_D": block_d, "NORM": norm, "CHUNK": chunk,
+                 "PDL": False},
                 lambda name, d=store: d, {"eps": "fp32"}, target,
                 f"{store} BLOCK_D={block_d} NORM={norm}", options,
             )  # fmt: skip
             count += 1
         for save in (True, False):
             _compile_spill_free(
-                fb._gated_gelu_kernel, {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK},
+                fb._gated_gelu_kernel, {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK, "PDL": False},
                 lambda name, d=store: d, {}, target, f"{store} SAVE_ACT={save}", options,
             )  # fmt: skip
             _compile_spill_free(  # the folded MLP norm's (π0: F = 4096, width 1024)
                 fb._norm_gated_gelu_kernel,
-                {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK, "CHUNK": fb.NORM_CHUNK},
+                {"SAVE_ACT": save, "BLOCK": fb.GELU_BLOCK, "CHUNK": fb.NORM_CHUNK, "PDL": False},
                 lambda name, d=store: d, {"eps": "fp32"}, target, f"{store} SAVE_ACT={save}",
                 options,
             )  # fmt: skip
             count += 2
         count += _flow_block_vjp_variants(target, store, options)
+    if target.arch >= 90:
+        count += _flow_block_pdl_variants(target, options)
     return count
+
+
+def _flow_block_pdl_variants(target, options: dict) -> int:
+    """The forward's epilogues (rotation, gated GELU, the gemm attention's softmax) with
+    programmatic dependent launch, bf16 at π0's sizes: launched with the attribute, every
+    load after the grid-dependency wait (:func:`_check_pdl_order`)."""
+    pdl_options = {**options, **triton_pdl.launch_options(True)}
+
+    def bf16(name):
+        return "bf16"
+
+    variants = [
+        (fb._rotate_qkv_kernel, {"ROWS": fb.ROWS, "BLOCK_D": 256, "NORM": norm,
+                                 "CHUNK": fb.NORM_CHUNK if norm else 16}, bf16, {"eps": "fp32"})
+        for norm in (False, True)
+    ] + [
+        (fb._gated_gelu_kernel, {"SAVE_ACT": False, "BLOCK": fb.GELU_BLOCK}, bf16, {}),
+        (fb._norm_gated_gelu_kernel,
+         {"SAVE_ACT": False, "BLOCK": fb.GELU_BLOCK, "CHUNK": fb.NORM_CHUNK}, bf16,
+         {"eps": "fp32"}),
+    ] + [
+        (fb._softmax_kernel, {"BLOCK": 1024, "HAS_BIAS": bias},
+         lambda name: "fp32" if name == "s_ptr" else "bf16", {"scale": "fp32"})
+        for bias in (False, True)
+    ]  # fmt: skip
+    for kernel, constexprs, types, scalars in variants:
+        compiled = _compile_spill_free(kernel, {**constexprs, "PDL": True}, types, scalars,
+                                       target, f"bf16 {constexprs} PDL", pdl_options)  # fmt: skip
+        _check_pdl_order(compiled, True, prefetches=False)
+    return len(variants)
 
 
 def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
@@ -341,7 +375,7 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     # (and a padded prefix's additive mask, in the head's dtype)
     scores = "fp64" if store == "fp64" else "fp32"
     for block, bias in itertools.product((128, 1024), (False, True)):
-        _compile_spill_free(fb._softmax_kernel, {"BLOCK": block, "HAS_BIAS": bias},
+        _compile_spill_free(fb._softmax_kernel, {"BLOCK": block, "HAS_BIAS": bias, "PDL": False},
                             lambda name, d=store: scores if name == "s_ptr" else d,
                             {"scale": "fp32"}, target, f"{store} BLOCK={block} HAS_BIAS={bias}",
                             options)  # fmt: skip

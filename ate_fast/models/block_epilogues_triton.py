@@ -63,6 +63,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ate_fast.models.gemm_alignment import aligned_rows
+from ate_fast.ops import triton_pdl
+from ate_fast.ops.triton_pdl import wait as pdl_wait
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -136,6 +138,7 @@ def _rotate_qkv_kernel(
     horizon, prefix, heads, kv_heads, head_dim, q_rows, kv_rows, p_rows, table_sb,
     q_sr, kv_sr, pk_sb, pk_sh, pk_sl, pv_sb, pv_sh, pv_sl, x_ptr, width, eps,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # q [B·H, heads·hd] and kv [B·H, 2·kv_heads·hd] (the projections' outputs; rows of
     # stride q_sr / kv_sr: column ranges of one fused projection's rows, or contiguous);
@@ -145,7 +148,10 @@ def _rotate_qkv_kernel(
     # cos/sin [prefix + H, hd] (table_sb 0) or per sample [B, prefix + H, hd] (table_sb:
     # prefix + H rows per sample); prefix keys/values [B, kv_heads, L, hd] (strides given, the
     # last 1). Out: q [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head));
-    # k, v [B, kv_heads, L + H, hd] (prefix rows first).
+    # k, v [B, kv_heads, L + H, hd] (prefix rows first). PDL: launched with programmatic
+    # dependent launch (ate_fast.ops.triton_pdl): nothing is touched before the wait.
+    if PDL:
+        pdl_wait()
     pid = tl.program_id(0)
     q_progs = tl.cdiv(q_rows, ROWS)
     kv_progs = tl.cdiv(kv_rows, ROWS)
@@ -272,6 +278,7 @@ def rotate_qkv(
     else:
         k, v = out
     pk, pv = prefix if prefix is not None else (k, v)  # unread when L = 0
+    pdl = triton_pdl.for_device(q_lin.device)
     q_rows, kv_rows, p_rows = batch * heads * horizon, batch * kv_heads * horizon, 0
     if prefix is not None and out is None:  # the prefix's rows (already in out's)
         p_rows = batch * kv_heads * length
@@ -282,7 +289,8 @@ def rotate_qkv(
         q_lin.stride(1), kv_lin.stride(1), pk.stride(0), pk.stride(1), pk.stride(2),
         pv.stride(0), pv.stride(1), pv.stride(2),
         *_norm_args(norm, q_lin), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
-        NORM=norm is not None, CHUNK=_chunk(norm), num_warps=NUM_WARPS,
+        NORM=norm is not None, CHUNK=_chunk(norm), PDL=pdl, num_warps=NUM_WARPS,
+        **triton_pdl.launch_options(pdl),
     )  # fmt: skip
     return q, k, v
 
@@ -315,9 +323,12 @@ def _gelu_tanh(g):
 
 @triton.jit
 def _gated_gelu_kernel(
-    gu_ptr, out_ptr, act_ptr, n, mlp, SAVE_ACT: tl.constexpr, BLOCK: tl.constexpr
+    gu_ptr, out_ptr, act_ptr, n, mlp, SAVE_ACT: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     # gu [M, 2F] (gate | up); out, act [M, F]; n = M·F
+    if PDL:
+        pdl_wait()
     e = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ok = e < n
     src = (e // mlp) * (2 * mlp) + e % mlp
@@ -332,13 +343,15 @@ def _gated_gelu_kernel(
 @triton.jit
 def _norm_gated_gelu_kernel(
     gu_ptr, x_ptr, out_ptr, act_ptr, mlp, width, eps, SAVE_ACT: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # gu [M, 2F] = x·W'ᵀ (gate | up; the MLP norm's weight folded into W'), x [M, width]
     # (both contiguous): gate and up scaled by the row's 1/√(mean(x²) + eps) — RMSNorm's
     # per-row factor — before the gated GELU; SAVE_ACT: the scaled gate and up written back
     # into gu (what the input-VJP reads) and gelu_tanh(gate) into act. A program: BLOCK
     # columns of one row (its rstd from the row's width elements of x).
+    if PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < mlp
@@ -369,17 +382,19 @@ def gated_gelu(
     shape = (*gate_up.shape[:-1], mlp)
     out = gate_up.new_empty(shape)
     act = gate_up.new_empty(shape) if save_act else out  # unwritten when not saved
+    pdl = triton_pdl.for_device(gate_up.device)
     if norm is None:
         n = out.numel()
         _gated_gelu_kernel[(triton.cdiv(n, GELU_BLOCK),)](
-            gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK, num_warps=NUM_WARPS
-        )
+            gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK, PDL=pdl,
+            num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
+        )  # fmt: skip
     elif out.numel():
         x, width, eps = _norm_args(norm, gate_up)
         block = min(triton.next_power_of_2(mlp), GELU_BLOCK)
         _norm_gated_gelu_kernel[(out.numel() // mlp, triton.cdiv(mlp, block))](
             gate_up, x, out, act, mlp, width, eps, SAVE_ACT=save_act, BLOCK=block,
-            CHUNK=_chunk(norm), num_warps=NUM_WARPS,
+            CHUNK=_chunk(norm), PDL=pdl, num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
         )  # fmt: skip
     return out, act if save_act else None
 
@@ -497,11 +512,13 @@ def _softmax_backward_kernel(
 @triton.jit
 def _softmax_kernel(
     s_ptr, b_ptr, p_ptr, n, s_sr, b_sr, p_sr, per_bias, scale,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # one program per row of scores s [R, n] (float32 or float64, rows of stride s_sr):
     # p = softmax(s·scale + b) rounded once to p's dtype (rows of stride p_sr); b: row
     # row // per_bias of the additive mask b [R / per_bias, n] (rows of stride b_sr)
+    if PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -556,10 +573,11 @@ def softmax(
     p = aligned_rows(scores.shape, scores.new_empty((), dtype=dtype))
     p_rows = p.view(-1, n)
     b_rows = s_rows if bias is None else _as_rows(bias)  # (unread without a bias)
+    pdl = triton_pdl.for_device(scores.device)
     _softmax_kernel[(s_rows.shape[0],)](
         s_rows, b_rows, p_rows, n, s_rows.stride(0), b_rows.stride(0), p_rows.stride(0),
-        per_bias, scale, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n),
-        num_warps=NUM_WARPS,
+        per_bias, scale, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n), PDL=pdl,
+        num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
     )  # fmt: skip
     return p
 

@@ -45,8 +45,6 @@ ENV_VAR = "ATE_FAST_SKINNY_GEMM"
 BLOCK_N_VAR = "ATE_FAST_SKINNY_GEMM_BLOCK_N"
 SPLIT_K_VAR = "ATE_FAST_SKINNY_GEMM_SPLIT_K"
 MAX_SPLIT_K = 64
-PDL_VAR = "ATE_FAST_SKINNY_GEMM_PDL"
-PDL_CHOICES = ("off", "on")
 PATHS = ("torch", "triton")
 BLOCK_NS = (16, 32, 64, 128)
 DEFAULT_BLOCK_N = 32
@@ -83,13 +81,6 @@ def split_k() -> Optional[int]:
             f"{SPLIT_K_VAR}: expected auto or an integer from 1 to {MAX_SPLIT_K}, got {value!r}"
         )
     return int(value)
-
-
-def pdl() -> bool:
-    """``$ATE_FAST_SKINNY_GEMM_PDL``: ``on`` launches the kernels with programmatic
-    dependent launch (:mod:`ate_fast.ops.triton_pdl`: Hopper and later; elsewhere the
-    launch raises); ``off`` (also where unset) does not."""
-    return env_choice(PDL_VAR, PDL_CHOICES) == "on"
 
 
 def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
@@ -129,7 +120,7 @@ def skinny_linear(
 
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(rows.shape[0], -1)
-    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k(), pdl())
+    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops import triton_pdl
 from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
@@ -60,7 +59,6 @@ MIN_STEPS_PER_SLICE = 2  # K steps per slice at least (one step: nothing to pipe
 INTERPRETER_SMS = 4  # the auto split's SM count on the CPU (it splits small tests too)
 SUM_BLOCK = 1024  # outputs per program of the slices' sum
 LINE_BYTES = 128  # an L2 cache line: one prefetch per line of a weight row
-PDL_SETTING = "ATE_FAST_SKINNY_GEMM_PDL=on"
 
 
 @triton.jit
@@ -153,13 +151,6 @@ def line_elements(dtype: torch.dtype) -> int:
     return LINE_BYTES // dtype.itemsize
 
 
-def _where(device: torch.device) -> str:
-    if device.type != "cuda":
-        return f"device {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
-
-
 def block_k(dtype: torch.dtype) -> int:
     """K per loop step for ``dtype``: :data:`K_BYTES` of each row."""
     return K_BYTES // dtype.itemsize
@@ -202,15 +193,14 @@ def skinny_gemm(
     residual: Optional[Tensor],
     block_n: int,
     split_k: Optional[int] = None,
-    use_pdl: bool = False,
 ) -> Tensor:
     """``x`` [rows, K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [rows, N]) ->
     [rows, N] in x's dtype; every tensor contiguous, on one device, in one dtype (the
     caller, :func:`ate_fast.models.skinny_gemm.skinny_linear`, checks). ``split_k``: K's
     slices (:func:`k_splits`; None: by the SM count); with more than one, the partial
     products go to a float workspace [splits, rows, N] and a second kernel sums them.
-    ``use_pdl``: both kernels launched with programmatic dependent launch
-    (:mod:`ate_fast.ops.triton_pdl`); raises where the GPU or Triton has none."""
+    ``$ATE_FAST_TRITON_PDL=on``: both kernels launched with programmatic dependent launch
+    (:func:`ate_fast.ops.triton_pdl.for_device`: raises where the GPU or Triton has none)."""
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
@@ -218,12 +208,7 @@ def skinny_gemm(
     n_tiles = triton.cdiv(n, block_n)
     splits, k_per_split = k_splits(n_tiles, k, bk, split_k, sm_count(x.device))
     c = accumulator_type(x.dtype)
-    pdl = use_pdl and triton_pdl.available(x.device)
-    if use_pdl and not pdl:
-        raise InvalidArgumentError(
-            f"{PDL_SETTING}: programmatic dependent launch needs a CUDA GPU of compute "
-            f"capability 9.0 or above and Triton 3.4 or later; here: {_where(x.device)}"
-        )
+    pdl = triton_pdl.for_device(x.device)
     ws = y
     if splits > 1:
         ws = torch.empty((splits, rows, n), dtype=compute_dtype(x.dtype), device=x.device)

@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.ops import pdl_setting
+
 try:  # Triton ≥ 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older Triton: available() is false
@@ -54,6 +57,28 @@ def _triton_launches_pdl() -> bool:
     except ImportError:  # pragma: no cover - no NVIDIA backend in this Triton
         return False
     return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def for_device(device: torch.device) -> bool:
+    """Whether a kernel on ``device`` launches with PDL: ``$ATE_FAST_TRITON_PDL``
+    (:mod:`ate_fast.ops.pdl_setting`); ``on`` where :func:`available` is false raises,
+    naming the setting and the device."""
+    if not pdl_setting.selected():
+        return False
+    if not available(device):
+        raise InvalidArgumentError(
+            f"{pdl_setting.ENV_VAR}=on: programmatic dependent launch needs a CUDA GPU of "
+            f"compute capability 9.0 or above and Triton 3.4 or later; here: {_where(device)}. "
+            f"Unset {pdl_setting.ENV_VAR} (or set it to off)."
+        )
+    return True
+
+
+def _where(device: torch.device) -> str:
+    if device.type != "cuda" or gdc_wait is None or not _triton_launches_pdl():
+        return f"device {device.type}, Triton {triton.__version__}"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
 
 
 def launch_options(pdl: bool) -> dict:

@@ -23,7 +23,7 @@ from ate_fast.models import (
     split_kv_attention,
     split_sdpa_attention,
 )
-from ate_fast.ops import backends
+from ate_fast.ops import backends, pdl_setting
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer import transformer_vjp
 
@@ -73,6 +73,8 @@ SWITCHES = (
     ),
     Switch(l2_prefetch.ENV_VAR, l2_prefetch.PATHS, ("cuda",), default="off"),
     Switch(skinny_gemm.ENV_VAR, skinny_gemm.PATHS, ("cuda",), default="torch"),
+    # how the Triton kernels chosen so far launch (Hopper: elsewhere the trial fails)
+    Switch(pdl_setting.ENV_VAR, pdl_setting.CHOICES, ("cuda",), default="off"),
     Switch(guidance_stream.ENV_VAR, guidance_stream.PATHS, ("cuda",), "guided", "same"),
     # "compiled" left out of the defaults: a torch.compile per trial (pass it in `choices`)
     Switch(transformer_vjp.ENV_VAR, ("autograd", "vjp", "triton"), ("cuda",), "transformer"),
@@ -92,6 +94,7 @@ PATH_VARS = {
     block_epilogues.ENV_VAR: block_epilogues.PATHS,
     l2_prefetch.ENV_VAR: l2_prefetch.PATHS,
     skinny_gemm.ENV_VAR: skinny_gemm.PATHS,
+    pdl_setting.ENV_VAR: pdl_setting.CHOICES,
     guidance_stream.ENV_VAR: guidance_stream.PATHS,
     transformer_vjp.ENV_VAR: transformer_vjp.PATHS,
     cpu_gemm.ENV_VAR: cpu_gemm.CHOICES,
@@ -104,7 +107,6 @@ PARAMETER_VARS = (
     fused_mlp.TILES_VAR,
     skinny_gemm.BLOCK_N_VAR,
     skinny_gemm.SPLIT_K_VAR,
-    skinny_gemm.PDL_VAR,
 )
 KNOWN_VARS = (*PATH_VARS, *PARAMETER_VARS)
 # Other parameters of a path, tried right after its variable's choice: the tiles its own
@@ -126,12 +128,10 @@ PARAMETER_OPTIONS = {
         (fused_mlp.TILES_VAR, "block_f=64,slice=1024"),
     ),
     # the few-row GEMM's other column tiles, K split by the SM count at each (the default
-    # tile, 32, is the path's own option), and its launch with PDL (Hopper: elsewhere the
-    # trial fails, which the search reports)
+    # tile, 32, is the path's own option)
     (skinny_gemm.ENV_VAR, "triton"): (
         (skinny_gemm.BLOCK_N_VAR, "16"),
         (skinny_gemm.BLOCK_N_VAR, "64"),
-        (skinny_gemm.PDL_VAR, "on"),
     ),
 }
 

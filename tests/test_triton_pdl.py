@@ -1,0 +1,92 @@
+"""Programmatic dependent launch of the flow-transformer block's Triton kernels
+(``ATE_FAST_TRITON_PDL``, ``ate_fast.ops.triton_pdl``): the setting, refused at every
+launch site where there is none (the CPU here), and on a Hopper GPU a captured π0 sampler
+bit-equal with and without it. That each PDL kernel waits before it reads is checked on its
+PTX (``tests/triton_offline_compile.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flow_head_paths import pi0_on_cuda  # tests/ is on sys.path
+
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.ops import pdl_setting
+
+pytest.importorskip("triton")
+
+ON_CPU = r"ATE_FAST_TRITON_PDL=on: programmatic dependent launch needs .* here: device cpu"
+
+
+def test_the_setting(monkeypatch):
+    monkeypatch.delenv(pdl_setting.ENV_VAR, raising=False)
+    assert pdl_setting.selected() is False
+    monkeypatch.setenv(pdl_setting.ENV_VAR, " ON ")
+    assert pdl_setting.selected() is True
+    monkeypatch.setenv(pdl_setting.ENV_VAR, "off")
+    assert pdl_setting.selected() is False
+    monkeypatch.setenv(pdl_setting.ENV_VAR, "1")
+    with pytest.raises(InvalidArgumentError, match="ATE_FAST_TRITON_PDL: expected one of"):
+        pdl_setting.selected()
+
+
+def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
+    """On the CPU (Triton's interpreter) each forward kernel's launch with the setting on
+    raises, naming it — none launches without the wait, none ignores the setting — and runs
+    with it off."""
+    from ate_fast.models import block_epilogues_triton as fb
+    from ate_fast.models.skinny_gemm_triton import skinny_gemm
+
+    q_lin, kv_lin = torch.randn(1, 6, 4 * 8), torch.randn(1, 6, 2 * 2 * 8)
+    table = torch.randn(6, 8)
+    calls = {
+        "gated_gelu": lambda: fb.gated_gelu(torch.randn(6, 2 * 48), False),
+        "folded-norm gated_gelu": lambda: fb.gated_gelu(
+            torch.randn(6, 2 * 48), False, (torch.randn(6, 32), 1e-6)
+        ),
+        "rotate_qkv": lambda: fb.rotate_qkv(q_lin, kv_lin, table, table, None, 4, 2),
+        "softmax": lambda: fb.softmax(torch.randn(2, 4, 20), 0.5, torch.float32),
+        "skinny_gemm": lambda: skinny_gemm(
+            torch.randn(5, 64), torch.randn(32, 64), None, None, 16, 2
+        ),
+    }
+    for name, call in calls.items():
+        monkeypatch.setenv(pdl_setting.ENV_VAR, "on")
+        with pytest.raises(InvalidArgumentError, match=ON_CPU):
+            call()
+        monkeypatch.setenv(pdl_setting.ENV_VAR, "off")
+        assert call() is not None, name  # the plain launch
+
+
+@pytest.mark.cuda
+def test_captured_pi0_sampler_is_bit_equal_with_pdl(monkeypatch):
+    """π0's expert (2 blocks, bf16, B = 1) in a captured flow Euler loop with every block
+    kernel that has a PDL launch on Triton (the few-row GEMM with its K split, the gemm
+    attention's softmax, the rotation and gated-GELU epilogues): with
+    ``ATE_FAST_TRITON_PDL=on`` its actions equal the plain launches' to the bit, replayed
+    on two noises in turn (a kernel reading before its predecessor ended would see the
+    other noise's values). Below compute capability 9.0 the capture is refused."""
+    from ate_fast.ops import triton_pdl
+    from ate_fast.sampling import FlowSampler
+
+    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
+    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "gemm")
+    monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
+    head, cache, x, _, _ = pi0_on_cuda(2)
+    head.eval().requires_grad_(False)
+    noises = [x.float(), torch.randn_like(x, dtype=torch.float32)]
+
+    def actions(pdl: str) -> list:
+        monkeypatch.setenv(pdl_setting.ENV_VAR, pdl)
+        with torch.no_grad():
+            captured = FlowSampler(head, 3).capture(noises[0], cache, check_finite=False)
+            return [captured(noises[i % 2], cache).clone() for i in range(12)]
+
+    plain = actions("off")
+    assert not torch.equal(plain[0], plain[1])  # the two noises give two outputs
+    if not triton_pdl.available(x.device):
+        with pytest.raises(InvalidArgumentError, match="ATE_FAST_TRITON_PDL=on"):
+            actions("on")
+        return
+    for i, got in enumerate(actions("on")):
+        assert torch.equal(got, plain[i]), f"replay {i}"
