@@ -31,14 +31,16 @@ def test_the_setting(monkeypatch):
 
 
 def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
-    """On the CPU (Triton's interpreter) each forward kernel's launch with the setting on
-    raises, naming it — none launches without the wait, none ignores the setting — and runs
-    with it off."""
+    """On the CPU (Triton's interpreter) each launch site — the forward's kernels and the
+    input-VJP's — raises with the setting on, naming it (none launches without the wait,
+    none ignores the setting), and runs with it off."""
     from ate_fast.models import block_epilogues_triton as fb
     from ate_fast.models.skinny_gemm_triton import skinny_gemm
 
     q_lin, kv_lin = torch.randn(1, 6, 4 * 8), torch.randn(1, 6, 2 * 2 * 8)
     table = torch.randn(6, 8)
+    dm, rows = torch.randn(6, 48), torch.randn(6, 32)
+    dq, dkv = torch.randn(1, 2, 6 * 2, 8), torch.randn(1, 2, 6, 8)
     calls = {
         "gated_gelu": lambda: fb.gated_gelu(torch.randn(6, 2 * 48), False),
         "folded-norm gated_gelu": lambda: fb.gated_gelu(
@@ -46,6 +48,11 @@ def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
         ),
         "rotate_qkv": lambda: fb.rotate_qkv(q_lin, kv_lin, table, table, None, 4, 2),
         "softmax": lambda: fb.softmax(torch.randn(2, 4, 20), 0.5, torch.float32),
+        "gelu_gate_backward": lambda: fb.gelu_gate_backward(dm, dm, dm, dm),
+        "rms_norm_vjp": lambda: fb.rms_norm_vjp(rows, rows, rows[0], 1e-6, rows),
+        "softmax_backward": lambda: fb.softmax_backward(rows, rows, 0.5),
+        "softmax_grad": lambda: fb.softmax_grad(rows.softmax(-1), rows, 0.5),
+        "unrotate_pack": lambda: fb.unrotate_pack(dq, dkv, dkv, table, table),
         "skinny_gemm": lambda: skinny_gemm(
             torch.randn(5, 64), torch.randn(32, 64), None, None, 16, 2
         ),
@@ -90,3 +97,32 @@ def test_captured_pi0_sampler_is_bit_equal_with_pdl(monkeypatch):
         return
     for i, got in enumerate(actions("on")):
         assert torch.equal(got, plain[i]), f"replay {i}"
+
+
+@pytest.mark.cuda
+def test_pi0_input_vjp_is_bit_equal_with_pdl(monkeypatch):
+    """Real-time chunking's pullback through π0's expert (2 blocks, bf16, B = 1; the
+    input-VJP's epilogues and the gemm attention's kept probabilities on Triton): with
+    ``ATE_FAST_TRITON_PDL=on`` the forward's output and the pullback of two cotangents,
+    each twice in turn, equal the plain launches' to the bit."""
+    from ate_fast.ops import triton_pdl
+
+    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "gemm")
+    monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
+    head, cache, x, t, u = pi0_on_cuda(2)
+    head.eval().requires_grad_(False)
+    cotangents = [u, torch.randn_like(u)]
+
+    def run(pdl: str) -> list:
+        monkeypatch.setenv(pdl_setting.ENV_VAR, pdl)
+        with torch.no_grad():
+            out, pullback = head.forward_with_vjp(x, t, cache)
+            return [out] + [pullback(cotangents[i % 2]).clone() for i in range(4)]
+
+    plain = run("off")
+    if not triton_pdl.available(x.device):
+        with pytest.raises(InvalidArgumentError, match="ATE_FAST_TRITON_PDL=on"):
+            run("on")
+        return
+    for i, (got, want) in enumerate(zip(run("on"), plain)):
+        assert torch.equal(got, want), f"output {i}"

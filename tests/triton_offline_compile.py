@@ -317,9 +317,11 @@ def flow_block_variants(target) -> int:
 
 
 def _flow_block_pdl_variants(target, options: dict) -> int:
-    """The forward's epilogues (rotation, gated GELU, the gemm attention's softmax) with
-    programmatic dependent launch, bf16 at π0's sizes: launched with the attribute, every
-    load after the grid-dependency wait (:func:`_check_pdl_order`)."""
+    """The epilogues with programmatic dependent launch, bf16 at π0's sizes: the forward's
+    (rotation, gated GELU, the gemm attention's softmax) and the input-VJP's (the gated
+    GELU's backward, the RMSNorm VJP, the softmax backward and its gradient from kept
+    probabilities, the unrotation); launched with the attribute, every load after the
+    grid-dependency wait (:func:`_check_pdl_order`)."""
     pdl_options = {**options, **triton_pdl.launch_options(True)}
 
     def bf16(name):
@@ -338,6 +340,13 @@ def _flow_block_pdl_variants(target, options: dict) -> int:
         (fb._softmax_kernel, {"BLOCK": 1024, "HAS_BIAS": bias},
          lambda name: "fp32" if name == "s_ptr" else "bf16", {"scale": "fp32"})
         for bias in (False, True)
+    ] + [
+        (fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK}, bf16, {}),
+        (fb._rms_norm_vjp_kernel, {"HAS_W": True, "HAS_R": True, "BLOCK": 1024}, bf16,
+         {"eps": "fp32"}),
+        (fb._softmax_backward_kernel, {"BLOCK": 1024}, bf16, {"scale": "fp32"}),
+        (fb._softmax_grad_kernel, {"BLOCK": 1024}, bf16, {"scale": "fp32"}),
+        (fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": 256}, bf16, {}),
     ]  # fmt: skip
     for kernel, constexprs, types, scalars in variants:
         compiled = _compile_spill_free(kernel, {**constexprs, "PDL": True}, types, scalars,
@@ -356,20 +365,23 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
     def typed(name, d=store):
         return d
 
-    _compile_spill_free(fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK}, typed, {},
+    _compile_spill_free(fb._gelu_gate_backward_kernel, {"BLOCK": fb.GELU_BLOCK, "PDL": False},
+                        typed, {},
                         target, store, options)  # fmt: skip
     for has_w, has_r, block in itertools.product((True, False), (True, False), (256, 1024)):
         _compile_spill_free(
-            fb._rms_norm_vjp_kernel, {"HAS_W": has_w, "HAS_R": has_r, "BLOCK": block}, typed,
+            fb._rms_norm_vjp_kernel,
+            {"HAS_W": has_w, "HAS_R": has_r, "BLOCK": block, "PDL": False}, typed,
             {"eps": "fp32"}, target, f"{store} HAS_W={has_w} HAS_R={has_r} BLOCK={block}",
             options,
         )  # fmt: skip
     for block in (128, 1024):
-        _compile_spill_free(fb._softmax_backward_kernel, {"BLOCK": block}, typed,
+        _compile_spill_free(fb._softmax_backward_kernel, {"BLOCK": block, "PDL": False}, typed,
                             {"scale": "fp32"}, target, f"{store} BLOCK={block}",
                             options)  # fmt: skip
     for block_d in (64, 256):
-        _compile_spill_free(fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": block_d},
+        _compile_spill_free(fb._unrotate_pack_kernel,
+                            {"ROWS": fb.ROWS, "BLOCK_D": block_d, "PDL": False},
                             typed, {}, target, f"{store} BLOCK_D={block_d}", options)  # fmt: skip
     # the gemm attention's softmax: float32 scores (float64 for float64 data) in, p stored
     # (and a padded prefix's additive mask, in the head's dtype)
@@ -380,7 +392,8 @@ def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
                             {"scale": "fp32"}, target, f"{store} BLOCK={block} HAS_BIAS={bias}",
                             options)  # fmt: skip
     for block in (128, 1024):  # its gradient from the probabilities the forward kept
-        _compile_spill_free(fb._softmax_grad_kernel, {"BLOCK": block}, typed, {"scale": "fp32"},
+        _compile_spill_free(fb._softmax_grad_kernel, {"BLOCK": block, "PDL": False}, typed,
+                            {"scale": "fp32"},
                             target, f"{store} BLOCK={block}", options)  # fmt: skip
     count += 1 + 8 + 2 + 2 + 4 + 2
     return count

@@ -403,11 +403,13 @@ def gated_gelu(
 @triton.jit
 def _gelu_gate_backward_kernel(
     dm_ptr, gate_ptr, up_ptr, act_ptr, out_ptr, n, mlp, gate_sr, up_sr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # dm, act [M, F] contiguous; gate, up rows of stride gate_sr / up_sr; out [M, 2F]:
     # [dm·up·gelu'(gate) | dm·act]. gelu'(g) = s + 2g·s(1−s)·√(2/π)(1 + 3·0.044715 g²),
     # s = sigmoid(2z) (= (1 + tanh z)/2).
+    if PDL:
+        pdl_wait()
     e = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ok = e < n
     row, col = e // mlp, e % mlp
@@ -431,9 +433,10 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
     mlp = dm.shape[-1]
     out = dm.new_empty(*dm.shape[:-1], 2 * mlp)
     n = dm.numel()
+    pdl = triton_pdl.for_device(dm.device)
     _gelu_gate_backward_kernel[(triton.cdiv(n, GELU_BLOCK),)](
         dm, gate, up, act, out, n, mlp, gate.stride(-2), up.stride(-2),
-        BLOCK=GELU_BLOCK, num_warps=NUM_WARPS,
+        BLOCK=GELU_BLOCK, PDL=pdl, num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
     )  # fmt: skip
     return out
 
@@ -441,10 +444,12 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
 @triton.jit
 def _rms_norm_vjp_kernel(
     g_ptr, x_ptr, w_ptr, r_ptr, out_ptr, width, eps,
-    HAS_W: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # one program per row: out = r + rstd·(g⊙w − x̂·mean(g⊙w⊙x̂)), x̂ = x·rstd,
     # rstd = 1/√(mean(x²) + eps); rows contiguous
+    if PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < width
@@ -472,9 +477,11 @@ def rms_norm_vjp(
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     w = weight if weight is not None else x
     r = residual if residual is not None else x
+    pdl = triton_pdl.for_device(x.device)
     _rms_norm_vjp_kernel[(x.numel() // width,)](
         grad, x, w, r, out, width, eps, HAS_W=weight is not None, HAS_R=residual is not None,
-        BLOCK=triton.next_power_of_2(width), num_warps=NUM_WARPS,
+        BLOCK=triton.next_power_of_2(width), PDL=pdl, num_warps=NUM_WARPS,
+        **triton_pdl.launch_options(pdl),
     )  # fmt: skip
     return out
 
@@ -495,10 +502,22 @@ def _row_softmax(s_ptr, row, s_sr, cols, ok, scale):
 
 @triton.jit
 def _softmax_backward_kernel(
-    s_ptr, dp_ptr, p_ptr, ds_ptr, n, s_sr, dp_sr, out_sr, scale, BLOCK: tl.constexpr
+    s_ptr,
+    dp_ptr,
+    p_ptr,
+    ds_ptr,
+    n,
+    s_sr,
+    dp_sr,
+    out_sr,
+    scale,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # one program per row of scores s [R, n] (rows of stride s_sr, dp's dp_sr, the outputs'
     # out_sr): p = softmax(s·scale) (stored) and ds = p⊙(dp − Σ p⊙dp)·scale
+    if PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -530,9 +549,13 @@ def _softmax_kernel(
 
 
 @triton.jit
-def _softmax_grad_kernel(p_ptr, dp_ptr, ds_ptr, n, p_sr, dp_sr, ds_sr, scale, BLOCK: tl.constexpr):
+def _softmax_grad_kernel(
+    p_ptr, dp_ptr, ds_ptr, n, p_sr, dp_sr, ds_sr, scale, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
     # one program per row of probabilities p [R, n] (kept by the forward): the scores'
     # gradient ds = p⊙(dp − Σ p⊙dp)·scale
+    if PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -551,9 +574,11 @@ def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:
     p_rows, dp_rows = _as_rows(p), _as_rows(dp)
     ds = aligned_rows(p.shape, p)
     ds_rows = ds.view(-1, n)
+    pdl = triton_pdl.for_device(p.device)
     _softmax_grad_kernel[(p_rows.shape[0],)](
         p_rows, dp_rows, ds_rows, n, p_rows.stride(0), dp_rows.stride(0), ds_rows.stride(0),
-        scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+        scale, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=NUM_WARPS,
+        **triton_pdl.launch_options(pdl),
     )  # fmt: skip
     return ds
 
@@ -605,9 +630,11 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
     s_rows, dp_rows = _as_rows(scores), _as_rows(dp)
     p, ds = aligned_rows(scores.shape, scores), aligned_rows(scores.shape, scores)
     p_rows, ds_rows = p.view(-1, n), ds.view(-1, n)
+    pdl = triton_pdl.for_device(scores.device)
     _softmax_backward_kernel[(s_rows.shape[0],)](
         s_rows, dp_rows, p_rows, ds_rows, n, s_rows.stride(0), dp_rows.stride(0),
-        p_rows.stride(0), scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+        p_rows.stride(0), scale, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=NUM_WARPS,
+        **triton_pdl.launch_options(pdl),
     )  # fmt: skip
     return p, ds
 
@@ -616,12 +643,14 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
 def _unrotate_pack_kernel(
     dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqo_ptr, dkvo_ptr,
     horizon, heads, kv_heads, head_dim, table_offset, table_sb, q_rows, kv_rows, dq_sr, dkv_sr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # dq [B, kv_heads, H·heads/kv_heads, hd] (rows (token, query head)), dk, dv
     # [B, kv_heads, H, hd] (contiguous) -> dq [B, H, heads·hd] unrotated and
     # [dk unrotated | dv] [B, H, 2·kv_heads·hd]: the projections' layouts, rows of stride
     # dq_sr / dkv_sr (two buffers, or the column ranges of one fused projection's)
+    if PDL:
+        pdl_wait()
     pid = tl.program_id(0)
     q_progs = tl.cdiv(q_rows, ROWS)
     cols, swap, col_ok = _head_columns(head_dim, BLOCK_D)
@@ -688,10 +717,11 @@ def unrotate_pack(
         dqo, dkvo = out.split([heads * head_dim, 2 * kv_heads * head_dim], dim=-1)
     q_rows, kv_rows = batch * heads * horizon, batch * kv_heads * horizon
     grid = (triton.cdiv(q_rows, ROWS) + triton.cdiv(kv_rows, ROWS),)
+    pdl = triton_pdl.for_device(dq.device)
     _unrotate_pack_kernel[grid](
         dq, dk, dv, cos, sin, dqo, dkvo, horizon, heads, kv_heads, head_dim,
         cos.shape[-2] - horizon, _table_rows(cos), q_rows, kv_rows, dqo.stride(1),
-        dkvo.stride(1), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=NUM_WARPS,
+        dkvo.stride(1), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl,
+        num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
     )  # fmt: skip
     return dqo, dkvo
