@@ -160,7 +160,8 @@ def sm_count(device: torch.device) -> int:
     """The SMs the auto split fills: the GPU's, or :data:`INTERPRETER_SMS` on the CPU."""
     if device.type != "cuda":
         return INTERPRETER_SMS
-    return _cuda_sm_count(torch.device(device).index or torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
 
 
 @functools.cache
