@@ -132,8 +132,7 @@ def _fused_mlp() -> str:
 
 
 def _skinny_gemm() -> str:
-    """The block GEMMs' path at few rows, with the Triton kernel's column tile, K split
-    and launch."""
+    """The block GEMMs' path at few rows, with the Triton kernel's column tile and K split."""
     if skinny_gemm.selected_path() != "triton":
         return skinny_gemm.selected_path()
     split = skinny_gemm.split_k() or "auto"

@@ -278,7 +278,6 @@ def rotate_qkv(
     else:
         k, v = out
     pk, pv = prefix if prefix is not None else (k, v)  # unread when L = 0
-    pdl = triton_pdl.for_device(q_lin.device)
     q_rows, kv_rows, p_rows = batch * heads * horizon, batch * kv_heads * horizon, 0
     if prefix is not None and out is None:  # the prefix's rows (already in out's)
         p_rows = batch * kv_heads * length
@@ -289,8 +288,8 @@ def rotate_qkv(
         q_lin.stride(1), kv_lin.stride(1), pk.stride(0), pk.stride(1), pk.stride(2),
         pv.stride(0), pv.stride(1), pv.stride(2),
         *_norm_args(norm, q_lin), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
-        NORM=norm is not None, CHUNK=_chunk(norm), PDL=pdl, num_warps=NUM_WARPS,
-        **triton_pdl.launch_options(pdl),
+        NORM=norm is not None, CHUNK=_chunk(norm), num_warps=NUM_WARPS,
+        **triton_pdl.launch_kwargs(q_lin.device),
     )  # fmt: skip
     return q, k, v
 
@@ -382,19 +381,18 @@ def gated_gelu(
     shape = (*gate_up.shape[:-1], mlp)
     out = gate_up.new_empty(shape)
     act = gate_up.new_empty(shape) if save_act else out  # unwritten when not saved
-    pdl = triton_pdl.for_device(gate_up.device)
     if norm is None:
         n = out.numel()
         _gated_gelu_kernel[(triton.cdiv(n, GELU_BLOCK),)](
-            gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK, PDL=pdl,
-            num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
+            gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK,
+            num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(gate_up.device),
         )  # fmt: skip
     elif out.numel():
         x, width, eps = _norm_args(norm, gate_up)
         block = min(triton.next_power_of_2(mlp), GELU_BLOCK)
         _norm_gated_gelu_kernel[(out.numel() // mlp, triton.cdiv(mlp, block))](
             gate_up, x, out, act, mlp, width, eps, SAVE_ACT=save_act, BLOCK=block,
-            CHUNK=_chunk(norm), PDL=pdl, num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
+            CHUNK=_chunk(norm), num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(gate_up.device),
         )  # fmt: skip
     return out, act if save_act else None
 
@@ -433,10 +431,9 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
     mlp = dm.shape[-1]
     out = dm.new_empty(*dm.shape[:-1], 2 * mlp)
     n = dm.numel()
-    pdl = triton_pdl.for_device(dm.device)
     _gelu_gate_backward_kernel[(triton.cdiv(n, GELU_BLOCK),)](
         dm, gate, up, act, out, n, mlp, gate.stride(-2), up.stride(-2),
-        BLOCK=GELU_BLOCK, PDL=pdl, num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
+        BLOCK=GELU_BLOCK, num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(dm.device),
     )  # fmt: skip
     return out
 
@@ -477,11 +474,10 @@ def rms_norm_vjp(
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     w = weight if weight is not None else x
     r = residual if residual is not None else x
-    pdl = triton_pdl.for_device(x.device)
     _rms_norm_vjp_kernel[(x.numel() // width,)](
         grad, x, w, r, out, width, eps, HAS_W=weight is not None, HAS_R=residual is not None,
-        BLOCK=triton.next_power_of_2(width), PDL=pdl, num_warps=NUM_WARPS,
-        **triton_pdl.launch_options(pdl),
+        BLOCK=triton.next_power_of_2(width), num_warps=NUM_WARPS,
+        **triton_pdl.launch_kwargs(x.device),
     )  # fmt: skip
     return out
 
@@ -502,18 +498,9 @@ def _row_softmax(s_ptr, row, s_sr, cols, ok, scale):
 
 @triton.jit
 def _softmax_backward_kernel(
-    s_ptr,
-    dp_ptr,
-    p_ptr,
-    ds_ptr,
-    n,
-    s_sr,
-    dp_sr,
-    out_sr,
-    scale,
-    BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
-):
+    s_ptr, dp_ptr, p_ptr, ds_ptr, n, s_sr, dp_sr, out_sr, scale,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
     # one program per row of scores s [R, n] (rows of stride s_sr, dp's dp_sr, the outputs'
     # out_sr): p = softmax(s·scale) (stored) and ds = p⊙(dp − Σ p⊙dp)·scale
     if PDL:
@@ -574,11 +561,10 @@ def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:
     p_rows, dp_rows = _as_rows(p), _as_rows(dp)
     ds = aligned_rows(p.shape, p)
     ds_rows = ds.view(-1, n)
-    pdl = triton_pdl.for_device(p.device)
     _softmax_grad_kernel[(p_rows.shape[0],)](
         p_rows, dp_rows, ds_rows, n, p_rows.stride(0), dp_rows.stride(0), ds_rows.stride(0),
-        scale, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=NUM_WARPS,
-        **triton_pdl.launch_options(pdl),
+        scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+        **triton_pdl.launch_kwargs(p.device),
     )  # fmt: skip
     return ds
 
@@ -598,11 +584,10 @@ def softmax(
     p = aligned_rows(scores.shape, scores.new_empty((), dtype=dtype))
     p_rows = p.view(-1, n)
     b_rows = s_rows if bias is None else _as_rows(bias)  # (unread without a bias)
-    pdl = triton_pdl.for_device(scores.device)
     _softmax_kernel[(s_rows.shape[0],)](
         s_rows, b_rows, p_rows, n, s_rows.stride(0), b_rows.stride(0), p_rows.stride(0),
-        per_bias, scale, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n), PDL=pdl,
-        num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
+        per_bias, scale, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n),
+        num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(scores.device),
     )  # fmt: skip
     return p
 
@@ -630,11 +615,10 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
     s_rows, dp_rows = _as_rows(scores), _as_rows(dp)
     p, ds = aligned_rows(scores.shape, scores), aligned_rows(scores.shape, scores)
     p_rows, ds_rows = p.view(-1, n), ds.view(-1, n)
-    pdl = triton_pdl.for_device(scores.device)
     _softmax_backward_kernel[(s_rows.shape[0],)](
         s_rows, dp_rows, p_rows, ds_rows, n, s_rows.stride(0), dp_rows.stride(0),
-        p_rows.stride(0), scale, BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=NUM_WARPS,
-        **triton_pdl.launch_options(pdl),
+        p_rows.stride(0), scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+        **triton_pdl.launch_kwargs(scores.device),
     )  # fmt: skip
     return p, ds
 
@@ -717,11 +701,10 @@ def unrotate_pack(
         dqo, dkvo = out.split([heads * head_dim, 2 * kv_heads * head_dim], dim=-1)
     q_rows, kv_rows = batch * heads * horizon, batch * kv_heads * horizon
     grid = (triton.cdiv(q_rows, ROWS) + triton.cdiv(kv_rows, ROWS),)
-    pdl = triton_pdl.for_device(dq.device)
     _unrotate_pack_kernel[grid](
         dq, dk, dv, cos, sin, dqo, dkvo, horizon, heads, kv_heads, head_dim,
         cos.shape[-2] - horizon, _table_rows(cos), q_rows, kv_rows, dqo.stride(1),
-        dkvo.stride(1), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl,
-        num_warps=NUM_WARPS, **triton_pdl.launch_options(pdl),
+        dkvo.stride(1), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(dq.device),
     )  # fmt: skip
     return dqo, dkvo

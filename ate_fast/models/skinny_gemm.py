@@ -17,8 +17,8 @@ columns, 32 programs at 32 columns on 132 SMs, each streaming its strip of the w
 alone. The auto split gives every projection short of one program per SM about two per SM
 (o, down: 8 slices; q|kv, 80 tiles: 4) and a second, small kernel sums the slices' float
 partials in order (deterministic) with the bias and residual; gate|up (256 tiles) stays
-whole. **The split
-has not run on a GPU**; ``ATE_FAST_SKINNY_GEMM_SPLIT_K=1`` is the kernel measured above.
+whole. **The split has not run on a GPU**; ``ATE_FAST_SKINNY_GEMM_SPLIT_K=1`` is the kernel
+measured above.
 It stays an option, a tuner choice and an A/B row (``ate_capture_skinny_gemm_n16``).
 
 Like the block's Triton epilogues (:mod:`ate_fast.models.block_epilogues`), the kernel has

@@ -209,7 +209,7 @@ def skinny_gemm(
     n_tiles = triton.cdiv(n, block_n)
     splits, k_per_split = k_splits(n_tiles, k, bk, split_k, sm_count(x.device))
     c = accumulator_type(x.dtype)
-    pdl = triton_pdl.for_device(x.device)
+    pdl = triton_pdl.launch_kwargs(x.device)  # the PDL constexpr and its launch keyword
     ws = y
     if splits > 1:
         ws = torch.empty((splits, rows, n), dtype=compute_dtype(x.dtype), device=x.device)
@@ -219,16 +219,16 @@ def skinny_gemm(
         # split: the sum kernel adds bias and residual (one compiled variant with or without)
         HAS_BIAS=splits == 1 and bias is not None,
         HAS_RESIDUAL=splits == 1 and residual is not None, EVEN_K=k % bk == 0,
-        SPLIT=splits > 1, C=c, INTERPRETED=x.device.type == "cpu", PDL=pdl,
+        SPLIT=splits > 1, C=c, INTERPRETED=x.device.type == "cpu",
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk, LINE=line_elements(x.dtype),
         num_warps=WARPS_BY_BLOCK_N[block_n], num_stages=STAGES_BY_BLOCK_N[block_n],
-        **triton_pdl.launch_options(pdl),
+        **pdl,
     )  # fmt: skip
     if splits > 1:
         _split_sum_kernel[(triton.cdiv(rows * n, SUM_BLOCK),)](
             ws, y if bias is None else bias, y if residual is None else residual, y,
             rows * n, n, splits,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, C=c, PDL=pdl,
-            BLOCK=SUM_BLOCK, num_warps=4, **triton_pdl.launch_options(pdl),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, C=c,
+            BLOCK=SUM_BLOCK, num_warps=4, **pdl,
         )  # fmt: skip
     return y

@@ -6,8 +6,8 @@ running: it must wait (``gdc_wait``, :func:`wait`) before it reads what that ker
 or writes what it reads, and may do only independent work before — reading weights, which
 nothing in a step writes. Its predecessor lets it start early by calling
 ``gdc_launch_dependents``. So the launch flag and the wait in the kernel go together: a
-kernel takes a ``PDL`` constexpr that puts the wait in, and is launched with
-:func:`launch_options` of the same decision — never one without the other.
+kernel takes a ``PDL`` constexpr that puts the wait in, and both that constexpr and the
+launch keyword come from one call, :func:`launch_kwargs` — never one without the other.
 
 Waiting is transitive (the predecessor ends only after its own wait), so a PDL kernel sees
 everything before it in the stream done once its wait returns. In a CUDA graph, stream
@@ -84,6 +84,13 @@ def _where(device: torch.device) -> str:
 def launch_options(pdl: bool) -> dict:
     """The launch keywords of a kernel compiled with ``PDL=pdl``."""
     return {"launch_pdl": True} if pdl else {}
+
+
+def launch_kwargs(device: torch.device) -> dict:
+    """A launch's ``PDL`` constexpr and its launch keyword, from one :func:`for_device`
+    decision: ``kernel[grid](..., **launch_kwargs(x.device))``."""
+    pdl = for_device(device)
+    return {"PDL": pdl, **launch_options(pdl)}
 
 
 @triton.jit
