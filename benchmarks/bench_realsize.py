@@ -80,6 +80,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   kernels and the Triton epilogues launched with programmatic dependent launch
   (``ate_fast.ops.triton_pdl``; Hopper and later, so not in the dry run); against
   ``…_split_k``, what overlapping each kernel's start with the one before saves.
+- ``ate_capture_skinny_gemm_split_kv_pdl``: ``…_pdl`` with the attention on the split-key
+  kernels (``ATE_FAST_PREFIX_ATTENTION=split_kv``), which PDL launches too: every kernel of
+  a block on Triton, each starting while the one before it ends; against ``…_pdl`` and
+  ``ate_capture_split_kv_attention``.
 - ``ate_capture_split_kv_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided)
   with ``ATE_FAST_PREFIX_ATTENTION=split_kv``: each block's attention on the split-key
   Triton kernels (``ate_fast.models.split_kv_attention``) instead of SDPA; its A/B.
@@ -266,10 +270,14 @@ OTHER_EPILOGUES_ROW = EPILOGUES_ROW if DRY_RUN else TORCH_EPILOGUES_ROW
 # split and launched with programmatic dependent launch (ATE_FAST_TRITON_PDL: the
 # epilogues and softmax too; sm_90 and later — not in the CPU's dry run)
 SKINNY_PDL_ROW = "ate_capture_skinny_gemm_pdl"
+# ... and the attention on the split-key kernels too: every kernel of a block on Triton,
+# each launched with PDL (ATE_FAST_PREFIX_ATTENTION=split_kv)
+BLOCK_PDL_ROW = "ate_capture_skinny_gemm_split_kv_pdl"
+PDL_ROWS = (SKINNY_PDL_ROW, BLOCK_PDL_ROW)
 SKINNY_ROWS = {
     "ate_capture_skinny_gemm_n16": 16,
     "ate_capture_skinny_gemm_split_k": 32,
-    **({} if DRY_RUN else {SKINNY_PDL_ROW: 32}),
+    **({} if DRY_RUN else dict.fromkeys(PDL_ROWS, 32)),
 }
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
 # split-key kernels instead of SDPA (B = 1 unguided and rtc-guided)
@@ -348,7 +356,8 @@ ROW_ENV = {
     FUSED_MLP_FOLDED_ROW: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FLOW_EPILOGUES": "triton"},
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n),
              "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto",
-             "ATE_FAST_TRITON_PDL": "on" if row == SKINNY_PDL_ROW else "off"}
+             "ATE_FAST_TRITON_PDL": "on" if row in PDL_ROWS else "off",
+             **({"ATE_FAST_PREFIX_ATTENTION": "split_kv"} if row == BLOCK_PDL_ROW else {})}
        for row, block_n in SKINNY_ROWS.items()},
 }  # fmt: skip
 BASELINE = "compile_max_autotune"

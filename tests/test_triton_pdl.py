@@ -1,8 +1,8 @@
-"""Programmatic dependent launch of the flow-transformer block's Triton kernels
-(``ATE_FAST_TRITON_PDL``, ``ate_fast.ops.triton_pdl``): the setting, refused at every
-launch site where there is none (the CPU here), and on a Hopper GPU a captured π0 sampler
-bit-equal with and without it. That each PDL kernel waits before it reads is checked on its
-PTX (``tests/triton_offline_compile.py``)."""
+"""Programmatic dependent launch of the flow-transformer block's Triton kernels and the
+split-key attention's (``ATE_FAST_TRITON_PDL``, ``ate_fast.ops.triton_pdl``): the setting,
+refused at every launch site where there is none (the CPU here), and on a Hopper GPU a
+captured π0 sampler bit-equal with and without it. That each PDL kernel waits before it
+reads is checked on its PTX (``tests/triton_offline_compile.py``)."""
 
 from __future__ import annotations
 
@@ -35,12 +35,15 @@ def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
     input-VJP's — raises with the setting on, naming it (none launches without the wait,
     none ignores the setting), and runs with it off."""
     from ate_fast.models import block_epilogues_triton as fb
+    from ate_fast.models import split_kv_attention_triton as sk
     from ate_fast.models.skinny_gemm_triton import skinny_gemm
+    from ate_fast.models.split_kv_attention import Tiles
 
     q_lin, kv_lin = torch.randn(1, 6, 4 * 8), torch.randn(1, 6, 2 * 2 * 8)
     table = torch.randn(6, 8)
     dm, rows = torch.randn(6, 48), torch.randn(6, 32)
     dq, dkv = torch.randn(1, 2, 6 * 2, 8), torch.randn(1, 2, 6, 8)
+    q, kv = torch.randn(1, 1, 20, 16), torch.randn(1, 1, 40, 16)
     calls = {
         "gated_gelu": lambda: fb.gated_gelu(torch.randn(6, 2 * 48), False),
         "folded-norm gated_gelu": lambda: fb.gated_gelu(
@@ -56,6 +59,15 @@ def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
         "skinny_gemm": lambda: skinny_gemm(
             torch.randn(5, 64), torch.randn(32, 64), None, None, 16, 2
         ),
+        "split_kv_attention (slices)": lambda: sk.split_kv_attention(
+            q, kv, kv, Tiles(16, 16, splits=3)
+        ),
+        "split_kv_attention (one slice)": lambda: sk.split_kv_attention(
+            q, kv, kv, Tiles(16, 16, splits=1)
+        ),
+        "combine_lse": lambda: sk.combine_lse(
+            torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5), None, 2
+        ),
     }
     for name, call in calls.items():
         monkeypatch.setenv(pdl_setting.ENV_VAR, "on")
@@ -66,18 +78,20 @@ def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_captured_pi0_sampler_is_bit_equal_with_pdl(monkeypatch):
+@pytest.mark.parametrize("attention", ["gemm", "split_kv"])
+def test_captured_pi0_sampler_is_bit_equal_with_pdl(monkeypatch, attention):
     """π0's expert (2 blocks, bf16, B = 1) in a captured flow Euler loop with every block
-    kernel that has a PDL launch on Triton (the few-row GEMM with its K split, the gemm
-    attention's softmax, the rotation and gated-GELU epilogues): with
-    ``ATE_FAST_TRITON_PDL=on`` its actions equal the plain launches' to the bit, replayed
-    on two noises in turn (a kernel reading before its predecessor ended would see the
-    other noise's values). Below compute capability 9.0 the capture is refused."""
+    kernel that has a PDL launch on Triton (the few-row GEMM with its K split, the rotation
+    and gated-GELU epilogues, and the gemm attention's softmax or the split-key attention's
+    two kernels — with the latter every kernel of a block): with ``ATE_FAST_TRITON_PDL=on``
+    its actions equal the plain launches' to the bit, replayed on two noises in turn (a
+    kernel reading before its predecessor ended would see the other noise's values). Below
+    compute capability 9.0 the capture is refused."""
     from ate_fast.ops import triton_pdl
     from ate_fast.sampling import FlowSampler
 
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
-    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", "gemm")
+    monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", attention)
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
     head, cache, x, _, _ = pi0_on_cuda(2)
     head.eval().requires_grad_(False)

@@ -497,8 +497,9 @@ def split_kv_variants(target) -> int:
     kernel (one slice and several) at the default tiles of every storage dtype, for π0's
     head dim (256) and the small head's (64), its combine for 2 to 32 slices, and
     split_sdpa's log-sum-exp combine (2 slices; 16 and a shorter one); spill-free but in
-    float64; in bf16 / fp16, the partial kernel at the other tiles autotune tries."""
-    count = 0
+    float64; in bf16 / fp16, the partial kernel at the other tiles autotune tries; for sm_90
+    also the three launched with programmatic dependent launch (bf16, π0's head dim)."""
+    count = _split_kv_pdl_variants(target) if target.arch >= 90 else 0
     for (store, comp), hd in itertools.product(_STORAGE_COMPUTE, (64, 256)):
         tiles = sk.default_tiles(_TORCH_DTYPE[store], hd)
         c = tl.float64 if comp == "fp64" else tl.float32
@@ -508,7 +509,7 @@ def split_kv_variants(target) -> int:
             compile_one(
                 sk._partial_kernel,
                 {"HD": hd, "BLOCK_Q": tiles.block_q, "BLOCK_K": tiles.block_k, "BLOCK_D": hd,
-                 "C": c, "SINGLE": single, "INTERPRETED": False},
+                 "C": c, "SINGLE": single, "INTERPRETED": False, "PDL": False},
                 stats, {"scale": "fp32"}, target, f"{store} hd={hd} {tiles} single={single}",
                 options, spill_free=store != "fp64",
             )  # fmt: skip
@@ -521,27 +522,58 @@ def split_kv_variants(target) -> int:
                 compile_one(
                     sk._partial_kernel,
                     {"HD": hd, "BLOCK_Q": t.block_q, "BLOCK_K": t.block_k, "BLOCK_D": hd,
-                     "C": c, "SINGLE": t.splits == 1, "INTERPRETED": False},
+                     "C": c, "SINGLE": t.splits == 1, "INTERPRETED": False, "PDL": False},
                     stats, {"scale": "fp32"}, target, f"{store} hd={hd} {t} (autotune's)",
                     {"num_warps": t.warps, "num_stages": t.stages}, spill_free=True,
                 )  # fmt: skip
                 count += 1
         for splits in (2, 32):
             compile_one(
-                sk._combine_kernel, {"HD": hd, "SPLITS": splits, "BLOCK_D": hd}, stats, {},
+                sk._combine_kernel, {"HD": hd, "SPLITS": splits, "BLOCK_D": hd, "PDL": False},
+                stats, {},
                 target, f"{store} hd={hd} splits<={splits}", {"num_warps": 4, "num_stages": 1},
                 spill_free=store != "fp64",
             )  # fmt: skip
         for chunks, rest in ((2, False), (16, True)):  # split_sdpa's log-sum-exp combine
             compile_one(
                 sk._combine_lse_kernel,
-                {"HD": hd, "CHUNKS": chunks, "BLOCK_D": hd, "REST": rest, "C": c},
+                {"HD": hd, "CHUNKS": chunks, "BLOCK_D": hd, "REST": rest, "C": c, "PDL": False},
                 _typed({"l1_ptr", "l2_ptr"}, store, comp), {}, target,
                 f"{store} hd={hd} chunks<={chunks} rest={rest}",
                 {"num_warps": 4, "num_stages": 1}, spill_free=store != "fp64",
             )  # fmt: skip
         count += 6
     return count
+
+
+def _split_kv_pdl_variants(target) -> int:
+    """The split-key attention's kernels launched with programmatic dependent launch, bf16
+    at π0's head dim (256) and default tiles: the partial kernel (one slice and several),
+    its combine and split_sdpa's; the attribute set, every load after the wait
+    (:func:`_check_pdl_order`)."""
+    tiles = sk.default_tiles(torch.bfloat16, 256)
+    stats = _typed({"o_ptr", "m_ptr", "l_ptr"}, "bf16", "fp32")
+    options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
+    variants = [
+        (sk._partial_kernel, {"HD": 256, "BLOCK_Q": tiles.block_q, "BLOCK_K": tiles.block_k,
+                              "BLOCK_D": 256, "C": tl.float32, "SINGLE": single,
+                              "INTERPRETED": False}, stats, {"scale": "fp32"}, options)
+        for single in (False, True)
+    ] + [
+        (sk._combine_kernel, {"HD": 256, "SPLITS": 32, "BLOCK_D": 256}, stats, {},
+         {"num_warps": 4, "num_stages": 1}),
+        (sk._combine_lse_kernel, {"HD": 256, "CHUNKS": 16, "BLOCK_D": 256, "REST": True,
+                                  "C": tl.float32},
+         _typed({"l1_ptr", "l2_ptr"}, "bf16", "fp32"), {}, {"num_warps": 4, "num_stages": 1}),
+    ]  # fmt: skip
+    for kernel, constexprs, types, scalars, launch in variants:
+        compiled = compile_one(
+            kernel, {**constexprs, "PDL": True}, types, scalars, target,
+            f"bf16 {constexprs} PDL", {**launch, **triton_pdl.launch_options(True)},
+            spill_free=True,
+        )  # fmt: skip
+        _check_pdl_order(compiled, True, prefetches=False)
+    return len(variants)
 
 
 def l2_prefetch_variants(target) -> int:

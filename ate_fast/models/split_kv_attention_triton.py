@@ -23,6 +23,11 @@ kernel time (2026-12-04). Here every (block of queries, slice of keys) pair is a
   running max and sum (float32) — or, with one slice, the normalised output itself;
 * :func:`_combine_kernel` — per row, the slices' outputs weighted by ``exp(m_s − M)`` and
   divided by the weighted sums: the softmax over all keys.
+
+With ``ATE_FAST_TRITON_PDL=on`` (Hopper and later, :mod:`ate_fast.ops.triton_pdl`) both, and
+split_sdpa's :func:`_combine_lse_kernel`, are launched with programmatic dependent launch
+and wait before they read: with the few-row GEMM and the epilogues on Triton, a block's
+every kernel then starts while the one before it ends. **Not run on a GPU yet.**
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ate_fast.models.split_kv_attention import Tiles
+from ate_fast.ops import triton_pdl
 from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
+from ate_fast.ops.triton_pdl import wait as pdl_wait
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -72,12 +79,16 @@ def _partial_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, y_ptr, rows, keys, heads, per_split, splits,
     scale, q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr,
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    C: tl.constexpr, SINGLE: tl.constexpr, INTERPRETED: tl.constexpr,
+    C: tl.constexpr, SINGLE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (query block, key slice, sample × head): its queries' softmax-weighted sum of
     the slice's values. ``SINGLE`` (one slice): normalised, into ``y`` [B·heads, rows, HD]
     in the output's dtype; else un-normalised into ``o`` [B·heads, rows, splits, HD] and the
-    rows' max / sum of exp into ``m``, ``l`` [B·heads, rows, splits] (the compute type)."""
+    rows' max / sum of exp into ``m``, ``l`` [B·heads, rows, splits] (the compute type).
+    ``PDL``: launched with programmatic dependent launch (:mod:`ate_fast.ops.triton_pdl`);
+    nothing is read before the wait (the keys' action rows are the previous kernel's)."""
+    if PDL:
+        pdl_wait()
     split, bh = tl.program_id(1), tl.program_id(2)
     b, h = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
     iq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -118,11 +129,14 @@ def _partial_kernel(
 @triton.jit
 def _combine_kernel(
     o_ptr, m_ptr, l_ptr, y_ptr, splits,
-    HD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per row of [B·heads·rows]: its slices' outputs (one load, all slices)
     weighted by ``exp(m_s − M)`` over the weighted sums ``Σ_s exp(m_s − M)·l_s``, into ``y``
-    [B·heads·rows, HD] (the output's dtype); ``SPLITS``: ``splits`` to a power of two."""
+    [B·heads·rows, HD] (the output's dtype); ``SPLITS``: ``splits`` to a power of two.
+    ``PDL``: as :func:`_partial_kernel`'s."""
+    if PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
@@ -142,14 +156,17 @@ def _combine_lse_kernel(
     o1_ptr, l1_ptr, o2_ptr, l2_ptr, y_ptr, rows, kv_heads, chunks,
     o1_sb, o1_sh, o1_sr, l1_sb, l1_sh, l1_sr, o2_sb, o2_sh, o2_sr, l2_sb, l2_sh, l2_sr,
     HD: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, REST: tl.constexpr,
-    C: tl.constexpr,
+    C: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per row of y [B, kv_heads, rows, HD] (contiguous): the normalised
     outputs of ``chunks`` key chunks, ``o1`` [B, kv_heads·chunks, rows, HD] with their
     log-sum-exps ``l1`` [B, kv_heads·chunks, rows] (kv head h's chunks at heads
     h·chunks …), and with ``REST`` one more, ``o2`` [B, kv_heads, rows, HD] / ``l2``,
     weighted by ``exp(l − max l)``: the softmax over all the keys, in ``C`` (float32;
-    float64 for float64 data). Any strides."""
+    float64 for float64 data). Any strides. ``PDL``: as :func:`_partial_kernel`'s (its
+    predecessors, ATen's flash kernels, never let it start early: the wait costs nothing)."""
+    if PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     b, h, i = row // (kv_heads * rows), (row // rows) % kv_heads, row % rows
     s = tl.arange(0, CHUNKS)
@@ -193,6 +210,7 @@ def combine_lse(
         o2.stride(0), o2.stride(1), o2.stride(2), l2.stride(0), l2.stride(1), l2.stride(2),
         HD=hd, CHUNKS=triton.next_power_of_2(chunks), BLOCK_D=max(16, triton.next_power_of_2(hd)),
         REST=rest is not None, C=accumulator_type(o1.dtype), num_warps=4,
+        **triton_pdl.launch_kwargs(o1.device),
     )  # fmt: skip
     return y
 
@@ -232,6 +250,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, tiles: Optional[Tiles] =
     per_split = key_slices(rows, keys, batch * heads, tiles, _sm_count(q.device))
     splits = triton.cdiv(keys, per_split)
     torch_c, c = compute_dtype(q.dtype), accumulator_type(q.dtype)
+    pdl = triton_pdl.launch_kwargs(q.device)  # the PDL constexpr and its launch keyword
     y = torch.empty((batch, heads, rows, hd), dtype=q.dtype, device=q.device)
     o = m = l_sum = y  # unused by the one-slice kernel
     if splits > 1:
@@ -244,11 +263,11 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, tiles: Optional[Tiles] =
         v.stride(0), v.stride(1), v.stride(2),
         HD=hd, BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k, BLOCK_D=block_d, C=c,
         SINGLE=splits == 1, INTERPRETED=q.device.type == "cpu",
-        num_warps=tiles.warps, num_stages=tiles.stages,
+        num_warps=tiles.warps, num_stages=tiles.stages, **pdl,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(batch * heads * rows,)](
             o, m, l_sum, y, splits, HD=hd, SPLITS=triton.next_power_of_2(splits),
-            BLOCK_D=block_d, num_warps=4,
+            BLOCK_D=block_d, num_warps=4, **pdl,
         )  # fmt: skip
     return y
