@@ -132,11 +132,13 @@ def _fused_mlp() -> str:
 
 
 def _skinny_gemm() -> str:
-    """The block GEMMs' path at few rows, with the Triton kernel's column tile and K split."""
+    """The block GEMMs' path at few rows, with the Triton kernel's column tile, K split and
+    where the slices are summed."""
     if skinny_gemm.selected_path() != "triton":
         return skinny_gemm.selected_path()
     split = skinny_gemm.split_k() or "auto"
-    return f"triton (BLOCK_N {skinny_gemm.block_n()}, split K {split})"
+    where = "in-kernel when captured" if skinny_gemm.in_kernel_sum() else "sum kernel"
+    return f"triton (BLOCK_N {skinny_gemm.block_n()}, split K {split}, {where})"
 
 
 def _or_error(read: Callable[[], Any], errors: tuple = (ValueError,)) -> Any:

@@ -76,6 +76,9 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   (``ate_fast.models.skinny_gemm``) with 16- / 32-column tiles and K split in slices where
   the tiles alone leave SMs idle, instead of cuBLAS; its A/B against ``ate_capture`` (H200,
   whole K: slower than cuBLAS at 16, 32 and 64 columns; the split has not run on a GPU).
+- ``ate_capture_skinny_gemm_sum_kernel``: ``…_split_k`` with the slices summed by a second
+  kernel per split GEMM (``ATE_FAST_SKINNY_GEMM_SPLIT_SUM=kernel``) instead of by each
+  tile's last program (the default inside a capture; 54 launches fewer per step): its A/B.
 - ``ate_capture_skinny_gemm_pdl``: ``…_split_k`` with ``ATE_FAST_TRITON_PDL=on``: those
   kernels and the Triton epilogues launched with programmatic dependent launch
   (``ate_fast.ops.triton_pdl``; Hopper and later, so not in the dry run); against
@@ -274,9 +277,13 @@ SKINNY_PDL_ROW = "ate_capture_skinny_gemm_pdl"
 # each launched with PDL (ATE_FAST_PREFIX_ATTENTION=split_kv)
 BLOCK_PDL_ROW = "ate_capture_skinny_gemm_split_kv_pdl"
 PDL_ROWS = (SKINNY_PDL_ROW, BLOCK_PDL_ROW)
+# the split's slices summed by a second kernel (ATE_FAST_SKINNY_GEMM_SPLIT_SUM=kernel), not
+# by each tile's last program as in the other rows (the default inside a capture)
+SUM_KERNEL_ROW = "ate_capture_skinny_gemm_sum_kernel"
 SKINNY_ROWS = {
     "ate_capture_skinny_gemm_n16": 16,
     "ate_capture_skinny_gemm_split_k": 32,
+    SUM_KERNEL_ROW: 32,
     **({} if DRY_RUN else dict.fromkeys(PDL_ROWS, 32)),
 }
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
@@ -357,6 +364,7 @@ ROW_ENV = {
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n),
              "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto",
              "ATE_FAST_TRITON_PDL": "on" if row in PDL_ROWS else "off",
+             "ATE_FAST_SKINNY_GEMM_SPLIT_SUM": "kernel" if row == SUM_KERNEL_ROW else "auto",
              **({"ATE_FAST_PREFIX_ATTENTION": "split_kv"} if row == BLOCK_PDL_ROW else {})}
        for row, block_n in SKINNY_ROWS.items()},
 }  # fmt: skip

@@ -96,6 +96,65 @@ def test_split_k_matches_float64(triton_path, dtype, split, rows, k, n):
     assert len(splits) == 2 and min(count for count, _ in splits) > 1, splits
 
 
+class _Launches:
+    """Stands in for a Triton kernel, counting its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "k", "n", "split"), [(50, 1000, 48, 3), (1, 512, 32, 64)])
+def test_in_kernel_sum_equals_the_sum_kernel(triton_path, dtype, rows, k, n, split):
+    """With counters lent (as a captured graph lends them), each tile's last program sums
+    the slices: no sum kernel launched, the output equal to the sum kernel's to the bit
+    (same order, one rounding) and within the float64 bound, with bias and residual and
+    without, and the counters left zero for the next launch."""
+    from ate_fast.models import skinny_gemm_triton as sgt
+    from ate_fast.ops import split_counters
+
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, str(split))
+    triton_path.setenv(skinny_gemm.BLOCK_N_VAR, "16")
+    x, w, b, r = _operands(rows, k, n, dtype)
+    want = [skinny_gemm.skinny_linear(x, w), skinny_gemm.skinny_linear(x, w, b, r)]
+    counters = split_counters.new_buffer(x.device)
+    sums = _Launches(sgt._split_sum_kernel)
+    with mock.patch.object(sgt, "_split_sum_kernel", sums), split_counters.lend(counters):
+        got = [skinny_gemm.skinny_linear(x, w), skinny_gemm.skinny_linear(x, w, b, r)]
+        assert sums.count == 0
+        triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, "kernel")  # the sum kernel after all
+        kernel_sum = skinny_gemm.skinny_linear(x, w, b, r)
+        assert sums.count == 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(kernel_sum, want[1])
+    _check(got[1], x, w, b, r, dtype)
+    assert not counters.any(), "the counters must be left zero"
+
+
+def test_split_counters_are_lent_to_their_launches_only():
+    """Counters are for launches inside :func:`lend` (nested: the inner ones), on the
+    lender's device, with no more tiles than the buffer counts; None anywhere else."""
+    from ate_fast.ops import split_counters
+
+    cpu = torch.device("cpu")
+    assert split_counters.for_launch(cpu, 1) is None
+    outer, inner = split_counters.new_buffer(cpu), split_counters.new_buffer(cpu)
+    assert outer.dtype == torch.int32 and outer.shape == (split_counters.CAPACITY,)
+    assert not outer.any()
+    with split_counters.lend(outer):
+        assert split_counters.for_launch(cpu, split_counters.CAPACITY) is outer
+        assert split_counters.for_launch(cpu, split_counters.CAPACITY + 1) is None
+        assert split_counters.for_launch(torch.device("meta"), 1) is None
+        with split_counters.lend(inner):
+            assert split_counters.for_launch(cpu, 8) is inner
+        assert split_counters.for_launch(cpu, 8) is outer
+    assert split_counters.for_launch(cpu, 8) is None
+
+
 def test_k_splits():
     """The auto split: whole where the tiles fill the SMs; else about two programs per SM,
     at least two K steps per slice; slices whole steps, equal but the last; an explicit
@@ -188,6 +247,13 @@ def test_settings_are_checked(triton_path):
     assert skinny_gemm.split_k() is None
     triton_path.setenv(skinny_gemm.SPLIT_K_VAR, "8")
     assert skinny_gemm.split_k() == 8
+    triton_path.delenv(skinny_gemm.SPLIT_SUM_VAR, raising=False)
+    assert skinny_gemm.in_kernel_sum() is True
+    triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, " Kernel ")
+    assert skinny_gemm.in_kernel_sum() is False
+    triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, "atomic")
+    with pytest.raises(InvalidArgumentError, match="SPLIT_SUM: expected one of"):
+        skinny_gemm.in_kernel_sum()
 
 
 def test_head_and_captured_sampler_match_torch(triton_path):
@@ -237,16 +303,24 @@ def test_pdl_is_refused_where_there_is_none(triton_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("split", ["1", "auto"])
-def test_pdl_chain_on_cuda(triton_path, split):
+@pytest.mark.parametrize(
+    ("split", "in_kernel_sum"), [("1", False), ("auto", False), ("auto", True)]
+)
+def test_pdl_chain_on_cuda(triton_path, split, in_kernel_sum):
     """π0's four projections back to back (each reads what the one before wrote, o and down
     with the residual), bf16, B = 1, in a CUDA graph replayed 40 times on two inputs in
     turn: launched with programmatic dependent launch the output is bit-equal to the plain
     launches' for each input (a kernel that read before its predecessor ended would see the
-    other input's intermediates). Below compute capability 9.0 the setting is refused."""
-    from ate_fast.ops import pdl_setting, triton_pdl
+    other input's intermediates) — also with the split's slices summed in-kernel on
+    counters the graph shares (a launch that counted before its predecessor ended, or left
+    a count behind, would sum the wrong slices). Below compute capability 9.0 the setting
+    is refused."""
+    import contextlib
+
+    from ate_fast.ops import pdl_setting, split_counters, triton_pdl
 
     triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
+    counters = split_counters.new_buffer(torch.device("cuda"))
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape):
@@ -272,14 +346,51 @@ def test_pdl_chain_on_cuda(triton_path, split):
     x = inputs[0].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+
+    def lent():
+        return split_counters.lend(counters) if in_kernel_sum else contextlib.nullcontext()
+
+    with torch.cuda.stream(stream), lent():
         chain(x)  # warm-up off the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream), lent():
         out = chain(x)
     for i in range(40):
         x.copy_(inputs[i % 2])
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, plain[i % 2]), f"replay {i}"
+    assert not counters.any()
+
+
+@pytest.mark.cuda
+def test_captured_sampler_sums_the_slices_in_kernel_on_cuda(triton_path):
+    """π0's expert (2 blocks, bf16, B = 1) in a captured flow Euler loop on the few-row
+    GEMM with K split: the capture launches no sum kernel (each tile's last program sums)
+    and replays, on two noises in turn, equal to the bit to a capture with
+    ``ATE_FAST_SKINNY_GEMM_SPLIT_SUM=kernel``, whose sum kernels did launch."""
+    from flow_head_paths import pi0_on_cuda
+
+    from ate_fast.models import skinny_gemm_triton as sgt
+    from ate_fast.sampling import FlowSampler
+
+    head, cache, x, _, _ = pi0_on_cuda(2)
+    head.eval().requires_grad_(False)
+    noises = [x.float(), torch.randn_like(x, dtype=torch.float32)]
+
+    def actions(where: str) -> tuple[list, int]:
+        triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, where)
+        sums = _Launches(sgt._split_sum_kernel)
+        with torch.no_grad(), mock.patch.object(sgt, "_split_sum_kernel", sums):
+            captured = FlowSampler(head, 3).capture(noises[0], cache, check_finite=False)
+            launched = sums.count
+        return [captured(noises[i % 2], cache).clone() for i in range(8)], launched
+
+    in_kernel, launched = actions("auto")
+    assert launched == 0
+    separate, launched = actions("kernel")
+    assert launched > 0
+    assert not torch.equal(in_kernel[0], in_kernel[1])
+    for i, (got, want) in enumerate(zip(in_kernel, separate)):
+        assert torch.equal(got, want), f"replay {i}"

@@ -456,11 +456,13 @@ def test_default_choices_exclude_paths_by_name(monkeypatch):
         assert split_kv_attention.tiles_from_env()
     excluded = (f"{ATTN}=split_kv", f"{MLP}=persistent", "ATE_FAST_SKINNY_GEMM=triton")
     assert not any("tiles" in c.name for c in default_choices("cuda", exclude=excluded))
-    options = choices[skinny].options  # other column tiles, with the path
-    assert all(o["ATE_FAST_SKINNY_GEMM"] == "triton" for o in options) and len(options) == 2
-    for option in options:  # each parses, and is not the default (the path's own option)
+    options = choices[skinny].options  # other column tiles, the separate sum; with the path
+    assert all(o["ATE_FAST_SKINNY_GEMM"] == "triton" for o in options) and len(options) == 3
+    for option in options[:2]:  # each parses, and is not the default (the path's own option)
         monkeypatch.setenv(skinny_gemm.BLOCK_N_VAR, option[skinny_gemm.BLOCK_N_VAR])
         assert skinny_gemm.block_n() != skinny_gemm.DEFAULT_BLOCK_N
+    monkeypatch.setenv(skinny_gemm.SPLIT_SUM_VAR, options[2][skinny_gemm.SPLIT_SUM_VAR])
+    assert skinny_gemm.in_kernel_sum() is False  # the default sums in-kernel where captured
     # programmatic dependent launch: its own choice, after the paths (on CUDA only)
     names = [c.name for c in default_choices("cuda")]
     assert names.index("ATE_FAST_TRITON_PDL") > names.index("ATE_FAST_SKINNY_GEMM")

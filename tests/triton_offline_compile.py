@@ -19,6 +19,7 @@ CPU test and still fail to compile, or to launch, on a GPU: this runs the real c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -404,17 +405,27 @@ _SKINNY_EPILOGUES = ((False, False, True), (False, True, True), (True, True, Fal
 # what every launch sees (skinny_gemm.takes): pointers 16-byte aligned, n and k multiples
 # of 16 — the JIT specialises on both, and only then do the loads vectorise and pipeline
 # through shared memory (without, bf16 tiles of 32 columns spill registers)
-_SKINNY_ALIGNED = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "n", "k", "k_per_split")
+_SKINNY_ALIGNED = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "out_ptr", "n", "k",
+                   "k_per_split")  # fmt: skip
+
+
+def _skinny_pointer(store: str, comp: str, split: bool, name: str) -> str:
+    """The few-row GEMM's pointer types: split, ``y`` is the float workspace; the tiles'
+    counters int32; the rest the storage dtype."""
+    if name == "count_ptr":
+        return "i32"
+    return comp if split and name == "y_ptr" else store
 
 
 def skinny_gemm_variants(target) -> int:
     """The few-row GEMM (``ate_fast.models.skinny_gemm_triton``) in every storage dtype and
-    column tile, with and without the residual (and one bias + uneven-K variant each), at
-    the launcher's stages for the tile; its K slices (the float workspace's partials, even
-    K and not), and the slices' sum with each epilogue. For sm_90 also the programmatic
-    dependent launch (bf16 / fp16, every tile, whole and split, and the sum): the weight
-    strip's L2 prefetches come before the grid-dependency wait and every load of x after
-    it (the Orin, sm_87, has no PDL: the launcher never asks for it there)."""
+        column tile, with and without the residual (and one bias + uneven-K variant each), at
+        the launcher's stages for the tile; its K slices (the float workspace's partials, even
+        K and not), the slices summed in-kernel by each tile's last program with each epilogue,
+    and the slices' sum kernel with each epilogue. For sm_90 also the programmatic
+        dependent launch (bf16 / fp16, every tile, whole and split, and the sum): the weight
+        strip's L2 prefetches come before the grid-dependency wait and every load of x after
+        it (the Orin, sm_87, has no PDL: the launcher never asks for it there)."""
     count = 0
     pdl_too = target.arch >= 90
     for (store, comp), block_n in itertools.product(_STORAGE_COMPUTE, sg.STAGES_BY_BLOCK_N):
@@ -424,22 +435,27 @@ def skinny_gemm_variants(target) -> int:
         c = tl.float64 if comp == "fp64" else tl.float32
         options = {"num_warps": sg.WARPS_BY_BLOCK_N[block_n],
                    "num_stages": sg.STAGES_BY_BLOCK_N[block_n]}  # fmt: skip
-        whole = [(b, r, even, False, False) for b, r, even in _SKINNY_EPILOGUES]
-        sliced = [(False, False, True, True, False), (False, False, False, True, False)]
+        # (bias, residual, even K, split, summed in-kernel, PDL)
+        whole = [(b, r, even, False, False, False) for b, r, even in _SKINNY_EPILOGUES]
+        sliced = [
+            (False, False, True, True, False, False),
+            (False, False, False, True, False, False),
+        ]
+        sliced += [(b, r, even, True, True, False) for b, r, even in _SKINNY_EPILOGUES[1:]]
         if pdl_too and dtype.itemsize == 2:
-            whole.append((False, True, True, False, True))
-            sliced.append((False, False, True, True, True))
-        for bias, residual, even, split, pdl in [*whole, *sliced]:
+            whole.append((False, True, True, False, False, True))
+            sliced.append((False, False, True, True, False, True))
+            sliced.append((False, True, True, True, True, True))
+        for bias, residual, even, split, in_kernel, pdl in [*whole, *sliced]:
             compiled = compile_one(
                 sg._skinny_gemm_kernel,
                 {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "EVEN_K": even, "SPLIT": split,
-                 "C": c, "INTERPRETED": False, "PDL": pdl, "BLOCK_M": sg.BLOCK_M,
-                 "BLOCK_N": block_n, "BLOCK_K": sg.block_k(dtype),
+                 "SUM": in_kernel, "C": c, "INTERPRETED": False, "PDL": pdl,
+                 "BLOCK_M": sg.BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": sg.block_k(dtype),
                  "LINE": sg.line_elements(dtype)},
-                lambda name, d=store, c=comp, split=split: c if split and name == "y_ptr" else d,
-                {}, target,
+                functools.partial(_skinny_pointer, store, comp, split), {}, target,
                 f"{store} BLOCK_N={block_n} bias={bias} residual={residual} even_k={even} "
-                f"split={split} pdl={pdl}",
+                f"split={split} sum={in_kernel} pdl={pdl}",
                 {**options, **triton_pdl.launch_options(pdl)}, spill_free=store != "fp64",
                 divisible=_SKINNY_ALIGNED,
             )  # fmt: skip

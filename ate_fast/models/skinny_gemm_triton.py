@@ -13,12 +13,16 @@ One program per ``[BLOCK_M, BLOCK_N]`` output tile and slice of K loops over its
 ``BLOCK_K`` steps (the compiler pipelines the loads, ``num_stages`` deep). Unsplit, the
 bias and the residual are added to the float32 accumulator before the one rounding, as
 ``addmm`` with the residual as C does; split, each slice stores its float partial product
-to a workspace and :func:`_split_sum_kernel` adds the slices in order, then the bias and
-the residual, and rounds once. Tiles are narrow (``BLOCK_N`` 16–128 columns) because at
-B = 1 a weight of 1024 output columns in cuBLAS's 128-wide tiles is read by 8 programs of
-an H200's 132 SMs; at 32 it is read by 32, each streaming its ``32 × K`` slice while the
-rows of x (50 × K, a few hundred KB) come from L2 to every program — and 32 programs are
-still a quarter of the SMs, hence the split (:func:`k_splits`).
+to a workspace and the slices are added in order, then the bias and the residual, and
+rounded once: by :func:`_split_sum_kernel`, or — inside a captured graph, which lends the
+counters (:mod:`ate_fast.ops.split_counters`) — by each tile's last program (the
+kernel's ``SUM``: one launch fewer per split GEMM, 54 per π0 step; never run on a GPU).
+
+Tiles are narrow (``BLOCK_N`` 16–128 columns) because at B = 1 a weight of 1024 output
+columns in cuBLAS's 128-wide tiles is read by 8 programs of an H200's 132 SMs; at 32 it is
+read by 32, each streaming its ``32 × K`` slice while the rows of x (50 × K, a few hundred
+KB) come from L2 to every program — and 32 programs are still a quarter of the SMs, hence
+the split (:func:`k_splits`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ate_fast.ops import triton_pdl
+from ate_fast.ops import split_counters, triton_pdl
 from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
@@ -62,21 +66,35 @@ LINE_BYTES = 128  # an L2 cache line: one prefetch per line of a weight row
 
 
 @triton.jit
+def _epilogue(acc, bias_ptr, res_ptr, y_ptr, rn, n_ok, out, ok,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C: tl.constexpr):  # fmt: skip
+    """``y[out] = acc (+ bias[rn]) (+ res[out])``, rounded once to y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(C)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + out, mask=ok, other=0.0).to(C)
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, rows, n, k, k_per_split,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, out_ptr, count_ptr, rows, n, k, k_per_split,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, SUM: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LINE: tl.constexpr,
 ):  # fmt: skip
     """``y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n]) (+ res[rows, n])``, all row-major
     and contiguous; one program per output tile and slice of K (program id 2:
     ``k_per_split`` of K, a multiple of ``BLOCK_K``). ``SPLIT``: ``y`` is the float
-    workspace ``[splits, rows, n]`` in ``C``, each slice's partial product stored unrounded
-    (:func:`_split_sum_kernel` adds them up); else the whole K and the epilogue. ``PDL``
-    (launched with programmatic dependent launch): the program's weight strip goes to L2
-    (one prefetch per ``LINE`` elements of a row) while the kernel before still runs, and
-    nothing else is touched before :func:`~ate_fast.ops.triton_pdl.wait`."""
+    workspace ``[splits, rows, n]`` in ``C``, each slice's partial product stored unrounded;
+    then either :func:`_split_sum_kernel` adds them up, or (``SUM``) the tile's last program
+    does — counted in ``count_ptr`` (int32, one per tile, zero on entry and left zero:
+    :mod:`ate_fast.ops.split_counters`) — in slice order, as that kernel, with the epilogue,
+    into ``out``; else the whole K and the epilogue into ``y``. ``PDL`` (launched with
+    programmatic dependent launch): the program's weight strip goes to L2 (one prefetch per
+    ``LINE`` elements of a row) while the kernel before still runs, and nothing else is
+    touched before :func:`~ate_fast.ops.triton_pdl.wait`."""
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -104,14 +122,22 @@ def _skinny_gemm_kernel(
     ok = m_ok[:, None] & n_ok[None, :]
     out = rm.to(tl.int64)[:, None] * n + rn[None, :]
     if SPLIT:
-        slice_at = tl.program_id(2).to(tl.int64) * rows * n
-        tl.store(y_ptr + slice_at + out, acc, mask=ok)
+        plane = tl.cast(rows, tl.int64) * n
+        tl.store(y_ptr + tl.program_id(2) * plane + out, acc, mask=ok)
+        if SUM:
+            tl.debug_barrier()  # every thread's stores before the count that publishes them
+            tile = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            splits = tl.num_programs(2)
+            if tl.atomic_add(tile, 1, sem="acq_rel") == splits - 1:  # the last slice in
+                total = tl.zeros((BLOCK_M, BLOCK_N), C)
+                for s in range(0, splits):  # in order: the sum kernel's sum, to the bit
+                    total += tl.load(y_ptr + s * plane + out, mask=ok, other=0.0,
+                                     cache_modifier=".cg")  # fmt: skip
+                _epilogue(total, bias_ptr, res_ptr, out_ptr, rn, n_ok, out, ok,
+                          HAS_BIAS, HAS_RESIDUAL, C)  # fmt: skip
+                tl.atomic_xchg(tile, 0)  # zero again for the next launch
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(C)[None, :]
-        if HAS_RESIDUAL:
-            acc += tl.load(res_ptr + out, mask=ok, other=0.0).to(C)
-        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        _epilogue(acc, bias_ptr, res_ptr, y_ptr, rn, n_ok, out, ok, HAS_BIAS, HAS_RESIDUAL, C)
 
 
 @triton.jit
@@ -194,12 +220,15 @@ def skinny_gemm(
     residual: Optional[Tensor],
     block_n: int,
     split_k: Optional[int] = None,
+    in_kernel_sum: bool = True,
 ) -> Tensor:
     """``x`` [rows, K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [rows, N]) ->
     [rows, N] in x's dtype; every tensor contiguous, on one device, in one dtype (the
     caller, :func:`ate_fast.models.skinny_gemm.skinny_linear`, checks). ``split_k``: K's
     slices (:func:`k_splits`; None: by the SM count); with more than one, the partial
-    products go to a float workspace [splits, rows, N] and a second kernel sums them.
+    products go to a float workspace [splits, rows, N], summed by each tile's last program
+    where ``in_kernel_sum`` and counters are lent (:func:`ate_fast.ops.split_counters.for_launch`:
+    inside a captured graph), else by a second kernel — the same sums to the bit.
     ``$ATE_FAST_TRITON_PDL=on``: both kernels launched with programmatic dependent launch
     (:func:`ate_fast.ops.triton_pdl.for_device`: raises where the GPU or Triton has none)."""
     rows, k = x.shape
@@ -210,21 +239,25 @@ def skinny_gemm(
     splits, k_per_split = k_splits(n_tiles, k, bk, split_k, sm_count(x.device))
     c = accumulator_type(x.dtype)
     pdl = triton_pdl.launch_kwargs(x.device)  # the PDL constexpr and its launch keyword
-    ws = y
+    ws = counts = None
+    grid = (n_tiles, triton.cdiv(rows, BLOCK_M), splits)
     if splits > 1:
         ws = torch.empty((splits, rows, n), dtype=compute_dtype(x.dtype), device=x.device)
-    _skinny_gemm_kernel[(n_tiles, triton.cdiv(rows, BLOCK_M), splits)](
-        x, weight, y if bias is None else bias, y if residual is None else residual, ws,
-        rows, n, k, k_per_split,
-        # split: the sum kernel adds bias and residual (one compiled variant with or without)
-        HAS_BIAS=splits == 1 and bias is not None,
-        HAS_RESIDUAL=splits == 1 and residual is not None, EVEN_K=k % bk == 0,
-        SPLIT=splits > 1, C=c, INTERPRETED=x.device.type == "cpu",
+        if in_kernel_sum:
+            counts = split_counters.for_launch(x.device, grid[0] * grid[1])
+    # a split with a separate sum: that kernel adds bias and residual (one compiled variant)
+    epilogue = splits == 1 or counts is not None
+    _skinny_gemm_kernel[grid](
+        x, weight, y if bias is None else bias, y if residual is None else residual,
+        y if ws is None else ws, y, y if counts is None else counts, rows, n, k, k_per_split,
+        HAS_BIAS=epilogue and bias is not None, HAS_RESIDUAL=epilogue and residual is not None,
+        EVEN_K=k % bk == 0, SPLIT=splits > 1, SUM=counts is not None, C=c,
+        INTERPRETED=x.device.type == "cpu",
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk, LINE=line_elements(x.dtype),
         num_warps=WARPS_BY_BLOCK_N[block_n], num_stages=STAGES_BY_BLOCK_N[block_n],
         **pdl,
     )  # fmt: skip
-    if splits > 1:
+    if ws is not None and counts is None:
         _split_sum_kernel[(triton.cdiv(rows * n, SUM_BLOCK),)](
             ws, y if bias is None else bias, y if residual is None else residual, y,
             rows * n, n, splits,

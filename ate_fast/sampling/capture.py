@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance
+from ate_fast.ops import split_counters
 from ate_fast.sampling.finite import DeferredFiniteCheck
 from ate_fast.sampling.inpainting import Inpainting
 from ate_fast.sampling.inputs import check_cond, check_finite, copy_into, static_copy
@@ -168,9 +169,12 @@ class CapturedSampler:
             inpainting=self.inpainting,
         )  # fmt: skip
         snapshot = _RngSnapshot(self.generator, device)
+        # counters the graph's kernels that sum their split work in-kernel share (zero now,
+        # left zero by each launch): lent on the capture stream only, kept as the graph is
+        self._split_counters = split_counters.new_buffer(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), split_counters.lend(self._split_counters):
             for _ in range(WARMUP_RUNS):
                 sampler.execute(self.static_noise, run)
         torch.cuda.current_stream(device).wait_stream(side)
@@ -181,7 +185,7 @@ class CapturedSampler:
             self.graph.register_generator_state(self.generator)
         # captured on this device's side stream (torch's shared default capture stream
         # belongs to the device current at a process's first capture)
-        with torch.cuda.graph(self.graph, stream=side):
+        with torch.cuda.graph(self.graph, stream=side), split_counters.lend(self._split_counters):
             self.output = sampler.execute(self.static_noise, run)
         torch.cuda.synchronize(device)
         # the graph reads the run's tables (made before the capture, outside its pool) at

@@ -107,6 +107,7 @@ PARAMETER_VARS = (
     fused_mlp.TILES_VAR,
     skinny_gemm.BLOCK_N_VAR,
     skinny_gemm.SPLIT_K_VAR,
+    skinny_gemm.SPLIT_SUM_VAR,
 )
 KNOWN_VARS = (*PATH_VARS, *PARAMETER_VARS)
 # Other parameters of a path, tried right after its variable's choice: the tiles its own
@@ -128,10 +129,12 @@ PARAMETER_OPTIONS = {
         (fused_mlp.TILES_VAR, "block_f=64,slice=1024"),
     ),
     # the few-row GEMM's other column tiles, K split by the SM count at each (the default
-    # tile, 32, is the path's own option)
+    # tile, 32, is the path's own option), and the split's slices summed by a second kernel
+    # (the default in a captured call: by each tile's last program)
     (skinny_gemm.ENV_VAR, "triton"): (
         (skinny_gemm.BLOCK_N_VAR, "16"),
         (skinny_gemm.BLOCK_N_VAR, "64"),
+        (skinny_gemm.SPLIT_SUM_VAR, "kernel"),
     ),
 }
 
