@@ -22,7 +22,7 @@ from ate_fast.models import (
     split_kv_attention,
     split_sdpa_attention,
 )
-from ate_fast.ops import backends, pdl_setting
+from ate_fast.ops import backends, pdl_setting, split_counters
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
 
@@ -104,6 +104,9 @@ def info() -> dict:
         "l2_prefetch": _or_error(l2_prefetch.selected_path),
         "fused_mlp": _or_error(_fused_mlp),
         "triton_pdl": _or_error(lambda: "on" if pdl_setting.selected() else "off"),
+        "split_reduce": _or_error(
+            lambda: "in-kernel when captured" if split_counters.in_kernel() else "second kernel"
+        ),
     }
 
 
@@ -132,13 +135,11 @@ def _fused_mlp() -> str:
 
 
 def _skinny_gemm() -> str:
-    """The block GEMMs' path at few rows, with the Triton kernel's column tile, K split and
-    where the slices are summed."""
+    """The block GEMMs' path at few rows, with the Triton kernel's column tile and K split."""
     if skinny_gemm.selected_path() != "triton":
         return skinny_gemm.selected_path()
     split = skinny_gemm.split_k() or "auto"
-    where = "in-kernel when captured" if skinny_gemm.in_kernel_sum() else "sum kernel"
-    return f"triton (BLOCK_N {skinny_gemm.block_n()}, split K {split}, {where})"
+    return f"triton (BLOCK_N {skinny_gemm.block_n()}, split K {split})"
 
 
 def _or_error(read: Callable[[], Any], errors: tuple = (ValueError,)) -> Any:
@@ -262,6 +263,10 @@ def _path_lines(data: dict) -> list[str]:
     lines.append(
         f"flow-transformer block's Triton kernels with programmatic dependent launch:"
         f" {data['triton_pdl']} (ATE_FAST_TRITON_PDL=off|on; on needs sm_90 or later)"
+    )
+    lines.append(
+        f"split GEMM / attention slices reduced: {data['split_reduce']}"
+        " (ATE_FAST_SPLIT_REDUCE=auto|kernel)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

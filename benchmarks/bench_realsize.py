@@ -77,7 +77,7 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   the tiles alone leave SMs idle, instead of cuBLAS; its A/B against ``ate_capture`` (H200,
   whole K: slower than cuBLAS at 16, 32 and 64 columns; the split has not run on a GPU).
 - ``ate_capture_skinny_gemm_sum_kernel``: ``…_split_k`` with the slices summed by a second
-  kernel per split GEMM (``ATE_FAST_SKINNY_GEMM_SPLIT_SUM=kernel``) instead of by each
+  kernel per split GEMM (``ATE_FAST_SPLIT_REDUCE=kernel``) instead of by each
   tile's last program (the default inside a capture; 54 launches fewer per step): its A/B.
 - ``ate_capture_skinny_gemm_pdl``: ``…_split_k`` with ``ATE_FAST_TRITON_PDL=on``: those
   kernels and the Triton epilogues launched with programmatic dependent launch
@@ -90,6 +90,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
 - ``ate_capture_split_kv_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided)
   with ``ATE_FAST_PREFIX_ATTENTION=split_kv``: each block's attention on the split-key
   Triton kernels (``ate_fast.models.split_kv_attention``) instead of SDPA; its A/B.
+- ``ate_capture_split_kv_combine_kernel``: ``…_split_kv_attention`` (B = 1, unguided) with
+  the key slices combined by a second kernel per block (``ATE_FAST_SPLIT_REDUCE=kernel``)
+  instead of by each query block's last partial program (the default inside a capture);
+  its A/B.
 - ``ate_capture_flex_attention``: ``ate_capture`` (B = 1, unguided) with
   ``ATE_FAST_PREFIX_ATTENTION=flex``: each block's attention on torch's compiled
   FlexAttention (``ate_fast.models.flex_prefix_attention``: the rows as 8 query heads of
@@ -277,7 +281,7 @@ SKINNY_PDL_ROW = "ate_capture_skinny_gemm_pdl"
 # each launched with PDL (ATE_FAST_PREFIX_ATTENTION=split_kv)
 BLOCK_PDL_ROW = "ate_capture_skinny_gemm_split_kv_pdl"
 PDL_ROWS = (SKINNY_PDL_ROW, BLOCK_PDL_ROW)
-# the split's slices summed by a second kernel (ATE_FAST_SKINNY_GEMM_SPLIT_SUM=kernel), not
+# the split's slices summed by a second kernel (ATE_FAST_SPLIT_REDUCE=kernel), not
 # by each tile's last program as in the other rows (the default inside a capture)
 SUM_KERNEL_ROW = "ate_capture_skinny_gemm_sum_kernel"
 SKINNY_ROWS = {
@@ -289,6 +293,9 @@ SKINNY_ROWS = {
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
 # split-key kernels instead of SDPA (B = 1 unguided and rtc-guided)
 SPLIT_KV_ROW = "ate_capture_split_kv_attention"
+# ... with its slices combined by a second kernel (ATE_FAST_SPLIT_REDUCE=kernel), not by each
+# query block's last program as in SPLIT_KV_ROW (the default inside a capture)
+COMBINE_KERNEL_ROW = "ate_capture_split_kv_combine_kernel"
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=flex: the block's attention on torch's compiled
 # FlexAttention (its decoding kernel splits the keys too) instead of SDPA (B = 1 unguided)
 FLEX_ROW = "ate_capture_flex_attention"
@@ -340,10 +347,10 @@ TUNE_EXCLUDE = ("ATE_FAST_PREFIX_ATTENTION=flex",)
 # ate_capture under a setting of torch's
 SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
-        FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW, FLEX_ROW,
-        SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS,
-        FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW, *SETTING_ROWS, *PADDED_ROWS, TWO_GEMMS_ROW,
-        TUNED_ROW, "ate_capture_compiled")  # fmt: skip
+        FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW,
+        COMBINE_KERNEL_ROW, FLEX_ROW, SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW,
+        L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS, FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW,
+        *SETTING_ROWS, *PADDED_ROWS, TWO_GEMMS_ROW, TUNED_ROW, "ate_capture_compiled")  # fmt: skip
 ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, TUNED_ROW, "ate_capture_compiled")
 UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
 # the package's settings each A/B row runs under (set for its case only)
@@ -351,6 +358,8 @@ ROW_ENV = {
     TORCH_EPILOGUES_ROW: {"ATE_FAST_FLOW_EPILOGUES": "torch"},
     **{row: {"ATE_FAST_FLOW_EPILOGUES": "triton"} for row in TRITON_ROWS},
     SPLIT_KV_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_kv"},
+    COMBINE_KERNEL_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_kv",
+                         "ATE_FAST_SPLIT_REDUCE": "kernel"},
     FLEX_ROW: {"ATE_FAST_PREFIX_ATTENTION": "flex"},
     SPLIT_SDPA_ROW: {"ATE_FAST_PREFIX_ATTENTION": "split_sdpa"},
     GEMM_ATTENTION_ROW: {"ATE_FAST_PREFIX_ATTENTION": "gemm"},
@@ -364,7 +373,7 @@ ROW_ENV = {
     **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n),
              "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto",
              "ATE_FAST_TRITON_PDL": "on" if row in PDL_ROWS else "off",
-             "ATE_FAST_SKINNY_GEMM_SPLIT_SUM": "kernel" if row == SUM_KERNEL_ROW else "auto",
+             "ATE_FAST_SPLIT_REDUCE": "kernel" if row == SUM_KERNEL_ROW else "auto",
              **({"ATE_FAST_PREFIX_ATTENTION": "split_kv"} if row == BLOCK_PDL_ROW else {})}
        for row, block_n in SKINNY_ROWS.items()},
 }  # fmt: skip
@@ -419,6 +428,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     STATIC_COND_ROW: 4.0,
     **dict.fromkeys(SKINNY_ROWS, 8.0),  # + Triton compiling the GEMM's variants
     SPLIT_KV_ROW: 8.0,  # + Triton compiling its two kernels
+    COMBINE_KERNEL_ROW: 4.0,
     FLEX_ROW: 30.0,  # + torch.compile of FlexAttention (a guess: never run on a GPU)
     SPLIT_SDPA_ROW: 6.0,  # + Triton compiling its combine
     GEMM_ATTENTION_ROW: 5.0,  # + Triton compiling its softmax
@@ -458,6 +468,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap.append((b1, "unguided", STATIC_COND_ROW))  # the cache not copied per call
     cheap += [(b1, RTC, r) for r in ("eager", "ate_capture", OTHER_EPILOGUES_ROW)]
     cheap += [(b1, g, SPLIT_KV_ROW) for g in ("unguided", RTC)]  # split-key attention vs SDPA
+    cheap.append((b1, "unguided", COMBINE_KERNEL_ROW))  # its combine: in-kernel vs a kernel
     cheap.append((b1, "unguided", FLEX_ROW))  # FlexAttention's split keys vs SDPA
     cheap.append((b1, "unguided", SPLIT_SDPA_ROW))  # flash attention per key slice vs SDPA
     cheap += [(b1, g, GEMM_ATTENTION_ROW) for g in ("unguided", RTC)]  # two GEMMs vs SDPA
@@ -864,7 +875,8 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
         if enc is not None:
             corr = _compiled(f"max-autotune-{guidance.split('-')[0]}-corr", batch)
         return user_loop(batch, head, correction=corr, mark_step=DEVICE == "cuda")
-    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW, FLEX_ROW,
+    if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW,
+               COMBINE_KERNEL_ROW, FLEX_ROW,
                SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW,
                SIDE_STREAM_ROW,
                *SKINNY_ROWS, *SETTING_ROWS, *FUSED_MLP_ROWS, TUNED_ROW):  # fmt: skip
@@ -1226,7 +1238,8 @@ def _case_id(case: tuple[int, str, str]) -> str:
 @pytest.mark.parametrize("batch,guidance,row", CASES, ids=[_case_id(c) for c in CASES])
 def test_realsize(benchmark, monkeypatch, batch: int, guidance: str, row: str) -> None:
     case = (batch, guidance, row)
-    triton_rows = (*TRITON_ROWS, *SKINNY_ROWS, SPLIT_KV_ROW, *FUSED_MLP_ROWS, FUSED_MLP_FOLDED_ROW)
+    triton_rows = (*TRITON_ROWS, *SKINNY_ROWS, SPLIT_KV_ROW, COMBINE_KERNEL_ROW, *FUSED_MLP_ROWS,
+                   FUSED_MLP_FOLDED_ROW)  # fmt: skip
     if row in triton_rows and DRY_RUN:
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton kernels on the CPU need TRITON_INTERPRET=1 (dry run)")

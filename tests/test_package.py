@@ -129,19 +129,22 @@ def test_info_reports_the_skinny_gemm_path(monkeypatch):
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", "64")
     monkeypatch.delenv("ATE_FAST_SKINNY_GEMM_SPLIT_K", raising=False)
-    monkeypatch.delenv("ATE_FAST_SKINNY_GEMM_SPLIT_SUM", raising=False)
-    expected = (
-        "block GEMMs at <= 64 rows: triton (BLOCK_N 64, split K auto, in-kernel when captured)"
-    )
+    expected = "block GEMMs at <= 64 rows: triton (BLOCK_N 64, split K auto)"
     assert expected in format_info(info())
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_SPLIT_K", "4")
-    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_SPLIT_SUM", "kernel")
-    assert info()["skinny_gemm"] == "triton (BLOCK_N 64, split K 4, sum kernel)"
-    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_SPLIT_SUM", "yes")
-    assert info()["skinny_gemm"].startswith("error: ATE_FAST_SKINNY_GEMM_SPLIT_SUM")
-    monkeypatch.delenv("ATE_FAST_SKINNY_GEMM_SPLIT_SUM")
+    assert info()["skinny_gemm"] == "triton (BLOCK_N 64, split K 4)"
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM_BLOCK_N", "48")
     assert info()["skinny_gemm"].startswith("error: ATE_FAST_SKINNY_GEMM_BLOCK_N")
+
+
+def test_info_reports_where_split_work_is_reduced(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_SPLIT_REDUCE", raising=False)
+    expected = "split GEMM / attention slices reduced: in-kernel when captured"
+    assert expected in format_info(info())
+    monkeypatch.setenv("ATE_FAST_SPLIT_REDUCE", "kernel")
+    assert info()["split_reduce"] == "second kernel"
+    monkeypatch.setenv("ATE_FAST_SPLIT_REDUCE", "atomic")
+    assert info()["split_reduce"].startswith("error: ATE_FAST_SPLIT_REDUCE: expected one of")
 
 
 def test_info_reports_the_triton_launch(monkeypatch):

@@ -126,7 +126,7 @@ def test_in_kernel_sum_equals_the_sum_kernel(triton_path, dtype, rows, k, n, spl
     with mock.patch.object(sgt, "_split_sum_kernel", sums), split_counters.lend(counters):
         got = [skinny_gemm.skinny_linear(x, w), skinny_gemm.skinny_linear(x, w, b, r)]
         assert sums.count == 0
-        triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, "kernel")  # the sum kernel after all
+        triton_path.setenv(split_counters.ENV_VAR, "kernel")  # the sum kernel after all
         kernel_sum = skinny_gemm.skinny_linear(x, w, b, r)
         assert sums.count == 1
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -135,9 +135,10 @@ def test_in_kernel_sum_equals_the_sum_kernel(triton_path, dtype, rows, k, n, spl
     assert not counters.any(), "the counters must be left zero"
 
 
-def test_split_counters_are_lent_to_their_launches_only():
+def test_split_counters_are_lent_to_their_launches_only(monkeypatch):
     """Counters are for launches inside :func:`lend` (nested: the inner ones), on the
-    lender's device, with no more tiles than the buffer counts; None anywhere else."""
+    lender's device, with no more tiles than the buffer counts, unless
+    ``ATE_FAST_SPLIT_REDUCE=kernel``; None anywhere else. The setting is checked."""
     from ate_fast.ops import split_counters
 
     cpu = torch.device("cpu")
@@ -151,6 +152,13 @@ def test_split_counters_are_lent_to_their_launches_only():
         assert split_counters.for_launch(torch.device("meta"), 1) is None
         with split_counters.lend(inner):
             assert split_counters.for_launch(cpu, 8) is inner
+        assert split_counters.for_launch(cpu, 8) is outer
+        monkeypatch.setenv(split_counters.ENV_VAR, " Kernel ")
+        assert split_counters.for_launch(cpu, 8) is None
+        monkeypatch.setenv(split_counters.ENV_VAR, "atomic")
+        with pytest.raises(InvalidArgumentError, match="ATE_FAST_SPLIT_REDUCE: expected one of"):
+            split_counters.for_launch(cpu, 8)
+        monkeypatch.setenv(split_counters.ENV_VAR, "auto")
         assert split_counters.for_launch(cpu, 8) is outer
     assert split_counters.for_launch(cpu, 8) is None
 
@@ -247,13 +255,6 @@ def test_settings_are_checked(triton_path):
     assert skinny_gemm.split_k() is None
     triton_path.setenv(skinny_gemm.SPLIT_K_VAR, "8")
     assert skinny_gemm.split_k() == 8
-    triton_path.delenv(skinny_gemm.SPLIT_SUM_VAR, raising=False)
-    assert skinny_gemm.in_kernel_sum() is True
-    triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, " Kernel ")
-    assert skinny_gemm.in_kernel_sum() is False
-    triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, "atomic")
-    with pytest.raises(InvalidArgumentError, match="SPLIT_SUM: expected one of"):
-        skinny_gemm.in_kernel_sum()
 
 
 def test_head_and_captured_sampler_match_torch(triton_path):
@@ -369,7 +370,7 @@ def test_captured_sampler_sums_the_slices_in_kernel_on_cuda(triton_path):
     """π0's expert (2 blocks, bf16, B = 1) in a captured flow Euler loop on the few-row
     GEMM with K split: the capture launches no sum kernel (each tile's last program sums)
     and replays, on two noises in turn, equal to the bit to a capture with
-    ``ATE_FAST_SKINNY_GEMM_SPLIT_SUM=kernel``, whose sum kernels did launch."""
+    ``ATE_FAST_SPLIT_REDUCE=kernel``, whose sum kernels did launch."""
     from flow_head_paths import pi0_on_cuda
 
     from ate_fast.models import skinny_gemm_triton as sgt
@@ -380,7 +381,7 @@ def test_captured_sampler_sums_the_slices_in_kernel_on_cuda(triton_path):
     noises = [x.float(), torch.randn_like(x, dtype=torch.float32)]
 
     def actions(where: str) -> tuple[list, int]:
-        triton_path.setenv(skinny_gemm.SPLIT_SUM_VAR, where)
+        triton_path.setenv("ATE_FAST_SPLIT_REDUCE", where)
         sums = _Launches(sgt._split_sum_kernel)
         with torch.no_grad(), mock.patch.object(sgt, "_split_sum_kernel", sums):
             captured = FlowSampler(head, 3).capture(noises[0], cache, check_finite=False)

@@ -6,6 +6,7 @@ sampler; and where SDPA must run instead."""
 from __future__ import annotations
 
 import itertools
+import os
 from unittest import mock
 
 import pytest
@@ -81,6 +82,38 @@ def test_every_tiling_matches_sdpa(dtype, tiles):
     if tiles.splits:
         assert -(-90 // per_split) == min(tiles.splits, -(-90 // tiles.block_k))
     _assert_sdpa(kernels.split_kv_attention(q, k, v, tiles), q, k, v)
+
+
+@pytest.mark.parametrize("tiles", TILES[1:], ids=str)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_the_last_program_combines_where_counters_are_lent(dtype, tiles):
+    """With counters lent (as a captured graph lends them) each query block's last partial
+    program combines its rows: no combine kernel launched, SDPA's output to the same
+    tolerance (float64 to 1e-12; the other order of the same sums), the counters left
+    zero; ``ATE_FAST_SPLIT_REDUCE=kernel`` launches the combine kernel after all."""
+    from ate_fast.ops import split_counters
+
+    class Launches:
+        def __init__(self, kernel) -> None:
+            self.kernel, self.count = kernel, 0
+
+        def __getitem__(self, grid):
+            self.count += 1
+            return self.kernel[grid]
+
+    q, k, v = _qkv(2, 2, 37, 90, 24, dtype)
+    counters = split_counters.new_buffer(q.device)
+    combines = Launches(kernels._combine_kernel)
+    with mock.patch.object(kernels, "_combine_kernel", combines):
+        with split_counters.lend(counters):
+            got = kernels.split_kv_attention(q, k, v, tiles)
+        assert combines.count == 0
+        _assert_sdpa(got, q, k, v)
+        assert not counters.any(), "the counters must be left zero"
+        with split_counters.lend(counters), mock.patch.dict(os.environ):
+            os.environ[split_counters.ENV_VAR] = "kernel"
+            _assert_sdpa(kernels.split_kv_attention(q, k, v, tiles), q, k, v)
+        assert combines.count == 1
 
 
 def test_the_keys_are_split_over_programs():
@@ -177,3 +210,46 @@ def test_pi0_step_on_cuda(dtype):
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol, msg=str(tiles))
+
+
+@pytest.mark.cuda
+def test_pi0_step_combined_in_kernel_on_cuda():
+    """π0's step attention (bf16, B = 1, default tiles) with counters lent: each query
+    block's last program combines, eagerly and in a CUDA graph replayed on two inputs in
+    turn (a count left over from one launch would combine the wrong slices in the next);
+    every output against float64 SDPA, no combine kernel launched, the counters left
+    zero."""
+    from ate_fast.ops import split_counters
+
+    q0, k0, v0 = _qkv(1, 1, 400, 866, 256, torch.bfloat16, "cuda")
+    inputs = [(q0, k0, v0), (-q0, k0.flip(2), v0 * 0.5)]
+    refs = [
+        F.scaled_dot_product_attention(q.double(), k.double(), v.double()) for q, k, v in inputs
+    ]
+    q, k, v = (t.clone() for t in inputs[0])
+    counters = split_counters.new_buffer(q.device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with (
+        mock.patch.object(kernels, "_combine_kernel", None),  # launching it would raise
+        torch.cuda.stream(stream),
+        split_counters.lend(counters),
+    ):
+        torch.testing.assert_close(kernels.split_kv_attention(q, k, v).double(), refs[0],
+                                   rtol=2e-2, atol=2e-2)  # fmt: skip
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with (
+        mock.patch.object(kernels, "_combine_kernel", None),
+        torch.cuda.graph(graph, stream=stream),
+        split_counters.lend(counters),
+    ):
+        out = kernels.split_kv_attention(q, k, v)
+    for i in range(6):
+        for dst, src in zip((q, k, v), inputs[i % 2]):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.double(), refs[i % 2], rtol=2e-2, atol=2e-2,
+                                   msg=f"replay {i}")  # fmt: skip
+    assert not counters.any()

@@ -461,8 +461,7 @@ def test_default_choices_exclude_paths_by_name(monkeypatch):
     for option in options[:2]:  # each parses, and is not the default (the path's own option)
         monkeypatch.setenv(skinny_gemm.BLOCK_N_VAR, option[skinny_gemm.BLOCK_N_VAR])
         assert skinny_gemm.block_n() != skinny_gemm.DEFAULT_BLOCK_N
-    monkeypatch.setenv(skinny_gemm.SPLIT_SUM_VAR, options[2][skinny_gemm.SPLIT_SUM_VAR])
-    assert skinny_gemm.in_kernel_sum() is False  # the default sums in-kernel where captured
+    assert options[2]["ATE_FAST_SPLIT_REDUCE"] == "kernel"  # the default: in-kernel, captured
     # programmatic dependent launch: its own choice, after the paths (on CUDA only)
     names = [c.name for c in default_choices("cuda")]
     assert names.index("ATE_FAST_TRITON_PDL") > names.index("ATE_FAST_SKINNY_GEMM")

@@ -512,21 +512,24 @@ def split_kv_variants(target) -> int:
     """The split-key attention (``ate_fast.models.split_kv_attention_triton``): its partial
     kernel (one slice and several) at the default tiles of every storage dtype, for π0's
     head dim (256) and the small head's (64), its combine for 2 to 32 slices, and
-    split_sdpa's log-sum-exp combine (2 slices; 16 and a shorter one); spill-free but in
+    split_sdpa's log-sum-exp combine (2 slices; 16 and a shorter one), and the partial
+    kernel combining its block's slices in its last program; spill-free but in
     float64; in bf16 / fp16, the partial kernel at the other tiles autotune tries; for sm_90
     also the three launched with programmatic dependent launch (bf16, π0's head dim)."""
     count = _split_kv_pdl_variants(target) if target.arch >= 90 else 0
     for (store, comp), hd in itertools.product(_STORAGE_COMPUTE, (64, 256)):
         tiles = sk.default_tiles(_TORCH_DTYPE[store], hd)
         c = tl.float64 if comp == "fp64" else tl.float32
-        stats = _typed({"o_ptr", "m_ptr", "l_ptr"}, store, comp)
+        stats = _split_kv_types(store, comp)
         options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
-        for single in (False, True):
+        for single, combine in ((False, False), (True, False), (False, True)):
             compile_one(
                 sk._partial_kernel,
                 {"HD": hd, "BLOCK_Q": tiles.block_q, "BLOCK_K": tiles.block_k, "BLOCK_D": hd,
-                 "C": c, "SINGLE": single, "INTERPRETED": False, "PDL": False},
-                stats, {"scale": "fp32"}, target, f"{store} hd={hd} {tiles} single={single}",
+                 "C": c, "SINGLE": single, "COMBINE": combine, "INTERPRETED": False,
+                 "PDL": False},
+                stats, {"scale": "fp32"}, target,
+                f"{store} hd={hd} {tiles} single={single} combine={combine}",
                 options, spill_free=store != "fp64",
             )  # fmt: skip
         for tiles_text in _tuned_split_kv_tiles() if store in ("bf16", "fp16") else ():
@@ -538,7 +541,8 @@ def split_kv_variants(target) -> int:
                 compile_one(
                     sk._partial_kernel,
                     {"HD": hd, "BLOCK_Q": t.block_q, "BLOCK_K": t.block_k, "BLOCK_D": hd,
-                     "C": c, "SINGLE": t.splits == 1, "INTERPRETED": False, "PDL": False},
+                     "C": c, "SINGLE": t.splits == 1, "COMBINE": t.splits != 1,
+                     "INTERPRETED": False, "PDL": False},
                     stats, {"scale": "fp32"}, target, f"{store} hd={hd} {t} (autotune's)",
                     {"num_warps": t.warps, "num_stages": t.stages}, spill_free=True,
                 )  # fmt: skip
@@ -558,23 +562,32 @@ def split_kv_variants(target) -> int:
                 f"{store} hd={hd} chunks<={chunks} rest={rest}",
                 {"num_warps": 4, "num_stages": 1}, spill_free=store != "fp64",
             )  # fmt: skip
-        count += 6
+        count += 7
     return count
+
+
+def _split_kv_types(store: str, comp: str):
+    """The split-key kernels' pointer types: the partials and statistics in the compute
+    type, the counters int32, the rest the storage dtype."""
+    typed = _typed({"o_ptr", "m_ptr", "l_ptr"}, store, comp)
+    return lambda name: "i32" if name == "count_ptr" else typed(name)
 
 
 def _split_kv_pdl_variants(target) -> int:
     """The split-key attention's kernels launched with programmatic dependent launch, bf16
-    at π0's head dim (256) and default tiles: the partial kernel (one slice and several),
+    at π0's head dim (256) and default tiles: the partial kernel (one slice, several, and
+    several combined by the last program),
     its combine and split_sdpa's; the attribute set, every load after the wait
     (:func:`_check_pdl_order`)."""
     tiles = sk.default_tiles(torch.bfloat16, 256)
-    stats = _typed({"o_ptr", "m_ptr", "l_ptr"}, "bf16", "fp32")
+    stats = _split_kv_types("bf16", "fp32")
     options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
     variants = [
         (sk._partial_kernel, {"HD": 256, "BLOCK_Q": tiles.block_q, "BLOCK_K": tiles.block_k,
                               "BLOCK_D": 256, "C": tl.float32, "SINGLE": single,
-                              "INTERPRETED": False}, stats, {"scale": "fp32"}, options)
-        for single in (False, True)
+                              "COMBINE": combine, "INTERPRETED": False},
+         stats, {"scale": "fp32"}, options)
+        for single, combine in ((False, False), (True, False), (False, True))
     ] + [
         (sk._combine_kernel, {"HD": 256, "SPLITS": 32, "BLOCK_D": 256}, stats, {},
          {"num_warps": 4, "num_stages": 1}),

@@ -17,7 +17,7 @@ columns, 32 programs at 32 columns on 132 SMs, each streaming its strip of the w
 alone. The auto split gives every projection short of one program per SM about two per SM
 (o, down: 8 slices; q|kv, 80 tiles: 4); the slices' float partials are summed in order
 (deterministic) with the bias and residual — inside a captured graph by each tile's last
-program (``ATE_FAST_SKINNY_GEMM_SPLIT_SUM=auto``, the default: counters the capture lends,
+program (``ATE_FAST_SPLIT_REDUCE=auto``, the default: counters the capture lends,
 :mod:`ate_fast.ops.split_counters`), elsewhere, or with ``kernel``, by a second, small
 kernel (the same sums to the bit); gate|up (256 tiles) stays whole. **The split has not run
 on a GPU**; ``ATE_FAST_SKINNY_GEMM_SPLIT_K=1`` is the kernel measured above.
@@ -46,8 +46,6 @@ from ate_fast.ops import backends
 ENV_VAR = "ATE_FAST_SKINNY_GEMM"
 BLOCK_N_VAR = "ATE_FAST_SKINNY_GEMM_BLOCK_N"
 SPLIT_K_VAR = "ATE_FAST_SKINNY_GEMM_SPLIT_K"
-SPLIT_SUM_VAR = "ATE_FAST_SKINNY_GEMM_SPLIT_SUM"
-SPLIT_SUMS = ("auto", "kernel")
 MAX_SPLIT_K = 64
 PATHS = ("torch", "triton")
 BLOCK_NS = (16, 32, 64, 128)
@@ -87,14 +85,6 @@ def split_k() -> Optional[int]:
     return int(value)
 
 
-def in_kernel_sum() -> bool:
-    """``$ATE_FAST_SKINNY_GEMM_SPLIT_SUM``: ``auto`` (also where unset) — the slices of a
-    split GEMM summed by the tile's last program where a captured graph lends its counters
-    (:mod:`ate_fast.ops.split_counters`), else by a second kernel; ``kernel`` — always the
-    second kernel."""
-    return env_choice(SPLIT_SUM_VAR, SPLIT_SUMS) == "auto"
-
-
 def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether the kernel computes ``x`` [..., K] · ``weight`` [N, K]ᵀ (with the optional
     bias / residual ``others``): selected, at most :data:`MAX_ROWS` rows, N and K multiples
@@ -132,7 +122,7 @@ def skinny_linear(
 
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(rows.shape[0], -1)
-    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k(), in_kernel_sum())
+    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -220,15 +220,14 @@ def skinny_gemm(
     residual: Optional[Tensor],
     block_n: int,
     split_k: Optional[int] = None,
-    in_kernel_sum: bool = True,
 ) -> Tensor:
     """``x`` [rows, K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [rows, N]) ->
     [rows, N] in x's dtype; every tensor contiguous, on one device, in one dtype (the
     caller, :func:`ate_fast.models.skinny_gemm.skinny_linear`, checks). ``split_k``: K's
     slices (:func:`k_splits`; None: by the SM count); with more than one, the partial
     products go to a float workspace [splits, rows, N], summed by each tile's last program
-    where ``in_kernel_sum`` and counters are lent (:func:`ate_fast.ops.split_counters.for_launch`:
-    inside a captured graph), else by a second kernel — the same sums to the bit.
+    where counters are lent (:func:`ate_fast.ops.split_counters.for_launch`: inside a
+    captured graph), else by a second kernel — the same sums to the bit.
     ``$ATE_FAST_TRITON_PDL=on``: both kernels launched with programmatic dependent launch
     (:func:`ate_fast.ops.triton_pdl.for_device`: raises where the GPU or Triton has none)."""
     rows, k = x.shape
@@ -243,8 +242,7 @@ def skinny_gemm(
     grid = (n_tiles, triton.cdiv(rows, BLOCK_M), splits)
     if splits > 1:
         ws = torch.empty((splits, rows, n), dtype=compute_dtype(x.dtype), device=x.device)
-        if in_kernel_sum:
-            counts = split_counters.for_launch(x.device, grid[0] * grid[1])
+        counts = split_counters.for_launch(x.device, grid[0] * grid[1])
     # a split with a separate sum: that kernel adds bias and residual (one compiled variant)
     epilogue = splits == 1 or counts is not None
     _skinny_gemm_kernel[grid](

@@ -22,7 +22,10 @@ kernel time (2026-12-04). Here every (block of queries, slice of keys) pair is a
   ``block_k`` chunks with the online softmax; writes its un-normalised output and its rows'
   running max and sum (float32) — or, with one slice, the normalised output itself;
 * :func:`_combine_kernel` — per row, the slices' outputs weighted by ``exp(m_s − M)`` and
-  divided by the weighted sums: the softmax over all keys.
+  divided by the weighted sums: the softmax over all keys. Inside a captured graph (which
+  lends the counters, :mod:`ate_fast.ops.split_counters`; ``ATE_FAST_SPLIT_REDUCE``) the
+  query block's last partial program combines its rows instead — one launch fewer per
+  block; the two sum the slices in different orders (agreeing to rounding, not the bit).
 
 With ``ATE_FAST_TRITON_PDL=on`` (Hopper and later, :mod:`ate_fast.ops.triton_pdl`) both, and
 split_sdpa's :func:`_combine_lse_kernel`, are launched with programmatic dependent launch
@@ -40,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ate_fast.models.split_kv_attention import Tiles
-from ate_fast.ops import triton_pdl
+from ate_fast.ops import split_counters, triton_pdl
 from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
@@ -76,15 +79,19 @@ _SM_COUNT: dict = {}
 
 @triton.jit
 def _partial_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, y_ptr, rows, keys, heads, per_split, splits,
-    scale, q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr,
+    q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, y_ptr, count_ptr, rows, keys, heads, per_split,
+    splits, scale, q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr,
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    C: tl.constexpr, SINGLE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
+    C: tl.constexpr, SINGLE: tl.constexpr, COMBINE: tl.constexpr, INTERPRETED: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (query block, key slice, sample × head): its queries' softmax-weighted sum of
     the slice's values. ``SINGLE`` (one slice): normalised, into ``y`` [B·heads, rows, HD]
     in the output's dtype; else un-normalised into ``o`` [B·heads, rows, splits, HD] and the
-    rows' max / sum of exp into ``m``, ``l`` [B·heads, rows, splits] (the compute type).
+    rows' max / sum of exp into ``m``, ``l`` [B·heads, rows, splits] (the compute type),
+    which :func:`_combine_kernel` combines — or (``COMBINE``) the query block's last
+    program does, in slice order, counted in ``count_ptr`` (int32, one per query block and
+    sample × head, zero on entry and left zero: :mod:`ate_fast.ops.split_counters`).
     ``PDL``: launched with programmatic dependent launch (:mod:`ate_fast.ops.triton_pdl`);
     nothing is read before the wait (the keys' action rows are the previous kernel's)."""
     if PDL:
@@ -120,10 +127,43 @@ def _partial_kernel(
         out = (acc / l_sum[:, None]).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + (bh * rows + iq.to(tl.int64))[:, None] * HD + d[None, :], out, mask=ok)
     else:
-        row = (bh * rows + iq.to(tl.int64)) * splits + split
+        first = (bh * rows + iq.to(tl.int64)) * splits  # each row's slice 0
+        row = first + split
         tl.store(o_ptr + row[:, None] * HD + d[None, :], acc, mask=ok)
         tl.store(m_ptr + row, m, mask=q_ok)
         tl.store(l_ptr + row, l_sum, mask=q_ok)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's stores before the count that publishes them
+            block = count_ptr + bh * tl.num_programs(0) + tl.program_id(0)
+            if tl.atomic_add(block, 1, sem="acq_rel") == splits - 1:  # the last slice in
+                _combine_rows(o_ptr, m_ptr, l_ptr, y_ptr, first, bh * rows + iq.to(tl.int64),
+                              splits, q_ok, d, d_ok, HD, BLOCK_Q, BLOCK_D, C)  # fmt: skip
+                tl.atomic_xchg(block, 0)  # zero again for the next launch
+
+
+@triton.jit
+def _combine_rows(
+    o_ptr, m_ptr, l_ptr, y_ptr, first, out_row, splits, q_ok, d, d_ok,
+    HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr,
+):  # fmt: skip
+    """The rows ``out_row`` [BLOCK_Q] of ``y`` from their slices (slice 0 of each at
+    ``first``): outputs weighted by ``exp(m_s − M)`` over ``Σ_s exp(m_s − M)·l_s``, one slice
+    after another (read past L1: other programs wrote them)."""
+    top = tl.full([BLOCK_Q], float("-inf"), C)
+    for s in range(0, splits):
+        top = tl.maximum(top, tl.load(m_ptr + first + s, mask=q_ok, other=0.0,
+                                      cache_modifier=".cg"))  # fmt: skip
+    num = tl.zeros([BLOCK_Q, BLOCK_D], C)
+    den = tl.zeros([BLOCK_Q], C)
+    ok = q_ok[:, None] & d_ok[None, :]
+    for s in range(0, splits):
+        w = tl.exp(tl.load(m_ptr + first + s, mask=q_ok, other=0.0, cache_modifier=".cg") - top)
+        den += w * tl.load(l_ptr + first + s, mask=q_ok, other=1.0, cache_modifier=".cg")
+        o = tl.load(o_ptr + (first + s)[:, None] * HD + d[None, :], mask=ok, other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+        num += w[:, None] * o
+    y = num / den[:, None]
+    tl.store(y_ptr + out_row[:, None] * HD + d[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -253,19 +293,23 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, tiles: Optional[Tiles] =
     pdl = triton_pdl.launch_kwargs(q.device)  # the PDL constexpr and its launch keyword
     y = torch.empty((batch, heads, rows, hd), dtype=q.dtype, device=q.device)
     o = m = l_sum = y  # unused by the one-slice kernel
+    grid = (triton.cdiv(rows, tiles.block_q), splits, batch * heads)
+    counts = None
     if splits > 1:
         o = torch.empty((batch * heads, rows, splits, hd), dtype=torch_c, device=q.device)
         m = torch.empty((batch * heads, rows, splits), dtype=torch_c, device=q.device)
         l_sum = torch.empty_like(m)
-    _partial_kernel[(triton.cdiv(rows, tiles.block_q), splits, batch * heads)](
-        q, k, v, o, m, l_sum, y, rows, keys, heads, per_split, splits, hd**-0.5,
+        counts = split_counters.for_launch(q.device, grid[0] * grid[2])
+    _partial_kernel[grid](
+        q, k, v, o, m, l_sum, y, y if counts is None else counts, rows, keys, heads, per_split,
+        splits, hd**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         HD=hd, BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k, BLOCK_D=block_d, C=c,
-        SINGLE=splits == 1, INTERPRETED=q.device.type == "cpu",
+        SINGLE=splits == 1, COMBINE=counts is not None, INTERPRETED=q.device.type == "cpu",
         num_warps=tiles.warps, num_stages=tiles.stages, **pdl,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and counts is None:
         _combine_kernel[(batch * heads * rows,)](
             o, m, l_sum, y, splits, HD=hd, SPLITS=triton.next_power_of_2(splits),
             BLOCK_D=block_d, num_warps=4, **pdl,

@@ -12,7 +12,10 @@ touches the counters only after its wait, when the one before has ended), and ea
 the buffer zero for the next, also from one replay to the next (a graph never runs
 concurrently with itself). Anywhere else — eager calls, another stream (a side stream's
 branch of the same graph) — :func:`for_launch` is None and the kernels launch their
-separate sum. Triton-free: the capture imports it.
+separate sum; and everywhere with ``ATE_FAST_SPLIT_REDUCE=kernel`` (default ``auto``: in
+the kernel where counters are lent). The kernels that use them: the few-row GEMM's K
+slices (:mod:`ate_fast.models.skinny_gemm_triton`) and the split-key attention's key slices
+(:mod:`ate_fast.models.split_kv_attention_triton`). Triton-free: the capture imports it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ate_fast.argument_checks import env_choice
+
+ENV_VAR = "ATE_FAST_SPLIT_REDUCE"
+CHOICES = ("auto", "kernel")
 CAPACITY = 1 << 14  # counters per buffer (64 KB): output tiles of one launch at most
 _LENT: ContextVar[Optional[tuple[Tensor, Optional[torch.cuda.Stream]]]] = ContextVar(
     "ate_fast_split_counters", default=None
@@ -50,11 +57,18 @@ def lend(counters: Tensor) -> Iterator[None]:
         _LENT.reset(token)
 
 
+def in_kernel() -> bool:
+    """``$ATE_FAST_SPLIT_REDUCE``: ``auto`` (also where unset) — split work reduced by each
+    tile's last program where counters are lent; ``kernel`` — always by a second kernel."""
+    return env_choice(ENV_VAR, CHOICES) == "auto"
+
+
 def for_launch(device: torch.device, needed: int) -> Optional[Tensor]:
     """The lent counters for a launch on ``device`` that counts ``needed`` tiles, or None:
-    none lent, another device, too few, or (CUDA) another stream than the lender's."""
+    none lent, ``ATE_FAST_SPLIT_REDUCE=kernel``, another device, too few, or (CUDA) another
+    stream than the lender's."""
     lent = _LENT.get()
-    if lent is None:
+    if lent is None or not in_kernel():
         return None
     counters, stream = lent
     if counters.device != device or needed > counters.numel():

@@ -23,7 +23,7 @@ from ate_fast.models import (
     split_kv_attention,
     split_sdpa_attention,
 )
-from ate_fast.ops import backends, pdl_setting
+from ate_fast.ops import backends, pdl_setting, split_counters
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer import transformer_vjp
 
@@ -107,7 +107,7 @@ PARAMETER_VARS = (
     fused_mlp.TILES_VAR,
     skinny_gemm.BLOCK_N_VAR,
     skinny_gemm.SPLIT_K_VAR,
-    skinny_gemm.SPLIT_SUM_VAR,
+    split_counters.ENV_VAR,
 )
 KNOWN_VARS = (*PATH_VARS, *PARAMETER_VARS)
 # Other parameters of a path, tried right after its variable's choice: the tiles its own
@@ -130,11 +130,11 @@ PARAMETER_OPTIONS = {
     ),
     # the few-row GEMM's other column tiles, K split by the SM count at each (the default
     # tile, 32, is the path's own option), and the split's slices summed by a second kernel
-    # (the default in a captured call: by each tile's last program)
+    # (the default in a captured call: by each tile's last program, ops/split_counters.py)
     (skinny_gemm.ENV_VAR, "triton"): (
         (skinny_gemm.BLOCK_N_VAR, "16"),
         (skinny_gemm.BLOCK_N_VAR, "64"),
-        (skinny_gemm.SPLIT_SUM_VAR, "kernel"),
+        (split_counters.ENV_VAR, "kernel"),
     ),
 }
 
