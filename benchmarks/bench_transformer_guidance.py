@@ -26,7 +26,11 @@ on tensor cores), and ``triton_f64x64_graph`` / ``triton_f64x64_b32x64_graph``: 
 at other attention tiles (:data:`TILE_ROWS`: the encoder attention's forward and backward
 took 7.0 and 7.4 µs per layer in π0's guided call on an H200 — four chunks of 16 keys per
 program, one after another), in their own groups (``… bf16 B=…``), checked against the
-float32 autograd gradient at 3e-2 (bf16's 8-bit mantissa, as the CUDA tests).
+float32 autograd gradient at 3e-2 (bf16's 8-bit mantissa, as the CUDA tests);
+``triton_skinny_graph`` (the layers' projections on the few-row Triton GEMM,
+``ATE_FAST_SKINNY_GEMM=triton``: x·Wᵀ forward, x·W backward) and
+``triton_skinny_pdl_graph`` (and every kernel of a layer launched with programmatic
+dependent launch, ``ATE_FAST_TRITON_PDL=on``; Hopper and later): never run on a GPU.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def _cases():
         cases = [(b, h, d, impl, "float32") for h, d in SHAPES for b in batches for impl in impls]
         horizon, dim = SHAPES[0]
         if device == "cuda":  # right after the paper's shape in float32 (a cut suite keeps them)
-            bf16 = ["eager", "eager_graph", "vjp_graph", "triton_graph", *TILE_ROWS]
+            bf16 = ["eager", "eager_graph", "vjp_graph", "triton_graph", *TILE_ROWS,
+                    *SETTING_ROWS]  # fmt: skip
             first = len(batches) * len(impls)
             cases[first:first] = [
                 (b, horizon, dim, impl, "bfloat16") for b in [1, 8] for impl in bf16
@@ -81,6 +86,15 @@ def _cases():
 # tokens one chunk of keys per program instead of four)
 TILE_ROWS = {
     f"triton_{name}_graph": tiles for name, tiles in transformer_triton.CANDIDATE_TILES.items()
+}
+
+# the Triton path under the package's settings (bf16; at B = 8 the few-row GEMM does not
+# take the 416 rows): the layers' projections on the few-row Triton GEMM, and then also
+# every kernel of a layer launched with programmatic dependent launch (Hopper: where the
+# GPU has none, the row fails)
+SETTING_ROWS = {
+    "triton_skinny_graph": {"ATE_FAST_SKINNY_GEMM": "triton"},
+    "triton_skinny_pdl_graph": {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_TRITON_PDL": "on"},
 }
 
 # relative error against float32 autograd: float32 rounding; bf16's 8-bit mantissa
@@ -106,6 +120,8 @@ def test_transformer_guidance_gradient(
     if impl in TILE_ROWS:  # read at launch: the capture below keeps them
         for which, tiles in TILE_ROWS[impl].items():
             monkeypatch.setitem(transformer_triton.TILES[which], 2, tiles)
+    for name, value in SETTING_ROWS.get(impl, {}).items():
+        monkeypatch.setenv(name, value)
     fn = call({"eager": "autograd"}.get(impl.split("_")[0], impl.split("_")[0]), encoder)
     if impl.endswith("_graph"):
         fn = graphed(fn)

@@ -96,6 +96,25 @@ def test_split_k_matches_float64(triton_path, dtype, split, rows, k, n):
     assert len(splits) == 2 and min(count for count, _ in splits) > 1, splits
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split", ["1", "3"])
+@pytest.mark.parametrize(("rows", "k", "n"), [(50, 256, 96), (1, 200, 48), (52, 1024, 32)])
+def test_weight_as_stored_matches_float64(triton_path, dtype, split, rows, k, n):
+    """``x · W`` for ``W`` [K, N] as stored (a layer's input-VJP through its weight
+    [out, in]): against float64, uneven K, with the residual and without, whole and in
+    slices (summed by the second kernel and, with counters lent, in-kernel)."""
+    from ate_fast.ops import split_counters
+
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
+    triton_path.setenv(skinny_gemm.BLOCK_N_VAR, "16")
+    x, w_nk, _, r = _operands(rows, k, n, dtype)
+    w = w_nk.T.contiguous()  # [K, N]
+    _check(skinny_gemm.skinny_matmul(x, w), x, w_nk, None, None, dtype)
+    _check(skinny_gemm.skinny_matmul(x, w, r), x, w_nk, None, r, dtype)
+    with split_counters.lend(split_counters.new_buffer(x.device)):
+        _check(skinny_gemm.skinny_matmul(x, w, r), x, w_nk, None, r, dtype)
+
+
 class _Launches:
     """Stands in for a Triton kernel, counting its launches (``kernel[grid](...)``)."""
 

@@ -18,6 +18,7 @@ truth than the torch VJP's in bfloat16 (×1.5 slack).
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -209,11 +210,13 @@ def test_a_long_chunk_takes_the_triton_path(monkeypatch):
 
 
 # --- the whole encoder ---------------------------------------------------------------------
-def make_vae(horizon=6, dim=3, latent=16, layers=3, activation="gelu", d_model=32, seed=0):
+def make_vae(
+    horizon=6, dim=3, latent=16, layers=3, activation="gelu", d_model=32, seed=0, ff_dim=40
+):
     torch.manual_seed(seed)
     vae = ActionVAE(
         dim, horizon, latent_dim=latent, arch="transformer", d_model=d_model, num_heads=4,
-        ff_dim=40, num_layers=layers, activation=activation,
+        ff_dim=ff_dim, num_layers=layers, activation=activation,
     )  # fmt: skip
     with torch.no_grad():  # learned tokens and positions well away from init
         for p in vae.encoder.parameters():
@@ -273,6 +276,33 @@ def test_triton_path_in_float32_and_bfloat16(monkeypatch, dtype):
     assert rel(got, truth) < TOL[dtype]
     if dtype == torch.bfloat16:  # as close to the truth as the torch VJP in bf16
         assert rel(got, truth) < 1.5 * rel(torch_vjp, truth)
+
+
+@pytest.mark.parametrize("latent_mode", ["mean", "sample"])
+def test_the_few_row_gemm_takes_the_layers_projections(monkeypatch, latent_mode):
+    """``ATE_FAST_SKINNY_GEMM=triton`` at B = 1 (8 tokens; widths multiples of 16): every
+    layer's four projections forward (the last layer's q and k|v apart: five) and its four
+    products with a weight backward (five) run on the few-row kernel — x·Wᵀ and x·W — and
+    the gradient is autograd's in float64."""
+    from ate_fast.models import skinny_gemm
+
+    layers = 3
+    vae = make_vae(horizon=6, dim=3, latent=16, layers=layers, d_model=32, ff_dim=48)
+    encoder = FrozenEncoder(vae)
+    x, target = torch.randn(1, 6, 3, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    eps = torch.randn(1, 16, dtype=torch.float64) if latent_mode == "sample" else None
+    kwargs = dict(latent=latent_mode, eps=eps)
+    expected = gradient("autograd", monkeypatch, encoder, x, target, **kwargs)
+    monkeypatch.setenv(skinny_gemm.ENV_VAR, "triton")
+    with (
+        mock.patch.object(skinny_gemm, "skinny_linear", wraps=skinny_gemm.skinny_linear) as lin,
+        mock.patch.object(skinny_gemm, "skinny_matmul", wraps=skinny_gemm.skinny_matmul) as mm,
+    ):
+        got = gradient("triton", monkeypatch, encoder, x, target, **kwargs)
+    per_layer = 4 * (layers - 1) + 5
+    assert (lin.call_count, mm.call_count) == (per_layer, per_layer)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_public_entry_points_take_the_triton_path(monkeypatch):

@@ -31,9 +31,10 @@ def test_the_setting(monkeypatch):
 
 
 def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
-    """On the CPU (Triton's interpreter) each launch site — the forward's kernels and the
-    input-VJP's — raises with the setting on, naming it (none launches without the wait,
-    none ignores the setting), and runs with it off."""
+    """On the CPU (Triton's interpreter) each launch site — the flow block's forward and
+    input-VJP kernels, the attentions', the Transformer encoder's — raises with the setting
+    on, naming it (none launches without the wait, none ignores the setting), and runs with
+    it off."""
     from ate_fast.models import block_epilogues_triton as fb
     from ate_fast.models import split_kv_attention_triton as sk
     from ate_fast.models.skinny_gemm_triton import skinny_gemm
@@ -69,12 +70,40 @@ def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
             torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5), None, 2
         ),
     }
+    calls.update(_encoder_launches())
     for name, call in calls.items():
         monkeypatch.setenv(pdl_setting.ENV_VAR, "on")
         with pytest.raises(InvalidArgumentError, match=ON_CPU):
             call()
         monkeypatch.setenv(pdl_setting.ENV_VAR, "off")
         assert call() is not None, name  # the plain launch
+
+
+def _encoder_launches() -> dict:
+    """The Transformer encoder's Triton launch sites (``steer.transformer_triton``) and the
+    few-row GEMM with its weight read as stored, at tiny shapes."""
+    from ate_fast.models.skinny_gemm_triton import skinny_gemm
+    from ate_fast.steer import transformer_triton as tt
+
+    norm = torch.nn.LayerNorm(16)
+    x = torch.randn(1, 4, 16)
+    stats = tt.add_norm(x, None, norm)[1]  # made with the setting off (unset)
+    q = torch.randn(1, 4, 3 * 16)
+    att = tt.attention(*q.split(16, dim=-1), 2)[1]
+    dqkv = torch.empty(1, 4, 3 * 16)
+    return {
+        "add_norm": lambda: tt.add_norm(x, x, norm),
+        "norm_backward": lambda: tt.norm_backward(x, x, stats, norm.weight),
+        "bias_act": lambda: tt.bias_act(x, norm.bias, tt.ACT_GELU),
+        "act_backward": lambda: tt.act_backward(x, x, tt.ACT_GELU),
+        "attention": lambda: tt.attention(*q.split(16, dim=-1), 2),
+        "attention_backward": lambda: (
+            tt.attention_backward(x, att, *dqkv.split(16, dim=-1)) or dqkv
+        ),
+        "skinny_gemm (weight [K, N])": lambda: skinny_gemm(
+            torch.randn(5, 64), torch.randn(64, 32), None, None, 16, 2, weight_kn=True
+        ),
+    }
 
 
 @pytest.mark.cuda
@@ -140,3 +169,61 @@ def test_pi0_input_vjp_is_bit_equal_with_pdl(monkeypatch):
         return
     for i, (got, want) in enumerate(zip(run("on"), plain)):
         assert torch.equal(got, want), f"output {i}"
+
+
+@pytest.mark.cuda
+def test_encoder_gradient_is_bit_equal_with_pdl(monkeypatch):
+    """The paper's Transformer encoder (9 layers, bf16, B = 1) on its Triton path with the
+    layers' projections on the few-row GEMM (x·Wᵀ forward, x·W backward): every kernel of a
+    layer a PDL launch. Its guidance gradient, replayed from a CUDA graph on two samples in
+    turn, equals the plain launches' to the bit, and is close to the float64 autograd truth
+    (as the torch VJP in bf16, ×1.5)."""
+    from ate_fast.align import ActionVAE
+    from ate_fast.ops import triton_pdl
+    from ate_fast.steer import latent_distance_gradient
+    from ate_fast.steer.encoder import FrozenEncoder
+
+    torch.manual_seed(0)
+    vae = ActionVAE(32, 50, latent_dim=512, arch="transformer").cuda()
+    xs = [torch.randn(1, 50, 32, device="cuda") for _ in range(2)]
+    target = torch.randn(512, device="cuda")
+    monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "autograd")
+    truth = latent_distance_gradient(FrozenEncoder(vae.double()), xs[0].double(), target.double())
+    encoder = FrozenEncoder(vae.to(torch.bfloat16))
+    monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "vjp")
+    torch_vjp = latent_distance_gradient(encoder, xs[0], target)
+    monkeypatch.setenv("ATE_FAST_TRANSFORMER_GUIDANCE", "triton")
+    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
+
+    def replays(pdl: str) -> list:
+        monkeypatch.setenv(pdl_setting.ENV_VAR, pdl)
+        x = xs[0].clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            latent_distance_gradient(encoder, x, target)  # warm-up off the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            g = latent_distance_gradient(encoder, x, target)
+        out = []
+        for i in range(6):
+            x.copy_(xs[i % 2])
+            graph.replay()
+            torch.cuda.synchronize()
+            out.append(g.clone())
+        return out
+
+    plain = replays("off")
+    assert not torch.equal(plain[0], plain[1])
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel(plain[0], truth) < 1.5 * rel(torch_vjp, truth) + 1e-6
+    if not triton_pdl.available(xs[0].device):
+        with pytest.raises(InvalidArgumentError, match="ATE_FAST_TRITON_PDL=on"):
+            replays("on")
+        return
+    for i, (got, want) in enumerate(zip(replays("on"), plain)):
+        assert torch.equal(got, want), f"replay {i}"

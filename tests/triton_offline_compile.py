@@ -51,7 +51,11 @@ from ate_fast.tuning.switches import PARAMETER_OPTIONS
 
 def signature(kernel, constexprs: dict, pointer_type, scalar_types: dict) -> dict:
     """Triton signature: ``*_ptr`` arguments typed by ``pointer_type(name)``; the rest i32
-    unless ``scalar_types`` says otherwise; constexprs marked as such."""
+    unless ``scalar_types`` says otherwise; constexprs marked as such — every one of the
+    kernel's (a constexpr left out would compile as a run-time argument, silently)."""
+    missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
+    if missing:
+        sys.exit(f"FAIL {kernel.__name__}: constexprs {missing} not given")
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -224,14 +228,15 @@ def transformer_variants(target) -> int:
             for kernel, name in ((tt._add_norm_kernel, "HAS_RES"),
                                  (tt._norm_backward_kernel, "HAS_DY2")):  # fmt: skip
                 compile_one(
-                    kernel, {name: flag, "BLOCK": block}, _typed(stats, store, comp),
+                    kernel, {name: flag, "BLOCK": block, "PDL": False}, _typed(stats, store, comp),
                     {"eps": "fp32"}, target, f"{label} {name}={flag} BLOCK={block}", default,
                 )  # fmt: skip
                 count += 1
         for act in (tt.ACT_GELU, tt.ACT_RELU):
             for kernel in (tt._bias_act_kernel, tt._act_backward_kernel):
                 compile_one(
-                    kernel, {"ACT": act, "BLOCK": tt.ACT_BLOCK}, _typed({"pre_ptr"}, store, comp),
+                    kernel, {"ACT": act, "BLOCK": tt.ACT_BLOCK, "PDL": False},
+                    _typed({"pre_ptr"}, store, comp),
                     {}, target, f"{label} act={act}", default,
                 )  # fmt: skip
                 count += 1
@@ -245,13 +250,45 @@ def transformer_variants(target) -> int:
                 options = {"num_warps": constants.pop("num_warps"),
                            "num_stages": constants.pop("num_stages")}  # fmt: skip
                 compile_one(  # float64: the tests' precision, not gated on spills
-                    kernel, constants, _typed({"lse_ptr"}, store, comp), {}, target,
+                    kernel, {**constants, "PDL": False}, _typed({"lse_ptr"}, store, comp), {},
+                    target,
                     f"{label} Tq={tq} T={t} hd={hd}", options, spill_free=store != "fp64",
                 )  # fmt: skip
                 count += 1
         if store in ("bf16", "fp16"):  # the candidate tiles, at the paper's layer
             count += _candidate_attention_variants(store, comp, target)
+    if target.arch >= 90:
+        count += _transformer_pdl_variants(target)
     return count
+
+
+def _transformer_pdl_variants(target) -> int:
+    """The encoder's kernels launched with programmatic dependent launch, bf16 at the
+    paper's size (a full layer's attention, 52 tokens, heads of 128; rows of 512): the
+    attribute set, every load after the wait (:func:`_check_pdl_order`)."""
+    stats = _typed({"mean_ptr", "rstd_ptr"}, "bf16", "fp32")
+    pre = _typed({"pre_ptr"}, "bf16", "fp32")
+    default = {"num_warps": 4, "num_stages": _TRITON_DEFAULT_STAGES}
+    variants = [
+        (tt._add_norm_kernel, {"HAS_RES": True, "BLOCK": 512}, stats, {"eps": "fp32"}, default),
+        (tt._norm_backward_kernel, {"HAS_DY2": True, "BLOCK": 512}, stats, {}, default),
+        (tt._bias_act_kernel, {"ACT": tt.ACT_GELU, "BLOCK": tt.ACT_BLOCK}, pre, {}, default),
+        (tt._act_backward_kernel, {"ACT": tt.ACT_GELU, "BLOCK": tt.ACT_BLOCK}, pre, {}, default),
+    ]
+    for kernel in (tt._attention_kernel, tt._attention_backward_kernel):
+        constants = tt.attention_constants(
+            52, 52, 128, torch.bfloat16, backward=kernel is tt._attention_backward_kernel
+        )
+        options = {"num_warps": constants.pop("num_warps"),
+                   "num_stages": constants.pop("num_stages")}  # fmt: skip
+        variants.append((kernel, constants, _typed({"lse_ptr"}, "bf16", "fp32"), {}, options))
+    for kernel, constexprs, types, scalars, options in variants:
+        compiled = compile_one(
+            kernel, {**constexprs, "PDL": True}, types, scalars, target, "bf16 PDL",
+            {**options, **triton_pdl.launch_options(True)}, spill_free=True,
+        )  # fmt: skip
+        _check_pdl_order(compiled, True, prefetches=False)
+    return len(variants)
 
 
 def _candidate_attention_variants(store: str, comp: str, target) -> int:
@@ -269,7 +306,7 @@ def _candidate_attention_variants(store: str, comp: str, target) -> int:
         options = {"num_warps": constants.pop("num_warps"),
                    "num_stages": constants.pop("num_stages")}  # fmt: skip
         compile_one(
-            kernel, constants, _typed({"lse_ptr"}, store, comp), {}, target,
+            kernel, {**constants, "PDL": False}, _typed({"lse_ptr"}, store, comp), {}, target,
             f"{store}->{comp} {which} tile {tile}", options, spill_free=True,
         )  # fmt: skip
     return len(passes)
@@ -419,13 +456,14 @@ def _skinny_pointer(store: str, comp: str, split: bool, name: str) -> str:
 
 def skinny_gemm_variants(target) -> int:
     """The few-row GEMM (``ate_fast.models.skinny_gemm_triton``) in every storage dtype and
-        column tile, with and without the residual (and one bias + uneven-K variant each), at
-        the launcher's stages for the tile; its K slices (the float workspace's partials, even
-        K and not), the slices summed in-kernel by each tile's last program with each epilogue,
-    and the slices' sum kernel with each epilogue. For sm_90 also the programmatic
-        dependent launch (bf16 / fp16, every tile, whole and split, and the sum): the weight
-        strip's L2 prefetches come before the grid-dependency wait and every load of x after
-        it (the Orin, sm_87, has no PDL: the launcher never asks for it there)."""
+    column tile, with and without the residual (and one bias + uneven-K variant each), at
+    the launcher's stages for the tile; its K slices (the float workspace's partials, even
+    K and not), the slices summed in-kernel by each tile's last program with each epilogue,
+    the weight read as stored [K, N] (x·W: the encoder's input-VJP) whole and split, and
+    the slices' sum kernel with each epilogue. For sm_90 also the programmatic dependent
+    launch (bf16 / fp16, every tile, whole and split, and the sum): the weight strip's L2
+    prefetches come before the grid-dependency wait and every load of x after it (the
+    Orin, sm_87, has no PDL: the launcher never asks for it there)."""
     count = 0
     pdl_too = target.arch >= 90
     for (store, comp), block_n in itertools.product(_STORAGE_COMPUTE, sg.STAGES_BY_BLOCK_N):
@@ -435,27 +473,37 @@ def skinny_gemm_variants(target) -> int:
         c = tl.float64 if comp == "fp64" else tl.float32
         options = {"num_warps": sg.WARPS_BY_BLOCK_N[block_n],
                    "num_stages": sg.STAGES_BY_BLOCK_N[block_n]}  # fmt: skip
-        # (bias, residual, even K, split, summed in-kernel, PDL)
-        whole = [(b, r, even, False, False, False) for b, r, even in _SKINNY_EPILOGUES]
+        # (bias, residual, even K, split, summed in-kernel, PDL, weight [K, N])
+        whole = [(b, r, even, False, False, False, False) for b, r, even in _SKINNY_EPILOGUES]
         sliced = [
-            (False, False, True, True, False, False),
-            (False, False, False, True, False, False),
+            (False, False, True, True, False, False, False),
+            (False, False, False, True, False, False, False),
         ]
-        sliced += [(b, r, even, True, True, False) for b, r, even in _SKINNY_EPILOGUES[1:]]
+        sliced += [(b, r, e, True, True, False, False) for b, r, e in _SKINNY_EPILOGUES[1:]]
         if pdl_too and dtype.itemsize == 2:
-            whole.append((False, True, True, False, False, True))
-            sliced.append((False, False, True, True, False, True))
-            sliced.append((False, True, True, True, True, True))
-        for bias, residual, even, split, in_kernel, pdl in [*whole, *sliced]:
+            whole.append((False, True, True, False, False, True, False))
+            sliced.append((False, False, True, True, False, True, False))
+            sliced.append((False, True, True, True, True, True, False))
+        # x·W for W [K, N] (the encoder's input-VJP): whole, and split with the residual
+        # summed in-kernel (the split sum kernel is the same kernel as above)
+        stored = []
+        if store != "fp64":
+            stored = [(False, False, True, False, False, False, True),
+                      (False, True, True, True, True, False, True)]  # fmt: skip
+            if pdl_too and dtype.itemsize == 2:
+                stored.append((False, True, True, True, True, True, True))
+        if sg.column_tile(block_n, dtype, weight_kn=True) != block_n:
+            stored = []  # the launcher never uses this tile for this dtype
+        for bias, residual, even, split, in_kernel, pdl, kn in [*whole, *sliced, *stored]:
             compiled = compile_one(
                 sg._skinny_gemm_kernel,
                 {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "EVEN_K": even, "SPLIT": split,
                  "SUM": in_kernel, "C": c, "INTERPRETED": False, "PDL": pdl,
                  "BLOCK_M": sg.BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": sg.block_k(dtype),
-                 "LINE": sg.line_elements(dtype)},
+                 "LINE": sg.line_elements(dtype), "W_KN": kn},
                 functools.partial(_skinny_pointer, store, comp, split), {}, target,
                 f"{store} BLOCK_N={block_n} bias={bias} residual={residual} even_k={even} "
-                f"split={split} sum={in_kernel} pdl={pdl}",
+                f"split={split} sum={in_kernel} pdl={pdl} w_kn={kn}",
                 {**options, **triton_pdl.launch_options(pdl)}, spill_free=store != "fp64",
                 divisible=_SKINNY_ALIGNED,
             )  # fmt: skip

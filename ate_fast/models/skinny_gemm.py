@@ -86,11 +86,11 @@ def split_k() -> Optional[int]:
 
 
 def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
-    """Whether the kernel computes ``x`` [..., K] · ``weight`` [N, K]ᵀ (with the optional
-    bias / residual ``others``): selected, at most :data:`MAX_ROWS` rows, N and K multiples
-    of 16, one dtype, every operand contiguous and 16-byte aligned, nothing recording or
-    tracing; raises where it is selected and
-    Triton cannot run on the tensors' device."""
+    """Whether the kernel computes ``x`` [..., K] · ``weight`` [N, K]ᵀ, or · ``weight``
+    [K, N] (:func:`skinny_matmul`), with the optional bias / residual ``others``: selected,
+    at most :data:`MAX_ROWS` rows, N and K multiples of 16, one dtype, every operand
+    contiguous and 16-byte aligned, nothing recording or tracing; raises where it is
+    selected and Triton cannot run on the tensors' device."""
     if not os.environ.get(ENV_VAR) or selected_path() != "triton":  # unset: one dict lookup
         return False
     extra = [t for t in others if t is not None]
@@ -124,6 +124,18 @@ def skinny_linear(
     res = None if residual is None else residual.reshape(rows.shape[0], -1)
     out = skinny_gemm(rows, weight, bias, res, block_n(), split_k())
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def skinny_matmul(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    """``x`` [..., K] · ``weight`` [K, N] (+ ``residual`` [..., N]) -> [..., N] on the kernel
+    (call where :func:`takes` is true): a layer's input-VJP through its weight [out, in]
+    read as it is stored."""
+    from ate_fast.models.skinny_gemm_triton import skinny_gemm  # imports triton: on use
+
+    rows = x.reshape(-1, x.shape[-1])
+    res = None if residual is None else residual.reshape(rows.shape[0], -1)
+    out = skinny_gemm(rows, weight, None, res, block_n(), split_k(), weight_kn=True)
+    return out.view(*x.shape[:-1], weight.shape[1])
 
 
 def block_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -82,10 +82,11 @@ def _skinny_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT: tl.constexpr, SUM: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
     PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LINE: tl.constexpr,
+    LINE: tl.constexpr, W_KN: tl.constexpr,
 ):  # fmt: skip
     """``y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n]) (+ res[rows, n])``, all row-major
-    and contiguous; one program per output tile and slice of K (program id 2:
+    and contiguous — or, ``W_KN``, ``x · w`` for ``w[k, n]`` (a layer's input-VJP through
+    its weight); one program per output tile and slice of K (program id 2:
     ``k_per_split`` of K, a multiple of ``BLOCK_K``). ``SPLIT``: ``y`` is the float
     workspace ``[splits, rows, n]`` in ``C``, each slice's partial product stored unrounded;
     then either :func:`_split_sum_kernel` adds them up, or (``SUM``) the tile's last program
@@ -102,22 +103,32 @@ def _skinny_gemm_kernel(
     k_lo = tl.program_id(2) * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, k)
     if PDL:  # the weights are constant: read them before the previous kernel ends
-        strip = tl.minimum(rn, n - 1).to(tl.int64)[:, None] * k  # in bounds, as the loads
-        lines = tl.arange(0, BLOCK_K // LINE)[None, :] * LINE
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            pdl_prefetch(w_ptr + strip + tl.minimum(k0 + lines, k - 1))
+        if W_KN:  # the tile's columns of each row of w: at most a line or two per row
+            first = w_ptr + tl.program_id(0) * BLOCK_N
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                pdl_prefetch(first + tl.minimum(k0 + rk, k - 1).to(tl.int64) * n)
+        else:
+            strip = tl.minimum(rn, n - 1).to(tl.int64)[:, None] * k  # in bounds, as the loads
+            lines = tl.arange(0, BLOCK_K // LINE)[None, :] * LINE
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                pdl_prefetch(w_ptr + strip + tl.minimum(k0 + lines, k - 1))
         pdl_wait()
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * k + rk[None, :]
-    w_cols = w_ptr + rn.to(tl.int64)[None, :] * k + rk[:, None]
+    if W_KN:
+        w_cols = w_ptr + rk.to(tl.int64)[:, None] * n + rn[None, :]
+        w_step = n
+    else:
+        w_cols = w_ptr + rn.to(tl.int64)[None, :] * k + rk[:, None]
+        w_step = 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), C)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)
-            b = tl.load(w_cols + k0, mask=n_ok[None, :], other=0.0)
+            b = tl.load(w_cols + k0 * w_step, mask=n_ok[None, :], other=0.0)
         else:
             k_ok = (k0 + rk) < k  # only K's last step is short: slices start on a step
             a = tl.load(x_rows + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_cols + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(w_cols + k0 * w_step, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, C, INTERPRETED)
     ok = m_ok[:, None] & n_ok[None, :]
     out = rm.to(tl.int64)[:, None] * n + rn[None, :]
@@ -167,9 +178,15 @@ def _split_sum_kernel(
 WIDEST_BLOCK_N = {2: 128, 4: 64, 8: 64}
 
 
-def column_tile(block_n: int, dtype: torch.dtype) -> int:
-    """The column tile a launch uses: ``block_n``, at most :data:`WIDEST_BLOCK_N`."""
-    return min(block_n, WIDEST_BLOCK_N[dtype.itemsize])
+# ... and for the weight read as stored [K, N] (float32's split 64-column tile spills)
+WIDEST_BLOCK_N_KN = {2: 128, 4: 32, 8: 64}
+
+
+def column_tile(block_n: int, dtype: torch.dtype, weight_kn: bool = False) -> int:
+    """The column tile a launch uses: ``block_n``, at most :data:`WIDEST_BLOCK_N` (or, for
+    the weight read as stored, :data:`WIDEST_BLOCK_N_KN`)."""
+    widest = WIDEST_BLOCK_N_KN if weight_kn else WIDEST_BLOCK_N
+    return min(block_n, widest[dtype.itemsize])
 
 
 def line_elements(dtype: torch.dtype) -> int:
@@ -220,10 +237,12 @@ def skinny_gemm(
     residual: Optional[Tensor],
     block_n: int,
     split_k: Optional[int] = None,
+    weight_kn: bool = False,
 ) -> Tensor:
     """``x`` [rows, K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [rows, N]) ->
-    [rows, N] in x's dtype; every tensor contiguous, on one device, in one dtype (the
-    caller, :func:`ate_fast.models.skinny_gemm.skinny_linear`, checks). ``split_k``: K's
+    [rows, N] in x's dtype — or, ``weight_kn``, ``x · weight`` for ``weight`` [K, N];
+    every tensor contiguous, on one device, in one dtype (the callers,
+    :mod:`ate_fast.models.skinny_gemm`, check). ``split_k``: K's
     slices (:func:`k_splits`; None: by the SM count); with more than one, the partial
     products go to a float workspace [splits, rows, N], summed by each tile's last program
     where counters are lent (:func:`ate_fast.ops.split_counters.for_launch`: inside a
@@ -231,9 +250,9 @@ def skinny_gemm(
     ``$ATE_FAST_TRITON_PDL=on``: both kernels launched with programmatic dependent launch
     (:func:`ate_fast.ops.triton_pdl.for_device`: raises where the GPU or Triton has none)."""
     rows, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[1 if weight_kn else 0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    bk, block_n = block_k(x.dtype), column_tile(block_n, x.dtype)
+    bk, block_n = block_k(x.dtype), column_tile(block_n, x.dtype, weight_kn)
     n_tiles = triton.cdiv(n, block_n)
     splits, k_per_split = k_splits(n_tiles, k, bk, split_k, sm_count(x.device))
     c = accumulator_type(x.dtype)
@@ -252,8 +271,8 @@ def skinny_gemm(
         EVEN_K=k % bk == 0, SPLIT=splits > 1, SUM=counts is not None, C=c,
         INTERPRETED=x.device.type == "cpu",
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk, LINE=line_elements(x.dtype),
-        num_warps=WARPS_BY_BLOCK_N[block_n], num_stages=STAGES_BY_BLOCK_N[block_n],
-        **pdl,
+        W_KN=weight_kn, num_warps=WARPS_BY_BLOCK_N[block_n],
+        num_stages=STAGES_BY_BLOCK_N[block_n], **pdl,
     )  # fmt: skip
     if ws is not None and counts is None:
         _split_sum_kernel[(triton.cdiv(rows * n, SUM_BLOCK),)](

@@ -9,7 +9,10 @@ compile offline for sm_87 and sm_90 within the shared memory of each and of sm_8
 the hand-written VJP in bf16 at B = 1, 1.03× in float32; slower at B = 8 and 64 (float32),
 where the VJP stays the default (:data:`ate_fast.steer.transformer_vjp.SINGLE_SAMPLE_PATH`).
 
-Five kernels, each replacing a chain of torch kernels of one post-norm layer:
+Five kernels, each replacing a chain of torch kernels of one post-norm layer (each takes
+``ATE_FAST_TRITON_PDL``: with ``ATE_FAST_SKINNY_GEMM=triton`` at B = 1 the layer's
+projections are Triton kernels too, and every kernel of a layer a programmatic dependent
+launch — not run on a GPU yet):
 
 * :func:`add_norm` — residual add + LayerNorm forward, one program per token row (the
   row, ``d_model ≤ 4096``, in one block); stores the output, the pre-norm sum (what the
@@ -54,8 +57,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ate_fast.ops import triton_pdl
 from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import tile_dot as _dot
+from ate_fast.ops.triton_pdl import wait as pdl_wait
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -116,9 +121,12 @@ def _strided_row_sum(
 def _add_norm_kernel(
     x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr,
     rows_per_batch, x_sb, x_st, r_sb, r_st, n, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # One program per token row: s = x + r, y = (s − mean)·rstd·w + b.
+    # One program per token row: s = x + r, y = (s − mean)·rstd·w + b. PDL (every kernel
+    # here): launched with programmatic dependent launch, nothing read before the wait.
+    if PDL:
+        pdl_wait()
     C: tl.constexpr = mean_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -141,9 +149,11 @@ def _add_norm_kernel(
 def _norm_backward_kernel(
     dy_ptr, dy2_ptr, s_ptr, mean_ptr, rstd_ptr, w_ptr, dx_ptr,
     rows_per_batch, dy_sb, dy_st, dy2_sb, dy2_st, n,
-    HAS_DY2: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DY2: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # One program per row: g = dy (+ dy2); dx = rstd·(w⊙g − mean(w⊙g) − x̂·mean(w⊙g⊙x̂)).
+    if PDL:
+        pdl_wait()
     C: tl.constexpr = mean_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -185,6 +195,7 @@ def add_norm(
         _add_norm_kernel[(batch * rows,)](
             x, r, norm.weight, norm.bias, y, s, stats[0], stats[1], rows, *_rows(x), *_rows(r),
             n, float(norm.eps), HAS_RES=residual is not None, BLOCK=_block(n),
+            **triton_pdl.launch_kwargs(x.device),
         )  # fmt: skip
     return y, (s, stats[0], stats[1])
 
@@ -203,7 +214,7 @@ def norm_backward(
         e = grad if extra is None else extra
         _norm_backward_kernel[(batch * rows,)](
             grad, e, s, mean, rstd, weight, dx, rows, *_rows(grad), *_rows(e), n,
-            HAS_DY2=extra is not None, BLOCK=_block(n),
+            HAS_DY2=extra is not None, BLOCK=_block(n), **triton_pdl.launch_kwargs(grad.device),
         )  # fmt: skip
     return dx
 
@@ -217,9 +228,12 @@ def _gelu_grad(u):
 
 @triton.jit
 def _bias_act_kernel(
-    x_ptr, b_ptr, pre_ptr, y_ptr, numel, width, ACT: tl.constexpr, BLOCK: tl.constexpr
-):
+    x_ptr, b_ptr, pre_ptr, y_ptr, numel, width,
+    ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
     # pre = x + b (b broadcast along rows, pre kept in the compute type), y = act(pre).
+    if PDL:
+        pdl_wait()
     C: tl.constexpr = pre_ptr.dtype.element_ty
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
@@ -234,8 +248,12 @@ def _bias_act_kernel(
 
 
 @triton.jit
-def _act_backward_kernel(g_ptr, pre_ptr, dx_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_backward_kernel(
+    g_ptr, pre_ptr, dx_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
     # dx = g ⊙ act'(pre); element-wise, in pre's (the compute) type.
+    if PDL:
+        pdl_wait()
     C: tl.constexpr = pre_ptr.dtype.element_ty
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
@@ -257,7 +275,15 @@ def bias_act(x: Tensor, bias: Tensor, act: int) -> tuple[Tensor, Tensor]:
     y = torch.empty_like(x)
     if x.numel():
         _bias_act_kernel[(triton.cdiv(x.numel(), ACT_BLOCK),)](
-            x, bias, pre, y, x.numel(), x.shape[-1], ACT=act, BLOCK=ACT_BLOCK
+            x,
+            bias,
+            pre,
+            y,
+            x.numel(),
+            x.shape[-1],
+            ACT=act,
+            BLOCK=ACT_BLOCK,
+            **triton_pdl.launch_kwargs(x.device),
         )
     return pre, y
 
@@ -269,7 +295,13 @@ def act_backward(grad: Tensor, pre: Tensor, act: int) -> Tensor:
     dx = torch.empty_like(grad)
     if grad.numel():
         _act_backward_kernel[(triton.cdiv(grad.numel(), ACT_BLOCK),)](
-            grad, pre, dx, grad.numel(), ACT=act, BLOCK=ACT_BLOCK
+            grad,
+            pre,
+            dx,
+            grad.numel(),
+            ACT=act,
+            BLOCK=ACT_BLOCK,
+            **triton_pdl.launch_kwargs(grad.device),
         )
     return dx
 
@@ -296,11 +328,13 @@ def _scores(q, k, iq, it, tq, t, HD: tl.constexpr, C: tl.constexpr, INTERPRETED:
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tq, t, nh, q_sb, q_st, kv_sb, kv_st,
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # One program per (sample, head, block of BLOCK_Q queries): O = softmax(QKᵀ/√hd) V,
     # lse = log Σ exp(QKᵀ/√hd), over blocks of BLOCK_K keys with the running max / sum of
     # the online softmax.
+    if PDL:
+        pdl_wait()
     C: tl.constexpr = lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
     bi, hi = (pid // nh).to(tl.int64), pid % nh
@@ -363,13 +397,15 @@ def _attention_backward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, tq, t, nh,
     q_sb, q_st, kv_sb, kv_st, do_sb, do_st, dq_sb, dq_st, dkv_sb, dkv_st,
     HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Axis 1 of the grid: the first cdiv(t, BLOCK_K) programs of a (sample, head) each own a
     # block of keys, dK = Σ dSᵀ Q and dV = Σ Pᵀ dO over blocks of BLOCK_Q queries; the rest
     # each own a block of queries, dQ = Σ dS K over blocks of keys. Every gradient row is
     # summed in one program in a fixed order (no atomics); a program loads its own block
     # once and the other side's blocks in turn, so only one tile pair is live.
+    if PDL:
+        pdl_wait()
     C: tl.constexpr = lse_ptr.dtype.element_ty
     pid, blk = tl.program_id(0), tl.program_id(1)
     bi, hi = (pid // nh).to(tl.int64), pid % nh
@@ -452,7 +488,8 @@ def attention(
         )
         grid = (batch * num_heads, triton.cdiv(tq, constants["BLOCK_Q"]))
         _attention_kernel[grid](
-            q, k, v, o, lse, tq, k.shape[1], num_heads, *_rows(q), *_rows(k), **constants
+            q, k, v, o, lse, tq, k.shape[1], num_heads, *_rows(q), *_rows(k), **constants,
+            **triton_pdl.launch_kwargs(q.device),
         )  # fmt: skip
     return o, (q, k, v, o, lse, num_heads)
 
@@ -477,5 +514,5 @@ def attention_backward(
     blocks = triton.cdiv(t, constants["BLOCK_K"]) + triton.cdiv(tq, constants["BLOCK_Q"])
     _attention_backward_kernel[(batch * num_heads, blocks)](
         q, k, v, o, grad, lse, dq, dk, dv, tq, t, num_heads, *_rows(q), *_rows(k),
-        *_rows(grad), *_rows(dq), *_rows(dk), **constants,
+        *_rows(grad), *_rows(dq), *_rows(dk), **constants, **triton_pdl.launch_kwargs(q.device),
     )  # fmt: skip

@@ -45,8 +45,12 @@ backward, ·W1, norm backward + residual gradient, ·W_out, attention backward, 
 ``addmm_`` for ``dr1 + dqkv·W_in``); 17 → 8 and 27 → 8 counting the copies
 ``torch.matmul`` makes of the strided per-head views, and the input layers' skip-gradient
 add (one more kernel on the torch path) is fused into the first norm backward. The
-matmuls stay torch's (cuBLAS); bias + GELU is a 1:1 swap (the bias leaves the matmul for
-the element-wise kernel, which also keeps the pre-activation for the backward). Tested on
+matmuls stay torch's (cuBLAS) unless ``ATE_FAST_SKINNY_GEMM=triton``, where at B = 1 (≤ 64
+rows) they run on the few-row Triton GEMM (:mod:`ate_fast.models.skinny_gemm`: x·Wᵀ forward,
+x·W with the weight as stored backward) and, with ``ATE_FAST_TRITON_PDL=on``, every kernel
+of a layer is a programmatic dependent launch (never run on a GPU); bias + GELU is a 1:1
+swap (the bias leaves the matmul for the element-wise kernel, which also keeps the
+pre-activation for the backward). Tested on
 the CPU through the Triton interpreter (float32, float64) and compiled offline for sm_87
 and sm_90; on an H200 (2026-12-04, ``bench_transformer_guidance.py``, each path replayed
 from a CUDA graph, the paper's 9-layer encoder) the gradient took 0.61 ms against the VJP's
@@ -79,6 +83,7 @@ from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
 from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import skinny_gemm
 from ate_fast.models.cpu_gemm import linear, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.module_checks import plain_tree
@@ -304,25 +309,48 @@ def _act_code(layer: nn.TransformerEncoderLayer) -> int:
     return tt.ACT_GELU if layer.activation is F.gelu else tt.ACT_RELU
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear`` [..., N] — on the few-row Triton GEMM where it takes the call
+    (``ATE_FAST_SKINNY_GEMM=triton``, at most 64 rows: B = 1;
+    :mod:`ate_fast.models.skinny_gemm`)."""
+    if skinny_gemm.takes(x, weight, bias):
+        return skinny_gemm.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _times(x: Tensor, weight: Tensor, into: Optional[Tensor] = None) -> Tensor:
+    """``(into +) x · weight`` [..., N] for ``weight`` [K, N] (a layer's input-VJP through
+    its weight), on the few-row Triton GEMM where it takes the call; on torch's, ``into``
+    (contiguous, read nowhere else) accumulates in place — an out-of-place ``addmm`` would
+    first copy it."""
+    if skinny_gemm.takes(x, weight, into):
+        return skinny_gemm.skinny_matmul(x, weight, into)
+    if into is None:
+        return x @ weight
+    n = weight.shape[1]
+    return into.view(-1, n).addmm_(x.reshape(-1, x.shape[-1]), weight).view(into.shape)
+
+
 def _layer_forward_triton(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[int]):
     """:func:`_layer_forward` on the Triton kernels: attention, add + norm and bias + act
-    in one kernel each; the projections are torch matmuls."""
+    in one kernel each; the projections torch matmuls or, with
+    ``ATE_FAST_SKINNY_GEMM=triton`` at few rows, the few-row Triton GEMM."""
     tt = _kernels()
     attn = layer.self_attn
     d, nh = attn.embed_dim, attn.num_heads
     w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
     if rows is None:
         hq = h
-        q, k, v = F.linear(h, w_in, b_in).split(d, dim=-1)  # views of one [B, T, 3d]
+        q, k, v = _linear(h, w_in, b_in).split(d, dim=-1)  # views of one [B, T, 3d]
     else:
         hq = h[:, :rows]
-        q = F.linear(hq, w_in[:d], b_in[:d])
-        k, v = F.linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
+        q = _linear(hq, w_in[:d], b_in[:d])
+        k, v = _linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
     o, att = tt.attention(q, k, v, nh)
-    h1, n1 = tt.add_norm(hq, F.linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
+    h1, n1 = tt.add_norm(hq, _linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
     act = _act_code(layer)
-    pre, a = tt.bias_act(F.linear(h1, layer.linear1.weight), layer.linear1.bias, act)
-    r2 = F.linear(a, layer.linear2.weight, layer.linear2.bias)
+    pre, a = tt.bias_act(_linear(h1, layer.linear1.weight), layer.linear1.bias, act)
+    r2 = _linear(a, layer.linear2.weight, layer.linear2.bias)
     out, n2 = tt.add_norm(h1, r2, layer.norm2)
     return out, (layer, rows, att, n1, pre, n2, act)
 
@@ -334,20 +362,20 @@ def _layer_backward_triton(grad: Tensor, extra: Optional[Tensor], saved: tuple) 
     attn = layer.self_attn
     d = attn.embed_dim
     dr2 = tt.norm_backward(grad, extra, n2, layer.norm2.weight)
-    dpre = tt.act_backward(dr2 @ layer.linear2.weight, pre, act)
-    dr1 = tt.norm_backward(dr2, dpre @ layer.linear1.weight, n1, layer.norm1.weight)
-    do = dr1 @ attn.out_proj.weight  # [B, rows or T, d]
+    dpre = tt.act_backward(_times(dr2, layer.linear2.weight), pre, act)
+    dr1 = tt.norm_backward(dr2, _times(dpre, layer.linear1.weight), n1, layer.norm1.weight)
+    do = _times(dr1, attn.out_proj.weight)  # [B, rows or T, d]
     batch, tokens = att[1].shape[:2]
     w_in = attn.in_proj_weight
     if rows is None:
         dqkv = torch.empty((batch, tokens, 3 * d), dtype=grad.dtype, device=grad.device)
         tt.attention_backward(do, att, *dqkv.split(d, dim=-1))
-        return dr1.view(-1, d).addmm_(dqkv.view(-1, 3 * d), w_in).view(batch, tokens, d)
+        return _times(dqkv, w_in, dr1)  # dr1 + dqkv·W_in
     dq = torch.empty((batch, rows, d), dtype=grad.dtype, device=grad.device)
     dkv = torch.empty((batch, tokens, 2 * d), dtype=grad.dtype, device=grad.device)
     tt.attention_backward(do, att, dq, *dkv.split(d, dim=-1))
-    dh = dkv @ w_in[d:]
-    dh[:, :rows] += dr1.view(-1, d).addmm_(dq.view(-1, d), w_in[:d]).view(batch, rows, d)
+    dh = _times(dkv, w_in[d:])
+    dh[:, :rows] += _times(dq, w_in[:d], dr1)
     return dh
 
 
