@@ -99,3 +99,15 @@ def pi0_on_cuda(depth: int) -> tuple:
     x = torch.randn(1, 50, 32, device="cuda", dtype=torch.bfloat16)
     t = torch.tensor([0.4], device="cuda", dtype=torch.bfloat16)
     return head, cache, x, t, torch.randn_like(x)
+
+
+class LaunchCounter:
+    """Stands in for a Triton kernel (``mock.patch.object(module, "_kernel", counter)``),
+    counting its launches (``kernel[grid](...)``) and making them."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]

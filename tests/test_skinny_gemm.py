@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flow_head_paths import (  # tests/ is on sys.path
+    LaunchCounter,
     assert_compile_traces_torch_ops,
     assert_path_matches,
     small_head,
@@ -115,17 +116,6 @@ def test_weight_as_stored_matches_float64(triton_path, dtype, split, rows, k, n)
         _check(skinny_gemm.skinny_matmul(x, w, r), x, w_nk, None, r, dtype)
 
 
-class _Launches:
-    """Stands in for a Triton kernel, counting its launches (``kernel[grid](...)``)."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("rows", "k", "n", "split"), [(50, 1000, 48, 3), (1, 512, 32, 64)])
 def test_in_kernel_sum_equals_the_sum_kernel(triton_path, dtype, rows, k, n, split):
@@ -141,7 +131,7 @@ def test_in_kernel_sum_equals_the_sum_kernel(triton_path, dtype, rows, k, n, spl
     x, w, b, r = _operands(rows, k, n, dtype)
     want = [skinny_gemm.skinny_linear(x, w), skinny_gemm.skinny_linear(x, w, b, r)]
     counters = split_counters.new_buffer(x.device)
-    sums = _Launches(sgt._split_sum_kernel)
+    sums = LaunchCounter(sgt._split_sum_kernel)
     with mock.patch.object(sgt, "_split_sum_kernel", sums), split_counters.lend(counters):
         got = [skinny_gemm.skinny_linear(x, w), skinny_gemm.skinny_linear(x, w, b, r)]
         assert sums.count == 0
@@ -401,7 +391,7 @@ def test_captured_sampler_sums_the_slices_in_kernel_on_cuda(triton_path):
 
     def actions(where: str) -> tuple[list, int]:
         triton_path.setenv("ATE_FAST_SPLIT_REDUCE", where)
-        sums = _Launches(sgt._split_sum_kernel)
+        sums = LaunchCounter(sgt._split_sum_kernel)
         with torch.no_grad(), mock.patch.object(sgt, "_split_sum_kernel", sums):
             captured = FlowSampler(head, 3).capture(noises[0], cache, check_finite=False)
             launched = sums.count

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import assert_path_matches, small_head  # tests/ is on sys.path
+from flow_head_paths import LaunchCounter, assert_path_matches, small_head  # tests/ on sys.path
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import split_kv_attention
@@ -93,17 +93,9 @@ def test_the_last_program_combines_where_counters_are_lent(dtype, tiles):
     zero; ``ATE_FAST_SPLIT_REDUCE=kernel`` launches the combine kernel after all."""
     from ate_fast.ops import split_counters
 
-    class Launches:
-        def __init__(self, kernel) -> None:
-            self.kernel, self.count = kernel, 0
-
-        def __getitem__(self, grid):
-            self.count += 1
-            return self.kernel[grid]
-
     q, k, v = _qkv(2, 2, 37, 90, 24, dtype)
     counters = split_counters.new_buffer(q.device)
-    combines = Launches(kernels._combine_kernel)
+    combines = LaunchCounter(kernels._combine_kernel)
     with mock.patch.object(kernels, "_combine_kernel", combines):
         with split_counters.lend(counters):
             got = kernels.split_kv_attention(q, k, v, tiles)
