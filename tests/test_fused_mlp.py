@@ -137,9 +137,33 @@ def test_a_count_that_never_comes_gives_nan_not_a_hang(persistent):
         INTERPRETED=True,
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=3,
+        RESET=False,
     )  # fmt: skip
     assert bool(out.isnan().all())
     assert sync[1 : 1 + slices].sum() == 0  # no up task ran
+
+
+@pytest.mark.parametrize("tiles", ["", SMALL])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_lent_counters_are_set_back_to_zero(persistent, tiles, dtype):
+    """With counters lent (as a captured graph lends them; no zeroed buffer per call) the
+    last program done sets every count back to zero: two launches in turn on the same
+    counters, saving and not, each equal to the fresh-buffer launch to the bit (a count
+    left over would end the second launch's tasks early or wait for ones that never
+    come)."""
+    from ate_fast.ops import split_counters
+
+    persistent.setenv(fused_mlp.TILES_VAR, tiles)
+    x, gamma, w_gu, w_down = _operands(50, 32, 48, dtype)
+    want = fused_mlp.fused_mlp_residual(x, gamma, 1e-6, w_gu, w_down)
+    want_saved = fused_mlp.fused_mlp_saving(x, gamma, 1e-6, w_gu, w_down)
+    counters = split_counters.new_buffer(x.device)
+    with split_counters.lend(counters), mock.patch.object(torch, "zeros", None):  # no memset
+        got = [fused_mlp.fused_mlp_residual(x, gamma, 1e-6, w_gu, w_down) for _ in range(2)]
+        saved = fused_mlp.fused_mlp_saving(x, gamma, 1e-6, w_gu, w_down)
+    assert all(torch.equal(g, want) for g in got)
+    assert all(torch.equal(a, b) for a, b in zip(saved, want_saved))
+    assert not counters.any()
 
 
 @pytest.mark.parametrize("tiles", ["", SMALL])
@@ -289,6 +313,34 @@ def test_pi0_mlp_on_cuda(persistent, dtype, tiles):
             again = fused_mlp.fused_mlp_residual(x, gamma, 1e-6, w_gu, w_down)
             torch.cuda.synchronize()
             assert torch.equal(replayed, got) and torch.equal(again, got)
+
+
+@pytest.mark.cuda
+def test_pi0_mlp_on_lent_counters_on_cuda(persistent):
+    """π0's MLP (bf16, 50 rows) captured in a CUDA graph on lent counters (no memset: the
+    last program done zeroes them), replayed on two inputs in turn: each replay equal to
+    the fresh-buffer launch to the bit, the counters zero at the end."""
+    from ate_fast.ops import split_counters
+
+    inputs = [_operands(50, 1024, 4096, torch.bfloat16, "cuda", seed=s) for s in (0, 1)]
+    gamma, w_gu, w_down = inputs[0][1:]
+    want = [fused_mlp.fused_mlp_residual(x, gamma, 1e-6, w_gu, w_down) for x, *_ in inputs]
+    static = inputs[0][0].clone()
+    counters = split_counters.new_buffer(static.device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), split_counters.lend(counters):
+        fused_mlp.fused_mlp_residual(static, gamma, 1e-6, w_gu, w_down)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream), split_counters.lend(counters):
+        out = fused_mlp.fused_mlp_residual(static, gamma, 1e-6, w_gu, w_down)
+    for i in range(6):
+        static.copy_(inputs[i % 2][0])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want[i % 2]), f"replay {i}"
+    assert not counters.any()
 
 
 @pytest.mark.cuda

@@ -681,17 +681,23 @@ def fused_mlp_variants(target) -> int:
     """The persistent MLP (``ate_fast.models.fused_mlp_triton``) at its default tiles in
     every storage dtype, with the norm's weight and without (folded), for 50 rows (B = 1)
     and for 1 (row tiles 64 and 16), and for 20 in float32 and bf16 (32); bench_realsize's
-    A/B tiles in bf16; the saving launch (RTC) in bf16 and float32; spill-free but in
-    float64."""
+    A/B tiles in bf16; the saving launch (RTC) in bf16 and float32; the launch on a
+    capture's lent counters, which it sets back to zero (bf16 and float32, B = 1, saving
+    and not); spill-free but in float64."""
     count = 0
     grid = itertools.product(_STORAGE_COMPUTE, (True, False), (50, 1))
-    settings = [(store, comp, gain, rows, "", False) for (store, comp), gain, rows in grid]
-    settings += [(store, comp, False, 20, "", False) for store, comp in _STORAGE_COMPUTE[::2]]
-    settings += [("bf16", "fp32", False, 50, tiles, False) for tiles in FUSED_MLP_AB_TILES]
+    # (store, compute, gain, rows, tiles, save, reset)
+    settings = [(st, comp, gain, rows, "", False, False) for (st, comp), gain, rows in grid]
+    settings += [(st, comp, False, 20, "", False, False) for st, comp in _STORAGE_COMPUTE[::2]]
+    settings += [("bf16", "fp32", False, 50, t, False, False) for t in FUSED_MLP_AB_TILES]
     # the saving launch (RTC's input-VJP): bf16 and float32 at B = 1
-    settings += [("bf16", "fp32", gain, 50, "", True) for gain in (True, False)]
-    settings.append(("fp32", "fp32", False, 50, "", True))
-    for store, comp, gain, rows, tiles, save in settings:
+    settings += [("bf16", "fp32", gain, 50, "", True, False) for gain in (True, False)]
+    settings.append(("fp32", "fp32", False, 50, "", True, False))
+    # on a capture's lent counters
+    settings += [(st, "fp32", gain, 50, "", False, True) for st in ("bf16", "fp32")
+                 for gain in (True, False)]  # fmt: skip
+    settings.append(("bf16", "fp32", False, 50, "", True, True))
+    for store, comp, gain, rows, tiles, save, reset in settings:
         os.environ[fused_mlp.TILES_VAR] = tiles
         launch = fused_mlp.launch_tiles(_TORCH_DTYPE[store], torch.empty(rows, 16))
         c = tl.float64 if comp == "fp64" else tl.float32
@@ -700,10 +706,11 @@ def fused_mlp_variants(target) -> int:
             {"HAS_GAIN": gain, "SAVE": save, "C": c, "INTERPRETED": False,
              "BLOCK_M": launch.block_m,
              "BLOCK_F": launch.block_f, "BLOCK_K": launch.block_k, "BLOCK_N": launch.block_n,
-             "SLICE": launch.slice, "BLOCK_H": launch.block_h, "MAX_POLLS": fm.MAX_POLLS},
+             "SLICE": launch.slice, "BLOCK_H": launch.block_h, "MAX_POLLS": fm.MAX_POLLS,
+             "RESET": reset},
             lambda name, d=store, c=comp: {"sync_ptr": "i32", "part_ptr": c}.get(name, d),
             {"eps": "fp32"}, target,
-            f"{store} gain={gain} rows={rows} save={save} {tiles or 'default'}",
+            f"{store} gain={gain} rows={rows} save={save} reset={reset} {tiles or 'default'}",
             {"num_warps": launch.warps, "num_stages": launch.stages},
             spill_free=store != "fp64", divisible=_FUSED_MLP_ALIGNED,
         )  # fmt: skip

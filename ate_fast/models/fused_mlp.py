@@ -6,11 +6,13 @@ step runs it on 50 rows: the MLP's weights (25 MB of the block's 35 MB in bf16) 
 once, and on an H200 (2026-12-04) its three kernels (gate|up GEMM, gated GELU, down GEMM
 with the residual) took ≈ 16 µs per block against ≈ 6 µs for those bytes at the copy rate —
 each kernel ramps up from its first weight loads after the previous one has drained.
-``ATE_FAST_FUSED_MLP=persistent`` runs the whole MLP as one kernel (and one memset of its
-counters) wherever it :func:`takes` it: about one program per SM takes the up products'
-column tiles, then the down product's tiles as their hidden columns are ready, with no
-launch in between. ``ATE_FAST_FUSED_MLP_TILES`` (e.g. ``block_f=64,slice=1024,stages=3``)
-sets its :class:`Tiles`.
+``ATE_FAST_FUSED_MLP=persistent`` runs the whole MLP as one kernel (and, outside a captured
+graph, one memset of its counters; inside one the capture lends them and the kernel sets
+them back to zero, :mod:`ate_fast.ops.split_counters`) wherever it :func:`takes` it:
+about one program per SM takes the up products' column tiles, then the down product's
+tiles as their hidden columns are ready, with no launch in between.
+``ATE_FAST_FUSED_MLP_TILES`` (e.g. ``block_f=64,slice=1024,stages=3``) sets its
+:class:`Tiles`.
 
 **Not run on a GPU yet**, so opt-in (unset or ``torch``: the three kernels), with an A/B row
 in ``benchmarks/bench_realsize.py`` (``ate_capture_fused_mlp``). A pullback's saving

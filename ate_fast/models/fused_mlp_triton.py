@@ -22,7 +22,10 @@ tasks of its slice have stored their hidden columns; the last down task of an ou
 the one rounding. No task ever waits on a later ticket, and a ticket is only taken by a
 running program, so the waits end however many programs run at once — also in the
 interpreter, which runs the programs one after another (there, program 0 takes every
-ticket). The counters (``sync``, int32, zero on entry) are the caller's. The sums are in a
+ticket). The counters (``sync``, int32, zero on entry) are the caller's: a fresh zeroed
+buffer per call (a memset), or inside a captured graph the counters it lends
+(:mod:`ate_fast.ops.split_counters`), which the last program done sets back to zero — one
+launch per MLP, no memset (never run on a GPU). The sums are in a
 fixed order: the result does not depend on the order the tasks ran in. A wait is bounded
 (:data:`MAX_POLLS`): a count that never comes makes the output NaN rather than hang.
 """
@@ -38,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ate_fast.models.block_epilogues_triton import _gelu_tanh
+from ate_fast.ops import split_counters
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_resources import launch_limits
@@ -53,6 +57,7 @@ INTERPRETER_PROGRAMS = 3  # the interpreter's grid: more than one program, one r
 # writes NaN, so that a broken count (or an up task that never ran) shows in the output
 # instead of hanging the GPU — and a benchmark run with it
 MAX_POLLS = 1 << 22
+RESET_BLOCK: tl.constexpr = tl.constexpr(128)  # counters zeroed per store (RESET)
 
 
 @dataclass(frozen=True)
@@ -179,12 +184,15 @@ def _fused_mlp_kernel(
     HAS_GAIN: tl.constexpr, SAVE: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, SLICE: tl.constexpr, BLOCK_H: tl.constexpr,
-    MAX_POLLS: tl.constexpr,
+    MAX_POLLS: tl.constexpr, RESET: tl.constexpr,
 ):  # fmt: skip
     """x, out [rows, width]; W_gate|up [2·mlp, width]; W_down [width, mlp]; h [rows, mlp];
-    part [slices, rows, width] (accumulator type); sync int32 [1 + slices + tiles], zero:
-    the ticket, each slice's finished up tasks, each output tile's finished down tasks;
-    ``SAVE``: gu [rows, 2·mlp], act [rows, mlp] (see :func:`_up_task`)."""
+    part [slices, rows, width] (accumulator type); sync int32 [1 + slices + tiles + 1],
+    zero: the ticket, each slice's finished up tasks, each output tile's finished down
+    tasks, the programs done; ``SAVE``: gu [rows, 2·mlp], act [rows, mlp] (see
+    :func:`_up_task`). ``RESET``: the last program done sets every count back to zero (a
+    captured graph's lent counters, :mod:`ate_fast.ops.split_counters`: no memset per
+    call)."""
     up_tasks = tl.cdiv(mlp, BLOCK_F)
     slices = tl.cdiv(mlp, SLICE)
     total = up_tasks + slices * tl.cdiv(width, BLOCK_N)
@@ -201,12 +209,19 @@ def _fused_mlp_kernel(
                        task - up_tasks, rows, width, mlp, C, INTERPRETED, BLOCK_M, BLOCK_F,
                        BLOCK_N, SLICE, BLOCK_H, MAX_POLLS)  # fmt: skip
         task = tl.atomic_add(sync_ptr, 1)
+    if RESET:  # every program's counting is over once the last one is done
+        words = 1 + slices + tl.cdiv(width, BLOCK_N)
+        tl.debug_barrier()
+        if tl.atomic_add(sync_ptr + words, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            for w0 in range(0, words + 1, RESET_BLOCK):
+                at = w0 + tl.arange(0, RESET_BLOCK)
+                tl.store(sync_ptr + at, tl.zeros([RESET_BLOCK], tl.int32), mask=at <= words)
 
 
 def sync_words(width: int, mlp: int, tiles: LaunchTiles) -> int:
     """The int32 counters a launch needs: the ticket, one per hidden slice, one per output
-    column tile."""
-    return 1 + triton.cdiv(mlp, tiles.slice) + triton.cdiv(width, tiles.block_n)
+    column tile, the programs done."""
+    return 2 + triton.cdiv(mlp, tiles.slice) + triton.cdiv(width, tiles.block_n)
 
 
 def programs(device: torch.device, tiles: LaunchTiles, tasks: int) -> int:
@@ -236,7 +251,11 @@ def fused_mlp(
     part_dtype = torch.float64 if c == tl.float64 else torch.float32
     h = torch.empty((rows, mlp), dtype=x.dtype, device=x.device)
     part = torch.empty((slices, rows, width), dtype=part_dtype, device=x.device)
-    sync = torch.zeros(sync_words(width, mlp, tiles), dtype=torch.int32, device=x.device)
+    words = sync_words(width, mlp, tiles)
+    sync = split_counters.for_launch(x.device, words)  # zero, left zero (in a capture)
+    reset = sync is not None
+    if sync is None:
+        sync = torch.zeros(words, dtype=torch.int32, device=x.device)
     gu = act = None
     if save:
         gu = torch.empty((rows, 2 * mlp), dtype=x.dtype, device=x.device)
@@ -248,6 +267,6 @@ def fused_mlp(
         HAS_GAIN=gain is not None, SAVE=save, C=c, INTERPRETED=x.device.type == "cpu",
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=MAX_POLLS,
-        num_warps=tiles.warps, num_stages=tiles.stages,
+        RESET=reset, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out, gu, act
