@@ -87,6 +87,10 @@ Rows (``extra_info["impl"]``), all computing the same function from the same noi
   kernels (``ATE_FAST_PREFIX_ATTENTION=split_kv``), which PDL launches too: every kernel of
   a block on Triton, each starting while the one before it ends; against ``…_pdl`` and
   ``ate_capture_split_kv_attention``.
+- ``ate_capture_skinny_gemm_split_kv_fused_mlp_pdl``: the same with the MLP as the
+  persistent kernel (``ATE_FAST_FUSED_MLP=persistent``, PDL-launched, on the capture's
+  counters): five launches per block; against ``…_split_kv_pdl`` and
+  ``ate_capture_fused_mlp``.
 - ``ate_capture_split_kv_attention``: ``ate_capture`` (B = 1, unguided and rtc-guided)
   with ``ATE_FAST_PREFIX_ATTENTION=split_kv``: each block's attention on the split-key
   Triton kernels (``ate_fast.models.split_kv_attention``) instead of SDPA; its A/B.
@@ -280,7 +284,10 @@ SKINNY_PDL_ROW = "ate_capture_skinny_gemm_pdl"
 # ... and the attention on the split-key kernels too: every kernel of a block on Triton,
 # each launched with PDL (ATE_FAST_PREFIX_ATTENTION=split_kv)
 BLOCK_PDL_ROW = "ate_capture_skinny_gemm_split_kv_pdl"
-PDL_ROWS = (SKINNY_PDL_ROW, BLOCK_PDL_ROW)
+# ... and the MLP as the persistent kernel (ATE_FAST_FUSED_MLP=persistent): five PDL launches
+# per block (q|kv GEMM, rotation, attention, o GEMM, MLP), no memset (the capture's counters)
+FIVE_PDL_ROW = "ate_capture_skinny_gemm_split_kv_fused_mlp_pdl"
+PDL_ROWS = (SKINNY_PDL_ROW, BLOCK_PDL_ROW, FIVE_PDL_ROW)
 # the split's slices summed by a second kernel (ATE_FAST_SPLIT_REDUCE=kernel), not
 # by each tile's last program as in the other rows (the default inside a capture)
 SUM_KERNEL_ROW = "ate_capture_skinny_gemm_sum_kernel"
@@ -374,7 +381,9 @@ ROW_ENV = {
              "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto",
              "ATE_FAST_TRITON_PDL": "on" if row in PDL_ROWS else "off",
              "ATE_FAST_SPLIT_REDUCE": "kernel" if row == SUM_KERNEL_ROW else "auto",
-             **({"ATE_FAST_PREFIX_ATTENTION": "split_kv"} if row == BLOCK_PDL_ROW else {})}
+             **({"ATE_FAST_PREFIX_ATTENTION": "split_kv"}
+                if row in (BLOCK_PDL_ROW, FIVE_PDL_ROW) else {}),
+             **({"ATE_FAST_FUSED_MLP": "persistent"} if row == FIVE_PDL_ROW else {})}
        for row, block_n in SKINNY_ROWS.items()},
 }  # fmt: skip
 BASELINE = "compile_max_autotune"

@@ -137,7 +137,7 @@ def test_a_count_that_never_comes_gives_nan_not_a_hang(persistent):
         INTERPRETED=True,
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=3,
-        RESET=False,
+        RESET=False, PDL=False,
     )  # fmt: skip
     assert bool(out.isnan().all())
     assert sync[1 : 1 + slices].sum() == 0  # no up task ran

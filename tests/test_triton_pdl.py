@@ -70,7 +70,7 @@ def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
             torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5), None, 2
         ),
     }
-    calls.update(_encoder_launches())
+    calls.update(_more_launches())
     for name, call in calls.items():
         monkeypatch.setenv(pdl_setting.ENV_VAR, "on")
         with pytest.raises(InvalidArgumentError, match=ON_CPU):
@@ -79,9 +79,10 @@ def test_every_launch_site_refuses_it_where_there_is_none(monkeypatch):
         assert call() is not None, name  # the plain launch
 
 
-def _encoder_launches() -> dict:
-    """The Transformer encoder's Triton launch sites (``steer.transformer_triton``) and the
-    few-row GEMM with its weight read as stored, at tiny shapes."""
+def _more_launches() -> dict:
+    """The Transformer encoder's Triton launch sites (``steer.transformer_triton``), the
+    few-row GEMM with its weight read as stored and the persistent MLP, at tiny shapes."""
+    from ate_fast.models import fused_mlp
     from ate_fast.models.skinny_gemm_triton import skinny_gemm
     from ate_fast.steer import transformer_triton as tt
 
@@ -100,6 +101,9 @@ def _encoder_launches() -> dict:
         "attention_backward": lambda: (
             tt.attention_backward(x, att, *dqkv.split(16, dim=-1)) or dqkv
         ),
+        "fused_mlp": lambda: fused_mlp.fused_mlp_residual(
+            torch.randn(5, 32), None, 1e-6, torch.randn(96, 32), torch.randn(32, 48)
+        ),
         "skinny_gemm (weight [K, N])": lambda: skinny_gemm(
             torch.randn(5, 64), torch.randn(64, 32), None, None, 16, 2, weight_kn=True
         ),
@@ -107,12 +111,15 @@ def _encoder_launches() -> dict:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("attention", ["gemm", "split_kv"])
-def test_captured_pi0_sampler_is_bit_equal_with_pdl(monkeypatch, attention):
+@pytest.mark.parametrize(
+    ("attention", "mlp"), [("gemm", "torch"), ("split_kv", "torch"), ("split_kv", "persistent")]
+)
+def test_captured_pi0_sampler_is_bit_equal_with_pdl(monkeypatch, attention, mlp):
     """π0's expert (2 blocks, bf16, B = 1) in a captured flow Euler loop with every block
     kernel that has a PDL launch on Triton (the few-row GEMM with its K split, the rotation
     and gated-GELU epilogues, and the gemm attention's softmax or the split-key attention's
-    two kernels — with the latter every kernel of a block): with ``ATE_FAST_TRITON_PDL=on``
+    two kernels — with the latter every kernel of a block —, and the persistent MLP on the
+    capture's lent counters): with ``ATE_FAST_TRITON_PDL=on``
     its actions equal the plain launches' to the bit, replayed on two noises in turn (a
     kernel reading before its predecessor ended would see the other noise's values). Below
     compute capability 9.0 the capture is refused."""
@@ -121,6 +128,7 @@ def test_captured_pi0_sampler_is_bit_equal_with_pdl(monkeypatch, attention):
 
     monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
     monkeypatch.setenv("ATE_FAST_PREFIX_ATTENTION", attention)
+    monkeypatch.setenv("ATE_FAST_FUSED_MLP", mlp)
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
     head, cache, x, _, _ = pi0_on_cuda(2)
     head.eval().requires_grad_(False)

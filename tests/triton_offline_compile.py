@@ -529,9 +529,9 @@ def skinny_gemm_variants(target) -> int:
 
 def _check_pdl_order(compiled, pdl: bool, prefetches: bool) -> None:
     """A PDL variant: launched with the attribute, ``griddepcontrol.wait`` in its PTX, every
-    global load after it and (``prefetches``) L2 prefetches before it; any other variant:
-    none of these (a wait without the launch attribute is harmless, the attribute without
-    the wait a race)."""
+    global load, store and atomic after it and (``prefetches``) L2 prefetches before it;
+    any other variant: none of these (a wait without the launch attribute is harmless, the
+    attribute without the wait a race)."""
     ptx = compiled.asm["ptx"]
     body = ptx[ptx.index(".entry") :]
     name = compiled.metadata.name
@@ -542,9 +542,9 @@ def _check_pdl_order(compiled, pdl: bool, prefetches: bool) -> None:
     if not compiled.metadata.launch_pdl or "griddepcontrol.wait" not in body:
         sys.exit(f"FAIL {name}: a PDL variant without its launch attribute or wait")
     wait = body.index("griddepcontrol.wait")
-    loads = [m.start() for m in re.finditer(r"\bld\.global|\bcp\.async", body)]
-    if any(at < wait for at in loads):
-        sys.exit(f"FAIL {name}: a global load before the grid-dependency wait")
+    touches = r"\bld\.global|\bcp\.async|\bst\.global|\batom\.|\bred\."
+    if any(m.start() < wait for m in re.finditer(touches, body)):
+        sys.exit(f"FAIL {name}: a global load, store or atomic before the grid-dependency wait")
     before = body.count("prefetch.global.L2", 0, wait)
     if prefetches and (before == 0 or body.count("prefetch.global.L2") != before):
         sys.exit(f"FAIL {name}: the weight prefetches not all before the wait")
@@ -707,7 +707,7 @@ def fused_mlp_variants(target) -> int:
              "BLOCK_M": launch.block_m,
              "BLOCK_F": launch.block_f, "BLOCK_K": launch.block_k, "BLOCK_N": launch.block_n,
              "SLICE": launch.slice, "BLOCK_H": launch.block_h, "MAX_POLLS": fm.MAX_POLLS,
-             "RESET": reset},
+             "RESET": reset, "PDL": False},
             lambda name, d=store, c=comp: {"sync_ptr": "i32", "part_ptr": c}.get(name, d),
             {"eps": "fp32"}, target,
             f"{store} gain={gain} rows={rows} save={save} reset={reset} {tiles or 'default'}",
@@ -715,6 +715,25 @@ def fused_mlp_variants(target) -> int:
             spill_free=store != "fp64", divisible=_FUSED_MLP_ALIGNED,
         )  # fmt: skip
         count += 1
+    if target.arch >= 90:  # launched with programmatic dependent launch, on lent counters
+        for gain in (True, False):
+            os.environ[fused_mlp.TILES_VAR] = ""
+            launch = fused_mlp.launch_tiles(torch.bfloat16, torch.empty(50, 16))
+            compiled = compile_one(
+                fm._fused_mlp_kernel,
+                {"HAS_GAIN": gain, "SAVE": False, "C": tl.float32, "INTERPRETED": False,
+                 "BLOCK_M": launch.block_m, "BLOCK_F": launch.block_f,
+                 "BLOCK_K": launch.block_k, "BLOCK_N": launch.block_n, "SLICE": launch.slice,
+                 "BLOCK_H": launch.block_h, "MAX_POLLS": fm.MAX_POLLS, "RESET": True,
+                 "PDL": True},
+                lambda name: {"sync_ptr": "i32", "part_ptr": "fp32"}.get(name, "bf16"),
+                {"eps": "fp32"}, target, f"bf16 gain={gain} rows=50 reset=True PDL",
+                {"num_warps": launch.warps, "num_stages": launch.stages,
+                 **triton_pdl.launch_options(True)},
+                spill_free=True, divisible=_FUSED_MLP_ALIGNED,
+            )  # fmt: skip
+            _check_pdl_order(compiled, True, prefetches=False)
+            count += 1
     os.environ.pop(fused_mlp.TILES_VAR, None)
     return count
 

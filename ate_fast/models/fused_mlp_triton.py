@@ -41,9 +41,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ate_fast.models.block_epilogues_triton import _gelu_tanh
-from ate_fast.ops import split_counters
+from ate_fast.ops import split_counters, triton_pdl
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
+from ate_fast.ops.triton_pdl import wait as pdl_wait
 from ate_fast.ops.triton_resources import launch_limits
 
 _limits = launch_limits(
@@ -184,7 +185,7 @@ def _fused_mlp_kernel(
     HAS_GAIN: tl.constexpr, SAVE: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, SLICE: tl.constexpr, BLOCK_H: tl.constexpr,
-    MAX_POLLS: tl.constexpr, RESET: tl.constexpr,
+    MAX_POLLS: tl.constexpr, RESET: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """x, out [rows, width]; W_gate|up [2·mlp, width]; W_down [width, mlp]; h [rows, mlp];
     part [slices, rows, width] (accumulator type); sync int32 [1 + slices + tiles + 1],
@@ -192,7 +193,10 @@ def _fused_mlp_kernel(
     tasks, the programs done; ``SAVE``: gu [rows, 2·mlp], act [rows, mlp] (see
     :func:`_up_task`). ``RESET``: the last program done sets every count back to zero (a
     captured graph's lent counters, :mod:`ate_fast.ops.split_counters`: no memset per
-    call)."""
+    call). ``PDL``: launched with programmatic dependent launch
+    (:mod:`ate_fast.ops.triton_pdl`): nothing touched (counters included) before the wait."""
+    if PDL:
+        pdl_wait()
     up_tasks = tl.cdiv(mlp, BLOCK_F)
     slices = tl.cdiv(mlp, SLICE)
     total = up_tasks + slices * tl.cdiv(width, BLOCK_N)
@@ -268,5 +272,6 @@ def fused_mlp(
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=MAX_POLLS,
         RESET=reset, num_warps=tiles.warps, num_stages=tiles.stages,
+        **triton_pdl.launch_kwargs(x.device),
     )  # fmt: skip
     return out, gu, act

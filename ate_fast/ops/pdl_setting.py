@@ -1,6 +1,7 @@
 """``ATE_FAST_TRITON_PDL=off|on``: whether the flow-transformer block's Triton kernels (the
 few-row GEMM and its slices' sum, the forward's and the input-VJP's epilogues, the gemm
-attention's softmax and its gradient, the split-key attention's kernels) launch with
+attention's softmax and its gradient, the split-key attention's kernels, the persistent
+MLP, the Transformer encoder's kernels) launch with
 programmatic dependent launch (:mod:`ate_fast.ops.triton_pdl`; Hopper and later —
 elsewhere a launch raises). Off where unset. Read without importing Triton (``ate-fast
 info``, the tuner's checks)."""
