@@ -26,7 +26,7 @@ from ate_fast.tuning import (
     load_settings,
     median_seconds,
 )
-from ate_fast.tuning.switches import KNOWN_VARS, SWITCHES
+from ate_fast.tuning.switches import COMBINATIONS, KNOWN_VARS, SWITCHES
 
 ATTN, MLP, EPI, GEMM = (
     "ATE_FAST_PREFIX_ATTENTION",
@@ -248,8 +248,13 @@ def test_bad_arguments_name_the_argument():
         default_choices("mps")
 
 
+def _paths(choices) -> dict:
+    """Each single path choice's name → its options' paths (combinations left out)."""
+    return {c.name: [o[c.name] for o in c.options] for c in choices if c.name not in COMBINATIONS}
+
+
 def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
-    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
+    cuda = _paths(default_choices("cuda", tiles=False))
     assert cuda[ATTN] == ["split_kv", "flex", "split_sdpa", "gemm"]  # sdpa: the baseline's
     assert cuda[MLP] == ["persistent"]
     # the path that runs now on the device type is the baseline's: not an option
@@ -259,7 +264,7 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
     guided = [c.name for c in default_choices("cuda", guided=True, transformer_encoder=True)]
     assert guided[-2:] == ["ATE_FAST_GUIDANCE_STREAM", "ATE_FAST_TRANSFORMER_GUIDANCE"]
     monkeypatch.setenv(ATTN, "FLEX")
-    cuda = {c.name: [o[c.name] for o in c.options] for c in default_choices("cuda", tiles=False)}
+    cuda = _paths(default_choices("cuda", tiles=False))
     assert cuda[ATTN] == ["sdpa", "split_kv", "split_sdpa", "gemm"]
     cpu = [(c.name, [o[c.name] for o in c.options]) for c in default_choices("cpu")]
     assert cpu == [(GEMM, [p for p in ("onednn", "aten") if p != cpu_gemm.selected_gemm()])]
@@ -270,6 +275,22 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
         assert switch.default is None or switch.default in switch.paths
         for path in switch.paths:
             assert check_settings({switch.var: path}) == {switch.var: path}
+
+
+def test_the_triton_block_is_tried_as_one_choice_before_the_paths():
+    """On CUDA the first choice sets the split-key attention, the few-row GEMM and PDL at
+    once (and with the persistent MLP): paths a greedy search would drop one by one; an
+    excluded path drops the options that need it (the Orin: PDL); none on the CPU."""
+    first = default_choices("cuda")[0]
+    assert first.name == "Triton block with PDL" and len(first.options) == 2
+    block = {ATTN: "split_kv", "ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_TRITON_PDL": "on"}
+    assert first.options == (block, {**block, MLP: "persistent"})
+    assert all(check_settings(o) == o for o in first.options)
+    one = default_choices("cuda", exclude=(f"{MLP}=persistent",))[0]
+    assert one.name == first.name and one.options == (block,)
+    orin = default_choices("cuda", exclude=("ATE_FAST_TRITON_PDL=on",))
+    assert first.name not in [c.name for c in orin]
+    assert first.name not in [c.name for c in default_choices("cpu")]
 
 
 def test_save_and_load_round_trip(tmp_path):

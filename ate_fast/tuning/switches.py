@@ -139,6 +139,26 @@ PARAMETER_OPTIONS = {
 }
 
 
+# Paths that may win only together, each combination tried as one option before the single
+# choices (on CUDA; first, so that a search cut short by its budget still times it): a
+# greedy search times each path on its own, on top of the earlier winners, and would drop
+# the split-key attention (slower alone than cuDNN's kernel on the H200) before the few-row
+# GEMM and PDL that make every kernel of a block a PDL launch are tried; the single choices
+# then run on top of a combination that won. The options: the three paths at once, and
+# with the persistent MLP (five launches a block).
+_TRITON_BLOCK = {
+    split_kv_attention.ENV_VAR: "split_kv",
+    skinny_gemm.ENV_VAR: "triton",
+    pdl_setting.ENV_VAR: "on",
+}
+COMBINATIONS = {
+    "Triton block with PDL": (
+        _TRITON_BLOCK,
+        {**_TRITON_BLOCK, fused_mlp.ENV_VAR: "persistent"},
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Choice:
     """One tuning decision: ``options``, each a settings mapping (variable → value), of
@@ -218,7 +238,7 @@ def default_choices(
                 f"exclude: expected 'VAR=path' with VAR one of {sorted(PATH_VARS)} and one of "
                 f"its paths, got {entry!r}"
             )
-    choices = []
+    choices = _combination_choices(exclude) if device_type == "cuda" else []
     for switch in SWITCHES:
         if device_type in switch.device_types and applies[switch.needs]:
             excluded = {e.partition("=")[2] for e in exclude if e.partition("=")[0] == switch.var}
@@ -227,6 +247,21 @@ def default_choices(
             if options:
                 choices.append(Choice(switch.var, options))
             choices += _parameter_choices(switch, excluded, tiles)
+    return choices
+
+
+def _combination_choices(exclude: Sequence[str]) -> list[Choice]:
+    """A choice per :data:`COMBINATIONS` entry, with the options none of whose paths is
+    excluded (``"VAR=path"``); dropped where none is left."""
+    excluded = set(exclude)
+    choices = []
+    for name, combos in COMBINATIONS.items():
+        options = tuple(
+            combo for combo in combos
+            if not any(f"{var}={path}" in excluded for var, path in combo.items())
+        )  # fmt: skip
+        if options:
+            choices.append(Choice(name, options))
     return choices
 
 
