@@ -278,16 +278,18 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
 
 
 def test_the_triton_block_is_tried_as_one_choice_before_the_paths():
-    """On CUDA the first choice sets the split-key attention, the few-row GEMM and PDL at
-    once (and with the persistent MLP): paths a greedy search would drop one by one; an
-    excluded path drops the options that need it (the Orin: PDL); none on the CPU."""
+    """On CUDA the first choice sets the few-row GEMM and PDL at once, then also the
+    split-key attention, then also the persistent MLP: paths a greedy search would drop one
+    by one; an excluded path drops the options that need it (the Orin: PDL, all); none on
+    the CPU."""
     first = default_choices("cuda")[0]
-    assert first.name == "Triton block with PDL" and len(first.options) == 2
-    block = {ATTN: "split_kv", "ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_TRITON_PDL": "on"}
-    assert first.options == (block, {**block, MLP: "persistent"})
+    assert first.name == "Triton block with PDL" and len(first.options) == 3
+    gemm = {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_TRITON_PDL": "on"}
+    block = {ATTN: "split_kv", **gemm}
+    assert first.options == (gemm, block, {**block, MLP: "persistent"})
     assert all(check_settings(o) == o for o in first.options)
-    one = default_choices("cuda", exclude=(f"{MLP}=persistent",))[0]
-    assert one.name == first.name and one.options == (block,)
+    two = default_choices("cuda", exclude=(f"{MLP}=persistent",))[0]
+    assert two.name == first.name and two.options == (gemm, block)
     orin = default_choices("cuda", exclude=("ATE_FAST_TRITON_PDL=on",))
     assert first.name not in [c.name for c in orin]
     assert first.name not in [c.name for c in default_choices("cpu")]

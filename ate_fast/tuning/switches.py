@@ -144,15 +144,15 @@ PARAMETER_OPTIONS = {
 # greedy search times each path on its own, on top of the earlier winners, and would drop
 # the split-key attention (slower alone than cuDNN's kernel on the H200) before the few-row
 # GEMM and PDL that make every kernel of a block a PDL launch are tried; the single choices
-# then run on top of a combination that won. The options: the three paths at once, and
-# with the persistent MLP (five launches a block).
-_TRITON_BLOCK = {
-    split_kv_attention.ENV_VAR: "split_kv",
-    skinny_gemm.ENV_VAR: "triton",
-    pdl_setting.ENV_VAR: "on",
-}
+# then run on top of a combination that won. The options: the few-row GEMM with PDL (its
+# kernels and the epilogues chained; with Transformer guidance the encoder's layers too),
+# then with the split-key attention (every kernel of a block), then with the persistent MLP
+# as well (five launches a block).
+_SKINNY_PDL = {skinny_gemm.ENV_VAR: "triton", pdl_setting.ENV_VAR: "on"}
+_TRITON_BLOCK = {split_kv_attention.ENV_VAR: "split_kv", **_SKINNY_PDL}
 COMBINATIONS = {
     "Triton block with PDL": (
+        _SKINNY_PDL,
         _TRITON_BLOCK,
         {**_TRITON_BLOCK, fused_mlp.ENV_VAR: "persistent"},
     ),
