@@ -3,8 +3,8 @@
 A kernel that cuts each output tile's work into slices over several programs can sum the
 slices in-kernel instead of in a second kernel: every program stores its partial and counts
 itself in (one atomic per tile); the program that counts last sums the tile's partials in
-slice order — the second kernel's order, so the result is the same to the bit — and resets
-the count to zero. So the counters must start at zero and no kernel running at the same
+slice order (for the few-row GEMM the sum kernel's order, so the same result to the bit)
+and resets the count to zero. So the counters must start at zero and no kernel running at the same
 time may share them. A captured sampler (:mod:`ate_fast.sampling.capture`) owns one buffer,
 zeroed before its warm-up, and lends it (:func:`lend`) to the kernels launched on its
 capture stream: those run one after another (a launch with programmatic dependent launch
@@ -14,8 +14,10 @@ concurrently with itself). Anywhere else — eager calls, another stream (a side
 branch of the same graph) — :func:`for_launch` is None and the kernels launch their
 separate sum; and everywhere with ``ATE_FAST_SPLIT_REDUCE=kernel`` (default ``auto``: in
 the kernel where counters are lent). The kernels that use them: the few-row GEMM's K
-slices (:mod:`ate_fast.models.skinny_gemm_triton`) and the split-key attention's key slices
-(:mod:`ate_fast.models.split_kv_attention_triton`). Triton-free: the capture imports it.
+slices (:mod:`ate_fast.models.skinny_gemm_triton`), the split-key attention's key slices
+(:mod:`ate_fast.models.split_kv_attention_triton`) and the persistent MLP's task counts
+(:mod:`ate_fast.models.fused_mlp_triton`: its last program done zeroes them, so no memset).
+Triton-free: the capture imports it.
 """
 
 from __future__ import annotations
