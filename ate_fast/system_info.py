@@ -265,7 +265,8 @@ def _path_lines(data: dict) -> list[str]:
         f" {data['triton_pdl']} (ATE_FAST_TRITON_PDL=off|on; on needs sm_90 or later)"
     )
     lines.append(
-        f"split GEMM / attention slices reduced: {data['split_reduce']}"
+        f"split GEMM / attention slices reduced, persistent MLP counters zeroed:"
+        f" {data['split_reduce']}"
         " (ATE_FAST_SPLIT_REDUCE=auto|kernel)"
     )
     lines.append(

@@ -139,7 +139,10 @@ def test_info_reports_the_skinny_gemm_path(monkeypatch):
 
 def test_info_reports_where_split_work_is_reduced(monkeypatch):
     monkeypatch.delenv("ATE_FAST_SPLIT_REDUCE", raising=False)
-    expected = "split GEMM / attention slices reduced: in-kernel when captured"
+    expected = (
+        "split GEMM / attention slices reduced, persistent MLP counters zeroed: in-kernel when"
+        " captured"
+    )
     assert expected in format_info(info())
     monkeypatch.setenv("ATE_FAST_SPLIT_REDUCE", "kernel")
     assert info()["split_reduce"] == "second kernel"
