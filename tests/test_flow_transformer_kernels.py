@@ -12,6 +12,7 @@ has one fused kernel.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -161,3 +162,68 @@ def test_vjp_ops_per_block(monkeypatch, path, gemm, steps):
         assert per_block["addmm_"] == 1 and "addmm" not in per_block
     else:
         assert not {"addmm", "addmm_"} & set(per_block)  # [dq | dk | dv]·[W_q; W_kv]: one GEMM
+
+
+# allocations: no kernel
+_ALLOCATIONS = {"new_empty", "empty_like", "empty", "new_empty_strided"}
+
+
+def _triton_block_launches(monkeypatch, lend: bool) -> tuple[collections.Counter, ...]:
+    """``(ATen compute ops, Triton launches)`` per block and step of the small head in bf16
+    with every block path on Triton — the few-row GEMM, the split-key attention, the
+    persistent MLP, the Triton epilogues — counters lent (as a captured graph lends them)
+    or not: the difference of a 2-block and a 1-block forward."""
+    import torch.utils._python_dispatch as dispatch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ate_fast.ops import split_counters
+
+    for var, path in (("ATE_FAST_FLOW_EPILOGUES", "triton"), ("ATE_FAST_SKINNY_GEMM", "triton"),
+                      ("ATE_FAST_SKINNY_GEMM_SPLIT_K", "2"),  # split, as π0's o and q|kv are
+                      ("ATE_FAST_PREFIX_ATTENTION", "split_kv"),
+                      ("ATE_FAST_FUSED_MLP", "persistent")):  # fmt: skip
+        monkeypatch.setenv(var, path)
+    launches: collections.Counter = collections.Counter()
+    run = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+        with dispatch._disable_current_modes():  # the interpreter's own tensor work
+            return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counted)
+    counts = []
+    for depth in (1, 2):
+        torch.manual_seed(0)
+        head = make_head("flow-transformer", "small", depth=depth).eval().to(torch.bfloat16)
+        head.fuse_qkv = True  # as a GPU call does
+        x, t = torch.randn(1, 50, 32), torch.rand(2, 1)
+        with torch.no_grad():
+            first, second = head.step_features(x, t, head.prefix_cache(torch.randn(1, 64, 256)))
+            lent = split_counters.lend(split_counters.new_buffer(x.device))
+            with lent if lend else contextlib.nullcontext():
+                head.forward_features(x, first)  # writes the prefix into the call's buffers
+                launches.clear()
+                with _Count() as count:
+                    head.forward_features(x, second)
+        counts.append((count.ops, collections.Counter(launches)))
+    (ops1, launches1), (ops2, launches2) = counts
+    return ops2 - ops1, launches2 - launches1
+
+
+def test_the_triton_block_is_five_launches(monkeypatch):
+    """With every block path on Triton, a captured step's block is five kernels — the q|kv
+    and o GEMMs (K split), the rotation, the attention (keys split), the MLP (both norms
+    inside kernels) — and no ATen kernel; each a PDL launch on Hopper
+    (``ATE_FAST_TRITON_PDL``). Without lent counters (an eager call) the split GEMMs' sums,
+    the attention's combine and the MLP's memset come back."""
+    pytest.importorskip("triton")
+    ops, launches = _triton_block_launches(monkeypatch, lend=True)
+    assert set(ops) <= _ALLOCATIONS, dict(ops)
+    expected = {"_skinny_gemm_kernel": 2, "_rotate_qkv_kernel": 1, "_partial_kernel": 1,
+                "_fused_mlp_kernel": 1}  # fmt: skip
+    assert dict(launches) == expected
+    ops, launches = _triton_block_launches(monkeypatch, lend=False)
+    assert dict(launches) == {**expected, "_split_sum_kernel": 2, "_combine_kernel": 1}
+    kernels = {op: n for op, n in ops.items() if op not in _ALLOCATIONS}
+    assert kernels == {"zeros": 1}  # the MLP's counters zeroed (a memset on CUDA)
