@@ -5,7 +5,8 @@ reads them."""
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Optional
 from unittest import mock
 
 import torch
@@ -111,3 +112,24 @@ class LaunchCounter:
     def __getitem__(self, grid):
         self.count += 1
         return self.kernel[grid]
+
+
+def captured(fn: Callable[[], torch.Tensor], counters: Optional[torch.Tensor] = None) -> tuple:
+    """``(graph, out)``: ``fn()`` run once on a side stream (its compiles and allocations)
+    and then captured on that stream in a ``torch.cuda.CUDAGraph`` whose replay rewrites
+    ``out``; ``counters`` (:mod:`ate_fast.ops.split_counters`) lent to both where given, as
+    a captured sampler lends its own."""
+    from ate_fast.ops import split_counters
+
+    def lent():
+        return contextlib.nullcontext() if counters is None else split_counters.lend(counters)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), lent():
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream), lent():
+        out = fn()
+    return graph, out

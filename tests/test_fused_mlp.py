@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from flow_head_paths import (  # tests/ is on sys.path
     assert_compile_traces_torch_ops,
     assert_path_matches,
+    captured,
     pi0_on_cuda,
     small_head,
 )
@@ -327,14 +328,9 @@ def test_pi0_mlp_on_lent_counters_on_cuda(persistent):
     want = [fused_mlp.fused_mlp_residual(x, gamma, 1e-6, w_gu, w_down) for x, *_ in inputs]
     static = inputs[0][0].clone()
     counters = split_counters.new_buffer(static.device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), split_counters.lend(counters):
-        fused_mlp.fused_mlp_residual(static, gamma, 1e-6, w_gu, w_down)  # warm-up
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream), split_counters.lend(counters):
-        out = fused_mlp.fused_mlp_residual(static, gamma, 1e-6, w_gu, w_down)
+    graph, out = captured(
+        lambda: fused_mlp.fused_mlp_residual(static, gamma, 1e-6, w_gu, w_down), counters
+    )
     for i in range(6):
         static.copy_(inputs[i % 2][0])
         graph.replay()

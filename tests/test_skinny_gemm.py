@@ -14,6 +14,7 @@ from flow_head_paths import (  # tests/ is on sys.path
     LaunchCounter,
     assert_compile_traces_torch_ops,
     assert_path_matches,
+    captured,
     small_head,
 )
 
@@ -325,8 +326,6 @@ def test_pdl_chain_on_cuda(triton_path, split, in_kernel_sum):
     counters the graph shares (a launch that counted before its predecessor ended, or left
     a count behind, would sum the wrong slices). Below compute capability 9.0 the setting
     is refused."""
-    import contextlib
-
     from ate_fast.ops import pdl_setting, split_counters, triton_pdl
 
     triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
@@ -354,18 +353,7 @@ def test_pdl_chain_on_cuda(triton_path, split, in_kernel_sum):
         return
     assert all(torch.equal(chain(x), want) for x, want in zip(inputs, plain))
     x = inputs[0].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-
-    def lent():
-        return split_counters.lend(counters) if in_kernel_sum else contextlib.nullcontext()
-
-    with torch.cuda.stream(stream), lent():
-        chain(x)  # warm-up off the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream), lent():
-        out = chain(x)
+    graph, out = captured(lambda: chain(x), counters if in_kernel_sum else None)
     for i in range(40):
         x.copy_(inputs[i % 2])
         graph.replay()

@@ -12,7 +12,12 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_head_paths import LaunchCounter, assert_path_matches, small_head  # tests/ on sys.path
+from flow_head_paths import (  # tests/ is on sys.path
+    LaunchCounter,
+    assert_path_matches,
+    captured,
+    small_head,
+)
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import split_kv_attention
@@ -220,23 +225,11 @@ def test_pi0_step_combined_in_kernel_on_cuda():
     ]
     q, k, v = (t.clone() for t in inputs[0])
     counters = split_counters.new_buffer(q.device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with (
-        mock.patch.object(kernels, "_combine_kernel", None),  # launching it would raise
-        torch.cuda.stream(stream),
-        split_counters.lend(counters),
-    ):
-        torch.testing.assert_close(kernels.split_kv_attention(q, k, v).double(), refs[0],
-                                   rtol=2e-2, atol=2e-2)  # fmt: skip
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with (
-        mock.patch.object(kernels, "_combine_kernel", None),
-        torch.cuda.graph(graph, stream=stream),
-        split_counters.lend(counters),
-    ):
-        out = kernels.split_kv_attention(q, k, v)
+    with mock.patch.object(kernels, "_combine_kernel", None):  # launching it would raise
+        with split_counters.lend(counters):  # eagerly, on this stream
+            torch.testing.assert_close(kernels.split_kv_attention(q, k, v).double(), refs[0],
+                                       rtol=2e-2, atol=2e-2)  # fmt: skip
+        graph, out = captured(lambda: kernels.split_kv_attention(q, k, v), counters)
     for i in range(6):
         for dst, src in zip((q, k, v), inputs[i % 2]):
             dst.copy_(src)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flow_head_paths import pi0_on_cuda  # tests/ is on sys.path
+from flow_head_paths import captured, pi0_on_cuda  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops import pdl_setting
@@ -206,14 +206,7 @@ def test_encoder_gradient_is_bit_equal_with_pdl(monkeypatch):
     def replays(pdl: str) -> list:
         monkeypatch.setenv(pdl_setting.ENV_VAR, pdl)
         x = xs[0].clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            latent_distance_gradient(encoder, x, target)  # warm-up off the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            g = latent_distance_gradient(encoder, x, target)
+        graph, g = captured(lambda: latent_distance_gradient(encoder, x, target))
         out = []
         for i in range(6):
             x.copy_(xs[i % 2])
