@@ -45,7 +45,7 @@ from ate_fast.ops import split_counters, triton_pdl
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import launch_limits, sm_count
 
 _limits = launch_limits(
     "ATE_FAST_FUSED_MLP=persistent",
@@ -233,8 +233,7 @@ def programs(device: torch.device, tiles: LaunchTiles, tasks: int) -> int:
     :data:`INTERPRETER_PROGRAMS`), at most one per task."""
     if device.type != "cuda":
         return min(INTERPRETER_PROGRAMS, tasks)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(sms * tiles.programs_per_sm, tasks)
+    return min(sm_count(device, INTERPRETER_PROGRAMS) * tiles.programs_per_sm, tasks)
 
 
 @_limits

@@ -27,7 +27,6 @@ the split (:func:`k_splits`).
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -41,7 +40,7 @@ from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import prefetch_l2 as pdl_prefetch
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import launch_limits, sm_count
 
 _limits = launch_limits(
     "ATE_FAST_SKINNY_GEMM=triton",
@@ -199,19 +198,6 @@ def block_k(dtype: torch.dtype) -> int:
     return K_BYTES // dtype.itemsize
 
 
-def sm_count(device: torch.device) -> int:
-    """The SMs the auto split fills: the GPU's, or :data:`INTERPRETER_SMS` on the CPU."""
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_sm_count(index)
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def k_splits(n_tiles: int, k: int, bk: int, requested: Optional[int], sms: int) -> tuple[int, int]:
     """``(splits, k_per_split)`` for ``n_tiles`` column tiles over K = ``k`` in steps of
     ``bk``: ``requested`` slices (at most one per step), or where None, one slice while the
@@ -254,7 +240,7 @@ def skinny_gemm(
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     bk, block_n = block_k(x.dtype), column_tile(block_n, x.dtype, weight_kn)
     n_tiles = triton.cdiv(n, block_n)
-    splits, k_per_split = k_splits(n_tiles, k, bk, split_k, sm_count(x.device))
+    splits, k_per_split = k_splits(n_tiles, k, bk, split_k, sm_count(x.device, INTERPRETER_SMS))
     c = accumulator_type(x.dtype)
     pdl = triton_pdl.launch_kwargs(x.device)  # the PDL constexpr and its launch keyword
     ws = counts = None

@@ -48,7 +48,7 @@ from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import launch_limits, sm_count
 
 _limits = launch_limits(
     "ATE_FAST_PREFIX_ATTENTION=split_kv",
@@ -74,7 +74,7 @@ def default_tiles(dtype: torch.dtype, head_dim: int) -> Tiles:
     return Tiles(16, 32 if dtype.itemsize == 4 else 16, warps=warps)
 
 
-_SM_COUNT: dict = {}
+INTERPRETER_SMS = 8  # the SM count the interpreter's grid is sized by
 
 
 @triton.jit
@@ -255,16 +255,6 @@ def combine_lse(
     return y
 
 
-def _sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device (cached: no host sync in a capture); 8 for the interpreter."""
-    if device.type != "cuda":
-        return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def key_slices(rows: int, keys: int, programs: int, tiles: Tiles, sms: int) -> int:
     """Keys per slice: whole ``block_k`` chunks, ``tiles.splits`` slices (at most one per
     chunk) or, for 0, as few keys per slice as fill ``tiles.programs_per_sm`` × ``sms``
@@ -287,7 +277,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, tiles: Optional[Tiles] =
     keys = k.shape[2]
     tiles = tiles or default_tiles(q.dtype, hd)
     block_d = max(16, triton.next_power_of_2(hd))
-    per_split = key_slices(rows, keys, batch * heads, tiles, _sm_count(q.device))
+    per_split = key_slices(rows, keys, batch * heads, tiles, sm_count(q.device, INTERPRETER_SMS))
     splits = triton.cdiv(keys, per_split)
     torch_c, c = compute_dtype(q.dtype), accumulator_type(q.dtype)
     pdl = triton_pdl.launch_kwargs(q.device)  # the PDL constexpr and its launch keyword

@@ -31,6 +31,21 @@ OTHER_BACKEND = (
 )
 
 
+def sm_count(device: torch.device, interpreted: int) -> int:
+    """The SMs of CUDA ``device`` (queried once per GPU: no query in a launch path or a
+    capture), or ``interpreted`` — the notional count a launcher sizes its grid by in
+    Triton's CPU interpreter."""
+    if device.type != "cuda":
+        return interpreted
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def launch_limits(path: str, instead: str) -> Callable[[Launcher], Launcher]:
     """Decorate a Triton launcher of ``path`` (e.g. ``ATE_FAST_FLOW_EPILOGUES=triton``):
     Triton's ``OutOfResources`` becomes a :class:`BackendUnavailableError` whose message
