@@ -118,24 +118,27 @@ def skinny_linear(
 ) -> Tensor:
     """``x`` [..., K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [..., N]) ->
     [..., N] on the kernel (call where :func:`takes` is true)."""
-    from ate_fast.models.skinny_gemm_triton import skinny_gemm  # imports triton: on use
-
-    rows = x.reshape(-1, x.shape[-1])
-    res = None if residual is None else residual.reshape(rows.shape[0], -1)
-    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k())
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return _on_rows(x, weight, bias, residual, weight_kn=False)
 
 
 def skinny_matmul(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None) -> Tensor:
     """``x`` [..., K] · ``weight`` [K, N] (+ ``residual`` [..., N]) -> [..., N] on the kernel
     (call where :func:`takes` is true): a layer's input-VJP through its weight [out, in]
     read as it is stored."""
+    return _on_rows(x, weight, None, residual, weight_kn=True)
+
+
+def _on_rows(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], weight_kn: bool
+) -> Tensor:
+    """The kernel on ``x``'s rows [rows, K] (and ``residual``'s), the output [..., N] in
+    ``x``'s leading dims."""
     from ate_fast.models.skinny_gemm_triton import skinny_gemm  # imports triton: on use
 
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(rows.shape[0], -1)
-    out = skinny_gemm(rows, weight, None, res, block_n(), split_k(), weight_kn=True)
-    return out.view(*x.shape[:-1], weight.shape[1])
+    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k(), weight_kn)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def block_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
