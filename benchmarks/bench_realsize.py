@@ -230,6 +230,7 @@ from ate_fast.realtime import RTCGuidance
 from ate_fast.realtime.rtc import rtc_guidance_weight
 from ate_fast.sampling import FlowSampler
 from ate_fast.tuning import autotune
+from ate_fast.tuning.switches import COMBINATIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jetson_projection
@@ -278,24 +279,33 @@ OTHER_EPILOGUES_ROW = EPILOGUES_ROW if DRY_RUN else TORCH_EPILOGUES_ROW
 # (ATE_FAST_SKINNY_GEMM_SPLIT_K): against cuBLAS (ate_capture). H200, 2026-12-04, whole K:
 # 32 → 15.19, 16 → 14.30, 64 → 20.97 ms against cuBLAS's 13.58 (the n16 row, now with K
 # split by the SM count as the path's default; the split_k row: the default tile, 32)
-# split and launched with programmatic dependent launch (ATE_FAST_TRITON_PDL: the
-# epilogues and softmax too; sm_90 and later — not in the CPU's dry run)
-SKINNY_PDL_ROW = "ate_capture_skinny_gemm_pdl"
-# ... and the attention on the split-key kernels too: every kernel of a block on Triton,
-# each launched with PDL (ATE_FAST_PREFIX_ATTENTION=split_kv)
-BLOCK_PDL_ROW = "ate_capture_skinny_gemm_split_kv_pdl"
-# ... and the MLP as the persistent kernel (ATE_FAST_FUSED_MLP=persistent): five PDL launches
-# per block (q|kv GEMM, rotation, attention, o GEMM, MLP), no memset (the capture's counters)
-FIVE_PDL_ROW = "ate_capture_skinny_gemm_split_kv_fused_mlp_pdl"
-PDL_ROWS = (SKINNY_PDL_ROW, BLOCK_PDL_ROW, FIVE_PDL_ROW)
+# The search's Triton-block combinations (ate_fast.tuning.switches.COMBINATIONS), a row
+# each: the few-row GEMM launched with programmatic dependent launch (ATE_FAST_TRITON_PDL:
+# the epilogues too), then with the split-key attention (every kernel of a block on
+# Triton), then with the persistent MLP (five launches per block); sm_90 and later — not
+# in the CPU's dry run
+PDL_ROWS = dict(
+    zip(
+        ("ate_capture_skinny_gemm_pdl", "ate_capture_skinny_gemm_split_kv_pdl",
+         "ate_capture_skinny_gemm_split_kv_fused_mlp_pdl"),
+        COMBINATIONS["Triton block with PDL"],
+        strict=True,
+    )
+)  # fmt: skip
 # the split's slices summed by a second kernel (ATE_FAST_SPLIT_REDUCE=kernel), not
 # by each tile's last program as in the other rows (the default inside a capture)
 SUM_KERNEL_ROW = "ate_capture_skinny_gemm_sum_kernel"
+# every few-row GEMM row's settings, and each row's own on top of them
+SKINNY_SETTINGS = {
+    "ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": "32",
+    "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto", "ATE_FAST_TRITON_PDL": "off",
+    "ATE_FAST_SPLIT_REDUCE": "auto",
+}  # fmt: skip
 SKINNY_ROWS = {
-    "ate_capture_skinny_gemm_n16": 16,
-    "ate_capture_skinny_gemm_split_k": 32,
-    SUM_KERNEL_ROW: 32,
-    **({} if DRY_RUN else dict.fromkeys(PDL_ROWS, 32)),
+    "ate_capture_skinny_gemm_n16": {"ATE_FAST_SKINNY_GEMM_BLOCK_N": "16"},
+    "ate_capture_skinny_gemm_split_k": {},
+    SUM_KERNEL_ROW: {"ATE_FAST_SPLIT_REDUCE": "kernel"},
+    **({} if DRY_RUN else PDL_ROWS),
 }
 # ate_capture with ATE_FAST_PREFIX_ATTENTION=split_kv: the block's attention on the
 # split-key kernels instead of SDPA (B = 1 unguided and rtc-guided)
@@ -377,14 +387,7 @@ ROW_ENV = {
     **{row: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FUSED_MLP_TILES": tiles}
        for row, tiles in FUSED_MLP_ROWS.items()},
     FUSED_MLP_FOLDED_ROW: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FLOW_EPILOGUES": "triton"},
-    **{row: {"ATE_FAST_SKINNY_GEMM": "triton", "ATE_FAST_SKINNY_GEMM_BLOCK_N": str(block_n),
-             "ATE_FAST_SKINNY_GEMM_SPLIT_K": "auto",
-             "ATE_FAST_TRITON_PDL": "on" if row in PDL_ROWS else "off",
-             "ATE_FAST_SPLIT_REDUCE": "kernel" if row == SUM_KERNEL_ROW else "auto",
-             **({"ATE_FAST_PREFIX_ATTENTION": "split_kv"}
-                if row in (BLOCK_PDL_ROW, FIVE_PDL_ROW) else {}),
-             **({"ATE_FAST_FUSED_MLP": "persistent"} if row == FIVE_PDL_ROW else {})}
-       for row, block_n in SKINNY_ROWS.items()},
+    **{row: {**SKINNY_SETTINGS, **own} for row, own in SKINNY_ROWS.items()},
 }  # fmt: skip
 BASELINE = "compile_max_autotune"
 DEPTH = 2 if DRY_RUN else None  # None: the config's 18 blocks
