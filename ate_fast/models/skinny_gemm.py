@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ate_fast.argument_checks import env_choice
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.models.cpu_gemm import linear, linear_of
+from ate_fast.models.cpu_gemm import linear, linear_of, times_weight
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.module_checks import plain_linear
 from ate_fast.ops import backends
@@ -147,6 +147,20 @@ def block_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Te
     if takes(x, weight, bias):
         return skinny_linear(x, weight, bias)
     return linear(x, weight, bias)
+
+
+def block_times_weight(g: Tensor, weight: Tensor, into: Optional[Tensor] = None) -> Tensor:
+    """``(into +) g @ weight`` [..., K] for ``g`` [..., N] and a Linear's ``weight`` [N, K]
+    (the input-VJP through the layer): on the kernel, the weight read as stored, where it
+    :func:`takes` (:func:`skinny_matmul`), else :func:`~ate_fast.models.cpu_gemm.times_weight`;
+    there ``into`` (contiguous, read nowhere else) accumulates in place — an out-of-place
+    ``addmm`` would first copy it."""
+    if takes(g, weight, into):
+        return skinny_matmul(g, weight, into)
+    if into is None:
+        return times_weight(g, weight)
+    n = weight.shape[1]
+    return into.view(-1, n).addmm_(g.reshape(-1, g.shape[-1]), weight).view(into.shape)
 
 
 def block_linear_of(layer: nn.Module, x: Tensor) -> Tensor:

@@ -83,9 +83,9 @@ from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
 from ate_fast.errors import InvalidArgumentError
-from ate_fast.models import skinny_gemm
 from ate_fast.models.cpu_gemm import linear, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
+from ate_fast.models.skinny_gemm import block_linear, block_times_weight
 from ate_fast.module_checks import plain_tree
 from ate_fast.ops import backends
 
@@ -309,28 +309,6 @@ def _act_code(layer: nn.TransformerEncoderLayer) -> int:
     return tt.ACT_GELU if layer.activation is F.gelu else tt.ACT_RELU
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear`` [..., N] — on the few-row Triton GEMM where it takes the call
-    (``ATE_FAST_SKINNY_GEMM=triton``, at most 64 rows: B = 1;
-    :mod:`ate_fast.models.skinny_gemm`)."""
-    if skinny_gemm.takes(x, weight, bias):
-        return skinny_gemm.skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def _times(x: Tensor, weight: Tensor, into: Optional[Tensor] = None) -> Tensor:
-    """``(into +) x · weight`` [..., N] for ``weight`` [K, N] (a layer's input-VJP through
-    its weight), on the few-row Triton GEMM where it takes the call; on torch's, ``into``
-    (contiguous, read nowhere else) accumulates in place — an out-of-place ``addmm`` would
-    first copy it."""
-    if skinny_gemm.takes(x, weight, into):
-        return skinny_gemm.skinny_matmul(x, weight, into)
-    if into is None:
-        return x @ weight
-    n = weight.shape[1]
-    return into.view(-1, n).addmm_(x.reshape(-1, x.shape[-1]), weight).view(into.shape)
-
-
 def _layer_forward_triton(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Optional[int]):
     """:func:`_layer_forward` on the Triton kernels: attention, add + norm and bias + act
     in one kernel each; the projections torch matmuls or, with
@@ -341,16 +319,16 @@ def _layer_forward_triton(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Op
     w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
     if rows is None:
         hq = h
-        q, k, v = _linear(h, w_in, b_in).split(d, dim=-1)  # views of one [B, T, 3d]
+        q, k, v = block_linear(h, w_in, b_in).split(d, dim=-1)  # views of one [B, T, 3d]
     else:
         hq = h[:, :rows]
-        q = _linear(hq, w_in[:d], b_in[:d])
-        k, v = _linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
+        q = block_linear(hq, w_in[:d], b_in[:d])
+        k, v = block_linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
     o, att = tt.attention(q, k, v, nh)
-    h1, n1 = tt.add_norm(hq, _linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
+    h1, n1 = tt.add_norm(hq, block_linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
     act = _act_code(layer)
-    pre, a = tt.bias_act(_linear(h1, layer.linear1.weight), layer.linear1.bias, act)
-    r2 = _linear(a, layer.linear2.weight, layer.linear2.bias)
+    pre, a = tt.bias_act(block_linear(h1, layer.linear1.weight), layer.linear1.bias, act)
+    r2 = block_linear(a, layer.linear2.weight, layer.linear2.bias)
     out, n2 = tt.add_norm(h1, r2, layer.norm2)
     return out, (layer, rows, att, n1, pre, n2, act)
 
@@ -362,20 +340,21 @@ def _layer_backward_triton(grad: Tensor, extra: Optional[Tensor], saved: tuple) 
     attn = layer.self_attn
     d = attn.embed_dim
     dr2 = tt.norm_backward(grad, extra, n2, layer.norm2.weight)
-    dpre = tt.act_backward(_times(dr2, layer.linear2.weight), pre, act)
-    dr1 = tt.norm_backward(dr2, _times(dpre, layer.linear1.weight), n1, layer.norm1.weight)
-    do = _times(dr1, attn.out_proj.weight)  # [B, rows or T, d]
+    dpre = tt.act_backward(block_times_weight(dr2, layer.linear2.weight), pre, act)
+    dh1 = block_times_weight(dpre, layer.linear1.weight)
+    dr1 = tt.norm_backward(dr2, dh1, n1, layer.norm1.weight)
+    do = block_times_weight(dr1, attn.out_proj.weight)  # [B, rows or T, d]
     batch, tokens = att[1].shape[:2]
     w_in = attn.in_proj_weight
     if rows is None:
         dqkv = torch.empty((batch, tokens, 3 * d), dtype=grad.dtype, device=grad.device)
         tt.attention_backward(do, att, *dqkv.split(d, dim=-1))
-        return _times(dqkv, w_in, dr1)  # dr1 + dqkv·W_in
+        return block_times_weight(dqkv, w_in, dr1)  # dr1 + dqkv·W_in
     dq = torch.empty((batch, rows, d), dtype=grad.dtype, device=grad.device)
     dkv = torch.empty((batch, tokens, 2 * d), dtype=grad.dtype, device=grad.device)
     tt.attention_backward(do, att, dq, *dkv.split(d, dim=-1))
-    dh = _times(dkv, w_in[d:])
-    dh[:, :rows] += _times(dq, w_in[:d], dr1)
+    dh = block_times_weight(dkv, w_in[d:])
+    dh[:, :rows] += block_times_weight(dq, w_in[:d], dr1)
     return dh
 
 
