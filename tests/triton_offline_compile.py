@@ -282,10 +282,18 @@ def _transformer_pdl_variants(target) -> int:
         options = {"num_warps": constants.pop("num_warps"),
                    "num_stages": constants.pop("num_stages")}  # fmt: skip
         variants.append((kernel, constants, _typed({"lse_ptr"}, "bf16", "fp32"), {}, options))
+    return _pdl_variants(variants, target)
+
+
+def _pdl_variants(variants: list, target) -> int:
+    """Each ``(kernel, constexprs, pointer types, scalar types, launch options)`` compiled
+    with ``PDL`` on and launched with the attribute, spill-free, its PTX's order checked
+    (:func:`_check_pdl_order`); their count."""
     for kernel, constexprs, types, scalars, options in variants:
         compiled = compile_one(
-            kernel, {**constexprs, "PDL": True}, types, scalars, target, "bf16 PDL",
-            {**options, **triton_pdl.launch_options(True)}, spill_free=True,
+            kernel, {**constexprs, "PDL": True}, types, scalars, target,
+            f"bf16 {constexprs} PDL", {**options, **triton_pdl.launch_options(True)},
+            spill_free=True,
         )  # fmt: skip
         _check_pdl_order(compiled, True, prefetches=False)
     return len(variants)
@@ -360,7 +368,6 @@ def _flow_block_pdl_variants(target, options: dict) -> int:
     GELU's backward, the RMSNorm VJP, the softmax backward and its gradient from kept
     probabilities, the unrotation); launched with the attribute, every load after the
     grid-dependency wait (:func:`_check_pdl_order`)."""
-    pdl_options = {**options, **triton_pdl.launch_options(True)}
 
     def bf16(name):
         return "bf16"
@@ -386,11 +393,7 @@ def _flow_block_pdl_variants(target, options: dict) -> int:
         (fb._softmax_grad_kernel, {"BLOCK": 1024}, bf16, {"scale": "fp32"}),
         (fb._unrotate_pack_kernel, {"ROWS": fb.ROWS, "BLOCK_D": 256}, bf16, {}),
     ]  # fmt: skip
-    for kernel, constexprs, types, scalars in variants:
-        compiled = _compile_spill_free(kernel, {**constexprs, "PDL": True}, types, scalars,
-                                       target, f"bf16 {constexprs} PDL", pdl_options)  # fmt: skip
-        _check_pdl_order(compiled, True, prefetches=False)
-    return len(variants)
+    return _pdl_variants([(*variant, options) for variant in variants], target)
 
 
 def _flow_block_vjp_variants(target, store: str, options: dict) -> int:
@@ -643,14 +646,7 @@ def _split_kv_pdl_variants(target) -> int:
                                   "C": tl.float32},
          _typed({"l1_ptr", "l2_ptr"}, "bf16", "fp32"), {}, {"num_warps": 4, "num_stages": 1}),
     ]  # fmt: skip
-    for kernel, constexprs, types, scalars, launch in variants:
-        compiled = compile_one(
-            kernel, {**constexprs, "PDL": True}, types, scalars, target,
-            f"bf16 {constexprs} PDL", {**launch, **triton_pdl.launch_options(True)},
-            spill_free=True,
-        )  # fmt: skip
-        _check_pdl_order(compiled, True, prefetches=False)
-    return len(variants)
+    return _pdl_variants(variants, target)
 
 
 def l2_prefetch_variants(target) -> int:
