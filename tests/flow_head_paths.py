@@ -5,7 +5,9 @@ reads them."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+from collections.abc import Iterator
 from typing import Callable, Optional
 from unittest import mock
 
@@ -133,3 +135,22 @@ def captured(fn: Callable[[], torch.Tensor], counters: Optional[torch.Tensor] = 
     with torch.cuda.graph(graph, stream=stream), lent():
         out = fn()
     return graph, out
+
+
+@contextlib.contextmanager
+def interpreted_launches() -> Iterator[collections.Counter]:
+    """Counts the Triton kernels launched through the interpreter by name (yielded); their
+    own tensor work is hidden from an enclosing dispatch mode (an ATen op counter)."""
+    import torch.utils._python_dispatch as dispatch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: collections.Counter = collections.Counter()
+    run = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+        with dispatch._disable_current_modes():  # the interpreter's own tensor work
+            return run(self, *args, **kwargs)
+
+    with mock.patch.object(InterpretedFunction, "run", counted):
+        yield launches

@@ -16,6 +16,7 @@ import contextlib
 
 import pytest
 import torch
+from flow_head_paths import interpreted_launches  # tests/ is on sys.path
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ate_fast.models import make_head
@@ -173,9 +174,6 @@ def _triton_block_launches(monkeypatch, lend: bool) -> tuple[collections.Counter
     with every block path on Triton — the few-row GEMM, the split-key attention, the
     persistent MLP, the Triton epilogues — counters lent (as a captured graph lends them)
     or not: the difference of a 2-block and a 1-block forward."""
-    import torch.utils._python_dispatch as dispatch
-    from triton.runtime.interpreter import InterpretedFunction
-
     from ate_fast.ops import split_counters
 
     for var, path in (("ATE_FAST_FLOW_EPILOGUES", "triton"), ("ATE_FAST_SKINNY_GEMM", "triton"),
@@ -183,15 +181,6 @@ def _triton_block_launches(monkeypatch, lend: bool) -> tuple[collections.Counter
                       ("ATE_FAST_PREFIX_ATTENTION", "split_kv"),
                       ("ATE_FAST_FUSED_MLP", "persistent")):  # fmt: skip
         monkeypatch.setenv(var, path)
-    launches: collections.Counter = collections.Counter()
-    run = InterpretedFunction.run
-
-    def counted(self, *args, **kwargs):
-        launches[self.fn.__name__] += 1
-        with dispatch._disable_current_modes():  # the interpreter's own tensor work
-            return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", counted)
     counts = []
     for depth in (1, 2):
         torch.manual_seed(0)
@@ -203,8 +192,7 @@ def _triton_block_launches(monkeypatch, lend: bool) -> tuple[collections.Counter
             lent = split_counters.lend(split_counters.new_buffer(x.device))
             with lent if lend else contextlib.nullcontext():
                 head.forward_features(x, first)  # writes the prefix into the call's buffers
-                launches.clear()
-                with _Count() as count:
+                with interpreted_launches() as launches, _Count() as count:
                     head.forward_features(x, second)
         counts.append((count.ops, collections.Counter(launches)))
     (ops1, launches1), (ops2, launches2) = counts

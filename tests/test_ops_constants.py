@@ -58,6 +58,16 @@ def test_defined_once_in_cpp():
 
 
 def test_triton_kernels_take_the_codes_from_constants():
-    source = (ROOT / "ate_fast" / "ops" / "mlp_guidance" / "triton.py").read_text()
-    assert "ACT == 0" not in source and "ACT == 1" not in source and "ACT == 2" not in source
+    """The Triton kernels' activations come from one module, whose codes are the
+    constants' (no kernel compares ``ACT`` with a literal)."""
+    from ate_fast.ops import triton_activations as ta
+
+    names = ("gelu", "silu", "relu", "tanh")
+    assert [ta.GELU, ta.SILU, ta.RELU, ta.TANH] == [constants.ACTIVATIONS.index(n) for n in names]
+    assert ta.NONE == constants.NO_ACTIVATION and ta.NONE not in range(len(names))
+    for path in ("ops/mlp_guidance/triton.py", "steer/transformer_triton.py",
+                 "models/skinny_gemm_triton.py", "ops/triton_activations.py"):  # fmt: skip
+        source = (ROOT / "ate_fast" / path).read_text()
+        assert not re.search(r"ACT [!=]= -?\d", source), path
+    source = (ROOT / "ate_fast" / "ops" / "triton_activations.py").read_text()
     assert "ACTIVATIONS.index(" in source

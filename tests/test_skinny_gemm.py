@@ -145,6 +145,60 @@ def test_in_kernel_sum_equals_the_sum_kernel(triton_path, dtype, rows, k, n, spl
     assert not counters.any(), "the counters must be left zero"
 
 
+ACTIVATIONS = {  # code name -> (act, act') in float64
+    "gelu": (F.gelu, lambda u: 0.5 * (1 + torch.erf(u / 2**0.5)) + u * torch.exp(-u * u / 2)
+             / (2 * torch.pi) ** 0.5),
+    "silu": (F.silu, lambda u: torch.sigmoid(u) * (1 + u * (1 - torch.sigmoid(u)))),
+    "relu": (F.relu, lambda u: (u > 0).to(u.dtype)),
+    "tanh": (torch.tanh, lambda u: 1 - torch.tanh(u) ** 2),
+}  # fmt: skip
+
+
+def _within(got, ref, bound):
+    err = (got.to(F64) - ref).abs()
+    assert bool((err <= bound + 1e-300).all()), f"max err/bound {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("split", ["1", "3"])
+def test_activation_epilogues_match_float64(triton_path, dtype, name, split):
+    """A Linear and its activation in one launch, ``(pre, act(pre))`` with ``pre = x·Wᵀ + b``
+    kept in the compute dtype, and the input-VJP through the weight and the activation,
+    ``(g·W) ⊙ act'(pre)`` (the weight as stored) — against float64: ``pre`` within the
+    product's bound, ``act(pre)`` and the product's derivative factor within a few roundings
+    of the compute dtype; whole and in slices, the slices summed by the sum kernel and, with
+    counters lent, in-kernel, the two bit-equal (uneven K: 200)."""
+    from ate_fast.ops import split_counters
+    from ate_fast.ops.constants import ACTIVATIONS as CODES
+    from ate_fast.ops.constants import compute_dtype
+
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
+    triton_path.setenv(skinny_gemm.BLOCK_N_VAR, "16")
+    act, grad = ACTIVATIONS[name]
+    code, comp = CODES.index(name), compute_dtype(dtype)
+    x, w, b, _ = _operands(50, 200, 48, dtype)
+    unit = UNIT[F64] if dtype == F64 else UNIT[torch.float32]
+    pre, y = skinny_gemm.skinny_linear_act(x, w, b, code)
+    assert pre.dtype == comp and y.dtype == dtype
+    _check(pre, x, w, b, None, comp)
+    want = act(pre.to(F64))
+    _within(y, want, UNIT[dtype] * want.abs() + 16 * unit * (pre.to(F64).abs() + 1))
+    # the VJP: g [50, 200] · W [200, 48] (the weight of a Linear 48 -> 200) ⊙ act'(pre)
+    g, weight = x, w.T.contiguous()
+    dpre = skinny_gemm.skinny_matmul_act_grad(g, weight, pre, code)
+    prod, scale = g.to(F64) @ weight.to(F64), g.to(F64).abs() @ weight.to(F64).abs()
+    slope = grad(pre.to(F64))
+    want = prod * slope
+    bound = UNIT[dtype] * want.abs() + 4 * unit * 200**0.5 * scale * slope.abs()
+    _within(dpre, want, bound + 16 * unit * prod.abs() * (slope.abs() + 1))
+    with split_counters.lend(split_counters.new_buffer(x.device)):  # the in-kernel sum
+        again = skinny_gemm.skinny_linear_act(x, w, b, code)
+        dpre_again = skinny_gemm.skinny_matmul_act_grad(g, weight, pre, code)
+    assert torch.equal(again[0], pre) and torch.equal(again[1], y)
+    assert torch.equal(dpre_again, dpre)
+
+
 def test_split_counters_are_lent_to_their_launches_only(monkeypatch):
     """Counters are for launches inside :func:`lend` (nested: the inner ones), on the
     lender's device, with no more tiles than the buffer counts, unless

@@ -17,6 +17,8 @@ truth than the torch VJP's in bfloat16 (×1.5 slack).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 from unittest import mock
 
@@ -279,30 +281,90 @@ def test_triton_path_in_float32_and_bfloat16(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("latent_mode", ["mean", "sample"])
-def test_the_few_row_gemm_takes_the_layers_projections(monkeypatch, latent_mode):
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_the_few_row_gemm_takes_the_layers_projections(monkeypatch, latent_mode, activation):
     """``ATE_FAST_SKINNY_GEMM=triton`` at B = 1 (8 tokens; widths multiples of 16): every
-    layer's four projections forward (the last layer's q and k|v apart: five) and its four
-    products with a weight backward (five) run on the few-row kernel — x·Wᵀ and x·W — and
-    the gradient is autograd's in float64."""
+    layer's projections forward (the last layer's q and k|v apart), the skip projection's
+    and the heads', and their products with a weight backward run on the few-row kernel —
+    x·Wᵀ and x·W — linear1 with its bias and activation, and ·W2 with the activation's
+    derivative, in the kernel's epilogue (no element-wise activation kernel runs), and the
+    gradient is autograd's in float64."""
     from ate_fast.models import skinny_gemm
 
     layers = 3
-    vae = make_vae(horizon=6, dim=3, latent=16, layers=layers, d_model=32, ff_dim=48)
+    vae = make_vae(horizon=6, dim=3, latent=16, layers=layers, activation=activation,
+                   d_model=32, ff_dim=48)  # fmt: skip
     encoder = FrozenEncoder(vae)
     x, target = torch.randn(1, 6, 3, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
     eps = torch.randn(1, 16, dtype=torch.float64) if latent_mode == "sample" else None
     kwargs = dict(latent=latent_mode, eps=eps)
     expected = gradient("autograd", monkeypatch, encoder, x, target, **kwargs)
     monkeypatch.setenv(skinny_gemm.ENV_VAR, "triton")
-    with (
-        mock.patch.object(skinny_gemm, "skinny_linear", wraps=skinny_gemm.skinny_linear) as lin,
-        mock.patch.object(skinny_gemm, "skinny_matmul", wraps=skinny_gemm.skinny_matmul) as mm,
-    ):
+    names = ("skinny_linear", "skinny_matmul", "skinny_linear_act", "skinny_matmul_act_grad")
+    with contextlib.ExitStack() as stack:
+        spies = [stack.enter_context(mock.patch.object(skinny_gemm, name,
+                                                       wraps=getattr(skinny_gemm, name)))
+                 for name in names]  # fmt: skip
+        for name in ("bias_act", "act_backward"):  # the element-wise kernels: not launched
+            stack.enter_context(mock.patch.object(tt(), name, side_effect=AssertionError(name)))
         got = gradient("triton", monkeypatch, encoder, x, target, **kwargs)
-    per_layer = 4 * (layers - 1) + 5
-    assert (lin.call_count, mm.call_count) == (per_layer, per_layer)
+    # three projections a layer (the last layer's q and k|v apart), the skip projection
+    # (3 layers: one) and the latent's heads (μ; and log σ²); the input projection's K = 3
+    # is no multiple of 16, so torch's GEMM takes it
+    others = 1 + (2 if latent_mode == "sample" else 1)
+    projections = 3 * (layers - 1) + 4 + others
+    assert [spy.call_count for spy in spies] == [projections, projections, layers, layers]
     assert expected.abs().max() > 0
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _encoder_kernels(monkeypatch, layers: int) -> tuple[collections.Counter, ...]:
+    """``(ATen compute ops, Triton launches)`` of one guidance gradient through a bf16
+    encoder of ``layers`` layers at B = 1 (8 tokens; every width a multiple of 16) with the
+    layers' matmuls on the few-row GEMM (``ATE_FAST_SKINNY_GEMM=triton``)."""
+    from flow_head_paths import interpreted_launches  # tests/ is on sys.path
+    from test_flow_transformer_kernels import _Count
+
+    monkeypatch.setenv("ATE_FAST_SKINNY_GEMM", "triton")
+    torch.manual_seed(0)
+    vae = ActionVAE(16, 6, latent_dim=32, arch="transformer", d_model=32, num_heads=2,
+                    ff_dim=64, num_layers=layers).to(torch.bfloat16)  # fmt: skip
+    encoder = transformer_vjp.align_transformer_encoder(vae)
+    x, target = torch.randn(1, 6, 16).bfloat16(), torch.randn(32).bfloat16()
+    with torch.no_grad(), interpreted_launches() as launches, _Count() as count:
+        transformer_vjp.transformer_latent_gradient(encoder, x, target, kernels="triton")
+    allocations = {"new_empty", "empty_like", "empty", "new_empty_strided"}
+    ops = collections.Counter({k: n for k, n in count.ops.items() if k not in allocations})
+    return ops, launches
+
+
+def test_an_encoder_layer_is_fourteen_launches(monkeypatch):
+    """Each encoder layer's forward and input-VJP, all on Triton, is 14 launches: 4
+    few-row GEMMs each way (linear1 with its bias and GELU, ·W2 with GELU's derivative in
+    the GEMMs' epilogues), the attention and its backward, 2 add + norm and 2 norm
+    backward — counted as the difference of a 5- and a 3-layer encoder (two layers and one
+    skip connection: its GEMM each way and its concatenation). The 3-layer gradient's other
+    work: the input projection each way, and 9 ATen kernels (the tokens' and the skip's
+    concatenations, the positions' add, the latent's distance gradient into a zeroed
+    buffer, the last layer's row update)."""
+    pytest.importorskip("triton")
+    ops3, launches3 = _encoder_kernels(monkeypatch, 3)
+    ops5, launches5 = _encoder_kernels(monkeypatch, 5)
+    per_layer = {"_skinny_gemm_kernel": 8, "_attention_kernel": 1,
+                 "_attention_backward_kernel": 1, "_add_norm_kernel": 2,
+                 "_norm_backward_kernel": 2}  # fmt: skip
+    assert sum(per_layer.values()) == 14
+    skip = collections.Counter({"_skinny_gemm_kernel": 2})
+    two_layers = collections.Counter({k: 2 * n for k, n in per_layer.items()})
+    assert launches5 - launches3 == two_layers + skip
+    assert ops5 - ops3 == collections.Counter({"cat": 1})
+    # 3 layers + the skip + the input projection each way + the final norm each way
+    fixed = collections.Counter({"_skinny_gemm_kernel": 2, "_add_norm_kernel": 1,
+                                 "_norm_backward_kernel": 1})  # fmt: skip
+    layers3 = collections.Counter({k: 3 * n for k, n in per_layer.items()})
+    layers3["_skinny_gemm_kernel"] += 2  # the last layer's q and k|v apart, each way
+    assert launches3 == layers3 + skip + fixed
+    assert sum(ops3.values()) == 9, dict(ops3)
 
 
 def test_public_entry_points_take_the_triton_path(monkeypatch):

@@ -42,6 +42,7 @@ from ate_fast.models import fused_mlp_triton as fm
 from ate_fast.models import l2_prefetch_triton as lp
 from ate_fast.models import skinny_gemm_triton as sg
 from ate_fast.models import split_kv_attention_triton as sk
+from ate_fast.ops import triton_activations as ta
 from ate_fast.ops import triton_pdl
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
@@ -445,16 +446,35 @@ _SKINNY_EPILOGUES = ((False, False, True), (False, True, True), (True, True, Fal
 # what every launch sees (skinny_gemm.takes): pointers 16-byte aligned, n and k multiples
 # of 16 — the JIT specialises on both, and only then do the loads vectorise and pipeline
 # through shared memory (without, bf16 tiles of 32 columns spill registers)
-_SKINNY_ALIGNED = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "out_ptr", "n", "k",
-                   "k_per_split")  # fmt: skip
+_SKINNY_ALIGNED = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "pre_ptr", "y_ptr", "out_ptr", "n",
+                   "k", "k_per_split")  # fmt: skip
 
 
 def _skinny_pointer(store: str, comp: str, split: bool, name: str) -> str:
     """The few-row GEMM's pointer types: split, ``y`` is the float workspace; the tiles'
-    counters int32; the rest the storage dtype."""
+    counters int32; the activation's input (``pre``) the compute dtype; the rest the
+    storage dtype."""
     if name == "count_ptr":
         return "i32"
-    return comp if split and name == "y_ptr" else store
+    return comp if (split and name == "y_ptr") or name == "pre_ptr" else store
+
+
+def _activation_variants(dtype: torch.dtype, block_n: int, pdl_too: bool) -> list[tuple]:
+    """The few-row GEMM's activation epilogues (the encoder's Linear + GELU with its bias,
+    x·Wᵀ; GELU's derivative after x·W, the weight as stored), whole and split with the
+    in-kernel sum, and (sm_90, half precision) split as a PDL launch: ``(bias, residual,
+    even K, split, summed in-kernel, PDL, weight [K, N])``."""
+    variants = [(True, False, True, False, False, False, False),
+                (True, False, True, True, True, False, False)]  # fmt: skip
+    if pdl_too and dtype.itemsize == 2:
+        variants.append((True, False, True, True, True, True, False))
+    if dtype != torch.float64 and sg.column_tile(block_n, dtype, weight_kn=True) == block_n:
+        stored = [(False, False, True, False, False, False, True),
+                  (False, False, True, True, True, False, True)]  # fmt: skip
+        if pdl_too and dtype.itemsize == 2:
+            stored.append((False, False, True, True, True, True, True))
+        variants += stored
+    return variants
 
 
 def skinny_gemm_variants(target) -> int:
@@ -462,8 +482,9 @@ def skinny_gemm_variants(target) -> int:
     column tile, with and without the residual (and one bias + uneven-K variant each), at
     the launcher's stages for the tile; its K slices (the float workspace's partials, even
     K and not), the slices summed in-kernel by each tile's last program with each epilogue,
-    the weight read as stored [K, N] (x·W: the encoder's input-VJP) whole and split, and
-    the slices' sum kernel with each epilogue. For sm_90 also the programmatic dependent
+    the weight read as stored [K, N] (x·W: the encoder's input-VJP) whole and split, the
+    activation epilogues (:func:`_activation_variants`), and the slices' sum kernel with
+    each epilogue. For sm_90 also the programmatic dependent
     launch (bf16 / fp16, every tile, whole and split, and the sum): the weight strip's L2
     prefetches come before the grid-dependency wait and every load of x after it (the
     Orin, sm_87, has no PDL: the launcher never asks for it there)."""
@@ -476,7 +497,8 @@ def skinny_gemm_variants(target) -> int:
         c = tl.float64 if comp == "fp64" else tl.float32
         options = {"num_warps": sg.WARPS_BY_BLOCK_N[block_n],
                    "num_stages": sg.STAGES_BY_BLOCK_N[block_n]}  # fmt: skip
-        # (bias, residual, even K, split, summed in-kernel, PDL, weight [K, N])
+        # (bias, residual, even K, split, summed in-kernel, PDL, weight [K, N]), then the
+        # activation epilogue (code, derivative) appended below
         whole = [(b, r, even, False, False, False, False) for b, r, even in _SKINNY_EPILOGUES]
         sliced = [
             (False, False, True, True, False, False, False),
@@ -497,16 +519,21 @@ def skinny_gemm_variants(target) -> int:
                 stored.append((False, True, True, True, True, True, True))
         if sg.column_tile(block_n, dtype, weight_kn=True) != block_n:
             stored = []  # the launcher never uses this tile for this dtype
-        for bias, residual, even, split, in_kernel, pdl, kn in [*whole, *sliced, *stored]:
+        variants = [(*v, ta.NONE, False) for v in [*whole, *sliced, *stored]]
+        for bias, residual, even, split, in_kernel, pdl, kn in _activation_variants(
+            dtype, block_n, pdl_too
+        ):
+            variants.append((bias, residual, even, split, in_kernel, pdl, kn, ta.GELU, kn))
+        for bias, residual, even, split, in_kernel, pdl, kn, act, grad in variants:
             compiled = compile_one(
                 sg._skinny_gemm_kernel,
-                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "EVEN_K": even, "SPLIT": split,
-                 "SUM": in_kernel, "C": c, "INTERPRETED": False, "PDL": pdl,
-                 "BLOCK_M": sg.BLOCK_M, "BLOCK_N": block_n, "BLOCK_K": sg.block_k(dtype),
-                 "LINE": sg.line_elements(dtype), "W_KN": kn},
+                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "ACT": act, "ACT_GRAD": grad,
+                 "EVEN_K": even, "SPLIT": split, "SUM": in_kernel, "C": c,
+                 "INTERPRETED": False, "PDL": pdl, "BLOCK_M": sg.BLOCK_M, "BLOCK_N": block_n,
+                 "BLOCK_K": sg.block_k(dtype), "LINE": sg.line_elements(dtype), "W_KN": kn},
                 functools.partial(_skinny_pointer, store, comp, split), {}, target,
                 f"{store} BLOCK_N={block_n} bias={bias} residual={residual} even_k={even} "
-                f"split={split} sum={in_kernel} pdl={pdl} w_kn={kn}",
+                f"split={split} sum={in_kernel} pdl={pdl} w_kn={kn} act={act} grad={grad}",
                 {**options, **triton_pdl.launch_options(pdl)}, spill_free=store != "fp64",
                 divisible=_SKINNY_ALIGNED,
             )  # fmt: skip
@@ -515,15 +542,20 @@ def skinny_gemm_variants(target) -> int:
     for (store, comp), pdl in itertools.product(_STORAGE_COMPUTE, (False, True)):
         if pdl and not (pdl_too and _TORCH_DTYPE[store].itemsize == 2):
             continue
-        for bias, residual, _ in _SKINNY_EPILOGUES:
+        # each epilogue, and the activation's (Linear + GELU; GELU's derivative)
+        epilogues = [(b, r, ta.NONE, False) for b, r, _ in _SKINNY_EPILOGUES]
+        epilogues += [(True, False, ta.GELU, False), (False, False, ta.GELU, True)]
+        for bias, residual, act, grad in epilogues:
             compiled = compile_one(
                 sg._split_sum_kernel,
-                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "BLOCK": sg.SUM_BLOCK, "PDL": pdl,
+                {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "ACT": act, "ACT_GRAD": grad,
+                 "BLOCK": sg.SUM_BLOCK, "PDL": pdl,
                  "C": tl.float64 if comp == "fp64" else tl.float32},
-                lambda name, d=store, c=comp: c if name == "ws_ptr" else d, {}, target,
-                f"{store} bias={bias} residual={residual} pdl={pdl}",
+                lambda name, d=store, c=comp: c if name in ("ws_ptr", "pre_ptr") else d, {},
+                target, f"{store} bias={bias} residual={residual} act={act} grad={grad} pdl={pdl}",
                 {"num_warps": 4, "num_stages": 1, **triton_pdl.launch_options(pdl)},
-                spill_free=True, divisible=("ws_ptr", "bias_ptr", "res_ptr", "y_ptr", "size", "n"),
+                spill_free=True,
+                divisible=("ws_ptr", "bias_ptr", "res_ptr", "pre_ptr", "y_ptr", "size", "n"),
             )  # fmt: skip
             _check_pdl_order(compiled, pdl, prefetches=False)
             count += 1

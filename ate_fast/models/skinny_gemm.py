@@ -23,6 +23,13 @@ kernel (the same sums to the bit); gate|up (256 tiles) stays whole. **The split 
 on a GPU**; ``ATE_FAST_SKINNY_GEMM_SPLIT_K=1`` is the kernel measured above.
 It stays an option, a tuner choice and an A/B row (``ate_capture_skinny_gemm_n16``).
 
+Beyond the block: the Transformer encoder's guidance gradient (its ``triton`` path) runs its
+projections on the kernel at B = 1, a Linear with its bias and activation in one launch
+(:func:`skinny_linear_act`: the activation's input kept for the backward) and the input-VJP
+through a weight and the activation before it in one (:func:`skinny_matmul_act_grad`) —
+the activation codes and functions of :mod:`ate_fast.ops.triton_activations`; never run on
+a GPU.
+
 Like the block's Triton epilogues (:mod:`ate_fast.models.block_epilogues`), the kernel has
 no backward and no symbolic form: torch's GEMM runs whenever autograd records, under
 tracing or a ``torch.func`` transform, and on tensor subclasses; also for more rows, mixed
@@ -42,6 +49,7 @@ from ate_fast.models.cpu_gemm import linear, linear_of, times_weight
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.module_checks import plain_linear
 from ate_fast.ops import backends
+from ate_fast.ops.constants import NO_ACTIVATION, compute_dtype
 
 ENV_VAR = "ATE_FAST_SKINNY_GEMM"
 BLOCK_N_VAR = "ATE_FAST_SKINNY_GEMM_BLOCK_N"
@@ -128,16 +136,45 @@ def skinny_matmul(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None) 
     return _on_rows(x, weight, None, residual, weight_kn=True)
 
 
+def skinny_linear_act(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: int
+) -> tuple[Tensor, Tensor]:
+    """``(pre, act(pre))`` [..., N] with ``pre = x · weight ᵀ (+ bias)`` in the compute dtype
+    (:func:`~ate_fast.ops.constants.compute_dtype`: what the backward reads) and
+    ``act(pre)`` in ``x``'s, ``activation`` a code of :mod:`ate_fast.ops.triton_activations`
+    — a Linear and its activation in one launch (call where :func:`takes` is true)."""
+    pre = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=compute_dtype(x.dtype))
+    return pre, _on_rows(x, weight, bias, None, weight_kn=False, activation=activation, pre=pre)
+
+
+def skinny_matmul_act_grad(g: Tensor, weight: Tensor, pre: Tensor, activation: int) -> Tensor:
+    """``(g @ weight) ⊙ act'(pre)`` [..., K] for ``g`` [..., N], a Linear's ``weight``
+    [N, K] read as stored and ``pre`` [..., K] (contiguous, from :func:`skinny_linear_act`):
+    the input-VJP through a layer and the activation before it in one launch (call where
+    :func:`takes` is true)."""
+    return _on_rows(g, weight, None, None, weight_kn=True, activation=activation, pre=pre,
+                    activation_grad=True)  # fmt: skip
+
+
 def _on_rows(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], weight_kn: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    weight_kn: bool,
+    activation: int = NO_ACTIVATION,
+    pre: Optional[Tensor] = None,
+    activation_grad: bool = False,
 ) -> Tensor:
-    """The kernel on ``x``'s rows [rows, K] (and ``residual``'s), the output [..., N] in
-    ``x``'s leading dims."""
+    """The kernel on ``x``'s rows [rows, K] (and ``residual``'s and ``pre``'s), the output
+    [..., N] in ``x``'s leading dims."""
     from ate_fast.models.skinny_gemm_triton import skinny_gemm  # imports triton: on use
 
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(rows.shape[0], -1)
-    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k(), weight_kn)
+    saved = None if pre is None else pre.view(rows.shape[0], -1)
+    out = skinny_gemm(rows, weight, bias, res, block_n(), split_k(), weight_kn, activation,
+                      saved, activation_grad)  # fmt: skip
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

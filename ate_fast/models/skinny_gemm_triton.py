@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ate_fast.ops import split_counters, triton_pdl
 from ate_fast.ops.constants import compute_dtype
+from ate_fast.ops.triton_activations import NONE, activation_epilogue
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import prefetch_l2 as pdl_prefetch
@@ -65,11 +66,15 @@ LINE_BYTES = 128  # an L2 cache line: one prefetch per line of a weight row
 
 
 @triton.jit
-def _epilogue(acc, bias_ptr, res_ptr, y_ptr, rn, n_ok, out, ok,
-              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C: tl.constexpr):  # fmt: skip
-    """``y[out] = acc (+ bias[rn]) (+ res[out])``, rounded once to y's dtype."""
+def _epilogue(acc, bias_ptr, res_ptr, pre_ptr, y_ptr, rn, n_ok, out, ok,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+              ACT_GRAD: tl.constexpr, C: tl.constexpr):  # fmt: skip
+    """``y[out] = act(acc (+ bias[rn])) (+ res[out])``, rounded once to y's dtype; the
+    activation's input saved to ``pre[out]`` — or, ``ACT_GRAD``, ``acc ⊙ act'(pre[out])``
+    (:func:`~ate_fast.ops.triton_activations.activation_epilogue`)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(C)[None, :]
+    acc = activation_epilogue(acc, pre_ptr, out, ok, ACT, ACT_GRAD)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + out, mask=ok, other=0.0).to(C)
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -77,24 +82,29 @@ def _epilogue(acc, bias_ptr, res_ptr, y_ptr, rn, n_ok, out, ok,
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, out_ptr, count_ptr, rows, n, k, k_per_split,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, pre_ptr, y_ptr, out_ptr, count_ptr, rows, n, k,
+    k_per_split, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    ACT_GRAD: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT: tl.constexpr, SUM: tl.constexpr, C: tl.constexpr, INTERPRETED: tl.constexpr,
     PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LINE: tl.constexpr, W_KN: tl.constexpr,
 ):  # fmt: skip
-    """``y[rows, n] = x[rows, k] · w[n, k]ᵀ (+ bias[n]) (+ res[rows, n])``, all row-major
-    and contiguous — or, ``W_KN``, ``x · w`` for ``w[k, n]`` (a layer's input-VJP through
-    its weight); one program per output tile and slice of K (program id 2:
-    ``k_per_split`` of K, a multiple of ``BLOCK_K``). ``SPLIT``: ``y`` is the float
-    workspace ``[splits, rows, n]`` in ``C``, each slice's partial product stored unrounded;
-    then either :func:`_split_sum_kernel` adds them up, or (``SUM``) the tile's last program
+    """``y[rows, n] = act(x[rows, k] · w[n, k]ᵀ (+ bias[n])) (+ res[rows, n])``, all
+    row-major and contiguous — or, ``W_KN``, ``x · w`` for ``w[k, n]`` (a layer's input-VJP
+    through its weight); ``ACT`` an activation code (``NONE``: none) whose input goes to
+    ``pre[rows, n]`` (compute type), or with ``ACT_GRAD`` the product times ``act'(pre)``
+    (the activation's input-VJP) instead (:func:`_epilogue`).
+
+    One program per output tile and slice of K (program id 2: ``k_per_split`` of K, a
+    multiple of ``BLOCK_K``). ``SPLIT``: ``y`` is the float workspace
+    ``[splits, rows, n]`` in ``C``, each slice's partial product stored unrounded; then
+    either :func:`_split_sum_kernel` adds them up, or (``SUM``) the tile's last program
     does — counted in ``count_ptr`` (int32, one per tile, zero on entry and left zero:
-    :mod:`ate_fast.ops.split_counters`) — in slice order, as that kernel, with the epilogue,
-    into ``out``; else the whole K and the epilogue into ``y``. ``PDL`` (launched with
-    programmatic dependent launch): the program's weight strip goes to L2 (one prefetch per
-    ``LINE`` elements of a row) while the kernel before still runs, and nothing else is
-    touched before :func:`~ate_fast.ops.triton_pdl.wait`."""
+    :mod:`ate_fast.ops.split_counters`) — in slice order, as that kernel, with the
+    epilogue, into ``out``; else the whole K and the epilogue into ``y``. ``PDL``
+    (launched with programmatic dependent launch): the program's weight strip goes to L2
+    (one prefetch per ``LINE`` elements of a row) while the kernel before still runs, and
+    nothing else is touched before :func:`~ate_fast.ops.triton_pdl.wait`."""
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -143,21 +153,23 @@ def _skinny_gemm_kernel(
                 for s in range(0, splits):  # in order: the sum kernel's sum, to the bit
                     total += tl.load(y_ptr + s * plane + out, mask=ok, other=0.0,
                                      cache_modifier=".cg")  # fmt: skip
-                _epilogue(total, bias_ptr, res_ptr, out_ptr, rn, n_ok, out, ok,
-                          HAS_BIAS, HAS_RESIDUAL, C)  # fmt: skip
+                _epilogue(total, bias_ptr, res_ptr, pre_ptr, out_ptr, rn, n_ok, out, ok,
+                          HAS_BIAS, HAS_RESIDUAL, ACT, ACT_GRAD, C)  # fmt: skip
                 tl.atomic_xchg(tile, 0)  # zero again for the next launch
     else:
-        _epilogue(acc, bias_ptr, res_ptr, y_ptr, rn, n_ok, out, ok, HAS_BIAS, HAS_RESIDUAL, C)
+        _epilogue(acc, bias_ptr, res_ptr, pre_ptr, y_ptr, rn, n_ok, out, ok,
+                  HAS_BIAS, HAS_RESIDUAL, ACT, ACT_GRAD, C)  # fmt: skip
 
 
 @triton.jit
 def _split_sum_kernel(
-    ws_ptr, bias_ptr, res_ptr, y_ptr, size, n, splits,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, C: tl.constexpr, PDL: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ws_ptr, bias_ptr, res_ptr, pre_ptr, y_ptr, size, n, splits,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    ACT_GRAD: tl.constexpr, C: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``y = Σ_s ws[s] (+ bias) (+ res)`` over ``size`` = rows · n outputs, the slices in
-    order (the result does not depend on which program finished first), rounded once."""
+    """``y = act(Σ_s ws[s] (+ bias)) (+ res)`` over ``size`` = rows · n outputs, the slices
+    in order (the result does not depend on which program finished first), rounded once;
+    the activation as :func:`_epilogue`'s."""
     if PDL:
         pdl_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -167,6 +179,7 @@ def _split_sum_kernel(
         acc += tl.load(ws_ptr + s * size + offs, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % n, mask=ok, other=0.0).to(C)
+    acc = activation_epilogue(acc, pre_ptr, offs, ok, ACT, ACT_GRAD)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs, mask=ok, other=0.0).to(C)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -224,11 +237,18 @@ def skinny_gemm(
     block_n: int,
     split_k: Optional[int] = None,
     weight_kn: bool = False,
+    activation: int = NONE,
+    pre: Optional[Tensor] = None,
+    activation_grad: bool = False,
 ) -> Tensor:
     """``x`` [rows, K] · ``weight`` [N, K]ᵀ (+ ``bias`` [N]) (+ ``residual`` [rows, N]) ->
     [rows, N] in x's dtype — or, ``weight_kn``, ``x · weight`` for ``weight`` [K, N];
     every tensor contiguous, on one device, in one dtype (the callers,
-    :mod:`ate_fast.models.skinny_gemm`, check). ``split_k``: K's
+    :mod:`ate_fast.models.skinny_gemm`, check). ``activation`` (a code of
+    :mod:`ate_fast.ops.triton_activations`) applied before the residual is added, its
+    input written to ``pre`` [rows, N] (contiguous, the compute dtype) — or, with
+    ``activation_grad``, the product times ``act'(pre)`` instead (the input-VJP through
+    the activation at the forward's ``pre``). ``split_k``: K's
     slices (:func:`k_splits`; None: by the SM count); with more than one, the partial
     products go to a float workspace [splits, rows, N], summed by each tile's last program
     where counters are lent (:func:`ate_fast.ops.split_counters.for_launch`: inside a
@@ -248,13 +268,17 @@ def skinny_gemm(
     if splits > 1:
         ws = torch.empty((splits, rows, n), dtype=compute_dtype(x.dtype), device=x.device)
         counts = split_counters.for_launch(x.device, grid[0] * grid[1])
-    # a split with a separate sum: that kernel adds bias and residual (one compiled variant)
+    # a split with a separate sum: that kernel adds bias and residual and activates (one
+    # compiled variant of the GEMM)
     epilogue = splits == 1 or counts is not None
+    act = activation if epilogue else NONE
     _skinny_gemm_kernel[grid](
         x, weight, y if bias is None else bias, y if residual is None else residual,
-        y if ws is None else ws, y, y if counts is None else counts, rows, n, k, k_per_split,
+        y if pre is None else pre, y if ws is None else ws, y, y if counts is None else counts,
+        rows, n, k, k_per_split,
         HAS_BIAS=epilogue and bias is not None, HAS_RESIDUAL=epilogue and residual is not None,
-        EVEN_K=k % bk == 0, SPLIT=splits > 1, SUM=counts is not None, C=c,
+        ACT=act, ACT_GRAD=activation_grad and act != NONE, EVEN_K=k % bk == 0,
+        SPLIT=splits > 1, SUM=counts is not None, C=c,
         INTERPRETED=x.device.type == "cpu",
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk, LINE=line_elements(x.dtype),
         W_KN=weight_kn, num_warps=WARPS_BY_BLOCK_N[block_n],
@@ -262,9 +286,10 @@ def skinny_gemm(
     )  # fmt: skip
     if ws is not None and counts is None:
         _split_sum_kernel[(triton.cdiv(rows * n, SUM_BLOCK),)](
-            ws, y if bias is None else bias, y if residual is None else residual, y,
-            rows * n, n, splits,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, C=c,
+            ws, y if bias is None else bias, y if residual is None else residual,
+            y if pre is None else pre, y, rows * n, n, splits,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACT=activation,
+            ACT_GRAD=activation_grad and activation != NONE, C=c,
             BLOCK=SUM_BLOCK, num_warps=4, **pdl,
         )  # fmt: skip
     return y

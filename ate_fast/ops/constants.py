@@ -19,6 +19,9 @@ DTYPE_CODES: dict[torch.dtype, int] = {
 
 # MLP encoder activations in ``Activation`` code order: code = ACTIVATIONS.index(name).
 ACTIVATIONS: tuple[str, ...] = ("gelu", "silu", "relu", "tanh")
+# "no activation" where a Triton kernel's activation is optional (the few-row GEMM's
+# epilogue); Python-only, the native kernels always apply one.
+NO_ACTIVATION = -1
 
 # The most Linear layers the fused MLP guidance kernels take (``kMaxMlpLayers``).
 MAX_MLP_LAYERS = 16

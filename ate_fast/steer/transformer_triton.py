@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ate_fast.ops import triton_pdl
 from ate_fast.ops.constants import compute_dtype
+from ate_fast.ops.triton_activations import GELU, RELU, activation, times_activation_grad
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import wait as pdl_wait
 from ate_fast.ops.triton_resources import launch_limits
@@ -88,9 +89,8 @@ CANDIDATE_TILES = {
 }
 MAX_ROW = 4096  # LayerNorm row width in one block
 ACT_BLOCK = 1024  # elements per program of the element-wise kernels
-ACT_GELU = 0
-ACT_RELU = 1
-_GELU = tl.constexpr(ACT_GELU)
+ACT_GELU = GELU  # the activation codes (ate_fast.ops.triton_activations)
+ACT_RELU = RELU
 
 
 def _block(n: int, least: int = 16) -> int:
@@ -221,12 +221,6 @@ def norm_backward(
 
 # ---------------------------------------------------------------- bias + activation
 @triton.jit
-def _gelu_grad(u):
-    cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
-    return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
-
-
-@triton.jit
 def _bias_act_kernel(
     x_ptr, b_ptr, pre_ptr, y_ptr, numel, width,
     ACT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
@@ -239,10 +233,7 @@ def _bias_act_kernel(
     ok = offs < numel
     pre = tl.load(x_ptr + offs, mask=ok, other=0.0).to(C)
     pre = pre + tl.load(b_ptr + offs % width, mask=ok, other=0.0).to(C)
-    if ACT == _GELU:
-        y = 0.5 * pre * (1.0 + tl.erf(pre * 0.7071067811865476))
-    else:
-        y = tl.where(pre < 0, 0.0, pre)  # keeps NaN like torch.relu
+    y = activation(pre, ACT)
     tl.store(pre_ptr + offs, pre, mask=ok)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -259,10 +250,7 @@ def _act_backward_kernel(
     ok = offs < numel
     u = tl.load(pre_ptr + offs, mask=ok, other=0.0)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(C)
-    if ACT == _GELU:
-        d = g * _gelu_grad(u)
-    else:
-        d = tl.where(u > 0, g, 0.0)
+    d = times_activation_grad(g, u, ACT)
     tl.store(dx_ptr + offs, d.to(dx_ptr.dtype.element_ty), mask=ok)
 
 

@@ -47,10 +47,14 @@ backward, ·W1, norm backward + residual gradient, ·W_out, attention backward, 
 add (one more kernel on the torch path) is fused into the first norm backward. The
 matmuls stay torch's (cuBLAS) unless ``ATE_FAST_SKINNY_GEMM=triton``, where at B = 1 (≤ 64
 rows) they run on the few-row Triton GEMM (:mod:`ate_fast.models.skinny_gemm`: x·Wᵀ forward,
-x·W with the weight as stored backward) and, with ``ATE_FAST_TRITON_PDL=on``, every kernel
-of a layer is a programmatic dependent launch (never run on a GPU); bias + GELU is a 1:1
-swap (the bias leaves the matmul for the element-wise kernel, which also keeps the
-pre-activation for the backward). Tested on
+x·W with the weight as stored backward) — with linear1's bias and activation in its
+epilogue (the pre-activation kept in the compute dtype) and the activation's derivative in
+the epilogue of the product with W2, so a layer is 7 + 7 kernels
+(``tests/test_transformer_triton.py::test_an_encoder_layer_is_fourteen_launches``); the
+input and skip projections and the latent's heads run on it too — and, with
+``ATE_FAST_TRITON_PDL=on``, every kernel of a layer is a programmatic dependent launch
+(never run on a GPU). Otherwise bias + GELU is a 1:1 swap (the bias leaves the matmul for
+the element-wise kernel, which also keeps the pre-activation for the backward). Tested on
 the CPU through the Triton interpreter (float32, float64) and compiled offline for sm_87
 and sm_90; on an H200 (2026-12-04, ``bench_transformer_guidance.py``, each path replayed
 from a CUDA graph, the paper's 9-layer encoder) the gradient took 0.61 ms against the VJP's
@@ -83,6 +87,7 @@ from ate_fast.align.action_mask import apply_mask
 from ate_fast.align.transformer_vae import TransformerEncoder
 from ate_fast.align.vae import ActionVAE
 from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import skinny_gemm
 from ate_fast.models.cpu_gemm import linear, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.models.skinny_gemm import block_linear, block_times_weight
@@ -326,8 +331,11 @@ def _layer_forward_triton(layer: nn.TransformerEncoderLayer, h: Tensor, rows: Op
         k, v = block_linear(h, w_in[d:], b_in[d:]).split(d, dim=-1)
     o, att = tt.attention(q, k, v, nh)
     h1, n1 = tt.add_norm(hq, block_linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.norm1)
-    act = _act_code(layer)
-    pre, a = tt.bias_act(block_linear(h1, layer.linear1.weight), layer.linear1.bias, act)
+    act, w1, b1 = _act_code(layer), layer.linear1.weight, layer.linear1.bias
+    if skinny_gemm.takes(h1, w1, b1):  # linear1 and bias + act in one launch
+        pre, a = skinny_gemm.skinny_linear_act(h1, w1, b1, act)
+    else:
+        pre, a = tt.bias_act(block_linear(h1, w1), b1, act)
     r2 = block_linear(a, layer.linear2.weight, layer.linear2.bias)
     out, n2 = tt.add_norm(h1, r2, layer.norm2)
     return out, (layer, rows, att, n1, pre, n2, act)
@@ -340,7 +348,11 @@ def _layer_backward_triton(grad: Tensor, extra: Optional[Tensor], saved: tuple) 
     attn = layer.self_attn
     d = attn.embed_dim
     dr2 = tt.norm_backward(grad, extra, n2, layer.norm2.weight)
-    dpre = tt.act_backward(block_times_weight(dr2, layer.linear2.weight), pre, act)
+    w2 = layer.linear2.weight
+    if skinny_gemm.takes(dr2, w2) and pre.is_contiguous():
+        dpre = skinny_gemm.skinny_matmul_act_grad(dr2, w2, pre, act)  # ·W2 and act' at once
+    else:
+        dpre = tt.act_backward(block_times_weight(dr2, w2), pre, act)
     dh1 = block_times_weight(dpre, layer.linear1.weight)
     dr1 = tt.norm_backward(dr2, dh1, n1, layer.norm1.weight)
     do = block_times_weight(dr1, attn.out_proj.weight)  # [B, rows or T, d]
@@ -373,12 +385,20 @@ class _Kernels(NamedTuple):
     layer_backward: Callable
     norm: Callable
     norm_backward: Callable
+    linear: Callable  # F.linear(x, W, b) of the encoder's other projections
+    times_weight: Callable  # g @ W: their input-VJP
 
 
 KERNELS = {
-    "torch": _Kernels(_layer_forward, _layer_backward, _norm, _norm_backward),
+    "torch": _Kernels(_layer_forward, _layer_backward, _norm, _norm_backward, linear, times_weight),
+    # the input and skip projections and the heads on the few-row GEMM too where it runs
     "triton": _Kernels(
-        _layer_forward_triton, _layer_backward_triton, _norm_triton, _norm_backward_triton
+        _layer_forward_triton,
+        _layer_backward_triton,
+        _norm_triton,
+        _norm_backward_triton,
+        block_linear,
+        block_times_weight,
     ),
 }
 
@@ -410,7 +430,8 @@ def transformer_latent_gradient(
     # forward, keeping what the backward needs
     masked = apply_mask(x, mask)
     tokens = module.dist_tokens.unsqueeze(0).expand(batch, -1, -1)
-    h = torch.cat([tokens, linear(masked, module.input_proj.weight, module.input_proj.bias)], 1)
+    projected = ops.linear(masked, module.input_proj.weight, module.input_proj.bias)
+    h = torch.cat([tokens, projected], 1)
     h = h + module.positions
     layers = _layers(blocks)
     saved, skips = [], []
@@ -418,7 +439,7 @@ def transformer_latent_gradient(
         j = i - len(blocks.input_blocks) - 1  # index among the output layers
         if j >= 0:
             proj = blocks.skip_projections[j]
-            h = linear(torch.cat([h, skips[-1 - j]], dim=-1), proj.weight, proj.bias)
+            h = ops.linear(torch.cat([h, skips[-1 - j]], dim=-1), proj.weight, proj.bias)
         h, kept = ops.layer_forward(layer, h, rows if i == len(layers) - 1 else None)
         saved.append(kept)
         if i < len(blocks.input_blocks):
@@ -426,10 +447,10 @@ def transformer_latent_gradient(
     h, final = ops.norm(h, blocks.norm)  # [B, rows, d]
 
     def head(m: nn.Module, t: Tensor) -> Tensor:
-        return t if isinstance(m, nn.Identity) else F.linear(t, m.weight, m.bias)
+        return t if isinstance(m, nn.Identity) else ops.linear(t, m.weight, m.bias)
 
     def head_backward(m: nn.Module, grad: Tensor) -> Tensor:
-        return grad if isinstance(m, nn.Identity) else grad @ m.weight
+        return grad if isinstance(m, nn.Identity) else ops.times_weight(grad, m.weight)
 
     mu = head(module.mu_head, h[:, 0])
     dz = mu.shape[-1]
@@ -451,9 +472,9 @@ def transformer_latent_gradient(
         dh = ops.layer_backward(dh, extra, saved[i])
         j = i - len(blocks.input_blocks) - 1
         if j >= 0:
-            dcat = times_weight(dh, blocks.skip_projections[j].weight)
+            dcat = ops.times_weight(dh, blocks.skip_projections[j].weight)
             d = dh.shape[-1]
             dh = dcat[..., :d]
             skip_grads[len(blocks.input_blocks) - 1 - j] = dcat[..., d:]
-    g = times_weight(dh[:, 2:], module.input_proj.weight)
+    g = ops.times_weight(dh[:, 2:], module.input_proj.weight)
     return apply_mask(g, mask).contiguous()

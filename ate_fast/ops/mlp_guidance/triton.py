@@ -64,7 +64,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ate_fast.ops.constants import ACTIVATIONS
+from ate_fast.ops.triton_activations import activation as _act
+from ate_fast.ops.triton_activations import activation_grad as _act_grad
 from ate_fast.ops.triton_resources import OTHER_BACKEND, launch_limits
 
 FWD_BLOCK_N = 16  # output features per forward program
@@ -76,10 +77,6 @@ NUM_WARPS = 4
 # layer, 2 stages need up to 64 KiB (float32) / 128 KiB (float64) of shared memory per
 # program, 1 stage at most 32 KiB (compiled for sm_90; never measured).
 NUM_STAGES = 1
-# activation codes (ate_fast/ops/constants.py, csrc/include/ate_fast/constants.h)
-_GELU = tl.constexpr(ACTIVATIONS.index("gelu"))
-_SILU = tl.constexpr(ACTIVATIONS.index("silu"))
-_RELU = tl.constexpr(ACTIVATIONS.index("relu"))
 
 
 def latent_block_k(has_a0: bool, has_eps: bool) -> int:
@@ -89,50 +86,6 @@ def latent_block_k(has_a0: bool, has_eps: bool) -> int:
     at 64, the K-step of every variant before, 16–4678 B), at 16 none does. Every other
     variant is spill-free at 32 (80–182 registers) and two of them spill 8 B at 16."""
     return 16 if has_a0 and has_eps else 32
-
-
-# ---------------------------------------------------------------- element-wise helpers
-@triton.jit
-def _tanh(u):
-    # tanh(|u|) = (1 − e)/(1 + e), e = exp(−2|u|) ∈ (0, 1]: no overflow, sign restored.
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0, -t, t)
-
-
-@triton.jit
-def _sigmoid(u):
-    return 1.0 / (1.0 + tl.exp(-u))
-
-
-@triton.jit
-def _act(u, ACT: tl.constexpr):
-    if ACT == _GELU:  # exact (erf) GELU
-        y = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
-    elif ACT == _SILU:
-        y = u * _sigmoid(u)
-    elif ACT == _RELU:
-        y = tl.where(u < 0, 0.0, u)  # keeps NaN like torch.relu
-    else:
-        y = _tanh(u)
-    return y
-
-
-@triton.jit
-def _act_grad(u, ACT: tl.constexpr):
-    if ACT == _GELU:
-        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
-        d = cdf + u * pdf
-    elif ACT == _SILU:
-        s = _sigmoid(u)
-        d = s * (1.0 + u * (1.0 - s))
-    elif ACT == _RELU:
-        d = tl.where(u > 0, 1.0, 0.0).to(u.dtype)
-    else:
-        t = _tanh(u)
-        d = 1.0 - t * t
-    return d
 
 
 @triton.jit
