@@ -169,34 +169,51 @@ def test_activation_epilogues_match_float64(triton_path, dtype, name, split):
     product's bound, ``act(pre)`` and the product's derivative factor within a few roundings
     of the compute dtype; whole and in slices, the slices summed by the sum kernel and, with
     counters lent, in-kernel, the two bit-equal (uneven K: 200)."""
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
+    triton_path.setenv(skinny_gemm.BLOCK_N_VAR, "16")
+    _check_activation_epilogues(name, 50, 200, 48, dtype, "cpu")
+
+
+def _check_activation_epilogues(name, rows, k, n, dtype, device):
+    """:func:`test_activation_epilogues_match_float64`'s checks: a Linear k -> n with its
+    activation, and the VJP ``g [rows, k] · W [k, n] ⊙ act'(pre)`` (W the weight of a Linear
+    n -> k) at the forward's ``pre``."""
     from ate_fast.ops import split_counters
     from ate_fast.ops.constants import ACTIVATIONS as CODES
     from ate_fast.ops.constants import compute_dtype
 
-    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
-    triton_path.setenv(skinny_gemm.BLOCK_N_VAR, "16")
     act, grad = ACTIVATIONS[name]
     code, comp = CODES.index(name), compute_dtype(dtype)
-    x, w, b, _ = _operands(50, 200, 48, dtype)
+    x, w, b, _ = _operands(rows, k, n, dtype, device)
     unit = UNIT[F64] if dtype == F64 else UNIT[torch.float32]
     pre, y = skinny_gemm.skinny_linear_act(x, w, b, code)
     assert pre.dtype == comp and y.dtype == dtype
     _check(pre, x, w, b, None, comp)
     want = act(pre.to(F64))
     _within(y, want, UNIT[dtype] * want.abs() + 16 * unit * (pre.to(F64).abs() + 1))
-    # the VJP: g [50, 200] · W [200, 48] (the weight of a Linear 48 -> 200) ⊙ act'(pre)
     g, weight = x, w.T.contiguous()
     dpre = skinny_gemm.skinny_matmul_act_grad(g, weight, pre, code)
     prod, scale = g.to(F64) @ weight.to(F64), g.to(F64).abs() @ weight.to(F64).abs()
     slope = grad(pre.to(F64))
     want = prod * slope
-    bound = UNIT[dtype] * want.abs() + 4 * unit * 200**0.5 * scale * slope.abs()
+    bound = UNIT[dtype] * want.abs() + 4 * unit * k**0.5 * scale * slope.abs()
     _within(dpre, want, bound + 16 * unit * prod.abs() * (slope.abs() + 1))
     with split_counters.lend(split_counters.new_buffer(x.device)):  # the in-kernel sum
         again = skinny_gemm.skinny_linear_act(x, w, b, code)
         dpre_again = skinny_gemm.skinny_matmul_act_grad(g, weight, pre, code)
     assert torch.equal(again[0], pre) and torch.equal(again[1], y)
     assert torch.equal(dpre_again, dpre)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("split", ["1", "auto"])
+def test_encoder_activation_epilogues_on_cuda(triton_path, dtype, split):
+    """The paper's encoder layer's linear1 + bias + GELU (512 -> 1024) and its VJP through
+    W2 [512, 1024] and GELU at B = 1 (52 tokens) on the GPU, against float64, whole K and
+    the auto split (each tile's sum by the sum kernel, and in-kernel on lent counters)."""
+    triton_path.setenv(skinny_gemm.SPLIT_K_VAR, split)
+    _check_activation_epilogues("gelu", 52, 512, 1024, dtype, "cuda")
 
 
 def test_split_counters_are_lent_to_their_launches_only(monkeypatch):
