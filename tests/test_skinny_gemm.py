@@ -349,6 +349,47 @@ def test_head_and_captured_sampler_match_torch(triton_path):
                         "skinny_linear", head, 1e-12, per_block=4)  # fmt: skip
 
 
+def test_the_step_gemms_and_the_time_mlp_on_the_kernel(triton_path):
+    """At B = 1 a step's own GEMMs take the kernel too: action_in, the time MLP's second
+    layer and action_out, and its first layer with the step's time half as the bias and
+    SiLU in the epilogue (the layer's token half copied contiguous once per call) — no
+    SiLU or add kernel; float64, equal to the torch path's steps to rounding. At B = 2 (100
+    rows) nothing is copied and torch's ops run."""
+    from test_flow_transformer_kernels import _Count  # tests/ is on sys.path
+
+    from ate_fast.models import FlowTransformerHead
+
+    torch.manual_seed(0)
+    head = FlowTransformerHead("small", depth=1, horizon=6, action_dim=16, width=32, mlp_dim=48,
+                               num_heads=4, num_kv_heads=2, head_dim=8).double()  # fmt: skip
+    x, t = torch.randn(1, 6, 16, dtype=F64), torch.rand(3, 1, dtype=F64)
+    triton_path.delenv(skinny_gemm.ENV_VAR)
+    with torch.no_grad():
+        want = [head.forward_features(x, f) for f in head.step_features(x, t)]
+        triton_path.setenv(skinny_gemm.ENV_VAR, "triton")
+        features = head.step_features(x, t)
+        w = features[0].time_weight
+        assert w.is_contiguous() and torch.equal(w, head.time_mlp_in.weight[:, :32])
+        names = ("skinny_linear", "skinny_linear_act")
+        with (
+            mock.patch.object(skinny_gemm, names[0], wraps=skinny_gemm.skinny_linear) as lin,
+            mock.patch.object(skinny_gemm, names[1], wraps=skinny_gemm.skinny_linear_act) as act,
+            _Count() as count,
+        ):
+            got = [head.forward_features(x, f) for f in features]
+        # a step: 3; its block: 5 (q and kv apart: the CPU does not fuse them), o, gate_up, down
+        assert act.call_count == 3 and lin.call_count == 3 * (3 + 5)
+        assert "silu" not in count.ops
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+        x2 = torch.randn(2, 6, 16, dtype=F64)
+        features = head.step_features(x2, t.expand(3, 2))
+        assert features[0].time_weight is None
+        with _Count() as count:
+            head.forward_features(x2, features[0])
+        assert count.ops["silu"] == 1
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("block_n", skinny_gemm.BLOCK_NS)

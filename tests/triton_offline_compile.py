@@ -460,20 +460,24 @@ def _skinny_pointer(store: str, comp: str, split: bool, name: str) -> str:
 
 
 def _activation_variants(dtype: torch.dtype, block_n: int, pdl_too: bool) -> list[tuple]:
-    """The few-row GEMM's activation epilogues (the encoder's Linear + GELU with its bias,
-    x·Wᵀ; GELU's derivative after x·W, the weight as stored), whole and split with the
-    in-kernel sum, and (sm_90, half precision) split as a PDL launch: ``(bias, residual,
-    even K, split, summed in-kernel, PDL, weight [K, N])``."""
-    variants = [(True, False, True, False, False, False, False),
-                (True, False, True, True, True, False, False)]  # fmt: skip
-    if pdl_too and dtype.itemsize == 2:
-        variants.append((True, False, True, True, True, True, False))
+    """The few-row GEMM's activation epilogues — the encoder's Linear + GELU with its bias
+    (x·Wᵀ), GELU's derivative after x·W (the weight as stored), and in half precision the
+    π0 step's time MLP (SiLU, the time as bias) — whole and split with the in-kernel sum,
+    and (sm_90, half precision) split as a PDL launch: ``(bias, residual, even K, split,
+    summed in-kernel, PDL, weight [K, N], activation)``, the derivative where the weight is
+    read as stored."""
+    half = dtype.itemsize == 2
+    forward = [(True, False, True, False, False, False, False),
+               (True, False, True, True, True, False, False)]  # fmt: skip
+    if pdl_too and half:
+        forward.append((True, False, True, True, True, True, False))
+    variants = [(*v, ta.GELU) for v in forward] + [(*v, ta.SILU) for v in forward if half]
     if dtype != torch.float64 and sg.column_tile(block_n, dtype, weight_kn=True) == block_n:
         stored = [(False, False, True, False, False, False, True),
                   (False, False, True, True, True, False, True)]  # fmt: skip
-        if pdl_too and dtype.itemsize == 2:
+        if pdl_too and half:
             stored.append((False, False, True, True, True, True, True))
-        variants += stored
+        variants += [(*v, ta.GELU) for v in stored]
     return variants
 
 
@@ -520,10 +524,8 @@ def skinny_gemm_variants(target) -> int:
         if sg.column_tile(block_n, dtype, weight_kn=True) != block_n:
             stored = []  # the launcher never uses this tile for this dtype
         variants = [(*v, ta.NONE, False) for v in [*whole, *sliced, *stored]]
-        for bias, residual, even, split, in_kernel, pdl, kn in _activation_variants(
-            dtype, block_n, pdl_too
-        ):
-            variants.append((bias, residual, even, split, in_kernel, pdl, kn, ta.GELU, kn))
+        for *rest, kn, act in _activation_variants(dtype, block_n, pdl_too):
+            variants.append((*rest, kn, act, kn))  # the derivative with the weight [K, N]
         for bias, residual, even, split, in_kernel, pdl, kn, act, grad in variants:
             compiled = compile_one(
                 sg._skinny_gemm_kernel,

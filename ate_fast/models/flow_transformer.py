@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.models import fused_mlp, l2_prefetch
+from ate_fast.models import fused_mlp, l2_prefetch, skinny_gemm
 from ate_fast.models.block_epilogues import (
     PrefixSlot,
     fold_norm_weight,
@@ -63,6 +63,9 @@ from ate_fast.models.split_kv_attention import prefix_attention, prefix_attentio
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
 from ate_fast.models.trace_state import autocast_active, exporting_graph
 from ate_fast.module_checks import plain_linear, plain_rms_norm, plain_tree
+from ate_fast.ops.constants import ACTIVATIONS
+
+SILU = ACTIVATIONS.index("silu")  # the time MLP's activation, as the kernels code it
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ class FlowStepFeatures(NamedTuple):
     # weight folded in (the gated-GELU kernel applies the factor): a per-call copy, or the
     # layer's weight itself where the norm is weightless (fold_norm_weights_)
     gate_up: Optional[tuple[Tensor, ...]] = None
+    # with the few-row GEMM selected (ATE_FAST_SKINNY_GEMM=triton), B = 1 and split_time:
+    # the tokens' half of the time MLP's first layer [width, width], contiguous (one copy
+    # per call), so that a step runs that layer on the kernel with its time half as the
+    # bias and SiLU in the epilogue — one launch for a GEMM, an add and a SiLU
+    time_weight: Optional[Tensor] = None
 
     def per_block(self) -> Iterator[tuple[Any, ...]]:
         """``(prefix (keys, values) or None, PrefixSlot or None, [W_q; W_kv] or None, the
@@ -392,7 +400,7 @@ class FlowTransformerHead(nn.Module):
 
     def forward_features(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
         """The forward at ``x`` [B, H, D] from one step's ``features`` (:meth:`step_features`)."""
-        tokens, _ = self._embed(x, features)
+        tokens = self._embed_tokens(x, features)
         rows = self._block_rows(features)
         for i, (block, block_cond, slot, qkv, gate_up) in enumerate(rows):
             ahead = self._prefetch_ahead(rows, i)
@@ -401,7 +409,7 @@ class FlowTransformerHead(nn.Module):
                            qkv, gate_up, features.attn_norm_folded,
                            overwrite_input=features.plain)  # fmt: skip
             l2_prefetch.join(ahead)
-        return linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
+        return block_linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
 
     def _block_rows(self, features: FlowStepFeatures) -> list[tuple[Any, ...]]:
         """``(block, prefix, slot, qkv, gate_up)`` for each block in turn
@@ -596,12 +604,12 @@ class FlowTransformerHead(nn.Module):
         if cond is not None and steps > 1:
             slots = tuple(PrefixSlot() for _ in range(cfg.depth))
         qkv, attn_folded, gate_up = self._projection_weights(steps, t.device)
-        return [
-            FlowStepFeatures(
-                time_in[k], cos, sin, blocks, split, plain, slots, bias, qkv, attn_folded, gate_up
-            )
-            for k in range(steps)
-        ]
+        time_weight = None
+        if split and batch == 1 and skinny_gemm.selected(cfg.horizon, t):
+            time_weight = self.time_mlp_in.weight[:, :w].contiguous()
+        shared = (cos, sin, blocks, split, plain, slots, bias, qkv, attn_folded, gate_up,
+                  time_weight)  # fmt: skip
+        return [FlowStepFeatures(time_in[k], *shared) for k in range(steps)]
 
     def _projection_weights(
         self, steps: int, device: torch.device
@@ -660,14 +668,31 @@ class FlowTransformerHead(nn.Module):
     def _embed(self, x: Tensor, features: FlowStepFeatures) -> tuple[Tensor, Tensor]:
         """``(tokens [B, H, width], the time MLP's SiLU input [B, H, width])`` for the
         blocks: the time MLP's first layer is its tokens' half plus the step's time half."""
-        w = self.config.width
         tokens = linear_of(self.action_in, x.to(self.action_in.weight.dtype))
-        if features.split_time:
-            pre_silu = F.linear(tokens, self.time_mlp_in.weight[:, :w]) + features.time
-        else:  # the layer called on [tokens, time embedding]
-            time = features.time.expand(-1, tokens.shape[1], -1)
-            pre_silu = self.time_mlp_in(torch.cat([tokens, time], dim=-1))
+        pre_silu = self._time_pre_silu(tokens, features)
         return linear_of(self.time_mlp_out, F.silu(pre_silu)), pre_silu
+
+    def _time_pre_silu(self, tokens: Tensor, features: FlowStepFeatures) -> Tensor:
+        """The time MLP's first layer [B, H, width] on the action ``tokens`` [B, H, width]
+        and the step's time."""
+        if features.split_time:
+            w = self.config.width
+            return F.linear(tokens, self.time_mlp_in.weight[:, :w]) + features.time
+        time = features.time.expand(-1, tokens.shape[1], -1)  # the layer on [tokens, time]
+        return self.time_mlp_in(torch.cat([tokens, time], dim=-1))
+
+    def _embed_tokens(self, x: Tensor, features: FlowStepFeatures) -> Tensor:
+        """:meth:`_embed`'s tokens [B, H, width] (a forward keeps no SiLU input): with
+        :attr:`FlowStepFeatures.time_weight` set and the few-row GEMM taking the rows, the
+        time MLP's first layer, its time half (the bias) and SiLU in one launch; the
+        step's other GEMMs on the kernel wherever it takes them."""
+        tokens = block_linear_of(self.action_in, x.to(self.action_in.weight.dtype))
+        w_tokens, time = features.time_weight, features.time
+        if w_tokens is not None and skinny_gemm.takes(tokens, w_tokens, time):
+            _, hidden = skinny_gemm.skinny_linear_act(tokens, w_tokens, time.view(-1), SILU)
+        else:
+            hidden = F.silu(self._time_pre_silu(tokens, features))
+        return block_linear_of(self.time_mlp_out, hidden)
 
 
 def _stacked(w_q: Tensor, w_kv: Tensor, gain: Optional[Tensor]) -> Tensor:

@@ -23,12 +23,16 @@ kernel (the same sums to the bit); gate|up (256 tiles) stays whole. **The split 
 on a GPU**; ``ATE_FAST_SKINNY_GEMM_SPLIT_K=1`` is the kernel measured above.
 It stays an option, a tuner choice and an A/B row (``ate_capture_skinny_gemm_n16``).
 
-Beyond the block: the Transformer encoder's guidance gradient (its ``triton`` path) runs its
-projections on the kernel at B = 1, a Linear with its bias and activation in one launch
-(:func:`skinny_linear_act`: the activation's input kept for the backward) and the input-VJP
-through a weight and the activation before it in one (:func:`skinny_matmul_act_grad`) —
-the activation codes and functions of :mod:`ate_fast.ops.triton_activations`; never run on
-a GPU.
+Beyond the block: at B = 1 a step's own GEMMs run on the kernel too (action_in, the time
+MLP, action_out), the time MLP's first layer with the step's time half as its bias and SiLU
+in the epilogue (:attr:`~ate_fast.models.flow_transformer.FlowStepFeatures.time_weight`:
+a GEMM, an add and a SiLU in one launch), so that with ``ATE_FAST_TRITON_PDL=on`` every
+GEMM of a step is a PDL launch. The Transformer encoder's guidance gradient (its
+``triton`` path) runs its projections on the kernel at B = 1, a Linear with its bias and
+activation in one launch (:func:`skinny_linear_act`: the activation's input kept for the
+backward) and the input-VJP through a weight and the activation before it in one
+(:func:`skinny_matmul_act_grad`) — the activation codes and functions of
+:mod:`ate_fast.ops.triton_activations`; never run on a GPU.
 
 Like the block's Triton epilogues (:mod:`ate_fast.models.block_epilogues`), the kernel has
 no backward and no symbolic form: torch's GEMM runs whenever autograd records, under
@@ -65,6 +69,14 @@ MAX_ROWS = 64  # one row tile; above it (B = 8: 400 rows) cuBLAS's wide tiles ha
 def selected_path() -> str:
     """``$ATE_FAST_SKINNY_GEMM``: ``torch`` (also where unset) or ``triton``."""
     return env_choice(ENV_VAR, PATHS)
+
+
+def selected(rows: int, *tensors: Tensor) -> bool:
+    """Whether the kernel is selected and may take a GEMM of ``rows`` rows on ``tensors``
+    (what a call decides once, before its steps: :func:`takes` still checks each GEMM)."""
+    if not os.environ.get(ENV_VAR) or selected_path() != "triton":
+        return False
+    return rows <= MAX_ROWS and opaque_ops_may_run(*tensors)
 
 
 def block_n() -> int:
