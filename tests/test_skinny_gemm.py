@@ -203,6 +203,10 @@ def _check_activation_epilogues(name, rows, k, n, dtype, device):
         dpre_again = skinny_gemm.skinny_matmul_act_grad(g, weight, pre, code)
     assert torch.equal(again[0], pre) and torch.equal(again[1], y)
     assert torch.equal(dpre_again, dpre)
+    other = torch.float16 if dtype == comp else dtype  # a dtype that is not the compute one
+    for bad in (pre[:, :-1], pre.to(other), pre.T.contiguous().T):  # shape, dtype, layout
+        with pytest.raises(InvalidArgumentError, match="pre must be a contiguous"):
+            skinny_gemm.skinny_matmul_act_grad(g, weight, bad, code)
 
 
 @pytest.mark.cuda

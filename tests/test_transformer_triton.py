@@ -344,9 +344,10 @@ def test_an_encoder_layer_is_fourteen_launches(monkeypatch):
     the GEMMs' epilogues), the attention and its backward, 2 add + norm and 2 norm
     backward — counted as the difference of a 5- and a 3-layer encoder (two layers and one
     skip connection: its GEMM each way and its concatenation). The 3-layer gradient's other
-    work: the input projection each way, and 9 ATen kernels (the tokens' and the skip's
-    concatenations, the positions' add, the latent's distance gradient into a zeroed
-    buffer, the last layer's row update)."""
+    work: the input projection each way, and 6 ATen kernels (the tokens' and the skip's
+    concatenations, the positions' add, the latent's distance gradient — 2, straight into
+    the μ row's gradient: no zeroed buffer, no copy — and the last layer's row update, in
+    place)."""
     pytest.importorskip("triton")
     ops3, launches3 = _encoder_kernels(monkeypatch, 3)
     ops5, launches5 = _encoder_kernels(monkeypatch, 5)
@@ -364,7 +365,7 @@ def test_an_encoder_layer_is_fourteen_launches(monkeypatch):
     layers3 = collections.Counter({k: 3 * n for k, n in per_layer.items()})
     layers3["_skinny_gemm_kernel"] += 2  # the last layer's q and k|v apart, each way
     assert launches3 == layers3 + skip + fixed
-    assert sum(ops3.values()) == 9, dict(ops3)
+    assert sum(ops3.values()) == 6, dict(ops3)
 
 
 def test_public_entry_points_take_the_triton_path(monkeypatch):

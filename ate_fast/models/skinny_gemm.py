@@ -164,6 +164,12 @@ def skinny_matmul_act_grad(g: Tensor, weight: Tensor, pre: Tensor, activation: i
     [N, K] read as stored and ``pre`` [..., K] (contiguous, from :func:`skinny_linear_act`):
     the input-VJP through a layer and the activation before it in one launch (call where
     :func:`takes` is true)."""
+    shape = (*g.shape[:-1], weight.shape[1])
+    if pre.shape != shape or pre.dtype != compute_dtype(g.dtype) or not pre.is_contiguous():
+        raise InvalidArgumentError(
+            f"skinny_matmul_act_grad: pre must be a contiguous {compute_dtype(g.dtype)} tensor "
+            f"of shape {list(shape)}, got {pre.dtype} {list(pre.shape)}"
+        )
     return _on_rows(g, weight, None, None, weight_kn=True, activation=activation, pre=pre,
                     activation_grad=True)  # fmt: skip
 

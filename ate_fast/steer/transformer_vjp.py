@@ -296,7 +296,7 @@ def _layer_backward(grad: Tensor, extra: Optional[Tensor], saved: tuple) -> Tens
     if rows is None:
         return dr1 + times_weight(torch.cat([dq, dk, dv], dim=-1), w_in)
     dh = times_weight(torch.cat([dk, dv], dim=-1), w_in[d:])
-    dh[:, :rows] += dr1 + times_weight(dq, w_in[:d])
+    dh[:, :rows].add_(dr1 + times_weight(dq, w_in[:d]))  # (`+=` would copy it back)
     return dh
 
 
@@ -366,7 +366,7 @@ def _layer_backward_triton(grad: Tensor, extra: Optional[Tensor], saved: tuple) 
     dkv = torch.empty((batch, tokens, 2 * d), dtype=grad.dtype, device=grad.device)
     tt.attention_backward(do, att, dq, *dkv.split(d, dim=-1))
     dh = block_times_weight(dkv, w_in[d:])
-    dh[:, :rows] += block_times_weight(dq, w_in[:d], dr1)
+    dh[:, :rows].add_(block_times_weight(dq, w_in[:d], dr1))  # (`+=` would copy it back)
     return dh
 
 
@@ -455,14 +455,17 @@ def transformer_latent_gradient(
     mu = head(module.mu_head, h[:, 0])
     dz = mu.shape[-1]
     coef = 1.0 / dz if reduction == "sample" else 1.0 / (batch * dz)
-    dh = torch.zeros_like(h)
     if eps is None:
         dy_dz = -2.0 * coef * (mu - target)
+        rows_grad = [head_backward(module.mu_head, dy_dz)]
     else:  # z = μ + exp(½ log σ²)·ε: ∂z/∂ log σ² = ½ exp(½ log σ²)·ε
         spread = torch.exp(0.5 * head(module.logvar_head, h[:, 1])) * eps
         dy_dz = -2.0 * coef * (mu + spread - target)
-        dh[:, 1] = head_backward(module.logvar_head, 0.5 * spread * dy_dz)
-    dh[:, 0] = head_backward(module.mu_head, dy_dz)
+        rows_grad = [head_backward(module.mu_head, dy_dz),
+                     head_backward(module.logvar_head, 0.5 * spread * dy_dz)]  # fmt: skip
+    # [B, rows, d] in h's dtype: the μ token's row (and log σ²'s) — no zeroed buffer to copy
+    # the rows into (rows are the tokens the latent reads: the last layer's only outputs)
+    dh = (rows_grad[0][:, None] if eps is None else torch.stack(rows_grad, dim=1)).to(h.dtype)
 
     # backward, input gradient only
     dh = ops.norm_backward(dh, final)
