@@ -71,12 +71,15 @@ def selected_path() -> str:
     return env_choice(ENV_VAR, PATHS)
 
 
+def _kernel_selected() -> bool:
+    """``$ATE_FAST_SKINNY_GEMM`` is ``triton`` (unset: one dict lookup)."""
+    return bool(os.environ.get(ENV_VAR)) and selected_path() == "triton"
+
+
 def selected(rows: int, *tensors: Tensor) -> bool:
     """Whether the kernel is selected and may take a GEMM of ``rows`` rows on ``tensors``
     (what a call decides once, before its steps: :func:`takes` still checks each GEMM)."""
-    if not os.environ.get(ENV_VAR) or selected_path() != "triton":
-        return False
-    return rows <= MAX_ROWS and opaque_ops_may_run(*tensors)
+    return _kernel_selected() and rows <= MAX_ROWS and opaque_ops_may_run(*tensors)
 
 
 def block_n() -> int:
@@ -111,7 +114,7 @@ def takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
     at most :data:`MAX_ROWS` rows, N and K multiples of 16, one dtype, every operand
     contiguous and 16-byte aligned, nothing recording or tracing; raises where it is
     selected and Triton cannot run on the tensors' device."""
-    if not os.environ.get(ENV_VAR) or selected_path() != "triton":  # unset: one dict lookup
+    if not _kernel_selected():
         return False
     extra = [t for t in others if t is not None]
     tensors = (x, weight, *extra)
