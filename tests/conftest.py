@@ -35,6 +35,18 @@ def _shard(value: str) -> tuple[int, int]:
     return index, count
 
 
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # an xdist worker: its share of the cores, not all of them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 8 (each holds torch and Triton's
+    interpreter, about 1.5 GB)."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
 def pytest_collection_modifyitems(config, items):
     # ATE_FAST_TEST_SHARD=i/n keeps every n-th test from the i-th: gpu_suite.sh runs the
     # cuda tests as concurrent shards (their time is mostly Triton compiling, on the CPU)

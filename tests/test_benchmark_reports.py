@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,12 @@ def test_cuda_case(benchmark, i):
 """
 
 
+def _own_session_env() -> dict:
+    """This environment less pytest-xdist's worker variables: under ``-n``, the child suite
+    would otherwise take itself for a worker, and pytest-benchmark writes no JSON there."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -50,7 +57,7 @@ def test_an_interrupted_suite_keeps_its_finished_cases(tmp_path, sigint):
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "bench_cut.py", "-q", "-p", "no:cacheprovider",
          f"--benchmark-json={out}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=_own_session_env(), capture_output=True, text=True, timeout=120,
         preexec_fn=_ignore_sigint if sigint == "ignored" else None,
     )  # fmt: skip
     assert run.returncode != 0  # interrupted
@@ -79,7 +86,7 @@ def _run_suite(tmp_path, source: str, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "bench_cut.py", "-q", "-p", "no:cacheprovider",
          f"--benchmark-json={out}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=_own_session_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
