@@ -23,6 +23,7 @@ from ate_fast.models import (
     split_sdpa_attention,
 )
 from ate_fast.ops import backends, pdl_setting, split_counters
+from ate_fast.ops.mlp_guidance import dispatch as mlp_guidance_dispatch
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
 
@@ -104,6 +105,7 @@ def info() -> dict:
         "l2_prefetch": _or_error(l2_prefetch.selected_path),
         "fused_mlp": _or_error(_fused_mlp),
         "triton_pdl": _or_error(lambda: "on" if pdl_setting.selected() else "off"),
+        "mlp_guidance_unroll": _or_error(mlp_guidance_dispatch.cuda_unroll),
         "split_reduce": _or_error(
             lambda: "in-kernel when captured" if split_counters.in_kernel() else "second kernel"
         ),
@@ -268,6 +270,10 @@ def _path_lines(data: dict) -> list[str]:
         f"split GEMM / attention slices reduced, persistent MLP counters zeroed:"
         f" {data['split_reduce']}"
         " (ATE_FAST_SPLIT_REDUCE=auto|kernel)"
+    )
+    lines.append(
+        f"MLP-guidance CUDA kernel's loop unroll: {data['mlp_guidance_unroll']}"
+        " (ATE_FAST_MLP_GUIDANCE_UNROLL=4|16)"
     )
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"

@@ -7,7 +7,9 @@ Run:  pytest benchmarks/bench_guidance.py --benchmark-json=bench_guidance.json
 Encoder: H·D → 256 → 256 → 2·64 (GELU), the PERFORMANCE.md reference encoder. The
 ``eager`` row is autograd (what ``Steer``/``LatentGuidance`` did before the fused op):
 one forward, ``torch.autograd.grad``. On the GPU the fused op has two rows: ``cuda`` (one
-cooperative kernel) and ``triton`` (2·L = 6 kernels, ``ate_fast/ops/mlp_guidance/triton.py``).
+cooperative kernel; ``cuda_unroll16``: the same with ``ATE_FAST_MLP_GUIDANCE_UNROLL=16``, four
+times the weight loads in flight per thread) and ``triton`` (2·L = 6 kernels,
+``ate_fast/ops/mlp_guidance/triton.py``).
 At B ∈ {1, 8} the GPU also has ``<row>_graph`` rows: the same call captured once in a CUDA
 graph and replayed, as a captured sampler runs it (no Python launch path: at control-rate
 batches that path, not the kernels, sets the plain rows).
@@ -53,7 +55,8 @@ def _cases():
     for device in DEVICES:
         for horizon, dim in SHAPES:
             for batch in BATCHES:
-                fused = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+                # cuda_unroll16: the kernel with ATE_FAST_MLP_GUIDANCE_UNROLL=16
+                fused = ["cpu"] if device == "cpu" else ["cuda", "cuda_unroll16", "triton"]
                 impls = ["eager", "ref", *fused]
                 if device == "cuda" and batch <= 8:
                     impls += [f"{impl}_graph" for impl in impls]
@@ -70,6 +73,9 @@ def test_guidance_gradient(benchmark, time_calls, monkeypatch, device, batch, ho
     x = torch.randn(batch, horizon, dim, device=device)
     target = torch.randn(DZ, device=device)
     path = impl.removesuffix("_graph")
+    if path == "cuda_unroll16":
+        monkeypatch.setenv("ATE_FAST_MLP_GUIDANCE_UNROLL", "16")
+        path = "cuda"
     if path == "eager":
         fn = lambda: _autograd(x, weights, biases, target)  # noqa: E731
     elif path == "ref":

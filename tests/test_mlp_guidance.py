@@ -184,6 +184,55 @@ def test_cuda_graph_capture(monkeypatch, backend):
     backends.reset_caches()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 9])  # one row chunk; two, the second partial
+def test_cuda_unroll_16_is_bit_equal_to_4(monkeypatch, dtype, batch):
+    """``ATE_FAST_MLP_GUIDANCE_UNROLL=16`` (four times the weight loads in flight per
+    thread) adds the same products in the same order as the measured 4: g and z bit-equal,
+    with a mask, a0 and eps (every phase of the kernel), the default encoder's sizes."""
+    monkeypatch.setenv("ATE_FAST_BACKEND", "cuda")
+    backends.reset_caches()
+    weights, biases = make_encoder(50 * 32, (512, 512), 64, dtype, "cuda")
+    x = torch.randn(batch, 50, 32, device="cuda").to(dtype)
+    a0 = torch.randn(batch, 50, 32, device="cuda").to(dtype)
+    mask = (torch.rand(32, device="cuda") > 0.2).to(dtype)
+    eps = torch.randn(batch, 64, device="cuda").to(dtype)
+    kw = dict(a0=a0, mask=mask, eps=eps, distance_weight=1 / 64)
+    results = {}
+    for unroll in ("4", "16"):
+        monkeypatch.setenv("ATE_FAST_MLP_GUIDANCE_UNROLL", unroll)
+        results[unroll] = mlp_guidance(x, weights, biases, "gelu", **kw)
+    backends.reset_caches()
+    assert torch.equal(results["4"][0], results["16"][0])
+    assert torch.equal(results["4"][1], results["16"][1])
+    g_true, _ = autograd_truth(x, weights, biases, "gelu", **kw)
+    assert _rel(results["16"][0], g_true) < {torch.float64: 1e-12, torch.float32: 2e-5}.get(
+        dtype, 2e-2
+    )
+
+
+def test_cuda_unroll_setting_is_checked(monkeypatch):
+    """The unroll setting is read per call (4 unset, or 16) and anything else raises naming
+    the variable; the native launcher itself refuses another depth before it touches a
+    device (so this runs without a GPU wherever the CUDA module was built)."""
+    from ate_fast import native
+    from ate_fast.errors import InvalidArgumentError
+    from ate_fast.ops.mlp_guidance import dispatch
+
+    monkeypatch.delenv(dispatch.UNROLL_VAR, raising=False)
+    assert dispatch.cuda_unroll() == 4
+    monkeypatch.setenv(dispatch.UNROLL_VAR, " 16 ")
+    assert dispatch.cuda_unroll() == 16
+    monkeypatch.setenv(dispatch.UNROLL_VAR, "8")
+    with pytest.raises(InvalidArgumentError, match=r"ATE_FAST_MLP_GUIDANCE_UNROLL.*'8'"):
+        dispatch.cuda_unroll()
+    if native.build_info().get("cuda_built"):  # built wherever nvcc was (CI: always)
+        args = (0, 1, [4, 2], [0], [0], 0, 0, 0, 0, 0, 0, 0, 1, 0, 1.0, 0, 0, 0, 0, 0, 0)
+        with pytest.raises(ValueError, match="unroll must be 4 or 16, got 8"):
+            native.load("_C_cuda").mlp_guidance(*args, unroll=8)
+
+
 def test_reference_is_a_decomposition_without_autograd():
     weights, biases = make_encoder(12, (8,), 3, torch.float64, "cpu")
     weights = [w.requires_grad_(True) for w in weights]

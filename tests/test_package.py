@@ -205,6 +205,15 @@ def test_info_reports_the_l2_prefetch(monkeypatch):
     assert info()["l2_prefetch"].startswith("error: ATE_FAST_L2_PREFETCH: expected")
 
 
+def test_info_reports_the_mlp_guidance_unroll(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_MLP_GUIDANCE_UNROLL", raising=False)
+    assert info()["mlp_guidance_unroll"] == 4  # the kernel measured, until 16 is
+    monkeypatch.setenv("ATE_FAST_MLP_GUIDANCE_UNROLL", "16")
+    assert "MLP-guidance CUDA kernel's loop unroll: 16" in format_info(info())
+    monkeypatch.setenv("ATE_FAST_MLP_GUIDANCE_UNROLL", "32")
+    assert info()["mlp_guidance_unroll"].startswith("error: ATE_FAST_MLP_GUIDANCE_UNROLL: expected")
+
+
 def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
     # CUDA's default is triton where Triton runs on CUDA: not on this machine

@@ -9,6 +9,14 @@
 // rows. Storage in float32/float64/float16/bfloat16, arithmetic in float32
 // (float64 for float64). At the batch sizes of real-time control (B ≤ 8) the whole call
 // is a handful of microsecond-scale phases instead of ~20 kernel launches.
+//
+// kUnroll: how many iterations of the layers' dot-product loops are unrolled, i.e. how many
+// weight loads each thread has in flight. At B = 1 the loops are latency-bound chains (an
+// H200, 2026-12-04: 40 µs per call for a 1600-256-256-128 float32 encoder whose weights
+// take well under 1 µs to read): 4 is the kernel measured so far; 16 puts four times as
+// many loads in flight per chain (the same adds in the same order: bit-equal results).
+// ATE_FAST_MLP_GUIDANCE_UNROLL picks it (ate_fast/ops/mlp_guidance/dispatch.py); 16 has
+// never run on a GPU.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -43,7 +51,7 @@ __device__ __forceinline__ C warp_sum(C v) {
   return v;
 }
 
-template <typename T>
+template <typename T, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
 mlp_guidance_kernel(MlpGuidanceArgs p, Scratch<typename Compute<T>::type> s) {
   using C = typename Compute<T>::type;
@@ -86,7 +94,7 @@ mlp_guidance_kernel(MlpGuidanceArgs p, Scratch<typename Compute<T>::type> s) {
         C acc[kRowChunk];
 #pragma unroll
         for (int k = 0; k < kRowChunk; ++k) acc[k] = C(0);
-#pragma unroll 4
+#pragma unroll kUnroll
         for (int64_t i = lane; i < in_dim; i += 32) {
           const C w = load_c(wr[i]);
 #pragma unroll
@@ -153,7 +161,7 @@ mlp_guidance_kernel(MlpGuidanceArgs p, Scratch<typename Compute<T>::type> s) {
 #pragma unroll
       for (int k = 0; k < kRowChunk; ++k) acc[k] = C(0);
       if (i < in_dim) {
-#pragma unroll 4
+#pragma unroll kUnroll
         for (int64_t o = warp_in_block; o < o_dim; o += kWarps) {
           const C w = load_c(W[o * in_dim + i]);
 #pragma unroll
@@ -210,11 +218,11 @@ int64_t scratch_layout(const MlpGuidanceArgs& p, C* base, Scratch<C>* s) {
 
 template <typename T>
 int launch(const MlpGuidanceArgs& p, void* scratch, int64_t scratch_elems, int device,
-           cudaStream_t stream) {
+           cudaStream_t stream, int unroll) {
   using C = typename Compute<T>::type;
   Scratch<C> s{};
   if (scratch_layout<C>(p, static_cast<C*>(scratch), &s) > scratch_elems) return kBadShape;
-  auto kernel = mlp_guidance_kernel<T>;
+  auto kernel = unroll == 16 ? mlp_guidance_kernel<T, 16> : mlp_guidance_kernel<T, 4>;
   int per_sm = 0;
   if (int rc = record_cuda(
           cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
@@ -237,7 +245,8 @@ int64_t mlp_guidance_scratch_elements(const MlpGuidanceArgs& args) {
 }
 
 int mlp_guidance_cuda(DType dtype, const MlpGuidanceArgs& args, void* scratch,
-                      int64_t scratch_elems, int device, void* stream) {
+                      int64_t scratch_elems, int device, void* stream, int unroll) {
+  if (unroll != 4 && unroll != 16) return kBadShape;
   if (args.num_layers < 1 || args.num_layers > kMaxMlpLayers) return kBadShape;
   if (args.batch < 0 || args.dims[args.num_layers] % 2 != 0) return kBadShape;
   if (args.batch == 0) return kOk;
@@ -248,10 +257,10 @@ int mlp_guidance_cuda(DType dtype, const MlpGuidanceArgs& args, void* scratch,
   if (guard.status() != kOk) return guard.status();
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat32: return launch<float>(args, scratch, scratch_elems, device, st);
-    case DType::kFloat64: return launch<double>(args, scratch, scratch_elems, device, st);
-    case DType::kFloat16: return launch<__half>(args, scratch, scratch_elems, device, st);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(args, scratch, scratch_elems, device, st);
+    case DType::kFloat32: return launch<float>(args, scratch, scratch_elems, device, st, unroll);
+    case DType::kFloat64: return launch<double>(args, scratch, scratch_elems, device, st, unroll);
+    case DType::kFloat16: return launch<__half>(args, scratch, scratch_elems, device, st, unroll);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(args, scratch, scratch_elems, device, st, unroll);
   }
   return kBadDType;
 }

@@ -41,19 +41,24 @@ PYBIND11_MODULE(_C_cuda, mod) {
          int activation, uintptr_t x, uintptr_t a0, uintptr_t target, int64_t target_stride,
          uintptr_t mask, int64_t mask_stride, int64_t action_dim, uintptr_t eps, double distance_weight,
          uintptr_t grad, uintptr_t latent, uintptr_t scratch, int64_t scratch_elems, int device,
-         uintptr_t stream) {
+         uintptr_t stream, int unroll) {
+        if (unroll != 4 && unroll != 16)
+          throw std::invalid_argument("ate_fast._C_cuda.mlp_guidance: unroll must be 4 or 16, got " +
+                                      std::to_string(unroll));
         MlpGuidanceArgs p = make_mlp_guidance_args(batch, dims, weights, biases, activation, x,
                                                    a0, target, target_stride, mask, mask_stride,
                                                    action_dim, eps, distance_weight, grad, latent);
         int status = mlp_guidance_cuda(as_dtype(dtype), p, reinterpret_cast<void*>(scratch),
-                                       scratch_elems, device, reinterpret_cast<void*>(stream));
+                                       scratch_elems, device, reinterpret_cast<void*>(stream),
+                                       unroll);
         if (status == kCudaError)
           throw std::runtime_error(std::string("ate_fast._C_cuda.mlp_guidance: ") + last_cuda_error());
         check_status(status, "ate_fast._C_cuda.mlp_guidance");
       },
       ATE_FAST_MLP_GUIDANCE_PYARGS, py::arg("scratch"), py::arg("scratch_elems"),
-      py::arg("device"), py::arg("stream"),
-      "Fused MLP-encoder guidance gradient in one cooperative kernel on `stream`.");
+      py::arg("device"), py::arg("stream"), py::arg("unroll") = 4,
+      "Fused MLP-encoder guidance gradient in one cooperative kernel on `stream`; `unroll`"
+      " (4 or 16): the unroll depth of its layers' loops.");
   mod.def(
       "mlp_guidance_scratch_elements",
       [](int64_t batch, const std::vector<int64_t>& dims, bool with_a0) {

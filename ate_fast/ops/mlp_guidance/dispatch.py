@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ate_fast import native
+from ate_fast.argument_checks import env_choice
 from ate_fast.ops import backends
 from ate_fast.ops.constants import ACTIVATIONS
 from ate_fast.ops.mlp_guidance.ref import mlp_guidance_reference
@@ -26,6 +27,12 @@ SUPPORT = {
     torch.float16: backends.support(triton=("cuda",), cuda=("cuda",)),
     torch.bfloat16: backends.support(cpu=("cpu",), triton=("cuda",), cuda=("cuda",)),
 }
+# The CUDA kernel's loop unroll depth (weight loads in flight per thread): "4", the kernel
+# measured so far, or "16" (the same adds in the same order; never run on a GPU). Read per
+# call, so that a benchmark can A/B the two in one process.
+UNROLL_VAR = "ATE_FAST_MLP_GUIDANCE_UNROLL"
+UNROLLS = ("4", "16")
+
 # Above this batch size the op-by-op decomposition (cuBLAS / MKL GEMMs) beats the fused
 # kernels, which are built for control-rate batches (measured: benchmarks/README.md).
 FUSED_MAX_BATCH = 16
@@ -68,8 +75,18 @@ def _run_cuda(*args) -> None:
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     scratch = torch.empty(elems, dtype=compute, device=x.device)
     module.mlp_guidance(
-        *arguments, scratch.data_ptr(), elems, x.device.index, current_stream(x.device)
+        *arguments,
+        scratch.data_ptr(),
+        elems,
+        x.device.index,
+        current_stream(x.device),
+        cuda_unroll(),
     )
+
+
+def cuda_unroll() -> int:
+    """The CUDA kernel's unroll depth, ``$ATE_FAST_MLP_GUIDANCE_UNROLL`` (4 where unset; 16)."""
+    return int(env_choice(UNROLL_VAR, UNROLLS))
 
 
 def _run_triton(x, weights, biases, activation, target, a0, mask, eps, distance_weight, g, z):

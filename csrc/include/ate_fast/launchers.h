@@ -23,9 +23,10 @@ int cpu_num_threads();
 int guided_step_cuda(DType dtype, const GuidedStepArgs& args, int device, void* stream);
 // CUDA: fused MLP-encoder guidance gradient, one cooperative kernel. `scratch` is device
 // memory of at least mlp_guidance_scratch_elements(args) elements of the compute type
-// (double for float64 data, float otherwise).
+// (double for float64 data, float otherwise). `unroll`: 4 or 16, the unroll depth of the
+// layers' loops (weight loads in flight per thread); anything else is kBadShape.
 int mlp_guidance_cuda(DType dtype, const MlpGuidanceArgs& args, void* scratch,
-                      int64_t scratch_elems, int device, void* stream);
+                      int64_t scratch_elems, int device, void* stream, int unroll = 4);
 int64_t mlp_guidance_scratch_elements(const MlpGuidanceArgs& args);
 const char* last_cuda_error();
 // Number of visible devices, or -1 with last_cuda_error() set (e.g. no driver).
