@@ -340,6 +340,10 @@ FUSED_MLP_FOLDED_ROW = "ate_capture_fused_mlp_folded"
 # CUDA stream beside the head (mlp- and transformer-guided, B = 1 and 8); unguided it is
 # ate_capture itself, the base of its guidance-overhead target
 SIDE_STREAM_ROW = "ate_capture_side_stream"
+# ate_capture with the MLP-guidance CUDA kernel's loops unrolled 16 deep, not 4
+# (ATE_FAST_MLP_GUIDANCE_UNROLL=16: four times the weight loads in flight; bit-equal):
+# B = 1, mlp-guided, against ate_capture and its guidance-overhead target
+MLP_UNROLL_ROW = "ate_capture_mlp_unroll16"
 # ate_capture captured with one SDPA backend forced (B = 1, unguided): torch's pick on the
 # H200, cuDNN's flash forward, ran the block's attention on 7 programs (24.5 µs per block);
 # bench_prefix_attention.py times the backends alone. Memory-efficient attention has no
@@ -366,10 +370,12 @@ SETTING_ROWS = (*SDPA_ROWS, *(() if DRY_RUN else (CUBLASLT_ROW,)))
 ROWS = ("eager", "compile_max_autotune", "ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW,
         FOLD_MLP_ROW, FOLDED_NORMS_ROW, STATIC_COND_ROW, *SKINNY_ROWS, SPLIT_KV_ROW,
         COMBINE_KERNEL_ROW, FLEX_ROW, SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW,
-        L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS, FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW,
+        L2_PREFETCH_ALL_ROW, *FUSED_MLP_ROWS, FUSED_MLP_FOLDED_ROW, SIDE_STREAM_ROW, MLP_UNROLL_ROW,
         *SETTING_ROWS, *PADDED_ROWS, TWO_GEMMS_ROW, TUNED_ROW, "ate_capture_compiled")  # fmt: skip
-ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, TUNED_ROW, "ate_capture_compiled")
-UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture"}  # a guided-only row's unguided twin
+ATE_ROWS = ("ate_capture", EPILOGUES_ROW, SIDE_STREAM_ROW, MLP_UNROLL_ROW, TUNED_ROW,
+            "ate_capture_compiled")  # fmt: skip
+# a guided-only row's unguided twin
+UNGUIDED_OF = {SIDE_STREAM_ROW: "ate_capture", MLP_UNROLL_ROW: "ate_capture"}
 # the package's settings each A/B row runs under (set for its case only)
 ROW_ENV = {
     TORCH_EPILOGUES_ROW: {"ATE_FAST_FLOW_EPILOGUES": "torch"},
@@ -384,6 +390,7 @@ ROW_ENV = {
     L2_PREFETCH_ROW: {"ATE_FAST_L2_PREFETCH": "mlp"},
     L2_PREFETCH_ALL_ROW: {"ATE_FAST_L2_PREFETCH": "all"},
     SIDE_STREAM_ROW: {"ATE_FAST_GUIDANCE_STREAM": "side"},
+    MLP_UNROLL_ROW: {"ATE_FAST_MLP_GUIDANCE_UNROLL": "16"},
     **{row: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FUSED_MLP_TILES": tiles}
        for row, tiles in FUSED_MLP_ROWS.items()},
     FUSED_MLP_FOLDED_ROW: {"ATE_FAST_FUSED_MLP": "persistent", "ATE_FAST_FLOW_EPILOGUES": "triton"},
@@ -449,6 +456,7 @@ CASE_GUESS_S = {  # each + 1 s for the profiled call (the profiler's start-up)
     **{row: 8.0 for row in FUSED_MLP_ROWS},  # + Triton compiling the kernel per tile
     FUSED_MLP_FOLDED_ROW: 10.0,  # + a copy of the head (the folded one, if not built yet)
     SIDE_STREAM_ROW: 4.0,
+    MLP_UNROLL_ROW: 4.0,
     TUNED_ROW: TUNE_S + 8.0,  # its budget, the re-timing (4 captures), then the row
     **dict.fromkeys(SETTING_ROWS, 4.0),
     "compile_max_autotune": 4.0,
@@ -475,6 +483,7 @@ def _cases() -> list[tuple[int, str, str]]:
     cheap = [(b1, g, r) for g in LATENT_GUIDANCES for r in ("eager", "ate_capture")]
     side = [g for g in LATENT_GUIDANCES if g != "unguided"]
     cheap += [(b1, g, SIDE_STREAM_ROW) for g in side]  # the guidance beside the head
+    cheap.append((b1, "mlp-guided", MLP_UNROLL_ROW))  # the MLP guidance's loops unrolled 16
     cheap.append((b1, "unguided", OTHER_EPILOGUES_ROW))  # the epilogues' A/B (B = 8: later)
     cheap.append((b1, "unguided", FOLDED_NORMS_ROW))  # norms folded for inference: its A/B
     cheap.append((b1, "unguided", STATIC_COND_ROW))  # the cache not copied per call
@@ -890,7 +899,7 @@ def build_row(batch: int, guidance: str, row: str) -> Callable[[torch.Tensor], t
     if row in ("ate_capture", EPILOGUES_ROW, TORCH_EPILOGUES_ROW, SPLIT_KV_ROW,
                COMBINE_KERNEL_ROW, FLEX_ROW,
                SPLIT_SDPA_ROW, GEMM_ATTENTION_ROW, L2_PREFETCH_ROW, L2_PREFETCH_ALL_ROW,
-               SIDE_STREAM_ROW,
+               SIDE_STREAM_ROW, MLP_UNROLL_ROW,
                *SKINNY_ROWS, *SETTING_ROWS, *FUSED_MLP_ROWS, TUNED_ROW):  # fmt: skip
         return _ate_call(batch, guidance, _head())
     if row in PADDED_ROWS:

@@ -261,8 +261,13 @@ def test_default_choices_offer_every_path_but_the_one_in_force(monkeypatch):
     running = block_epilogues.selected_path("cuda")
     assert cuda[EPI] == [p for p in ("torch", "triton") if p != running]
     assert "ATE_FAST_GUIDANCE_STREAM" not in cuda and "ATE_FAST_TRANSFORMER_GUIDANCE" not in cuda
+    assert "ATE_FAST_MLP_GUIDANCE_UNROLL" not in cuda
     guided = [c.name for c in default_choices("cuda", guided=True, transformer_encoder=True)]
     assert guided[-2:] == ["ATE_FAST_GUIDANCE_STREAM", "ATE_FAST_TRANSFORMER_GUIDANCE"]
+    # the MLP encoder's kernel: its other unroll, for an MLP-guided sampler only
+    mlp = _paths(default_choices("cuda", guided=True, tiles=False))
+    assert mlp["ATE_FAST_MLP_GUIDANCE_UNROLL"] == ["16"]
+    assert "ATE_FAST_TRANSFORMER_GUIDANCE" not in mlp
     monkeypatch.setenv(ATTN, "FLEX")
     cuda = _paths(default_choices("cuda", tiles=False))
     assert cuda[ATTN] == ["sdpa", "split_kv", "split_sdpa", "gemm"]

@@ -24,6 +24,7 @@ from ate_fast.models import (
     split_sdpa_attention,
 )
 from ate_fast.ops import backends, pdl_setting, split_counters
+from ate_fast.ops.mlp_guidance import dispatch as mlp_guidance_dispatch
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer import transformer_vjp
 
@@ -35,9 +36,10 @@ class Switch:
     """One path variable: ``var`` picks one of ``paths``; the path runs on ``device_types``
     (a Triton or CUDA-stream path: ``("cuda",)``); ``needs``: the workload it can change
     (``"any"``, ``"guided"``: a guidance gradient, ``"transformer"``: the Transformer
-    encoder's); ``default``: the path in force where ``var`` is unset, or None where that
-    depends on the device or the shapes; ``effective``: the path that runs now on a device
-    type, where the module can say (``auto`` resolved, a device's default)."""
+    encoder's, ``"mlp"``: the MLP encoder's); ``default``: the path in force where ``var``
+    is unset, or None where that depends on the device or the shapes; ``effective``: the
+    path that runs now on a device type, where the module can say (``auto`` resolved, a
+    device's default)."""
 
     var: str
     paths: tuple[str, ...]
@@ -76,6 +78,8 @@ SWITCHES = (
     # how the Triton kernels chosen so far launch (Hopper: elsewhere the trial fails)
     Switch(pdl_setting.ENV_VAR, pdl_setting.CHOICES, ("cuda",), default="off"),
     Switch(guidance_stream.ENV_VAR, guidance_stream.PATHS, ("cuda",), "guided", "same"),
+    # the MLP-guidance kernel's loop unroll (its cuda backend; bit-equal either way)
+    Switch(mlp_guidance_dispatch.UNROLL_VAR, mlp_guidance_dispatch.UNROLLS, ("cuda",), "mlp", "4"),
     # "compiled" left out of the defaults: a torch.compile per trial (pass it in `choices`)
     Switch(transformer_vjp.ENV_VAR, ("autograd", "vjp", "triton"), ("cuda",), "transformer"),
     Switch(transformer_vjp.ENV_VAR, ("autograd", "vjp"), ("cpu",), "transformer"),
@@ -98,6 +102,7 @@ PATH_VARS = {
     guidance_stream.ENV_VAR: guidance_stream.PATHS,
     transformer_vjp.ENV_VAR: transformer_vjp.PATHS,
     cpu_gemm.ENV_VAR: cpu_gemm.CHOICES,
+    mlp_guidance_dispatch.UNROLL_VAR: mlp_guidance_dispatch.UNROLLS,
     backends.ENV_VAR: backends.BACKENDS,
 }
 # a path's parameters: free text, checked by the path's own parser when it runs
@@ -220,15 +225,16 @@ def default_choices(
 ) -> list[Choice]:
     """One :class:`Choice` per path variable that runs on ``device_type`` and can change the
     workload (``guided``: the sampler has a latent guidance; ``transformer_encoder``: its
-    encoder is a Transformer), in :data:`SWITCHES`' order; its options: each path but the
-    one in force now (the variable's value, else its known default: the baseline runs
+    encoder is a Transformer, else an MLP), in :data:`SWITCHES`' order; its options: each
+    path but the one in force now (the variable's value, else its known default: the baseline runs
     that one). ``exclude``: ``"VAR=path"`` entries not to try (e.g.
     ``"ATE_FAST_PREFIX_ATTENTION=flex"``, whose torch.compile outlasts a short budget); a
     choice left with no option is dropped. ``tiles``: after a path's choice, one of its
     other tiles (:data:`PARAMETER_OPTIONS`) where it has some."""
     if device_type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"device_type: expected 'cpu' or 'cuda', got {device_type!r}")
-    applies = {"any": True, "guided": guided, "transformer": guided and transformer_encoder}
+    applies = {"any": True, "guided": guided, "transformer": guided and transformer_encoder,
+               "mlp": guided and not transformer_encoder}  # fmt: skip
     if isinstance(exclude, str):
         raise InvalidArgumentError(f"exclude: expected a sequence of 'VAR=path', got {exclude!r}")
     for entry in exclude:
