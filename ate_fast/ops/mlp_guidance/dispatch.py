@@ -4,6 +4,7 @@ cooperative kernel) and ``triton`` (2·L kernels). Each writes ``g`` and ``z`` i
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -86,6 +87,8 @@ def _run_cuda(*args) -> None:
 
 def cuda_unroll() -> int:
     """The CUDA kernel's unroll depth, ``$ATE_FAST_MLP_GUIDANCE_UNROLL`` (4 where unset; 16)."""
+    if not os.environ.get(UNROLL_VAR):  # unset: one dict lookup per eager call
+        return int(UNROLLS[0])
     return int(env_choice(UNROLL_VAR, UNROLLS))
 
 
