@@ -143,6 +143,12 @@ echo "built in $(( $(date +%s) - t0 )) s"
 checkpoint
 
 "$PY" -m ate_fast.cli info --json >"$WORK/info.json" && "$PY" -m ate_fast.cli info | tail -8
+# the CPU tests compile every kernel with the Triton pinned in tests/gpu_image_triton.txt:
+# say so where this machine's differs, so that the pin follows the machine
+pinned=$(sed -n 's/^triton==//p' tests/gpu_image_triton.txt)
+here=$("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null || echo none)
+[ "$here" = "$pinned" ] || echo "NOTE: triton $here here, $pinned in tests/gpu_image_triton.txt:" \
+  "update the pin"
 
 realsize=benchmarks/bench_realsize.py
 # 150: on the H200 (2026-12-04) three of four shards took 49-116 s and the fourth was cut at

@@ -1,9 +1,11 @@
 """Compile the project's Triton kernels for a CUDA target without a GPU (run as a script).
 
-    TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]]
+    TRITON_INTERPRET=0 python tests/triton_offline_compile.py [ARCH [GROUP]] [--spills report]
         ARCH: default 90; GROUP: all (default), or a comma-separated list of mlp,
         guided_step, transformer, flow_block, skinny_gemm,
-        split_kv, l2_prefetch, fused_mlp
+        split_kv, l2_prefetch, fused_mlp; --spills report: list the spilling variants
+        instead of failing on the first (another Triton than the tests' allocates
+        registers otherwise: the GPU machine's, ``tests/gpu_image_triton.txt``)
 
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
@@ -18,6 +20,7 @@ CPU test and still fail to compile, or to launch, on a GPU: this runs the real c
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import itertools
@@ -78,6 +81,9 @@ SHARED_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448}
 # for the Orin is checked against the least of the three limits (with triton 3.9 all 270
 # variants compiled for sm_87 and for sm_89 gave the same shared memory and registers)
 FITS_ALSO = {87: (86, 89)}
+# --spills report: the spilling variants listed at the end instead of failing the run
+REPORT_SPILLS = False
+SPILLED: list[str] = []
 
 
 def shared_limit(arch: int) -> tuple[int, str]:
@@ -128,9 +134,11 @@ def compile_one(
     usage = ""
     if spill_free:
         regs, spills = register_usage(compiled.asm["ptx"], target.arch)
-        if spills:
+        if spills and not REPORT_SPILLS:
             sys.exit(f"FAIL {name} {label}: {regs} registers, {spills} B of spill stores")
-        usage = f" registers={regs} spills=0"
+        if spills:
+            SPILLED.append(f"{name} {label}: {regs} registers, {spills} B of spill stores")
+        usage = f" registers={regs} spills={spills}"
     print(f"ok  {name:<26} {label} shared={shared}{usage}")
     return compiled
 
@@ -785,7 +793,17 @@ def main(arch: int, group: str = "all") -> None:
     _, archs = shared_limit(arch)
     print(f"compiled {count} kernel variants for sm_{arch} with triton {triton.__version__}"
           f" (shared memory within {archs})")  # fmt: skip
+    if REPORT_SPILLS:
+        print(f"{len(SPILLED)} gated variants spill registers (reported, not failed)")
+        for line in SPILLED:
+            print(f"  spills: {line}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90, sys.argv[2] if len(sys.argv) > 2 else "all")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", nargs="?", type=int, default=90)
+    parser.add_argument("group", nargs="?", default="all")
+    parser.add_argument("--spills", choices=("fail", "report"), default="fail")
+    cli = parser.parse_args()
+    REPORT_SPILLS = cli.spills == "report"
+    main(cli.arch, cli.group)
