@@ -175,7 +175,14 @@ class PrefixCache(NamedTuple):
     @property
     def length(self) -> int:
         """L, the prefix length."""
-        return self.keys[0].shape[2]
+        return prefix_length(self)
+
+
+def prefix_length(cache: PrefixCache) -> int:
+    """L of ``cache``: :attr:`PrefixCache.length` as a function, which the head's traced
+    code calls (torch 2.10's Dynamo cannot trace a property of a NamedTuple: a graph break,
+    an error under ``fullgraph=True``)."""
+    return cache.keys[0].shape[2]
 
 
 FLOW_TRANSFORMER_CONFIGS: dict[str, FlowTransformerConfig] = {
@@ -485,9 +492,9 @@ class FlowTransformerHead(nn.Module):
                 f"FlowTransformerHead: cond is a PrefixCache of {len(cache.keys)} keys and "
                 f"{len(cache.values)} values; this head has {cfg.depth} blocks"
             )
-        shape = (x.shape[0], cfg.num_kv_heads, cache.length, cfg.head_dim)
+        shape = (x.shape[0], cfg.num_kv_heads, prefix_length(cache), cfg.head_dim)
         if cache.mask is not None:
-            self._check_mask(cache.mask, x.shape[0], cache.length, x.device)
+            self._check_mask(cache.mask, x.shape[0], prefix_length(cache), x.device)
         for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
             for name, t in (("keys", k), ("values", v)):
                 if tuple(t.shape) != shape or not t.is_floating_point() or t.device != x.device:
@@ -588,7 +595,7 @@ class FlowTransformerHead(nn.Module):
         else:
             cache = cond if isinstance(cond, PrefixCache) else self.prefix_cache(cond)
             blocks = tuple((k.to(dtype), v.to(dtype)) for k, v in zip(cache.keys, cache.values))
-            prefix, mask = cache.length, cache.mask
+            prefix, mask = prefix_length(cache), cache.mask
         if mask is None:
             angle = self._rope_angle(cfg.horizon + prefix, t.device)
         else:  # openpi's positions: real tokens counted, per sample; padded keys hidden
