@@ -1,8 +1,8 @@
 """The reference heads compile as one graph under the torch LeRobot pins (< 2.11; the main
 environment has 2.13): torch 2.10's Dynamo could not trace ``PrefixCache.length`` (a
 property of a NamedTuple) and broke the flow transformer's graph there — an error under
-``fullgraph=True``, a slower call under ``torch.compile(mode=...)`` — though 2.13 traced it.
-A user of ate_fast beside LeRobot compiles the head on this torch."""
+``fullgraph=True``, a slower call under ``torch.compile(mode=...)`` — though 2.11 and 2.13
+traced it. A user of ate_fast beside LeRobot compiles the head on this torch."""
 
 from __future__ import annotations
 
