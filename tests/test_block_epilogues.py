@@ -14,9 +14,10 @@ from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import FlowTransformerHead, block_epilogues
 from ate_fast.models import flow_transformer_vjp as fv
 from ate_fast.models.rotary import rotary_tables
+from ate_fast.ops.backends import MIN_TRITON
 from ate_fast.sampling import FlowSampler
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion=MIN_TRITON)
 
 ENV = block_epilogues.ENV_VAR
 

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ate_fast.models import make_head
 from ate_fast.models.rotary import rotary_tables, rotate
+from ate_fast.ops.backends import MIN_TRITON
 
 # ops that only make views or change metadata: no kernel
 _NO_KERNEL = {
@@ -148,7 +149,7 @@ def _ops_of_vjp(depth: int, steps: int) -> collections.Counter:
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_vjp_ops_per_block(monkeypatch, path, gemm, steps):
     if path == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", minversion=MIN_TRITON)
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", path)
     monkeypatch.setenv("ATE_FAST_CPU_GEMM", gemm)
     per_block = _ops_of_vjp(2, steps) - _ops_of_vjp(1, steps)
@@ -205,7 +206,7 @@ def test_the_triton_block_is_five_launches(monkeypatch):
     inside kernels) — and no ATen kernel; each a PDL launch on Hopper
     (``ATE_FAST_TRITON_PDL``). Without lent counters (an eager call) the split GEMMs' sums,
     the attention's combine and the MLP's memset come back."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion=MIN_TRITON)
     ops, launches = _triton_block_launches(monkeypatch, lend=True)
     assert set(ops) <= _ALLOCATIONS, dict(ops)
     expected = {"_skinny_gemm_kernel": 2, "_rotate_qkv_kernel": 1, "_partial_kernel": 1,

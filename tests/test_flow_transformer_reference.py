@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ate_fast.models import FlowTransformerHead
 from ate_fast.models.block_epilogues import ENV_VAR, PrefixSlot
 from ate_fast.models.rotary import rotary_tables
+from ate_fast.ops.backends import MIN_TRITON
 
 # (heads, kv_heads, head_dim, prefix L): one kv head (π0), two, one per query head (MHA); no prefix
 CASES = [(4, 1, 16, 7), (4, 2, 8, 5), (3, 3, 6, 4), (2, 1, 8, 0)]
@@ -70,7 +71,7 @@ def test_block_equals_the_textbook_block(case, epilogues, monkeypatch):
     """Both epilogue paths (block_epilogues: torch ops, or the Triton kernels — through the
     interpreter on the CPU)."""
     if epilogues == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", minversion=MIN_TRITON)
     monkeypatch.setenv(ENV_VAR, epilogues)
     heads, kv_heads, head_dim, length = case
     torch.manual_seed(0)

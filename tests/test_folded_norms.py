@@ -19,8 +19,9 @@ import torch
 from test_flow_transformer_kernels import _Count  # tests/ is on sys.path
 
 from ate_fast.models import FlowTransformerHead, block_epilogues
+from ate_fast.ops.backends import MIN_TRITON
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion=MIN_TRITON)
 
 ENV = block_epilogues.ENV_VAR
 HORIZON = 8

@@ -22,8 +22,9 @@ from flow_head_paths import (  # tests/ is on sys.path
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import fused_mlp
 from ate_fast.models.block_epilogues import fold_norm_weight
+from ate_fast.ops.backends import MIN_TRITON
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion=MIN_TRITON)
 
 F64 = torch.float64
 # the normwise relative error ‖out − ref‖ / ‖ref‖ against float64, each dtype's bound (the

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ate_fast.models import FlowTransformerHead, block_epilogues
 from ate_fast.models.gemm_alignment import aligned_rows, padded_length, rows_aligned
+from ate_fast.ops.backends import MIN_TRITON
 
 GEMMS = ("mm", "bmm", "addmm", "baddbmm", "addmm_", "baddbmm_")
 HORIZON, PREFIX = 6, 16  # N = 22 keys: no whole number of 16-byte rows in any dtype but float64
@@ -86,7 +87,7 @@ def test_attention_vjp_gemms_read_and_write_aligned_rows(monkeypatch, epilogues,
     (dp, scores, dq, dk, dv) all on 16-byte-aligned rows, none of their operands copied,
     and the gradient the autograd one."""
     if epilogues == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", minversion=MIN_TRITON)
     monkeypatch.setenv(block_epilogues.ENV_VAR, epilogues)
     torch.manual_seed(0)
     depth, length = 2, PREFIX + HORIZON

@@ -17,6 +17,7 @@ from flow_head_paths import (
 from ate_fast.models import FlowTransformerHead, block_epilogues, split_kv_attention
 from ate_fast.models import gemm_attention as gemm
 from ate_fast.models.gemm_alignment import rows_aligned
+from ate_fast.ops.backends import MIN_TRITON
 
 ENV = split_kv_attention.ENV_VAR
 EPILOGUES = ["torch", "triton"]
@@ -26,7 +27,7 @@ EPILOGUES = ["torch", "triton"]
 def epilogues(request, monkeypatch):
     """The softmax's path: torch's ops, or the Triton kernel (the block epilogues')."""
     if request.param == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", minversion=MIN_TRITON)
     monkeypatch.setenv(block_epilogues.ENV_VAR, request.param)
     return request.param
 

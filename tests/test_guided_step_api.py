@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -141,6 +142,44 @@ def test_forced_backend_unavailable_raises(monkeypatch):
     half = torch.randn(2, 3, dtype=torch.float16)
     with pytest.raises(BackendUnavailableError, match="no cpu implementation"):
         guided_step(None, half)
+
+
+@pytest.mark.parametrize("version", ["3.0.0", "3.1.0", "2.3.1", "3.1.0+git9a2b"])
+def test_a_triton_older_than_the_minimum_is_unavailable(monkeypatch, version):
+    """Triton 3.0 / 3.1 (torch 2.4 / 2.5's) fail on every kernel here (their JIT takes the
+    modules' string annotations for run-time arguments): the backend is refused, by name
+    and version, and a default falls back to the next backend."""
+    pytest.importorskip("triton")
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    backends.reset_caches()
+    try:
+        ok, why = backends.availability("triton", "cpu")
+        assert not ok and f"triton {version} is older than {backends.MIN_TRITON}" in why
+        expected = re.escape(f"X=on is unavailable: triton {version} is older")
+        with pytest.raises(BackendUnavailableError, match=expected):
+            backends.require_triton("cpu", "X=on")
+        args = make_inputs((2, 5, 4), torch.float32)
+        assert backends.select("cpu", backends.support(triton=("cpu",))) == "ref"
+        torch.testing.assert_close(
+            guided_step(args["x"], args["m"], **_kw(args)), guided_step_reference(*ordered(args))
+        )
+    finally:
+        backends.reset_caches()
+
+
+@pytest.mark.parametrize("version", ["3.2.0", "3.6.0", "3.9.0", "4.0.0+cu13", "3.10.1"])
+def test_a_triton_at_or_above_the_minimum_is_available(monkeypatch, version):
+    pytest.importorskip("triton")
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    backends.reset_caches()
+    try:
+        assert backends.availability("triton", "cpu") == (True, "ok")  # the interpreter's
+    finally:
+        backends.reset_caches()
 
 
 def test_unknown_backend_name(monkeypatch):

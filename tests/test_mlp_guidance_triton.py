@@ -52,6 +52,7 @@ def _fresh_selection():
 def _require(device: str) -> None:
     if device == "cpu" and not backends.triton_interpret():
         pytest.skip("Triton CPU interpreter is off (TRITON_INTERPRET=0); cuda cases run instead")
+    pytest.importorskip("triton", minversion=backends.MIN_TRITON)  # older: refused by design
     ok, why = backends.availability("triton", device)
     assert ok, f"triton backend should be available on {device}: {why}"
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import FlowTransformerHead, block_epilogues
+from ate_fast.ops.backends import MIN_TRITON
 
 HORIZON = 8
 
@@ -84,7 +85,7 @@ def test_bf16_within_its_rounding():
 
 @pytest.fixture
 def triton_path(monkeypatch):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion=MIN_TRITON)
     monkeypatch.setenv(block_epilogues.ENV_VAR, "triton")
 
 

@@ -10,6 +10,7 @@ import torch
 from ate_fast import FlowSampler, RTCGuidance, make_head
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import PrefixCache
+from ate_fast.ops.backends import MIN_TRITON
 
 H, D, L, WIDTH = 16, 4, 24, 256
 
@@ -82,7 +83,7 @@ def test_prefix_buffers_equal_the_concatenation(head, dtype, epilogues, monkeypa
     forward that concatenates the prefix in front, bit for bit, whatever the previous step
     left in the buffer."""
     if epilogues == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", minversion=MIN_TRITON)
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", epilogues)
     model = make_head("flow-transformer", "small", horizon=H, action_dim=D).eval()
     model.load_state_dict(head.state_dict())
@@ -246,7 +247,7 @@ def test_a_padded_prefix_with_triton_epilogues(head, monkeypatch):
     """With the Triton epilogues selected (interpreted here) and a padded prefix — the
     rotation's kernels reading per-sample tables, the softmax backward's padded keys at
     −inf — forward and input-VJP equal the torch path's to float32 rounding."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion=MIN_TRITON)
     gen = torch.Generator().manual_seed(10)
     x, u = torch.randn(2, 2, H, D, generator=gen)
     t = torch.rand(2, generator=gen)

@@ -20,8 +20,9 @@ from flow_head_paths import (  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import skinny_gemm
+from ate_fast.ops.backends import MIN_TRITON
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion=MIN_TRITON)
 
 F64 = torch.float64
 # the relative error bound of one rounding to the dtype (bfloat16 in the interpreter: a

@@ -22,8 +22,9 @@ from flow_head_paths import (  # tests/ is on sys.path
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import split_kv_attention
 from ate_fast.models import split_kv_attention_triton as kernels
+from ate_fast.ops.backends import MIN_TRITON
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion=MIN_TRITON)
 
 F64 = torch.float64
 ENV = split_kv_attention.ENV_VAR

@@ -14,8 +14,9 @@ from flow_head_paths import assert_path_matches  # tests/ is on sys.path
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import FlowTransformerHead, split_kv_attention
 from ate_fast.models import split_sdpa_attention as split_sdpa
+from ate_fast.ops.backends import MIN_TRITON
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion=MIN_TRITON)
 ENV = split_kv_attention.ENV_VAR
 
 

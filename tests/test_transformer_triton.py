@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ate_fast.align import ActionVAE
 from ate_fast.errors import BackendUnavailableError
 from ate_fast.ops import backends
+from ate_fast.ops.backends import MIN_TRITON
 from ate_fast.steer import LatentGuidance, Steer, latent_distance_gradient, transformer_vjp
 from ate_fast.steer.encoder import FrozenEncoder
 from ate_fast.steer.transformer_vjp import ENV_VAR, selected_path, vjp_function
@@ -44,6 +45,7 @@ def _interpreter(request):
         return
     if not backends.triton_interpret():
         pytest.skip("Triton CPU interpreter is off (TRITON_INTERPRET=0); cuda cases run instead")
+    pytest.importorskip("triton", minversion=backends.MIN_TRITON)  # older: refused by design
     ok, why = backends.availability("triton", "cpu")
     assert ok, why
 
@@ -348,7 +350,7 @@ def test_an_encoder_layer_is_fourteen_launches(monkeypatch):
     concatenations, the positions' add, the latent's distance gradient — 2, straight into
     the μ row's gradient: no zeroed buffer, no copy — and the last layer's row update, in
     place)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion=MIN_TRITON)
     ops3, launches3 = _encoder_kernels(monkeypatch, 3)
     ops5, launches5 = _encoder_kernels(monkeypatch, 5)
     per_layer = {"_skinny_gemm_kernel": 8, "_attention_kernel": 1,

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from ate_fast.ops.backends import MIN_TRITON
+
+pytest.importorskip("triton", minversion=MIN_TRITON)
 SCRIPT = Path(__file__).with_name("triton_offline_compile.py")
 ROOT = SCRIPT.parent.parent
 GPU_IMAGE_PIN = Path(__file__).with_name("gpu_image_triton.txt")

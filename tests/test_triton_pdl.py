@@ -12,8 +12,9 @@ from flow_head_paths import captured, pi0_on_cuda  # tests/ is on sys.path
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops import pdl_setting
+from ate_fast.ops.backends import MIN_TRITON
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion=MIN_TRITON)
 
 ON_CPU = r"ATE_FAST_TRITON_PDL=on: programmatic dependent launch needs .* here: device cpu"
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from ate_fast.ops.backends import MIN_TRITON
+
+pytest.importorskip("triton", minversion=MIN_TRITON)
 
 from triton.runtime.errors import OutOfResources
 

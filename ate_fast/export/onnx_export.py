@@ -66,9 +66,13 @@ from ate_fast.ops.mlp_guidance.ref import mlp_guidance_reference
 from ate_fast.realtime import RTCGuidance
 from ate_fast.sampling.inputs import check_noise
 from ate_fast.sampling.sampler import Sampler
+from ate_fast.version_checks import at_least
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+# the oldest torch whose torch.export-based ONNX exporter takes what the export passes
+# (torch 2.4: no ``optimize`` argument, and its tracer fails on a sliced ModuleList)
+MIN_TORCH = "2.6"
 # torch's exporter emits opset 18 natively (torchlib); 20 is the newest opset TensorRT 10
 # parses. Below 18 would need a down-conversion that is not reliable.
 SUPPORTED_OPSETS = (18, 19, 20)
@@ -86,7 +90,13 @@ class ExportError(RuntimeError):
 
 
 def require_export_dependencies() -> None:
-    """Raise ImportError with the install command if onnx or onnxscript is missing."""
+    """Raise ImportError with the install command if onnx or onnxscript is missing, or
+    naming the torch needed where torch is older than :data:`MIN_TORCH`."""
+    if not at_least(torch.__version__, MIN_TORCH):
+        raise ImportError(
+            f"ate_fast.export needs torch >= {MIN_TORCH} (its torch.export-based ONNX "
+            f"exporter), this is torch {torch.__version__}: pip install 'torch>={MIN_TORCH}'"
+        )
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(

@@ -328,7 +328,9 @@ class _Block(nn.Module):
             attn, probs = prefix_attention_saving(q, k, v, bias)
         else:
             attn, probs = prefix_attention(q, k, v, bias), None
-        attn = attn.view(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
+        # (reshape: a view wherever torch's attention returns the layout it does since 2.5;
+        # torch 2.4's may not be viewable so)
+        attn = attn.reshape(batch, self.num_kv_heads, horizon, -1).transpose(1, 2)
         # the residual adds ride in the output projections' GEMMs (no biases there), in
         # place where nothing reads the residual again (not saved for a pullback): no copy
         # of it into a new output first

@@ -32,11 +32,13 @@ def sinusoidal_embedding(t: Tensor, dim: int, min_period: float, max_period: flo
     return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
 
-@functools.lru_cache(maxsize=64)
-def _host_table(half: int, min_period: float, max_period: float) -> tuple[float, ...]:
+def _host_values(half: int, min_period: float, max_period: float) -> tuple[float, ...]:
     """``2π / period_i`` in float64 on the host."""
     ratio = max_period / min_period
     return tuple(2 * math.pi / (min_period * ratio ** (i / (half - 1))) for i in range(half))
+
+
+_host_table = functools.lru_cache(maxsize=64)(_host_values)
 
 
 # (half, min_period, max_period, device) -> the float32 table [half] on that device
@@ -51,8 +53,9 @@ def _frequencies(half: int, min_period: float, max_period: float, t: Tensor) -> 
     the table as a constant; eager calls read it from a per-device cache (no host work
     or copy after the first call on a device: capturable)."""
     if capturing_graph() or type(t) is not Tensor:  # a constant of the traced graph
-        # uncached (dynamo warns on lru_cache); jit.trace's constant warning is this intent
-        table = _host_table.__wrapped__(half, min_period, max_period)
+        # uncached (dynamo warns on lru_cache, and torch 2.4's cannot call its __wrapped__);
+        # jit.trace's constant warning is this intent
+        table = _host_values(half, min_period, max_period)
         if not torch.jit.is_tracing():
             return torch.tensor(table, dtype=torch.float32, device=t.device)
         with warnings.catch_warnings():

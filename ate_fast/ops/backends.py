@@ -17,10 +17,12 @@ import torch
 from ate_fast import native
 from ate_fast.argument_checks import check_choice
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.version_checks import at_least
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "MIN_TRITON",
     "PREFERENCE",
     "SELECTION_CACHE",
     "BackendUnavailableError",
@@ -33,6 +35,12 @@ __all__ = [
 ]
 
 BACKENDS = ("ref", "cpu", "triton", "cuda")
+# The oldest Triton whose JIT reads this package's kernels: their modules use
+# ``from __future__ import annotations``, and Triton 3.0 / 3.1 (torch 2.4 / 2.5's) take a
+# string ``tl.constexpr`` annotation for a run-time argument ("arange's arguments must be
+# of type tl.constexpr"). With an older one the Triton paths are unavailable: the defaults
+# take the torch and CUDA ones.
+MIN_TRITON = "3.2"
 ENV_VAR = "ATE_FAST_BACKEND"
 # Preference per device type, fastest first (measured: benchmarks/README.md).
 PREFERENCE = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
@@ -54,9 +62,14 @@ def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'ate_fast[triton]')"
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # a broken install can raise anything
         return False, f"triton failed to import: {type(exc).__name__}: {exc}"
+    if not at_least(triton.__version__, MIN_TRITON):
+        return False, (
+            f"triton {triton.__version__} is older than {MIN_TRITON}, the oldest that compiles "
+            f"this package's kernels (pip install 'triton>={MIN_TRITON}')"
+        )
     return True, "ok"
 
 
