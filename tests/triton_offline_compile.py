@@ -93,6 +93,14 @@ def shared_limit(arch: int) -> tuple[int, str]:
     return min(SHARED_LIMIT[a] for a in archs), "/".join(f"sm_{a}" for a in archs)
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton uses for ``arch`` (Triton < 3.6 takes no arch: one ptxas for all)."""
+    try:
+        return get_ptxas(arch).path
+    except TypeError:
+        return get_ptxas().path
+
+
 def register_usage(ptx: str, arch: int) -> tuple[int, int]:
     """``(registers per thread, bytes of spill stores)`` of one kernel's PTX, by ptxas -v."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +109,7 @@ def register_usage(ptx: str, arch: int) -> tuple[int, int]:
             f.write(ptx)
         sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
         done = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"-arch={sm}", path, "-o", path + ".cubin"],
+            [_ptxas(arch), "-v", f"-arch={sm}", path, "-o", path + ".cubin"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
     report = done.stderr + done.stdout

@@ -70,9 +70,11 @@ from ate_fast.version_checks import at_least
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# the oldest torch whose torch.export-based ONNX exporter takes what the export passes
-# (torch 2.4: no ``optimize`` argument, and its tracer fails on a sliced ModuleList)
-MIN_TORCH = "2.6"
+# the oldest torch whose torch.export-based ONNX exporter translates the samplers (checked
+# 2026-12-06 on the MLP head's flow sampler: torch 2.4 has no ``optimize`` argument and its
+# tracer fails on a sliced ModuleList; 2.5 leaves Slice bounds TensorRT cannot parse;
+# 2.6 and 2.7 fail to decompose the graph; 2.8 passes every export test)
+MIN_TORCH = "2.8"
 # torch's exporter emits opset 18 natively (torchlib); 20 is the newest opset TensorRT 10
 # parses. Below 18 would need a down-conversion that is not reliable.
 SUPPORTED_OPSETS = (18, 19, 20)
