@@ -94,7 +94,7 @@ class ExportError(RuntimeError):
 def require_export_dependencies() -> None:
     """Raise ImportError with the install command if onnx or onnxscript is missing, or
     naming the torch needed where torch is older than :data:`MIN_TORCH`."""
-    if not at_least(torch.__version__, MIN_TORCH):
+    if not at_least(torch.__version__, MIN_TORCH, "torch"):
         raise ImportError(
             f"ate_fast.export needs torch >= {MIN_TORCH} (its torch.export-based ONNX "
             f"exporter), this is torch {torch.__version__}: pip install 'torch>={MIN_TORCH}'"

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from ate_fast.argument_checks import check_choice, check_float, check_int
 from ate_fast.export.precision import PRECISIONS, cast_for_precision
+from ate_fast.version_checks import release
 
 PathLike = Union[str, "os.PathLike[str]"]
 MIN_MAJOR = 10
@@ -62,11 +62,7 @@ def import_tensorrt() -> Any:
 
 def parse_version(text: str) -> tuple[int, int, int]:
     """``"10.3.0.30"`` -> ``(10, 3, 0)``; ValueError for anything else."""
-    match = re.match(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?", str(text))
-    if match is None:
-        raise ValueError(f"cannot read a TensorRT version from {text!r}")
-    major, minor, patch = match.groups()
-    return int(major), int(minor), int(patch or 0)
+    return release(text, "TensorRT")
 
 
 def tensorrt_version() -> tuple[int, int, int]:

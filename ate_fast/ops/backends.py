@@ -66,7 +66,11 @@ def _triton_status() -> tuple[bool, str]:
         import triton
     except Exception as exc:  # a broken install can raise anything
         return False, f"triton failed to import: {type(exc).__name__}: {exc}"
-    if not at_least(triton.__version__, MIN_TRITON):
+    try:
+        new_enough = at_least(triton.__version__, MIN_TRITON, "Triton")
+    except ValueError as exc:
+        return False, str(exc)
+    if not new_enough:
         return False, (
             f"triton {triton.__version__} is older than {MIN_TRITON}, the oldest that compiles "
             f"this package's kernels (pip install 'triton>={MIN_TRITON}')"
