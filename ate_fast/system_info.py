@@ -22,7 +22,7 @@ from ate_fast.models import (
     split_kv_attention,
     split_sdpa_attention,
 )
-from ate_fast.ops import backends, pdl_setting, split_counters
+from ate_fast.ops import backends, pdl_setting, split_counters, weight_packs
 from ate_fast.ops.mlp_guidance import dispatch as mlp_guidance_dispatch
 from ate_fast.sampling import guidance_stream
 from ate_fast.steer.transformer_vjp import HALF_PRECISION_MAX_BATCH, selected_path
@@ -99,6 +99,7 @@ def info() -> dict:
             d: _or_error(lambda d=d: block_epilogues.selected_path(d)) for d in ("cpu", "cuda")
         },
         "cpu_gemm": _cpu_gemm(),
+        "cpu_weight_packs": _cpu_weight_packs(),
         "skinny_gemm": _or_error(_skinny_gemm),
         "prefix_attention": _or_error(_prefix_attention),
         "guidance_stream": _or_error(guidance_stream.selected_path),
@@ -161,6 +162,15 @@ def _cpu_gemm() -> str:
         return choice
     vendor = cpu_gemm.cpu_vendor() or "unknown vendor"
     return f"{choice} ({vendor}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
+
+
+def _cpu_weight_packs() -> str:
+    """Whether a captured CPU sampler packs its oneDNN weights once (or why not)."""
+    enabled = _or_error(weight_packs.packing_enabled)
+    if isinstance(enabled, str):
+        return enabled
+    ok, why = weight_packs.packing_available()
+    return f"unavailable: {why}" if not ok else ("on" if enabled else "off")
 
 
 def _transformer_guidance_paths() -> dict:
@@ -278,5 +288,9 @@ def _path_lines(data: dict) -> list[str]:
     lines.append(
         f"CPU float32 GEMMs (heads, encoder VJP): {data['cpu_gemm']}"
         " (ATE_FAST_CPU_GEMM=auto|onednn|aten)"
+    )
+    lines.append(
+        f"captured CPU samplers' oneDNN weights packed once: {data['cpu_weight_packs']}"
+        " (ATE_FAST_CPU_WEIGHT_PACKS=on|off)"
     )
     return lines

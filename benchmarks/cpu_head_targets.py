@@ -9,10 +9,12 @@ the eager loop a user writes, rows interleaved round by round, one torch thread
 ``bench_heads``' set-up: each head at its config's (H, D), B = 1, float32, on its native
 sampler (flow heads: flow Euler 10; U-Nets: DDIM 10), the U-Nets' conditioning a fixed
 random [1, cond_dim]; the eager row is ``bench_heads``' ``eager`` loop (the head called every
-step, the update in tensor ops). Each round calls every row once, in turn, so load from
-other processes falls on all of them alike; a row's time is its fastest round. Prints a
-markdown table: per call eager time, ``sample()`` and ``capture()`` as eager / row (> 1:
-ate_fast faster). ``--aten-conv`` runs the U-Nets' convolutions on ATen's path
+step, the update in tensor ops). Each round calls every row once, in turn (reversed every
+other round), so load from other processes falls on all of them alike; a ratio of two rows
+is the median over rounds of their times' ratio in the round (on a VM whose speed drifts by
+±15 % over seconds, the fastest rounds of two rows can fall in different stretches). Prints
+a markdown table: eager per call (its fastest round), ``sample()`` and ``capture()`` as
+eager / row (> 1: ate_fast faster). ``--aten-conv`` runs the U-Nets' convolutions on ATen's path
 everywhere (``ate_fast.models.chunk_conv`` off: the state before it). ``--gemms aten
 onednn`` runs every row under each ``ATE_FAST_CPU_GEMM`` choice (``ate_fast.models.cpu_gemm``),
 interleaved in the same rounds; the last column is the first choice's eager time over
@@ -22,7 +24,9 @@ compiled before the rounds) and the column ``capture()`` vs it. ``--fuse-qkv`` a
 the flow transformers, ``capture()`` of the same head with ``fuse_qkv = True`` (each
 block's q and kv projected by one GEMM through ``[W_q; W_kv]`` concatenated once per call:
 a GPU call's default, off on the CPU) and the column ``capture()`` / it (> 1: the fused
-call faster).
+call faster). ``--unpacked`` adds ``capture()`` with ``ATE_FAST_CPU_WEIGHT_PACKS=off`` (each
+call's oneDNN weights not packed once: :mod:`ate_fast.ops.weight_packs`) and the column
+it / ``capture()`` (> 1: packing faster).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,16 +48,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heads
 
 from ate_fast.models import FlowTransformerHead, chunk_conv, cpu_gemm
+from ate_fast.ops import weight_packs
 
 NATIVE_SAMPLER = {"unet1d": "ddim-10"}  # every other head: flow Euler 10
 
 
 def rows(
-    head_id: str, compiled: bool = False, fused: bool = False
+    head_id: str, compiled: bool = False, fused: bool = False, unpacked: bool = False
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """The rows of one head, each a call with fixed noise (and cond); ``compiled``: also
     the eager loop with the head ``torch.compile``d (``bench_heads``' ``compile`` row);
-    ``fused``: also ``capture()`` with a flow transformer's ``fuse_qkv = True``."""
+    ``fused``: also ``capture()`` with a flow transformer's ``fuse_qkv = True``;
+    ``unpacked``: also ``capture()`` with the call's weights not packed."""
     head = bench_heads._head("cpu", head_id)
     sampler = NATIVE_SAMPLER.get(bench_heads.HEADS[head_id][0], "flow-euler-10")
     horizon, action_dim = bench_heads._shape(head_id)
@@ -73,6 +80,9 @@ def rows(
             noise, cond, check_finite=False
         )
         impls["capture_fused"] = lambda: fused_call(noise, cond)
+    if unpacked:
+        impls["capture_unpacked"] = under_env(weight_packs.ENV_VAR, "off", impls["capture"])
+        impls["capture"] = under_env(weight_packs.ENV_VAR, "on", impls["capture"])
     if compiled:
         model = bench_heads._compiled_head("cpu", head_id)
         compiled_loop = bench_heads._user_loop(model, sampler, 1.0, None, "cpu", cond=cond)
@@ -80,27 +90,42 @@ def rows(
     return impls
 
 
-def fastest(impls: dict[str, Callable[[], torch.Tensor]], rounds: int) -> dict[str, float]:
-    """Each row's fastest of ``rounds`` interleaved rounds, seconds (after one warm call)."""
+def timed_rounds(
+    impls: dict[str, Callable[[], torch.Tensor]], rounds: int
+) -> dict[str, list[float]]:
+    """Each row's time in each of ``rounds`` rounds, seconds (after one warm call); every
+    round calls each row once, in reverse order every other round."""
     for fn in impls.values():
         fn()
-    best = {name: float("inf") for name in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for r in range(rounds):
+        for name, fn in list(impls.items())[:: 1 if r % 2 == 0 else -1]:
             start = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
-def under_gemm(choice: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """``fn`` with ``ATE_FAST_CPU_GEMM=choice`` (read at every GEMM, so set per call)."""
+def paired(slow: list[float], fast: list[float]) -> float:
+    """The median over rounds of ``slow / fast`` (> 1: ``fast``'s row faster): a shared
+    slow stretch of the machine falls on both rows of a round."""
+    return statistics.median(a / b for a, b in zip(slow, fast))
+
+
+def under_env(var: str, value: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` with ``$var`` set to ``value`` (the settings are read at every call or GEMM,
+    so set per call)."""
 
     def call() -> torch.Tensor:
-        os.environ[cpu_gemm.ENV_VAR] = choice
+        os.environ[var] = value
         return fn()
 
     return call
+
+
+def under_gemm(choice: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` with ``ATE_FAST_CPU_GEMM=choice``."""
+    return under_env(cpu_gemm.ENV_VAR, choice, fn)
 
 
 def main() -> None:
@@ -118,6 +143,9 @@ def main() -> None:
     parser.add_argument(
         "--fuse-qkv", action="store_true", help="also capture() with one q|kv GEMM per block"
     )
+    parser.add_argument(
+        "--unpacked", action="store_true", help="also capture() with the call's weights unpacked"
+    )
     parser.add_argument("--json", type=Path, help="also write the times and ratios here")
     args = parser.parse_args()
     unknown = sorted(set(args.heads) - set(bench_heads.HEADS))
@@ -130,37 +158,43 @@ def main() -> None:
     cpu = f"{platform.machine()} {cpu_gemm.cpu_vendor() or 'unknown vendor'}"
     cpu += f" (ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {cpu}, min of {args.rounds} rounds"
+        f"torch {torch.__version__}, {args.threads} thread(s), {cpu}, {args.rounds} rounds"
+        " (eager: its fastest; ratios: median over rounds)"
     )
     extra = " `capture()` vs `torch.compile` |" if args.compile else ""
     extra += " `capture()` / with one q/kv GEMM |" if args.fuse_qkv else ""
+    extra += " `capture()` unpacked / packed |" if args.unpacked else ""
     print(f"| head | GEMM | eager per call | `sample()` | `capture()` | eager, {gemms[0]} / this |"
           + extra)  # fmt: skip
-    print("|---|---|---|---|---|---|" + "---|" * (args.compile + args.fuse_qkv))
+    print("|---|---|---|---|---|---|" + "---|" * (args.compile + args.fuse_qkv + args.unpacked))
     label = {}
     for g in gemms:  # what each choice selects on this machine
         os.environ[cpu_gemm.ENV_VAR] = g
         label[g] = g if g == cpu_gemm.selected_gemm() else f"{g} ({cpu_gemm.selected_gemm()})"
     results = {}
     for head_id in args.heads:
-        base = rows(head_id, args.compile, args.fuse_qkv)
+        base = rows(head_id, args.compile, args.fuse_qkv, args.unpacked)
         impls = {(g, row): under_gemm(g, fn) for g in gemms for row, fn in base.items()}
-        times = fastest(impls, args.rounds)
+        rounds = timed_rounds(impls, args.rounds)
         for g in gemms:
-            mine = {row: times[(g, row)] for row in base}
-            ratio = {row: mine["eager"] / mine[row] for row in ("sample", "capture")}
+            each = {row: rounds[(g, row)] for row in base}
+            mine = {row: min(t) for row, t in each.items()}
+            ratio = {row: paired(each["eager"], each[row]) for row in ("sample", "capture")}
             if args.compile:
-                ratio["capture_vs_compile"] = mine["compile"] / mine["capture"]
+                ratio["capture_vs_compile"] = paired(each["compile"], each["capture"])
             if "capture_fused" in mine:
-                ratio["capture_over_fused"] = mine["capture"] / mine["capture_fused"]
+                ratio["capture_over_fused"] = paired(each["capture"], each["capture_fused"])
+            if "capture_unpacked" in mine:
+                ratio["unpacked_over_packed"] = paired(each["capture_unpacked"], each["capture"])
             fused = ratio.get("capture_over_fused")
-            versus = times[(gemms[0], "eager")] / mine["eager"]
+            versus = paired(rounds[(gemms[0], "eager")], each["eager"])
             results[f"{head_id} {g}"] = {"seconds": mine, "eager_over": ratio, "gemm": label[g]}
             print(
                 f"| `{head_id}` | {label[g]} | {mine['eager'] * 1e3:.2f} ms "
                 f"| {ratio['sample']:.2f}× | {ratio['capture']:.2f}× | {versus:.2f}× |"
                 + (f" {ratio['capture_vs_compile']:.2f}× |" if args.compile else "")
-                + ((" –" if fused is None else f" {fused:.2f}×") + " |" if args.fuse_qkv else ""),
+                + ((" –" if fused is None else f" {fused:.2f}×") + " |" if args.fuse_qkv else "")
+                + (f" {ratio['unpacked_over_packed']:.2f}× |" if args.unpacked else ""),
                 flush=True,
             )
     if args.json:

@@ -9,7 +9,7 @@ import sys
 from ate_fast import native
 from ate_fast.cli import main
 from ate_fast.models import gemm_attention
-from ate_fast.ops import backends
+from ate_fast.ops import backends, weight_packs
 from ate_fast.system_info import format_info, info
 
 
@@ -120,6 +120,16 @@ def test_info_reports_the_cpu_gemm(monkeypatch):
     assert "CPU float32 GEMMs (heads, encoder VJP): onednn (" in format_info(info())
     monkeypatch.setenv("ATE_FAST_CPU_GEMM", "mkl")
     assert info()["cpu_gemm"].startswith("error: ATE_FAST_CPU_GEMM: expected one of")
+
+
+def test_info_reports_the_cpu_weight_packs(monkeypatch):
+    monkeypatch.delenv("ATE_FAST_CPU_WEIGHT_PACKS", raising=False)
+    ok, why = weight_packs.packing_available()
+    assert info()["cpu_weight_packs"] == ("on" if ok else f"unavailable: {why}")
+    monkeypatch.setenv("ATE_FAST_CPU_WEIGHT_PACKS", "off")
+    assert "oneDNN weights packed once: " + ("off" if ok else "unavailable") in format_info(info())
+    monkeypatch.setenv("ATE_FAST_CPU_WEIGHT_PACKS", "always")
+    assert info()["cpu_weight_packs"].startswith("error: ATE_FAST_CPU_WEIGHT_PACKS: expected")
 
 
 def test_info_reports_the_skinny_gemm_path(monkeypatch):

@@ -28,6 +28,10 @@ lowering calls) exactly when all of these hold, and otherwise ATen's op as befor
 
 The two compute the same products; only the order of float32 summation differs (tested
 against float64). On an Intel CPU ``auto`` keeps MKL, whose AVX-512 code runs there.
+
+**Weights packed once per sampler call** (:mod:`ate_fast.ops.weight_packs`): inside
+``sample()`` / ``capture()``, oneDNN reads a weight it takes more than once from a copy
+reordered once into its blocked layout (bit-equal results).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from torch import Tensor, nn
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.module_checks import plain_linear
+from ate_fast.ops.weight_packs import call_weight
 
 ENV_VAR = "ATE_FAST_CPU_GEMM"
 CHOICES = ("auto", "onednn", "aten")
@@ -135,7 +140,7 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, call_weight(x, weight), bias, "none", [], "")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -180,7 +185,8 @@ def linear_residual_rows(
     copy)."""
     same_shape = residual.shape == x.shape[:-1] + weight.shape[:1]  # no broadcast in oneDNN's add
     if same_shape and onednn_takes(x, weight, residual):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
+        packed = call_weight(x, weight)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, None, "add")
     rows = x.reshape(-1, x.shape[-1])
     may_write = residual.is_contiguous() and opaque_ops_may_run(x, weight, residual)
     if in_place and same_shape and may_write:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError
 from ate_fast.guidance import Guidance
-from ate_fast.ops import split_counters
+from ate_fast.ops import split_counters, weight_packs
 from ate_fast.sampling.finite import DeferredFiniteCheck
 from ate_fast.sampling.inpainting import Inpainting
 from ate_fast.sampling.inputs import check_cond, check_finite, copy_into, static_copy
@@ -100,6 +100,11 @@ class CapturedSampler:
           ``[K, 2]`` device flag tensor (no host sync inside the loop or graph), and each
           call reads it once afterwards and raises
           :class:`~ate_fast.errors.NonFiniteError` naming the first bad step and source.
+        * CPU: the float32 parameters oneDNN multiplies are packed once into its blocked
+          layout and kept (:mod:`ate_fast.ops.weight_packs`); each is packed again when
+          its version counter moves (training, ``load_state_dict``, in-place ops) or
+          one of 64 probed values changed (a write through ``.data``). After a write that
+          bypasses the counter and changes no probed value, :meth:`clear_weight_packs`.
 
     Attributes:
         mode: ``"cuda_graph"``, ``"cpu_replay"`` or ``"buffers"`` (other devices).
@@ -136,6 +141,8 @@ class CapturedSampler:
         self.shape, self.dtype = example_noise.shape, example_noise.dtype
         self.static_cond = static_copy(example_cond)
         self.ws = StepBuffers(example_noise)
+        # the CPU replay's oneDNN weights, packed once for all calls (ops.weight_packs)
+        self._weight_packs = weight_packs.WeightPacks()
         if device.type == "cuda":
             self.mode = "cuda_graph"
             if generator is not None and torch.device(generator.device).type != "cuda":
@@ -249,13 +256,21 @@ class CapturedSampler:
             self.graph.replay()
             return self.output
         run = self._run
-        if self.mode == "cpu_replay" and self._replay is None:
-            # First call: a validated run through the public op, recorded for replay.
-            self._recording.calls.clear()
-            out = self.sampler.execute(noise, run)
-            self._replay = ReplayLaunch(self._recording)
-            run.launch = self._replay
-            return out
-        if self._replay is not None:
+        if self.mode == "buffers":
+            return self.sampler.execute(noise, run)
+        with weight_packs.packing(self._weight_packs):
+            if self._replay is None:
+                # First call: a validated run through the public op, recorded for replay.
+                self._recording.calls.clear()
+                out = self.sampler.execute(noise, run)
+                self._replay = ReplayLaunch(self._recording)
+                run.launch = self._replay
+                return out
             self._replay.rewind()
-        return self.sampler.execute(noise, run)
+            return self.sampler.execute(noise, run)
+
+    def clear_weight_packs(self) -> None:
+        """Drop the packed copies of the weights (CPU; :mod:`ate_fast.ops.weight_packs`):
+        the next call packs them as they are then. Needed only after a write that bypasses
+        the version counter (``.data``) and leaves the probed values as they were."""
+        self._weight_packs.clear()

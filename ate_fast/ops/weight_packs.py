@@ -1,0 +1,176 @@
+"""A captured CPU sampler's float32 weights, packed once for oneDNN's GEMMs.
+
+Given a plain weight, oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, which
+:mod:`ate_fast.models.cpu_gemm` runs the heads' float32 GEMMs on where it selects oneDNN)
+reorders it into its blocked layout at every call — for a batch-1 step that copy can cost
+more than the product. A captured sampler (``capture()`` on the CPU) calls the same
+weights call after call, so it keeps a :class:`WeightPacks`: each ``nn.Parameter`` that
+oneDNN multiplies is reordered once (``torch.ops.mkldnn._reorder_linear_weight``, what
+Inductor's CPU freezing does) and every later GEMM reads the packed copy. The same kernel
+on the same values: the products are bit-equal in most shapes (the summation order may
+differ in a few, e.g. a transposed weight at one row). Measured on one thread of an AMD
+EPYC (Zen 4), ``capture()`` with / without packs (``benchmarks/cpu_head_targets.py
+--unpacked``; benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.7×, the small
+flow transformer 1.2×, the MLP head 1.1× faster.
+
+When a packed copy is used again, at the first GEMM of each call that reads it:
+
+* its weight must still be alive and unchanged: the same tensor at the same address, with
+  the version counter it had when packed (an optimizer step, ``load_state_dict``, any
+  in-place op under ``no_grad`` moves it) and the same values at :data:`PROBES` places
+  spread over it (a write through ``.data`` or a NumPy view, which the counter misses);
+* otherwise it is packed again from the weight as it is now.
+
+So between calls a model may be trained, loaded or edited as usual; a write through
+``.data`` that leaves every probed value as it was would go unseen —
+:meth:`WeightPacks.clear` (``CapturedSampler.clear_weight_packs()``) drops every copy.
+Only parameters are packed (a tensor made per call would be reordered every call); the
+copies live as long as the captured sampler and take the weights' size again (the DP
+U-Net: 244 MB). ``ATE_FAST_CPU_WEIGHT_PACKS=off`` turns packing off (read at each call).
+``sample()`` packs nothing: it reads the weights as they are at every GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ate_fast.argument_checks import env_choice
+
+ENV_VAR = "ATE_FAST_CPU_WEIGHT_PACKS"
+CHOICES = ("on", "off")
+PROBES = 64  # values compared per weight and call: first, last, and evenly between
+
+
+@functools.cache
+def packing_available() -> tuple[bool, str]:
+    """``(ok, why not)``: this torch reorders a float32 linear weight for oneDNN and its
+    linear op computes ``F.linear`` from the packed copy on a probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False, "this torch was built without oneDNN (torch.backends.mkldnn)"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w = torch.randn(3, 8, generator=gen), torch.randn(4, 8, generator=gen)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError) as exc:
+        return False, f"torch.ops.mkldnn._reorder_linear_weight failed: {exc}"
+    if not torch.allclose(got, F.linear(x, w), atol=1e-5):
+        return False, "a packed weight's product differs from F.linear on a probe"
+    return True, ""
+
+
+def _probe_places(owner: Tensor) -> Tensor:
+    return torch.linspace(0, owner.numel() - 1, min(PROBES, owner.numel())).long()
+
+
+def _probe_values(owner: Tensor, places: Tensor) -> Tensor:
+    values = owner.detach()
+    if values.is_contiguous():
+        return values.view(-1)[places]
+    return values[torch.unravel_index(places, values.shape)]  # no copy of the whole weight
+
+
+@dataclass
+class _Packed:
+    owner: weakref.ref  # the parameter the weight is (or views)
+    version: int
+    places: Tensor
+    probes: Tensor
+    packed: Tensor
+    checked_in: int  # the call (WeightPacks.calls) that last found it current
+
+
+class WeightPacks:
+    """Packed copies of the parameters oneDNN multiplied in a captured sampler's calls
+    (the module's docs), keyed by the weight's address, shape and strides."""
+
+    def __init__(self) -> None:
+        self._packed: dict[tuple, _Packed] = {}
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def clear(self) -> None:
+        """Drop every packed copy: the next call packs the weights as they are then."""
+        self._packed.clear()
+
+    def weight_for(self, weight: Tensor, rows: int) -> Tensor:
+        """``weight`` [N, K] (or a view of a parameter, e.g. its transpose) as oneDNN's
+        linear op should read it for ``rows`` rows of input: a packed copy of it as it is
+        now, or ``weight`` itself where it is no parameter (or an inference tensor)."""
+        owner = weight if weight._base is None else weight._base
+        if not isinstance(owner, nn.Parameter) or owner.is_inference():
+            return weight
+        key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
+        entry = self._packed.get(key)
+        if entry is not None and entry.owner() is owner:
+            if entry.checked_in == self.calls:
+                return entry.packed
+            if owner._version == entry.version and torch.equal(
+                _probe_values(owner, entry.places), entry.probes
+            ):
+                entry.checked_in = self.calls
+                return entry.packed
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        places = _probe_places(owner)
+        self._packed[key] = _Packed(
+            weakref.ref(owner, self._forget(key)), owner._version, places,
+            _probe_values(owner, places), packed, self.calls,
+        )  # fmt: skip
+        return packed
+
+    def _forget(self, key: tuple) -> Callable[[weakref.ref], None]:
+        # the owner's weakref callback: drop its copy when it dies (without keeping the
+        # store alive through the callback)
+        store = weakref.ref(self)
+
+        def drop(_: weakref.ref) -> None:
+            packs = store()
+            if packs is not None:
+                packs._packed.pop(key, None)
+
+        return drop
+
+
+_ACTIVE: ContextVar[Optional[WeightPacks]] = ContextVar("ate_fast_weight_packs", default=None)
+
+
+def packing_enabled() -> bool:
+    """``$ATE_FAST_CPU_WEIGHT_PACKS`` is not ``off`` and this torch can pack."""
+    return env_choice(ENV_VAR, CHOICES) == "on" and packing_available()[0]
+
+
+@contextmanager
+def packing(packs: WeightPacks) -> Iterator[None]:
+    """Run one call with ``packs``: oneDNN's GEMMs inside read parameters from their packed
+    copies (made or renewed as needed). Where packing is off (:func:`packing_enabled`), or
+    inside another call's scope, nothing changes."""
+    if _ACTIVE.get() is not None or not packing_enabled():
+        yield
+        return
+    packs.calls += 1
+    token = _ACTIVE.set(packs)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def call_weight(x: Tensor, weight: Tensor) -> Tensor:
+    """The weight oneDNN's linear op should take for ``x`` [..., K]: its packed copy inside
+    a :func:`packing` scope, else ``weight`` itself."""
+    packs = _ACTIVE.get()
+    if packs is None:
+        return weight
+    return packs.weight_for(weight, x.numel() // x.shape[-1])
