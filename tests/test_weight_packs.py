@@ -238,3 +238,26 @@ def test_a_captured_sampler_packs_once_and_follows_training():
     with _Ops() as seen:
         captured(noise, cond)
     assert seen.ops["_reorder_linear_weight"] == 21
+
+
+def test_bf16_parameters_read_packed_copies_inside_a_call():
+    """bfloat16, which ATen runs on oneDNN's matmul already, takes oneDNN's op only inside
+    a call and only for a weight of at least BF16_MIN_WEIGHT elements: the same product
+    (to bf16's rounding) from a copy packed once."""
+    layer, packs = _layer(n=1024).bfloat16(), WeightPacks()
+    small = _layer(n=256).bfloat16()  # [256, 256]: under the threshold
+    assert small.weight.numel() < cpu_gemm.BF16_MIN_WEIGHT <= layer.weight.numel()
+    x, g, r = (t.bfloat16() for t in _inputs())
+    want = _products(layer, x, g, r)
+    with _Ops() as seen:
+        _products(layer, x, g, r)
+    assert "_linear_pointwise" not in seen.ops  # outside a call: ATen's ops
+    for call in range(2):
+        with packing(packs), _Ops() as seen:
+            got = _products(layer, x, g, r)
+            cpu_gemm.linear_of(small, x)
+        assert seen.ops["_linear_pointwise"] == 4, dict(seen.ops)
+        assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0)
+        for a, b in zip(got, want):
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())

@@ -29,9 +29,10 @@ lowering calls) exactly when all of these hold, and otherwise ATen's op as befor
 The two compute the same products; only the order of float32 summation differs (tested
 against float64). On an Intel CPU ``auto`` keeps MKL, whose AVX-512 code runs there.
 
-**Weights packed once per sampler call** (:mod:`ate_fast.ops.weight_packs`): inside
-``sample()`` / ``capture()``, oneDNN reads a weight it takes more than once from a copy
-reordered once into its blocked layout (bit-equal results).
+**A captured sampler's weights packed once** (:mod:`ate_fast.ops.weight_packs`): inside a
+``capture()``'s call, oneDNN reads each parameter from a copy reordered once into its
+blocked layout — float32 where oneDNN is selected, and bfloat16 weights of at least
+``BF16_MIN_WEIGHT`` elements (which ATen multiplies on oneDNN already) on oneDNN's op too.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from torch import Tensor, nn
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.module_checks import plain_linear
-from ate_fast.ops.weight_packs import call_weight
+from ate_fast.ops.weight_packs import call_weight, packs_weight
 
 ENV_VAR = "ATE_FAST_CPU_GEMM"
 CHOICES = ("auto", "onednn", "aten")
@@ -55,6 +56,12 @@ CHOICES = ("auto", "onednn", "aten")
 # [50, 256] x [256, 128] (1.6 M) 38 -> 28 µs, [16, 640] x [640, 128] (1.3 M) ties,
 # [1, 1600] x [1600, 512] (0.8 M) 46 -> 56 µs; on two threads the crossover is ≈ 1 M.
 MIN_MACS = 1_500_000
+# float32 where oneDNN is selected; bfloat16, which ATen runs on oneDNN's matmul already,
+# only inside a captured call whose packs hold the weight (ops.weight_packs)
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# ... of this many weight elements: on one Zen 4 thread the captured bf16 MLP head's
+# [50, 256] x [256, 256] GEMM took 62 µs packed (the lookup's Python included) to ATen's 48
+BF16_MIN_WEIGHT = 1 << 18
 
 
 def selected_gemm() -> str:
@@ -123,14 +130,17 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
     # jit.trace would record the size checks
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if x.dtype != torch.float32 or x.dim() < 2 or weight.dim() != 2 or not x.is_cpu:
+    if x.dtype not in ONEDNN_DTYPES or x.dim() < 2 or weight.dim() != 2 or not x.is_cpu:
         return False
     if x.shape[-1] != weight.shape[1] or x.numel() // x.shape[-1] * weight.numel() < MIN_MACS:
         return False
-    if selected_gemm() != "onednn":
+    if x.dtype == torch.bfloat16:  # ATen's op is oneDNN's already: only to read a packed copy
+        if weight.numel() < BF16_MIN_WEIGHT or not packs_weight(weight):
+            return False
+    elif selected_gemm() != "onednn":
         return False
     tensors = [x, weight, *(t for t in others if t is not None)]
-    if any(t.dtype != torch.float32 for t in tensors):
+    if any(t.dtype != x.dtype for t in tensors):
         return False
     if not all(t.is_contiguous() for t in tensors if t is not weight):
         return False

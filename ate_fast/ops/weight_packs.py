@@ -11,7 +11,10 @@ on the same values: the products are bit-equal in most shapes (the summation ord
 differ in a few, e.g. a transposed weight at one row). Measured on one thread of an AMD
 EPYC (Zen 4), ``capture()`` with / without packs (``benchmarks/cpu_head_targets.py
 --unpacked``; benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.7×, the small
-flow transformer 1.2×, the MLP head 1.1× faster.
+flow transformer 1.2×, the MLP head 1.04× faster. bfloat16 weights of at least
+``cpu_gemm.BF16_MIN_WEIGHT`` elements too (ATen runs bf16 on oneDNN's matmul already, and
+reorders them at every call as well): the DP U-Net's bf16 ``capture()`` 1.17×, the small
+flow transformer's 1.05× faster, the outputs bit-equal.
 
 When a packed copy is used again, at the first GEMM of each call that reads it:
 
@@ -109,9 +112,9 @@ class WeightPacks:
         """``weight`` [N, K] (or a view of a parameter, e.g. its transpose) as oneDNN's
         linear op should read it for ``rows`` rows of input: a packed copy of it as it is
         now, or ``weight`` itself where it is no parameter (or an inference tensor)."""
-        owner = weight if weight._base is None else weight._base
-        if not isinstance(owner, nn.Parameter) or owner.is_inference():
+        if not _packable(weight):
             return weight
+        owner = weight if weight._base is None else weight._base
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
         entry = self._packed.get(key)
         if entry is not None and entry.owner() is owner:
@@ -165,6 +168,17 @@ def packing(packs: WeightPacks) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def _packable(weight: Tensor) -> bool:
+    owner = weight if weight._base is None else weight._base
+    return isinstance(owner, nn.Parameter) and not owner.is_inference()
+
+
+def packs_weight(weight: Tensor) -> bool:
+    """Inside a :func:`packing` scope, whether its packs would hold ``weight`` (a parameter,
+    or a view of one, that is no inference tensor)."""
+    return _ACTIVE.get() is not None and _packable(weight)
 
 
 def call_weight(x: Tensor, weight: Tensor) -> Tensor:
