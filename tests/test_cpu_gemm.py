@@ -4,30 +4,16 @@ and where ATen keeps it (autograd, torch.func, graph captures), and the heads on
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import torch.nn.functional as F
+from op_counts import OpCounter  # tests/ is on sys.path
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import ChunkConv1d, ChunkConvTranspose1d, cpu_gemm, make_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _Ops(TorchDispatchMode):
-    """Counts the ops a block of code dispatches."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket).split(".")[-1]] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -109,7 +95,7 @@ def test_products_are_float64_within_float32_rounding(gemm, x_shape, n, form):
     residual = torch.randn(*x_shape[:-1], n, generator=gen) if form == "residual" else None
     if form == "transposed":  # a [K, N] weight's transpose: the input-VJP's operand
         weight = torch.randn(k, n, generator=gen).t() / k**0.5
-    with _Ops() as seen:
+    with OpCounter() as seen:
         if form == "times_weight":  # x @ W for a [K, N] weight W = weight.t()
             got = cpu_gemm.times_weight(x, weight.t().contiguous())
         elif form == "residual":
@@ -162,14 +148,14 @@ def test_autograd_and_torch_func_keep_aten(gemm):
     gemm("onednn")
     layer = nn.Linear(256, 2048)
     x = torch.randn(50, 256, requires_grad=True)
-    with _Ops() as seen:
+    with OpCounter() as seen:
         cpu_gemm.linear_of(layer, x).square().sum().backward()
     assert "_linear_pointwise" not in seen.ops
     want = 2 * (x @ layer.weight.t() + layer.bias) @ layer.weight
     torch.testing.assert_close(x.grad, want.detach(), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         xs = torch.randn(3, 50, 256)
-        with _Ops() as seen:
+        with OpCounter() as seen:
             got = torch.func.vmap(lambda row: cpu_gemm.linear_of(layer, row))(xs)
         assert "_linear_pointwise" not in seen.ops
         torch.testing.assert_close(got, layer(xs))
@@ -189,7 +175,7 @@ def test_forward_mode_ad_keeps_aten(gemm):
     assert cpu_gemm.onednn_takes(x, layer.weight, layer.bias)
     with fwAD.dual_level():
         assert not cpu_gemm.onednn_takes(x, layer.weight, layer.bias)
-        with _Ops() as seen:
+        with OpCounter() as seen:
             out = cpu_gemm.linear_of(layer, fwAD.make_dual(x, v))
         tangent = fwAD.unpack_dual(out).tangent
     assert "_linear_pointwise" not in seen.ops
@@ -265,7 +251,7 @@ def _head_run(gemm, choice: str, case: str):
     cond = (
         None if prefix is None else head.prefix_cache(torch.randn(batch, prefix, head.config.width))
     )
-    with torch.no_grad(), _Ops() as seen:
+    with torch.no_grad(), OpCounter() as seen:
         out = head(x, t, cond)
         vjp_out, pullback = head.forward_with_vjp(x, t, cond)
         grad = pullback(u)
@@ -299,7 +285,7 @@ def test_chunk_convolutions_on_onednn(gemm, kind):
     gemm("onednn")
     layer, aten_op = CHUNK_LAYERS[kind]
     x = torch.randn(1, 512, 8)
-    with torch.no_grad(), _Ops() as seen:
+    with torch.no_grad(), OpCounter() as seen:
         got = layer(x)
         want = aten_op(x.double(), layer.weight.double(), layer.bias.double())
     assert seen.ops["_linear_pointwise"] == 1, dict(seen.ops)

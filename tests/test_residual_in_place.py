@@ -12,24 +12,12 @@ bit, and — on CUDA — a step copies nothing.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_counts import OpCounter  # tests/ is on sys.path
 
 from ate_fast.models import make_head
 from ate_fast.models.cpu_gemm import linear_residual_rows
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.__name__.split(".")[0]] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _head(depth: int = 2, dtype: torch.dtype = torch.float64):
@@ -81,11 +69,11 @@ def test_step_accumulates_in_place_and_is_exact():
     head, x, (first, second), _ = _head()
     with torch.no_grad():
         head.forward_features(x, first)  # writes the prefix into the call's buffers
-        with _Ops() as ops:
+        with OpCounter() as ops:
             got = head.forward_features(x, second)
         saving, _ = head.forward_with_vjp_features(x, second)
     assert ops.ops["addmm_"] == 2 * head.config.depth, dict(ops.ops)
-    with _Ops() as saved_ops, torch.no_grad():
+    with OpCounter() as saved_ops, torch.no_grad():
         head.forward_with_vjp_features(x, second)
     assert "addmm_" not in saved_ops.ops
     torch.testing.assert_close(saving, got, rtol=0, atol=0)
@@ -118,7 +106,7 @@ def test_a_hook_anywhere_keeps_every_residual(where):
     with torch.no_grad():
         first = features_of()[0]
         assert not first.plain
-        with _Ops() as ops:
+        with OpCounter() as ops:
             got = head.forward_features(x, first)
     assert "addmm_" not in ops.ops, dict(ops.ops)
     assert kept and all(torch.equal(k, s) for k, s in zip(kept, snapshots))

@@ -4,13 +4,12 @@ change between calls (in place, through ``.data``, rebound, freed) is seen."""
 
 from __future__ import annotations
 
-import collections
 import gc
 
 import pytest
 import torch
+from op_counts import OpCounter  # tests/ is on sys.path
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ate_fast import FlowSampler
 from ate_fast.models import cpu_gemm, make_head
@@ -24,18 +23,6 @@ pytestmark = [
         reason=f"this torch cannot pack oneDNN weights: {weight_packs.packing_available()[1]}",
     ),
 ]
-
-
-class _Ops(TorchDispatchMode):
-    """Counts the ops a block of code dispatches."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket).split(".")[-1]] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +62,7 @@ def test_packed_products_match_and_are_packed_once():
     x, g, r = _inputs()
     want = _products(layer, x, g, r)
     for call in range(3):
-        with packing(packs), _Ops() as seen:
+        with packing(packs), OpCounter() as seen:
             got = _products(layer, x, g, r)
         # the weight and its transpose: one reorder each, in the first call only
         assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0), dict(seen.ops)
@@ -83,14 +70,14 @@ def test_packed_products_match_and_are_packed_once():
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
     assert len(packs) == 2
-    with _Ops() as seen:  # outside a scope: the plain weight
+    with OpCounter() as seen:  # outside a scope: the plain weight
         _products(layer, x, g, r)
     assert "_reorder_linear_weight" not in seen.ops
 
 
 def _after(packs: WeightPacks, layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The packed product in a new call, and how many reorders it ran."""
-    with packing(packs), _Ops() as seen:
+    with packing(packs), OpCounter() as seen:
         out = cpu_gemm.linear_of(layer, x)
     return out, seen.ops["_reorder_linear_weight"]
 
@@ -166,7 +153,7 @@ def test_only_parameters_are_packed():
     x = _inputs()[0]
     weight = torch.randn(1024, 256)
     for _ in range(2):
-        with packing(packs), _Ops() as seen:
+        with packing(packs), OpCounter() as seen:
             cpu_gemm.linear(x, weight)
             cpu_gemm.linear(x, nn.Parameter(weight).detach())
         assert "_reorder_linear_weight" not in seen.ops
@@ -226,16 +213,16 @@ def test_a_captured_sampler_packs_once_and_follows_training():
         if call == 3:  # an EMA-style update through .data
             for p in params:
                 p.data.mul_(0.5)
-        with _Ops() as seen:
+        with OpCounter() as seen:
             got = captured(noise, cond).clone()
-        with _Ops() as plain:
+        with OpCounter() as plain:
             want = sampler.sample(noise, cond, check_finite=False)
         assert "_reorder_linear_weight" not in plain.ops
         # 4 blocks x 5 GEMMs + the time MLP's second layer
         assert seen.ops["_reorder_linear_weight"] == (0 if call == 1 else 21), (call, seen.ops)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     captured.clear_weight_packs()
-    with _Ops() as seen:
+    with OpCounter() as seen:
         captured(noise, cond)
     assert seen.ops["_reorder_linear_weight"] == 21
 
@@ -249,11 +236,11 @@ def test_bf16_parameters_read_packed_copies_inside_a_call():
     assert small.weight.numel() < cpu_gemm.BF16_MIN_WEIGHT <= layer.weight.numel()
     x, g, r = (t.bfloat16() for t in _inputs())
     want = _products(layer, x, g, r)
-    with _Ops() as seen:
+    with OpCounter() as seen:
         _products(layer, x, g, r)
     assert "_linear_pointwise" not in seen.ops  # outside a call: ATen's ops
     for call in range(2):
-        with packing(packs), _Ops() as seen:
+        with packing(packs), OpCounter() as seen:
             got = _products(layer, x, g, r)
             cpu_gemm.linear_of(small, x)
         assert seen.ops["_linear_pointwise"] == 4, dict(seen.ops)
