@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.module_checks import plain_linear
-from ate_fast.ops.weight_packs import call_weight, packs_weight
+from ate_fast.ops.weight_packs import bf16_packing_available, call_weight, packs_weight
 
 ENV_VAR = "ATE_FAST_CPU_GEMM"
 CHOICES = ("auto", "onednn", "aten")
@@ -136,6 +136,8 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if x.dtype == torch.bfloat16:  # ATen's op is oneDNN's already: only to read a packed copy
         if weight.numel() < BF16_MIN_WEIGHT or not packs_weight(weight):
+            return False
+        if not bf16_packing_available():
             return False
     elif selected_gemm() != "onednn":
         return False

@@ -1,4 +1,4 @@
-"""A captured CPU sampler's float32 weights, packed once for oneDNN's GEMMs.
+"""A captured CPU sampler's weights, packed once for oneDNN's GEMMs.
 
 Given a plain weight, oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, which
 :mod:`ate_fast.models.cpu_gemm` runs the heads' float32 GEMMs on where it selects oneDNN)
@@ -10,11 +10,12 @@ Inductor's CPU freezing does) and every later GEMM reads the packed copy. The sa
 on the same values: the products are bit-equal in most shapes (the summation order may
 differ in a few, e.g. a transposed weight at one row). Measured on one thread of an AMD
 EPYC (Zen 4), ``capture()`` with / without packs (``benchmarks/cpu_head_targets.py
---unpacked``; benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.7×, the small
-flow transformer 1.2×, the MLP head 1.04× faster. bfloat16 weights of at least
+--unpacked``; benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.44×, the
+small flow transformer 1.16×, the MLP head 1.04× faster. bfloat16 weights of at least
 ``cpu_gemm.BF16_MIN_WEIGHT`` elements too (ATen runs bf16 on oneDNN's matmul already, and
-reorders them at every call as well): the DP U-Net's bf16 ``capture()`` 1.17×, the small
-flow transformer's 1.05× faster, the outputs bit-equal.
+reorders them at every call as well; where oneDNN runs bf16 on this CPU:
+:func:`bf16_packing_available`): the DP U-Net's bf16 ``capture()`` 1.17×, the small flow
+transformer's 1.05× faster, the outputs bit-equal.
 
 When a packed copy is used again, at the first GEMM of each call that reads it:
 
@@ -70,6 +71,24 @@ def packing_available() -> tuple[bool, str]:
     if not torch.allclose(got, F.linear(x, w), atol=1e-5):
         return False, "a packed weight's product differs from F.linear on a probe"
     return True, ""
+
+
+@functools.cache
+def bf16_packing_available() -> bool:
+    """oneDNN multiplies bfloat16 on this CPU, and a packed bf16 weight's product equals
+    ATen's bf16 ``F.linear`` (itself oneDNN's there) on a probe."""
+    if not packing_available()[0]:
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x, w = (torch.randn(*s, generator=gen).bfloat16() for s in ((3, 8), (4, 8)))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.allclose(got.float(), F.linear(x, w).float(), rtol=2**-7, atol=2**-7)
 
 
 def _probe_places(owner: Tensor) -> Tensor:
