@@ -131,9 +131,9 @@ class WeightPacks:
         """``weight`` [N, K] (or a view of a parameter, e.g. its transpose) as oneDNN's
         linear op should read it for ``rows`` rows of input: a packed copy of it as it is
         now, or ``weight`` itself where it is no parameter (or an inference tensor)."""
-        if not _packable(weight):
+        owner = _parameter_of(weight)
+        if owner is None:
             return weight
-        owner = weight if weight._base is None else weight._base
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
         entry = self._packed.get(key)
         if entry is not None and entry.owner() is owner:
@@ -189,15 +189,16 @@ def packing(packs: WeightPacks) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def _packable(weight: Tensor) -> bool:
+def _parameter_of(weight: Tensor) -> Optional[nn.Parameter]:
+    """The parameter ``weight`` is or views, if it is no inference tensor; else None."""
     owner = weight if weight._base is None else weight._base
-    return isinstance(owner, nn.Parameter) and not owner.is_inference()
+    return owner if isinstance(owner, nn.Parameter) and not owner.is_inference() else None
 
 
 def packs_weight(weight: Tensor) -> bool:
     """Inside a :func:`packing` scope, whether its packs would hold ``weight`` (a parameter,
     or a view of one, that is no inference tensor)."""
-    return _ACTIVE.get() is not None and _packable(weight)
+    return _ACTIVE.get() is not None and _parameter_of(weight) is not None
 
 
 def call_weight(x: Tensor, weight: Tensor) -> Tensor:
