@@ -12,7 +12,8 @@ compile error, on a variant that needs more shared memory than one block of ARCH
 (for ARCH 87: of sm_86, sm_87 and sm_89, whose code Triton generates alike)
 (Triton would refuse its launch: ``OutOfResources``), or on a flow-transformer epilogue
 variant, an MLP-guidance variant or an attention variant in bf16, fp16 or float32 (the
-precisions guidance runs in) whose registers spill (ptxas's report). The interpreter (how
+precisions guidance runs in) whose registers spill (the report of the ptxas run Triton makes,
+with its flags; :data:`KNOWN_SPILLS` the exceptions). The interpreter (how
 the CPU tests run the kernels) skips Triton's code generator, so a kernel can pass every
 CPU test and still fail to compile, or to launch, on a GPU: this runs the real compiler
 (front end, LLVM, ptxas) on the launch configurations the launchers use.
@@ -21,22 +22,26 @@ CPU test and still fail to compile, or to launch, on a GPU: this runs the real c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import io
 import itertools
 import os
 import re
-import subprocess
+import shutil
 import sys
 import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunctions
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # its ptxas -v report printed: registers, spills
+# a fresh cache: a variant found in the cache runs no ptxas, so prints no report
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-offline-compile-")
 
 import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ate_fast.models import block_epilogues_triton as fb
@@ -84,6 +89,19 @@ FITS_ALSO = {87: (86, 89)}
 # --spills report: the spilling variants listed at the end instead of failing the run
 REPORT_SPILLS = False
 SPILLED: list[str] = []
+# gated variants that spill with Triton's own ptxas flags, exactly so many bytes, by Triton
+# version: 3.9 passes ptxas --regAllocOptLevel=2 (its workaround for a ptxas 13 bug), and
+# these two float32 variants then spill one 4-byte register at 56 and 80 registers of 255
+# (no pressure: without the flag, and with 3.6, they spill nothing; the fixes found — 2 or
+# 8 warps, one pipeline stage — change GPU launch settings no GPU has timed). Any other
+# spill fails, and so does one of these spilling more, or no longer (a stale entry).
+KNOWN_SPILLS = {
+    ("3.9", 90): {
+        "_attention_backward_kernel fp32->fp32 Tq=50 T=50 hd=16": 4,
+        "_fused_mlp_kernel fp32 gain=False rows=20 save=False reset=False default": 4,
+    }
+}
+KNOWN_SEEN: dict[str, int] = {}
 
 
 def shared_limit(arch: int) -> tuple[int, str]:
@@ -93,31 +111,34 @@ def shared_limit(arch: int) -> tuple[int, str]:
     return min(SHARED_LIMIT[a] for a in archs), "/".join(f"sm_{a}" for a in archs)
 
 
-def _ptxas(arch: int) -> str:
-    """The ptxas Triton uses for ``arch`` (Triton < 3.6 takes no arch: one ptxas for all)."""
-    try:
-        return get_ptxas(arch).path
-    except TypeError:
-        return get_ptxas().path
-
-
-def register_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """``(registers per thread, bytes of spill stores)`` of one kernel's PTX, by ptxas -v."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        done = subprocess.run(
-            [_ptxas(arch), "-v", f"-arch={sm}", path, "-o", path + ".cubin"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-    report = done.stderr + done.stdout
-    regs = re.search(r"Used (\d+) registers", report)
-    spills = re.search(r"(\d+) bytes spill stores", report)
+def register_usage(log: str, label: str) -> tuple[int, int]:
+    """``(registers per thread, bytes of spill stores)`` from the ``ptxas -v`` report Triton
+    printed while compiling the variant (``TRITON_DUMP_PTXAS_LOG``): the allocation of the
+    cubin Triton loads, with its own ptxas flags (3.9: ``--regAllocOptLevel=2``)."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
     if not (regs and spills):
-        sys.exit(f"ptxas -v printed no register report:\n{report}")
+        sys.exit(f"FAIL {label}: Triton printed no ptxas register report:\n{log}")
     return int(regs.group(1)), int(spills.group(1))
+
+
+# each compiled variant's ptxas report, by its hash: a variant compiled again in the run
+# comes from Triton's cache, which runs no ptxas and prints nothing
+PTXAS_LOGS: dict[str, str] = {}
+
+
+def _compile_logged(source: ASTSource, target, options: dict):
+    """``triton.compile`` and the ``ptxas -v`` report Triton printed for it."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        compiled = triton.compile(source, target=target, options=options)
+    PTXAS_LOGS.setdefault(compiled.hash, printed.getvalue())
+    return compiled, PTXAS_LOGS[compiled.hash]
+
+
+def _known_spills(arch: int) -> dict[str, int]:
+    """:data:`KNOWN_SPILLS` of this Triton's major.minor version for ``arch``."""
+    return KNOWN_SPILLS.get((".".join(triton.__version__.split(".")[:2]), arch), {})
 
 
 def compile_one(
@@ -131,8 +152,8 @@ def compile_one(
     sig = signature(kernel, constexprs, pointer_type, scalar_types)
     options = options or {"num_warps": mg.NUM_WARPS, "num_stages": mg.NUM_STAGES}
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    compiled = triton.compile(
-        ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs), target=target, options=options
+    compiled, log = _compile_logged(
+        ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs), target, options
     )
     name, shared = kernel.__name__, compiled.metadata.shared
     limit, archs = shared_limit(target.arch)
@@ -141,8 +162,14 @@ def compile_one(
                  f"{archs} allow {limit} B")  # fmt: skip
     usage = ""
     if spill_free:
-        regs, spills = register_usage(compiled.asm["ptx"], target.arch)
-        if spills and not REPORT_SPILLS:
+        regs, spills = register_usage(log, f"{name} {label}")
+        known = _known_spills(target.arch).get(f"{name} {label}")
+        if known is not None:
+            KNOWN_SEEN[f"{name} {label}"] = spills
+            if spills != known and not REPORT_SPILLS:
+                sys.exit(f"FAIL {name} {label}: {spills} B of spill stores, KNOWN_SPILLS "
+                         f"expects {known} B with Triton {triton.__version__}")  # fmt: skip
+        elif spills and not REPORT_SPILLS:
             sys.exit(f"FAIL {name} {label}: {regs} registers, {spills} B of spill stores")
         if spills:
             SPILLED.append(f"{name} {label}: {regs} registers, {spills} B of spill stores")
@@ -801,6 +828,9 @@ def main(arch: int, group: str = "all") -> None:
     _, archs = shared_limit(arch)
     print(f"compiled {count} kernel variants for sm_{arch} with triton {triton.__version__}"
           f" (shared memory within {archs})")  # fmt: skip
+    stale = set(_known_spills(arch)) - set(KNOWN_SEEN)
+    if group == "all" and stale and not REPORT_SPILLS:
+        sys.exit(f"FAIL: KNOWN_SPILLS names variants this run did not compile: {sorted(stale)}")
     if REPORT_SPILLS:
         print(f"{len(SPILLED)} gated variants spill registers (reported, not failed)")
         for line in SPILLED:
@@ -814,4 +844,7 @@ if __name__ == "__main__":
     parser.add_argument("--spills", choices=("fail", "report"), default="fail")
     cli = parser.parse_args()
     REPORT_SPILLS = cli.spills == "report"
-    main(cli.arch, cli.group)
+    try:
+        main(cli.arch, cli.group)
+    finally:
+        shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
