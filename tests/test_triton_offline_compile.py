@@ -44,12 +44,15 @@ def _start(*args: str, triton_dir: Path | None = None) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen) -> str:
+    """The compile's output, after it succeeded without Triton's warning that a launch left
+    FP contraction to its default (every launch passes ``COMPILE_OPTIONS``)."""
     try:
         out, err = proc.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
     assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in err, err[-4000:]
     return out
 
 

@@ -54,6 +54,7 @@ from ate_fast.ops import triton_activations as ta
 from ate_fast.ops import triton_pdl
 from ate_fast.ops.guided_step import triton as gs
 from ate_fast.ops.mlp_guidance import triton as mg
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS
 from ate_fast.steer import transformer_triton as tt
 from ate_fast.tuning.switches import PARAMETER_OPTIONS
 
@@ -147,10 +148,12 @@ def compile_one(
 ):  # fmt: skip
     """Compile one variant and check its shared memory against the target's per-block limit
     (and, ``spill_free``, that no register spills); ``options`` default to the
-    MLP-guidance launch options; ``divisible``: the arguments a launch sees divisible by
-    16 (pointers: 16-byte aligned), as Triton's JIT specialises them at run time."""
+    MLP-guidance launch options, and :data:`COMPILE_OPTIONS` join them; ``divisible``: the
+    arguments a launch sees divisible by 16 (pointers: 16-byte aligned), as Triton's JIT
+    specialises them at run time."""
     sig = signature(kernel, constexprs, pointer_type, scalar_types)
     options = options or {"num_warps": mg.NUM_WARPS, "num_stages": mg.NUM_STAGES}
+    options = {**options, **COMPILE_OPTIONS}  # what every launch passes
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     compiled, log = _compile_logged(
         ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs), target, options

@@ -65,7 +65,7 @@ from torch import Tensor
 from ate_fast.models.gemm_alignment import aligned_rows
 from ate_fast.ops import triton_pdl
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, launch_limits
 
 _limits = launch_limits(
     "ATE_FAST_FLOW_EPILOGUES=triton",
@@ -289,7 +289,7 @@ def rotate_qkv(
         pv.stride(0), pv.stride(1), pv.stride(2),
         *_norm_args(norm, q_lin), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
         NORM=norm is not None, CHUNK=_chunk(norm), num_warps=NUM_WARPS,
-        **triton_pdl.launch_kwargs(q_lin.device),
+        **triton_pdl.launch_kwargs(q_lin.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return q, k, v
 
@@ -385,7 +385,7 @@ def gated_gelu(
         n = out.numel()
         _gated_gelu_kernel[(triton.cdiv(n, GELU_BLOCK),)](
             gate_up, out, act, n, mlp, SAVE_ACT=save_act, BLOCK=GELU_BLOCK,
-            num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(gate_up.device),
+            num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(gate_up.device), **COMPILE_OPTIONS,
         )  # fmt: skip
     elif out.numel():
         x, width, eps = _norm_args(norm, gate_up)
@@ -393,6 +393,7 @@ def gated_gelu(
         _norm_gated_gelu_kernel[(out.numel() // mlp, triton.cdiv(mlp, block))](
             gate_up, x, out, act, mlp, width, eps, SAVE_ACT=save_act, BLOCK=block,
             CHUNK=_chunk(norm), num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(gate_up.device),
+            **COMPILE_OPTIONS,
         )  # fmt: skip
     return out, act if save_act else None
 
@@ -434,6 +435,7 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
     _gelu_gate_backward_kernel[(triton.cdiv(n, GELU_BLOCK),)](
         dm, gate, up, act, out, n, mlp, gate.stride(-2), up.stride(-2),
         BLOCK=GELU_BLOCK, num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(dm.device),
+        **COMPILE_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -477,7 +479,7 @@ def rms_norm_vjp(
     _rms_norm_vjp_kernel[(x.numel() // width,)](
         grad, x, w, r, out, width, eps, HAS_W=weight is not None, HAS_R=residual is not None,
         BLOCK=triton.next_power_of_2(width), num_warps=NUM_WARPS,
-        **triton_pdl.launch_kwargs(x.device),
+        **triton_pdl.launch_kwargs(x.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -564,7 +566,7 @@ def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:
     _softmax_grad_kernel[(p_rows.shape[0],)](
         p_rows, dp_rows, ds_rows, n, p_rows.stride(0), dp_rows.stride(0), ds_rows.stride(0),
         scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
-        **triton_pdl.launch_kwargs(p.device),
+        **triton_pdl.launch_kwargs(p.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return ds
 
@@ -587,7 +589,7 @@ def softmax(
     _softmax_kernel[(s_rows.shape[0],)](
         s_rows, b_rows, p_rows, n, s_rows.stride(0), b_rows.stride(0), p_rows.stride(0),
         per_bias, scale, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(n),
-        num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(scores.device),
+        num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(scores.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return p
 
@@ -618,7 +620,7 @@ def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, 
     _softmax_backward_kernel[(s_rows.shape[0],)](
         s_rows, dp_rows, p_rows, ds_rows, n, s_rows.stride(0), dp_rows.stride(0),
         p_rows.stride(0), scale, BLOCK=triton.next_power_of_2(n), num_warps=NUM_WARPS,
-        **triton_pdl.launch_kwargs(scores.device),
+        **triton_pdl.launch_kwargs(scores.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return p, ds
 
@@ -705,6 +707,6 @@ def unrotate_pack(
         dq, dk, dv, cos, sin, dqo, dkvo, horizon, heads, kv_heads, head_dim,
         cos.shape[-2] - horizon, _table_rows(cos), q_rows, kv_rows, dqo.stride(1),
         dkvo.stride(1), ROWS=ROWS, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(dq.device),
+        num_warps=NUM_WARPS, **triton_pdl.launch_kwargs(dq.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return dqo, dkvo

@@ -45,7 +45,7 @@ from ate_fast.ops import split_counters, triton_pdl
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits, sm_count
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, launch_limits, sm_count
 
 _limits = launch_limits(
     "ATE_FAST_FUSED_MLP=persistent",
@@ -271,6 +271,6 @@ def fused_mlp(
         BLOCK_M=tiles.block_m, BLOCK_F=tiles.block_f, BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n, SLICE=tiles.slice, BLOCK_H=tiles.block_h, MAX_POLLS=MAX_POLLS,
         RESET=reset, num_warps=tiles.warps, num_stages=tiles.stages,
-        **triton_pdl.launch_kwargs(x.device),
+        **triton_pdl.launch_kwargs(x.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return out, gu, act

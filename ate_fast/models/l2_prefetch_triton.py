@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, launch_limits
 
 _limits = launch_limits("ATE_FAST_L2_PREFETCH", "Unset ATE_FAST_L2_PREFETCH to prefetch nothing.")
 
@@ -46,7 +46,9 @@ def prefetch(tensors: list[Tensor], sink: Tensor) -> None:
     for t in tensors:
         w = words(t)
         grid = triton.cdiv(w.numel(), BLOCK)
-        _prefetch_kernel[(grid,)](w, sink[at:], w.numel(), BLOCK=BLOCK, num_warps=4)
+        _prefetch_kernel[(grid,)](
+            w, sink[at:], w.numel(), BLOCK=BLOCK, num_warps=4, **COMPILE_OPTIONS
+        )
         at += grid
 
 

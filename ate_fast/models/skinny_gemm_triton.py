@@ -41,7 +41,7 @@ from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import prefetch_l2 as pdl_prefetch
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits, sm_count
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, launch_limits, sm_count
 
 _limits = launch_limits(
     "ATE_FAST_SKINNY_GEMM=triton",
@@ -282,7 +282,7 @@ def skinny_gemm(
         INTERPRETED=x.device.type == "cpu",
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk, LINE=line_elements(x.dtype),
         W_KN=weight_kn, num_warps=WARPS_BY_BLOCK_N[block_n],
-        num_stages=STAGES_BY_BLOCK_N[block_n], **pdl,
+        num_stages=STAGES_BY_BLOCK_N[block_n], **pdl, **COMPILE_OPTIONS,
     )  # fmt: skip
     if ws is not None and counts is None:
         _split_sum_kernel[(triton.cdiv(rows * n, SUM_BLOCK),)](
@@ -290,6 +290,6 @@ def skinny_gemm(
             y if pre is None else pre, y, rows * n, n, splits,
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACT=activation,
             ACT_GRAD=activation_grad and activation != NONE, C=c,
-            BLOCK=SUM_BLOCK, num_warps=4, **pdl,
+            BLOCK=SUM_BLOCK, num_warps=4, **pdl, **COMPILE_OPTIONS,
         )  # fmt: skip
     return y

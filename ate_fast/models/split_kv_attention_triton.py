@@ -48,7 +48,7 @@ from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_dot import accumulator_type
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits, sm_count
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, launch_limits, sm_count
 
 _limits = launch_limits(
     "ATE_FAST_PREFIX_ATTENTION=split_kv",
@@ -250,7 +250,7 @@ def combine_lse(
         o2.stride(0), o2.stride(1), o2.stride(2), l2.stride(0), l2.stride(1), l2.stride(2),
         HD=hd, CHUNKS=triton.next_power_of_2(chunks), BLOCK_D=max(16, triton.next_power_of_2(hd)),
         REST=rest is not None, C=accumulator_type(o1.dtype), num_warps=4,
-        **triton_pdl.launch_kwargs(o1.device),
+        **triton_pdl.launch_kwargs(o1.device), **COMPILE_OPTIONS,
     )  # fmt: skip
     return y
 
@@ -297,11 +297,11 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, tiles: Optional[Tiles] =
         v.stride(0), v.stride(1), v.stride(2),
         HD=hd, BLOCK_Q=tiles.block_q, BLOCK_K=tiles.block_k, BLOCK_D=block_d, C=c,
         SINGLE=splits == 1, COMBINE=counts is not None, INTERPRETED=q.device.type == "cpu",
-        num_warps=tiles.warps, num_stages=tiles.stages, **pdl,
+        num_warps=tiles.warps, num_stages=tiles.stages, **pdl, **COMPILE_OPTIONS,
     )  # fmt: skip
     if splits > 1 and counts is None:
         _combine_kernel[(batch * heads * rows,)](
             o, m, l_sum, y, splits, HD=hd, SPLITS=triton.next_power_of_2(splits),
-            BLOCK_D=block_d, num_warps=4, **pdl,
+            BLOCK_D=block_d, num_warps=4, **pdl, **COMPILE_OPTIONS,
         )  # fmt: skip
     return y

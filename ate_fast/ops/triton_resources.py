@@ -30,6 +30,13 @@ OTHER_BACKEND = (
     "Set ATE_FAST_BACKEND=cuda (the compiled extension) or ref (PyTorch) to run another."
 )
 
+# compile options every launch of the package passes (``kernel[grid](..., **COMPILE_OPTIONS)``,
+# and tests/triton_offline_compile.py compiles with them): multiplies and adds contracted
+# into FMAs, as every GPU measurement so far was taken — Triton 3.9 warns that its default
+# turns to no contraction in 3.10 (``TRITON_DEFAULT_FP_FUSION``), which would change the
+# kernels' rounding and make their element-wise parts slower without a word
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def sm_count(device: torch.device, interpreted: int) -> int:
     """The SMs of CUDA ``device`` (queried once per GPU: no query in a launch path or a

@@ -62,7 +62,7 @@ from ate_fast.ops.constants import compute_dtype
 from ate_fast.ops.triton_activations import GELU, RELU, activation, times_activation_grad
 from ate_fast.ops.triton_dot import tile_dot as _dot
 from ate_fast.ops.triton_pdl import wait as pdl_wait
-from ate_fast.ops.triton_resources import launch_limits
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, launch_limits
 
 _limits = launch_limits(
     "ATE_FAST_TRANSFORMER_GUIDANCE=triton",
@@ -195,7 +195,7 @@ def add_norm(
         _add_norm_kernel[(batch * rows,)](
             x, r, norm.weight, norm.bias, y, s, stats[0], stats[1], rows, *_rows(x), *_rows(r),
             n, float(norm.eps), HAS_RES=residual is not None, BLOCK=_block(n),
-            **triton_pdl.launch_kwargs(x.device),
+            **triton_pdl.launch_kwargs(x.device), **COMPILE_OPTIONS,
         )  # fmt: skip
     return y, (s, stats[0], stats[1])
 
@@ -215,6 +215,7 @@ def norm_backward(
         _norm_backward_kernel[(batch * rows,)](
             grad, e, s, mean, rstd, weight, dx, rows, *_rows(grad), *_rows(e), n,
             HAS_DY2=extra is not None, BLOCK=_block(n), **triton_pdl.launch_kwargs(grad.device),
+            **COMPILE_OPTIONS,
         )  # fmt: skip
     return dx
 
@@ -272,6 +273,7 @@ def bias_act(x: Tensor, bias: Tensor, act: int) -> tuple[Tensor, Tensor]:
             ACT=act,
             BLOCK=ACT_BLOCK,
             **triton_pdl.launch_kwargs(x.device),
+            **COMPILE_OPTIONS,
         )
     return pre, y
 
@@ -290,6 +292,7 @@ def act_backward(grad: Tensor, pre: Tensor, act: int) -> Tensor:
             ACT=act,
             BLOCK=ACT_BLOCK,
             **triton_pdl.launch_kwargs(grad.device),
+            **COMPILE_OPTIONS,
         )
     return dx
 
@@ -477,7 +480,7 @@ def attention(
         grid = (batch * num_heads, triton.cdiv(tq, constants["BLOCK_Q"]))
         _attention_kernel[grid](
             q, k, v, o, lse, tq, k.shape[1], num_heads, *_rows(q), *_rows(k), **constants,
-            **triton_pdl.launch_kwargs(q.device),
+            **triton_pdl.launch_kwargs(q.device), **COMPILE_OPTIONS,
         )  # fmt: skip
     return o, (q, k, v, o, lse, num_heads)
 
@@ -503,4 +506,5 @@ def attention_backward(
     _attention_backward_kernel[(batch * num_heads, blocks)](
         q, k, v, o, grad, lse, dq, dk, dv, tq, t, num_heads, *_rows(q), *_rows(k),
         *_rows(grad), *_rows(dq), *_rows(dk), **constants, **triton_pdl.launch_kwargs(q.device),
+        **COMPILE_OPTIONS,
     )  # fmt: skip

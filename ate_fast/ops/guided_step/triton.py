@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ate_fast.ops.triton_resources import OTHER_BACKEND, launch_limits
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, OTHER_BACKEND, launch_limits
 
 _BLOCK = 1024
 
@@ -84,5 +84,5 @@ def guided_step_triton_into(
         b if s is None else s,
         row, blocks_per_row, float(scale), float(clamp),
         HAS_X=x is not None, HAS_G=g is not None, HAS_P=m_prev is not None,
-        HAS_Z=z is not None, BLOCK=_BLOCK,
+        HAS_Z=z is not None, BLOCK=_BLOCK, **COMPILE_OPTIONS,
     )  # fmt: skip

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from ate_fast.ops.triton_activations import activation as _act
 from ate_fast.ops.triton_activations import activation_grad as _act_grad
-from ate_fast.ops.triton_resources import OTHER_BACKEND, launch_limits
+from ate_fast.ops.triton_resources import COMPILE_OPTIONS, OTHER_BACKEND, launch_limits
 
 FWD_BLOCK_N = 16  # output features per forward program
 FWD_BLOCK_K = 64  # input features per forward K-step
@@ -334,7 +334,7 @@ class _Call:
                     pre[layer], self.rows, self.batch, dims[layer], dims[layer + 1],
                     self.mask_stride, self.action_dim, FROM_INPUT=layer == 0,
                     HAS_A0=a0 is not None, HAS_BIAS=b is not None, BLOCK_B=block_rows,
-                    BLOCK_N=FWD_BLOCK_N, BLOCK_K=FWD_BLOCK_K, **self.options,
+                    BLOCK_N=FWD_BLOCK_N, BLOCK_K=FWD_BLOCK_K, **self.options, **COMPILE_OPTIONS,
                 )  # fmt: skip
             src = pre[layer]
         return src
@@ -354,6 +354,7 @@ class _Call:
                 FROM_INPUT=len(self.weights) == 1, HAS_A0=a0 is not None, HAS_BIAS=b is not None,
                 HAS_EPS=eps is not None, BLOCK_B=block_b, BLOCK_N=FWD_BLOCK_N,
                 BLOCK_K=latent_block_k(a0 is not None, eps is not None), **self.options,
+                **COMPILE_OPTIONS,
             )  # fmt: skip
 
     def backward(self, delta_out, pre, ping, g, has_eps: bool) -> None:
@@ -372,6 +373,6 @@ class _Call:
                     delta, self.weights[layer], out if to_input else pre[layer - 1], out,
                     self.mask_arg, self.batch, in_dim, used_out, delta_stride, self.mask_stride,
                     self.action_dim, TO_INPUT=to_input, BLOCK_B=block_b, BLOCK_K=BWD_BLOCK_K,
-                    BLOCK_O=BWD_BLOCK_O, **self.options,
+                    BLOCK_O=BWD_BLOCK_O, **self.options, **COMPILE_OPTIONS,
                 )  # fmt: skip
             delta, used_out, delta_stride = out, in_dim, in_dim
