@@ -40,6 +40,7 @@ from bench_sampling import latent_guidances, torch_loop
 GATE_THREADS = 1
 H, D = 50, 32  # π0's action chunk, as in every other suite
 BACKEND_ENV = "ATE_FAST_BACKEND"
+GATE_CASES_ENV = "ATE_FAST_GATE_CASES"
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,20 @@ ROLES = ("baseline", "candidate")
 CHUNKS = 10
 
 
+def _selected_cases() -> list[str]:
+    """Every case, or those named in ``ATE_FAST_GATE_CASES`` (one per line: ``ci_gate.py``
+    times a case below its threshold again, alone)."""
+    wanted = [n for n in os.environ.get(GATE_CASES_ENV, "").splitlines() if n.strip()]
+    unknown = [n for n in wanted if n not in CASES]
+    if unknown:
+        raise ValueError(
+            f"{GATE_CASES_ENV}: unknown case(s) {unknown}; expected names among {list(CASES)}"
+        )
+    return wanted or list(CASES)
+
+
 def _params():
-    for case in CASES:
+    for case in _selected_cases():
         for chunk in range(CHUNKS):
             for role in ROLES:
                 yield pytest.param(case, chunk, role, id=f"{case}-{chunk}-{role}")

@@ -9,7 +9,10 @@
 ``cpu``: every case of ``bench_ci_gate.py`` has a ``baseline`` and a ``candidate`` row
 timed in the same run, in alternating chunks; its figure is the median over the chunks of
 the baseline's fastest round divided by the candidate's (min-of-N), and it fails below the
-case's ``min_ratio``. A case with results
+case's ``min_ratio``. A case below its threshold is timed again, alone, up to ``--confirm``
+times (default 2): it fails only when every attempt is below (a regression is the code,
+so it repeats; a burst of load on a shared machine does not), and its figure is its best
+attempt, every attempt listed. A case with results
 but no threshold, or a threshold whose case did not run, fails too. Writes
 ``ci-latest.json`` and ``ci-latest.md`` into ``--out-dir`` (``benchmarks/results``), with
 the change against the ratios recorded in the thresholds file and against the previous
@@ -33,13 +36,14 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -47,6 +51,8 @@ THRESHOLDS = HERE / "ci_thresholds.json"
 RESULTS = HERE / "results"
 BENCH_FILE = HERE / "bench_ci_gate.py"
 BENCH_JSON = ROOT / ".benchmarks" / "ci-gate.json"  # .benchmarks/ is git-ignored
+CASES_ENV = "ATE_FAST_GATE_CASES"  # bench_ci_gate.py runs only these cases (one per line)
+CONFIRM = 2  # reruns of a case below its threshold before it fails the gate
 
 
 # ----------------------------------------------------------------------------- cpu
@@ -62,6 +68,7 @@ class CpuCase:
     baseline_min_s: float
     candidate_min_s: float
     rounds: int  # per role, every chunk together
+    attempts: list[float] = field(default_factory=list)  # the ratio of every run, first first
 
 
 @dataclass
@@ -109,6 +116,41 @@ def cpu_cases(bench: dict) -> dict[str, CpuCase]:
             candidate_min_s=min(cand),
             rounds=sum(p["candidate"]["stats"]["rounds"] for p in pairs),
         )
+        cases[name].attempts = [cases[name].ratio]
+    return cases
+
+
+def below_threshold(cases: dict[str, CpuCase], thresholds: dict) -> list[str]:
+    """The cases that ran and whose figure is under their ``min_ratio``."""
+    limits = thresholds["cpu"]
+    return [
+        name
+        for name, case in cases.items()
+        if "min_ratio" in limits.get(name, {}) and case.ratio < limits[name]["min_ratio"]
+    ]
+
+
+def confirm_failures(
+    cases: dict[str, CpuCase],
+    thresholds: dict,
+    rerun: Callable[[list[str]], dict[str, CpuCase]],
+    attempts: int = CONFIRM,
+) -> dict[str, CpuCase]:
+    """Time each case below its threshold again, alone (``rerun(names)`` returns their new
+    figures), up to ``attempts`` times or until it is at or above. A case keeps its best
+    attempt as its figure, and ``attempts`` lists them all; ``cases`` is not changed."""
+    cases = dict(cases)
+    for _ in range(attempts):
+        names = below_threshold(cases, thresholds)
+        if not names:
+            break
+        again = rerun(names)
+        for name in names:
+            old, new = cases[name], again.get(name)
+            if new is None:  # the rerun lost it: the first figure stands
+                continue
+            best = new if new.ratio > old.ratio else old
+            cases[name] = CpuCase(**{**asdict(best), "attempts": [*old.attempts, new.ratio]})
     return cases
 
 
@@ -129,6 +171,9 @@ def judge_cpu(cases: dict[str, CpuCase], thresholds: dict) -> list[Verdict]:
                 f"{name}: {case.candidate} is {case.ratio:.3f}× {case.baseline}'s speed "
                 f"(median chunk of min-of-N; threshold ≥ {limit}): {'ok' if ok else 'REGRESSION'}"
             )
+            if len(case.attempts) > 1:
+                tried = ", ".join(f"{r:.3f}" for r in case.attempts)
+                msg += f" (best of {len(case.attempts)} runs of the case: {tried})"
             verdicts.append(Verdict(name, ok, msg, case.ratio, limit))
     return verdicts
 
@@ -158,7 +203,9 @@ def cpu_markdown(
     lines += [
         "Ratio = baseline time / candidate time: per chunk the fastest round of each, median "
         "over the chunks (> 1: the candidate is faster); times are the fastest rounds over "
-        "every chunk; `recorded` is the median ratio measured when the threshold was set.",
+        "every chunk; `recorded` is the median ratio measured when the threshold was set. A "
+        "case below its threshold is timed again, alone, before it fails: its figure is then "
+        "its best run, and the last column lists every run.",
         "",
         "| case | baseline µs | candidate µs | ratio | threshold | recorded | previous run | |",
         "|---|---|---|---|---|---|---|---|",
@@ -175,11 +222,18 @@ def cpu_markdown(
             f"| {v.case} | {case.baseline} {case.baseline_min_s * 1e6:.1f} "
             f"| {case.candidate} {case.candidate_min_s * 1e6:.1f} | **{case.ratio:.3f}** "
             f"| ≥ {entry.get('min_ratio', '–')} | {_change(case.ratio, ref)} "
-            f"| {_change(case.ratio, prev)} | {'ok' if v.ok else '**REGRESSION**'} |"
+            f"| {_change(case.ratio, prev)} | {'ok' if v.ok else '**REGRESSION**'}"
+            f"{_reruns(case)} |"
         )
     if failed:
         lines += ["", "Failures:", ""] + [f"- {v.message}" for v in failed]
     return "\n".join(lines) + "\n"
+
+
+def _reruns(case: CpuCase) -> str:
+    if len(case.attempts) < 2:
+        return ""
+    return " (runs: " + ", ".join(f"{r:.3f}" for r in case.attempts) + ")"
 
 
 def _change(now: float, then: Optional[float]) -> str:
@@ -188,18 +242,34 @@ def _change(now: float, then: Optional[float]) -> str:
     return f"{then:.3f} ({(now / then - 1) * 100:+.0f} %)"
 
 
-def run_cpu_bench(json_path: Path) -> tuple[int, float]:
-    """Run ``bench_ci_gate.py`` under pytest-benchmark into ``json_path``: (exit code, s)."""
+def run_cpu_bench(json_path: Path, only: Optional[list[str]] = None) -> tuple[int, float]:
+    """Run ``bench_ci_gate.py`` under pytest-benchmark into ``json_path``, every case or
+    ``only`` these: (exit code, s)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.unlink(missing_ok=True)  # never judge an earlier run's file
     cmd = [
         sys.executable, "-m", "pytest", str(BENCH_FILE), "-q", "-p", "no:cacheprovider",
         f"--benchmark-json={json_path}",
     ]  # fmt: skip
+    env = dict(os.environ)
+    env.pop(CASES_ENV, None)
+    if only is not None:
+        env[CASES_ENV] = "\n".join(only)
+        print(f"+ {CASES_ENV}={';'.join(only)}", flush=True)
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    rc = subprocess.call(cmd, cwd=ROOT)
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
     return rc, time.perf_counter() - t0
+
+
+def rerun_cases(names: list[str]) -> dict[str, CpuCase]:
+    """Time ``names`` again in a fresh benchmark run; their figures (none if it failed)."""
+    path = BENCH_JSON.with_name("ci-gate-rerun.json")
+    rc, _ = run_cpu_bench(path, only=names)
+    if rc != 0 or not path.exists():
+        print(f"ci_gate: the rerun of {names} failed (pytest exit {rc})", file=sys.stderr)
+        return {}
+    return cpu_cases(load_json(path))
 
 
 def cpu_main(args: argparse.Namespace) -> int:
@@ -223,6 +293,8 @@ def cpu_main(args: argparse.Namespace) -> int:
         return 1
     bench = load_json(bench_path)
     cases = cpu_cases(bench)
+    if args.json is None and bench_error is None:
+        cases = confirm_failures(cases, thresholds, rerun_cases, args.confirm)
     verdicts = judge_cpu(cases, thresholds)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -473,6 +545,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     cpu = sub.add_parser("cpu", parents=[common], help="run and judge the CPU gate")
     cpu.add_argument("--json", help="judge this pytest-benchmark JSON instead of running")
     cpu.add_argument("--out-dir", default=str(RESULTS), help="where ci-latest.json/.md go")
+    cpu.add_argument(
+        "--confirm", type=int, default=CONFIRM,
+        help="reruns of a case below its threshold before it fails (0: none; not with --json)",
+    )  # fmt: skip
     gpu = sub.add_parser(
         "gpu", parents=[common], help="compare GPU-suite results with the committed ones"
     )
@@ -483,6 +559,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     spread = sub.add_parser("spread", parents=[common], help="ratios per case over runs")
     spread.add_argument("runs", nargs="+", help="pytest-benchmark JSONs of bench_ci_gate.py")
     args = parser.parse_args(argv)
+    if args.mode == "cpu" and args.confirm < 0:
+        parser.error(f"--confirm: expected a number of reruns ≥ 0, got {args.confirm}")
     return {"cpu": cpu_main, "gpu": gpu_main, "spread": spread_main}[args.mode](args)
 
 

@@ -225,3 +225,85 @@ def test_cpu_failed_benchmark_run_fails_the_gate():
     assert all(v.ok for v in verdicts)
     text = gate.cpu_markdown(cases, verdicts, thresholds, None, 20.0, "pytest exit 1")
     assert text.startswith("# CPU latency gate: FAILED") and "pytest exit 1" in text
+
+
+# ------------------------------------------------------------- cpu: failures confirmed
+def _cases(ratios: dict[str, float]) -> dict:
+    return gate.cpu_cases(_bench_json({n: [(r * 1e-3, 1e-3)] for n, r in ratios.items()}))
+
+
+def test_cpu_case_below_threshold_is_timed_again_and_passes_on_a_good_run():
+    thresholds = {"cpu": {"noisy": {"min_ratio": 1.1}, "healthy": {"min_ratio": 1.1}}}
+    asked = []
+
+    def rerun(names):
+        asked.append(names)
+        return _cases({"noisy": 1.25})
+
+    cases = gate.confirm_failures(_cases({"noisy": 1.05, "healthy": 1.3}), thresholds, rerun)
+    assert asked == [["noisy"]]  # once: it passed; the healthy case is never rerun
+    assert cases["noisy"].ratio == 1.25 and cases["noisy"].attempts == [1.05, 1.25]
+    assert cases["healthy"].attempts == [1.3]
+    verdicts = {v.case: v for v in gate.judge_cpu(cases, thresholds)}
+    assert verdicts["noisy"].ok and "best of 2 runs of the case: 1.050, 1.250" in (
+        verdicts["noisy"].message
+    )
+
+
+def test_cpu_regression_fails_after_every_rerun_with_its_best_figure():
+    thresholds = {"cpu": {"slow": {"min_ratio": 1.1}}}
+    again = iter([0.99, 1.02])
+    cases = gate.confirm_failures(
+        _cases({"slow": 0.97}), thresholds, lambda names: _cases({"slow": next(again)}), 2
+    )
+    assert cases["slow"].attempts == [0.97, 0.99, 1.02] and cases["slow"].ratio == 1.02
+    (verdict,) = gate.judge_cpu(cases, thresholds)
+    assert not verdict.ok and "REGRESSION" in verdict.message
+    text = gate.cpu_markdown(cases, [verdict], thresholds, None, None)
+    assert "**REGRESSION** (runs: 0.970, 0.990, 1.020)" in text
+    # no reruns asked for: the first figure decides; a rerun that lost the case keeps it
+    assert gate.confirm_failures(_cases({"slow": 0.97}), thresholds, None, 0)["slow"].ratio == 0.97
+    kept = gate.confirm_failures(_cases({"slow": 0.97}), thresholds, lambda names: {}, 2)
+    assert kept["slow"].attempts == [0.97]
+
+
+def test_cpu_cli_reruns_a_failed_case_alone(tmp_path, monkeypatch):
+    thresholds = tmp_path / "t.json"
+    limits = {"a": {"min_ratio": 1.5, "measured": [2.0]}, "b": {"min_ratio": 1.5}}
+    thresholds.write_text(json.dumps({"cpu": limits}))
+    first = _bench_json({"a": [(1.2e-3, 1e-3)], "b": [(2e-3, 1e-3)]})
+
+    def run_cpu_bench(json_path, only=None):
+        assert only is None  # the full run
+        json_path.write_text(json.dumps(first))
+        return 0, 1.0
+
+    reruns = []
+    monkeypatch.setattr(gate, "BENCH_JSON", tmp_path / "gate.json")
+    monkeypatch.setattr(gate, "run_cpu_bench", run_cpu_bench)
+    monkeypatch.setattr(gate, "rerun_cases", lambda n: reruns.append(n) or _cases({"a": 1.8}))
+    args = ["cpu", "--thresholds", str(thresholds), "--out-dir", str(tmp_path)]
+    assert gate.main(args) == 0 and reruns == [["a"]]
+    report = json.loads((tmp_path / "ci-latest.json").read_text())
+    assert report["cases"]["a"]["attempts"] == [1.2, 1.8]
+    assert "ok (runs: 1.200, 1.800)" in (tmp_path / "ci-latest.md").read_text()
+    reruns.clear()
+    assert gate.main([*args, "--confirm", "0"]) == 1 and reruns == []
+    with pytest.raises(SystemExit):
+        gate.main([*args, "--confirm", "-1"])
+
+
+def test_bench_runs_only_the_cases_named_in_the_environment(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the bench module adds benchmarks/
+    monkeypatch.setitem(sys.modules, "bench_ci_gate", None)
+    bench = _load("bench_ci_gate")
+    name = sorted(bench.CASES)[0]
+    monkeypatch.setenv(gate.CASES_ENV, f"{name}\n")
+    params = list(bench._params())
+    assert {p.values[0] for p in params} == {name}
+    assert len(params) == bench.CHUNKS * len(bench.ROLES)
+    monkeypatch.setenv(gate.CASES_ENV, "no such case")
+    with pytest.raises(ValueError, match="ATE_FAST_GATE_CASES: unknown case"):
+        list(bench._params())
+    monkeypatch.delenv(gate.CASES_ENV)
+    assert len(list(bench._params())) == len(bench.CASES) * bench.CHUNKS * len(bench.ROLES)
