@@ -248,7 +248,7 @@ def _path_lines(data: dict) -> list[str]:
     epilogues = data["flow_epilogues"]
     lines.append(
         f"flow-transformer block epilogues: cpu {epilogues['cpu']}, cuda {epilogues['cuda']}"
-        " (ATE_FAST_FLOW_EPILOGUES=torch|triton forces one)"
+        " (ATE_FAST_FLOW_EPILOGUES=torch|triton|native forces one)"
     )
     lines.append(
         f"flow-transformer block GEMMs at <= {skinny_gemm.MAX_ROWS} rows: {data['skinny_gemm']}"

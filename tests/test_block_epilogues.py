@@ -321,7 +321,19 @@ def test_path_setting_is_checked(path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="ATE_FAST_FLOW_EPILOGUES=triton"):
         block_epilogues.gated_gelu(torch.randn(2, 8))
     monkeypatch.delenv(ENV)
-    assert block_epilogues.selected_path("cpu") == "torch"  # Triton runs only interpreted there
+    # the CPU: the native kernels by default (Triton runs only interpreted there), the torch
+    # ops where the native module is missing; forced, native raises off the CPU
+    assert block_epilogues.selected_path("cpu") == "native"
+    monkeypatch.setattr(block_epilogues.native, "load", lambda name: None)
+    assert block_epilogues.selected_path("cpu") == "torch"
+    path("native")
+    with pytest.raises(BackendUnavailableError, match="ATE_FAST_FLOW_EPILOGUES=native"):
+        block_epilogues.gated_gelu(torch.randn(2, 8))
+    monkeypatch.undo()
+    path("native")
+    with pytest.raises(BackendUnavailableError, match="run on the CPU, the tensors are on meta"):
+        block_epilogues.gated_gelu(torch.randn(2, 8, device="meta"))
+    monkeypatch.delenv(ENV)
     # CUDA: the kernels by default (measured on an H200), where Triton runs; else torch ops,
     # without an error (only a forced path raises)
     monkeypatch.setattr(block_epilogues.backends, "availability", lambda *_: (True, ""))

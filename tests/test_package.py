@@ -228,7 +228,9 @@ def test_info_reports_the_flow_epilogues_path(monkeypatch):
     monkeypatch.delenv("ATE_FAST_FLOW_EPILOGUES", raising=False)
     # CUDA's default is triton where Triton runs on CUDA: not on this machine
     cuda_default = "triton" if backends.availability("triton", "cuda")[0] else "torch"
-    assert info()["flow_epilogues"] == {"cpu": "torch", "cuda": cuda_default}
+    # the CPU's default: the native gated-GELU kernels where ate_fast._C loads
+    cpu_default = "native" if native.load("_C") is not None else "torch"
+    assert info()["flow_epilogues"] == {"cpu": cpu_default, "cuda": cuda_default}
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "triton")
     assert "flow-transformer block epilogues: cpu triton, cuda triton" in format_info(info())
     monkeypatch.setenv("ATE_FAST_FLOW_EPILOGUES", "bogus")

@@ -1,4 +1,5 @@
-"""The flow-transformer block's element-wise epilogues: torch ops, or two Triton kernels.
+"""The flow-transformer block's element-wise epilogues: torch ops, Triton kernels, or (the
+gated GELU on the CPU) C++ kernels.
 
 Between its GEMMs a :class:`~ate_fast.models.flow_transformer.FlowTransformerHead` block
 runs small element-wise ops — the rotary rotation of queries and keys, the prefix's keys
@@ -33,13 +34,17 @@ backward, and the rotation undone with the gradients packed into the projections
 (torch: 42 kernels per block — 41 element-wise, row and layout ops and the softmax, with one
 kv head; Triton: 5).
 
-Which path runs: ``ATE_FAST_FLOW_EPILOGUES=torch|triton`` forces one (``triton`` raises
+Which path runs: ``ATE_FAST_FLOW_EPILOGUES=torch|triton|native`` forces one (``triton`` raises
 :class:`~ate_fast.errors.BackendUnavailableError` where Triton cannot run); unset, the
 default of :data:`DEFAULT_PATH` for the tensors' device type where Triton runs there, else
 ``torch``. On CUDA the default is ``triton``: on an H200 (2026-12-04, bench_realsize.py,
 π0 expert bf16, one run) they made the captured call 1.31× (B = 1) and 1.38× (B = 8)
 faster and matched ``sample()`` as closely as ``torch.compile`` did. On the CPU it is
-``torch`` (the kernels run there only through ``TRITON_INTERPRET=1``). Even then the
+``native`` (the Triton kernels run there only through ``TRITON_INTERPRET=1``): the gated
+GELU and its backward as C++ kernels (:mod:`ate_fast.models.block_epilogues_cpu`, float32;
+≈ 3× ATen's ``gelu`` + product, ≈ 2.5× its backward; the small flow transformer's call
+2–5 % faster on one AMD EPYC thread), the other epilogues torch ops; ``torch`` where the
+native module is missing (forced, ``native`` raises there and off the CPU). Even then the
 torch ops run when autograd records (an input requires grad: training, an autograd VJP),
 under ``torch.compile`` / ``torch.export`` tracing (Inductor fuses the torch ops itself; the
 ONNX export traces them), under a ``torch.func`` transform or a forward-AD level (``vmap``
@@ -59,19 +64,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ate_fast.errors import InvalidArgumentError
+from ate_fast import native
+from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
+from ate_fast.models import block_epilogues_cpu
 from ate_fast.models.rotary import rotate
 from ate_fast.models.trace_state import opaque_ops_may_run
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_FLOW_EPILOGUES"
-PATHS = ("torch", "triton")
+PATHS = ("torch", "triton", "native")
 MAX_ROW = 16384  # the longest row (width, or keys per softmax row) one Triton program holds
 
 
-# device type -> the default path where Triton runs on it (the measured winner, see the
-# module's docs); device types not listed, or where Triton cannot run, use torch ops
-DEFAULT_PATH = {"cuda": "triton"}
+# device type -> the default path where it runs there (the measured winners, see the
+# module's docs); device types not listed, or where the path cannot run, use torch ops
+DEFAULT_PATH = {"cuda": "triton", "cpu": "native"}
 
 
 def forced_path() -> Optional[str]:
@@ -85,13 +92,16 @@ def forced_path() -> Optional[str]:
 
 
 def selected_path(device_type: str = "cpu") -> str:
-    """``torch`` or ``triton`` on ``device_type``: the forced path, else the default for the
-    device type where Triton runs there, else ``torch``."""
+    """``torch``, ``triton`` or ``native`` on ``device_type``: the forced path, else the
+    default for the device type where it runs there (Triton; the native module), else
+    ``torch``."""
     forced = forced_path()
     if forced is not None:
         return forced
     default = DEFAULT_PATH.get(device_type, "torch")
     if default == "triton" and not backends.availability("triton", device_type)[0]:
+        return "torch"
+    if default == "native" and native.load("_C") is None:
         return "torch"
     return default
 
@@ -111,11 +121,32 @@ def use_triton(*tensors: Tensor) -> bool:
     """Whether the Triton kernels run on ``tensors`` (see the module's docs; raises where
     ``triton`` is selected and cannot run)."""
     device_type = tensors[0].device.type
-    if selected_path(device_type) == "torch" or not writes_in_place(*tensors):
+    # the trace check first: a graph capture (torch.compile) must not reach the native
+    # module's import in selected_path
+    if not writes_in_place(*tensors) or selected_path(device_type) != "triton":
         return False
     # raises only where forced (a default falls back to torch where Triton cannot run)
     backends.require_triton(device_type, f"{ENV_VAR}=triton")
     return True
+
+
+def use_native(*tensors: Tensor) -> bool:
+    """Whether the C++ CPU kernels (:mod:`ate_fast.models.block_epilogues_cpu`) run the
+    gated GELU or its backward on ``tensors``: the ``native`` path selected (the CPU's
+    default where ``ate_fast._C`` loads), float32 tensors, and nothing that needs the
+    torch ops (:func:`writes_in_place`); other dtypes take the torch ops. Raises where
+    ``native`` is forced and cannot run (a non-CPU tensor, no native module)."""
+    device_type = tensors[0].device.type
+    if not writes_in_place(*tensors) or selected_path(device_type) != "native":
+        return False
+    if device_type != "cpu":
+        raise BackendUnavailableError(
+            f"{ENV_VAR}=native: the native kernels run on the CPU, the tensors are on "
+            f"{device_type}; unset {ENV_VAR} for the device's default"
+        )
+    if native.load("_C") is None:
+        raise BackendUnavailableError(f"{ENV_VAR}=native: {native.reason('_C')}")
+    return all(t.dtype == torch.float32 for t in tensors)
 
 
 class PrefixSlot:
@@ -232,6 +263,8 @@ def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optiona
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.gated_gelu(gate_up.contiguous(), save_act)
+    if use_native(gate_up):
+        return block_epilogues_cpu.gated_gelu(gate_up, save_act)
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.gelu(gate, approximate="tanh")
     return act * up, act if save_act else None

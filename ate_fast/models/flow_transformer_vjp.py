@@ -26,8 +26,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ate_fast.models import l2_prefetch
-from ate_fast.models.block_epilogues import MAX_ROW, norm_eps, use_triton
+from ate_fast.models import block_epilogues_cpu, l2_prefetch
+from ate_fast.models.block_epilogues import MAX_ROW, norm_eps, use_native, use_triton
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.models.rotary import swap_halves
@@ -100,6 +100,8 @@ def gelu_gate_backward(dm: Tensor, saved: BlockSaved) -> Tensor:
 
         return kernels.gelu_gate_backward(dm.contiguous(), saved.gate, saved.up,
                                           saved.act.contiguous())  # fmt: skip
+    if use_native(dm, saved.gate, saved.up, saved.act):
+        return block_epilogues_cpu.gelu_gate_backward(dm, saved.gate, saved.up, saved.act)
     dgate = torch.ops.aten.gelu_backward(dm * saved.up, saved.gate, approximate="tanh")
     return torch.cat([dgate, dm * saved.act], dim=-1)
 

@@ -69,7 +69,9 @@ SWITCHES = (
     Switch(fused_mlp.ENV_VAR, fused_mlp.PATHS, ("cuda",), default="torch"),
     Switch(
         block_epilogues.ENV_VAR,
-        block_epilogues.PATHS,
+        # not "native", the CPU's gated-GELU kernels: ≈ 3× ATen's ops wherever measured
+        # (benchmarks/README.md), so a CPU tune leaves them in force
+        ("torch", "triton"),
         ("cuda",),
         effective=block_epilogues.selected_path,
     ),

@@ -10,6 +10,19 @@
 namespace py = pybind11;
 using namespace ate_fast;
 
+namespace {
+// Run a launcher with the GIL released (other Python threads go on), then raise on its status.
+template <typename Launch>
+void without_gil(const char* what, Launch launch) {
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = launch();
+  }
+  check_status(status, what);
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "ate_fast C++ CPU kernels (torch-free; raw pointers and sizes)";
   mod.def(
@@ -49,6 +62,47 @@ PYBIND11_MODULE(_C, mod) {
       },
       ATE_FAST_MLP_GUIDANCE_PYARGS,
       "Fused MLP-encoder latent guidance gradient (see csrc/include/ate_fast/mlp_guidance.h).");
+  mod.def(
+      "gated_gelu",
+      [](int dtype, int64_t rows, int64_t width, int64_t row_stride, uintptr_t gate,
+         uintptr_t up, uintptr_t out, uintptr_t act, int threads) {
+        GatedGeluArgs p;
+        p.threads = threads;
+        p.rows = rows;
+        p.width = width;
+        p.row_stride = row_stride;
+        p.gate = as_ptr(gate);
+        p.up = as_ptr(up);
+        p.out = reinterpret_cast<void*>(out);
+        p.act = reinterpret_cast<void*>(act);
+        without_gil("ate_fast._C.gated_gelu", [&] { return gated_gelu_cpu(as_dtype(dtype), p); });
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("width"), py::arg("row_stride"),
+      py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("act"), py::arg("threads") = 1,
+      "out = gelu_tanh(gate)·up (and act = gelu_tanh(gate) unless act is 0) over [rows, width]"
+      " (gate, up: rows row_stride apart; out, act contiguous); float32 (dtype 0); threads:"
+      " OpenMP threads for a large call.");
+  mod.def(
+      "gelu_gate_backward",
+      [](int dtype, int64_t rows, int64_t width, int64_t row_stride, uintptr_t dm,
+         uintptr_t gate, uintptr_t up, uintptr_t act, uintptr_t out, int threads) {
+        GeluGateBackwardArgs p;
+        p.threads = threads;
+        p.rows = rows;
+        p.width = width;
+        p.row_stride = row_stride;
+        p.dm = as_ptr(dm);
+        p.gate = as_ptr(gate);
+        p.up = as_ptr(up);
+        p.act = as_ptr(act);
+        p.out = reinterpret_cast<void*>(out);
+        without_gil("ate_fast._C.gelu_gate_backward",
+                    [&] { return gelu_gate_backward_cpu(as_dtype(dtype), p); });
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("width"), py::arg("row_stride"),
+      py::arg("dm"), py::arg("gate"), py::arg("up"), py::arg("act"), py::arg("out"),
+      py::arg("threads") = 1,
+      "out [rows, 2·width] = [dm·up·gelu_tanh'(gate), dm·act]; float32 (dtype 0).");
   mod.def("num_threads", &cpu_num_threads, "OpenMP threads the CPU kernels use.");
 #if defined(_OPENMP)
   mod.attr("openmp") = true;

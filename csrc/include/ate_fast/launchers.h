@@ -1,6 +1,7 @@
 // Torch-free launchers: raw pointers, sizes and (for CUDA) a stream handle.
 #pragma once
 
+#include "ate_fast/gated_gelu.h"
 #include "ate_fast/guided_step.h"
 #include "ate_fast/mlp_guidance.h"
 
@@ -12,6 +13,11 @@ int guided_step_cpu(DType dtype, const GuidedStepArgs& args);
 // CPU: fused MLP-encoder guidance gradient (see mlp_guidance.h); float32, float64, and
 // bfloat16 storage computed in float32.
 int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args);
+
+// CPU: the flow-transformer MLP's gated GELU (tanh form) and its backward (see
+// gated_gelu.h); float32 only (kBadDType otherwise).
+int gated_gelu_cpu(DType dtype, const GatedGeluArgs& args);
+int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& args);
 
 // Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
 int cpu_num_threads();

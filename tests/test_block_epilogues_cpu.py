@@ -1,0 +1,175 @@
+"""The flow-transformer MLP's gated GELU and its backward as C++ CPU kernels
+(``ate_fast.models.block_epilogues_cpu``, the CPU's ``native`` path): against float64, the
+same rounding with and without the saved GELU, every row length the vector loop may
+split (and the OpenMP path), the errors, and which calls take them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ate_fast import native
+from ate_fast.errors import InvalidArgumentError
+from ate_fast.models import FlowTransformerHead, block_epilogues, block_epilogues_cpu
+from ate_fast.sampling import FlowSampler
+
+pytestmark = pytest.mark.skipif(
+    native.load("_C") is None, reason=f"needs the native CPU module: {native.reason('_C')}"
+)
+ENV = block_epilogues.ENV_VAR
+# float32 against float64, relative to the largest |value|: the exp polynomial's ≈ 1 ulp
+# and a dozen float32 operations (measured ≤ 1.1e-7 forward and backward)
+BOUND = 1e-6
+
+
+def _gate_up(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    gate_up = 4 * torch.randn(rows, 2 * width, generator=g)
+    flat = gate_up[:, :width].reshape(-1)  # both tails and the exp clamp's edges
+    extremes = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 12.0, -12.0, 50.0, -50.0, 1e4, -1e4])
+    flat[: min(len(extremes), flat.numel())] = extremes[: flat.numel()]
+    return gate_up
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1), (3, 17), (2, 700), (50, 1024), (100, 700)])
+def test_gated_gelu_matches_float64(rows, width):
+    """Rows of 1, 17 and 700 leave vector tails (100 × 700 elements: the threaded path
+    where torch has more than one thread)."""
+    gate_up = _gate_up(rows, width)
+    out, act = block_epilogues_cpu.gated_gelu(gate_up, save_act=True)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    act64 = F.gelu(gate, approximate="tanh")
+    assert out.shape == act.shape == (rows, width) and out.dtype == torch.float32
+    assert (act.double() - act64).abs().max() <= BOUND * act64.abs().max()
+    assert (out.double() - act64 * up).abs().max() <= BOUND * (act64 * up).abs().max()
+    assert torch.equal(out, act * gate_up[:, width:])  # the product reads the GELU as stored
+    plain, none = block_epilogues_cpu.gated_gelu(gate_up, save_act=False)
+    assert none is None and torch.equal(plain, out)  # forward and forward_with_vjp agree
+    # each row alone (the serial path) gives the same bits as the batch
+    assert torch.equal(block_epilogues_cpu.gated_gelu(gate_up[-1:])[0], out[-1:])
+
+
+@pytest.mark.parametrize("halves", [True, False], ids=["halves-of-gate_up", "contiguous"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3, 17), (2, 50, 700)])
+def test_gelu_gate_backward_matches_float64(shape, halves):
+    width = shape[-1]
+    gate_up = _gate_up(int(torch.tensor(shape[:-1]).prod()), width, seed=1).reshape(
+        *shape[:-1], 2 * width
+    )
+    gate, up = gate_up.chunk(2, dim=-1)  # views one row of 2F apart, as the forward keeps them
+    if not halves:
+        gate, up = gate.contiguous(), up.contiguous()
+    act = block_epilogues_cpu.gated_gelu(gate_up, save_act=True)[1]
+    dm = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    got = block_epilogues_cpu.gelu_gate_backward(dm, gate, up, act)
+    d64, g64, u64 = dm.double(), gate.double(), up.double()
+    d_gate = torch.ops.aten.gelu_backward(d64 * u64, g64, approximate="tanh")
+    exact = torch.cat([d_gate, d64 * act.double()], dim=-1)
+    assert got.shape == (*shape[:-1], 2 * width) and got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() <= BOUND * exact.abs().max()
+    assert torch.equal(got[..., width:], dm * act)  # one rounding of dm·act
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(InvalidArgumentError, match="gate_up: expected a float32 CPU tensor"):
+        block_epilogues_cpu.gated_gelu(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(InvalidArgumentError, match=r"gate_up: expected \[.., 2F\]"):
+        block_epilogues_cpu.gated_gelu(torch.randn(2, 7))
+    x = torch.randn(2, 4)
+    with pytest.raises(InvalidArgumentError, match=r"up: expected .* shape"):
+        block_epilogues_cpu.gelu_gate_backward(x, x, torch.randn(2, 5), x)
+    with pytest.raises(InvalidArgumentError, match="act: expected a float32 CPU tensor"):
+        block_epilogues_cpu.gelu_gate_backward(x, x, x, x.double())
+    kernel = native.load("_C").gated_gelu
+    with pytest.raises(ValueError, match="unsupported dtype"):  # float64: not this kernel's
+        kernel(1, 2, 4, 8, x.data_ptr(), x.data_ptr(), x.data_ptr(), 0)
+    with pytest.raises(ValueError, match="required pointer is null"):
+        kernel(0, 2, 4, 8, x.data_ptr(), 0, x.data_ptr(), 0)
+
+
+def _head() -> FlowTransformerHead:
+    torch.manual_seed(0)
+    return FlowTransformerHead("small", depth=2, horizon=6, action_dim=3, width=32, mlp_dim=48,
+                               num_heads=4, num_kv_heads=2, head_dim=8)  # fmt: skip
+
+
+def _counted(monkeypatch) -> dict[str, int]:
+    calls = {"gated_gelu": 0, "gelu_gate_backward": 0}
+    for name in calls:
+        original = getattr(block_epilogues_cpu, name)
+
+        def counted(*args, _name=name, _fn=original, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(block_epilogues_cpu, name, counted)
+    return calls
+
+
+def test_captured_sampler_takes_the_kernels_and_matches_the_torch_ops(monkeypatch):
+    """float32 on the CPU: a captured Euler loop and an RTC-guided sample (the hand VJP's
+    backward) run the kernels by default, and give the torch ops' actions to rounding."""
+    from ate_fast.realtime import RTCGuidance
+
+    head = _head()
+    noise = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(2))
+    cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    prev = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(5))
+
+    def run():
+        sampler = FlowSampler(head, 4)
+        guidance = RTCGuidance(prev, 2, execution_horizon=3)
+        with torch.no_grad():
+            captured = sampler.capture(noise, cond)
+            return captured(noise, cond), sampler.sample(noise, cond, guidance=guidance)
+
+    calls = _counted(monkeypatch)
+    monkeypatch.delenv(ENV, raising=False)
+    assert block_epilogues.selected_path("cpu") == "native"
+    got = run()
+    assert calls["gated_gelu"] > 0 and calls["gelu_gate_backward"] > 0
+    monkeypatch.setenv(ENV, "torch")
+    before = dict(calls)
+    ref = run()
+    assert calls == before  # forced torch: ATen's ops only
+    for r, k in zip(ref, got):
+        torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["float64", "autograd"])
+def test_other_dtypes_and_autograd_take_the_torch_ops(monkeypatch, case):
+    """The kernels are float32-only and have no backward: float64 heads and a forward that
+    autograd records run ATen's ops (and the weights' gradients are formed)."""
+    monkeypatch.delenv(ENV, raising=False)
+    calls = _counted(monkeypatch)
+    head = _head()
+    x, t = torch.randn(2, 6, 3), torch.tensor([0.3, 0.8])
+    if case == "float64":
+        head, x, t = head.double(), x.double(), t.double()
+        with torch.no_grad():
+            out, pullback = head.forward_with_vjp(x, t)
+            pullback(torch.ones_like(out))
+    else:
+        head(x, t).square().sum().backward()
+        assert all(p.grad is not None for p in head.parameters())
+    assert calls == {"gated_gelu": 0, "gelu_gate_backward": 0}
+
+
+def test_two_threads_give_the_same_bits(monkeypatch):
+    """A call of ≥ 2¹⁶ elements splits its rows over torch's thread count (one thread: the
+    calling thread only); each element's arithmetic is the same either way."""
+    gate_up = _gate_up(100, 700, seed=3)
+    dm = torch.randn(100, 700, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, act = block_epilogues_cpu.gated_gelu(gate_up, save_act=True)
+            gate, up = gate_up.chunk(2, dim=-1)
+            results.append((out, act, block_epilogues_cpu.gelu_gate_backward(dm, gate, up, act)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
