@@ -26,7 +26,10 @@ block's q and kv projected by one GEMM through ``[W_q; W_kv]`` concatenated once
 a GPU call's default, off on the CPU) and the column ``capture()`` / it (> 1: the fused
 call faster). ``--unpacked`` adds ``capture()`` with ``ATE_FAST_CPU_WEIGHT_PACKS=off`` (each
 call's oneDNN weights not packed once: :mod:`ate_fast.ops.weight_packs`) and the column
-it / ``capture()`` (> 1: packing faster).
+it / ``capture()`` (> 1: packing faster). ``--torch-epilogues`` adds, for the flow
+transformers, the eager loop and ``capture()`` with ``ATE_FAST_FLOW_EPILOGUES=torch`` (ATen's
+gated GELU and its backward instead of the CPU's native kernels, which the other rows run)
+and the column "eager, ``capture()``: torch / native" (> 1: the native kernels faster).
 """
 
 from __future__ import annotations
@@ -47,19 +50,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heads
 
-from ate_fast.models import FlowTransformerHead, chunk_conv, cpu_gemm
+from ate_fast.models import FlowTransformerHead, block_epilogues, chunk_conv, cpu_gemm
 from ate_fast.ops import weight_packs
 
 NATIVE_SAMPLER = {"unet1d": "ddim-10"}  # every other head: flow Euler 10
 
 
 def rows(
-    head_id: str, compiled: bool = False, fused: bool = False, unpacked: bool = False
-) -> dict[str, Callable[[], torch.Tensor]]:
+    head_id: str, compiled: bool = False, fused: bool = False, unpacked: bool = False,
+    torch_epilogues: bool = False,
+) -> dict[str, Callable[[], torch.Tensor]]:  # fmt: skip
     """The rows of one head, each a call with fixed noise (and cond); ``compiled``: also
     the eager loop with the head ``torch.compile``d (``bench_heads``' ``compile`` row);
     ``fused``: also ``capture()`` with a flow transformer's ``fuse_qkv = True``;
-    ``unpacked``: also ``capture()`` with the call's weights not packed."""
+    ``unpacked``: also ``capture()`` with the call's weights not packed;
+    ``torch_epilogues``: also the eager loop and ``capture()`` of a flow transformer with
+    ATen's gated GELU (the other rows pinned to the native kernels)."""
     head = bench_heads._head("cpu", head_id)
     sampler = NATIVE_SAMPLER.get(bench_heads.HEADS[head_id][0], "flow-euler-10")
     horizon, action_dim = bench_heads._shape(head_id)
@@ -83,6 +89,11 @@ def rows(
     if unpacked:
         impls["capture_unpacked"] = under_env(weight_packs.ENV_VAR, "off", impls["capture"])
         impls["capture"] = under_env(weight_packs.ENV_VAR, "on", impls["capture"])
+    if torch_epilogues and isinstance(head, FlowTransformerHead):
+        var = block_epilogues.ENV_VAR
+        for row in ("eager", "capture"):
+            impls[f"{row}_torch_epilogues"] = under_env(var, "torch", impls[row])
+            impls[row] = under_env(var, "native", impls[row])
     if compiled:
         model = bench_heads._compiled_head("cpu", head_id)
         compiled_loop = bench_heads._user_loop(model, sampler, 1.0, None, "cpu", cond=cond)
@@ -146,6 +157,10 @@ def main() -> None:
     parser.add_argument(
         "--unpacked", action="store_true", help="also capture() with the call's weights unpacked"
     )
+    parser.add_argument(
+        "--torch-epilogues", action="store_true",
+        help="also the eager loop and capture() with ATen's gated GELU (flow transformers)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the times and ratios here")
     args = parser.parse_args()
     unknown = sorted(set(args.heads) - set(bench_heads.HEADS))
@@ -164,16 +179,18 @@ def main() -> None:
     extra = " `capture()` vs `torch.compile` |" if args.compile else ""
     extra += " `capture()` / with one q/kv GEMM |" if args.fuse_qkv else ""
     extra += " `capture()` unpacked / packed |" if args.unpacked else ""
+    extra += " eager, `capture()`: torch / native epilogues |" if args.torch_epilogues else ""
     print(f"| head | GEMM | eager per call | `sample()` | `capture()` | eager, {gemms[0]} / this |"
           + extra)  # fmt: skip
-    print("|---|---|---|---|---|---|" + "---|" * (args.compile + args.fuse_qkv + args.unpacked))
+    columns = args.compile + args.fuse_qkv + args.unpacked + args.torch_epilogues
+    print("|---|---|---|---|---|---|" + "---|" * columns)
     label = {}
     for g in gemms:  # what each choice selects on this machine
         os.environ[cpu_gemm.ENV_VAR] = g
         label[g] = g if g == cpu_gemm.selected_gemm() else f"{g} ({cpu_gemm.selected_gemm()})"
     results = {}
     for head_id in args.heads:
-        base = rows(head_id, args.compile, args.fuse_qkv, args.unpacked)
+        base = rows(head_id, args.compile, args.fuse_qkv, args.unpacked, args.torch_epilogues)
         impls = {(g, row): under_gemm(g, fn) for g in gemms for row, fn in base.items()}
         rounds = timed_rounds(impls, args.rounds)
         for g in gemms:
@@ -186,7 +203,18 @@ def main() -> None:
                 ratio["capture_over_fused"] = paired(each["capture"], each["capture_fused"])
             if "capture_unpacked" in mine:
                 ratio["unpacked_over_packed"] = paired(each["capture_unpacked"], each["capture"])
+            if "capture_torch_epilogues" in mine:
+                for row in ("eager", "capture"):
+                    ratio[f"{row}_torch_over_native"] = paired(
+                        each[f"{row}_torch_epilogues"], each[row]
+                    )
             fused = ratio.get("capture_over_fused")
+            native = (
+                f" {ratio['eager_torch_over_native']:.3f}×, "
+                f"{ratio['capture_torch_over_native']:.3f}× |"
+                if "eager_torch_over_native" in ratio
+                else " – |"
+            )
             versus = paired(rounds[(gemms[0], "eager")], each["eager"])
             results[f"{head_id} {g}"] = {"seconds": mine, "eager_over": ratio, "gemm": label[g]}
             print(
@@ -194,7 +222,8 @@ def main() -> None:
                 f"| {ratio['sample']:.2f}× | {ratio['capture']:.2f}× | {versus:.2f}× |"
                 + (f" {ratio['capture_vs_compile']:.2f}× |" if args.compile else "")
                 + ((" –" if fused is None else f" {fused:.2f}×") + " |" if args.fuse_qkv else "")
-                + (f" {ratio['unpacked_over_packed']:.2f}× |" if args.unpacked else ""),
+                + (f" {ratio['unpacked_over_packed']:.2f}× |" if args.unpacked else "")
+                + (native if args.torch_epilogues else ""),
                 flush=True,
             )
     if args.json:
