@@ -125,11 +125,19 @@ def paired(slow: list[float], fast: list[float]) -> float:
 
 def under_env(var: str, value: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """``fn`` with ``$var`` set to ``value`` (the settings are read at every call or GEMM,
-    so set per call)."""
+    so set per call), restored afterwards: a row that does not pin the variable runs with
+    the environment's value, not the last row's."""
 
     def call() -> torch.Tensor:
+        before = os.environ.get(var)
         os.environ[var] = value
-        return fn()
+        try:
+            return fn()
+        finally:
+            if before is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = before
 
     return call
 
