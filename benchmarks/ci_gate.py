@@ -106,17 +106,18 @@ def cpu_cases(bench: dict) -> dict[str, CpuCase]:
         base = [p["baseline"]["stats"]["min"] for p in pairs]
         cand = [p["candidate"]["stats"]["min"] for p in pairs]
         ratios = [b / c for b, c in zip(base, cand)]
+        ratio = _median(ratios)
         cases[name] = CpuCase(
             case=name,
             baseline=pairs[0]["baseline"]["extra_info"].get("impl", "baseline"),
             candidate=pairs[0]["candidate"]["extra_info"].get("impl", "candidate"),
-            ratio=_median(ratios),
+            ratio=ratio,
             chunk_ratios=ratios,
             baseline_min_s=min(base),
             candidate_min_s=min(cand),
             rounds=sum(p["candidate"]["stats"]["rounds"] for p in pairs),
+            attempts=[ratio],
         )
-        cases[name].attempts = [cases[name].ratio]
     return cases
 
 
