@@ -1,7 +1,8 @@
-"""The flow-transformer MLP's gated GELU and its backward as C++ CPU kernels
-(``ate_fast.models.block_epilogues_cpu``, the CPU's ``native`` path): against float64, the
-same rounding with and without the saved GELU, every row length the vector loop may
-split (and the OpenMP path), the errors, and which calls take them."""
+"""The flow-transformer block's C++ CPU epilogues (``ate_fast.models.block_epilogues_cpu``,
+the CPU's ``native`` path) — the MLP's gated GELU and its backward, RMSNorm, the rotary
+q/k/v epilogue: against float64, the same rounding with and without the saved GELU, every
+row length the vector loop may split (and the OpenMP path), strided and per-sample
+operands, the errors, and which calls take them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from ate_fast import native
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.models import FlowTransformerHead, block_epilogues, block_epilogues_cpu
+from ate_fast.models.rotary import rotary_tables
 from ate_fast.sampling import FlowSampler
 
 pytestmark = pytest.mark.skipif(
@@ -21,6 +23,7 @@ ENV = block_epilogues.ENV_VAR
 # float32 against float64, relative to the largest |value|: the exp polynomial's ≈ 1 ulp
 # and a dozen float32 operations (measured ≤ 1.1e-7 forward and backward)
 BOUND = 1e-6
+KERNELS = ("gated_gelu", "gelu_gate_backward", "rms_norm", "rotate_qkv")
 
 
 def _gate_up(rows: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -95,7 +98,7 @@ def _head() -> FlowTransformerHead:
 
 
 def _counted(monkeypatch) -> dict[str, int]:
-    calls = {"gated_gelu": 0, "gelu_gate_backward": 0}
+    calls = dict.fromkeys(KERNELS, 0)
     for name in calls:
         original = getattr(block_epilogues_cpu, name)
 
@@ -128,7 +131,7 @@ def test_captured_sampler_takes_the_kernels_and_matches_the_torch_ops(monkeypatc
     monkeypatch.delenv(ENV, raising=False)
     assert block_epilogues.selected_path("cpu") == "native"
     got = run()
-    assert calls["gated_gelu"] > 0 and calls["gelu_gate_backward"] > 0
+    assert all(n > 0 for n in calls.values()), calls
     monkeypatch.setenv(ENV, "torch")
     before = dict(calls)
     ref = run()
@@ -153,12 +156,12 @@ def test_other_dtypes_and_autograd_take_the_torch_ops(monkeypatch, case):
     else:
         head(x, t).square().sum().backward()
         assert all(p.grad is not None for p in head.parameters())
-    assert calls == {"gated_gelu": 0, "gelu_gate_backward": 0}
+    assert calls == dict.fromkeys(KERNELS, 0)
 
 
 def test_two_threads_give_the_same_bits(monkeypatch):
-    """A call of ≥ 2¹⁶ elements splits its rows over torch's thread count (one thread: the
-    calling thread only); each element's arithmetic is the same either way."""
+    """A call of ≥ 2¹⁶ elements splits its rows (tokens) over torch's thread count (one
+    thread: the calling thread only); each element's arithmetic is the same either way."""
     gate_up = _gate_up(100, 700, seed=3)
     dm = torch.randn(100, 700, generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
@@ -168,8 +171,113 @@ def test_two_threads_give_the_same_bits(monkeypatch):
             torch.set_num_threads(n)
             out, act = block_epilogues_cpu.gated_gelu(gate_up, save_act=True)
             gate, up = gate_up.chunk(2, dim=-1)
-            results.append((out, act, block_epilogues_cpu.gelu_gate_backward(dm, gate, up, act)))
+            backward = block_epilogues_cpu.gelu_gate_backward(dm, gate, up, act)
+            norm = block_epilogues_cpu.rms_norm(dm, dm[0], 1e-6)
+            qkv = block_epilogues_cpu.rotate_qkv(*_projections(8, 1, 40, 256), 8, 1)
+            results.append((out, act, backward, norm, *qkv))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 50, 256), (100, 700)])
+def test_rms_norm_matches_float64(shape, weighted):
+    """Rows of 1, 17 and 700 leave vector tails; 100 × 700 takes the threaded path where
+    torch has more than one thread; the input is a column range of a wider tensor (rows
+    apart by more than their width)."""
+    g = torch.Generator().manual_seed(6)
+    wide = 3 * torch.randn(*shape[:-1], shape[-1] + 5, generator=g)
+    x = wide[..., 2 : 2 + shape[-1]]
+    weight = torch.randn(shape[-1], generator=g) if weighted else None
+    out = block_epilogues_cpu.rms_norm(x, weight, 1e-6)
+    ref = F.rms_norm(x.double(), (shape[-1],), None if weight is None else weight.double(), 1e-6)
+    assert out.shape == x.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert (out.double() - ref).abs().max() <= BOUND * ref.abs().max()
+    # as the module rounds in float32 (a different summation order only)
+    torch.testing.assert_close(out, F.rms_norm(x, (shape[-1],), weight, 1e-6), rtol=2e-6, atol=2e-6)
+
+
+def test_rms_norm_of_zero_rows_is_zero_and_eps_counts():
+    """An all-zero row stays zero (eps keeps the factor finite); a large eps shrinks."""
+    x = torch.zeros(2, 8)
+    x[1] = 1.0
+    out = block_epilogues_cpu.rms_norm(x, None, 1.0)
+    assert torch.equal(out[0], torch.zeros(8))
+    torch.testing.assert_close(out[1], torch.full((8,), 2**-0.5))
+
+
+def _projections(heads: int, kv_heads: int, horizon: int, hd: int, batch: int = 2, seed: int = 7):
+    """``(q_lin, kv_lin, cos, sin)``: q_lin a column range of a fused q|kv projection's
+    output (rows apart by more than their width), tables longer than the horizon."""
+    g = torch.Generator().manual_seed(seed)
+    fused = torch.randn(batch, horizon, (heads + 2 * kv_heads) * hd, generator=g)
+    q_lin, kv_lin = fused.split([heads * hd, 2 * kv_heads * hd], dim=-1)
+    angle = torch.rand(horizon + 9, hd // 2, generator=g) * 40
+    cos, sin = rotary_tables(angle, torch.float32)
+    return q_lin, kv_lin, cos, sin
+
+
+def _float64_rotation(q_lin, kv_lin, cos, sin, heads, kv_heads, prefix=None):
+    """The torch path's result in float64 (float64 tensors never take the kernel)."""
+    as64 = [t.double() for t in (q_lin, kv_lin, cos, sin)]
+    prefix = None if prefix is None else tuple(t.double() for t in prefix)
+    return block_epilogues.rotate_qkv(*as64, prefix, heads, kv_heads)
+
+
+@pytest.mark.parametrize("tables", ["shared", "per-sample"])
+@pytest.mark.parametrize("heads,kv_heads,hd", [(4, 1, 64), (4, 2, 8), (3, 3, 2), (8, 1, 256)])
+def test_rotate_qkv_matches_float64(heads, kv_heads, hd, tables):
+    q_lin, kv_lin, cos, sin = _projections(heads, kv_heads, 11, hd)
+    if tables == "per-sample":  # a padded prefix: each sample's own positions, [B, 1, N, hd]
+        shift = torch.stack([cos, cos.roll(3, dims=0)])[:, None]
+        cos, sin = shift, torch.stack([sin, sin.roll(3, dims=0)])[:, None]
+    q, k, v = block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, heads, kv_heads)
+    ref = _float64_rotation(q_lin, kv_lin, cos, sin, heads, kv_heads)
+    for got, want in zip((q, k, v), ref):
+        assert got.shape == want.shape and got.is_contiguous()
+        assert (got.double() - want).abs().max() <= BOUND * want.abs().max()
+    assert torch.equal(v, kv_lin[..., kv_heads * hd :].reshape(2, 11, kv_heads, hd).transpose(1, 2))
+
+
+def test_rotate_qkv_writes_behind_the_prefix_in_the_buffers():
+    """With a call's buffers (a prefix's rows in front), the action rows are written behind
+    them, the prefix's rows are left as they were, and the buffers themselves come back."""
+    heads, kv_heads, hd, horizon, length = 4, 2, 8, 6, 5
+    q_lin, kv_lin, cos, sin = _projections(heads, kv_heads, horizon, hd)
+    g = torch.Generator().manual_seed(8)
+    prefix = tuple(torch.randn(2, kv_heads, length, hd, generator=g) for _ in range(2))
+    slot = block_epilogues.PrefixSlot()
+    buffers = slot.get(prefix, horizon)
+    q, k, v = block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, heads, kv_heads, buffers)
+    assert k is buffers[0] and v is buffers[1]
+    assert torch.equal(k[:, :, :length], prefix[0]) and torch.equal(v[:, :, :length], prefix[1])
+    ref = _float64_rotation(q_lin, kv_lin, cos, sin, heads, kv_heads, prefix)
+    for got, want in zip((q, k, v), ref):
+        assert (got.double() - want).abs().max() <= BOUND * want.abs().max()
+
+
+def test_norm_and_rotation_arguments_are_named():
+    x = torch.randn(2, 8)
+    with pytest.raises(InvalidArgumentError, match=r"weight: expected \[8\]"):
+        block_epilogues_cpu.rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(InvalidArgumentError, match="x: expected a float32 CPU tensor"):
+        block_epilogues_cpu.rms_norm(x.double(), None, 1e-6)
+    with pytest.raises(InvalidArgumentError, match="eps: expected a number >= 0"):
+        block_epilogues_cpu.rms_norm(x, None, -1.0)
+    q_lin, kv_lin, cos, sin = _projections(4, 2, 6, 8)
+    with pytest.raises(InvalidArgumentError, match="heads, kv_heads"):
+        block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, 4, 3)
+    with pytest.raises(InvalidArgumentError, match=r"kv_lin: expected \[B, H, 32\]"):
+        block_epilogues_cpu.rotate_qkv(q_lin, kv_lin[..., :16], cos, sin, 4, 2)
+    with pytest.raises(InvalidArgumentError, match="cos, sin: expected"):
+        block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos[:5], sin[:5], 4, 2)
+    with pytest.raises(InvalidArgumentError, match="out: expected two buffers"):
+        buffers = (torch.zeros(2, 2, 9, 8), torch.zeros(2, 2, 9, 4))
+        block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, 4, 2, buffers)
+    kernel = native.load("_C").rms_norm
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        kernel(1, 2, 8, 8, x.data_ptr(), 0, x.data_ptr(), 1e-6)
+    with pytest.raises(ValueError, match="required pointer is null"):
+        kernel(0, 2, 8, 8, 0, 0, x.data_ptr(), 1e-6)

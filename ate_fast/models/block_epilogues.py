@@ -43,8 +43,11 @@ faster and matched ``sample()`` as closely as ``torch.compile`` did. On the CPU 
 ``native`` (the Triton kernels run there only through ``TRITON_INTERPRET=1``): the gated
 GELU and its backward as C++ kernels (:mod:`ate_fast.models.block_epilogues_cpu`, float32;
 ≈ 3× ATen's ``gelu`` + product, ≈ 2.5× its backward; the small flow transformer's call
-2–5 % faster on one AMD EPYC thread), the other epilogues torch ops; ``torch`` where the
-native module is missing (forced, ``native`` raises there and off the CPU). Even then the
+2–5 % faster on one AMD EPYC thread), and :func:`rms_norm` (the block's RMSNorms) and
+:func:`rotate_qkv` (without a prefix, or with the call's buffers) one C++ kernel each
+(with the GELU: the small flow transformer's call 11–13 % faster), the other epilogues
+torch ops; ``torch`` where the native module is missing (forced, ``native`` raises there
+and off the CPU). Even then the
 torch ops run when autograd records (an input requires grad: training, an autograd VJP),
 under ``torch.compile`` / ``torch.export`` tracing (Inductor fuses the torch ops itself; the
 ONNX export traces them), under a ``torch.func`` transform or a forward-AD level (``vmap``
@@ -69,6 +72,7 @@ from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
 from ate_fast.models import block_epilogues_cpu
 from ate_fast.models.rotary import rotate
 from ate_fast.models.trace_state import opaque_ops_may_run
+from ate_fast.module_checks import plain_rms_norm
 from ate_fast.ops import backends
 
 ENV_VAR = "ATE_FAST_FLOW_EPILOGUES"
@@ -117,28 +121,24 @@ def writes_in_place(*tensors: Tensor) -> bool:
     return opaque_ops_may_run(*tensors)
 
 
-def use_triton(*tensors: Tensor) -> bool:
-    """Whether the Triton kernels run on ``tensors`` (see the module's docs; raises where
-    ``triton`` is selected and cannot run)."""
-    device_type = tensors[0].device.type
+def kernel_path(*tensors: Tensor) -> str:
+    """``triton``, ``native`` or ``torch``: which epilogue runs on ``tensors`` — the
+    selected path where nothing needs the torch ops (:func:`writes_in_place`), the native
+    kernels on float32 tensors only (other dtypes take the torch ops). Raises where a path
+    is forced and cannot run (``triton`` without Triton; ``native`` off the CPU or without
+    the native module)."""
     # the trace check first: a graph capture (torch.compile) must not reach the native
     # module's import in selected_path
-    if not writes_in_place(*tensors) or selected_path(device_type) != "triton":
-        return False
-    # raises only where forced (a default falls back to torch where Triton cannot run)
-    backends.require_triton(device_type, f"{ENV_VAR}=triton")
-    return True
-
-
-def use_native(*tensors: Tensor) -> bool:
-    """Whether the C++ CPU kernels (:mod:`ate_fast.models.block_epilogues_cpu`) run the
-    gated GELU or its backward on ``tensors``: the ``native`` path selected (the CPU's
-    default where ``ate_fast._C`` loads), float32 tensors, and nothing that needs the
-    torch ops (:func:`writes_in_place`); other dtypes take the torch ops. Raises where
-    ``native`` is forced and cannot run (a non-CPU tensor, no native module)."""
+    if not writes_in_place(*tensors):
+        return "torch"
     device_type = tensors[0].device.type
-    if not writes_in_place(*tensors) or selected_path(device_type) != "native":
-        return False
+    path = selected_path(device_type)
+    if path == "triton":
+        # raises only where forced (a default falls back to torch where Triton cannot run)
+        backends.require_triton(device_type, f"{ENV_VAR}=triton")
+        return path
+    if path != "native":
+        return "torch"
     if device_type != "cpu":
         raise BackendUnavailableError(
             f"{ENV_VAR}=native: the native kernels run on the CPU, the tensors are on "
@@ -146,7 +146,30 @@ def use_native(*tensors: Tensor) -> bool:
         )
     if native.load("_C") is None:
         raise BackendUnavailableError(f"{ENV_VAR}=native: {native.reason('_C')}")
-    return all(t.dtype == torch.float32 for t in tensors)
+    return path if all(t.dtype == torch.float32 for t in tensors) else "torch"
+
+
+def use_triton(*tensors: Tensor) -> bool:
+    """Whether the Triton kernels run on ``tensors`` (:func:`kernel_path`)."""
+    return kernel_path(*tensors) == "triton"
+
+
+def use_native(*tensors: Tensor) -> bool:
+    """Whether the C++ CPU kernels (:mod:`ate_fast.models.block_epilogues_cpu`) run on
+    ``tensors`` (:func:`kernel_path`)."""
+    return kernel_path(*tensors) == "native"
+
+
+def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(x)`` for the block's ``nn.RMSNorm`` over x's last dim: one C++ kernel where
+    the native path runs (:func:`kernel_path`; a plain norm, :func:`plain_rms_norm`), else
+    the module itself."""
+    weight = getattr(norm, "weight", None)
+    if plain_rms_norm(norm) and norm.normalized_shape == (x.shape[-1],):
+        tensors = (x,) if weight is None else (x, weight)
+        if kernel_path(*tensors) == "native":
+            return block_epilogues_cpu.rms_norm(x, weight, norm_eps(norm, x.dtype))
+    return norm(x)
 
 
 class PrefixSlot:
@@ -222,7 +245,8 @@ def rotate_qkv(
     ``norm``: ``(x [B, H, width], eps)`` when the projections took the block's input x
     itself, the RMSNorm's weight folded into them (:func:`fold_norm_weight`): each action
     row is scaled by its token's ``1/√(mean(x²) + eps)``, the norm's per-row factor."""
-    if use_triton(q_lin, kv_lin, *(prefix or ())):
+    path = kernel_path(q_lin, kv_lin, cos, sin, *(prefix or ()), *(out or ()))
+    if path == "triton":
         import ate_fast.models.block_epilogues_triton as kernels
 
         if prefix is not None and (prefix[0].stride(-1) != 1 or prefix[1].stride(-1) != 1):
@@ -236,6 +260,8 @@ def rotate_qkv(
     if norm is not None:
         rstd = inverse_rms(*norm)
         q_lin, kv_lin = (q_lin * rstd).to(q_lin.dtype), (kv_lin * rstd).to(kv_lin.dtype)
+    if path == "native" and (prefix is None or out is not None):
+        return block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, heads, kv_heads, out)
     batch, horizon, _ = q_lin.shape
     group = heads // kv_heads
     # [B, kv_heads, H, g, hd]: a view of q_lin; the rotation's result is contiguous in this
@@ -259,11 +285,12 @@ def rotate_qkv(
 def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """``(gelu_tanh(gate)·up, gelu_tanh(gate) if save_act else None)`` [.., F] for
     ``gate_up`` [.., 2F] split as ``gate, up`` (Gemma's gated MLP)."""
-    if use_triton(gate_up):
+    path = kernel_path(gate_up)
+    if path == "triton":
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.gated_gelu(gate_up.contiguous(), save_act)
-    if use_native(gate_up):
+    if path == "native":
         return block_epilogues_cpu.gated_gelu(gate_up, save_act)
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.gelu(gate, approximate="tanh")

@@ -1,4 +1,5 @@
-"""The flow-transformer MLP's gated GELU and its backward as C++ CPU kernels.
+"""The flow-transformer block's epilogues as C++ CPU kernels: the MLP's gated GELU and its
+backward, RMSNorm, and the rotary q/k/v epilogue.
 
 :func:`ate_fast.models.block_epilogues.gated_gelu` and
 :func:`ate_fast.models.flow_transformer_vjp.gelu_gate_backward` call these where the
@@ -12,6 +13,12 @@ backward). ATen's float32 tanh-GELU costs ≈ 2 ns per element on one AVX-512 co
 (AVX-512, AVX2 or the x86-64 baseline), on ``torch.get_num_threads()`` threads for a
 large call. They round differently from ATen (a few float32
 ulps, tested against float64), the same way in a forward with and without the saved GELU.
+
+:func:`rms_norm` (``torch.nn.RMSNorm`` over the last dim) and :func:`rotate_qkv` (the
+queries and keys rotated, the values copied into attention's layout) replace five and
+six to twelve ATen ops each: on one core of a batch-1 step each ATen op costs a few
+microseconds of dispatch and allocation — more right after a GEMM has streamed its weights
+through the caches — against a fraction of a microsecond of arithmetic.
 """
 
 from __future__ import annotations
@@ -98,3 +105,112 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
         act_rows.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """``torch.nn.functional.rms_norm(x, (width,), weight, eps)`` [.., width] of ``x``
+    [.., width] (float32, CPU; ``weight`` [width] or None): each row times
+    ``1/√(mean(row²) + eps)``, then the weight, rounded as ATen's float32 op rounds each
+    step (the sum of squares in another order)."""
+    _check("x", x)
+    if x.dim() == 0:
+        raise InvalidArgumentError("x: expected [.., width], got a 0-d tensor")
+    width = x.shape[-1]
+    if weight is not None:
+        _check("weight", weight)
+        if weight.shape != (width,):
+            raise InvalidArgumentError(
+                f"weight: expected [{width}] (x's last dim), got {tuple(weight.shape)}"
+            )
+        weight = weight.contiguous()
+    if not eps >= 0.0:
+        raise InvalidArgumentError(f"eps: expected a number >= 0, got {eps!r}")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    rows = x.numel() // width if width else 0
+    if rows:
+        x_rows = _rows(x, width)
+        stride = x_rows.stride(0) if rows > 1 else width
+        _kernels().rms_norm(
+            _FLOAT32, rows, width, stride, x_rows.data_ptr(),
+            weight.data_ptr() if weight is not None else 0, out.data_ptr(), float(eps),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def _token_rows(t: Tensor) -> Tensor:
+    """``t`` [B, H, C] with unit column stride (a view where it has one, e.g. a column
+    range of a fused projection's output)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _table_rows(table: Tensor, horizon: int) -> tuple[Tensor, int]:
+    """The last ``horizon`` rows of a rotary table [N, hd] or [B, 1, N, hd], rows hd apart
+    with unit column stride, and its batch stride (0 for a shared table)."""
+    rows = table[..., -horizon:, :]
+    hd = rows.shape[-1]
+    if rows.stride(-1) != 1 or rows.stride(-2) != hd:
+        rows = rows.contiguous()
+    return rows, (rows.stride(0) if rows.dim() == 4 else 0)
+
+
+def rotate_qkv(
+    q_lin: Tensor, kv_lin: Tensor, cos: Tensor, sin: Tensor, heads: int, kv_heads: int,
+    out: Optional[tuple[Tensor, Tensor]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(q, k, v)`` of :func:`ate_fast.models.block_epilogues.rotate_qkv` without a
+    prefix in front (``out``: the call's buffers, the action rows written behind the
+    prefix's): ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (float32, CPU,
+    unit column stride), ``cos``, ``sin`` [≥ H, hd] or [B, 1, ≥ H, hd] (their last H rows:
+    the action tokens' positions); ``q`` [B, kv_heads, H·g, hd] (g = heads / kv_heads),
+    ``k``, ``v`` [B, kv_heads, H, hd] or ``out``."""
+    for name, t in (("q_lin", q_lin), ("kv_lin", kv_lin), ("cos", cos), ("sin", sin)):
+        _check(name, t)
+    if q_lin.dim() != 3 or kv_lin.shape[:2] != q_lin.shape[:2]:
+        raise InvalidArgumentError(
+            f"q_lin, kv_lin: expected [B, H, ·] each, got {tuple(q_lin.shape)} and "
+            f"{tuple(kv_lin.shape)}"
+        )
+    batch, horizon, width = q_lin.shape
+    if heads < 1 or kv_heads < 1 or heads % kv_heads or width % heads:
+        raise InvalidArgumentError(
+            f"heads, kv_heads: expected kv_heads dividing heads and heads dividing q_lin's "
+            f"{width} columns, got {heads}, {kv_heads}"
+        )
+    hd = width // heads
+    if kv_lin.shape[-1] != 2 * kv_heads * hd or hd % 2:
+        raise InvalidArgumentError(
+            f"kv_lin: expected [B, H, {2 * kv_heads * hd}] (keys' and values' heads of an "
+            f"even head dim {hd}), got {tuple(kv_lin.shape)}"
+        )
+    if cos.shape != sin.shape or cos.shape[-1] != hd or cos.shape[-2] < horizon:
+        raise InvalidArgumentError(
+            f"cos, sin: expected [≥ {horizon}, {hd}] or [B, 1, ≥ {horizon}, {hd}], got "
+            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    q_lin, kv_lin = _token_rows(q_lin), _token_rows(kv_lin)
+    (cos, table_stride), (sin, _) = _table_rows(cos, horizon), _table_rows(sin, horizon)
+    group = heads // kv_heads
+    q = q_lin.new_empty((batch, kv_heads, horizon * group, hd))
+    if out is None:
+        k, v = (q_lin.new_empty((batch, kv_heads, horizon, hd)) for _ in range(2))
+        k_rows, v_rows = k, v
+    else:
+        k, v = out
+        k_rows, v_rows = k[:, :, -horizon:], v[:, :, -horizon:]
+        layout = k.stride() == v.stride() and k.stride()[2:] == (hd, 1)
+        if not layout or k.shape[:2] != (batch, kv_heads):
+            raise InvalidArgumentError(
+                f"out: expected two buffers [{batch}, {kv_heads}, L + {horizon}, {hd}] of one "
+                f"layout, rows {hd} apart, got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        for t in out:
+            _check("out", t)
+    if batch and horizon:
+        _kernels().rotate_qkv(
+            _FLOAT32, [batch, horizon, heads, kv_heads, hd], q_lin.data_ptr(),
+            list(q_lin.stride()[:2]), kv_lin.data_ptr(), list(kv_lin.stride()[:2]),
+            cos.data_ptr(), sin.data_ptr(), table_stride, q.data_ptr(), k_rows.data_ptr(),
+            v_rows.data_ptr(), list(k_rows.stride()[:2]), torch.get_num_threads(),
+        )  # fmt: skip
+    return q, k, v

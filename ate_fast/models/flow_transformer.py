@@ -48,6 +48,7 @@ from ate_fast.models.block_epilogues import (
     gated_gelu,
     norm_eps,
     norm_gated_gelu,
+    rms_norm,
     rotate_qkv,
     use_triton,
     writes_in_place,
@@ -252,7 +253,7 @@ class _Block(nn.Module):
         if gate_up is not None:  # gu: the scaled gate | up the pullback reads
             hidden, act, gu = norm_gated_gelu(block_linear(x1, gate_up), x1, eps, save_act=save)
         else:
-            gu = block_linear_of(self.gate_up, self.mlp_norm(x1))
+            gu = block_linear_of(self.gate_up, rms_norm(self.mlp_norm, x1))
             hidden, act = gated_gelu(gu, save_act=save)
         return linear_residual(self.down, hidden, x1, in_place=in_place), gu, act
 
@@ -276,7 +277,8 @@ class _Block(nn.Module):
         """Keys and values [B, kv_heads, L, hd] of tokens [B, L, width], the keys rotated
         with the tables ``cos``, ``sin`` [≥ L, hd] (positions 0…L−1) or [B, 1, ≥ L, hd]."""
         batch, length, _ = cond.shape
-        kv = linear_of(self.kv, self.attn_norm(cond)).view(batch, length, 2 * self.num_kv_heads, -1)
+        kv = linear_of(self.kv, rms_norm(self.attn_norm, cond))
+        kv = kv.view(batch, length, 2 * self.num_kv_heads, -1)
         k, v = kv.transpose(1, 2).chunk(2, dim=1)
         return rotate(k, cos[..., :length, :], sin[..., :length, :]), v
 
@@ -302,7 +304,7 @@ class _Block(nn.Module):
         # a folded norm: its GEMM takes x (x1) itself, the norm's weight is in the GEMM's
         # weight, and the epilogue scales each row by the norm's factor
         attn_norm_folded = attn_norm_folded and qkv is not None
-        h = x if attn_norm_folded else self.attn_norm(x)
+        h = x if attn_norm_folded else rms_norm(self.attn_norm, x)
         if qkv is None:
             q_lin, kv_lin = block_linear_of(self.q, h), block_linear_of(self.kv, h)
         else:  # one GEMM; q_lin and kv_lin are column ranges of its rows (views)
@@ -418,7 +420,7 @@ class FlowTransformerHead(nn.Module):
                            qkv, gate_up, features.attn_norm_folded,
                            overwrite_input=features.plain)  # fmt: skip
             l2_prefetch.join(ahead)
-        return block_linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
+        return block_linear_of(self.action_out, rms_norm(self.final_norm, tokens)).to(x.dtype)
 
     def _block_rows(self, features: FlowStepFeatures) -> list[tuple[Any, ...]]:
         """``(block, prefix, slot, qkv, gate_up)`` for each block in turn
@@ -537,7 +539,7 @@ class FlowTransformerHead(nn.Module):
             )  # fmt: skip
             l2_prefetch.join(ahead)
             saved.append(kept)
-        out = linear_of(self.action_out, self.final_norm(tokens)).to(x.dtype)
+        out = linear_of(self.action_out, rms_norm(self.final_norm, tokens)).to(x.dtype)
 
         def pullback(u: Tensor) -> Tensor:
             grad = head_input_vjp(self, u.to(tokens.dtype), tokens, saved, pre_silu, cos, sin)

@@ -9,12 +9,7 @@
 #include <cstring>
 
 #include "ate_fast/launchers.h"
-
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define ATE_FAST_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ATE_FAST_VECTOR_CLONES
-#endif
+#include "ate_fast/vector_clones.h"
 
 namespace ate_fast {
 namespace {

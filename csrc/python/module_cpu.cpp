@@ -103,6 +103,65 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("dm"), py::arg("gate"), py::arg("up"), py::arg("act"), py::arg("out"),
       py::arg("threads") = 1,
       "out [rows, 2·width] = [dm·up·gelu_tanh'(gate), dm·act]; float32 (dtype 0).");
+  mod.def(
+      "rms_norm",
+      [](int dtype, int64_t rows, int64_t width, int64_t row_stride, uintptr_t x,
+         uintptr_t weight, uintptr_t out, double eps, int threads) {
+        RmsNormArgs p;
+        p.rows = rows;
+        p.width = width;
+        p.row_stride = row_stride;
+        p.x = as_ptr(x);
+        p.weight = as_ptr(weight);
+        p.out = reinterpret_cast<void*>(out);
+        p.eps = eps;
+        p.threads = threads;
+        without_gil("ate_fast._C.rms_norm", [&] { return rms_norm_cpu(as_dtype(dtype), p); });
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("width"), py::arg("row_stride"), py::arg("x"),
+      py::arg("weight"), py::arg("out"), py::arg("eps"), py::arg("threads") = 1,
+      "out = x/sqrt(mean(x^2) + eps)*weight over [rows, width] (x: rows row_stride apart; out"
+      " contiguous; weight 0: none); float32 (dtype 0).");
+  mod.def(
+      "rotate_qkv",
+      [](int dtype, const std::vector<int64_t>& sizes, uintptr_t q_lin,
+         const std::vector<int64_t>& q_strides, uintptr_t kv_lin,
+         const std::vector<int64_t>& kv_strides, uintptr_t cos, uintptr_t sin,
+         int64_t table_batch_stride, uintptr_t q_out, uintptr_t k_out, uintptr_t v_out,
+         const std::vector<int64_t>& out_strides, int threads) {
+        if (sizes.size() != 5 || q_strides.size() != 2 || kv_strides.size() != 2 ||
+            out_strides.size() != 2)
+          check_status(kBadShape, "ate_fast._C.rotate_qkv");
+        RotateQkvArgs p;
+        p.batch = sizes[0];
+        p.horizon = sizes[1];
+        p.heads = sizes[2];
+        p.kv_heads = sizes[3];
+        p.head_dim = sizes[4];
+        p.q_lin = as_ptr(q_lin);
+        p.q_batch_stride = q_strides[0];
+        p.q_row_stride = q_strides[1];
+        p.kv_lin = as_ptr(kv_lin);
+        p.kv_batch_stride = kv_strides[0];
+        p.kv_row_stride = kv_strides[1];
+        p.cos = as_ptr(cos);
+        p.sin = as_ptr(sin);
+        p.table_batch_stride = table_batch_stride;
+        p.q_out = reinterpret_cast<void*>(q_out);
+        p.k_out = reinterpret_cast<void*>(k_out);
+        p.v_out = reinterpret_cast<void*>(v_out);
+        p.out_batch_stride = out_strides[0];
+        p.out_head_stride = out_strides[1];
+        p.threads = threads;
+        without_gil("ate_fast._C.rotate_qkv", [&] { return rotate_qkv_cpu(as_dtype(dtype), p); });
+      },
+      py::arg("dtype"), py::arg("sizes"), py::arg("q_lin"), py::arg("q_strides"),
+      py::arg("kv_lin"), py::arg("kv_strides"), py::arg("cos"), py::arg("sin"),
+      py::arg("table_batch_stride"), py::arg("q_out"), py::arg("k_out"), py::arg("v_out"),
+      py::arg("out_strides"), py::arg("threads") = 1,
+      "Rotary q and k and v's copy of the projections (see block_norm_rotary.h): sizes (B, H,"
+      " heads, kv_heads, hd); strides (batch, row) of q_lin and kv_lin, (batch, kv head) of"
+      " k_out and v_out; float32 (dtype 0).");
   mod.def("num_threads", &cpu_num_threads, "OpenMP threads the CPU kernels use.");
 #if defined(_OPENMP)
   mod.attr("openmp") = true;

@@ -1,6 +1,7 @@
 // Torch-free launchers: raw pointers, sizes and (for CUDA) a stream handle.
 #pragma once
 
+#include "ate_fast/block_norm_rotary.h"
 #include "ate_fast/gated_gelu.h"
 #include "ate_fast/guided_step.h"
 #include "ate_fast/mlp_guidance.h"
@@ -18,6 +19,11 @@ int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args);
 // gated_gelu.h); float32 only (kBadDType otherwise).
 int gated_gelu_cpu(DType dtype, const GatedGeluArgs& args);
 int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& args);
+
+// CPU: the flow-transformer block's RMSNorm and rotary q/k/v epilogue (see
+// block_norm_rotary.h); float32 only (kBadDType otherwise).
+int rms_norm_cpu(DType dtype, const RmsNormArgs& args);
+int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& args);
 
 // Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
 int cpu_num_threads();

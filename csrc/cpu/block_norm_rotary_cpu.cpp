@@ -1,0 +1,108 @@
+// C++ CPU RMSNorm and rotary q/k/v epilogue of the flow-transformer block
+// (block_norm_rotary.h): each one op where ATen runs five to twelve. On one core of a
+// batch-1 step every ATen op costs a few microseconds of dispatch and allocation, more right
+// after a GEMM has streamed its weights through the caches (benchmarks/README.md, "The
+// flow transformer's norms and rotary positions on the CPU").
+#include <cmath>
+#include <cstdint>
+
+#include "ate_fast/launchers.h"
+#include "ate_fast/vector_clones.h"
+
+namespace ate_fast {
+namespace {
+
+constexpr int64_t kParallelThreshold = 1 << 16;  // elements; below, the calling thread
+
+ATE_FAST_VECTOR_CLONES
+void norm_row(const float* __restrict__ x, const float* __restrict__ weight,
+              float* __restrict__ out, int64_t width, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < width; ++i) sum += x[i] * x[i];
+  // as torch.nn.functional.rms_norm rounds in float32: mean, + eps, rsqrt, x·r, then ·w
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+  if (weight != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) out[i] = (x[i] * inv) * weight[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) out[i] = x[i] * inv;
+  }
+}
+
+// x·cos + swap_halves(x)·sin over one head's hd values
+ATE_FAST_VECTOR_CLONES
+void rotate_row(const float* __restrict__ x, const float* __restrict__ cos,
+                const float* __restrict__ sin, float* __restrict__ out, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i + half] * sin[i] + x[i] * cos[i];
+    out[i + half] = x[i] * sin[i + half] + x[i + half] * cos[i + half];
+  }
+}
+
+}  // namespace
+
+int rms_norm_cpu(DType dtype, const RmsNormArgs& p) {
+  if (p.rows < 0 || p.width < 0 || p.row_stride < p.width || p.threads < 1 || !(p.eps >= 0.0))
+    return kBadShape;
+  if (p.rows == 0 || p.width == 0) return kOk;
+  if (p.x == nullptr || p.out == nullptr) return kNullPointer;
+  if (dtype != DType::kFloat32) return kBadDType;
+  const float* x = static_cast<const float*>(p.x);
+  const float* weight = static_cast<const float*>(p.weight);
+  float* out = static_cast<float*>(p.out);
+  const float eps = static_cast<float>(p.eps);
+  const bool parallel = p.threads > 1 && p.rows * p.width >= kParallelThreshold;
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t r = 0; r < p.rows; ++r)
+    norm_row(x + r * p.row_stride, weight, out + r * p.width, p.width, eps);
+  return kOk;
+}
+
+int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
+  const int64_t hd = p.head_dim;
+  if (p.batch < 0 || p.horizon < 0 || p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads ||
+      hd < 2 || hd % 2 || p.threads < 1)
+    return kBadShape;
+  if (p.q_row_stride < p.heads * hd || p.kv_row_stride < 2 * p.kv_heads * hd)
+    return kBadShape;
+  if (p.batch == 0 || p.horizon == 0) return kOk;
+  if (p.q_lin == nullptr || p.kv_lin == nullptr || p.cos == nullptr || p.sin == nullptr ||
+      p.q_out == nullptr || p.k_out == nullptr || p.v_out == nullptr)
+    return kNullPointer;
+  if (dtype != DType::kFloat32) return kBadDType;
+  const float* q_lin = static_cast<const float*>(p.q_lin);
+  const float* kv_lin = static_cast<const float*>(p.kv_lin);
+  const float* cos = static_cast<const float*>(p.cos);
+  const float* sin = static_cast<const float*>(p.sin);
+  float* q_out = static_cast<float*>(p.q_out);
+  float* k_out = static_cast<float*>(p.k_out);
+  float* v_out = static_cast<float*>(p.v_out);
+  const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
+  const int64_t tokens = p.batch * horizon;
+  const bool parallel = p.threads > 1 && tokens * (p.heads + 2 * p.kv_heads) * hd >= kParallelThreshold;
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t bt = 0; bt < tokens; ++bt) {
+    const int64_t b = bt / horizon, t = bt % horizon;
+    const float* c = cos + b * p.table_batch_stride + t * hd;
+    const float* s = sin + b * p.table_batch_stride + t * hd;
+    const float* q_row = q_lin + b * p.q_batch_stride + t * p.q_row_stride;
+    const float* kv_row = kv_lin + b * p.kv_batch_stride + t * p.kv_row_stride;
+    for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh) {
+      // the query heads sharing kv head kvh, token-major: rows t·g … t·g + g − 1
+      float* q_dst = q_out + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
+      for (int64_t j = 0; j < group; ++j)
+        rotate_row(q_row + (kvh * group + j) * hd, c, s, q_dst + j * hd, half);
+      const int64_t at = b * p.out_batch_stride + kvh * p.out_head_stride + t * hd;
+      rotate_row(kv_row + kvh * hd, c, s, k_out + at, half);
+      const float* v_src = kv_row + (p.kv_heads + kvh) * hd;
+      float* v_dst = v_out + at;
+      for (int64_t i = 0; i < hd; ++i) v_dst[i] = v_src[i];
+    }
+  }
+  return kOk;
+}
+
+}  // namespace ate_fast
