@@ -28,7 +28,8 @@ call faster). ``--unpacked`` adds ``capture()`` with ``ATE_FAST_CPU_WEIGHT_PACKS
 call's oneDNN weights not packed once: :mod:`ate_fast.ops.weight_packs`) and the column
 it / ``capture()`` (> 1: packing faster). ``--torch-epilogues`` adds, for the flow
 transformers, the eager loop and ``capture()`` with ``ATE_FAST_FLOW_EPILOGUES=torch`` (ATen's
-gated GELU and its backward instead of the CPU's native kernels, which the other rows run)
+ops for the block's gated GELU, RMSNorms and rotary epilogue instead of the CPU's native
+kernels, which the other rows run)
 and the column "eager, ``capture()``: torch / native" (> 1: the native kernels faster).
 """
 
@@ -65,7 +66,7 @@ def rows(
     ``fused``: also ``capture()`` with a flow transformer's ``fuse_qkv = True``;
     ``unpacked``: also ``capture()`` with the call's weights not packed;
     ``torch_epilogues``: also the eager loop and ``capture()`` of a flow transformer with
-    ATen's gated GELU (the other rows pinned to the native kernels)."""
+    ATen's epilogue ops (the other rows pinned to the native kernels)."""
     head = bench_heads._head("cpu", head_id)
     sampler = NATIVE_SAMPLER.get(bench_heads.HEADS[head_id][0], "flow-euler-10")
     horizon, action_dim = bench_heads._shape(head_id)
@@ -167,7 +168,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--torch-epilogues", action="store_true",
-        help="also the eager loop and capture() with ATen's gated GELU (flow transformers)",
+        help="also the eager loop and capture() with ATen's epilogue ops (flow transformers)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the times and ratios here")
     args = parser.parse_args()
