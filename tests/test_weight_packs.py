@@ -1,9 +1,11 @@
 """A captured CPU sampler's oneDNN weights packed once (ops/weight_packs.py): the products
-match the unpacked ones, a weight is packed once for all calls, and every way a weight can
-change between calls (in place, through ``.data``, rebound, freed) is seen."""
+match the unpacked ones, a weight is packed once for all calls, every way a weight can
+change between calls (in place, through ``.data``, rebound, freed) is seen, and a call
+chooses oneDNN once per weight (what may change between its GEMMs checked at each)."""
 
 from __future__ import annotations
 
+import collections
 import gc
 
 import pytest
@@ -253,3 +255,49 @@ def test_bf16_parameters_read_packed_copies_inside_a_call():
         for a, b in zip(got, want):
             assert a.dtype == torch.bfloat16
             torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())
+
+
+def test_a_call_chooses_once_per_weight(monkeypatch):
+    """Inside a captured call each weight's GEMM runs the full oneDNN choice once (its
+    first step); the later steps reuse it, and the call still matches sample()."""
+    head, noise, cond = _flow_head_and_inputs()
+    sampler = FlowSampler(head, 4)
+    captured = sampler.capture(noise, cond, check_finite=False)
+    captured(noise, cond)
+    chosen = collections.Counter()
+    full_choice = cpu_gemm.onednn_takes
+
+    def counting(x, weight, *others):
+        takes = full_choice(x, weight, *others)
+        chosen[weight.data_ptr()] += takes
+        return takes
+
+    monkeypatch.setattr(cpu_gemm, "onednn_takes", counting)
+    got = captured(noise, cond).clone()
+    assert len(chosen) >= 21 and max(chosen.values()) == 1, chosen  # 4 steps, one choice
+    monkeypatch.setattr(cpu_gemm, "onednn_takes", full_choice)
+    torch.testing.assert_close(got, sampler.sample(noise, cond), rtol=1e-5, atol=1e-5)
+
+
+def test_a_chosen_weight_is_not_reused_where_it_must_not_be():
+    """What may change between GEMMs of one call is checked at each: with grad recording
+    ATen's op runs (the weight's gradient is formed); a non-contiguous input is taken as
+    the full choice takes it; another row count chooses again."""
+    layer, packs = _layer().requires_grad_(True), WeightPacks()
+    x = _inputs()[0]
+    want = torch.nn.functional.linear(x, layer.weight.detach(), layer.bias.detach())
+    with packing(packs):
+        with torch.no_grad():
+            cpu_gemm.linear_of(layer, x)
+            assert packs.chosen(layer.weight, 50, torch.float32) is not None
+        leaf = x.clone().requires_grad_()
+        recorded = cpu_gemm.linear_of(layer, leaf)
+        with torch.no_grad():
+            strided = cpu_gemm.linear_of(layer, torch.stack([x, x], dim=-1)[..., 0])
+            fewer = cpu_gemm.linear_of(layer, x[:10])
+        assert packs.chosen(layer.weight, 10, torch.float32) is not None
+    recorded.sum().backward()
+    assert leaf.grad is not None and layer.weight.grad is not None
+    for got, ref in ((recorded, want), (strided, want), (fewer, want[:10])):
+        torch.testing.assert_close(got.detach(), ref, rtol=1e-6, atol=1e-5)
+    assert packs.chosen(layer.weight, 50, torch.float32) is None  # they end with the call

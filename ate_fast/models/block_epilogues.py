@@ -44,7 +44,7 @@ faster and matched ``sample()`` as closely as ``torch.compile`` did. On the CPU 
 GELU and its backward as C++ kernels (:mod:`ate_fast.models.block_epilogues_cpu`, float32;
 ≈ 3× ATen's ``gelu`` + product, ≈ 2.5× its backward; the small flow transformer's call
 2–5 % faster on one AMD EPYC thread), and :func:`rms_norm` (the block's RMSNorms) and
-:func:`rotate_qkv` (without a prefix, or with the call's buffers) one C++ kernel each
+:func:`rotate_qkv` (the rotation and the values' copy) one C++ kernel each
 (with the GELU: the small flow transformer's call 11–13 % faster), the other epilogues
 torch ops; ``torch`` where the native module is missing (forced, ``native`` raises there
 and off the CPU). Even then the
@@ -260,8 +260,11 @@ def rotate_qkv(
     if norm is not None:
         rstd = inverse_rms(*norm)
         q_lin, kv_lin = (q_lin * rstd).to(q_lin.dtype), (kv_lin * rstd).to(kv_lin.dtype)
-    if path == "native" and (prefix is None or out is not None):
-        return block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, heads, kv_heads, out)
+    if path == "native":
+        q, k, v = block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, heads, kv_heads, out)
+        if prefix is not None and out is None:  # as below: the prefix in front
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+        return q, k, v
     batch, horizon, _ = q_lin.shape
     group = heads // kv_heads
     # [B, kv_heads, H, g, hd]: a view of q_lin; the rotation's result is contiguous in this

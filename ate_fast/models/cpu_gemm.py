@@ -33,6 +33,12 @@ against float64). On an Intel CPU ``auto`` keeps MKL, whose AVX-512 code runs th
 ``capture()``'s call, oneDNN reads each parameter from a copy reordered once into its
 blocked layout — float32 where oneDNN is selected, and bfloat16 weights of at least
 ``BF16_MIN_WEIGHT`` elements (which ATen multiplies on oneDNN already) on oneDNN's op too.
+The call chooses once per weight and row count: a GEMM that ran on oneDNN is remembered for
+the rest of the call (:meth:`~ate_fast.ops.weight_packs.WeightPacks.choose`), and the same
+weight's GEMM at the later steps checks only what can change between ops — no compiler or
+``jit`` trace, no transform, grad mode off, its operands plain, contiguous, of one dtype
+(≈ 2 µs instead of ≈ 8 per GEMM on one core; 21 GEMMs per step of the small flow
+transformer). A change of ``$ATE_FAST_CPU_GEMM`` takes effect at the next call.
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ate_fast.errors import BackendUnavailableError, InvalidArgumentError
-from ate_fast.models.trace_state import opaque_ops_may_run
+from ate_fast.models.trace_state import opaque_ops_may_run, transforms_active
 from ate_fast.module_checks import plain_linear
+from ate_fast.ops import weight_packs
 from ate_fast.ops.weight_packs import bf16_packing_available, call_weight, packs_weight
 
 ENV_VAR = "ATE_FAST_CPU_GEMM"
@@ -151,12 +158,52 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
     return opaque_ops_may_run(*tensors)
 
 
+_PLAIN = (Tensor, nn.Parameter)
+
+
+@functools.cache
+def _ops() -> tuple:
+    """oneDNN's linear op and its residual-add form, as overloads (a packet's call resolves
+    the overload again each time); looked up where oneDNN runs, not at import."""
+    op = torch.ops.mkldnn._linear_pointwise
+    return op.default, op.binary
+
+
+def _chosen_weight(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> Optional[Tensor]:
+    """Inside a captured call (:func:`~ate_fast.ops.weight_packs.packing`): the packed copy
+    of ``weight`` an earlier GEMM of the call ran on oneDNN with rows like ``x``'s, where
+    nothing that may change between ops rules it out now; else None (the full choice,
+    :func:`onednn_takes`, runs). ``others``: the bias or residual, None where absent."""
+    # the compiler first: a graph capture must not read the call's packs
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    packs = weight_packs.active()
+    if packs is None or torch.is_grad_enabled() or transforms_active():
+        return None
+    if type(x) is not Tensor or x.dim() < 2 or not x.is_cpu or not x.is_contiguous():
+        return None
+    for t in others:
+        if t is not None and (type(t) not in _PLAIN or t.dtype != x.dtype or not t.is_contiguous()):
+            return None
+    width = x.shape[-1]
+    if width != weight.shape[-1]:
+        return None
+    return packs.chosen(weight, x.numel() // width, x.dtype)
+
+
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, call_weight(x, weight), bias, "none", [], "")
+    packed = call_weight(x, weight)
+    packs = weight_packs.active()
+    if packs is not None:  # the rest of the call's GEMMs with this weight skip the choice
+        packs.choose(weight, x.numel() // x.shape[-1], x.dtype, packed)
+    return _ops()[0](x, packed, bias, "none", [], "")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``: ``x`` [..., K], ``weight`` [N, K] -> [..., N]."""
+    packed = _chosen_weight(x, weight, bias)
+    if packed is not None:
+        return _ops()[0](x, packed, bias, "none", [], "")
     if onednn_takes(x, weight, bias):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -167,7 +214,12 @@ def linear_of(layer: nn.Module, x: Tensor) -> Tensor:
     oneDNN where it takes the GEMM."""
     weight = getattr(layer, "weight", None)
     bias = getattr(layer, "bias", None)
-    if isinstance(weight, Tensor) and onednn_takes(x, weight, bias) and plain_linear(layer):
+    if not isinstance(weight, Tensor) or not plain_linear(layer):
+        return layer(x)
+    packed = _chosen_weight(x, weight, bias)
+    if packed is not None:
+        return _ops()[0](x, packed, bias, "none", [], "")
+    if onednn_takes(x, weight, bias):
         return _onednn_linear(x, weight, bias)
     return layer(x)
 
@@ -196,9 +248,14 @@ def linear_residual_rows(
     ``residual`` that the oneDNN kernel does not take (it writes a new output without a
     copy)."""
     same_shape = residual.shape == x.shape[:-1] + weight.shape[:1]  # no broadcast in oneDNN's add
-    if same_shape and onednn_takes(x, weight, residual):
+    packed = _chosen_weight(x, weight, residual) if same_shape else None
+    if packed is None and same_shape and onednn_takes(x, weight, residual):
         packed = call_weight(x, weight)
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, None, "add")
+        packs = weight_packs.active()
+        if packs is not None:
+            packs.choose(weight, x.numel() // x.shape[-1], x.dtype, packed)
+    if packed is not None:
+        return _ops()[1](x, residual, packed, None, "add")
     rows = x.reshape(-1, x.shape[-1])
     may_write = residual.is_contiguous() and opaque_ops_may_run(x, weight, residual)
     if in_place and same_shape and may_write:

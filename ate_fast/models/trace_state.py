@@ -10,6 +10,10 @@ predicates say when.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor, nn
 
@@ -31,15 +35,44 @@ def transforms_active() -> bool:
     return _functorch_active() or forward_ad_active()
 
 
+# inside a sampler call that began outside any export (sampler_call): read per op no more
+_OUTSIDE_EXPORT: ContextVar[bool] = ContextVar("ate_fast_outside_export", default=False)
+
+
+def _exporting_now() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    # ≈ 1.2 µs (torch.onnx's query imports two modules per call): read once per sampler
+    # call inside one (sampler_call), not once per op
+    return bool(torch.onnx.is_in_onnx_export() or (exporting is not None and exporting()))
+
+
 def exporting_graph() -> bool:
     """A graph being traced for export (``torch.export``, the ONNX exporter,
     ``torch.jit.trace``): its weights become constants of the exported graph."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or (exporting is not None and exporting())
-    )
+    if torch.jit.is_tracing():
+        return True
+    # (a compiler tracing this function never reads the call's flag)
+    if not torch.compiler.is_compiling() and _OUTSIDE_EXPORT.get():
+        return False
+    return _exporting_now()
+
+
+@contextmanager
+def sampler_call() -> Iterator[None]:
+    """One sampler call (its K steps): whether ``torch.export`` or the ONNX exporter is
+    tracing is read once, at its start — an export wraps a call, it cannot begin inside
+    one — and :func:`exporting_graph` (with it :func:`capturing_graph` and
+    :func:`opaque_ops_may_run`, asked before each fast op of a step) skips the query
+    within. ``torch.jit.trace`` and ``torch.compile`` are still asked per op (each a
+    flag read)."""
+    if _OUTSIDE_EXPORT.get() or torch.jit.is_tracing() or _exporting_now():
+        yield
+        return
+    token = _OUTSIDE_EXPORT.set(True)
+    try:
+        yield
+    finally:
+        _OUTSIDE_EXPORT.reset(token)
 
 
 def autocast_active(device_type: str) -> bool:

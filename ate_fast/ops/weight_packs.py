@@ -118,6 +118,9 @@ class WeightPacks:
 
     def __init__(self) -> None:
         self._packed: dict[tuple, _Packed] = {}
+        # this call's GEMMs that oneDNN ran on a packed copy: (weight's key, rows, dtype) ->
+        # (owner, copy); emptied as each call ends (packing)
+        self._chosen: dict[tuple, tuple[nn.Parameter, Tensor]] = {}
         self.calls = 0
 
     def __len__(self) -> int:
@@ -126,6 +129,25 @@ class WeightPacks:
     def clear(self) -> None:
         """Drop every packed copy: the next call packs the weights as they are then."""
         self._packed.clear()
+        self._chosen.clear()
+
+    def chosen(self, weight: Tensor, rows: int, dtype: torch.dtype) -> Optional[Tensor]:
+        """The packed copy of ``weight`` that an earlier GEMM of this call on ``rows`` rows
+        of ``dtype`` input ran on oneDNN (:meth:`choose`), or None: the step's later GEMMs
+        with the same weight and rows need not choose again."""
+        key = (weight.data_ptr(), weight.shape, weight.stride(), rows, dtype)
+        entry = self._chosen.get(key)
+        if entry is None or _parameter_of(weight) is not entry[0]:
+            return None
+        return entry[1]
+
+    def choose(self, weight: Tensor, rows: int, dtype: torch.dtype, packed: Tensor) -> None:
+        """Remember for the rest of this call that oneDNN ran ``weight`` on ``rows`` rows of
+        ``dtype`` input from ``packed`` (:meth:`weight_for`'s copy, current in this call)."""
+        owner = _parameter_of(weight)
+        if owner is not None and packed is not weight:
+            key = (weight.data_ptr(), weight.shape, weight.stride(), rows, dtype)
+            self._chosen[key] = (owner, packed)
 
     def weight_for(self, weight: Tensor, rows: int) -> Tensor:
         """``weight`` [N, K] (or a view of a parameter, e.g. its transpose) as oneDNN's
@@ -187,6 +209,14 @@ def packing(packs: WeightPacks) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+        # the call's choices end with it (the next checks its copies again; a freed
+        # parameter is not kept alive)
+        packs._chosen.clear()
+
+
+def active() -> Optional[WeightPacks]:
+    """The packs of the captured call running now (a :func:`packing` scope), or None."""
+    return _ACTIVE.get()
 
 
 def _parameter_of(weight: Tensor) -> Optional[nn.Parameter]:

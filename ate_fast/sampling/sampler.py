@@ -22,6 +22,7 @@ from torch import Tensor
 from ate_fast.argument_checks import check_int
 from ate_fast.errors import ArgumentTypeError, InvalidArgumentError, LimitExceededError
 from ate_fast.guidance import POLICY_VJP, SCALAR_SLOPE_MODES, Guidance, check_guidance
+from ate_fast.models.trace_state import sampler_call
 from ate_fast.sampling.capture import CapturedSampler
 from ate_fast.sampling.finite import (
     DeferredFiniteCheck,
@@ -378,7 +379,8 @@ class Sampler:
 
     def execute(self, noise: Tensor, run: Run) -> Tensor:
         """Copy ``noise`` into ``run.x`` and run the loop without autograd; returns ``run.x``."""
-        with torch.no_grad():
+        # the export state read once for the K steps' per-op checks (trace_state)
+        with torch.no_grad(), sampler_call():
             run.x.copy_(noise)
             run.reset()
             self.loop(run)
