@@ -1,8 +1,8 @@
 """The flow-transformer block's C++ CPU epilogues (``ate_fast.models.block_epilogues_cpu``,
 the CPU's ``native`` path) — the MLP's gated GELU and its backward, RMSNorm, the rotary
-q/k/v epilogue: against float64, the same rounding with and without the saved GELU, every
-row length the vector loop may split (and the OpenMP path), strided and per-sample
-operands, the errors, and which calls take them."""
+q/k/v epilogue and the two's input-VJPs: against float64, the same rounding with and
+without the saved GELU, every row length the vector loop may split (and the OpenMP path),
+strided and per-sample operands, the errors, and which calls take them."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ ENV = block_epilogues.ENV_VAR
 # float32 against float64, relative to the largest |value|: the exp polynomial's ≈ 1 ulp
 # and a dozen float32 operations (measured ≤ 1.1e-7 forward and backward)
 BOUND = 1e-6
-KERNELS = ("gated_gelu", "gelu_gate_backward", "rms_norm", "rotate_qkv")
+KERNELS = ("gated_gelu", "gelu_gate_backward", "rms_norm", "rotate_qkv", "rms_norm_vjp",
+           "unrotate_pack")  # fmt: skip
 
 
 def _gate_up(rows: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -174,7 +175,10 @@ def test_two_threads_give_the_same_bits(monkeypatch):
             backward = block_epilogues_cpu.gelu_gate_backward(dm, gate, up, act)
             norm = block_epilogues_cpu.rms_norm(dm, dm[0], 1e-6)
             qkv = block_epilogues_cpu.rotate_qkv(*_projections(8, 1, 40, 256), 8, 1)
-            results.append((out, act, backward, norm, *qkv))
+            norm_vjp = block_epilogues_cpu.rms_norm_vjp(dm, act, dm[0], 1e-6, residual=dm)
+            cos, sin = _projections(8, 1, 40, 256)[2:]
+            packed = block_epilogues_cpu.unrotate_pack(*qkv, cos, sin)
+            results.append((out, act, backward, norm, *qkv, norm_vjp, *packed))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -281,3 +285,65 @@ def test_norm_and_rotation_arguments_are_named():
         kernel(1, 2, 8, 8, x.data_ptr(), 0, x.data_ptr(), 1e-6)
     with pytest.raises(ValueError, match="required pointer is null"):
         kernel(0, 2, 8, 8, 0, 0, x.data_ptr(), 1e-6)
+
+
+@pytest.mark.parametrize("weighted,residual", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 50, 256), (100, 700)])
+def test_rms_norm_vjp_matches_float64(shape, weighted, residual):
+    """The norm's input-VJP (with the residual's gradient added, as a block's pullback
+    adds it) against the torch ops' formula in float64."""
+    from ate_fast.models.flow_transformer_vjp import rms_norm_input_vjp
+
+    g = torch.Generator().manual_seed(9)
+    x, grad, res = (3 * torch.randn(*shape, generator=g) for _ in range(3))
+    norm = torch.nn.RMSNorm(shape[-1], eps=1e-6)
+    if weighted:
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    weight = norm.weight.detach() if weighted else None
+    got = block_epilogues_cpu.rms_norm_vjp(grad, x, weight, 1e-6, res if residual else None)
+    plain = torch.nn.RMSNorm(shape[-1], eps=1e-6, elementwise_affine=False)
+    ref = rms_norm_input_vjp(grad.double(), x.double(), norm.double() if weighted else plain)
+    ref = (ref + res.double() if residual else ref).detach()
+    assert got.shape == x.shape and got.dtype == torch.float32
+    # relative to the terms ρ·gw the result is a difference of (one row of one value: all
+    # but cancelled), where float32 rounding lives, and never less than to the result
+    rstd = torch.rsqrt(x.double().pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+    gw = grad.double() * (weight.double() if weighted else 1.0)
+    scale = max(float(ref.abs().max()), float((rstd * gw).abs().max()))
+    assert (got.double() - ref).abs().max() <= BOUND * scale
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["dq-dkv", "fused-qkv"])
+@pytest.mark.parametrize("heads,kv_heads,hd", [(4, 1, 64), (4, 2, 8), (3, 3, 2)])
+def test_unrotate_pack_matches_float64_and_undoes_the_rotation(heads, kv_heads, hd, fused):
+    """The gradients' layout and the inverse rotation against the torch ops in float64;
+    and, being the rotation's transpose (an orthogonal map), it takes the rotated q, k, v
+    back to the projections they came from."""
+    from ate_fast.models import flow_transformer_vjp as vjp
+
+    q_lin, kv_lin, cos, sin = _projections(heads, kv_heads, 7, hd)
+    q, k, v = block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, heads, kv_heads)
+    got = block_epilogues_cpu.unrotate_pack(q, k, v, cos, sin, fused=fused)
+    as64 = [t.double() for t in (q, k, v, cos, sin)]
+    ref = (vjp.unrotate_pack_qkv(*as64),) if fused else vjp.unrotate_pack(*as64)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        assert (a.double() - b).abs().max() <= BOUND * b.abs().max()
+    back = torch.cat([q_lin, kv_lin], dim=-1) if fused else (q_lin, kv_lin)
+    for a, b in zip(got, back if not fused else (back,)):
+        torch.testing.assert_close(a, b.contiguous(), rtol=1e-5, atol=1e-5)
+
+
+def test_vjp_kernel_arguments_are_named():
+    x = torch.randn(2, 8)
+    with pytest.raises(InvalidArgumentError, match=r"grad: expected x's shape"):
+        block_epilogues_cpu.rms_norm_vjp(torch.randn(2, 7), x, None, 1e-6)
+    with pytest.raises(InvalidArgumentError, match=r"residual: expected x's shape"):
+        block_epilogues_cpu.rms_norm_vjp(x, x, None, 1e-6, torch.randn(8))
+    q_lin, kv_lin, cos, sin = _projections(4, 2, 6, 8)
+    q, k, v = block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, 4, 2)
+    with pytest.raises(InvalidArgumentError, match="dq, dk, dv: expected"):
+        block_epilogues_cpu.unrotate_pack(q, k, v[:, :1], cos, sin)
+    with pytest.raises(InvalidArgumentError, match=r"dq: expected \[2, 2, 6·g, 8\]"):
+        block_epilogues_cpu.unrotate_pack(q[:, :, :5], k, v, cos, sin)

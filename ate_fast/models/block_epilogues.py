@@ -32,7 +32,8 @@ chunking's pullback) has four more, chosen by the same setting: the gated GELU's
 RMSNorm's input-VJP with the residual's gradient added, the softmax recomputed with its
 backward, and the rotation undone with the gradients packed into the projections' layout
 (torch: 42 kernels per block — 41 element-wise, row and layout ops and the softmax, with one
-kv head; Triton: 5).
+kv head; Triton: 5; on the CPU's ``native`` path the gated GELU's backward, the RMSNorm
+input-VJPs and the rotation's undoing are C++ kernels, the softmax torch ops).
 
 Which path runs: ``ATE_FAST_FLOW_EPILOGUES=torch|triton|native`` forces one (``triton`` raises
 :class:`~ate_fast.errors.BackendUnavailableError` where Triton cannot run); unset, the

@@ -214,3 +214,94 @@ def rotate_qkv(
             v_rows.data_ptr(), list(k_rows.stride()[:2]), torch.get_num_threads(),
         )  # fmt: skip
     return q, k, v
+
+
+def rms_norm_vjp(
+    grad: Tensor, x: Tensor, weight: Optional[Tensor], eps: float,
+    residual: Optional[Tensor] = None,
+) -> Tensor:  # fmt: skip
+    """``residual + (∂ rms_norm(x)/∂x)ᵀ grad`` [.., width] (``residual`` None: 0) for
+    ``torch.nn.functional.rms_norm(x, (width,), weight, eps)``: per row
+    ``ρ·(gw − x̂·mean(gw·x̂))``, ``ρ = 1/√(mean(x²) + eps)``, ``x̂ = x·ρ``,
+    ``gw = grad·weight`` (``weight`` None: ``grad`` itself); float32 CPU tensors."""
+    _check("grad", grad)
+    _check("x", x)
+    if grad.shape != x.shape or x.dim() == 0:
+        raise InvalidArgumentError(
+            f"grad: expected x's shape {tuple(x.shape)} (.., width), got {tuple(grad.shape)}"
+        )
+    width = x.shape[-1]
+    if weight is not None:
+        _check("weight", weight)
+        if weight.shape != (width,):
+            raise InvalidArgumentError(
+                f"weight: expected [{width}] (x's last dim), got {tuple(weight.shape)}"
+            )
+        weight = weight.contiguous()
+    if residual is not None:
+        _check("residual", residual)
+        if residual.shape != x.shape:
+            raise InvalidArgumentError(
+                f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
+        residual = residual.contiguous()
+    if not eps >= 0.0:
+        raise InvalidArgumentError(f"eps: expected a number >= 0, got {eps!r}")
+    grad, x = grad.contiguous(), x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    rows = x.numel() // width if width else 0
+    if rows:
+        _kernels().rms_norm_vjp(
+            _FLOAT32, rows, width, grad.data_ptr(), x.data_ptr(),
+            weight.data_ptr() if weight is not None else 0,
+            residual.data_ptr() if residual is not None else 0, out.data_ptr(), float(eps),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def unrotate_pack(
+    dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor, fused: bool = False
+) -> tuple[Tensor, ...]:
+    """The q and kv projections' output gradients from attention's: ``dq``
+    [B, kv_heads, H·g, hd] (the queries' grouped layout, :func:`rotate_qkv`), ``dk``, ``dv``
+    [B, kv_heads, H, hd]; the rotation undone on dq and dk with the tables ``cos``, ``sin``
+    [≥ H, hd] or [B, 1, ≥ H, hd] (their last H rows). Returns ``(dq [B, H, heads·hd],
+    [dk | dv] [B, H, 2·kv_heads·hd])``, or with ``fused`` the one ``[dq | dk | dv]``
+    [B, H, (heads + 2·kv_heads)·hd] (the fused projection's); float32 CPU tensors."""
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv), ("cos", cos), ("sin", sin)):
+        _check(name, t)
+    if dk.dim() != 4 or dv.shape != dk.shape or dq.dim() != 4 or dq.shape[:2] != dk.shape[:2]:
+        raise InvalidArgumentError(
+            f"dq, dk, dv: expected [B, kv_heads, H·g, hd] and two [B, kv_heads, H, hd], got "
+            f"{tuple(dq.shape)}, {tuple(dk.shape)}, {tuple(dv.shape)}"
+        )
+    batch, kv_heads, horizon, hd = dk.shape
+    rows = dq.shape[2]
+    if dq.shape[3] != hd or horizon == 0 or rows % horizon or hd % 2:
+        raise InvalidArgumentError(
+            f"dq: expected [{batch}, {kv_heads}, {horizon}·g, {hd}] (an even head dim), got "
+            f"{tuple(dq.shape)}"
+        )
+    if cos.shape != sin.shape or cos.shape[-1] != hd or cos.shape[-2] < horizon:
+        raise InvalidArgumentError(
+            f"cos, sin: expected [≥ {horizon}, {hd}] or [B, 1, ≥ {horizon}, {hd}], got "
+            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    heads = kv_heads * (rows // horizon)
+    (cos, table_stride), (sin, _) = _table_rows(cos, horizon), _table_rows(sin, horizon)
+    dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+    q_width, kv_width = heads * hd, 2 * kv_heads * hd
+    if fused:
+        out = dq.new_empty((batch, horizon, q_width + kv_width))
+        q_out, kv_out = out[..., :q_width], out[..., q_width:]
+    else:
+        q_out = dq.new_empty((batch, horizon, q_width))
+        kv_out = dq.new_empty((batch, horizon, kv_width))
+    if batch:
+        _kernels().unrotate_pack(
+            _FLOAT32, [batch, horizon, heads, kv_heads, hd], dq.data_ptr(), dk.data_ptr(),
+            dv.data_ptr(), cos.data_ptr(), sin.data_ptr(), table_stride, q_out.data_ptr(),
+            q_out.stride(1), kv_out.data_ptr(), kv_out.stride(1), torch.get_num_threads(),
+        )  # fmt: skip
+    return (out,) if fused else (q_out, kv_out)

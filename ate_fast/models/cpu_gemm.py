@@ -228,6 +228,9 @@ def times_weight(g: Tensor, weight: Tensor) -> Tensor:
     """``g @ weight`` for ``g`` [..., N] and a Linear's ``weight`` [N, K] -> [..., K] (the
     input-VJP through the layer)."""
     transposed = weight.t()
+    packed = _chosen_weight(g, transposed)
+    if packed is not None:
+        return _ops()[0](g, packed, None, "none", [], "")
     if onednn_takes(g, transposed):
         return _onednn_linear(g, transposed, None)
     return g @ weight

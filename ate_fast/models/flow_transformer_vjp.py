@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ate_fast.models import block_epilogues_cpu, l2_prefetch
-from ate_fast.models.block_epilogues import MAX_ROW, norm_eps, use_native, use_triton
+from ate_fast.models.block_epilogues import MAX_ROW, kernel_path, norm_eps, use_native, use_triton
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.models.rotary import swap_halves
@@ -81,13 +81,16 @@ def rms_norm_vjp(
     projection, :attr:`BlockSaved.gate_up`)."""
     weight = None if weighted else norm.weight
     extra = tuple(t for t in (residual, weight) if t is not None)
-    if x.shape[-1] <= MAX_ROW and use_triton(grad, x, *extra):
+    path = kernel_path(grad, x, *extra)
+    if path == "triton" and x.shape[-1] <= MAX_ROW:
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.rms_norm_vjp(
             grad.contiguous(), x.contiguous(), weight, norm_eps(norm, x.dtype),
             None if residual is None else residual.contiguous(),
         )  # fmt: skip
+    if path == "native":
+        return block_epilogues_cpu.rms_norm_vjp(grad, x, weight, norm_eps(norm, x.dtype), residual)
     dx = rms_norm_input_vjp(grad, x, norm, weighted)
     return dx if residual is None else residual + dx
 
@@ -141,11 +144,14 @@ def unrotate_pack(
     grouped layout, :class:`BlockSaved`) and ``dk``, ``dv`` [B, kv_heads, H, hd] (the
     rotation undone on dq and dk; tables ``cos``, ``sin`` [N, hd] or per sample
     [B, 1, N, hd], their last H rows the action positions)."""
-    if use_triton(dq, dk, dv):
+    path = kernel_path(dq, dk, dv, cos, sin)
+    if path == "triton":
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.unrotate_pack(dq.contiguous(), dk.contiguous(), dv.contiguous(),
                                      cos.contiguous(), sin.contiguous())  # fmt: skip
+    if path == "native":
+        return block_epilogues_cpu.unrotate_pack(dq, dk, dv, cos, sin)
     dq, dk, dv = _unrotated_by_token(dq, dk, dv, cos, sin)
     batch, horizon = dq.shape[:2]
     return dq.reshape(batch, horizon, -1), torch.cat([dk, dv], dim=2).view(batch, horizon, -1)
@@ -156,7 +162,10 @@ def unrotate_pack_qkv(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tens
     [B, H, (heads + 2·kv_heads)·hd]: the output gradient of the fused projection
     ``[W_q; W_kv]`` (:attr:`~ate_fast.models.flow_transformer.FlowStepFeatures.qkv`), so
     that one GEMM takes it back to the block's normed input."""
-    if use_triton(dq, dk, dv):
+    path = kernel_path(dq, dk, dv, cos, sin)
+    if path == "native":
+        return block_epilogues_cpu.unrotate_pack(dq, dk, dv, cos, sin, fused=True)[0]
+    if path == "triton":
         import ate_fast.models.block_epilogues_triton as kernels
 
         batch, kv_heads, horizon, hd = dk.shape

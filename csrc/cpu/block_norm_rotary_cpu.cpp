@@ -1,5 +1,5 @@
-// C++ CPU RMSNorm and rotary q/k/v epilogue of the flow-transformer block
-// (block_norm_rotary.h): each one op where ATen runs five to twelve. On one core of a
+// C++ CPU RMSNorm and rotary q/k/v epilogue of the flow-transformer block, and their
+// input-VJPs (block_norm_rotary.h): each one op where ATen runs five to twelve. On one core of a
 // batch-1 step every ATen op costs a few microseconds of dispatch and allocation, more right
 // after a GEMM has streamed its weights through the caches (benchmarks/README.md, "The
 // flow transformer's norms and rotary positions on the CPU").
@@ -39,6 +39,38 @@ void rotate_row(const float* __restrict__ x, const float* __restrict__ cos,
   for (int64_t i = 0; i < half; ++i) {
     out[i] = x[i + half] * sin[i] + x[i] * cos[i];
     out[i + half] = x[i] * sin[i + half] + x[i + half] * cos[i + half];
+  }
+}
+
+ATE_FAST_VECTOR_CLONES
+void norm_vjp_row(const float* __restrict__ grad, const float* __restrict__ x,
+                  const float* __restrict__ weight, const float* __restrict__ residual,
+                  float* __restrict__ out, int64_t width, float eps) {
+  float sum = 0.0f, dot = 0.0f;
+#pragma omp simd reduction(+ : sum, dot)
+  for (int64_t i = 0; i < width; ++i) {
+    sum += x[i] * x[i];
+    dot += (weight != nullptr ? grad[i] * weight[i] : grad[i]) * x[i];
+  }
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+  // mean(gw·x̂) = inv·mean(gw·x); out = residual + inv·(gw − x·inv·that)
+  const float shift = inv * inv * (dot / static_cast<float>(width));
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) {
+    const float gw = weight != nullptr ? grad[i] * weight[i] : grad[i];
+    const float dx = inv * (gw - x[i] * shift);
+    out[i] = residual != nullptr ? residual[i] + dx : dx;
+  }
+}
+
+// y·cos − swap_halves(y)·sin over one head's hd values (rotation by −θ)
+ATE_FAST_VECTOR_CLONES
+void unrotate_row(const float* __restrict__ y, const float* __restrict__ cos,
+                  const float* __restrict__ sin, float* __restrict__ out, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = y[i] * cos[i] - y[i + half] * sin[i];
+    out[i + half] = y[i + half] * cos[i + half] - y[i] * sin[i + half];
   }
 }
 
@@ -100,6 +132,74 @@ int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
       const float* v_src = kv_row + (p.kv_heads + kvh) * hd;
       float* v_dst = v_out + at;
       for (int64_t i = 0; i < hd; ++i) v_dst[i] = v_src[i];
+    }
+  }
+  return kOk;
+}
+
+}  // namespace ate_fast
+
+namespace ate_fast {
+
+int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& p) {
+  if (p.rows < 0 || p.width < 0 || p.threads < 1 || !(p.eps >= 0.0)) return kBadShape;
+  if (p.rows == 0 || p.width == 0) return kOk;
+  if (p.grad == nullptr || p.x == nullptr || p.out == nullptr) return kNullPointer;
+  if (dtype != DType::kFloat32) return kBadDType;
+  const float* grad = static_cast<const float*>(p.grad);
+  const float* x = static_cast<const float*>(p.x);
+  const float* weight = static_cast<const float*>(p.weight);
+  const float* residual = static_cast<const float*>(p.residual);
+  float* out = static_cast<float*>(p.out);
+  const float eps = static_cast<float>(p.eps);
+  const int64_t width = p.width;
+  const bool parallel = p.threads > 1 && p.rows * width >= kParallelThreshold;
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    norm_vjp_row(grad + r * width, x + r * width, weight,
+                 residual != nullptr ? residual + r * width : nullptr, out + r * width, width,
+                 eps);
+  }
+  return kOk;
+}
+
+int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& p) {
+  const int64_t hd = p.head_dim;
+  if (p.batch < 0 || p.horizon < 0 || p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads ||
+      hd < 2 || hd % 2 || p.threads < 1)
+    return kBadShape;
+  if (p.dq_row_stride < p.heads * hd || p.dkv_row_stride < 2 * p.kv_heads * hd)
+    return kBadShape;
+  if (p.batch == 0 || p.horizon == 0) return kOk;
+  if (p.dq == nullptr || p.dk == nullptr || p.dv == nullptr || p.cos == nullptr ||
+      p.sin == nullptr || p.dq_out == nullptr || p.dkv_out == nullptr)
+    return kNullPointer;
+  if (dtype != DType::kFloat32) return kBadDType;
+  const float* dq = static_cast<const float*>(p.dq);
+  const float* dk = static_cast<const float*>(p.dk);
+  const float* dv = static_cast<const float*>(p.dv);
+  const float* cos = static_cast<const float*>(p.cos);
+  const float* sin = static_cast<const float*>(p.sin);
+  float* dq_out = static_cast<float*>(p.dq_out);
+  float* dkv_out = static_cast<float*>(p.dkv_out);
+  const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
+  const int64_t tokens = p.batch * horizon;
+  const bool parallel = p.threads > 1 && tokens * (p.heads + 2 * p.kv_heads) * hd >= kParallelThreshold;
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t bt = 0; bt < tokens; ++bt) {
+    const int64_t b = bt / horizon, t = bt % horizon;
+    const float* c = cos + b * p.table_batch_stride + t * hd;
+    const float* s = sin + b * p.table_batch_stride + t * hd;
+    float* q_row = dq_out + bt * p.dq_row_stride;
+    float* kv_row = dkv_out + bt * p.dkv_row_stride;
+    for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh) {
+      const float* q_src = dq + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
+      for (int64_t j = 0; j < group; ++j)
+        unrotate_row(q_src + j * hd, c, s, q_row + (kvh * group + j) * hd, half);
+      const int64_t at = ((b * p.kv_heads + kvh) * horizon + t) * hd;
+      unrotate_row(dk + at, c, s, kv_row + kvh * hd, half);
+      float* v_dst = kv_row + (p.kv_heads + kvh) * hd;
+      for (int64_t i = 0; i < hd; ++i) v_dst[i] = dv[at + i];
     }
   }
   return kOk;

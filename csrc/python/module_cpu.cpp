@@ -162,6 +162,61 @@ PYBIND11_MODULE(_C, mod) {
       "Rotary q and k and v's copy of the projections (see block_norm_rotary.h): sizes (B, H,"
       " heads, kv_heads, hd); strides (batch, row) of q_lin and kv_lin, (batch, kv head) of"
       " k_out and v_out; float32 (dtype 0).");
+  mod.def(
+      "rms_norm_vjp",
+      [](int dtype, int64_t rows, int64_t width, uintptr_t grad, uintptr_t x, uintptr_t weight,
+         uintptr_t residual, uintptr_t out, double eps, int threads) {
+        RmsNormVjpArgs p;
+        p.rows = rows;
+        p.width = width;
+        p.grad = as_ptr(grad);
+        p.x = as_ptr(x);
+        p.weight = as_ptr(weight);
+        p.residual = as_ptr(residual);
+        p.out = reinterpret_cast<void*>(out);
+        p.eps = eps;
+        p.threads = threads;
+        without_gil("ate_fast._C.rms_norm_vjp",
+                    [&] { return rms_norm_vjp_cpu(as_dtype(dtype), p); });
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("width"), py::arg("grad"), py::arg("x"),
+      py::arg("weight"), py::arg("residual"), py::arg("out"), py::arg("eps"),
+      py::arg("threads") = 1,
+      "out = residual + RMSNorm's input-VJP of grad at x over contiguous [rows, width] (weight,"
+      " residual 0: none); float32 (dtype 0).");
+  mod.def(
+      "unrotate_pack",
+      [](int dtype, const std::vector<int64_t>& sizes, uintptr_t dq, uintptr_t dk,
+         uintptr_t dv, uintptr_t cos, uintptr_t sin, int64_t table_batch_stride,
+         uintptr_t dq_out, int64_t dq_row_stride, uintptr_t dkv_out, int64_t dkv_row_stride,
+         int threads) {
+        if (sizes.size() != 5) check_status(kBadShape, "ate_fast._C.unrotate_pack");
+        UnrotatePackArgs p;
+        p.batch = sizes[0];
+        p.horizon = sizes[1];
+        p.heads = sizes[2];
+        p.kv_heads = sizes[3];
+        p.head_dim = sizes[4];
+        p.dq = as_ptr(dq);
+        p.dk = as_ptr(dk);
+        p.dv = as_ptr(dv);
+        p.cos = as_ptr(cos);
+        p.sin = as_ptr(sin);
+        p.table_batch_stride = table_batch_stride;
+        p.dq_out = reinterpret_cast<void*>(dq_out);
+        p.dq_row_stride = dq_row_stride;
+        p.dkv_out = reinterpret_cast<void*>(dkv_out);
+        p.dkv_row_stride = dkv_row_stride;
+        p.threads = threads;
+        without_gil("ate_fast._C.unrotate_pack",
+                    [&] { return unrotate_pack_cpu(as_dtype(dtype), p); });
+      },
+      py::arg("dtype"), py::arg("sizes"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+      py::arg("cos"), py::arg("sin"), py::arg("table_batch_stride"), py::arg("dq_out"),
+      py::arg("dq_row_stride"), py::arg("dkv_out"), py::arg("dkv_row_stride"),
+      py::arg("threads") = 1,
+      "The q and kv projections' output gradients from attention's (see block_norm_rotary.h):"
+      " sizes (B, H, heads, kv_heads, hd); float32 (dtype 0).");
   mod.def("num_threads", &cpu_num_threads, "OpenMP threads the CPU kernels use.");
 #if defined(_OPENMP)
   mod.attr("openmp") = true;

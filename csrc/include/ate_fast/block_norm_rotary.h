@@ -1,6 +1,7 @@
-// ate_fast: the flow-transformer block's RMSNorm and rotary q/k/v epilogue on the CPU, one
-// pass each (ATen: rms_norm's composite of pow, mean, add, rsqrt and two products; the
-// rotation's view, chunk, cat, product and addcmul per tensor, and the copies of v).
+// ate_fast: the flow-transformer block's RMSNorm and rotary q/k/v epilogue on the CPU, and
+// their input-VJPs, one pass each (ATen: rms_norm's composite of pow, mean, add, rsqrt and
+// two products; the rotation's view, chunk, cat, product and addcmul per tensor, and the
+// copies of v; the VJPs eight to twelve ops each).
 //
 //   rms_norm:   out[r, :] = x[r, :] · 1/√(mean(x[r, :]²) + eps) · weight   (weight optional)
 //   rotate_qkv: q_out[b, kvh, t·g + j, :] = rot(q_lin[b, t, (kvh·g + j)·hd : …], t)
@@ -8,6 +9,13 @@
 //               v_out[b, kvh, t, :]       = kv_lin[b, t, (kv_heads + kvh)·hd : …]
 //     rot(x, t) = x·cos[t] + swap_halves(x)·sin[t], the tables of models/rotary.py
 //     (cos θ on both halves; −sin θ, sin θ), g = heads / kv_heads.
+//   rms_norm_vjp: out[r, :] = residual[r, :] + ρ·(gw − x̂·mean(gw·x̂)),
+//     ρ = 1/√(mean(x[r, :]²) + eps), x̂ = x[r, :]·ρ, gw = grad[r, :]·weight (weight optional)
+//   unrotate_pack: rotate_qkv's transpose for the gradients —
+//     dq_out[b, t, (kvh·g + j)·hd : …] = unrot(dq[b, kvh, t·g + j, :], t)
+//     dkv_out[b, t, kvh·hd : …] = unrot(dk[b, kvh, t, :], t),
+//     dkv_out[b, t, (kv_heads + kvh)·hd : …] = dv[b, kvh, t, :]
+//     unrot(y, t) = y·cos[t] − swap_halves(y)·sin[t] (rotation by −θ).
 // Rows are one stride apart with unit column stride; the output of rms_norm is contiguous.
 // The k / v outputs may sit behind a prefix's rows in a call's buffers (their strides and
 // pointers say where). float32 only. Torch-free, like every launcher here.
@@ -51,6 +59,40 @@ struct RotateQkvArgs {
   void* k_out = nullptr;
   void* v_out = nullptr;
   int64_t out_batch_stride = 0, out_head_stride = 0;
+  int threads = 1;
+};
+
+struct RmsNormVjpArgs {
+  int64_t rows = 0;
+  int64_t width = 0;
+  const void* grad = nullptr;      // [rows, width], contiguous
+  const void* x = nullptr;         // [rows, width], contiguous: the norm's input
+  const void* weight = nullptr;    // [width] or null: grad is not multiplied by a weight
+  const void* residual = nullptr;  // [rows, width], contiguous, or null: nothing added
+  void* out = nullptr;             // [rows, width], contiguous
+  double eps = 0.0;
+  int threads = 1;
+};
+
+struct UnrotatePackArgs {
+  int64_t batch = 0;
+  int64_t horizon = 0;
+  int64_t heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  const void* dq = nullptr;  // [B, kv_heads, H·g, hd], contiguous (the queries' layout)
+  const void* dk = nullptr;  // [B, kv_heads, H, hd], contiguous
+  const void* dv = nullptr;  // [B, kv_heads, H, hd], contiguous
+  const void* cos = nullptr;  // [H, hd] rows as in RotateQkvArgs
+  const void* sin = nullptr;
+  int64_t table_batch_stride = 0;
+  // dq_out [B, H, heads·hd] and dkv_out [B, H, 2·kv_heads·hd], rows their row stride
+  // apart, a sample H rows (the two may interleave in one buffer: the fused projection's
+  // [dq | dk | dv], dkv_out = dq_out + heads·hd, both strides (heads + 2·kv_heads)·hd)
+  void* dq_out = nullptr;
+  int64_t dq_row_stride = 0;
+  void* dkv_out = nullptr;
+  int64_t dkv_row_stride = 0;
   int threads = 1;
 };
 

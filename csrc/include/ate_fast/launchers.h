@@ -20,10 +20,12 @@ int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args);
 int gated_gelu_cpu(DType dtype, const GatedGeluArgs& args);
 int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& args);
 
-// CPU: the flow-transformer block's RMSNorm and rotary q/k/v epilogue (see
-// block_norm_rotary.h); float32 only (kBadDType otherwise).
+// CPU: the flow-transformer block's RMSNorm and rotary q/k/v epilogue and their input-VJPs
+// (see block_norm_rotary.h); float32 only (kBadDType otherwise).
 int rms_norm_cpu(DType dtype, const RmsNormArgs& args);
 int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& args);
+int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& args);
+int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& args);
 
 // Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
 int cpu_num_threads();
