@@ -107,6 +107,23 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
     return out
 
 
+def _norm_weight(weight: Optional[Tensor], width: int) -> Optional[Tensor]:
+    """A norm's ``weight`` [width] checked (float32 CPU, its shape), contiguous; None stays."""
+    if weight is None:
+        return None
+    _check("weight", weight)
+    if weight.shape != (width,):
+        raise InvalidArgumentError(
+            f"weight: expected [{width}] (x's last dim), got {tuple(weight.shape)}"
+        )
+    return weight.contiguous()
+
+
+def _check_eps(eps: float) -> None:
+    if not eps >= 0.0:
+        raise InvalidArgumentError(f"eps: expected a number >= 0, got {eps!r}")
+
+
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """``torch.nn.functional.rms_norm(x, (width,), weight, eps)`` [.., width] of ``x``
     [.., width] (float32, CPU; ``weight`` [width] or None): each row times
@@ -116,15 +133,8 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     if x.dim() == 0:
         raise InvalidArgumentError("x: expected [.., width], got a 0-d tensor")
     width = x.shape[-1]
-    if weight is not None:
-        _check("weight", weight)
-        if weight.shape != (width,):
-            raise InvalidArgumentError(
-                f"weight: expected [{width}] (x's last dim), got {tuple(weight.shape)}"
-            )
-        weight = weight.contiguous()
-    if not eps >= 0.0:
-        raise InvalidArgumentError(f"eps: expected a number >= 0, got {eps!r}")
+    weight = _norm_weight(weight, width)
+    _check_eps(eps)
     out = torch.empty(x.shape, dtype=x.dtype)
     rows = x.numel() // width if width else 0
     if rows:
@@ -231,13 +241,7 @@ def rms_norm_vjp(
             f"grad: expected x's shape {tuple(x.shape)} (.., width), got {tuple(grad.shape)}"
         )
     width = x.shape[-1]
-    if weight is not None:
-        _check("weight", weight)
-        if weight.shape != (width,):
-            raise InvalidArgumentError(
-                f"weight: expected [{width}] (x's last dim), got {tuple(weight.shape)}"
-            )
-        weight = weight.contiguous()
+    weight = _norm_weight(weight, width)
     if residual is not None:
         _check("residual", residual)
         if residual.shape != x.shape:
@@ -245,8 +249,7 @@ def rms_norm_vjp(
                 f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
             )
         residual = residual.contiguous()
-    if not eps >= 0.0:
-        raise InvalidArgumentError(f"eps: expected a number >= 0, got {eps!r}")
+    _check_eps(eps)
     grad, x = grad.contiguous(), x.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype)
     rows = x.numel() // width if width else 0

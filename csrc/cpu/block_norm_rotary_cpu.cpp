@@ -74,6 +74,18 @@ void unrotate_row(const float* __restrict__ y, const float* __restrict__ cos,
   }
 }
 
+// sizes of a rotation over B·H tokens: kv_heads divides heads, an even head dim
+bool valid_heads(int64_t batch, int64_t horizon, int64_t heads, int64_t kv_heads, int64_t hd,
+                 int threads) {
+  return batch >= 0 && horizon >= 0 && heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0 &&
+         hd >= 2 && hd % 2 == 0 && threads >= 1;
+}
+
+// a rotation's OpenMP split: over tokens, from kParallelThreshold elements moved
+bool parallel_tokens(int64_t tokens, int64_t heads, int64_t kv_heads, int64_t hd, int threads) {
+  return threads > 1 && tokens * (heads + 2 * kv_heads) * hd >= kParallelThreshold;
+}
+
 }  // namespace
 
 int rms_norm_cpu(DType dtype, const RmsNormArgs& p) {
@@ -95,10 +107,8 @@ int rms_norm_cpu(DType dtype, const RmsNormArgs& p) {
 
 int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
   const int64_t hd = p.head_dim;
-  if (p.batch < 0 || p.horizon < 0 || p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads ||
-      hd < 2 || hd % 2 || p.threads < 1)
-    return kBadShape;
-  if (p.q_row_stride < p.heads * hd || p.kv_row_stride < 2 * p.kv_heads * hd)
+  if (!valid_heads(p.batch, p.horizon, p.heads, p.kv_heads, hd, p.threads) ||
+      p.q_row_stride < p.heads * hd || p.kv_row_stride < 2 * p.kv_heads * hd)
     return kBadShape;
   if (p.batch == 0 || p.horizon == 0) return kOk;
   if (p.q_lin == nullptr || p.kv_lin == nullptr || p.cos == nullptr || p.sin == nullptr ||
@@ -114,7 +124,7 @@ int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
   float* v_out = static_cast<float*>(p.v_out);
   const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
   const int64_t tokens = p.batch * horizon;
-  const bool parallel = p.threads > 1 && tokens * (p.heads + 2 * p.kv_heads) * hd >= kParallelThreshold;
+  const bool parallel = parallel_tokens(tokens, p.heads, p.kv_heads, hd, p.threads);
 #pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
   for (int64_t bt = 0; bt < tokens; ++bt) {
     const int64_t b = bt / horizon, t = bt % horizon;
@@ -165,10 +175,8 @@ int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& p) {
 
 int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& p) {
   const int64_t hd = p.head_dim;
-  if (p.batch < 0 || p.horizon < 0 || p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads ||
-      hd < 2 || hd % 2 || p.threads < 1)
-    return kBadShape;
-  if (p.dq_row_stride < p.heads * hd || p.dkv_row_stride < 2 * p.kv_heads * hd)
+  if (!valid_heads(p.batch, p.horizon, p.heads, p.kv_heads, hd, p.threads) ||
+      p.dq_row_stride < p.heads * hd || p.dkv_row_stride < 2 * p.kv_heads * hd)
     return kBadShape;
   if (p.batch == 0 || p.horizon == 0) return kOk;
   if (p.dq == nullptr || p.dk == nullptr || p.dv == nullptr || p.cos == nullptr ||
@@ -184,7 +192,7 @@ int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& p) {
   float* dkv_out = static_cast<float*>(p.dkv_out);
   const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
   const int64_t tokens = p.batch * horizon;
-  const bool parallel = p.threads > 1 && tokens * (p.heads + 2 * p.kv_heads) * hd >= kParallelThreshold;
+  const bool parallel = parallel_tokens(tokens, p.heads, p.kv_heads, hd, p.threads);
 #pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
   for (int64_t bt = 0; bt < tokens; ++bt) {
     const int64_t b = bt / horizon, t = bt % horizon;
