@@ -154,14 +154,24 @@ def _token_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _table_rows(table: Tensor, horizon: int) -> tuple[Tensor, int]:
-    """The last ``horizon`` rows of a rotary table [N, hd] or [B, 1, N, hd], rows hd apart
-    with unit column stride, and its batch stride (0 for a shared table)."""
-    rows = table[..., -horizon:, :]
-    hd = rows.shape[-1]
-    if rows.stride(-1) != 1 or rows.stride(-2) != hd:
-        rows = rows.contiguous()
-    return rows, (rows.stride(0) if rows.dim() == 4 else 0)
+def _tables(cos: Tensor, sin: Tensor, horizon: int, hd: int) -> tuple[Tensor, Tensor, int]:
+    """The last ``horizon`` rows of the rotary tables ``cos``, ``sin`` [N, hd] or
+    [B, 1, N, hd] (N ≥ horizon), rows hd apart with unit column stride, and their batch
+    stride (0 for shared tables)."""
+    if cos.shape != sin.shape or cos.shape[-1] != hd or cos.shape[-2] < horizon:
+        raise InvalidArgumentError(
+            f"cos, sin: expected [≥ {horizon}, {hd}] or [B, 1, ≥ {horizon}, {hd}], got "
+            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    rows = []
+    for table in (cos, sin):
+        table = table[..., -horizon:, :]
+        if table.stride(-1) != 1 or table.stride(-2) != hd:
+            table = table.contiguous()
+        rows.append(table)
+    if rows[0].dim() == 4 and rows[0].stride() != rows[1].stride():
+        rows = [t.contiguous() for t in rows]
+    return rows[0], rows[1], (rows[0].stride(0) if rows[0].dim() == 4 else 0)
 
 
 def rotate_qkv(
@@ -193,13 +203,8 @@ def rotate_qkv(
             f"kv_lin: expected [B, H, {2 * kv_heads * hd}] (keys' and values' heads of an "
             f"even head dim {hd}), got {tuple(kv_lin.shape)}"
         )
-    if cos.shape != sin.shape or cos.shape[-1] != hd or cos.shape[-2] < horizon:
-        raise InvalidArgumentError(
-            f"cos, sin: expected [≥ {horizon}, {hd}] or [B, 1, ≥ {horizon}, {hd}], got "
-            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
-        )
     q_lin, kv_lin = _token_rows(q_lin), _token_rows(kv_lin)
-    (cos, table_stride), (sin, _) = _table_rows(cos, horizon), _table_rows(sin, horizon)
+    cos, sin, table_stride = _tables(cos, sin, horizon, hd)
     group = heads // kv_heads
     q = q_lin.new_empty((batch, kv_heads, horizon * group, hd))
     if out is None:
@@ -286,13 +291,8 @@ def unrotate_pack(
             f"dq: expected [{batch}, {kv_heads}, {horizon}·g, {hd}] (an even head dim), got "
             f"{tuple(dq.shape)}"
         )
-    if cos.shape != sin.shape or cos.shape[-1] != hd or cos.shape[-2] < horizon:
-        raise InvalidArgumentError(
-            f"cos, sin: expected [≥ {horizon}, {hd}] or [B, 1, ≥ {horizon}, {hd}], got "
-            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
-        )
     heads = kv_heads * (rows // horizon)
-    (cos, table_stride), (sin, _) = _table_rows(cos, horizon), _table_rows(sin, horizon)
+    cos, sin, table_stride = _tables(cos, sin, horizon, hd)
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     q_width, kv_width = heads * hd, 2 * kv_heads * hd
     if fused:
