@@ -191,12 +191,18 @@ def _chosen_weight(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> Opti
     return packs.chosen(weight, x.numel() // width, x.dtype)
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _call_weight_chosen(x: Tensor, weight: Tensor) -> Tensor:
+    """:func:`call_weight` for a GEMM oneDNN takes, remembered inside a captured call: the
+    rest of the call's GEMMs with this weight skip the choice (:func:`_chosen_weight`)."""
     packed = call_weight(x, weight)
     packs = weight_packs.active()
-    if packs is not None:  # the rest of the call's GEMMs with this weight skip the choice
+    if packs is not None:
         packs.choose(weight, x.numel() // x.shape[-1], x.dtype, packed)
-    return _ops()[0](x, packed, bias, "none", [], "")
+    return packed
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _ops()[0](x, _call_weight_chosen(x, weight), bias, "none", [], "")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -253,10 +259,7 @@ def linear_residual_rows(
     same_shape = residual.shape == x.shape[:-1] + weight.shape[:1]  # no broadcast in oneDNN's add
     packed = _chosen_weight(x, weight, residual) if same_shape else None
     if packed is None and same_shape and onednn_takes(x, weight, residual):
-        packed = call_weight(x, weight)
-        packs = weight_packs.active()
-        if packs is not None:
-            packs.choose(weight, x.numel() // x.shape[-1], x.dtype, packed)
+        packed = _call_weight_chosen(x, weight)
     if packed is not None:
         return _ops()[1](x, residual, packed, None, "add")
     rows = x.reshape(-1, x.shape[-1])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ate_fast.models import block_epilogues_cpu, l2_prefetch
-from ate_fast.models.block_epilogues import MAX_ROW, kernel_path, norm_eps, use_native, use_triton
+from ate_fast.models.block_epilogues import MAX_ROW, kernel_path, norm_eps, use_triton
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.models.rotary import swap_halves
@@ -98,12 +98,13 @@ def rms_norm_vjp(
 def gelu_gate_backward(dm: Tensor, saved: BlockSaved) -> Tensor:
     """The gate/up projection's output gradient ``[dm·up·gelu′(gate), dm·gelu(gate)]``
     [B, H, 2·mlp_dim] from the gated product's gradient ``dm`` [B, H, mlp_dim]."""
-    if use_triton(dm, saved.gate):
+    path = kernel_path(dm, saved.gate, saved.up, saved.act)
+    if path == "triton":
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.gelu_gate_backward(dm.contiguous(), saved.gate, saved.up,
                                           saved.act.contiguous())  # fmt: skip
-    if use_native(dm, saved.gate, saved.up, saved.act):
+    if path == "native":
         return block_epilogues_cpu.gelu_gate_backward(dm, saved.gate, saved.up, saved.act)
     dgate = torch.ops.aten.gelu_backward(dm * saved.up, saved.gate, approximate="tanh")
     return torch.cat([dgate, dm * saved.act], dim=-1)
