@@ -180,8 +180,12 @@ def judge_cpu(cases: dict[str, CpuCase], thresholds: dict) -> list[Verdict]:
 
 
 def _reference_ratio(entry: dict) -> Optional[float]:
-    """The median of the ratios recorded when the threshold was set."""
-    return _median(entry["measured"]) if entry.get("measured") else None
+    """The median of the ratios recorded when the threshold was set: ``measured``, or
+    for a case measured on one other machine only its ``measured_<machine>`` runs."""
+    runs = entry.get("measured") or next(
+        (v for k, v in entry.items() if k.startswith("measured_") and v), None
+    )
+    return _median(runs) if runs else None
 
 
 def cpu_markdown(
