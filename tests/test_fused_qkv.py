@@ -55,13 +55,14 @@ def _cond(head: FlowTransformerHead, prefix: str, batch: int):
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("path", PATHS)
 def test_call_features_equal_the_one_step_path(monkeypatch, path, kv_heads, prefix):
-    """Each step of a 3-step call (one q|kv GEMM) against ``forward`` / ``forward_with_vjp``
-    at that step's time (two GEMMs), float64: the forward and the pullback."""
+    """Each step of a 2-step call (one q|kv GEMM) against ``forward`` / ``forward_with_vjp``
+    at that step's time (two GEMMs), float64: the forward and the pullback (the second step
+    reuses the call's buffers the first wrote)."""
     monkeypatch.setenv(ENV, path)
     head = _head(kv_heads)
     batch = 2
     x = torch.randn(batch, HORIZON, 32, dtype=torch.float64)
-    t = torch.rand(3, batch, dtype=torch.float64)
+    t = torch.rand(2, batch, dtype=torch.float64)
     cond = _cond(head, prefix, batch)
     with torch.no_grad():
         features = head.step_features(x, t, cond)
