@@ -24,7 +24,7 @@ ENV = block_epilogues.ENV_VAR
 # and a dozen float32 operations (measured ≤ 1.1e-7 forward and backward)
 BOUND = 1e-6
 KERNELS = ("gated_gelu", "gelu_gate_backward", "rms_norm", "rotate_qkv", "rms_norm_vjp",
-           "unrotate_pack")  # fmt: skip
+           "unrotate_pack", "softmax_backward")  # fmt: skip
 
 
 def _gate_up(rows: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -178,7 +178,8 @@ def test_two_threads_give_the_same_bits(monkeypatch):
             norm_vjp = block_epilogues_cpu.rms_norm_vjp(dm, act, dm[0], 1e-6, residual=dm)
             cos, sin = _projections(8, 1, 40, 256)[2:]
             packed = block_epilogues_cpu.unrotate_pack(*qkv, cos, sin)
-            results.append((out, act, backward, norm, *qkv, norm_vjp, *packed))
+            softmax = block_epilogues_cpu.softmax_backward(gate_up, dm.repeat(1, 2), 0.125)
+            results.append((out, act, backward, norm, *qkv, norm_vjp, *packed, *softmax))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
@@ -347,3 +348,80 @@ def test_vjp_kernel_arguments_are_named():
         block_epilogues_cpu.unrotate_pack(q, k, v[:, :1], cos, sin)
     with pytest.raises(InvalidArgumentError, match=r"dq: expected \[2, 2, 6·g, 8\]"):
         block_epilogues_cpu.unrotate_pack(q[:, :, :5], k, v, cos, sin)
+
+
+def _softmax_reference(scores: torch.Tensor, dp: torch.Tensor, scale: float):
+    """float64 ``(p, ds)`` of attention's softmax backward."""
+    p = torch.softmax(scores.double() * scale, dim=-1)
+    dp = dp.double()
+    return p, p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "aligned-rows", "strided-inputs"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (1, 1, 200, 50), (2, 1, 40, 866)])
+def test_softmax_backward_matches_float64(shape, layout):
+    """p = softmax(scores·scale) and ds = p ⊙ (dp − Σ dp ⊙ p)·scale in one pass per row,
+    against float64; masked keys (−inf) get probability exactly 0; outputs into rows of
+    any stride (the 16-byte-aligned buffers the VJP's GEMMs read), inputs from any."""
+    from ate_fast.models.gemm_alignment import aligned_rows
+
+    g = torch.Generator().manual_seed(7)
+    n = shape[-1]
+    wide = 6 * torch.randn(*shape[:-1], n + 5, generator=g)
+    scores = wide[..., 2 : 2 + n] if layout == "strided-inputs" else wide[..., :n].contiguous()
+    dp = torch.randn(*shape, generator=g)
+    if n > 2:  # the first rows' last keys masked, as a padded prefix's bias makes them
+        scores[..., :3, -2:] = float("-inf")
+    outs = {}
+    if layout == "aligned-rows":
+        outs = {"p_out": aligned_rows(shape, scores), "ds_out": aligned_rows(shape, scores)}
+    p, ds = block_epilogues_cpu.softmax_backward(scores, dp, 0.125, **outs)
+    want_p, want_ds = _softmax_reference(scores, dp, 0.125)
+    for got, want in ((p, want_p), (ds, want_ds)):
+        assert (got.double() - want).abs().max() <= BOUND * want.abs().max()
+    if n > 2:
+        assert torch.all(p[..., :3, -2:] == 0) and torch.all(ds[..., :3, -2:] == 0)
+    if outs:
+        assert p.data_ptr() == outs["p_out"].data_ptr() and ds is outs["ds_out"]
+    # from the probabilities the forward kept: the same ds, p only read
+    kept = p.clone()
+    again = block_epilogues_cpu.softmax_grad(p, dp, 0.125)
+    assert torch.equal(p, kept)
+    assert (again.double() - want_ds).abs().max() <= BOUND * want_ds.abs().max()
+
+
+def test_the_vjp_softmax_takes_the_kernel_on_the_native_path(monkeypatch):
+    """flow_transformer_vjp.softmax_backward / softmax_grad: the kernel on the CPU's native
+    path (into aligned rows), ATen's ops where forced to torch; the same values to
+    rounding."""
+    from ate_fast.models import flow_transformer_vjp as vjp
+    from ate_fast.models.gemm_alignment import rows_aligned
+
+    calls = _counted(monkeypatch)
+    scores, dp = torch.randn(1, 1, 200, 50), torch.randn(1, 1, 200, 50)
+    monkeypatch.delenv(ENV, raising=False)
+    with torch.no_grad():
+        p, ds = vjp.softmax_backward(scores, dp, 0.125)
+        ds_kept = vjp.softmax_grad(p, dp, 0.125)
+    assert calls["softmax_backward"] == 1 and rows_aligned(p) and rows_aligned(ds)
+    monkeypatch.setenv(ENV, "torch")
+    with torch.no_grad():
+        ref_p, ref_ds = vjp.softmax_backward(scores, dp, 0.125)
+    assert calls["softmax_backward"] == 1
+    torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ds, ref_ds, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ds_kept, ref_ds, rtol=1e-6, atol=1e-7)
+
+
+def test_softmax_arguments_are_named():
+    scores, dp = torch.randn(4, 10), torch.randn(4, 10)
+    with pytest.raises(InvalidArgumentError, match=r"scores: expected shape \(4, 10\)"):
+        block_epilogues_cpu.softmax_backward(scores[:, :9], dp, 0.5)
+    with pytest.raises(InvalidArgumentError, match="dp: expected a float32 CPU tensor"):
+        block_epilogues_cpu.softmax_backward(scores, dp.double(), 0.5)
+    with pytest.raises(InvalidArgumentError, match="scale: expected a finite number"):
+        block_epilogues_cpu.softmax_backward(scores, dp, float("nan"))
+    with pytest.raises(InvalidArgumentError, match="ds_out: expected rows one stride apart"):
+        block_epilogues_cpu.softmax_backward(scores, dp, 0.5, ds_out=torch.empty(10, 4).t())
+    with pytest.raises(InvalidArgumentError, match=r"p: expected shape \(4, 10\)"):
+        block_epilogues_cpu.softmax_grad(torch.rand(4, 9), dp, 0.5)

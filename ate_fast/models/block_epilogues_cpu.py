@@ -1,5 +1,5 @@
 """The flow-transformer block's epilogues as C++ CPU kernels: the MLP's gated GELU and its
-backward, RMSNorm, and the rotary q/k/v epilogue.
+backward, RMSNorm, the rotary q/k/v epilogue, and attention's softmax backward.
 
 :func:`ate_fast.models.block_epilogues.gated_gelu` and
 :func:`ate_fast.models.flow_transformer_vjp.gelu_gate_backward` call these where the
@@ -18,11 +18,14 @@ ulps, tested against float64), the same way in a forward with and without the sa
 queries and keys rotated, the values copied into attention's layout) replace five and
 six to twelve ATen ops each: on one core of a batch-1 step each ATen op costs a few
 microseconds of dispatch and allocation — more right after a GEMM has streamed its weights
-through the caches — against a fraction of a microsecond of arithmetic.
+through the caches — against a fraction of a microsecond of arithmetic. :func:`softmax_backward`
+and :func:`softmax_grad` (the input-VJP through attention: the probabilities and the scores'
+gradient) likewise replace seven and four.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -308,3 +311,73 @@ def unrotate_pack(
             q_out.stride(1), kv_out.data_ptr(), kv_out.stride(1), torch.get_num_threads(),
         )  # fmt: skip
     return (out,) if fused else (q_out, kv_out)
+
+
+def _score_rows(name: str, t: Tensor, shape: torch.Size, write: bool = False) -> Tensor:
+    """``t`` [..., n] of ``shape`` as rows [R, n] one stride apart: a view, or for an input
+    that is none a copy; an output (``write``) must be one."""
+    _check(name, t)
+    if t.shape != shape:
+        raise InvalidArgumentError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not write:
+        return _rows(t, shape[-1])
+    try:
+        rows = t.view(-1, shape[-1])
+    except RuntimeError:
+        rows = None
+    if rows is None or rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < shape[-1]):
+        raise InvalidArgumentError(
+            f"{name}: expected rows one stride apart with unit column stride (viewable as "
+            f"[R, {shape[-1]}]), got strides {t.stride()}"
+        )
+    return rows
+
+
+def _softmax_call(
+    scores: Optional[Tensor], p: Tensor, dp: Tensor, ds: Tensor, scale: float
+) -> None:
+    if not math.isfinite(scale):
+        raise InvalidArgumentError(f"scale: expected a finite number, got {scale!r}")
+    shape = dp.shape
+    if dp.dim() == 0:
+        raise InvalidArgumentError("dp: expected [..., n] score rows, got a 0-dim tensor")
+    if dp.numel() == 0:  # nothing to compute; the shapes still checked
+        for name, t in (("scores", scores), ("p", p), ("ds_out", ds)):
+            if t is not None and t.shape != shape:
+                raise InvalidArgumentError(
+                    f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}"
+                )
+        return
+    dp_rows = _score_rows("dp", dp, shape)
+    p_rows = _score_rows("p", p, shape, write=scores is not None)
+    ds_rows = _score_rows("ds_out", ds, shape, write=True)
+    s_rows = None if scores is None else _score_rows("scores", scores, shape)
+    _kernels().softmax_backward(
+        _FLOAT32, dp_rows.shape[0], shape[-1], 0 if s_rows is None else s_rows.data_ptr(),
+        0 if s_rows is None else s_rows.stride(0), p_rows.data_ptr(), p_rows.stride(0),
+        dp_rows.data_ptr(), dp_rows.stride(0), ds_rows.data_ptr(), ds_rows.stride(0),
+        float(scale), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def softmax_backward(
+    scores: Tensor, dp: Tensor, scale: float, p_out: Optional[Tensor] = None,
+    ds_out: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(p, ds)``: ``p = softmax(scores·scale)`` and ``ds = p ⊙ (dp − rowsum(dp ⊙ p))·scale``
+    [..., n] (a score of −inf, a masked key, gets probability exactly 0); written into
+    ``p_out`` / ``ds_out`` where given (rows one stride apart, e.g.
+    :func:`~ate_fast.models.gemm_alignment.aligned_rows`), else new tensors; float32 CPU
+    tensors."""
+    p = torch.empty_like(dp, memory_format=torch.contiguous_format) if p_out is None else p_out
+    ds = torch.empty_like(p) if ds_out is None else ds_out
+    _softmax_call(scores, p, dp, ds, scale)
+    return p, ds
+
+
+def softmax_grad(p: Tensor, dp: Tensor, scale: float, ds_out: Optional[Tensor] = None) -> Tensor:
+    """``ds = p ⊙ (dp − rowsum(dp ⊙ p))·scale`` [..., n] from the probabilities ``p`` the
+    forward kept, into ``ds_out`` where given; float32 CPU tensors."""
+    ds = torch.empty_like(dp, memory_format=torch.contiguous_format) if ds_out is None else ds_out
+    _softmax_call(None, p, dp, ds, scale)
+    return ds

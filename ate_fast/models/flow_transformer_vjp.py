@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ate_fast.models import block_epilogues_cpu, l2_prefetch
-from ate_fast.models.block_epilogues import MAX_ROW, kernel_path, norm_eps, use_triton
+from ate_fast.models.block_epilogues import MAX_ROW, kernel_path, norm_eps
 from ate_fast.models.cpu_gemm import linear_residual_rows, times_weight
 from ate_fast.models.gemm_alignment import aligned_rows, aligned_writes_may_run
 from ate_fast.models.rotary import swap_halves
@@ -113,24 +113,34 @@ def gelu_gate_backward(dm: Tensor, saved: BlockSaved) -> Tensor:
 def softmax_backward(scores: Tensor, dp: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``(p, ds)``: the attention probabilities ``softmax(scores·scale)`` and the scores'
     gradient ``p ⊙ (dp − rowsum(dp ⊙ p))·scale`` [..., N]."""
-    if scores.shape[-1] <= MAX_ROW and use_triton(scores, dp):
+    path = kernel_path(scores, dp)
+    if path == "triton" and scores.shape[-1] <= MAX_ROW:
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.softmax_backward(scores, dp, scale)  # rows of one stride: read in place
     if not aligned_writes_may_run(scores, dp):
         p = torch.softmax(scores * scale, dim=-1)
-    else:  # p written into 16-byte-aligned rows: the GEMM of dv reads it (and ds: dq's, dk's)
-        p = torch.softmax(scores * scale, dim=-1, out=aligned_rows(scores.shape, scores))
+        return p, softmax_grad(p, dp, scale)
+    # p and ds written into 16-byte-aligned rows: the GEMM of dv reads p (dq's, dk's ds)
+    p = aligned_rows(scores.shape, scores)
+    if path == "native":  # one pass per row for both
+        return block_epilogues_cpu.softmax_backward(
+            scores, dp, scale, p, aligned_rows(scores.shape, scores)
+        )
+    p = torch.softmax(scores * scale, dim=-1, out=p)
     return p, softmax_grad(p, dp, scale)
 
 
 def softmax_grad(p: Tensor, dp: Tensor, scale: float) -> Tensor:
     """The scores' gradient ``p ⊙ (dp − rowsum(dp ⊙ p))·scale`` [..., N] from the
     probabilities ``p`` the forward kept (:attr:`BlockSaved.p`) and ``dp`` [..., N]."""
-    if p.shape[-1] <= MAX_ROW and use_triton(p, dp):
+    path = kernel_path(p, dp)
+    if path == "triton" and p.shape[-1] <= MAX_ROW:
         import ate_fast.models.block_epilogues_triton as kernels
 
         return kernels.softmax_grad(p, dp, scale)  # rows of one stride: read in place
+    if path == "native" and aligned_writes_may_run(p, dp):  # the GEMMs of dq, dk read ds
+        return block_epilogues_cpu.softmax_grad(p, dp, scale, aligned_rows(p.shape, p))
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     if not aligned_writes_may_run(p, dp):
         return ds * scale

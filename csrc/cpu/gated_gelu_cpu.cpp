@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "ate_fast/fast_exp.h"
 #include "ate_fast/launchers.h"
 #include "ate_fast/vector_clones.h"
 
@@ -21,27 +22,6 @@ constexpr int64_t kParallelThreshold = 1 << 16;
 
 constexpr float kTwoSqrt2OverPi = 1.5957691216057308f;  // 2·√(2/π)
 constexpr float kCubic = 0.044715f;
-
-// exp(x) for x clamped to [−87, 87] (results stay normal floats: no denormal slow path),
-// ≈ 1 ulp: 2ⁿ·p(r), n = round(x/ln 2), r = x − n·ln 2 (ln 2 in two parts), p Cephes'
-// degree-7 expf polynomial. Branch-free so that the loop vectorises.
-inline float exp_clamped(float x) {
-  x = std::min(std::max(x, -87.0f), 87.0f);
-  constexpr float kRound = 12582912.0f;  // 1.5·2²³: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2ⁿ, n in [−126, 126]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 // exp(−u) of the tanh-form GELU at g, u = 2√(2/π)(g + 0.044715 g³): σ(u) = 1 / (1 + e),
 // and 1 − σ(u) = e·σ(u) without the cancellation of 1 − σ where σ is near 1.

@@ -217,6 +217,34 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("threads") = 1,
       "The q and kv projections' output gradients from attention's (see block_norm_rotary.h):"
       " sizes (B, H, heads, kv_heads, hd); float32 (dtype 0).");
+  mod.def(
+      "softmax_backward",
+      [](int dtype, int64_t rows, int64_t n, uintptr_t scores, int64_t scores_row_stride,
+         uintptr_t p, int64_t p_row_stride, uintptr_t dp, int64_t dp_row_stride, uintptr_t ds,
+         int64_t ds_row_stride, double scale, int threads) {
+        SoftmaxBackwardArgs a;
+        a.rows = rows;
+        a.n = n;
+        a.scores = as_ptr(scores);
+        a.scores_row_stride = scores_row_stride;
+        a.p = reinterpret_cast<void*>(p);
+        a.p_row_stride = p_row_stride;
+        a.dp = as_ptr(dp);
+        a.dp_row_stride = dp_row_stride;
+        a.ds = reinterpret_cast<void*>(ds);
+        a.ds_row_stride = ds_row_stride;
+        a.scale = scale;
+        a.threads = threads;
+        without_gil("ate_fast._C.softmax_backward",
+                    [&] { return softmax_backward_cpu(as_dtype(dtype), a); });
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("n"), py::arg("scores"),
+      py::arg("scores_row_stride"), py::arg("p"), py::arg("p_row_stride"), py::arg("dp"),
+      py::arg("dp_row_stride"), py::arg("ds"), py::arg("ds_row_stride"), py::arg("scale"),
+      py::arg("threads") = 1,
+      "p = softmax(scores·scale) (scores 0: p is read) and ds = p ⊙ (dp − Σ dp ⊙ p)·scale"
+      " over [rows, n] rows, each tensor its row stride (see attention_softmax.h); float32"
+      " (dtype 0).");
   mod.def("num_threads", &cpu_num_threads, "OpenMP threads the CPU kernels use.");
 #if defined(_OPENMP)
   mod.attr("openmp") = true;

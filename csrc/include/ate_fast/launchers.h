@@ -1,6 +1,7 @@
 // Torch-free launchers: raw pointers, sizes and (for CUDA) a stream handle.
 #pragma once
 
+#include "ate_fast/attention_softmax.h"
 #include "ate_fast/block_norm_rotary.h"
 #include "ate_fast/gated_gelu.h"
 #include "ate_fast/guided_step.h"
@@ -26,6 +27,10 @@ int rms_norm_cpu(DType dtype, const RmsNormArgs& args);
 int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& args);
 int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& args);
 int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& args);
+
+// CPU: attention's softmax of the scores and its backward (see attention_softmax.h);
+// float32 only (kBadDType otherwise).
+int softmax_backward_cpu(DType dtype, const SoftmaxBackwardArgs& args);
 
 // Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
 int cpu_num_threads();
