@@ -313,22 +313,18 @@ def unrotate_pack(
     return (out,) if fused else (q_out, kv_out)
 
 
-def _score_rows(name: str, t: Tensor, shape: torch.Size, write: bool = False) -> Tensor:
-    """``t`` [..., n] of ``shape`` as rows [R, n] one stride apart: a view, or for an input
-    that is none a copy; an output (``write``) must be one."""
-    _check(name, t)
-    if t.shape != shape:
-        raise InvalidArgumentError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if not write:
-        return _rows(t, shape[-1])
+def _output_rows(name: str, t: Tensor) -> Tensor:
+    """An output ``t`` [..., n] as a view [R, n] of rows one stride apart, unit column
+    stride (the kernel writes through it)."""
+    n = t.shape[-1]
     try:
-        rows = t.view(-1, shape[-1])
+        rows = t.view(-1, n)
     except RuntimeError:
         rows = None
-    if rows is None or rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < shape[-1]):
+    if rows is None or rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
         raise InvalidArgumentError(
             f"{name}: expected rows one stride apart with unit column stride (viewable as "
-            f"[R, {shape[-1]}]), got strides {t.stride()}"
+            f"[R, {n}]), got strides {t.stride()}"
         )
     return rows
 
@@ -338,22 +334,25 @@ def _softmax_call(
 ) -> None:
     if not math.isfinite(scale):
         raise InvalidArgumentError(f"scale: expected a finite number, got {scale!r}")
-    shape = dp.shape
     if dp.dim() == 0:
         raise InvalidArgumentError("dp: expected [..., n] score rows, got a 0-dim tensor")
-    if dp.numel() == 0:  # nothing to compute; the shapes still checked
-        for name, t in (("scores", scores), ("p", p), ("ds_out", ds)):
-            if t is not None and t.shape != shape:
-                raise InvalidArgumentError(
-                    f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}"
-                )
+    shape = dp.shape
+    named = {"dp": dp, "p": p, "ds_out": ds, **({} if scores is None else {"scores": scores})}
+    for name, t in named.items():
+        _check(name, t)
+        if t.shape != shape:
+            raise InvalidArgumentError(
+                f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}"
+            )
+    if dp.numel() == 0:
         return
-    dp_rows = _score_rows("dp", dp, shape)
-    p_rows = _score_rows("p", p, shape, write=scores is not None)
-    ds_rows = _score_rows("ds_out", ds, shape, write=True)
-    s_rows = None if scores is None else _score_rows("scores", scores, shape)
+    n = shape[-1]
+    dp_rows, ds_rows = _rows(dp, n), _output_rows("ds_out", ds)
+    # p: written from the scores, else only read (a copy of it will do)
+    p_rows = _rows(p, n) if scores is None else _output_rows("p", p)
+    s_rows = None if scores is None else _rows(scores, n)
     _kernels().softmax_backward(
-        _FLOAT32, dp_rows.shape[0], shape[-1], 0 if s_rows is None else s_rows.data_ptr(),
+        _FLOAT32, dp_rows.shape[0], n, 0 if s_rows is None else s_rows.data_ptr(),
         0 if s_rows is None else s_rows.stride(0), p_rows.data_ptr(), p_rows.stride(0),
         dp_rows.data_ptr(), dp_rows.stride(0), ds_rows.data_ptr(), ds_rows.stride(0),
         float(scale), torch.get_num_threads(),
