@@ -4,7 +4,7 @@ the eager loop a user writes, rows interleaved round by round, one torch thread
 
     python benchmarks/cpu_head_targets.py [--heads mlp-small unet1d-dp …] [--rounds 5]
                                           [--aten-conv] [--gemms aten onednn] [--compile]
-                                          [--fuse-qkv] [--json OUT.json]
+                                          [--fuse-qkv] [--dtype bfloat16] [--json OUT.json]
 
 ``bench_heads``' set-up: each head at its config's (H, D), B = 1, float32, on its native
 sampler (flow heads: flow Euler 10; U-Nets: DDIM 10), the U-Nets' conditioning a fixed
@@ -26,11 +26,12 @@ block's q and kv projected by one GEMM through ``[W_q; W_kv]`` concatenated once
 a GPU call's default, off on the CPU) and the column ``capture()`` / it (> 1: the fused
 call faster). ``--unpacked`` adds ``capture()`` with ``ATE_FAST_CPU_WEIGHT_PACKS=off`` (each
 call's oneDNN weights not packed once: :mod:`ate_fast.ops.weight_packs`) and the column
-it / ``capture()`` (> 1: packing faster). ``--torch-epilogues`` adds, for the flow
-transformers, the eager loop and ``capture()`` with ``ATE_FAST_FLOW_EPILOGUES=torch`` (ATen's
-ops for the block's gated GELU, RMSNorms and rotary epilogue instead of the CPU's native
-kernels, which the other rows run)
-and the column "eager, ``capture()``: torch / native" (> 1: the native kernels faster).
+it / ``capture()`` (> 1: packing faster). ``--dtype bfloat16`` casts every head's weights
+and conditioning (the noise, the sampler state and its update stay float32).
+``--torch-epilogues`` adds, for the flow transformers, the eager loop and ``capture()``
+with ``ATE_FAST_FLOW_EPILOGUES=torch`` (ATen's ops for the block's gated GELU, RMSNorms and
+rotary epilogue instead of the CPU's native kernels, which the other rows run) and the
+column "eager, ``capture()``: torch / native" (> 1: the native kernels faster).
 """
 
 from __future__ import annotations
@@ -59,19 +60,23 @@ NATIVE_SAMPLER = {"unet1d": "ddim-10"}  # every other head: flow Euler 10
 
 def rows(
     head_id: str, compiled: bool = False, fused: bool = False, unpacked: bool = False,
-    torch_epilogues: bool = False,
+    torch_epilogues: bool = False, dtype: torch.dtype = torch.float32,
 ) -> dict[str, Callable[[], torch.Tensor]]:  # fmt: skip
     """The rows of one head, each a call with fixed noise (and cond); ``compiled``: also
     the eager loop with the head ``torch.compile``d (``bench_heads``' ``compile`` row);
     ``fused``: also ``capture()`` with a flow transformer's ``fuse_qkv = True``;
     ``unpacked``: also ``capture()`` with the call's weights not packed;
     ``torch_epilogues``: also the eager loop and ``capture()`` of a flow transformer with
-    ATen's epilogue ops (the other rows pinned to the native kernels)."""
+    ATen's epilogue ops (the other rows pinned to the native kernels); ``dtype``: the
+    head's weights and its conditioning (noise and the update stay float32)."""
     head = bench_heads._head("cpu", head_id)
+    if dtype != torch.float32:
+        head = copy.deepcopy(head).to(dtype)
     sampler = NATIVE_SAMPLER.get(bench_heads.HEADS[head_id][0], "flow-euler-10")
     horizon, action_dim = bench_heads._shape(head_id)
     noise = torch.randn(1, horizon, action_dim, generator=torch.Generator().manual_seed(1))
     cond = bench_heads._cond("cpu", head_id)
+    cond = None if cond is None else cond.to(dtype)
     loop = bench_heads._user_loop(head, sampler, 1.0, None, "cpu", cond=cond)
     ate = bench_heads._ate_sampler(head_id, sampler, head)
     captured = ate.capture(noise, cond, check_finite=False)
@@ -96,6 +101,8 @@ def rows(
             impls[f"{row}_torch_epilogues"] = under_env(var, "torch", impls[row])
             impls[row] = under_env(var, "native", impls[row])
     if compiled:
+        if dtype != torch.float32:
+            raise SystemExit("--compile: float32 only (bench_heads' compiled head)")
         model = bench_heads._compiled_head("cpu", head_id)
         compiled_loop = bench_heads._user_loop(model, sampler, 1.0, None, "cpu", cond=cond)
         impls["compile"] = lambda: compiled_loop(noise)
@@ -170,6 +177,10 @@ def main() -> None:
         "--torch-epilogues", action="store_true",
         help="also the eager loop and capture() with ATen's epilogue ops (flow transformers)",
     )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="the heads' weights and conditioning (the sampler state stays float32)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the times and ratios here")
     args = parser.parse_args()
     unknown = sorted(set(args.heads) - set(bench_heads.HEADS))
@@ -182,7 +193,8 @@ def main() -> None:
     cpu = f"{platform.machine()} {cpu_gemm.cpu_vendor() or 'unknown vendor'}"
     cpu += f" (ATen CPU capability {torch.backends.cpu.get_cpu_capability()})"
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {cpu}, {args.rounds} rounds"
+        f"torch {torch.__version__}, {args.threads} thread(s), {cpu}, {args.dtype} heads, "
+        f"{args.rounds} rounds"
         " (eager: its fastest; ratios: median over rounds)"
     )
     extra = " `capture()` vs `torch.compile` |" if args.compile else ""
@@ -199,7 +211,10 @@ def main() -> None:
         label[g] = g if g == cpu_gemm.selected_gemm() else f"{g} ({cpu_gemm.selected_gemm()})"
     results = {}
     for head_id in args.heads:
-        base = rows(head_id, args.compile, args.fuse_qkv, args.unpacked, args.torch_epilogues)
+        base = rows(
+            head_id, args.compile, args.fuse_qkv, args.unpacked, args.torch_epilogues,
+            getattr(torch, args.dtype),
+        )  # fmt: skip
         impls = {(g, row): under_gemm(g, fn) for g in gemms for row, fn in base.items()}
         rounds = timed_rounds(impls, args.rounds)
         for g in gemms:
@@ -237,7 +252,7 @@ def main() -> None:
             )
     if args.json:
         meta = {"torch": torch.__version__, "cpu": cpu, "aten_conv": args.aten_conv,
-                "threads": args.threads}  # fmt: skip
+                "threads": args.threads, "dtype": args.dtype}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "heads": results}, indent=1))
 
 

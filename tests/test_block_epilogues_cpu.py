@@ -76,7 +76,7 @@ def test_gelu_gate_backward_matches_float64(shape, halves):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(InvalidArgumentError, match="gate_up: expected a float32 CPU tensor"):
+    with pytest.raises(InvalidArgumentError, match="gate_up: expected a float32 or bfloat16 CPU"):
         block_epilogues_cpu.gated_gelu(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(InvalidArgumentError, match=r"gate_up: expected \[.., 2F\]"):
         block_epilogues_cpu.gated_gelu(torch.randn(2, 7))
@@ -267,7 +267,7 @@ def test_norm_and_rotation_arguments_are_named():
     x = torch.randn(2, 8)
     with pytest.raises(InvalidArgumentError, match=r"weight: expected \[8\]"):
         block_epilogues_cpu.rms_norm(x, torch.ones(7), 1e-6)
-    with pytest.raises(InvalidArgumentError, match="x: expected a float32 CPU tensor"):
+    with pytest.raises(InvalidArgumentError, match="x: expected a float32 or bfloat16 CPU"):
         block_epilogues_cpu.rms_norm(x.double(), None, 1e-6)
     with pytest.raises(InvalidArgumentError, match="eps: expected a number >= 0"):
         block_epilogues_cpu.rms_norm(x, None, -1.0)
@@ -425,3 +425,106 @@ def test_softmax_arguments_are_named():
         block_epilogues_cpu.softmax_backward(scores, dp, 0.5, ds_out=torch.empty(10, 4).t())
     with pytest.raises(InvalidArgumentError, match=r"p: expected shape \(4, 10\)"):
         block_epilogues_cpu.softmax_grad(torch.rand(4, 9), dp, 0.5)
+
+
+# -- bfloat16: the forward kernels (gated GELU, RMSNorm, rotation) --------------------------
+BF16 = torch.bfloat16
+# one rounding to bfloat16 (8 significant bits): at most 2⁻⁸ of the value's magnitude
+BF16_ROUNDING = 2.0**-8
+
+
+def _rounded_once(got: torch.Tensor, want: torch.Tensor) -> None:
+    """``got`` (bf16) is ``want`` (float64, from the same bf16 inputs) rounded once: within
+    one bf16 rounding of each value, plus the float32 arithmetic's error."""
+    assert got.dtype == BF16 and got.shape == want.shape
+    err = (got.double() - want).abs()
+    assert (err <= BF16_ROUNDING * want.abs() + BOUND * want.abs().max()).all(), err.max()
+
+
+@pytest.mark.parametrize("save_act", [True, False], ids=["act", "no-act"])
+@pytest.mark.parametrize("rows,width", [(1, 1), (3, 17), (2, 700), (50, 1024)])
+def test_bf16_gated_gelu_is_the_float32_kernel_rounded_once(rows, width, save_act):
+    """A bf16 row goes through the float32 kernel in chunks of 256 widened values (700: a
+    partial last chunk): the same bits as the float32 kernel on the widened input, rounded
+    once, and so within one bf16 rounding of float64 (ATen rounds gelu(gate) first)."""
+    gate_up = _gate_up(rows, width).to(BF16)
+    out, act = block_epilogues_cpu.gated_gelu(gate_up, save_act=save_act)
+    out32, act32 = block_epilogues_cpu.gated_gelu(gate_up.float(), save_act=True)
+    assert torch.equal(out, out32.to(BF16))
+    assert act is None if not save_act else torch.equal(act, act32.to(BF16))
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    _rounded_once(out, F.gelu(gate, approximate="tanh") * up)
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 50, 256), (4, 700)])
+def test_bf16_rms_norm_matches_float64(shape, weighted):
+    g = torch.Generator().manual_seed(11)
+    x = (3 * torch.randn(shape, generator=g)).to(BF16)
+    weight = torch.randn(shape[-1], generator=g).to(BF16) if weighted else None
+    out = block_epilogues_cpu.rms_norm(x, weight, 1e-6)
+    w64 = None if weight is None else weight.double()
+    _rounded_once(out, F.rms_norm(x.double(), (shape[-1],), w64, 1e-6))
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd", [(4, 1, 64), (4, 2, 8), (8, 1, 256), (2, 1, 300)])
+def test_bf16_rotate_qkv_is_the_float32_kernel_rounded_once(heads, kv_heads, hd):
+    """hd = 300: the pairs (i, 150 + i) in two chunks of at most 128."""
+    q_lin, kv_lin, cos, sin = (t.to(BF16) for t in _projections(heads, kv_heads, 11, hd))
+    got = block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos, sin, heads, kv_heads)
+    wide = block_epilogues_cpu.rotate_qkv(
+        q_lin.float(), kv_lin.float(), cos.float(), sin.float(), heads, kv_heads
+    )
+    ref = _float64_rotation(q_lin, kv_lin, cos, sin, heads, kv_heads)
+    for one, f32, want in zip(got, wide, ref):
+        assert one.is_contiguous() and torch.equal(one, f32.to(BF16))
+        _rounded_once(one, want)
+
+
+def test_bf16_arguments_are_one_dtype():
+    x = torch.randn(2, 8, dtype=BF16)
+    with pytest.raises(InvalidArgumentError, match="weight: expected a bfloat16 CPU tensor"):
+        block_epilogues_cpu.rms_norm(x, torch.ones(8), 1e-6)
+    q_lin, kv_lin, cos, sin = (t.to(BF16) for t in _projections(4, 2, 6, 8))
+    with pytest.raises(InvalidArgumentError, match="cos: expected a bfloat16 CPU tensor"):
+        block_epilogues_cpu.rotate_qkv(q_lin, kv_lin, cos.float(), sin, 4, 2)
+    with pytest.raises(InvalidArgumentError, match="gate_up: expected a float32 or bfloat16"):
+        block_epilogues_cpu.gated_gelu(torch.randn(2, 8, dtype=torch.float16))
+    with pytest.raises(InvalidArgumentError, match="dm: expected a float32 CPU tensor"):
+        block_epilogues_cpu.gelu_gate_backward(x, x, x, x)  # the VJPs: float32 only
+    # the path: one dtype of the op's native dtypes, else ATen's ops
+    native_dtypes = block_epilogues_cpu.FORWARD_DTYPES
+    assert block_epilogues.kernel_path(x, native_dtypes=native_dtypes) == "native"
+    assert block_epilogues.kernel_path(x, x.float(), native_dtypes=native_dtypes) == "torch"
+    assert block_epilogues.kernel_path(x) == "torch"
+
+
+def test_bf16_head_takes_the_forward_kernels_and_matches_the_torch_ops(monkeypatch):
+    """A bf16 head on the CPU: a captured Euler loop runs the forward kernels by default,
+    an RTC-guided sample the forward kernels and ATen's VJP ops (float32-only kernels), and
+    both give the torch path's actions within bf16's rounding."""
+    from ate_fast.realtime import RTCGuidance
+
+    head = _head().to(BF16)
+    noise = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(2))
+    cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(BF16)
+    prev = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(5))
+
+    def run():
+        sampler = FlowSampler(head, 4)
+        guidance = RTCGuidance(prev, 2, execution_horizon=3)
+        with torch.no_grad():
+            captured = sampler.capture(noise, cond)
+            return captured(noise, cond), sampler.sample(noise, cond, guidance=guidance)
+
+    calls = _counted(monkeypatch)
+    monkeypatch.delenv(ENV, raising=False)
+    got = run()
+    forward = ("gated_gelu", "rms_norm", "rotate_qkv")
+    assert all(calls[name] > 0 for name in forward), calls
+    assert all(calls[name] == 0 for name in KERNELS if name not in forward), calls
+    monkeypatch.setenv(ENV, "torch")
+    ref = run()
+    for r, k in zip(ref, got):
+        assert k.dtype == torch.float32
+        assert float((k - r).norm() / r.norm()) <= 1e-2  # test_mixed_precision_heads' SAMPLED

@@ -21,6 +21,13 @@ microseconds of dispatch and allocation — more right after a GEMM has streamed
 through the caches — against a fraction of a microsecond of arithmetic. :func:`softmax_backward`
 and :func:`softmax_grad` (the input-VJP through attention: the probabilities and the scores'
 gradient) likewise replace seven and four.
+
+The forward kernels (:func:`gated_gelu`, :func:`rms_norm`, :func:`rotate_qkv`) also take
+bfloat16 (every tensor of a call in one dtype): a row's values are widened to float32 in
+chunks of 256, computed as the float32 kernel computes them and each output rounded once to
+nearest even — the gated GELU and the rotation bit for bit the float32 kernel's result on
+the widened inputs, rounded (ATen's bf16 ops round each intermediate). The VJPs take float32
+only (:data:`FORWARD_DTYPES`).
 """
 
 from __future__ import annotations
@@ -33,8 +40,12 @@ from torch import Tensor
 
 from ate_fast import native
 from ate_fast.errors import InvalidArgumentError
+from ate_fast.ops.constants import DTYPE_CODES
 
-_FLOAT32 = 0  # the launchers' dtype code (csrc/include/ate_fast/constants.h)
+_FLOAT32 = DTYPE_CODES[torch.float32]  # the launchers' dtype code
+# the dtypes the forward kernels (gated_gelu, rms_norm, rotate_qkv) take: bfloat16 is loaded
+# as float32, computed in float32 and each output rounded once; the VJPs take float32 only
+FORWARD_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _kernels():
@@ -44,17 +55,28 @@ def _kernels():
     return module
 
 
-def _check(name: str, t: Tensor) -> None:
-    if t.device.type != "cpu" or t.dtype != torch.float32:
+def _check(name: str, t: Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """``t`` a CPU tensor of ``dtype`` (a forward's first tensor sets it for the rest)."""
+    if t.device.type != "cpu" or t.dtype != dtype:
+        expected = str(dtype).removeprefix("torch.")
         raise InvalidArgumentError(
-            f"{name}: expected a float32 CPU tensor, got {t.dtype} on {t.device}"
+            f"{name}: expected a {expected} CPU tensor, got {t.dtype} on {t.device}"
         )
+
+
+def _forward_dtype(name: str, t: Tensor) -> int:
+    """The launchers' dtype code of a forward's first tensor ``t``, float32 or bfloat16."""
+    if t.device.type != "cpu" or t.dtype not in FORWARD_DTYPES:
+        raise InvalidArgumentError(
+            f"{name}: expected a float32 or bfloat16 CPU tensor, got {t.dtype} on {t.device}"
+        )
+    return DTYPE_CODES[t.dtype]
 
 
 def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """``(gelu_tanh(gate)·up, gelu_tanh(gate) if save_act else None)`` [.., F] for
-    ``gate_up`` [.., 2F] (float32, CPU) split as ``gate, up``."""
-    _check("gate_up", gate_up)
+    ``gate_up`` [.., 2F] (float32 or bfloat16, CPU) split as ``gate, up``."""
+    code = _forward_dtype("gate_up", gate_up)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise InvalidArgumentError(
             f"gate_up: expected [.., 2F] (an even last dim), got {tuple(gate_up.shape)}"
@@ -68,7 +90,7 @@ def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optiona
     if rows:
         base, size = gate_up.data_ptr(), gate_up.element_size()
         _kernels().gated_gelu(
-            _FLOAT32, rows, width, 2 * width, base, base + width * size, out.data_ptr(),
+            code, rows, width, 2 * width, base, base + width * size, out.data_ptr(),
             act.data_ptr() if act is not None else 0, torch.get_num_threads(),
         )  # fmt: skip
     return out, act
@@ -110,11 +132,14 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
     return out
 
 
-def _norm_weight(weight: Optional[Tensor], width: int) -> Optional[Tensor]:
-    """A norm's ``weight`` [width] checked (float32 CPU, its shape), contiguous; None stays."""
+def _norm_weight(
+    weight: Optional[Tensor], width: int, dtype: torch.dtype = torch.float32
+) -> Optional[Tensor]:
+    """A norm's ``weight`` [width] checked (a CPU tensor of ``dtype``, its shape),
+    contiguous; None stays."""
     if weight is None:
         return None
-    _check("weight", weight)
+    _check("weight", weight, dtype)
     if weight.shape != (width,):
         raise InvalidArgumentError(
             f"weight: expected [{width}] (x's last dim), got {tuple(weight.shape)}"
@@ -129,14 +154,15 @@ def _check_eps(eps: float) -> None:
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """``torch.nn.functional.rms_norm(x, (width,), weight, eps)`` [.., width] of ``x``
-    [.., width] (float32, CPU; ``weight`` [width] or None): each row times
-    ``1/√(mean(row²) + eps)``, then the weight, rounded as ATen's float32 op rounds each
-    step (the sum of squares in another order)."""
-    _check("x", x)
+    [.., width] (float32 or bfloat16, CPU; ``weight`` [width] of x's dtype, or None): each
+    row times ``1/√(mean(row²) + eps)``, then the weight, rounded as ATen's float32 op
+    rounds each step (the sum of squares in another order); bfloat16 computed in float32,
+    the output rounded once."""
+    code = _forward_dtype("x", x)
     if x.dim() == 0:
         raise InvalidArgumentError("x: expected [.., width], got a 0-d tensor")
     width = x.shape[-1]
-    weight = _norm_weight(weight, width)
+    weight = _norm_weight(weight, width, x.dtype)
     _check_eps(eps)
     out = torch.empty(x.shape, dtype=x.dtype)
     rows = x.numel() // width if width else 0
@@ -144,7 +170,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
         x_rows = _rows(x, width)
         stride = x_rows.stride(0) if rows > 1 else width
         _kernels().rms_norm(
-            _FLOAT32, rows, width, stride, x_rows.data_ptr(),
+            code, rows, width, stride, x_rows.data_ptr(),
             weight.data_ptr() if weight is not None else 0, out.data_ptr(), float(eps),
             torch.get_num_threads(),
         )  # fmt: skip
@@ -183,12 +209,14 @@ def rotate_qkv(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(q, k, v)`` of :func:`ate_fast.models.block_epilogues.rotate_qkv` without a
     prefix in front (``out``: the call's buffers, the action rows written behind the
-    prefix's): ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (float32, CPU,
-    unit column stride), ``cos``, ``sin`` [≥ H, hd] or [B, 1, ≥ H, hd] (their last H rows:
-    the action tokens' positions); ``q`` [B, kv_heads, H·g, hd] (g = heads / kv_heads),
-    ``k``, ``v`` [B, kv_heads, H, hd] or ``out``."""
-    for name, t in (("q_lin", q_lin), ("kv_lin", kv_lin), ("cos", cos), ("sin", sin)):
-        _check(name, t)
+    prefix's): ``q_lin`` [B, H, heads·hd], ``kv_lin`` [B, H, 2·kv_heads·hd] (CPU, unit
+    column stride; float32 or bfloat16, every tensor in q_lin's dtype), ``cos``, ``sin``
+    [≥ H, hd] or [B, 1, ≥ H, hd] (their last H rows: the action tokens' positions);
+    ``q`` [B, kv_heads, H·g, hd] (g = heads / kv_heads), ``k``, ``v`` [B, kv_heads, H, hd] or
+    ``out``."""
+    code = _forward_dtype("q_lin", q_lin)
+    for name, t in (("kv_lin", kv_lin), ("cos", cos), ("sin", sin)):
+        _check(name, t, q_lin.dtype)
     if q_lin.dim() != 3 or kv_lin.shape[:2] != q_lin.shape[:2]:
         raise InvalidArgumentError(
             f"q_lin, kv_lin: expected [B, H, ·] each, got {tuple(q_lin.shape)} and "
@@ -223,10 +251,10 @@ def rotate_qkv(
                 f"layout, rows {hd} apart, got {tuple(k.shape)} and {tuple(v.shape)}"
             )
         for t in out:
-            _check("out", t)
+            _check("out", t, q_lin.dtype)
     if batch and horizon:
         _kernels().rotate_qkv(
-            _FLOAT32, [batch, horizon, heads, kv_heads, hd], q_lin.data_ptr(),
+            code, [batch, horizon, heads, kv_heads, hd], q_lin.data_ptr(),
             list(q_lin.stride()[:2]), kv_lin.data_ptr(), list(kv_lin.stride()[:2]),
             cos.data_ptr(), sin.data_ptr(), table_stride, q.data_ptr(), k_rows.data_ptr(),
             v_rows.data_ptr(), list(k_rows.stride()[:2]), torch.get_num_threads(),

@@ -4,8 +4,11 @@
 // after a GEMM has streamed its weights through the caches (benchmarks/README.md, "The
 // flow transformer's norms and rotary positions on the CPU").
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "ate_fast/bfloat16.h"
 #include "ate_fast/launchers.h"
 #include "ate_fast/vector_clones.h"
 
@@ -39,6 +42,52 @@ void rotate_row(const float* __restrict__ x, const float* __restrict__ cos,
   for (int64_t i = 0; i < half; ++i) {
     out[i] = x[i + half] * sin[i] + x[i] * cos[i];
     out[i + half] = x[i] * sin[i + half] + x[i + half] * cos[i + half];
+  }
+}
+
+// bf16 rows: widened kBf16Chunk values at a time into float32, computed as norm_row and
+// rotate_row compute, each output rounded once
+ATE_FAST_VECTOR_CLONES
+void norm_row_bf16(const Bf16* x, const Bf16* weight, Bf16* out, int64_t width, float eps) {
+  alignas(64) float xf[kBf16Chunk], wf[kBf16Chunk], of[kBf16Chunk];
+  float sum = 0.0f;
+  for (int64_t at = 0; at < width; at += kBf16Chunk) {
+    const int64_t n = std::min(kBf16Chunk, width - at);
+    widen_into(x + at, xf, n);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += xf[i] * xf[i];
+  }
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+  for (int64_t at = 0; at < width; at += kBf16Chunk) {
+    const int64_t n = std::min(kBf16Chunk, width - at);
+    widen_into(x + at, xf, n);
+    if (weight != nullptr) {
+      widen_into(weight + at, wf, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) of[i] = (xf[i] * inv) * wf[i];
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) of[i] = xf[i] * inv;
+    }
+    narrow_into(of, out + at, n);
+  }
+}
+
+// one head's hd values: a chunk of n pairs (i, half + i) laid out [lo | hi] in float32
+ATE_FAST_VECTOR_CLONES
+void rotate_row_bf16(const Bf16* x, const Bf16* cos, const Bf16* sin, Bf16* out, int64_t half) {
+  constexpr int64_t kPairs = kBf16Chunk / 2;
+  alignas(64) float xf[kBf16Chunk], cf[kBf16Chunk], sf[kBf16Chunk], of[kBf16Chunk];
+  for (int64_t at = 0; at < half; at += kPairs) {
+    const int64_t n = std::min(kPairs, half - at);
+    for (int64_t h = 0; h < 2; ++h) {
+      widen_into(x + h * half + at, xf + h * n, n);
+      widen_into(cos + h * half + at, cf + h * n, n);
+      widen_into(sin + h * half + at, sf + h * n, n);
+    }
+    rotate_row(xf, cf, sf, of, n);
+    narrow_into(of, out + at, n);
+    narrow_into(of + n, out + half + at, n);
   }
 }
 
@@ -88,21 +137,81 @@ bool parallel_tokens(int64_t tokens, int64_t heads, int64_t kv_heads, int64_t hd
 
 }  // namespace
 
+namespace {
+
+// S: float, or Bf16 (its rows through norm_row_bf16 / rotate_row_bf16)
+template <typename S>
+void rms_norm_rows(const RmsNormArgs& p) {
+  const S* x = static_cast<const S*>(p.x);
+  const S* weight = static_cast<const S*>(p.weight);
+  S* out = static_cast<S*>(p.out);
+  const float eps = static_cast<float>(p.eps);
+  const bool parallel = p.threads > 1 && p.rows * p.width >= kParallelThreshold;
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    if constexpr (std::is_same_v<S, Bf16>) {
+      norm_row_bf16(x + r * p.row_stride, weight, out + r * p.width, p.width, eps);
+    } else {
+      norm_row(x + r * p.row_stride, weight, out + r * p.width, p.width, eps);
+    }
+  }
+}
+
+template <typename S>
+inline void rotate(const S* x, const S* cos, const S* sin, S* out, int64_t half) {
+  if constexpr (std::is_same_v<S, Bf16>) {
+    rotate_row_bf16(x, cos, sin, out, half);
+  } else {
+    rotate_row(x, cos, sin, out, half);
+  }
+}
+
+template <typename S>
+void rotate_qkv_tokens(const RotateQkvArgs& p) {
+  const S* q_lin = static_cast<const S*>(p.q_lin);
+  const S* kv_lin = static_cast<const S*>(p.kv_lin);
+  const S* cos = static_cast<const S*>(p.cos);
+  const S* sin = static_cast<const S*>(p.sin);
+  S* q_out = static_cast<S*>(p.q_out);
+  S* k_out = static_cast<S*>(p.k_out);
+  S* v_out = static_cast<S*>(p.v_out);
+  const int64_t hd = p.head_dim;
+  const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
+  const int64_t tokens = p.batch * horizon;
+  const bool parallel = parallel_tokens(tokens, p.heads, p.kv_heads, hd, p.threads);
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t bt = 0; bt < tokens; ++bt) {
+    const int64_t b = bt / horizon, t = bt % horizon;
+    const S* c = cos + b * p.table_batch_stride + t * hd;
+    const S* s = sin + b * p.table_batch_stride + t * hd;
+    const S* q_row = q_lin + b * p.q_batch_stride + t * p.q_row_stride;
+    const S* kv_row = kv_lin + b * p.kv_batch_stride + t * p.kv_row_stride;
+    for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh) {
+      // the query heads sharing kv head kvh, token-major: rows t·g … t·g + g − 1
+      S* q_dst = q_out + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
+      for (int64_t j = 0; j < group; ++j)
+        rotate<S>(q_row + (kvh * group + j) * hd, c, s, q_dst + j * hd, half);
+      const int64_t at = b * p.out_batch_stride + kvh * p.out_head_stride + t * hd;
+      rotate<S>(kv_row + kvh * hd, c, s, k_out + at, half);
+      const S* v_src = kv_row + (p.kv_heads + kvh) * hd;
+      S* v_dst = v_out + at;
+      for (int64_t i = 0; i < hd; ++i) v_dst[i] = v_src[i];
+    }
+  }
+}
+
+}  // namespace
+
 int rms_norm_cpu(DType dtype, const RmsNormArgs& p) {
   if (p.rows < 0 || p.width < 0 || p.row_stride < p.width || p.threads < 1 || !(p.eps >= 0.0))
     return kBadShape;
   if (p.rows == 0 || p.width == 0) return kOk;
   if (p.x == nullptr || p.out == nullptr) return kNullPointer;
-  if (dtype != DType::kFloat32) return kBadDType;
-  const float* x = static_cast<const float*>(p.x);
-  const float* weight = static_cast<const float*>(p.weight);
-  float* out = static_cast<float*>(p.out);
-  const float eps = static_cast<float>(p.eps);
-  const bool parallel = p.threads > 1 && p.rows * p.width >= kParallelThreshold;
-#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
-  for (int64_t r = 0; r < p.rows; ++r)
-    norm_row(x + r * p.row_stride, weight, out + r * p.width, p.width, eps);
-  return kOk;
+  switch (dtype) {
+    case DType::kFloat32: rms_norm_rows<float>(p); return kOk;
+    case DType::kBFloat16: rms_norm_rows<Bf16>(p); return kOk;
+    default: return kBadDType;
+  }
 }
 
 int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
@@ -114,37 +223,11 @@ int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
   if (p.q_lin == nullptr || p.kv_lin == nullptr || p.cos == nullptr || p.sin == nullptr ||
       p.q_out == nullptr || p.k_out == nullptr || p.v_out == nullptr)
     return kNullPointer;
-  if (dtype != DType::kFloat32) return kBadDType;
-  const float* q_lin = static_cast<const float*>(p.q_lin);
-  const float* kv_lin = static_cast<const float*>(p.kv_lin);
-  const float* cos = static_cast<const float*>(p.cos);
-  const float* sin = static_cast<const float*>(p.sin);
-  float* q_out = static_cast<float*>(p.q_out);
-  float* k_out = static_cast<float*>(p.k_out);
-  float* v_out = static_cast<float*>(p.v_out);
-  const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
-  const int64_t tokens = p.batch * horizon;
-  const bool parallel = parallel_tokens(tokens, p.heads, p.kv_heads, hd, p.threads);
-#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
-  for (int64_t bt = 0; bt < tokens; ++bt) {
-    const int64_t b = bt / horizon, t = bt % horizon;
-    const float* c = cos + b * p.table_batch_stride + t * hd;
-    const float* s = sin + b * p.table_batch_stride + t * hd;
-    const float* q_row = q_lin + b * p.q_batch_stride + t * p.q_row_stride;
-    const float* kv_row = kv_lin + b * p.kv_batch_stride + t * p.kv_row_stride;
-    for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh) {
-      // the query heads sharing kv head kvh, token-major: rows t·g … t·g + g − 1
-      float* q_dst = q_out + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
-      for (int64_t j = 0; j < group; ++j)
-        rotate_row(q_row + (kvh * group + j) * hd, c, s, q_dst + j * hd, half);
-      const int64_t at = b * p.out_batch_stride + kvh * p.out_head_stride + t * hd;
-      rotate_row(kv_row + kvh * hd, c, s, k_out + at, half);
-      const float* v_src = kv_row + (p.kv_heads + kvh) * hd;
-      float* v_dst = v_out + at;
-      for (int64_t i = 0; i < hd; ++i) v_dst[i] = v_src[i];
-    }
+  switch (dtype) {
+    case DType::kFloat32: rotate_qkv_tokens<float>(p); return kOk;
+    case DType::kBFloat16: rotate_qkv_tokens<Bf16>(p); return kOk;
+    default: return kBadDType;
   }
-  return kOk;
 }
 
 }  // namespace ate_fast

@@ -3,11 +3,14 @@
 // target_clones on x86-64 Linux: one build serves every machine), OpenMP over rows for
 // large batches. ATen's float32 tanh-GELU runs at ≈ 2 ns per element on one AVX-512 core
 // (its tanh is the slow part); σ through a short exp polynomial is ≈ 4× faster
-// (benchmarks/README.md, "The flow transformer's gated GELU on the CPU").
+// (benchmarks/README.md, "The flow transformer's gated GELU on the CPU"). The forward also
+// takes bfloat16: chunks of a row widened to float32, the float32 row, each output rounded once.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
+#include "ate_fast/bfloat16.h"
 #include "ate_fast/fast_exp.h"
 #include "ate_fast/launchers.h"
 #include "ate_fast/vector_clones.h"
@@ -45,6 +48,20 @@ void forward_row(const float* __restrict__ gate, const float* __restrict__ up,
   }
 }
 
+// bf16 rows through forward_row, kBf16Chunk values at a time
+ATE_FAST_VECTOR_CLONES
+void forward_row_bf16(const Bf16* gate, const Bf16* up, Bf16* out, Bf16* act, int64_t width) {
+  alignas(64) float g[kBf16Chunk], u[kBf16Chunk], o[kBf16Chunk], a[kBf16Chunk];
+  for (int64_t at = 0; at < width; at += kBf16Chunk) {
+    const int64_t n = std::min(kBf16Chunk, width - at);
+    widen_into(gate + at, g, n);
+    widen_into(up + at, u, n);
+    forward_row(g, u, o, act != nullptr ? a : nullptr, n);
+    narrow_into(o, out + at, n);
+    if (act != nullptr) narrow_into(a, act + at, n);
+  }
+}
+
 ATE_FAST_VECTOR_CLONES
 void backward_row(const float* __restrict__ dm, const float* __restrict__ gate,
                   const float* __restrict__ up, const float* __restrict__ act,
@@ -66,22 +83,40 @@ bool valid(int64_t rows, int64_t width, int64_t row_stride) {
 
 }  // namespace
 
+namespace {
+
+// S: float, or Bf16 (its rows through forward_row_bf16)
+template <typename S>
+void gated_gelu_rows(const GatedGeluArgs& p) {
+  const S* gate = static_cast<const S*>(p.gate);
+  const S* up = static_cast<const S*>(p.up);
+  S* out = static_cast<S*>(p.out);
+  S* act = static_cast<S*>(p.act);
+  const bool parallel = p.threads > 1 && p.rows * p.width >= kParallelThreshold;
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    S* act_row = act != nullptr ? act + r * p.width : nullptr;
+    if constexpr (std::is_same_v<S, Bf16>) {
+      forward_row_bf16(gate + r * p.row_stride, up + r * p.row_stride, out + r * p.width,
+                       act_row, p.width);
+    } else {
+      forward_row(gate + r * p.row_stride, up + r * p.row_stride, out + r * p.width, act_row,
+                  p.width);
+    }
+  }
+}
+
+}  // namespace
+
 int gated_gelu_cpu(DType dtype, const GatedGeluArgs& p) {
   if (!valid(p.rows, p.width, p.row_stride) || p.threads < 1) return kBadShape;
   if (p.rows == 0 || p.width == 0) return kOk;
   if (p.gate == nullptr || p.up == nullptr || p.out == nullptr) return kNullPointer;
-  if (dtype != DType::kFloat32) return kBadDType;
-  const float* gate = static_cast<const float*>(p.gate);
-  const float* up = static_cast<const float*>(p.up);
-  float* out = static_cast<float*>(p.out);
-  float* act = static_cast<float*>(p.act);
-  const bool parallel = p.threads > 1 && p.rows * p.width >= kParallelThreshold;
-#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    forward_row(gate + r * p.row_stride, up + r * p.row_stride, out + r * p.width,
-                act != nullptr ? act + r * p.width : nullptr, p.width);
+  switch (dtype) {
+    case DType::kFloat32: gated_gelu_rows<float>(p); return kOk;
+    case DType::kBFloat16: gated_gelu_rows<Bf16>(p); return kOk;
+    default: return kBadDType;
   }
-  return kOk;
 }
 
 int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& p) {

@@ -20,6 +20,7 @@
 #include <omp.h>
 #endif
 
+#include "ate_fast/bfloat16.h"
 #include "ate_fast/launchers.h"
 #include "ate_fast/mlp_guidance.h"
 
@@ -35,43 +36,6 @@
 
 namespace ate_fast {
 namespace {
-
-struct Bf16 {  // bfloat16 storage: the upper half of a float32
-  uint16_t bits;
-};
-
-// Compute type of a storage type: bf16 computes in float32, float / double in themselves.
-template <typename S>
-struct Compute {
-  using type = S;
-};
-template <>
-struct Compute<Bf16> {
-  using type = float;
-};
-
-ATE_INLINE float widen(Bf16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-ATE_INLINE float widen(float v) { return v; }
-ATE_INLINE double widen(double v) { return v; }
-
-template <typename S, typename C>
-ATE_INLINE S narrow(C v) {
-  if constexpr (std::is_same_v<S, Bf16>) {
-    uint32_t bits;
-    const float f = static_cast<float>(v);
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return Bf16{static_cast<uint16_t>((bits >> 16) | 0x40)};
-    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
-    return Bf16{static_cast<uint16_t>(bits >> 16)};
-  } else {
-    return static_cast<S>(v);
-  }
-}
 
 constexpr int kRows = 4;  // batch rows sharing one pass over a weight row (forward: 8, then 4)
 constexpr int64_t kOutChunk = 8;  // forward: output neurons per work item

@@ -17,12 +17,14 @@ int guided_step_cpu(DType dtype, const GuidedStepArgs& args);
 int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args);
 
 // CPU: the flow-transformer MLP's gated GELU (tanh form) and its backward (see
-// gated_gelu.h); float32 only (kBadDType otherwise).
+// gated_gelu.h); the forward float32 or bfloat16 (computed in float32), the backward float32
+// only (kBadDType otherwise).
 int gated_gelu_cpu(DType dtype, const GatedGeluArgs& args);
 int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& args);
 
 // CPU: the flow-transformer block's RMSNorm and rotary q/k/v epilogue and their input-VJPs
-// (see block_norm_rotary.h); float32 only (kBadDType otherwise).
+// (see block_norm_rotary.h); rms_norm and rotate_qkv float32 or bfloat16 (computed in
+// float32), the VJPs float32 only (kBadDType otherwise).
 int rms_norm_cpu(DType dtype, const RmsNormArgs& args);
 int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& args);
 int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& args);
