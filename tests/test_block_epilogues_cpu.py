@@ -111,31 +111,34 @@ def _counted(monkeypatch) -> dict[str, int]:
     return calls
 
 
+def _captured_and_rtc(head: FlowTransformerHead) -> tuple[torch.Tensor, torch.Tensor]:
+    """A captured Euler loop's actions and an RTC-guided sample's (the hand VJP's backward)
+    from :func:`_head` (in its dtype; the noise and the previous chunk float32)."""
+    from ate_fast.realtime import RTCGuidance
+
+    noise = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(2))
+    cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    cond = cond.to(next(head.parameters()).dtype)
+    prev = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(5))
+    sampler = FlowSampler(head, 4)
+    guidance = RTCGuidance(prev, 2, execution_horizon=3)
+    with torch.no_grad():
+        captured = sampler.capture(noise, cond)
+        return captured(noise, cond), sampler.sample(noise, cond, guidance=guidance)
+
+
 def test_captured_sampler_takes_the_kernels_and_matches_the_torch_ops(monkeypatch):
     """float32 on the CPU: a captured Euler loop and an RTC-guided sample (the hand VJP's
     backward) run the kernels by default, and give the torch ops' actions to rounding."""
-    from ate_fast.realtime import RTCGuidance
-
     head = _head()
-    noise = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(2))
-    cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
-    prev = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(5))
-
-    def run():
-        sampler = FlowSampler(head, 4)
-        guidance = RTCGuidance(prev, 2, execution_horizon=3)
-        with torch.no_grad():
-            captured = sampler.capture(noise, cond)
-            return captured(noise, cond), sampler.sample(noise, cond, guidance=guidance)
-
     calls = _counted(monkeypatch)
     monkeypatch.delenv(ENV, raising=False)
     assert block_epilogues.selected_path("cpu") == "native"
-    got = run()
+    got = _captured_and_rtc(head)
     assert all(n > 0 for n in calls.values()), calls
     monkeypatch.setenv(ENV, "torch")
     before = dict(calls)
-    ref = run()
+    ref = _captured_and_rtc(head)
     assert calls == before  # forced torch: ATen's ops only
     for r, k in zip(ref, got):
         torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
@@ -503,28 +506,15 @@ def test_bf16_head_takes_the_forward_kernels_and_matches_the_torch_ops(monkeypat
     """A bf16 head on the CPU: a captured Euler loop runs the forward kernels by default,
     an RTC-guided sample the forward kernels and ATen's VJP ops (float32-only kernels), and
     both give the torch path's actions within bf16's rounding."""
-    from ate_fast.realtime import RTCGuidance
-
     head = _head().to(BF16)
-    noise = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(2))
-    cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(BF16)
-    prev = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(5))
-
-    def run():
-        sampler = FlowSampler(head, 4)
-        guidance = RTCGuidance(prev, 2, execution_horizon=3)
-        with torch.no_grad():
-            captured = sampler.capture(noise, cond)
-            return captured(noise, cond), sampler.sample(noise, cond, guidance=guidance)
-
     calls = _counted(monkeypatch)
     monkeypatch.delenv(ENV, raising=False)
-    got = run()
+    got = _captured_and_rtc(head)
     forward = ("gated_gelu", "rms_norm", "rotate_qkv")
     assert all(calls[name] > 0 for name in forward), calls
     assert all(calls[name] == 0 for name in KERNELS if name not in forward), calls
     monkeypatch.setenv(ENV, "torch")
-    ref = run()
+    ref = _captured_and_rtc(head)
     for r, k in zip(ref, got):
         assert k.dtype == torch.float32
         assert float((k - r).norm() / r.norm()) <= 1e-2  # test_mixed_precision_heads' SAMPLED
