@@ -47,10 +47,9 @@ GELU and its backward as C++ kernels (:mod:`ate_fast.models.block_epilogues_cpu`
 2–5 % faster on one AMD EPYC thread), and :func:`rms_norm` (the block's RMSNorms) and
 :func:`rotate_qkv` (the rotation and the values' copy) one C++ kernel each
 (with the GELU: the small flow transformer's call 11–13 % faster), the other epilogues
-torch ops; the three forward kernels also take bfloat16 (``native_dtypes`` of
-:func:`kernel_path`; the small flow transformer's bf16 ``capture()`` 1.15× faster), the
-VJPs' float32 only; ``torch`` where the native module is missing (forced, ``native`` raises there
-and off the CPU). Even then the
+torch ops; every native kernel also takes bfloat16 (computed in float32, each output
+rounded once: the small flow transformer's bf16 ``capture()`` 1.15× faster); ``torch``
+where the native module is missing (forced, ``native`` raises there and off the CPU). Even then the
 torch ops run when autograd records (an input requires grad: training, an autograd VJP),
 under ``torch.compile`` / ``torch.export`` tracing (Inductor fuses the torch ops itself; the
 ONNX export traces them), under a ``torch.func`` transform or a forward-AD level (``vmap``
@@ -86,8 +85,6 @@ MAX_ROW = 16384  # the longest row (width, or keys per softmax row) one Triton p
 # device type -> the default path where it runs there (the measured winners, see the
 # module's docs); device types not listed, or where the path cannot run, use torch ops
 DEFAULT_PATH = {"cuda": "triton", "cpu": "native"}
-_FLOAT32 = (torch.float32,)
-_FORWARD = block_epilogues_cpu.FORWARD_DTYPES  # the native forwards' dtypes
 
 
 def forced_path() -> Optional[str]:
@@ -126,13 +123,13 @@ def writes_in_place(*tensors: Tensor) -> bool:
     return opaque_ops_may_run(*tensors)
 
 
-def kernel_path(*tensors: Tensor, native_dtypes: tuple[torch.dtype, ...] = _FLOAT32) -> str:
+def kernel_path(*tensors: Tensor) -> str:
     """``triton``, ``native`` or ``torch``: which epilogue runs on ``tensors`` — the
     selected path where nothing needs the torch ops (:func:`writes_in_place`), the native
-    kernels where every tensor has one dtype of ``native_dtypes`` (float32: the VJPs'
-    kernels; the forwards' also take bfloat16, ``block_epilogues_cpu.FORWARD_DTYPES``),
-    else the torch ops. Raises where a path is forced and cannot run (``triton`` without
-    Triton; ``native`` off the CPU or without the native module)."""
+    kernels where every tensor has one dtype they take (float32 or bfloat16,
+    ``block_epilogues_cpu.NATIVE_DTYPES``), else the torch ops. Raises where a path is
+    forced and cannot run (``triton`` without Triton; ``native`` off the CPU or without the
+    native module)."""
     # the trace check first: a graph capture (torch.compile) must not reach the native
     # module's import in selected_path
     if not writes_in_place(*tensors):
@@ -153,8 +150,8 @@ def kernel_path(*tensors: Tensor, native_dtypes: tuple[torch.dtype, ...] = _FLOA
     if native.load("_C") is None:
         raise BackendUnavailableError(f"{ENV_VAR}=native: {native.reason('_C')}")
     dtype = tensors[0].dtype
-    one_dtype = dtype in native_dtypes and all(t.dtype == dtype for t in tensors)
-    return path if one_dtype else "torch"
+    one_dtype = all(t.dtype == dtype for t in tensors)
+    return path if one_dtype and dtype in block_epilogues_cpu.NATIVE_DTYPES else "torch"
 
 
 def use_triton(*tensors: Tensor) -> bool:
@@ -175,7 +172,7 @@ def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     weight = getattr(norm, "weight", None)
     if plain_rms_norm(norm) and norm.normalized_shape == (x.shape[-1],):
         tensors = (x,) if weight is None else (x, weight)
-        if kernel_path(*tensors, native_dtypes=_FORWARD) == "native":
+        if kernel_path(*tensors) == "native":
             return block_epilogues_cpu.rms_norm(x, weight, norm_eps(norm, x.dtype))
     return norm(x)
 
@@ -253,9 +250,7 @@ def rotate_qkv(
     ``norm``: ``(x [B, H, width], eps)`` when the projections took the block's input x
     itself, the RMSNorm's weight folded into them (:func:`fold_norm_weight`): each action
     row is scaled by its token's ``1/√(mean(x²) + eps)``, the norm's per-row factor."""
-    path = kernel_path(
-        q_lin, kv_lin, cos, sin, *(prefix or ()), *(out or ()), native_dtypes=_FORWARD
-    )
+    path = kernel_path(q_lin, kv_lin, cos, sin, *(prefix or ()), *(out or ()))
     if path == "triton":
         import ate_fast.models.block_epilogues_triton as kernels
 
@@ -298,7 +293,7 @@ def rotate_qkv(
 def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """``(gelu_tanh(gate)·up, gelu_tanh(gate) if save_act else None)`` [.., F] for
     ``gate_up`` [.., 2F] split as ``gate, up`` (Gemma's gated MLP)."""
-    path = kernel_path(gate_up, native_dtypes=_FORWARD)
+    path = kernel_path(gate_up)
     if path == "triton":
         import ate_fast.models.block_epilogues_triton as kernels
 

@@ -22,12 +22,12 @@ through the caches — against a fraction of a microsecond of arithmetic. :func:
 and :func:`softmax_grad` (the input-VJP through attention: the probabilities and the scores'
 gradient) likewise replace seven and four.
 
-The forward kernels (:func:`gated_gelu`, :func:`rms_norm`, :func:`rotate_qkv`) also take
-bfloat16 (every tensor of a call in one dtype): a row's values are widened to float32 in
-chunks of 256, computed as the float32 kernel computes them and each output rounded once to
-nearest even — the gated GELU and the rotation bit for bit the float32 kernel's result on
-the widened inputs, rounded (ATen's bf16 ops round each intermediate). The VJPs take float32
-only (:data:`FORWARD_DTYPES`).
+Every kernel also takes bfloat16 (:data:`NATIVE_DTYPES`; every tensor of a call in one
+dtype): a row's values are widened to float32 (in chunks of 256 on the stack; the softmax's
+whole rows into a thread's buffer), computed as the float32 kernel computes them and each
+output rounded once to nearest even — the GELU, its backward, the rotation, its undoing and
+the softmax bit for bit the float32 kernel's result on the widened inputs, rounded (ATen's
+bf16 ops round each intermediate); the norms sum their rows chunk by chunk.
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ from ate_fast import native
 from ate_fast.errors import InvalidArgumentError
 from ate_fast.ops.constants import DTYPE_CODES
 
-_FLOAT32 = DTYPE_CODES[torch.float32]  # the launchers' dtype code
-# the dtypes the forward kernels (gated_gelu, rms_norm, rotate_qkv) take: bfloat16 is loaded
-# as float32, computed in float32 and each output rounded once; the VJPs take float32 only
-FORWARD_DTYPES = (torch.float32, torch.bfloat16)
+# the dtypes every kernel here takes (all tensors of a call in one): bfloat16 is loaded as
+# float32, computed in float32 and each output rounded once
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _kernels():
@@ -55,18 +54,20 @@ def _kernels():
     return module
 
 
-def _check(name: str, t: Tensor, dtype: torch.dtype = torch.float32) -> None:
-    """``t`` a CPU tensor of ``dtype`` (a forward's first tensor sets it for the rest)."""
+def _check(name: str, t: Tensor, dtype: torch.dtype) -> None:
+    """``t`` a CPU tensor of ``dtype`` (the call's first tensor's, :func:`_dtype_code`)."""
     if t.device.type != "cpu" or t.dtype != dtype:
         expected = str(dtype).removeprefix("torch.")
         raise InvalidArgumentError(
-            f"{name}: expected a {expected} CPU tensor, got {t.dtype} on {t.device}"
+            f"{name}: expected a {expected} CPU tensor (the call's dtype), got {t.dtype} on "
+            f"{t.device}"
         )
 
 
-def _forward_dtype(name: str, t: Tensor) -> int:
-    """The launchers' dtype code of a forward's first tensor ``t``, float32 or bfloat16."""
-    if t.device.type != "cpu" or t.dtype not in FORWARD_DTYPES:
+def _dtype_code(name: str, t: Tensor) -> int:
+    """The launchers' dtype code of a call's first tensor ``t``, float32 or bfloat16 (the
+    call's other tensors must have its dtype)."""
+    if t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES:
         raise InvalidArgumentError(
             f"{name}: expected a float32 or bfloat16 CPU tensor, got {t.dtype} on {t.device}"
         )
@@ -76,7 +77,7 @@ def _forward_dtype(name: str, t: Tensor) -> int:
 def gated_gelu(gate_up: Tensor, save_act: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """``(gelu_tanh(gate)·up, gelu_tanh(gate) if save_act else None)`` [.., F] for
     ``gate_up`` [.., 2F] (float32 or bfloat16, CPU) split as ``gate, up``."""
-    code = _forward_dtype("gate_up", gate_up)
+    code = _dtype_code("gate_up", gate_up)
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise InvalidArgumentError(
             f"gate_up: expected [.., 2F] (an even last dim), got {tuple(gate_up.shape)}"
@@ -108,9 +109,10 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
     """The gate/up projection's output gradient ``[dm·up·gelu_tanh′(gate), dm·act]``
     [.., 2F] from the gated product's gradient ``dm`` [.., F], the forward's ``gate`` and
     ``up`` [.., F] (e.g. the halves of its [.., 2F] output) and ``act`` = gelu_tanh(gate)
-    as the forward kept it; float32 CPU tensors of one shape."""
+    as the forward kept it; CPU tensors of one shape and dtype (float32 or bfloat16)."""
+    code = _dtype_code("dm", dm)
     for name, t in (("dm", dm), ("gate", gate), ("up", up), ("act", act)):
-        _check(name, t)
+        _check(name, t, dm.dtype)
         if t.shape != dm.shape or t.dim() == 0:
             raise InvalidArgumentError(
                 f"{name}: expected [.., F] of dm's shape {tuple(dm.shape)}, got {tuple(t.shape)}"
@@ -126,15 +128,13 @@ def gelu_gate_backward(dm: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> Ten
     stride = g.stride(0) if rows > 1 else width
     dm_rows, act_rows = dm.reshape(rows, width).contiguous(), act.reshape(rows, width).contiguous()
     _kernels().gelu_gate_backward(
-        _FLOAT32, rows, width, stride, dm_rows.data_ptr(), g.data_ptr(), u.data_ptr(),
+        code, rows, width, stride, dm_rows.data_ptr(), g.data_ptr(), u.data_ptr(),
         act_rows.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def _norm_weight(
-    weight: Optional[Tensor], width: int, dtype: torch.dtype = torch.float32
-) -> Optional[Tensor]:
+def _norm_weight(weight: Optional[Tensor], width: int, dtype: torch.dtype) -> Optional[Tensor]:
     """A norm's ``weight`` [width] checked (a CPU tensor of ``dtype``, its shape),
     contiguous; None stays."""
     if weight is None:
@@ -158,7 +158,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     row times ``1/√(mean(row²) + eps)``, then the weight, rounded as ATen's float32 op
     rounds each step (the sum of squares in another order); bfloat16 computed in float32,
     the output rounded once."""
-    code = _forward_dtype("x", x)
+    code = _dtype_code("x", x)
     if x.dim() == 0:
         raise InvalidArgumentError("x: expected [.., width], got a 0-d tensor")
     width = x.shape[-1]
@@ -214,7 +214,7 @@ def rotate_qkv(
     [≥ H, hd] or [B, 1, ≥ H, hd] (their last H rows: the action tokens' positions);
     ``q`` [B, kv_heads, H·g, hd] (g = heads / kv_heads), ``k``, ``v`` [B, kv_heads, H, hd] or
     ``out``."""
-    code = _forward_dtype("q_lin", q_lin)
+    code = _dtype_code("q_lin", q_lin)
     for name, t in (("kv_lin", kv_lin), ("cos", cos), ("sin", sin)):
         _check(name, t, q_lin.dtype)
     if q_lin.dim() != 3 or kv_lin.shape[:2] != q_lin.shape[:2]:
@@ -269,17 +269,18 @@ def rms_norm_vjp(
     """``residual + (∂ rms_norm(x)/∂x)ᵀ grad`` [.., width] (``residual`` None: 0) for
     ``torch.nn.functional.rms_norm(x, (width,), weight, eps)``: per row
     ``ρ·(gw − x̂·mean(gw·x̂))``, ``ρ = 1/√(mean(x²) + eps)``, ``x̂ = x·ρ``,
-    ``gw = grad·weight`` (``weight`` None: ``grad`` itself); float32 CPU tensors."""
-    _check("grad", grad)
-    _check("x", x)
+    ``gw = grad·weight`` (``weight`` None: ``grad`` itself); CPU tensors of one dtype
+    (float32 or bfloat16)."""
+    code = _dtype_code("grad", grad)
+    _check("x", x, grad.dtype)
     if grad.shape != x.shape or x.dim() == 0:
         raise InvalidArgumentError(
             f"grad: expected x's shape {tuple(x.shape)} (.., width), got {tuple(grad.shape)}"
         )
     width = x.shape[-1]
-    weight = _norm_weight(weight, width)
+    weight = _norm_weight(weight, width, x.dtype)
     if residual is not None:
-        _check("residual", residual)
+        _check("residual", residual, x.dtype)
         if residual.shape != x.shape:
             raise InvalidArgumentError(
                 f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
@@ -291,7 +292,7 @@ def rms_norm_vjp(
     rows = x.numel() // width if width else 0
     if rows:
         _kernels().rms_norm_vjp(
-            _FLOAT32, rows, width, grad.data_ptr(), x.data_ptr(),
+            code, rows, width, grad.data_ptr(), x.data_ptr(),
             weight.data_ptr() if weight is not None else 0,
             residual.data_ptr() if residual is not None else 0, out.data_ptr(), float(eps),
             torch.get_num_threads(),
@@ -307,9 +308,11 @@ def unrotate_pack(
     [B, kv_heads, H, hd]; the rotation undone on dq and dk with the tables ``cos``, ``sin``
     [≥ H, hd] or [B, 1, ≥ H, hd] (their last H rows). Returns ``(dq [B, H, heads·hd],
     [dk | dv] [B, H, 2·kv_heads·hd])``, or with ``fused`` the one ``[dq | dk | dv]``
-    [B, H, (heads + 2·kv_heads)·hd] (the fused projection's); float32 CPU tensors."""
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv), ("cos", cos), ("sin", sin)):
-        _check(name, t)
+    [B, H, (heads + 2·kv_heads)·hd] (the fused projection's); CPU tensors of one dtype
+    (float32 or bfloat16)."""
+    code = _dtype_code("dq", dq)
+    for name, t in (("dk", dk), ("dv", dv), ("cos", cos), ("sin", sin)):
+        _check(name, t, dq.dtype)
     if dk.dim() != 4 or dv.shape != dk.shape or dq.dim() != 4 or dq.shape[:2] != dk.shape[:2]:
         raise InvalidArgumentError(
             f"dq, dk, dv: expected [B, kv_heads, H·g, hd] and two [B, kv_heads, H, hd], got "
@@ -334,7 +337,7 @@ def unrotate_pack(
         kv_out = dq.new_empty((batch, horizon, kv_width))
     if batch:
         _kernels().unrotate_pack(
-            _FLOAT32, [batch, horizon, heads, kv_heads, hd], dq.data_ptr(), dk.data_ptr(),
+            code, [batch, horizon, heads, kv_heads, hd], dq.data_ptr(), dk.data_ptr(),
             dv.data_ptr(), cos.data_ptr(), sin.data_ptr(), table_stride, q_out.data_ptr(),
             q_out.stride(1), kv_out.data_ptr(), kv_out.stride(1), torch.get_num_threads(),
         )  # fmt: skip
@@ -366,8 +369,9 @@ def _softmax_call(
         raise InvalidArgumentError("dp: expected [..., n] score rows, got a 0-dim tensor")
     shape = dp.shape
     named = {"dp": dp, "p": p, "ds_out": ds, **({} if scores is None else {"scores": scores})}
+    code = _dtype_code("dp", dp)
     for name, t in named.items():
-        _check(name, t)
+        _check(name, t, dp.dtype)
         if t.shape != shape:
             raise InvalidArgumentError(
                 f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}"
@@ -380,7 +384,7 @@ def _softmax_call(
     p_rows = _rows(p, n) if scores is None else _output_rows("p", p)
     s_rows = None if scores is None else _rows(scores, n)
     _kernels().softmax_backward(
-        _FLOAT32, dp_rows.shape[0], n, 0 if s_rows is None else s_rows.data_ptr(),
+        code, dp_rows.shape[0], n, 0 if s_rows is None else s_rows.data_ptr(),
         0 if s_rows is None else s_rows.stride(0), p_rows.data_ptr(), p_rows.stride(0),
         dp_rows.data_ptr(), dp_rows.stride(0), ds_rows.data_ptr(), ds_rows.stride(0),
         float(scale), torch.get_num_threads(),
@@ -394,8 +398,8 @@ def softmax_backward(
     """``(p, ds)``: ``p = softmax(scores·scale)`` and ``ds = p ⊙ (dp − rowsum(dp ⊙ p))·scale``
     [..., n] (a score of −inf, a masked key, gets probability exactly 0); written into
     ``p_out`` / ``ds_out`` where given (rows one stride apart, e.g.
-    :func:`~ate_fast.models.gemm_alignment.aligned_rows`), else new tensors; float32 CPU
-    tensors."""
+    :func:`~ate_fast.models.gemm_alignment.aligned_rows`), else new tensors; CPU tensors
+    of one dtype (float32 or bfloat16)."""
     p = torch.empty_like(dp, memory_format=torch.contiguous_format) if p_out is None else p_out
     ds = torch.empty_like(p) if ds_out is None else ds_out
     _softmax_call(scores, p, dp, ds, scale)
@@ -404,7 +408,8 @@ def softmax_backward(
 
 def softmax_grad(p: Tensor, dp: Tensor, scale: float, ds_out: Optional[Tensor] = None) -> Tensor:
     """``ds = p ⊙ (dp − rowsum(dp ⊙ p))·scale`` [..., n] from the probabilities ``p`` the
-    forward kept, into ``ds_out`` where given; float32 CPU tensors."""
+    forward kept, into ``ds_out`` where given; CPU tensors of one dtype (float32 or
+    bfloat16)."""
     ds = torch.empty_like(dp, memory_format=torch.contiguous_format) if ds_out is None else ds_out
     _softmax_call(None, p, dp, ds, scale)
     return ds

@@ -1,11 +1,14 @@
 // C++ CPU softmax of attention's scores and its backward (attention_softmax.h): one op
 // where ATen runs seven to eight, each a few microseconds of dispatch and allocation on a
 // batch-1 step's small score rows (benchmarks/README.md, "Attention's softmax backward on
-// the CPU").
+// the CPU"). bfloat16 rows are widened into float32 rows per thread, computed as float32 rows
+// are, and p (from the scores) and ds rounded once.
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
+#include "ate_fast/bfloat16.h"
 #include "ate_fast/fast_exp.h"
 #include "ate_fast/launchers.h"
 #include "ate_fast/vector_clones.h"
@@ -64,6 +67,67 @@ void grad_row(const float* __restrict__ p, const float* __restrict__ dp,
 
 }  // namespace
 
+namespace {
+
+// one row of float32: ds (and p from the scores) as the kernel computes them
+inline void softmax_row(const float* s_row, float* p_row, const float* dp_row, float* ds_row,
+                        int64_t n, float scale) {
+  if (s_row == nullptr) {
+    grad_row(p_row, dp_row, ds_row, n, scale);
+  } else {  // the softmax's normalisation rides in the gradient's first pass
+    const float sum = exp_row(s_row, p_row, n, scale);
+    normalise_grad_row(p_row, dp_row, ds_row, n, 1.0f / sum, scale);
+  }
+}
+
+void softmax_rows_f32(const SoftmaxBackwardArgs& a, bool parallel) {
+  const float* scores = static_cast<const float*>(a.scores);
+  float* p = static_cast<float*>(a.p);
+  const float* dp = static_cast<const float*>(a.dp);
+  float* ds = static_cast<float*>(a.ds);
+  const float scale = static_cast<float>(a.scale);
+#pragma omp parallel for schedule(static) num_threads(a.threads) if (parallel)
+  for (int64_t r = 0; r < a.rows; ++r) {
+    softmax_row(scores != nullptr ? scores + r * a.scores_row_stride : nullptr,
+                p + r * a.p_row_stride, dp + r * a.dp_row_stride, ds + r * a.ds_row_stride, a.n,
+                scale);
+  }
+}
+
+// bf16: each row widened into a thread's float32 rows (scores or p, dp), the float32 row,
+// then p (from the scores) and ds rounded once
+void softmax_rows_bf16(const SoftmaxBackwardArgs& a, bool parallel) {
+  const Bf16* scores = static_cast<const Bf16*>(a.scores);
+  Bf16* p = static_cast<Bf16*>(a.p);
+  const Bf16* dp = static_cast<const Bf16*>(a.dp);
+  Bf16* ds = static_cast<Bf16*>(a.ds);
+  const float scale = static_cast<float>(a.scale);
+  const int64_t n = a.n;
+#pragma omp parallel num_threads(a.threads) if (parallel)
+  {
+    std::vector<float> buffer(static_cast<size_t>(4 * n));
+    float* sf = buffer.data();
+    float* pf = sf + n;
+    float* dpf = pf + n;
+    float* dsf = dpf + n;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.rows; ++r) {
+      Bf16* p_row = p + r * a.p_row_stride;
+      if (scores != nullptr) {
+        widen_into(scores + r * a.scores_row_stride, sf, n);
+      } else {
+        widen_into(p_row, pf, n);
+      }
+      widen_into(dp + r * a.dp_row_stride, dpf, n);
+      softmax_row(scores != nullptr ? sf : nullptr, pf, dpf, dsf, n, scale);
+      if (scores != nullptr) narrow_into(pf, p_row, n);
+      narrow_into(dsf, ds + r * a.ds_row_stride, n);
+    }
+  }
+}
+
+}  // namespace
+
 int softmax_backward_cpu(DType dtype, const SoftmaxBackwardArgs& a) {
   const bool strides_ok = a.p_row_stride >= a.n && a.dp_row_stride >= a.n &&
                           a.ds_row_stride >= a.n &&
@@ -72,26 +136,12 @@ int softmax_backward_cpu(DType dtype, const SoftmaxBackwardArgs& a) {
     return kBadShape;
   if (a.rows == 0 || a.n == 0) return kOk;
   if (a.p == nullptr || a.dp == nullptr || a.ds == nullptr) return kNullPointer;
-  if (dtype != DType::kFloat32) return kBadDType;
-  const float* scores = static_cast<const float*>(a.scores);
-  float* p = static_cast<float*>(a.p);
-  const float* dp = static_cast<const float*>(a.dp);
-  float* ds = static_cast<float*>(a.ds);
-  const float scale = static_cast<float>(a.scale);
   const bool parallel = a.threads > 1 && a.rows * a.n >= kParallelThreshold;
-#pragma omp parallel for schedule(static) num_threads(a.threads) if (parallel)
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float* p_row = p + r * a.p_row_stride;
-    const float* dp_row = dp + r * a.dp_row_stride;
-    float* ds_row = ds + r * a.ds_row_stride;
-    if (scores == nullptr) {
-      grad_row(p_row, dp_row, ds_row, a.n, scale);
-    } else {  // the softmax's normalisation rides in the gradient's first pass
-      const float sum = exp_row(scores + r * a.scores_row_stride, p_row, a.n, scale);
-      normalise_grad_row(p_row, dp_row, ds_row, a.n, 1.0f / sum, scale);
-    }
+  switch (dtype) {
+    case DType::kFloat32: softmax_rows_f32(a, parallel); return kOk;
+    case DType::kBFloat16: softmax_rows_bf16(a, parallel); return kOk;
+    default: return kBadDType;
   }
-  return kOk;
 }
 
 }  // namespace ate_fast

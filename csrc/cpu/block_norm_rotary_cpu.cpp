@@ -123,6 +123,69 @@ void unrotate_row(const float* __restrict__ y, const float* __restrict__ cos,
   }
 }
 
+// the VJPs' bf16 rows, as norm_row_bf16 and rotate_row_bf16 (the sums over the whole row
+// first, chunk by chunk)
+ATE_FAST_VECTOR_CLONES
+void norm_vjp_row_bf16(const Bf16* grad, const Bf16* x, const Bf16* weight,
+                       const Bf16* residual, Bf16* out, int64_t width, float eps) {
+  alignas(64) float gf[kBf16Chunk], xf[kBf16Chunk], wf[kBf16Chunk], of[kBf16Chunk];
+  float sum = 0.0f, dot = 0.0f;
+  for (int64_t at = 0; at < width; at += kBf16Chunk) {
+    const int64_t n = std::min(kBf16Chunk, width - at);
+    widen_into(grad + at, gf, n);
+    widen_into(x + at, xf, n);
+    if (weight != nullptr) {
+      widen_into(weight + at, wf, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) gf[i] *= wf[i];
+    }
+#pragma omp simd reduction(+ : sum, dot)
+    for (int64_t i = 0; i < n; ++i) {
+      sum += xf[i] * xf[i];
+      dot += gf[i] * xf[i];
+    }
+  }
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+  const float shift = inv * inv * (dot / static_cast<float>(width));
+  for (int64_t at = 0; at < width; at += kBf16Chunk) {
+    const int64_t n = std::min(kBf16Chunk, width - at);
+    widen_into(grad + at, gf, n);
+    widen_into(x + at, xf, n);
+    if (weight != nullptr) {
+      widen_into(weight + at, wf, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) gf[i] *= wf[i];
+    }
+    if (residual != nullptr) {
+      widen_into(residual + at, of, n);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) of[i] = 0.0f;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) of[i] += inv * (gf[i] - xf[i] * shift);
+    narrow_into(of, out + at, n);
+  }
+}
+
+ATE_FAST_VECTOR_CLONES
+void unrotate_row_bf16(const Bf16* y, const Bf16* cos, const Bf16* sin, Bf16* out,
+                       int64_t half) {
+  constexpr int64_t kPairs = kBf16Chunk / 2;
+  alignas(64) float yf[kBf16Chunk], cf[kBf16Chunk], sf[kBf16Chunk], of[kBf16Chunk];
+  for (int64_t at = 0; at < half; at += kPairs) {
+    const int64_t n = std::min(kPairs, half - at);
+    for (int64_t h = 0; h < 2; ++h) {
+      widen_into(y + h * half + at, yf + h * n, n);
+      widen_into(cos + h * half + at, cf + h * n, n);
+      widen_into(sin + h * half + at, sf + h * n, n);
+    }
+    unrotate_row(yf, cf, sf, of, n);
+    narrow_into(of, out + at, n);
+    narrow_into(of + n, out + half + at, n);
+  }
+}
+
 // sizes of a rotation over B·H tokens: kv_heads divides heads, an even head dim
 bool valid_heads(int64_t batch, int64_t horizon, int64_t heads, int64_t kv_heads, int64_t hd,
                  int threads) {
@@ -234,26 +297,82 @@ int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
 
 namespace ate_fast {
 
-int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& p) {
-  if (p.rows < 0 || p.width < 0 || p.threads < 1 || !(p.eps >= 0.0)) return kBadShape;
-  if (p.rows == 0 || p.width == 0) return kOk;
-  if (p.grad == nullptr || p.x == nullptr || p.out == nullptr) return kNullPointer;
-  if (dtype != DType::kFloat32) return kBadDType;
-  const float* grad = static_cast<const float*>(p.grad);
-  const float* x = static_cast<const float*>(p.x);
-  const float* weight = static_cast<const float*>(p.weight);
-  const float* residual = static_cast<const float*>(p.residual);
-  float* out = static_cast<float*>(p.out);
+namespace {
+
+template <typename S>
+void rms_norm_vjp_rows(const RmsNormVjpArgs& p) {
+  const S* grad = static_cast<const S*>(p.grad);
+  const S* x = static_cast<const S*>(p.x);
+  const S* weight = static_cast<const S*>(p.weight);
+  const S* residual = static_cast<const S*>(p.residual);
+  S* out = static_cast<S*>(p.out);
   const float eps = static_cast<float>(p.eps);
   const int64_t width = p.width;
   const bool parallel = p.threads > 1 && p.rows * width >= kParallelThreshold;
 #pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
   for (int64_t r = 0; r < p.rows; ++r) {
-    norm_vjp_row(grad + r * width, x + r * width, weight,
-                 residual != nullptr ? residual + r * width : nullptr, out + r * width, width,
-                 eps);
+    const S* res = residual != nullptr ? residual + r * width : nullptr;
+    if constexpr (std::is_same_v<S, Bf16>) {
+      norm_vjp_row_bf16(grad + r * width, x + r * width, weight, res, out + r * width, width,
+                        eps);
+    } else {
+      norm_vjp_row(grad + r * width, x + r * width, weight, res, out + r * width, width, eps);
+    }
   }
-  return kOk;
+}
+
+template <typename S>
+inline void unrotate(const S* y, const S* cos, const S* sin, S* out, int64_t half) {
+  if constexpr (std::is_same_v<S, Bf16>) {
+    unrotate_row_bf16(y, cos, sin, out, half);
+  } else {
+    unrotate_row(y, cos, sin, out, half);
+  }
+}
+
+template <typename S>
+void unrotate_pack_tokens(const UnrotatePackArgs& p) {
+  const S* dq = static_cast<const S*>(p.dq);
+  const S* dk = static_cast<const S*>(p.dk);
+  const S* dv = static_cast<const S*>(p.dv);
+  const S* cos = static_cast<const S*>(p.cos);
+  const S* sin = static_cast<const S*>(p.sin);
+  S* dq_out = static_cast<S*>(p.dq_out);
+  S* dkv_out = static_cast<S*>(p.dkv_out);
+  const int64_t hd = p.head_dim;
+  const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
+  const int64_t tokens = p.batch * horizon;
+  const bool parallel = parallel_tokens(tokens, p.heads, p.kv_heads, hd, p.threads);
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t bt = 0; bt < tokens; ++bt) {
+    const int64_t b = bt / horizon, t = bt % horizon;
+    const S* c = cos + b * p.table_batch_stride + t * hd;
+    const S* s = sin + b * p.table_batch_stride + t * hd;
+    S* q_row = dq_out + bt * p.dq_row_stride;
+    S* kv_row = dkv_out + bt * p.dkv_row_stride;
+    for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh) {
+      const S* q_src = dq + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
+      for (int64_t j = 0; j < group; ++j)
+        unrotate<S>(q_src + j * hd, c, s, q_row + (kvh * group + j) * hd, half);
+      const int64_t at = ((b * p.kv_heads + kvh) * horizon + t) * hd;
+      unrotate<S>(dk + at, c, s, kv_row + kvh * hd, half);
+      S* v_dst = kv_row + (p.kv_heads + kvh) * hd;
+      for (int64_t i = 0; i < hd; ++i) v_dst[i] = dv[at + i];
+    }
+  }
+}
+
+}  // namespace
+
+int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& p) {
+  if (p.rows < 0 || p.width < 0 || p.threads < 1 || !(p.eps >= 0.0)) return kBadShape;
+  if (p.rows == 0 || p.width == 0) return kOk;
+  if (p.grad == nullptr || p.x == nullptr || p.out == nullptr) return kNullPointer;
+  switch (dtype) {
+    case DType::kFloat32: rms_norm_vjp_rows<float>(p); return kOk;
+    case DType::kBFloat16: rms_norm_vjp_rows<Bf16>(p); return kOk;
+    default: return kBadDType;
+  }
 }
 
 int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& p) {
@@ -265,35 +384,11 @@ int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& p) {
   if (p.dq == nullptr || p.dk == nullptr || p.dv == nullptr || p.cos == nullptr ||
       p.sin == nullptr || p.dq_out == nullptr || p.dkv_out == nullptr)
     return kNullPointer;
-  if (dtype != DType::kFloat32) return kBadDType;
-  const float* dq = static_cast<const float*>(p.dq);
-  const float* dk = static_cast<const float*>(p.dk);
-  const float* dv = static_cast<const float*>(p.dv);
-  const float* cos = static_cast<const float*>(p.cos);
-  const float* sin = static_cast<const float*>(p.sin);
-  float* dq_out = static_cast<float*>(p.dq_out);
-  float* dkv_out = static_cast<float*>(p.dkv_out);
-  const int64_t group = p.heads / p.kv_heads, half = hd / 2, horizon = p.horizon;
-  const int64_t tokens = p.batch * horizon;
-  const bool parallel = parallel_tokens(tokens, p.heads, p.kv_heads, hd, p.threads);
-#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
-  for (int64_t bt = 0; bt < tokens; ++bt) {
-    const int64_t b = bt / horizon, t = bt % horizon;
-    const float* c = cos + b * p.table_batch_stride + t * hd;
-    const float* s = sin + b * p.table_batch_stride + t * hd;
-    float* q_row = dq_out + bt * p.dq_row_stride;
-    float* kv_row = dkv_out + bt * p.dkv_row_stride;
-    for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh) {
-      const float* q_src = dq + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
-      for (int64_t j = 0; j < group; ++j)
-        unrotate_row(q_src + j * hd, c, s, q_row + (kvh * group + j) * hd, half);
-      const int64_t at = ((b * p.kv_heads + kvh) * horizon + t) * hd;
-      unrotate_row(dk + at, c, s, kv_row + kvh * hd, half);
-      float* v_dst = kv_row + (p.kv_heads + kvh) * hd;
-      for (int64_t i = 0; i < hd; ++i) v_dst[i] = dv[at + i];
-    }
+  switch (dtype) {
+    case DType::kFloat32: unrotate_pack_tokens<float>(p); return kOk;
+    case DType::kBFloat16: unrotate_pack_tokens<Bf16>(p); return kOk;
+    default: return kBadDType;
   }
-  return kOk;
 }
 
 }  // namespace ate_fast

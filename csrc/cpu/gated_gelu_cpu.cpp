@@ -3,8 +3,8 @@
 // target_clones on x86-64 Linux: one build serves every machine), OpenMP over rows for
 // large batches. ATen's float32 tanh-GELU runs at ≈ 2 ns per element on one AVX-512 core
 // (its tanh is the slow part); σ through a short exp polynomial is ≈ 4× faster
-// (benchmarks/README.md, "The flow transformer's gated GELU on the CPU"). The forward also
-// takes bfloat16: chunks of a row widened to float32, the float32 row, each output rounded once.
+// (benchmarks/README.md, "The flow transformer's gated GELU on the CPU"). Both also take
+// bfloat16: chunks of a row widened to float32, the float32 row, each output rounded once.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -77,6 +77,24 @@ void backward_row(const float* __restrict__ dm, const float* __restrict__ gate,
   }
 }
 
+// bf16 rows through backward_row, kBf16Chunk values at a time
+ATE_FAST_VECTOR_CLONES
+void backward_row_bf16(const Bf16* dm, const Bf16* gate, const Bf16* up, const Bf16* act,
+                       Bf16* d_gate, Bf16* d_up, int64_t width) {
+  alignas(64) float m[kBf16Chunk], g[kBf16Chunk], u[kBf16Chunk], a[kBf16Chunk];
+  alignas(64) float dg[kBf16Chunk], du[kBf16Chunk];
+  for (int64_t at = 0; at < width; at += kBf16Chunk) {
+    const int64_t n = std::min(kBf16Chunk, width - at);
+    widen_into(dm + at, m, n);
+    widen_into(gate + at, g, n);
+    widen_into(up + at, u, n);
+    widen_into(act + at, a, n);
+    backward_row(m, g, u, a, dg, du, n);
+    narrow_into(dg, d_gate + at, n);
+    narrow_into(du, d_up + at, n);
+  }
+}
+
 bool valid(int64_t rows, int64_t width, int64_t row_stride) {
   return rows >= 0 && width >= 0 && row_stride >= width;
 }
@@ -119,26 +137,42 @@ int gated_gelu_cpu(DType dtype, const GatedGeluArgs& p) {
   }
 }
 
+namespace {
+
+template <typename S>
+void gelu_gate_backward_rows(const GeluGateBackwardArgs& p) {
+  const S* dm = static_cast<const S*>(p.dm);
+  const S* gate = static_cast<const S*>(p.gate);
+  const S* up = static_cast<const S*>(p.up);
+  const S* act = static_cast<const S*>(p.act);
+  S* out = static_cast<S*>(p.out);
+  const bool parallel = p.threads > 1 && p.rows * p.width >= kParallelThreshold;
+#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    S* row = out + r * 2 * p.width;
+    if constexpr (std::is_same_v<S, Bf16>) {
+      backward_row_bf16(dm + r * p.width, gate + r * p.row_stride, up + r * p.row_stride,
+                        act + r * p.width, row, row + p.width, p.width);
+    } else {
+      backward_row(dm + r * p.width, gate + r * p.row_stride, up + r * p.row_stride,
+                   act + r * p.width, row, row + p.width, p.width);
+    }
+  }
+}
+
+}  // namespace
+
 int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& p) {
   if (!valid(p.rows, p.width, p.row_stride) || p.threads < 1) return kBadShape;
   if (p.rows == 0 || p.width == 0) return kOk;
   if (p.dm == nullptr || p.gate == nullptr || p.up == nullptr || p.act == nullptr ||
       p.out == nullptr)
     return kNullPointer;
-  if (dtype != DType::kFloat32) return kBadDType;
-  const float* dm = static_cast<const float*>(p.dm);
-  const float* gate = static_cast<const float*>(p.gate);
-  const float* up = static_cast<const float*>(p.up);
-  const float* act = static_cast<const float*>(p.act);
-  float* out = static_cast<float*>(p.out);
-  const bool parallel = p.threads > 1 && p.rows * p.width >= kParallelThreshold;
-#pragma omp parallel for schedule(static) num_threads(p.threads) if (parallel)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    float* row = out + r * 2 * p.width;
-    backward_row(dm + r * p.width, gate + r * p.row_stride, up + r * p.row_stride,
-                 act + r * p.width, row, row + p.width, p.width);
+  switch (dtype) {
+    case DType::kFloat32: gelu_gate_backward_rows<float>(p); return kOk;
+    case DType::kBFloat16: gelu_gate_backward_rows<Bf16>(p); return kOk;
+    default: return kBadDType;
   }
-  return kOk;
 }
 
 }  // namespace ate_fast

@@ -9,7 +9,8 @@
 //
 // A score of −inf (a masked key) gets probability exactly 0. Rows are one stride apart
 // (each tensor its own stride: 16-byte-aligned rows of a padded buffer) with unit column
-// stride. float32 only. Torch-free, like every launcher here.
+// stride. float32 or bfloat16 (every row of a call in one dtype; bf16 computed in float32,
+// each output rounded once). Torch-free, like every launcher here.
 #pragma once
 
 #include <cstdint>

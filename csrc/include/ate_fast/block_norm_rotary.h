@@ -18,8 +18,8 @@
 //     unrot(y, t) = y·cos[t] − swap_halves(y)·sin[t] (rotation by −θ).
 // Rows are one stride apart with unit column stride; the output of rms_norm is contiguous.
 // The k / v outputs may sit behind a prefix's rows in a call's buffers (their strides and
-// pointers say where). rms_norm and rotate_qkv take float32 or bfloat16 (every tensor of a call
-// in one dtype; bf16 computed in float32, each output rounded once), the VJPs float32 only.
+// pointers say where). Each takes float32 or bfloat16 (every tensor of a call in one dtype; bf16
+// computed in float32, each output rounded once).
 // Torch-free, like every launcher here.
 #pragma once
 

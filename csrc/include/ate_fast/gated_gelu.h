@@ -8,8 +8,8 @@
 // is σ(u)); gelu_tanh′(g) = σ(u) + g·σ(u)(1 − σ(u))·2√(2/π)(1 + 3·0.044715 g²).
 // gate and up are [rows, F] with a common row stride (the halves of the gate|up GEMM's
 // output [rows, 2F]: stride 2F); out, act and dm are contiguous [rows, F]; the backward's
-// out is contiguous [rows, 2F] (d_gate | d_up: the GEMM output's layout). The forward takes float32 or
-// bfloat16 (computed in float32, each output rounded once), the backward float32 only.
+// out is contiguous [rows, 2F] (d_gate | d_up: the GEMM output's layout). Both take float32 or
+// bfloat16 (computed in float32, each output rounded once).
 // Torch-free, like every launcher here.
 #pragma once
 

@@ -17,21 +17,19 @@ int guided_step_cpu(DType dtype, const GuidedStepArgs& args);
 int mlp_guidance_cpu(DType dtype, const MlpGuidanceArgs& args);
 
 // CPU: the flow-transformer MLP's gated GELU (tanh form) and its backward (see
-// gated_gelu.h); the forward float32 or bfloat16 (computed in float32), the backward float32
-// only (kBadDType otherwise).
+// gated_gelu.h); float32 or bfloat16 (computed in float32; kBadDType otherwise).
 int gated_gelu_cpu(DType dtype, const GatedGeluArgs& args);
 int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& args);
 
 // CPU: the flow-transformer block's RMSNorm and rotary q/k/v epilogue and their input-VJPs
-// (see block_norm_rotary.h); rms_norm and rotate_qkv float32 or bfloat16 (computed in
-// float32), the VJPs float32 only (kBadDType otherwise).
+// (see block_norm_rotary.h); float32 or bfloat16 (computed in float32; kBadDType otherwise).
 int rms_norm_cpu(DType dtype, const RmsNormArgs& args);
 int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& args);
 int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& args);
 int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& args);
 
 // CPU: attention's softmax of the scores and its backward (see attention_softmax.h);
-// float32 only (kBadDType otherwise).
+// float32 or bfloat16 (computed in float32; kBadDType otherwise).
 int softmax_backward_cpu(DType dtype, const SoftmaxBackwardArgs& args);
 
 // Number of OpenMP threads the CPU kernels use (1 when built without OpenMP).
