@@ -270,11 +270,7 @@ int rms_norm_cpu(DType dtype, const RmsNormArgs& p) {
     return kBadShape;
   if (p.rows == 0 || p.width == 0) return kOk;
   if (p.x == nullptr || p.out == nullptr) return kNullPointer;
-  switch (dtype) {
-    case DType::kFloat32: rms_norm_rows<float>(p); return kOk;
-    case DType::kBFloat16: rms_norm_rows<Bf16>(p); return kOk;
-    default: return kBadDType;
-  }
+  return by_storage(dtype, [&](auto s) { rms_norm_rows<decltype(s)>(p); });
 }
 
 int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
@@ -286,11 +282,7 @@ int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
   if (p.q_lin == nullptr || p.kv_lin == nullptr || p.cos == nullptr || p.sin == nullptr ||
       p.q_out == nullptr || p.k_out == nullptr || p.v_out == nullptr)
     return kNullPointer;
-  switch (dtype) {
-    case DType::kFloat32: rotate_qkv_tokens<float>(p); return kOk;
-    case DType::kBFloat16: rotate_qkv_tokens<Bf16>(p); return kOk;
-    default: return kBadDType;
-  }
+  return by_storage(dtype, [&](auto s) { rotate_qkv_tokens<decltype(s)>(p); });
 }
 
 }  // namespace ate_fast
@@ -368,11 +360,7 @@ int rms_norm_vjp_cpu(DType dtype, const RmsNormVjpArgs& p) {
   if (p.rows < 0 || p.width < 0 || p.threads < 1 || !(p.eps >= 0.0)) return kBadShape;
   if (p.rows == 0 || p.width == 0) return kOk;
   if (p.grad == nullptr || p.x == nullptr || p.out == nullptr) return kNullPointer;
-  switch (dtype) {
-    case DType::kFloat32: rms_norm_vjp_rows<float>(p); return kOk;
-    case DType::kBFloat16: rms_norm_vjp_rows<Bf16>(p); return kOk;
-    default: return kBadDType;
-  }
+  return by_storage(dtype, [&](auto s) { rms_norm_vjp_rows<decltype(s)>(p); });
 }
 
 int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& p) {
@@ -384,11 +372,7 @@ int unrotate_pack_cpu(DType dtype, const UnrotatePackArgs& p) {
   if (p.dq == nullptr || p.dk == nullptr || p.dv == nullptr || p.cos == nullptr ||
       p.sin == nullptr || p.dq_out == nullptr || p.dkv_out == nullptr)
     return kNullPointer;
-  switch (dtype) {
-    case DType::kFloat32: unrotate_pack_tokens<float>(p); return kOk;
-    case DType::kBFloat16: unrotate_pack_tokens<Bf16>(p); return kOk;
-    default: return kBadDType;
-  }
+  return by_storage(dtype, [&](auto s) { unrotate_pack_tokens<decltype(s)>(p); });
 }
 
 }  // namespace ate_fast

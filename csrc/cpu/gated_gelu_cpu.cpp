@@ -130,11 +130,7 @@ int gated_gelu_cpu(DType dtype, const GatedGeluArgs& p) {
   if (!valid(p.rows, p.width, p.row_stride) || p.threads < 1) return kBadShape;
   if (p.rows == 0 || p.width == 0) return kOk;
   if (p.gate == nullptr || p.up == nullptr || p.out == nullptr) return kNullPointer;
-  switch (dtype) {
-    case DType::kFloat32: gated_gelu_rows<float>(p); return kOk;
-    case DType::kBFloat16: gated_gelu_rows<Bf16>(p); return kOk;
-    default: return kBadDType;
-  }
+  return by_storage(dtype, [&](auto s) { gated_gelu_rows<decltype(s)>(p); });
 }
 
 namespace {
@@ -168,11 +164,7 @@ int gelu_gate_backward_cpu(DType dtype, const GeluGateBackwardArgs& p) {
   if (p.dm == nullptr || p.gate == nullptr || p.up == nullptr || p.act == nullptr ||
       p.out == nullptr)
     return kNullPointer;
-  switch (dtype) {
-    case DType::kFloat32: gelu_gate_backward_rows<float>(p); return kOk;
-    case DType::kBFloat16: gelu_gate_backward_rows<Bf16>(p); return kOk;
-    default: return kBadDType;
-  }
+  return by_storage(dtype, [&](auto s) { gelu_gate_backward_rows<decltype(s)>(p); });
 }
 
 }  // namespace ate_fast

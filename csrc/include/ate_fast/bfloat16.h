@@ -7,6 +7,9 @@
 #include <cstring>
 #include <type_traits>
 
+#include "ate_fast/constants.h"    // DType
+#include "ate_fast/guided_step.h"  // Status
+
 #define ATE_FAST_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace ate_fast {
@@ -47,6 +50,17 @@ ATE_FAST_ALWAYS_INLINE S narrow(C v) {
     return Bf16{static_cast<uint16_t>(nan ? quiet_nan : rounded)};
   } else {
     return static_cast<S>(v);
+  }
+}
+
+// A launcher's storage type from its dtype: run(S{}) for S = float (kFloat32) or Bf16
+// (kBFloat16) and kOk; kBadDType for any other dtype.
+template <typename Run>
+int by_storage(DType dtype, Run&& run) {
+  switch (dtype) {
+    case DType::kFloat32: run(float{}); return kOk;
+    case DType::kBFloat16: run(Bf16{}); return kOk;
+    default: return kBadDType;
   }
 }
 
