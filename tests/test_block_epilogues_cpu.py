@@ -146,8 +146,8 @@ def test_captured_sampler_takes_the_kernels_and_matches_the_torch_ops(monkeypatc
 
 @pytest.mark.parametrize("case", ["float64", "autograd"])
 def test_other_dtypes_and_autograd_take_the_torch_ops(monkeypatch, case):
-    """The kernels are float32-only and have no backward: float64 heads and a forward that
-    autograd records run ATen's ops (and the weights' gradients are formed)."""
+    """The kernels take float32 and bfloat16 only and have no backward: float64 heads and a
+    forward that autograd records run ATen's ops (and the weights' gradients are formed)."""
     monkeypatch.delenv(ENV, raising=False)
     calls = _counted(monkeypatch)
     head = _head()

@@ -4,9 +4,9 @@ backward, RMSNorm, the rotary q/k/v epilogue, and attention's softmax backward.
 :func:`ate_fast.models.block_epilogues.gated_gelu` and
 :func:`ate_fast.models.flow_transformer_vjp.gelu_gate_backward` call these where the
 ``native`` path runs (:func:`ate_fast.models.block_epilogues.use_native`: the CPU's
-default, float32 tensors): one pass over the rows each (``ate_fast._C``; the torch ops are
-``gelu`` + a product forward, a product + ``gelu_backward`` + a product + a concatenation
-backward). ATen's float32 tanh-GELU costs ≈ 2 ns per element on one AVX-512 core, its
+default, float32 or bfloat16 tensors): one pass over the rows each (``ate_fast._C``; the
+torch ops are ``gelu`` + a product forward, a product + ``gelu_backward`` + a product + a
+concatenation backward). ATen's float32 tanh-GELU costs ≈ 2 ns per element on one AVX-512 core, its
 ``tanh`` being the slow part; the kernels compute ``gelu_tanh(g) = g·σ(u)``,
 ``u = 2√(2/π)(g + 0.044715 g³)`` (the tanh form's ``0.5·(1 + tanh(u/2))`` is ``σ(u)``),
 ``σ`` through a short exp polynomial (≈ 1 ulp), vectorised for the CPU they run on
