@@ -65,10 +65,6 @@ void grad_row(const float* __restrict__ p, const float* __restrict__ dp,
   for (int64_t i = 0; i < n; ++i) ds[i] = (p[i] * (dp[i] - dot)) * scale;
 }
 
-}  // namespace
-
-namespace {
-
 // one row of float32: ds (and p from the scores) as the kernel computes them
 inline void softmax_row(const float* s_row, float* p_row, const float* dp_row, float* ds_row,
                         int64_t n, float scale) {

@@ -45,8 +45,8 @@ void rotate_row(const float* __restrict__ x, const float* __restrict__ cos,
   }
 }
 
-// bf16 rows: widened kBf16Chunk values at a time into float32, computed as norm_row and
-// rotate_row compute, each output rounded once
+// bf16 rows: widened kBf16Chunk values at a time into float32, computed as norm_row
+// computes, each output rounded once
 ATE_FAST_VECTOR_CLONES
 void norm_row_bf16(const Bf16* x, const Bf16* weight, Bf16* out, int64_t width, float eps) {
   alignas(64) float xf[kBf16Chunk], wf[kBf16Chunk], of[kBf16Chunk];
@@ -70,24 +70,6 @@ void norm_row_bf16(const Bf16* x, const Bf16* weight, Bf16* out, int64_t width, 
       for (int64_t i = 0; i < n; ++i) of[i] = xf[i] * inv;
     }
     narrow_into(of, out + at, n);
-  }
-}
-
-// one head's hd values: a chunk of n pairs (i, half + i) laid out [lo | hi] in float32
-ATE_FAST_VECTOR_CLONES
-void rotate_row_bf16(const Bf16* x, const Bf16* cos, const Bf16* sin, Bf16* out, int64_t half) {
-  constexpr int64_t kPairs = kBf16Chunk / 2;
-  alignas(64) float xf[kBf16Chunk], cf[kBf16Chunk], sf[kBf16Chunk], of[kBf16Chunk];
-  for (int64_t at = 0; at < half; at += kPairs) {
-    const int64_t n = std::min(kPairs, half - at);
-    for (int64_t h = 0; h < 2; ++h) {
-      widen_into(x + h * half + at, xf + h * n, n);
-      widen_into(cos + h * half + at, cf + h * n, n);
-      widen_into(sin + h * half + at, sf + h * n, n);
-    }
-    rotate_row(xf, cf, sf, of, n);
-    narrow_into(of, out + at, n);
-    narrow_into(of + n, out + half + at, n);
   }
 }
 
@@ -123,8 +105,8 @@ void unrotate_row(const float* __restrict__ y, const float* __restrict__ cos,
   }
 }
 
-// the VJPs' bf16 rows, as norm_row_bf16 and rotate_row_bf16 (the sums over the whole row
-// first, chunk by chunk)
+// the norm VJP's bf16 rows, as norm_row_bf16 (the sums over the whole row first, chunk by
+// chunk)
 ATE_FAST_VECTOR_CLONES
 void norm_vjp_row_bf16(const Bf16* grad, const Bf16* x, const Bf16* weight,
                        const Bf16* residual, Bf16* out, int64_t width, float eps) {
@@ -168,21 +150,35 @@ void norm_vjp_row_bf16(const Bf16* grad, const Bf16* x, const Bf16* weight,
   }
 }
 
+// rotate_row or unrotate_row: one head's hd values, pairs (i, half + i)
+using PairRow = void (*)(const float*, const float*, const float*, float*, int64_t);
+
+// a PairRow on bf16 values: chunks of n pairs widened into float32 laid out [lo | hi]
 ATE_FAST_VECTOR_CLONES
-void unrotate_row_bf16(const Bf16* y, const Bf16* cos, const Bf16* sin, Bf16* out,
-                       int64_t half) {
+void pairs_bf16(PairRow row, const Bf16* x, const Bf16* cos, const Bf16* sin, Bf16* out,
+                int64_t half) {
   constexpr int64_t kPairs = kBf16Chunk / 2;
-  alignas(64) float yf[kBf16Chunk], cf[kBf16Chunk], sf[kBf16Chunk], of[kBf16Chunk];
+  alignas(64) float xf[kBf16Chunk], cf[kBf16Chunk], sf[kBf16Chunk], of[kBf16Chunk];
   for (int64_t at = 0; at < half; at += kPairs) {
     const int64_t n = std::min(kPairs, half - at);
     for (int64_t h = 0; h < 2; ++h) {
-      widen_into(y + h * half + at, yf + h * n, n);
+      widen_into(x + h * half + at, xf + h * n, n);
       widen_into(cos + h * half + at, cf + h * n, n);
       widen_into(sin + h * half + at, sf + h * n, n);
     }
-    unrotate_row(yf, cf, sf, of, n);
+    row(xf, cf, sf, of, n);
     narrow_into(of, out + at, n);
     narrow_into(of + n, out + half + at, n);
+  }
+}
+
+// a PairRow on S = float or Bf16 values
+template <typename S>
+inline void pairs(PairRow row, const S* x, const S* cos, const S* sin, S* out, int64_t half) {
+  if constexpr (std::is_same_v<S, Bf16>) {
+    pairs_bf16(row, x, cos, sin, out, half);
+  } else {
+    row(x, cos, sin, out, half);
   }
 }
 
@@ -202,7 +198,7 @@ bool parallel_tokens(int64_t tokens, int64_t heads, int64_t kv_heads, int64_t hd
 
 namespace {
 
-// S: float, or Bf16 (its rows through norm_row_bf16 / rotate_row_bf16)
+// S: float, or Bf16 (its rows through norm_row_bf16 / pairs_bf16)
 template <typename S>
 void rms_norm_rows(const RmsNormArgs& p) {
   const S* x = static_cast<const S*>(p.x);
@@ -217,15 +213,6 @@ void rms_norm_rows(const RmsNormArgs& p) {
     } else {
       norm_row(x + r * p.row_stride, weight, out + r * p.width, p.width, eps);
     }
-  }
-}
-
-template <typename S>
-inline void rotate(const S* x, const S* cos, const S* sin, S* out, int64_t half) {
-  if constexpr (std::is_same_v<S, Bf16>) {
-    rotate_row_bf16(x, cos, sin, out, half);
-  } else {
-    rotate_row(x, cos, sin, out, half);
   }
 }
 
@@ -253,9 +240,9 @@ void rotate_qkv_tokens(const RotateQkvArgs& p) {
       // the query heads sharing kv head kvh, token-major: rows t·g … t·g + g − 1
       S* q_dst = q_out + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
       for (int64_t j = 0; j < group; ++j)
-        rotate<S>(q_row + (kvh * group + j) * hd, c, s, q_dst + j * hd, half);
+        pairs<S>(rotate_row, q_row + (kvh * group + j) * hd, c, s, q_dst + j * hd, half);
       const int64_t at = b * p.out_batch_stride + kvh * p.out_head_stride + t * hd;
-      rotate<S>(kv_row + kvh * hd, c, s, k_out + at, half);
+      pairs<S>(rotate_row, kv_row + kvh * hd, c, s, k_out + at, half);
       const S* v_src = kv_row + (p.kv_heads + kvh) * hd;
       S* v_dst = v_out + at;
       for (int64_t i = 0; i < hd; ++i) v_dst[i] = v_src[i];
@@ -314,15 +301,6 @@ void rms_norm_vjp_rows(const RmsNormVjpArgs& p) {
 }
 
 template <typename S>
-inline void unrotate(const S* y, const S* cos, const S* sin, S* out, int64_t half) {
-  if constexpr (std::is_same_v<S, Bf16>) {
-    unrotate_row_bf16(y, cos, sin, out, half);
-  } else {
-    unrotate_row(y, cos, sin, out, half);
-  }
-}
-
-template <typename S>
 void unrotate_pack_tokens(const UnrotatePackArgs& p) {
   const S* dq = static_cast<const S*>(p.dq);
   const S* dk = static_cast<const S*>(p.dk);
@@ -345,9 +323,9 @@ void unrotate_pack_tokens(const UnrotatePackArgs& p) {
     for (int64_t kvh = 0; kvh < p.kv_heads; ++kvh) {
       const S* q_src = dq + ((b * p.kv_heads + kvh) * horizon * group + t * group) * hd;
       for (int64_t j = 0; j < group; ++j)
-        unrotate<S>(q_src + j * hd, c, s, q_row + (kvh * group + j) * hd, half);
+        pairs<S>(unrotate_row, q_src + j * hd, c, s, q_row + (kvh * group + j) * hd, half);
       const int64_t at = ((b * p.kv_heads + kvh) * horizon + t) * hd;
-      unrotate<S>(dk + at, c, s, kv_row + kvh * hd, half);
+      pairs<S>(unrotate_row, dk + at, c, s, kv_row + kvh * hd, half);
       S* v_dst = kv_row + (p.kv_heads + kvh) * hd;
       for (int64_t i = 0; i < hd; ++i) v_dst[i] = dv[at + i];
     }
