@@ -66,15 +66,61 @@ def test_packed_products_match_and_are_packed_once():
     for call in range(3):
         with packing(packs), OpCounter() as seen:
             got = _products(layer, x, g, r)
-        # the weight and its transpose: one reorder each, in the first call only
+        # the weight and its transpose: one reorder each, and each copy's product checked
+        # on probe rows (two products), in the first call only
         assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0), dict(seen.ops)
-        assert seen.ops["_linear_pointwise"] == 4
+        assert seen.ops["_linear_pointwise"] == (4 + 2 * 2 if call == 0 else 4)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+            assert torch.equal(a, b)
     assert len(packs) == 2
     with OpCounter() as seen:  # outside a scope: the plain weight
         _products(layer, x, g, r)
     assert "_reorder_linear_weight" not in seen.ops
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["weight", "transposed"])
+def test_a_call_computes_the_unpacked_products_bit_for_bit(transposed):
+    """Widths and row counts as a head's GEMMs take them: each reads the packed copy where
+    its product is the plain weight's (checked once per copy and rows on probe rows), else
+    the plain weight — bit for bit the unpacked product either way. Here on an AMD EPYC
+    (Zen 4) torch 2.13 reads the plain transposed weights at one row; torch 2.11 at one
+    and two rows, and the transposed [256, 1024] at every row count."""
+    packs, gen = WeightPacks(), torch.Generator().manual_seed(3)
+    for n, k in ((4, 256), (256, 256), (256, 1024), (2048, 256)):
+        w = torch.randn(k, n, generator=gen).t() if transposed else torch.randn(n, k, generator=gen)
+        weight = nn.Parameter(w, requires_grad=False)
+        for rows in (1, 2, 16, 50, 100):
+            x = torch.randn(rows, k, generator=gen)
+            want = cpu_gemm.linear(x, weight)
+            for _ in range(2):  # the copy's verdict made, then reused
+                with packing(packs):
+                    got = cpu_gemm.linear(x, weight)
+                assert torch.equal(got, want), (n, k, rows)
+            copy = packs.exact_copy(weight, rows)
+            assert copy is None or copy is not weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_copy_whose_product_differs_is_not_read(monkeypatch, dtype):
+    """A packed copy whose product is not the plain weight's (here: made from another
+    weight, ``w + 1``) is made, checked and left unread: float32 runs oneDNN on the plain weight,
+    bfloat16 ATen's op, as a call without packs does."""
+    if dtype == torch.bfloat16 and not weight_packs.bf16_packing_available():
+        pytest.skip("a CPU oneDNN runs no bf16 on: no bf16 copies (test_bf16_parameters_...)")
+    reorder = weight_packs._reorder
+    monkeypatch.setattr(weight_packs, "_reorder", lambda w, rows: reorder(w + 1, rows))
+    layer, packs = _layer().to(dtype), WeightPacks()
+    x, g, r = (t.to(dtype) for t in _inputs())
+    want = _products(layer, x, g, r)
+    for call in range(2):
+        with packing(packs), OpCounter() as seen:
+            got = _products(layer, x, g, r)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0)
+        probes = 2 if call == 0 else 0  # the copies' packed products on probe rows
+        onednn = 4 if dtype == torch.float32 else 0  # the plain weight on oneDNN's op
+        assert seen.ops["_linear_pointwise"] == onednn + probes * (2 if onednn else 1)
+    assert len(packs) == 2 and packs.exact_copy(layer.weight, 50) is None
 
 
 def _after(packs: WeightPacks, layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -231,8 +277,8 @@ def test_a_captured_sampler_packs_once_and_follows_training():
 
 def test_bf16_parameters_read_packed_copies_inside_a_call():
     """bfloat16, which ATen runs on oneDNN's matmul already, takes oneDNN's op only inside
-    a call and only for a weight of at least BF16_MIN_WEIGHT elements: the same product
-    (to bf16's rounding) from a copy packed once."""
+    a call and only for a weight of at least BF16_MIN_WEIGHT elements: the same product,
+    bit for bit, from a copy packed once."""
     layer, packs = _layer(n=1024).bfloat16(), WeightPacks()
     small = _layer(n=256).bfloat16()  # [256, 256]: under the threshold
     assert small.weight.numel() < cpu_gemm.BF16_MIN_WEIGHT <= layer.weight.numel()
@@ -250,11 +296,12 @@ def test_bf16_parameters_read_packed_copies_inside_a_call():
         with packing(packs), OpCounter() as seen:
             got = _products(layer, x, g, r)
             cpu_gemm.linear_of(small, x)
-        assert seen.ops["_linear_pointwise"] == 4, dict(seen.ops)
+        # each copy's product checked against ATen's on probe rows in the first call
+        assert seen.ops["_linear_pointwise"] == (4 + 2 if call == 0 else 4), dict(seen.ops)
         assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0)
         for a, b in zip(got, want):
             assert a.dtype == torch.bfloat16
-            torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * b.abs().max().item())
+            assert torch.equal(a, b)
 
 
 def test_a_call_chooses_once_per_weight(monkeypatch):

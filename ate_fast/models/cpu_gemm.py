@@ -141,12 +141,12 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if x.shape[-1] != weight.shape[1] or x.numel() // x.shape[-1] * weight.numel() < MIN_MACS:
         return False
-    if x.dtype == torch.bfloat16:  # ATen's op is oneDNN's already: only to read a packed copy
-        if weight.numel() < BF16_MIN_WEIGHT or not packs_weight(weight):
-            return False
-        if not bf16_packing_available():
-            return False
-    elif selected_gemm() != "onednn":
+    bf16 = x.dtype == torch.bfloat16  # ATen's op is oneDNN's already: only to read a packed copy
+    if bf16 and (weight.numel() < BF16_MIN_WEIGHT or weight_packs.active() is None):
+        return False
+    if bf16 and not bf16_packing_available():
+        return False
+    if not bf16 and selected_gemm() != "onednn":
         return False
     tensors = [x, weight, *(t for t in others if t is not None)]
     if any(t.dtype != x.dtype for t in tensors):
@@ -155,7 +155,10 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if not (weight.is_contiguous() or weight.t().is_contiguous()):
         return False
-    return opaque_ops_may_run(*tensors)
+    if not opaque_ops_may_run(*tensors):
+        return False
+    # bf16: a packed copy whose product is ATen's (made here, once per weight and rows)
+    return not bf16 or packs_weight(weight, x.numel() // x.shape[-1])
 
 
 _PLAIN = (Tensor, nn.Parameter)

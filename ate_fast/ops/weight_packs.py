@@ -6,16 +6,22 @@ reorders it into its blocked layout at every call — for a batch-1 step that co
 more than the product. A captured sampler (``capture()`` on the CPU) calls the same
 weights call after call, so it keeps a :class:`WeightPacks`: each ``nn.Parameter`` that
 oneDNN multiplies is reordered once (``torch.ops.mkldnn._reorder_linear_weight``, what
-Inductor's CPU freezing does) and every later GEMM reads the packed copy. The same kernel
-on the same values: the products are bit-equal in most shapes (the summation order may
-differ in a few, e.g. a transposed weight at one row). Measured on one thread of an AMD
+Inductor's CPU freezing does) and every later GEMM reads the packed copy — where its
+product is the plain weight's bit for bit. Mostly it is (the same kernel on the same
+values), but oneDNN may sum in another order for some shapes and layouts, more or fewer
+with its build: torch 2.13 for a transposed weight at one row, torch 2.11 for several more
+(a flow transformer's captured loop came out 7·10⁻⁷ off ``sample()``). So each copy's
+product is compared once per row count with the unpacked one on random probe rows
+(:func:`_same_product`: two GEMMs of that size, in the first call), and where they differ
+that GEMM reads the plain weight: a captured call computes what ``sample()`` computes, bit
+for bit. Measured on one thread of an AMD
 EPYC (Zen 4), ``capture()`` with / without packs (``benchmarks/cpu_head_targets.py
 --unpacked``; benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.44×, the
 small flow transformer 1.16×, the MLP head 1.04× faster. bfloat16 weights of at least
 ``cpu_gemm.BF16_MIN_WEIGHT`` elements too (ATen runs bf16 on oneDNN's matmul already, and
 reorders them at every call as well; where oneDNN runs bf16 on this CPU:
 :func:`bf16_packing_available`): the DP U-Net's bf16 ``capture()`` 1.17×, the small flow
-transformer's 1.05× faster, the outputs bit-equal.
+transformer's 1.05× faster (a copy is read where its product is ATen's ``F.linear``'s).
 
 When a packed copy is used again, at the first GEMM of each call that reads it:
 
@@ -41,7 +47,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -110,6 +116,8 @@ class _Packed:
     probes: Tensor
     packed: Tensor
     checked_in: int  # the call (WeightPacks.calls) that last found it current
+    # rows -> whether the packed copy's product on that many rows is the unpacked one's
+    exact: dict[int, bool] = field(default_factory=dict)
 
 
 class WeightPacks:
@@ -152,27 +160,44 @@ class WeightPacks:
     def weight_for(self, weight: Tensor, rows: int) -> Tensor:
         """``weight`` [N, K] (or a view of a parameter, e.g. its transpose) as oneDNN's
         linear op should read it for ``rows`` rows of input: a packed copy of it as it is
-        now, or ``weight`` itself where it is no parameter (or an inference tensor)."""
+        now, or ``weight`` itself where it is no parameter (or an inference tensor) or
+        where the copy's product on ``rows`` rows differs from the unpacked one
+        (:func:`_same_product`, checked once per copy and row count)."""
+        copy = self.exact_copy(weight, rows)
+        return weight if copy is None else copy
+
+    def exact_copy(self, weight: Tensor, rows: int) -> Optional[Tensor]:
+        """:meth:`weight_for`'s packed copy, or None where it returns ``weight`` itself."""
+        entry = self._current(weight, rows)
+        if entry is None:
+            return None
+        exact = entry.exact.get(rows)
+        if exact is None:
+            exact = entry.exact[rows] = _same_product(weight, entry.packed, rows)
+        return entry.packed if exact else None
+
+    def _current(self, weight: Tensor, rows: int) -> Optional[_Packed]:
+        """The packed copy of ``weight`` as it is now (made or renewed here; ``rows`` the
+        reorder's row hint), or None where ``weight`` is no parameter."""
         owner = _parameter_of(weight)
         if owner is None:
-            return weight
+            return None
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
         entry = self._packed.get(key)
         if entry is not None and entry.owner() is owner:
             if entry.checked_in == self.calls:
-                return entry.packed
+                return entry
             if owner._version == entry.version and torch.equal(
                 _probe_values(owner, entry.places), entry.probes
             ):
                 entry.checked_in = self.calls
-                return entry.packed
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+                return entry
         places = _probe_places(owner)
-        self._packed[key] = _Packed(
+        entry = self._packed[key] = _Packed(
             weakref.ref(owner, self._forget(key)), owner._version, places,
-            _probe_values(owner, places), packed, self.calls,
+            _probe_values(owner, places), _reorder(weight.detach(), rows), self.calls,
         )  # fmt: skip
-        return packed
+        return entry
 
     def _forget(self, key: tuple) -> Callable[[weakref.ref], None]:
         # the owner's weakref callback: drop its copy when it dies (without keeping the
@@ -219,16 +244,39 @@ def active() -> Optional[WeightPacks]:
     return _ACTIVE.get()
 
 
+def _reorder(weight: Tensor, rows: int) -> Tensor:
+    """oneDNN's packed copy of ``weight`` [N, K] for ``rows`` rows of input."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _same_product(weight: Tensor, packed: Tensor, rows: int) -> bool:
+    """Whether oneDNN's product of ``rows`` probe rows with the packed copy of ``weight``
+    is, bit for bit, the product a call without packs computes: oneDNN's op on the plain
+    weight for float32, ATen's ``F.linear`` for bfloat16 (``cpu_gemm``'s choices outside a
+    call). Random rows (a fixed seed): on rows of zeros any summation order agrees."""
+    gen = torch.Generator().manual_seed(rows)
+    probe = torch.randn(rows, weight.shape[-1], generator=gen).to(weight.dtype)
+    with torch.no_grad():
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        if weight.dtype == torch.bfloat16:
+            want = F.linear(probe, weight)
+        else:
+            want = torch.ops.mkldnn._linear_pointwise(probe, weight, None, "none", [], "")
+    return torch.equal(got, want)
+
+
 def _parameter_of(weight: Tensor) -> Optional[nn.Parameter]:
     """The parameter ``weight`` is or views, if it is no inference tensor; else None."""
     owner = weight if weight._base is None else weight._base
     return owner if isinstance(owner, nn.Parameter) and not owner.is_inference() else None
 
 
-def packs_weight(weight: Tensor) -> bool:
-    """Inside a :func:`packing` scope, whether its packs would hold ``weight`` (a parameter,
-    or a view of one, that is no inference tensor)."""
-    return _ACTIVE.get() is not None and _parameter_of(weight) is not None
+def packs_weight(weight: Tensor, rows: int) -> bool:
+    """Inside a :func:`packing` scope, whether a GEMM of ``rows`` rows with ``weight`` reads
+    a packed copy: ``weight`` is (or views) a parameter that is no inference tensor, and
+    the copy's product is the unpacked one's (:meth:`WeightPacks.exact_copy`)."""
+    packs = _ACTIVE.get()
+    return packs is not None and packs.exact_copy(weight, rows) is not None
 
 
 def call_weight(x: Tensor, weight: Tensor) -> Tensor:

@@ -101,10 +101,11 @@ class CapturedSampler:
           call reads it once afterwards and raises
           :class:`~ate_fast.errors.NonFiniteError` naming the first bad step and source.
         * CPU: the parameters oneDNN multiplies (float32; bf16 ones of ≥ 2¹⁸ elements)
-          are packed once into its blocked layout and kept
-          (:mod:`ate_fast.ops.weight_packs`); each is packed again when its version
-          counter moves (training, ``load_state_dict``, in-place ops) or one of 64 probed
-          values changed (a write through ``.data``). After a write that bypasses the
+          are packed once into its blocked layout and kept, each read only where its
+          product is the plain weight's bit for bit (:mod:`ate_fast.ops.weight_packs`);
+          each is packed again when its version counter moves (training,
+          ``load_state_dict``, in-place ops) or one of 64 probed values changed (a write
+          through ``.data``). After a write that bypasses the
           counter and changes no probed value, :meth:`clear_weight_packs`.
 
     Attributes:
