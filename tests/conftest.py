@@ -35,9 +35,30 @@ def _shard(value: str) -> tuple[int, int]:
     return index, count
 
 
+FIRST_MODULE = "test_triton_offline_compile.py"  # scheduled before every other module
+
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:  # an xdist worker: its share of the cores, not all of them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+def pytest_configure(config):
+    # xdist's --dist loadscope hands out the modules in the collected order, which
+    # _scheduled sets, instead of its own (most tests first)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def _scheduled(items: list) -> list:
+    """``items`` module by module: :data:`FIRST_MODULE` first — its three compile
+    subprocesses (≈ 400 s of the two-core CI machine's cores) then run beside the other
+    tests from the start; ordered by xdist's reorder, most tests last, they ran alone at the
+    end — then the modules with the most tests (as xdist's reorder), each in its own order."""
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.path, []).append(item)
+    order = sorted(modules.values(), key=lambda m: (m[0].path.name != FIRST_MODULE, -len(m)))
+    return [item for module in order for item in module]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -55,6 +76,7 @@ def pytest_collection_modifyitems(config, items):
         index, count = _shard(shard)
         config.hook.pytest_deselected(items=[t for n, t in enumerate(items) if n % count != index])
         items[:] = [t for n, t in enumerate(items) if n % count == index]
+    items[:] = _scheduled(items)
     if torch.cuda.is_available():
         return
     no_gpu = pytest.mark.skip(reason="cuda test: no GPU present on this machine")
