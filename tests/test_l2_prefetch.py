@@ -14,17 +14,20 @@ from ate_fast.models import FlowTransformerHead, l2_prefetch
 from ate_fast.sampling import FlowSampler
 
 
-def _wrapped_sums(t: torch.Tensor, block: int) -> torch.Tensor:
-    """Each ``block`` of ``t``'s 32-bit words summed with int32 wrap-around."""
-    words = t.reshape(-1).view(torch.int32).long()
+def _xors(t: torch.Tensor, block: int) -> torch.Tensor:
+    """The XOR of each ``block`` of ``t``'s 32-bit words."""
+    words = t.reshape(-1).view(torch.int32)
     pad = -words.numel() % block
-    sums = torch.cat([words, words.new_zeros(pad)]).view(-1, block).sum(dim=1)
-    return ((sums + 2**31) % 2**32 - 2**31).int()
+    rows = torch.cat([words, words.new_zeros(pad)]).view(-1, block)
+    out = rows[:, 0].clone()
+    for j in range(1, block):
+        out ^= rows[:, j]
+    return out
 
 
 def test_kernel_reads_every_word():
     """Two weights (bf16 of an odd number of words per block, float32): the sink holds
-    each program's sum of its words, tensor after tensor — every word was read."""
+    each program's XOR of its words, tensor after tensor — every word was read."""
     kernels = pytest.importorskip("ate_fast.models.l2_prefetch_triton")
     g = torch.Generator().manual_seed(0)
     a = torch.randn(70, 130, generator=g).to(torch.bfloat16)  # 4550 words: 2 programs
@@ -32,7 +35,7 @@ def test_kernel_reads_every_word():
     sink = torch.full((kernels.sink_size([a, b]),), 7, dtype=torch.int32)
     assert sink.numel() == 3
     kernels.prefetch([a, b], sink)
-    want = torch.cat([_wrapped_sums(a, kernels.BLOCK), _wrapped_sums(b, kernels.BLOCK)])
+    want = torch.cat([_xors(a, kernels.BLOCK), _xors(b, kernels.BLOCK)])
     assert torch.equal(sink, want)
 
 

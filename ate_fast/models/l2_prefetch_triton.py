@@ -4,10 +4,11 @@ program. The lines then age in L2 like any other: PTX's L2 eviction priority nee
 policy operand Triton does not expose, and its ``evict_last`` (an L1 hint) cannot be
 combined with ``.cg`` (ptxas refuses it: ``tests/triton_offline_compile.py`` found that).
 
-Each program reads ``BLOCK`` 32-bit words of one tensor's bytes and stores their wrapped
-sum into a per-program sink, so that the loads have a use the compiler cannot remove; the
-sink is never read. On the CPU it runs through Triton's interpreter (the tests check the
-sums, i.e. that every word was read).
+Each program reads ``BLOCK`` 32-bit words of one tensor's bytes and stores their XOR into a
+per-program sink, so that the loads have a use the compiler cannot remove; the sink is
+never read. On the CPU it runs through Triton's interpreter (the tests check the words'
+XORs, i.e. that every word was read). An XOR, not a sum: a sum of words wraps, which the
+compiled code does but the interpreters of Triton 3.6 – 3.8 refuse (int32 overflow).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _prefetch_kernel(words_ptr, sink_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     w = tl.load(words_ptr + offs, mask=offs < n, other=0, cache_modifier=".cg")
-    tl.store(sink_ptr + pid, tl.sum(w, axis=0))
+    tl.store(sink_ptr + pid, tl.xor_sum(w, axis=0))
 
 
 def words(t: Tensor) -> Tensor:
@@ -41,7 +42,7 @@ def words(t: Tensor) -> Tensor:
 @_limits
 def prefetch(tensors: list[Tensor], sink: Tensor) -> None:
     """One launch per tensor: every word read into L2; ``sink`` (int32, at least
-    :func:`sink_size` words) gets each program's wrapped sum, tensor after tensor."""
+    :func:`sink_size` words) gets each program's XOR of its words, tensor after tensor."""
     at = 0
     for t in tensors:
         w = words(t)
