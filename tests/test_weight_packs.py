@@ -100,6 +100,19 @@ def test_a_call_computes_the_unpacked_products_bit_for_bit(transposed):
             assert copy is None or copy is not weight
 
 
+def test_one_check_per_kind_of_copy():
+    """Weights of one shape, layout and dtype, at the same rows: their copies' products are
+    checked once (oneDNN picks its kernels by these, not by the values); another row count
+    is checked again."""
+    layers, packs = [_layer(seed) for seed in range(3)], WeightPacks()
+    x = _inputs()[0]
+    for rows, probes in ((50, 1), (10, 1), (50, 0)):
+        with packing(packs), OpCounter() as seen:
+            for layer in layers:
+                cpu_gemm.linear_of(layer, x[:rows])
+        assert seen.ops["_linear_pointwise"] == len(layers) + 2 * probes, (rows, dict(seen.ops))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_copy_whose_product_differs_is_not_read(monkeypatch, dtype):
     """A packed copy whose product is not the plain weight's (here: made from another

@@ -11,9 +11,10 @@ product is the plain weight's bit for bit. Mostly it is (the same kernel on the 
 values), but oneDNN may sum in another order for some shapes and layouts, more or fewer
 with its build: torch 2.13 for a transposed weight at one row, torch 2.11 for several more
 (a flow transformer's captured loop came out 7·10⁻⁷ off ``sample()``). So each copy's
-product is compared once per row count with the unpacked one on random probe rows
-(:func:`_same_product`: two GEMMs of that size, in the first call), and where they differ
-that GEMM reads the plain weight: a captured call computes what ``sample()`` computes, bit
+product is compared with the unpacked one on random probe rows (:func:`_same_product`: two
+GEMMs of that size, in the first call), once per kind of copy — shape, strides, dtype, the
+reorder's row hint — and row count, which is what oneDNN picks its kernels by; where they
+differ that GEMM reads the plain weight: a captured call computes what ``sample()`` computes, bit
 for bit. Measured on one thread of an AMD
 EPYC (Zen 4), ``capture()`` with / without packs (``benchmarks/cpu_head_targets.py
 --unpacked``; benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.44×, the
@@ -47,7 +48,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -116,8 +117,7 @@ class _Packed:
     probes: Tensor
     packed: Tensor
     checked_in: int  # the call (WeightPacks.calls) that last found it current
-    # rows -> whether the packed copy's product on that many rows is the unpacked one's
-    exact: dict[int, bool] = field(default_factory=dict)
+    hint: int  # the rows the reorder was given (its blocked layout may depend on them)
 
 
 class WeightPacks:
@@ -129,6 +129,10 @@ class WeightPacks:
         # this call's GEMMs that oneDNN ran on a packed copy: (weight's key, rows, dtype) ->
         # (owner, copy); emptied as each call ends (packing)
         self._chosen: dict[tuple, tuple[nn.Parameter, Tensor]] = {}
+        # whether a packed copy's product is the plain weight's, by what oneDNN chooses its
+        # kernels by — shape, strides, dtype, the reorder's row hint, the rows — not by the
+        # values: checked on the first copy of each kind (π0's 126 weights: 7 kinds)
+        self._exact: dict[tuple, bool] = {}
         self.calls = 0
 
     def __len__(self) -> int:
@@ -138,6 +142,7 @@ class WeightPacks:
         """Drop every packed copy: the next call packs the weights as they are then."""
         self._packed.clear()
         self._chosen.clear()
+        self._exact.clear()
 
     def chosen(self, weight: Tensor, rows: int, dtype: torch.dtype) -> Optional[Tensor]:
         """The packed copy of ``weight`` that an earlier GEMM of this call on ``rows`` rows
@@ -162,7 +167,7 @@ class WeightPacks:
         linear op should read it for ``rows`` rows of input: a packed copy of it as it is
         now, or ``weight`` itself where it is no parameter (or an inference tensor) or
         where the copy's product on ``rows`` rows differs from the unpacked one
-        (:func:`_same_product`, checked once per copy and row count)."""
+        (:func:`_same_product`, checked once per kind of copy and row count)."""
         copy = self.exact_copy(weight, rows)
         return weight if copy is None else copy
 
@@ -171,9 +176,10 @@ class WeightPacks:
         entry = self._current(weight, rows)
         if entry is None:
             return None
-        exact = entry.exact.get(rows)
+        kind = (tuple(weight.shape), weight.stride(), weight.dtype, entry.hint, rows)
+        exact = self._exact.get(kind)
         if exact is None:
-            exact = entry.exact[rows] = _same_product(weight, entry.packed, rows)
+            exact = self._exact[kind] = _same_product(weight, entry.packed, rows)
         return entry.packed if exact else None
 
     def _current(self, weight: Tensor, rows: int) -> Optional[_Packed]:
@@ -195,7 +201,7 @@ class WeightPacks:
         places = _probe_places(owner)
         entry = self._packed[key] = _Packed(
             weakref.ref(owner, self._forget(key)), owner._version, places,
-            _probe_values(owner, places), _reorder(weight.detach(), rows), self.calls,
+            _probe_values(owner, places), _reorder(weight.detach(), rows), self.calls, rows,
         )  # fmt: skip
         return entry
 
