@@ -50,10 +50,11 @@ def pytest_configure(config):
 
 
 def _scheduled(items: list) -> list:
-    """``items`` module by module: :data:`FIRST_MODULE` first — its three compile
-    subprocesses (≈ 400 s of the two-core CI machine's cores) then run beside the other
-    tests from the start; ordered by xdist's reorder, most tests last, they ran alone at the
-    end — then the modules with the most tests (as xdist's reorder), each in its own order."""
+    """``items`` module by module: :data:`FIRST_MODULE` first, then the modules with the
+    most tests first (as xdist's reorder does), each in its own order. The offline compile's
+    module has two tests, so xdist's reorder handed it out last, and its three compile
+    subprocesses (≈ 760 s of CPU) ran alone at the end of the two-core CI run; first, they
+    run beside the other tests."""
     modules: dict = {}
     for item in items:
         modules.setdefault(item.path, []).append(item)

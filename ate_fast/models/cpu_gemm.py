@@ -157,7 +157,8 @@ def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
         return False
     if not opaque_ops_may_run(*tensors):
         return False
-    # bf16: a packed copy whose product is ATen's (made here, once per weight and rows)
+    # bf16: a packed copy whose product is ATen's (made here; its product checked once per
+    # kind of copy and rows)
     return not bf16 or packs_weight(weight, x.numel() // x.shape[-1])
 
 

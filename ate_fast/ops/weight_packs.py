@@ -14,11 +14,11 @@ with its build: torch 2.13 for a transposed weight at one row, torch 2.11 for se
 product is compared with the unpacked one on random probe rows (:func:`_same_product`: two
 GEMMs of that size, in the first call), once per kind of copy — shape, strides, dtype, the
 reorder's row hint — and row count, which is what oneDNN picks its kernels by; where they
-differ that GEMM reads the plain weight: a captured call computes what ``sample()`` computes, bit
-for bit. Measured on one thread of an AMD
-EPYC (Zen 4), ``capture()`` with / without packs (``benchmarks/cpu_head_targets.py
---unpacked``; benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.44×, the
-small flow transformer 1.16×, the MLP head 1.04× faster. bfloat16 weights of at least
+differ that GEMM reads the plain weight: a captured call computes what ``sample()``
+computes, bit for bit. Measured on one thread of an AMD EPYC (Zen 4), ``capture()``
+with / without packs (``benchmarks/cpu_head_targets.py --unpacked``;
+benchmarks/README.md): the Diffusion Policy U-Net (DDIM 10) 1.44×, the small flow
+transformer 1.16×, the MLP head 1.04× faster. bfloat16 weights of at least
 ``cpu_gemm.BF16_MIN_WEIGHT`` elements too (ATen runs bf16 on oneDNN's matmul already, and
 reorders them at every call as well; where oneDNN runs bf16 on this CPU:
 :func:`bf16_packing_available`): the DP U-Net's bf16 ``capture()`` 1.17×, the small flow
