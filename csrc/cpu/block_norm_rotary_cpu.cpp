@@ -272,10 +272,6 @@ int rotate_qkv_cpu(DType dtype, const RotateQkvArgs& p) {
   return by_storage(dtype, [&](auto s) { rotate_qkv_tokens<decltype(s)>(p); });
 }
 
-}  // namespace ate_fast
-
-namespace ate_fast {
-
 namespace {
 
 template <typename S>
