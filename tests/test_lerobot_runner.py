@@ -14,6 +14,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -81,16 +82,33 @@ def _run(root: Path, env: dict, tag: str, *args: str, **kw) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_the_run_waits_for_a_background_install(tmp_path):
+def _runs(
+    tmp_path: Path, background_s: Optional[str], fail_first: bool, *args: str
+) -> tuple[Optional[int], int, str, list[str]]:
+    """``run.sh --prepare`` in the background (its pip taking ``background_s``; None: no
+    background install), then, once that holds the lock, ``run.sh ARGS``; ``fail_first``:
+    the first pip to run fails. Returns the background's and the run's exit codes, the
+    run's output and the log."""
     root, env = _tree(tmp_path)
     log = Path(env["RUN_LOG"])
-    background = _run(root, env, "background", "--prepare", PIP_SECONDS="1.5")
-    _wait_for(log, "pip start background")  # it holds the lock now
-    run = _run(root, env, "run", "-k", "x", PIP_SECONDS="0")
+    if fail_first:
+        fail_once = tmp_path / "fail-once"
+        fail_once.touch()
+        env["FAIL_PIP"] = str(fail_once)
+    background = None
+    if background_s is not None:
+        background = _run(root, env, "background", "--prepare", PIP_SECONDS=background_s)
+        _wait_for(log, "pip start background")  # it holds the lock now
+    run = _run(root, env, "run", *args, PIP_SECONDS="0")
     out, _ = run.communicate(timeout=60)
-    assert run.returncode == 0, out
-    assert background.wait(timeout=60) == 0
-    assert log.read_text().splitlines() == [
+    status = None if background is None else background.wait(timeout=60)
+    return status, run.returncode, out, log.read_text().splitlines()
+
+
+def test_the_run_waits_for_a_background_install(tmp_path):
+    background, run, out, log = _runs(tmp_path, "1.5", False, "-k", "x")
+    assert (background, run) == (0, 0), out
+    assert log == [
         "pip start background",
         "pip end background",
         "pip start run",  # only after the background's install ended
@@ -100,19 +118,10 @@ def test_the_run_waits_for_a_background_install(tmp_path):
 
 
 def test_a_failed_background_install_is_run_again_in_the_foreground(tmp_path):
-    root, env = _tree(tmp_path)
-    log = Path(env["RUN_LOG"])
-    fail_once = tmp_path / "fail-once"
-    fail_once.touch()
-    background = _run(
-        root, env, "background", "--prepare", PIP_SECONDS="0.5", FAIL_PIP=str(fail_once)
-    )
-    _wait_for(log, "pip start background")
-    run = _run(root, env, "run", PIP_SECONDS="0", FAIL_PIP=str(fail_once))
-    out, _ = run.communicate(timeout=60)
-    assert background.wait(timeout=60) != 0  # --prepare reports its failure
-    assert run.returncode == 0, out
-    assert log.read_text().splitlines() == [
+    background, run, out, log = _runs(tmp_path, "0.5", True)
+    assert background != 0  # --prepare reports its failure
+    assert run == 0, out
+    assert log == [
         "pip start background",
         "pip failed background",
         "pip start run",
@@ -122,11 +131,6 @@ def test_a_failed_background_install_is_run_again_in_the_foreground(tmp_path):
 
 
 def test_a_failed_foreground_install_fails_the_run_before_the_tests(tmp_path):
-    root, env = _tree(tmp_path)
-    log = Path(env["RUN_LOG"])
-    fail_once = tmp_path / "fail-once"
-    fail_once.touch()
-    run = _run(root, env, "run", PIP_SECONDS="0", FAIL_PIP=str(fail_once))
-    out, _ = run.communicate(timeout=60)
-    assert run.returncode != 0, out
-    assert log.read_text().splitlines() == ["pip start run", "pip failed run"]
+    _, run, out, log = _runs(tmp_path, None, True)  # no background install
+    assert run != 0, out
+    assert log == ["pip start run", "pip failed run"]
