@@ -4,8 +4,9 @@
         ARCH: default 90; GROUP: all (default), or a comma-separated list of mlp,
         guided_step, transformer, flow_block, skinny_gemm,
         split_kv, l2_prefetch, fused_mlp; --spills report: list the spilling variants
-        instead of failing on the first (another Triton than the tests' allocates
-        registers otherwise: the GPU machine's, ``tests/gpu_image_triton.txt``)
+        instead of failing on the first (for a Triton whose register allocation
+        :data:`KNOWN_SPILLS` does not list: it has 3.6, the GPU machine's
+        ``tests/gpu_image_triton.txt``, 3.8 and 3.9)
 
 Prints one line per kernel variant (its shared memory) and exits non-zero on the first
 compile error, on a variant that needs more shared memory than one block of ARCH may have
@@ -91,16 +92,43 @@ FITS_ALSO = {87: (86, 89)}
 REPORT_SPILLS = False
 SPILLED: list[str] = []
 # gated variants that spill with Triton's own ptxas flags, exactly so many bytes, by Triton
-# version: 3.9 passes ptxas --regAllocOptLevel=2 (its workaround for a ptxas 13 bug), and
-# these two float32 variants then spill one 4-byte register at 56 and 80 registers of 255
-# (no pressure: without the flag, and with 3.6, they spill nothing; the fixes found — 2 or
-# 8 warps, one pipeline stage — change GPU launch settings no GPU has timed). Any other
-# spill fails, and so does one of these spilling more, or no longer (a stale entry).
+# version (each allocates registers its own way; the fixes found — other warps or pipeline
+# stages — change GPU launch settings no GPU has timed). Any other spill fails, and so does
+# one of these spilling more or less, or no longer (a stale entry).
+_CANDIDATE_FORWARD = "_attention_kernel {}->fp32 forward tile (64, 64)"  # CANDIDATE_TILES'
+_SKINNY_SPLIT_64 = ("_skinny_gemm_kernel {} BLOCK_N=64 bias=False residual=False even_k=True "
+                    "split=True sum=False pdl=False w_kn=False act=-1 grad=False")  # fmt: skip
+_PARTIAL_HD64 = ("_partial_kernel {} hd=64 Tiles(block_q=32, block_k=32, splits=0, "
+                 "programs_per_sm=1, warps=4, stages=2) single=False combine=False")  # fmt: skip
+_PERSISTENT_MLP = "_fused_mlp_kernel {} gain=True rows=50 save={} reset={} default"
 KNOWN_SPILLS = {
+    # 3.9 (the tests' Triton) passes ptxas --regAllocOptLevel=2 (its workaround for a
+    # ptxas 13 bug): these two float32 variants spill one 4-byte register at 56 and 80
+    # registers of 255 (no pressure: without the flag, and with 3.6 / 3.8, none)
     ("3.9", 90): {
         "_attention_backward_kernel fp32->fp32 Tq=50 T=50 hd=16": 4,
         "_fused_mlp_kernel fp32 gain=False rows=20 save=False reset=False default": 4,
-    }
+    },
+    # 3.6 (the GPU machine's, tests/gpu_image_triton.txt; torch 2.11's): the encoder
+    # attention's benchmark-only candidate tile at 255 registers; for the Orin the few-row
+    # GEMM's split 64-column tile at 64 registers and the split-key attention's partial
+    # kernel at head dim 64 (128 registers)
+    ("3.6", 90): {_CANDIDATE_FORWARD.format("bf16"): 20, _CANDIDATE_FORWARD.format("fp16"): 20},
+    ("3.6", 87): {
+        _SKINNY_SPLIT_64.format("bf16"): 8,
+        _SKINNY_SPLIT_64.format("fp16"): 8,
+        _PARTIAL_HD64.format("bf16"): 16,
+        _PARTIAL_HD64.format("fp16"): 16,
+    },
+    # 3.8 (torch 2.14's): the candidate tile; for the Orin the persistent MLP with the
+    # folded norm's gain at 50 rows, 255 registers
+    ("3.8", 90): {_CANDIDATE_FORWARD.format("bf16"): 20, _CANDIDATE_FORWARD.format("fp16"): 56},
+    ("3.8", 87): {
+        _PERSISTENT_MLP.format("bf16", False, False): 16,
+        _PERSISTENT_MLP.format("fp16", False, False): 16,
+        _PERSISTENT_MLP.format("bf16", True, False): 24,
+        _PERSISTENT_MLP.format("bf16", False, True): 16,
+    },
 }
 KNOWN_SEEN: set[str] = set()  # the KNOWN_SPILLS variants this run compiled
 
