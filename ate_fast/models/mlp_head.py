@@ -23,7 +23,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ate_fast.models.cpu_gemm import linear_of, linear_residual_rows, times_weight
+from ate_fast.models.cpu_gemm import (
+    each_reaches_onednn_size,
+    linear_of,
+    linear_residual_rows,
+    times_weight,
+)
 from ate_fast.models.direct_weights import autograd_input_vjp
 from ate_fast.models.head_inputs import check_head_inputs, in_dtype
 from ate_fast.models.time_embedding import PI0_PERIODS, sinusoidal_embedding
@@ -134,13 +139,15 @@ class MLPHead(nn.Module):
         flatten, dtype = self.config.flatten, self.input.weight.dtype
         linears = [m for m in self.body if isinstance(m, nn.Linear)]
         slopes = [_silu_slope(pre) for pre in pres]  # σ(h)·(1 + h·(1 − σ(h))) per layer
+        # the forward's library (_onednn_rows), for the same rows
+        times = times_weight if self._onednn_rows(pres[0].numel() // pres[0].shape[-1]) else _times
 
         def pullback(u: Tensor) -> Tensor:
             g = u.to(dtype)
             g = g.flatten(1) if flatten else g
             for linear, slope in zip(reversed(linears), reversed(slopes)):
-                g = times_weight(g, linear.weight) * slope
-            return times_weight(g, self.input.weight).view_as(x).to(x.dtype)
+                g = times(g, linear.weight) * slope
+            return times(g, self.input.weight).view_as(x).to(x.dtype)
 
         return out, pullback
 
@@ -192,11 +199,29 @@ class MLPHead(nn.Module):
         else:  # the context row [B, hidden] (also for a first layer that is not plain)
             h = self.input(inputs) + features[:, None, :] + self.step
         pres = []
+        one_library = self._onednn_rows(h.numel() // h.shape[-1])
         for module in self.body:
             if isinstance(module, nn.SiLU):
                 pres.append(h)
-            h = linear_of(module, h) if isinstance(module, nn.Linear) else module(h)
+            linear = isinstance(module, nn.Linear) and one_library
+            h = linear_of(module, h) if linear else module(h)
         return (h.view_as(x) if self.config.flatten else h).to(x.dtype), pres
+
+    def _onednn_rows(self, rows: int) -> bool:
+        """Whether the body's layers may take oneDNN (:mod:`~ate_fast.models.cpu_gemm`'s
+        choice) for ``rows`` rows: only where every layer, the first included, reaches its
+        size, so that a step's GEMMs share one library; else ATen's (at batch 1 the small
+        head's 0.4 M-MAC first and last layers run there, and its hidden layer with them)."""
+        layers = [self.input] + [m for m in self.body if isinstance(m, nn.Linear)]
+        weights = [getattr(m, "weight", None) for m in layers]
+        if not all(isinstance(w, Tensor) for w in weights):  # a wrapper: each layer chooses
+            return True
+        return each_reaches_onednn_size(rows, *weights)
+
+
+def _times(g: Tensor, weight: Tensor) -> Tensor:
+    """``g @ weight`` on ATen (:func:`~ate_fast.models.cpu_gemm.times_weight`'s product)."""
+    return g @ weight
 
 
 def _silu_slope(h: Tensor) -> Tensor:
