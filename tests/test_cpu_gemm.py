@@ -214,6 +214,19 @@ def test_graph_captures_keep_aten_ops(gemm):
     assert len(graphs) == 1 and "linear" in graphs[0] and "mkldnn" not in graphs[0]
 
 
+def test_the_mlp_head_exports_with_a_dynamic_batch(gemm):
+    """The MLP head's one-library choice (cpu_gemm.each_reaches_onednn_size) compares the
+    row count with MIN_MACS: under torch.export with a symbolic batch it must not (the
+    comparison raised as a guard on the batch), and the program runs at another batch."""
+    gemm("onednn")
+    head = make_head("mlp", "small").eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    x, t = torch.randn(2, 50, 32), torch.rand(2)
+    program = torch.export.export(head, (x, t), dynamic_shapes=({0: batch}, {0: batch}))
+    x, t = torch.randn(40, 50, 32), torch.rand(40)
+    torch.testing.assert_close(program.module()(x, t), head(x, t), rtol=1e-5, atol=1e-5)
+
+
 def test_a_wrapped_layer_is_called(gemm):
     """Not a plain nn.Linear: the layer's own forward runs (what it adds is kept)."""
     gemm("onednn")

@@ -134,8 +134,11 @@ def each_reaches_onednn_size(rows: int, *weights: Tensor) -> bool:
     """Whether ``rows`` rows times each of ``weights`` reaches ``MIN_MACS`` multiply-adds —
     for a head whose GEMMs should all take one library: a step whose small GEMMs run on
     ATen's MKL and its larger ones on oneDNN ran slower than one on MKL alone (the MLP head
-    at 50 rows, one Zen 4 thread: 2.16 → 1.80 ms captured; benchmarks/README.md, "Where
-    oneDNN starts, timed in whole calls")."""
+    at 50 rows, one Zen 4 thread: 2.19 → 1.78 ms captured; benchmarks/README.md, "Where
+    oneDNN starts, timed in whole calls"). False inside a compiler's or ``jit`` trace
+    (which keep ATen's ops; ``rows`` may be symbolic there)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
     return rows * min(w.numel() for w in weights) >= MIN_MACS
 
 
