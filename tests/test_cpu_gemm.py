@@ -215,7 +215,7 @@ def test_graph_captures_keep_aten_ops(gemm):
 
 
 def test_the_mlp_head_exports_with_a_dynamic_batch(gemm):
-    """The MLP head's one-library choice (cpu_gemm.each_reaches_onednn_size) compares the
+    """The MLP head's one-library choice (cpu_gemm.reaches_onednn_size) compares the
     row count with MIN_MACS: under torch.export with a symbolic batch it must not (the
     comparison raised as a guard on the batch), and the program runs at another batch."""
     gemm("onednn")

@@ -10,7 +10,7 @@ one thread of an AMD EPYC (Zen 4), float32, ``x [M, K] @ weightᵀ``: M = 50, 25
 per call to find its primitive, so below ``MIN_MACS`` multiply-adds (M = 1, 512 → 512:
 19 vs 29 µs) ATen's call stays faster. The heads' forwards and hand-written input-VJPs
 (FlowTransformerHead, MLPHead — whose layers share one library,
-:func:`each_reaches_onednn_size`; the U-Net's convolutions as chunk rows, :mod:`chunk_conv`)
+:func:`reaches_onednn_size`; the U-Net's convolutions as chunk rows, :mod:`chunk_conv`)
 and the Transformer encoder's guidance VJP (:mod:`ate_fast.steer.transformer_vjp`) call
 :func:`linear_of` / :func:`linear` / :func:`times_weight` / :func:`linear_residual_rows`,
 which take oneDNN's op (``torch.ops.mkldnn._linear_pointwise``, what Inductor's CPU
@@ -130,16 +130,17 @@ def cpu_vendor() -> str:
     return ""
 
 
-def each_reaches_onednn_size(rows: int, *weights: Tensor) -> bool:
-    """Whether ``rows`` rows times each of ``weights`` reaches ``MIN_MACS`` multiply-adds —
-    for a head whose GEMMs should all take one library: a step whose small GEMMs run on
-    ATen's MKL and its larger ones on oneDNN ran slower than one on MKL alone (the MLP head
-    at 50 rows, one Zen 4 thread: 2.19 → 1.78 ms captured; benchmarks/README.md, "Where
-    oneDNN starts, timed in whole calls"). False inside a compiler's or ``jit`` trace
-    (which keep ATen's ops; ``rows`` may be symbolic there)."""
+def reaches_onednn_size(rows: int, weight_elements: int) -> bool:
+    """Whether ``rows`` rows times a weight of ``weight_elements`` reaches ``MIN_MACS``
+    multiply-adds — asked with the smallest weight of a head whose GEMMs should all take
+    one library: a step whose small GEMMs run on ATen's MKL and its larger ones on oneDNN
+    ran slower than one on MKL alone (the MLP head at 50 rows, one Zen 4 thread: 2.19 →
+    1.78 ms captured; benchmarks/README.md, "Where oneDNN starts, timed in whole calls").
+    False inside a compiler's or ``jit`` trace (which keep ATen's ops; ``rows`` may be
+    symbolic there)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    return rows * min(w.numel() for w in weights) >= MIN_MACS
+    return rows * weight_elements >= MIN_MACS
 
 
 def onednn_takes(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
