@@ -16,7 +16,7 @@ from torch import nn
 from ate_fast import FlowSampler
 from ate_fast.models import cpu_gemm, make_head
 from ate_fast.ops import weight_packs
-from ate_fast.ops.weight_packs import WeightPacks, packing
+from ate_fast.ops.weight_packs import WeightPacks, packing, packs_weight
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -25,6 +25,14 @@ pytestmark = [
         reason=f"this torch cannot pack oneDNN weights: {weight_packs.packing_available()[1]}",
     ),
 ]
+
+
+# a copy's check (weight_packs._same_product), once per kind of copy and row count: random
+# rows times the copy, and order-exposing rows times a copy of the same kind reordered for
+# them, each against the unpacked product (float32: both on oneDNN's op; bfloat16: the
+# unpacked one ATen's)
+CHECK_REORDERS = 1
+CHECK_PACKED_PRODUCTS = 2
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +75,12 @@ def test_packed_products_match_and_are_packed_once():
         with packing(packs), OpCounter() as seen:
             got = _products(layer, x, g, r)
         # the weight and its transpose: one reorder each, and each copy's product checked
-        # on probe rows (two products), in the first call only
-        assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0), dict(seen.ops)
-        assert seen.ops["_linear_pointwise"] == (4 + 2 * 2 if call == 0 else 4)
+        # (CHECK_*), in the first call only
+        checks = 2 if call == 0 else 0
+        assert seen.ops["_reorder_linear_weight"] == (
+            (2 if call == 0 else 0) + checks * CHECK_REORDERS
+        ), dict(seen.ops)
+        assert seen.ops["_linear_pointwise"] == 4 + checks * 2 * CHECK_PACKED_PRODUCTS
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     assert len(packs) == 2
@@ -110,7 +121,8 @@ def test_one_check_per_kind_of_copy():
         with packing(packs), OpCounter() as seen:
             for layer in layers:
                 cpu_gemm.linear_of(layer, x[:rows])
-        assert seen.ops["_linear_pointwise"] == len(layers) + 2 * probes, (rows, dict(seen.ops))
+        checked = len(layers) + 2 * CHECK_PACKED_PRODUCTS * probes
+        assert seen.ops["_linear_pointwise"] == checked, (rows, dict(seen.ops))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -129,10 +141,11 @@ def test_a_copy_whose_product_differs_is_not_read(monkeypatch, dtype):
         with packing(packs), OpCounter() as seen:
             got = _products(layer, x, g, r)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
-        assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0)
-        probes = 2 if call == 0 else 0  # the copies' packed products on probe rows
+        checks = 2 if call == 0 else 0  # the weight's and its transpose's copies
+        assert seen.ops["_reorder_linear_weight"] == checks * (1 + CHECK_REORDERS)
         onednn = 4 if dtype == torch.float32 else 0  # the plain weight on oneDNN's op
-        assert seen.ops["_linear_pointwise"] == onednn + probes * (2 if onednn else 1)
+        probes = checks * CHECK_PACKED_PRODUCTS * (2 if onednn else 1)  # + the unpacked
+        assert seen.ops["_linear_pointwise"] == onednn + probes
     assert len(packs) == 2 and packs.exact_copy(layer.weight, 50) is None
 
 
@@ -176,7 +189,7 @@ def test_a_transposed_parameter_is_probed_in_place():
     assert not layer.weight.is_contiguous()
     x = _inputs()[0]
     _, reorders = _after(packs, layer, x)
-    assert reorders == 1
+    assert reorders == 1 + CHECK_REORDERS  # the first copy of its kind is checked
     layer.weight.data.mul_(-1.0)
     got, reorders = _after(packs, layer, x)
     assert reorders == 1
@@ -204,9 +217,9 @@ def test_a_write_between_probes_is_the_documented_blind_spot():
     layer.weight.data[0, 1] += 1.0  # flat place 1: not a probe of a 262 144-value weight
     stale, reorders = _after(packs, layer, x)
     assert reorders == 0 and torch.equal(stale, before)
-    packs.clear()
+    packs.clear()  # the checks too
     fresh, reorders = _after(packs, layer, x)
-    assert reorders == 1 and not torch.equal(fresh, before)
+    assert reorders == 1 + CHECK_REORDERS and not torch.equal(fresh, before)
 
 
 def test_only_parameters_are_packed():
@@ -258,6 +271,11 @@ def _flow_head_and_inputs():
     return head, noise, cond
 
 
+# the flow head's kinds of copy at 50 rows: [256, 256] (q, o, the time MLP's second layer),
+# [128, 256] (k|v), [2048, 256] (gate|up), [256, 1024] (down)
+KINDS = 4
+
+
 def test_a_captured_sampler_packs_once_and_follows_training():
     """capture() on the CPU: its calls match sample() (which packs nothing) while the
     head's weights are trained between calls, and only the first call after each change
@@ -279,13 +297,15 @@ def test_a_captured_sampler_packs_once_and_follows_training():
         with OpCounter() as plain:
             want = sampler.sample(noise, cond, check_finite=False)
         assert "_reorder_linear_weight" not in plain.ops
-        # 4 blocks x 5 GEMMs + the time MLP's second layer
-        assert seen.ops["_reorder_linear_weight"] == (0 if call == 1 else 21), (call, seen.ops)
+        # 4 blocks x 5 GEMMs + the time MLP's second layer; in the first call each kind of
+        # copy checked too (the checks are kept when the weights change)
+        checks = KINDS * CHECK_REORDERS if call == 0 else 0
+        assert seen.ops["_reorder_linear_weight"] == (0 if call == 1 else 21) + checks, seen.ops
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    captured.clear_weight_packs()
+    captured.clear_weight_packs()  # the checks too
     with OpCounter() as seen:
         captured(noise, cond)
-    assert seen.ops["_reorder_linear_weight"] == 21
+    assert seen.ops["_reorder_linear_weight"] == 21 + KINDS * CHECK_REORDERS
 
 
 def test_bf16_parameters_read_packed_copies_inside_a_call():
@@ -309,9 +329,16 @@ def test_bf16_parameters_read_packed_copies_inside_a_call():
         with packing(packs), OpCounter() as seen:
             got = _products(layer, x, g, r)
             cpu_gemm.linear_of(small, x)
-        # each copy's product checked against ATen's on probe rows in the first call
-        assert seen.ops["_linear_pointwise"] == (4 + 2 if call == 0 else 4), dict(seen.ops)
-        assert seen.ops["_reorder_linear_weight"] == (2 if call == 0 else 0)
+            # the weight's three GEMMs and its transpose's (the input-VJP) on their copies
+            # where those are exact (both on torch 2.13; torch 2.4.1's transposed copy is
+            # not, and that GEMM stays ATen's)
+            forward = packs_weight(layer.weight, 50)
+            read = 3 * forward + packs_weight(layer.weight.t(), 50)
+        # each copy's product checked against ATen's (CHECK_*) in the first call
+        checks = 2 if call == 0 else 0
+        assert forward
+        assert seen.ops["_linear_pointwise"] == read + checks * CHECK_PACKED_PRODUCTS, seen.ops
+        assert seen.ops["_reorder_linear_weight"] == checks * (1 + CHECK_REORDERS)
         for a, b in zip(got, want):
             assert a.dtype == torch.bfloat16
             assert torch.equal(a, b)
@@ -361,3 +388,81 @@ def test_a_chosen_weight_is_not_reused_where_it_must_not_be():
     for got, ref in ((recorded, want), (strided, want), (fewer, want[:10])):
         torch.testing.assert_close(got.detach(), ref, rtol=1e-6, atol=1e-5)
     assert packs.chosen(layer.weight, 50, torch.float32) is None  # they end with the call
+
+
+def _summed(terms: torch.Tensor, order: str) -> torch.Tensor:
+    """Σ_k ``terms`` [rows, N, K] in float32, one rounding per add, in a kernel's ``order``."""
+    t = terms.float()
+
+    def running(ts: torch.Tensor) -> torch.Tensor:
+        acc = torch.zeros(ts.shape[:-1])
+        for k in range(ts.shape[-1]):
+            acc = acc + ts[..., k]
+        return acc
+
+    if order == "sequential":
+        return running(t)
+    if order == "reversed":
+        return running(t.flip(-1))
+    if order == "halves":  # K split in two, the halves' sums added
+        half = t.shape[-1] // 2
+        return running(t[..., :half]) + running(t[..., half:])
+    if order == "lanes":  # 16 accumulators over k mod 16, then added in turn
+        return running(torch.stack([running(t[..., j::16]) for j in range(16)], dim=-1))
+    if order == "pairs":  # each pair's odd term first (AVX-512 BF16's dot product)
+        return running(t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2))
+    raise ValueError(order)
+
+
+ORDERS = ("sequential", "reversed", "halves", "lanes", "pairs")
+
+
+@pytest.mark.parametrize("k", [64, 256, 1024])
+def test_the_order_probe_sees_every_reordering_in_bfloat16(k):
+    """The check's second probe (weight_packs._order_probe): its products are exact and
+    each row sums to 0 exactly, yet any two of five summation orders give different
+    bfloat16 results at one row — where random rows miss some of them (why the probe is
+    there: torch 2.4.1's oneDNN packed a bf16 weight whose product was one ulp off on 2 of
+    12 800 elements, unseen by the random probe alone)."""
+    like = torch.empty(32, k, dtype=torch.bfloat16)
+    weight, rows = weight_packs._order_probe(like, 1)
+    assert weight.dtype == rows.dtype == torch.bfloat16 and rows.shape == (1, k)
+    products = rows.double()[:, None, :] * weight.double()[None, :, :]
+    assert torch.equal(products.float().double(), products)  # exact in float32
+    assert torch.equal(products.sum(-1), torch.zeros(1, 32))  # each row's exact sum
+    gen = torch.Generator().manual_seed(1)
+    random_rows = torch.randn(1, k, generator=gen).bfloat16()
+    random_weight = torch.randn(32, k, generator=gen).bfloat16()
+    random_terms = random_rows.float()[:, None, :] * random_weight.float()[None, :, :]
+    order_out = {o: _summed(products, o).bfloat16() for o in ORDERS}
+    random_out = {o: _summed(random_terms, o).bfloat16() for o in ORDERS}
+    pairs = [(a, b) for i, a in enumerate(ORDERS) for b in ORDERS[i + 1 :]]
+    for a, b in pairs:
+        assert not torch.equal(order_out[a], order_out[b]), (a, b)
+    assert any(torch.equal(random_out[a], random_out[b]) for a, b in pairs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 50])
+def test_a_copy_that_sums_in_another_order_is_not_read(monkeypatch, dtype, rows):
+    """A packed kernel that adds K's two halves separately (emulated: the "copy" a plain
+    tensor, its product the halves' float32 products added) is caught at every row count
+    and left unread; one that computes the unpacked product exactly (the control) is read."""
+    monkeypatch.setattr(weight_packs, "_reorder", lambda w, hint: w.contiguous().clone())
+    layer = _layer().to(dtype)
+    half = layer.weight.shape[1] // 2
+
+    def halves(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        x, w = x.float(), packed.float()
+        return (x[:, :half] @ w[:, :half].t() + x[:, half:] @ w[:, half:].t()).to(dtype)
+
+    def exact(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        if dtype == torch.bfloat16:
+            return torch.nn.functional.linear(x, packed)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    for product, read in ((halves, False), (exact, True)):
+        monkeypatch.setattr(weight_packs, "_packed_product", product)
+        packs = WeightPacks()
+        with packing(packs):
+            assert (packs.exact_copy(layer.weight, rows) is not None) == read, product

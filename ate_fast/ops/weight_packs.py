@@ -10,10 +10,12 @@ Inductor's CPU freezing does) and every later GEMM reads the packed copy — whe
 product is the plain weight's bit for bit. Mostly it is (the same kernel on the same
 values), but oneDNN may sum in another order for some shapes and layouts, more or fewer
 with its build: torch 2.13 for a transposed weight at one row, torch 2.11 for several more
-(a flow transformer's captured loop came out 7·10⁻⁷ off ``sample()``). So each copy's
-product is compared with the unpacked one on random probe rows (:func:`_same_product`: two
-GEMMs of that size, in the first call), once per kind of copy — shape, strides, dtype, the
-reorder's row hint — and row count, which is what oneDNN picks its kernels by; where they
+(a flow transformer's captured loop came out 7·10⁻⁷ off ``sample()``; torch 2.4.1 for
+bfloat16 copies too, one ulp off ATen's on a few elements). So each copy's product is
+compared with the unpacked one on random probe rows, and a copy of the same kind on rows
+whose result depends on the order of the adds (:func:`_same_product`: four GEMMs of that
+size and one reorder, in the first call), once per kind of copy — shape, strides, dtype,
+the reorder's row hint — and row count, which is what oneDNN picks its kernels by; where they
 differ that GEMM reads the plain weight: a captured call computes what ``sample()``
 computes, bit for bit. Measured on one thread of an AMD EPYC (Zen 4), ``capture()``
 with / without packs (``benchmarks/cpu_head_targets.py --unpacked``;
@@ -126,8 +128,8 @@ class WeightPacks:
 
     def __init__(self) -> None:
         self._packed: dict[tuple, _Packed] = {}
-        # this call's GEMMs that oneDNN ran on a packed copy: (weight's key, rows, dtype) ->
-        # (owner, copy); emptied as each call ends (packing)
+        # this call's GEMMs that oneDNN ran: (weight's key, rows, dtype) -> (owner, the
+        # packed copy or the weight itself); emptied as each call ends (packing)
         self._chosen: dict[tuple, tuple[nn.Parameter, Tensor]] = {}
         # whether a packed copy's product is the plain weight's, by what oneDNN chooses its
         # kernels by — shape, strides, dtype, the reorder's row hint, the rows — not by the
@@ -145,9 +147,10 @@ class WeightPacks:
         self._exact.clear()
 
     def chosen(self, weight: Tensor, rows: int, dtype: torch.dtype) -> Optional[Tensor]:
-        """The packed copy of ``weight`` that an earlier GEMM of this call on ``rows`` rows
-        of ``dtype`` input ran on oneDNN (:meth:`choose`), or None: the step's later GEMMs
-        with the same weight and rows need not choose again."""
+        """What an earlier GEMM of this call on ``rows`` rows of ``dtype`` input with
+        ``weight`` gave oneDNN's op (:meth:`choose`: its packed copy, or the weight itself
+        where the copy's product differs), or None: the step's later GEMMs with the same
+        weight and rows need not choose again."""
         key = (weight.data_ptr(), weight.shape, weight.stride(), rows, dtype)
         entry = self._chosen.get(key)
         if entry is None or _parameter_of(weight) is not entry[0]:
@@ -156,9 +159,11 @@ class WeightPacks:
 
     def choose(self, weight: Tensor, rows: int, dtype: torch.dtype, packed: Tensor) -> None:
         """Remember for the rest of this call that oneDNN ran ``weight`` on ``rows`` rows of
-        ``dtype`` input from ``packed`` (:meth:`weight_for`'s copy, current in this call)."""
+        ``dtype`` input from ``packed`` (:meth:`weight_for`'s answer in this call: the copy,
+        or ``weight`` itself where the copy's product differs — remembered too, or such a
+        weight would choose again at every step)."""
         owner = _parameter_of(weight)
-        if owner is not None and packed is not weight:
+        if owner is not None:
             key = (weight.data_ptr(), weight.shape, weight.stride(), rows, dtype)
             self._chosen[key] = (owner, packed)
 
@@ -179,7 +184,7 @@ class WeightPacks:
         kind = (tuple(weight.shape), weight.stride(), weight.dtype, entry.hint, rows)
         exact = self._exact.get(kind)
         if exact is None:
-            exact = self._exact[kind] = _same_product(weight, entry.packed, rows)
+            exact = self._exact[kind] = _same_product(weight, entry.packed, rows, entry.hint)
         return entry.packed if exact else None
 
     def _current(self, weight: Tensor, rows: int) -> Optional[_Packed]:
@@ -255,20 +260,58 @@ def _reorder(weight: Tensor, rows: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
-def _same_product(weight: Tensor, packed: Tensor, rows: int) -> bool:
-    """Whether oneDNN's product of ``rows`` probe rows with the packed copy of ``weight``
-    is, bit for bit, the product a call without packs computes: oneDNN's op on the plain
-    weight for float32, ATen's ``F.linear`` for bfloat16 (``cpu_gemm``'s choices outside a
-    call). Random rows (a fixed seed): on rows of zeros any summation order agrees."""
+def _same_product(weight: Tensor, packed: Tensor, rows: int, hint: int) -> bool:
+    """Whether oneDNN's product of ``rows`` rows with the packed copy of ``weight`` (reordered
+    for ``hint`` rows) is, bit for bit, the product a call without packs computes: oneDNN's
+    op on the plain weight for float32, ATen's ``F.linear`` for bfloat16 (``cpu_gemm``'s
+    choices outside a call). Two probes, both needed: random rows times the copy itself
+    (on rows of zeros any order agrees), and rows that expose the summation order times a
+    copy of the same kind (:func:`_order_probe`) — bfloat16's rounding of the output hides
+    most reorderings from random rows (torch 2.4.1's oneDNN: a transposed [1024, 256] copy
+    at 50 rows put 2 of 12 800 elements one ulp off ATen's, and none on 9 of 30 random
+    probes, the one this check used among them)."""
     gen = torch.Generator().manual_seed(rows)
     probe = torch.randn(rows, weight.shape[-1], generator=gen).to(weight.dtype)
+    same = _same_on(probe, weight, packed)
+    order_weight, order_rows = _order_probe(weight, rows)  # both always: a fixed cost
+    return _same_on(order_rows, order_weight, _reorder(order_weight, hint)) and same
+
+
+def _same_on(x: Tensor, weight: Tensor, packed: Tensor) -> bool:
+    """``x`` [rows, K] times the packed copy equals the unpacked product, bit for bit."""
     with torch.no_grad():
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        got = _packed_product(x, packed)
         if weight.dtype == torch.bfloat16:
-            want = F.linear(probe, weight)
+            want = F.linear(x, weight)
         else:
-            want = torch.ops.mkldnn._linear_pointwise(probe, weight, None, "none", [], "")
+            want = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return torch.equal(got, want)
+
+
+def _packed_product(x: Tensor, packed: Tensor) -> Tensor:
+    """oneDNN's product of ``x`` [rows, K] with a packed copy."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _order_probe(like: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """A weight of ``like``'s shape, strides and dtype (what oneDNN picks its kernel by),
+    constant along K — each output row n one value in [1, 2) —, and ``rows`` rows [rows,
+    K] of pairs ±a, a = 2ᵉ·m (e in [0, 40], m in [1, 2) with three bits), in random places.
+    Every product is exact and each row's exact sum is 0, but a float32 sum keeps what
+    its running sum's roundings dropped, which depends on the order of the adds: another
+    order (a K split, lanes, pairs summed first) gives another result, of the size of
+    the dropped terms — large enough to survive rounding to bfloat16."""
+    n, k = like.shape
+    gen = torch.Generator().manual_seed(rows)
+    scale = 1 + torch.randint(0, 8, (n, 1), generator=gen).float() / 8
+    weight = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype)
+    weight.copy_(scale.expand(n, k))
+    half = k // 2
+    size = torch.exp2(torch.randint(0, 41, (rows, half), generator=gen).float())
+    size = size * (1 + torch.randint(0, 8, (rows, half), generator=gen).float() / 8)
+    terms = torch.cat([size, -size, torch.zeros(rows, k - 2 * half)], dim=1)
+    places = torch.argsort(torch.rand(rows, k, generator=gen), dim=1)
+    return weight, torch.gather(terms, 1, places).to(like.dtype)
 
 
 def _parameter_of(weight: Tensor) -> Optional[nn.Parameter]:
